@@ -13,6 +13,7 @@
 pub mod error;
 pub mod gguf;
 pub mod kernels;
+pub mod model;
 pub mod quant;
 
 pub use error::{Error, Result};
