@@ -6,6 +6,8 @@ use crate::gguf::GgufError;
 pub enum Error {
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Quant(#[from] crate::quant::QuantError),
     #[error("{0}")]
     Other(String),
 }
