@@ -8,6 +8,8 @@ pub enum Error {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Quant(#[from] crate::quant::QuantError),
+    #[error(transparent)]
+    Synth(#[from] crate::synth::SynthError),
     #[error("{0}")]
     Other(String),
 }
