@@ -14,13 +14,20 @@ const TYPES: [&str; 14] = [
 
 fn read_f32(path: &std::path::Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(g.to_bits(), w.to_bits(), "{what}: value {i}: got {g:e}, gguf-py {w:e}");
+        assert_eq!(
+            g.to_bits(),
+            w.to_bits(),
+            "{what}: value {i}: got {g:e}, gguf-py {w:e}"
+        );
     }
 }
 
@@ -61,16 +68,32 @@ fn smollm2_tensors_match_gguf_py() {
     assert_eq!(tensors.len(), 5);
     for t in tensors {
         let name = t["name"].as_str().unwrap();
-        let info = file.tensor(name).unwrap_or_else(|| panic!("{name} missing"));
+        let info = file
+            .tensor(name)
+            .unwrap_or_else(|| panic!("{name} missing"));
         assert_eq!(info.ggml_type.name(), t["type"].as_str().unwrap(), "{name}");
         let n = t["elements"].as_u64().unwrap() as usize;
         let mut got = vec![0.0f32; n];
         dequantize_par(info.ggml_type, file.tensor_data(info), &mut got).unwrap();
         let stride = t["sample_stride"].as_u64().unwrap() as usize;
-        let sample: Vec<f32> = t["sample"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-        let picked: Vec<f32> = got.iter().step_by(stride).take(sample.len()).copied().collect();
+        let sample: Vec<f32> = t["sample"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let picked: Vec<f32> = got
+            .iter()
+            .step_by(stride)
+            .take(sample.len())
+            .copied()
+            .collect();
         assert_bits_eq(name, &picked, &sample);
-        assert_eq!(tensor_hash(&got), t["hash"].as_str().unwrap(), "{name}: whole-tensor hash");
+        assert_eq!(
+            tensor_hash(&got),
+            t["hash"].as_str().unwrap(),
+            "{name}: whole-tensor hash"
+        );
         // The single-thread fast path must agree too (cheap check on the first rows).
         let rows = n.min(64 * 576);
         let bytes = info.ggml_type.row_bytes(rows as u64).unwrap() as usize;
