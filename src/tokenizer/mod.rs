@@ -246,7 +246,10 @@ impl Tokenizer {
             Model::Spm { .. } => true,
             Model::Bpe { pre, .. } => pre.kind() == PreKind::Llama3,
         };
-        let add_bos = md.get_bool(keys::TOK_ADD_BOS)?.unwrap_or(default_add_bos);
+        // A default never asks for a BOS the vocabulary lacks; only an explicit flag is an error.
+        let add_bos = md
+            .get_bool(keys::TOK_ADD_BOS)?
+            .unwrap_or(default_add_bos && bos.is_some());
         let add_eos = md.get_bool(keys::TOK_ADD_EOS)?.unwrap_or(false);
         let add_space_prefix = is_spm && md.get_bool(extra_keys::ADD_SPACE_PREFIX)?.unwrap_or(true);
         if add_bos && bos.is_none() {
@@ -345,7 +348,11 @@ impl Tokenizer {
     /// Without `parse_special` only user-defined tokens are cut out.
     fn partition<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
         let inner = &*self.inner;
-        let mut frags = vec![Fragment::Text(text)];
+        // Empty text has no fragment at all (so SentencePiece adds no lone `▁`), as in llama.cpp.
+        let mut frags = Vec::new();
+        if !text.is_empty() {
+            frags.push(Fragment::Text(text));
+        }
         for &id in &inner.specials {
             let ty = inner.types[id as usize];
             if !parse_special && ty != TokenType::UserDefined {

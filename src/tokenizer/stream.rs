@@ -43,7 +43,7 @@ impl<'a> StreamDecoder<'a> {
                 }
                 Err(e) => {
                     let (valid, after) = rest.split_at(e.valid_up_to());
-                    // SAFETY-free: `valid_up_to` marks a prefix that is valid UTF-8.
+                    // `valid_up_to` marks a prefix that is valid UTF-8, so this never falls back.
                     out.push_str(std::str::from_utf8(valid).unwrap_or_default());
                     match e.error_len() {
                         // An incomplete char at the end: wait for the next token.
