@@ -17,5 +17,6 @@ pub mod kernels;
 pub mod model;
 pub mod quant;
 pub mod synth;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
