@@ -15,5 +15,6 @@ pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod sample;
 
 pub use error::{Error, Result};

@@ -21,6 +21,8 @@ pub enum TensorKind {
     FfnGate,
     FfnUp,
     FfnDown,
+    /// Per-dimension RoPE frequency divisors (Llama 3.1 long-context scaling).
+    RopeFreqs,
 }
 
 impl TensorKind {
@@ -44,6 +46,7 @@ impl TensorKind {
             Self::FfnGate => "ffn_gate",
             Self::FfnUp => "ffn_up",
             Self::FfnDown => "ffn_down",
+            Self::RopeFreqs => "rope_freqs",
         }
     }
 
@@ -55,7 +58,10 @@ impl TensorKind {
     }
 
     pub fn is_global(self) -> bool {
-        matches!(self, Self::TokenEmbd | Self::OutputNorm | Self::Output)
+        matches!(
+            self,
+            Self::TokenEmbd | Self::OutputNorm | Self::Output | Self::RopeFreqs
+        )
     }
 }
 
