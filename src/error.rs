@@ -9,6 +9,8 @@ pub enum Error {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Quant(#[from] crate::quant::QuantError),
     #[error("{0}")]
     Other(String),
 }

@@ -2,7 +2,7 @@
 //! the problem: the key, the tensor, the shapes, the limits.
 
 use crate::gguf::GgufError;
-use crate::quant::GgmlType;
+use crate::quant::{GgmlType, QuantError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -33,11 +33,12 @@ pub enum ModelError {
     ContextOverflow { needed: usize, ctx: usize },
     #[error("token id {token} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange { token: u32, vocab: usize },
-    #[error("{op} on tensor {tensor}: {reason}")]
+    #[error("{op} on tensor {tensor}: {source}")]
     Kernel {
         op: &'static str,
         tensor: String,
-        reason: String,
+        #[source]
+        source: QuantError,
     },
     #[error("cannot build a thread pool: {0}")]
     ThreadPool(String),

@@ -10,7 +10,6 @@
 pub mod error;
 pub mod forward;
 pub mod hparams;
-mod interim;
 pub mod kv;
 pub mod names;
 pub mod ops;

@@ -3,6 +3,7 @@
 
 use super::error::ModelError;
 use super::weights::WeightView;
+use crate::quant::{self, QuantError};
 use serde::{Deserialize, Serialize};
 
 /// Numerical mode of the forward pass.
@@ -28,11 +29,11 @@ impl std::str::FromStr for Precision {
     }
 }
 
-fn kernel_err(op: &'static str, tensor: &str, e: impl std::fmt::Display) -> ModelError {
-    ModelError::Kernel {
+fn kernel_err(op: &'static str, tensor: &str) -> impl FnOnce(QuantError) -> ModelError + '_ {
+    move |source| ModelError::Kernel {
         op,
         tensor: tensor.to_string(),
-        reason: e.to_string(),
+        source,
     }
 }
 
@@ -50,14 +51,18 @@ pub fn linear(
     let (rows, cols) = (w.rows, w.cols);
     debug_assert_eq!(x.len(), batch * cols);
     debug_assert_eq!(y.len(), batch * rows);
-    let _ = precision;
-    super::interim::matmul(w.ty, w.data, rows, cols, x, batch, y)
-        .map_err(|e| kernel_err("matmul", name, e))
+    let r = match (precision, batch) {
+        (Precision::Exact, 1) => quant::matvec_exact(w.ty, w.data, rows, cols, x, y),
+        (Precision::Exact, _) => quant::matmul_exact(w.ty, w.data, rows, cols, x, batch, y),
+        (Precision::Fast, 1) => quant::matvec(w.ty, w.data, rows, cols, x, y),
+        (Precision::Fast, _) => quant::matmul(w.ty, w.data, rows, cols, x, batch, y),
+    };
+    r.map_err(kernel_err("matmul", name))
 }
 
 /// Dequantizes a whole vector tensor (norm weights, biases) or selected rows (embeddings).
 pub fn dequantize(w: &WeightView, name: &str, dst: &mut [f32]) -> Result<(), ModelError> {
-    super::interim::dequantize(w.ty, w.data, dst).map_err(|e| kernel_err("dequantize", name, e))
+    quant::dequantize(w.ty, w.data, dst).map_err(kernel_err("dequantize", name))
 }
 
 /// Dequantizes row `r` of `w` into `dst` (`[w.cols]`).
@@ -67,7 +72,7 @@ pub fn dequantize_row(
     name: &str,
     dst: &mut [f32],
 ) -> Result<(), ModelError> {
-    super::interim::dequantize(w.ty, w.row(r), dst).map_err(|e| kernel_err("dequantize", name, e))
+    quant::dequantize(w.ty, w.row(r), dst).map_err(kernel_err("dequantize", name))
 }
 
 /// `out = x / rms(x) * weight`, row by row over `[n, d]`.
