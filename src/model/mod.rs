@@ -5,10 +5,12 @@
 //!   `LayerWeights`) over the mmap or a runtime's host arena.
 //! - `kv`: the KV cache and `Sequence` (cache + position + scratch).
 //! - `forward`: `Model` with `embed`, `forward_layer`, `output`, `forward`.
+//! - `generate`: the prefill + decode loop with sampling.
 //! - `ops`, `rope`: the CPU ops.
 
 pub mod error;
 pub mod forward;
+pub mod generate;
 pub mod hparams;
 pub mod kv;
 pub mod names;
@@ -18,6 +20,7 @@ pub mod weights;
 
 pub use error::ModelError;
 pub use forward::Model;
+pub use generate::{generate, Generation, StopReason, Timings};
 pub use hparams::{Arch, HParams, RopeLayout, RopeScaling};
 pub use kv::{KvCache, KvType, Sequence, SequenceConfig, DEFAULT_CTX};
 pub use names::{arch_key, tensor_name, ArchKey, TensorKind};

@@ -29,7 +29,7 @@ impl std::str::FromStr for Precision {
     }
 }
 
-fn kernel_err(op: &'static str, tensor: &str) -> impl FnOnce(QuantError) -> ModelError + '_ {
+fn kernel_err<'a>(op: &'static str, tensor: &'a str) -> impl FnOnce(QuantError) -> ModelError + 'a {
     move |source| ModelError::Kernel {
         op,
         tensor: tensor.to_string(),
