@@ -11,6 +11,8 @@ pub enum Error {
     Model(#[from] ModelError),
     #[error(transparent)]
     Quant(#[from] crate::quant::QuantError),
+    #[error(transparent)]
+    Synth(#[from] crate::synth::SynthError),
     #[error("{0}")]
     Other(String),
 }
