@@ -6,10 +6,17 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn smollm2() -> PathBuf {
-    let p = std::env::var_os("ROCMFORGE_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    assert!(p.exists(), "test model {} is missing: run scripts/fetch-model.sh", p.display());
+    let p = std::env::var_os("ROCMFORGE_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.exists(),
+        "test model {} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
     p
 }
 
@@ -22,7 +29,10 @@ fn rocmforge(args: &[&str]) -> (String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     );
-    assert!(out.status.success(), "rocmforge {args:?} failed:\n{so}\n{se}");
+    assert!(
+        out.status.success(),
+        "rocmforge {args:?} failed:\n{so}\n{se}"
+    );
     (so, se)
 }
 
@@ -74,7 +84,13 @@ fn inspect_json_smollm2() {
 fn inspect_table_mentions_the_essentials() {
     let p = smollm2();
     let (so, _) = rocmforge(&["inspect", p.to_str().unwrap()]);
-    for s in ["llama", "blk.29.ffn_down.weight", "validation: OK", "llama.block_count", "gpt2"] {
+    for s in [
+        "llama",
+        "blk.29.ffn_down.weight",
+        "validation: OK",
+        "llama.block_count",
+        "gpt2",
+    ] {
         assert!(so.contains(s), "table lacks {s:?}");
     }
 }
@@ -125,7 +141,14 @@ fn dequant_writes_little_endian_f32() {
 fn unknown_tensor_is_an_error() {
     let p = smollm2();
     let out = Command::new(env!("CARGO_BIN_EXE_rocmforge"))
-        .args(["inspect", p.to_str().unwrap(), "--dequant", "nope", "--out", "/dev/null"])
+        .args([
+            "inspect",
+            p.to_str().unwrap(),
+            "--dequant",
+            "nope",
+            "--out",
+            "/dev/null",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -137,7 +160,14 @@ fn synth_output_validates() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tiny.gguf");
     let (so, _) = rocmforge(&[
-        "synth", "--preset", "tiny", "--qtype", "q4_k", "--seed", "3", "--out",
+        "synth",
+        "--preset",
+        "tiny",
+        "--qtype",
+        "q4_k",
+        "--seed",
+        "3",
+        "--out",
         out.to_str().unwrap(),
     ]);
     assert!(so.contains("wrote"), "{so}");

@@ -245,17 +245,32 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 }
 
 fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
-    writeln!(out, "file          {} ({} bytes, GGUF v{})", r.path, r.file_bytes, r.version)?;
+    writeln!(
+        out,
+        "file          {} ({} bytes, GGUF v{})",
+        r.path, r.file_bytes, r.version
+    )?;
     writeln!(out, "architecture  {}", opt(&r.architecture))?;
     writeln!(out, "name          {}", opt(&r.name))?;
-    writeln!(out, "metadata      {} keys, alignment {}, data at {}", r.metadata_keys, r.alignment, r.data_offset)?;
+    writeln!(
+        out,
+        "metadata      {} keys, alignment {}, data at {}",
+        r.metadata_keys, r.alignment, r.data_offset
+    )?;
     writeln!(out, "\nhyper-parameters")?;
     for (k, v) in &r.hparams {
         writeln!(out, "  {k:<44} {}", show(v))?;
     }
     let t = &r.tokenizer;
     writeln!(out, "\ntokenizer")?;
-    writeln!(out, "  model {} / pre {}, vocab {}, merges {}", opt(&t.model), opt(&t.pre), t.vocab_size, t.merges)?;
+    writeln!(
+        out,
+        "  model {} / pre {}, vocab {}, merges {}",
+        opt(&t.model),
+        opt(&t.pre),
+        t.vocab_size,
+        t.merges
+    )?;
     writeln!(
         out,
         "  bos {} eos {} unk {} pad {}, add_bos {}, chat template {}",
@@ -266,19 +281,37 @@ fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
         opt(&t.add_bos),
         if t.chat_template { "yes" } else { "no" }
     )?;
-    writeln!(out, "\n{:<36} {:<7} {:<22} {:>12} {:>12}", "tensor", "type", "shape", "bytes", "offset")?;
+    writeln!(
+        out,
+        "\n{:<36} {:<7} {:<22} {:>12} {:>12}",
+        "tensor", "type", "shape", "bytes", "offset"
+    )?;
     for row in &r.tensors {
         let shape = format!("{:?}", row.shape);
-        writeln!(out, "{:<36} {:<7} {:<22} {:>12} {:>12}", row.name, row.ty, shape, row.bytes, row.offset)?;
+        writeln!(
+            out,
+            "{:<36} {:<7} {:<22} {:>12} {:>12}",
+            row.name, row.ty, shape, row.bytes, row.offset
+        )?;
     }
     writeln!(out, "\n{:<10} {:>8} {:>14}", "layer", "tensors", "bytes")?;
     for l in &r.layers {
         let name = l.layer.map_or("global".to_string(), |n| n.to_string());
         writeln!(out, "{name:<10} {:>8} {:>14}", l.tensors, l.bytes)?;
     }
-    writeln!(out, "total      {:>8} {:>14} ({:.1} MiB)", r.tensors.len(), r.total_bytes, r.total_bytes as f64 / (1 << 20) as f64)?;
+    writeln!(
+        out,
+        "total      {:>8} {:>14} ({:.1} MiB)",
+        r.tensors.len(),
+        r.total_bytes,
+        r.total_bytes as f64 / (1 << 20) as f64
+    )?;
     let v = &r.validation;
-    writeln!(out, "\nvalidation: {}", if v.ok { "OK" } else { "PROBLEMS" })?;
+    writeln!(
+        out,
+        "\nvalidation: {}",
+        if v.ok { "OK" } else { "PROBLEMS" }
+    )?;
     for (what, list) in [
         ("unsupported type", &v.unsupported_types),
         ("missing", &v.missing),
@@ -299,8 +332,8 @@ fn dequant(f: &GgufFile, name: &str, out: &PathBuf) -> Result<(), Box<dyn std::e
     let n = usize::try_from(t.n_elements)?;
     let mut y = vec![0f32; n];
     dequantize_par(t.ggml_type, f.tensor_data(t), &mut y).map_err(|e| e.in_tensor(name))?;
-    let file = std::fs::File::create(out)
-        .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let file =
+        std::fs::File::create(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let mut w = std::io::BufWriter::new(file);
     for chunk in y.chunks(1 << 16) {
         let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();

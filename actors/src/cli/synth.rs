@@ -29,7 +29,11 @@ pub fn run(a: SynthArgs) -> Result<(), Box<dyn std::error::Error>> {
     let preset = Preset::from_name(&a.preset)?;
     let qtype = GgmlType::from_name(&a.qtype)
         .ok_or_else(|| SynthError::UnsupportedType(a.qtype.clone()))?;
-    let tokenizer = a.tokenizer_from.as_deref().map(tokenizer_from).transpose()?;
+    let tokenizer = a
+        .tokenizer_from
+        .as_deref()
+        .map(tokenizer_from)
+        .transpose()?;
     let cfg = SynthConfig {
         preset,
         qtype,
