@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod inspect;
+pub mod synth;
 
 /// Default model location (fetched by scripts/fetch-model.sh).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -22,10 +23,13 @@ pub struct Cli {
 pub enum Command {
     /// Show a GGUF model's architecture, hyper-parameters, tokenizer and tensors.
     Inspect(inspect::InspectArgs),
+    /// Write a random-weight llama GGUF for benchmarks and tests.
+    Synth(synth::SynthArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Synth(a) => synth::run(a),
     }
 }
