@@ -6,40 +6,52 @@
 //! Pattern: `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
 
 use super::error::TokenizerError;
-use fancy_regex::Regex;
 use std::ops::Range;
 
 /// `\p{L}` membership. `char::is_alphabetic` is not `\p{L}` (it includes combining marks such as
-/// Devanagari vowel signs), so the Basic Multilingual Plane is tabulated once from the regex
-/// engine's Unicode tables; other planes ask the regex per char.
+/// Devanagari vowel signs), so the ranges come from the Unicode tables of `regex-syntax`, the
+/// same tables the regex engine uses: a bitset for the Basic Multilingual Plane, a binary search
+/// above it.
 #[derive(Debug, Clone)]
 pub struct Letters {
     bmp: Vec<u64>,
-    re: Regex,
+    /// Inclusive ranges above U+FFFF, sorted.
+    astral: Vec<(u32, u32)>,
 }
 
 impl Letters {
     pub fn new() -> Result<Self, TokenizerError> {
-        let re = Regex::new(r"\p{L}+").map_err(|e| TokenizerError::Regex(e.to_string()))?;
-        let all: String = (0u32..0x10000).filter_map(char::from_u32).collect();
+        let hir =
+            regex_syntax::parse(r"\p{L}").map_err(|e| TokenizerError::Regex(e.to_string()))?;
+        let regex_syntax::hir::HirKind::Class(regex_syntax::hir::Class::Unicode(class)) =
+            hir.kind()
+        else {
+            return Err(TokenizerError::Regex(
+                r"\p{L} is not a Unicode class".into(),
+            ));
+        };
         let mut bmp = vec![0u64; 0x10000 / 64];
-        for m in re.find_iter(&all) {
-            let m = m.map_err(|e| TokenizerError::Regex(e.to_string()))?;
-            for c in m.as_str().chars() {
-                let cp = c as usize;
-                bmp[cp / 64] |= 1 << (cp % 64);
+        let mut astral = Vec::new();
+        for r in class.ranges() {
+            let (lo, hi) = (r.start() as u32, r.end() as u32);
+            for cp in lo..=hi.min(0xFFFF) {
+                bmp[cp as usize / 64] |= 1 << (cp % 64);
+            }
+            if hi > 0xFFFF {
+                astral.push((lo.max(0x10000), hi));
             }
         }
-        Ok(Self { bmp, re })
+        Ok(Self { bmp, astral })
     }
 
     pub fn is_letter(&self, c: char) -> bool {
-        let cp = c as usize;
+        let cp = c as u32;
         if cp < 0x10000 {
-            return self.bmp[cp / 64] & (1 << (cp % 64)) != 0;
+            return self.bmp[cp as usize / 64] & (1 << (cp % 64)) != 0;
         }
-        let mut buf = [0u8; 4];
-        self.re.is_match(c.encode_utf8(&mut buf)).unwrap_or(false)
+        // The last range starting at or below `cp` is the only one that can hold it.
+        let i = self.astral.partition_point(|&(lo, _)| lo <= cp);
+        i > 0 && cp <= self.astral[i - 1].1
     }
 }
 
@@ -91,7 +103,11 @@ pub fn split(letters: &Letters, text: &str, seg: Range<usize>, out: &mut Vec<Ran
         }
         // ` ?X+` for letters, numbers and other symbols: an optional leading space.
         let lead = usize::from(c == ' ');
-        match if lead == 1 { class(pos + 1) } else { class(pos) } {
+        match if lead == 1 {
+            class(pos + 1)
+        } else {
+            class(pos)
+        } {
             Some(k @ (Class::Letter | Class::Number | Class::Other)) => {
                 pos += lead;
                 while class(pos) == Some(k) {

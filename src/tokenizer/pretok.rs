@@ -73,6 +73,13 @@ impl PreKind {
     }
 }
 
+fn compile(kind: PreKind) -> Result<Vec<Regex>, TokenizerError> {
+    kind.patterns()
+        .iter()
+        .map(|p| Regex::new(p).map_err(|e| TokenizerError::Regex(format!("{p}: {e}"))))
+        .collect()
+}
+
 /// The compiled regexes of one variant.
 #[derive(Debug, Clone)]
 pub struct PreTokenizer {
@@ -84,14 +91,16 @@ pub struct PreTokenizer {
 
 impl PreTokenizer {
     pub fn new(kind: PreKind) -> Result<Self, TokenizerError> {
-        let regexes = kind
-            .patterns()
-            .iter()
-            .map(|p| Regex::new(p).map_err(|e| TokenizerError::Regex(format!("{p}: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
         let fast = match kind {
             PreKind::Gpt2 | PreKind::DigitsGpt2 => Some(Letters::new()?),
             _ => None,
+        };
+        // Compiling the Unicode-heavy regexes costs milliseconds; skip it where the
+        // hand-written matcher does the work (`split_regex` then compiles on demand).
+        let regexes = if fast.is_some() {
+            Vec::new()
+        } else {
+            compile(kind)?
         };
         Ok(Self {
             kind,
@@ -131,10 +140,18 @@ impl PreTokenizer {
         Ok(out)
     }
 
-    /// `split` through the regex engine only: the reference for the hand-written GPT-2 matcher.
+    /// `split` through the regex engine only: the reference for the hand-written GPT-2 matcher
+    /// (for the variants that have one, the regexes are compiled on each call).
     pub fn split_regex(&self, text: &str) -> Result<Vec<Range<usize>>, TokenizerError> {
+        let compiled;
+        let regexes = if self.regexes.is_empty() {
+            compiled = compile(self.kind)?;
+            &compiled
+        } else {
+            &self.regexes
+        };
         let mut pieces = vec![0..text.len()];
-        for re in &self.regexes {
+        for re in regexes {
             let mut next = Vec::with_capacity(pieces.len() * 2);
             for piece in pieces {
                 let s = &text[piece.clone()];
@@ -166,7 +183,11 @@ mod tests {
 
     fn pieces(kind: PreKind, text: &str) -> Vec<String> {
         let p = PreTokenizer::new(kind).unwrap();
-        p.split(text).unwrap().into_iter().map(|r| text[r].to_string()).collect()
+        p.split(text)
+            .unwrap()
+            .into_iter()
+            .map(|r| text[r].to_string())
+            .collect()
     }
 
     #[test]
@@ -179,12 +200,18 @@ mod tests {
 
     #[test]
     fn gpt2_words_and_spaces() {
-        assert_eq!(pieces(PreKind::Gpt2, "Hello  world's!"), ["Hello", " ", " world", "'s", "!"]);
+        assert_eq!(
+            pieces(PreKind::Gpt2, "Hello  world's!"),
+            ["Hello", " ", " world", "'s", "!"]
+        );
     }
 
     #[test]
     fn llama3_groups_three_digits() {
-        assert_eq!(pieces(PreKind::Llama3, "12345 I'M"), ["123", "45", " I", "'M"]);
+        assert_eq!(
+            pieces(PreKind::Llama3, "12345 I'M"),
+            ["123", "45", " I", "'M"]
+        );
         assert_eq!(pieces(PreKind::Qwen2, "123"), ["1", "2", "3"]);
     }
 
@@ -202,15 +229,25 @@ mod tests {
         fn fast_gpt2_matches_the_regex(
             idx in proptest::collection::vec(0..ALPHABET.len(), 0..40)
         ) {
-            static PRE: std::sync::OnceLock<Vec<PreTokenizer>> = std::sync::OnceLock::new();
+            // (hand-written matcher, regex-only reference) per variant, built once.
+            static PRE: std::sync::OnceLock<Vec<(PreTokenizer, PreTokenizer)>> =
+                std::sync::OnceLock::new();
             let pres = PRE.get_or_init(|| {
-                [PreKind::Gpt2, PreKind::DigitsGpt2].map(|k| PreTokenizer::new(k).unwrap()).to_vec()
+                [PreKind::Gpt2, PreKind::DigitsGpt2]
+                    .map(|kind| {
+                        let reference =
+                            PreTokenizer { kind, regexes: compile(kind).unwrap(), fast: None };
+                        (PreTokenizer::new(kind).unwrap(), reference)
+                    })
+                    .to_vec()
             });
             let text: String = idx.iter().map(|&i| ALPHABET[i]).collect();
-            for p in pres {
-                let kind = p.kind();
+            for (fast, reference) in pres {
+                assert!(fast.fast.is_some());
                 proptest::prop_assert_eq!(
-                    p.split(&text).unwrap(), p.split_regex(&text).unwrap(), "{:?} {:?}", kind, text
+                    fast.split(&text).unwrap(),
+                    reference.split(&text).unwrap(),
+                    "{:?} {:?}", fast.kind(), text
                 );
             }
         }
