@@ -6,6 +6,8 @@ use crate::gguf::GgufError;
 pub enum Error {
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
     #[error("{0}")]
     Other(String),
 }
