@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{result, sys, CudaContext};
 
 use super::stream::Stream;
-use super::{bind, drv_err};
+use super::bind;
 use crate::backend::error::{BackendError, BackendResult};
 
 /// A module loaded from PTX or a cubin, unloaded on drop (after every [`Kernel`] from it).
