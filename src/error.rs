@@ -7,6 +7,8 @@ pub enum Error {
     #[error(transparent)]
     Gguf(#[from] GgufError),
     #[error(transparent)]
+    Quant(#[from] crate::quant::QuantError),
+    #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
     #[error("{0}")]
     Other(String),
