@@ -232,14 +232,14 @@ pub fn parse(buf: &[u8]) -> Result<GgufLayout> {
     if version != 2 && version != 3 {
         return Err(GgufError::UnsupportedVersion { version });
     }
-    let at = c.pos as u64;
+    let n_tensors_at = c.pos as u64;
     let n_tensors = c.u64(&|| "tensor count".to_string())?;
     if n_tensors > MAX_TENSORS {
         return Err(GgufError::TooMany {
             what: "tensor".into(),
             count: n_tensors,
             cap: MAX_TENSORS,
-            offset: at,
+            offset: n_tensors_at,
         });
     }
     let at = c.pos as u64;
@@ -289,7 +289,7 @@ pub fn parse(buf: &[u8]) -> Result<GgufLayout> {
         n_tensors,
         MAX_TENSORS,
         24,
-        16,
+        n_tensors_at,
     )?;
     let mut tensors = Vec::with_capacity(n_tensors);
     let mut names = HashSet::with_capacity(n_tensors);

@@ -4,7 +4,10 @@
 
 use super::error::{GgufError, Result};
 use super::metadata::Metadata;
-use super::reader::{DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ALIGNMENT};
+use super::reader::{
+    DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_ARRAY_LEN, MAX_KV,
+    MAX_STRING_LEN, MAX_TENSORS,
+};
 use super::tensor::TensorInfo;
 use super::value::{Array, ArrayItems, Value};
 use crate::quant::qtype::GgmlType;
@@ -58,7 +61,32 @@ fn write_array(w: &mut impl Write, a: &Array) -> Result<()> {
     }
 }
 
-fn check_array(a: &Array) -> Result<()> {
+/// Refuses strings our reader would refuse, so every file the writer produces reads back.
+fn check_str(s: &str, what: &dyn Fn() -> String) -> Result<()> {
+    if s.len() as u64 > MAX_STRING_LEN {
+        return Err(GgufError::Write(format!(
+            "{}: string of {} bytes is over the cap {MAX_STRING_LEN}",
+            what(),
+            s.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks an array's element type against its items, and its length, nesting and strings
+/// against the reader's caps. `depth` is 1 for a top-level array, as in the reader.
+fn check_array(key: &str, a: &Array, depth: usize) -> Result<()> {
+    if depth > MAX_ARRAY_DEPTH {
+        return Err(GgufError::Write(format!(
+            "key {key:?}: arrays nested {depth} deep (cap {MAX_ARRAY_DEPTH})"
+        )));
+    }
+    if a.items.len() as u64 > MAX_ARRAY_LEN {
+        return Err(GgufError::Write(format!(
+            "key {key:?}: array of {} entries is over the cap {MAX_ARRAY_LEN}",
+            a.items.len()
+        )));
+    }
     let ok = matches!(
         (&a.items, a.elem),
         (ArrayItems::U8(_), super::ValueType::U8)
@@ -77,17 +105,20 @@ fn check_array(a: &Array) -> Result<()> {
     );
     if !ok {
         return Err(GgufError::Write(format!(
-            "array element type {} does not match its items",
+            "key {key:?}: array element type {} does not match its items",
             a.elem.name()
         )));
     }
-    if let ArrayItems::Array(v) = &a.items {
-        v.iter().try_for_each(check_array)?;
+    match &a.items {
+        ArrayItems::Array(v) => v.iter().try_for_each(|x| check_array(key, x, depth + 1)),
+        ArrayItems::String(v) => v
+            .iter()
+            .try_for_each(|x| check_str(x, &|| format!("key {key:?}"))),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-fn write_value(w: &mut impl Write, v: &Value) -> Result<()> {
+fn write_value(w: &mut impl Write, key: &str, v: &Value) -> Result<()> {
     wr(w, &(v.value_type() as u32).to_le_bytes())?;
     match v {
         Value::U8(x) => wr(w, &[*x]),
@@ -98,9 +129,12 @@ fn write_value(w: &mut impl Write, v: &Value) -> Result<()> {
         Value::I32(x) => wr(w, &x.to_le_bytes()),
         Value::F32(x) => wr(w, &x.to_le_bytes()),
         Value::Bool(x) => wr(w, &[*x as u8]),
-        Value::String(s) => write_str(w, s),
+        Value::String(s) => {
+            check_str(s, &|| format!("key {key:?}"))?;
+            write_str(w, s)
+        }
         Value::Array(a) => {
-            check_array(a)?;
+            check_array(key, a, 1)?;
             write_array(w, a)
         }
         Value::U64(x) => wr(w, &x.to_le_bytes()),
@@ -154,6 +188,13 @@ impl<W: Write> GgufWriter<W> {
                 cap: MAX_ALIGNMENT,
             });
         }
+        if tensors.len() as u64 > MAX_TENSORS || metadata.len() as u64 > MAX_KV {
+            return Err(GgufError::Write(format!(
+                "{} tensors and {} keys: over the caps {MAX_TENSORS} / {MAX_KV}",
+                tensors.len(),
+                metadata.len()
+            )));
+        }
         let mut infos = Vec::with_capacity(tensors.len());
         let mut offset = 0u64;
         let mut seen = std::collections::HashSet::new();
@@ -179,10 +220,12 @@ impl<W: Write> GgufWriter<W> {
         wr(&mut header, &(infos.len() as u64).to_le_bytes())?;
         wr(&mut header, &(metadata.len() as u64).to_le_bytes())?;
         for (k, v) in metadata.iter() {
+            check_str(k, &|| "metadata key".to_string())?;
             write_str(&mut header, k)?;
-            write_value(&mut header, v)?;
+            write_value(&mut header, k, v)?;
         }
         for t in &infos {
+            check_str(&t.name, &|| "tensor name".to_string())?;
             write_str(&mut header, &t.name)?;
             wr(&mut header, &(t.shape.len() as u32).to_le_bytes())?;
             for d in &t.shape {
