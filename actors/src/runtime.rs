@@ -475,6 +475,10 @@ impl RuntimeHandle {
         Ok(())
     }
 
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+    }
+
     /// Time since `build` opened the model.
     pub fn since_open(&self) -> Duration {
         self.inner.opened.elapsed()

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod inspect;
+pub mod trace;
 
 /// Default model location (fetched by scripts/fetch-model.sh).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -22,10 +23,13 @@ pub struct Cli {
 pub enum Command {
     /// Show a GGUF model's architecture, hyper-parameters, tokenizer and tensors.
     Inspect(inspect::InspectArgs),
+    /// Pipeline traces: `trace view out.json --svg out.svg` draws the actors' timeline.
+    Trace(trace::TraceArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Trace(a) => trace::run(a),
     }
 }
