@@ -91,8 +91,13 @@ pub trait WeightBackend: Send + Sync + 'static {
     fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceRegion>>;
 
     /// Copies staged bytes into `dst` at `offset`, on copy stream `stream`.
-    fn upload(&self, dst: &mut dyn DeviceRegion, offset: usize, src: &[u8], stream: usize)
-        -> Result<()>;
+    fn upload(
+        &self,
+        dst: &mut dyn DeviceRegion,
+        offset: usize,
+        src: &[u8],
+        stream: usize,
+    ) -> Result<()>;
 
     /// Called once a region is complete; returns what compute waits on.
     fn ready_event(&self, region: &dyn DeviceRegion, stream: usize) -> Result<Arc<dyn ReadyEvent>>;

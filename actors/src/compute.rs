@@ -46,8 +46,9 @@ pub trait ModelCompute: Send {
 }
 
 /// Builds a compute for an opened model (runs on the Inference thread at start).
-pub type ComputeFactory =
-    std::sync::Arc<dyn Fn(&rocmforge::gguf::GgufFile) -> Result<Box<dyn ModelCompute>> + Send + Sync>;
+pub type ComputeFactory = std::sync::Arc<
+    dyn Fn(&rocmforge::gguf::GgufFile) -> Result<Box<dyn ModelCompute>> + Send + Sync,
+>;
 
 const WIDTH: usize = 8;
 
@@ -98,7 +99,9 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     for c in &mut chunks {
         let mut w = [0u8; 8];
         w.copy_from_slice(c);
-        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x0100_0000_01b3).rotate_left(29);
+        h = (h ^ u64::from_le_bytes(w))
+            .wrapping_mul(0x0100_0000_01b3)
+            .rotate_left(29);
     }
     for &b in chunks.remainder() {
         h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
@@ -111,10 +114,11 @@ fn unit_f32(h: u64) -> f32 {
 }
 
 fn seq_mut(seq: &mut SequenceState) -> Result<&mut ChecksumSeq> {
-    seq.downcast_mut::<ChecksumSeq>().ok_or(RuntimeError::Compute {
-        layer: None,
-        message: "sequence state of another compute".into(),
-    })
+    seq.downcast_mut::<ChecksumSeq>()
+        .ok_or(RuntimeError::Compute {
+            layer: None,
+            message: "sequence state of another compute".into(),
+        })
 }
 
 impl ModelCompute for ChecksumCompute {
@@ -206,7 +210,11 @@ impl ModelCompute for ChecksumCompute {
             .map(|j| {
                 last.iter()
                     .enumerate()
-                    .map(|(i, x)| x * unit_f32(g ^ ((j * WIDTH + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+                    .map(|(i, x)| {
+                        x * unit_f32(
+                            g ^ ((j * WIDTH + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                        )
+                    })
                     .sum()
             })
             .collect())

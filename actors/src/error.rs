@@ -54,7 +54,10 @@ pub enum RuntimeError {
 
     // --- lifecycle ---
     #[error("the {actor} actor failed to start: {message}")]
-    Spawn { actor: &'static str, message: String },
+    Spawn {
+        actor: &'static str,
+        message: String,
+    },
     #[error("the runtime is shut down")]
     ShutDown,
     #[error("request cancelled")]
@@ -66,7 +69,10 @@ pub enum RuntimeError {
     #[error("hint rejected: {0}")]
     HintRejected(String),
     #[error("pipeline stage {stage} failed: {message}")]
-    Stage { stage: &'static str, message: String },
+    Stage {
+        stage: &'static str,
+        message: String,
+    },
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -150,7 +150,10 @@ impl Inference {
         unit: usize,
         f: impl FnOnce(&mut dyn ModelCompute, &ResidentLayer) -> Result<T>,
     ) -> Result<T> {
-        let layer = self.cfg.plan.units[unit].layer.map(|l| l as i64).unwrap_or(-1);
+        let layer = self.cfg.plan.units[unit]
+            .layer
+            .map(|l| l as i64)
+            .unwrap_or(-1);
         let sched = self.cfg.sched.clone();
         let acquired = {
             let _w = tracing::info_span!("wait", layer).entered();
@@ -178,7 +181,9 @@ impl Inference {
         let r = {
             let _s = tracing::info_span!("compute", layer).entered();
             match acquired.layer.ready() {
-                Some(ev) => ev.wait().and_then(|_| f(&mut *self.compute, &acquired.layer)),
+                Some(ev) => ev
+                    .wait()
+                    .and_then(|_| f(&mut *self.compute, &acquired.layer)),
                 None => f(&mut *self.compute, &acquired.layer),
             }
         };
@@ -202,7 +207,9 @@ impl Inference {
             {
                 Ok(()) => return Ok(()),
                 Err(flume::SendTimeoutError::Timeout(back)) => item = back,
-                Err(flume::SendTimeoutError::Disconnected(_)) => return Err(RuntimeError::Cancelled),
+                Err(flume::SendTimeoutError::Disconnected(_)) => {
+                    return Err(RuntimeError::Cancelled)
+                }
             }
         }
     }

@@ -45,4 +45,6 @@ pub use messages::{
     FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, Prompt, ReadMode,
     SamplingParams, Stage, Stats, TokenEvent,
 };
-pub use runtime::{BlockingTokens, Runtime, RuntimeBuilder, RuntimeHandle, StageDelays, TokenStream};
+pub use runtime::{
+    BlockingTokens, Runtime, RuntimeBuilder, RuntimeHandle, StageDelays, TokenStream,
+};

@@ -52,7 +52,10 @@ impl std::str::FromStr for MemoryBudget {
             return Ok(Self::Unlimited);
         }
         if let Some(p) = s.strip_suffix('%') {
-            let f: f64 = p.trim().parse().map_err(|_| format!("bad percentage {s:?}"))?;
+            let f: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad percentage {s:?}"))?;
             if !(f > 0.0 && f <= 100.0) {
                 return Err(format!("percentage {s:?} outside (0, 100]"));
             }

@@ -23,6 +23,9 @@ pub struct TensorSlot {
     pub dev_len: u64,
 }
 
+/// `(cols, rows)` of every tensor of every unit, computed once at build.
+pub type UnitDims = std::sync::Arc<Vec<std::sync::Arc<Vec<(u64, u64)>>>>;
+
 #[derive(Debug, Clone)]
 pub struct Unit {
     /// `Some(n)` for `blk.n.*`, `None` for the global group (embeddings, output norm, head).
@@ -58,7 +61,7 @@ impl LoadPlan {
             let mut tensors = Vec::with_capacity(g.tensors.len());
             let mut dev = 0u64;
             let mut file_bytes = 0u64;
-            let mut span = u64::MAX..0u64;
+            let (mut lo, mut hi) = (u64::MAX, 0u64);
             for &i in &g.tensors {
                 let t = &file.tensors()[i];
                 let r = file.tensor_range(t);
@@ -74,8 +77,8 @@ impl LoadPlan {
                 });
                 dev += dev_len;
                 file_bytes += t.n_bytes;
-                span.start = span.start.min(r.start as u64);
-                span.end = span.end.max(r.end as u64);
+                lo = lo.min(r.start as u64);
+                hi = hi.max(r.end as u64);
             }
             let slot = match g.layer {
                 Some(l) => l,
@@ -86,7 +89,7 @@ impl LoadPlan {
                 tensors,
                 file_bytes,
                 dev_bytes: dev,
-                file_span: if span.start > span.end { 0..0 } else { span },
+                file_span: if lo > hi { 0..0 } else { lo..hi },
             });
         }
         let units = units

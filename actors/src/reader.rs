@@ -76,13 +76,18 @@ pub fn advise_dontneed(map: &Mmap, span: Range<usize>) {
         // SAFETY: the map is a read-only private file mapping and no `&mut` to it exists;
         // MADV_DONTNEED only drops page-table entries, and later reads fault the same bytes back
         // in from the file, so every outstanding `&[u8]` into the map stays valid.
-        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+        let _ =
+            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
     }
 }
 
 /// Splits a tensor into chunk lengths (in file bytes) that fit one staging slot after
 /// transcoding and never cut a quant block.
-pub fn chunk_len(backend: &dyn WeightBackend, ty: rocmforge::quant::qtype::GgmlType, slot: usize) -> usize {
+pub fn chunk_len(
+    backend: &dyn WeightBackend,
+    ty: rocmforge::quant::qtype::GgmlType,
+    slot: usize,
+) -> usize {
     let bb = ty.block_bytes().max(1) as usize;
     let db = backend.transcoded_bytes(ty, ty.block_bytes()).max(1) as usize;
     (slot / bb.max(db)).max(1) * bb
@@ -186,9 +191,11 @@ impl Reader {
         let _g = span.enter();
         if cfg.mode == ReadMode::Mmap && unit.file_span.end > unit.file_span.start {
             let s = unit.file_span.start as usize;
-            let _ = cfg
-                .map
-                .advise_range(Advice::WillNeed, s, (unit.file_span.end - unit.file_span.start) as usize);
+            let _ = cfg.map.advise_range(
+                Advice::WillNeed,
+                s,
+                (unit.file_span.end - unit.file_span.start) as usize,
+            );
         }
         for (ti, t) in unit.tensors.iter().enumerate() {
             let step = chunk_len(&*cfg.backend, t.ty, cfg.ring.slot_size());
@@ -273,12 +280,18 @@ impl Reader {
                 // EINVAL mid-way (an unaligned tail on some filesystems): fall back for good.
                 Err(_) => {
                     self.direct = None;
-                    cfg.shared.counters.direct_io.store(false, Ordering::Release);
+                    cfg.shared
+                        .counters
+                        .direct_io
+                        .store(false, Ordering::Release);
                 }
             }
         }
         if !done {
-            let f = self.file.as_ref().ok_or_else(|| read_err(std::io::ErrorKind::NotFound.into()))?;
+            let f = self
+                .file
+                .as_ref()
+                .ok_or_else(|| read_err(std::io::ErrorKind::NotFound.into()))?;
             f.read_exact_at(dst, abs).map_err(read_err)?;
         }
         slot.len = len;

@@ -91,13 +91,14 @@ impl ResidentLayer {
     }
 
     pub fn require(&self, name: &str) -> Result<WeightView<'_>> {
-        self.tensor(name).ok_or_else(|| RuntimeError::MissingTensor {
-            layer: match self.layer {
-                Some(l) => format!("{l}"),
-                None => "global".into(),
-            },
-            tensor: name.to_string(),
-        })
+        self.tensor(name)
+            .ok_or_else(|| RuntimeError::MissingTensor {
+                layer: match self.layer {
+                    Some(l) => format!("{l}"),
+                    None => "global".into(),
+                },
+                tensor: name.to_string(),
+            })
     }
 }
 

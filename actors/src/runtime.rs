@@ -159,7 +159,9 @@ impl RuntimeBuilder {
             MemoryBudget::Bytes(b) => b,
             MemoryBudget::FractionOfWeights(f) if f > 0.0 && f <= 1.0 => (f * total as f64) as u64,
             MemoryBudget::FractionOfWeights(f) => {
-                return Err(RuntimeError::Config(format!("budget fraction {f} outside (0, 1]")))
+                return Err(RuntimeError::Config(format!(
+                    "budget fraction {f} outside (0, 1]"
+                )))
             }
         };
         let unit_bytes: Vec<u64> = plan.units.iter().map(|u| u.dev_bytes).collect();
@@ -175,7 +177,11 @@ impl RuntimeBuilder {
             .units
             .iter()
             .flat_map(|u| &u.tensors)
-            .map(|t| backend.transcoded_bytes(t.ty, t.ty.block_bytes()).max(t.ty.block_bytes()))
+            .map(|t| {
+                backend
+                    .transcoded_bytes(t.ty, t.ty.block_bytes())
+                    .max(t.ty.block_bytes())
+            })
             .max()
             .unwrap_or(1);
         if (self.slot_size as u64) < max_block {
@@ -201,11 +207,19 @@ impl RuntimeBuilder {
                     .flat_map(|u| &u.tensors)
                     .any(|t| !backend.is_pass_through(t.ty)));
         let read_ring = StagingRing::new(
-            if self.read_mode == ReadMode::Mmap { 0 } else { self.staging_slots },
+            if self.read_mode == ReadMode::Mmap {
+                0
+            } else {
+                self.staging_slots
+            },
             self.slot_size,
         );
         let upload_ring = StagingRing::new(
-            if needs_upload_ring { self.staging_slots } else { 0 },
+            if needs_upload_ring {
+                self.staging_slots
+            } else {
+                0
+            },
             self.slot_size,
         );
         let cap = |reason_default: usize| self.channel_capacity.unwrap_or(reason_default);
@@ -223,7 +237,7 @@ impl RuntimeBuilder {
         let board = Arc::new(ResidencyBoard::new(plan.units.len()));
         let cancel = CancellationToken::new();
         let map = file.map();
-        let dims: Arc<Vec<Arc<Vec<(u64, u64)>>>> = Arc::new(
+        let dims: crate::plan::UnitDims = Arc::new(
             plan.units
                 .iter()
                 .map(|u| {
@@ -241,13 +255,14 @@ impl RuntimeBuilder {
         );
 
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        let fail = |threads: Vec<JoinHandle<()>>, cancel: &CancellationToken, board: &ResidencyBoard| {
-            cancel.cancel();
-            board.close();
-            for t in threads {
-                let _ = t.join();
-            }
-        };
+        let fail =
+            |threads: Vec<JoinHandle<()>>, cancel: &CancellationToken, board: &ResidencyBoard| {
+                cancel.cancel();
+                board.close();
+                for t in threads {
+                    let _ = t.join();
+                }
+            };
         macro_rules! start {
             ($e:expr) => {
                 match $e {
@@ -460,7 +475,13 @@ impl RuntimeHandle {
     /// Blocks until the initial load (resident set and first window) is in, or `timeout`.
     pub fn wait_loaded(&self, timeout: Duration) -> Result<()> {
         let until = Instant::now() + timeout;
-        while !self.inner.shared.counters.initial_done.load(Ordering::Acquire) {
+        while !self
+            .inner
+            .shared
+            .counters
+            .initial_done
+            .load(Ordering::Acquire)
+        {
             if self.inner.cancel.is_cancelled() {
                 return Err(RuntimeError::ShutDown);
             }

@@ -80,11 +80,10 @@ pub fn plan_fixed(
             largest_layer: max_streamed,
         });
     }
-    let fit = if max_streamed == 0 {
-        candidates.len()
-    } else {
-        ((budget - base) / max_streamed) as usize
-    };
+    let fit = (budget - base)
+        .checked_div(max_streamed)
+        .map(|f| f as usize)
+        .unwrap_or(candidates.len());
     let window = k.max(1).min(fit).min(candidates.len());
     let mut remaining = budget - base - window as u64 * max_streamed;
     let mut fixed = vec![false; n_layers + 1];
@@ -126,7 +125,7 @@ pub struct SchedulerConfig {
     pub shared: Arc<Shared>,
     pub cancel: CancellationToken,
     pub inbox: flume::Receiver<SchedMsg>,
-    pub dims: Arc<Vec<Arc<Vec<(u64, u64)>>>>,
+    pub dims: crate::plan::UnitDims,
 }
 
 struct Scheduler {
@@ -174,10 +173,11 @@ pub fn spawn(cfg: SchedulerConfig) -> Result<JoinHandle<()>> {
     };
     let d = s.desired();
     let initial: BTreeSet<usize> = (0..n).filter(|&u| d[u]).collect();
-    s.cfg.shared.counters.initial_bytes.store(
-        initial.iter().map(|&u| s.bytes[u]).sum(),
-        Ordering::Release,
-    );
+    s.cfg
+        .shared
+        .counters
+        .initial_bytes
+        .store(initial.iter().map(|&u| s.bytes[u]).sum(), Ordering::Release);
     s.initial = Some(initial);
     std::thread::Builder::new()
         .name("rf-scheduler".into())
@@ -209,7 +209,9 @@ impl Scheduler {
                 Ok(msg) => {
                     let start = Instant::now();
                     self.handle(msg);
-                    self.cfg.shared.add_busy(crate::messages::Stage::Schedule, start);
+                    self.cfg
+                        .shared
+                        .add_busy(crate::messages::Stage::Schedule, start);
                 }
                 Err(flume::RecvTimeoutError::Timeout) => self.flush(),
                 Err(flume::RecvTimeoutError::Disconnected) => break,
@@ -294,8 +296,8 @@ impl Scheduler {
                         self.hint_noops += 1;
                         continue;
                     }
-                    let used: u64 =
-                        reserved_by_plan + self.prefetched.iter().map(|&p| self.bytes[p]).sum::<u64>();
+                    let used: u64 = reserved_by_plan
+                        + self.prefetched.iter().map(|&p| self.bytes[p]).sum::<u64>();
                     // Advisory: a prefetch that does not fit beside the plan is dropped.
                     if used + self.bytes[l] <= self.cfg.budget {
                         self.prefetched.insert(l);
@@ -371,9 +373,9 @@ impl Scheduler {
     fn act(&mut self) {
         let g = self.n_layers();
         let d = self.desired();
-        for u in 0..=g {
+        for (u, &want) in d.iter().enumerate() {
             match self.status[u] {
-                Status::Resident if !d[u] => match self.cfg.board.try_evict(u) {
+                Status::Resident if !want => match self.cfg.board.try_evict(u) {
                     Eviction::Freed | Eviction::Absent => {
                         self.status[u] = Status::Absent;
                         self.reserved -= self.bytes[u];
@@ -381,7 +383,7 @@ impl Scheduler {
                     }
                     Eviction::Deferred => self.status[u] = Status::EvictPending,
                 },
-                Status::EvictPending if d[u] && self.cfg.board.undoom(u) => {
+                Status::EvictPending if want && self.cfg.board.undoom(u) => {
                     self.status[u] = Status::Resident;
                 }
                 _ => {}
@@ -450,11 +452,7 @@ impl Scheduler {
             peak_reserved_bytes: self.peak,
             evictions: self.evictions,
             loads_per_unit: self.loads.clone(),
-            resident: self
-                .status
-                .iter()
-                .map(|s| *s == Status::Resident)
-                .collect(),
+            resident: self.status.iter().map(|s| *s == Status::Resident).collect(),
             pinned: self.pinned.iter().copied().collect(),
             fixed: (0..g)
                 .filter(|&l| self.fixed.fixed[l] && !self.pinned.contains(&l))

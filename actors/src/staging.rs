@@ -91,11 +91,7 @@ impl StagingRing {
                 return None;
             }
             // The timeout bounds how late cancellation is noticed.
-            match self
-                .shared
-                .free_rx
-                .recv_timeout(Duration::from_millis(20))
-            {
+            match self.shared.free_rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(buf) => {
                     return Some(StagingSlot {
                         buf: Some(buf),

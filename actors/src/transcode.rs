@@ -186,7 +186,12 @@ impl Job {
             .map(|l| l as i64)
             .unwrap_or(-1);
         let start = Instant::now();
-        let span = tracing::info_span!("transcode", layer, tensor = t.name.as_str(), bytes = chunk.len);
+        let span = tracing::info_span!(
+            "transcode",
+            layer,
+            tensor = t.name.as_str(),
+            bytes = chunk.len
+        );
         let _g = span.enter();
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);

@@ -35,7 +35,7 @@ pub struct UploaderConfig {
     pub cancel: CancellationToken,
     pub delay_per_chunk: Duration,
     /// `(cols, rows)` of every tensor of every unit, computed once.
-    pub dims: Arc<Vec<Arc<Vec<(u64, u64)>>>>,
+    pub dims: crate::plan::UnitDims,
 }
 
 struct Assembly {

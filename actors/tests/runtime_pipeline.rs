@@ -4,13 +4,15 @@
 mod runtime_common;
 
 use futures::StreamExt;
-use runtime_common::*;
 use rocmforge_actors::compute::ChecksumCompute;
 use rocmforge_actors::{Hint, MemoryBudget, ReadMode, RuntimeError, StageDelays};
+use runtime_common::*;
 use std::time::{Duration, Instant};
 
 fn reference_tokens(model: &std::path::Path, n: usize) -> Vec<u32> {
-    let rt = builder(model, ReadMode::Mmap, MemoryBudget::Unlimited).build().unwrap();
+    let rt = builder(model, ReadMode::Mmap, MemoryBudget::Unlimited)
+        .build()
+        .unwrap();
     let t = rt.generate(request(n)).collect_tokens().unwrap();
     rt.shutdown().unwrap();
     t
@@ -45,7 +47,9 @@ fn streaming_at_40_percent_gives_identical_tokens_within_budget() {
 fn async_stream_and_blocking_iterator_agree() {
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_model(dir.path(), 4, 32);
-    let rt = builder(&model, ReadMode::Read, MemoryBudget::Unlimited).build().unwrap();
+    let rt = builder(&model, ReadMode::Read, MemoryBudget::Unlimited)
+        .build()
+        .unwrap();
     let blocking = rt.generate(request(5)).collect_tokens().unwrap();
     let tokio_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -66,7 +70,10 @@ fn budget_smaller_than_one_layer_is_a_build_error() {
     let model = synthetic_model(dir.path(), 4, 32);
     let start = Instant::now();
     let r = builder(&model, ReadMode::Read, MemoryBudget::Bytes(4096)).build();
-    assert!(matches!(r, Err(RuntimeError::BudgetTooSmall { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(RuntimeError::BudgetTooSmall { .. })),
+        "{r:?}"
+    );
     // Not a hang: the check runs before any actor starts (generous bound, not a benchmark).
     assert!(start.elapsed() < Duration::from_secs(30));
 }
@@ -86,7 +93,10 @@ fn hints_prefetch_pin_release() {
     let resident = s0.fixed_layers[0];
 
     // Prefetch of a resident layer: a no-op, nothing loaded.
-    rt.hint(Hint::Prefetch { layers: vec![resident] }).unwrap();
+    rt.hint(Hint::Prefetch {
+        layers: vec![resident],
+    })
+    .unwrap();
     let s1 = rt.stats();
     assert_eq!(s1.hint_noops, s0.hint_noops + 1);
     assert_eq!(s1.loads_per_layer, s0.loads_per_layer);
@@ -97,12 +107,18 @@ fn hints_prefetch_pin_release() {
     let s2 = rt.stats();
     assert_eq!(s2.pinned_layers, vec![last]);
     assert!(s2.resident_layers[last], "{s2:?}");
-    assert!(s2.loads_per_layer[last] <= s0.loads_per_layer[last] + 1, "{s2:?}");
+    assert!(
+        s2.loads_per_layer[last] <= s0.loads_per_layer[last] + 1,
+        "{s2:?}"
+    );
     let streamed = (0..last)
         .rev()
         .find(|l| !s2.fixed_layers.contains(l))
         .expect("a streamed layer");
-    assert!(s2.loads_per_layer[streamed] >= s0.loads_per_layer[streamed] + 4, "{s2:?}");
+    assert!(
+        s2.loads_per_layer[streamed] >= s0.loads_per_layer[streamed] + 4,
+        "{s2:?}"
+    );
     assert!(s2.peak_resident_bytes <= s2.budget_bytes);
 
     // Release: the layer streams again (loaded once per token).
@@ -110,7 +126,10 @@ fn hints_prefetch_pin_release() {
     rt.generate(request(3)).collect_tokens().unwrap();
     let s3 = rt.stats();
     assert!(s3.pinned_layers.is_empty());
-    assert!(s3.loads_per_layer[last] >= s2.loads_per_layer[last] + 2, "{s3:?}");
+    assert!(
+        s3.loads_per_layer[last] >= s2.loads_per_layer[last] + 2,
+        "{s3:?}"
+    );
 
     // Pinning everything cannot fit: rejected, the plan unchanged.
     let all: Vec<usize> = (0..=last).collect();
@@ -165,15 +184,19 @@ fn capacity_one_channels_and_a_slow_stage_do_not_deadlock() {
         let (tx, rx) = std::sync::mpsc::channel();
         let model2 = model.clone();
         std::thread::spawn(move || {
-            let rt = builder(&model2, ReadMode::Read, MemoryBudget::FractionOfWeights(0.4))
-                .channel_capacity(1)
-                .staging(1, 16 << 10)
-                .readers(3)
-                .transcode_threads(2)
-                .prefetch_depth(3)
-                .stage_delays(delays)
-                .build()
-                .unwrap();
+            let rt = builder(
+                &model2,
+                ReadMode::Read,
+                MemoryBudget::FractionOfWeights(0.4),
+            )
+            .channel_capacity(1)
+            .staging(1, 16 << 10)
+            .readers(3)
+            .transcode_threads(2)
+            .prefetch_depth(3)
+            .stage_delays(delays)
+            .build()
+            .unwrap();
             let t = rt.generate(request(4)).collect_tokens();
             let s = rt.stats();
             rt.shutdown().unwrap();

@@ -3,9 +3,9 @@
 
 mod runtime_common;
 
-use runtime_common::*;
 use rocmforge_actors::compute::ChecksumCompute;
 use rocmforge_actors::{MemoryBudget, ReadMode, RuntimeError};
+use runtime_common::*;
 use std::time::Duration;
 
 #[test]
@@ -32,7 +32,10 @@ fn shutdown_with_requests_in_flight_errors_them_and_joins_everything() {
     let last = running.by_ref().last().expect("an item after shutdown");
     assert!(matches!(last, Err(RuntimeError::ShutDown)), "{last:?}");
     let q: Vec<_> = queued.collect();
-    assert!(matches!(q.last(), Some(Err(RuntimeError::ShutDown))), "{q:?}");
+    assert!(
+        matches!(q.last(), Some(Err(RuntimeError::ShutDown))),
+        "{q:?}"
+    );
 
     // Every actor thread joined (rayon's pool is scoped, so its threads too).
     assert_eq!(thread_count(), threads_before);
@@ -42,7 +45,10 @@ fn shutdown_with_requests_in_flight_errors_them_and_joins_everything() {
     assert_eq!(rt.staging_slots_in_use(), 0);
     // After shutdown: errors, not hangs.
     let after: Vec<_> = rt.generate(request(1)).into_blocking().collect();
-    assert!(matches!(after.as_slice(), [Err(RuntimeError::ShutDown)]), "{after:?}");
+    assert!(
+        matches!(after.as_slice(), [Err(RuntimeError::ShutDown)]),
+        "{after:?}"
+    );
     assert!(matches!(
         rt.hint(rocmforge_actors::Hint::WarmUp),
         Err(RuntimeError::ShutDown)

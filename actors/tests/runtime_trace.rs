@@ -4,9 +4,9 @@
 
 mod runtime_common;
 
-use runtime_common::*;
 use rocmforge_actors::trace::{enable_chrome_trace, render_svg};
 use rocmforge_actors::{MemoryBudget, ReadMode, StageDelays};
+use runtime_common::*;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -15,11 +15,15 @@ fn position(events: &[Value], name: &str, layer: i64, last: bool) -> Option<usiz
     let m = |e: &&Value| {
         e["ph"] == "X" && e["name"] == name && e["args"]["layer"].as_i64() == Some(layer)
     };
-    let it = events.iter().enumerate().filter(|(_, e)| m(e)).map(|(i, _)| i);
+    let mut it = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| m(e))
+        .map(|(i, _)| i);
     if last {
-        it.last()
+        it.next_back()
     } else {
-        it.min()
+        it.next()
     }
 }
 
@@ -45,7 +49,10 @@ fn read_mode_trace_shows_overlap_and_renders() {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let events = v["traceEvents"].as_array().expect("traceEvents");
     for e in events {
-        assert!(e["ph"].is_string() && e["pid"].is_u64() && e["tid"].is_u64(), "{e}");
+        assert!(
+            e["ph"].is_string() && e["pid"].is_u64() && e["tid"].is_u64(),
+            "{e}"
+        );
         if e["ph"] == "X" {
             assert!(e["ts"].is_f64() && e["dur"].is_f64(), "{e}");
         }

@@ -125,7 +125,9 @@ where
         let Some(d) = ext.get_mut::<SpanData>() else {
             return;
         };
-        let Some(start) = d.entered.take() else { return };
+        let Some(start) = d.entered.take() else {
+            return;
+        };
         let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
         let tid = self.lane(&mut buf);
         let ev = json!({

@@ -22,7 +22,14 @@ struct Span {
 
 fn lane_rank(name: &str) -> usize {
     // Data-flow order, the order of the design drawing.
-    const ORDER: [&str; 6] = ["rf-scheduler", "rf-reader", "rf-transcode", "rf-uploader", "rf-inference", ""];
+    const ORDER: [&str; 6] = [
+        "rf-scheduler",
+        "rf-reader",
+        "rf-transcode",
+        "rf-uploader",
+        "rf-inference",
+        "",
+    ];
     ORDER
         .iter()
         .position(|p| !p.is_empty() && name.starts_with(p))
@@ -44,7 +51,10 @@ fn color(name: &str) -> &'static str {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Renders a parsed Chrome trace. Errors name what is missing.
@@ -65,10 +75,17 @@ pub fn render_svg(trace: &Value) -> Result<String, String> {
                 }
             }
             "X" => {
-                let ts = e.get("ts").and_then(Value::as_f64).ok_or("an X event without ts")?;
+                let ts = e
+                    .get("ts")
+                    .and_then(Value::as_f64)
+                    .ok_or("an X event without ts")?;
                 let dur = e.get("dur").and_then(Value::as_f64).unwrap_or(0.0);
                 lanes.entry(tid).or_default().push(Span {
-                    name: e.get("name").and_then(Value::as_str).unwrap_or("?").to_string(),
+                    name: e
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("?")
+                        .to_string(),
                     ts,
                     dur,
                     layer: e.pointer("/args/layer").and_then(Value::as_i64),
@@ -81,7 +98,11 @@ pub fn render_svg(trace: &Value) -> Result<String, String> {
     if lanes.is_empty() {
         return Err("the trace has no spans (ph = X)".into());
     }
-    let t0 = lanes.values().flatten().map(|s| s.ts).fold(f64::INFINITY, f64::min);
+    let t0 = lanes
+        .values()
+        .flatten()
+        .map(|s| s.ts)
+        .fold(f64::INFINITY, f64::min);
     let t1 = lanes
         .values()
         .flatten()
@@ -93,7 +114,15 @@ pub fn render_svg(trace: &Value) -> Result<String, String> {
     // Lanes in pipeline order, then by name.
     let mut order: Vec<(u64, String)> = lanes
         .keys()
-        .map(|&tid| (tid, names.get(&tid).cloned().unwrap_or_else(|| format!("thread {tid}"))))
+        .map(|&tid| {
+            (
+                tid,
+                names
+                    .get(&tid)
+                    .cloned()
+                    .unwrap_or_else(|| format!("thread {tid}")),
+            )
+        })
         .collect();
     order.sort_by(|a, b| (lane_rank(&a.1), &a.1).cmp(&(lane_rank(&b.1), &b.1)));
 
@@ -114,7 +143,11 @@ pub fn render_svg(trace: &Value) -> Result<String, String> {
     let step = {
         let raw = span_us / 10.0;
         let mag = 10f64.powf(raw.log10().floor());
-        [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(raw)
+        [1.0, 2.0, 5.0, 10.0]
+            .iter()
+            .map(|m| m * mag)
+            .find(|s| *s >= raw)
+            .unwrap_or(raw)
     };
     let axis_y = TOP + LANE_H * order.len() as f64 + 4.0;
     let mut t = 0.0;

@@ -69,5 +69,7 @@ pub fn request(n: usize) -> GenerateRequest {
 
 /// Threads of this process (Linux).
 pub fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
