@@ -6,6 +6,11 @@ use crate::gguf::GgufError;
 pub enum Error {
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Quant(#[from] crate::quant::QuantError),
+    #[error(transparent)]
+    Synth(#[from] crate::synth::SynthError),
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error("{0}")]
     Other(String),
 }

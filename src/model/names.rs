@@ -26,8 +26,15 @@ pub enum TensorKind {
 impl TensorKind {
     /// Per-layer kinds in the order llama.cpp's converters write them.
     pub const LAYER: [TensorKind; 9] = [
-        Self::AttnNorm, Self::AttnQ, Self::AttnK, Self::AttnV, Self::AttnOutput,
-        Self::FfnNorm, Self::FfnGate, Self::FfnUp, Self::FfnDown,
+        Self::AttnNorm,
+        Self::AttnQ,
+        Self::AttnK,
+        Self::AttnV,
+        Self::AttnOutput,
+        Self::FfnNorm,
+        Self::FfnGate,
+        Self::FfnUp,
+        Self::FfnDown,
     ];
 
     fn stem(self) -> &'static str {
@@ -147,9 +154,21 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(tensor_name(TensorKind::AttnQ, Some(3)), "blk.3.attn_q.weight");
-        assert_eq!(tensor_name(TensorKind::AttnKBias, Some(0)), "blk.0.attn_k.bias");
-        assert_eq!(tensor_name(TensorKind::TokenEmbd, None), "token_embd.weight");
-        assert_eq!(arch_key("llama", ArchKey::HeadCountKv), "llama.attention.head_count_kv");
+        assert_eq!(
+            tensor_name(TensorKind::AttnQ, Some(3)),
+            "blk.3.attn_q.weight"
+        );
+        assert_eq!(
+            tensor_name(TensorKind::AttnKBias, Some(0)),
+            "blk.0.attn_k.bias"
+        );
+        assert_eq!(
+            tensor_name(TensorKind::TokenEmbd, None),
+            "token_embd.weight"
+        );
+        assert_eq!(
+            arch_key("llama", ArchKey::HeadCountKv),
+            "llama.attention.head_count_kv"
+        );
     }
 }
