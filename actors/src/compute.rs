@@ -42,7 +42,8 @@ pub trait ModelCompute: Send {
     ) -> Result<Vec<f32>>;
     /// Text to tokens (`None` when the compute has no tokenizer).
     fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>>;
-    fn detokenize(&self, token: u32) -> String;
+    /// The bytes a token stands for (may be part of a UTF-8 character).
+    fn token_bytes(&self, token: u32) -> Vec<u8>;
 }
 
 /// Builds a compute for an opened model (runs on the Inference thread at start).
@@ -224,7 +225,7 @@ impl ModelCompute for ChecksumCompute {
         None
     }
 
-    fn detokenize(&self, _token: u32) -> String {
-        String::new()
+    fn token_bytes(&self, _token: u32) -> Vec<u8> {
+        Vec::new()
     }
 }

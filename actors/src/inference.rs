@@ -244,6 +244,7 @@ impl Inference {
         let n_layers = self.cfg.plan.n_layers;
         let mut sampler = Sampler::new(&req.sampling);
         let mut input = prompt;
+        let mut text = Utf8Assembler::default();
         for index in 0..req.max_tokens {
             if let Some(e) = self.cancelled(job) {
                 return Err(e);
@@ -263,7 +264,7 @@ impl Inference {
             let ev = TokenEvent {
                 index,
                 token,
-                text: self.compute.detokenize(token),
+                text: text.push(&self.compute.token_bytes(token)),
             };
             self.send_event(job, ev)?;
             if req.stop_at_eos && Some(token) == self.compute.eos_token() {
@@ -335,5 +336,69 @@ impl Sampler {
             }
         }
         idx[keep - 1] as u32
+    }
+}
+
+/// Turns token bytes into text pieces without splitting a UTF-8 character across two events
+/// (byte-level BPE emits multi-byte characters over several tokens).
+#[derive(Default)]
+struct Utf8Assembler {
+    pending: Vec<u8>,
+}
+
+impl Utf8Assembler {
+    fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        match std::str::from_utf8(&self.pending) {
+            Ok(s) => {
+                let s = s.to_string();
+                self.pending.clear();
+                s
+            }
+            // An incomplete character at the end: keep it for the next token.
+            Err(e) if e.error_len().is_none() => {
+                let n = e.valid_up_to();
+                let s = String::from_utf8_lossy(&self.pending[..n]).into_owned();
+                self.pending.drain(..n);
+                s
+            }
+            // Invalid bytes: emit them replaced rather than stalling the stream.
+            Err(_) => {
+                let s = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
+                s
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_pieces_are_never_split() {
+        let mut a = Utf8Assembler::default();
+        let e = "é".as_bytes();
+        assert_eq!(a.push(b"a"), "a");
+        assert_eq!(a.push(&e[..1]), "");
+        assert_eq!(a.push(&e[1..]), "é");
+        assert_eq!(a.push(&[0xff]), "\u{fffd}");
+    }
+
+    #[test]
+    fn greedy_and_seeded_sampling() {
+        let logits = [0.1, 2.0, -1.0, 1.9];
+        assert_eq!(Sampler::new(&SamplingParams::default()).sample(&logits), 1);
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+            seed: 7,
+        };
+        let a: Vec<u32> = (0..20).map({ let mut s = Sampler::new(&p); move |_| s.sample(&logits) }).collect();
+        let b: Vec<u32> = (0..20).map({ let mut s = Sampler::new(&p); move |_| s.sample(&logits) }).collect();
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&t| t == 1 || t == 3));
     }
 }
