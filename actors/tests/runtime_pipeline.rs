@@ -210,3 +210,23 @@ fn capacity_one_channels_and_a_slow_stage_do_not_deadlock() {
         assert!(stats.peak_resident_bytes <= stats.budget_bytes);
     }
 }
+
+#[test]
+fn shutdown_during_the_load_cancels_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic_model(dir.path(), 12, 64);
+    // A very slow disk: the load would take seconds.
+    let rt = builder(&model, ReadMode::Read, MemoryBudget::Unlimited)
+        .stage_delays(StageDelays {
+            read_per_chunk: Duration::from_millis(50),
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    rt.shutdown().unwrap();
+    let p = rt.load_progress();
+    assert!(!p.initial_done, "{p:?}");
+    assert!(p.read_bytes < p.initial_bytes, "{p:?}");
+    assert_eq!(rt.stats().allocated_bytes, 0);
+    assert_eq!(rt.staging_slots_in_use(), 0);
+}
