@@ -396,8 +396,18 @@ mod tests {
             top_p: 1.0,
             seed: 7,
         };
-        let a: Vec<u32> = (0..20).map({ let mut s = Sampler::new(&p); move |_| s.sample(&logits) }).collect();
-        let b: Vec<u32> = (0..20).map({ let mut s = Sampler::new(&p); move |_| s.sample(&logits) }).collect();
+        let a: Vec<u32> = (0..20)
+            .map({
+                let mut s = Sampler::new(&p);
+                move |_| s.sample(&logits)
+            })
+            .collect();
+        let b: Vec<u32> = (0..20)
+            .map({
+                let mut s = Sampler::new(&p);
+                move |_| s.sample(&logits)
+            })
+            .collect();
         assert_eq!(a, b);
         assert!(a.iter().all(|&t| t == 1 || t == 3));
     }

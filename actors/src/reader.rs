@@ -27,10 +27,14 @@ use tokio_util::sync::CancellationToken;
 
 const PAGE: usize = 4096;
 
-/// "Load this unit" (Scheduler -> DiskReader).
+/// "Load this unit" (Scheduler -> DiskReader). A large unit is split into `n_parts` jobs that
+/// several readers serve in parallel: part `p` reads the unit's chunks `p, p + n, p + 2n, ...`
+/// (striped, so the readers stay close together in the file).
 #[derive(Debug, Clone, Copy)]
 pub struct ReadJob {
     pub unit: usize,
+    pub part: usize,
+    pub n_parts: usize,
 }
 
 pub enum ChunkData {
@@ -171,7 +175,7 @@ impl Reader {
         loop {
             let job = recv_or_cancel(&cfg.jobs, &cfg.cancel);
             let Some(job) = job else { return };
-            if let Err(e) = self.read_unit(job.unit) {
+            if let Err(e) = self.read_unit(job) {
                 if matches!(e, RuntimeError::Cancelled) {
                     return;
                 }
@@ -183,13 +187,17 @@ impl Reader {
         }
     }
 
-    fn read_unit(&mut self, unit_idx: usize) -> Result<()> {
+    fn read_unit(&mut self, job: ReadJob) -> Result<()> {
+        let unit_idx = job.unit;
+        let n_parts = job.n_parts.max(1) as u64;
+        let mut chunk_no = 0u64;
         let cfg = self.cfg.clone();
         let unit = &cfg.plan.units[unit_idx];
         let layer = unit.layer.map(|l| l as i64).unwrap_or(-1);
         let span = tracing::info_span!("read", layer, bytes = unit.file_bytes, stream = self.idx);
         let _g = span.enter();
-        if cfg.mode == ReadMode::Mmap && unit.file_span.end > unit.file_span.start {
+        if cfg.mode == ReadMode::Mmap && job.part == 0 && unit.file_span.end > unit.file_span.start
+        {
             let s = unit.file_span.start as usize;
             let _ = cfg.map.advise_range(
                 Advice::WillNeed,
@@ -206,6 +214,11 @@ impl Reader {
                     return Err(RuntimeError::Cancelled);
                 }
                 let len = (total - off).min(step as u64) as usize;
+                chunk_no += 1;
+                if (chunk_no - 1) % n_parts != job.part as u64 {
+                    off += len as u64;
+                    continue;
+                }
                 let start = Instant::now();
                 let abs = t.file.start + off;
                 let data = {

@@ -338,6 +338,8 @@ impl RuntimeBuilder {
             cancel: cancel.clone(),
             inbox: sched_rx,
             dims,
+            n_readers: self.readers,
+            split_bytes: self.slot_size as u64,
         })));
 
         Ok(RuntimeHandle {

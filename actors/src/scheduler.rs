@@ -126,6 +126,9 @@ pub struct SchedulerConfig {
     pub cancel: CancellationToken,
     pub inbox: flume::Receiver<SchedMsg>,
     pub dims: crate::plan::UnitDims,
+    /// Readers available, and the chunk size: units of at least four chunks are split.
+    pub n_readers: usize,
+    pub split_bytes: u64,
 }
 
 struct Scheduler {
@@ -253,7 +256,10 @@ impl Scheduler {
             }
             SchedMsg::Hint { hint, reply } => {
                 let r = self.hint(hint);
+                // Reply after acting, so a caller reading `stats()` next sees the hint's effect.
+                self.act();
                 let _ = reply.try_send(r);
+                return;
             }
         }
         self.act();
@@ -406,7 +412,20 @@ impl Scheduler {
             if self.cfg.plan.units[u].file_bytes == 0 {
                 self.publish_empty(u);
             } else {
-                self.overflow.push_back(ReadJob { unit: u });
+                // Big units (the embedding table) are read by every reader at once.
+                let unit = &self.cfg.plan.units[u];
+                let n_parts = if unit.file_bytes >= 4 * self.cfg.split_bytes {
+                    self.cfg.n_readers.max(1)
+                } else {
+                    1
+                };
+                for part in 0..n_parts {
+                    self.overflow.push_back(ReadJob {
+                        unit: u,
+                        part,
+                        n_parts,
+                    });
+                }
             }
         }
         self.flush();
