@@ -78,10 +78,12 @@ impl Bpe {
         };
         let mut merge_map = HashMap::with_capacity(merges.len());
         for (rank, m) in merges.iter().enumerate() {
-            // A merge is "left right"; a symbol never contains a plain space (it is `Ġ`).
-            let (l, r) = m
-                .split_once(' ')
-                .filter(|(l, r)| !l.is_empty() && !r.is_empty() && !r.contains(' '))
+            // A merge is "left right", split at the first space after the first byte (as
+            // llama.cpp does, so a left symbol may itself be a space).
+            let split = m.as_bytes().iter().skip(1).position(|&b| b == b' ');
+            let (l, r) = split
+                .map(|p| (&m[..p + 1], &m[p + 2..]))
+                .filter(|(l, r)| !l.is_empty() && !r.is_empty())
                 .ok_or_else(|| TokenizerError::BadMerge {
                     index: rank,
                     merge: m.clone(),

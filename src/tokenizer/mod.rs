@@ -12,6 +12,7 @@
 mod bpe;
 mod chat;
 mod error;
+mod gpt2split;
 pub mod pretok;
 mod spm;
 mod stream;
@@ -477,6 +478,15 @@ impl Tokenizer {
             cache.insert(piece.to_string(), out[start..].to_vec());
         }
         Ok(())
+    }
+
+    /// Empties the word cache shared by this tokenizer and its clones (benchmarks of cold encoding).
+    pub fn clear_cache(&self) {
+        self.inner
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// The bytes `ids` stand for, concatenated (special tokens as their text).
