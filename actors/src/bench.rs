@@ -221,3 +221,22 @@ pub fn format_table(rows: &[(f64, Strategy, Result<TtftRow>)]) -> String {
     }
     s
 }
+
+/// The bench with the llama forward pass: a `prompt_tokens`-long prompt of fixed ids, greedy,
+/// `decode_tokens` tokens, budgets 100/50/25 %, `read` mode, two readers, cold page cache.
+pub fn default_config(model: &Path, prompt_tokens: usize, decode_tokens: usize) -> BenchConfig {
+    BenchConfig {
+        model: model.to_path_buf(),
+        budgets: vec![1.0, 0.5, 0.25],
+        read_mode: ReadMode::Read,
+        // Fixed, arbitrary in-vocabulary ids: the prompt's content does not matter for timing.
+        prompt: (0..prompt_tokens.max(1) as u32)
+            .map(|i| 100 + (i * 37) % 1000)
+            .collect(),
+        decode_tokens,
+        prefetch_depth: 2,
+        readers: 2,
+        compute: crate::llama::LlamaCompute::factory(Default::default()),
+        cold: true,
+    }
+}

@@ -15,6 +15,7 @@
 //! - `plan.rs` — the model cut into units (layers + global group) with device offsets.
 //! - `backend.rs` — the backend seam (`WeightBackend`) and the CPU host arena.
 //! - `compute.rs` — the compute seam (`ModelCompute`) and the checksum stand-in model.
+//! - `llama.rs` — the real compute: the core crate's llama forward pass over resident weights.
 //! - `shared.rs` — counters shared by actors and handle.
 //! - `trace/` — Chrome trace recording (a `tracing` layer) and the SVG timeline.
 //! - `progress.rs` — indicatif progress bars for loading.
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod compute;
 pub mod error;
 pub mod inference;
+pub mod llama;
 pub mod messages;
 pub mod plan;
 pub mod progress;

@@ -8,7 +8,9 @@ use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::residency::ResidentLayer;
 use rocmforge::gguf::GgufFile;
-use rocmforge::model::{ops, LayerRefs, LayerWeights, Model, Sequence, SequenceConfig, TensorRef, WeightView};
+use rocmforge::model::{
+    ops, LayerRefs, LayerWeights, Model, Sequence, SequenceConfig, TensorRef, WeightView,
+};
 use rocmforge::tokenizer::Tokenizer;
 use std::sync::Arc;
 
@@ -90,7 +92,9 @@ impl ModelCompute for LlamaCompute {
     }
 
     fn new_sequence(&mut self) -> Result<SequenceState> {
-        Ok(Box::new(self.model.new_sequence(self.seq_cfg).map_err(err(None))?))
+        Ok(Box::new(
+            self.model.new_sequence(self.seq_cfg).map_err(err(None))?,
+        ))
     }
 
     fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden> {
@@ -155,20 +159,34 @@ impl ModelCompute for LlamaCompute {
             })?;
         let layout = self.model.layout();
         self.norm_w.resize(d, 0.0);
-        ops::dequantize(&view(global, &layout.output_norm)?, &layout.output_norm.name, &mut self.norm_w)
-            .map_err(err(None))?;
+        ops::dequantize(
+            &view(global, &layout.output_norm)?,
+            &layout.output_norm.name,
+            &mut self.norm_w,
+        )
+        .map_err(err(None))?;
         self.xn.resize(d, 0.0);
         ops::rms_norm(last, &self.norm_w, hp.rms_eps, &mut self.xn);
         let head = layout.head();
         let mut logits = vec![0f32; self.model.n_vocab()];
-        ops::linear(&view(global, head)?, &head.name, &self.xn, 1, &mut logits, seq.precision())
-            .map_err(err(None))?;
+        ops::linear(
+            &view(global, head)?,
+            &head.name,
+            &self.xn,
+            1,
+            &mut logits,
+            seq.precision(),
+        )
+        .map_err(err(None))?;
         Ok(logits)
     }
 
     fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>> {
         let t = self.tokenizer.as_ref()?;
-        Some(t.encode(text, true, true).map_err(|e| RuntimeError::BadRequest(e.to_string())))
+        Some(
+            t.encode(text, true, true)
+                .map_err(|e| RuntimeError::BadRequest(e.to_string())),
+        )
     }
 
     fn token_bytes(&self, token: u32) -> Vec<u8> {

@@ -190,13 +190,10 @@ impl RuntimeBuilder {
                 self.slot_size
             )));
         }
-        let factory = self.compute.clone().ok_or_else(|| {
-            RuntimeError::Config(
-                "no compute given (`RuntimeBuilder::compute`); the llama forward pass is wired \
-                 in once it lands in the core crate"
-                    .into(),
-            )
-        })?;
+        let factory = self
+            .compute
+            .clone()
+            .unwrap_or_else(|| crate::llama::LlamaCompute::factory(Default::default()));
 
         let zero_copy = backend.computes_from_host() && self.read_mode == ReadMode::Mmap;
         let needs_upload_ring = !zero_copy
