@@ -9,7 +9,6 @@ use crate::plan::LoadPlan;
 use crate::residency::{ResidencyBoard, ResidentLayer};
 use crate::scheduler::SchedMsg;
 use crate::shared::{recv_or_cancel, Shared};
-use rand::{Rng, SeedableRng};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -276,66 +275,37 @@ impl Inference {
     }
 }
 
-/// Greedy / temperature + top-k + top-p sampling with a seeded RNG.
-// The core crate's `sample` module replaces this once it lands on main.
+/// Per-request sampling: the core crate's sampler (penalties, top-k/p, min-p, temperature, seeded
+/// RNG). Penalties look at the tokens generated so far (OpenAI's semantics), not the prompt.
 pub struct Sampler {
-    params: SamplingParams,
-    rng: rand_chacha::ChaCha8Rng,
+    inner: rocmforge::sample::Sampler,
+    generated: Vec<u32>,
 }
 
 impl Sampler {
     pub fn new(params: &SamplingParams) -> Self {
+        let core = rocmforge::sample::SamplingParams {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            repeat_penalty: 1.0,
+            presence_penalty: params.presence_penalty,
+            frequency_penalty: params.frequency_penalty,
+            penalty_last_n: usize::MAX,
+            seed: params.seed,
+            stop: Vec::new(),
+        };
         Self {
-            params: params.clone(),
-            rng: rand_chacha::ChaCha8Rng::seed_from_u64(params.seed),
+            inner: rocmforge::sample::Sampler::new(core),
+            generated: Vec::new(),
         }
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let argmax = || {
-            logits
-                .iter()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |best, (i, &x)| {
-                    if x > best.1 {
-                        (i, x)
-                    } else {
-                        best
-                    }
-                })
-                .0 as u32
-        };
-        if self.params.temperature <= 0.0 || logits.is_empty() {
-            return argmax();
-        }
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
-        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        if self.params.top_k > 0 {
-            idx.truncate(self.params.top_k);
-        }
-        let t = self.params.temperature;
-        let max = logits[idx[0]];
-        let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i] - max) / t).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-        let mut keep = probs.len();
-        let mut acc = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc >= self.params.top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-        let total: f32 = probs[..keep].iter().sum();
-        let mut r = self.rng.gen::<f32>() * total;
-        for i in 0..keep {
-            r -= probs[i];
-            if r <= 0.0 {
-                return idx[i] as u32;
-            }
-        }
-        idx[keep - 1] as u32
+        let t = self.inner.sample(logits, &self.generated);
+        self.generated.push(t);
+        t
     }
 }
 
@@ -395,6 +365,7 @@ mod tests {
             top_k: 2,
             top_p: 1.0,
             seed: 7,
+            ..SamplingParams::default()
         };
         let a: Vec<u32> = (0..20)
             .map({

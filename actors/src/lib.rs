@@ -21,6 +21,7 @@
 //! - `progress.rs` — indicatif progress bars for loading.
 //! - `bench.rs` — time-to-first-token split by stage, pipelined vs load-then-compute.
 //! - `error.rs` — `RuntimeError`.
+//! - `serve/` — OpenAI-compatible HTTP server, control socket, Prometheus metrics.
 
 pub mod backend;
 pub mod bench;
@@ -36,6 +37,7 @@ pub mod reader;
 pub mod residency;
 pub mod runtime;
 pub mod scheduler;
+pub mod serve;
 pub mod shared;
 pub mod staging;
 pub mod trace;

@@ -93,6 +93,15 @@ pub struct SamplingParams {
     pub top_k: usize,
     pub top_p: f32,
     pub seed: u64,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 keeps all.
+    #[serde(default)]
+    pub min_p: f32,
+    /// Subtracted once from the logit of every token generated so far; 0 is off.
+    #[serde(default)]
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence of a token generated so far; 0 is off.
+    #[serde(default)]
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -102,6 +111,9 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }

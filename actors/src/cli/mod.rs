@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod inspect;
+pub mod serve;
 pub mod synth;
 pub mod trace;
 
@@ -28,6 +29,8 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// Pipeline traces: `trace view out.json --svg out.svg` draws the actors' timeline.
     Trace(trace::TraceArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (and a control socket).
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
@@ -35,5 +38,6 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Trace(a) => trace::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }

@@ -1,0 +1,69 @@
+//! `rocmforge serve`: the OpenAI-compatible HTTP server (see docs/SERVING.md).
+
+use crate::messages::{MemoryBudget, ReadMode};
+use crate::serve::{run_until_signal, ServeConfig};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// GGUF model to serve.
+    #[arg(long, default_value = super::DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// The model id clients send (default: the file name without `.gguf`).
+    #[arg(long)]
+    pub model_name: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port; the chosen address is printed as `listening on http://...`.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Unix socket for hints, stats and load progress (bincode frames).
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
+    /// Requests queued behind the running one before answering 429.
+    #[arg(long, default_value_t = 64)]
+    pub queue_capacity: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 2 << 20)]
+    pub body_limit: usize,
+    /// Context length per request (default 4096, capped by the model's).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// Weight memory budget: `2GiB`, `40%`, `unlimited`.
+    #[arg(long, default_value = "unlimited")]
+    pub memory_budget: MemoryBudget,
+    /// How weights come off disk: mmap, read, direct.
+    #[arg(long, default_value = "mmap")]
+    pub read_mode: ReadMode,
+    #[arg(long, default_value_t = 2)]
+    pub prefetch_depth: usize,
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 10.0)]
+    pub shutdown_deadline: f64,
+    /// Report ready without pushing a warm-up token through the model first.
+    #[arg(long)]
+    pub no_warm_up: bool,
+}
+
+pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let deadline = Duration::try_from_secs_f64(a.shutdown_deadline)
+        .map_err(|e| format!("--shutdown-deadline {}: {e}", a.shutdown_deadline))?;
+    let cfg = ServeConfig {
+        model: a.model,
+        model_name: a.model_name,
+        host: a.host,
+        port: a.port,
+        control_socket: a.control_socket,
+        queue_capacity: a.queue_capacity,
+        body_limit: a.body_limit,
+        ctx: a.ctx,
+        memory_budget: a.memory_budget,
+        read_mode: a.read_mode,
+        prefetch_depth: a.prefetch_depth,
+        warm_up: !a.no_warm_up,
+    };
+    run_until_signal(cfg, deadline)?;
+    Ok(())
+}

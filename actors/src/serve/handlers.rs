@@ -1,0 +1,392 @@
+//! HTTP endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
+//! `/metrics`.
+
+use super::error::ApiError;
+use super::generation::{Generation, Step};
+use super::openai::{Checked, ChatRequest, CompletionRequest, PromptInput, Usage};
+use super::AppState;
+use crate::messages::{GenerateRequest, Prompt};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+type AppRef = State<Arc<AppState>>;
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(DefaultBodyLimit::max(state.body_limit))
+        .with_state(state)
+}
+
+/// Counts every answer by endpoint and status (unknown paths share one label, so a scanner
+/// cannot blow up the number of series).
+async fn count_requests(State(s): AppRef, req: Request, next: Next) -> Response {
+    let endpoint: &'static str = match req.uri().path() {
+        "/v1/completions" => "/v1/completions",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/models" => "/v1/models",
+        "/health" => "/health",
+        "/metrics" => "/metrics",
+        _ => "other",
+    };
+    let r = next.run(req).await;
+    s.metrics.count_request(endpoint, r.status().as_u16());
+    r
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "unknown endpoint",
+    )
+    .code("unknown_url")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method not allowed on this endpoint",
+    )
+}
+
+async fn health(State(s): AppRef) -> Response {
+    if s.ready.load(Ordering::Acquire) && !s.runtime.is_shut_down() {
+        (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response()
+    } else {
+        ApiError::not_ready().into_response()
+    }
+}
+
+async fn metrics(State(s): AppRef) -> Response {
+    let page = s.metrics.render(
+        &s.runtime,
+        s.ready.load(Ordering::Acquire),
+        s.queue_capacity,
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        page,
+    )
+        .into_response()
+}
+
+async fn models(State(s): AppRef) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": s.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "rocmforge",
+        }],
+    }))
+    .into_response()
+}
+
+/// The body as JSON of type `T`, or an OpenAI-style 400/413.
+fn parse_body<T: serde::de::DeserializeOwned>(
+    s: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("request body larger than {} bytes", s.body_limit),
+            )
+            .code("request_too_large")
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {}", r.body_text()))
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "malformed JSON"
+        } else {
+            "invalid request"
+        };
+        ApiError::bad_request(format!("{what}: {e}"))
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+async fn completions(State(s): AppRef, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let req: CompletionRequest = parse_body(&s, body)?;
+        let checked = req.common.check(&s.model_name)?;
+        ready(&s)?;
+        let tokens = match req.prompt {
+            PromptInput::Text(t) => tokenize(&s, t).await?,
+            PromptInput::Texts(mut v) if v.len() == 1 => tokenize(&s, v.remove(0)).await?,
+            PromptInput::Tokens(t) => t,
+            PromptInput::TokenLists(mut v) if v.len() == 1 => v.remove(0),
+            _ => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "exactly one prompt per request is supported",
+                ))
+            }
+        };
+        // OpenAI's legacy default for completions.
+        let default_max = 16;
+        start(&s, Kind::Completion, tokens, checked, default_max, "prompt").await
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions(State(s): AppRef, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let req: ChatRequest = parse_body(&s, body)?;
+        let checked = req.common.check(&s.model_name)?;
+        ready(&s)?;
+        let turns = req.turns()?;
+        let text = s
+            .tokenizer
+            .apply_chat_template(&turns, true)
+            .map_err(|e| ApiError::invalid("messages", format!("chat template: {e}")))?;
+        let tokens = tokenize(&s, text).await?;
+        // Chat defaults to the rest of the context.
+        let default_max = s.ctx.saturating_sub(tokens.len());
+        start(&s, Kind::Chat, tokens, checked, default_max, "messages").await
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn ready(s: &AppState) -> Result<(), ApiError> {
+    if s.ready.load(Ordering::Acquire) {
+        Ok(())
+    } else {
+        Err(ApiError::not_ready())
+    }
+}
+
+/// Text to token ids off the async threads (a long prompt takes a while to encode).
+async fn tokenize(s: &AppState, text: String) -> Result<Vec<u32>, ApiError> {
+    let tok = s.tokenizer.clone();
+    tokio::task::spawn_blocking(move || tok.encode(&text, true, true))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
+        .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize: {e}")))
+}
+
+async fn start(
+    s: &Arc<AppState>,
+    kind: Kind,
+    tokens: Vec<u32>,
+    checked: Checked,
+    default_max: usize,
+    prompt_param: &str,
+) -> Result<Response, ApiError> {
+    let n_prompt = tokens.len();
+    if n_prompt == 0 {
+        return Err(ApiError::invalid(prompt_param, "the prompt is empty"));
+    }
+    if n_prompt >= s.ctx {
+        return Err(ApiError::invalid(
+            prompt_param,
+            format!(
+                "this model's context is {} tokens; the prompt has {n_prompt}",
+                s.ctx
+            ),
+        )
+        .code("context_length_exceeded"));
+    }
+    let max_tokens = checked.max_tokens.unwrap_or(default_max);
+    if n_prompt.saturating_add(max_tokens) > s.ctx {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            format!(
+                "this model's context is {} tokens; {n_prompt} in the prompt plus {max_tokens} \
+                 to generate do not fit",
+                s.ctx
+            ),
+        )
+        .code("context_length_exceeded"));
+    }
+    let request = GenerateRequest {
+        prompt: Prompt::Tokens(tokens),
+        max_tokens,
+        sampling: checked.sampling.clone(),
+        stop_at_eos: true,
+    };
+    let gen = Generation::admit(
+        s.runtime.generate(request),
+        n_prompt,
+        &checked.stop,
+        s.metrics.clone(),
+    )?;
+    let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let meta = Meta {
+        id: match kind {
+            Kind::Completion => format!("cmpl-{id}"),
+            Kind::Chat => format!("chatcmpl-{id}"),
+        },
+        created: unix_now(),
+        model: s.model_name.clone(),
+        kind,
+    };
+    if checked.stream {
+        Ok(stream_response(gen, meta, checked.include_usage))
+    } else {
+        let (text, finish, n) = gen.collect().await?;
+        let usage = Usage::new(n_prompt, n);
+        let body = match kind {
+            Kind::Completion => json!({
+                "id": meta.id, "object": "text_completion", "created": meta.created,
+                "model": meta.model,
+                "choices": [{"text": text, "index": 0, "logprobs": null,
+                             "finish_reason": finish}],
+                "usage": usage,
+            }),
+            Kind::Chat => json!({
+                "id": meta.id, "object": "chat.completion", "created": meta.created,
+                "model": meta.model,
+                "choices": [{"index": 0,
+                             "message": {"role": "assistant", "content": text},
+                             "logprobs": null, "finish_reason": finish}],
+                "usage": usage,
+            }),
+        };
+        Ok(axum::Json(body).into_response())
+    }
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Meta {
+    /// One chunk with `text` (or the role announcement / the finish reason).
+    fn chunk(&self, text: Option<&str>, role: bool, finish: Option<&str>) -> serde_json::Value {
+        match self.kind {
+            Kind::Completion => json!({
+                "id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model,
+                "choices": [{"text": text.unwrap_or(""), "index": 0, "logprobs": null,
+                             "finish_reason": finish}],
+            }),
+            Kind::Chat => {
+                let mut delta = serde_json::Map::new();
+                if role {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": null,
+                                 "finish_reason": finish}],
+                })
+            }
+        }
+    }
+
+    fn usage_chunk(&self, usage: Usage) -> serde_json::Value {
+        let object = match self.kind {
+            Kind::Completion => "text_completion",
+            Kind::Chat => "chat.completion.chunk",
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [], "usage": usage})
+    }
+}
+
+fn sse(v: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+enum Phase {
+    Start,
+    Tokens,
+    Usage(Usage),
+    Done,
+    End,
+}
+
+/// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. When the client
+/// goes away hyper drops this stream, and with it the `Generation`: the request is cancelled.
+fn stream_response(gen: Generation, meta: Meta, include_usage: bool) -> Response {
+    let state = (gen, meta, Phase::Start);
+    let body = futures::stream::unfold(state, move |(mut gen, meta, phase)| async move {
+        let out = match phase {
+            Phase::Start => {
+                let first = match meta.kind {
+                    Kind::Chat => meta.chunk(Some(""), true, None),
+                    Kind::Completion => meta.chunk(Some(""), false, None),
+                };
+                (sse(&first), Phase::Tokens)
+            }
+            Phase::Tokens => match gen.next().await {
+                Step::Text(t) => (sse(&meta.chunk(Some(&t), false, None)), Phase::Tokens),
+                Step::Done(reason) => {
+                    let last = match meta.kind {
+                        Kind::Chat => meta.chunk(None, false, Some(reason)),
+                        Kind::Completion => meta.chunk(Some(""), false, Some(reason)),
+                    };
+                    let next = if include_usage {
+                        Phase::Usage(Usage::new(gen.prompt_tokens, gen.completion_tokens))
+                    } else {
+                        Phase::Done
+                    };
+                    (sse(&last), next)
+                }
+                // OpenAI's streams report a failure as an error object, then stop.
+                Step::Failed(e) => (Bytes::from(format!("data: {}\n\n", e.to_json())), Phase::End),
+            },
+            Phase::Usage(u) => (sse(&meta.usage_chunk(u)), Phase::Done),
+            Phase::Done => (Bytes::from_static(b"data: [DONE]\n\n"), Phase::End),
+            Phase::End => return None,
+        };
+        Some((Ok::<_, std::convert::Infallible>(out.0), (gen, meta, out.1)))
+    });
+    let mut r = Response::new(Body::from_stream(body));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}

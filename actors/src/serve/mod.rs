@@ -1,0 +1,326 @@
+//! The serving layer: an OpenAI-compatible HTTP API (axum), a Unix control socket speaking
+//! bincode frames of the runtime's message types, and Prometheus metrics. All of it is a thin
+//! layer over the embedding API (`RuntimeHandle`).
+//!
+//! # Layout
+//! - `mod.rs` — `ServeConfig`, `Server` (start, readiness, graceful shutdown), the router.
+//! - `handlers.rs` — the HTTP endpoints.
+//! - `openai.rs` — request/response bodies and parameter checks.
+//! - `generation.rs` — one request's token stream as text pieces (stop strings, finish reason).
+//! - `error.rs` — OpenAI-style error objects.
+//! - `metrics.rs` — counters, histograms and the Prometheus text page.
+//! - `promtext.rs` — a small Prometheus text-format parser (tests, load generator).
+//! - `control.rs` — the control socket: frame format, server side, and a blocking client.
+//! - `client.rs` — a minimal HTTP/1.1 client over loopback (tests, load generator).
+
+pub mod client;
+pub mod control;
+pub mod error;
+pub mod generation;
+mod handlers;
+pub mod metrics;
+pub mod openai;
+pub mod promtext;
+
+use crate::error::RuntimeError;
+use crate::llama::LlamaCompute;
+use crate::messages::{GenerateRequest, Hint, MemoryBudget, ReadMode};
+use crate::runtime::{Runtime, RuntimeHandle};
+use metrics::Metrics;
+use rocmforge::model::{HParams, SequenceConfig, DEFAULT_CTX};
+use rocmforge::tokenizer::Tokenizer;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("model {path}: {message}")]
+    Model { path: PathBuf, message: String },
+    #[error("serving: {0}")]
+    Other(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// How to serve.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub model: PathBuf,
+    /// The `model` id clients must send; default: the file name without `.gguf`.
+    pub model_name: Option<String>,
+    pub host: String,
+    /// 0 picks a free port (see `Server::local_addr`).
+    pub port: u16,
+    pub control_socket: Option<PathBuf>,
+    /// Requests queued behind the running one; past it, 429 with `Retry-After`.
+    pub queue_capacity: usize,
+    /// Largest request body; larger is a 413.
+    pub body_limit: usize,
+    /// Context length per request (default: the runtime's, capped by the model's).
+    pub ctx: Option<usize>,
+    pub memory_budget: MemoryBudget,
+    pub read_mode: ReadMode,
+    pub prefetch_depth: usize,
+    /// Run one token through the model before reporting ready.
+    pub warm_up: bool,
+}
+
+impl ServeConfig {
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            model_name: None,
+            host: "127.0.0.1".into(),
+            port: 8080,
+            control_socket: None,
+            queue_capacity: 64,
+            body_limit: 2 << 20,
+            ctx: None,
+            memory_budget: MemoryBudget::Unlimited,
+            read_mode: ReadMode::Mmap,
+            prefetch_depth: 2,
+            warm_up: true,
+        }
+    }
+}
+
+/// What every handler sees.
+pub(crate) struct AppState {
+    pub runtime: RuntimeHandle,
+    pub tokenizer: Tokenizer,
+    pub model_name: String,
+    pub ctx: usize,
+    pub ready: AtomicBool,
+    pub metrics: Arc<Metrics>,
+    pub queue_capacity: usize,
+    pub body_limit: usize,
+    pub next_id: AtomicU64,
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    stop: CancellationToken,
+    http: JoinHandle<std::io::Result<()>>,
+    control: Option<(JoinHandle<()>, PathBuf)>,
+    warm: JoinHandle<()>,
+}
+
+impl Server {
+    /// Opens the model, starts the runtime (loading continues in the background), binds the
+    /// listener(s) and starts serving. `/health` answers 503 until loaded and warmed.
+    pub async fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
+        let path = cfg.model.clone();
+        let model_err = |m: String| ServeError::Model {
+            path: path.clone(),
+            message: m,
+        };
+        let file = rocmforge::gguf::GgufFile::open(&cfg.model)
+            .map_err(|e| model_err(e.to_string()))?;
+        let tokenizer =
+            Tokenizer::from_metadata(file.metadata()).map_err(|e| model_err(e.to_string()))?;
+        let hp = HParams::try_from(file.metadata()).map_err(|e| model_err(e.to_string()))?;
+        let ctx = cfg.ctx.unwrap_or(DEFAULT_CTX).min(hp.n_ctx_train);
+        drop(file);
+        let seq_cfg = SequenceConfig {
+            ctx: Some(ctx),
+            ..SequenceConfig::default()
+        };
+        let builder = Runtime::builder()
+            .model(&cfg.model)
+            .memory_budget(cfg.memory_budget)
+            .read_mode(cfg.read_mode)
+            .prefetch_depth(cfg.prefetch_depth)
+            .queue_capacity(cfg.queue_capacity)
+            .compute(LlamaCompute::factory(seq_cfg));
+        // Opening the model and starting threads blocks.
+        let runtime = tokio::task::spawn_blocking(move || builder.build())
+            .await
+            .map_err(|e| ServeError::Other(format!("runtime start: {e}")))??;
+        let model_name = cfg.model_name.clone().unwrap_or_else(|| {
+            cfg.model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        let state = Arc::new(AppState {
+            runtime: runtime.clone(),
+            tokenizer,
+            model_name,
+            ctx,
+            ready: AtomicBool::new(false),
+            metrics: Arc::new(Metrics::default()),
+            queue_capacity: cfg.queue_capacity,
+            body_limit: cfg.body_limit,
+            next_id: AtomicU64::new(1),
+        });
+        let stop = CancellationToken::new();
+
+        let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+            .await
+            .map_err(io_err(format!("binding {}:{}", cfg.host, cfg.port)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(io_err("reading the bound address"))?;
+        let control = match &cfg.control_socket {
+            Some(p) => {
+                // A stale socket file from a previous run would make bind fail.
+                if p.exists() {
+                    std::fs::remove_file(p).map_err(io_err(format!("removing {}", p.display())))?;
+                }
+                let l = tokio::net::UnixListener::bind(p)
+                    .map_err(io_err(format!("binding control socket {}", p.display())))?;
+                let h = tokio::spawn(control::serve(l, runtime.clone(), stop.clone()));
+                Some((h, p.clone()))
+            }
+            None => None,
+        };
+
+        let router = handlers::router(state.clone());
+        let http_stop = stop.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .await
+        });
+
+        let warm_state = state.clone();
+        let warm_up = cfg.warm_up;
+        let warm = tokio::task::spawn_blocking(move || {
+            let rt = &warm_state.runtime;
+            // Waits as long as loading takes; shutdown ends the wait with an error.
+            let loaded = loop {
+                match rt.wait_loaded(Duration::from_millis(200)) {
+                    Ok(()) => break true,
+                    Err(RuntimeError::ShutDown) => break false,
+                    Err(_) => continue,
+                }
+            };
+            if !loaded {
+                return;
+            }
+            if warm_up {
+                let _ = rt.hint(Hint::WarmUp);
+                // One token through every layer: first-touch page faults and lazy
+                // initialisation happen here rather than in the first user's request.
+                let bos = warm_state.tokenizer.bos_id().unwrap_or(0);
+                let mut req = GenerateRequest::tokens(vec![bos], 1);
+                req.stop_at_eos = false;
+                if let Err(e) = rt.generate(req).collect_tokens() {
+                    tracing::warn!("warm-up request failed: {e}");
+                }
+            }
+            warm_state.ready.store(true, Ordering::Release);
+            tracing::info!("model loaded and warmed in {:?}", rt.since_open());
+        });
+
+        Ok(Server {
+            addr,
+            state,
+            stop,
+            http,
+            control,
+            warm,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn runtime(&self) -> &RuntimeHandle {
+        &self.state.runtime
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.state.model_name
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state.ready.load(Ordering::Acquire)
+    }
+
+    /// Waits until `/health` would answer 200.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), ServeError> {
+        let until = tokio::time::Instant::now() + timeout;
+        while !self.is_ready() {
+            if tokio::time::Instant::now() > until {
+                return Err(ServeError::Other(format!(
+                    "model not ready after {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Graceful shutdown: stop accepting, let in-flight requests finish for up to `deadline`,
+    /// then cancel the rest (their streams end with an error event) and free the runtime.
+    pub async fn shutdown(self, deadline: Duration) -> Result<(), ServeError> {
+        self.stop.cancel();
+        let mut http = self.http;
+        let finished = tokio::time::timeout(deadline, &mut http).await.is_ok();
+        let rt = self.state.runtime.clone();
+        let stopped = tokio::task::spawn_blocking(move || rt.shutdown());
+        if !finished {
+            tracing::warn!("in-flight requests still running after {deadline:?}: cancelling");
+            // Cancelled requests end their responses at once; a connection that still does
+            // not close is dropped.
+            if tokio::time::timeout(Duration::from_secs(5), &mut http)
+                .await
+                .is_err()
+            {
+                http.abort();
+            }
+        }
+        let r = stopped
+            .await
+            .map_err(|e| ServeError::Other(format!("runtime shutdown: {e}")))?;
+        let _ = self.warm.await;
+        if let Some((h, p)) = self.control {
+            let _ = h.await;
+            let _ = std::fs::remove_file(p);
+        }
+        r.map_err(ServeError::from)
+    }
+}
+
+/// The `rocmforge serve` entry point: serves until SIGINT or SIGTERM, then shuts down within
+/// `deadline`.
+pub fn run_until_signal(cfg: ServeConfig, deadline: Duration) -> Result<(), ServeError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("starting the tokio runtime"))?;
+    rt.block_on(async move {
+        let server = Server::start(cfg).await?;
+        // The line tests and scripts wait for (the port may have been 0).
+        println!("listening on http://{}", server.local_addr());
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(io_err("installing the SIGTERM handler"))?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.map_err(io_err("waiting for SIGINT"))?,
+            _ = term.recv() => {}
+        }
+        eprintln!("shutting down (deadline {deadline:?})");
+        server.shutdown(deadline).await
+    })
+}

@@ -1,0 +1,259 @@
+//! OpenAI request and response bodies, and the checks that turn a request into a `Job` plan.
+//!
+//! Fields are typed (a string where a number belongs is a 400 naming the field); fields this
+//! server does not implement are ignored when harmless and rejected when they change the answer
+//! (`n > 1`, `echo`, `logprobs`, `best_of`).
+
+use super::error::ApiError;
+use crate::messages::SamplingParams;
+use serde::{Deserialize, Serialize};
+
+/// `stop`: one string or up to four.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Completion `prompt`: a string, one-element array of strings, token ids, or one array of ids.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Parameters shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CommonParams {
+    pub model: Option<String>,
+    pub max_tokens: Option<i64>,
+    /// Chat's newer name for `max_tokens`.
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<i64>,
+    pub logprobs: Option<serde_json::Value>,
+    pub best_of: Option<i64>,
+    #[serde(default)]
+    pub echo: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: PromptInput,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// Chat message `content`: a string or an array of `{"type": "text", "text": ...}` parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessageIn {
+    pub role: String,
+    pub content: Option<Content>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessageIn>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// What a request asks of the engine once checked.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// `None`: up to the context.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>, ApiError> {
+    match v {
+        Some(x) if !(x.is_finite() && x >= lo && x <= hi) => Err(ApiError::invalid(
+            param,
+            format!("{param} must be between {lo} and {hi}, got {x}"),
+        )),
+        other => Ok(other),
+    }
+}
+
+impl CommonParams {
+    /// Checks the model name and every sampling parameter.
+    pub fn check(&self, served_model: &str) -> Result<Checked, ApiError> {
+        match &self.model {
+            None => return Err(ApiError::invalid("model", "you must provide a model parameter")),
+            Some(m) if m != served_model => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!("the model `{m}` does not exist; this server serves `{served_model}`"),
+                )
+                .param("model")
+                .code("model_not_found"))
+            }
+            Some(_) => {}
+        }
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ApiError::invalid("n", "only n = 1 is supported"));
+            }
+        }
+        if self.best_of.is_some_and(|b| b != 1) {
+            return Err(ApiError::invalid("best_of", "only best_of = 1 is supported"));
+        }
+        if self.echo {
+            return Err(ApiError::invalid("echo", "echo is not supported"));
+        }
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !(v.is_null() || v == &serde_json::Value::Bool(false)))
+        {
+            return Err(ApiError::invalid("logprobs", "logprobs are not supported"));
+        }
+        let (param, max) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", Some(m)),
+            (None, m) => ("max_tokens", m),
+        };
+        let max_tokens = match max {
+            Some(m) if m < 1 => {
+                return Err(ApiError::invalid(
+                    param,
+                    format!("{param} must be at least 1, got {m}"),
+                ))
+            }
+            Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
+            None => None,
+        };
+        let temperature = range("temperature", self.temperature, 0.0, 2.0)?.unwrap_or(1.0);
+        let top_p = range("top_p", self.top_p, 0.0, 1.0)?.unwrap_or(1.0);
+        if top_p == 0.0 {
+            return Err(ApiError::invalid("top_p", "top_p must be greater than 0"));
+        }
+        let min_p = range("min_p", self.min_p, 0.0, 1.0)?.unwrap_or(0.0);
+        let presence_penalty =
+            range("presence_penalty", self.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+        let frequency_penalty =
+            range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+        let top_k = match self.top_k {
+            Some(k) if k < 0 => {
+                return Err(ApiError::invalid("top_k", "top_k must be 0 (off) or positive"))
+            }
+            Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
+            None => 0,
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) if v.len() > 4 => {
+                return Err(ApiError::invalid("stop", "at most 4 stop sequences"))
+            }
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
+        Ok(Checked {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                // OpenAI seeds are signed; the bit pattern is as good a seed as any.
+                seed: self.seed.unwrap_or(0) as u64,
+                min_p,
+                presence_penalty,
+                frequency_penalty,
+            },
+            stop,
+            stream: self.stream,
+            include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        })
+    }
+}
+
+impl ChatRequest {
+    /// The turns as the chat template wants them (text parts joined).
+    pub fn turns(&self) -> Result<Vec<rocmforge::tokenizer::ChatMessage>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "messages must not be empty"));
+        }
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(s)) => s.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut s = String::new();
+                        for p in parts {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => s.push_str(t),
+                                _ => {
+                                    return Err(ApiError::invalid(
+                                        &format!("messages[{i}].content"),
+                                        format!("content part of type {:?} is not supported", p.kind),
+                                    ))
+                                }
+                            }
+                        }
+                        s
+                    }
+                };
+                Ok(rocmforge::tokenizer::ChatMessage::new(m.role.clone(), content))
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt: usize, completion: usize) -> Self {
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+        }
+    }
+}
