@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Drives `rocmforge serve` with the official `openai` Python client.
+
+Usage: serve_openai_client.py BASE_URL MODEL
+Checks a completion, a chat completion and a streamed chat completion; the streamed text must
+equal the non-streamed text at temperature 0. Prints "ok" and exits 0 on success.
+"""
+import sys
+
+try:
+    import openai
+except ImportError:
+    sys.exit("the `openai` package is missing: pip install -r scripts/requirements-test.txt")
+
+
+def main() -> None:
+    base_url, model = sys.argv[1], sys.argv[2]
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+
+    models = [m.id for m in client.models.list()]
+    assert models == [model], models
+
+    c = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert c.choices[0].text, c
+    assert c.choices[0].finish_reason in ("stop", "length"), c
+    assert c.usage.completion_tokens >= 1 and c.usage.prompt_tokens >= 1, c.usage
+    assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+
+    messages = [{"role": "user", "content": "Name three colors."}]
+    chat = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=12, temperature=0
+    )
+    text = chat.choices[0].message.content
+    assert chat.choices[0].message.role == "assistant"
+    assert text, chat
+    assert chat.usage.completion_tokens >= 1, chat.usage
+
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            if choice.finish_reason:
+                finish = choice.finish_reason
+    streamed = "".join(pieces)
+    assert streamed == text, (streamed, text)
+    assert finish == chat.choices[0].finish_reason, (finish, chat.choices[0].finish_reason)
+    assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
+
+    try:
+        client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)
+        raise AssertionError("unknown model accepted")
+    except openai.NotFoundError as e:
+        assert e.status_code == 404, e
+
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
