@@ -1,0 +1,145 @@
+//! Load generator for `rocmforge serve` on loopback: starts the server in-process, then for each
+//! concurrency level runs `clients x rounds` streamed chat requests and reports throughput
+//! (generated tokens per second of wall time) and p50/p99 time to first token.
+//!
+//! cargo run --profile test -p rocmforge-actors --example serve_loadgen -- \
+//!     [MODEL] [--clients 1,8,32] [--rounds 2] [--max-tokens 16] [--json]
+
+use rocmforge_actors::serve::client::post_sse;
+use rocmforge_actors::serve::{ServeConfig, Server};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut model = PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut levels = vec![1usize, 8, 32];
+    let mut rounds = 2usize;
+    let mut max_tokens = 16usize;
+    let mut as_json = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--clients" => {
+                levels = val()?
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()?
+            }
+            "--rounds" => rounds = val()?.parse()?,
+            "--max-tokens" => max_tokens = val()?.parse()?,
+            "--json" => as_json = true,
+            _ => model = PathBuf::from(a),
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut cfg = ServeConfig::new(&model);
+        cfg.port = 0;
+        cfg.model_name = Some("bench".into());
+        // Every client of the largest level must fit in the queue.
+        cfg.queue_capacity = levels.iter().copied().max().unwrap_or(1) + 1;
+        let server = Server::start(cfg).await?;
+        server.wait_ready(Duration::from_secs(300)).await?;
+        let addr = server.local_addr();
+        if !as_json {
+            println!("clients  requests  tokens  wall_s  tok/s   ttft_p50_ms  ttft_p99_ms");
+        }
+        for &clients in &levels {
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..clients)
+                .map(|c| {
+                    tokio::spawn(async move {
+                        let mut out = Vec::new();
+                        for r in 0..rounds {
+                            let body = json!({
+                                "model": "bench", "max_tokens": max_tokens, "temperature": 0,
+                                "stream": true, "stream_options": {"include_usage": true},
+                                "messages": [{"role": "user",
+                                              "content": format!("Tell me about topic {c}-{r}.")}],
+                            });
+                            let sent = Instant::now();
+                            let resp = post_sse(addr, "/v1/chat/completions", &body).await?;
+                            if resp.status != 200 {
+                                return Err(format!(
+                                    "status {}: {}",
+                                    resp.status,
+                                    String::from_utf8_lossy(&resp.raw)
+                                )
+                                .into());
+                            }
+                            // First event carrying generated text (the first chunk only
+                            // announces the role).
+                            let first = resp.events.iter().find(|(_, e)| {
+                                serde_json::from_str::<serde_json::Value>(e).is_ok_and(|v| {
+                                    v["choices"][0]["delta"]["content"]
+                                        .as_str()
+                                        .is_some_and(|s| !s.is_empty())
+                                })
+                            });
+                            let ttft = first.map(|(t, _)| (*t - sent).as_secs_f64());
+                            let tokens = resp
+                                .events
+                                .iter()
+                                .find_map(|(_, e)| {
+                                    serde_json::from_str::<serde_json::Value>(e).ok()?["usage"]
+                                        ["completion_tokens"]
+                                        .as_u64()
+                                })
+                                .unwrap_or(0);
+                            out.push((ttft, tokens));
+                        }
+                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(out)
+                    })
+                })
+                .collect();
+            let results = tokio::time::timeout(
+                Duration::from_secs(1800),
+                futures::future::join_all(tasks),
+            )
+            .await
+            .map_err(|_| "load level timed out")?;
+            let wall = start.elapsed().as_secs_f64();
+            let mut ttfts = Vec::new();
+            let mut tokens = 0u64;
+            let mut n = 0;
+            for r in results {
+                for (ttft, t) in r?.map_err(|e| e.to_string())? {
+                    ttfts.extend(ttft);
+                    tokens += t;
+                    n += 1;
+                }
+            }
+            ttfts.sort_by(f64::total_cmp);
+            let (p50, p99) = (percentile(&ttfts, 50.0), percentile(&ttfts, 99.0));
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"clients": clients, "requests": n, "tokens": tokens, "wall_s": wall,
+                           "tokens_per_s": tokens as f64 / wall,
+                           "ttft_p50_ms": p50 * 1e3, "ttft_p99_ms": p99 * 1e3})
+                );
+            } else {
+                println!(
+                    "{clients:>7}  {n:>8}  {tokens:>6}  {wall:>6.2}  {:>6.1}  {:>11.0}  {:>11.0}",
+                    tokens as f64 / wall,
+                    p50 * 1e3,
+                    p99 * 1e3
+                );
+            }
+        }
+        server.shutdown(Duration::from_secs(10)).await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+}
