@@ -103,20 +103,13 @@ pub fn split(letters: &Letters, text: &str, seg: Range<usize>, out: &mut Vec<Ran
         }
         // ` ?X+` for letters, numbers and other symbols: an optional leading space.
         let lead = usize::from(c == ' ');
-        match if lead == 1 {
-            class(pos + 1)
-        } else {
-            class(pos)
-        } {
-            Some(k @ (Class::Letter | Class::Number | Class::Other)) => {
-                pos += lead;
-                while class(pos) == Some(k) {
-                    pos += 1;
-                }
-                out.push(byte(start)..byte(pos));
-                continue;
+        if let Some(k @ (Class::Letter | Class::Number | Class::Other)) = class(pos + lead) {
+            pos += lead;
+            while class(pos) == Some(k) {
+                pos += 1;
             }
-            _ => {}
+            out.push(byte(start)..byte(pos));
+            continue;
         }
         // `\s+(?!\S)|\s+`: a run followed by a non-space leaves its last char to the next piece.
         let mut end = pos;

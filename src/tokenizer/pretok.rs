@@ -150,7 +150,7 @@ impl PreTokenizer {
         } else {
             &self.regexes
         };
-        let mut pieces = vec![0..text.len()];
+        let mut pieces: Vec<Range<usize>> = std::iter::once(0..text.len()).collect();
         for re in regexes {
             let mut next = Vec::with_capacity(pieces.len() * 2);
             for piece in pieces {
