@@ -384,3 +384,22 @@ fn chat_templates_with_python_methods_and_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn long_inputs_have_no_step_limit() {
+    // A backtracking regex gives up on `\s+(?!\S)` over huge whitespace runs; the hand-written
+    // matchers are linear. Every variant but `default` uses one.
+    let text = format!(
+        "{}hello{}1234{}",
+        " ".repeat(300_000),
+        "\n".repeat(50_000),
+        "\t".repeat(1000)
+    );
+    for pre in ["gpt2", "smollm", "llama-bpe", "qwen2"] {
+        let mut tokens: Vec<&str> = BPE_TOKENS.to_vec();
+        tokens.extend(["ĊĊ", "ĉ", "Ċ"]);
+        let t = Tokenizer::from_metadata(&bpe_md(Some(pre), &tokens, BPE_MERGES)).unwrap();
+        let ids = t.encode(&text, false, false).unwrap();
+        assert_eq!(t.decode(&ids).unwrap(), text, "{pre}");
+    }
+}

@@ -104,6 +104,8 @@ enum Model {
 
 /// Bound on the word cache; cleared when reached (simple, and long prompts rarely hit it).
 const CACHE_CAP: usize = 1 << 16;
+/// Longest piece (bytes) the word cache keeps.
+const CACHE_MAX_PIECE: usize = 64;
 
 #[derive(Debug)]
 struct Inner {
@@ -480,6 +482,10 @@ impl Tokenizer {
             }
             let start = out.len();
             bpe.encode_piece(piece.as_bytes(), &inner.token_to_id, out);
+            // Long pieces rarely repeat; keeping them out bounds the cache's memory.
+            if piece.len() > CACHE_MAX_PIECE {
+                continue;
+            }
             let mut cache = inner.cache.lock().unwrap_or_else(|p| p.into_inner());
             if cache.len() >= CACHE_CAP {
                 cache.clear();
