@@ -403,3 +403,21 @@ fn long_inputs_have_no_step_limit() {
         assert_eq!(t.decode(&ids).unwrap(), text, "{pre}");
     }
 }
+
+#[test]
+fn tokenizer_is_shareable_across_threads() {
+    fn assert_shareable<T: Send + Sync + Clone + 'static>() {}
+    assert_shareable::<Tokenizer>();
+    // Clones share the word cache; encoding from several threads gives the same ids.
+    let t = Tokenizer::from_metadata(&bpe_md(Some("smollm"), BPE_TOKENS, BPE_MERGES)).unwrap();
+    let want = t.encode("hello 1234 hello", false, false).unwrap();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let t = t.clone();
+            std::thread::spawn(move || t.encode("hello 1234 hello", false, false).unwrap())
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), want);
+    }
+}
