@@ -83,7 +83,7 @@ fn wrong_lengths_are_errors_everywhere() {
         matvec(ty, &w, usize::MAX, 64, &x, &mut y),
         Err(QuantError::Overflow { .. })
     ));
-    let e = dequantize(ty, &w[..19], &mut vec![0.0f32; 32]).unwrap_err();
+    let e = dequantize(ty, &w[..19], &mut [0.0f32; 32]).unwrap_err();
     assert!(e.to_string().contains("expected 20 bytes, got 19"), "{e}");
     assert!(quantize(GgmlType::Q4_K, &[0.0; 255]).is_err());
     assert!(quantize(GgmlType::Q6_K, &[f32::INFINITY; 256]).is_err());
