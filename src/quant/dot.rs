@@ -114,11 +114,14 @@ impl ActQ8 {
         };
         for (xb, qb) in x.chunks_exact(32).zip(a.qs.chunks_exact_mut(32)) {
             let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
+            // A NaN/Inf activation makes the block's scale NaN, so it propagates to the output as
+            // in the f32 path instead of being silently quantized to some finite value.
+            let finite = xb.iter().all(|v| v.is_finite());
+            let d = if finite { amax / 127.0 } else { f32::NAN };
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (q, v) in qb.iter_mut().zip(xb) {
-                // Non-finite activations give a NaN d; clamp keeps the quants valid anyway.
+                // With a NaN d, id is NaN and the quants become 0 (valid); d carries the NaN.
                 *q = (v * id).round().clamp(-127.0, 127.0) as i8;
                 sum += *q as i32;
             }

@@ -253,7 +253,8 @@ fn quantize_block(ty: GgmlType, x: &[f32], out: &mut [u8]) {
 
 /// y[r] = sum_c W[r,c] * x[c]; W row-major [rows, cols] in type `ty`. Activations are quantized
 /// to the matching Q8 type (Q8_0 for legacy types, Q8_K for K-quants) as ggml does, or kept f32
-/// for float weights. Rayon over rows.
+/// for float weights. Rayon over rows. Non-finite activations or scales make the affected outputs
+/// non-finite (NaN/Inf), never an error or a silently finite value.
 pub fn matvec(
     ty: GgmlType,
     w: &[u8],
