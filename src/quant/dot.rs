@@ -136,7 +136,7 @@ impl ActQ8 {
 /// How a weight type is multiplied.
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
-    /// AVX2 integer kernels with Q8 activations (Q4_0, Q4_1, Q8_0, Q4_K).
+    /// AVX2 integer kernels with Q8 activations (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K).
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// Portable integer kernel with Q8 activations (legacy 32-element types).
@@ -153,7 +153,11 @@ fn choose(ty: GgmlType) -> Path {
     let avx2 = false;
     match ty {
         #[cfg(target_arch = "x86_64")]
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K if avx2 => Path::Avx2,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K
+            if avx2 =>
+        {
+            Path::Avx2
+        }
         GgmlType::Q4_0
         | GgmlType::Q4_1
         | GgmlType::Q5_0
@@ -270,6 +274,7 @@ fn dot_row<const B: usize>(
                 GgmlType::Q4_0 => simd::dot_q4_0(as_blocks(w).unwrap_or(&[]), acts),
                 GgmlType::Q4_1 => simd::dot_q4_1(as_blocks(w).unwrap_or(&[]), acts),
                 GgmlType::Q4_K => simd::dot_q4_k(as_blocks(w).unwrap_or(&[]), acts),
+                GgmlType::Q6_K => simd::dot_q6_k(as_blocks(w).unwrap_or(&[]), acts),
                 _ => simd::dot_q8_0(as_blocks(w).unwrap_or(&[]), acts),
             }
         },
