@@ -15,6 +15,8 @@ pub enum Error {
     Synth(#[from] crate::synth::SynthError),
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
     #[error("{0}")]
     Other(String),
 }

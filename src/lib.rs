@@ -11,6 +11,7 @@
 //! - `sample.rs`  — samplers (greedy, temperature, top-k/p, min-p, penalties).
 //! - `error.rs`   — the crate's error enum, one variant group per concern.
 
+pub mod backend;
 pub mod error;
 pub mod gguf;
 pub mod kernels;

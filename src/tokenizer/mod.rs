@@ -8,10 +8,17 @@
 //!
 //! Special tokens (control, user-defined, unknown) are cut out of the text first, longest first,
 //! as llama.cpp's `tokenizer_st_partition` does; only the text between them is tokenized.
+//!
+//! Not (yet) done, compared with llama.cpp: the per-model `lstrip`/`rstrip` attributes some
+//! special tokens get by model name (e.g. `<mask>`), pre-tokenizers other than those in
+//! [`pretok::SUPPORTED_NAMES`] (an unknown name is an error), and the WPM/UGM/RWKV vocabularies.
+//! Chat templates cannot use `{% break %}`/`{% continue %}` (minijinja's `loop_controls` feature
+//! is off) or `strftime_now`.
 
 mod bpe;
 mod chat;
 mod error;
+mod fxhash;
 mod gpt2split;
 pub mod pretok;
 mod spm;
@@ -25,6 +32,7 @@ pub use stream::StreamDecoder;
 use crate::gguf::Metadata;
 use crate::model::names::keys;
 use bpe::Bpe;
+use fxhash::TokenMap;
 use pretok::PreTokenizer;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -91,12 +99,19 @@ const FIM_EOG_TEXTS: &[&str] = &[
 
 #[derive(Debug)]
 enum Model {
-    Bpe { bpe: Box<Bpe>, pre: PreTokenizer },
-    Spm { byte_tokens: Box<[Option<u32>; 256]> },
+    Bpe {
+        bpe: Box<Bpe>,
+        pre: PreTokenizer,
+    },
+    Spm {
+        byte_tokens: Box<[Option<u32>; 256]>,
+    },
 }
 
 /// Bound on the word cache; cleared when reached (simple, and long prompts rarely hit it).
 const CACHE_CAP: usize = 1 << 16;
+/// Longest piece (bytes) the word cache keeps.
+const CACHE_MAX_PIECE: usize = 64;
 
 #[derive(Debug)]
 struct Inner {
@@ -106,7 +121,7 @@ struct Inner {
     texts: Vec<String>,
     types: Vec<TokenType>,
     scores: Vec<f32>,
-    token_to_id: HashMap<String, u32>,
+    token_to_id: TokenMap,
     /// Decoded bytes of every token, concatenated; token `i` is `bytes[offsets[i]..offsets[i+1]]`.
     bytes: Vec<u8>,
     offsets: Vec<usize>,
@@ -201,7 +216,7 @@ impl Tokenizer {
             }
         };
         // Later duplicates win, as in llama.cpp's `token_to_id[text] = id`.
-        let token_to_id: HashMap<String, u32> = texts
+        let token_to_id: TokenMap = texts
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
@@ -274,7 +289,7 @@ impl Tokenizer {
         eog.sort_unstable();
         eog.dedup();
 
-        let char_to_byte = bpe::char_to_byte_map();
+        let char_to_byte = bpe::char_to_byte_table();
         let mut bytes = Vec::new();
         let mut offsets = Vec::with_capacity(n + 1);
         offsets.push(0);
@@ -289,9 +304,11 @@ impl Tokenizer {
                 TokenType::Normal => {
                     // Chars outside the GPT-2 byte map (malformed vocabularies) pass through as UTF-8.
                     for c in t.chars() {
-                        match char_to_byte.get(&c) {
-                            Some(&b) => bytes.push(b),
-                            None => bytes.extend_from_slice(c.encode_utf8(&mut [0u8; 4]).as_bytes()),
+                        match char_to_byte.get(c as usize).copied().flatten() {
+                            Some(b) => bytes.push(b),
+                            None => {
+                                bytes.extend_from_slice(c.encode_utf8(&mut [0u8; 4]).as_bytes())
+                            }
                         }
                     }
                 }
@@ -471,6 +488,10 @@ impl Tokenizer {
             }
             let start = out.len();
             bpe.encode_piece(piece.as_bytes(), &inner.token_to_id, out);
+            // Long pieces rarely repeat; keeping them out bounds the cache's memory.
+            if piece.len() > CACHE_MAX_PIECE {
+                continue;
+            }
             let mut cache = inner.cache.lock().unwrap_or_else(|p| p.into_inner());
             if cache.len() >= CACHE_CAP {
                 cache.clear();
@@ -493,10 +514,12 @@ impl Tokenizer {
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>, TokenizerError> {
         let mut out = Vec::new();
         for (i, &id) in ids.iter().enumerate() {
-            let b = self.token_bytes(id).ok_or(TokenizerError::TokenOutOfRange {
-                id,
-                vocab_size: self.vocab_size(),
-            })?;
+            let b = self
+                .token_bytes(id)
+                .ok_or(TokenizerError::TokenOutOfRange {
+                    id,
+                    vocab_size: self.vocab_size(),
+                })?;
             // SentencePiece: the space the encoder prefixed is removed again (llama.cpp's lstrip).
             if i == 0 && self.inner.add_space_prefix && b.first() == Some(&b' ') {
                 out.extend_from_slice(&b[1..]);
@@ -596,9 +619,7 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let tmpl = self
-            .chat_template()
-            .ok_or(TokenizerError::NoChatTemplate)?;
+        let tmpl = self.chat_template().ok_or(TokenizerError::NoChatTemplate)?;
         let text_of = |id: Option<u32>| id.and_then(|i| self.token_text(i)).unwrap_or("");
         chat::render(
             tmpl,

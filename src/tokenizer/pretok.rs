@@ -73,25 +73,34 @@ impl PreKind {
     }
 }
 
+fn compile(kind: PreKind) -> Result<Vec<Regex>, TokenizerError> {
+    kind.patterns()
+        .iter()
+        .map(|p| Regex::new(p).map_err(|e| TokenizerError::Regex(format!("{p}: {e}"))))
+        .collect()
+}
+
 /// The compiled regexes of one variant.
 #[derive(Debug, Clone)]
 pub struct PreTokenizer {
     kind: PreKind,
     regexes: Vec<Regex>,
-    /// The hand-written GPT-2 matcher (`gpt2`, `smollm`); `None` for the regex-only variants.
+    /// Set where a hand-written matcher does the work (all but `default`).
     fast: Option<Letters>,
 }
 
 impl PreTokenizer {
     pub fn new(kind: PreKind) -> Result<Self, TokenizerError> {
-        let regexes = kind
-            .patterns()
-            .iter()
-            .map(|p| Regex::new(p).map_err(|e| TokenizerError::Regex(format!("{p}: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
         let fast = match kind {
-            PreKind::Gpt2 | PreKind::DigitsGpt2 => Some(Letters::new()?),
-            _ => None,
+            PreKind::Default => None,
+            _ => Some(Letters::new()?),
+        };
+        // Compiling the Unicode-heavy regexes costs milliseconds; skip it where the
+        // hand-written matcher does the work (`split_regex` then compiles on demand).
+        let regexes = if fast.is_some() {
+            Vec::new()
+        } else {
+            compile(kind)?
         };
         Ok(Self {
             kind,
@@ -125,16 +134,28 @@ impl PreTokenizer {
             if seg_start < text.len() {
                 gpt2split::split(letters, text, seg_start..text.len(), &mut out);
             }
+        } else if self.kind == PreKind::Llama3 {
+            gpt2split::split_llama3(letters, text, 3, &mut out);
+        } else if self.kind == PreKind::Qwen2 {
+            gpt2split::split_llama3(letters, text, 1, &mut out);
         } else {
             gpt2split::split(letters, text, 0..text.len(), &mut out);
         }
         Ok(out)
     }
 
-    /// `split` through the regex engine only: the reference for the hand-written GPT-2 matcher.
+    /// `split` through the regex engine only: the reference for the hand-written GPT-2 matcher
+    /// (for the variants that have one, the regexes are compiled on each call).
     pub fn split_regex(&self, text: &str) -> Result<Vec<Range<usize>>, TokenizerError> {
-        let mut pieces = vec![0..text.len()];
-        for re in &self.regexes {
+        let compiled;
+        let regexes = if self.regexes.is_empty() {
+            compiled = compile(self.kind)?;
+            &compiled
+        } else {
+            &self.regexes
+        };
+        let mut pieces: Vec<Range<usize>> = std::iter::once(0..text.len()).collect();
+        for re in regexes {
             let mut next = Vec::with_capacity(pieces.len() * 2);
             for piece in pieces {
                 let s = &text[piece.clone()];
@@ -166,7 +187,11 @@ mod tests {
 
     fn pieces(kind: PreKind, text: &str) -> Vec<String> {
         let p = PreTokenizer::new(kind).unwrap();
-        p.split(text).unwrap().into_iter().map(|r| text[r].to_string()).collect()
+        p.split(text)
+            .unwrap()
+            .into_iter()
+            .map(|r| text[r].to_string())
+            .collect()
     }
 
     #[test]
@@ -179,12 +204,18 @@ mod tests {
 
     #[test]
     fn gpt2_words_and_spaces() {
-        assert_eq!(pieces(PreKind::Gpt2, "Hello  world's!"), ["Hello", " ", " world", "'s", "!"]);
+        assert_eq!(
+            pieces(PreKind::Gpt2, "Hello  world's!"),
+            ["Hello", " ", " world", "'s", "!"]
+        );
     }
 
     #[test]
     fn llama3_groups_three_digits() {
-        assert_eq!(pieces(PreKind::Llama3, "12345 I'M"), ["123", "45", " I", "'M"]);
+        assert_eq!(
+            pieces(PreKind::Llama3, "12345 I'M"),
+            ["123", "45", " I", "'M"]
+        );
         assert_eq!(pieces(PreKind::Qwen2, "123"), ["1", "2", "3"]);
     }
 
@@ -194,23 +225,34 @@ mod tests {
     const ALPHABET: &[char] = &[
         ' ', ' ', ' ', '\n', '\t', '\r', '\u{a0}', '\u{3000}', 'a', 'Z', 'é', 'क', '\u{93e}', '1',
         '٣', 'Ⅻ', '\'', 's', 't', 'r', 'e', 'v', 'l', 'd', 'm', 'S', '!', '.', '-', '🙂', '𝐀',
-        '\u{200b}',
+        '\u{200b}', 'L', 'D', 'T', 'E',
     ];
 
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
         #[test]
-        fn fast_gpt2_matches_the_regex(
+        fn hand_written_matchers_match_the_regex(
             idx in proptest::collection::vec(0..ALPHABET.len(), 0..40)
         ) {
-            static PRE: std::sync::OnceLock<Vec<PreTokenizer>> = std::sync::OnceLock::new();
+            // (hand-written matcher, regex-only reference) per variant, built once.
+            static PRE: std::sync::OnceLock<Vec<(PreTokenizer, PreTokenizer)>> =
+                std::sync::OnceLock::new();
             let pres = PRE.get_or_init(|| {
-                [PreKind::Gpt2, PreKind::DigitsGpt2].map(|k| PreTokenizer::new(k).unwrap()).to_vec()
+                [PreKind::Gpt2, PreKind::DigitsGpt2, PreKind::Llama3, PreKind::Qwen2]
+                    .map(|kind| {
+                        let reference =
+                            PreTokenizer { kind, regexes: compile(kind).unwrap(), fast: None };
+                        (PreTokenizer::new(kind).unwrap(), reference)
+                    })
+                    .to_vec()
             });
             let text: String = idx.iter().map(|&i| ALPHABET[i]).collect();
-            for p in pres {
-                let kind = p.kind();
+            for (fast, reference) in pres {
+                assert!(fast.fast.is_some());
                 proptest::prop_assert_eq!(
-                    p.split(&text).unwrap(), p.split_regex(&text).unwrap(), "{:?} {:?}", kind, text
+                    fast.split(&text).unwrap(),
+                    reference.split(&text).unwrap(),
+                    "{:?} {:?}", fast.kind(), text
                 );
             }
         }

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod inspect;
+pub mod synth;
 pub mod trace;
 
 /// Default model location (fetched by scripts/fetch-model.sh).
@@ -23,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Show a GGUF model's architecture, hyper-parameters, tokenizer and tensors.
     Inspect(inspect::InspectArgs),
+    /// Write a random-weight llama GGUF for benchmarks and tests.
+    Synth(synth::SynthArgs),
     /// Pipeline traces: `trace view out.json --svg out.svg` draws the actors' timeline.
     Trace(trace::TraceArgs),
 }
@@ -30,6 +33,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Synth(a) => synth::run(a),
         Command::Trace(a) => trace::run(a),
     }
 }
