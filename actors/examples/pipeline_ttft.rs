@@ -38,7 +38,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.read_mode = cfg_mode;
     cfg.budgets = budgets;
     cfg.cold = cold;
-    println!("model {}, mode {cfg_mode:?}, prompt {prompt} tokens, decode {decode}, cold {cold}", model.display());
+    println!(
+        "model {}, mode {cfg_mode:?}, prompt {prompt} tokens, decode {decode}, cold {cold}",
+        model.display()
+    );
     let mut all = Vec::new();
     for i in 0..repeat.max(1) {
         let rows = run_ttft_bench(&cfg);
@@ -51,19 +54,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter_map(|(_, _, r)| r.as_ref().ok())
         .map(|r| &r.tokens)
         .collect();
-    println!("identical tokens across all rows: {}", tokens.windows(2).all(|w| w[0] == w[1]));
+    println!(
+        "identical tokens across all rows: {}",
+        tokens.windows(2).all(|w| w[0] == w[1])
+    );
     // Medians over the repetitions: the machine is shared, single runs are noisy.
     println!("| budget | strategy | median TTFT ms | median decode tok/s | runs |\n| --- | --- | --- | --- | --- |");
     for k in 0..all[0].len() {
         let (b, st, _) = &all[0][k];
-        let mut ttft: Vec<f64> = all.iter().filter_map(|r| r[k].2.as_ref().ok()).map(|r| r.ttft_ms).collect();
-        let mut dec: Vec<f64> = all.iter().filter_map(|r| r[k].2.as_ref().ok()).map(|r| r.decode_tokens_per_s).collect();
+        let mut ttft: Vec<f64> = all
+            .iter()
+            .filter_map(|r| r[k].2.as_ref().ok())
+            .map(|r| r.ttft_ms)
+            .collect();
+        let mut dec: Vec<f64> = all
+            .iter()
+            .filter_map(|r| r[k].2.as_ref().ok())
+            .map(|r| r.decode_tokens_per_s)
+            .collect();
         if ttft.is_empty() {
             continue;
         }
         ttft.sort_by(f64::total_cmp);
         dec.sort_by(f64::total_cmp);
-        println!("| {:.0}% | {st:?} | {:.1} | {:.1} | {} |", b * 100.0, ttft[ttft.len() / 2], dec[dec.len() / 2], ttft.len());
+        println!(
+            "| {:.0}% | {st:?} | {:.1} | {:.1} | {} |",
+            b * 100.0,
+            ttft[ttft.len() / 2],
+            dec[dec.len() / 2],
+            ttft.len()
+        );
     }
     Ok(())
 }
