@@ -11,11 +11,14 @@
 //! - `sample.rs`  — samplers (greedy, temperature, top-k/p, min-p, penalties).
 //! - `error.rs`   — the crate's error enum, one variant group per concern.
 
+pub mod backend;
 pub mod error;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod sample;
 pub mod synth;
+pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -1,0 +1,33 @@
+// elementwise.cu — SwiGLU, residual add, and the f32 -> f16 KV-cache store.
+// Launch: 1-D grid-stride, any 1-D block.
+#include "common.cuh"
+
+// out = silu(gate) * up, [n] f32.
+extern "C" __global__ void swiglu_f32(const float* gate, const float* up, float* out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// out = a + b, [n] f32 (out may alias a or b).
+extern "C" __global__ void add_f32(const float* a, const float* b, float* out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        out[i] = a[i] + b[i];
+    }
+}
+
+// Writes k or v for n_tokens new positions into an f16 cache.
+//   src:   [n_tokens, n_kv_heads, head_dim] f32
+//   cache: [n_kv_heads, seq_cap, head_dim] f16, token t goes to position pos0 + t.
+extern "C" __global__ void kv_store_f32_f16(const float* __restrict__ src, rf_half* __restrict__ cache,
+                                            int n_tokens, int n_kv_heads, int head_dim, int seq_cap,
+                                            int pos0) {
+    const i64 n = (i64)n_tokens * n_kv_heads * head_dim;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const int d = (int)(i % head_dim);
+        const int h = (int)((i / head_dim) % n_kv_heads);
+        const int t = (int)(i / ((i64)head_dim * n_kv_heads));
+        cache[((i64)h * seq_cap + pos0 + t) * head_dim + d] = rf_f2h(src[i]);
+    }
+}

@@ -1,0 +1,73 @@
+// vendor.cuh — the few differences between CUDA (NVRTC) and HIP (hipRTC / hipcc).
+//
+// Every kernel includes this (through common.cuh) and uses only the names defined here for
+// anything vendor-specific: the warp/wavefront width, shuffles, and half <-> float conversion.
+// No system header is included: NVRTC from the PyPI wheels ships none, and hipRTC/hipcc
+// provide the HIP built-ins implicitly.
+#pragma once
+
+#if defined(__HIPCC__) || defined(__HIPCC_RTC__) || defined(__HIP_DEVICE_COMPILE__) || defined(__HIP_PLATFORM_AMD__)
+#define RF_HIP 1
+#else
+#define RF_CUDA 1
+#endif
+
+// Fixed-width integers without <stdint.h>.
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef short i16;
+typedef unsigned int u32;
+typedef int i32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+// Half-precision values are carried as their raw 16 bits (`rf_half`), so the block structs have
+// the same size and alignment on both vendors and on the host, and no fp16 header is needed.
+typedef u16 rf_half;
+
+#if defined(RF_CUDA)
+// Warp width. NVIDIA warps are always 32 lanes.
+#define RF_WARP 32
+#define RF_FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ float rf_h2f(rf_half h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ rf_half rf_f2h(float f) {
+    rf_half h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float rf_shfl_xor(float v, int mask) {
+    return __shfl_xor_sync(RF_FULL_MASK, v, mask, RF_WARP);
+}
+__device__ __forceinline__ int rf_shfl_xor_int(int v, int mask) {
+    return __shfl_xor_sync(RF_FULL_MASK, v, mask, RF_WARP);
+}
+#else
+// Wavefront width: 64 on CDNA (gfx9xx), 32 on RDNA in wave32 mode. The compiler defines it
+// per target, so one source serves both.
+#if defined(__AMDGCN_WAVEFRONT_SIZE)
+#define RF_WARP __AMDGCN_WAVEFRONT_SIZE
+#else
+#define RF_WARP 64
+#endif
+
+__device__ __forceinline__ float rf_h2f(rf_half h) {
+    return (float)__builtin_bit_cast(_Float16, h);
+}
+__device__ __forceinline__ rf_half rf_f2h(float f) {
+    return __builtin_bit_cast(rf_half, (_Float16)f);
+}
+__device__ __forceinline__ float rf_shfl_xor(float v, int mask) {
+    return __shfl_xor(v, mask, RF_WARP);
+}
+__device__ __forceinline__ int rf_shfl_xor_int(int v, int mask) {
+    return __shfl_xor(v, mask, RF_WARP);
+}
+#endif
+
+#define RF_INF __int_as_float(0x7f800000)

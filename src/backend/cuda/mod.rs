@@ -1,0 +1,230 @@
+//! NVIDIA GPUs through `cudarc` (dynamic loading: a binary built without CUDA runs where CUDA
+//! is present) and NVRTC (see `nvrtc.rs` for how the library is found).
+//!
+//! # Layout
+//! - `mod.rs`    — [`CudaDevice`]: context, arch, module cache; implements `ComputeDevice`.
+//! - `nvrtc.rs`  — run-time compiler, loaded with `dlopen` from any CUDA 12/13 install or wheel.
+//! - `memory.rs` — `DeviceBuf`, `PinnedBuf`, `DeviceArena` (RAII).
+//! - `stream.rs` — `Stream`, `Event` (RAII).
+//! - `module.rs` — `Module`, `Kernel`, launches.
+//! - `ops.rs`    — typed, checked launchers for every kernel in `kernels/`.
+
+pub mod memory;
+pub mod module;
+pub mod nvrtc;
+pub mod ops;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{sys, CudaContext, DriverError};
+
+pub use memory::{ArenaSlice, DeviceArena, DeviceBuf, PinnedBuf, Pod};
+pub use module::{Arg, Kernel, LaunchShape, Module};
+pub use nvrtc::Nvrtc;
+pub use stream::{Event, Stream};
+
+use super::compile_cache::{CacheHit, CompileKey, KernelCache, OutputKind};
+use super::error::{BackendError, BackendResult};
+use super::ComputeDevice;
+
+pub(crate) fn drv_err(op: &'static str, e: DriverError) -> BackendError {
+    BackendError::Driver {
+        backend: "CUDA",
+        op,
+        reason: e.to_string(),
+    }
+}
+
+/// Makes `ctx` current on the calling thread (a no-op when it already is).
+pub(crate) fn bind(ctx: &Arc<CudaContext>) -> BackendResult<()> {
+    ctx.bind_to_thread()
+        .map_err(|e| drv_err("cuCtxSetCurrent", e))
+}
+
+/// Whether the CUDA driver library can be loaded at all (no device needed).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries dlopen on cudarc's candidate names; loads nothing else.
+    unsafe { sys::is_culib_present() }
+}
+
+type ModuleKey = (String, Vec<(String, String)>);
+
+/// One CUDA device with its primary context.
+#[derive(Debug)]
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    ordinal: usize,
+    name: String,
+    cc: (i32, i32),
+    warp: u32,
+    cache: KernelCache,
+    modules: Mutex<HashMap<ModuleKey, Arc<Module>>>,
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`. No driver library or no device is [`BackendError::NoDevice`].
+    pub fn open(ordinal: usize) -> BackendResult<Arc<Self>> {
+        let no_dev = |reason: String| BackendError::NoDevice {
+            backend: "CUDA",
+            reason,
+        };
+        if !driver_present() {
+            return Err(no_dev(
+                "libcuda.so not found (no NVIDIA driver installed)".into(),
+            ));
+        }
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| no_dev(format!("device {ordinal}: {e}")))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| drv_err("cuDeviceGetAttribute", e))?;
+        let warp = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_WARP_SIZE)
+            .map_err(|e| drv_err("cuDeviceGetAttribute", e))?;
+        let name = ctx
+            .name()
+            .unwrap_or_else(|_| format!("CUDA device {ordinal}"));
+        Ok(Arc::new(Self {
+            ctx,
+            ordinal,
+            name,
+            cc,
+            warp: u32::try_from(warp).unwrap_or(32),
+            cache: KernelCache::from_env(),
+            modules: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// `sm_90`-style target of this device.
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.cc.0, self.cc.1)
+    }
+
+    /// The compiled module of `file` (with `defines`), from memory, the disk cache or NVRTC.
+    pub fn module(
+        &self,
+        file: &str,
+        defines: &[(String, String)],
+    ) -> BackendResult<(Arc<Module>, CacheHit)> {
+        let key: ModuleKey = (file.to_string(), defines.to_vec());
+        let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = mods.get(&key) {
+            return Ok((Arc::clone(m), CacheHit::Memory));
+        }
+        let (image, hit) = compile(&self.cache, file, &self.arch(), defines, OutputKind::Binary)?;
+        let m = Module::load(&self.ctx, file, &image)?;
+        mods.insert(key, Arc::clone(&m));
+        Ok((m, hit))
+    }
+
+    /// Entry point `name` of kernel file `file` (compiled without defines).
+    pub fn kernel(&self, file: &str, name: &str) -> BackendResult<Kernel> {
+        self.module(file, &[])?.0.kernel(name)
+    }
+
+    /// One allocation carved into tensors (see [`DeviceArena`]).
+    pub fn arena(&self, bytes: usize, what: &str) -> BackendResult<DeviceArena> {
+        DeviceArena::new(&self.ctx, bytes, what)
+    }
+
+    /// Allocates and fills a buffer from host data (synchronous; setup and tests).
+    pub fn upload<T: Pod>(&self, data: &[T], what: &str) -> BackendResult<DeviceBuf> {
+        let b = DeviceBuf::alloc(&self.ctx, std::mem::size_of_val(data), what)?;
+        b.write(0, data)?;
+        Ok(b)
+    }
+
+    /// Waits for all work on every stream of this device.
+    pub fn synchronize(&self) -> BackendResult<()> {
+        bind(&self.ctx)?;
+        self.ctx
+            .synchronize()
+            .map_err(|e| drv_err("cuCtxSynchronize", e))
+    }
+}
+
+/// Compiles `file` for `arch` through the cache and NVRTC. Needs no device: the CI check and
+/// the GPU-less tests call it directly.
+pub fn compile(
+    cache: &KernelCache,
+    file: &str,
+    arch: &str,
+    defines: &[(String, String)],
+    output: OutputKind,
+) -> BackendResult<(Arc<Vec<u8>>, CacheHit)> {
+    let source = crate::kernels::source(file).ok_or_else(|| BackendError::UnknownKernel {
+        file: file.to_string(),
+        name: "*".into(),
+    })?;
+    compile_source(cache, file, source, arch, defines, output)
+}
+
+/// As [`compile`] for a source that is not an embedded file (generated checks).
+pub fn compile_source(
+    cache: &KernelCache,
+    file: &str,
+    source: &str,
+    arch: &str,
+    defines: &[(String, String)],
+    output: OutputKind,
+) -> BackendResult<(Arc<Vec<u8>>, CacheHit)> {
+    let nvrtc = Nvrtc::get()?;
+    let headers = super::kernels::headers();
+    let mut sources: Vec<&str> = vec![source];
+    sources.extend(headers.iter().map(|(_, t)| *t));
+    let (maj, min) = nvrtc.version();
+    let compiler = format!("nvrtc-{maj}.{min}");
+    let key = CompileKey {
+        file: file.to_string(),
+        arch: arch.to_string(),
+        defines: defines.to_vec(),
+        output,
+    };
+    cache.get_or_compile(&key, &sources, &compiler, || {
+        nvrtc.compile(file, source, &headers, arch, defines, output)
+    })
+}
+
+impl ComputeDevice for CudaDevice {
+    type Buf = DeviceBuf;
+    type Pinned = PinnedBuf;
+    type Stream = Stream;
+    type Event = Event;
+
+    fn describe(&self) -> String {
+        format!("{} ({})", self.name, self.arch())
+    }
+
+    fn warp_size(&self) -> u32 {
+        self.warp
+    }
+
+    fn mem_info(&self) -> BackendResult<(usize, usize)> {
+        bind(&self.ctx)?;
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| drv_err("cuMemGetInfo", e))
+    }
+
+    fn alloc(&self, bytes: usize, what: &str) -> BackendResult<DeviceBuf> {
+        DeviceBuf::alloc(&self.ctx, bytes, what)
+    }
+
+    fn alloc_pinned(&self, bytes: usize) -> BackendResult<PinnedBuf> {
+        PinnedBuf::alloc(&self.ctx, bytes)
+    }
+
+    fn new_stream(&self) -> BackendResult<Stream> {
+        Stream::new(&self.ctx)
+    }
+
+    fn new_event(&self, timing: bool) -> BackendResult<Event> {
+        Event::new(&self.ctx, timing)
+    }
+}

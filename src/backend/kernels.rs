@@ -1,0 +1,152 @@
+//! The contract between the Rust side and the sources in `kernels/`: which file holds which
+//! entry point, how quant types name kernels, and the device block layouts. Vendor-neutral:
+//! the CUDA path uses it now, the HIP path reuses it.
+
+use crate::quant::GgmlType;
+
+/// Every weight type the device kernels read directly (mmvq, get_rows, dequantize).
+pub const DEVICE_QTYPES: [GgmlType; 10] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// The part of a kernel name that names the weight type (`mmvq_{suffix}_f32`).
+pub fn qtype_suffix(t: GgmlType) -> Option<&'static str> {
+    Some(match t {
+        GgmlType::F32 => "f32",
+        GgmlType::F16 => "f16",
+        GgmlType::Q4_0 => "q4_0",
+        GgmlType::Q4_1 => "q4_1",
+        GgmlType::Q5_0 => "q5_0",
+        GgmlType::Q5_1 => "q5_1",
+        GgmlType::Q8_0 => "q8_0",
+        GgmlType::Q4_K => "q4_k",
+        GgmlType::Q5_K => "q5_k",
+        GgmlType::Q6_K => "q6_k",
+        _ => return None,
+    })
+}
+
+/// The device struct mirroring each block type in `kernels/quant_blocks.cuh`, in the order the
+/// `quant_block_sizes` kernel writes their sizes (index 0 and 1: the f32 and f16 "blocks").
+pub const DEVICE_BLOCKS: [(GgmlType, &str); 11] = [
+    (GgmlType::F32, "float"),
+    (GgmlType::F16, "rf_half"),
+    (GgmlType::Q4_0, "block_q4_0"),
+    (GgmlType::Q4_1, "block_q4_1"),
+    (GgmlType::Q5_0, "block_q5_0"),
+    (GgmlType::Q5_1, "block_q5_1"),
+    (GgmlType::Q8_0, "block_q8_0"),
+    (GgmlType::Q8_1, "block_q8_1"),
+    (GgmlType::Q4_K, "block_q4_K"),
+    (GgmlType::Q5_K, "block_q5_K"),
+    (GgmlType::Q6_K, "block_q6_K"),
+];
+
+/// A translation unit that checks at compile time that every device block has the size the
+/// Rust table gives (`static_assert(sizeof(block_q4_0) == 18, ...)`). Compiling it proves the
+/// host and device views agree without running anything.
+pub fn block_size_asserts() -> String {
+    block_size_asserts_with(|t| t.block_bytes())
+}
+
+/// As [`block_size_asserts`] with the expected sizes from `size_of` (tests use a wrong table to
+/// show the check can fail).
+pub fn block_size_asserts_with(size_of: impl Fn(GgmlType) -> u64) -> String {
+    let mut s = String::from("#include \"quant_blocks.cuh\"\n");
+    for (t, name) in DEVICE_BLOCKS {
+        s.push_str(&format!(
+            "static_assert(sizeof({name}) == {}, \"{name} must be {} bytes like GgmlType::{}\");\n",
+            size_of(t),
+            size_of(t),
+            t.name()
+        ));
+    }
+    s
+}
+
+/// Every compilable kernel file and the entry points it must export.
+pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
+    let per_type = |op: &str, out: &str| -> Vec<String> {
+        DEVICE_QTYPES
+            .iter()
+            .filter_map(|t| qtype_suffix(*t))
+            .map(|s| format!("{op}_{s}_{out}"))
+            .collect()
+    };
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    vec![
+        ("mmvq.cu", per_type("mmvq", "f32")),
+        ("get_rows.cu", per_type("get_rows", "f32")),
+        ("dequant.cu", per_type("dequantize", "f16")),
+        ("norm.cu", names(&["rmsnorm_f32"])),
+        ("rope.cu", names(&["rope_f32", "rope_neox_f32"])),
+        (
+            "elementwise.cu",
+            names(&["swiglu_f32", "add_f32", "kv_store_f32_f16"]),
+        ),
+        (
+            "attention.cu",
+            names(&["attn_decode_f16kv_f32", "attn_prefill_f16kv_f32"]),
+        ),
+        ("sample.cu", names(&["argmax_f32", "sample_topk_topp_f32"])),
+        ("quant_sizes.cu", names(&["quant_block_sizes"])),
+    ]
+}
+
+/// Embedded headers (`*.cuh`) as (include name, text), handed to the run-time compiler.
+pub fn headers() -> Vec<(&'static str, &'static str)> {
+    crate::kernels::KERNEL_SOURCES
+        .iter()
+        .filter(|(n, _)| n.ends_with(".cuh"))
+        .copied()
+        .collect()
+}
+
+/// Elements per block and bytes per block of a device weight type.
+pub fn block_geometry(t: GgmlType) -> (usize, usize) {
+    (t.block_elems() as usize, t.block_bytes() as usize)
+}
+
+/// Elements a matrix-vector lane step consumes: `ncols` must be a multiple of this.
+pub fn mmvq_col_multiple(t: GgmlType) -> usize {
+    match t {
+        GgmlType::F32 | GgmlType::F16 => 4,
+        other => other.block_elems() as usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_file_is_embedded_and_names_its_entries() {
+        for (file, names) in entry_points() {
+            let src = crate::kernels::source(file);
+            assert!(src.is_some(), "{file} is not embedded");
+            assert!(!names.is_empty());
+        }
+        assert!(crate::kernels::source("quant_blocks.cuh").is_some());
+    }
+
+    #[test]
+    fn asserts_cover_every_device_block() {
+        let s = block_size_asserts();
+        assert!(s.contains("sizeof(block_q4_0) == 18"));
+        assert!(s.contains("sizeof(block_q6_K) == 210"));
+        assert_eq!(s.matches("static_assert").count(), DEVICE_BLOCKS.len());
+        for t in DEVICE_QTYPES {
+            assert!(qtype_suffix(t).is_some());
+            assert!(DEVICE_BLOCKS.iter().any(|(b, _)| *b == t));
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Compute backends: `Backend { Cpu, Cuda, Hip }` over small role traits, so the runtime drives
+//! CUDA and HIP through the same shape (device, buffer, stream, event).
+//!
+//! # Layout
+//! - `error.rs`         — [`BackendError`], shared by every GPU backend.
+//! - `kernels.rs`       — the Rust/device contract: kernel files, entry points, block layouts.
+//! - `compile_cache.rs` — compiled modules cached in memory and on disk (vendor-neutral).
+//! - `cuda/`            — NVIDIA through `cudarc` (dynamic loading) and NVRTC.
+//! - `hip/`             — AMD; a seam only until the HIP issue lands.
+//!
+//! The CPU backend is the engine's own forward pass (`model/`); here it is only a variant.
+
+pub mod compile_cache;
+pub mod cuda;
+pub mod error;
+pub mod hip;
+pub mod kernels;
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+pub use error::{BackendError, BackendResult};
+
+/// Which backend a user asked for (`--backend cpu|cuda|hip|auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+    Hip,
+    /// The first GPU backend that opens, else the CPU.
+    #[default]
+    Auto,
+}
+
+impl FromStr for BackendKind {
+    type Err = BackendError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda),
+            "hip" | "rocm" => Ok(Self::Hip),
+            "auto" => Ok(Self::Auto),
+            _ => Err(BackendError::UnknownBackend(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+            Self::Hip => "hip",
+            Self::Auto => "auto",
+        })
+    }
+}
+
+/// An opened backend.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Cpu,
+    Cuda(Arc<cuda::CudaDevice>),
+    Hip(Arc<hip::HipDevice>),
+}
+
+/// Why `auto` did not pick a GPU (printed by the CLI when it falls back to the CPU).
+#[derive(Debug, Default)]
+pub struct Fallback {
+    pub reasons: Vec<BackendError>,
+}
+
+impl Backend {
+    /// Opens the backend `kind` on device 0. `Cuda`/`Hip` fail with the reason; `Auto` tries
+    /// CUDA, then HIP, then returns the CPU together with why each GPU was skipped.
+    pub fn open(kind: BackendKind) -> BackendResult<(Self, Fallback)> {
+        match kind {
+            BackendKind::Cpu => Ok((Self::Cpu, Fallback::default())),
+            BackendKind::Cuda => Ok((Self::Cuda(cuda::CudaDevice::open(0)?), Fallback::default())),
+            BackendKind::Hip => Ok((Self::Hip(hip::HipDevice::open(0)?), Fallback::default())),
+            BackendKind::Auto => {
+                let mut fb = Fallback::default();
+                match cuda::CudaDevice::open(0) {
+                    Ok(d) => return Ok((Self::Cuda(d), fb)),
+                    Err(e) => fb.reasons.push(e),
+                }
+                match hip::HipDevice::open(0) {
+                    Ok(d) => return Ok((Self::Hip(d), fb)),
+                    Err(e) => fb.reasons.push(e),
+                }
+                Ok((Self::Cpu, fb))
+            }
+        }
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Self::Cpu => BackendKind::Cpu,
+            Self::Cuda(_) => BackendKind::Cuda,
+            Self::Hip(_) => BackendKind::Hip,
+        }
+    }
+}
+
+/// A region of device memory a kernel can be pointed at.
+pub trait DeviceBuffer {
+    /// Device address of the first byte.
+    fn device_ptr(&self) -> u64;
+    fn len_bytes(&self) -> usize;
+}
+
+/// A device event: a point in a stream's work that other streams and the host can wait for.
+pub trait DeviceEvent {
+    /// Blocks the host until the recorded work completed.
+    fn synchronize(&self) -> BackendResult<()>;
+    /// Whether the recorded work completed (never blocks).
+    fn is_complete(&self) -> BackendResult<bool>;
+    /// Milliseconds between `self` and a later `end` (both recorded with timing enabled).
+    fn elapsed_ms(&self, end: &Self) -> BackendResult<f32>;
+}
+
+/// An in-order queue of device work.
+pub trait DeviceStream {
+    type Event: DeviceEvent;
+    /// Records `event` at the current end of this stream.
+    fn record(&self, event: &Self::Event) -> BackendResult<()>;
+    /// Makes later work on this stream wait for `event` on the device (the host does not block).
+    fn wait(&self, event: &Self::Event) -> BackendResult<()>;
+    /// Blocks the host until everything queued so far completed.
+    fn synchronize(&self) -> BackendResult<()>;
+}
+
+/// A GPU: memory, streams, events and the kernel modules compiled for it.
+pub trait ComputeDevice {
+    type Buf: DeviceBuffer;
+    type Pinned;
+    type Stream: DeviceStream<Event = Self::Event>;
+    type Event: DeviceEvent;
+    /// Human-readable name and arch (`"NVIDIA H100 PCIe (sm_90)"`).
+    fn describe(&self) -> String;
+    /// Lanes per warp / wavefront; launch shapes are multiples of it.
+    fn warp_size(&self) -> u32;
+    /// (free, total) device memory in bytes.
+    fn mem_info(&self) -> BackendResult<(usize, usize)>;
+    fn alloc(&self, bytes: usize, what: &str) -> BackendResult<Self::Buf>;
+    fn alloc_pinned(&self, bytes: usize) -> BackendResult<Self::Pinned>;
+    fn new_stream(&self) -> BackendResult<Self::Stream>;
+    /// `timing`: whether `elapsed_ms` works (timing events cost a little more to record).
+    fn new_event(&self, timing: bool) -> BackendResult<Self::Event>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_and_print() {
+        for (s, k) in [
+            ("cpu", BackendKind::Cpu),
+            ("CUDA", BackendKind::Cuda),
+            ("hip", BackendKind::Hip),
+            ("rocm", BackendKind::Hip),
+            (" auto ", BackendKind::Auto),
+        ] {
+            assert_eq!(s.parse::<BackendKind>().ok(), Some(k));
+        }
+        assert!(matches!(
+            "metal".parse::<BackendKind>(),
+            Err(BackendError::UnknownBackend(_))
+        ));
+        assert_eq!(BackendKind::Cuda.to_string(), "cuda");
+    }
+
+    #[test]
+    fn cpu_opens_and_auto_always_yields_a_backend() {
+        let (b, fb) = Backend::open(BackendKind::Cpu).expect("cpu");
+        assert_eq!(b.kind(), BackendKind::Cpu);
+        assert!(fb.reasons.is_empty());
+        let (b, fb) = Backend::open(BackendKind::Auto).expect("auto never fails");
+        // Either a GPU opened, or the CPU came back with a reason per GPU backend.
+        assert!(b.kind() != BackendKind::Cpu || fb.reasons.len() == 2);
+    }
+
+    #[test]
+    fn cuda_without_driver_is_no_device() {
+        if cuda::driver_present() {
+            eprintln!("SKIP cuda_without_driver_is_no_device: a CUDA driver is installed here");
+            return;
+        }
+        let e = Backend::open(BackendKind::Cuda).expect_err("no driver");
+        assert!(
+            matches!(
+                e,
+                BackendError::NoDevice {
+                    backend: "CUDA",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("no CUDA driver/device"), "{e}");
+    }
+
+    #[cfg(not(feature = "hip"))]
+    #[test]
+    fn hip_without_feature_is_not_compiled() {
+        assert!(matches!(
+            Backend::open(BackendKind::Hip),
+            Err(BackendError::NotCompiled { backend: "HIP", .. })
+        ));
+    }
+}
