@@ -303,7 +303,10 @@ fn tensors_written_in_parts_equal_whole_writes() {
     let mut w = GgufWriter::new(Vec::new(), &m, &specs).unwrap();
     let first = &tensors[0].1;
     w.write_tensor_part(&first[..10]).unwrap();
-    assert!(matches!(w.write_tensor_part(first), Err(GgufError::Write(_))));
+    assert!(matches!(
+        w.write_tensor_part(first),
+        Err(GgufError::Write(_))
+    ));
     // write_tensor after a partial write is refused too.
     assert!(matches!(w.write_tensor(first), Err(GgufError::Write(_))));
 }
