@@ -99,7 +99,10 @@ impl Bpe {
         for (b, c) in byte_chars.iter().enumerate() {
             let mut buf = [0u8; 4];
             let s: &str = c.encode_utf8(&mut buf);
-            byte_symbol[b] = token_to_id.get(s).copied().or_else(|| extra.get(s).copied());
+            byte_symbol[b] = token_to_id
+                .get(s)
+                .copied()
+                .or_else(|| extra.get(s).copied());
         }
         Ok(Self {
             n_vocab,
@@ -230,8 +233,11 @@ mod tests {
         // Vocabulary a, b, c, ab, bc, abc; "b c" ranks before "a b", so "abc" -> a + bc -> abc only
         // if "a bc" exists; it does not, so the result is [a, bc].
         let toks = ["a", "b", "c", "ab", "bc", "abc"];
-        let t2i: HashMap<String, u32> =
-            toks.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let t2i: HashMap<String, u32> = toks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
         let merges = vec!["b c".to_string(), "a b".to_string(), "ab c".to_string()];
         let bpe = Bpe::new(toks.len(), &t2i, &merges).unwrap();
         let mut out = Vec::new();
@@ -245,8 +251,11 @@ mod tests {
     #[test]
     fn long_runs_merge_leftmost_first() {
         let toks = ["a", "aa", "aaaa"];
-        let t2i: HashMap<String, u32> =
-            toks.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let t2i: HashMap<String, u32> = toks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
         let merges = vec!["a a".to_string(), "aa aa".to_string()];
         let bpe = Bpe::new(toks.len(), &t2i, &merges).unwrap();
         let mut out = Vec::new();

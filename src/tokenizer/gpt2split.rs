@@ -91,7 +91,11 @@ pub fn split(letters: &Letters, text: &str, seg: Range<usize>, out: &mut Vec<Ran
         }
         // ` ?X+` for letters, numbers and other symbols: an optional leading space.
         let lead = usize::from(c == ' ');
-        match if lead == 1 { class(pos + 1) } else { class(pos) } {
+        match if lead == 1 {
+            class(pos + 1)
+        } else {
+            class(pos)
+        } {
             Some(k @ (Class::Letter | Class::Number | Class::Other)) => {
                 pos += lead;
                 while class(pos) == Some(k) {

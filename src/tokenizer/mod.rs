@@ -91,8 +91,13 @@ const FIM_EOG_TEXTS: &[&str] = &[
 
 #[derive(Debug)]
 enum Model {
-    Bpe { bpe: Box<Bpe>, pre: PreTokenizer },
-    Spm { byte_tokens: Box<[Option<u32>; 256]> },
+    Bpe {
+        bpe: Box<Bpe>,
+        pre: PreTokenizer,
+    },
+    Spm {
+        byte_tokens: Box<[Option<u32>; 256]>,
+    },
 }
 
 /// Bound on the word cache; cleared when reached (simple, and long prompts rarely hit it).
@@ -291,7 +296,9 @@ impl Tokenizer {
                     for c in t.chars() {
                         match char_to_byte.get(&c) {
                             Some(&b) => bytes.push(b),
-                            None => bytes.extend_from_slice(c.encode_utf8(&mut [0u8; 4]).as_bytes()),
+                            None => {
+                                bytes.extend_from_slice(c.encode_utf8(&mut [0u8; 4]).as_bytes())
+                            }
                         }
                     }
                 }
@@ -493,10 +500,12 @@ impl Tokenizer {
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>, TokenizerError> {
         let mut out = Vec::new();
         for (i, &id) in ids.iter().enumerate() {
-            let b = self.token_bytes(id).ok_or(TokenizerError::TokenOutOfRange {
-                id,
-                vocab_size: self.vocab_size(),
-            })?;
+            let b = self
+                .token_bytes(id)
+                .ok_or(TokenizerError::TokenOutOfRange {
+                    id,
+                    vocab_size: self.vocab_size(),
+                })?;
             // SentencePiece: the space the encoder prefixed is removed again (llama.cpp's lstrip).
             if i == 0 && self.inner.add_space_prefix && b.first() == Some(&b' ') {
                 out.extend_from_slice(&b[1..]);
@@ -596,9 +605,7 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let tmpl = self
-            .chat_template()
-            .ok_or(TokenizerError::NoChatTemplate)?;
+        let tmpl = self.chat_template().ok_or(TokenizerError::NoChatTemplate)?;
         let text_of = |id: Option<u32>| id.and_then(|i| self.token_text(i)).unwrap_or("");
         chat::render(
             tmpl,

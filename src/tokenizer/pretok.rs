@@ -166,7 +166,11 @@ mod tests {
 
     fn pieces(kind: PreKind, text: &str) -> Vec<String> {
         let p = PreTokenizer::new(kind).unwrap();
-        p.split(text).unwrap().into_iter().map(|r| text[r].to_string()).collect()
+        p.split(text)
+            .unwrap()
+            .into_iter()
+            .map(|r| text[r].to_string())
+            .collect()
     }
 
     #[test]
@@ -179,12 +183,18 @@ mod tests {
 
     #[test]
     fn gpt2_words_and_spaces() {
-        assert_eq!(pieces(PreKind::Gpt2, "Hello  world's!"), ["Hello", " ", " world", "'s", "!"]);
+        assert_eq!(
+            pieces(PreKind::Gpt2, "Hello  world's!"),
+            ["Hello", " ", " world", "'s", "!"]
+        );
     }
 
     #[test]
     fn llama3_groups_three_digits() {
-        assert_eq!(pieces(PreKind::Llama3, "12345 I'M"), ["123", "45", " I", "'M"]);
+        assert_eq!(
+            pieces(PreKind::Llama3, "12345 I'M"),
+            ["123", "45", " I", "'M"]
+        );
         assert_eq!(pieces(PreKind::Qwen2, "123"), ["1", "2", "3"]);
     }
 

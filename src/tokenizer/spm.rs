@@ -133,7 +133,10 @@ fn byte_token(v: &SpmVocab<'_>, b: u8) -> Result<u32, TokenizerError> {
     }
     if b.is_ascii() {
         let mut buf = [0u8; 4];
-        if let Some(&id) = v.token_to_id.get(char::from(b).encode_utf8(&mut buf) as &str) {
+        if let Some(&id) = v
+            .token_to_id
+            .get(char::from(b).encode_utf8(&mut buf) as &str)
+        {
             return Ok(id);
         }
     }

@@ -2,7 +2,10 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
+pub mod chat;
 pub mod inspect;
+pub mod run;
 
 /// Default model location (fetched by scripts/fetch-model.sh).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -22,10 +25,19 @@ pub struct Cli {
 pub enum Command {
     /// Show a GGUF model's architecture, hyper-parameters, tokenizer and tensors.
     Inspect(inspect::InspectArgs),
+    /// Generate text from a prompt (CPU), streaming it to stdout.
+    Run(run::RunArgs),
+    /// Interactive chat using the model's chat template.
+    Chat(chat::ChatArgs),
+    /// Prompt-processing and decode throughput (llama-bench style).
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
