@@ -210,3 +210,33 @@ fn bench_json_reports_pp_and_tg() {
         assert_eq!(t["threads"], 2);
     }
 }
+
+/// SmolLM2 with `tokenizer.ggml.pre` replaced: the model loads, the tokenizer refuses.
+#[test]
+fn unknown_pre_tokenizer_is_an_error() {
+    use rocmforge::gguf::{GgufFile, GgufWriter, TensorSpec};
+    let src = GgufFile::open(model()).unwrap();
+    let mut md = src.metadata().clone();
+    md.insert("tokenizer.ggml.pre", Value::String("no-such-pre".into()));
+    let specs: Vec<TensorSpec> = src
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            ggml_type: t.ggml_type,
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("odd-pre.gguf");
+    let out = std::io::BufWriter::new(std::fs::File::create(&f).unwrap());
+    let mut w = GgufWriter::new(out, &md, &specs).unwrap();
+    for t in src.tensors() {
+        w.write_tensor(src.tensor_data(t)).unwrap();
+    }
+    w.finish().unwrap();
+    expect_error(
+        &["run", "--model", f.to_str().unwrap(), "--prompt", "hi"],
+        "no-such-pre",
+    );
+}

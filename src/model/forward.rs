@@ -6,6 +6,7 @@ use super::error::ModelError;
 use super::hparams::HParams;
 use super::kv::{grow, Sequence, SequenceConfig};
 use super::ops;
+use super::names::TensorId;
 use super::rope::Rope;
 use super::weights::{LayerWeights, ModelLayout};
 use crate::gguf::GgufFile;
@@ -114,7 +115,10 @@ impl Model {
         let pos0 = seq.pos();
         let prec = seq.precision();
         let (qd, kd, vd) = (hp.q_dim(), hp.k_dim(), hp.v_dim());
-        let name = |kind| super::names::tensor_name(kind, Some(layer));
+        let name = |kind| TensorId {
+            kind,
+            layer: Some(layer),
+        };
         use super::names::TensorKind as K;
 
         // --- attention
