@@ -10,6 +10,10 @@ pub enum Error {
     Quant(#[from] crate::quant::QuantError),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
+    #[error(transparent)]
+    Synth(#[from] crate::synth::SynthError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error("{0}")]
     Other(String),
 }

@@ -7,6 +7,7 @@
 //! - `model/`     — architectures, `HParams`, tensor naming, forward pass, KV cache, `synth`.
 //! - `backend/`   — `Backend { Cpu, Cuda, Hip }`; CPU always built, CUDA via `cudarc`, HIP behind `hip`.
 //! - `kernels`    — device sources embedded from `kernels/` by `build.rs`.
+//! - `synth.rs`   — random-weight llama GGUF files (valid random quant blocks) for benches.
 //! - `sample.rs`  — samplers (greedy, temperature, top-k/p, min-p, penalties).
 //! - `error.rs`   — the crate's error enum, one variant group per concern.
 
@@ -16,5 +17,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod synth;
+pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -29,6 +29,8 @@ pub struct GgufWriter<W: Write> {
     next: usize,
     /// Bytes written into the data section so far.
     data_pos: u64,
+    /// Bytes of tensor `next` written so far by `write_tensor_part`.
+    in_tensor: u64,
     alignment: u64,
 }
 
@@ -243,6 +245,7 @@ impl<W: Write> GgufWriter<W> {
             infos,
             next: 0,
             data_pos: 0,
+            in_tensor: 0,
             alignment,
         })
     }
@@ -263,20 +266,49 @@ impl<W: Write> GgufWriter<W> {
             .infos
             .get(self.next)
             .ok_or_else(|| GgufError::Write("all tensors already written".into()))?;
-        if data.len() as u64 != info.n_bytes {
+        if data.len() as u64 != info.n_bytes || self.in_tensor != 0 {
             return Err(GgufError::Write(format!(
-                "tensor {:?}: got {} bytes, its shape {:?} of {} needs {}",
+                "tensor {:?}: got {} bytes ({} already written in parts), its shape {:?} of {} \
+                 needs {}",
                 info.name,
                 data.len(),
+                self.in_tensor,
                 info.shape,
                 info.ggml_type,
                 info.n_bytes
             )));
         }
-        pad(&mut self.w, info.offset - self.data_pos)?;
+        self.write_tensor_part(data)
+    }
+
+    /// Appends the next piece of the current tensor, so a multi-GB tensor can be streamed without
+    /// holding it whole. Moves on to the next tensor once its `n_bytes` are complete.
+    pub fn write_tensor_part(&mut self, data: &[u8]) -> Result<()> {
+        let info = self
+            .infos
+            .get(self.next)
+            .ok_or_else(|| GgufError::Write("all tensors already written".into()))?;
+        let after = self.in_tensor.checked_add(data.len() as u64);
+        if after.is_none_or(|a| a > info.n_bytes) {
+            return Err(GgufError::Write(format!(
+                "tensor {:?}: {} more bytes after {} would exceed its {} bytes",
+                info.name,
+                data.len(),
+                self.in_tensor,
+                info.n_bytes
+            )));
+        }
+        if self.in_tensor == 0 {
+            pad(&mut self.w, info.offset - self.data_pos)?;
+            self.data_pos = info.offset;
+        }
         wr(&mut self.w, data)?;
-        self.data_pos = info.offset + info.n_bytes;
-        self.next += 1;
+        self.in_tensor += data.len() as u64;
+        self.data_pos += data.len() as u64;
+        if self.in_tensor == info.n_bytes {
+            self.next += 1;
+            self.in_tensor = 0;
+        }
         Ok(())
     }
 
@@ -284,9 +316,10 @@ impl<W: Write> GgufWriter<W> {
     pub fn finish(mut self) -> Result<W> {
         if self.next != self.infos.len() {
             return Err(GgufError::Write(format!(
-                "only {} of {} tensors written",
+                "only {} of {} tensors written ({} bytes of the next)",
                 self.next,
-                self.infos.len()
+                self.infos.len(),
+                self.in_tensor
             )));
         }
         let end = self.data_pos.next_multiple_of(self.alignment);

@@ -4,6 +4,9 @@
 //! reached through `matvec` or `matmul`, so `matmul` row b equals `matvec(X[b])` bit for bit and
 //! neither depends on the number of threads.
 
+use super::blocks::{as_blocks, f16, KVALUES_IQ4NL};
+#[cfg(target_arch = "x86_64")]
+use super::simd;
 use super::{fast, reference_row, GgmlType, QuantError};
 use rayon::prelude::*;
 
@@ -71,7 +74,7 @@ pub fn check_shapes(
 
 /// f32 dot product with 8 independent accumulators (a fixed order, so deterministic).
 #[inline]
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ac, ar) = a.split_at(a.len() / 8 * 8);
     let (bc, br) = b.split_at(ac.len());
@@ -87,9 +90,205 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// One activation row quantized to 32-element Q8 blocks, as ggml's Q8_0/Q8_1 but with f32
+/// scales (ggml rounds them to f16; keeping f32 is slightly more accurate and costs nothing).
+pub struct ActQ8 {
+    /// Per block: the scale d (x ~ d * q).
+    pub d: Vec<f32>,
+    /// Per block: sum of the quants, as f32 (exact: |sum| <= 32 * 127). Serves the min terms.
+    pub sum: Vec<f32>,
+    /// The quants, 32 per block, in -127..=127 (never -128, which `maddubs` could not take).
+    pub qs: Vec<i8>,
+}
+
+impl ActQ8 {
+    pub fn new(x: &[f32]) -> Self {
+        let nb = x.len() / 32;
+        let mut a = ActQ8 {
+            d: Vec::with_capacity(nb),
+            sum: Vec::with_capacity(nb),
+            qs: vec![0; nb * 32],
+        };
+        for (xb, qb) in x.chunks_exact(32).zip(a.qs.chunks_exact_mut(32)) {
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in qb.iter_mut().zip(xb) {
+                // Non-finite activations give a NaN d; clamp keeps the quants valid anyway.
+                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+                sum += *q as i32;
+            }
+            a.d.push(d);
+            a.sum.push(sum as f32);
+        }
+        a
+    }
+}
+
+/// How a weight type is multiplied.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    /// AVX2 integer kernels with Q8 activations (Q4_0, Q4_1, Q8_0).
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// Portable integer kernel with Q8 activations (legacy 32-element types).
+    Q8Scalar,
+    /// Dequantize the row, then an f32 dot product (float types, K-quants for now).
+    Float { fma: bool },
+}
+
+fn choose(ty: GgmlType) -> Path {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = simd::has_avx2();
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    match ty {
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 if avx2 => Path::Avx2,
+        GgmlType::Q4_0
+        | GgmlType::Q4_1
+        | GgmlType::Q5_0
+        | GgmlType::Q5_1
+        | GgmlType::Q8_0
+        | GgmlType::Q8_1
+        | GgmlType::IQ4_NL => Path::Q8Scalar,
+        _ => Path::Float { fma: avx2 },
+    }
+}
+
+/// Portable legacy kernel: unpack each weight block to (d, m, 32 small ints), integer dot with
+/// each activation row, then `d_w*d_x*isum + m_w*d_x*sum_x`.
+fn dot_legacy_scalar<const B: usize>(ty: GgmlType, w: &[u8], acts: [&ActQ8; B]) -> [f32; B] {
+    let bb = ty.block_bytes() as usize;
+    let mut acc = [0.0f32; B];
+    let mut q = [0i8; 32];
+    for (i, blk) in w.chunks_exact(bb).enumerate() {
+        let (d, m) = unpack_legacy(ty, blk, &mut q);
+        for b in 0..B {
+            let a = acts[b];
+            let y = &a.qs[32 * i..32 * i + 32];
+            let isum: i32 = q.iter().zip(y).map(|(&p, &v)| p as i32 * v as i32).sum();
+            acc[b] += d * a.d[i] * isum as f32 + m * a.d[i] * a.sum[i];
+        }
+    }
+    acc
+}
+
+/// Integer quants of one legacy block (offsets applied) and its (d, m); m = 0 for symmetric types.
+fn unpack_legacy(ty: GgmlType, blk: &[u8], q: &mut [i8; 32]) -> (f32, f32) {
+    let d = f16([blk[0], blk[1]]);
+    match ty {
+        GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::Q4_1 => {
+            let (qs, m, off) = match ty {
+                GgmlType::Q4_1 => (&blk[4..20], f16([blk[2], blk[3]]), 0),
+                GgmlType::Q4_0 => (&blk[2..18], 0.0, -8),
+                _ => (&blk[2..18], 0.0, 0),
+            };
+            for j in 0..16 {
+                let (lo, hi) = ((qs[j] & 0xF) as usize, (qs[j] >> 4) as usize);
+                if ty == GgmlType::IQ4_NL {
+                    q[j] = KVALUES_IQ4NL[lo];
+                    q[j + 16] = KVALUES_IQ4NL[hi];
+                } else {
+                    q[j] = lo as i8 + off;
+                    q[j + 16] = hi as i8 + off;
+                }
+            }
+            (d, m)
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let (qh, qs, m, off) = if ty == GgmlType::Q5_1 {
+                (&blk[4..8], &blk[8..24], f16([blk[2], blk[3]]), 0)
+            } else {
+                (&blk[2..6], &blk[6..22], 0.0, -16)
+            };
+            let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+            for j in 0..16 {
+                let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                q[j] = ((qs[j] & 0xF) | h0) as i8 + off;
+                q[j + 16] = ((qs[j] >> 4) | h1) as i8 + off;
+            }
+            (d, m)
+        }
+        // Q8_0 (d, qs[32]) and Q8_1 (d, s, qs[32]).
+        _ => {
+            let qs = if ty == GgmlType::Q8_1 {
+                &blk[4..36]
+            } else {
+                &blk[2..34]
+            };
+            for j in 0..32 {
+                q[j] = qs[j] as i8;
+            }
+            (d, 0.0)
+        }
+    }
+}
+
+fn dot_f32(fma: bool, a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if fma {
+        // SAFETY: `fma` is only true when `simd::has_avx2()` (AVX2 + FMA + F16C) held.
+        return unsafe { simd::dot_f32(a, b) };
+    }
+    let _ = fma;
+    dot_f32_scalar(a, b)
+}
+
+/// Per-thread scratch: a dequantized weight row for the float path.
+struct Scratch {
+    row: Vec<f32>,
+}
+
+/// One weight row times B activation rows. The same code runs for every B, and each b's
+/// arithmetic does not depend on the others, so results are identical for B = 1 and B = 4.
+#[inline(always)]
+fn dot_row<const B: usize>(
+    ty: GgmlType,
+    path: Path,
+    w: &[u8],
+    acts: [&ActQ8; B],
+    xs: [&[f32]; B],
+    scratch: &mut Scratch,
+) -> [f32; B] {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Path::Avx2 is chosen only when `simd::has_avx2()`; the activations were built
+        // from `cols` values, so they cover every block of the row; as_blocks checked the length.
+        Path::Avx2 => unsafe {
+            match ty {
+                GgmlType::Q4_0 => simd::dot_q4_0(as_blocks(w).unwrap_or(&[]), acts),
+                GgmlType::Q4_1 => simd::dot_q4_1(as_blocks(w).unwrap_or(&[]), acts),
+                _ => simd::dot_q8_0(as_blocks(w).unwrap_or(&[]), acts),
+            }
+        },
+        Path::Q8Scalar => dot_legacy_scalar(ty, w, acts),
+        Path::Float { fma } => {
+            fast::dequantize(ty, w, &mut scratch.row);
+            let mut out = [0.0f32; B];
+            for b in 0..B {
+                out[b] = dot_f32(fma, &scratch.row, xs[b]);
+            }
+            out
+        }
+    }
+}
+
 /// Rows per parallel task: enough work per task (a 576-wide Q4_1 row is 360 bytes) to amortise
 /// Rayon's overhead, while leaving many tasks for balance.
 const ROWS_PER_TASK: usize = 16;
+
+/// Activation rows processed together against each weight row in `matmul`.
+const BATCH_TILE: usize = 4;
+
+fn quantize_acts(path: Path, x: &[f32], cols: usize) -> Vec<ActQ8> {
+    if matches!(path, Path::Float { .. }) {
+        return Vec::new();
+    }
+    x.par_chunks(cols).map(ActQ8::new).collect()
+}
 
 pub fn matvec(ty: GgmlType, w: &[u8], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
     if cols == 0 {
@@ -97,14 +296,23 @@ pub fn matvec(ty: GgmlType, w: &[u8], rows: usize, cols: usize, x: &[f32], y: &m
         return;
     }
     let rb = w.len() / rows.max(1);
+    let path = choose(ty);
+    let acts = quantize_acts(path, x, cols);
+    let empty = ActQ8 {
+        d: vec![],
+        sum: vec![],
+        qs: vec![],
+    };
+    let act = acts.first().unwrap_or(&empty);
     y.par_chunks_mut(ROWS_PER_TASK)
         .zip(w.par_chunks(rb.max(1) * ROWS_PER_TASK))
         .for_each_init(
-            || vec![0.0f32; cols],
-            |buf, (yc, wc)| {
+            || Scratch {
+                row: vec![0.0f32; cols],
+            },
+            |scratch, (yc, wc)| {
                 for (yr, wr) in yc.iter_mut().zip(wc.chunks_exact(rb.max(1))) {
-                    fast::dequantize(ty, wr, buf);
-                    *yr = dot_f32(buf, x);
+                    *yr = dot_row::<1>(ty, path, wr, [act], [x], scratch)[0];
                 }
             },
         );
@@ -127,17 +335,40 @@ pub fn matmul(
         return;
     }
     let rb = w.len() / rows;
+    let path = choose(ty);
+    let acts = quantize_acts(path, x, cols);
+    let empty = ActQ8 {
+        d: vec![],
+        sum: vec![],
+        qs: vec![],
+    };
+    let act = |b: usize| acts.get(b).unwrap_or(&empty);
+    let xr = |b: usize| &x[b * cols..(b + 1) * cols];
     // [rows, batch], transposed into y afterwards so tasks write disjoint memory.
     let mut t = vec![0.0f32; rows * batch];
     t.par_chunks_mut(ROWS_PER_TASK * batch)
         .zip(w.par_chunks(rb.max(1) * ROWS_PER_TASK))
         .for_each_init(
-            || vec![0.0f32; cols],
-            |buf, (tc, wc)| {
+            || Scratch {
+                row: vec![0.0f32; cols],
+            },
+            |scratch, (tc, wc)| {
                 for (tr, wr) in tc.chunks_exact_mut(batch).zip(wc.chunks_exact(rb.max(1))) {
-                    fast::dequantize(ty, wr, buf);
-                    for (b, o) in tr.iter_mut().enumerate() {
-                        *o = dot_f32(buf, &x[b * cols..(b + 1) * cols]);
+                    let mut b = 0;
+                    while b + BATCH_TILE <= batch {
+                        let o = dot_row::<BATCH_TILE>(
+                            ty,
+                            path,
+                            wr,
+                            [act(b), act(b + 1), act(b + 2), act(b + 3)],
+                            [xr(b), xr(b + 1), xr(b + 2), xr(b + 3)],
+                            scratch,
+                        );
+                        tr[b..b + BATCH_TILE].copy_from_slice(&o);
+                        b += BATCH_TILE;
+                    }
+                    for (bb, o) in tr.iter_mut().enumerate().skip(b) {
+                        *o = dot_row::<1>(ty, path, wr, [act(bb)], [xr(bb)], scratch)[0];
                     }
                 }
             },

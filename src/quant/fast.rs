@@ -15,6 +15,21 @@ fn per_block<B: Block>(src: &[u8], dst: &mut [f32], f: impl Fn(&B, &mut [f32])) 
 
 /// Dequantizes `dst.len()` elements; `src` has exactly the matching bytes.
 pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx2() {
+        // SAFETY: the CPU has AVX2/FMA/F16C (checked just above); the caller checked that `src`
+        // holds exactly the blocks for `dst`, and `as_blocks` re-checks whole blocks.
+        unsafe {
+            use super::simd;
+            match ty {
+                GgmlType::F16 => return simd::dequant_f16(src, dst),
+                GgmlType::Q4_0 => return simd::dequant_q4_0(as_blocks(src).unwrap_or(&[]), dst),
+                GgmlType::Q4_1 => return simd::dequant_q4_1(as_blocks(src).unwrap_or(&[]), dst),
+                GgmlType::Q8_0 => return simd::dequant_q8_0(as_blocks(src).unwrap_or(&[]), dst),
+                _ => {}
+            }
+        }
+    }
     match ty {
         GgmlType::F32 => {
             for (c, y) in src.chunks_exact(4).zip(dst.iter_mut()) {

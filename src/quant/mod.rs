@@ -14,6 +14,8 @@ mod fast;
 pub mod qtype;
 mod quantize;
 pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 pub use qtype::{GgmlType, TypeId};
 

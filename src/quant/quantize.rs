@@ -9,6 +9,9 @@
 //!
 //! Inputs are finite (the caller checks); every block function is total on finite input.
 
+// Index loops mirror the ggml formulas element for element; iterator chains would hide them.
+#![allow(clippy::needless_range_loop)]
+
 use super::blocks::*;
 
 fn nearest(x: f32) -> i32 {

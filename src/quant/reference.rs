@@ -3,6 +3,9 @@
 //! multiply-add), so the results are bit-identical to ggml and to `gguf.quants.dequantize`.
 //! The fast paths in `fast`/`simd` are tested bit-exact against these.
 
+// Index loops mirror the ggml formulas element for element; iterator chains would hide them.
+#![allow(clippy::needless_range_loop)]
+
 use super::blocks::*;
 
 #[inline(always)]

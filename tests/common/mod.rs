@@ -9,10 +9,16 @@ pub const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5b
 /// Path of the real test model. `ROCMFORGE_TEST_MODEL` overrides the default location.
 /// Fails loudly when missing: CI fetches it, and a golden test that silently skipped would prove nothing.
 pub fn smollm2_path() -> PathBuf {
-    let p = std::env::var_os("ROCMFORGE_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    assert!(p.exists(), "test model {} is missing: run scripts/fetch-model.sh", p.display());
+    let p = std::env::var_os("ROCMFORGE_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.exists(),
+        "test model {} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
     p
 }
 

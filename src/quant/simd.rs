@@ -1,0 +1,255 @@
+//! x86-64 AVX2/FMA/F16C kernels. Callers check the CPU features at run time
+//! (`has_avx2()`) before calling anything here; every function is `unsafe` for that reason.
+//!
+//! Dequantizers compute exactly the scalar reference's products (multiply then add, never a fused
+//! multiply-add), so they are bit-exact with `reference`. Dot kernels use integer products
+//! (`maddubs`/`madd`) of 4/8-bit weights with Q8 activations, as ggml does.
+
+use super::blocks::*;
+use super::dot::ActQ8;
+use std::arch::x86_64::*;
+
+/// Whether the AVX2 kernels may run on this CPU (cached by the std macro).
+pub fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// 16 packed bytes -> 32 nibbles (low nibbles are elements 0..16, high nibbles 16..32).
+#[inline(always)]
+unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
+    // SAFETY (of the load): `qs` is 16 readable bytes; loadu has no alignment requirement.
+    let raw = _mm_loadu_si128(qs.as_ptr().cast());
+    let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// Sum of products of unsigned `q` (< 128) and signed `y`, as 8 i32 lanes converted to f32.
+#[inline(always)]
+unsafe fn dot_u8_i8(q: __m256i, y: __m256i) -> __m256 {
+    let p16 = _mm256_maddubs_epi16(q, y);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+}
+
+#[inline(always)]
+unsafe fn load_act(a: &ActQ8, i: usize) -> __m256i {
+    let y = &a.qs[32 * i..32 * i + 32];
+    // SAFETY: `y` is exactly 32 readable bytes.
+    _mm256_loadu_si256(y.as_ptr().cast())
+}
+
+/// Q4_0 weight row x B activation rows. Per block: d_w*d_x*(sum q*y - 8*sum y).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `acts[b]` cover `w.len()` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_0<const B: usize>(w: &[BlockQ4_0], acts: [&ActQ8; B]) -> [f32; B] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; B];
+    let mut corr = [0.0f32; B];
+    for (i, blk) in w.iter().enumerate() {
+        let dw = f16(blk.d);
+        let q = nibbles(&blk.qs);
+        for b in 0..B {
+            let a = acts[b];
+            let s = dw * a.d[i];
+            acc[b][i & 1] = _mm256_fmadd_ps(
+                _mm256_set1_ps(s),
+                dot_u8_i8(q, load_act(a, i)),
+                acc[b][i & 1],
+            );
+            corr[b] += s * a.sum[i];
+        }
+    }
+    let mut out = [0.0f32; B];
+    for b in 0..B {
+        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1])) - 8.0 * corr[b];
+    }
+    out
+}
+
+/// Q4_1 weight row x B activation rows. Per block: d_w*d_x*sum(q*y) + m_w*d_x*sum(y).
+///
+/// # Safety
+/// As `dot_q4_0`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_1<const B: usize>(w: &[BlockQ4_1], acts: [&ActQ8; B]) -> [f32; B] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; B];
+    let mut corr = [0.0f32; B];
+    for (i, blk) in w.iter().enumerate() {
+        let (dw, mw) = (f16(blk.d), f16(blk.m));
+        let q = nibbles(&blk.qs);
+        for b in 0..B {
+            let a = acts[b];
+            let s = dw * a.d[i];
+            acc[b][i & 1] = _mm256_fmadd_ps(
+                _mm256_set1_ps(s),
+                dot_u8_i8(q, load_act(a, i)),
+                acc[b][i & 1],
+            );
+            corr[b] += mw * a.d[i] * a.sum[i];
+        }
+    }
+    let mut out = [0.0f32; B];
+    for b in 0..B {
+        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1])) + corr[b];
+    }
+    out
+}
+
+/// Q8_0 weight row x B activation rows: signed x signed through the sign trick
+/// (|w| as unsigned times y with w's sign), as ggml's `mul_sum_i8_pairs`.
+///
+/// # Safety
+/// As `dot_q4_0`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q8_0<const B: usize>(w: &[BlockQ8_0], acts: [&ActQ8; B]) -> [f32; B] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; B];
+    for (i, blk) in w.iter().enumerate() {
+        let dw = f16(blk.d);
+        // SAFETY: `blk.qs` is 32 readable bytes.
+        let q = _mm256_loadu_si256(blk.qs.as_ptr().cast());
+        let aq = _mm256_sign_epi8(q, q);
+        for b in 0..B {
+            let a = acts[b];
+            let sy = _mm256_sign_epi8(load_act(a, i), q);
+            let s = dw * a.d[i];
+            acc[b][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(s), dot_u8_i8(aq, sy), acc[b][i & 1]);
+        }
+    }
+    let mut out = [0.0f32; B];
+    for b in 0..B {
+        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1]));
+    }
+    out
+}
+
+/// f32 dot product with FMA, 4 accumulators of 8 lanes, fixed order.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `a.len() == b.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, acck) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8k + 8 <= n, both slices have n readable floats.
+            let x = _mm256_loadu_ps(a.as_ptr().add(i + 8 * k));
+            let y = _mm256_loadu_ps(b.as_ptr().add(i + 8 * k));
+            *acck = _mm256_fmadd_ps(x, y, *acck);
+        }
+        i += 32;
+    }
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+#[inline(always)]
+unsafe fn store8(y: &mut [f32], v: __m256) {
+    // SAFETY: callers pass `y` with at least 8 floats (a block's slice).
+    _mm256_storeu_ps(y.as_mut_ptr(), v);
+}
+
+/// 16 bytes of signed quants -> two vectors of 8 f32 (elements 0..8, 8..16).
+#[inline(always)]
+unsafe fn i8x16_to_f32(v: __m128i) -> (__m256, __m256) {
+    (
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))),
+    )
+}
+
+/// Dequantizes Q4_0/Q4_1 blocks: `d * q (+ m)` per element, bit-exact with the reference
+/// (`offset` is -8 for Q4_0 and 0 for Q4_1; `m` is None for Q4_0).
+#[inline(always)]
+unsafe fn dequant_q4(qs: &[u8; 16], d: f32, m: Option<f32>, offset: i8, y: &mut [f32]) {
+    // SAFETY: `qs` is 16 readable bytes.
+    let raw = _mm_loadu_si128(qs.as_ptr().cast());
+    let mask = _mm_set1_epi8(0x0F);
+    let off = _mm_set1_epi8(offset);
+    let lo = _mm_add_epi8(_mm_and_si128(raw, mask), off);
+    let hi = _mm_add_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), off);
+    let dv = _mm256_set1_ps(d);
+    for (k, v) in [lo, hi].into_iter().enumerate() {
+        let (a, b) = i8x16_to_f32(v);
+        let (mut a, mut b) = (_mm256_mul_ps(dv, a), _mm256_mul_ps(dv, b));
+        if let Some(m) = m {
+            a = _mm256_add_ps(a, _mm256_set1_ps(m));
+            b = _mm256_add_ps(b, _mm256_set1_ps(m));
+        }
+        store8(&mut y[16 * k..], a);
+        store8(&mut y[16 * k + 8..], b);
+    }
+}
+
+/// # Safety
+/// AVX2/FMA/F16C available; `y.len() == 32 * w.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequant_q4_0(w: &[BlockQ4_0], y: &mut [f32]) {
+    for (b, y) in w.iter().zip(y.chunks_exact_mut(32)) {
+        dequant_q4(&b.qs, f16(b.d), None, -8, y);
+    }
+}
+
+/// # Safety
+/// As `dequant_q4_0`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequant_q4_1(w: &[BlockQ4_1], y: &mut [f32]) {
+    for (b, y) in w.iter().zip(y.chunks_exact_mut(32)) {
+        dequant_q4(&b.qs, f16(b.d), Some(f16(b.m)), 0, y);
+    }
+}
+
+/// # Safety
+/// As `dequant_q4_0`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequant_q8_0(w: &[BlockQ8_0], y: &mut [f32]) {
+    for (b, y) in w.iter().zip(y.chunks_exact_mut(32)) {
+        // The reference computes q * d; multiplication commutes exactly in IEEE.
+        let dv = _mm256_set1_ps(f16(b.d));
+        for k in 0..2 {
+            // SAFETY: 16 of the block's 32 quant bytes.
+            let v = _mm_loadu_si128(b.qs.as_ptr().add(16 * k).cast());
+            let (a, c) = i8x16_to_f32(v);
+            store8(&mut y[16 * k..], _mm256_mul_ps(a, dv));
+            store8(&mut y[16 * k + 8..], _mm256_mul_ps(c, dv));
+        }
+    }
+}
+
+/// F16 -> f32 with F16C (exact, as the reference).
+///
+/// # Safety
+/// F16C/AVX available; `src.len() == 2 * y.len()`.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn dequant_f16(src: &[u8], y: &mut [f32]) {
+    let n = y.len().min(src.len() / 2);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: 16 bytes at 2i are in `src` (2(i + 8) <= src.len()); 8 floats at i are in `y`.
+        let h = _mm_loadu_si128(src.as_ptr().add(2 * i).cast());
+        _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    while i < n {
+        y[i] = f16([src[2 * i], src[2 * i + 1]]);
+        i += 1;
+    }
+}
