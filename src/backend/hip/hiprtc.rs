@@ -19,7 +19,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use crate::backend::error::{BackendError, BackendResult};
 
@@ -63,6 +63,11 @@ pub struct HipRtc {
     log: FnGet,
     destroy: FnDestroy,
     err_str: FnErrStr,
+    /// Serialises compiles: hipRTC 5.2 (comgr/LLVM underneath) crashes with SIGSEGV when two
+    /// threads compile at once (seen in this project's tests). Compiles are rare (once per
+    /// kernel file, arch and compiler version; the cache serves the rest), so a global lock
+    /// costs nothing that matters.
+    lock: Mutex<()>,
 }
 
 impl HipRtc {
@@ -126,6 +131,9 @@ impl HipRtc {
         let n_headers = c_int::try_from(headers.len()).map_err(|_| cerr("header list"))?;
         let n_opts = c_int::try_from(opts_p.len()).map_err(|_| cerr("option list"))?;
 
+        // A panic while holding the lock cannot leave hipRTC state behind (the guard below
+        // destroys the program), so a poisoned lock is still usable.
+        let _serial = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut prog: Prog = std::ptr::null_mut();
         // SAFETY: every pointer is a NUL-terminated CString (or an array of them) alive for the
         // call; `prog` is a valid out-pointer.
@@ -312,6 +320,7 @@ fn open(name: &str) -> Result<HipRtc, String> {
             log: std::mem::transmute::<*mut c_void, FnGet>(sym("hiprtcGetProgramLog")?),
             destroy: std::mem::transmute::<*mut c_void, FnDestroy>(sym("hiprtcDestroyProgram")?),
             err_str: std::mem::transmute::<*mut c_void, FnErrStr>(sym("hiprtcGetErrorString")?),
+            lock: Mutex::new(()),
         }
     };
     // SAFETY: as above, hiprtcVersion(int*, int*).
