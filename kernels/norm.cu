@@ -3,7 +3,7 @@
 //   (a multiple of RF_WARP, at most RF_MAX_THREADS).
 #include "common.cuh"
 
-extern "C" __global__ void rmsnorm_f32(const float* x, const float* __restrict__ w, float* out,
+extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rmsnorm_f32(const float* x, const float* __restrict__ w, float* out,
                                        int ncols, float eps) {
     __shared__ float scratch[RF_MAX_WARPS];
     const float* xr = x + (i64)blockIdx.x * ncols;

@@ -51,12 +51,17 @@ __device__ __forceinline__ void rf_scale_min_k4(int j, const u8* q, float* sc, f
 
 __device__ __forceinline__ float rf_nib(u32 q, int i, int hi) { return (float)((q >> (8 * i + 4 * hi)) & 0xF); }
 
+// Plain float weights are handled as "blocks" of 4 elements so one lane step is one vector load
+// (rows of a multiple of 4 elements keep every group 16-byte (f32) / 8-byte (f16) aligned).
+struct f32x4 { float v[4]; };
+struct f16x4 { rf_half v[4]; };
+
 struct QF32 {
-    typedef float block;
-    static constexpr int QK = 4;  // one float4 per lane and step
+    typedef f32x4 block;
+    static constexpr int QK = 4;
     static constexpr int LPB = 1;
-    static __device__ __forceinline__ float get(const float* b, int i) { return b[i]; }
-    static __device__ __forceinline__ float dot(const float* b, int, const float* x) {
+    static __device__ __forceinline__ float get(const block* b, int i) { return b->v[i]; }
+    static __device__ __forceinline__ float dot(const block* b, int, const float* x) {
         const float4 w = *(const float4*)b;
         const float4 v = *(const float4*)x;
         return w.x * v.x + w.y * v.y + w.z * v.z + w.w * v.w;
@@ -64,11 +69,11 @@ struct QF32 {
 };
 
 struct QF16 {
-    typedef rf_half block;
-    static constexpr int QK = 4;  // one 8-byte load per lane and step
+    typedef f16x4 block;
+    static constexpr int QK = 4;
     static constexpr int LPB = 1;
-    static __device__ __forceinline__ float get(const rf_half* b, int i) { return rf_h2f(b[i]); }
-    static __device__ __forceinline__ float dot(const rf_half* b, int, const float* x) {
+    static __device__ __forceinline__ float get(const block* b, int i) { return rf_h2f(b->v[i]); }
+    static __device__ __forceinline__ float dot(const block* b, int, const float* x) {
         const uint2 w = *(const uint2*)b;
         const float4 v = *(const float4*)x;
         return rf_h2f((u16)(w.x & 0xFFFF)) * v.x + rf_h2f((u16)(w.x >> 16)) * v.y +

@@ -32,12 +32,12 @@ __device__ __forceinline__ void rf_rope(const float* x, float* out, const i32* _
     }
 }
 
-extern "C" __global__ void rope_f32(const float* x, float* out, const i32* __restrict__ pos, int n_heads,
+extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rope_f32(const float* x, float* out, const i32* __restrict__ pos, int n_heads,
                                     int head_dim, int n_rot, float freq_base, float freq_scale) {
     rf_rope(x, out, pos, n_heads, head_dim, n_rot, freq_base, freq_scale, false);
 }
 
-extern "C" __global__ void rope_neox_f32(const float* x, float* out, const i32* __restrict__ pos,
+extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rope_neox_f32(const float* x, float* out, const i32* __restrict__ pos,
                                          int n_heads, int head_dim, int n_rot, float freq_base,
                                          float freq_scale) {
     rf_rope(x, out, pos, n_heads, head_dim, n_rot, freq_base, freq_scale, true);

@@ -33,7 +33,7 @@ __device__ __forceinline__ void rf_block_best(float* v, int* i, float* sv, int* 
 }
 
 // Greedy: out[0] = argmax(logits[0..n)), lowest id on ties.
-extern "C" __global__ void argmax_f32(const float* __restrict__ logits, int n, i32* __restrict__ out) {
+extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) argmax_f32(const float* __restrict__ logits, int n, i32* __restrict__ out) {
     __shared__ float sv[RF_MAX_WARPS];
     __shared__ int si[RF_MAX_WARPS];
     float bv = -RF_INF;
@@ -50,7 +50,7 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ logits, int n, i
 //   u in [0, 1) is the uniform draw from the host's seeded RNG; temperature <= 0 is greedy.
 // The candidates are found by k block-wide arg-max passes, each excluding those already taken:
 // O(k * n / threads), fine for k of tens; a radix select is the faster path (not written yet).
-extern "C" __global__ void sample_topk_topp_f32(const float* __restrict__ logits, int n, int top_k,
+extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) sample_topk_topp_f32(const float* __restrict__ logits, int n, int top_k,
                                                 float top_p, float temperature, float u,
                                                 i32* __restrict__ out) {
     __shared__ float sv[RF_MAX_WARPS];

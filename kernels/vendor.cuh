@@ -6,7 +6,7 @@
 // the HIP built-ins implicitly; only hipcc needs <hip/hip_runtime.h> (see below).
 #pragma once
 
-#if defined(__HIPCC__) || defined(__HIP_DEVICE_COMPILE__) || defined(__HIP_PLATFORM_AMD__)
+#if defined(__HIPCC__) || defined(__HIPCC_RTC__) || defined(__HIP_DEVICE_COMPILE__) || defined(__HIP_PLATFORM_AMD__)
 #define RF_HIP 1
 #else
 #define RF_CUDA 1

@@ -17,6 +17,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod sample;
 pub mod synth;
 pub mod tokenizer;
 

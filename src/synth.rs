@@ -10,10 +10,8 @@
 //! Token embedding and output head use the same type as the other weights (every preset's row
 //! length is a multiple of 256, so every listed type fits); norms are F32 ones.
 
-use crate::gguf::{
-    GgufError, GgufFile, GgufWriter, Metadata, TensorSpec, Value, ValueType,
-};
 use crate::gguf::{Array, ArrayItems};
+use crate::gguf::{GgufError, GgufFile, GgufWriter, Metadata, TensorSpec, Value, ValueType};
 use crate::model::names::{arch_key, keys, tensor_name, ArchKey, TensorKind};
 use crate::quant::blocks::to_f16;
 use crate::quant::GgmlType;
@@ -238,7 +236,10 @@ pub fn plan(cfg: &SynthConfig) -> Result<(Metadata, Vec<TensorSpec>), SynthError
     let n_vocab = tok.get_str_array(keys::TOK_TOKENS)?.map_or(0, |t| t.len());
     let head_dim = s.n_embd / s.n_head;
     let mut m = Metadata::new();
-    let name = format!("rocmforge synth {:?} {} seed {}", cfg.preset, cfg.qtype, cfg.seed);
+    let name = format!(
+        "rocmforge synth {:?} {} seed {}",
+        cfg.preset, cfg.qtype, cfg.seed
+    );
     m.insert(keys::ARCHITECTURE, Value::String(ARCH.into()));
     m.insert(keys::NAME, Value::String(name));
     m.insert(keys::FILE_TYPE, Value::U32(file_type(cfg.qtype)));

@@ -98,7 +98,10 @@ fn valid_baseline_parses() {
     // The corruptions below are single changes to files like these, which parse.
     assert!(parse(&one_tensor_file().build()).is_ok());
     let mut r = Raw::header(3, 2, 0);
-    r.tensor("a", &[8], 0, 0).tensor("b", &[8], 0, 32).align(32).zeros(64);
+    r.tensor("a", &[8], 0, 0)
+        .tensor("b", &[8], 0, 32)
+        .align(32)
+        .zeros(64);
     assert!(parse(&r.build()).is_ok());
 }
 
@@ -123,7 +126,10 @@ fn smollm2_header_truncated_at_many_offsets() {
             )
         };
         if cut >= HEADER {
-            assert!(matches!(e, GgufError::TensorOutOfBounds { .. }), "cut {cut}: {e}");
+            assert!(
+                matches!(e, GgufError::TensorOutOfBounds { .. }),
+                "cut {cut}: {e}"
+            );
         }
     }
 }
@@ -156,12 +162,24 @@ fn absurd_counts() {
     let b = Raw::header(3, 1 << 40, 0).build();
     let e = expect_err!(b, GgufError::TooMany { .. });
     assert!(e.to_string().contains("1099511627776"));
-    expect_err!(Raw::header(3, MAX_TENSORS + 1, 0).build(), GgufError::TooMany { .. });
+    expect_err!(
+        Raw::header(3, MAX_TENSORS + 1, 0).build(),
+        GgufError::TooMany { .. }
+    );
     // Under the cap but more than the file could hold.
-    expect_err!(Raw::header(3, 1 << 19, 0).build(), GgufError::Truncated { .. });
+    expect_err!(
+        Raw::header(3, 1 << 19, 0).build(),
+        GgufError::Truncated { .. }
+    );
     // 2^40 and u64::MAX key/value pairs.
-    expect_err!(Raw::header(3, 0, 1 << 40).build(), GgufError::TooMany { .. });
-    expect_err!(Raw::header(3, 0, u64::MAX).build(), GgufError::TooMany { .. });
+    expect_err!(
+        Raw::header(3, 0, 1 << 40).build(),
+        GgufError::TooMany { .. }
+    );
+    expect_err!(
+        Raw::header(3, 0, u64::MAX).build(),
+        GgufError::TooMany { .. }
+    );
     expect_err!(Raw::header(3, 0, 1000).build(), GgufError::Truncated { .. });
 }
 
@@ -203,7 +221,11 @@ fn absurd_array_lengths() {
         (0, MAX_ARRAY_LEN + 1),
     ] {
         let mut r = Raw::header(3, 0, 1);
-        r.str("tokenizer.ggml.tokens").u32(9).u32(elem).u64(len).zeros(64);
+        r.str("tokenizer.ggml.tokens")
+            .u32(9)
+            .u32(elem)
+            .u64(len)
+            .zeros(64);
         let e = expect_err!(r.build(), GgufError::TooMany { .. });
         assert!(e.to_string().contains("tokenizer.ggml.tokens"), "{e}");
     }
@@ -284,7 +306,9 @@ fn bad_tensor_infos() {
     }
     // Rows not a whole number of blocks.
     let mut r = Raw::header(3, 1, 0);
-    r.tensor("q", &[33, 2], GgmlType::Q4_0 as u32, 0).align(32).zeros(64);
+    r.tensor("q", &[33, 2], GgmlType::Q4_0 as u32, 0)
+        .align(32)
+        .zeros(64);
     expect_err!(r.build(), GgufError::BadShape { .. });
     // Unknown and removed type ids.
     let mut r = Raw::header(3, 1, 0);
@@ -296,7 +320,10 @@ fn bad_tensor_infos() {
     assert!(e.to_string().contains("Q4_2"));
     // Duplicate names.
     let mut r = Raw::header(3, 2, 0);
-    r.tensor("t", &[8], ty, 0).tensor("t", &[8], ty, 32).align(32).zeros(64);
+    r.tensor("t", &[8], ty, 0)
+        .tensor("t", &[8], ty, 32)
+        .align(32)
+        .zeros(64);
     expect_err!(r.build(), GgufError::DuplicateTensor { .. });
 }
 
@@ -313,16 +340,24 @@ fn tensors_out_of_range_overlapping_misaligned() {
     expect_err!(r.build(), GgufError::TensorOutOfBounds { .. });
     // Huge but in-cap element count: the range check, not an allocation, stops it.
     let mut r = Raw::header(3, 1, 0);
-    r.tensor("t", &[1 << 24, 1 << 24], ty, 0).align(32).zeros(32);
+    r.tensor("t", &[1 << 24, 1 << 24], ty, 0)
+        .align(32)
+        .zeros(32);
     expect_err!(r.build(), GgufError::TensorOutOfBounds { .. });
     // Overlapping tensors.
     let mut r = Raw::header(3, 2, 0);
-    r.tensor("a", &[16], ty, 0).tensor("b", &[8], ty, 32).align(32).zeros(64);
+    r.tensor("a", &[16], ty, 0)
+        .tensor("b", &[8], ty, 32)
+        .align(32)
+        .zeros(64);
     let e = expect_err!(r.build(), GgufError::OverlappingTensors { .. });
     assert!(e.to_string().contains("\"a\"") && e.to_string().contains("\"b\""));
     // Same offset.
     let mut r = Raw::header(3, 2, 0);
-    r.tensor("a", &[8], ty, 0).tensor("b", &[8], ty, 0).align(32).zeros(64);
+    r.tensor("a", &[8], ty, 0)
+        .tensor("b", &[8], ty, 0)
+        .align(32)
+        .zeros(64);
     expect_err!(r.build(), GgufError::OverlappingTensors { .. });
     // Misaligned data offset.
     let mut r = Raw::header(3, 1, 0);
@@ -375,7 +410,10 @@ fn flip_target() -> Vec<u8> {
 /// inside the buffer and whose tensors do not overlap.
 fn check_consistent(buf: &[u8]) {
     let (r, largest) = parse_tracked(buf);
-    assert!(largest <= 4 * buf.len() + (64 << 10), "allocated {largest} bytes");
+    assert!(
+        largest <= 4 * buf.len() + (64 << 10),
+        "allocated {largest} bytes"
+    );
     if let Ok(l) = r {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for t in &l.tensors {

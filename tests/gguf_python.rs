@@ -44,7 +44,9 @@ fn write_file(path: &Path, version: u32, m: &Metadata) {
         let n = TensorInfo::new(s.name.clone(), s.shape.clone(), s.ggml_type, 0, 0)
             .expect("shape")
             .n_bytes;
-        let data: Vec<u8> = (0..n).map(|j| (j as u8).wrapping_mul(7) ^ i as u8).collect();
+        let data: Vec<u8> = (0..n)
+            .map(|j| (j as u8).wrapping_mul(7) ^ i as u8)
+            .collect();
         w.write_tensor(&data).expect("tensor");
     }
     w.finish().expect("finish");
@@ -68,7 +70,9 @@ fn check_with_python(version: u32, align: Option<u32>) {
         .arg(&gguf)
         .arg(&expected)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run python3 ({e}): install Python 3 and `pip install gguf`"));
+        .unwrap_or_else(|e| {
+            panic!("cannot run python3 ({e}): install Python 3 and `pip install gguf`")
+        });
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -77,7 +81,10 @@ fn check_with_python(version: u32, align: Option<u32>) {
          exit {:?}\n{stdout}\n{stderr}\n(exit 2 means `pip install gguf` is missing)",
         out.status.code()
     );
-    assert!(stdout.contains("gguf-py agrees"), "unexpected output: {stdout}");
+    assert!(
+        stdout.contains("gguf-py agrees"),
+        "unexpected output: {stdout}"
+    );
 }
 
 #[test]
@@ -111,6 +118,14 @@ fn python_check_detects_a_difference() {
         .arg(&expected)
         .output()
         .expect("python3 runs");
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("t.u8") || String::from_utf8_lossy(&out.stderr).contains("metadata[1]"));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("t.u8")
+            || String::from_utf8_lossy(&out.stderr).contains("metadata[1]")
+    );
 }

@@ -19,8 +19,8 @@ fn open() -> GgufFile {
 
 fn reference() -> Json {
     let p = common::data_dir().join("gguf/smollm2_metadata.json");
-    let text = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+    let text =
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", p.display()))
 }
 
@@ -44,7 +44,9 @@ fn structure_and_hparams() {
     assert_eq!(m.get_str(keys::TOK_MODEL).unwrap(), Some("gpt2"));
 
     // Every llama tensor of every layer is there with the expected shape.
-    let emb = f.require_tensor(&tensor_name(TensorKind::TokenEmbd, None)).unwrap();
+    let emb = f
+        .require_tensor(&tensor_name(TensorKind::TokenEmbd, None))
+        .unwrap();
     assert_eq!(emb.shape, vec![576, 49152]);
     for l in 0..30 {
         for k in TensorKind::LAYER {
@@ -71,7 +73,10 @@ fn structure_and_hparams() {
         assert_eq!(g.bytes, sum);
         assert!(g.start < g.end);
         let offs: Vec<u64> = g.tensors.iter().map(|&t| f.tensors()[t].offset).collect();
-        assert!(offs.windows(2).all(|w| w[0] < w[1]), "layer {i} not in file order");
+        assert!(
+            offs.windows(2).all(|w| w[0] < w[1]),
+            "layer {i} not in file order"
+        );
     }
     let total: u64 = groups.iter().map(|g| g.bytes).sum();
     assert_eq!(total, f.tensor_bytes());

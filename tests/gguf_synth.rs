@@ -7,8 +7,7 @@ use rocmforge::gguf::{parse, GgufFile, GgufLayout};
 use rocmforge::model::names::{arch_key, keys, tensor_name, ArchKey, TensorKind};
 use rocmforge::quant::{dequantize, GgmlType};
 use rocmforge::synth::{
-    plan, tokenizer_from, write_synth, write_synth_file, Preset, SynthConfig, SUPPORTED,
-    WEIGHT_STD,
+    plan, tokenizer_from, write_synth, write_synth_file, Preset, SynthConfig, SUPPORTED, WEIGHT_STD,
 };
 
 fn cfg(preset: Preset, qtype: GgmlType, seed: u64) -> SynthConfig {
@@ -33,7 +32,11 @@ fn tensor<'a>(l: &GgufLayout, buf: &'a [u8], name: &str) -> (GgmlType, Vec<u64>,
         .find(|t| t.name == name)
         .unwrap_or_else(|| panic!("no tensor {name}"));
     let s = (l.data_offset + t.offset) as usize;
-    (t.ggml_type, t.shape.clone(), &buf[s..s + t.n_bytes as usize])
+    (
+        t.ggml_type,
+        t.shape.clone(),
+        &buf[s..s + t.n_bytes as usize],
+    )
 }
 
 fn stats(ty: GgmlType, bytes: &[u8], n: usize) -> (f64, f64) {
@@ -72,7 +75,10 @@ fn tiny_every_type_reads_back_with_sane_weights() {
             let (mean, std) = stats(ty, data, 256);
             assert_eq!((mean, std), (1.0, 0.0), "norms are ones");
             assert_eq!(tensor(&l, &buf, &name(TensorKind::AttnK)).1, vec![256, 128]);
-            assert_eq!(tensor(&l, &buf, &name(TensorKind::FfnDown)).1, vec![768, 256]);
+            assert_eq!(
+                tensor(&l, &buf, &name(TensorKind::FfnDown)).1,
+                vec![768, 256]
+            );
             for k in [TensorKind::AttnQ, TensorKind::FfnUp] {
                 let (ty, shape, data) = tensor(&l, &buf, &name(k));
                 assert_eq!(ty, q);
@@ -103,7 +109,10 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
 
 #[test]
 fn thread_count_does_not_change_the_bytes() {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     let one = pool.install(|| tiny(GgmlType::Q8_0, 3));
     assert_eq!(one, tiny(GgmlType::Q8_0, 3));
 }
@@ -147,7 +156,11 @@ fn tokenizer_copied_from_smollm2() {
     let f = GgufFile::open(&out).expect("read back");
     let orig = GgufFile::open(&src).unwrap();
     let mut n = 0;
-    for (k, v) in orig.metadata().iter().filter(|(k, _)| k.starts_with("tokenizer.")) {
+    for (k, v) in orig
+        .metadata()
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+    {
         assert_eq!(f.metadata().get(k), Some(v), "{k}");
         n += 1;
     }

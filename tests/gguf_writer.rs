@@ -5,8 +5,8 @@ mod gguf_support;
 
 use gguf_support::{all_types_metadata, canon, Raw};
 use rocmforge::gguf::{
-    parse, write_to_vec, Array, ArrayItems, GgufError, GgufFile, GgufWriter, Metadata,
-    TensorSpec, Value, ValueType,
+    parse, write_to_vec, Array, ArrayItems, GgufError, GgufFile, GgufWriter, Metadata, TensorSpec,
+    Value, ValueType,
 };
 use rocmforge::quant::GgmlType;
 
@@ -32,16 +32,13 @@ fn sample_tensors() -> Vec<(TensorSpec, Vec<u8>)> {
                 shape,
                 ggml_type: ty,
             };
-            let n = rocmforge::gguf::TensorInfo::new(
-                spec.name.clone(),
-                spec.shape.clone(),
-                ty,
-                0,
-                0,
-            )
-            .expect("valid sample shape")
-            .n_bytes;
-            let data = (0..n).map(|j| (j as u8).wrapping_mul(31) ^ i as u8).collect();
+            let n =
+                rocmforge::gguf::TensorInfo::new(spec.name.clone(), spec.shape.clone(), ty, 0, 0)
+                    .expect("valid sample shape")
+                    .n_bytes;
+            let data = (0..n)
+                .map(|j| (j as u8).wrapping_mul(31) ^ i as u8)
+                .collect();
             (spec, data)
         })
         .collect()
@@ -97,7 +94,12 @@ fn round_trip_all_types_alignments_versions() {
                 assert_eq!(t.ggml_type, spec.ggml_type, "{ctx}");
                 assert_eq!(t.offset % a, 0, "{ctx}: {} misaligned", t.name);
                 let s = (l.data_offset + t.offset) as usize;
-                assert_eq!(&bytes[s..s + t.n_bytes as usize], &data[..], "{ctx}: {}", t.name);
+                assert_eq!(
+                    &bytes[s..s + t.n_bytes as usize],
+                    &data[..],
+                    "{ctx}: {}",
+                    t.name
+                );
             }
         }
     }
@@ -114,7 +116,10 @@ fn streaming_to_a_file_and_mapping_it() {
     let mut w = GgufWriter::new(file, &m, &specs).expect("header");
     assert_eq!(w.infos().len(), specs.len());
     for (spec, d) in &tensors {
-        assert_eq!(w.next_tensor().map(|t| t.name.as_str()), Some(spec.name.as_str()));
+        assert_eq!(
+            w.next_tensor().map(|t| t.name.as_str()),
+            Some(spec.name.as_str())
+        );
         w.write_tensor(d).expect("tensor");
     }
     assert!(w.next_tensor().is_none());
@@ -130,10 +135,14 @@ fn streaming_to_a_file_and_mapping_it() {
     let groups = f.layer_groups();
     let layers: Vec<Option<usize>> = groups.iter().map(|g| g.layer).collect();
     assert_eq!(layers, vec![None, Some(0), Some(1)]);
-    let l1: u64 = ["blk.1.four_d.weight", "blk.1.q4.weight", "blk.1.empty.weight"]
-        .iter()
-        .map(|n| f.tensor(n).unwrap().n_bytes)
-        .sum();
+    let l1: u64 = [
+        "blk.1.four_d.weight",
+        "blk.1.q4.weight",
+        "blk.1.empty.weight",
+    ]
+    .iter()
+    .map(|n| f.tensor(n).unwrap().n_bytes)
+    .sum();
     assert_eq!(groups[2].bytes, l1);
 }
 
@@ -160,14 +169,20 @@ fn writer_refuses_what_the_reader_would_refuse() {
 
     // Wrong byte count for a tensor.
     let mut w = GgufWriter::new(Vec::new(), &m, &specs).unwrap();
-    assert!(matches!(w.write_tensor(&[0u8; 3]), Err(GgufError::Write(_))));
+    assert!(matches!(
+        w.write_tensor(&[0u8; 3]),
+        Err(GgufError::Write(_))
+    ));
     // Finishing early.
     let w = GgufWriter::new(Vec::new(), &m, &specs).unwrap();
     assert!(matches!(w.finish(), Err(GgufError::Write(_))));
     // Too many tensors written.
     let mut w = GgufWriter::new(Vec::new(), &m, &specs[..1]).unwrap();
     w.write_tensor(&tensors[0].1).unwrap();
-    assert!(matches!(w.write_tensor(&tensors[0].1), Err(GgufError::Write(_))));
+    assert!(matches!(
+        w.write_tensor(&tensors[0].1),
+        Err(GgufError::Write(_))
+    ));
     // Duplicate names.
     let dup = vec![specs[0].clone(), specs[0].clone()];
     assert!(matches!(
@@ -194,7 +209,10 @@ fn writer_refuses_what_the_reader_would_refuse() {
     }
     let mut m64 = Metadata::new();
     m64.insert("general.alignment", Value::U64(32));
-    assert!(matches!(GgufWriter::new(Vec::new(), &m64, &[]), Err(GgufError::Write(_))));
+    assert!(matches!(
+        GgufWriter::new(Vec::new(), &m64, &[]),
+        Err(GgufError::Write(_))
+    ));
     // Version 1 or 4.
     for v in [1, 4] {
         assert!(matches!(
@@ -211,7 +229,10 @@ fn writer_refuses_what_the_reader_would_refuse() {
             items: ArrayItems::I32(vec![1]),
         }),
     );
-    assert!(matches!(GgufWriter::new(Vec::new(), &mm, &[]), Err(GgufError::Write(_))));
+    assert!(matches!(
+        GgufWriter::new(Vec::new(), &mm, &[]),
+        Err(GgufError::Write(_))
+    ));
     // Arrays nested deeper than the reader accepts.
     let mut a = Array {
         elem: ValueType::U8,
@@ -225,7 +246,10 @@ fn writer_refuses_what_the_reader_would_refuse() {
     }
     let mut deep = Metadata::new();
     deep.insert("deep", Value::Array(a.clone()));
-    assert!(matches!(GgufWriter::new(Vec::new(), &deep, &[]), Err(GgufError::Write(_))));
+    assert!(matches!(
+        GgufWriter::new(Vec::new(), &deep, &[]),
+        Err(GgufError::Write(_))
+    ));
     // One level less is accepted and reads back.
     if let ArrayItems::Array(v) = &a.items {
         let mut ok = Metadata::new();

@@ -36,7 +36,9 @@ fn metadata_facts() {
     assert_eq!(t.bos_id(), Some(1));
     assert_eq!(t.eos_id(), Some(2));
     // The reference (and llama.cpp) stop on exactly these ids.
-    let eog: Vec<u32> = (0..t.vocab_size() as u32).filter(|&i| t.is_eog(i)).collect();
+    let eog: Vec<u32> = (0..t.vocab_size() as u32)
+        .filter(|&i| t.is_eog(i))
+        .collect();
     assert_eq!(eog, [0, 2, 4]);
 }
 
@@ -50,7 +52,12 @@ fn prompt_ids_match_llamacpp_for_every_case() {
         assert!(!c.add_bos);
         let ids = t.encode(&c.prompt, true, true).unwrap();
         assert_eq!(ids, c.llamacpp_prompt_ids, "case {}", c.name);
-        assert_eq!(t.decode(&ids).unwrap(), c.prompt, "round trip of case {}", c.name);
+        assert_eq!(
+            t.decode(&ids).unwrap(),
+            c.prompt,
+            "round trip of case {}",
+            c.name
+        );
     }
 }
 
@@ -149,7 +156,10 @@ fn out_of_range_ids_are_errors() {
     let t = tokenizer();
     assert!(matches!(
         t.decode(&[5, 49152]),
-        Err(rocmforge::tokenizer::TokenizerError::TokenOutOfRange { id: 49152, vocab_size: 49152 })
+        Err(rocmforge::tokenizer::TokenizerError::TokenOutOfRange {
+            id: 49152,
+            vocab_size: 49152
+        })
     ));
     assert!(t.token_bytes(u32::MAX).is_none());
     let mut d = StreamDecoder::new(&t);

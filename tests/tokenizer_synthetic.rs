@@ -165,14 +165,24 @@ fn spm_special_tokens_and_round_trip() {
     let v = spm();
     let t = v.tok();
     // parse_special: "<s>" is the control token, and the text after it gets a space prefix again.
-    assert_eq!(t.encode("<s>hello", false, true).unwrap(), [1, v.id("▁hello")]);
+    assert_eq!(
+        t.encode("<s>hello", false, true).unwrap(),
+        [1, v.id("▁hello")]
+    );
     // Without parse_special, "<s>" is text: ▁ then bytes of '<' 's' '>' (no pieces), then "hello".
     assert_eq!(
         t.encode("<s>hello", false, false).unwrap(),
         [v.id("▁"), byte(b'<'), byte(b's'), byte(b'>'), v.id("hello")]
     );
     // The decoder drops the one space the encoder prefixed, so text round-trips exactly.
-    for text in ["hello world", "  hello", "hello  ", "héllo wörld", "a\nb\tc", ""] {
+    for text in [
+        "hello world",
+        "  hello",
+        "hello  ",
+        "héllo wörld",
+        "a\nb\tc",
+        "",
+    ] {
         let ids = t.encode(text, false, false).unwrap();
         assert_eq!(t.decode(&ids).unwrap(), text, "{text:?} -> {ids:?}");
     }
@@ -274,7 +284,10 @@ fn bad_metadata_gives_typed_errors() {
         TokenizerError::UnknownPreTokenizer(p) if p == "no-such-pre"
     ));
     let msg = err(&bpe_md(Some("no-such-pre"), BPE_TOKENS, BPE_MERGES)).to_string();
-    assert!(msg.contains("no-such-pre") && msg.contains("smollm"), "{msg}");
+    assert!(
+        msg.contains("no-such-pre") && msg.contains("smollm"),
+        "{msg}"
+    );
 
     let mut md = bpe_md(Some("gpt2"), BPE_TOKENS, BPE_MERGES);
     md.insert(keys::TOK_MODEL, Value::String("bert".into()));
@@ -284,14 +297,22 @@ fn bad_metadata_gives_typed_errors() {
     md.insert(keys::TOK_TYPES, i32s(vec![NORMAL; 3]));
     assert!(matches!(
         err(&md),
-        TokenizerError::LengthMismatch { found: 3, expected: 16, .. }
+        TokenizerError::LengthMismatch {
+            found: 3,
+            expected: 16,
+            ..
+        }
     ));
 
     let mut md = bpe_md(Some("gpt2"), BPE_TOKENS, BPE_MERGES);
     md.insert(keys::TOK_BOS, Value::U32(16));
     assert!(matches!(
         err(&md),
-        TokenizerError::SpecialIdOutOfRange { id: 16, vocab_size: 16, .. }
+        TokenizerError::SpecialIdOutOfRange {
+            id: 16,
+            vocab_size: 16,
+            ..
+        }
     ));
 
     let mut md = bpe_md(Some("gpt2"), BPE_TOKENS, BPE_MERGES);
@@ -314,7 +335,10 @@ fn bad_metadata_gives_typed_errors() {
     let t = Tokenizer::from_metadata(&bpe_md(Some("gpt2"), BPE_TOKENS, BPE_MERGES)).unwrap();
     assert!(matches!(
         t.decode(&[2, 99]),
-        Err(TokenizerError::TokenOutOfRange { id: 99, vocab_size: 16 })
+        Err(TokenizerError::TokenOutOfRange {
+            id: 99,
+            vocab_size: 16
+        })
     ));
     assert!(matches!(
         t.apply_chat_template(&[], true),
@@ -336,15 +360,27 @@ fn chat_templates_with_python_methods_and_errors() {
     md.insert(keys::TOK_CHAT_TEMPLATE, Value::String(tmpl.into()));
     let t = Tokenizer::from_metadata(&md).unwrap();
     let msgs = vec![
-        ChatMessage { role: "user".into(), content: "  hi  ".into() },
-        ChatMessage { role: "assistant".into(), content: "hello".into() },
+        ChatMessage {
+            role: "user".into(),
+            content: "  hi  ".into(),
+        },
+        ChatMessage {
+            role: "assistant".into(),
+            content: "hello".into(),
+        },
     ];
     // No eos_token_id in this vocabulary, so eos_token renders empty.
     assert_eq!(
         t.apply_chat_template(&msgs, false).unwrap(),
         "<|end|>[INST] hi [/INST]hello"
     );
-    let bad = vec![ChatMessage { role: "assistant".into(), content: "x".into() }];
+    let bad = vec![ChatMessage {
+        role: "assistant".into(),
+        content: "x".into(),
+    }];
     let e = t.apply_chat_template(&bad, false).unwrap_err();
-    assert!(matches!(&e, TokenizerError::Template(m) if m.contains("roles must alternate")), "{e}");
+    assert!(
+        matches!(&e, TokenizerError::Template(m) if m.contains("roles must alternate")),
+        "{e}"
+    );
 }

@@ -100,7 +100,10 @@ impl KernelCache {
         if let Some(m) = self.lock().get(key) {
             return Ok((Arc::clone(m), CacheHit::Memory));
         }
-        let path = self.dir.as_ref().map(|d| d.join(disk_name(key, sources, compiler)));
+        let path = self
+            .dir
+            .as_ref()
+            .map(|d| d.join(disk_name(key, sources, compiler)));
         if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
             if !bytes.is_empty() {
                 let m = Arc::new(bytes);
@@ -141,9 +144,12 @@ fn default_dir() -> Option<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         return Some(PathBuf::from(x).join("rocmforge").join("kernels"));
     }
-    std::env::var_os("HOME")
-        .filter(|v| !v.is_empty())
-        .map(|h| PathBuf::from(h).join(".cache").join("rocmforge").join("kernels"))
+    std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| {
+        PathBuf::from(h)
+            .join(".cache")
+            .join("rocmforge")
+            .join("kernels")
+    })
 }
 
 fn disk_name(key: &CompileKey, sources: &[&str], compiler: &str) -> String {
@@ -192,7 +198,9 @@ mod tests {
     fn second_lookup_skips_compile_and_disk_survives_a_new_cache() {
         let dir = tempfile::tempdir().expect("temp dir");
         let c = KernelCache::with_dir(Some(dir.path().to_path_buf()));
-        let (m, hit) = c.get_or_compile(&key("sm_90"), &["src"], "12.9", || Ok(vec![1, 2, 3]));
+        let (m, hit) = c
+            .get_or_compile(&key("sm_90"), &["src"], "12.9", || Ok(vec![1, 2, 3]))
+            .expect("compile");
         assert_eq!(hit, CacheHit::Compiled);
         assert_eq!(*m, vec![1, 2, 3]);
         let r = c.get_or_compile(&key("sm_90"), &["src"], "12.9", || {

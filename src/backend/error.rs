@@ -6,15 +6,26 @@
 pub enum BackendError {
     /// No usable driver or device; `auto` falls back to the CPU on this.
     #[error("no {backend} driver/device: {reason}")]
-    NoDevice { backend: &'static str, reason: String },
+    NoDevice {
+        backend: &'static str,
+        reason: String,
+    },
     /// The backend was not built into this binary (cargo feature off).
     #[error("the {backend} backend is not compiled into this build (enable the cargo feature `{feature}`)")]
-    NotCompiled { backend: &'static str, feature: &'static str },
+    NotCompiled {
+        backend: &'static str,
+        feature: &'static str,
+    },
     /// The backend exists as a seam but is not written yet.
     #[error("the {backend} backend is not implemented yet: {what}")]
-    NotImplemented { backend: &'static str, what: &'static str },
+    NotImplemented {
+        backend: &'static str,
+        what: &'static str,
+    },
     /// A run-time compiler library (NVRTC, hipRTC) could not be loaded.
-    #[error("cannot load {library}: {reason}; searched: {searched}. Set {env_var} to the library file")]
+    #[error(
+        "cannot load {library}: {reason}; searched: {searched}. Set {env_var} to the library file"
+    )]
     CompilerNotFound {
         library: &'static str,
         env_var: &'static str,
@@ -23,13 +34,21 @@ pub enum BackendError {
     },
     /// Device memory ran out. Recoverable: nothing was allocated, the caller may evict and retry.
     #[error("out of device memory allocating {requested} bytes for {what} ({free} bytes free)")]
-    OutOfMemory { requested: usize, free: usize, what: String },
+    OutOfMemory {
+        requested: usize,
+        free: usize,
+        what: String,
+    },
     /// Pinned host memory could not be allocated.
     #[error("cannot allocate {requested} bytes of pinned host memory: {reason}")]
     PinnedAlloc { requested: usize, reason: String },
     /// A kernel source failed to compile; `log` is the compiler's output.
     #[error("compiling kernel file {kernel} for {arch} failed:\n{log}")]
-    Compile { kernel: String, arch: String, log: String },
+    Compile {
+        kernel: String,
+        arch: String,
+        log: String,
+    },
     /// A kernel file or entry point is not known.
     #[error("unknown kernel {name} (file {file})")]
     UnknownKernel { file: String, name: String },
@@ -41,7 +60,11 @@ pub enum BackendError {
     KernelReported { kernel: String, what: String },
     /// Any other driver call failed.
     #[error("{backend} driver call {op} failed: {reason}")]
-    Driver { backend: &'static str, op: &'static str, reason: String },
+    Driver {
+        backend: &'static str,
+        op: &'static str,
+        reason: String,
+    },
     /// A caller passed shapes or buffers that do not fit the operation.
     #[error("invalid argument to {op}: {what}")]
     InvalidArgument { op: &'static str, what: String },

@@ -181,6 +181,26 @@ mod tests {
         assert!(b.kind() != BackendKind::Cpu || fb.reasons.len() == 2);
     }
 
+    #[test]
+    fn cuda_without_driver_is_no_device() {
+        if cuda::driver_present() {
+            eprintln!("SKIP cuda_without_driver_is_no_device: a CUDA driver is installed here");
+            return;
+        }
+        let e = Backend::open(BackendKind::Cuda).expect_err("no driver");
+        assert!(
+            matches!(
+                e,
+                BackendError::NoDevice {
+                    backend: "CUDA",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("no CUDA driver/device"), "{e}");
+    }
+
     #[cfg(not(feature = "hip"))]
     #[test]
     fn hip_without_feature_is_not_compiled() {

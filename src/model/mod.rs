@@ -1,5 +1,28 @@
 //! Llama-family models: tensor naming (`names`), hyper-parameters, forward pass, KV cache.
+//!
+//! - `hparams`: `Arch`, `HParams` (`TryFrom<&Metadata>`), RoPE settings.
+//! - `weights`: where each tensor lives (`TensorRef`, `ModelLayout`) and views (`WeightView`,
+//!   `LayerWeights`) over the mmap or a runtime's host arena.
+//! - `kv`: the KV cache and `Sequence` (cache + position + scratch).
+//! - `forward`: `Model` with `embed`, `forward_layer`, `output`, `forward`.
+//! - `generate`: the prefill + decode loop with sampling.
+//! - `ops`, `rope`: the CPU ops.
 
+pub mod error;
+pub mod forward;
+pub mod generate;
+pub mod hparams;
+pub mod kv;
 pub mod names;
+pub mod ops;
+pub mod rope;
+pub mod weights;
 
+pub use error::ModelError;
+pub use forward::Model;
+pub use generate::{generate, Generation, StopReason, Timings};
+pub use hparams::{Arch, HParams, RopeLayout, RopeScaling};
+pub use kv::{KvCache, KvType, Sequence, SequenceConfig, DEFAULT_CTX};
 pub use names::{arch_key, tensor_name, ArchKey, TensorKind};
+pub use ops::Precision;
+pub use weights::{LayerRefs, LayerWeights, ModelLayout, TensorRef, WeightView};

@@ -21,6 +21,8 @@ pub enum TensorKind {
     FfnGate,
     FfnUp,
     FfnDown,
+    /// Per-dimension RoPE frequency divisors (Llama 3.1 long-context scaling).
+    RopeFreqs,
 }
 
 impl TensorKind {
@@ -51,6 +53,7 @@ impl TensorKind {
             Self::FfnGate => "ffn_gate",
             Self::FfnUp => "ffn_up",
             Self::FfnDown => "ffn_down",
+            Self::RopeFreqs => "rope_freqs",
         }
     }
 
@@ -62,7 +65,10 @@ impl TensorKind {
     }
 
     pub fn is_global(self) -> bool {
-        matches!(self, Self::TokenEmbd | Self::OutputNorm | Self::Output)
+        matches!(
+            self,
+            Self::TokenEmbd | Self::OutputNorm | Self::Output | Self::RopeFreqs
+        )
     }
 }
 

@@ -97,6 +97,8 @@ pub struct ActQ8 {
     pub d: Vec<f32>,
     /// Per block: sum of the quants, as f32 (exact: |sum| <= 32 * 127). Serves the min terms.
     pub sum: Vec<f32>,
+    /// Per block: sum of the quants as i32 (the Q4_0 kernel subtracts 8 * sum in integers).
+    pub isum: Vec<i32>,
     /// The quants, 32 per block, in -127..=127 (never -128, which `maddubs` could not take).
     pub qs: Vec<i8>,
 }
@@ -107,6 +109,7 @@ impl ActQ8 {
         let mut a = ActQ8 {
             d: Vec::with_capacity(nb),
             sum: Vec::with_capacity(nb),
+            isum: Vec::with_capacity(nb),
             qs: vec![0; nb * 32],
         };
         for (xb, qb) in x.chunks_exact(32).zip(a.qs.chunks_exact_mut(32)) {
@@ -121,6 +124,7 @@ impl ActQ8 {
             }
             a.d.push(d);
             a.sum.push(sum as f32);
+            a.isum.push(sum);
         }
         a
     }
@@ -301,6 +305,7 @@ pub fn matvec(ty: GgmlType, w: &[u8], rows: usize, cols: usize, x: &[f32], y: &m
     let empty = ActQ8 {
         d: vec![],
         sum: vec![],
+        isum: vec![],
         qs: vec![],
     };
     let act = acts.first().unwrap_or(&empty);
@@ -340,6 +345,7 @@ pub fn matmul(
     let empty = ActQ8 {
         d: vec![],
         sum: vec![],
+        isum: vec![],
         qs: vec![],
     };
     let act = |b: usize| acts.get(b).unwrap_or(&empty);
@@ -421,4 +427,52 @@ pub fn matmul_exact(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On AVX2 machines the portable integer kernel is not reached for Q4_0/Q4_1/Q8_0 through the
+    /// public API, so compare it with the SIMD kernel here: same integer sums, different float
+    /// summation order, so they agree to float rounding (1e-5 of the sum of |terms|).
+    #[test]
+    fn portable_legacy_kernel_matches_simd() {
+        let cols = 1024;
+        let wf: Vec<f32> = (0..cols)
+            .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.4)
+            .collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.6)
+            .collect();
+        let act = ActQ8::new(&x);
+        let xq: Vec<f32> = (0..cols)
+            .map(|i| act.d[i / 32] * act.qs[i] as f32)
+            .collect();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let w = crate::quant::quantize(ty, &wf).unwrap();
+            let mut wd = vec![0.0; cols];
+            crate::quant::dequantize_ref(ty, &w, &mut wd).unwrap();
+            let exact: f64 = wd.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let mag: f64 = wd
+                .iter()
+                .zip(&xq)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum();
+            let scalar = dot_legacy_scalar::<1>(ty, &w, [&act])[0];
+            assert!(
+                (scalar as f64 - exact).abs() <= 1e-5 * mag,
+                "{ty}: scalar {scalar} vs {exact}"
+            );
+            let mut scratch = Scratch {
+                row: vec![0.0; cols],
+            };
+            let path = choose(ty);
+            let fast = dot_row::<1>(ty, path, &w, [&act], [&x], &mut scratch)[0];
+            assert!(
+                (fast as f64 - exact).abs() <= 1e-5 * mag,
+                "{ty}: fast {fast} vs {exact}"
+            );
+        }
+    }
 }

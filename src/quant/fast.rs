@@ -26,6 +26,8 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                 GgmlType::Q4_0 => return simd::dequant_q4_0(as_blocks(src).unwrap_or(&[]), dst),
                 GgmlType::Q4_1 => return simd::dequant_q4_1(as_blocks(src).unwrap_or(&[]), dst),
                 GgmlType::Q8_0 => return simd::dequant_q8_0(as_blocks(src).unwrap_or(&[]), dst),
+                GgmlType::Q4_K => return simd::dequant_q4_k(as_blocks(src).unwrap_or(&[]), dst),
+                GgmlType::Q6_K => return simd::dequant_q6_k(as_blocks(src).unwrap_or(&[]), dst),
                 _ => {}
             }
         }

@@ -16,6 +16,15 @@ pub fn has_avx2() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+/// f16 -> f32 with the F16C instruction (exact, like `blocks::f16`, without half's per-call
+/// run-time feature check, which costs more than the conversion in these loops).
+#[inline(always)]
+unsafe fn h2f(b: [u8; 2]) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(
+        _mm_cvtsi32_si128(u16::from_le_bytes(b) as i32),
+    ))
+}
+
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -47,60 +56,58 @@ unsafe fn load_act(a: &ActQ8, i: usize) -> __m256i {
     _mm256_loadu_si256(y.as_ptr().cast())
 }
 
-/// Q4_0 weight row x B activation rows. Per block: d_w*d_x*(sum q*y - 8*sum y).
+/// Q4_0 weight row x B activation rows. Per block: d_w*d_x*(sum q*y - 8*sum y); the 8*sum y is
+/// subtracted in the integer lanes (sum y from each of the 8 lanes), so the loop has no scalar
+/// dependency chain.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `acts[b]` cover `w.len()` blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q4_0<const B: usize>(w: &[BlockQ4_0], acts: [&ActQ8; B]) -> [f32; B] {
     let mut acc = [[_mm256_setzero_ps(); 2]; B];
-    let mut corr = [0.0f32; B];
+    let ones = _mm256_set1_epi16(1);
     for (i, blk) in w.iter().enumerate() {
-        let dw = f16(blk.d);
+        let dw = h2f(blk.d);
         let q = nibbles(&blk.qs);
         for b in 0..B {
             let a = acts[b];
-            let s = dw * a.d[i];
-            acc[b][i & 1] = _mm256_fmadd_ps(
-                _mm256_set1_ps(s),
-                dot_u8_i8(q, load_act(a, i)),
-                acc[b][i & 1],
-            );
-            corr[b] += s * a.sum[i];
+            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, load_act(a, i)), ones);
+            let p32 = _mm256_sub_epi32(p32, _mm256_set1_epi32(a.isum[i]));
+            let s = _mm256_set1_ps(dw * a.d[i]);
+            acc[b][i & 1] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p32), acc[b][i & 1]);
         }
     }
     let mut out = [0.0f32; B];
     for b in 0..B {
-        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1])) - 8.0 * corr[b];
+        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1]));
     }
     out
 }
 
-/// Q4_1 weight row x B activation rows. Per block: d_w*d_x*sum(q*y) + m_w*d_x*sum(y).
+/// Q4_1 weight row x B activation rows. Per block: d_x*(d_w*sum(q*y) + m_w*sum(y)), with
+/// m_w*sum(y) spread over the 8 lanes (sum/8 is exact), so the loop has no scalar chain.
 ///
 /// # Safety
 /// As `dot_q4_0`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q4_1<const B: usize>(w: &[BlockQ4_1], acts: [&ActQ8; B]) -> [f32; B] {
     let mut acc = [[_mm256_setzero_ps(); 2]; B];
-    let mut corr = [0.0f32; B];
     for (i, blk) in w.iter().enumerate() {
-        let (dw, mw) = (f16(blk.d), f16(blk.m));
+        let (dw, mw) = (_mm256_set1_ps(h2f(blk.d)), h2f(blk.m) * 0.125);
         let q = nibbles(&blk.qs);
         for b in 0..B {
             let a = acts[b];
-            let s = dw * a.d[i];
-            acc[b][i & 1] = _mm256_fmadd_ps(
-                _mm256_set1_ps(s),
+            let v = _mm256_fmadd_ps(
+                dw,
                 dot_u8_i8(q, load_act(a, i)),
-                acc[b][i & 1],
+                _mm256_set1_ps(mw * a.sum[i]),
             );
-            corr[b] += mw * a.d[i] * a.sum[i];
+            acc[b][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(a.d[i]), v, acc[b][i & 1]);
         }
     }
     let mut out = [0.0f32; B];
     for b in 0..B {
-        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1])) + corr[b];
+        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1]));
     }
     out
 }
@@ -114,7 +121,7 @@ pub unsafe fn dot_q4_1<const B: usize>(w: &[BlockQ4_1], acts: [&ActQ8; B]) -> [f
 pub unsafe fn dot_q8_0<const B: usize>(w: &[BlockQ8_0], acts: [&ActQ8; B]) -> [f32; B] {
     let mut acc = [[_mm256_setzero_ps(); 2]; B];
     for (i, blk) in w.iter().enumerate() {
-        let dw = f16(blk.d);
+        let dw = h2f(blk.d);
         // SAFETY: `blk.qs` is 32 readable bytes.
         let q = _mm256_loadu_si256(blk.qs.as_ptr().cast());
         let aq = _mm256_sign_epi8(q, q);
@@ -204,7 +211,7 @@ unsafe fn dequant_q4(qs: &[u8; 16], d: f32, m: Option<f32>, offset: i8, y: &mut 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dequant_q4_0(w: &[BlockQ4_0], y: &mut [f32]) {
     for (b, y) in w.iter().zip(y.chunks_exact_mut(32)) {
-        dequant_q4(&b.qs, f16(b.d), None, -8, y);
+        dequant_q4(&b.qs, h2f(b.d), None, -8, y);
     }
 }
 
@@ -213,7 +220,7 @@ pub unsafe fn dequant_q4_0(w: &[BlockQ4_0], y: &mut [f32]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dequant_q4_1(w: &[BlockQ4_1], y: &mut [f32]) {
     for (b, y) in w.iter().zip(y.chunks_exact_mut(32)) {
-        dequant_q4(&b.qs, f16(b.d), Some(f16(b.m)), 0, y);
+        dequant_q4(&b.qs, h2f(b.d), Some(h2f(b.m)), 0, y);
     }
 }
 
@@ -223,7 +230,7 @@ pub unsafe fn dequant_q4_1(w: &[BlockQ4_1], y: &mut [f32]) {
 pub unsafe fn dequant_q8_0(w: &[BlockQ8_0], y: &mut [f32]) {
     for (b, y) in w.iter().zip(y.chunks_exact_mut(32)) {
         // The reference computes q * d; multiplication commutes exactly in IEEE.
-        let dv = _mm256_set1_ps(f16(b.d));
+        let dv = _mm256_set1_ps(h2f(b.d));
         for k in 0..2 {
             // SAFETY: 16 of the block's 32 quant bytes.
             let v = _mm_loadu_si128(b.qs.as_ptr().add(16 * k).cast());
@@ -251,5 +258,109 @@ pub unsafe fn dequant_f16(src: &[u8], y: &mut [f32]) {
     while i < n {
         y[i] = f16([src[2 * i], src[2 * i + 1]]);
         i += 1;
+    }
+}
+
+/// 32 bytes -> four vectors of 8 f32 (bytes 0..8, 8..16, 16..24, 24..32), signed or unsigned.
+#[inline(always)]
+unsafe fn bytes_to_f32<const SIGNED: bool>(v: __m256i) -> [__m256; 4] {
+    let lo = _mm256_castsi256_si128(v);
+    let hi = _mm256_extracti128_si256(v, 1);
+    [
+        cvt8::<SIGNED>(lo),
+        cvt8::<SIGNED>(_mm_srli_si128(lo, 8)),
+        cvt8::<SIGNED>(hi),
+        cvt8::<SIGNED>(_mm_srli_si128(hi, 8)),
+    ]
+}
+
+#[inline(always)]
+unsafe fn cvt8<const SIGNED: bool>(x: __m128i) -> __m256 {
+    if SIGNED {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x))
+    } else {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x))
+    }
+}
+
+/// Bits `s..s+2` of each byte of `qh`, moved to bits 4..6 (Q6_K's high quant bits).
+#[inline(always)]
+unsafe fn q6_high(qh: __m256i, s: i32) -> __m256i {
+    let h = match s {
+        0 => qh,
+        2 => _mm256_srli_epi16(qh, 2),
+        4 => _mm256_srli_epi16(qh, 4),
+        _ => _mm256_srli_epi16(qh, 6),
+    };
+    _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(3)), 4)
+}
+
+/// Q4_K: per 32-element sub-block `d1 * q - m1` with the reference's scalar d1, m1 (bit-exact).
+///
+/// # Safety
+/// As `dequant_q4_0`, with `y.len() == 256 * w.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequant_q4_k(w: &[BlockQ4K], y: &mut [f32]) {
+    let mask = _mm256_set1_epi8(0x0F);
+    for (b, y) in w.iter().zip(y.chunks_exact_mut(256)) {
+        let (d, dmin) = (h2f(b.d), h2f(b.dmin));
+        for j in 0..4 {
+            // SAFETY: 32 of the block's 128 quant bytes.
+            let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * j).cast());
+            let halves = [
+                _mm256_and_si256(v, mask),
+                _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+            ];
+            for (h, q) in halves.into_iter().enumerate() {
+                let (sc, m) = scale_min_k4(2 * j + h, &b.scales);
+                let dv = _mm256_set1_ps(d * sc as f32);
+                let mv = _mm256_set1_ps(dmin * m as f32);
+                for (k, f) in bytes_to_f32::<false>(q).into_iter().enumerate() {
+                    store8(
+                        &mut y[64 * j + 32 * h + 8 * k..],
+                        _mm256_sub_ps(_mm256_mul_ps(dv, f), mv),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Q6_K: `(d * sc) * (q - 32)` per 16-element group, bit-exact with the reference.
+///
+/// # Safety
+/// As `dequant_q4_k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequant_q6_k(w: &[BlockQ6K], y: &mut [f32]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let off = _mm256_set1_epi8(32);
+    for (b, y) in w.iter().zip(y.chunks_exact_mut(256)) {
+        let d = h2f(b.d);
+        for n in 0..2 {
+            // SAFETY: 32-byte loads inside ql (128 bytes) and qh (64 bytes).
+            let ql0 = _mm256_loadu_si256(b.ql.as_ptr().add(64 * n).cast());
+            let ql1 = _mm256_loadu_si256(b.ql.as_ptr().add(64 * n + 32).cast());
+            let qh = _mm256_loadu_si256(b.qh.as_ptr().add(32 * n).cast());
+            let qs = [
+                _mm256_or_si256(_mm256_and_si256(ql0, m4), q6_high(qh, 0)),
+                _mm256_or_si256(_mm256_and_si256(ql1, m4), q6_high(qh, 2)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    q6_high(qh, 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    q6_high(qh, 6),
+                ),
+            ];
+            for (k, q) in qs.into_iter().enumerate() {
+                let f = bytes_to_f32::<true>(_mm256_sub_epi8(q, off));
+                for (g, fv) in f.into_iter().enumerate() {
+                    let sc = b.scales[8 * n + 2 * k + g / 2] as i8;
+                    let dv = _mm256_set1_ps(d * sc as f32);
+                    store8(&mut y[128 * n + 32 * k + 8 * g..], _mm256_mul_ps(dv, fv));
+                }
+            }
+        }
     }
 }

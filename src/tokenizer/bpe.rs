@@ -7,6 +7,7 @@
 //! merge produces (no token of their own, rare) get ids past the vocabulary.
 
 use super::error::TokenizerError;
+use super::fxhash::{FxBuild, TokenMap};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
@@ -30,13 +31,15 @@ pub fn byte_to_char_table() -> [char; 256] {
     table
 }
 
-/// The inverse of [`byte_to_char_table`], keyed by code point.
-pub fn char_to_byte_map() -> HashMap<char, u8> {
-    byte_to_char_table()
-        .iter()
-        .enumerate()
-        .map(|(b, &c)| (c, b as u8))
-        .collect()
+/// The inverse of [`byte_to_char_table`], indexed by code point (all mapped chars are below U+0144).
+pub fn char_to_byte_table() -> [Option<u8>; 0x144] {
+    let mut t = [None; 0x144];
+    for (b, &c) in byte_to_char_table().iter().enumerate() {
+        if let Some(slot) = t.get_mut(c as usize) {
+            *slot = Some(b as u8);
+        }
+    }
+    t
 }
 
 /// Merge ranks over interned symbols.
@@ -46,7 +49,7 @@ pub struct Bpe {
     /// Text of interned symbols that are not tokens (index = id - n_vocab), byte-encoded.
     extra_texts: Vec<String>,
     /// (left, right) -> (rank, merged symbol).
-    merges: HashMap<(u32, u32), (u32, u32)>,
+    merges: HashMap<(u32, u32), (u32, u32), FxBuild>,
     /// Symbol of each byte's mapped char, `None` when neither a token nor part of a merge.
     byte_symbol: [Option<u32>; 256],
     byte_chars: [char; 256],
@@ -58,11 +61,11 @@ impl Bpe {
     /// `token_to_id` maps byte-encoded token text to ids (the last id wins for duplicate texts).
     pub fn new(
         n_vocab: usize,
-        token_to_id: &HashMap<String, u32>,
+        token_to_id: &TokenMap,
         merges: &[String],
     ) -> Result<Self, TokenizerError> {
         let n_vocab = u32::try_from(n_vocab).map_err(|_| TokenizerError::EmptyVocab)?;
-        let mut extra: HashMap<String, u32> = HashMap::new();
+        let mut extra: TokenMap = TokenMap::default();
         let mut extra_texts = Vec::new();
         let mut intern = |s: &str, extra_texts: &mut Vec<String>| -> u32 {
             if let Some(&id) = token_to_id.get(s) {
@@ -76,19 +79,25 @@ impl Bpe {
             extra_texts.push(s.to_string());
             id
         };
-        let mut merge_map = HashMap::with_capacity(merges.len());
+        let mut merge_map = HashMap::with_capacity_and_hasher(merges.len(), FxBuild::default());
+        let mut joined = String::new();
         for (rank, m) in merges.iter().enumerate() {
-            // A merge is "left right"; a symbol never contains a plain space (it is `Ġ`).
-            let (l, r) = m
-                .split_once(' ')
-                .filter(|(l, r)| !l.is_empty() && !r.is_empty() && !r.contains(' '))
+            // A merge is "left right", split at the first space after the first byte (as
+            // llama.cpp does, so a left symbol may itself be a space).
+            let split = m.as_bytes().iter().skip(1).position(|&b| b == b' ');
+            let (l, r) = split
+                .map(|p| (&m[..p + 1], &m[p + 2..]))
+                .filter(|(l, r)| !l.is_empty() && !r.is_empty())
                 .ok_or_else(|| TokenizerError::BadMerge {
                     index: rank,
                     merge: m.clone(),
                 })?;
             let li = intern(l, &mut extra_texts);
             let ri = intern(r, &mut extra_texts);
-            let mi = intern(&format!("{l}{r}"), &mut extra_texts);
+            joined.clear();
+            joined.push_str(l);
+            joined.push_str(r);
+            let mi = intern(&joined, &mut extra_texts);
             // The first occurrence of a pair has the best rank; keep it.
             merge_map.entry((li, ri)).or_insert((rank as u32, mi));
         }
@@ -97,7 +106,10 @@ impl Bpe {
         for (b, c) in byte_chars.iter().enumerate() {
             let mut buf = [0u8; 4];
             let s: &str = c.encode_utf8(&mut buf);
-            byte_symbol[b] = token_to_id.get(s).copied().or_else(|| extra.get(s).copied());
+            byte_symbol[b] = token_to_id
+                .get(s)
+                .copied()
+                .or_else(|| extra.get(s).copied());
         }
         Ok(Self {
             n_vocab,
@@ -114,12 +126,7 @@ impl Bpe {
     }
 
     /// Appends the tokens of one pre-tokenized piece.
-    pub fn encode_piece(
-        &self,
-        piece: &[u8],
-        token_to_id: &HashMap<String, u32>,
-        out: &mut Vec<u32>,
-    ) {
+    pub fn encode_piece(&self, piece: &[u8], token_to_id: &TokenMap, out: &mut Vec<u32>) {
         #[derive(Clone, Copy)]
         struct Sym {
             id: u32,
@@ -220,7 +227,7 @@ mod tests {
         assert_eq!(t[b' ' as usize], 'Ġ');
         assert_eq!(t[b'\n' as usize], 'Ċ');
         assert_eq!(t[b'a' as usize], 'a');
-        assert_eq!(char_to_byte_map().len(), 256);
+        assert_eq!(char_to_byte_table().iter().flatten().count(), 256);
     }
 
     #[test]
@@ -228,8 +235,11 @@ mod tests {
         // Vocabulary a, b, c, ab, bc, abc; "b c" ranks before "a b", so "abc" -> a + bc -> abc only
         // if "a bc" exists; it does not, so the result is [a, bc].
         let toks = ["a", "b", "c", "ab", "bc", "abc"];
-        let t2i: HashMap<String, u32> =
-            toks.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let t2i: TokenMap = toks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
         let merges = vec!["b c".to_string(), "a b".to_string(), "ab c".to_string()];
         let bpe = Bpe::new(toks.len(), &t2i, &merges).unwrap();
         let mut out = Vec::new();
@@ -243,8 +253,11 @@ mod tests {
     #[test]
     fn long_runs_merge_leftmost_first() {
         let toks = ["a", "aa", "aaaa"];
-        let t2i: HashMap<String, u32> =
-            toks.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let t2i: TokenMap = toks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
         let merges = vec!["a a".to_string(), "aa aa".to_string()];
         let bpe = Bpe::new(toks.len(), &t2i, &merges).unwrap();
         let mut out = Vec::new();

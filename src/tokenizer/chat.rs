@@ -55,9 +55,10 @@ fn str_arg(args: &[Value], i: usize) -> Result<Option<String>, Error> {
     match args.get(i) {
         None => Ok(None),
         Some(v) if v.is_none() || v.is_undefined() => Ok(None),
-        Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| {
-            Error::new(ErrorKind::InvalidOperation, "expected a string argument")
-        }),
+        Some(v) => v
+            .as_str()
+            .map(|s| Some(s.to_string()))
+            .ok_or_else(|| Error::new(ErrorKind::InvalidOperation, "expected a string argument")),
     }
 }
 
@@ -65,7 +66,11 @@ fn str_arg(args: &[Value], i: usize) -> Result<Option<String>, Error> {
 fn python_method(_: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
     if let Some(s) = value.as_str() {
         let chars = str_arg(args, 0)?;
-        let set = |c: char| chars.as_deref().map_or(c.is_whitespace(), |cs| cs.contains(c));
+        let set = |c: char| {
+            chars
+                .as_deref()
+                .map_or(c.is_whitespace(), |cs| cs.contains(c))
+        };
         return Ok(match method {
             "strip" => Value::from(s.trim_matches(set)),
             "lstrip" => Value::from(s.trim_start_matches(set)),

@@ -9,7 +9,9 @@ pub enum TokenizerError {
     Metadata(#[from] GgufError),
     #[error("tokenizer metadata: required key `{0}` is missing")]
     MissingKey(&'static str),
-    #[error("tokenizer metadata: `{key}` has {found} entries, expected {expected} (one per token)")]
+    #[error(
+        "tokenizer metadata: `{key}` has {found} entries, expected {expected} (one per token)"
+    )]
     LengthMismatch {
         key: &'static str,
         found: usize,

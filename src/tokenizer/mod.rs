@@ -12,6 +12,8 @@
 mod bpe;
 mod chat;
 mod error;
+mod fxhash;
+mod gpt2split;
 pub mod pretok;
 mod spm;
 mod stream;
@@ -24,6 +26,7 @@ pub use stream::StreamDecoder;
 use crate::gguf::Metadata;
 use crate::model::names::keys;
 use bpe::Bpe;
+use fxhash::TokenMap;
 use pretok::PreTokenizer;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -90,8 +93,13 @@ const FIM_EOG_TEXTS: &[&str] = &[
 
 #[derive(Debug)]
 enum Model {
-    Bpe { bpe: Box<Bpe>, pre: PreTokenizer },
-    Spm { byte_tokens: Box<[Option<u32>; 256]> },
+    Bpe {
+        bpe: Box<Bpe>,
+        pre: PreTokenizer,
+    },
+    Spm {
+        byte_tokens: Box<[Option<u32>; 256]>,
+    },
 }
 
 /// Bound on the word cache; cleared when reached (simple, and long prompts rarely hit it).
@@ -105,7 +113,7 @@ struct Inner {
     texts: Vec<String>,
     types: Vec<TokenType>,
     scores: Vec<f32>,
-    token_to_id: HashMap<String, u32>,
+    token_to_id: TokenMap,
     /// Decoded bytes of every token, concatenated; token `i` is `bytes[offsets[i]..offsets[i+1]]`.
     bytes: Vec<u8>,
     offsets: Vec<usize>,
@@ -200,7 +208,7 @@ impl Tokenizer {
             }
         };
         // Later duplicates win, as in llama.cpp's `token_to_id[text] = id`.
-        let token_to_id: HashMap<String, u32> = texts
+        let token_to_id: TokenMap = texts
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
@@ -273,7 +281,7 @@ impl Tokenizer {
         eog.sort_unstable();
         eog.dedup();
 
-        let char_to_byte = bpe::char_to_byte_map();
+        let char_to_byte = bpe::char_to_byte_table();
         let mut bytes = Vec::new();
         let mut offsets = Vec::with_capacity(n + 1);
         offsets.push(0);
@@ -288,9 +296,11 @@ impl Tokenizer {
                 TokenType::Normal => {
                     // Chars outside the GPT-2 byte map (malformed vocabularies) pass through as UTF-8.
                     for c in t.chars() {
-                        match char_to_byte.get(&c) {
-                            Some(&b) => bytes.push(b),
-                            None => bytes.extend_from_slice(c.encode_utf8(&mut [0u8; 4]).as_bytes()),
+                        match char_to_byte.get(c as usize).copied().flatten() {
+                            Some(b) => bytes.push(b),
+                            None => {
+                                bytes.extend_from_slice(c.encode_utf8(&mut [0u8; 4]).as_bytes())
+                            }
                         }
                     }
                 }
@@ -479,14 +489,25 @@ impl Tokenizer {
         Ok(())
     }
 
+    /// Empties the word cache shared by this tokenizer and its clones (benchmarks of cold encoding).
+    pub fn clear_cache(&self) {
+        self.inner
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// The bytes `ids` stand for, concatenated (special tokens as their text).
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>, TokenizerError> {
         let mut out = Vec::new();
         for (i, &id) in ids.iter().enumerate() {
-            let b = self.token_bytes(id).ok_or(TokenizerError::TokenOutOfRange {
-                id,
-                vocab_size: self.vocab_size(),
-            })?;
+            let b = self
+                .token_bytes(id)
+                .ok_or(TokenizerError::TokenOutOfRange {
+                    id,
+                    vocab_size: self.vocab_size(),
+                })?;
             // SentencePiece: the space the encoder prefixed is removed again (llama.cpp's lstrip).
             if i == 0 && self.inner.add_space_prefix && b.first() == Some(&b' ') {
                 out.extend_from_slice(&b[1..]);
@@ -586,9 +607,7 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let tmpl = self
-            .chat_template()
-            .ok_or(TokenizerError::NoChatTemplate)?;
+        let tmpl = self.chat_template().ok_or(TokenizerError::NoChatTemplate)?;
         let text_of = |id: Option<u32>| id.and_then(|i| self.token_text(i)).unwrap_or("");
         chat::render(
             tmpl,

@@ -7,6 +7,7 @@
 //! whitespace before a digit together (`"  42"` gives `"  "`, `"4"`, `"2"`).
 
 use super::error::TokenizerError;
+use super::gpt2split::{self, Letters};
 use fancy_regex::Regex;
 use std::ops::Range;
 
@@ -72,21 +73,40 @@ impl PreKind {
     }
 }
 
+fn compile(kind: PreKind) -> Result<Vec<Regex>, TokenizerError> {
+    kind.patterns()
+        .iter()
+        .map(|p| Regex::new(p).map_err(|e| TokenizerError::Regex(format!("{p}: {e}"))))
+        .collect()
+}
+
 /// The compiled regexes of one variant.
 #[derive(Debug, Clone)]
 pub struct PreTokenizer {
     kind: PreKind,
     regexes: Vec<Regex>,
+    /// The hand-written GPT-2 matcher (`gpt2`, `smollm`); `None` for the regex-only variants.
+    fast: Option<Letters>,
 }
 
 impl PreTokenizer {
     pub fn new(kind: PreKind) -> Result<Self, TokenizerError> {
-        let regexes = kind
-            .patterns()
-            .iter()
-            .map(|p| Regex::new(p).map_err(|e| TokenizerError::Regex(format!("{p}: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { kind, regexes })
+        let fast = match kind {
+            PreKind::Gpt2 | PreKind::DigitsGpt2 => Some(Letters::new()?),
+            _ => None,
+        };
+        // Compiling the Unicode-heavy regexes costs milliseconds; skip it where the
+        // hand-written matcher does the work (`split_regex` then compiles on demand).
+        let regexes = if fast.is_some() {
+            Vec::new()
+        } else {
+            compile(kind)?
+        };
+        Ok(Self {
+            kind,
+            regexes,
+            fast,
+        })
     }
 
     pub fn kind(&self) -> PreKind {
@@ -95,8 +115,43 @@ impl PreTokenizer {
 
     /// Byte ranges of `text`'s pieces, in order, covering all of `text`.
     pub fn split(&self, text: &str) -> Result<Vec<Range<usize>>, TokenizerError> {
+        let Some(letters) = &self.fast else {
+            return self.split_regex(text);
+        };
+        let mut out = Vec::with_capacity(text.len() / 4 + 1);
+        if self.kind == PreKind::DigitsGpt2 {
+            // `\p{N}` first: every number char is a piece; GPT-2 runs on the text between them.
+            let mut seg_start = 0;
+            for (i, c) in text.char_indices() {
+                if c.is_numeric() {
+                    if i > seg_start {
+                        gpt2split::split(letters, text, seg_start..i, &mut out);
+                    }
+                    out.push(i..i + c.len_utf8());
+                    seg_start = i + c.len_utf8();
+                }
+            }
+            if seg_start < text.len() {
+                gpt2split::split(letters, text, seg_start..text.len(), &mut out);
+            }
+        } else {
+            gpt2split::split(letters, text, 0..text.len(), &mut out);
+        }
+        Ok(out)
+    }
+
+    /// `split` through the regex engine only: the reference for the hand-written GPT-2 matcher
+    /// (for the variants that have one, the regexes are compiled on each call).
+    pub fn split_regex(&self, text: &str) -> Result<Vec<Range<usize>>, TokenizerError> {
+        let compiled;
+        let regexes = if self.regexes.is_empty() {
+            compiled = compile(self.kind)?;
+            &compiled
+        } else {
+            &self.regexes
+        };
         let mut pieces = vec![0..text.len()];
-        for re in &self.regexes {
+        for re in regexes {
             let mut next = Vec::with_capacity(pieces.len() * 2);
             for piece in pieces {
                 let s = &text[piece.clone()];
@@ -128,7 +183,11 @@ mod tests {
 
     fn pieces(kind: PreKind, text: &str) -> Vec<String> {
         let p = PreTokenizer::new(kind).unwrap();
-        p.split(text).unwrap().into_iter().map(|r| text[r].to_string()).collect()
+        p.split(text)
+            .unwrap()
+            .into_iter()
+            .map(|r| text[r].to_string())
+            .collect()
     }
 
     #[test]
@@ -141,13 +200,57 @@ mod tests {
 
     #[test]
     fn gpt2_words_and_spaces() {
-        assert_eq!(pieces(PreKind::Gpt2, "Hello  world's!"), ["Hello", " ", " world", "'s", "!"]);
+        assert_eq!(
+            pieces(PreKind::Gpt2, "Hello  world's!"),
+            ["Hello", " ", " world", "'s", "!"]
+        );
     }
 
     #[test]
     fn llama3_groups_three_digits() {
-        assert_eq!(pieces(PreKind::Llama3, "12345 I'M"), ["123", "45", " I", "'M"]);
+        assert_eq!(
+            pieces(PreKind::Llama3, "12345 I'M"),
+            ["123", "45", " I", "'M"]
+        );
         assert_eq!(pieces(PreKind::Qwen2, "123"), ["1", "2", "3"]);
+    }
+
+    /// Chars that exercise every branch: letters (incl. non-ASCII), a combining vowel sign that is
+    /// alphabetic but not `\p{L}`, numbers (incl. `Nl`, Arabic-Indic), apostrophes and the
+    /// contraction letters, punctuation, emoji, and several kinds of whitespace.
+    const ALPHABET: &[char] = &[
+        ' ', ' ', ' ', '\n', '\t', '\r', '\u{a0}', '\u{3000}', 'a', 'Z', 'é', 'क', '\u{93e}', '1',
+        '٣', 'Ⅻ', '\'', 's', 't', 'r', 'e', 'v', 'l', 'd', 'm', 'S', '!', '.', '-', '🙂', '𝐀',
+        '\u{200b}',
+    ];
+
+    proptest::proptest! {
+        #[test]
+        fn fast_gpt2_matches_the_regex(
+            idx in proptest::collection::vec(0..ALPHABET.len(), 0..40)
+        ) {
+            // (hand-written matcher, regex-only reference) per variant, built once.
+            static PRE: std::sync::OnceLock<Vec<(PreTokenizer, PreTokenizer)>> =
+                std::sync::OnceLock::new();
+            let pres = PRE.get_or_init(|| {
+                [PreKind::Gpt2, PreKind::DigitsGpt2]
+                    .map(|kind| {
+                        let reference =
+                            PreTokenizer { kind, regexes: compile(kind).unwrap(), fast: None };
+                        (PreTokenizer::new(kind).unwrap(), reference)
+                    })
+                    .to_vec()
+            });
+            let text: String = idx.iter().map(|&i| ALPHABET[i]).collect();
+            for (fast, reference) in pres {
+                assert!(fast.fast.is_some());
+                proptest::prop_assert_eq!(
+                    fast.split(&text).unwrap(),
+                    reference.split(&text).unwrap(),
+                    "{:?} {:?}", fast.kind(), text
+                );
+            }
+        }
     }
 
     #[test]

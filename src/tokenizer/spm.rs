@@ -6,8 +6,9 @@
 //! single char (a merge always produces a token), and it falls back to `<0xXX>` byte tokens.
 
 use super::error::TokenizerError;
+use super::fxhash::TokenMap;
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
 /// The SentencePiece space marker, U+2581.
 pub const SPACE: char = '\u{2581}';
@@ -55,7 +56,7 @@ struct Sym {
 
 /// Vocabulary views the SentencePiece merge needs.
 pub struct SpmVocab<'a> {
-    pub token_to_id: &'a HashMap<String, u32>,
+    pub token_to_id: &'a TokenMap,
     pub scores: &'a [f32],
     /// `<0xXX>` byte tokens, indexed by byte.
     pub byte_tokens: &'a [Option<u32>; 256],
@@ -133,7 +134,10 @@ fn byte_token(v: &SpmVocab<'_>, b: u8) -> Result<u32, TokenizerError> {
     }
     if b.is_ascii() {
         let mut buf = [0u8; 4];
-        if let Some(&id) = v.token_to_id.get(char::from(b).encode_utf8(&mut buf) as &str) {
+        if let Some(&id) = v
+            .token_to_id
+            .get(char::from(b).encode_utf8(&mut buf) as &str)
+        {
             return Ok(id);
         }
     }

@@ -140,14 +140,20 @@ pub fn all_types_metadata() -> Metadata {
     m.insert("a.bool", arr(T::Bool, A::Bool(vec![true, false, true])));
     m.insert(
         "a.string",
-        arr(T::String, A::String(vec!["a".into(), String::new(), "ü€".into()])),
+        arr(
+            T::String,
+            A::String(vec!["a".into(), String::new(), "ü€".into()]),
+        ),
     );
     m.insert("a.u64", arr(T::U64, A::U64(vec![u64::MAX, 0])));
     m.insert("a.i64", arr(T::I64, A::I64(vec![i64::MIN, i64::MAX])));
     m.insert("a.f64", arr(T::F64, A::F64(vec![1.0 / 3.0, -2.5])));
     m.insert(
         "a.long_strings",
-        arr(T::String, A::String((0..100).map(|i| format!("tok{i}")).collect())),
+        arr(
+            T::String,
+            A::String((0..100).map(|i| format!("tok{i}")).collect()),
+        ),
     );
     let inner = |v: Vec<i32>| Array {
         elem: T::I32,

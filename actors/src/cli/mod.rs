@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand};
 
 pub mod inspect;
+pub mod synth;
+pub mod trace;
 
 /// Default model location (fetched by scripts/fetch-model.sh).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -22,10 +24,16 @@ pub struct Cli {
 pub enum Command {
     /// Show a GGUF model's architecture, hyper-parameters, tokenizer and tensors.
     Inspect(inspect::InspectArgs),
+    /// Write a random-weight llama GGUF for benchmarks and tests.
+    Synth(synth::SynthArgs),
+    /// Pipeline traces: `trace view out.json --svg out.svg` draws the actors' timeline.
+    Trace(trace::TraceArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Synth(a) => synth::run(a),
+        Command::Trace(a) => trace::run(a),
     }
 }

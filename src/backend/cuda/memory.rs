@@ -61,14 +61,26 @@ impl DeviceBuf {
     pub(crate) fn alloc(ctx: &Arc<CudaContext>, bytes: usize, what: &str) -> BackendResult<Self> {
         bind(ctx)?;
         if bytes == 0 {
-            return Ok(Self { ctx: Arc::clone(ctx), ptr: 0, bytes: 0 });
+            return Ok(Self {
+                ctx: Arc::clone(ctx),
+                ptr: 0,
+                bytes: 0,
+            });
         }
         // SAFETY: the context is current; the memory is only handed out as raw bytes.
         match unsafe { result::malloc_sync(bytes) } {
-            Ok(ptr) => Ok(Self { ctx: Arc::clone(ctx), ptr, bytes }),
+            Ok(ptr) => Ok(Self {
+                ctx: Arc::clone(ctx),
+                ptr,
+                bytes,
+            }),
             Err(DriverError(sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY)) => {
                 let free = result::mem_get_info().map(|(f, _)| f).unwrap_or(0);
-                Err(BackendError::OutOfMemory { requested: bytes, free, what: what.to_string() })
+                Err(BackendError::OutOfMemory {
+                    requested: bytes,
+                    free,
+                    what: what.to_string(),
+                })
             }
             Err(e) => Err(drv_err("cuMemAlloc", e)),
         }
@@ -79,7 +91,10 @@ impl DeviceBuf {
             Some(end) if end <= self.bytes => Ok(()),
             _ => Err(BackendError::InvalidArgument {
                 op,
-                what: format!("range {offset}+{len} outside a buffer of {} bytes", self.bytes),
+                what: format!(
+                    "range {offset}+{len} outside a buffer of {} bytes",
+                    self.bytes
+                ),
             }),
         }
     }
@@ -181,7 +196,11 @@ impl PinnedBuf {
         })?;
         // SAFETY: `ptr` points to `n` writable bytes just allocated.
         unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), 0, n) };
-        Ok(Self { ctx: Arc::clone(ctx), ptr: ptr.cast(), bytes })
+        Ok(Self {
+            ctx: Arc::clone(ctx),
+            ptr: ptr.cast(),
+            bytes,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -232,12 +251,18 @@ pub struct DeviceArena {
 
 impl DeviceArena {
     pub(crate) fn new(ctx: &Arc<CudaContext>, bytes: usize, what: &str) -> BackendResult<Self> {
-        Ok(Self { buf: Arc::new(DeviceBuf::alloc(ctx, bytes, what)?), used: 0 })
+        Ok(Self {
+            buf: Arc::new(DeviceBuf::alloc(ctx, bytes, what)?),
+            used: 0,
+        })
     }
 
     /// Bytes needed for slices of the given sizes, with alignment padding.
     pub fn bytes_for(sizes: &[usize]) -> usize {
-        sizes.iter().map(|s| s.div_ceil(ARENA_ALIGN) * ARENA_ALIGN).sum()
+        sizes
+            .iter()
+            .map(|s| s.div_ceil(ARENA_ALIGN) * ARENA_ALIGN)
+            .sum()
     }
 
     pub fn capacity(&self) -> usize {
@@ -254,7 +279,11 @@ impl DeviceArena {
         match start.checked_add(bytes) {
             Some(end) if end <= self.buf.bytes => {
                 self.used = end;
-                Ok(ArenaSlice { buf: Arc::clone(&self.buf), offset: start, bytes })
+                Ok(ArenaSlice {
+                    buf: Arc::clone(&self.buf),
+                    offset: start,
+                    bytes,
+                })
             }
             _ => Err(BackendError::OutOfMemory {
                 requested: bytes,
@@ -278,7 +307,11 @@ impl ArenaSlice {
         if std::mem::size_of_val(src) > self.bytes {
             return Err(BackendError::InvalidArgument {
                 op: "ArenaSlice::write",
-                what: format!("{} bytes into a slice of {}", std::mem::size_of_val(src), self.bytes),
+                what: format!(
+                    "{} bytes into a slice of {}",
+                    std::mem::size_of_val(src),
+                    self.bytes
+                ),
             });
         }
         self.buf.write(self.offset, src)
@@ -288,7 +321,11 @@ impl ArenaSlice {
         if std::mem::size_of_val(dst) > self.bytes {
             return Err(BackendError::InvalidArgument {
                 op: "ArenaSlice::read",
-                what: format!("{} bytes from a slice of {}", std::mem::size_of_val(dst), self.bytes),
+                what: format!(
+                    "{} bytes from a slice of {}",
+                    std::mem::size_of_val(dst),
+                    self.bytes
+                ),
             });
         }
         self.buf.read(self.offset, dst)

@@ -30,12 +30,17 @@ use super::error::{BackendError, BackendResult};
 use super::ComputeDevice;
 
 pub(crate) fn drv_err(op: &'static str, e: DriverError) -> BackendError {
-    BackendError::Driver { backend: "CUDA", op, reason: e.to_string() }
+    BackendError::Driver {
+        backend: "CUDA",
+        op,
+        reason: e.to_string(),
+    }
 }
 
 /// Makes `ctx` current on the calling thread (a no-op when it already is).
 pub(crate) fn bind(ctx: &Arc<CudaContext>) -> BackendResult<()> {
-    ctx.bind_to_thread().map_err(|e| drv_err("cuCtxSetCurrent", e))
+    ctx.bind_to_thread()
+        .map_err(|e| drv_err("cuCtxSetCurrent", e))
 }
 
 /// Whether the CUDA driver library can be loaded at all (no device needed).
@@ -61,16 +66,26 @@ pub struct CudaDevice {
 impl CudaDevice {
     /// Opens device `ordinal`. No driver library or no device is [`BackendError::NoDevice`].
     pub fn open(ordinal: usize) -> BackendResult<Arc<Self>> {
-        let no_dev = |reason: String| BackendError::NoDevice { backend: "CUDA", reason };
+        let no_dev = |reason: String| BackendError::NoDevice {
+            backend: "CUDA",
+            reason,
+        };
         if !driver_present() {
-            return Err(no_dev("libcuda.so not found (no NVIDIA driver installed)".into()));
+            return Err(no_dev(
+                "libcuda.so not found (no NVIDIA driver installed)".into(),
+            ));
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| no_dev(format!("device {ordinal}: {e}")))?;
-        let cc = ctx.compute_capability().map_err(|e| drv_err("cuDeviceGetAttribute", e))?;
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| no_dev(format!("device {ordinal}: {e}")))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| drv_err("cuDeviceGetAttribute", e))?;
         let warp = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_WARP_SIZE)
             .map_err(|e| drv_err("cuDeviceGetAttribute", e))?;
-        let name = ctx.name().unwrap_or_else(|_| format!("CUDA device {ordinal}"));
+        let name = ctx
+            .name()
+            .unwrap_or_else(|_| format!("CUDA device {ordinal}"));
         Ok(Arc::new(Self {
             ctx,
             ordinal,
@@ -92,7 +107,11 @@ impl CudaDevice {
     }
 
     /// The compiled module of `file` (with `defines`), from memory, the disk cache or NVRTC.
-    pub fn module(&self, file: &str, defines: &[(String, String)]) -> BackendResult<(Arc<Module>, CacheHit)> {
+    pub fn module(
+        &self,
+        file: &str,
+        defines: &[(String, String)],
+    ) -> BackendResult<(Arc<Module>, CacheHit)> {
         let key: ModuleKey = (file.to_string(), defines.to_vec());
         let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = mods.get(&key) {
@@ -124,7 +143,9 @@ impl CudaDevice {
     /// Waits for all work on every stream of this device.
     pub fn synchronize(&self) -> BackendResult<()> {
         bind(&self.ctx)?;
-        self.ctx.synchronize().map_err(|e| drv_err("cuCtxSynchronize", e))
+        self.ctx
+            .synchronize()
+            .map_err(|e| drv_err("cuCtxSynchronize", e))
     }
 }
 
@@ -137,8 +158,10 @@ pub fn compile(
     defines: &[(String, String)],
     output: OutputKind,
 ) -> BackendResult<(Arc<Vec<u8>>, CacheHit)> {
-    let source = crate::kernels::source(file)
-        .ok_or_else(|| BackendError::UnknownKernel { file: file.to_string(), name: "*".into() })?;
+    let source = crate::kernels::source(file).ok_or_else(|| BackendError::UnknownKernel {
+        file: file.to_string(),
+        name: "*".into(),
+    })?;
     compile_source(cache, file, source, arch, defines, output)
 }
 
@@ -184,7 +207,9 @@ impl ComputeDevice for CudaDevice {
 
     fn mem_info(&self) -> BackendResult<(usize, usize)> {
         bind(&self.ctx)?;
-        self.ctx.mem_get_info().map_err(|e| drv_err("cuMemGetInfo", e))
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| drv_err("cuMemGetInfo", e))
     }
 
     fn alloc(&self, bytes: usize, what: &str) -> BackendResult<DeviceBuf> {

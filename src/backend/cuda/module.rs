@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys, CudaContext};
 
-use super::stream::Stream;
 use super::bind;
+use super::stream::Stream;
 use crate::backend::error::{BackendError, BackendResult};
 
 /// A module loaded from PTX or a cubin, unloaded on drop (after every [`Kernel`] from it).
@@ -24,24 +24,42 @@ unsafe impl Sync for Module {}
 
 impl Module {
     /// Loads `image` (NUL-terminated PTX or a cubin).
-    pub(crate) fn load(ctx: &Arc<CudaContext>, file: &str, image: &[u8]) -> BackendResult<Arc<Self>> {
+    pub(crate) fn load(
+        ctx: &Arc<CudaContext>,
+        file: &str,
+        image: &[u8],
+    ) -> BackendResult<Arc<Self>> {
         bind(ctx)?;
         // SAFETY: `image` is a complete PTX text (NUL-terminated by the compile step) or cubin,
         // alive for the call; the driver copies what it needs.
         let raw = unsafe { result::module::load_data(image.as_ptr().cast()) }.map_err(|e| {
-            BackendError::Launch { kernel: file.to_string(), reason: format!("module load: {e}") }
+            BackendError::Launch {
+                kernel: file.to_string(),
+                reason: format!("module load: {e}"),
+            }
         })?;
-        Ok(Arc::new(Self { ctx: Arc::clone(ctx), raw, file: file.to_string() }))
+        Ok(Arc::new(Self {
+            ctx: Arc::clone(ctx),
+            raw,
+            file: file.to_string(),
+        }))
     }
 
     /// The entry point `name`.
     pub fn kernel(self: &Arc<Self>, name: &str) -> BackendResult<Kernel> {
-        let unknown = || BackendError::UnknownKernel { file: self.file.clone(), name: name.to_string() };
+        let unknown = || BackendError::UnknownKernel {
+            file: self.file.clone(),
+            name: name.to_string(),
+        };
         let c = CString::new(name).map_err(|_| unknown())?;
         bind(&self.ctx)?;
         // SAFETY: the module is loaded (owned by self) and `c` NUL-terminated.
         let raw = unsafe { result::module::get_function(self.raw, c) }.map_err(|_| unknown())?;
-        Ok(Kernel { module: Arc::clone(self), raw, name: name.to_string() })
+        Ok(Kernel {
+            module: Arc::clone(self),
+            raw,
+            name: name.to_string(),
+        })
     }
 }
 
@@ -113,10 +131,17 @@ impl Kernel {
     /// `args` must match the kernel's parameter list in number and type, and every pointer must
     /// address device memory large enough for what the kernel reads and writes with these
     /// arguments, alive until the launch completed.
-    pub unsafe fn launch(&self, stream: &Stream, shape: LaunchShape, args: &[Arg]) -> BackendResult<()> {
+    pub unsafe fn launch(
+        &self,
+        stream: &Stream,
+        shape: LaunchShape,
+        args: &[Arg],
+    ) -> BackendResult<()> {
         let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
-        let mut params: Vec<*mut c_void> =
-            slots.iter_mut().map(|s| (s as *mut u64).cast::<c_void>()).collect();
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| (s as *mut u64).cast::<c_void>())
+            .collect();
         bind(&self.module.ctx)?;
         // SAFETY: `raw` belongs to a loaded module (kept alive by `self.module`); `params`
         // points at `slots`, both alive for the call (the driver copies parameters at launch);
@@ -131,7 +156,9 @@ impl Kernel {
                 &mut params,
             )
         }
-        .map_err(|e| BackendError::Launch { kernel: self.name.clone(), reason: e.to_string() })
+        .map_err(|e| BackendError::Launch {
+            kernel: self.name.clone(),
+            reason: e.to_string(),
+        })
     }
 }
-

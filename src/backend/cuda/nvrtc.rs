@@ -159,8 +159,12 @@ impl Nvrtc {
             )
         };
         if rc != NVRTC_SUCCESS {
-            let log = self.read(guard.prog, self.log_size, self.log).unwrap_or_default();
-            let log = String::from_utf8_lossy(&log).trim_end_matches('\0').to_string();
+            let log = self
+                .read(guard.prog, self.log_size, self.log)
+                .unwrap_or_default();
+            let log = String::from_utf8_lossy(&log)
+                .trim_end_matches('\0')
+                .to_string();
             return Err(BackendError::Compile {
                 kernel: file.to_string(),
                 arch: arch.to_string(),
@@ -184,10 +188,7 @@ impl Nvrtc {
         self.check(unsafe { size(prog, &mut n) }, "nvrtcGet*Size")?;
         let mut buf = vec![0u8; n];
         // SAFETY: `buf` has exactly the size NVRTC reported for this output.
-        self.check(
-            unsafe { get(prog, buf.as_mut_ptr().cast()) },
-            "nvrtcGet*",
-        )?;
+        self.check(unsafe { get(prog, buf.as_mut_ptr().cast()) }, "nvrtcGet*")?;
         Ok(buf)
     }
 
@@ -233,7 +234,12 @@ impl Drop for ProgGuard<'_> {
 pub fn candidates() -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let push_dir = |out: &mut Vec<String>, d: &Path| {
-        for n in ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11.2"] {
+        for n in [
+            "libnvrtc.so",
+            "libnvrtc.so.13",
+            "libnvrtc.so.12",
+            "libnvrtc.so.11.2",
+        ] {
             let p = d.join(n);
             if p.exists() {
                 out.push(p.display().to_string());
@@ -248,7 +254,12 @@ pub fn candidates() -> Vec<String> {
             out.push(p.display().to_string());
         }
     }
-    for n in ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11.2"] {
+    for n in [
+        "libnvrtc.so",
+        "libnvrtc.so.13",
+        "libnvrtc.so.12",
+        "libnvrtc.so.11.2",
+    ] {
         out.push(n.to_string());
     }
     let mut dirs: Vec<PathBuf> = Vec::new();
@@ -285,9 +296,14 @@ fn site_packages() -> Vec<PathBuf> {
             }
         }
     }
-    let script = "import site,sys\nfor p in site.getsitepackages()+[site.getusersitepackages()]: print(p)";
+    let script =
+        "import site,sys\nfor p in site.getsitepackages()+[site.getusersitepackages()]: print(p)";
     for py in ["python3", "python"] {
-        if let Ok(out) = std::process::Command::new(py).arg("-c").arg(script).output() {
+        if let Ok(out) = std::process::Command::new(py)
+            .arg("-c")
+            .arg(script)
+            .output()
+        {
             if out.status.success() {
                 for line in String::from_utf8_lossy(&out.stdout).lines() {
                     if !line.trim().is_empty() {

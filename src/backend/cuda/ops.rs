@@ -30,28 +30,48 @@ fn need(op: &'static str, what: &str, buf: &dyn DeviceBuffer, bytes: usize) -> B
 }
 
 fn to_i32(op: &'static str, what: &str, v: usize) -> BackendResult<i32> {
-    i32::try_from(v).map_err(|_| BackendError::InvalidArgument { op, what: format!("{what} = {v} exceeds i32") })
+    i32::try_from(v).map_err(|_| BackendError::InvalidArgument {
+        op,
+        what: format!("{what} = {v} exceeds i32"),
+    })
 }
 
 fn to_u32(op: &'static str, v: usize) -> BackendResult<u32> {
-    u32::try_from(v).map_err(|_| BackendError::InvalidArgument { op, what: format!("grid dimension {v} too large") })
+    u32::try_from(v).map_err(|_| BackendError::InvalidArgument {
+        op,
+        what: format!("grid dimension {v} too large"),
+    })
 }
 
 fn p(b: &dyn DeviceBuffer) -> Arg {
     Arg::Ptr(b.device_ptr())
 }
 
-fn weight_bytes(op: &'static str, qtype: GgmlType, nrows: usize, ncols: usize) -> BackendResult<usize> {
+fn weight_bytes(
+    op: &'static str,
+    qtype: GgmlType,
+    nrows: usize,
+    ncols: usize,
+) -> BackendResult<usize> {
     if qtype_suffix(qtype).is_none() {
-        return Err(BackendError::InvalidArgument { op, what: format!("no device kernel for {qtype}") });
+        return Err(BackendError::InvalidArgument {
+            op,
+            what: format!("no device kernel for {qtype}"),
+        });
     }
     let row = qtype
         .row_bytes(ncols as u64)
-        .ok_or_else(|| BackendError::InvalidArgument { op, what: format!("{ncols} columns are not whole {qtype} blocks") })?;
+        .ok_or_else(|| BackendError::InvalidArgument {
+            op,
+            what: format!("{ncols} columns are not whole {qtype} blocks"),
+        })?;
     usize::try_from(row)
         .ok()
         .and_then(|r| r.checked_mul(nrows))
-        .ok_or_else(|| BackendError::InvalidArgument { op, what: "weight size overflows".into() })
+        .ok_or_else(|| BackendError::InvalidArgument {
+            op,
+            what: "weight size overflows".into(),
+        })
 }
 
 /// A quantized weight matrix `[nrows, ncols]`, rows contiguous in GGUF block format.
@@ -116,11 +136,26 @@ impl CudaDevice {
     }
 
     /// `y[nrows] = W x[ncols]` (f32 vectors), reading W's blocks directly.
-    pub fn mmvq(&self, s: &Stream, w: &dyn DeviceBuffer, m: QMatrix, x: &dyn DeviceBuffer, y: &dyn DeviceBuffer) -> BackendResult<()> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn mmvq(
+        &self,
+        s: &Stream,
+        w: &dyn DeviceBuffer,
+        m: QMatrix,
+        x: &dyn DeviceBuffer,
+        y: &dyn DeviceBuffer,
+    ) -> BackendResult<()> {
         const OP: &str = "mmvq";
         let wb = weight_bytes(OP, m.qtype, m.nrows, m.ncols)?;
         if m.ncols % mmvq_col_multiple(m.qtype) != 0 {
-            return Err(BackendError::InvalidArgument { op: OP, what: format!("ncols {} not a multiple of {}", m.ncols, mmvq_col_multiple(m.qtype)) });
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!(
+                    "ncols {} not a multiple of {}",
+                    m.ncols,
+                    mmvq_col_multiple(m.qtype)
+                ),
+            });
         }
         need(OP, "W", w, wb)?;
         need(OP, "x", x, m.ncols * 4)?;
@@ -128,11 +163,21 @@ impl CudaDevice {
         let name = format!("mmvq_{}_f32", qtype_suffix(m.qtype).unwrap_or_default());
         let k = self.kernel("mmvq.cu", &name)?;
         let shape = LaunchShape {
-            grid: (to_u32(OP, m.nrows.div_ceil(MMVQ_ROWS_PER_BLOCK as usize))?, 1, 1),
+            grid: (
+                to_u32(OP, m.nrows.div_ceil(MMVQ_ROWS_PER_BLOCK as usize))?,
+                1,
+                1,
+            ),
             block: (self.warp(), MMVQ_ROWS_PER_BLOCK, 1),
             shared_bytes: 0,
         };
-        let args = [p(w), p(x), p(y), Arg::I32(to_i32(OP, "ncols", m.ncols)?), Arg::I32(to_i32(OP, "nrows", m.nrows)?)];
+        let args = [
+            p(w),
+            p(x),
+            p(y),
+            Arg::I32(to_i32(OP, "ncols", m.ncols)?),
+            Arg::I32(to_i32(OP, "nrows", m.nrows)?),
+        ];
         // SAFETY: W holds nrows rows of ncols elements, x ncols f32, y nrows f32 (checked above);
         // the argument list matches RF_MMVQ in mmvq.cu.
         unsafe { k.launch(s, shape, &args) }
@@ -140,45 +185,119 @@ impl CudaDevice {
 
     /// `out[i] = table[ids[i]]` as f32 rows. `status` (one i32, zeroed by the caller) becomes 1
     /// if an id was out of range (those rows are zero).
-    pub fn get_rows(&self, s: &Stream, table: &dyn DeviceBuffer, m: QMatrix, ids: &dyn DeviceBuffer, n_ids: usize, out: &dyn DeviceBuffer, status: &dyn DeviceBuffer) -> BackendResult<()> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn get_rows(
+        &self,
+        s: &Stream,
+        table: &dyn DeviceBuffer,
+        m: QMatrix,
+        ids: &dyn DeviceBuffer,
+        n_ids: usize,
+        out: &dyn DeviceBuffer,
+        status: &dyn DeviceBuffer,
+    ) -> BackendResult<()> {
         const OP: &str = "get_rows";
-        need(OP, "table", table, weight_bytes(OP, m.qtype, m.nrows, m.ncols)?)?;
+        need(
+            OP,
+            "table",
+            table,
+            weight_bytes(OP, m.qtype, m.nrows, m.ncols)?,
+        )?;
         need(OP, "ids", ids, n_ids * 4)?;
         need(OP, "out", out, n_ids * m.ncols * 4)?;
         need(OP, "status", status, 4)?;
         if n_ids == 0 {
             return Ok(());
         }
-        let k = self.kernel("get_rows.cu", &format!("get_rows_{}_f32", qtype_suffix(m.qtype).unwrap_or_default()))?;
+        let k = self.kernel(
+            "get_rows.cu",
+            &format!("get_rows_{}_f32", qtype_suffix(m.qtype).unwrap_or_default()),
+        )?;
         let threads = 256u32;
-        let shape = LaunchShape { grid: (to_u32(OP, n_ids)?, to_u32(OP, m.ncols.div_ceil(threads as usize))?, 1), block: (threads, 1, 1), shared_bytes: 0 };
-        let args = [p(table), p(ids), p(out), Arg::I32(to_i32(OP, "ncols", m.ncols)?), Arg::I32(to_i32(OP, "rows", m.nrows)?), p(status)];
+        let shape = LaunchShape {
+            grid: (
+                to_u32(OP, n_ids)?,
+                to_u32(OP, m.ncols.div_ceil(threads as usize))?,
+                1,
+            ),
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [
+            p(table),
+            p(ids),
+            p(out),
+            Arg::I32(to_i32(OP, "ncols", m.ncols)?),
+            Arg::I32(to_i32(OP, "rows", m.nrows)?),
+            p(status),
+        ];
         // SAFETY: sizes checked above; ids are range-checked by the kernel against nrows.
         unsafe { k.launch(s, shape, &args) }
     }
 
     /// Rows `row0..row0 + tile_rows` of W dequantized to f16 into `out` (`[tile_rows, ncols]`).
-    pub fn dequantize_f16(&self, s: &Stream, w: &dyn DeviceBuffer, m: QMatrix, row0: usize, tile_rows: usize, out: &dyn DeviceBuffer) -> BackendResult<()> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn dequantize_f16(
+        &self,
+        s: &Stream,
+        w: &dyn DeviceBuffer,
+        m: QMatrix,
+        row0: usize,
+        tile_rows: usize,
+        out: &dyn DeviceBuffer,
+    ) -> BackendResult<()> {
         const OP: &str = "dequantize_f16";
         need(OP, "W", w, weight_bytes(OP, m.qtype, m.nrows, m.ncols)?)?;
         if row0.checked_add(tile_rows).is_none_or(|e| e > m.nrows) {
-            return Err(BackendError::InvalidArgument { op: OP, what: format!("rows {row0}+{tile_rows} outside {}", m.nrows) });
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("rows {row0}+{tile_rows} outside {}", m.nrows),
+            });
         }
         need(OP, "out", out, tile_rows * m.ncols * 2)?;
         if tile_rows == 0 {
             return Ok(());
         }
-        let k = self.kernel("dequant.cu", &format!("dequantize_{}_f16", qtype_suffix(m.qtype).unwrap_or_default()))?;
+        let k = self.kernel(
+            "dequant.cu",
+            &format!(
+                "dequantize_{}_f16",
+                qtype_suffix(m.qtype).unwrap_or_default()
+            ),
+        )?;
         let threads = 256u32;
-        let shape = LaunchShape { grid: (to_u32(OP, tile_rows)?, to_u32(OP, m.ncols.div_ceil(threads as usize))?, 1), block: (threads, 1, 1), shared_bytes: 0 };
-        let args = [p(w), p(out), Arg::I32(to_i32(OP, "ncols", m.ncols)?), Arg::I32(to_i32(OP, "row0", row0)?), Arg::I32(to_i32(OP, "tile_rows", tile_rows)?)];
+        let shape = LaunchShape {
+            grid: (
+                to_u32(OP, tile_rows)?,
+                to_u32(OP, m.ncols.div_ceil(threads as usize))?,
+                1,
+            ),
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [
+            p(w),
+            p(out),
+            Arg::I32(to_i32(OP, "ncols", m.ncols)?),
+            Arg::I32(to_i32(OP, "row0", row0)?),
+            Arg::I32(to_i32(OP, "tile_rows", tile_rows)?),
+        ];
         // SAFETY: the tile lies inside W and `out` holds it (checked above).
         unsafe { k.launch(s, shape, &args) }
     }
 
     /// RMSNorm of `nrows` rows of `ncols` f32 (`out` may be `x`).
     #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm(&self, s: &Stream, x: &dyn DeviceBuffer, w: &dyn DeviceBuffer, out: &dyn DeviceBuffer, nrows: usize, ncols: usize, eps: f32) -> BackendResult<()> {
+    pub fn rmsnorm(
+        &self,
+        s: &Stream,
+        x: &dyn DeviceBuffer,
+        w: &dyn DeviceBuffer,
+        out: &dyn DeviceBuffer,
+        nrows: usize,
+        ncols: usize,
+        eps: f32,
+    ) -> BackendResult<()> {
         const OP: &str = "rmsnorm";
         need(OP, "x", x, nrows * ncols * 4)?;
         need(OP, "w", w, ncols * 4)?;
@@ -187,20 +306,41 @@ impl CudaDevice {
             return Ok(());
         }
         let k = self.kernel("norm.cu", "rmsnorm_f32")?;
-        let threads = (ncols.div_ceil(self.warp() as usize) * self.warp() as usize).clamp(self.warp() as usize, 1024);
-        let shape = LaunchShape { grid: (to_u32(OP, nrows)?, 1, 1), block: (to_u32(OP, threads)?, 1, 1), shared_bytes: 0 };
-        let args = [p(x), p(w), p(out), Arg::I32(to_i32(OP, "ncols", ncols)?), Arg::F32(eps)];
+        let threads = (ncols.div_ceil(self.warp() as usize) * self.warp() as usize)
+            .clamp(self.warp() as usize, 1024);
+        let shape = LaunchShape {
+            grid: (to_u32(OP, nrows)?, 1, 1),
+            block: (to_u32(OP, threads)?, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [
+            p(x),
+            p(w),
+            p(out),
+            Arg::I32(to_i32(OP, "ncols", ncols)?),
+            Arg::F32(eps),
+        ];
         // SAFETY: sizes checked above.
         unsafe { k.launch(s, shape, &args) }
     }
 
     /// Rotary embedding of `[n_tokens, n_heads, head_dim]` f32 (`out` may be `x`); `pos` holds
     /// `n_tokens` i32 positions.
-    pub fn rope(&self, s: &Stream, x: &dyn DeviceBuffer, out: &dyn DeviceBuffer, pos: &dyn DeviceBuffer, r: RopeParams) -> BackendResult<()> {
+    pub fn rope(
+        &self,
+        s: &Stream,
+        x: &dyn DeviceBuffer,
+        out: &dyn DeviceBuffer,
+        pos: &dyn DeviceBuffer,
+        r: RopeParams,
+    ) -> BackendResult<()> {
         const OP: &str = "rope";
         let n = r.n_tokens * r.n_heads * r.head_dim;
         if r.n_rot > r.head_dim || r.n_rot % 2 != 0 || r.head_dim % 2 != 0 {
-            return Err(BackendError::InvalidArgument { op: OP, what: format!("n_rot {} / head_dim {}", r.n_rot, r.head_dim) });
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("n_rot {} / head_dim {}", r.n_rot, r.head_dim),
+            });
         }
         need(OP, "x", x, n * 4)?;
         need(OP, "out", out, n * 4)?;
@@ -209,10 +349,17 @@ impl CudaDevice {
             return Ok(());
         }
         let k = self.kernel("rope.cu", if r.neox { "rope_neox_f32" } else { "rope_f32" })?;
-        let threads = ((r.head_dim / 2).div_ceil(self.warp() as usize) * self.warp() as usize).min(1024);
-        let shape = LaunchShape { grid: (to_u32(OP, r.n_tokens * r.n_heads)?, 1, 1), block: (to_u32(OP, threads)?, 1, 1), shared_bytes: 0 };
+        let threads =
+            ((r.head_dim / 2).div_ceil(self.warp() as usize) * self.warp() as usize).min(1024);
+        let shape = LaunchShape {
+            grid: (to_u32(OP, r.n_tokens * r.n_heads)?, 1, 1),
+            block: (to_u32(OP, threads)?, 1, 1),
+            shared_bytes: 0,
+        };
         let args = [
-            p(x), p(out), p(pos),
+            p(x),
+            p(out),
+            p(pos),
             Arg::I32(to_i32(OP, "n_heads", r.n_heads)?),
             Arg::I32(to_i32(OP, "head_dim", r.head_dim)?),
             Arg::I32(to_i32(OP, "n_rot", r.n_rot)?),
@@ -223,7 +370,15 @@ impl CudaDevice {
         unsafe { k.launch(s, shape, &args) }
     }
 
-    fn elementwise(&self, s: &Stream, name: &str, a: &dyn DeviceBuffer, b: &dyn DeviceBuffer, out: &dyn DeviceBuffer, n: usize) -> BackendResult<()> {
+    fn elementwise(
+        &self,
+        s: &Stream,
+        name: &str,
+        a: &dyn DeviceBuffer,
+        b: &dyn DeviceBuffer,
+        out: &dyn DeviceBuffer,
+        n: usize,
+    ) -> BackendResult<()> {
         const OP: &str = "elementwise";
         need(OP, "a", a, n * 4)?;
         need(OP, "b", b, n * 4)?;
@@ -233,28 +388,61 @@ impl CudaDevice {
         }
         let k = self.kernel("elementwise.cu", name)?;
         let threads = 256usize;
-        let shape = LaunchShape { grid: (to_u32(OP, n.div_ceil(threads).min(65_535))?, 1, 1), block: (threads as u32, 1, 1), shared_bytes: 0 };
+        let shape = LaunchShape {
+            grid: (to_u32(OP, n.div_ceil(threads).min(65_535))?, 1, 1),
+            block: (threads as u32, 1, 1),
+            shared_bytes: 0,
+        };
         let args = [p(a), p(b), p(out), Arg::I32(to_i32(OP, "n", n)?)];
         // SAFETY: three buffers of n f32 (checked); grid-stride loop covers any n.
         unsafe { k.launch(s, shape, &args) }
     }
 
     /// `out = silu(gate) * up`, n f32.
-    pub fn swiglu(&self, s: &Stream, gate: &dyn DeviceBuffer, up: &dyn DeviceBuffer, out: &dyn DeviceBuffer, n: usize) -> BackendResult<()> {
+    pub fn swiglu(
+        &self,
+        s: &Stream,
+        gate: &dyn DeviceBuffer,
+        up: &dyn DeviceBuffer,
+        out: &dyn DeviceBuffer,
+        n: usize,
+    ) -> BackendResult<()> {
         self.elementwise(s, "swiglu_f32", gate, up, out, n)
     }
 
     /// `out = a + b`, n f32.
-    pub fn add(&self, s: &Stream, a: &dyn DeviceBuffer, b: &dyn DeviceBuffer, out: &dyn DeviceBuffer, n: usize) -> BackendResult<()> {
+    pub fn add(
+        &self,
+        s: &Stream,
+        a: &dyn DeviceBuffer,
+        b: &dyn DeviceBuffer,
+        out: &dyn DeviceBuffer,
+        n: usize,
+    ) -> BackendResult<()> {
         self.elementwise(s, "add_f32", a, b, out, n)
     }
 
     /// Stores `src` (`[n_tokens, n_kv_heads, head_dim]` f32) into the f16 cache at `pos0..`.
-    pub fn kv_store(&self, s: &Stream, src: &dyn DeviceBuffer, cache: &dyn DeviceBuffer, kv: KvLayout, n_tokens: usize, pos0: usize) -> BackendResult<()> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_store(
+        &self,
+        s: &Stream,
+        src: &dyn DeviceBuffer,
+        cache: &dyn DeviceBuffer,
+        kv: KvLayout,
+        n_tokens: usize,
+        pos0: usize,
+    ) -> BackendResult<()> {
         const OP: &str = "kv_store";
         let n = n_tokens * kv.n_kv_heads * kv.head_dim;
         if pos0 + n_tokens > kv.seq_cap {
-            return Err(BackendError::InvalidArgument { op: OP, what: format!("positions {pos0}+{n_tokens} beyond cache capacity {}", kv.seq_cap) });
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!(
+                    "positions {pos0}+{n_tokens} beyond cache capacity {}",
+                    kv.seq_cap
+                ),
+            });
         }
         need(OP, "src", src, n * 4)?;
         need(OP, "cache", cache, kv.bytes())?;
@@ -262,9 +450,14 @@ impl CudaDevice {
             return Ok(());
         }
         let k = self.kernel("elementwise.cu", "kv_store_f32_f16")?;
-        let shape = LaunchShape { grid: (to_u32(OP, n.div_ceil(256).min(65_535))?, 1, 1), block: (256, 1, 1), shared_bytes: 0 };
+        let shape = LaunchShape {
+            grid: (to_u32(OP, n.div_ceil(256).min(65_535))?, 1, 1),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        };
         let args = [
-            p(src), p(cache),
+            p(src),
+            p(cache),
             Arg::I32(to_i32(OP, "n_tokens", n_tokens)?),
             Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
             Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
@@ -278,15 +471,39 @@ impl CudaDevice {
     /// Causal attention of `q` (`[n_tokens, n_heads, head_dim]` f32) over the f16 caches.
     /// One token is the decode kernel, several the prefill kernel.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(&self, s: &Stream, q: &dyn DeviceBuffer, k_cache: &dyn DeviceBuffer, v_cache: &dyn DeviceBuffer, out: &dyn DeviceBuffer, a: AttnParams) -> BackendResult<()> {
+    pub fn attention(
+        &self,
+        s: &Stream,
+        q: &dyn DeviceBuffer,
+        k_cache: &dyn DeviceBuffer,
+        v_cache: &dyn DeviceBuffer,
+        out: &dyn DeviceBuffer,
+        a: AttnParams,
+    ) -> BackendResult<()> {
         const OP: &str = "attention";
         let kv = a.kv;
         let w = self.warp() as usize;
-        if kv.head_dim % w != 0 || kv.head_dim > ATTN_MAX_HEAD_DIM || kv.n_kv_heads == 0 || a.n_heads % kv.n_kv_heads != 0 {
-            return Err(BackendError::InvalidArgument { op: OP, what: format!("head_dim {} (multiple of {w}, <= {ATTN_MAX_HEAD_DIM}), heads {}/{}", kv.head_dim, a.n_heads, kv.n_kv_heads) });
+        if kv.head_dim % w != 0
+            || kv.head_dim > ATTN_MAX_HEAD_DIM
+            || kv.n_kv_heads == 0
+            || a.n_heads % kv.n_kv_heads != 0
+        {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!(
+                    "head_dim {} (multiple of {w}, <= {ATTN_MAX_HEAD_DIM}), heads {}/{}",
+                    kv.head_dim, a.n_heads, kv.n_kv_heads
+                ),
+            });
         }
         if a.pos0 + a.n_tokens > kv.seq_cap {
-            return Err(BackendError::InvalidArgument { op: OP, what: format!("positions {}+{} beyond cache capacity {}", a.pos0, a.n_tokens, kv.seq_cap) });
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!(
+                    "positions {}+{} beyond cache capacity {}",
+                    a.pos0, a.n_tokens, kv.seq_cap
+                ),
+            });
         }
         let n = a.n_tokens * a.n_heads * kv.head_dim;
         need(OP, "q", q, n * 4)?;
@@ -296,11 +513,22 @@ impl CudaDevice {
         if n == 0 {
             return Ok(());
         }
-        let name = if a.n_tokens == 1 { "attn_decode_f16kv_f32" } else { "attn_prefill_f16kv_f32" };
+        let name = if a.n_tokens == 1 {
+            "attn_decode_f16kv_f32"
+        } else {
+            "attn_prefill_f16kv_f32"
+        };
         let k = self.kernel("attention.cu", name)?;
-        let shape = LaunchShape { grid: (to_u32(OP, a.n_tokens)?, to_u32(OP, a.n_heads)?, 1), block: (self.warp() * ATTN_WARPS, 1, 1), shared_bytes: 0 };
+        let shape = LaunchShape {
+            grid: (to_u32(OP, a.n_tokens)?, to_u32(OP, a.n_heads)?, 1),
+            block: (self.warp() * ATTN_WARPS, 1, 1),
+            shared_bytes: 0,
+        };
         let args = [
-            p(q), p(k_cache), p(v_cache), p(out),
+            p(q),
+            p(k_cache),
+            p(v_cache),
+            p(out),
             Arg::I32(to_i32(OP, "n_heads", a.n_heads)?),
             Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
             Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
@@ -313,27 +541,52 @@ impl CudaDevice {
     }
 
     /// `out[0]` (i32) = argmax of `n` f32 logits (lowest id on ties).
-    pub fn argmax(&self, s: &Stream, logits: &dyn DeviceBuffer, n: usize, out: &dyn DeviceBuffer) -> BackendResult<()> {
+    pub fn argmax(
+        &self,
+        s: &Stream,
+        logits: &dyn DeviceBuffer,
+        n: usize,
+        out: &dyn DeviceBuffer,
+    ) -> BackendResult<()> {
         const OP: &str = "argmax";
         need(OP, "logits", logits, n * 4)?;
         need(OP, "out", out, 4)?;
         let k = self.kernel("sample.cu", "argmax_f32")?;
-        let shape = LaunchShape { grid: (1, 1, 1), block: (1024, 1, 1), shared_bytes: 0 };
+        let shape = LaunchShape {
+            grid: (1, 1, 1),
+            block: (1024, 1, 1),
+            shared_bytes: 0,
+        };
         let args = [p(logits), Arg::I32(to_i32(OP, "n", n)?), p(out)];
         // SAFETY: sizes checked.
         unsafe { k.launch(s, shape, &args) }
     }
 
     /// `out[0]` (i32) = a token drawn by temperature + top-k + top-p (see sample.cu).
-    pub fn sample(&self, s: &Stream, logits: &dyn DeviceBuffer, n: usize, sp: SampleParams, out: &dyn DeviceBuffer) -> BackendResult<()> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        &self,
+        s: &Stream,
+        logits: &dyn DeviceBuffer,
+        n: usize,
+        sp: SampleParams,
+        out: &dyn DeviceBuffer,
+    ) -> BackendResult<()> {
         const OP: &str = "sample";
         need(OP, "logits", logits, n * 4)?;
         need(OP, "out", out, 4)?;
         if n == 0 || !(0.0..1.0).contains(&sp.u) {
-            return Err(BackendError::InvalidArgument { op: OP, what: format!("n = {n}, u = {} (must be in [0, 1))", sp.u) });
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("n = {n}, u = {} (must be in [0, 1))", sp.u),
+            });
         }
         let k = self.kernel("sample.cu", "sample_topk_topp_f32")?;
-        let shape = LaunchShape { grid: (1, 1, 1), block: (1024, 1, 1), shared_bytes: 0 };
+        let shape = LaunchShape {
+            grid: (1, 1, 1),
+            block: (1024, 1, 1),
+            shared_bytes: 0,
+        };
         let args = [
             p(logits),
             Arg::I32(to_i32(OP, "n", n)?),
@@ -353,7 +606,11 @@ impl CudaDevice {
         let out = self.alloc(n * 4, "block sizes")?;
         out.zero()?;
         let k = self.kernel("quant_sizes.cu", "quant_block_sizes")?;
-        let shape = LaunchShape { grid: (1, 1, 1), block: (1, 1, 1), shared_bytes: 0 };
+        let shape = LaunchShape {
+            grid: (1, 1, 1),
+            block: (1, 1, 1),
+            shared_bytes: 0,
+        };
         // SAFETY: the kernel writes exactly DEVICE_BLOCKS.len() u32 into `out`.
         unsafe { k.launch(s, shape, &[p(&out)])? };
         crate::backend::DeviceStream::synchronize(s)?;

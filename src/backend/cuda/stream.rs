@@ -27,7 +27,10 @@ impl Stream {
         bind(ctx)?;
         let raw = result::stream::create(result::stream::StreamKind::NonBlocking)
             .map_err(|e| drv_err("cuStreamCreate", e))?;
-        Ok(Self { ctx: Arc::clone(ctx), raw })
+        Ok(Self {
+            ctx: Arc::clone(ctx),
+            raw,
+        })
     }
 
     pub(crate) fn raw(&self) -> sys::CUstream {
@@ -47,12 +50,18 @@ impl Stream {
         src_off: usize,
         len: usize,
     ) -> BackendResult<()> {
-        let ok_dst = dst_off.checked_add(len).is_some_and(|e| e <= dst.len_bytes());
+        let ok_dst = dst_off
+            .checked_add(len)
+            .is_some_and(|e| e <= dst.len_bytes());
         let ok_src = src_off.checked_add(len).is_some_and(|e| e <= src.len());
         if !ok_dst || !ok_src {
             return Err(BackendError::InvalidArgument {
                 op: "copy_htod_async",
-                what: format!("{len} bytes from {src_off} (of {}) to {dst_off} (of {})", src.len(), dst.len_bytes()),
+                what: format!(
+                    "{len} bytes from {src_off} (of {}) to {dst_off} (of {})",
+                    src.len(),
+                    dst.len_bytes()
+                ),
             });
         }
         bind(&self.ctx)?;
@@ -76,14 +85,19 @@ impl DeviceStream for Stream {
     fn record(&self, event: &Event) -> BackendResult<()> {
         bind(&self.ctx)?;
         // SAFETY: both handles are alive (owned by `self` and `event`).
-        unsafe { result::event::record(event.raw, self.raw) }.map_err(|e| drv_err("cuEventRecord", e))
+        unsafe { result::event::record(event.raw, self.raw) }
+            .map_err(|e| drv_err("cuEventRecord", e))
     }
 
     fn wait(&self, event: &Event) -> BackendResult<()> {
         bind(&self.ctx)?;
         // SAFETY: both handles are alive.
         unsafe {
-            result::stream::wait_event(self.raw, event.raw, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+            result::stream::wait_event(
+                self.raw,
+                event.raw,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
         }
         .map_err(|e| drv_err("cuStreamWaitEvent", e))
     }
@@ -91,7 +105,8 @@ impl DeviceStream for Stream {
     fn synchronize(&self) -> BackendResult<()> {
         bind(&self.ctx)?;
         // SAFETY: the stream is alive.
-        unsafe { result::stream::synchronize(self.raw) }.map_err(|e| drv_err("cuStreamSynchronize", e))
+        unsafe { result::stream::synchronize(self.raw) }
+            .map_err(|e| drv_err("cuStreamSynchronize", e))
     }
 }
 
@@ -128,7 +143,11 @@ impl Event {
             sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
         };
         let raw = result::event::create(flags).map_err(|e| drv_err("cuEventCreate", e))?;
-        Ok(Self { ctx: Arc::clone(ctx), raw, timing })
+        Ok(Self {
+            ctx: Arc::clone(ctx),
+            raw,
+            timing,
+        })
     }
 }
 
@@ -136,7 +155,8 @@ impl DeviceEvent for Event {
     fn synchronize(&self) -> BackendResult<()> {
         bind(&self.ctx)?;
         // SAFETY: the event is alive.
-        unsafe { result::event::synchronize(self.raw) }.map_err(|e| drv_err("cuEventSynchronize", e))
+        unsafe { result::event::synchronize(self.raw) }
+            .map_err(|e| drv_err("cuEventSynchronize", e))
     }
 
     fn is_complete(&self) -> BackendResult<bool> {
@@ -158,7 +178,8 @@ impl DeviceEvent for Event {
         }
         bind(&self.ctx)?;
         // SAFETY: both events are alive and were created with timing.
-        unsafe { result::event::elapsed(self.raw, end.raw) }.map_err(|e| drv_err("cuEventElapsedTime", e))
+        unsafe { result::event::elapsed(self.raw, end.raw) }
+            .map_err(|e| drv_err("cuEventElapsedTime", e))
     }
 }
 

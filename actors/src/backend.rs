@@ -1,0 +1,246 @@
+//! The backend seam: device memory for layer weights, uploads into it, and readiness.
+//!
+//! The pipeline only needs three things from a device: memory to hold one layer's weights, a way
+//! to copy staged bytes into it (on some stream), and a readiness object the inference actor can
+//! wait on. CUDA and HIP implement this trait with device buffers, copy streams and events; the
+//! CPU implementation here is a host arena whose "upload" is a `memcpy` and whose readiness is
+//! immediate (the copy is synchronous). Kept in this crate so the pipeline does not depend on the
+//! core crate's backend module while that one grows.
+
+use crate::error::{Result, RuntimeError};
+use rocmforge::quant::qtype::GgmlType;
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Memory holding one layer's weights on the device.
+pub trait DeviceRegion: Send + Sync + 'static {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Host view, for backends that compute on the host (the CPU). `None` on GPUs.
+    fn host_bytes(&self) -> Option<&[u8]>;
+    /// Backend-specific access (device pointers) for the backend's own compute code.
+    fn as_any(&self) -> &dyn Any;
+    /// Mutable backend-specific access, used by `WeightBackend::upload` while the region fills.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// Something the inference actor waits on before using a layer (an event on GPUs).
+pub trait ReadyEvent: Send + Sync + 'static {
+    fn is_ready(&self) -> bool;
+    /// Blocks the calling thread until ready. GPU backends instead make the compute stream wait
+    /// on the event (a device-side wait) and never call this from the host.
+    fn wait(&self) -> Result<()>;
+}
+
+/// Ready from the start: the CPU's synchronous copy finished before the layer was published.
+#[derive(Debug, Default)]
+pub struct AlreadyReady;
+
+impl ReadyEvent for AlreadyReady {
+    fn is_ready(&self) -> bool {
+        true
+    }
+    fn wait(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A device the pipeline can stream weights into.
+pub trait WeightBackend: Send + Sync + 'static {
+    fn name(&self) -> &str;
+
+    /// True when compute reads weights straight from host memory, so that in `mmap` mode the
+    /// pipeline can hand out views of the file map instead of copying (zero-copy).
+    fn computes_from_host(&self) -> bool;
+
+    /// Device memory available for weights, if known (for budgets given as a fraction).
+    fn device_memory_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// Bytes a tensor of `n_bytes` file bytes of type `ty` occupies on the device. Identity for
+    /// pass-through; a backend that dequantizes a type without a kernel returns the larger size.
+    fn transcoded_bytes(&self, ty: GgmlType, n_bytes: u64) -> u64 {
+        let _ = ty;
+        n_bytes
+    }
+
+    /// True when `transcode` is a plain copy for this type (the staging slot can be forwarded).
+    fn is_pass_through(&self, ty: GgmlType) -> bool {
+        self.transcoded_bytes(ty, ty.block_bytes()) == ty.block_bytes()
+    }
+
+    /// Turns file bytes (whole blocks) into the device format. `dst.len()` is
+    /// `transcoded_bytes(ty, src.len())`. Default: pass-through.
+    fn transcode(&self, ty: GgmlType, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        let _ = ty;
+        if src.len() != dst.len() {
+            return Err(RuntimeError::Backend {
+                backend: self.name().to_string(),
+                message: format!("pass-through of {} B into {} B", src.len(), dst.len()),
+            });
+        }
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+
+    /// Allocates device memory for one layer.
+    fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceRegion>>;
+
+    /// Copies staged bytes into `dst` at `offset`, on copy stream `stream`.
+    fn upload(
+        &self,
+        dst: &mut dyn DeviceRegion,
+        offset: usize,
+        src: &[u8],
+        stream: usize,
+    ) -> Result<()>;
+
+    /// Called once a region is complete; returns what compute waits on.
+    fn ready_event(&self, region: &dyn DeviceRegion, stream: usize) -> Result<Arc<dyn ReadyEvent>>;
+
+    /// Bytes of weight memory allocated now, and the peak since start (leak and budget checks).
+    fn allocated_bytes(&self) -> u64;
+    fn peak_allocated_bytes(&self) -> u64;
+}
+
+/// Allocation counters shared by a host arena and its regions.
+#[derive(Debug, Default)]
+struct ArenaCounters {
+    allocated: AtomicU64,
+    peak: AtomicU64,
+}
+
+/// The CPU backend: "device memory" is host memory, upload is a copy.
+#[derive(Debug, Clone, Default)]
+pub struct CpuBackend {
+    counters: Arc<ArenaCounters>,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// One layer's weights in the host arena. Freed (and uncounted) on drop.
+#[derive(Debug)]
+pub struct HostRegion {
+    buf: Box<[u8]>,
+    counters: Arc<ArenaCounters>,
+}
+
+impl Drop for HostRegion {
+    fn drop(&mut self) {
+        self.counters
+            .allocated
+            .fetch_sub(self.buf.len() as u64, Ordering::AcqRel);
+    }
+}
+
+impl DeviceRegion for HostRegion {
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+    fn host_bytes(&self) -> Option<&[u8]> {
+        Some(&self.buf)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl WeightBackend for CpuBackend {
+    fn name(&self) -> &str {
+        "cpu"
+    }
+
+    fn computes_from_host(&self) -> bool {
+        true
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceRegion>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(bytes)
+            .map_err(|e| RuntimeError::Backend {
+                backend: "cpu".into(),
+                message: format!("allocating {bytes} B of host arena: {e}"),
+            })?;
+        v.resize(bytes, 0u8);
+        let now = self
+            .counters
+            .allocated
+            .fetch_add(bytes as u64, Ordering::AcqRel)
+            + bytes as u64;
+        self.counters.peak.fetch_max(now, Ordering::AcqRel);
+        Ok(Box::new(HostRegion {
+            buf: v.into_boxed_slice(),
+            counters: self.counters.clone(),
+        }))
+    }
+
+    fn upload(
+        &self,
+        dst: &mut dyn DeviceRegion,
+        offset: usize,
+        src: &[u8],
+        _stream: usize,
+    ) -> Result<()> {
+        let bad = |m: String| RuntimeError::Backend {
+            backend: "cpu".into(),
+            message: m,
+        };
+        let region = dst
+            .as_any_mut()
+            .downcast_mut::<HostRegion>()
+            .ok_or_else(|| bad("upload into a region of another backend".into()))?;
+        let end = offset
+            .checked_add(src.len())
+            .filter(|&e| e <= region.buf.len())
+            .ok_or_else(|| {
+                bad(format!(
+                    "upload of {} B at {offset} overruns a {} B region",
+                    src.len(),
+                    region.buf.len()
+                ))
+            })?;
+        region.buf[offset..end].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn ready_event(&self, _: &dyn DeviceRegion, _: usize) -> Result<Arc<dyn ReadyEvent>> {
+        Ok(Arc::new(AlreadyReady))
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        self.counters.allocated.load(Ordering::Acquire)
+    }
+
+    fn peak_allocated_bytes(&self) -> u64 {
+        self.counters.peak.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_arena_counts_and_frees() {
+        let b = CpuBackend::new();
+        let mut r = b.alloc(100).unwrap();
+        b.upload(&mut *r, 10, &[7u8; 20], 0).unwrap();
+        assert!(b.upload(&mut *r, 90, &[7u8; 20], 0).is_err());
+        assert_eq!(r.host_bytes().unwrap()[10], 7);
+        assert_eq!(b.allocated_bytes(), 100);
+        drop(r);
+        assert_eq!(b.allocated_bytes(), 0);
+        assert_eq!(b.peak_allocated_bytes(), 100);
+    }
+}

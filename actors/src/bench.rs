@@ -1,0 +1,242 @@
+//! Time-to-first-token from a cold start (`open` to first token), split by stage, at several
+//! memory budgets; pipelined versus "load everything, then compute", measured in the same run.
+//! The `rocmforge bench` command calls `run_ttft_bench` and prints `format_table`.
+//!
+//! Cold start: before each run the model file's pages are evicted from the page cache with
+//! `posix_fadvise(POSIX_FADV_DONTNEED)` (no root needed; works for clean pages) and, when
+//! permitted, the whole cache is dropped (`/proc/sys/vm/drop_caches`). `mincore` then measures
+//! how much of the file is still cached, and the report says so per row.
+
+use crate::compute::ComputeFactory;
+use crate::error::{Result, RuntimeError};
+use crate::messages::{GenerateRequest, MemoryBudget, ReadMode, Stage};
+use crate::runtime::Runtime;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Clone)]
+pub struct BenchConfig {
+    pub model: PathBuf,
+    /// Fractions of the weights, e.g. `[1.0, 0.5, 0.25]`.
+    pub budgets: Vec<f64>,
+    pub read_mode: ReadMode,
+    pub prompt: Vec<u32>,
+    pub decode_tokens: usize,
+    pub prefetch_depth: usize,
+    pub readers: usize,
+    pub compute: ComputeFactory,
+    /// Evict the model from the page cache before each run.
+    pub cold: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    /// Compute starts as soon as layer 0 is resident.
+    Pipelined,
+    /// Wait for the whole initial load, then compute.
+    LoadThenCompute,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TtftRow {
+    pub budget_fraction: f64,
+    pub budget_bytes: u64,
+    pub read_mode: ReadMode,
+    pub strategy: Strategy,
+    /// Fraction of the model file in the page cache right before the run (0 = cold).
+    pub cached_before: f64,
+    pub open_ms: f64,
+    /// Open to first token.
+    pub ttft_ms: f64,
+    /// Busy time per stage until the first token (summed over the stage's threads).
+    pub read_ms: f64,
+    pub transcode_ms: f64,
+    pub upload_ms: f64,
+    pub compute_ms: f64,
+    pub decode_tokens_per_s: f64,
+    pub peak_resident_bytes: u64,
+    pub misses: u64,
+    /// Tokens generated (identical across rows for the same prompt: checked by the caller).
+    pub tokens: Vec<u32>,
+}
+
+/// Fraction of `path`'s pages resident in the page cache (`mincore`).
+pub fn page_cache_fraction(path: &Path) -> Result<f64> {
+    let file = std::fs::File::open(path).map_err(|source| RuntimeError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: read-only private map used only for `mincore`; never dereferenced.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| RuntimeError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if map.is_empty() {
+        return Ok(0.0);
+    }
+    let page = 4096usize;
+    let pages = map.len().div_ceil(page);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `map` is a live mapping of `map.len()` bytes starting at a page-aligned address,
+    // and `vec` has one byte per page of it, as mincore requires.
+    let rc = unsafe {
+        libc::mincore(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            vec.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(RuntimeError::Read {
+            path: path.to_path_buf(),
+            offset: 0,
+            len: map.len(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(vec.iter().filter(|&&b| b & 1 == 1).count() as f64 / pages as f64)
+}
+
+/// Evicts the file's pages from the page cache; also tries the global drop (root only).
+/// Returns the fraction still cached afterwards.
+pub fn evict_from_page_cache(path: &Path) -> Result<f64> {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::File::open(path).map_err(|source| RuntimeError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: plain syscalls on a file descriptor we own.
+    unsafe {
+        libc::sync();
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    page_cache_fraction(path)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One cold run: open, generate, measure.
+pub fn run_once(cfg: &BenchConfig, budget: f64, strategy: Strategy) -> Result<TtftRow> {
+    let cached_before = if cfg.cold {
+        evict_from_page_cache(&cfg.model)?
+    } else {
+        page_cache_fraction(&cfg.model)?
+    };
+    let t0 = Instant::now();
+    let rt = Runtime::builder()
+        .model(&cfg.model)
+        .memory_budget(if budget >= 1.0 {
+            MemoryBudget::Unlimited
+        } else {
+            MemoryBudget::FractionOfWeights(budget)
+        })
+        .read_mode(cfg.read_mode)
+        .prefetch_depth(cfg.prefetch_depth)
+        .readers(cfg.readers)
+        .compute(cfg.compute.clone())
+        .build()?;
+    let open = t0.elapsed();
+    if strategy == Strategy::LoadThenCompute {
+        rt.wait_loaded(Duration::from_secs(600))?;
+    }
+    let mut req = GenerateRequest::tokens(cfg.prompt.clone(), cfg.decode_tokens.max(1));
+    req.stop_at_eos = false;
+    let mut it = rt.generate(req).into_blocking();
+    let first = it.next().ok_or(RuntimeError::Cancelled)??;
+    let ttft = t0.elapsed();
+    let at_first = rt.stats();
+    let t_dec = Instant::now();
+    let mut tokens = vec![first.token];
+    for ev in it {
+        tokens.push(ev?.token);
+    }
+    let dec = t_dec.elapsed();
+    let stats = rt.stats();
+    rt.shutdown()?;
+    let busy = |s: Stage| at_first.busy_ns(s) as f64 / 1e6;
+    Ok(TtftRow {
+        budget_fraction: budget,
+        budget_bytes: stats.budget_bytes.min(stats.total_weight_bytes),
+        read_mode: cfg.read_mode,
+        strategy,
+        cached_before,
+        open_ms: ms(open),
+        ttft_ms: ms(ttft),
+        read_ms: busy(Stage::Read),
+        transcode_ms: busy(Stage::Transcode),
+        upload_ms: busy(Stage::Upload),
+        compute_ms: busy(Stage::Compute),
+        decode_tokens_per_s: if tokens.len() > 1 {
+            (tokens.len() - 1) as f64 / dec.as_secs_f64()
+        } else {
+            0.0
+        },
+        peak_resident_bytes: stats.peak_resident_bytes,
+        misses: stats.misses,
+        tokens,
+    })
+}
+
+/// Every budget, pipelined and load-then-compute. A budget the model cannot run under is
+/// reported as an error row by the caller (`Err` here stops at the first failure).
+pub fn run_ttft_bench(cfg: &BenchConfig) -> Vec<(f64, Strategy, Result<TtftRow>)> {
+    let mut out = Vec::new();
+    for &b in &cfg.budgets {
+        for s in [Strategy::LoadThenCompute, Strategy::Pipelined] {
+            out.push((b, s, run_once(cfg, b, s)));
+        }
+    }
+    out
+}
+
+/// A markdown table of the results (what docs/PERFORMANCE.md records).
+pub fn format_table(rows: &[(f64, Strategy, Result<TtftRow>)]) -> String {
+    let mut s = String::from(
+        "| budget | strategy | cached before | TTFT ms | open ms | read ms | transcode ms | upload ms | compute ms | decode tok/s | peak resident MiB | misses |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for (b, st, r) in rows {
+        match r {
+            Ok(r) => s.push_str(&format!(
+                "| {:.0}% | {:?} | {:.0}% | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |\n",
+                b * 100.0,
+                st,
+                r.cached_before * 100.0,
+                r.ttft_ms,
+                r.open_ms,
+                r.read_ms,
+                r.transcode_ms,
+                r.upload_ms,
+                r.compute_ms,
+                r.decode_tokens_per_s,
+                r.peak_resident_bytes as f64 / (1 << 20) as f64,
+                r.misses
+            )),
+            Err(e) => s.push_str(&format!("| {:.0}% | {st:?} | error: {e} |\n", b * 100.0)),
+        }
+    }
+    s
+}
+
+/// The bench with the llama forward pass: a `prompt_tokens`-long prompt of fixed ids, greedy,
+/// `decode_tokens` tokens, budgets 100/50/25 %, `read` mode, two readers, cold page cache.
+pub fn default_config(model: &Path, prompt_tokens: usize, decode_tokens: usize) -> BenchConfig {
+    BenchConfig {
+        model: model.to_path_buf(),
+        budgets: vec![1.0, 0.5, 0.25],
+        read_mode: ReadMode::Read,
+        // Fixed, arbitrary in-vocabulary ids: the prompt's content does not matter for timing.
+        prompt: (0..prompt_tokens.max(1) as u32)
+            .map(|i| 100 + (i * 37) % 1000)
+            .collect(),
+        decode_tokens,
+        prefetch_depth: 2,
+        readers: 2,
+        compute: crate::llama::LlamaCompute::factory(Default::default()),
+        cold: true,
+    }
+}

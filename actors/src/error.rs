@@ -1,0 +1,78 @@
+//! The actors crate's error type: one enum, variants grouped by concern.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    // --- configuration (caught by `RuntimeBuilder::build`) ---
+    #[error("no model given to the runtime builder")]
+    NoModel,
+    #[error(
+        "memory budget {budget} B is smaller than the global tensors ({global} B) plus the \
+         largest layer ({largest_layer} B): the model cannot run with this budget"
+    )]
+    BudgetTooSmall {
+        budget: u64,
+        global: u64,
+        largest_layer: u64,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("model {path} has no layers (`blk.N.*` tensors)")]
+    NoLayers { path: PathBuf },
+
+    // --- I/O and the model file ---
+    #[error("reading {path} at offset {offset} ({len} B): {source}")]
+    Read {
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+        source: std::io::Error,
+    },
+    #[error("opening {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Gguf(#[from] rocmforge::gguf::GgufError),
+    #[error(transparent)]
+    Core(#[from] rocmforge::Error),
+
+    // --- backend seam ---
+    #[error("backend {backend}: {message}")]
+    Backend { backend: String, message: String },
+
+    // --- compute ---
+    #[error("compute failed at layer {layer:?}: {message}")]
+    Compute {
+        layer: Option<usize>,
+        message: String,
+    },
+    #[error("layer {layer} lacks tensor {tensor}")]
+    MissingTensor { layer: String, tensor: String },
+
+    // --- lifecycle ---
+    #[error("the {actor} actor failed to start: {message}")]
+    Spawn {
+        actor: &'static str,
+        message: String,
+    },
+    #[error("the runtime is shut down")]
+    ShutDown,
+    #[error("request cancelled")]
+    Cancelled,
+    #[error("request queue is full ({capacity} waiting)")]
+    QueueFull { capacity: usize },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("hint rejected: {0}")]
+    HintRejected(String),
+    #[error("pipeline stage {stage} failed: {message}")]
+    Stage {
+        stage: &'static str,
+        message: String,
+    },
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -1,0 +1,414 @@
+//! Inference: owns the compute (and through it every sequence's KV cache). Requests are queued
+//! and served one after another (continuous batching comes later). Before each unit it waits on
+//! the residency board, computes, releases the unit and reports it done to the Scheduler.
+
+use crate::compute::{ComputeFactory, ModelCompute, SequenceState};
+use crate::error::{Result, RuntimeError};
+use crate::messages::{FinishReason, GenerateRequest, Prompt, SamplingParams, Stage, TokenEvent};
+use crate::plan::LoadPlan;
+use crate::residency::{ResidencyBoard, ResidentLayer};
+use crate::scheduler::SchedMsg;
+use crate::shared::{recv_or_cancel, Shared};
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What a token stream receives.
+pub type StreamItem = Result<TokenEvent>;
+
+/// One queued request (RuntimeHandle -> Inference).
+pub struct Job {
+    pub request: GenerateRequest,
+    pub events: flume::Sender<StreamItem>,
+    /// Filled with the finish reason before the stream ends normally.
+    pub finish: Arc<std::sync::Mutex<Option<FinishReason>>>,
+    pub cancel: CancellationToken,
+}
+
+pub struct InferenceConfig {
+    pub file: rocmforge::gguf::GgufFile,
+    pub factory: ComputeFactory,
+    pub plan: Arc<LoadPlan>,
+    pub board: Arc<ResidencyBoard>,
+    pub sched: flume::Sender<SchedMsg>,
+    pub jobs: flume::Receiver<Job>,
+    pub shared: Arc<Shared>,
+    pub cancel: CancellationToken,
+}
+
+/// A KV slot in use; frees its count on drop (the sequence state drops with it).
+struct KvSlot {
+    state: SequenceState,
+    shared: Arc<Shared>,
+}
+
+impl Drop for KvSlot {
+    fn drop(&mut self) {
+        self.shared
+            .counters
+            .kv_slots_in_use
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub fn spawn(cfg: InferenceConfig) -> Result<JoinHandle<()>> {
+    let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(1);
+    let h = std::thread::Builder::new()
+        .name("rf-inference".into())
+        .spawn(move || match (cfg.factory)(&cfg.file) {
+            Ok(compute) => {
+                if compute.n_layers() != cfg.plan.n_layers {
+                    let _ = ready_tx.send(Err(RuntimeError::Config(format!(
+                        "compute expects {} layers, the file has {}",
+                        compute.n_layers(),
+                        cfg.plan.n_layers
+                    ))));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                Inference { cfg, compute }.run();
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        })
+        .map_err(|e| RuntimeError::Spawn {
+            actor: "inference",
+            message: e.to_string(),
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(h),
+        Ok(Err(e)) => {
+            let _ = h.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = h.join();
+            Err(RuntimeError::Spawn {
+                actor: "inference",
+                message: "thread exited before reporting readiness".into(),
+            })
+        }
+    }
+}
+
+struct Inference {
+    cfg: InferenceConfig,
+    compute: Box<dyn ModelCompute>,
+}
+
+impl Inference {
+    fn run(mut self) {
+        while let Some(job) = recv_or_cancel(&self.cfg.jobs, &self.cfg.cancel) {
+            let result = self.serve(&job);
+            match result {
+                Ok(reason) => {
+                    if let Ok(mut f) = job.finish.lock() {
+                        *f = Some(reason);
+                    }
+                }
+                // The consumer is gone: nobody to tell.
+                Err(RuntimeError::Cancelled) if job.cancel.is_cancelled() => {}
+                Err(e) => {
+                    let e = if self.cfg.cancel.is_cancelled() {
+                        RuntimeError::ShutDown
+                    } else {
+                        e
+                    };
+                    let _ = job.events.send(Err(e));
+                }
+            }
+            self.cfg
+                .shared
+                .counters
+                .requests_done
+                .fetch_add(1, Ordering::AcqRel);
+        }
+        // Shutdown: requests still queued get an error instead of silence.
+        while let Ok(job) = self.cfg.jobs.try_recv() {
+            let _ = job.events.send(Err(RuntimeError::ShutDown));
+        }
+    }
+
+    fn cancelled(&self, job: &Job) -> Option<RuntimeError> {
+        if self.cfg.cancel.is_cancelled() {
+            Some(RuntimeError::ShutDown)
+        } else if job.cancel.is_cancelled() || job.events.is_disconnected() {
+            Some(RuntimeError::Cancelled)
+        } else {
+            None
+        }
+    }
+
+    /// Runs `f` on a unit once it is resident.
+    fn with_unit<T>(
+        &mut self,
+        job: &Job,
+        unit: usize,
+        f: impl FnOnce(&mut dyn ModelCompute, &ResidentLayer) -> Result<T>,
+    ) -> Result<T> {
+        let layer = self.cfg.plan.units[unit]
+            .layer
+            .map(|l| l as i64)
+            .unwrap_or(-1);
+        let sched = self.cfg.sched.clone();
+        let acquired = {
+            let _w = tracing::info_span!("wait", layer).entered();
+            let cancel = &job.cancel;
+            let root = &self.cfg.cancel;
+            let events = &job.events;
+            self.cfg.board.acquire(
+                unit,
+                || {
+                    let _ = sched.send(SchedMsg::Need { unit });
+                },
+                || cancel.is_cancelled() || root.is_cancelled() || events.is_disconnected(),
+            )
+        };
+        let acquired = match acquired {
+            Ok(a) => a,
+            Err(RuntimeError::Cancelled) => {
+                return Err(self.cancelled(job).unwrap_or(RuntimeError::Cancelled))
+            }
+            Err(e) => return Err(e),
+        };
+        let c = &self.cfg.shared.counters;
+        if acquired.hit { &c.hits } else { &c.misses }.fetch_add(1, Ordering::Relaxed);
+        let start = Instant::now();
+        let r = {
+            let _s = tracing::info_span!("compute", layer).entered();
+            match acquired.layer.ready() {
+                Some(ev) => ev
+                    .wait()
+                    .and_then(|_| f(&mut *self.compute, &acquired.layer)),
+                None => f(&mut *self.compute, &acquired.layer),
+            }
+        };
+        self.cfg.shared.add_busy(Stage::Compute, start);
+        self.cfg.board.release(unit, acquired.layer);
+        let _ = self.cfg.sched.send(SchedMsg::Done { unit });
+        r
+    }
+
+    /// Sends a token, waiting for a slow consumer but noticing cancellation and shutdown (a
+    /// plain blocking send could wait forever on a stream nobody reads).
+    fn send_event(&self, job: &Job, ev: TokenEvent) -> Result<()> {
+        let mut item = Ok(ev);
+        loop {
+            if let Some(e) = self.cancelled(job) {
+                return Err(e);
+            }
+            match job
+                .events
+                .send_timeout(item, std::time::Duration::from_millis(20))
+            {
+                Ok(()) => return Ok(()),
+                Err(flume::SendTimeoutError::Timeout(back)) => item = back,
+                Err(flume::SendTimeoutError::Disconnected(_)) => {
+                    return Err(RuntimeError::Cancelled)
+                }
+            }
+        }
+    }
+
+    fn serve(&mut self, job: &Job) -> Result<FinishReason> {
+        let req = &job.request;
+        let prompt: Vec<u32> = match &req.prompt {
+            Prompt::Tokens(t) => t.clone(),
+            Prompt::Text(s) => match self.compute.tokenize(s) {
+                Some(r) => r?,
+                None => {
+                    return Err(RuntimeError::BadRequest(
+                        "this runtime has no tokenizer; send token ids".into(),
+                    ))
+                }
+            },
+        };
+        if prompt.is_empty() {
+            return Err(RuntimeError::BadRequest("empty prompt".into()));
+        }
+        let _span = tracing::info_span!("request", prompt_tokens = prompt.len()).entered();
+        self.cfg
+            .shared
+            .counters
+            .kv_slots_in_use
+            .fetch_add(1, Ordering::AcqRel);
+        let mut slot = KvSlot {
+            state: self.compute.new_sequence()?,
+            shared: self.cfg.shared.clone(),
+        };
+        let global = self.cfg.plan.global();
+        let n_layers = self.cfg.plan.n_layers;
+        let mut sampler = Sampler::new(&req.sampling);
+        let mut input = prompt;
+        let mut text = Utf8Assembler::default();
+        for index in 0..req.max_tokens {
+            if let Some(e) = self.cancelled(job) {
+                return Err(e);
+            }
+            let _tok = tracing::info_span!("token", index).entered();
+            let mut hidden = self.with_unit(job, global, |c, w| c.embed(w, &input))?;
+            for l in 0..n_layers {
+                if let Some(e) = self.cancelled(job) {
+                    return Err(e);
+                }
+                let state = &mut slot.state;
+                self.with_unit(job, l, |c, w| c.layer(l, w, state, &mut hidden))?;
+            }
+            let state = &mut slot.state;
+            let logits = self.with_unit(job, global, |c, w| c.output(w, state, &hidden))?;
+            let token = sampler.sample(&logits);
+            let ev = TokenEvent {
+                index,
+                token,
+                text: text.push(&self.compute.token_bytes(token)),
+            };
+            self.send_event(job, ev)?;
+            if req.stop_at_eos && Some(token) == self.compute.eos_token() {
+                return Ok(FinishReason::EndOfSequence);
+            }
+            input = vec![token];
+        }
+        Ok(FinishReason::MaxTokens)
+    }
+}
+
+/// Greedy / temperature + top-k + top-p sampling with a seeded RNG.
+// The core crate's `sample` module replaces this once it lands on main.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(params: &SamplingParams) -> Self {
+        Self {
+            params: params.clone(),
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(params.seed),
+        }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let argmax = || {
+            logits
+                .iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |best, (i, &x)| {
+                    if x > best.1 {
+                        (i, x)
+                    } else {
+                        best
+                    }
+                })
+                .0 as u32
+        };
+        if self.params.temperature <= 0.0 || logits.is_empty() {
+            return argmax();
+        }
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        if self.params.top_k > 0 {
+            idx.truncate(self.params.top_k);
+        }
+        let t = self.params.temperature;
+        let max = logits[idx[0]];
+        let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i] - max) / t).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        let mut keep = probs.len();
+        let mut acc = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= self.params.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        let total: f32 = probs[..keep].iter().sum();
+        let mut r = self.rng.gen::<f32>() * total;
+        for i in 0..keep {
+            r -= probs[i];
+            if r <= 0.0 {
+                return idx[i] as u32;
+            }
+        }
+        idx[keep - 1] as u32
+    }
+}
+
+/// Turns token bytes into text pieces without splitting a UTF-8 character across two events
+/// (byte-level BPE emits multi-byte characters over several tokens).
+#[derive(Default)]
+struct Utf8Assembler {
+    pending: Vec<u8>,
+}
+
+impl Utf8Assembler {
+    fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        match std::str::from_utf8(&self.pending) {
+            Ok(s) => {
+                let s = s.to_string();
+                self.pending.clear();
+                s
+            }
+            // An incomplete character at the end: keep it for the next token.
+            Err(e) if e.error_len().is_none() => {
+                let n = e.valid_up_to();
+                let s = String::from_utf8_lossy(&self.pending[..n]).into_owned();
+                self.pending.drain(..n);
+                s
+            }
+            // Invalid bytes: emit them replaced rather than stalling the stream.
+            Err(_) => {
+                let s = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
+                s
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_pieces_are_never_split() {
+        let mut a = Utf8Assembler::default();
+        let e = "é".as_bytes();
+        assert_eq!(a.push(b"a"), "a");
+        assert_eq!(a.push(&e[..1]), "");
+        assert_eq!(a.push(&e[1..]), "é");
+        assert_eq!(a.push(&[0xff]), "\u{fffd}");
+    }
+
+    #[test]
+    fn greedy_and_seeded_sampling() {
+        let logits = [0.1, 2.0, -1.0, 1.9];
+        assert_eq!(Sampler::new(&SamplingParams::default()).sample(&logits), 1);
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+            seed: 7,
+        };
+        let a: Vec<u32> = (0..20)
+            .map({
+                let mut s = Sampler::new(&p);
+                move |_| s.sample(&logits)
+            })
+            .collect();
+        let b: Vec<u32> = (0..20)
+            .map({
+                let mut s = Sampler::new(&p);
+                move |_| s.sample(&logits)
+            })
+            .collect();
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&t| t == 1 || t == 3));
+    }
+}

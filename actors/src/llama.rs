@@ -1,0 +1,198 @@
+//! The real compute: the core crate's llama-family CPU forward pass (`rocmforge::model`) run
+//! over the weights the pipeline made resident, plus the GGUF tokenizer.
+//!
+//! Per-layer weights come from the resident unit (the host arena in `read` mode, the file map in
+//! `mmap` mode), never from the model's own map, so the budget is what really bounds memory.
+
+use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
+use crate::error::{Result, RuntimeError};
+use crate::residency::ResidentLayer;
+use rocmforge::gguf::GgufFile;
+use rocmforge::model::{
+    ops, LayerRefs, LayerWeights, Model, Sequence, SequenceConfig, TensorRef, WeightView,
+};
+use rocmforge::tokenizer::Tokenizer;
+use std::sync::Arc;
+
+pub struct LlamaCompute {
+    model: Model,
+    tokenizer: Option<Tokenizer>,
+    seq_cfg: SequenceConfig,
+    norm_w: Vec<f32>,
+    xn: Vec<f32>,
+}
+
+fn err(layer: Option<usize>) -> impl Fn(rocmforge::model::ModelError) -> RuntimeError {
+    move |e| RuntimeError::Compute {
+        layer,
+        message: e.to_string(),
+    }
+}
+
+impl LlamaCompute {
+    pub fn new(file: &GgufFile, seq_cfg: SequenceConfig) -> Result<Self> {
+        let model = Model::from_file(file.clone()).map_err(err(None))?;
+        // A model without tokenizer metadata still runs on token ids.
+        let tokenizer = Tokenizer::from_metadata(file.metadata()).ok();
+        Ok(Self {
+            model,
+            tokenizer,
+            seq_cfg,
+            norm_w: Vec::new(),
+            xn: Vec::new(),
+        })
+    }
+
+    /// The factory the runtime uses by default.
+    pub fn factory(seq_cfg: SequenceConfig) -> ComputeFactory {
+        Arc::new(move |file: &GgufFile| {
+            Ok(Box::new(LlamaCompute::new(file, seq_cfg)?) as Box<dyn ModelCompute>)
+        })
+    }
+}
+
+/// A view of `t` inside a resident unit.
+fn view<'a>(unit: &'a ResidentLayer, t: &TensorRef) -> Result<WeightView<'a>> {
+    let w = unit.require(&t.name)?;
+    Ok(t.view_of(w.data))
+}
+
+fn layer_views<'a>(unit: &'a ResidentLayer, r: &LayerRefs) -> Result<LayerWeights<'a>> {
+    let opt = |t: &Option<TensorRef>| t.as_ref().map(|t| view(unit, t)).transpose();
+    Ok(LayerWeights {
+        attn_norm: view(unit, &r.attn_norm)?,
+        wq: view(unit, &r.wq)?,
+        wk: view(unit, &r.wk)?,
+        wv: view(unit, &r.wv)?,
+        bq: opt(&r.bq)?,
+        bk: opt(&r.bk)?,
+        bv: opt(&r.bv)?,
+        wo: view(unit, &r.wo)?,
+        ffn_norm: view(unit, &r.ffn_norm)?,
+        w_gate: view(unit, &r.w_gate)?,
+        w_up: view(unit, &r.w_up)?,
+        w_down: view(unit, &r.w_down)?,
+    })
+}
+
+fn seq_mut(seq: &mut SequenceState) -> Result<&mut Sequence> {
+    seq.downcast_mut::<Sequence>().ok_or(RuntimeError::Compute {
+        layer: None,
+        message: "sequence state of another compute".into(),
+    })
+}
+
+impl ModelCompute for LlamaCompute {
+    fn n_layers(&self) -> usize {
+        self.model.hparams().n_layer
+    }
+
+    fn eos_token(&self) -> Option<u32> {
+        self.tokenizer.as_ref().and_then(|t| t.eos_id())
+    }
+
+    fn new_sequence(&mut self) -> Result<SequenceState> {
+        Ok(Box::new(
+            self.model.new_sequence(self.seq_cfg).map_err(err(None))?,
+        ))
+    }
+
+    fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden> {
+        let d = self.model.hparams().n_embd;
+        let vocab = self.model.n_vocab();
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RuntimeError::BadRequest(format!(
+                "token {t} outside the vocabulary of {vocab}"
+            )));
+        }
+        let te = &self.model.layout().token_embd;
+        let w = view(global, te)?;
+        let mut data = vec![0f32; tokens.len() * d];
+        for (&tok, row) in tokens.iter().zip(data.chunks_exact_mut(d)) {
+            ops::dequantize_row(&w, tok as usize, &te.name, row).map_err(err(None))?;
+        }
+        Ok(Hidden {
+            data,
+            n_tokens: tokens.len(),
+        })
+    }
+
+    fn layer(
+        &mut self,
+        layer: usize,
+        weights: &ResidentLayer,
+        seq: &mut SequenceState,
+        hidden: &mut Hidden,
+    ) -> Result<()> {
+        let refs = self
+            .model
+            .layout()
+            .layers
+            .get(layer)
+            .ok_or(RuntimeError::Compute {
+                layer: Some(layer),
+                message: "no such layer".into(),
+            })?;
+        let w = layer_views(weights, refs)?;
+        self.model
+            .forward_layer(layer, &w, seq_mut(seq)?, &mut hidden.data)
+            .map_err(err(Some(layer)))
+    }
+
+    fn output(
+        &mut self,
+        global: &ResidentLayer,
+        seq: &mut SequenceState,
+        hidden: &Hidden,
+    ) -> Result<Vec<f32>> {
+        let seq = seq_mut(seq)?;
+        seq.advance(hidden.n_tokens).map_err(err(None))?;
+        let hp = self.model.hparams();
+        let d = hp.n_embd;
+        let last = hidden
+            .data
+            .get(hidden.data.len().saturating_sub(d)..)
+            .filter(|l| l.len() == d)
+            .ok_or(RuntimeError::Compute {
+                layer: None,
+                message: "no hidden state".into(),
+            })?;
+        let layout = self.model.layout();
+        self.norm_w.resize(d, 0.0);
+        ops::dequantize(
+            &view(global, &layout.output_norm)?,
+            &layout.output_norm.name,
+            &mut self.norm_w,
+        )
+        .map_err(err(None))?;
+        self.xn.resize(d, 0.0);
+        ops::rms_norm(last, &self.norm_w, hp.rms_eps, &mut self.xn);
+        let head = layout.head();
+        let mut logits = vec![0f32; self.model.n_vocab()];
+        ops::linear(
+            &view(global, head)?,
+            &head.name,
+            &self.xn,
+            1,
+            &mut logits,
+            seq.precision(),
+        )
+        .map_err(err(None))?;
+        Ok(logits)
+    }
+
+    fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>> {
+        let t = self.tokenizer.as_ref()?;
+        Some(
+            t.encode(text, true, true)
+                .map_err(|e| RuntimeError::BadRequest(e.to_string())),
+        )
+    }
+
+    fn token_bytes(&self, token: u32) -> Vec<u8> {
+        self.tokenizer
+            .as_ref()
+            .and_then(|t| t.decode_bytes(&[token]).ok())
+            .unwrap_or_default()
+    }
+}

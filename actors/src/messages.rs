@@ -1,0 +1,281 @@
+//! Serde types that cross the runtime's boundary: requests, token events, hints, stats.
+//!
+//! The serving layer sends these as `bincode` over the control socket and as JSON over HTTP, so
+//! they hold plain data only (no handles, no channels).
+
+use serde::{Deserialize, Serialize};
+
+/// How the DiskReader gets bytes off the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ReadMode {
+    /// Memory-map the file; prefetch is `madvise(WILLNEED)` plus touching each page, eviction
+    /// `madvise(DONTNEED)`. On a backend that computes from host memory (CPU) this is zero-copy.
+    #[default]
+    Mmap,
+    /// `pread` into the staging ring (buffered, through the page cache). The device arena holds at
+    /// most the budget, so a model larger than RAM runs from disk.
+    Read,
+    /// Like `Read` but opened with `O_DIRECT` (bypassing the page cache) where the filesystem
+    /// allows it; falls back to buffered reads otherwise (reported in `Stats::direct_io`).
+    Direct,
+}
+
+impl std::str::FromStr for ReadMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mmap" => Ok(Self::Mmap),
+            "read" => Ok(Self::Read),
+            "direct" => Ok(Self::Direct),
+            _ => Err(format!("unknown read mode {s:?} (mmap, read, direct)")),
+        }
+    }
+}
+
+/// Memory budget for layer weights on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub enum MemoryBudget {
+    /// Everything resident.
+    #[default]
+    Unlimited,
+    Bytes(u64),
+    /// A fraction of the model's tensor bytes (0 < f <= 1); handy for tests and benches.
+    FractionOfWeights(f64),
+}
+
+impl std::str::FromStr for MemoryBudget {
+    type Err = String;
+    /// `2GiB`, `512MiB`, `1000000`, `40%` (of the weights), `unlimited`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("unlimited") {
+            return Ok(Self::Unlimited);
+        }
+        if let Some(p) = s.strip_suffix('%') {
+            let f: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad percentage {s:?}"))?;
+            if !(f > 0.0 && f <= 100.0) {
+                return Err(format!("percentage {s:?} outside (0, 100]"));
+            }
+            return Ok(Self::FractionOfWeights(f / 100.0));
+        }
+        let units: [(&str, u64); 7] = [
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+            ("GB", 1_000_000_000),
+            ("MB", 1_000_000),
+            ("KB", 1_000),
+            ("B", 1),
+        ];
+        for (suffix, mult) in units {
+            if let Some(n) = s.strip_suffix(suffix) {
+                let v: f64 = n.trim().parse().map_err(|_| format!("bad size {s:?}"))?;
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(format!("bad size {s:?}"));
+                }
+                return Ok(Self::Bytes((v * mult as f64) as u64));
+            }
+        }
+        s.parse::<u64>()
+            .map(Self::Bytes)
+            .map_err(|_| format!("bad memory budget {s:?} (e.g. 2GiB, 40%, unlimited)"))
+    }
+}
+
+/// Sampling settings of one request (the sampler itself lives in the core crate).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop at the model's end-of-sequence token.
+    pub stop_at_eos: bool,
+}
+
+impl GenerateRequest {
+    pub fn tokens(tokens: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt: Prompt::Tokens(tokens),
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop_at_eos: true,
+        }
+    }
+
+    pub fn text(text: impl Into<String>, max_tokens: usize) -> Self {
+        Self {
+            prompt: Prompt::Text(text.into()),
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop_at_eos: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenEvent {
+    /// 0-based index among generated tokens.
+    pub index: usize,
+    pub token: u32,
+    /// Decoded text piece (empty when the runtime has no tokenizer).
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinishReason {
+    MaxTokens,
+    EndOfSequence,
+}
+
+/// Advice to the scheduler. Hints never break the memory budget: one that cannot be honoured is
+/// answered with `RuntimeError::HintRejected`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hint {
+    /// Load these layers now if they are not resident (a no-op for resident ones).
+    Prefetch { layers: Vec<usize> },
+    /// Keep these layers resident until released.
+    Pin { layers: Vec<usize> },
+    /// Undo `Pin`: the layers go back to the scheduler's policy.
+    Release { layers: Vec<usize> },
+    /// Bring the planned resident set and the first prefetch window in now.
+    WarmUp,
+}
+
+/// Pipeline stages, in data-flow order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Stage {
+    Read,
+    Transcode,
+    Upload,
+    Schedule,
+    Compute,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Read,
+        Stage::Transcode,
+        Stage::Upload,
+        Stage::Schedule,
+        Stage::Compute,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Read => "read",
+            Stage::Transcode => "transcode",
+            Stage::Upload => "upload",
+            Stage::Schedule => "schedule",
+            Stage::Compute => "compute",
+        }
+    }
+}
+
+/// Bytes done per loading stage since start (they grow again when streamed layers are reloaded).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadProgress {
+    /// Bytes of the initial load (resident set plus first window).
+    pub initial_bytes: u64,
+    pub read_bytes: u64,
+    pub transcoded_bytes: u64,
+    pub uploaded_bytes: u64,
+    /// True once the initial load is resident.
+    pub initial_done: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageBusy {
+    pub stage: String,
+    /// Time spent working (not waiting on a channel), summed over the stage's threads.
+    pub busy_ns: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub budget_bytes: u64,
+    pub total_weight_bytes: u64,
+    /// Bytes reserved by the scheduler: resident plus in flight.
+    pub resident_bytes: u64,
+    pub peak_resident_bytes: u64,
+    /// Bytes currently allocated in the backend's weight memory (host arena on the CPU).
+    pub allocated_bytes: u64,
+    pub peak_allocated_bytes: u64,
+    /// Layer waits that found the layer ready.
+    pub hits: u64,
+    /// Layer waits that had to wait for a load.
+    pub misses: u64,
+    pub evictions: u64,
+    /// Loads per unit: index `n_layers` is the global group (embeddings, output).
+    pub loads_per_layer: Vec<u64>,
+    /// Which units are resident now (same indexing).
+    pub resident_layers: Vec<bool>,
+    pub pinned_layers: Vec<usize>,
+    /// Layers the plan keeps resident (besides pins).
+    pub fixed_layers: Vec<usize>,
+    pub prefetch_window: usize,
+    pub hint_noops: u64,
+    pub stage_busy: Vec<StageBusy>,
+    pub kv_slots_in_use: usize,
+    pub requests_done: u64,
+    pub direct_io: bool,
+}
+
+impl Stats {
+    pub fn busy_ns(&self, stage: Stage) -> u64 {
+        self.stage_busy
+            .iter()
+            .find(|s| s.stage == stage.name())
+            .map(|s| s.busy_ns)
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_parsing() {
+        assert_eq!("2GiB".parse(), Ok(MemoryBudget::Bytes(2 << 30)));
+        assert_eq!("512 MiB".parse(), Ok(MemoryBudget::Bytes(512 << 20)));
+        assert_eq!("40%".parse(), Ok(MemoryBudget::FractionOfWeights(0.4)));
+        assert_eq!("1000".parse(), Ok(MemoryBudget::Bytes(1000)));
+        assert!("0%".parse::<MemoryBudget>().is_err());
+        assert!("lots".parse::<MemoryBudget>().is_err());
+    }
+
+    #[test]
+    fn hints_roundtrip_bincode() {
+        let h = Hint::Pin { layers: vec![3, 7] };
+        let bytes = bincode::serialize(&h).unwrap();
+        assert_eq!(bincode::deserialize::<Hint>(&bytes).unwrap(), h);
+    }
+}

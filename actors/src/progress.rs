@@ -1,0 +1,74 @@
+//! Progress bars (indicatif) for the initial load: bytes read, transcoded and uploaded.
+
+use crate::runtime::RuntimeHandle;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Shows three bars until the initial load is resident; stops when dropped.
+pub struct LoadProgressBars {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LoadProgressBars {
+    /// Draws on stderr (hidden automatically when stderr is not a terminal).
+    pub fn show(handle: &RuntimeHandle) -> Self {
+        Self::with_target(handle, ProgressDrawTarget::stderr())
+    }
+
+    pub fn with_target(handle: &RuntimeHandle, target: ProgressDrawTarget) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = handle.clone();
+        let thread = std::thread::Builder::new()
+            .name("rf-progress".into())
+            .spawn(move || {
+                let multi = MultiProgress::with_draw_target(target);
+                let style = ProgressStyle::with_template(
+                    "{prefix:>10} [{bar:40}] {binary_bytes:>10}/{binary_total_bytes:<10} {binary_bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+                let total = handle.load_progress().initial_bytes.max(1);
+                let bars: Vec<ProgressBar> = ["read", "transcode", "upload"]
+                    .iter()
+                    .map(|name| {
+                        let b = multi.add(ProgressBar::new(total));
+                        b.set_style(style.clone());
+                        b.set_prefix(*name);
+                        b
+                    })
+                    .collect();
+                loop {
+                    let p = handle.load_progress();
+                    for (b, v) in bars
+                        .iter()
+                        .zip([p.read_bytes, p.transcoded_bytes, p.uploaded_bytes])
+                    {
+                        b.set_position(v.min(total));
+                    }
+                    if p.initial_done || stop2.load(Ordering::Acquire) || handle.is_shut_down() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                for b in &bars {
+                    b.finish();
+                }
+            })
+            .ok();
+        Self { stop, thread }
+    }
+}
+
+impl Drop for LoadProgressBars {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! DiskReader: owns the model file and serves units (layers) in the order the Scheduler asks.
+//!
+//! Several reader threads share one job queue, so consecutive layers are read in parallel (one
+//! thread reads page cache at ~9 GB/s; a cold disk wants several requests in flight).
+//! - `mmap` mode: `madvise(WILLNEED)` on the unit's range, then touch one byte per page so the
+//!   pages are really in memory before compute needs them; chunks are views of the map.
+//! - `read` / `direct` mode: `pread` straight into staging slots of the read ring (`O_DIRECT`
+//!   through an aligned bounce buffer where the filesystem allows it).
+
+use crate::backend::WeightBackend;
+use crate::error::{Result, RuntimeError};
+use crate::messages::{ReadMode, Stage};
+use crate::plan::LoadPlan;
+use crate::scheduler::SchedMsg;
+use crate::shared::{recv_or_cancel, Shared};
+use crate::staging::{StagingRing, StagingSlot};
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const PAGE: usize = 4096;
+
+/// "Load this unit" (Scheduler -> DiskReader). A large unit is split into `n_parts` jobs that
+/// several readers serve in parallel: part `p` reads the unit's chunks `p, p + n, p + 2n, ...`
+/// (striped, so the readers stay close together in the file).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadJob {
+    pub unit: usize,
+    pub part: usize,
+    pub n_parts: usize,
+}
+
+pub enum ChunkData {
+    /// Bytes read into a staging slot.
+    Slot(StagingSlot),
+    /// A range of the file map (`mmap` mode).
+    Mapped(Range<usize>),
+}
+
+/// A piece of one tensor (DiskReader -> TranscodePool -> Uploader).
+pub struct Chunk {
+    pub unit: usize,
+    /// Position of the tensor within its unit.
+    pub tensor: usize,
+    /// Offset of this chunk within the tensor, in file bytes.
+    pub offset: u64,
+    pub len: usize,
+    pub data: ChunkData,
+}
+
+pub struct ReaderConfig {
+    pub path: PathBuf,
+    pub map: Arc<Mmap>,
+    pub mode: ReadMode,
+    pub n_readers: usize,
+    pub plan: Arc<LoadPlan>,
+    pub backend: Arc<dyn WeightBackend>,
+    pub ring: StagingRing,
+    pub jobs: flume::Receiver<ReadJob>,
+    pub out: flume::Sender<Chunk>,
+    pub sched: flume::Sender<SchedMsg>,
+    pub shared: Arc<Shared>,
+    pub cancel: CancellationToken,
+    pub delay_per_chunk: Duration,
+}
+
+/// Tells the kernel a mapped range is not needed any more. Only whole pages inside `span` are
+/// dropped, so neighbouring units sharing a boundary page keep theirs.
+pub fn advise_dontneed(map: &Mmap, span: Range<usize>) {
+    let start = span.start.div_ceil(PAGE) * PAGE;
+    let end = span.end.min(map.len()) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: the map is a read-only private file mapping and no `&mut` to it exists;
+        // MADV_DONTNEED only drops page-table entries, and later reads fault the same bytes back
+        // in from the file, so every outstanding `&[u8]` into the map stays valid.
+        let _ =
+            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+    }
+}
+
+/// Splits a tensor into chunk lengths (in file bytes) that fit one staging slot after
+/// transcoding and never cut a quant block.
+pub fn chunk_len(
+    backend: &dyn WeightBackend,
+    ty: rocmforge::quant::qtype::GgmlType,
+    slot: usize,
+) -> usize {
+    let bb = ty.block_bytes().max(1) as usize;
+    let db = backend.transcoded_bytes(ty, ty.block_bytes()).max(1) as usize;
+    (slot / bb.max(db)).max(1) * bb
+}
+
+struct Reader {
+    idx: usize,
+    cfg: Arc<ReaderConfig>,
+    file: Option<File>,
+    direct: Option<DirectIo>,
+}
+
+/// Starts the reader threads; returns once each has opened its file (readiness).
+pub fn spawn(cfg: ReaderConfig) -> Result<Vec<JoinHandle<()>>> {
+    let cfg = Arc::new(cfg);
+    let mut handles = Vec::new();
+    for idx in 0..cfg.n_readers.max(1) {
+        let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(1);
+        let cfg2 = cfg.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("rf-reader-{idx}"))
+            .spawn(move || match Reader::open(idx, cfg2) {
+                Ok(mut r) => {
+                    let _ = ready_tx.send(Ok(()));
+                    r.run();
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| RuntimeError::Spawn {
+                actor: "reader",
+                message: e.to_string(),
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => handles.push(h),
+            Ok(Err(e)) => {
+                let _ = h.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = h.join();
+                return Err(RuntimeError::Spawn {
+                    actor: "reader",
+                    message: "thread exited before reporting readiness".into(),
+                });
+            }
+        }
+    }
+    Ok(handles)
+}
+
+impl Reader {
+    fn open(idx: usize, cfg: Arc<ReaderConfig>) -> Result<Self> {
+        let open_err = |source| RuntimeError::Open {
+            path: cfg.path.clone(),
+            source,
+        };
+        let (file, direct) = match cfg.mode {
+            ReadMode::Mmap => (None, None),
+            ReadMode::Read => (Some(File::open(&cfg.path).map_err(open_err)?), None),
+            ReadMode::Direct => match DirectIo::open(&cfg.path, cfg.ring.slot_size()) {
+                Ok(d) => {
+                    cfg.shared.counters.direct_io.store(true, Ordering::Release);
+                    (Some(File::open(&cfg.path).map_err(open_err)?), Some(d))
+                }
+                // The filesystem refuses O_DIRECT (tmpfs, overlayfs...): buffered reads instead.
+                Err(_) => (Some(File::open(&cfg.path).map_err(open_err)?), None),
+            },
+        };
+        Ok(Self {
+            idx,
+            cfg,
+            file,
+            direct,
+        })
+    }
+
+    fn run(&mut self) {
+        let cfg = self.cfg.clone();
+        loop {
+            let job = recv_or_cancel(&cfg.jobs, &cfg.cancel);
+            let Some(job) = job else { return };
+            if let Err(e) = self.read_unit(job) {
+                if matches!(e, RuntimeError::Cancelled) {
+                    return;
+                }
+                let _ = cfg.sched.send(SchedMsg::LoadFailed {
+                    unit: job.unit,
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+
+    fn read_unit(&mut self, job: ReadJob) -> Result<()> {
+        let unit_idx = job.unit;
+        let n_parts = job.n_parts.max(1) as u64;
+        let mut chunk_no = 0u64;
+        let cfg = self.cfg.clone();
+        let unit = &cfg.plan.units[unit_idx];
+        let layer = unit.layer.map(|l| l as i64).unwrap_or(-1);
+        let span = tracing::info_span!("read", layer, bytes = unit.file_bytes, stream = self.idx);
+        let _g = span.enter();
+        if cfg.mode == ReadMode::Mmap && job.part == 0 && unit.file_span.end > unit.file_span.start
+        {
+            let s = unit.file_span.start as usize;
+            let _ = cfg.map.advise_range(
+                Advice::WillNeed,
+                s,
+                (unit.file_span.end - unit.file_span.start) as usize,
+            );
+        }
+        for (ti, t) in unit.tensors.iter().enumerate() {
+            let step = chunk_len(&*cfg.backend, t.ty, cfg.ring.slot_size());
+            let total = t.file.end - t.file.start;
+            let mut off = 0u64;
+            while off < total {
+                if cfg.cancel.is_cancelled() {
+                    return Err(RuntimeError::Cancelled);
+                }
+                let len = (total - off).min(step as u64) as usize;
+                chunk_no += 1;
+                if (chunk_no - 1) % n_parts != job.part as u64 {
+                    off += len as u64;
+                    continue;
+                }
+                let start = Instant::now();
+                let abs = t.file.start + off;
+                let data = {
+                    let _s = tracing::info_span!(
+                        "read_chunk",
+                        layer,
+                        tensor = t.name.as_str(),
+                        bytes = len,
+                        stream = self.idx
+                    )
+                    .entered();
+                    if !cfg.delay_per_chunk.is_zero() {
+                        std::thread::sleep(cfg.delay_per_chunk);
+                    }
+                    self.read_chunk(abs, len)?
+                };
+                cfg.shared.add_busy(Stage::Read, start);
+                cfg.shared
+                    .counters
+                    .read_bytes
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                let chunk = Chunk {
+                    unit: unit_idx,
+                    tensor: ti,
+                    offset: off,
+                    len,
+                    data,
+                };
+                // A blocking send: backpressure from the TranscodePool is the point.
+                if cfg.out.send(chunk).is_err() {
+                    return Err(RuntimeError::Cancelled);
+                }
+                off += len as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_chunk(&mut self, abs: u64, len: usize) -> Result<ChunkData> {
+        let cfg = &self.cfg;
+        if cfg.mode == ReadMode::Mmap {
+            let r = abs as usize..abs as usize + len;
+            let bytes = cfg.map.get(r.clone()).ok_or_else(|| RuntimeError::Read {
+                path: cfg.path.clone(),
+                offset: abs,
+                len,
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            })?;
+            // Touch every page so it is faulted in here, on the reader thread, not during compute.
+            let mut acc = 0u8;
+            for p in bytes.iter().step_by(PAGE) {
+                acc ^= *p;
+            }
+            std::hint::black_box(acc);
+            return Ok(ChunkData::Mapped(r));
+        }
+        let mut slot = cfg
+            .ring
+            .acquire(|| cfg.cancel.is_cancelled())
+            .ok_or(RuntimeError::Cancelled)?;
+        let read_err = |source| RuntimeError::Read {
+            path: cfg.path.clone(),
+            offset: abs,
+            len,
+            source,
+        };
+        let dst = &mut slot.buffer_mut()[..len];
+        let mut done = false;
+        if let Some(d) = &mut self.direct {
+            match d.read_at(abs, dst) {
+                Ok(()) => done = true,
+                // EINVAL mid-way (an unaligned tail on some filesystems): fall back for good.
+                Err(_) => {
+                    self.direct = None;
+                    cfg.shared
+                        .counters
+                        .direct_io
+                        .store(false, Ordering::Release);
+                }
+            }
+        }
+        if !done {
+            let f = self
+                .file
+                .as_ref()
+                .ok_or_else(|| read_err(std::io::ErrorKind::NotFound.into()))?;
+            f.read_exact_at(dst, abs).map_err(read_err)?;
+        }
+        slot.len = len;
+        Ok(ChunkData::Slot(slot))
+    }
+}
+
+/// `O_DIRECT` reads need the buffer, the offset and the length aligned to the logical block
+/// size; reads go through an aligned bounce buffer and the wanted part is copied out.
+struct DirectIo {
+    file: File,
+    bounce: AlignedBuf,
+}
+
+const DIRECT_ALIGN: usize = 4096;
+
+impl DirectIo {
+    fn open(path: &std::path::Path, slot_size: usize) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)?;
+        let bounce = AlignedBuf::new(slot_size + 2 * DIRECT_ALIGN)
+            .ok_or_else(|| std::io::Error::other("aligned allocation failed"))?;
+        let mut d = Self { file, bounce };
+        // Probe: some filesystems accept the flag at open and refuse at read.
+        let mut probe = [0u8; 1];
+        d.read_at(0, &mut probe)?;
+        Ok(d)
+    }
+
+    fn read_at(&mut self, abs: u64, dst: &mut [u8]) -> std::io::Result<()> {
+        let a = DIRECT_ALIGN as u64;
+        let start = abs / a * a;
+        let end = (abs + dst.len() as u64).div_ceil(a) * a;
+        let want = (end - start) as usize;
+        let buf = self.bounce.as_mut_slice();
+        if want > buf.len() {
+            return Err(std::io::Error::other("chunk larger than the bounce buffer"));
+        }
+        let mut got = 0usize;
+        while got < want {
+            let n = self.file.read_at(&mut buf[got..want], start + got as u64)?;
+            if n == 0 {
+                break; // end of file: the tail past EOF is not needed
+            }
+            got += n;
+        }
+        let skip = (abs - start) as usize;
+        if got < skip + dst.len() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        dst.copy_from_slice(&buf[skip..skip + dst.len()]);
+        Ok(())
+    }
+}
+
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer is uniquely owned heap memory, like a Box<[u8]>.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Option<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        Some(Self {
+            ptr: std::ptr::NonNull::new(ptr)?,
+            layout,
+        })
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `layout.size()` initialised (zeroed) bytes owned by `self`,
+        // and `&mut self` guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this exact layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}

@@ -1,0 +1,608 @@
+//! The embedding API: `Runtime::builder()...build()` starts the five actors and returns a
+//! `RuntimeHandle` (`Clone + Send + Sync`).
+
+use crate::backend::{CpuBackend, WeightBackend};
+use crate::compute::ComputeFactory;
+use crate::error::{Result, RuntimeError};
+use crate::inference::{self, Job, StreamItem};
+use crate::messages::{
+    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, ReadMode, Stage, StageBusy,
+    Stats, TokenEvent,
+};
+use crate::plan::LoadPlan;
+use crate::residency::ResidencyBoard;
+use crate::scheduler::{self, plan_fixed, SchedMsg};
+use crate::shared::Shared;
+use crate::staging::StagingRing;
+use crate::{reader, transcode, uploader};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// Entry point of the embedding API.
+pub struct Runtime;
+
+impl Runtime {
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::default()
+    }
+}
+
+/// Artificial per-unit-of-work delays, to model a slow disk or a slow device in tests and benches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageDelays {
+    pub read_per_chunk: Duration,
+    pub transcode_per_chunk: Duration,
+    pub upload_per_chunk: Duration,
+}
+
+pub struct RuntimeBuilder {
+    model: Option<PathBuf>,
+    backend: Option<Arc<dyn WeightBackend>>,
+    budget: MemoryBudget,
+    prefetch_depth: usize,
+    read_mode: ReadMode,
+    readers: usize,
+    transcode_threads: usize,
+    staging_slots: usize,
+    slot_size: usize,
+    upload_streams: usize,
+    queue_capacity: usize,
+    channel_capacity: Option<usize>,
+    compute: Option<ComputeFactory>,
+    delays: StageDelays,
+}
+
+impl Default for RuntimeBuilder {
+    fn default() -> Self {
+        Self {
+            model: None,
+            backend: None,
+            budget: MemoryBudget::Unlimited,
+            prefetch_depth: 2,
+            read_mode: ReadMode::Mmap,
+            readers: 2,
+            transcode_threads: 1,
+            staging_slots: 8,
+            slot_size: 1 << 20,
+            upload_streams: 1,
+            queue_capacity: 16,
+            channel_capacity: None,
+            compute: None,
+            delays: StageDelays::default(),
+        }
+    }
+}
+
+impl RuntimeBuilder {
+    pub fn model(mut self, path: impl Into<PathBuf>) -> Self {
+        self.model = Some(path.into());
+        self
+    }
+    pub fn backend(mut self, backend: Arc<dyn WeightBackend>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+    pub fn memory_budget(mut self, budget: MemoryBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+    /// Streamed layers loading ahead of compute (`k`); at least 1.
+    pub fn prefetch_depth(mut self, k: usize) -> Self {
+        self.prefetch_depth = k.max(1);
+        self
+    }
+    pub fn read_mode(mut self, mode: ReadMode) -> Self {
+        self.read_mode = mode;
+        self
+    }
+    pub fn readers(mut self, n: usize) -> Self {
+        self.readers = n.max(1);
+        self
+    }
+    pub fn transcode_threads(mut self, n: usize) -> Self {
+        self.transcode_threads = n.max(1);
+        self
+    }
+    /// The staging ring: `slots` buffers of `slot_size` bytes, allocated once.
+    pub fn staging(mut self, slots: usize, slot_size: usize) -> Self {
+        self.staging_slots = slots.max(1);
+        self.slot_size = slot_size;
+        self
+    }
+    pub fn upload_streams(mut self, n: usize) -> Self {
+        self.upload_streams = n.max(1);
+        self
+    }
+    /// Requests waiting behind the running one before `generate` answers `QueueFull`.
+    pub fn queue_capacity(mut self, n: usize) -> Self {
+        self.queue_capacity = n.max(1);
+        self
+    }
+    /// Overrides the capacity of every pipeline channel (tests use 1 to prove there is no cycle
+    /// of bounded channels).
+    pub fn channel_capacity(mut self, n: usize) -> Self {
+        self.channel_capacity = Some(n.max(1));
+        self
+    }
+    /// The model computation (default: the llama-family CPU forward pass).
+    pub fn compute(mut self, factory: ComputeFactory) -> Self {
+        self.compute = Some(factory);
+        self
+    }
+    pub fn stage_delays(mut self, d: StageDelays) -> Self {
+        self.delays = d;
+        self
+    }
+
+    /// Opens the model, checks the budget, starts the actors and begins loading. Returns once
+    /// every actor is running; loading continues in the background (see `load_progress`).
+    pub fn build(self) -> Result<RuntimeHandle> {
+        let path = self.model.clone().ok_or(RuntimeError::NoModel)?;
+        let span = tracing::info_span!("build");
+        let _g = span.enter();
+        let file = rocmforge::gguf::GgufFile::open(&path)?;
+        let backend: Arc<dyn WeightBackend> = match &self.backend {
+            Some(b) => b.clone(),
+            None => Arc::new(CpuBackend::new()),
+        };
+        let plan = Arc::new(LoadPlan::new(&file, &*backend)?);
+        let total = plan.total_dev_bytes();
+        let budget = match self.budget {
+            MemoryBudget::Unlimited => u64::MAX,
+            MemoryBudget::Bytes(b) => b,
+            MemoryBudget::FractionOfWeights(f) if f > 0.0 && f <= 1.0 => (f * total as f64) as u64,
+            MemoryBudget::FractionOfWeights(f) => {
+                return Err(RuntimeError::Config(format!(
+                    "budget fraction {f} outside (0, 1]"
+                )))
+            }
+        };
+        let unit_bytes: Vec<u64> = plan.units.iter().map(|u| u.dev_bytes).collect();
+        // Fails fast (before any thread) when not even the global tensors plus one layer fit.
+        plan_fixed(
+            &unit_bytes,
+            plan.n_layers,
+            &BTreeSet::new(),
+            budget,
+            self.prefetch_depth,
+        )?;
+        let max_block = plan
+            .units
+            .iter()
+            .flat_map(|u| &u.tensors)
+            .map(|t| {
+                backend
+                    .transcoded_bytes(t.ty, t.ty.block_bytes())
+                    .max(t.ty.block_bytes())
+            })
+            .max()
+            .unwrap_or(1);
+        if (self.slot_size as u64) < max_block {
+            return Err(RuntimeError::Config(format!(
+                "staging slot of {} B is smaller than one quant block ({max_block} B)",
+                self.slot_size
+            )));
+        }
+        let factory = self
+            .compute
+            .clone()
+            .unwrap_or_else(|| crate::llama::LlamaCompute::factory(Default::default()));
+
+        let zero_copy = backend.computes_from_host() && self.read_mode == ReadMode::Mmap;
+        let needs_upload_ring = !zero_copy
+            && (self.read_mode == ReadMode::Mmap
+                || plan
+                    .units
+                    .iter()
+                    .flat_map(|u| &u.tensors)
+                    .any(|t| !backend.is_pass_through(t.ty)));
+        let read_ring = StagingRing::new(
+            if self.read_mode == ReadMode::Mmap {
+                0
+            } else {
+                self.staging_slots
+            },
+            self.slot_size,
+        );
+        let upload_ring = StagingRing::new(
+            if needs_upload_ring {
+                self.staging_slots
+            } else {
+                0
+            },
+            self.slot_size,
+        );
+        let cap = |reason_default: usize| self.channel_capacity.unwrap_or(reason_default);
+        // One outstanding job per unit at most; the Scheduler queues locally if this fills.
+        let (jobs_tx, jobs_rx) = flume::bounded(cap(plan.units.len() + 1));
+        // One chunk in hand per reader while the next one is read.
+        let (chunk_tx, chunk_rx) = flume::bounded(cap(2 * self.readers));
+        // Staged chunks hold staging slots; the ring bounds them anyway.
+        let (staged_tx, staged_rx) = flume::bounded(cap(self.staging_slots));
+        // One `Loaded` per unit in flight, `Need`/`Done` from one inference thread, and hints.
+        let (sched_tx, sched_rx) = flume::bounded(cap(64));
+        let (job_tx, job_rx) = flume::bounded(self.queue_capacity);
+
+        let shared = Arc::new(Shared::default());
+        let board = Arc::new(ResidencyBoard::new(plan.units.len()));
+        let cancel = CancellationToken::new();
+        let map = file.map();
+        let dims: crate::plan::UnitDims = Arc::new(
+            plan.units
+                .iter()
+                .map(|u| {
+                    Arc::new(
+                        u.tensors
+                            .iter()
+                            .map(|t| {
+                                let ti = &file.tensors()[t.index];
+                                (ti.row_len(), ti.n_rows())
+                            })
+                            .collect(),
+                    )
+                })
+                .collect(),
+        );
+
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let fail =
+            |threads: Vec<JoinHandle<()>>, cancel: &CancellationToken, board: &ResidencyBoard| {
+                cancel.cancel();
+                board.close();
+                for t in threads {
+                    let _ = t.join();
+                }
+            };
+        macro_rules! start {
+            ($e:expr) => {
+                match $e {
+                    Ok(h) => h,
+                    Err(e) => {
+                        fail(threads, &cancel, &board);
+                        return Err(e);
+                    }
+                }
+            };
+        }
+        threads.push(start!(inference::spawn(inference::InferenceConfig {
+            file: file.clone(),
+            factory,
+            plan: plan.clone(),
+            board: board.clone(),
+            sched: sched_tx.clone(),
+            jobs: job_rx,
+            shared: shared.clone(),
+            cancel: cancel.clone(),
+        })));
+        threads.push(start!(uploader::spawn(uploader::UploaderConfig {
+            map: map.clone(),
+            plan: plan.clone(),
+            backend: backend.clone(),
+            zero_copy,
+            n_streams: self.upload_streams,
+            input: staged_rx,
+            board: board.clone(),
+            sched: sched_tx.clone(),
+            shared: shared.clone(),
+            cancel: cancel.clone(),
+            delay_per_chunk: self.delays.upload_per_chunk,
+            dims: dims.clone(),
+        })));
+        threads.push(start!(transcode::spawn(transcode::TranscodeConfig {
+            n_threads: self.transcode_threads,
+            map: map.clone(),
+            plan: plan.clone(),
+            backend: backend.clone(),
+            zero_copy,
+            ring: upload_ring.clone(),
+            input: chunk_rx,
+            out: staged_tx,
+            sched: sched_tx.clone(),
+            shared: shared.clone(),
+            cancel: cancel.clone(),
+            delay_per_chunk: self.delays.transcode_per_chunk,
+        })));
+        let readers = start!(reader::spawn(reader::ReaderConfig {
+            path: path.clone(),
+            map,
+            mode: self.read_mode,
+            n_readers: self.readers,
+            plan: plan.clone(),
+            backend: backend.clone(),
+            ring: read_ring.clone(),
+            jobs: jobs_rx,
+            out: chunk_tx,
+            sched: sched_tx.clone(),
+            shared: shared.clone(),
+            cancel: cancel.clone(),
+            delay_per_chunk: self.delays.read_per_chunk,
+        }));
+        threads.extend(readers);
+        threads.push(start!(scheduler::spawn(scheduler::SchedulerConfig {
+            plan: plan.clone(),
+            budget,
+            prefetch_depth: self.prefetch_depth,
+            jobs: jobs_tx,
+            board: board.clone(),
+            shared: shared.clone(),
+            cancel: cancel.clone(),
+            inbox: sched_rx,
+            dims,
+            n_readers: self.readers,
+            split_bytes: self.slot_size as u64,
+        })));
+
+        Ok(RuntimeHandle {
+            inner: Arc::new(Inner {
+                sched: sched_tx,
+                jobs: Mutex::new(Some(job_tx)),
+                shared,
+                board,
+                cancel,
+                threads: Mutex::new(threads),
+                backend,
+                rings: [read_ring, upload_ring],
+                plan,
+                budget,
+                queue_capacity: self.queue_capacity,
+                opened: Instant::now(),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    sched: flume::Sender<SchedMsg>,
+    jobs: Mutex<Option<flume::Sender<Job>>>,
+    shared: Arc<Shared>,
+    board: Arc<ResidencyBoard>,
+    cancel: CancellationToken,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    backend: Arc<dyn WeightBackend>,
+    rings: [StagingRing; 2],
+    plan: Arc<LoadPlan>,
+    budget: u64,
+    queue_capacity: usize,
+    opened: Instant,
+}
+
+impl Inner {
+    fn shutdown(&self) -> Result<()> {
+        let _s = tracing::info_span!("shutdown").entered();
+        // Stop accepting work, then cancel: every actor notices within one wait tick, the
+        // request in flight and the queued ones get `ShutDown`.
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.cancel.cancel();
+        self.board.close();
+        let threads: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut panicked = 0;
+        for t in threads {
+            if t.join().is_err() {
+                panicked += 1;
+            }
+        }
+        self.board.clear();
+        if panicked > 0 {
+            return Err(RuntimeError::Stage {
+                stage: "shutdown",
+                message: format!("{panicked} actor thread(s) panicked"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: the actors end with it.
+        let _ = self.shutdown();
+    }
+}
+
+/// A running runtime. Cheap to clone; every clone drives the same actors.
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RuntimeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeHandle")
+            .field("backend", &self.inner.backend.name())
+            .field("layers", &self.inner.plan.n_layers)
+            .field("budget", &self.inner.budget)
+            .finish()
+    }
+}
+
+impl RuntimeHandle {
+    /// Queues a request; tokens arrive on the returned stream. Dropping the stream cancels the
+    /// request within one decode step (one layer, in fact) and frees its KV slot.
+    pub fn generate(&self, request: GenerateRequest) -> TokenStream {
+        // Tokens buffered ahead of a slow consumer; past that, decoding waits for the reader.
+        let (tx, rx) = flume::bounded::<StreamItem>(64);
+        let cancel = self.inner.cancel.child_token();
+        let finish = Arc::new(Mutex::new(None));
+        let stream = TokenStream {
+            stream: rx.clone().into_stream(),
+            rx,
+            finish: finish.clone(),
+            _guard: cancel.clone().drop_guard(),
+        };
+        let job = Job {
+            request,
+            events: tx.clone(),
+            finish,
+            cancel,
+        };
+        let guard = self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let err = match guard.as_ref().map(|j| j.try_send(job)) {
+            Some(Ok(())) => None,
+            Some(Err(flume::TrySendError::Full(_))) => Some(RuntimeError::QueueFull {
+                capacity: self.inner.queue_capacity,
+            }),
+            Some(Err(flume::TrySendError::Disconnected(_))) | None => Some(RuntimeError::ShutDown),
+        };
+        if let Some(e) = err {
+            let _ = tx.try_send(Err(e));
+        }
+        stream
+    }
+
+    /// Sends a hint to the Scheduler and waits for its verdict (it never waits on I/O).
+    pub fn hint(&self, hint: Hint) -> Result<()> {
+        let (tx, rx) = flume::bounded(1);
+        self.inner
+            .sched
+            .send(SchedMsg::Hint { hint, reply: tx })
+            .map_err(|_| RuntimeError::ShutDown)?;
+        rx.recv().map_err(|_| RuntimeError::ShutDown)?
+    }
+
+    pub fn load_progress(&self) -> LoadProgress {
+        self.inner.shared.progress()
+    }
+
+    /// Blocks until the initial load (resident set and first window) is in, or `timeout`.
+    pub fn wait_loaded(&self, timeout: Duration) -> Result<()> {
+        let until = Instant::now() + timeout;
+        while !self
+            .inner
+            .shared
+            .counters
+            .initial_done
+            .load(Ordering::Acquire)
+        {
+            if self.inner.cancel.is_cancelled() {
+                return Err(RuntimeError::ShutDown);
+            }
+            if Instant::now() > until {
+                return Err(RuntimeError::Stage {
+                    stage: "load",
+                    message: format!("initial load not done after {timeout:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+    }
+
+    /// Time since `build` opened the model.
+    pub fn since_open(&self) -> Duration {
+        self.inner.opened.elapsed()
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.inner.plan.n_layers
+    }
+
+    pub fn stats(&self) -> Stats {
+        let s = &self.inner.shared;
+        let snap = s.snapshot();
+        let c = &s.counters;
+        Stats {
+            budget_bytes: self.inner.budget,
+            total_weight_bytes: self.inner.plan.total_dev_bytes(),
+            resident_bytes: snap.reserved_bytes,
+            peak_resident_bytes: snap.peak_reserved_bytes,
+            allocated_bytes: self.inner.backend.allocated_bytes(),
+            peak_allocated_bytes: self.inner.backend.peak_allocated_bytes(),
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            evictions: snap.evictions,
+            loads_per_layer: snap.loads_per_unit,
+            resident_layers: snap.resident,
+            pinned_layers: snap.pinned,
+            fixed_layers: snap.fixed,
+            prefetch_window: snap.window,
+            hint_noops: snap.hint_noops,
+            stage_busy: Stage::ALL
+                .iter()
+                .map(|&st| StageBusy {
+                    stage: st.name().to_string(),
+                    busy_ns: s.busy_ns(st),
+                })
+                .collect(),
+            kv_slots_in_use: c.kv_slots_in_use.load(Ordering::Acquire),
+            requests_done: c.requests_done.load(Ordering::Acquire),
+            direct_io: c.direct_io.load(Ordering::Acquire),
+        }
+    }
+
+    /// Staging slots currently lent out (0 when idle: none leaked).
+    pub fn staging_slots_in_use(&self) -> usize {
+        self.inner
+            .rings
+            .iter()
+            .map(|r| r.n_slots() - r.free_slots())
+            .sum()
+    }
+
+    /// Cancels loading and requests, joins every actor thread and frees the weights. Requests in
+    /// flight receive `RuntimeError::ShutDown`. Idempotent; other clones see `ShutDown` after.
+    pub fn shutdown(&self) -> Result<()> {
+        self.inner.shutdown()
+    }
+}
+
+/// Tokens of one request: an async `Stream`, or a blocking iterator via `into_blocking`.
+/// Dropping it cancels the request.
+pub struct TokenStream {
+    rx: flume::Receiver<StreamItem>,
+    stream: flume::r#async::RecvStream<'static, StreamItem>,
+    finish: Arc<Mutex<Option<FinishReason>>>,
+    _guard: DropGuard,
+}
+
+impl TokenStream {
+    /// Why generation stopped, once the stream has ended normally.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        *self.finish.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn into_blocking(self) -> BlockingTokens {
+        BlockingTokens { inner: self }
+    }
+
+    /// Blocking: all tokens, or the first error.
+    pub fn collect_tokens(self) -> Result<Vec<u32>> {
+        self.into_blocking().map(|r| r.map(|e| e.token)).collect()
+    }
+}
+
+impl futures::Stream for TokenStream {
+    type Item = StreamItem;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<StreamItem>> {
+        Pin::new(&mut self.stream).poll_next(cx)
+    }
+}
+
+/// Blocking iterator over a `TokenStream`.
+pub struct BlockingTokens {
+    inner: TokenStream,
+}
+
+impl BlockingTokens {
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.inner.finish_reason()
+    }
+}
+
+impl Iterator for BlockingTokens {
+    type Item = Result<TokenEvent>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.inner.rx.recv().ok()
+    }
+}

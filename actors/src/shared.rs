@@ -1,0 +1,100 @@
+//! State shared between the actors and the handle: counters only (atomics), so reading stats
+//! never waits on an actor.
+
+use crate::messages::{LoadProgress, Stage};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Default)]
+pub struct Counters {
+    pub busy_ns: [AtomicU64; 5],
+    pub read_bytes: AtomicU64,
+    pub transcoded_bytes: AtomicU64,
+    pub uploaded_bytes: AtomicU64,
+    pub initial_bytes: AtomicU64,
+    pub initial_done: AtomicBool,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub kv_slots_in_use: AtomicUsize,
+    pub requests_done: AtomicU64,
+    pub direct_io: AtomicBool,
+}
+
+/// The scheduler's view, copied out after every event it handles.
+#[derive(Debug, Clone, Default)]
+pub struct ResidencySnapshot {
+    pub reserved_bytes: u64,
+    pub peak_reserved_bytes: u64,
+    pub evictions: u64,
+    pub loads_per_unit: Vec<u64>,
+    pub resident: Vec<bool>,
+    pub pinned: Vec<usize>,
+    pub fixed: Vec<usize>,
+    pub window: usize,
+    pub hint_noops: u64,
+}
+
+#[derive(Default)]
+pub struct Shared {
+    pub counters: Counters,
+    pub residency: Mutex<ResidencySnapshot>,
+}
+
+fn stage_index(s: Stage) -> usize {
+    match s {
+        Stage::Read => 0,
+        Stage::Transcode => 1,
+        Stage::Upload => 2,
+        Stage::Schedule => 3,
+        Stage::Compute => 4,
+    }
+}
+
+impl Shared {
+    pub fn add_busy(&self, stage: Stage, since: Instant) {
+        let ns = since.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.counters.busy_ns[stage_index(stage)].fetch_add(ns, Ordering::Relaxed);
+    }
+
+    pub fn busy_ns(&self, stage: Stage) -> u64 {
+        self.counters.busy_ns[stage_index(stage)].load(Ordering::Relaxed)
+    }
+
+    pub fn progress(&self) -> LoadProgress {
+        let c = &self.counters;
+        LoadProgress {
+            initial_bytes: c.initial_bytes.load(Ordering::Acquire),
+            read_bytes: c.read_bytes.load(Ordering::Acquire),
+            transcoded_bytes: c.transcoded_bytes.load(Ordering::Acquire),
+            uploaded_bytes: c.uploaded_bytes.load(Ordering::Acquire),
+            initial_done: c.initial_done.load(Ordering::Acquire),
+        }
+    }
+
+    pub fn snapshot(&self) -> ResidencySnapshot {
+        self.residency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Receives a message, or `None` once `cancel` fires or every sender is gone. Wakes every 20 ms
+/// to notice cancellation: flume has no cancellation-aware blocking receive, and actor threads
+/// are plain OS threads (CPU work must not sit on the async runtime).
+pub fn recv_or_cancel<T>(
+    rx: &flume::Receiver<T>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<T> {
+    loop {
+        if cancel.is_cancelled() {
+            return None;
+        }
+        match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+            Ok(m) => return Some(m),
+            Err(flume::RecvTimeoutError::Timeout) => continue,
+            Err(flume::RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}

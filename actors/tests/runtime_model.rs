@@ -1,0 +1,107 @@
+//! The pipelined runtime with the real SmolLM2-135M model and the core crate's forward pass.
+
+use rocmforge::model::{Model, SequenceConfig};
+use rocmforge_actors::llama::LlamaCompute;
+use rocmforge_actors::{GenerateRequest, MemoryBudget, ReadMode, Runtime, RuntimeError};
+use std::path::PathBuf;
+
+fn smollm2() -> PathBuf {
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "test model {} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
+
+const PROMPT: [u32; 6] = [504, 3575, 282, 4649, 314, 1];
+const N: usize = 8;
+
+fn request() -> GenerateRequest {
+    let mut r = GenerateRequest::tokens(PROMPT.to_vec(), N);
+    r.stop_at_eos = false;
+    r
+}
+
+/// Greedy tokens from the core crate's own `Model::forward` over the memory map.
+fn core_tokens() -> Vec<u32> {
+    let model = Model::open(smollm2()).unwrap();
+    let mut seq = model.new_sequence(SequenceConfig::default()).unwrap();
+    let mut out = Vec::new();
+    let mut input = PROMPT.to_vec();
+    for _ in 0..N {
+        let logits = model.forward(&input, &mut seq).unwrap();
+        let t = rocmforge::sample::argmax(logits);
+        out.push(t);
+        input = vec![t];
+    }
+    out
+}
+
+fn runtime_tokens(mode: ReadMode, budget: MemoryBudget) -> (Vec<u32>, rocmforge_actors::Stats) {
+    let rt = Runtime::builder()
+        .model(smollm2())
+        .read_mode(mode)
+        .memory_budget(budget)
+        .compute(LlamaCompute::factory(SequenceConfig::default()))
+        .build()
+        .unwrap();
+    let t = rt.generate(request()).collect_tokens().unwrap();
+    let s = rt.stats();
+    rt.shutdown().unwrap();
+    (t, s)
+}
+
+#[test]
+fn pipelined_runtime_matches_the_core_forward_pass() {
+    let want = core_tokens();
+    let (got, _) = runtime_tokens(ReadMode::Mmap, MemoryBudget::Unlimited);
+    assert_eq!(got, want);
+}
+
+#[test]
+fn budget_40_percent_gives_the_same_tokens_and_stays_within_budget() {
+    let (want, _) = runtime_tokens(ReadMode::Read, MemoryBudget::Unlimited);
+    for mode in [ReadMode::Read, ReadMode::Mmap] {
+        let (got, s) = runtime_tokens(mode, MemoryBudget::FractionOfWeights(0.4));
+        assert_eq!(got, want, "{mode:?}");
+        assert!(s.peak_resident_bytes <= s.budget_bytes, "{mode:?}: {s:?}");
+        assert!(s.peak_allocated_bytes <= s.budget_bytes, "{mode:?}: {s:?}");
+        assert!(s.evictions > 0, "{mode:?} did not stream: {s:?}");
+    }
+}
+
+#[test]
+fn budget_below_one_layer_is_a_clear_build_error() {
+    let r = Runtime::builder()
+        .model(smollm2())
+        .memory_budget(MemoryBudget::Bytes(1 << 20))
+        .compute(LlamaCompute::factory(SequenceConfig::default()))
+        .build();
+    match r {
+        Err(e @ RuntimeError::BudgetTooSmall { .. }) => {
+            assert!(e.to_string().contains("budget"), "{e}")
+        }
+        other => panic!("expected BudgetTooSmall, got {other:?}"),
+    }
+}
+
+#[test]
+fn text_prompts_stream_text_pieces() {
+    let rt = Runtime::builder()
+        .model(smollm2())
+        .compute(LlamaCompute::factory(SequenceConfig::default()))
+        .build()
+        .unwrap();
+    let mut req = GenerateRequest::text("The capital of France is", 6);
+    req.stop_at_eos = false;
+    let text: String = rt
+        .generate(req)
+        .into_blocking()
+        .map(|e| e.unwrap().text)
+        .collect();
+    assert!(!text.is_empty());
+    rt.shutdown().unwrap();
+}

@@ -1,0 +1,164 @@
+//! The CPU ops of the forward pass: projections through the quant kernels, RMSNorm, SwiGLU,
+//! softmax. Everything writes into caller-provided buffers so decode allocates nothing.
+
+use super::error::ModelError;
+use super::weights::WeightView;
+use crate::quant::{self, QuantError};
+use serde::{Deserialize, Serialize};
+
+/// Numerical mode of the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Weights dequantized exactly, f32 activations, f32 KV cache: the oracle for every faster
+    /// path and every GPU kernel.
+    Exact,
+    /// Quantized dot products with activations quantized to Q8 (as ggml does); f16 KV allowed.
+    #[default]
+    Fast,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exact" => Ok(Self::Exact),
+            "fast" => Ok(Self::Fast),
+            other => Err(format!("unknown precision {other:?} (exact | fast)")),
+        }
+    }
+}
+
+fn kernel_err<'a>(op: &'static str, tensor: &'a str) -> impl FnOnce(QuantError) -> ModelError + 'a {
+    move |source| ModelError::Kernel {
+        op,
+        tensor: tensor.to_string(),
+        source,
+    }
+}
+
+/// `y[b, r] = sum_c W[r, c] * x[b, c]` for `batch` rows of `x` (`[batch, w.cols]`), giving
+/// `y` as `[batch, w.rows]`. One row uses the matrix-vector kernel (decode), more the
+/// matrix-matrix one (prefill). `name` only labels errors.
+pub fn linear(
+    w: &WeightView,
+    name: &str,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+    precision: Precision,
+) -> Result<(), ModelError> {
+    let (rows, cols) = (w.rows, w.cols);
+    debug_assert_eq!(x.len(), batch * cols);
+    debug_assert_eq!(y.len(), batch * rows);
+    let r = match (precision, batch) {
+        (Precision::Exact, 1) => quant::matvec_exact(w.ty, w.data, rows, cols, x, y),
+        (Precision::Exact, _) => quant::matmul_exact(w.ty, w.data, rows, cols, x, batch, y),
+        (Precision::Fast, 1) => quant::matvec(w.ty, w.data, rows, cols, x, y),
+        (Precision::Fast, _) => quant::matmul(w.ty, w.data, rows, cols, x, batch, y),
+    };
+    r.map_err(kernel_err("matmul", name))
+}
+
+/// Dequantizes a whole vector tensor (norm weights, biases) or selected rows (embeddings).
+pub fn dequantize(w: &WeightView, name: &str, dst: &mut [f32]) -> Result<(), ModelError> {
+    quant::dequantize(w.ty, w.data, dst).map_err(kernel_err("dequantize", name))
+}
+
+/// Dequantizes row `r` of `w` into `dst` (`[w.cols]`).
+pub fn dequantize_row(
+    w: &WeightView,
+    r: usize,
+    name: &str,
+    dst: &mut [f32],
+) -> Result<(), ModelError> {
+    quant::dequantize(w.ty, w.row(r), dst).map_err(kernel_err("dequantize", name))
+}
+
+/// `out = x / rms(x) * weight`, row by row over `[n, d]`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        // Accumulate in f64: d is small and it keeps the exact path close to a float64 oracle.
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = (1.0 / (ss / d as f64 + eps as f64).sqrt()) as f32;
+        for ((o, &v), &w) in or.iter_mut().zip(xr).zip(weight) {
+            *o = v * scale * w;
+        }
+    }
+}
+
+/// SwiGLU in place: `gate = silu(gate) * up`.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let s = *g / (1.0 + (-*g).exp());
+        *g = s * u;
+    }
+}
+
+/// Softmax in place, stable (max subtracted).
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `y += x`.
+pub fn add_assign(y: &mut [f32], x: &[f32]) {
+    for (a, &b) in y.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight accumulators let the compiler vectorise without reassociation flags.
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += a * x`.
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn norm_softmax_swiglu() {
+        let mut out = [0f32; 4];
+        rms_norm(&[1.0, -1.0, 1.0, -1.0], &[1.0, 2.0, 3.0, 4.0], 0.0, &mut out);
+        assert_eq!(out, [1.0, -2.0, 3.0, -4.0]);
+        let mut s = [0.0f32, 0.0, f32::ln(2.0)];
+        softmax(&mut s);
+        assert!((s[2] - 0.5).abs() < 1e-6 && (s[0] - 0.25).abs() < 1e-6);
+        let mut g = [0.0f32, 100.0];
+        swiglu(&mut g, &[3.0, 2.0]);
+        assert_eq!(g[0], 0.0);
+        assert!((g[1] - 200.0).abs() < 1e-3);
+        let a: Vec<f32> = (0..19).map(|i| i as f32).collect();
+        assert_eq!(dot(&a, &a), (0..19).map(|i| (i * i) as f32).sum::<f32>());
+    }
+}

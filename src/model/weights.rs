@@ -1,0 +1,309 @@
+//! Where each weight lives (`TensorRef`), checked against the hyper-parameters at load, and
+//! borrowed views of the bytes (`WeightView`) that the forward pass computes with.
+//!
+//! Views borrow from the mmap by default (zero copy); the pipelined runtime builds the same
+//! `LayerWeights` over its own host arena from the `TensorRef`s' types and shapes.
+
+use super::error::ModelError;
+use super::hparams::HParams;
+use super::names::{tensor_name, TensorKind};
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::quant::GgmlType;
+use std::collections::HashSet;
+use std::ops::Range;
+
+/// A matrix (or vector, `rows == 1`) in GGUF row-major order: `rows` rows of `cols` elements,
+/// each row `ty.row_bytes(cols)` bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightView<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> WeightView<'a> {
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        // Checked at construction (`TensorRef::view`) and in `TensorInfo::new`.
+        self.ty.row_bytes(self.cols as u64).unwrap_or(0) as usize
+    }
+
+    /// The bytes of row `r` (`r < rows`).
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+}
+
+/// One tensor's location and geometry in the file.
+#[derive(Debug, Clone)]
+pub struct TensorRef {
+    pub name: String,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    /// Absolute byte range in the file.
+    pub range: Range<usize>,
+}
+
+impl TensorRef {
+    /// A view into the whole mapped file.
+    pub fn view<'a>(&self, file: &'a [u8]) -> WeightView<'a> {
+        self.view_of(&file[self.range.clone()])
+    }
+
+    /// A view over `data`, a buffer holding exactly this tensor (a runtime's host arena).
+    pub fn view_of<'a>(&self, data: &'a [u8]) -> WeightView<'a> {
+        WeightView {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data,
+        }
+    }
+}
+
+/// The weights of one transformer block.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerWeights<'a> {
+    pub attn_norm: WeightView<'a>,
+    pub wq: WeightView<'a>,
+    pub wk: WeightView<'a>,
+    pub wv: WeightView<'a>,
+    pub bq: Option<WeightView<'a>>,
+    pub bk: Option<WeightView<'a>>,
+    pub bv: Option<WeightView<'a>>,
+    pub wo: WeightView<'a>,
+    pub ffn_norm: WeightView<'a>,
+    pub w_gate: WeightView<'a>,
+    pub w_up: WeightView<'a>,
+    pub w_down: WeightView<'a>,
+}
+
+/// Tensor locations of one block.
+#[derive(Debug, Clone)]
+pub struct LayerRefs {
+    pub attn_norm: TensorRef,
+    pub wq: TensorRef,
+    pub wk: TensorRef,
+    pub wv: TensorRef,
+    pub bq: Option<TensorRef>,
+    pub bk: Option<TensorRef>,
+    pub bv: Option<TensorRef>,
+    pub wo: TensorRef,
+    pub ffn_norm: TensorRef,
+    pub w_gate: TensorRef,
+    pub w_up: TensorRef,
+    pub w_down: TensorRef,
+}
+
+impl LayerRefs {
+    /// Views over the whole mapped file.
+    pub fn views<'a>(&self, file: &'a [u8]) -> LayerWeights<'a> {
+        LayerWeights {
+            attn_norm: self.attn_norm.view(file),
+            wq: self.wq.view(file),
+            wk: self.wk.view(file),
+            wv: self.wv.view(file),
+            bq: self.bq.as_ref().map(|t| t.view(file)),
+            bk: self.bk.as_ref().map(|t| t.view(file)),
+            bv: self.bv.as_ref().map(|t| t.view(file)),
+            wo: self.wo.view(file),
+            ffn_norm: self.ffn_norm.view(file),
+            w_gate: self.w_gate.view(file),
+            w_up: self.w_up.view(file),
+            w_down: self.w_down.view(file),
+        }
+    }
+
+    /// All tensors of the block, for runtimes that copy a layer elsewhere.
+    pub fn all(&self) -> Vec<&TensorRef> {
+        let mut v = vec![
+            &self.attn_norm,
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.ffn_norm,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ];
+        v.extend([&self.bq, &self.bk, &self.bv].into_iter().flatten());
+        v
+    }
+}
+
+/// Every tensor the forward pass uses, located and shape-checked.
+#[derive(Debug, Clone)]
+pub struct ModelLayout {
+    pub token_embd: TensorRef,
+    pub output_norm: TensorRef,
+    /// `None` when the head is tied to `token_embd`.
+    pub output: Option<TensorRef>,
+    /// Llama 3.1 frequency divisors, `[n_rot / 2]`.
+    pub rope_freqs: Option<TensorRef>,
+    pub layers: Vec<LayerRefs>,
+    pub n_vocab: usize,
+}
+
+/// Trailing 1s do not change a tensor's meaning (`[576, 1]` is `[576]`).
+fn trim(shape: &[u64]) -> &[u64] {
+    let mut n = shape.len();
+    while n > 1 && shape[n - 1] == 1 {
+        n -= 1;
+    }
+    &shape[..n]
+}
+
+struct Locator<'f> {
+    file: &'f GgufFile,
+    used: HashSet<String>,
+}
+
+impl Locator<'_> {
+    fn info(&mut self, name: &str) -> Option<&TensorInfo> {
+        let t = self.file.tensor(name)?;
+        self.used.insert(name.to_string());
+        Some(t)
+    }
+
+    /// `expected` in GGUF order: `[cols]` for vectors, `[cols, rows]` for matrices.
+    fn opt(
+        &mut self,
+        kind: TensorKind,
+        layer: Option<usize>,
+        expected: &[u64],
+    ) -> Result<Option<TensorRef>, ModelError> {
+        let name = tensor_name(kind, layer);
+        let file = self.file;
+        let Some(t) = self.info(&name) else {
+            return Ok(None);
+        };
+        if trim(&t.shape) != trim(expected) {
+            return Err(ModelError::TensorShape {
+                name,
+                expected: expected.to_vec(),
+                found: t.shape.clone(),
+            });
+        }
+        if !t.ggml_type.is_supported() {
+            return Err(ModelError::UnsupportedTensorType {
+                name,
+                ty: t.ggml_type,
+            });
+        }
+        // Vectors (norms, biases) are read element-wise as f32 by the forward pass.
+        if expected.len() == 1 && t.ggml_type != GgmlType::F32 && t.ggml_type != GgmlType::F16 {
+            return Err(ModelError::UnsupportedTensorType {
+                name,
+                ty: t.ggml_type,
+            });
+        }
+        Ok(Some(TensorRef {
+            name,
+            ty: t.ggml_type,
+            cols: t.row_len() as usize,
+            rows: t.n_rows() as usize,
+            range: file.tensor_range(t),
+        }))
+    }
+
+    fn req(
+        &mut self,
+        kind: TensorKind,
+        layer: Option<usize>,
+        expected: &[u64],
+    ) -> Result<TensorRef, ModelError> {
+        self.opt(kind, layer, expected)?
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: tensor_name(kind, layer),
+            })
+    }
+}
+
+impl ModelLayout {
+    /// Locates every tensor, checks shapes and types against `hp`, and rejects files holding
+    /// tensors the forward pass would silently ignore.
+    pub fn from_file(file: &GgufFile, hp: &HParams) -> Result<Self, ModelError> {
+        let mut loc = Locator {
+            file,
+            used: HashSet::new(),
+        };
+        let d = hp.n_embd as u64;
+        let embd_name = tensor_name(TensorKind::TokenEmbd, None);
+        let n_vocab = match file.tensor(&embd_name) {
+            Some(t) if t.shape.len() == 2 => t.shape[1] as usize,
+            Some(t) => {
+                return Err(ModelError::TensorShape {
+                    name: embd_name,
+                    expected: vec![d, hp.n_vocab.unwrap_or(0) as u64],
+                    found: t.shape.clone(),
+                })
+            }
+            None => return Err(ModelError::MissingTensor { name: embd_name }),
+        };
+        if let Some(v) = hp.n_vocab {
+            if v != n_vocab {
+                return Err(ModelError::BadHParam {
+                    key: "vocabulary size".into(),
+                    reason: format!("metadata says {v}, token_embd has {n_vocab} rows"),
+                });
+            }
+        }
+        let nv = n_vocab as u64;
+        let token_embd = loc.req(TensorKind::TokenEmbd, None, &[d, nv])?;
+        let output_norm = loc.req(TensorKind::OutputNorm, None, &[d])?;
+        let output = loc.opt(TensorKind::Output, None, &[d, nv])?;
+        let rope_freqs = loc.opt(TensorKind::RopeFreqs, None, &[hp.n_rot as u64 / 2])?;
+        let (q, k, v) = (hp.q_dim() as u64, hp.k_dim() as u64, hp.v_dim() as u64);
+        let o_in = (hp.n_head * hp.head_dim_v) as u64;
+        let ff = hp.n_ff as u64;
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for l in 0..hp.n_layer {
+            let at = Some(l);
+            let bias = |loc: &mut Locator, kind, n| -> Result<Option<TensorRef>, ModelError> {
+                if hp.arch.has_qkv_bias() {
+                    loc.req(kind, at, &[n]).map(Some)
+                } else {
+                    // Some llama conversions carry biases too; use them when present.
+                    loc.opt(kind, at, &[n])
+                }
+            };
+            layers.push(LayerRefs {
+                attn_norm: loc.req(TensorKind::AttnNorm, at, &[d])?,
+                wq: loc.req(TensorKind::AttnQ, at, &[d, q])?,
+                wk: loc.req(TensorKind::AttnK, at, &[d, k])?,
+                wv: loc.req(TensorKind::AttnV, at, &[d, v])?,
+                bq: bias(&mut loc, TensorKind::AttnQBias, q)?,
+                bk: bias(&mut loc, TensorKind::AttnKBias, k)?,
+                bv: bias(&mut loc, TensorKind::AttnVBias, v)?,
+                wo: loc.req(TensorKind::AttnOutput, at, &[o_in, d])?,
+                ffn_norm: loc.req(TensorKind::FfnNorm, at, &[d])?,
+                w_gate: loc.req(TensorKind::FfnGate, at, &[d, ff])?,
+                w_up: loc.req(TensorKind::FfnUp, at, &[d, ff])?,
+                w_down: loc.req(TensorKind::FfnDown, at, &[ff, d])?,
+            });
+        }
+        if let Some(t) = file.tensors().iter().find(|t| !loc.used.contains(&t.name)) {
+            return Err(ModelError::UnusedTensor {
+                name: t.name.clone(),
+                arch: hp.arch.name().to_string(),
+            });
+        }
+        Ok(Self {
+            token_embd,
+            output_norm,
+            output,
+            rope_freqs,
+            layers,
+            n_vocab,
+        })
+    }
+
+    /// The output head: `output.weight`, or the tied embedding matrix.
+    pub fn head(&self) -> &TensorRef {
+        self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+}
