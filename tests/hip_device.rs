@@ -10,7 +10,9 @@
 use std::sync::Arc;
 
 use rocmforge::backend::hip::{wavefront_size, HipDevice};
-use rocmforge::backend::{Backend, BackendError, BackendKind, ComputeDevice, DeviceEvent, DeviceStream};
+use rocmforge::backend::{
+    Backend, BackendError, BackendKind, ComputeDevice, DeviceEvent, DeviceStream,
+};
 
 /// The device, or `None` after checking that the failure is the typed no-device error.
 fn device_or_no_device() -> Option<Arc<HipDevice>> {
@@ -29,7 +31,10 @@ fn device_or_no_device() -> Option<Arc<HipDevice>> {
                 other => panic!("expected NoDevice, got {other:?}"),
             }
             let msg = e.to_string();
-            assert!(msg.contains("HIP") && msg.contains("no HIP device"), "message: {msg}");
+            assert!(
+                msg.contains("HIP") && msg.contains("no HIP device"),
+                "message: {msg}"
+            );
             eprintln!("no AMD GPU here (expected on CI): {msg}");
             None
         }
@@ -53,7 +58,10 @@ fn open_is_a_device_or_the_typed_no_device_error() {
 fn explicit_hip_backend_reports_why_it_cannot_open() {
     match Backend::open(BackendKind::Hip) {
         Ok((b, _)) => assert_eq!(b.kind(), BackendKind::Hip),
-        Err(BackendError::NoDevice { backend: "HIP", reason }) => assert!(reason.contains("no HIP device")),
+        Err(BackendError::NoDevice {
+            backend: "HIP",
+            reason,
+        }) => assert!(reason.contains("no HIP device")),
         Err(e) => panic!("expected a HIP device or NoDevice, got {e:?}"),
     }
 }
@@ -73,7 +81,11 @@ fn auto_falls_back_to_cpu_with_the_hip_reason() {
             assert!(hip[0].to_string().contains("no HIP device"));
         }
         BackendKind::Cuda => {} // an NVIDIA GPU wins auto before HIP is tried
-        BackendKind::Hip => assert!(fb.reasons.len() == 1, "CUDA was tried first: {:?}", fb.reasons),
+        BackendKind::Hip => assert!(
+            fb.reasons.len() == 1,
+            "CUDA was tried first: {:?}",
+            fb.reasons
+        ),
         BackendKind::Auto => unreachable!("open never returns Auto"),
     }
 }
@@ -81,7 +93,9 @@ fn auto_falls_back_to_cpu_with_the_hip_reason() {
 /// Everything below needs a GPU; on this project's machines it returns at the first line.
 #[test]
 fn runtime_roles_on_a_device() {
-    let Some(d) = device_or_no_device() else { return };
+    let Some(d) = device_or_no_device() else {
+        return;
+    };
     // Memory round trip.
     let data: Vec<f32> = (0..4096).map(|i| (i as f32).sin()).collect();
     let buf = d.upload(&data, "smoke").expect("upload");
@@ -93,7 +107,8 @@ fn runtime_roles_on_a_device() {
         Err(BackendError::OutOfMemory { .. }) => {}
         other => panic!("expected OutOfMemory, got {other:?}"),
     }
-    d.alloc(1 << 20, "after oom").expect("allocation after an OOM");
+    d.alloc(1 << 20, "after oom")
+        .expect("allocation after an OOM");
     // Pinned ring -> arena slice on a copy stream; compute stream waits on the device.
     let mut arena = d.arena(1 << 20, "layer").expect("arena");
     let slice = arena.carve(4096).expect("carve");
@@ -101,7 +116,10 @@ fn runtime_roles_on_a_device() {
     let compute = d.new_stream().expect("compute stream");
     let mut ring = d.pinned_ring(2, 4096).expect("ring");
     let (i, slot) = ring.acquire().expect("slot");
-    slot.as_mut_slice().iter_mut().enumerate().for_each(|(k, b)| *b = (k % 251) as u8);
+    slot.as_mut_slice()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(k, b)| *b = (k % 251) as u8);
     let ev = ring.upload(i, &copy, &slice, 0, 4096).expect("upload");
     compute.wait(ev).expect("stream wait");
     compute.synchronize().expect("sync");
@@ -109,16 +127,25 @@ fn runtime_roles_on_a_device() {
     slice.read(&mut back).expect("read slice");
     assert!(back.iter().enumerate().all(|(k, b)| *b == (k % 251) as u8));
     // Timing events.
-    let (t0, t1) = (d.new_event(true).expect("event"), d.new_event(true).expect("event"));
+    let (t0, t1) = (
+        d.new_event(true).expect("event"),
+        d.new_event(true).expect("event"),
+    );
     compute.record(&t0).expect("record");
     compute.record(&t1).expect("record");
     t1.synchronize().expect("event sync");
     assert!(t1.is_complete().expect("query"));
     assert!(t0.elapsed_ms(&t1).expect("elapsed") >= 0.0);
     // Module load and launch: the device's block sizes equal the Rust table.
-    let k = d.kernel("quant_sizes.cu", "quant_block_sizes").expect("kernel");
+    let k = d
+        .kernel("quant_sizes.cu", "quant_block_sizes")
+        .expect("kernel");
     let out = d.alloc(4 * 16, "sizes").expect("alloc");
-    let shape = rocmforge::backend::cuda::LaunchShape { grid: (1, 1, 1), block: (1, 1, 1), shared_bytes: 0 };
+    let shape = rocmforge::backend::cuda::LaunchShape {
+        grid: (1, 1, 1),
+        block: (1, 1, 1),
+        shared_bytes: 0,
+    };
     use rocmforge::backend::cuda::Arg;
     use rocmforge::backend::DeviceBuffer;
     // SAFETY: quant_block_sizes(u32* out) writes 11 u32 into a 64-byte buffer kept alive
@@ -126,7 +153,10 @@ fn runtime_roles_on_a_device() {
     unsafe { k.launch(&compute, shape, &[Arg::Ptr(out.device_ptr())]) }.expect("launch");
     compute.synchronize().expect("sync");
     let sizes = out.to_vec::<u32>(11).expect("read sizes");
-    for (n, (t, name)) in rocmforge::backend::kernels::DEVICE_BLOCKS.iter().enumerate() {
+    for (n, (t, name)) in rocmforge::backend::kernels::DEVICE_BLOCKS
+        .iter()
+        .enumerate()
+    {
         assert_eq!(u64::from(sizes[n]), t.block_bytes(), "{name}");
     }
 }

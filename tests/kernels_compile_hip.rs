@@ -13,7 +13,9 @@ use std::path::Path;
 use std::process::Command;
 
 use rocmforge::backend::compile_cache::KernelCache;
-use rocmforge::backend::hip::{compile, compile_source, wavefront_check_source, HipRtc, CHECKED_ARCHS};
+use rocmforge::backend::hip::{
+    compile, compile_source, wavefront_check_source, HipRtc, CHECKED_ARCHS,
+};
 use rocmforge::backend::kernels::{block_size_asserts, block_size_asserts_with, entry_points};
 use rocmforge::backend::BackendError;
 use rocmforge::quant::GgmlType;
@@ -29,7 +31,10 @@ fn hiprtc_or_skip(test: &str) -> Option<&'static HipRtc> {
     match HipRtc::get() {
         Ok(r) => Some(r),
         Err(e) => {
-            assert!(!required(), "{REQUIRE_ENV}=1 but hipRTC is unavailable: {e}");
+            assert!(
+                !required(),
+                "{REQUIRE_ENV}=1 but hipRTC is unavailable: {e}"
+            );
             eprintln!("SKIP {test}: {e}");
             None
         }
@@ -52,30 +57,45 @@ fn assert_amdgpu_code_object(what: &str, co: &[u8], arch: &str) {
         None
     };
     let Some(at) = elf_at else {
-        panic!("{what}: not an ELF or offload bundle (starts {:?})", &co[..co.len().min(16)]);
+        panic!(
+            "{what}: not an ELF or offload bundle (starts {:?})",
+            &co[..co.len().min(16)]
+        );
     };
     let machine = u16::from_le_bytes([co[at + 18], co[at + 19]]);
-    assert_eq!(machine, 224, "{what}: ELF e_machine {machine}, expected EM_AMDGPU (224)");
-    assert!(contains(co, arch.as_bytes()), "{what}: code object does not name {arch}");
+    assert_eq!(
+        machine, 224,
+        "{what}: ELF e_machine {machine}, expected EM_AMDGPU (224)"
+    );
+    assert!(
+        contains(co, arch.as_bytes()),
+        "{what}: code object does not name {arch}"
+    );
 }
 
 #[test]
 fn every_kernel_compiles_for_gfx90a_and_gfx1030() {
-    let Some(rtc) = hiprtc_or_skip("every_kernel_compiles_for_gfx90a_and_gfx1030") else { return };
+    let Some(rtc) = hiprtc_or_skip("every_kernel_compiles_for_gfx90a_and_gfx1030") else {
+        return;
+    };
     eprintln!("hipRTC {:?} from {}", rtc.version(), rtc.path());
     // Memory-only cache: this test must exercise the compiler, not a warm disk cache.
     let cache = KernelCache::with_dir(None);
     let mut compiled = 0;
     for (file, entries) in entry_points() {
         for arch in CHECKED_ARCHS {
-            let (co, _) = compile(&cache, file, arch, &[]).unwrap_or_else(|e| panic!("{file} for {arch}: {e}"));
+            let (co, _) = compile(&cache, file, arch, &[])
+                .unwrap_or_else(|e| panic!("{file} for {arch}: {e}"));
             assert_amdgpu_code_object(&format!("{file}/{arch}"), &co, arch);
             for e in &entries {
                 // Kernel symbols are extern "C": the name appears verbatim, NUL-terminated, in
                 // the symbol string table.
                 let mut sym = e.as_bytes().to_vec();
                 sym.push(0);
-                assert!(contains(&co, &sym), "{file} for {arch}: entry point {e} missing");
+                assert!(
+                    contains(&co, &sym),
+                    "{file} for {arch}: entry point {e} missing"
+                );
             }
             compiled += 1;
         }
@@ -86,14 +106,19 @@ fn every_kernel_compiles_for_gfx90a_and_gfx1030() {
         .filter(|n| n.ends_with(".cu"))
         .collect();
     for f in &files {
-        assert!(entry_points().iter().any(|(e, _)| e == f), "{f} has no entry in backend::kernels::entry_points");
+        assert!(
+            entry_points().iter().any(|(e, _)| e == f),
+            "{f} has no entry in backend::kernels::entry_points"
+        );
     }
     assert_eq!(compiled, files.len() * CHECKED_ARCHS.len());
 }
 
 #[test]
 fn device_block_sizes_match_rust_on_both_archs() {
-    let Some(_) = hiprtc_or_skip("device_block_sizes_match_rust_on_both_archs") else { return };
+    let Some(_) = hiprtc_or_skip("device_block_sizes_match_rust_on_both_archs") else {
+        return;
+    };
     let cache = KernelCache::with_dir(None);
     let src = block_size_asserts();
     for arch in CHECKED_ARCHS {
@@ -104,7 +129,9 @@ fn device_block_sizes_match_rust_on_both_archs() {
     let wrong = block_size_asserts_with(|t| t.block_bytes() + u64::from(t == GgmlType::Q4_0));
     for arch in CHECKED_ARCHS {
         match compile_source(&cache, "block_sizes_wrong.cu", &wrong, arch, &[]) {
-            Err(BackendError::Compile { log, .. }) => assert!(log.contains("block_q4_0"), "{arch}: {log}"),
+            Err(BackendError::Compile { log, .. }) => {
+                assert!(log.contains("block_q4_0"), "{arch}: {log}")
+            }
             other => panic!("{arch}: a wrong size table compiled: {other:?}"),
         }
     }
@@ -112,7 +139,9 @@ fn device_block_sizes_match_rust_on_both_archs() {
 
 #[test]
 fn wavefront_width_is_64_on_cdna_and_32_on_rdna() {
-    let Some(_) = hiprtc_or_skip("wavefront_width_is_64_on_cdna_and_32_on_rdna") else { return };
+    let Some(_) = hiprtc_or_skip("wavefront_width_is_64_on_cdna_and_32_on_rdna") else {
+        return;
+    };
     let cache = KernelCache::with_dir(None);
     for arch in CHECKED_ARCHS {
         let src = wavefront_check_source(arch).expect("gfx target");
@@ -133,7 +162,9 @@ fn wavefront_width_is_64_on_cdna_and_32_on_rdna() {
 
 #[test]
 fn a_broken_kernel_reports_the_compiler_log() {
-    let Some(_) = hiprtc_or_skip("a_broken_kernel_reports_the_compiler_log") else { return };
+    let Some(_) = hiprtc_or_skip("a_broken_kernel_reports_the_compiler_log") else {
+        return;
+    };
     let cache = KernelCache::with_dir(None);
     let src = "#include \"common.cuh\"\nextern \"C\" __global__ void k(float* x) { x[0] = undeclared_name; }\n";
     match compile_source(&cache, "broken.cu", src, "gfx90a", &[]) {
@@ -186,12 +217,19 @@ fn every_kernel_compiles_with_hipcc_genco() {
                 .output()
                 .expect("run hipcc");
             if !res.status.success() {
-                failures.push(format!("{file}/{arch}:\n{}", String::from_utf8_lossy(&res.stderr)));
+                failures.push(format!(
+                    "{file}/{arch}:\n{}",
+                    String::from_utf8_lossy(&res.stderr)
+                ));
                 continue;
             }
             let co = std::fs::read(&out).expect("read code object");
             assert_amdgpu_code_object(&format!("hipcc {file}/{arch}"), &co, arch);
         }
     }
-    assert!(failures.is_empty(), "hipcc failed:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "hipcc failed:\n{}",
+        failures.join("\n")
+    );
 }

@@ -34,7 +34,13 @@ pub(crate) fn err_text(e: sys::hipError_t) -> String {
             unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
         }
     };
-    format!("{} ({})", read(n), read(s))
+    let (n, s) = (read(n), read(s));
+    // ROCm 5.x returns the name as the description for many codes; say it once.
+    if s.is_empty() || s == n {
+        n
+    } else {
+        format!("{n} ({s})")
+    }
 }
 
 /// `Ok` for `hipSuccess`, else a [`BackendError::Driver`] naming the call.
@@ -42,7 +48,11 @@ pub(crate) fn check(op: &'static str, e: sys::hipError_t) -> BackendResult<()> {
     if e == sys::hipError_t::hipSuccess {
         Ok(())
     } else {
-        Err(BackendError::Driver { backend: "HIP", op, reason: err_text(e) })
+        Err(BackendError::Driver {
+            backend: "HIP",
+            op,
+            reason: err_text(e),
+        })
     }
 }
 
@@ -56,7 +66,9 @@ pub(crate) fn bind(ordinal: c_int) -> BackendResult<()> {
 pub fn driver_version() -> BackendResult<i32> {
     let mut v: c_int = 0;
     // SAFETY: valid out-pointer.
-    check("hipDriverGetVersion", unsafe { sys::hipDriverGetVersion(&mut v) })?;
+    check("hipDriverGetVersion", unsafe {
+        sys::hipDriverGetVersion(&mut v)
+    })?;
     Ok(v)
 }
 
@@ -78,17 +90,27 @@ impl HipDevice {
     /// Opens device `ordinal`. No runtime-visible GPU (no `/dev/kfd`, no device, an ordinal past
     /// the count) is [`BackendError::NoDevice`] with backend "HIP", so `auto` falls back.
     pub fn open(ordinal: usize) -> BackendResult<Arc<Self>> {
-        let no_dev = |reason: String| BackendError::NoDevice { backend: "HIP", reason };
+        let no_dev = |reason: String| BackendError::NoDevice {
+            backend: "HIP",
+            reason,
+        };
         // SAFETY: plain call; flags must be 0.
         let e = unsafe { sys::hipInit(0) };
         if e != sys::hipError_t::hipSuccess {
-            return Err(no_dev(format!("no HIP device: hipInit failed: {}", err_text(e))));
+            return Err(no_dev(format!(
+                "no HIP device: hipInit failed: {} (no AMD GPU visible to the ROCm runtime: \
+                 check that /dev/kfd exists and that this user is in the render/video groups)",
+                err_text(e)
+            )));
         }
         let mut count: c_int = 0;
         // SAFETY: valid out-pointer.
         let e = unsafe { sys::hipGetDeviceCount(&mut count) };
         if e != sys::hipError_t::hipSuccess || count <= 0 {
-            return Err(no_dev(format!("no HIP device: hipGetDeviceCount found none ({})", err_text(e))));
+            return Err(no_dev(format!(
+                "no HIP device: hipGetDeviceCount found none ({})",
+                err_text(e)
+            )));
         }
         let ord = c_int::try_from(ordinal)
             .ok()
@@ -135,7 +157,11 @@ impl HipDevice {
     }
 
     /// The loaded module of `file` (with `defines`), from memory, the disk cache or hipRTC.
-    pub fn module(&self, file: &str, defines: &[(String, String)]) -> BackendResult<(Arc<Module>, CacheHit)> {
+    pub fn module(
+        &self,
+        file: &str,
+        defines: &[(String, String)],
+    ) -> BackendResult<(Arc<Module>, CacheHit)> {
         let key: ModuleKey = (file.to_string(), defines.to_vec());
         let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = mods.get(&key) {
@@ -173,14 +199,18 @@ impl HipDevice {
     pub fn synchronize(&self) -> BackendResult<()> {
         bind(self.ordinal)?;
         // SAFETY: plain call on the current device.
-        check("hipDeviceSynchronize", unsafe { sys::hipDeviceSynchronize() })
+        check("hipDeviceSynchronize", unsafe {
+            sys::hipDeviceSynchronize()
+        })
     }
 }
 
 fn attribute(ord: c_int, attr: sys::hipDeviceAttribute_t) -> BackendResult<c_int> {
     let mut v: c_int = 0;
     // SAFETY: valid out-pointer; the ordinal was checked against the device count.
-    check("hipDeviceGetAttribute", unsafe { sys::hipDeviceGetAttribute(&mut v, attr, ord) })?;
+    check("hipDeviceGetAttribute", unsafe {
+        sys::hipDeviceGetAttribute(&mut v, attr, ord)
+    })?;
     Ok(v)
 }
 
@@ -208,7 +238,11 @@ fn name_and_arch(ord: c_int) -> BackendResult<(String, String)> {
     let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), size) };
     let cstr_at = |off: usize| -> String {
         let tail = bytes.get(off..).unwrap_or(&[]);
-        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len()).min(256);
+        let end = tail
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(tail.len())
+            .min(256);
         String::from_utf8_lossy(&tail[..end]).into_owned()
     };
     let name = cstr_at(0);
@@ -230,7 +264,11 @@ fn name_and_arch(ord: c_int) -> BackendResult<(String, String)> {
             reason: format!("device {ord} reports no gfx architecture (got {arch:?})"),
         });
     }
-    let name = if name.trim().is_empty() { format!("HIP device {ord}") } else { name };
+    let name = if name.trim().is_empty() {
+        format!("HIP device {ord}")
+    } else {
+        name
+    };
     Ok((name, arch))
 }
 

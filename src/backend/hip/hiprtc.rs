@@ -152,8 +152,12 @@ impl HipRtc {
         // SAFETY: `prog` was created above; the option strings outlive the call.
         let rc = unsafe { (self.compile)(guard.prog, n_opts, opts_p.as_ptr()) };
         if rc != HIPRTC_SUCCESS {
-            let log = self.read(guard.prog, self.log_size, self.log).unwrap_or_default();
-            let log = String::from_utf8_lossy(&log).trim_end_matches('\0').to_string();
+            let log = self
+                .read(guard.prog, self.log_size, self.log)
+                .unwrap_or_default();
+            let log = String::from_utf8_lossy(&log)
+                .trim_end_matches('\0')
+                .to_string();
             return Err(BackendError::Compile {
                 kernel: file.to_string(),
                 arch: arch.to_string(),
@@ -198,7 +202,11 @@ impl HipRtc {
         if rc == HIPRTC_SUCCESS {
             Ok(())
         } else {
-            Err(BackendError::Driver { backend: "hipRTC", op, reason: self.err_string(rc) })
+            Err(BackendError::Driver {
+                backend: "hipRTC",
+                op,
+                reason: self.err_string(rc),
+            })
         }
     }
 }
@@ -214,7 +222,11 @@ pub fn compile_options(arch: &str, defines: &[(String, String)]) -> Vec<String> 
         // __AMDGCN_WAVEFRONT_SIZE and the host checks it against the device at open.
     ];
     for (k, v) in defines {
-        opts.push(if v.is_empty() { format!("-D{k}") } else { format!("-D{k}={v}") });
+        opts.push(if v.is_empty() {
+            format!("-D{k}")
+        } else {
+            format!("-D{k}={v}")
+        });
     }
     opts
 }
@@ -330,7 +342,11 @@ fn open(name: &str) -> Result<HipRtc, String> {
     if unsafe { version(&mut major, &mut minor) } != HIPRTC_SUCCESS {
         return Err(format!("{name}: hiprtcVersion failed"));
     }
-    Ok(HipRtc { major, minor, ..lib })
+    Ok(HipRtc {
+        major,
+        minor,
+        ..lib
+    })
 }
 
 fn dl_error(name: &str) -> String {
@@ -350,7 +366,10 @@ mod tests {
 
     #[test]
     fn options_name_the_arch_and_defines() {
-        let o = compile_options("gfx90a", &[("A".into(), "1".into()), ("B".into(), String::new())]);
+        let o = compile_options(
+            "gfx90a",
+            &[("A".into(), "1".into()), ("B".into(), String::new())],
+        );
         assert_eq!(o[0], "--offload-arch=gfx90a");
         assert!(o.contains(&"-DA=1".to_string()));
         assert!(o.contains(&"-DB".to_string()));
@@ -360,8 +379,14 @@ mod tests {
     #[test]
     fn candidates_prefer_libhiprtc_then_the_runtime() {
         let c = candidates();
-        let rtc = c.iter().position(|s| s == "libhiprtc.so").expect("libhiprtc.so listed");
-        let rt = c.iter().position(|s| s == "libamdhip64.so").expect("libamdhip64.so listed");
+        let rtc = c
+            .iter()
+            .position(|s| s == "libhiprtc.so")
+            .expect("libhiprtc.so listed");
+        let rt = c
+            .iter()
+            .position(|s| s == "libamdhip64.so")
+            .expect("libamdhip64.so listed");
         assert!(rtc < rt);
     }
 }

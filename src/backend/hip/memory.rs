@@ -28,7 +28,9 @@ pub(crate) fn mem_info(ordinal: c_int) -> BackendResult<(usize, usize)> {
     bind(ordinal)?;
     let (mut free, mut total) = (0usize, 0usize);
     // SAFETY: two valid out-pointers; the device is current.
-    check("hipMemGetInfo", unsafe { sys::hipMemGetInfo(&mut free, &mut total) })?;
+    check("hipMemGetInfo", unsafe {
+        sys::hipMemGetInfo(&mut free, &mut total)
+    })?;
     Ok((free, total))
 }
 
@@ -45,18 +47,34 @@ impl DeviceBuf {
     /// was allocated and the device stays usable.
     pub(crate) fn alloc(ordinal: c_int, bytes: usize, what: &str) -> BackendResult<Self> {
         if bytes == 0 {
-            return Ok(Self { ordinal, ptr: 0, bytes: 0 });
+            return Ok(Self {
+                ordinal,
+                ptr: 0,
+                bytes: 0,
+            });
         }
         bind(ordinal)?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: valid out-pointer; the memory is only handed out as raw device bytes.
         match unsafe { sys::hipMalloc(&mut p, bytes) } {
-            sys::hipError_t::hipSuccess => Ok(Self { ordinal, ptr: p as u64, bytes }),
+            sys::hipError_t::hipSuccess => Ok(Self {
+                ordinal,
+                ptr: p as u64,
+                bytes,
+            }),
             sys::hipError_t::hipErrorOutOfMemory => {
                 let free = mem_info(ordinal).map(|(f, _)| f).unwrap_or(0);
-                Err(BackendError::OutOfMemory { requested: bytes, free, what: what.to_string() })
+                Err(BackendError::OutOfMemory {
+                    requested: bytes,
+                    free,
+                    what: what.to_string(),
+                })
             }
-            e => Err(BackendError::Driver { backend: "HIP", op: "hipMalloc", reason: err_text(e) }),
+            e => Err(BackendError::Driver {
+                backend: "HIP",
+                op: "hipMalloc",
+                reason: err_text(e),
+            }),
         }
     }
 
@@ -65,7 +83,10 @@ impl DeviceBuf {
             Some(end) if end <= self.bytes => Ok(()),
             _ => Err(BackendError::InvalidArgument {
                 op,
-                what: format!("range {offset}+{len} outside a buffer of {} bytes", self.bytes),
+                what: format!(
+                    "range {offset}+{len} outside a buffer of {} bytes",
+                    self.bytes
+                ),
             }),
         }
     }
@@ -117,7 +138,9 @@ impl DeviceBuf {
         }
         bind(self.ordinal)?;
         // SAFETY: the whole live allocation is written.
-        check("hipMemsetD8", unsafe { sys::hipMemsetD8(self.addr(0), 0, self.bytes) })
+        check("hipMemsetD8", unsafe {
+            sys::hipMemsetD8(self.addr(0), 0, self.bytes)
+        })
     }
 }
 
@@ -170,11 +193,18 @@ impl PinnedBuf {
         // before any read.
         let e = unsafe { sys::hipHostMalloc(&mut p, n, sys::hipHostMallocDefault) };
         if e != sys::hipError_t::hipSuccess || p.is_null() {
-            return Err(BackendError::PinnedAlloc { requested: bytes, reason: err_text(e) });
+            return Err(BackendError::PinnedAlloc {
+                requested: bytes,
+                reason: err_text(e),
+            });
         }
         // SAFETY: `p` points to `n` writable bytes just allocated.
         unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, n) };
-        Ok(Self { ordinal, ptr: p.cast(), bytes })
+        Ok(Self {
+            ordinal,
+            ptr: p.cast(),
+            bytes,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -225,11 +255,18 @@ pub struct PinnedRing {
 impl PinnedRing {
     pub(crate) fn new(ordinal: c_int, slots: usize, slot_bytes: usize) -> BackendResult<Self> {
         if slots == 0 {
-            return Err(BackendError::InvalidArgument { op: "PinnedRing::new", what: "zero slots".into() });
+            return Err(BackendError::InvalidArgument {
+                op: "PinnedRing::new",
+                what: "zero slots".into(),
+            });
         }
         let mut v = Vec::with_capacity(slots);
         for _ in 0..slots {
-            v.push((PinnedBuf::alloc(ordinal, slot_bytes)?, Event::new(ordinal, false)?, false));
+            v.push((
+                PinnedBuf::alloc(ordinal, slot_bytes)?,
+                Event::new(ordinal, false)?,
+                false,
+            ));
         }
         Ok(Self { slots: v, next: 0 })
     }
@@ -265,10 +302,13 @@ impl PinnedRing {
         len: usize,
     ) -> BackendResult<&Event> {
         let n = self.slots.len();
-        let slot = self.slots.get_mut(i).ok_or_else(|| BackendError::InvalidArgument {
-            op: "PinnedRing::upload",
-            what: format!("slot {i} of {n}"),
-        })?;
+        let slot = self
+            .slots
+            .get_mut(i)
+            .ok_or_else(|| BackendError::InvalidArgument {
+                op: "PinnedRing::upload",
+                what: format!("slot {i} of {n}"),
+            })?;
         // SAFETY: the slot's buffer lives in the ring, which outlives the copy: it is handed out
         // again (acquire) or freed (drop synchronises) only after the event recorded below.
         unsafe { stream.copy_htod_async(dst, dst_off, &slot.0, 0, len)? };
@@ -304,12 +344,18 @@ pub struct DeviceArena {
 
 impl DeviceArena {
     pub(crate) fn new(ordinal: c_int, bytes: usize, what: &str) -> BackendResult<Self> {
-        Ok(Self { buf: Arc::new(DeviceBuf::alloc(ordinal, bytes, what)?), used: 0 })
+        Ok(Self {
+            buf: Arc::new(DeviceBuf::alloc(ordinal, bytes, what)?),
+            used: 0,
+        })
     }
 
     /// Bytes needed for slices of the given sizes, with alignment padding.
     pub fn bytes_for(sizes: &[usize]) -> usize {
-        sizes.iter().map(|s| s.div_ceil(ARENA_ALIGN) * ARENA_ALIGN).sum()
+        sizes
+            .iter()
+            .map(|s| s.div_ceil(ARENA_ALIGN) * ARENA_ALIGN)
+            .sum()
     }
 
     pub fn capacity(&self) -> usize {
@@ -326,7 +372,11 @@ impl DeviceArena {
         match start.checked_add(bytes) {
             Some(end) if end <= self.buf.bytes => {
                 self.used = end;
-                Ok(ArenaSlice { buf: Arc::clone(&self.buf), offset: start, bytes })
+                Ok(ArenaSlice {
+                    buf: Arc::clone(&self.buf),
+                    offset: start,
+                    bytes,
+                })
             }
             _ => Err(BackendError::OutOfMemory {
                 requested: bytes,
@@ -350,7 +400,11 @@ impl ArenaSlice {
         if std::mem::size_of_val(src) > self.bytes {
             return Err(BackendError::InvalidArgument {
                 op: "ArenaSlice::write",
-                what: format!("{} bytes into a slice of {}", std::mem::size_of_val(src), self.bytes),
+                what: format!(
+                    "{} bytes into a slice of {}",
+                    std::mem::size_of_val(src),
+                    self.bytes
+                ),
             });
         }
         self.buf.write(self.offset, src)
@@ -360,7 +414,11 @@ impl ArenaSlice {
         if std::mem::size_of_val(dst) > self.bytes {
             return Err(BackendError::InvalidArgument {
                 op: "ArenaSlice::read",
-                what: format!("{} bytes from a slice of {}", std::mem::size_of_val(dst), self.bytes),
+                what: format!(
+                    "{} bytes from a slice of {}",
+                    std::mem::size_of_val(dst),
+                    self.bytes
+                ),
             });
         }
         self.buf.read(self.offset, dst)

@@ -80,8 +80,10 @@ pub fn compile(
     arch: &str,
     defines: &[(String, String)],
 ) -> BackendResult<(Arc<Vec<u8>>, CacheHit)> {
-    let source = crate::kernels::source(file)
-        .ok_or_else(|| BackendError::UnknownKernel { file: file.to_string(), name: "*".into() })?;
+    let source = crate::kernels::source(file).ok_or_else(|| BackendError::UnknownKernel {
+        file: file.to_string(),
+        name: "*".into(),
+    })?;
     compile_source(cache, file, source, arch, defines)
 }
 
@@ -121,7 +123,10 @@ pub enum HipDevice {}
 impl HipDevice {
     /// Always [`BackendError::NotCompiled`] (the cargo feature `hip` is off).
     pub fn open(_ordinal: usize) -> BackendResult<Arc<Self>> {
-        Err(BackendError::NotCompiled { backend: "HIP", feature: "hip" })
+        Err(BackendError::NotCompiled {
+            backend: "HIP",
+            feature: "hip",
+        })
     }
 }
 
@@ -151,8 +156,12 @@ mod tests {
 
     #[test]
     fn wavefront_check_names_the_width() {
-        assert!(wavefront_check_source("gfx90a").expect("gfx").contains("RF_WARP == 64"));
-        assert!(wavefront_check_source("gfx1030").expect("gfx").contains("RF_WARP == 32"));
+        assert!(wavefront_check_source("gfx90a")
+            .expect("gfx")
+            .contains("RF_WARP == 64"));
+        assert!(wavefront_check_source("gfx1030")
+            .expect("gfx")
+            .contains("RF_WARP == 32"));
         assert!(wavefront_check_source("sm_80").is_err());
     }
 }

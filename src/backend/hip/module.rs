@@ -48,12 +48,19 @@ impl Module {
                 reason: format!("module load: {}", err_text(e)),
             });
         }
-        Ok(Arc::new(Self { ordinal, raw, file: file.to_string() }))
+        Ok(Arc::new(Self {
+            ordinal,
+            raw,
+            file: file.to_string(),
+        }))
     }
 
     /// The entry point `name`.
     pub fn kernel(self: &Arc<Self>, name: &str) -> BackendResult<Kernel> {
-        let unknown = || BackendError::UnknownKernel { file: self.file.clone(), name: name.to_string() };
+        let unknown = || BackendError::UnknownKernel {
+            file: self.file.clone(),
+            name: name.to_string(),
+        };
         let c = CString::new(name).map_err(|_| unknown())?;
         let mut raw: sys::hipFunction_t = std::ptr::null_mut();
         // SAFETY: the module is loaded (owned by self), `c` NUL-terminated, valid out-pointer.
@@ -61,7 +68,11 @@ impl Module {
         if e != sys::hipError_t::hipSuccess || raw.is_null() {
             return Err(unknown());
         }
-        Ok(Kernel { module: Arc::clone(self), raw, name: name.to_string() })
+        Ok(Kernel {
+            module: Arc::clone(self),
+            raw,
+            name: name.to_string(),
+        })
     }
 }
 
@@ -130,7 +141,12 @@ impl Kernel {
     /// `args` must match the kernel's parameter list in number and type, and every pointer must
     /// address device memory large enough for what the kernel reads and writes with these
     /// arguments, alive until the launch completed.
-    pub unsafe fn launch(&self, stream: &Stream, shape: LaunchShape, args: &[Arg]) -> BackendResult<()> {
+    pub unsafe fn launch(
+        &self,
+        stream: &Stream,
+        shape: LaunchShape,
+        args: &[Arg],
+    ) -> BackendResult<()> {
         let (mut buf, mut len) = pack_args(args);
         let mut extra: [*mut c_void; 5] = [
             LAUNCH_PARAM_BUFFER_POINTER as *mut c_void,
@@ -161,7 +177,10 @@ impl Kernel {
         if e == sys::hipError_t::hipSuccess {
             Ok(())
         } else {
-            Err(BackendError::Launch { kernel: self.name.clone(), reason: err_text(e) })
+            Err(BackendError::Launch {
+                kernel: self.name.clone(),
+                reason: err_text(e),
+            })
         }
     }
 }
@@ -171,7 +190,11 @@ mod tests {
     use super::*;
 
     fn bytes(words: &[u64], len: usize) -> Vec<u8> {
-        words.iter().flat_map(|w| w.to_ne_bytes()).take(len).collect()
+        words
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .take(len)
+            .collect()
     }
 
     #[test]

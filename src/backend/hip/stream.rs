@@ -50,12 +50,18 @@ impl Stream {
         src_off: usize,
         len: usize,
     ) -> BackendResult<()> {
-        let ok_dst = dst_off.checked_add(len).is_some_and(|e| e <= dst.len_bytes());
+        let ok_dst = dst_off
+            .checked_add(len)
+            .is_some_and(|e| e <= dst.len_bytes());
         let ok_src = src_off.checked_add(len).is_some_and(|e| e <= src.len());
         if !ok_dst || !ok_src {
             return Err(BackendError::InvalidArgument {
                 op: "copy_htod_async",
-                what: format!("{len} bytes from {src_off} (of {}) to {dst_off} (of {})", src.len(), dst.len_bytes()),
+                what: format!(
+                    "{len} bytes from {src_off} (of {}) to {dst_off} (of {})",
+                    src.len(),
+                    dst.len_bytes()
+                ),
             });
         }
         if len == 0 {
@@ -80,24 +86,32 @@ impl DeviceStream for Stream {
 
     fn record(&self, event: &Event) -> BackendResult<()> {
         // SAFETY: both handles are alive (owned by `self` and `event`).
-        check("hipEventRecord", unsafe { sys::hipEventRecord(event.raw, self.raw) })
+        check("hipEventRecord", unsafe {
+            sys::hipEventRecord(event.raw, self.raw)
+        })
     }
 
     fn wait(&self, event: &Event) -> BackendResult<()> {
         // SAFETY: both handles are alive; flags must be 0.
-        check("hipStreamWaitEvent", unsafe { sys::hipStreamWaitEvent(self.raw, event.raw, 0) })
+        check("hipStreamWaitEvent", unsafe {
+            sys::hipStreamWaitEvent(self.raw, event.raw, 0)
+        })
     }
 
     fn synchronize(&self) -> BackendResult<()> {
         // SAFETY: the stream is alive.
-        check("hipStreamSynchronize", unsafe { sys::hipStreamSynchronize(self.raw) })
+        check("hipStreamSynchronize", unsafe {
+            sys::hipStreamSynchronize(self.raw)
+        })
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
         // SAFETY: destroyed once; queued work still completes (hipStreamDestroy semantics).
-        if let Err(e) = check("hipStreamDestroy", unsafe { sys::hipStreamDestroy(self.raw) }) {
+        if let Err(e) = check("hipStreamDestroy", unsafe {
+            sys::hipStreamDestroy(self.raw)
+        }) {
             tracing::warn!(error = %e, "hipStreamDestroy failed");
         }
     }
@@ -118,10 +132,16 @@ unsafe impl Sync for Event {}
 impl Event {
     pub(crate) fn new(ordinal: c_int, timing: bool) -> BackendResult<Self> {
         bind(ordinal)?;
-        let flags = if timing { sys::hipEventDefault } else { sys::hipEventDisableTiming };
+        let flags = if timing {
+            sys::hipEventDefault
+        } else {
+            sys::hipEventDisableTiming
+        };
         let mut raw: sys::hipEvent_t = std::ptr::null_mut();
         // SAFETY: valid out-pointer; the event belongs to the current device.
-        check("hipEventCreateWithFlags", unsafe { sys::hipEventCreateWithFlags(&mut raw, flags) })?;
+        check("hipEventCreateWithFlags", unsafe {
+            sys::hipEventCreateWithFlags(&mut raw, flags)
+        })?;
         Ok(Self { raw, timing })
     }
 }
@@ -129,7 +149,9 @@ impl Event {
 impl DeviceEvent for Event {
     fn synchronize(&self) -> BackendResult<()> {
         // SAFETY: the event is alive.
-        check("hipEventSynchronize", unsafe { sys::hipEventSynchronize(self.raw) })
+        check("hipEventSynchronize", unsafe {
+            sys::hipEventSynchronize(self.raw)
+        })
     }
 
     fn is_complete(&self) -> BackendResult<bool> {
@@ -150,7 +172,9 @@ impl DeviceEvent for Event {
         }
         let mut ms = 0f32;
         // SAFETY: both events are alive and were created with timing; valid out-pointer.
-        check("hipEventElapsedTime", unsafe { sys::hipEventElapsedTime(&mut ms, self.raw, end.raw) })?;
+        check("hipEventElapsedTime", unsafe {
+            sys::hipEventElapsedTime(&mut ms, self.raw, end.raw)
+        })?;
         Ok(ms)
     }
 }
