@@ -2,7 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
+pub mod chat;
+pub mod gpu;
 pub mod inspect;
+pub mod run;
 pub mod synth;
 pub mod trace;
 
@@ -28,6 +32,12 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// Pipeline traces: `trace view out.json --svg out.svg` draws the actors' timeline.
     Trace(trace::TraceArgs),
+    /// Generate text from a prompt (CPU or CUDA), streaming it to stdout.
+    Run(run::RunArgs),
+    /// Interactive chat using the model's chat template.
+    Chat(chat::ChatArgs),
+    /// Prompt-processing and decode throughput (llama-bench style).
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
@@ -35,5 +45,8 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Trace(a) => trace::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
