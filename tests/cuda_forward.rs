@@ -31,7 +31,11 @@ fn device() -> Option<Arc<CudaDevice>> {
 }
 
 fn cpu_greedy(m: &Model, prompt: &[u32]) -> (Vec<f32>, Vec<u32>) {
-    let cfg = SequenceConfig { ctx: Some(256), precision: Precision::Exact, kv_type: None };
+    let cfg = SequenceConfig {
+        ctx: Some(256),
+        precision: Precision::Exact,
+        kv_type: None,
+    };
     let mut s = m.new_sequence(cfg).unwrap();
     let first = m.forward(prompt, &mut s).unwrap().to_vec();
     let mut ids = vec![argmax(&first)];
@@ -47,7 +51,15 @@ fn gpu_greedy(cm: &mut CudaModel, prompt: &[u32]) -> (Vec<f32>, Vec<u32>) {
     let first = cm.forward_logits(prompt).unwrap();
     cm.reset();
     let mut sampler = Sampler::new(SamplingParams::greedy());
-    let g = cm.generate(&mut sampler, prompt, STEPS, |_| false, |_| ControlFlow::Continue(())).unwrap();
+    let g = cm
+        .generate(
+            &mut sampler,
+            prompt,
+            STEPS,
+            |_| false,
+            |_| ControlFlow::Continue(()),
+        )
+        .unwrap();
     (first, g.ids)
 }
 
@@ -59,13 +71,26 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 fn check_model(path: &std::path::Path, label: &str) {
     let Some(dev) = device() else { return };
     let model = Arc::new(Model::open(path).unwrap());
-    let cases: Vec<Case> =
-        serde_json::from_slice(&std::fs::read(common::data_dir().join("smollm2-logits/cases.json")).unwrap()).unwrap();
-    let opt = CudaOptions { ctx: 256, max_batch: 64, ..CudaOptions::default() };
+    let cases: Vec<Case> = serde_json::from_slice(
+        &std::fs::read(common::data_dir().join("smollm2-logits/cases.json")).unwrap(),
+    )
+    .unwrap();
+    let opt = CudaOptions {
+        ctx: 256,
+        max_batch: 64,
+        ..CudaOptions::default()
+    };
     let mut full = CudaModel::load(Arc::clone(&dev), Arc::clone(&model), opt).unwrap();
     let budget = (full.report.weight_bytes as f64 * 0.4) as usize;
-    let mut streamed =
-        CudaModel::load(Arc::clone(&dev), Arc::clone(&model), CudaOptions { weight_budget: Some(budget), ..opt }).unwrap();
+    let mut streamed = CudaModel::load(
+        Arc::clone(&dev),
+        Arc::clone(&model),
+        CudaOptions {
+            weight_budget: Some(budget),
+            ..opt
+        },
+    )
+    .unwrap();
     println!(
         "{label}: {} weight bytes; 40% budget {budget}: {} resident + {} streamed layers, device weight bytes {}; blas: {:?}",
         full.report.weight_bytes, streamed.report.resident_layers, streamed.report.streamed_layers,
@@ -83,7 +108,11 @@ fn check_model(path: &std::path::Path, label: &str) {
         worst = worst.max(e);
         let same = cids.iter().zip(&gids).take_while(|(a, b)| a == b).count();
         let same_s = gids.iter().zip(&sids).take_while(|(a, b)| a == b).count();
-        println!("| {label} | {} | {} | {e:.2e} | {same} | {same_s} |", c.name, c.hf_prompt_ids.len());
+        println!(
+            "| {label} | {} | {} | {e:.2e} | {same} | {same_s} |",
+            c.name,
+            c.hf_prompt_ids.len()
+        );
         assert_eq!(gids, cids, "{}: CUDA vs CPU greedy tokens", c.name);
         assert_eq!(sids, gids, "{}: 40% budget vs unbounded", c.name);
         // Prefill through the mmvq path (no cuBLAS) must agree too.

@@ -18,7 +18,10 @@ use std::time::Instant;
 
 /// The CUDA device for `kind`, or `None` for the CPU. `auto` without CUDA prints why and falls
 /// back; `cuda` without a device is an error.
-pub fn select(kind: BackendKind) -> Result<Option<(Arc<CudaDevice>, f64)>, Box<dyn std::error::Error>> {
+/// An opened CUDA device and the milliseconds its initialisation took.
+pub type Selected = (Arc<CudaDevice>, f64);
+
+pub fn select(kind: BackendKind) -> Result<Option<Selected>, Box<dyn std::error::Error>> {
     if kind == BackendKind::Cpu {
         return Ok(None);
     }
@@ -32,30 +35,50 @@ pub fn select(kind: BackendKind) -> Result<Option<(Arc<CudaDevice>, f64)>, Box<d
             }
             Ok(None)
         }
-        Backend::Hip(_) => Err("the HIP forward pass is not implemented yet; use --backend cpu".into()),
+        Backend::Hip(_) => {
+            Err("the HIP forward pass is not implemented yet; use --backend cpu".into())
+        }
     }
 }
 
 fn open(path: &std::path::Path) -> Result<(Arc<Model>, Tokenizer), GenError> {
-    let model = Model::open(path).map_err(|source| GenError::Model { path: path.to_path_buf(), source })?;
-    let tok = Tokenizer::from_metadata(model.file().metadata())
-        .map_err(|source| GenError::Tokenizer { path: path.to_path_buf(), source })?;
+    let model = Model::open(path).map_err(|source| GenError::Model {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let tok = Tokenizer::from_metadata(model.file().metadata()).map_err(|source| {
+        GenError::Tokenizer {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
     Ok((Arc::new(model), tok))
 }
 
-pub fn run(a: &RunArgs, prompt: &str, (dev, init_ms): (Arc<CudaDevice>, f64)) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(
+    a: &RunArgs,
+    prompt: &str,
+    (dev, init_ms): (Arc<CudaDevice>, f64),
+) -> Result<(), Box<dyn std::error::Error>> {
     let t0 = Instant::now();
     let (model, tok) = open(&a.model.model)?;
     let prompt_ids = tok.encode(prompt, true, true).map_err(GenError::from)?;
-    let opt = CudaOptions { ctx: a.model.ctx, ..CudaOptions::default() };
+    let opt = CudaOptions {
+        ctx: a.model.ctx,
+        ..CudaOptions::default()
+    };
     let mut cm = CudaModel::load(dev, Arc::clone(&model), opt)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut sampler = Sampler::new(a.sampling.params());
     let mut sink = TextSink::new(&tok, &a.sampling.stop);
     let mut out = std::io::stdout();
     let mut err = None;
-    let g = cm.generate(&mut sampler, &prompt_ids, a.n_predict, |id| tok.is_eog(id), |id| {
-        match sink.push(id) {
+    let g = cm.generate(
+        &mut sampler,
+        &prompt_ids,
+        a.n_predict,
+        |id| tok.is_eog(id),
+        |id| match sink.push(id) {
             Ok((piece, stop)) => {
                 if !a.json && !piece.is_empty() {
                     if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
@@ -63,14 +86,18 @@ pub fn run(a: &RunArgs, prompt: &str, (dev, init_ms): (Arc<CudaDevice>, f64)) ->
                         return ControlFlow::Break(());
                     }
                 }
-                if stop { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                if stop {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
             }
             Err(e) => {
                 err = Some(e);
                 ControlFlow::Break(())
             }
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = err {
         return Err(e.into());
     }
@@ -120,7 +147,10 @@ struct GpuBench {
     tests: Vec<super::bench::BenchResult>,
 }
 
-pub fn bench(a: &BenchArgs, (dev, init_ms): (Arc<CudaDevice>, f64)) -> Result<(), Box<dyn std::error::Error>> {
+pub fn bench(
+    a: &BenchArgs,
+    (dev, init_ms): (Arc<CudaDevice>, f64),
+) -> Result<(), Box<dyn std::error::Error>> {
     let t_start = Instant::now();
     let t = Instant::now();
     for (file, names) in rocmforge::backend::kernels::entry_points() {
@@ -136,7 +166,12 @@ pub fn bench(a: &BenchArgs, (dev, init_ms): (Arc<CudaDevice>, f64)) -> Result<()
     let (model, _tok) = open(&a.model)?;
     let model_open_ms = t.elapsed().as_secs_f64() * 1e3;
     let ctx = a.n_prompt.max(a.n_gen).max(16);
-    let opt = CudaOptions { ctx, max_batch: a.n_prompt.clamp(1, 512), weight_budget: a.weight_budget, ..CudaOptions::default() };
+    let opt = CudaOptions {
+        ctx,
+        max_batch: a.n_prompt.clamp(1, 512),
+        weight_budget: a.weight_budget,
+        ..CudaOptions::default()
+    };
     let t_load = Instant::now();
     let mut cm = CudaModel::load(Arc::clone(&dev), Arc::clone(&model), opt)?;
     let load_queue_ms = t_load.elapsed().as_secs_f64() * 1e3;
@@ -200,7 +235,10 @@ pub fn bench(a: &BenchArgs, (dev, init_ms): (Arc<CudaDevice>, f64)) -> Result<()
             r.device, init_ms, kernel_load_ms, model_open_ms, load_queue_ms, load_resident_ms, load_gb_per_s, first_forward_ms, first_token_ms
         );
         for t in &r.tests {
-            println!("{:<8} {:>10.2} tok/s  (samples {:?})", t.test, t.tokens_per_second, t.samples);
+            println!(
+                "{:<8} {:>10.2} tok/s  (samples {:?})",
+                t.test, t.tokens_per_second, t.samples
+            );
         }
     }
     Ok(())

@@ -221,14 +221,20 @@ impl CudaModel {
         let freq_scale = match hp.rope_scaling {
             RopeScaling::None => 1.0,
             RopeScaling::Linear { factor } => 1.0 / factor,
-            RopeScaling::Yarn { .. } => return Err(CudaForwardError::Unsupported("YaRN RoPE scaling".into())),
+            RopeScaling::Yarn { .. } => {
+                return Err(CudaForwardError::Unsupported("YaRN RoPE scaling".into()))
+            }
         };
         let layout = model.layout();
         if layout.rope_freqs.is_some() {
-            return Err(CudaForwardError::Unsupported("rope_freqs (Llama 3.1 frequency factors)".into()));
+            return Err(CudaForwardError::Unsupported(
+                "rope_freqs (Llama 3.1 frequency factors)".into(),
+            ));
         }
         if hp.head_dim != hp.head_dim_v {
-            return Err(CudaForwardError::Unsupported("different K and V head widths".into()));
+            return Err(CudaForwardError::Unsupported(
+                "different K and V head widths".into(),
+            ));
         }
         let bytes = model.file().bytes();
         let ctx = opt.ctx.min(hp.n_ctx_train).max(1);
@@ -250,7 +256,10 @@ impl CudaModel {
             let attn_norm = push_small(to_f32(&w.attn_norm, &r.attn_norm.name)?);
             let ffn_norm = push_small(to_f32(&w.ffn_norm, &r.ffn_norm.name)?);
             let mut bias = [None; 3];
-            for (i, (bv, br)) in [(&w.bq, &r.bq), (&w.bk, &r.bk), (&w.bv, &r.bv)].into_iter().enumerate() {
+            for (i, (bv, br)) in [(&w.bq, &r.bq), (&w.bk, &r.bk), (&w.bv, &r.bv)]
+                .into_iter()
+                .enumerate()
+            {
                 if let (Some(bv), Some(br)) = (bv, br) {
                     bias[i] = Some(push_small(to_f32(bv, &br.name)?));
                 }
@@ -258,20 +267,41 @@ impl CudaModel {
             let mut off = 0;
             let mut mat = |t: &crate::model::TensorRef| {
                 let m = Mat {
-                    m: QMatrix { qtype: t.ty, nrows: t.rows, ncols: t.cols },
+                    m: QMatrix {
+                        qtype: t.ty,
+                        nrows: t.rows,
+                        ncols: t.cols,
+                    },
                     off,
                     src: t.range.clone(),
                 };
                 off += align(m.bytes());
                 m
             };
-            let mats = [mat(&r.wq), mat(&r.wk), mat(&r.wv), mat(&r.wo), mat(&r.w_gate), mat(&r.w_up), mat(&r.w_down)];
+            let mats = [
+                mat(&r.wq),
+                mat(&r.wk),
+                mat(&r.wv),
+                mat(&r.wo),
+                mat(&r.w_gate),
+                mat(&r.w_up),
+                mat(&r.w_down),
+            ];
             for m in &mats {
                 if crate::backend::kernels::qtype_suffix(m.m.qtype).is_none() {
-                    return Err(CudaForwardError::Unsupported(format!("weight type {}", m.m.qtype)));
+                    return Err(CudaForwardError::Unsupported(format!(
+                        "weight type {}",
+                        m.m.qtype
+                    )));
                 }
             }
-            plans.push(LayerPlan { mats, bytes: off, attn_norm, ffn_norm, bias });
+            plans.push(LayerPlan {
+                mats,
+                bytes: off,
+                attn_norm,
+                ffn_norm,
+                bias,
+            });
         }
 
         // Globals: embedding table (+ output head when not tied).
@@ -288,20 +318,30 @@ impl CudaModel {
         };
 
         // Budget: resident prefix of layers, the rest through two slots.
-        let kv_layout = KvLayout { n_kv_heads: hp.n_head_kv, head_dim: hp.head_dim, seq_cap: ctx };
+        let kv_layout = KvLayout {
+            n_kv_heads: hp.n_head_kv,
+            head_dim: hp.head_dim,
+            seq_cap: ctx,
+        };
         let kv_bytes = kv_layout.bytes() * 2 * hp.n_layer;
         let max_cols = hp.n_embd.max(hp.n_ff).max(hp.q_dim());
         let tile_rows_bytes = 64 << 20;
         let (free, _) = dev.mem_info()?;
-        let work = b * (hp.n_embd * 4 + 2 * hp.n_ff + 3 * hp.q_dim()) * 4 + (64 << 20) + b * max_cols * 2;
-        let budget = opt.weight_budget.unwrap_or_else(|| free.saturating_sub(kv_bytes + work + (512 << 20)));
+        let work =
+            b * (hp.n_embd * 4 + 2 * hp.n_ff + 3 * hp.q_dim()) * 4 + (64 << 20) + b * max_cols * 2;
+        let budget = opt
+            .weight_budget
+            .unwrap_or_else(|| free.saturating_sub(kv_bytes + work + (512 << 20)));
         let total: usize = gbytes + plans.iter().map(|p| p.bytes).sum::<usize>();
         let max_layer = plans.iter().map(|p| p.bytes).max().unwrap_or(0);
         let mut places = Vec::with_capacity(hp.n_layer);
         let mut used = gbytes;
         let n_slots = if total <= budget { 0 } else { 2 };
         if n_slots > 0 && gbytes + 2 * max_layer > budget {
-            return Err(CudaForwardError::BudgetTooSmall { budget, needed: gbytes + 2 * max_layer });
+            return Err(CudaForwardError::BudgetTooSmall {
+                budget,
+                needed: gbytes + 2 * max_layer,
+            });
         }
         used += n_slots * max_layer;
         for p in &plans {
@@ -312,11 +352,15 @@ impl CudaModel {
                 places.push(Place::Streamed);
             }
         }
-        let slots = (0..n_slots).map(|_| dev.alloc(max_layer, "streaming slot")).collect::<std::result::Result<Vec<_>, _>>()?;
+        let slots = (0..n_slots)
+            .map(|_| dev.alloc(max_layer, "streaming slot"))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
 
         let stream = dev.new_stream()?;
         let ring = PinnedRing::new(&dev, opt.ring)?;
-        let ready = (0..ring.copy_streams()).map(|_| dev.new_event(false)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let ready = (0..ring.copy_streams())
+            .map(|_| dev.new_event(false))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let slot_free = [dev.new_event(false)?, dev.new_event(false)?];
         let globals = dev.alloc(gbytes, "global weights")?;
         let smalls = dev.upload(&small_host, "norms and biases")?;
@@ -380,17 +424,27 @@ impl CudaModel {
                 ..LoadReport::default()
             },
         };
-        me.report.resident_layers = me.places.iter().filter(|p| matches!(p, Place::Resident(_))).count();
+        me.report.resident_layers = me
+            .places
+            .iter()
+            .filter(|p| matches!(p, Place::Resident(_)))
+            .count();
         me.report.streamed_layers = me.hp.n_layer - me.report.resident_layers;
         // Queue uploads: globals, then resident layers in order.
-        let g = View { ptr: me.globals.device_ptr(), len: me.globals.len_bytes() };
+        let g = View {
+            ptr: me.globals.device_ptr(),
+            len: me.globals.len_bytes(),
+        };
         me.ring.upload(&bytes[embd_t.range.clone()], &g, 0)?;
         if let Some(h) = &layout.output {
             me.ring.upload(&bytes[h.range.clone()], &g, me.head.1)?;
         }
         for l in 0..me.hp.n_layer {
             if let Place::Resident(buf) = &me.places[l] {
-                let dst = View { ptr: buf.device_ptr(), len: buf.len_bytes() };
+                let dst = View {
+                    ptr: buf.device_ptr(),
+                    len: buf.len_bytes(),
+                };
                 for m in &me.plans[l].mats {
                     me.ring.upload(&bytes[m.src.clone()], &dst, m.off)?;
                 }
@@ -436,7 +490,11 @@ impl CudaModel {
         let dev = &self.dev;
         let s = &self.stream;
         if n >= 8 && self.blas.is_some() {
-            let kv = KvLayout { n_kv_heads: 1, head_dim: m.ncols, seq_cap: n };
+            let kv = KvLayout {
+                n_kv_heads: 1,
+                head_dim: m.ncols,
+                seq_cap: n,
+            };
             // kv_store with one "head" is a plain f32 -> f16 conversion of [n, cols].
             dev.kv_store(s, &x, &self.s.x16, kv, n, 0)?;
             let tile = (self.tile_rows_bytes / (m.ncols * 2)).max(1).min(m.nrows);
@@ -463,11 +521,17 @@ impl CudaModel {
     /// The device region of layer `l`'s matrices, uploading it first when streamed.
     fn layer_region(&mut self, l: usize, streamed_idx: &mut usize) -> Result<View> {
         match &self.places[l] {
-            Place::Resident(b) => Ok(View { ptr: b.device_ptr(), len: b.len_bytes() }),
+            Place::Resident(b) => Ok(View {
+                ptr: b.device_ptr(),
+                len: b.len_bytes(),
+            }),
             Place::Streamed => {
                 let si = *streamed_idx % 2;
                 *streamed_idx += 1;
-                let slot = View { ptr: self.slots[si].device_ptr(), len: self.slots[si].len_bytes() };
+                let slot = View {
+                    ptr: self.slots[si].device_ptr(),
+                    len: self.slots[si].len_bytes(),
+                };
                 // The copy must not start before the last compute reading this slot ended.
                 self.ring.wait_for(&self.slot_free[si])?;
                 let bytes = self.model.file().bytes();
@@ -490,7 +554,11 @@ impl CudaModel {
             return Err(ModelError::TokenOutOfRange { token: t, vocab }.into());
         }
         if self.pos + n > self.ctx() {
-            return Err(ModelError::ContextOverflow { needed: self.pos + n, ctx: self.ctx() }.into());
+            return Err(ModelError::ContextOverflow {
+                needed: self.pos + n,
+                ctx: self.ctx(),
+            }
+            .into());
         }
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let pos: Vec<i32> = (0..n).map(|i| (self.pos + i) as i32).collect();
@@ -501,11 +569,37 @@ impl CudaModel {
         let dev = Arc::clone(&self.dev);
         let st = &self.stream;
         let (d, qd, kd, vd, ff) = (hp.n_embd, hp.q_dim(), hp.k_dim(), hp.v_dim(), hp.n_ff);
-        let g = View { ptr: self.globals.device_ptr(), len: self.globals.len_bytes() };
-        let embd = view(&g, self.embd.1, self.embd.0.qtype.row_bytes(self.embd.0.ncols as u64).unwrap_or(0) as usize * self.embd.0.nrows)?;
-        dev.get_rows(st, &embd, self.embd.0, &self.s.ids, n, &self.s.hidden, &self.s.status)?;
-        let sm = View { ptr: self.smalls.device_ptr(), len: self.smalls.len_bytes() };
-        let v = |b: &DeviceBuf, floats: usize| View { ptr: b.device_ptr(), len: floats * 4 };
+        let g = View {
+            ptr: self.globals.device_ptr(),
+            len: self.globals.len_bytes(),
+        };
+        let embd = view(
+            &g,
+            self.embd.1,
+            self.embd
+                .0
+                .qtype
+                .row_bytes(self.embd.0.ncols as u64)
+                .unwrap_or(0) as usize
+                * self.embd.0.nrows,
+        )?;
+        dev.get_rows(
+            st,
+            &embd,
+            self.embd.0,
+            &self.s.ids,
+            n,
+            &self.s.hidden,
+            &self.s.status,
+        )?;
+        let sm = View {
+            ptr: self.smalls.device_ptr(),
+            len: self.smalls.len_bytes(),
+        };
+        let v = |b: &DeviceBuf, floats: usize| View {
+            ptr: b.device_ptr(),
+            len: floats * 4,
+        };
         let (hidden, xn, q, k, vv, attn, proj, gate, up) = (
             v(&self.s.hidden, n * d),
             v(&self.s.xn, n * d),
@@ -527,7 +621,15 @@ impl CudaModel {
                 let m = &plan.mats[i];
                 Ok((view(&region, m.off, m.bytes())?, m.m))
             };
-            dev.rmsnorm(st, &hidden, &view(&sm, plan.attn_norm, d * 4)?, &xn, n, d, hp.rms_eps)?;
+            dev.rmsnorm(
+                st,
+                &hidden,
+                &view(&sm, plan.attn_norm, d * 4)?,
+                &xn,
+                n,
+                d,
+                hp.rms_eps,
+            )?;
             for (i, out) in [(0, q), (1, k), (2, vv)] {
                 let (wv, m) = w(i)?;
                 self.linear(wv, m, xn, out, n)?;
@@ -567,7 +669,15 @@ impl CudaModel {
             let (wo, mo) = w(3)?;
             self.linear(wo, mo, attn, proj, n)?;
             dev.add(&self.stream, &hidden, &proj, &hidden, n * d)?;
-            dev.rmsnorm(&self.stream, &hidden, &view(&sm, plan.ffn_norm, d * 4)?, &xn, n, d, hp.rms_eps)?;
+            dev.rmsnorm(
+                &self.stream,
+                &hidden,
+                &view(&sm, plan.ffn_norm, d * 4)?,
+                &xn,
+                n,
+                d,
+                hp.rms_eps,
+            )?;
             let (wg, mg) = w(4)?;
             self.linear(wg, mg, xn, gate, n)?;
             let (wu, mu) = w(5)?;
@@ -583,8 +693,22 @@ impl CudaModel {
         // Output head on the last position.
         let last = view(&hidden, (n - 1) * d * 4, d * 4)?;
         let xn0 = view(&xn, 0, d * 4)?;
-        dev.rmsnorm(&self.stream, &last, &view(&sm, self.output_norm, d * 4)?, &xn0, 1, d, hp.rms_eps)?;
-        let hb = self.head.0.qtype.row_bytes(self.head.0.ncols as u64).unwrap_or(0) as usize * self.head.0.nrows;
+        dev.rmsnorm(
+            &self.stream,
+            &last,
+            &view(&sm, self.output_norm, d * 4)?,
+            &xn0,
+            1,
+            d,
+            hp.rms_eps,
+        )?;
+        let hb = self
+            .head
+            .0
+            .qtype
+            .row_bytes(self.head.0.ncols as u64)
+            .unwrap_or(0) as usize
+            * self.head.0.nrows;
         let head = view(&g, self.head.1, hb)?;
         dev.mmvq(&self.stream, &head, self.head.0, &xn0, &self.s.logits)?;
         self.pos += n;
@@ -613,15 +737,32 @@ impl CudaModel {
     fn sample_device(&mut self, temperature: f32, top_k: usize, top_p: f32, u: f32) -> Result<u32> {
         let n = self.n_vocab();
         if temperature <= 0.0 {
-            self.dev.argmax(&self.stream, &self.s.logits, n, &self.s.tok)?;
+            self.dev
+                .argmax(&self.stream, &self.s.logits, n, &self.s.tok)?;
         } else {
-            let top_k = if top_k == 0 { super::ops::SAMPLE_MAX_TOPK } else { top_k };
-            let sp = SampleParams { top_k, top_p, temperature, u };
-            self.dev.sample(&self.stream, &self.s.logits, n, sp, &self.s.tok)?;
+            let top_k = if top_k == 0 {
+                super::ops::SAMPLE_MAX_TOPK
+            } else {
+                top_k
+            };
+            let sp = SampleParams {
+                top_k,
+                top_p,
+                temperature,
+                u,
+            };
+            self.dev
+                .sample(&self.stream, &self.s.logits, n, sp, &self.s.tok)?;
         }
         self.stream.synchronize()?;
         let t = self.s.tok.to_vec::<i32>(1)?[0];
-        u32::try_from(t).map_err(|_| BackendError::KernelReported { kernel: "sample".into(), what: format!("token {t}") }.into())
+        u32::try_from(t).map_err(|_| {
+            BackendError::KernelReported {
+                kernel: "sample".into(),
+                what: format!("token {t}"),
+            }
+            .into()
+        })
     }
 
     /// Prefills the part of `context` past `pos()` and decodes up to `max_new` tokens, like
@@ -640,12 +781,16 @@ impl CudaModel {
             return Err(ModelError::EmptyPrompt.into());
         }
         let p = sampler.params().clone();
-        let neutral = p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
+        let neutral =
+            p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
         let on_device = neutral && (p.temperature <= 0.0 || p.min_p <= 0.0);
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(p.seed);
         let mut all = context.to_vec();
         let mut ids = Vec::with_capacity(max_new);
-        let mut timings = Timings { prompt_tokens: prompt.len(), ..Timings::default() };
+        let mut timings = Timings {
+            prompt_tokens: prompt.len(),
+            ..Timings::default()
+        };
         let mut pick = |me: &mut Self, all: &[u32]| -> Result<u32> {
             if on_device {
                 let u: f32 = rng.gen::<f32>().min(0.999_999);
@@ -708,13 +853,21 @@ impl CudaModel {
 }
 
 fn per_second(n: usize, ms: f64) -> f64 {
-    if ms > 0.0 { n as f64 * 1000.0 / ms } else { 0.0 }
+    if ms > 0.0 {
+        n as f64 * 1000.0 / ms
+    } else {
+        0.0
+    }
 }
 
 fn finish(ids: Vec<u32>, stop_reason: StopReason, mut timings: Timings) -> Generation {
     timings.prompt_tokens_per_second = per_second(timings.prompt_tokens, timings.prompt_ms);
     timings.decode_tokens_per_second = per_second(timings.decode_tokens, timings.decode_ms);
-    Generation { ids, stop_reason, timings }
+    Generation {
+        ids,
+        stop_reason,
+        timings,
+    }
 }
 
 /// f16 helper kept for tests comparing the cache layout.

@@ -126,7 +126,10 @@ impl PinnedRing {
             let dst_slice = &mut slot.buf.as_mut_slice()[..chunk.len()];
             // Several threads fill one slot: one thread is bound near 13 GB/s by page faults
             // and memcpy, the copy engine takes 55 GB/s.
-            let piece = chunk.len().div_ceil(self.pool.current_num_threads()).max(1 << 20);
+            let piece = chunk
+                .len()
+                .div_ceil(self.pool.current_num_threads())
+                .max(1 << 20);
             self.pool.install(|| {
                 dst_slice
                     .par_chunks_mut(piece)
