@@ -156,11 +156,12 @@ pub fn load(a: &ModelArgs) -> Result<Loaded, GenError> {
         path: a.model.clone(),
         source,
     })?;
-    let tokenizer =
-        Tokenizer::from_metadata(model.file().metadata()).map_err(|source| GenError::Tokenizer {
+    let tokenizer = Tokenizer::from_metadata(model.file().metadata()).map_err(|source| {
+        GenError::Tokenizer {
             path: a.model.clone(),
             source,
-        })?;
+        }
+    })?;
     let pool = build_pool(a.threads)?;
     Ok(Loaded {
         model,
