@@ -203,7 +203,10 @@ impl StopStrings {
 
     /// Byte offset where the earliest stop string starts in `text`, if any.
     pub fn find(&self, text: &str) -> Option<usize> {
-        self.stops.iter().filter_map(|s| text.find(s.as_str())).min()
+        self.stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
     }
 
     /// Length of the prefix of `text` that can be emitted now: everything except a tail that

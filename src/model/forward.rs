@@ -129,9 +129,12 @@ impl Model {
         ops::linear(&w.wk, &name(K::AttnK), xn, n, k, prec)?;
         let v = grow(&mut s.v, n * vd);
         ops::linear(&w.wv, &name(K::AttnV), xn, n, v, prec)?;
-        for (b, out, kind) in [(&w.bq, &mut *q, K::AttnQBias), (&w.bk, &mut *k, K::AttnKBias)]
-            .into_iter()
-            .chain([(&w.bv, &mut *v, K::AttnVBias)])
+        for (b, out, kind) in [
+            (&w.bq, &mut *q, K::AttnQBias),
+            (&w.bk, &mut *k, K::AttnKBias),
+        ]
+        .into_iter()
+        .chain([(&w.bv, &mut *v, K::AttnVBias)])
         {
             if let Some(b) = b {
                 let bias = grow(&mut s.bias, b.cols);
@@ -157,8 +160,12 @@ impl Model {
             }
         }
         for i in 0..n {
-            seq.kv
-                .store(layer, pos0 + i, &k[i * kd..(i + 1) * kd], &v[i * vd..(i + 1) * vd]);
+            seq.kv.store(
+                layer,
+                pos0 + i,
+                &k[i * kd..(i + 1) * kd],
+                &v[i * vd..(i + 1) * vd],
+            );
         }
         self.attention(layer, seq, n, pos0)?;
 

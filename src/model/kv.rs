@@ -118,8 +118,10 @@ impl KvCache {
     pub fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         for h in 0..self.n_head_kv {
             let at = self.base(layer, h) + pos;
-            self.k.write(at * self.dk, &k[h * self.dk..(h + 1) * self.dk]);
-            self.v.write(at * self.dv, &v[h * self.dv..(h + 1) * self.dv]);
+            self.k
+                .write(at * self.dk, &k[h * self.dk..(h + 1) * self.dk]);
+            self.v
+                .write(at * self.dv, &v[h * self.dv..(h + 1) * self.dv]);
         }
     }
 

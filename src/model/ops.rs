@@ -149,7 +149,12 @@ mod tests {
     #[test]
     fn norm_softmax_swiglu() {
         let mut out = [0f32; 4];
-        rms_norm(&[1.0, -1.0, 1.0, -1.0], &[1.0, 2.0, 3.0, 4.0], 0.0, &mut out);
+        rms_norm(
+            &[1.0, -1.0, 1.0, -1.0],
+            &[1.0, 2.0, 3.0, 4.0],
+            0.0,
+            &mut out,
+        );
         assert_eq!(out, [1.0, -2.0, 3.0, -4.0]);
         let mut s = [0.0f32, 0.0, f32::ln(2.0)];
         softmax(&mut s);

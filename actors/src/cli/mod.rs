@@ -2,9 +2,13 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
+pub mod chat;
+pub mod gpu;
 pub mod inspect;
 pub mod synth;
 pub mod trace;
+pub mod run;
 
 /// Default model location (fetched by scripts/fetch-model.sh).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -28,6 +32,12 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// Pipeline traces: `trace view out.json --svg out.svg` draws the actors' timeline.
     Trace(trace::TraceArgs),
+    /// Generate text from a prompt (CPU or CUDA), streaming it to stdout.
+    Run(run::RunArgs),
+    /// Interactive chat using the model's chat template.
+    Chat(chat::ChatArgs),
+    /// Prompt-processing and decode throughput (llama-bench style).
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
@@ -35,5 +45,8 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Trace(a) => trace::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
