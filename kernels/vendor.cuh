@@ -2,8 +2,8 @@
 //
 // Every kernel includes this (through common.cuh) and uses only the names defined here for
 // anything vendor-specific: the warp/wavefront width, shuffles, and half <-> float conversion.
-// No system header is included: NVRTC from the PyPI wheels ships none, and hipRTC/hipcc
-// provide the HIP built-ins implicitly.
+// No system header is included for CUDA: NVRTC from the PyPI wheels ships none. hipRTC provides
+// the HIP built-ins implicitly; only hipcc needs <hip/hip_runtime.h> (see below).
 #pragma once
 
 #if defined(__HIPCC__) || defined(__HIPCC_RTC__) || defined(__HIP_DEVICE_COMPILE__) || defined(__HIP_PLATFORM_AMD__)
@@ -48,6 +48,11 @@ __device__ __forceinline__ int rf_shfl_xor_int(int v, int mask) {
     return __shfl_xor_sync(RF_FULL_MASK, v, mask, RF_WARP);
 }
 #else
+// hipRTC includes the HIP device runtime implicitly (and defines __HIPCC_RTC__); hipcc, used
+// for ahead-of-time code objects (scripts/hip-compile-kernels.sh), does not, so include it here.
+#if !defined(__HIPCC_RTC__)
+#include <hip/hip_runtime.h>
+#endif
 // Wavefront width: 64 on CDNA (gfx9xx), 32 on RDNA in wave32 mode. The compiler defines it
 // per target, so one source serves both.
 #if defined(__AMDGCN_WAVEFRONT_SIZE)

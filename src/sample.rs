@@ -203,7 +203,10 @@ impl StopStrings {
 
     /// Byte offset where the earliest stop string starts in `text`, if any.
     pub fn find(&self, text: &str) -> Option<usize> {
-        self.stops.iter().filter_map(|s| text.find(s.as_str())).min()
+        self.stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
     }
 
     /// Length of the prefix of `text` that can be emitted now: everything except a tail that
@@ -212,12 +215,13 @@ impl StopStrings {
         let mut hold = 0;
         for s in &self.stops {
             for k in (1..s.len()).rev() {
-                if k <= text.len() && text.is_char_boundary(text.len() - k) && s.is_char_boundary(k)
+                if k <= text.len()
+                    && text.is_char_boundary(text.len() - k)
+                    && s.is_char_boundary(k)
+                    && text.ends_with(&s[..k])
                 {
-                    if text.ends_with(&s[..k]) {
-                        hold = hold.max(k);
-                        break;
-                    }
+                    hold = hold.max(k);
+                    break;
                 }
             }
         }

@@ -425,6 +425,10 @@ pub fn write_synth<W: Write + Send>(w: W, cfg: &SynthConfig) -> Result<SynthRepo
         let chunk = (CHUNK_BYTES / bb).max(1) * bb;
         let n = t.n_bytes as usize;
         tensor_bytes += t.n_bytes;
+        if n == 0 {
+            // A zero-byte tensor still takes its turn in the writer.
+            work.push((ti, 0, 0));
+        }
         for (ci, start) in (0..n).step_by(chunk).enumerate() {
             work.push((ti, ci, chunk.min(n - start)));
         }
@@ -454,10 +458,6 @@ pub fn write_synth<W: Write + Send>(w: W, cfg: &SynthConfig) -> Result<SynthRepo
         );
         written?;
         current = next;
-    }
-    // Zero-byte tensors (none in the presets) would still need their turn.
-    while gw.next_tensor().is_some() {
-        gw.write_tensor_part(&[])?;
     }
     gw.finish()?;
     Ok(SynthReport {

@@ -282,3 +282,31 @@ fn raw_builder_agrees_with_writer() {
         .align(32);
     assert_eq!(r.build(), ours);
 }
+
+#[test]
+fn tensors_written_in_parts_equal_whole_writes() {
+    let tensors = sample_tensors();
+    let m = with_alignment(all_types_metadata(), Some(64));
+    let whole = write(3, &m, &tensors);
+    let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
+    let mut w = GgufWriter::new(Vec::new(), &m, &specs).unwrap();
+    for (_, d) in &tensors {
+        if d.is_empty() {
+            w.write_tensor_part(&[]).unwrap();
+        }
+        for part in d.chunks(7) {
+            w.write_tensor_part(part).unwrap();
+        }
+    }
+    assert_eq!(w.finish().unwrap(), whole);
+    // A part running past the tensor's end is refused.
+    let mut w = GgufWriter::new(Vec::new(), &m, &specs).unwrap();
+    let first = &tensors[0].1;
+    w.write_tensor_part(&first[..10]).unwrap();
+    assert!(matches!(
+        w.write_tensor_part(first),
+        Err(GgufError::Write(_))
+    ));
+    // write_tensor after a partial write is refused too.
+    assert!(matches!(w.write_tensor(first), Err(GgufError::Write(_))));
+}

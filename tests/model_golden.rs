@@ -28,7 +28,9 @@ fn cases() -> Vec<Case> {
 }
 
 fn reference_logits(c: &Case) -> Vec<f32> {
-    let p = common::data_dir().join("smollm2-logits").join(&c.logits_file);
+    let p = common::data_dir()
+        .join("smollm2-logits")
+        .join(&c.logits_file);
     std::fs::read(p)
         .unwrap()
         .chunks_exact(4)

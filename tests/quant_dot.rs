@@ -2,12 +2,12 @@
 //!
 //! The weights are exact in both (the reference dequantizes them with `dequantize_ref`); what
 //! differs is the activations and the summation:
-//! - FLOAT class (F32/F16/BF16 weights): activations stay f32; only f32 summation error,
+//! - FLOAT class (F32/F16/BF16; Q2_K/Q3_K/Q5_K until they get int8 kernels): f32 activations; only f32 summation error,
 //!   bounded by n * 2^-24 * sum|w_i x_i| (the classic recursive-summation bound; our blocked
 //!   sums do better).
-//! - Q8 class (legacy weights with Q8_0/Q8_1 activations, K-quants with Q8_K): each activation
+//! - Q8 class (legacy weights, Q4_K and Q6_K, with 32-element Q8 activations): each activation
 //!   is rounded to a multiple of its block's step amax_b/127, so it moves by at most half a step,
-//!   plus the f16 rounding of the step (2^-11 relative, Q8_0/Q8_1 only). So
+//!   plus headroom for an f16 rounding of the step (2^-11 relative). So
 //!   |err| <= sum_i |w_i| * (amax_b(i)/254 + |x_i| * 2^-10) + the summation bound above.
 //!   This is a worst-case bound (errors of opposite sign do not cancel in it), so it cannot
 //!   fail spuriously, yet a wrong scale, a wrong block pairing or a lost sub-block breaks it.
@@ -48,13 +48,12 @@ fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// The activation block size the fast path quantizes with, or None for float weights.
+/// The activation block size the fast path quantizes with, or None where activations stay f32.
 fn act_block(ty: GgmlType) -> Option<usize> {
     match ty {
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => None,
-        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
-            Some(256)
-        }
+        // Q4_K/Q6_K int8 kernels use 32-element activation blocks; the other K-quants stay f32.
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q5_K => None,
         _ => Some(32),
     }
 }

@@ -83,7 +83,7 @@ fn wrong_lengths_are_errors_everywhere() {
         matvec(ty, &w, usize::MAX, 64, &x, &mut y),
         Err(QuantError::Overflow { .. })
     ));
-    let e = dequantize(ty, &w[..19], &mut vec![0.0f32; 32]).unwrap_err();
+    let e = dequantize(ty, &w[..19], &mut [0.0f32; 32]).unwrap_err();
     assert!(e.to_string().contains("expected 20 bytes, got 19"), "{e}");
     assert!(quantize(GgmlType::Q4_K, &[0.0; 255]).is_err());
     assert!(quantize(GgmlType::Q6_K, &[f32::INFINITY; 256]).is_err());
@@ -100,4 +100,26 @@ fn empty_shapes_are_fine() {
     matmul(GgmlType::Q8_0, &[], 3, 0, &[], 0, &mut []).unwrap();
     dequantize_par(GgmlType::Q6_K, &[], &mut []).unwrap();
     assert!(quantize(GgmlType::Q4_0, &[]).unwrap().is_empty());
+}
+
+#[test]
+fn non_finite_activations_propagate_to_their_rows() {
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q5_1,
+        GgmlType::Q4_K,
+        GgmlType::F32,
+    ] {
+        let cols = 256;
+        let w = quantize(ty, &vec![0.25f32; 2 * cols]).unwrap();
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut x = vec![1.0f32; cols];
+            x[100] = bad;
+            let mut y = vec![0.0f32; 2];
+            matvec(ty, &w, 2, cols, &x, &mut y).unwrap();
+            assert!(y.iter().all(|v| !v.is_finite()), "{ty} {bad}: {y:?}");
+        }
+    }
 }

@@ -2,6 +2,9 @@
 //! arbitrary block bytes (scales included, so NaN/Inf/subnormal scales occur), for sizes that do
 //! not divide evenly into threads or parallel chunks; matvec/matmul do not depend on the thread count.
 
+// Index loops keep the (b, r) coordinates visible in the failure messages.
+#![allow(clippy::needless_range_loop)]
+
 use proptest::prelude::*;
 use rocmforge::quant::{dequantize, dequantize_par, dequantize_ref, matmul, matvec, GgmlType};
 

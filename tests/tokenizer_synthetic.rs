@@ -384,3 +384,40 @@ fn chat_templates_with_python_methods_and_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn long_inputs_have_no_step_limit() {
+    // A backtracking regex gives up on `\s+(?!\S)` over huge whitespace runs; the hand-written
+    // matchers are linear. Every variant but `default` uses one.
+    let text = format!(
+        "{}hello{}1234{}",
+        " ".repeat(300_000),
+        "\n".repeat(50_000),
+        "\t".repeat(1000)
+    );
+    for pre in ["gpt2", "smollm", "llama-bpe", "qwen2"] {
+        let mut tokens: Vec<&str> = BPE_TOKENS.to_vec();
+        tokens.extend(["ĊĊ", "ĉ", "Ċ"]);
+        let t = Tokenizer::from_metadata(&bpe_md(Some(pre), &tokens, BPE_MERGES)).unwrap();
+        let ids = t.encode(&text, false, false).unwrap();
+        assert_eq!(t.decode(&ids).unwrap(), text, "{pre}");
+    }
+}
+
+#[test]
+fn tokenizer_is_shareable_across_threads() {
+    fn assert_shareable<T: Send + Sync + Clone + 'static>() {}
+    assert_shareable::<Tokenizer>();
+    // Clones share the word cache; encoding from several threads gives the same ids.
+    let t = Tokenizer::from_metadata(&bpe_md(Some("smollm"), BPE_TOKENS, BPE_MERGES)).unwrap();
+    let want = t.encode("hello 1234 hello", false, false).unwrap();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let t = t.clone();
+            std::thread::spawn(move || t.encode("hello 1234 hello", false, false).unwrap())
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), want);
+    }
+}

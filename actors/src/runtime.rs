@@ -271,16 +271,6 @@ impl RuntimeBuilder {
                 }
             };
         }
-        threads.push(start!(inference::spawn(inference::InferenceConfig {
-            file: file.clone(),
-            factory,
-            plan: plan.clone(),
-            board: board.clone(),
-            sched: sched_tx.clone(),
-            jobs: job_rx,
-            shared: shared.clone(),
-            cancel: cancel.clone(),
-        })));
         threads.push(start!(uploader::spawn(uploader::UploaderConfig {
             map: map.clone(),
             plan: plan.clone(),
@@ -339,6 +329,17 @@ impl RuntimeBuilder {
             split_bytes: self.slot_size as u64,
         })));
 
+        // Last: building the compute (model checks, tokenizer tables) overlaps the load.
+        threads.push(start!(inference::spawn(inference::InferenceConfig {
+            file: file.clone(),
+            factory,
+            plan: plan.clone(),
+            board: board.clone(),
+            sched: sched_tx.clone(),
+            jobs: job_rx,
+            shared: shared.clone(),
+            cancel: cancel.clone(),
+        })));
         Ok(RuntimeHandle {
             inner: Arc::new(Inner {
                 sched: sched_tx,

@@ -6,6 +6,7 @@ use super::error::ModelError;
 use super::hparams::HParams;
 use super::kv::{grow, Sequence, SequenceConfig};
 use super::ops;
+use super::names::TensorId;
 use super::rope::Rope;
 use super::weights::{LayerWeights, ModelLayout};
 use crate::gguf::GgufFile;
@@ -114,7 +115,10 @@ impl Model {
         let pos0 = seq.pos();
         let prec = seq.precision();
         let (qd, kd, vd) = (hp.q_dim(), hp.k_dim(), hp.v_dim());
-        let name = |kind| super::names::tensor_name(kind, Some(layer));
+        let name = |kind| TensorId {
+            kind,
+            layer: Some(layer),
+        };
         use super::names::TensorKind as K;
 
         // --- attention
@@ -129,9 +133,12 @@ impl Model {
         ops::linear(&w.wk, &name(K::AttnK), xn, n, k, prec)?;
         let v = grow(&mut s.v, n * vd);
         ops::linear(&w.wv, &name(K::AttnV), xn, n, v, prec)?;
-        for (b, out, kind) in [(&w.bq, &mut *q, K::AttnQBias), (&w.bk, &mut *k, K::AttnKBias)]
-            .into_iter()
-            .chain([(&w.bv, &mut *v, K::AttnVBias)])
+        for (b, out, kind) in [
+            (&w.bq, &mut *q, K::AttnQBias),
+            (&w.bk, &mut *k, K::AttnKBias),
+        ]
+        .into_iter()
+        .chain([(&w.bv, &mut *v, K::AttnVBias)])
         {
             if let Some(b) = b {
                 let bias = grow(&mut s.bias, b.cols);
@@ -157,8 +164,12 @@ impl Model {
             }
         }
         for i in 0..n {
-            seq.kv
-                .store(layer, pos0 + i, &k[i * kd..(i + 1) * kd], &v[i * vd..(i + 1) * vd]);
+            seq.kv.store(
+                layer,
+                pos0 + i,
+                &k[i * kd..(i + 1) * kd],
+                &v[i * vd..(i + 1) * vd],
+            );
         }
         self.attention(layer, seq, n, pos0)?;
 

@@ -63,10 +63,15 @@ pub enum RopeLayout {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (linear interpolation).
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// YaRN: interpolation for low frequencies, extrapolation for high ones, a ramp between,
     /// plus an attention magnitude correction.
-    Yarn { factor: f32, orig_ctx: usize },
+    Yarn {
+        factor: f32,
+        orig_ctx: usize,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -5,6 +5,7 @@ use super::hparams::HParams;
 use super::ops::Precision;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 use serde::{Deserialize, Serialize};
 
 /// Element type of the KV cache.
@@ -30,7 +31,9 @@ impl KvBuf {
         // out of resident memory.
         match ty {
             KvType::F32 => Self::F32(vec![0.0; n]),
-            KvType::F16 => Self::F16(vec![f16::ZERO; n]),
+            // `vec![f16::ZERO; n]` would write every element (the zero-alloc fast path only
+            // knows primitive types), making the whole cache resident up front.
+            KvType::F16 => Self::F16(vec![0u16; n].reinterpret_into()),
         }
     }
 
@@ -118,8 +121,10 @@ impl KvCache {
     pub fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         for h in 0..self.n_head_kv {
             let at = self.base(layer, h) + pos;
-            self.k.write(at * self.dk, &k[h * self.dk..(h + 1) * self.dk]);
-            self.v.write(at * self.dv, &v[h * self.dv..(h + 1) * self.dv]);
+            self.k
+                .write(at * self.dk, &k[h * self.dk..(h + 1) * self.dk]);
+            self.v
+                .write(at * self.dv, &v[h * self.dv..(h + 1) * self.dv]);
         }
     }
 

@@ -80,6 +80,20 @@ pub fn tensor_name(kind: TensorKind, layer: Option<usize>) -> String {
     }
 }
 
+/// A tensor's identity, formatted into its name only when shown (errors), so the forward pass
+/// can label every op without allocating per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorId {
+    pub kind: TensorKind,
+    pub layer: Option<usize>,
+}
+
+impl fmt::Display for TensorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&tensor_name(self.kind, self.layer))
+    }
+}
+
 /// Hyper-parameter keys, prefixed by the architecture name (`llama.block_count`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArchKey {

@@ -5,6 +5,7 @@ use super::error::ModelError;
 use super::weights::WeightView;
 use crate::quant::{self, QuantError};
 use serde::{Deserialize, Serialize};
+use std::fmt::Display;
 
 /// Numerical mode of the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -29,7 +30,10 @@ impl std::str::FromStr for Precision {
     }
 }
 
-fn kernel_err<'a>(op: &'static str, tensor: &'a str) -> impl FnOnce(QuantError) -> ModelError + 'a {
+fn kernel_err<'a>(
+    op: &'static str,
+    tensor: &'a dyn Display,
+) -> impl FnOnce(QuantError) -> ModelError + 'a {
     move |source| ModelError::Kernel {
         op,
         tensor: tensor.to_string(),
@@ -39,10 +43,11 @@ fn kernel_err<'a>(op: &'static str, tensor: &'a str) -> impl FnOnce(QuantError) 
 
 /// `y[b, r] = sum_c W[r, c] * x[b, c]` for `batch` rows of `x` (`[batch, w.cols]`), giving
 /// `y` as `[batch, w.rows]`. One row uses the matrix-vector kernel (decode), more the
-/// matrix-matrix one (prefill). `name` only labels errors.
+/// matrix-matrix one (prefill). `name` only labels errors (formatted only then: no allocation
+/// on the hot path).
 pub fn linear(
     w: &WeightView,
-    name: &str,
+    name: &dyn Display,
     x: &[f32],
     batch: usize,
     y: &mut [f32],
@@ -61,7 +66,7 @@ pub fn linear(
 }
 
 /// Dequantizes a whole vector tensor (norm weights, biases) or selected rows (embeddings).
-pub fn dequantize(w: &WeightView, name: &str, dst: &mut [f32]) -> Result<(), ModelError> {
+pub fn dequantize(w: &WeightView, name: &dyn Display, dst: &mut [f32]) -> Result<(), ModelError> {
     quant::dequantize(w.ty, w.data, dst).map_err(kernel_err("dequantize", name))
 }
 
@@ -69,7 +74,7 @@ pub fn dequantize(w: &WeightView, name: &str, dst: &mut [f32]) -> Result<(), Mod
 pub fn dequantize_row(
     w: &WeightView,
     r: usize,
-    name: &str,
+    name: &dyn Display,
     dst: &mut [f32],
 ) -> Result<(), ModelError> {
     quant::dequantize(w.ty, w.row(r), dst).map_err(kernel_err("dequantize", name))
@@ -149,7 +154,12 @@ mod tests {
     #[test]
     fn norm_softmax_swiglu() {
         let mut out = [0f32; 4];
-        rms_norm(&[1.0, -1.0, 1.0, -1.0], &[1.0, 2.0, 3.0, 4.0], 0.0, &mut out);
+        rms_norm(
+            &[1.0, -1.0, 1.0, -1.0],
+            &[1.0, 2.0, 3.0, 4.0],
+            0.0,
+            &mut out,
+        );
         assert_eq!(out, [1.0, -2.0, 3.0, -4.0]);
         let mut s = [0.0f32, 0.0, f32::ln(2.0)];
         softmax(&mut s);

@@ -114,11 +114,14 @@ impl ActQ8 {
         };
         for (xb, qb) in x.chunks_exact(32).zip(a.qs.chunks_exact_mut(32)) {
             let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
+            // A NaN/Inf activation makes the block's scale NaN, so it propagates to the output as
+            // in the f32 path instead of being silently quantized to some finite value.
+            let finite = xb.iter().all(|v| v.is_finite());
+            let d = if finite { amax / 127.0 } else { f32::NAN };
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (q, v) in qb.iter_mut().zip(xb) {
-                // Non-finite activations give a NaN d; clamp keeps the quants valid anyway.
+                // With a NaN d, id is NaN and the quants become 0 (valid); d carries the NaN.
                 *q = (v * id).round().clamp(-127.0, 127.0) as i8;
                 sum += *q as i32;
             }
@@ -133,12 +136,13 @@ impl ActQ8 {
 /// How a weight type is multiplied.
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
-    /// AVX2 integer kernels with Q8 activations (Q4_0, Q4_1, Q8_0).
+    /// AVX2 integer kernels with Q8 activations (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K).
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// Portable integer kernel with Q8 activations (legacy 32-element types).
     Q8Scalar,
-    /// Dequantize the row, then an f32 dot product (float types, K-quants for now).
+    /// Dequantize the row, then an f32 dot product (float types; the K-quants other than Q4_K
+    /// until they get integer kernels, see the module docs).
     Float { fma: bool },
 }
 
@@ -149,7 +153,11 @@ fn choose(ty: GgmlType) -> Path {
     let avx2 = false;
     match ty {
         #[cfg(target_arch = "x86_64")]
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 if avx2 => Path::Avx2,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K
+            if avx2 =>
+        {
+            Path::Avx2
+        }
         GgmlType::Q4_0
         | GgmlType::Q4_1
         | GgmlType::Q5_0
@@ -265,6 +273,8 @@ fn dot_row<const B: usize>(
             match ty {
                 GgmlType::Q4_0 => simd::dot_q4_0(as_blocks(w).unwrap_or(&[]), acts),
                 GgmlType::Q4_1 => simd::dot_q4_1(as_blocks(w).unwrap_or(&[]), acts),
+                GgmlType::Q4_K => simd::dot_q4_k(as_blocks(w).unwrap_or(&[]), acts),
+                GgmlType::Q6_K => simd::dot_q6_k(as_blocks(w).unwrap_or(&[]), acts),
                 _ => simd::dot_q8_0(as_blocks(w).unwrap_or(&[]), acts),
             }
         },

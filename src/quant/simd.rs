@@ -112,6 +112,107 @@ pub unsafe fn dot_q4_1<const B: usize>(w: &[BlockQ4_1], acts: [&ActQ8; B]) -> [f
     out
 }
 
+/// Q4_K weight row x B activation rows. Each 32-weight sub-block j is affine (d*sc_j*q - dmin*m_j)
+/// and lines up with one 32-element activation block, so it is a Q4_1-style block:
+/// d_x*(d*sc_j*sum(q*y) - dmin*m_j*sum(y)). (ggml uses 256-element Q8_K activations here;
+/// 32-element blocks with f32 scales are at least as accurate and reuse one activation format.)
+///
+/// # Safety
+/// As `dot_q4_0`; `acts[b]` cover `8 * w.len()` 32-element blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_k<const B: usize>(w: &[BlockQ4K], acts: [&ActQ8; B]) -> [f32; B] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; B];
+    let mask = _mm256_set1_epi8(0x0F);
+    for (i, blk) in w.iter().enumerate() {
+        let (d, dmin) = (h2f(blk.d), h2f(blk.dmin));
+        for j in 0..4 {
+            // SAFETY: 32 of the block's 128 quant bytes.
+            let v = _mm256_loadu_si256(blk.qs.as_ptr().add(32 * j).cast());
+            let halves = [
+                _mm256_and_si256(v, mask),
+                _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+            ];
+            for (h, q) in halves.into_iter().enumerate() {
+                let sub = 2 * j + h;
+                let (sc, m) = scale_min_k4(sub, &blk.scales);
+                let dw = _mm256_set1_ps(d * sc as f32);
+                let mw = -(dmin * m as f32) * 0.125;
+                let ai = 8 * i + sub;
+                for b in 0..B {
+                    let a = acts[b];
+                    let t = _mm256_fmadd_ps(
+                        dw,
+                        dot_u8_i8(q, load_act(a, ai)),
+                        _mm256_set1_ps(mw * a.sum[ai]),
+                    );
+                    acc[b][h] = _mm256_fmadd_ps(_mm256_set1_ps(a.d[ai]), t, acc[b][h]);
+                }
+            }
+        }
+    }
+    let mut out = [0.0f32; B];
+    for b in 0..B {
+        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1]));
+    }
+    out
+}
+
+/// Q6_K weight row x B activation rows. Each 32-element chunk spans two 16-element scale groups
+/// and one activation block: signed quants (q - 32) through the sign trick, then `madd` with the
+/// two group scales (low / high 128-bit lane), as ggml does; d*d_x scales the i32 sums.
+///
+/// # Safety
+/// As `dot_q4_k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q6_k<const B: usize>(w: &[BlockQ6K], acts: [&ActQ8; B]) -> [f32; B] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; B];
+    let m4 = _mm256_set1_epi8(0x0F);
+    let off = _mm256_set1_epi8(32);
+    for (i, blk) in w.iter().enumerate() {
+        let d = h2f(blk.d);
+        for n in 0..2 {
+            // SAFETY: 32-byte loads inside ql (128 bytes) and qh (64 bytes).
+            let ql0 = _mm256_loadu_si256(blk.ql.as_ptr().add(64 * n).cast());
+            let ql1 = _mm256_loadu_si256(blk.ql.as_ptr().add(64 * n + 32).cast());
+            let qh = _mm256_loadu_si256(blk.qh.as_ptr().add(32 * n).cast());
+            let qs = [
+                _mm256_or_si256(_mm256_and_si256(ql0, m4), q6_high(qh, 0)),
+                _mm256_or_si256(_mm256_and_si256(ql1, m4), q6_high(qh, 2)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    q6_high(qh, 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    q6_high(qh, 6),
+                ),
+            ];
+            for (k, q) in qs.into_iter().enumerate() {
+                let q = _mm256_sub_epi8(q, off);
+                let aq = _mm256_sign_epi8(q, q);
+                let g = 8 * n + 2 * k;
+                let scv = _mm256_set_m128i(
+                    _mm_set1_epi16(blk.scales[g + 1] as i8 as i16),
+                    _mm_set1_epi16(blk.scales[g] as i8 as i16),
+                );
+                let ai = 8 * i + 4 * n + k;
+                for b in 0..B {
+                    let a = acts[b];
+                    let sy = _mm256_sign_epi8(load_act(a, ai), q);
+                    let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sy), scv);
+                    let s = _mm256_set1_ps(d * a.d[ai]);
+                    acc[b][k & 1] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p32), acc[b][k & 1]);
+                }
+            }
+        }
+    }
+    let mut out = [0.0f32; B];
+    for b in 0..B {
+        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1]));
+    }
+    out
+}
+
 /// Q8_0 weight row x B activation rows: signed x signed through the sign trick
 /// (|w| as unsigned times y with w's sign), as ggml's `mul_sum_i8_pairs`.
 ///

@@ -8,6 +8,12 @@
 //!
 //! Special tokens (control, user-defined, unknown) are cut out of the text first, longest first,
 //! as llama.cpp's `tokenizer_st_partition` does; only the text between them is tokenized.
+//!
+//! Not (yet) done, compared with llama.cpp: the per-model `lstrip`/`rstrip` attributes some
+//! special tokens get by model name (e.g. `<mask>`), pre-tokenizers other than those in
+//! [`pretok::SUPPORTED_NAMES`] (an unknown name is an error), and the WPM/UGM/RWKV vocabularies.
+//! Chat templates cannot use `{% break %}`/`{% continue %}` (minijinja's `loop_controls` feature
+//! is off) or `strftime_now`.
 
 mod bpe;
 mod chat;
@@ -104,6 +110,8 @@ enum Model {
 
 /// Bound on the word cache; cleared when reached (simple, and long prompts rarely hit it).
 const CACHE_CAP: usize = 1 << 16;
+/// Longest piece (bytes) the word cache keeps.
+const CACHE_MAX_PIECE: usize = 64;
 
 #[derive(Debug)]
 struct Inner {
@@ -480,6 +488,10 @@ impl Tokenizer {
             }
             let start = out.len();
             bpe.encode_piece(piece.as_bytes(), &inner.token_to_id, out);
+            // Long pieces rarely repeat; keeping them out bounds the cache's memory.
+            if piece.len() > CACHE_MAX_PIECE {
+                continue;
+            }
             let mut cache = inner.cache.lock().unwrap_or_else(|p| p.into_inner());
             if cache.len() >= CACHE_CAP {
                 cache.clear();

@@ -85,15 +85,15 @@ fn compile(kind: PreKind) -> Result<Vec<Regex>, TokenizerError> {
 pub struct PreTokenizer {
     kind: PreKind,
     regexes: Vec<Regex>,
-    /// The hand-written GPT-2 matcher (`gpt2`, `smollm`); `None` for the regex-only variants.
+    /// Set where a hand-written matcher does the work (all but `default`).
     fast: Option<Letters>,
 }
 
 impl PreTokenizer {
     pub fn new(kind: PreKind) -> Result<Self, TokenizerError> {
         let fast = match kind {
-            PreKind::Gpt2 | PreKind::DigitsGpt2 => Some(Letters::new()?),
-            _ => None,
+            PreKind::Default => None,
+            _ => Some(Letters::new()?),
         };
         // Compiling the Unicode-heavy regexes costs milliseconds; skip it where the
         // hand-written matcher does the work (`split_regex` then compiles on demand).
@@ -134,6 +134,10 @@ impl PreTokenizer {
             if seg_start < text.len() {
                 gpt2split::split(letters, text, seg_start..text.len(), &mut out);
             }
+        } else if self.kind == PreKind::Llama3 {
+            gpt2split::split_llama3(letters, text, 3, &mut out);
+        } else if self.kind == PreKind::Qwen2 {
+            gpt2split::split_llama3(letters, text, 1, &mut out);
         } else {
             gpt2split::split(letters, text, 0..text.len(), &mut out);
         }
@@ -150,7 +154,7 @@ impl PreTokenizer {
         } else {
             &self.regexes
         };
-        let mut pieces = vec![0..text.len()];
+        let mut pieces: Vec<Range<usize>> = std::iter::once(0..text.len()).collect();
         for re in regexes {
             let mut next = Vec::with_capacity(pieces.len() * 2);
             for piece in pieces {
@@ -221,19 +225,20 @@ mod tests {
     const ALPHABET: &[char] = &[
         ' ', ' ', ' ', '\n', '\t', '\r', '\u{a0}', '\u{3000}', 'a', 'Z', 'é', 'क', '\u{93e}', '1',
         '٣', 'Ⅻ', '\'', 's', 't', 'r', 'e', 'v', 'l', 'd', 'm', 'S', '!', '.', '-', '🙂', '𝐀',
-        '\u{200b}',
+        '\u{200b}', 'L', 'D', 'T', 'E',
     ];
 
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
         #[test]
-        fn fast_gpt2_matches_the_regex(
+        fn hand_written_matchers_match_the_regex(
             idx in proptest::collection::vec(0..ALPHABET.len(), 0..40)
         ) {
             // (hand-written matcher, regex-only reference) per variant, built once.
             static PRE: std::sync::OnceLock<Vec<(PreTokenizer, PreTokenizer)>> =
                 std::sync::OnceLock::new();
             let pres = PRE.get_or_init(|| {
-                [PreKind::Gpt2, PreKind::DigitsGpt2]
+                [PreKind::Gpt2, PreKind::DigitsGpt2, PreKind::Llama3, PreKind::Qwen2]
                     .map(|kind| {
                         let reference =
                             PreTokenizer { kind, regexes: compile(kind).unwrap(), fast: None };

@@ -46,7 +46,10 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     // Tokens whose keys and values are in `seq` (its first `seq.pos()` tokens).
     let mut cached: Vec<u32> = Vec::new();
-    eprintln!("chat with {} — /reset clears the conversation, /exit or Ctrl-D quits", a.model.model.display());
+    eprintln!(
+        "chat with {} — /reset clears the conversation, /exit or Ctrl-D quits",
+        a.model.model.display()
+    );
     let stdin = std::io::stdin();
     let mut line = String::new();
     loop {
@@ -69,7 +72,9 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
             _ => {}
         }
         messages.push(ChatMessage::new("user", input));
-        let prompt = tok.apply_chat_template(&messages, true).map_err(GenError::from)?;
+        let prompt = tok
+            .apply_chat_template(&messages, true)
+            .map_err(GenError::from)?;
         let context = tok.encode(&prompt, true, true).map_err(GenError::from)?;
         // Reuse the cached prefix; at least one token must be fed to get logits.
         let keep = cached

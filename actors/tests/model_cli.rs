@@ -1,0 +1,242 @@
+//! End-to-end tests of `rocmforge run` and `rocmforge bench` on SmolLM2 (the binary, through
+//! `CARGO_BIN_EXE_rocmforge`), including the bad-input errors a user can cause.
+
+use rocmforge::gguf::{write_to_vec, Metadata, Value};
+use serde_json::Value as Json;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("actors/ has a parent")
+        .to_path_buf()
+}
+
+fn model() -> PathBuf {
+    let p = std::env::var_os("ROCMFORGE_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        p.exists(),
+        "test model {} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
+
+fn rocmforge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rocmforge"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("the rocmforge binary runs")
+}
+
+fn run_json(extra: &[&str]) -> Json {
+    let m = model();
+    let mut args = vec![
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--json",
+        "--threads",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let out = rocmforge(&args);
+    assert!(
+        out.status.success(),
+        "rocmforge {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+fn ids(j: &Json, key: &str) -> Vec<u64> {
+    j[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key} missing in {j}"))
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
+fn reference_case(name: &str) -> Json {
+    let p = root().join("tests/data/smollm2-logits/cases.json");
+    let cases: Json = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    cases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+        .clone()
+}
+
+/// The prompt tokenizes as the reference does and greedy decoding follows the reference up to
+/// step 8 (its first near-tie is at step 18).
+#[test]
+fn run_greedy_json_matches_reference() {
+    let case = reference_case("plain_english");
+    let prompt = case["prompt"].as_str().unwrap();
+    let j = run_json(&["--prompt", prompt, "-n", "8", "--temp", "0"]);
+    assert_eq!(ids(&j, "prompt_ids"), ids(&case, "hf_prompt_ids"));
+    assert_eq!(ids(&j, "ids"), ids(&case, "hf_greedy_ids")[..8].to_vec());
+    let text = j["text"].as_str().unwrap();
+    assert!(
+        case["hf_greedy_text"].as_str().unwrap().starts_with(text),
+        "{text:?}"
+    );
+    assert!(j["timings"]["prompt_tokens_per_second"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn sampling_is_reproducible_and_top_k_1_is_greedy() {
+    let p = ["--prompt", "Once upon a time", "-n", "12"];
+    let a = run_json(&[&p[..], &["--temp", "0.9", "--seed", "7"]].concat());
+    let b = run_json(&[&p[..], &["--temp", "0.9", "--seed", "7"]].concat());
+    assert_eq!(a["text"], b["text"]);
+    assert_eq!(ids(&a, "ids"), ids(&b, "ids"));
+    let greedy = run_json(&[&p[..], &["--temp", "0"]].concat());
+    let top1 = run_json(&[&p[..], &["--temp", "1.5", "--top-k", "1", "--seed", "3"]].concat());
+    assert_eq!(ids(&greedy, "ids"), ids(&top1, "ids"));
+}
+
+fn expect_error(args: &[&str], needle: &str) {
+    let out = rocmforge(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{args:?}: stderr {err:?} lacks {needle:?}"
+    );
+}
+
+#[test]
+fn empty_prompt_is_an_error() {
+    let m = model();
+    expect_error(
+        &["run", "--model", m.to_str().unwrap(), "--prompt", ""],
+        "empty prompt",
+    );
+}
+
+#[test]
+fn prompt_longer_than_context_is_an_error() {
+    let m = model();
+    let long = "word ".repeat(40);
+    expect_error(
+        &[
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--ctx",
+            "16",
+            "--prompt",
+            &long,
+        ],
+        "context overflow",
+    );
+}
+
+#[test]
+fn invalid_utf8_prompt_file_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("prompt.txt");
+    std::fs::write(&f, b"hello \xff\xfe world").unwrap();
+    let m = model();
+    expect_error(
+        &[
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt-file",
+            f.to_str().unwrap(),
+        ],
+        "not valid UTF-8 (first bad byte at offset 6)",
+    );
+}
+
+#[test]
+fn unsupported_architecture_is_an_error() {
+    let mut md = Metadata::new();
+    md.insert("general.architecture", Value::String("gpt2".into()));
+    md.insert("gpt2.context_length", Value::U32(128));
+    let bytes = write_to_vec(&md, &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("gpt2.gguf");
+    std::fs::write(&f, bytes).unwrap();
+    expect_error(
+        &["run", "--model", f.to_str().unwrap(), "--prompt", "hi"],
+        "unsupported architecture \"gpt2\"",
+    );
+}
+
+#[test]
+fn bench_json_reports_pp_and_tg() {
+    let m = model();
+    let out = rocmforge(&[
+        "bench",
+        "--model",
+        m.to_str().unwrap(),
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "2",
+        "--json",
+        "--threads",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: Json = serde_json::from_slice(&out.stdout).unwrap();
+    let tests: Vec<&str> = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["test"].as_str().unwrap())
+        .collect();
+    assert_eq!(tests, ["pp16", "tg4"]);
+    for t in j.as_array().unwrap() {
+        assert_eq!(t["samples"].as_array().unwrap().len(), 2);
+        assert!(t["tokens_per_second"].as_f64().unwrap() > 0.0);
+        assert_eq!(t["backend"], "cpu");
+        assert_eq!(t["threads"], 2);
+    }
+}
+
+/// SmolLM2 with `tokenizer.ggml.pre` replaced: the model loads, the tokenizer refuses.
+#[test]
+fn unknown_pre_tokenizer_is_an_error() {
+    use rocmforge::gguf::{GgufFile, GgufWriter, TensorSpec};
+    let src = GgufFile::open(model()).unwrap();
+    let mut md = src.metadata().clone();
+    md.insert("tokenizer.ggml.pre", Value::String("no-such-pre".into()));
+    let specs: Vec<TensorSpec> = src
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            ggml_type: t.ggml_type,
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("odd-pre.gguf");
+    let out = std::io::BufWriter::new(std::fs::File::create(&f).unwrap());
+    let mut w = GgufWriter::new(out, &md, &specs).unwrap();
+    for t in src.tensors() {
+        w.write_tensor(src.tensor_data(t)).unwrap();
+    }
+    w.finish().unwrap();
+    expect_error(
+        &["run", "--model", f.to_str().unwrap(), "--prompt", "hi"],
+        "no-such-pre",
+    );
+}
