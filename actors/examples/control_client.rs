@@ -9,7 +9,8 @@ use rocmforge_actors::Hint;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: control_client SOCKET stats|progress|warmup|prefetch L,..|pin L,..|release L,..";
+    let usage =
+        "usage: control_client SOCKET stats|progress|warmup|prefetch L,..|pin L,..|release L,..";
     let path = args.next().ok_or(usage)?;
     let cmd = args.next().ok_or(usage)?;
     let mut layers = || -> Result<Vec<usize>, Box<dyn std::error::Error>> {

@@ -104,12 +104,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     })
                 })
                 .collect();
-            let results = tokio::time::timeout(
-                Duration::from_secs(1800),
-                futures::future::join_all(tasks),
-            )
-            .await
-            .map_err(|_| "load level timed out")?;
+            let results =
+                tokio::time::timeout(Duration::from_secs(1800), futures::future::join_all(tasks))
+                    .await
+                    .map_err(|_| "load level timed out")?;
             let wall = start.elapsed().as_secs_f64();
             let mut ttfts = Vec::new();
             let mut tokens = 0u64;

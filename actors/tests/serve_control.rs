@@ -114,7 +114,10 @@ async fn hints_stats_progress_and_malformed_frames() {
         // So does a length past the limit.
         let mut big = ControlClient::connect(&sock2).unwrap();
         big.stream().write_all(&u32::MAX.to_le_bytes()).unwrap();
-        assert!(closed(big.stream()), "oversized frame did not close the connection");
+        assert!(
+            closed(big.stream()),
+            "oversized frame did not close the connection"
+        );
         // The first connection still works.
         let s2 = stats(&mut c);
         assert_eq!(s2.total_weight_bytes, s0.total_weight_bytes);

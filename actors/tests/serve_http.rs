@@ -18,10 +18,16 @@ fn assert_openai_error(status: u16, want: u16, body: &[u8], what: &str) -> Value
     let v: Value = serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("{what}: error body is not JSON ({e}): {body:?}"));
     let e = &v["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {v}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {v}"
+    );
     assert!(e["type"].as_str().is_some(), "{what}: {v}");
     let obj = e.as_object().expect("error object");
-    assert!(obj.contains_key("param") && obj.contains_key("code"), "{what}: {v}");
+    assert!(
+        obj.contains_key("param") && obj.contains_key("code"),
+        "{what}: {v}"
+    );
     v
 }
 
@@ -47,18 +53,27 @@ async fn bad_input_is_a_4xx_openai_error_and_the_server_keeps_serving() {
     let chat = "/v1/chat/completions";
     let msgs = json!([{"role": "user", "content": "hi"}]);
     let cases: Vec<(&str, &str, Vec<u8>, u16)> = vec![
-        ("malformed JSON", chat, b"{\"model\": \"smollm2\", \"messages\": [".to_vec(), 400),
+        (
+            "malformed JSON",
+            chat,
+            b"{\"model\": \"smollm2\", \"messages\": [".to_vec(),
+            400,
+        ),
         ("not JSON at all", chat, b"hello".to_vec(), 400),
         (
             "unknown model",
             chat,
-            json!({"model": "gpt-17", "messages": msgs}).to_string().into_bytes(),
+            json!({"model": "gpt-17", "messages": msgs})
+                .to_string()
+                .into_bytes(),
             404,
         ),
         (
             "negative max_tokens",
             chat,
-            json!({"model": MODEL, "messages": msgs, "max_tokens": -3}).to_string().into_bytes(),
+            json!({"model": MODEL, "messages": msgs, "max_tokens": -3})
+                .to_string()
+                .into_bytes(),
             400,
         ),
         (
@@ -72,25 +87,33 @@ async fn bad_input_is_a_4xx_openai_error_and_the_server_keeps_serving() {
         (
             "max_tokens as a string",
             "/v1/completions",
-            json!({"model": MODEL, "prompt": "a", "max_tokens": "ten"}).to_string().into_bytes(),
+            json!({"model": MODEL, "prompt": "a", "max_tokens": "ten"})
+                .to_string()
+                .into_bytes(),
             400,
         ),
         (
             "messages not a list",
             chat,
-            json!({"model": MODEL, "messages": "hi"}).to_string().into_bytes(),
+            json!({"model": MODEL, "messages": "hi"})
+                .to_string()
+                .into_bytes(),
             400,
         ),
         (
             "temperature out of range",
             chat,
-            json!({"model": MODEL, "messages": msgs, "temperature": 9.5}).to_string().into_bytes(),
+            json!({"model": MODEL, "messages": msgs, "temperature": 9.5})
+                .to_string()
+                .into_bytes(),
             400,
         ),
         (
             "n = 2",
             chat,
-            json!({"model": MODEL, "messages": msgs, "n": 2}).to_string().into_bytes(),
+            json!({"model": MODEL, "messages": msgs, "n": 2})
+                .to_string()
+                .into_bytes(),
             400,
         ),
         (
@@ -145,8 +168,17 @@ async fn metrics_parse_and_move_with_requests() {
     assert_eq!(m0.types["rocmforge_completion_tokens_total"], "counter");
     assert_eq!(m0.get("rocmforge_ready", &[]), Some(1.0));
     assert!(m0.get("rocmforge_resident_weight_bytes", &[]).unwrap() > 0.0);
-    assert!(m0.get("rocmforge_load_bytes_total", &[("stage", "read")]).unwrap() > 0.0);
-    assert!(m0.get("rocmforge_stage_busy_seconds_total", &[("stage", "compute")]).is_some());
+    assert!(
+        m0.get("rocmforge_load_bytes_total", &[("stage", "read")])
+            .unwrap()
+            > 0.0
+    );
+    assert!(m0
+        .get(
+            "rocmforge_stage_busy_seconds_total",
+            &[("stage", "compute")]
+        )
+        .is_some());
 
     let r = post_json(
         addr,
@@ -180,7 +212,12 @@ async fn metrics_parse_and_move_with_requests() {
         ),
         1.0
     );
-    assert!(d("rocmforge_stage_busy_seconds_total", &[("stage", "compute")]) > 0.0);
+    assert!(
+        d(
+            "rocmforge_stage_busy_seconds_total",
+            &[("stage", "compute")]
+        ) > 0.0
+    );
     // Histogram buckets are cumulative.
     let buckets: Vec<f64> = m1
         .samples
@@ -244,7 +281,11 @@ async fn full_queue_answers_429_with_retry_after_and_disconnect_cancels() {
             .await
             .expect("first tokens in time")
             .unwrap();
-        assert!(n > 0, "stream ended early: {}", String::from_utf8_lossy(&seen));
+        assert!(
+            n > 0,
+            "stream ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
         seen.extend_from_slice(&buf[..n]);
     }
     drop(s);
@@ -259,10 +300,17 @@ async fn full_queue_answers_429_with_retry_after_and_disconnect_cancels() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(freed, "request not cancelled: {:?}", server.runtime().stats());
+    assert!(
+        freed,
+        "request not cancelled: {:?}",
+        server.runtime().stats()
+    );
     let m1 = scrape(addr).await;
     let generated = m1.get("rocmforge_completion_tokens_total", &[]).unwrap();
-    assert!(generated < tokens_at_drop + 100.0, "{tokens_at_drop} -> {generated}");
+    assert!(
+        generated < tokens_at_drop + 100.0,
+        "{tokens_at_drop} -> {generated}"
+    );
     assert_eq!(m1.get("rocmforge_requests_running", &[]), Some(0.0));
     ok_completion(addr).await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
@@ -279,7 +327,9 @@ async fn concurrent_streams_equal_a_sequential_run() {
     };
     let mut sequential = Vec::new();
     for i in 0..CLIENTS {
-        let r = post_sse(addr, "/v1/chat/completions", &body(i)).await.unwrap();
+        let r = post_sse(addr, "/v1/chat/completions", &body(i))
+            .await
+            .unwrap();
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.raw));
         sequential.push((r.text(), r.finish_reason()));
     }
@@ -294,7 +344,12 @@ async fn concurrent_streams_equal_a_sequential_run() {
         .expect("32 concurrent streams finish in bounded time");
     for (i, r) in run.into_iter().enumerate() {
         let r = r.unwrap().unwrap();
-        assert_eq!(r.status, 200, "client {i}: {}", String::from_utf8_lossy(&r.raw));
+        assert_eq!(
+            r.status,
+            200,
+            "client {i}: {}",
+            String::from_utf8_lossy(&r.raw)
+        );
         assert_eq!(
             r.events.last().map(|e| e.1.as_str()),
             Some("[DONE]"),

@@ -78,7 +78,8 @@ async fn official_openai_client() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/serve_openai_client.py");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/serve_openai_client.py");
     let mut py = Command::new("python3")
         .arg(&script)
         .arg(format!("http://{addr}/v1"))
@@ -97,7 +98,10 @@ async fn official_openai_client() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(status.is_some(), "python client timed out\n{so}\n{se}");
-    assert!(out.status.success(), "python client failed\nstdout:\n{so}\nstderr:\n{se}");
+    assert!(
+        out.status.success(),
+        "python client failed\nstdout:\n{so}\nstderr:\n{se}"
+    );
     assert_eq!(so.trim(), "ok");
 
     // Graceful shutdown on SIGTERM.

@@ -75,10 +75,7 @@ pub async fn serve(listener: tokio::net::UnixListener, rt: RuntimeHandle, stop: 
     }
 }
 
-async fn connection(
-    mut s: tokio::net::UnixStream,
-    rt: RuntimeHandle,
-) -> Result<(), ControlError> {
+async fn connection(mut s: tokio::net::UnixStream, rt: RuntimeHandle) -> Result<(), ControlError> {
     loop {
         let mut len = [0u8; 4];
         match s.read_exact(&mut len).await {
@@ -167,8 +164,10 @@ mod tests {
         assert_eq!(f, vec![4, 0, 0, 0, 1, 0, 0, 0]);
         let h = ControlRequest::Hint(Hint::Prefetch { layers: vec![3] });
         let f = encode_frame(&h).unwrap();
-        let len = u32::from_le_bytes([f[0], f[1], f[2], f[3]]) as usize;
-        assert_eq!(len, f.len() - 4);
+        // Variant, variant, vector length (u64), element (u64): as docs/SERVING.md shows.
+        let mut want = vec![24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+        want.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(f, want);
         assert_eq!(bincode::deserialize::<ControlRequest>(&f[4..]).unwrap(), h);
     }
 }

@@ -1,9 +1,9 @@
 //! OpenAI-style error responses: `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx
 //! status, so clients written for OpenAI's API report them properly.
 
+use crate::error::RuntimeError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use crate::error::RuntimeError;
 use serde::Serialize;
 
 /// An error answered to an HTTP client.

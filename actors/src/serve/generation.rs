@@ -112,7 +112,9 @@ impl Generation {
                     }
                     self.last_token = Some(now);
                     self.completion_tokens += 1;
-                    self.metrics.completion_tokens.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .completion_tokens
+                        .fetch_add(1, Ordering::Relaxed);
                     self.text.push_str(&ev.text);
                     let tail = &self.text[self.emitted..];
                     if let Some(at) = self.stops.find(tail) {

@@ -3,7 +3,7 @@
 
 use super::error::ApiError;
 use super::generation::{Generation, Step};
-use super::openai::{Checked, ChatRequest, CompletionRequest, PromptInput, Usage};
+use super::openai::{ChatRequest, Checked, CompletionRequest, PromptInput, Usage};
 use super::AppState;
 use crate::messages::{GenerateRequest, Prompt};
 use axum::body::{Body, Bytes};
@@ -30,7 +30,10 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .layer(DefaultBodyLimit::max(state.body_limit))
         .with_state(state)
 }
@@ -202,7 +205,13 @@ async fn tokenize(s: &AppState, text: String) -> Result<Vec<u32>, ApiError> {
     let tok = s.tokenizer.clone();
     tokio::task::spawn_blocking(move || tok.encode(&text, true, true))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+            )
+        })?
         .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize: {e}")))
 }
 
@@ -373,7 +382,10 @@ fn stream_response(gen: Generation, meta: Meta, include_usage: bool) -> Response
                     (sse(&last), next)
                 }
                 // OpenAI's streams report a failure as an error object, then stop.
-                Step::Failed(e) => (Bytes::from(format!("data: {}\n\n", e.to_json())), Phase::End),
+                Step::Failed(e) => (
+                    Bytes::from(format!("data: {}\n\n", e.to_json())),
+                    Phase::End,
+                ),
             },
             Phase::Usage(u) => (sse(&meta.usage_chunk(u)), Phase::Done),
             Phase::Done => (Bytes::from_static(b"data: [DONE]\n\n"), Phase::End),

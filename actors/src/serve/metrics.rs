@@ -122,7 +122,10 @@ impl Drop for GaugeGuard {
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
@@ -141,7 +144,10 @@ impl Metrics {
         {
             let m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
             let name = "rocmforge_http_requests_total";
-            let _ = writeln!(out, "# HELP {name} HTTP requests answered, by endpoint and status.");
+            let _ = writeln!(
+                out,
+                "# HELP {name} HTTP requests answered, by endpoint and status."
+            );
             let _ = writeln!(out, "# TYPE {name} counter");
             for ((ep, st), n) in m.iter() {
                 let _ = writeln!(out, "{name}{{endpoint=\"{ep}\",status=\"{st}\"}} {n}");
@@ -258,7 +264,10 @@ impl Metrics {
             s.evictions,
         );
         let name = "rocmforge_load_bytes_total";
-        let _ = writeln!(out, "# HELP {name} Bytes moved by each loading stage since start.");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Bytes moved by each loading stage since start."
+        );
         let _ = writeln!(out, "# TYPE {name} counter");
         for (stage, v) in [
             ("read", p.read_bytes),

@@ -131,8 +131,8 @@ impl Server {
             path: path.clone(),
             message: m,
         };
-        let file = rocmforge::gguf::GgufFile::open(&cfg.model)
-            .map_err(|e| model_err(e.to_string()))?;
+        let file =
+            rocmforge::gguf::GgufFile::open(&cfg.model).map_err(|e| model_err(e.to_string()))?;
         let tokenizer =
             Tokenizer::from_metadata(file.metadata()).map_err(|e| model_err(e.to_string()))?;
         let hp = HParams::try_from(file.metadata()).map_err(|e| model_err(e.to_string()))?;

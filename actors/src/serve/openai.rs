@@ -117,7 +117,12 @@ impl CommonParams {
     /// Checks the model name and every sampling parameter.
     pub fn check(&self, served_model: &str) -> Result<Checked, ApiError> {
         match &self.model {
-            None => return Err(ApiError::invalid("model", "you must provide a model parameter")),
+            None => {
+                return Err(ApiError::invalid(
+                    "model",
+                    "you must provide a model parameter",
+                ))
+            }
             Some(m) if m != served_model => {
                 return Err(ApiError::new(
                     axum::http::StatusCode::NOT_FOUND,
@@ -135,7 +140,10 @@ impl CommonParams {
             }
         }
         if self.best_of.is_some_and(|b| b != 1) {
-            return Err(ApiError::invalid("best_of", "only best_of = 1 is supported"));
+            return Err(ApiError::invalid(
+                "best_of",
+                "only best_of = 1 is supported",
+            ));
         }
         if self.echo {
             return Err(ApiError::invalid("echo", "echo is not supported"));
@@ -173,7 +181,10 @@ impl CommonParams {
             range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
         let top_k = match self.top_k {
             Some(k) if k < 0 => {
-                return Err(ApiError::invalid("top_k", "top_k must be 0 (off) or positive"))
+                return Err(ApiError::invalid(
+                    "top_k",
+                    "top_k must be 0 (off) or positive",
+                ))
             }
             Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
             None => 0,
@@ -201,7 +212,10 @@ impl CommonParams {
             },
             stop,
             stream: self.stream,
-            include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
         })
     }
 }
@@ -227,7 +241,10 @@ impl ChatRequest {
                                 _ => {
                                     return Err(ApiError::invalid(
                                         &format!("messages[{i}].content"),
-                                        format!("content part of type {:?} is not supported", p.kind),
+                                        format!(
+                                            "content part of type {:?} is not supported",
+                                            p.kind
+                                        ),
                                     ))
                                 }
                             }
@@ -235,7 +252,10 @@ impl ChatRequest {
                         s
                     }
                 };
-                Ok(rocmforge::tokenizer::ChatMessage::new(m.role.clone(), content))
+                Ok(rocmforge::tokenizer::ChatMessage::new(
+                    m.role.clone(),
+                    content,
+                ))
             })
             .collect()
     }
