@@ -208,7 +208,7 @@ fn qmat(v: &WeightView) -> QMatrix {
 
 fn to_f32(v: &WeightView, name: &str) -> Result<Vec<f32>> {
     let mut out = vec![0f32; v.rows * v.cols];
-    crate::model::ops::dequantize(v, name, &mut out)?;
+    crate::model::ops::dequantize(v, &name, &mut out)?;
     Ok(out)
 }
 
