@@ -32,6 +32,12 @@ pub struct BenchArgs {
     /// Print a JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// cpu, cuda or auto (CUDA when a driver and device are present, else the CPU).
+    #[arg(long, default_value = "auto")]
+    pub backend: rocmforge::backend::BackendKind,
+    /// CUDA: device bytes for weights (default: free memory minus KV cache and workspace).
+    #[arg(long)]
+    pub weight_budget: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -45,7 +51,7 @@ pub struct BenchResult {
     pub precision: Precision,
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     match s.len() {
@@ -57,7 +63,7 @@ fn median(v: &[f64]) -> f64 {
 
 /// Deterministic, varied token ids (llama-bench uses random tokens: attention cost does not
 /// depend on the ids, and the embedding lookup barely does).
-fn tokens(n: usize, vocab: usize) -> Vec<u32> {
+pub(crate) fn tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
@@ -80,6 +86,9 @@ fn tg(model: &Model, cfg: SequenceConfig, n: usize) -> Result<f64, GenError> {
 }
 
 pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(dev) = super::gpu::select(a.backend)? {
+        return super::gpu::bench(&a, dev);
+    }
     let model = Model::open(&a.model).map_err(|source| GenError::Model {
         path: a.model.clone(),
         source,

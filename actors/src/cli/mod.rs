@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod chat;
+pub mod gpu;
 pub mod inspect;
 pub mod run;
 pub mod synth;
@@ -31,7 +32,7 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// Pipeline traces: `trace view out.json --svg out.svg` draws the actors' timeline.
     Trace(trace::TraceArgs),
-    /// Generate text from a prompt (CPU), streaming it to stdout.
+    /// Generate text from a prompt (CPU or CUDA), streaming it to stdout.
     Run(run::RunArgs),
     /// Interactive chat using the model's chat template.
     Chat(chat::ChatArgs),

@@ -122,6 +122,9 @@ pub struct RunArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// cpu, cuda or auto (CUDA when a driver and device are present, else the CPU).
+    #[arg(long, default_value = "auto")]
+    pub backend: rocmforge::backend::BackendKind,
 }
 
 /// A loaded model with its tokenizer and the pool it runs on.
@@ -168,7 +171,7 @@ pub fn load(a: &ModelArgs) -> Result<Loaded, GenError> {
     })
 }
 
-fn read_prompt(a: &RunArgs) -> Result<String, GenError> {
+pub(crate) fn read_prompt(a: &RunArgs) -> Result<String, GenError> {
     match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => Ok(p.clone()),
         (None, Some(path)) => {
@@ -249,6 +252,9 @@ impl<'t> TextSink<'t> {
 
 pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let prompt = read_prompt(&a)?;
+    if let Some(dev) = super::gpu::select(a.backend)? {
+        return super::gpu::run(&a, &prompt, dev);
+    }
     let loaded = load(&a.model)?;
     let Loaded {
         model,

@@ -8,12 +8,18 @@
 //! - `stream.rs` — `Stream`, `Event` (RAII).
 //! - `module.rs` — `Module`, `Kernel`, launches.
 //! - `ops.rs`    — typed, checked launchers for every kernel in `kernels/`.
+//! - `upload.rs` — the pinned upload ring (slots, copy streams, events).
+//! - `blas.rs`   — cuBLAS f16 GEMM for prefill.
+//! - `forward.rs`— `CudaModel`: the llama forward pass, KV cache, device sampling.
 
+pub mod blas;
+pub mod forward;
 pub mod memory;
 pub mod module;
 pub mod nvrtc;
 pub mod ops;
 pub mod stream;
+pub mod upload;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

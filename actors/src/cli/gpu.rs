@@ -1,0 +1,257 @@
+//! `run` and `bench` on the CUDA backend (`--backend cuda|auto`): device selection with a
+//! printed fallback, generation through `CudaModel`, and the load / first-token / pp / tg
+//! measurements of the GPU bench.
+
+use super::bench::{median, tokens, BenchArgs};
+use super::run::{GenError, RunArgs, TextSink};
+use rocmforge::backend::cuda::forward::{CudaModel, CudaOptions, LoadReport};
+use rocmforge::backend::cuda::CudaDevice;
+use rocmforge::backend::{Backend, BackendKind};
+use rocmforge::model::Model;
+use rocmforge::sample::Sampler;
+use rocmforge::tokenizer::Tokenizer;
+use serde::Serialize;
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The CUDA device for `kind`, or `None` for the CPU. `auto` without CUDA prints why and falls
+/// back; `cuda` without a device is an error.
+/// An opened CUDA device and the milliseconds its initialisation took.
+pub type Selected = (Arc<CudaDevice>, f64);
+
+pub fn select(kind: BackendKind) -> Result<Option<Selected>, Box<dyn std::error::Error>> {
+    if kind == BackendKind::Cpu {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let (b, fallback) = Backend::open(kind)?;
+    match b {
+        Backend::Cuda(d) => Ok(Some((d, t.elapsed().as_secs_f64() * 1e3))),
+        Backend::Cpu => {
+            for r in &fallback.reasons {
+                eprintln!("backend auto: {r}; using the CPU");
+            }
+            Ok(None)
+        }
+        Backend::Hip(_) => {
+            Err("the HIP forward pass is not implemented yet; use --backend cpu".into())
+        }
+    }
+}
+
+fn open(path: &std::path::Path) -> Result<(Arc<Model>, Tokenizer), GenError> {
+    let model = Model::open(path).map_err(|source| GenError::Model {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let tok = Tokenizer::from_metadata(model.file().metadata()).map_err(|source| {
+        GenError::Tokenizer {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok((Arc::new(model), tok))
+}
+
+pub fn run(
+    a: &RunArgs,
+    prompt: &str,
+    (dev, init_ms): (Arc<CudaDevice>, f64),
+) -> Result<(), Box<dyn std::error::Error>> {
+    let t0 = Instant::now();
+    let (model, tok) = open(&a.model.model)?;
+    let prompt_ids = tok.encode(prompt, true, true).map_err(GenError::from)?;
+    let opt = CudaOptions {
+        ctx: a.model.ctx,
+        ..CudaOptions::default()
+    };
+    let mut cm = CudaModel::load(dev, Arc::clone(&model), opt)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut sampler = Sampler::new(a.sampling.params());
+    let mut sink = TextSink::new(&tok, &a.sampling.stop);
+    let mut out = std::io::stdout();
+    let mut err = None;
+    let g = cm.generate(
+        &mut sampler,
+        &prompt_ids,
+        a.n_predict,
+        |id| tok.is_eog(id),
+        |id| match sink.push(id) {
+            Ok((piece, stop)) => {
+                if !a.json && !piece.is_empty() {
+                    if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+                        err = Some(GenError::from(e));
+                        return ControlFlow::Break(());
+                    }
+                }
+                if stop {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            }
+            Err(e) => {
+                err = Some(e);
+                ControlFlow::Break(())
+            }
+        },
+    )?;
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    let t = &g.timings;
+    if a.json {
+        let j = serde_json::json!({
+            "backend": "cuda",
+            "prompt_ids": prompt_ids,
+            "ids": g.ids,
+            "text": sink.text,
+            "stop_reason": g.stop_reason,
+            "timings": { "cuda_init_ms": init_ms, "load_ms": load_ms, "gen": t },
+            "load": cm.report,
+        });
+        serde_json::to_writer(&mut out, &j)?;
+        writeln!(out)?;
+    } else {
+        let tail = sink.finish().to_string();
+        writeln!(out, "{tail}")?;
+        eprintln!(
+            "cuda: init {init_ms:.0} ms | load (queued) {load_ms:.0} ms | prompt: {} tokens in {:.1} ms ({:.1} tok/s) | decode: {} tokens in {:.1} ms ({:.1} tok/s) | stop: {:?}",
+            t.prompt_tokens, t.prompt_ms, t.prompt_tokens_per_second, t.decode_tokens, t.decode_ms,
+            t.decode_tokens_per_second, g.stop_reason,
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct GpuBench {
+    backend: &'static str,
+    device: String,
+    model: String,
+    cuda_init_ms: f64,
+    kernel_load_ms: f64,
+    model_open_ms: f64,
+    /// Host time to queue every upload (read + copy into pinned slots + waits).
+    load_queue_ms: f64,
+    /// Until every weight was resident.
+    load_resident_ms: f64,
+    load_gb_per_s: f64,
+    load: LoadReport,
+    /// Entry of `bench` to the first token id on the host (init + kernels + open + load +
+    /// prefill of `first_token_prompt` tokens + sampling), weights loaded pipelined.
+    first_token_ms: f64,
+    first_forward_ms: f64,
+    tests: Vec<super::bench::BenchResult>,
+}
+
+pub fn bench(
+    a: &BenchArgs,
+    (dev, init_ms): (Arc<CudaDevice>, f64),
+) -> Result<(), Box<dyn std::error::Error>> {
+    let t_start = Instant::now();
+    let t = Instant::now();
+    for (file, names) in rocmforge::backend::kernels::entry_points() {
+        if file == "quant_sizes.cu" {
+            continue;
+        }
+        for n in names {
+            dev.kernel(file, &n)?;
+        }
+    }
+    let kernel_load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let (model, _tok) = open(&a.model)?;
+    let model_open_ms = t.elapsed().as_secs_f64() * 1e3;
+    let ctx = a.n_prompt.max(a.n_gen).max(16);
+    let opt = CudaOptions {
+        ctx,
+        max_batch: a.n_prompt.clamp(1, 512),
+        weight_budget: a.weight_budget,
+        ..CudaOptions::default()
+    };
+    let t_load = Instant::now();
+    let mut cm = CudaModel::load(Arc::clone(&dev), Arc::clone(&model), opt)?;
+    let load_queue_ms = t_load.elapsed().as_secs_f64() * 1e3;
+    // First token, pipelined with the tail of the upload (the compute stream waits on it).
+    let t_ff = Instant::now();
+    let first_prompt = tokens(8, model.n_vocab());
+    cm.prefill(&first_prompt)?;
+    cm.decode_steps(first_prompt[0], 0)?;
+    let first_forward_ms = t_ff.elapsed().as_secs_f64() * 1e3;
+    let first_token_ms = t_start.elapsed().as_secs_f64() * 1e3 + init_ms;
+    cm.wait_resident(t_load)?;
+    let load_resident_ms = cm.report.resident_s * 1e3;
+    let load_gb_per_s = cm.report.weight_bytes as f64 / cm.report.resident_s / 1e9;
+    let mut tests = Vec::new();
+    let reps = a.repetitions.max(1);
+    if a.n_prompt > 0 {
+        let toks = tokens(a.n_prompt, model.n_vocab());
+        let mut samples = Vec::new();
+        for i in 0..=reps {
+            cm.reset();
+            let t = Instant::now();
+            cm.prefill(&toks)?;
+            if i > 0 {
+                samples.push(a.n_prompt as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        tests.push(result(a, format!("pp{}", a.n_prompt), samples));
+    }
+    if a.n_gen > 0 {
+        let mut samples = Vec::new();
+        for i in 0..=reps {
+            cm.reset();
+            let t = Instant::now();
+            cm.decode_steps(1, a.n_gen)?;
+            if i > 0 {
+                samples.push(a.n_gen as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        tests.push(result(a, format!("tg{}", a.n_gen), samples));
+    }
+    let r = GpuBench {
+        backend: "cuda",
+        device: rocmforge::backend::ComputeDevice::describe(&*dev),
+        model: a.model.display().to_string(),
+        cuda_init_ms: init_ms,
+        kernel_load_ms,
+        model_open_ms,
+        load_queue_ms,
+        load_resident_ms,
+        load_gb_per_s,
+        load: cm.report.clone(),
+        first_token_ms,
+        first_forward_ms,
+        tests,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "cuda {} | init {:.0} ms, kernels {:.0} ms, open {:.0} ms, load queued {:.0} ms, resident {:.0} ms ({:.1} GB/s), first forward {:.0} ms, first token {:.0} ms",
+            r.device, init_ms, kernel_load_ms, model_open_ms, load_queue_ms, load_resident_ms, load_gb_per_s, first_forward_ms, first_token_ms
+        );
+        for t in &r.tests {
+            println!(
+                "{:<8} {:>10.2} tok/s  (samples {:?})",
+                t.test, t.tokens_per_second, t.samples
+            );
+        }
+    }
+    Ok(())
+}
+
+fn result(a: &BenchArgs, test: String, samples: Vec<f64>) -> super::bench::BenchResult {
+    super::bench::BenchResult {
+        test,
+        tokens_per_second: median(&samples),
+        samples,
+        backend: "cuda",
+        threads: 1,
+        model: a.model.display().to_string(),
+        precision: a.precision,
+    }
+}

@@ -1,0 +1,108 @@
+//! cuBLAS for prefill: `Y[n, rows] = X[n, k] · W[rows, k]^T` with f16 operands (weight tiles
+//! dequantized by `dequant.cu`, activations converted on the device) and f32 results.
+//! cuBLAS is optional: without the library the forward pass uses token-batched mmvq.
+
+use super::stream::Stream;
+use crate::backend::error::{BackendError, BackendResult};
+use crate::backend::DeviceBuffer;
+use cudarc::cublas::{result, sys};
+
+pub struct Blas {
+    handle: sys::cublasHandle_t,
+}
+
+// SAFETY: a cuBLAS handle may be used from any thread as long as calls are not concurrent;
+// `Blas` is only used through `&mut` or by one owner at a time.
+unsafe impl Send for Blas {}
+
+fn err(op: &'static str, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Driver {
+        backend: "cuBLAS",
+        op,
+        reason: e.to_string(),
+    }
+}
+
+impl Blas {
+    /// A handle bound to `stream`, or `None` when libcublas cannot be loaded (with the reason).
+    pub fn open(stream: &Stream) -> Result<Self, String> {
+        // SAFETY: only probes whether the library loads (cudarc panics on use otherwise).
+        if !unsafe { sys::is_culib_present() } {
+            return Err("libcublas.so not found".into());
+        }
+        let handle = result::create_handle().map_err(|e| format!("cublasCreate: {e}"))?;
+        // SAFETY: the handle was just created; the stream is alive for the handle's use (the
+        // owner keeps both and drops the handle first).
+        unsafe { result::set_stream(handle, stream.raw() as sys::cudaStream_t) }
+            .map_err(|e| format!("cublasSetStream: {e}"))?;
+        Ok(Self { handle })
+    }
+
+    /// `y[t * ldy + r] = sum_k x16[t, k] * w16[r, k]` for `t < n`, `r < rows` (row-major, f16
+    /// in, f32 out); `y` points at the first output column of this tile.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_f16_nt(
+        &mut self,
+        w16: &dyn DeviceBuffer,
+        rows: usize,
+        k: usize,
+        x16: &dyn DeviceBuffer,
+        n: usize,
+        y: &dyn DeviceBuffer,
+        ldy: usize,
+    ) -> BackendResult<()> {
+        if w16.len_bytes() < rows * k * 2
+            || x16.len_bytes() < n * k * 2
+            || y.len_bytes() < ((n - 1) * ldy + rows) * 4
+        {
+            return Err(BackendError::InvalidArgument {
+                op: "gemm_f16_nt",
+                what: format!("rows {rows}, k {k}, n {n}, ldy {ldy}: buffers too small"),
+            });
+        }
+        let i = |v: usize| {
+            i32::try_from(v).map_err(|_| BackendError::InvalidArgument {
+                op: "gemm_f16_nt",
+                what: format!("{v} exceeds i32"),
+            })
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Column-major view: C[rows, n] = op(A)[rows, k] · B[k, n] with A = W stored as a
+        // [k, rows] column-major matrix (transposed), B = X as [k, n], C = Y with ld = ldy.
+        // SAFETY: every pointer is a live device allocation holding the extents checked above;
+        // alpha/beta are host scalars (default pointer mode).
+        unsafe {
+            result::gemm_ex(
+                self.handle,
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                i(rows)?,
+                i(n)?,
+                i(k)?,
+                (&alpha as *const f32).cast(),
+                w16.device_ptr() as *const _,
+                sys::cudaDataType::CUDA_R_16F,
+                i(k)?,
+                x16.device_ptr() as *const _,
+                sys::cudaDataType::CUDA_R_16F,
+                i(k)?,
+                (&beta as *const f32).cast(),
+                y.device_ptr() as *mut _,
+                sys::cudaDataType::CUDA_R_32F,
+                i(ldy)?,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| err("cublasGemmEx", e))
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: the handle is alive and no call is in flight on the host.
+        if let Err(e) = unsafe { result::destroy_handle(self.handle) } {
+            tracing::warn!(error = %e, "cublasDestroy failed");
+        }
+    }
+}

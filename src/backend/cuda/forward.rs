@@ -1,0 +1,882 @@
+//! The llama-family forward pass on CUDA: weights stay quantized in device memory (one
+//! allocation per layer), decode runs the mmvq kernels, prefill runs cuBLAS f16 GEMMs over
+//! dequantized weight tiles (token-batched mmvq when cuBLAS is absent), the KV cache is f16 and
+//! sampling happens on the device (only the token id comes back) whenever the sampler settings
+//! allow it.
+//!
+//! Loading goes through the pinned ring (`upload.rs`); the compute stream waits on each upload
+//! on the device, so the first forward is queued while weights are still copying. With a weight
+//! budget below the model, a prefix of layers stays resident and the rest stream through two
+//! device slots per forward (a slot is overwritten only after the compute that read it ended).
+
+use super::blas::Blas;
+use super::memory::DeviceBuf;
+use super::ops::{AttnParams, KvLayout, QMatrix, RopeParams, SampleParams};
+use super::stream::{Event, Stream};
+use super::upload::{PinnedRing, RingConfig, UploadStats};
+use super::CudaDevice;
+use crate::backend::error::BackendError;
+use crate::backend::{ComputeDevice, DeviceBuffer, DeviceStream};
+use crate::model::{
+    Generation, HParams, Model, ModelError, RopeScaling, StopReason, Timings, WeightView,
+};
+use crate::quant::GgmlType;
+use crate::sample::Sampler;
+use half::f16;
+use rand::{Rng, SeedableRng};
+use std::ops::{ControlFlow, Range};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaForwardError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("the CUDA forward pass does not support this model yet: {0}")]
+    Unsupported(String),
+    #[error("weight budget of {budget} bytes is below the minimum of {needed} (global tensors plus two streaming slots)")]
+    BudgetTooSmall { budget: usize, needed: usize },
+}
+
+type Result<T> = std::result::Result<T, CudaForwardError>;
+
+/// Options of [`CudaModel::load`].
+#[derive(Debug, Clone, Copy)]
+pub struct CudaOptions {
+    /// KV cache capacity in tokens.
+    pub ctx: usize,
+    /// Tokens per prefill batch (scratch buffers are sized for it).
+    pub max_batch: usize,
+    /// Device bytes for weights; `None`: free memory minus KV cache, workspace and a margin.
+    pub weight_budget: Option<usize>,
+    pub ring: RingConfig,
+    /// Use cuBLAS for prefill when available.
+    pub use_blas: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            ctx: 4096,
+            max_batch: 512,
+            weight_budget: None,
+            ring: RingConfig::default(),
+            use_blas: true,
+        }
+    }
+}
+
+/// A sub-range of a device allocation (kernel argument only; the owner outlives every use).
+#[derive(Debug, Clone, Copy)]
+struct View {
+    ptr: u64,
+    len: usize,
+}
+
+impl DeviceBuffer for View {
+    fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn len_bytes(&self) -> usize {
+        self.len
+    }
+}
+
+fn view(b: &dyn DeviceBuffer, off: usize, len: usize) -> Result<View> {
+    if off.checked_add(len).is_none_or(|e| e > b.len_bytes()) {
+        return Err(BackendError::InvalidArgument {
+            op: "view",
+            what: format!("{off}+{len} outside {}", b.len_bytes()),
+        }
+        .into());
+    }
+    Ok(View {
+        ptr: b.device_ptr() + off as u64,
+        len,
+    })
+}
+
+const ALIGN: usize = 256;
+fn align(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// One matrix: shape, offset in its layer's device region, byte range in the file.
+#[derive(Debug, Clone)]
+struct Mat {
+    m: QMatrix,
+    off: usize,
+    src: Range<usize>,
+}
+
+impl Mat {
+    fn bytes(&self) -> usize {
+        self.src.len()
+    }
+}
+
+/// Per-layer plan: 7 matrices (q, k, v, o, gate, up, down) in one region; norms/biases as f32
+/// at offsets of the always-resident `smalls` buffer.
+#[derive(Debug, Clone)]
+struct LayerPlan {
+    mats: [Mat; 7],
+    bytes: usize,
+    attn_norm: usize,
+    ffn_norm: usize,
+    bias: [Option<usize>; 3],
+}
+
+enum Place {
+    Resident(DeviceBuf),
+    Streamed,
+}
+
+struct Scratch {
+    hidden: DeviceBuf,
+    xn: DeviceBuf,
+    q: DeviceBuf,
+    k: DeviceBuf,
+    v: DeviceBuf,
+    attn: DeviceBuf,
+    proj: DeviceBuf,
+    gate: DeviceBuf,
+    up: DeviceBuf,
+    logits: DeviceBuf,
+    ids: DeviceBuf,
+    pos: DeviceBuf,
+    status: DeviceBuf,
+    tok: DeviceBuf,
+    /// f16 activations and one f16 weight tile for the GEMM path.
+    x16: DeviceBuf,
+    w16: DeviceBuf,
+}
+
+/// Timings and sizes of [`CudaModel::load`].
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LoadReport {
+    pub weight_bytes: u64,
+    pub resident_layers: usize,
+    pub streamed_layers: usize,
+    /// Device bytes holding weights (globals + resident layers + streaming slots).
+    pub device_weight_bytes: usize,
+    pub budget: usize,
+    /// Host time to queue every upload (fill + waits + queueing).
+    pub queue_s: f64,
+    /// Until the last copy completed.
+    pub resident_s: f64,
+    pub upload: UploadStats,
+    pub blas: Option<String>,
+}
+
+pub struct CudaModel {
+    dev: Arc<CudaDevice>,
+    hp: HParams,
+    /// The mapped file the weights come from (streamed layers re-read it every forward).
+    model: Arc<Model>,
+    stream: Stream,
+    ring: PinnedRing,
+    ready: Vec<Event>,
+    slot_free: [Event; 2],
+    slots: Vec<DeviceBuf>,
+    globals: DeviceBuf,
+    embd: (QMatrix, usize),
+    head: (QMatrix, usize),
+    output_norm: usize,
+    smalls: DeviceBuf,
+    plans: Vec<LayerPlan>,
+    places: Vec<Place>,
+    kv: DeviceBuf,
+    kv_layout: KvLayout,
+    s: Scratch,
+    blas: Option<Blas>,
+    max_batch: usize,
+    tile_rows_bytes: usize,
+    pos: usize,
+    freq_scale: f32,
+    pub report: LoadReport,
+}
+
+fn qmat(v: &WeightView) -> QMatrix {
+    QMatrix {
+        qtype: v.ty,
+        nrows: v.rows,
+        ncols: v.cols,
+    }
+}
+
+fn to_f32(v: &WeightView, name: &str) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; v.rows * v.cols];
+    crate::model::ops::dequantize(v, name, &mut out)?;
+    Ok(out)
+}
+
+impl CudaModel {
+    /// Plans placement, allocates device memory and queues every resident upload. Returns
+    /// before the copies finished: the first forward waits for them on the device.
+    pub fn load(dev: Arc<CudaDevice>, model: Arc<Model>, opt: CudaOptions) -> Result<Self> {
+        let t0 = Instant::now();
+        let hp = model.hparams().clone();
+        let freq_scale = match hp.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => 1.0 / factor,
+            RopeScaling::Yarn { .. } => {
+                return Err(CudaForwardError::Unsupported("YaRN RoPE scaling".into()))
+            }
+        };
+        let layout = model.layout();
+        if layout.rope_freqs.is_some() {
+            return Err(CudaForwardError::Unsupported(
+                "rope_freqs (Llama 3.1 frequency factors)".into(),
+            ));
+        }
+        if hp.head_dim != hp.head_dim_v {
+            return Err(CudaForwardError::Unsupported(
+                "different K and V head widths".into(),
+            ));
+        }
+        let bytes = model.file().bytes();
+        let ctx = opt.ctx.min(hp.n_ctx_train).max(1);
+        let b = opt.max_batch.max(1);
+
+        // Small f32 vectors (norms, biases) in one resident buffer.
+        let mut small_host: Vec<f32> = Vec::new();
+        let mut push_small = |v: Vec<f32>| {
+            let off = small_host.len() * 4;
+            small_host.extend(v);
+            small_host.resize(align(small_host.len() * 4) / 4, 0.0);
+            off
+        };
+        let on = &layout.output_norm;
+        let output_norm = push_small(to_f32(&on.view(bytes), &on.name)?);
+        let mut plans = Vec::with_capacity(hp.n_layer);
+        for (l, r) in layout.layers.iter().enumerate() {
+            let w = model.layer_weights(l);
+            let attn_norm = push_small(to_f32(&w.attn_norm, &r.attn_norm.name)?);
+            let ffn_norm = push_small(to_f32(&w.ffn_norm, &r.ffn_norm.name)?);
+            let mut bias = [None; 3];
+            for (i, (bv, br)) in [(&w.bq, &r.bq), (&w.bk, &r.bk), (&w.bv, &r.bv)]
+                .into_iter()
+                .enumerate()
+            {
+                if let (Some(bv), Some(br)) = (bv, br) {
+                    bias[i] = Some(push_small(to_f32(bv, &br.name)?));
+                }
+            }
+            let mut off = 0;
+            let mut mat = |t: &crate::model::TensorRef| {
+                let m = Mat {
+                    m: QMatrix {
+                        qtype: t.ty,
+                        nrows: t.rows,
+                        ncols: t.cols,
+                    },
+                    off,
+                    src: t.range.clone(),
+                };
+                off += align(m.bytes());
+                m
+            };
+            let mats = [
+                mat(&r.wq),
+                mat(&r.wk),
+                mat(&r.wv),
+                mat(&r.wo),
+                mat(&r.w_gate),
+                mat(&r.w_up),
+                mat(&r.w_down),
+            ];
+            for m in &mats {
+                if crate::backend::kernels::qtype_suffix(m.m.qtype).is_none() {
+                    return Err(CudaForwardError::Unsupported(format!(
+                        "weight type {}",
+                        m.m.qtype
+                    )));
+                }
+            }
+            plans.push(LayerPlan {
+                mats,
+                bytes: off,
+                attn_norm,
+                ffn_norm,
+                bias,
+            });
+        }
+
+        // Globals: embedding table (+ output head when not tied).
+        let embd_t = &layout.token_embd;
+        let embd = (qmat(&embd_t.view(bytes)), 0usize);
+        let mut gbytes = align(embd_t.range.len());
+        let head = match &layout.output {
+            Some(h) => {
+                let hm = (qmat(&h.view(bytes)), gbytes);
+                gbytes += align(h.range.len());
+                hm
+            }
+            None => embd,
+        };
+
+        // Budget: resident prefix of layers, the rest through two slots.
+        let kv_layout = KvLayout {
+            n_kv_heads: hp.n_head_kv,
+            head_dim: hp.head_dim,
+            seq_cap: ctx,
+        };
+        let kv_bytes = kv_layout.bytes() * 2 * hp.n_layer;
+        let max_cols = hp.n_embd.max(hp.n_ff).max(hp.q_dim());
+        let tile_rows_bytes = 64 << 20;
+        let (free, _) = dev.mem_info()?;
+        let work =
+            b * (hp.n_embd * 4 + 2 * hp.n_ff + 3 * hp.q_dim()) * 4 + (64 << 20) + b * max_cols * 2;
+        let budget = opt
+            .weight_budget
+            .unwrap_or_else(|| free.saturating_sub(kv_bytes + work + (512 << 20)));
+        let total: usize = gbytes + plans.iter().map(|p| p.bytes).sum::<usize>();
+        let max_layer = plans.iter().map(|p| p.bytes).max().unwrap_or(0);
+        let mut places = Vec::with_capacity(hp.n_layer);
+        let mut used = gbytes;
+        let n_slots = if total <= budget { 0 } else { 2 };
+        if n_slots > 0 && gbytes + 2 * max_layer > budget {
+            return Err(CudaForwardError::BudgetTooSmall {
+                budget,
+                needed: gbytes + 2 * max_layer,
+            });
+        }
+        used += n_slots * max_layer;
+        for p in &plans {
+            if used + p.bytes <= budget {
+                used += p.bytes;
+                places.push(Place::Resident(dev.alloc(p.bytes, "layer weights")?));
+            } else {
+                places.push(Place::Streamed);
+            }
+        }
+        let slots = (0..n_slots)
+            .map(|_| dev.alloc(max_layer, "streaming slot"))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+
+        let stream = dev.new_stream()?;
+        let ring = PinnedRing::new(&dev, opt.ring)?;
+        let ready = (0..ring.copy_streams())
+            .map(|_| dev.new_event(false))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let slot_free = [dev.new_event(false)?, dev.new_event(false)?];
+        let globals = dev.alloc(gbytes, "global weights")?;
+        let smalls = dev.upload(&small_host, "norms and biases")?;
+        let kv = dev.alloc(kv_bytes, "KV cache")?;
+        let f = |n: usize, what: &str| dev.alloc(n.max(1), what);
+        let s = Scratch {
+            hidden: f(b * hp.n_embd * 4, "scratch")?,
+            xn: f(b * hp.n_embd.max(hp.q_dim()) * 4, "scratch")?,
+            q: f(b * hp.q_dim() * 4, "scratch")?,
+            k: f(b * hp.k_dim() * 4, "scratch")?,
+            v: f(b * hp.v_dim() * 4, "scratch")?,
+            attn: f(b * hp.q_dim() * 4, "scratch")?,
+            proj: f(b * hp.n_embd * 4, "scratch")?,
+            gate: f(b * hp.n_ff * 4, "scratch")?,
+            up: f(b * hp.n_ff * 4, "scratch")?,
+            logits: f(layout.n_vocab * 4, "logits")?,
+            ids: f(b * 4, "ids")?,
+            pos: f(b * 4, "positions")?,
+            status: f(4, "status")?,
+            tok: f(4, "token")?,
+            x16: f(b * max_cols * 2, "f16 activations")?,
+            w16: f(tile_rows_bytes, "f16 weight tile")?,
+        };
+        let (blas, blas_note) = if opt.use_blas {
+            match Blas::open(&stream) {
+                Ok(h) => (Some(h), None),
+                Err(why) => (None, Some(why)),
+            }
+        } else {
+            (None, Some("disabled".into()))
+        };
+        let mut me = Self {
+            dev,
+            hp,
+            model: Arc::clone(&model),
+            stream,
+            ring,
+            ready,
+            slot_free,
+            slots,
+            globals,
+            embd,
+            head,
+            output_norm,
+            smalls,
+            plans,
+            places,
+            kv,
+            kv_layout,
+            s,
+            blas,
+            max_batch: b,
+            tile_rows_bytes,
+            pos: 0,
+            freq_scale,
+            report: LoadReport {
+                weight_bytes: total as u64,
+                budget,
+                device_weight_bytes: used,
+                blas: blas_note.map(|n| format!("cuBLAS not used: {n}")),
+                ..LoadReport::default()
+            },
+        };
+        me.report.resident_layers = me
+            .places
+            .iter()
+            .filter(|p| matches!(p, Place::Resident(_)))
+            .count();
+        me.report.streamed_layers = me.hp.n_layer - me.report.resident_layers;
+        // Queue uploads: globals, then resident layers in order.
+        let g = View {
+            ptr: me.globals.device_ptr(),
+            len: me.globals.len_bytes(),
+        };
+        me.ring.upload(&bytes[embd_t.range.clone()], &g, 0)?;
+        if let Some(h) = &layout.output {
+            me.ring.upload(&bytes[h.range.clone()], &g, me.head.1)?;
+        }
+        for l in 0..me.hp.n_layer {
+            if let Place::Resident(buf) = &me.places[l] {
+                let dst = View {
+                    ptr: buf.device_ptr(),
+                    len: buf.len_bytes(),
+                };
+                for m in &me.plans[l].mats {
+                    me.ring.upload(&bytes[m.src.clone()], &dst, m.off)?;
+                }
+            }
+        }
+        me.ring.mark_ready(&me.stream, &me.ready)?;
+        me.report.queue_s = t0.elapsed().as_secs_f64();
+        me.report.upload = me.ring.stats;
+        Ok(me)
+    }
+
+    /// Blocks until every resident weight is on the device (for load measurements).
+    pub fn wait_resident(&mut self, since: Instant) -> Result<()> {
+        self.ring.drain()?;
+        self.report.resident_s = since.elapsed().as_secs_f64();
+        self.report.upload = self.ring.stats;
+        Ok(())
+    }
+
+    pub fn hparams(&self) -> &HParams {
+        &self.hp
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.model.n_vocab()
+    }
+
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    pub fn ctx(&self) -> usize {
+        self.kv_layout.seq_cap
+    }
+
+    /// Forgets the cached sequence (the KV cache is overwritten from position 0).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// `y[n, rows] = x[n, cols] W^T`: mmvq per token for short batches, cuBLAS otherwise.
+    fn linear(&mut self, w: View, m: QMatrix, x: View, y: View, n: usize) -> Result<()> {
+        let dev = &self.dev;
+        let s = &self.stream;
+        if n >= 8 && self.blas.is_some() {
+            let kv = KvLayout {
+                n_kv_heads: 1,
+                head_dim: m.ncols,
+                seq_cap: n,
+            };
+            // kv_store with one "head" is a plain f32 -> f16 conversion of [n, cols].
+            dev.kv_store(s, &x, &self.s.x16, kv, n, 0)?;
+            let tile = (self.tile_rows_bytes / (m.ncols * 2)).max(1).min(m.nrows);
+            let mut r0 = 0;
+            while r0 < m.nrows {
+                let rows = tile.min(m.nrows - r0);
+                dev.dequantize_f16(s, &w, m, r0, rows, &self.s.w16)?;
+                let yv = view(&y, r0 * 4, y.len - r0 * 4)?;
+                if let Some(b) = self.blas.as_mut() {
+                    b.gemm_f16_nt(&self.s.w16, rows, m.ncols, &self.s.x16, n, &yv, m.nrows)?;
+                }
+                r0 += rows;
+            }
+            return Ok(());
+        }
+        for t in 0..n {
+            let xv = view(&x, t * m.ncols * 4, m.ncols * 4)?;
+            let yv = view(&y, t * m.nrows * 4, m.nrows * 4)?;
+            dev.mmvq(s, &w, m, &xv, &yv)?;
+        }
+        Ok(())
+    }
+
+    /// The device region of layer `l`'s matrices, uploading it first when streamed.
+    fn layer_region(&mut self, l: usize, streamed_idx: &mut usize) -> Result<View> {
+        match &self.places[l] {
+            Place::Resident(b) => Ok(View {
+                ptr: b.device_ptr(),
+                len: b.len_bytes(),
+            }),
+            Place::Streamed => {
+                let si = *streamed_idx % 2;
+                *streamed_idx += 1;
+                let slot = View {
+                    ptr: self.slots[si].device_ptr(),
+                    len: self.slots[si].len_bytes(),
+                };
+                // The copy must not start before the last compute reading this slot ended.
+                self.ring.wait_for(&self.slot_free[si])?;
+                let bytes = self.model.file().bytes();
+                for m in &self.plans[l].mats {
+                    self.ring.upload(&bytes[m.src.clone()], &slot, m.off)?;
+                }
+                self.ring.mark_ready(&self.stream, &self.ready)?;
+                Ok(slot)
+            }
+        }
+    }
+
+    /// Runs `tokens` through the model at positions `pos..`, leaving the last position's
+    /// logits in device memory.
+    fn forward_batch(&mut self, tokens: &[u32]) -> Result<()> {
+        let n = tokens.len();
+        let hp = self.hp.clone();
+        let vocab = self.n_vocab();
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange { token: t, vocab }.into());
+        }
+        if self.pos + n > self.ctx() {
+            return Err(ModelError::ContextOverflow {
+                needed: self.pos + n,
+                ctx: self.ctx(),
+            }
+            .into());
+        }
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let pos: Vec<i32> = (0..n).map(|i| (self.pos + i) as i32).collect();
+        // The stream is idle here (every forward ends with a synchronize), so synchronous
+        // writes cannot race a kernel still reading these buffers.
+        self.s.ids.write(0, &ids)?;
+        self.s.pos.write(0, &pos)?;
+        let dev = Arc::clone(&self.dev);
+        let st = &self.stream;
+        let (d, qd, kd, vd, ff) = (hp.n_embd, hp.q_dim(), hp.k_dim(), hp.v_dim(), hp.n_ff);
+        let g = View {
+            ptr: self.globals.device_ptr(),
+            len: self.globals.len_bytes(),
+        };
+        let embd = view(
+            &g,
+            self.embd.1,
+            self.embd
+                .0
+                .qtype
+                .row_bytes(self.embd.0.ncols as u64)
+                .unwrap_or(0) as usize
+                * self.embd.0.nrows,
+        )?;
+        dev.get_rows(
+            st,
+            &embd,
+            self.embd.0,
+            &self.s.ids,
+            n,
+            &self.s.hidden,
+            &self.s.status,
+        )?;
+        let sm = View {
+            ptr: self.smalls.device_ptr(),
+            len: self.smalls.len_bytes(),
+        };
+        let v = |b: &DeviceBuf, floats: usize| View {
+            ptr: b.device_ptr(),
+            len: floats * 4,
+        };
+        let (hidden, xn, q, k, vv, attn, proj, gate, up) = (
+            v(&self.s.hidden, n * d),
+            v(&self.s.xn, n * d),
+            v(&self.s.q, n * qd),
+            v(&self.s.k, n * kd),
+            v(&self.s.v, n * vd),
+            v(&self.s.attn, n * qd),
+            v(&self.s.proj, n * d),
+            v(&self.s.gate, n * ff),
+            v(&self.s.up, n * ff),
+        );
+        let kvb = self.kv_layout.bytes();
+        let mut streamed = 0usize;
+        for l in 0..hp.n_layer {
+            let region = self.layer_region(l, &mut streamed)?;
+            let plan = self.plans[l].clone();
+            let st = &self.stream;
+            let w = |i: usize| -> Result<(View, QMatrix)> {
+                let m = &plan.mats[i];
+                Ok((view(&region, m.off, m.bytes())?, m.m))
+            };
+            dev.rmsnorm(
+                st,
+                &hidden,
+                &view(&sm, plan.attn_norm, d * 4)?,
+                &xn,
+                n,
+                d,
+                hp.rms_eps,
+            )?;
+            for (i, out) in [(0, q), (1, k), (2, vv)] {
+                let (wv, m) = w(i)?;
+                self.linear(wv, m, xn, out, n)?;
+                if let Some(off) = plan.bias[i] {
+                    let width = m.nrows;
+                    let bias = view(&sm, off, width * 4)?;
+                    for t in 0..n {
+                        let o = view(&out, t * width * 4, width * 4)?;
+                        dev.add(&self.stream, &o, &bias, &o, width)?;
+                    }
+                }
+            }
+            let st = &self.stream;
+            let rp = |heads| RopeParams {
+                n_tokens: n,
+                n_heads: heads,
+                head_dim: hp.head_dim,
+                n_rot: hp.n_rot,
+                freq_base: hp.rope_freq_base,
+                freq_scale: self.freq_scale,
+                neox: hp.arch.rope_layout() == crate::model::RopeLayout::NeoX,
+            };
+            dev.rope(st, &q, &q, &self.s.pos, rp(hp.n_head))?;
+            dev.rope(st, &k, &k, &self.s.pos, rp(hp.n_head_kv))?;
+            let kc = view(&self.kv, (2 * l) * kvb, kvb)?;
+            let vc = view(&self.kv, (2 * l + 1) * kvb, kvb)?;
+            dev.kv_store(st, &k, &kc, self.kv_layout, n, self.pos)?;
+            dev.kv_store(st, &vv, &vc, self.kv_layout, n, self.pos)?;
+            let ap = AttnParams {
+                n_tokens: n,
+                n_heads: hp.n_head,
+                kv: self.kv_layout,
+                pos0: self.pos,
+                scale: 1.0 / (hp.head_dim as f32).sqrt(),
+            };
+            dev.attention(st, &q, &kc, &vc, &attn, ap)?;
+            let (wo, mo) = w(3)?;
+            self.linear(wo, mo, attn, proj, n)?;
+            dev.add(&self.stream, &hidden, &proj, &hidden, n * d)?;
+            dev.rmsnorm(
+                &self.stream,
+                &hidden,
+                &view(&sm, plan.ffn_norm, d * 4)?,
+                &xn,
+                n,
+                d,
+                hp.rms_eps,
+            )?;
+            let (wg, mg) = w(4)?;
+            self.linear(wg, mg, xn, gate, n)?;
+            let (wu, mu) = w(5)?;
+            self.linear(wu, mu, xn, up, n)?;
+            dev.swiglu(&self.stream, &gate, &up, &gate, n * ff)?;
+            let (wd, md) = w(6)?;
+            self.linear(wd, md, gate, proj, n)?;
+            dev.add(&self.stream, &hidden, &proj, &hidden, n * d)?;
+            if matches!(self.places[l], Place::Streamed) {
+                self.stream.record(&self.slot_free[(streamed - 1) % 2])?;
+            }
+        }
+        // Output head on the last position.
+        let last = view(&hidden, (n - 1) * d * 4, d * 4)?;
+        let xn0 = view(&xn, 0, d * 4)?;
+        dev.rmsnorm(
+            &self.stream,
+            &last,
+            &view(&sm, self.output_norm, d * 4)?,
+            &xn0,
+            1,
+            d,
+            hp.rms_eps,
+        )?;
+        let hb = self
+            .head
+            .0
+            .qtype
+            .row_bytes(self.head.0.ncols as u64)
+            .unwrap_or(0) as usize
+            * self.head.0.nrows;
+        let head = view(&g, self.head.1, hb)?;
+        dev.mmvq(&self.stream, &head, self.head.0, &xn0, &self.s.logits)?;
+        self.pos += n;
+        Ok(())
+    }
+
+    /// Runs `tokens` (prefill in batches of `max_batch`) and returns the last logits (copied
+    /// back: for tests and host-side sampling).
+    pub fn forward_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward_tokens(tokens)?;
+        self.stream.synchronize()?;
+        Ok(self.s.logits.to_vec::<f32>(self.n_vocab())?)
+    }
+
+    fn forward_tokens(&mut self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyPrompt.into());
+        }
+        for c in tokens.chunks(self.max_batch) {
+            self.forward_batch(c)?;
+        }
+        Ok(())
+    }
+
+    /// Picks the next token on the device (greedy, or temperature + top-k + top-p with `u`).
+    fn sample_device(&mut self, temperature: f32, top_k: usize, top_p: f32, u: f32) -> Result<u32> {
+        let n = self.n_vocab();
+        if temperature <= 0.0 {
+            self.dev
+                .argmax(&self.stream, &self.s.logits, n, &self.s.tok)?;
+        } else {
+            let top_k = if top_k == 0 {
+                super::ops::SAMPLE_MAX_TOPK
+            } else {
+                top_k
+            };
+            let sp = SampleParams {
+                top_k,
+                top_p,
+                temperature,
+                u,
+            };
+            self.dev
+                .sample(&self.stream, &self.s.logits, n, sp, &self.s.tok)?;
+        }
+        self.stream.synchronize()?;
+        let t = self.s.tok.to_vec::<i32>(1)?[0];
+        u32::try_from(t).map_err(|_| {
+            BackendError::KernelReported {
+                kernel: "sample".into(),
+                what: format!("token {t}"),
+            }
+            .into()
+        })
+    }
+
+    /// Prefills the part of `context` past `pos()` and decodes up to `max_new` tokens, like
+    /// `model::generate`. Sampling runs on the device when the sampler's settings allow it
+    /// (no penalties, no min-p unless greedy); otherwise logits come back to the host sampler.
+    pub fn generate(
+        &mut self,
+        sampler: &mut Sampler,
+        context: &[u32],
+        max_new: usize,
+        is_eog: impl Fn(u32) -> bool,
+        mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let prompt = context.get(self.pos..).unwrap_or(&[]).to_vec();
+        if prompt.is_empty() {
+            return Err(ModelError::EmptyPrompt.into());
+        }
+        let p = sampler.params().clone();
+        let neutral =
+            p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
+        let on_device = neutral && (p.temperature <= 0.0 || p.min_p <= 0.0);
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(p.seed);
+        let mut all = context.to_vec();
+        let mut ids = Vec::with_capacity(max_new);
+        let mut timings = Timings {
+            prompt_tokens: prompt.len(),
+            ..Timings::default()
+        };
+        let mut pick = |me: &mut Self, all: &[u32]| -> Result<u32> {
+            if on_device {
+                let u: f32 = rng.gen::<f32>().min(0.999_999);
+                me.sample_device(p.temperature, p.top_k, p.top_p, u)
+            } else {
+                me.stream.synchronize()?;
+                let logits = me.s.logits.to_vec::<f32>(me.n_vocab())?;
+                Ok(sampler.sample(&logits, all))
+            }
+        };
+        let t0 = Instant::now();
+        self.forward_tokens(&prompt)?;
+        if max_new == 0 {
+            self.stream.synchronize()?;
+            timings.prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
+            return Ok(finish(ids, StopReason::Length, timings));
+        }
+        let mut next = pick(self, &all)?;
+        timings.prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        let stop = loop {
+            ids.push(next);
+            all.push(next);
+            if is_eog(next) {
+                break StopReason::Eog;
+            }
+            if on_token(next).is_break() {
+                break StopReason::Callback;
+            }
+            if ids.len() >= max_new {
+                break StopReason::Length;
+            }
+            if self.pos >= self.ctx() {
+                break StopReason::Context;
+            }
+            self.forward_batch(&[next])?;
+            timings.decode_tokens += 1;
+            next = pick(self, &all)?;
+        };
+        timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+        Ok(finish(ids, stop, timings))
+    }
+
+    /// `n` decode steps from the current position with greedy device sampling (bench `tg`).
+    pub fn decode_steps(&mut self, first: u32, n: usize) -> Result<u32> {
+        let mut t = first;
+        for _ in 0..n {
+            self.forward_batch(&[t])?;
+            t = self.sample_device(0.0, 1, 1.0, 0.0)?;
+        }
+        Ok(t)
+    }
+
+    /// Prefill of `tokens` into the cache, waiting for the device (bench `pp`).
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        self.forward_tokens(tokens)?;
+        self.stream.synchronize()?;
+        Ok(())
+    }
+}
+
+fn per_second(n: usize, ms: f64) -> f64 {
+    if ms > 0.0 {
+        n as f64 * 1000.0 / ms
+    } else {
+        0.0
+    }
+}
+
+fn finish(ids: Vec<u32>, stop_reason: StopReason, mut timings: Timings) -> Generation {
+    timings.prompt_tokens_per_second = per_second(timings.prompt_tokens, timings.prompt_ms);
+    timings.decode_tokens_per_second = per_second(timings.decode_tokens, timings.decode_ms);
+    Generation {
+        ids,
+        stop_reason,
+        timings,
+    }
+}
+
+/// f16 helper kept for tests comparing the cache layout.
+#[allow(dead_code)]
+fn f16_bits(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+
+#[allow(dead_code)]
+fn is_quantized(t: GgmlType) -> bool {
+    !matches!(t, GgmlType::F32 | GgmlType::F16)
+}
