@@ -97,7 +97,6 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
             top_k: s.top_k,
             top_p: s.top_p,
             seed: s.seed,
-            ..Default::default()
         },
         stop_at_eos: true,
     };
