@@ -50,15 +50,20 @@ impl Prewarm {
     }
 
     /// The ring and the milliseconds this thread waited for it.
-    fn ring(ring: JoinHandle<Result<PinnedRing, BackendError>>) -> Result<(PinnedRing, f64), BoxErr> {
+    fn ring(
+        ring: JoinHandle<Result<PinnedRing, BackendError>>,
+    ) -> Result<(PinnedRing, f64), BoxErr> {
         let t = Instant::now();
-        let r = ring.join().map_err(|_| "the ring allocation thread panicked")??;
+        let r = ring
+            .join()
+            .map_err(|_| "the ring allocation thread panicked")??;
         Ok((r, t.elapsed().as_secs_f64() * 1e3))
     }
 
     /// Milliseconds the kernel loading took on its thread.
     fn kernels(k: JoinHandle<Result<f64, BackendError>>) -> Result<f64, BoxErr> {
-        Ok(k.join().map_err(|_| "the kernel loading thread panicked")??)
+        Ok(k.join()
+            .map_err(|_| "the kernel loading thread panicked")??)
     }
 }
 
@@ -218,8 +223,7 @@ pub fn bench(
     let model_open_ms = t.elapsed().as_secs_f64() * 1e3;
     let t_load = Instant::now();
     let (ring, ring_wait_ms) = Prewarm::ring(pre.ring)?;
-    let mut cm =
-        CudaModel::load_with_ring(Arc::clone(&dev), Arc::clone(&model), opt, Some(ring))?;
+    let mut cm = CudaModel::load_with_ring(Arc::clone(&dev), Arc::clone(&model), opt, Some(ring))?;
     let load_queue_ms = t_load.elapsed().as_secs_f64() * 1e3;
     // First token, pipelined with the tail of the upload (the compute stream waits on it).
     let t_ff = Instant::now();

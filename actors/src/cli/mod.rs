@@ -6,9 +6,9 @@ pub mod bench;
 pub mod chat;
 pub mod gpu;
 pub mod inspect;
+pub mod run;
 pub mod synth;
 pub mod trace;
-pub mod run;
 
 /// Default model location (fetched by scripts/fetch-model.sh).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
