@@ -258,11 +258,11 @@ fn check_weights(d: &CudaDevice, s: &Stream, t: &mut Table, rng: &mut ChaCha8Rng
 
 fn rope_ref(x: &[f32], pos: &[i32], r: RopeParams) -> Vec<f32> {
     let mut out = x.to_vec();
-    for tk in 0..r.n_tokens {
+    for (tk, &p) in pos.iter().enumerate().take(r.n_tokens) {
         for h in 0..r.n_heads {
             let base = (tk * r.n_heads + h) * r.head_dim;
             for i in 0..r.n_rot / 2 {
-                let theta = f64::from(pos[tk])
+                let theta = f64::from(p)
                     * f64::from(r.freq_scale)
                     * f64::from(r.freq_base).powf(-2.0 * i as f64 / r.n_rot as f64);
                 let (a, b) = if r.neox {

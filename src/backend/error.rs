@@ -68,6 +68,13 @@ pub enum BackendError {
     /// A caller passed shapes or buffers that do not fit the operation.
     #[error("invalid argument to {op}: {what}")]
     InvalidArgument { op: &'static str, what: String },
+    /// Reading weights from the model file into pinned memory failed.
+    #[error("reading {len} weight bytes at offset {offset} of the model file: {source}")]
+    WeightRead {
+        offset: usize,
+        len: usize,
+        source: std::io::Error,
+    },
     /// A backend name that is not cpu|cuda|hip|auto.
     #[error("unknown backend {0:?} (expected cpu, cuda, hip or auto)")]
     UnknownBackend(String),

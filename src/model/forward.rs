@@ -5,8 +5,8 @@
 use super::error::ModelError;
 use super::hparams::HParams;
 use super::kv::{grow, Sequence, SequenceConfig};
-use super::ops;
 use super::names::TensorId;
+use super::ops;
 use super::rope::Rope;
 use super::weights::{LayerWeights, ModelLayout};
 use crate::gguf::GgufFile;

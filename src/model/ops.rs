@@ -30,9 +30,9 @@ impl std::str::FromStr for Precision {
     }
 }
 
-fn kernel_err<'a>(
+fn kernel_err<'a, N: Display + ?Sized>(
     op: &'static str,
-    tensor: &'a dyn Display,
+    tensor: &'a N,
 ) -> impl FnOnce(QuantError) -> ModelError + 'a {
     move |source| ModelError::Kernel {
         op,
@@ -47,7 +47,7 @@ fn kernel_err<'a>(
 /// on the hot path).
 pub fn linear(
     w: &WeightView,
-    name: &dyn Display,
+    name: &(impl Display + ?Sized),
     x: &[f32],
     batch: usize,
     y: &mut [f32],
@@ -66,7 +66,11 @@ pub fn linear(
 }
 
 /// Dequantizes a whole vector tensor (norm weights, biases) or selected rows (embeddings).
-pub fn dequantize(w: &WeightView, name: &dyn Display, dst: &mut [f32]) -> Result<(), ModelError> {
+pub fn dequantize(
+    w: &WeightView,
+    name: &(impl Display + ?Sized),
+    dst: &mut [f32],
+) -> Result<(), ModelError> {
     quant::dequantize(w.ty, w.data, dst).map_err(kernel_err("dequantize", name))
 }
 
@@ -74,7 +78,7 @@ pub fn dequantize(w: &WeightView, name: &dyn Display, dst: &mut [f32]) -> Result
 pub fn dequantize_row(
     w: &WeightView,
     r: usize,
-    name: &dyn Display,
+    name: &(impl Display + ?Sized),
     dst: &mut [f32],
 ) -> Result<(), ModelError> {
     quant::dequantize(w.ty, w.row(r), dst).map_err(kernel_err("dequantize", name))

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod chat;
 pub mod gpu;
 pub mod inspect;
+pub mod pipelined;
 pub mod run;
 pub mod serve;
 pub mod synth;

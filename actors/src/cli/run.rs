@@ -125,6 +125,8 @@ pub struct RunArgs {
     /// cpu, cuda or auto (CUDA when a driver and device are present, else the CPU).
     #[arg(long, default_value = "auto")]
     pub backend: rocmforge::backend::BackendKind,
+    #[command(flatten)]
+    pub pipeline: super::pipelined::PipelineArgs,
 }
 
 /// A loaded model with its tokenizer and the pool it runs on.
@@ -252,6 +254,9 @@ impl<'t> TextSink<'t> {
 
 pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let prompt = read_prompt(&a)?;
+    if a.pipeline.wanted() {
+        return super::pipelined::run(&a, &prompt);
+    }
     if let Some(dev) = super::gpu::select(a.backend)? {
         return super::gpu::run(&a, &prompt, dev);
     }

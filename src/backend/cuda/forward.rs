@@ -13,7 +13,7 @@ use super::blas::Blas;
 use super::memory::DeviceBuf;
 use super::ops::{AttnParams, KvLayout, QMatrix, RopeParams, SampleParams};
 use super::stream::{Event, Stream};
-use super::upload::{PinnedRing, RingConfig, UploadStats};
+use super::upload::{DevRange, PinnedRing, RingConfig, UploadItem, UploadStats};
 use super::CudaDevice;
 use crate::backend::error::BackendError;
 use crate::backend::{ComputeDevice, DeviceBuffer, DeviceStream};
@@ -164,6 +164,9 @@ pub struct LoadReport {
     pub budget: usize,
     /// Host time to queue every upload (fill + waits + queueing).
     pub queue_s: f64,
+    /// Of `queue_s`: planning, norm conversion and device allocations before the first upload
+    /// (the ring itself is in `upload.ring_alloc_s`, zero here when it was built beforehand).
+    pub prep_s: f64,
     /// Until the last copy completed.
     pub resident_s: f64,
     pub upload: UploadStats,
@@ -208,7 +211,7 @@ fn qmat(v: &WeightView) -> QMatrix {
 
 fn to_f32(v: &WeightView, name: &str) -> Result<Vec<f32>> {
     let mut out = vec![0f32; v.rows * v.cols];
-    crate::model::ops::dequantize(v, name, &mut out)?;
+    crate::model::ops::dequantize(v, &name, &mut out)?;
     Ok(out)
 }
 
@@ -216,6 +219,18 @@ impl CudaModel {
     /// Plans placement, allocates device memory and queues every resident upload. Returns
     /// before the copies finished: the first forward waits for them on the device.
     pub fn load(dev: Arc<CudaDevice>, model: Arc<Model>, opt: CudaOptions) -> Result<Self> {
+        Self::load_with_ring(dev, model, opt, None)
+    }
+
+    /// [`CudaModel::load`] with a ring built beforehand (e.g. on another thread while kernels
+    /// load and the model opens: pinning the slots is off the critical path then). `None`
+    /// builds one from `opt.ring`.
+    pub fn load_with_ring(
+        dev: Arc<CudaDevice>,
+        model: Arc<Model>,
+        opt: CudaOptions,
+        ring: Option<PinnedRing>,
+    ) -> Result<Self> {
         let t0 = Instant::now();
         let hp = model.hparams().clone();
         let freq_scale = match hp.rope_scaling {
@@ -357,7 +372,13 @@ impl CudaModel {
             .collect::<std::result::Result<Vec<_>, _>>()?;
 
         let stream = dev.new_stream()?;
-        let ring = PinnedRing::new(&dev, opt.ring)?;
+        let mut ring = match ring {
+            Some(r) => r,
+            None => PinnedRing::new(&dev, opt.ring)?,
+        };
+        // Positional reads of the file beat page faults of the mapping; if it cannot be opened
+        // again (removed meanwhile?), the mapping still works.
+        ring.set_source_file(std::fs::File::open(model.file().path()).ok());
         let ready = (0..ring.copy_streams())
             .map(|_| dev.new_event(false))
             .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -430,26 +451,38 @@ impl CudaModel {
             .filter(|p| matches!(p, Place::Resident(_)))
             .count();
         me.report.streamed_layers = me.hp.n_layer - me.report.resident_layers;
-        // Queue uploads: globals, then resident layers in order.
-        let g = View {
+        // Queue uploads: globals, then resident layers in order, packed into the ring's slots.
+        me.report.prep_s = t0.elapsed().as_secs_f64();
+        let g = DevRange {
             ptr: me.globals.device_ptr(),
             len: me.globals.len_bytes(),
         };
-        me.ring.upload(&bytes[embd_t.range.clone()], &g, 0)?;
+        let mut items = vec![UploadItem {
+            src: embd_t.range.clone(),
+            dst: g,
+            dst_off: 0,
+        }];
         if let Some(h) = &layout.output {
-            me.ring.upload(&bytes[h.range.clone()], &g, me.head.1)?;
+            items.push(UploadItem {
+                src: h.range.clone(),
+                dst: g,
+                dst_off: me.head.1,
+            });
         }
         for l in 0..me.hp.n_layer {
             if let Place::Resident(buf) = &me.places[l] {
-                let dst = View {
+                let dst = DevRange {
                     ptr: buf.device_ptr(),
                     len: buf.len_bytes(),
                 };
-                for m in &me.plans[l].mats {
-                    me.ring.upload(&bytes[m.src.clone()], &dst, m.off)?;
-                }
+                items.extend(me.plans[l].mats.iter().map(|m| UploadItem {
+                    src: m.src.clone(),
+                    dst,
+                    dst_off: m.off,
+                }));
             }
         }
+        me.ring.upload_many(bytes, &items)?;
         me.ring.mark_ready(&me.stream, &me.ready)?;
         me.report.queue_s = t0.elapsed().as_secs_f64();
         me.report.upload = me.ring.stats;
@@ -535,9 +568,20 @@ impl CudaModel {
                 // The copy must not start before the last compute reading this slot ended.
                 self.ring.wait_for(&self.slot_free[si])?;
                 let bytes = self.model.file().bytes();
-                for m in &self.plans[l].mats {
-                    self.ring.upload(&bytes[m.src.clone()], &slot, m.off)?;
-                }
+                let dst = DevRange {
+                    ptr: slot.ptr,
+                    len: slot.len,
+                };
+                let items: Vec<UploadItem> = self.plans[l]
+                    .mats
+                    .iter()
+                    .map(|m| UploadItem {
+                        src: m.src.clone(),
+                        dst,
+                        dst_off: m.off,
+                    })
+                    .collect();
+                self.ring.upload_many(bytes, &items)?;
                 self.ring.mark_ready(&self.stream, &self.ready)?;
                 Ok(slot)
             }

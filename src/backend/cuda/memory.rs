@@ -186,16 +186,24 @@ unsafe impl Sync for PinnedBuf {}
 
 impl PinnedBuf {
     pub(crate) fn alloc(ctx: &Arc<CudaContext>, bytes: usize) -> BackendResult<Self> {
+        let me = Self::alloc_unzeroed(ctx, bytes)?;
+        // SAFETY: `ptr` points to `bytes.max(1)` writable bytes just allocated, not yet shared.
+        unsafe { std::ptr::write_bytes(me.ptr, 0, me.bytes.max(1)) };
+        Ok(me)
+    }
+
+    /// Like [`PinnedBuf::alloc`] without the zeroing pass (a 512 MiB ring spent ~0.1 s on it at
+    /// every start). The driver hands out freshly pinned pages, but Rust may not assume their
+    /// contents: callers write through [`PinnedBuf::host_ptr_mut`] before any `as_slice`.
+    pub(crate) fn alloc_unzeroed(ctx: &Arc<CudaContext>, bytes: usize) -> BackendResult<Self> {
         bind(ctx)?;
         let n = bytes.max(1);
-        // SAFETY: the context is current; flag 0 = plain pinned memory. The memory is
-        // zero-initialised below before any read.
+        // SAFETY: the context is current; flag 0 = plain pinned memory. Readers of the memory
+        // (`as_slice`, copies) come after a write: `alloc` zeroes, the ring fills before copying.
         let ptr = unsafe { result::malloc_host(n, 0) }.map_err(|e| BackendError::PinnedAlloc {
             requested: bytes,
             reason: e.to_string(),
         })?;
-        // SAFETY: `ptr` points to `n` writable bytes just allocated.
-        unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), 0, n) };
         Ok(Self {
             ctx: Arc::clone(ctx),
             ptr: ptr.cast(),
@@ -222,6 +230,12 @@ impl PinnedBuf {
     }
 
     pub(crate) fn host_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    /// Raw write access (positional reads land here without forming a slice over bytes an
+    /// unzeroed buffer has not written yet).
+    pub(crate) fn host_ptr_mut(&mut self) -> *mut u8 {
         self.ptr
     }
 }

@@ -147,6 +147,11 @@ impl CudaDevice {
     }
 
     /// Waits for all work on every stream of this device.
+    /// Pinned host memory without the zeroing pass (the upload ring writes before it copies).
+    pub(crate) fn alloc_pinned_unzeroed(&self, bytes: usize) -> BackendResult<PinnedBuf> {
+        PinnedBuf::alloc_unzeroed(&self.ctx, bytes)
+    }
+
     pub fn synchronize(&self) -> BackendResult<()> {
         bind(&self.ctx)?;
         self.ctx
