@@ -97,6 +97,9 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
             top_k: s.top_k,
             top_p: s.top_p,
             seed: s.seed,
+            min_p: s.min_p,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
         },
         stop_at_eos: true,
     };
