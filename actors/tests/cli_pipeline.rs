@@ -133,3 +133,50 @@ fn pipeline_refuses_a_gpu_backend_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CPU backend only"), "unexpected error: {err}");
 }
+
+#[test]
+fn bench_memory_budget_reports_ttft_split_for_both_strategies() {
+    let m = model();
+    let out = Command::new(env!("CARGO_BIN_EXE_rocmforge"))
+        .args([
+            "bench",
+            "-m",
+            m.to_str().expect("utf-8"),
+            "--backend",
+            "cpu",
+            "-p",
+            "4",
+            "-n",
+            "2",
+            "--memory-budget",
+            "100%,50%",
+            "--warm",
+            "--json",
+        ])
+        .output()
+        .expect("bench runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Json = serde_json::from_slice(&out.stdout).expect("JSON array");
+    let rows = rows.as_array().expect("array");
+    assert_eq!(rows.len(), 4, "two budgets x two strategies: {rows:?}");
+    for r in rows {
+        let row = &r["row"];
+        assert!(
+            row["ttft_ms"].as_f64().is_some_and(|t| t > 0.0),
+            "ttft in {r}"
+        );
+        assert!(row["read_ms"].as_f64().is_some(), "stage split in {r}");
+    }
+    let strategies: Vec<&str> = rows.iter().filter_map(|r| r["strategy"].as_str()).collect();
+    assert!(strategies.contains(&"Pipelined") && strategies.contains(&"LoadThenCompute"));
+    // The same greedy tokens whatever the budget and strategy.
+    let first = &rows[0]["row"]["tokens"];
+    assert!(
+        rows.iter().all(|r| &r["row"]["tokens"] == first),
+        "tokens differ across budgets"
+    );
+}

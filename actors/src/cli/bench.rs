@@ -38,6 +38,51 @@ pub struct BenchArgs {
     /// CUDA: device bytes for weights (default: free memory minus KV cache and workspace).
     #[arg(long)]
     pub weight_budget: Option<usize>,
+    /// Pipelined-runtime bench instead of pp/tg: cold-start time to first token split by stage,
+    /// pipelined vs load-then-compute, at each weight budget given as a percentage of the
+    /// weights (`--memory-budget 100%,50%,35%`). `-p`/`-n` set the prompt and decode lengths.
+    #[arg(long, value_delimiter = ',', value_parser = parse_budget_percent)]
+    pub memory_budget: Vec<f64>,
+    /// Disk reader mode for `--memory-budget` runs (`read` from a cold page cache is the default).
+    #[arg(long, default_value = "read")]
+    pub read_mode: crate::ReadMode,
+    /// With `--memory-budget`: keep the page cache (by default the model is evicted before each run).
+    #[arg(long)]
+    pub warm: bool,
+}
+
+/// `"50%"` or `"50"` -> 0.5.
+fn parse_budget_percent(s: &str) -> Result<f64, String> {
+    let t = s.trim().trim_end_matches('%');
+    let p: f64 = t
+        .parse()
+        .map_err(|_| format!("bad budget {s:?}: give a percentage such as 50%"))?;
+    if !(p > 0.0 && p <= 100.0) {
+        return Err(format!("budget {s:?} must lie in (0%, 100%]"));
+    }
+    Ok(p / 100.0)
+}
+
+/// The `--memory-budget` bench: the pipelined runtime on the CPU backend.
+fn run_ttft(a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut cfg = crate::bench::default_config(&a.model, a.n_prompt, a.n_gen);
+    cfg.budgets = a.memory_budget.clone();
+    cfg.read_mode = a.read_mode;
+    cfg.cold = !a.warm;
+    let rows = crate::bench::run_ttft_bench(&cfg);
+    if a.json {
+        let j: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(b, st, r)| match r {
+                Ok(r) => serde_json::json!({"test": "ttft", "budget_fraction": b, "strategy": st, "row": r}),
+                Err(e) => serde_json::json!({"test": "ttft", "budget_fraction": b, "strategy": st, "error": e.to_string()}),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        print!("{}", crate::bench::format_table(&rows));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]
@@ -86,6 +131,15 @@ fn tg(model: &Model, cfg: SequenceConfig, n: usize) -> Result<f64, GenError> {
 }
 
 pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if !a.memory_budget.is_empty() {
+        if matches!(
+            a.backend,
+            rocmforge::backend::BackendKind::Cuda | rocmforge::backend::BackendKind::Hip
+        ) {
+            return Err("--memory-budget runs the pipelined runtime, which has only the CPU backend so far; use --backend cpu (CUDA: --weight-budget)".into());
+        }
+        return run_ttft(&a);
+    }
     if let Some(dev) = super::gpu::select(a.backend)? {
         return super::gpu::bench(&a, dev);
     }
