@@ -17,8 +17,6 @@ pub enum Error {
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
-    #[error("{0}")]
-    Other(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
