@@ -75,13 +75,17 @@ fn pipelined_run_streams_under_budget_and_matches_direct_run() {
     let peak = stats["peak_resident_bytes"]
         .as_u64()
         .expect("peak_resident_bytes");
-    let misses = stats["misses"].as_u64().expect("misses");
+    let evictions = stats["evictions"].as_u64().expect("evictions");
     // 40% of SmolLM2's ~92 MiB of weights: layers must have been streamed, not all resident.
     assert!(
         peak < 45 << 20,
         "peak resident {peak} bytes is over a 40% budget"
     );
-    assert!(misses > 0, "a 40% budget must stream some layers");
+    // Whether compute ever waited (misses) depends on timing; evictions do not.
+    assert!(
+        evictions > 0,
+        "a 40% budget must stream (evict and reload) some layers: {stats}"
+    );
 
     let t: Json = serde_json::from_slice(&std::fs::read(&trace).expect("trace written"))
         .expect("trace is JSON");
