@@ -280,7 +280,10 @@ fn dot_row<const B: usize>(
         },
         Path::Q8Scalar => dot_legacy_scalar(ty, w, acts),
         Path::Float { fma } => {
-            fast::dequantize(ty, w, &mut scratch.row);
+            // The caller validated `ty` and the row length, so this cannot fail; NaN if it did.
+            if fast::dequantize(ty, w, &mut scratch.row).is_err() {
+                return [f32::NAN; B];
+            }
             let mut out = [0.0f32; B];
             for b in 0..B {
                 out[b] = dot_f32(fma, &scratch.row, xs[b]);

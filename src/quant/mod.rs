@@ -118,6 +118,12 @@ fn per_block<B: Block>(src: &[u8], dst: &mut [f32], f: impl Fn(&B, &mut [f32])) 
 /// Scalar reference dequantization of `dst.len()` elements from `src`.
 pub fn dequantize_ref(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
     check_lengths(ty, src.len(), dst.len())?;
+    dequantize_scalar(ty, src, dst)
+}
+
+/// The scalar dispatch behind [`dequantize_ref`] and the fast path's fallback; lengths are
+/// checked by the caller.
+fn dequantize_scalar(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
     match ty {
         GgmlType::F32 => {
             for (c, y) in src.chunks_exact(4).zip(dst.iter_mut()) {
@@ -160,8 +166,7 @@ pub fn dequantize_ref(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Q
 /// Fast single-thread dequantization (SIMD where the CPU has it); bit-exact with the reference.
 pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
     check_lengths(ty, src.len(), dst.len())?;
-    fast::dequantize(ty, src, dst);
-    Ok(())
+    fast::dequantize(ty, src, dst)
 }
 
 /// Elements per parallel task: large enough that scheduling costs nothing next to the work,
@@ -177,8 +182,7 @@ pub fn dequantize_par(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Q
     let chunk_bytes = chunk_blocks * ty.block_bytes() as usize;
     dst.par_chunks_mut(chunk_blocks * be)
         .zip(src.par_chunks(chunk_bytes))
-        .for_each(|(y, s)| fast::dequantize(ty, s, y));
-    Ok(())
+        .try_for_each(|(y, s)| fast::dequantize(ty, s, y))
 }
 
 /// Quantizes `src` (a whole number of blocks) into `ty`. F32/F16/BF16 store any value (F16/BF16
