@@ -85,6 +85,17 @@ pub fn advise_dontneed(map: &Mmap, span: Range<usize>) {
     }
 }
 
+/// Asks the kernel to start reading `len` bytes at `offset` of `file` into the page cache.
+pub fn advise_willneed(file: &File, offset: u64, len: u64) {
+    use std::os::unix::io::AsRawFd;
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: an advisory syscall on a descriptor `file` owns; it reads no user memory, and a
+    // failure only means no readahead.
+    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+}
+
 /// Splits a tensor into chunk lengths (in file bytes) that fit one staging slot after
 /// transcoding and never cut a quant block.
 pub fn chunk_len(
@@ -196,14 +207,21 @@ impl Reader {
         let layer = unit.layer.map(|l| l as i64).unwrap_or(-1);
         let span = tracing::info_span!("read", layer, bytes = unit.file_bytes, stream = self.idx);
         let _g = span.enter();
-        if cfg.mode == ReadMode::Mmap && job.part == 0 && unit.file_span.end > unit.file_span.start
-        {
-            let s = unit.file_span.start as usize;
-            let _ = cfg.map.advise_range(
-                Advice::WillNeed,
-                s,
-                (unit.file_span.end - unit.file_span.start) as usize,
-            );
+        let span_len = unit.file_span.end.saturating_sub(unit.file_span.start);
+        if job.part == 0 && span_len > 0 {
+            match (cfg.mode, &self.file) {
+                (ReadMode::Mmap, _) => {
+                    let _ = cfg.map.advise_range(
+                        Advice::WillNeed,
+                        unit.file_span.start as usize,
+                        span_len as usize,
+                    );
+                }
+                // The whole unit goes to the disk queue at once (asynchronous readahead), so a
+                // cold read keeps the device busy instead of one chunk-sized request per reader.
+                (ReadMode::Read, Some(f)) => advise_willneed(f, unit.file_span.start, span_len),
+                _ => {}
+            }
         }
         for (ti, t) in unit.tensors.iter().enumerate() {
             let step = chunk_len(&*cfg.backend, t.ty, cfg.ring.slot_size());
