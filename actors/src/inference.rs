@@ -58,7 +58,7 @@ pub fn spawn(cfg: InferenceConfig) -> Result<JoinHandle<()>> {
     let h = std::thread::Builder::new()
         .name("rf-inference".into())
         .spawn(move || match (cfg.factory)(&cfg.file) {
-            Ok(compute) => {
+            Ok(mut compute) => {
                 if compute.n_layers() != cfg.plan.n_layers {
                     let _ = ready_tx.send(Err(RuntimeError::Config(format!(
                         "compute expects {} layers, the file has {}",
@@ -67,6 +67,8 @@ pub fn spawn(cfg: InferenceConfig) -> Result<JoinHandle<()>> {
                     ))));
                     return;
                 }
+                // An empty lookup asks whether the compute can embed without the global unit
+                // (a streamed tied head leaves no embedding table there).
                 if cfg.plan.head.is_some()
                     && !(compute.streams_output_head() && compute.embed_from_file(&[]).is_some())
                 {
