@@ -2,7 +2,7 @@
 //! load-then-compute. The same measurement `rocmforge bench --memory-budget` reports.
 //!
 //! cargo run --release -p rocmforge-actors --example pipeline_ttft -- \
-//!     [MODEL] [--mode read|mmap|direct] [--budgets 1,0.5,0.25] [--prompt 64] [--decode 16] [--warm] [--repeat 3]
+//!     [MODEL] [--mode read|mmap|direct] [--budgets 1,0.5,0.25] [--prompt 64] [--decode 16] [--warm] [--repeat 3] [--readers 2] [--depth 2]
 
 use rocmforge_actors::bench::{default_config, format_medians, format_table, run_ttft_repeated};
 use rocmforge_actors::ReadMode;
@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut decode = 16usize;
     let mut cold = true;
     let mut repeat = 1usize;
+    let mut readers = None;
+    let mut depth = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -31,6 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--decode" => decode = val()?.parse()?,
             "--warm" => cold = false,
             "--repeat" => repeat = val()?.parse()?,
+            "--readers" => readers = Some(val()?.parse()?),
+            "--depth" => depth = Some(val()?.parse()?),
             _ => model = PathBuf::from(a),
         }
     }
@@ -38,9 +42,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.read_mode = cfg_mode;
     cfg.budgets = budgets;
     cfg.cold = cold;
+    cfg.readers = readers.unwrap_or(cfg.readers);
+    cfg.prefetch_depth = depth.unwrap_or(cfg.prefetch_depth);
     println!(
-        "model {}, mode {cfg_mode:?}, prompt {prompt} tokens, decode {decode}, cold {cold}",
-        model.display()
+        "model {}, mode {cfg_mode:?}, prompt {prompt} tokens, decode {decode}, cold {cold}, readers {}, depth {}",
+        model.display(),
+        cfg.readers,
+        cfg.prefetch_depth
     );
     let rounds = run_ttft_repeated(&cfg, repeat);
     for (i, rows) in rounds.iter().enumerate() {

@@ -52,6 +52,10 @@ pub struct TtftRow {
     /// Fraction of the model file in the page cache right before the run (0 = cold).
     pub cached_before: f64,
     pub open_ms: f64,
+    /// Load-then-compute only: time waiting, after `build()`, for the initial load to finish
+    /// (the most the pipeline can save, before it pays for the overlap); 0 for pipelined runs.
+    #[serde(default)]
+    pub load_wait_ms: f64,
     /// Open to first token.
     pub ttft_ms: f64,
     /// Busy time per stage until the first token (summed over the stage's threads).
@@ -144,9 +148,11 @@ pub fn run_once(cfg: &BenchConfig, budget: f64, strategy: Strategy) -> Result<Tt
         .compute(cfg.compute.clone())
         .build()?;
     let open = t0.elapsed();
+    let t_wait = Instant::now();
     if strategy == Strategy::LoadThenCompute {
         rt.wait_loaded(Duration::from_secs(600))?;
     }
+    let load_wait = t_wait.elapsed();
     let mut req = GenerateRequest::tokens(cfg.prompt.clone(), cfg.decode_tokens.max(1));
     req.stop_at_eos = false;
     let mut it = rt.generate(req).into_blocking();
@@ -169,6 +175,11 @@ pub fn run_once(cfg: &BenchConfig, budget: f64, strategy: Strategy) -> Result<Tt
         strategy,
         cached_before,
         open_ms: ms(open),
+        load_wait_ms: if strategy == Strategy::LoadThenCompute {
+            ms(load_wait)
+        } else {
+            0.0
+        },
         ttft_ms: ms(ttft),
         read_ms: busy(Stage::Read),
         transcode_ms: busy(Stage::Transcode),
@@ -275,7 +286,10 @@ pub fn format_medians(rounds: &[Vec<BenchOutcome>]) -> String {
             }
         }
         if pairs == 0 {
-            s.push_str(&format!("| {:.0}% | error | error | | | | 0 |\n", b * 100.0));
+            s.push_str(&format!(
+                "| {:.0}% | error | error | | | | 0 |\n",
+                b * 100.0
+            ));
             continue;
         }
         s.push_str(&format!(
@@ -305,18 +319,19 @@ pub fn format_medians(rounds: &[Vec<BenchOutcome>]) -> String {
 /// A markdown table of the results (what docs/PERFORMANCE.md records).
 pub fn format_table(rows: &[BenchOutcome]) -> String {
     let mut s = String::from(
-        "| budget | strategy | cached before | TTFT ms | open ms | read ms | transcode ms | upload ms | compute ms | decode tok/s | peak resident MiB | misses |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| budget | strategy | cached before | TTFT ms | open ms | load wait ms | read ms | transcode ms | upload ms | compute ms | decode tok/s | peak resident MiB | misses |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for (b, st, r) in rows {
         match r {
             Ok(r) => s.push_str(&format!(
-                "| {:.0}% | {:?} | {:.0}% | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |\n",
+                "| {:.0}% | {:?} | {:.0}% | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |\n",
                 b * 100.0,
                 st,
                 r.cached_before * 100.0,
                 r.ttft_ms,
                 r.open_ms,
+                r.load_wait_ms,
                 r.read_ms,
                 r.transcode_ms,
                 r.upload_ms,

@@ -290,7 +290,9 @@ impl ModelCompute for ChecksumCompute {
             layer: None,
             message: m.to_string(),
         };
-        let p = self.pending.ok_or_else(|| bad("output_rows before output_prepare"))?;
+        let p = self
+            .pending
+            .ok_or_else(|| bad("output_rows before output_prepare"))?;
         let rows = chunk
             .tensors
             .first()

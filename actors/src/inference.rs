@@ -292,7 +292,10 @@ impl Inference {
             // The prompt's embedding rows straight from the file where the compute can: the
             // first layer then waits for nothing else.
             let start = Instant::now();
-            let from_file = self.compute.embed_from_file(&input);
+            let from_file = {
+                let _e = tracing::info_span!("embed", tokens = input.len()).entered();
+                self.compute.embed_from_file(&input)
+            };
             self.cfg.shared.add_busy(Stage::Compute, start);
             let mut hidden = match from_file {
                 Some(h) => h?,

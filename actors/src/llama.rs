@@ -11,10 +11,10 @@ use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::residency::ResidentLayer;
 use rocmforge::gguf::GgufFile;
+use rocmforge::model::Precision;
 use rocmforge::model::{
     ops, LayerRefs, LayerWeights, Model, Sequence, SequenceConfig, TensorRef, WeightView,
 };
-use rocmforge::model::Precision;
 use rocmforge::tokenizer::Tokenizer;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -187,6 +187,28 @@ impl ModelCompute for LlamaCompute {
             let te = &self.model.layout().token_embd;
             let row_bytes = te.ty.row_bytes(te.cols as u64).unwrap_or(0) as usize;
             self.row_buf.resize(row_bytes, 0);
+            // Queue every row's read at once (asynchronous readahead), then copy them out: a cold
+            // lookup costs about one disk round trip instead of one per prompt token, which
+            // matters while the readers keep the disk queue full.
+            {
+                use std::os::unix::io::AsRawFd;
+                let mut rows: Vec<u32> = tokens.to_vec();
+                rows.sort_unstable();
+                rows.dedup();
+                for &tok in &rows {
+                    let offset = te.range.start + tok as usize * row_bytes;
+                    // SAFETY: an advisory syscall on a descriptor we own; it reads no user
+                    // memory, and a failure only means no readahead.
+                    unsafe {
+                        libc::posix_fadvise(
+                            self.file.as_raw_fd(),
+                            offset as libc::off_t,
+                            row_bytes as libc::off_t,
+                            libc::POSIX_FADV_WILLNEED,
+                        )
+                    };
+                }
+            }
             let mut data = vec![0f32; tokens.len() * d];
             for (&tok, row) in tokens.iter().zip(data.chunks_exact_mut(d)) {
                 let offset = (te.range.start + tok as usize * row_bytes) as u64;

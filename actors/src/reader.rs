@@ -85,6 +85,20 @@ pub fn advise_dontneed(map: &Mmap, span: Range<usize>) {
     }
 }
 
+/// The file ranges of a unit's tensors, adjacent ones merged (gaps up to a page are bridged).
+fn tensor_runs(unit: &crate::plan::Unit) -> Vec<Range<u64>> {
+    let mut r: Vec<Range<u64>> = unit.tensors.iter().map(|t| t.file.clone()).collect();
+    r.sort_by_key(|x| x.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(r.len());
+    for x in r.into_iter().filter(|x| x.end > x.start) {
+        match out.last_mut() {
+            Some(last) if x.start <= last.end + PAGE as u64 => last.end = last.end.max(x.end),
+            _ => out.push(x),
+        }
+    }
+    out
+}
+
 /// Asks the kernel to start reading `len` bytes at `offset` of `file` into the page cache.
 pub fn advise_willneed(file: &File, offset: u64, len: u64) {
     use std::os::unix::io::AsRawFd;
@@ -207,19 +221,20 @@ impl Reader {
         let layer = unit.layer.map(|l| l as i64).unwrap_or(-1);
         let span = tracing::info_span!("read", layer, bytes = unit.file_bytes, stream = self.idx);
         let _g = span.enter();
-        let span_len = unit.file_span.end.saturating_sub(unit.file_span.start);
-        if job.part == 0 && span_len > 0 {
+        // Advice per run of adjacent tensors, not over the unit's span: the global unit's tensors
+        // sit at both ends of the file, and its span is the whole model.
+        for r in tensor_runs(unit).into_iter().filter(|_| job.part == 0) {
             match (cfg.mode, &self.file) {
                 (ReadMode::Mmap, _) => {
                     let _ = cfg.map.advise_range(
                         Advice::WillNeed,
-                        unit.file_span.start as usize,
-                        span_len as usize,
+                        r.start as usize,
+                        (r.end - r.start) as usize,
                     );
                 }
                 // The whole unit goes to the disk queue at once (asynchronous readahead), so a
                 // cold read keeps the device busy instead of one chunk-sized request per reader.
-                (ReadMode::Read, Some(f)) => advise_willneed(f, unit.file_span.start, span_len),
+                (ReadMode::Read, Some(f)) => advise_willneed(f, r.start, r.end - r.start),
                 _ => {}
             }
         }

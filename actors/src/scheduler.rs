@@ -486,8 +486,7 @@ impl Scheduler {
             }
             Hint::WarmUp => {
                 let d = self.desired();
-                if d
-                    .iter()
+                if d.iter()
                     .zip(&self.status)
                     .all(|(&want, &s)| !want || s != Status::Absent)
                 {
@@ -704,16 +703,25 @@ mod tests {
         let pre: BTreeSet<usize> = [5].into();
         // Idle (cursor on the global unit): layer 0 comes next, layer 1 last.
         let mut p = base.clone();
-        assert_eq!(make_room(&mut p, &bytes, 6, &none, &pre, 45, 6).unwrap(), vec![1]);
+        assert_eq!(
+            make_room(&mut p, &bytes, 6, &none, &pre, 45, 6).unwrap(),
+            vec![1]
+        );
         assert_eq!(p.fixed, vec![true, false, false, false, false, false, true]);
         assert!(p.reserved(&bytes) + bytes[5] <= 45);
         // About to run layer 1: layer 0 is the one used last.
         let mut p = base.clone();
-        assert_eq!(make_room(&mut p, &bytes, 6, &none, &pre, 45, 1).unwrap(), vec![0]);
+        assert_eq!(
+            make_room(&mut p, &bytes, 6, &none, &pre, 45, 1).unwrap(),
+            vec![0]
+        );
         // Pins are never demoted.
         let pins: BTreeSet<usize> = [1].into();
         let mut p = plan_fixed(&bytes, 6, &pins, 45, 2).unwrap();
-        assert_eq!(make_room(&mut p, &bytes, 6, &pins, &pre, 45, 6).unwrap(), vec![0]);
+        assert_eq!(
+            make_room(&mut p, &bytes, 6, &pins, &pre, 45, 6).unwrap(),
+            vec![0]
+        );
         assert!(p.fixed[1]);
         // A prefetched unit that is fixed anyway needs no room.
         let mut p = base.clone();

@@ -55,7 +55,11 @@ fn budget_below_the_output_head_streams_it_in_row_chunks() {
         .unwrap();
     let want = rt.generate(request(5)).collect_tokens().unwrap();
     let g = rt.n_layers();
-    assert_eq!(rt.stats().loads_per_layer.len(), g + 1, "no split without a budget");
+    assert_eq!(
+        rt.stats().loads_per_layer.len(),
+        g + 1,
+        "no split without a budget"
+    );
     rt.shutdown().unwrap();
     for mode in [ReadMode::Mmap, ReadMode::Read] {
         let rt = builder_vocab(&model, mode, MemoryBudget::FractionOfWeights(0.25), vocab)
@@ -155,7 +159,9 @@ fn hints_prefetch_pin_release() {
     // demoting the fixed layer used last; the budget holds.
     assert!(!s0.resident_layers[last], "{s0:?}");
     rt.hint(Hint::Prefetch { layers: vec![last] }).unwrap();
-    let sp = wait_for(&rt, "prefetched layer resident", |s| s.resident_layers[last]);
+    let sp = wait_for(&rt, "prefetched layer resident", |s| {
+        s.resident_layers[last]
+    });
     assert_eq!(sp.loads_per_layer[last], s0.loads_per_layer[last] + 1);
     assert_eq!(sp.fixed_layers.len() + 1, s0.fixed_layers.len(), "{sp:?}");
     assert!(sp.resident_bytes <= sp.budget_bytes, "{sp:?}");
@@ -165,7 +171,9 @@ fn hints_prefetch_pin_release() {
     assert_eq!(rt.stats().hint_noops, sp.hint_noops + 1);
     // Its next use finds it resident (not loaded again); after that use the plan is back.
     assert_eq!(rt.generate(request(1)).collect_tokens().unwrap(), want1);
-    let su = wait_for(&rt, "fixed set restored", |s| s.fixed_layers == s0.fixed_layers);
+    let su = wait_for(&rt, "fixed set restored", |s| {
+        s.fixed_layers == s0.fixed_layers
+    });
     assert_eq!(su.loads_per_layer[last], sp.loads_per_layer[last], "{su:?}");
     assert!(su.peak_resident_bytes <= su.budget_bytes, "{su:?}");
     let s0 = su;

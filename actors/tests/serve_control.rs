@@ -92,7 +92,9 @@ async fn hints_stats_progress_and_malformed_frames() {
             .request(&ControlRequest::Hint(Hint::Prefetch { layers: vec![p] }))
             .unwrap();
         assert_eq!(r, ControlResponse::Ok);
-        let sp = wait_for(&mut c, "prefetched layer resident", |s| s.resident_layers[p]);
+        let sp = wait_for(&mut c, "prefetched layer resident", |s| {
+            s.resident_layers[p]
+        });
         assert_eq!(sp.loads_per_layer[p], s0.loads_per_layer[p] + 1, "{sp:?}");
         assert!(sp.resident_bytes <= sp.budget_bytes, "{sp:?}");
         assert!(sp.peak_resident_bytes <= sp.budget_bytes, "{sp:?}");
