@@ -79,6 +79,82 @@ fn budget_below_the_output_head_streams_it_in_row_chunks() {
 }
 
 #[test]
+fn streamed_head_chunks_tile_the_head_in_aligned_row_blocks() {
+    use rocmforge_actors::backend::CpuBackend;
+    use rocmforge_actors::plan::{LoadPlan, HEAD_ROW_ALIGN};
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic_model_vocab(dir.path(), 3, 64, 4096);
+    let file = rocmforge::gguf::GgufFile::open(&model).unwrap();
+    let plan = LoadPlan::new(&file, &CpuBackend::new()).unwrap();
+    let g = plan.global();
+    // 64 KiB chunks: 512 rows of 32 f32.
+    let split = plan
+        .stream_head(&file, &CpuBackend::new(), 64 << 10)
+        .unwrap()
+        .expect("a head to split");
+    let head = split.head.clone().expect("head split");
+    assert_eq!(head.tensor, "token_embd.weight");
+    assert_eq!(head.rows, 4096);
+    assert_eq!(head.units, g + 1..g + 9);
+    assert!(split.units[g].tensors.iter().all(|t| t.name != head.tensor));
+    let whole = plan.units[g]
+        .tensors
+        .iter()
+        .find(|t| t.name == head.tensor)
+        .unwrap();
+    let mut next_row = 0;
+    let mut next_byte = whole.file.start;
+    for u in head.units.clone() {
+        let rows = split.head_rows(u).unwrap();
+        assert_eq!(rows.start, next_row);
+        assert_eq!(rows.start % HEAD_ROW_ALIGN, 0);
+        assert_eq!(split.units[u].file_span.start, next_byte);
+        assert!(split.units[u].dev_bytes <= 64 << 10);
+        next_row = rows.end;
+        next_byte = split.units[u].file_span.end;
+    }
+    assert_eq!((next_row, next_byte), (4096, whole.file.end));
+    // Every weight byte is still planned exactly once.
+    let file_bytes = |p: &LoadPlan| p.units.iter().map(|u| u.file_bytes).sum::<u64>();
+    assert_eq!(file_bytes(&split), file_bytes(&plan));
+    let dims = split.unit_dims(&file);
+    assert_eq!(dims[g + 1][0], (32, 512));
+    // Splitting twice is refused.
+    assert!(split
+        .stream_head(&file, &CpuBackend::new(), 64 << 10)
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn a_compute_that_cannot_stream_the_head_makes_such_a_budget_a_build_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = 4096;
+    let model = synthetic_model_vocab(dir.path(), 12, 64, vocab);
+    // The bare checksum compute has no file to embed from: it needs the head resident.
+    let bare: rocmforge_actors::compute::ComputeFactory =
+        std::sync::Arc::new(move |_file| Ok(Box::new(ChecksumCompute::new(12, vocab)) as _));
+    let r = builder(
+        &model,
+        ReadMode::Read,
+        MemoryBudget::FractionOfWeights(0.25),
+    )
+    .compute(bare.clone())
+    .build();
+    match r {
+        Err(RuntimeError::Config(m)) => assert!(m.contains("output head"), "{m}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    // With a budget that holds the head, the same compute runs.
+    let rt = builder(&model, ReadMode::Read, MemoryBudget::FractionOfWeights(0.6))
+        .compute(bare)
+        .build()
+        .unwrap();
+    assert_eq!(rt.generate(request(2)).collect_tokens().unwrap().len(), 2);
+    rt.shutdown().unwrap();
+}
+
+#[test]
 fn async_stream_and_blocking_iterator_agree() {
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_model(dir.path(), 4, 32);
