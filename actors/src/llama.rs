@@ -185,6 +185,12 @@ impl ModelCompute for LlamaCompute {
         Some(self.check_tokens(tokens).and_then(|()| {
             let d = self.model.hparams().n_embd;
             let te = &self.model.layout().token_embd;
+            if let Some(&t) = tokens.iter().find(|&&t| t as usize >= te.rows) {
+                return Err(RuntimeError::BadRequest(format!(
+                    "token {t} outside the {} rows of {}",
+                    te.rows, te.name
+                )));
+            }
             let row_bytes = te.ty.row_bytes(te.cols as u64).unwrap_or(0) as usize;
             self.row_buf.resize(row_bytes, 0);
             // Queue every row's read at once (asynchronous readahead), then copy them out: a cold
