@@ -40,10 +40,49 @@ pub trait ModelCompute: Send {
         seq: &mut SequenceState,
         hidden: &Hidden,
     ) -> Result<Vec<f32>>;
+    /// Embeds without the global unit, reading the rows of `tokens` from the model file, so the
+    /// first layer need not wait for the whole embedding table to load (and a budget smaller than
+    /// the table works). `None`: not supported; the runtime then calls `embed` with the global
+    /// unit.
+    fn embed_from_file(&mut self, tokens: &[u32]) -> Option<Result<Hidden>> {
+        let _ = tokens;
+        None
+    }
+    /// True when the output head can come in row chunks (`output_prepare`, then `output_rows`
+    /// per chunk), which budgets smaller than the head need. Such a compute must also embed
+    /// from the file: in tied models the head is the embedding table.
+    fn streams_output_head(&self) -> bool {
+        false
+    }
+    /// Streamed head, step 1: what `output` does before the head (final norm of the last
+    /// position; the global unit then holds only the small global tensors), and advancing the
+    /// sequence position by `hidden.n_tokens`.
+    fn output_prepare(
+        &mut self,
+        global: &ResidentLayer,
+        seq: &mut SequenceState,
+        hidden: &Hidden,
+    ) -> Result<()> {
+        let _ = (global, seq, hidden);
+        Err(no_streamed_head())
+    }
+    /// Streamed head, step 2: the logits of one chunk's rows (`logits.len()` is the chunk's row
+    /// count) from the head chunk `chunk`.
+    fn output_rows(&mut self, chunk: &ResidentLayer, logits: &mut [f32]) -> Result<()> {
+        let _ = (chunk, logits);
+        Err(no_streamed_head())
+    }
     /// Text to tokens (`None` when the compute has no tokenizer).
     fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>>;
     /// The bytes a token stands for (may be part of a UTF-8 character).
     fn token_bytes(&self, token: u32) -> Vec<u8>;
+}
+
+fn no_streamed_head() -> RuntimeError {
+    RuntimeError::Compute {
+        layer: None,
+        message: "this compute needs the output head resident; it cannot take it in chunks".into(),
+    }
 }
 
 /// Builds a compute for an opened model (runs on the Inference thread at start).
@@ -53,12 +92,19 @@ pub type ComputeFactory = std::sync::Arc<
 
 const WIDTH: usize = 8;
 
-/// See the module docs. `vocab` tokens; embeddings from the global unit's first tensor rows.
+/// See the module docs. `vocab` tokens; embeddings from the rows of `token_embd.weight`, logits
+/// from the rows of the head (`output.weight`, or `token_embd.weight` when tied), each row
+/// folded on its own so a head streamed in row chunks gives the same logits as a resident one.
 pub struct ChecksumCompute {
     n_layers: usize,
     vocab: usize,
     /// Extra time per layer, to model a slow compute stage in tests.
     pub delay_per_layer: std::time::Duration,
+    /// The file map and the embedding table's byte range in it (`embed_from_file`).
+    table: Option<(std::sync::Arc<memmap2::Mmap>, std::ops::Range<usize>)>,
+    head: String,
+    /// Between `output_prepare` and `output_rows`: the last position and the global checksum.
+    pending: Option<([f32; WIDTH], u64)>,
 }
 
 struct ChecksumSeq {
@@ -67,12 +113,17 @@ struct ChecksumSeq {
     pos: usize,
 }
 
+const TOKEN_EMBD: &str = "token_embd.weight";
+
 impl ChecksumCompute {
     pub fn new(n_layers: usize, vocab: usize) -> Self {
         Self {
             n_layers,
             vocab: vocab.max(2),
             delay_per_layer: std::time::Duration::ZERO,
+            table: None,
+            head: TOKEN_EMBD.to_string(),
+            pending: None,
         }
     }
 
@@ -88,8 +139,79 @@ impl ChecksumCompute {
                 .unwrap_or(0);
             let mut c = ChecksumCompute::new(n, vocab);
             c.delay_per_layer = delay_per_layer;
+            let find = |name: &str| file.tensors().iter().find(|t| t.name == name);
+            c.table = find(TOKEN_EMBD).map(|t| (file.map(), file.tensor_range(t)));
+            if find("output.weight").is_some() {
+                c.head = "output.weight".into();
+            }
             Ok(Box::new(c) as Box<dyn ModelCompute>)
         })
+    }
+
+    fn embed_rows(&self, table: &[u8], tokens: &[u32]) -> Hidden {
+        let mut data = Vec::with_capacity(tokens.len() * WIDTH);
+        for &t in tokens {
+            let row = table.len() / self.vocab;
+            let start = (t as usize % self.vocab) * row;
+            let h = checksum(table.get(start..start + row).unwrap_or(&[])) ^ t as u64;
+            for i in 0..WIDTH {
+                data.push(unit_f32(h.rotate_left(8 * i as u32)));
+            }
+        }
+        Hidden {
+            data,
+            n_tokens: tokens.len(),
+        }
+    }
+
+    /// Normalises nothing (a checksum model) but does what `output` does before the head:
+    /// advances the sequence, keeps the last position and folds the non-head global tensors.
+    fn prepare(
+        &self,
+        global: &ResidentLayer,
+        seq: &mut SequenceState,
+        hidden: &Hidden,
+    ) -> Result<([f32; WIDTH], u64)> {
+        let s = seq_mut(seq)?;
+        s.pos += hidden.n_tokens;
+        let mut last = [0f32; WIDTH];
+        let row = hidden
+            .data
+            .chunks(WIDTH)
+            .last()
+            .ok_or(RuntimeError::Compute {
+                layer: None,
+                message: "no tokens".into(),
+            })?;
+        last[..row.len()].copy_from_slice(row);
+        let g = (0..global.tensors.len())
+            .filter(|&i| global.tensors[i].name != self.head)
+            .filter_map(|i| global.tensor_bytes(i))
+            .fold(0u64, |a, b| a.rotate_left(5) ^ checksum(b));
+        Ok((last, g))
+    }
+
+    /// Logits of head rows `first_row..first_row + logits.len()` held in `head`.
+    fn head_logits(
+        (last, g): ([f32; WIDTH], u64),
+        head: &[u8],
+        first_row: usize,
+        logits: &mut [f32],
+    ) {
+        let rb = head.len() / logits.len().max(1);
+        for (k, y) in logits.iter_mut().enumerate() {
+            let j = first_row + k;
+            let row = checksum(head.get(k * rb..(k + 1) * rb).unwrap_or(&[]));
+            *y = last
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    x * unit_f32(
+                        g ^ row ^ ((j * WIDTH + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                    )
+                })
+                .sum();
+        }
     }
 }
 
@@ -139,20 +261,49 @@ impl ModelCompute for ChecksumCompute {
     }
 
     fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden> {
-        let table = global.tensor_bytes(0).unwrap_or(&[]);
-        let mut data = Vec::with_capacity(tokens.len() * WIDTH);
-        for &t in tokens {
-            let row = table.len() / self.vocab;
-            let start = (t as usize % self.vocab) * row;
-            let h = checksum(table.get(start..start + row).unwrap_or(&[])) ^ t as u64;
-            for i in 0..WIDTH {
-                data.push(unit_f32(h.rotate_left(8 * i as u32)));
-            }
+        let table = global.tensor(TOKEN_EMBD).map(|w| w.data).unwrap_or(&[]);
+        Ok(self.embed_rows(table, tokens))
+    }
+
+    fn embed_from_file(&mut self, tokens: &[u32]) -> Option<Result<Hidden>> {
+        let (map, range) = self.table.as_ref()?;
+        let table = map.get(range.clone()).unwrap_or(&[]);
+        Some(Ok(self.embed_rows(table, tokens)))
+    }
+
+    fn streams_output_head(&self) -> bool {
+        self.table.is_some()
+    }
+
+    fn output_prepare(
+        &mut self,
+        global: &ResidentLayer,
+        seq: &mut SequenceState,
+        hidden: &Hidden,
+    ) -> Result<()> {
+        self.pending = Some(self.prepare(global, seq, hidden)?);
+        Ok(())
+    }
+
+    fn output_rows(&mut self, chunk: &ResidentLayer, logits: &mut [f32]) -> Result<()> {
+        let bad = |m: &str| RuntimeError::Compute {
+            layer: None,
+            message: m.to_string(),
+        };
+        let p = self
+            .pending
+            .ok_or_else(|| bad("output_rows before output_prepare"))?;
+        let rows = chunk
+            .tensors
+            .first()
+            .and_then(|t| t.rows.clone())
+            .ok_or_else(|| bad("not a head chunk"))?;
+        let head = chunk.require(&self.head)?;
+        if (rows.end - rows.start) as usize != logits.len() {
+            return Err(bad("head chunk rows and logits disagree"));
         }
-        Ok(Hidden {
-            data,
-            n_tokens: tokens.len(),
-        })
+        Self::head_logits(p, head.data, rows.start as usize, logits);
+        Ok(())
     }
 
     fn layer(
@@ -194,31 +345,11 @@ impl ModelCompute for ChecksumCompute {
         seq: &mut SequenceState,
         hidden: &Hidden,
     ) -> Result<Vec<f32>> {
-        let s = seq_mut(seq)?;
-        s.pos += hidden.n_tokens;
-        let last = hidden
-            .data
-            .chunks(WIDTH)
-            .last()
-            .ok_or(RuntimeError::Compute {
-                layer: None,
-                message: "no tokens".into(),
-            })?;
-        let g = (0..global.tensors.len())
-            .filter_map(|i| global.tensor_bytes(i))
-            .fold(0u64, |a, b| a.rotate_left(5) ^ checksum(b));
-        Ok((0..self.vocab)
-            .map(|j| {
-                last.iter()
-                    .enumerate()
-                    .map(|(i, x)| {
-                        x * unit_f32(
-                            g ^ ((j * WIDTH + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-                        )
-                    })
-                    .sum()
-            })
-            .collect())
+        let p = self.prepare(global, seq, hidden)?;
+        let head = global.tensor(&self.head).map(|w| w.data).unwrap_or(&[]);
+        let mut logits = vec![0f32; self.vocab];
+        Self::head_logits(p, head, 0, &mut logits);
+        Ok(logits)
     }
 
     fn tokenize(&self, _text: &str) -> Option<Result<Vec<u32>>> {

@@ -58,13 +58,25 @@ pub fn spawn(cfg: InferenceConfig) -> Result<JoinHandle<()>> {
     let h = std::thread::Builder::new()
         .name("rf-inference".into())
         .spawn(move || match (cfg.factory)(&cfg.file) {
-            Ok(compute) => {
+            Ok(mut compute) => {
                 if compute.n_layers() != cfg.plan.n_layers {
                     let _ = ready_tx.send(Err(RuntimeError::Config(format!(
                         "compute expects {} layers, the file has {}",
                         compute.n_layers(),
                         cfg.plan.n_layers
                     ))));
+                    return;
+                }
+                // An empty lookup asks whether the compute can embed without the global unit
+                // (a streamed tied head leaves no embedding table there).
+                if cfg.plan.head.is_some()
+                    && !(compute.streams_output_head() && compute.embed_from_file(&[]).is_some())
+                {
+                    let _ = ready_tx.send(Err(RuntimeError::Config(
+                        "the memory budget cannot hold the output head, and this compute cannot \
+                         stream it in chunks: raise the budget"
+                            .into(),
+                    )));
                     return;
                 }
                 let _ = ready_tx.send(Ok(()));
@@ -213,6 +225,34 @@ impl Inference {
         }
     }
 
+    /// Logits of the last position: from the global unit, or (streamed head) the global unit's
+    /// norm followed by the head's row chunks in order.
+    fn output(
+        &mut self,
+        job: &Job,
+        state: &mut crate::compute::SequenceState,
+        hidden: &crate::compute::Hidden,
+    ) -> Result<Vec<f32>> {
+        let plan = self.cfg.plan.clone();
+        let global = plan.global();
+        let Some(head) = &plan.head else {
+            return self.with_unit(job, global, |c, w| c.output(w, state, hidden));
+        };
+        self.with_unit(job, global, |c, w| c.output_prepare(w, state, hidden))?;
+        let mut logits = vec![0f32; head.rows as usize];
+        for unit in head.units.clone() {
+            let rows = plan.head_rows(unit).unwrap_or(0..0);
+            let out = logits
+                .get_mut(rows.start as usize..rows.end as usize)
+                .ok_or_else(|| RuntimeError::Config(format!("head chunk {rows:?} out of range")))?;
+            if let Some(e) = self.cancelled(job) {
+                return Err(e);
+            }
+            self.with_unit(job, unit, |c, w| c.output_rows(w, out))?;
+        }
+        Ok(logits)
+    }
+
     fn serve(&mut self, job: &Job) -> Result<FinishReason> {
         let req = &job.request;
         let prompt: Vec<u32> = match &req.prompt {
@@ -249,7 +289,18 @@ impl Inference {
                 return Err(e);
             }
             let _tok = tracing::info_span!("token", index).entered();
-            let mut hidden = self.with_unit(job, global, |c, w| c.embed(w, &input))?;
+            // The prompt's embedding rows straight from the file where the compute can: the
+            // first layer then waits for nothing else.
+            let start = Instant::now();
+            let from_file = {
+                let _e = tracing::info_span!("embed", tokens = input.len()).entered();
+                self.compute.embed_from_file(&input)
+            };
+            self.cfg.shared.add_busy(Stage::Compute, start);
+            let mut hidden = match from_file {
+                Some(h) => h?,
+                None => self.with_unit(job, global, |c, w| c.embed(w, &input))?,
+            };
             for l in 0..n_layers {
                 if let Some(e) = self.cancelled(job) {
                     return Err(e);
@@ -257,8 +308,7 @@ impl Inference {
                 let state = &mut slot.state;
                 self.with_unit(job, l, |c, w| c.layer(l, w, state, &mut hidden))?;
             }
-            let state = &mut slot.state;
-            let logits = self.with_unit(job, global, |c, w| c.output(w, state, &hidden))?;
+            let logits = self.output(job, &mut slot.state, &hidden)?;
             let token = sampler.sample(&logits);
             let ev = TokenEvent {
                 index,

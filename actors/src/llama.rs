@@ -3,15 +3,20 @@
 //!
 //! Per-layer weights come from the resident unit (the host arena in `read` mode, the file map in
 //! `mmap` mode), never from the model's own map, so the budget is what really bounds memory.
+//! The embedding lookup is the exception by design: it needs only the prompt's rows, so it
+//! `pread`s them from the file (`embed_from_file`) instead of waiting for the whole table; that
+//! lets layer 0 start first and lets a budget smaller than the table (streamed head) work.
 
 use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::residency::ResidentLayer;
 use rocmforge::gguf::GgufFile;
+use rocmforge::model::Precision;
 use rocmforge::model::{
     ops, LayerRefs, LayerWeights, Model, Sequence, SequenceConfig, TensorRef, WeightView,
 };
 use rocmforge::tokenizer::Tokenizer;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 pub struct LlamaCompute {
@@ -20,6 +25,13 @@ pub struct LlamaCompute {
     seq_cfg: SequenceConfig,
     norm_w: Vec<f32>,
     xn: Vec<f32>,
+    /// The model file, for embedding rows (`embed_from_file`); opened with random-access advice
+    /// so a cold lookup reads the rows, not a readahead window around each.
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    row_buf: Vec<u8>,
+    /// Set by `output_prepare` for the chunks of a streamed head.
+    precision: Precision,
 }
 
 fn err(layer: Option<usize>) -> impl Fn(rocmforge::model::ModelError) -> RuntimeError {
@@ -34,13 +46,70 @@ impl LlamaCompute {
         let model = Model::from_file(file.clone()).map_err(err(None))?;
         // A model without tokenizer metadata still runs on token ids.
         let tokenizer = Tokenizer::from_metadata(file.metadata()).ok();
+        let path = file.path().to_path_buf();
+        let handle = std::fs::File::open(&path).map_err(|source| RuntimeError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: a plain advisory syscall on a descriptor we own; failure is harmless.
+            unsafe { libc::posix_fadvise(handle.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        }
         Ok(Self {
             model,
             tokenizer,
             seq_cfg,
             norm_w: Vec::new(),
             xn: Vec::new(),
+            file: handle,
+            path,
+            row_buf: Vec::new(),
+            precision: Precision::default(),
         })
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.model.n_vocab();
+        match tokens.iter().find(|&&t| t as usize >= vocab) {
+            Some(&t) => Err(RuntimeError::BadRequest(format!(
+                "token {t} outside the vocabulary of {vocab}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The final norm of the last position into `self.xn`; advances the sequence.
+    fn final_norm(
+        &mut self,
+        global: &ResidentLayer,
+        seq: &mut SequenceState,
+        hidden: &Hidden,
+    ) -> Result<()> {
+        let seq = seq_mut(seq)?;
+        seq.advance(hidden.n_tokens).map_err(err(None))?;
+        self.precision = seq.precision();
+        let hp = self.model.hparams();
+        let d = hp.n_embd;
+        let last = hidden
+            .data
+            .get(hidden.data.len().saturating_sub(d)..)
+            .filter(|l| l.len() == d)
+            .ok_or(RuntimeError::Compute {
+                layer: None,
+                message: "no hidden state".into(),
+            })?;
+        let layout = self.model.layout();
+        self.norm_w.resize(d, 0.0);
+        ops::dequantize(
+            &view(global, &layout.output_norm)?,
+            &layout.output_norm.name,
+            &mut self.norm_w,
+        )
+        .map_err(err(None))?;
+        self.xn.resize(d, 0.0);
+        ops::rms_norm(last, &self.norm_w, hp.rms_eps, &mut self.xn);
+        Ok(())
     }
 
     /// The factory the runtime uses by default.
@@ -98,13 +167,8 @@ impl ModelCompute for LlamaCompute {
     }
 
     fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden> {
+        self.check_tokens(tokens)?;
         let d = self.model.hparams().n_embd;
-        let vocab = self.model.n_vocab();
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(RuntimeError::BadRequest(format!(
-                "token {t} outside the vocabulary of {vocab}"
-            )));
-        }
         let te = &self.model.layout().token_embd;
         let w = view(global, te)?;
         let mut data = vec![0f32; tokens.len() * d];
@@ -115,6 +179,66 @@ impl ModelCompute for LlamaCompute {
             data,
             n_tokens: tokens.len(),
         })
+    }
+
+    fn embed_from_file(&mut self, tokens: &[u32]) -> Option<Result<Hidden>> {
+        Some(self.check_tokens(tokens).and_then(|()| {
+            let d = self.model.hparams().n_embd;
+            let te = &self.model.layout().token_embd;
+            if let Some(&t) = tokens.iter().find(|&&t| t as usize >= te.rows) {
+                return Err(RuntimeError::BadRequest(format!(
+                    "token {t} outside the {} rows of {}",
+                    te.rows, te.name
+                )));
+            }
+            let row_bytes = te.ty.row_bytes(te.cols as u64).unwrap_or(0) as usize;
+            self.row_buf.resize(row_bytes, 0);
+            // Queue every row's read at once (asynchronous readahead), then copy them out: a cold
+            // lookup costs about one disk round trip instead of one per prompt token, which
+            // matters while the readers keep the disk queue full.
+            {
+                use std::os::unix::io::AsRawFd;
+                let mut rows: Vec<u32> = tokens.to_vec();
+                rows.sort_unstable();
+                rows.dedup();
+                for &tok in &rows {
+                    let offset = te.range.start + tok as usize * row_bytes;
+                    // SAFETY: an advisory syscall on a descriptor we own; it reads no user
+                    // memory, and a failure only means no readahead.
+                    unsafe {
+                        libc::posix_fadvise(
+                            self.file.as_raw_fd(),
+                            offset as libc::off_t,
+                            row_bytes as libc::off_t,
+                            libc::POSIX_FADV_WILLNEED,
+                        )
+                    };
+                }
+            }
+            let mut data = vec![0f32; tokens.len() * d];
+            for (&tok, row) in tokens.iter().zip(data.chunks_exact_mut(d)) {
+                let offset = (te.range.start + tok as usize * row_bytes) as u64;
+                self.file
+                    .read_exact_at(&mut self.row_buf, offset)
+                    .map_err(|source| RuntimeError::Read {
+                        path: self.path.clone(),
+                        offset,
+                        len: row_bytes,
+                        source,
+                    })?;
+                let w = WeightView {
+                    ty: te.ty,
+                    rows: 1,
+                    cols: te.cols,
+                    data: &self.row_buf,
+                };
+                ops::dequantize_row(&w, 0, &te.name, row).map_err(err(None))?;
+            }
+            Ok(Hidden {
+                data,
+                n_tokens: tokens.len(),
+            })
+        }))
     }
 
     fn layer(
@@ -145,29 +269,8 @@ impl ModelCompute for LlamaCompute {
         seq: &mut SequenceState,
         hidden: &Hidden,
     ) -> Result<Vec<f32>> {
-        let seq = seq_mut(seq)?;
-        seq.advance(hidden.n_tokens).map_err(err(None))?;
-        let hp = self.model.hparams();
-        let d = hp.n_embd;
-        let last = hidden
-            .data
-            .get(hidden.data.len().saturating_sub(d)..)
-            .filter(|l| l.len() == d)
-            .ok_or(RuntimeError::Compute {
-                layer: None,
-                message: "no hidden state".into(),
-            })?;
-        let layout = self.model.layout();
-        self.norm_w.resize(d, 0.0);
-        ops::dequantize(
-            &view(global, &layout.output_norm)?,
-            &layout.output_norm.name,
-            &mut self.norm_w,
-        )
-        .map_err(err(None))?;
-        self.xn.resize(d, 0.0);
-        ops::rms_norm(last, &self.norm_w, hp.rms_eps, &mut self.xn);
-        let head = layout.head();
+        self.final_norm(global, seq, hidden)?;
+        let head = self.model.layout().head();
         let mut logits = vec![0f32; self.model.n_vocab()];
         ops::linear(
             &view(global, head)?,
@@ -175,10 +278,47 @@ impl ModelCompute for LlamaCompute {
             &self.xn,
             1,
             &mut logits,
-            seq.precision(),
+            self.precision,
         )
         .map_err(err(None))?;
         Ok(logits)
+    }
+
+    fn streams_output_head(&self) -> bool {
+        true
+    }
+
+    fn output_prepare(
+        &mut self,
+        global: &ResidentLayer,
+        seq: &mut SequenceState,
+        hidden: &Hidden,
+    ) -> Result<()> {
+        self.final_norm(global, seq, hidden)
+    }
+
+    fn output_rows(&mut self, chunk: &ResidentLayer, logits: &mut [f32]) -> Result<()> {
+        let head = self.model.layout().head();
+        let w = chunk.require(&head.name)?;
+        if w.rows as usize != logits.len() || w.cols as usize != self.xn.len() {
+            return Err(RuntimeError::Compute {
+                layer: None,
+                message: format!(
+                    "head chunk of {} x {} for {} logits and a hidden state of {}",
+                    w.rows,
+                    w.cols,
+                    logits.len(),
+                    self.xn.len()
+                ),
+            });
+        }
+        let w = WeightView {
+            ty: w.ty,
+            rows: w.rows as usize,
+            cols: w.cols as usize,
+            data: w.data,
+        };
+        ops::linear(&w, &head.name, &self.xn, 1, logits, self.precision).map_err(err(None))
     }
 
     fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>> {

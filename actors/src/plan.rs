@@ -1,5 +1,11 @@
 //! The load plan: the model cut into schedulable units (one per layer, plus the global group)
 //! with each tensor's file range and its place in the unit's device memory.
+//!
+//! When the budget cannot hold the output head (the `[vocab, d]` output matrix, which is also the
+//! token embedding table in tied models: 31 % of SmolLM2), `stream_head` moves it out of the
+//! global unit into row chunks of about a layer's size, appended after the global unit, so the
+//! head streams through the window like the layers. Each chunk is one `TensorSlot` naming the
+//! head tensor with its row range (`rows`); the rows of one chunk are contiguous in the file.
 
 use crate::backend::WeightBackend;
 use crate::error::{Result, RuntimeError};
@@ -21,6 +27,8 @@ pub struct TensorSlot {
     /// Offset and length in the unit's device memory.
     pub dev_offset: u64,
     pub dev_len: u64,
+    /// The rows of the tensor this slot holds (a chunk of the streamed head); `None`: all rows.
+    pub rows: Option<Range<u64>>,
 }
 
 /// `(cols, rows)` of every tensor of every unit, computed once at build.
@@ -38,11 +46,48 @@ pub struct Unit {
     pub file_span: Range<u64>,
 }
 
-/// Units `0..n_layers` are the layers; unit `n_layers` is the global group.
+/// The output head streamed in row chunks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadSplit {
+    /// The head tensor: `output.weight`, or `token_embd.weight` when the model ties them.
+    pub tensor: String,
+    /// Rows of the whole head (the vocabulary size).
+    pub rows: u64,
+    /// The chunk units, in row order.
+    pub units: Range<usize>,
+}
+
+/// Units `0..n_layers` are the layers; unit `n_layers` is the global group; with a streamed head,
+/// units `n_layers + 1..` are its row chunks.
 #[derive(Debug, Clone)]
 pub struct LoadPlan {
     pub units: Vec<Unit>,
     pub n_layers: usize,
+    pub head: Option<HeadSplit>,
+}
+
+/// Head chunks hold a multiple of this many rows, so a chunked matrix-vector product groups rows
+/// the same way as the whole one (row-parallel kernels split work in row blocks).
+pub const HEAD_ROW_ALIGN: u64 = 256;
+
+/// Lays tensors out one after another in a unit's device memory, each aligned.
+fn layout_unit(tensors: &mut [TensorSlot]) -> u64 {
+    let mut dev = 0u64;
+    for t in tensors {
+        dev = dev.div_ceil(DEVICE_ALIGN) * DEVICE_ALIGN;
+        t.dev_offset = dev;
+        dev += t.dev_len;
+    }
+    dev
+}
+
+fn file_span(tensors: &[TensorSlot]) -> Range<u64> {
+    let lo = tensors.iter().map(|t| t.file.start).min();
+    let hi = tensors.iter().map(|t| t.file.end).max();
+    match (lo, hi) {
+        (Some(lo), Some(hi)) => lo..hi,
+        _ => 0..0,
+    }
 }
 
 impl LoadPlan {
@@ -74,6 +119,7 @@ impl LoadPlan {
                     file: r.start as u64..r.end as u64,
                     dev_offset: dev,
                     dev_len,
+                    rows: None,
                 });
                 dev += dev_len;
                 file_bytes += t.n_bytes;
@@ -110,7 +156,114 @@ impl LoadPlan {
                 ))),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { units, n_layers })
+        Ok(Self {
+            units,
+            n_layers,
+            head: None,
+        })
+    }
+
+    /// Moves the output head out of the global unit into row chunks of at most
+    /// `max_chunk_bytes` device bytes (rounded to `HEAD_ROW_ALIGN` rows, at least that many).
+    /// `None` when the global unit has no head tensor or the head is already split.
+    pub fn stream_head(
+        &self,
+        file: &GgufFile,
+        backend: &dyn WeightBackend,
+        max_chunk_bytes: u64,
+    ) -> Result<Option<Self>> {
+        use rocmforge::model::{tensor_name, TensorKind};
+        if self.head.is_some() {
+            return Ok(None);
+        }
+        let g = self.global();
+        let mut global = self.units[g].clone();
+        let find = |kind| {
+            let name = tensor_name(kind, None);
+            global.tensors.iter().position(|t| t.name == name)
+        };
+        let Some(pos) = find(TensorKind::Output).or_else(|| find(TensorKind::TokenEmbd)) else {
+            return Ok(None);
+        };
+        let head = global.tensors.remove(pos);
+        let info = &file.tensors()[head.index];
+        let (cols, rows) = (info.row_len(), info.n_rows());
+        let row_bytes = head.ty.row_bytes(cols).ok_or_else(|| {
+            RuntimeError::Config(format!(
+                "{}: {cols} columns are not whole {} blocks",
+                head.name,
+                head.ty.name()
+            ))
+        })?;
+        let dev_row = backend.transcoded_bytes(head.ty, row_bytes).max(1);
+        let per_chunk = (max_chunk_bytes / dev_row / HEAD_ROW_ALIGN).max(1) * HEAD_ROW_ALIGN;
+        global.file_bytes -= head.file.end - head.file.start;
+        global.dev_bytes = layout_unit(&mut global.tensors);
+        global.file_span = file_span(&global.tensors);
+        let mut units = self.units.clone();
+        units[g] = global;
+        let first = units.len();
+        let mut r0 = 0u64;
+        while r0 < rows {
+            let r1 = (r0 + per_chunk).min(rows);
+            let file_range = head.file.start + r0 * row_bytes..head.file.start + r1 * row_bytes;
+            let file_len = file_range.end - file_range.start;
+            let slot = TensorSlot {
+                index: head.index,
+                name: head.name.clone(),
+                ty: head.ty,
+                file: file_range.clone(),
+                dev_offset: 0,
+                dev_len: backend.transcoded_bytes(head.ty, file_len),
+                rows: Some(r0..r1),
+            };
+            units.push(Unit {
+                layer: None,
+                file_bytes: file_len,
+                dev_bytes: slot.dev_len,
+                file_span: file_range,
+                tensors: vec![slot],
+            });
+            r0 = r1;
+        }
+        Ok(Some(Self {
+            head: Some(HeadSplit {
+                tensor: head.name.clone(),
+                rows,
+                units: first..units.len(),
+            }),
+            units,
+            n_layers: self.n_layers,
+        }))
+    }
+
+    /// `(cols, rows)` of every tensor slot of every unit (a head chunk's rows are its own).
+    pub fn unit_dims(&self, file: &GgufFile) -> UnitDims {
+        std::sync::Arc::new(
+            self.units
+                .iter()
+                .map(|u| {
+                    std::sync::Arc::new(
+                        u.tensors
+                            .iter()
+                            .map(|t| {
+                                let ti = &file.tensors()[t.index];
+                                let rows = match &t.rows {
+                                    Some(r) => r.end - r.start,
+                                    None => ti.n_rows(),
+                                };
+                                (ti.row_len(), rows)
+                            })
+                            .collect(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// The head rows a chunk unit holds (`None` for layers and the global unit).
+    pub fn head_rows(&self, unit: usize) -> Option<Range<u64>> {
+        self.units.get(unit)?.tensors.first()?.rows.clone()
     }
 
     pub fn global(&self) -> usize {
@@ -124,6 +277,8 @@ impl LoadPlan {
     pub fn unit_name(&self, unit: usize) -> String {
         if unit == self.n_layers {
             "global".to_string()
+        } else if let Some(r) = self.head_rows(unit) {
+            format!("head rows {}..{}", r.start, r.end)
         } else {
             format!("layer {unit}")
         }

@@ -85,6 +85,31 @@ pub fn advise_dontneed(map: &Mmap, span: Range<usize>) {
     }
 }
 
+/// The file ranges of a unit's tensors, adjacent ones merged (gaps up to a page are bridged).
+fn tensor_runs(unit: &crate::plan::Unit) -> Vec<Range<u64>> {
+    let mut r: Vec<Range<u64>> = unit.tensors.iter().map(|t| t.file.clone()).collect();
+    r.sort_by_key(|x| x.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(r.len());
+    for x in r.into_iter().filter(|x| x.end > x.start) {
+        match out.last_mut() {
+            Some(last) if x.start <= last.end + PAGE as u64 => last.end = last.end.max(x.end),
+            _ => out.push(x),
+        }
+    }
+    out
+}
+
+/// Asks the kernel to start reading `len` bytes at `offset` of `file` into the page cache.
+pub fn advise_willneed(file: &File, offset: u64, len: u64) {
+    use std::os::unix::io::AsRawFd;
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: an advisory syscall on a descriptor `file` owns; it reads no user memory, and a
+    // failure only means no readahead.
+    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+}
+
 /// Splits a tensor into chunk lengths (in file bytes) that fit one staging slot after
 /// transcoding and never cut a quant block.
 pub fn chunk_len(
@@ -196,14 +221,22 @@ impl Reader {
         let layer = unit.layer.map(|l| l as i64).unwrap_or(-1);
         let span = tracing::info_span!("read", layer, bytes = unit.file_bytes, stream = self.idx);
         let _g = span.enter();
-        if cfg.mode == ReadMode::Mmap && job.part == 0 && unit.file_span.end > unit.file_span.start
-        {
-            let s = unit.file_span.start as usize;
-            let _ = cfg.map.advise_range(
-                Advice::WillNeed,
-                s,
-                (unit.file_span.end - unit.file_span.start) as usize,
-            );
+        // Advice per run of adjacent tensors, not over the unit's span: the global unit's tensors
+        // sit at both ends of the file, and its span is the whole model.
+        for r in tensor_runs(unit).into_iter().filter(|_| job.part == 0) {
+            match (cfg.mode, &self.file) {
+                (ReadMode::Mmap, _) => {
+                    let _ = cfg.map.advise_range(
+                        Advice::WillNeed,
+                        r.start as usize,
+                        (r.end - r.start) as usize,
+                    );
+                }
+                // The whole unit goes to the disk queue at once (asynchronous readahead), so a
+                // cold read keeps the device busy instead of one chunk-sized request per reader.
+                (ReadMode::Read, Some(f)) => advise_willneed(f, r.start, r.end - r.start),
+                _ => {}
+            }
         }
         for (ti, t) in unit.tensors.iter().enumerate() {
             let step = chunk_len(&*cfg.backend, t.ty, cfg.ring.slot_size());

@@ -11,11 +11,10 @@ use crate::messages::{
 };
 use crate::plan::LoadPlan;
 use crate::residency::ResidencyBoard;
-use crate::scheduler::{self, plan_fixed, SchedMsg};
+use crate::scheduler::{self, fit_budget, SchedMsg};
 use crate::shared::Shared;
 use crate::staging::StagingRing;
 use crate::{reader, transcode, uploader};
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -152,7 +151,7 @@ impl RuntimeBuilder {
             Some(b) => b.clone(),
             None => Arc::new(CpuBackend::new()),
         };
-        let plan = Arc::new(LoadPlan::new(&file, &*backend)?);
+        let plan = LoadPlan::new(&file, &*backend)?;
         let total = plan.total_dev_bytes();
         let budget = match self.budget {
             MemoryBudget::Unlimited => u64::MAX,
@@ -164,15 +163,15 @@ impl RuntimeBuilder {
                 )))
             }
         };
-        let unit_bytes: Vec<u64> = plan.units.iter().map(|u| u.dev_bytes).collect();
-        // Fails fast (before any thread) when not even the global tensors plus one layer fit.
-        plan_fixed(
-            &unit_bytes,
-            plan.n_layers,
-            &BTreeSet::new(),
+        // Fails fast (before any thread) when not even the global tensors plus one layer fit;
+        // streams the output head when that is what it takes.
+        let plan = Arc::new(fit_budget(
+            plan,
+            &file,
+            &*backend,
             budget,
             self.prefetch_depth,
-        )?;
+        )?);
         let max_block = plan
             .units
             .iter()
@@ -234,22 +233,7 @@ impl RuntimeBuilder {
         let board = Arc::new(ResidencyBoard::new(plan.units.len()));
         let cancel = CancellationToken::new();
         let map = file.map();
-        let dims: crate::plan::UnitDims = Arc::new(
-            plan.units
-                .iter()
-                .map(|u| {
-                    Arc::new(
-                        u.tensors
-                            .iter()
-                            .map(|t| {
-                                let ti = &file.tensors()[t.index];
-                                (ti.row_len(), ti.n_rows())
-                            })
-                            .collect(),
-                    )
-                })
-                .collect(),
-        );
+        let dims = plan.unit_dims(&file);
 
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let fail =

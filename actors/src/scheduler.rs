@@ -1,15 +1,24 @@
 //! Scheduler: owns residency — which units are on the device, the budget, pins, the prefetch
-//! window, eviction — and tells the DiskReader what to load next.
+//! window, eviction, hints — and tells the DiskReader what to load next.
 //!
-//! Layers are used cyclically (0, 1, ..., L-1, then 0 again for the next token), so LRU would
-//! evict exactly the layer needed soonest. The policy instead keeps a **fixed resident set** (the
-//! global tensors, pinned layers, then as many leading layers as fit) and **streams** the other
-//! layers through a window of `k` slots: while layer N computes, the next `k` streamed layers in
-//! cyclic order are loading, and a streamed layer is evicted as soon as it is done (it is the one
-//! whose next use is furthest away: Belady's choice for a cyclic reference string).
+//! Units are used cyclically in index order: the layers `0..L`, the global unit `L` (output norm,
+//! and the output head unless it is streamed) and, when the budget is too small for the head, the
+//! head's row chunks `L+1..`; then layer 0 again for the next token. LRU would evict exactly the
+//! unit needed soonest, so the policy instead keeps a **fixed resident set** (the global unit,
+//! pinned layers, then as many leading units as fit) and **streams** the others through a window
+//! of `k` slots: while unit N computes, the next `k` streamed units in cyclic order are loading,
+//! and a streamed unit is evicted as soon as it is done (it is the one whose next use is furthest
+//! away: Belady's choice for a cyclic reference string).
+//!
+//! Hints: `Pin` moves layers into the fixed set (rejected when the budget cannot hold them).
+//! `Prefetch` of a layer that is not resident loads it now and keeps it until its next use; to
+//! make room it demotes fixed layers (furthest next use first) to streaming until that use, so
+//! the budget still holds. `Prefetch` of a resident (or loading) layer is a no-op.
 //!
 //! The budget is never exceeded: bytes are reserved before a load is issued and released only
-//! when the memory is really freed (eviction of a layer in use waits for its release).
+//! when the memory is really freed (eviction of a unit in use waits for its release). At most
+//! `2 * readers` units load at once, in the order compute needs them, so a `Need` from compute
+//! (a unit it waits for) reorders what is read next instead of queueing behind the whole model.
 //!
 //! Deadlock freedom: every actor may block sending into the Scheduler's mailbox, so the
 //! Scheduler itself never blocks on a send — read jobs go out with `try_send` and wait in a local
@@ -21,6 +30,7 @@ use crate::plan::LoadPlan;
 use crate::reader::ReadJob;
 use crate::residency::{Eviction, LayerMemory, ResidencyBoard, ResidentLayer};
 use crate::shared::{ResidencySnapshot, Shared};
+use std::cmp::Reverse;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -48,30 +58,44 @@ pub enum SchedMsg {
 pub struct FixedPlan {
     pub fixed: Vec<bool>,
     pub window: usize,
-    /// Largest streamed layer: the window reserves `window * max_streamed` bytes.
+    /// Largest streamed unit: the window reserves `window * max_streamed` bytes.
     pub max_streamed: u64,
 }
 
-/// Computes the fixed resident set for a budget and a set of pins. Pure, so the builder can
-/// reject an impossible budget before any thread starts.
+impl FixedPlan {
+    /// Bytes the plan reserves: the fixed set plus the window.
+    fn reserved(&self, unit_bytes: &[u64]) -> u64 {
+        let fixed: u64 = (0..unit_bytes.len())
+            .filter(|&u| self.fixed[u])
+            .map(|u| unit_bytes[u])
+            .sum();
+        fixed + self.window as u64 * self.max_streamed
+    }
+}
+
+/// Computes the fixed resident set for a budget and a set of pins. `global` is the index of the
+/// global unit (always fixed); every other unit can be streamed. Pure, so the builder can reject
+/// an impossible budget before any thread starts.
 pub fn plan_fixed(
     unit_bytes: &[u64],
-    n_layers: usize,
+    global: usize,
     pinned: &BTreeSet<usize>,
     budget: u64,
     k: usize,
 ) -> Result<FixedPlan> {
-    let g = n_layers;
+    let n = unit_bytes.len();
     let total: u64 = unit_bytes.iter().sum();
     if total <= budget {
         return Ok(FixedPlan {
-            fixed: vec![true; n_layers + 1],
+            fixed: vec![true; n],
             window: 0,
             max_streamed: 0,
         });
     }
-    let base: u64 = unit_bytes[g] + pinned.iter().map(|&l| unit_bytes[l]).sum::<u64>();
-    let candidates: Vec<usize> = (0..n_layers).filter(|l| !pinned.contains(l)).collect();
+    let base: u64 = unit_bytes[global] + pinned.iter().map(|&l| unit_bytes[l]).sum::<u64>();
+    let candidates: Vec<usize> = (0..n)
+        .filter(|&u| u != global && !pinned.contains(&u))
+        .collect();
     let max_streamed = candidates.iter().map(|&l| unit_bytes[l]).max().unwrap_or(0);
     if base + max_streamed > budget {
         return Err(RuntimeError::BudgetTooSmall {
@@ -86,12 +110,12 @@ pub fn plan_fixed(
         .unwrap_or(candidates.len());
     let window = k.max(1).min(fit).min(candidates.len());
     let mut remaining = budget - base - window as u64 * max_streamed;
-    let mut fixed = vec![false; n_layers + 1];
-    fixed[g] = true;
+    let mut fixed = vec![false; n];
+    fixed[global] = true;
     for &p in pinned {
         fixed[p] = true;
     }
-    // Leading layers first: while they compute, the streamed tail of the model is loading.
+    // Leading units first: while they compute, the streamed tail of the model is loading.
     for &l in &candidates {
         if unit_bytes[l] <= remaining {
             fixed[l] = true;
@@ -103,6 +127,90 @@ pub fn plan_fixed(
         window,
         max_streamed,
     })
+}
+
+/// The plan a budget can run: unchanged when its fixed set plans, otherwise with the output head
+/// streamed in row chunks no larger than the largest layer (so the window slot does not grow).
+/// `BudgetTooSmall` when even that does not fit.
+pub fn fit_budget(
+    plan: LoadPlan,
+    file: &rocmforge::gguf::GgufFile,
+    backend: &dyn crate::backend::WeightBackend,
+    budget: u64,
+    k: usize,
+) -> Result<LoadPlan> {
+    let bytes = |p: &LoadPlan| p.units.iter().map(|u| u.dev_bytes).collect::<Vec<u64>>();
+    let none = BTreeSet::new();
+    let whole = match plan_fixed(&bytes(&plan), plan.global(), &none, budget, k) {
+        Ok(_) => return Ok(plan),
+        Err(e) => e,
+    };
+    let largest_layer = plan.units[..plan.n_layers]
+        .iter()
+        .map(|u| u.dev_bytes)
+        .max()
+        .unwrap_or(0);
+    match plan.stream_head(file, backend, largest_layer)? {
+        Some(split) => {
+            plan_fixed(&bytes(&split), split.global(), &none, budget, k)?;
+            Ok(split)
+        }
+        None => Err(whole),
+    }
+}
+
+/// Makes room in `plan` for `prefetched` units (hinted, resident until their next use): demotes
+/// fixed units to streaming, the one whose next use (cyclically from `cursor`) is furthest away
+/// first, until the fixed set, the window and the prefetched units fit `budget`. The global unit,
+/// pins and prefetched units are never demoted. A plan without a window (everything fixed) has no
+/// slot to stream a demoted unit through, so it cannot make room. Returns the demoted units.
+pub fn make_room(
+    plan: &mut FixedPlan,
+    unit_bytes: &[u64],
+    global: usize,
+    pinned: &BTreeSet<usize>,
+    prefetched: &BTreeSet<usize>,
+    budget: u64,
+    cursor: usize,
+) -> Result<Vec<usize>> {
+    let n = unit_bytes.len();
+    let extra: u64 = prefetched
+        .iter()
+        .filter(|&&u| !plan.fixed[u])
+        .map(|&u| unit_bytes[u])
+        .sum();
+    let mut used = plan.reserved(unit_bytes) + extra;
+    let mut demoted = Vec::new();
+    if used <= budget {
+        return Ok(demoted);
+    }
+    let reject = |used: u64| {
+        RuntimeError::HintRejected(format!(
+            "prefetching {prefetched:?} needs {used} B beside the pins and the streaming window, \
+             over the budget of {budget} B"
+        ))
+    };
+    if plan.window == 0 {
+        return Err(reject(used));
+    }
+    let mut victims: Vec<usize> = (0..n)
+        .filter(|&u| {
+            plan.fixed[u] && u != global && !pinned.contains(&u) && !prefetched.contains(&u)
+        })
+        .collect();
+    // Belady: the unit used last (cyclically from the cursor) goes first.
+    victims.sort_by_key(|&u| Reverse((u + n - cursor % n) % n));
+    let mut trial = plan.clone();
+    for u in victims {
+        trial.fixed[u] = false;
+        used -= unit_bytes[u];
+        demoted.push(u);
+        if used <= budget {
+            *plan = trial;
+            return Ok(demoted);
+        }
+    }
+    Err(reject(used))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,12 +245,14 @@ struct Scheduler {
     status: Vec<Status>,
     pinned: BTreeSet<usize>,
     fixed: FixedPlan,
+    /// Hinted units kept resident until their next use (`Done`).
     prefetched: BTreeSet<usize>,
     reserved: u64,
     peak: u64,
     evictions: u64,
     loads: Vec<u64>,
     hint_noops: u64,
+    /// The unit compute needs next (or is using): loads and the window go from here.
     cursor: usize,
     overflow: VecDeque<ReadJob>,
     initial: Option<BTreeSet<usize>>,
@@ -152,7 +262,7 @@ pub fn spawn(cfg: SchedulerConfig) -> Result<JoinHandle<()>> {
     let bytes: Vec<u64> = cfg.plan.units.iter().map(|u| u.dev_bytes).collect();
     let fixed = plan_fixed(
         &bytes,
-        cfg.plan.n_layers,
+        cfg.plan.global(),
         &BTreeSet::new(),
         cfg.budget,
         cfg.prefetch_depth,
@@ -190,10 +300,13 @@ pub fn spawn(cfg: SchedulerConfig) -> Result<JoinHandle<()>> {
             message: e.to_string(),
         })
 }
-
 impl Scheduler {
     fn n_layers(&self) -> usize {
         self.cfg.plan.n_layers
+    }
+
+    fn global(&self) -> usize {
+        self.cfg.plan.global()
     }
 
     fn run(mut self) {
@@ -225,7 +338,7 @@ impl Scheduler {
 
     fn handle(&mut self, msg: SchedMsg) {
         let _span = tracing::info_span!("schedule").entered();
-        let g = self.n_layers();
+        let n = self.bytes.len();
         match msg {
             SchedMsg::Loaded { unit } => {
                 if self.status[unit] == Status::Loading {
@@ -238,20 +351,23 @@ impl Scheduler {
                 self.status[unit] = Status::Failed;
                 self.cfg.board.fail(unit, message);
             }
-            SchedMsg::Need { unit } => {
-                if unit < g {
-                    self.cursor = unit;
-                }
-            }
+            SchedMsg::Need { unit } => self.cursor = unit,
             SchedMsg::Done { unit } => {
                 if self.status[unit] == Status::EvictPending {
                     self.status[unit] = Status::Absent;
                     self.reserved -= self.bytes[unit];
                     self.evictions += 1;
                 }
-                self.prefetched.remove(&unit);
-                if unit < g {
-                    self.cursor = (unit + 1) % g;
+                // The global unit is used twice per token (embedding and output) and is always
+                // resident, so only the other units move the cursor.
+                if unit != self.global() {
+                    self.cursor = (unit + 1) % n;
+                }
+                if self.prefetched.remove(&unit) {
+                    // Its use came: the layers demoted for it return to the fixed set. The pins
+                    // alone always fit (they were checked), so this cannot fail.
+                    let rest = self.prefetched.clone();
+                    let _ = self.replan_or_drop_prefetches(self.pinned.clone(), rest);
                 }
             }
             SchedMsg::Hint { hint, reply } => {
@@ -279,6 +395,45 @@ impl Scheduler {
         }
     }
 
+    /// The fixed set for `pins`, with room made for `prefetched`.
+    fn replan(&self, pins: &BTreeSet<usize>, prefetched: &BTreeSet<usize>) -> Result<FixedPlan> {
+        let mut plan = plan_fixed(
+            &self.bytes,
+            self.global(),
+            pins,
+            self.cfg.budget,
+            self.cfg.prefetch_depth,
+        )
+        .map_err(|e| RuntimeError::HintRejected(e.to_string()))?;
+        make_room(
+            &mut plan,
+            &self.bytes,
+            self.global(),
+            pins,
+            prefetched,
+            self.cfg.budget,
+            self.cursor,
+        )?;
+        Ok(plan)
+    }
+
+    /// Applies `pins` and `prefetched`; when the prefetches no longer fit beside the pins they are
+    /// dropped (they are advice, pins are orders). Errors only when the pins alone do not fit.
+    fn replan_or_drop_prefetches(
+        &mut self,
+        pins: BTreeSet<usize>,
+        prefetched: BTreeSet<usize>,
+    ) -> Result<()> {
+        let (plan, prefetched) = match self.replan(&pins, &prefetched) {
+            Ok(p) => (p, prefetched),
+            Err(_) => (self.replan(&pins, &BTreeSet::new())?, BTreeSet::new()),
+        };
+        self.fixed = plan;
+        self.pinned = pins;
+        self.prefetched = prefetched;
+        Ok(())
+    }
+
     fn hint(&mut self, hint: Hint) -> Result<()> {
         let g = self.n_layers();
         let check = |layers: &[usize]| -> Result<()> {
@@ -292,61 +447,49 @@ impl Scheduler {
         match hint {
             Hint::Prefetch { layers } => {
                 check(&layers)?;
-                let reserved_by_plan: u64 = (0..=g)
-                    .filter(|&u| self.fixed.fixed[u])
-                    .map(|u| self.bytes[u])
-                    .sum::<u64>()
-                    + self.fixed.window as u64 * self.fixed.max_streamed;
+                let mut want = self.prefetched.clone();
+                let mut noops = 0;
                 for l in layers {
-                    if matches!(self.status[l], Status::Resident | Status::Loading) {
-                        self.hint_noops += 1;
-                        continue;
-                    }
-                    let used: u64 = reserved_by_plan
-                        + self.prefetched.iter().map(|&p| self.bytes[p]).sum::<u64>();
-                    // Advisory: a prefetch that does not fit beside the plan is dropped.
-                    if used + self.bytes[l] <= self.cfg.budget {
-                        self.prefetched.insert(l);
+                    match self.status[l] {
+                        // Resident, on its way, or failed for good: nothing to do.
+                        Status::Resident | Status::Loading | Status::Failed => noops += 1,
+                        // An evicted layer still in use is taken back by `act`.
+                        Status::Absent | Status::EvictPending => {
+                            want.insert(l);
+                        }
                     }
                 }
+                if want != self.prefetched {
+                    // All or nothing: a prefetch that cannot fit leaves the plan unchanged.
+                    self.fixed = self.replan(&self.pinned, &want)?;
+                    self.prefetched = want;
+                }
+                self.hint_noops += noops;
                 Ok(())
             }
             Hint::Pin { layers } => {
                 check(&layers)?;
                 let mut pins = self.pinned.clone();
                 pins.extend(layers);
-                let plan = plan_fixed(
-                    &self.bytes,
-                    g,
-                    &pins,
-                    self.cfg.budget,
-                    self.cfg.prefetch_depth,
-                )
-                .map_err(|e| RuntimeError::HintRejected(e.to_string()))?;
-                self.pinned = pins;
-                self.fixed = plan;
-                Ok(())
+                let prefetched = self.prefetched.clone();
+                self.replan_or_drop_prefetches(pins, prefetched)
             }
             Hint::Release { layers } => {
                 check(&layers)?;
+                let mut pins = self.pinned.clone();
                 for l in layers {
-                    self.pinned.remove(&l);
+                    pins.remove(&l);
                 }
+                let prefetched = self.prefetched.clone();
                 // Fewer pins never make the plan infeasible.
-                if let Ok(plan) = plan_fixed(
-                    &self.bytes,
-                    g,
-                    &self.pinned,
-                    self.cfg.budget,
-                    self.cfg.prefetch_depth,
-                ) {
-                    self.fixed = plan;
-                }
-                Ok(())
+                self.replan_or_drop_prefetches(pins, prefetched)
             }
             Hint::WarmUp => {
                 let d = self.desired();
-                if (0..=g).all(|u| !d[u] || self.status[u] != Status::Absent) {
+                if d.iter()
+                    .zip(&self.status)
+                    .all(|(&want, &s)| !want || s != Status::Absent)
+                {
                     self.hint_noops += 1;
                 }
                 Ok(())
@@ -354,21 +497,22 @@ impl Scheduler {
         }
     }
 
-    /// Units that should be resident now.
+    /// Units that should be resident now: the fixed set, the prefetched units, and the next
+    /// `window` streamed units from the cursor.
     fn desired(&self) -> Vec<bool> {
-        let g = self.n_layers();
+        let n = self.bytes.len();
         let mut d = self.fixed.fixed.clone();
         for &p in &self.prefetched {
             d[p] = true;
         }
         let mut left = self.fixed.window;
-        for i in 0..g {
+        for i in 0..n {
             if left == 0 {
                 break;
             }
-            let l = (self.cursor + i) % g;
-            if !self.fixed.fixed[l] {
-                d[l] = true;
+            let u = (self.cursor + i) % n;
+            if !self.fixed.fixed[u] {
+                d[u] = true;
                 left -= 1;
             }
         }
@@ -377,7 +521,7 @@ impl Scheduler {
 
     /// Evicts what is not wanted, then issues loads in the order compute will need them.
     fn act(&mut self) {
-        let g = self.n_layers();
+        let n = self.bytes.len();
         let d = self.desired();
         for (u, &want) in d.iter().enumerate() {
             match self.status[u] {
@@ -395,14 +539,24 @@ impl Scheduler {
                 _ => {}
             }
         }
+        // Few units in flight: enough to keep every reader busy (and the kernel's readahead
+        // ahead of them), few enough that a `Need` still decides what is read next.
+        let max_in_flight = 2 * self.cfg.n_readers.max(1);
+        let mut in_flight = self
+            .status
+            .iter()
+            .filter(|&&s| s == Status::Loading)
+            .count();
         let cursor = self.cursor;
-        let order = std::iter::once(g).chain((0..g).map(move |i| (cursor + i) % g));
-        for u in order {
+        for u in (0..n).map(move |i| (cursor + i) % n) {
             if !d[u] || self.status[u] != Status::Absent {
                 continue;
             }
+            if in_flight >= max_in_flight {
+                break;
+            }
             if self.reserved + self.bytes[u] > self.cfg.budget {
-                // Wait for evictions in flight (a layer still in use) to free bytes.
+                // Wait for evictions in flight (a unit still in use) to free bytes.
                 break;
             }
             self.reserved += self.bytes[u];
@@ -412,6 +566,7 @@ impl Scheduler {
             if self.cfg.plan.units[u].file_bytes == 0 {
                 self.publish_empty(u);
             } else {
+                in_flight += 1;
                 // Big units (the embedding table) are read by every reader at once.
                 let unit = &self.cfg.plan.units[u];
                 let n_parts = if unit.file_bytes >= 4 * self.cfg.split_bytes {
@@ -537,5 +692,61 @@ mod tests {
         assert_eq!(p.fixed, vec![false, false, true, true]);
         let pins: BTreeSet<usize> = [0, 1].into();
         assert!(plan_fixed(&bytes, 3, &pins, 30, 1).is_err());
+    }
+
+    #[test]
+    fn prefetch_room_demotes_the_fixed_layer_used_last() {
+        // 6 layers of 10 B + global 5 B, budget 45, window 2: layers 0 and 1 fixed.
+        let bytes = [10, 10, 10, 10, 10, 10, 5];
+        let none = BTreeSet::new();
+        let base = plan_fixed(&bytes, 6, &none, 45, 2).unwrap();
+        let pre: BTreeSet<usize> = [5].into();
+        // Idle (cursor on the global unit): layer 0 comes next, layer 1 last.
+        let mut p = base.clone();
+        assert_eq!(
+            make_room(&mut p, &bytes, 6, &none, &pre, 45, 6).unwrap(),
+            vec![1]
+        );
+        assert_eq!(p.fixed, vec![true, false, false, false, false, false, true]);
+        assert!(p.reserved(&bytes) + bytes[5] <= 45);
+        // About to run layer 1: layer 0 is the one used last.
+        let mut p = base.clone();
+        assert_eq!(
+            make_room(&mut p, &bytes, 6, &none, &pre, 45, 1).unwrap(),
+            vec![0]
+        );
+        // Pins are never demoted.
+        let pins: BTreeSet<usize> = [1].into();
+        let mut p = plan_fixed(&bytes, 6, &pins, 45, 2).unwrap();
+        assert_eq!(
+            make_room(&mut p, &bytes, 6, &pins, &pre, 45, 6).unwrap(),
+            vec![0]
+        );
+        assert!(p.fixed[1]);
+        // A prefetched unit that is fixed anyway needs no room.
+        let mut p = base.clone();
+        let fixed: BTreeSet<usize> = [0].into();
+        assert!(make_room(&mut p, &bytes, 6, &none, &fixed, 45, 6)
+            .unwrap()
+            .is_empty());
+        assert_eq!(p, base);
+    }
+
+    #[test]
+    fn prefetch_that_cannot_fit_leaves_the_plan_unchanged() {
+        let bytes = [10, 10, 10, 10, 10, 10, 5];
+        let none = BTreeSet::new();
+        let base = plan_fixed(&bytes, 6, &none, 45, 2).unwrap();
+        // Global 5 + window 20 + three prefetched layers 30 > 45 even with nothing fixed.
+        let pre: BTreeSet<usize> = [2, 3, 4].into();
+        let mut p = base.clone();
+        assert!(matches!(
+            make_room(&mut p, &bytes, 6, &none, &pre, 45, 6),
+            Err(RuntimeError::HintRejected(_))
+        ));
+        assert_eq!(p, base);
+        // Everything fixed: no window to stream a demoted layer through.
+        let mut all = plan_fixed(&bytes, 6, &none, 100, 2).unwrap();
+        assert!(make_room(&mut all, &bytes, 6, &none, &pre, 45, 6).is_err());
     }
 }

@@ -74,6 +74,23 @@ fn budget_40_percent_gives_the_same_tokens_and_stays_within_budget() {
 }
 
 #[test]
+fn budget_25_percent_streams_the_output_head_with_the_same_tokens() {
+    // The tied embedding/output matrix is 31 % of SmolLM2: at 25 % it streams in row chunks.
+    let (want, _) = runtime_tokens(ReadMode::Read, MemoryBudget::Unlimited);
+    for mode in [ReadMode::Read, ReadMode::Mmap] {
+        let (got, s) = runtime_tokens(mode, MemoryBudget::FractionOfWeights(0.25));
+        assert_eq!(got, want, "{mode:?}");
+        assert!(s.peak_resident_bytes <= s.budget_bytes, "{mode:?}: {s:?}");
+        assert!(s.peak_allocated_bytes <= s.budget_bytes, "{mode:?}: {s:?}");
+        // Units past the global one (index n_layers) are the head's chunks.
+        let g = Model::open(smollm2()).unwrap().hparams().n_layer;
+        let chunks = &s.loads_per_layer[g + 1..];
+        assert!(chunks.len() > 1, "{mode:?}: head not split: {s:?}");
+        assert!(chunks.iter().any(|&n| n as usize >= N), "{mode:?}: {s:?}");
+    }
+}
+
+#[test]
 fn budget_below_one_layer_is_a_clear_build_error() {
     let r = Runtime::builder()
         .model(smollm2())

@@ -44,6 +44,117 @@ fn streaming_at_40_percent_gives_identical_tokens_within_budget() {
 }
 
 #[test]
+fn budget_below_the_output_head_streams_it_in_row_chunks() {
+    // 12 layers of 68 KiB and a tied 512 KiB head (38 % of the weights): at 25 % the head cannot
+    // stay resident, so it streams through the window in chunks like the layers.
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = 4096;
+    let model = synthetic_model_vocab(dir.path(), 12, 64, vocab);
+    let rt = builder_vocab(&model, ReadMode::Mmap, MemoryBudget::Unlimited, vocab)
+        .build()
+        .unwrap();
+    let want = rt.generate(request(5)).collect_tokens().unwrap();
+    let g = rt.n_layers();
+    assert_eq!(
+        rt.stats().loads_per_layer.len(),
+        g + 1,
+        "no split without a budget"
+    );
+    rt.shutdown().unwrap();
+    for mode in [ReadMode::Mmap, ReadMode::Read] {
+        let rt = builder_vocab(&model, mode, MemoryBudget::FractionOfWeights(0.25), vocab)
+            .build()
+            .unwrap();
+        let got = rt.generate(request(5)).collect_tokens().unwrap();
+        assert_eq!(got, want, "{mode:?}");
+        let s = rt.stats();
+        assert!(s.peak_resident_bytes <= s.budget_bytes, "{mode:?}: {s:?}");
+        assert!(s.peak_allocated_bytes <= s.budget_bytes, "{mode:?}: {s:?}");
+        let chunks = &s.loads_per_layer[g + 1..];
+        assert!(chunks.len() > 1, "{mode:?}: head not split: {s:?}");
+        // Streamed: some chunk was loaded for every token.
+        assert!(chunks.iter().any(|&n| n >= 5), "{mode:?}: {s:?}");
+        rt.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn streamed_head_chunks_tile_the_head_in_aligned_row_blocks() {
+    use rocmforge_actors::backend::CpuBackend;
+    use rocmforge_actors::plan::{LoadPlan, HEAD_ROW_ALIGN};
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic_model_vocab(dir.path(), 3, 64, 4096);
+    let file = rocmforge::gguf::GgufFile::open(&model).unwrap();
+    let plan = LoadPlan::new(&file, &CpuBackend::new()).unwrap();
+    let g = plan.global();
+    // 64 KiB chunks: 512 rows of 32 f32.
+    let split = plan
+        .stream_head(&file, &CpuBackend::new(), 64 << 10)
+        .unwrap()
+        .expect("a head to split");
+    let head = split.head.clone().expect("head split");
+    assert_eq!(head.tensor, "token_embd.weight");
+    assert_eq!(head.rows, 4096);
+    assert_eq!(head.units, g + 1..g + 9);
+    assert!(split.units[g].tensors.iter().all(|t| t.name != head.tensor));
+    let whole = plan.units[g]
+        .tensors
+        .iter()
+        .find(|t| t.name == head.tensor)
+        .unwrap();
+    let mut next_row = 0;
+    let mut next_byte = whole.file.start;
+    for u in head.units.clone() {
+        let rows = split.head_rows(u).unwrap();
+        assert_eq!(rows.start, next_row);
+        assert_eq!(rows.start % HEAD_ROW_ALIGN, 0);
+        assert_eq!(split.units[u].file_span.start, next_byte);
+        assert!(split.units[u].dev_bytes <= 64 << 10);
+        next_row = rows.end;
+        next_byte = split.units[u].file_span.end;
+    }
+    assert_eq!((next_row, next_byte), (4096, whole.file.end));
+    // Every weight byte is still planned exactly once.
+    let file_bytes = |p: &LoadPlan| p.units.iter().map(|u| u.file_bytes).sum::<u64>();
+    assert_eq!(file_bytes(&split), file_bytes(&plan));
+    let dims = split.unit_dims(&file);
+    assert_eq!(dims[g + 1][0], (32, 512));
+    // Splitting twice is refused.
+    assert!(split
+        .stream_head(&file, &CpuBackend::new(), 64 << 10)
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn a_compute_that_cannot_stream_the_head_makes_such_a_budget_a_build_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = 4096;
+    let model = synthetic_model_vocab(dir.path(), 12, 64, vocab);
+    // The bare checksum compute has no file to embed from: it needs the head resident.
+    let bare: rocmforge_actors::compute::ComputeFactory =
+        std::sync::Arc::new(move |_file| Ok(Box::new(ChecksumCompute::new(12, vocab)) as _));
+    let r = builder(
+        &model,
+        ReadMode::Read,
+        MemoryBudget::FractionOfWeights(0.25),
+    )
+    .compute(bare.clone())
+    .build();
+    match r {
+        Err(RuntimeError::Config(m)) => assert!(m.contains("output head"), "{m}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    // With a budget that holds the head, the same compute runs.
+    let rt = builder(&model, ReadMode::Read, MemoryBudget::FractionOfWeights(0.6))
+        .compute(bare)
+        .build()
+        .unwrap();
+    assert_eq!(rt.generate(request(2)).collect_tokens().unwrap().len(), 2);
+    rt.shutdown().unwrap();
+}
+
+#[test]
 fn async_stream_and_blocking_iterator_agree() {
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_model(dir.path(), 4, 32);
@@ -78,10 +189,29 @@ fn budget_smaller_than_one_layer_is_a_build_error() {
     assert!(start.elapsed() < Duration::from_secs(30));
 }
 
+/// Polls `stats()` until `pred` holds (the scheduler publishes after the messages it handles),
+/// bounded so a bug fails instead of hanging.
+fn wait_for(
+    rt: &rocmforge_actors::RuntimeHandle,
+    what: &str,
+    pred: impl Fn(&rocmforge_actors::Stats) -> bool,
+) -> rocmforge_actors::Stats {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = rt.stats();
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < until, "{what}: {s:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 #[test]
 fn hints_prefetch_pin_release() {
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_model(dir.path(), 12, 64);
+    let want1 = reference_tokens(&model, 1);
     let rt = builder(&model, ReadMode::Read, MemoryBudget::FractionOfWeights(0.4))
         .prefetch_depth(1)
         .build()
@@ -100,6 +230,29 @@ fn hints_prefetch_pin_release() {
     let s1 = rt.stats();
     assert_eq!(s1.hint_noops, s0.hint_noops + 1);
     assert_eq!(s1.loads_per_layer, s0.loads_per_layer);
+
+    // Prefetch of a streamed layer that is not resident: loaded now, without a request, by
+    // demoting the fixed layer used last; the budget holds.
+    assert!(!s0.resident_layers[last], "{s0:?}");
+    rt.hint(Hint::Prefetch { layers: vec![last] }).unwrap();
+    let sp = wait_for(&rt, "prefetched layer resident", |s| {
+        s.resident_layers[last]
+    });
+    assert_eq!(sp.loads_per_layer[last], s0.loads_per_layer[last] + 1);
+    assert_eq!(sp.fixed_layers.len() + 1, s0.fixed_layers.len(), "{sp:?}");
+    assert!(sp.resident_bytes <= sp.budget_bytes, "{sp:?}");
+    assert_eq!(sp.hint_noops, s1.hint_noops);
+    // Prefetching it again is a no-op.
+    rt.hint(Hint::Prefetch { layers: vec![last] }).unwrap();
+    assert_eq!(rt.stats().hint_noops, sp.hint_noops + 1);
+    // Its next use finds it resident (not loaded again); after that use the plan is back.
+    assert_eq!(rt.generate(request(1)).collect_tokens().unwrap(), want1);
+    let su = wait_for(&rt, "fixed set restored", |s| {
+        s.fixed_layers == s0.fixed_layers
+    });
+    assert_eq!(su.loads_per_layer[last], sp.loads_per_layer[last], "{su:?}");
+    assert!(su.peak_resident_bytes <= su.budget_bytes, "{su:?}");
+    let s0 = su;
 
     // Pin the last (streamed) layer: loaded once, stays across tokens under pressure.
     rt.hint(Hint::Pin { layers: vec![last] }).unwrap();

@@ -1,5 +1,5 @@
-//! The control socket with SmolLM2 under a memory budget (so some layers stream): hints change
-//! residency as seen in stats, load progress is reported, and a malformed or oversized frame
+//! The control socket with SmolLM2 under a memory budget (so some layers stream): hints
+//! (prefetch, pin, release) change residency as seen in stats, load progress is reported, and a malformed or oversized frame
 //! closes only its own connection.
 
 mod serve_common;
@@ -65,11 +65,16 @@ async fn hints_stats_progress_and_malformed_frames() {
         let s0 = stats(&mut c);
         let n = s0.resident_layers.len() - 1;
         assert!(s0.budget_bytes < s0.total_weight_bytes, "{s0:?}");
-        // A streamed layer that is not resident now.
-        let l = (0..n)
+        // Two streamed layers that are not resident now (from the end: the window is at the
+        // start of the model while idle).
+        let absent: Vec<usize> = (0..n)
             .rev()
-            .find(|&l| !s0.fixed_layers.contains(&l) && !s0.resident_layers[l])
-            .unwrap_or_else(|| panic!("no streamed, absent layer: {s0:?}"));
+            .filter(|&l| !s0.fixed_layers.contains(&l) && !s0.resident_layers[l])
+            .take(2)
+            .collect();
+        let &[p, l] = absent.as_slice() else {
+            panic!("fewer than two streamed, absent layers: {s0:?}")
+        };
 
         // Prefetch of a resident layer: accepted, a no-op the stats count.
         let resident = s0.fixed_layers[0];
@@ -81,7 +86,22 @@ async fn hints_stats_progress_and_malformed_frames() {
         assert_eq!(r, ControlResponse::Ok);
         assert_eq!(stats(&mut c).hint_noops, s0.hint_noops + 1);
 
-        // Pin the absent layer: it becomes resident and stays listed as pinned.
+        // Prefetch an absent streamed layer: it is loaded now, within the budget (a fixed layer
+        // makes room until the prefetched one has been used).
+        let r = c
+            .request(&ControlRequest::Hint(Hint::Prefetch { layers: vec![p] }))
+            .unwrap();
+        assert_eq!(r, ControlResponse::Ok);
+        let sp = wait_for(&mut c, "prefetched layer resident", |s| {
+            s.resident_layers[p]
+        });
+        assert_eq!(sp.loads_per_layer[p], s0.loads_per_layer[p] + 1, "{sp:?}");
+        assert!(sp.resident_bytes <= sp.budget_bytes, "{sp:?}");
+        assert!(sp.peak_resident_bytes <= sp.budget_bytes, "{sp:?}");
+        assert!(sp.fixed_layers.len() < s0.fixed_layers.len(), "{sp:?}");
+        assert_eq!(sp.hint_noops, s0.hint_noops + 1);
+
+        // Pin the other absent layer: it becomes resident and stays listed as pinned.
         let r = c
             .request(&ControlRequest::Hint(Hint::Pin { layers: vec![l] }))
             .unwrap();

@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// With `--memory-budget`: keep the page cache (by default the model is evicted before each run).
     #[arg(long)]
     pub warm: bool,
+    /// With `--memory-budget`: rounds of runs (each budget, both strategies); more than one also
+    /// prints medians and how often the pipeline won.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
 }
 
 /// `"50%"` or `"50"` -> 0.5.
@@ -69,18 +73,28 @@ fn run_ttft(a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     cfg.budgets = a.memory_budget.clone();
     cfg.read_mode = a.read_mode;
     cfg.cold = !a.warm;
-    let rows = crate::bench::run_ttft_bench(&cfg);
+    let rounds = crate::bench::run_ttft_repeated(&cfg, a.rounds);
     if a.json {
-        let j: Vec<serde_json::Value> = rows
+        let j: Vec<serde_json::Value> = rounds
             .iter()
-            .map(|(b, st, r)| match r {
-                Ok(r) => serde_json::json!({"test": "ttft", "budget_fraction": b, "strategy": st, "row": r}),
-                Err(e) => serde_json::json!({"test": "ttft", "budget_fraction": b, "strategy": st, "error": e.to_string()}),
+            .enumerate()
+            .flat_map(|(i, rows)| rows.iter().map(move |r| (i, r)))
+            .map(|(i, (b, st, r))| match r {
+                Ok(r) => serde_json::json!({"test": "ttft", "round": i, "budget_fraction": b, "strategy": st, "row": r}),
+                Err(e) => serde_json::json!({"test": "ttft", "round": i, "budget_fraction": b, "strategy": st, "error": e.to_string()}),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
-        print!("{}", crate::bench::format_table(&rows));
+        for (i, rows) in rounds.iter().enumerate() {
+            if rounds.len() > 1 {
+                println!("round {}:", i + 1);
+            }
+            print!("{}", crate::bench::format_table(rows));
+        }
+        if rounds.len() > 1 {
+            print!("\n{}", crate::bench::format_medians(&rounds));
+        }
     }
     Ok(())
 }

@@ -13,13 +13,19 @@ pub const VOCAB: usize = 64;
 /// Writes a llama-shaped model: `token_embd` [32, VOCAB] F32, `output_norm`, and per layer four
 /// Q8_0 matrices of `cols x rows` (pseudo-random bytes, different per layer).
 pub fn synthetic_model(dir: &Path, n_layers: usize, rows: u64) -> PathBuf {
-    let path = dir.join(format!("synthetic-{n_layers}x{rows}.gguf"));
+    synthetic_model_vocab(dir, n_layers, rows, VOCAB)
+}
+
+/// `synthetic_model` with a `vocab`-row embedding table (tied output head): a large vocabulary
+/// makes the head bigger than a layer, as in real small models.
+pub fn synthetic_model_vocab(dir: &Path, n_layers: usize, rows: u64, vocab: usize) -> PathBuf {
+    let path = dir.join(format!("synthetic-{n_layers}x{rows}-v{vocab}.gguf"));
     let mut md = Metadata::new();
     md.insert("general.architecture", Value::String("llama".into()));
     md.insert("llama.block_count", Value::U32(n_layers as u32));
     let mut specs = vec![TensorSpec {
         name: "token_embd.weight".into(),
-        shape: vec![32, VOCAB as u64],
+        shape: vec![32, vocab as u64],
         ggml_type: GgmlType::F32,
     }];
     for l in 0..n_layers {
@@ -61,6 +67,16 @@ pub fn builder(model: &Path, mode: ReadMode, budget: MemoryBudget) -> RuntimeBui
         .memory_budget(budget)
         .staging(4, 16 << 10)
         .compute(ChecksumCompute::factory(VOCAB, Duration::ZERO))
+}
+
+/// `builder` for a model written by `synthetic_model_vocab`.
+pub fn builder_vocab(
+    model: &Path,
+    mode: ReadMode,
+    budget: MemoryBudget,
+    vocab: usize,
+) -> RuntimeBuilder {
+    builder(model, mode, budget).compute(ChecksumCompute::factory(vocab, Duration::ZERO))
 }
 
 pub fn request(n: usize) -> GenerateRequest {
