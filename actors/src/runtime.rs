@@ -155,7 +155,9 @@ impl RuntimeBuilder {
         let plan = Arc::new(LoadPlan::new(&file, &*backend)?);
         let total = plan.total_dev_bytes();
         let budget = match self.budget {
-            MemoryBudget::Unlimited => u64::MAX,
+            // A GPU's default: its free memory minus KV cache and workspace (the backend knows
+            // what it reserved); the CPU has no fixed limit.
+            MemoryBudget::Unlimited => backend.device_memory_bytes().unwrap_or(u64::MAX),
             MemoryBudget::Bytes(b) => b,
             MemoryBudget::FractionOfWeights(f) if f > 0.0 && f <= 1.0 => (f * total as f64) as u64,
             MemoryBudget::FractionOfWeights(f) => {
@@ -203,22 +205,20 @@ impl RuntimeBuilder {
                     .iter()
                     .flat_map(|u| &u.tensors)
                     .any(|t| !backend.is_pass_through(t.ty)));
-        let read_ring = StagingRing::new(
-            if self.read_mode == ReadMode::Mmap {
-                0
-            } else {
-                self.staging_slots
-            },
-            self.slot_size,
-        );
-        let upload_ring = StagingRing::new(
-            if needs_upload_ring {
-                self.staging_slots
-            } else {
-                0
-            },
-            self.slot_size,
-        );
+        // Slot memory comes from the backend: pinned host memory on GPUs, allocated once here.
+        let ring = |n: usize| {
+            StagingRing::with_memory(n, self.slot_size, |b| backend.alloc_staging(b))
+        };
+        let read_ring = ring(if self.read_mode == ReadMode::Mmap {
+            0
+        } else {
+            self.staging_slots
+        })?;
+        let upload_ring = ring(if needs_upload_ring {
+            self.staging_slots
+        } else {
+            0
+        })?;
         let cap = |reason_default: usize| self.channel_capacity.unwrap_or(reason_default);
         // One outstanding job per unit at most; the Scheduler queues locally if this fills.
         let (jobs_tx, jobs_rx) = flume::bounded(cap(plan.units.len() + 1));
@@ -276,7 +276,7 @@ impl RuntimeBuilder {
             plan: plan.clone(),
             backend: backend.clone(),
             zero_copy,
-            n_streams: self.upload_streams,
+            n_streams: self.upload_streams.max(backend.copy_streams()),
             input: staged_rx,
             board: board.clone(),
             sched: sched_tx.clone(),

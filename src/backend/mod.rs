@@ -6,7 +6,7 @@
 //! - `kernels.rs`       — the Rust/device contract: kernel files, entry points, block layouts.
 //! - `compile_cache.rs` — compiled modules cached in memory and on disk (vendor-neutral).
 //! - `cuda/`            — NVIDIA through `cudarc` (dynamic loading) and NVRTC.
-//! - `hip/`             — AMD; a seam only until the HIP issue lands.
+//! - `hip/`             — AMD through `hip-runtime-sys` (feature `hip`), the same roles.
 //!
 //! The CPU backend is the engine's own forward pass (`model/`); here it is only a variant.
 
@@ -130,12 +130,20 @@ pub trait DeviceStream {
     fn synchronize(&self) -> BackendResult<()>;
 }
 
-/// A GPU: memory, streams, events and the kernel modules compiled for it.
+/// Page-locked host memory: the source of asynchronous host-to-device copies.
+pub trait PinnedHost {
+    fn host_bytes(&self) -> &[u8];
+    fn host_bytes_mut(&mut self) -> &mut [u8];
+}
+
+/// A GPU: memory, streams, events and the kernel modules compiled for it. The handles are
+/// `Send + Sync` so one generic pipeline backend (`rocmforge-actors`' `GpuBackend`) can share
+/// them between its uploader, its slot-recycling threads and the compute thread.
 pub trait ComputeDevice {
-    type Buf: DeviceBuffer;
-    type Pinned;
-    type Stream: DeviceStream<Event = Self::Event>;
-    type Event: DeviceEvent;
+    type Buf: DeviceBuffer + Send + Sync + 'static;
+    type Pinned: PinnedHost + Send + Sync + 'static;
+    type Stream: DeviceStream<Event = Self::Event> + Send + Sync + 'static;
+    type Event: DeviceEvent + Send + Sync + 'static;
     /// Human-readable name and arch (`"NVIDIA H100 PCIe (sm_90)"`).
     fn describe(&self) -> String;
     /// Lanes per warp / wavefront; launch shapes are multiples of it.
@@ -147,6 +155,21 @@ pub trait ComputeDevice {
     fn new_stream(&self) -> BackendResult<Self::Stream>;
     /// `timing`: whether `elapsed_ms` works (timing events cost a little more to record).
     fn new_event(&self, timing: bool) -> BackendResult<Self::Event>;
+    /// Queues a copy of `src[src_off..src_off + len]` to `dst` at `dst_off` on `stream`; the
+    /// host does not wait. Ranges are checked (an error, nothing queued).
+    ///
+    /// # Safety
+    /// `src` must stay alive and unmodified, and `dst` alive, until the copy completed: record
+    /// an event on `stream` after this call and wait for it before reusing or freeing either.
+    unsafe fn copy_htod_async(
+        &self,
+        stream: &Self::Stream,
+        dst: &Self::Buf,
+        dst_off: usize,
+        src: &Self::Pinned,
+        src_off: usize,
+        len: usize,
+    ) -> BackendResult<()>;
 }
 
 #[cfg(test)]
