@@ -57,6 +57,7 @@ pub struct RuntimeBuilder {
     channel_capacity: Option<usize>,
     compute: Option<ComputeFactory>,
     delays: StageDelays,
+    device: Option<(rocmforge::backend::BackendKind, crate::gpu_compute::GpuPipelineOptions)>,
 }
 
 impl Default for RuntimeBuilder {
@@ -76,6 +77,7 @@ impl Default for RuntimeBuilder {
             channel_capacity: None,
             compute: None,
             delays: StageDelays::default(),
+            device: None,
         }
     }
 }
@@ -136,6 +138,21 @@ impl RuntimeBuilder {
         self.compute = Some(factory);
         self
     }
+    /// Picks the device by kind (`cpu`, `cuda`, `hip`, `auto`): a GPU brings its weight backend
+    /// (pinned staging ring, copy streams, events) and its compute (see `gpu_compute.rs`).
+    /// `backend(..)` and `compute(..)`, when also given, win. Without it: the CPU.
+    pub fn device(self, kind: rocmforge::backend::BackendKind) -> Self {
+        self.device_with(kind, Default::default())
+    }
+    /// [`RuntimeBuilder::device`] with GPU options (KV context, batch, copy streams).
+    pub fn device_with(
+        mut self,
+        kind: rocmforge::backend::BackendKind,
+        opt: crate::gpu_compute::GpuPipelineOptions,
+    ) -> Self {
+        self.device = Some((kind, opt));
+        self
+    }
     pub fn stage_delays(mut self, d: StageDelays) -> Self {
         self.delays = d;
         self
@@ -148,9 +165,14 @@ impl RuntimeBuilder {
         let span = tracing::info_span!("build");
         let _g = span.enter();
         let file = rocmforge::gguf::GgufFile::open(&path)?;
-        let backend: Arc<dyn WeightBackend> = match &self.backend {
-            Some(b) => b.clone(),
-            None => Arc::new(CpuBackend::new()),
+        let gpu = match (&self.backend, self.device) {
+            (None, Some((kind, opt))) => crate::gpu_compute::open_pipeline(kind, &file, opt)?,
+            _ => None,
+        };
+        let backend: Arc<dyn WeightBackend> = match (&self.backend, &gpu) {
+            (Some(b), _) => b.clone(),
+            (None, Some(g)) => g.backend.clone(),
+            (None, None) => Arc::new(CpuBackend::new()),
         };
         let plan = Arc::new(LoadPlan::new(&file, &*backend)?);
         let total = plan.total_dev_bytes();
@@ -195,6 +217,7 @@ impl RuntimeBuilder {
         let factory = self
             .compute
             .clone()
+            .or_else(|| gpu.as_ref().map(|g| g.compute.clone()))
             .unwrap_or_else(|| crate::llama::LlamaCompute::factory(Default::default()));
 
         let zero_copy = backend.computes_from_host() && self.read_mode == ReadMode::Mmap;

@@ -172,6 +172,70 @@ pub trait ComputeDevice {
     ) -> BackendResult<()>;
 }
 
+/// One tensor in device memory, as a layer pass reads it (`rows` x `cols` elements of `ty`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceTensor {
+    pub ptr: u64,
+    pub len: usize,
+    pub ty: crate::quant::GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl DeviceBuffer for DeviceTensor {
+    fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn len_bytes(&self) -> usize {
+        self.len
+    }
+}
+
+/// One llama-family layer's weights in device memory (norms and biases are F32).
+#[derive(Debug, Clone, Copy)]
+pub struct LayerTensors {
+    pub attn_norm: DeviceTensor,
+    pub wq: DeviceTensor,
+    pub wk: DeviceTensor,
+    pub wv: DeviceTensor,
+    pub bq: Option<DeviceTensor>,
+    pub bk: Option<DeviceTensor>,
+    pub bv: Option<DeviceTensor>,
+    pub wo: DeviceTensor,
+    pub ffn_norm: DeviceTensor,
+    pub w_gate: DeviceTensor,
+    pub w_up: DeviceTensor,
+    pub w_down: DeviceTensor,
+}
+
+/// The forward pass one step at a time over weights that someone else keeps in device memory
+/// (the pipelined runtime's resident units), queued on one compute stream. Activations stay on
+/// the device between steps; only `output`'s logits come back. Positions and the KV cache
+/// belong to a `Kv` value (one per sequence).
+pub trait LayeredForward: Send {
+    type Device: ComputeDevice;
+    type Kv: Send + 'static;
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// The compute stream: callers make it wait on upload events and record fences on it.
+    fn stream(&self) -> &<Self::Device as ComputeDevice>::Stream;
+    fn n_vocab(&self) -> usize;
+    /// A KV cache for one sequence (device memory; out of memory is an error).
+    fn new_kv(&mut self) -> Result<Self::Kv, Self::Error>;
+    /// Embeds `tokens` at positions `pos..` (rows of `table`, `[n_vocab, n_embd]`).
+    fn embed(&mut self, table: &DeviceTensor, tokens: &[u32], pos: usize)
+        -> Result<(), Self::Error>;
+    /// Layer `layer` over the embedded tokens, writing their K/V into `kv`.
+    fn layer(
+        &mut self,
+        layer: usize,
+        weights: &LayerTensors,
+        kv: &mut Self::Kv,
+    ) -> Result<(), Self::Error>;
+    /// Final norm and head on the last token; waits for the stream and returns the logits.
+    fn output(&mut self, norm: &DeviceTensor, head: &DeviceTensor)
+        -> Result<Vec<f32>, Self::Error>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
