@@ -65,13 +65,25 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
     }
     // cuda/hip: the GPU weight backend and compute (docs/GPU-BACKEND.md); auto: a GPU if one
     // opens, else the CPU defaults.
-    let gpu = crate::gpu_compute::open_pipeline(a.backend, &file, Default::default())?;
+    let gpu_opt = crate::gpu_compute::GpuPipelineOptions {
+        ctx: a.model.ctx,
+        ..Default::default()
+    };
+    let gpu = crate::gpu_compute::open_pipeline(a.backend, &file, gpu_opt)?;
     drop(file);
 
     let mut builder = Runtime::builder().model(path);
-    if let Some(g) = gpu {
-        builder = builder.backend(g.backend).compute(g.compute);
-    }
+    builder = match gpu {
+        Some(g) => builder.backend(g.backend).compute(g.compute),
+        // The CPU compute honours --ctx and --precision (`exact` is the oracle GPUs match).
+        None => builder.compute(crate::llama::LlamaCompute::factory(
+            rocmforge::model::SequenceConfig {
+                ctx: Some(a.model.ctx),
+                precision: a.model.precision,
+                kv_type: None,
+            },
+        )),
+    };
     if let Some(b) = p.memory_budget {
         builder = builder.memory_budget(b);
     }
