@@ -209,7 +209,9 @@ impl<D: ComputeDevice + Send + Sync + 'static> GpuBackend<D> {
 
     fn lane(&self, stream: usize) -> Result<&Lane<D>> {
         let n = self.lanes.len();
-        self.lanes.get(stream % n.max(1)).ok_or_else(|| self.err("no copy stream".into()))
+        self.lanes
+            .get(stream % n.max(1))
+            .ok_or_else(|| self.err("no copy stream".into()))
     }
 
     fn err(&self, message: String) -> RuntimeError {

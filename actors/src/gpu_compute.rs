@@ -57,9 +57,8 @@ where
 
     /// Orders the compute stream after `unit`'s upload (on the device) and returns its region.
     fn enter<'a>(&self, unit: &'a ResidentLayer) -> Result<&'a GpuRegion<F::Device>> {
-        let not_gpu = || {
-            err(unit.layer)("weights are not in this GPU backend's device memory".to_string())
-        };
+        let not_gpu =
+            || err(unit.layer)("weights are not in this GPU backend's device memory".to_string());
         let LayerMemory::Device { region, ready } = &unit.memory else {
             return Err(not_gpu());
         };
@@ -368,8 +367,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m.gguf");
         // The factory fails before looking at the file; any file will do.
-        let bytes = rocmforge::gguf::write_to_vec(&rocmforge::gguf::Metadata::new(), &[])
-            .expect("gguf");
+        let bytes =
+            rocmforge::gguf::write_to_vec(&rocmforge::gguf::Metadata::new(), &[]).expect("gguf");
         std::fs::write(&path, bytes).expect("write");
         let file = GgufFile::open(&path).expect("open");
         let e = match hip_compute_factory()(&file) {

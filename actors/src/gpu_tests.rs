@@ -109,7 +109,10 @@ impl DeviceStream for MockStream {
     type Event = MockEvent;
     fn record(&self, event: &MockEvent) -> BackendResult<()> {
         event.0.set(false);
-        self.0.lock().unwrap().push_back(Op::Signal(event.0.clone()));
+        self.0
+            .lock()
+            .unwrap()
+            .push_back(Op::Signal(event.0.clone()));
         Ok(())
     }
     fn wait(&self, _event: &MockEvent) -> BackendResult<()> {

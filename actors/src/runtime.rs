@@ -57,7 +57,10 @@ pub struct RuntimeBuilder {
     channel_capacity: Option<usize>,
     compute: Option<ComputeFactory>,
     delays: StageDelays,
-    device: Option<(rocmforge::backend::BackendKind, crate::gpu_compute::GpuPipelineOptions)>,
+    device: Option<(
+        rocmforge::backend::BackendKind,
+        crate::gpu_compute::GpuPipelineOptions,
+    )>,
 }
 
 impl Default for RuntimeBuilder {
@@ -229,9 +232,8 @@ impl RuntimeBuilder {
                     .flat_map(|u| &u.tensors)
                     .any(|t| !backend.is_pass_through(t.ty)));
         // Slot memory comes from the backend: pinned host memory on GPUs, allocated once here.
-        let ring = |n: usize| {
-            StagingRing::with_memory(n, self.slot_size, |b| backend.alloc_staging(b))
-        };
+        let ring =
+            |n: usize| StagingRing::with_memory(n, self.slot_size, |b| backend.alloc_staging(b));
         let read_ring = ring(if self.read_mode == ReadMode::Mmap {
             0
         } else {

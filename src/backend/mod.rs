@@ -222,8 +222,12 @@ pub trait LayeredForward: Send {
     /// A KV cache for one sequence (device memory; out of memory is an error).
     fn new_kv(&mut self) -> Result<Self::Kv, Self::Error>;
     /// Embeds `tokens` at positions `pos..` (rows of `table`, `[n_vocab, n_embd]`).
-    fn embed(&mut self, table: &DeviceTensor, tokens: &[u32], pos: usize)
-        -> Result<(), Self::Error>;
+    fn embed(
+        &mut self,
+        table: &DeviceTensor,
+        tokens: &[u32],
+        pos: usize,
+    ) -> Result<(), Self::Error>;
     /// Layer `layer` over the embedded tokens, writing their K/V into `kv`.
     fn layer(
         &mut self,

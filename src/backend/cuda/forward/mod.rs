@@ -358,7 +358,15 @@ impl CudaModel {
                     .transpose()
             };
             let w = LayerViews {
-                mats: [mat(0)?, mat(1)?, mat(2)?, mat(3)?, mat(4)?, mat(5)?, mat(6)?],
+                mats: [
+                    mat(0)?,
+                    mat(1)?,
+                    mat(2)?,
+                    mat(3)?,
+                    mat(4)?,
+                    mat(5)?,
+                    mat(6)?,
+                ],
                 attn_norm: view(&sm, plan.attn_norm, d * 4)?,
                 ffn_norm: view(&sm, plan.ffn_norm, d * 4)?,
                 bias: [bias(0)?, bias(1)?, bias(2)?],

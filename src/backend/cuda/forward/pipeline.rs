@@ -186,10 +186,9 @@ fn mat(t: &DeviceTensor, what: &str) -> Result<(View, QMatrix)> {
             t.ty
         )));
     }
-    let need = t
-        .ty
-        .row_bytes(t.cols as u64)
-        .and_then(|rb| (rb as usize).checked_mul(t.rows));
+    let need =
+        t.ty.row_bytes(t.cols as u64)
+            .and_then(|rb| (rb as usize).checked_mul(t.rows));
     if need.is_none_or(|need| need > t.len) {
         return Err(bad(format!(
             "{what}: {} x {} {} needs {need:?} B, the tensor has {}",
@@ -363,8 +362,7 @@ impl LayeredForward for CudaLayered {
                 hm.nrows, hm.ncols, self.n_vocab
             )));
         }
-        self.dev
-            .mmvq(&self.stream, &hv, hm, &xn0, &self.s.logits)?;
+        self.dev.mmvq(&self.stream, &hv, hm, &xn0, &self.s.logits)?;
         self.stream.synchronize()?;
         self.n = 0;
         Ok(self.s.logits.to_vec::<f32>(self.n_vocab)?)
