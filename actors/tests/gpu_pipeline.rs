@@ -134,7 +134,16 @@ fn cli_pipeline_on_cuda_without_a_device_says_why() {
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_rocmforge"))
-        .args(["run", "--pipeline", "--backend", "cuda", "-n", "2", "-p", "Hi"])
+        .args([
+            "run",
+            "--pipeline",
+            "--backend",
+            "cuda",
+            "-n",
+            "2",
+            "-p",
+            "Hi",
+        ])
         .arg("-m")
         .arg(smollm2())
         .output()

@@ -10,7 +10,9 @@
 //! - `ops.rs`    — typed, checked launchers for every kernel in `kernels/`.
 //! - `upload.rs` — the pinned upload ring (slots, copy streams, events).
 //! - `blas.rs`   — cuBLAS f16 GEMM for prefill.
-//! - `forward.rs`— `CudaModel`: the llama forward pass, KV cache, device sampling.
+//! - `forward/`  — `CudaModel`: the llama forward pass, KV cache, device sampling (`mod.rs`,
+//!   loading in `load.rs`); the layer pass shared with the pipelined runtime (`layer.rs`);
+//!   `CudaLayered`, the pass one step at a time over weights the actors keep (`pipeline.rs`).
 
 pub mod blas;
 pub mod forward;

@@ -8,6 +8,9 @@
 //! on the device, so the first forward is queued while weights are still copying. With a weight
 //! budget below the model, a prefix of layers stays resident and the rest stream through two
 //! device slots per forward (a slot is overwritten only after the compute that read it ended).
+//!
+//! The layer itself is `layer.rs::run_layer`, shared with `pipeline.rs` (`CudaLayered`), which
+//! runs the same pass step by step over weights the pipelined runtime's actors keep resident.
 
 mod layer;
 mod load;
