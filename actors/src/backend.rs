@@ -4,10 +4,11 @@
 //! to copy staged bytes into it (on some stream), and a readiness object the inference actor can
 //! wait on. CUDA and HIP implement this trait with device buffers, copy streams and events; the
 //! CPU implementation here is a host arena whose "upload" is a `memcpy` and whose readiness is
-//! immediate (the copy is synchronous). Kept in this crate so the pipeline does not depend on the
-//! core crate's backend module while that one grows.
+//! immediate (the copy is synchronous). The GPU implementation, written once for CUDA and HIP
+//! over the core crate's role traits, is in `gpu.rs`.
 
 use crate::error::{Result, RuntimeError};
+use crate::staging::{SlotMemory, StagingSlot};
 use rocmforge::quant::qtype::GgmlType;
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,9 +31,13 @@ pub trait DeviceRegion: Send + Sync + 'static {
 /// Something the inference actor waits on before using a layer (an event on GPUs).
 pub trait ReadyEvent: Send + Sync + 'static {
     fn is_ready(&self) -> bool;
-    /// Blocks the calling thread until ready. GPU backends instead make the compute stream wait
-    /// on the event (a device-side wait) and never call this from the host.
+    /// Makes the layer usable by the caller's next compute. On the CPU the copy already finished
+    /// (returns at once). On GPUs it also returns at once without blocking the host: GPU memory
+    /// is only read by the GPU compute, which makes its stream wait on the device event (found
+    /// through `as_any`) before the layer's kernels, so the ordering is kept on the device.
     fn wait(&self) -> Result<()>;
+    /// Backend-specific access (the device event) for the backend's own compute code.
+    fn as_any(&self) -> &dyn Any;
 }
 
 /// Ready from the start: the CPU's synchronous copy finished before the layer was published.
@@ -45,6 +50,9 @@ impl ReadyEvent for AlreadyReady {
     }
     fn wait(&self) -> Result<()> {
         Ok(())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -98,6 +106,32 @@ pub trait WeightBackend: Send + Sync + 'static {
         src: &[u8],
         stream: usize,
     ) -> Result<()>;
+
+    /// Copies a filled staging slot into `dst` at `offset` on copy stream `stream`, taking the
+    /// slot: it must return to its ring (by dropping) only once the copy no longer reads it.
+    /// Default: the synchronous `upload`, then the slot returns at once. GPU backends queue an
+    /// asynchronous copy from pinned memory and hold the slot until the copy's event completed.
+    fn upload_slot(
+        &self,
+        dst: &mut dyn DeviceRegion,
+        offset: usize,
+        slot: StagingSlot,
+        stream: usize,
+    ) -> Result<()> {
+        self.upload(dst, offset, slot.data(), stream)
+    }
+
+    /// Memory for one staging slot, allocated once per slot when the ring is built. Default:
+    /// heap memory; GPU backends return pinned host memory (the only source the copy engine
+    /// reads asynchronously at full speed).
+    fn alloc_staging(&self, bytes: usize) -> Result<Box<dyn SlotMemory>> {
+        Ok(Box::new(vec![0u8; bytes].into_boxed_slice()))
+    }
+
+    /// Copy streams this backend uploads on (the Uploader uses at least this many).
+    fn copy_streams(&self) -> usize {
+        1
+    }
 
     /// Called once a region is complete; returns what compute waits on.
     fn ready_event(&self, region: &dyn DeviceRegion, stream: usize) -> Result<Arc<dyn ReadyEvent>>;

@@ -42,6 +42,9 @@ pub enum RuntimeError {
     // --- backend seam ---
     #[error("backend {backend}: {message}")]
     Backend { backend: String, message: String },
+    /// A GPU driver or device error (out of device memory among them), typed.
+    #[error(transparent)]
+    Device(#[from] rocmforge::backend::BackendError),
 
     // --- compute ---
     #[error("compute failed at layer {layer:?}: {message}")]

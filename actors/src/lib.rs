@@ -14,6 +14,8 @@
 //! - `staging.rs` — the fixed ring of staging buffers.
 //! - `plan.rs` — the model cut into units (layers + global group) with device offsets.
 //! - `backend.rs` — the backend seam (`WeightBackend`) and the CPU host arena.
+//! - `gpu.rs` — the GPU `WeightBackend` (pinned slots, copy streams, events), CUDA and HIP alike.
+//! - `gpu_compute.rs` — the GPU `ModelCompute` over resident device regions; `open_pipeline`.
 //! - `compute.rs` — the compute seam (`ModelCompute`) and the checksum stand-in model.
 //! - `llama.rs` — the real compute: the core crate's llama forward pass over resident weights.
 //! - `shared.rs` — counters shared by actors and handle.
@@ -28,6 +30,8 @@ pub mod bench;
 pub mod cli;
 pub mod compute;
 pub mod error;
+pub mod gpu;
+pub mod gpu_compute;
 pub mod inference;
 pub mod llama;
 pub mod messages;

@@ -56,6 +56,10 @@ pub struct RuntimeBuilder {
     channel_capacity: Option<usize>,
     compute: Option<ComputeFactory>,
     delays: StageDelays,
+    device: Option<(
+        rocmforge::backend::BackendKind,
+        crate::gpu_compute::GpuPipelineOptions,
+    )>,
 }
 
 impl Default for RuntimeBuilder {
@@ -75,6 +79,7 @@ impl Default for RuntimeBuilder {
             channel_capacity: None,
             compute: None,
             delays: StageDelays::default(),
+            device: None,
         }
     }
 }
@@ -135,6 +140,21 @@ impl RuntimeBuilder {
         self.compute = Some(factory);
         self
     }
+    /// Picks the device by kind (`cpu`, `cuda`, `hip`, `auto`): a GPU brings its weight backend
+    /// (pinned staging ring, copy streams, events) and its compute (see `gpu_compute.rs`).
+    /// `backend(..)` and `compute(..)`, when also given, win. Without it: the CPU.
+    pub fn device(self, kind: rocmforge::backend::BackendKind) -> Self {
+        self.device_with(kind, Default::default())
+    }
+    /// [`RuntimeBuilder::device`] with GPU options (KV context, batch, copy streams).
+    pub fn device_with(
+        mut self,
+        kind: rocmforge::backend::BackendKind,
+        opt: crate::gpu_compute::GpuPipelineOptions,
+    ) -> Self {
+        self.device = Some((kind, opt));
+        self
+    }
     pub fn stage_delays(mut self, d: StageDelays) -> Self {
         self.delays = d;
         self
@@ -147,14 +167,21 @@ impl RuntimeBuilder {
         let span = tracing::info_span!("build");
         let _g = span.enter();
         let file = rocmforge::gguf::GgufFile::open(&path)?;
-        let backend: Arc<dyn WeightBackend> = match &self.backend {
-            Some(b) => b.clone(),
-            None => Arc::new(CpuBackend::new()),
+        let gpu = match (&self.backend, self.device) {
+            (None, Some((kind, opt))) => crate::gpu_compute::open_pipeline(kind, &file, opt)?,
+            _ => None,
+        };
+        let backend: Arc<dyn WeightBackend> = match (&self.backend, &gpu) {
+            (Some(b), _) => b.clone(),
+            (None, Some(g)) => g.backend.clone(),
+            (None, None) => Arc::new(CpuBackend::new()),
         };
         let plan = LoadPlan::new(&file, &*backend)?;
         let total = plan.total_dev_bytes();
         let budget = match self.budget {
-            MemoryBudget::Unlimited => u64::MAX,
+            // A GPU's default: its free memory minus KV cache and workspace (the backend knows
+            // what it reserved); the CPU has no fixed limit.
+            MemoryBudget::Unlimited => backend.device_memory_bytes().unwrap_or(u64::MAX),
             MemoryBudget::Bytes(b) => b,
             MemoryBudget::FractionOfWeights(f) if f > 0.0 && f <= 1.0 => (f * total as f64) as u64,
             MemoryBudget::FractionOfWeights(f) => {
@@ -192,6 +219,7 @@ impl RuntimeBuilder {
         let factory = self
             .compute
             .clone()
+            .or_else(|| gpu.as_ref().map(|g| g.compute.clone()))
             .unwrap_or_else(|| crate::llama::LlamaCompute::factory(Default::default()));
 
         let zero_copy = backend.computes_from_host() && self.read_mode == ReadMode::Mmap;
@@ -202,22 +230,19 @@ impl RuntimeBuilder {
                     .iter()
                     .flat_map(|u| &u.tensors)
                     .any(|t| !backend.is_pass_through(t.ty)));
-        let read_ring = StagingRing::new(
-            if self.read_mode == ReadMode::Mmap {
-                0
-            } else {
-                self.staging_slots
-            },
-            self.slot_size,
-        );
-        let upload_ring = StagingRing::new(
-            if needs_upload_ring {
-                self.staging_slots
-            } else {
-                0
-            },
-            self.slot_size,
-        );
+        // Slot memory comes from the backend: pinned host memory on GPUs, allocated once here.
+        let ring =
+            |n: usize| StagingRing::with_memory(n, self.slot_size, |b| backend.alloc_staging(b));
+        let read_ring = ring(if self.read_mode == ReadMode::Mmap {
+            0
+        } else {
+            self.staging_slots
+        })?;
+        let upload_ring = ring(if needs_upload_ring {
+            self.staging_slots
+        } else {
+            0
+        })?;
         let cap = |reason_default: usize| self.channel_capacity.unwrap_or(reason_default);
         // One outstanding job per unit at most; the Scheduler queues locally if this fills.
         let (jobs_tx, jobs_rx) = flume::bounded(cap(plan.units.len() + 1));
@@ -260,7 +285,7 @@ impl RuntimeBuilder {
             plan: plan.clone(),
             backend: backend.clone(),
             zero_copy,
-            n_streams: self.upload_streams,
+            n_streams: self.upload_streams.max(backend.copy_streams()),
             input: staged_rx,
             board: board.clone(),
             sched: sched_tx.clone(),

@@ -2,15 +2,38 @@
 //! the ring, not by the model. A slot goes back to the ring when dropped, wherever that happens
 //! (after its upload, or on an error path), so slots cannot leak.
 //!
-//! On GPU backends these are pinned host buffers (the copy engine reads them directly); on the CPU
-//! they are plain heap buffers.
+//! On GPU backends these are pinned host buffers (the copy engine reads them directly; see
+//! `WeightBackend::alloc_staging`); on the CPU they are plain heap buffers.
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The memory behind one staging slot.
+pub trait SlotMemory: Send + Sync + 'static {
+    fn bytes(&self) -> &[u8];
+    fn bytes_mut(&mut self) -> &mut [u8];
+    /// The concrete type (a GPU backend takes its pinned buffer back out to queue a copy).
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl SlotMemory for Box<[u8]> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+type SlotBuf = Box<dyn SlotMemory>;
+
 struct RingShared {
-    free_tx: flume::Sender<Box<[u8]>>,
-    free_rx: flume::Receiver<Box<[u8]>>,
+    free_tx: flume::Sender<SlotBuf>,
+    free_rx: flume::Receiver<SlotBuf>,
     slot_size: usize,
     n_slots: usize,
 }
@@ -22,15 +45,15 @@ pub struct StagingRing {
 
 /// One borrowed staging buffer; `len` bytes of it are valid.
 pub struct StagingSlot {
-    buf: Option<Box<[u8]>>,
+    buf: Option<SlotBuf>,
     pub len: usize,
-    home: flume::Sender<Box<[u8]>>,
+    home: flume::Sender<SlotBuf>,
 }
 
 impl StagingSlot {
     pub fn data(&self) -> &[u8] {
         match &self.buf {
-            Some(b) => &b[..self.len],
+            Some(b) => b.bytes().get(..self.len).unwrap_or(&[]),
             None => &[],
         }
     }
@@ -38,9 +61,14 @@ impl StagingSlot {
     /// The whole buffer, for filling; set `len` afterwards.
     pub fn buffer_mut(&mut self) -> &mut [u8] {
         match &mut self.buf {
-            Some(b) => b,
+            Some(b) => b.bytes_mut(),
             None => &mut [],
         }
+    }
+
+    /// The slot's memory, for a backend that needs its concrete type (pinned buffers).
+    pub fn memory(&self) -> Option<&dyn SlotMemory> {
+        self.buf.as_deref()
     }
 }
 
@@ -55,20 +83,38 @@ impl Drop for StagingSlot {
 }
 
 impl StagingRing {
+    /// A ring of heap buffers (the CPU backend).
     pub fn new(n_slots: usize, slot_size: usize) -> Self {
+        let heap = |n: usize| -> std::result::Result<SlotBuf, std::convert::Infallible> {
+            Ok(Box::new(vec![0u8; n].into_boxed_slice()))
+        };
+        match Self::with_memory(n_slots, slot_size, heap) {
+            Ok(r) => r,
+            Err(never) => match never {},
+        }
+    }
+
+    /// A ring whose `n_slots` buffers come from `alloc(slot_size)` (pinned memory on GPUs),
+    /// all allocated here, once. The first failure is returned (buffers made so far are freed).
+    pub fn with_memory<E>(
+        n_slots: usize,
+        slot_size: usize,
+        mut alloc: impl FnMut(usize) -> std::result::Result<SlotBuf, E>,
+    ) -> std::result::Result<Self, E> {
         // Capacity n_slots: every buffer fits back, so a returning `try_send` cannot fail.
         let (free_tx, free_rx) = flume::bounded(n_slots);
         for _ in 0..n_slots {
-            let _ = free_tx.try_send(vec![0u8; slot_size].into_boxed_slice());
+            let b = alloc(slot_size)?;
+            let _ = free_tx.try_send(b);
         }
-        Self {
+        Ok(Self {
             shared: Arc::new(RingShared {
                 free_tx,
                 free_rx,
                 slot_size,
                 n_slots,
             }),
-        }
+        })
     }
 
     pub fn slot_size(&self) -> usize {

@@ -2,7 +2,9 @@
 //! publishes `LayerResident { layer, ready }` on the residency board and tells the Scheduler.
 //!
 //! Staging slots go back to the ring as soon as their bytes are on the device (on a GPU backend,
-//! once the copy's event completed; the CPU copy is synchronous). Chunks of one unit may arrive in
+//! once the copy's event completed; the CPU copy is synchronous). On GPUs every copy is
+//! asynchronous: this thread queues copies and records one event per unit, never waiting for
+//! them; the compute stream waits on that event on the device. Chunks of one unit may arrive in
 //! any order (several readers, a pool of transcoders), so completion is counted in bytes.
 
 use crate::backend::{DeviceRegion, WeightBackend};
@@ -124,10 +126,11 @@ fn step(
             }
             if let Some(region) = asm.region.as_mut() {
                 let off = (t.dev_offset + staged.dev_offset) as usize;
+                // The backend takes the slot: it returns to its ring once the copy no longer
+                // reads it (at once on the CPU, after the copy's event on GPUs).
                 cfg.backend
-                    .upload(&mut **region, off, slot.data(), asm.stream)?;
+                    .upload_slot(&mut **region, off, slot, asm.stream)?;
             }
-            // `slot` drops here and returns to its ring.
         }
     }
     cfg.shared

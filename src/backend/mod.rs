@@ -6,7 +6,7 @@
 //! - `kernels.rs`       — the Rust/device contract: kernel files, entry points, block layouts.
 //! - `compile_cache.rs` — compiled modules cached in memory and on disk (vendor-neutral).
 //! - `cuda/`            — NVIDIA through `cudarc` (dynamic loading) and NVRTC.
-//! - `hip/`             — AMD; a seam only until the HIP issue lands.
+//! - `hip/`             — AMD through `hip-runtime-sys` (feature `hip`), the same roles.
 //!
 //! The CPU backend is the engine's own forward pass (`model/`); here it is only a variant.
 
@@ -130,12 +130,20 @@ pub trait DeviceStream {
     fn synchronize(&self) -> BackendResult<()>;
 }
 
-/// A GPU: memory, streams, events and the kernel modules compiled for it.
+/// Page-locked host memory: the source of asynchronous host-to-device copies.
+pub trait PinnedHost {
+    fn host_bytes(&self) -> &[u8];
+    fn host_bytes_mut(&mut self) -> &mut [u8];
+}
+
+/// A GPU: memory, streams, events and the kernel modules compiled for it. The handles are
+/// `Send + Sync` so one generic pipeline backend (`rocmforge-actors`' `GpuBackend`) can share
+/// them between its uploader, its slot-recycling threads and the compute thread.
 pub trait ComputeDevice {
-    type Buf: DeviceBuffer;
-    type Pinned;
-    type Stream: DeviceStream<Event = Self::Event>;
-    type Event: DeviceEvent;
+    type Buf: DeviceBuffer + Send + Sync + 'static;
+    type Pinned: PinnedHost + Send + Sync + 'static;
+    type Stream: DeviceStream<Event = Self::Event> + Send + Sync + 'static;
+    type Event: DeviceEvent + Send + Sync + 'static;
     /// Human-readable name and arch (`"NVIDIA H100 PCIe (sm_90)"`).
     fn describe(&self) -> String;
     /// Lanes per warp / wavefront; launch shapes are multiples of it.
@@ -147,6 +155,89 @@ pub trait ComputeDevice {
     fn new_stream(&self) -> BackendResult<Self::Stream>;
     /// `timing`: whether `elapsed_ms` works (timing events cost a little more to record).
     fn new_event(&self, timing: bool) -> BackendResult<Self::Event>;
+    /// Queues a copy of `src[src_off..src_off + len]` to `dst` at `dst_off` on `stream`; the
+    /// host does not wait. Ranges are checked (an error, nothing queued).
+    ///
+    /// # Safety
+    /// `src` must stay alive and unmodified, and `dst` alive, until the copy completed: record
+    /// an event on `stream` after this call and wait for it before reusing or freeing either.
+    unsafe fn copy_htod_async(
+        &self,
+        stream: &Self::Stream,
+        dst: &Self::Buf,
+        dst_off: usize,
+        src: &Self::Pinned,
+        src_off: usize,
+        len: usize,
+    ) -> BackendResult<()>;
+}
+
+/// One tensor in device memory, as a layer pass reads it (`rows` x `cols` elements of `ty`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceTensor {
+    pub ptr: u64,
+    pub len: usize,
+    pub ty: crate::quant::GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl DeviceBuffer for DeviceTensor {
+    fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn len_bytes(&self) -> usize {
+        self.len
+    }
+}
+
+/// One llama-family layer's weights in device memory (norms and biases are F32).
+#[derive(Debug, Clone, Copy)]
+pub struct LayerTensors {
+    pub attn_norm: DeviceTensor,
+    pub wq: DeviceTensor,
+    pub wk: DeviceTensor,
+    pub wv: DeviceTensor,
+    pub bq: Option<DeviceTensor>,
+    pub bk: Option<DeviceTensor>,
+    pub bv: Option<DeviceTensor>,
+    pub wo: DeviceTensor,
+    pub ffn_norm: DeviceTensor,
+    pub w_gate: DeviceTensor,
+    pub w_up: DeviceTensor,
+    pub w_down: DeviceTensor,
+}
+
+/// The forward pass one step at a time over weights that someone else keeps in device memory
+/// (the pipelined runtime's resident units), queued on one compute stream. Activations stay on
+/// the device between steps; only `output`'s logits come back. Positions and the KV cache
+/// belong to a `Kv` value (one per sequence).
+pub trait LayeredForward: Send {
+    type Device: ComputeDevice;
+    type Kv: Send + 'static;
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// The compute stream: callers make it wait on upload events and record fences on it.
+    fn stream(&self) -> &<Self::Device as ComputeDevice>::Stream;
+    fn n_vocab(&self) -> usize;
+    /// A KV cache for one sequence (device memory; out of memory is an error).
+    fn new_kv(&mut self) -> Result<Self::Kv, Self::Error>;
+    /// Embeds `tokens` at positions `pos..` (rows of `table`, `[n_vocab, n_embd]`).
+    fn embed(
+        &mut self,
+        table: &DeviceTensor,
+        tokens: &[u32],
+        pos: usize,
+    ) -> Result<(), Self::Error>;
+    /// Layer `layer` over the embedded tokens, writing their K/V into `kv`.
+    fn layer(
+        &mut self,
+        layer: usize,
+        weights: &LayerTensors,
+        kv: &mut Self::Kv,
+    ) -> Result<(), Self::Error>;
+    /// Final norm and head on the last token; waits for the stream and returns the logits.
+    fn output(&mut self, norm: &DeviceTensor, head: &DeviceTensor)
+        -> Result<Vec<f32>, Self::Error>;
 }
 
 #[cfg(test)]

@@ -47,16 +47,6 @@ impl PipelineArgs {
 
 pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> {
     let p = &a.pipeline;
-    // The actors' device seam has only the CPU host arena so far (docs/ARCHITECTURE.md).
-    if a.backend == rocmforge::backend::BackendKind::Cuda
-        || a.backend == rocmforge::backend::BackendKind::Hip
-    {
-        return Err(format!(
-            "--backend {}: the pipelined runtime runs on the CPU backend only so far; drop the pipeline options or use --backend cpu",
-            a.backend
-        )
-        .into());
-    }
     let started = Instant::now();
     // The trace subscriber must exist before the actors start so their spans are recorded.
     let guard = match &p.trace {
@@ -73,9 +63,27 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
     if prompt_ids.is_empty() {
         return Err(GenError::Run(rocmforge::model::ModelError::EmptyPrompt).into());
     }
+    // cuda/hip: the GPU weight backend and compute (docs/GPU-BACKEND.md); auto: a GPU if one
+    // opens, else the CPU defaults.
+    let gpu_opt = crate::gpu_compute::GpuPipelineOptions {
+        ctx: a.model.ctx,
+        ..Default::default()
+    };
+    let gpu = crate::gpu_compute::open_pipeline(a.backend, &file, gpu_opt)?;
     drop(file);
 
     let mut builder = Runtime::builder().model(path);
+    builder = match gpu {
+        Some(g) => builder.backend(g.backend).compute(g.compute),
+        // The CPU compute honours --ctx and --precision (`exact` is the oracle GPUs match).
+        None => builder.compute(crate::llama::LlamaCompute::factory(
+            rocmforge::model::SequenceConfig {
+                ctx: Some(a.model.ctx),
+                precision: a.model.precision,
+                kv_type: None,
+            },
+        )),
+    };
     if let Some(b) = p.memory_budget {
         builder = builder.memory_budget(b);
     }

@@ -10,7 +10,9 @@
 //! - `ops.rs`    — typed, checked launchers for every kernel in `kernels/`.
 //! - `upload.rs` — the pinned upload ring (slots, copy streams, events).
 //! - `blas.rs`   — cuBLAS f16 GEMM for prefill.
-//! - `forward.rs`— `CudaModel`: the llama forward pass, KV cache, device sampling.
+//! - `forward/`  — `CudaModel`: the llama forward pass, KV cache, device sampling (`mod.rs`,
+//!   loading in `load.rs`); the layer pass shared with the pipelined runtime (`layer.rs`);
+//!   `CudaLayered`, the pass one step at a time over weights the actors keep (`pipeline.rs`).
 
 pub mod blas;
 pub mod forward;
@@ -237,5 +239,18 @@ impl ComputeDevice for CudaDevice {
 
     fn new_event(&self, timing: bool) -> BackendResult<Event> {
         Event::new(&self.ctx, timing)
+    }
+
+    unsafe fn copy_htod_async(
+        &self,
+        stream: &Stream,
+        dst: &DeviceBuf,
+        dst_off: usize,
+        src: &PinnedBuf,
+        src_off: usize,
+        len: usize,
+    ) -> BackendResult<()> {
+        // SAFETY: liveness until the copy completed is this function's own contract, passed on.
+        unsafe { stream.copy_htod_async(dst, dst_off, src, src_off, len) }
     }
 }

@@ -305,4 +305,17 @@ impl ComputeDevice for HipDevice {
     fn new_event(&self, timing: bool) -> BackendResult<Event> {
         Event::new(self.ordinal, timing)
     }
+
+    unsafe fn copy_htod_async(
+        &self,
+        stream: &Stream,
+        dst: &DeviceBuf,
+        dst_off: usize,
+        src: &PinnedBuf,
+        src_off: usize,
+        len: usize,
+    ) -> BackendResult<()> {
+        // SAFETY: liveness until the copy completed is this function's own contract, passed on.
+        unsafe { stream.copy_htod_async(dst, dst_off, src, src_off, len) }
+    }
 }

@@ -230,6 +230,15 @@ impl PinnedBuf {
     }
 }
 
+impl crate::backend::PinnedHost for PinnedBuf {
+    fn host_bytes(&self) -> &[u8] {
+        self.as_slice()
+    }
+    fn host_bytes_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
 impl Drop for PinnedBuf {
     fn drop(&mut self) {
         if bind(self.ordinal).is_ok() {

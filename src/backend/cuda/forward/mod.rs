@@ -8,8 +8,15 @@
 //! on the device, so the first forward is queued while weights are still copying. With a weight
 //! budget below the model, a prefix of layers stays resident and the rest stream through two
 //! device slots per forward (a slot is overwritten only after the compute that read it ended).
+//!
+//! The layer itself is `layer.rs::run_layer`, shared with `pipeline.rs` (`CudaLayered`), which
+//! runs the same pass step by step over weights the pipelined runtime's actors keep resident.
 
+mod layer;
 mod load;
+pub mod pipeline;
+
+use layer::{run_layer, Gemm, LayerCtx, LayerViews};
 
 use super::blas::Blas;
 use super::memory::DeviceBuf;
@@ -247,39 +254,6 @@ impl CudaModel {
         self.pos = 0;
     }
 
-    /// `y[n, rows] = x[n, cols] W^T`: mmvq per token for short batches, cuBLAS otherwise.
-    fn linear(&mut self, w: View, m: QMatrix, x: View, y: View, n: usize) -> Result<()> {
-        let dev = &self.dev;
-        let s = &self.stream;
-        if n >= 8 && self.blas.is_some() {
-            let kv = KvLayout {
-                n_kv_heads: 1,
-                head_dim: m.ncols,
-                seq_cap: n,
-            };
-            // kv_store with one "head" is a plain f32 -> f16 conversion of [n, cols].
-            dev.kv_store(s, &x, &self.s.x16, kv, n, 0)?;
-            let tile = (self.tile_rows_bytes / (m.ncols * 2)).max(1).min(m.nrows);
-            let mut r0 = 0;
-            while r0 < m.nrows {
-                let rows = tile.min(m.nrows - r0);
-                dev.dequantize_f16(s, &w, m, r0, rows, &self.s.w16)?;
-                let yv = view(&y, r0 * 4, y.len - r0 * 4)?;
-                if let Some(b) = self.blas.as_mut() {
-                    b.gemm_f16_nt(&self.s.w16, rows, m.ncols, &self.s.x16, n, &yv, m.nrows)?;
-                }
-                r0 += rows;
-            }
-            return Ok(());
-        }
-        for t in 0..n {
-            let xv = view(&x, t * m.ncols * 4, m.ncols * 4)?;
-            let yv = view(&y, t * m.nrows * 4, m.nrows * 4)?;
-            dev.mmvq(s, &w, m, &xv, &yv)?;
-        }
-        Ok(())
-    }
-
     /// The device region of layer `l`'s matrices, uploading it first when streamed.
     fn layer_region(&mut self, l: usize, streamed_idx: &mut usize) -> Result<View> {
         match &self.places[l] {
@@ -341,7 +315,7 @@ impl CudaModel {
         self.s.pos.write(0, &pos)?;
         let dev = Arc::clone(&self.dev);
         let st = &self.stream;
-        let (d, qd, kd, vd, ff) = (hp.n_embd, hp.q_dim(), hp.k_dim(), hp.v_dim(), hp.n_ff);
+        let d = hp.n_embd;
         let g = View {
             ptr: self.globals.device_ptr(),
             len: self.globals.len_bytes(),
@@ -369,100 +343,62 @@ impl CudaModel {
             ptr: self.smalls.device_ptr(),
             len: self.smalls.len_bytes(),
         };
-        let v = |b: &DeviceBuf, floats: usize| View {
-            ptr: b.device_ptr(),
-            len: floats * 4,
+        let kv = View {
+            ptr: self.kv.device_ptr(),
+            len: self.kv.len_bytes(),
         };
-        let (hidden, xn, q, k, vv, attn, proj, gate, up) = (
-            v(&self.s.hidden, n * d),
-            v(&self.s.xn, n * d),
-            v(&self.s.q, n * qd),
-            v(&self.s.k, n * kd),
-            v(&self.s.v, n * vd),
-            v(&self.s.attn, n * qd),
-            v(&self.s.proj, n * d),
-            v(&self.s.gate, n * ff),
-            v(&self.s.up, n * ff),
-        );
-        let kvb = self.kv_layout.bytes();
         let mut streamed = 0usize;
         for l in 0..hp.n_layer {
             let region = self.layer_region(l, &mut streamed)?;
-            let plan = self.plans[l].clone();
-            let st = &self.stream;
-            let w = |i: usize| -> Result<(View, QMatrix)> {
+            let plan = &self.plans[l];
+            let mat = |i: usize| -> Result<(View, QMatrix)> {
                 let m = &plan.mats[i];
                 Ok((view(&region, m.off, m.bytes())?, m.m))
             };
-            dev.rmsnorm(
-                st,
-                &hidden,
-                &view(&sm, plan.attn_norm, d * 4)?,
-                &xn,
+            let bias = |i: usize| -> Result<Option<View>> {
+                plan.bias[i]
+                    .map(|off| view(&sm, off, plan.mats[i].m.nrows * 4))
+                    .transpose()
+            };
+            let w = LayerViews {
+                mats: [
+                    mat(0)?,
+                    mat(1)?,
+                    mat(2)?,
+                    mat(3)?,
+                    mat(4)?,
+                    mat(5)?,
+                    mat(6)?,
+                ],
+                attn_norm: view(&sm, plan.attn_norm, d * 4)?,
+                ffn_norm: view(&sm, plan.ffn_norm, d * 4)?,
+                bias: [bias(0)?, bias(1)?, bias(2)?],
+            };
+            let mut cx = LayerCtx {
+                dev: &dev,
+                stream: &self.stream,
+                s: &self.s,
+                gemm: Gemm {
+                    blas: self.blas.as_mut(),
+                    tile_rows_bytes: self.tile_rows_bytes,
+                },
+                hp: &hp,
+                kv,
+                kv_layout: self.kv_layout,
+                pos: self.pos,
                 n,
-                d,
-                hp.rms_eps,
-            )?;
-            for (i, out) in [(0, q), (1, k), (2, vv)] {
-                let (wv, m) = w(i)?;
-                self.linear(wv, m, xn, out, n)?;
-                if let Some(off) = plan.bias[i] {
-                    let width = m.nrows;
-                    let bias = view(&sm, off, width * 4)?;
-                    for t in 0..n {
-                        let o = view(&out, t * width * 4, width * 4)?;
-                        dev.add(&self.stream, &o, &bias, &o, width)?;
-                    }
-                }
-            }
-            let st = &self.stream;
-            let rp = |heads| RopeParams {
-                n_tokens: n,
-                n_heads: heads,
-                head_dim: hp.head_dim,
-                n_rot: hp.n_rot,
-                freq_base: hp.rope_freq_base,
                 freq_scale: self.freq_scale,
-                neox: hp.arch.rope_layout() == crate::model::RopeLayout::NeoX,
             };
-            dev.rope(st, &q, &q, &self.s.pos, rp(hp.n_head))?;
-            dev.rope(st, &k, &k, &self.s.pos, rp(hp.n_head_kv))?;
-            let kc = view(&self.kv, (2 * l) * kvb, kvb)?;
-            let vc = view(&self.kv, (2 * l + 1) * kvb, kvb)?;
-            dev.kv_store(st, &k, &kc, self.kv_layout, n, self.pos)?;
-            dev.kv_store(st, &vv, &vc, self.kv_layout, n, self.pos)?;
-            let ap = AttnParams {
-                n_tokens: n,
-                n_heads: hp.n_head,
-                kv: self.kv_layout,
-                pos0: self.pos,
-                scale: 1.0 / (hp.head_dim as f32).sqrt(),
-            };
-            dev.attention(st, &q, &kc, &vc, &attn, ap)?;
-            let (wo, mo) = w(3)?;
-            self.linear(wo, mo, attn, proj, n)?;
-            dev.add(&self.stream, &hidden, &proj, &hidden, n * d)?;
-            dev.rmsnorm(
-                &self.stream,
-                &hidden,
-                &view(&sm, plan.ffn_norm, d * 4)?,
-                &xn,
-                n,
-                d,
-                hp.rms_eps,
-            )?;
-            let (wg, mg) = w(4)?;
-            self.linear(wg, mg, xn, gate, n)?;
-            let (wu, mu) = w(5)?;
-            self.linear(wu, mu, xn, up, n)?;
-            dev.swiglu(&self.stream, &gate, &up, &gate, n * ff)?;
-            let (wd, md) = w(6)?;
-            self.linear(wd, md, gate, proj, n)?;
-            dev.add(&self.stream, &hidden, &proj, &hidden, n * d)?;
+            run_layer(&mut cx, l, &w)?;
             if matches!(self.places[l], Place::Streamed) {
                 self.stream.record(&self.slot_free[(streamed - 1) % 2])?;
             }
         }
+        let v = |b: &DeviceBuf, floats: usize| View {
+            ptr: b.device_ptr(),
+            len: floats * 4,
+        };
+        let (hidden, xn) = (v(&self.s.hidden, n * d), v(&self.s.xn, n * d));
         // Output head on the last position.
         let last = view(&hidden, (n - 1) * d * 4, d * 4)?;
         let xn0 = view(&xn, 0, d * 4)?;

@@ -1,0 +1,387 @@
+//! The GPU `ModelCompute`: the llama forward pass run layer by layer over the device regions the
+//! pipeline made resident, through the core crate's vendor-neutral `LayeredForward` (CUDA has
+//! one; HIP has none yet, see `open_pipeline`). Before a unit's work the compute stream waits
+//! on the unit's upload event on the device (the host never blocks on uploads); after it, the
+//! unit's fence is recorded so evicting it waits for the kernels that read it.
+//!
+//! Activations stay on the device: the `Hidden` passed between steps only carries the token
+//! count. Logits come back to the host for the Inference actor's sampler.
+
+use crate::backend::WeightBackend;
+use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
+use crate::error::{Result, RuntimeError};
+use crate::gpu::{GpuBackend, GpuConfig, GpuReady, GpuRegion};
+use crate::residency::{LayerMemory, ResidentLayer};
+use rocmforge::backend::{
+    Backend, BackendError, BackendKind, ComputeDevice, DeviceBuffer, DeviceStream, DeviceTensor,
+    LayerTensors, LayeredForward,
+};
+use rocmforge::gguf::GgufFile;
+use rocmforge::model::{Model, TensorRef};
+use rocmforge::tokenizer::Tokenizer;
+use std::sync::Arc;
+
+/// One sequence: its KV cache on the device and the position of its next token.
+struct GpuSeq<K> {
+    kv: K,
+    pos: usize,
+}
+
+pub struct GpuCompute<F: LayeredForward> {
+    fwd: F,
+    model: Model,
+    tokenizer: Option<Tokenizer>,
+    /// Position of the tokens `embed` placed: the sequence created or advanced last (the
+    /// Inference actor runs one sequence at a time; `layer` checks it got that one).
+    embed_pos: usize,
+}
+
+fn err(layer: Option<usize>) -> impl Fn(String) -> RuntimeError {
+    move |message| RuntimeError::Compute { layer, message }
+}
+
+impl<F> GpuCompute<F>
+where
+    F: LayeredForward,
+    F::Device: 'static,
+{
+    pub fn new(fwd: F, file: &GgufFile) -> Result<Self> {
+        let model = Model::from_file(file.clone()).map_err(|e| err(None)(e.to_string()))?;
+        Ok(Self {
+            fwd,
+            model,
+            tokenizer: Tokenizer::from_metadata(file.metadata()).ok(),
+            embed_pos: 0,
+        })
+    }
+
+    /// Orders the compute stream after `unit`'s upload (on the device) and returns its region.
+    fn enter<'a>(&self, unit: &'a ResidentLayer) -> Result<&'a GpuRegion<F::Device>> {
+        let not_gpu =
+            || err(unit.layer)("weights are not in this GPU backend's device memory".to_string());
+        let LayerMemory::Device { region, ready } = &unit.memory else {
+            return Err(not_gpu());
+        };
+        let region = region
+            .as_any()
+            .downcast_ref::<GpuRegion<F::Device>>()
+            .ok_or_else(not_gpu)?;
+        let ready = ready
+            .as_any()
+            .downcast_ref::<GpuReady<F::Device>>()
+            .ok_or_else(not_gpu)?;
+        self.fwd.stream().wait(&ready.event)?;
+        Ok(region)
+    }
+
+    /// After the unit's work: eviction of the region waits for it.
+    fn leave(&self, region: &GpuRegion<F::Device>) -> Result<()> {
+        region.fence_after(self.fwd.stream())
+    }
+}
+
+/// Tensor `t` of `unit` inside `region`, with the shape the pipeline recorded.
+fn tensor<D: ComputeDevice>(
+    unit: &ResidentLayer,
+    region: &GpuRegion<D>,
+    t: &TensorRef,
+) -> Result<DeviceTensor> {
+    let i = unit
+        .tensors
+        .iter()
+        .position(|s| s.name == t.name)
+        .ok_or_else(|| RuntimeError::MissingTensor {
+            layer: unit.layer.map_or("global".into(), |l| l.to_string()),
+            tensor: t.name.clone(),
+        })?;
+    let slot = &unit.tensors[i];
+    let (cols, rows) = unit.dims.get(i).copied().unwrap_or((0, 0));
+    let end = slot.dev_offset + slot.dev_len;
+    if end > region.buffer().len_bytes() as u64 {
+        return Err(err(unit.layer)(format!(
+            "tensor {} ends at {end}, past its region of {} B",
+            t.name,
+            region.buffer().len_bytes()
+        )));
+    }
+    Ok(DeviceTensor {
+        ptr: region.buffer().device_ptr() + slot.dev_offset,
+        len: slot.dev_len as usize,
+        ty: slot.ty,
+        rows: rows as usize,
+        cols: cols as usize,
+    })
+}
+
+fn seq_mut<K: 'static>(seq: &mut SequenceState) -> Result<&mut GpuSeq<K>> {
+    seq.downcast_mut::<GpuSeq<K>>()
+        .ok_or_else(|| err(None)("sequence state of another compute".into()))
+}
+
+impl<F> ModelCompute for GpuCompute<F>
+where
+    F: LayeredForward,
+    F::Device: 'static,
+{
+    fn n_layers(&self) -> usize {
+        self.model.hparams().n_layer
+    }
+
+    fn eos_token(&self) -> Option<u32> {
+        self.tokenizer.as_ref().and_then(|t| t.eos_id())
+    }
+
+    fn new_sequence(&mut self) -> Result<SequenceState> {
+        let kv = self.fwd.new_kv().map_err(|e| err(None)(e.to_string()))?;
+        self.embed_pos = 0;
+        Ok(Box::new(GpuSeq { kv, pos: 0 }))
+    }
+
+    fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden> {
+        let region = self.enter(global)?;
+        let table = tensor(global, region, &self.model.layout().token_embd)?;
+        self.fwd
+            .embed(&table, tokens, self.embed_pos)
+            .map_err(|e| err(None)(e.to_string()))?;
+        self.leave(region)?;
+        Ok(Hidden {
+            data: Vec::new(),
+            n_tokens: tokens.len(),
+        })
+    }
+
+    fn layer(
+        &mut self,
+        layer: usize,
+        weights: &ResidentLayer,
+        seq: &mut SequenceState,
+        _hidden: &mut Hidden,
+    ) -> Result<()> {
+        let seq = seq_mut::<F::Kv>(seq)?;
+        if seq.pos != self.embed_pos {
+            return Err(err(Some(layer))(format!(
+                "tokens were embedded at position {} but this sequence is at {}",
+                self.embed_pos, seq.pos
+            )));
+        }
+        let refs = self
+            .model
+            .layout()
+            .layers
+            .get(layer)
+            .ok_or_else(|| err(Some(layer))("no such layer".into()))?;
+        let region = self.enter(weights)?;
+        let t = |r: &TensorRef| tensor(weights, region, r);
+        let opt = |r: &Option<TensorRef>| r.as_ref().map(t).transpose();
+        let w = LayerTensors {
+            attn_norm: t(&refs.attn_norm)?,
+            wq: t(&refs.wq)?,
+            wk: t(&refs.wk)?,
+            wv: t(&refs.wv)?,
+            bq: opt(&refs.bq)?,
+            bk: opt(&refs.bk)?,
+            bv: opt(&refs.bv)?,
+            wo: t(&refs.wo)?,
+            ffn_norm: t(&refs.ffn_norm)?,
+            w_gate: t(&refs.w_gate)?,
+            w_up: t(&refs.w_up)?,
+            w_down: t(&refs.w_down)?,
+        };
+        self.fwd
+            .layer(layer, &w, &mut seq.kv)
+            .map_err(|e| err(Some(layer))(e.to_string()))?;
+        self.leave(region)
+    }
+
+    fn output(
+        &mut self,
+        global: &ResidentLayer,
+        seq: &mut SequenceState,
+        hidden: &Hidden,
+    ) -> Result<Vec<f32>> {
+        let seq = seq_mut::<F::Kv>(seq)?;
+        let region = self.enter(global)?;
+        let layout = self.model.layout();
+        let norm = tensor(global, region, &layout.output_norm)?;
+        let head = tensor(global, region, layout.head())?;
+        let logits = self
+            .fwd
+            .output(&norm, &head)
+            .map_err(|e| err(None)(e.to_string()))?;
+        self.leave(region)?;
+        seq.pos += hidden.n_tokens;
+        self.embed_pos = seq.pos;
+        Ok(logits)
+    }
+
+    fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>> {
+        let t = self.tokenizer.as_ref()?;
+        Some(
+            t.encode(text, true, true)
+                .map_err(|e| RuntimeError::BadRequest(e.to_string())),
+        )
+    }
+
+    fn token_bytes(&self, token: u32) -> Vec<u8> {
+        self.tokenizer
+            .as_ref()
+            .and_then(|t| t.decode_bytes(&[token]).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Settings of the GPU pipeline (`open_pipeline`).
+#[derive(Debug, Clone, Copy)]
+pub struct GpuPipelineOptions {
+    /// KV cache capacity per sequence, in tokens.
+    pub ctx: usize,
+    /// Most tokens per step (the longest prompt).
+    pub max_batch: usize,
+    pub copy_streams: usize,
+    /// Device bytes left free beyond KV cache and activations (driver, fragmentation).
+    pub margin_bytes: u64,
+}
+
+impl Default for GpuPipelineOptions {
+    fn default() -> Self {
+        Self {
+            ctx: 4096,
+            max_batch: 512,
+            copy_streams: 2,
+            margin_bytes: 512 << 20,
+        }
+    }
+}
+
+/// A weight backend and the matching compute for the pipelined runtime.
+pub struct PipelineParts {
+    pub backend: Arc<dyn WeightBackend>,
+    pub compute: ComputeFactory,
+    /// The backend that opened (`auto` may have fallen back to the CPU).
+    pub kind: BackendKind,
+    /// Why `auto` skipped each GPU backend.
+    pub fallback: Vec<BackendError>,
+}
+
+/// Opens `kind` for the pipelined runtime over `file`: `None` for the CPU (the runtime's
+/// defaults), the GPU backend and compute otherwise. `cuda`/`hip` fail with the reason (no
+/// driver, not compiled); `auto` falls back to the CPU. On HIP the weight backend is real but
+/// there is no forward pass yet: the compute factory returns `BackendError::NotImplemented`
+/// (docs/HIP.md).
+pub fn open_pipeline(
+    kind: BackendKind,
+    file: &GgufFile,
+    opt: GpuPipelineOptions,
+) -> Result<Option<PipelineParts>> {
+    let (backend, fallback) = Backend::open(kind)?;
+    let model = Model::from_file(file.clone()).map_err(|e| err(None)(e.to_string()))?;
+    let lopt = rocmforge::backend::cuda::forward::pipeline::LayeredOptions {
+        ctx: opt.ctx,
+        max_batch: opt.max_batch,
+        use_blas: true,
+    };
+    // The compute's KV cache and activations are allocated after the budget is set, so the
+    // budget's default (free memory minus this) leaves room for them.
+    let reserve = rocmforge::backend::cuda::forward::pipeline::CudaLayered::reserve_bytes(
+        model.hparams(),
+        model.n_vocab(),
+        &lopt,
+    ) as u64
+        + opt.margin_bytes;
+    let gcfg = |name| GpuConfig {
+        name,
+        copy_streams: opt.copy_streams,
+        reserve_bytes: reserve,
+    };
+    let kind = backend.kind();
+    let (backend, compute): (Arc<dyn WeightBackend>, ComputeFactory) = match backend {
+        Backend::Cpu => return Ok(None),
+        Backend::Cuda(dev) => {
+            let wb: Arc<dyn WeightBackend> = Arc::new(GpuBackend::new(dev.clone(), gcfg("cuda"))?);
+            let factory: ComputeFactory = Arc::new(move |file: &GgufFile| {
+                let model = Model::from_file(file.clone()).map_err(|e| err(None)(e.to_string()))?;
+                let fwd = rocmforge::backend::cuda::forward::pipeline::CudaLayered::new(
+                    dev.clone(),
+                    &model,
+                    lopt,
+                )
+                .map_err(|e| err(None)(e.to_string()))?;
+                Ok(Box::new(GpuCompute::new(fwd, file)?) as Box<dyn ModelCompute>)
+            });
+            (wb, factory)
+        }
+        Backend::Hip(dev) => hip_parts(dev, gcfg("hip"))?,
+    };
+    Ok(Some(PipelineParts {
+        backend,
+        compute,
+        kind,
+        fallback: fallback.reasons,
+    }))
+}
+
+/// The message of the HIP compute's error (also in docs/HIP.md).
+pub const HIP_NO_FORWARD: &str =
+    "the forward pass on AMD GPUs (the kernels compile for gfx90a/gfx1030, but no layer pass \
+     drives them yet; use --backend cuda or cpu)";
+
+/// A compute factory that always fails with [`HIP_NO_FORWARD`].
+pub fn hip_compute_factory() -> ComputeFactory {
+    Arc::new(|_file: &GgufFile| {
+        Err(RuntimeError::Device(BackendError::NotImplemented {
+            backend: "HIP",
+            what: HIP_NO_FORWARD,
+        }))
+    })
+}
+
+#[cfg(feature = "hip")]
+fn hip_parts(
+    dev: Arc<rocmforge::backend::hip::HipDevice>,
+    cfg: GpuConfig,
+) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
+    // The weight backend is the same generic code as on CUDA; only the compute is missing.
+    let wb: Arc<dyn WeightBackend> = Arc::new(GpuBackend::new(dev, cfg)?);
+    Ok((wb, hip_compute_factory()))
+}
+
+#[cfg(not(feature = "hip"))]
+fn hip_parts(
+    _dev: Arc<rocmforge::backend::hip::HipDevice>,
+    _cfg: GpuConfig,
+) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
+    // Unreachable in practice: without the feature `Backend::open` never yields HIP.
+    Err(BackendError::NotCompiled {
+        backend: "HIP",
+        feature: "hip",
+    }
+    .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hip_compute_says_there_is_no_forward_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.gguf");
+        // The factory fails before looking at the file; any file will do.
+        let bytes =
+            rocmforge::gguf::write_to_vec(&rocmforge::gguf::Metadata::new(), &[]).expect("gguf");
+        std::fs::write(&path, bytes).expect("write");
+        let file = GgufFile::open(&path).expect("open");
+        let e = match hip_compute_factory()(&file) {
+            Err(e) => e,
+            Ok(_) => panic!("HIP compute built"),
+        };
+        assert!(
+            matches!(
+                e,
+                RuntimeError::Device(BackendError::NotImplemented { backend: "HIP", .. })
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("forward pass on AMD GPUs"), "{e}");
+    }
+}

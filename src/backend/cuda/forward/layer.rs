@@ -1,0 +1,149 @@
+//! One transformer layer on the device, shared by [`CudaModel`] (weights in its own regions)
+//! and the pipelined runtime's compute ([`super::pipeline::CudaLayered`], weights in regions the
+//! pipeline's uploader filled): both describe a layer as device views and call [`run_layer`].
+
+use super::*;
+
+/// The GEMM path's state: cuBLAS when present, and the f16 weight-tile size.
+pub(super) struct Gemm<'a> {
+    pub blas: Option<&'a mut Blas>,
+    pub tile_rows_bytes: usize,
+}
+
+/// `y[n, rows] = x[n, cols] W^T`: mmvq per token for short batches, cuBLAS otherwise.
+#[allow(clippy::too_many_arguments)] // a GEMM's operands; a struct would only rename them
+pub(super) fn linear(
+    dev: &CudaDevice,
+    st: &Stream,
+    s: &Scratch,
+    g: &mut Gemm,
+    w: View,
+    m: QMatrix,
+    x: View,
+    y: View,
+    n: usize,
+) -> Result<()> {
+    if n >= 8 {
+        if let Some(b) = g.blas.as_deref_mut() {
+            let kv = KvLayout {
+                n_kv_heads: 1,
+                head_dim: m.ncols,
+                seq_cap: n,
+            };
+            // kv_store with one "head" is a plain f32 -> f16 conversion of [n, cols].
+            dev.kv_store(st, &x, &s.x16, kv, n, 0)?;
+            let tile = (g.tile_rows_bytes / (m.ncols * 2)).max(1).min(m.nrows);
+            let mut r0 = 0;
+            while r0 < m.nrows {
+                let rows = tile.min(m.nrows - r0);
+                dev.dequantize_f16(st, &w, m, r0, rows, &s.w16)?;
+                let yv = view(&y, r0 * 4, y.len - r0 * 4)?;
+                b.gemm_f16_nt(&s.w16, rows, m.ncols, &s.x16, n, &yv, m.nrows)?;
+                r0 += rows;
+            }
+            return Ok(());
+        }
+    }
+    for t in 0..n {
+        let xv = view(&x, t * m.ncols * 4, m.ncols * 4)?;
+        let yv = view(&y, t * m.nrows * 4, m.nrows * 4)?;
+        dev.mmvq(st, &w, m, &xv, &yv)?;
+    }
+    Ok(())
+}
+
+/// One layer's weights as device views: q, k, v, o, gate, up, down; f32 norms; f32 biases.
+pub(super) struct LayerViews {
+    pub mats: [(View, QMatrix); 7],
+    pub attn_norm: View,
+    pub ffn_norm: View,
+    pub bias: [Option<View>; 3],
+}
+
+/// What a layer pass borrows from its owner.
+pub(super) struct LayerCtx<'a> {
+    pub dev: &'a CudaDevice,
+    pub stream: &'a Stream,
+    pub s: &'a Scratch,
+    pub gemm: Gemm<'a>,
+    pub hp: &'a HParams,
+    /// The whole KV cache: `[layer][k|v]` blocks of `kv_layout.bytes()`.
+    pub kv: View,
+    pub kv_layout: KvLayout,
+    /// Position of the first of the `n` tokens in the scratch buffers.
+    pub pos: usize,
+    pub n: usize,
+    pub freq_scale: f32,
+}
+
+/// Queues layer `l` on `cx.stream`: `hidden[n, d]` in the scratch buffers is updated in place;
+/// the K/V of positions `pos..pos + n` land in the cache.
+pub(super) fn run_layer(cx: &mut LayerCtx, l: usize, w: &LayerViews) -> Result<()> {
+    let (dev, st, hp, n) = (cx.dev, cx.stream, cx.hp, cx.n);
+    let (d, qd, kd, vd, ff) = (hp.n_embd, hp.q_dim(), hp.k_dim(), hp.v_dim(), hp.n_ff);
+    let v = |b: &DeviceBuf, floats: usize| View {
+        ptr: b.device_ptr(),
+        len: floats * 4,
+    };
+    let s = cx.s;
+    let (hidden, xn, q, k, vv, attn, proj, gate, up) = (
+        v(&s.hidden, n * d),
+        v(&s.xn, n * d),
+        v(&s.q, n * qd),
+        v(&s.k, n * kd),
+        v(&s.v, n * vd),
+        v(&s.attn, n * qd),
+        v(&s.proj, n * d),
+        v(&s.gate, n * ff),
+        v(&s.up, n * ff),
+    );
+    dev.rmsnorm(st, &hidden, &w.attn_norm, &xn, n, d, hp.rms_eps)?;
+    for (i, out) in [(0, q), (1, k), (2, vv)] {
+        let (wv, m) = w.mats[i];
+        linear(dev, st, s, &mut cx.gemm, wv, m, xn, out, n)?;
+        if let Some(bias) = w.bias[i] {
+            let width = m.nrows;
+            for t in 0..n {
+                let o = view(&out, t * width * 4, width * 4)?;
+                dev.add(st, &o, &bias, &o, width)?;
+            }
+        }
+    }
+    let rp = |heads| RopeParams {
+        n_tokens: n,
+        n_heads: heads,
+        head_dim: hp.head_dim,
+        n_rot: hp.n_rot,
+        freq_base: hp.rope_freq_base,
+        freq_scale: cx.freq_scale,
+        neox: hp.arch.rope_layout() == crate::model::RopeLayout::NeoX,
+    };
+    dev.rope(st, &q, &q, &s.pos, rp(hp.n_head))?;
+    dev.rope(st, &k, &k, &s.pos, rp(hp.n_head_kv))?;
+    let kvb = cx.kv_layout.bytes();
+    let kc = view(&cx.kv, (2 * l) * kvb, kvb)?;
+    let vc = view(&cx.kv, (2 * l + 1) * kvb, kvb)?;
+    dev.kv_store(st, &k, &kc, cx.kv_layout, n, cx.pos)?;
+    dev.kv_store(st, &vv, &vc, cx.kv_layout, n, cx.pos)?;
+    let ap = AttnParams {
+        n_tokens: n,
+        n_heads: hp.n_head,
+        kv: cx.kv_layout,
+        pos0: cx.pos,
+        scale: 1.0 / (hp.head_dim as f32).sqrt(),
+    };
+    dev.attention(st, &q, &kc, &vc, &attn, ap)?;
+    let (wo, mo) = w.mats[3];
+    linear(dev, st, s, &mut cx.gemm, wo, mo, attn, proj, n)?;
+    dev.add(st, &hidden, &proj, &hidden, n * d)?;
+    dev.rmsnorm(st, &hidden, &w.ffn_norm, &xn, n, d, hp.rms_eps)?;
+    let (wg, mg) = w.mats[4];
+    linear(dev, st, s, &mut cx.gemm, wg, mg, xn, gate, n)?;
+    let (wu, mu) = w.mats[5];
+    linear(dev, st, s, &mut cx.gemm, wu, mu, xn, up, n)?;
+    dev.swiglu(st, &gate, &up, &gate, n * ff)?;
+    let (wd, md) = w.mats[6];
+    linear(dev, st, s, &mut cx.gemm, wd, md, gate, proj, n)?;
+    dev.add(st, &hidden, &proj, &hidden, n * d)?;
+    Ok(())
+}
