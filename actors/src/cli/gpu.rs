@@ -191,7 +191,8 @@ struct GpuBench {
     model_open_ms: f64,
     /// Time the main thread waited for the ring allocated on another thread.
     ring_wait_ms: f64,
-    /// Host time to queue every upload (read + copy into pinned slots + waits).
+    /// Host time until the load returned (the uploads go on on the loader thread; the first
+    /// forward waits per layer).
     load_queue_ms: f64,
     /// Until every weight was resident.
     load_resident_ms: f64,
@@ -287,10 +288,12 @@ pub fn bench(
             "cuda {} | init {:.0} ms, kernels {:.0} ms (own thread), open {:.0} ms, ring wait {:.0} ms, load queued {:.0} ms, resident {:.0} ms ({:.1} GB/s), first forward {:.0} ms, first token {:.0} ms",
             r.device, init_ms, kernel_load_ms, model_open_ms, ring_wait_ms, load_queue_ms, load_resident_ms, load_gb_per_s, first_forward_ms, first_token_ms
         );
-        let u = &r.load.upload;
+        let (l, u) = (&r.load, &r.load.upload);
         println!(
-            "load split | prep {:.0} ms, ring alloc {:.0} ms (own thread), read into pinned {:.0} ms ({} ), slot waits {:.1} ms, copy queueing {:.1} ms, {:.2} GB",
-            r.load.prep_s * 1e3, u.ring_alloc_s * 1e3, u.fill_s * 1e3, if u.pread { "pread" } else { "mmap" }, u.wait_s * 1e3, u.queue_s * 1e3, u.bytes as f64 / 1e9
+            "load split | load returned {:.0} ms (prep {:.0}, device allocs {:.0}, cuBLAS wait {:.0}), ring alloc {:.0} ms (own thread) | loader: embedding queued at {:.0} ms, last copy queued at {:.0} ms, read into pinned {:.0} ms ({}, {:.1} GB/s), slot waits {:.1} ms, copy queueing {:.1} ms, {:.2} GB",
+            l.queue_s * 1e3, l.prep_s * 1e3, l.alloc_s * 1e3, l.blas_wait_s * 1e3, u.ring_alloc_s * 1e3,
+            u.first_group_s * 1e3, u.queued_s * 1e3, u.fill_s * 1e3, if u.pread { "pread" } else { "mmap" },
+            u.bytes as f64 / u.fill_s.max(1e-9) / 1e9, u.wait_s * 1e3, u.queue_s * 1e3, u.bytes as f64 / 1e9
         );
         for t in &r.tests {
             println!(

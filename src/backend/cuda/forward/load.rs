@@ -1,7 +1,69 @@
 //! Loading a model onto the device: placement plan (resident prefix, streamed tail), device
-//! allocations, and the resident uploads queued through the pinned ring.
+//! allocations, and the resident uploads, which run on a loader thread through the pinned ring
+//! ([`LoadingRing`]): `load` returns once memory is allocated, and the forward pass waits per
+//! group (embedding table, each layer, output head) for exactly the weights it needs.
+//!
+//! Nothing on this path reads the mapping: F32 norms and biases (the usual case) travel with
+//! their layer's matrices through the ring straight into the `smalls` buffer; only other norm
+//! types are converted on the host. The cuBLAS handle is created on its own thread meanwhile.
 
+use super::super::upload::LoadingRing;
 use super::*;
+use crate::model::TensorRef;
+
+/// The mapped model file as the loader thread's byte source.
+struct ModelBytes(Arc<Model>);
+
+impl AsRef<[u8]> for ModelBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.file().bytes()
+    }
+}
+
+/// Layout of the `smalls` buffer: f32 vectors at aligned offsets. F32 tensors are copied there
+/// verbatim by the ring (`direct`); others are converted into `host` now.
+#[derive(Default)]
+struct SmallPlan {
+    host: Vec<f32>,
+    /// Whether `host` holds any converted values (else it is only placeholders).
+    converted: bool,
+}
+
+impl SmallPlan {
+    /// Reserves `t`'s slot; returns its byte offset and, for an F32 tensor, the upload that
+    /// fills it (`dst` is set once the buffer exists).
+    fn add(&mut self, t: &TensorRef, file: &[u8]) -> Result<(usize, Option<UploadItem>)> {
+        let off = self.host.len() * 4;
+        let n = t.rows * t.cols;
+        let direct = t.ty == GgmlType::F32 && t.range.len() == n * 4;
+        if direct {
+            self.host.resize(self.host.len() + n, 0.0);
+        } else {
+            self.host.extend(to_f32(&t.view(file), &t.name)?);
+            self.converted = true;
+        }
+        self.host.resize(align(self.host.len() * 4) / 4, 0.0);
+        let item = direct.then(|| UploadItem {
+            src: t.range.clone(),
+            dst: DevRange { ptr: 0, len: 0 },
+            dst_off: off,
+        });
+        Ok((off, item))
+    }
+
+    fn bytes(&self) -> usize {
+        self.host.len() * 4
+    }
+}
+
+/// The cuBLAS handle, created on its own thread (it loads libcublas and libcublasLt).
+fn spawn_blas(dev: &CudaDevice) -> std::thread::JoinHandle<std::result::Result<Blas, String>> {
+    let ctx = Arc::clone(&dev.ctx);
+    std::thread::spawn(move || {
+        super::super::bind(&ctx).map_err(|e| e.to_string())?;
+        Blas::create()
+    })
+}
 
 impl CudaModel {
     /// Plans placement, allocates device memory and queues every resident upload. Returns
@@ -39,36 +101,35 @@ impl CudaModel {
                 "different K and V head widths".into(),
             ));
         }
+        let blas_thread = opt.use_blas.then(|| spawn_blas(&dev));
         let bytes = model.file().bytes();
         let ctx = opt.ctx.min(hp.n_ctx_train).max(1);
         let b = opt.max_batch.max(1);
 
-        // Small f32 vectors (norms, biases) in one resident buffer.
-        let mut small_host: Vec<f32> = Vec::new();
-        let mut push_small = |v: Vec<f32>| {
-            let off = small_host.len() * 4;
-            small_host.extend(v);
-            small_host.resize(align(small_host.len() * 4) / 4, 0.0);
-            off
-        };
-        let on = &layout.output_norm;
-        let output_norm = push_small(to_f32(&on.view(bytes), &on.name)?);
+        // Small f32 vectors (norms, biases) in one resident buffer; F32 ones come through the
+        // ring with their group (`*_smalls`), so no page of the mapping is touched here.
+        let mut small = SmallPlan::default();
+        let (output_norm, head_small) = small.add(&layout.output_norm, bytes)?;
         let mut plans = Vec::with_capacity(hp.n_layer);
-        for (l, r) in layout.layers.iter().enumerate() {
-            let w = model.layer_weights(l);
-            let attn_norm = push_small(to_f32(&w.attn_norm, &r.attn_norm.name)?);
-            let ffn_norm = push_small(to_f32(&w.ffn_norm, &r.ffn_norm.name)?);
+        let mut layer_smalls: Vec<Vec<UploadItem>> = Vec::with_capacity(hp.n_layer);
+        for r in &layout.layers {
+            let mut items = Vec::new();
+            let mut add = |t: &TensorRef| -> Result<usize> {
+                let (off, item) = small.add(t, bytes)?;
+                items.extend(item);
+                Ok(off)
+            };
+            let attn_norm = add(&r.attn_norm)?;
+            let ffn_norm = add(&r.ffn_norm)?;
             let mut bias = [None; 3];
-            for (i, (bv, br)) in [(&w.bq, &r.bq), (&w.bk, &r.bk), (&w.bv, &r.bv)]
-                .into_iter()
-                .enumerate()
-            {
-                if let (Some(bv), Some(br)) = (bv, br) {
-                    bias[i] = Some(push_small(to_f32(bv, &br.name)?));
+            for (i, br) in [&r.bq, &r.bk, &r.bv].into_iter().enumerate() {
+                if let Some(br) = br {
+                    bias[i] = Some(add(br)?);
                 }
             }
+            layer_smalls.push(items);
             let mut off = 0;
-            let mut mat = |t: &crate::model::TensorRef| {
+            let mut mat = |t: &TensorRef| {
                 let m = Mat {
                     m: QMatrix {
                         qtype: t.ty,
@@ -137,6 +198,7 @@ impl CudaModel {
             .unwrap_or_else(|| free.saturating_sub(kv_bytes + work + (512 << 20)));
         let total: usize = gbytes + plans.iter().map(|p| p.bytes).sum::<usize>();
         let max_layer = plans.iter().map(|p| p.bytes).max().unwrap_or(0);
+        let t_alloc = Instant::now();
         let mut places = Vec::with_capacity(hp.n_layer);
         let mut used = gbytes;
         let n_slots = if total <= budget { 0 } else { 2 };
@@ -155,11 +217,57 @@ impl CudaModel {
                 places.push(Place::Streamed);
             }
         }
-        let slots = (0..n_slots)
-            .map(|_| dev.alloc(max_layer, "streaming slot"))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let globals = dev.alloc(gbytes, "global weights")?;
+        let smalls = if small.converted {
+            dev.upload(&small.host, "norms and biases")?
+        } else {
+            dev.alloc(small.bytes(), "norms and biases")?
+        };
+        let mut alloc_s = t_alloc.elapsed().as_secs_f64();
 
-        let stream = dev.new_stream()?;
+        // Upload groups in the order the forward pass needs them: embedding table, each
+        // resident layer (its norms with it), output norm and head. Within a group, file order.
+        let range = |b: &DeviceBuf| DevRange {
+            ptr: b.device_ptr(),
+            len: b.len_bytes(),
+        };
+        let (g, sm) = (range(&globals), range(&smalls));
+        let mut groups: Vec<Vec<UploadItem>> = vec![vec![UploadItem {
+            src: embd_t.range.clone(),
+            dst: g,
+            dst_off: 0,
+        }]];
+        for (l, place) in places.iter().enumerate() {
+            let Place::Resident(buf) = place else {
+                continue;
+            };
+            let dst = range(buf);
+            let mut items: Vec<UploadItem> = plans[l]
+                .mats
+                .iter()
+                .map(|m| UploadItem {
+                    src: m.src.clone(),
+                    dst,
+                    dst_off: m.off,
+                })
+                .collect();
+            items.extend(layer_smalls[l].iter().map(|it| UploadItem { dst: sm, ..it.clone() }));
+            items.sort_by_key(|it| it.src.start);
+            groups.push(items);
+        }
+        let mut head_items: Vec<UploadItem> = head_small
+            .iter()
+            .map(|it| UploadItem { dst: sm, ..it.clone() })
+            .collect();
+        if let Some(h) = &layout.output {
+            head_items.push(UploadItem {
+                src: h.range.clone(),
+                dst: g,
+                dst_off: head.1,
+            });
+        }
+        groups.push(head_items);
+
         let mut ring = match ring {
             Some(r) => r,
             None => PinnedRing::new(&dev, opt.ring)?,
@@ -167,12 +275,20 @@ impl CudaModel {
         // Positional reads of the file beat page faults of the mapping; if it cannot be opened
         // again (removed meanwhile?), the mapping still works.
         ring.set_source_file(std::fs::File::open(model.file().path()).ok());
-        let ready = (0..ring.copy_streams())
+        let n_copy = ring.copy_streams();
+        let ring = LoadingRing::spawn(&dev, ring, ModelBytes(Arc::clone(&model)), groups, t0)?;
+        let prep_s = t0.elapsed().as_secs_f64();
+
+        // The rest runs while the loader reads.
+        let t_alloc = Instant::now();
+        let stream = dev.new_stream()?;
+        let ready = (0..n_copy)
             .map(|_| dev.new_event(false))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let slot_free = [dev.new_event(false)?, dev.new_event(false)?];
-        let globals = dev.alloc(gbytes, "global weights")?;
-        let smalls = dev.upload(&small_host, "norms and biases")?;
+        let slots = (0..n_slots)
+            .map(|_| dev.alloc(max_layer, "streaming slot"))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let kv = dev.alloc(kv_bytes, "KV cache")?;
         let f = |n: usize, what: &str| dev.alloc(n.max(1), what);
         let s = Scratch {
@@ -193,15 +309,24 @@ impl CudaModel {
             x16: f(b * max_cols * 2, "f16 activations")?,
             w16: f(tile_rows_bytes, "f16 weight tile")?,
         };
-        let (blas, blas_note) = if opt.use_blas {
-            match Blas::open(&stream) {
-                Ok(h) => (Some(h), None),
+        alloc_s += t_alloc.elapsed().as_secs_f64();
+        let t_blas = Instant::now();
+        let (blas, blas_note) = match blas_thread.map(|t| t.join()) {
+            None => (None, Some("disabled".to_string())),
+            Some(Err(_)) => (None, Some("the cuBLAS thread panicked".to_string())),
+            Some(Ok(Err(why))) => (None, Some(why)),
+            Some(Ok(Ok(mut h))) => match h.set_stream(&stream) {
+                Ok(()) => (Some(h), None),
                 Err(why) => (None, Some(why)),
-            }
-        } else {
-            (None, Some("disabled".into()))
+            },
         };
-        let mut me = Self {
+        let blas_wait_s = t_blas.elapsed().as_secs_f64();
+        let resident_layers = places
+            .iter()
+            .filter(|p| matches!(p, Place::Resident(_)))
+            .count();
+        let streamed_layers = hp.n_layer - resident_layers;
+        Ok(Self {
             dev,
             hp,
             model: Arc::clone(&model),
@@ -227,53 +352,93 @@ impl CudaModel {
             freq_scale,
             report: LoadReport {
                 weight_bytes: total as u64,
+                resident_layers,
+                streamed_layers,
                 budget,
                 device_weight_bytes: used,
                 blas: blas_note.map(|n| format!("cuBLAS not used: {n}")),
+                prep_s,
+                alloc_s,
+                blas_wait_s,
+                queue_s: t0.elapsed().as_secs_f64(),
                 ..LoadReport::default()
             },
+        })
+    }
+
+    /// Makes the compute stream wait for the weights of `group` (blocking the host only until
+    /// the loader queued them; see [`LoadingRing::wait_group`]).
+    pub(super) fn wait_loaded(&mut self, group: LoadGroup) -> Result<()> {
+        let resident = |ps: &[Place]| ps.iter().filter(|p| matches!(p, Place::Resident(_))).count();
+        let g = match group {
+            LoadGroup::Embedding => 0,
+            LoadGroup::Layer(l) => match self.places.get(l) {
+                Some(Place::Resident(_)) => 1 + resident(&self.places[..l]),
+                // Streamed layers are not part of the load.
+                _ => return Ok(()),
+            },
+            LoadGroup::Head => 1 + resident(&self.places),
         };
-        me.report.resident_layers = me
-            .places
-            .iter()
-            .filter(|p| matches!(p, Place::Resident(_)))
-            .count();
-        me.report.streamed_layers = me.hp.n_layer - me.report.resident_layers;
-        // Queue uploads: globals, then resident layers in order, packed into the ring's slots.
-        me.report.prep_s = t0.elapsed().as_secs_f64();
-        let g = DevRange {
-            ptr: me.globals.device_ptr(),
-            len: me.globals.len_bytes(),
-        };
-        let mut items = vec![UploadItem {
-            src: embd_t.range.clone(),
-            dst: g,
-            dst_off: 0,
-        }];
-        if let Some(h) = &layout.output {
-            items.push(UploadItem {
-                src: h.range.clone(),
-                dst: g,
-                dst_off: me.head.1,
-            });
+        self.ring.wait_group(g, &self.stream)?;
+        Ok(())
+    }
+}
+
+/// What the forward pass is about to use (see [`CudaModel::wait_loaded`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum LoadGroup {
+    Embedding,
+    Layer(usize),
+    Head,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `smalls` buffer assembled as the device gets it (host conversions, then the ring's
+    /// verbatim copies of F32 tensors) equals converting every norm on the host, on a real
+    /// model with non-trivial norms (the synthetic ones are all ones).
+    #[test]
+    fn smalls_through_the_ring_equal_host_conversion() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !path.exists() {
+            eprintln!("skipped: {} not present (scripts/fetch-model.sh)", path.display());
+            return;
         }
-        for l in 0..me.hp.n_layer {
-            if let Place::Resident(buf) = &me.places[l] {
-                let dst = DevRange {
-                    ptr: buf.device_ptr(),
-                    len: buf.len_bytes(),
-                };
-                items.extend(me.plans[l].mats.iter().map(|m| UploadItem {
-                    src: m.src.clone(),
-                    dst,
-                    dst_off: m.off,
-                }));
-            }
+        let model = Model::open(&path).expect("open SmolLM2");
+        let file = model.file().bytes();
+        let layout = model.layout();
+        let mut plan = SmallPlan::default();
+        let mut direct = Vec::new();
+        let mut expect: Vec<(usize, Vec<f32>)> = Vec::new();
+        let mut tensors = vec![&layout.output_norm];
+        for r in &layout.layers {
+            tensors.extend([&r.attn_norm, &r.ffn_norm]);
+            tensors.extend([&r.bq, &r.bk, &r.bv].into_iter().flatten());
         }
-        me.ring.upload_many(bytes, &items)?;
-        me.ring.mark_ready(&me.stream, &me.ready)?;
-        me.report.queue_s = t0.elapsed().as_secs_f64();
-        me.report.upload = me.ring.stats;
-        Ok(me)
+        for t in tensors {
+            let (off, item) = plan.add(t, file).expect("plan");
+            direct.extend(item);
+            expect.push((off, to_f32(&t.view(file), &t.name).expect("convert")));
+        }
+        assert!(!direct.is_empty(), "SmolLM2's norms are F32: they go through the ring");
+        let mut dev: Vec<u8> = plan.host.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for it in &direct {
+            dev[it.dst_off..it.dst_off + it.src.len()].copy_from_slice(&file[it.src.clone()]);
+        }
+        assert!(
+            expect.iter().any(|(_, w)| w.iter().any(|&v| v != 1.0)),
+            "norms that are not all ones"
+        );
+        for (off, want) in expect {
+            assert_eq!(off % ALIGN, 0);
+            let got: Vec<f32> = dev[off..off + want.len() * 4]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            assert_eq!(got, want, "norm at offset {off}");
+        }
     }
 }

@@ -15,7 +15,8 @@ use super::blas::Blas;
 use super::memory::DeviceBuf;
 use super::ops::{AttnParams, KvLayout, QMatrix, RopeParams, SampleParams};
 use super::stream::{Event, Stream};
-use super::upload::{DevRange, PinnedRing, RingConfig, UploadItem, UploadStats};
+use super::upload::{DevRange, LoadingRing, PinnedRing, RingConfig, UploadItem, UploadStats};
+use load::LoadGroup;
 use super::CudaDevice;
 use crate::backend::error::BackendError;
 use crate::backend::{ComputeDevice, DeviceBuffer, DeviceStream};
@@ -164,11 +165,16 @@ pub struct LoadReport {
     /// Device bytes holding weights (globals + resident layers + streaming slots).
     pub device_weight_bytes: usize,
     pub budget: usize,
-    /// Host time to queue every upload (fill + waits + queueing).
+    /// Host time until `load` returned (the uploads go on on the loader thread; its queueing
+    /// time is `upload.queued_s`).
     pub queue_s: f64,
-    /// Of `queue_s`: planning, norm conversion and device allocations before the first upload
+    /// Of `queue_s`: planning, norm conversion and device allocations before the loader started
     /// (the ring itself is in `upload.ring_alloc_s`, zero here when it was built beforehand).
     pub prep_s: f64,
+    /// Of `queue_s`: device allocations (before and after the loader started).
+    pub alloc_s: f64,
+    /// Of `queue_s`: waiting for the cuBLAS handle created on its own thread.
+    pub blas_wait_s: f64,
     /// Until the last copy completed.
     pub resident_s: f64,
     pub upload: UploadStats,
@@ -181,7 +187,8 @@ pub struct CudaModel {
     /// The mapped file the weights come from (streamed layers re-read it every forward).
     model: Arc<Model>,
     stream: Stream,
-    ring: PinnedRing,
+    /// Dropped before the device memory below: it stops and drains the loader.
+    ring: LoadingRing,
     ready: Vec<Event>,
     slot_free: [Event; 2],
     slots: Vec<DeviceBuf>,
@@ -220,9 +227,10 @@ fn to_f32(v: &WeightView, name: &str) -> Result<Vec<f32>> {
 impl CudaModel {
     /// Blocks until every resident weight is on the device (for load measurements).
     pub fn wait_resident(&mut self, since: Instant) -> Result<()> {
-        self.ring.drain()?;
+        let ring = self.ring.ring(&self.stream)?;
+        ring.drain()?;
         self.report.resident_s = since.elapsed().as_secs_f64();
-        self.report.upload = self.ring.stats;
+        self.report.upload = ring.stats;
         Ok(())
     }
 
@@ -282,6 +290,7 @@ impl CudaModel {
 
     /// The device region of layer `l`'s matrices, uploading it first when streamed.
     fn layer_region(&mut self, l: usize, streamed_idx: &mut usize) -> Result<View> {
+        self.wait_loaded(LoadGroup::Layer(l))?;
         match &self.places[l] {
             Place::Resident(b) => Ok(View {
                 ptr: b.device_ptr(),
@@ -295,7 +304,8 @@ impl CudaModel {
                     len: self.slots[si].len_bytes(),
                 };
                 // The copy must not start before the last compute reading this slot ended.
-                self.ring.wait_for(&self.slot_free[si])?;
+                let ring = self.ring.ring(&self.stream)?;
+                ring.wait_for(&self.slot_free[si])?;
                 let bytes = self.model.file().bytes();
                 let dst = DevRange {
                     ptr: slot.ptr,
@@ -310,8 +320,8 @@ impl CudaModel {
                         dst_off: m.off,
                     })
                     .collect();
-                self.ring.upload_many(bytes, &items)?;
-                self.ring.mark_ready(&self.stream, &self.ready)?;
+                ring.upload_many(bytes, &items)?;
+                ring.mark_ready(&self.stream, &self.ready)?;
                 Ok(slot)
             }
         }
@@ -339,6 +349,7 @@ impl CudaModel {
         // writes cannot race a kernel still reading these buffers.
         self.s.ids.write(0, &ids)?;
         self.s.pos.write(0, &pos)?;
+        self.wait_loaded(LoadGroup::Embedding)?;
         let dev = Arc::clone(&self.dev);
         let st = &self.stream;
         let (d, qd, kd, vd, ff) = (hp.n_embd, hp.q_dim(), hp.k_dim(), hp.v_dim(), hp.n_ff);
@@ -463,7 +474,8 @@ impl CudaModel {
                 self.stream.record(&self.slot_free[(streamed - 1) % 2])?;
             }
         }
-        // Output head on the last position.
+        // Output head on the last position (the output norm travels with it).
+        self.wait_loaded(LoadGroup::Head)?;
         let last = view(&hidden, (n - 1) * d * 4, d * 4)?;
         let xn0 = view(&xn, 0, d * 4)?;
         dev.rmsnorm(
