@@ -140,6 +140,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         return run_ttft(&a);
     }
+    super::gpu::readahead(a.backend, &a.model);
     if let Some(dev) = super::gpu::select(a.backend)? {
         return super::gpu::bench(&a, dev);
     }

@@ -67,6 +67,14 @@ impl Prewarm {
     }
 }
 
+/// For a GPU backend, starts reading the model file into the page cache in the background
+/// (before CUDA initialises; see `spawn_readahead`). Call first thing.
+pub fn readahead(kind: BackendKind, model: &std::path::Path) {
+    if kind != BackendKind::Cpu {
+        rocmforge::backend::cuda::upload::spawn_readahead(model);
+    }
+}
+
 /// The CUDA device for `kind`, or `None` for the CPU. `auto` without CUDA prints why and falls
 /// back; `cuda` without a device is an error.
 /// An opened CUDA device and the milliseconds its initialisation took.

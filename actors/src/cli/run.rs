@@ -257,6 +257,7 @@ pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     if a.pipeline.wanted() {
         return super::pipelined::run(&a, &prompt);
     }
+    super::gpu::readahead(a.backend, &a.model.model);
     if let Some(dev) = super::gpu::select(a.backend)? {
         return super::gpu::run(&a, &prompt, dev);
     }
