@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use std::fs::File;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -439,9 +439,11 @@ unsafe fn fill(
 
 /// The ring, possibly still filling the resident weights on a background thread.
 ///
-/// [`LoadingRing::spawn`] moves the ring to a loader thread that uploads `groups` in order
-/// (for the forward pass: the embedding table, each resident layer, the output head) and
-/// records one event per copy stream after each group. The compute thread calls
+/// [`LoadingRing::spawn`] moves the ring to a loader thread that uploads groups in order as
+/// the owner sends them through the returned [`GroupSender`] (for the forward pass: the
+/// embedding table, each resident layer, the output head; the owner sends a layer as soon as
+/// its device memory is allocated, so reading starts before the last allocation) and records
+/// one event per copy stream after each group. The compute thread calls
 /// [`LoadingRing::wait_group`] before using a group: it blocks the host only until that group's
 /// copies are *queued* (an event must be recorded before a stream can wait on it), then makes
 /// the compute stream wait on the device. So layer 0 computes while later layers are still read
@@ -490,22 +492,22 @@ impl LoadingRing {
         }
     }
 
-    /// Starts uploading `groups` in order on a new thread. `src` holds the bytes the items
-    /// index (the mapped model file: the bounds check, and the source when the ring has no
-    /// file). Every `dst` must stay alive until this value is dropped or joined and drained
-    /// (the owner of the device memory drops it after this). `t0` is the start of the load
-    /// (for the `first_group_s`/`queued_s` stats).
+    /// Starts the loader thread for `n_groups` groups, uploaded in the order they are sent.
+    /// `src` holds the bytes the items index (the mapped model file: the bounds check, and the
+    /// source when the ring has no file). Every `dst` must stay alive until this value is
+    /// dropped or joined and drained (the owner of the device memory drops it after this).
+    /// `t0` is the start of the load (for the `first_group_s`/`queued_s` stats).
     pub fn spawn<S>(
         dev: &CudaDevice,
         ring: PinnedRing,
         src: S,
-        groups: Vec<Vec<UploadItem>>,
+        n_groups: usize,
         t0: Instant,
-    ) -> BackendResult<Self>
+    ) -> BackendResult<(Self, GroupSender)>
     where
         S: AsRef<[u8]> + Send + 'static,
     {
-        let events = (0..groups.len())
+        let events = (0..n_groups)
             .map(|_| {
                 (0..ring.copy_streams())
                     .map(|_| dev.new_event(false))
@@ -521,13 +523,15 @@ impl LoadingRing {
             events,
             cancel: AtomicBool::new(false),
         });
+        // Capacity: every group fits, so the owner never blocks on a send.
+        let (tx, rx) = mpsc::sync_channel(n_groups.max(1));
         let sh = Arc::clone(&shared);
         let ctx = Arc::clone(&dev.ctx);
         let thread = std::thread::Builder::new()
             .name("rf-loader".into())
             .spawn(move || {
                 let mut ring = ring;
-                let r = super::bind(&ctx).and_then(|()| load_groups(&mut ring, &src, &groups, &sh, t0));
+                let r = super::bind(&ctx).and_then(|()| load_groups(&mut ring, &src, &rx, &sh, t0));
                 let mut p = sh.lock();
                 p.ended = true;
                 drop(p);
@@ -538,10 +542,13 @@ impl LoadingRing {
                 op: "LoadingRing::spawn",
                 what: format!("loader thread: {e}"),
             })?;
-        Ok(Self {
-            state: LoadState::Loading(thread),
-            shared: Some(shared),
-        })
+        Ok((
+            Self {
+                state: LoadState::Loading(thread),
+                shared: Some(shared),
+            },
+            GroupSender(tx),
+        ))
     }
 
     /// Makes `compute` wait (on the device) for group `g`'s copies; blocks the host only until
@@ -645,20 +652,40 @@ impl Drop for LoadingRing {
     }
 }
 
-/// The loader thread's work: each group through the ring, then its events.
+/// Hands groups to the loader thread in upload order (see [`LoadingRing::spawn`]).
+pub struct GroupSender(mpsc::SyncSender<Vec<UploadItem>>);
+
+impl GroupSender {
+    /// Queues the next group. A loader that already ended (failed or cancelled) drops it; the
+    /// waits report why.
+    pub fn send(&self, items: Vec<UploadItem>) {
+        let _ = self.0.try_send(items);
+    }
+}
+
+/// The loader thread's work: each group through the ring as it arrives, then its events.
 fn load_groups<S: AsRef<[u8]>>(
     ring: &mut PinnedRing,
     src: &S,
-    groups: &[Vec<UploadItem>],
+    rx: &mpsc::Receiver<Vec<UploadItem>>,
     sh: &LoadShared,
     t0: Instant,
 ) -> BackendResult<()> {
     let map = src.as_ref();
-    for (g, items) in groups.iter().enumerate() {
-        if sh.cancel.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        ring.upload_many(map, items)?;
+    for g in 0..sh.events.len() {
+        // Polls the cancel flag while the owner is still allocating (it may fail and drop us).
+        let items = loop {
+            if sh.cancel.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(items) => break items,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                // The owner gave up (an allocation failed): nothing more will come.
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        };
+        ring.upload_many(map, &items)?;
         ring.record_all(&sh.events[g])?;
         let at = t0.elapsed().as_secs_f64();
         if g == 0 {

@@ -5,8 +5,10 @@
 //!
 //! Nothing on this path reads the mapping: F32 norms and biases (the usual case) travel with
 //! their layer's matrices through the ring straight into the `smalls` buffer; only other norm
-//! types are converted on the host. The cuBLAS handle is created on its own thread meanwhile.
+//! types are converted on the host. The cuBLAS handle is created at the first prefill that
+//! uses it ([`LazyBlas`]), not here.
 
+use super::super::blas::Blas;
 use super::super::upload::LoadingRing;
 use super::*;
 use crate::model::TensorRef;
@@ -56,13 +58,33 @@ impl SmallPlan {
     }
 }
 
-/// The cuBLAS handle, created on its own thread (it loads libcublas and libcublasLt).
-fn spawn_blas(dev: &CudaDevice) -> std::thread::JoinHandle<std::result::Result<Blas, String>> {
-    let ctx = Arc::clone(&dev.ctx);
-    std::thread::spawn(move || {
-        super::super::bind(&ctx).map_err(|e| e.to_string())?;
-        Blas::create()
-    })
+/// The cuBLAS handle, created at its first use: a prompt shorter than the GEMM threshold never
+/// loads libcublas/libcublasLt (~0.1 s warm, several tenths from a cold disk, competing with
+/// the weights for it), and a longer one creates it while the loader is still reading.
+pub(super) enum LazyBlas {
+    NotCreated,
+    Ready(Blas),
+    /// Disabled, or creation failed (logged once): prefill uses token-batched mmvq.
+    Unavailable,
+}
+
+impl LazyBlas {
+    /// The handle, created and bound to `stream` on the first call.
+    pub(super) fn get(&mut self, stream: &Stream) -> Option<&mut Blas> {
+        if let LazyBlas::NotCreated = self {
+            *self = match Blas::create().and_then(|mut b| b.set_stream(stream).map(|()| b)) {
+                Ok(b) => LazyBlas::Ready(b),
+                Err(why) => {
+                    tracing::warn!(%why, "cuBLAS unavailable; prefill uses mmvq per token");
+                    LazyBlas::Unavailable
+                }
+            };
+        }
+        match self {
+            LazyBlas::Ready(b) => Some(b),
+            LazyBlas::NotCreated | LazyBlas::Unavailable => None,
+        }
+    }
 }
 
 impl CudaModel {
@@ -101,7 +123,6 @@ impl CudaModel {
                 "different K and V head widths".into(),
             ));
         }
-        let blas_thread = opt.use_blas.then(|| spawn_blas(&dev));
         let bytes = model.file().bytes();
         let ctx = opt.ctx.min(hp.n_ctx_train).max(1);
         let b = opt.max_batch.max(1);
@@ -198,8 +219,7 @@ impl CudaModel {
             .unwrap_or_else(|| free.saturating_sub(kv_bytes + work + (512 << 20)));
         let total: usize = gbytes + plans.iter().map(|p| p.bytes).sum::<usize>();
         let max_layer = plans.iter().map(|p| p.bytes).max().unwrap_or(0);
-        let t_alloc = Instant::now();
-        let mut places = Vec::with_capacity(hp.n_layer);
+        let plan_s = t0.elapsed().as_secs_f64();
         let mut used = gbytes;
         let n_slots = if total <= budget { 0 } else { 2 };
         if n_slots > 0 && gbytes + 2 * max_layer > budget {
@@ -209,14 +229,19 @@ impl CudaModel {
             });
         }
         used += n_slots * max_layer;
-        for p in &plans {
-            if used + p.bytes <= budget {
-                used += p.bytes;
-                places.push(Place::Resident(dev.alloc(p.bytes, "layer weights")?));
-            } else {
-                places.push(Place::Streamed);
-            }
-        }
+        let resident: Vec<bool> = plans
+            .iter()
+            .map(|p| {
+                let fits = used + p.bytes <= budget;
+                if fits {
+                    used += p.bytes;
+                }
+                fits
+            })
+            .collect();
+        // Declared before the loader: dropped after it (it copies into them).
+        let mut places = Vec::with_capacity(hp.n_layer);
+        let t_alloc = Instant::now();
         let globals = dev.alloc(gbytes, "global weights")?;
         let smalls = if small.converted {
             dev.upload(&small.host, "norms and biases")?
@@ -225,23 +250,40 @@ impl CudaModel {
         };
         let mut alloc_s = t_alloc.elapsed().as_secs_f64();
 
-        // Upload groups in the order the forward pass needs them: embedding table, each
-        // resident layer (its norms with it), output norm and head. Within a group, file order.
+        let mut ring = match ring {
+            Some(r) => r,
+            None => PinnedRing::new(&dev, opt.ring)?,
+        };
+        // Positional reads of the file beat page faults of the mapping; if it cannot be opened
+        // again (removed meanwhile?), the mapping still works.
+        ring.set_source_file(std::fs::File::open(model.file().path()).ok());
+        let n_copy = ring.copy_streams();
+        // Groups in the order the forward pass needs them: embedding table, each resident
+        // layer (its norms with it), output norm and head. Within a group, file order.
+        let n_groups = 2 + resident.iter().filter(|&&r| r).count();
+        let (ring, groups) =
+            LoadingRing::spawn(&dev, ring, ModelBytes(Arc::clone(&model)), n_groups, t0)?;
         let range = |b: &DeviceBuf| DevRange {
             ptr: b.device_ptr(),
             len: b.len_bytes(),
         };
         let (g, sm) = (range(&globals), range(&smalls));
-        let mut groups: Vec<Vec<UploadItem>> = vec![vec![UploadItem {
+        groups.send(vec![UploadItem {
             src: embd_t.range.clone(),
             dst: g,
             dst_off: 0,
-        }]];
-        for (l, place) in places.iter().enumerate() {
-            let Place::Resident(buf) = place else {
+        }]);
+        let prep_s = t0.elapsed().as_secs_f64();
+        // Each layer goes to the loader as soon as its memory exists: reading overlaps the
+        // remaining allocations.
+        let t_alloc = Instant::now();
+        for (l, &res) in resident.iter().enumerate() {
+            if !res {
+                places.push(Place::Streamed);
                 continue;
-            };
-            let dst = range(buf);
+            }
+            let buf = dev.alloc(plans[l].bytes, "layer weights")?;
+            let dst = range(&buf);
             let mut items: Vec<UploadItem> = plans[l]
                 .mats
                 .iter()
@@ -253,7 +295,8 @@ impl CudaModel {
                 .collect();
             items.extend(layer_smalls[l].iter().map(|it| UploadItem { dst: sm, ..it.clone() }));
             items.sort_by_key(|it| it.src.start);
-            groups.push(items);
+            groups.send(items);
+            places.push(Place::Resident(buf));
         }
         let mut head_items: Vec<UploadItem> = head_small
             .iter()
@@ -266,21 +309,10 @@ impl CudaModel {
                 dst_off: head.1,
             });
         }
-        groups.push(head_items);
-
-        let mut ring = match ring {
-            Some(r) => r,
-            None => PinnedRing::new(&dev, opt.ring)?,
-        };
-        // Positional reads of the file beat page faults of the mapping; if it cannot be opened
-        // again (removed meanwhile?), the mapping still works.
-        ring.set_source_file(std::fs::File::open(model.file().path()).ok());
-        let n_copy = ring.copy_streams();
-        let ring = LoadingRing::spawn(&dev, ring, ModelBytes(Arc::clone(&model)), groups, t0)?;
-        let prep_s = t0.elapsed().as_secs_f64();
+        groups.send(head_items);
+        drop(groups);
 
         // The rest runs while the loader reads.
-        let t_alloc = Instant::now();
         let stream = dev.new_stream()?;
         let ready = (0..n_copy)
             .map(|_| dev.new_event(false))
@@ -310,17 +342,11 @@ impl CudaModel {
             w16: f(tile_rows_bytes, "f16 weight tile")?,
         };
         alloc_s += t_alloc.elapsed().as_secs_f64();
-        let t_blas = Instant::now();
-        let (blas, blas_note) = match blas_thread.map(|t| t.join()) {
-            None => (None, Some("disabled".to_string())),
-            Some(Err(_)) => (None, Some("the cuBLAS thread panicked".to_string())),
-            Some(Ok(Err(why))) => (None, Some(why)),
-            Some(Ok(Ok(mut h))) => match h.set_stream(&stream) {
-                Ok(()) => (Some(h), None),
-                Err(why) => (None, Some(why)),
-            },
+        let blas = if opt.use_blas {
+            LazyBlas::NotCreated
+        } else {
+            LazyBlas::Unavailable
         };
-        let blas_wait_s = t_blas.elapsed().as_secs_f64();
         let resident_layers = places
             .iter()
             .filter(|p| matches!(p, Place::Resident(_)))
@@ -356,10 +382,10 @@ impl CudaModel {
                 streamed_layers,
                 budget,
                 device_weight_bytes: used,
-                blas: blas_note.map(|n| format!("cuBLAS not used: {n}")),
+                blas: (!opt.use_blas).then(|| "cuBLAS not used: disabled".to_string()),
+                plan_s,
                 prep_s,
                 alloc_s,
-                blas_wait_s,
                 queue_s: t0.elapsed().as_secs_f64(),
                 ..LoadReport::default()
             },

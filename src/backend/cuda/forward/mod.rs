@@ -11,7 +11,6 @@
 
 mod load;
 
-use super::blas::Blas;
 use super::memory::DeviceBuf;
 use super::ops::{AttnParams, KvLayout, QMatrix, RopeParams, SampleParams};
 use super::stream::{Event, Stream};
@@ -168,13 +167,14 @@ pub struct LoadReport {
     /// Host time until `load` returned (the uploads go on on the loader thread; its queueing
     /// time is `upload.queued_s`).
     pub queue_s: f64,
-    /// Of `queue_s`: planning, norm conversion and device allocations before the loader started
-    /// (the ring itself is in `upload.ring_alloc_s`, zero here when it was built beforehand).
+    /// Of `queue_s`: until the loader had its first group (planning, norm conversion, the
+    /// global and norm buffers; layers are allocated while it reads; the ring itself is in
+    /// `upload.ring_alloc_s`, zero here when it was built beforehand).
     pub prep_s: f64,
+    /// Of `prep_s`: planning and the budget query before the first allocation.
+    pub plan_s: f64,
     /// Of `queue_s`: device allocations (before and after the loader started).
     pub alloc_s: f64,
-    /// Of `queue_s`: waiting for the cuBLAS handle created on its own thread.
-    pub blas_wait_s: f64,
     /// Until the last copy completed.
     pub resident_s: f64,
     pub upload: UploadStats,
@@ -202,7 +202,8 @@ pub struct CudaModel {
     kv: DeviceBuf,
     kv_layout: KvLayout,
     s: Scratch,
-    blas: Option<Blas>,
+    /// Created at the first GEMM (see `load::LazyBlas`).
+    blas: load::LazyBlas,
     max_batch: usize,
     tile_rows_bytes: usize,
     pos: usize,
@@ -259,7 +260,7 @@ impl CudaModel {
     fn linear(&mut self, w: View, m: QMatrix, x: View, y: View, n: usize) -> Result<()> {
         let dev = &self.dev;
         let s = &self.stream;
-        if n >= 8 && self.blas.is_some() {
+        if n >= 8 && self.blas.get(&self.stream).is_some() {
             let kv = KvLayout {
                 n_kv_heads: 1,
                 head_dim: m.ncols,
@@ -273,7 +274,7 @@ impl CudaModel {
                 let rows = tile.min(m.nrows - r0);
                 dev.dequantize_f16(s, &w, m, r0, rows, &self.s.w16)?;
                 let yv = view(&y, r0 * 4, y.len - r0 * 4)?;
-                if let Some(b) = self.blas.as_mut() {
+                if let Some(b) = self.blas.get(&self.stream) {
                     b.gemm_f16_nt(&self.s.w16, rows, m.ncols, &self.s.x16, n, &yv, m.nrows)?;
                 }
                 r0 += rows;
