@@ -4,7 +4,7 @@
 
 use super::bench::{median, tokens, BenchArgs};
 use super::run::{GenError, RunArgs, TextSink};
-use rocmforge::backend::cuda::forward::{CudaModel, CudaOptions, LoadReport};
+use rocmforge::backend::cuda::forward::{CudaModel, CudaOptions, LoadReport, GEMM_MIN_TOKENS};
 use rocmforge::backend::cuda::upload::{PinnedRing, RingConfig};
 use rocmforge::backend::cuda::CudaDevice;
 use rocmforge::backend::error::BackendError;
@@ -31,12 +31,10 @@ type BoxErr = Box<dyn std::error::Error>;
 
 impl Prewarm {
     fn start(dev: &Arc<CudaDevice>, ring: RingConfig, model: &std::path::Path) -> Self {
-        // Started after CUDA init, not before: from a cold cache its deep queue of reads made
-        // the driver's own library reads wait (init 0.35 s -> 2.4 s in the first try).
-        rocmforge::backend::cuda::upload::spawn_readahead(model);
         let d = Arc::clone(dev);
         let ring = std::thread::spawn(move || PinnedRing::new(&d, ring));
         let d = Arc::clone(dev);
+        let path = model.to_path_buf();
         let kernels = std::thread::spawn(move || {
             let t = Instant::now();
             for (file, names) in rocmforge::backend::kernels::entry_points() {
@@ -47,6 +45,10 @@ impl Prewarm {
                     d.kernel(file, &n)?;
                 }
             }
+            // The readahead's deep queue of reads starts only now: from a cold cache it made
+            // every other read wait (before CUDA init: init 0.35 -> 2.4 s; with the kernels:
+            // loading NVRTC and the modules 0.3-0.7 -> 2.7-2.9 s). The loader reads meanwhile.
+            rocmforge::backend::cuda::upload::spawn_readahead(&path);
             Ok(t.elapsed().as_secs_f64() * 1e3)
         });
         Self { ring, kernels }
@@ -148,6 +150,12 @@ pub fn run(
     let pre = Prewarm::start(&dev, opt.ring, &a.model.model);
     let (model, tok) = early.take(&a.model.model)?;
     let prompt_ids = tok.encode(prompt, true, true).map_err(GenError::from)?;
+    // `run` prefills this prompt once and then decodes: cuBLAS only pays off when the prompt
+    // reaches the GEMM threshold (a short one never loads libcublas, ~0.3 s from a cold disk).
+    let opt = CudaOptions {
+        use_blas: prompt_ids.len() >= GEMM_MIN_TOKENS,
+        ..opt
+    };
     let (ring, _) = Prewarm::ring(pre.ring)?;
     let mut cm = CudaModel::load_with_ring(dev, Arc::clone(&model), opt, Some(ring))?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -5,8 +5,8 @@
 //!
 //! Nothing on this path reads the mapping: F32 norms and biases (the usual case) travel with
 //! their layer's matrices through the ring straight into the `smalls` buffer; only other norm
-//! types are converted on the host. The cuBLAS handle is created at the first prefill that
-//! uses it ([`LazyBlas`]), not here.
+//! types are converted on the host. The cuBLAS handle is created on its own thread and joined
+//! at the first prefill that uses it ([`LazyBlas`]).
 
 use super::super::blas::Blas;
 use super::super::upload::LoadingRing;
@@ -58,31 +58,71 @@ impl SmallPlan {
     }
 }
 
-/// The cuBLAS handle, created at its first use: a prompt shorter than the GEMM threshold never
-/// loads libcublas/libcublasLt (~0.1 s warm, several tenths from a cold disk, competing with
-/// the weights for it), and a longer one creates it while the loader is still reading.
-pub(super) enum LazyBlas {
-    NotCreated,
-    Ready(Blas),
-    /// Disabled, or creation failed (logged once): prefill uses token-batched mmvq.
-    Unavailable,
+/// The cuBLAS handle, created on its own thread once the load is under way (it loads
+/// libcublas/libcublasLt: ~0.1 s warm, several tenths from a cold disk) and joined at the first
+/// GEMM, so a prompt of [`GEMM_MIN_TOKENS`] or more does not wait for it serially. Callers that
+/// know no batch will reach the threshold (the `run` command with a short prompt) disable it
+/// through `CudaOptions::use_blas` and never load the libraries.
+pub(super) struct LazyBlas {
+    /// The creating thread, until the first use joins it.
+    pending: Option<std::thread::JoinHandle<std::result::Result<Blas, String>>>,
+    /// `None` after the join: disabled, or creation failed (logged once); prefill then uses
+    /// token-batched mmvq.
+    ready: Option<Blas>,
 }
 
 impl LazyBlas {
-    /// The handle, created and bound to `stream` on the first call.
-    pub(super) fn get(&mut self, stream: &Stream) -> Option<&mut Blas> {
-        if let LazyBlas::NotCreated = self {
-            *self = match Blas::create().and_then(|mut b| b.set_stream(stream).map(|()| b)) {
-                Ok(b) => LazyBlas::Ready(b),
-                Err(why) => {
-                    tracing::warn!(%why, "cuBLAS unavailable; prefill uses mmvq per token");
-                    LazyBlas::Unavailable
-                }
-            };
+    fn unavailable() -> Self {
+        Self {
+            pending: None,
+            ready: None,
         }
-        match self {
-            LazyBlas::Ready(b) => Some(b),
-            LazyBlas::NotCreated | LazyBlas::Unavailable => None,
+    }
+
+    fn spawn(dev: &CudaDevice) -> Self {
+        let ctx = Arc::clone(&dev.ctx);
+        let t = std::thread::Builder::new()
+            .name("rf-cublas".into())
+            .spawn(move || {
+                super::super::bind(&ctx).map_err(|e| e.to_string())?;
+                Blas::create()
+            });
+        match t {
+            Ok(t) => Self {
+                pending: Some(t),
+                ready: None,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cuBLAS thread; prefill uses mmvq per token");
+                Self::unavailable()
+            }
+        }
+    }
+
+    /// The handle, joined and bound to `stream` on the first call.
+    pub(super) fn get(&mut self, stream: &Stream) -> Option<&mut Blas> {
+        if let Some(t) = self.pending.take() {
+            let made = t
+                .join()
+                .unwrap_or_else(|_| Err("the cuBLAS thread panicked".into()))
+                .and_then(|mut b| b.set_stream(stream).map(|()| b));
+            match made {
+                Ok(b) => self.ready = Some(b),
+                Err(why) => {
+                    tracing::warn!(%why, "cuBLAS unavailable; prefill uses mmvq per token")
+                }
+            }
+        }
+        self.ready.as_mut()
+    }
+}
+
+impl Drop for LazyBlas {
+    fn drop(&mut self) {
+        // A detached thread still inside libcublas while the process exits could run into the
+        // library's static destructors: wait for it (it is done long before in practice).
+        if let Some(t) = self.pending.take() {
+            let _ = t.join();
         }
     }
 }
@@ -277,8 +317,12 @@ impl CudaModel {
         // Each layer goes to the loader as soon as its memory exists: reading overlaps the
         // remaining allocations.
         let t_alloc = Instant::now();
+        // Norms of streamed layers stay resident too: they travel with the last group (the
+        // first streamed layer joins the loader before it runs).
+        let mut late_smalls: Vec<UploadItem> = Vec::new();
         for (l, &res) in resident.iter().enumerate() {
             if !res {
+                late_smalls.extend(layer_smalls[l].iter().map(|it| UploadItem { dst: sm, ..it.clone() }));
                 places.push(Place::Streamed);
                 continue;
             }
@@ -302,6 +346,7 @@ impl CudaModel {
             .iter()
             .map(|it| UploadItem { dst: sm, ..it.clone() })
             .collect();
+        head_items.append(&mut late_smalls);
         if let Some(h) = &layout.output {
             head_items.push(UploadItem {
                 src: h.range.clone(),
@@ -309,6 +354,7 @@ impl CudaModel {
                 dst_off: head.1,
             });
         }
+        head_items.sort_by_key(|it| it.src.start);
         groups.send(head_items);
         drop(groups);
 
@@ -342,10 +388,12 @@ impl CudaModel {
             w16: f(tile_rows_bytes, "f16 weight tile")?,
         };
         alloc_s += t_alloc.elapsed().as_secs_f64();
+        // After every allocation: cuBLAS initialisation then competes with nothing on this
+        // thread, only with the loader (which holds no driver lock for long).
         let blas = if opt.use_blas {
-            LazyBlas::NotCreated
+            LazyBlas::spawn(&dev)
         } else {
-            LazyBlas::Unavailable
+            LazyBlas::unavailable()
         };
         let resident_layers = places
             .iter()

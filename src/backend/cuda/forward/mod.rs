@@ -44,6 +44,9 @@ pub enum CudaForwardError {
 
 type Result<T> = std::result::Result<T, CudaForwardError>;
 
+/// Batches of at least this many tokens run their matrix products through cuBLAS.
+pub const GEMM_MIN_TOKENS: usize = 8;
+
 /// Options of [`CudaModel::load`].
 #[derive(Debug, Clone, Copy)]
 pub struct CudaOptions {
@@ -54,7 +57,8 @@ pub struct CudaOptions {
     /// Device bytes for weights; `None`: free memory minus KV cache, workspace and a margin.
     pub weight_budget: Option<usize>,
     pub ring: RingConfig,
-    /// Use cuBLAS for prefill when available.
+    /// Use cuBLAS for prefill when available (off: no batch will reach [`GEMM_MIN_TOKENS`],
+    /// and the libraries are never loaded).
     pub use_blas: bool,
 }
 
@@ -260,7 +264,7 @@ impl CudaModel {
     fn linear(&mut self, w: View, m: QMatrix, x: View, y: View, n: usize) -> Result<()> {
         let dev = &self.dev;
         let s = &self.stream;
-        if n >= 8 && self.blas.get(&self.stream).is_some() {
+        if n >= GEMM_MIN_TOKENS && self.blas.get(&self.stream).is_some() {
             let kv = KvLayout {
                 n_kv_heads: 1,
                 head_dim: m.ncols,
