@@ -9,7 +9,7 @@
 //! at the first prefill that uses it ([`LazyBlas`]).
 
 use super::super::blas::Blas;
-use super::super::upload::LoadingRing;
+use super::super::upload::{LoadProgressWaiter, LoadingRing};
 use super::*;
 use crate::model::TensorRef;
 
@@ -79,11 +79,18 @@ impl LazyBlas {
         }
     }
 
-    fn spawn(dev: &CudaDevice) -> Self {
+    /// Starts creating the handle once the loader queued its first layer: cuBLAS
+    /// initialisation running while the loader makes its first driver calls stalled those
+    /// (H100: slot waits 140-170 ms warm, the first copy queued only after 0.7 s cold), while
+    /// started later it costs the loader nothing measurable.
+    fn spawn(dev: &CudaDevice, after: Option<LoadProgressWaiter>) -> Self {
         let ctx = Arc::clone(&dev.ctx);
         let t = std::thread::Builder::new()
             .name("rf-cublas".into())
             .spawn(move || {
+                if let Some(w) = after {
+                    w.wait_queued(1);
+                }
                 super::super::bind(&ctx).map_err(|e| e.to_string())?;
                 Blas::create()
             });
@@ -388,10 +395,8 @@ impl CudaModel {
             w16: f(tile_rows_bytes, "f16 weight tile")?,
         };
         alloc_s += t_alloc.elapsed().as_secs_f64();
-        // After every allocation: cuBLAS initialisation then competes with nothing on this
-        // thread, only with the loader (which holds no driver lock for long).
         let blas = if opt.use_blas {
-            LazyBlas::spawn(&dev)
+            LazyBlas::spawn(&dev, ring.progress())
         } else {
             LazyBlas::unavailable()
         };
