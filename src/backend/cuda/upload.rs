@@ -36,7 +36,7 @@ impl Default for RingConfig {
         // filled (0.5 ms at 34 GB/s), so more or larger slots only cost pinning time, which is
         // on the start-up path right after CUDA init (H100: 31 ms for 4 x 16 MiB, 68 ms for
         // 4 x 32 MiB). 12 fill threads: one thread copies ~3 GB/s out of the page cache into
-        // pinned memory (H100: 8 threads 32 GB/s, 12 threads 39, 16 threads 35).
+        // pinned memory (H100: 8 threads 32-33 GB/s, 12 threads 34-40, 16 threads 35-37).
         let cfg = Self {
             slots: 4,
             slot_bytes: 16 << 20,
@@ -200,7 +200,8 @@ impl PinnedRing {
             // The weights are read front to back: a larger readahead window from a cold cache.
             // Advice only: a failure changes nothing but speed.
             // SAFETY: plain syscall on an open descriptor; no memory is passed.
-            let _ = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+            let _ =
+                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
         }
         self.stats.pread = file.is_some();
         self.file = file;
@@ -374,11 +375,7 @@ type FillTask = Vec<(usize, usize, usize)>;
 /// 12 threads left two thirds of them idle in the second round).
 fn split_tasks(pieces: &[Piece], threads: usize) -> Vec<FillTask> {
     let total: usize = pieces.iter().map(|p| p.len).sum();
-    let share = total
-        .div_ceil(threads.max(1))
-        .div_ceil(TASK_ALIGN)
-        .max(1)
-        * TASK_ALIGN;
+    let share = total.div_ceil(threads.max(1)).div_ceil(TASK_ALIGN).max(1) * TASK_ALIGN;
     let mut tasks = Vec::new();
     let mut cur: FillTask = Vec::new();
     let mut room = share;
@@ -583,7 +580,11 @@ impl LoadingRing {
     pub fn wait_group(&mut self, g: usize, compute: &Stream) -> BackendResult<()> {
         match &self.state {
             LoadState::Ready(_) => return Ok(()),
-            LoadState::Failed(why) => return Err(BackendError::UploadFailed { reason: why.clone() }),
+            LoadState::Failed(why) => {
+                return Err(BackendError::UploadFailed {
+                    reason: why.clone(),
+                })
+            }
             LoadState::Loading(_) | LoadState::Joining => {}
         }
         let Some(sh) = self.shared.clone() else {
@@ -624,7 +625,9 @@ impl LoadingRing {
         self.join(compute)?;
         match &mut self.state {
             LoadState::Ready(r) => Ok(r),
-            LoadState::Failed(why) => Err(BackendError::UploadFailed { reason: why.clone() }),
+            LoadState::Failed(why) => Err(BackendError::UploadFailed {
+                reason: why.clone(),
+            }),
             LoadState::Loading(_) | LoadState::Joining => Err(BackendError::UploadFailed {
                 reason: "the loader was not joined".into(),
             }),
@@ -760,8 +763,12 @@ pub fn spawn_readahead(path: &std::path::Path) {
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     // SAFETY: sysconf only reads system constants.
-    let (pages, page) =
-        unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
     let phys = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
     if len == 0 || len > phys / 2 {
         return;
@@ -868,13 +875,20 @@ mod tests {
             let mut covered = vec![0u8; total];
             for t in &tasks {
                 let bytes: usize = t.iter().map(|r| r.1).sum();
-                assert!(bytes <= total.div_ceil(threads) + TASK_ALIGN, "{threads}: {bytes}");
+                assert!(
+                    bytes <= total.div_ceil(threads) + TASK_ALIGN,
+                    "{threads}: {bytes}"
+                );
                 for &(src, len, off) in t {
                     let p = pieces
                         .iter()
                         .find(|p| off >= p.slot_off && off < p.slot_off + p.len)
                         .expect("run inside a piece");
-                    assert_eq!(src - p.src, off - p.slot_off, "source and slot offsets agree");
+                    assert_eq!(
+                        src - p.src,
+                        off - p.slot_off,
+                        "source and slot offsets agree"
+                    );
                     assert!(off + len <= p.slot_off + p.len, "run stays in its piece");
                     covered[off..off + len].iter_mut().for_each(|c| *c += 1);
                 }

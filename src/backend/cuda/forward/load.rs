@@ -329,7 +329,10 @@ impl CudaModel {
         let mut late_smalls: Vec<UploadItem> = Vec::new();
         for (l, &res) in resident.iter().enumerate() {
             if !res {
-                late_smalls.extend(layer_smalls[l].iter().map(|it| UploadItem { dst: sm, ..it.clone() }));
+                late_smalls.extend(layer_smalls[l].iter().map(|it| UploadItem {
+                    dst: sm,
+                    ..it.clone()
+                }));
                 places.push(Place::Streamed);
                 continue;
             }
@@ -344,14 +347,20 @@ impl CudaModel {
                     dst_off: m.off,
                 })
                 .collect();
-            items.extend(layer_smalls[l].iter().map(|it| UploadItem { dst: sm, ..it.clone() }));
+            items.extend(layer_smalls[l].iter().map(|it| UploadItem {
+                dst: sm,
+                ..it.clone()
+            }));
             items.sort_by_key(|it| it.src.start);
             groups.send(items);
             places.push(Place::Resident(buf));
         }
         let mut head_items: Vec<UploadItem> = head_small
             .iter()
-            .map(|it| UploadItem { dst: sm, ..it.clone() })
+            .map(|it| UploadItem {
+                dst: sm,
+                ..it.clone()
+            })
             .collect();
         head_items.append(&mut late_smalls);
         if let Some(h) = &layout.output {
@@ -448,7 +457,11 @@ impl CudaModel {
     /// Makes the compute stream wait for the weights of `group` (blocking the host only until
     /// the loader queued them; see [`LoadingRing::wait_group`]).
     pub(super) fn wait_loaded(&mut self, group: LoadGroup) -> Result<()> {
-        let resident = |ps: &[Place]| ps.iter().filter(|p| matches!(p, Place::Resident(_))).count();
+        let resident = |ps: &[Place]| {
+            ps.iter()
+                .filter(|p| matches!(p, Place::Resident(_)))
+                .count()
+        };
         let g = match group {
             LoadGroup::Embedding => 0,
             LoadGroup::Layer(l) => match self.places.get(l) {
@@ -483,7 +496,10 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
         if !path.exists() {
-            eprintln!("skipped: {} not present (scripts/fetch-model.sh)", path.display());
+            eprintln!(
+                "skipped: {} not present (scripts/fetch-model.sh)",
+                path.display()
+            );
             return;
         }
         let model = Model::open(&path).expect("open SmolLM2");
@@ -502,7 +518,10 @@ mod tests {
             direct.extend(item);
             expect.push((off, to_f32(&t.view(file), &t.name).expect("convert")));
         }
-        assert!(!direct.is_empty(), "SmolLM2's norms are F32: they go through the ring");
+        assert!(
+            !direct.is_empty(),
+            "SmolLM2's norms are F32: they go through the ring"
+        );
         let mut dev: Vec<u8> = plan.host.iter().flat_map(|v| v.to_le_bytes()).collect();
         for it in &direct {
             dev[it.dst_off..it.dst_off + it.src.len()].copy_from_slice(&file[it.src.clone()]);

@@ -15,7 +15,6 @@ use super::memory::DeviceBuf;
 use super::ops::{AttnParams, KvLayout, QMatrix, RopeParams, SampleParams};
 use super::stream::{Event, Stream};
 use super::upload::{DevRange, LoadingRing, PinnedRing, RingConfig, UploadItem, UploadStats};
-use load::LoadGroup;
 use super::CudaDevice;
 use crate::backend::error::BackendError;
 use crate::backend::{ComputeDevice, DeviceBuffer, DeviceStream};
@@ -25,6 +24,7 @@ use crate::model::{
 use crate::quant::GgmlType;
 use crate::sample::Sampler;
 use half::f16;
+use load::LoadGroup;
 use rand::{Rng, SeedableRng};
 use std::ops::{ControlFlow, Range};
 use std::sync::Arc;
