@@ -104,7 +104,8 @@ type Opened = Result<(Arc<Model>, Tokenizer), GenError>;
 pub struct EarlyOpen(Option<JoinHandle<Opened>>);
 
 pub fn open_early(kind: BackendKind, path: &std::path::Path) -> EarlyOpen {
-    if kind == BackendKind::Cpu {
+    // Without a CUDA driver `auto` falls back to the CPU path, which opens the model itself.
+    if kind == BackendKind::Cpu || !rocmforge::backend::cuda::driver_present() {
         return EarlyOpen(None);
     }
     let p = path.to_path_buf();
