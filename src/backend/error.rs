@@ -75,6 +75,10 @@ pub enum BackendError {
         len: usize,
         source: std::io::Error,
     },
+    /// The background weight upload failed earlier (its own error was returned to the first
+    /// waiter); every later wait on it reports this.
+    #[error("the background weight upload failed earlier: {reason}")]
+    UploadFailed { reason: String },
     /// A backend name that is not cpu|cuda|hip|auto.
     #[error("unknown backend {0:?} (expected cpu, cuda, hip or auto)")]
     UnknownBackend(String),

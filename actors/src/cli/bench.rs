@@ -154,8 +154,9 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         return run_ttft(&a);
     }
+    let early = super::gpu::open_early(a.backend, &a.model);
     if let Some(dev) = super::gpu::select(a.backend)? {
-        return super::gpu::bench(&a, dev);
+        return super::gpu::bench(&a, dev, early);
     }
     let model = Model::open(&a.model).map_err(|source| GenError::Model {
         path: a.model.clone(),

@@ -257,8 +257,9 @@ pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     if a.pipeline.wanted() {
         return super::pipelined::run(&a, &prompt);
     }
+    let early = super::gpu::open_early(a.backend, &a.model.model);
     if let Some(dev) = super::gpu::select(a.backend)? {
-        return super::gpu::run(&a, &prompt, dev);
+        return super::gpu::run(&a, &prompt, dev, early);
     }
     let loaded = load(&a.model)?;
     let Loaded {

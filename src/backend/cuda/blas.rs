@@ -26,16 +26,30 @@ fn err(op: &'static str, e: impl std::fmt::Display) -> BackendError {
 impl Blas {
     /// A handle bound to `stream`, or `None` when libcublas cannot be loaded (with the reason).
     pub fn open(stream: &Stream) -> Result<Self, String> {
+        let mut me = Self::create()?;
+        me.set_stream(stream)?;
+        Ok(me)
+    }
+
+    /// A handle on the default stream; the calling thread must have the context current.
+    /// Split from [`Blas::open`] so that the model load can create it on another thread (it
+    /// loads libcublas/libcublasLt: ~0.1 s warm, more from a cold disk) and bind the stream
+    /// when it joins.
+    pub fn create() -> Result<Self, String> {
         // SAFETY: only probes whether the library loads (cudarc panics on use otherwise).
         if !unsafe { sys::is_culib_present() } {
             return Err("libcublas.so not found".into());
         }
         let handle = result::create_handle().map_err(|e| format!("cublasCreate: {e}"))?;
-        // SAFETY: the handle was just created; the stream is alive for the handle's use (the
-        // owner keeps both and drops the handle first).
-        unsafe { result::set_stream(handle, stream.raw() as sys::cudaStream_t) }
-            .map_err(|e| format!("cublasSetStream: {e}"))?;
         Ok(Self { handle })
+    }
+
+    /// Runs this handle's work on `stream` from now on.
+    pub fn set_stream(&mut self, stream: &Stream) -> Result<(), String> {
+        // SAFETY: the handle is alive; the stream is alive for the handle's use (the owner
+        // keeps both and drops the handle first).
+        unsafe { result::set_stream(self.handle, stream.raw() as sys::cudaStream_t) }
+            .map_err(|e| format!("cublasSetStream: {e}"))
     }
 
     /// `y[t * ldy + r] = sum_k x16[t, k] * w16[r, k]` for `t < n`, `r < rows` (row-major, f16

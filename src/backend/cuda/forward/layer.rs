@@ -3,6 +3,7 @@
 //! pipeline's uploader filled): both describe a layer as device views and call [`run_layer`].
 
 use super::*;
+use crate::backend::cuda::blas::Blas;
 
 /// The GEMM path's state: cuBLAS when present, and the f16 weight-tile size.
 pub(super) struct Gemm<'a> {
@@ -23,7 +24,7 @@ pub(super) fn linear(
     y: View,
     n: usize,
 ) -> Result<()> {
-    if n >= 8 {
+    if n >= GEMM_MIN_TOKENS {
         if let Some(b) = g.blas.as_deref_mut() {
             let kv = KvLayout {
                 n_kv_heads: 1,

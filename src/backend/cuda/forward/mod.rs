@@ -18,11 +18,10 @@ pub mod pipeline;
 
 use layer::{run_layer, Gemm, LayerCtx, LayerViews};
 
-use super::blas::Blas;
 use super::memory::DeviceBuf;
 use super::ops::{AttnParams, KvLayout, QMatrix, RopeParams, SampleParams};
 use super::stream::{Event, Stream};
-use super::upload::{DevRange, PinnedRing, RingConfig, UploadItem, UploadStats};
+use super::upload::{DevRange, LoadingRing, PinnedRing, RingConfig, UploadItem, UploadStats};
 use super::CudaDevice;
 use crate::backend::error::BackendError;
 use crate::backend::{ComputeDevice, DeviceBuffer, DeviceStream};
@@ -32,6 +31,7 @@ use crate::model::{
 use crate::quant::GgmlType;
 use crate::sample::Sampler;
 use half::f16;
+use load::LoadGroup;
 use rand::{Rng, SeedableRng};
 use std::ops::{ControlFlow, Range};
 use std::sync::Arc;
@@ -51,6 +51,9 @@ pub enum CudaForwardError {
 
 type Result<T> = std::result::Result<T, CudaForwardError>;
 
+/// Batches of at least this many tokens run their matrix products through cuBLAS.
+pub const GEMM_MIN_TOKENS: usize = 8;
+
 /// Options of [`CudaModel::load`].
 #[derive(Debug, Clone, Copy)]
 pub struct CudaOptions {
@@ -61,7 +64,8 @@ pub struct CudaOptions {
     /// Device bytes for weights; `None`: free memory minus KV cache, workspace and a margin.
     pub weight_budget: Option<usize>,
     pub ring: RingConfig,
-    /// Use cuBLAS for prefill when available.
+    /// Use cuBLAS for prefill when available (off: no batch will reach [`GEMM_MIN_TOKENS`],
+    /// and the libraries are never loaded).
     pub use_blas: bool,
 }
 
@@ -171,11 +175,17 @@ pub struct LoadReport {
     /// Device bytes holding weights (globals + resident layers + streaming slots).
     pub device_weight_bytes: usize,
     pub budget: usize,
-    /// Host time to queue every upload (fill + waits + queueing).
+    /// Host time until `load` returned (the uploads go on on the loader thread; its queueing
+    /// time is `upload.queued_s`).
     pub queue_s: f64,
-    /// Of `queue_s`: planning, norm conversion and device allocations before the first upload
-    /// (the ring itself is in `upload.ring_alloc_s`, zero here when it was built beforehand).
+    /// Of `queue_s`: until the loader had its first group (planning, norm conversion, the
+    /// global and norm buffers; layers are allocated while it reads; the ring itself is in
+    /// `upload.ring_alloc_s`, zero here when it was built beforehand).
     pub prep_s: f64,
+    /// Of `prep_s`: planning and the budget query before the first allocation.
+    pub plan_s: f64,
+    /// Of `queue_s`: device allocations (before and after the loader started).
+    pub alloc_s: f64,
     /// Until the last copy completed.
     pub resident_s: f64,
     pub upload: UploadStats,
@@ -188,7 +198,8 @@ pub struct CudaModel {
     /// The mapped file the weights come from (streamed layers re-read it every forward).
     model: Arc<Model>,
     stream: Stream,
-    ring: PinnedRing,
+    /// Dropped before the device memory below: it stops and drains the loader.
+    ring: LoadingRing,
     ready: Vec<Event>,
     slot_free: [Event; 2],
     slots: Vec<DeviceBuf>,
@@ -202,7 +213,8 @@ pub struct CudaModel {
     kv: DeviceBuf,
     kv_layout: KvLayout,
     s: Scratch,
-    blas: Option<Blas>,
+    /// Created at the first GEMM (see `load::LazyBlas`).
+    blas: load::LazyBlas,
     max_batch: usize,
     tile_rows_bytes: usize,
     pos: usize,
@@ -227,9 +239,10 @@ fn to_f32(v: &WeightView, name: &str) -> Result<Vec<f32>> {
 impl CudaModel {
     /// Blocks until every resident weight is on the device (for load measurements).
     pub fn wait_resident(&mut self, since: Instant) -> Result<()> {
-        self.ring.drain()?;
+        let ring = self.ring.ring(&self.stream)?;
+        ring.drain()?;
         self.report.resident_s = since.elapsed().as_secs_f64();
-        self.report.upload = self.ring.stats;
+        self.report.upload = ring.stats;
         Ok(())
     }
 
@@ -256,6 +269,7 @@ impl CudaModel {
 
     /// The device region of layer `l`'s matrices, uploading it first when streamed.
     fn layer_region(&mut self, l: usize, streamed_idx: &mut usize) -> Result<View> {
+        self.wait_loaded(LoadGroup::Layer(l))?;
         match &self.places[l] {
             Place::Resident(b) => Ok(View {
                 ptr: b.device_ptr(),
@@ -269,7 +283,8 @@ impl CudaModel {
                     len: self.slots[si].len_bytes(),
                 };
                 // The copy must not start before the last compute reading this slot ended.
-                self.ring.wait_for(&self.slot_free[si])?;
+                let ring = self.ring.ring(&self.stream)?;
+                ring.wait_for(&self.slot_free[si])?;
                 let bytes = self.model.file().bytes();
                 let dst = DevRange {
                     ptr: slot.ptr,
@@ -284,8 +299,8 @@ impl CudaModel {
                         dst_off: m.off,
                     })
                     .collect();
-                self.ring.upload_many(bytes, &items)?;
-                self.ring.mark_ready(&self.stream, &self.ready)?;
+                ring.upload_many(bytes, &items)?;
+                ring.mark_ready(&self.stream, &self.ready)?;
                 Ok(slot)
             }
         }
@@ -313,6 +328,7 @@ impl CudaModel {
         // writes cannot race a kernel still reading these buffers.
         self.s.ids.write(0, &ids)?;
         self.s.pos.write(0, &pos)?;
+        self.wait_loaded(LoadGroup::Embedding)?;
         let dev = Arc::clone(&self.dev);
         let st = &self.stream;
         let d = hp.n_embd;
@@ -379,7 +395,12 @@ impl CudaModel {
                 stream: &self.stream,
                 s: &self.s,
                 gemm: Gemm {
-                    blas: self.blas.as_mut(),
+                    // cuBLAS is joined (created on its own thread) only by a batch that uses it.
+                    blas: if n >= GEMM_MIN_TOKENS {
+                        self.blas.get(&self.stream)
+                    } else {
+                        None
+                    },
                     tile_rows_bytes: self.tile_rows_bytes,
                 },
                 hp: &hp,
@@ -399,7 +420,8 @@ impl CudaModel {
             len: floats * 4,
         };
         let (hidden, xn) = (v(&self.s.hidden, n * d), v(&self.s.xn, n * d));
-        // Output head on the last position.
+        // Output head on the last position (the output norm travels with it).
+        self.wait_loaded(LoadGroup::Head)?;
         let last = view(&hidden, (n - 1) * d * 4, d * 4)?;
         let xn0 = view(&xn, 0, d * 4)?;
         dev.rmsnorm(

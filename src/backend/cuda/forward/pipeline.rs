@@ -5,6 +5,7 @@
 //! filled (and may evict after the step).
 
 use super::*;
+use crate::backend::cuda::blas::Blas;
 use crate::backend::{DeviceTensor, LayerTensors, LayeredForward};
 
 /// Options of [`CudaLayered::new`].

@@ -1,0 +1,102 @@
+//! Page-cache readahead of the model file on a thread of its own (cold start).
+
+use std::fs::File;
+
+/// Starts reading `path` into the page cache on a thread of its own and returns at once.
+/// Called at process start, before CUDA initialises: from a cold cache the disk then works
+/// during driver init, model open and device allocations (~0.6 s) instead of idling until the
+/// loader's first read. `POSIX_FADV_WILLNEED` only queues reads (no copies; cached pages are
+/// skipped cheaply), but Linux caps one call at the readahead window, hence the loop over
+/// `READAHEAD_CHUNK`s. Skipped when the file is larger than half the physical memory (it would
+/// evict what it read before the loader got there) and when `ROCMFORGE_READAHEAD=0`.
+/// Advice only: every failure is ignored.
+pub fn spawn_readahead(path: &std::path::Path) {
+    if std::env::var("ROCMFORGE_READAHEAD").is_ok_and(|v| v == "0") {
+        return;
+    }
+    let Ok(f) = File::open(path) else {
+        return;
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let phys = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
+    if len == 0 || len > phys / 2 {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("rf-readahead".into())
+        .spawn(move || {
+            use std::os::fd::AsRawFd;
+            let fd = f.as_raw_fd();
+            let cached = resident_pages(&f, len as usize, page.max(1) as usize);
+            let chunk_pages = (READAHEAD_CHUNK as usize / page.max(1) as usize).max(1);
+            // SAFETY (both calls): plain syscalls on the descriptor `f` keeps open; no memory
+            // is passed. SEQUENTIAL doubles this descriptor's readahead window (the cap).
+            let _ = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+            let mut at = 0u64;
+            let mut chunk = 0usize;
+            while at < len {
+                let n = READAHEAD_CHUNK.min(len - at);
+                // From a warm cache every chunk is resident: no calls at all (they cost ~0.1 s
+                // of page-cache walking competing with the loader's reads).
+                let skip = cached.as_ref().is_some_and(|c| {
+                    let p0 = chunk * chunk_pages;
+                    c.get(p0..(p0 + chunk_pages).min(c.len()))
+                        .is_some_and(|r| r.iter().all(|&b| b & 1 == 1))
+                });
+                if !skip {
+                    // SAFETY: see above.
+                    let r = unsafe {
+                        libc::posix_fadvise(
+                            fd,
+                            at as libc::off_t,
+                            n as libc::off_t,
+                            libc::POSIX_FADV_WILLNEED,
+                        )
+                    };
+                    if r != 0 {
+                        return;
+                    }
+                }
+                at += n;
+                chunk += 1;
+            }
+        });
+}
+
+/// Which pages of `f` are in the page cache (`mincore` over a temporary read-only mapping;
+/// `None` when that fails).
+fn resident_pages(f: &File, len: usize, page: usize) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a fresh shared read-only mapping of `len` bytes of an open file; nothing reads
+    // through it, and it is unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    let mut v = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `p` maps `len` bytes; `v` has one byte per page of them.
+    let r = unsafe { libc::mincore(p, len, v.as_mut_ptr().cast()) };
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    (r == 0).then_some(v)
+}
+
+/// One `WILLNEED` request: the default readahead window (128 KiB) doubled by
+/// `POSIX_FADV_SEQUENTIAL`, so no call is cut short by the kernel's cap.
+const READAHEAD_CHUNK: u64 = 256 << 10;
