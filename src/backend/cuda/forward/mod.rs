@@ -324,8 +324,13 @@ impl CudaModel {
         }
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let pos: Vec<i32> = (0..n).map(|i| (self.pos + i) as i32).collect();
-        // The stream is idle here (every forward ends with a synchronize), so synchronous
-        // writes cannot race a kernel still reading these buffers.
+        // `ids` and `pos` are rewritten with synchronous copies, which do not wait for the
+        // compute stream: the previous batch's kernels (rope reads `pos` in every layer) must
+        // have finished first. A prompt longer than `max_batch` queues batches back to back,
+        // and without this wait the second batch's positions raced the first batch's layers
+        // (seen on the H100 as run-to-run differences on a 66-token prompt with batches of 64).
+        // Decode steps already end with a synchronize, so this costs them nothing.
+        self.stream.synchronize()?;
         self.s.ids.write(0, &ids)?;
         self.s.pos.write(0, &pos)?;
         self.wait_loaded(LoadGroup::Embedding)?;
