@@ -128,11 +128,16 @@ impl Model {
         let xn = grow(&mut s.xn, n * d);
         ops::rms_norm(hidden, norm_w, hp.rms_eps, xn);
         let q = grow(&mut s.q, n * qd);
-        ops::linear(&w.wq, &name(K::AttnQ), xn, n, q, prec)?;
         let k = grow(&mut s.k, n * kd);
-        ops::linear(&w.wk, &name(K::AttnK), xn, n, k, prec)?;
         let v = grow(&mut s.v, n * vd);
-        ops::linear(&w.wv, &name(K::AttnV), xn, n, v, prec)?;
+        let (nq, nk, nv) = (name(K::AttnQ), name(K::AttnK), name(K::AttnV));
+        ops::linear_fused(
+            &[(&w.wq, &nq), (&w.wk, &nk), (&w.wv, &nv)],
+            xn,
+            n,
+            &mut [&mut *q, &mut *k, &mut *v],
+            prec,
+        )?;
         for (b, out, kind) in [
             (&w.bq, &mut *q, K::AttnQBias),
             (&w.bk, &mut *k, K::AttnKBias),
@@ -185,9 +190,15 @@ impl Model {
         let xn = grow(&mut s.xn, n * d);
         ops::rms_norm(hidden, norm_w, hp.rms_eps, xn);
         let gate = grow(&mut s.gate, n * hp.n_ff);
-        ops::linear(&w.w_gate, &name(K::FfnGate), xn, n, gate, prec)?;
         let up = grow(&mut s.up, n * hp.n_ff);
-        ops::linear(&w.w_up, &name(K::FfnUp), xn, n, up, prec)?;
+        let (ng, nu) = (name(K::FfnGate), name(K::FfnUp));
+        ops::linear_fused(
+            &[(&w.w_gate, &ng), (&w.w_up, &nu)],
+            xn,
+            n,
+            &mut [&mut *gate, &mut *up],
+            prec,
+        )?;
         ops::swiglu(gate, up);
         let proj = grow(&mut s.proj, n * d);
         ops::linear(&w.w_down, &name(K::FfnDown), gate, n, proj, prec)?;

@@ -65,6 +65,40 @@ pub fn linear(
     r.map_err(kernel_err("matmul", name))
 }
 
+/// Several projections of the same input in one pass (Q/K/V, or gate/up): for each `(w, name)`
+/// of `ws`, `ys[i] = x W_i^T` as [`linear`] computes it (bit for bit: fusing only shares the
+/// activation quantization and the fork-join). Every `w` must have `cols == x.len() / batch`.
+pub fn linear_fused(
+    ws: &[(&WeightView, &dyn Display)],
+    x: &[f32],
+    batch: usize,
+    ys: &mut [&mut [f32]],
+    precision: Precision,
+) -> Result<(), ModelError> {
+    if precision == Precision::Exact || ws.len() != ys.len() {
+        // The oracle stays one product at a time (and a length mismatch, a caller bug, gets
+        // each tensor's own error from there).
+        for ((w, name), y) in ws.iter().zip(ys.iter_mut()) {
+            linear(w, *name, x, batch, y, precision)?;
+        }
+        return Ok(());
+    }
+    let cols = ws.first().map_or(0, |(w, _)| w.cols);
+    let mut mats = Vec::with_capacity(ws.len());
+    for ((w, name), y) in ws.iter().zip(ys.iter()) {
+        // Per-tensor checks first, so an error names the tensor at fault (a `w` of other
+        // width than the first fails its byte-length check).
+        quant::check_product(w.ty, w.data, w.rows, cols, x, batch, y)
+            .map_err(kernel_err("matmul", *name))?;
+        mats.push(quant::WeightMatrix {
+            ty: w.ty,
+            data: w.data,
+            rows: w.rows,
+        });
+    }
+    quant::matmul_fused(&mats, cols, x, batch, ys).map_err(kernel_err("matmul", "fused"))
+}
+
 /// Dequantizes a whole vector tensor (norm weights, biases) or selected rows (embeddings).
 pub fn dequantize(
     w: &WeightView,

@@ -1,14 +1,22 @@
 //! CPU matrix-vector and matrix-matrix products over quantized weight rows.
 //!
-//! Every output element `Y[b, r]` is computed by one thread, by the same row kernel whether it is
-//! reached through `matvec` or `matmul`, so `matmul` row b equals `matvec(X[b])` bit for bit and
-//! neither depends on the number of threads.
+//! Every output element `Y[b, r]` is computed by one thread, by the same arithmetic whether it is
+//! reached through `matvec` or `matmul` and whatever tile it falls in, so `matmul` row b equals
+//! `matvec(X[b])` bit for bit and neither depends on the number of threads.
+//!
+//! Work split: rows are grouped in tiles of `TILE_ROWS`; the tiles of every matrix of a call
+//! (several matrices sharing one input are fused into one call, see `matmul_fused`) are handed
+//! to Rayon as one index range cut into a few pieces per thread, so a small matrix (the 135M
+//! model's are 576..1536 rows) costs one fork-join, not dozens of tiny tasks.
 
 use super::blocks::{as_blocks, f16, KVALUES_IQ4NL};
 #[cfg(target_arch = "x86_64")]
 use super::simd;
+#[cfg(target_arch = "x86_64")]
+use super::simd_tile::{self, Isa};
 use super::{fast, reference_row, GgmlType, QuantError};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Validates every length before any kernel runs.
 pub fn check_shapes(
@@ -90,74 +98,136 @@ pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// One activation row quantized to 32-element Q8 blocks, as ggml's Q8_0/Q8_1 but with f32
-/// scales (ggml rounds them to f16; keeping f32 is slightly more accurate and costs nothing).
-pub struct ActQ8 {
-    /// Per block: the scale d (x ~ d * q).
-    pub d: Vec<f32>,
-    /// Per block: sum of the quants, as f32 (exact: |sum| <= 32 * 127). Serves the min terms.
-    pub sum: Vec<f32>,
-    /// Per block: sum of the quants as i32 (the Q4_0 kernel subtracts 8 * sum in integers).
-    pub isum: Vec<i32>,
-    /// The quants, 32 per block, in -127..=127 (never -128, which `maddubs` could not take).
-    pub qs: Vec<i8>,
+/// Per 32-element activation block: what the kernels need besides the quants.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ActBlock {
+    /// The scale d (x ~ d * q).
+    pub d: f32,
+    /// Sum of the quants, as f32 (exact: |sum| <= 32 * 127). Serves the min terms.
+    pub sum: f32,
+    /// `d * sum`: the Q4_1 min term is `m_w * ds`.
+    pub ds: f32,
+    /// Sum of the quants as i32 (the Q4_0/Q8_0 kernels fold offsets in integers).
+    pub isum: i32,
 }
 
-impl ActQ8 {
-    pub fn new(x: &[f32]) -> Self {
-        let nb = x.len() / 32;
-        let mut a = ActQ8 {
-            d: Vec::with_capacity(nb),
-            sum: Vec::with_capacity(nb),
-            isum: Vec::with_capacity(nb),
-            qs: vec![0; nb * 32],
-        };
-        for (xb, qb) in x.chunks_exact(32).zip(a.qs.chunks_exact_mut(32)) {
-            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            // A NaN/Inf activation makes the block's scale NaN, so it propagates to the output as
-            // in the f32 path instead of being silently quantized to some finite value.
-            let finite = xb.iter().all(|v| v.is_finite());
-            let d = if finite { amax / 127.0 } else { f32::NAN };
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                // With a NaN d, id is NaN and the quants become 0 (valid); d carries the NaN.
-                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
-                sum += *q as i32;
-            }
-            a.d.push(d);
-            a.sum.push(sum as f32);
-            a.isum.push(sum);
-        }
-        a
+/// One activation row quantized to 32-element Q8 blocks, as ggml's Q8_0/Q8_1 but with f32
+/// scales (ggml rounds them to f16; keeping f32 is slightly more accurate and costs nothing).
+#[derive(Clone, Copy)]
+pub struct ActQ8<'a> {
+    pub blk: &'a [ActBlock],
+    /// The quants, 32 per block, in -127..=127 (never -128, which `maddubs` could not take).
+    pub qs: &'a [i8],
+}
+
+/// Quantized activation rows `[batch, cols / 32]`, kept between calls so that decode does not
+/// allocate.
+#[derive(Default)]
+pub struct ActsQ8 {
+    nb: usize,
+    blk: Vec<ActBlock>,
+    qs: Vec<i8>,
+}
+
+/// Quantizes one 32-element block; returns its metadata.
+fn quantize_act_block(xb: &[f32], qb: &mut [i8]) -> ActBlock {
+    let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    // A NaN/Inf activation makes the block's scale NaN, so it propagates to the output as in
+    // the f32 path instead of being silently quantized to some finite value.
+    let finite = xb.iter().all(|v| v.is_finite());
+    let d = if finite { amax / 127.0 } else { f32::NAN };
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in qb.iter_mut().zip(xb) {
+        // With a NaN d, id is NaN and the quants become 0 (valid); d carries the NaN.
+        *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        sum += *q as i32;
+    }
+    ActBlock {
+        d,
+        sum: sum as f32,
+        ds: d * sum as f32,
+        isum: sum,
     }
 }
 
+impl ActsQ8 {
+    /// Quantizes `x` (`[batch, cols]`, cols a multiple of 32), reusing the buffers.
+    pub fn fill(&mut self, x: &[f32], cols: usize) {
+        let nb = cols / 32;
+        let batch = x.len() / cols.max(1);
+        self.nb = nb;
+        self.blk.resize(batch * nb, ActBlock::default());
+        self.qs.resize(batch * nb * 32, 0);
+        let row = |((xr, blk), qs): ((&[f32], &mut [ActBlock]), &mut [i8])| {
+            for ((xb, qb), m) in xr.chunks_exact(32).zip(qs.chunks_exact_mut(32)).zip(blk) {
+                *m = quantize_act_block(xb, qb);
+            }
+        };
+        let (blk, qs) = (&mut self.blk[..batch * nb], &mut self.qs[..batch * nb * 32]);
+        // Quantizing is ~1% of a product; parallel only where a prompt makes it worth a join.
+        if batch >= 16 {
+            x.par_chunks(cols)
+                .zip(blk.par_chunks_mut(nb))
+                .zip(qs.par_chunks_mut(nb * 32))
+                .for_each(row);
+        } else {
+            x.chunks(cols)
+                .zip(blk.chunks_mut(nb))
+                .zip(qs.chunks_mut(nb * 32))
+                .for_each(row);
+        }
+    }
+
+    pub fn row(&self, b: usize) -> ActQ8<'_> {
+        let nb = self.nb;
+        ActQ8 {
+            blk: &self.blk[b * nb..(b + 1) * nb],
+            qs: &self.qs[b * nb * 32..(b + 1) * nb * 32],
+        }
+    }
+}
+
+impl ActQ8<'static> {
+    /// An empty row for paths that do not quantize activations.
+    const EMPTY: Self = ActQ8 { blk: &[], qs: &[] };
+}
+
+thread_local! {
+    /// The calling thread's activation buffer (decode calls this ~200 times per token).
+    static ACTS: RefCell<ActsQ8> = RefCell::default();
+}
+
 /// How a weight type is multiplied.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Path {
-    /// AVX2 integer kernels with Q8 activations (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K).
+    /// Register-tiled kernels (several rows x several activation rows), Q4_0 / Q4_1 / Q8_0.
+    #[cfg(target_arch = "x86_64")]
+    Tile(Isa),
+    /// AVX2 row kernels with Q8 activations (Q4_K, Q6_K).
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// Portable integer kernel with Q8 activations (legacy 32-element types).
     Q8Scalar,
     /// Dequantize the row, then an f32 dot product (float types; the K-quants other than Q4_K
-    /// until they get integer kernels, see the module docs).
+    /// and Q6_K until they get integer kernels, see the module docs).
     Float { fma: bool },
 }
 
 fn choose(ty: GgmlType) -> Path {
     #[cfg(target_arch = "x86_64")]
-    let avx2 = simd::has_avx2();
+    let isa = Isa::detect();
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = isa.is_some();
     #[cfg(not(target_arch = "x86_64"))]
     let avx2 = false;
     match ty {
         #[cfg(target_arch = "x86_64")]
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K
-            if avx2 =>
-        {
-            Path::Avx2
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 if isa.is_some() => {
+            Path::Tile(isa.unwrap_or(Isa::Avx2))
         }
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q4_K | GgmlType::Q6_K if avx2 => Path::Avx2,
         GgmlType::Q4_0
         | GgmlType::Q4_1
         | GgmlType::Q5_0
@@ -181,7 +251,8 @@ fn dot_legacy_scalar<const B: usize>(ty: GgmlType, w: &[u8], acts: [&ActQ8; B]) 
             let a = acts[b];
             let y = &a.qs[32 * i..32 * i + 32];
             let isum: i32 = q.iter().zip(y).map(|(&p, &v)| p as i32 * v as i32).sum();
-            acc[b] += d * a.d[i] * isum as f32 + m * a.d[i] * a.sum[i];
+            let ab = a.blk[i];
+            acc[b] += d * ab.d * isum as f32 + m * ab.d * ab.sum;
         }
     }
     acc
@@ -249,13 +320,15 @@ fn dot_f32(fma: bool, a: &[f32], b: &[f32]) -> f32 {
     dot_f32_scalar(a, b)
 }
 
-/// Per-thread scratch: a dequantized weight row for the float path.
+/// Per-task scratch: a dequantized weight row for the float path (empty until needed).
+#[derive(Default)]
 struct Scratch {
     row: Vec<f32>,
 }
 
-/// One weight row times B activation rows. The same code runs for every B, and each b's
-/// arithmetic does not depend on the others, so results are identical for B = 1 and B = 4.
+/// One weight row times B activation rows, for the paths without a tiled kernel. The same code
+/// runs for every B, and each b's arithmetic does not depend on the others, so results are
+/// identical for B = 1 and B = 4.
 #[inline(always)]
 fn dot_row<const B: usize>(
     ty: GgmlType,
@@ -271,15 +344,21 @@ fn dot_row<const B: usize>(
         // from `cols` values, so they cover every block of the row; as_blocks checked the length.
         Path::Avx2 => unsafe {
             match ty {
-                GgmlType::Q4_0 => simd::dot_q4_0(as_blocks(w).unwrap_or(&[]), acts),
-                GgmlType::Q4_1 => simd::dot_q4_1(as_blocks(w).unwrap_or(&[]), acts),
                 GgmlType::Q4_K => simd::dot_q4_k(as_blocks(w).unwrap_or(&[]), acts),
                 GgmlType::Q6_K => simd::dot_q6_k(as_blocks(w).unwrap_or(&[]), acts),
+                GgmlType::Q4_0 => simd::dot_q4_0(as_blocks(w).unwrap_or(&[]), acts),
+                GgmlType::Q4_1 => simd::dot_q4_1(as_blocks(w).unwrap_or(&[]), acts),
                 _ => simd::dot_q8_0(as_blocks(w).unwrap_or(&[]), acts),
             }
         },
+        // Tiles are handled by `tile_rows`; a tiled type reaching here takes the portable path.
+        #[cfg(target_arch = "x86_64")]
+        Path::Tile(_) => dot_legacy_scalar(ty, w, acts),
         Path::Q8Scalar => dot_legacy_scalar(ty, w, acts),
         Path::Float { fma } => {
+            if scratch.row.len() != xs[0].len() {
+                scratch.row.resize(xs[0].len(), 0.0);
+            }
             // The caller validated `ty` and the row length, so this cannot fail; NaN if it did.
             if fast::dequantize(ty, w, &mut scratch.row).is_err() {
                 return [f32::NAN; B];
@@ -293,47 +372,224 @@ fn dot_row<const B: usize>(
     }
 }
 
-/// Rows per parallel task: enough work per task (a 576-wide Q4_1 row is 360 bytes) to amortise
-/// Rayon's overhead, while leaving many tasks for balance.
-const ROWS_PER_TASK: usize = 16;
+/// Rows per tile of the tiled kernels (their min-term vector has 4 lanes).
+const TILE_ROWS: usize = 4;
 
-/// Activation rows processed together against each weight row in `matmul`.
+/// Activation rows processed together against each weight tile in `matmul`.
 const BATCH_TILE: usize = 4;
 
-fn quantize_acts(path: Path, x: &[f32], cols: usize) -> Vec<ActQ8> {
-    if matches!(path, Path::Float { .. }) {
-        return Vec::new();
+/// Pieces per thread the tile range is cut into: more than one so that a thread the OS
+/// descheduled (the machine is shared) can have its work stolen, few enough that a decode
+/// matvec of ~100 microseconds pays for a handful of task handoffs only.
+const PIECES_PER_THREAD: usize = 4;
+
+/// One weight matrix of a product; all matrices of one call share `cols` and the input.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightMatrix<'a> {
+    pub ty: GgmlType,
+    /// `[rows, cols]` row-major, in `ty`'s blocks.
+    pub data: &'a [u8],
+    pub rows: usize,
+}
+
+/// An output matrix written by several tasks at disjoint indices.
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint elements (each output row belongs to exactly one tile, each tile
+// to exactly one task), and the buffer outlives the parallel loop (borrowed mutably by the caller
+// for its whole duration).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// No other thread reads or writes index `i` during the parallel loop.
+    #[inline(always)]
+    unsafe fn write(&self, i: usize, v: f32) {
+        assert!(i < self.len);
+        // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
+        *self.ptr.add(i) = v;
     }
-    x.par_chunks(cols).map(ActQ8::new).collect()
+}
+
+/// Computes rows `r0 .. r0 + n` (n <= TILE_ROWS) of `part` for every activation row.
+#[allow(clippy::too_many_arguments)]
+fn tile_rows(
+    part: &WeightMatrix,
+    path: Path,
+    rb: usize,
+    r0: usize,
+    n: usize,
+    acts: &ActsQ8,
+    x: &[f32],
+    cols: usize,
+    batch: usize,
+    out: &SharedOut,
+    scratch: &mut Scratch,
+) {
+    let rows = part.rows;
+    let wrow = |r: usize| &part.data[r * rb..(r + 1) * rb];
+    let act = |b: usize| {
+        if matches!(path, Path::Float { .. }) {
+            ActQ8::EMPTY
+        } else {
+            acts.row(b)
+        }
+    };
+    let xr = |b: usize| &x[b * cols..(b + 1) * cols];
+    // SAFETY (of every `out.write` below): row r0 + k belongs to this tile only.
+    #[cfg(target_arch = "x86_64")]
+    if let Path::Tile(isa) = path {
+        if n == TILE_ROWS {
+            let w = [wrow(r0), wrow(r0 + 1), wrow(r0 + 2), wrow(r0 + 3)];
+            let mut b = 0;
+            while b + BATCH_TILE <= batch {
+                let a = [act(b), act(b + 1), act(b + 2), act(b + 3)];
+                let o = tile_kernel::<TILE_ROWS, BATCH_TILE>(part.ty, isa, w, [&a[0], &a[1], &a[2], &a[3]]);
+                for (k, ok) in o.iter().enumerate() {
+                    for (t, &v) in ok.iter().enumerate() {
+                        unsafe { out.write((b + t) * rows + r0 + k, v) };
+                    }
+                }
+                b += BATCH_TILE;
+            }
+            for b in b..batch {
+                let a = act(b);
+                let o = tile_kernel::<TILE_ROWS, 1>(part.ty, isa, w, [&a]);
+                for (k, ok) in o.iter().enumerate() {
+                    unsafe { out.write(b * rows + r0 + k, ok[0]) };
+                }
+            }
+        } else {
+            for r in r0..r0 + n {
+                for b in 0..batch {
+                    let a = act(b);
+                    let o = tile_kernel::<1, 1>(part.ty, isa, [wrow(r)], [&a]);
+                    unsafe { out.write(b * rows + r, o[0][0]) };
+                }
+            }
+        }
+        return;
+    }
+    for r in r0..r0 + n {
+        let wr = wrow(r);
+        let mut b = 0;
+        while b + BATCH_TILE <= batch {
+            let a = [act(b), act(b + 1), act(b + 2), act(b + 3)];
+            let o = dot_row::<BATCH_TILE>(
+                part.ty,
+                path,
+                wr,
+                [&a[0], &a[1], &a[2], &a[3]],
+                [xr(b), xr(b + 1), xr(b + 2), xr(b + 3)],
+                scratch,
+            );
+            for (t, &v) in o.iter().enumerate() {
+                unsafe { out.write((b + t) * rows + r, v) };
+            }
+            b += BATCH_TILE;
+        }
+        for b in b..batch {
+            let o = dot_row::<1>(part.ty, path, wr, [&act(b)], [xr(b)], scratch);
+            unsafe { out.write(b * rows + r, o[0]) };
+        }
+    }
+}
+
+/// Dispatches an R x T tile to the kernel of `ty` (Q4_0, Q4_1 or Q8_0).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn tile_kernel<const R: usize, const T: usize>(
+    ty: GgmlType,
+    isa: Isa,
+    w: [&[u8]; R],
+    acts: [&ActQ8; T],
+) -> [[f32; T]; R] {
+    // SAFETY: Path::Tile(isa) is chosen only with `isa` from `Isa::detect()`; every weight row
+    // has the row length `check_shapes` validated (as_blocks re-checks whole blocks), and the
+    // activations were quantized from `cols` values, so they cover every block of a row.
+    unsafe {
+        match ty {
+            GgmlType::Q4_1 => simd_tile::q4_1_tile(isa, w.map(|r| as_blocks(r).unwrap_or(&[])), acts),
+            GgmlType::Q4_0 => simd_tile::q4_0_tile(isa, w.map(|r| as_blocks(r).unwrap_or(&[])), acts),
+            _ => simd_tile::q8_0_tile(isa, w.map(|r| as_blocks(r).unwrap_or(&[])), acts),
+        }
+    }
+}
+
+/// The fused product: for every part p, `Y_p[b, r] = sum_c W_p[r, c] * X[b, c]`. Shapes are
+/// checked by the caller.
+pub fn matmul_fused(parts: &[WeightMatrix], cols: usize, x: &[f32], batch: usize, ys: &mut [&mut [f32]]) {
+    if batch == 0 {
+        return;
+    }
+    if cols == 0 {
+        for y in ys.iter_mut() {
+            y.fill(0.0);
+        }
+        return;
+    }
+    let paths: Vec<Path> = parts.iter().map(|p| choose(p.ty)).collect();
+    let need_acts = paths.iter().any(|p| !matches!(p, Path::Float { .. }));
+    // `ys` stays mutably borrowed until the function returns, so the pointers stay valid and
+    // unaliased for the whole parallel loop.
+    let outs: Vec<SharedOut> = ys
+        .iter_mut()
+        .map(|y| SharedOut {
+            ptr: y.as_mut_ptr(),
+            len: y.len(),
+        })
+        .collect();
+    let run = |acts: &ActsQ8| {
+        // Tile index ranges of the parts, concatenated.
+        let mut starts = Vec::with_capacity(parts.len() + 1);
+        let mut total = 0;
+        for p in parts {
+            starts.push(total);
+            total += p.rows.div_ceil(TILE_ROWS);
+        }
+        starts.push(total);
+        let do_tile = |scratch: &mut Scratch, g: usize| {
+            let pi = starts.partition_point(|&s| s <= g) - 1;
+            let part = &parts[pi];
+            let r0 = (g - starts[pi]) * TILE_ROWS;
+            let n = TILE_ROWS.min(part.rows - r0);
+            let rb = part.data.len() / part.rows;
+            tile_rows(
+                part, paths[pi], rb, r0, n, acts, x, cols, batch, &outs[pi], scratch,
+            );
+        };
+        let pieces = rayon::current_num_threads() * PIECES_PER_THREAD;
+        let min_len = total.div_ceil(pieces).max(1);
+        (0..total)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .for_each_init(Scratch::default, do_tile);
+    };
+    if !need_acts {
+        return run(&ActsQ8::default());
+    }
+    ACTS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut acts) => {
+            acts.fill(x, cols);
+            run(&acts);
+        }
+        // Re-entered from a task this thread ran while waiting (nested parallel callers):
+        // use a private buffer rather than fail.
+        Err(_) => {
+            let mut acts = ActsQ8::default();
+            acts.fill(x, cols);
+            run(&acts);
+        }
+    });
 }
 
 pub fn matvec(ty: GgmlType, w: &[u8], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
-    if cols == 0 {
-        y.fill(0.0);
-        return;
-    }
-    let rb = w.len() / rows.max(1);
-    let path = choose(ty);
-    let acts = quantize_acts(path, x, cols);
-    let empty = ActQ8 {
-        d: vec![],
-        sum: vec![],
-        isum: vec![],
-        qs: vec![],
-    };
-    let act = acts.first().unwrap_or(&empty);
-    y.par_chunks_mut(ROWS_PER_TASK)
-        .zip(w.par_chunks(rb.max(1) * ROWS_PER_TASK))
-        .for_each_init(
-            || Scratch {
-                row: vec![0.0f32; cols],
-            },
-            |scratch, (yc, wc)| {
-                for (yr, wr) in yc.iter_mut().zip(wc.chunks_exact(rb.max(1))) {
-                    *yr = dot_row::<1>(ty, path, wr, [act], [x], scratch)[0];
-                }
-            },
-        );
+    matmul(ty, w, rows, cols, x, 1, y);
 }
 
 pub fn matmul(
@@ -345,58 +601,10 @@ pub fn matmul(
     batch: usize,
     y: &mut [f32],
 ) {
-    if rows == 0 || batch == 0 {
+    if rows == 0 {
         return;
     }
-    if cols == 0 {
-        y.fill(0.0);
-        return;
-    }
-    let rb = w.len() / rows;
-    let path = choose(ty);
-    let acts = quantize_acts(path, x, cols);
-    let empty = ActQ8 {
-        d: vec![],
-        sum: vec![],
-        isum: vec![],
-        qs: vec![],
-    };
-    let act = |b: usize| acts.get(b).unwrap_or(&empty);
-    let xr = |b: usize| &x[b * cols..(b + 1) * cols];
-    // [rows, batch], transposed into y afterwards so tasks write disjoint memory.
-    let mut t = vec![0.0f32; rows * batch];
-    t.par_chunks_mut(ROWS_PER_TASK * batch)
-        .zip(w.par_chunks(rb.max(1) * ROWS_PER_TASK))
-        .for_each_init(
-            || Scratch {
-                row: vec![0.0f32; cols],
-            },
-            |scratch, (tc, wc)| {
-                for (tr, wr) in tc.chunks_exact_mut(batch).zip(wc.chunks_exact(rb.max(1))) {
-                    let mut b = 0;
-                    while b + BATCH_TILE <= batch {
-                        let o = dot_row::<BATCH_TILE>(
-                            ty,
-                            path,
-                            wr,
-                            [act(b), act(b + 1), act(b + 2), act(b + 3)],
-                            [xr(b), xr(b + 1), xr(b + 2), xr(b + 3)],
-                            scratch,
-                        );
-                        tr[b..b + BATCH_TILE].copy_from_slice(&o);
-                        b += BATCH_TILE;
-                    }
-                    for (bb, o) in tr.iter_mut().enumerate().skip(b) {
-                        *o = dot_row::<1>(ty, path, wr, [act(bb)], [xr(bb)], scratch)[0];
-                    }
-                }
-            },
-        );
-    for r in 0..rows {
-        for b in 0..batch {
-            y[b * rows + r] = t[r * batch + b];
-        }
-    }
+    matmul_fused(&[WeightMatrix { ty, data: w, rows }], cols, x, batch, &mut [y]);
 }
 
 pub fn matmul_exact(
@@ -446,46 +654,57 @@ pub fn matmul_exact(
 mod tests {
     use super::*;
 
-    /// On AVX2 machines the portable integer kernel is not reached for Q4_0/Q4_1/Q8_0 through the
-    /// public API, so compare it with the SIMD kernel here: same integer sums, different float
-    /// summation order, so they agree to float rounding (1e-5 of the sum of |terms|).
+    /// The portable integer kernel, the AVX2 row kernels and the tiled kernels (both ISAs where
+    /// the CPU has them) compute the same integer sums in different float orders, so they agree
+    /// to float rounding (1e-5 of the sum of |terms|) with the f64 dot of the dequantized weights
+    /// and the quantized activations.
     #[test]
-    fn portable_legacy_kernel_matches_simd() {
+    fn integer_kernels_agree() {
         let cols = 1024;
-        let wf: Vec<f32> = (0..cols)
+        let wf: Vec<f32> = (0..4 * cols)
             .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.4)
             .collect();
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.6)
             .collect();
-        let act = ActQ8::new(&x);
+        let mut acts = ActsQ8::default();
+        acts.fill(&x, cols);
+        let act = acts.row(0);
         let xq: Vec<f32> = (0..cols)
-            .map(|i| act.d[i / 32] * act.qs[i] as f32)
+            .map(|i| act.blk[i / 32].d * act.qs[i] as f32)
             .collect();
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let w = crate::quant::quantize(ty, &wf).unwrap();
-            let mut wd = vec![0.0; cols];
+            let rb = w.len() / 4;
+            let mut wd = vec![0.0; 4 * cols];
             crate::quant::dequantize_ref(ty, &w, &mut wd).unwrap();
-            let exact: f64 = wd.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum();
-            let mag: f64 = wd
-                .iter()
-                .zip(&xq)
-                .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                .sum();
-            let scalar = dot_legacy_scalar::<1>(ty, &w, [&act])[0];
-            assert!(
-                (scalar as f64 - exact).abs() <= 1e-5 * mag,
-                "{ty}: scalar {scalar} vs {exact}"
-            );
-            let mut scratch = Scratch {
-                row: vec![0.0; cols],
-            };
-            let path = choose(ty);
-            let fast = dot_row::<1>(ty, path, &w, [&act], [&x], &mut scratch)[0];
-            assert!(
-                (fast as f64 - exact).abs() <= 1e-5 * mag,
-                "{ty}: fast {fast} vs {exact}"
-            );
+            for r in 0..4 {
+                let wr = &w[r * rb..(r + 1) * rb];
+                let wdr = &wd[r * cols..(r + 1) * cols];
+                let exact: f64 = wdr.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let mag: f64 = wdr
+                    .iter()
+                    .zip(&xq)
+                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                    .sum();
+                let mut got = vec![("scalar", dot_legacy_scalar::<1>(ty, wr, [&act])[0])];
+                #[cfg(target_arch = "x86_64")]
+                if let Some(best) = Isa::detect() {
+                    let mut s = Scratch::default();
+                    got.push(("avx2 row", dot_row::<1>(ty, Path::Avx2, wr, [&act], [&x], &mut s)[0]));
+                    let rows4 = [0, 1, 2, 3].map(|k| &w[k * rb..(k + 1) * rb]);
+                    for isa in [Isa::Avx2, best] {
+                        got.push(("tile 1x1", tile_kernel::<1, 1>(ty, isa, [wr], [&act])[0][0]));
+                        got.push(("tile 4x4", tile_kernel::<4, 4>(ty, isa, rows4, [&act; 4])[r][3]));
+                    }
+                }
+                for (what, v) in got {
+                    assert!(
+                        (v as f64 - exact).abs() <= 1e-5 * mag,
+                        "{ty} row {r} {what}: {v} vs {exact}"
+                    );
+                }
+            }
         }
     }
 }

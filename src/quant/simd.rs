@@ -72,8 +72,8 @@ pub unsafe fn dot_q4_0<const B: usize>(w: &[BlockQ4_0], acts: [&ActQ8; B]) -> [f
         for b in 0..B {
             let a = acts[b];
             let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, load_act(a, i)), ones);
-            let p32 = _mm256_sub_epi32(p32, _mm256_set1_epi32(a.isum[i]));
-            let s = _mm256_set1_ps(dw * a.d[i]);
+            let p32 = _mm256_sub_epi32(p32, _mm256_set1_epi32(a.blk[i].isum));
+            let s = _mm256_set1_ps(dw * a.blk[i].d);
             acc[b][i & 1] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p32), acc[b][i & 1]);
         }
     }
@@ -100,9 +100,9 @@ pub unsafe fn dot_q4_1<const B: usize>(w: &[BlockQ4_1], acts: [&ActQ8; B]) -> [f
             let v = _mm256_fmadd_ps(
                 dw,
                 dot_u8_i8(q, load_act(a, i)),
-                _mm256_set1_ps(mw * a.sum[i]),
+                _mm256_set1_ps(mw * a.blk[i].sum),
             );
-            acc[b][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(a.d[i]), v, acc[b][i & 1]);
+            acc[b][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(a.blk[i].d), v, acc[b][i & 1]);
         }
     }
     let mut out = [0.0f32; B];
@@ -143,9 +143,9 @@ pub unsafe fn dot_q4_k<const B: usize>(w: &[BlockQ4K], acts: [&ActQ8; B]) -> [f3
                     let t = _mm256_fmadd_ps(
                         dw,
                         dot_u8_i8(q, load_act(a, ai)),
-                        _mm256_set1_ps(mw * a.sum[ai]),
+                        _mm256_set1_ps(mw * a.blk[ai].sum),
                     );
-                    acc[b][h] = _mm256_fmadd_ps(_mm256_set1_ps(a.d[ai]), t, acc[b][h]);
+                    acc[b][h] = _mm256_fmadd_ps(_mm256_set1_ps(a.blk[ai].d), t, acc[b][h]);
                 }
             }
         }
@@ -200,7 +200,7 @@ pub unsafe fn dot_q6_k<const B: usize>(w: &[BlockQ6K], acts: [&ActQ8; B]) -> [f3
                     let a = acts[b];
                     let sy = _mm256_sign_epi8(load_act(a, ai), q);
                     let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sy), scv);
-                    let s = _mm256_set1_ps(d * a.d[ai]);
+                    let s = _mm256_set1_ps(d * a.blk[ai].d);
                     acc[b][k & 1] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p32), acc[b][k & 1]);
                 }
             }
@@ -229,7 +229,7 @@ pub unsafe fn dot_q8_0<const B: usize>(w: &[BlockQ8_0], acts: [&ActQ8; B]) -> [f
         for b in 0..B {
             let a = acts[b];
             let sy = _mm256_sign_epi8(load_act(a, i), q);
-            let s = dw * a.d[i];
+            let s = dw * a.blk[i].d;
             acc[b][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(s), dot_u8_i8(aq, sy), acc[b][i & 1]);
         }
     }

@@ -1,0 +1,326 @@
+//! Register-tiled x86-64 kernels for the weight types the common GGUF models ship their
+//! projections in (Q4_0, Q4_1, Q8_0): R weight rows times T activation rows per call.
+//!
+//! Why tiles: a weight block is decoded (nibbles, f16 scales) once and used for T activation
+//! rows, and an activation block is loaded once for R weight rows; prefill (T = 4) therefore does
+//! a quarter of the decoding work of a row-at-a-time kernel, and decode (T = 1) shares the
+//! activation loads and scale broadcasts across 4 rows.
+//!
+//! Two instruction sets, one body: with AVX-512 VNNI (`vpdpbusd`, u8 x i8 products summed into
+//! i32 lanes in one instruction) or with AVX2 (`vpmaddubsw` + `vpmaddwd`, three instructions).
+//!
+//! Determinism: output (r, t) is computed by exactly the same sequence of operations whatever R
+//! and T are (accumulators are per (r, t), the min term of row r sits in lane r of a vector whose
+//! lanes never mix, and the final reduction is fixed), so a 4 x 4 tile, a 4 x 1 tile and a 1 x 1
+//! tile give bit-identical results; `matmul` row b therefore equals `matvec(X[b])`, independent of
+//! how rows are split across threads. The VNNI and AVX2 bodies agree to float rounding only
+//! (different integer-to-float grouping is not involved, but the Q8_0 offset trick differs).
+
+use super::blocks::*;
+use super::dot::ActQ8;
+use std::arch::x86_64::*;
+
+/// Whether the VNNI variants may run: AVX-512 F/VL/BW/VNNI on top of the AVX2 set.
+pub fn has_vnni() -> bool {
+    super::simd::has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// Which integer-dot instructions a tile kernel uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx2,
+    Vnni,
+}
+
+impl Isa {
+    /// The best the CPU supports, or None without AVX2.
+    pub fn detect() -> Option<Isa> {
+        if has_vnni() {
+            Some(Isa::Vnni)
+        } else if super::simd::has_avx2() {
+            Some(Isa::Avx2)
+        } else {
+            None
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn h2f(b: [u8; 2]) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+        u16::from_le_bytes(b) as i32,
+    )))
+}
+
+/// Four f16 values -> four f32 lanes (missing rows are 0).
+#[inline(always)]
+unsafe fn h2f4(v: [u16; 4]) -> __m128 {
+    _mm_cvtph_ps(_mm_set_epi16(
+        0,
+        0,
+        0,
+        0,
+        v[3] as i16,
+        v[2] as i16,
+        v[1] as i16,
+        v[0] as i16,
+    ))
+}
+
+/// Fixed horizontal sum of 8 lanes: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)).
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline(always)]
+unsafe fn lane(v: __m128, r: usize) -> f32 {
+    let mut a = [0f32; 4];
+    _mm_storeu_ps(a.as_mut_ptr(), v);
+    a[r]
+}
+
+/// Bytes ahead of the current weight position that a matvec tile prefetches: the rows of one
+/// tile are short (a 576-wide Q4_1 row is 360 bytes) and four of them are read side by side,
+/// which the hardware stream prefetcher does not follow well; decode streams every weight from
+/// DRAM once per token, so the loads must be in flight well before use.
+const PREFETCH_AHEAD: usize = 4096;
+
+/// Prefetches the weight bytes that block `i` of the tile `PREFETCH_AHEAD` bytes further on
+/// will read, for tiles whose R rows are contiguous (`base` is row 0; `bpb` bytes per block per
+/// row). Only a hint: an address past the matrix is never dereferenced.
+#[inline(always)]
+unsafe fn prefetch_ahead<const R: usize>(base: *const u8, i: usize, bpb: usize) {
+    let p = base.wrapping_add(PREFETCH_AHEAD + i * R * bpb);
+    let mut off = 0;
+    while off < R * bpb + 64 {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
+        off += 64;
+    }
+}
+
+/// 16 packed bytes -> 32 nibbles (low nibbles are elements 0..16, high nibbles 16..32).
+#[inline(always)]
+unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
+    // SAFETY (of the load): `qs` is 16 readable bytes; loadu has no alignment requirement.
+    let raw = _mm_loadu_si128(qs.as_ptr().cast());
+    let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+#[inline(always)]
+unsafe fn load_act(a: &ActQ8, i: usize) -> __m256i {
+    let y = &a.qs[32 * i..32 * i + 32];
+    // SAFETY: `y` is exactly 32 readable bytes.
+    _mm256_loadu_si256(y.as_ptr().cast())
+}
+
+/// `init + sum of u8(q) * i8(y)` over groups of 4 bytes, as 8 i32 lanes. On the AVX2 path the
+/// pairs go through i16 (`maddubs` saturates), so `q * y` pairs must stay below 2^15: true for
+/// q < 128 (4-bit quants, |q| of the sign trick) and |y| <= 127.
+#[inline(always)]
+unsafe fn dot_u8_i8<const VNNI: bool>(init: __m256i, q: __m256i, y: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpbusd_epi32(init, q, y)
+    } else {
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), _mm256_set1_epi16(1));
+        _mm256_add_epi32(init, p)
+    }
+}
+
+/// Sums and stores an R x T tile: `out[r][t] = hsum(acc[r][t]) + lane r of min[t]`.
+#[inline(always)]
+unsafe fn finish<const R: usize, const T: usize>(
+    acc: &[[__m256; T]; R],
+    min: &[__m128; T],
+) -> [[f32; T]; R] {
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum(acc[r][t]) + lane(min[t], r);
+        }
+    }
+    out
+}
+
+/// Q4_1 rows x activation rows. Per block: `d_x * (d_w * sum(q*y) + m_w * sum(y))`. The first
+/// term accumulates in 8 float lanes per (r, t); the second, `m_w * (d_x * sum(y))`, in lane r
+/// of one 4-lane vector per t (the four rows' mins are converted together).
+#[inline(always)]
+unsafe fn q4_1_body<const R: usize, const T: usize, const VNNI: bool>(
+    w: [&[BlockQ4_1]; R],
+    acts: [&ActQ8; T],
+) -> [[f32; T]; R] {
+    const { assert!(R >= 1 && R <= 4 && T >= 1) };
+    let nb = w[0].len();
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut min = [_mm_setzero_ps(); T];
+    let zero = _mm256_setzero_si256();
+    for i in 0..nb {
+        if T == 1 {
+            prefetch_ahead::<R>(w[0].as_ptr().cast(), i, 20);
+        }
+        let mut q = [zero; R];
+        let mut dw = [_mm256_setzero_ps(); R];
+        let mut mh = [0u16; 4];
+        for r in 0..R {
+            let blk = &w[r][i];
+            q[r] = nibbles(&blk.qs);
+            dw[r] = _mm256_set1_ps(h2f(blk.d));
+            mh[r] = u16::from_le_bytes(blk.m);
+        }
+        let m4 = h2f4(mh);
+        for t in 0..T {
+            let a = acts[t];
+            let y = load_act(a, i);
+            let dx = _mm256_set1_ps(a.blk[i].d);
+            min[t] = _mm_fmadd_ps(m4, _mm_set1_ps(a.blk[i].ds), min[t]);
+            for r in 0..R {
+                let p = _mm256_cvtepi32_ps(dot_u8_i8::<VNNI>(zero, q[r], y));
+                acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(dw[r], dx), acc[r][t]);
+            }
+        }
+    }
+    finish(&acc, &min)
+}
+
+/// Q4_0 rows x activation rows. Per block: `d_w * d_x * (sum(q*y) - 8 * sum(y))`; the
+/// `-8 * sum(y)` is spread over the 8 integer lanes (`-sum(y)` each) as the accumulator's
+/// initial value, so it costs nothing per (r, t).
+#[inline(always)]
+unsafe fn q4_0_body<const R: usize, const T: usize, const VNNI: bool>(
+    w: [&[BlockQ4_0]; R],
+    acts: [&ActQ8; T],
+) -> [[f32; T]; R] {
+    const { assert!(R >= 1 && R <= 4 && T >= 1) };
+    let nb = w[0].len();
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let zero = _mm256_setzero_si256();
+    for i in 0..nb {
+        if T == 1 {
+            prefetch_ahead::<R>(w[0].as_ptr().cast(), i, 18);
+        }
+        let mut q = [zero; R];
+        let mut dw = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            let blk = &w[r][i];
+            q[r] = nibbles(&blk.qs);
+            dw[r] = _mm256_set1_ps(h2f(blk.d));
+        }
+        for t in 0..T {
+            let a = acts[t];
+            let y = load_act(a, i);
+            let dx = _mm256_set1_ps(a.blk[i].d);
+            let init = _mm256_set1_epi32(-a.blk[i].isum);
+            for r in 0..R {
+                let p = _mm256_cvtepi32_ps(dot_u8_i8::<VNNI>(init, q[r], y));
+                acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(dw[r], dx), acc[r][t]);
+            }
+        }
+    }
+    finish(&acc, &[_mm_setzero_ps(); T])
+}
+
+/// Q8_0 rows x activation rows: signed x signed. VNNI: the weights biased to unsigned
+/// (`q + 128`, an xor) and `-128 * sum(y)` spread over the 8 lanes (`-16 * sum(y)` each) as the
+/// accumulator's initial value. AVX2: the sign trick (|q| times y with q's sign), as ggml.
+#[inline(always)]
+unsafe fn q8_0_body<const R: usize, const T: usize, const VNNI: bool>(
+    w: [&[BlockQ8_0]; R],
+    acts: [&ActQ8; T],
+) -> [[f32; T]; R] {
+    const { assert!(R >= 1 && R <= 4 && T >= 1) };
+    let nb = w[0].len();
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let zero = _mm256_setzero_si256();
+    let bias = _mm256_set1_epi8(-128);
+    for i in 0..nb {
+        if T == 1 {
+            prefetch_ahead::<R>(w[0].as_ptr().cast(), i, 34);
+        }
+        let mut q = [zero; R];
+        let mut dw = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            let blk = &w[r][i];
+            // SAFETY: `blk.qs` is 32 readable bytes.
+            q[r] = _mm256_loadu_si256(blk.qs.as_ptr().cast());
+            dw[r] = _mm256_set1_ps(h2f(blk.d));
+        }
+        let qu = if VNNI {
+            q.map(|v| _mm256_xor_si256(v, bias))
+        } else {
+            q.map(|v| _mm256_sign_epi8(v, v))
+        };
+        for t in 0..T {
+            let a = acts[t];
+            let y = load_act(a, i);
+            let dx = _mm256_set1_ps(a.blk[i].d);
+            let init = if VNNI {
+                _mm256_set1_epi32(-16 * a.blk[i].isum)
+            } else {
+                zero
+            };
+            for r in 0..R {
+                let ys = if VNNI { y } else { _mm256_sign_epi8(y, q[r]) };
+                let p = _mm256_cvtepi32_ps(dot_u8_i8::<VNNI>(init, qu[r], ys));
+                acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(dw[r], dx), acc[r][t]);
+            }
+        }
+    }
+    finish(&acc, &[_mm_setzero_ps(); T])
+}
+
+macro_rules! tile_entry {
+    ($(#[$m:meta])* $name:ident, $body:ident, $block:ty) => {
+        $(#[$m])*
+        ///
+        /// # Safety
+        /// `isa` must be what [`Isa::detect`] returned (or a lesser set the CPU has); every
+        /// `w[r]` has the same number of blocks, and every `acts[t]` covers that many 32-element
+        /// blocks.
+        pub unsafe fn $name<const R: usize, const T: usize>(
+            isa: Isa,
+            w: [&[$block]; R],
+            acts: [&ActQ8; T],
+        ) -> [[f32; T]; R] {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2<const R: usize, const T: usize>(
+                w: [&[$block]; R],
+                acts: [&ActQ8; T],
+            ) -> [[f32; T]; R] {
+                $body::<R, T, false>(w, acts)
+            }
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+            unsafe fn vnni<const R: usize, const T: usize>(
+                w: [&[$block]; R],
+                acts: [&ActQ8; T],
+            ) -> [[f32; T]; R] {
+                $body::<R, T, true>(w, acts)
+            }
+            match isa {
+                Isa::Vnni => vnni(w, acts),
+                Isa::Avx2 => avx2(w, acts),
+            }
+        }
+    };
+}
+
+tile_entry!(
+    /// Q4_1 tile: `out[r][t] = W[r] . X[t]` with Q8 activations.
+    q4_1_tile, q4_1_body, BlockQ4_1
+);
+tile_entry!(
+    /// Q4_0 tile: `out[r][t] = W[r] . X[t]` with Q8 activations.
+    q4_0_tile, q4_0_body, BlockQ4_0
+);
+tile_entry!(
+    /// Q8_0 tile: `out[r][t] = W[r] . X[t]` with Q8 activations.
+    q8_0_tile, q8_0_body, BlockQ8_0
+);
