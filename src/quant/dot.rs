@@ -320,10 +320,13 @@ fn dot_f32(fma: bool, a: &[f32], b: &[f32]) -> f32 {
     dot_f32_scalar(a, b)
 }
 
-/// Per-task scratch: a dequantized weight row for the float path (empty until needed).
+/// Per-task scratch (empty until needed): a dequantized weight row for the float path, tile
+/// outputs for the tiled kernels.
 #[derive(Default)]
 struct Scratch {
     row: Vec<f32>,
+    tile: Vec<[f32; BATCH_TILE]>,
+    one: Vec<[f32; 1]>,
 }
 
 /// One weight row times B activation rows, for the paths without a tiled kernel. The same code
@@ -372,16 +375,20 @@ fn dot_row<const B: usize>(
     }
 }
 
-/// Rows per tile of the tiled kernels (their min-term vector has 4 lanes).
-const TILE_ROWS: usize = 4;
-
-/// Activation rows processed together against each weight tile in `matmul`.
+/// Activation rows processed together against each weight row in `matmul`.
 const BATCH_TILE: usize = 4;
 
-/// Pieces per thread the tile range is cut into: more than one so that a thread the OS
-/// descheduled (the machine is shared) can have its work stolen, few enough that a decode
-/// matvec of ~100 microseconds pays for a handful of task handoffs only.
+/// Rows a parallel piece is aligned to (the tiled kernels take 4 rows at a time).
+const ROW_ALIGN: usize = 4;
+
+/// Pieces per thread the rows are cut into: more than one so that a thread the OS descheduled
+/// (the machine is shared) can have its work stolen, few enough that a decode matvec of some
+/// tens of microseconds pays for a handful of task handoffs only.
 const PIECES_PER_THREAD: usize = 4;
+
+/// Rows of one piece per activation row at least: below this a piece is cheaper than handing
+/// it to another thread (a 576-wide Q4_1 row is ~40 ns of work).
+const MIN_PIECE_ROWS: usize = 64;
 
 /// One weight matrix of a product; all matrices of one call share `cols` and the input.
 #[derive(Clone, Copy, Debug)]
@@ -398,9 +405,9 @@ struct SharedOut {
     len: usize,
 }
 
-// SAFETY: tasks write disjoint elements (each output row belongs to exactly one tile, each tile
-// to exactly one task), and the buffer outlives the parallel loop (borrowed mutably by the caller
-// for its whole duration).
+// SAFETY: tasks write disjoint elements (each output row belongs to exactly one piece, each
+// piece to exactly one task), and the buffer outlives the parallel loop (borrowed mutably by
+// the caller for its whole duration).
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
@@ -416,14 +423,13 @@ impl SharedOut {
     }
 }
 
-/// Computes rows `r0 .. r0 + n` (n <= TILE_ROWS) of `part` for every activation row.
+/// Computes rows `r0 .. r1` of `mat` for every activation row into `out` (`[batch, mat.rows]`).
 #[allow(clippy::too_many_arguments)]
-fn tile_rows(
-    part: &WeightMatrix,
+fn rows_range(
+    mat: &WeightMatrix,
     path: Path,
-    rb: usize,
     r0: usize,
-    n: usize,
+    r1: usize,
     acts: &ActsQ8,
     x: &[f32],
     cols: usize,
@@ -431,8 +437,9 @@ fn tile_rows(
     out: &SharedOut,
     scratch: &mut Scratch,
 ) {
-    let rows = part.rows;
-    let wrow = |r: usize| &part.data[r * rb..(r + 1) * rb];
+    let rows = mat.rows;
+    let rb = mat.data.len() / rows;
+    let w = &mat.data[r0 * rb..r1 * rb];
     let act = |b: usize| {
         if matches!(path, Path::Float { .. }) {
             ActQ8::EMPTY
@@ -441,47 +448,41 @@ fn tile_rows(
         }
     };
     let xr = |b: usize| &x[b * cols..(b + 1) * cols];
-    // SAFETY (of every `out.write` below): row r0 + k belongs to this tile only.
+    // SAFETY (of every `out.write` below): rows r0..r1 belong to this piece only.
     #[cfg(target_arch = "x86_64")]
     if let Path::Tile(isa) = path {
-        if n == TILE_ROWS {
-            let w = [wrow(r0), wrow(r0 + 1), wrow(r0 + 2), wrow(r0 + 3)];
-            let mut b = 0;
-            while b + BATCH_TILE <= batch {
-                let a = [act(b), act(b + 1), act(b + 2), act(b + 3)];
-                let o = tile_kernel::<TILE_ROWS, BATCH_TILE>(part.ty, isa, w, [&a[0], &a[1], &a[2], &a[3]]);
-                for (k, ok) in o.iter().enumerate() {
-                    for (t, &v) in ok.iter().enumerate() {
-                        unsafe { out.write((b + t) * rows + r0 + k, v) };
-                    }
-                }
-                b += BATCH_TILE;
-            }
-            for b in b..batch {
-                let a = act(b);
-                let o = tile_kernel::<TILE_ROWS, 1>(part.ty, isa, w, [&a]);
-                for (k, ok) in o.iter().enumerate() {
-                    unsafe { out.write(b * rows + r0 + k, ok[0]) };
+        let n = r1 - r0;
+        let mut tile = std::mem::take(&mut scratch.tile);
+        tile.resize(n, [0.0; BATCH_TILE]);
+        let mut b = 0;
+        while b + BATCH_TILE <= batch {
+            let a = [act(b), act(b + 1), act(b + 2), act(b + 3)];
+            rows_kernel(mat.ty, isa, w, cols, [&a[0], &a[1], &a[2], &a[3]], &mut tile);
+            for (k, o) in tile.iter().enumerate() {
+                for (t, &v) in o.iter().enumerate() {
+                    unsafe { out.write((b + t) * rows + r0 + k, v) };
                 }
             }
-        } else {
-            for r in r0..r0 + n {
-                for b in 0..batch {
-                    let a = act(b);
-                    let o = tile_kernel::<1, 1>(part.ty, isa, [wrow(r)], [&a]);
-                    unsafe { out.write(b * rows + r, o[0][0]) };
-                }
+            b += BATCH_TILE;
+        }
+        for b in b..batch {
+            let a = act(b);
+            let one = &mut scratch.one;
+            one.resize(n, [0.0]);
+            rows_kernel(mat.ty, isa, w, cols, [&a], one);
+            for (k, o) in one.iter().enumerate() {
+                unsafe { out.write(b * rows + r0 + k, o[0]) };
             }
         }
+        scratch.tile = tile;
         return;
     }
-    for r in r0..r0 + n {
-        let wr = wrow(r);
+    for (r, wr) in (r0..r1).zip(w.chunks_exact(rb)) {
         let mut b = 0;
         while b + BATCH_TILE <= batch {
             let a = [act(b), act(b + 1), act(b + 2), act(b + 3)];
             let o = dot_row::<BATCH_TILE>(
-                part.ty,
+                mat.ty,
                 path,
                 wr,
                 [&a[0], &a[1], &a[2], &a[3]],
@@ -494,36 +495,41 @@ fn tile_rows(
             b += BATCH_TILE;
         }
         for b in b..batch {
-            let o = dot_row::<1>(part.ty, path, wr, [&act(b)], [xr(b)], scratch);
+            let o = dot_row::<1>(mat.ty, path, wr, [&act(b)], [xr(b)], scratch);
             unsafe { out.write(b * rows + r, o[0]) };
         }
     }
 }
 
-/// Dispatches an R x T tile to the kernel of `ty` (Q4_0, Q4_1 or Q8_0).
+/// Runs the tiled kernel of `ty` (Q4_0, Q4_1 or Q8_0) over the rows of `w` (`out.len()` rows
+/// of `cols` weights).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn tile_kernel<const R: usize, const T: usize>(
+fn rows_kernel<const T: usize>(
     ty: GgmlType,
     isa: Isa,
-    w: [&[u8]; R],
+    w: &[u8],
+    cols: usize,
     acts: [&ActQ8; T],
-) -> [[f32; T]; R] {
-    // SAFETY: Path::Tile(isa) is chosen only with `isa` from `Isa::detect()`; every weight row
-    // has the row length `check_shapes` validated (as_blocks re-checks whole blocks), and the
-    // activations were quantized from `cols` values, so they cover every block of a row.
+    out: &mut [[f32; T]],
+) {
+    let nb = cols / 32;
+    // SAFETY: Path::Tile(isa) is chosen only with `isa` from `Isa::detect()`; `w` holds
+    // `out.len()` rows of the length `check_shapes` validated (as_blocks re-checks whole blocks,
+    // the kernels slice rows with bounds checks), and the activations were quantized from `cols`
+    // values, so they cover the `nb` blocks of a row.
     unsafe {
         match ty {
-            GgmlType::Q4_1 => simd_tile::q4_1_tile(isa, w.map(|r| as_blocks(r).unwrap_or(&[])), acts),
-            GgmlType::Q4_0 => simd_tile::q4_0_tile(isa, w.map(|r| as_blocks(r).unwrap_or(&[])), acts),
-            _ => simd_tile::q8_0_tile(isa, w.map(|r| as_blocks(r).unwrap_or(&[])), acts),
+            GgmlType::Q4_1 => simd_tile::q4_1_rows(isa, as_blocks(w).unwrap_or(&[]), nb, acts, out),
+            GgmlType::Q4_0 => simd_tile::q4_0_rows(isa, as_blocks(w).unwrap_or(&[]), nb, acts, out),
+            _ => simd_tile::q8_0_rows(isa, as_blocks(w).unwrap_or(&[]), nb, acts, out),
         }
     }
 }
 
-/// The fused product: for every part p, `Y_p[b, r] = sum_c W_p[r, c] * X[b, c]`. Shapes are
+/// The fused product: for every matrix m, `Y_m[b, r] = sum_c W_m[r, c] * X[b, c]`. Shapes are
 /// checked by the caller.
-pub fn matmul_fused(parts: &[WeightMatrix], cols: usize, x: &[f32], batch: usize, ys: &mut [&mut [f32]]) {
+pub fn matmul_fused(mats: &[WeightMatrix], cols: usize, x: &[f32], batch: usize, ys: &mut [&mut [f32]]) {
     if batch == 0 {
         return;
     }
@@ -533,7 +539,7 @@ pub fn matmul_fused(parts: &[WeightMatrix], cols: usize, x: &[f32], batch: usize
         }
         return;
     }
-    let paths: Vec<Path> = parts.iter().map(|p| choose(p.ty)).collect();
+    let paths: Vec<Path> = mats.iter().map(|m| choose(m.ty)).collect();
     let need_acts = paths.iter().any(|p| !matches!(p, Path::Float { .. }));
     // `ys` stays mutably borrowed until the function returns, so the pointers stay valid and
     // unaliased for the whole parallel loop.
@@ -544,31 +550,37 @@ pub fn matmul_fused(parts: &[WeightMatrix], cols: usize, x: &[f32], batch: usize
             len: y.len(),
         })
         .collect();
+    // The rows of all matrices, concatenated, cut into pieces of whole 4-row groups.
+    let total: usize = mats.iter().map(|m| m.rows).sum();
+    let threads = rayon::current_num_threads();
+    let min_rows = MIN_PIECE_ROWS.div_ceil(batch).max(ROW_ALIGN);
+    let pieces = (threads * PIECES_PER_THREAD)
+        .min(total.div_ceil(min_rows))
+        .max(1);
+    let piece_rows = total.div_ceil(pieces).next_multiple_of(ROW_ALIGN);
+    let pieces = total.div_ceil(piece_rows);
     let run = |acts: &ActsQ8| {
-        // Tile index ranges of the parts, concatenated.
-        let mut starts = Vec::with_capacity(parts.len() + 1);
-        let mut total = 0;
-        for p in parts {
-            starts.push(total);
-            total += p.rows.div_ceil(TILE_ROWS);
-        }
-        starts.push(total);
-        let do_tile = |scratch: &mut Scratch, g: usize| {
-            let pi = starts.partition_point(|&s| s <= g) - 1;
-            let part = &parts[pi];
-            let r0 = (g - starts[pi]) * TILE_ROWS;
-            let n = TILE_ROWS.min(part.rows - r0);
-            let rb = part.data.len() / part.rows;
-            tile_rows(
-                part, paths[pi], rb, r0, n, acts, x, cols, batch, &outs[pi], scratch,
-            );
+        let do_piece = |scratch: &mut Scratch, p: usize| {
+            // Global rows [g0, g1) of this piece, split at matrix boundaries.
+            let (g0, g1) = (p * piece_rows, ((p + 1) * piece_rows).min(total));
+            let mut base = 0;
+            for (mi, m) in mats.iter().enumerate() {
+                let (lo, hi) = (g0.max(base), g1.min(base + m.rows));
+                if lo < hi {
+                    rows_range(
+                        m, paths[mi], lo - base, hi - base, acts, x, cols, batch, &outs[mi], scratch,
+                    );
+                }
+                base += m.rows;
+            }
         };
-        let pieces = rayon::current_num_threads() * PIECES_PER_THREAD;
-        let min_len = total.div_ceil(pieces).max(1);
-        (0..total)
-            .into_par_iter()
-            .with_min_len(min_len)
-            .for_each_init(Scratch::default, do_tile);
+        if pieces == 1 {
+            do_piece(&mut Scratch::default(), 0);
+        } else {
+            (0..pieces)
+                .into_par_iter()
+                .for_each_init(Scratch::default, do_piece);
+        }
     };
     if !need_acts {
         return run(&ActsQ8::default());
@@ -692,10 +704,13 @@ mod tests {
                 if let Some(best) = Isa::detect() {
                     let mut s = Scratch::default();
                     got.push(("avx2 row", dot_row::<1>(ty, Path::Avx2, wr, [&act], [&x], &mut s)[0]));
-                    let rows4 = [0, 1, 2, 3].map(|k| &w[k * rb..(k + 1) * rb]);
                     for isa in [Isa::Avx2, best] {
-                        got.push(("tile 1x1", tile_kernel::<1, 1>(ty, isa, [wr], [&act])[0][0]));
-                        got.push(("tile 4x4", tile_kernel::<4, 4>(ty, isa, rows4, [&act; 4])[r][3]));
+                        let mut one = [[0.0f32; 1]];
+                        rows_kernel(ty, isa, wr, cols, [&act], &mut one);
+                        got.push(("tile 1x1", one[0][0]));
+                        let mut four = [[0.0f32; 4]; 4];
+                        rows_kernel(ty, isa, &w, cols, [&act; 4], &mut four);
+                        got.push(("tile 4x4", four[r][3]));
                     }
                 }
                 for (what, v) in got {

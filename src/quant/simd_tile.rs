@@ -277,50 +277,97 @@ unsafe fn q8_0_body<const R: usize, const T: usize, const VNNI: bool>(
     finish(&acc, &[_mm_setzero_ps(); T])
 }
 
-macro_rules! tile_entry {
+/// Runs a tile body over `out.len()` contiguous rows of `nb` blocks each: 4-row tiles, then
+/// single rows. Bit-identical per (row, activation row) to any other split (see module docs).
+#[inline(always)]
+unsafe fn over_rows<B, const T: usize>(
+    w: &[B],
+    nb: usize,
+    acts: [&ActQ8; T],
+    out: &mut [[f32; T]],
+    tile4: impl Fn([&[B]; 4], [&ActQ8; T]) -> [[f32; T]; 4],
+    tile1: impl Fn([&[B]; 1], [&ActQ8; T]) -> [[f32; T]; 1],
+) {
+    let row = |r: usize| &w[r * nb..(r + 1) * nb];
+    let rows = out.len();
+    let mut r = 0;
+    while r + 4 <= rows {
+        let o = tile4([row(r), row(r + 1), row(r + 2), row(r + 3)], acts);
+        out[r..r + 4].copy_from_slice(&o);
+        r += 4;
+    }
+    while r < rows {
+        out[r] = tile1([row(r)], acts)[0];
+        r += 1;
+    }
+}
+
+macro_rules! rows_entry {
     ($(#[$m:meta])* $name:ident, $body:ident, $block:ty) => {
         $(#[$m])*
         ///
+        /// `w` holds `out.len()` rows of `nb` blocks, row-major; `out[r][t] = W[r] . X[t]`.
+        ///
         /// # Safety
         /// `isa` must be what [`Isa::detect`] returned (or a lesser set the CPU has); every
-        /// `w[r]` has the same number of blocks, and every `acts[t]` covers that many 32-element
-        /// blocks.
-        pub unsafe fn $name<const R: usize, const T: usize>(
+        /// `acts[t]` covers `nb` 32-element blocks. (Lengths of `w` are checked: a short `w`
+        /// panics, it is never read out of bounds.)
+        pub unsafe fn $name<const T: usize>(
             isa: Isa,
-            w: [&[$block]; R],
+            w: &[$block],
+            nb: usize,
             acts: [&ActQ8; T],
-        ) -> [[f32; T]; R] {
+            out: &mut [[f32; T]],
+        ) {
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn avx2<const R: usize, const T: usize>(
-                w: [&[$block]; R],
+            unsafe fn avx2<const T: usize>(
+                w: &[$block],
+                nb: usize,
                 acts: [&ActQ8; T],
-            ) -> [[f32; T]; R] {
-                $body::<R, T, false>(w, acts)
+                out: &mut [[f32; T]],
+            ) {
+                over_rows(
+                    w,
+                    nb,
+                    acts,
+                    out,
+                    |w, a| $body::<4, T, false>(w, a),
+                    |w, a| $body::<1, T, false>(w, a),
+                )
             }
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-            unsafe fn vnni<const R: usize, const T: usize>(
-                w: [&[$block]; R],
+            unsafe fn vnni<const T: usize>(
+                w: &[$block],
+                nb: usize,
                 acts: [&ActQ8; T],
-            ) -> [[f32; T]; R] {
-                $body::<R, T, true>(w, acts)
+                out: &mut [[f32; T]],
+            ) {
+                over_rows(
+                    w,
+                    nb,
+                    acts,
+                    out,
+                    |w, a| $body::<4, T, true>(w, a),
+                    |w, a| $body::<1, T, true>(w, a),
+                )
             }
             match isa {
-                Isa::Vnni => vnni(w, acts),
-                Isa::Avx2 => avx2(w, acts),
+                Isa::Vnni => vnni(w, nb, acts, out),
+                Isa::Avx2 => avx2(w, nb, acts, out),
             }
         }
     };
 }
 
-tile_entry!(
-    /// Q4_1 tile: `out[r][t] = W[r] . X[t]` with Q8 activations.
-    q4_1_tile, q4_1_body, BlockQ4_1
+rows_entry!(
+    /// Q4_1 rows times T activation rows (Q8).
+    q4_1_rows, q4_1_body, BlockQ4_1
 );
-tile_entry!(
-    /// Q4_0 tile: `out[r][t] = W[r] . X[t]` with Q8 activations.
-    q4_0_tile, q4_0_body, BlockQ4_0
+rows_entry!(
+    /// Q4_0 rows times T activation rows (Q8).
+    q4_0_rows, q4_0_body, BlockQ4_0
 );
-tile_entry!(
-    /// Q8_0 tile: `out[r][t] = W[r] . X[t]` with Q8 activations.
-    q8_0_tile, q8_0_body, BlockQ8_0
+rows_entry!(
+    /// Q8_0 rows times T activation rows (Q8).
+    q8_0_rows, q8_0_body, BlockQ8_0
 );
