@@ -11,7 +11,14 @@ use super::rope::Rope;
 use super::weights::{LayerWeights, ModelLayout};
 use crate::gguf::GgufFile;
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::path::Path;
+
+thread_local! {
+    /// f32 copies of one KV head's keys and values (attention over an f16 cache), per thread,
+    /// reused across layers and tokens.
+    static KV_F32: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
 
 /// A loaded model: the mapped file, its hyper-parameters and where every weight lives.
 #[derive(Debug, Clone)]
@@ -232,30 +239,28 @@ impl Model {
             .enumerate()
             .for_each(|(h, (out, scores))| {
                 let (keys, vals) = kv.head(layer, h / gqa, pos0 + n);
-                // Conversion buffer for f16 caches; head widths above 512 are not in any
-                // llama-family model, `HParams` keeps them sane and `tmp` grows if needed.
-                let mut tmp_arr = [0f32; 512];
-                let mut tmp_vec;
-                let tmp: &mut [f32] = if hd.max(hdv) <= 512 {
-                    &mut tmp_arr
-                } else {
-                    tmp_vec = vec![0f32; hd.max(hdv)];
-                    &mut tmp_vec
-                };
-                for i in 0..n {
-                    let len = pos0 + i + 1;
-                    let qi = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
-                    let sc = &mut scores[..len];
-                    for (j, sj) in sc.iter_mut().enumerate() {
-                        *sj = ops::dot(qi, keys.row(j, hd, tmp)) * scale;
-                    }
-                    ops::softmax(sc);
-                    let o = &mut out[i * hdv..(i + 1) * hdv];
-                    o.fill(0.0);
-                    for (j, &p) in sc.iter().enumerate() {
-                        ops::axpy(o, p, vals.row(j, hdv, tmp));
-                    }
-                }
+                // Each cached row is used by all n queries: convert an f16 head once, into
+                // this thread's buffers, not once per query.
+                KV_F32.with(|cell| {
+                    let mut own = (Vec::new(), Vec::new());
+                    let mut guard = cell.try_borrow_mut();
+                    let (kb, vb) = match guard.as_deref_mut() {
+                        Ok(bufs) => bufs,
+                        // Re-entered (a nested parallel caller): private buffers.
+                        Err(_) => &mut own,
+                    };
+                    let head = ops::AttnHead {
+                        q: &q[h * hd..],
+                        q_stride: qd,
+                        hd,
+                        hdv,
+                        pos0,
+                        scale,
+                        keys: keys.as_f32(kb),
+                        vals: vals.as_f32(vb),
+                    };
+                    ops::attend(&head, scores, out);
+                });
             });
         let attn = grow(&mut s.attn, n * nh * hdv);
         for h in 0..nh {

@@ -73,6 +73,23 @@ impl KvRows<'_> {
     }
 }
 
+impl<'a> KvRows<'a> {
+    /// All rows as one f32 slice: borrowed from an f32 cache, converted into `buf` from f16.
+    pub fn as_f32<'b>(&self, buf: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match *self {
+            KvRows::F32(v) => v,
+            KvRows::F16(v) => {
+                buf.resize(v.len(), 0.0);
+                v.convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    }
+}
+
 /// Keys and values of every layer, `[layer, kv_head, ctx, head_dim]`: positions of one head are
 /// contiguous, which is what attention reads.
 #[derive(Debug)]

@@ -159,8 +159,23 @@ impl ActsQ8 {
         self.nb = nb;
         self.blk.resize(batch * nb, ActBlock::default());
         self.qs.resize(batch * nb * 32, 0);
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = simd::has_avx2();
         let row = |((xr, blk), qs): ((&[f32], &mut [ActBlock]), &mut [i8])| {
             for ((xb, qb), m) in xr.chunks_exact(32).zip(qs.chunks_exact_mut(32)).zip(blk) {
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: AVX2 checked above; both chunks hold exactly 32 elements.
+                    if let Some((d, sum)) = unsafe { simd_tile::quantize_act_block(xb, qb) } {
+                        *m = ActBlock {
+                            d,
+                            sum: sum as f32,
+                            ds: d * sum as f32,
+                            isum: sum,
+                        };
+                        continue;
+                    }
+                }
                 *m = quantize_act_block(xb, qb);
             }
         };
@@ -665,6 +680,53 @@ pub fn matmul_exact(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX2 activation quantizer is bit-identical to the scalar one, ties and clamps
+    /// included, and leaves non-finite blocks to it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_act_quantization_matches_scalar() {
+        if !simd::has_avx2() {
+            return;
+        }
+        let mut blocks: Vec<Vec<f32>> = vec![
+            // Exact .5 ties after scaling (amax 127 gives id = 1), both signs, and zeros.
+            (0..32).map(|i| (i as f32 - 16.0) + 0.5).chain([]).collect(),
+            vec![0.0; 32],
+            vec![-0.0; 32],
+            (0..32).map(|i| if i == 5 { 127.0 } else { (i as f32) * 2.5 - 40.0 }).collect(),
+            (0..32).map(|i| 1e-30 * (i as f32 - 7.0)).collect(),
+        ];
+        blocks[0][31] = 127.0;
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            blocks.push(
+                (0..32)
+                    .map(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 7;
+                        s ^= s << 17;
+                        ((s >> 40) as f32 / 8388608.0 - 1.0) * 10f32.powi((s % 7) as i32 - 3)
+                    })
+                    .collect(),
+            );
+        }
+        for xb in &blocks {
+            let (mut q1, mut q2) = ([0i8; 32], [0i8; 32]);
+            let m = quantize_act_block(xb, &mut q1);
+            // SAFETY: AVX2 checked above; 32-element block.
+            let (d, sum) = unsafe { simd_tile::quantize_act_block(xb, &mut q2) }.unwrap();
+            assert_eq!(q1, q2, "{xb:?}");
+            assert_eq!((m.d.to_bits(), m.isum), (d.to_bits(), sum), "{xb:?}");
+        }
+        let mut nan = vec![1.0f32; 32];
+        nan[3] = f32::NAN;
+        // SAFETY: as above.
+        assert!(unsafe { simd_tile::quantize_act_block(&nan, &mut [0; 32]) }.is_none());
+        nan[3] = f32::NEG_INFINITY;
+        // SAFETY: as above.
+        assert!(unsafe { simd_tile::quantize_act_block(&nan, &mut [0; 32]) }.is_none());
+    }
 
     /// The portable integer kernel, the AVX2 row kernels and the tiled kernels (both ISAs where
     /// the CPU has them) compute the same integer sums in different float orders, so they agree

@@ -371,3 +371,65 @@ rows_entry!(
     /// Q8_0 rows times T activation rows (Q8).
     q8_0_rows, q8_0_body, BlockQ8_0
 );
+
+/// Quantizes 32 activations to Q8 exactly as `dot::quantize_act_block` does (same scale, same
+/// round-half-away-from-zero, same clamp), or returns None when a value is not finite (the
+/// scalar code gives such a block its NaN scale). Returns (amax / 127, sum of the quants).
+///
+/// # Safety
+/// AVX2 must be available; `x` and `q` hold at least 32 elements.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_act_block(x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
+    assert!(x.len() >= 32 && q.len() >= 32);
+    let sign = _mm256_set1_ps(-0.0);
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    let mut v = [_mm256_setzero_ps(); 4];
+    let mut amax = _mm256_setzero_ps();
+    let mut finite = 0xFF;
+    for (k, vk) in v.iter_mut().enumerate() {
+        // SAFETY: 8 floats at 8k < 32 <= x.len().
+        *vk = _mm256_loadu_ps(x.as_ptr().add(8 * k));
+        let a = _mm256_andnot_ps(sign, *vk);
+        finite &= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(a, inf));
+        amax = _mm256_max_ps(amax, a);
+    }
+    if finite != 0xFF {
+        return None;
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    let d = _mm_cvtss_f32(m) / 127.0;
+    let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    let (half, one, lim) = (
+        _mm256_set1_ps(0.5),
+        _mm256_set1_ps(1.0),
+        _mm256_set1_ps(127.0),
+    );
+    let mut qi = [_mm256_setzero_si256(); 4];
+    let mut sum = _mm256_setzero_si256();
+    for k in 0..4 {
+        let xv = _mm256_mul_ps(v[k], id);
+        // Round half away from zero, as f32::round: truncate, then step away from zero when
+        // the (exactly representable) fraction is at least one half.
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(xv);
+        let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(xv, t));
+        let away = _mm256_or_ps(one, _mm256_and_ps(sign, xv));
+        let step = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), away);
+        let r = _mm256_add_ps(t, step);
+        let r = _mm256_min_ps(_mm256_max_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+        qi[k] = _mm256_cvttps_epi32(r);
+        sum = _mm256_add_epi32(sum, qi[k]);
+    }
+    // i32 -> i16 -> i8 packs interleave the 128-bit lanes; the permute restores element order.
+    let p16a = _mm256_packs_epi32(qi[0], qi[1]);
+    let p16b = _mm256_packs_epi32(qi[2], qi[3]);
+    let p8 = _mm256_packs_epi16(p16a, p16b);
+    let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: 32 bytes fit in `q` (asserted above).
+    _mm256_storeu_si256(q.as_mut_ptr().cast(), p8);
+    let s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    Some((d, _mm_cvtsi128_si32(s)))
+}
