@@ -471,8 +471,9 @@ fn rows_range(
         tile.resize(n, [0.0; BATCH_TILE]);
         let mut b = 0;
         while b + BATCH_TILE <= batch {
-            let a = [act(b), act(b + 1), act(b + 2), act(b + 3)];
-            rows_kernel(mat.ty, isa, w, cols, [&a[0], &a[1], &a[2], &a[3]], &mut tile);
+            let a: [ActQ8; BATCH_TILE] = std::array::from_fn(|t| act(b + t));
+            let a_refs = std::array::from_fn(|t| &a[t]);
+            rows_kernel(mat.ty, isa, w, cols, a_refs, &mut tile[..]);
             for (k, o) in tile.iter().enumerate() {
                 for (t, &v) in o.iter().enumerate() {
                     unsafe { out.write((b + t) * rows + r0 + k, v) };
@@ -495,13 +496,13 @@ fn rows_range(
     for (r, wr) in (r0..r1).zip(w.chunks_exact(rb)) {
         let mut b = 0;
         while b + BATCH_TILE <= batch {
-            let a = [act(b), act(b + 1), act(b + 2), act(b + 3)];
+            let a: [ActQ8; BATCH_TILE] = std::array::from_fn(|t| act(b + t));
             let o = dot_row::<BATCH_TILE>(
                 mat.ty,
                 path,
                 wr,
-                [&a[0], &a[1], &a[2], &a[3]],
-                [xr(b), xr(b + 1), xr(b + 2), xr(b + 3)],
+                std::array::from_fn(|t| &a[t]),
+                std::array::from_fn(|t| xr(b + t)),
                 scratch,
             );
             for (t, &v) in o.iter().enumerate() {
@@ -544,7 +545,13 @@ fn rows_kernel<const T: usize>(
 
 /// The fused product: for every matrix m, `Y_m[b, r] = sum_c W_m[r, c] * X[b, c]`. Shapes are
 /// checked by the caller.
-pub fn matmul_fused(mats: &[WeightMatrix], cols: usize, x: &[f32], batch: usize, ys: &mut [&mut [f32]]) {
+pub fn matmul_fused(
+    mats: &[WeightMatrix],
+    cols: usize,
+    x: &[f32],
+    batch: usize,
+    ys: &mut [&mut [f32]],
+) {
     if batch == 0 {
         return;
     }
@@ -583,7 +590,16 @@ pub fn matmul_fused(mats: &[WeightMatrix], cols: usize, x: &[f32], batch: usize,
                 let (lo, hi) = (g0.max(base), g1.min(base + m.rows));
                 if lo < hi {
                     rows_range(
-                        m, paths[mi], lo - base, hi - base, acts, x, cols, batch, &outs[mi], scratch,
+                        m,
+                        paths[mi],
+                        lo - base,
+                        hi - base,
+                        acts,
+                        x,
+                        cols,
+                        batch,
+                        &outs[mi],
+                        scratch,
                     );
                 }
                 base += m.rows;
@@ -631,7 +647,13 @@ pub fn matmul(
     if rows == 0 {
         return;
     }
-    matmul_fused(&[WeightMatrix { ty, data: w, rows }], cols, x, batch, &mut [y]);
+    matmul_fused(
+        &[WeightMatrix { ty, data: w, rows }],
+        cols,
+        x,
+        batch,
+        &mut [y],
+    );
 }
 
 pub fn matmul_exact(
@@ -694,7 +716,15 @@ mod tests {
             (0..32).map(|i| (i as f32 - 16.0) + 0.5).chain([]).collect(),
             vec![0.0; 32],
             vec![-0.0; 32],
-            (0..32).map(|i| if i == 5 { 127.0 } else { (i as f32) * 2.5 - 40.0 }).collect(),
+            (0..32)
+                .map(|i| {
+                    if i == 5 {
+                        127.0
+                    } else {
+                        (i as f32) * 2.5 - 40.0
+                    }
+                })
+                .collect(),
             (0..32).map(|i| 1e-30 * (i as f32 - 7.0)).collect(),
         ];
         blocks[0][31] = 127.0;
@@ -755,7 +785,11 @@ mod tests {
             for r in 0..4 {
                 let wr = &w[r * rb..(r + 1) * rb];
                 let wdr = &wd[r * cols..(r + 1) * cols];
-                let exact: f64 = wdr.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let exact: f64 = wdr
+                    .iter()
+                    .zip(&xq)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
                 let mag: f64 = wdr
                     .iter()
                     .zip(&xq)
@@ -765,7 +799,10 @@ mod tests {
                 #[cfg(target_arch = "x86_64")]
                 if let Some(best) = Isa::detect() {
                     let mut s = Scratch::default();
-                    got.push(("avx2 row", dot_row::<1>(ty, Path::Avx2, wr, [&act], [&x], &mut s)[0]));
+                    got.push((
+                        "avx2 row",
+                        dot_row::<1>(ty, Path::Avx2, wr, [&act], [&x], &mut s)[0],
+                    ));
                     for isa in [Isa::Avx2, best] {
                         let mut one = [[0.0f32; 1]];
                         rows_kernel(ty, isa, wr, cols, [&act], &mut one);

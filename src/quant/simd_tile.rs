@@ -6,23 +6,31 @@
 //! a quarter of the decoding work of a row-at-a-time kernel, and decode (T = 1) shares the
 //! activation loads and scale broadcasts across 4 rows.
 //!
-//! Two instruction sets, one body: with AVX-512 VNNI (`vpdpbusd`, u8 x i8 products summed into
-//! i32 lanes in one instruction) or with AVX2 (`vpmaddubsw` + `vpmaddwd`, three instructions).
+//! Two instruction sets, one body: AVX2 (`vpmaddubsw` + `vpmaddwd` + add), and, with the cargo
+//! feature `cpu-avx512`, AVX-512 VNNI (`vpdpbusd`: u8 x i8 products summed into i32 lanes in one
+//! instruction, and 32 vector registers, so a 4 x 4 tile's 16 accumulators do not spill). The
+//! feature needs Rust 1.89 (stable AVX-512 intrinsics and target features), newer than the
+//! crate's minimum (1.85), hence opt-in; it makes prefill ~25% faster on Zen 4 (see
+//! docs/PERFORMANCE.md). (Emitting `vpdpbusd` from inline assembly under 1.85 was tried: with 16
+//! registers and fixed operand registers it was no faster than AVX2.)
 //!
 //! Determinism: output (r, t) is computed by exactly the same sequence of operations whatever R
 //! and T are (accumulators are per (r, t), the min term of row r sits in lane r of a vector whose
 //! lanes never mix, and the final reduction is fixed), so a 4 x 4 tile, a 4 x 1 tile and a 1 x 1
 //! tile give bit-identical results; `matmul` row b therefore equals `matvec(X[b])`, independent of
-//! how rows are split across threads. The VNNI and AVX2 bodies agree to float rounding only
-//! (different integer-to-float grouping is not involved, but the Q8_0 offset trick differs).
+//! how rows are split across threads. Both ISAs compute the same i32 lanes for Q4_0 and Q4_1
+//! (bit-identical results); for Q8_0 the VNNI lanes carry an offset that cancels only in their
+//! sum, so the two agree to float rounding.
 
 use super::blocks::*;
 use super::dot::ActQ8;
 use std::arch::x86_64::*;
 
-/// Whether the VNNI variants may run: AVX-512 F/VL/BW/VNNI on top of the AVX2 set.
+/// Whether the VNNI variants may run: built with `cpu-avx512`, and AVX-512 F/VL/BW/VNNI on top
+/// of the AVX2 set.
 pub fn has_vnni() -> bool {
-    super::simd::has_avx2()
+    cfg!(feature = "cpu-avx512")
+        && super::simd::has_avx2()
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512bw")
@@ -37,23 +45,29 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best the CPU supports, or None without AVX2.
+    /// The best the CPU supports, or None without AVX2; decided once per process. Setting the
+    /// environment variable `ROCMFORGE_CPU_ISA=avx2` skips VNNI (to compare the two paths, or to
+    /// run the AVX2 path's tests on a VNNI machine).
     pub fn detect() -> Option<Isa> {
-        if has_vnni() {
-            Some(Isa::Vnni)
-        } else if super::simd::has_avx2() {
-            Some(Isa::Avx2)
-        } else {
-            None
-        }
+        static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let forced_avx2 = std::env::var("ROCMFORGE_CPU_ISA").is_ok_and(|v| v == "avx2");
+            if has_vnni() && !forced_avx2 {
+                Some(Isa::Vnni)
+            } else if super::simd::has_avx2() {
+                Some(Isa::Avx2)
+            } else {
+                None
+            }
+        })
     }
 }
 
 #[inline(always)]
 unsafe fn h2f(b: [u8; 2]) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-        u16::from_le_bytes(b) as i32,
-    )))
+    _mm_cvtss_f32(_mm_cvtph_ps(
+        _mm_cvtsi32_si128(u16::from_le_bytes(b) as i32),
+    ))
 }
 
 /// Four f16 values -> four f32 lanes (missing rows are 0).
@@ -122,17 +136,39 @@ unsafe fn load_act(a: &ActQ8, i: usize) -> __m256i {
     _mm256_loadu_si256(y.as_ptr().cast())
 }
 
-/// `init + sum of u8(q) * i8(y)` over groups of 4 bytes, as 8 i32 lanes. On the AVX2 path the
-/// pairs go through i16 (`maddubs` saturates), so `q * y` pairs must stay below 2^15: true for
-/// q < 128 (4-bit quants, |q| of the sign trick) and |y| <= 127.
+/// `init[t] + sum of u8(q) * i8(y[t])` over groups of 4 bytes, as 8 i32 lanes, for each t. On
+/// the AVX2 path the pairs go through i16 (`maddubs` saturates), so `q * y` pairs must stay below
+/// 2^15: true for q < 128 (4-bit quants, |q| of the sign trick) and |y| <= 127.
 #[inline(always)]
-unsafe fn dot_u8_i8<const VNNI: bool>(init: __m256i, q: __m256i, y: __m256i) -> __m256i {
+unsafe fn dot_u8_i8<const T: usize, const VNNI: bool>(
+    init: [__m256i; T],
+    q: __m256i,
+    y: &[__m256i; T],
+) -> [__m256i; T] {
+    // VNNI = true is only instantiated by the `cpu-avx512` entry points.
+    #[cfg(feature = "cpu-avx512")]
     if VNNI {
-        _mm256_dpbusd_epi32(init, q, y)
-    } else {
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), _mm256_set1_epi16(1));
-        _mm256_add_epi32(init, p)
+        return init_dpbusd(init, q, y);
     }
+    let ones = _mm256_set1_epi16(1);
+    let mut out = init;
+    for t in 0..T {
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y[t]), ones);
+        out[t] = _mm256_add_epi32(init[t], p);
+    }
+    out
+}
+
+/// `vpdpbusd` per activation vector.
+#[cfg(feature = "cpu-avx512")]
+#[allow(clippy::incompatible_msrv)] // the feature documents its Rust 1.89 requirement
+#[inline(always)]
+unsafe fn init_dpbusd<const T: usize>(
+    init: [__m256i; T],
+    q: __m256i,
+    y: &[__m256i; T],
+) -> [__m256i; T] {
+    std::array::from_fn(|t| _mm256_dpbusd_epi32(init[t], q, y[t]))
 }
 
 /// Sums and stores an R x T tile: `out[r][t] = hsum(acc[r][t]) + lane r of min[t]`.
@@ -177,14 +213,16 @@ unsafe fn q4_1_body<const R: usize, const T: usize, const VNNI: bool>(
             mh[r] = u16::from_le_bytes(blk.m);
         }
         let m4 = h2f4(mh);
+        let y: [__m256i; T] = std::array::from_fn(|t| load_act(acts[t], i));
+        let dx: [__m256; T] = std::array::from_fn(|t| _mm256_set1_ps(acts[t].blk[i].d));
         for t in 0..T {
-            let a = acts[t];
-            let y = load_act(a, i);
-            let dx = _mm256_set1_ps(a.blk[i].d);
-            min[t] = _mm_fmadd_ps(m4, _mm_set1_ps(a.blk[i].ds), min[t]);
-            for r in 0..R {
-                let p = _mm256_cvtepi32_ps(dot_u8_i8::<VNNI>(zero, q[r], y));
-                acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(dw[r], dx), acc[r][t]);
+            min[t] = _mm_fmadd_ps(m4, _mm_set1_ps(acts[t].blk[i].ds), min[t]);
+        }
+        for r in 0..R {
+            let p = dot_u8_i8::<T, VNNI>([zero; T], q[r], &y);
+            for t in 0..T {
+                let pf = _mm256_cvtepi32_ps(p[t]);
+                acc[r][t] = _mm256_fmadd_ps(pf, _mm256_mul_ps(dw[r], dx[t]), acc[r][t]);
             }
         }
     }
@@ -214,14 +252,14 @@ unsafe fn q4_0_body<const R: usize, const T: usize, const VNNI: bool>(
             q[r] = nibbles(&blk.qs);
             dw[r] = _mm256_set1_ps(h2f(blk.d));
         }
-        for t in 0..T {
-            let a = acts[t];
-            let y = load_act(a, i);
-            let dx = _mm256_set1_ps(a.blk[i].d);
-            let init = _mm256_set1_epi32(-a.blk[i].isum);
-            for r in 0..R {
-                let p = _mm256_cvtepi32_ps(dot_u8_i8::<VNNI>(init, q[r], y));
-                acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(dw[r], dx), acc[r][t]);
+        let y: [__m256i; T] = std::array::from_fn(|t| load_act(acts[t], i));
+        let dx: [__m256; T] = std::array::from_fn(|t| _mm256_set1_ps(acts[t].blk[i].d));
+        let init: [__m256i; T] = std::array::from_fn(|t| _mm256_set1_epi32(-acts[t].blk[i].isum));
+        for r in 0..R {
+            let p = dot_u8_i8::<T, VNNI>(init, q[r], &y);
+            for t in 0..T {
+                let pf = _mm256_cvtepi32_ps(p[t]);
+                acc[r][t] = _mm256_fmadd_ps(pf, _mm256_mul_ps(dw[r], dx[t]), acc[r][t]);
             }
         }
     }
@@ -258,19 +296,24 @@ unsafe fn q8_0_body<const R: usize, const T: usize, const VNNI: bool>(
         } else {
             q.map(|v| _mm256_sign_epi8(v, v))
         };
-        for t in 0..T {
-            let a = acts[t];
-            let y = load_act(a, i);
-            let dx = _mm256_set1_ps(a.blk[i].d);
-            let init = if VNNI {
-                _mm256_set1_epi32(-16 * a.blk[i].isum)
+        let y: [__m256i; T] = std::array::from_fn(|t| load_act(acts[t], i));
+        let dx: [__m256; T] = std::array::from_fn(|t| _mm256_set1_ps(acts[t].blk[i].d));
+        let init: [__m256i; T] = std::array::from_fn(|t| {
+            if VNNI {
+                _mm256_set1_epi32(-16 * acts[t].blk[i].isum)
             } else {
                 zero
+            }
+        });
+        for r in 0..R {
+            let p = if VNNI {
+                dot_u8_i8::<T, VNNI>(init, qu[r], &y)
+            } else {
+                dot_u8_i8::<T, VNNI>(init, qu[r], &y.map(|v| _mm256_sign_epi8(v, q[r])))
             };
-            for r in 0..R {
-                let ys = if VNNI { y } else { _mm256_sign_epi8(y, q[r]) };
-                let p = _mm256_cvtepi32_ps(dot_u8_i8::<VNNI>(init, qu[r], ys));
-                acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(dw[r], dx), acc[r][t]);
+            for t in 0..T {
+                let pf = _mm256_cvtepi32_ps(p[t]);
+                acc[r][t] = _mm256_fmadd_ps(pf, _mm256_mul_ps(dw[r], dx[t]), acc[r][t]);
             }
         }
     }
@@ -280,27 +323,30 @@ unsafe fn q8_0_body<const R: usize, const T: usize, const VNNI: bool>(
 /// Runs a tile body over `out.len()` contiguous rows of `nb` blocks each: 4-row tiles, then
 /// single rows. Bit-identical per (row, activation row) to any other split (see module docs).
 #[inline(always)]
-unsafe fn over_rows<B, const T: usize>(
+unsafe fn over_rows<B, const R: usize, const T: usize>(
     w: &[B],
     nb: usize,
     acts: [&ActQ8; T],
     out: &mut [[f32; T]],
-    tile4: impl Fn([&[B]; 4], [&ActQ8; T]) -> [[f32; T]; 4],
+    tile: impl Fn([&[B]; R], [&ActQ8; T]) -> [[f32; T]; R],
     tile1: impl Fn([&[B]; 1], [&ActQ8; T]) -> [[f32; T]; 1],
 ) {
     let row = |r: usize| &w[r * nb..(r + 1) * nb];
     let rows = out.len();
     let mut r = 0;
-    while r + 4 <= rows {
-        let o = tile4([row(r), row(r + 1), row(r + 2), row(r + 3)], acts);
-        out[r..r + 4].copy_from_slice(&o);
-        r += 4;
+    while r + R <= rows {
+        let o = tile(std::array::from_fn(|k| row(r + k)), acts);
+        out[r..r + R].copy_from_slice(&o);
+        r += R;
     }
     while r < rows {
         out[r] = tile1([row(r)], acts)[0];
         r += 1;
     }
 }
+
+/// Rows per tile: 4 x 4 tiles (rows x activation rows) keep 16 accumulators in registers.
+pub const TILE_ROWS: usize = 4;
 
 macro_rules! rows_entry {
     ($(#[$m:meta])* $name:ident, $body:ident, $block:ty) => {
@@ -331,10 +377,12 @@ macro_rules! rows_entry {
                     nb,
                     acts,
                     out,
-                    |w, a| $body::<4, T, false>(w, a),
+                    |w, a| $body::<TILE_ROWS, T, false>(w, a),
                     |w, a| $body::<1, T, false>(w, a),
                 )
             }
+            #[cfg(feature = "cpu-avx512")]
+            #[allow(clippy::incompatible_msrv)] // the feature documents its Rust 1.89 requirement
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
             unsafe fn vnni<const T: usize>(
                 w: &[$block],
@@ -347,13 +395,15 @@ macro_rules! rows_entry {
                     nb,
                     acts,
                     out,
-                    |w, a| $body::<4, T, true>(w, a),
+                    |w, a| $body::<TILE_ROWS, T, true>(w, a),
                     |w, a| $body::<1, T, true>(w, a),
                 )
             }
             match isa {
+                #[cfg(feature = "cpu-avx512")]
                 Isa::Vnni => vnni(w, nb, acts, out),
-                Isa::Avx2 => avx2(w, nb, acts, out),
+                // `Isa::detect` never returns Vnni without the feature.
+                _ => avx2(w, nb, acts, out),
             }
         }
     };
@@ -417,7 +467,10 @@ pub unsafe fn quantize_act_block(x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> 
         let away = _mm256_or_ps(one, _mm256_and_ps(sign, xv));
         let step = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), away);
         let r = _mm256_add_ps(t, step);
-        let r = _mm256_min_ps(_mm256_max_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+        let r = _mm256_min_ps(
+            _mm256_max_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), lim)),
+            lim,
+        );
         qi[k] = _mm256_cvttps_epi32(r);
         sum = _mm256_add_epi32(sum, qi[k]);
     }
@@ -428,7 +481,10 @@ pub unsafe fn quantize_act_block(x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> 
     let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     // SAFETY: 32 bytes fit in `q` (asserted above).
     _mm256_storeu_si256(q.as_mut_ptr().cast(), p8);
-    let s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    let s = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256(sum, 1),
+    );
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
     Some((d, _mm_cvtsi128_si32(s)))
