@@ -758,6 +758,56 @@ mod tests {
         assert!(unsafe { simd_tile::quantize_act_block(&nan, &mut [0; 32]) }.is_none());
     }
 
+    /// Tiled kernels: any split of rows (4-row tiles, single rows) and of activation rows (tiles
+    /// of BATCH_TILE, single) gives bit-identical outputs, on every ISA the CPU has; Q4_0 and
+    /// Q4_1 give identical bits on AVX2 and VNNI (same i32 lanes).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tiles_are_split_invariant() {
+        let Some(best) = Isa::detect() else { return };
+        let (rows, cols, batch) = (7, 96, BATCH_TILE + 1);
+        let wf: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.45)
+            .collect();
+        let x: Vec<f32> = (0..batch * cols)
+            .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.55)
+            .collect();
+        let mut acts = ActsQ8::default();
+        acts.fill(&x, cols);
+        let a: Vec<ActQ8> = (0..batch).map(|b| acts.row(b)).collect();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let w = crate::quant::quantize(ty, &wf).unwrap();
+            let rb = w.len() / rows;
+            let mut per_isa = Vec::new();
+            for isa in [Isa::Avx2, best] {
+                // All rows x the first BATCH_TILE activation rows in one call.
+                let mut tile = vec![[0.0f32; BATCH_TILE]; rows];
+                let refs: [&ActQ8; BATCH_TILE] = std::array::from_fn(|t| &a[t]);
+                rows_kernel(ty, isa, &w, cols, refs, &mut tile);
+                // Every activation row alone, rows split 3 + 4 (a single row, then a tile).
+                let mut single = vec![[0.0f32; 1]; rows];
+                for (t, at) in a.iter().enumerate() {
+                    let (lo, hi) = single.split_at_mut(3);
+                    rows_kernel(ty, isa, &w[..3 * rb], cols, [at], lo);
+                    rows_kernel(ty, isa, &w[3 * rb..], cols, [at], hi);
+                    if t < BATCH_TILE {
+                        for r in 0..rows {
+                            assert_eq!(
+                                tile[r][t].to_bits(),
+                                single[r][0].to_bits(),
+                                "{ty} {isa:?} r={r} t={t}"
+                            );
+                        }
+                    }
+                }
+                per_isa.push(single);
+            }
+            if ty != GgmlType::Q8_0 {
+                assert_eq!(per_isa[0], per_isa[1], "{ty}: AVX2 vs {best:?}");
+            }
+        }
+    }
+
     /// The portable integer kernel, the AVX2 row kernels and the tiled kernels (both ISAs where
     /// the CPU has them) compute the same integer sums in different float orders, so they agree
     /// to float rounding (1e-5 of the sum of |terms|) with the f64 dot of the dequantized weights
