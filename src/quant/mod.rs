@@ -1,6 +1,7 @@
 //! Quantization formats: type ids and block geometry (`qtype`), block layouts (`blocks`), scalar
 //! reference dequantizers (`reference`), quantizers (`quantize`), fast single-thread paths
-//! (`fast`, with SIMD in `simd`), and CPU matrix-vector / matrix-matrix products (`dot`).
+//! (`fast`, with SIMD in `simd`), and CPU matrix-vector / matrix-matrix products (`dot`, over Q8
+//! activations from `act`, with the register-tiled Q4_0/Q4_1/Q8_0 kernels in `simd_tile`).
 //!
 //! Contract: `dequantize` and `dequantize_par` are bit-exact with `dequantize_ref`, which is
 //! bit-exact with ggml (and `gguf.quants.dequantize`). `matvec`/`matmul` quantize activations
@@ -8,6 +9,7 @@
 //! per-type tolerance (see `tests/quant_dot.rs`), but every output row is computed by one thread
 //! in a fixed order, so results do not depend on the thread count.
 
+mod act;
 pub mod blocks;
 mod dot;
 mod fast;

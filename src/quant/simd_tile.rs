@@ -22,8 +22,8 @@
 //! (bit-identical results); for Q8_0 the VNNI lanes carry an offset that cancels only in their
 //! sum, so the two agree to float rounding.
 
+use super::act::ActQ8;
 use super::blocks::*;
-use super::dot::ActQ8;
 use std::arch::x86_64::*;
 
 /// Whether the VNNI variants may run: built with `cpu-avx512`, and AVX-512 F/VL/BW/VNNI on top
