@@ -345,7 +345,13 @@ fn rows_range(
         }
     };
     let xr = |b: usize| &x[b * cols..(b + 1) * cols];
-    // SAFETY (of every `out.write` below): rows r0..r1 belong to this piece only.
+    // Output element (b, r) for a row r of this piece.
+    let put = |b: usize, r: usize, v: f32| {
+        assert!(r0 <= r && r < r1 && b < batch);
+        // SAFETY: rows r0..r1 of this matrix belong to this piece only (`matmul_fused` cuts the
+        // rows into disjoint pieces, each run by one task), so no other thread touches (b, r).
+        unsafe { out.write(b * rows + r, v) };
+    };
     #[cfg(target_arch = "x86_64")]
     if let Path::Tile(isa) = path {
         let n = r1 - r0;
@@ -358,7 +364,7 @@ fn rows_range(
             rows_kernel(mat.ty, isa, w, cols, a_refs, &mut tile[..]);
             for (k, o) in tile.iter().enumerate() {
                 for (t, &v) in o.iter().enumerate() {
-                    unsafe { out.write((b + t) * rows + r0 + k, v) };
+                    put(b + t, r0 + k, v);
                 }
             }
             b += BATCH_TILE;
@@ -369,7 +375,7 @@ fn rows_range(
             one.resize(n, [0.0]);
             rows_kernel(mat.ty, isa, w, cols, [&a], one);
             for (k, o) in one.iter().enumerate() {
-                unsafe { out.write(b * rows + r0 + k, o[0]) };
+                put(b, r0 + k, o[0]);
             }
         }
         scratch.tile = tile;
@@ -388,13 +394,13 @@ fn rows_range(
                 scratch,
             );
             for (t, &v) in o.iter().enumerate() {
-                unsafe { out.write((b + t) * rows + r, v) };
+                put(b + t, r, v);
             }
             b += BATCH_TILE;
         }
         for b in b..batch {
             let o = dot_row::<1>(mat.ty, path, wr, [&act(b)], [xr(b)], scratch);
-            unsafe { out.write(b * rows + r, o[0]) };
+            put(b, r, o[0]);
         }
     }
 }
