@@ -166,6 +166,45 @@ fn bench_matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// The products of one SmolLM2-135M layer (Q4_1 [rows, cols]) and its Q8_0 output head, in
+/// thread CPU time on one thread: decode (batch 1) and prefill (batch 128) per shape. Stable on a
+/// shared machine where wall time is not; the sum over shapes x 30 layers approximates the
+/// kernel share of a token (see docs/PERFORMANCE.md, "CPU inference").
+fn bench_model_shapes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("smollm2_shapes_cputime");
+    let one = pool(1);
+    let shapes = [
+        ("q4_1_576x576", GgmlType::Q4_1, 576, 576),
+        ("q4_1_192x576", GgmlType::Q4_1, 192, 576),
+        ("q4_1_1536x576", GgmlType::Q4_1, 1536, 576),
+        ("q4_1_576x1536", GgmlType::Q4_1, 576, 1536),
+        ("q8_0_49152x576", GgmlType::Q8_0, 49152, 576),
+    ];
+    for (name, ty, rows, cols) in shapes {
+        let w = quantize(ty, &data(rows * cols)).expect("quantize");
+        for batch in [1usize, 128] {
+            if rows > 4096 && batch > 1 {
+                continue; // the head only ever sees the last prompt position
+            }
+            let x = data(batch * cols);
+            let mut y = vec![0.0f32; batch * rows];
+            g.throughput(Throughput::Elements((rows * cols * batch) as u64)); // MACs
+            g.bench_function(BenchmarkId::new(name, format!("b{batch}")), |b| {
+                b.iter_custom(|iters| {
+                    one.install(|| {
+                        let t0 = thread_cpu_time();
+                        for _ in 0..iters {
+                            matmul(ty, &w, rows, cols, &x, batch, &mut y).expect("matmul");
+                        }
+                        thread_cpu_time() - t0
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 const DEQUANT_TYPES: [GgmlType; 14] = [
     GgmlType::F32,
     GgmlType::F16,
@@ -206,6 +245,7 @@ criterion_group!(
     bench_matvec,
     bench_matvec_cputime,
     bench_matmul,
+    bench_model_shapes,
     bench_dequant
 );
 criterion_main!(benches);

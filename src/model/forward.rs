@@ -11,7 +11,14 @@ use super::rope::Rope;
 use super::weights::{LayerWeights, ModelLayout};
 use crate::gguf::GgufFile;
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::path::Path;
+
+thread_local! {
+    /// f32 copies of one KV head's keys and values (attention over an f16 cache), per thread,
+    /// reused across layers and tokens.
+    static KV_F32: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
 
 /// A loaded model: the mapped file, its hyper-parameters and where every weight lives.
 #[derive(Debug, Clone)]
@@ -128,11 +135,16 @@ impl Model {
         let xn = grow(&mut s.xn, n * d);
         ops::rms_norm(hidden, norm_w, hp.rms_eps, xn);
         let q = grow(&mut s.q, n * qd);
-        ops::linear(&w.wq, &name(K::AttnQ), xn, n, q, prec)?;
         let k = grow(&mut s.k, n * kd);
-        ops::linear(&w.wk, &name(K::AttnK), xn, n, k, prec)?;
         let v = grow(&mut s.v, n * vd);
-        ops::linear(&w.wv, &name(K::AttnV), xn, n, v, prec)?;
+        let (nq, nk, nv) = (name(K::AttnQ), name(K::AttnK), name(K::AttnV));
+        ops::linear_fused(
+            &[(&w.wq, &nq), (&w.wk, &nk), (&w.wv, &nv)],
+            xn,
+            n,
+            &mut [&mut *q, &mut *k, &mut *v],
+            prec,
+        )?;
         for (b, out, kind) in [
             (&w.bq, &mut *q, K::AttnQBias),
             (&w.bk, &mut *k, K::AttnKBias),
@@ -185,9 +197,15 @@ impl Model {
         let xn = grow(&mut s.xn, n * d);
         ops::rms_norm(hidden, norm_w, hp.rms_eps, xn);
         let gate = grow(&mut s.gate, n * hp.n_ff);
-        ops::linear(&w.w_gate, &name(K::FfnGate), xn, n, gate, prec)?;
         let up = grow(&mut s.up, n * hp.n_ff);
-        ops::linear(&w.w_up, &name(K::FfnUp), xn, n, up, prec)?;
+        let (ng, nu) = (name(K::FfnGate), name(K::FfnUp));
+        ops::linear_fused(
+            &[(&w.w_gate, &ng), (&w.w_up, &nu)],
+            xn,
+            n,
+            &mut [&mut *gate, &mut *up],
+            prec,
+        )?;
         ops::swiglu(gate, up);
         let proj = grow(&mut s.proj, n * d);
         ops::linear(&w.w_down, &name(K::FfnDown), gate, n, proj, prec)?;
@@ -221,30 +239,28 @@ impl Model {
             .enumerate()
             .for_each(|(h, (out, scores))| {
                 let (keys, vals) = kv.head(layer, h / gqa, pos0 + n);
-                // Conversion buffer for f16 caches; head widths above 512 are not in any
-                // llama-family model, `HParams` keeps them sane and `tmp` grows if needed.
-                let mut tmp_arr = [0f32; 512];
-                let mut tmp_vec;
-                let tmp: &mut [f32] = if hd.max(hdv) <= 512 {
-                    &mut tmp_arr
-                } else {
-                    tmp_vec = vec![0f32; hd.max(hdv)];
-                    &mut tmp_vec
-                };
-                for i in 0..n {
-                    let len = pos0 + i + 1;
-                    let qi = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
-                    let sc = &mut scores[..len];
-                    for (j, sj) in sc.iter_mut().enumerate() {
-                        *sj = ops::dot(qi, keys.row(j, hd, tmp)) * scale;
-                    }
-                    ops::softmax(sc);
-                    let o = &mut out[i * hdv..(i + 1) * hdv];
-                    o.fill(0.0);
-                    for (j, &p) in sc.iter().enumerate() {
-                        ops::axpy(o, p, vals.row(j, hdv, tmp));
-                    }
-                }
+                // Each cached row is used by all n queries: convert an f16 head once, into
+                // this thread's buffers, not once per query.
+                KV_F32.with(|cell| {
+                    let mut own = (Vec::new(), Vec::new());
+                    let mut guard = cell.try_borrow_mut();
+                    let (kb, vb) = match guard.as_deref_mut() {
+                        Ok(bufs) => bufs,
+                        // Re-entered (a nested parallel caller): private buffers.
+                        Err(_) => &mut own,
+                    };
+                    let head = ops::AttnHead {
+                        q: &q[h * hd..],
+                        q_stride: qd,
+                        hd,
+                        hdv,
+                        pos0,
+                        scale,
+                        keys: keys.as_f32(kb),
+                        vals: vals.as_f32(vb),
+                    };
+                    ops::attend(&head, scores, out);
+                });
             });
         let attn = grow(&mut s.attn, n * nh * hdv);
         for h in 0..nh {

@@ -59,15 +59,18 @@ pub enum KvRows<'a> {
     F16(&'a [f16]),
 }
 
-impl KvRows<'_> {
-    /// Row `j` as f32; uses `tmp` (`[dim]`) when a conversion is needed.
-    #[inline]
-    pub fn row<'b>(&'b self, j: usize, dim: usize, tmp: &'b mut [f32]) -> &'b [f32] {
-        match self {
-            KvRows::F32(v) => &v[j * dim..(j + 1) * dim],
+impl<'a> KvRows<'a> {
+    /// All rows as one f32 slice: borrowed from an f32 cache, converted into `buf` from f16.
+    pub fn as_f32<'b>(&self, buf: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match *self {
+            KvRows::F32(v) => v,
             KvRows::F16(v) => {
-                v[j * dim..(j + 1) * dim].convert_to_f32_slice(&mut tmp[..dim]);
-                &tmp[..dim]
+                buf.resize(v.len(), 0.0);
+                v.convert_to_f32_slice(buf);
+                buf
             }
         }
     }

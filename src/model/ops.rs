@@ -65,6 +65,40 @@ pub fn linear(
     r.map_err(kernel_err("matmul", name))
 }
 
+/// Several projections of the same input in one pass (Q/K/V, or gate/up): for each `(w, name)`
+/// of `ws`, `ys[i] = x W_i^T` as [`linear`] computes it (bit for bit: fusing only shares the
+/// activation quantization and the fork-join). Every `w` must have `cols == x.len() / batch`.
+pub fn linear_fused(
+    ws: &[(&WeightView, &dyn Display)],
+    x: &[f32],
+    batch: usize,
+    ys: &mut [&mut [f32]],
+    precision: Precision,
+) -> Result<(), ModelError> {
+    if precision == Precision::Exact || ws.len() != ys.len() {
+        // The oracle stays one product at a time (and a length mismatch, a caller bug, gets
+        // each tensor's own error from there).
+        for ((w, name), y) in ws.iter().zip(ys.iter_mut()) {
+            linear(w, *name, x, batch, y, precision)?;
+        }
+        return Ok(());
+    }
+    let cols = ws.first().map_or(0, |(w, _)| w.cols);
+    let mut mats = Vec::with_capacity(ws.len());
+    for ((w, name), y) in ws.iter().zip(ys.iter()) {
+        // Per-tensor checks first, so an error names the tensor at fault (a `w` of other
+        // width than the first fails its byte-length check).
+        quant::check_product(w.ty, w.data, w.rows, cols, x, batch, y)
+            .map_err(kernel_err("matmul", *name))?;
+        mats.push(quant::WeightMatrix {
+            ty: w.ty,
+            data: w.data,
+            rows: w.rows,
+        });
+    }
+    quant::matmul_fused(&mats, cols, x, batch, ys).map_err(kernel_err("matmul", "fused"))
+}
+
 /// Dequantizes a whole vector tensor (norm weights, biases) or selected rows (embeddings).
 pub fn dequantize(
     w: &WeightView,
@@ -106,6 +140,7 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 }
 
 /// Softmax in place, stable (max subtracted).
+#[inline(always)]
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
@@ -126,6 +161,58 @@ pub fn add_assign(y: &mut [f32], x: &[f32]) {
     }
 }
 
+/// One attention head's inputs: `n = out.len() / hdv` queries at positions `pos0 ..`, query i at
+/// `q[i * q_stride ..][..hd]`, and the cached rows `[pos0 + n, hd]` / `[pos0 + n, hdv]` as f32.
+pub struct AttnHead<'a> {
+    pub q: &'a [f32],
+    pub q_stride: usize,
+    pub hd: usize,
+    pub hdv: usize,
+    pub pos0: usize,
+    pub scale: f32,
+    pub keys: &'a [f32],
+    pub vals: &'a [f32],
+}
+
+/// Causal softmax attention of one head: `out[i] = sum_j softmax_j(q_i . k_j * scale) v_j` over
+/// positions `j <= pos0 + i`. `scores` holds at least `pos0 + n` floats.
+pub fn attend(h: &AttnHead, scores: &mut [f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { attend_avx2(h, scores, out) };
+    }
+    attend_body(h, scores, out)
+}
+
+/// The same code compiled for AVX2: the compiler vectorises `dot` and `axpy` 8 lanes wide
+/// instead of 4. Rust never contracts `a * b + c` into an FMA, and each lane keeps its own
+/// accumulator in the same order, so the results are bit-identical to the portable build.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_avx2(h: &AttnHead, scores: &mut [f32], out: &mut [f32]) {
+    attend_body(h, scores, out)
+}
+
+#[inline(always)]
+fn attend_body(h: &AttnHead, scores: &mut [f32], out: &mut [f32]) {
+    let (hd, hdv) = (h.hd, h.hdv);
+    for (i, o) in out.chunks_exact_mut(hdv).enumerate() {
+        let len = h.pos0 + i + 1;
+        let qi = &h.q[i * h.q_stride..i * h.q_stride + hd];
+        let sc = &mut scores[..len];
+        for (sj, kj) in sc.iter_mut().zip(h.keys.chunks_exact(hd)) {
+            *sj = dot(qi, kj) * h.scale;
+        }
+        softmax(sc);
+        o.fill(0.0);
+        for (&p, vj) in sc.iter().zip(h.vals.chunks_exact(hdv)) {
+            axpy(o, p, vj);
+        }
+    }
+}
+
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight accumulators let the compiler vectorise without reassociation flags.
     let mut acc = [0f32; 8];
@@ -145,6 +232,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += a * x`.
+#[inline(always)]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
         *o += a * v;

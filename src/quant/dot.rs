@@ -1,12 +1,20 @@
 //! CPU matrix-vector and matrix-matrix products over quantized weight rows.
 //!
-//! Every output element `Y[b, r]` is computed by one thread, by the same row kernel whether it is
-//! reached through `matvec` or `matmul`, so `matmul` row b equals `matvec(X[b])` bit for bit and
-//! neither depends on the number of threads.
+//! Every output element `Y[b, r]` is computed by one thread, by the same arithmetic whether it is
+//! reached through `matvec` or `matmul` and whatever tile it falls in, so `matmul` row b equals
+//! `matvec(X[b])` bit for bit and neither depends on the number of threads.
+//!
+//! Work split: rows are grouped in tiles of `TILE_ROWS`; the tiles of every matrix of a call
+//! (several matrices sharing one input are fused into one call, see `matmul_fused`) are handed
+//! to Rayon as one index range cut into a few pieces per thread, so a small matrix (the 135M
+//! model's are 576..1536 rows) costs one fork-join, not dozens of tiny tasks.
 
+use super::act::{ActQ8, ActsQ8, ACTS};
 use super::blocks::{as_blocks, f16, KVALUES_IQ4NL};
 #[cfg(target_arch = "x86_64")]
 use super::simd;
+#[cfg(target_arch = "x86_64")]
+use super::simd_tile::{self, Isa};
 use super::{fast, reference_row, GgmlType, QuantError};
 use rayon::prelude::*;
 
@@ -90,74 +98,36 @@ pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// One activation row quantized to 32-element Q8 blocks, as ggml's Q8_0/Q8_1 but with f32
-/// scales (ggml rounds them to f16; keeping f32 is slightly more accurate and costs nothing).
-pub struct ActQ8 {
-    /// Per block: the scale d (x ~ d * q).
-    pub d: Vec<f32>,
-    /// Per block: sum of the quants, as f32 (exact: |sum| <= 32 * 127). Serves the min terms.
-    pub sum: Vec<f32>,
-    /// Per block: sum of the quants as i32 (the Q4_0 kernel subtracts 8 * sum in integers).
-    pub isum: Vec<i32>,
-    /// The quants, 32 per block, in -127..=127 (never -128, which `maddubs` could not take).
-    pub qs: Vec<i8>,
-}
-
-impl ActQ8 {
-    pub fn new(x: &[f32]) -> Self {
-        let nb = x.len() / 32;
-        let mut a = ActQ8 {
-            d: Vec::with_capacity(nb),
-            sum: Vec::with_capacity(nb),
-            isum: Vec::with_capacity(nb),
-            qs: vec![0; nb * 32],
-        };
-        for (xb, qb) in x.chunks_exact(32).zip(a.qs.chunks_exact_mut(32)) {
-            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            // A NaN/Inf activation makes the block's scale NaN, so it propagates to the output as
-            // in the f32 path instead of being silently quantized to some finite value.
-            let finite = xb.iter().all(|v| v.is_finite());
-            let d = if finite { amax / 127.0 } else { f32::NAN };
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                // With a NaN d, id is NaN and the quants become 0 (valid); d carries the NaN.
-                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
-                sum += *q as i32;
-            }
-            a.d.push(d);
-            a.sum.push(sum as f32);
-            a.isum.push(sum);
-        }
-        a
-    }
-}
-
 /// How a weight type is multiplied.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Path {
-    /// AVX2 integer kernels with Q8 activations (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K).
+    /// Register-tiled kernels (several rows x several activation rows), Q4_0 / Q4_1 / Q8_0.
+    #[cfg(target_arch = "x86_64")]
+    Tile(Isa),
+    /// AVX2 row kernels with Q8 activations (Q4_K, Q6_K).
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// Portable integer kernel with Q8 activations (legacy 32-element types).
     Q8Scalar,
     /// Dequantize the row, then an f32 dot product (float types; the K-quants other than Q4_K
-    /// until they get integer kernels, see the module docs).
+    /// and Q6_K until they get integer kernels, see the module docs).
     Float { fma: bool },
 }
 
 fn choose(ty: GgmlType) -> Path {
     #[cfg(target_arch = "x86_64")]
-    let avx2 = simd::has_avx2();
+    let isa = Isa::detect();
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = isa.is_some();
     #[cfg(not(target_arch = "x86_64"))]
     let avx2 = false;
     match ty {
         #[cfg(target_arch = "x86_64")]
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K
-            if avx2 =>
-        {
-            Path::Avx2
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 if isa.is_some() => {
+            Path::Tile(isa.unwrap_or(Isa::Avx2))
         }
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q4_K | GgmlType::Q6_K if avx2 => Path::Avx2,
         GgmlType::Q4_0
         | GgmlType::Q4_1
         | GgmlType::Q5_0
@@ -181,7 +151,8 @@ fn dot_legacy_scalar<const B: usize>(ty: GgmlType, w: &[u8], acts: [&ActQ8; B]) 
             let a = acts[b];
             let y = &a.qs[32 * i..32 * i + 32];
             let isum: i32 = q.iter().zip(y).map(|(&p, &v)| p as i32 * v as i32).sum();
-            acc[b] += d * a.d[i] * isum as f32 + m * a.d[i] * a.sum[i];
+            let ab = a.blk[i];
+            acc[b] += d * ab.d * isum as f32 + m * ab.d * ab.sum;
         }
     }
     acc
@@ -249,13 +220,18 @@ fn dot_f32(fma: bool, a: &[f32], b: &[f32]) -> f32 {
     dot_f32_scalar(a, b)
 }
 
-/// Per-thread scratch: a dequantized weight row for the float path.
+/// Per-task scratch (empty until needed): a dequantized weight row for the float path, tile
+/// outputs for the tiled kernels.
+#[derive(Default)]
 struct Scratch {
     row: Vec<f32>,
+    tile: Vec<[f32; BATCH_TILE]>,
+    one: Vec<[f32; 1]>,
 }
 
-/// One weight row times B activation rows. The same code runs for every B, and each b's
-/// arithmetic does not depend on the others, so results are identical for B = 1 and B = 4.
+/// One weight row times B activation rows, for the paths without a tiled kernel. The same code
+/// runs for every B, and each b's arithmetic does not depend on the others, so results are
+/// identical for B = 1 and B = 4.
 #[inline(always)]
 fn dot_row<const B: usize>(
     ty: GgmlType,
@@ -271,15 +247,18 @@ fn dot_row<const B: usize>(
         // from `cols` values, so they cover every block of the row; as_blocks checked the length.
         Path::Avx2 => unsafe {
             match ty {
-                GgmlType::Q4_0 => simd::dot_q4_0(as_blocks(w).unwrap_or(&[]), acts),
-                GgmlType::Q4_1 => simd::dot_q4_1(as_blocks(w).unwrap_or(&[]), acts),
                 GgmlType::Q4_K => simd::dot_q4_k(as_blocks(w).unwrap_or(&[]), acts),
-                GgmlType::Q6_K => simd::dot_q6_k(as_blocks(w).unwrap_or(&[]), acts),
-                _ => simd::dot_q8_0(as_blocks(w).unwrap_or(&[]), acts),
+                _ => simd::dot_q6_k(as_blocks(w).unwrap_or(&[]), acts),
             }
         },
+        // Tiles are handled by `tile_rows`; a tiled type reaching here takes the portable path.
+        #[cfg(target_arch = "x86_64")]
+        Path::Tile(_) => dot_legacy_scalar(ty, w, acts),
         Path::Q8Scalar => dot_legacy_scalar(ty, w, acts),
         Path::Float { fma } => {
+            if scratch.row.len() != xs[0].len() {
+                scratch.row.resize(xs[0].len(), 0.0);
+            }
             // The caller validated `ty` and the row length, so this cannot fail; NaN if it did.
             if fast::dequantize(ty, w, &mut scratch.row).is_err() {
                 return [f32::NAN; B];
@@ -293,47 +272,255 @@ fn dot_row<const B: usize>(
     }
 }
 
-/// Rows per parallel task: enough work per task (a 576-wide Q4_1 row is 360 bytes) to amortise
-/// Rayon's overhead, while leaving many tasks for balance.
-const ROWS_PER_TASK: usize = 16;
-
 /// Activation rows processed together against each weight row in `matmul`.
 const BATCH_TILE: usize = 4;
 
-fn quantize_acts(path: Path, x: &[f32], cols: usize) -> Vec<ActQ8> {
-    if matches!(path, Path::Float { .. }) {
-        return Vec::new();
+/// Rows a parallel piece is aligned to (the tiled kernels take 4 rows at a time).
+const ROW_ALIGN: usize = 4;
+
+/// Pieces per thread the rows are cut into: more than one so that a thread the OS descheduled
+/// (the machine is shared) can have its work stolen, few enough that a decode matvec of some
+/// tens of microseconds pays for a handful of task handoffs only.
+const PIECES_PER_THREAD: usize = 4;
+
+/// Rows of one piece per activation row at least: below this a piece is cheaper than handing
+/// it to another thread (a 576-wide Q4_1 row is ~40 ns of work).
+const MIN_PIECE_ROWS: usize = 64;
+
+/// One weight matrix of a product; all matrices of one call share `cols` and the input.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightMatrix<'a> {
+    pub ty: GgmlType,
+    /// `[rows, cols]` row-major, in `ty`'s blocks.
+    pub data: &'a [u8],
+    pub rows: usize,
+}
+
+/// An output matrix written by several tasks at disjoint indices.
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint elements (each output row belongs to exactly one piece, each
+// piece to exactly one task), and the buffer outlives the parallel loop (borrowed mutably by
+// the caller for its whole duration).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// No other thread reads or writes index `i` during the parallel loop.
+    #[inline(always)]
+    unsafe fn write(&self, i: usize, v: f32) {
+        assert!(i < self.len);
+        // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
+        *self.ptr.add(i) = v;
     }
-    x.par_chunks(cols).map(ActQ8::new).collect()
+}
+
+/// Computes rows `r0 .. r1` of `mat` for every activation row into `out` (`[batch, mat.rows]`).
+#[allow(clippy::too_many_arguments)]
+fn rows_range(
+    mat: &WeightMatrix,
+    path: Path,
+    r0: usize,
+    r1: usize,
+    acts: &ActsQ8,
+    x: &[f32],
+    cols: usize,
+    batch: usize,
+    out: &SharedOut,
+    scratch: &mut Scratch,
+) {
+    let rows = mat.rows;
+    let rb = mat.data.len() / rows;
+    let w = &mat.data[r0 * rb..r1 * rb];
+    let act = |b: usize| {
+        if matches!(path, Path::Float { .. }) {
+            ActQ8::EMPTY
+        } else {
+            acts.row(b)
+        }
+    };
+    let xr = |b: usize| &x[b * cols..(b + 1) * cols];
+    // Output element (b, r) for a row r of this piece.
+    let put = |b: usize, r: usize, v: f32| {
+        assert!(r0 <= r && r < r1 && b < batch);
+        // SAFETY: rows r0..r1 of this matrix belong to this piece only (`matmul_fused` cuts the
+        // rows into disjoint pieces, each run by one task), so no other thread touches (b, r).
+        unsafe { out.write(b * rows + r, v) };
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let Path::Tile(isa) = path {
+        let n = r1 - r0;
+        let mut tile = std::mem::take(&mut scratch.tile);
+        tile.resize(n, [0.0; BATCH_TILE]);
+        let mut b = 0;
+        while b + BATCH_TILE <= batch {
+            let a: [ActQ8; BATCH_TILE] = std::array::from_fn(|t| act(b + t));
+            let a_refs = std::array::from_fn(|t| &a[t]);
+            rows_kernel(mat.ty, isa, w, cols, a_refs, &mut tile[..]);
+            for (k, o) in tile.iter().enumerate() {
+                for (t, &v) in o.iter().enumerate() {
+                    put(b + t, r0 + k, v);
+                }
+            }
+            b += BATCH_TILE;
+        }
+        for b in b..batch {
+            let a = act(b);
+            let one = &mut scratch.one;
+            one.resize(n, [0.0]);
+            rows_kernel(mat.ty, isa, w, cols, [&a], one);
+            for (k, o) in one.iter().enumerate() {
+                put(b, r0 + k, o[0]);
+            }
+        }
+        scratch.tile = tile;
+        return;
+    }
+    for (r, wr) in (r0..r1).zip(w.chunks_exact(rb)) {
+        let mut b = 0;
+        while b + BATCH_TILE <= batch {
+            let a: [ActQ8; BATCH_TILE] = std::array::from_fn(|t| act(b + t));
+            let o = dot_row::<BATCH_TILE>(
+                mat.ty,
+                path,
+                wr,
+                std::array::from_fn(|t| &a[t]),
+                std::array::from_fn(|t| xr(b + t)),
+                scratch,
+            );
+            for (t, &v) in o.iter().enumerate() {
+                put(b + t, r, v);
+            }
+            b += BATCH_TILE;
+        }
+        for b in b..batch {
+            let o = dot_row::<1>(mat.ty, path, wr, [&act(b)], [xr(b)], scratch);
+            put(b, r, o[0]);
+        }
+    }
+}
+
+/// Runs the tiled kernel of `ty` (Q4_0, Q4_1 or Q8_0) over the rows of `w` (`out.len()` rows
+/// of `cols` weights).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn rows_kernel<const T: usize>(
+    ty: GgmlType,
+    isa: Isa,
+    w: &[u8],
+    cols: usize,
+    acts: [&ActQ8; T],
+    out: &mut [[f32; T]],
+) {
+    let nb = cols / 32;
+    // SAFETY: Path::Tile(isa) is chosen only with `isa` from `Isa::detect()`; `w` holds
+    // `out.len()` rows of the length `check_shapes` validated (as_blocks re-checks whole blocks,
+    // the kernels slice rows with bounds checks), and the activations were quantized from `cols`
+    // values, so they cover the `nb` blocks of a row.
+    unsafe {
+        match ty {
+            GgmlType::Q4_1 => simd_tile::q4_1_rows(isa, as_blocks(w).unwrap_or(&[]), nb, acts, out),
+            GgmlType::Q4_0 => simd_tile::q4_0_rows(isa, as_blocks(w).unwrap_or(&[]), nb, acts, out),
+            _ => simd_tile::q8_0_rows(isa, as_blocks(w).unwrap_or(&[]), nb, acts, out),
+        }
+    }
+}
+
+/// The fused product: for every matrix m, `Y_m[b, r] = sum_c W_m[r, c] * X[b, c]`. Shapes are
+/// checked by the caller.
+pub fn matmul_fused(
+    mats: &[WeightMatrix],
+    cols: usize,
+    x: &[f32],
+    batch: usize,
+    ys: &mut [&mut [f32]],
+) {
+    if batch == 0 {
+        return;
+    }
+    if cols == 0 {
+        for y in ys.iter_mut() {
+            y.fill(0.0);
+        }
+        return;
+    }
+    let paths: Vec<Path> = mats.iter().map(|m| choose(m.ty)).collect();
+    let need_acts = paths.iter().any(|p| !matches!(p, Path::Float { .. }));
+    // `ys` stays mutably borrowed until the function returns, so the pointers stay valid and
+    // unaliased for the whole parallel loop.
+    let outs: Vec<SharedOut> = ys
+        .iter_mut()
+        .map(|y| SharedOut {
+            ptr: y.as_mut_ptr(),
+            len: y.len(),
+        })
+        .collect();
+    // The rows of all matrices, concatenated, cut into pieces of whole 4-row groups.
+    let total: usize = mats.iter().map(|m| m.rows).sum();
+    let threads = rayon::current_num_threads();
+    let min_rows = MIN_PIECE_ROWS.div_ceil(batch).max(ROW_ALIGN);
+    let pieces = (threads * PIECES_PER_THREAD)
+        .min(total.div_ceil(min_rows))
+        .max(1);
+    let piece_rows = total.div_ceil(pieces).next_multiple_of(ROW_ALIGN);
+    let pieces = total.div_ceil(piece_rows);
+    let run = |acts: &ActsQ8| {
+        let do_piece = |scratch: &mut Scratch, p: usize| {
+            // Global rows [g0, g1) of this piece, split at matrix boundaries.
+            let (g0, g1) = (p * piece_rows, ((p + 1) * piece_rows).min(total));
+            let mut base = 0;
+            for (mi, m) in mats.iter().enumerate() {
+                let (lo, hi) = (g0.max(base), g1.min(base + m.rows));
+                if lo < hi {
+                    rows_range(
+                        m,
+                        paths[mi],
+                        lo - base,
+                        hi - base,
+                        acts,
+                        x,
+                        cols,
+                        batch,
+                        &outs[mi],
+                        scratch,
+                    );
+                }
+                base += m.rows;
+            }
+        };
+        if pieces == 1 {
+            do_piece(&mut Scratch::default(), 0);
+        } else {
+            (0..pieces)
+                .into_par_iter()
+                .for_each_init(Scratch::default, do_piece);
+        }
+    };
+    if !need_acts {
+        return run(&ActsQ8::default());
+    }
+    ACTS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut acts) => {
+            acts.fill(x, cols);
+            run(&acts);
+        }
+        // Re-entered from a task this thread ran while waiting (nested parallel callers):
+        // use a private buffer rather than fail.
+        Err(_) => {
+            let mut acts = ActsQ8::default();
+            acts.fill(x, cols);
+            run(&acts);
+        }
+    });
 }
 
 pub fn matvec(ty: GgmlType, w: &[u8], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
-    if cols == 0 {
-        y.fill(0.0);
-        return;
-    }
-    let rb = w.len() / rows.max(1);
-    let path = choose(ty);
-    let acts = quantize_acts(path, x, cols);
-    let empty = ActQ8 {
-        d: vec![],
-        sum: vec![],
-        isum: vec![],
-        qs: vec![],
-    };
-    let act = acts.first().unwrap_or(&empty);
-    y.par_chunks_mut(ROWS_PER_TASK)
-        .zip(w.par_chunks(rb.max(1) * ROWS_PER_TASK))
-        .for_each_init(
-            || Scratch {
-                row: vec![0.0f32; cols],
-            },
-            |scratch, (yc, wc)| {
-                for (yr, wr) in yc.iter_mut().zip(wc.chunks_exact(rb.max(1))) {
-                    *yr = dot_row::<1>(ty, path, wr, [act], [x], scratch)[0];
-                }
-            },
-        );
+    matmul(ty, w, rows, cols, x, 1, y);
 }
 
 pub fn matmul(
@@ -345,58 +532,16 @@ pub fn matmul(
     batch: usize,
     y: &mut [f32],
 ) {
-    if rows == 0 || batch == 0 {
+    if rows == 0 {
         return;
     }
-    if cols == 0 {
-        y.fill(0.0);
-        return;
-    }
-    let rb = w.len() / rows;
-    let path = choose(ty);
-    let acts = quantize_acts(path, x, cols);
-    let empty = ActQ8 {
-        d: vec![],
-        sum: vec![],
-        isum: vec![],
-        qs: vec![],
-    };
-    let act = |b: usize| acts.get(b).unwrap_or(&empty);
-    let xr = |b: usize| &x[b * cols..(b + 1) * cols];
-    // [rows, batch], transposed into y afterwards so tasks write disjoint memory.
-    let mut t = vec![0.0f32; rows * batch];
-    t.par_chunks_mut(ROWS_PER_TASK * batch)
-        .zip(w.par_chunks(rb.max(1) * ROWS_PER_TASK))
-        .for_each_init(
-            || Scratch {
-                row: vec![0.0f32; cols],
-            },
-            |scratch, (tc, wc)| {
-                for (tr, wr) in tc.chunks_exact_mut(batch).zip(wc.chunks_exact(rb.max(1))) {
-                    let mut b = 0;
-                    while b + BATCH_TILE <= batch {
-                        let o = dot_row::<BATCH_TILE>(
-                            ty,
-                            path,
-                            wr,
-                            [act(b), act(b + 1), act(b + 2), act(b + 3)],
-                            [xr(b), xr(b + 1), xr(b + 2), xr(b + 3)],
-                            scratch,
-                        );
-                        tr[b..b + BATCH_TILE].copy_from_slice(&o);
-                        b += BATCH_TILE;
-                    }
-                    for (bb, o) in tr.iter_mut().enumerate().skip(b) {
-                        *o = dot_row::<1>(ty, path, wr, [act(bb)], [xr(bb)], scratch)[0];
-                    }
-                }
-            },
-        );
-    for r in 0..rows {
-        for b in 0..batch {
-            y[b * rows + r] = t[r * batch + b];
-        }
-    }
+    matmul_fused(
+        &[WeightMatrix { ty, data: w, rows }],
+        cols,
+        x,
+        batch,
+        &mut [y],
+    );
 }
 
 pub fn matmul_exact(
@@ -446,46 +591,111 @@ pub fn matmul_exact(
 mod tests {
     use super::*;
 
-    /// On AVX2 machines the portable integer kernel is not reached for Q4_0/Q4_1/Q8_0 through the
-    /// public API, so compare it with the SIMD kernel here: same integer sums, different float
-    /// summation order, so they agree to float rounding (1e-5 of the sum of |terms|).
+    /// Tiled kernels: any split of rows (4-row tiles, single rows) and of activation rows (tiles
+    /// of BATCH_TILE, single) gives bit-identical outputs, on every ISA the CPU has; Q4_0 and
+    /// Q4_1 give identical bits on AVX2 and VNNI (same i32 lanes).
+    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn portable_legacy_kernel_matches_simd() {
+    fn tiles_are_split_invariant() {
+        let Some(best) = Isa::detect() else { return };
+        let (rows, cols, batch) = (7, 96, BATCH_TILE + 1);
+        let wf: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.45)
+            .collect();
+        let x: Vec<f32> = (0..batch * cols)
+            .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.55)
+            .collect();
+        let mut acts = ActsQ8::default();
+        acts.fill(&x, cols);
+        let a: Vec<ActQ8> = (0..batch).map(|b| acts.row(b)).collect();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let w = crate::quant::quantize(ty, &wf).unwrap();
+            let rb = w.len() / rows;
+            let mut per_isa = Vec::new();
+            for isa in [Isa::Avx2, best] {
+                // All rows x the first BATCH_TILE activation rows in one call.
+                let mut tile = vec![[0.0f32; BATCH_TILE]; rows];
+                let refs: [&ActQ8; BATCH_TILE] = std::array::from_fn(|t| &a[t]);
+                rows_kernel(ty, isa, &w, cols, refs, &mut tile);
+                // Every activation row alone, rows split 3 + 4 (a single row, then a tile).
+                let mut single = vec![[0.0f32; 1]; rows];
+                for (t, at) in a.iter().enumerate() {
+                    let (lo, hi) = single.split_at_mut(3);
+                    rows_kernel(ty, isa, &w[..3 * rb], cols, [at], lo);
+                    rows_kernel(ty, isa, &w[3 * rb..], cols, [at], hi);
+                    if t < BATCH_TILE {
+                        for r in 0..rows {
+                            assert_eq!(
+                                tile[r][t].to_bits(),
+                                single[r][0].to_bits(),
+                                "{ty} {isa:?} r={r} t={t}"
+                            );
+                        }
+                    }
+                }
+                per_isa.push(single);
+            }
+            if ty != GgmlType::Q8_0 {
+                assert_eq!(per_isa[0], per_isa[1], "{ty}: AVX2 vs {best:?}");
+            }
+        }
+    }
+
+    /// The portable integer kernel and the tiled kernels (both ISAs where the CPU has them) compute the same integer sums in different float orders, so they agree
+    /// to float rounding (1e-5 of the sum of |terms|) with the f64 dot of the dequantized weights
+    /// and the quantized activations.
+    #[test]
+    fn integer_kernels_agree() {
         let cols = 1024;
-        let wf: Vec<f32> = (0..cols)
+        let wf: Vec<f32> = (0..4 * cols)
             .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.4)
             .collect();
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.6)
             .collect();
-        let act = ActQ8::new(&x);
+        let mut acts = ActsQ8::default();
+        acts.fill(&x, cols);
+        let act = acts.row(0);
         let xq: Vec<f32> = (0..cols)
-            .map(|i| act.d[i / 32] * act.qs[i] as f32)
+            .map(|i| act.blk[i / 32].d * act.qs[i] as f32)
             .collect();
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let w = crate::quant::quantize(ty, &wf).unwrap();
-            let mut wd = vec![0.0; cols];
+            let rb = w.len() / 4;
+            let mut wd = vec![0.0; 4 * cols];
             crate::quant::dequantize_ref(ty, &w, &mut wd).unwrap();
-            let exact: f64 = wd.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum();
-            let mag: f64 = wd
-                .iter()
-                .zip(&xq)
-                .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                .sum();
-            let scalar = dot_legacy_scalar::<1>(ty, &w, [&act])[0];
-            assert!(
-                (scalar as f64 - exact).abs() <= 1e-5 * mag,
-                "{ty}: scalar {scalar} vs {exact}"
-            );
-            let mut scratch = Scratch {
-                row: vec![0.0; cols],
-            };
-            let path = choose(ty);
-            let fast = dot_row::<1>(ty, path, &w, [&act], [&x], &mut scratch)[0];
-            assert!(
-                (fast as f64 - exact).abs() <= 1e-5 * mag,
-                "{ty}: fast {fast} vs {exact}"
-            );
+            for r in 0..4 {
+                let wr = &w[r * rb..(r + 1) * rb];
+                let wdr = &wd[r * cols..(r + 1) * cols];
+                let exact: f64 = wdr
+                    .iter()
+                    .zip(&xq)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                let mag: f64 = wdr
+                    .iter()
+                    .zip(&xq)
+                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                    .sum();
+                let mut got = vec![("scalar", dot_legacy_scalar::<1>(ty, wr, [&act])[0])];
+                #[cfg(target_arch = "x86_64")]
+                if let Some(best) = Isa::detect() {
+                    for isa in [Isa::Avx2, best] {
+                        let mut one = [[0.0f32; 1]];
+                        rows_kernel(ty, isa, wr, cols, [&act], &mut one);
+                        got.push(("tile 1x1", one[0][0]));
+                        let mut four = [[0.0f32; 4]; 4];
+                        rows_kernel(ty, isa, &w, cols, [&act; 4], &mut four);
+                        got.push(("tile 4x4", four[r][3]));
+                    }
+                }
+                for (what, v) in got {
+                    assert!(
+                        (v as f64 - exact).abs() <= 1e-5 * mag,
+                        "{ty} row {r} {what}: {v} vs {exact}"
+                    );
+                }
+            }
         }
     }
 }

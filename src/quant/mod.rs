@@ -1,6 +1,7 @@
 //! Quantization formats: type ids and block geometry (`qtype`), block layouts (`blocks`), scalar
 //! reference dequantizers (`reference`), quantizers (`quantize`), fast single-thread paths
-//! (`fast`, with SIMD in `simd`), and CPU matrix-vector / matrix-matrix products (`dot`).
+//! (`fast`, with SIMD in `simd`), and CPU matrix-vector / matrix-matrix products (`dot`, over Q8
+//! activations from `act`, with the register-tiled Q4_0/Q4_1/Q8_0 kernels in `simd_tile`).
 //!
 //! Contract: `dequantize` and `dequantize_par` are bit-exact with `dequantize_ref`, which is
 //! bit-exact with ggml (and `gguf.quants.dequantize`). `matvec`/`matmul` quantize activations
@@ -8,6 +9,7 @@
 //! per-type tolerance (see `tests/quant_dot.rs`), but every output row is computed by one thread
 //! in a fixed order, so results do not depend on the thread count.
 
+mod act;
 pub mod blocks;
 mod dot;
 mod fast;
@@ -16,7 +18,10 @@ mod quantize;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod simd_tile;
 
+pub use dot::WeightMatrix;
 pub use qtype::{GgmlType, TypeId};
 
 use blocks::*;
@@ -287,6 +292,45 @@ pub fn matmul(
 ) -> Result<(), QuantError> {
     dot::check_shapes(ty, w, rows, cols, x, batch, y)?;
     dot::matmul(ty, w, rows, cols, x, batch, y);
+    Ok(())
+}
+
+/// The shape checks of [`matmul`], alone: `w` is `[rows, cols]` in `ty`, `x` is `[batch, cols]`,
+/// `y` is `[batch, rows]`.
+pub fn check_product(
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    batch: usize,
+    y: &[f32],
+) -> Result<(), QuantError> {
+    dot::check_shapes(ty, w, rows, cols, x, batch, y)
+}
+
+/// Several products of one input in one parallel pass: `Y_p[b, r] = sum_c W_p[r, c] * X[b, c]`
+/// for every matrix p (`[mats[p].rows, cols]`), `ys[p]` being `[batch, mats[p].rows]`. Each
+/// output equals what `matmul` gives for that matrix alone, bit for bit; fusing saves the
+/// fork-join and the activation quantization of all but one (Q/K/V, or gate/up, in decode).
+pub fn matmul_fused(
+    mats: &[WeightMatrix],
+    cols: usize,
+    x: &[f32],
+    batch: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<(), QuantError> {
+    if mats.len() != ys.len() {
+        return Err(QuantError::Length {
+            what: "fused outputs",
+            expected: mats.len(),
+            got: ys.len(),
+        });
+    }
+    for (m, y) in mats.iter().zip(ys.iter()) {
+        dot::check_shapes(m.ty, m.data, m.rows, cols, x, batch, y)?;
+    }
+    dot::matmul_fused(mats, cols, x, batch, ys);
     Ok(())
 }
 

@@ -5,8 +5,8 @@
 //! multiply-add), so they are bit-exact with `reference`. Dot kernels use integer products
 //! (`maddubs`/`madd`) of 4/8-bit weights with Q8 activations, as ggml does.
 
+use super::act::ActQ8;
 use super::blocks::*;
-use super::dot::ActQ8;
 use std::arch::x86_64::*;
 
 /// Whether the AVX2 kernels may run on this CPU (cached by the std macro).
@@ -33,15 +33,6 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// 16 packed bytes -> 32 nibbles (low nibbles are elements 0..16, high nibbles 16..32).
-#[inline(always)]
-unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
-    // SAFETY (of the load): `qs` is 16 readable bytes; loadu has no alignment requirement.
-    let raw = _mm_loadu_si128(qs.as_ptr().cast());
-    let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
-}
-
 /// Sum of products of unsigned `q` (< 128) and signed `y`, as 8 i32 lanes converted to f32.
 #[inline(always)]
 unsafe fn dot_u8_i8(q: __m256i, y: __m256i) -> __m256 {
@@ -54,62 +45,6 @@ unsafe fn load_act(a: &ActQ8, i: usize) -> __m256i {
     let y = &a.qs[32 * i..32 * i + 32];
     // SAFETY: `y` is exactly 32 readable bytes.
     _mm256_loadu_si256(y.as_ptr().cast())
-}
-
-/// Q4_0 weight row x B activation rows. Per block: d_w*d_x*(sum q*y - 8*sum y); the 8*sum y is
-/// subtracted in the integer lanes (sum y from each of the 8 lanes), so the loop has no scalar
-/// dependency chain.
-///
-/// # Safety
-/// AVX2, FMA and F16C must be available; `acts[b]` cover `w.len()` blocks.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_0<const B: usize>(w: &[BlockQ4_0], acts: [&ActQ8; B]) -> [f32; B] {
-    let mut acc = [[_mm256_setzero_ps(); 2]; B];
-    let ones = _mm256_set1_epi16(1);
-    for (i, blk) in w.iter().enumerate() {
-        let dw = h2f(blk.d);
-        let q = nibbles(&blk.qs);
-        for b in 0..B {
-            let a = acts[b];
-            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, load_act(a, i)), ones);
-            let p32 = _mm256_sub_epi32(p32, _mm256_set1_epi32(a.isum[i]));
-            let s = _mm256_set1_ps(dw * a.d[i]);
-            acc[b][i & 1] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p32), acc[b][i & 1]);
-        }
-    }
-    let mut out = [0.0f32; B];
-    for b in 0..B {
-        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1]));
-    }
-    out
-}
-
-/// Q4_1 weight row x B activation rows. Per block: d_x*(d_w*sum(q*y) + m_w*sum(y)), with
-/// m_w*sum(y) spread over the 8 lanes (sum/8 is exact), so the loop has no scalar chain.
-///
-/// # Safety
-/// As `dot_q4_0`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_1<const B: usize>(w: &[BlockQ4_1], acts: [&ActQ8; B]) -> [f32; B] {
-    let mut acc = [[_mm256_setzero_ps(); 2]; B];
-    for (i, blk) in w.iter().enumerate() {
-        let (dw, mw) = (_mm256_set1_ps(h2f(blk.d)), h2f(blk.m) * 0.125);
-        let q = nibbles(&blk.qs);
-        for b in 0..B {
-            let a = acts[b];
-            let v = _mm256_fmadd_ps(
-                dw,
-                dot_u8_i8(q, load_act(a, i)),
-                _mm256_set1_ps(mw * a.sum[i]),
-            );
-            acc[b][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(a.d[i]), v, acc[b][i & 1]);
-        }
-    }
-    let mut out = [0.0f32; B];
-    for b in 0..B {
-        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1]));
-    }
-    out
 }
 
 /// Q4_K weight row x B activation rows. Each 32-weight sub-block j is affine (d*sc_j*q - dmin*m_j)
@@ -143,9 +78,9 @@ pub unsafe fn dot_q4_k<const B: usize>(w: &[BlockQ4K], acts: [&ActQ8; B]) -> [f3
                     let t = _mm256_fmadd_ps(
                         dw,
                         dot_u8_i8(q, load_act(a, ai)),
-                        _mm256_set1_ps(mw * a.sum[ai]),
+                        _mm256_set1_ps(mw * a.blk[ai].sum),
                     );
-                    acc[b][h] = _mm256_fmadd_ps(_mm256_set1_ps(a.d[ai]), t, acc[b][h]);
+                    acc[b][h] = _mm256_fmadd_ps(_mm256_set1_ps(a.blk[ai].d), t, acc[b][h]);
                 }
             }
         }
@@ -200,37 +135,10 @@ pub unsafe fn dot_q6_k<const B: usize>(w: &[BlockQ6K], acts: [&ActQ8; B]) -> [f3
                     let a = acts[b];
                     let sy = _mm256_sign_epi8(load_act(a, ai), q);
                     let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sy), scv);
-                    let s = _mm256_set1_ps(d * a.d[ai]);
+                    let s = _mm256_set1_ps(d * a.blk[ai].d);
                     acc[b][k & 1] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p32), acc[b][k & 1]);
                 }
             }
-        }
-    }
-    let mut out = [0.0f32; B];
-    for b in 0..B {
-        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1]));
-    }
-    out
-}
-
-/// Q8_0 weight row x B activation rows: signed x signed through the sign trick
-/// (|w| as unsigned times y with w's sign), as ggml's `mul_sum_i8_pairs`.
-///
-/// # Safety
-/// As `dot_q4_0`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q8_0<const B: usize>(w: &[BlockQ8_0], acts: [&ActQ8; B]) -> [f32; B] {
-    let mut acc = [[_mm256_setzero_ps(); 2]; B];
-    for (i, blk) in w.iter().enumerate() {
-        let dw = h2f(blk.d);
-        // SAFETY: `blk.qs` is 32 readable bytes.
-        let q = _mm256_loadu_si256(blk.qs.as_ptr().cast());
-        let aq = _mm256_sign_epi8(q, q);
-        for b in 0..B {
-            let a = acts[b];
-            let sy = _mm256_sign_epi8(load_act(a, i), q);
-            let s = dw * a.d[i];
-            acc[b][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(s), dot_u8_i8(aq, sy), acc[b][i & 1]);
         }
     }
     let mut out = [0.0f32; B];

@@ -1,0 +1,182 @@
+//! Activation rows quantized to 32-element Q8 blocks for the integer dot kernels (`dot`,
+//! `simd`, `simd_tile`), in a buffer reused across calls.
+
+#[cfg(target_arch = "x86_64")]
+use super::{simd, simd_tile};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Per 32-element activation block: what the kernels need besides the quants.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ActBlock {
+    /// The scale d (x ~ d * q).
+    pub d: f32,
+    /// Sum of the quants, as f32 (exact: |sum| <= 32 * 127). Serves the min terms.
+    pub sum: f32,
+    /// `d * sum`: the Q4_1 min term is `m_w * ds`.
+    pub ds: f32,
+    /// Sum of the quants as i32 (the Q4_0/Q8_0 kernels fold offsets in integers).
+    pub isum: i32,
+}
+
+/// One activation row quantized to 32-element Q8 blocks, as ggml's Q8_0/Q8_1 but with f32
+/// scales (ggml rounds them to f16; keeping f32 is slightly more accurate and costs nothing).
+#[derive(Clone, Copy)]
+pub struct ActQ8<'a> {
+    pub blk: &'a [ActBlock],
+    /// The quants, 32 per block, in -127..=127 (never -128, which `maddubs` could not take).
+    pub qs: &'a [i8],
+}
+
+/// Quantized activation rows `[batch, cols / 32]`, kept between calls so that decode does not
+/// allocate.
+#[derive(Default)]
+pub struct ActsQ8 {
+    nb: usize,
+    blk: Vec<ActBlock>,
+    qs: Vec<i8>,
+}
+
+/// Quantizes one 32-element block; returns its metadata.
+pub(super) fn quantize_act_block(xb: &[f32], qb: &mut [i8]) -> ActBlock {
+    let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    // A NaN/Inf activation makes the block's scale NaN, so it propagates to the output as in
+    // the f32 path instead of being silently quantized to some finite value.
+    let finite = xb.iter().all(|v| v.is_finite());
+    let d = if finite { amax / 127.0 } else { f32::NAN };
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in qb.iter_mut().zip(xb) {
+        // With a NaN d, id is NaN and the quants become 0 (valid); d carries the NaN.
+        *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        sum += *q as i32;
+    }
+    ActBlock {
+        d,
+        sum: sum as f32,
+        ds: d * sum as f32,
+        isum: sum,
+    }
+}
+
+impl ActsQ8 {
+    /// Quantizes `x` (`[batch, cols]`, cols a multiple of 32), reusing the buffers.
+    pub fn fill(&mut self, x: &[f32], cols: usize) {
+        let nb = cols / 32;
+        let batch = x.len() / cols.max(1);
+        self.nb = nb;
+        self.blk.resize(batch * nb, ActBlock::default());
+        self.qs.resize(batch * nb * 32, 0);
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = simd::has_avx2();
+        let row = |((xr, blk), qs): ((&[f32], &mut [ActBlock]), &mut [i8])| {
+            for ((xb, qb), m) in xr.chunks_exact(32).zip(qs.chunks_exact_mut(32)).zip(blk) {
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: AVX2 checked above; both chunks hold exactly 32 elements.
+                    if let Some((d, sum)) = unsafe { simd_tile::quantize_act_block(xb, qb) } {
+                        *m = ActBlock {
+                            d,
+                            sum: sum as f32,
+                            ds: d * sum as f32,
+                            isum: sum,
+                        };
+                        continue;
+                    }
+                }
+                *m = quantize_act_block(xb, qb);
+            }
+        };
+        let (blk, qs) = (&mut self.blk[..batch * nb], &mut self.qs[..batch * nb * 32]);
+        // Quantizing is ~1% of a product; parallel only where a prompt makes it worth a join.
+        if batch >= 16 {
+            x.par_chunks(cols)
+                .zip(blk.par_chunks_mut(nb))
+                .zip(qs.par_chunks_mut(nb * 32))
+                .for_each(row);
+        } else {
+            x.chunks(cols)
+                .zip(blk.chunks_mut(nb))
+                .zip(qs.chunks_mut(nb * 32))
+                .for_each(row);
+        }
+    }
+
+    pub fn row(&self, b: usize) -> ActQ8<'_> {
+        let nb = self.nb;
+        ActQ8 {
+            blk: &self.blk[b * nb..(b + 1) * nb],
+            qs: &self.qs[b * nb * 32..(b + 1) * nb * 32],
+        }
+    }
+}
+
+impl ActQ8<'static> {
+    /// An empty row for paths that do not quantize activations.
+    pub(super) const EMPTY: Self = ActQ8 { blk: &[], qs: &[] };
+}
+
+thread_local! {
+    /// The calling thread's activation buffer (decode calls this ~150 times per token).
+    pub(super) static ACTS: RefCell<ActsQ8> = RefCell::default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 activation quantizer is bit-identical to the scalar one, ties and clamps
+    /// included, and leaves non-finite blocks to it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_act_quantization_matches_scalar() {
+        if !simd::has_avx2() {
+            return;
+        }
+        let mut blocks: Vec<Vec<f32>> = vec![
+            // Exact .5 ties after scaling (amax 127 gives id = 1), both signs, and zeros.
+            (0..32).map(|i| (i as f32 - 16.0) + 0.5).chain([]).collect(),
+            vec![0.0; 32],
+            vec![-0.0; 32],
+            (0..32)
+                .map(|i| {
+                    if i == 5 {
+                        127.0
+                    } else {
+                        (i as f32) * 2.5 - 40.0
+                    }
+                })
+                .collect(),
+            (0..32).map(|i| 1e-30 * (i as f32 - 7.0)).collect(),
+        ];
+        blocks[0][31] = 127.0;
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            blocks.push(
+                (0..32)
+                    .map(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 7;
+                        s ^= s << 17;
+                        ((s >> 40) as f32 / 8388608.0 - 1.0) * 10f32.powi((s % 7) as i32 - 3)
+                    })
+                    .collect(),
+            );
+        }
+        for xb in &blocks {
+            let (mut q1, mut q2) = ([0i8; 32], [0i8; 32]);
+            let m = quantize_act_block(xb, &mut q1);
+            // SAFETY: AVX2 checked above; 32-element block.
+            let (d, sum) = unsafe { simd_tile::quantize_act_block(xb, &mut q2) }.unwrap();
+            assert_eq!(q1, q2, "{xb:?}");
+            assert_eq!((m.d.to_bits(), m.isum), (d.to_bits(), sum), "{xb:?}");
+        }
+        let mut nan = vec![1.0f32; 32];
+        nan[3] = f32::NAN;
+        // SAFETY: as above.
+        assert!(unsafe { simd_tile::quantize_act_block(&nan, &mut [0; 32]) }.is_none());
+        nan[3] = f32::NEG_INFINITY;
+        // SAFETY: as above.
+        assert!(unsafe { simd_tile::quantize_act_block(&nan, &mut [0; 32]) }.is_none());
+    }
+}
