@@ -3,7 +3,7 @@
 //! (generated tokens per second of wall time) and p50/p99 time to first token.
 //!
 //! cargo run --profile test -p rocmforge-actors --example serve_loadgen -- \
-//!     [MODEL] [--clients 1,8,32] [--rounds 2] [--max-tokens 16] [--json]
+//!     [MODEL] [--clients 1,8,32] [--rounds 2] [--max-tokens 16] [--backend cpu|cuda|auto] [--json]
 
 use rocmforge_actors::serve::client::post_sse;
 use rocmforge_actors::serve::{ServeConfig, Server};
@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rounds = 2usize;
     let mut max_tokens = 16usize;
     let mut as_json = false;
+    let mut backend = rocmforge::backend::BackendKind::Cpu;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -38,6 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--rounds" => rounds = val()?.parse()?,
             "--max-tokens" => max_tokens = val()?.parse()?,
             "--json" => as_json = true,
+            "--backend" => backend = val()?.parse()?,
             _ => model = PathBuf::from(a),
         }
     }
@@ -48,6 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut cfg = ServeConfig::new(&model);
         cfg.port = 0;
         cfg.model_name = Some("bench".into());
+        cfg.backend = backend;
         // Every client of the largest level must fit in the queue.
         cfg.queue_capacity = levels.iter().copied().max().unwrap_or(1) + 1;
         let server = Server::start(cfg).await?;

@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// Report ready without pushing a warm-up token through the model first.
     #[arg(long)]
     pub no_warm_up: bool,
+    /// cpu, cuda, hip or auto (a GPU when one opens, else the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub backend: rocmforge::backend::BackendKind,
 }
 
 pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -63,6 +66,7 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         read_mode: a.read_mode,
         prefetch_depth: a.prefetch_depth,
         warm_up: !a.no_warm_up,
+        backend: a.backend,
     };
     run_until_signal(cfg, deadline)?;
     Ok(())

@@ -27,6 +27,7 @@ use crate::llama::LlamaCompute;
 use crate::messages::{GenerateRequest, Hint, MemoryBudget, ReadMode};
 use crate::runtime::{Runtime, RuntimeHandle};
 use metrics::Metrics;
+use rocmforge::backend::BackendKind;
 use rocmforge::model::{HParams, SequenceConfig, DEFAULT_CTX};
 use rocmforge::tokenizer::Tokenizer;
 use std::net::SocketAddr;
@@ -78,6 +79,8 @@ pub struct ServeConfig {
     pub prefetch_depth: usize,
     /// Run one token through the model before reporting ready.
     pub warm_up: bool,
+    /// Where the model runs: `cpu` (default), `cuda`, `hip`, or `auto` (a GPU when one opens).
+    pub backend: BackendKind,
 }
 
 impl ServeConfig {
@@ -95,6 +98,7 @@ impl ServeConfig {
             read_mode: ReadMode::Mmap,
             prefetch_depth: 2,
             warm_up: true,
+            backend: BackendKind::Cpu,
         }
     }
 }
@@ -147,8 +151,19 @@ impl Server {
             .memory_budget(cfg.memory_budget)
             .read_mode(cfg.read_mode)
             .prefetch_depth(cfg.prefetch_depth)
-            .queue_capacity(cfg.queue_capacity)
-            .compute(LlamaCompute::factory(seq_cfg));
+            .queue_capacity(cfg.queue_capacity);
+        let builder = match cfg.backend {
+            BackendKind::Cpu => builder.compute(LlamaCompute::factory(seq_cfg)),
+            // A GPU brings its weight backend and compute; `auto` without one runs the CPU
+            // defaults (see `RuntimeBuilder::device`).
+            kind => builder.device_with(
+                kind,
+                crate::gpu_compute::GpuPipelineOptions {
+                    ctx,
+                    ..Default::default()
+                },
+            ),
+        };
         // Opening the model and starting threads blocks.
         let runtime = tokio::task::spawn_blocking(move || builder.build())
             .await
