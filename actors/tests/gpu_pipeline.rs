@@ -187,3 +187,24 @@ fn cuda_pipeline_matches_the_cpu_and_stays_under_budget() {
     assert_eq!(streamed, cpu, "CUDA pipeline at a 40% budget vs CPU");
     assert!(peak > 0 && peak <= budget, "peak {peak} > budget {budget}");
 }
+
+/// `serve --backend cuda` without a device: the server does not start, and says why.
+#[test]
+fn serve_on_cuda_without_a_device_fails_to_start_with_the_reason() {
+    if cuda_present() {
+        eprintln!("SKIP serve_on_cuda_without_a_device_fails_to_start_with_the_reason: a CUDA device is present");
+        return;
+    }
+    let mut cfg = rocmforge_actors::serve::ServeConfig::new(smollm2());
+    cfg.port = 0;
+    cfg.backend = BackendKind::Cuda;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let e = rt
+        .block_on(rocmforge_actors::serve::Server::start(cfg))
+        .err()
+        .expect("no CUDA here");
+    assert!(e.to_string().starts_with("no CUDA driver/device"), "{e}");
+}
