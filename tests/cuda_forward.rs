@@ -90,7 +90,11 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 
 /// Logits relative error (max |diff| / max |ref|) the CUDA path may have against the exact CPU
 /// oracle: f16 KV cache and f16/f32 accumulation orders differ from the CPU's f32. SmolLM2 stays
-/// below 1e-3; the random-weight synthetic 1B (66-token prompt) reached 1.4e-2..2.2e-2.
+/// below 1e-3. The synthetic 1B reached 1.4e-2..2.2e-2 only while a multi-batch prefill race
+/// existed (fixed in `forward_batch`); since then it stays at 0.9e-3..2.2e-3, so this bound is
+/// loose for it and could be tightened to ~1e-2 after a device run confirms it. With this bound,
+/// random weights leave only 0-3 decisive greedy steps: the synthetic model is really checked by
+/// the logits error, the bit-equal repeats and the 40% budget tokens, not by the greedy prefix.
 const MAX_REL_ERR: f32 = 3e-2;
 
 /// Greedy ids must agree until the CPU oracle's step is a near-tie: each of the two top logits

@@ -141,11 +141,28 @@ pub trait WeightBackend: Send + Sync + 'static {
     fn peak_allocated_bytes(&self) -> u64;
 }
 
-/// Allocation counters shared by a host arena and its regions.
+/// Allocation counters shared by a backend and its regions (host arena and GPU alike).
 #[derive(Debug, Default)]
-struct ArenaCounters {
+pub(crate) struct ArenaCounters {
     allocated: AtomicU64,
     peak: AtomicU64,
+}
+
+impl ArenaCounters {
+    /// Counts `bytes` as allocated and raises the peak.
+    pub(crate) fn add(&self, bytes: u64) {
+        let now = self.allocated.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        self.peak.fetch_max(now, Ordering::AcqRel);
+    }
+    pub(crate) fn sub(&self, bytes: u64) {
+        self.allocated.fetch_sub(bytes, Ordering::AcqRel);
+    }
+    pub(crate) fn allocated(&self) -> u64 {
+        self.allocated.load(Ordering::Acquire)
+    }
+    pub(crate) fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Acquire)
+    }
 }
 
 /// The CPU backend: "device memory" is host memory, upload is a copy.
@@ -169,9 +186,7 @@ pub struct HostRegion {
 
 impl Drop for HostRegion {
     fn drop(&mut self) {
-        self.counters
-            .allocated
-            .fetch_sub(self.buf.len() as u64, Ordering::AcqRel);
+        self.counters.sub(self.buf.len() as u64);
     }
 }
 
@@ -207,12 +222,7 @@ impl WeightBackend for CpuBackend {
                 message: format!("allocating {bytes} B of host arena: {e}"),
             })?;
         v.resize(bytes, 0u8);
-        let now = self
-            .counters
-            .allocated
-            .fetch_add(bytes as u64, Ordering::AcqRel)
-            + bytes as u64;
-        self.counters.peak.fetch_max(now, Ordering::AcqRel);
+        self.counters.add(bytes as u64);
         Ok(Box::new(HostRegion {
             buf: v.into_boxed_slice(),
             counters: self.counters.clone(),
@@ -253,11 +263,11 @@ impl WeightBackend for CpuBackend {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.counters.allocated.load(Ordering::Acquire)
+        self.counters.allocated()
     }
 
     fn peak_allocated_bytes(&self) -> u64 {
-        self.counters.peak.load(Ordering::Acquire)
+        self.counters.peak()
     }
 }
 

@@ -12,12 +12,12 @@
 //! - Freeing a unit first waits for its `fence` (recorded behind the last copy and the last
 //!   compute that read it), so eviction never frees memory a kernel may still read.
 
-use crate::backend::{DeviceRegion, ReadyEvent, WeightBackend};
+use crate::backend::{ArenaCounters, DeviceRegion, ReadyEvent, WeightBackend};
 use crate::error::{Result, RuntimeError};
 use crate::staging::{SlotMemory, StagingSlot};
 use rocmforge::backend::{ComputeDevice, DeviceBuffer, DeviceEvent, DeviceStream, PinnedHost};
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -43,12 +43,6 @@ impl Default for GpuConfig {
     }
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    allocated: AtomicU64,
-    peak: AtomicU64,
-}
-
 /// A copy waiting for its event before its slot may return to the ring.
 type InFlight<D> = (<D as ComputeDevice>::Event, StagingSlot);
 
@@ -67,7 +61,7 @@ pub struct GpuBackend<D: ComputeDevice> {
     dev: Arc<D>,
     cfg: GpuConfig,
     lanes: Vec<Lane<D>>,
-    counters: Arc<Counters>,
+    counters: Arc<ArenaCounters>,
 }
 
 /// One unit's weights: a single device allocation.
@@ -77,7 +71,7 @@ pub struct GpuRegion<D: ComputeDevice> {
     /// before the memory is freed.
     fence: D::Event,
     fenced: AtomicBool,
-    counters: Arc<Counters>,
+    counters: Arc<ArenaCounters>,
 }
 
 impl<D: ComputeDevice> GpuRegion<D> {
@@ -102,9 +96,7 @@ impl<D: ComputeDevice> Drop for GpuRegion<D> {
                 tracing::warn!(error = %e, "waiting for the last use of a device region");
             }
         }
-        self.counters
-            .allocated
-            .fetch_sub(self.buf.len_bytes() as u64, Ordering::AcqRel);
+        self.counters.sub(self.buf.len_bytes() as u64);
         // `buf` frees the device memory after this.
     }
 }
@@ -261,12 +253,7 @@ impl<D: ComputeDevice + Send + Sync + 'static> WeightBackend for GpuBackend<D> {
         // Out of memory is `BackendError::OutOfMemory` (typed, recoverable), not a panic.
         let buf = self.dev.alloc(bytes, "layer weights (pipeline unit)")?;
         let fence = self.dev.new_event(false)?;
-        let now = self
-            .counters
-            .allocated
-            .fetch_add(bytes as u64, Ordering::AcqRel)
-            + bytes as u64;
-        self.counters.peak.fetch_max(now, Ordering::AcqRel);
+        self.counters.add(bytes as u64);
         Ok(Box::new(GpuRegion::<D> {
             buf,
             fence,
@@ -358,11 +345,11 @@ impl<D: ComputeDevice + Send + Sync + 'static> WeightBackend for GpuBackend<D> {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.counters.allocated.load(Ordering::Acquire)
+        self.counters.allocated()
     }
 
     fn peak_allocated_bytes(&self) -> u64 {
-        self.counters.peak.load(Ordering::Acquire)
+        self.counters.peak()
     }
 }
 

@@ -11,6 +11,7 @@ use crate::backend::WeightBackend;
 use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::gpu::{GpuBackend, GpuConfig, GpuReady, GpuRegion};
+use crate::llama::{token_bytes_with, tokenize_with};
 use crate::residency::{LayerMemory, ResidentLayer};
 use rocmforge::backend::{
     Backend, BackendError, BackendKind, ComputeDevice, DeviceBuffer, DeviceStream, DeviceTensor,
@@ -215,18 +216,11 @@ where
     }
 
     fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>> {
-        let t = self.tokenizer.as_ref()?;
-        Some(
-            t.encode(text, true, true)
-                .map_err(|e| RuntimeError::BadRequest(e.to_string())),
-        )
+        tokenize_with(self.tokenizer.as_ref(), text)
     }
 
     fn token_bytes(&self, token: u32) -> Vec<u8> {
-        self.tokenizer
-            .as_ref()
-            .and_then(|t| t.decode_bytes(&[token]).ok())
-            .unwrap_or_default()
+        token_bytes_with(self.tokenizer.as_ref(), token)
     }
 }
 

@@ -34,6 +34,20 @@ pub struct LlamaCompute {
     precision: Precision,
 }
 
+/// `ModelCompute::tokenize` for a compute holding an optional GGUF tokenizer (CPU and GPU).
+pub(crate) fn tokenize_with(t: Option<&Tokenizer>, text: &str) -> Option<Result<Vec<u32>>> {
+    Some(
+        t?.encode(text, true, true)
+            .map_err(|e| RuntimeError::BadRequest(e.to_string())),
+    )
+}
+
+/// `ModelCompute::token_bytes` for a compute holding an optional GGUF tokenizer.
+pub(crate) fn token_bytes_with(t: Option<&Tokenizer>, token: u32) -> Vec<u8> {
+    t.and_then(|t| t.decode_bytes(&[token]).ok())
+        .unwrap_or_default()
+}
+
 fn err(layer: Option<usize>) -> impl Fn(rocmforge::model::ModelError) -> RuntimeError {
     move |e| RuntimeError::Compute {
         layer,
@@ -322,17 +336,10 @@ impl ModelCompute for LlamaCompute {
     }
 
     fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>> {
-        let t = self.tokenizer.as_ref()?;
-        Some(
-            t.encode(text, true, true)
-                .map_err(|e| RuntimeError::BadRequest(e.to_string())),
-        )
+        tokenize_with(self.tokenizer.as_ref(), text)
     }
 
     fn token_bytes(&self, token: u32) -> Vec<u8> {
-        self.tokenizer
-            .as_ref()
-            .and_then(|t| t.decode_bytes(&[token]).ok())
-            .unwrap_or_default()
+        token_bytes_with(self.tokenizer.as_ref(), token)
     }
 }
