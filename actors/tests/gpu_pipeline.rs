@@ -93,21 +93,32 @@ fn hip_without_the_feature_is_not_compiled() {
 
 #[cfg(feature = "hip")]
 #[test]
-fn hip_pipeline_fails_with_a_typed_error() {
-    let e = Runtime::builder()
+fn hip_pipeline_runs_or_reports_no_device() {
+    let r = Runtime::builder()
         .model(smollm2())
         .device(BackendKind::Hip)
-        .build()
-        .expect_err("no HIP forward pass (and usually no AMD GPU)");
-    // No device: NoDevice. A device: the weight backend opens, the compute says it is missing.
-    assert!(
-        matches!(
-            e,
-            RuntimeError::Device(BackendError::NoDevice { backend: "HIP", .. })
-                | RuntimeError::Device(BackendError::NotImplemented { backend: "HIP", .. })
+        .build();
+    match r {
+        // No AMD GPU (every machine this project has): a typed "no HIP device".
+        Err(e) => assert!(
+            matches!(
+                e,
+                RuntimeError::Device(BackendError::NoDevice { backend: "HIP", .. })
+            ),
+            "{e}"
         ),
-        "{e}"
-    );
+        // An AMD GPU: the generic weight backend and GpuLayered<HipDevice> run the model; its
+        // greedy tokens must equal the CPU's (docs/HIP.md asks whoever runs this to record it).
+        Ok(rt) => {
+            drop(rt);
+            let (hip, _, _) = tokens(
+                Runtime::builder().model(smollm2()).device(BackendKind::Hip),
+                8,
+            );
+            let (cpu, _, _) = tokens(Runtime::builder().model(smollm2()), 8);
+            assert_eq!(hip, cpu);
+        }
+    }
 }
 
 #[test]

@@ -254,7 +254,7 @@ impl<'t> TextSink<'t> {
 
 pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let prompt = read_prompt(&a)?;
-    if a.pipeline.wanted() {
+    if a.pipeline.wanted() || super::gpu::routes_to_pipeline(a.backend) {
         return super::pipelined::run(&a, &prompt);
     }
     let early = super::gpu::open_early(a.backend, &a.model.model);
