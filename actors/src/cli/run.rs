@@ -122,7 +122,8 @@ pub struct RunArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
-    /// cpu, cuda or auto (CUDA when a driver and device are present, else the CPU).
+    /// cpu, cuda, hip or auto (CUDA when a driver and device are present, else HIP, else the
+    /// CPU). HIP runs through the pipelined runtime (as with --pipeline).
     #[arg(long, default_value = "auto")]
     pub backend: rocmforge::backend::BackendKind,
     #[command(flatten)]
