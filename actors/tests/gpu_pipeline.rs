@@ -164,6 +164,32 @@ fn cli_pipeline_on_cuda_without_a_device_says_why() {
     assert!(err.contains("no CUDA driver/device"), "{err}");
 }
 
+/// `run --backend hip` without `--pipeline` takes the pipelined runtime (the only path that runs a
+/// model on HIP): without the feature it says so, with it and no AMD GPU it says there is none.
+#[test]
+fn cli_run_on_hip_routes_to_the_pipeline_and_says_why_it_cannot() {
+    if cfg!(feature = "hip") && rocmforge::backend::hip::HipDevice::open(0).is_ok() {
+        eprintln!("SKIP cli_run_on_hip_routes_to_the_pipeline_and_says_why_it_cannot: a HIP device is present");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_rocmforge"))
+        .args(["run", "--backend", "hip", "-n", "2", "-p", "Hi"])
+        .arg("-m")
+        .arg(smollm2())
+        .output()
+        .expect("run the CLI");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let why = if cfg!(feature = "hip") {
+        "no HIP driver/device"
+    } else {
+        "the HIP backend is not compiled into this build"
+    };
+    assert!(err.contains(why), "{err}");
+    // The old direct-path refusal is gone: HIP is routed, not rejected.
+    assert!(!err.contains("not implemented"), "{err}");
+}
+
 #[test]
 fn cuda_pipeline_matches_the_cpu_and_stays_under_budget() {
     if !cuda_present() {
