@@ -1,8 +1,8 @@
 //! The llama-family forward pass on CUDA: weights stay quantized in device memory (one
 //! allocation per layer), decode runs the mmvq kernels, prefill runs cuBLAS f16 GEMMs over
-//! dequantized weight tiles (the portable `gemm.cu` kernel when cuBLAS is absent), the KV cache is f16 and
-//! sampling happens on the device (only the token id comes back) whenever the sampler settings
-//! allow it.
+//! dequantized weight tiles (the portable `gemm.cu` kernel when cuBLAS is absent), the KV cache
+//! is f16 and sampling happens on the device (only the token id comes back) whenever the sampler
+//! settings allow it.
 //!
 //! Loading goes through the pinned ring (`upload.rs`); the compute stream waits on each upload
 //! on the device, so the first forward is queued while weights are still copying. With a weight
