@@ -89,13 +89,15 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Logits relative error (max |diff| / max |ref|) the CUDA path may have against the exact CPU
-/// oracle: f16 KV cache and f16/f32 accumulation orders differ from the CPU's f32. SmolLM2 stays
-/// below 1e-3. The synthetic 1B reached 1.4e-2..2.2e-2 only while a multi-batch prefill race
-/// existed (fixed in `forward_batch`); since then it stays at 0.9e-3..2.2e-3, so this bound is
-/// loose for it and could be tightened to ~1e-2 after a device run confirms it. With this bound,
-/// random weights leave only 0-3 decisive greedy steps: the synthetic model is really checked by
-/// the logits error, the bit-equal repeats and the 40% budget tokens, not by the greedy prefix.
-const MAX_REL_ERR: f32 = 3e-2;
+/// oracle: f16 KV cache and f16/f32 accumulation orders differ from the CPU's f32. Measured on
+/// the H100 (docs/results/2026-11-22-h100-hipfwd.txt), prefill GEMM through cuBLAS and through
+/// the portable gemm.cu (`ROCMFORGE_NO_CUBLAS=1`) alike: SmolLM2 3.4e-4..1.4e-3, the synthetic 1B
+/// 0.9e-3..2.2e-3 (it reached 1.4e-2..2.2e-2 only while a multi-batch prefill race existed,
+/// fixed in `forward_batch`). 1e-2 keeps a 4.5x margin over the worst case seen and was 3e-2
+/// before; random weights still leave few decisive greedy steps (their top-2 margins are tiny),
+/// so the synthetic model is checked mainly by the logits error, the bit-equal repeats and the
+/// 40% budget tokens.
+const MAX_REL_ERR: f32 = 1e-2;
 
 /// Greedy ids must agree until the CPU oracle's step is a near-tie: each of the two top logits
 /// can move by up to MAX_REL_ERR x max|logit|, so a relative margin below twice that may flip
@@ -135,9 +137,14 @@ fn check_model(path: &std::path::Path, label: &str, require_all_steps: bool) {
     )
     .unwrap();
     println!(
-        "{label}: {} weight bytes; 40% budget {budget}: {} resident + {} streamed layers, device weight bytes {}; blas: {:?}",
+        "{label}: {} weight bytes; 40% budget {budget}: {} resident + {} streamed layers, device weight bytes {}; blas: {:?}; prefill GEMM: {}",
         full.report.weight_bytes, streamed.report.resident_layers, streamed.report.streamed_layers,
-        streamed.report.device_weight_bytes, full.report.blas
+        streamed.report.device_weight_bytes, full.report.blas,
+        if rocmforge::backend::cuda::blas::cublas_disabled() {
+            "portable gemm.cu (ROCMFORGE_NO_CUBLAS)"
+        } else {
+            "cuBLAS (portable gemm.cu if it fails to load)"
+        }
     );
     assert!(streamed.report.streamed_layers > 0);
     assert!(streamed.report.device_weight_bytes <= budget);

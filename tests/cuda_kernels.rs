@@ -9,8 +9,10 @@
 use half::f16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rocmforge::backend::cuda::ops::{AttnParams, KvLayout, QMatrix, RopeParams, SampleParams};
 use rocmforge::backend::cuda::{CudaDevice, DeviceBuf, Stream};
+use rocmforge::backend::gpu::ops::{
+    AttnParams, GpuOps, KvLayout, QMatrix, RopeParams, SampleParams,
+};
 use rocmforge::backend::kernels::{DEVICE_BLOCKS, DEVICE_QTYPES};
 use rocmforge::backend::{BackendError, ComputeDevice, DeviceEvent, DeviceStream};
 use rocmforge::quant::{dequantize_ref, matvec_exact, GgmlType};

@@ -141,12 +141,12 @@ fn runtime_roles_on_a_device() {
         .kernel("quant_sizes.cu", "quant_block_sizes")
         .expect("kernel");
     let out = d.alloc(4 * 16, "sizes").expect("alloc");
-    let shape = rocmforge::backend::cuda::LaunchShape {
+    let shape = rocmforge::backend::gpu::LaunchShape {
         grid: (1, 1, 1),
         block: (1, 1, 1),
         shared_bytes: 0,
     };
-    use rocmforge::backend::cuda::Arg;
+    use rocmforge::backend::gpu::Arg;
     use rocmforge::backend::DeviceBuffer;
     // SAFETY: quant_block_sizes(u32* out) writes 11 u32 into a 64-byte buffer kept alive
     // until the synchronize below.

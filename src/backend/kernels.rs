@@ -1,6 +1,6 @@
 //! The contract between the Rust side and the sources in `kernels/`: which file holds which
 //! entry point, how quant types name kernels, and the device block layouts. Vendor-neutral:
-//! the CUDA path uses it now, the HIP path reuses it.
+//! CUDA and HIP compile the same files, and `backend::gpu` launches them on either.
 
 use crate::quant::GgmlType;
 
@@ -98,6 +98,7 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
             names(&["attn_decode_f16kv_f32", "attn_prefill_f16kv_f32"]),
         ),
         ("sample.cu", names(&["argmax_f32", "sample_topk_topp_f32"])),
+        ("gemm.cu", names(&["gemm_f16_nt_f32"])),
         ("quant_sizes.cu", names(&["quant_block_sizes"])),
     ]
 }

@@ -5,6 +5,8 @@
 //! - `error.rs`         — [`BackendError`], shared by every GPU backend.
 //! - `kernels.rs`       — the Rust/device contract: kernel files, entry points, block layouts.
 //! - `compile_cache.rs` — compiled modules cached in memory and on disk (vendor-neutral).
+//! - `gpu/`             — the vendor-neutral forward pass: launchers, layer pass, `GpuLayered`,
+//!   over the `KernelDevice` trait that CUDA and HIP implement.
 //! - `cuda/`            — NVIDIA through `cudarc` (dynamic loading) and NVRTC.
 //! - `hip/`             — AMD through `hip-runtime-sys` (feature `hip`), the same roles.
 //!
@@ -13,6 +15,7 @@
 pub mod compile_cache;
 pub mod cuda;
 pub mod error;
+pub mod gpu;
 pub mod hip;
 pub mod kernels;
 

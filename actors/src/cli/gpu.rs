@@ -1,6 +1,6 @@
 //! `run` and `bench` on the CUDA backend (`--backend cuda|auto`): device selection with a
-//! printed fallback, generation through `CudaModel`, and the load / first-token / pp / tg
-//! measurements of the GPU bench.
+//! printed fallback (HIP routes `run` to the pipelined runtime), generation through `CudaModel`,
+//! and the load / first-token / pp / tg measurements of the GPU bench.
 
 use super::bench::{median, tokens, BenchArgs};
 use super::run::{GenError, RunArgs, TextSink};
@@ -72,11 +72,31 @@ impl Prewarm {
     }
 }
 
-/// The CUDA device for `kind`, or `None` for the CPU. `auto` without CUDA prints why and falls
-/// back; `cuda` without a device is an error.
 /// An opened CUDA device and the milliseconds its initialisation took.
 pub type Selected = (Arc<CudaDevice>, f64);
 
+/// Whether `run --backend kind` goes through the pipelined runtime even without `--pipeline`:
+/// the direct path (`CudaModel`, its own loader and streaming) is CUDA's alone, while the
+/// pipelined runtime's compute (`GpuLayered`) runs on HIP too. So `hip`, and `auto` when no
+/// CUDA driver is installed but a HIP device opens, route there. (Only the driver library is
+/// probed for CUDA: opening a CUDA device here would pay its initialisation twice. Without any
+/// GPU this is false and `auto` keeps its CPU path.)
+pub fn routes_to_pipeline(kind: BackendKind) -> bool {
+    match kind {
+        BackendKind::Hip => true,
+        BackendKind::Auto => {
+            cfg!(feature = "hip")
+                && !rocmforge::backend::cuda::driver_present()
+                && rocmforge::backend::hip::HipDevice::open(0).is_ok()
+        }
+        BackendKind::Cpu | BackendKind::Cuda => false,
+    }
+}
+
+/// The CUDA device for `kind` (the direct path of `run` and `bench`), or `None` for the CPU.
+/// `auto` without a GPU prints why and falls back; `cuda` without a device is an error. HIP
+/// has no direct path: `run` routes it to the pipelined runtime first
+/// ([`routes_to_pipeline`]), so only `bench` gets here with it, and is told so.
 pub fn select(kind: BackendKind) -> Result<Option<Selected>, Box<dyn std::error::Error>> {
     if kind == BackendKind::Cpu {
         return Ok(None);
@@ -91,9 +111,11 @@ pub fn select(kind: BackendKind) -> Result<Option<Selected>, Box<dyn std::error:
             }
             Ok(None)
         }
-        Backend::Hip(_) => {
-            Err("the HIP forward pass is not implemented yet; use --backend cpu".into())
-        }
+        Backend::Hip(_) => Err(
+            "on HIP only the pipelined runtime runs a model (`rocmforge run --backend hip`, \
+             `serve --backend hip`); the direct path and its bench are CUDA-only"
+                .into(),
+        ),
     }
 }
 

@@ -122,7 +122,8 @@ pub struct RunArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
-    /// cpu, cuda or auto (CUDA when a driver and device are present, else the CPU).
+    /// cpu, cuda, hip or auto (CUDA when a driver and device are present, else HIP, else the
+    /// CPU). HIP runs through the pipelined runtime (as with --pipeline).
     #[arg(long, default_value = "auto")]
     pub backend: rocmforge::backend::BackendKind,
     #[command(flatten)]
@@ -254,7 +255,7 @@ impl<'t> TextSink<'t> {
 
 pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let prompt = read_prompt(&a)?;
-    if a.pipeline.wanted() {
+    if a.pipeline.wanted() || super::gpu::routes_to_pipeline(a.backend) {
         return super::pipelined::run(&a, &prompt);
     }
     let early = super::gpu::open_early(a.backend, &a.model.model);

@@ -1,14 +1,27 @@
 //! cuBLAS for prefill: `Y[n, rows] = X[n, k] · W[rows, k]^T` with f16 operands (weight tiles
-//! dequantized by `dequant.cu`, activations converted on the device) and f32 results.
-//! cuBLAS is optional: without the library the forward pass uses token-batched mmvq.
+//! dequantized by `dequant.cu`, activations converted on the device) and f32 results: CUDA's
+//! [`GemmF16`]. cuBLAS is optional: without the library, or with `ROCMFORGE_NO_CUBLAS=1`, the
+//! forward passes use the portable kernel (`backend::gpu::PortableGemm`, `kernels/gemm.cu`).
 
 use super::stream::Stream;
+use super::CudaDevice;
 use crate::backend::error::{BackendError, BackendResult};
-use crate::backend::DeviceBuffer;
+use crate::backend::gpu::{GemmF16, GemmF16Nt};
 use cudarc::cublas::{result, sys};
+
+/// Set to anything but `0` or empty: cuBLAS is never loaded, prefill runs the portable GEMM
+/// kernel (to test or compare it on an NVIDIA GPU).
+pub const NO_CUBLAS_ENV: &str = "ROCMFORGE_NO_CUBLAS";
+
+/// Whether [`NO_CUBLAS_ENV`] disables cuBLAS.
+pub fn cublas_disabled() -> bool {
+    std::env::var(NO_CUBLAS_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+}
 
 pub struct Blas {
     handle: sys::cublasHandle_t,
+    /// The stream the handle's work goes to (`cublasSetStream`), as an address.
+    stream: usize,
 }
 
 // SAFETY: a cuBLAS handle may be used from any thread as long as calls are not concurrent;
@@ -36,12 +49,15 @@ impl Blas {
     /// loads libcublas/libcublasLt: ~0.1 s warm, more from a cold disk) and bind the stream
     /// when it joins.
     pub fn create() -> Result<Self, String> {
+        if cublas_disabled() {
+            return Err(format!("cuBLAS disabled by {NO_CUBLAS_ENV}"));
+        }
         // SAFETY: only probes whether the library loads (cudarc panics on use otherwise).
         if !unsafe { sys::is_culib_present() } {
             return Err("libcublas.so not found".into());
         }
         let handle = result::create_handle().map_err(|e| format!("cublasCreate: {e}"))?;
-        Ok(Self { handle })
+        Ok(Self { handle, stream: 0 })
     }
 
     /// Runs this handle's work on `stream` from now on.
@@ -49,31 +65,38 @@ impl Blas {
         // SAFETY: the handle is alive; the stream is alive for the handle's use (the owner
         // keeps both and drops the handle first).
         unsafe { result::set_stream(self.handle, stream.raw() as sys::cudaStream_t) }
-            .map_err(|e| format!("cublasSetStream: {e}"))
+            .map_err(|e| format!("cublasSetStream: {e}"))?;
+        self.stream = stream.raw() as usize;
+        Ok(())
+    }
+}
+
+impl GemmF16<CudaDevice> for Blas {
+    fn name(&self) -> &'static str {
+        "cuBLAS"
     }
 
-    /// `y[t * ldy + r] = sum_k x16[t, k] * w16[r, k]` for `t < n`, `r < rows` (row-major, f16
-    /// in, f32 out); `y` points at the first output column of this tile.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_f16_nt(
+    /// `y[t * ldy + r] = sum_k x16[t, k] * w16[r, k]` (see [`GemmF16Nt`]) on `stream`.
+    fn gemm_f16_nt(
         &mut self,
-        w16: &dyn DeviceBuffer,
-        rows: usize,
-        k: usize,
-        x16: &dyn DeviceBuffer,
-        n: usize,
-        y: &dyn DeviceBuffer,
-        ldy: usize,
+        _dev: &CudaDevice,
+        stream: &Stream,
+        g: &GemmF16Nt,
     ) -> BackendResult<()> {
-        if w16.len_bytes() < rows * k * 2
-            || x16.len_bytes() < n * k * 2
-            || y.len_bytes() < ((n - 1) * ldy + rows) * 4
-        {
-            return Err(BackendError::InvalidArgument {
-                op: "gemm_f16_nt",
-                what: format!("rows {rows}, k {k}, n {n}, ldy {ldy}: buffers too small"),
-            });
+        g.check()?;
+        if self.stream != stream.raw() as usize {
+            self.set_stream(stream)
+                .map_err(|e| err("cublasSetStream", e))?;
         }
+        let GemmF16Nt {
+            w16,
+            rows,
+            k,
+            x16,
+            n,
+            y,
+            ldy,
+        } = *g;
         let i = |v: usize| {
             i32::try_from(v).map_err(|_| BackendError::InvalidArgument {
                 op: "gemm_f16_nt",

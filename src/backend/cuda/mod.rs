@@ -7,19 +7,21 @@
 //! - `memory.rs` — `DeviceBuf`, `PinnedBuf`, `DeviceArena` (RAII).
 //! - `stream.rs` — `Stream`, `Event` (RAII).
 //! - `module.rs` — `Module`, `Kernel`, launches.
-//! - `ops.rs`    — typed, checked launchers for every kernel in `kernels/`.
+//! - `kernel_device.rs` — `KernelDevice` for [`CudaDevice`]: the vendor-neutral launchers
+//!   (`backend::gpu::ops`, re-exported here as `ops`) and layer pass run on it.
 //! - `upload.rs` — the pinned upload ring (slots, copy streams, events).
-//! - `blas.rs`   — cuBLAS f16 GEMM for prefill.
-//! - `forward/`  — `CudaModel`: the llama forward pass, KV cache, device sampling (`mod.rs`,
-//!   loading in `load.rs`); the layer pass shared with the pipelined runtime (`layer.rs`);
-//!   `CudaLayered`, the pass one step at a time over weights the actors keep (`pipeline.rs`).
+//! - `blas.rs`   — cuBLAS f16 GEMM for prefill (`ROCMFORGE_NO_CUBLAS=1` turns it off).
+//! - `forward/`  — `CudaModel`: the llama forward pass with its own loading and streaming
+//!   (`mod.rs`, `load.rs`) over the generic layer pass; `CudaLayered` = `GpuLayered<CudaDevice>`
+//!   (`pipeline.rs`), the pass the actors drive.
 
 pub mod blas;
 pub mod forward;
+mod kernel_device;
 pub mod memory;
 pub mod module;
 pub mod nvrtc;
-pub mod ops;
+pub use super::gpu::ops;
 pub mod stream;
 pub mod upload;
 

@@ -8,6 +8,8 @@ use cudarc::driver::{result, sys, CudaContext};
 use super::bind;
 use super::stream::Stream;
 use crate::backend::error::{BackendError, BackendResult};
+/// Shared with HIP (`backend::gpu`); re-exported so `cuda::{Arg, LaunchShape}` keep working.
+pub use crate::backend::gpu::{Arg, LaunchShape};
 
 /// A module loaded from PTX or a cubin, unloaded on drop (after every [`Kernel`] from it).
 #[derive(Debug)]
@@ -72,39 +74,6 @@ impl Drop for Module {
             }
         }
     }
-}
-
-/// One kernel argument, passed by value.
-#[derive(Debug, Clone, Copy)]
-pub enum Arg {
-    /// A device address.
-    Ptr(u64),
-    I32(i32),
-    U32(u32),
-    F32(f32),
-}
-
-impl Arg {
-    /// The argument's bytes at the start of an 8-byte slot (the driver reads exactly the
-    /// parameter's size from the address it is given).
-    fn slot(self) -> u64 {
-        let mut b = [0u8; 8];
-        match self {
-            Arg::Ptr(p) => b = p.to_ne_bytes(),
-            Arg::I32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
-            Arg::U32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
-            Arg::F32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
-        }
-        u64::from_ne_bytes(b)
-    }
-}
-
-/// Grid, block and dynamic shared memory of a launch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LaunchShape {
-    pub grid: (u32, u32, u32),
-    pub block: (u32, u32, u32),
-    pub shared_bytes: u32,
 }
 
 /// An entry point of a loaded module.

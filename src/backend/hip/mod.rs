@@ -7,14 +7,18 @@
 //! - `hiprtc.rs` — the hipRTC loader (why hipRTC rather than `hipcc --genco`: see there).
 //! - `device.rs`, `memory.rs`, `stream.rs`, `module.rs` — the runtime on `hip-runtime-sys`,
 //!   only with the cargo feature `hip` (it links `libamdhip64`).
+//! - `kernel_device.rs` — `KernelDevice` for [`HipDevice`]: the vendor-neutral forward pass
+//!   (`backend::gpu`: launchers, layer pass, `GpuLayered`) runs on it (feature `hip`).
 //!
 //! Status: compile-checked for gfx90a and gfx1030 and tested on the no-device path only. No
-//! part of the device runtime has run on AMD hardware yet (docs/HIP.md).
+//! part of the device runtime or the forward pass has run on AMD hardware yet (docs/HIP.md).
 
 pub mod hiprtc;
 
 #[cfg(feature = "hip")]
 mod device;
+#[cfg(feature = "hip")]
+mod kernel_device;
 #[cfg(feature = "hip")]
 pub mod memory;
 #[cfg(feature = "hip")]
@@ -30,6 +34,10 @@ pub use memory::{ArenaSlice, DeviceArena, DeviceBuf, PinnedBuf, PinnedRing};
 pub use module::{pack_args, Kernel, Module};
 #[cfg(feature = "hip")]
 pub use stream::{Event, Stream};
+
+/// [`crate::backend::gpu::GpuLayered`] on HIP: the pipelined runtime's compute on AMD GPUs.
+#[cfg(feature = "hip")]
+pub type HipLayered = crate::backend::gpu::GpuLayered<HipDevice>;
 
 pub use hiprtc::HipRtc;
 

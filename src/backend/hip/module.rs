@@ -1,5 +1,5 @@
 //! Loaded code objects and launches (mirrors `cuda/module.rs`; `Arg` and `LaunchShape` are
-//! shared with the CUDA side).
+//! the vendor-neutral ones of `backend::gpu`).
 //!
 //! Arguments go through `hipModuleLaunchKernel`'s `extra` buffer (one packed, naturally aligned
 //! struct of all parameters), the form the HIP documentation gives for module launches and the
@@ -12,8 +12,8 @@ use hip_runtime_sys as sys;
 
 use super::device::{bind, err_text};
 use super::stream::Stream;
-pub use crate::backend::cuda::{Arg, LaunchShape};
 use crate::backend::error::{BackendError, BackendResult};
+pub use crate::backend::gpu::{Arg, LaunchShape};
 
 // HIP_LAUNCH_PARAM_* from hip_runtime_api.h (macros, so absent from the bindings).
 const LAUNCH_PARAM_BUFFER_POINTER: usize = 0x01;

@@ -1,29 +1,32 @@
 //! The llama-family forward pass on CUDA: weights stay quantized in device memory (one
 //! allocation per layer), decode runs the mmvq kernels, prefill runs cuBLAS f16 GEMMs over
-//! dequantized weight tiles (token-batched mmvq when cuBLAS is absent), the KV cache is f16 and
-//! sampling happens on the device (only the token id comes back) whenever the sampler settings
-//! allow it.
+//! dequantized weight tiles (the portable `gemm.cu` kernel when cuBLAS is absent), the KV cache
+//! is f16 and sampling happens on the device (only the token id comes back) whenever the sampler
+//! settings allow it.
 //!
 //! Loading goes through the pinned ring (`upload.rs`); the compute stream waits on each upload
 //! on the device, so the first forward is queued while weights are still copying. With a weight
 //! budget below the model, a prefix of layers stays resident and the rest stream through two
 //! device slots per forward (a slot is overwritten only after the compute that read it ended).
 //!
-//! The layer itself is `layer.rs::run_layer`, shared with `pipeline.rs` (`CudaLayered`), which
-//! runs the same pass step by step over weights the pipelined runtime's actors keep resident.
+//! The layer itself is the vendor-neutral `backend::gpu::layer::run_layer`, shared with
+//! `GpuLayered` (`pipeline.rs`: `CudaLayered`), which runs the same pass step by step over weights
+//! the pipelined runtime's actors keep resident. Only loading and streaming are CUDA-specific here.
 
-mod layer;
 mod load;
 pub mod pipeline;
 
-use layer::{run_layer, Gemm, LayerCtx, LayerViews};
+pub use crate::backend::gpu::layer::GEMM_MIN_TOKENS;
+use crate::backend::gpu::layer::{run_layer, Gemm, LayerCtx, LayerViews, Scratch};
+pub use crate::backend::gpu::GpuForwardError;
+use crate::backend::gpu::{view, GemmF16, PortableGemm, View};
 
 use super::memory::DeviceBuf;
-use super::ops::{AttnParams, KvLayout, QMatrix, RopeParams, SampleParams};
 use super::stream::{Event, Stream};
 use super::upload::{DevRange, LoadingRing, PinnedRing, RingConfig, UploadItem, UploadStats};
 use super::CudaDevice;
 use crate::backend::error::BackendError;
+use crate::backend::gpu::ops::{GpuOps, KvLayout, QMatrix, SampleParams};
 use crate::backend::{ComputeDevice, DeviceBuffer, DeviceStream};
 use crate::model::{
     Generation, HParams, Model, ModelError, RopeScaling, StopReason, Timings, WeightView,
@@ -37,22 +40,10 @@ use std::ops::{ControlFlow, Range};
 use std::sync::Arc;
 use std::time::Instant;
 
-#[derive(Debug, thiserror::Error)]
-pub enum CudaForwardError {
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error("the CUDA forward pass does not support this model yet: {0}")]
-    Unsupported(String),
-    #[error("weight budget of {budget} bytes is below the minimum of {needed} (global tensors plus two streaming slots)")]
-    BudgetTooSmall { budget: usize, needed: usize },
-}
+/// The forward passes' error under its CUDA name (one type for every vendor).
+pub type CudaForwardError = GpuForwardError;
 
 type Result<T> = std::result::Result<T, CudaForwardError>;
-
-/// Batches of at least this many tokens run their matrix products through cuBLAS.
-pub const GEMM_MIN_TOKENS: usize = 8;
 
 /// Options of [`CudaModel::load`].
 #[derive(Debug, Clone, Copy)]
@@ -64,8 +55,9 @@ pub struct CudaOptions {
     /// Device bytes for weights; `None`: free memory minus KV cache, workspace and a margin.
     pub weight_budget: Option<usize>,
     pub ring: RingConfig,
-    /// Use cuBLAS for prefill when available (off: no batch will reach [`GEMM_MIN_TOKENS`],
-    /// and the libraries are never loaded).
+    /// Use cuBLAS for prefill when available (off, or cuBLAS absent: batches of
+    /// [`GEMM_MIN_TOKENS`] or more run the portable `gemm.cu` kernel, and the libraries are
+    /// never loaded).
     pub use_blas: bool,
 }
 
@@ -79,36 +71,6 @@ impl Default for CudaOptions {
             use_blas: true,
         }
     }
-}
-
-/// A sub-range of a device allocation (kernel argument only; the owner outlives every use).
-#[derive(Debug, Clone, Copy)]
-struct View {
-    ptr: u64,
-    len: usize,
-}
-
-impl DeviceBuffer for View {
-    fn device_ptr(&self) -> u64 {
-        self.ptr
-    }
-    fn len_bytes(&self) -> usize {
-        self.len
-    }
-}
-
-fn view(b: &dyn DeviceBuffer, off: usize, len: usize) -> Result<View> {
-    if off.checked_add(len).is_none_or(|e| e > b.len_bytes()) {
-        return Err(BackendError::InvalidArgument {
-            op: "view",
-            what: format!("{off}+{len} outside {}", b.len_bytes()),
-        }
-        .into());
-    }
-    Ok(View {
-        ptr: b.device_ptr() + off as u64,
-        len,
-    })
 }
 
 const ALIGN: usize = 256;
@@ -144,26 +106,6 @@ struct LayerPlan {
 enum Place {
     Resident(DeviceBuf),
     Streamed,
-}
-
-struct Scratch {
-    hidden: DeviceBuf,
-    xn: DeviceBuf,
-    q: DeviceBuf,
-    k: DeviceBuf,
-    v: DeviceBuf,
-    attn: DeviceBuf,
-    proj: DeviceBuf,
-    gate: DeviceBuf,
-    up: DeviceBuf,
-    logits: DeviceBuf,
-    ids: DeviceBuf,
-    pos: DeviceBuf,
-    status: DeviceBuf,
-    tok: DeviceBuf,
-    /// f16 activations and one f16 weight tile for the GEMM path.
-    x16: DeviceBuf,
-    w16: DeviceBuf,
 }
 
 /// Timings and sizes of [`CudaModel::load`].
@@ -212,7 +154,7 @@ pub struct CudaModel {
     places: Vec<Place>,
     kv: DeviceBuf,
     kv_layout: KvLayout,
-    s: Scratch,
+    s: Scratch<DeviceBuf>,
     /// Created at the first GEMM (see `load::LazyBlas`).
     blas: load::LazyBlas,
     max_batch: usize,
@@ -369,6 +311,8 @@ impl CudaModel {
             len: self.kv.len_bytes(),
         };
         let mut streamed = 0usize;
+        // Batches that reach the GEMM threshold use cuBLAS, or this kernel when it is absent.
+        let mut portable = PortableGemm;
         for l in 0..hp.n_layer {
             let region = self.layer_region(l, &mut streamed)?;
             let plan = &self.plans[l];
@@ -396,13 +340,16 @@ impl CudaModel {
                 bias: [bias(0)?, bias(1)?, bias(2)?],
             };
             let mut cx = LayerCtx {
-                dev: &dev,
+                dev: &*dev,
                 stream: &self.stream,
                 s: &self.s,
                 gemm: Gemm {
                     // cuBLAS is joined (created on its own thread) only by a batch that uses it.
-                    blas: if n >= GEMM_MIN_TOKENS {
-                        self.blas.get(&self.stream)
+                    engine: if n >= GEMM_MIN_TOKENS {
+                        match self.blas.get(&self.stream) {
+                            Some(b) => Some(b as &mut dyn GemmF16<CudaDevice>),
+                            None => Some(&mut portable),
+                        }
                     } else {
                         None
                     },
@@ -477,7 +424,7 @@ impl CudaModel {
                 .argmax(&self.stream, &self.s.logits, n, &self.s.tok)?;
         } else {
             let top_k = if top_k == 0 {
-                super::ops::SAMPLE_MAX_TOPK
+                crate::backend::gpu::ops::SAMPLE_MAX_TOPK
             } else {
                 top_k
             };

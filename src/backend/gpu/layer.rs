@@ -1,23 +1,58 @@
-//! One transformer layer on the device, shared by [`CudaModel`] (weights in its own regions)
-//! and the pipelined runtime's compute ([`super::pipeline::CudaLayered`], weights in regions the
-//! pipeline's uploader filled): both describe a layer as device views and call [`run_layer`].
+//! One transformer layer on the device, for any [`KernelDevice`], shared by CUDA's direct model
+//! (`cuda::forward::CudaModel`, weights in its own regions) and [`super::GpuLayered`] (weights in
+//! regions the pipeline's uploader filled): both describe a layer as device views and call
+//! [`run_layer`].
 
-use super::*;
-use crate::backend::cuda::blas::Blas;
+use super::gemm::{GemmF16, GemmF16Nt};
+use super::ops::{AttnParams, GpuOps, KvLayout, QMatrix, RopeParams};
+use super::{view, KernelDevice, Result, View};
+use crate::backend::DeviceBuffer;
+use crate::model::HParams;
 
-/// The GEMM path's state: cuBLAS when present, and the f16 weight-tile size.
-pub(super) struct Gemm<'a> {
-    pub blas: Option<&'a mut Blas>,
+/// Batches of at least this many tokens run their matrix products through a GEMM (dequantized
+/// f16 weight tiles); shorter ones run mmvq once per token.
+pub const GEMM_MIN_TOKENS: usize = 8;
+
+/// The activations of one step (`B` is the vendor's device buffer), sized for the pass's
+/// largest batch `b`: `[b, width]` f32 unless stated.
+pub struct Scratch<B> {
+    pub hidden: B,
+    pub xn: B,
+    pub q: B,
+    pub k: B,
+    pub v: B,
+    pub attn: B,
+    pub proj: B,
+    pub gate: B,
+    pub up: B,
+    /// `[n_vocab]` f32.
+    pub logits: B,
+    /// Token ids and positions of the step, `[b]` i32.
+    pub ids: B,
+    pub pos: B,
+    /// One i32: get_rows' out-of-range flag.
+    pub status: B,
+    /// One i32: the device sampler's token.
+    pub tok: B,
+    /// f16 activations and one f16 weight tile for the GEMM path.
+    pub x16: B,
+    pub w16: B,
+}
+
+/// The GEMM path's state: the GEMM (vendor library or the portable kernel; `None`: mmvq per
+/// token for every batch) and the f16 weight-tile size.
+pub struct Gemm<'a, D: KernelDevice> {
+    pub engine: Option<&'a mut dyn GemmF16<D>>,
     pub tile_rows_bytes: usize,
 }
 
-/// `y[n, rows] = x[n, cols] W^T`: mmvq per token for short batches, cuBLAS otherwise.
+/// `y[n, rows] = x[n, cols] W^T`: mmvq per token for short batches, the GEMM otherwise.
 #[allow(clippy::too_many_arguments)] // a GEMM's operands; a struct would only rename them
-pub(super) fn linear(
-    dev: &CudaDevice,
-    st: &Stream,
-    s: &Scratch,
-    g: &mut Gemm,
+pub fn linear<D: KernelDevice>(
+    dev: &D,
+    st: &D::Stream,
+    s: &Scratch<D::Buf>,
+    g: &mut Gemm<D>,
     w: View,
     m: QMatrix,
     x: View,
@@ -25,7 +60,7 @@ pub(super) fn linear(
     n: usize,
 ) -> Result<()> {
     if n >= GEMM_MIN_TOKENS {
-        if let Some(b) = g.blas.as_deref_mut() {
+        if let Some(engine) = g.engine.as_deref_mut() {
             let kv = KvLayout {
                 n_kv_heads: 1,
                 head_dim: m.ncols,
@@ -39,7 +74,16 @@ pub(super) fn linear(
                 let rows = tile.min(m.nrows - r0);
                 dev.dequantize_f16(st, &w, m, r0, rows, &s.w16)?;
                 let yv = view(&y, r0 * 4, y.len - r0 * 4)?;
-                b.gemm_f16_nt(&s.w16, rows, m.ncols, &s.x16, n, &yv, m.nrows)?;
+                let op = GemmF16Nt {
+                    w16: &s.w16,
+                    rows,
+                    k: m.ncols,
+                    x16: &s.x16,
+                    n,
+                    y: &yv,
+                    ldy: m.nrows,
+                };
+                engine.gemm_f16_nt(dev, st, &op)?;
                 r0 += rows;
             }
             return Ok(());
@@ -54,7 +98,7 @@ pub(super) fn linear(
 }
 
 /// One layer's weights as device views: q, k, v, o, gate, up, down; f32 norms; f32 biases.
-pub(super) struct LayerViews {
+pub struct LayerViews {
     pub mats: [(View, QMatrix); 7],
     pub attn_norm: View,
     pub ffn_norm: View,
@@ -62,11 +106,11 @@ pub(super) struct LayerViews {
 }
 
 /// What a layer pass borrows from its owner.
-pub(super) struct LayerCtx<'a> {
-    pub dev: &'a CudaDevice,
-    pub stream: &'a Stream,
-    pub s: &'a Scratch,
-    pub gemm: Gemm<'a>,
+pub struct LayerCtx<'a, D: KernelDevice> {
+    pub dev: &'a D,
+    pub stream: &'a D::Stream,
+    pub s: &'a Scratch<D::Buf>,
+    pub gemm: Gemm<'a, D>,
     pub hp: &'a HParams,
     /// The whole KV cache: `[layer][k|v]` blocks of `kv_layout.bytes()`.
     pub kv: View,
@@ -79,10 +123,10 @@ pub(super) struct LayerCtx<'a> {
 
 /// Queues layer `l` on `cx.stream`: `hidden[n, d]` in the scratch buffers is updated in place;
 /// the K/V of positions `pos..pos + n` land in the cache.
-pub(super) fn run_layer(cx: &mut LayerCtx, l: usize, w: &LayerViews) -> Result<()> {
+pub fn run_layer<D: KernelDevice>(cx: &mut LayerCtx<D>, l: usize, w: &LayerViews) -> Result<()> {
     let (dev, st, hp, n) = (cx.dev, cx.stream, cx.hp, cx.n);
     let (d, qd, kd, vd, ff) = (hp.n_embd, hp.q_dim(), hp.k_dim(), hp.v_dim(), hp.n_ff);
-    let v = |b: &DeviceBuf, floats: usize| View {
+    let v = |b: &D::Buf, floats: usize| View {
         ptr: b.device_ptr(),
         len: floats * 4,
     };

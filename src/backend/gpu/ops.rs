@@ -1,13 +1,17 @@
-//! Typed, checked launchers for the kernels in `kernels/`. Each checks shapes against buffer
-//! sizes before the (unsafe) launch, so a wrong call is an error, never an out-of-bounds access.
-//! Layouts are stated in `kernels/*.cu` next to each entry point.
+//! Typed, checked launchers for the kernels in `kernels/`, for any [`KernelDevice`]. Each checks
+//! shapes against buffer sizes before the (unsafe) launch, so a wrong call is an error, never an
+//! out-of-bounds access. Layouts are stated in `kernels/*.cu` next to each entry point.
+//!
+//! Launch shapes are multiples of the device's warp size (`ComputeDevice::warp_size`: 32 on
+//! NVIDIA and RDNA, 64 on CDNA) where a kernel reduces across a warp; the kernels take the same
+//! width from `RF_WARP`. Fixed block sizes (256, 1024) are multiples of both widths. Shared
+//! memory is static in every kernel (sized by `RF_MAX_WARPS` / `RF_ATTN_MAX_*`), so no launch
+//! passes dynamic shared bytes.
 
-use super::module::{Arg, LaunchShape};
-use super::stream::Stream;
-use super::CudaDevice;
+use super::{Arg, BufferIo, DeviceKernel, KernelDevice, LaunchShape};
 use crate::backend::error::{BackendError, BackendResult};
 use crate::backend::kernels::{mmvq_col_multiple, qtype_suffix};
-use crate::backend::{ComputeDevice, DeviceBuffer};
+use crate::backend::DeviceBuffer;
 use crate::quant::GgmlType;
 
 /// Rows a matrix-vector block handles (one warp each).
@@ -130,16 +134,14 @@ pub struct SampleParams {
     pub u: f32,
 }
 
-impl CudaDevice {
-    fn warp(&self) -> u32 {
-        self.warp_size()
-    }
-
+/// The launchers as methods of every [`KernelDevice`] (`dev.mmvq(..)` reads the same on CUDA
+/// and HIP); implemented once, for all devices, by the blanket impl below.
+pub trait GpuOps: KernelDevice {
     /// `y[nrows] = W x[ncols]` (f32 vectors), reading W's blocks directly.
     #[allow(clippy::too_many_arguments)]
-    pub fn mmvq(
+    fn mmvq(
         &self,
-        s: &Stream,
+        s: &Self::Stream,
         w: &dyn DeviceBuffer,
         m: QMatrix,
         x: &dyn DeviceBuffer,
@@ -168,7 +170,7 @@ impl CudaDevice {
                 1,
                 1,
             ),
-            block: (self.warp(), MMVQ_ROWS_PER_BLOCK, 1),
+            block: (self.warp_size(), MMVQ_ROWS_PER_BLOCK, 1),
             shared_bytes: 0,
         };
         let args = [
@@ -186,9 +188,9 @@ impl CudaDevice {
     /// `out[i] = table[ids[i]]` as f32 rows. `status` (one i32, zeroed by the caller) becomes 1
     /// if an id was out of range (those rows are zero).
     #[allow(clippy::too_many_arguments)]
-    pub fn get_rows(
+    fn get_rows(
         &self,
-        s: &Stream,
+        s: &Self::Stream,
         table: &dyn DeviceBuffer,
         m: QMatrix,
         ids: &dyn DeviceBuffer,
@@ -237,9 +239,9 @@ impl CudaDevice {
 
     /// Rows `row0..row0 + tile_rows` of W dequantized to f16 into `out` (`[tile_rows, ncols]`).
     #[allow(clippy::too_many_arguments)]
-    pub fn dequantize_f16(
+    fn dequantize_f16(
         &self,
-        s: &Stream,
+        s: &Self::Stream,
         w: &dyn DeviceBuffer,
         m: QMatrix,
         row0: usize,
@@ -288,9 +290,9 @@ impl CudaDevice {
 
     /// RMSNorm of `nrows` rows of `ncols` f32 (`out` may be `x`).
     #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm(
+    fn rmsnorm(
         &self,
-        s: &Stream,
+        s: &Self::Stream,
         x: &dyn DeviceBuffer,
         w: &dyn DeviceBuffer,
         out: &dyn DeviceBuffer,
@@ -306,8 +308,8 @@ impl CudaDevice {
             return Ok(());
         }
         let k = self.kernel("norm.cu", "rmsnorm_f32")?;
-        let threads = (ncols.div_ceil(self.warp() as usize) * self.warp() as usize)
-            .clamp(self.warp() as usize, 1024);
+        let threads = (ncols.div_ceil(self.warp_size() as usize) * self.warp_size() as usize)
+            .clamp(self.warp_size() as usize, 1024);
         let shape = LaunchShape {
             grid: (to_u32(OP, nrows)?, 1, 1),
             block: (to_u32(OP, threads)?, 1, 1),
@@ -326,9 +328,9 @@ impl CudaDevice {
 
     /// Rotary embedding of `[n_tokens, n_heads, head_dim]` f32 (`out` may be `x`); `pos` holds
     /// `n_tokens` i32 positions.
-    pub fn rope(
+    fn rope(
         &self,
-        s: &Stream,
+        s: &Self::Stream,
         x: &dyn DeviceBuffer,
         out: &dyn DeviceBuffer,
         pos: &dyn DeviceBuffer,
@@ -349,8 +351,9 @@ impl CudaDevice {
             return Ok(());
         }
         let k = self.kernel("rope.cu", if r.neox { "rope_neox_f32" } else { "rope_f32" })?;
-        let threads =
-            ((r.head_dim / 2).div_ceil(self.warp() as usize) * self.warp() as usize).min(1024);
+        let threads = ((r.head_dim / 2).div_ceil(self.warp_size() as usize)
+            * self.warp_size() as usize)
+            .min(1024);
         let shape = LaunchShape {
             grid: (to_u32(OP, r.n_tokens * r.n_heads)?, 1, 1),
             block: (to_u32(OP, threads)?, 1, 1),
@@ -370,63 +373,35 @@ impl CudaDevice {
         unsafe { k.launch(s, shape, &args) }
     }
 
-    fn elementwise(
-        &self,
-        s: &Stream,
-        name: &str,
-        a: &dyn DeviceBuffer,
-        b: &dyn DeviceBuffer,
-        out: &dyn DeviceBuffer,
-        n: usize,
-    ) -> BackendResult<()> {
-        const OP: &str = "elementwise";
-        need(OP, "a", a, n * 4)?;
-        need(OP, "b", b, n * 4)?;
-        need(OP, "out", out, n * 4)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let k = self.kernel("elementwise.cu", name)?;
-        let threads = 256usize;
-        let shape = LaunchShape {
-            grid: (to_u32(OP, n.div_ceil(threads).min(65_535))?, 1, 1),
-            block: (threads as u32, 1, 1),
-            shared_bytes: 0,
-        };
-        let args = [p(a), p(b), p(out), Arg::I32(to_i32(OP, "n", n)?)];
-        // SAFETY: three buffers of n f32 (checked); grid-stride loop covers any n.
-        unsafe { k.launch(s, shape, &args) }
-    }
-
     /// `out = silu(gate) * up`, n f32.
-    pub fn swiglu(
+    fn swiglu(
         &self,
-        s: &Stream,
+        s: &Self::Stream,
         gate: &dyn DeviceBuffer,
         up: &dyn DeviceBuffer,
         out: &dyn DeviceBuffer,
         n: usize,
     ) -> BackendResult<()> {
-        self.elementwise(s, "swiglu_f32", gate, up, out, n)
+        elementwise(self, s, "swiglu_f32", gate, up, out, n)
     }
 
     /// `out = a + b`, n f32.
-    pub fn add(
+    fn add(
         &self,
-        s: &Stream,
+        s: &Self::Stream,
         a: &dyn DeviceBuffer,
         b: &dyn DeviceBuffer,
         out: &dyn DeviceBuffer,
         n: usize,
     ) -> BackendResult<()> {
-        self.elementwise(s, "add_f32", a, b, out, n)
+        elementwise(self, s, "add_f32", a, b, out, n)
     }
 
     /// Stores `src` (`[n_tokens, n_kv_heads, head_dim]` f32) into the f16 cache at `pos0..`.
     #[allow(clippy::too_many_arguments)]
-    pub fn kv_store(
+    fn kv_store(
         &self,
-        s: &Stream,
+        s: &Self::Stream,
         src: &dyn DeviceBuffer,
         cache: &dyn DeviceBuffer,
         kv: KvLayout,
@@ -471,9 +446,9 @@ impl CudaDevice {
     /// Causal attention of `q` (`[n_tokens, n_heads, head_dim]` f32) over the f16 caches.
     /// One token is the decode kernel, several the prefill kernel.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(
+    fn attention(
         &self,
-        s: &Stream,
+        s: &Self::Stream,
         q: &dyn DeviceBuffer,
         k_cache: &dyn DeviceBuffer,
         v_cache: &dyn DeviceBuffer,
@@ -482,7 +457,7 @@ impl CudaDevice {
     ) -> BackendResult<()> {
         const OP: &str = "attention";
         let kv = a.kv;
-        let w = self.warp() as usize;
+        let w = self.warp_size() as usize;
         if kv.head_dim % w != 0
             || kv.head_dim > ATTN_MAX_HEAD_DIM
             || kv.n_kv_heads == 0
@@ -521,7 +496,7 @@ impl CudaDevice {
         let k = self.kernel("attention.cu", name)?;
         let shape = LaunchShape {
             grid: (to_u32(OP, a.n_tokens)?, to_u32(OP, a.n_heads)?, 1),
-            block: (self.warp() * ATTN_WARPS, 1, 1),
+            block: (self.warp_size() * ATTN_WARPS, 1, 1),
             shared_bytes: 0,
         };
         let args = [
@@ -541,9 +516,9 @@ impl CudaDevice {
     }
 
     /// `out[0]` (i32) = argmax of `n` f32 logits (lowest id on ties).
-    pub fn argmax(
+    fn argmax(
         &self,
-        s: &Stream,
+        s: &Self::Stream,
         logits: &dyn DeviceBuffer,
         n: usize,
         out: &dyn DeviceBuffer,
@@ -564,9 +539,9 @@ impl CudaDevice {
 
     /// `out[0]` (i32) = a token drawn by temperature + top-k + top-p (see sample.cu).
     #[allow(clippy::too_many_arguments)]
-    pub fn sample(
+    fn sample(
         &self,
-        s: &Stream,
+        s: &Self::Stream,
         logits: &dyn DeviceBuffer,
         n: usize,
         sp: SampleParams,
@@ -601,7 +576,7 @@ impl CudaDevice {
     }
 
     /// The device compiler's `sizeof` of every block in `kernels::DEVICE_BLOCKS` order.
-    pub fn device_block_sizes(&self, s: &Stream) -> BackendResult<Vec<u32>> {
+    fn device_block_sizes(&self, s: &Self::Stream) -> BackendResult<Vec<u32>> {
         let n = crate::backend::kernels::DEVICE_BLOCKS.len();
         let out = self.alloc(n * 4, "block sizes")?;
         out.zero()?;
@@ -616,4 +591,34 @@ impl CudaDevice {
         crate::backend::DeviceStream::synchronize(s)?;
         out.to_vec::<u32>(n)
     }
+}
+
+impl<D: KernelDevice> GpuOps for D {}
+
+fn elementwise<D: KernelDevice>(
+    dev: &D,
+    s: &D::Stream,
+    name: &str,
+    a: &dyn DeviceBuffer,
+    b: &dyn DeviceBuffer,
+    out: &dyn DeviceBuffer,
+    n: usize,
+) -> BackendResult<()> {
+    const OP: &str = "elementwise";
+    need(OP, "a", a, n * 4)?;
+    need(OP, "b", b, n * 4)?;
+    need(OP, "out", out, n * 4)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let k = dev.kernel("elementwise.cu", name)?;
+    let threads = 256usize;
+    let shape = LaunchShape {
+        grid: (to_u32(OP, n.div_ceil(threads).min(65_535))?, 1, 1),
+        block: (threads as u32, 1, 1),
+        shared_bytes: 0,
+    };
+    let args = [p(a), p(b), p(out), Arg::I32(to_i32(OP, "n", n)?)];
+    // SAFETY: three buffers of n f32 (checked); grid-stride loop covers any n.
+    unsafe { k.launch(s, shape, &args) }
 }

@@ -1,0 +1,400 @@
+//! The llama forward pass one step at a time over weights the pipelined runtime keeps in device
+//! memory: [`crate::backend::LayeredForward`] for any [`KernelDevice`] (CUDA and HIP alike).
+//! The layer math is CUDA's direct model's own ([`super::layer::run_layer`]); only where
+//! weights live differs: `CudaModel` owns its layer regions, here each step is handed device
+//! tensors inside regions the pipeline's uploader filled (and may evict after the step).
+
+use std::sync::Arc;
+
+use super::gemm::{GemmF16, PortableGemm};
+use super::layer::{run_layer, Gemm, LayerCtx, LayerViews, Scratch};
+use super::ops::{GpuOps, KvLayout, QMatrix, ATTN_MAX_HEAD_DIM};
+use super::{BufferIo, GpuForwardError, KernelDevice, Result, View};
+use crate::backend::error::BackendError;
+use crate::backend::{DeviceBuffer, DeviceStream, DeviceTensor, LayerTensors, LayeredForward};
+use crate::model::{HParams, Model, ModelError, RopeScaling};
+use crate::quant::GgmlType;
+
+/// Options of [`GpuLayered::new`].
+#[derive(Debug, Clone, Copy)]
+pub struct LayeredOptions {
+    /// KV cache capacity in tokens (per sequence).
+    pub ctx: usize,
+    /// Most tokens one step takes (prompts are embedded in one batch: longer ones are refused).
+    pub max_batch: usize,
+    /// GEMMs of batches of 8 tokens or more: the vendor library (cuBLAS) when it loads, else
+    /// the portable kernel (`kernels/gemm.cu`); `false`: always the portable kernel.
+    pub use_blas: bool,
+}
+
+impl Default for LayeredOptions {
+    fn default() -> Self {
+        Self {
+            ctx: 4096,
+            max_batch: 512,
+            use_blas: true,
+        }
+    }
+}
+
+/// Bytes of one f16 weight tile of the GEMM path (as in `CudaModel`).
+const TILE_ROWS_BYTES: usize = 64 << 20;
+
+/// The [`LayeredForward`] of a GPU: compute stream, activations, the prefill GEMM.
+pub struct GpuLayered<D: KernelDevice> {
+    dev: Arc<D>,
+    hp: HParams,
+    n_vocab: usize,
+    stream: D::Stream,
+    s: Scratch<D::Buf>,
+    /// The vendor library or the portable kernel (see [`LayeredOptions::use_blas`]).
+    gemm: Box<dyn GemmF16<D>>,
+    max_batch: usize,
+    kv_layout: KvLayout,
+    freq_scale: f32,
+    /// Tokens embedded by the last `embed` and the position of the first.
+    n: usize,
+    pos: usize,
+}
+
+/// One sequence's KV cache: `[layer][k|v][n_kv_heads, ctx, head_dim]` f16.
+pub struct GpuKv<D: KernelDevice> {
+    buf: D::Buf,
+}
+
+fn scratch_bytes(hp: &HParams, n_vocab: usize, b: usize) -> [(usize, &'static str); 16] {
+    let max_cols = hp.n_embd.max(hp.n_ff).max(hp.q_dim());
+    [
+        (b * hp.n_embd * 4, "scratch hidden"),
+        (b * hp.n_embd.max(hp.q_dim()) * 4, "scratch xn"),
+        (b * hp.q_dim() * 4, "scratch q"),
+        (b * hp.k_dim() * 4, "scratch k"),
+        (b * hp.v_dim() * 4, "scratch v"),
+        (b * hp.q_dim() * 4, "scratch attn"),
+        (b * hp.n_embd * 4, "scratch proj"),
+        (b * hp.n_ff * 4, "scratch gate"),
+        (b * hp.n_ff * 4, "scratch up"),
+        (n_vocab * 4, "logits"),
+        (b * 4, "ids"),
+        (b * 4, "positions"),
+        (4, "status"),
+        (4, "token"),
+        (b * max_cols * 2, "f16 activations"),
+        (TILE_ROWS_BYTES, "f16 weight tile"),
+    ]
+}
+
+impl LayeredOptions {
+    /// Device bytes a [`GpuLayered`] with one sequence needs besides weights: KV cache and
+    /// activations (the weight budget's default leaves this free). The same on every vendor.
+    pub fn reserve_bytes(&self, hp: &HParams, n_vocab: usize) -> usize {
+        let scratch: usize = scratch_bytes(hp, n_vocab, self.max_batch.max(1))
+            .iter()
+            .map(|(n, _)| *n)
+            .sum();
+        self.kv_layout(hp).bytes() * 2 * hp.n_layer + scratch
+    }
+
+    /// One layer's K (or V) cache shape for `hp`: the context, capped by the training length.
+    fn kv_layout(&self, hp: &HParams) -> KvLayout {
+        KvLayout {
+            n_kv_heads: hp.n_head_kv,
+            head_dim: hp.head_dim,
+            seq_cap: self.ctx.min(hp.n_ctx_train).max(1),
+        }
+    }
+}
+
+impl<D: KernelDevice> GpuLayered<D> {
+    /// Checks that the pass supports `model` and allocates stream and activations.
+    pub fn new(dev: Arc<D>, model: &Model, opt: LayeredOptions) -> Result<Self> {
+        let hp = model.hparams().clone();
+        let freq_scale = match hp.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => 1.0 / factor,
+            RopeScaling::Yarn { .. } => {
+                return Err(GpuForwardError::Unsupported("YaRN RoPE scaling".into()))
+            }
+        };
+        if model.layout().rope_freqs.is_some() {
+            return Err(GpuForwardError::Unsupported(
+                "rope_freqs (Llama 3.1 frequency factors)".into(),
+            ));
+        }
+        if hp.head_dim != hp.head_dim_v {
+            return Err(GpuForwardError::Unsupported(
+                "different K and V head widths".into(),
+            ));
+        }
+        // attention.cu splits head_dim over a warp's lanes: on a wave64 device (CDNA) a
+        // head_dim of 32 or 96 has no launch. Refused here rather than at the first layer.
+        let warp = dev.warp_size() as usize;
+        if warp == 0 || hp.head_dim % warp != 0 || hp.head_dim > ATTN_MAX_HEAD_DIM {
+            return Err(GpuForwardError::Unsupported(format!(
+                "head_dim {} on {} (attention needs a multiple of the {warp}-lane warp, at most {ATTN_MAX_HEAD_DIM})",
+                hp.head_dim,
+                dev.describe()
+            )));
+        }
+        let b = opt.max_batch.max(1);
+        let n_vocab = model.n_vocab();
+        let bufs = scratch_bytes(&hp, n_vocab, b)
+            .into_iter()
+            .map(|(n, what)| dev.alloc(n.max(1), what))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut it = bufs.into_iter();
+        let mut next = || {
+            it.next().ok_or_else(|| {
+                GpuForwardError::Unsupported("internal: scratch buffer count".into())
+            })
+        };
+        let s = Scratch {
+            hidden: next()?,
+            xn: next()?,
+            q: next()?,
+            k: next()?,
+            v: next()?,
+            attn: next()?,
+            proj: next()?,
+            gate: next()?,
+            up: next()?,
+            logits: next()?,
+            ids: next()?,
+            pos: next()?,
+            status: next()?,
+            tok: next()?,
+            x16: next()?,
+            w16: next()?,
+        };
+        s.status.zero()?;
+        let stream = dev.new_stream()?;
+        let gemm = if opt.use_blas {
+            dev.vendor_gemm(&stream).unwrap_or_else(|why| {
+                tracing::info!(%why, vendor = D::VENDOR, "prefill uses the portable GEMM kernel");
+                Box::new(PortableGemm)
+            })
+        } else {
+            Box::new(PortableGemm)
+        };
+        Ok(Self {
+            kv_layout: opt.kv_layout(&hp),
+            dev,
+            hp,
+            n_vocab,
+            stream,
+            s,
+            gemm,
+            max_batch: b,
+            freq_scale,
+            n: 0,
+            pos: 0,
+        })
+    }
+
+    pub fn hparams(&self) -> &HParams {
+        &self.hp
+    }
+
+    /// The prefill GEMM in use (`"cuBLAS"`, `"portable gemm.cu"`).
+    pub fn gemm_name(&self) -> &'static str {
+        self.gemm.name()
+    }
+}
+
+fn bad(what: String) -> GpuForwardError {
+    GpuForwardError::Backend(BackendError::InvalidArgument {
+        op: "GpuLayered",
+        what,
+    })
+}
+
+/// A quantized matrix of a tensor; the type must have a kernel.
+fn mat(t: &DeviceTensor, what: &str) -> Result<(View, QMatrix)> {
+    if crate::backend::kernels::qtype_suffix(t.ty).is_none() {
+        return Err(GpuForwardError::Unsupported(format!(
+            "weight type {} ({what})",
+            t.ty
+        )));
+    }
+    let need =
+        t.ty.row_bytes(t.cols as u64)
+            .and_then(|rb| (rb as usize).checked_mul(t.rows));
+    if need.is_none_or(|need| need > t.len) {
+        return Err(bad(format!(
+            "{what}: {} x {} {} needs {need:?} B, the tensor has {}",
+            t.rows, t.cols, t.ty, t.len
+        )));
+    }
+    Ok((
+        View {
+            ptr: t.ptr,
+            len: t.len,
+        },
+        QMatrix {
+            qtype: t.ty,
+            nrows: t.rows,
+            ncols: t.cols,
+        },
+    ))
+}
+
+/// An f32 vector of `n` elements (norm weights, biases).
+fn vec_f32(t: &DeviceTensor, n: usize, what: &str) -> Result<View> {
+    if t.ty != GgmlType::F32 || t.rows * t.cols != n || t.len < n * 4 {
+        return Err(GpuForwardError::Unsupported(format!(
+            "{what} must be {n} F32 values (got {} x {} {})",
+            t.rows, t.cols, t.ty
+        )));
+    }
+    Ok(View {
+        ptr: t.ptr,
+        len: n * 4,
+    })
+}
+
+impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
+    type Device = D;
+    type Kv = GpuKv<D>;
+    type Error = GpuForwardError;
+
+    fn stream(&self) -> &D::Stream {
+        &self.stream
+    }
+
+    fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
+    fn new_kv(&mut self) -> Result<GpuKv<D>> {
+        let bytes = self.kv_layout.bytes() * 2 * self.hp.n_layer;
+        Ok(GpuKv {
+            buf: self.dev.alloc(bytes, "KV cache")?,
+        })
+    }
+
+    fn embed(&mut self, table: &DeviceTensor, tokens: &[u32], pos: usize) -> Result<()> {
+        let n = tokens.len();
+        if n == 0 {
+            return Err(ModelError::EmptyPrompt.into());
+        }
+        if n > self.max_batch {
+            return Err(GpuForwardError::Unsupported(format!(
+                "{n} tokens in one step (the pipelined GPU pass takes at most {})",
+                self.max_batch
+            )));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.n_vocab) {
+            return Err(ModelError::TokenOutOfRange {
+                token: t,
+                vocab: self.n_vocab,
+            }
+            .into());
+        }
+        if pos + n > self.kv_layout.seq_cap {
+            return Err(ModelError::ContextOverflow {
+                needed: pos + n,
+                ctx: self.kv_layout.seq_cap,
+            }
+            .into());
+        }
+        // The synchronous writes below must not race kernels of an abandoned step still
+        // reading these buffers (a cancelled request stops between layers).
+        self.stream.synchronize()?;
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let ps: Vec<i32> = (0..n).map(|i| (pos + i) as i32).collect();
+        self.s.ids.write(0, &ids)?;
+        self.s.pos.write(0, &ps)?;
+        let (tv, m) = mat(table, "token embeddings")?;
+        self.dev.get_rows(
+            &self.stream,
+            &tv,
+            m,
+            &self.s.ids,
+            n,
+            &self.s.hidden,
+            &self.s.status,
+        )?;
+        self.n = n;
+        self.pos = pos;
+        Ok(())
+    }
+
+    fn layer(&mut self, layer: usize, w: &LayerTensors, kv: &mut GpuKv<D>) -> Result<()> {
+        if self.n == 0 {
+            return Err(bad("layer before embed".into()));
+        }
+        let hp = &self.hp;
+        let d = hp.n_embd;
+        let bias = |t: &Option<DeviceTensor>, n: usize, what: &str| {
+            t.as_ref().map(|t| vec_f32(t, n, what)).transpose()
+        };
+        let views = LayerViews {
+            mats: [
+                mat(&w.wq, "attn_q")?,
+                mat(&w.wk, "attn_k")?,
+                mat(&w.wv, "attn_v")?,
+                mat(&w.wo, "attn_output")?,
+                mat(&w.w_gate, "ffn_gate")?,
+                mat(&w.w_up, "ffn_up")?,
+                mat(&w.w_down, "ffn_down")?,
+            ],
+            attn_norm: vec_f32(&w.attn_norm, d, "attn_norm")?,
+            ffn_norm: vec_f32(&w.ffn_norm, d, "ffn_norm")?,
+            bias: [
+                bias(&w.bq, hp.q_dim(), "attn_q bias")?,
+                bias(&w.bk, hp.k_dim(), "attn_k bias")?,
+                bias(&w.bv, hp.v_dim(), "attn_v bias")?,
+            ],
+        };
+        let kv_view = View {
+            ptr: kv.buf.device_ptr(),
+            len: kv.buf.len_bytes(),
+        };
+        let mut cx = LayerCtx {
+            dev: &*self.dev,
+            stream: &self.stream,
+            s: &self.s,
+            gemm: Gemm {
+                engine: Some(self.gemm.as_mut()),
+                tile_rows_bytes: TILE_ROWS_BYTES,
+            },
+            hp,
+            kv: kv_view,
+            kv_layout: self.kv_layout,
+            pos: self.pos,
+            n: self.n,
+            freq_scale: self.freq_scale,
+        };
+        run_layer(&mut cx, layer, &views)
+    }
+
+    fn output(&mut self, norm: &DeviceTensor, head: &DeviceTensor) -> Result<Vec<f32>> {
+        let n = self.n;
+        if n == 0 {
+            return Err(bad("output before embed".into()));
+        }
+        let d = self.hp.n_embd;
+        let last = View {
+            ptr: self.s.hidden.device_ptr() + ((n - 1) * d * 4) as u64,
+            len: d * 4,
+        };
+        let xn0 = View {
+            ptr: self.s.xn.device_ptr(),
+            len: d * 4,
+        };
+        let nw = vec_f32(norm, d, "output_norm")?;
+        self.dev
+            .rmsnorm(&self.stream, &last, &nw, &xn0, 1, d, self.hp.rms_eps)?;
+        let (hv, hm) = mat(head, "output")?;
+        if hm.ncols != d || hm.nrows != self.n_vocab {
+            return Err(bad(format!(
+                "output head {} x {}, expected {} x {d}",
+                hm.nrows, hm.ncols, self.n_vocab
+            )));
+        }
+        self.dev.mmvq(&self.stream, &hv, hm, &xn0, &self.s.logits)?;
+        self.stream.synchronize()?;
+        self.n = 0;
+        Ok(self.s.logits.to_vec::<f32>(self.n_vocab)?)
+    }
+}

@@ -1,0 +1,201 @@
+//! The vendor-neutral GPU forward pass: kernel launchers, the layer pass and the layered pass
+//! of the pipelined runtime, written once against [`KernelDevice`] and run on CUDA and HIP.
+//!
+//! # Layout
+//! - `mod.rs`     — [`KernelDevice`] (what the launchers need from a vendor: kernel lookup
+//!   through its compile cache, an unsafe launch, synchronous buffer I/O, its GEMM library),
+//!   [`Arg`] / [`LaunchShape`], device sub-range views, [`GpuForwardError`].
+//! - `ops.rs`     — typed, checked launchers for every kernel in `kernels/` ([`GpuOps`]).
+//! - `gemm.rs`    — the prefill GEMM seam ([`GemmF16`]) and the portable tiled kernel's launcher
+//!   ([`PortableGemm`], `kernels/gemm.cu`).
+//! - `layer.rs`   — one transformer layer ([`layer::run_layer`]), shared by the CUDA direct model
+//!   and the layered pass.
+//! - `layered.rs` — [`GpuLayered`], the `LayeredForward` the actors drive, for any vendor.
+//!
+//! Per vendor stays: the runtime (memory, streams, events, modules: `cuda/`, `hip/`), the
+//! [`KernelDevice`] impl (`cuda/kernel_device.rs`, `hip/kernel_device.rs`), and the vendor GEMM
+//! (cuBLAS on CUDA; none on HIP, see docs/HIP.md for why hipBLAS is not bound).
+
+pub mod gemm;
+pub mod layer;
+pub mod layered;
+pub mod ops;
+
+pub use gemm::{GemmF16, GemmF16Nt, PortableGemm};
+pub use layered::{GpuKv, GpuLayered, LayeredOptions};
+pub use ops::GpuOps;
+
+use crate::backend::cuda::Pod;
+use crate::backend::error::{BackendError, BackendResult};
+use crate::backend::{ComputeDevice, DeviceBuffer};
+use crate::model::ModelError;
+
+/// One kernel argument, passed by value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    /// A device address.
+    Ptr(u64),
+    I32(i32),
+    U32(u32),
+    F32(f32),
+}
+
+impl Arg {
+    /// The argument's bytes at the start of an 8-byte slot (CUDA's `kernelParams` form: the
+    /// driver reads exactly the parameter's size from the address it is given).
+    pub fn slot(self) -> u64 {
+        let mut b = [0u8; 8];
+        match self {
+            Arg::Ptr(p) => b = p.to_ne_bytes(),
+            Arg::I32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+            Arg::U32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+            Arg::F32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+        }
+        u64::from_ne_bytes(b)
+    }
+}
+
+/// Grid, block and dynamic shared memory of a launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchShape {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
+/// Synchronous host <-> device I/O on a device buffer (setup, the step's token ids and
+/// positions, logits coming back). Not the upload path: that is the pinned ring's.
+pub trait BufferIo: DeviceBuffer {
+    /// Copies `src` to byte `offset`.
+    fn write<T: Pod>(&self, offset: usize, src: &[T]) -> BackendResult<()>;
+    /// Copies from byte `offset` into `dst`.
+    fn read<T: Pod>(&self, offset: usize, dst: &mut [T]) -> BackendResult<()>;
+    /// Sets every byte to zero.
+    fn zero(&self) -> BackendResult<()>;
+    /// Reads `n` values from the start.
+    fn to_vec<T: Pod>(&self, n: usize) -> BackendResult<Vec<T>> {
+        let mut v = vec![T::default(); n];
+        self.read(0, &mut v)?;
+        Ok(v)
+    }
+}
+
+/// An entry point of a loaded module, launchable on one vendor's streams.
+pub trait DeviceKernel: Send + Sync {
+    type Stream;
+    /// Queues the kernel on `stream`.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameter list in number and type, and every pointer must
+    /// address device memory large enough for what the kernel reads and writes with these
+    /// arguments, alive until the launch completed.
+    unsafe fn launch(
+        &self,
+        stream: &Self::Stream,
+        shape: LaunchShape,
+        args: &[Arg],
+    ) -> BackendResult<()>;
+}
+
+/// A GPU the launchers in [`ops`] and the layer pass can drive: the [`ComputeDevice`] roles plus
+/// kernels from `kernels/` (compiled by the vendor's run-time compiler through the shared
+/// cache) and synchronous buffer I/O.
+pub trait KernelDevice: ComputeDevice<Buf: BufferIo> + Send + Sync + Sized + 'static {
+    type Kernel: DeviceKernel<Stream = Self::Stream>;
+    /// `"CUDA"` or `"HIP"`, for messages.
+    const VENDOR: &'static str;
+    /// Entry point `entry` of kernel file `file` (`mmvq.cu`, `mmvq_q4_0_f32`), compiled for this
+    /// device on first use and cached.
+    fn kernel(&self, file: &str, entry: &str) -> BackendResult<Self::Kernel>;
+    /// The vendor's GEMM library bound to `stream` (cuBLAS), or why there is none: the layer
+    /// pass then uses [`PortableGemm`].
+    fn vendor_gemm(
+        &self,
+        stream: &Self::Stream,
+    ) -> std::result::Result<Box<dyn GemmF16<Self>>, String>;
+}
+
+/// A sub-range of a device allocation (kernel argument only; the owner outlives every use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub ptr: u64,
+    pub len: usize,
+}
+
+impl View {
+    /// The whole of `b`.
+    pub fn of(b: &dyn DeviceBuffer) -> Self {
+        Self {
+            ptr: b.device_ptr(),
+            len: b.len_bytes(),
+        }
+    }
+}
+
+impl DeviceBuffer for View {
+    fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn len_bytes(&self) -> usize {
+        self.len
+    }
+}
+
+/// Bytes `off..off + len` of `b`; a range outside it is an error.
+pub fn view(b: &dyn DeviceBuffer, off: usize, len: usize) -> Result<View> {
+    if off.checked_add(len).is_none_or(|e| e > b.len_bytes()) {
+        return Err(BackendError::InvalidArgument {
+            op: "view",
+            what: format!("{off}+{len} outside {}", b.len_bytes()),
+        }
+        .into());
+    }
+    Ok(View {
+        ptr: b.device_ptr() + off as u64,
+        len,
+    })
+}
+
+/// Errors of the GPU forward passes (the layered pass here, CUDA's direct model).
+#[derive(Debug, thiserror::Error)]
+pub enum GpuForwardError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("the GPU forward pass does not support this model yet: {0}")]
+    Unsupported(String),
+    #[error("weight budget of {budget} bytes is below the minimum of {needed} (global tensors plus two streaming slots)")]
+    BudgetTooSmall { budget: usize, needed: usize },
+}
+
+pub type Result<T> = std::result::Result<T, GpuForwardError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arg_slots_hold_the_value_in_their_first_bytes() {
+        assert_eq!(
+            Arg::Ptr(0xdead_beef_0000_0001).slot(),
+            0xdead_beef_0000_0001
+        );
+        let s = Arg::I32(-2).slot().to_ne_bytes();
+        assert_eq!(&s[..4], &(-2i32).to_ne_bytes());
+        assert_eq!(&s[4..], &[0; 4]);
+        let s = Arg::F32(1.5).slot().to_ne_bytes();
+        assert_eq!(&s[..4], &1.5f32.to_ne_bytes());
+    }
+
+    #[test]
+    fn views_stay_inside_their_buffer() {
+        let b = View { ptr: 1000, len: 64 };
+        assert_eq!(
+            view(&b, 16, 48).expect("inside"),
+            View { ptr: 1016, len: 48 }
+        );
+        assert!(view(&b, 16, 49).is_err());
+        assert!(view(&b, usize::MAX, 2).is_err());
+    }
+}

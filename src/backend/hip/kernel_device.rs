@@ -1,0 +1,55 @@
+//! [`KernelDevice`] for [`HipDevice`]: the vendor-neutral launchers (`backend::gpu::ops`), the
+//! layer pass and `GpuLayered` run on AMD GPUs through this (hipRTC module cache,
+//! `hipModuleLaunchKernel`, synchronous `hipMemcpy`). No vendor GEMM: hipBLAS is not bound (its
+//! ABI changed between ROCm 5 and 6/7 and cannot be checked here), so prefill GEMMs run the
+//! portable `kernels/gemm.cu`.
+//!
+//! Warp width: launch shapes come from `warp_size()`, which `HipDevice::open` has checked
+//! against the width the compiler gives `RF_WARP` for the device's target (64 on CDNA, 32 on
+//! RDNA), so host shapes and device code agree.
+
+use super::device::HipDevice;
+use super::memory::DeviceBuf;
+use super::module::Kernel;
+use super::stream::Stream;
+use crate::backend::cuda::Pod;
+use crate::backend::error::BackendResult;
+use crate::backend::gpu::{Arg, BufferIo, DeviceKernel, GemmF16, KernelDevice, LaunchShape};
+
+impl BufferIo for DeviceBuf {
+    fn write<T: Pod>(&self, offset: usize, src: &[T]) -> BackendResult<()> {
+        DeviceBuf::write(self, offset, src)
+    }
+    fn read<T: Pod>(&self, offset: usize, dst: &mut [T]) -> BackendResult<()> {
+        DeviceBuf::read(self, offset, dst)
+    }
+    fn zero(&self) -> BackendResult<()> {
+        DeviceBuf::zero(self)
+    }
+}
+
+impl DeviceKernel for Kernel {
+    type Stream = Stream;
+    unsafe fn launch(
+        &self,
+        stream: &Stream,
+        shape: LaunchShape,
+        args: &[Arg],
+    ) -> BackendResult<()> {
+        // SAFETY: the caller upholds the argument contract, which is the same as this one's.
+        unsafe { Kernel::launch(self, stream, shape, args) }
+    }
+}
+
+impl KernelDevice for HipDevice {
+    type Kernel = Kernel;
+    const VENDOR: &'static str = "HIP";
+
+    fn kernel(&self, file: &str, entry: &str) -> BackendResult<Kernel> {
+        HipDevice::kernel(self, file, entry)
+    }
+
+    fn vendor_gemm(&self, _stream: &Stream) -> Result<Box<dyn GemmF16<Self>>, String> {
+        Err("hipBLAS is not bound (docs/HIP.md)".into())
+    }
+}
