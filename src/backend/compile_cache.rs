@@ -162,9 +162,10 @@ impl KernelCache {
         let mut st = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
         st.entry(name.to_string())
             .or_insert_with(|| {
-                let text = std::fs::read_to_string(self.dir.as_ref()?.join(stamp_name(name)))
-                    .ok()?;
-                Stamp::parse(&text).filter(|s| s.env == env && s.matches_file())?
+                let text =
+                    std::fs::read_to_string(self.dir.as_ref()?.join(stamp_name(name))).ok()?;
+                Stamp::parse(&text)
+                    .filter(|s| s.env == env && s.matches_file())?
                     .compiler
                     .into()
             })
@@ -367,22 +368,42 @@ mod tests {
         assert_eq!(c.stamped_compiler("cc", "E"), None, "no stamp yet");
         c.write_stamp("cc", &lib, "E", "cc-1.0");
         let fresh = || KernelCache::with_dir(Some(dir.path().join("cache")));
-        assert_eq!(fresh().stamped_compiler("cc", "E").as_deref(), Some("cc-1.0"));
-        assert_eq!(fresh().stamped_compiler("cc", "F"), None, "other environment");
-        assert_eq!(fresh().stamped_compiler("other", "E"), None, "other compiler");
+        assert_eq!(
+            fresh().stamped_compiler("cc", "E").as_deref(),
+            Some("cc-1.0")
+        );
+        assert_eq!(
+            fresh().stamped_compiler("cc", "F"),
+            None,
+            "other environment"
+        );
+        assert_eq!(
+            fresh().stamped_compiler("other", "E"),
+            None,
+            "other compiler"
+        );
         // The library replaced by one of another size: the stamp no longer holds.
         std::fs::write(&lib, b"version two, longer").expect("rewrite lib");
         assert_eq!(fresh().stamped_compiler("cc", "E"), None);
         // Same size, other modification time: also void.
         c.write_stamp("cc", &lib, "E", "cc-2.0");
-        assert_eq!(fresh().stamped_compiler("cc", "E").as_deref(), Some("cc-2.0"));
-        let f = std::fs::File::options().write(true).open(&lib).expect("open lib");
+        assert_eq!(
+            fresh().stamped_compiler("cc", "E").as_deref(),
+            Some("cc-2.0")
+        );
+        let f = std::fs::File::options()
+            .write(true)
+            .open(&lib)
+            .expect("open lib");
         f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
             .expect("set mtime");
         assert_eq!(fresh().stamped_compiler("cc", "E"), None);
         // A damaged stamp file is no stamp.
-        std::fs::write(dir.path().join("cache").join(stamp_name("cc")), "lib=x\nsize=y\n")
-            .expect("damage");
+        std::fs::write(
+            dir.path().join("cache").join(stamp_name("cc")),
+            "lib=x\nsize=y\n",
+        )
+        .expect("damage");
         assert_eq!(fresh().stamped_compiler("cc", "E"), None);
     }
 
@@ -393,7 +414,10 @@ mod tests {
         assert!(c.lookup(&key("sm_90"), &["src"], "v1").is_none());
         c.store(&key("sm_90"), &["src"], "v1", vec![1]);
         let c2 = KernelCache::with_dir(Some(dir.path().to_path_buf()));
-        assert!(c2.lookup(&key("sm_90"), &["src"], "v2").is_none(), "other compiler");
+        assert!(
+            c2.lookup(&key("sm_90"), &["src"], "v2").is_none(),
+            "other compiler"
+        );
         assert!(matches!(
             c2.lookup(&key("sm_90"), &["src"], "v1"),
             Some((ref m, CacheHit::Disk)) if **m == vec![1]

@@ -162,7 +162,9 @@ pub(super) fn run<G: AsRef<[UploadItem]>>(
                         // slot), tasks of one fill are disjoint, and the slot is not in flight
                         // (its previous copy was waited for before this fill was spawned) and
                         // written by no one else until this fill is queued.
-                        r = unsafe { read_into(file, map, src, (slot_base as *mut u8).add(off), len) };
+                        r = unsafe {
+                            read_into(file, map, src, (slot_base as *mut u8).add(off), len)
+                        };
                         if r.is_err() {
                             break;
                         }
@@ -404,7 +406,12 @@ mod tests {
         }
     }
 
-    fn item(src: std::ops::Range<usize>, dst_ptr: u64, dst_len: usize, dst_off: usize) -> UploadItem {
+    fn item(
+        src: std::ops::Range<usize>,
+        dst_ptr: u64,
+        dst_len: usize,
+        dst_off: usize,
+    ) -> UploadItem {
         UploadItem {
             src,
             dst: DevRange {
