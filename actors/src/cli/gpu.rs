@@ -136,6 +136,19 @@ pub struct EarlyOpen {
 }
 
 /// The ring geometry for the model at `path` (as [`CudaOptions::default`]'s, sized to the file).
+/// The process epoch ([`since_epoch_ms`]'s origin) as Unix time in ns, so a script can place
+/// the timeline against its own clock (launch to epoch, last output to process end).
+fn epoch_unix_ns() -> u128 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_nanos().saturating_sub(
+        rocmforge::backend::cuda::upload::epoch()
+            .elapsed()
+            .as_nanos(),
+    )
+}
+
 fn ring_for(path: &std::path::Path) -> RingConfig {
     let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX);
     CudaOptions::default().ring.for_file(len)
@@ -152,7 +165,7 @@ pub fn open_early(kind: BackendKind, path: &std::path::Path) -> EarlyOpen {
             early_read: None,
         };
     }
-    let early_read = EarlyRead::from_env(path);
+    let early_read = EarlyRead::start(path);
     let p = path.to_path_buf();
     let open = std::thread::Builder::new()
         .name("rf-open".into())
@@ -230,7 +243,7 @@ pub fn run(
         ..opt
     };
     let (ring, _) = Prewarm::ring(pre.ring)?;
-    drop(early.early_read.take());
+    let early_read_bytes = early.early_read.take().map_or(0, EarlyRead::stop);
     let mut cm = CudaModel::load_with_ring(dev, Arc::clone(&model), opt, Some(ring))?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     // Kernels load concurrently; errors surface here (the forward would load them anyway).
@@ -275,7 +288,11 @@ pub fn run(
             "ids": g.ids,
             "text": sink.text,
             "stop_reason": g.stop_reason,
-            "timings": { "cuda_init_ms": init_ms, "load_ms": load_ms, "gen": t, "end_at_ms": since_epoch_ms() },
+            "timings": {
+                "cuda_init_ms": init_ms, "load_ms": load_ms, "gen": t,
+                "early_read_bytes": early_read_bytes,
+                "epoch_unix_ns": epoch_unix_ns(), "end_at_ms": since_epoch_ms(),
+            },
             "load": cm.report,
         });
         serde_json::to_writer(&mut out, &j)?;
@@ -289,13 +306,24 @@ pub fn run(
             t.decode_tokens_per_second, g.stop_reason,
         );
     }
-    if std::env::var("ROCMFORGE_FAST_EXIT").is_ok_and(|v| v == "1") {
-        // Measurement knob (process teardown): leave without freeing device memory, the ring
-        // and the context; the driver reclaims them at exit. Every device operation has
-        // completed (the last token id was read back) and no helper thread is inside cuBLAS
-        // (a prompt that loads it joins it at its first GEMM).
-        out.flush()?;
-        std::process::exit(0);
+    // Measurement knob (process teardown): `1` leaves through `exit` without freeing device
+    // memory, the ring and the context; `2` through `_exit` (no atexit handlers either). The
+    // driver reclaims everything when the process ends. Every device operation has completed
+    // (the last token id was read back) and no helper thread is inside cuBLAS (a prompt that
+    // loads it joins it at its first GEMM).
+    match std::env::var("ROCMFORGE_FAST_EXIT").as_deref() {
+        Ok("1") => {
+            out.flush()?;
+            std::process::exit(0);
+        }
+        Ok("2") => {
+            out.flush()?;
+            std::io::stderr().flush()?;
+            // SAFETY: ends the process at once; every output was flushed above and nothing
+            // else is pending (see above).
+            unsafe { libc::_exit(0) }
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -313,6 +341,9 @@ struct GpuBench {
     init_end_at_ms: f64,
     kernels: KernelTimes,
     load_start_at_ms: f64,
+    /// Bytes the early reader had read into the page cache when the load started.
+    early_read_bytes: u64,
+    epoch_unix_ns: u128,
     /// Time the main thread waited for the model open started before CUDA init.
     model_open_ms: f64,
     /// Time the main thread waited for the ring allocated on another thread.
@@ -355,7 +386,7 @@ pub fn bench(
     let t_load = Instant::now();
     let load_start_at_ms = since_epoch_ms();
     let (ring, ring_wait_ms) = Prewarm::ring(pre.ring)?;
-    drop(early.early_read.take());
+    let early_read_bytes = early.early_read.take().map_or(0, EarlyRead::stop);
     let mut cm = CudaModel::load_with_ring(Arc::clone(&dev), Arc::clone(&model), opt, Some(ring))?;
     let load_queue_ms = t_load.elapsed().as_secs_f64() * 1e3;
     // First token, pipelined with the tail of the upload (the compute stream waits on it).
@@ -413,6 +444,8 @@ pub fn bench(
         init_end_at_ms,
         kernels,
         load_start_at_ms,
+        early_read_bytes,
+        epoch_unix_ns: epoch_unix_ns(),
         model_open_ms,
         ring_wait_ms,
         load_queue_ms,
@@ -439,8 +472,9 @@ pub fn bench(
             u.queue_max_ms, u.queue_max_at_ms, u.bytes as f64 / 1e9
         );
         println!(
-            "timeline (ms since start) | init ended {:.0}, kernels {:.0}-{:.0}, load start {:.0}, loader start {:.0}",
-            r.init_end_at_ms, r.kernels.start_at_ms, r.kernels.end_at_ms, r.load_start_at_ms, u.start_at_ms
+            "timeline (ms since start) | init ended {:.0}, kernels {:.0}-{:.0}, load start {:.0} (early read {:.0} MB before), loader start {:.0}",
+            r.init_end_at_ms, r.kernels.start_at_ms, r.kernels.end_at_ms, r.load_start_at_ms,
+            r.early_read_bytes as f64 / 1e6, u.start_at_ms
         );
         for t in &r.tests {
             println!(

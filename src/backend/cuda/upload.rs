@@ -55,7 +55,8 @@ pub struct RingConfig {
     pub slot_bytes: usize,
     pub copy_streams: usize,
     /// Host threads filling slots (one thread reads ~3-5 GB/s from the page cache into pinned
-    /// memory; H100 host: 8 threads 47 GB/s, 12 threads 65 GB/s, 16 threads 63 GB/s).
+    /// memory; H100 host, reads alone: 8 threads 47 GB/s, 12 threads 65 GB/s, 16 threads
+    /// 63 GB/s; with the copies, 12 and 16 threads alike).
     pub fill_threads: usize,
     /// Size of one fill task (a `pread` of at most this many bytes, page aligned).
     pub task_bytes: usize,
@@ -63,13 +64,15 @@ pub struct RingConfig {
 
 impl Default for RingConfig {
     fn default() -> Self {
-        // 8 x 16 MiB: the fill threads work up to 7 slots ahead of the copy being queued, so a
-        // slow driver call on the queueing thread does not idle them. The memory is faulted in
-        // before CUDA init and registered in ~2 ms per 64 MiB (huge pages), so the size costs
-        // no start-up time. 2 MiB tasks: 8 per slot, 12 threads keep ~1.5 slots in flight.
+        // 8 x 8 MiB (H100, `...-v4-call2.txt`, weights resident from a warm cache): 8 x 8 MiB
+        // and 4 x 16 MiB 46-48 GB/s, 8 x 16 MiB 41-45, 16 x 16 MiB and 8 x 32 MiB 33-34: a
+        // small ring stays in the host's last-level cache between the fill threads' writes and
+        // the copy engine's reads. The copies then run near PCIe speed (the loader waits on
+        // slots, not on reads). Eight slots let the fill threads work up to 7 slots ahead of
+        // the copy being queued. 2 MiB tasks: 4 per slot.
         let cfg = Self {
             slots: 8,
-            slot_bytes: 16 << 20,
+            slot_bytes: 8 << 20,
             copy_streams: 2,
             fill_threads: 12,
             task_bytes: 2 << 20,

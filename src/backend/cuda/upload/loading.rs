@@ -30,7 +30,7 @@ pub struct LoadingRing {
 
 enum LoadState {
     Loading(JoinHandle<BackendResult<PinnedRing>>),
-    Ready(PinnedRing),
+    Ready(Box<PinnedRing>),
     /// The loader failed; its error went to the first caller that joined it.
     Failed(String),
     /// Transient, while joining.
@@ -62,7 +62,7 @@ impl LoadingRing {
     /// A ring with nothing loading (every wait returns at once).
     pub fn ready(ring: PinnedRing) -> Self {
         Self {
-            state: LoadState::Ready(ring),
+            state: LoadState::Ready(Box::new(ring)),
             shared: None,
         }
     }
@@ -204,7 +204,7 @@ impl LoadingRing {
             })
         });
         match joined {
-            Ok(ring) => self.state = LoadState::Ready(ring),
+            Ok(ring) => self.state = LoadState::Ready(Box::new(ring)),
             Err(e) => {
                 self.state = LoadState::Failed(e.to_string());
                 return Err(e);

@@ -151,43 +151,57 @@ fn resident_pages(f: &File, len: usize, page: usize) -> Option<Vec<u8>> {
 /// `POSIX_FADV_SEQUENTIAL`, so no call is cut short by the kernel's cap.
 const READAHEAD_CHUNK: u64 = 256 << 10;
 
-/// A sequential reader of the model file's first bytes into the page cache, started at process
-/// start so a cold disk works while CUDA initialises (~0.3 s) instead of idling until the
-/// loader's first read. Unlike `POSIX_FADV_WILLNEED` over the whole file (which queued GBs
-/// ahead of the driver's own library reads and pushed cold init from 0.35 to 2.4 s), it keeps
-/// one 2 MiB read in flight, so the driver's reads wait behind at most one such read. Stops
-/// when dropped (the loader takes over) or after `max_bytes`.
+/// A sequential reader of the model file into the page cache, started at process start so a
+/// cold disk works while CUDA initialises (~0.3 s) instead of idling until the loader's first
+/// read. Unlike `POSIX_FADV_WILLNEED` over the whole file (which queued GBs ahead of the
+/// driver's own library reads and pushed cold init from 0.35 to 2.4 s), it keeps one 2 MiB read
+/// in flight, so the driver's reads wait behind at most one such read. It stops when dropped
+/// (the loader takes over from the start of the file, finding these pages cached).
 pub struct EarlyRead {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EarlyRead {
-    /// `ROCMFORGE_EARLY_READ=<MiB>` enables it (off by default); `None` when off or the file
-    /// cannot be opened. Advice only: read errors end it silently.
-    pub fn from_env(path: &std::path::Path) -> Option<Self> {
-        let mib: u64 = std::env::var("ROCMFORGE_EARLY_READ").ok()?.parse().ok()?;
-        if mib == 0 {
+    /// Starts it unless the file is already in the page cache (one `cachestat` call; without
+    /// that syscall it starts anyway), `ROCMFORGE_EARLY_READ=0` turns it off, or the file cannot
+    /// be opened. Advice only: read errors end it silently.
+    pub fn start(path: &std::path::Path) -> Option<Self> {
+        if std::env::var("ROCMFORGE_EARLY_READ").is_ok_and(|v| v == "0") {
             return None;
         }
         let f = File::open(path).ok()?;
+        let len = f.metadata().ok()?.len();
+        // SAFETY: sysconf only reads a system constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+        if cached_pages(&f, len).is_some_and(|n| n.saturating_mul(page) >= len) {
+            return None;
+        }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = std::sync::Arc::clone(&stop);
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (flag, done) = (std::sync::Arc::clone(&stop), std::sync::Arc::clone(&read));
         std::thread::Builder::new()
             .name("rf-early-read".into())
             .spawn(move || {
                 use std::os::unix::fs::FileExt;
+                use std::sync::atomic::Ordering;
                 let mut buf = vec![0u8; 2 << 20];
-                let max = mib << 20;
                 let mut at = 0u64;
-                while at < max && !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                while at < len && !flag.load(Ordering::Relaxed) {
                     match f.read_at(&mut buf, at) {
                         Ok(0) | Err(_) => return,
                         Ok(n) => at += n as u64,
                     }
+                    done.store(at, Ordering::Relaxed);
                 }
             })
             .ok()?;
-        Some(Self { stop })
+        Some(Self { stop, read })
+    }
+
+    /// Stops it; returns the bytes it had read.
+    pub fn stop(self) -> u64 {
+        self.read.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
