@@ -154,6 +154,36 @@ impl KernelCache {
         m
     }
 
+    /// Reads the newest files of the disk level (at most `max_files` and `max_bytes`) into the
+    /// page cache and returns the bytes read. From a cold disk, the kernel loading otherwise
+    /// reads each module while the weight loader keeps the disk queue full (H100: 0.65-0.9 s
+    /// for ~20 small files instead of ~10 ms); called while CUDA initialises, before the
+    /// device's arch (and so the exact file names) is known.
+    pub fn prefetch(&self, max_files: usize, max_bytes: u64) -> u64 {
+        let Some(dir) = &self.dir else { return 0 };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let m = e.metadata().ok().filter(|m| m.is_file())?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect();
+        files.sort_by_key(|f| std::cmp::Reverse(f.0));
+        let mut read = 0u64;
+        for (_, len, path) in files.into_iter().take(max_files) {
+            if read + len > max_bytes {
+                break;
+            }
+            if std::fs::read(&path).is_ok() {
+                read += len;
+            }
+        }
+        read
+    }
+
     /// The compiler version recorded by [`KernelCache::write_stamp`] for compiler `name`, if
     /// the recorded library file still has the recorded size and modification time and the
     /// search environment `env` is unchanged; else `None` (the caller loads the compiler).
@@ -405,6 +435,24 @@ mod tests {
         )
         .expect("damage");
         assert_eq!(fresh().stamped_compiler("cc", "E"), None);
+    }
+
+    #[test]
+    fn prefetch_reads_the_newest_files_within_the_caps() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (i, n) in [10u64, 20, 40].iter().enumerate() {
+            let p = dir.path().join(format!("m{i}.bin"));
+            std::fs::write(&p, vec![0u8; *n as usize]).expect("write");
+            let f = std::fs::File::options().write(true).open(&p).expect("open");
+            f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64))
+                .expect("mtime");
+        }
+        let c = KernelCache::with_dir(Some(dir.path().to_path_buf()));
+        assert_eq!(c.prefetch(10, 1000), 70);
+        // Newest first: m2 (40), then m1 (20); m0 would pass the byte cap.
+        assert_eq!(c.prefetch(10, 65), 60);
+        assert_eq!(c.prefetch(1, 1000), 40);
+        assert_eq!(KernelCache::with_dir(None).prefetch(10, 1000), 0);
     }
 
     #[test]

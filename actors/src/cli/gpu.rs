@@ -4,6 +4,7 @@
 
 use super::bench::{median, tokens, BenchArgs};
 use super::run::{GenError, RunArgs, TextSink};
+use rocmforge::backend::compile_cache::KernelCache;
 use rocmforge::backend::cuda::forward::{CudaModel, CudaOptions, LoadReport, GEMM_MIN_TOKENS};
 use rocmforge::backend::cuda::upload::{
     since_epoch_ms, EarlyRead, HostRegion, PinnedRing, RingConfig,
@@ -165,6 +166,11 @@ pub fn open_early(kind: BackendKind, path: &std::path::Path) -> EarlyOpen {
             early_read: None,
         };
     }
+    // The kernel modules come from the disk cache after init; from a cold disk their reads
+    // would queue behind the weight loader's, so they are read into the page cache now.
+    let _ = std::thread::Builder::new()
+        .name("rf-kcache".into())
+        .spawn(|| KernelCache::from_env().prefetch(256, 64 << 20));
     let early_read = EarlyRead::start(path);
     let p = path.to_path_buf();
     let open = std::thread::Builder::new()
