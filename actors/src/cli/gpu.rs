@@ -4,8 +4,11 @@
 
 use super::bench::{median, tokens, BenchArgs};
 use super::run::{GenError, RunArgs, TextSink};
+use rocmforge::backend::compile_cache::KernelCache;
 use rocmforge::backend::cuda::forward::{CudaModel, CudaOptions, LoadReport, GEMM_MIN_TOKENS};
-use rocmforge::backend::cuda::upload::{PinnedRing, RingConfig};
+use rocmforge::backend::cuda::upload::{
+    since_epoch_ms, EarlyRead, HostRegion, PinnedRing, RingConfig,
+};
 use rocmforge::backend::cuda::CudaDevice;
 use rocmforge::backend::error::BackendError;
 use rocmforge::backend::{Backend, BackendKind};
@@ -19,24 +22,44 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-/// Start-up work moved off the critical path, started right after CUDA init: pinning the upload
-/// ring and loading every kernel module (disk cache or NVRTC) run on their own threads while
-/// the model opens and (kernels) while the weights upload.
+/// Start-up work moved off the critical path, started right after CUDA init: registering the
+/// upload ring's memory (faulted in during init by [`open_early`]) and loading every kernel
+/// module (disk cache or NVRTC) run on their own threads while the model opens and (kernels)
+/// while the weights upload.
 struct Prewarm {
     ring: JoinHandle<Result<PinnedRing, BackendError>>,
-    kernels: JoinHandle<Result<f64, BackendError>>,
+    kernels: JoinHandle<Result<KernelTimes, BackendError>>,
+}
+
+/// The kernel loading thread's work, in ms: its duration and its span since the process epoch.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct KernelTimes {
+    ms: f64,
+    start_at_ms: f64,
+    end_at_ms: f64,
 }
 
 type BoxErr = Box<dyn std::error::Error>;
 
 impl Prewarm {
-    fn start(dev: &Arc<CudaDevice>, ring: RingConfig, model: &std::path::Path) -> Self {
+    fn start(
+        dev: &Arc<CudaDevice>,
+        ring: RingConfig,
+        model: &std::path::Path,
+        host: Option<JoinHandle<Result<HostRegion, BackendError>>>,
+    ) -> Self {
         let d = Arc::clone(dev);
-        let ring = std::thread::spawn(move || PinnedRing::new(&d, ring));
+        let ring = std::thread::spawn(move || {
+            // The region was being faulted in while CUDA initialised (done by now in practice);
+            // without it the ring maps its own.
+            let region = host.and_then(|h| h.join().ok()).and_then(|r| r.ok());
+            PinnedRing::with_region(&d, ring, region)
+        });
         let d = Arc::clone(dev);
         let path = model.to_path_buf();
         let kernels = std::thread::spawn(move || {
             let t = Instant::now();
+            let start_at_ms = since_epoch_ms();
             for (file, names) in rocmforge::backend::kernels::entry_points() {
                 if file == "quant_sizes.cu" {
                     continue;
@@ -49,7 +72,11 @@ impl Prewarm {
             // every other read wait (before CUDA init: init 0.35 -> 2.4 s; with the kernels:
             // loading NVRTC and the modules 0.3-0.7 -> 2.7-2.9 s). The loader reads meanwhile.
             rocmforge::backend::cuda::upload::spawn_readahead(&path);
-            Ok(t.elapsed().as_secs_f64() * 1e3)
+            Ok(KernelTimes {
+                ms: t.elapsed().as_secs_f64() * 1e3,
+                start_at_ms,
+                end_at_ms: since_epoch_ms(),
+            })
         });
         Self { ring, kernels }
     }
@@ -65,8 +92,8 @@ impl Prewarm {
         Ok((r, t.elapsed().as_secs_f64() * 1e3))
     }
 
-    /// Milliseconds the kernel loading took on its thread.
-    fn kernels(k: JoinHandle<Result<f64, BackendError>>) -> Result<f64, BoxErr> {
+    /// How long the kernel loading took on its thread.
+    fn kernels(k: JoinHandle<Result<KernelTimes, BackendError>>) -> Result<KernelTimes, BoxErr> {
         Ok(k.join()
             .map_err(|_| "the kernel loading thread panicked")??)
     }
@@ -121,38 +148,86 @@ pub fn select(kind: BackendKind) -> Result<Option<Selected>, Box<dyn std::error:
 
 type Opened = Result<(Arc<Model>, Tokenizer), GenError>;
 
-/// The model file opened (metadata, tokenizer) on its own thread, started before CUDA
-/// initialises: the two overlap (~0.1 s each warm). `None` for the CPU backend.
-pub struct EarlyOpen(Option<JoinHandle<Opened>>);
+/// Work started before CUDA initialises, overlapping it (~0.2 s warm): the model file opened
+/// (metadata, tokenizer) and the upload ring's host memory mapped and faulted in (registered
+/// after init, see [`Prewarm`]). Empty for the CPU backend.
+pub struct EarlyOpen {
+    open: Option<JoinHandle<Opened>>,
+    host: Option<JoinHandle<Result<HostRegion, BackendError>>>,
+    /// Cold-disk reading during init (opt-in, see [`EarlyRead`]); dropped when the load starts.
+    early_read: Option<EarlyRead>,
+}
+
+/// The ring geometry for the model at `path` (as [`CudaOptions::default`]'s, sized to the file).
+/// The process epoch ([`since_epoch_ms`]'s origin) as Unix time in ns, so a script can place
+/// the timeline against its own clock (launch to epoch, last output to process end).
+fn epoch_unix_ns() -> u128 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_nanos().saturating_sub(
+        rocmforge::backend::cuda::upload::epoch()
+            .elapsed()
+            .as_nanos(),
+    )
+}
+
+fn ring_for(path: &std::path::Path) -> RingConfig {
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX);
+    CudaOptions::default().ring.for_file(len)
+}
 
 pub fn open_early(kind: BackendKind, path: &std::path::Path) -> EarlyOpen {
+    // The origin of the start-up timeline (bench JSON `*_at_ms`).
+    let _ = rocmforge::backend::cuda::upload::epoch();
     // Without a CUDA driver `auto` falls back to the CPU path, which opens the model itself.
     if kind == BackendKind::Cpu || !rocmforge::backend::cuda::driver_present() {
-        return EarlyOpen(None);
+        return EarlyOpen {
+            open: None,
+            host: None,
+            early_read: None,
+        };
     }
+    // The kernel modules come from the disk cache after init; from a cold disk their reads
+    // would queue behind the weight loader's, so they are read into the page cache now.
+    let _ = std::thread::Builder::new()
+        .name("rf-kcache".into())
+        .spawn(|| KernelCache::from_env().prefetch(256, 64 << 20));
+    let early_read = EarlyRead::start(path);
     let p = path.to_path_buf();
-    EarlyOpen(
-        std::thread::Builder::new()
-            .name("rf-open".into())
-            .spawn(move || {
-                let r = open(&p);
-                // NVRTC (a large library, dlopen'ed with RTLD_NOW) is needed by the kernel
-                // loading to key its disk cache; loading it here, while CUDA initialises,
-                // takes it off the kernels' path to the first forward. After the open, so its
-                // dlopen does not hold up the driver library's at the start of CUDA init.
+    let open = std::thread::Builder::new()
+        .name("rf-open".into())
+        .spawn(move || {
+            let r = open(&p);
+            // NVRTC (a large library, dlopen'ed with RTLD_NOW) is needed only when a kernel is
+            // not in the disk cache (the cache remembers which NVRTC built it, so a full hit
+            // never loads it). If that is likely, load it here, while CUDA initialises, off the
+            // kernels' path to the first forward; after the open, so its dlopen does not hold
+            // up the driver library's at the start of CUDA init.
+            if rocmforge::backend::cuda::nvrtc_needed_soon() {
                 let _ = std::thread::Builder::new()
                     .name("rf-nvrtc".into())
                     .spawn(|| rocmforge::backend::cuda::Nvrtc::get().map(|_| ()));
-                r
-            })
-            .ok(),
-    )
+            }
+            r
+        })
+        .ok();
+    let bytes = ring_for(path).ring_bytes();
+    let host = std::thread::Builder::new()
+        .name("rf-hostmem".into())
+        .spawn(move || HostRegion::new(bytes))
+        .ok();
+    EarlyOpen {
+        open,
+        host,
+        early_read,
+    }
 }
 
 impl EarlyOpen {
     /// The opened model (waiting for the thread), or an open on this thread if none ran.
-    fn take(self, path: &std::path::Path) -> Opened {
-        match self.0.map(|t| t.join()) {
+    fn take(&mut self, path: &std::path::Path) -> Opened {
+        match self.open.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
             // Not started, or it panicked: open here (a real failure reports itself).
             None | Some(Err(_)) => open(path),
@@ -178,14 +253,15 @@ pub fn run(
     a: &RunArgs,
     prompt: &str,
     (dev, init_ms): (Arc<CudaDevice>, f64),
-    early: EarlyOpen,
+    mut early: EarlyOpen,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let t0 = Instant::now();
     let opt = CudaOptions {
         ctx: a.model.ctx,
+        ring: ring_for(&a.model.model),
         ..CudaOptions::default()
     };
-    let pre = Prewarm::start(&dev, opt.ring, &a.model.model);
+    let pre = Prewarm::start(&dev, opt.ring, &a.model.model, early.host.take());
     let (model, tok) = early.take(&a.model.model)?;
     let prompt_ids = tok.encode(prompt, true, true).map_err(GenError::from)?;
     // `run` prefills this prompt once and then decodes: cuBLAS only pays off when the prompt
@@ -195,6 +271,7 @@ pub fn run(
         ..opt
     };
     let (ring, _) = Prewarm::ring(pre.ring)?;
+    let early_read_bytes = early.early_read.take().map_or(0, EarlyRead::stop);
     let mut cm = CudaModel::load_with_ring(dev, Arc::clone(&model), opt, Some(ring))?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     // Kernels load concurrently; errors surface here (the forward would load them anyway).
@@ -239,7 +316,11 @@ pub fn run(
             "ids": g.ids,
             "text": sink.text,
             "stop_reason": g.stop_reason,
-            "timings": { "cuda_init_ms": init_ms, "load_ms": load_ms, "gen": t },
+            "timings": {
+                "cuda_init_ms": init_ms, "load_ms": load_ms, "gen": t,
+                "early_read_bytes": early_read_bytes,
+                "epoch_unix_ns": epoch_unix_ns(), "end_at_ms": since_epoch_ms(),
+            },
             "load": cm.report,
         });
         serde_json::to_writer(&mut out, &j)?;
@@ -253,6 +334,25 @@ pub fn run(
             t.decode_tokens_per_second, g.stop_reason,
         );
     }
+    // Measurement knob (process teardown): `1` leaves through `exit` without freeing device
+    // memory, the ring and the context; `2` through `_exit` (no atexit handlers either). The
+    // driver reclaims everything when the process ends. Every device operation has completed
+    // (the last token id was read back) and no helper thread is inside cuBLAS (a prompt that
+    // loads it joins it at its first GEMM).
+    match std::env::var("ROCMFORGE_FAST_EXIT").as_deref() {
+        Ok("1") => {
+            out.flush()?;
+            std::process::exit(0);
+        }
+        Ok("2") => {
+            out.flush()?;
+            std::io::stderr().flush()?;
+            // SAFETY: ends the process at once; every output was flushed above and nothing
+            // else is pending (see above).
+            unsafe { libc::_exit(0) }
+        }
+        _ => {}
+    }
     Ok(())
 }
 
@@ -263,6 +363,15 @@ struct GpuBench {
     model: String,
     cuda_init_ms: f64,
     kernel_load_ms: f64,
+    /// Start-up timeline, ms since the process epoch (first thing in `open_early`): CUDA init
+    /// ended, the kernel loading thread's span, the weight load's start (the ring wait counts
+    /// from here) and the loader thread's start.
+    init_end_at_ms: f64,
+    kernels: KernelTimes,
+    load_start_at_ms: f64,
+    /// Bytes the early reader had read into the page cache when the load started.
+    early_read_bytes: u64,
+    epoch_unix_ns: u128,
     /// Time the main thread waited for the model open started before CUDA init.
     model_open_ms: f64,
     /// Time the main thread waited for the ring allocated on another thread.
@@ -285,23 +394,27 @@ struct GpuBench {
 pub fn bench(
     a: &BenchArgs,
     (dev, init_ms): (Arc<CudaDevice>, f64),
-    early: EarlyOpen,
+    mut early: EarlyOpen,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let t_start = Instant::now();
+    let init_end_at_ms = since_epoch_ms();
     let ctx = a.n_prompt.max(a.n_gen).max(16);
     let opt = CudaOptions {
         ctx,
         max_batch: a.n_prompt.clamp(1, 512),
         weight_budget: a.weight_budget,
+        ring: ring_for(&a.model),
         ..CudaOptions::default()
     };
-    // Ring pinning and kernel loading run on their own threads (see `Prewarm`).
-    let pre = Prewarm::start(&dev, opt.ring, &a.model);
+    // Ring registration and kernel loading run on their own threads (see `Prewarm`).
+    let pre = Prewarm::start(&dev, opt.ring, &a.model, early.host.take());
     let t = Instant::now();
     let (model, _tok) = early.take(&a.model)?;
     let model_open_ms = t.elapsed().as_secs_f64() * 1e3;
     let t_load = Instant::now();
+    let load_start_at_ms = since_epoch_ms();
     let (ring, ring_wait_ms) = Prewarm::ring(pre.ring)?;
+    let early_read_bytes = early.early_read.take().map_or(0, EarlyRead::stop);
     let mut cm = CudaModel::load_with_ring(Arc::clone(&dev), Arc::clone(&model), opt, Some(ring))?;
     let load_queue_ms = t_load.elapsed().as_secs_f64() * 1e3;
     // First token, pipelined with the tail of the upload (the compute stream waits on it).
@@ -312,7 +425,8 @@ pub fn bench(
     let first_forward_ms = t_ff.elapsed().as_secs_f64() * 1e3;
     let first_token_ms = t_start.elapsed().as_secs_f64() * 1e3 + init_ms;
     // Measured on its own thread, concurrently with open/load/first forward.
-    let kernel_load_ms = Prewarm::kernels(pre.kernels)?;
+    let kernels = Prewarm::kernels(pre.kernels)?;
+    let kernel_load_ms = kernels.ms;
     cm.wait_resident(t_load)?;
     // Measured by the loader when its last copy completed (`wait_resident` runs only after the
     // first forward); from `t_load`, so the wait for the ring counts.
@@ -355,6 +469,11 @@ pub fn bench(
         model: a.model.display().to_string(),
         cuda_init_ms: init_ms,
         kernel_load_ms,
+        init_end_at_ms,
+        kernels,
+        load_start_at_ms,
+        early_read_bytes,
+        epoch_unix_ns: epoch_unix_ns(),
         model_open_ms,
         ring_wait_ms,
         load_queue_ms,
@@ -374,10 +493,16 @@ pub fn bench(
         );
         let (l, u) = (&r.load, &r.load.upload);
         println!(
-            "load split | load returned {:.0} ms (plan {:.0}, loader started at {:.0}, device allocs {:.0}), ring alloc {:.0} ms (own thread) | loader: embedding queued at {:.0} ms, last copy queued at {:.0} ms, copies done at {:.0} ms, read into pinned {:.0} ms ({}, {:.1} GB/s), slot waits {:.1} ms, copy queueing {:.1} ms, {:.2} GB",
-            l.queue_s * 1e3, l.plan_s * 1e3, l.prep_s * 1e3, l.alloc_s * 1e3, u.ring_alloc_s * 1e3,
+            "load split | load returned {:.0} ms (plan {:.0}, device allocs {:.0}, loader started at {:.0}), ring {:.1} ms ({}, own thread) | loader: embedding queued at {:.0} ms, last copy queued at {:.0} ms, copies done at {:.0} ms; read {:.0} ms ({}, {:.1} GB/s, {:.0} thread-ms), waits: fills {:.1} ms, slots {:.1} ms; copy queueing {:.1} ms (longest {:.1} ms at {:.0}); {:.2} GB",
+            l.queue_s * 1e3, l.plan_s * 1e3, l.alloc_s * 1e3, l.prep_s * 1e3, u.ring_alloc_s * 1e3, u.host,
             u.first_group_s * 1e3, u.queued_s * 1e3, u.resident_s * 1e3, u.fill_s * 1e3, if u.pread { "pread" } else { "mmap" },
-            u.bytes as f64 / u.fill_s.max(1e-9) / 1e9, u.wait_s * 1e3, u.queue_s * 1e3, u.bytes as f64 / 1e9
+            u.bytes as f64 / u.fill_s.max(1e-9) / 1e9, u.read_busy_s * 1e3, u.stall_s * 1e3, u.wait_s * 1e3, u.queue_s * 1e3,
+            u.queue_max_ms, u.queue_max_at_ms, u.bytes as f64 / 1e9
+        );
+        println!(
+            "timeline (ms since start) | init ended {:.0}, kernels {:.0}-{:.0}, load start {:.0} (early read {:.0} MB before), loader start {:.0}",
+            r.init_end_at_ms, r.kernels.start_at_ms, r.kernels.end_at_ms, r.load_start_at_ms,
+            r.early_read_bytes as f64 / 1e6, u.start_at_ms
         );
         for t in &r.tests {
             println!(

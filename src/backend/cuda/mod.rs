@@ -117,6 +117,8 @@ impl CudaDevice {
     }
 
     /// The compiled module of `file` (with `defines`), from memory, the disk cache or NVRTC.
+    /// A cached module the driver refuses (damaged, or built by an NVRTC newer than the
+    /// driver) is compiled again with the NVRTC found now and replaces the cached one.
     pub fn module(
         &self,
         file: &str,
@@ -128,7 +130,15 @@ impl CudaDevice {
             return Ok((Arc::clone(m), CacheHit::Memory));
         }
         let (image, hit) = compile(&self.cache, file, &self.arch(), defines, OutputKind::Binary)?;
-        let m = Module::load(&self.ctx, file, &image)?;
+        let m = match Module::load(&self.ctx, file, &image) {
+            Ok(m) => m,
+            Err(e) if hit != CacheHit::Compiled => {
+                tracing::warn!(file, error = %e, "cached kernel module refused; compiling again");
+                let image = recompile(&self.cache, file, &self.arch(), defines)?;
+                Module::load(&self.ctx, file, &image)?
+            }
+            Err(e) => return Err(e),
+        };
         mods.insert(key, Arc::clone(&m));
         Ok((m, hit))
     }
@@ -181,6 +191,10 @@ pub fn compile(
 }
 
 /// As [`compile`] for a source that is not an embedded file (generated checks).
+///
+/// A full cache hit does not load NVRTC: the cache's compiler stamp (see `compile_cache.rs`)
+/// names the NVRTC version that built it as long as that library file is unchanged. Only a miss
+/// loads NVRTC (which also refreshes the stamp).
 pub fn compile_source(
     cache: &KernelCache,
     file: &str,
@@ -189,21 +203,103 @@ pub fn compile_source(
     defines: &[(String, String)],
     output: OutputKind,
 ) -> BackendResult<(Arc<Vec<u8>>, CacheHit)> {
-    let nvrtc = Nvrtc::get()?;
     let headers = super::kernels::headers();
     let mut sources: Vec<&str> = vec![source];
     sources.extend(headers.iter().map(|(_, t)| *t));
-    let (maj, min) = nvrtc.version();
-    let compiler = format!("nvrtc-{maj}.{min}");
     let key = CompileKey {
         file: file.to_string(),
         arch: arch.to_string(),
         defines: defines.to_vec(),
         output,
     };
+    if let Some(compiler) = cache.stamped_compiler(NVRTC_STAMP, &nvrtc_search_env()) {
+        if let Some(hit) = cache.lookup(&key, &sources, &compiler) {
+            return Ok(hit);
+        }
+    }
+    let (nvrtc, compiler) = nvrtc_stamped(cache)?;
     cache.get_or_compile(&key, &sources, &compiler, || {
         nvrtc.compile(file, source, &headers, arch, defines, output)
     })
+}
+
+/// Compiles `file` with NVRTC regardless of the cache and replaces the cached module.
+fn recompile(
+    cache: &KernelCache,
+    file: &str,
+    arch: &str,
+    defines: &[(String, String)],
+) -> BackendResult<Arc<Vec<u8>>> {
+    let source = crate::kernels::source(file).ok_or_else(|| BackendError::UnknownKernel {
+        file: file.to_string(),
+        name: "*".into(),
+    })?;
+    let headers = super::kernels::headers();
+    let mut sources: Vec<&str> = vec![source];
+    sources.extend(headers.iter().map(|(_, t)| *t));
+    let key = CompileKey {
+        file: file.to_string(),
+        arch: arch.to_string(),
+        defines: defines.to_vec(),
+        output: OutputKind::Binary,
+    };
+    let (nvrtc, compiler) = nvrtc_stamped(cache)?;
+    let image = nvrtc.compile(file, source, &headers, arch, defines, OutputKind::Binary)?;
+    Ok(cache.store(&key, &sources, &compiler, image))
+}
+
+/// Name of NVRTC's compiler stamp in the kernel cache.
+const NVRTC_STAMP: &str = "nvrtc";
+
+/// NVRTC (loaded now if it was not) and its compiler string, recording the stamp for the next
+/// start.
+fn nvrtc_stamped(cache: &KernelCache) -> BackendResult<(&'static Nvrtc, String)> {
+    let nvrtc = Nvrtc::get()?;
+    let (maj, min) = nvrtc.version();
+    let compiler = format!("nvrtc-{maj}.{min}");
+    if let Some(lib) = loaded_library_file("libnvrtc.so") {
+        cache.write_stamp(NVRTC_STAMP, &lib, &nvrtc_search_env(), &compiler);
+    }
+    Ok((nvrtc, compiler))
+}
+
+/// Everything that steers the NVRTC search (`nvrtc.rs`): a stamp is valid only under the same.
+fn nvrtc_search_env() -> String {
+    [
+        nvrtc::NVRTC_ENV,
+        "CUDA_PATH",
+        "CUDA_HOME",
+        "CUDA_ROOT",
+        "VIRTUAL_ENV",
+        "LD_LIBRARY_PATH",
+    ]
+    .iter()
+    .map(|k| format!("{k}={}", std::env::var(k).unwrap_or_default()))
+    .collect::<Vec<_>>()
+    .join(";")
+}
+
+/// The file a loaded shared library whose name starts with `stem` was mapped from (Linux:
+/// `/proc/self/maps`), so a stamp names the real file even when NVRTC was found by soname.
+fn loaded_library_file(stem: &str) -> Option<std::path::PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| {
+            std::path::Path::new(p)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(stem))
+        })
+        .map(std::path::PathBuf::from)
+}
+
+/// Whether a start is likely to need NVRTC (no valid compiler stamp in the kernel cache: a
+/// first start, a new NVRTC, or no disk cache). The CLI preloads NVRTC during CUDA init then.
+pub fn nvrtc_needed_soon() -> bool {
+    KernelCache::from_env()
+        .stamped_compiler(NVRTC_STAMP, &nvrtc_search_env())
+        .is_none()
 }
 
 impl ComputeDevice for CudaDevice {

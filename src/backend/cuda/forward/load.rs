@@ -288,6 +288,10 @@ impl CudaModel {
             .collect();
         // Declared before the loader: dropped after it (it copies into them).
         let mut places = Vec::with_capacity(hp.n_layer);
+        // Every weight buffer is allocated before the loader starts (34 allocations of an 8B
+        // model take ~2 ms), so its path holds no driver calls but copies and events; while
+        // layers were allocated on this thread as the loader read, allocations and copy
+        // queueing stalled each other by up to ~50 ms (H100, `...-v4-call1.txt`).
         let t_alloc = Instant::now();
         let globals = dev.alloc(gbytes, "global weights")?;
         let smalls = if small.converted {
@@ -295,6 +299,13 @@ impl CudaModel {
         } else {
             dev.alloc(small.bytes(), "norms and biases")?
         };
+        for (l, &res) in resident.iter().enumerate() {
+            places.push(if res {
+                Place::Resident(dev.alloc(plans[l].bytes, "layer weights")?)
+            } else {
+                Place::Streamed
+            });
+        }
         let mut alloc_s = t_alloc.elapsed().as_secs_f64();
 
         let mut ring = match ring {
@@ -307,37 +318,30 @@ impl CudaModel {
         let n_copy = ring.copy_streams();
         // Groups in the order the forward pass needs them: embedding table, each resident
         // layer (its norms with it), output norm and head. Within a group, file order.
-        let n_groups = 2 + resident.iter().filter(|&&r| r).count();
-        let (ring, groups) =
-            LoadingRing::spawn(&dev, ring, ModelBytes(Arc::clone(&model)), n_groups, t0)?;
         let range = |b: &DeviceBuf| DevRange {
             ptr: b.device_ptr(),
             len: b.len_bytes(),
         };
         let (g, sm) = (range(&globals), range(&smalls));
-        groups.send(vec![UploadItem {
+        let mut groups: Vec<Vec<UploadItem>> = Vec::with_capacity(resident.len() + 2);
+        groups.push(vec![UploadItem {
             src: embd_t.range.clone(),
             dst: g,
             dst_off: 0,
         }]);
-        let prep_s = t0.elapsed().as_secs_f64();
-        // Each layer goes to the loader as soon as its memory exists: reading overlaps the
-        // remaining allocations.
-        let t_alloc = Instant::now();
         // Norms of streamed layers stay resident too: they travel with the last group (the
         // first streamed layer joins the loader before it runs).
         let mut late_smalls: Vec<UploadItem> = Vec::new();
-        for (l, &res) in resident.iter().enumerate() {
-            if !res {
-                late_smalls.extend(layer_smalls[l].iter().map(|it| UploadItem {
-                    dst: sm,
-                    ..it.clone()
-                }));
-                places.push(Place::Streamed);
+        for (l, place) in places.iter().enumerate() {
+            let smalls_l = layer_smalls[l].iter().map(|it| UploadItem {
+                dst: sm,
+                ..it.clone()
+            });
+            let Place::Resident(buf) = place else {
+                late_smalls.extend(smalls_l);
                 continue;
-            }
-            let buf = dev.alloc(plans[l].bytes, "layer weights")?;
-            let dst = range(&buf);
+            };
+            let dst = range(buf);
             let mut items: Vec<UploadItem> = plans[l]
                 .mats
                 .iter()
@@ -347,13 +351,9 @@ impl CudaModel {
                     dst_off: m.off,
                 })
                 .collect();
-            items.extend(layer_smalls[l].iter().map(|it| UploadItem {
-                dst: sm,
-                ..it.clone()
-            }));
+            items.extend(smalls_l);
             items.sort_by_key(|it| it.src.start);
-            groups.send(items);
-            places.push(Place::Resident(buf));
+            groups.push(items);
         }
         let mut head_items: Vec<UploadItem> = head_small
             .iter()
@@ -371,10 +371,10 @@ impl CudaModel {
             });
         }
         head_items.sort_by_key(|it| it.src.start);
-        groups.send(head_items);
-        drop(groups);
-
-        // The rest runs while the loader reads.
+        groups.push(head_items);
+        // The remaining allocations (stream, events, streaming slots, KV cache, scratch; ~1 ms)
+        // also come before the loader starts, for the same reason.
+        let t_alloc = Instant::now();
         let stream = dev.new_stream()?;
         let ready = (0..n_copy)
             .map(|_| dev.new_event(false))
@@ -404,6 +404,8 @@ impl CudaModel {
             w16: f(tile_rows_bytes, "f16 weight tile")?,
         };
         alloc_s += t_alloc.elapsed().as_secs_f64();
+        let ring = LoadingRing::spawn(&dev, ring, ModelBytes(Arc::clone(&model)), groups, t0)?;
+        let prep_s = t0.elapsed().as_secs_f64();
         let blas = if opt.use_blas {
             LazyBlas::spawn(&dev, ring.progress())
         } else {

@@ -8,17 +8,17 @@ use crate::backend::cuda::CudaDevice;
 use crate::backend::error::{BackendError, BackendResult};
 use crate::backend::{ComputeDevice, DeviceStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The ring, possibly still filling the resident weights on a background thread.
 ///
-/// [`LoadingRing::spawn`] moves the ring to a loader thread that uploads groups in order as
-/// the owner sends them through the returned [`GroupSender`] (for the forward pass: the
-/// embedding table, each resident layer, the output head; the owner sends a layer as soon as
-/// its device memory is allocated, so reading starts before the last allocation) and records
-/// one event per copy stream after each group. The compute thread calls
+/// [`LoadingRing::spawn`] moves the ring to a loader thread that uploads the groups in order
+/// through one fill pipeline (for the forward pass: the embedding table, each resident layer,
+/// the output head; their device memory is allocated before, so the loader's path holds no
+/// driver calls but its copies and events) and records one event per copy stream as soon as a
+/// group's last copy is queued. The compute thread calls
 /// [`LoadingRing::wait_group`] before using a group: it blocks the host only until that group's
 /// copies are *queued* (an event must be recorded before a stream can wait on it), then makes
 /// the compute stream wait on the device. So layer 0 computes while later layers are still read
@@ -30,7 +30,7 @@ pub struct LoadingRing {
 
 enum LoadState {
     Loading(JoinHandle<BackendResult<PinnedRing>>),
-    Ready(PinnedRing),
+    Ready(Box<PinnedRing>),
     /// The loader failed; its error went to the first caller that joined it.
     Failed(String),
     /// Transient, while joining.
@@ -62,27 +62,27 @@ impl LoadingRing {
     /// A ring with nothing loading (every wait returns at once).
     pub fn ready(ring: PinnedRing) -> Self {
         Self {
-            state: LoadState::Ready(ring),
+            state: LoadState::Ready(Box::new(ring)),
             shared: None,
         }
     }
 
-    /// Starts the loader thread for `n_groups` groups, uploaded in the order they are sent.
-    /// `src` holds the bytes the items index (the mapped model file: the bounds check, and the
-    /// source when the ring has no file). Every `dst` must stay alive until this value is
-    /// dropped or joined and drained (the owner of the device memory drops it after this).
-    /// `t0` is the start of the load (for the `first_group_s`/`queued_s` stats).
+    /// Starts the loader thread for `groups`, uploaded in order. `src` holds the bytes the
+    /// items index (the mapped model file: the bounds check, and the source when the ring has
+    /// no file). Every `dst` must stay alive until this value is dropped or joined and drained
+    /// (the owner of the device memory drops it after this). `t0` is the start of the load
+    /// (for the `first_group_s`/`queued_s`/`resident_s` stats).
     pub fn spawn<S>(
         dev: &CudaDevice,
         ring: PinnedRing,
         src: S,
-        n_groups: usize,
+        groups: Vec<Vec<UploadItem>>,
         t0: Instant,
-    ) -> BackendResult<(Self, GroupSender)>
+    ) -> BackendResult<Self>
     where
         S: AsRef<[u8]> + Send + 'static,
     {
-        let events = (0..n_groups)
+        let events = (0..groups.len())
             .map(|_| {
                 (0..ring.copy_streams())
                     .map(|_| dev.new_event(false))
@@ -98,8 +98,6 @@ impl LoadingRing {
             events,
             cancel: AtomicBool::new(false),
         });
-        // Capacity: every group fits, so the owner never blocks on a send.
-        let (tx, rx) = mpsc::sync_channel(n_groups.max(1));
         let sh = Arc::clone(&shared);
         let ctx = Arc::clone(&dev.ctx);
         let thread = std::thread::Builder::new()
@@ -107,7 +105,7 @@ impl LoadingRing {
             .spawn(move || {
                 let mut ring = ring;
                 let r = crate::backend::cuda::bind(&ctx)
-                    .and_then(|()| load_groups(&mut ring, &src, &rx, &sh, t0));
+                    .and_then(|()| load_groups(&mut ring, &src, &groups, &sh, t0));
                 let mut p = sh.lock();
                 p.ended = true;
                 drop(p);
@@ -118,13 +116,10 @@ impl LoadingRing {
                 op: "LoadingRing::spawn",
                 what: format!("loader thread: {e}"),
             })?;
-        Ok((
-            Self {
-                state: LoadState::Loading(thread),
-                shared: Some(shared),
-            },
-            GroupSender(tx),
-        ))
+        Ok(Self {
+            state: LoadState::Loading(thread),
+            shared: Some(shared),
+        })
     }
 
     /// A handle other threads can block on until group `g` is queued (`None`: nothing loads).
@@ -209,7 +204,7 @@ impl LoadingRing {
             })
         });
         match joined {
-            Ok(ring) => self.state = LoadState::Ready(ring),
+            Ok(ring) => self.state = LoadState::Ready(Box::new(ring)),
             Err(e) => {
                 self.state = LoadState::Failed(e.to_string());
                 return Err(e);
@@ -255,53 +250,43 @@ impl LoadProgressWaiter {
     }
 }
 
-/// Hands groups to the loader thread in upload order (see [`LoadingRing::spawn`]).
-pub struct GroupSender(mpsc::SyncSender<Vec<UploadItem>>);
-
-impl GroupSender {
-    /// Queues the next group. A loader that already ended (failed or cancelled) drops it; the
-    /// waits report why.
-    pub fn send(&self, items: Vec<UploadItem>) {
-        let _ = self.0.try_send(items);
-    }
-}
-
-/// The loader thread's work: each group through the ring as it arrives, then its events.
+/// The loader thread's work: every group through the ring's fill pipeline, each group's events
+/// recorded (and published) as soon as its last copy is queued.
 fn load_groups<S: AsRef<[u8]>>(
     ring: &mut PinnedRing,
     src: &S,
-    rx: &mpsc::Receiver<Vec<UploadItem>>,
+    groups: &[Vec<UploadItem>],
     sh: &LoadShared,
     t0: Instant,
 ) -> BackendResult<()> {
-    let map = src.as_ref();
-    for g in 0..sh.events.len() {
-        // Polls the cancel flag while the owner is still allocating (it may fail and drop us).
-        let items = loop {
-            if sh.cancel.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(items) => break items,
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                // The owner gave up (an allocation failed): nothing more will come.
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
-            }
-        };
-        ring.upload_many(map, &items)?;
-        ring.record_all(&sh.events[g])?;
+    ring.stats.start_at_ms = super::since_epoch_ms();
+    let n = groups.len();
+    let mut first_group_s = 0.0;
+    let mut queued_s = 0.0;
+    let done = ring.upload_groups(src.as_ref(), groups, Some(&sh.cancel), |g, streams| {
+        for (s, e) in streams.iter().zip(&sh.events[g]) {
+            s.record(e)?;
+        }
         let at = t0.elapsed().as_secs_f64();
         if g == 0 {
-            ring.stats.first_group_s = at;
+            first_group_s = at;
         }
-        ring.stats.queued_s = at;
-        if g + 1 == sh.events.len() {
-            // The weights-resident moment, for the load figures: the last slot's copy lands
-            // ~0.3 ms after it was queued, so the compute thread joining us hardly waits.
-            ring.drain()?;
-            ring.stats.resident_s = t0.elapsed().as_secs_f64();
+        queued_s = at;
+        if g + 1 < n {
+            sh.lock().queued = g + 1;
+            sh.changed.notify_all();
         }
-        sh.lock().queued = g + 1;
+        Ok(())
+    })?;
+    ring.stats.first_group_s = first_group_s;
+    ring.stats.queued_s = queued_s;
+    if done && n > 0 {
+        // The weights-resident moment, for the load figures: the last slot's copy lands
+        // ~0.3 ms after it was queued, so the compute thread joining us hardly waits. The last
+        // group is published only now, so joining after it never blocks on copies.
+        ring.drain()?;
+        ring.stats.resident_s = t0.elapsed().as_secs_f64();
+        sh.lock().queued = n;
         sh.changed.notify_all();
     }
     Ok(())
