@@ -100,7 +100,7 @@ impl LazyBlas {
                 ready: None,
             },
             Err(e) => {
-                tracing::warn!(error = %e, "cuBLAS thread; prefill uses mmvq per token");
+                tracing::warn!(error = %e, "cuBLAS thread; prefill GEMMs use the portable kernel");
                 Self::unavailable()
             }
         }
@@ -116,7 +116,7 @@ impl LazyBlas {
             match made {
                 Ok(b) => self.ready = Some(b),
                 Err(why) => {
-                    tracing::warn!(%why, "cuBLAS unavailable; prefill uses mmvq per token")
+                    tracing::warn!(%why, "cuBLAS unavailable; prefill GEMMs use the portable kernel")
                 }
             }
         }

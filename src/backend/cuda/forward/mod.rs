@@ -120,13 +120,13 @@ pub struct LoadReport {
     /// Host time until `load` returned (the uploads go on on the loader thread; its queueing
     /// time is `upload.queued_s`).
     pub queue_s: f64,
-    /// Of `queue_s`: until the loader had its first group (planning, norm conversion, the
-    /// global and norm buffers; layers are allocated while it reads; the ring itself is in
-    /// `upload.ring_alloc_s`, zero here when it was built beforehand).
+    /// Of `queue_s`: until the loader thread started (planning, norm conversion and every
+    /// device allocation come first; the ring itself is in `upload.ring_alloc_s`, zero here
+    /// when it was built beforehand).
     pub prep_s: f64,
     /// Of `prep_s`: planning and the budget query before the first allocation.
     pub plan_s: f64,
-    /// Of `queue_s`: device allocations (before and after the loader started).
+    /// Of `queue_s`: device allocations (all made before the loader starts).
     pub alloc_s: f64,
     /// Until the last copy completed.
     pub resident_s: f64,
