@@ -115,7 +115,7 @@ fn pipelined_run_streams_under_budget_and_matches_direct_run() {
 }
 
 #[test]
-fn pipeline_refuses_a_gpu_backend_clearly() {
+fn pipeline_on_hip_runs_or_says_why() {
     let m = model();
     let out = Command::new(env!("CARGO_BIN_EXE_rocmforge"))
         .args([
@@ -133,14 +133,16 @@ fn pipeline_refuses_a_gpu_backend_clearly() {
         ])
         .output()
         .expect("runs");
-    assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    // The pipeline runs on CUDA now (actors/tests/gpu_pipeline.rs); HIP still fails clearly:
-    // not compiled in, no HIP device, or (with a device) no HIP forward pass yet.
+    // HIP runs the same generic GPU pipeline as CUDA (gpu_pipeline.rs compares its tokens with
+    // the CPU's where an AMD GPU exists). Everywhere else it must fail with the reason: not
+    // compiled in, or no HIP device.
+    if out.status.success() {
+        assert!(!out.stdout.is_empty(), "ran on HIP but printed nothing");
+        return;
+    }
     assert!(
-        err.contains("HIP backend is not compiled")
-            || err.contains("no HIP driver/device")
-            || err.contains("forward pass on AMD GPUs"),
+        err.contains("HIP backend is not compiled") || err.contains("no HIP driver/device"),
         "unexpected error: {err}"
     );
 }
