@@ -158,6 +158,9 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dev) = super::gpu::select(a.backend)? {
         return super::gpu::bench(&a, dev, early);
     }
+    // `auto` fell back to the CPU: stop the GPU path's start-up work (the early reader would
+    // otherwise go on reading the file beside the CPU run).
+    drop(early);
     let model = Model::open(&a.model).map_err(|source| GenError::Model {
         path: a.model.clone(),
         source,

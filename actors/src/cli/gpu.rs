@@ -154,11 +154,11 @@ type Opened = Result<(Arc<Model>, Tokenizer), GenError>;
 pub struct EarlyOpen {
     open: Option<JoinHandle<Opened>>,
     host: Option<JoinHandle<Result<HostRegion, BackendError>>>,
-    /// Cold-disk reading during init (opt-in, see [`EarlyRead`]); dropped when the load starts.
+    /// Cold-disk reading during init (on unless `ROCMFORGE_EARLY_READ=0`, see [`EarlyRead`]);
+    /// stopped when the load starts, or when the whole value is dropped.
     early_read: Option<EarlyRead>,
 }
 
-/// The ring geometry for the model at `path` (as [`CudaOptions::default`]'s, sized to the file).
 /// The process epoch ([`since_epoch_ms`]'s origin) as Unix time in ns, so a script can place
 /// the timeline against its own clock (launch to epoch, last output to process end).
 fn epoch_unix_ns() -> u128 {
@@ -172,6 +172,7 @@ fn epoch_unix_ns() -> u128 {
     )
 }
 
+/// The ring geometry for the model at `path` (as [`CudaOptions::default`]'s, sized to the file).
 fn ring_for(path: &std::path::Path) -> RingConfig {
     let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX);
     CudaOptions::default().ring.for_file(len)

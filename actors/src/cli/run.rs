@@ -262,6 +262,9 @@ pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dev) = super::gpu::select(a.backend)? {
         return super::gpu::run(&a, &prompt, dev, early);
     }
+    // `auto` fell back to the CPU: stop the GPU path's start-up work (the early reader would
+    // otherwise go on reading the file beside the CPU run).
+    drop(early);
     let loaded = load(&a.model)?;
     let Loaded {
         model,
