@@ -59,6 +59,26 @@ def main() -> None:
     assert finish == chat.choices[0].finish_reason, (finish, chat.choices[0].finish_reason)
     assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
 
+    # A reply that ends its turn: the end-of-turn token's text (`<|im_end|>`) is never content,
+    # streamed or not.
+    short = [{"role": "user", "content": "What is 2+2?"}]
+    done = client.chat.completions.create(
+        model=model, messages=short, max_tokens=64, temperature=0
+    )
+    assert done.choices[0].finish_reason == "stop", done
+    whole = done.choices[0].message.content
+    assert whole and "<|" not in whole, whole
+    pieces = []
+    for chunk in client.chat.completions.create(
+        model=model, messages=short, max_tokens=64, temperature=0, stream=True
+    ):
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+    assert "".join(pieces) == whole, (pieces, whole)
+    for reply in (c.choices[0].text, text, streamed):
+        assert "<|" not in reply, reply
+
     try:
         client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)
         raise AssertionError("unknown model accepted")

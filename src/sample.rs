@@ -28,7 +28,9 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// How many recent tokens the penalties look at.
     pub penalty_last_n: usize,
-    pub seed: u64,
+    /// RNG seed; `None` draws a fresh one per sampler (see `Sampler::seed`), so two runs
+    /// without a seed differ, and two with the same seed agree.
+    pub seed: Option<u64>,
     /// Generation stops before any of these strings; they are not part of the output.
     pub stop: Vec<String>,
 }
@@ -45,7 +47,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             penalty_last_n: 64,
-            seed: 0,
+            seed: None,
             stop: Vec::new(),
         }
     }
@@ -64,6 +66,8 @@ impl SamplingParams {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
+    /// The seed in use: the one asked for, or the one drawn when none was.
+    seed: u64,
     rng: ChaCha20Rng,
     logits: Vec<f32>,
     candidates: Vec<(u32, f32)>,
@@ -72,8 +76,10 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
+        let seed = params.seed.unwrap_or_else(rand::random);
         Self {
-            rng: ChaCha20Rng::seed_from_u64(params.seed),
+            seed,
+            rng: ChaCha20Rng::seed_from_u64(seed),
             params,
             logits: Vec::new(),
             candidates: Vec::new(),
@@ -83,6 +89,12 @@ impl Sampler {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// The seed in use (drawn at random when the parameters named none); reported so that a
+    /// run can be reproduced.
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// Picks the next token from `logits` given the tokens so far (`history`, prompt included).
@@ -245,7 +257,7 @@ mod tests {
         let mut s = Sampler::new(SamplingParams {
             temperature: 1.5,
             top_k: 1,
-            seed: 7,
+            seed: Some(7),
             ..Default::default()
         });
         for _ in 0..20 {
@@ -268,8 +280,14 @@ mod tests {
             let mut s = Sampler::new(params(seed));
             (0..32).map(|_| s.sample(&l, &[])).collect::<Vec<_>>()
         };
-        assert_eq!(draw(1), draw(1));
-        assert_ne!(draw(1), draw(2));
+        assert_eq!(draw(Some(1)), draw(Some(1)));
+        assert_ne!(draw(Some(1)), draw(Some(2)));
+        // No seed: a fresh one each time (32 draws from 50 tokens agree by chance ~never).
+        assert_ne!(draw(None), draw(None));
+        // The drawn seed reproduces the run.
+        let mut s = Sampler::new(params(None));
+        let first: Vec<u32> = (0..32).map(|_| s.sample(&l, &[])).collect();
+        assert_eq!(draw(Some(s.seed())), first);
     }
 
     #[test]

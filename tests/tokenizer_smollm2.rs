@@ -177,3 +177,24 @@ fn encode_is_deterministic_with_a_warm_cache() {
         assert_eq!(a, b);
     }
 }
+
+#[test]
+fn control_tokens_show_no_text_unless_asked() {
+    // `<|im_end|>` ends a chat turn: a user must never see its text in a reply.
+    let t = tokenizer();
+    let im_end = t.token_id("<|im_end|>").expect("SmolLM2 has <|im_end|>");
+    assert!(t.is_eog(im_end));
+    assert_eq!(t.piece_bytes(im_end, false), Some(&b""[..]));
+    assert_eq!(t.piece_bytes(im_end, true), Some(&b"<|im_end|>"[..]));
+    let ids = t.encode("Hello<|im_end|>", false, true).unwrap();
+    assert!(ids.contains(&im_end));
+    let mut plain = StreamDecoder::new(&t);
+    let mut special = StreamDecoder::new(&t).with_special(true);
+    let (mut a, mut b) = (String::new(), String::new());
+    for &id in &ids {
+        a.push_str(&plain.push(id).unwrap());
+        b.push_str(&special.push(id).unwrap());
+    }
+    assert_eq!(a, "Hello");
+    assert_eq!(b, "Hello<|im_end|>");
+}

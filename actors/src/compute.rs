@@ -22,7 +22,10 @@ pub type SequenceState = Box<dyn Any + Send>;
 
 pub trait ModelCompute: Send {
     fn n_layers(&self) -> usize;
-    fn eos_token(&self) -> Option<u32>;
+    /// Whether `token` ends generation (eos, eot, end of turn: the tokenizer's one set).
+    fn is_end_of_generation(&self, token: u32) -> bool;
+    /// Tokens one sequence holds (prompt and generated); `None`: unbounded.
+    fn context_len(&self) -> Option<usize>;
     /// A new sequence (allocates its KV cache).
     fn new_sequence(&mut self) -> Result<SequenceState>;
     fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden>;
@@ -74,7 +77,8 @@ pub trait ModelCompute: Send {
     }
     /// Text to tokens (`None` when the compute has no tokenizer).
     fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>>;
-    /// The bytes a token stands for (may be part of a UTF-8 character).
+    /// The bytes a generated token shows a user (may be part of a UTF-8 character); empty for
+    /// control tokens such as the end of a turn.
     fn token_bytes(&self, token: u32) -> Vec<u8>;
 }
 
@@ -249,7 +253,11 @@ impl ModelCompute for ChecksumCompute {
         self.n_layers
     }
 
-    fn eos_token(&self) -> Option<u32> {
+    fn is_end_of_generation(&self, _token: u32) -> bool {
+        false
+    }
+
+    fn context_len(&self) -> Option<usize> {
         None
     }
 

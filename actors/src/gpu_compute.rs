@@ -129,8 +129,12 @@ where
         self.model.hparams().n_layer
     }
 
-    fn eos_token(&self) -> Option<u32> {
-        self.tokenizer.as_ref().and_then(|t| t.eos_id())
+    fn is_end_of_generation(&self, token: u32) -> bool {
+        self.tokenizer.as_ref().is_some_and(|t| t.is_eog(token))
+    }
+
+    fn context_len(&self) -> Option<usize> {
+        Some(self.fwd.context_len())
     }
 
     fn new_sequence(&mut self) -> Result<SequenceState> {

@@ -281,12 +281,25 @@ impl Inference {
         };
         let global = self.cfg.plan.global();
         let n_layers = self.cfg.plan.n_layers;
-        let mut sampler = Sampler::new(&req.sampling);
+        // The prompt must fit; generating until the context is full is a normal finish.
+        let ctx = self.compute.context_len();
+        if let Some(ctx) = ctx.filter(|&c| prompt.len() > c) {
+            return Err(RuntimeError::BadRequest(format!(
+                "the prompt has {} tokens, the context holds {ctx}",
+                prompt.len()
+            )));
+        }
+        let mut sampler = Sampler::new(&req.sampling, &prompt);
+        tracing::debug!(seed = sampler.seed(), "sampling");
         let mut input = prompt;
+        let mut pos = 0usize;
         let mut text = Utf8Assembler::default();
         for index in 0..req.max_tokens {
             if let Some(e) = self.cancelled(job) {
                 return Err(e);
+            }
+            if ctx.is_some_and(|c| pos + input.len() > c) {
+                return Ok(FinishReason::ContextFull);
             }
             let _tok = tracing::info_span!("token", index).entered();
             // The prompt's embedding rows straight from the file where the compute can: the
@@ -309,14 +322,17 @@ impl Inference {
                 self.with_unit(job, l, |c, w| c.layer(l, w, state, &mut hidden))?;
             }
             let logits = self.output(job, &mut slot.state, &hidden)?;
+            pos += input.len();
             let token = sampler.sample(&logits);
+            // The event carries the token (it was generated) but a control token's text is
+            // empty: `<|im_end|>` never reaches a reply.
             let ev = TokenEvent {
                 index,
                 token,
                 text: text.push(&self.compute.token_bytes(token)),
             };
             self.send_event(job, ev)?;
-            if req.stop_at_eos && Some(token) == self.compute.eos_token() {
+            if req.stop_at_eos && self.compute.is_end_of_generation(token) {
                 return Ok(FinishReason::EndOfSequence);
             }
             input = vec![token];
@@ -325,36 +341,30 @@ impl Inference {
     }
 }
 
-/// Per-request sampling: the core crate's sampler (penalties, top-k/p, min-p, temperature, seeded
-/// RNG). Penalties look at the tokens generated so far (OpenAI's semantics), not the prompt.
+/// Per-request sampling: the core crate's sampler, with the same semantics as every other entry
+/// point: the penalties look at the last `penalty_last_n` tokens of prompt and output alike
+/// (llama.cpp's), the seed is the request's or a random one (`seed()` tells which).
 pub struct Sampler {
     inner: rocmforge::sample::Sampler,
-    generated: Vec<u32>,
+    /// Prompt and generated tokens.
+    history: Vec<u32>,
 }
 
 impl Sampler {
-    pub fn new(params: &SamplingParams) -> Self {
-        let core = rocmforge::sample::SamplingParams {
-            temperature: params.temperature,
-            top_k: params.top_k,
-            top_p: params.top_p,
-            min_p: params.min_p,
-            repeat_penalty: 1.0,
-            presence_penalty: params.presence_penalty,
-            frequency_penalty: params.frequency_penalty,
-            penalty_last_n: usize::MAX,
-            seed: params.seed,
-            stop: Vec::new(),
-        };
+    pub fn new(params: &SamplingParams, prompt: &[u32]) -> Self {
         Self {
-            inner: rocmforge::sample::Sampler::new(core),
-            generated: Vec::new(),
+            inner: rocmforge::sample::Sampler::new(params.clone()),
+            history: prompt.to_vec(),
         }
     }
 
+    pub fn seed(&self) -> u64 {
+        self.inner.seed()
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let t = self.inner.sample(logits, &self.generated);
-        self.generated.push(t);
+        let t = self.inner.sample(logits, &self.history);
+        self.history.push(t);
         t
     }
 }
@@ -409,23 +419,27 @@ mod tests {
     #[test]
     fn greedy_and_seeded_sampling() {
         let logits = [0.1, 2.0, -1.0, 1.9];
-        assert_eq!(Sampler::new(&SamplingParams::default()).sample(&logits), 1);
+        assert_eq!(
+            Sampler::new(&SamplingParams::greedy(), &[]).sample(&logits),
+            1
+        );
         let p = SamplingParams {
             temperature: 1.0,
             top_k: 2,
             top_p: 1.0,
-            seed: 7,
+            min_p: 0.0,
+            seed: Some(7),
             ..SamplingParams::default()
         };
         let a: Vec<u32> = (0..20)
             .map({
-                let mut s = Sampler::new(&p);
+                let mut s = Sampler::new(&p, &[]);
                 move |_| s.sample(&logits)
             })
             .collect();
         let b: Vec<u32> = (0..20)
             .map({
-                let mut s = Sampler::new(&p);
+                let mut s = Sampler::new(&p, &[]);
                 move |_| s.sample(&logits)
             })
             .collect();

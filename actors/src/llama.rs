@@ -42,9 +42,11 @@ pub(crate) fn tokenize_with(t: Option<&Tokenizer>, text: &str) -> Option<Result<
     )
 }
 
-/// `ModelCompute::token_bytes` for a compute holding an optional GGUF tokenizer.
+/// `ModelCompute::token_bytes` for a compute holding an optional GGUF tokenizer: control
+/// tokens (end of turn, end of text) show no text.
 pub(crate) fn token_bytes_with(t: Option<&Tokenizer>, token: u32) -> Vec<u8> {
-    t.and_then(|t| t.decode_bytes(&[token]).ok())
+    t.and_then(|t| t.piece_bytes(token, false))
+        .map(<[u8]>::to_vec)
         .unwrap_or_default()
 }
 
@@ -170,8 +172,12 @@ impl ModelCompute for LlamaCompute {
         self.model.hparams().n_layer
     }
 
-    fn eos_token(&self) -> Option<u32> {
-        self.tokenizer.as_ref().and_then(|t| t.eos_id())
+    fn is_end_of_generation(&self, token: u32) -> bool {
+        self.tokenizer.as_ref().is_some_and(|t| t.is_eog(token))
+    }
+
+    fn context_len(&self) -> Option<usize> {
+        Some(self.seq_cfg.context_len(self.model.hparams()))
     }
 
     fn new_sequence(&mut self) -> Result<SequenceState> {

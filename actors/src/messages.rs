@@ -85,38 +85,10 @@ impl std::str::FromStr for MemoryBudget {
     }
 }
 
-/// Sampling settings of one request (the sampler itself lives in the core crate).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f32,
-    pub top_k: usize,
-    pub top_p: f32,
-    pub seed: u64,
-    /// Drop tokens less likely than `min_p` times the most likely one; 0 keeps all.
-    #[serde(default)]
-    pub min_p: f32,
-    /// Subtracted once from the logit of every token generated so far; 0 is off.
-    #[serde(default)]
-    pub presence_penalty: f32,
-    /// Subtracted per occurrence of a token generated so far; 0 is off.
-    #[serde(default)]
-    pub frequency_penalty: f32,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-            min_p: 0.0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-        }
-    }
-}
+/// Sampling settings of one request: the core crate's type, so the CLI, the server and the
+/// embedding API share one set of fields and one set of defaults (llama.cpp's: temperature 0.8,
+/// top-k 40, top-p 0.95, min-p 0.05, no seed = a fresh random one).
+pub use rocmforge::sample::SamplingParams;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Prompt {
@@ -129,25 +101,27 @@ pub struct GenerateRequest {
     pub prompt: Prompt,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
-    /// Stop at the model's end-of-sequence token.
+    /// Stop at any of the model's end-of-generation tokens (eos, eot, `<|im_end|>`, ...).
     pub stop_at_eos: bool,
 }
 
 impl GenerateRequest {
+    /// A greedy request for `tokens` (tests and tools want the same tokens every time).
     pub fn tokens(tokens: Vec<u32>, max_tokens: usize) -> Self {
         Self {
             prompt: Prompt::Tokens(tokens),
             max_tokens,
-            sampling: SamplingParams::default(),
+            sampling: SamplingParams::greedy(),
             stop_at_eos: true,
         }
     }
 
+    /// A greedy request for `text` (tokenized by the runtime, special-token text included).
     pub fn text(text: impl Into<String>, max_tokens: usize) -> Self {
         Self {
             prompt: Prompt::Text(text.into()),
             max_tokens,
-            sampling: SamplingParams::default(),
+            sampling: SamplingParams::greedy(),
             stop_at_eos: true,
         }
     }
@@ -158,14 +132,18 @@ pub struct TokenEvent {
     /// 0-based index among generated tokens.
     pub index: usize,
     pub token: u32,
-    /// Decoded text piece (empty when the runtime has no tokenizer).
+    /// Decoded text piece: empty for a control token (end of turn, end of text) and when the
+    /// runtime has no tokenizer.
     pub text: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FinishReason {
     MaxTokens,
+    /// An end-of-generation token (end of text, end of turn, ...).
     EndOfSequence,
+    /// The sequence filled the context: a normal finish, like `MaxTokens` (OpenAI's "length").
+    ContextFull,
 }
 
 /// Advice to the scheduler. Hints never break the memory budget: one that cannot be honoured is

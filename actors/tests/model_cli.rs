@@ -240,3 +240,94 @@ fn unknown_pre_tokenizer_is_an_error() {
         "no-such-pre",
     );
 }
+
+/// A counting prompt that greedy decoding continues without ending the text, so the context
+/// fills before an end-of-generation token.
+const COUNTING: &str = "1, 2, 3, 4, 5, 6, 7, 8,";
+
+/// `-n` far beyond the context once aborted on a 400 GB allocation: it is bounded by the context
+/// and filling the context is a normal finish, on the direct and the pipelined path alike.
+#[test]
+fn huge_n_predict_stops_cleanly_at_the_context() {
+    for extra in [&[][..], &["--pipeline"][..]] {
+        let mut args = vec![
+            "--prompt",
+            COUNTING,
+            "-n",
+            "99999999999",
+            "--ctx",
+            "40",
+            "--temp",
+            "0",
+            "--backend",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let j = run_json(&args);
+        assert_eq!(j["stop_reason"], "context", "{extra:?}: {j}");
+        let n = ids(&j, "prompt_ids").len() + ids(&j, "ids").len();
+        assert!(n <= 41, "{extra:?}: {n} tokens in a context of 40");
+    }
+}
+
+/// No seed: a random one, reported; the same seed: the same tokens.
+#[test]
+fn seeds_are_random_unless_given_and_reported() {
+    let sampled = |extra: &[&str]| {
+        let mut args = vec![
+            "--prompt",
+            "Tell me a story",
+            "-n",
+            "12",
+            "--temp",
+            "1.5",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--min-p",
+            "0",
+            "--backend",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let j = run_json(&args);
+        (j["seed"].as_u64().expect("seed reported"), ids(&j, "ids"))
+    };
+    let (s1, _) = sampled(&[]);
+    let (s2, _) = sampled(&[]);
+    assert_ne!(s1, s2, "two runs without a seed drew the same one");
+    let (a_seed, a) = sampled(&["--seed", "42"]);
+    let (b_seed, b) = sampled(&["-s", "42", "--pipeline"]);
+    assert_eq!((a_seed, b_seed), (42, 42));
+    assert_eq!(
+        a, b,
+        "the same seed gave different tokens (direct vs pipelined)"
+    );
+}
+
+/// The CLI's sampling defaults are `SamplingParams::default()`'s (the server's and the API's).
+#[test]
+fn cli_sampling_defaults_match_the_shared_defaults() {
+    let d = rocmforge::sample::SamplingParams::default();
+    let out = rocmforge(&["run", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, v) in [
+        ("--temp", d.temperature.to_string()),
+        ("--top-k", d.top_k.to_string()),
+        ("--top-p", d.top_p.to_string()),
+        ("--min-p", d.min_p.to_string()),
+        ("--repeat-penalty", d.repeat_penalty.to_string()),
+    ] {
+        // Long help: the flag's line, its description, then `[default: v]`.
+        let default_line = help
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with(flag))
+            .find(|l| l.contains("[default"))
+            .unwrap_or_else(|| panic!("{flag} has no default in {help}"));
+        assert!(
+            default_line.contains(&format!("[default: {v}]")),
+            "{flag}: expected default {v}, help says {default_line:?}"
+        );
+    }
+}

@@ -122,3 +122,31 @@ fn text_prompts_stream_text_pieces() {
     assert!(!text.is_empty());
     rt.shutdown().unwrap();
 }
+
+/// A chat reply ends at `<|im_end|>`, whose text never reaches the stream (it once ended every
+/// reply); the end-of-turn token is one of the end-of-generation set, so generation stops there.
+#[test]
+fn chat_replies_carry_no_control_token_text() {
+    let rt = Runtime::builder()
+        .model(smollm2())
+        .compute(LlamaCompute::factory(SequenceConfig::default()))
+        .build()
+        .unwrap();
+    let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by \
+                  Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n\
+                  <|im_start|>assistant\n";
+    let mut stream = rt
+        .generate(GenerateRequest::text(prompt, 200))
+        .into_blocking();
+    let events: Vec<_> = stream.by_ref().map(|e| e.unwrap()).collect();
+    assert_eq!(
+        stream.finish_reason(),
+        Some(rocmforge_actors::FinishReason::EndOfSequence),
+        "the reply should end its turn within 200 tokens"
+    );
+    let text: String = events.iter().map(|e| e.text.as_str()).collect();
+    assert!(!text.is_empty());
+    assert!(!text.contains("<|"), "control token text in {text:?}");
+    assert!(events.last().unwrap().text.is_empty());
+    rt.shutdown().unwrap();
+}

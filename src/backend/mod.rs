@@ -222,6 +222,8 @@ pub trait LayeredForward: Send {
     /// The compute stream: callers make it wait on upload events and record fences on it.
     fn stream(&self) -> &<Self::Device as ComputeDevice>::Stream;
     fn n_vocab(&self) -> usize;
+    /// Tokens one sequence's KV cache holds.
+    fn context_len(&self) -> usize;
     /// A KV cache for one sequence (device memory; out of memory is an error).
     fn new_kv(&mut self) -> Result<Self::Kv, Self::Error>;
     /// Embeds `tokens` at positions `pos..` (rows of `table`, `[n_vocab, n_embd]`).

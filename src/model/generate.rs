@@ -70,9 +70,12 @@ pub fn generate(
     }
     // The prompt plus at least the first generated token must fit.
     seq.check_room(prompt.len())?;
-    let mut all: Vec<u32> = Vec::with_capacity(context.len() + max_new);
+    // No more tokens than the context holds can be generated: `max_new` comes from a user and
+    // may be absurd (`-n 99999999999`), so it never sizes an allocation.
+    let room = seq.ctx().saturating_sub(seq.pos());
+    let mut all: Vec<u32> = Vec::with_capacity(context.len() + max_new.min(room));
     all.extend_from_slice(context);
-    let mut ids = Vec::with_capacity(max_new);
+    let mut ids = Vec::with_capacity(max_new.min(room));
     let mut timings = Timings {
         prompt_tokens: prompt.len(),
         ..Timings::default()

@@ -157,6 +157,14 @@ pub struct SequenceConfig {
     pub kv_type: Option<KvType>,
 }
 
+impl SequenceConfig {
+    /// The context a sequence of `hp`'s model gets: the user's (default `DEFAULT_CTX`) capped
+    /// by the model's trained context.
+    pub fn context_len(&self, hp: &HParams) -> usize {
+        self.ctx.unwrap_or(DEFAULT_CTX).min(hp.n_ctx_train)
+    }
+}
+
 impl Default for SequenceConfig {
     fn default() -> Self {
         Self {
@@ -211,7 +219,7 @@ impl Sequence {
     /// A sequence for `hp`'s model. The context is the user's (default 4096) capped by the
     /// model's trained context.
     pub fn new(hp: &HParams, cfg: SequenceConfig) -> Result<Self, ModelError> {
-        let ctx = cfg.ctx.unwrap_or(DEFAULT_CTX).min(hp.n_ctx_train);
+        let ctx = cfg.context_len(hp);
         if ctx == 0 {
             return Err(ModelError::BadHParam {
                 key: "context length".into(),

@@ -551,6 +551,17 @@ impl Tokenizer {
         Some(&self.inner.bytes[o[i]..o[i + 1]])
     }
 
+    /// The bytes a generated token shows a user: like `token_bytes`, except that a control token
+    /// (`<|im_end|>`, `<|eot_id|>`, every end-of-generation token) is empty unless `special` asks
+    /// for its text (llama.cpp's `token_to_piece(.., special)`). `None`: out of range.
+    pub fn piece_bytes(&self, id: u32, special: bool) -> Option<&[u8]> {
+        let b = self.token_bytes(id)?;
+        if !special && self.token_type(id) == Some(TokenType::Control) {
+            return Some(&[]);
+        }
+        Some(b)
+    }
+
     /// The token's text as stored in the vocabulary (`Ġthe`, `▁the`, `<|im_end|>`).
     pub fn token_text(&self, id: u32) -> Option<&str> {
         self.inner.texts.get(id as usize).map(String::as_str)

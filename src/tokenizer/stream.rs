@@ -8,9 +8,11 @@ use super::Tokenizer;
 ///
 /// Pieces are emitted as they are, with no leading-space removal: a streamed continuation's
 /// first `▁word` must print its space (llama.cpp streams generated tokens the same way).
+/// Control tokens (end of turn, end of text) show no text unless `with_special(true)`.
 pub struct StreamDecoder<'a> {
     tokenizer: &'a Tokenizer,
     pending: Vec<u8>,
+    special: bool,
 }
 
 impl<'a> StreamDecoder<'a> {
@@ -18,19 +20,25 @@ impl<'a> StreamDecoder<'a> {
         StreamDecoder {
             tokenizer: t,
             pending: Vec::new(),
+            special: false,
         }
+    }
+
+    /// Whether control tokens show their text (`<|im_end|>`); off by default.
+    pub fn with_special(mut self, special: bool) -> Self {
+        self.special = special;
+        self
     }
 
     /// Adds one token; returns the text completed by it (possibly empty).
     /// Bytes that can never become valid UTF-8 are emitted as U+FFFD at once.
     pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
-        let bytes = self
-            .tokenizer
-            .token_bytes(id)
-            .ok_or(TokenizerError::TokenOutOfRange {
+        let bytes = self.tokenizer.piece_bytes(id, self.special).ok_or(
+            TokenizerError::TokenOutOfRange {
                 id,
                 vocab_size: self.tokenizer.vocab_size(),
-            })?;
+            },
+        )?;
         self.pending.extend_from_slice(bytes);
         let mut out = String::new();
         let mut rest: &[u8] = &self.pending;

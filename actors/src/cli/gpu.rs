@@ -313,6 +313,7 @@ pub fn run(
     if a.json {
         let j = serde_json::json!({
             "backend": "cuda",
+            "seed": sampler.seed(),
             "prompt_ids": prompt_ids,
             "ids": g.ids,
             "text": sink.text,

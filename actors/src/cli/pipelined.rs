@@ -96,27 +96,23 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
     let rt = builder.build()?;
     let bars = (!a.json).then(|| LoadProgressBars::show(&rt));
 
-    let s = a.sampling.params();
+    // Every sampling flag reaches the runtime (one `SamplingParams`); stop strings are cut here.
+    let sampling = a.sampling.params();
+    let seed = sampling.seed;
+    tracing::debug!(?seed, "sampling");
     let req = GenerateRequest {
         prompt: Prompt::Tokens(prompt_ids.clone()),
         max_tokens: a.n_predict,
-        sampling: crate::SamplingParams {
-            temperature: s.temperature,
-            top_k: s.top_k,
-            top_p: s.top_p,
-            seed: s.seed,
-            min_p: s.min_p,
-            presence_penalty: s.presence_penalty,
-            frequency_penalty: s.frequency_penalty,
-        },
+        sampling,
         stop_at_eos: true,
     };
     let mut sink = TextSink::new(&tok, &a.sampling.stop);
     let mut out = std::io::stdout();
     let mut ids = Vec::new();
     let mut first_token_ms = None;
-    let stream = rt.generate(req);
-    for ev in stream.into_blocking() {
+    let mut stream = rt.generate(req).into_blocking();
+    let mut stop_string = false;
+    for ev in stream.by_ref() {
         let ev = ev?;
         if first_token_ms.is_none() {
             first_token_ms = Some(started.elapsed().as_secs_f64() * 1e3);
@@ -128,9 +124,18 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
             out.flush()?;
         }
         if stop {
+            stop_string = true;
             break;
         }
     }
+    // The same names as the direct path's `StopReason`.
+    let stop_reason = match stream.finish_reason() {
+        _ if stop_string => "callback",
+        Some(crate::FinishReason::EndOfSequence) => "eog",
+        Some(crate::FinishReason::ContextFull) => "context",
+        Some(crate::FinishReason::MaxTokens) | None => "length",
+    };
+    drop(stream);
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     let stats = rt.stats();
     drop(bars);
@@ -141,6 +146,8 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
     let tail = sink.finish().to_string();
     if a.json {
         let j = serde_json::json!({
+            "seed": seed,
+            "stop_reason": stop_reason,
             "prompt_ids": prompt_ids,
             "ids": ids,
             "text": sink.text,

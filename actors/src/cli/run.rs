@@ -62,13 +62,16 @@ pub struct ModelArgs {
     pub threads: Option<usize>,
 }
 
+/// Sampling flags of `run`, `chat` and `bench`; the defaults are `SamplingParams::default()`'s
+/// (a test checks they agree), the same as the server's and the embedding API's.
 #[derive(Debug, Args, Clone)]
 pub struct SamplingArgs {
     /// Temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.8)]
     pub temp: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// RNG seed; without one a random seed is drawn (and reported by --json and -v).
+    #[arg(long, short = 's')]
+    pub seed: Option<u64>,
     /// 0 keeps all tokens.
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
@@ -88,6 +91,8 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// The sampling parameters, with the seed drawn now when none was given, so the caller can
+    /// report it.
     pub fn params(&self) -> SamplingParams {
         SamplingParams {
             temperature: self.temp,
@@ -97,7 +102,7 @@ impl SamplingArgs {
             repeat_penalty: self.repeat_penalty,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
-            seed: self.seed,
+            seed: Some(self.seed.unwrap_or_else(rand::random)),
             stop: self.stop.clone(),
             ..SamplingParams::default()
         }
@@ -200,6 +205,7 @@ struct JsonTimings {
 
 #[derive(Serialize)]
 struct JsonOutput<'a> {
+    seed: u64,
     prompt_ids: &'a [u32],
     ids: &'a [u32],
     text: &'a str,
@@ -330,6 +336,7 @@ pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let t = &generation.timings;
     if a.json {
         let j = JsonOutput {
+            seed: sampler.seed(),
             prompt_ids: &prompt_ids,
             ids: &generation.ids,
             text: &sink.text,

@@ -139,7 +139,7 @@ impl Generation {
                 None => {
                     let reason = match self.stream.as_ref().and_then(|s| s.finish_reason()) {
                         Some(FinishReason::EndOfSequence) => "stop",
-                        Some(FinishReason::MaxTokens) => "length",
+                        Some(FinishReason::MaxTokens | FinishReason::ContextFull) => "length",
                         // The stream ended without a reason: the runtime went away.
                         None => {
                             self.finish("error");

@@ -169,16 +169,19 @@ impl CommonParams {
             Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
             None => None,
         };
-        let temperature = range("temperature", self.temperature, 0.0, 2.0)?.unwrap_or(1.0);
-        let top_p = range("top_p", self.top_p, 0.0, 1.0)?.unwrap_or(1.0);
+        // What a request leaves out takes the defaults every entry point shares.
+        let d = SamplingParams::default();
+        let temperature =
+            range("temperature", self.temperature, 0.0, 2.0)?.unwrap_or(d.temperature);
+        let top_p = range("top_p", self.top_p, 0.0, 1.0)?.unwrap_or(d.top_p);
         if top_p == 0.0 {
             return Err(ApiError::invalid("top_p", "top_p must be greater than 0"));
         }
-        let min_p = range("min_p", self.min_p, 0.0, 1.0)?.unwrap_or(0.0);
-        let presence_penalty =
-            range("presence_penalty", self.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
-        let frequency_penalty =
-            range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+        let min_p = range("min_p", self.min_p, 0.0, 1.0)?.unwrap_or(d.min_p);
+        let presence_penalty = range("presence_penalty", self.presence_penalty, -2.0, 2.0)?
+            .unwrap_or(d.presence_penalty);
+        let frequency_penalty = range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?
+            .unwrap_or(d.frequency_penalty);
         let top_k = match self.top_k {
             Some(k) if k < 0 => {
                 return Err(ApiError::invalid(
@@ -187,7 +190,7 @@ impl CommonParams {
                 ))
             }
             Some(k) => usize::try_from(k).unwrap_or(usize::MAX),
-            None => 0,
+            None => d.top_k,
         };
         let stop = match &self.stop {
             None => Vec::new(),
@@ -204,11 +207,13 @@ impl CommonParams {
                 temperature,
                 top_k,
                 top_p,
-                // OpenAI seeds are signed; the bit pattern is as good a seed as any.
-                seed: self.seed.unwrap_or(0) as u64,
+                // OpenAI seeds are signed; the bit pattern is as good a seed as any. No seed:
+                // a random one, drawn here so the request's log line can name it.
+                seed: Some(self.seed.map_or_else(rand::random, |s| s as u64)),
                 min_p,
                 presence_penalty,
                 frequency_penalty,
+                ..d
             },
             stop,
             stream: self.stream,

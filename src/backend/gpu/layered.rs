@@ -265,6 +265,10 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         self.n_vocab
     }
 
+    fn context_len(&self) -> usize {
+        self.kv_layout.seq_cap
+    }
+
     fn new_kv(&mut self) -> Result<GpuKv<D>> {
         let bytes = self.kv_layout.bytes() * 2 * self.hp.n_layer;
         Ok(GpuKv {

@@ -467,9 +467,10 @@ impl CudaModel {
         let neutral =
             p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
         let on_device = neutral && (p.temperature <= 0.0 || p.min_p <= 0.0);
-        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(p.seed);
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(sampler.seed());
         let mut all = context.to_vec();
-        let mut ids = Vec::with_capacity(max_new);
+        // `max_new` comes from a user: bound the allocation by the context, not by it.
+        let mut ids = Vec::with_capacity(max_new.min(self.ctx().saturating_sub(self.pos)));
         let mut timings = Timings {
             prompt_tokens: prompt.len(),
             ..Timings::default()
