@@ -454,12 +454,15 @@ impl RuntimeHandle {
             cancel,
         };
         let guard = self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let err = match guard.as_ref().map(|j| j.try_send(job)) {
-            Some(Ok(())) => None,
-            Some(Err(flume::TrySendError::Full(_))) => Some(RuntimeError::QueueFull {
-                capacity: self.inner.queue_capacity,
-            }),
-            Some(Err(flume::TrySendError::Disconnected(_))) | None => Some(RuntimeError::ShutDown),
+        let err = match guard.as_ref() {
+            None => Some(RuntimeError::ShutDown),
+            Some(jobs) => match jobs.try_send(job) {
+                Ok(()) => None,
+                Err(flume::TrySendError::Full(_)) => Some(RuntimeError::QueueFull {
+                    capacity: self.inner.queue_capacity,
+                }),
+                Err(flume::TrySendError::Disconnected(_)) => Some(RuntimeError::ShutDown),
+            },
         };
         if let Some(e) = err {
             let _ = tx.try_send(Err(e));
