@@ -1,5 +1,5 @@
 //! Time-to-first-token of the pipelined runtime, split by stage, at several budgets; pipelined vs
-//! load-then-compute. The same measurement `rocmforge bench --memory-budget` reports.
+//! load-then-compute. The same measurement `rocmforge bench --ttft` reports.
 //!
 //! cargo run --release -p rocmforge-actors --example pipeline_ttft -- \
 //!     [MODEL] [--mode read|mmap|direct] [--budgets 1,0.5,0.25] [--prompt 64] [--decode 16] [--warm] [--repeat 3] [--readers 2] [--depth 2]

@@ -28,6 +28,13 @@ pub trait ModelCompute: Send {
     fn context_len(&self) -> Option<usize>;
     /// A new sequence (allocates its KV cache).
     fn new_sequence(&mut self) -> Result<SequenceState>;
+    /// Continues a kept sequence (a chat session's next turn): drops its cached tokens past
+    /// `keep` and makes it the sequence the next steps run on. `Ok(false)`: this compute cannot
+    /// resume a sequence; the runtime starts a new one instead.
+    fn resume(&mut self, seq: &mut SequenceState, keep: usize) -> Result<bool> {
+        let _ = (seq, keep);
+        Ok(false)
+    }
     fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden>;
     fn layer(
         &mut self,

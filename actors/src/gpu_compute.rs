@@ -143,6 +143,14 @@ where
         Ok(Box::new(GpuSeq { kv, pos: 0 }))
     }
 
+    fn resume(&mut self, seq: &mut SequenceState, keep: usize) -> Result<bool> {
+        // The KV past `keep` is overwritten by the next tokens and never read before that.
+        let seq = seq_mut::<F::Kv>(seq)?;
+        seq.pos = seq.pos.min(keep);
+        self.embed_pos = seq.pos;
+        Ok(true)
+    }
+
     fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden> {
         let region = self.enter(global)?;
         let table = tensor(global, region, &self.model.layout().token_embd)?;

@@ -4,11 +4,13 @@
 
 use crate::compute::{ComputeFactory, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
+use crate::messages::SessionId;
 use crate::messages::{FinishReason, GenerateRequest, Prompt, SamplingParams, Stage, TokenEvent};
 use crate::plan::LoadPlan;
 use crate::residency::{ResidencyBoard, ResidentLayer};
 use crate::scheduler::SchedMsg;
 use crate::shared::{recv_or_cancel, Shared};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -28,6 +30,10 @@ pub struct Job {
 }
 
 pub struct InferenceConfig {
+    /// Sessions whose KV cache is kept between requests (least recently used ones go first).
+    pub max_sessions: usize,
+    /// Threads of the compute's Rayon pool (`None`: Rayon's global pool, one per core).
+    pub compute_threads: Option<usize>,
     pub file: rocmforge::gguf::GgufFile,
     pub factory: ComputeFactory,
     pub plan: Arc<LoadPlan>,
@@ -44,6 +50,14 @@ struct KvSlot {
     shared: Arc<Shared>,
 }
 
+/// A session's sequence kept between requests, with the tokens whose keys and values it holds.
+struct KeptSequence {
+    slot: KvSlot,
+    tokens: Vec<u32>,
+    /// Request counter at its last use (least recently used is evicted first).
+    last_used: u64,
+}
+
 impl Drop for KvSlot {
     fn drop(&mut self) {
         self.shared
@@ -57,34 +71,22 @@ pub fn spawn(cfg: InferenceConfig) -> Result<JoinHandle<()>> {
     let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(1);
     let h = std::thread::Builder::new()
         .name("rf-inference".into())
-        .spawn(move || match (cfg.factory)(&cfg.file) {
-            Ok(mut compute) => {
-                if compute.n_layers() != cfg.plan.n_layers {
-                    let _ = ready_tx.send(Err(RuntimeError::Config(format!(
-                        "compute expects {} layers, the file has {}",
-                        compute.n_layers(),
-                        cfg.plan.n_layers
-                    ))));
-                    return;
+        .spawn(move || match cfg.compute_threads {
+            // The actor runs inside its own pool, so the compute's parallel loops use it.
+            Some(n) => match rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .thread_name(|i| format!("rf-compute-{i}"))
+                .build()
+            {
+                Ok(pool) => pool.install(|| start(cfg, ready_tx)),
+                Err(e) => {
+                    let _ = ready_tx.send(Err(RuntimeError::Spawn {
+                        actor: "inference",
+                        message: format!("a pool of {n} compute threads: {e}"),
+                    }));
                 }
-                // An empty lookup asks whether the compute can embed without the global unit
-                // (a streamed tied head leaves no embedding table there).
-                if cfg.plan.head.is_some()
-                    && !(compute.streams_output_head() && compute.embed_from_file(&[]).is_some())
-                {
-                    let _ = ready_tx.send(Err(RuntimeError::Config(
-                        "the memory budget cannot hold the output head, and this compute cannot \
-                         stream it in chunks: raise the budget"
-                            .into(),
-                    )));
-                    return;
-                }
-                let _ = ready_tx.send(Ok(()));
-                Inference { cfg, compute }.run();
-            }
-            Err(e) => {
-                let _ = ready_tx.send(Err(e));
-            }
+            },
+            None => start(cfg, ready_tx),
         })
         .map_err(|e| RuntimeError::Spawn {
             actor: "inference",
@@ -106,9 +108,51 @@ pub fn spawn(cfg: InferenceConfig) -> Result<JoinHandle<()>> {
     }
 }
 
+/// Builds the compute, checks it against the plan, reports readiness, then serves.
+fn start(cfg: InferenceConfig, ready_tx: flume::Sender<Result<()>>) {
+    match (cfg.factory)(&cfg.file) {
+        Ok(mut compute) => {
+            if compute.n_layers() != cfg.plan.n_layers {
+                let _ = ready_tx.send(Err(RuntimeError::Config(format!(
+                    "compute expects {} layers, the file has {}",
+                    compute.n_layers(),
+                    cfg.plan.n_layers
+                ))));
+                return;
+            }
+            // An empty lookup asks whether the compute can embed without the global unit
+            // (a streamed tied head leaves no embedding table there).
+            if cfg.plan.head.is_some()
+                && !(compute.streams_output_head() && compute.embed_from_file(&[]).is_some())
+            {
+                let _ = ready_tx.send(Err(RuntimeError::Config(
+                    "the memory budget cannot hold the output head, and this compute cannot \
+                         stream it in chunks: raise the budget"
+                        .into(),
+                )));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
+            Inference {
+                cfg,
+                compute,
+                sessions: HashMap::new(),
+                requests: 0,
+            }
+            .run();
+        }
+        Err(e) => {
+            let _ = ready_tx.send(Err(e));
+        }
+    }
+}
+
 struct Inference {
     cfg: InferenceConfig,
     compute: Box<dyn ModelCompute>,
+    sessions: HashMap<SessionId, KeptSequence>,
+    /// Requests served, the clock of `KeptSequence::last_used`.
+    requests: u64,
 }
 
 impl Inference {
@@ -270,17 +314,6 @@ impl Inference {
             return Err(RuntimeError::BadRequest("empty prompt".into()));
         }
         let _span = tracing::info_span!("request", prompt_tokens = prompt.len()).entered();
-        self.cfg
-            .shared
-            .counters
-            .kv_slots_in_use
-            .fetch_add(1, Ordering::AcqRel);
-        let mut slot = KvSlot {
-            state: self.compute.new_sequence()?,
-            shared: self.cfg.shared.clone(),
-        };
-        let global = self.cfg.plan.global();
-        let n_layers = self.cfg.plan.n_layers;
         // The prompt must fit; generating until the context is full is a normal finish.
         let ctx = self.compute.context_len();
         if let Some(ctx) = ctx.filter(|&c| prompt.len() > c) {
@@ -289,17 +322,25 @@ impl Inference {
                 prompt.len()
             )));
         }
+        self.requests += 1;
+        let (mut slot, keep) = self.sequence_for(req.session, &prompt)?;
+        // `fed`: the tokens whose keys and values the sequence holds (kept for a session).
+        let mut fed: Vec<u32> = prompt[..keep].to_vec();
+        let global = self.cfg.plan.global();
+        let n_layers = self.cfg.plan.n_layers;
         let mut sampler = Sampler::new(&req.sampling, &prompt);
-        tracing::debug!(seed = sampler.seed(), "sampling");
-        let mut input = prompt;
-        let mut pos = 0usize;
+        tracing::debug!(seed = sampler.seed(), cached = keep, "sampling");
+        let mut input = prompt[keep..].to_vec();
+        let mut pos = keep;
         let mut text = Utf8Assembler::default();
+        let mut finish = FinishReason::MaxTokens;
         for index in 0..req.max_tokens {
             if let Some(e) = self.cancelled(job) {
                 return Err(e);
             }
             if ctx.is_some_and(|c| pos + input.len() > c) {
-                return Ok(FinishReason::ContextFull);
+                finish = FinishReason::ContextFull;
+                break;
             }
             let _tok = tracing::info_span!("token", index).entered();
             // The prompt's embedding rows straight from the file where the compute can: the
@@ -323,6 +364,7 @@ impl Inference {
             }
             let logits = self.output(job, &mut slot.state, &hidden)?;
             pos += input.len();
+            fed.append(&mut input);
             let token = sampler.sample(&logits);
             // The event carries the token (it was generated) but a control token's text is
             // empty: `<|im_end|>` never reaches a reply.
@@ -333,11 +375,79 @@ impl Inference {
             };
             self.send_event(job, ev)?;
             if req.stop_at_eos && self.compute.is_end_of_generation(token) {
-                return Ok(FinishReason::EndOfSequence);
+                finish = FinishReason::EndOfSequence;
+                break;
             }
             input = vec![token];
         }
-        Ok(FinishReason::MaxTokens)
+        if let Some(id) = req.session {
+            self.keep(id, slot, fed);
+        }
+        Ok(finish)
+    }
+
+    /// The sequence a request runs on and how many of its prompt tokens are already cached:
+    /// a session's kept sequence cut back to the prefix it shares with the prompt (at least
+    /// one prompt token is always fed, for the logits), else a new one.
+    fn sequence_for(
+        &mut self,
+        session: Option<SessionId>,
+        prompt: &[u32],
+    ) -> Result<(KvSlot, usize)> {
+        if let Some(mut kept) = session.and_then(|id| self.sessions.remove(&id)) {
+            let keep = kept
+                .tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(prompt.len() - 1);
+            if self.compute.resume(&mut kept.slot.state, keep)? {
+                self.cfg
+                    .shared
+                    .counters
+                    .prompt_tokens_cached
+                    .fetch_add(keep as u64, Ordering::Relaxed);
+                return Ok((kept.slot, keep));
+            }
+        }
+        self.cfg
+            .shared
+            .counters
+            .kv_slots_in_use
+            .fetch_add(1, Ordering::AcqRel);
+        let slot = KvSlot {
+            state: self.compute.new_sequence()?,
+            shared: self.cfg.shared.clone(),
+        };
+        Ok((slot, 0))
+    }
+
+    /// Keeps a finished request's sequence for its session's next turn, evicting the least
+    /// recently used session beyond `max_sessions` (its next turn starts from scratch).
+    fn keep(&mut self, id: SessionId, slot: KvSlot, tokens: Vec<u32>) {
+        if self.cfg.max_sessions == 0 {
+            return;
+        }
+        self.sessions.insert(
+            id,
+            KeptSequence {
+                slot,
+                tokens,
+                last_used: self.requests,
+            },
+        );
+        while self.sessions.len() > self.cfg.max_sessions {
+            let oldest = self
+                .sessions
+                .iter()
+                .min_by_key(|(_, k)| k.last_used)
+                .map(|(id, _)| *id);
+            match oldest {
+                Some(id) => self.sessions.remove(&id),
+                None => break,
+            };
+        }
     }
 }
 

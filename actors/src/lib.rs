@@ -51,7 +51,7 @@ pub mod uploader;
 pub use error::{Result, RuntimeError};
 pub use messages::{
     FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, Prompt, ReadMode,
-    SamplingParams, Stage, Stats, TokenEvent,
+    SamplingParams, SessionId, Stage, Stats, TokenEvent,
 };
 pub use runtime::{
     BlockingTokens, Runtime, RuntimeBuilder, RuntimeHandle, StageDelays, TokenStream,

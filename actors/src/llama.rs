@@ -186,6 +186,11 @@ impl ModelCompute for LlamaCompute {
         ))
     }
 
+    fn resume(&mut self, seq: &mut SequenceState, keep: usize) -> Result<bool> {
+        seq_mut(seq)?.truncate(keep);
+        Ok(true)
+    }
+
     fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden> {
         self.check_tokens(tokens)?;
         let d = self.model.hparams().n_embd;

@@ -103,7 +103,17 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Stop at any of the model's end-of-generation tokens (eos, eot, `<|im_end|>`, ...).
     pub stop_at_eos: bool,
+    /// A conversation whose KV cache the runtime keeps between requests: the next request of
+    /// the session prefills only what follows the prefix it shares with the last one
+    /// (`RuntimeHandle::new_session`).
+    #[serde(default)]
+    pub session: Option<SessionId>,
 }
+
+/// Names a conversation whose sequence the runtime keeps between requests (a bounded number
+/// of them, least recently used evicted first; an evicted session simply prefills again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SessionId(pub u64);
 
 impl GenerateRequest {
     /// A greedy request for `tokens` (tests and tools want the same tokens every time).
@@ -113,6 +123,7 @@ impl GenerateRequest {
             max_tokens,
             sampling: SamplingParams::greedy(),
             stop_at_eos: true,
+            session: None,
         }
     }
 
@@ -123,6 +134,7 @@ impl GenerateRequest {
             max_tokens,
             sampling: SamplingParams::greedy(),
             stop_at_eos: true,
+            session: None,
         }
     }
 }
@@ -235,6 +247,9 @@ pub struct Stats {
     pub stage_busy: Vec<StageBusy>,
     pub kv_slots_in_use: usize,
     pub requests_done: u64,
+    /// Prompt tokens a session's kept KV cache spared from prefill.
+    #[serde(default)]
+    pub prompt_tokens_cached: u64,
     pub direct_io: bool,
 }
 

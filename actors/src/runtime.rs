@@ -6,8 +6,8 @@ use crate::compute::ComputeFactory;
 use crate::error::{Result, RuntimeError};
 use crate::inference::{self, Job, StreamItem};
 use crate::messages::{
-    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, ReadMode, Stage, StageBusy,
-    Stats, TokenEvent,
+    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, ReadMode, SessionId, Stage,
+    StageBusy, Stats, TokenEvent,
 };
 use crate::plan::LoadPlan;
 use crate::residency::ResidencyBoard;
@@ -17,7 +17,7 @@ use crate::staging::StagingRing;
 use crate::{reader, transcode, uploader};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
@@ -53,6 +53,8 @@ pub struct RuntimeBuilder {
     slot_size: usize,
     upload_streams: usize,
     queue_capacity: usize,
+    max_sessions: usize,
+    compute_threads: Option<usize>,
     channel_capacity: Option<usize>,
     compute: Option<ComputeFactory>,
     delays: StageDelays,
@@ -76,6 +78,8 @@ impl Default for RuntimeBuilder {
             slot_size: 1 << 20,
             upload_streams: 1,
             queue_capacity: 16,
+            max_sessions: 4,
+            compute_threads: None,
             channel_capacity: None,
             compute: None,
             delays: StageDelays::default(),
@@ -87,6 +91,19 @@ impl Default for RuntimeBuilder {
 impl RuntimeBuilder {
     pub fn model(mut self, path: impl Into<PathBuf>) -> Self {
         self.model = Some(path.into());
+        self
+    }
+
+    /// Conversations (`GenerateRequest::session`) whose KV cache is kept between requests;
+    /// beyond it the least recently used is dropped (default 4; 0 keeps none).
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.max_sessions = n;
+        self
+    }
+
+    /// Threads the compute's parallel loops use (CPU backend); default: one per core.
+    pub fn compute_threads(mut self, n: usize) -> Self {
+        self.compute_threads = Some(n);
         self
     }
     pub fn backend(mut self, backend: Arc<dyn WeightBackend>) -> Self {
@@ -340,6 +357,8 @@ impl RuntimeBuilder {
 
         // Last: building the compute (model checks, tokenizer tables) overlaps the load.
         threads.push(start!(inference::spawn(inference::InferenceConfig {
+            max_sessions: self.max_sessions,
+            compute_threads: self.compute_threads,
             file: file.clone(),
             factory,
             plan: plan.clone(),
@@ -362,6 +381,7 @@ impl RuntimeBuilder {
                 plan,
                 budget,
                 queue_capacity: self.queue_capacity,
+                next_session: AtomicU64::new(0),
                 opened: Instant::now(),
             }),
         })
@@ -380,6 +400,7 @@ struct Inner {
     plan: Arc<LoadPlan>,
     budget: u64,
     queue_capacity: usize,
+    next_session: AtomicU64,
     opened: Instant,
 }
 
@@ -470,6 +491,12 @@ impl RuntimeHandle {
         stream
     }
 
+    /// A new conversation: requests that carry it in `GenerateRequest::session` reuse the KV
+    /// cache of the previous one for the prefix they share with it.
+    pub fn new_session(&self) -> SessionId {
+        SessionId(self.inner.next_session.fetch_add(1, Ordering::Relaxed))
+    }
+
     /// Sends a hint to the Scheduler and waits for its verdict (it never waits on I/O).
     pub fn hint(&self, hint: Hint) -> Result<()> {
         let (tx, rx) = flume::bounded(1);
@@ -550,6 +577,7 @@ impl RuntimeHandle {
                 .collect(),
             kv_slots_in_use: c.kv_slots_in_use.load(Ordering::Acquire),
             requests_done: c.requests_done.load(Ordering::Acquire),
+            prompt_tokens_cached: c.prompt_tokens_cached.load(Ordering::Relaxed),
             direct_io: c.direct_io.load(Ordering::Acquire),
         }
     }

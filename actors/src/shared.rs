@@ -18,6 +18,7 @@ pub struct Counters {
     pub misses: AtomicU64,
     pub kv_slots_in_use: AtomicUsize,
     pub requests_done: AtomicU64,
+    pub prompt_tokens_cached: AtomicU64,
     pub direct_io: AtomicBool,
 }
 

@@ -53,7 +53,7 @@ fn run_json(extra: &[&str]) -> Json {
 }
 
 #[test]
-fn pipelined_run_streams_under_budget_and_matches_direct_run() {
+fn run_under_a_40_percent_budget_streams_and_gives_the_unbounded_tokens() {
     let dir = tempfile::tempdir().expect("temp dir");
     let trace = dir.path().join("run.trace.json");
     let direct = run_json(&[]);
@@ -148,7 +148,7 @@ fn pipeline_on_hip_runs_or_says_why() {
 }
 
 #[test]
-fn bench_memory_budget_reports_ttft_split_for_both_strategies() {
+fn bench_ttft_reports_the_split_for_both_strategies() {
     let m = model();
     let out = Command::new(env!("CARGO_BIN_EXE_rocmforge"))
         .args([
@@ -161,7 +161,7 @@ fn bench_memory_budget_reports_ttft_split_for_both_strategies() {
             "4",
             "-n",
             "2",
-            "--memory-budget",
+            "--ttft",
             "100%,50%",
             "--warm",
             "--json",

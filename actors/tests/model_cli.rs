@@ -88,7 +88,12 @@ fn run_greedy_json_matches_reference() {
         case["hf_greedy_text"].as_str().unwrap().starts_with(text),
         "{text:?}"
     );
-    assert!(j["timings"]["prompt_tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(
+        j["timings"]["gen"]["prompt_tokens_per_second"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 }
 
 #[test]
@@ -136,7 +141,7 @@ fn prompt_longer_than_context_is_an_error() {
             "--prompt",
             &long,
         ],
-        "context overflow",
+        "the prompt has 41 tokens, the context holds 16",
     );
 }
 

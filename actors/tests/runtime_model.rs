@@ -150,3 +150,34 @@ fn chat_replies_carry_no_control_token_text() {
     assert!(events.last().unwrap().text.is_empty());
     rt.shutdown().unwrap();
 }
+
+/// A session's second turn prefills only what follows the shared prefix and gives the same
+/// greedy tokens as the whole conversation sent afresh.
+#[test]
+fn sessions_keep_the_kv_cache_between_turns() {
+    let rt = Runtime::builder()
+        .model(smollm2())
+        .compute(LlamaCompute::factory(SequenceConfig::default()))
+        .build()
+        .unwrap();
+    let session = rt.new_session();
+    let turn = |prompt: Vec<u32>, session| {
+        let mut r = GenerateRequest::tokens(prompt, 6);
+        r.stop_at_eos = false;
+        r.session = session;
+        rt.generate(r).collect_tokens().unwrap()
+    };
+    let first = turn(PROMPT.to_vec(), Some(session));
+    // The next turn: the first prompt, the reply, and more text.
+    let mut second_prompt = PROMPT.to_vec();
+    second_prompt.extend_from_slice(&first);
+    second_prompt.extend_from_slice(&PROMPT[..3]);
+    let cached_before = rt.stats().prompt_tokens_cached;
+    let resumed = turn(second_prompt.clone(), Some(session));
+    // Everything fed in turn one (the prompt and all but the last reply token) was kept.
+    let cached = rt.stats().prompt_tokens_cached - cached_before;
+    assert_eq!(cached as usize, PROMPT.len() + first.len() - 1);
+    let fresh = turn(second_prompt, None);
+    assert_eq!(resumed, fresh);
+    rt.shutdown().unwrap();
+}

@@ -20,7 +20,7 @@ pub mod weights;
 
 pub use error::ModelError;
 pub use forward::Model;
-pub use generate::{generate, Generation, StopReason, Timings};
+pub use generate::{Generation, StopReason, Timings};
 pub use hparams::{Arch, HParams, RopeLayout, RopeScaling};
 pub use kv::{KvCache, KvType, Sequence, SequenceConfig, DEFAULT_CTX};
 pub use names::{arch_key, tensor_name, ArchKey, TensorKind};

@@ -4,9 +4,11 @@
 //! steps from an empty cache. Each test runs once untimed (warm-up: page faults, pool spin-up)
 //! and then `-r` times; the reported figure is the median.
 
-use super::run::{build_pool, GenError};
+use super::engine::{Engine, EngineArgs};
+use super::run::ModelArgs;
+use crate::GenerateRequest;
 use clap::Args;
-use rocmforge::model::{Model, Precision, SequenceConfig};
+use rocmforge::model::Precision;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -35,21 +37,24 @@ pub struct BenchArgs {
     /// cpu, cuda or auto (CUDA when a driver and device are present, else the CPU).
     #[arg(long, default_value = "auto")]
     pub backend: rocmforge::backend::BackendKind,
-    /// CUDA: device bytes for weights (default: free memory minus KV cache and workspace).
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// CUDA: run through the runtime's actors even without a memory budget or read mode (until
+    /// the actors' GPU start-up matches it, a plain CUDA bench uses the direct CUDA loader).
     #[arg(long)]
-    pub weight_budget: Option<usize>,
-    /// Pipelined-runtime bench instead of pp/tg: cold-start time to first token split by stage,
-    /// pipelined vs load-then-compute, at each weight budget given as a percentage of the
-    /// weights (`--memory-budget 100%,50%,35%`). `-p`/`-n` set the prompt and decode lengths.
+    pub pipeline: bool,
+    /// Instead of pp/tg: cold-start time to first token split by stage, pipelined vs
+    /// load-then-compute (CPU), at each weight budget given as a percentage of the weights
+    /// (`--ttft 100%,50%,35%`). `-p`/`-n` set the prompt and decode lengths.
     #[arg(long, value_delimiter = ',', value_parser = parse_budget_percent)]
-    pub memory_budget: Vec<f64>,
-    /// Disk reader mode for `--memory-budget` runs (`read` from a cold page cache is the default).
+    pub ttft: Vec<f64>,
+    /// Disk reader mode of the `--ttft` runs (`read` from a cold page cache is the default).
     #[arg(long, default_value = "read")]
-    pub read_mode: crate::ReadMode,
-    /// With `--memory-budget`: keep the page cache (by default the model is evicted before each run).
+    pub ttft_read_mode: crate::ReadMode,
+    /// With `--ttft`: keep the page cache (by default the model is evicted before each run).
     #[arg(long)]
     pub warm: bool,
-    /// With `--memory-budget`: rounds of runs (each budget, both strategies); more than one also
+    /// With `--ttft`: rounds of runs (each budget, both strategies); more than one also
     /// prints medians and how often the pipeline won.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
@@ -67,11 +72,11 @@ fn parse_budget_percent(s: &str) -> Result<f64, String> {
     Ok(p / 100.0)
 }
 
-/// The `--memory-budget` bench: the pipelined runtime on the CPU backend.
+/// The `--ttft` bench: the pipelined runtime on the CPU backend.
 fn run_ttft(a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut cfg = crate::bench::default_config(&a.model, a.n_prompt, a.n_gen);
-    cfg.budgets = a.memory_budget.clone();
-    cfg.read_mode = a.read_mode;
+    cfg.budgets = a.ttft.clone();
+    cfg.read_mode = a.ttft_read_mode;
     cfg.cold = !a.warm;
     let rounds = crate::bench::run_ttft_repeated(&cfg, a.rounds);
     if a.json {
@@ -104,7 +109,7 @@ pub struct BenchResult {
     pub test: String,
     pub tokens_per_second: f64,
     pub samples: Vec<f64>,
-    pub backend: &'static str,
+    pub backend: String,
     pub threads: usize,
     pub model: String,
     pub precision: Precision,
@@ -126,88 +131,109 @@ pub(crate) fn tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
-fn pp(model: &Model, cfg: SequenceConfig, n: usize) -> Result<f64, GenError> {
-    let toks = tokens(n, model.n_vocab());
-    let mut seq = model.new_sequence(cfg)?;
+/// pp N: an N-token prompt into an empty cache, timed to its first token.
+fn pp(engine: &Engine, n: usize, vocab: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let mut req = GenerateRequest::tokens(tokens(n, vocab), 1);
+    req.stop_at_eos = false;
     let t0 = Instant::now();
-    model.forward(&toks, &mut seq)?;
+    engine.rt.generate(req).collect_tokens()?;
     Ok(n as f64 / t0.elapsed().as_secs_f64())
 }
 
-fn tg(model: &Model, cfg: SequenceConfig, n: usize) -> Result<f64, GenError> {
-    let toks = tokens(n, model.n_vocab());
-    let mut seq = model.new_sequence(cfg)?;
-    let t0 = Instant::now();
-    for &t in &toks {
-        model.forward(&[t], &mut seq)?;
+/// tg N: N single-token decode steps, timed between the first and the last token.
+fn tg(engine: &Engine, n: usize, vocab: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let mut req = GenerateRequest::tokens(tokens(1, vocab), n + 1);
+    req.stop_at_eos = false;
+    let mut first = None;
+    let mut last = Instant::now();
+    for ev in engine.rt.generate(req).into_blocking() {
+        ev?;
+        last = Instant::now();
+        first.get_or_insert(last);
     }
-    Ok(n as f64 / t0.elapsed().as_secs_f64())
+    let secs = first.map_or(0.0, |f| (last - f).as_secs_f64());
+    Ok(if secs > 0.0 { n as f64 / secs } else { 0.0 })
 }
 
 pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if !a.memory_budget.is_empty() {
+    if !a.ttft.is_empty() {
         if matches!(
             a.backend,
             rocmforge::backend::BackendKind::Cuda | rocmforge::backend::BackendKind::Hip
         ) {
-            return Err("--memory-budget runs the pipelined runtime, which has only the CPU backend so far; use --backend cpu (CUDA: --weight-budget)".into());
+            return Err("--ttft compares pipelined and load-then-compute on the CPU backend; use --backend cpu".into());
         }
         return run_ttft(&a);
     }
-    let early = super::gpu::open_early(a.backend, &a.model);
-    if let Some(dev) = super::gpu::select(a.backend)? {
-        return super::gpu::bench(&a, dev, early);
+    let engine_wanted = a.pipeline
+        || a.engine.memory_budget.is_some()
+        || a.engine.read_mode.is_some()
+        || a.engine.prefetch_depth.is_some()
+        || a.engine.trace.is_some();
+    let mut backend = a.backend;
+    if !engine_wanted && !super::gpu::routes_to_pipeline(a.backend) {
+        let early = super::gpu::open_early(a.backend, &a.model);
+        if let Some(dev) = super::gpu::select(a.backend)? {
+            return super::gpu::bench(&a, dev, early);
+        }
+        // `auto` fell back to the CPU: stop the GPU path's start-up work.
+        drop(early);
+        backend = rocmforge::backend::BackendKind::Cpu;
     }
-    // `auto` fell back to the CPU: stop the GPU path's start-up work (the early reader would
-    // otherwise go on reading the file beside the CPU run).
-    drop(early);
-    let model = Model::open(&a.model).map_err(|source| GenError::Model {
-        path: a.model.clone(),
-        source,
-    })?;
-    let pool = build_pool(a.threads)?;
-    let cfg = SequenceConfig {
-        ctx: Some((a.n_prompt.max(a.n_gen)).max(1)),
+    let model = ModelArgs {
+        model: a.model.clone(),
+        ctx: a.n_prompt.max(a.n_gen + 1).max(16),
         precision: a.precision,
-        kv_type: None,
+        threads: a.threads,
+    };
+    let engine = Engine::open(&model, backend, &a.engine)?;
+    let vocab = engine.tokenizer.vocab_size();
+    let threads = match engine.backend {
+        rocmforge::backend::BackendKind::Cpu => a.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
+        _ => 1,
     };
     let mut results = Vec::new();
-    type Test = fn(&Model, SequenceConfig, usize) -> Result<f64, GenError>;
+    type Test = fn(&Engine, usize, usize) -> Result<f64, Box<dyn std::error::Error>>;
     let tests: [(&str, usize, Test); 2] = [("pp", a.n_prompt, pp), ("tg", a.n_gen, tg)];
     for (name, n, f) in tests {
         if n == 0 {
             continue;
         }
-        let samples = pool.install(|| -> Result<Vec<f64>, GenError> {
-            f(&model, cfg, n)?;
-            (0..a.repetitions.max(1))
-                .map(|_| f(&model, cfg, n))
-                .collect()
-        })?;
+        // One untimed run first (page faults, pool spin-up, the load itself).
+        f(&engine, n, vocab)?;
+        let samples = (0..a.repetitions.max(1))
+            .map(|_| f(&engine, n, vocab))
+            .collect::<Result<Vec<f64>, _>>()?;
         let r = BenchResult {
             test: format!("{name}{n}"),
             tokens_per_second: median(&samples),
             samples,
-            backend: "cpu",
-            threads: pool.current_num_threads(),
+            backend: engine.backend.to_string(),
+            threads,
             model: a.model.display().to_string(),
             precision: a.precision,
         };
         if !a.json {
             println!(
-                "{:<8} {:>10.2} tok/s  (samples {:?}, cpu, {} threads, {})",
+                "{:<8} {:>10.2} tok/s  (samples {:?}, {}, {} threads, {})",
                 r.test,
                 r.tokens_per_second,
                 r.samples
                     .iter()
                     .map(|s| (s * 100.0).round() / 100.0)
                     .collect::<Vec<_>>(),
+                r.backend,
                 r.threads,
                 r.model
             );
         }
         results.push(r);
     }
+    engine.finish()?;
     if a.json {
         println!("{}", serde_json::to_string(&results)?);
     }

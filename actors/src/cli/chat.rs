@@ -1,14 +1,14 @@
-//! `rocmforge chat`: an interactive session using the model's chat template. The KV cache is
-//! kept across turns: each turn re-renders the whole conversation and only the tokens after
-//! the longest cached prefix are prefilled.
+//! `rocmforge chat`: an interactive session using the model's chat template, through the
+//! engine on any backend. The conversation is a runtime session: its KV cache is kept across
+//! turns, so each turn re-renders the whole conversation and the runtime prefills only the
+//! tokens after the prefix it already holds.
 
-use super::run::{load, GenError, Loaded, ModelArgs, SamplingArgs, TextSink};
+use super::engine::{Engine, EngineArgs};
+use super::generate::generate;
+use super::run::{GenError, ModelArgs, SamplingArgs, TextSink};
 use clap::Args;
-use rocmforge::model::{self, SequenceConfig, StopReason};
-use rocmforge::sample::Sampler;
 use rocmforge::tokenizer::ChatMessage;
 use std::io::{BufRead, Write};
-use std::ops::ControlFlow;
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
@@ -22,33 +22,28 @@ pub struct ChatArgs {
     /// Most tokens per reply.
     #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
     pub n_predict: usize,
+    /// cpu, cuda, hip or auto (a GPU when one opens, else the CPU).
+    #[arg(long, default_value = "auto")]
+    pub backend: rocmforge::backend::BackendKind,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let Loaded {
-        model,
-        tokenizer: tok,
-        pool,
-        ..
-    } = load(&a.model)?;
-    let mut seq = model
-        .new_sequence(SequenceConfig {
-            ctx: Some(a.model.ctx),
-            precision: a.model.precision,
-            kv_type: None,
-        })
-        .map_err(GenError::from)?;
-    let mut sampler = Sampler::new(a.sampling.params());
+    let engine = Engine::open(&a.model, a.backend, &a.engine)?;
+    let tok = &engine.tokenizer;
+    // One seed for the whole conversation (drawn now when none was given).
+    let sampling = a.sampling.params();
+    let mut session = engine.rt.new_session();
     let mut messages: Vec<ChatMessage> = a
         .system
         .iter()
         .map(|s| ChatMessage::new("system", s.clone()))
         .collect();
-    // Tokens whose keys and values are in `seq` (its first `seq.pos()` tokens).
-    let mut cached: Vec<u32> = Vec::new();
     eprintln!(
-        "chat with {} — /reset clears the conversation, /exit or Ctrl-D quits",
-        a.model.model.display()
+        "chat with {} on {} — /reset clears the conversation, /exit or Ctrl-D quits",
+        a.model.model.display(),
+        engine.backend,
     );
     let stdin = std::io::stdin();
     let mut line = String::new();
@@ -57,16 +52,17 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
         std::io::stderr().flush()?;
         line.clear();
         if stdin.lock().read_line(&mut line)? == 0 {
+            eprintln!();
             break;
         }
         let input = line.trim_end_matches(['\n', '\r']);
         match input.trim() {
             "" => continue,
-            "/exit" | "/quit" => break,
-            "/reset" => {
+            "/exit" | "/quit" | "/bye" => break,
+            "/reset" | "/clear" => {
                 messages.retain(|m| m.role == "system");
-                cached.clear();
-                seq.reset();
+                // A new session: the old one's cache is dropped when the runtime needs room.
+                session = engine.rt.new_session();
                 continue;
             }
             _ => {}
@@ -76,69 +72,48 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
             .apply_chat_template(&messages, true)
             .map_err(GenError::from)?;
         let context = tok.encode(&prompt, true, true).map_err(GenError::from)?;
-        // Reuse the cached prefix; at least one token must be fed to get logits.
-        let keep = cached
-            .iter()
-            .zip(&context)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(context.len().saturating_sub(1));
-        seq.truncate(keep);
-        if let Err(e) = seq.check_room(context.len() - keep + 1) {
-            eprintln!("{e}; use /reset");
-            messages.pop();
-            continue;
-        }
-        let mut sink = TextSink::new(&tok, &a.sampling.stop);
-        let mut err = None;
-        let generation = pool.install(|| {
-            model::generate(
-                &model,
-                &mut seq,
-                &mut sampler,
-                &context,
-                a.n_predict,
-                |id| tok.is_eog(id),
-                |id| match sink.push(id) {
-                    Ok((piece, stop)) => {
-                        let mut out = std::io::stdout();
-                        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-                            err = Some(GenError::from(e));
-                            return ControlFlow::Break(());
-                        }
-                        if stop {
-                            ControlFlow::Break(())
-                        } else {
-                            ControlFlow::Continue(())
-                        }
-                    }
-                    Err(e) => {
-                        err = Some(e);
-                        ControlFlow::Break(())
-                    }
-                },
-            )
-        });
-        if let Some(e) = err {
-            return Err(e.into());
-        }
-        let g = generation.map_err(GenError::from)?;
-        let tail = sink.finish().to_string();
-        println!("{tail}");
-        // The cache now holds the context and every generated token but the last.
-        cached = context;
-        cached.extend_from_slice(&g.ids[..g.ids.len().saturating_sub(1)]);
-        if g.stop_reason == StopReason::Context {
+        let mut sink = TextSink::new(tok, &a.sampling.stop);
+        let cached_before = engine.rt.stats().prompt_tokens_cached;
+        let turn = generate(
+            &engine,
+            &context,
+            a.n_predict,
+            &sampling,
+            Some(session),
+            &mut sink,
+            |piece| {
+                let mut out = std::io::stdout();
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+                Ok(())
+            },
+        );
+        let turn = match turn {
+            Ok(t) => t,
+            // A turn the runtime refuses (the conversation outgrew the context) is reported
+            // and the session goes on; anything else ends it.
+            Err(e) if matches!(e.downcast_ref(), Some(crate::RuntimeError::BadRequest(_))) => {
+                eprintln!("\n[{e}; use /reset]");
+                messages.pop();
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        println!("{}", sink.finish());
+        if turn.stop_reason == "context" {
             eprintln!("[context full: use /reset]");
         }
+        let t = &turn.timings;
         eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} tokens at {:.1} tok/s]",
-            g.timings.prompt_tokens,
-            g.timings.prompt_tokens_per_second,
-            g.ids.len(),
-            g.timings.decode_tokens_per_second
+            "[{} prompt tokens ({} cached) at {:.1} tok/s, {} tokens at {:.1} tok/s]",
+            t.prompt_tokens,
+            engine.rt.stats().prompt_tokens_cached - cached_before,
+            t.prompt_tokens_per_second,
+            turn.ids.len(),
+            t.decode_tokens_per_second
         );
         messages.push(ChatMessage::new("assistant", sink.text.trim()));
     }
+    engine.finish()?;
     Ok(())
 }

@@ -404,7 +404,6 @@ pub fn bench(
     let opt = CudaOptions {
         ctx,
         max_batch: a.n_prompt.clamp(1, 512),
-        weight_budget: a.weight_budget,
         ring: ring_for(&a.model),
         ..CudaOptions::default()
     };
@@ -521,7 +520,7 @@ fn result(a: &BenchArgs, test: String, samples: Vec<f64>) -> super::bench::Bench
         test,
         tokens_per_second: median(&samples),
         samples,
-        backend: "cuda",
+        backend: "cuda".into(),
         threads: 1,
         model: a.model.display().to_string(),
         precision: a.precision,

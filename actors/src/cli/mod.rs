@@ -4,9 +4,10 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod chat;
+pub mod engine;
+pub mod generate;
 pub mod gpu;
 pub mod inspect;
-pub mod pipelined;
 pub mod run;
 pub mod serve;
 pub mod synth;

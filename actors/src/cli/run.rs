@@ -1,14 +1,10 @@
 //! `rocmforge run`: generate text from a prompt on the CPU, streaming it to stdout.
 
 use clap::Args;
-use rocmforge::model::{self, Model, ModelError, Precision, SequenceConfig, StopReason};
-use rocmforge::sample::{Sampler, SamplingParams, StopStrings};
+use rocmforge::model::{self, ModelError, Precision};
+use rocmforge::sample::{SamplingParams, StopStrings};
 use rocmforge::tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
-use serde::Serialize;
-use std::io::Write;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// Errors of the generation commands, each naming what the user gave.
 #[derive(Debug, thiserror::Error)]
@@ -128,55 +124,16 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
     /// cpu, cuda, hip or auto (CUDA when a driver and device are present, else HIP, else the
-    /// CPU). HIP runs through the pipelined runtime (as with --pipeline).
+    /// CPU).
     #[arg(long, default_value = "auto")]
     pub backend: rocmforge::backend::BackendKind,
     #[command(flatten)]
-    pub pipeline: super::pipelined::PipelineArgs,
-}
-
-/// A loaded model with its tokenizer and the pool it runs on.
-pub struct Loaded {
-    pub model: Model,
-    pub tokenizer: Tokenizer,
-    pub pool: rayon::ThreadPool,
-    pub load_ms: f64,
-}
-
-pub fn build_pool(threads: Option<usize>) -> Result<rayon::ThreadPool, GenError> {
-    let n = threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build()
-        .map_err(|e| GenError::Threads {
-            threads: n,
-            reason: e.to_string(),
-        })
-}
-
-pub fn load(a: &ModelArgs) -> Result<Loaded, GenError> {
-    let t0 = Instant::now();
-    let model = Model::open(&a.model).map_err(|source| GenError::Model {
-        path: a.model.clone(),
-        source,
-    })?;
-    let tokenizer = Tokenizer::from_metadata(model.file().metadata()).map_err(|source| {
-        GenError::Tokenizer {
-            path: a.model.clone(),
-            source,
-        }
-    })?;
-    let pool = build_pool(a.threads)?;
-    Ok(Loaded {
-        model,
-        tokenizer,
-        pool,
-        load_ms: t0.elapsed().as_secs_f64() * 1e3,
-    })
+    pub engine: super::engine::EngineArgs,
+    /// CUDA: run through the runtime's actors even without a memory budget, read mode or trace.
+    /// (Until the actors' GPU start-up matches it, a plain CUDA `run` uses the direct CUDA
+    /// loader; see docs/ARCHITECTURE.md, "One engine".)
+    #[arg(long)]
+    pub pipeline: bool,
 }
 
 pub(crate) fn read_prompt(a: &RunArgs) -> Result<String, GenError> {
@@ -194,23 +151,6 @@ pub(crate) fn read_prompt(a: &RunArgs) -> Result<String, GenError> {
         }
         (None, None) => Err(GenError::NoPrompt),
     }
-}
-
-#[derive(Serialize)]
-struct JsonTimings {
-    load_ms: f64,
-    #[serde(flatten)]
-    gen: model::Timings,
-}
-
-#[derive(Serialize)]
-struct JsonOutput<'a> {
-    seed: u64,
-    prompt_ids: &'a [u32],
-    ids: &'a [u32],
-    text: &'a str,
-    stop_reason: StopReason,
-    timings: JsonTimings,
 }
 
 /// Streams decoded text, holding back a tail that might begin a stop string.
@@ -261,107 +201,27 @@ impl<'t> TextSink<'t> {
 
 pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let prompt = read_prompt(&a)?;
-    if a.pipeline.wanted() || super::gpu::routes_to_pipeline(a.backend) {
-        return super::pipelined::run(&a, &prompt);
-    }
-    let early = super::gpu::open_early(a.backend, &a.model.model);
-    if let Some(dev) = super::gpu::select(a.backend)? {
-        return super::gpu::run(&a, &prompt, dev, early);
-    }
-    // `auto` fell back to the CPU: stop the GPU path's start-up work (the early reader would
-    // otherwise go on reading the file beside the CPU run).
-    drop(early);
-    let loaded = load(&a.model)?;
-    let Loaded {
-        model,
-        tokenizer: tok,
-        pool,
-        load_ms,
-    } = &loaded;
-    let prompt_ids = tok.encode(&prompt, true, true).map_err(GenError::from)?;
-    let mut seq = model
-        .new_sequence(SequenceConfig {
-            ctx: Some(a.model.ctx),
-            precision: a.model.precision,
-            kv_type: None,
-        })
-        .map_err(GenError::from)?;
-    if prompt_ids.is_empty() {
-        return Err(GenError::Run(ModelError::EmptyPrompt).into());
-    }
-    // Leave room for at least one generated token.
-    seq.check_room(prompt_ids.len() + 1)
-        .map_err(GenError::from)?;
-    let mut sampler = Sampler::new(a.sampling.params());
-    let mut sink = TextSink::new(tok, &a.sampling.stop);
-    // `Stdout`, not a lock: the callback runs inside the pool and must be `Send`.
-    let mut out = std::io::stdout();
-    let mut io_err = None;
-    let generation = pool.install(|| {
-        model::generate(
-            model,
-            &mut seq,
-            &mut sampler,
-            &prompt_ids,
-            a.n_predict,
-            |id| tok.is_eog(id),
-            |id| {
-                let (piece, stop) = match sink.push(id) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        io_err = Some(e);
-                        return ControlFlow::Break(());
-                    }
-                };
-                if !a.json && !piece.is_empty() {
-                    // Flush per token: the user watches the text appear.
-                    if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-                        io_err = Some(e.into());
-                        return ControlFlow::Break(());
-                    }
-                }
-                if stop {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
+    // The direct CUDA loader stays only for a plain CUDA `run` (see `pipeline`'s doc).
+    let engine_wanted = a.pipeline
+        || a.engine.memory_budget.is_some()
+        || a.engine.read_mode.is_some()
+        || a.engine.prefetch_depth.is_some()
+        || a.engine.trace.is_some();
+    if !engine_wanted && !super::gpu::routes_to_pipeline(a.backend) {
+        let early = super::gpu::open_early(a.backend, &a.model.model);
+        if let Some(dev) = super::gpu::select(a.backend)? {
+            return super::gpu::run(&a, &prompt, dev, early);
+        }
+        // `auto` fell back to the CPU: stop the GPU path's start-up work (the early reader
+        // would otherwise go on reading the file beside the CPU run).
+        drop(early);
+        return super::generate::run(
+            &RunArgs {
+                backend: rocmforge::backend::BackendKind::Cpu,
+                ..a
             },
-        )
-    });
-    if let Some(e) = io_err {
-        return Err(e.into());
-    }
-    let generation = generation.map_err(GenError::from)?;
-    let tail = sink.finish().to_string();
-    let t = &generation.timings;
-    if a.json {
-        let j = JsonOutput {
-            seed: sampler.seed(),
-            prompt_ids: &prompt_ids,
-            ids: &generation.ids,
-            text: &sink.text,
-            stop_reason: generation.stop_reason,
-            timings: JsonTimings {
-                load_ms: *load_ms,
-                gen: t.clone(),
-            },
-        };
-        serde_json::to_writer(&mut out, &j)?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{tail}")?;
-        writeln!(out)?;
-        out.flush()?;
-        eprintln!(
-            "load: {load_ms:.0} ms | prompt: {} tokens in {:.1} ms ({:.1} tok/s) | decode: {} tokens in {:.1} ms ({:.1} tok/s) | stop: {:?}",
-            t.prompt_tokens,
-            t.prompt_ms,
-            t.prompt_tokens_per_second,
-            t.decode_tokens,
-            t.decode_ms,
-            t.decode_tokens_per_second,
-            generation.stop_reason,
+            &prompt,
         );
     }
-    Ok(())
+    super::generate::run(&a, &prompt)
 }

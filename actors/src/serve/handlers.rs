@@ -254,6 +254,7 @@ async fn start(
         max_tokens,
         sampling: checked.sampling.clone(),
         stop_at_eos: true,
+        session: None,
     };
     let gen = Generation::admit(
         s.runtime.generate(request),

@@ -490,7 +490,7 @@ impl CudaModel {
         if max_new == 0 {
             self.stream.synchronize()?;
             timings.prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
-            return Ok(finish(ids, StopReason::Length, timings));
+            return Ok(Generation::finish(ids, StopReason::Length, timings));
         }
         let mut next = pick(self, &all)?;
         timings.prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -515,7 +515,7 @@ impl CudaModel {
             next = pick(self, &all)?;
         };
         timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-        Ok(finish(ids, stop, timings))
+        Ok(Generation::finish(ids, stop, timings))
     }
 
     /// `n` decode steps from the current position with greedy device sampling (bench `tg`).
@@ -533,24 +533,6 @@ impl CudaModel {
         self.forward_tokens(tokens)?;
         self.stream.synchronize()?;
         Ok(())
-    }
-}
-
-fn per_second(n: usize, ms: f64) -> f64 {
-    if ms > 0.0 {
-        n as f64 * 1000.0 / ms
-    } else {
-        0.0
-    }
-}
-
-fn finish(ids: Vec<u32>, stop_reason: StopReason, mut timings: Timings) -> Generation {
-    timings.prompt_tokens_per_second = per_second(timings.prompt_tokens, timings.prompt_ms);
-    timings.decode_tokens_per_second = per_second(timings.decode_tokens, timings.decode_ms);
-    Generation {
-        ids,
-        stop_reason,
-        timings,
     }
 }
 
