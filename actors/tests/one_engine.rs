@@ -68,7 +68,7 @@ async fn the_same_greedy_reply_through_run_chat_serve_and_the_api() {
     );
     let chat_text = String::from_utf8_lossy(&chat.stdout).trim_end().to_string();
 
-    let rt = Runtime::builder().model(&m).build().unwrap();
+    let rt = Runtime::builder().model(m).build().unwrap();
     let mut req = GenerateRequest::text(prompt.clone(), N.parse().unwrap());
     req.sampling = SamplingParams::greedy();
     let api_text: String = rt
