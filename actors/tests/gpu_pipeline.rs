@@ -7,6 +7,8 @@
 //! Gating (tests/common/gpu.rs): the CUDA and HIP instances are ignored unless the `gpu-tests`
 //! feature is on and fail without a device when it is. The no-device tests are compiled out
 //! with `gpu-tests` (a device is then expected) and fail where a device is present anyway.
+// With `hip` and `gpu-tests` every no-device test is compiled out, and some imports with them.
+#![cfg_attr(all(feature = "hip", feature = "gpu-tests"), allow(unused_imports))]
 
 #[macro_use]
 #[path = "../../tests/common/gpu.rs"]
