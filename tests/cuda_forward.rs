@@ -1,9 +1,13 @@
-//! The CUDA forward pass against the CPU backend on the same model (GPU needed; skips with a
-//! printed reason without one): logits relative error of the prompt, 32 greedy tokens on the
+//! The CUDA forward pass against the CPU backend on the same model: logits relative error of the prompt, 32 greedy tokens on the
 //! SmolLM2 reference prompts (the synthetic model: up to its first near-tie), the same tokens with
 //! a 40% weight budget (streamed layers), and bit-equal repeats on each side.
-//! Models: `ROCMFORGE_TEST_MODEL` (SmolLM2) and optionally `ROCMFORGE_SYNTH_MODEL` (synthetic 1B).
+//! Models: `ROCMFORGE_TEST_MODEL` (SmolLM2) and `ROCMFORGE_SYNTH_MODEL` (a synthetic 1B, made
+//! with `rocmforge synth --preset 1b`). Needs a CUDA device: ignored unless the `gpu-tests`
+//! feature is on, and failing without a device or a model when it is (tests/common/gpu.rs).
+//! This is CUDA's own forward pass (`CudaModel`); the vendor-neutral one is covered per backend
+//! by actors/tests/gpu_pipeline.rs.
 
+#[macro_use]
 mod common;
 
 use rocmforge::backend::cuda::forward::{CudaModel, CudaOptions};
@@ -20,16 +24,6 @@ struct Case {
 }
 
 const STEPS: usize = 32;
-
-fn device() -> Option<Arc<CudaDevice>> {
-    match CudaDevice::open(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-    }
-}
 
 /// Top-1 minus top-2 logit, relative to the largest |logit|: how near a step is to a tie.
 fn rel_margin(logits: &[f32]) -> f32 {
@@ -113,8 +107,7 @@ fn decisive_prefix(margins: &[f32]) -> usize {
         .unwrap_or(margins.len())
 }
 
-fn check_model(path: &std::path::Path, label: &str, require_all_steps: bool) {
-    let Some(dev) = device() else { return };
+fn check_model(dev: Arc<CudaDevice>, path: &std::path::Path, label: &str, require_all_steps: bool) {
     let model = Arc::new(Model::open(path).unwrap());
     let cases: Vec<Case> = serde_json::from_slice(
         &std::fs::read(common::data_dir().join("smollm2-logits/cases.json")).unwrap(),
@@ -195,15 +188,16 @@ fn check_model(path: &std::path::Path, label: &str, require_all_steps: bool) {
     assert!(worst < MAX_REL_ERR, "worst logits relative error {worst}");
 }
 
-#[test]
-fn smollm2_cuda_matches_cpu() {
-    check_model(&common::smollm2_path(), "SmolLM2-135M Q4_1", true);
-}
+gpu_test!(cuda: fn smollm2_cuda_matches_cpu() {
+    let dev = require_device!(cuda);
+    check_model(dev, &common::smollm2_path(), "SmolLM2-135M Q4_1", true);
+});
 
-#[test]
-fn synth_cuda_matches_cpu() {
-    match std::env::var_os("ROCMFORGE_SYNTH_MODEL") {
-        Some(p) => check_model(std::path::Path::new(&p), "synth 1B Q4_0", false),
-        None => eprintln!("skipping: ROCMFORGE_SYNTH_MODEL not set"),
-    }
-}
+gpu_test!(cuda: fn synth_cuda_matches_cpu() {
+    let dev = require_device!(cuda);
+    let path = std::env::var_os("ROCMFORGE_SYNTH_MODEL").expect(
+        "ROCMFORGE_SYNTH_MODEL is not set: point it at `rocmforge synth --preset 1b --qtype q4_0` \
+         output (scripts/device-check.sh makes one)",
+    );
+    check_model(dev, std::path::Path::new(&path), "synth 1B Q4_0", false);
+});

@@ -1,10 +1,14 @@
 //! Every CUDA kernel against the CPU reference on random non-zero inputs, on the device.
 //! Prints one table row per (kernel, type): relative error, tolerance, verdict; fails if any
-//! row is over its tolerance. Without a CUDA driver/device it prints the reason and passes.
+//! row is over its tolerance. Needs a CUDA device: ignored unless the `gpu-tests` feature is on,
+//! and failing without a device when it is (tests/common/gpu.rs).
 //!
 //! Error measure: max |gpu - ref| / max |ref| over the output (0 for integer outputs, which
 //! must match exactly). References: `rocmforge::quant::dequantize_ref` / `matvec_exact`
 //! (weights), f64 loops here for the float ops.
+
+#[macro_use]
+mod common;
 
 use half::f16;
 use rand::{Rng, SeedableRng};
@@ -77,20 +81,6 @@ fn rel_err(gpu: &[f32], reference: &[f32]) -> f64 {
         return f64::INFINITY;
     }
     diff / scale
-}
-
-fn open() -> Option<std::sync::Arc<CudaDevice>> {
-    match CudaDevice::open(0) {
-        Ok(d) => {
-            println!("device: {}", d.describe());
-            Some(d)
-        }
-        Err(e @ BackendError::NoDevice { .. }) => {
-            println!("SKIP cuda_kernels: {e}");
-            None
-        }
-        Err(e) => panic!("CUDA device present but unusable: {e}"),
-    }
 }
 
 fn rand_f16_bytes(rng: &mut ChaCha8Rng, lo: f32, hi: f32) -> [u8; 2] {
@@ -725,9 +715,12 @@ fn print_mmvq_bandwidth(d: &CudaDevice, s: &Stream, rng: &mut ChaCha8Rng) {
     }
 }
 
-#[test]
-fn cuda_kernels_match_cpu_reference() {
-    let Some(d) = open() else { return };
+gpu_test!(cuda: fn cuda_kernels_match_cpu_reference() {
+    check_every_kernel(&*require_device!(cuda));
+});
+
+fn check_every_kernel(d: &CudaDevice) {
+    println!("device: {}", d.describe());
     let s = d.new_stream().expect("stream");
     let mut t = Table::default();
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_cafe);
@@ -755,11 +748,11 @@ fn cuda_kernels_match_cpu_reference() {
         t0.elapsed().as_secs_f64()
     );
 
-    check_weights(&d, &s, &mut t, &mut rng);
-    check_float_ops(&d, &s, &mut t, &mut rng);
-    check_attention(&d, &s, &mut t, &mut rng);
-    check_sampling(&d, &s, &mut t, &mut rng);
-    check_memory_and_events(&d, &s, &mut t);
-    print_mmvq_bandwidth(&d, &s, &mut rng);
+    check_weights(d, &s, &mut t, &mut rng);
+    check_float_ops(d, &s, &mut t, &mut rng);
+    check_attention(d, &s, &mut t, &mut rng);
+    check_sampling(d, &s, &mut t, &mut rng);
+    check_memory_and_events(d, &s, &mut t);
+    print_mmvq_bandwidth(d, &s, &mut rng);
     t.print_and_check();
 }

@@ -3,7 +3,11 @@
 //! (`kernels/gemm.cu`) on CUDA and, with the `hip` feature, on HIP; cuBLAS on CUDA for
 //! comparison. Shapes are chosen so rows, k and n are not multiples of the 64 x 64 x 32 tile, one
 //! writes a column range of a wider output (`ldy > rows`, the weight-tile case) and checks that
-//! the columns around it are untouched. Needs a GPU: skips with a printed reason without one.
+//! the columns around it are untouched. Needs a GPU: ignored unless the `gpu-tests` feature is
+//! on, and failing without a device when it is (tests/common/gpu.rs).
+
+#[macro_use]
+mod common;
 
 use half::f16;
 use rand::{Rng, SeedableRng};
@@ -125,19 +129,9 @@ fn check_device<D: KernelDevice>(dev: &D) {
     }
 }
 
-#[test]
-fn portable_gemm_matches_cpu_on_cuda() {
-    match rocmforge::backend::cuda::CudaDevice::open(0) {
-        Ok(dev) => check_device(&*dev),
-        Err(e) => eprintln!("skipping: {e}"),
-    }
-}
-
-#[cfg(feature = "hip")]
-#[test]
-fn portable_gemm_matches_cpu_on_hip() {
-    match rocmforge::backend::hip::HipDevice::open(0) {
-        Ok(dev) => check_device(&*dev),
-        Err(e) => eprintln!("skipping: {e}"),
+backend_test! {
+    /// `portable_gemm_matches_cpu::cuda` and, with the `hip` feature, `::hip`.
+    fn portable_gemm_matches_cpu(dev: &impl KernelDevice) {
+        check_device(dev);
     }
 }

@@ -1,11 +1,17 @@
 //! The HIP backend with the `hip` feature: on a machine without an AMD GPU (CI, and every
 //! machine this project has had so far) opening a device is the typed "no HIP device" error and
-//! `auto` falls back to the CPU with that reason. Where a GPU is present, the same tests run a
-//! smoke test of every runtime role instead (memory, pinned ring, streams, events, module load
-//! and launch). That branch has NOT been run on AMD hardware yet (docs/HIP.md).
+//! `auto` falls back to the CPU with that reason; where a GPU is present, those tests check the
+//! device instead. `runtime_roles_on_a_device` is a smoke test of every runtime role (memory,
+//! pinned ring, streams, events, module load and launch): it needs a device, so it is ignored
+//! unless the `gpu-tests` feature is on and fails without one when it is. It has NOT been run on
+//! AMD hardware yet (docs/HIP.md).
 //!
-//! ROCMFORGE_REQUIRE_HIP_DEVICE=1 makes a missing device a failure (for a future AMD runner).
+//! The `gpu-tests` feature, or ROCMFORGE_REQUIRE_HIP_DEVICE=1, makes a missing device a failure
+//! in every test here (for a future AMD runner).
 #![cfg(feature = "hip")]
+
+#[macro_use]
+mod common;
 
 use std::sync::Arc;
 
@@ -22,6 +28,10 @@ fn device_or_no_device() -> Option<Arc<HipDevice>> {
             assert!(
                 std::env::var("ROCMFORGE_REQUIRE_HIP_DEVICE").as_deref() != Ok("1"),
                 "ROCMFORGE_REQUIRE_HIP_DEVICE=1 but: {e}"
+            );
+            assert!(
+                !cfg!(feature = "gpu-tests"),
+                "GPU tests requested (feature gpu-tests) but: {e}"
             );
             match &e {
                 BackendError::NoDevice { backend, reason } => {
@@ -90,12 +100,11 @@ fn auto_falls_back_to_cpu_with_the_hip_reason() {
     }
 }
 
-/// Everything below needs a GPU; on this project's machines it returns at the first line.
-#[test]
-fn runtime_roles_on_a_device() {
-    let Some(d) = device_or_no_device() else {
-        return;
-    };
+gpu_test!(hip: fn runtime_roles_on_a_device() {
+    check_runtime_roles(&require_device!(hip));
+});
+
+fn check_runtime_roles(d: &Arc<HipDevice>) {
     // Memory round trip.
     let data: Vec<f32> = (0..4096).map(|i| (i as f32).sin()).collect();
     let buf = d.upload(&data, "smoke").expect("upload");

