@@ -249,7 +249,9 @@ fn slot_returns_to_the_ring_only_after_its_copy_completed() {
     let dev = MockDevice::new(1 << 20);
     let b = backend(&dev, 0);
     let ring = StagingRing::with_memory(2, 16, |n| b.alloc_staging(n)).expect("ring");
-    let mut slot = ring.acquire(|| false).expect("slot");
+    let mut slot = ring
+        .acquire(&tokio_util::sync::CancellationToken::new())
+        .expect("slot");
     let data: Vec<u8> = (1..=16).collect();
     slot.buffer_mut().copy_from_slice(&data);
     slot.len = 16;
@@ -277,7 +279,9 @@ fn pageable_slots_fall_back_to_a_synchronous_copy() {
     let dev = MockDevice::new(1 << 20);
     let b = backend(&dev, 0);
     let ring = StagingRing::new(1, 8);
-    let mut slot = ring.acquire(|| false).expect("slot");
+    let mut slot = ring
+        .acquire(&tokio_util::sync::CancellationToken::new())
+        .expect("slot");
     slot.buffer_mut().copy_from_slice(&[9; 8]);
     slot.len = 8;
     let mut region = b.alloc(8).expect("region");
@@ -285,7 +289,9 @@ fn pageable_slots_fall_back_to_a_synchronous_copy() {
     assert_eq!(region_bytes(&*region), vec![9; 8]);
     assert_eq!(ring.free_slots(), 1);
     // Overrunning the region is an error, not a write past the end.
-    let mut slot = ring.acquire(|| false).expect("slot");
+    let mut slot = ring
+        .acquire(&tokio_util::sync::CancellationToken::new())
+        .expect("slot");
     slot.len = 8;
     assert!(b.upload_slot(&mut *region, 4, slot, 0).is_err());
 }
@@ -324,7 +330,9 @@ fn freeing_a_region_waits_for_its_last_use() {
     let dev = MockDevice::new(1 << 20);
     let b = backend(&dev, 0);
     let ring = StagingRing::with_memory(1, 4, |n| b.alloc_staging(n)).expect("ring");
-    let mut slot = ring.acquire(|| false).expect("slot");
+    let mut slot = ring
+        .acquire(&tokio_util::sync::CancellationToken::new())
+        .expect("slot");
     slot.len = 4;
     let mut region = b.alloc(4).expect("region");
     b.upload_slot(&mut *region, 0, slot, 0).expect("queued");

@@ -212,15 +212,14 @@ impl Inference {
         let sched = self.cfg.sched.clone();
         let acquired = {
             let _w = tracing::info_span!("wait", layer).entered();
-            let cancel = &job.cancel;
-            let root = &self.cfg.cancel;
-            let events = &job.events;
+            // The request's token is a child of the runtime's and fires when its stream is
+            // dropped, so it covers shutdown and a consumer that went away.
             self.cfg.board.acquire(
                 unit,
                 || {
                     let _ = sched.send(SchedMsg::Need { unit });
                 },
-                || cancel.is_cancelled() || root.is_cancelled() || events.is_disconnected(),
+                &job.cancel,
             )
         };
         let acquired = match acquired {
@@ -251,21 +250,10 @@ impl Inference {
     /// Sends a token, waiting for a slow consumer but noticing cancellation and shutdown (a
     /// plain blocking send could wait forever on a stream nobody reads).
     fn send_event(&self, job: &Job, ev: TokenEvent) -> Result<()> {
-        let mut item = Ok(ev);
-        loop {
-            if let Some(e) = self.cancelled(job) {
-                return Err(e);
-            }
-            match job
-                .events
-                .send_timeout(item, std::time::Duration::from_millis(20))
-            {
-                Ok(()) => return Ok(()),
-                Err(flume::SendTimeoutError::Timeout(back)) => item = back,
-                Err(flume::SendTimeoutError::Disconnected(_)) => {
-                    return Err(RuntimeError::Cancelled)
-                }
-            }
+        match crate::shared::block_on_or_cancel(job.events.send_async(Ok(ev)), &job.cancel) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(_)) => Err(RuntimeError::Cancelled),
+            None => Err(self.cancelled(job).unwrap_or(RuntimeError::Cancelled)),
         }
     }
 

@@ -310,7 +310,7 @@ impl Reader {
         }
         let mut slot = cfg
             .ring
-            .acquire(|| cfg.cancel.is_cancelled())
+            .acquire(&cfg.cancel)
             .ok_or(RuntimeError::Cancelled)?;
         let read_err = |source| RuntimeError::Read {
             path: cfg.path.clone(),

@@ -13,8 +13,8 @@ use crate::plan::TensorSlot;
 use memmap2::Mmap;
 use rocmforge::quant::qtype::GgmlType;
 use std::ops::Range;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio_util::sync::CancellationToken;
 
 /// Where a resident unit's bytes live.
 pub enum LayerMemory {
@@ -134,7 +134,8 @@ pub enum Eviction {
 
 pub struct ResidencyBoard {
     inner: Mutex<BoardInner>,
-    cv: Condvar,
+    /// Woken (all waiters) whenever an entry changes or the board closes.
+    changed: tokio::sync::Notify,
 }
 
 impl ResidencyBoard {
@@ -144,7 +145,7 @@ impl ResidencyBoard {
                 entries: (0..n_units).map(|_| None).collect(),
                 closed: false,
             }),
-            cv: Condvar::new(),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -165,7 +166,7 @@ impl ResidencyBoard {
             });
         }
         drop(g);
-        self.cv.notify_all();
+        self.changed.notify_waiters();
     }
 
     pub fn fail(&self, unit: usize, message: String) {
@@ -174,13 +175,13 @@ impl ResidencyBoard {
             *slot = Some(Entry::Failed(message));
         }
         drop(g);
-        self.cv.notify_all();
+        self.changed.notify_waiters();
     }
 
     /// Wakes every waiter with `ShutDown`.
     pub fn close(&self) {
         self.lock().closed = true;
-        self.cv.notify_all();
+        self.changed.notify_waiters();
     }
 
     /// Drops every entry nobody uses (shutdown).
@@ -202,12 +203,12 @@ impl ResidencyBoard {
 
     /// Waits until `unit` is resident and takes a use of it. `on_miss` runs once, without the lock,
     /// when the unit is not there at the first look (Inference tells the Scheduler it needs it).
-    /// `cancelled` is polled while waiting so a dropped request stops within one wait tick.
+    /// The wait ends at once when `cancel` fires (a dropped request, shutdown).
     pub fn acquire(
         &self,
         unit: usize,
         mut on_miss: impl FnMut(),
-        cancelled: impl Fn() -> bool,
+        cancel: &CancellationToken,
     ) -> Result<Acquired> {
         let mut hit = true;
         let mut g = self.lock();
@@ -238,7 +239,7 @@ impl ResidencyBoard {
                 }
                 _ => {}
             }
-            if cancelled() {
+            if cancel.is_cancelled() {
                 return Err(RuntimeError::Cancelled);
             }
             if hit {
@@ -248,12 +249,15 @@ impl ResidencyBoard {
                 g = self.lock();
                 continue;
             }
-            // The tick bounds how late a cancellation is noticed; loads notify at once.
-            g = self
-                .cv
-                .wait_timeout(g, Duration::from_millis(20))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            // Registered before the lock is released: every change is made under the lock and
+            // announced after it, so none is missed between the look above and the wait.
+            let mut changed = std::pin::pin!(self.changed.notified());
+            changed.as_mut().enable();
+            drop(g);
+            if crate::shared::block_on_or_cancel(changed, cancel).is_none() {
+                return Err(RuntimeError::Cancelled);
+            }
+            g = self.lock();
         }
     }
 
@@ -280,13 +284,19 @@ impl ResidencyBoard {
     /// Returns true when the unit is resident and no longer doomed.
     pub fn undoom(&self, unit: usize) -> bool {
         let mut g = self.lock();
-        match g.entries.get_mut(unit) {
+        let back = match g.entries.get_mut(unit) {
             Some(Some(Entry::Resident { doomed, .. })) => {
                 *doomed = false;
                 true
             }
             _ => false,
+        };
+        drop(g);
+        // A waiter may be waiting for exactly this unit to be usable again.
+        if back {
+            self.changed.notify_waiters();
         }
+        back
     }
 
     /// Evicts a unit: frees it now, or (in use) marks it to be freed by the last `release`.

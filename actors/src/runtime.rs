@@ -261,8 +261,11 @@ impl RuntimeBuilder {
             0
         })?;
         let cap = |reason_default: usize| self.channel_capacity.unwrap_or(reason_default);
-        // One outstanding job per unit at most; the Scheduler queues locally if this fills.
-        let (jobs_tx, jobs_rx) = flume::bounded(cap(plan.units.len() + 1));
+        // Read jobs: the Scheduler keeps at most `2 * readers` units in flight, each split into
+        // at most `readers` parts, so its `try_send` never finds this full and it never needs a
+        // timer to retry (not shrunk by `channel_capacity` for that reason).
+        let readers = self.readers.max(1);
+        let (jobs_tx, jobs_rx) = flume::bounded(2 * readers * readers);
         // One chunk in hand per reader while the next one is read.
         let (chunk_tx, chunk_rx) = flume::bounded(cap(2 * self.readers));
         // Staged chunks hold staging slots; the ring bounds them anyway.
@@ -412,6 +415,7 @@ impl Inner {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.cancel.cancel();
         self.board.close();
+        self.shared.announce_load_event();
         let threads: Vec<JoinHandle<()>> =
             std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         let mut panicked = 0;
@@ -514,25 +518,30 @@ impl RuntimeHandle {
     /// Blocks until the initial load (resident set and first window) is in, or `timeout`.
     pub fn wait_loaded(&self, timeout: Duration) -> Result<()> {
         let until = Instant::now() + timeout;
-        while !self
-            .inner
-            .shared
-            .counters
-            .initial_done
-            .load(Ordering::Acquire)
-        {
+        let shared = &self.inner.shared;
+        let (lock, cv) = &shared.load_events;
+        // The flag is set before the event is announced under this lock: checked under it,
+        // no announcement is missed.
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if shared.counters.initial_done.load(Ordering::Acquire) {
+                return Ok(());
+            }
             if self.inner.cancel.is_cancelled() {
                 return Err(RuntimeError::ShutDown);
             }
-            if Instant::now() > until {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(RuntimeError::Stage {
                     stage: "load",
                     message: format!("initial load not done after {timeout:?}"),
                 });
             }
-            std::thread::sleep(Duration::from_millis(1));
+            g = cv
+                .wait_timeout(g, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
-        Ok(())
     }
 
     pub fn is_shut_down(&self) -> bool {

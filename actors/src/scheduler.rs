@@ -29,13 +29,13 @@ use crate::messages::Hint;
 use crate::plan::LoadPlan;
 use crate::reader::ReadJob;
 use crate::residency::{Eviction, LayerMemory, ResidencyBoard, ResidentLayer};
-use crate::shared::{ResidencySnapshot, Shared};
+use crate::shared::{recv_or_cancel, ResidencySnapshot, Shared};
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub enum SchedMsg {
@@ -311,27 +311,15 @@ impl Scheduler {
 
     fn run(mut self) {
         self.act();
-        loop {
-            if self.cfg.cancel.is_cancelled() {
-                break;
-            }
-            // Wakes periodically only while read jobs wait in the local queue.
-            let timeout = if self.overflow.is_empty() {
-                Duration::from_millis(50)
-            } else {
-                Duration::from_millis(2)
-            };
-            match self.cfg.inbox.recv_timeout(timeout) {
-                Ok(msg) => {
-                    let start = Instant::now();
-                    self.handle(msg);
-                    self.cfg
-                        .shared
-                        .add_busy(crate::messages::Stage::Schedule, start);
-                }
-                Err(flume::RecvTimeoutError::Timeout) => self.flush(),
-                Err(flume::RecvTimeoutError::Disconnected) => break,
-            }
+        // The readers' channel holds every job the in-flight limit allows (runtime.rs), so
+        // `overflow` stays empty; should it ever fill, the next message flushes it.
+        while let Some(msg) = recv_or_cancel(&self.cfg.inbox, &self.cfg.cancel) {
+            let start = Instant::now();
+            self.handle(msg);
+            self.flush();
+            self.cfg
+                .shared
+                .add_busy(crate::messages::Stage::Schedule, start);
         }
         self.cfg.board.close();
     }
@@ -391,6 +379,7 @@ impl Scheduler {
                     .counters
                     .initial_done
                     .store(true, Ordering::Release);
+                self.cfg.shared.announce_load_event();
             }
         }
     }

@@ -40,6 +40,8 @@ pub struct ResidencySnapshot {
 pub struct Shared {
     pub counters: Counters,
     pub residency: Mutex<ResidencySnapshot>,
+    /// Signalled when the initial load is done and at shutdown (`RuntimeHandle::wait_loaded`).
+    pub load_events: (Mutex<()>, std::sync::Condvar),
 }
 
 fn stage_index(s: Stage) -> usize {
@@ -53,6 +55,12 @@ fn stage_index(s: Stage) -> usize {
 }
 
 impl Shared {
+    /// Wakes everyone in `wait_loaded` to look again (the load finished, or shutdown).
+    pub fn announce_load_event(&self) {
+        let _g = self.load_events.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.load_events.1.notify_all();
+    }
+
     pub fn add_busy(&self, stage: Stage, since: Instant) {
         let ns = since.elapsed().as_nanos().min(u64::MAX as u128) as u64;
         self.counters.busy_ns[stage_index(stage)].fetch_add(ns, Ordering::Relaxed);
@@ -81,21 +89,27 @@ impl Shared {
     }
 }
 
-/// Receives a message, or `None` once `cancel` fires or every sender is gone. Wakes every 20 ms
-/// to notice cancellation: flume has no cancellation-aware blocking receive, and actor threads
-/// are plain OS threads (CPU work must not sit on the async runtime).
+/// Blocks this actor thread on `fut` until it completes, or returns `None` as soon as `cancel`
+/// fires (checked first). Actor threads are plain OS threads (CPU work must not sit on the async
+/// runtime), so this drives the two futures itself: nothing polls on a timer, the thread sleeps
+/// until one of them wakes it.
+pub fn block_on_or_cancel<F: std::future::Future>(
+    fut: F,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<F::Output> {
+    futures::executor::block_on(async {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => None,
+            v = fut => Some(v),
+        }
+    })
+}
+
+/// Receives a message, or `None` once `cancel` fires or every sender is gone.
 pub fn recv_or_cancel<T>(
     rx: &flume::Receiver<T>,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<T> {
-    loop {
-        if cancel.is_cancelled() {
-            return None;
-        }
-        match rx.recv_timeout(std::time::Duration::from_millis(20)) {
-            Ok(m) => return Some(m),
-            Err(flume::RecvTimeoutError::Timeout) => continue,
-            Err(flume::RecvTimeoutError::Disconnected) => return None,
-        }
-    }
+    block_on_or_cancel(rx.recv_async(), cancel).and_then(Result::ok)
 }

@@ -7,7 +7,7 @@
 
 use std::any::Any;
 use std::sync::Arc;
-use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// The memory behind one staging slot.
 pub trait SlotMemory: Send + Sync + 'static {
@@ -130,25 +130,14 @@ impl StagingRing {
         self.shared.free_rx.len()
     }
 
-    /// Waits for a free slot; `None` once `cancelled()` turns true.
-    pub fn acquire(&self, cancelled: impl Fn() -> bool) -> Option<StagingSlot> {
-        loop {
-            if cancelled() {
-                return None;
-            }
-            // The timeout bounds how late cancellation is noticed.
-            match self.shared.free_rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(buf) => {
-                    return Some(StagingSlot {
-                        buf: Some(buf),
-                        len: 0,
-                        home: self.shared.free_tx.clone(),
-                    })
-                }
-                Err(flume::RecvTimeoutError::Timeout) => continue,
-                Err(flume::RecvTimeoutError::Disconnected) => return None,
-            }
-        }
+    /// Waits for a free slot; `None` once `cancel` fires.
+    pub fn acquire(&self, cancel: &CancellationToken) -> Option<StagingSlot> {
+        let buf = crate::shared::recv_or_cancel(&self.shared.free_rx, cancel)?;
+        Some(StagingSlot {
+            buf: Some(buf),
+            len: 0,
+            home: self.shared.free_tx.clone(),
+        })
     }
 }
 
@@ -159,11 +148,14 @@ mod tests {
     #[test]
     fn slots_come_back_on_drop() {
         let ring = StagingRing::new(2, 16);
-        let a = ring.acquire(|| false).unwrap();
-        let b = ring.acquire(|| false).unwrap();
+        let live = CancellationToken::new();
+        let a = ring.acquire(&live).unwrap();
+        let b = ring.acquire(&live).unwrap();
         assert_eq!(ring.free_slots(), 0);
         // Empty ring + cancellation: returns instead of hanging.
-        assert!(ring.acquire(|| true).is_none());
+        let cancelled = CancellationToken::new();
+        cancelled.cancel();
+        assert!(ring.acquire(&cancelled).is_none());
         drop(a);
         drop(b);
         assert_eq!(ring.free_slots(), 2);

@@ -199,7 +199,7 @@ impl Job {
         let result = (|| -> Result<Staged> {
             let mut dst = self
                 .ring
-                .acquire(|| self.cancel.is_cancelled())
+                .acquire(&self.cancel)
                 .ok_or(RuntimeError::Cancelled)?;
             let dev_len = self.backend.transcoded_bytes(t.ty, chunk.len as u64) as usize;
             if dev_len > dst.buffer_mut().len() {
