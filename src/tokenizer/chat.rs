@@ -170,8 +170,7 @@ impl ChatTemplate {
                 (None, ErrorKind::OutOfFuel) => ChatTemplateError::OutOfFuel {
                     fuel: self.limits.fuel.unwrap_or(0),
                 },
-                _ => match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<Raised>())
-                {
+                _ => match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<Raised>()) {
                     Some(Raised(m)) => ChatTemplateError::Raised { message: m.clone() },
                     // Plain display: the alternate form appends the template source and every
                     // variable (the client's messages) to the message.
@@ -317,7 +316,9 @@ mod tests {
     }
 
     fn msgs(n: usize) -> Vec<ChatMessage> {
-        (0..n).map(|i| ChatMessage::new("user", format!("m{i}"))).collect()
+        (0..n)
+            .map(|i| ChatMessage::new("user", format!("m{i}")))
+            .collect()
     }
 
     #[test]
@@ -334,10 +335,14 @@ mod tests {
 
     #[test]
     fn a_loop_that_writes_nothing_runs_out_of_fuel() {
-        let src = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let src =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
         let t = ChatTemplate::new(src, "", "", limits(100_000, 1000)).unwrap();
         let e = t.render(&msgs(1), true).unwrap_err();
-        assert!(matches!(e, ChatTemplateError::OutOfFuel { fuel: 100_000 }), "{e}");
+        assert!(
+            matches!(e, ChatTemplateError::OutOfFuel { fuel: 100_000 }),
+            "{e}"
+        );
     }
 
     #[test]
@@ -345,7 +350,10 @@ mod tests {
         let src = "{% for i in range(100000) %}{{ messages[0].content }}{% endfor %}";
         let t = ChatTemplate::new(src, "", "", limits(10_000_000, 1000)).unwrap();
         let e = t.render(&msgs(1), true).unwrap_err();
-        assert!(matches!(e, ChatTemplateError::OutputTooLong { limit: 1000 }), "{e}");
+        assert!(
+            matches!(e, ChatTemplateError::OutputTooLong { limit: 1000 }),
+            "{e}"
+        );
     }
 
     #[test]
@@ -359,8 +367,8 @@ mod tests {
         .unwrap();
         let e = t.render(&msgs(1), true).unwrap_err();
         assert!(matches!(&e, ChatTemplateError::Raised { message } if message == "system first"));
-        let t = ChatTemplate::new("{{ messages[0].nope() }}", "", "", limits(10_000, 1000))
-            .unwrap();
+        let t =
+            ChatTemplate::new("{{ messages[0].nope() }}", "", "", limits(10_000, 1000)).unwrap();
         let e = t.render(&msgs(1), true).unwrap_err();
         assert!(matches!(e, ChatTemplateError::Render { .. }), "{e}");
         // The message names the problem once and carries neither the source nor the messages.

@@ -46,7 +46,10 @@ struct RequestTag {
 /// Set on a response by the generation endpoints: the tokens for the request's log line.
 #[derive(Clone, Copy, Debug)]
 enum Logged {
-    Tokens { prompt: usize, completion: usize },
+    Tokens {
+        prompt: usize,
+        completion: usize,
+    },
     /// A stream logs its own line when it ends.
     Streaming,
 }
@@ -66,7 +69,10 @@ fn log_request(
              time_ms={ms:.1}",
             tag.id
         ),
-        None => tracing::info!("request {} {method} {path} {status} time_ms={ms:.1}", tag.id),
+        None => tracing::info!(
+            "request {} {method} {path} {status} time_ms={ms:.1}",
+            tag.id
+        ),
     }
 }
 
@@ -178,19 +184,19 @@ async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Byte
         return Err(too_large(s.body_limit));
     }
     let limited = http_body_util::Limited::new(body, s.body_limit);
-    let collected = tokio::time::timeout(
-        s.body_timeout,
-        http_body_util::BodyExt::collect(limited),
-    )
-    .await
-    .map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            format!("the request body did not arrive within {:?}", s.body_timeout),
-        )
-        .code("request_timeout")
-    })?;
+    let collected = tokio::time::timeout(s.body_timeout, http_body_util::BodyExt::collect(limited))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "the request body did not arrive within {:?}",
+                    s.body_timeout
+                ),
+            )
+            .code("request_timeout")
+        })?;
     match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(s.body_limit)),
@@ -263,7 +269,16 @@ async fn completions(
         };
         // OpenAI's legacy default for completions.
         let default_max = 16;
-        start(&s, tag, Kind::Completion, tokens, checked, default_max, "prompt").await
+        start(
+            &s,
+            tag,
+            Kind::Completion,
+            tokens,
+            checked,
+            default_max,
+            "prompt",
+        )
+        .await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
@@ -284,7 +299,16 @@ async fn chat_completions(
         let tokens = s.chat.tokens(turns).await?;
         // Chat defaults to the rest of the context.
         let default_max = s.ctx.saturating_sub(tokens.len());
-        start(&s, tag, Kind::Chat, tokens, checked, default_max, "messages").await
+        start(
+            &s,
+            tag,
+            Kind::Chat,
+            tokens,
+            checked,
+            default_max,
+            "messages",
+        )
+        .await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)

@@ -125,7 +125,7 @@ impl ChatPrompter {
                 text_of(tokenizer.eos_id()),
                 limits,
             )
-            .map_err(|e| PromptError::Template(e.to_string())),
+            .map_err(template_bug),
         };
         let mut specials: Vec<(String, u32)> = (0..tokenizer.vocab_size() as u32)
             .filter(|&id| {
@@ -197,8 +197,8 @@ enum Piece<'a> {
 impl Inner {
     fn tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, PromptError> {
         let template = self.template.as_ref().map_err(|e| match e {
-            PromptError::NoTemplate => PromptError::NoTemplate,
-            other => PromptError::Template(other.to_string()),
+            PromptError::Template(m) => PromptError::Template(m.clone()),
+            _ => PromptError::NoTemplate,
         })?;
         let mut originals: Vec<String> = Vec::new();
         let protected: Vec<ChatMessage> = messages
@@ -208,7 +208,7 @@ impl Inner {
         let rendered = template.render(&protected, true).map_err(|e| match e {
             ChatTemplateError::Raised { message } => PromptError::Rejected(message),
             e @ (ChatTemplateError::Parse { .. } | ChatTemplateError::Render { .. }) => {
-                PromptError::Template(e.to_string())
+                template_bug(e)
             }
             limit => PromptError::Limit(limit),
         })?;
@@ -221,13 +221,13 @@ impl Inner {
     fn protect(&self, content: &str, originals: &mut Vec<String>) -> String {
         let mut ranges: Vec<Range<usize>> = Vec::new();
         for (text, _) in &self.specials {
-            ranges.extend(content.match_indices(text.as_str()).map(|(i, t)| i..i + t.len()));
+            ranges.extend(
+                content
+                    .match_indices(text.as_str())
+                    .map(|(i, t)| i..i + t.len()),
+            );
         }
-        ranges.extend(
-            content
-                .match_indices(MARK)
-                .map(|(i, t)| i..i + t.len()),
-        );
+        ranges.extend(content.match_indices(MARK).map(|(i, t)| i..i + t.len()));
         // Edges, ignoring the whitespace templates strip: the longest end of the message that
         // begins a special text, and the longest start that ends one.
         let body_end = content.trim_end().len();
@@ -324,7 +324,10 @@ impl Inner {
     fn specials_in(&self, s: &str) -> Vec<(usize, usize, u32)> {
         let mut found: Vec<(usize, usize, u32)> = Vec::new();
         for (text, id) in &self.specials {
-            found.extend(s.match_indices(text.as_str()).map(|(at, t)| (at, t.len(), *id)));
+            found.extend(
+                s.match_indices(text.as_str())
+                    .map(|(at, t)| (at, t.len(), *id)),
+            );
         }
         found.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
         let mut end = 0;
@@ -337,6 +340,15 @@ impl Inner {
         });
         found
     }
+}
+
+/// A broken template, its message said once ("the model's chat template failed: ...").
+fn template_bug(e: ChatTemplateError) -> PromptError {
+    PromptError::Template(match e {
+        ChatTemplateError::Parse { message } => format!("syntax error: {message}"),
+        ChatTemplateError::Render { message } => message,
+        other => other.to_string(),
+    })
 }
 
 /// Splits the rendered prompt at the placeholders.
