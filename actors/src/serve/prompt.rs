@@ -21,6 +21,7 @@
 //!   (joined with the text around it, so the plain text tokenizes exactly as it would without
 //!   special parsing). Templates transform the content as before; only the special-token text
 //!   is out of their reach, and they have no business matching on it.
+//!
 //! The last is what this does. Placeholders are a private-use character around an index; a
 //! message's own private-use marker character is protected the same way, so a client cannot
 //! forge a placeholder. A special text could also straddle a message edge and the template text
