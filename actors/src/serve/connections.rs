@@ -8,6 +8,10 @@
 //!   are the handlers' business: they read the body under a deadline.)
 //! - Draining: on stop, connections finish their requests and close (hyper's graceful
 //!   shutdown); on kill, they are dropped, which cancels their requests.
+//!
+//! Not done yet: a write timeout for a client that stops reading a response it asked for (its
+//! connection and request stay until it reads or hangs up), and an idle timeout separate from
+//! the header timeout (hyper has one timer for both).
 
 use super::error::ApiError;
 use axum::http::StatusCode;
