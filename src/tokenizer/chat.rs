@@ -4,10 +4,16 @@
 //! `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, and `raise_exception(msg)`.
 //! The Python string and dict methods templates commonly call (`strip`, `startswith`, `items`,
 //! ...) are provided through minijinja's unknown-method hook.
+//!
+//! A template is a program, and a server renders it with input a client chose: [`ChatTemplate`]
+//! renders under [`TemplateLimits`] (fuel, output bytes, wall time), so a template that loops,
+//! grows quadratically with the messages or emits megabytes ends with an error instead of
+//! holding a thread.
 
 use super::error::TokenizerError;
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, State};
+use std::time::{Duration, Instant};
 
 /// One chat turn.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -25,6 +31,194 @@ impl ChatMessage {
     }
 }
 
+/// Bounds on one render. `None` means unbounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TemplateLimits {
+    /// minijinja instructions (about one per expression, tag or loop step). Fuel is what
+    /// actually ends a runaway render: the other two limits are only checked when output is
+    /// written, and a loop that writes nothing never reaches them.
+    pub fuel: Option<u64>,
+    /// Bytes of rendered output.
+    pub max_output_bytes: Option<usize>,
+    /// Wall time, checked on every write of output.
+    pub timeout: Option<Duration>,
+}
+
+impl TemplateLimits {
+    pub const UNLIMITED: TemplateLimits = TemplateLimits {
+        fuel: None,
+        max_output_bytes: None,
+        timeout: None,
+    };
+}
+
+/// Why a chat template did not render. The first three are the template's or the input's
+/// fault in a way a caller may want to tell apart: the input was too big for the limits, the
+/// template rejected the input on purpose, or the template itself is broken.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatTemplateError {
+    #[error("rendering took more than {fuel} template steps")]
+    OutOfFuel { fuel: u64 },
+    #[error("the rendered prompt is longer than {limit} bytes")]
+    OutputTooLong { limit: usize },
+    #[error("rendering took longer than {limit:?}")]
+    TimedOut { limit: Duration },
+    /// `raise_exception(msg)`: the template refuses these messages (roles out of order, ...).
+    #[error("{message}")]
+    Raised { message: String },
+    /// The template does not parse.
+    #[error("cannot parse the chat template: {message}")]
+    Parse { message: String },
+    /// Any other failure while rendering: a bug in the template (or a method we lack).
+    #[error("cannot render the chat template: {message}")]
+    Render { message: String },
+}
+
+impl From<ChatTemplateError> for TokenizerError {
+    fn from(e: ChatTemplateError) -> Self {
+        // `TokenizerError::Template` already says "chat template: ".
+        TokenizerError::Template(match e {
+            ChatTemplateError::Parse { message } => format!("parse: {message}"),
+            ChatTemplateError::Render { message } => format!("render: {message}"),
+            other => other.to_string(),
+        })
+    }
+}
+
+/// Marks an error as raised by the template's own `raise_exception`.
+#[derive(Debug)]
+struct Raised(String);
+
+impl std::fmt::Display for Raised {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Raised {}
+
+/// The name templates get in minijinja's error messages (`... (in chat_template:3)`).
+const NAME: &str = "chat_template";
+
+/// A chat template parsed once, rendered many times under the same limits.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+    limits: TemplateLimits,
+}
+
+impl ChatTemplate {
+    pub fn new(
+        source: &str,
+        bos_token: &str,
+        eos_token: &str,
+        limits: TemplateLimits,
+    ) -> Result<Self, ChatTemplateError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, msg.clone()).with_source(Raised(msg)))
+        });
+        env.set_unknown_method_callback(python_method);
+        // Fuel is counted per render, from this budget each time.
+        env.set_fuel(limits.fuel);
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(|e| ChatTemplateError::Parse {
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            limits,
+        })
+    }
+
+    pub fn limits(&self) -> TemplateLimits {
+        self.limits
+    }
+
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| ChatTemplateError::Render {
+                message: e.to_string(),
+            })?;
+        let mut out = LimitedWriter {
+            buf: Vec::new(),
+            max: self.limits.max_output_bytes,
+            deadline: self.limits.timeout.map(|t| (Instant::now() + t, t)),
+            exceeded: None,
+        };
+        let ctx = minijinja::context! {
+            messages => Value::from_serialize(messages),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        };
+        if let Err(e) = tmpl.render_captured_to(ctx, &mut out) {
+            return Err(match (out.exceeded, e.kind()) {
+                (Some(limit), _) => limit,
+                (None, ErrorKind::OutOfFuel) => ChatTemplateError::OutOfFuel {
+                    fuel: self.limits.fuel.unwrap_or(0),
+                },
+                _ => match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<Raised>()) {
+                    Some(Raised(m)) => ChatTemplateError::Raised { message: m.clone() },
+                    // Plain display: the alternate form appends the template source and every
+                    // variable (the client's messages) to the message.
+                    None => ChatTemplateError::Render {
+                        message: e.to_string(),
+                    },
+                },
+            });
+        }
+        String::from_utf8(out.buf).map_err(|e| ChatTemplateError::Render {
+            message: format!("output is not UTF-8: {e}"),
+        })
+    }
+}
+
+/// Collects the output and fails the render once it passes a size or a deadline: the limit
+/// stops the template while it writes, before a 100 MB prompt exists.
+struct LimitedWriter {
+    buf: Vec<u8>,
+    max: Option<usize>,
+    deadline: Option<(Instant, Duration)>,
+    exceeded: Option<ChatTemplateError>,
+}
+
+impl std::io::Write for LimitedWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if let Some(limit) = self.max {
+            if self.buf.len() + b.len() > limit {
+                self.exceeded = Some(ChatTemplateError::OutputTooLong { limit });
+                return Err(std::io::Error::other("chat template output limit"));
+            }
+        }
+        if let Some((at, limit)) = self.deadline {
+            if Instant::now() > at {
+                self.exceeded = Some(ChatTemplateError::TimedOut { limit });
+                return Err(std::io::Error::other("chat template time limit"));
+            }
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Renders once, without limits (the command line's chat, where the user is the client).
 pub fn render(
     template: &str,
     messages: &[ChatMessage],
@@ -32,23 +226,8 @@ pub fn render(
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String, TokenizerError> {
-    let mut env = Environment::new();
-    env.set_trim_blocks(true);
-    env.set_lstrip_blocks(true);
-    env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
-        Err(Error::new(ErrorKind::InvalidOperation, msg))
-    });
-    env.set_unknown_method_callback(python_method);
-    let tmpl = env
-        .template_from_str(template)
-        .map_err(|e| TokenizerError::Template(format!("parse: {e:#}")))?;
-    tmpl.render(minijinja::context! {
-        messages => Value::from_serialize(messages),
-        add_generation_prompt => add_generation_prompt,
-        bos_token => bos_token,
-        eos_token => eos_token,
-    })
-    .map_err(|e| TokenizerError::Template(format!("render: {e:#}")))
+    let t = ChatTemplate::new(template, bos_token, eos_token, TemplateLimits::UNLIMITED)?;
+    Ok(t.render(messages, add_generation_prompt)?)
 }
 
 fn str_arg(args: &[Value], i: usize) -> Result<Option<String>, Error> {
@@ -122,4 +301,79 @@ fn python_method(_: &State, value: &Value, method: &str, args: &[Value]) -> Resu
         };
     }
     Err(Error::from(ErrorKind::UnknownMethod))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(fuel: u64, bytes: usize) -> TemplateLimits {
+        TemplateLimits {
+            fuel: Some(fuel),
+            max_output_bytes: Some(bytes),
+            timeout: Some(Duration::from_secs(60)),
+        }
+    }
+
+    fn msgs(n: usize) -> Vec<ChatMessage> {
+        (0..n)
+            .map(|i| ChatMessage::new("user", format!("m{i}")))
+            .collect()
+    }
+
+    #[test]
+    fn renders_within_limits() {
+        let t = ChatTemplate::new(
+            "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}",
+            "<s>",
+            "</s>",
+            limits(10_000, 1000),
+        )
+        .unwrap();
+        assert_eq!(t.render(&msgs(2), true).unwrap(), "<s><user>m0<user>m1");
+    }
+
+    #[test]
+    fn a_loop_that_writes_nothing_runs_out_of_fuel() {
+        let src =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "", limits(100_000, 1000)).unwrap();
+        let e = t.render(&msgs(1), true).unwrap_err();
+        assert!(
+            matches!(e, ChatTemplateError::OutOfFuel { fuel: 100_000 }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn output_past_the_limit_stops_the_render() {
+        let src = "{% for i in range(100000) %}{{ messages[0].content }}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "", limits(10_000_000, 1000)).unwrap();
+        let e = t.render(&msgs(1), true).unwrap_err();
+        assert!(
+            matches!(e, ChatTemplateError::OutputTooLong { limit: 1000 }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn raise_exception_and_template_bugs_are_told_apart() {
+        let t = ChatTemplate::new(
+            "{% if messages[0].role != 'system' %}{{ raise_exception('system first') }}{% endif %}",
+            "",
+            "",
+            limits(10_000, 1000),
+        )
+        .unwrap();
+        let e = t.render(&msgs(1), true).unwrap_err();
+        assert!(matches!(&e, ChatTemplateError::Raised { message } if message == "system first"));
+        let t =
+            ChatTemplate::new("{{ messages[0].nope() }}", "", "", limits(10_000, 1000)).unwrap();
+        let e = t.render(&msgs(1), true).unwrap_err();
+        assert!(matches!(e, ChatTemplateError::Render { .. }), "{e}");
+        // The message names the problem once and carries neither the source nor the messages.
+        assert!(!e.to_string().contains("m0"), "{e}");
+        let e = ChatTemplate::new("{% for %}", "", "", limits(1, 1)).unwrap_err();
+        assert!(matches!(e, ChatTemplateError::Parse { .. }), "{e}");
+    }
 }

@@ -24,7 +24,7 @@ pub mod pretok;
 mod spm;
 mod stream;
 
-pub use chat::ChatMessage;
+pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError, TemplateLimits};
 pub use error::TokenizerError;
 pub use pretok::PreKind;
 pub use stream::StreamDecoder;

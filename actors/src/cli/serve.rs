@@ -48,11 +48,54 @@ pub struct ServeArgs {
     /// cpu, cuda, hip or auto (a GPU when one opens, else the CPU).
     #[arg(long, default_value = "cpu")]
     pub backend: rocmforge::backend::BackendKind,
+    /// Open HTTP connections at once (503 beyond); lowered to fit the open-file limit.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds a client gets to send a request head; also the keep-alive idle timeout.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Seconds a client gets to send a request body (408 beyond).
+    #[arg(long, default_value_t = 30.0)]
+    pub body_timeout: f64,
+    /// A Jinja file to use instead of the model's chat template.
+    #[arg(long)]
+    pub chat_template_file: Option<PathBuf>,
+    /// Most messages in one chat request (400 beyond).
+    #[arg(long, default_value_t = 2048)]
+    pub max_messages: usize,
+    /// Seconds to render and tokenize one chat prompt (400 beyond).
+    #[arg(long, default_value_t = 5.0)]
+    pub template_timeout: f64,
+    /// Most bytes of a rendered chat prompt or a completion prompt (400 beyond).
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_prompt_bytes: usize,
+}
+
+fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v).map_err(|e| format!("{flag} {v}: {e}"))
+}
+
+/// Log lines (the ready line, one per request) to stderr; `RUST_LOG` overrides the level.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Already set (an embedding program chose its own): keep theirs.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let deadline = Duration::try_from_secs_f64(a.shutdown_deadline)
-        .map_err(|e| format!("--shutdown-deadline {}: {e}", a.shutdown_deadline))?;
+    let deadline = seconds("--shutdown-deadline", a.shutdown_deadline)?;
+    let chat_template = match &a.chat_template_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("--chat-template-file {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let defaults = ServeConfig::new(&a.model);
     let cfg = ServeConfig {
         model: a.model,
         model_name: a.model_name,
@@ -67,7 +110,16 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         prefetch_depth: a.prefetch_depth,
         warm_up: !a.no_warm_up,
         backend: a.backend,
+        max_connections: a.max_connections,
+        header_timeout: seconds("--header-timeout", a.header_timeout)?,
+        body_timeout: seconds("--body-timeout", a.body_timeout)?,
+        chat_template,
+        max_messages: a.max_messages,
+        template_fuel: defaults.template_fuel,
+        template_timeout: seconds("--template-timeout", a.template_timeout)?,
+        max_prompt_bytes: a.max_prompt_bytes,
     };
+    init_logging();
     run_until_signal(cfg, deadline)?;
     Ok(())
 }

@@ -7,9 +7,8 @@ use super::openai::{ChatRequest, Checked, CompletionRequest, PromptInput, Usage}
 use super::AppState;
 use crate::messages::{GenerateRequest, Prompt};
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,7 +16,7 @@ use axum::Router;
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 type AppRef = State<Arc<AppState>>;
 
@@ -34,13 +33,52 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             count_requests,
         ))
-        .layer(DefaultBodyLimit::max(state.body_limit))
         .with_state(state)
 }
 
+/// The request's number (in its `cmpl-N` id and log line) and when it arrived.
+#[derive(Clone, Copy, Debug)]
+struct RequestTag {
+    id: u64,
+    arrived: Instant,
+}
+
+/// Set on a response by the generation endpoints: the tokens for the request's log line.
+#[derive(Clone, Copy, Debug)]
+enum Logged {
+    Tokens {
+        prompt: usize,
+        completion: usize,
+    },
+    /// A stream logs its own line when it ends.
+    Streaming,
+}
+
+/// One log line per request: id, method, path, status, tokens, time.
+fn log_request(
+    tag: RequestTag,
+    method: &str,
+    path: &str,
+    status: u16,
+    tokens: Option<(usize, usize)>,
+) {
+    let ms = tag.arrived.elapsed().as_secs_f64() * 1e3;
+    match tokens {
+        Some((p, c)) => tracing::info!(
+            "request {} {method} {path} {status} prompt_tokens={p} completion_tokens={c} \
+             time_ms={ms:.1}",
+            tag.id
+        ),
+        None => tracing::info!(
+            "request {} {method} {path} {status} time_ms={ms:.1}",
+            tag.id
+        ),
+    }
+}
+
 /// Counts every answer by endpoint and status (unknown paths share one label, so a scanner
-/// cannot blow up the number of series).
-async fn count_requests(State(s): AppRef, req: Request, next: Next) -> Response {
+/// cannot blow up the number of series), tags the request and logs it.
+async fn count_requests(State(s): AppRef, mut req: Request, next: Next) -> Response {
     let endpoint: &'static str = match req.uri().path() {
         "/v1/completions" => "/v1/completions",
         "/v1/chat/completions" => "/v1/chat/completions",
@@ -49,8 +87,26 @@ async fn count_requests(State(s): AppRef, req: Request, next: Next) -> Response 
         "/metrics" => "/metrics",
         _ => "other",
     };
+    let tag = RequestTag {
+        id: s.next_id.fetch_add(1, Ordering::Relaxed),
+        arrived: Instant::now(),
+    };
+    req.extensions_mut().insert(tag);
+    let method = req.method().clone();
     let r = next.run(req).await;
-    s.metrics.count_request(endpoint, r.status().as_u16());
+    let status = r.status().as_u16();
+    s.metrics.count_request(endpoint, status);
+    match r.extensions().get::<Logged>() {
+        Some(Logged::Streaming) => {}
+        Some(Logged::Tokens { prompt, completion }) => log_request(
+            tag,
+            method.as_str(),
+            endpoint,
+            status,
+            Some((*prompt, *completion)),
+        ),
+        None => log_request(tag, method.as_str(), endpoint, status, None),
+    }
     r
 }
 
@@ -108,23 +164,55 @@ async fn models(State(s): AppRef) -> Response {
     .into_response()
 }
 
-/// The body as JSON of type `T`, or an OpenAI-style 400/413.
-fn parse_body<T: serde::de::DeserializeOwned>(
-    s: &AppState,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let bytes = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        format!("request body larger than {limit} bytes"),
+    )
+    .code("request_too_large")
+}
+
+/// The whole body within the size limit and the body timeout: 413 past the size (at once when
+/// `Content-Length` says so, before reading a byte), 408 past the time.
+async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > s.body_limit as u64) {
+        return Err(too_large(s.body_limit));
+    }
+    let limited = http_body_util::Limited::new(body, s.body_limit);
+    let collected = tokio::time::timeout(s.body_timeout, http_body_util::BodyExt::collect(limited))
+        .await
+        .map_err(|_| {
             ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
+                StatusCode::REQUEST_TIMEOUT,
                 "invalid_request_error",
-                format!("request body larger than {} bytes", s.body_limit),
+                format!(
+                    "the request body did not arrive within {:?}",
+                    s.body_timeout
+                ),
             )
-            .code("request_too_large")
-        } else {
-            ApiError::bad_request(format!("cannot read the request body: {}", r.body_text()))
-        }
-    })?;
+            .code("request_timeout")
+        })?;
+    match collected {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(s.body_limit)),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+    }
+}
+
+/// The body as JSON of type `T`, or an OpenAI-style 400/408/413.
+async fn parse_body<T: serde::de::DeserializeOwned>(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let bytes = read_body(s, headers, body).await?;
     serde_json::from_slice(&bytes).map_err(|e| {
         let what = if e.is_syntax() || e.is_eof() {
             "malformed JSON"
@@ -148,9 +236,23 @@ enum Kind {
     Chat,
 }
 
-async fn completions(State(s): AppRef, body: Result<Bytes, BytesRejection>) -> Response {
+/// The tag `count_requests` put on the request (a fresh one if the layer is missing).
+fn tag_of(s: &AppState, ext: Option<axum::Extension<RequestTag>>) -> RequestTag {
+    ext.map(|e| e.0).unwrap_or_else(|| RequestTag {
+        id: s.next_id.fetch_add(1, Ordering::Relaxed),
+        arrived: Instant::now(),
+    })
+}
+
+async fn completions(
+    State(s): AppRef,
+    tag: Option<axum::Extension<RequestTag>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let tag = tag_of(&s, tag);
     let r = async {
-        let req: CompletionRequest = parse_body(&s, body)?;
+        let req: CompletionRequest = parse_body(&s, &headers, body).await?;
         let checked = req.common.check(&s.model_name)?;
         ready(&s)?;
         let tokens = match req.prompt {
@@ -167,26 +269,46 @@ async fn completions(State(s): AppRef, body: Result<Bytes, BytesRejection>) -> R
         };
         // OpenAI's legacy default for completions.
         let default_max = 16;
-        start(&s, Kind::Completion, tokens, checked, default_max, "prompt").await
+        start(
+            &s,
+            tag,
+            Kind::Completion,
+            tokens,
+            checked,
+            default_max,
+            "prompt",
+        )
+        .await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn chat_completions(State(s): AppRef, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat_completions(
+    State(s): AppRef,
+    tag: Option<axum::Extension<RequestTag>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let tag = tag_of(&s, tag);
     let r = async {
-        let req: ChatRequest = parse_body(&s, body)?;
+        let req: ChatRequest = parse_body(&s, &headers, body).await?;
         let checked = req.common.check(&s.model_name)?;
         ready(&s)?;
         let turns = req.turns()?;
-        let text = s
-            .tokenizer
-            .apply_chat_template(&turns, true)
-            .map_err(|e| ApiError::invalid("messages", format!("chat template: {e}")))?;
-        let tokens = tokenize(&s, text).await?;
+        let tokens = s.chat.tokens(turns).await?;
         // Chat defaults to the rest of the context.
         let default_max = s.ctx.saturating_sub(tokens.len());
-        start(&s, Kind::Chat, tokens, checked, default_max, "messages").await
+        start(
+            &s,
+            tag,
+            Kind::Chat,
+            tokens,
+            checked,
+            default_max,
+            "messages",
+        )
+        .await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
@@ -202,6 +324,17 @@ fn ready(s: &AppState) -> Result<(), ApiError> {
 
 /// Text to token ids off the async threads (a long prompt takes a while to encode).
 async fn tokenize(s: &AppState, text: String) -> Result<Vec<u32>, ApiError> {
+    if text.len() > s.max_prompt_bytes {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "the prompt has {} bytes; this server takes at most {}",
+                text.len(),
+                s.max_prompt_bytes
+            ),
+        )
+        .code("context_length_exceeded"));
+    }
     let tok = s.tokenizer.clone();
     tokio::task::spawn_blocking(move || tok.encode(&text, true, true))
         .await
@@ -217,6 +350,7 @@ async fn tokenize(s: &AppState, text: String) -> Result<Vec<u32>, ApiError> {
 
 async fn start(
     s: &Arc<AppState>,
+    tag: RequestTag,
     kind: Kind,
     tokens: Vec<u32>,
     checked: Checked,
@@ -262,18 +396,20 @@ async fn start(
         &checked.stop,
         s.metrics.clone(),
     )?;
-    let id = s.next_id.fetch_add(1, Ordering::Relaxed);
     let meta = Meta {
         id: match kind {
-            Kind::Completion => format!("cmpl-{id}"),
-            Kind::Chat => format!("chatcmpl-{id}"),
+            Kind::Completion => format!("cmpl-{}", tag.id),
+            Kind::Chat => format!("chatcmpl-{}", tag.id),
         },
         created: unix_now(),
         model: s.model_name.clone(),
         kind,
+        tag,
     };
     if checked.stream {
-        Ok(stream_response(gen, meta, checked.include_usage))
+        let mut r = stream_response(gen, meta, checked.include_usage);
+        r.extensions_mut().insert(Logged::Streaming);
+        Ok(r)
     } else {
         let (text, finish, n) = gen.collect().await?;
         let usage = Usage::new(n_prompt, n);
@@ -294,7 +430,12 @@ async fn start(
                 "usage": usage,
             }),
         };
-        Ok(axum::Json(body).into_response())
+        let mut r = axum::Json(body).into_response();
+        r.extensions_mut().insert(Logged::Tokens {
+            prompt: n_prompt,
+            completion: n,
+        });
+        Ok(r)
     }
 }
 
@@ -303,6 +444,16 @@ struct Meta {
     created: u64,
     model: String,
     kind: Kind,
+    tag: RequestTag,
+}
+
+impl Meta {
+    fn path(&self) -> &'static str {
+        match self.kind {
+            Kind::Completion => "/v1/completions",
+            Kind::Chat => "/v1/chat/completions",
+        }
+    }
 }
 
 impl Meta {
@@ -355,11 +506,43 @@ enum Phase {
     End,
 }
 
+/// A stream's generation and metadata; dropped once, when the stream ends or the client goes,
+/// which is when the request's log line is written.
+struct Streamed {
+    gen: Generation,
+    meta: Meta,
+    /// How it ended, for the log line; until the end, a client that went away.
+    outcome: &'static str,
+}
+
+impl Drop for Streamed {
+    fn drop(&mut self) {
+        let ms = self.meta.tag.arrived.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            "request {} POST {} 200 stream {} prompt_tokens={} completion_tokens={} \
+             time_ms={ms:.1}",
+            self.meta.tag.id,
+            self.meta.path(),
+            self.outcome,
+            self.gen.prompt_tokens,
+            self.gen.completion_tokens
+        );
+    }
+}
+
 /// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. When the client
 /// goes away hyper drops this stream, and with it the `Generation`: the request is cancelled.
 fn stream_response(gen: Generation, meta: Meta, include_usage: bool) -> Response {
-    let state = (gen, meta, Phase::Start);
-    let body = futures::stream::unfold(state, move |(mut gen, meta, phase)| async move {
+    let state = (
+        Streamed {
+            gen,
+            meta,
+            outcome: "client gone",
+        },
+        Phase::Start,
+    );
+    let body = futures::stream::unfold(state, move |(mut st, phase)| async move {
+        let Streamed { gen, meta, outcome } = &mut st;
         let out = match phase {
             Phase::Start => {
                 let first = match meta.kind {
@@ -383,16 +566,22 @@ fn stream_response(gen: Generation, meta: Meta, include_usage: bool) -> Response
                     (sse(&last), next)
                 }
                 // OpenAI's streams report a failure as an error object, then stop.
-                Step::Failed(e) => (
-                    Bytes::from(format!("data: {}\n\n", e.to_json())),
-                    Phase::End,
-                ),
+                Step::Failed(e) => {
+                    *outcome = "failed";
+                    (
+                        Bytes::from(format!("data: {}\n\n", e.to_json())),
+                        Phase::End,
+                    )
+                }
             },
             Phase::Usage(u) => (sse(&meta.usage_chunk(u)), Phase::Done),
-            Phase::Done => (Bytes::from_static(b"data: [DONE]\n\n"), Phase::End),
+            Phase::Done => {
+                *outcome = "done";
+                (Bytes::from_static(b"data: [DONE]\n\n"), Phase::End)
+            }
             Phase::End => return None,
         };
-        Some((Ok::<_, std::convert::Infallible>(out.0), (gen, meta, out.1)))
+        Some((Ok::<_, std::convert::Infallible>(out.0), (st, out.1)))
     });
     let mut r = Response::new(Body::from_stream(body));
     let h = r.headers_mut();

@@ -3,8 +3,11 @@
 //! layer over the embedding API (`RuntimeHandle`).
 //!
 //! # Layout
-//! - `mod.rs` — `ServeConfig`, `Server` (start, readiness, graceful shutdown), the router.
-//! - `handlers.rs` — the HTTP endpoints.
+//! - `mod.rs` — `ServeConfig`, `Server` (start, readiness, graceful shutdown).
+//! - `connections.rs` — the accept loop: connection limit, header/idle timeouts, draining.
+//! - `handlers.rs` — the router and the HTTP endpoints (body limits and timeouts, request log).
+//! - `prompt.rs` — chat messages to prompt tokens: the template under limits, off the async
+//!   threads, and client text kept out of the control tokens.
 //! - `openai.rs` — request/response bodies and parameter checks.
 //! - `generation.rs` — one request's token stream as text pieces (stop strings, finish reason).
 //! - `error.rs` — OpenAI-style error objects.
@@ -14,12 +17,14 @@
 //! - `client.rs` — a minimal HTTP/1.1 client over loopback (tests, load generator).
 
 pub mod client;
+mod connections;
 pub mod control;
 pub mod error;
 pub mod generation;
 mod handlers;
 pub mod metrics;
 pub mod openai;
+mod prompt;
 pub mod promtext;
 
 use crate::error::RuntimeError;
@@ -81,6 +86,26 @@ pub struct ServeConfig {
     pub warm_up: bool,
     /// Where the model runs: `cpu` (default), `cuda`, `hip`, or `auto` (a GPU when one opens).
     pub backend: BackendKind,
+    /// Open HTTP connections at once; past it a new connection gets a 503 and is closed. Capped
+    /// at start below the process's file-descriptor limit, so the listener never runs out of
+    /// descriptors (which would lock out every client, including `/health`).
+    pub max_connections: usize,
+    /// Time a client gets to send a whole request head. hyper starts this timer whenever a
+    /// connection waits for a request, so it is also the keep-alive idle timeout.
+    pub header_timeout: Duration,
+    /// Time a client gets to send a whole request body (408 past it).
+    pub body_timeout: Duration,
+    /// Chat template to use instead of the model's `tokenizer.chat_template`.
+    pub chat_template: Option<String>,
+    /// Most messages in one chat request (400 beyond): templates loop over the messages, some
+    /// of them quadratically.
+    pub max_messages: usize,
+    /// Template steps one render may take (minijinja fuel); a template past it is a 400.
+    pub template_fuel: u64,
+    /// Wall time for rendering and tokenizing one chat prompt; past it, a 400.
+    pub template_timeout: Duration,
+    /// Most bytes of a prompt (rendered chat or completion text), checked before tokenizing.
+    pub max_prompt_bytes: usize,
 }
 
 impl ServeConfig {
@@ -99,6 +124,16 @@ impl ServeConfig {
             prefetch_depth: 2,
             warm_up: true,
             backend: BackendKind::Cpu,
+            max_connections: 512,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            chat_template: None,
+            max_messages: 2048,
+            // SmolLM2's template takes ~20 steps a message: 2048 messages fit 25 times over,
+            // and a render that uses it all still ends in well under a second.
+            template_fuel: 1_000_000,
+            template_timeout: Duration::from_secs(5),
+            max_prompt_bytes: 4 << 20,
         }
     }
 }
@@ -113,6 +148,9 @@ pub(crate) struct AppState {
     pub metrics: Arc<Metrics>,
     pub queue_capacity: usize,
     pub body_limit: usize,
+    pub body_timeout: Duration,
+    pub max_prompt_bytes: usize,
+    pub chat: prompt::ChatPrompter,
     pub next_id: AtomicU64,
 }
 
@@ -121,7 +159,9 @@ pub struct Server {
     addr: SocketAddr,
     state: Arc<AppState>,
     stop: CancellationToken,
-    http: JoinHandle<std::io::Result<()>>,
+    /// Cancelled when the shutdown deadline passes: connections still open are dropped.
+    kill: CancellationToken,
+    http: JoinHandle<()>,
     control: Option<(JoinHandle<()>, PathBuf)>,
     warm: JoinHandle<()>,
 }
@@ -174,6 +214,11 @@ impl Server {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into())
         });
+        let chat = prompt::ChatPrompter::new(&tokenizer, &cfg);
+        if let Some(e) = chat.template_error() {
+            // Chat requests answer 500 with this; completions still work.
+            tracing::warn!("chat template unusable: {e}");
+        }
         let state = Arc::new(AppState {
             runtime: runtime.clone(),
             tokenizer,
@@ -183,9 +228,13 @@ impl Server {
             metrics: Arc::new(Metrics::default()),
             queue_capacity: cfg.queue_capacity,
             body_limit: cfg.body_limit,
+            body_timeout: cfg.body_timeout,
+            max_prompt_bytes: cfg.max_prompt_bytes,
+            chat,
             next_id: AtomicU64::new(1),
         });
         let stop = CancellationToken::new();
+        let kill = CancellationToken::new();
 
         let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
             .await
@@ -208,15 +257,30 @@ impl Server {
         };
 
         let router = handlers::router(state.clone());
-        let http_stop = stop.clone();
-        let http = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { http_stop.cancelled().await })
-                .await
-        });
+        let limits = connections::Limits {
+            max_connections: connections::fd_capped(cfg.max_connections),
+            header_timeout: cfg.header_timeout,
+        };
+        let http = tokio::spawn(connections::serve(
+            listener,
+            router,
+            limits,
+            stop.clone(),
+            kill.clone(),
+        ));
 
         let warm_state = state.clone();
         let warm_up = cfg.warm_up;
+        let ready_line = format!(
+            "ready on http://{addr}: model {} ({}), backend {}, memory budget {:?}, \
+             {} connections, queue {}",
+            state.model_name,
+            cfg.model.display(),
+            cfg.backend,
+            cfg.memory_budget,
+            limits.max_connections,
+            cfg.queue_capacity
+        );
         let warm = tokio::task::spawn_blocking(move || {
             let rt = &warm_state.runtime;
             // Waits as long as loading takes; shutdown ends the wait with an error.
@@ -243,12 +307,14 @@ impl Server {
             }
             warm_state.ready.store(true, Ordering::Release);
             tracing::info!("model loaded and warmed in {:?}", rt.since_open());
+            tracing::info!("{ready_line}");
         });
 
         Ok(Server {
             addr,
             state,
             stop,
+            kill,
             http,
             control,
             warm,
@@ -295,8 +361,9 @@ impl Server {
         let stopped = tokio::task::spawn_blocking(move || rt.shutdown());
         if !finished {
             tracing::warn!("in-flight requests still running after {deadline:?}: cancelling");
-            // Cancelled requests end their responses at once; a connection that still does
-            // not close is dropped.
+            // Dropping the connections drops their requests, which cancels them in the
+            // runtime; a connection task that still does not end is aborted.
+            self.kill.cancel();
             if tokio::time::timeout(Duration::from_secs(5), &mut http)
                 .await
                 .is_err()
@@ -335,7 +402,11 @@ pub fn run_until_signal(cfg: ServeConfig, deadline: Duration) -> Result<(), Serv
             r = tokio::signal::ctrl_c() => r.map_err(io_err("waiting for SIGINT"))?,
             _ = term.recv() => {}
         }
-        eprintln!("shutting down (deadline {deadline:?})");
+        tracing::info!("shutting down (deadline {deadline:?})");
         server.shutdown(deadline).await
-    })
+    })?;
+    // A chat render still running on a blocking thread ends by its fuel; it must not keep the
+    // process alive after the server has shut down.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
 }

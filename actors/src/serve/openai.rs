@@ -2,7 +2,7 @@
 //!
 //! Fields are typed (a string where a number belongs is a 400 naming the field); fields this
 //! server does not implement are ignored when harmless and rejected when they change the answer
-//! (`n > 1`, `echo`, `logprobs`, `best_of`).
+//! (`n > 1`, `echo`, `logprobs`, `best_of`, `logit_bias`, `tools`).
 
 use super::error::ApiError;
 use crate::messages::SamplingParams;
@@ -55,6 +55,20 @@ pub struct CommonParams {
     pub best_of: Option<i64>,
     #[serde(default)]
     pub echo: bool,
+    /// Not implemented: rejected unless empty, since ignoring it changes the answer silently.
+    pub logit_bias: Option<serde_json::Value>,
+    /// Not implemented (no tool calling): rejected unless empty.
+    pub tools: Option<serde_json::Value>,
+}
+
+/// `null`, `{}` and `[]` ask for nothing.
+fn is_empty_value(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Object(m) => m.is_empty(),
+        serde_json::Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,6 +162,18 @@ impl CommonParams {
         if self.echo {
             return Err(ApiError::invalid("echo", "echo is not supported"));
         }
+        if self.logit_bias.as_ref().is_some_and(|v| !is_empty_value(v)) {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                "logit_bias is not supported by this server",
+            ));
+        }
+        if self.tools.as_ref().is_some_and(|v| !is_empty_value(v)) {
+            return Err(ApiError::invalid(
+                "tools",
+                "tool calling is not supported by this server",
+            ));
+        }
         if self
             .logprobs
             .as_ref()
@@ -225,8 +251,12 @@ impl CommonParams {
     }
 }
 
+/// The roles a chat message may have. Anything else is a 400: templates branch on the role, and
+/// a role string is copied into the prompt as is.
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 impl ChatRequest {
-    /// The turns as the chat template wants them (text parts joined).
+    /// The turns as the chat template wants them (text parts joined, roles checked).
     pub fn turns(&self) -> Result<Vec<rocmforge::tokenizer::ChatMessage>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid("messages", "messages must not be empty"));
@@ -235,6 +265,16 @@ impl ChatRequest {
             .iter()
             .enumerate()
             .map(|(i, m)| {
+                if !ROLES.contains(&m.role.as_str()) {
+                    return Err(ApiError::invalid(
+                        &format!("messages[{i}].role"),
+                        format!(
+                            "unknown role {:?}; expected one of {}",
+                            m.role,
+                            ROLES.join(", ")
+                        ),
+                    ));
+                }
                 let content = match &m.content {
                     None => String::new(),
                     Some(Content::Text(s)) => s.clone(),

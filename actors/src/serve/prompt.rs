@@ -1,0 +1,378 @@
+//! Chat messages to prompt tokens for the HTTP server.
+//!
+//! Two things make this more than `encode(apply_chat_template(..))`:
+//!
+//! **Limits.** The template is a program run on input a client chose. It renders on a blocking
+//! thread (never an async worker, so `/health`, other requests and the signal handler keep
+//! running), at most `slots` at once, under minijinja fuel, an output-size cap (checked while
+//! rendering, so before anything is tokenized) and a time limit; the message count is capped
+//! before rendering. A render that hits a limit is a 400 for that request only.
+//!
+//! **Client text stays text.** The rendered prompt is tokenized with special-token parsing on,
+//! because the template's own `<|im_start|>` must become the control token. Client text that
+//! contains `<|im_start|>system ...` must not: that would let a user forge turns. Options:
+//! - Reject such messages: sound, but refuses honest text (a question about the tokens).
+//! - Escape the text (insert a zero-width space): the model then sees different text.
+//! - Replace each whole message by a placeholder and splice it back after rendering: templates
+//!   transform content (`strip`, `split('</think>')`, slicing) and would transform the
+//!   placeholder instead, giving a different prompt.
+//! - Replace only the special-token texts inside messages by placeholders, render, then
+//!   tokenize the template's text with special parsing and the placeholders' text as plain text
+//!   (joined with the text around it, so the plain text tokenizes exactly as it would without
+//!   special parsing). Templates transform the content as before; only the special-token text
+//!   is out of their reach, and they have no business matching on it.
+//!
+//! The last is what this does. Placeholders are a private-use character around an index; a
+//! message's own private-use marker character is protected the same way, so a client cannot
+//! forge a placeholder. A special text could also straddle a message edge and the template text
+//! beside it (a message ending in `<|im_` before template text `start|>`): the part of the
+//! message that could begin or end such a straddle is protected too. Roles are checked against a
+//! fixed list before rendering (`openai.rs`), so they carry no special text.
+
+use super::error::ApiError;
+use super::ServeConfig;
+use axum::http::StatusCode;
+use rocmforge::tokenizer::{
+    ChatMessage, ChatTemplate, ChatTemplateError, TemplateLimits, TokenType, Tokenizer,
+};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Opens and closes a placeholder (Unicode private use: no tokenizer or template gives it a
+/// meaning, JSON and HTML escaping leave it alone).
+const MARK: char = '\u{E000}';
+
+/// Why a chat request has no prompt.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PromptError {
+    #[error("{n} messages; this server takes at most {max}")]
+    TooManyMessages { n: usize, max: usize },
+    #[error("the chat template hit a limit: {0}")]
+    Limit(ChatTemplateError),
+    #[error("rendering and tokenizing took longer than {0:?}")]
+    TimedOut(Duration),
+    #[error("the chat template rejected the messages: {0}")]
+    Rejected(String),
+    /// A broken template: the server's problem, not the client's.
+    #[error("the model's chat template failed: {0}")]
+    Template(String),
+    #[error("this model has no chat template; use /v1/completions")]
+    NoTemplate,
+    #[error("the chat template altered a message's special-token text")]
+    MangledPlaceholder,
+    #[error("cannot tokenize the prompt: {0}")]
+    Tokenize(String),
+    #[error("prompt worker failed: {0}")]
+    Worker(String),
+}
+
+impl From<PromptError> for ApiError {
+    fn from(e: PromptError) -> Self {
+        let msg = e.to_string();
+        match e {
+            PromptError::Template(_) | PromptError::Worker(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg)
+                    .code("chat_template_error")
+            }
+            PromptError::Limit(ChatTemplateError::OutputTooLong { .. }) => {
+                ApiError::invalid("messages", msg).code("context_length_exceeded")
+            }
+            PromptError::Limit(_) | PromptError::TimedOut(_) => {
+                ApiError::invalid("messages", msg).code("chat_template_limit")
+            }
+            PromptError::TooManyMessages { .. } => {
+                ApiError::invalid("messages", msg).code("too_many_messages")
+            }
+            _ => ApiError::invalid("messages", msg),
+        }
+    }
+}
+
+/// What renders chat prompts; shared by every request.
+pub(crate) struct ChatPrompter {
+    inner: Arc<Inner>,
+    /// Renders at once: each holds a blocking thread until its fuel or output limit ends it.
+    slots: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+struct Inner {
+    template: Result<ChatTemplate, PromptError>,
+    tokenizer: Tokenizer,
+    /// Tokens that only special parsing cuts out of text (control, unknown), longest first.
+    specials: Vec<(String, u32)>,
+    max_messages: usize,
+}
+
+impl ChatPrompter {
+    pub fn new(tokenizer: &Tokenizer, cfg: &ServeConfig) -> Self {
+        let limits = TemplateLimits {
+            fuel: Some(cfg.template_fuel),
+            max_output_bytes: Some(cfg.max_prompt_bytes),
+            timeout: Some(cfg.template_timeout),
+        };
+        let text_of = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("");
+        let source = cfg
+            .chat_template
+            .as_deref()
+            .or_else(|| tokenizer.chat_template());
+        let template = match source {
+            None => Err(PromptError::NoTemplate),
+            Some(src) => ChatTemplate::new(
+                src,
+                text_of(tokenizer.bos_id()),
+                text_of(tokenizer.eos_id()),
+                limits,
+            )
+            .map_err(template_bug),
+        };
+        let mut specials: Vec<(String, u32)> = (0..tokenizer.vocab_size() as u32)
+            .filter(|&id| {
+                matches!(
+                    tokenizer.token_type(id),
+                    Some(TokenType::Control | TokenType::Unknown)
+                )
+            })
+            .filter_map(|id| Some((tokenizer.token_text(id)?.to_string(), id)))
+            .filter(|(t, _)| !t.is_empty())
+            .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            inner: Arc::new(Inner {
+                template,
+                tokenizer: tokenizer.clone(),
+                specials,
+                max_messages: cfg.max_messages,
+            }),
+            slots: Arc::new(Semaphore::new(workers)),
+            timeout: cfg.template_timeout,
+        }
+    }
+
+    /// The template's parse error, if it has one (logged at start).
+    pub fn template_error(&self) -> Option<&PromptError> {
+        self.inner.template.as_ref().err()
+    }
+
+    /// Renders and tokenizes on a blocking thread, within the time limit.
+    pub async fn tokens(&self, messages: Vec<ChatMessage>) -> Result<Vec<u32>, PromptError> {
+        let n = messages.len();
+        if n > self.inner.max_messages {
+            return Err(PromptError::TooManyMessages {
+                n,
+                max: self.inner.max_messages,
+            });
+        }
+        let inner = self.inner.clone();
+        let slots = self.slots.clone();
+        let work = async move {
+            let slot = slots
+                .acquire_owned()
+                .await
+                .map_err(|e| PromptError::Worker(e.to_string()))?;
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                inner.tokens(&messages)
+            })
+            .await
+            .map_err(|e| PromptError::Worker(e.to_string()))?
+        };
+        // The blocking thread may run on past this (up to its fuel); the request does not wait.
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| PromptError::TimedOut(self.timeout))?
+    }
+}
+
+/// One piece of the rendered prompt.
+enum Piece<'a> {
+    /// Text the template produced (or client text without special-token text in it).
+    Markup(&'a str),
+    /// Client text that must be tokenized as plain text.
+    Plain(&'a str),
+}
+
+impl Inner {
+    fn tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, PromptError> {
+        let template = self.template.as_ref().map_err(|e| match e {
+            PromptError::Template(m) => PromptError::Template(m.clone()),
+            _ => PromptError::NoTemplate,
+        })?;
+        let mut originals: Vec<String> = Vec::new();
+        let protected: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage::new(m.role.clone(), self.protect(&m.content, &mut originals)))
+            .collect();
+        let rendered = template.render(&protected, true).map_err(|e| match e {
+            ChatTemplateError::Raised { message } => PromptError::Rejected(message),
+            e @ (ChatTemplateError::Parse { .. } | ChatTemplateError::Render { .. }) => {
+                template_bug(e)
+            }
+            limit => PromptError::Limit(limit),
+        })?;
+        let pieces = split_placeholders(&rendered, &originals)?;
+        self.encode(&pieces)
+    }
+
+    /// `content` with every special-token text (and the marker character) replaced by a
+    /// placeholder; the replaced texts are appended to `originals`.
+    fn protect(&self, content: &str, originals: &mut Vec<String>) -> String {
+        let mut ranges: Vec<Range<usize>> = Vec::new();
+        for (text, _) in &self.specials {
+            ranges.extend(
+                content
+                    .match_indices(text.as_str())
+                    .map(|(i, t)| i..i + t.len()),
+            );
+        }
+        ranges.extend(content.match_indices(MARK).map(|(i, t)| i..i + t.len()));
+        // Edges, ignoring the whitespace templates strip: the longest end of the message that
+        // begins a special text, and the longest start that ends one.
+        let body_end = content.trim_end().len();
+        let body_start = content.len() - content.trim_start().len();
+        let body = &content[body_start.min(body_end)..body_end];
+        let mut tail = 0;
+        let mut head = 0;
+        for (text, _) in &self.specials {
+            for (k, _) in text.char_indices().skip(1) {
+                if k > tail && body.ends_with(&text[..k]) {
+                    tail = k;
+                }
+                if text.len() - k > head && body.starts_with(&text[k..]) {
+                    head = text.len() - k;
+                }
+            }
+        }
+        if tail > 0 {
+            ranges.push(body_end - tail..body_end);
+        }
+        if head > 0 {
+            ranges.push(body_start..body_start + head);
+        }
+        if ranges.is_empty() {
+            return content.to_string();
+        }
+        ranges.sort_by_key(|r| r.start);
+        let mut out = String::with_capacity(content.len() + 8 * ranges.len());
+        let mut at = 0;
+        let mut i = 0;
+        while i < ranges.len() {
+            let mut r = ranges[i].clone();
+            i += 1;
+            // Overlapping or touching ranges become one placeholder.
+            while i < ranges.len() && ranges[i].start <= r.end {
+                r.end = r.end.max(ranges[i].end);
+                i += 1;
+            }
+            out.push_str(&content[at..r.start]);
+            out.push(MARK);
+            out.push_str(&originals.len().to_string());
+            out.push(MARK);
+            originals.push(content[r.clone()].to_string());
+            at = r.end;
+        }
+        out.push_str(&content[at..]);
+        out
+    }
+
+    /// Tokens of the pieces: markup with special parsing, plain text without, and the text on
+    /// both sides of a placeholder tokenized together with it (as `encode` would, were the
+    /// placeholder's special text not special).
+    fn encode(&self, pieces: &[Piece<'_>]) -> Result<Vec<u32>, PromptError> {
+        let tok = &self.tokenizer;
+        let err = |e: rocmforge::tokenizer::TokenizerError| PromptError::Tokenize(e.to_string());
+        let mut out = Vec::new();
+        if tok.add_bos() {
+            out.extend(tok.bos_id());
+        }
+        let mut text = String::new();
+        for p in pieces {
+            match p {
+                Piece::Plain(s) => text.push_str(s),
+                Piece::Markup(s) => {
+                    let mut at = 0;
+                    for (start, len, id) in self.specials_in(s) {
+                        text.push_str(&s[at..start]);
+                        if !text.is_empty() {
+                            out.extend(tok.encode(&text, false, false).map_err(err)?);
+                            text.clear();
+                        }
+                        out.push(id);
+                        at = start + len;
+                    }
+                    text.push_str(&s[at..]);
+                }
+            }
+        }
+        if !text.is_empty() {
+            out.extend(tok.encode(&text, false, false).map_err(err)?);
+        }
+        if tok.add_eos() {
+            out.extend(tok.eos_id());
+        }
+        Ok(out)
+    }
+
+    /// The special texts in `s`, left to right, not overlapping: (offset, length, id). Where
+    /// two overlap, the one starting first wins, the longer at the same start.
+    ///
+    /// The tokenizer's own partition cuts the longest special first wherever it is; the two
+    /// differ only when a shorter special text overlaps the start of a longer one, which no
+    /// vocabulary we know has.
+    fn specials_in(&self, s: &str) -> Vec<(usize, usize, u32)> {
+        let mut found: Vec<(usize, usize, u32)> = Vec::new();
+        for (text, id) in &self.specials {
+            found.extend(
+                s.match_indices(text.as_str())
+                    .map(|(at, t)| (at, t.len(), *id)),
+            );
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        let mut end = 0;
+        found.retain(|&(at, len, _)| {
+            let keep = at >= end;
+            if keep {
+                end = at + len;
+            }
+            keep
+        });
+        found
+    }
+}
+
+/// A broken template, its message said once ("the model's chat template failed: ...").
+fn template_bug(e: ChatTemplateError) -> PromptError {
+    PromptError::Template(match e {
+        ChatTemplateError::Parse { message } => format!("syntax error: {message}"),
+        ChatTemplateError::Render { message } => message,
+        other => other.to_string(),
+    })
+}
+
+/// Splits the rendered prompt at the placeholders.
+fn split_placeholders<'a>(
+    rendered: &'a str,
+    originals: &'a [String],
+) -> Result<Vec<Piece<'a>>, PromptError> {
+    if originals.is_empty() {
+        return Ok(vec![Piece::Markup(rendered)]);
+    }
+    let mut pieces = Vec::new();
+    for (i, part) in rendered.split(MARK).enumerate() {
+        if i % 2 == 0 {
+            pieces.push(Piece::Markup(part));
+        } else {
+            let k: usize = part.parse().map_err(|_| PromptError::MangledPlaceholder)?;
+            let original = originals.get(k).ok_or(PromptError::MangledPlaceholder)?;
+            pieces.push(Piece::Plain(original));
+        }
+    }
+    // An odd number of marks: the template cut a placeholder in two.
+    if pieces.len() % 2 == 0 {
+        return Err(PromptError::MangledPlaceholder);
+    }
+    Ok(pieces)
+}
