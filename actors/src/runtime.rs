@@ -159,7 +159,8 @@ impl RuntimeBuilder {
     }
     /// Picks the device by kind (`cpu`, `cuda`, `hip`, `auto`): a GPU brings its weight backend
     /// (pinned staging ring, copy streams, events) and its compute (see `gpu_compute.rs`).
-    /// `backend(..)` and `compute(..)`, when also given, win. Without it: the CPU.
+    /// `backend(..)` and `compute(..)`, when also given, win. Without any of the three: `auto`
+    /// (a GPU when one opens, else the CPU), the default of every entry point.
     pub fn device(self, kind: rocmforge::backend::BackendKind) -> Self {
         self.device_with(kind, Default::default())
     }
@@ -184,7 +185,14 @@ impl RuntimeBuilder {
         let span = tracing::info_span!("build");
         let _g = span.enter();
         let file = rocmforge::gguf::GgufFile::open(&path)?;
-        let gpu = match (&self.backend, self.device) {
+        // A compute given without a backend is a host compute (the CPU's); otherwise the
+        // device asked for, `auto` by default.
+        let device = match (&self.compute, self.device) {
+            (_, Some(d)) => Some(d),
+            (None, None) => Some((rocmforge::backend::BackendKind::Auto, Default::default())),
+            (Some(_), None) => None,
+        };
+        let gpu = match (&self.backend, device) {
             (None, Some((kind, opt))) => crate::gpu_compute::open_pipeline(kind, &file, opt)?,
             _ => None,
         };

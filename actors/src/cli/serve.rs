@@ -46,7 +46,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_warm_up: bool,
     /// cpu, cuda, hip or auto (a GPU when one opens, else the CPU).
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "auto")]
     pub backend: rocmforge::backend::BackendKind,
     /// Open HTTP connections at once (503 beyond); lowered to fit the open-file limit.
     #[arg(long, default_value_t = 512)]

@@ -123,7 +123,7 @@ impl ServeConfig {
             read_mode: ReadMode::Mmap,
             prefetch_depth: 2,
             warm_up: true,
-            backend: BackendKind::Cpu,
+            backend: BackendKind::Auto,
             max_connections: 512,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
