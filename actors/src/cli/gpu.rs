@@ -336,25 +336,6 @@ pub fn run(
             t.decode_tokens_per_second, g.stop_reason,
         );
     }
-    // Measurement knob (process teardown): `1` leaves through `exit` without freeing device
-    // memory, the ring and the context; `2` through `_exit` (no atexit handlers either). The
-    // driver reclaims everything when the process ends. Every device operation has completed
-    // (the last token id was read back) and no helper thread is inside cuBLAS (a prompt that
-    // loads it joins it at its first GEMM).
-    match std::env::var("ROCMFORGE_FAST_EXIT").as_deref() {
-        Ok("1") => {
-            out.flush()?;
-            std::process::exit(0);
-        }
-        Ok("2") => {
-            out.flush()?;
-            std::io::stderr().flush()?;
-            // SAFETY: ends the process at once; every output was flushed above and nothing
-            // else is pending (see above).
-            unsafe { libc::_exit(0) }
-        }
-        _ => {}
-    }
     Ok(())
 }
 
