@@ -7,6 +7,7 @@
 //! immediate (the copy is synchronous). The GPU implementation, written once for CUDA and HIP
 //! over the core crate's role traits, is in `gpu.rs`.
 
+use crate::messages::ReadMode;
 use crate::error::{Result, RuntimeError};
 use crate::staging::{SlotMemory, StagingSlot};
 use rocmforge::quant::qtype::GgmlType;
@@ -57,6 +58,30 @@ impl ReadyEvent for AlreadyReady {
 }
 
 /// A device the pipeline can stream weights into.
+/// The reader and staging geometry a backend wants (`RuntimeBuilder` settings win over it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoGeometry {
+    pub read_mode: ReadMode,
+    /// DiskReader threads.
+    pub readers: usize,
+    /// Staging ring: slots and bytes per slot.
+    pub staging_slots: usize,
+    pub slot_size: usize,
+}
+
+impl Default for IoGeometry {
+    /// The CPU's: compute reads the mapped file itself (zero copy), so two readers that only
+    /// advise and touch pages are enough, and the ring is small.
+    fn default() -> Self {
+        Self {
+            read_mode: ReadMode::Mmap,
+            readers: 2,
+            staging_slots: 8,
+            slot_size: 1 << 20,
+        }
+    }
+}
+
 pub trait WeightBackend: Send + Sync + 'static {
     fn name(&self) -> &str;
 
@@ -65,6 +90,10 @@ pub trait WeightBackend: Send + Sync + 'static {
     fn computes_from_host(&self) -> bool;
 
     /// Device memory available for weights, if known (for budgets given as a fraction).
+    /// How the pipeline should feed this backend unless the caller says otherwise.
+    fn io_geometry(&self) -> IoGeometry {
+        IoGeometry::default()
+    }
     fn device_memory_bytes(&self) -> Option<u64> {
         None
     }

@@ -46,11 +46,12 @@ pub struct RuntimeBuilder {
     backend: Option<Arc<dyn WeightBackend>>,
     budget: MemoryBudget,
     prefetch_depth: usize,
-    read_mode: ReadMode,
-    readers: usize,
+    /// The four below: `None` takes the backend's suggestion (`WeightBackend::io_geometry`).
+    read_mode: Option<ReadMode>,
+    readers: Option<usize>,
     transcode_threads: usize,
-    staging_slots: usize,
-    slot_size: usize,
+    staging_slots: Option<usize>,
+    slot_size: Option<usize>,
     upload_streams: usize,
     queue_capacity: usize,
     max_sessions: usize,
@@ -71,11 +72,11 @@ impl Default for RuntimeBuilder {
             backend: None,
             budget: MemoryBudget::Unlimited,
             prefetch_depth: 2,
-            read_mode: ReadMode::Mmap,
-            readers: 2,
+            read_mode: None,
+            readers: None,
             transcode_threads: 1,
-            staging_slots: 8,
-            slot_size: 1 << 20,
+            staging_slots: None,
+            slot_size: None,
             upload_streams: 1,
             queue_capacity: 16,
             max_sessions: 4,
@@ -120,11 +121,11 @@ impl RuntimeBuilder {
         self
     }
     pub fn read_mode(mut self, mode: ReadMode) -> Self {
-        self.read_mode = mode;
+        self.read_mode = Some(mode);
         self
     }
     pub fn readers(mut self, n: usize) -> Self {
-        self.readers = n.max(1);
+        self.readers = Some(n.max(1));
         self
     }
     pub fn transcode_threads(mut self, n: usize) -> Self {
@@ -133,8 +134,8 @@ impl RuntimeBuilder {
     }
     /// The staging ring: `slots` buffers of `slot_size` bytes, allocated once.
     pub fn staging(mut self, slots: usize, slot_size: usize) -> Self {
-        self.staging_slots = slots.max(1);
-        self.slot_size = slot_size;
+        self.staging_slots = Some(slots.max(1));
+        self.slot_size = Some(slot_size);
         self
     }
     pub fn upload_streams(mut self, n: usize) -> Self {
@@ -202,6 +203,13 @@ impl RuntimeBuilder {
             (None, None) => Arc::new(CpuBackend::new()),
         };
         let plan = LoadPlan::new(&file, &*backend)?;
+        // What the caller set wins; the rest is the backend's suggestion (a GPU reads with many
+        // threads straight into pinned slots, the CPU maps the file).
+        let io = backend.io_geometry();
+        let read_mode = self.read_mode.unwrap_or(io.read_mode);
+        let n_readers = self.readers.unwrap_or(io.readers).max(1);
+        let staging_slots = self.staging_slots.unwrap_or(io.staging_slots).max(1);
+        let slot_size = self.slot_size.unwrap_or(io.slot_size);
         let total = plan.total_dev_bytes();
         let budget = match self.budget {
             // A GPU's default: its free memory minus KV cache and workspace (the backend knows
@@ -235,10 +243,10 @@ impl RuntimeBuilder {
             })
             .max()
             .unwrap_or(1);
-        if (self.slot_size as u64) < max_block {
+        if (slot_size as u64) < max_block {
             return Err(RuntimeError::Config(format!(
                 "staging slot of {} B is smaller than one quant block ({max_block} B)",
-                self.slot_size
+                slot_size
             )));
         }
         let factory = self
@@ -247,9 +255,9 @@ impl RuntimeBuilder {
             .or_else(|| gpu.as_ref().map(|g| g.compute.clone()))
             .unwrap_or_else(|| crate::llama::LlamaCompute::factory(Default::default()));
 
-        let zero_copy = backend.computes_from_host() && self.read_mode == ReadMode::Mmap;
+        let zero_copy = backend.computes_from_host() && read_mode == ReadMode::Mmap;
         let needs_upload_ring = !zero_copy
-            && (self.read_mode == ReadMode::Mmap
+            && (read_mode == ReadMode::Mmap
                 || plan
                     .units
                     .iter()
@@ -257,14 +265,14 @@ impl RuntimeBuilder {
                     .any(|t| !backend.is_pass_through(t.ty)));
         // Slot memory comes from the backend: pinned host memory on GPUs, allocated once here.
         let ring =
-            |n: usize| StagingRing::with_memory(n, self.slot_size, |b| backend.alloc_staging(b));
-        let read_ring = ring(if self.read_mode == ReadMode::Mmap {
+            |n: usize| StagingRing::with_memory(n, slot_size, |b| backend.alloc_staging(b));
+        let read_ring = ring(if read_mode == ReadMode::Mmap {
             0
         } else {
-            self.staging_slots
+            staging_slots
         })?;
         let upload_ring = ring(if needs_upload_ring {
-            self.staging_slots
+            staging_slots
         } else {
             0
         })?;
@@ -272,12 +280,11 @@ impl RuntimeBuilder {
         // Read jobs: the Scheduler keeps at most `2 * readers` units in flight, each split into
         // at most `readers` parts, so its `try_send` never finds this full and it never needs a
         // timer to retry (not shrunk by `channel_capacity` for that reason).
-        let readers = self.readers.max(1);
-        let (jobs_tx, jobs_rx) = flume::bounded(2 * readers * readers);
+        let (jobs_tx, jobs_rx) = flume::bounded(2 * n_readers * n_readers);
         // One chunk in hand per reader while the next one is read.
-        let (chunk_tx, chunk_rx) = flume::bounded(cap(2 * self.readers));
+        let (chunk_tx, chunk_rx) = flume::bounded(cap(2 * n_readers));
         // Staged chunks hold staging slots; the ring bounds them anyway.
-        let (staged_tx, staged_rx) = flume::bounded(cap(self.staging_slots));
+        let (staged_tx, staged_rx) = flume::bounded(cap(staging_slots));
         // One `Loaded` per unit in flight, `Need`/`Done` from one inference thread, and hints.
         let (sched_tx, sched_rx) = flume::bounded(cap(64));
         let (job_tx, job_rx) = flume::bounded(self.queue_capacity);
@@ -339,8 +346,8 @@ impl RuntimeBuilder {
         let readers = start!(reader::spawn(reader::ReaderConfig {
             path: path.clone(),
             map,
-            mode: self.read_mode,
-            n_readers: self.readers,
+            mode: read_mode,
+            n_readers: n_readers,
             plan: plan.clone(),
             backend: backend.clone(),
             ring: read_ring.clone(),
@@ -362,8 +369,8 @@ impl RuntimeBuilder {
             cancel: cancel.clone(),
             inbox: sched_rx,
             dims,
-            n_readers: self.readers,
-            split_bytes: self.slot_size as u64,
+            n_readers: n_readers,
+            split_bytes: slot_size as u64,
         })));
 
         // Last: building the compute (model checks, tokenizer tables) overlaps the load.
