@@ -7,8 +7,8 @@
 //! immediate (the copy is synchronous). The GPU implementation, written once for CUDA and HIP
 //! over the core crate's role traits, is in `gpu.rs`.
 
-use crate::messages::ReadMode;
 use crate::error::{Result, RuntimeError};
+use crate::messages::ReadMode;
 use crate::staging::{SlotMemory, StagingSlot};
 use rocmforge::quant::qtype::GgmlType;
 use std::any::Any;

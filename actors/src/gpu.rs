@@ -9,12 +9,16 @@
 //!   returns the slot to its ring only once the event completed. The uploader never waits.
 //! - `ready_event` records an event behind a unit's last copy; the GPU compute makes its stream
 //!   wait on it on the device (`GpuReady::event`), so the host never blocks on uploads.
-//! - Freeing a unit first waits for its `fence` (recorded behind the last copy and the last
-//!   compute that read it), so eviction never frees memory a kernel may still read.
+//! - Evicting a unit does not free its memory at once: the allocation and its `fence` (recorded
+//!   behind the last copy and the last compute that read it) go to a small pool, and the next
+//!   unit of the same size (streamed layers all are) takes them; its first copy waits for the
+//!   fence *on the device*, so neither the evicting thread nor the uploader blocks, and no
+//!   `cuMemFree`/`cuMemAlloc` runs per streamed layer. A unit of another size first frees the
+//!   pool (waiting for each fence), so the device never holds more than the budget allowed.
 
 use crate::backend::{ArenaCounters, DeviceRegion, IoGeometry, ReadyEvent, WeightBackend};
-use crate::messages::ReadMode;
 use crate::error::{Result, RuntimeError};
+use crate::messages::ReadMode;
 use crate::staging::{SlotMemory, StagingSlot};
 use rocmforge::backend::{ComputeDevice, DeviceBuffer, DeviceEvent, DeviceStream, PinnedHost};
 use std::any::Any;
@@ -63,28 +67,92 @@ pub struct GpuBackend<D: ComputeDevice> {
     cfg: GpuConfig,
     lanes: Vec<Lane<D>>,
     counters: Arc<ArenaCounters>,
+    pool: Arc<RegionPool<D>>,
+}
+
+/// Allocations of evicted units, each with its fence, waiting for a unit of the same size.
+struct RegionPool<D: ComputeDevice> {
+    idle: Mutex<Vec<(D::Buf, D::Event)>>,
+}
+
+/// At most this many evicted allocations wait in the pool: the streaming window's worth.
+const POOL_CAP: usize = 4;
+
+impl<D: ComputeDevice> RegionPool<D> {
+    /// An idle allocation of exactly `bytes`, or `None` after freeing every idle one (waiting
+    /// for its fence first), so a fresh allocation never sits beside unused ones.
+    fn take_or_trim(&self, bytes: usize) -> Option<(D::Buf, D::Event)> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = idle.iter().position(|(b, _)| b.len_bytes() == bytes) {
+            return Some(idle.swap_remove(i));
+        }
+        let freed: Vec<_> = idle.drain(..).collect();
+        drop(idle);
+        for (buf, fence) in freed {
+            free_after::<D>(buf, &fence);
+        }
+        None
+    }
+}
+
+impl<D: ComputeDevice> Drop for RegionPool<D> {
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        for (buf, fence) in idle {
+            free_after::<D>(buf, &fence);
+        }
+    }
+}
+
+/// Frees `buf` once the work its fence follows is done.
+fn free_after<D: ComputeDevice>(buf: D::Buf, fence: &D::Event) {
+    if let Err(e) = fence.synchronize() {
+        tracing::warn!(error = %e, "waiting for the last use of a device region");
+    }
+    drop(buf);
 }
 
 /// One unit's weights: a single device allocation.
 pub struct GpuRegion<D: ComputeDevice> {
-    buf: D::Buf,
+    /// `None` only while dropping.
+    buf: Option<D::Buf>,
     /// Recorded behind every copy into and every compute reading this region; waited for
-    /// before the memory is freed.
-    fence: D::Event,
+    /// before the memory is freed or reused.
+    fence: Option<D::Event>,
     fenced: AtomicBool,
+    /// Taken from the pool: the first copy into it must wait (on its stream) for `fence`,
+    /// which still follows the previous unit's last use.
+    wait_before_write: AtomicBool,
     counters: Arc<ArenaCounters>,
+    pool: Arc<RegionPool<D>>,
 }
 
 impl<D: ComputeDevice> GpuRegion<D> {
     /// The device allocation (kernels take pointers into it).
     pub fn buffer(&self) -> &D::Buf {
-        &self.buf
+        self.buf
+            .as_ref()
+            .expect("a region's buffer is present until it drops")
+    }
+
+    fn fence(&self) -> &D::Event {
+        self.fence
+            .as_ref()
+            .expect("a region's fence is present until it drops")
+    }
+
+    /// A reused allocation: orders `stream` after the previous unit's last use, once.
+    fn order_first_write(&self, stream: &D::Stream) -> Result<()> {
+        if self.wait_before_write.swap(false, Ordering::AcqRel) {
+            stream.wait(self.fence())?;
+        }
+        Ok(())
     }
 
     /// Records the region's fence on `stream` after work that reads or writes the region, so
-    /// freeing it waits for that work. The GPU compute calls this after each layer.
+    /// freeing (or reusing) it waits for that work. The GPU compute calls this after each layer.
     pub fn fence_after(&self, stream: &D::Stream) -> Result<()> {
-        stream.record(&self.fence)?;
+        stream.record(self.fence())?;
         self.fenced.store(true, Ordering::Release);
         Ok(())
     }
@@ -92,19 +160,26 @@ impl<D: ComputeDevice> GpuRegion<D> {
 
 impl<D: ComputeDevice> Drop for GpuRegion<D> {
     fn drop(&mut self) {
-        if self.fenced.load(Ordering::Acquire) {
-            if let Err(e) = self.fence.synchronize() {
-                tracing::warn!(error = %e, "waiting for the last use of a device region");
-            }
+        let (Some(buf), Some(fence)) = (self.buf.take(), self.fence.take()) else {
+            return;
+        };
+        self.counters.sub(buf.len_bytes() as u64);
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if self.fenced.load(Ordering::Acquire) && idle.len() < POOL_CAP {
+            // The next unit of this size waits for the fence on the device (see module docs).
+            idle.push((buf, fence));
+            return;
         }
-        self.counters.sub(self.buf.len_bytes() as u64);
-        // `buf` frees the device memory after this.
+        drop(idle);
+        if self.fenced.load(Ordering::Acquire) {
+            free_after::<D>(buf, &fence);
+        }
     }
 }
 
 impl<D: ComputeDevice + 'static> DeviceRegion for GpuRegion<D> {
     fn len(&self) -> usize {
-        self.buf.len_bytes()
+        self.buffer().len_bytes()
     }
     fn host_bytes(&self) -> Option<&[u8]> {
         None
@@ -193,6 +268,9 @@ impl<D: ComputeDevice + Send + Sync + 'static> GpuBackend<D> {
             cfg,
             lanes,
             counters: Arc::default(),
+            pool: Arc::new(RegionPool {
+                idle: Mutex::new(Vec::new()),
+            }),
         })
     }
 
@@ -265,15 +343,23 @@ impl<D: ComputeDevice + Send + Sync + 'static> WeightBackend for GpuBackend<D> {
     }
 
     fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceRegion>> {
-        // Out of memory is `BackendError::OutOfMemory` (typed, recoverable), not a panic.
-        let buf = self.dev.alloc(bytes, "layer weights (pipeline unit)")?;
-        let fence = self.dev.new_event(false)?;
+        let (buf, fence, reused) = match self.pool.take_or_trim(bytes) {
+            Some((buf, fence)) => (buf, fence, true),
+            // Out of memory is `BackendError::OutOfMemory` (typed, recoverable), not a panic.
+            None => (
+                self.dev.alloc(bytes, "layer weights (pipeline unit)")?,
+                self.dev.new_event(false)?,
+                false,
+            ),
+        };
         self.counters.add(bytes as u64);
         Ok(Box::new(GpuRegion::<D> {
-            buf,
-            fence,
-            fenced: AtomicBool::new(false),
+            buf: Some(buf),
+            fence: Some(fence),
+            fenced: AtomicBool::new(reused),
+            wait_before_write: AtomicBool::new(reused),
             counters: self.counters.clone(),
+            pool: self.pool.clone(),
         }))
     }
 
@@ -289,11 +375,12 @@ impl<D: ComputeDevice + Send + Sync + 'static> WeightBackend for GpuBackend<D> {
         pinned.host_bytes_mut().copy_from_slice(src);
         let lane = self.lane(stream)?;
         let region = self.region(dst)?;
+        region.order_first_write(&lane.stream)?;
         // SAFETY: `pinned` and the region outlive the copy: the stream is synchronised below
         // before either can be dropped.
         unsafe {
             self.dev
-                .copy_htod_async(&lane.stream, &region.buf, offset, &pinned, 0, src.len())
+                .copy_htod_async(&lane.stream, region.buffer(), offset, &pinned, 0, src.len())
         }?;
         lane.stream.synchronize()?;
         Ok(())
@@ -314,12 +401,20 @@ impl<D: ComputeDevice + Send + Sync + 'static> WeightBackend for GpuBackend<D> {
         };
         let lane = self.lane(stream)?;
         let region = self.region(dst)?;
+        region.order_first_write(&lane.stream)?;
         // SAFETY: the slot (source) is handed to the recycler below, which keeps it until the
-        // event recorded behind this copy completed; the region (destination) is freed only
-        // after its fence, recorded behind this copy too.
+        // event recorded behind this copy completed; the region (destination) is freed or
+        // reused only after its fence, recorded behind this copy too (and a reused region's
+        // first copy waited for the previous user's fence).
         unsafe {
-            self.dev
-                .copy_htod_async(&lane.stream, &region.buf, offset, &pinned.0, 0, slot.len)
+            self.dev.copy_htod_async(
+                &lane.stream,
+                region.buffer(),
+                offset,
+                &pinned.0,
+                0,
+                slot.len,
+            )
         }?;
         region.fence_after(&lane.stream)?;
         let event = match lane.spare.lock().unwrap_or_else(|p| p.into_inner()).pop() {

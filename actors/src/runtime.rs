@@ -264,18 +264,13 @@ impl RuntimeBuilder {
                     .flat_map(|u| &u.tensors)
                     .any(|t| !backend.is_pass_through(t.ty)));
         // Slot memory comes from the backend: pinned host memory on GPUs, allocated once here.
-        let ring =
-            |n: usize| StagingRing::with_memory(n, slot_size, |b| backend.alloc_staging(b));
+        let ring = |n: usize| StagingRing::with_memory(n, slot_size, |b| backend.alloc_staging(b));
         let read_ring = ring(if read_mode == ReadMode::Mmap {
             0
         } else {
             staging_slots
         })?;
-        let upload_ring = ring(if needs_upload_ring {
-            staging_slots
-        } else {
-            0
-        })?;
+        let upload_ring = ring(if needs_upload_ring { staging_slots } else { 0 })?;
         let cap = |reason_default: usize| self.channel_capacity.unwrap_or(reason_default);
         // Read jobs: the Scheduler keeps at most `2 * readers` units in flight, each split into
         // at most `readers` parts, so its `try_send` never finds this full and it never needs a
