@@ -342,7 +342,7 @@ impl RuntimeBuilder {
             path: path.clone(),
             map,
             mode: read_mode,
-            n_readers: n_readers,
+            n_readers,
             plan: plan.clone(),
             backend: backend.clone(),
             ring: read_ring.clone(),
@@ -364,7 +364,7 @@ impl RuntimeBuilder {
             cancel: cancel.clone(),
             inbox: sched_rx,
             dims,
-            n_readers: n_readers,
+            n_readers,
             split_bytes: slot_size as u64,
         })));
 
