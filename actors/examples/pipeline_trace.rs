@@ -4,7 +4,7 @@
 //! cargo run --release -p rocmforge-actors --example pipeline_trace -- \
 //!     OUT.json [--model M] [--mode read|mmap|direct] [--budget 40%] [--tokens 4] [--cold]
 
-use rocmforge_actors::bench::evict_from_page_cache;
+use rocmforge_actors::cli::ttft::evict_from_page_cache;
 use rocmforge_actors::trace::{enable_chrome_trace, view};
 use rocmforge_actors::{GenerateRequest, MemoryBudget, ReadMode, Runtime};
 use std::path::PathBuf;

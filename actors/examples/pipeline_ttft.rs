@@ -4,7 +4,9 @@
 //! cargo run --release -p rocmforge-actors --example pipeline_ttft -- \
 //!     [MODEL] [--mode read|mmap|direct] [--budgets 1,0.5,0.25] [--prompt 64] [--decode 16] [--warm] [--repeat 3] [--readers 2] [--depth 2]
 
-use rocmforge_actors::bench::{default_config, format_medians, format_table, run_ttft_repeated};
+use rocmforge_actors::cli::ttft::{
+    default_config, format_medians, format_table, run_ttft_repeated,
+};
 use rocmforge_actors::ReadMode;
 use std::path::PathBuf;
 

@@ -1,20 +1,20 @@
 //! The embedding API: `Runtime::builder()...build()` starts the five actors and returns a
 //! `RuntimeHandle` (`Clone + Send + Sync`).
 
-use crate::backend::{CpuBackend, WeightBackend};
 use crate::compute::ComputeFactory;
 use crate::error::{Result, RuntimeError};
-use crate::inference::{self, Job, StreamItem};
 use crate::messages::{
     FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, ReadMode, SessionId, Stage,
     StageBusy, Stats, TokenEvent,
 };
-use crate::plan::LoadPlan;
-use crate::residency::ResidencyBoard;
-use crate::scheduler::{self, fit_budget, SchedMsg};
-use crate::shared::Shared;
-use crate::staging::StagingRing;
-use crate::{reader, transcode, uploader};
+use crate::pipeline::backend::{CpuBackend, WeightBackend};
+use crate::pipeline::inference::{self, Job, StreamItem};
+use crate::pipeline::plan::LoadPlan;
+use crate::pipeline::residency::ResidencyBoard;
+use crate::pipeline::scheduler::{self, fit_budget, SchedMsg};
+use crate::pipeline::shared::Shared;
+use crate::pipeline::staging::StagingRing;
+use crate::pipeline::{reader, transcode, uploader};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,7 +61,7 @@ pub struct RuntimeBuilder {
     delays: StageDelays,
     device: Option<(
         rocmforge::backend::BackendKind,
-        crate::gpu_compute::GpuPipelineOptions,
+        crate::compute::gpu::GpuPipelineOptions,
     )>,
 }
 
@@ -169,7 +169,7 @@ impl RuntimeBuilder {
     pub fn device_with(
         mut self,
         kind: rocmforge::backend::BackendKind,
-        opt: crate::gpu_compute::GpuPipelineOptions,
+        opt: crate::compute::gpu::GpuPipelineOptions,
     ) -> Self {
         self.device = Some((kind, opt));
         self
@@ -194,7 +194,7 @@ impl RuntimeBuilder {
             (Some(_), None) => None,
         };
         let gpu = match (&self.backend, device) {
-            (None, Some((kind, opt))) => crate::gpu_compute::open_pipeline(kind, &file, opt)?,
+            (None, Some((kind, opt))) => crate::compute::gpu::open_pipeline(kind, &file, opt)?,
             _ => None,
         };
         let backend: Arc<dyn WeightBackend> = match (&self.backend, &gpu) {
@@ -253,7 +253,7 @@ impl RuntimeBuilder {
             .compute
             .clone()
             .or_else(|| gpu.as_ref().map(|g| g.compute.clone()))
-            .unwrap_or_else(|| crate::llama::LlamaCompute::factory(Default::default()));
+            .unwrap_or_else(|| crate::compute::llama::LlamaCompute::factory(Default::default()));
 
         let zero_copy = backend.computes_from_host() && read_mode == ReadMode::Mmap;
         let needs_upload_ring = !zero_copy

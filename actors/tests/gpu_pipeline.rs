@@ -17,7 +17,7 @@ mod gpu;
 
 use rocmforge::backend::{BackendError, BackendKind};
 use rocmforge::model::{Precision, SequenceConfig};
-use rocmforge_actors::llama::LlamaCompute;
+use rocmforge_actors::compute::llama::LlamaCompute;
 use rocmforge_actors::{GenerateRequest, MemoryBudget, Runtime, RuntimeError};
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! The pipelined runtime with the real SmolLM2-135M model and the core crate's forward pass.
 
 use rocmforge::model::{Model, SequenceConfig};
-use rocmforge_actors::llama::LlamaCompute;
+use rocmforge_actors::compute::llama::LlamaCompute;
 use rocmforge_actors::{GenerateRequest, MemoryBudget, ReadMode, Runtime, RuntimeError};
 use std::path::PathBuf;
 

@@ -8,7 +8,7 @@
 //! prove nothing about overlap.
 
 use rocmforge::model::SequenceConfig;
-use rocmforge_actors::llama::LlamaCompute;
+use rocmforge_actors::compute::llama::LlamaCompute;
 use rocmforge_actors::trace::{enable_chrome_trace, render_svg};
 use rocmforge_actors::{GenerateRequest, ReadMode, Runtime, StageDelays};
 use serde_json::Value;

@@ -80,8 +80,8 @@ fn budget_below_the_output_head_streams_it_in_row_chunks() {
 
 #[test]
 fn streamed_head_chunks_tile_the_head_in_aligned_row_blocks() {
-    use rocmforge_actors::backend::CpuBackend;
-    use rocmforge_actors::plan::{LoadPlan, HEAD_ROW_ALIGN};
+    use rocmforge_actors::pipeline::backend::CpuBackend;
+    use rocmforge_actors::pipeline::plan::{LoadPlan, HEAD_ROW_ALIGN};
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_model_vocab(dir.path(), 3, 64, 4096);
     let file = rocmforge::gguf::GgufFile::open(&model).unwrap();

@@ -74,11 +74,11 @@ fn parse_budget_percent(s: &str) -> Result<f64, String> {
 
 /// The `--ttft` bench: the pipelined runtime on the CPU backend.
 fn run_ttft(a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut cfg = crate::bench::default_config(&a.model, a.n_prompt, a.n_gen);
+    let mut cfg = crate::cli::ttft::default_config(&a.model, a.n_prompt, a.n_gen);
     cfg.budgets = a.ttft.clone();
     cfg.read_mode = a.ttft_read_mode;
     cfg.cold = !a.warm;
-    let rounds = crate::bench::run_ttft_repeated(&cfg, a.rounds);
+    let rounds = crate::cli::ttft::run_ttft_repeated(&cfg, a.rounds);
     if a.json {
         let j: Vec<serde_json::Value> = rounds
             .iter()
@@ -95,10 +95,10 @@ fn run_ttft(a: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             if rounds.len() > 1 {
                 println!("round {}:", i + 1);
             }
-            print!("{}", crate::bench::format_table(rows));
+            print!("{}", crate::cli::ttft::format_table(rows));
         }
         if rounds.len() > 1 {
-            print!("\n{}", crate::bench::format_medians(&rounds));
+            print!("\n{}", crate::cli::ttft::format_medians(&rounds));
         }
     }
     Ok(())

@@ -64,11 +64,11 @@ impl Engine {
             })?;
         // cuda/hip: the GPU weight backend and compute (docs/GPU-BACKEND.md); auto: a GPU if
         // one opens, else the CPU.
-        let gpu_opt = crate::gpu_compute::GpuPipelineOptions {
+        let gpu_opt = crate::compute::gpu::GpuPipelineOptions {
             ctx: model.ctx,
             ..Default::default()
         };
-        let gpu = crate::gpu_compute::open_pipeline(backend, &file, gpu_opt)?;
+        let gpu = crate::compute::gpu::open_pipeline(backend, &file, gpu_opt)?;
         drop(file);
         let mut builder = Runtime::builder().model(path);
         let opened = match gpu {
@@ -83,11 +83,13 @@ impl Engine {
             // The CPU compute honours --ctx, --precision (`exact` is the oracle GPUs match)
             // and --threads.
             None => {
-                builder = builder.compute(crate::llama::LlamaCompute::factory(SequenceConfig {
-                    ctx: Some(model.ctx),
-                    precision: model.precision,
-                    kv_type: None,
-                }));
+                builder = builder.compute(crate::compute::llama::LlamaCompute::factory(
+                    SequenceConfig {
+                        ctx: Some(model.ctx),
+                        precision: model.precision,
+                        kv_type: None,
+                    },
+                ));
                 if let Some(n) = model.threads {
                     builder = builder.compute_threads(n);
                 }

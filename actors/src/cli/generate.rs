@@ -3,7 +3,7 @@
 
 use super::engine::Engine;
 use super::run::{GenError, RunArgs, TextSink};
-use crate::progress::LoadProgressBars;
+use crate::cli::progress::LoadProgressBars;
 use crate::{FinishReason, GenerateRequest, Prompt, SamplingParams, SessionId};
 use serde::Serialize;
 use std::io::Write;

@@ -8,10 +8,12 @@ pub mod engine;
 pub mod generate;
 pub mod gpu;
 pub mod inspect;
+pub mod progress;
 pub mod run;
 pub mod serve;
 pub mod synth;
 pub mod trace;
+pub mod ttft;
 
 /// Default model location (fetched by scripts/fetch-model.sh).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -5,8 +5,8 @@
 use super::error::ApiError;
 use super::metrics::{GaugeGuard, Metrics};
 use crate::error::RuntimeError;
-use crate::inference::StreamItem;
 use crate::messages::FinishReason;
+use crate::pipeline::inference::StreamItem;
 use crate::runtime::TokenStream;
 use futures::{FutureExt, StreamExt};
 use rocmforge::sample::StopStrings;

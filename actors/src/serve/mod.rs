@@ -27,8 +27,8 @@ pub mod openai;
 mod prompt;
 pub mod promtext;
 
+use crate::compute::llama::LlamaCompute;
 use crate::error::RuntimeError;
-use crate::llama::LlamaCompute;
 use crate::messages::{GenerateRequest, Hint, MemoryBudget, ReadMode};
 use crate::runtime::{Runtime, RuntimeHandle};
 use metrics::Metrics;
@@ -198,7 +198,7 @@ impl Server {
             // defaults (see `RuntimeBuilder::device`).
             kind => builder.device_with(
                 kind,
-                crate::gpu_compute::GpuPipelineOptions {
+                crate::compute::gpu::GpuPipelineOptions {
                     ctx,
                     ..Default::default()
                 },

@@ -7,8 +7,8 @@
 //! head streams through the window like the layers. Each chunk is one `TensorSlot` naming the
 //! head tensor with its row range (`rows`); the rows of one chunk are contiguous in the file.
 
-use crate::backend::WeightBackend;
 use crate::error::{Result, RuntimeError};
+use crate::pipeline::backend::WeightBackend;
 use rocmforge::gguf::GgufFile;
 use rocmforge::quant::qtype::GgmlType;
 use std::ops::Range;

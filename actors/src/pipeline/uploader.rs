@@ -7,14 +7,14 @@
 //! them; the compute stream waits on that event on the device. Chunks of one unit may arrive in
 //! any order (several readers, a pool of transcoders), so completion is counted in bytes.
 
-use crate::backend::{DeviceRegion, WeightBackend};
 use crate::error::{Result, RuntimeError};
 use crate::messages::Stage;
-use crate::plan::LoadPlan;
-use crate::residency::{LayerMemory, ResidencyBoard, ResidentLayer};
-use crate::scheduler::SchedMsg;
-use crate::shared::{recv_or_cancel, Shared};
-use crate::transcode::{Staged, StagedData};
+use crate::pipeline::backend::{DeviceRegion, WeightBackend};
+use crate::pipeline::plan::LoadPlan;
+use crate::pipeline::residency::{LayerMemory, ResidencyBoard, ResidentLayer};
+use crate::pipeline::scheduler::SchedMsg;
+use crate::pipeline::shared::{recv_or_cancel, Shared};
+use crate::pipeline::transcode::{Staged, StagedData};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -37,7 +37,7 @@ pub struct UploaderConfig {
     pub cancel: CancellationToken,
     pub delay_per_chunk: Duration,
     /// `(cols, rows)` of every tensor of every unit, computed once.
-    pub dims: crate::plan::UnitDims,
+    pub dims: crate::pipeline::plan::UnitDims,
 }
 
 struct Assembly {

@@ -9,7 +9,7 @@
 
 use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
-use crate::residency::ResidentLayer;
+use crate::pipeline::residency::ResidentLayer;
 use rocmforge::gguf::GgufFile;
 use rocmforge::model::Precision;
 use rocmforge::model::{

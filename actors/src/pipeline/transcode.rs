@@ -6,14 +6,14 @@
 //! the backend says so) into a slot of the upload ring; on the CPU in `mmap` mode nothing is
 //! copied at all (zero-copy). The pool's threads are scoped: they are joined when the actor ends.
 
-use crate::backend::WeightBackend;
 use crate::error::{Result, RuntimeError};
 use crate::messages::Stage;
-use crate::plan::LoadPlan;
-use crate::reader::{Chunk, ChunkData};
-use crate::scheduler::SchedMsg;
-use crate::shared::{recv_or_cancel, Shared};
-use crate::staging::{StagingRing, StagingSlot};
+use crate::pipeline::backend::WeightBackend;
+use crate::pipeline::plan::LoadPlan;
+use crate::pipeline::reader::{Chunk, ChunkData};
+use crate::pipeline::scheduler::SchedMsg;
+use crate::pipeline::shared::{recv_or_cancel, Shared};
+use crate::pipeline::staging::{StagingRing, StagingSlot};
 use memmap2::Mmap;
 use std::ops::Range;
 use std::sync::atomic::Ordering;

@@ -132,7 +132,7 @@ impl StagingRing {
 
     /// Waits for a free slot; `None` once `cancel` fires.
     pub fn acquire(&self, cancel: &CancellationToken) -> Option<StagingSlot> {
-        let buf = crate::shared::recv_or_cancel(&self.shared.free_rx, cancel)?;
+        let buf = crate::pipeline::shared::recv_or_cancel(&self.shared.free_rx, cancel)?;
         Some(StagingSlot {
             buf: Some(buf),
             len: 0,

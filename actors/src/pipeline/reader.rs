@@ -7,13 +7,13 @@
 //! - `read` / `direct` mode: `pread` straight into staging slots of the read ring (`O_DIRECT`
 //!   through an aligned bounce buffer where the filesystem allows it).
 
-use crate::backend::WeightBackend;
 use crate::error::{Result, RuntimeError};
 use crate::messages::{ReadMode, Stage};
-use crate::plan::LoadPlan;
-use crate::scheduler::SchedMsg;
-use crate::shared::{recv_or_cancel, Shared};
-use crate::staging::{StagingRing, StagingSlot};
+use crate::pipeline::backend::WeightBackend;
+use crate::pipeline::plan::LoadPlan;
+use crate::pipeline::scheduler::SchedMsg;
+use crate::pipeline::shared::{recv_or_cancel, Shared};
+use crate::pipeline::staging::{StagingRing, StagingSlot};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 use std::fs::File;
 use std::ops::Range;
@@ -86,7 +86,7 @@ pub fn advise_dontneed(map: &Mmap, span: Range<usize>) {
 }
 
 /// The file ranges of a unit's tensors, adjacent ones merged (gaps up to a page are bridged).
-fn tensor_runs(unit: &crate::plan::Unit) -> Vec<Range<u64>> {
+fn tensor_runs(unit: &crate::pipeline::plan::Unit) -> Vec<Range<u64>> {
     let mut r: Vec<Range<u64>> = unit.tensors.iter().map(|t| t.file.clone()).collect();
     r.sort_by_key(|x| x.start);
     let mut out: Vec<Range<u64>> = Vec::with_capacity(r.len());

@@ -26,10 +26,10 @@
 
 use crate::error::{Result, RuntimeError};
 use crate::messages::Hint;
-use crate::plan::LoadPlan;
-use crate::reader::ReadJob;
-use crate::residency::{Eviction, LayerMemory, ResidencyBoard, ResidentLayer};
-use crate::shared::{recv_or_cancel, ResidencySnapshot, Shared};
+use crate::pipeline::plan::LoadPlan;
+use crate::pipeline::reader::ReadJob;
+use crate::pipeline::residency::{Eviction, LayerMemory, ResidencyBoard, ResidentLayer};
+use crate::pipeline::shared::{recv_or_cancel, ResidencySnapshot, Shared};
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -135,7 +135,7 @@ pub fn plan_fixed(
 pub fn fit_budget(
     plan: LoadPlan,
     file: &rocmforge::gguf::GgufFile,
-    backend: &dyn crate::backend::WeightBackend,
+    backend: &dyn crate::pipeline::backend::WeightBackend,
     budget: u64,
     k: usize,
 ) -> Result<LoadPlan> {
@@ -233,7 +233,7 @@ pub struct SchedulerConfig {
     pub shared: Arc<Shared>,
     pub cancel: CancellationToken,
     pub inbox: flume::Receiver<SchedMsg>,
-    pub dims: crate::plan::UnitDims,
+    pub dims: crate::pipeline::plan::UnitDims,
     /// Readers available, and the chunk size: units of at least four chunks are split.
     pub n_readers: usize,
     pub split_bytes: u64,
@@ -583,7 +583,7 @@ impl Scheduler {
             layer: self.cfg.plan.units[u].layer,
             memory: LayerMemory::Device {
                 region: Arc::new(EmptyRegion),
-                ready: Arc::new(crate::backend::AlreadyReady),
+                ready: Arc::new(crate::pipeline::backend::AlreadyReady),
             },
             tensors: Arc::new(Vec::new()),
             dims: self.cfg.dims[u].clone(),
@@ -634,7 +634,7 @@ impl Scheduler {
 
 struct EmptyRegion;
 
-impl crate::backend::DeviceRegion for EmptyRegion {
+impl crate::pipeline::backend::DeviceRegion for EmptyRegion {
     fn len(&self) -> usize {
         0
     }

@@ -7,12 +7,12 @@
 //! Activations stay on the device: the `Hidden` passed between steps only carries the token
 //! count. Logits come back to the host for the Inference actor's sampler.
 
-use crate::backend::WeightBackend;
+use crate::compute::llama::{token_bytes_with, tokenize_with};
 use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
-use crate::gpu::{GpuBackend, GpuConfig, GpuReady, GpuRegion};
-use crate::llama::{token_bytes_with, tokenize_with};
-use crate::residency::{LayerMemory, ResidentLayer};
+use crate::pipeline::backend::WeightBackend;
+use crate::pipeline::gpu::{GpuBackend, GpuConfig, GpuReady, GpuRegion};
+use crate::pipeline::residency::{LayerMemory, ResidentLayer};
 use rocmforge::backend::gpu::{GpuLayered, KernelDevice, LayeredOptions};
 use rocmforge::backend::{
     Backend, BackendError, BackendKind, ComputeDevice, DeviceBuffer, DeviceStream, DeviceTensor,

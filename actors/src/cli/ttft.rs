@@ -360,7 +360,7 @@ pub fn default_config(model: &Path, prompt_tokens: usize, decode_tokens: usize) 
         decode_tokens,
         prefetch_depth: 2,
         readers: 2,
-        compute: crate::llama::LlamaCompute::factory(Default::default()),
+        compute: crate::compute::llama::LlamaCompute::factory(Default::default()),
         cold: true,
     }
 }

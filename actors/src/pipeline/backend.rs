@@ -9,7 +9,7 @@
 
 use crate::error::{Result, RuntimeError};
 use crate::messages::ReadMode;
-use crate::staging::{SlotMemory, StagingSlot};
+use crate::pipeline::staging::{SlotMemory, StagingSlot};
 use rocmforge::quant::qtype::GgmlType;
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -16,10 +16,12 @@
 //!   `cuMemFree`/`cuMemAlloc` runs per streamed layer. A unit of another size first frees the
 //!   pool (waiting for each fence), so the device never holds more than the budget allowed.
 
-use crate::backend::{ArenaCounters, DeviceRegion, IoGeometry, ReadyEvent, WeightBackend};
 use crate::error::{Result, RuntimeError};
 use crate::messages::ReadMode;
-use crate::staging::{SlotMemory, StagingSlot};
+use crate::pipeline::backend::{
+    ArenaCounters, DeviceRegion, IoGeometry, ReadyEvent, WeightBackend,
+};
+use crate::pipeline::staging::{SlotMemory, StagingSlot};
 use rocmforge::backend::{ComputeDevice, DeviceBuffer, DeviceEvent, DeviceStream, PinnedHost};
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};

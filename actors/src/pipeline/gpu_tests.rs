@@ -2,7 +2,7 @@
 //! says so: that makes "the slot stays out of the ring until its copy completed" observable.
 
 use super::*;
-use crate::staging::StagingRing;
+use crate::pipeline::staging::StagingRing;
 use rocmforge::backend::{BackendError, BackendResult};
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicUsize;

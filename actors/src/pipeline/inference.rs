@@ -6,10 +6,10 @@ use crate::compute::{ComputeFactory, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::messages::SessionId;
 use crate::messages::{FinishReason, GenerateRequest, Prompt, SamplingParams, Stage, TokenEvent};
-use crate::plan::LoadPlan;
-use crate::residency::{ResidencyBoard, ResidentLayer};
-use crate::scheduler::SchedMsg;
-use crate::shared::{recv_or_cancel, Shared};
+use crate::pipeline::plan::LoadPlan;
+use crate::pipeline::residency::{ResidencyBoard, ResidentLayer};
+use crate::pipeline::scheduler::SchedMsg;
+use crate::pipeline::shared::{recv_or_cancel, Shared};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -250,7 +250,10 @@ impl Inference {
     /// Sends a token, waiting for a slow consumer but noticing cancellation and shutdown (a
     /// plain blocking send could wait forever on a stream nobody reads).
     fn send_event(&self, job: &Job, ev: TokenEvent) -> Result<()> {
-        match crate::shared::block_on_or_cancel(job.events.send_async(Ok(ev)), &job.cancel) {
+        match crate::pipeline::shared::block_on_or_cancel(
+            job.events.send_async(Ok(ev)),
+            &job.cancel,
+        ) {
             Some(Ok(())) => Ok(()),
             Some(Err(_)) => Err(RuntimeError::Cancelled),
             None => Err(self.cancelled(job).unwrap_or(RuntimeError::Cancelled)),

@@ -6,8 +6,11 @@
 //! running state (like a KV cache), so the generated tokens change if a single weight byte
 //! arrives wrong, late or from the wrong layer — which is what the pipeline tests need.
 
+pub mod gpu;
+pub mod llama;
+
 use crate::error::{Result, RuntimeError};
-use crate::residency::ResidentLayer;
+use crate::pipeline::residency::ResidentLayer;
 use std::any::Any;
 
 /// Activations `[n_tokens, width]`, row-major.

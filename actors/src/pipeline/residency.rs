@@ -7,9 +7,9 @@
 //! in use is deferred to its release, so the memory in use never exceeds what the scheduler
 //! accounted for.
 
-use crate::backend::{DeviceRegion, ReadyEvent};
 use crate::error::{Result, RuntimeError};
-use crate::plan::TensorSlot;
+use crate::pipeline::backend::{DeviceRegion, ReadyEvent};
+use crate::pipeline::plan::TensorSlot;
 use memmap2::Mmap;
 use rocmforge::quant::qtype::GgmlType;
 use std::ops::Range;
@@ -31,7 +31,7 @@ pub enum LayerMemory {
 impl Drop for LayerMemory {
     fn drop(&mut self) {
         if let LayerMemory::Mapped { map, span } = self {
-            crate::reader::advise_dontneed(map, span.clone());
+            crate::pipeline::reader::advise_dontneed(map, span.clone());
         }
     }
 }
@@ -254,7 +254,7 @@ impl ResidencyBoard {
             let mut changed = std::pin::pin!(self.changed.notified());
             changed.as_mut().enable();
             drop(g);
-            if crate::shared::block_on_or_cancel(changed, cancel).is_none() {
+            if crate::pipeline::shared::block_on_or_cancel(changed, cancel).is_none() {
                 return Err(RuntimeError::Cancelled);
             }
             g = self.lock();
