@@ -285,6 +285,11 @@ impl RuntimeBuilder {
         let (job_tx, job_rx) = flume::bounded(self.queue_capacity);
 
         let shared = Arc::new(Shared::default());
+        // Until the Scheduler has looked at the plan, every `Done` counts.
+        shared
+            .counters
+            .wants_done
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let board = Arc::new(ResidencyBoard::new(plan.units.len()));
         let cancel = CancellationToken::new();
         let map = file.map();

@@ -243,7 +243,10 @@ impl Inference {
         };
         self.cfg.shared.add_busy(Stage::Compute, start);
         self.cfg.board.release(unit, acquired.layer);
-        let _ = self.cfg.sched.send(SchedMsg::Done { unit });
+        // After the release: a deferred eviction sets the flag before it marks the unit.
+        if self.cfg.shared.counters.wants_done.load(Ordering::SeqCst) {
+            let _ = self.cfg.sched.send(SchedMsg::Done { unit });
+        }
         r
     }
 

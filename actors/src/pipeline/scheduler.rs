@@ -514,7 +514,16 @@ impl Scheduler {
         let d = self.desired();
         for (u, &want) in d.iter().enumerate() {
             match self.status[u] {
-                Status::Resident if !want => match self.cfg.board.try_evict(u) {
+                Status::Resident if !want => match {
+                    // Before the eviction can be deferred: the user that releases the unit
+                    // must then see that a `Done` is wanted (the board's lock orders the two).
+                    self.cfg
+                        .shared
+                        .counters
+                        .wants_done
+                        .store(true, Ordering::SeqCst);
+                    self.cfg.board.try_evict(u)
+                } {
                     Eviction::Freed | Eviction::Absent => {
                         self.status[u] = Status::Absent;
                         self.reserved -= self.bytes[u];
@@ -574,6 +583,17 @@ impl Scheduler {
         }
         self.flush();
         self.publish_snapshot();
+        // `Done` messages matter while something streams, loads, waits for eviction or was
+        // prefetched by a hint; with everything fixed and resident they change nothing.
+        let settled = self.initial.is_none()
+            && self.prefetched.is_empty()
+            && self.fixed.fixed.iter().all(|&f| f)
+            && self.status.iter().all(|&s| s == Status::Resident);
+        self.cfg
+            .shared
+            .counters
+            .wants_done
+            .store(!settled, Ordering::SeqCst);
     }
 
     fn publish_empty(&mut self, u: usize) {

@@ -20,6 +20,10 @@ pub struct Counters {
     pub requests_done: AtomicU64,
     pub prompt_tokens_cached: AtomicU64,
     pub direct_io: AtomicBool,
+    /// Whether the Scheduler wants a `Done` per computed unit. Off while every unit is resident
+    /// and fixed (nothing streams, nothing waits for eviction): then a decode step sends it no
+    /// message at all, and its thread does not wake 30 times a token beside the compute.
+    pub wants_done: AtomicBool,
 }
 
 /// The scheduler's view, copied out after every event it handles.
