@@ -514,7 +514,7 @@ impl Scheduler {
         let d = self.desired();
         for (u, &want) in d.iter().enumerate() {
             match self.status[u] {
-                Status::Resident if !want => match {
+                Status::Resident if !want => {
                     // Before the eviction can be deferred: the user that releases the unit
                     // must then see that a `Done` is wanted (the board's lock orders the two).
                     self.cfg
@@ -522,15 +522,15 @@ impl Scheduler {
                         .counters
                         .wants_done
                         .store(true, Ordering::SeqCst);
-                    self.cfg.board.try_evict(u)
-                } {
-                    Eviction::Freed | Eviction::Absent => {
-                        self.status[u] = Status::Absent;
-                        self.reserved -= self.bytes[u];
-                        self.evictions += 1;
+                    match self.cfg.board.try_evict(u) {
+                        Eviction::Freed | Eviction::Absent => {
+                            self.status[u] = Status::Absent;
+                            self.reserved -= self.bytes[u];
+                            self.evictions += 1;
+                        }
+                        Eviction::Deferred => self.status[u] = Status::EvictPending,
                     }
-                    Eviction::Deferred => self.status[u] = Status::EvictPending,
-                },
+                }
                 Status::EvictPending if want && self.cfg.board.undoom(u) => {
                     self.status[u] = Status::Resident;
                 }
