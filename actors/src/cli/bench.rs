@@ -16,7 +16,7 @@ use std::time::Instant;
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Path to a GGUF model.
-    #[arg(long, short = 'm', default_value = super::DEFAULT_MODEL)]
+    #[arg(long, short = 'm', default_value = super::models::DEFAULT_MODEL_FILE, value_parser = super::models::resolve)]
     pub model: PathBuf,
     /// Prompt length of the pp test (0 skips it).
     #[arg(short = 'p', long = "n-prompt", default_value_t = 128)]

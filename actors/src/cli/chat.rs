@@ -34,6 +34,7 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
     let tok = &engine.tokenizer;
     // One seed for the whole conversation (drawn now when none was given).
     let sampling = a.sampling.params();
+    tracing::info!(seed = ?sampling.seed, "sampling");
     let mut session = engine.rt.new_session();
     let mut messages: Vec<ChatMessage> = a
         .system

@@ -114,7 +114,7 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
     let bars = (!a.json).then(|| LoadProgressBars::show(&engine.rt));
     // Every sampling flag reaches the runtime (one `SamplingParams`); stop strings are cut here.
     let sampling = a.sampling.params();
-    tracing::debug!(seed = ?sampling.seed, "sampling");
+    tracing::info!(seed = ?sampling.seed, "sampling");
     let mut sink = TextSink::new(&engine.tokenizer, &a.sampling.stop);
     let mut stdout = std::io::stdout();
     let json = a.json;

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// Path to a GGUF file.
-    #[arg(default_value = super::DEFAULT_MODEL)]
+    #[arg(default_value = super::models::DEFAULT_MODEL_FILE, value_parser = super::models::resolve)]
     pub model: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod generate;
 pub mod gpu;
 pub mod inspect;
+pub mod models;
 pub mod progress;
 pub mod run;
 pub mod serve;
@@ -15,18 +16,44 @@ pub mod synth;
 pub mod trace;
 pub mod ttft;
 
-/// Default model location (fetched by scripts/fetch-model.sh).
-pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// `--version`: the crate version, the commit it was built from and the compiled backends.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ROCMFORGE_GIT_COMMIT"),
+    ")\nbackends: cpu, cuda (loaded at run time)",
+    env!("ROCMFORGE_HIP_BACKEND"),
+);
 
 #[derive(Debug, Parser)]
 #[command(
     name = "rocmforge",
     version,
+    long_version = LONG_VERSION,
     about = "ROCmForge: streaming LLM inference over GGUF models"
 )]
 pub struct Cli {
+    /// More log output on stderr (-v: info, -vv: debug); `RUST_LOG` overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Errors only on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The log filter the flags ask for; `serve` logs its ready and request lines by default.
+    fn log_filter(&self) -> &'static str {
+        match (self.quiet, self.verbose, &self.command) {
+            (true, _, _) => "error",
+            (false, 0, Command::Serve(_)) => "info",
+            (false, 0, _) => "warn",
+            (false, 1, _) => "info",
+            _ => "debug",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,9 +72,20 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (and a control socket).
     Serve(serve::ServeArgs),
+    /// Print a shell completion script (`rocmforge completions bash > /etc/bash_completion.d/rocmforge`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let _ = LOG_FILTER.set(cli.log_filter());
+    // A trace installs its own subscriber (with this log layer inside); everything else logs
+    // through this one.
+    if !wants_trace(&cli.command) {
+        init_logging();
+    }
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
@@ -56,5 +94,47 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Chat(a) => chat::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "rocmforge",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     }
+}
+
+/// The log filter chosen by `-v`/`-q` (set once by `run`); `RUST_LOG` overrides it.
+static LOG_FILTER: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+fn wants_trace(c: &Command) -> bool {
+    match c {
+        Command::Run(a) => a.engine.trace.is_some(),
+        Command::Chat(a) => a.engine.trace.is_some(),
+        Command::Bench(a) => a.engine.trace.is_some(),
+        _ => false,
+    }
+}
+
+/// Log lines to stderr at the level the flags chose (or `RUST_LOG`), as a layer that a trace
+/// subscriber can carry too.
+pub fn log_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::{EnvFilter, Layer};
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(LOG_FILTER.get().copied().unwrap_or("warn")));
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter)
+}
+
+/// Installs the log layer as the process-wide subscriber; keeps one an embedding program set.
+pub fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let _ = tracing_subscriber::registry().with(log_layer()).try_init();
 }

@@ -45,7 +45,7 @@ pub enum GenError {
 #[derive(Debug, Args, Clone)]
 pub struct ModelArgs {
     /// Path to a GGUF model.
-    #[arg(long, short = 'm', default_value = super::DEFAULT_MODEL)]
+    #[arg(long, short = 'm', default_value = super::models::DEFAULT_MODEL_FILE, value_parser = super::models::resolve)]
     pub model: PathBuf,
     /// Context length in tokens (capped by the model's).
     #[arg(long, default_value_t = model::DEFAULT_CTX)]

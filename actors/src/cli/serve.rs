@@ -9,7 +9,7 @@ use std::time::Duration;
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// GGUF model to serve.
-    #[arg(long, default_value = super::DEFAULT_MODEL)]
+    #[arg(long, default_value = super::models::DEFAULT_MODEL_FILE, value_parser = super::models::resolve)]
     pub model: PathBuf,
     /// The model id clients send (default: the file name without `.gguf`).
     #[arg(long)]
@@ -75,17 +75,6 @@ fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(v).map_err(|e| format!("{flag} {v}: {e}"))
 }
 
-/// Log lines (the ready line, one per request) to stderr; `RUST_LOG` overrides the level.
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Already set (an embedding program chose its own): keep theirs.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let deadline = seconds("--shutdown-deadline", a.shutdown_deadline)?;
     let chat_template = match &a.chat_template_file {
@@ -119,7 +108,7 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         template_timeout: seconds("--template-timeout", a.template_timeout)?,
         max_prompt_bytes: a.max_prompt_bytes,
     };
-    init_logging();
+    super::init_logging();
     run_until_signal(cfg, deadline)?;
     Ok(())
 }

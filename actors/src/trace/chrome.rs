@@ -222,6 +222,7 @@ pub fn enable_chrome_trace(path: impl Into<PathBuf>) -> Result<TraceGuard, Strin
     let (layer, recorder) = ChromeLayer::new();
     tracing_subscriber::registry()
         .with(layer)
+        .with(crate::cli::log_layer())
         .try_init()
         .map_err(|e| format!("cannot install the trace subscriber: {e}"))?;
     Ok(TraceGuard {

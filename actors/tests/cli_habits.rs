@@ -1,0 +1,96 @@
+//! What a llama.cpp or ollama user reaches for first: `--version`, shell completions, and the
+//! model found from any directory.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn rocmforge() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rocmforge"))
+}
+
+#[test]
+fn version_names_the_commit_and_the_backends() {
+    let out = rocmforge().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(v.contains(env!("CARGO_PKG_VERSION")), "{v}");
+    assert!(v.contains("commit "), "{v}");
+    assert!(v.contains("backends: cpu, cuda"), "{v}");
+}
+
+#[test]
+fn completions_for_bash_and_zsh() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = rocmforge().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}");
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            s.contains("rocmforge") && s.contains("memory-budget"),
+            "{shell}: {s}"
+        );
+    }
+    assert!(!rocmforge()
+        .args(["completions", "cmd.exe"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+}
+
+/// A bare model name is looked up in `$ROCMFORGE_MODELS`, then the data directory, then
+/// `./models`; one found nowhere is an error that says where it looked.
+#[test]
+fn models_are_found_from_any_directory_in_order() {
+    let m = model();
+    assert!(m.exists(), "run scripts/fetch-model.sh");
+    let name = m.file_name().unwrap().to_str().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let first = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let data_models = data.path().join("rocmforge/models");
+    std::fs::create_dir_all(&data_models).unwrap();
+    // `inspect --json` names the file it opened.
+    let opened = |models_env: Option<&std::path::Path>| {
+        let mut c = rocmforge();
+        c.current_dir(cwd.path())
+            .env("XDG_DATA_HOME", data.path())
+            .env_remove("ROCMFORGE_MODELS")
+            .args(["inspect", name, "--json"]);
+        if let Some(d) = models_env {
+            c.env("ROCMFORGE_MODELS", d);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // Nowhere yet: a clear error listing the places.
+    let (ok, _, err) = opened(None);
+    assert!(!ok);
+    assert!(
+        err.contains("not found in") && err.contains("rocmforge/models"),
+        "{err}"
+    );
+    // ./models of the working directory.
+    std::fs::create_dir_all(cwd.path().join("models")).unwrap();
+    std::os::unix::fs::symlink(&m, cwd.path().join("models").join(name)).unwrap();
+    let (ok, out, err) = opened(None);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("models/{name}")), "{out}");
+    // The data directory comes before ./models.
+    std::os::unix::fs::symlink(&m, data_models.join(name)).unwrap();
+    let (ok, out, err) = opened(None);
+    assert!(ok, "{err}");
+    assert!(out.contains(&data_models.display().to_string()), "{out}");
+    // $ROCMFORGE_MODELS comes first.
+    std::os::unix::fs::symlink(&m, first.path().join(name)).unwrap();
+    let (ok, out, err) = opened(Some(first.path()));
+    assert!(ok, "{err}");
+    assert!(out.contains(&first.path().display().to_string()), "{out}");
+}
