@@ -233,7 +233,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         results.push(r);
     }
-    engine.finish()?;
+    engine.finish_at_exit()?;
     if a.json {
         println!("{}", serde_json::to_string(&results)?);
     }

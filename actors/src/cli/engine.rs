@@ -113,6 +113,19 @@ impl Engine {
         })
     }
 
+    /// For a command that exits right after: writes the trace if one is being recorded (that
+    /// needs the actors stopped, so it takes the full `finish`), and otherwise leaves the
+    /// runtime to the process exit. Freeing gigabytes of device memory, the pinned ring and the
+    /// KV cache piece by piece costs a one-shot `run` a noticeable share of its wall time; the
+    /// OS and the driver reclaim all of it when the process ends.
+    pub fn finish_at_exit(self) -> Result<Option<PathBuf>, Box<dyn std::error::Error>> {
+        if self.trace.is_some() {
+            return self.finish();
+        }
+        std::mem::forget(self);
+        Ok(None)
+    }
+
     /// Stops the actors and writes the trace (if one was recorded); returns its path.
     pub fn finish(self) -> Result<Option<PathBuf>, Box<dyn std::error::Error>> {
         self.rt.shutdown()?;

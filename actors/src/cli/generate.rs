@@ -142,7 +142,7 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
     let tail = sink.finish().to_string();
     let text = std::mem::take(&mut sink.text);
     drop(sink);
-    let trace = engine.finish()?;
+    let trace = engine.finish_at_exit()?;
     let mut out = std::io::stdout();
     if a.json {
         let j = serde_json::json!({
