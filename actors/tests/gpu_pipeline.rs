@@ -103,12 +103,13 @@ fn hip_without_the_feature_is_not_compiled() {
 #[cfg(all(feature = "hip", not(feature = "gpu-tests")))]
 #[test]
 fn hip_without_a_device_is_a_typed_error() {
-    let e = Runtime::builder()
+    let Err(e) = Runtime::builder()
         .model(smollm2())
         .device(BackendKind::Hip)
         .build()
-        .err()
-        .expect("a HIP device opened here, so the no-device path cannot be checked");
+    else {
+        panic!("a HIP device opened here, so the no-device path cannot be checked");
+    };
     assert!(
         matches!(
             e,
