@@ -48,7 +48,7 @@ async fn hints_stats_progress_and_malformed_frames() {
     let mut cfg = config();
     cfg.control_socket = Some(sock.clone());
     cfg.memory_budget = MemoryBudget::FractionOfWeights(0.5);
-    cfg.read_mode = ReadMode::Read;
+    cfg.read_mode = Some(ReadMode::Read);
     cfg.prefetch_depth = 1;
     let server = start(cfg).await;
     let addr = server.local_addr();

@@ -34,9 +34,10 @@ pub struct ServeArgs {
     /// Weight memory budget: `2GiB`, `40%`, `unlimited`.
     #[arg(long, default_value = "unlimited")]
     pub memory_budget: MemoryBudget,
-    /// How weights come off disk: mmap, read, direct.
-    #[arg(long, default_value = "mmap")]
-    pub read_mode: ReadMode,
+    /// How weights come off disk: mmap, read, direct (default: the backend's choice: mmap on
+    /// the CPU, read into pinned slots on a GPU).
+    #[arg(long)]
+    pub read_mode: Option<ReadMode>,
     #[arg(long, default_value_t = 2)]
     pub prefetch_depth: usize,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cancelled.

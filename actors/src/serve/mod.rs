@@ -80,7 +80,8 @@ pub struct ServeConfig {
     /// Context length per request (default: the runtime's, capped by the model's).
     pub ctx: Option<usize>,
     pub memory_budget: MemoryBudget,
-    pub read_mode: ReadMode,
+    /// `None`: the backend's choice (mmap on the CPU, `pread` into pinned slots on a GPU).
+    pub read_mode: Option<ReadMode>,
     pub prefetch_depth: usize,
     /// Run one token through the model before reporting ready.
     pub warm_up: bool,
@@ -120,7 +121,7 @@ impl ServeConfig {
             body_limit: 2 << 20,
             ctx: None,
             memory_budget: MemoryBudget::Unlimited,
-            read_mode: ReadMode::Mmap,
+            read_mode: None,
             prefetch_depth: 2,
             warm_up: true,
             backend: BackendKind::Auto,
@@ -186,12 +187,14 @@ impl Server {
             ctx: Some(ctx),
             ..SequenceConfig::default()
         };
-        let builder = Runtime::builder()
+        let mut builder = Runtime::builder()
             .model(&cfg.model)
             .memory_budget(cfg.memory_budget)
-            .read_mode(cfg.read_mode)
             .prefetch_depth(cfg.prefetch_depth)
             .queue_capacity(cfg.queue_capacity);
+        if let Some(m) = cfg.read_mode {
+            builder = builder.read_mode(m);
+        }
         let builder = match cfg.backend {
             BackendKind::Cpu => builder.compute(LlamaCompute::factory(seq_cfg)),
             // A GPU brings its weight backend and compute; `auto` without one runs the CPU
