@@ -45,11 +45,19 @@ fn per_second(n: usize, ms: f64) -> f64 {
     }
 }
 
+impl Timings {
+    /// The same counts and times with the rates filled in.
+    pub fn with_rates(mut self) -> Self {
+        self.prompt_tokens_per_second = per_second(self.prompt_tokens, self.prompt_ms);
+        self.decode_tokens_per_second = per_second(self.decode_tokens, self.decode_ms);
+        self
+    }
+}
+
 impl Generation {
     /// A finished generation; fills in the rates from the counts and times.
-    pub fn finish(ids: Vec<u32>, stop_reason: StopReason, mut timings: Timings) -> Self {
-        timings.prompt_tokens_per_second = per_second(timings.prompt_tokens, timings.prompt_ms);
-        timings.decode_tokens_per_second = per_second(timings.decode_tokens, timings.decode_ms);
+    pub fn finish(ids: Vec<u32>, stop_reason: StopReason, timings: Timings) -> Self {
+        let timings = timings.with_rates();
         Generation {
             ids,
             stop_reason,

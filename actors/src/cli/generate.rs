@@ -5,37 +5,19 @@ use super::engine::Engine;
 use super::run::{GenError, RunArgs, TextSink};
 use crate::cli::progress::LoadProgressBars;
 use crate::{FinishReason, GenerateRequest, Prompt, SamplingParams, SessionId};
+use rocmforge::model::Timings;
 use serde::Serialize;
 use std::io::Write;
 use std::time::Instant;
 
-/// What one generation did, with timings measured around the runtime's token stream.
+/// What one generation did, with timings measured around the runtime's token stream (the
+/// core's `Timings`: prompt = submit to first token, decode = the tokens after it).
 #[derive(Debug, Clone, Serialize)]
 pub struct Turn {
     pub ids: Vec<u32>,
     /// `length`, `eog`, `context` or `callback` (a stop string), as the core's `StopReason`.
     pub stop_reason: &'static str,
-    pub timings: TurnTimings,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct TurnTimings {
-    pub prompt_tokens: usize,
-    /// From submitting the request to the first token (prefill, and any load still running).
-    pub prompt_ms: f64,
-    pub prompt_tokens_per_second: f64,
-    /// Tokens after the first, and the time they took.
-    pub decode_tokens: usize,
-    pub decode_ms: f64,
-    pub decode_tokens_per_second: f64,
-}
-
-fn rate(n: usize, ms: f64) -> f64 {
-    if ms > 0.0 {
-        n as f64 / (ms / 1e3)
-    } else {
-        0.0
-    }
+    pub timings: Timings,
 }
 
 /// Generates from `prompt_ids`, passing each text piece to `out` (already cut at stop strings).
@@ -83,19 +65,18 @@ pub fn generate(
     };
     drop(stream);
     let prompt_ms = first.unwrap_or(total_ms);
-    let decode_tokens = ids.len().saturating_sub(1);
-    let decode_ms = total_ms - prompt_ms;
+    let timings = Timings {
+        prompt_tokens: prompt_ids.len(),
+        prompt_ms,
+        decode_tokens: ids.len().saturating_sub(1),
+        decode_ms: total_ms - prompt_ms,
+        ..Timings::default()
+    }
+    .with_rates();
     Ok(Turn {
         ids,
         stop_reason,
-        timings: TurnTimings {
-            prompt_tokens: prompt_ids.len(),
-            prompt_ms,
-            prompt_tokens_per_second: rate(prompt_ids.len(), prompt_ms),
-            decode_tokens,
-            decode_ms,
-            decode_tokens_per_second: rate(decode_tokens, decode_ms),
-        },
+        timings,
     })
 }
 

@@ -9,7 +9,7 @@ use crate::messages::{FinishReason, GenerateRequest, Prompt, SamplingParams, Sta
 use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::residency::{ResidencyBoard, ResidentLayer};
 use crate::pipeline::scheduler::SchedMsg;
-use crate::pipeline::shared::{recv_or_cancel, Shared};
+use crate::pipeline::shared::{recv_or_cancel, spawn_actor, Readiness, Shared};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -68,56 +68,35 @@ impl Drop for KvSlot {
 }
 
 pub fn spawn(cfg: InferenceConfig) -> Result<JoinHandle<()>> {
-    let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(1);
-    let h = std::thread::Builder::new()
-        .name("rf-inference".into())
-        .spawn(move || match cfg.compute_threads {
+    spawn_actor("inference", "rf-inference".into(), move |ready| {
+        match cfg.compute_threads {
             // The actor runs inside its own pool, so the compute's parallel loops use it.
             Some(n) => match rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
                 .thread_name(|i| format!("rf-compute-{i}"))
                 .build()
             {
-                Ok(pool) => pool.install(|| start(cfg, ready_tx)),
-                Err(e) => {
-                    let _ = ready_tx.send(Err(RuntimeError::Spawn {
-                        actor: "inference",
-                        message: format!("a pool of {n} compute threads: {e}"),
-                    }));
-                }
+                Ok(pool) => pool.install(|| start(cfg, ready)),
+                Err(e) => ready.fail(RuntimeError::Spawn {
+                    actor: "inference",
+                    message: format!("a pool of {n} compute threads: {e}"),
+                }),
             },
-            None => start(cfg, ready_tx),
-        })
-        .map_err(|e| RuntimeError::Spawn {
-            actor: "inference",
-            message: e.to_string(),
-        })?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(h),
-        Ok(Err(e)) => {
-            let _ = h.join();
-            Err(e)
+            None => start(cfg, ready),
         }
-        Err(_) => {
-            let _ = h.join();
-            Err(RuntimeError::Spawn {
-                actor: "inference",
-                message: "thread exited before reporting readiness".into(),
-            })
-        }
-    }
+    })
 }
 
 /// Builds the compute, checks it against the plan, reports readiness, then serves.
-fn start(cfg: InferenceConfig, ready_tx: flume::Sender<Result<()>>) {
+fn start(cfg: InferenceConfig, ready: Readiness) {
     match (cfg.factory)(&cfg.file) {
         Ok(mut compute) => {
             if compute.n_layers() != cfg.plan.n_layers {
-                let _ = ready_tx.send(Err(RuntimeError::Config(format!(
+                ready.fail(RuntimeError::Config(format!(
                     "compute expects {} layers, the file has {}",
                     compute.n_layers(),
                     cfg.plan.n_layers
-                ))));
+                )));
                 return;
             }
             // An empty lookup asks whether the compute can embed without the global unit
@@ -125,14 +104,14 @@ fn start(cfg: InferenceConfig, ready_tx: flume::Sender<Result<()>>) {
             if cfg.plan.head.is_some()
                 && !(compute.streams_output_head() && compute.embed_from_file(&[]).is_some())
             {
-                let _ = ready_tx.send(Err(RuntimeError::Config(
+                ready.fail(RuntimeError::Config(
                     "the memory budget cannot hold the output head, and this compute cannot \
                          stream it in chunks: raise the budget"
                         .into(),
-                )));
+                ));
                 return;
             }
-            let _ = ready_tx.send(Ok(()));
+            ready.ready();
             Inference {
                 cfg,
                 compute,
@@ -142,7 +121,7 @@ fn start(cfg: InferenceConfig, ready_tx: flume::Sender<Result<()>>) {
             .run();
         }
         Err(e) => {
-            let _ = ready_tx.send(Err(e));
+            ready.fail(e);
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::messages::{ReadMode, Stage};
 use crate::pipeline::backend::WeightBackend;
 use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::scheduler::SchedMsg;
-use crate::pipeline::shared::{recv_or_cancel, Shared};
+use crate::pipeline::shared::{recv_or_cancel, spawn_actor, Shared};
 use crate::pipeline::staging::{StagingRing, StagingSlot};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 use std::fs::File;
@@ -134,37 +134,18 @@ pub fn spawn(cfg: ReaderConfig) -> Result<Vec<JoinHandle<()>>> {
     let cfg = Arc::new(cfg);
     let mut handles = Vec::new();
     for idx in 0..cfg.n_readers.max(1) {
-        let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(1);
         let cfg2 = cfg.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("rf-reader-{idx}"))
-            .spawn(move || match Reader::open(idx, cfg2) {
+        handles.push(spawn_actor(
+            "reader",
+            format!("rf-reader-{idx}"),
+            move |ready| match Reader::open(idx, cfg2) {
                 Ok(mut r) => {
-                    let _ = ready_tx.send(Ok(()));
+                    ready.ready();
                     r.run();
                 }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            })
-            .map_err(|e| RuntimeError::Spawn {
-                actor: "reader",
-                message: e.to_string(),
-            })?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => handles.push(h),
-            Ok(Err(e)) => {
-                let _ = h.join();
-                return Err(e);
-            }
-            Err(_) => {
-                let _ = h.join();
-                return Err(RuntimeError::Spawn {
-                    actor: "reader",
-                    message: "thread exited before reporting readiness".into(),
-                });
-            }
-        }
+                Err(e) => ready.fail(e),
+            },
+        )?);
     }
     Ok(handles)
 }

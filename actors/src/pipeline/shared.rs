@@ -117,3 +117,50 @@ pub fn recv_or_cancel<T>(
 ) -> Option<T> {
     block_on_or_cancel(rx.recv_async(), cancel).and_then(Result::ok)
 }
+
+/// The readiness half of an actor's start: the thread reports once it initialised (or why it
+/// could not), so a failure at start is an error from `spawn`, not a dead thread.
+pub struct Readiness(flume::Sender<crate::error::Result<()>>);
+
+impl Readiness {
+    /// Initialised: `spawn` returns the thread's handle.
+    pub fn ready(&self) {
+        let _ = self.0.send(Ok(()));
+    }
+    /// Could not start: `spawn` joins the thread and returns `e`.
+    pub fn fail(&self, e: crate::error::RuntimeError) {
+        let _ = self.0.send(Err(e));
+    }
+}
+
+/// Starts actor thread `name` running `body` and waits for its readiness report (the one
+/// handshake every actor uses).
+pub fn spawn_actor(
+    actor: &'static str,
+    name: String,
+    body: impl FnOnce(Readiness) + Send + 'static,
+) -> crate::error::Result<std::thread::JoinHandle<()>> {
+    use crate::error::RuntimeError;
+    let (tx, rx) = flume::bounded(1);
+    let h = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || body(Readiness(tx)))
+        .map_err(|e| RuntimeError::Spawn {
+            actor,
+            message: e.to_string(),
+        })?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(h),
+        Ok(Err(e)) => {
+            let _ = h.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = h.join();
+            Err(RuntimeError::Spawn {
+                actor,
+                message: "thread exited before reporting readiness".into(),
+            })
+        }
+    }
+}

@@ -12,7 +12,7 @@ use crate::pipeline::backend::WeightBackend;
 use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::reader::{Chunk, ChunkData};
 use crate::pipeline::scheduler::SchedMsg;
-use crate::pipeline::shared::{recv_or_cancel, Shared};
+use crate::pipeline::shared::{recv_or_cancel, spawn_actor, Shared};
 use crate::pipeline::staging::{StagingRing, StagingSlot};
 use memmap2::Mmap;
 use std::ops::Range;
@@ -56,46 +56,25 @@ pub struct TranscodeConfig {
 }
 
 pub fn spawn(cfg: TranscodeConfig) -> Result<JoinHandle<()>> {
-    let (ready_tx, ready_rx) = flume::bounded::<Result<()>>(1);
-    let h = std::thread::Builder::new()
-        .name("rf-transcode".into())
-        .spawn(move || {
-            let n = cfg.n_threads.max(1);
-            let built = rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .thread_name(|i| format!("rf-transcode-{i}"))
-                .build_scoped(
-                    |t| t.run(),
-                    |pool| {
-                        let _ = ready_tx.send(Ok(()));
-                        run(&cfg, pool);
-                    },
-                );
-            if let Err(e) = built {
-                let _ = ready_tx.send(Err(RuntimeError::Spawn {
-                    actor: "transcode",
-                    message: e.to_string(),
-                }));
-            }
-        })
-        .map_err(|e| RuntimeError::Spawn {
-            actor: "transcode",
-            message: e.to_string(),
-        })?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(h),
-        Ok(Err(e)) => {
-            let _ = h.join();
-            Err(e)
-        }
-        Err(_) => {
-            let _ = h.join();
-            Err(RuntimeError::Spawn {
+    spawn_actor("transcode", "rf-transcode".into(), move |ready| {
+        let n = cfg.n_threads.max(1);
+        let built = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("rf-transcode-{i}"))
+            .build_scoped(
+                |t| t.run(),
+                |pool| {
+                    ready.ready();
+                    run(&cfg, pool);
+                },
+            );
+        if let Err(e) = built {
+            ready.fail(RuntimeError::Spawn {
                 actor: "transcode",
-                message: "thread exited before reporting readiness".into(),
-            })
+                message: e.to_string(),
+            });
         }
-    }
+    })
 }
 
 fn run(cfg: &TranscodeConfig, pool: &rayon::ThreadPool) {
