@@ -123,7 +123,10 @@ fn context_is_capped_to_the_limit_or_refused() {
     let fit = cfg.fit_context(&hp, None).unwrap();
     assert_eq!((fit.ctx, fit.capped()), (1 << 20, false));
     let fit = cfg.fit_context(&hp, Some(&limit(272 * 1000))).unwrap();
-    assert_eq!((fit.ctx, fit.requested, fit.capped()), (1000, 1 << 20, true));
+    assert_eq!(
+        (fit.ctx, fit.requested, fit.capped()),
+        (1000, 1 << 20, true)
+    );
     let e = cfg
         .fit_context(&hp, Some(&limit(272 * (MIN_CTX as u64 - 1))))
         .unwrap_err();
@@ -156,5 +159,14 @@ fn kv_allocation_failure_is_an_error_not_an_abort() {
         ..SequenceConfig::default()
     };
     let e = Sequence::new(&hp, cfg).unwrap_err();
-    assert!(matches!(e, ModelError::Alloc { what: "KV cache", .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ModelError::Alloc {
+                what: "KV cache",
+                ..
+            }
+        ),
+        "{e}"
+    );
 }

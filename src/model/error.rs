@@ -27,7 +27,9 @@ pub enum ModelError {
     Gguf(#[from] GgufError),
     /// Token list, embedding rows, output rows and `vocab_size` disagree in a way no padding
     /// explains: the tokenizer would emit ids the model has no row for (or the reverse).
-    #[error("vocabulary mismatch: {of} is {found}, but token_embd.weight has {embd_rows} rows ({rule})")]
+    #[error(
+        "vocabulary mismatch: {of} is {found}, but token_embd.weight has {embd_rows} rows ({rule})"
+    )]
     VocabMismatch {
         /// What disagrees with the embedding table (`tokenizer.ggml.tokens`, `output.weight`, ...).
         of: String,

@@ -11,10 +11,10 @@ use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::residency::ResidentLayer;
 use rocmforge::gguf::GgufFile;
-use rocmforge::model::{KvLimit, Precision};
 use rocmforge::model::{
     ops, LayerRefs, LayerWeights, Model, Sequence, SequenceConfig, TensorRef, WeightView,
 };
+use rocmforge::model::{KvLimit, Precision};
 use rocmforge::tokenizer::Tokenizer;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
