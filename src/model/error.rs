@@ -25,6 +25,36 @@ pub enum ModelError {
     UnusedTensor { name: String, arch: String },
     #[error("metadata: {0}")]
     Gguf(#[from] GgufError),
+    /// Token list, embedding rows, output rows and `vocab_size` disagree in a way no padding
+    /// explains: the tokenizer would emit ids the model has no row for (or the reverse).
+    #[error(
+        "vocabulary mismatch: {of} is {found}, but token_embd.weight has {embd_rows} rows ({rule})"
+    )]
+    VocabMismatch {
+        /// What disagrees with the embedding table (`tokenizer.ggml.tokens`, `output.weight`, ...).
+        of: String,
+        found: usize,
+        embd_rows: usize,
+        /// The rule broken, for the user who has to fix the file.
+        rule: &'static str,
+    },
+
+    // --- memory (sized by the file or a request)
+    #[error(
+        "a KV cache of {ctx} tokens needs {bytes} bytes ({per_token} per token), over the limit of \
+         {limit} bytes ({limit_from}); not even {min_ctx} tokens fit: use a smaller --ctx, raise \
+         the limit (ROCMFORGE_KV_LIMIT) or a model with fewer layers/KV heads"
+    )]
+    KvTooLarge {
+        ctx: usize,
+        bytes: u128,
+        per_token: u128,
+        limit: u64,
+        limit_from: String,
+        min_ctx: usize,
+    },
+    #[error("cannot allocate {what}: {bytes} bytes")]
+    Alloc { what: &'static str, bytes: u128 },
 
     // --- running
     #[error("empty prompt: at least one token is needed")]

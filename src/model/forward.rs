@@ -130,13 +130,13 @@ impl Model {
 
         // --- attention
         let s = &mut seq.scratch;
-        let norm_w = grow(&mut s.norm_w, d);
+        let norm_w = grow(&mut s.norm_w, d)?;
         ops::dequantize(&w.attn_norm, &name(K::AttnNorm), norm_w)?;
-        let xn = grow(&mut s.xn, n * d);
+        let xn = grow(&mut s.xn, n * d)?;
         ops::rms_norm(hidden, norm_w, hp.rms_eps, xn);
-        let q = grow(&mut s.q, n * qd);
-        let k = grow(&mut s.k, n * kd);
-        let v = grow(&mut s.v, n * vd);
+        let q = grow(&mut s.q, n * qd)?;
+        let k = grow(&mut s.k, n * kd)?;
+        let v = grow(&mut s.v, n * vd)?;
         let (nq, nk, nv) = (name(K::AttnQ), name(K::AttnK), name(K::AttnV));
         ops::linear_fused(
             &[(&w.wq, &nq), (&w.wk, &nk), (&w.wv, &nv)],
@@ -153,7 +153,7 @@ impl Model {
         .chain([(&w.bv, &mut *v, K::AttnVBias)])
         {
             if let Some(b) = b {
-                let bias = grow(&mut s.bias, b.cols);
+                let bias = grow(&mut s.bias, b.cols)?;
                 ops::dequantize(b, &name(kind), bias)?;
                 for row in out.chunks_exact_mut(b.cols) {
                     ops::add_assign(row, bias);
@@ -163,7 +163,7 @@ impl Model {
 
         // RoPE on every query and key head.
         let n_rot = self.rope.n_rot();
-        let cs = grow(&mut s.rope_cs, n * n_rot);
+        let cs = grow(&mut s.rope_cs, n * n_rot)?;
         for (i, c) in cs.chunks_exact_mut(n_rot).enumerate() {
             self.rope.cos_sin(pos0 + i, c);
         }
@@ -186,18 +186,18 @@ impl Model {
         self.attention(layer, seq, n, pos0)?;
 
         let s = &mut seq.scratch;
-        let proj = grow(&mut s.proj, n * d);
+        let proj = grow(&mut s.proj, n * d)?;
         let attn = &s.attn[..n * hp.n_head * hp.head_dim_v];
         ops::linear(&w.wo, &name(K::AttnOutput), attn, n, proj, prec)?;
         ops::add_assign(hidden, proj);
 
         // --- feed-forward (SwiGLU)
-        let norm_w = grow(&mut s.norm_w, d);
+        let norm_w = grow(&mut s.norm_w, d)?;
         ops::dequantize(&w.ffn_norm, &name(K::FfnNorm), norm_w)?;
-        let xn = grow(&mut s.xn, n * d);
+        let xn = grow(&mut s.xn, n * d)?;
         ops::rms_norm(hidden, norm_w, hp.rms_eps, xn);
-        let gate = grow(&mut s.gate, n * hp.n_ff);
-        let up = grow(&mut s.up, n * hp.n_ff);
+        let gate = grow(&mut s.gate, n * hp.n_ff)?;
+        let up = grow(&mut s.up, n * hp.n_ff)?;
         let (ng, nu) = (name(K::FfnGate), name(K::FfnUp));
         ops::linear_fused(
             &[(&w.w_gate, &ng), (&w.w_up, &nu)],
@@ -207,7 +207,7 @@ impl Model {
             prec,
         )?;
         ops::swiglu(gate, up);
-        let proj = grow(&mut s.proj, n * d);
+        let proj = grow(&mut s.proj, n * d)?;
         ops::linear(&w.w_down, &name(K::FfnDown), gate, n, proj, prec)?;
         ops::add_assign(hidden, proj);
         Ok(())
@@ -231,8 +231,8 @@ impl Model {
         let kv = &seq.kv;
         let s = &mut seq.scratch;
         let q = &s.q[..n * qd];
-        grow(&mut s.scores, nh * ctx);
-        grow(&mut s.heads, nh * n * hdv);
+        grow(&mut s.scores, nh * ctx)?;
+        grow(&mut s.heads, nh * n * hdv)?;
         s.heads[..nh * n * hdv]
             .par_chunks_mut(n * hdv)
             .zip(s.scores[..nh * ctx].par_chunks_mut(ctx))
@@ -262,7 +262,7 @@ impl Model {
                     ops::attend(&head, scores, out);
                 });
             });
-        let attn = grow(&mut s.attn, n * nh * hdv);
+        let attn = grow(&mut s.attn, n * nh * hdv)?;
         for h in 0..nh {
             for i in 0..n {
                 attn[i * nh * hdv + h * hdv..i * nh * hdv + (h + 1) * hdv]
@@ -284,12 +284,12 @@ impl Model {
         let prec = seq.precision();
         let s = &mut seq.scratch;
         let on = &self.layout.output_norm;
-        let norm_w = grow(&mut s.norm_w, d);
+        let norm_w = grow(&mut s.norm_w, d)?;
         ops::dequantize(&on.view(bytes), &on.name, norm_w)?;
-        let xn = grow(&mut s.xn, d);
+        let xn = grow(&mut s.xn, d)?;
         ops::rms_norm(hidden, norm_w, self.hp.rms_eps, xn);
         let head = self.layout.head();
-        let logits = grow(&mut s.logits, self.n_vocab());
+        let logits = grow(&mut s.logits, self.n_vocab())?;
         ops::linear(&head.view(bytes), &head.name, xn, 1, logits, prec)?;
         Ok(logits)
     }
@@ -307,7 +307,7 @@ impl Model {
         let n = tokens.len();
         let mut hidden = std::mem::take(&mut seq.scratch.hidden);
         let result = (|| {
-            let h = grow(&mut hidden, n * d);
+            let h = grow(&mut hidden, n * d)?;
             self.embed(tokens, h)?;
             for l in 0..self.hp.n_layer {
                 self.forward_layer(l, &self.layer_weights(l), seq, h)?;

@@ -25,16 +25,49 @@ enum KvBuf {
     F16(Vec<f16>),
 }
 
+/// Element types whose all-zero bit pattern is a valid value (0.0 and 0), so a zeroed
+/// allocation is an initialised `Vec`.
+///
+/// # Safety
+/// Implement only for types where every value of all-zero bytes is valid.
+unsafe trait ZeroIsValid {}
+// SAFETY: all-zero bits are 0.0f32 and 0u16.
+unsafe impl ZeroIsValid for f32 {}
+// SAFETY: see above.
+unsafe impl ZeroIsValid for u16 {}
+
+/// `n` zeroed elements, or `ModelError::Alloc` where `vec![0; n]` would abort the process when
+/// the allocator refuses (the size comes from the file and the request). Zeroed allocations
+/// come from calloc/mmap: pages a short sequence never touches stay out of resident memory,
+/// which `try_reserve` + `resize` would lose by writing every element.
+fn try_zeroed<T: ZeroIsValid>(n: usize, what: &'static str) -> Result<Vec<T>, ModelError> {
+    let err = || ModelError::Alloc {
+        what,
+        bytes: n as u128 * std::mem::size_of::<T>() as u128,
+    };
+    if n == 0 || std::mem::size_of::<T>() == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(n).map_err(|_| err())?;
+    // SAFETY: `layout` has a non-zero size (n > 0 and T is not zero-sized, checked above).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        return Err(err());
+    }
+    // SAFETY: `ptr` comes from the global allocator with `Layout::array::<T>(n)`, the layout a
+    // `Vec<T>` of capacity `n` frees with; its `n` elements are initialised, because all-zero
+    // bytes are a valid `T` (`ZeroIsValid`).
+    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+}
+
 impl KvBuf {
-    fn new(ty: KvType, n: usize) -> Self {
-        // Zeroed allocations come from calloc/mmap: pages a short sequence never touches stay
-        // out of resident memory.
-        match ty {
-            KvType::F32 => Self::F32(vec![0.0; n]),
-            // `vec![f16::ZERO; n]` would write every element (the zero-alloc fast path only
-            // knows primitive types), making the whole cache resident up front.
-            KvType::F16 => Self::F16(vec![0u16; n].reinterpret_into()),
-        }
+    fn new(ty: KvType, n: usize) -> Result<Self, ModelError> {
+        Ok(match ty {
+            KvType::F32 => Self::F32(try_zeroed::<f32>(n, "KV cache")?),
+            // Zeroed u16s reinterpreted: `vec![f16::ZERO; n]` would write every element
+            // (the zero-alloc fast path only knows primitive types).
+            KvType::F16 => Self::F16(try_zeroed::<u16>(n, "KV cache")?.reinterpret_into()),
+        })
     }
 
     fn write(&mut self, at: usize, src: &[f32]) {
@@ -90,17 +123,28 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(hp: &HParams, ctx: usize, ty: KvType) -> Self {
-        let n = hp.n_layer * hp.n_head_kv * ctx;
-        Self {
+    /// A zeroed cache of `ctx` positions; an error (not an abort) when its size overflows or
+    /// the allocator refuses it. Size it first with [`SequenceConfig::fit_context`].
+    pub fn new(hp: &HParams, ctx: usize, ty: KvType) -> Result<Self, ModelError> {
+        let elems = |dim: usize| {
+            hp.n_layer
+                .checked_mul(hp.n_head_kv)
+                .and_then(|n| n.checked_mul(ctx))
+                .and_then(|n| n.checked_mul(dim))
+                .ok_or(ModelError::Alloc {
+                    what: "KV cache",
+                    bytes: hp.n_layer as u128 * hp.n_head_kv as u128 * ctx as u128 * dim as u128,
+                })
+        };
+        Ok(Self {
             ty,
             ctx,
             n_head_kv: hp.n_head_kv,
             dk: hp.head_dim,
             dv: hp.head_dim_v,
-            k: KvBuf::new(ty, n * hp.head_dim),
-            v: KvBuf::new(ty, n * hp.head_dim_v),
-        }
+            k: KvBuf::new(ty, elems(hp.head_dim)?)?,
+            v: KvBuf::new(ty, elems(hp.head_dim_v)?)?,
+        })
     }
 
     pub fn ctx(&self) -> usize {
@@ -163,6 +207,157 @@ impl SequenceConfig {
     pub fn context_len(&self, hp: &HParams) -> usize {
         self.ctx.unwrap_or(DEFAULT_CTX).min(hp.n_ctx_train)
     }
+
+    /// The KV element type: the configured one, else f32 for `Exact` and f16 for `Fast`.
+    pub fn kv_type_or_default(&self) -> KvType {
+        self.kv_type.unwrap_or(match self.precision {
+            Precision::Exact => KvType::F32,
+            Precision::Fast => KvType::F16,
+        })
+    }
+
+    /// [`Self::context_len`] sized against `limit` before anything is allocated: the whole
+    /// context when it fits, else as many tokens as fit (the caller warns: [`ContextFit::capped`]),
+    /// else, when not even `min(MIN_CTX, requested)` tokens fit, `ModelError::KvTooLarge`.
+    /// Capping rather than refusing outright keeps a model usable whose trained context
+    /// (or the default 4096) is merely larger than this machine; a model of which only a
+    /// handful of tokens fit is refused, as no prompt worth serving would fit. `None`: no limit
+    /// is known (allocation failures are still errors, see [`KvCache::new`]).
+    pub fn fit_context(
+        &self,
+        hp: &HParams,
+        limit: Option<&KvLimit>,
+    ) -> Result<ContextFit, ModelError> {
+        let requested = self.context_len(hp);
+        if requested == 0 {
+            return Err(ModelError::BadHParam {
+                key: "context length".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        let per_token = bytes_per_token(hp, self.kv_type_or_default());
+        let fit = |ctx: usize| ContextFit {
+            ctx,
+            requested,
+            bytes: per_token * ctx as u128,
+        };
+        let Some(limit) = limit else {
+            return Ok(fit(requested));
+        };
+        let fits = limit.bytes as u128 / per_token;
+        if fits >= requested as u128 {
+            return Ok(fit(requested));
+        }
+        let min_ctx = requested.min(MIN_CTX);
+        if fits >= min_ctx as u128 {
+            // fits < requested, a usize.
+            return Ok(fit(fits as usize));
+        }
+        Err(ModelError::KvTooLarge {
+            ctx: requested,
+            bytes: per_token * requested as u128,
+            per_token,
+            limit: limit.bytes,
+            limit_from: limit.from.clone(),
+            min_ctx,
+        })
+    }
+}
+
+/// The fewest tokens a capped context keeps; a model of which fewer fit is refused.
+pub const MIN_CTX: usize = 256;
+
+/// Bytes one context position costs a sequence: its keys and values in every layer, plus its
+/// column of the `[n_head, ctx]` f32 attention scores. u128: a hostile file's dimensions
+/// multiply past u64.
+pub fn bytes_per_token(hp: &HParams, ty: KvType) -> u128 {
+    let el: u128 = match ty {
+        KvType::F32 => 4,
+        KvType::F16 => 2,
+    };
+    hp.n_layer as u128 * hp.n_head_kv as u128 * (hp.head_dim as u128 + hp.head_dim_v as u128) * el
+        + hp.n_head as u128 * 4
+}
+
+/// What [`SequenceConfig::fit_context`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextFit {
+    /// The context to use.
+    pub ctx: usize,
+    /// The context asked for (the user's or the default, capped by the trained context).
+    pub requested: usize,
+    /// Bytes of KV cache and attention scores at `ctx`.
+    pub bytes: u128,
+}
+
+impl ContextFit {
+    /// Whether the context was cut below the one asked for (worth a warning).
+    pub fn capped(&self) -> bool {
+        self.ctx < self.requested
+    }
+}
+
+/// Environment variable that sets [`KvLimit::host`] in bytes (containers whose memory limit
+/// the kernel's counters do not show, tests).
+pub const KV_LIMIT_ENV: &str = "ROCMFORGE_KV_LIMIT";
+
+/// The most bytes one sequence's KV cache (and scores) may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvLimit {
+    pub bytes: u64,
+    /// Where the number came from, for messages.
+    pub from: String,
+}
+
+impl KvLimit {
+    /// `ROCMFORGE_KV_LIMIT` when set, else half of the memory available now (`MemAvailable`,
+    /// or the cgroup's room when smaller): the weights, the runtime's buffers and the other
+    /// sequences need the rest. `None` where neither can be read (no limit is enforced then).
+    pub fn host() -> Result<Option<Self>, ModelError> {
+        if let Ok(v) = std::env::var(KV_LIMIT_ENV) {
+            let bytes = v.trim().parse::<u64>().map_err(|e| ModelError::BadHParam {
+                key: KV_LIMIT_ENV.into(),
+                reason: format!("{v:?} is not a byte count: {e}"),
+            })?;
+            return Ok(Some(Self {
+                bytes,
+                from: format!("{KV_LIMIT_ENV}={bytes}"),
+            }));
+        }
+        let meminfo = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| mem_available(&s));
+        let cgroup = cgroup_room();
+        let (avail, what) = match (meminfo, cgroup) {
+            (Some(m), Some(c)) if c < m => (c, "the cgroup's memory.max room"),
+            (Some(m), _) => (m, "MemAvailable"),
+            (None, Some(c)) => (c, "the cgroup's memory.max room"),
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(Self {
+            bytes: avail / 2,
+            from: format!("half of {what}, {avail} bytes"),
+        }))
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo` text, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// cgroup v2 `memory.max - memory.current` of this process's group (`None`: no limit, v1, or
+/// unreadable).
+fn cgroup_room() -> Option<u64> {
+    let max = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok()?;
+    let max: u64 = max.trim().parse().ok()?; // "max" means no limit
+    let cur = std::fs::read_to_string("/sys/fs/cgroup/memory.current")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Some(max.saturating_sub(cur))
 }
 
 impl Default for SequenceConfig {
@@ -199,11 +394,18 @@ pub(crate) struct Scratch {
     pub logits: Vec<f32>,
 }
 
-pub(crate) fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+/// `v`'s first `n` elements, growing it first; an error instead of an abort when the allocator
+/// refuses (`n` grows with the request's tokens and the model's widths).
+pub(crate) fn grow(v: &mut Vec<f32>, n: usize) -> Result<&mut [f32], ModelError> {
     if v.len() < n {
+        v.try_reserve_exact(n - v.len())
+            .map_err(|_| ModelError::Alloc {
+                what: "forward-pass scratch",
+                bytes: n as u128 * 4,
+            })?;
         v.resize(n, 0.0);
     }
-    &mut v[..n]
+    Ok(&mut v[..n])
 }
 
 /// One sequence: its KV cache, its position and its scratch space.
@@ -217,7 +419,7 @@ pub struct Sequence {
 
 impl Sequence {
     /// A sequence for `hp`'s model. The context is the user's (default 4096) capped by the
-    /// model's trained context.
+    /// model's trained context; a cache the allocator refuses is an error for this sequence.
     pub fn new(hp: &HParams, cfg: SequenceConfig) -> Result<Self, ModelError> {
         let ctx = cfg.context_len(hp);
         if ctx == 0 {
@@ -226,12 +428,8 @@ impl Sequence {
                 reason: "must be at least 1".into(),
             });
         }
-        let ty = cfg.kv_type.unwrap_or(match cfg.precision {
-            Precision::Exact => KvType::F32,
-            Precision::Fast => KvType::F16,
-        });
         Ok(Self {
-            kv: KvCache::new(hp, ctx, ty),
+            kv: KvCache::new(hp, ctx, cfg.kv_type_or_default())?,
             pos: 0,
             precision: cfg.precision,
             scratch: Scratch::default(),

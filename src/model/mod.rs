@@ -22,7 +22,10 @@ pub use error::ModelError;
 pub use forward::Model;
 pub use generate::{Generation, StopReason, Timings};
 pub use hparams::{Arch, HParams, RopeLayout, RopeScaling};
-pub use kv::{KvCache, KvType, Sequence, SequenceConfig, DEFAULT_CTX};
+pub use kv::{
+    bytes_per_token, ContextFit, KvCache, KvLimit, KvType, Sequence, SequenceConfig, DEFAULT_CTX,
+    KV_LIMIT_ENV, MIN_CTX,
+};
 pub use names::{arch_key, tensor_name, ArchKey, TensorKind};
 pub use ops::Precision;
 pub use weights::{LayerRefs, LayerWeights, ModelLayout, TensorRef, WeightView};

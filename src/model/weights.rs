@@ -6,7 +6,7 @@
 
 use super::error::ModelError;
 use super::hparams::HParams;
-use super::names::{tensor_name, TensorKind};
+use super::names::{arch_key, keys, tensor_name, ArchKey, TensorKind};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::quant::GgmlType;
 use std::collections::HashSet;
@@ -148,6 +148,53 @@ pub struct ModelLayout {
     pub n_vocab: usize,
 }
 
+/// Checks that the tokenizer, `<arch>.vocab_size` and the output head agree with the
+/// embedding table's `embd_rows`, so every id the tokenizer emits has a row and every row the
+/// head scores is a vocabulary entry or padding. More embedding rows than tokens is padding
+/// (converters round the table up, llama.cpp accepts it); fewer would make ordinary text fail
+/// at the embedding lookup.
+pub fn check_vocab(file: &GgufFile, hp: &HParams, embd_rows: usize) -> Result<(), ModelError> {
+    let md = file.metadata();
+    let mismatch = |of: String, found: usize, rule| ModelError::VocabMismatch {
+        of,
+        found,
+        embd_rows,
+        rule,
+    };
+    let vocab_key = arch_key(hp.arch.name(), ArchKey::VocabSize);
+    if let Some(v) = md.get_u64(&vocab_key)? {
+        if v != embd_rows as u64 {
+            return Err(mismatch(
+                vocab_key,
+                usize::try_from(v).unwrap_or(usize::MAX),
+                "the declared vocabulary size must be the embedding table's row count",
+            ));
+        }
+    }
+    if let Some(tokens) = md.get_array(keys::TOK_TOKENS)? {
+        let n = tokens.items.len();
+        if n > embd_rows {
+            return Err(mismatch(
+                format!("the token count of {}", keys::TOK_TOKENS),
+                n,
+                "every token needs an embedding row; only extra rows (padding) are allowed",
+            ));
+        }
+    }
+    if let Some(t) = file.tensor(&tensor_name(TensorKind::Output, None)) {
+        // A 1-row head is `[d]`, trimmed like any vector; its row count is the second dim.
+        let rows = t.shape.get(1).copied().unwrap_or(1);
+        if rows != embd_rows as u64 {
+            return Err(mismatch(
+                format!("the row count of {}", t.name),
+                usize::try_from(rows).unwrap_or(usize::MAX),
+                "the output head scores exactly the embedded vocabulary",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Trailing 1s do not change a tensor's meaning (`[576, 1]` is `[576]`).
 fn trim(shape: &[u64]) -> &[u64] {
     let mut n = shape.len();
@@ -244,14 +291,7 @@ impl ModelLayout {
             }
             None => return Err(ModelError::MissingTensor { name: embd_name }),
         };
-        if let Some(v) = hp.n_vocab {
-            if v != n_vocab {
-                return Err(ModelError::BadHParam {
-                    key: "vocabulary size".into(),
-                    reason: format!("metadata says {v}, token_embd has {n_vocab} rows"),
-                });
-            }
-        }
+        check_vocab(file, hp, n_vocab)?;
         let nv = n_vocab as u64;
         let token_embd = loc.req(TensorKind::TokenEmbd, None, &[d, nv])?;
         let output_norm = loc.req(TensorKind::OutputNorm, None, &[d])?;

@@ -1,10 +1,13 @@
 //! `rocmforge inspect`: a model's header, hyper-parameters, tokenizer summary, tensors, per-layer
-//! byte totals and a validation verdict; `--dequant` dumps one tensor as little-endian f32.
+//! byte totals and a validation verdict (the loader's own checks; a problem exits non-zero);
+//! `--dequant` dumps one tensor as little-endian f32.
 
 use clap::Args;
 use rocmforge::gguf::{GgufFile, Metadata, Value};
 use rocmforge::model::names::{arch_key, keys, tensor_name, ArchKey, TensorKind};
+use rocmforge::model::{KvLimit, Model, SequenceConfig};
 use rocmforge::quant::dequantize_par;
+use rocmforge::tokenizer::Tokenizer;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -99,7 +102,15 @@ pub struct LayerRow {
 
 #[derive(Debug, Serialize)]
 pub struct Validation {
+    /// No problem below: `run` and `serve` would load this file.
     pub ok: bool,
+    /// Errors of the checks loading runs (hyper-parameters, tensor shapes, vocabulary
+    /// agreement, tokenizer, KV cache of the default context), in the loader's words.
+    pub load: Vec<String>,
+    /// Not errors, but worth knowing (a context capped to fit the KV limit).
+    pub warnings: Vec<String>,
+    /// The context `run` would use by default, fitted to this machine's KV limit.
+    pub default_ctx: Option<usize>,
     /// `"name: TYPE"` for tensors whose type the compute paths cannot handle.
     pub unsupported_types: Vec<String>,
     /// Required llama tensors not in the file.
@@ -165,12 +176,71 @@ fn validate(f: &GgufFile, n_layer: usize) -> Validation {
         .filter(|t| !known.contains(&t.name))
         .map(|t| t.name.clone())
         .collect();
+    let load = load_checks(f);
     Validation {
-        ok: unsupported_types.is_empty() && missing.is_empty() && unaccounted.is_empty(),
+        ok: unsupported_types.is_empty()
+            && missing.is_empty()
+            && unaccounted.is_empty()
+            && load.problems.is_empty(),
+        load: load.problems,
+        warnings: load.warnings,
+        default_ctx: load.default_ctx,
         unsupported_types,
         missing,
         unaccounted,
     }
+}
+
+struct LoadChecks {
+    problems: Vec<String>,
+    warnings: Vec<String>,
+    default_ctx: Option<usize>,
+}
+
+/// The checks `run` and `serve` make before computing, through the same functions, so
+/// `inspect` cannot call a file valid that loading rejects.
+fn load_checks(f: &GgufFile) -> LoadChecks {
+    let mut c = LoadChecks {
+        problems: Vec::new(),
+        warnings: Vec::new(),
+        default_ctx: None,
+    };
+    // A model without tokenizer metadata runs on token ids in the embedding API, but `run`
+    // and `serve` need text in and out.
+    if let Err(e) = Tokenizer::from_metadata(f.metadata()) {
+        c.problems.push(format!("tokenizer: {e}"));
+    }
+    // Hyper-parameters, every tensor's shape and type, vocabulary agreement.
+    let model = match Model::from_file(f.clone()) {
+        Ok(m) => m,
+        Err(e) => {
+            c.problems.push(format!("model: {e}"));
+            return c;
+        }
+    };
+    let limit = match KvLimit::host() {
+        Ok(l) => l,
+        Err(e) => {
+            c.problems.push(format!("KV limit: {e}"));
+            return c;
+        }
+    };
+    match SequenceConfig::default().fit_context(model.hparams(), limit.as_ref()) {
+        Ok(fit) => {
+            if fit.capped() {
+                c.warnings.push(format!(
+                    "the default context of {} tokens does not fit the KV limit ({}): \
+                     capped to {}",
+                    fit.requested,
+                    limit.as_ref().map_or("none", |l| l.from.as_str()),
+                    fit.ctx
+                ));
+            }
+            c.default_ctx = Some(fit.ctx);
+        }
+        Err(e) => c.problems.push(format!("KV cache: {e}")),
+    }
+    c
 }
 
 pub fn report(f: &GgufFile) -> Report {
@@ -312,7 +382,12 @@ fn print_table(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
         "\nvalidation: {}",
         if v.ok { "OK" } else { "PROBLEMS" }
     )?;
+    if let Some(ctx) = v.default_ctx {
+        writeln!(out, "  default context: {ctx} tokens")?;
+    }
     for (what, list) in [
+        ("load", &v.load),
+        ("warning", &v.warnings),
         ("unsupported type", &v.unsupported_types),
         ("missing", &v.missing),
         ("unaccounted", &v.unaccounted),
@@ -362,6 +437,11 @@ pub fn run(a: InspectArgs) -> Result<(), Box<dyn std::error::Error>> {
         writeln!(lock)?;
     } else {
         print_table(&r, &mut lock)?;
+    }
+    let v = &r.validation;
+    if !v.ok {
+        let n = v.load.len() + v.unsupported_types.len() + v.missing.len() + v.unaccounted.len();
+        return Err(format!("{}: validation found {n} problem(s)", r.path).into());
     }
     Ok(())
 }

@@ -11,10 +11,10 @@ use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::residency::ResidentLayer;
 use rocmforge::gguf::GgufFile;
-use rocmforge::model::Precision;
 use rocmforge::model::{
     ops, LayerRefs, LayerWeights, Model, Sequence, SequenceConfig, TensorRef, WeightView,
 };
+use rocmforge::model::{KvLimit, Precision};
 use rocmforge::tokenizer::Tokenizer;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -58,8 +58,25 @@ fn err(layer: Option<usize>) -> impl Fn(rocmforge::model::ModelError) -> Runtime
 }
 
 impl LlamaCompute {
-    pub fn new(file: &GgufFile, seq_cfg: SequenceConfig) -> Result<Self> {
+    /// Opens the model and sizes the context against the host's KV limit before any sequence
+    /// exists: a context that does not fit is capped with a warning, one that cannot fit at all
+    /// fails here (the runtime does not start) rather than aborting at the first request.
+    pub fn new(file: &GgufFile, mut seq_cfg: SequenceConfig) -> Result<Self> {
         let model = Model::from_file(file.clone()).map_err(err(None))?;
+        let limit = KvLimit::host().map_err(err(None))?;
+        let fit = seq_cfg
+            .fit_context(model.hparams(), limit.as_ref())
+            .map_err(err(None))?;
+        if fit.capped() {
+            tracing::warn!(
+                requested = fit.requested,
+                ctx = fit.ctx,
+                kv_bytes = fit.bytes as u64,
+                limit = limit.as_ref().map(|l| l.from.as_str()),
+                "the context does not fit the KV limit: capped"
+            );
+        }
+        seq_cfg.ctx = Some(fit.ctx);
         // A model without tokenizer metadata still runs on token ids.
         let tokenizer = Tokenizer::from_metadata(file.metadata()).ok();
         let path = file.path().to_path_buf();

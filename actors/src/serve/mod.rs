@@ -33,7 +33,7 @@ use crate::messages::{GenerateRequest, Hint, MemoryBudget, ReadMode};
 use crate::runtime::{Runtime, RuntimeHandle};
 use metrics::Metrics;
 use rocmforge::backend::BackendKind;
-use rocmforge::model::{HParams, SequenceConfig, DEFAULT_CTX};
+use rocmforge::model::{HParams, KvLimit, SequenceConfig, DEFAULT_CTX};
 use rocmforge::tokenizer::Tokenizer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -181,7 +181,20 @@ impl Server {
         let tokenizer =
             Tokenizer::from_metadata(file.metadata()).map_err(|e| model_err(e.to_string()))?;
         let hp = HParams::try_from(file.metadata()).map_err(|e| model_err(e.to_string()))?;
-        let ctx = cfg.ctx.unwrap_or(DEFAULT_CTX).min(hp.n_ctx_train);
+        let mut ctx = cfg.ctx.unwrap_or(DEFAULT_CTX).min(hp.n_ctx_train);
+        if cfg.backend == BackendKind::Cpu {
+            // The host holds the KV: sized before listening, as LlamaCompute will (which
+            // warns when it caps), so the context the handlers enforce is the one that fits.
+            let limit = KvLimit::host().map_err(|e| model_err(e.to_string()))?;
+            let seq = SequenceConfig {
+                ctx: Some(ctx),
+                ..SequenceConfig::default()
+            };
+            ctx = seq
+                .fit_context(&hp, limit.as_ref())
+                .map_err(|e| model_err(e.to_string()))?
+                .ctx;
+        }
         drop(file);
         let seq_cfg = SequenceConfig {
             ctx: Some(ctx),

@@ -92,7 +92,14 @@ impl LayeredOptions {
             .iter()
             .map(|(n, _)| *n)
             .sum();
-        self.kv_layout(hp).bytes() * 2 * hp.n_layer + scratch
+        // Saturating: called before `GpuLayered::new` checks a hostile file's dimensions.
+        let kv = self.kv_layout(hp);
+        kv.n_kv_heads
+            .saturating_mul(kv.seq_cap)
+            .saturating_mul(kv.head_dim)
+            .saturating_mul(2 * 2)
+            .saturating_mul(hp.n_layer)
+            .saturating_add(scratch)
     }
 
     /// One layer's K (or V) cache shape for `hp`: the context, capped by the training length.
@@ -136,6 +143,25 @@ impl<D: KernelDevice> GpuLayered<D> {
                 dev.describe()
             )));
         }
+        // One sequence's KV, sized before anything is allocated: a hostile file's dimensions
+        // multiply past usize (wrapping to a small buffer in release), and a cache larger than
+        // the device is refused here with the numbers, not at the first request.
+        let kv_layout = opt.kv_layout(&hp);
+        let per_token = 2 * 2 * (kv_layout.n_kv_heads as u128) * (kv_layout.head_dim as u128);
+        let per_token = per_token * hp.n_layer as u128;
+        let kv_bytes = per_token * kv_layout.seq_cap as u128;
+        let (_, device_bytes) = dev.mem_info()?;
+        if kv_bytes > device_bytes as u128 {
+            return Err(ModelError::KvTooLarge {
+                ctx: kv_layout.seq_cap,
+                bytes: kv_bytes,
+                per_token,
+                limit: device_bytes as u64,
+                limit_from: format!("all memory of {}", dev.describe()),
+                min_ctx: kv_layout.seq_cap,
+            }
+            .into());
+        }
         let b = opt.max_batch.max(1);
         let n_vocab = model.n_vocab();
         let bufs = scratch_bytes(&hp, n_vocab, b)
@@ -177,7 +203,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             Box::new(PortableGemm)
         };
         Ok(Self {
-            kv_layout: opt.kv_layout(&hp),
+            kv_layout,
             dev,
             hp,
             n_vocab,
