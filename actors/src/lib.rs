@@ -1,5 +1,27 @@
 //! ROCmForge pipelined runtime: actors, embedding API, CLI commands.
 //!
+//! # Example
+//!
+//! ```no_run
+//! use rocmforge_actors::{GenerateRequest, MemoryBudget, Runtime, SamplingParams};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Opens the model on the best backend present and starts loading it; half the weights may
+//! // stay on the device, the rest streams.
+//! let rt = Runtime::builder()
+//!     .model("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+//!     .memory_budget(MemoryBudget::FractionOfWeights(0.5))
+//!     .build()?;
+//! let mut req = GenerateRequest::text("The capital of France is", 16);
+//! req.sampling = SamplingParams { seed: Some(7), ..SamplingParams::default() };
+//! for event in rt.generate(req).into_blocking() {
+//!     print!("{}", event?.text);
+//! }
+//! rt.shutdown()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Layout
 //! - `runtime.rs` — the embedding API: `Runtime::builder()`, `RuntimeHandle`, `TokenStream`,
 //!   sessions. Every entry point (CLI, server, host services) goes through it: one engine.

@@ -260,7 +260,7 @@ fn quantize_block(ty: GgmlType, x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// y[r] = sum_c W[r,c] * x[c]; W row-major [rows, cols] in type `ty`. Activations are quantized
+/// `y[r] = sum_c W[r,c] * x[c]`; W row-major `[rows, cols]` in type `ty`. Activations are quantized
 /// to 32-element Q8 blocks with f32 scales (ggml's Q8_0/Q8_1; for Q4_K/Q6_K too, where ggml uses
 /// 256-element Q8_K: same integer math, finer scales) on the int8 paths (Q4_0, Q4_1, Q5_0, Q5_1,
 /// Q8_0, IQ4_NL, Q4_K, Q6_K), or kept f32 for float weights and the other K-quants (dequantized row
@@ -279,7 +279,7 @@ pub fn matvec(
     Ok(())
 }
 
-/// Y[b, r] = sum_c W[r,c] * X[b,c]; X is [batch, cols], Y is [batch, rows] (prompt prefill).
+/// `Y[b, r] = sum_c W[r,c] * X[b,c]`; X is `[batch, cols]`, Y is `[batch, rows]` (prompt prefill).
 /// Each weight block is read once for several batch rows.
 pub fn matmul(
     ty: GgmlType,

@@ -150,7 +150,7 @@ type Opened = Result<(Arc<Model>, Tokenizer), GenError>;
 
 /// Work started before CUDA initialises, overlapping it (~0.2 s warm): the model file opened
 /// (metadata, tokenizer) and the upload ring's host memory mapped and faulted in (registered
-/// after init, see [`Prewarm`]). Empty for the CPU backend.
+/// after init, see `Prewarm`). Empty for the CPU backend.
 pub struct EarlyOpen {
     open: Option<JoinHandle<Opened>>,
     host: Option<JoinHandle<Result<HostRegion, BackendError>>>,
