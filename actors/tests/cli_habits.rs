@@ -93,4 +93,29 @@ fn models_are_found_from_any_directory_in_order() {
     let (ok, out, err) = opened(Some(first.path()));
     assert!(ok, "{err}");
     assert!(out.contains(&first.path().display().to_string()), "{out}");
+    // `list` shows all three places, in that order, with what each file is.
+    let out = rocmforge()
+        .current_dir(cwd.path())
+        .env("XDG_DATA_HOME", data.path())
+        .env("ROCMFORGE_MODELS", first.path())
+        .args(["list", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed[0]["path"]
+        .as_str()
+        .unwrap()
+        .starts_with(&first.path().display().to_string()));
+    assert!(listed[1]["path"]
+        .as_str()
+        .unwrap()
+        .starts_with(&data_models.display().to_string()));
+    assert_eq!(listed[2]["path"], format!("models/{name}"));
+    for m in listed {
+        assert_eq!(m["architecture"], "llama");
+        assert_eq!(m["quant"], "Q4_1");
+    }
 }

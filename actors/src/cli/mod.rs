@@ -72,6 +72,13 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (and a control socket).
     Serve(serve::ServeArgs),
+    /// The models found where `--model NAME.gguf` looks ($ROCMFORGE_MODELS, the data directory,
+    /// ./models), with size, architecture and main tensor type.
+    List {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (`rocmforge completions bash > /etc/bash_completion.d/rocmforge`).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -94,6 +101,32 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Chat(a) => chat::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::List { json } => {
+            let models = models::list();
+            if json {
+                println!("{}", serde_json::to_string(&models)?);
+            } else if models.is_empty() {
+                let dirs: Vec<String> = models::search_dirs()
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect();
+                println!(
+                    "no models in {} (scripts/fetch-model.sh fetches the default one)",
+                    dirs.join(", ")
+                );
+            } else {
+                for m in &models {
+                    println!(
+                        "{:<60} {:>9.1} MiB  {:<10} {}",
+                        m.path.display(),
+                        m.bytes as f64 / (1u64 << 20) as f64,
+                        m.architecture,
+                        m.quant
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

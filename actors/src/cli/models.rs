@@ -52,3 +52,59 @@ pub fn resolve(arg: &str) -> Result<PathBuf, String> {
         looked.join(", ")
     ))
 }
+
+/// One model file found by `rocmforge list`.
+#[derive(Debug, serde::Serialize)]
+pub struct LocalModel {
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// `general.architecture`, or why the file could not be read.
+    pub architecture: String,
+    /// The tensor type holding the most bytes (what "Q4_K_M" files mostly are).
+    pub quant: String,
+}
+
+/// Every `*.gguf` in `search_dirs()`, in search order (an unreadable file is listed with the
+/// reason instead of its architecture).
+pub fn list() -> Vec<LocalModel> {
+    let mut out = Vec::new();
+    for dir in search_dirs() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut paths: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+            let (architecture, quant) = match rocmforge::gguf::GgufFile::open(&path) {
+                Ok(f) => {
+                    let arch = f
+                        .metadata()
+                        .architecture()
+                        .map_or_else(|e| format!("? ({e})"), str::to_string);
+                    let mut by_type: std::collections::HashMap<&'static str, u64> =
+                        Default::default();
+                    for t in f.tensors() {
+                        *by_type.entry(t.ggml_type.name()).or_default() += t.n_bytes;
+                    }
+                    let quant = by_type
+                        .into_iter()
+                        .max_by_key(|&(name, b)| (b, name))
+                        .map_or("-".to_string(), |(name, _)| name.to_string());
+                    (arch, quant)
+                }
+                Err(e) => (format!("unreadable: {e}"), "-".into()),
+            };
+            out.push(LocalModel {
+                path,
+                bytes,
+                architecture,
+                quant,
+            });
+        }
+    }
+    out
+}
