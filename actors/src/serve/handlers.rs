@@ -361,6 +361,8 @@ async fn start(
     if n_prompt == 0 {
         return Err(ApiError::invalid(prompt_param, "the prompt is empty"));
     }
+    // The seed in use (the client's, or the one drawn for it), so a reply can be reproduced.
+    tracing::debug!("request {} seed={:?}", tag.id, checked.sampling.seed);
     if n_prompt >= s.ctx {
         return Err(ApiError::invalid(
             prompt_param,
