@@ -42,7 +42,7 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| ChatMessage::new("system", s.clone()))
         .collect();
     eprintln!(
-        "chat with {} on {} — /reset clears the conversation, /exit or Ctrl-D quits",
+        "chat with {} on {} — /help for commands, /bye or Ctrl-D quits",
         a.model.model.display(),
         engine.backend,
     );
@@ -64,6 +64,27 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
                 messages.retain(|m| m.role == "system");
                 // A new session: the old one's cache is dropped when the runtime needs room.
                 session = engine.rt.new_session();
+                continue;
+            }
+            "/help" => {
+                eprintln!(
+                    "/clear (or /reset)  forget the conversation (the system message stays)\n\
+                     /system TEXT        set the system message and start over\n\
+                     /bye (or /exit)     quit; Ctrl-D too"
+                );
+                continue;
+            }
+            cmd if cmd.starts_with("/system") => {
+                let text = cmd["/system".len()..].trim();
+                messages.clear();
+                if !text.is_empty() {
+                    messages.push(ChatMessage::new("system", text));
+                }
+                session = engine.rt.new_session();
+                continue;
+            }
+            cmd if cmd.starts_with('/') => {
+                eprintln!("unknown command {cmd}: /help lists them");
                 continue;
             }
             _ => {}
