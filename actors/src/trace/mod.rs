@@ -5,4 +5,4 @@ pub mod chrome;
 pub mod svg;
 
 pub use chrome::{enable_chrome_trace, ChromeLayer, TraceGuard, TraceRecorder};
-pub use svg::{render_svg, view};
+pub use svg::{render_svg, render_svg_with, view, view_with, ViewOptions};

@@ -1,6 +1,11 @@
 //! Draws a Chrome trace as an SVG pipeline timeline: one lane per thread (actor), time on x,
 //! spans as boxes (nested spans stacked inside their parent's lane), layers labelled `L<n>`
 //! (`G` for the global tensors), so overlap between reading and computing is visible at a glance.
+//!
+//! A long run holds hundreds of thousands of spans: boxes of one kind that would be drawn less
+//! than a pixel wide and touch are merged into one (its tooltip gives the count), so the picture
+//! stays a few hundred KB whatever the length; `ViewOptions::window` zooms into a time range.
+//! The Perfetto JSON itself stays complete.
 
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -12,12 +17,58 @@ const LEFT: f64 = 150.0;
 const LANE_H: f64 = 34.0;
 const TOP: f64 = 40.0;
 
+#[derive(Clone)]
 struct Span {
     name: String,
     ts: f64,
     dur: f64,
     layer: Option<i64>,
     depth: usize,
+    /// How many recorded spans this box stands for (sub-pixel ones merged).
+    merged: usize,
+}
+
+/// The colours in the legend, in pipeline order.
+const LEGEND: [(&str, &str); 7] = [
+    ("read", "read unit"),
+    ("read_chunk", "read chunk"),
+    ("transcode", "transcode"),
+    ("upload", "upload"),
+    ("schedule", "schedule"),
+    ("wait", "wait"),
+    ("compute", "compute"),
+];
+
+/// Merges, per depth and kind, spans that would each be under a pixel wide and lie within a
+/// pixel of the previous one of their kind: one box per run, spanning it (kinds that alternate
+/// at the sub-pixel scale, such as `wait` and `compute`, each get their own run).
+fn merge_subpixel(spans: Vec<Span>, span_us: f64) -> Vec<Span> {
+    let px_us = span_us / (WIDTH - LEFT - 20.0);
+    let mut out: Vec<Span> = Vec::with_capacity(spans.len().min(1 << 16));
+    // The last box per (depth, kind) that may still absorb a neighbour.
+    let mut open: std::collections::HashMap<(usize, String), usize> = Default::default();
+    for s in spans {
+        let tiny = s.dur < px_us;
+        let key = (s.depth, s.name.clone());
+        if let Some(&i) = open.get(&key) {
+            let b = &mut out[i];
+            if tiny && s.ts <= b.ts + b.dur + px_us {
+                b.dur = (s.ts + s.dur).max(b.ts + b.dur) - b.ts;
+                b.merged += 1;
+                if b.layer != s.layer {
+                    b.layer = None;
+                }
+                continue;
+            }
+        }
+        if tiny {
+            open.insert(key, out.len());
+        } else {
+            open.remove(&key);
+        }
+        out.push(s);
+    }
+    out
 }
 
 fn lane_rank(name: &str) -> usize {
@@ -57,8 +108,20 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// Renders a parsed Chrome trace. Errors name what is missing.
+/// What to draw of a trace.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ViewOptions {
+    /// Only this time range, in ms from the trace's first span (`None`: all of it).
+    pub window: Option<(f64, f64)>,
+}
+
+/// Renders a parsed Chrome trace, all of it. Errors name what is missing.
 pub fn render_svg(trace: &Value) -> Result<String, String> {
+    render_svg_with(trace, ViewOptions::default())
+}
+
+/// Renders a parsed Chrome trace as `opt` says.
+pub fn render_svg_with(trace: &Value, opt: ViewOptions) -> Result<String, String> {
     let events = trace
         .get("traceEvents")
         .and_then(Value::as_array)
@@ -90,6 +153,7 @@ pub fn render_svg(trace: &Value) -> Result<String, String> {
                     dur,
                     layer: e.pointer("/args/layer").and_then(Value::as_i64),
                     depth: 0,
+                    merged: 1,
                 });
             }
             _ => {}
@@ -98,16 +162,34 @@ pub fn render_svg(trace: &Value) -> Result<String, String> {
     if lanes.is_empty() {
         return Err("the trace has no spans (ph = X)".into());
     }
-    let t0 = lanes
+    let first = lanes
         .values()
         .flatten()
         .map(|s| s.ts)
         .fold(f64::INFINITY, f64::min);
-    let t1 = lanes
+    let last = lanes
         .values()
         .flatten()
         .map(|s| s.ts + s.dur)
         .fold(f64::NEG_INFINITY, f64::max);
+    let (t0, t1) = match opt.window {
+        Some((a, b)) if b > a => (first + a * 1000.0, (first + b * 1000.0).min(last)),
+        Some((a, b)) => return Err(format!("empty time window {a}..{b} ms")),
+        None => (first, last),
+    };
+    // Spans outside the window go; the rest are clipped to it.
+    for spans in lanes.values_mut() {
+        spans.retain(|s| s.ts < t1 && s.ts + s.dur > t0);
+        for s in spans.iter_mut() {
+            let end = (s.ts + s.dur).min(t1);
+            s.ts = s.ts.max(t0);
+            s.dur = end - s.ts;
+        }
+    }
+    lanes.retain(|_, spans| !spans.is_empty());
+    if lanes.is_empty() {
+        return Err("no span in the time window".into());
+    }
     let span_us = (t1 - t0).max(1.0);
     let x = |t: f64| LEFT + (t - t0) / span_us * (WIDTH - LEFT - 20.0);
 
@@ -135,10 +217,22 @@ pub fn render_svg(trace: &Value) -> Result<String, String> {
     let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         out,
-        r#"<text x="{LEFT}" y="16" font-size="13">pipeline timeline: {:.1} ms, {} lanes</text>"#,
+        r#"<text x="{LEFT}" y="16" font-size="13">pipeline timeline: {:.1} ms from {:.1} ms, {} lanes</text>"#,
         span_us / 1000.0,
+        (t0 - first) / 1000.0,
         order.len()
     );
+    // Legend: what each colour is.
+    let mut lx = WIDTH - 20.0;
+    for (name, what) in LEGEND.iter().rev() {
+        lx -= 8.0 + 6.5 * what.len() as f64 + 14.0;
+        let _ = writeln!(
+            out,
+            r##"<rect x="{lx:.1}" y="7" width="10" height="10" fill="{}" stroke="#555" stroke-width="0.3"/><text x="{:.1}" y="16">{what}</text>"##,
+            color(name),
+            lx + 13.0
+        );
+    }
     // Time axis: about ten ticks at a round step.
     let step = {
         let raw = span_us / 10.0;
@@ -183,7 +277,7 @@ pub fn render_svg(trace: &Value) -> Result<String, String> {
         }
         let max_depth = spans.iter().map(|s| s.depth).max().unwrap_or(0) + 1;
         let h = (LANE_H - 4.0) / max_depth as f64;
-        for s in &spans {
+        for s in &merge_subpixel(spans, span_us) {
             let x0 = x(s.ts);
             let w = (x(s.ts + s.dur) - x0).max(0.5);
             let y0 = y + 2.0 + h * s.depth as f64;
@@ -192,9 +286,14 @@ pub fn render_svg(trace: &Value) -> Result<String, String> {
                 Some(_) => "G".to_string(),
                 None => String::new(),
             };
+            let count = if s.merged > 1 {
+                format!(" ({} spans)", s.merged)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                r##"<rect x="{x0:.2}" y="{y0:.1}" width="{w:.2}" height="{:.1}" fill="{}" stroke="#555" stroke-width="0.2"><title>{} {} {:.1} us</title></rect>"##,
+                r##"<rect x="{x0:.2}" y="{y0:.1}" width="{w:.2}" height="{:.1}" fill="{}" stroke="#555" stroke-width="0.2"><title>{} {} {:.1} us{count}</title></rect>"##,
                 h - 1.0,
                 color(&s.name),
                 esc(&s.name),
@@ -217,11 +316,16 @@ pub fn render_svg(trace: &Value) -> Result<String, String> {
 
 /// Reads a trace file and writes its SVG timeline.
 pub fn view(trace_json: &Path, svg_out: &Path) -> Result<(), String> {
+    view_with(trace_json, svg_out, ViewOptions::default())
+}
+
+/// [`view`] with options (a time window).
+pub fn view_with(trace_json: &Path, svg_out: &Path, opt: ViewOptions) -> Result<(), String> {
     let text = std::fs::read_to_string(trace_json)
         .map_err(|e| format!("reading {}: {e}", trace_json.display()))?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| format!("{} is not JSON: {e}", trace_json.display()))?;
-    let svg = render_svg(&v)?;
+    let svg = render_svg_with(&v, opt)?;
     std::fs::write(svg_out, svg).map_err(|e| format!("writing {}: {e}", svg_out.display()))
 }
 
@@ -240,5 +344,42 @@ mod tests {
         assert!(svg.contains("rf-reader-0"));
         assert!(svg.contains(">L3<") && svg.contains(">L0<"));
         assert!(render_svg(&serde_json::json!({})).is_err());
+    }
+
+    /// A long run's hundred thousand tiny spans become a bounded number of boxes, with a
+    /// legend; a window zooms in and keeps the detail.
+    #[test]
+    fn long_traces_stay_small_and_windows_zoom() {
+        let mut events = vec![
+            serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": 1, "args": {"name": "rf-inference"}}),
+        ];
+        for i in 0..100_000u32 {
+            events.push(
+                serde_json::json!({"name": "compute", "ph": "X", "pid": 1, "tid": 1,
+                "ts": f64::from(i) * 10.0, "dur": 8.0, "args": {"layer": i % 30}}),
+            );
+        }
+        let v = serde_json::json!({ "traceEvents": events });
+        let svg = render_svg(&v).unwrap();
+        let boxes = svg.matches("<rect").count();
+        assert!(boxes < 2_000, "{boxes} boxes");
+        assert!(svg.len() < 1 << 20, "{} bytes", svg.len());
+        assert!(svg.contains("spans)") && svg.contains(">compute<") && svg.contains(">read unit<"));
+        // 0.1 ms of it: every span its own box again.
+        let zoom = render_svg_with(
+            &v,
+            ViewOptions {
+                window: Some((0.0, 0.1)),
+            },
+        )
+        .unwrap();
+        assert!(zoom.matches("<title>compute").count() >= 10);
+        assert!(render_svg_with(
+            &v,
+            ViewOptions {
+                window: Some((5.0, 5.0))
+            }
+        )
+        .is_err());
     }
 }
