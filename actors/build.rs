@@ -22,8 +22,12 @@ fn main() {
             " (hip: not compiled, cargo feature `hip`)"
         }
     );
-    // A new commit moves HEAD or the branch it names (loose or packed refs).
+    // A new commit moves HEAD or the branch it names (loose or packed refs). Only paths that
+    // exist: cargo reruns a build script on every build for a path that does not.
+    println!("cargo:rerun-if-changed=build.rs");
     for p in ["../.git/HEAD", "../.git/refs/heads", "../.git/packed-refs"] {
-        println!("cargo:rerun-if-changed={p}");
+        if std::path::Path::new(p).exists() {
+            println!("cargo:rerun-if-changed={p}");
+        }
     }
 }
