@@ -119,3 +119,46 @@ fn models_are_found_from_any_directory_in_order() {
         assert_eq!(m["quant"], "Q4_1");
     }
 }
+
+/// Ctrl-C while a reply is being written stops that reply; the chat goes on with the next turn.
+#[test]
+fn chat_ctrl_c_stops_the_reply_and_keeps_the_session() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let m = model();
+    let mut child = rocmforge()
+        .args(["chat", "--model", m.to_str().unwrap(), "--backend", "cpu"])
+        .args(["--temp", "0", "-n", "1000", "-t", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    stdin
+        .write_all(b"Write the numbers from 1 to 500, one per line.\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    // The reply has started once text arrives (a blocking read, no timing guess).
+    let mut first = [0u8; 16];
+    let n = stdout.read(&mut first).unwrap();
+    assert!(n > 0, "no reply text");
+    // SAFETY: sends SIGINT to the child this test started and still owns.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    stdin.write_all(b"What is 2+2?\n/bye\n").unwrap();
+    drop(stdin);
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "chat ended with {:?}: {err}",
+        out.status
+    );
+    assert!(err.contains("[stopped]"), "{err}");
+    // The session went on: the stopped reply prints no statistics line, the next turn does.
+    assert_eq!(err.matches(" prompt tokens (").count(), 1, "{err}");
+}

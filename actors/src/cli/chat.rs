@@ -9,6 +9,14 @@ use super::run::{GenError, ModelArgs, SamplingArgs, TextSink};
 use clap::Args;
 use rocmforge::tokenizer::ChatMessage;
 use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set by Ctrl-C; a reply in progress stops at its next piece of text, the session goes on.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
@@ -31,6 +39,14 @@ pub struct ChatArgs {
 
 pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
     let engine = Engine::open(&a.model, a.backend, &a.engine)?;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe; it replaces the
+    // default action (ending the process) for this interactive command only.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
     let tok = &engine.tokenizer;
     // One seed for the whole conversation (drawn now when none was given).
     let sampling = a.sampling.params();
@@ -70,7 +86,8 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
                 eprintln!(
                     "/clear (or /reset)  forget the conversation (the system message stays)\n\
                      /system TEXT        set the system message and start over\n\
-                     /bye (or /exit)     quit; Ctrl-D too"
+                     /bye (or /exit)     quit; Ctrl-D too\n\
+                     Ctrl-C              stop the reply being written"
                 );
                 continue;
             }
@@ -96,6 +113,8 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
         let context = tok.encode(&prompt, true, true).map_err(GenError::from)?;
         let mut sink = TextSink::new(tok, &a.sampling.stop);
         let cached_before = engine.rt.stats().prompt_tokens_cached;
+        // A Ctrl-C typed at the prompt does not stop the next reply.
+        INTERRUPTED.store(false, Ordering::SeqCst);
         let turn = generate(
             &engine,
             &context,
@@ -104,6 +123,9 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
             Some(session),
             &mut sink,
             |piece| {
+                if INTERRUPTED.swap(false, Ordering::SeqCst) {
+                    return Err(GenError::Interrupted);
+                }
                 let mut out = std::io::stdout();
                 out.write_all(piece.as_bytes())?;
                 out.flush()?;
@@ -112,6 +134,14 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
         let turn = match turn {
             Ok(t) => t,
+            // Ctrl-C: the reply so far stays in the conversation (dropping the stream cancelled
+            // the request); the next turn prefills it again.
+            Err(e) if matches!(e.downcast_ref(), Some(GenError::Interrupted)) => {
+                println!();
+                eprintln!("[stopped]");
+                messages.push(ChatMessage::new("assistant", sink.text.trim()));
+                continue;
+            }
             // A turn the runtime refuses (the conversation outgrew the context) is reported
             // and the session goes on; anything else ends it.
             Err(e) if matches!(e.downcast_ref(), Some(crate::RuntimeError::BadRequest(_))) => {

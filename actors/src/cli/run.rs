@@ -11,6 +11,9 @@ use std::path::PathBuf;
 pub enum GenError {
     #[error("give a prompt with --prompt or --prompt-file")]
     NoPrompt,
+    /// Ctrl-C during a reply (`chat` stops the reply and keeps the session).
+    #[error("stopped")]
+    Interrupted,
     #[error("cannot read prompt file {path}: {source}")]
     PromptIo {
         path: PathBuf,
