@@ -165,11 +165,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         return run_ttft(&a);
     }
-    let engine_wanted = a.pipeline
-        || a.engine.memory_budget.is_some()
-        || a.engine.read_mode.is_some()
-        || a.engine.prefetch_depth.is_some()
-        || a.engine.trace.is_some();
+    let engine_wanted = a.pipeline || a.engine.any_set();
     let mut backend = a.backend;
     if !engine_wanted && !super::gpu::routes_to_pipeline(a.backend) {
         let early = super::gpu::open_early(a.backend, &a.model);

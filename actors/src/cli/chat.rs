@@ -152,7 +152,7 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
             Err(e) => return Err(e),
         };
         println!("{}", sink.finish());
-        if turn.stop_reason == "context" {
+        if turn.stop_reason == rocmforge::model::StopReason::Context {
             eprintln!("[context full: use /reset]");
         }
         let t = &turn.timings;

@@ -28,6 +28,17 @@ pub struct EngineArgs {
     pub trace: Option<PathBuf>,
 }
 
+impl EngineArgs {
+    /// Whether any of these was given (then even a CUDA `run`/`bench` goes through the
+    /// runtime instead of the direct loader).
+    pub fn any_set(&self) -> bool {
+        self.memory_budget.is_some()
+            || self.read_mode.is_some()
+            || self.prefetch_depth.is_some()
+            || self.trace.is_some()
+    }
+}
+
 /// An opened model: the runtime, its tokenizer, and the trace being recorded (if asked).
 pub struct Engine {
     pub rt: RuntimeHandle,

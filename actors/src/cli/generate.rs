@@ -5,7 +5,7 @@ use super::engine::Engine;
 use super::run::{GenError, RunArgs, TextSink};
 use crate::cli::progress::LoadProgressBars;
 use crate::{FinishReason, GenerateRequest, Prompt, SamplingParams, SessionId};
-use rocmforge::model::Timings;
+use rocmforge::model::{StopReason, Timings};
 use serde::Serialize;
 use std::io::Write;
 use std::time::Instant;
@@ -15,8 +15,7 @@ use std::time::Instant;
 #[derive(Debug, Clone, Serialize)]
 pub struct Turn {
     pub ids: Vec<u32>,
-    /// `length`, `eog`, `context` or `callback` (a stop string), as the core's `StopReason`.
-    pub stop_reason: &'static str,
+    pub stop_reason: StopReason,
     pub timings: Timings,
 }
 
@@ -58,10 +57,10 @@ pub fn generate(
     }
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     let stop_reason = match stream.finish_reason() {
-        _ if stop_string => "callback",
-        Some(FinishReason::EndOfSequence) => "eog",
-        Some(FinishReason::ContextFull) => "context",
-        Some(FinishReason::MaxTokens) | None => "length",
+        _ if stop_string => StopReason::Callback,
+        Some(FinishReason::EndOfSequence) => StopReason::Eog,
+        Some(FinishReason::ContextFull) => StopReason::Context,
+        Some(FinishReason::MaxTokens) | None => StopReason::Length,
     };
     drop(stream);
     let prompt_ms = first.unwrap_or(total_ms);
@@ -148,7 +147,7 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
         out.flush()?;
         let t = &turn.timings;
         eprintln!(
-            "{backend}: first token {first_token_ms:.0} ms after start | prompt: {} tokens in {:.1} ms ({:.1} tok/s) | decode: {} tokens in {:.1} ms ({:.1} tok/s) | stop: {} | peak resident {:.1} MiB",
+            "{backend}: first token {first_token_ms:.0} ms after start | prompt: {} tokens in {:.1} ms ({:.1} tok/s) | decode: {} tokens in {:.1} ms ({:.1} tok/s) | stop: {:?} | peak resident {:.1} MiB",
             t.prompt_tokens,
             t.prompt_ms,
             t.prompt_tokens_per_second,

@@ -205,11 +205,7 @@ impl<'t> TextSink<'t> {
 pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let prompt = read_prompt(&a)?;
     // The direct CUDA loader stays only for a plain CUDA `run` (see `pipeline`'s doc).
-    let engine_wanted = a.pipeline
-        || a.engine.memory_budget.is_some()
-        || a.engine.read_mode.is_some()
-        || a.engine.prefetch_depth.is_some()
-        || a.engine.trace.is_some();
+    let engine_wanted = a.pipeline || a.engine.any_set();
     if !engine_wanted && !super::gpu::routes_to_pipeline(a.backend) {
         let early = super::gpu::open_early(a.backend, &a.model.model);
         if let Some(dev) = super::gpu::select(a.backend)? {
