@@ -114,8 +114,7 @@ fn check_device<D: KernelDevice>(dev: &D) {
         dev.describe()
     );
     assert!(e < PORTABLE_TOL, "portable GEMM error {e}");
-    let st = dev.new_stream().expect("stream");
-    match dev.vendor_gemm(&st) {
+    match dev.vendor_gemm() {
         Ok(mut blas) => {
             let e = max_rel_err(dev, blas.as_mut(), 7);
             println!(

@@ -263,14 +263,6 @@ impl RuntimeBuilder {
                     .iter()
                     .flat_map(|u| &u.tensors)
                     .any(|t| !backend.is_pass_through(t.ty)));
-        // Slot memory comes from the backend: pinned host memory on GPUs, allocated once here.
-        let ring = |n: usize| StagingRing::with_memory(n, slot_size, |b| backend.alloc_staging(b));
-        let read_ring = ring(if read_mode == ReadMode::Mmap {
-            0
-        } else {
-            staging_slots
-        })?;
-        let upload_ring = ring(if needs_upload_ring { staging_slots } else { 0 })?;
         let cap = |reason_default: usize| self.channel_capacity.unwrap_or(reason_default);
         // Read jobs: the Scheduler keeps at most `2 * readers` units in flight, each split into
         // at most `readers` parts, so its `try_send` never finds this full and it never needs a
@@ -304,17 +296,47 @@ impl RuntimeBuilder {
                     let _ = t.join();
                 }
             };
+        // First: building the compute (device workspace, the vendor GEMM, tokenizer tables)
+        // takes a while and needs none of the other actors, so it overlaps the staging ring's
+        // allocation, the other actors' start and the first reads.
+        let inference = inference::spawn(inference::InferenceConfig {
+            max_sessions: self.max_sessions,
+            compute_threads: self.compute_threads,
+            file: file.clone(),
+            factory,
+            plan: plan.clone(),
+            board: board.clone(),
+            sched: sched_tx.clone(),
+            jobs: job_rx,
+            shared: shared.clone(),
+            cancel: cancel.clone(),
+        })?;
         macro_rules! start {
             ($e:expr) => {
                 match $e {
                     Ok(h) => h,
                     Err(e) => {
+                        cancel.cancel();
+                        board.close();
+                        // The compute's thread ends on the cancellation once it has started.
+                        if let Ok(h) = inference.wait() {
+                            threads.push(h);
+                        }
                         fail(threads, &cancel, &board);
                         return Err(e);
                     }
                 }
             };
         }
+        // Slot memory comes from the backend: pinned host memory on GPUs, allocated once here.
+        let ring =
+            |n: usize| StagingRing::with_memory(n, slot_size, |n, b| backend.alloc_staging(n, b));
+        let read_ring = start!(ring(if read_mode == ReadMode::Mmap {
+            0
+        } else {
+            staging_slots
+        }));
+        let upload_ring = start!(ring(if needs_upload_ring { staging_slots } else { 0 }));
         threads.push(start!(uploader::spawn(uploader::UploaderConfig {
             map: map.clone(),
             plan: plan.clone(),
@@ -373,19 +395,15 @@ impl RuntimeBuilder {
             split_bytes: slot_size as u64,
         })));
 
-        // Last: building the compute (model checks, tokenizer tables) overlaps the load.
-        threads.push(start!(inference::spawn(inference::InferenceConfig {
-            max_sessions: self.max_sessions,
-            compute_threads: self.compute_threads,
-            file: file.clone(),
-            factory,
-            plan: plan.clone(),
-            board: board.clone(),
-            sched: sched_tx.clone(),
-            jobs: job_rx,
-            shared: shared.clone(),
-            cancel: cancel.clone(),
-        })));
+        // The compute last: its readiness (the thread started first) is awaited only now.
+        let inference = match inference.wait() {
+            Ok(h) => h,
+            Err(e) => {
+                fail(threads, &cancel, &board);
+                return Err(e);
+            }
+        };
+        threads.push(inference);
         Ok(RuntimeHandle {
             inner: Arc::new(Inner {
                 sched: sched_tx,

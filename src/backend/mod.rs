@@ -155,6 +155,12 @@ pub trait ComputeDevice {
     fn mem_info(&self) -> BackendResult<(usize, usize)>;
     fn alloc(&self, bytes: usize, what: &str) -> BackendResult<Self::Buf>;
     fn alloc_pinned(&self, bytes: usize) -> BackendResult<Self::Pinned>;
+    /// `n` pinned buffers of `bytes` each, for a staging ring. The default allocates each on
+    /// its own; a backend may carve them from one region (CUDA: one registered huge-page region,
+    /// much cheaper to set up than `n` allocations, and faster to fill).
+    fn alloc_pinned_ring(&self, n: usize, bytes: usize) -> BackendResult<Vec<Self::Pinned>> {
+        (0..n).map(|_| self.alloc_pinned(bytes)).collect()
+    }
     fn new_stream(&self) -> BackendResult<Self::Stream>;
     /// `timing`: whether `elapsed_ms` works (timing events cost a little more to record).
     fn new_event(&self, timing: bool) -> BackendResult<Self::Event>;

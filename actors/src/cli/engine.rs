@@ -4,7 +4,7 @@
 use super::run::{GenError, ModelArgs};
 use crate::trace::{enable_chrome_trace, TraceGuard};
 use crate::{MemoryBudget, ReadMode, Runtime, RuntimeHandle};
-use rocmforge::backend::BackendKind;
+use rocmforge::backend::{Backend, BackendKind, Fallback};
 use rocmforge::gguf::GgufFile;
 use rocmforge::model::SequenceConfig;
 use rocmforge::tokenizer::Tokenizer;
@@ -26,6 +26,31 @@ pub struct EngineArgs {
     /// Write a Chrome/Perfetto trace of the pipeline here (view it with `rocmforge trace view`).
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// Tuning: disk reader threads (default: the backend's choice, 12 on a 16-core GPU host).
+    #[arg(long, help_heading = "Tuning")]
+    pub io_readers: Option<usize>,
+    /// Tuning: staging slots and their size in KiB, as `SLOTSxKIB` (default: the backend's
+    /// choice; GPUs: 2 per reader + 4, of 4096 KiB).
+    #[arg(long, help_heading = "Tuning", value_parser = parse_staging)]
+    pub io_staging: Option<(usize, usize)>,
+}
+
+/// `SLOTSxKIB`, e.g. `28x4096`.
+fn parse_staging(s: &str) -> Result<(usize, usize), String> {
+    let (n, kib) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("`{s}`: expected SLOTSxKIB, e.g. 28x4096"))?;
+    let n: usize = n.trim().parse().map_err(|e| format!("slots `{n}`: {e}"))?;
+    let kib: usize = kib
+        .trim()
+        .parse()
+        .map_err(|e| format!("KiB `{kib}`: {e}"))?;
+    if n == 0 || kib == 0 || kib > (1 << 20) {
+        return Err(format!(
+            "`{s}`: slots and KiB must be positive (KiB at most 1048576)"
+        ));
+    }
+    Ok((n, kib << 10))
 }
 
 impl EngineArgs {
@@ -36,6 +61,8 @@ impl EngineArgs {
             || self.read_mode.is_some()
             || self.prefetch_depth.is_some()
             || self.trace.is_some()
+            || self.io_readers.is_some()
+            || self.io_staging.is_some()
     }
 }
 
@@ -60,6 +87,13 @@ impl Engine {
             Some(path) => Some((enable_chrome_trace(path)?, path.clone())),
             None => None,
         };
+        // The driver's initialisation (~0.2 s for CUDA) runs on its own thread while this one
+        // parses the model and builds the tokenizer.
+        let device = (backend != BackendKind::Cpu).then(|| {
+            std::thread::Builder::new()
+                .name("rf-device-open".into())
+                .spawn(move || Backend::open(backend))
+        });
         let path = &model.model;
         let file = GgufFile::open(path).map_err(|e| format!("model {}: {e}", path.display()))?;
         // The architecture first: "unsupported architecture" says more than a tokenizer key
@@ -79,7 +113,13 @@ impl Engine {
             ctx: model.ctx,
             ..Default::default()
         };
-        let gpu = crate::compute::gpu::open_pipeline(backend, &file, gpu_opt)?;
+        let opened = match device {
+            Some(thread) => thread?
+                .join()
+                .map_err(|_| "the device-opening thread panicked")??,
+            None => (Backend::Cpu, Fallback::default()),
+        };
+        let gpu = crate::compute::gpu::open_pipeline_on(opened, &file, gpu_opt)?;
         drop(file);
         let mut builder = Runtime::builder().model(path);
         let opened = match gpu {
@@ -115,6 +155,12 @@ impl Engine {
         }
         if let Some(k) = e.prefetch_depth {
             builder = builder.prefetch_depth(k);
+        }
+        if let Some(n) = e.io_readers {
+            builder = builder.readers(n);
+        }
+        if let Some((slots, bytes)) = e.io_staging {
+            builder = builder.staging(slots, bytes);
         }
         Ok(Self {
             rt: builder.build()?,

@@ -16,7 +16,7 @@ use crate::pipeline::residency::{LayerMemory, ResidentLayer};
 use rocmforge::backend::gpu::{GpuLayered, KernelDevice, LayeredOptions};
 use rocmforge::backend::{
     Backend, BackendError, BackendKind, ComputeDevice, DeviceBuffer, DeviceStream, DeviceTensor,
-    LayerTensors, LayeredForward,
+    Fallback, LayerTensors, LayeredForward,
 };
 use rocmforge::gguf::GgufFile;
 use rocmforge::model::{Model, TensorRef};
@@ -279,7 +279,16 @@ pub fn open_pipeline(
     file: &GgufFile,
     opt: GpuPipelineOptions,
 ) -> Result<Option<PipelineParts>> {
-    let (backend, fallback) = Backend::open(kind)?;
+    open_pipeline_on(Backend::open(kind)?, file, opt)
+}
+
+/// [`open_pipeline`] on a device opened already (`Backend::open`), so a caller can initialise
+/// the driver (~0.2 s for CUDA) on one thread while it parses the model on another.
+pub fn open_pipeline_on(
+    (backend, fallback): (Backend, Fallback),
+    file: &GgufFile,
+    opt: GpuPipelineOptions,
+) -> Result<Option<PipelineParts>> {
     let model = Model::from_file(file.clone()).map_err(|e| err(None)(e.to_string()))?;
     let lopt = LayeredOptions {
         ctx: opt.ctx,
@@ -315,6 +324,7 @@ fn gpu_parts<D: KernelDevice>(
     cfg: GpuConfig,
     lopt: LayeredOptions,
 ) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
+    rocmforge::backend::gpu::preload_kernels(dev.clone());
     let wb: Arc<dyn WeightBackend> = Arc::new(GpuBackend::new(dev.clone(), cfg)?);
     let factory: ComputeFactory = Arc::new(move |file: &GgufFile| {
         let model = Model::from_file(file.clone()).map_err(|e| err(None)(e.to_string()))?;

@@ -150,11 +150,13 @@ pub trait WeightBackend: Send + Sync + 'static {
         self.upload(dst, offset, slot.data(), stream)
     }
 
-    /// Memory for one staging slot, allocated once per slot when the ring is built. Default:
-    /// heap memory; GPU backends return pinned host memory (the only source the copy engine
-    /// reads asynchronously at full speed).
-    fn alloc_staging(&self, bytes: usize) -> Result<Box<dyn SlotMemory>> {
-        Ok(Box::new(vec![0u8; bytes].into_boxed_slice()))
+    /// Memory for the `n` slots of a staging ring, `bytes` each, allocated once when the ring
+    /// is built. Default: heap memory; GPU backends return pinned host memory (the only source
+    /// the copy engine reads asynchronously at full speed).
+    fn alloc_staging(&self, n: usize, bytes: usize) -> Result<Vec<Box<dyn SlotMemory>>> {
+        Ok((0..n)
+            .map(|_| Box::new(vec![0u8; bytes].into_boxed_slice()) as Box<dyn SlotMemory>)
+            .collect())
     }
 
     /// Copy streams this backend uploads on (the Uploader uses at least this many).

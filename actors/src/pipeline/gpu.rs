@@ -2,7 +2,8 @@
 //! (`ComputeDevice`, `DeviceStream`, `DeviceEvent`, `DeviceBuffer`, `PinnedHost`), so the same
 //! code serves CUDA and HIP (issue #7 item 4: no CUDA-only code in the uploader path).
 //!
-//! - Staging slots are pinned host memory (`alloc_staging`), allocated once with the ring.
+//! - Staging slots are pinned host memory (`alloc_staging`), allocated once with the ring (on
+//!   CUDA carved from one registered huge-page region: `ComputeDevice::alloc_pinned_ring`).
 //! - Each unit (a layer or the global group) gets one device allocation (`alloc`).
 //! - `upload_slot` queues an asynchronous copy from the pinned slot on one of the copy streams,
 //!   records an event behind it and hands (event, slot) to that stream's recycler thread, which
@@ -437,8 +438,13 @@ impl<D: ComputeDevice + Send + Sync + 'static> WeightBackend for GpuBackend<D> {
         Ok(())
     }
 
-    fn alloc_staging(&self, bytes: usize) -> Result<Box<dyn SlotMemory>> {
-        Ok(Box::new(PinnedSlot::<D>(self.dev.alloc_pinned(bytes)?)))
+    fn alloc_staging(&self, n: usize, bytes: usize) -> Result<Vec<Box<dyn SlotMemory>>> {
+        Ok(self
+            .dev
+            .alloc_pinned_ring(n, bytes)?
+            .into_iter()
+            .map(|p| Box::new(PinnedSlot::<D>(p)) as Box<dyn SlotMemory>)
+            .collect())
     }
 
     fn copy_streams(&self) -> usize {

@@ -260,7 +260,7 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
 fn slot_returns_to_the_ring_only_after_its_copy_completed() {
     let dev = MockDevice::new(1 << 20);
     let b = backend(&dev, 0);
-    let ring = StagingRing::with_memory(2, 16, |n| b.alloc_staging(n)).expect("ring");
+    let ring = StagingRing::with_memory(2, 16, |n, size| b.alloc_staging(n, size)).expect("ring");
     let mut slot = ring
         .acquire(&tokio_util::sync::CancellationToken::new())
         .expect("slot");
@@ -341,7 +341,7 @@ fn default_budget_is_free_memory_minus_the_reserve() {
 fn an_evicted_region_is_reused_after_its_last_use_on_the_device() {
     let dev = MockDevice::new(1 << 20);
     let b = backend(&dev, 0);
-    let ring = StagingRing::with_memory(2, 4, |n| b.alloc_staging(n)).expect("ring");
+    let ring = StagingRing::with_memory(2, 4, |n, size| b.alloc_staging(n, size)).expect("ring");
     let live = tokio_util::sync::CancellationToken::new();
     let upload = |region: &mut Box<dyn DeviceRegion>, byte: u8| {
         let mut slot = ring.acquire(&live).expect("slot");

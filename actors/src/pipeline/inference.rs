@@ -9,11 +9,10 @@ use crate::messages::{FinishReason, GenerateRequest, Prompt, SamplingParams, Sta
 use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::residency::{ResidencyBoard, ResidentLayer};
 use crate::pipeline::scheduler::SchedMsg;
-use crate::pipeline::shared::{recv_or_cancel, spawn_actor, Readiness, Shared};
+use crate::pipeline::shared::{recv_or_cancel, start_actor, Readiness, Shared, Starting};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -67,8 +66,10 @@ impl Drop for KvSlot {
     }
 }
 
-pub fn spawn(cfg: InferenceConfig) -> Result<JoinHandle<()>> {
-    spawn_actor("inference", "rf-inference".into(), move |ready| {
+/// Starts the actor; building its compute (device workspace, kernels, tokenizer tables) runs
+/// while the caller goes on (`Starting::wait` for it).
+pub fn spawn(cfg: InferenceConfig) -> Result<Starting> {
+    start_actor("inference", "rf-inference".into(), move |ready| {
         match cfg.compute_threads {
             // The actor runs inside its own pool, so the compute's parallel loops use it.
             Some(n) => match rayon::ThreadPoolBuilder::new()

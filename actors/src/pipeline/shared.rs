@@ -140,27 +140,53 @@ pub fn spawn_actor(
     name: String,
     body: impl FnOnce(Readiness) + Send + 'static,
 ) -> crate::error::Result<std::thread::JoinHandle<()>> {
-    use crate::error::RuntimeError;
+    start_actor(actor, name, body)?.wait()
+}
+
+/// Starts actor thread `name` running `body` without waiting for its readiness: the caller
+/// does other work meanwhile and then [`Starting::wait`]s (the inference actor builds its
+/// compute this way while the other actors start and the first weights load).
+pub fn start_actor(
+    actor: &'static str,
+    name: String,
+    body: impl FnOnce(Readiness) + Send + 'static,
+) -> crate::error::Result<Starting> {
     let (tx, rx) = flume::bounded(1);
-    let h = std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name(name)
         .spawn(move || body(Readiness(tx)))
-        .map_err(|e| RuntimeError::Spawn {
+        .map_err(|e| crate::error::RuntimeError::Spawn {
             actor,
             message: e.to_string(),
         })?;
-    match rx.recv() {
-        Ok(Ok(())) => Ok(h),
-        Ok(Err(e)) => {
-            let _ = h.join();
-            Err(e)
-        }
-        Err(_) => {
-            let _ = h.join();
-            Err(RuntimeError::Spawn {
-                actor,
-                message: "thread exited before reporting readiness".into(),
-            })
+    Ok(Starting { actor, handle, rx })
+}
+
+/// An actor thread started by [`start_actor`] whose readiness is still to be awaited.
+pub struct Starting {
+    actor: &'static str,
+    handle: std::thread::JoinHandle<()>,
+    rx: flume::Receiver<crate::error::Result<()>>,
+}
+
+impl Starting {
+    /// Waits for the readiness report: the running thread, or its start-up error (the thread
+    /// joined).
+    pub fn wait(self) -> crate::error::Result<std::thread::JoinHandle<()>> {
+        use crate::error::RuntimeError;
+        match self.rx.recv() {
+            Ok(Ok(())) => Ok(self.handle),
+            Ok(Err(e)) => {
+                let _ = self.handle.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = self.handle.join();
+                Err(RuntimeError::Spawn {
+                    actor: self.actor,
+                    message: "thread exited before reporting readiness".into(),
+                })
+            }
         }
     }
 }

@@ -85,8 +85,12 @@ impl Drop for StagingSlot {
 impl StagingRing {
     /// A ring of heap buffers (the CPU backend).
     pub fn new(n_slots: usize, slot_size: usize) -> Self {
-        let heap = |n: usize| -> std::result::Result<SlotBuf, std::convert::Infallible> {
-            Ok(Box::new(vec![0u8; n].into_boxed_slice()))
+        let heap = |n: usize,
+                    size: usize|
+         -> std::result::Result<Vec<SlotBuf>, std::convert::Infallible> {
+            Ok((0..n)
+                .map(|_| Box::new(vec![0u8; size].into_boxed_slice()) as SlotBuf)
+                .collect())
         };
         match Self::with_memory(n_slots, slot_size, heap) {
             Ok(r) => r,
@@ -94,17 +98,22 @@ impl StagingRing {
         }
     }
 
-    /// A ring whose `n_slots` buffers come from `alloc(slot_size)` (pinned memory on GPUs),
-    /// all allocated here, once. The first failure is returned (buffers made so far are freed).
+    /// A ring whose `n_slots` buffers come from `alloc(n_slots, slot_size)` (pinned memory on
+    /// GPUs), all allocated here, once.
     pub fn with_memory<E>(
         n_slots: usize,
         slot_size: usize,
-        mut alloc: impl FnMut(usize) -> std::result::Result<SlotBuf, E>,
+        alloc: impl FnOnce(usize, usize) -> std::result::Result<Vec<SlotBuf>, E>,
     ) -> std::result::Result<Self, E> {
+        let bufs = if n_slots == 0 {
+            Vec::new()
+        } else {
+            alloc(n_slots, slot_size)?
+        };
+        let n_slots = bufs.len();
         // Capacity n_slots: every buffer fits back, so a returning `try_send` cannot fail.
         let (free_tx, free_rx) = flume::bounded(n_slots);
-        for _ in 0..n_slots {
-            let b = alloc(slot_size)?;
+        for b in bufs {
             let _ = free_tx.try_send(b);
         }
         Ok(Self {

@@ -43,7 +43,9 @@ impl KernelDevice for CudaDevice {
         CudaDevice::kernel(self, file, entry)
     }
 
-    fn vendor_gemm(&self, stream: &Stream) -> Result<Box<dyn GemmF16<Self>>, String> {
-        Ok(Box::new(Blas::open(stream)?))
+    fn vendor_gemm(&self) -> Result<Box<dyn GemmF16<Self>>, String> {
+        // cuBLAS binds the handle to the context current on this thread.
+        super::bind(&self.ctx).map_err(|e| e.to_string())?;
+        Ok(Box::new(Blas::create()?))
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod blas;
 pub mod forward;
+pub mod host;
 mod kernel_device;
 pub mod memory;
 pub mod module;
@@ -329,6 +330,10 @@ impl ComputeDevice for CudaDevice {
 
     fn alloc_pinned(&self, bytes: usize) -> BackendResult<PinnedBuf> {
         PinnedBuf::alloc(&self.ctx, bytes)
+    }
+
+    fn alloc_pinned_ring(&self, n: usize, bytes: usize) -> BackendResult<Vec<PinnedBuf>> {
+        PinnedBuf::ring(&self.ctx, n, bytes)
     }
 
     fn new_stream(&self) -> BackendResult<Stream> {

@@ -137,12 +137,25 @@ unsafe impl Sync for Event {}
 impl Event {
     pub(crate) fn new(ctx: &Arc<CudaContext>, timing: bool) -> BackendResult<Self> {
         bind(ctx)?;
+        // Events without timing mark copies and fences; the host waits on them only on threads
+        // that recycle staging slots or free memory, so those waits sleep (BLOCKING_SYNC)
+        // instead of spinning a core the disk readers need. (Decode waits on its stream, not
+        // on an event, and keeps the spinning wait.)
         let flags = if timing {
-            sys::CUevent_flags::CU_EVENT_DEFAULT
+            sys::CUevent_flags::CU_EVENT_DEFAULT as u32
         } else {
-            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
+                | sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32
         };
-        let raw = result::event::create(flags).map_err(|e| drv_err("cuEventCreate", e))?;
+        let mut raw = std::mem::MaybeUninit::uninit();
+        // SAFETY: the context is current (bound above); `raw` is written by the driver on
+        // success and read only then.
+        let raw = unsafe {
+            sys::cuEventCreate(raw.as_mut_ptr(), flags)
+                .result()
+                .map_err(|e| drv_err("cuEventCreate", e))?;
+            raw.assume_init()
+        };
         Ok(Self {
             ctx: Arc::clone(ctx),
             raw,

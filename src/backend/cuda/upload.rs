@@ -11,7 +11,7 @@
 //! slots ahead while the calling thread queues each slot's copies as soon as its last task is
 //! done, so no thread waits at a per-slot barrier.
 //!
-//! - `host.rs`      — [`HostRegion`]/[`RegisteredHost`]: huge-page host memory faulted in before
+//! - `../host.rs`   — [`HostRegion`]/[`RegisteredHost`]: huge-page host memory faulted in before
 //!   CUDA init and registered after it (the ring's memory).
 //! - `fill.rs`      — the fill pipeline behind [`PinnedRing::upload_groups`].
 //! - `loading.rs`   — [`LoadingRing`]: the ring on a loader thread, one event per upload group.
@@ -28,11 +28,11 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod fill;
-mod host;
+
 mod loading;
 mod readahead;
 
-pub use host::{HostRegion, RegisteredHost};
+pub use super::host::{HostRegion, RegisteredHost};
 pub use loading::{LoadProgressWaiter, LoadingRing};
 pub use readahead::{spawn_readahead, EarlyRead};
 

@@ -113,6 +113,60 @@ pub fn gemm_args(g: &GemmF16Nt) -> [Arg; 7] {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PortableGemm;
 
+/// The vendor's GEMM opened on a thread of its own (loading cuBLAS takes ~0.1 s, which would
+/// otherwise sit on the start-up path), joined at the first GEMM: decode never needs it, so a
+/// first token from a short prompt does not wait for it. Falls back to [`PortableGemm`] when
+/// the vendor library does not open.
+pub struct DeferredGemm<D: KernelDevice> {
+    opening: Option<std::thread::JoinHandle<std::result::Result<Box<dyn GemmF16<D>>, String>>>,
+    engine: Option<Box<dyn GemmF16<D>>>,
+}
+
+impl<D: KernelDevice> DeferredGemm<D> {
+    /// Starts opening `dev`'s vendor GEMM.
+    pub fn start(dev: std::sync::Arc<D>) -> Self {
+        let opening = std::thread::Builder::new()
+            .name("rf-gemm-open".into())
+            .spawn(move || dev.vendor_gemm())
+            .map_err(|e| tracing::info!(error = %e, "no thread to open the vendor GEMM on"))
+            .ok();
+        Self {
+            opening,
+            engine: None,
+        }
+    }
+
+    /// The engine, waiting for the opening thread the first time.
+    fn engine(&mut self) -> &mut dyn GemmF16<D> {
+        let opened = self.opening.take().map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err("the thread opening it panicked".into()))
+        });
+        let engine = self.engine.get_or_insert_with(|| match opened {
+            Some(Ok(e)) => e,
+            Some(Err(why)) => {
+                tracing::info!(%why, vendor = D::VENDOR, "prefill uses the portable GEMM kernel");
+                Box::new(PortableGemm)
+            }
+            None => Box::new(PortableGemm),
+        });
+        engine.as_mut()
+    }
+}
+
+impl<D: KernelDevice> GemmF16<D> for DeferredGemm<D> {
+    fn name(&self) -> &'static str {
+        match &self.engine {
+            Some(e) => e.name(),
+            None => "vendor GEMM (not used yet)",
+        }
+    }
+
+    fn gemm_f16_nt(&mut self, dev: &D, stream: &D::Stream, g: &GemmF16Nt) -> BackendResult<()> {
+        self.engine().gemm_f16_nt(dev, stream, g)
+    }
+}
+
 impl<D: KernelDevice> GemmF16<D> for PortableGemm {
     fn name(&self) -> &'static str {
         "portable gemm.cu"

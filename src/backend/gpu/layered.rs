@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::gemm::{GemmF16, PortableGemm};
+use super::gemm::{DeferredGemm, GemmF16, PortableGemm};
 use super::layer::{run_layer, Gemm, LayerCtx, LayerViews, Scratch};
 use super::ops::{GpuOps, KvLayout, QMatrix, ATTN_MAX_HEAD_DIM};
 use super::{BufferIo, GpuForwardError, KernelDevice, Result, View};
@@ -194,11 +194,8 @@ impl<D: KernelDevice> GpuLayered<D> {
         };
         s.status.zero()?;
         let stream = dev.new_stream()?;
-        let gemm = if opt.use_blas {
-            dev.vendor_gemm(&stream).unwrap_or_else(|why| {
-                tracing::info!(%why, vendor = D::VENDOR, "prefill uses the portable GEMM kernel");
-                Box::new(PortableGemm)
-            })
+        let gemm: Box<dyn GemmF16<D>> = if opt.use_blas {
+            Box::new(DeferredGemm::start(dev.clone()))
         } else {
             Box::new(PortableGemm)
         };

@@ -107,12 +107,11 @@ pub trait KernelDevice: ComputeDevice<Buf: BufferIo> + Send + Sync + Sized + 'st
     /// Entry point `entry` of kernel file `file` (`mmvq.cu`, `mmvq_q4_0_f32`), compiled for this
     /// device on first use and cached.
     fn kernel(&self, file: &str, entry: &str) -> BackendResult<Self::Kernel>;
-    /// The vendor's GEMM library bound to `stream` (cuBLAS), or why there is none: the layer
-    /// pass then uses [`PortableGemm`].
-    fn vendor_gemm(
-        &self,
-        stream: &Self::Stream,
-    ) -> std::result::Result<Box<dyn GemmF16<Self>>, String>;
+    /// The vendor's GEMM library (cuBLAS), or why there is none: the layer pass then uses
+    /// [`PortableGemm`]. Callable from any thread (the layer pass opens it on its own thread,
+    /// [`gemm::DeferredGemm`], since loading cuBLAS takes ~0.1 s); the handle runs its work on
+    /// the stream each call passes.
+    fn vendor_gemm(&self) -> std::result::Result<Box<dyn GemmF16<Self>>, String>;
 }
 
 /// A sub-range of a device allocation (kernel argument only; the owner outlives every use).
@@ -138,6 +137,31 @@ impl DeviceBuffer for View {
     }
     fn len_bytes(&self) -> usize {
         self.len
+    }
+}
+
+/// Loads every kernel module the layer pass uses on a thread of its own (from the disk cache,
+/// or compiled when the cache is cold), so the first forward pass finds them in memory: started
+/// when the device opens, it overlaps the model's parsing and the first reads. A module that
+/// fails here is only logged: the pass loads it again at first use and reports the error then.
+pub fn preload_kernels<D: KernelDevice>(dev: std::sync::Arc<D>) {
+    let spawned = std::thread::Builder::new()
+        .name("rf-kernel-load".into())
+        .spawn(move || {
+            for (file, names) in crate::backend::kernels::entry_points() {
+                // The size probe is for tests; the pass never launches it.
+                if file == "quant_sizes.cu" {
+                    continue;
+                }
+                for name in names {
+                    if let Err(e) = dev.kernel(file, &name) {
+                        tracing::debug!(file, name, error = %e, "kernel preload");
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::debug!(error = %e, "no thread to preload kernels on");
     }
 }
 

@@ -49,7 +49,7 @@ impl KernelDevice for HipDevice {
         HipDevice::kernel(self, file, entry)
     }
 
-    fn vendor_gemm(&self, _stream: &Stream) -> Result<Box<dyn GemmF16<Self>>, String> {
+    fn vendor_gemm(&self) -> Result<Box<dyn GemmF16<Self>>, String> {
         Err("hipBLAS is not bound (docs/HIP.md)".into())
     }
 }

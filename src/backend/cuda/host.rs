@@ -9,7 +9,7 @@
 //! Where huge pages are not available the registration still works (4 KiB pages, ~20 ms per
 //! 64 MiB); where registration fails the ring falls back to `cuMemHostAlloc`.
 
-use super::super::{bind, drv_err};
+use super::{bind, drv_err};
 use crate::backend::error::{BackendError, BackendResult};
 use cudarc::driver::{sys, CudaContext};
 use std::sync::Arc;
