@@ -43,6 +43,8 @@ pub struct StageDelays {
 
 pub struct RuntimeBuilder {
     model: Option<PathBuf>,
+    /// The model opened already (`model_file`): not parsed a second time.
+    opened: Option<rocmforge::gguf::GgufFile>,
     backend: Option<Arc<dyn WeightBackend>>,
     budget: MemoryBudget,
     prefetch_depth: usize,
@@ -69,6 +71,7 @@ impl Default for RuntimeBuilder {
     fn default() -> Self {
         Self {
             model: None,
+            opened: None,
             backend: None,
             budget: MemoryBudget::Unlimited,
             prefetch_depth: 2,
@@ -92,6 +95,15 @@ impl Default for RuntimeBuilder {
 impl RuntimeBuilder {
     pub fn model(mut self, path: impl Into<PathBuf>) -> Self {
         self.model = Some(path.into());
+        self.opened = None;
+        self
+    }
+
+    /// The model, opened (and validated) already by the caller, so `build` does not parse it
+    /// again.
+    pub fn model_file(mut self, file: rocmforge::gguf::GgufFile) -> Self {
+        self.model = Some(file.path().to_path_buf());
+        self.opened = Some(file);
         self
     }
 
@@ -181,11 +193,14 @@ impl RuntimeBuilder {
 
     /// Opens the model, checks the budget, starts the actors and begins loading. Returns once
     /// every actor is running; loading continues in the background (see `load_progress`).
-    pub fn build(self) -> Result<RuntimeHandle> {
+    pub fn build(mut self) -> Result<RuntimeHandle> {
         let path = self.model.clone().ok_or(RuntimeError::NoModel)?;
         let span = tracing::info_span!("build");
         let _g = span.enter();
-        let file = rocmforge::gguf::GgufFile::open(&path)?;
+        let file = match self.opened.take() {
+            Some(f) => f,
+            None => rocmforge::gguf::GgufFile::open(&path)?,
+        };
         // A compute given without a backend is a host compute (the CPU's); otherwise the
         // device asked for, `auto` by default.
         let device = match (&self.compute, self.device) {
@@ -331,12 +346,15 @@ impl RuntimeBuilder {
         // Slot memory comes from the backend: pinned host memory on GPUs, allocated once here.
         let ring =
             |n: usize| StagingRing::with_memory(n, slot_size, |n, b| backend.alloc_staging(n, b));
+        let ring_span = tracing::info_span!("staging_ring", slots = staging_slots, slot_size);
+        let ring_guard = ring_span.enter();
         let read_ring = start!(ring(if read_mode == ReadMode::Mmap {
             0
         } else {
             staging_slots
         }));
         let upload_ring = start!(ring(if needs_upload_ring { staging_slots } else { 0 }));
+        drop(ring_guard);
         threads.push(start!(uploader::spawn(uploader::UploaderConfig {
             map: map.clone(),
             plan: plan.clone(),

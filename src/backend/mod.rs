@@ -17,6 +17,7 @@ pub mod cuda;
 pub mod error;
 pub mod gpu;
 pub mod hip;
+pub mod host;
 pub mod kernels;
 
 use std::str::FromStr;
@@ -157,8 +158,15 @@ pub trait ComputeDevice {
     fn alloc_pinned(&self, bytes: usize) -> BackendResult<Self::Pinned>;
     /// `n` pinned buffers of `bytes` each, for a staging ring. The default allocates each on
     /// its own; a backend may carve them from one region (CUDA: one registered huge-page region,
-    /// much cheaper to set up than `n` allocations, and faster to fill).
-    fn alloc_pinned_ring(&self, n: usize, bytes: usize) -> BackendResult<Vec<Self::Pinned>> {
+    /// much cheaper to set up than `n` allocations, and faster to fill), using `region` when it
+    /// is given and large enough (faulted in earlier, off the start-up path).
+    fn alloc_pinned_ring(
+        &self,
+        n: usize,
+        bytes: usize,
+        region: Option<host::HostRegion>,
+    ) -> BackendResult<Vec<Self::Pinned>> {
+        drop(region);
         (0..n).map(|_| self.alloc_pinned(bytes)).collect()
     }
     fn new_stream(&self) -> BackendResult<Self::Stream>;

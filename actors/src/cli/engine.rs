@@ -92,9 +92,39 @@ impl Engine {
         let device = (backend != BackendKind::Cpu).then(|| {
             std::thread::Builder::new()
                 .name("rf-device-open".into())
-                .spawn(move || Backend::open(backend))
+                .spawn(move || {
+                    tracing::info_span!("device_open").in_scope(|| Backend::open(backend))
+                })
+        });
+        // Meanwhile a third thread faults in the staging ring's host memory (no driver needed),
+        // so the GPU backend only registers it once the device is open. The geometry is the GPU
+        // default unless the flags chose theirs.
+        let gpu_likely = match backend {
+            BackendKind::Cpu => false,
+            BackendKind::Cuda | BackendKind::Hip => true,
+            BackendKind::Auto => {
+                rocmforge::backend::cuda::driver_present() || cfg!(feature = "hip")
+            }
+        };
+        let staging = gpu_likely.then(|| {
+            let io = crate::pipeline::gpu::default_io_geometry();
+            let (slots, slot_bytes) = e.io_staging.unwrap_or((io.staging_slots, io.slot_size));
+            std::thread::Builder::new()
+                .name("rf-staging-fault".into())
+                .spawn(move || {
+                    let _s = tracing::info_span!("staging_fault").entered();
+                    let bytes = slots.saturating_mul(slot_bytes.div_ceil(4096) * 4096);
+                    rocmforge::backend::host::HostRegion::new(bytes).map(|region| {
+                        crate::compute::gpu::EarlyStaging {
+                            region,
+                            slots,
+                            slot_bytes,
+                        }
+                    })
+                })
         });
         let path = &model.model;
+        let parse_span = tracing::info_span!("parse_model").entered();
         let file = GgufFile::open(path).map_err(|e| format!("model {}: {e}", path.display()))?;
         // The architecture first: "unsupported architecture" says more than a tokenizer key
         // such a file also lacks.
@@ -107,21 +137,27 @@ impl Engine {
                 path: path.clone(),
                 source,
             })?;
+        drop(parse_span);
         // cuda/hip: the GPU weight backend and compute (docs/GPU-BACKEND.md); auto: a GPU if
         // one opens, else the CPU.
         let gpu_opt = crate::compute::gpu::GpuPipelineOptions {
             ctx: model.ctx,
             ..Default::default()
         };
-        let opened = match device {
-            Some(thread) => thread?
-                .join()
-                .map_err(|_| "the device-opening thread panicked")??,
+        let opened = match tracing::info_span!("device_wait")
+            .in_scope(|| device.map(|t| t.map(|h| h.join())))
+        {
+            Some(joined) => joined?.map_err(|_| "the device-opening thread panicked")??,
             None => (Backend::Cpu, Fallback::default()),
         };
-        let gpu = crate::compute::gpu::open_pipeline_on(opened, &file, gpu_opt)?;
-        drop(file);
-        let mut builder = Runtime::builder().model(path);
+        // A failed early fault only means the backend allocates its ring later.
+        let staging = staging
+            .and_then(|t| t.ok())
+            .and_then(|h| h.join().ok())
+            .and_then(|r| r.ok());
+        let gpu = tracing::info_span!("open_pipeline")
+            .in_scope(|| crate::compute::gpu::open_pipeline_on(opened, &file, gpu_opt, staging))?;
+        let mut builder = Runtime::builder().model_file(file);
         let opened = match gpu {
             Some(g) => {
                 for reason in &g.fallback {

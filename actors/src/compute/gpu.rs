@@ -279,15 +279,25 @@ pub fn open_pipeline(
     file: &GgufFile,
     opt: GpuPipelineOptions,
 ) -> Result<Option<PipelineParts>> {
-    open_pipeline_on(Backend::open(kind)?, file, opt)
+    open_pipeline_on(Backend::open(kind)?, file, opt, None)
+}
+
+/// Host memory for the staging ring, faulted in while the driver initialised (see
+/// [`open_pipeline_on`]): `slots` slots of `slot_bytes`.
+pub struct EarlyStaging {
+    pub region: rocmforge::backend::host::HostRegion,
+    pub slots: usize,
+    pub slot_bytes: usize,
 }
 
 /// [`open_pipeline`] on a device opened already (`Backend::open`), so a caller can initialise
-/// the driver (~0.2 s for CUDA) on one thread while it parses the model on another.
+/// the driver (~0.2 s for CUDA) on one thread while it parses the model on another, and fault
+/// in the staging ring's host memory on a third (`staging`: registered here, first thing).
 pub fn open_pipeline_on(
     (backend, fallback): (Backend, Fallback),
     file: &GgufFile,
     opt: GpuPipelineOptions,
+    staging: Option<EarlyStaging>,
 ) -> Result<Option<PipelineParts>> {
     let model = Model::from_file(file.clone()).map_err(|e| err(None)(e.to_string()))?;
     let lopt = LayeredOptions {
@@ -306,8 +316,8 @@ pub fn open_pipeline_on(
     let kind = backend.kind();
     let (backend, compute) = match backend {
         Backend::Cpu => return Ok(None),
-        Backend::Cuda(dev) => gpu_parts(dev, gcfg("cuda"), lopt)?,
-        Backend::Hip(dev) => hip_parts(dev, gcfg("hip"), lopt)?,
+        Backend::Cuda(dev) => gpu_parts(dev, gcfg("cuda"), lopt, staging)?,
+        Backend::Hip(dev) => hip_parts(dev, gcfg("hip"), lopt, staging)?,
     };
     Ok(Some(PipelineParts {
         backend,
@@ -323,9 +333,19 @@ fn gpu_parts<D: KernelDevice>(
     dev: Arc<D>,
     cfg: GpuConfig,
     lopt: LayeredOptions,
+    staging: Option<EarlyStaging>,
 ) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
+    let gb = GpuBackend::new(dev.clone(), cfg)?;
+    if let Some(s) = staging {
+        let _s = tracing::info_span!("register_staging", bytes = s.region.len()).entered();
+        if let Err(e) = gb.prepare_staging(s.region, s.slots, s.slot_bytes) {
+            // The runtime allocates its ring itself then.
+            tracing::info!(error = %e, "early staging ring not registered");
+        }
+    }
+    // After the registration: module loads and the ring's registration contend for the driver.
     rocmforge::backend::gpu::preload_kernels(dev.clone());
-    let wb: Arc<dyn WeightBackend> = Arc::new(GpuBackend::new(dev.clone(), cfg)?);
+    let wb: Arc<dyn WeightBackend> = Arc::new(gb);
     let factory: ComputeFactory = Arc::new(move |file: &GgufFile| {
         let model = Model::from_file(file.clone()).map_err(|e| err(None)(e.to_string()))?;
         let fwd =
@@ -340,9 +360,10 @@ fn hip_parts(
     dev: Arc<rocmforge::backend::hip::HipDevice>,
     cfg: GpuConfig,
     lopt: LayeredOptions,
+    staging: Option<EarlyStaging>,
 ) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
     // Not run on AMD hardware yet (docs/HIP.md): the code is CUDA's, checked on an H100.
-    gpu_parts(dev, cfg, lopt)
+    gpu_parts(dev, cfg, lopt, staging)
 }
 
 #[cfg(not(feature = "hip"))]
@@ -350,6 +371,7 @@ fn hip_parts(
     _dev: Arc<rocmforge::backend::hip::HipDevice>,
     _cfg: GpuConfig,
     _lopt: LayeredOptions,
+    _staging: Option<EarlyStaging>,
 ) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
     // Unreachable in practice: without the feature `Backend::open` never yields HIP.
     Err(BackendError::NotCompiled {

@@ -71,6 +71,24 @@ pub struct GpuBackend<D: ComputeDevice> {
     lanes: Vec<Lane<D>>,
     counters: Arc<ArenaCounters>,
     pool: Arc<RegionPool<D>>,
+    /// A staging ring made ready ahead of the runtime's build ([`GpuBackend::prepare_staging`]):
+    /// `(slots, slot bytes, buffers)`.
+    prepared: Mutex<Option<(usize, usize, Vec<D::Pinned>)>>,
+}
+
+/// The GPU backends' default disk geometry (`WeightBackend::io_geometry`), also what a caller
+/// sizes an early staging region by: `pread` with many threads straight into pinned slots (the
+/// copy from the page cache is the only host copy, and PCIe needs several threads: one reads
+/// the page cache at 3-9 GB/s), two slots per reader (one filling, one copying) and four more.
+pub fn default_io_geometry() -> IoGeometry {
+    let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+    let readers = cores.saturating_sub(4).clamp(2, 12);
+    IoGeometry {
+        read_mode: ReadMode::Read,
+        readers,
+        staging_slots: 2 * readers + 4,
+        slot_size: 4 << 20,
+    }
 }
 
 /// Allocations of evicted units, each with its fence, waiting for a unit of the same size.
@@ -242,6 +260,21 @@ fn recycle<D: ComputeDevice>(rx: flume::Receiver<InFlight<D>>, spare: Arc<Mutex<
 }
 
 impl<D: ComputeDevice + Send + Sync + 'static> GpuBackend<D> {
+    /// Registers a staging ring of `n` slots of `bytes` now, carved from `region` (faulted in
+    /// while the driver initialised), for the runtime's first `alloc_staging` of that geometry:
+    /// the ring then costs the start-up path nothing but this registration, made right after the
+    /// device opened and before kernel modules and the vendor GEMM load.
+    pub fn prepare_staging(
+        &self,
+        region: rocmforge::backend::host::HostRegion,
+        n: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        let bufs = self.dev.alloc_pinned_ring(n, bytes, Some(region))?;
+        *self.prepared.lock().unwrap_or_else(|p| p.into_inner()) = Some((n, bytes, bufs));
+        Ok(())
+    }
+
     /// Creates the copy streams and their recyclers on `dev`.
     pub fn new(dev: Arc<D>, cfg: GpuConfig) -> Result<Self> {
         let mut lanes = Vec::new();
@@ -274,6 +307,7 @@ impl<D: ComputeDevice + Send + Sync + 'static> GpuBackend<D> {
             pool: Arc::new(RegionPool {
                 idle: Mutex::new(Vec::new()),
             }),
+            prepared: Mutex::new(None),
         })
     }
 
@@ -326,18 +360,8 @@ impl<D: ComputeDevice + Send + Sync + 'static> WeightBackend for GpuBackend<D> {
         false
     }
 
-    /// `pread` with many threads straight into pinned slots: the copy from the page cache is
-    /// the only host copy, and PCIe (55 GB/s pinned on an H100 host) needs several threads
-    /// (one reads the page cache at ~9 GB/s). Two slots per reader: one filling, one copying.
     fn io_geometry(&self) -> IoGeometry {
-        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
-        let readers = cores.saturating_sub(4).clamp(2, 12);
-        IoGeometry {
-            read_mode: ReadMode::Read,
-            readers,
-            staging_slots: 2 * readers + 4,
-            slot_size: 4 << 20,
-        }
+        default_io_geometry()
     }
 
     fn device_memory_bytes(&self) -> Option<u64> {
@@ -439,9 +463,17 @@ impl<D: ComputeDevice + Send + Sync + 'static> WeightBackend for GpuBackend<D> {
     }
 
     fn alloc_staging(&self, n: usize, bytes: usize) -> Result<Vec<Box<dyn SlotMemory>>> {
-        Ok(self
-            .dev
-            .alloc_pinned_ring(n, bytes)?
+        let prepared = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let bufs = match prepared {
+            Some((pn, pb, bufs)) if pn == n && pb == bytes => bufs,
+            // Another geometry was asked for: the prepared ring is freed.
+            _ => self.dev.alloc_pinned_ring(n, bytes, None)?,
+        };
+        Ok(bufs
             .into_iter()
             .map(|p| Box::new(PinnedSlot::<D>(p)) as Box<dyn SlotMemory>)
             .collect())

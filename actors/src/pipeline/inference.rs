@@ -90,7 +90,8 @@ pub fn spawn(cfg: InferenceConfig) -> Result<Starting> {
 
 /// Builds the compute, checks it against the plan, reports readiness, then serves.
 fn start(cfg: InferenceConfig, ready: Readiness) {
-    match (cfg.factory)(&cfg.file) {
+    let built = tracing::info_span!("build_compute").in_scope(|| (cfg.factory)(&cfg.file));
+    match built {
         Ok(mut compute) => {
             if compute.n_layers() != cfg.plan.n_layers {
                 ready.fail(RuntimeError::Config(format!(

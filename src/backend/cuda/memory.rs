@@ -217,20 +217,29 @@ impl PinnedBuf {
         })
     }
 
-    /// `n` buffers of `bytes` each, carved from one huge-page region faulted in here and
-    /// registered once (`cuMemHostRegister`): for a staging ring this replaces `n` calls of
+    /// `n` buffers of `bytes` each, carved from one huge-page region (`region` when it is large
+    /// enough, else one faulted in here) registered once (`cuMemHostRegister`): for a staging ring this replaces `n` calls of
     /// `cuMemHostAlloc` (H100: ~1.4 ms per 4 MiB) by one registration (~2 ms per 64 MiB), and
     /// positional reads into 2 MiB pages run faster than into 4 KiB ones (fewer TLB misses).
     /// Falls back to `n` separate allocations where the registration is refused.
-    pub(crate) fn ring(ctx: &Arc<CudaContext>, n: usize, bytes: usize) -> BackendResult<Vec<Self>> {
+    pub(crate) fn ring(
+        ctx: &Arc<CudaContext>,
+        n: usize,
+        bytes: usize,
+        region: Option<super::host::HostRegion>,
+    ) -> BackendResult<Vec<Self>> {
         // Slices stay 4 KiB aligned (page-aligned `pread` targets and copy sources).
         let stride = bytes.max(1).div_ceil(4096) * 4096;
         let total = stride.checked_mul(n).ok_or(BackendError::PinnedAlloc {
             requested: usize::MAX,
             reason: format!("{n} slots of {bytes} B overflow"),
         })?;
-        let registered = super::host::HostRegion::new(total)
-            .and_then(|region| super::host::RegisteredHost::register(ctx, region));
+        let region = match region {
+            Some(r) if r.len() >= total => Ok(r),
+            _ => super::host::HostRegion::new(total),
+        };
+        let registered =
+            region.and_then(|region| super::host::RegisteredHost::register(ctx, region));
         let region = match registered {
             Ok(r) => Arc::new(r),
             Err(e) => {

@@ -332,8 +332,13 @@ impl ComputeDevice for CudaDevice {
         PinnedBuf::alloc(&self.ctx, bytes)
     }
 
-    fn alloc_pinned_ring(&self, n: usize, bytes: usize) -> BackendResult<Vec<PinnedBuf>> {
-        PinnedBuf::ring(&self.ctx, n, bytes)
+    fn alloc_pinned_ring(
+        &self,
+        n: usize,
+        bytes: usize,
+        region: Option<crate::backend::host::HostRegion>,
+    ) -> BackendResult<Vec<PinnedBuf>> {
+        PinnedBuf::ring(&self.ctx, n, bytes, region)
     }
 
     fn new_stream(&self) -> BackendResult<Stream> {

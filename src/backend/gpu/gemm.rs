@@ -127,7 +127,7 @@ impl<D: KernelDevice> DeferredGemm<D> {
     pub fn start(dev: std::sync::Arc<D>) -> Self {
         let opening = std::thread::Builder::new()
             .name("rf-gemm-open".into())
-            .spawn(move || dev.vendor_gemm())
+            .spawn(move || tracing::info_span!("gemm_open").in_scope(|| dev.vendor_gemm()))
             .map_err(|e| tracing::info!(error = %e, "no thread to open the vendor GEMM on"))
             .ok();
         Self {

@@ -148,6 +148,7 @@ pub fn preload_kernels<D: KernelDevice>(dev: std::sync::Arc<D>) {
     let spawned = std::thread::Builder::new()
         .name("rf-kernel-load".into())
         .spawn(move || {
+            let _s = tracing::info_span!("kernel_preload").entered();
             for (file, names) in crate::backend::kernels::entry_points() {
                 // The size probe is for tests; the pass never launches it.
                 if file == "quant_sizes.cu" {
