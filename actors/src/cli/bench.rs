@@ -229,9 +229,11 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         results.push(r);
     }
-    engine.finish_at_exit()?;
+    let opened = engine.backend;
+    let trace = engine.finish_at_exit()?;
     if a.json {
         println!("{}", serde_json::to_string(&results)?);
     }
+    Engine::exit_if_gpu(opened, trace.is_some());
     Ok(())
 }

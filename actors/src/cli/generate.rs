@@ -84,9 +84,8 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
     let started = Instant::now();
     let engine = Engine::open(&a.model, a.backend, &a.engine)?;
     let open_ms = started.elapsed().as_secs_f64() * 1e3;
-    let prompt_ids = engine
-        .tokenizer
-        .encode(prompt, true, true)
+    let prompt_ids = tracing::info_span!("tokenize")
+        .in_scope(|| engine.tokenizer.encode(prompt, true, true))
         .map_err(GenError::from)?;
     if prompt_ids.is_empty() {
         return Err(GenError::Run(rocmforge::model::ModelError::EmptyPrompt).into());
@@ -157,7 +156,7 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
             turn.stop_reason,
             stats.peak_resident_bytes as f64 / (1u64 << 20) as f64,
         );
-        if let Some(t) = trace {
+        if let Some(t) = &trace {
             eprintln!(
                 "trace written to {} (rocmforge trace view {} --svg out.svg)",
                 t.display(),
@@ -165,5 +164,6 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
             );
         }
     }
+    Engine::exit_if_gpu(backend, trace.is_some());
     Ok(())
 }

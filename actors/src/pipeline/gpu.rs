@@ -73,8 +73,11 @@ pub struct GpuBackend<D: ComputeDevice> {
     pool: Arc<RegionPool<D>>,
     /// A staging ring made ready ahead of the runtime's build ([`GpuBackend::prepare_staging`]):
     /// `(slots, slot bytes, buffers)`.
-    prepared: Mutex<Option<(usize, usize, Vec<D::Pinned>)>>,
+    prepared: Mutex<Option<PreparedRing<D>>>,
 }
+
+/// A staging ring registered ahead: `(slots, slot bytes, buffers)`.
+type PreparedRing<D> = (usize, usize, Vec<<D as ComputeDevice>::Pinned>);
 
 /// The GPU backends' default disk geometry (`WeightBackend::io_geometry`), also what a caller
 /// sizes an early staging region by: `pread` with many threads straight into pinned slots (the

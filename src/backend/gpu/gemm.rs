@@ -63,6 +63,9 @@ pub trait GemmF16<D: KernelDevice>: Send {
     fn name(&self) -> &'static str;
     /// Queues `g` on `stream`.
     fn gemm_f16_nt(&mut self, dev: &D, stream: &D::Stream, g: &GemmF16Nt) -> BackendResult<()>;
+    /// A hint that now is a good time to finish any lazy set-up (the layer pass calls it after
+    /// each forward pass); the default does nothing.
+    fn warm(&mut self) {}
 }
 
 /// Output tile of one block of `gemm.cu`: weight rows x tokens (RF_GEMM_BM x RF_GEMM_BN).
@@ -113,44 +116,49 @@ pub fn gemm_args(g: &GemmF16Nt) -> [Arg; 7] {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PortableGemm;
 
-/// The vendor's GEMM opened on a thread of its own (loading cuBLAS takes ~0.1 s, which would
-/// otherwise sit on the start-up path), joined at the first GEMM: decode never needs it, so a
-/// first token from a short prompt does not wait for it. Falls back to [`PortableGemm`] when
-/// the vendor library does not open.
+/// The vendor GEMM being opened on its own thread.
+type Opening<D> = std::thread::JoinHandle<std::result::Result<Box<dyn GemmF16<D>>, String>>;
+
+/// The vendor's GEMM, opened late: loading cuBLAS takes ~0.15 s and, while it runs, the
+/// driver holds back other threads' allocations and first copies (H100: the pipeline's uploader
+/// and the KV cache's allocation waited 140 ms for it when it opened beside the load). So it
+/// opens on a thread of its own only when [`GemmF16::warm`] is called (the layer pass does after
+/// its first forward pass, when the first weights are in place) or, synchronously, at the first
+/// GEMM if that comes earlier (a long first prompt). Decode never needs it. Falls back to
+/// [`PortableGemm`] when the vendor library does not open.
 pub struct DeferredGemm<D: KernelDevice> {
-    opening: Option<std::thread::JoinHandle<std::result::Result<Box<dyn GemmF16<D>>, String>>>,
+    dev: std::sync::Arc<D>,
+    opening: Option<Opening<D>>,
     engine: Option<Box<dyn GemmF16<D>>>,
 }
 
 impl<D: KernelDevice> DeferredGemm<D> {
-    /// Starts opening `dev`'s vendor GEMM.
-    pub fn start(dev: std::sync::Arc<D>) -> Self {
-        let opening = std::thread::Builder::new()
-            .name("rf-gemm-open".into())
-            .spawn(move || tracing::info_span!("gemm_open").in_scope(|| dev.vendor_gemm()))
-            .map_err(|e| tracing::info!(error = %e, "no thread to open the vendor GEMM on"))
-            .ok();
+    /// Nothing is opened yet.
+    pub fn new(dev: std::sync::Arc<D>) -> Self {
         Self {
-            opening,
+            dev,
+            opening: None,
             engine: None,
         }
     }
 
-    /// The engine, waiting for the opening thread the first time.
+    /// The engine: joins the opening thread, or opens it here when none was started.
     fn engine(&mut self) -> &mut dyn GemmF16<D> {
-        let opened = self.opening.take().map(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err("the thread opening it panicked".into()))
-        });
-        let engine = self.engine.get_or_insert_with(|| match opened {
-            Some(Ok(e)) => e,
-            Some(Err(why)) => {
-                tracing::info!(%why, vendor = D::VENDOR, "prefill uses the portable GEMM kernel");
-                Box::new(PortableGemm)
-            }
-            None => Box::new(PortableGemm),
-        });
-        engine.as_mut()
+        let (dev, opening) = (&self.dev, &mut self.opening);
+        self.engine
+            .get_or_insert_with(|| {
+                let opened = match opening.take() {
+                    Some(h) => h
+                        .join()
+                        .unwrap_or_else(|_| Err("the thread opening it panicked".into())),
+                    None => tracing::info_span!("gemm_open").in_scope(|| dev.vendor_gemm()),
+                };
+                opened.unwrap_or_else(|why| {
+                    tracing::info!(%why, vendor = D::VENDOR, "prefill uses the portable GEMM kernel");
+                    Box::new(PortableGemm)
+                })
+            })
+            .as_mut()
     }
 }
 
@@ -164,6 +172,18 @@ impl<D: KernelDevice> GemmF16<D> for DeferredGemm<D> {
 
     fn gemm_f16_nt(&mut self, dev: &D, stream: &D::Stream, g: &GemmF16Nt) -> BackendResult<()> {
         self.engine().gemm_f16_nt(dev, stream, g)
+    }
+
+    fn warm(&mut self) {
+        if self.engine.is_some() || self.opening.is_some() {
+            return;
+        }
+        let dev = std::sync::Arc::clone(&self.dev);
+        self.opening = std::thread::Builder::new()
+            .name("rf-gemm-open".into())
+            .spawn(move || tracing::info_span!("gemm_open").in_scope(|| dev.vendor_gemm()))
+            .map_err(|e| tracing::info!(error = %e, "no thread to open the vendor GEMM on"))
+            .ok();
     }
 }
 

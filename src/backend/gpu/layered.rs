@@ -195,7 +195,7 @@ impl<D: KernelDevice> GpuLayered<D> {
         s.status.zero()?;
         let stream = dev.new_stream()?;
         let gemm: Box<dyn GemmF16<D>> = if opt.use_blas {
-            Box::new(DeferredGemm::start(dev.clone()))
+            Box::new(DeferredGemm::new(dev.clone()))
         } else {
             Box::new(PortableGemm)
         };
@@ -422,6 +422,9 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         self.dev.mmvq(&self.stream, &hv, hm, &xn0, &self.s.logits)?;
         self.stream.synchronize()?;
         self.n = 0;
+        // A forward pass is done, so the first weights are in place: the vendor GEMM may open
+        // now without holding back the load (see `DeferredGemm`).
+        self.gemm.warm();
         Ok(self.s.logits.to_vec::<f32>(self.n_vocab)?)
     }
 }
