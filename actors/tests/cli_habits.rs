@@ -162,3 +162,88 @@ fn chat_ctrl_c_stops_the_reply_and_keeps_the_session() {
     // The session went on: the stopped reply prints no statistics line, the next turn does.
     assert_eq!(err.matches(" prompt tokens (").count(), 1, "{err}");
 }
+
+/// On a terminal, chat edits lines: Ctrl-C drops the line being typed, the up arrow recalls
+/// the last one, Ctrl-D exits cleanly, and the lines are kept in the data directory's history.
+#[test]
+fn chat_in_a_terminal_edits_lines_and_keeps_history() {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let data = tempfile::tempdir().unwrap();
+    let (mut master, mut slave) = (-1, -1);
+    let size = libc::winsize {
+        ws_row: 24,
+        ws_col: 100,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: the out-pointers are live locals; no name buffer and default terminal settings
+    // are asked for (null), the window size points at a live local.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: openpty returned two new descriptors that nothing else owns.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let m = model();
+    let mut child = rocmforge()
+        .args(["chat", "--model", m.to_str().unwrap(), "--backend", "cpu"])
+        .env("XDG_DATA_HOME", data.path())
+        .env("TERM", "xterm")
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let mut term = std::fs::File::from(master);
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let mut reader = term.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        // Ends with EIO once the child has exited and closed the terminal.
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut all = String::new();
+    let mut pending = String::new();
+    // Waits for `needle` in the output not yet consumed (a hang guard, not a timing check).
+    let mut expect = |needle: &str| loop {
+        if let Some(i) = pending.find(needle) {
+            pending.drain(..i + needle.len());
+            return;
+        }
+        let chunk = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no {needle:?} in {all:?}"));
+        let s = String::from_utf8_lossy(&chunk).to_string();
+        all.push_str(&s);
+        pending.push_str(&s);
+    };
+    expect("> ");
+    // Typed, then dropped with Ctrl-C: never sent.
+    term.write_all(b"/nonsense\x03").unwrap();
+    expect("> ");
+    term.write_all(b"/help\r").unwrap();
+    expect("stop the reply");
+    expect("> ");
+    // Up arrow: the last line again.
+    term.write_all(b"\x1b[A\r").unwrap();
+    expect("stop the reply");
+    expect("> ");
+    term.write_all(b"\x04").unwrap();
+    assert!(!all.contains("unknown command"), "{all}");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let history = std::fs::read_to_string(data.path().join("rocmforge/chat_history")).unwrap();
+    assert!(history.contains("/help"), "{history}");
+    assert!(!history.contains("/nonsense"), "{history}");
+}

@@ -9,6 +9,7 @@ use super::run::{GenError, ModelArgs, SamplingArgs, TextSink};
 use clap::Args;
 use rocmforge::tokenizer::ChatMessage;
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set by Ctrl-C; a reply in progress stops at its next piece of text, the session goes on.
@@ -39,6 +40,8 @@ pub struct ChatArgs {
 
 pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
     let engine = Engine::open(&a.model, a.backend, &a.engine)?;
+    // The first prompt appears once the weights are in place.
+    super::progress::LoadProgressBars::show(&engine.rt).wait();
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe; it replaces the
     // default action (ending the process) for this interactive command only.
     unsafe {
@@ -62,17 +65,18 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
         a.model.model.display(),
         engine.backend,
     );
-    let stdin = std::io::stdin();
-    let mut line = String::new();
+    let mut input_lines = Input::open();
     loop {
-        eprint!("> ");
-        std::io::stderr().flush()?;
-        line.clear();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            eprintln!();
-            break;
-        }
-        let input = line.trim_end_matches(['\n', '\r']);
+        let line = match input_lines.read()? {
+            Line::Text(l) => l,
+            // Ctrl-C at the prompt: the line is dropped, the session goes on.
+            Line::Cleared => continue,
+            Line::End => {
+                eprintln!();
+                break;
+            }
+        };
+        let input = line.as_str();
         match input.trim() {
             "" => continue,
             "/exit" | "/quit" | "/bye" => break,
@@ -149,7 +153,10 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
                 messages.pop();
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                input_lines.save_history();
+                return Err(e);
+            }
         };
         println!("{}", sink.finish());
         if turn.stop_reason == rocmforge::model::StopReason::Context {
@@ -166,6 +173,98 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
         messages.push(ChatMessage::new("assistant", sink.text.trim()));
     }
+    input_lines.save_history();
     engine.finish()?;
     Ok(())
+}
+
+/// One read at the prompt.
+enum Line {
+    Text(String),
+    /// Ctrl-C on a terminal: the line being typed is dropped.
+    Cleared,
+    /// Ctrl-D or the end of piped input.
+    End,
+}
+
+/// Where the user's lines come from: on a terminal a line editor (arrows, Emacs keys, history
+/// kept in `chat_history` under the data directory); otherwise plain lines, so piped input
+/// (scripts, the tests) reads exactly what was sent.
+enum Input {
+    Editor {
+        editor: Box<rustyline::DefaultEditor>,
+        history: Option<PathBuf>,
+    },
+    Plain(std::io::Stdin),
+}
+
+impl Input {
+    fn open() -> Self {
+        use std::io::IsTerminal;
+        if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+            let config = rustyline::Config::builder()
+                .max_history_size(1000)
+                .and_then(|b| b.history_ignore_dups(true))
+                .map(|b| b.history_ignore_space(true).build());
+            match config.and_then(rustyline::DefaultEditor::with_config) {
+                Ok(mut editor) => {
+                    let history = super::models::data_dir().map(|d| d.join("chat_history"));
+                    // No history yet is the usual first run, not an error.
+                    if let Some(h) = &history {
+                        let _ = editor.load_history(h);
+                    }
+                    return Self::Editor {
+                        editor: Box::new(editor),
+                        history,
+                    };
+                }
+                Err(e) => tracing::warn!("no line editing ({e}); reading plain lines"),
+            }
+        }
+        Self::Plain(std::io::stdin())
+    }
+
+    fn read(&mut self) -> std::io::Result<Line> {
+        use rustyline::error::ReadlineError;
+        match self {
+            Self::Editor { editor, .. } => match editor.readline("> ") {
+                Ok(line) => {
+                    if !line.trim().is_empty() {
+                        let _ = editor.add_history_entry(line.as_str());
+                    }
+                    Ok(Line::Text(line))
+                }
+                Err(ReadlineError::Interrupted) => Ok(Line::Cleared),
+                Err(ReadlineError::Eof) => Ok(Line::End),
+                Err(ReadlineError::Io(e)) => Err(e),
+                Err(e) => Err(std::io::Error::other(e)),
+            },
+            Self::Plain(stdin) => {
+                eprint!("> ");
+                std::io::stderr().flush()?;
+                let mut line = String::new();
+                if stdin.lock().read_line(&mut line)? == 0 {
+                    return Ok(Line::End);
+                }
+                line.truncate(line.trim_end_matches(['\n', '\r']).len());
+                Ok(Line::Text(line))
+            }
+        }
+    }
+
+    /// Writes the history file (creating the data directory); a failure is only logged.
+    fn save_history(&mut self) {
+        if let Self::Editor {
+            editor,
+            history: Some(h),
+        } = self
+        {
+            if let Some(d) = h.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            if let Err(e) = editor.save_history(h) {
+                tracing::warn!("chat history {}: {e}", h.display());
+            }
+        }
+    }
 }

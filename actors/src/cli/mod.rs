@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod chat;
 pub mod engine;
+pub mod fetch;
 pub mod generate;
 pub mod gpu;
 pub mod inspect;
@@ -79,6 +80,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Download a model from the Hugging Face Hub into the models directory (what `-m hf:...`
+    /// does on first use) and print its local path.
+    Pull {
+        /// hf:OWNER/REPO/FILE.gguf (`HF_ENDPOINT` and `HF_TOKEN` are honoured).
+        #[arg(value_parser = models::resolve)]
+        model: std::path::PathBuf,
+    },
     /// Print a shell completion script (`rocmforge completions bash > /etc/bash_completion.d/rocmforge`).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -86,12 +94,37 @@ pub enum Command {
     },
 }
 
-pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+impl Command {
+    /// The model file the command opens (`pull`'s included), to fetch before it runs.
+    fn model_mut(&mut self) -> Option<&mut std::path::PathBuf> {
+        match self {
+            Command::Inspect(a) => Some(&mut a.model),
+            Command::Run(a) => Some(&mut a.model.model),
+            Command::Chat(a) => Some(&mut a.model.model),
+            Command::Bench(a) => Some(&mut a.model),
+            Command::Serve(a) => Some(&mut a.model),
+            Command::Pull { model } => Some(model),
+            Command::Synth(_) | Command::Trace(_) | Command::List { .. } => None,
+            Command::Completions { .. } => None,
+        }
+    }
+}
+
+/// Whether `-q` was given: progress bars stay hidden too.
+pub fn quiet() -> bool {
+    LOG_FILTER.get().is_some_and(|f| *f == "error")
+}
+
+pub fn run(mut cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let _ = LOG_FILTER.set(cli.log_filter());
     // A trace installs its own subscriber (with this log layer inside); everything else logs
     // through this one.
     if !wants_trace(&cli.command) {
         init_logging();
+    }
+    // An `hf:` model is downloaded (once) before the command opens it.
+    if let Some(model) = cli.command.model_mut() {
+        models::fetch_remote(model, !quiet())?;
     }
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
@@ -125,6 +158,10 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     );
                 }
             }
+            Ok(())
+        }
+        Command::Pull { model } => {
+            println!("{}", model.display());
             Ok(())
         }
         Command::Completions { shell } => {

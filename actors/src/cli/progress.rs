@@ -1,4 +1,5 @@
-//! Progress bars (indicatif) for the initial load: bytes read, transcoded and uploaded.
+//! Progress bars (indicatif) for the initial load: bytes read, transcoded and uploaded
+//! (`run` and `chat`; a Hub download has its own bar, in `fetch`).
 
 use crate::runtime::RuntimeHandle;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -14,9 +15,22 @@ pub struct LoadProgressBars {
 }
 
 impl LoadProgressBars {
-    /// Draws on stderr (hidden automatically when stderr is not a terminal).
+    /// Draws on stderr; hidden when stderr is not a terminal (indicatif checks) or with `-q`.
     pub fn show(handle: &RuntimeHandle) -> Self {
-        Self::with_target(handle, ProgressDrawTarget::stderr())
+        let target = if super::quiet() {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
+        Self::with_target(handle, target)
+    }
+
+    /// Blocks until the initial load is resident (or the runtime stopped), the bars drawn to
+    /// the end: for a command that should not start before the model is in place (`chat`).
+    pub fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 
     pub fn with_target(handle: &RuntimeHandle, target: ProgressDrawTarget) -> Self {
