@@ -7,7 +7,7 @@ use crate::quant::{GgmlType, QuantError};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     // --- loading
-    #[error("unsupported architecture {arch:?} (supported: llama, mistral, qwen2)")]
+    #[error("unsupported architecture {arch:?} (supported: llama, mistral, qwen2, qwen3, gemma3)")]
     UnsupportedArchitecture { arch: String },
     #[error("hyper-parameter {key}: {reason}")]
     BadHParam { key: String, reason: String },

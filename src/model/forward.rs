@@ -3,7 +3,7 @@
 //! chains them over the memory-mapped weights.
 
 use super::error::ModelError;
-use super::hparams::HParams;
+use super::hparams::{Arch, FfnActivation, HParams};
 use super::kv::{grow, Sequence, SequenceConfig};
 use super::names::TensorId;
 use super::ops;
@@ -27,6 +27,9 @@ pub struct Model {
     hp: HParams,
     layout: ModelLayout,
     rope: Rope,
+    /// RoPE of Gemma 3's sliding-window layers (their own base, no scaling); other families
+    /// use one RoPE for every layer.
+    rope_local: Option<Rope>,
 }
 
 impl Model {
@@ -48,11 +51,16 @@ impl Model {
             None => None,
         };
         let rope = Rope::new(&hp, freqs.as_deref());
+        let rope_local = hp
+            .local_attention
+            .filter(|_| hp.arch == Arch::Gemma3)
+            .map(|la| Rope::new_local(&hp, la.rope_freq_base));
         Ok(Self {
             file,
             hp,
             layout,
             rope,
+            rope_local,
         })
     }
 
@@ -102,7 +110,33 @@ impl Model {
         for (&tok, row) in tokens.iter().zip(hidden.chunks_exact_mut(d)) {
             ops::dequantize_row(&w, tok as usize, &t.name, row)?;
         }
+        self.scale_embeddings(hidden);
         Ok(())
+    }
+
+    /// What follows the table lookup: the family's embedding scale (Gemma: `sqrt(d)`). A
+    /// runtime that reads embedding rows itself calls this on them.
+    pub fn scale_embeddings(&self, hidden: &mut [f32]) {
+        let s = self.hp.embed_scale;
+        if s != 1.0 {
+            hidden.iter_mut().for_each(|v| *v *= s);
+        }
+    }
+
+    /// What follows the output head: the family's final soft-cap, if any. A runtime that runs
+    /// the head itself calls this on the logits (any subset of them: it is element-wise).
+    pub fn finish_logits(&self, logits: &mut [f32]) {
+        if let Some(cap) = self.hp.final_softcap {
+            ops::softcap(logits, cap);
+        }
+    }
+
+    /// The RoPE of layer `l` (local layers may have their own base).
+    fn rope_of(&self, l: usize) -> &Rope {
+        match (&self.rope_local, self.hp.local_window(l)) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
+        }
     }
 
     /// Runs block `layer` over `hidden` (`[n_tokens, d]`, updated in place) for the tokens at
@@ -161,18 +195,31 @@ impl Model {
             }
         }
 
+        // QK-norm: every query and key head RMS-normalised over its own width.
+        for (wn, x, kind) in [
+            (&w.q_norm, &mut *q, K::AttnQNorm),
+            (&w.k_norm, &mut *k, K::AttnKNorm),
+        ] {
+            if let Some(wn) = wn {
+                let hw = grow(&mut s.bias, hp.head_dim)?;
+                ops::dequantize(wn, &name(kind), hw)?;
+                ops::rms_norm_in_place(x, hw, hp.rms_eps);
+            }
+        }
+
         // RoPE on every query and key head.
-        let n_rot = self.rope.n_rot();
+        let rope = self.rope_of(layer);
+        let n_rot = rope.n_rot();
         let cs = grow(&mut s.rope_cs, n * n_rot)?;
         for (i, c) in cs.chunks_exact_mut(n_rot).enumerate() {
-            self.rope.cos_sin(pos0 + i, c);
+            rope.cos_sin(pos0 + i, c);
         }
         for (i, c) in cs.chunks_exact(n_rot).enumerate() {
             for head in q[i * qd..(i + 1) * qd].chunks_exact_mut(hp.head_dim) {
-                self.rope.apply(head, c);
+                rope.apply(head, c);
             }
             for head in k[i * kd..(i + 1) * kd].chunks_exact_mut(hp.head_dim) {
-                self.rope.apply(head, c);
+                rope.apply(head, c);
             }
         }
         for i in 0..n {
@@ -189,9 +236,14 @@ impl Model {
         let proj = grow(&mut s.proj, n * d)?;
         let attn = &s.attn[..n * hp.n_head * hp.head_dim_v];
         ops::linear(&w.wo, &name(K::AttnOutput), attn, n, proj, prec)?;
+        if let Some(pn) = &w.attn_post_norm {
+            let norm_w = grow(&mut s.norm_w, d)?;
+            ops::dequantize(pn, &name(K::AttnPostNorm), norm_w)?;
+            ops::rms_norm_in_place(proj, norm_w, hp.rms_eps);
+        }
         ops::add_assign(hidden, proj);
 
-        // --- feed-forward (SwiGLU)
+        // --- feed-forward (SwiGLU or GeGLU)
         let norm_w = grow(&mut s.norm_w, d)?;
         ops::dequantize(&w.ffn_norm, &name(K::FfnNorm), norm_w)?;
         let xn = grow(&mut s.xn, n * d)?;
@@ -206,9 +258,17 @@ impl Model {
             &mut [&mut *gate, &mut *up],
             prec,
         )?;
-        ops::swiglu(gate, up);
+        match hp.arch.ffn_activation() {
+            FfnActivation::Silu => ops::swiglu(gate, up),
+            FfnActivation::GeluTanh => ops::geglu_tanh(gate, up),
+        }
         let proj = grow(&mut s.proj, n * d)?;
         ops::linear(&w.w_down, &name(K::FfnDown), gate, n, proj, prec)?;
+        if let Some(pn) = &w.ffn_post_norm {
+            let norm_w = grow(&mut s.norm_w, d)?;
+            ops::dequantize(pn, &name(K::FfnPostNorm), norm_w)?;
+            ops::rms_norm_in_place(proj, norm_w, hp.rms_eps);
+        }
         ops::add_assign(hidden, proj);
         Ok(())
     }
@@ -227,7 +287,7 @@ impl Model {
         let ctx = seq.ctx();
         let qd = hp.q_dim();
         let gqa = hp.gqa();
-        let scale = 1.0 / (hd as f32).sqrt();
+        let (scale, window, softcap) = (hp.attn_scale, hp.local_window(layer), hp.attn_softcap);
         let kv = &seq.kv;
         let s = &mut seq.scratch;
         let q = &s.q[..n * qd];
@@ -256,6 +316,8 @@ impl Model {
                         hdv,
                         pos0,
                         scale,
+                        window,
+                        softcap,
                         keys: keys.as_f32(kb),
                         vals: vals.as_f32(vb),
                     };
@@ -291,6 +353,7 @@ impl Model {
         let head = self.layout.head();
         let logits = grow(&mut s.logits, self.n_vocab())?;
         ops::linear(&head.view(bytes), &head.name, xn, 1, logits, prec)?;
+        self.finish_logits(logits);
         Ok(logits)
     }
 

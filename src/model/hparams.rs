@@ -6,12 +6,23 @@ use crate::gguf::Metadata;
 use serde::Serialize;
 
 /// Architectures the forward pass implements. They share one graph and differ in details
-/// (RoPE layout, qkv bias), which `Arch` answers.
+/// (RoPE layout, qkv bias, QK-norm, Gemma's extra norms and GeGLU), which `Arch` answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
+    Gemma3,
+}
+
+/// The gated activation of the feed-forward block: `act(gate) * up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum FfnActivation {
+    /// SwiGLU: `silu(gate) * up`.
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma).
+    GeluTanh,
 }
 
 impl Arch {
@@ -20,6 +31,8 @@ impl Arch {
             "llama" => Ok(Self::Llama),
             "mistral" => Ok(Self::Mistral),
             "qwen2" => Ok(Self::Qwen2),
+            "qwen3" => Ok(Self::Qwen3),
+            "gemma3" => Ok(Self::Gemma3),
             other => Err(ModelError::UnsupportedArchitecture {
                 arch: other.to_string(),
             }),
@@ -32,6 +45,8 @@ impl Arch {
             Self::Llama => "llama",
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Gemma3 => "gemma3",
         }
     }
 
@@ -40,7 +55,7 @@ impl Arch {
     pub fn rope_layout(self) -> RopeLayout {
         match self {
             Self::Llama | Self::Mistral => RopeLayout::Normal,
-            Self::Qwen2 => RopeLayout::NeoX,
+            Self::Qwen2 | Self::Qwen3 | Self::Gemma3 => RopeLayout::NeoX,
         }
     }
 
@@ -48,6 +63,51 @@ impl Arch {
     pub fn has_qkv_bias(self) -> bool {
         matches!(self, Self::Qwen2)
     }
+
+    /// Whether each query and key head is RMS-normalised (`attn_q_norm`, `attn_k_norm`)
+    /// before RoPE.
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Self::Qwen3 | Self::Gemma3)
+    }
+
+    /// Whether the attention and feed-forward outputs are RMS-normalised before their residual
+    /// adds (`post_attention_norm`, `post_ffw_norm`).
+    pub fn has_post_norms(self) -> bool {
+        matches!(self, Self::Gemma3)
+    }
+
+    pub fn ffn_activation(self) -> FfnActivation {
+        match self {
+            Self::Gemma3 => FfnActivation::GeluTanh,
+            _ => FfnActivation::Silu,
+        }
+    }
+
+    /// What of this architecture the plain llama graph (the GPU backends' layer) lacks, named
+    /// for a refusal; `None` when that graph computes it fully.
+    pub fn beyond_llama_graph(self) -> Option<&'static str> {
+        match self {
+            Self::Llama | Self::Mistral | Self::Qwen2 => None,
+            Self::Qwen3 => Some("qwen3 (per-head QK-norm)"),
+            Self::Gemma3 => Some(
+                "gemma3 (GeGLU, QK-norm, post-attention/FFN norms, embedding scale, \
+                 sliding-window layers)",
+            ),
+        }
+    }
+}
+
+/// Gemma-style interleaved attention: most layers attend only to the last `window` positions
+/// with their own RoPE base; every `pattern`-th layer is global.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LocalAttention {
+    /// A query at position p sees keys at positions `p - window + 1 ..= p`.
+    pub window: usize,
+    /// Layer l is local unless `l % pattern == pattern - 1` (llama.cpp's convention); 0: every
+    /// layer is local (Mistral).
+    pub pattern: usize,
+    /// RoPE base of the local layers (`rope.freq_base_swa`, 10000 when absent).
+    pub rope_freq_base: f32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -96,6 +156,17 @@ pub struct HParams {
     pub rope_scaling: RopeScaling,
     /// From `vocab_size` or the tokenizer's token list; checked against `token_embd` at load.
     pub n_vocab: Option<usize>,
+    /// Multiplier on attention scores before softmax (`1/sqrt(head_dim)` unless the family
+    /// says otherwise).
+    pub attn_scale: f32,
+    /// Multiplier on embedding rows (Gemma: `sqrt(n_embd)`; 1 elsewhere).
+    pub embed_scale: f32,
+    /// `cap * tanh(x / cap)` on attention scores (`attn_logit_softcapping`).
+    pub attn_softcap: Option<f32>,
+    /// `cap * tanh(x / cap)` on the output logits (`final_logit_softcapping`).
+    pub final_softcap: Option<f32>,
+    /// Sliding-window layers (Gemma 3), `None`: every layer is global.
+    pub local_attention: Option<LocalAttention>,
 }
 
 fn bad(key: &str, reason: impl Into<String>) -> ModelError {
@@ -177,6 +248,59 @@ impl TryFrom<&Metadata> for HParams {
             return Err(bad(&base_key, format!("{rope_freq_base} must be > 1")));
         }
         let rope_scaling = rope_scaling(md, a, n_ctx_train)?;
+        let softcap = |k: ArchKey| -> Result<Option<f32>, ModelError> {
+            let name = key(k);
+            match md.get_f64(&name)? {
+                None => Ok(None),
+                Some(c) if c.is_finite() && c > 0.0 => Ok(Some(c as f32)),
+                Some(c) => Err(bad(&name, format!("{c} must be > 0"))),
+            }
+        };
+        let attn_softcap = softcap(ArchKey::AttnLogitSoftcap)?;
+        let final_softcap = softcap(ArchKey::FinalLogitSoftcap)?;
+        // 0 is how converters spell "no window" (llama4's MobileLLM variant).
+        let window_key = key(ArchKey::SlidingWindow);
+        let window = match md.get_u64(&window_key)? {
+            None | Some(0) => None,
+            Some(w) if w > 1 << 24 => return Err(bad(&window_key, format!("{w} is too large"))),
+            Some(w) => Some(w as usize),
+        };
+        let local_attention = match (arch, window) {
+            (_, None) => None,
+            (Arch::Gemma3, Some(window)) => {
+                // llama.cpp's gemma3 default: five local layers, then one global.
+                let pattern = opt(ArchKey::SlidingWindowPattern, MAX_LAYERS)?.unwrap_or(6);
+                let base_key = key(ArchKey::RopeFreqBaseSwa);
+                let rope_freq_base = md.get_f64(&base_key)?.unwrap_or(10_000.0) as f32;
+                if !(rope_freq_base.is_finite() && rope_freq_base > 1.0) {
+                    return Err(bad(&base_key, format!("{rope_freq_base} must be > 1")));
+                }
+                Some(LocalAttention {
+                    window,
+                    pattern,
+                    rope_freq_base,
+                })
+            }
+            // Mistral-style: one window on every layer, the one RoPE base.
+            (_, Some(window)) => Some(LocalAttention {
+                window,
+                pattern: 0,
+                rope_freq_base,
+            }),
+        };
+        // Gemma 3 27B scales queries by 1/sqrt(n_embd / n_head) (its query_pre_attn_scalar);
+        // every other size, like the other families, by 1/sqrt(head_dim). llama.cpp tells the
+        // 27B by its 62 layers, and so do we.
+        let attn_scale = if arch == Arch::Gemma3 && n_layer == 62 {
+            1.0 / ((n_embd / n_head) as f32).sqrt()
+        } else {
+            1.0 / (head_dim as f32).sqrt()
+        };
+        let embed_scale = if arch == Arch::Gemma3 {
+            (n_embd as f32).sqrt()
+        } else {
+            1.0
+        };
         let n_vocab = match opt(ArchKey::VocabSize, 1 << 24)? {
             Some(v) => Some(v),
             None => md
@@ -198,6 +322,11 @@ impl TryFrom<&Metadata> for HParams {
             rope_freq_base,
             rope_scaling,
             n_vocab,
+            attn_scale,
+            embed_scale,
+            attn_softcap,
+            final_softcap,
+            local_attention,
         })
     }
 }
@@ -256,6 +385,31 @@ impl HParams {
     pub fn v_dim(&self) -> usize {
         self.n_head_kv * self.head_dim_v
     }
+
+    /// What of this model the plain llama graph (the GPU backends' layer) lacks, named for a
+    /// refusal: the family's extras, a sliding window, soft-capping. `None`: that graph
+    /// computes it fully.
+    pub fn beyond_llama_graph(&self) -> Option<String> {
+        if let Some(what) = self.arch.beyond_llama_graph() {
+            return Some(what.to_string());
+        }
+        if let Some(la) = self.local_attention {
+            return Some(format!(
+                "sliding-window attention ({} positions)",
+                la.window
+            ));
+        }
+        if self.attn_softcap.is_some() || self.final_softcap.is_some() {
+            return Some("logit soft-capping".into());
+        }
+        None
+    }
+
+    /// The sliding window of layer `l`, `None` for a global layer.
+    pub fn local_window(&self, l: usize) -> Option<usize> {
+        let la = self.local_attention?;
+        (la.pattern == 0 || l % la.pattern < la.pattern - 1).then_some(la.window)
+    }
 }
 
 #[cfg(test)]
@@ -309,6 +463,35 @@ mod tests {
         m.insert("general.architecture", Value::String("llama".into()));
         let e = HParams::try_from(&m).unwrap_err().to_string();
         assert!(e.contains("llama.context_length"), "{e}");
+    }
+
+    #[test]
+    fn reads_gemma3_local_layers_and_scales() {
+        let mut m = md("gemma3");
+        m.insert("gemma3.block_count", Value::U32(12));
+        m.insert("gemma3.attention.sliding_window", Value::U32(512));
+        m.insert("gemma3.final_logit_softcapping", Value::F32(30.0));
+        let h = HParams::try_from(&m).unwrap();
+        let la = h.local_attention.unwrap();
+        assert_eq!(
+            (la.window, la.pattern, la.rope_freq_base),
+            (512, 6, 10_000.0)
+        );
+        let global: Vec<usize> = (0..12).filter(|&l| h.local_window(l).is_none()).collect();
+        assert_eq!(global, [5, 11]);
+        assert_eq!(h.embed_scale, 8.0);
+        assert_eq!(h.final_softcap, Some(30.0));
+        assert_eq!(h.attn_softcap, None);
+        assert!(h.arch.has_qk_norm() && h.arch.has_post_norms());
+        assert_eq!(h.arch.ffn_activation(), FfnActivation::GeluTanh);
+        // Mistral-style: a window on every layer, with the one RoPE base; 0 means none.
+        let mut m = md("mistral");
+        m.insert("mistral.attention.sliding_window", Value::U32(512));
+        let h = HParams::try_from(&m).unwrap();
+        assert!((0..2).all(|l| h.local_window(l) == Some(512)));
+        assert_eq!(h.local_attention.unwrap().rope_freq_base, h.rope_freq_base);
+        m.insert("mistral.attention.sliding_window", Value::U32(0));
+        assert!(HParams::try_from(&m).unwrap().local_attention.is_none());
     }
 
     #[test]

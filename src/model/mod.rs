@@ -1,4 +1,4 @@
-//! Llama-family models: tensor naming (`names`), hyper-parameters, forward pass, KV cache.
+//! Llama-family models (llama, mistral, qwen2, qwen3, gemma3): tensor naming (`names`), hyper-parameters, forward pass, KV cache.
 //!
 //! - `hparams`: `Arch`, `HParams` (`TryFrom<&Metadata>`), RoPE settings.
 //! - `weights`: where each tensor lives (`TensorRef`, `ModelLayout`) and views (`WeightView`,
@@ -21,7 +21,7 @@ pub mod weights;
 pub use error::ModelError;
 pub use forward::Model;
 pub use generate::{Generation, StopReason, Timings};
-pub use hparams::{Arch, HParams, RopeLayout, RopeScaling};
+pub use hparams::{Arch, FfnActivation, HParams, LocalAttention, RopeLayout, RopeScaling};
 pub use kv::{
     bytes_per_token, ContextFit, KvCache, KvLimit, KvType, Sequence, SequenceConfig, DEFAULT_CTX,
     KV_LIMIT_ENV, MIN_CTX,

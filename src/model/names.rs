@@ -21,6 +21,13 @@ pub enum TensorKind {
     FfnGate,
     FfnUp,
     FfnDown,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3), `[head_dim]`.
+    AttnQNorm,
+    AttnKNorm,
+    /// RMSNorm of the attention output before the residual add (Gemma 3).
+    AttnPostNorm,
+    /// RMSNorm of the feed-forward output before the residual add (Gemma 3).
+    FfnPostNorm,
     /// Per-dimension RoPE frequency divisors (Llama 3.1 long-context scaling).
     RopeFreqs,
 }
@@ -53,6 +60,10 @@ impl TensorKind {
             Self::FfnGate => "ffn_gate",
             Self::FfnUp => "ffn_up",
             Self::FfnDown => "ffn_down",
+            Self::AttnQNorm => "attn_q_norm",
+            Self::AttnKNorm => "attn_k_norm",
+            Self::AttnPostNorm => "post_attention_norm",
+            Self::FfnPostNorm => "post_ffw_norm",
             Self::RopeFreqs => "rope_freqs",
         }
     }
@@ -112,6 +123,11 @@ pub enum ArchKey {
     VocabSize,
     KeyLength,
     ValueLength,
+    SlidingWindow,
+    SlidingWindowPattern,
+    RopeFreqBaseSwa,
+    AttnLogitSoftcap,
+    FinalLogitSoftcap,
 }
 
 impl ArchKey {
@@ -132,6 +148,11 @@ impl ArchKey {
             Self::VocabSize => "vocab_size",
             Self::KeyLength => "attention.key_length",
             Self::ValueLength => "attention.value_length",
+            Self::SlidingWindow => "attention.sliding_window",
+            Self::SlidingWindowPattern => "attention.sliding_window_pattern",
+            Self::RopeFreqBaseSwa => "rope.freq_base_swa",
+            Self::AttnLogitSoftcap => "attn_logit_softcapping",
+            Self::FinalLogitSoftcap => "final_logit_softcapping",
         }
     }
 }
@@ -185,6 +206,14 @@ mod tests {
         assert_eq!(
             tensor_name(TensorKind::TokenEmbd, None),
             "token_embd.weight"
+        );
+        assert_eq!(
+            tensor_name(TensorKind::FfnPostNorm, Some(2)),
+            "blk.2.post_ffw_norm.weight"
+        );
+        assert_eq!(
+            arch_key("gemma3", ArchKey::RopeFreqBaseSwa),
+            "gemma3.rope.freq_base_swa"
         );
         assert_eq!(
             arch_key("llama", ArchKey::HeadCountKv),

@@ -131,6 +131,36 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// [`rms_norm`] in place (the per-head QK-norm and the post-norms).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    for xr in x.chunks_exact_mut(d) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = (1.0 / (ss / d as f64 + eps as f64).sqrt()) as f32;
+        for (v, &w) in xr.iter_mut().zip(weight) {
+            *v = *v * scale * w;
+        }
+    }
+}
+
+/// GeGLU in place with the tanh approximation of GELU (Gemma's `gelu_pytorch_tanh`):
+/// `gate = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) * up`.
+pub fn geglu_tanh(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let t = (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh();
+        *g = 0.5 * x * (1.0 + t) * u;
+    }
+}
+
+/// Soft-capping in place: `x = cap * tanh(x / cap)` (Gemma's attention and logit caps).
+pub fn softcap(x: &mut [f32], cap: f32) {
+    for v in x.iter_mut() {
+        *v = cap * (*v / cap).tanh();
+    }
+}
+
 /// SwiGLU in place: `gate = silu(gate) * up`.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
@@ -170,12 +200,17 @@ pub struct AttnHead<'a> {
     pub hdv: usize,
     pub pos0: usize,
     pub scale: f32,
+    /// Sliding window: the query at position p sees keys `p - window + 1 ..= p` only.
+    pub window: Option<usize>,
+    /// `cap * tanh(score / cap)` on the scaled scores.
+    pub softcap: Option<f32>,
     pub keys: &'a [f32],
     pub vals: &'a [f32],
 }
 
 /// Causal softmax attention of one head: `out[i] = sum_j softmax_j(q_i . k_j * scale) v_j` over
-/// positions `j <= pos0 + i`. `scores` holds at least `pos0 + n` floats.
+/// positions `j <= pos0 + i` (and within the window, if any). `scores` holds at least `pos0 + n`
+/// floats.
 pub fn attend(h: &AttnHead, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
@@ -199,14 +234,18 @@ fn attend_body(h: &AttnHead, scores: &mut [f32], out: &mut [f32]) {
     let (hd, hdv) = (h.hd, h.hdv);
     for (i, o) in out.chunks_exact_mut(hdv).enumerate() {
         let len = h.pos0 + i + 1;
+        let first = h.window.map_or(0, |w| len.saturating_sub(w));
         let qi = &h.q[i * h.q_stride..i * h.q_stride + hd];
-        let sc = &mut scores[..len];
-        for (sj, kj) in sc.iter_mut().zip(h.keys.chunks_exact(hd)) {
+        let sc = &mut scores[first..len];
+        for (sj, kj) in sc.iter_mut().zip(h.keys[first * hd..].chunks_exact(hd)) {
             *sj = dot(qi, kj) * h.scale;
+        }
+        if let Some(cap) = h.softcap {
+            softcap(sc, cap);
         }
         softmax(sc);
         o.fill(0.0);
-        for (&p, vj) in sc.iter().zip(h.vals.chunks_exact(hdv)) {
+        for (&p, vj) in sc.iter().zip(h.vals[first * hdv..].chunks_exact(hdv)) {
             axpy(o, p, vj);
         }
     }
@@ -262,5 +301,48 @@ mod tests {
         assert!((g[1] - 200.0).abs() < 1e-3);
         let a: Vec<f32> = (0..19).map(|i| i as f32).collect();
         assert_eq!(dot(&a, &a), (0..19).map(|i| (i * i) as f32).sum::<f32>());
+        let mut x = [1.0f32, -1.0, 1.0, -1.0, 2.0, 2.0, 2.0, 2.0];
+        rms_norm_in_place(&mut x, &[1.0, 2.0, 3.0, 4.0], 0.0);
+        assert_eq!(x, [1.0, -2.0, 3.0, -4.0, 1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn geglu_and_softcap() {
+        // GELU(0) = 0; GELU(x) -> x for large x, -> 0 for very negative x; GELU(1) = 0.8412
+        // with the tanh approximation (0.8413 exact).
+        let mut g = [0.0f32, 10.0, -10.0, 1.0];
+        geglu_tanh(&mut g, &[5.0, 2.0, 2.0, 1.0]);
+        assert_eq!(g[0], 0.0);
+        assert!((g[1] - 20.0).abs() < 1e-4 && g[2].abs() < 1e-4);
+        assert!((g[3] - 0.841_192).abs() < 1e-5, "{}", g[3]);
+        let mut x = [0.0f32, 1.0, 1e6];
+        softcap(&mut x, 30.0);
+        assert_eq!(x[0], 0.0);
+        assert!((x[1] - 30.0 * (1.0f32 / 30.0).tanh()).abs() < 1e-6 && x[2] == 30.0);
+    }
+
+    #[test]
+    fn window_limits_attention_to_recent_keys() {
+        // One query at position 3 over 4 keys: with a window of 2 it sees keys 2 and 3 only,
+        // equal here, so the output is the mean of their values.
+        let keys = [9.0f32, 9.0, 1.0, 1.0];
+        let vals = [100.0f32, 100.0, 1.0, 3.0];
+        let head = |window| AttnHead {
+            q: &[1.0],
+            q_stride: 1,
+            hd: 1,
+            hdv: 1,
+            pos0: 3,
+            scale: 1.0,
+            window,
+            softcap: None,
+            keys: &keys,
+            vals: &vals,
+        };
+        let (mut scores, mut out) = ([0f32; 4], [0f32; 1]);
+        attend(&head(Some(2)), &mut scores, &mut out);
+        assert!((out[0] - 2.0).abs() < 1e-6, "{out:?}");
+        attend(&head(None), &mut scores, &mut out);
+        assert!(out[0] > 50.0, "{out:?}");
     }
 }

@@ -66,6 +66,15 @@ impl Rope {
         }
     }
 
+    /// The RoPE of sliding-window layers with their own `base` (Gemma 3: 10000): no scaling
+    /// and no frequency factors, which llama.cpp applies to the global layers only.
+    pub fn new_local(hp: &HParams, base: f32) -> Self {
+        let mut local = hp.clone();
+        local.rope_freq_base = base;
+        local.rope_scaling = RopeScaling::None;
+        Self::new(&local, None)
+    }
+
     /// Fills `cs` (`[n_rot/2, 2]`: cos, sin) for position `pos`.
     pub fn cos_sin(&self, pos: usize, cs: &mut [f32]) {
         let p = pos as f32;
@@ -130,6 +139,11 @@ mod tests {
             rope_freq_base: 10_000.0,
             rope_scaling: scaling,
             n_vocab: None,
+            attn_scale: 1.0 / 8f32.sqrt(),
+            embed_scale: 1.0,
+            attn_softcap: None,
+            final_softcap: None,
+            local_attention: None,
         }
     }
 

@@ -79,6 +79,12 @@ pub struct LayerWeights<'a> {
     pub w_gate: WeightView<'a>,
     pub w_up: WeightView<'a>,
     pub w_down: WeightView<'a>,
+    /// Per-head query/key norms `[head_dim]` (`Arch::has_qk_norm`).
+    pub q_norm: Option<WeightView<'a>>,
+    pub k_norm: Option<WeightView<'a>>,
+    /// Norms of the attention and FFN outputs `[d]` (`Arch::has_post_norms`).
+    pub attn_post_norm: Option<WeightView<'a>>,
+    pub ffn_post_norm: Option<WeightView<'a>>,
 }
 
 /// Tensor locations of one block.
@@ -96,24 +102,33 @@ pub struct LayerRefs {
     pub w_gate: TensorRef,
     pub w_up: TensorRef,
     pub w_down: TensorRef,
+    pub q_norm: Option<TensorRef>,
+    pub k_norm: Option<TensorRef>,
+    pub attn_post_norm: Option<TensorRef>,
+    pub ffn_post_norm: Option<TensorRef>,
 }
 
 impl LayerRefs {
     /// Views over the whole mapped file.
     pub fn views<'a>(&self, file: &'a [u8]) -> LayerWeights<'a> {
+        let opt = |t: &Option<TensorRef>| t.as_ref().map(|t| t.view(file));
         LayerWeights {
             attn_norm: self.attn_norm.view(file),
             wq: self.wq.view(file),
             wk: self.wk.view(file),
             wv: self.wv.view(file),
-            bq: self.bq.as_ref().map(|t| t.view(file)),
-            bk: self.bk.as_ref().map(|t| t.view(file)),
-            bv: self.bv.as_ref().map(|t| t.view(file)),
+            bq: opt(&self.bq),
+            bk: opt(&self.bk),
+            bv: opt(&self.bv),
             wo: self.wo.view(file),
             ffn_norm: self.ffn_norm.view(file),
             w_gate: self.w_gate.view(file),
             w_up: self.w_up.view(file),
             w_down: self.w_down.view(file),
+            q_norm: opt(&self.q_norm),
+            k_norm: opt(&self.k_norm),
+            attn_post_norm: opt(&self.attn_post_norm),
+            ffn_post_norm: opt(&self.ffn_post_norm),
         }
     }
 
@@ -130,7 +145,19 @@ impl LayerRefs {
             &self.w_up,
             &self.w_down,
         ];
-        v.extend([&self.bq, &self.bk, &self.bv].into_iter().flatten());
+        v.extend(
+            [
+                &self.bq,
+                &self.bk,
+                &self.bv,
+                &self.q_norm,
+                &self.k_norm,
+                &self.attn_post_norm,
+                &self.ffn_post_norm,
+            ]
+            .into_iter()
+            .flatten(),
+        );
         v
     }
 }
@@ -311,6 +338,18 @@ impl ModelLayout {
                     loc.opt(kind, at, &[n])
                 }
             };
+            // Family extras: required where the architecture has them, and otherwise not looked
+            // up (so a stray one is reported as unused, never silently skipped).
+            let extra =
+                |loc: &mut Locator, has: bool, kind, n| -> Result<Option<TensorRef>, ModelError> {
+                    if has {
+                        loc.req(kind, at, &[n]).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                };
+            let (qk, post) = (hp.arch.has_qk_norm(), hp.arch.has_post_norms());
+            let hd = hp.head_dim as u64;
             layers.push(LayerRefs {
                 attn_norm: loc.req(TensorKind::AttnNorm, at, &[d])?,
                 wq: loc.req(TensorKind::AttnQ, at, &[d, q])?,
@@ -324,6 +363,10 @@ impl ModelLayout {
                 w_gate: loc.req(TensorKind::FfnGate, at, &[d, ff])?,
                 w_up: loc.req(TensorKind::FfnUp, at, &[d, ff])?,
                 w_down: loc.req(TensorKind::FfnDown, at, &[ff, d])?,
+                q_norm: extra(&mut loc, qk, TensorKind::AttnQNorm, hd)?,
+                k_norm: extra(&mut loc, qk, TensorKind::AttnKNorm, hd)?,
+                attn_post_norm: extra(&mut loc, post, TensorKind::AttnPostNorm, d)?,
+                ffn_post_norm: extra(&mut loc, post, TensorKind::FfnPostNorm, d)?,
             });
         }
         if let Some(t) = file.tensors().iter().find(|t| !loc.used.contains(&t.name)) {

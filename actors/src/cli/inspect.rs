@@ -158,14 +158,21 @@ fn validate(f: &GgufFile, n_layer: usize) -> Validation {
         .filter(|n| f.tensor(n).is_none())
         .cloned()
         .collect();
-    // Optional roles: an untied head and q/k/v biases (qwen2-style).
+    // Optional roles: an untied head, Llama 3 RoPE factors, q/k/v biases (qwen2-style), QK-norm
+    // (qwen3, gemma3) and Gemma's post-norms; whether the file's family needs them is the
+    // model check's call (`Model::from_file`, reported beside this).
     let mut known: HashSet<String> = required.into_iter().collect();
     known.insert(tensor_name(TensorKind::Output, None));
+    known.insert(tensor_name(TensorKind::RopeFreqs, None));
     for l in 0..n_layer {
         for k in [
             TensorKind::AttnQBias,
             TensorKind::AttnKBias,
             TensorKind::AttnVBias,
+            TensorKind::AttnQNorm,
+            TensorKind::AttnKNorm,
+            TensorKind::AttnPostNorm,
+            TensorKind::FfnPostNorm,
         ] {
             known.insert(tensor_name(k, Some(l)));
         }

@@ -1,5 +1,8 @@
-//! The real compute: the core crate's llama-family CPU forward pass (`rocmforge::model`) run
-//! over the weights the pipeline made resident, plus the GGUF tokenizer.
+//! The real compute: the core crate's llama-family CPU forward pass (`rocmforge::model`: llama,
+//! mistral, qwen2, qwen3, gemma3) run over the weights the pipeline made resident, plus the GGUF
+//! tokenizer. The family's embedding scale and final logit cap come from `Model`
+//! (`scale_embeddings`, `finish_logits`), applied here where this compute does the lookup and
+//! the head itself.
 //!
 //! Per-layer weights come from the resident unit (the host arena in `read` mode, the file map in
 //! `mmap` mode), never from the model's own map, so the budget is what really bounds memory.
@@ -174,6 +177,10 @@ fn layer_views<'a>(unit: &'a ResidentLayer, r: &LayerRefs) -> Result<LayerWeight
         w_gate: view(unit, &r.w_gate)?,
         w_up: view(unit, &r.w_up)?,
         w_down: view(unit, &r.w_down)?,
+        q_norm: opt(&r.q_norm)?,
+        k_norm: opt(&r.k_norm)?,
+        attn_post_norm: opt(&r.attn_post_norm)?,
+        ffn_post_norm: opt(&r.ffn_post_norm)?,
     })
 }
 
@@ -217,6 +224,7 @@ impl ModelCompute for LlamaCompute {
         for (&tok, row) in tokens.iter().zip(data.chunks_exact_mut(d)) {
             ops::dequantize_row(&w, tok as usize, &te.name, row).map_err(err(None))?;
         }
+        self.model.scale_embeddings(&mut data);
         Ok(Hidden {
             data,
             n_tokens: tokens.len(),
@@ -276,6 +284,7 @@ impl ModelCompute for LlamaCompute {
                 };
                 ops::dequantize_row(&w, 0, &te.name, row).map_err(err(None))?;
             }
+            self.model.scale_embeddings(&mut data);
             Ok(Hidden {
                 data,
                 n_tokens: tokens.len(),
@@ -323,6 +332,7 @@ impl ModelCompute for LlamaCompute {
             self.precision,
         )
         .map_err(err(None))?;
+        self.model.finish_logits(&mut logits);
         Ok(logits)
     }
 
@@ -360,7 +370,9 @@ impl ModelCompute for LlamaCompute {
             cols: w.cols as usize,
             data: w.data,
         };
-        ops::linear(&w, &head.name, &self.xn, 1, logits, self.precision).map_err(err(None))
+        ops::linear(&w, &head.name, &self.xn, 1, logits, self.precision).map_err(err(None))?;
+        self.model.finish_logits(logits);
+        Ok(())
     }
 
     fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>> {

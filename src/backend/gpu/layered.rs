@@ -123,6 +123,9 @@ impl<D: KernelDevice> GpuLayered<D> {
                 return Err(GpuForwardError::Unsupported("YaRN RoPE scaling".into()))
             }
         };
+        if let Some(what) = hp.beyond_llama_graph() {
+            return Err(GpuForwardError::Unsupported(what));
+        }
         if model.layout().rope_freqs.is_some() {
             return Err(GpuForwardError::Unsupported(
                 "rope_freqs (Llama 3.1 frequency factors)".into(),

@@ -159,6 +159,9 @@ impl CudaModel {
                 return Err(CudaForwardError::Unsupported("YaRN RoPE scaling".into()))
             }
         };
+        if let Some(what) = hp.beyond_llama_graph() {
+            return Err(CudaForwardError::Unsupported(what));
+        }
         let layout = model.layout();
         if layout.rope_freqs.is_some() {
             return Err(CudaForwardError::Unsupported(

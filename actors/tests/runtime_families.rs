@@ -1,0 +1,88 @@
+//! The pipelined runtime (the path `run` and `serve` take on the CPU) on every family's tiny
+//! model (tests/data/tiny-families, verified against transformers by the core crate's
+//! `tests/tiny_families.rs`): its greedy tokens equal the core forward pass's, with the whole
+//! model resident and with a budget that streams layers and the output head. This covers what
+//! the runtime's compute does itself: the embedding lookup from the file (Gemma's scale) and
+//! the output head in row chunks (Gemma's soft-cap).
+
+use rocmforge::model::{Model, SequenceConfig};
+use rocmforge_actors::compute::llama::LlamaCompute;
+use rocmforge_actors::{
+    GenerateRequest, MemoryBudget, ReadMode, Runtime, RuntimeError, RuntimeHandle,
+};
+use std::path::PathBuf;
+
+const FAMILIES: [&str; 4] = ["gemma3", "llama", "qwen2", "qwen3"];
+const PROMPT: [u32; 10] = [3, 141, 59, 26, 5, 35, 89, 79, 32, 38];
+const N: usize = 12;
+
+fn tiny(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/tiny-families")
+        .join(format!("{family}.f32.gguf"))
+}
+
+fn core_tokens(path: &PathBuf) -> Vec<u32> {
+    let model = Model::open(path).unwrap();
+    let mut seq = model.new_sequence(SequenceConfig::default()).unwrap();
+    let mut out = Vec::new();
+    let mut input = PROMPT.to_vec();
+    for _ in 0..N {
+        let t = rocmforge::sample::argmax(model.forward(&input, &mut seq).unwrap());
+        out.push(t);
+        input = vec![t];
+    }
+    out
+}
+
+fn build(path: &PathBuf, budget: MemoryBudget) -> Result<RuntimeHandle, RuntimeError> {
+    Runtime::builder()
+        .model(path)
+        .read_mode(ReadMode::Read)
+        .memory_budget(budget)
+        .compute(LlamaCompute::factory(SequenceConfig::default()))
+        .build()
+}
+
+/// The smallest budget the scheduler accepts: the global unit plus one streamed layer, as its
+/// refusal of a 1-byte budget reports them.
+fn smallest_budget(path: &PathBuf) -> MemoryBudget {
+    match build(path, MemoryBudget::Bytes(1)) {
+        Err(RuntimeError::BudgetTooSmall {
+            global,
+            largest_layer,
+            ..
+        }) => MemoryBudget::Bytes(global + largest_layer),
+        other => panic!("expected BudgetTooSmall, got {:?}", other.map(|_| ())),
+    }
+}
+
+fn runtime_tokens(path: &PathBuf, budget: MemoryBudget) -> (Vec<u32>, rocmforge_actors::Stats) {
+    let rt = build(path, budget).unwrap();
+    let mut req = GenerateRequest::tokens(PROMPT.to_vec(), N);
+    req.stop_at_eos = false;
+    let t = rt.generate(req).collect_tokens().unwrap();
+    let s = rt.stats();
+    rt.shutdown().unwrap();
+    (t, s)
+}
+
+#[test]
+fn runtime_matches_the_core_forward_pass_on_every_family() {
+    for family in FAMILIES {
+        let path = tiny(family);
+        let want = core_tokens(&path);
+        let (got, _) = runtime_tokens(&path, MemoryBudget::Unlimited);
+        assert_eq!(got, want, "{family}, resident");
+        let (got, s) = runtime_tokens(&path, smallest_budget(&path));
+        assert_eq!(got, want, "{family}, streamed: {s:?}");
+        assert!(s.evictions > 0, "{family} did not stream: {s:?}");
+        // Units past the global one (index n_layer) are the output head's chunks: the head
+        // streamed, through `output_rows`.
+        let g = Model::open(&path).unwrap().hparams().n_layer;
+        assert!(
+            s.loads_per_layer.len() > g + 1,
+            "{family}: head not streamed: {s:?}"
+        );
+    }
+}

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Tiny random models of each family, their GGUF conversions and transformers' logits, for
+tests/tiny_families.rs. By hand, not in CI (needs torch and transformers; see
+tests/data/tiny-families/README.md for the versions used).
+
+For each family: a transformers model with small widths and the family's options switched on
+(Llama 3 RoPE scaling and an untied head; Qwen2 QKV biases; Qwen3 QK-norm; Gemma 3 QK-norm,
+post-norms, GeGLU, sliding-window layers with their own RoPE base, final logit soft-capping),
+every weight drawn at random (biases and norm weights too, so they matter), saved, converted with
+llama.cpp's convert_hf_to_gguf.py to F32 and Q8_0, and run by transformers in float32 on a fixed
+sequence of random token ids. The logits of every position are saved, once with the f32
+weights and once with the Q8_0 round trip of every matrix (the reference of the Q8_0 file).
+
+The converter is run in-process with one change: the models have no tokenizer, so each model
+class's `set_vocab` is replaced by a synthetic one (placeholder tokens `<tN>`, SentencePiece
+type "llama"). The tensor conversion (names, Q/K permutation, norm shifts, rope_freqs) is the
+converter's own.
+
+    /path/to/venv/bin/python scripts/tiny_families.py LLAMA_CPP_DIR [tests/data/tiny-families]
+
+LLAMA_CPP_DIR is the llama.cpp tree vendored in the llama-cpp-python sdist (vendor/llama.cpp).
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+VOCAB = 256
+N_TOKENS = 24
+SEED = 17
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+
+def families():
+    return {
+        "llama": transformers.LlamaConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                # Small, so the tiny head width has dimensions on both sides of the ramp.
+                "original_max_position_embeddings": 32,
+            },
+        ),
+        "qwen2": transformers.Qwen2Config(
+            **COMMON,
+            num_hidden_layers=2,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+        "qwen3": transformers.Qwen3Config(
+            **COMMON,
+            num_hidden_layers=2,
+            head_dim=32,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+        "gemma3": transformers.Gemma3TextConfig(
+            **COMMON,
+            # Six layers: five sliding-window layers, then a global one (the pattern that
+            # llama.cpp assumes for gemma3 files).
+            num_hidden_layers=6,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=None,
+            hidden_activation="gelu_pytorch_tanh",
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+    }
+
+
+def randomize(model: torch.nn.Module, gen: torch.Generator, gemma: bool) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if "norm" in name:
+                # Gemma stores w for a (1 + w) scale; the others scale by w itself.
+                p.copy_(0.2 * noise if gemma else 1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+def q8_0_round_trip(model: torch.nn.Module) -> None:
+    """Replaces every matrix by its Q8_0 round trip, as gguf-py quantizes it (blocks of 32
+    along each row, scale max|x|/127 kept as f16, values rounded half away from zero), so the
+    quantized file has a float32 reference of its own. Vectors (norms, biases) stay f32, as the
+    converter keeps them."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() != 2:
+                continue
+            blocks = p.reshape(-1, 32)
+            d = blocks.abs().amax(dim=1, keepdim=True) / 127
+            inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+            q = torch.sign(blocks * inv) * torch.floor(torch.abs(blocks * inv) + 0.5)
+            p.copy_((q * d.half().float()).reshape(p.shape))
+
+
+def synthetic_vocab(self) -> None:
+    import gguf
+
+    n = self.hparams["vocab_size"]
+    w = self.gguf_writer
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([f"<t{i}>" for i in range(n)])
+    w.add_token_scores([0.0] * n)
+    w.add_token_types([gguf.TokenType.NORMAL] * n)
+
+
+def convert(llama_cpp: Path, model_dir: Path, out: Path, outtype: str) -> None:
+    sys.path.insert(0, str(llama_cpp / "gguf-py"))
+    sys.path.insert(0, str(llama_cpp))
+    import convert_hf_to_gguf as conv
+    from conversion import get_model_class
+
+    arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
+    get_model_class(arch).set_vocab = synthetic_vocab
+    saved = sys.argv
+    sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outfile", str(out), "--outtype", outtype]
+    try:
+        conv.main()
+    finally:
+        sys.argv = saved
+
+
+def main() -> None:
+    llama_cpp = Path(sys.argv[1])
+    out = Path(sys.argv[2] if len(sys.argv) > 2 else "tests/data/tiny-families")
+    work = Path("/tmp/rocmforge-tiny-families")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    tokens = torch.randint(0, VOCAB, (N_TOKENS,), generator=torch.Generator().manual_seed(SEED))
+    meta = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "seed": SEED,
+        "tokens": tokens.tolist(),
+        "families": {},
+    }
+    for i, (family, config) in enumerate(families().items()):
+        gen = torch.Generator().manual_seed(SEED + i)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+        model.eval()
+        randomize(model, gen, gemma=family.startswith("gemma"))
+        model_dir = work / family
+        model.save_pretrained(model_dir, safe_serialization=True)
+        # The gemma converter counts the real vocabulary in tokenizer.json to trim padding rows
+        # of the embedding table: a stand-in listing the placeholder tokens keeps all rows.
+        vocab = {f"<t{i}>": i for i in range(VOCAB)}
+        (model_dir / "tokenizer.json").write_text(
+            json.dumps({"model": {"vocab": vocab}, "added_tokens": []})
+        )
+        files, refs = {}, {}
+        for outtype in ["f32", "q8_0"]:
+            name = f"{family}.{outtype}.gguf"
+            convert(llama_cpp, model_dir, out / name, outtype)
+            files[outtype] = name
+            if outtype == "q8_0":
+                q8_0_round_trip(model)
+            with torch.no_grad():
+                logits = model(tokens[None, :]).logits[0].to(torch.float32).numpy()
+            refs[outtype] = f"{family}.{outtype}.logits.f32.bin"
+            logits.astype("<f4").tofile(out / refs[outtype])
+        meta["families"][family] = {
+            "hf_architecture": json.loads((model_dir / "config.json").read_text())["architectures"][0],
+            "config": {k: v for k, v in config.to_diff_dict().items() if k not in ("transformers_version",)},
+            "gguf": files,
+            # transformers' logits with the f32 weights, and with the Q8_0 round trip of them.
+            "logits": refs,
+            "logits_shape": list(logits.shape),
+        }
+        print(family, logits.shape, float(np.abs(logits).max()))
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
