@@ -1,10 +1,10 @@
-//! HTTP endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
-//! `/metrics`.
+//! HTTP endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/tokenize`,
+//! `/detokenize`, `/health`, `/metrics`.
 
 use super::error::ApiError;
 use super::generation::{Generation, Step};
 use super::openai::{ChatRequest, Checked, CompletionRequest, PromptInput, Usage};
-use super::AppState;
+use super::{tokens, AppState};
 use crate::messages::{GenerateRequest, Prompt};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -25,6 +25,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize_endpoint))
+        .route("/detokenize", post(detokenize_endpoint))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -83,6 +85,8 @@ async fn count_requests(State(s): AppRef, mut req: Request, next: Next) -> Respo
         "/v1/completions" => "/v1/completions",
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/models" => "/v1/models",
+        "/tokenize" => "/tokenize",
+        "/detokenize" => "/detokenize",
         "/health" => "/health",
         "/metrics" => "/metrics",
         _ => "other",
@@ -162,6 +166,24 @@ async fn models(State(s): AppRef) -> Response {
         }],
     }))
     .into_response()
+}
+
+async fn tokenize_endpoint(State(s): AppRef, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        let req: tokens::TokenizeRequest = parse_body(&s, &headers, body).await?;
+        tokens::tokenize(&s, req).await
+    }
+    .await;
+    r.map(axum::Json).into_response()
+}
+
+async fn detokenize_endpoint(State(s): AppRef, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        let req: tokens::DetokenizeRequest = parse_body(&s, &headers, body).await?;
+        tokens::detokenize(&s, &req)
+    }
+    .await;
+    r.map(axum::Json).into_response()
 }
 
 fn too_large(limit: usize) -> ApiError {

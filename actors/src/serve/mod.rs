@@ -9,6 +9,7 @@
 //! - `prompt.rs` — chat messages to prompt tokens: the template under limits, off the async
 //!   threads, and client text kept out of the control tokens.
 //! - `openai.rs` — request/response bodies and parameter checks.
+//! - `tokens.rs` — `/tokenize` and `/detokenize` (llama.cpp server's shape).
 //! - `generation.rs` — one request's token stream as text pieces (stop strings, finish reason).
 //! - `error.rs` — OpenAI-style error objects.
 //! - `metrics.rs` — counters, histograms and the Prometheus text page.
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod openai;
 mod prompt;
 pub mod promtext;
+mod tokens;
 
 use crate::compute::llama::LlamaCompute;
 use crate::error::RuntimeError;

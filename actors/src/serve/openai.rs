@@ -59,6 +59,13 @@ pub struct CommonParams {
     pub logit_bias: Option<serde_json::Value>,
     /// Not implemented (no tool calling): rejected unless empty.
     pub tools: Option<serde_json::Value>,
+    /// Rejected unless `none` or `auto` (with no tools, both mean plain text).
+    pub tool_choice: Option<serde_json::Value>,
+    /// The legacy names of `tools` and `tool_choice`: rejected unless empty.
+    pub functions: Option<serde_json::Value>,
+    pub function_call: Option<serde_json::Value>,
+    /// Not implemented (no constrained decoding yet): only `{"type": "text"}` is accepted.
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// `null`, `{}` and `[]` ask for nothing.
@@ -173,6 +180,48 @@ impl CommonParams {
                 "tools",
                 "tool calling is not supported by this server",
             ));
+        }
+        if self.functions.as_ref().is_some_and(|v| !is_empty_value(v)) {
+            return Err(ApiError::invalid(
+                "functions",
+                "function calling is not supported by this server",
+            ));
+        }
+        let plain_choice = |v: &serde_json::Value| {
+            is_empty_value(v) || v.as_str().is_some_and(|c| c == "none" || c == "auto")
+        };
+        if self.tool_choice.as_ref().is_some_and(|v| !plain_choice(v)) {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "tool calling is not supported by this server: tool_choice may only be \"none\" \
+                 or \"auto\"",
+            ));
+        }
+        if self.function_call.as_ref().is_some_and(|v| !plain_choice(v)) {
+            return Err(ApiError::invalid(
+                "function_call",
+                "function calling is not supported by this server",
+            ));
+        }
+        if let Some(f) = self.response_format.as_ref().filter(|v| !v.is_null()) {
+            match f.get("type").and_then(|t| t.as_str()) {
+                Some("text") => {}
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        format!(
+                            "response_format of type {other:?} is not supported yet: \
+                             only \"text\""
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        "response_format must be an object with a \"type\"",
+                    ))
+                }
+            }
         }
         if self
             .logprobs
