@@ -88,7 +88,7 @@ impl std::str::FromStr for MemoryBudget {
 /// Sampling settings of one request: the core crate's type, so the CLI, the server and the
 /// embedding API share one set of fields and one set of defaults (llama.cpp's: temperature 0.8,
 /// top-k 40, top-p 0.95, min-p 0.05, no seed = a fresh random one).
-pub use rocmforge::sample::SamplingParams;
+pub use rocmforge::sample::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Prompt {
@@ -108,6 +108,13 @@ pub struct GenerateRequest {
     /// (`RuntimeHandle::new_session`).
     #[serde(default)]
     pub session: Option<SessionId>,
+    /// The session's last request: its sequence is freed afterwards instead of kept.
+    #[serde(default)]
+    pub end_session: bool,
+    /// Log-probabilities with every token (`TokenEvent::logprobs`): `Some(n)` gives the chosen
+    /// token's and the `n` most likely ones' (at most `MAX_TOP_LOGPROBS`); `None`: none.
+    #[serde(default)]
+    pub logprobs: Option<usize>,
 }
 
 /// Names a conversation whose sequence the runtime keeps between requests (a bounded number
@@ -124,6 +131,8 @@ impl GenerateRequest {
             sampling: SamplingParams::greedy(),
             stop_at_eos: true,
             session: None,
+            end_session: false,
+            logprobs: None,
         }
     }
 
@@ -135,6 +144,8 @@ impl GenerateRequest {
             sampling: SamplingParams::greedy(),
             stop_at_eos: true,
             session: None,
+            end_session: false,
+            logprobs: None,
         }
     }
 }
@@ -147,6 +158,9 @@ pub struct TokenEvent {
     /// Decoded text piece: empty for a control token (end of turn, end of text) and when the
     /// runtime has no tokenizer.
     pub text: String,
+    /// When the request asked for them (`GenerateRequest::logprobs`).
+    #[serde(default)]
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

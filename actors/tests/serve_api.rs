@@ -186,3 +186,255 @@ async fn unimplemented_fields_are_a_400_never_ignored() {
     }
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// exp of each logprob in `entries[*][field]`, summed.
+fn prob_sum(entries: &[Value]) -> f64 {
+    entries
+        .iter()
+        .map(|e| e["logprob"].as_f64().expect("logprob").exp())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_chat_and_completions_streamed_and_not() {
+    let server = start(config()).await;
+    let addr = server.local_addr();
+    let tok = tokenizer();
+    let messages = json!([{"role": "user", "content": "Name three colors."}]);
+
+    // Chat, greedy: every chosen token is the top entry, with the same logprob; the top 5
+    // hold at most all the probability; the bytes are the token's.
+    let body = json!({"model": MODEL, "messages": messages, "max_tokens": 12,
+                      "temperature": 0, "logprobs": true, "top_logprobs": 5});
+    let c = ok_json(addr, "/v1/chat/completions", body.clone()).await;
+    let content = c["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs.content")
+        .clone();
+    assert_eq!(
+        content.len(),
+        c["usage"]["completion_tokens"].as_u64().unwrap() as usize
+            - usize::from(c["choices"][0]["finish_reason"] == "stop"),
+        "{c}"
+    );
+    let mut text = Vec::new();
+    for e in &content {
+        let top = e["top_logprobs"].as_array().expect("top_logprobs");
+        assert_eq!(top.len(), 5, "{e}");
+        assert_eq!(top[0]["token"], e["token"], "{e}");
+        assert_eq!(top[0]["logprob"], e["logprob"], "{e}");
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0);
+        let sum = prob_sum(top);
+        assert!(sum <= 1.0 + 1e-4 && sum > 0.0, "{sum} {e}");
+        let bytes: Vec<u8> = serde_json::from_value(e["bytes"].clone()).expect("bytes");
+        text.extend(bytes);
+    }
+    assert_eq!(
+        String::from_utf8(text).unwrap(),
+        c["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+
+    // Sampled (temperature 1, fixed seed): the chosen token's logprob is the model's, the
+    // same number wherever the token also appears among the top entries.
+    let sampled = json!({"model": MODEL, "messages": messages, "max_tokens": 12,
+                         "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                         "seed": 5, "logprobs": true, "top_logprobs": 20});
+    let c = ok_json(addr, "/v1/chat/completions", sampled).await;
+    for e in c["choices"][0]["logprobs"]["content"].as_array().unwrap() {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 20);
+        assert!(prob_sum(top) <= 1.0 + 1e-4);
+        let lp = e["logprob"].as_f64().unwrap();
+        if let Some(t) = top.iter().find(|t| t["bytes"] == e["bytes"]) {
+            assert!((t["logprob"].as_f64().unwrap() - lp).abs() < 1e-6, "{e}");
+        } else {
+            // Not among the top 20: no likelier than the 20th.
+            assert!(lp <= top[19]["logprob"].as_f64().unwrap(), "{e}");
+        }
+    }
+
+    // Streamed chat: the same entries, spread over the chunks.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let s = post_sse(addr, "/v1/chat/completions", &sb)
+        .await
+        .expect("stream");
+    let mut streamed = Vec::new();
+    for (_, e) in &s.events {
+        if let Ok(v) = serde_json::from_str::<Value>(e) {
+            if let Some(a) = v["choices"][0]["logprobs"]["content"].as_array() {
+                streamed.extend(a.iter().cloned());
+            }
+        }
+    }
+    assert_eq!(streamed, content);
+
+    // Completions: `logprobs: 3`, the legacy shape; text offsets follow the text.
+    let prompt = "The capital of France is";
+    let cb = json!({"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                    "logprobs": 3});
+    let c = ok_json(addr, "/v1/completions", cb.clone()).await;
+    let lp = &c["choices"][0]["logprobs"];
+    let tokens: Vec<String> = serde_json::from_value(lp["tokens"].clone()).unwrap();
+    let offsets: Vec<usize> = serde_json::from_value(lp["text_offset"].clone()).unwrap();
+    assert_eq!(tokens.len(), 6, "{c}");
+    assert_eq!(tokens.concat(), c["choices"][0]["text"].as_str().unwrap());
+    let mut at = 0;
+    for (t, &o) in tokens.iter().zip(&offsets) {
+        assert_eq!(o, at);
+        at += t.chars().count();
+    }
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().expect("a map");
+        assert!(!top.is_empty() && top.len() <= 3, "{top:?}");
+        let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert_eq!(best, lp["token_logprobs"][i].as_f64().unwrap());
+        assert!(top.values().map(|v| v.as_f64().unwrap().exp()).sum::<f64>() <= 1.0 + 1e-4);
+        assert!(top.contains_key(&tokens[i]));
+    }
+    // Streamed completions: the chunks' objects together are the whole one.
+    let mut sb = cb.clone();
+    sb["stream"] = json!(true);
+    let s = post_sse(addr, "/v1/completions", &sb).await.expect("stream");
+    let (mut st, mut so) = (Vec::<String>::new(), Vec::<usize>::new());
+    for (_, e) in &s.events {
+        if let Ok(v) = serde_json::from_str::<Value>(e) {
+            let l = &v["choices"][0]["logprobs"];
+            if l.is_object() {
+                st.extend(serde_json::from_value::<Vec<String>>(l["tokens"].clone()).unwrap());
+                so.extend(serde_json::from_value::<Vec<usize>>(l["text_offset"].clone()).unwrap());
+            }
+        }
+    }
+    assert_eq!((st, so), (tokens, offsets));
+    // The prompt is not in the logprobs: the ids come from the model's tokenizer.
+    assert!(tok.encode(prompt, true, true).unwrap().len() > 1);
+
+    // Out of range or wrong types are 400s naming the field.
+    for (path, extra, param) in [
+        ("/v1/chat/completions", json!({"top_logprobs": 21, "logprobs": true}), "top_logprobs"),
+        ("/v1/chat/completions", json!({"top_logprobs": 2}), "top_logprobs"),
+        ("/v1/chat/completions", json!({"logprobs": "yes"}), "logprobs"),
+        ("/v1/completions", json!({"logprobs": 21}), "logprobs"),
+        ("/v1/completions", json!({"logprobs": -1}), "logprobs"),
+    ] {
+        let mut b = if path == "/v1/completions" {
+            json!({"model": MODEL, "prompt": "a", "max_tokens": 1})
+        } else {
+            json!({"model": MODEL, "messages": messages, "max_tokens": 1})
+        };
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let (st, v) = status_of(addr, path, b).await;
+        assert_eq!(st, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{extra}: {v}");
+    }
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_share_the_prompt_and_are_equal_when_greedy() {
+    let server = start(config()).await;
+    let addr = server.local_addr();
+    let messages = json!([{"role": "user", "content": "Name three colors."}]);
+    let cached0 = server.runtime().stats().prompt_tokens_cached;
+
+    let body = json!({"model": MODEL, "messages": messages, "max_tokens": 10,
+                      "temperature": 0, "n": 3});
+    let c = ok_json(addr, "/v1/chat/completions", body.clone()).await;
+    let choices = c["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3, "{c}");
+    for (i, ch) in choices.iter().enumerate() {
+        assert_eq!(ch["index"], i);
+        assert_eq!(ch["message"], choices[0]["message"], "{c}");
+    }
+    let one = ok_json(
+        addr,
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": messages, "max_tokens": 10, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(one["choices"][0]["message"], choices[0]["message"]);
+    let per_choice = one["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(c["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+    assert_eq!(c["usage"]["completion_tokens"], 3 * per_choice);
+    // Choices 1 and 2 reused the prefill of choice 0: all but the last prompt token each.
+    let n_prompt = one["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = server.runtime().stats().prompt_tokens_cached - cached0;
+    assert_eq!(cached, 2 * (n_prompt - 1));
+    // And the session is not kept once the request is done.
+    assert_eq!(server.runtime().stats().kv_slots_in_use, 0);
+
+    // Sampled: each choice has its own seed, so they differ (4 choices of 24 tokens at
+    // temperature 1.5 over the whole vocabulary agreeing would be a broken seed).
+    let c = ok_json(
+        addr,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "n": 4,
+               "temperature": 1.5, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 11}),
+    )
+    .await;
+    let texts: Vec<&str> = c["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts.len(), 4);
+    assert!(texts.iter().any(|t| *t != texts[0]), "{texts:?}");
+
+    // Streamed: each choice's chunks carry its index; put together they are the choices above.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    sb["stream_options"] = json!({"include_usage": true});
+    let s = post_sse(addr, "/v1/chat/completions", &sb)
+        .await
+        .expect("stream");
+    let mut parts = vec![String::new(); 3];
+    let mut finishes = 0;
+    let mut usage = Value::Null;
+    for (_, e) in &s.events {
+        let Ok(v) = serde_json::from_str::<Value>(e) else {
+            continue;
+        };
+        if v["usage"].is_object() {
+            usage = v["usage"].clone();
+        }
+        for ch in v["choices"].as_array().unwrap() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            if let Some(t) = ch["delta"]["content"].as_str() {
+                parts[i].push_str(t);
+            }
+            finishes += usize::from(ch["finish_reason"].is_string());
+        }
+    }
+    assert_eq!(finishes, 3);
+    for p in &parts {
+        assert_eq!(p, choices[0]["message"]["content"].as_str().unwrap());
+    }
+    assert_eq!(usage["completion_tokens"], 3 * per_choice);
+
+    // n past the bound, and best_of other than n, are 400s.
+    for (extra, param) in [
+        (json!({"n": 17}), "n"),
+        (json!({"n": 0}), "n"),
+        (json!({"n": 2, "best_of": 3}), "best_of"),
+    ] {
+        let mut b = json!({"model": MODEL, "prompt": "a", "max_tokens": 1});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let (st, v) = status_of(addr, "/v1/completions", b).await;
+        assert_eq!(st, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{extra}: {v}");
+    }
+    let c = ok_json(
+        addr,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "a", "max_tokens": 1, "n": 2, "best_of": 2}),
+    )
+    .await;
+    assert_eq!(c["choices"].as_array().unwrap().len(), 2);
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}

@@ -345,6 +345,9 @@ impl Inference {
                 index,
                 token,
                 text: text.push(&self.compute.token_bytes(token)),
+                logprobs: req
+                    .logprobs
+                    .map(|n| rocmforge::sample::TokenLogprobs::of(&logits, token, n)),
             };
             self.send_event(job, ev)?;
             if req.stop_at_eos && self.compute.is_end_of_generation(token) {
@@ -353,7 +356,7 @@ impl Inference {
             }
             input = vec![token];
         }
-        if let Some(id) = req.session {
+        if let Some(id) = req.session.filter(|_| !req.end_session) {
             self.keep(id, slot, fed);
         }
         Ok(finish)

@@ -2,10 +2,11 @@
 //! `/detokenize`, `/health`, `/metrics`.
 
 use super::error::ApiError;
-use super::generation::{Generation, Step};
-use super::openai::{ChatRequest, Checked, CompletionRequest, PromptInput, Usage};
+use super::generation::Generation;
+use super::reply::{stream_response, Kind, Meta};
+use super::openai::{ChatRequest, Checked, CompletionRequest, PromptInput};
 use super::{tokens, AppState};
-use crate::messages::{GenerateRequest, Prompt};
+use crate::messages::{GenerateRequest, Prompt, SamplingParams};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -252,12 +253,6 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
 /// The tag `count_requests` put on the request (a fresh one if the layer is missing).
 fn tag_of(s: &AppState, ext: Option<axum::Extension<RequestTag>>) -> RequestTag {
     ext.map(|e| e.0).unwrap_or_else(|| RequestTag {
@@ -407,19 +402,35 @@ async fn start(
         )
         .code("context_length_exceeded"));
     }
-    let request = GenerateRequest {
-        prompt: Prompt::Tokens(tokens),
-        max_tokens,
-        sampling: checked.sampling.clone(),
-        stop_at_eos: true,
-        session: None,
-    };
-    let gen = Generation::admit(
-        s.runtime.generate(request),
-        n_prompt,
-        &checked.stop,
-        s.metrics.clone(),
-    )?;
+    // `n` choices, one after another: the first prefills the prompt, the others resume the
+    // session it left (only the last prompt token is fed again); each has its own seed.
+    let n = checked.n;
+    let session = (n > 1).then(|| s.runtime.new_session());
+    let seed = checked.sampling.seed.unwrap_or_else(rand::random);
+    let mut gens = Vec::with_capacity(n);
+    for i in 0..n {
+        let request = GenerateRequest {
+            prompt: Prompt::Tokens(tokens.clone()),
+            max_tokens,
+            sampling: SamplingParams {
+                seed: Some(seed.wrapping_add(i as u64)),
+                ..checked.sampling.clone()
+            },
+            stop_at_eos: true,
+            session,
+            end_session: i + 1 == n,
+            logprobs: checked.logprobs,
+        };
+        // A choice the queue cannot take fails the request; the ones admitted are dropped,
+        // which cancels them.
+        gens.push(Generation::admit(
+            s.runtime.generate(request),
+            // The prompt counted once in the metrics, as in `usage`.
+            if i == 0 { n_prompt } else { 0 },
+            &checked.stop,
+            s.metrics.clone(),
+        )?);
+    }
     let meta = Meta {
         id: match kind {
             Kind::Completion => format!("cmpl-{}", tag.id),
@@ -428,191 +439,26 @@ async fn start(
         created: unix_now(),
         model: s.model_name.clone(),
         kind,
-        tag,
+        request: tag.id,
+        arrived: tag.arrived,
+        prompt_tokens: n_prompt,
+        logprobs: checked.logprobs.is_some(),
+        tokenizer: s.tokenizer.clone(),
     };
     if checked.stream {
-        let mut r = stream_response(gen, meta, checked.include_usage);
+        let mut r = stream_response(gens, meta, checked.include_usage);
         r.extensions_mut().insert(Logged::Streaming);
         Ok(r)
     } else {
-        let (text, finish, n) = gen.collect().await?;
-        let usage = Usage::new(n_prompt, n);
-        let body = match kind {
-            Kind::Completion => json!({
-                "id": meta.id, "object": "text_completion", "created": meta.created,
-                "model": meta.model,
-                "choices": [{"text": text, "index": 0, "logprobs": null,
-                             "finish_reason": finish}],
-                "usage": usage,
-            }),
-            Kind::Chat => json!({
-                "id": meta.id, "object": "chat.completion", "created": meta.created,
-                "model": meta.model,
-                "choices": [{"index": 0,
-                             "message": {"role": "assistant", "content": text},
-                             "logprobs": null, "finish_reason": finish}],
-                "usage": usage,
-            }),
-        };
-        let mut r = axum::Json(body).into_response();
+        let mut choices = Vec::with_capacity(n);
+        for g in gens {
+            choices.push(g.collect().await?);
+        }
+        let mut r = axum::Json(meta.body(&choices)).into_response();
         r.extensions_mut().insert(Logged::Tokens {
             prompt: n_prompt,
-            completion: n,
+            completion: choices.iter().map(|c| c.completion_tokens).sum(),
         });
         Ok(r)
     }
-}
-
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-    kind: Kind,
-    tag: RequestTag,
-}
-
-impl Meta {
-    fn path(&self) -> &'static str {
-        match self.kind {
-            Kind::Completion => "/v1/completions",
-            Kind::Chat => "/v1/chat/completions",
-        }
-    }
-}
-
-impl Meta {
-    /// One chunk with `text` (or the role announcement / the finish reason).
-    fn chunk(&self, text: Option<&str>, role: bool, finish: Option<&str>) -> serde_json::Value {
-        match self.kind {
-            Kind::Completion => json!({
-                "id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.model,
-                "choices": [{"text": text.unwrap_or(""), "index": 0, "logprobs": null,
-                             "finish_reason": finish}],
-            }),
-            Kind::Chat => {
-                let mut delta = serde_json::Map::new();
-                if role {
-                    delta.insert("role".into(), json!("assistant"));
-                }
-                if let Some(t) = text {
-                    delta.insert("content".into(), json!(t));
-                }
-                json!({
-                    "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null,
-                                 "finish_reason": finish}],
-                })
-            }
-        }
-    }
-
-    fn usage_chunk(&self, usage: Usage) -> serde_json::Value {
-        let object = match self.kind {
-            Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion.chunk",
-        };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
-               "choices": [], "usage": usage})
-    }
-}
-
-fn sse(v: &serde_json::Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
-}
-
-enum Phase {
-    Start,
-    Tokens,
-    Usage(Usage),
-    Done,
-    End,
-}
-
-/// A stream's generation and metadata; dropped once, when the stream ends or the client goes,
-/// which is when the request's log line is written.
-struct Streamed {
-    gen: Generation,
-    meta: Meta,
-    /// How it ended, for the log line; until the end, a client that went away.
-    outcome: &'static str,
-}
-
-impl Drop for Streamed {
-    fn drop(&mut self) {
-        let ms = self.meta.tag.arrived.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(
-            "request {} POST {} 200 stream {} prompt_tokens={} completion_tokens={} \
-             time_ms={ms:.1}",
-            self.meta.tag.id,
-            self.meta.path(),
-            self.outcome,
-            self.gen.prompt_tokens,
-            self.gen.completion_tokens
-        );
-    }
-}
-
-/// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. When the client
-/// goes away hyper drops this stream, and with it the `Generation`: the request is cancelled.
-fn stream_response(gen: Generation, meta: Meta, include_usage: bool) -> Response {
-    let state = (
-        Streamed {
-            gen,
-            meta,
-            outcome: "client gone",
-        },
-        Phase::Start,
-    );
-    let body = futures::stream::unfold(state, move |(mut st, phase)| async move {
-        let Streamed { gen, meta, outcome } = &mut st;
-        let out = match phase {
-            Phase::Start => {
-                let first = match meta.kind {
-                    Kind::Chat => meta.chunk(Some(""), true, None),
-                    Kind::Completion => meta.chunk(Some(""), false, None),
-                };
-                (sse(&first), Phase::Tokens)
-            }
-            Phase::Tokens => match gen.next().await {
-                Step::Text(t) => (sse(&meta.chunk(Some(&t), false, None)), Phase::Tokens),
-                Step::Done(reason) => {
-                    let last = match meta.kind {
-                        Kind::Chat => meta.chunk(None, false, Some(reason)),
-                        Kind::Completion => meta.chunk(Some(""), false, Some(reason)),
-                    };
-                    let next = if include_usage {
-                        Phase::Usage(Usage::new(gen.prompt_tokens, gen.completion_tokens))
-                    } else {
-                        Phase::Done
-                    };
-                    (sse(&last), next)
-                }
-                // OpenAI's streams report a failure as an error object, then stop.
-                Step::Failed(e) => {
-                    *outcome = "failed";
-                    (
-                        Bytes::from(format!("data: {}\n\n", e.to_json())),
-                        Phase::End,
-                    )
-                }
-            },
-            Phase::Usage(u) => (sse(&meta.usage_chunk(u)), Phase::Done),
-            Phase::Done => {
-                *outcome = "done";
-                (Bytes::from_static(b"data: [DONE]\n\n"), Phase::End)
-            }
-            Phase::End => return None,
-        };
-        Some((Ok::<_, std::convert::Infallible>(out.0), (st, out.1)))
-    });
-    let mut r = Response::new(Body::from_stream(body));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    r
 }

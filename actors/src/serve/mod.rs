@@ -10,6 +10,8 @@
 //!   threads, and client text kept out of the control tokens.
 //! - `openai.rs` — request/response bodies and parameter checks.
 //! - `tokens.rs` — `/tokenize` and `/detokenize` (llama.cpp server's shape).
+//! - `reply.rs` — a generation's answer: one JSON body or a stream of chunks, `n` choices.
+//! - `logprobs.rs` — log-probabilities in chat's and completions' shapes.
 //! - `generation.rs` — one request's token stream as text pieces (stop strings, finish reason).
 //! - `error.rs` — OpenAI-style error objects.
 //! - `metrics.rs` — counters, histograms and the Prometheus text page.
@@ -23,10 +25,12 @@ pub mod control;
 pub mod error;
 pub mod generation;
 mod handlers;
+mod logprobs;
 pub mod metrics;
 pub mod openai;
 mod prompt;
 pub mod promtext;
+mod reply;
 mod tokens;
 
 use crate::compute::llama::LlamaCompute;
