@@ -216,8 +216,11 @@ impl TokenLogprobs {
         let lp = |l: f32| (f64::from(l) - log_z) as f32;
         let n = top_n.min(MAX_TOP_LOGPROBS).min(logits.len());
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let by_logit =
-            |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let by_logit = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
         if n > 0 && n < idx.len() {
             idx.select_nth_unstable_by(n - 1, by_logit);
         }

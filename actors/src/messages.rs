@@ -117,6 +117,65 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
 }
 
+/// How an embedding is made from the hidden states of a prompt's positions (GGUF's
+/// `{arch}.pooling_type`: 1 mean, 2 CLS, 3 last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pooling {
+    /// The average over the positions (what a decoder LM without pooling metadata gets).
+    Mean,
+    /// The first position (BERT-style CLS token).
+    First,
+    /// The last position (decoder embedding models such as e5-mistral, Qwen3-Embedding).
+    Last,
+}
+
+impl Pooling {
+    /// From GGUF's `pooling_type`; `None` for the types with no single vector (0 none, 4 rank)
+    /// and unknown ones.
+    pub fn from_gguf(t: u64) -> Option<Self> {
+        match t {
+            1 => Some(Self::Mean),
+            2 => Some(Self::First),
+            3 => Some(Self::Last),
+            _ => None,
+        }
+    }
+
+    /// Pools `rows` (`[n, width]`, row-major) into one L2-normalized vector of `width`;
+    /// `None` when `rows` is empty or not `n` whole rows.
+    pub fn pool(self, rows: &[f32], n: usize) -> Option<Vec<f32>> {
+        if n == 0 || rows.is_empty() || rows.len() % n != 0 {
+            return None;
+        }
+        let width = rows.len() / n;
+        let mut v: Vec<f32> = match self {
+            Self::First => rows[..width].to_vec(),
+            Self::Last => rows[rows.len() - width..].to_vec(),
+            Self::Mean => {
+                let mut sum = vec![0f64; width];
+                for r in rows.chunks_exact(width) {
+                    for (s, &x) in sum.iter_mut().zip(r) {
+                        *s += f64::from(x);
+                    }
+                }
+                sum.iter().map(|&s| (s / n as f64) as f32).collect()
+            }
+        };
+        let norm = v
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt();
+        // An all-zero state stays zero rather than becoming NaN.
+        if norm > 0.0 {
+            for x in &mut v {
+                *x = (f64::from(*x) / norm) as f32;
+            }
+        }
+        Some(v)
+    }
+}
+
 /// Names a conversation whose sequence the runtime keeps between requests (a bounded number
 /// of them, least recently used evicted first; an evicted session simply prefills again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -39,7 +39,9 @@ async fn tokenize_detokenize_and_usage() {
     let ids: Vec<u32> = serde_json::from_value(r["tokens"].clone()).expect("ids");
     assert_eq!(ids, tok.encode(text, false, true).unwrap());
     // Special-token text is the control token unless `parse_special` is off.
-    let im_start = tok.token_id("<|im_start|>").expect("SmolLM2 has <|im_start|>");
+    let im_start = tok
+        .token_id("<|im_start|>")
+        .expect("SmolLM2 has <|im_start|>");
     assert_eq!(ids.last(), Some(&im_start));
     let r = ok_json(
         addr,
@@ -158,7 +160,11 @@ async fn unimplemented_fields_are_a_400_never_ignored() {
             json!({"tool_choice": "required"}),
             "tool_choice",
         ),
-        ("functions", json!({"functions": [{"name": "f"}]}), "functions"),
+        (
+            "functions",
+            json!({"functions": [{"name": "f"}]}),
+            "functions",
+        ),
         (
             "response_format json_schema",
             json!({"response_format": {"type": "json_schema",
@@ -287,7 +293,10 @@ async fn logprobs_chat_and_completions_streamed_and_not() {
     for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
         let top = top.as_object().expect("a map");
         assert!(!top.is_empty() && top.len() <= 3, "{top:?}");
-        let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
         assert_eq!(best, lp["token_logprobs"][i].as_f64().unwrap());
         assert!(top.values().map(|v| v.as_f64().unwrap().exp()).sum::<f64>() <= 1.0 + 1e-4);
         assert!(top.contains_key(&tokens[i]));
@@ -295,7 +304,9 @@ async fn logprobs_chat_and_completions_streamed_and_not() {
     // Streamed completions: the chunks' objects together are the whole one.
     let mut sb = cb.clone();
     sb["stream"] = json!(true);
-    let s = post_sse(addr, "/v1/completions", &sb).await.expect("stream");
+    let s = post_sse(addr, "/v1/completions", &sb)
+        .await
+        .expect("stream");
     let (mut st, mut so) = (Vec::<String>::new(), Vec::<usize>::new());
     for (_, e) in &s.events {
         if let Ok(v) = serde_json::from_str::<Value>(e) {
@@ -312,9 +323,21 @@ async fn logprobs_chat_and_completions_streamed_and_not() {
 
     // Out of range or wrong types are 400s naming the field.
     for (path, extra, param) in [
-        ("/v1/chat/completions", json!({"top_logprobs": 21, "logprobs": true}), "top_logprobs"),
-        ("/v1/chat/completions", json!({"top_logprobs": 2}), "top_logprobs"),
-        ("/v1/chat/completions", json!({"logprobs": "yes"}), "logprobs"),
+        (
+            "/v1/chat/completions",
+            json!({"top_logprobs": 21, "logprobs": true}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"top_logprobs": 2}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"logprobs": "yes"}),
+            "logprobs",
+        ),
         ("/v1/completions", json!({"logprobs": 21}), "logprobs"),
         ("/v1/completions", json!({"logprobs": -1}), "logprobs"),
     ] {
@@ -436,5 +459,137 @@ async fn n_choices_share_the_prompt_and_are_equal_when_greedy() {
     )
     .await;
     assert_eq!(c["choices"].as_array().unwrap().len(), 2);
+    server.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// The reference vectors of `scripts/embedding_reference.py` (numpy over the GGUF tensors).
+fn reference_embeddings(inputs: &[Vec<u32>]) -> Vec<Vec<f64>> {
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts/embedding_reference.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(smollm2())
+        .arg(serde_json::to_string(inputs).unwrap())
+        .output()
+        .expect("python3 runs (pip install -r scripts/requirements-test.txt)");
+    assert!(
+        out.status.success(),
+        "reference failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("reference JSON")
+}
+
+fn vector(v: &Value) -> Vec<f64> {
+    serde_json::from_value(v.clone()).expect("a vector of numbers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_match_a_numpy_reference() {
+    let server = start(config()).await;
+    let addr = server.local_addr();
+    let tok = tokenizer();
+    let text = "The capital of France is Paris.";
+    let ids = tok.encode(text, true, true).unwrap();
+    let inputs = vec![ids.clone(), vec![504, 3575, 282, 4649, 314], vec![1]];
+    let want = reference_embeddings(&inputs);
+
+    let r = ok_json(
+        addr,
+        "/v1/embeddings",
+        json!({"model": MODEL, "input": inputs}),
+    )
+    .await;
+    assert_eq!(r["object"], "list");
+    let data = r["data"].as_array().expect("data");
+    assert_eq!(data.len(), 3);
+    let total: usize = inputs.iter().map(Vec::len).sum();
+    assert_eq!(r["usage"]["prompt_tokens"], total, "{}", r["usage"]);
+    assert_eq!(r["usage"]["total_tokens"], total);
+    for (i, (d, w)) in data.iter().zip(&want).enumerate() {
+        assert_eq!(d["index"], i);
+        assert_eq!(d["object"], "embedding");
+        let v = vector(&d["embedding"]);
+        assert_eq!(v.len(), 576, "SmolLM2's width");
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "not normalized: {norm}");
+        let cos: f64 = v.iter().zip(w).map(|(a, b)| a * b).sum();
+        let max_diff = v
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        // The CPU kernels quantize activations to 8 bits for the dot products; the reference
+        // is float64 on the dequantized weights.
+        assert!(
+            cos > 0.999 && max_diff < 0.01,
+            "input {i}: cosine {cos}, max diff {max_diff}"
+        );
+    }
+
+    // Text input is the tokens /tokenize-with-BOS-as-completions gives; base64 is the same
+    // floats; one string alone is a list of one.
+    for (input, fmt) in [(json!(text), "float"), (json!([text]), "base64")] {
+        let r = ok_json(
+            addr,
+            "/v1/embeddings",
+            json!({"model": MODEL, "input": input, "encoding_format": fmt}),
+        )
+        .await;
+        assert_eq!(r["data"].as_array().unwrap().len(), 1);
+        assert_eq!(r["usage"]["prompt_tokens"], ids.len());
+        let got: Vec<f64> = if fmt == "base64" {
+            use base64::Engine;
+            let b = base64::engine::general_purpose::STANDARD
+                .decode(r["data"][0]["embedding"].as_str().expect("base64 text"))
+                .expect("base64");
+            b.chunks_exact(4)
+                .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect()
+        } else {
+            vector(&r["data"][0]["embedding"])
+        };
+        // JSON numbers are f32's shortest text; compared as the f32 they stand for.
+        let as_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        assert!(
+            as_f32(got) == as_f32(vector(&data[0]["embedding"])),
+            "{fmt}: not the vector of the token input"
+        );
+    }
+
+    // Bad input is a 400 naming the field.
+    for (body, param) in [
+        (json!({"model": MODEL, "input": []}), "input"),
+        (json!({"model": MODEL, "input": ""}), "input"),
+        (json!({"model": MODEL, "input": [[]]}), "input"),
+        (
+            json!({"model": MODEL, "input": "a", "encoding_format": "hex"}),
+            "encoding_format",
+        ),
+        (
+            json!({"model": MODEL, "input": "a", "dimensions": 64}),
+            "dimensions",
+        ),
+        (json!({"input": "a"}), "model"),
+    ] {
+        let (st, v) = status_of(addr, "/v1/embeddings", body.clone()).await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+    }
+    let (st, v) = status_of(
+        addr,
+        "/v1/embeddings",
+        json!({"model": MODEL, "input": [[u32::MAX]]}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    // Still serving, and no sequence left behind.
+    assert_eq!(server.runtime().stats().kv_slots_in_use, 0);
+    ok_json(
+        addr,
+        "/v1/embeddings",
+        json!({"model": MODEL, "input": "ok"}),
+    )
+    .await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }

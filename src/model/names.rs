@@ -112,6 +112,8 @@ pub enum ArchKey {
     VocabSize,
     KeyLength,
     ValueLength,
+    /// How an embedding model pools its hidden states (llama.cpp's `pooling_type`).
+    PoolingType,
 }
 
 impl ArchKey {
@@ -132,6 +134,7 @@ impl ArchKey {
             Self::VocabSize => "vocab_size",
             Self::KeyLength => "attention.key_length",
             Self::ValueLength => "attention.value_length",
+            Self::PoolingType => "pooling_type",
         }
     }
 }

@@ -1,11 +1,12 @@
-//! HTTP endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/tokenize`,
+//! HTTP endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`,
+//! `/tokenize`,
 //! `/detokenize`, `/health`, `/metrics`.
 
 use super::error::ApiError;
 use super::generation::Generation;
+use super::openai::{check_model, ChatRequest, Checked, CompletionRequest, PromptInput};
 use super::reply::{stream_response, Kind, Meta};
-use super::openai::{ChatRequest, Checked, CompletionRequest, PromptInput};
-use super::{tokens, AppState};
+use super::{embeddings, tokens, AppState};
 use crate::messages::{GenerateRequest, Prompt, SamplingParams};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -26,6 +27,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/embeddings", post(embeddings_endpoint))
         .route("/tokenize", post(tokenize_endpoint))
         .route("/detokenize", post(detokenize_endpoint))
         .route("/health", get(health))
@@ -86,6 +88,7 @@ async fn count_requests(State(s): AppRef, mut req: Request, next: Next) -> Respo
         "/v1/completions" => "/v1/completions",
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/models" => "/v1/models",
+        "/v1/embeddings" => "/v1/embeddings",
         "/tokenize" => "/tokenize",
         "/detokenize" => "/detokenize",
         "/health" => "/health",
@@ -167,6 +170,89 @@ async fn models(State(s): AppRef) -> Response {
         }],
     }))
     .into_response()
+}
+
+async fn embeddings_endpoint(State(s): AppRef, headers: HeaderMap, body: Body) -> Response {
+    use embeddings::EmbeddingInput;
+    let r = async {
+        let req: embeddings::EmbeddingRequest = parse_body(&s, &headers, body).await?;
+        check_model(req.model.as_deref(), &s.model_name)?;
+        let base64 = req.base64()?;
+        if req.dimensions.is_some() {
+            return Err(ApiError::invalid(
+                "dimensions",
+                "dimensions is not supported: vectors have the model's width",
+            ));
+        }
+        ready(&s)?;
+        let inputs: Vec<Vec<u32>> = match req.input {
+            EmbeddingInput::Text(t) => vec![tokenize(&s, t).await?],
+            EmbeddingInput::Texts(v) => {
+                if v.len() > embeddings::MAX_INPUTS {
+                    return Err(too_many_inputs());
+                }
+                let mut out = Vec::with_capacity(v.len());
+                for t in v {
+                    out.push(tokenize(&s, t).await?);
+                }
+                out
+            }
+            EmbeddingInput::Tokens(t) => vec![t],
+            EmbeddingInput::TokenLists(v) => v,
+        };
+        if inputs.is_empty() {
+            return Err(ApiError::invalid("input", "input must not be empty"));
+        }
+        if inputs.len() > embeddings::MAX_INPUTS {
+            return Err(too_many_inputs());
+        }
+        for (i, t) in inputs.iter().enumerate() {
+            if t.is_empty() {
+                return Err(ApiError::invalid("input", format!("input {i} is empty")));
+            }
+            if t.len() > s.ctx {
+                return Err(ApiError::invalid(
+                    "input",
+                    format!(
+                        "input {i} has {} tokens; this model's context is {}",
+                        t.len(),
+                        s.ctx
+                    ),
+                )
+                .code("context_length_exceeded"));
+            }
+        }
+        // One after another: a request takes one queue place at a time.
+        let mut vectors = Vec::with_capacity(inputs.len());
+        let mut prompt_tokens = 0;
+        for t in inputs {
+            prompt_tokens += t.len();
+            vectors.push(s.runtime.embed(t, s.pooling).get().await?);
+        }
+        Ok((
+            embeddings::body(&s, &vectors, prompt_tokens, base64),
+            prompt_tokens,
+        ))
+    }
+    .await;
+    match r {
+        Ok((body, prompt)) => {
+            let mut r = axum::Json(body).into_response();
+            r.extensions_mut().insert(Logged::Tokens {
+                prompt,
+                completion: 0,
+            });
+            r
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+fn too_many_inputs() -> ApiError {
+    ApiError::invalid(
+        "input",
+        format!("at most {} inputs per request", embeddings::MAX_INPUTS),
+    )
 }
 
 async fn tokenize_endpoint(State(s): AppRef, headers: HeaderMap, body: Body) -> Response {

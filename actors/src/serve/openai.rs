@@ -71,6 +71,29 @@ pub struct CommonParams {
     pub response_format: Option<serde_json::Value>,
 }
 
+/// The `model` a request names must be the one served (400 without one, 404 for another).
+pub fn check_model(model: Option<&str>, served_model: &str) -> Result<(), ApiError> {
+    match model {
+        None => {
+            return Err(ApiError::invalid(
+                "model",
+                "you must provide a model parameter",
+            ))
+        }
+        Some(m) if m != served_model => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("the model `{m}` does not exist; this server serves `{served_model}`"),
+            )
+            .param("model")
+            .code("model_not_found"))
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
+
 /// `null`, `{}` and `[]` ask for nothing.
 fn is_empty_value(v: &serde_json::Value) -> bool {
     match v {
@@ -148,24 +171,7 @@ fn range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>, A
 impl CommonParams {
     /// Checks the model name and every sampling parameter.
     pub fn check(&self, served_model: &str) -> Result<Checked, ApiError> {
-        match &self.model {
-            None => {
-                return Err(ApiError::invalid(
-                    "model",
-                    "you must provide a model parameter",
-                ))
-            }
-            Some(m) if m != served_model => {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::NOT_FOUND,
-                    "invalid_request_error",
-                    format!("the model `{m}` does not exist; this server serves `{served_model}`"),
-                )
-                .param("model")
-                .code("model_not_found"))
-            }
-            Some(_) => {}
-        }
+        check_model(self.model.as_deref(), served_model)?;
         let n = match self.n {
             None => 1,
             Some(n) if (1..=MAX_N).contains(&n) => n as usize,
@@ -215,7 +221,11 @@ impl CommonParams {
                  or \"auto\"",
             ));
         }
-        if self.function_call.as_ref().is_some_and(|v| !plain_choice(v)) {
+        if self
+            .function_call
+            .as_ref()
+            .is_some_and(|v| !plain_choice(v))
+        {
             return Err(ApiError::invalid(
                 "function_call",
                 "function calling is not supported by this server",
@@ -352,7 +362,9 @@ impl CommonParams {
             },
             Some(other) => Err(ApiError::invalid(
                 "logprobs",
-                format!("logprobs must be a boolean (chat) or an integer (completions), got {other}"),
+                format!(
+                    "logprobs must be a boolean (chat) or an integer (completions), got {other}"
+                ),
             )),
         }
     }

@@ -227,11 +227,7 @@ impl Streamed {
 
 /// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. When the client
 /// goes away hyper drops this stream, and with it the generations: the request is cancelled.
-pub(crate) fn stream_response(
-    gens: Vec<Generation>,
-    meta: Meta,
-    include_usage: bool,
-) -> Response {
+pub(crate) fn stream_response(gens: Vec<Generation>, meta: Meta, include_usage: bool) -> Response {
     let state = (
         Streamed {
             gens: gens.into(),
