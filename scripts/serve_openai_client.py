@@ -3,8 +3,12 @@
 
 Usage: serve_openai_client.py BASE_URL MODEL
 Checks a completion, a chat completion and a streamed chat completion; the streamed text must
-equal the non-streamed text at temperature 0. Prints "ok" and exits 0 on success.
+equal the non-streamed text at temperature 0. Then log probabilities (the top entries' probabilities
+sum to at most 1, the chosen token is the first at temperature 0), `n=3` (three equal choices at
+temperature 0) and embeddings (the client's default base64 encoding, vectors of length 1).
+Prints "ok" and exits 0 on success.
 """
+import math
 import sys
 
 try:
@@ -78,6 +82,29 @@ def main() -> None:
     assert "".join(pieces) == whole, (pieces, whole)
     for reply in (c.choices[0].text, text, streamed):
         assert "<|" not in reply, reply
+
+    lp = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=4
+    )
+    entries = lp.choices[0].logprobs.content
+    assert entries, lp
+    for e in entries:
+        assert len(e.top_logprobs) == 4, e
+        assert sum(math.exp(t.logprob) for t in e.top_logprobs) <= 1.0 + 1e-4, e
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob, e
+    assert "".join(e.token for e in entries) == lp.choices[0].message.content
+
+    three = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=8, temperature=0, n=3
+    )
+    assert [c.index for c in three.choices] == [0, 1, 2], three
+    assert len({c.message.content for c in three.choices}) == 1, three
+
+    emb = client.embeddings.create(model=model, input=["red", "a longer sentence about colors"])
+    assert [d.index for d in emb.data] == [0, 1], emb
+    for d in emb.data:
+        assert abs(math.sqrt(sum(x * x for x in d.embedding)) - 1.0) < 1e-4
+    assert emb.usage.prompt_tokens >= 2, emb.usage
 
     try:
         client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)

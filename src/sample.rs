@@ -189,6 +189,53 @@ fn softmax_in_place(c: &mut [(u32, f32)]) {
     }
 }
 
+/// Most alternatives a step's log-probabilities list (OpenAI's limit for `top_logprobs`).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The log-probabilities of one generated token: of the chosen token and of the `top.len()`
+/// most likely ones (most likely first, the lower id first among equals).
+///
+/// They are the model's distribution: the log-softmax of the raw logits, before penalties,
+/// top-k/top-p/min-p and temperature (vLLM's default `raw_logprobs`), so they do not depend on
+/// how the token was drawn; at temperature 0 with no penalties the chosen token is `top[0]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// The log-probabilities of `token` and of the `top_n` (capped at [`MAX_TOP_LOGPROBS`]) most
+    /// likely tokens under `logits`. A token outside `logits` gets negative infinity.
+    pub fn of(logits: &[f32], token: u32, top_n: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // In f64: a 150k-entry sum in f32 loses the digits a small probability lives in.
+        let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+        let log_z = f64::from(max) + sum.ln();
+        let lp = |l: f32| (f64::from(l) - log_z) as f32;
+        let n = top_n.min(MAX_TOP_LOGPROBS).min(logits.len());
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        if n > 0 && n < idx.len() {
+            idx.select_nth_unstable_by(n - 1, by_logit);
+        }
+        idx.truncate(n);
+        idx.sort_unstable_by(by_logit);
+        Self {
+            token,
+            logprob: logits
+                .get(token as usize)
+                .map_or(f32::NEG_INFINITY, |&l| lp(l)),
+            top: idx.iter().map(|&i| (i, lp(logits[i as usize]))).collect(),
+        }
+    }
+}
+
 /// Index of the largest logit (the lowest index among equals).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -335,6 +382,33 @@ mod tests {
             ..SamplingParams::greedy()
         });
         assert_eq!(s.sample(&l, &[0, 0, 0]), 1);
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_logits() {
+        let l = logits();
+        let z: f64 = l.iter().map(|&x| f64::from(x).exp()).sum();
+        let want = |i: usize| (f64::from(l[i]) - z.ln()) as f32;
+        let g = argmax(&l);
+        let lp = TokenLogprobs::of(&l, 7, 5);
+        assert!((lp.logprob - want(7)).abs() < 1e-5, "{lp:?}");
+        assert_eq!(lp.top.len(), 5);
+        assert_eq!(lp.top[0].0, g);
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "{lp:?}");
+        for &(i, p) in &lp.top {
+            assert!((p - want(i as usize)).abs() < 1e-5);
+        }
+        // Every token's probability together is 1; the top 5 together less.
+        let all = TokenLogprobs::of(&l, 0, 1000);
+        assert_eq!(all.top.len(), MAX_TOP_LOGPROBS);
+        let total: f64 = (0..l.len()).map(|i| f64::from(want(i)).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-4);
+        assert!(lp.top.iter().map(|x| f64::from(x.1).exp()).sum::<f64>() < 1.0);
+        // Greedy picks the top entry.
+        let s = Sampler::new(SamplingParams::greedy()).sample(&l, &[]);
+        assert_eq!(TokenLogprobs::of(&l, s, 1).top[0].0, s);
+        assert_eq!(TokenLogprobs::of(&l, 1000, 0).logprob, f32::NEG_INFINITY);
+        assert!(TokenLogprobs::of(&l, 0, 0).top.is_empty());
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub enum RuntimeError {
         layer: Option<usize>,
         message: String,
     },
+    /// A request this backend's compute cannot serve yet (e.g. embeddings on a GPU).
+    #[error("not supported on this backend yet: {0}")]
+    Unsupported(String),
     #[error("layer {layer} lacks tensor {tensor}")]
     MissingTensor { layer: String, tensor: String },
 

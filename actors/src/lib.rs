@@ -47,9 +47,10 @@ pub mod trace;
 
 pub use error::{Result, RuntimeError};
 pub use messages::{
-    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, Prompt, ReadMode,
-    SamplingParams, SessionId, Stage, Stats, TokenEvent,
+    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, Pooling, Prompt, ReadMode,
+    SamplingParams, SessionId, Stage, Stats, TokenEvent, TokenLogprobs,
 };
 pub use runtime::{
-    BlockingTokens, Runtime, RuntimeBuilder, RuntimeHandle, StageDelays, TokenStream,
+    BlockingTokens, EmbeddingReply, Runtime, RuntimeBuilder, RuntimeHandle, StageDelays,
+    TokenStream,
 };

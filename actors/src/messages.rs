@@ -88,7 +88,7 @@ impl std::str::FromStr for MemoryBudget {
 /// Sampling settings of one request: the core crate's type, so the CLI, the server and the
 /// embedding API share one set of fields and one set of defaults (llama.cpp's: temperature 0.8,
 /// top-k 40, top-p 0.95, min-p 0.05, no seed = a fresh random one).
-pub use rocmforge::sample::SamplingParams;
+pub use rocmforge::sample::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Prompt {
@@ -108,6 +108,72 @@ pub struct GenerateRequest {
     /// (`RuntimeHandle::new_session`).
     #[serde(default)]
     pub session: Option<SessionId>,
+    /// The session's last request: its sequence is freed afterwards instead of kept.
+    #[serde(default)]
+    pub end_session: bool,
+    /// Log-probabilities with every token (`TokenEvent::logprobs`): `Some(n)` gives the chosen
+    /// token's and the `n` most likely ones' (at most `MAX_TOP_LOGPROBS`); `None`: none.
+    #[serde(default)]
+    pub logprobs: Option<usize>,
+}
+
+/// How an embedding is made from the hidden states of a prompt's positions (GGUF's
+/// `{arch}.pooling_type`: 1 mean, 2 CLS, 3 last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pooling {
+    /// The average over the positions (what a decoder LM without pooling metadata gets).
+    Mean,
+    /// The first position (BERT-style CLS token).
+    First,
+    /// The last position (decoder embedding models such as e5-mistral, Qwen3-Embedding).
+    Last,
+}
+
+impl Pooling {
+    /// From GGUF's `pooling_type`; `None` for the types with no single vector (0 none, 4 rank)
+    /// and unknown ones.
+    pub fn from_gguf(t: u64) -> Option<Self> {
+        match t {
+            1 => Some(Self::Mean),
+            2 => Some(Self::First),
+            3 => Some(Self::Last),
+            _ => None,
+        }
+    }
+
+    /// Pools `rows` (`[n, width]`, row-major) into one L2-normalized vector of `width`;
+    /// `None` when `rows` is empty or not `n` whole rows.
+    pub fn pool(self, rows: &[f32], n: usize) -> Option<Vec<f32>> {
+        if n == 0 || rows.is_empty() || rows.len() % n != 0 {
+            return None;
+        }
+        let width = rows.len() / n;
+        let mut v: Vec<f32> = match self {
+            Self::First => rows[..width].to_vec(),
+            Self::Last => rows[rows.len() - width..].to_vec(),
+            Self::Mean => {
+                let mut sum = vec![0f64; width];
+                for r in rows.chunks_exact(width) {
+                    for (s, &x) in sum.iter_mut().zip(r) {
+                        *s += f64::from(x);
+                    }
+                }
+                sum.iter().map(|&s| (s / n as f64) as f32).collect()
+            }
+        };
+        let norm = v
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt();
+        // An all-zero state stays zero rather than becoming NaN.
+        if norm > 0.0 {
+            for x in &mut v {
+                *x = (f64::from(*x) / norm) as f32;
+            }
+        }
+        Some(v)
+    }
 }
 
 /// Names a conversation whose sequence the runtime keeps between requests (a bounded number
@@ -124,6 +190,8 @@ impl GenerateRequest {
             sampling: SamplingParams::greedy(),
             stop_at_eos: true,
             session: None,
+            end_session: false,
+            logprobs: None,
         }
     }
 
@@ -135,6 +203,8 @@ impl GenerateRequest {
             sampling: SamplingParams::greedy(),
             stop_at_eos: true,
             session: None,
+            end_session: false,
+            logprobs: None,
         }
     }
 }
@@ -147,6 +217,9 @@ pub struct TokenEvent {
     /// Decoded text piece: empty for a control token (end of turn, end of text) and when the
     /// runtime has no tokenizer.
     pub text: String,
+    /// When the request asked for them (`GenerateRequest::logprobs`).
+    #[serde(default)]
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,11 +4,11 @@
 use crate::compute::ComputeFactory;
 use crate::error::{Result, RuntimeError};
 use crate::messages::{
-    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, ReadMode, SessionId, Stage,
-    StageBusy, Stats, TokenEvent,
+    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, Pooling, ReadMode, SessionId,
+    Stage, StageBusy, Stats, TokenEvent,
 };
 use crate::pipeline::backend::{CpuBackend, WeightBackend};
-use crate::pipeline::inference::{self, Job, StreamItem};
+use crate::pipeline::inference::{self, EmbedTask, Job, StreamItem};
 use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::residency::ResidencyBoard;
 use crate::pipeline::scheduler::{self, fit_budget, SchedMsg};
@@ -528,7 +528,38 @@ impl RuntimeHandle {
             events: tx.clone(),
             finish,
             cancel,
+            embed: None,
         };
+        self.submit(job, &tx);
+        stream
+    }
+
+    /// Queues an embedding of `tokens` (one pass, no generation): the final hidden states of
+    /// its positions pooled as `pooling` says and L2-normalized. Shares the queue with
+    /// `generate`; dropping the returned value cancels it. A compute without hidden states
+    /// (the GPU ones, for now) answers `RuntimeError::Unsupported`.
+    pub fn embed(&self, tokens: Vec<u32>, pooling: Pooling) -> EmbeddingReply {
+        // The stream carries only a failure; the vector comes on its own channel.
+        let (tx, rx) = flume::bounded::<StreamItem>(1);
+        let (reply, vector) = flume::bounded(1);
+        let cancel = self.inner.cancel.child_token();
+        let job = Job {
+            request: GenerateRequest::tokens(tokens, 0),
+            events: tx.clone(),
+            finish: Arc::new(Mutex::new(None)),
+            cancel: cancel.clone(),
+            embed: Some(EmbedTask { pooling, reply }),
+        };
+        self.submit(job, &tx);
+        EmbeddingReply {
+            failure: rx,
+            vector,
+            _guard: cancel.drop_guard(),
+        }
+    }
+
+    /// Puts `job` on the queue, or its failure (queue full, shut down) on `tx`.
+    fn submit(&self, job: Job, tx: &flume::Sender<StreamItem>) {
         let guard = self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let err = match guard.as_ref() {
             None => Some(RuntimeError::ShutDown),
@@ -543,7 +574,6 @@ impl RuntimeHandle {
         if let Some(e) = err {
             let _ = tx.try_send(Err(e));
         }
-        stream
     }
 
     /// A new conversation: requests that carry it in `GenerateRequest::session` reuse the KV
@@ -655,6 +685,40 @@ impl RuntimeHandle {
     /// flight receive `RuntimeError::ShutDown`. Idempotent; other clones see `ShutDown` after.
     pub fn shutdown(&self) -> Result<()> {
         self.inner.shutdown()
+    }
+}
+
+/// The answer to `RuntimeHandle::embed`. Dropping it cancels the request.
+pub struct EmbeddingReply {
+    failure: flume::Receiver<StreamItem>,
+    vector: flume::Receiver<Vec<f32>>,
+    _guard: DropGuard,
+}
+
+impl EmbeddingReply {
+    /// A failure is queued before the job (and with it the vector's sender) is dropped, so
+    /// once the vector channel closes empty, the failure is there to read.
+    fn failure(&self) -> RuntimeError {
+        match self.failure.try_recv() {
+            Ok(Err(e)) => e,
+            _ => RuntimeError::ShutDown,
+        }
+    }
+
+    /// Waits for the vector (async).
+    pub async fn get(self) -> Result<Vec<f32>> {
+        match self.vector.recv_async().await {
+            Ok(v) => Ok(v),
+            Err(_) => Err(self.failure()),
+        }
+    }
+
+    /// Waits for the vector (blocking).
+    pub fn wait(self) -> Result<Vec<f32>> {
+        match self.vector.recv() {
+            Ok(v) => Ok(v),
+            Err(_) => Err(self.failure()),
+        }
     }
 }
 

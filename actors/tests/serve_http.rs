@@ -109,9 +109,9 @@ async fn bad_input_is_a_4xx_openai_error_and_the_server_keeps_serving() {
             400,
         ),
         (
-            "n = 2",
+            "n = 17",
             chat,
-            json!({"model": MODEL, "messages": msgs, "n": 2})
+            json!({"model": MODEL, "messages": msgs, "n": 17})
                 .to_string()
                 .into_bytes(),
             400,

@@ -128,6 +128,8 @@ pub enum ArchKey {
     RopeFreqBaseSwa,
     AttnLogitSoftcap,
     FinalLogitSoftcap,
+    /// How an embedding model pools its hidden states (llama.cpp's `pooling_type`).
+    PoolingType,
 }
 
 impl ArchKey {
@@ -153,6 +155,7 @@ impl ArchKey {
             Self::RopeFreqBaseSwa => "rope.freq_base_swa",
             Self::AttnLogitSoftcap => "attn_logit_softcapping",
             Self::FinalLogitSoftcap => "final_logit_softcapping",
+            Self::PoolingType => "pooling_type",
         }
     }
 }

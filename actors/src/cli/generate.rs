@@ -35,6 +35,8 @@ pub fn generate(
         sampling: sampling.clone(),
         stop_at_eos: true,
         session,
+        end_session: false,
+        logprobs: None,
     };
     let t0 = Instant::now();
     let mut first: Option<f64> = None;

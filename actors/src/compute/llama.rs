@@ -336,6 +336,39 @@ impl ModelCompute for LlamaCompute {
         Ok(logits)
     }
 
+    fn final_hidden(
+        &mut self,
+        global: &ResidentLayer,
+        seq: &mut SequenceState,
+        hidden: &Hidden,
+    ) -> Result<Hidden> {
+        seq_mut(seq)?.advance(hidden.n_tokens).map_err(err(None))?;
+        let hp = self.model.hparams();
+        let d = hp.n_embd;
+        if hidden.data.len() != hidden.n_tokens * d {
+            return Err(RuntimeError::Compute {
+                layer: None,
+                message: format!(
+                    "{} hidden values for {} positions of {d}",
+                    hidden.data.len(),
+                    hidden.n_tokens
+                ),
+            });
+        }
+        let out_norm = &self.model.layout().output_norm;
+        self.norm_w.resize(d, 0.0);
+        ops::dequantize(&view(global, out_norm)?, &out_norm.name, &mut self.norm_w)
+            .map_err(err(None))?;
+        let mut data = vec![0f32; hidden.data.len()];
+        for (x, y) in hidden.data.chunks_exact(d).zip(data.chunks_exact_mut(d)) {
+            ops::rms_norm(x, &self.norm_w, hp.rms_eps, y);
+        }
+        Ok(Hidden {
+            data,
+            n_tokens: hidden.n_tokens,
+        })
+    }
+
     fn streams_output_head(&self) -> bool {
         true
     }

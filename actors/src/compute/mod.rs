@@ -53,6 +53,19 @@ pub trait ModelCompute: Send {
         seq: &mut SequenceState,
         hidden: &Hidden,
     ) -> Result<Vec<f32>>;
+    /// The final-normed hidden state of every position `[n_tokens, width]` (what the output
+    /// head reads), for embeddings; advances the sequence position by `hidden.n_tokens`.
+    fn final_hidden(
+        &mut self,
+        global: &ResidentLayer,
+        seq: &mut SequenceState,
+        hidden: &Hidden,
+    ) -> Result<Hidden> {
+        let _ = (global, seq, hidden);
+        Err(RuntimeError::Unsupported(
+            "final hidden states (embeddings) from this compute".into(),
+        ))
+    }
     /// Embeds without the global unit, reading the rows of `tokens` from the model file, so the
     /// first layer need not wait for the whole embedding table to load (and a budget smaller than
     /// the table works). `None`: not supported; the runtime then calls `embed` with the global

@@ -5,7 +5,9 @@
 use crate::compute::{ComputeFactory, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::messages::SessionId;
-use crate::messages::{FinishReason, GenerateRequest, Prompt, SamplingParams, Stage, TokenEvent};
+use crate::messages::{
+    FinishReason, GenerateRequest, Pooling, Prompt, SamplingParams, Stage, TokenEvent,
+};
 use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::residency::{ResidencyBoard, ResidentLayer};
 use crate::pipeline::scheduler::SchedMsg;
@@ -26,6 +28,15 @@ pub struct Job {
     /// Filled with the finish reason before the stream ends normally.
     pub finish: Arc<std::sync::Mutex<Option<FinishReason>>>,
     pub cancel: CancellationToken,
+    /// An embedding instead of a generation: the prompt's pooled hidden state goes to
+    /// `EmbedTask::reply`, and the token stream (`events`) only carries a failure.
+    pub embed: Option<EmbedTask>,
+}
+
+/// What an embedding job wants (see `RuntimeHandle::embed`).
+pub struct EmbedTask {
+    pub pooling: Pooling,
+    pub reply: flume::Sender<Vec<f32>>,
 }
 
 pub struct InferenceConfig {
@@ -272,6 +283,59 @@ impl Inference {
         Ok(logits)
     }
 
+    /// `input` through the embedding and every layer of `state`'s sequence.
+    fn forward(
+        &mut self,
+        job: &Job,
+        state: &mut SequenceState,
+        input: &[u32],
+    ) -> Result<crate::compute::Hidden> {
+        // The prompt's embedding rows straight from the file where the compute can: the
+        // first layer then waits for nothing else.
+        let start = Instant::now();
+        let from_file = {
+            let _e = tracing::info_span!("embed", tokens = input.len()).entered();
+            self.compute.embed_from_file(input)
+        };
+        self.cfg.shared.add_busy(Stage::Compute, start);
+        let global = self.cfg.plan.global();
+        let mut hidden = match from_file {
+            Some(h) => h?,
+            None => self.with_unit(job, global, |c, w| c.embed(w, input))?,
+        };
+        for l in 0..self.cfg.plan.n_layers {
+            if let Some(e) = self.cancelled(job) {
+                return Err(e);
+            }
+            self.with_unit(job, l, |c, w| c.layer(l, w, state, &mut hidden))?;
+        }
+        Ok(hidden)
+    }
+
+    /// An embedding job: the prompt in one pass on a fresh sequence, its final hidden states
+    /// pooled and L2-normalized.
+    fn embed(&mut self, job: &Job, prompt: &[u32], task: &EmbedTask) -> Result<FinishReason> {
+        let (mut slot, _) = self.sequence_for(None, prompt)?;
+        let hidden = self.forward(job, &mut slot.state, prompt)?;
+        let global = self.cfg.plan.global();
+        let state = &mut slot.state;
+        let last = self.with_unit(job, global, |c, w| c.final_hidden(w, state, &hidden))?;
+        let v = task
+            .pooling
+            .pool(&last.data, last.n_tokens)
+            .ok_or_else(|| RuntimeError::Compute {
+                layer: None,
+                message: format!(
+                    "{} hidden values do not make {} rows",
+                    last.data.len(),
+                    last.n_tokens
+                ),
+            })?;
+        // The caller went away: nobody to tell.
+        let _ = task.reply.send(v);
+        Ok(FinishReason::EndOfSequence)
+    }
+
     fn serve(&mut self, job: &Job) -> Result<FinishReason> {
         let req = &job.request;
         let prompt: Vec<u32> = match &req.prompt {
@@ -298,11 +362,12 @@ impl Inference {
             )));
         }
         self.requests += 1;
+        if let Some(task) = &job.embed {
+            return self.embed(job, &prompt, task);
+        }
         let (mut slot, keep) = self.sequence_for(req.session, &prompt)?;
         // `fed`: the tokens whose keys and values the sequence holds (kept for a session).
         let mut fed: Vec<u32> = prompt[..keep].to_vec();
-        let global = self.cfg.plan.global();
-        let n_layers = self.cfg.plan.n_layers;
         let mut sampler = Sampler::new(&req.sampling, &prompt);
         tracing::debug!(seed = sampler.seed(), cached = keep, "sampling");
         let mut input = prompt[keep..].to_vec();
@@ -318,25 +383,7 @@ impl Inference {
                 break;
             }
             let _tok = tracing::info_span!("token", index).entered();
-            // The prompt's embedding rows straight from the file where the compute can: the
-            // first layer then waits for nothing else.
-            let start = Instant::now();
-            let from_file = {
-                let _e = tracing::info_span!("embed", tokens = input.len()).entered();
-                self.compute.embed_from_file(&input)
-            };
-            self.cfg.shared.add_busy(Stage::Compute, start);
-            let mut hidden = match from_file {
-                Some(h) => h?,
-                None => self.with_unit(job, global, |c, w| c.embed(w, &input))?,
-            };
-            for l in 0..n_layers {
-                if let Some(e) = self.cancelled(job) {
-                    return Err(e);
-                }
-                let state = &mut slot.state;
-                self.with_unit(job, l, |c, w| c.layer(l, w, state, &mut hidden))?;
-            }
+            let hidden = self.forward(job, &mut slot.state, &input)?;
             let logits = self.output(job, &mut slot.state, &hidden)?;
             pos += input.len();
             fed.append(&mut input);
@@ -347,6 +394,9 @@ impl Inference {
                 index,
                 token,
                 text: text.push(&self.compute.token_bytes(token)),
+                logprobs: req
+                    .logprobs
+                    .map(|n| rocmforge::sample::TokenLogprobs::of(&logits, token, n)),
             };
             self.send_event(job, ev)?;
             if req.stop_at_eos && self.compute.is_end_of_generation(token) {
@@ -355,7 +405,7 @@ impl Inference {
             }
             input = vec![token];
         }
-        if let Some(id) = req.session {
+        if let Some(id) = req.session.filter(|_| !req.end_session) {
             self.keep(id, slot, fed);
         }
         Ok(finish)

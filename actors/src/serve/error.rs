@@ -120,6 +120,12 @@ impl From<RuntimeError> for ApiError {
             .code("shutting_down")
             .retry_after(5),
             RuntimeError::BadRequest(m) => Self::bad_request(m),
+            RuntimeError::Unsupported(_) => Self::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "invalid_request_error",
+                e.to_string(),
+            )
+            .code("not_supported"),
             RuntimeError::Cancelled => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",

@@ -5,7 +5,7 @@
 use super::error::ApiError;
 use super::metrics::{GaugeGuard, Metrics};
 use crate::error::RuntimeError;
-use crate::messages::FinishReason;
+use crate::messages::{FinishReason, TokenLogprobs};
 use crate::pipeline::inference::StreamItem;
 use crate::runtime::TokenStream;
 use futures::{FutureExt, StreamExt};
@@ -14,11 +14,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Text that is safe to send (never part of a stop string) and the log-probabilities of the
+/// tokens received since the last piece (when the request asked for them).
+#[derive(Debug, Default)]
+pub struct Piece {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprobs>,
+}
+
 /// What `next` yields.
 #[derive(Debug)]
 pub enum Step {
-    /// Text that is safe to send (never part of a stop string).
-    Text(String),
+    /// Never empty: text, log-probabilities or both.
+    Text(Piece),
     /// The end; `finish_reason` in OpenAI's words.
     Done(&'static str),
     Failed(ApiError),
@@ -31,6 +39,8 @@ pub struct Generation {
     stops: StopStrings,
     text: String,
     emitted: usize,
+    /// Log-probabilities not yet sent with a piece.
+    logprobs: Vec<TokenLogprobs>,
     finished: Option<&'static str>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -71,6 +81,7 @@ impl Generation {
             stops: StopStrings::new(stop),
             text: String::new(),
             emitted: 0,
+            logprobs: Vec::new(),
             finished: None,
             prompt_tokens,
             completion_tokens: 0,
@@ -116,12 +127,13 @@ impl Generation {
                         .completion_tokens
                         .fetch_add(1, Ordering::Relaxed);
                     self.text.push_str(&ev.text);
+                    self.logprobs.extend(ev.logprobs);
                     let tail = &self.text[self.emitted..];
                     if let Some(at) = self.stops.find(tail) {
                         let piece = tail[..at].to_string();
                         self.finish("stop");
-                        if !piece.is_empty() {
-                            return Step::Text(piece);
+                        if let Some(p) = self.piece(piece) {
+                            return Step::Text(p);
                         }
                         continue;
                     }
@@ -129,7 +141,9 @@ impl Generation {
                     if safe > 0 {
                         let piece = tail[..safe].to_string();
                         self.emitted += safe;
-                        return Step::Text(piece);
+                        if let Some(p) = self.piece(piece) {
+                            return Step::Text(p);
+                        }
                     }
                 }
                 Some(Err(e)) => {
@@ -149,12 +163,23 @@ impl Generation {
                     // Text held back for a stop string that never completed.
                     let rest = self.text[self.emitted..].to_string();
                     self.finish(reason);
-                    if !rest.is_empty() {
-                        return Step::Text(rest);
+                    if let Some(p) = self.piece(rest) {
+                        return Step::Text(p);
                     }
                 }
             }
         }
+    }
+
+    /// `text` with the log-probabilities waiting to go out; `None` when both are empty.
+    fn piece(&mut self, text: String) -> Option<Piece> {
+        if text.is_empty() && self.logprobs.is_empty() {
+            return None;
+        }
+        Some(Piece {
+            text,
+            logprobs: std::mem::take(&mut self.logprobs),
+        })
     }
 
     /// Ends the generation: the runtime stream is dropped (cancelling it if still running).
@@ -166,15 +191,34 @@ impl Generation {
         self.running = None;
     }
 
-    /// Runs to the end: (text, finish_reason).
-    pub async fn collect(mut self) -> Result<(String, &'static str, usize), ApiError> {
-        let mut out = String::new();
+    /// Runs to the end.
+    pub async fn collect(mut self) -> Result<Collected, ApiError> {
+        let mut out = Piece::default();
         loop {
             match self.next().await {
-                Step::Text(t) => out.push_str(&t),
-                Step::Done(r) => return Ok((out, r, self.completion_tokens)),
+                Step::Text(p) => {
+                    out.text.push_str(&p.text);
+                    out.logprobs.extend(p.logprobs);
+                }
+                Step::Done(r) => {
+                    return Ok(Collected {
+                        text: out.text,
+                        logprobs: out.logprobs,
+                        finish_reason: r,
+                        completion_tokens: self.completion_tokens,
+                    })
+                }
                 Step::Failed(e) => return Err(e),
             }
         }
     }
+}
+
+/// A whole generation.
+#[derive(Debug)]
+pub struct Collected {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprobs>,
+    pub finish_reason: &'static str,
+    pub completion_tokens: usize,
 }

@@ -1,11 +1,13 @@
-//! HTTP endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
-//! `/metrics`.
+//! HTTP endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`,
+//! `/tokenize`,
+//! `/detokenize`, `/health`, `/metrics`.
 
 use super::error::ApiError;
-use super::generation::{Generation, Step};
-use super::openai::{ChatRequest, Checked, CompletionRequest, PromptInput, Usage};
-use super::AppState;
-use crate::messages::{GenerateRequest, Prompt};
+use super::generation::Generation;
+use super::openai::{check_model, ChatRequest, Checked, CompletionRequest, PromptInput};
+use super::reply::{stream_response, Kind, Meta};
+use super::{embeddings, tokens, AppState};
+use crate::messages::{GenerateRequest, Prompt, SamplingParams};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -25,6 +27,9 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/embeddings", post(embeddings_endpoint))
+        .route("/tokenize", post(tokenize_endpoint))
+        .route("/detokenize", post(detokenize_endpoint))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -83,6 +88,9 @@ async fn count_requests(State(s): AppRef, mut req: Request, next: Next) -> Respo
         "/v1/completions" => "/v1/completions",
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/models" => "/v1/models",
+        "/v1/embeddings" => "/v1/embeddings",
+        "/tokenize" => "/tokenize",
+        "/detokenize" => "/detokenize",
         "/health" => "/health",
         "/metrics" => "/metrics",
         _ => "other",
@@ -164,6 +172,107 @@ async fn models(State(s): AppRef) -> Response {
     .into_response()
 }
 
+async fn embeddings_endpoint(State(s): AppRef, headers: HeaderMap, body: Body) -> Response {
+    use embeddings::EmbeddingInput;
+    let r = async {
+        let req: embeddings::EmbeddingRequest = parse_body(&s, &headers, body).await?;
+        check_model(req.model.as_deref(), &s.model_name)?;
+        let base64 = req.base64()?;
+        if req.dimensions.is_some() {
+            return Err(ApiError::invalid(
+                "dimensions",
+                "dimensions is not supported: vectors have the model's width",
+            ));
+        }
+        ready(&s)?;
+        let inputs: Vec<Vec<u32>> = match req.input {
+            EmbeddingInput::Text(t) => vec![tokenize(&s, t).await?],
+            EmbeddingInput::Texts(v) => {
+                if v.len() > embeddings::MAX_INPUTS {
+                    return Err(too_many_inputs());
+                }
+                let mut out = Vec::with_capacity(v.len());
+                for t in v {
+                    out.push(tokenize(&s, t).await?);
+                }
+                out
+            }
+            EmbeddingInput::Tokens(t) => vec![t],
+            EmbeddingInput::TokenLists(v) => v,
+        };
+        if inputs.is_empty() {
+            return Err(ApiError::invalid("input", "input must not be empty"));
+        }
+        if inputs.len() > embeddings::MAX_INPUTS {
+            return Err(too_many_inputs());
+        }
+        for (i, t) in inputs.iter().enumerate() {
+            if t.is_empty() {
+                return Err(ApiError::invalid("input", format!("input {i} is empty")));
+            }
+            if t.len() > s.ctx {
+                return Err(ApiError::invalid(
+                    "input",
+                    format!(
+                        "input {i} has {} tokens; this model's context is {}",
+                        t.len(),
+                        s.ctx
+                    ),
+                )
+                .code("context_length_exceeded"));
+            }
+        }
+        // One after another: a request takes one queue place at a time.
+        let mut vectors = Vec::with_capacity(inputs.len());
+        let mut prompt_tokens = 0;
+        for t in inputs {
+            prompt_tokens += t.len();
+            vectors.push(s.runtime.embed(t, s.pooling).get().await?);
+        }
+        Ok((
+            embeddings::body(&s, &vectors, prompt_tokens, base64),
+            prompt_tokens,
+        ))
+    }
+    .await;
+    match r {
+        Ok((body, prompt)) => {
+            let mut r = axum::Json(body).into_response();
+            r.extensions_mut().insert(Logged::Tokens {
+                prompt,
+                completion: 0,
+            });
+            r
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+fn too_many_inputs() -> ApiError {
+    ApiError::invalid(
+        "input",
+        format!("at most {} inputs per request", embeddings::MAX_INPUTS),
+    )
+}
+
+async fn tokenize_endpoint(State(s): AppRef, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        let req: tokens::TokenizeRequest = parse_body(&s, &headers, body).await?;
+        tokens::tokenize(&s, req).await
+    }
+    .await;
+    r.map(axum::Json).into_response()
+}
+
+async fn detokenize_endpoint(State(s): AppRef, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        let req: tokens::DetokenizeRequest = parse_body(&s, &headers, body).await?;
+        tokens::detokenize(&s, &req)
+    }
+    .await;
+    r.map(axum::Json).into_response()
+}
+
 fn too_large(limit: usize) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -228,12 +337,6 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Completion,
-    Chat,
 }
 
 /// The tag `count_requests` put on the request (a fresh one if the layer is missing).
@@ -385,19 +488,35 @@ async fn start(
         )
         .code("context_length_exceeded"));
     }
-    let request = GenerateRequest {
-        prompt: Prompt::Tokens(tokens),
-        max_tokens,
-        sampling: checked.sampling.clone(),
-        stop_at_eos: true,
-        session: None,
-    };
-    let gen = Generation::admit(
-        s.runtime.generate(request),
-        n_prompt,
-        &checked.stop,
-        s.metrics.clone(),
-    )?;
+    // `n` choices, one after another: the first prefills the prompt, the others resume the
+    // session it left (only the last prompt token is fed again); each has its own seed.
+    let n = checked.n;
+    let session = (n > 1).then(|| s.runtime.new_session());
+    let seed = checked.sampling.seed.unwrap_or_else(rand::random);
+    let mut gens = Vec::with_capacity(n);
+    for i in 0..n {
+        let request = GenerateRequest {
+            prompt: Prompt::Tokens(tokens.clone()),
+            max_tokens,
+            sampling: SamplingParams {
+                seed: Some(seed.wrapping_add(i as u64)),
+                ..checked.sampling.clone()
+            },
+            stop_at_eos: true,
+            session,
+            end_session: i + 1 == n,
+            logprobs: checked.logprobs,
+        };
+        // A choice the queue cannot take fails the request; the ones admitted are dropped,
+        // which cancels them.
+        gens.push(Generation::admit(
+            s.runtime.generate(request),
+            // The prompt counted once in the metrics, as in `usage`.
+            if i == 0 { n_prompt } else { 0 },
+            &checked.stop,
+            s.metrics.clone(),
+        )?);
+    }
     let meta = Meta {
         id: match kind {
             Kind::Completion => format!("cmpl-{}", tag.id),
@@ -406,191 +525,26 @@ async fn start(
         created: unix_now(),
         model: s.model_name.clone(),
         kind,
-        tag,
+        request: tag.id,
+        arrived: tag.arrived,
+        prompt_tokens: n_prompt,
+        logprobs: checked.logprobs.is_some(),
+        tokenizer: s.tokenizer.clone(),
     };
     if checked.stream {
-        let mut r = stream_response(gen, meta, checked.include_usage);
+        let mut r = stream_response(gens, meta, checked.include_usage);
         r.extensions_mut().insert(Logged::Streaming);
         Ok(r)
     } else {
-        let (text, finish, n) = gen.collect().await?;
-        let usage = Usage::new(n_prompt, n);
-        let body = match kind {
-            Kind::Completion => json!({
-                "id": meta.id, "object": "text_completion", "created": meta.created,
-                "model": meta.model,
-                "choices": [{"text": text, "index": 0, "logprobs": null,
-                             "finish_reason": finish}],
-                "usage": usage,
-            }),
-            Kind::Chat => json!({
-                "id": meta.id, "object": "chat.completion", "created": meta.created,
-                "model": meta.model,
-                "choices": [{"index": 0,
-                             "message": {"role": "assistant", "content": text},
-                             "logprobs": null, "finish_reason": finish}],
-                "usage": usage,
-            }),
-        };
-        let mut r = axum::Json(body).into_response();
+        let mut choices = Vec::with_capacity(n);
+        for g in gens {
+            choices.push(g.collect().await?);
+        }
+        let mut r = axum::Json(meta.body(&choices)).into_response();
         r.extensions_mut().insert(Logged::Tokens {
             prompt: n_prompt,
-            completion: n,
+            completion: choices.iter().map(|c| c.completion_tokens).sum(),
         });
         Ok(r)
     }
-}
-
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-    kind: Kind,
-    tag: RequestTag,
-}
-
-impl Meta {
-    fn path(&self) -> &'static str {
-        match self.kind {
-            Kind::Completion => "/v1/completions",
-            Kind::Chat => "/v1/chat/completions",
-        }
-    }
-}
-
-impl Meta {
-    /// One chunk with `text` (or the role announcement / the finish reason).
-    fn chunk(&self, text: Option<&str>, role: bool, finish: Option<&str>) -> serde_json::Value {
-        match self.kind {
-            Kind::Completion => json!({
-                "id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.model,
-                "choices": [{"text": text.unwrap_or(""), "index": 0, "logprobs": null,
-                             "finish_reason": finish}],
-            }),
-            Kind::Chat => {
-                let mut delta = serde_json::Map::new();
-                if role {
-                    delta.insert("role".into(), json!("assistant"));
-                }
-                if let Some(t) = text {
-                    delta.insert("content".into(), json!(t));
-                }
-                json!({
-                    "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null,
-                                 "finish_reason": finish}],
-                })
-            }
-        }
-    }
-
-    fn usage_chunk(&self, usage: Usage) -> serde_json::Value {
-        let object = match self.kind {
-            Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion.chunk",
-        };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
-               "choices": [], "usage": usage})
-    }
-}
-
-fn sse(v: &serde_json::Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
-}
-
-enum Phase {
-    Start,
-    Tokens,
-    Usage(Usage),
-    Done,
-    End,
-}
-
-/// A stream's generation and metadata; dropped once, when the stream ends or the client goes,
-/// which is when the request's log line is written.
-struct Streamed {
-    gen: Generation,
-    meta: Meta,
-    /// How it ended, for the log line; until the end, a client that went away.
-    outcome: &'static str,
-}
-
-impl Drop for Streamed {
-    fn drop(&mut self) {
-        let ms = self.meta.tag.arrived.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(
-            "request {} POST {} 200 stream {} prompt_tokens={} completion_tokens={} \
-             time_ms={ms:.1}",
-            self.meta.tag.id,
-            self.meta.path(),
-            self.outcome,
-            self.gen.prompt_tokens,
-            self.gen.completion_tokens
-        );
-    }
-}
-
-/// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. When the client
-/// goes away hyper drops this stream, and with it the `Generation`: the request is cancelled.
-fn stream_response(gen: Generation, meta: Meta, include_usage: bool) -> Response {
-    let state = (
-        Streamed {
-            gen,
-            meta,
-            outcome: "client gone",
-        },
-        Phase::Start,
-    );
-    let body = futures::stream::unfold(state, move |(mut st, phase)| async move {
-        let Streamed { gen, meta, outcome } = &mut st;
-        let out = match phase {
-            Phase::Start => {
-                let first = match meta.kind {
-                    Kind::Chat => meta.chunk(Some(""), true, None),
-                    Kind::Completion => meta.chunk(Some(""), false, None),
-                };
-                (sse(&first), Phase::Tokens)
-            }
-            Phase::Tokens => match gen.next().await {
-                Step::Text(t) => (sse(&meta.chunk(Some(&t), false, None)), Phase::Tokens),
-                Step::Done(reason) => {
-                    let last = match meta.kind {
-                        Kind::Chat => meta.chunk(None, false, Some(reason)),
-                        Kind::Completion => meta.chunk(Some(""), false, Some(reason)),
-                    };
-                    let next = if include_usage {
-                        Phase::Usage(Usage::new(gen.prompt_tokens, gen.completion_tokens))
-                    } else {
-                        Phase::Done
-                    };
-                    (sse(&last), next)
-                }
-                // OpenAI's streams report a failure as an error object, then stop.
-                Step::Failed(e) => {
-                    *outcome = "failed";
-                    (
-                        Bytes::from(format!("data: {}\n\n", e.to_json())),
-                        Phase::End,
-                    )
-                }
-            },
-            Phase::Usage(u) => (sse(&meta.usage_chunk(u)), Phase::Done),
-            Phase::Done => {
-                *outcome = "done";
-                (Bytes::from_static(b"data: [DONE]\n\n"), Phase::End)
-            }
-            Phase::End => return None,
-        };
-        Some((Ok::<_, std::convert::Infallible>(out.0), (st, out.1)))
-    });
-    let mut r = Response::new(Body::from_stream(body));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    r
 }

@@ -9,6 +9,10 @@
 //! - `prompt.rs` — chat messages to prompt tokens: the template under limits, off the async
 //!   threads, and client text kept out of the control tokens.
 //! - `openai.rs` — request/response bodies and parameter checks.
+//! - `embeddings.rs` — `/v1/embeddings`: pooled, normalized hidden states.
+//! - `tokens.rs` — `/tokenize` and `/detokenize` (llama.cpp server's shape).
+//! - `reply.rs` — a generation's answer: one JSON body or a stream of chunks, `n` choices.
+//! - `logprobs.rs` — log-probabilities in chat's and completions' shapes.
 //! - `generation.rs` — one request's token stream as text pieces (stop strings, finish reason).
 //! - `error.rs` — OpenAI-style error objects.
 //! - `metrics.rs` — counters, histograms and the Prometheus text page.
@@ -19,13 +23,17 @@
 pub mod client;
 mod connections;
 pub mod control;
+mod embeddings;
 pub mod error;
 pub mod generation;
 mod handlers;
+mod logprobs;
 pub mod metrics;
 pub mod openai;
 mod prompt;
 pub mod promtext;
+mod reply;
+mod tokens;
 
 use crate::compute::llama::LlamaCompute;
 use crate::error::RuntimeError;
@@ -153,6 +161,8 @@ pub(crate) struct AppState {
     pub max_prompt_bytes: usize,
     pub chat: prompt::ChatPrompter,
     pub next_id: AtomicU64,
+    /// How `/v1/embeddings` pools hidden states (the model's metadata, else mean).
+    pub pooling: crate::messages::Pooling,
 }
 
 /// A running server.
@@ -181,6 +191,8 @@ impl Server {
         let tokenizer =
             Tokenizer::from_metadata(file.metadata()).map_err(|e| model_err(e.to_string()))?;
         let hp = HParams::try_from(file.metadata()).map_err(|e| model_err(e.to_string()))?;
+        let (pooling, pooling_why) = embeddings::model_pooling(file.metadata());
+        tracing::info!("embeddings pool {pooling:?} ({pooling_why})");
         let mut ctx = cfg.ctx.unwrap_or(DEFAULT_CTX).min(hp.n_ctx_train);
         if cfg.backend == BackendKind::Cpu {
             // The host holds the KV: sized before listening, as LlamaCompute will (which
@@ -248,6 +260,7 @@ impl Server {
             max_prompt_bytes: cfg.max_prompt_bytes,
             chat,
             next_id: AtomicU64::new(1),
+            pooling,
         });
         let stop = CancellationToken::new();
         let kill = CancellationToken::new();

@@ -2,7 +2,7 @@
 //!
 //! Fields are typed (a string where a number belongs is a 400 naming the field); fields this
 //! server does not implement are ignored when harmless and rejected when they change the answer
-//! (`n > 1`, `echo`, `logprobs`, `best_of`, `logit_bias`, `tools`).
+//! (`echo`, `best_of > n`, `logit_bias`, `tools`, `response_format` other than text).
 
 use super::error::ApiError;
 use crate::messages::SamplingParams;
@@ -51,7 +51,10 @@ pub struct CommonParams {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<i64>,
+    /// Chat: `true`/`false`; completions: how many alternatives (0..=20).
     pub logprobs: Option<serde_json::Value>,
+    /// Chat: alternatives per token with `logprobs: true` (0..=20).
+    pub top_logprobs: Option<i64>,
     pub best_of: Option<i64>,
     #[serde(default)]
     pub echo: bool,
@@ -59,6 +62,36 @@ pub struct CommonParams {
     pub logit_bias: Option<serde_json::Value>,
     /// Not implemented (no tool calling): rejected unless empty.
     pub tools: Option<serde_json::Value>,
+    /// Rejected unless `none` or `auto` (with no tools, both mean plain text).
+    pub tool_choice: Option<serde_json::Value>,
+    /// The legacy names of `tools` and `tool_choice`: rejected unless empty.
+    pub functions: Option<serde_json::Value>,
+    pub function_call: Option<serde_json::Value>,
+    /// Not implemented (no constrained decoding yet): only `{"type": "text"}` is accepted.
+    pub response_format: Option<serde_json::Value>,
+}
+
+/// The `model` a request names must be the one served (400 without one, 404 for another).
+pub fn check_model(model: Option<&str>, served_model: &str) -> Result<(), ApiError> {
+    match model {
+        None => {
+            return Err(ApiError::invalid(
+                "model",
+                "you must provide a model parameter",
+            ))
+        }
+        Some(m) if m != served_model => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("the model `{m}` does not exist; this server serves `{served_model}`"),
+            )
+            .param("model")
+            .code("model_not_found"))
+        }
+        Some(_) => {}
+    }
+    Ok(())
 }
 
 /// `null`, `{}` and `[]` ask for nothing.
@@ -115,7 +148,15 @@ pub struct Checked {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Choices to generate from the prompt (1..=`MAX_N`).
+    pub n: usize,
+    /// Log-probabilities with this many alternatives per token; `None`: none.
+    pub logprobs: Option<usize>,
 }
+
+/// Most choices one request may ask for (`n`): each is a whole generation, run one after
+/// another on the prompt's shared prefill.
+pub const MAX_N: i64 = 16;
 
 fn range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>, ApiError> {
     match v {
@@ -130,33 +171,23 @@ fn range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>, A
 impl CommonParams {
     /// Checks the model name and every sampling parameter.
     pub fn check(&self, served_model: &str) -> Result<Checked, ApiError> {
-        match &self.model {
-            None => {
+        check_model(self.model.as_deref(), served_model)?;
+        let n = match self.n {
+            None => 1,
+            Some(n) if (1..=MAX_N).contains(&n) => n as usize,
+            Some(n) => {
                 return Err(ApiError::invalid(
-                    "model",
-                    "you must provide a model parameter",
+                    "n",
+                    format!("n must be between 1 and {MAX_N}, got {n}"),
                 ))
             }
-            Some(m) if m != served_model => {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::NOT_FOUND,
-                    "invalid_request_error",
-                    format!("the model `{m}` does not exist; this server serves `{served_model}`"),
-                )
-                .param("model")
-                .code("model_not_found"))
-            }
-            Some(_) => {}
-        }
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(ApiError::invalid("n", "only n = 1 is supported"));
-            }
-        }
-        if self.best_of.is_some_and(|b| b != 1) {
+        };
+        // `best_of` equal to `n` is what is done anyway; more would need ranking the extra
+        // sequences, which this server does not do.
+        if self.best_of.is_some_and(|b| b as usize != n && b != 1) {
             return Err(ApiError::invalid(
                 "best_of",
-                "only best_of = 1 is supported",
+                "best_of is supported only equal to n (or 1)",
             ));
         }
         if self.echo {
@@ -174,13 +205,53 @@ impl CommonParams {
                 "tool calling is not supported by this server",
             ));
         }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| !(v.is_null() || v == &serde_json::Value::Bool(false)))
-        {
-            return Err(ApiError::invalid("logprobs", "logprobs are not supported"));
+        if self.functions.as_ref().is_some_and(|v| !is_empty_value(v)) {
+            return Err(ApiError::invalid(
+                "functions",
+                "function calling is not supported by this server",
+            ));
         }
+        let plain_choice = |v: &serde_json::Value| {
+            is_empty_value(v) || v.as_str().is_some_and(|c| c == "none" || c == "auto")
+        };
+        if self.tool_choice.as_ref().is_some_and(|v| !plain_choice(v)) {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "tool calling is not supported by this server: tool_choice may only be \"none\" \
+                 or \"auto\"",
+            ));
+        }
+        if self
+            .function_call
+            .as_ref()
+            .is_some_and(|v| !plain_choice(v))
+        {
+            return Err(ApiError::invalid(
+                "function_call",
+                "function calling is not supported by this server",
+            ));
+        }
+        if let Some(f) = self.response_format.as_ref().filter(|v| !v.is_null()) {
+            match f.get("type").and_then(|t| t.as_str()) {
+                Some("text") => {}
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        format!(
+                            "response_format of type {other:?} is not supported yet: \
+                             only \"text\""
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        "response_format must be an object with a \"type\"",
+                    ))
+                }
+            }
+        }
+        let logprobs = self.logprobs()?;
         let (param, max) = match (self.max_completion_tokens, self.max_tokens) {
             (Some(m), _) => ("max_completion_tokens", Some(m)),
             (None, m) => ("max_tokens", m),
@@ -243,11 +314,59 @@ impl CommonParams {
             },
             stop,
             stream: self.stream,
+            n,
+            logprobs,
             include_usage: self
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
         })
+    }
+}
+
+impl CommonParams {
+    /// `logprobs` (a bool with `top_logprobs` in chat, a count in completions) as the number of
+    /// alternatives per token, `None` when off.
+    fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let max = rocmforge::sample::MAX_TOP_LOGPROBS as i64;
+        let count = |param: &str, k: i64| {
+            if (0..=max).contains(&k) {
+                Ok(k as usize)
+            } else {
+                Err(ApiError::invalid(
+                    param,
+                    format!("{param} must be between 0 and {max}, got {k}"),
+                ))
+            }
+        };
+        let top = self
+            .top_logprobs
+            .map(|k| count("top_logprobs", k))
+            .transpose()?;
+        use serde_json::Value;
+        match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => match top {
+                Some(k) if k > 0 => Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs: true",
+                )),
+                _ => Ok(None),
+            },
+            Some(Value::Bool(true)) => Ok(Some(top.unwrap_or(0))),
+            Some(Value::Number(k)) => match k.as_i64() {
+                Some(k) => count("logprobs", k).map(Some),
+                None => Err(ApiError::invalid(
+                    "logprobs",
+                    format!("logprobs must be an integer, got {k}"),
+                )),
+            },
+            Some(other) => Err(ApiError::invalid(
+                "logprobs",
+                format!(
+                    "logprobs must be a boolean (chat) or an integer (completions), got {other}"
+                ),
+            )),
+        }
     }
 }
 
