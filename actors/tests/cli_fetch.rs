@@ -340,3 +340,18 @@ fn pull_then_run_by_hub_name() {
         "{err}"
     );
 }
+
+/// A models directory that cannot be created (here a file stands in its way) is passed over
+/// for the next one in the lookup order.
+#[test]
+fn a_download_goes_to_the_first_usable_directory() {
+    let body = gguf().to_vec();
+    let server = FakeHub::start(body.clone(), sha256_hex(&body), false);
+    let root = tempfile::tempdir().unwrap();
+    let blocked = root.path().join("blocked");
+    std::fs::write(&blocked, b"a file, not a directory").unwrap();
+    let usable = root.path().join("usable");
+    let got = fetch(&spec(), &hub(&server, None), &[blocked, usable.clone()]).unwrap();
+    assert!(got.starts_with(&usable), "{}", got.display());
+    assert_eq!(std::fs::read(&got).unwrap(), body);
+}

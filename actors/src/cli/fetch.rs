@@ -184,22 +184,41 @@ pub fn fetch(spec: &HfFile, hub: &Hub, dirs: &[PathBuf]) -> Result<PathBuf, Fetc
     if let Some(found) = dirs.iter().map(|d| d.join(&rel)).find(|p| p.is_file()) {
         return Ok(found);
     }
-    let dest = dirs
-        .iter()
-        .map(|d| d.join(&rel))
-        .find(|p| {
-            p.parent()
-                .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
-        })
-        .ok_or_else(|| FetchError::NoModelsDir {
-            tried: dirs
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
-    download(&spec.url(&hub.endpoint), hub, &dest)?;
-    Ok(dest)
+    // The first directory where the partial file can be created (or is there to resume): a
+    // directory that exists but cannot be written is passed over.
+    let mut tried = Vec::new();
+    for dir in dirs {
+        let dest = dir.join(&rel);
+        let part_path = part_path(&dest);
+        let opened = match dest.parent().map(std::fs::create_dir_all) {
+            Some(Ok(())) => PartFile::open(&part_path),
+            Some(Err(source)) => Err(FetchError::Io {
+                path: dir.clone(),
+                source,
+            }),
+            None => continue,
+        };
+        match opened {
+            Ok(part) => {
+                download(&spec.url(&hub.endpoint), hub, &dest, part)?;
+                return Ok(dest);
+            }
+            Err(FetchError::Io { path, source }) => {
+                tried.push(format!("{}: {source}", path.display()))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(FetchError::NoModelsDir {
+        tried: tried.join("; "),
+    })
+}
+
+/// `FILE.part` beside `dest`.
+fn part_path(dest: &Path) -> PathBuf {
+    let mut p = dest.as_os_str().to_owned();
+    p.push(".part");
+    PathBuf::from(p)
 }
 
 /// What the Hub said about the file before its bytes.
@@ -317,12 +336,10 @@ impl PartFile {
     }
 }
 
-/// Downloads `url` into `dest` through `dest.part`, resuming what is there.
-fn download(url: &str, hub: &Hub, dest: &Path) -> Result<(), FetchError> {
-    let mut part_path = dest.as_os_str().to_owned();
-    part_path.push(".part");
-    let part_path = PathBuf::from(part_path);
-    let mut part = PartFile::open(&part_path)?;
+/// Downloads `url` into `dest` through `part` (its `.part` file, locked), resuming what is
+/// there.
+fn download(url: &str, hub: &Hub, dest: &Path, mut part: PartFile) -> Result<(), FetchError> {
+    let part_path = part.path.clone();
     let (mut have, mut hasher) = part.resume_state()?;
     let agent = agent();
     let hub_host = authority(&hub.endpoint);
