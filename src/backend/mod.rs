@@ -257,6 +257,8 @@ pub trait LayeredForward: Send {
     /// Final norm and head on the last token; waits for the stream and returns the logits.
     fn output(&mut self, norm: &DeviceTensor, head: &DeviceTensor)
         -> Result<Vec<f32>, Self::Error>;
+    /// No work is waiting: finish lazy set-up now (see `ModelCompute::idle`). Default: nothing.
+    fn idle(&mut self) {}
 }
 
 #[cfg(test)]

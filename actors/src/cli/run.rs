@@ -132,11 +132,13 @@ pub struct RunArgs {
     pub backend: rocmforge::backend::BackendKind,
     #[command(flatten)]
     pub engine: super::engine::EngineArgs,
-    /// CUDA: run through the runtime's actors even without a memory budget, read mode or trace.
-    /// (Until the actors' GPU start-up matches it, a plain CUDA `run` uses the direct CUDA
-    /// loader; see docs/ARCHITECTURE.md, "One engine".)
-    #[arg(long)]
+    /// Accepted for old scripts: every run goes through the runtime's actors now.
+    #[arg(long, hide = true)]
     pub pipeline: bool,
+    /// CUDA: use the old direct loader (`CudaModel`) instead of the runtime, to compare the two;
+    /// it is to be removed (docs/ARCHITECTURE.md, "One engine").
+    #[arg(long)]
+    pub direct_loader: bool,
 }
 
 pub(crate) fn read_prompt(a: &RunArgs) -> Result<String, GenError> {
@@ -204,8 +206,9 @@ impl<'t> TextSink<'t> {
 
 pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let prompt = read_prompt(&a)?;
-    // The direct CUDA loader stays only for a plain CUDA `run` (see `pipeline`'s doc).
-    let engine_wanted = a.pipeline || a.engine.any_set();
+    // Every run goes through the runtime; the direct CUDA loader only when asked for (see
+    // `direct_loader`'s doc), and never with a runtime setting.
+    let engine_wanted = !a.direct_loader || a.engine.any_set();
     if !engine_wanted && !super::gpu::routes_to_pipeline(a.backend) {
         let early = super::gpu::open_early(a.backend, &a.model.model);
         if let Some(dev) = super::gpu::select(a.backend)? {

@@ -129,6 +129,10 @@ where
         self.model.hparams().n_layer
     }
 
+    fn idle(&mut self) {
+        self.fwd.idle();
+    }
+
     fn is_end_of_generation(&self, token: u32) -> bool {
         self.tokenizer.as_ref().is_some_and(|t| t.is_eog(token))
     }

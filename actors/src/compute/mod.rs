@@ -25,6 +25,10 @@ pub type SequenceState = Box<dyn Any + Send>;
 
 pub trait ModelCompute: Send {
     fn n_layers(&self) -> usize;
+    /// Called when the Inference actor has no request to serve: a moment for lazy set-up that
+    /// would stall a request if done during it (the GPU opens its vendor GEMM here). Default:
+    /// nothing.
+    fn idle(&mut self) {}
     /// Whether `token` ends generation (eos, eot, end of turn: the tokenizer's one set).
     fn is_end_of_generation(&self, token: u32) -> bool;
     /// Tokens one sequence holds (prompt and generated); `None`: unbounded.

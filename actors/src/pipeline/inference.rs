@@ -173,6 +173,12 @@ impl Inference {
                 .counters
                 .requests_done
                 .fetch_add(1, Ordering::AcqRel);
+            // The request's stream ends here (its sender drops); with nothing queued, the
+            // compute may finish lazy set-up now without delaying anyone.
+            drop(job);
+            if self.cfg.jobs.is_empty() {
+                self.compute.idle();
+            }
         }
         // Shutdown: requests still queued get an error instead of silence.
         while let Ok(job) = self.cfg.jobs.try_recv() {

@@ -63,8 +63,8 @@ pub trait GemmF16<D: KernelDevice>: Send {
     fn name(&self) -> &'static str;
     /// Queues `g` on `stream`.
     fn gemm_f16_nt(&mut self, dev: &D, stream: &D::Stream, g: &GemmF16Nt) -> BackendResult<()>;
-    /// A hint that now is a good time to finish any lazy set-up (the layer pass calls it after
-    /// each forward pass); the default does nothing.
+    /// A hint that now is a good time to finish any lazy set-up (the layer pass calls it when
+    /// the runtime is idle); the default does nothing.
     fn warm(&mut self) {}
 }
 
@@ -122,9 +122,10 @@ type Opening<D> = std::thread::JoinHandle<std::result::Result<Box<dyn GemmF16<D>
 /// The vendor's GEMM, opened late: loading cuBLAS takes ~0.15 s and, while it runs, the
 /// driver holds back other threads' allocations and first copies (H100: the pipeline's uploader
 /// and the KV cache's allocation waited 140 ms for it when it opened beside the load). So it
-/// opens on a thread of its own only when [`GemmF16::warm`] is called (the layer pass does after
-/// its first forward pass, when the first weights are in place) or, synchronously, at the first
-/// GEMM if that comes earlier (a long first prompt). Decode never needs it. Falls back to
+/// opens on a thread of its own only when [`GemmF16::warm`] is called (the layer pass does when
+/// the runtime has no request to serve: after the first one, before a second arrives; opened
+/// right after the first forward pass it held back that pass's logits copy 100 ms) or,
+/// synchronously, at the first GEMM if that comes earlier (a long first prompt pays ~0.15 s once). Decode never needs it. Falls back to
 /// [`PortableGemm`] when the vendor library does not open.
 pub struct DeferredGemm<D: KernelDevice> {
     dev: std::sync::Arc<D>,

@@ -283,6 +283,11 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
     type Kv = GpuKv<D>;
     type Error = GpuForwardError;
 
+    /// Opens the vendor GEMM on its own thread while nothing runs (see `DeferredGemm`).
+    fn idle(&mut self) {
+        self.gemm.warm();
+    }
+
     fn stream(&self) -> &D::Stream {
         &self.stream
     }
@@ -425,9 +430,6 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         self.dev.mmvq(&self.stream, &hv, hm, &xn0, &self.s.logits)?;
         self.stream.synchronize()?;
         self.n = 0;
-        // A forward pass is done, so the first weights are in place: the vendor GEMM may open
-        // now without holding back the load (see `DeferredGemm`).
-        self.gemm.warm();
         Ok(self.s.logits.to_vec::<f32>(self.n_vocab)?)
     }
 }
