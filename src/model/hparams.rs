@@ -484,12 +484,23 @@ mod tests {
         assert_eq!(h.attn_softcap, None);
         assert!(h.arch.has_qk_norm() && h.arch.has_post_norms());
         assert_eq!(h.arch.ffn_activation(), FfnActivation::GeluTanh);
+        // The GPU graph refuses what it lacks, by name.
+        assert!(h.beyond_llama_graph().unwrap().contains("gemma3"));
+        assert_eq!(
+            HParams::try_from(&md("llama"))
+                .unwrap()
+                .beyond_llama_graph(),
+            None
+        );
+        let q3 = HParams::try_from(&md("qwen3")).unwrap();
+        assert!(q3.beyond_llama_graph().unwrap().contains("QK-norm"));
         // Mistral-style: a window on every layer, with the one RoPE base; 0 means none.
         let mut m = md("mistral");
         m.insert("mistral.attention.sliding_window", Value::U32(512));
         let h = HParams::try_from(&m).unwrap();
         assert!((0..2).all(|l| h.local_window(l) == Some(512)));
         assert_eq!(h.local_attention.unwrap().rope_freq_base, h.rope_freq_base);
+        assert!(h.beyond_llama_graph().unwrap().contains("sliding-window"));
         m.insert("mistral.attention.sliding_window", Value::U32(0));
         assert!(HParams::try_from(&m).unwrap().local_attention.is_none());
     }
