@@ -17,6 +17,8 @@ pub enum Error {
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
+    #[error(transparent)]
+    Grammar(#[from] crate::grammar::GrammarError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -8,12 +8,14 @@
 //! - `backend/`   — `Backend { Cpu, Cuda, Hip }`; CPU always built, CUDA via `cudarc`, HIP behind `hip`.
 //! - `kernels`    — device sources embedded from `kernels/` by `build.rs`.
 //! - `synth.rs`   — random-weight llama GGUF files (valid random quant blocks) for benches.
-//! - `sample.rs`  — samplers (greedy, temperature, top-k/p, min-p, penalties).
+//! - `sample.rs`  — samplers (greedy, temperature, top-k/p, min-p, penalties), log-probabilities.
+//! - `grammar.rs` — constrained decoding: JSON (schema) token masks through `llguidance`.
 //! - `error.rs`   — the crate's error enum, one variant group per concern.
 
 pub mod backend;
 pub mod error;
 pub mod gguf;
+pub mod grammar;
 pub mod kernels;
 pub mod model;
 pub mod quant;

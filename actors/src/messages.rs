@@ -88,6 +88,7 @@ impl std::str::FromStr for MemoryBudget {
 /// Sampling settings of one request: the core crate's type, so the CLI, the server and the
 /// embedding API share one set of fields and one set of defaults (llama.cpp's: temperature 0.8,
 /// top-k 40, top-p 0.95, min-p 0.05, no seed = a fresh random one).
+pub use rocmforge::grammar::Constraint;
 pub use rocmforge::sample::{SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +116,10 @@ pub struct GenerateRequest {
     /// token's and the `n` most likely ones' (at most `MAX_TOP_LOGPROBS`); `None`: none.
     #[serde(default)]
     pub logprobs: Option<usize>,
+    /// What the output must be (a JSON object, or a document valid under a JSON schema): a
+    /// token mask applied to the logits before every sampling step (`rocmforge::grammar`).
+    #[serde(default)]
+    pub constraint: Option<Constraint>,
 }
 
 /// How an embedding is made from the hidden states of a prompt's positions (GGUF's
@@ -192,6 +197,7 @@ impl GenerateRequest {
             session: None,
             end_session: false,
             logprobs: None,
+            constraint: None,
         }
     }
 
@@ -205,6 +211,7 @@ impl GenerateRequest {
             session: None,
             end_session: false,
             logprobs: None,
+            constraint: None,
         }
     }
 }

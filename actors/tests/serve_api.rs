@@ -1,6 +1,8 @@
 //! The API surface beyond plain generation, in-process on loopback with SmolLM2: `/tokenize`
-//! and `/detokenize`, `usage` on every response, request fields that are not implemented
-//! answered with a 400 (never silently ignored).
+//! and `/detokenize`, `usage` on every response, request fields that are not implemented (or
+//! malformed) answered with a 400 (never silently ignored), log probabilities, `n > 1`,
+//! embeddings. Structured output is tested with the official client and `jsonschema`
+//! (`scripts/serve_openai_client.py`).
 
 mod serve_common;
 
@@ -166,9 +168,19 @@ async fn unimplemented_fields_are_a_400_never_ignored() {
             "functions",
         ),
         (
-            "response_format json_schema",
+            "response_format json_schema without a schema",
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format",
+        ),
+        (
+            "response_format with a schema the compiler rejects",
             json!({"response_format": {"type": "json_schema",
-                   "json_schema": {"name": "x", "schema": {"type": "object"}}}}),
+                   "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}}),
+            "response_format",
+        ),
+        (
+            "response_format of an unknown type",
+            json!({"response_format": {"type": "yaml"}}),
             "response_format",
         ),
         (

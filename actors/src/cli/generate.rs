@@ -37,6 +37,7 @@ pub fn generate(
         session,
         end_session: false,
         logprobs: None,
+        constraint: None,
     };
     let t0 = Instant::now();
     let mut first: Option<f64> = None;

@@ -130,6 +130,7 @@ fn start(cfg: InferenceConfig, ready: Readiness) {
                 compute,
                 sessions: HashMap::new(),
                 requests: 0,
+                grammar: None,
             }
             .run();
         }
@@ -145,6 +146,8 @@ struct Inference {
     sessions: HashMap<SessionId, KeptSequence>,
     /// Requests served, the clock of `KeptSequence::last_used`.
     requests: u64,
+    /// Built at the first constrained request (`grammar()`).
+    grammar: Option<rocmforge::grammar::GrammarCompiler>,
 }
 
 impl Inference {
@@ -289,6 +292,25 @@ impl Inference {
         Ok(logits)
     }
 
+    /// The constraint compiler for this model's vocabulary, built at the first constrained
+    /// request (the token trie takes a moment; most runs never need it).
+    fn grammar(&mut self) -> Result<&rocmforge::grammar::GrammarCompiler> {
+        if self.grammar.is_none() {
+            let tok = rocmforge::tokenizer::Tokenizer::from_metadata(self.cfg.file.metadata())
+                .map_err(|e| {
+                    RuntimeError::BadRequest(format!(
+                        "constrained decoding needs the model's tokenizer: {e}"
+                    ))
+                })?;
+            let g = rocmforge::grammar::GrammarCompiler::new(&tok)
+                .map_err(|e| RuntimeError::BadRequest(e.to_string()))?;
+            self.grammar = Some(g);
+        }
+        self.grammar
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Config("grammar compiler missing".into()))
+    }
+
     /// `input` through the embedding and every layer of `state`'s sequence.
     fn forward(
         &mut self,
@@ -374,6 +396,14 @@ impl Inference {
         let (mut slot, keep) = self.sequence_for(req.session, &prompt)?;
         // `fed`: the tokens whose keys and values the sequence holds (kept for a session).
         let mut fed: Vec<u32> = prompt[..keep].to_vec();
+        let mut mask = match &req.constraint {
+            Some(c) => Some(
+                self.grammar()?
+                    .compile(c)
+                    .map_err(|e| RuntimeError::BadRequest(e.to_string()))?,
+            ),
+            None => None,
+        };
         let mut sampler = Sampler::new(&req.sampling, &prompt);
         tracing::debug!(seed = sampler.seed(), cached = keep, "sampling");
         let mut input = prompt[keep..].to_vec();
@@ -390,19 +420,31 @@ impl Inference {
             }
             let _tok = tracing::info_span!("token", index).entered();
             let hidden = self.forward(job, &mut slot.state, &input)?;
-            let logits = self.output(job, &mut slot.state, &hidden)?;
+            let mut logits = self.output(job, &mut slot.state, &hidden)?;
             pos += input.len();
             fed.append(&mut input);
+            // Log-probabilities are of the model's distribution: the logits before the mask.
+            let raw = (mask.is_some() && req.logprobs.is_some()).then(|| logits.clone());
+            if let Some(m) = &mut mask {
+                m.apply(&mut logits).map_err(rocmforge::Error::from)?;
+            }
             let token = sampler.sample(&logits);
+            if let Some(m) = &mut mask {
+                m.accept(token).map_err(rocmforge::Error::from)?;
+            }
             // The event carries the token (it was generated) but a control token's text is
             // empty: `<|im_end|>` never reaches a reply.
             let ev = TokenEvent {
                 index,
                 token,
                 text: text.push(&self.compute.token_bytes(token)),
-                logprobs: req
-                    .logprobs
-                    .map(|n| rocmforge::sample::TokenLogprobs::of(&logits, token, n)),
+                logprobs: req.logprobs.map(|n| {
+                    rocmforge::sample::TokenLogprobs::of(
+                        raw.as_deref().unwrap_or(&logits),
+                        token,
+                        n,
+                    )
+                }),
             };
             self.send_event(job, ev)?;
             if req.stop_at_eos && self.compute.is_end_of_generation(token) {

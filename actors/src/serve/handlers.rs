@@ -7,7 +7,7 @@ use super::generation::Generation;
 use super::openai::{check_model, ChatRequest, Checked, CompletionRequest, PromptInput};
 use super::reply::{stream_response, Kind, Meta};
 use super::{embeddings, tokens, AppState};
-use crate::messages::{GenerateRequest, Prompt, SamplingParams};
+use crate::messages::{Constraint, GenerateRequest, Prompt, SamplingParams};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -15,6 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use rocmforge::grammar::GrammarCompiler;
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -417,6 +418,35 @@ async fn chat_completions(
     r.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Compiles `c` once here, so a schema the compiler rejects is a 400 before any response
+/// starts (the runtime compiles its own copy for the generation).
+async fn check_constraint(s: &Arc<AppState>, c: &Constraint) -> Result<(), ApiError> {
+    let (s, c) = (s.clone(), c.clone());
+    tokio::task::spawn_blocking(move || {
+        let compiler = s
+            .grammar
+            .get_or_init(|| GrammarCompiler::new(&s.tokenizer).map_err(|e| e.to_string()));
+        match compiler {
+            Ok(g) => g
+                .compile(&c)
+                .map(drop)
+                .map_err(|e| ApiError::invalid("response_format", e.to_string())),
+            Err(e) => Err(ApiError::invalid(
+                "response_format",
+                format!("constrained decoding is not available for this model: {e}"),
+            )),
+        }
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            e.to_string(),
+        )
+    })?
+}
+
 fn ready(s: &AppState) -> Result<(), ApiError> {
     if s.ready.load(Ordering::Acquire) {
         Ok(())
@@ -488,6 +518,9 @@ async fn start(
         )
         .code("context_length_exceeded"));
     }
+    if let Some(c) = &checked.constraint {
+        check_constraint(s, c).await?;
+    }
     // `n` choices, one after another: the first prefills the prompt, the others resume the
     // session it left (only the last prompt token is fed again); each has its own seed.
     let n = checked.n;
@@ -506,6 +539,7 @@ async fn start(
             session,
             end_session: i + 1 == n,
             logprobs: checked.logprobs,
+            constraint: checked.constraint.clone(),
         };
         // A choice the queue cannot take fails the request; the ones admitted are dropped,
         // which cancels them.

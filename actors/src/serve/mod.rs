@@ -163,6 +163,8 @@ pub(crate) struct AppState {
     pub next_id: AtomicU64,
     /// How `/v1/embeddings` pools hidden states (the model's metadata, else mean).
     pub pooling: crate::messages::Pooling,
+    /// Checks `response_format` schemas before a generation starts; built at the first one.
+    pub grammar: std::sync::OnceLock<Result<rocmforge::grammar::GrammarCompiler, String>>,
 }
 
 /// A running server.
@@ -261,6 +263,7 @@ impl Server {
             chat,
             next_id: AtomicU64::new(1),
             pooling,
+            grammar: std::sync::OnceLock::new(),
         });
         let stop = CancellationToken::new();
         let kill = CancellationToken::new();

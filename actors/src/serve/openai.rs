@@ -5,7 +5,7 @@
 //! (`echo`, `best_of > n`, `logit_bias`, `tools`, `response_format` other than text).
 
 use super::error::ApiError;
-use crate::messages::SamplingParams;
+use crate::messages::{Constraint, SamplingParams};
 use serde::{Deserialize, Serialize};
 
 /// `stop`: one string or up to four.
@@ -67,7 +67,8 @@ pub struct CommonParams {
     /// The legacy names of `tools` and `tool_choice`: rejected unless empty.
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
-    /// Not implemented (no constrained decoding yet): only `{"type": "text"}` is accepted.
+    /// `{"type": "text"}` (the default), `{"type": "json_object"}` or `{"type": "json_schema",
+    /// "json_schema": {"name": ..., "schema": {...}}}`.
     pub response_format: Option<serde_json::Value>,
 }
 
@@ -152,6 +153,8 @@ pub struct Checked {
     pub n: usize,
     /// Log-probabilities with this many alternatives per token; `None`: none.
     pub logprobs: Option<usize>,
+    /// `response_format` as a constraint on the output (`None`: plain text).
+    pub constraint: Option<Constraint>,
 }
 
 /// Most choices one request may ask for (`n`): each is a whole generation, run one after
@@ -231,26 +234,7 @@ impl CommonParams {
                 "function calling is not supported by this server",
             ));
         }
-        if let Some(f) = self.response_format.as_ref().filter(|v| !v.is_null()) {
-            match f.get("type").and_then(|t| t.as_str()) {
-                Some("text") => {}
-                Some(other) => {
-                    return Err(ApiError::invalid(
-                        "response_format",
-                        format!(
-                            "response_format of type {other:?} is not supported yet: \
-                             only \"text\""
-                        ),
-                    ))
-                }
-                None => {
-                    return Err(ApiError::invalid(
-                        "response_format",
-                        "response_format must be an object with a \"type\"",
-                    ))
-                }
-            }
-        }
+        let constraint = self.constraint()?;
         let logprobs = self.logprobs()?;
         let (param, max) = match (self.max_completion_tokens, self.max_tokens) {
             (Some(m), _) => ("max_completion_tokens", Some(m)),
@@ -316,6 +300,7 @@ impl CommonParams {
             stream: self.stream,
             n,
             logprobs,
+            constraint,
             include_usage: self
                 .stream_options
                 .as_ref()
@@ -325,6 +310,34 @@ impl CommonParams {
 }
 
 impl CommonParams {
+    /// `response_format` as a constraint (`None` for text).
+    fn constraint(&self) -> Result<Option<Constraint>, ApiError> {
+        let Some(f) = self.response_format.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let bad = |m: &str| Err(ApiError::invalid("response_format", m));
+        match f.get("type").and_then(|t| t.as_str()) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(Constraint::JsonObject)),
+            Some("json_schema") => match f.get("json_schema").and_then(|j| j.get("schema")) {
+                Some(s) if s.is_object() || s.is_boolean() => {
+                    Ok(Some(Constraint::JsonSchema(s.clone())))
+                }
+                _ => bad(
+                    "response_format json_schema needs json_schema.schema, a JSON schema object",
+                ),
+            },
+            Some(other) => Err(ApiError::invalid(
+                "response_format",
+                format!(
+                    "unknown response_format type {other:?}: expected \"text\", \"json_object\" \
+                     or \"json_schema\""
+                ),
+            )),
+            None => bad("response_format must be an object with a \"type\""),
+        }
+    }
+
     /// `logprobs` (a bool with `top_logprobs` in chat, a count in completions) as the number of
     /// alternatives per token, `None` when off.
     fn logprobs(&self) -> Result<Option<usize>, ApiError> {
