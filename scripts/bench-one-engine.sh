@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-engine comparison on the GPU machine (docs/PERFORMANCE.md, "One engine"): the
-# runtime's path (the default) beside the direct CUDA loader (`--direct-loader`), a new build beside a
-# baseline build, in interleaved rounds on the same 8B-shape models (made here with `synth`).
+# runtime (the one engine) of a new build beside a baseline build (whose plain `run`/`bench` may
+# still be the old direct CUDA loader), in interleaved rounds on the same 8B-shape models (made here with `synth`).
 #
 #   bench-one-engine.sh NEW_BIN BASE_BIN TOKENIZER_GGUF [ROUNDS]
 #
@@ -38,12 +38,10 @@ for r in $(seq "$ROUNDS"); do
         half=$(( $(stat -c %s "$m") / 2 ))
         tag="r$r-$q"
         # Start to first token: one generated token, process wall (warm page cache after round 1).
-        echo "$tag ttft new-direct   $(wall "$OUT/$tag-ttft-new-direct.json" "$NEW" run --direct-loader --backend cuda -m "$m" --prompt Hello -n 1 --temp 0 --json)"
         echo "$tag ttft new-engine   $(wall "$OUT/$tag-ttft-new-engine.json" "$NEW" run --pipeline --backend cuda -m "$m" --prompt Hello -n 1 --temp 0 --json)"
         echo "$tag ttft base-direct  $(wall "$OUT/$tag-ttft-base-direct.json" "$BASE" run --backend cuda -m "$m" --prompt Hello -n 1 --temp 0 --json)"
         echo "$tag ttft base-engine  $(wall "$OUT/$tag-ttft-base-engine.json" "$BASE" run --pipeline --backend cuda -m "$m" --prompt Hello -n 1 --temp 0 --json)"
         # Throughput, all weights resident.
-        echo "$tag bench new-direct  $(wall "$OUT/$tag-bench-new-direct.json" "$NEW" bench --direct-loader --backend cuda -m "$m" -p 512 -n 128 -r 3 --json)"
         echo "$tag bench new-engine  $(wall "$OUT/$tag-bench-new-engine.json" "$NEW" bench --pipeline --backend cuda -m "$m" -p 512 -n 128 -r 3 --json)"
         echo "$tag bench base-direct $(wall "$OUT/$tag-bench-base-direct.json" "$BASE" bench --backend cuda -m "$m" -p 512 -n 128 -r 3 --json)"
         # Half the weights on the GPU: the engine streams the rest; the baseline's direct loader

@@ -26,8 +26,8 @@ with_model=1
 
 # The test executables with a GPU test, by crate. kernels_compile_nvrtc needs no device but
 # checks the device machine's NVRTC (required there by the feature).
-CORE_TESTS=(cuda_kernels cuda_forward gpu_gemm kernels_compile_nvrtc)
-ACTORS_TESTS=(gpu_pipeline)
+CORE_TESTS=(cuda_kernels gpu_gemm kernels_compile_nvrtc)
+ACTORS_TESTS=(gpu_pipeline gpu_forward)
 
 args=()
 for t in "${CORE_TESTS[@]}" "${ACTORS_TESTS[@]}"; do args+=(--test "$t"); done

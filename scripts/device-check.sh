@@ -18,7 +18,7 @@ REPO="$(cd "$DEV_DIR/.." && pwd)"
 OUT="${OUT:-$REPO/device-out}"
 WORK="${DEVICE_WORK:-/tmp/rocmforge-device}"
 SMOLLM2_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-# Per executable; cuda_forward (CPU oracle included) took ~125 s on the H100.
+# Per executable; gpu_forward (CPU oracle included) takes ~2 min on the H100.
 TEST_TIMEOUT="${TEST_TIMEOUT:-300}"
 mkdir -p "$OUT" "$WORK"
 notes=()

@@ -1,6 +1,5 @@
 //! What a generation loop reports: the ids, why it stopped, and its timings. The loop itself
-//! lives in the runtime's inference actor (every entry point goes through it); the direct
-//! CUDA loader's `CudaModel::generate` reports the same types.
+//! lives in the runtime's inference actor (every entry point goes through it).
 
 use serde::Serialize;
 

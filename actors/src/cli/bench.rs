@@ -39,13 +39,9 @@ pub struct BenchArgs {
     pub backend: rocmforge::backend::BackendKind,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Accepted for old scripts: every bench goes through the runtime's actors now.
+    /// Accepted for old scripts: every bench goes through the runtime's actors.
     #[arg(long, hide = true)]
     pub pipeline: bool,
-    /// CUDA: measure the old direct loader (`CudaModel`) instead of the runtime, to compare the
-    /// two; it is to be removed (docs/ARCHITECTURE.md, "One engine").
-    #[arg(long)]
-    pub direct_loader: bool,
     /// Instead of pp/tg: cold-start time to first token split by stage, pipelined vs
     /// load-then-compute (CPU), at each weight budget given as a percentage of the weights
     /// (`--ttft 100%,50%,35%`). `-p`/`-n` set the prompt and decode lengths.
@@ -168,17 +164,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         return run_ttft(&a);
     }
-    let engine_wanted = !a.direct_loader || a.engine.any_set();
-    let mut backend = a.backend;
-    if !engine_wanted && !super::gpu::routes_to_pipeline(a.backend) {
-        let early = super::gpu::open_early(a.backend, &a.model);
-        if let Some(dev) = super::gpu::select(a.backend)? {
-            return super::gpu::bench(&a, dev, early);
-        }
-        // `auto` fell back to the CPU: stop the GPU path's start-up work.
-        drop(early);
-        backend = rocmforge::backend::BackendKind::Cpu;
-    }
+    let backend = a.backend;
     let model = ModelArgs {
         model: a.model.clone(),
         ctx: a.n_prompt.max(a.n_gen + 1).max(16),

@@ -7,7 +7,6 @@ pub mod chat;
 pub mod engine;
 pub mod fetch;
 pub mod generate;
-pub mod gpu;
 pub mod inspect;
 pub mod models;
 pub mod progress;

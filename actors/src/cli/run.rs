@@ -132,13 +132,9 @@ pub struct RunArgs {
     pub backend: rocmforge::backend::BackendKind,
     #[command(flatten)]
     pub engine: super::engine::EngineArgs,
-    /// Accepted for old scripts: every run goes through the runtime's actors now.
+    /// Accepted for old scripts: every run goes through the runtime's actors.
     #[arg(long, hide = true)]
     pub pipeline: bool,
-    /// CUDA: use the old direct loader (`CudaModel`) instead of the runtime, to compare the two;
-    /// it is to be removed (docs/ARCHITECTURE.md, "One engine").
-    #[arg(long)]
-    pub direct_loader: bool,
 }
 
 pub(crate) fn read_prompt(a: &RunArgs) -> Result<String, GenError> {
@@ -206,24 +202,5 @@ impl<'t> TextSink<'t> {
 
 pub fn run(a: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let prompt = read_prompt(&a)?;
-    // Every run goes through the runtime; the direct CUDA loader only when asked for (see
-    // `direct_loader`'s doc), and never with a runtime setting.
-    let engine_wanted = !a.direct_loader || a.engine.any_set();
-    if !engine_wanted && !super::gpu::routes_to_pipeline(a.backend) {
-        let early = super::gpu::open_early(a.backend, &a.model.model);
-        if let Some(dev) = super::gpu::select(a.backend)? {
-            return super::gpu::run(&a, &prompt, dev, early);
-        }
-        // `auto` fell back to the CPU: stop the GPU path's start-up work (the early reader
-        // would otherwise go on reading the file beside the CPU run).
-        drop(early);
-        return super::generate::run(
-            &RunArgs {
-                backend: rocmforge::backend::BackendKind::Cpu,
-                ..a
-            },
-            &prompt,
-        );
-    }
     super::generate::run(&a, &prompt)
 }

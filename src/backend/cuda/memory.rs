@@ -197,10 +197,9 @@ impl PinnedBuf {
         Ok(me)
     }
 
-    /// Like [`PinnedBuf::alloc`] without the zeroing pass (a 512 MiB ring spent ~0.1 s on it at
-    /// every start). The driver hands out freshly pinned pages, but Rust may not assume their
-    /// contents: callers write through [`PinnedBuf::host_ptr_mut`] before any `as_slice`.
-    pub(crate) fn alloc_unzeroed(ctx: &Arc<CudaContext>, bytes: usize) -> BackendResult<Self> {
+    /// The allocation without initialising it: only [`PinnedBuf::alloc`], which zeroes it,
+    /// calls this (Rust may not assume the contents of freshly pinned pages).
+    fn alloc_unzeroed(ctx: &Arc<CudaContext>, bytes: usize) -> BackendResult<Self> {
         bind(ctx)?;
         let n = bytes.max(1);
         // SAFETY: the context is current; flag 0 = plain pinned memory. Readers of the memory
@@ -277,12 +276,6 @@ impl PinnedBuf {
     }
 
     pub(crate) fn host_ptr(&self) -> *const u8 {
-        self.ptr
-    }
-
-    /// Raw write access (positional reads land here without forming a slice over bytes an
-    /// unzeroed buffer has not written yet).
-    pub(crate) fn host_ptr_mut(&mut self) -> *mut u8 {
         self.ptr
     }
 }

@@ -9,22 +9,24 @@
 //! - `module.rs` — `Module`, `Kernel`, launches.
 //! - `kernel_device.rs` — `KernelDevice` for [`CudaDevice`]: the vendor-neutral launchers
 //!   (`backend::gpu::ops`, re-exported here as `ops`) and layer pass run on it.
-//! - `upload.rs` — the pinned upload ring (slots, copy streams, events).
+//! - `host.rs`   — `RegisteredHost`: a pre-faulted huge-page host region page-locked for copies
+//!   (the pipeline's staging ring; `ComputeDevice::alloc_pinned_ring`).
 //! - `blas.rs`   — cuBLAS f16 GEMM for prefill (`ROCMFORGE_NO_CUBLAS=1` turns it off).
-//! - `forward/`  — `CudaModel`: the llama forward pass with its own loading and streaming
-//!   (`mod.rs`, `load.rs`) over the generic layer pass; `CudaLayered` = `GpuLayered<CudaDevice>`
-//!   (`pipeline.rs`), the pass the actors drive.
+//!
+//! The forward pass is the vendor-neutral `backend::gpu::GpuLayered` (`CudaLayered` below),
+//! driven by the actors' pipeline: the one engine.
 
 pub mod blas;
-pub mod forward;
 pub mod host;
 mod kernel_device;
 pub mod memory;
 pub mod module;
 pub mod nvrtc;
 pub use super::gpu::ops;
+
+/// The vendor-neutral layer pass on CUDA.
+pub type CudaLayered = crate::backend::gpu::GpuLayered<CudaDevice>;
 pub mod stream;
-pub mod upload;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -162,11 +164,6 @@ impl CudaDevice {
     }
 
     /// Waits for all work on every stream of this device.
-    /// Pinned host memory without the zeroing pass (the upload ring writes before it copies).
-    pub(crate) fn alloc_pinned_unzeroed(&self, bytes: usize) -> BackendResult<PinnedBuf> {
-        PinnedBuf::alloc_unzeroed(&self.ctx, bytes)
-    }
-
     pub fn synchronize(&self) -> BackendResult<()> {
         bind(&self.ctx)?;
         self.ctx

@@ -1,7 +1,6 @@
-//! One transformer layer on the device, for any [`KernelDevice`], shared by CUDA's direct model
-//! (`cuda::forward::CudaModel`, weights in its own regions) and [`super::GpuLayered`] (weights in
-//! regions the pipeline's uploader filled): both describe a layer as device views and call
-//! [`run_layer`].
+//! One transformer layer on the device, for any [`KernelDevice`]: [`super::GpuLayered`]
+//! (weights in regions the pipeline's uploader filled) describes a layer as device views and
+//! calls [`run_layer`].
 
 use super::gemm::{GemmF16, GemmF16Nt};
 use super::ops::{AttnParams, GpuOps, KvLayout, QMatrix, RopeParams};

@@ -1,8 +1,7 @@
 //! The llama forward pass one step at a time over weights the pipelined runtime keeps in device
 //! memory: [`crate::backend::LayeredForward`] for any [`KernelDevice`] (CUDA and HIP alike).
-//! The layer math is CUDA's direct model's own ([`super::layer::run_layer`]); only where
-//! weights live differs: `CudaModel` owns its layer regions, here each step is handed device
-//! tensors inside regions the pipeline's uploader filled (and may evict after the step).
+//! The layer math is [`super::layer::run_layer`]; each step is handed device tensors inside
+//! regions the pipeline's uploader filled (and may evict after the step).
 
 use std::sync::Arc;
 
@@ -37,7 +36,7 @@ impl Default for LayeredOptions {
     }
 }
 
-/// Bytes of one f16 weight tile of the GEMM path (as in `CudaModel`).
+/// Bytes of one f16 weight tile of the GEMM path.
 const TILE_ROWS_BYTES: usize = 64 << 20;
 
 /// The [`LayeredForward`] of a GPU: compute stream, activations, the prefill GEMM.
