@@ -47,7 +47,7 @@ pub mod trace;
 
 pub use error::{Result, RuntimeError};
 pub use messages::{
-    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, Prompt, ReadMode,
+    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, ModelHealth, Prompt, ReadMode,
     SamplingParams, SessionId, Stage, Stats, TokenEvent,
 };
 pub use runtime::{

@@ -42,6 +42,8 @@ pub struct InferenceConfig {
     pub jobs: flume::Receiver<Job>,
     pub shared: Arc<Shared>,
     pub cancel: CancellationToken,
+    /// The model file as accepted (handed to the compute for the reads it does itself).
+    pub source: Arc<crate::pipeline::source::ModelSource>,
 }
 
 /// A KV slot in use; frees its count on drop (the sequence state drops with it).
@@ -111,12 +113,14 @@ fn start(cfg: InferenceConfig, ready: Readiness) {
                 ));
                 return;
             }
+            compute.attach_source(cfg.source.clone());
             ready.ready();
             Inference {
                 cfg,
                 compute,
                 sessions: HashMap::new(),
                 requests: 0,
+                generation: 0,
             }
             .run();
         }
@@ -132,6 +136,9 @@ struct Inference {
     sessions: HashMap<SessionId, KeptSequence>,
     /// Requests served, the clock of `KeptSequence::last_used`.
     requests: u64,
+    /// The board's weight generation when the running request started: a reload during the
+    /// request fails it rather than mixing two versions of the weights.
+    generation: u64,
 }
 
 impl Inference {
@@ -221,10 +228,14 @@ impl Inference {
             }
         };
         self.cfg.shared.add_busy(Stage::Compute, start);
+        let generation = acquired.layer.generation;
         self.cfg.board.release(unit, acquired.layer);
         // After the release: a deferred eviction sets the flag before it marks the unit.
         if self.cfg.shared.counters.wants_done.load(Ordering::SeqCst) {
             let _ = self.cfg.sched.send(SchedMsg::Done { unit });
+        }
+        if r.is_ok() && generation != self.generation {
+            return Err(RuntimeError::ModelReloaded);
         }
         r
     }
@@ -296,6 +307,12 @@ impl Inference {
             )));
         }
         self.requests += 1;
+        let generation = self.cfg.board.generation();
+        if generation != self.generation {
+            // Kept sessions hold keys and values computed with the weights before a reload.
+            self.sessions.clear();
+            self.generation = generation;
+        }
         let (mut slot, keep) = self.sequence_for(req.session, &prompt)?;
         // `fed`: the tokens whose keys and values the sequence holds (kept for a session).
         let mut fed: Vec<u32> = prompt[..keep].to_vec();
@@ -325,7 +342,22 @@ impl Inference {
             };
             self.cfg.shared.add_busy(Stage::Compute, start);
             let mut hidden = match from_file {
-                Some(h) => h?,
+                Some(Ok(h)) => h,
+                // The file cannot be read (changed, I/O error) but the table is resident in
+                // the global unit: embed from there, as a compute without file reads does.
+                Some(Err(e))
+                    if self.cfg.plan.head.is_none()
+                        && matches!(
+                            e,
+                            RuntimeError::Read { .. }
+                                | RuntimeError::ModelChanged { .. }
+                                | RuntimeError::Open { .. }
+                        ) =>
+                {
+                    tracing::debug!("embedding from the resident table: {e}");
+                    self.with_unit(job, global, |c, w| c.embed(w, &input))?
+                }
+                Some(Err(e)) => return Err(e),
                 None => self.with_unit(job, global, |c, w| c.embed(w, &input))?,
             };
             for l in 0..n_layers {
