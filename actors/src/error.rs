@@ -29,6 +29,27 @@ pub enum RuntimeError {
         len: usize,
         source: std::io::Error,
     },
+    /// The model file is not the file that was loaded: its size, modification time or inode
+    /// differ (truncated, overwritten or replaced in place). Nothing is read from it until it
+    /// is the loaded file again or the model is reloaded (`RuntimeHandle::reload`).
+    #[error(
+        "model file {path} changed since it was loaded ({change}): restore it or reload the model"
+    )]
+    ModelChanged { path: PathBuf, change: String },
+    /// Weights a request needed could not be loaded (a read error, a changed file). The
+    /// request fails; the next request that needs them tries the load again.
+    #[error("the weights of {what} could not be loaded from {path}{}: {message}",
+        offset.map(|o| format!(" at offset {o}")).unwrap_or_default())]
+    WeightsUnavailable {
+        what: String,
+        path: PathBuf,
+        offset: Option<u64>,
+        message: String,
+    },
+    /// `RuntimeHandle::reload` ran while the request was computing: it would have mixed
+    /// weights of two versions of the file.
+    #[error("the model was reloaded while this request ran")]
+    ModelReloaded,
     #[error("opening {path}: {source}")]
     Open {
         path: PathBuf,

@@ -47,8 +47,8 @@ pub mod trace;
 
 pub use error::{Result, RuntimeError};
 pub use messages::{
-    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, Pooling, Prompt, ReadMode,
-    SamplingParams, SessionId, Stage, Stats, TokenEvent, TokenLogprobs,
+    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, ModelHealth, Pooling, Prompt,
+    ReadMode, SamplingParams, SessionId, Stage, Stats, TokenEvent, TokenLogprobs,
 };
 pub use runtime::{
     BlockingTokens, EmbeddingReply, Runtime, RuntimeBuilder, RuntimeHandle, StageDelays,

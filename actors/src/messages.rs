@@ -333,6 +333,28 @@ pub struct Stats {
     pub direct_io: bool,
 }
 
+/// Whether the model can be served from its file (`RuntimeHandle::model_health`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelHealth {
+    /// Units (layers, the global tensors, head chunks) whose last load failed and that have not
+    /// loaded since: requests that need them fail until a load succeeds.
+    pub units_failed: usize,
+    /// Loads that failed since start (each failed attempt of a unit once).
+    pub load_failures: u64,
+    /// The most recent load failure, in words.
+    pub last_failure: Option<String>,
+    /// The file at the model's path is not the one loaded (truncated, rewritten, replaced), in
+    /// words; `None` while it is. Weights already resident still serve; reads are refused.
+    pub file_changed: Option<String>,
+}
+
+impl ModelHealth {
+    /// True when every unit can be loaded as far as the runtime knows.
+    pub fn is_ok(&self) -> bool {
+        self.units_failed == 0
+    }
+}
+
 impl Stats {
     pub fn busy_ns(&self, stage: Stage) -> u64 {
         self.stage_busy

@@ -4,8 +4,8 @@
 use crate::compute::ComputeFactory;
 use crate::error::{Result, RuntimeError};
 use crate::messages::{
-    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, Pooling, ReadMode, SessionId,
-    Stage, StageBusy, Stats, TokenEvent,
+    FinishReason, GenerateRequest, Hint, LoadProgress, MemoryBudget, ModelHealth, Pooling,
+    ReadMode, SessionId, Stage, StageBusy, Stats, TokenEvent,
 };
 use crate::pipeline::backend::{CpuBackend, WeightBackend};
 use crate::pipeline::inference::{self, EmbedTask, Job, StreamItem};
@@ -13,6 +13,7 @@ use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::residency::ResidencyBoard;
 use crate::pipeline::scheduler::{self, fit_budget, SchedMsg};
 use crate::pipeline::shared::Shared;
+use crate::pipeline::source::{FileId, ModelSource};
 use crate::pipeline::staging::StagingRing;
 use crate::pipeline::{reader, transcode, uploader};
 use std::path::PathBuf;
@@ -197,6 +198,10 @@ impl RuntimeBuilder {
         let path = self.model.clone().ok_or(RuntimeError::NoModel)?;
         let span = tracing::info_span!("build");
         let _g = span.enter();
+        // The identity first: a file that changes between this and the open below fails the
+        // first check of a read (never the other way round: bytes taken for the loaded file). A
+        // file the caller opened already (`model_file`) was parsed just before, at start-up.
+        let source = Arc::new(ModelSource::open(&path)?);
         let file = match self.opened.take() {
             Some(f) => f,
             None => rocmforge::gguf::GgufFile::open(&path)?,
@@ -325,6 +330,7 @@ impl RuntimeBuilder {
             jobs: job_rx,
             shared: shared.clone(),
             cancel: cancel.clone(),
+            source: source.clone(),
         })?;
         macro_rules! start {
             ($e:expr) => {
@@ -356,6 +362,7 @@ impl RuntimeBuilder {
         let upload_ring = start!(ring(if needs_upload_ring { staging_slots } else { 0 }));
         drop(ring_guard);
         threads.push(start!(uploader::spawn(uploader::UploaderConfig {
+            path: path.clone(),
             map: map.clone(),
             plan: plan.clone(),
             backend: backend.clone(),
@@ -370,6 +377,7 @@ impl RuntimeBuilder {
             dims: dims.clone(),
         })));
         threads.push(start!(transcode::spawn(transcode::TranscodeConfig {
+            path: path.clone(),
             n_threads: self.transcode_threads,
             map: map.clone(),
             plan: plan.clone(),
@@ -384,7 +392,8 @@ impl RuntimeBuilder {
             delay_per_chunk: self.delays.transcode_per_chunk,
         })));
         let readers = start!(reader::spawn(reader::ReaderConfig {
-            path: path.clone(),
+            source: source.clone(),
+            board: board.clone(),
             map,
             mode: read_mode,
             n_readers,
@@ -424,6 +433,10 @@ impl RuntimeBuilder {
         threads.push(inference);
         Ok(RuntimeHandle {
             inner: Arc::new(Inner {
+                source,
+                file,
+                read_mode,
+                last_retry: Mutex::new(None),
                 sched: sched_tx,
                 jobs: Mutex::new(Some(job_tx)),
                 shared,
@@ -443,6 +456,13 @@ impl RuntimeBuilder {
 }
 
 struct Inner {
+    /// The model file's accepted identity and reload generation.
+    source: Arc<ModelSource>,
+    /// The model as opened at build (a reload must find the same model in the file).
+    file: rocmforge::gguf::GgufFile,
+    read_mode: ReadMode,
+    /// When `retry_failed_loads` last asked the Scheduler.
+    last_retry: Mutex<Option<Instant>>,
     sched: flume::Sender<SchedMsg>,
     jobs: Mutex<Option<flume::Sender<Job>>>,
     shared: Arc<Shared>,
@@ -596,6 +616,97 @@ impl RuntimeHandle {
         self.inner.shared.progress()
     }
 
+    /// Whether the model can be served from its file: failed units, the failures so far, and
+    /// whether the file on disk is still the one loaded (one `stat`).
+    pub fn model_health(&self) -> ModelHealth {
+        let c = &self.inner.shared.counters;
+        ModelHealth {
+            units_failed: c.units_failed.load(Ordering::Acquire),
+            load_failures: c.load_failures.load(Ordering::Relaxed),
+            last_failure: self
+                .inner
+                .shared
+                .last_failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|f| f.to_error().to_string()),
+            file_changed: self.inner.source.changed_on_disk(),
+        }
+    }
+
+    /// Asks the Scheduler to load the failed units again (at most once a second; no wait). A
+    /// request that needs a failed unit retries it anyway; this is for a server whose health
+    /// probe must see recovery without client traffic (see docs/SERVING.md).
+    pub fn retry_failed_loads(&self) {
+        if self
+            .inner
+            .shared
+            .counters
+            .units_failed
+            .load(Ordering::Acquire)
+            == 0
+        {
+            return;
+        }
+        let mut last = self
+            .inner
+            .last_retry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let _ = self.inner.sched.try_send(SchedMsg::Retry);
+    }
+
+    /// Accepts the model file as it is now and loads every unit from it again: after the file
+    /// changed (a restore without its timestamp, a new copy of the same model), this is what
+    /// lets the runtime read it. The file must hold the same model (metadata and tensor table
+    /// equal); a different model needs a new runtime. Weights resident from before are
+    /// evicted, so no request mixes the two versions: one computing meanwhile fails with
+    /// `ModelReloaded`. Not in `mmap` mode, whose weights are views of the map of the file as
+    /// it was opened. Returns once the Scheduler has evicted and started loading.
+    pub fn reload(&self) -> Result<()> {
+        let inner = &self.inner;
+        if inner.read_mode == ReadMode::Mmap {
+            return Err(RuntimeError::Config(
+                "reload needs read mode `read` or `direct`: in `mmap` mode the weights are \
+                 views of the file as it was mapped; restart instead"
+                    .into(),
+            ));
+        }
+        let path = inner.source.path().to_path_buf();
+        let id = std::fs::metadata(&path)
+            .map(|m| FileId::of(&m))
+            .map_err(|source| RuntimeError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let now = rocmforge::gguf::GgufFile::open(&path)?;
+        if let Some(diff) = model_difference(&inner.file, &now) {
+            return Err(RuntimeError::Config(format!(
+                "{} now holds a different model ({diff}): a reload serves the same model \
+                 again; start a new server for another",
+                path.display()
+            )));
+        }
+        drop(now);
+        let generation = inner.source.accept(id);
+        let (tx, rx) = flume::bounded(1);
+        inner
+            .sched
+            .send(SchedMsg::Reload {
+                generation,
+                reply: tx,
+            })
+            .map_err(|_| RuntimeError::ShutDown)?;
+        rx.recv().map_err(|_| RuntimeError::ShutDown)??;
+        tracing::info!(path = %path.display(), generation, "model reloaded");
+        Ok(())
+    }
+
     /// Blocks until the initial load (resident set and first window) is in, or `timeout`.
     pub fn wait_loaded(&self, timeout: Duration) -> Result<()> {
         let until = Instant::now() + timeout;
@@ -720,6 +831,24 @@ impl EmbeddingReply {
             Err(_) => Err(self.failure()),
         }
     }
+}
+
+/// How the model in `b` differs from the one in `a`, in words (`None`: the same model: equal
+/// metadata and tensor table).
+fn model_difference(
+    a: &rocmforge::gguf::GgufFile,
+    b: &rocmforge::gguf::GgufFile,
+) -> Option<String> {
+    if a.data_offset() != b.data_offset() || a.alignment() != b.alignment() {
+        return Some("another header size or alignment".into());
+    }
+    if !a.metadata().iter().eq(b.metadata().iter()) {
+        return Some("other metadata".into());
+    }
+    if a.tensors() != b.tensors() {
+        return Some("another tensor table".into());
+    }
+    None
 }
 
 /// Tokens of one request: an async `Stream`, or a blocking iterator via `into_blocking`.

@@ -1,6 +1,6 @@
-//! `run` and `inspect` on crafted files (issue #15): a vocabulary mismatch and a KV cache that
-//! cannot fit are clear errors with a non-zero exit, a context larger than memory is capped,
-//! and nothing aborts.
+//! `run`, `inspect` and `serve` on crafted files (issue #15): a vocabulary mismatch and a KV
+//! cache that cannot fit are clear errors with a non-zero exit (`serve` before it listens), a
+//! context larger than memory is capped, and nothing aborts.
 
 use rocmforge::gguf::{write_to_vec, TensorSpec, Value};
 use rocmforge::model::{names::arch_key, tensor_name, ArchKey, TensorKind, KV_LIMIT_ENV};
@@ -186,4 +186,70 @@ fn a_padded_vocabulary_validates_and_runs() {
     assert!(text(&out.stdout).contains("validation: OK"));
     let out = run(&m, &[], &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// `serve` on `model`: must exit (with an error) on its own, before it binds and prints
+/// `listening on`. A server that starts is killed and the test fails.
+fn serve_refuses(model: &Path, env: &[(&str, &str)]) -> String {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rocmforge"))
+        .args(["serve", "--model", model.to_str().unwrap()])
+        .args(["--port", "0", "--backend", "cpu", "--no-warm-up"])
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the rocmforge binary runs");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "serve {} started instead of refusing the model",
+                model.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.code().is_some(), "killed by a signal: {err}");
+    assert!(!status.success(), "serve exited 0: {err}");
+    assert!(!out.contains("listening"), "it listened first: {out}");
+    err
+}
+
+#[test]
+fn serve_refuses_bad_models_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = tiny(dir.path(), "vocab.gguf", 200, 200, &[]);
+    let err = serve_refuses(&vocab, &[]);
+    assert!(err.contains("vocabulary mismatch"), "{err}");
+
+    let huge = huge_context(dir.path());
+    let err = serve_refuses(&huge, &[(KV_LIMIT_ENV, "1048576")]);
+    assert!(err.contains("KV cache"), "{err}");
+
+    // A file cut inside its tensor table.
+    let good = tiny(dir.path(), "good.gguf", TOKENS, TOKENS, &[]);
+    let cut = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let err = serve_refuses(&cut, &[]);
+    assert!(err.contains("cut.gguf"), "{err}");
 }

@@ -34,8 +34,9 @@ pub struct ServeArgs {
     /// Weight memory budget: `2GiB`, `40%`, `unlimited`.
     #[arg(long, default_value = "unlimited")]
     pub memory_budget: MemoryBudget,
-    /// How weights come off disk: mmap, read, direct (default: the backend's choice: mmap on
-    /// the CPU, read into pinned slots on a GPU).
+    /// How weights come off disk: mmap, read, direct (default: read, into memory the process
+    /// owns, so a model file changed under the server cannot crash it; mmap is zero-copy but
+    /// dies with SIGBUS if the file is truncated while serving).
     #[arg(long)]
     pub read_mode: Option<ReadMode>,
     #[arg(long, default_value_t = 2)]
@@ -58,6 +59,10 @@ pub struct ServeArgs {
     /// Seconds a client gets to send a request body (408 beyond).
     #[arg(long, default_value_t = 30.0)]
     pub body_timeout: f64,
+    /// Seconds a response write may wait for a client that reads nothing; then the connection
+    /// is closed and its request cancelled.
+    #[arg(long, default_value_t = 30.0)]
+    pub write_timeout: f64,
     /// A Jinja file to use instead of the model's chat template.
     #[arg(long)]
     pub chat_template_file: Option<PathBuf>,
@@ -103,6 +108,7 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         max_connections: a.max_connections,
         header_timeout: seconds("--header-timeout", a.header_timeout)?,
         body_timeout: seconds("--body-timeout", a.body_timeout)?,
+        write_timeout: seconds("--write-timeout", a.write_timeout)?,
         chat_template,
         max_messages: a.max_messages,
         template_fuel: defaults.template_fuel,

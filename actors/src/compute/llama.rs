@@ -32,6 +32,9 @@ pub struct LlamaCompute {
     /// so a cold lookup reads the rows, not a readahead window around each.
     file: std::fs::File,
     path: std::path::PathBuf,
+    /// The runtime's view of the model file (`attach_source`): reads check that the file is
+    /// still the one loaded and follow reloads. `None`: `file` as opened.
+    source: Option<crate::pipeline::source::SourceFile>,
     row_buf: Vec<u8>,
     /// Set by `output_prepare` for the chunks of a streamed head.
     precision: Precision,
@@ -100,6 +103,7 @@ impl LlamaCompute {
             xn: Vec::new(),
             file: handle,
             path,
+            source: None,
             row_buf: Vec::new(),
             precision: Precision::default(),
         })
@@ -243,6 +247,11 @@ impl ModelCompute for LlamaCompute {
             }
             let row_bytes = te.ty.row_bytes(te.cols as u64).unwrap_or(0) as usize;
             self.row_buf.resize(row_bytes, 0);
+            // Checked (one `fstat`): rows of a changed file are an error, not another model's.
+            let file: &std::fs::File = match &mut self.source {
+                Some(s) => s.get()?,
+                None => &self.file,
+            };
             // Queue every row's read at once (asynchronous readahead), then copy them out: a cold
             // lookup costs about one disk round trip instead of one per prompt token, which
             // matters while the readers keep the disk queue full.
@@ -257,7 +266,7 @@ impl ModelCompute for LlamaCompute {
                     // memory, and a failure only means no readahead.
                     unsafe {
                         libc::posix_fadvise(
-                            self.file.as_raw_fd(),
+                            file.as_raw_fd(),
                             offset as libc::off_t,
                             row_bytes as libc::off_t,
                             libc::POSIX_FADV_WILLNEED,
@@ -268,8 +277,7 @@ impl ModelCompute for LlamaCompute {
             let mut data = vec![0f32; tokens.len() * d];
             for (&tok, row) in tokens.iter().zip(data.chunks_exact_mut(d)) {
                 let offset = (te.range.start + tok as usize * row_bytes) as u64;
-                self.file
-                    .read_exact_at(&mut self.row_buf, offset)
+                file.read_exact_at(&mut self.row_buf, offset)
                     .map_err(|source| RuntimeError::Read {
                         path: self.path.clone(),
                         offset,
@@ -290,6 +298,10 @@ impl ModelCompute for LlamaCompute {
                 n_tokens: tokens.len(),
             })
         }))
+    }
+
+    fn attach_source(&mut self, source: std::sync::Arc<crate::pipeline::source::ModelSource>) {
+        self.source = Some(crate::pipeline::source::SourceFile::new(source));
     }
 
     fn layer(

@@ -78,6 +78,11 @@ pub trait ModelCompute: Send {
         let _ = tokens;
         None
     }
+    /// The runtime's model file (accepted identity, reloads): a compute that reads the file
+    /// itself (`embed_from_file`) should read through it, so a changed file is an error.
+    fn attach_source(&mut self, source: std::sync::Arc<crate::pipeline::source::ModelSource>) {
+        let _ = source;
+    }
     /// True when the output head can come in row chunks (`output_prepare`, then `output_rows`
     /// per chunk), which budgets smaller than the head need. Such a compute must also embed
     /// from the file: in tied models the head is the embedding table.

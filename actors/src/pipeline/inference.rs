@@ -52,6 +52,8 @@ pub struct InferenceConfig {
     pub jobs: flume::Receiver<Job>,
     pub shared: Arc<Shared>,
     pub cancel: CancellationToken,
+    /// The model file as accepted (handed to the compute for the reads it does itself).
+    pub source: Arc<crate::pipeline::source::ModelSource>,
 }
 
 /// A KV slot in use; frees its count on drop (the sequence state drops with it).
@@ -124,6 +126,7 @@ fn start(cfg: InferenceConfig, ready: Readiness) {
                 ));
                 return;
             }
+            compute.attach_source(cfg.source.clone());
             ready.ready();
             Inference {
                 cfg,
@@ -131,6 +134,7 @@ fn start(cfg: InferenceConfig, ready: Readiness) {
                 sessions: HashMap::new(),
                 requests: 0,
                 grammar: None,
+                generation: 0,
             }
             .run();
         }
@@ -148,6 +152,9 @@ struct Inference {
     requests: u64,
     /// Built at the first constrained request (`grammar()`).
     grammar: Option<rocmforge::grammar::GrammarCompiler>,
+    /// The board's weight generation when the running request started: a reload during the
+    /// request fails it rather than mixing two versions of the weights.
+    generation: u64,
 }
 
 impl Inference {
@@ -243,10 +250,14 @@ impl Inference {
             }
         };
         self.cfg.shared.add_busy(Stage::Compute, start);
+        let generation = acquired.layer.generation;
         self.cfg.board.release(unit, acquired.layer);
         // After the release: a deferred eviction sets the flag before it marks the unit.
         if self.cfg.shared.counters.wants_done.load(Ordering::SeqCst) {
             let _ = self.cfg.sched.send(SchedMsg::Done { unit });
+        }
+        if r.is_ok() && generation != self.generation {
+            return Err(RuntimeError::ModelReloaded);
         }
         r
     }
@@ -328,7 +339,22 @@ impl Inference {
         self.cfg.shared.add_busy(Stage::Compute, start);
         let global = self.cfg.plan.global();
         let mut hidden = match from_file {
-            Some(h) => h?,
+            Some(Ok(h)) => h,
+            // The file cannot be read (changed, I/O error) but the table is resident in the
+            // global unit: embed from there, as a compute without file reads does.
+            Some(Err(e))
+                if self.cfg.plan.head.is_none()
+                    && matches!(
+                        e,
+                        RuntimeError::Read { .. }
+                            | RuntimeError::ModelChanged { .. }
+                            | RuntimeError::Open { .. }
+                    ) =>
+            {
+                tracing::debug!("embedding from the resident table: {e}");
+                self.with_unit(job, global, |c, w| c.embed(w, input))?
+            }
+            Some(Err(e)) => return Err(e),
             None => self.with_unit(job, global, |c, w| c.embed(w, input))?,
         };
         for l in 0..self.cfg.plan.n_layers {
@@ -390,6 +416,12 @@ impl Inference {
             )));
         }
         self.requests += 1;
+        let generation = self.cfg.board.generation();
+        if generation != self.generation {
+            // Kept sessions hold keys and values computed with the weights before a reload.
+            self.sessions.clear();
+            self.generation = generation;
+        }
         if let Some(task) = &job.embed {
             return self.embed(job, &prompt, task);
         }

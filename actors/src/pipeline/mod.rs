@@ -11,6 +11,7 @@
 //! - `plan.rs` — the model cut into units (layers + global group) with device offsets.
 //! - `backend.rs` — the weight-memory seam (`WeightBackend`) and the CPU host arena.
 //! - `gpu.rs` — the GPU `WeightBackend` (pinned slots, copy streams, events, region pool).
+//! - `source.rs` — the model file's accepted identity; checked descriptors that follow reloads.
 //! - `shared.rs` — counters shared by actors and handle; the cancellable blocking waits.
 
 pub mod backend;
@@ -21,6 +22,7 @@ pub mod reader;
 pub mod residency;
 pub mod scheduler;
 pub mod shared;
+pub mod source;
 pub mod staging;
 pub mod transcode;
 pub mod uploader;

@@ -6,19 +6,25 @@
 //!   pages are really in memory before compute needs them; chunks are views of the map.
 //! - `read` / `direct` mode: `pread` straight into staging slots of the read ring (`O_DIRECT`
 //!   through an aligned bounce buffer where the filesystem allows it).
+//!
+//! Before each unit the reader checks that the file is still the one loaded (`SourceFile`: one
+//! `fstat`), so a file truncated or overwritten in place is a load error naming it, not bytes of
+//! another model. Every job carries its load attempt: once that attempt is no longer the live one
+//! (it failed elsewhere, or a reload abandoned it) the reader stops reading it.
 
 use crate::error::{Result, RuntimeError};
 use crate::messages::{ReadMode, Stage};
 use crate::pipeline::backend::WeightBackend;
 use crate::pipeline::plan::LoadPlan;
+use crate::pipeline::residency::{LoadFailure, ResidencyBoard};
 use crate::pipeline::scheduler::SchedMsg;
 use crate::pipeline::shared::{recv_or_cancel, spawn_actor, Shared};
+use crate::pipeline::source::{ModelSource, SourceFile};
 use crate::pipeline::staging::{StagingRing, StagingSlot};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -35,6 +41,8 @@ pub struct ReadJob {
     pub unit: usize,
     pub part: usize,
     pub n_parts: usize,
+    /// The load attempt (`ResidencyBoard::begin_load`) this job belongs to.
+    pub attempt: u64,
 }
 
 pub enum ChunkData {
@@ -47,6 +55,8 @@ pub enum ChunkData {
 /// A piece of one tensor (DiskReader -> TranscodePool -> Uploader).
 pub struct Chunk {
     pub unit: usize,
+    /// The load attempt it was read for.
+    pub attempt: u64,
     /// Position of the tensor within its unit.
     pub tensor: usize,
     /// Offset of this chunk within the tensor, in file bytes.
@@ -56,7 +66,8 @@ pub struct Chunk {
 }
 
 pub struct ReaderConfig {
-    pub path: PathBuf,
+    pub source: Arc<ModelSource>,
+    pub board: Arc<ResidencyBoard>,
     pub map: Arc<Mmap>,
     pub mode: ReadMode,
     pub n_readers: usize,
@@ -125,8 +136,11 @@ pub fn chunk_len(
 struct Reader {
     idx: usize,
     cfg: Arc<ReaderConfig>,
-    file: Option<File>,
+    /// The model, checked against the accepted identity before each unit (every mode).
+    file: SourceFile,
     direct: Option<DirectIo>,
+    /// The source generation `direct` was last opened (or refused) for.
+    direct_generation: Option<u64>,
 }
 
 /// Starts the reader threads; returns once each has opened its file (readiness).
@@ -152,28 +166,33 @@ pub fn spawn(cfg: ReaderConfig) -> Result<Vec<JoinHandle<()>>> {
 
 impl Reader {
     fn open(idx: usize, cfg: Arc<ReaderConfig>) -> Result<Self> {
-        let open_err = |source| RuntimeError::Open {
-            path: cfg.path.clone(),
-            source,
-        };
-        let (file, direct) = match cfg.mode {
-            ReadMode::Mmap => (None, None),
-            ReadMode::Read => (Some(File::open(&cfg.path).map_err(open_err)?), None),
-            ReadMode::Direct => match DirectIo::open(&cfg.path, cfg.ring.slot_size()) {
-                Ok(d) => {
-                    cfg.shared.counters.direct_io.store(true, Ordering::Release);
-                    (Some(File::open(&cfg.path).map_err(open_err)?), Some(d))
-                }
-                // The filesystem refuses O_DIRECT (tmpfs, overlayfs...): buffered reads instead.
-                Err(_) => (Some(File::open(&cfg.path).map_err(open_err)?), None),
-            },
-        };
-        Ok(Self {
+        let mut file = SourceFile::new(cfg.source.clone());
+        file.get()?;
+        let mut r = Self {
             idx,
             cfg,
             file,
-            direct,
-        })
+            direct: None,
+            direct_generation: None,
+        };
+        r.open_direct();
+        Ok(r)
+    }
+
+    /// (Re)opens the `O_DIRECT` descriptor for the source's current generation (`direct`
+    /// mode; a filesystem that refuses `O_DIRECT` (tmpfs, overlayfs...) gets buffered reads).
+    fn open_direct(&mut self) {
+        let cfg = &self.cfg;
+        let generation = cfg.source.generation();
+        if cfg.mode != ReadMode::Direct || self.direct_generation == Some(generation) {
+            return;
+        }
+        self.direct_generation = Some(generation);
+        self.direct = DirectIo::open(cfg.source.path(), cfg.ring.slot_size()).ok();
+        cfg.shared
+            .counters
+            .direct_io
+            .store(self.direct.is_some(), Ordering::Release);
     }
 
     fn run(&mut self) {
@@ -187,7 +206,8 @@ impl Reader {
                 }
                 let _ = cfg.sched.send(SchedMsg::LoadFailed {
                     unit: job.unit,
-                    message: e.to_string(),
+                    attempt: job.attempt,
+                    failure: LoadFailure::new(cfg.plan.unit_name(job.unit), cfg.source.path(), &e),
                 });
             }
         }
@@ -202,11 +222,16 @@ impl Reader {
         let layer = unit.layer.map(|l| l as i64).unwrap_or(-1);
         let span = tracing::info_span!("read", layer, bytes = unit.file_bytes, stream = self.idx);
         let _g = span.enter();
+        if !cfg.board.is_live(unit_idx, job.attempt) {
+            return Ok(());
+        }
+        // The file must still be the one loaded (after a reload: the one accepted then).
+        let f = self.file.get()?;
         // Advice per run of adjacent tensors, not over the unit's span: the global unit's tensors
         // sit at both ends of the file, and its span is the whole model.
         for r in tensor_runs(unit).into_iter().filter(|_| job.part == 0) {
-            match (cfg.mode, &self.file) {
-                (ReadMode::Mmap, _) => {
+            match cfg.mode {
+                ReadMode::Mmap => {
                     let _ = cfg.map.advise_range(
                         Advice::WillNeed,
                         r.start as usize,
@@ -215,10 +240,11 @@ impl Reader {
                 }
                 // The whole unit goes to the disk queue at once (asynchronous readahead), so a
                 // cold read keeps the device busy instead of one chunk-sized request per reader.
-                (ReadMode::Read, Some(f)) => advise_willneed(f, r.start, r.end - r.start),
-                _ => {}
+                ReadMode::Read => advise_willneed(f, r.start, r.end - r.start),
+                ReadMode::Direct => {}
             }
         }
+        self.open_direct();
         for (ti, t) in unit.tensors.iter().enumerate() {
             let step = chunk_len(&*cfg.backend, t.ty, cfg.ring.slot_size());
             let total = t.file.end - t.file.start;
@@ -232,6 +258,10 @@ impl Reader {
                 if (chunk_no - 1) % n_parts != job.part as u64 {
                     off += len as u64;
                     continue;
+                }
+                // Another part failed, or a reload abandoned this load: stop reading it.
+                if !cfg.board.is_live(unit_idx, job.attempt) {
+                    return Ok(());
                 }
                 let start = Instant::now();
                 let abs = t.file.start + off;
@@ -256,6 +286,7 @@ impl Reader {
                     .fetch_add(len as u64, Ordering::Relaxed);
                 let chunk = Chunk {
                     unit: unit_idx,
+                    attempt: job.attempt,
                     tensor: ti,
                     offset: off,
                     len,
@@ -276,7 +307,7 @@ impl Reader {
         if cfg.mode == ReadMode::Mmap {
             let r = abs as usize..abs as usize + len;
             let bytes = cfg.map.get(r.clone()).ok_or_else(|| RuntimeError::Read {
-                path: cfg.path.clone(),
+                path: cfg.source.path().to_path_buf(),
                 offset: abs,
                 len,
                 source: std::io::ErrorKind::UnexpectedEof.into(),
@@ -294,7 +325,7 @@ impl Reader {
             .acquire(&cfg.cancel)
             .ok_or(RuntimeError::Cancelled)?;
         let read_err = |source| RuntimeError::Read {
-            path: cfg.path.clone(),
+            path: cfg.source.path().to_path_buf(),
             offset: abs,
             len,
             source,
@@ -317,7 +348,7 @@ impl Reader {
         if !done {
             let f = self
                 .file
-                .as_ref()
+                .opened()
                 .ok_or_else(|| read_err(std::io::ErrorKind::NotFound.into()))?;
             f.read_exact_at(dst, abs).map_err(read_err)?;
         }

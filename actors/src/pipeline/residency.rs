@@ -13,6 +13,7 @@ use crate::pipeline::plan::TensorSlot;
 use memmap2::Mmap;
 use rocmforge::quant::qtype::GgmlType;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +56,9 @@ pub struct ResidentLayer {
     pub tensors: Arc<Vec<TensorSlot>>,
     /// `(cols, rows)` per tensor, same order as `tensors`.
     pub dims: Arc<Vec<(u64, u64)>>,
+    /// The board's generation when it was published (set by `ResidencyBoard::publish`): a
+    /// reload starts a new one, and a unit of an older one is never handed out again.
+    pub generation: u64,
 }
 
 impl ResidentLayer {
@@ -102,6 +106,50 @@ impl ResidentLayer {
     }
 }
 
+/// Why a unit could not be loaded: which unit, where in which file, what happened.
+#[derive(Debug, Clone)]
+pub struct LoadFailure {
+    /// `layer 3`, `global`, `head rows 0..4096`.
+    pub what: String,
+    pub path: PathBuf,
+    pub offset: Option<u64>,
+    pub message: String,
+}
+
+impl LoadFailure {
+    /// The failure of `what` for error `e` of a load from `path`.
+    pub fn new(what: String, path: &std::path::Path, e: &RuntimeError) -> Self {
+        let (path, offset, message) = match e {
+            RuntimeError::Read {
+                path,
+                offset,
+                len,
+                source,
+            } => (
+                path.clone(),
+                Some(*offset),
+                format!("reading {len} B: {source}"),
+            ),
+            other => (path.to_path_buf(), None, other.to_string()),
+        };
+        Self {
+            what,
+            path,
+            offset,
+            message,
+        }
+    }
+
+    pub fn to_error(&self) -> RuntimeError {
+        RuntimeError::WeightsUnavailable {
+            what: self.what.clone(),
+            path: self.path.clone(),
+            offset: self.offset,
+            message: self.message.clone(),
+        }
+    }
+}
+
 enum Entry {
     Resident {
         layer: Arc<ResidentLayer>,
@@ -109,11 +157,19 @@ enum Entry {
         /// Evicted while in use: removed when the last user releases it.
         doomed: bool,
     },
-    Failed(String),
+    /// The last load failed; `seq` orders it among all failures (see `acquire`).
+    Failed { failure: LoadFailure, seq: u64 },
 }
 
 struct BoardInner {
     entries: Vec<Option<Entry>>,
+    /// Per unit, the load attempt whose result is wanted (0: none). Chunks, results and
+    /// failures of any other attempt are stale: a failed or reloaded attempt's leftovers.
+    live: Vec<u64>,
+    /// Failures so far (`Entry::Failed::seq`).
+    failures: u64,
+    /// Grows with every reload (`ResidentLayer::generation`).
+    generation: u64,
     closed: bool,
 }
 
@@ -143,6 +199,9 @@ impl ResidencyBoard {
         Self {
             inner: Mutex::new(BoardInner {
                 entries: (0..n_units).map(|_| None).collect(),
+                live: vec![0; n_units],
+                failures: 0,
+                generation: 0,
                 closed: false,
             }),
             changed: tokio::sync::Notify::new(),
@@ -155,9 +214,40 @@ impl ResidencyBoard {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn publish(&self, layer: ResidentLayer) {
+    /// Load attempt `attempt` of `unit` starts (Scheduler): its result is the one wanted, and
+    /// a failure recorded before is forgotten (waiters keep waiting for this attempt).
+    pub fn begin_load(&self, unit: usize, attempt: u64) {
+        let mut g = self.lock();
+        if let Some(l) = g.live.get_mut(unit) {
+            *l = attempt;
+        }
+        if let Some(e @ Some(Entry::Failed { .. })) = g.entries.get_mut(unit) {
+            *e = None;
+        }
+    }
+
+    /// Whether `attempt` is still the wanted load of `unit` (readers and the uploader drop the
+    /// chunks of one that is not).
+    pub fn is_live(&self, unit: usize, attempt: u64) -> bool {
+        attempt != 0 && self.lock().live.get(unit) == Some(&attempt)
+    }
+
+    /// The generation of the weights (see `reload`).
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Publishes the result of load `attempt`; `false` (and the layer is dropped) when that
+    /// attempt is no longer wanted.
+    pub fn publish(&self, mut layer: ResidentLayer, attempt: u64) -> bool {
         let unit = layer.unit;
         let mut g = self.lock();
+        if g.live.get(unit) != Some(&attempt) || attempt == 0 {
+            drop(g);
+            return false;
+        }
+        g.live[unit] = 0;
+        layer.generation = g.generation;
         if let Some(slot) = g.entries.get_mut(unit) {
             *slot = Some(Entry::Resident {
                 layer: Arc::new(layer),
@@ -167,15 +257,58 @@ impl ResidencyBoard {
         }
         drop(g);
         self.changed.notify_waiters();
+        true
     }
 
-    pub fn fail(&self, unit: usize, message: String) {
+    /// Load `attempt` of `unit` failed: the requests waiting for it get the error. `false` when
+    /// that attempt was not the wanted one any more (a second report of the same failure).
+    pub fn fail(&self, unit: usize, attempt: u64, failure: LoadFailure) -> bool {
         let mut g = self.lock();
+        if g.live.get(unit) != Some(&attempt) || attempt == 0 {
+            return false;
+        }
+        g.live[unit] = 0;
+        g.failures += 1;
+        let seq = g.failures;
         if let Some(slot) = g.entries.get_mut(unit) {
-            *slot = Some(Entry::Failed(message));
+            *slot = Some(Entry::Failed { failure, seq });
         }
         drop(g);
         self.changed.notify_waiters();
+        true
+    }
+
+    /// A reload (generation `generation`): every load in flight becomes stale, failures are
+    /// forgotten, and every resident unit is evicted: freed now when unused, otherwise doomed
+    /// (freed by its last release, never taken back by `undoom`). Returns the eviction of each
+    /// unit, so the Scheduler can settle its books.
+    pub fn reload(&self, generation: u64) -> Vec<Eviction> {
+        let mut freed = Vec::new();
+        let mut out = Vec::new();
+        let mut g = self.lock();
+        g.generation = generation;
+        g.live.iter_mut().for_each(|l| *l = 0);
+        for e in g.entries.iter_mut() {
+            out.push(match e {
+                Some(Entry::Resident { users: 0, .. }) => {
+                    freed.push(e.take());
+                    Eviction::Freed
+                }
+                Some(Entry::Resident { doomed, .. }) => {
+                    *doomed = true;
+                    Eviction::Deferred
+                }
+                Some(Entry::Failed { .. }) | None => {
+                    *e = None;
+                    Eviction::Absent
+                }
+            });
+        }
+        drop(g);
+        // Freed outside the lock: dropping may `madvise` or free megabytes.
+        drop(freed);
+        self.changed.notify_waiters();
+        out
     }
 
     /// Wakes every waiter with `ShutDown`.
@@ -188,7 +321,7 @@ impl ResidencyBoard {
     pub fn clear(&self) {
         let mut g = self.lock();
         for e in g.entries.iter_mut() {
-            if let Some(Entry::Resident { users: 0, .. }) | Some(Entry::Failed(_)) = e {
+            if let Some(Entry::Resident { users: 0, .. }) | Some(Entry::Failed { .. }) = e {
                 *e = None;
             }
         }
@@ -204,6 +337,10 @@ impl ResidencyBoard {
     /// Waits until `unit` is resident and takes a use of it. `on_miss` runs once, without the lock,
     /// when the unit is not there at the first look (Inference tells the Scheduler it needs it).
     /// The wait ends at once when `cancel` fires (a dropped request, shutdown).
+    ///
+    /// A failure recorded before the call counts as "not there" (the miss asks the Scheduler to
+    /// try again); one recorded during the wait is this caller's error. So a failed read fails
+    /// the requests that waited for it, and the next request retries it.
     pub fn acquire(
         &self,
         unit: usize,
@@ -212,6 +349,7 @@ impl ResidencyBoard {
     ) -> Result<Acquired> {
         let mut hit = true;
         let mut g = self.lock();
+        let seen = g.failures;
         loop {
             if g.closed {
                 return Err(RuntimeError::ShutDown);
@@ -231,11 +369,8 @@ impl ResidencyBoard {
                         hit,
                     });
                 }
-                Some(Some(Entry::Failed(m))) => {
-                    return Err(RuntimeError::Stage {
-                        stage: "load",
-                        message: m.clone(),
-                    });
+                Some(Some(Entry::Failed { failure, seq })) if *seq > seen => {
+                    return Err(failure.to_error());
                 }
                 _ => {}
             }
@@ -284,8 +419,10 @@ impl ResidencyBoard {
     /// Returns true when the unit is resident and no longer doomed.
     pub fn undoom(&self, unit: usize) -> bool {
         let mut g = self.lock();
+        let generation = g.generation;
         let back = match g.entries.get_mut(unit) {
-            Some(Some(Entry::Resident { doomed, .. })) => {
+            // A unit of an older generation (doomed by a reload) is never taken back.
+            Some(Some(Entry::Resident { doomed, layer, .. })) if layer.generation == generation => {
                 *doomed = false;
                 true
             }
@@ -306,7 +443,7 @@ impl ResidencyBoard {
             return Eviction::Absent;
         };
         match slot {
-            Some(Entry::Resident { users: 0, .. }) | Some(Entry::Failed(_)) => {
+            Some(Entry::Resident { users: 0, .. }) | Some(Entry::Failed { .. }) => {
                 let old = slot.take();
                 drop(g);
                 // Freed outside the lock: dropping may `madvise` or free megabytes.

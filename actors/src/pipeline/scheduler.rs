@@ -28,7 +28,9 @@ use crate::error::{Result, RuntimeError};
 use crate::messages::Hint;
 use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::reader::ReadJob;
-use crate::pipeline::residency::{Eviction, LayerMemory, ResidencyBoard, ResidentLayer};
+use crate::pipeline::residency::{
+    Eviction, LayerMemory, LoadFailure, ResidencyBoard, ResidentLayer,
+};
 use crate::pipeline::shared::{recv_or_cancel, ResidencySnapshot, Shared};
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, VecDeque};
@@ -39,12 +41,25 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub enum SchedMsg {
-    /// Uploader: a unit is resident.
-    Loaded { unit: usize },
-    /// Any loading stage: a unit could not be loaded.
-    LoadFailed { unit: usize, message: String },
-    /// Inference: waiting for a unit that is not resident.
+    /// Uploader: load `attempt` of a unit is resident (published on the board).
+    Loaded { unit: usize, attempt: u64 },
+    /// Any loading stage: load `attempt` of a unit failed. Reports of an attempt that is no
+    /// longer the live one (a second chunk of the same failed load) are ignored.
+    LoadFailed {
+        unit: usize,
+        attempt: u64,
+        failure: LoadFailure,
+    },
+    /// Inference: waiting for a unit that is not resident (a failed one is tried again).
     Need { unit: usize },
+    /// Try the failed units again (`RuntimeHandle::retry_failed_loads`).
+    Retry,
+    /// The model file was accepted again (`RuntimeHandle::reload`): evict every unit, forget
+    /// failures, load again from the file under board generation `generation`.
+    Reload {
+        generation: u64,
+        reply: flume::Sender<Result<()>>,
+    },
     /// Inference: finished with a unit (its use was released).
     Done { unit: usize },
     Hint {
@@ -220,7 +235,9 @@ enum Status {
     Resident,
     /// Evicted while in use: bytes stay reserved until the user reports `Done`.
     EvictPending,
-    /// Loading failed; waiters got the error. Bytes stay reserved (a partial region may live on).
+    /// The last load failed; the waiters got the error. Nothing is reserved (the uploader frees
+    /// the half-assembled memory of the stale attempt before it allocates again), and it is
+    /// not loaded again until asked: a `Need` (the next request), a hint, `Retry`, `Reload`.
     Failed,
 }
 
@@ -256,6 +273,12 @@ struct Scheduler {
     cursor: usize,
     overflow: VecDeque<ReadJob>,
     initial: Option<BTreeSet<usize>>,
+    /// The last load attempt issued (attempts are numbered from 1 across all units).
+    attempts: u64,
+    /// Per unit, the attempt issued last.
+    attempt_of: Vec<u64>,
+    /// Units whose last load failed and that have not loaded since.
+    failed: BTreeSet<usize>,
 }
 
 pub fn spawn(cfg: SchedulerConfig) -> Result<JoinHandle<()>> {
@@ -283,6 +306,9 @@ pub fn spawn(cfg: SchedulerConfig) -> Result<JoinHandle<()>> {
         cursor: 0,
         overflow: VecDeque::new(),
         initial: None,
+        attempts: 0,
+        attempt_of: vec![0; n],
+        failed: BTreeSet::new(),
     };
     let d = s.desired();
     let initial: BTreeSet<usize> = (0..n).filter(|&u| d[u]).collect();
@@ -328,18 +354,82 @@ impl Scheduler {
         let _span = tracing::info_span!("schedule").entered();
         let n = self.bytes.len();
         match msg {
-            SchedMsg::Loaded { unit } => {
+            SchedMsg::Loaded { unit, attempt } => {
+                // A result of an attempt abandoned since (a reload) changes nothing.
+                if attempt != self.attempt_of[unit] {
+                    return;
+                }
                 if self.status[unit] == Status::Loading {
                     self.status[unit] = Status::Resident;
                 }
+                if self.failed.remove(&unit) {
+                    tracing::info!(unit = %self.cfg.plan.unit_name(unit), "loaded again");
+                    self.publish_failures();
+                }
                 self.check_initial(unit);
             }
-            SchedMsg::LoadFailed { unit, message } => {
-                tracing::warn!(unit, %message, "load failed");
-                self.status[unit] = Status::Failed;
-                self.cfg.board.fail(unit, message);
+            SchedMsg::LoadFailed {
+                unit,
+                attempt,
+                failure,
+            } => {
+                // Only the first report of the live attempt counts: other chunks of the same
+                // load, or a load already abandoned by a reload, change nothing.
+                if self.status[unit] == Status::Loading
+                    && self.cfg.board.fail(unit, attempt, failure.clone())
+                {
+                    tracing::warn!(
+                        unit = %failure.what,
+                        path = %failure.path.display(),
+                        offset = failure.offset,
+                        "load failed: {}",
+                        failure.message
+                    );
+                    self.status[unit] = Status::Failed;
+                    self.reserved -= self.bytes[unit];
+                    self.failed.insert(unit);
+                    let c = &self.cfg.shared.counters;
+                    c.load_failures.fetch_add(1, Ordering::Relaxed);
+                    *self
+                        .cfg
+                        .shared
+                        .last_failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(failure);
+                    self.publish_failures();
+                    // The initial load is over for this unit: `wait_loaded` must not wait for
+                    // a load nobody retries; the first request will.
+                    self.check_initial(unit);
+                }
             }
-            SchedMsg::Need { unit } => self.cursor = unit,
+            SchedMsg::Need { unit } => {
+                if self.status[unit] == Status::Failed {
+                    self.status[unit] = Status::Absent;
+                }
+                self.cursor = unit;
+            }
+            SchedMsg::Retry => {
+                let mut first_streamed = None;
+                for &u in &self.failed {
+                    if self.status[u] == Status::Failed {
+                        self.status[u] = Status::Absent;
+                        if !self.fixed.fixed[u] && first_streamed.is_none() {
+                            first_streamed = Some(u);
+                        }
+                    }
+                }
+                // A streamed unit loads when the window reaches it: move the window there (a
+                // request's next `Need` moves it back).
+                if let Some(u) = first_streamed {
+                    self.cursor = u;
+                }
+            }
+            SchedMsg::Reload { generation, reply } => {
+                self.reload(generation);
+                self.act();
+                let _ = reply.try_send(Ok(()));
+                return;
+            }
             SchedMsg::Done { unit } => {
                 if self.status[unit] == Status::EvictPending {
                     self.status[unit] = Status::Absent;
@@ -367,6 +457,49 @@ impl Scheduler {
             }
         }
         self.act();
+    }
+
+    /// Settles the books after the board evicted everything for a reload.
+    fn reload(&mut self, generation: u64) {
+        // As for any deferred eviction (see `act`): the users that release a doomed unit must
+        // see that a `Done` is wanted, or its bytes are never given back and it never reloads.
+        self.cfg
+            .shared
+            .counters
+            .wants_done
+            .store(true, Ordering::SeqCst);
+        let evictions = self.cfg.board.reload(generation);
+        for (u, ev) in evictions.into_iter().enumerate() {
+            match (self.status[u], ev) {
+                (Status::Resident, Eviction::Freed) => {
+                    self.status[u] = Status::Absent;
+                    self.reserved -= self.bytes[u];
+                    self.evictions += 1;
+                }
+                // In use (also a load published just before the reload): freed at its release.
+                (Status::Resident | Status::Loading, Eviction::Deferred) => {
+                    self.status[u] = Status::EvictPending
+                }
+                // Its chunks are stale now; the uploader frees what it assembled.
+                (Status::Loading, _) => {
+                    self.status[u] = Status::Absent;
+                    self.reserved -= self.bytes[u];
+                }
+                (Status::Failed, _) => self.status[u] = Status::Absent,
+                // EvictPending: still in use, its `Done` releases it. Absent: nothing to do.
+                _ => {}
+            }
+        }
+        self.failed.clear();
+        self.publish_failures();
+    }
+
+    fn publish_failures(&self) {
+        self.cfg
+            .shared
+            .counters
+            .units_failed
+            .store(self.failed.len(), Ordering::Release);
     }
 
     fn check_initial(&mut self, unit: usize) {
@@ -440,8 +573,13 @@ impl Scheduler {
                 let mut noops = 0;
                 for l in layers {
                     match self.status[l] {
-                        // Resident, on its way, or failed for good: nothing to do.
-                        Status::Resident | Status::Loading | Status::Failed => noops += 1,
+                        // Resident or on its way: nothing to do.
+                        Status::Resident | Status::Loading => noops += 1,
+                        // A failed layer is tried again.
+                        Status::Failed => {
+                            self.status[l] = Status::Absent;
+                            want.insert(l);
+                        }
                         // An evicted layer still in use is taken back by `act`.
                         Status::Absent | Status::EvictPending => {
                             want.insert(l);
@@ -474,6 +612,12 @@ impl Scheduler {
                 self.replan_or_drop_prefetches(pins, prefetched)
             }
             Hint::WarmUp => {
+                // Warming up includes trying failed units again.
+                for s in self.status.iter_mut() {
+                    if *s == Status::Failed {
+                        *s = Status::Absent;
+                    }
+                }
                 let d = self.desired();
                 if d.iter()
                     .zip(&self.status)
@@ -561,8 +705,12 @@ impl Scheduler {
             self.peak = self.peak.max(self.reserved);
             self.loads[u] += 1;
             self.status[u] = Status::Loading;
+            self.attempts += 1;
+            let attempt = self.attempts;
+            self.attempt_of[u] = attempt;
+            self.cfg.board.begin_load(u, attempt);
             if self.cfg.plan.units[u].file_bytes == 0 {
-                self.publish_empty(u);
+                self.publish_empty(u, attempt);
             } else {
                 in_flight += 1;
                 // Big units (the embedding table) are read by every reader at once.
@@ -577,6 +725,7 @@ impl Scheduler {
                         unit: u,
                         part,
                         n_parts,
+                        attempt,
                     });
                 }
             }
@@ -596,18 +745,22 @@ impl Scheduler {
             .store(!settled, Ordering::SeqCst);
     }
 
-    fn publish_empty(&mut self, u: usize) {
+    fn publish_empty(&mut self, u: usize, attempt: u64) {
         // A unit without tensors (a model with no global tensors): nothing to read.
-        self.cfg.board.publish(ResidentLayer {
-            unit: u,
-            layer: self.cfg.plan.units[u].layer,
-            memory: LayerMemory::Device {
-                region: Arc::new(EmptyRegion),
-                ready: Arc::new(crate::pipeline::backend::AlreadyReady),
+        self.cfg.board.publish(
+            ResidentLayer {
+                unit: u,
+                layer: self.cfg.plan.units[u].layer,
+                memory: LayerMemory::Device {
+                    region: Arc::new(EmptyRegion),
+                    ready: Arc::new(crate::pipeline::backend::AlreadyReady),
+                },
+                tensors: Arc::new(Vec::new()),
+                dims: self.cfg.dims[u].clone(),
+                generation: 0,
             },
-            tensors: Arc::new(Vec::new()),
-            dims: self.cfg.dims[u].clone(),
-        });
+            attempt,
+        );
         self.status[u] = Status::Resident;
         self.check_initial(u);
     }

@@ -20,6 +20,10 @@ pub struct Counters {
     pub requests_done: AtomicU64,
     pub prompt_tokens_cached: AtomicU64,
     pub direct_io: AtomicBool,
+    /// Loads that failed (each failed attempt of a unit once).
+    pub load_failures: AtomicU64,
+    /// Units whose last load failed and that have not loaded since.
+    pub units_failed: AtomicUsize,
     /// Whether the Scheduler wants a `Done` per computed unit. Off while every unit is resident
     /// and fixed (nothing streams, nothing waits for eviction): then a decode step sends it no
     /// message at all, and its thread does not wake 30 times a token beside the compute.
@@ -44,6 +48,8 @@ pub struct ResidencySnapshot {
 pub struct Shared {
     pub counters: Counters,
     pub residency: Mutex<ResidencySnapshot>,
+    /// The most recent load failure (kept after recovery, for the record).
+    pub last_failure: Mutex<Option<crate::pipeline::residency::LoadFailure>>,
     /// Signalled when the initial load is done and at shutdown (`RuntimeHandle::wait_loaded`).
     pub load_events: (Mutex<()>, std::sync::Condvar),
 }

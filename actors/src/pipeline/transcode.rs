@@ -11,6 +11,7 @@ use crate::messages::Stage;
 use crate::pipeline::backend::WeightBackend;
 use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::reader::{Chunk, ChunkData};
+use crate::pipeline::residency::LoadFailure;
 use crate::pipeline::scheduler::SchedMsg;
 use crate::pipeline::shared::{recv_or_cancel, spawn_actor, Shared};
 use crate::pipeline::staging::{StagingRing, StagingSlot};
@@ -31,6 +32,8 @@ pub enum StagedData {
 /// TranscodePool -> Uploader.
 pub struct Staged {
     pub unit: usize,
+    /// The load attempt the chunk was read for.
+    pub attempt: u64,
     pub tensor: usize,
     /// Offset within the tensor's device bytes.
     pub dev_offset: u64,
@@ -40,6 +43,8 @@ pub struct Staged {
 }
 
 pub struct TranscodeConfig {
+    /// The model file (named in load failures).
+    pub path: std::path::PathBuf,
     pub n_threads: usize,
     pub map: Arc<Mmap>,
     pub plan: Arc<LoadPlan>,
@@ -86,6 +91,7 @@ fn run(cfg: &TranscodeConfig, pool: &rayon::ThreadPool) {
         let _ = permit_tx.try_send(());
     }
     let shared_cfg = Arc::new(Job {
+        path: cfg.path.clone(),
         map: cfg.map.clone(),
         plan: cfg.plan.clone(),
         backend: cfg.backend.clone(),
@@ -128,6 +134,7 @@ fn run(cfg: &TranscodeConfig, pool: &rayon::ThreadPool) {
 }
 
 struct Job {
+    path: std::path::PathBuf,
     map: Arc<Mmap>,
     plan: Arc<LoadPlan>,
     backend: Arc<dyn WeightBackend>,
@@ -151,6 +158,7 @@ impl Job {
             .fetch_add(chunk.len as u64, Ordering::Relaxed);
         let _ = self.out.send(Staged {
             unit: chunk.unit,
+            attempt: chunk.attempt,
             tensor: chunk.tensor,
             dev_offset: chunk.offset,
             file_len: chunk.len,
@@ -198,6 +206,7 @@ impl Job {
             dst.len = dev_len;
             Ok(Staged {
                 unit: chunk.unit,
+                attempt: chunk.attempt,
                 tensor: chunk.tensor,
                 dev_offset: self.backend.transcoded_bytes(t.ty, chunk.offset),
                 file_len: chunk.len,
@@ -217,7 +226,8 @@ impl Job {
             Err(e) => {
                 let _ = self.sched.send(SchedMsg::LoadFailed {
                     unit: chunk.unit,
-                    message: e.to_string(),
+                    attempt: chunk.attempt,
+                    failure: LoadFailure::new(self.plan.unit_name(chunk.unit), &self.path, &e),
                 });
             }
         }

@@ -6,12 +6,16 @@
 //! asynchronous: this thread queues copies and records one event per unit, never waiting for
 //! them; the compute stream waits on that event on the device. Chunks of one unit may arrive in
 //! any order (several readers, a pool of transcoders), so completion is counted in bytes.
+//!
+//! Each assembly belongs to one load attempt. When that attempt stops being the live one on the
+//! board (a chunk of it failed, or a reload abandoned it) the assembly is dropped, which frees its
+//! memory, before anything else is allocated; chunks of such an attempt are dropped on arrival.
 
 use crate::error::{Result, RuntimeError};
 use crate::messages::Stage;
 use crate::pipeline::backend::{DeviceRegion, WeightBackend};
 use crate::pipeline::plan::LoadPlan;
-use crate::pipeline::residency::{LayerMemory, ResidencyBoard, ResidentLayer};
+use crate::pipeline::residency::{LayerMemory, LoadFailure, ResidencyBoard, ResidentLayer};
 use crate::pipeline::scheduler::SchedMsg;
 use crate::pipeline::shared::{recv_or_cancel, Shared};
 use crate::pipeline::transcode::{Staged, StagedData};
@@ -24,6 +28,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub struct UploaderConfig {
+    /// The model file (named in load failures).
+    pub path: std::path::PathBuf,
     pub map: Arc<Mmap>,
     pub plan: Arc<LoadPlan>,
     pub backend: Arc<dyn WeightBackend>,
@@ -41,6 +47,7 @@ pub struct UploaderConfig {
 }
 
 struct Assembly {
+    attempt: u64,
     region: Option<Box<dyn DeviceRegion>>,
     remaining: u64,
     stream: usize,
@@ -61,21 +68,35 @@ fn run(cfg: UploaderConfig) {
     let mut next_stream = 0usize;
     while let Some(staged) = recv_or_cancel(&cfg.input, &cfg.cancel) {
         let unit_idx = staged.unit;
+        let attempt = staged.attempt;
         let start = Instant::now();
-        let r = step(&cfg, &mut pending, &mut next_stream, staged);
+        // Leftovers of failed or abandoned loads go first: their memory is free again before
+        // this chunk may allocate.
+        pending.retain(|&u, a| cfg.board.is_live(u, a.attempt));
+        let r = if cfg.board.is_live(unit_idx, attempt) {
+            step(&cfg, &mut pending, &mut next_stream, staged)
+        } else {
+            // A stale chunk: its slot goes back to the ring as it drops.
+            Ok(None)
+        };
         cfg.shared.add_busy(Stage::Upload, start);
         match r {
             Ok(Some(layer)) => {
-                cfg.board.publish(layer);
                 // Blocking send is safe: the Scheduler never blocks on its own sends.
-                let _ = cfg.sched.send(SchedMsg::Loaded { unit: unit_idx });
+                if cfg.board.publish(layer, attempt) {
+                    let _ = cfg.sched.send(SchedMsg::Loaded {
+                        unit: unit_idx,
+                        attempt,
+                    });
+                }
             }
             Ok(None) => {}
             Err(e) => {
                 pending.remove(&unit_idx);
                 let _ = cfg.sched.send(SchedMsg::LoadFailed {
                     unit: unit_idx,
-                    message: e.to_string(),
+                    attempt,
+                    failure: LoadFailure::new(cfg.plan.unit_name(unit_idx), &cfg.path, &e),
                 });
             }
         }
@@ -92,10 +113,19 @@ fn step(
     let unit = &cfg.plan.units[staged.unit];
     let t = &unit.tensors[staged.tensor];
     let layer = unit.layer.map(|l| l as i64).unwrap_or(-1);
+    // A newer attempt of the unit replaces an older one's assembly (which `run` drops as soon as
+    // the board calls it stale; this covers a chunk arriving first).
+    if pending
+        .get(&staged.unit)
+        .is_some_and(|a| a.attempt != staged.attempt)
+    {
+        pending.remove(&staged.unit);
+    }
     let asm = pending.entry(staged.unit).or_insert_with(|| {
         let s = *next_stream % cfg.n_streams.max(1);
         *next_stream += 1;
         Assembly {
+            attempt: staged.attempt,
             region: None,
             remaining: unit.file_bytes,
             stream: s,
@@ -163,5 +193,6 @@ fn step(
         memory,
         tensors: Arc::new(unit.tensors.clone()),
         dims: cfg.dims[staged.unit].clone(),
+        generation: 0,
     }))
 }

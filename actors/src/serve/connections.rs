@@ -8,10 +8,13 @@
 //!   are the handlers' business: they read the body under a deadline.)
 //! - Draining: on stop, connections finish their requests and close (hyper's graceful
 //!   shutdown); on kill, they are dropped, which cancels their requests.
+//! - A write timeout (`WriteTimeout`): a response write that makes no progress for that long
+//!   (a client that stopped reading a stream it asked for) ends the connection, which drops the
+//!   response and cancels its request. Without it such a client would hold the runtime, which
+//!   serves one request at a time, until it read or hung up.
 //!
-//! Not done yet: a write timeout for a client that stops reading a response it asked for (its
-//! connection and request stay until it reads or hangs up), and an idle timeout separate from
-//! the header timeout (hyper has one timer for both).
+//! Not done yet: an idle timeout separate from the header timeout (hyper has one timer for
+//! both).
 
 use super::error::ApiError;
 use axum::http::StatusCode;
@@ -31,6 +34,7 @@ use tokio_util::task::TaskTracker;
 pub(crate) struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
+    pub write_timeout: Duration,
 }
 
 /// Descriptors kept back from connections: the model file, the control socket, the runtime's
@@ -115,7 +119,7 @@ pub(crate) async fn serve(
         // Small SSE events go out as they are produced.
         let _ = stream.set_nodelay(true);
         let conn = builder.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(WriteTimeout::new(stream, limits.write_timeout)),
             TowerToHyperService::new(router.clone()),
         );
         let (stop, kill) = (stop.clone(), kill.clone());
@@ -142,6 +146,105 @@ pub(crate) async fn serve(
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// A stream whose writes fail with `TimedOut` once one has waited `limit` without progress.
+/// Reads are untouched (hyper times the request head itself; the handlers time the body).
+pub(crate) struct WriteTimeout<S> {
+    inner: S,
+    limit: Duration,
+    /// Armed while a write waits; disarmed by any progress.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    pub(crate) fn new(inner: S, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            timer: None,
+        }
+    }
+
+    /// What a write that returned `r` becomes: progress disarms the timer; waiting arms it and
+    /// fails once it fires.
+    fn check<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if r.is_ready() {
+            self.timer = None;
+            return r;
+        }
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.timer = None;
+                tracing::debug!("closing a connection whose client read nothing for {limit:?}");
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the client read nothing for {limit:?}"),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteTimeout<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteTimeout<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.check(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(cx, r)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.check(cx, r)
+    }
 }
 
 fn refusal_response() -> Vec<u8> {
@@ -173,5 +276,36 @@ async fn refuse(mut stream: TcpStream, response: &[u8]) {
             Ok(0) | Err(_) => break,
             Ok(n) => left = left.saturating_sub(n),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_nobody_reads_times_out_and_progress_rearms() {
+        let limit = Duration::from_millis(400);
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut w = WriteTimeout::new(a, limit);
+        // Fills the pipe, then waits for a reader.
+        w.write_all(&[1u8; 64]).await.unwrap();
+        let slow = tokio::spawn(async move {
+            // Reads a little now and then, each time well within the limit: no timeout, though
+            // the whole write takes several limits.
+            let mut buf = [0u8; 16];
+            for _ in 0..14 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                b.read_exact(&mut buf).await.unwrap();
+            }
+            b
+        });
+        w.write_all(&[2u8; 160]).await.unwrap();
+        let _b = slow.await.unwrap();
+        // Now nobody reads: the next write that cannot proceed fails after the limit.
+        let start = std::time::Instant::now();
+        let e = w.write_all(&[3u8; 128]).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= limit);
     }
 }

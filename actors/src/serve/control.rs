@@ -6,7 +6,7 @@
 //! `ControlResponse`, in order. A frame longer than `MAX_FRAME` or one that does not decode
 //! closes that connection only (the server keeps serving everyone else).
 
-use crate::messages::{Hint, LoadProgress, Stats};
+use crate::messages::{Hint, LoadProgress, ModelHealth, Stats};
 use crate::runtime::RuntimeHandle;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -23,6 +23,11 @@ pub enum ControlRequest {
     Hint(Hint),
     Stats,
     LoadProgress,
+    /// Accepts the model file as it is now and loads the weights from it again
+    /// (`RuntimeHandle::reload`); answered `Ok` or `Error`.
+    Reload,
+    /// `ModelHealth`: failed units, load failures, whether the file changed.
+    Health,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +37,7 @@ pub enum ControlResponse {
     LoadProgress(LoadProgress),
     /// The request was understood but failed (e.g. a hint the budget cannot honour).
     Error(String),
+    Health(ModelHealth),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +100,22 @@ async fn connection(mut s: tokio::net::UnixStream, rt: RuntimeHandle) -> Result<
         let resp = match req {
             ControlRequest::Stats => ControlResponse::Stats(rt.stats()),
             ControlRequest::LoadProgress => ControlResponse::LoadProgress(rt.load_progress()),
+            ControlRequest::Reload => {
+                let rt = rt.clone();
+                // Opens and compares the file, then waits for the scheduler: blocking.
+                match tokio::task::spawn_blocking(move || rt.reload()).await {
+                    Ok(Ok(())) => ControlResponse::Ok,
+                    Ok(Err(e)) => ControlResponse::Error(e.to_string()),
+                    Err(e) => ControlResponse::Error(format!("reload task failed: {e}")),
+                }
+            }
+            ControlRequest::Health => {
+                let rt = rt.clone();
+                match tokio::task::spawn_blocking(move || rt.model_health()).await {
+                    Ok(h) => ControlResponse::Health(h),
+                    Err(e) => ControlResponse::Error(format!("health task failed: {e}")),
+                }
+            }
             ControlRequest::Hint(h) => {
                 let rt = rt.clone();
                 // `hint` waits for the scheduler's verdict (never on I/O), off the async threads.

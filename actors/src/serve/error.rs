@@ -74,6 +74,13 @@ impl ApiError {
         self
     }
 
+    /// `/health` while some of the model cannot be loaded.
+    pub fn model_failed(message: String) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            .code("model_failed")
+            .retry_after(1)
+    }
+
     pub fn not_ready() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -126,6 +133,18 @@ impl From<RuntimeError> for ApiError {
                 e.to_string(),
             )
             .code("not_supported"),
+            // The model's file could not be read for this request (a read error, a changed
+            // file, a reload meanwhile): the server is fine, the next request tries again.
+            RuntimeError::WeightsUnavailable { .. }
+            | RuntimeError::ModelChanged { .. }
+            | RuntimeError::ModelReloaded
+            | RuntimeError::Read { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                e.to_string(),
+            )
+            .code("model_unavailable")
+            .retry_after(1),
             RuntimeError::Cancelled => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",

@@ -136,12 +136,38 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// 200 while the model serves; 503 while loading, shutting down, or while part of the model
+/// cannot be loaded (`model_failed`, with the failure). A failed state also asks the runtime to
+/// retry the failed loads (at most once a second), so a probe sees recovery without traffic.
+/// A model file that changed on disk while every weight is resident is a `warning`, not a
+/// failure: the loaded weights still serve.
 async fn health(State(s): AppRef) -> Response {
-    if s.ready.load(Ordering::Acquire) && !s.runtime.is_shut_down() {
-        (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response()
-    } else {
-        ApiError::not_ready().into_response()
+    if !s.ready.load(Ordering::Acquire) || s.runtime.is_shut_down() {
+        return ApiError::not_ready().into_response();
     }
+    let rt = s.runtime.clone();
+    // `stat` of the model file: off the async workers (a hung NFS mount must not stall them).
+    let h = match tokio::task::spawn_blocking(move || rt.model_health()).await {
+        Ok(h) => h,
+        Err(e) => return ApiError::model_failed(format!("health check: {e}")).into_response(),
+    };
+    if !h.is_ok() {
+        s.runtime.retry_failed_loads();
+        let msg = format!(
+            "{} unit(s) of the model cannot be loaded: {}",
+            h.units_failed,
+            h.last_failure.as_deref().unwrap_or("unknown failure")
+        );
+        return ApiError::model_failed(msg).into_response();
+    }
+    let mut body = json!({"status": "ok"});
+    if let Some(change) = h.file_changed {
+        body["warning"] = json!(format!(
+            "the model file changed since it was loaded ({change}); resident weights still \
+             serve, reads from the file are refused until it is restored or reloaded"
+        ));
+    }
+    (StatusCode::OK, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(s): AppRef) -> Response {

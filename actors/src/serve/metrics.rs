@@ -263,6 +263,25 @@ impl Metrics {
             "Layers evicted to stay in budget.",
             s.evictions,
         );
+        let h = rt.model_health();
+        counter(
+            &mut out,
+            "rocmforge_weight_load_failures_total",
+            "Weight loads that failed (read errors, a changed model file).",
+            h.load_failures,
+        );
+        gauge(
+            &mut out,
+            "rocmforge_weight_units_failed",
+            "Units whose last load failed (the model cannot be served whole while above 0).",
+            h.units_failed,
+        );
+        gauge(
+            &mut out,
+            "rocmforge_model_file_changed",
+            "1 while the model file on disk is not the one loaded.",
+            u8::from(h.file_changed.is_some()),
+        );
         let name = "rocmforge_load_bytes_total";
         let _ = writeln!(
             out,

@@ -88,7 +88,10 @@ pub struct ServeConfig {
     /// Context length per request (default: the runtime's, capped by the model's).
     pub ctx: Option<usize>,
     pub memory_budget: MemoryBudget,
-    /// `None`: the backend's choice (mmap on the CPU, `pread` into pinned slots on a GPU).
+    /// `None`: `read` (`pread` into memory the process owns) on every backend, so a model file
+    /// changed under the server is an error for the requests that need its bytes, never a
+    /// SIGBUS (docs/SERVING.md, "The model file"). `mmap` serves zero-copy from the page cache
+    /// and is only safe while nobody truncates or rewrites the file.
     pub read_mode: Option<ReadMode>,
     pub prefetch_depth: usize,
     /// Run one token through the model before reporting ready.
@@ -104,6 +107,9 @@ pub struct ServeConfig {
     pub header_timeout: Duration,
     /// Time a client gets to send a whole request body (408 past it).
     pub body_timeout: Duration,
+    /// Time a response write may wait for a client that does not read (a stream nobody
+    /// consumes); past it the connection is closed and its request cancelled.
+    pub write_timeout: Duration,
     /// Chat template to use instead of the model's `tokenizer.chat_template`.
     pub chat_template: Option<String>,
     /// Most messages in one chat request (400 beyond): templates loop over the messages, some
@@ -136,6 +142,7 @@ impl ServeConfig {
             max_connections: 512,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             chat_template: None,
             max_messages: 2048,
             // SmolLM2's template takes ~20 steps a message: 2048 messages fit 25 times over,
@@ -219,9 +226,7 @@ impl Server {
             .memory_budget(cfg.memory_budget)
             .prefetch_depth(cfg.prefetch_depth)
             .queue_capacity(cfg.queue_capacity);
-        if let Some(m) = cfg.read_mode {
-            builder = builder.read_mode(m);
-        }
+        builder = builder.read_mode(cfg.read_mode.unwrap_or(ReadMode::Read));
         let builder = match cfg.backend {
             BackendKind::Cpu => builder.compute(LlamaCompute::factory(seq_cfg)),
             // A GPU brings its weight backend and compute; `auto` without one runs the CPU
@@ -292,6 +297,7 @@ impl Server {
         let limits = connections::Limits {
             max_connections: connections::fd_capped(cfg.max_connections),
             header_timeout: cfg.header_timeout,
+            write_timeout: cfg.write_timeout,
         };
         let http = tokio::spawn(connections::serve(
             listener,
