@@ -172,7 +172,8 @@ impl Drop for DeviceBuf {
 /// Page-locked host memory: the only source from which host-to-device copies run
 /// asynchronously and at full PCIe speed. Either its own `cuMemHostAlloc` allocation (freed on
 /// drop) or one slice of a registered huge-page region shared with the other slices of a ring
-/// ([`PinnedBuf::ring`]; the region is unregistered and unmapped when its last slice drops).
+/// (`ComputeDevice::alloc_pinned_ring`; the region is unregistered and unmapped when its last
+/// slice drops).
 #[derive(Debug)]
 pub struct PinnedBuf {
     ctx: Arc<CudaContext>,
