@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod fuzzing;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
