@@ -14,6 +14,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod fuzzing;
 pub mod gguf;
 pub mod grammar;
 pub mod kernels;

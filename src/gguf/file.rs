@@ -47,6 +47,33 @@ impl GgufFile {
         })
     }
 
+    /// A file held in memory (tests, fuzzing): `bytes` are parsed and validated as `open`
+    /// does, then copied into an anonymous map; `path` only names it in messages.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let layout = parse(bytes)?;
+        let io = |source| GgufError::Io {
+            path: path.clone(),
+            source,
+        };
+        // `parse` refused an empty buffer, so the map has at least one byte.
+        let mut map = memmap2::MmapMut::map_anon(bytes.len()).map_err(io)?;
+        map.copy_from_slice(bytes);
+        let map = map.make_read_only().map_err(io)?;
+        let by_name = layout
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Self {
+            path,
+            map: Arc::new(map),
+            layout: Arc::new(layout),
+            by_name: Arc::new(by_name),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
