@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use rocmforge::backend::hip::{wavefront_size, HipDevice};
 use rocmforge::backend::{
-    Backend, BackendError, BackendKind, ComputeDevice, DeviceEvent, DeviceStream,
+    Backend, BackendError, BackendKind, BufferIo, ComputeDevice, DeviceEvent, DeviceStream,
 };
 
 /// The device, or `None` after checking that the failure is the typed no-device error.
@@ -117,22 +117,25 @@ fn check_runtime_roles(d: &Arc<HipDevice>) {
     }
     d.alloc(1 << 20, "after oom")
         .expect("allocation after an OOM");
-    // Pinned ring -> arena slice on a copy stream; compute stream waits on the device.
-    let mut arena = d.arena(1 << 20, "layer").expect("arena");
-    let slice = arena.carve(4096).expect("carve");
+    // Pinned buffer -> a view into a device buffer on a copy stream; the compute stream waits
+    // on the copy's event on the device.
+    let dst = d.alloc(1 << 20, "layer").expect("alloc");
+    let slice = rocmforge::backend::view(&dst, 4096, 4096).expect("view");
     let copy = d.new_stream().expect("copy stream");
     let compute = d.new_stream().expect("compute stream");
-    let mut ring = d.pinned_ring(2, 4096).expect("ring");
-    let (i, slot) = ring.acquire().expect("slot");
+    let mut slot = d.alloc_pinned(4096).expect("pinned");
     slot.as_mut_slice()
         .iter_mut()
         .enumerate()
         .for_each(|(k, b)| *b = (k % 251) as u8);
-    let ev = ring.upload(i, &copy, &slice, 0, 4096).expect("upload");
-    compute.wait(ev).expect("stream wait");
+    let ev = d.new_event(false).expect("event");
+    // SAFETY: `slot` and `dst` outlive the copy: the compute stream is synchronised below.
+    unsafe { copy.copy_htod_async(&slice, 0, &slot, 0, 4096) }.expect("upload");
+    copy.record(&ev).expect("record");
+    compute.wait(&ev).expect("stream wait");
     compute.synchronize().expect("sync");
     let mut back = vec![0u8; 4096];
-    slice.read(&mut back).expect("read slice");
+    dst.read(4096, &mut back).expect("read slice");
     assert!(back.iter().enumerate().all(|(k, b)| *b == (k % 251) as u8));
     // Timing events.
     let (t0, t1) = (

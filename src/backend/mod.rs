@@ -3,8 +3,12 @@
 //!
 //! # Layout
 //! - `error.rs`         — [`BackendError`], shared by every GPU backend.
+//! - `buffer.rs`        — device memory as launchers see it: [`Pod`], the `unsafe`
+//!   [`DeviceBuffer`] contract, borrowed [`View`]s and [`DeviceTensor`]s, [`BufferIo`].
 //! - `kernels.rs`       — the Rust/device contract: kernel files, entry points, block layouts.
 //! - `compile_cache.rs` — compiled modules cached in memory and on disk (vendor-neutral).
+//! - `driver.rs`        — device memory, pinned memory, streams and events written once over
+//!   the [`driver::Driver`] trait: each vendor supplies only its runtime calls.
 //! - `gpu/`             — the vendor-neutral forward pass: launchers, layer pass, `GpuLayered`,
 //!   over the `KernelDevice` trait that CUDA and HIP implement.
 //! - `cuda/`            — NVIDIA through `cudarc` (dynamic loading) and NVRTC.
@@ -12,8 +16,10 @@
 //!
 //! The CPU backend is the engine's own forward pass (`model/`); here it is only a variant.
 
+pub mod buffer;
 pub mod compile_cache;
 pub mod cuda;
+pub mod driver;
 pub mod error;
 pub mod gpu;
 pub mod hip;
@@ -23,6 +29,7 @@ pub mod kernels;
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub use buffer::{view, BufferIo, DeviceBuffer, DeviceTensor, Pod, View};
 pub use error::{BackendError, BackendResult};
 
 /// Which backend a user asked for (`--backend cpu|cuda|hip|auto`).
@@ -106,13 +113,6 @@ impl Backend {
     }
 }
 
-/// A region of device memory a kernel can be pointed at.
-pub trait DeviceBuffer {
-    /// Device address of the first byte.
-    fn device_ptr(&self) -> u64;
-    fn len_bytes(&self) -> usize;
-}
-
 /// A device event: a point in a stream's work that other streams and the host can wait for.
 pub trait DeviceEvent {
     /// Blocks the host until the recorded work completed.
@@ -189,40 +189,21 @@ pub trait ComputeDevice {
     ) -> BackendResult<()>;
 }
 
-/// One tensor in device memory, as a layer pass reads it (`rows` x `cols` elements of `ty`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceTensor {
-    pub ptr: u64,
-    pub len: usize,
-    pub ty: crate::quant::GgmlType,
-    pub rows: usize,
-    pub cols: usize,
-}
-
-impl DeviceBuffer for DeviceTensor {
-    fn device_ptr(&self) -> u64 {
-        self.ptr
-    }
-    fn len_bytes(&self) -> usize {
-        self.len
-    }
-}
-
 /// One llama-family layer's weights in device memory (norms and biases are F32).
 #[derive(Debug, Clone, Copy)]
-pub struct LayerTensors {
-    pub attn_norm: DeviceTensor,
-    pub wq: DeviceTensor,
-    pub wk: DeviceTensor,
-    pub wv: DeviceTensor,
-    pub bq: Option<DeviceTensor>,
-    pub bk: Option<DeviceTensor>,
-    pub bv: Option<DeviceTensor>,
-    pub wo: DeviceTensor,
-    pub ffn_norm: DeviceTensor,
-    pub w_gate: DeviceTensor,
-    pub w_up: DeviceTensor,
-    pub w_down: DeviceTensor,
+pub struct LayerTensors<'a> {
+    pub attn_norm: DeviceTensor<'a>,
+    pub wq: DeviceTensor<'a>,
+    pub wk: DeviceTensor<'a>,
+    pub wv: DeviceTensor<'a>,
+    pub bq: Option<DeviceTensor<'a>>,
+    pub bk: Option<DeviceTensor<'a>>,
+    pub bv: Option<DeviceTensor<'a>>,
+    pub wo: DeviceTensor<'a>,
+    pub ffn_norm: DeviceTensor<'a>,
+    pub w_gate: DeviceTensor<'a>,
+    pub w_up: DeviceTensor<'a>,
+    pub w_down: DeviceTensor<'a>,
 }
 
 /// The forward pass one step at a time over weights that someone else keeps in device memory
@@ -243,7 +224,7 @@ pub trait LayeredForward: Send {
     /// Embeds `tokens` at positions `pos..` (rows of `table`, `[n_vocab, n_embd]`).
     fn embed(
         &mut self,
-        table: &DeviceTensor,
+        table: &DeviceTensor<'_>,
         tokens: &[u32],
         pos: usize,
     ) -> Result<(), Self::Error>;
@@ -251,12 +232,15 @@ pub trait LayeredForward: Send {
     fn layer(
         &mut self,
         layer: usize,
-        weights: &LayerTensors,
+        weights: &LayerTensors<'_>,
         kv: &mut Self::Kv,
     ) -> Result<(), Self::Error>;
     /// Final norm and head on the last token; waits for the stream and returns the logits.
-    fn output(&mut self, norm: &DeviceTensor, head: &DeviceTensor)
-        -> Result<Vec<f32>, Self::Error>;
+    fn output(
+        &mut self,
+        norm: &DeviceTensor<'_>,
+        head: &DeviceTensor<'_>,
+    ) -> Result<Vec<f32>, Self::Error>;
     /// No work is waiting: finish lazy set-up now (see `ModelCompute::idle`). Default: nothing.
     fn idle(&mut self) {}
 }

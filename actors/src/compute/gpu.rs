@@ -15,8 +15,8 @@ use crate::pipeline::gpu::{GpuBackend, GpuConfig, GpuReady, GpuRegion};
 use crate::pipeline::residency::{LayerMemory, ResidentLayer};
 use rocmforge::backend::gpu::{GpuLayered, KernelDevice, LayeredOptions};
 use rocmforge::backend::{
-    Backend, BackendError, BackendKind, ComputeDevice, DeviceBuffer, DeviceStream, DeviceTensor,
-    Fallback, LayerTensors, LayeredForward,
+    view, Backend, BackendError, BackendKind, ComputeDevice, DeviceBuffer, DeviceStream,
+    DeviceTensor, Fallback, LayerTensors, LayeredForward,
 };
 use rocmforge::gguf::GgufFile;
 use rocmforge::model::{Model, TensorRef};
@@ -83,11 +83,11 @@ where
 }
 
 /// Tensor `t` of `unit` inside `region`, with the shape the pipeline recorded.
-fn tensor<D: ComputeDevice>(
+fn tensor<'a, D: ComputeDevice>(
     unit: &ResidentLayer,
-    region: &GpuRegion<D>,
+    region: &'a GpuRegion<D>,
     t: &TensorRef,
-) -> Result<DeviceTensor> {
+) -> Result<DeviceTensor<'a>> {
     let i = unit
         .tensors
         .iter()
@@ -98,21 +98,25 @@ fn tensor<D: ComputeDevice>(
         })?;
     let slot = &unit.tensors[i];
     let (cols, rows) = unit.dims.get(i).copied().unwrap_or((0, 0));
-    let end = slot.dev_offset + slot.dev_len;
-    if end > region.buffer().len_bytes() as u64 {
-        return Err(err(unit.layer)(format!(
-            "tensor {} ends at {end}, past its region of {} B",
-            t.name,
-            region.buffer().len_bytes()
-        )));
-    }
-    Ok(DeviceTensor {
-        ptr: region.buffer().device_ptr() + slot.dev_offset,
-        len: slot.dev_len as usize,
-        ty: slot.ty,
-        rows: rows as usize,
-        cols: cols as usize,
-    })
+    let bytes = usize::try_from(slot.dev_offset)
+        .ok()
+        .zip(usize::try_from(slot.dev_len).ok())
+        .and_then(|(off, len)| view(region.buffer(), off, len).ok())
+        .ok_or_else(|| {
+            err(unit.layer)(format!(
+                "tensor {} at {}+{} is not inside its region of {} B",
+                t.name,
+                slot.dev_offset,
+                slot.dev_len,
+                region.buffer().len_bytes()
+            ))
+        })?;
+    Ok(DeviceTensor::new(
+        bytes,
+        slot.ty,
+        rows as usize,
+        cols as usize,
+    ))
 }
 
 fn seq_mut<K: 'static>(seq: &mut SequenceState) -> Result<&mut GpuSeq<K>> {

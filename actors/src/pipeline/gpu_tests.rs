@@ -63,7 +63,9 @@ struct MockBuf {
     used: Arc<AtomicUsize>,
 }
 
-impl DeviceBuffer for MockBuf {
+// SAFETY: the mock device's memory is host memory it owns for its whole life; no kernel is
+// ever launched on it (the mock's "copies" are memcpys into the same `Vec`).
+unsafe impl DeviceBuffer for MockBuf {
     fn device_ptr(&self) -> u64 {
         self.mem.lock().unwrap().as_ptr() as u64
     }

@@ -3,7 +3,7 @@
 //! [`GemmF16`]. cuBLAS is optional: without the library, or with `ROCMFORGE_NO_CUBLAS=1`, the
 //! forward passes use the portable kernel (`backend::gpu::PortableGemm`, `kernels/gemm.cu`).
 
-use super::stream::Stream;
+use super::driver::Stream;
 use super::CudaDevice;
 use crate::backend::error::{BackendError, BackendResult};
 use crate::backend::gpu::{GemmF16, GemmF16Nt};

@@ -3,24 +3,11 @@
 //! synchronous `cuMemcpy`, cuBLAS).
 
 use super::blas::Blas;
-use super::memory::{DeviceBuf, Pod};
+use super::driver::Stream;
 use super::module::Kernel;
-use super::stream::Stream;
 use super::CudaDevice;
 use crate::backend::error::BackendResult;
-use crate::backend::gpu::{Arg, BufferIo, DeviceKernel, GemmF16, KernelDevice, LaunchShape};
-
-impl BufferIo for DeviceBuf {
-    fn write<T: Pod>(&self, offset: usize, src: &[T]) -> BackendResult<()> {
-        DeviceBuf::write(self, offset, src)
-    }
-    fn read<T: Pod>(&self, offset: usize, dst: &mut [T]) -> BackendResult<()> {
-        DeviceBuf::read(self, offset, dst)
-    }
-    fn zero(&self) -> BackendResult<()> {
-        DeviceBuf::zero(self)
-    }
-}
+use crate::backend::gpu::{Arg, DeviceKernel, GemmF16, KernelDevice, LaunchShape};
 
 impl DeviceKernel for Kernel {
     type Stream = Stream;

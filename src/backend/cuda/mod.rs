@@ -4,8 +4,9 @@
 //! # Layout
 //! - `mod.rs`    — [`CudaDevice`]: context, arch, module cache; implements `ComputeDevice`.
 //! - `nvrtc.rs`  — run-time compiler, loaded with `dlopen` from any CUDA 12/13 install or wheel.
-//! - `memory.rs` — `DeviceBuf`, `PinnedBuf`, `DeviceArena` (RAII).
-//! - `stream.rs` — `Stream`, `Event` (RAII).
+//! - `driver.rs` — [`CudaDriver`]: the driver API calls behind the vendor-neutral memory,
+//!   stream and event types (`backend::driver`: `DeviceBuf`, `PinnedBuf`, `Stream`, `Event`),
+//!   and the staging ring carved from one registered huge-page region.
 //! - `module.rs` — `Module`, `Kernel`, launches.
 //! - `kernel_device.rs` — `KernelDevice` for [`CudaDevice`]: the vendor-neutral launchers
 //!   (`backend::gpu::ops`, re-exported here as `ops`) and layer pass run on it.
@@ -17,26 +18,25 @@
 //! driven by the actors' pipeline: the one engine.
 
 pub mod blas;
+pub mod driver;
 pub mod host;
 mod kernel_device;
-pub mod memory;
 pub mod module;
 pub mod nvrtc;
 pub use super::gpu::ops;
 
 /// The vendor-neutral layer pass on CUDA.
 pub type CudaLayered = crate::backend::gpu::GpuLayered<CudaDevice>;
-pub mod stream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, DriverError};
 
-pub use memory::{ArenaSlice, DeviceArena, DeviceBuf, PinnedBuf, Pod};
+pub use crate::backend::buffer::Pod;
+pub use driver::{CudaDriver, DeviceBuf, Event, PinnedBuf, Stream};
 pub use module::{Arg, Kernel, LaunchShape, Module};
 pub use nvrtc::Nvrtc;
-pub use stream::{Event, Stream};
 
 use super::compile_cache::{CacheHit, CompileKey, KernelCache, OutputKind};
 use super::error::{BackendError, BackendResult};
@@ -68,6 +68,7 @@ type ModuleKey = (String, Vec<(String, String)>);
 #[derive(Debug)]
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
+    drv: Arc<CudaDriver>,
     ordinal: usize,
     name: String,
     cc: (i32, i32),
@@ -100,6 +101,9 @@ impl CudaDevice {
             .name()
             .unwrap_or_else(|_| format!("CUDA device {ordinal}"));
         Ok(Arc::new(Self {
+            drv: Arc::new(CudaDriver {
+                ctx: Arc::clone(&ctx),
+            }),
             ctx,
             ordinal,
             name,
@@ -151,16 +155,8 @@ impl CudaDevice {
         self.module(file, &[])?.0.kernel(name)
     }
 
-    /// One allocation carved into tensors (see [`DeviceArena`]).
-    pub fn arena(&self, bytes: usize, what: &str) -> BackendResult<DeviceArena> {
-        DeviceArena::new(&self.ctx, bytes, what)
-    }
-
-    /// Allocates and fills a buffer from host data (synchronous; setup and tests).
     pub fn upload<T: Pod>(&self, data: &[T], what: &str) -> BackendResult<DeviceBuf> {
-        let b = DeviceBuf::alloc(&self.ctx, std::mem::size_of_val(data), what)?;
-        b.write(0, data)?;
-        Ok(b)
+        DeviceBuf::upload(&self.drv, data, what)
     }
 
     /// Waits for all work on every stream of this device.
@@ -315,18 +311,15 @@ impl ComputeDevice for CudaDevice {
     }
 
     fn mem_info(&self) -> BackendResult<(usize, usize)> {
-        bind(&self.ctx)?;
-        self.ctx
-            .mem_get_info()
-            .map_err(|e| drv_err("cuMemGetInfo", e))
+        crate::backend::driver::Driver::mem_info(&*self.drv)
     }
 
     fn alloc(&self, bytes: usize, what: &str) -> BackendResult<DeviceBuf> {
-        DeviceBuf::alloc(&self.ctx, bytes, what)
+        DeviceBuf::alloc(&self.drv, bytes, what)
     }
 
     fn alloc_pinned(&self, bytes: usize) -> BackendResult<PinnedBuf> {
-        PinnedBuf::alloc(&self.ctx, bytes)
+        PinnedBuf::alloc(&self.drv, bytes)
     }
 
     fn alloc_pinned_ring(
@@ -335,15 +328,15 @@ impl ComputeDevice for CudaDevice {
         bytes: usize,
         region: Option<crate::backend::host::HostRegion>,
     ) -> BackendResult<Vec<PinnedBuf>> {
-        PinnedBuf::ring(&self.ctx, n, bytes, region)
+        driver::pinned_ring(&self.drv, n, bytes, region)
     }
 
     fn new_stream(&self) -> BackendResult<Stream> {
-        Stream::new(&self.ctx)
+        Stream::new(&self.drv)
     }
 
     fn new_event(&self, timing: bool) -> BackendResult<Event> {
-        Event::new(&self.ctx, timing)
+        Event::new(&self.drv, timing)
     }
 
     unsafe fn copy_htod_async(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{result, sys, CudaContext};
 
 use super::bind;
-use super::stream::Stream;
+use super::driver::Stream;
 use crate::backend::error::{BackendError, BackendResult};
 /// Shared with HIP (`backend::gpu`); re-exported so `cuda::{Arg, LaunchShape}` keep working.
 pub use crate::backend::gpu::{Arg, LaunchShape};

@@ -208,10 +208,11 @@ impl<D: KernelDevice> GemmF16<D> for PortableGemm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::gpu::View;
+    use crate::backend::buffer::Fake;
+    use crate::backend::DeviceBuffer;
 
-    fn buf(len: usize) -> View {
-        View { ptr: 4096, len }
+    fn buf(len: usize) -> Fake {
+        Fake(4096, len)
     }
 
     #[test]
@@ -250,9 +251,9 @@ mod tests {
             ldy,
         };
         g.check().expect("exact sizes fit");
-        let short = buf(y.len - 1);
+        let short = buf(y.len_bytes() - 1);
         assert!(GemmF16Nt { y: &short, ..g }.check().is_err());
-        let short = buf(w.len - 2);
+        let short = buf(w.len_bytes() - 2);
         assert!(GemmF16Nt { w16: &short, ..g }.check().is_err());
         assert!(GemmF16Nt { n: 0, ..g }.check().is_err());
         assert!(GemmF16Nt { ldy: rows - 1, ..g }.check().is_err());

@@ -4,8 +4,7 @@
 
 use super::gemm::{GemmF16, GemmF16Nt};
 use super::ops::{AttnParams, GpuOps, KvLayout, QMatrix, RopeParams};
-use super::{view, KernelDevice, Result, View};
-use crate::backend::DeviceBuffer;
+use super::{KernelDevice, Result, View};
 use crate::model::HParams;
 
 /// Batches of at least this many tokens run their matrix products through a GEMM (dequantized
@@ -52,10 +51,10 @@ pub fn linear<D: KernelDevice>(
     st: &D::Stream,
     s: &Scratch<D::Buf>,
     g: &mut Gemm<D>,
-    w: View,
+    w: View<'_>,
     m: QMatrix,
-    x: View,
-    y: View,
+    x: View<'_>,
+    y: View<'_>,
     n: usize,
 ) -> Result<()> {
     if n >= GEMM_MIN_TOKENS {
@@ -72,7 +71,7 @@ pub fn linear<D: KernelDevice>(
             while r0 < m.nrows {
                 let rows = tile.min(m.nrows - r0);
                 dev.dequantize_f16(st, &w, m, r0, rows, &s.w16)?;
-                let yv = view(&y, r0 * 4, y.len - r0 * 4)?;
+                let yv = y.slice(r0 * 4, y.len() - r0 * 4)?;
                 let op = GemmF16Nt {
                     w16: &s.w16,
                     rows,
@@ -89,19 +88,19 @@ pub fn linear<D: KernelDevice>(
         }
     }
     for t in 0..n {
-        let xv = view(&x, t * m.ncols * 4, m.ncols * 4)?;
-        let yv = view(&y, t * m.nrows * 4, m.nrows * 4)?;
+        let xv = x.slice(t * m.ncols * 4, m.ncols * 4)?;
+        let yv = y.slice(t * m.nrows * 4, m.nrows * 4)?;
         dev.mmvq(st, &w, m, &xv, &yv)?;
     }
     Ok(())
 }
 
 /// One layer's weights as device views: q, k, v, o, gate, up, down; f32 norms; f32 biases.
-pub struct LayerViews {
-    pub mats: [(View, QMatrix); 7],
-    pub attn_norm: View,
-    pub ffn_norm: View,
-    pub bias: [Option<View>; 3],
+pub struct LayerViews<'a> {
+    pub mats: [(View<'a>, QMatrix); 7],
+    pub attn_norm: View<'a>,
+    pub ffn_norm: View<'a>,
+    pub bias: [Option<View<'a>>; 3],
 }
 
 /// What a layer pass borrows from its owner.
@@ -112,7 +111,7 @@ pub struct LayerCtx<'a, D: KernelDevice> {
     pub gemm: Gemm<'a, D>,
     pub hp: &'a HParams,
     /// The whole KV cache: `[layer][k|v]` blocks of `kv_layout.bytes()`.
-    pub kv: View,
+    pub kv: View<'a>,
     pub kv_layout: KvLayout,
     /// Position of the first of the `n` tokens in the scratch buffers.
     pub pos: usize,
@@ -120,26 +119,32 @@ pub struct LayerCtx<'a, D: KernelDevice> {
     pub freq_scale: f32,
 }
 
+/// The first `floats` f32 values of `b`.
+fn f32s<B: crate::backend::DeviceBuffer>(b: &B, floats: usize) -> Result<View<'_>> {
+    Ok(View::of(b).prefix(floats * 4)?)
+}
+
 /// Queues layer `l` on `cx.stream`: `hidden[n, d]` in the scratch buffers is updated in place;
 /// the K/V of positions `pos..pos + n` land in the cache.
-pub fn run_layer<D: KernelDevice>(cx: &mut LayerCtx<D>, l: usize, w: &LayerViews) -> Result<()> {
+pub fn run_layer<D: KernelDevice>(
+    cx: &mut LayerCtx<D>,
+    l: usize,
+    w: &LayerViews<'_>,
+) -> Result<()> {
     let (dev, st, hp, n) = (cx.dev, cx.stream, cx.hp, cx.n);
     let (d, qd, kd, vd, ff) = (hp.n_embd, hp.q_dim(), hp.k_dim(), hp.v_dim(), hp.n_ff);
-    let v = |b: &D::Buf, floats: usize| View {
-        ptr: b.device_ptr(),
-        len: floats * 4,
-    };
     let s = cx.s;
+    let v = f32s::<D::Buf>;
     let (hidden, xn, q, k, vv, attn, proj, gate, up) = (
-        v(&s.hidden, n * d),
-        v(&s.xn, n * d),
-        v(&s.q, n * qd),
-        v(&s.k, n * kd),
-        v(&s.v, n * vd),
-        v(&s.attn, n * qd),
-        v(&s.proj, n * d),
-        v(&s.gate, n * ff),
-        v(&s.up, n * ff),
+        v(&s.hidden, n * d)?,
+        v(&s.xn, n * d)?,
+        v(&s.q, n * qd)?,
+        v(&s.k, n * kd)?,
+        v(&s.v, n * vd)?,
+        v(&s.attn, n * qd)?,
+        v(&s.proj, n * d)?,
+        v(&s.gate, n * ff)?,
+        v(&s.up, n * ff)?,
     );
     dev.rmsnorm(st, &hidden, &w.attn_norm, &xn, n, d, hp.rms_eps)?;
     for (i, out) in [(0, q), (1, k), (2, vv)] {
@@ -148,7 +153,7 @@ pub fn run_layer<D: KernelDevice>(cx: &mut LayerCtx<D>, l: usize, w: &LayerViews
         if let Some(bias) = w.bias[i] {
             let width = m.nrows;
             for t in 0..n {
-                let o = view(&out, t * width * 4, width * 4)?;
+                let o = out.slice(t * width * 4, width * 4)?;
                 dev.add(st, &o, &bias, &o, width)?;
             }
         }
@@ -165,8 +170,8 @@ pub fn run_layer<D: KernelDevice>(cx: &mut LayerCtx<D>, l: usize, w: &LayerViews
     dev.rope(st, &q, &q, &s.pos, rp(hp.n_head))?;
     dev.rope(st, &k, &k, &s.pos, rp(hp.n_head_kv))?;
     let kvb = cx.kv_layout.bytes();
-    let kc = view(&cx.kv, (2 * l) * kvb, kvb)?;
-    let vc = view(&cx.kv, (2 * l + 1) * kvb, kvb)?;
+    let kc = cx.kv.slice((2 * l) * kvb, kvb)?;
+    let vc = cx.kv.slice((2 * l + 1) * kvb, kvb)?;
     dev.kv_store(st, &k, &kc, cx.kv_layout, n, cx.pos)?;
     dev.kv_store(st, &vv, &vc, cx.kv_layout, n, cx.pos)?;
     let ap = AttnParams {

@@ -10,7 +10,7 @@ use super::layer::{run_layer, Gemm, LayerCtx, LayerViews, Scratch};
 use super::ops::{GpuOps, KvLayout, QMatrix, ATTN_MAX_HEAD_DIM};
 use super::{BufferIo, GpuForwardError, KernelDevice, Result, View};
 use crate::backend::error::BackendError;
-use crate::backend::{DeviceBuffer, DeviceStream, DeviceTensor, LayerTensors, LayeredForward};
+use crate::backend::{DeviceStream, DeviceTensor, LayerTensors, LayeredForward};
 use crate::model::{HParams, Model, ModelError, RopeScaling};
 use crate::quant::GgmlType;
 
@@ -234,7 +234,7 @@ fn bad(what: String) -> GpuForwardError {
 }
 
 /// A quantized matrix of a tensor; the type must have a kernel.
-fn mat(t: &DeviceTensor, what: &str) -> Result<(View, QMatrix)> {
+fn mat<'a>(t: &DeviceTensor<'a>, what: &str) -> Result<(View<'a>, QMatrix)> {
     if crate::backend::kernels::qtype_suffix(t.ty).is_none() {
         return Err(GpuForwardError::Unsupported(format!(
             "weight type {} ({what})",
@@ -244,17 +244,17 @@ fn mat(t: &DeviceTensor, what: &str) -> Result<(View, QMatrix)> {
     let need =
         t.ty.row_bytes(t.cols as u64)
             .and_then(|rb| (rb as usize).checked_mul(t.rows));
-    if need.is_none_or(|need| need > t.len) {
+    if need.is_none_or(|need| need > t.bytes().len()) {
         return Err(bad(format!(
             "{what}: {} x {} {} needs {need:?} B, the tensor has {}",
-            t.rows, t.cols, t.ty, t.len
+            t.rows,
+            t.cols,
+            t.ty,
+            t.bytes().len()
         )));
     }
     Ok((
-        View {
-            ptr: t.ptr,
-            len: t.len,
-        },
+        t.bytes(),
         QMatrix {
             qtype: t.ty,
             nrows: t.rows,
@@ -264,17 +264,14 @@ fn mat(t: &DeviceTensor, what: &str) -> Result<(View, QMatrix)> {
 }
 
 /// An f32 vector of `n` elements (norm weights, biases).
-fn vec_f32(t: &DeviceTensor, n: usize, what: &str) -> Result<View> {
-    if t.ty != GgmlType::F32 || t.rows * t.cols != n || t.len < n * 4 {
+fn vec_f32<'a>(t: &DeviceTensor<'a>, n: usize, what: &str) -> Result<View<'a>> {
+    if t.ty != GgmlType::F32 || t.rows * t.cols != n || t.bytes().len() < n * 4 {
         return Err(GpuForwardError::Unsupported(format!(
             "{what} must be {n} F32 values (got {} x {} {})",
             t.rows, t.cols, t.ty
         )));
     }
-    Ok(View {
-        ptr: t.ptr,
-        len: n * 4,
-    })
+    Ok(t.bytes().prefix(n * 4)?)
 }
 
 impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
@@ -306,7 +303,7 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         })
     }
 
-    fn embed(&mut self, table: &DeviceTensor, tokens: &[u32], pos: usize) -> Result<()> {
+    fn embed(&mut self, table: &DeviceTensor<'_>, tokens: &[u32], pos: usize) -> Result<()> {
         let n = tokens.len();
         if n == 0 {
             return Err(ModelError::EmptyPrompt.into());
@@ -353,15 +350,19 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         Ok(())
     }
 
-    fn layer(&mut self, layer: usize, w: &LayerTensors, kv: &mut GpuKv<D>) -> Result<()> {
+    fn layer(&mut self, layer: usize, w: &LayerTensors<'_>, kv: &mut GpuKv<D>) -> Result<()> {
         if self.n == 0 {
             return Err(bad("layer before embed".into()));
         }
         let hp = &self.hp;
         let d = hp.n_embd;
-        let bias = |t: &Option<DeviceTensor>, n: usize, what: &str| {
+        fn bias<'a>(
+            t: &Option<DeviceTensor<'a>>,
+            n: usize,
+            what: &str,
+        ) -> Result<Option<View<'a>>> {
             t.as_ref().map(|t| vec_f32(t, n, what)).transpose()
-        };
+        }
         let views = LayerViews {
             mats: [
                 mat(&w.wq, "attn_q")?,
@@ -380,10 +381,7 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
                 bias(&w.bv, hp.v_dim(), "attn_v bias")?,
             ],
         };
-        let kv_view = View {
-            ptr: kv.buf.device_ptr(),
-            len: kv.buf.len_bytes(),
-        };
+        let kv_view = View::of(&kv.buf);
         let mut cx = LayerCtx {
             dev: &*self.dev,
             stream: &self.stream,
@@ -402,20 +400,14 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         run_layer(&mut cx, layer, &views)
     }
 
-    fn output(&mut self, norm: &DeviceTensor, head: &DeviceTensor) -> Result<Vec<f32>> {
+    fn output(&mut self, norm: &DeviceTensor<'_>, head: &DeviceTensor<'_>) -> Result<Vec<f32>> {
         let n = self.n;
         if n == 0 {
             return Err(bad("output before embed".into()));
         }
         let d = self.hp.n_embd;
-        let last = View {
-            ptr: self.s.hidden.device_ptr() + ((n - 1) * d * 4) as u64,
-            len: d * 4,
-        };
-        let xn0 = View {
-            ptr: self.s.xn.device_ptr(),
-            len: d * 4,
-        };
+        let last = View::of(&self.s.hidden).slice((n - 1) * d * 4, d * 4)?;
+        let xn0 = View::of(&self.s.xn).prefix(d * 4)?;
         let nw = vec_f32(norm, d, "output_norm")?;
         self.dev
             .rmsnorm(&self.stream, &last, &nw, &xn0, 1, d, self.hp.rms_eps)?;

@@ -4,7 +4,7 @@
 //! # Layout
 //! - `mod.rs`     — [`KernelDevice`] (what the launchers need from a vendor: kernel lookup
 //!   through its compile cache, an unsafe launch, synchronous buffer I/O, its GEMM library),
-//!   [`Arg`] / [`LaunchShape`], device sub-range views, [`GpuForwardError`].
+//!   [`Arg`] / [`LaunchShape`], [`GpuForwardError`] (device views: `backend::buffer`).
 //! - `ops.rs`     — typed, checked launchers for every kernel in `kernels/` ([`GpuOps`]).
 //! - `gemm.rs`    — the prefill GEMM seam ([`GemmF16`]) and the portable tiled kernel's launcher
 //!   ([`PortableGemm`], `kernels/gemm.cu`).
@@ -25,9 +25,9 @@ pub use gemm::{GemmF16, GemmF16Nt, PortableGemm};
 pub use layered::{GpuKv, GpuLayered, LayeredOptions};
 pub use ops::GpuOps;
 
-use crate::backend::cuda::Pod;
+pub use crate::backend::buffer::{view, BufferIo, View};
 use crate::backend::error::{BackendError, BackendResult};
-use crate::backend::{ComputeDevice, DeviceBuffer};
+use crate::backend::ComputeDevice;
 use crate::model::ModelError;
 
 /// One kernel argument, passed by value.
@@ -61,23 +61,6 @@ pub struct LaunchShape {
     pub grid: (u32, u32, u32),
     pub block: (u32, u32, u32),
     pub shared_bytes: u32,
-}
-
-/// Synchronous host <-> device I/O on a device buffer (setup, the step's token ids and
-/// positions, logits coming back). Not the upload path: that is the pinned ring's.
-pub trait BufferIo: DeviceBuffer {
-    /// Copies `src` to byte `offset`.
-    fn write<T: Pod>(&self, offset: usize, src: &[T]) -> BackendResult<()>;
-    /// Copies from byte `offset` into `dst`.
-    fn read<T: Pod>(&self, offset: usize, dst: &mut [T]) -> BackendResult<()>;
-    /// Sets every byte to zero.
-    fn zero(&self) -> BackendResult<()>;
-    /// Reads `n` values from the start.
-    fn to_vec<T: Pod>(&self, n: usize) -> BackendResult<Vec<T>> {
-        let mut v = vec![T::default(); n];
-        self.read(0, &mut v)?;
-        Ok(v)
-    }
 }
 
 /// An entry point of a loaded module, launchable on one vendor's streams.
@@ -114,32 +97,6 @@ pub trait KernelDevice: ComputeDevice<Buf: BufferIo> + Send + Sync + Sized + 'st
     fn vendor_gemm(&self) -> std::result::Result<Box<dyn GemmF16<Self>>, String>;
 }
 
-/// A sub-range of a device allocation (kernel argument only; the owner outlives every use).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct View {
-    pub ptr: u64,
-    pub len: usize,
-}
-
-impl View {
-    /// The whole of `b`.
-    pub fn of(b: &dyn DeviceBuffer) -> Self {
-        Self {
-            ptr: b.device_ptr(),
-            len: b.len_bytes(),
-        }
-    }
-}
-
-impl DeviceBuffer for View {
-    fn device_ptr(&self) -> u64 {
-        self.ptr
-    }
-    fn len_bytes(&self) -> usize {
-        self.len
-    }
-}
-
 /// Loads every kernel module the layer pass uses on a thread of its own (from the disk cache,
 /// or compiled when the cache is cold), so the first forward pass finds them in memory: started
 /// when the device opens, it overlaps the model's parsing and the first reads. A module that
@@ -164,21 +121,6 @@ pub fn preload_kernels<D: KernelDevice>(dev: std::sync::Arc<D>) {
     if let Err(e) = spawned {
         tracing::debug!(error = %e, "no thread to preload kernels on");
     }
-}
-
-/// Bytes `off..off + len` of `b`; a range outside it is an error.
-pub fn view(b: &dyn DeviceBuffer, off: usize, len: usize) -> Result<View> {
-    if off.checked_add(len).is_none_or(|e| e > b.len_bytes()) {
-        return Err(BackendError::InvalidArgument {
-            op: "view",
-            what: format!("{off}+{len} outside {}", b.len_bytes()),
-        }
-        .into());
-    }
-    Ok(View {
-        ptr: b.device_ptr() + off as u64,
-        len,
-    })
 }
 
 /// Errors of the GPU forward passes (the layered pass here, CUDA's direct model).
@@ -211,16 +153,5 @@ mod tests {
         assert_eq!(&s[4..], &[0; 4]);
         let s = Arg::F32(1.5).slot().to_ne_bytes();
         assert_eq!(&s[..4], &1.5f32.to_ne_bytes());
-    }
-
-    #[test]
-    fn views_stay_inside_their_buffer() {
-        let b = View { ptr: 1000, len: 64 };
-        assert_eq!(
-            view(&b, 16, 48).expect("inside"),
-            View { ptr: 1016, len: 48 }
-        );
-        assert!(view(&b, 16, 49).is_err());
-        assert!(view(&b, usize::MAX, 2).is_err());
     }
 }

@@ -13,11 +13,10 @@ use std::sync::{Arc, Mutex};
 
 use hip_runtime_sys as sys;
 
-use super::memory::{DeviceArena, DeviceBuf, PinnedBuf, PinnedRing};
+use super::driver::{DeviceBuf, Event, HipDriver, PinnedBuf, Stream};
 use super::module::{Kernel, Module};
-use super::stream::{Event, Stream};
+use crate::backend::buffer::Pod;
 use crate::backend::compile_cache::{CacheHit, KernelCache};
-use crate::backend::cuda::Pod;
 use crate::backend::error::{BackendError, BackendResult};
 use crate::backend::ComputeDevice;
 
@@ -78,6 +77,7 @@ type ModuleKey = (String, Vec<(String, String)>);
 #[derive(Debug)]
 pub struct HipDevice {
     ordinal: c_int,
+    drv: Arc<HipDriver>,
     name: String,
     /// Full target id (`gfx90a:sramecc+:xnack-`): what hipRTC compiles for.
     arch: String,
@@ -139,6 +139,7 @@ impl HipDevice {
         }
         Ok(Arc::new(Self {
             ordinal: ord,
+            drv: Arc::new(HipDriver { ordinal: ord }),
             name,
             arch,
             warp,
@@ -178,21 +179,9 @@ impl HipDevice {
         self.module(file, &[])?.0.kernel(name)
     }
 
-    /// One allocation carved into tensors (see [`DeviceArena`]).
-    pub fn arena(&self, bytes: usize, what: &str) -> BackendResult<DeviceArena> {
-        DeviceArena::new(self.ordinal, bytes, what)
-    }
-
-    /// `slots` pinned host buffers of `slot_bytes` each, with one completion event per slot.
-    pub fn pinned_ring(&self, slots: usize, slot_bytes: usize) -> BackendResult<PinnedRing> {
-        PinnedRing::new(self.ordinal, slots, slot_bytes)
-    }
-
     /// Allocates and fills a buffer from host data (synchronous; setup and tests).
     pub fn upload<T: Pod>(&self, data: &[T], what: &str) -> BackendResult<DeviceBuf> {
-        let b = DeviceBuf::alloc(self.ordinal, std::mem::size_of_val(data), what)?;
-        b.write(0, data)?;
-        Ok(b)
+        DeviceBuf::upload(&self.drv, data, what)
     }
 
     /// Waits for all work on every stream of this device.
@@ -287,23 +276,23 @@ impl ComputeDevice for HipDevice {
     }
 
     fn mem_info(&self) -> BackendResult<(usize, usize)> {
-        super::memory::mem_info(self.ordinal)
+        crate::backend::driver::Driver::mem_info(&*self.drv)
     }
 
     fn alloc(&self, bytes: usize, what: &str) -> BackendResult<DeviceBuf> {
-        DeviceBuf::alloc(self.ordinal, bytes, what)
+        DeviceBuf::alloc(&self.drv, bytes, what)
     }
 
     fn alloc_pinned(&self, bytes: usize) -> BackendResult<PinnedBuf> {
-        PinnedBuf::alloc(self.ordinal, bytes)
+        PinnedBuf::alloc(&self.drv, bytes)
     }
 
     fn new_stream(&self) -> BackendResult<Stream> {
-        Stream::new(self.ordinal)
+        Stream::new(&self.drv)
     }
 
     fn new_event(&self, timing: bool) -> BackendResult<Event> {
-        Event::new(self.ordinal, timing)
+        Event::new(&self.drv, timing)
     }
 
     unsafe fn copy_htod_async(

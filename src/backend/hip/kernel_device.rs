@@ -9,24 +9,10 @@
 //! RDNA), so host shapes and device code agree.
 
 use super::device::HipDevice;
-use super::memory::DeviceBuf;
+use super::driver::Stream;
 use super::module::Kernel;
-use super::stream::Stream;
-use crate::backend::cuda::Pod;
 use crate::backend::error::BackendResult;
-use crate::backend::gpu::{Arg, BufferIo, DeviceKernel, GemmF16, KernelDevice, LaunchShape};
-
-impl BufferIo for DeviceBuf {
-    fn write<T: Pod>(&self, offset: usize, src: &[T]) -> BackendResult<()> {
-        DeviceBuf::write(self, offset, src)
-    }
-    fn read<T: Pod>(&self, offset: usize, dst: &mut [T]) -> BackendResult<()> {
-        DeviceBuf::read(self, offset, dst)
-    }
-    fn zero(&self) -> BackendResult<()> {
-        DeviceBuf::zero(self)
-    }
-}
+use crate::backend::gpu::{Arg, DeviceKernel, GemmF16, KernelDevice, LaunchShape};
 
 impl DeviceKernel for Kernel {
     type Stream = Stream;

@@ -1,12 +1,13 @@
 //! AMD GPUs through HIP: the same kernels as CUDA (through `kernels/vendor.cuh`), the same roles
-//! (device, memory arena, pinned ring, streams, events, modules) and the same error type.
+//! (device, memory, streams, events, modules) and the same error type.
 //!
 //! # Layout
 //! - `mod.rs`    — kernel compilation for AMD (always built: hipRTC is loaded with `dlopen`, so
 //!   the compile check runs without the `hip` feature and without a GPU), arch helpers.
 //! - `hiprtc.rs` — the hipRTC loader (why hipRTC rather than `hipcc --genco`: see there).
-//! - `device.rs`, `memory.rs`, `stream.rs`, `module.rs` — the runtime on `hip-runtime-sys`,
-//!   only with the cargo feature `hip` (it links `libamdhip64`).
+//! - `device.rs`, `driver.rs`, `module.rs` — the runtime on `hip-runtime-sys`, only with the
+//!   cargo feature `hip` (it links `libamdhip64`). `driver.rs` is [`HipDriver`]: the runtime
+//!   calls behind the vendor-neutral memory, stream and event types (`backend::driver`).
 //! - `kernel_device.rs` — `KernelDevice` for [`HipDevice`]: the vendor-neutral forward pass
 //!   (`backend::gpu`: launchers, layer pass, `GpuLayered`) runs on it (feature `hip`).
 //!
@@ -18,22 +19,18 @@ pub mod hiprtc;
 #[cfg(feature = "hip")]
 mod device;
 #[cfg(feature = "hip")]
+pub mod driver;
+#[cfg(feature = "hip")]
 mod kernel_device;
 #[cfg(feature = "hip")]
-pub mod memory;
-#[cfg(feature = "hip")]
 pub mod module;
-#[cfg(feature = "hip")]
-pub mod stream;
 
 #[cfg(feature = "hip")]
 pub use device::{driver_version, HipDevice};
 #[cfg(feature = "hip")]
-pub use memory::{ArenaSlice, DeviceArena, DeviceBuf, PinnedBuf, PinnedRing};
+pub use driver::{DeviceBuf, Event, HipDriver, PinnedBuf, Stream};
 #[cfg(feature = "hip")]
 pub use module::{pack_args, Kernel, Module};
-#[cfg(feature = "hip")]
-pub use stream::{Event, Stream};
 
 /// [`crate::backend::gpu::GpuLayered`] on HIP: the pipelined runtime's compute on AMD GPUs.
 #[cfg(feature = "hip")]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use hip_runtime_sys as sys;
 
 use super::device::{bind, err_text};
-use super::stream::Stream;
+use super::driver::Stream;
 use crate::backend::error::{BackendError, BackendResult};
 pub use crate::backend::gpu::{Arg, LaunchShape};
 
