@@ -27,7 +27,7 @@ fn required() -> bool {
 }
 
 /// The loaded hipRTC, or `None` after printing why the test is skipped.
-fn hiprtc_or_skip(test: &str) -> Option<&'static HipRtc> {
+fn hiprtc_or_skip(test: &str) -> Option<HipRtc> {
     match HipRtc::get() {
         Ok(r) => Some(r),
         Err(e) => {

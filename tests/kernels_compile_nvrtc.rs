@@ -14,7 +14,7 @@ use rocmforge::quant::GgmlType;
 const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 
 /// The loaded NVRTC, or `None` after printing why the test is skipped.
-fn nvrtc_or_skip(test: &str) -> Option<&'static Nvrtc> {
+fn nvrtc_or_skip(test: &str) -> Option<Nvrtc> {
     match Nvrtc::get() {
         Ok(n) => Some(n),
         Err(e) => {

@@ -9,6 +9,8 @@
 //! - `compile_cache.rs` — compiled modules cached in memory and on disk (vendor-neutral).
 //! - `driver.rs`        — device memory, pinned memory, streams and events written once over
 //!   the [`driver::Driver`] trait: each vendor supplies only its runtime calls.
+//! - `rtc.rs`           — the run-time compiler library (NVRTC, hipRTC: one C API under two
+//!   prefixes) loaded with `dlopen`, compiling and reading output written once.
 //! - `gpu/`             — the vendor-neutral forward pass: launchers, layer pass, `GpuLayered`,
 //!   over the `KernelDevice` trait that CUDA and HIP implement.
 //! - `cuda/`            — NVIDIA through `cudarc` (dynamic loading) and NVRTC.
@@ -25,6 +27,7 @@ pub mod gpu;
 pub mod hip;
 pub mod host;
 pub mod kernels;
+pub mod rtc;
 
 use std::str::FromStr;
 use std::sync::Arc;

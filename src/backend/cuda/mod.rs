@@ -247,7 +247,7 @@ const NVRTC_STAMP: &str = "nvrtc";
 
 /// NVRTC (loaded now if it was not) and its compiler string, recording the stamp for the next
 /// start.
-fn nvrtc_stamped(cache: &KernelCache) -> BackendResult<(&'static Nvrtc, String)> {
+fn nvrtc_stamped(cache: &KernelCache) -> BackendResult<(Nvrtc, String)> {
     let nvrtc = Nvrtc::get()?;
     let (maj, min) = nvrtc.version();
     let compiler = format!("nvrtc-{maj}.{min}");

@@ -11,83 +11,61 @@
 //! 4. `nvidia/cuda_nvrtc/lib` under the Python site-packages folders (found by asking
 //!    `python3` for them, plus `$VIRTUAL_ENV`), where the PyPI wheels put it.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use crate::backend::compile_cache::OutputKind;
-use crate::backend::error::{BackendError, BackendResult};
+use crate::backend::error::BackendResult;
+use crate::backend::rtc::{define_flags, existing_in, RtcCell, RtcLib, RtcNames};
 
 /// Environment variable naming the NVRTC library file (or its directory).
 pub const NVRTC_ENV: &str = "ROCMFORGE_NVRTC_LIB";
 
-type Prog = *mut c_void;
-type NvrtcResult = c_int;
-const NVRTC_SUCCESS: NvrtcResult = 0;
+const NAMES: RtcNames = RtcNames {
+    library: "NVRTC (libnvrtc)",
+    env_var: NVRTC_ENV,
+    vendor: "NVRTC",
+    prefix: "nvrtc",
+    // Indexed by `output_index`.
+    outputs: &[("GetPTXSize", "GetPTX"), ("GetCUBINSize", "GetCUBIN")],
+    serialize: false,
+};
 
-type FnVersion = unsafe extern "C" fn(*mut c_int, *mut c_int) -> NvrtcResult;
-type FnCreate = unsafe extern "C" fn(
-    *mut Prog,
-    *const c_char,
-    *const c_char,
-    c_int,
-    *const *const c_char,
-    *const *const c_char,
-) -> NvrtcResult;
-type FnCompile = unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> NvrtcResult;
-type FnSize = unsafe extern "C" fn(Prog, *mut usize) -> NvrtcResult;
-type FnGet = unsafe extern "C" fn(Prog, *mut c_char) -> NvrtcResult;
-type FnDestroy = unsafe extern "C" fn(*mut Prog) -> NvrtcResult;
-type FnErrStr = unsafe extern "C" fn(NvrtcResult) -> *const c_char;
+const LIB_NAMES: [&str; 4] = [
+    "libnvrtc.so",
+    "libnvrtc.so.13",
+    "libnvrtc.so.12",
+    "libnvrtc.so.11.2",
+];
 
-/// The loaded library: resolved entry points, valid for the life of the process (never
-/// unloaded, so the function pointers cannot dangle).
-#[derive(Debug)]
-pub struct Nvrtc {
-    path: String,
-    major: i32,
-    minor: i32,
-    create: FnCreate,
-    compile: FnCompile,
-    ptx_size: FnSize,
-    ptx: FnGet,
-    cubin_size: FnSize,
-    cubin: FnGet,
-    log_size: FnSize,
-    log: FnGet,
-    destroy: FnDestroy,
-    err_str: FnErrStr,
+fn output_index(output: OutputKind) -> usize {
+    match output {
+        OutputKind::Ptx => 0,
+        OutputKind::Binary => 1,
+    }
+}
+
+/// The loaded Nvrtc: a handle to the process-wide library (see [`RtcLib`], which it derefs to).
+#[derive(Debug, Clone, Copy)]
+pub struct Nvrtc(&'static RtcLib);
+
+impl std::ops::Deref for Nvrtc {
+    type Target = RtcLib;
+    fn deref(&self) -> &RtcLib {
+        self.0
+    }
 }
 
 impl Nvrtc {
-    /// The process-wide NVRTC, loaded on first use. The result (including a failure) is
-    /// remembered: the search runs once.
-    pub fn get() -> BackendResult<&'static Nvrtc> {
-        static LIB: OnceLock<Result<Nvrtc, (String, String)>> = OnceLock::new();
-        match LIB.get_or_init(load) {
-            Ok(l) => Ok(l),
-            Err((reason, searched)) => Err(BackendError::CompilerNotFound {
-                library: "NVRTC (libnvrtc)",
-                env_var: NVRTC_ENV,
-                reason: reason.clone(),
-                searched: searched.clone(),
-            }),
-        }
-    }
-
-    /// File the library was loaded from (or the soname the system loader resolved).
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
-    /// (major, minor), e.g. (12, 9).
-    pub fn version(&self) -> (i32, i32) {
-        (self.major, self.minor)
+    /// The process-wide library, loaded on first use (the search runs once).
+    pub fn get() -> BackendResult<Nvrtc> {
+        static LIB: RtcCell = OnceLock::new();
+        RtcLib::get_or_load(&LIB, &NAMES, candidates).map(Nvrtc)
     }
 
     /// Compiles one translation unit. `headers` are (include name, text) pairs served to
     /// `#include "name"`; `arch` is `sm_90`-style (PTX output uses the matching `compute_90`).
-    /// A compile error returns [`BackendError::Compile`] with the full log.
+    /// A compile error returns [`crate::backend::BackendError::Compile`] with the full log.
     pub fn compile(
         &self,
         file: &str,
@@ -97,21 +75,6 @@ impl Nvrtc {
         defines: &[(String, String)],
         output: OutputKind,
     ) -> BackendResult<Vec<u8>> {
-        let cerr = |what: &str| BackendError::Compile {
-            kernel: file.to_string(),
-            arch: arch.to_string(),
-            log: format!("{what} contains a NUL byte"),
-        };
-        let src = CString::new(source).map_err(|_| cerr("source"))?;
-        let name = CString::new(file).map_err(|_| cerr("file name"))?;
-        let mut hsrc = Vec::with_capacity(headers.len());
-        let mut hname = Vec::with_capacity(headers.len());
-        for (n, t) in headers {
-            hname.push(CString::new(*n).map_err(|_| cerr("header name"))?);
-            hsrc.push(CString::new(*t).map_err(|_| cerr("header"))?);
-        }
-        let hsrc_p: Vec<*const c_char> = hsrc.iter().map(|c| c.as_ptr()).collect();
-        let hname_p: Vec<*const c_char> = hname.iter().map(|c| c.as_ptr()).collect();
         let target = match output {
             OutputKind::Ptx => arch.replace("sm_", "compute_"),
             OutputKind::Binary => arch.to_string(),
@@ -121,130 +84,23 @@ impl Nvrtc {
             // No --use_fast_math: the kernels are checked against the CPU reference.
             "--std=c++17".to_string(),
         ];
-        for (k, v) in defines {
-            opts.push(if v.is_empty() {
-                format!("-D{k}")
-            } else {
-                format!("-D{k}={v}")
-            });
-        }
-        let opts_c: Vec<CString> = opts
-            .iter()
-            .map(|o| CString::new(o.as_str()).map_err(|_| cerr("define")))
-            .collect::<BackendResult<_>>()?;
-        let opts_p: Vec<*const c_char> = opts_c.iter().map(|c| c.as_ptr()).collect();
-
-        let n_headers = c_int::try_from(headers.len()).map_err(|_| cerr("header list"))?;
-        let mut prog: Prog = std::ptr::null_mut();
-        // SAFETY: every pointer is a NUL-terminated CString (or an array of them) alive for the
-        // call; `prog` is a valid out-pointer.
-        let rc = unsafe {
-            (self.create)(
-                &mut prog,
-                src.as_ptr(),
-                name.as_ptr(),
-                n_headers,
-                hsrc_p.as_ptr(),
-                hname_p.as_ptr(),
-            )
-        };
-        self.check(rc, "nvrtcCreateProgram")?;
-        let guard = ProgGuard { lib: self, prog };
-        // SAFETY: `prog` was created above; the option strings outlive the call.
-        let rc = unsafe {
-            (self.compile)(
-                guard.prog,
-                c_int::try_from(opts_p.len()).unwrap_or(0),
-                opts_p.as_ptr(),
-            )
-        };
-        if rc != NVRTC_SUCCESS {
-            let log = self
-                .read(guard.prog, self.log_size, self.log)
-                .unwrap_or_default();
-            let log = String::from_utf8_lossy(&log)
-                .trim_end_matches('\0')
-                .to_string();
-            return Err(BackendError::Compile {
-                kernel: file.to_string(),
-                arch: arch.to_string(),
-                log: format!("{}\n{log}", self.err_string(rc)),
-            });
-        }
-        let mut out = match output {
-            OutputKind::Ptx => self.read(guard.prog, self.ptx_size, self.ptx)?,
-            OutputKind::Binary => self.read(guard.prog, self.cubin_size, self.cubin)?,
-        };
+        opts.extend(define_flags(defines));
+        let mut out = self
+            .0
+            .compile(file, source, headers, arch, &opts, output_index(output))?;
         if output == OutputKind::Ptx && out.last() != Some(&0) {
             // cuModuleLoadData needs the PTX text NUL-terminated.
             out.push(0);
         }
         Ok(out)
     }
-
-    fn read(&self, prog: Prog, size: FnSize, get: FnGet) -> BackendResult<Vec<u8>> {
-        let mut n = 0usize;
-        // SAFETY: `prog` is a live program, `n` a valid out-pointer.
-        self.check(unsafe { size(prog, &mut n) }, "nvrtcGet*Size")?;
-        let mut buf = vec![0u8; n];
-        // SAFETY: `buf` has exactly the size NVRTC reported for this output.
-        self.check(unsafe { get(prog, buf.as_mut_ptr().cast()) }, "nvrtcGet*")?;
-        Ok(buf)
-    }
-
-    fn err_string(&self, rc: NvrtcResult) -> String {
-        // SAFETY: nvrtcGetErrorString returns a static string for any code (or NULL).
-        let p = unsafe { (self.err_str)(rc) };
-        if p.is_null() {
-            return format!("NVRTC error {rc}");
-        }
-        // SAFETY: non-null pointers from nvrtcGetErrorString are static NUL-terminated strings.
-        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-    }
-
-    fn check(&self, rc: NvrtcResult, op: &'static str) -> BackendResult<()> {
-        if rc == NVRTC_SUCCESS {
-            Ok(())
-        } else {
-            Err(BackendError::Driver {
-                backend: "NVRTC",
-                op,
-                reason: self.err_string(rc),
-            })
-        }
-    }
-}
-
-/// Destroys the program on every exit path.
-struct ProgGuard<'a> {
-    lib: &'a Nvrtc,
-    prog: Prog,
-}
-
-impl Drop for ProgGuard<'_> {
-    fn drop(&mut self) {
-        // SAFETY: `prog` came from nvrtcCreateProgram and is destroyed exactly once, here.
-        unsafe {
-            (self.lib.destroy)(&mut self.prog);
-        }
-    }
 }
 
 /// Candidate library paths/names, in search order.
 pub fn candidates() -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    let push_dir = |out: &mut Vec<String>, d: &Path| {
-        for n in [
-            "libnvrtc.so",
-            "libnvrtc.so.13",
-            "libnvrtc.so.12",
-            "libnvrtc.so.11.2",
-        ] {
-            let p = d.join(n);
-            if p.exists() {
-                out.push(p.display().to_string());
-            }
-        }
+    let push_dir = |out: &mut Vec<String>, d: &std::path::Path| {
+        out.extend(existing_in(d, &LIB_NAMES));
     };
     if let Some(v) = std::env::var_os(NVRTC_ENV).filter(|v| !v.is_empty()) {
         let p = PathBuf::from(v);
@@ -254,14 +110,7 @@ pub fn candidates() -> Vec<String> {
             out.push(p.display().to_string());
         }
     }
-    for n in [
-        "libnvrtc.so",
-        "libnvrtc.so.13",
-        "libnvrtc.so.12",
-        "libnvrtc.so.11.2",
-    ] {
-        out.push(n.to_string());
-    }
+    out.extend(LIB_NAMES.iter().map(|n| n.to_string()));
     let mut dirs: Vec<PathBuf> = Vec::new();
     for var in ["CUDA_PATH", "CUDA_HOME", "CUDA_ROOT"] {
         if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
@@ -315,79 +164,4 @@ fn site_packages() -> Vec<PathBuf> {
         }
     }
     v
-}
-
-fn load() -> Result<Nvrtc, (String, String)> {
-    let cands = candidates();
-    let mut last = String::from("no candidate found");
-    for c in &cands {
-        match open(c) {
-            Ok(lib) => return Ok(lib),
-            Err(e) => last = e,
-        }
-    }
-    Err((last, cands.join(", ")))
-}
-
-fn open(name: &str) -> Result<Nvrtc, String> {
-    let c = CString::new(name).map_err(|_| format!("{name}: NUL in path"))?;
-    // SAFETY: dlopen with a NUL-terminated name; RTLD_NOW resolves everything up front so a
-    // broken library fails here, not at a later call. The handle is never closed (see Nvrtc).
-    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-    if h.is_null() {
-        return Err(dl_error(name));
-    }
-    let sym = |s: &str| -> Result<*mut c_void, String> {
-        let cs = CString::new(s).map_err(|_| s.to_string())?;
-        // SAFETY: `h` is a live handle from dlopen and `cs` NUL-terminated.
-        let p = unsafe { libc::dlsym(h, cs.as_ptr()) };
-        if p.is_null() {
-            Err(format!("{name}: symbol {s} missing"))
-        } else {
-            Ok(p)
-        }
-    };
-    // SAFETY (all transmutes below): each symbol is the NVRTC C function of that name, whose
-    // signature the matching Fn* type spells out from nvrtc.h; function and data pointers have
-    // the same size on every platform NVRTC exists for.
-    let lib = unsafe {
-        Nvrtc {
-            path: name.to_string(),
-            major: 0,
-            minor: 0,
-            create: std::mem::transmute::<*mut c_void, FnCreate>(sym("nvrtcCreateProgram")?),
-            compile: std::mem::transmute::<*mut c_void, FnCompile>(sym("nvrtcCompileProgram")?),
-            ptx_size: std::mem::transmute::<*mut c_void, FnSize>(sym("nvrtcGetPTXSize")?),
-            ptx: std::mem::transmute::<*mut c_void, FnGet>(sym("nvrtcGetPTX")?),
-            cubin_size: std::mem::transmute::<*mut c_void, FnSize>(sym("nvrtcGetCUBINSize")?),
-            cubin: std::mem::transmute::<*mut c_void, FnGet>(sym("nvrtcGetCUBIN")?),
-            log_size: std::mem::transmute::<*mut c_void, FnSize>(sym("nvrtcGetProgramLogSize")?),
-            log: std::mem::transmute::<*mut c_void, FnGet>(sym("nvrtcGetProgramLog")?),
-            destroy: std::mem::transmute::<*mut c_void, FnDestroy>(sym("nvrtcDestroyProgram")?),
-            err_str: std::mem::transmute::<*mut c_void, FnErrStr>(sym("nvrtcGetErrorString")?),
-        }
-    };
-    // SAFETY: as above, nvrtcVersion(int*, int*).
-    let version = unsafe { std::mem::transmute::<*mut c_void, FnVersion>(sym("nvrtcVersion")?) };
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: two valid out-pointers.
-    if unsafe { version(&mut major, &mut minor) } != NVRTC_SUCCESS {
-        return Err(format!("{name}: nvrtcVersion failed"));
-    }
-    Ok(Nvrtc {
-        major,
-        minor,
-        ..lib
-    })
-}
-
-fn dl_error(name: &str) -> String {
-    // SAFETY: dlerror returns NULL or a NUL-terminated thread-local string.
-    let p = unsafe { libc::dlerror() };
-    if p.is_null() {
-        format!("{name}: dlopen failed")
-    } else {
-        // SAFETY: non-null dlerror result, read before any other dl* call on this thread.
-        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-    }
 }

@@ -6,7 +6,7 @@
 //!   the compile check runs without the `hip` feature and without a GPU), arch helpers.
 //! - `hiprtc.rs` — the hipRTC loader (why hipRTC rather than `hipcc --genco`: see there).
 //! - `device.rs`, `driver.rs`, `module.rs` — the runtime on `hip-runtime-sys`, only with the
-//!   cargo feature `hip` (it links `libamdhip64`). `driver.rs` is [`HipDriver`]: the runtime
+//!   cargo feature `hip` (it links `libamdhip64`). `driver.rs` is `HipDriver`: the runtime
 //!   calls behind the vendor-neutral memory, stream and event types (`backend::driver`).
 //! - `kernel_device.rs` — `KernelDevice` for [`HipDevice`]: the vendor-neutral forward pass
 //!   (`backend::gpu`: launchers, layer pass, `GpuLayered`) runs on it (feature `hip`).
