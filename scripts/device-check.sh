@@ -102,7 +102,7 @@ for t in "${tests[@]}"; do
     run_one "$t" "$t" || rc=1
 done
 # The kernel suite again, now from the disk cache the first run filled.
-run_one cuda_kernels-warm-cache cuda_kernels || rc=1
+run_one gpu_kernels-warm-cache gpu_kernels || rc=1
 
 {
     printf '%-28s %6s %6s %7s  %s\n' executable passed failed ignored verdict

@@ -1,7 +1,9 @@
-//! Every CUDA kernel against the CPU reference on random non-zero inputs, on the device.
-//! Prints one table row per (kernel, type): relative error, tolerance, verdict; fails if any
-//! row is over its tolerance. Needs a CUDA device: ignored unless the `gpu-tests` feature is on,
-//! and failing without a device when it is (tests/common/gpu.rs).
+//! Every kernel in `kernels/` against the CPU reference on random non-zero inputs, through the
+//! vendor-neutral launchers (`GpuOps` on any `KernelDevice`), so one body runs on CUDA and on
+//! HIP (`backend_test!`: `gpu_kernels_match_cpu_reference::cuda` and, with the `hip` feature,
+//! `::hip`). Prints one table row per (kernel, type): relative error, tolerance, verdict; fails
+//! if any row is over its tolerance. Ignored unless the `gpu-tests` feature is on, and failing
+//! without a device when it is (tests/common/gpu.rs).
 //!
 //! Error measure: max |gpu - ref| / max |ref| over the output (0 for integer outputs, which
 //! must match exactly). References: `rocmforge::quant::dequantize_ref` / `matvec_exact`
@@ -13,12 +15,12 @@ mod common;
 use half::f16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rocmforge::backend::cuda::{CudaDevice, DeviceBuf, Stream};
 use rocmforge::backend::gpu::ops::{
     AttnParams, GpuOps, KvLayout, QMatrix, RopeParams, SampleParams,
 };
+use rocmforge::backend::gpu::KernelDevice;
 use rocmforge::backend::kernels::{DEVICE_BLOCKS, DEVICE_QTYPES};
-use rocmforge::backend::{BackendError, BufferIo, ComputeDevice, DeviceEvent, DeviceStream};
+use rocmforge::backend::{BackendError, BufferIo, DeviceEvent, DeviceStream, PinnedHost, Pod};
 use rocmforge::quant::{dequantize_ref, matvec_exact, GgmlType};
 
 struct Row {
@@ -140,18 +142,25 @@ fn rand_vec(rng: &mut ChaCha8Rng, n: usize, amp: f32) -> Vec<f32> {
         .collect()
 }
 
-fn up(d: &CudaDevice, v: &[f32]) -> DeviceBuf {
-    d.upload(v, "test input").expect("upload")
+/// A device buffer holding `data` (synchronous write).
+fn upload<D: KernelDevice, T: Pod>(d: &D, data: &[T], what: &str) -> Result<D::Buf, BackendError> {
+    let b = d.alloc(std::mem::size_of_val(data), what)?;
+    b.write(0, data)?;
+    Ok(b)
 }
 
-fn check_weights(d: &CudaDevice, s: &Stream, t: &mut Table, rng: &mut ChaCha8Rng) {
+fn up<D: KernelDevice>(d: &D, v: &[f32]) -> D::Buf {
+    upload(d, v, "test input").expect("upload")
+}
+
+fn check_weights<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut ChaCha8Rng) {
     // 67 rows: not a multiple of the 4 rows per block; 512 columns: 2 super-blocks.
     let (rows, cols) = (67usize, 512usize);
     for qt in DEVICE_QTYPES {
         let w = random_weights(qt, rows, cols, rng);
         let mut deq = vec![0f32; rows * cols];
         dequantize_ref(qt, &w, &mut deq).expect("reference dequant");
-        let wd = d.upload(&w, "weights").expect("upload w");
+        let wd = upload(d, &w, "weights").expect("upload w");
         let m = QMatrix {
             qtype: qt,
             nrows: rows,
@@ -175,9 +184,9 @@ fn check_weights(d: &CudaDevice, s: &Stream, t: &mut Table, rng: &mut ChaCha8Rng
 
         // get_rows: repeated ids, first and last row.
         let ids: Vec<i32> = vec![0, 66, 5, 5, 31, 12];
-        let idd = d.upload(&ids, "ids").expect("ids");
+        let idd = upload(d, &ids, "ids").expect("ids");
         let out = d.alloc(ids.len() * cols * 4, "rows").expect("alloc");
-        let status = d.upload(&[0i32], "status").expect("status");
+        let status = upload(d, &[0i32], "status").expect("status");
         d.get_rows(s, &wd, m, &idd, ids.len(), &out, &status)
             .expect("get_rows");
         s.synchronize().expect("sync");
@@ -220,10 +229,10 @@ fn check_weights(d: &CudaDevice, s: &Stream, t: &mut Table, rng: &mut ChaCha8Rng
     }
     // An out-of-range id is reported, not read.
     let w = random_weights(GgmlType::Q8_0, 4, 64, rng);
-    let wd = d.upload(&w, "w").expect("w");
-    let idd = d.upload(&[1i32, 4], "ids").expect("ids");
+    let wd = upload(d, &w, "w").expect("w");
+    let idd = upload(d, &[1i32, 4], "ids").expect("ids");
     let out = d.alloc(2 * 64 * 4, "o").expect("o");
-    let status = d.upload(&[0i32], "status").expect("status");
+    let status = upload(d, &[0i32], "status").expect("status");
     d.get_rows(
         s,
         &wd,
@@ -271,7 +280,7 @@ fn rope_ref(x: &[f32], pos: &[i32], r: RopeParams) -> Vec<f32> {
     out
 }
 
-fn check_float_ops(d: &CudaDevice, s: &Stream, t: &mut Table, rng: &mut ChaCha8Rng) {
+fn check_float_ops<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut ChaCha8Rng) {
     // rmsnorm: 5 rows of 576 (SmolLM2 width).
     let (nr, nc, eps) = (5usize, 576usize, 1e-5f32);
     let x = rand_vec(rng, nr * nc, 2.0);
@@ -322,7 +331,7 @@ fn check_float_ops(d: &CudaDevice, s: &Stream, t: &mut Table, rng: &mut ChaCha8R
         let want = rope_ref(&x, &pos, r);
         let (xd, pd, od) = (
             up(d, &x),
-            d.upload(&pos, "pos").expect("pos"),
+            upload(d, &pos, "pos").expect("pos"),
             d.alloc(n * 4, "o").expect("alloc"),
         );
         d.rope(s, &xd, &od, &pd, r).expect("rope");
@@ -365,7 +374,7 @@ fn check_float_ops(d: &CudaDevice, s: &Stream, t: &mut Table, rng: &mut ChaCha8R
 }
 
 /// Attention over a cache filled through kv_store, vs an f64 reference on the same f16 values.
-fn check_attention(d: &CudaDevice, s: &Stream, t: &mut Table, rng: &mut ChaCha8Rng) {
+fn check_attention<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut ChaCha8Rng) {
     let kv = KvLayout {
         n_kv_heads: 2,
         head_dim: 64,
@@ -542,7 +551,7 @@ fn sample_ref(logits: &[f32], sp: SampleParams) -> (i32, f64) {
     (idx[keep - 1] as i32, margin)
 }
 
-fn check_sampling(d: &CudaDevice, s: &Stream, t: &mut Table, rng: &mut ChaCha8Rng) {
+fn check_sampling<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut ChaCha8Rng) {
     let n = 49_152usize; // SmolLM2 vocabulary
     let mut logits = rand_vec(rng, n, 8.0);
     logits[31_337] = 12.5; // a clear maximum away from index 0
@@ -598,15 +607,13 @@ fn check_sampling(d: &CudaDevice, s: &Stream, t: &mut Table, rng: &mut ChaCha8Rn
     );
 }
 
-fn check_memory_and_events(d: &CudaDevice, s: &Stream, t: &mut Table) {
+fn check_memory_and_events<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table) {
     // Recoverable OOM: an impossible allocation is an error and the device keeps working.
     let (free, total) = d.mem_info().expect("mem info");
     println!("device memory: {free} free of {total}");
     let oom = d.alloc(total.saturating_mul(4), "impossible");
     let oom_ok = matches!(oom, Err(BackendError::OutOfMemory { .. }));
-    let after = d
-        .upload(&[1.0f32, 2.0], "after oom")
-        .and_then(|b| b.to_vec::<f32>(2));
+    let after = upload(d, &[1.0f32, 2.0], "after oom").and_then(|b| b.to_vec::<f32>(2));
     t.add(
         "OOM is an error, recoverable",
         "-",
@@ -620,7 +627,7 @@ fn check_memory_and_events(d: &CudaDevice, s: &Stream, t: &mut Table) {
 
     // Pinned ring slot -> device on a copy stream; compute stream waits on the event.
     let mut pinned = d.alloc_pinned(1 << 20).expect("pinned");
-    for (i, b) in pinned.as_mut_slice().iter_mut().enumerate() {
+    for (i, b) in pinned.host_bytes_mut().iter_mut().enumerate() {
         *b = (i % 251) as u8;
     }
     let copy = d.new_stream().expect("stream");
@@ -631,7 +638,7 @@ fn check_memory_and_events(d: &CudaDevice, s: &Stream, t: &mut Table) {
     );
     copy.record(&e0).expect("record");
     // SAFETY: `pinned` and `dst` outlive the copy: e1 is synchronised below before either drops.
-    unsafe { copy.copy_htod_async(&dst, 0, &pinned, 0, 1 << 20) }.expect("copy");
+    unsafe { d.copy_htod_async(&copy, &dst, 0, &pinned, 0, 1 << 20) }.expect("copy");
     copy.record(&e1).expect("record");
     s.wait(&e1).expect("wait");
     s.synchronize().expect("sync");
@@ -642,7 +649,7 @@ fn check_memory_and_events(d: &CudaDevice, s: &Stream, t: &mut Table) {
     t.add(
         "pinned H2D + event wait",
         "-",
-        if done && back == pinned.as_slice() {
+        if done && back == pinned.host_bytes() {
             0.0
         } else {
             1.0
@@ -653,7 +660,7 @@ fn check_memory_and_events(d: &CudaDevice, s: &Stream, t: &mut Table) {
 
 /// Informational only (printed, never asserted): effective weight bandwidth of mmvq on an
 /// 8B-shape FFN matrix [14336, 4096], median of 20 timed launches after a warm-up.
-fn print_mmvq_bandwidth(d: &CudaDevice, s: &Stream, rng: &mut ChaCha8Rng) {
+fn print_mmvq_bandwidth<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8Rng) {
     let (rows, cols) = (14_336usize, 4096usize);
     for qt in [
         GgmlType::Q4_0,
@@ -663,7 +670,7 @@ fn print_mmvq_bandwidth(d: &CudaDevice, s: &Stream, rng: &mut ChaCha8Rng) {
         GgmlType::F16,
     ] {
         let w = random_weights(qt, rows, cols, rng);
-        let wd = d.upload(&w, "bench w").expect("upload");
+        let wd = upload(d, &w, "bench w").expect("upload");
         let xd = up(d, &rand_vec(rng, cols, 1.0));
         let yd = d.alloc(rows * 4, "y").expect("alloc");
         let m = QMatrix {
@@ -695,11 +702,13 @@ fn print_mmvq_bandwidth(d: &CudaDevice, s: &Stream, rng: &mut ChaCha8Rng) {
     }
 }
 
-gpu_test!(cuda: fn cuda_kernels_match_cpu_reference() {
-    check_every_kernel(&*require_device!(cuda));
-});
+backend_test! {
+    fn gpu_kernels_match_cpu_reference(dev: &impl KernelDevice) {
+        check_every_kernel(dev);
+    }
+}
 
-fn check_every_kernel(d: &CudaDevice) {
+fn check_every_kernel<D: KernelDevice>(d: &D) {
     println!("device: {}", d.describe());
     let s = d.new_stream().expect("stream");
     let mut t = Table::default();
@@ -720,8 +729,10 @@ fn check_every_kernel(d: &CudaDevice) {
         );
     }
     let t0 = std::time::Instant::now();
-    for (file, _) in rocmforge::backend::kernels::entry_points() {
-        d.module(file, &[]).expect("module");
+    for (file, names) in rocmforge::backend::kernels::entry_points() {
+        for name in names {
+            d.kernel(file, &name).expect("kernel");
+        }
     }
     println!(
         "all modules ready in {:.3} s (compile or cache)",
