@@ -1,12 +1,13 @@
-//! The runtime's GPU forward pass against the exact CPU on the same model, through the one
-//! engine (`Runtime::builder().device(Cuda)`, what `run --backend cuda` uses): on the SmolLM2
+//! The runtime's forward pass on each backend against the exact CPU on the same model, through
+//! the one engine (`Runtime::builder().device(kind)`, what `run --backend` uses; one instance per
+//! GPU vendor, `hip` with the `hip` feature): on the SmolLM2
 //! reference prompts, 32 greedy tokens (the synthetic 1B: up to the oracle's first near-tie),
 //! the top-20 log-probabilities of every step where both sides agree within a bound, the same
 //! tokens and bits with a 40% weight budget (streamed layers), and bit-equal repeats.
 //! Models: `ROCMFORGE_TEST_MODEL` (SmolLM2) and `ROCMFORGE_SYNTH_MODEL` (a synthetic 1B, made
-//! with `rocmforge synth --preset 1b`; scripts/device-check.sh makes one). Needs a CUDA device:
-//! ignored unless the `gpu-tests` feature is on, failing without a device when it is
-//! (tests/common/gpu.rs). It replaces the direct CUDA loader's `tests/cuda_forward.rs`.
+//! with `rocmforge synth --preset 1b`; scripts/device-check.sh makes one).
+//! They are ignored unless the `gpu-tests` feature is on, failing without a device
+//! when it is (tests/common/gpu.rs). It replaces the direct CUDA loader's `tests/cuda_forward.rs`.
 
 #[macro_use]
 #[path = "../../tests/common/gpu.rs"]
@@ -135,7 +136,7 @@ fn logprob_err(gpu: &TokenLogprobs, cpu: &TokenLogprobs, scale: f32) -> f32 {
     worst / scale
 }
 
-fn check_model(path: &Path, label: &str, require_all_steps: bool) {
+fn check_model(kind: BackendKind, path: &Path, label: &str, require_all_steps: bool) {
     let model = Model::open(path).expect("model");
     let cases: Vec<Case> = serde_json::from_slice(
         &std::fs::read(data_dir().join("smollm2-logits/cases.json")).expect("cases"),
@@ -143,15 +144,15 @@ fn check_model(path: &Path, label: &str, require_all_steps: bool) {
     .expect("cases.json");
     let full = Runtime::builder()
         .model(path)
-        .device(BackendKind::Cuda)
+        .device(kind)
         .build()
-        .expect("runtime on CUDA");
+        .expect("runtime");
     let streamed = Runtime::builder()
         .model(path)
-        .device(BackendKind::Cuda)
+        .device(kind)
         .memory_budget(MemoryBudget::FractionOfWeights(0.4))
         .build()
-        .expect("runtime on CUDA at a 40% budget");
+        .expect("runtime at a 40% budget");
     println!("| model | case | prompt tokens | worst logprob err / max|logit| | greedy equal (of {STEPS}) | decisive steps | 40% budget bit-equal | GPU repeat bit-equal |");
     let mut worst = 0f32;
     for c in &cases {
@@ -207,16 +208,32 @@ fn check_model(path: &Path, label: &str, require_all_steps: bool) {
     );
 }
 
+// No CPU instance: the runtime's CPU path runs the fast precision (quantized activations), whose
+// distance to the exact oracle is another question (tests/model_golden.rs, one_engine.rs).
 gpu_test!(cuda: fn smollm2_runtime_cuda_matches_cpu() {
     drop(require_device!(cuda));
-    check_model(&smollm2(), "SmolLM2-135M Q4_1", true);
+    check_model(BackendKind::Cuda, &smollm2(), "SmolLM2-135M Q4_1", true);
 });
 
-gpu_test!(cuda: fn synth_runtime_cuda_matches_cpu() {
-    drop(require_device!(cuda));
+gpu_test!(hip: fn smollm2_runtime_hip_matches_cpu() {
+    drop(require_device!(hip));
+    check_model(BackendKind::Hip, &smollm2(), "SmolLM2-135M Q4_1", true);
+});
+
+fn synth(kind: BackendKind) {
     let path = std::env::var_os("ROCMFORGE_SYNTH_MODEL").expect(
         "ROCMFORGE_SYNTH_MODEL is not set: point it at `rocmforge synth --preset 1b --qtype q4_0` \
          output (scripts/device-check.sh makes one)",
     );
-    check_model(Path::new(&path), "synth 1B Q4_0", false);
+    check_model(kind, Path::new(&path), "synth 1B Q4_0", false);
+}
+
+gpu_test!(cuda: fn synth_runtime_cuda_matches_cpu() {
+    drop(require_device!(cuda));
+    synth(BackendKind::Cuda);
+});
+
+gpu_test!(hip: fn synth_runtime_hip_matches_cpu() {
+    drop(require_device!(hip));
+    synth(BackendKind::Hip);
 });
