@@ -3,7 +3,9 @@
 //! Llama with Llama 3 RoPE scaling (`rope_freqs`) and an untied head, Qwen2 with QKV biases,
 //! Qwen3 with QK-norm and a head width other than d / n_head, Gemma 3 with QK-norm, post-norms,
 //! GeGLU, the embedding scale, sliding-window layers (window 8 over 24 positions) with their
-//! own RoPE base and final logit soft-capping.
+//! own RoPE base and final logit soft-capping; Mistral with a sliding window of 8 on every
+//! layer; Phi-3 with fused QKV and gate/up tensors and half of each head rotated; Qwen3-MoE
+//! with 4 experts, top-2, renormalised router weights and QK-norm.
 //!
 //! Every position's logits are compared, decoding one token at a time over the KV cache, and
 //! the last position again after a whole-prompt prefill.
@@ -86,9 +88,10 @@ const EXACT_BOUND: f32 = 1e-4;
 /// Fast precision keeps an f16 KV cache (f32 weights: products stay f32).
 const FAST_F32_BOUND: f32 = 5e-3;
 /// Fast precision with Q8_0 weights also quantizes activations to Q8 (as ggml does); random
-/// weights amplify that rounding (measured 3.5e-2 to 3.9e-2 on these models), while a structural
-/// mistake (a wrong norm, RoPE base or mask) moves logits by their own scale.
-const FAST_Q8_BOUND: f32 = 6e-2;
+/// weights amplify that rounding (measured 3.5e-2 to 6.1e-2 on these models, phi3 the largest:
+/// its f32 fast error, from the f16 KV cache alone, is the largest too), while a structural
+/// mistake (a wrong norm, RoPE base, mask or expert choice) moves logits by their own scale.
+const FAST_Q8_BOUND: f32 = 8e-2;
 
 #[test]
 fn every_family_matches_transformers() {
@@ -114,7 +117,7 @@ fn every_family_matches_transformers() {
     }
     assert_eq!(
         meta.families.keys().collect::<Vec<_>>(),
-        ["gemma3", "llama", "qwen2", "qwen3"]
+        ["gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3", "qwen3moe"]
     );
     assert!(failures.is_empty(), "{failures:#?}");
 }
