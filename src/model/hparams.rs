@@ -610,11 +610,19 @@ mod tests {
         let h = HParams::try_from(&m).unwrap();
         let moe = h.moe.unwrap();
         assert_eq!(
-            (moe.n_expert, moe.n_expert_used, moe.n_ff_exp, moe.norm_top_k),
+            (
+                moe.n_expert,
+                moe.n_expert_used,
+                moe.n_ff_exp,
+                moe.norm_top_k
+            ),
             (4, 2, 32, true)
         );
         assert!(h.arch.has_qk_norm() && h.arch.is_moe());
-        assert!(h.beyond_llama_graph().unwrap().contains("mixture of experts"));
+        assert!(h
+            .beyond_llama_graph()
+            .unwrap()
+            .contains("mixture of experts"));
         // Experts in a llama file (Mixtral): refused by name, not run as a dense model.
         let mut m = md("llama");
         m.insert("llama.expert_count", Value::U32(8));

@@ -146,7 +146,12 @@ fn run(
     for e in 0..ne {
         s.tokens.clear();
         s.token_w.clear();
-        for (i, (c, wt)) in s.chosen.chunks_exact(k).zip(s.weights.chunks_exact(k)).enumerate() {
+        for (i, (c, wt)) in s
+            .chosen
+            .chunks_exact(k)
+            .zip(s.weights.chunks_exact(k))
+            .enumerate()
+        {
             if let Some(slot) = c.iter().position(|&x| x == e) {
                 s.tokens.push(i);
                 s.token_w.push(wt[slot]);
@@ -214,7 +219,10 @@ mod tests {
         route(&mut l, true, &mut c, &mut w);
         // Experts 1 and 3 tie: both chosen, the lower index first, half the weight each.
         assert_eq!(c, [1, 3]);
-        assert!((w[0] - 0.5).abs() < 1e-6 && (w[1] - 0.5).abs() < 1e-6, "{w:?}");
+        assert!(
+            (w[0] - 0.5).abs() < 1e-6 && (w[1] - 0.5).abs() < 1e-6,
+            "{w:?}"
+        );
         let mut l = [0.0f32, 2.0, 1.0, 3.0];
         route(&mut l, false, &mut c, &mut w);
         assert_eq!(c, [3, 1]);
@@ -244,7 +252,12 @@ mod tests {
                 data,
             }
         }
-        let (r, g, u, dn) = (view(&router, 2), view(&gate, 2), view(&up, 2), view(&down, 2));
+        let (r, g, u, dn) = (
+            view(&router, 2),
+            view(&gate, 2),
+            view(&up, 2),
+            view(&down, 2),
+        );
         let w = MoeWeights {
             router: &r,
             gate: &g,
