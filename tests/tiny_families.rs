@@ -12,7 +12,9 @@
 
 mod common;
 
-use rocmforge::model::{Model, Precision, SequenceConfig};
+use rocmforge::gguf::{write_to_vec, GgufFile, Metadata, TensorSpec, Value};
+use rocmforge::model::{Model, ModelError, Precision, SequenceConfig};
+use rocmforge::quant::GgmlType;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -120,4 +122,69 @@ fn every_family_matches_transformers() {
         ["gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3", "qwen3moe"]
     );
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The tiny `family` file rebuilt with `edit` applied to its tensor list and metadata.
+fn rebuilt(
+    family: &str,
+    edit: impl FnOnce(&mut Vec<(TensorSpec, Vec<u8>)>, &mut Metadata),
+) -> Result<Model, ModelError> {
+    let f = GgufFile::open(dir().join(format!("{family}.f32.gguf"))).unwrap();
+    let mut md = f.metadata().clone();
+    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = f
+        .tensors()
+        .iter()
+        .map(|t| {
+            let spec = TensorSpec {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                ggml_type: t.ggml_type,
+            };
+            (spec, f.tensor_data(t).to_vec())
+        })
+        .collect();
+    edit(&mut tensors, &mut md);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    std::fs::write(&path, write_to_vec(&md, &tensors).unwrap()).unwrap();
+    Model::open(&path)
+}
+
+fn without(name: &'static str) -> impl FnOnce(&mut Vec<(TensorSpec, Vec<u8>)>, &mut Metadata) {
+    move |t, _| t.retain(|(s, _)| s.name != name)
+}
+
+/// What a family file lacks, or holds that is not computed, is an error naming it.
+#[test]
+fn missing_tensors_and_unsupported_variants_are_named() {
+    let err = |r: Result<Model, ModelError>| r.map(|_| ()).unwrap_err().to_string();
+    // The rebuild itself is faithful: unchanged, it loads.
+    rebuilt("phi3", |_, _| {}).unwrap();
+    rebuilt("qwen3moe", |_, _| {}).unwrap();
+    let e = err(rebuilt("phi3", without("blk.1.attn_qkv.weight")));
+    assert_eq!(e, "missing tensor blk.1.attn_qkv.weight");
+    let e = err(rebuilt("qwen3moe", without("blk.0.ffn_down_exps.weight")));
+    assert_eq!(e, "missing tensor blk.0.ffn_down_exps.weight");
+    let e = err(rebuilt("qwen3moe", without("blk.1.ffn_gate_inp.weight")));
+    assert_eq!(e, "missing tensor blk.1.ffn_gate_inp.weight");
+    // A wrong expert count is a shape error on the expert tensors.
+    let e = err(rebuilt("qwen3moe", |_, md| {
+        md.insert("qwen3moe.expert_count", Value::U32(8));
+    }));
+    assert!(e.contains("ffn_gate_exps") && e.contains("[64, 32, 8]"), "{e}");
+    // Phi-3 LongRoPE (the 128k models): refused by name, not run with plain RoPE.
+    let e = err(rebuilt("phi3", |t, _| {
+        let spec = TensorSpec {
+            name: "rope_factors_long.weight".into(),
+            shape: vec![4],
+            ggml_type: GgmlType::F32,
+        };
+        t.push((spec, vec![0u8; 16]));
+    }));
+    assert!(e.contains("LongRoPE") && e.contains("rope_factors_long"), "{e}");
+    // Another architecture: refused with the list of supported ones.
+    let e = err(rebuilt("phi3", |_, md| {
+        md.insert("general.architecture", Value::String("phimoe".into()));
+    }));
+    assert!(e.contains("\"phimoe\"") && e.contains("phi3, qwen3moe"), "{e}");
 }
