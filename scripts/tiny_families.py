@@ -6,8 +6,8 @@ tests/data/tiny-families/README.md for the versions used).
 For each family: a transformers model with small widths and the family's options switched on
 (Llama 3 RoPE scaling and an untied head; Qwen2 QKV biases; Qwen3 QK-norm; Gemma 3 QK-norm,
 post-norms, GeGLU, sliding-window layers with their own RoPE base, final logit soft-capping;
-Phi-3 fused QKV and gate/up, partial rotary; Mistral's sliding window; Qwen3-MoE with 4
-experts, top-2),
+Phi-3 fused QKV and gate/up, partial rotary; Mistral's sliding window; Qwen3-MoE and Mixtral
+with 4 experts, top-2),
 every weight drawn at random (biases and norm weights too, so they matter), saved, converted with
 llama.cpp's convert_hf_to_gguf.py to F32 and Q8_0, and run by transformers in float32 on a fixed
 sequence of random token ids. The logits of every position are saved, once with the f32
@@ -124,6 +124,16 @@ def families():
             tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         ),
+        # The converter writes Mixtral as a `llama` file with experts (expert_count and the
+        # ffn_*_exps tensors); it always renormalises the top-k weights, as llama.cpp does.
+        "mixtral": transformers.MixtralConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
     }
 
 
@@ -206,6 +216,13 @@ def convert(llama_cpp: Path, model_dir: Path, out: Path, outtype: str) -> None:
             cls.set_gguf_parameters = orig
 
 
+def gguf_architecture(llama_cpp: Path, path: Path) -> str:
+    sys.path.insert(0, str(llama_cpp / "gguf-py"))
+    from gguf import GGUFReader
+
+    return GGUFReader(path).fields["general.architecture"].contents()
+
+
 def main() -> None:
     llama_cpp = Path(sys.argv[1])
     out = Path(sys.argv[2] if len(sys.argv) > 2 else "tests/data/tiny-families")
@@ -248,6 +265,7 @@ def main() -> None:
             logits.astype("<f4").tofile(out / refs[outtype])
         meta["families"][family] = {
             "hf_architecture": json.loads((model_dir / "config.json").read_text())["architectures"][0],
+            "gguf_architecture": gguf_architecture(llama_cpp, out / files["f32"]),
             "config": {k: v for k, v in config.to_diff_dict().items() if k not in ("transformers_version",)},
             "gguf": files,
             # transformers' logits with the f32 weights, and with the Q8_0 round trip of them.

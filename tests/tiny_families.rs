@@ -5,7 +5,8 @@
 //! GeGLU, the embedding scale, sliding-window layers (window 8 over 24 positions) with their
 //! own RoPE base and final logit soft-capping; Mistral with a sliding window of 8 on every
 //! layer; Phi-3 with fused QKV and gate/up tensors and half of each head rotated; Qwen3-MoE
-//! with 4 experts, top-2, renormalised router weights and QK-norm.
+//! with 4 experts, top-2, renormalised router weights and QK-norm; Mixtral (a `llama` file with
+//! experts) with 4 experts, top-2.
 //!
 //! Every position's logits are compared, decoding one token at a time over the KV cache, and
 //! the last position again after a whole-prompt prefill.
@@ -27,6 +28,8 @@ struct Meta {
 
 #[derive(Deserialize)]
 struct Family {
+    /// `general.architecture` of the converted file (Mixtral's is `llama`).
+    gguf_architecture: String,
     /// GGUF file per weight type (`f32`, `q8_0`).
     gguf: BTreeMap<String, String>,
     /// transformers' logits per weight type: the f32 weights, and their Q8_0 round trip.
@@ -66,9 +69,9 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The largest relative error over every position (decode) and the prefill's last position.
-fn max_error(family: &str, file: &str, tokens: &[u32], want: &[Vec<f32>], prec: Precision) -> f32 {
+fn max_error(arch: &str, file: &str, tokens: &[u32], want: &[Vec<f32>], prec: Precision) -> f32 {
     let m = Model::open(dir().join(file)).unwrap();
-    assert_eq!(m.hparams().arch.name(), family);
+    assert_eq!(m.hparams().arch.name(), arch);
     let cfg = SequenceConfig {
         ctx: Some(64),
         precision: prec,
@@ -108,9 +111,10 @@ fn every_family_matches_transformers() {
         ] {
             let want = reference(f, ty);
             assert_eq!(want.len(), meta.tokens.len());
-            let err = max_error(family, &f.gguf[ty], &meta.tokens, &want, prec);
+            let arch = &f.gguf_architecture;
+            let err = max_error(arch, &f.gguf[ty], &meta.tokens, &want, prec);
             println!(
-                "{family:<7} {ty:<5} {prec:?}: max relative error {err:.2e} (bound {bound:e})"
+                "{family:<8} {ty:<5} {prec:?}: max relative error {err:.2e} (bound {bound:e})"
             );
             if err.is_nan() || err >= bound {
                 failures.push(format!("{family} {ty} {prec:?}: {err:e} >= {bound:e}"));
@@ -119,7 +123,7 @@ fn every_family_matches_transformers() {
     }
     assert_eq!(
         meta.families.keys().collect::<Vec<_>>(),
-        ["gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3", "qwen3moe"]
+        ["gemma3", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen3moe"]
     );
     assert!(failures.is_empty(), "{failures:#?}");
 }
@@ -171,7 +175,10 @@ fn missing_tensors_and_unsupported_variants_are_named() {
     let e = err(rebuilt("qwen3moe", |_, md| {
         md.insert("qwen3moe.expert_count", Value::U32(8));
     }));
-    assert!(e.contains("ffn_gate_exps") && e.contains("[64, 32, 8]"), "{e}");
+    assert!(
+        e.contains("ffn_gate_exps") && e.contains("[64, 32, 8]"),
+        "{e}"
+    );
     // Phi-3 LongRoPE (the 128k models): refused by name, not run with plain RoPE.
     let e = err(rebuilt("phi3", |t, _| {
         let spec = TensorSpec {
@@ -181,10 +188,16 @@ fn missing_tensors_and_unsupported_variants_are_named() {
         };
         t.push((spec, vec![0u8; 16]));
     }));
-    assert!(e.contains("LongRoPE") && e.contains("rope_factors_long"), "{e}");
+    assert!(
+        e.contains("LongRoPE") && e.contains("rope_factors_long"),
+        "{e}"
+    );
     // Another architecture: refused with the list of supported ones.
     let e = err(rebuilt("phi3", |_, md| {
         md.insert("general.architecture", Value::String("phimoe".into()));
     }));
-    assert!(e.contains("\"phimoe\"") && e.contains("phi3, qwen3moe"), "{e}");
+    assert!(
+        e.contains("\"phimoe\"") && e.contains("phi3, qwen3moe"),
+        "{e}"
+    );
 }

@@ -64,7 +64,8 @@ impl Arch {
     }
 
     /// Whether every block's FFN is a mixture of experts (`expert_count` experts, the router
-    /// `ffn_gate_inp`, the experts in 3-D `ffn_*_exps` tensors).
+    /// `ffn_gate_inp`, the experts in 3-D `ffn_*_exps` tensors) by architecture; a `llama`
+    /// file is one when it says so (Mixtral): `HParams::moe` answers for a file.
     pub fn is_moe(self) -> bool {
         matches!(self, Self::Qwen3Moe)
     }
@@ -340,12 +341,23 @@ impl TryFrom<&Metadata> for HParams {
         } else {
             1.0
         };
-        let expert_count = opt(ArchKey::ExpertCount, MAX_EXPERTS)?;
+        let count_key = key(ArchKey::ExpertCount);
+        let expert_count = match md.get_u64(&count_key)? {
+            // 0 is how some converters spell "dense".
+            None | Some(0) => None,
+            Some(v) if v > MAX_EXPERTS => {
+                return Err(bad(&count_key, format!("{v} is outside 1..={MAX_EXPERTS}")))
+            }
+            Some(v) => Some(v as usize),
+        };
+        // Mixtral is a `llama` file with experts (llama.cpp's converter writes it so).
+        let moe_allowed = arch.is_moe() || arch == Arch::Llama;
         let moe = match (arch.is_moe(), expert_count) {
-            (true, None) => return Err(bad(&key(ArchKey::ExpertCount), "missing")),
-            (true, Some(n_expert)) => {
+            (true, None) => return Err(bad(&count_key, "missing")),
+            (_, Some(n_expert)) if moe_allowed => {
                 let n_expert_used = req(ArchKey::ExpertUsedCount, n_expert as u64)?;
                 let n_ff_exp = opt(ArchKey::ExpertFeedForwardLength, MAX_DIM)?.unwrap_or(n_ff);
+                // Both qwen3moe and Mixtral renormalise (llama.cpp's graphs always do).
                 Some(Moe {
                     n_expert,
                     n_expert_used,
@@ -353,17 +365,18 @@ impl TryFrom<&Metadata> for HParams {
                     norm_top_k: true,
                 })
             }
-            // Mixtral converts to `llama` with experts: not verified yet, so refused by name
-            // rather than run as a dense model it is not.
-            (false, Some(n)) => {
+            // Experts in another family's file: refused by name rather than run as the dense
+            // model it is not.
+            (_, Some(n)) => {
                 return Err(ModelError::UnsupportedFeature {
                     arch: a.to_string(),
                     what: format!(
-                        "a mixture of {n} experts in a {a} file (Mixtral); supported MoE: qwen3moe"
+                        "a mixture of {n} experts in a {a} file (supported: qwen3moe, and \
+                         llama files with experts such as Mixtral)"
                     ),
                 })
             }
-            (false, None) => None,
+            (_, None) => None,
         };
         let n_vocab = match opt(ArchKey::VocabSize, 1 << 24)? {
             Some(v) => Some(v),
@@ -457,6 +470,12 @@ impl HParams {
     pub fn beyond_llama_graph(&self) -> Option<String> {
         if let Some(what) = self.arch.beyond_llama_graph() {
             return Some(what.to_string());
+        }
+        if let Some(moe) = self.moe {
+            return Some(format!(
+                "mixture of experts ({} experts, top {})",
+                moe.n_expert, moe.n_expert_used
+            ));
         }
         if let Some(la) = self.local_attention {
             return Some(format!(
@@ -623,11 +642,20 @@ mod tests {
             .beyond_llama_graph()
             .unwrap()
             .contains("mixture of experts"));
-        // Experts in a llama file (Mixtral): refused by name, not run as a dense model.
+        // Experts in a llama file (Mixtral): a MoE, with the dense width for its experts;
+        // refused by the GPU graph. In a qwen2 file: refused by name.
         let mut m = md("llama");
         m.insert("llama.expert_count", Value::U32(8));
+        m.insert("llama.expert_used_count", Value::U32(2));
+        let h = HParams::try_from(&m).unwrap();
+        assert_eq!(h.moe.map(|m| (m.n_expert, m.n_ff_exp)), Some((8, 128)));
+        assert!(h.beyond_llama_graph().unwrap().contains("8 experts, top 2"));
+        m.insert("llama.expert_count", Value::U32(0));
+        assert!(HParams::try_from(&m).unwrap().moe.is_none());
+        let mut m = md("qwen2");
+        m.insert("qwen2.expert_count", Value::U32(8));
         let e = HParams::try_from(&m).unwrap_err().to_string();
-        assert!(e.contains("Mixtral"), "{e}");
+        assert!(e.contains("experts in a qwen2 file"), "{e}");
         // Phi-3: NeoX RoPE over the rotated part only, fused tensors, refused by the GPU graph.
         let mut m = md("phi3");
         m.insert("phi3.rope.dimension_count", Value::U32(8));

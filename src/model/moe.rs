@@ -1,4 +1,4 @@
-//! The mixture-of-experts feed-forward block (Qwen3-MoE): a router scores every expert for each
+//! The mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral): a router scores every expert for each
 //! token, each token runs through its `n_expert_used` best experts, and their outputs are summed
 //! with the router's softmax weights (renormalised over the chosen ones).
 //!
