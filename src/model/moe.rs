@@ -1,6 +1,6 @@
-//! The mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral): a router scores every expert for each
-//! token, each token runs through its `n_expert_used` best experts, and their outputs are summed
-//! with the router's softmax weights (renormalised over the chosen ones).
+//! The mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral): a router scores every expert
+//! for each token, each token runs through its `n_expert_used` best experts, and their outputs
+//! are summed with the router's softmax weights (renormalised over the chosen ones).
 //!
 //! Experts run only on the tokens routed to them: the tokens of one expert are gathered into a
 //! batch, so a prefill does one matrix product per expert in use, not one per token, and an

@@ -10,8 +10,9 @@
 //! as llama.cpp's `tokenizer_st_partition` does; only the text between them is tokenized.
 //!
 //! Not (yet) done, compared with llama.cpp: the per-model `lstrip`/`rstrip` attributes some
-//! special tokens get by model name (e.g. `<mask>`), except Phi-3's `rstrip` (done), pre-tokenizers other than those in
-//! [`pretok::SUPPORTED_NAMES`] (an unknown name is an error), and the WPM/UGM/RWKV vocabularies.
+//! special tokens get by model name (e.g. `<mask>`; Phi-3's `rstrip` is done), pre-tokenizers
+//! other than those in [`pretok::SUPPORTED_NAMES`] (an unknown name is an error), and the
+//! WPM/UGM/RWKV vocabularies.
 //! Chat templates cannot use `{% break %}`/`{% continue %}` (minijinja's `loop_controls` feature
 //! is off) or `strftime_now`.
 
