@@ -1,8 +1,8 @@
 //! The real compute: the core crate's llama-family CPU forward pass (`rocmforge::model`: llama,
-//! mistral, qwen2, qwen3, gemma3, phi3, qwen3moe) run over the weights the pipeline made resident, plus the GGUF
-//! tokenizer. The family's embedding scale and final logit cap come from `Model`
-//! (`scale_embeddings`, `finish_logits`), applied here where this compute does the lookup and
-//! the head itself.
+//! mistral, qwen2, qwen3, gemma3, phi3, qwen3moe, Mixtral as llama with experts) run over the
+//! weights the pipeline made resident, plus the GGUF tokenizer. The family's embedding scale and
+//! final logit cap come from `Model` (`scale_embeddings`, `finish_logits`), applied here where
+//! this compute does the lookup and the head itself.
 //!
 //! Per-layer weights come from the resident unit (the host arena in `read` mode, the file map in
 //! `mmap` mode), never from the model's own map, so the budget is what really bounds memory.
