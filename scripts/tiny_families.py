@@ -5,7 +5,9 @@ tests/data/tiny-families/README.md for the versions used).
 
 For each family: a transformers model with small widths and the family's options switched on
 (Llama 3 RoPE scaling and an untied head; Qwen2 QKV biases; Qwen3 QK-norm; Gemma 3 QK-norm,
-post-norms, GeGLU, sliding-window layers with their own RoPE base, final logit soft-capping),
+post-norms, GeGLU, sliding-window layers with their own RoPE base, final logit soft-capping;
+Phi-3 fused QKV and gate/up, partial rotary; Mistral's sliding window; Qwen3-MoE and Mixtral
+with 4 experts, top-2),
 every weight drawn at random (biases and norm weights too, so they matter), saved, converted with
 llama.cpp's convert_hf_to_gguf.py to F32 and Q8_0, and run by transformers in float32 on a fixed
 sequence of random token ids. The logits of every position are saved, once with the f32
@@ -89,6 +91,49 @@ def families():
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             },
         ),
+        "phi3": transformers.Phi3Config(
+            **COMMON,
+            num_hidden_layers=2,
+            # Half of each 16-wide head rotates (Phi-4-mini rotates 3/4).
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            original_max_position_embeddings=256,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "mistral": transformers.MistralConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            head_dim=16,
+            # Window 8 over 24 positions: most queries see only part of the prefix.
+            sliding_window=8,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+        "qwen3moe": transformers.Qwen3MoeConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            head_dim=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            # Expert width 32 != d = 64, so a transposed expert tensor cannot pass the shape check.
+            moe_intermediate_size=32,
+            # llama.cpp's qwen3moe graph always renormalises the top-k weights.
+            norm_topk_prob=True,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+        # The converter writes Mixtral as a `llama` file with experts (expert_count and the
+        # ffn_*_exps tensors); it always renormalises the top-k weights, as llama.cpp does.
+        "mixtral": transformers.MixtralConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
     }
 
 
@@ -103,14 +148,15 @@ def randomize(model: torch.nn.Module, gen: torch.Generator, gemma: bool) -> None
                 p.copy_(0.15 * noise)
 
 
-def q8_0_round_trip(model: torch.nn.Module) -> None:
+def q8_0_round_trip(model: torch.nn.Module, keep_f32: set) -> None:
     """Replaces every matrix by its Q8_0 round trip, as gguf-py quantizes it (blocks of 32
     along each row, scale max|x|/127 kept as f16, values rounded half away from zero), so the
     quantized file has a float32 reference of its own. Vectors (norms, biases) stay f32, as the
-    converter keeps them."""
+    converter keeps them, and so do the matrices it keeps f32 (`keep_f32`: a MoE router). A 3-D
+    expert tensor `[n_expert, rows, cols]` is blocked along its rows like a stack of matrices."""
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() != 2:
+        for name, p in model.named_parameters():
+            if p.dim() < 2 or name in keep_f32:
                 continue
             blocks = p.reshape(-1, 32)
             d = blocks.abs().amax(dim=1, keepdim=True) / 127
@@ -131,6 +177,23 @@ def synthetic_vocab(self) -> None:
     w.add_token_types([gguf.TokenType.NORMAL] * n)
 
 
+def as_mistral(cls):
+    """llama.cpp's converter maps MistralForCausalLM to the `llama` architecture and drops the
+    sliding window (llama.cpp's llama graph has none). To test a file that says what the model
+    does, the tiny mistral's conversion writes `general.architecture = mistral` and
+    `mistral.attention.sliding_window` (the GGUF key llama.cpp defines) around the converter's
+    own parameters; its tensors (with the llama Q/K permutation) are the converter's."""
+    orig = cls.set_gguf_parameters
+
+    def set_gguf_parameters(self):
+        self.gguf_writer.arch = "mistral"
+        self.gguf_writer.add_architecture()
+        orig(self)
+        self.gguf_writer.add_sliding_window(self.hparams["sliding_window"])
+
+    return orig, set_gguf_parameters
+
+
 def convert(llama_cpp: Path, model_dir: Path, out: Path, outtype: str) -> None:
     sys.path.insert(0, str(llama_cpp / "gguf-py"))
     sys.path.insert(0, str(llama_cpp))
@@ -138,13 +201,26 @@ def convert(llama_cpp: Path, model_dir: Path, out: Path, outtype: str) -> None:
     from conversion import get_model_class
 
     arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
-    get_model_class(arch).set_vocab = synthetic_vocab
+    cls = get_model_class(arch)
+    cls.set_vocab = synthetic_vocab
+    orig = None
+    if arch == "MistralForCausalLM":
+        orig, cls.set_gguf_parameters = as_mistral(cls)
     saved = sys.argv
     sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outfile", str(out), "--outtype", outtype]
     try:
         conv.main()
     finally:
         sys.argv = saved
+        if orig is not None:
+            cls.set_gguf_parameters = orig
+
+
+def gguf_architecture(llama_cpp: Path, path: Path) -> str:
+    sys.path.insert(0, str(llama_cpp / "gguf-py"))
+    from gguf import GGUFReader
+
+    return GGUFReader(path).fields["general.architecture"].contents()
 
 
 def main() -> None:
@@ -180,13 +256,16 @@ def main() -> None:
             convert(llama_cpp, model_dir, out / name, outtype)
             files[outtype] = name
             if outtype == "q8_0":
-                q8_0_round_trip(model)
+                # The MoE router (`mlp.gate`, GGUF `ffn_gate_inp`) stays f32 in the converter.
+                keep = {n for n, _ in model.named_parameters() if n.endswith("mlp.gate.weight")}
+                q8_0_round_trip(model, keep)
             with torch.no_grad():
                 logits = model(tokens[None, :]).logits[0].to(torch.float32).numpy()
             refs[outtype] = f"{family}.{outtype}.logits.f32.bin"
             logits.astype("<f4").tofile(out / refs[outtype])
         meta["families"][family] = {
             "hf_architecture": json.loads((model_dir / "config.json").read_text())["architectures"][0],
+            "gguf_architecture": gguf_architecture(llama_cpp, out / files["f32"]),
             "config": {k: v for k, v in config.to_diff_dict().items() if k not in ("transformers_version",)},
             "gguf": files,
             # transformers' logits with the f32 weights, and with the Q8_0 round trip of them.

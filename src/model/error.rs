@@ -7,8 +7,14 @@ use crate::quant::{GgmlType, QuantError};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     // --- loading
-    #[error("unsupported architecture {arch:?} (supported: llama, mistral, qwen2, qwen3, gemma3)")]
+    #[error(
+        "unsupported architecture {arch:?} (supported: llama, mistral, qwen2, qwen3, gemma3, \
+         phi3, qwen3moe)"
+    )]
     UnsupportedArchitecture { arch: String },
+    /// A supported architecture with a variant the forward pass does not compute.
+    #[error("{arch}: {what} is not supported")]
+    UnsupportedFeature { arch: String, what: String },
     #[error("hyper-parameter {key}: {reason}")]
     BadHParam { key: String, reason: String },
     #[error("missing tensor {name}")]

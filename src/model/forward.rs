@@ -5,6 +5,7 @@
 use super::error::ModelError;
 use super::hparams::{Arch, FfnActivation, HParams};
 use super::kv::{grow, Sequence, SequenceConfig};
+use super::moe::{moe_ffn, MoeWeights};
 use super::names::TensorId;
 use super::ops;
 use super::rope::Rope;
@@ -243,27 +244,38 @@ impl Model {
         }
         ops::add_assign(hidden, proj);
 
-        // --- feed-forward (SwiGLU or GeGLU)
+        // --- feed-forward (SwiGLU or GeGLU; a mixture of experts where the layer has a router)
         let norm_w = grow(&mut s.norm_w, d)?;
         ops::dequantize(&w.ffn_norm, &name(K::FfnNorm), norm_w)?;
         let xn = grow(&mut s.xn, n * d)?;
         ops::rms_norm(hidden, norm_w, hp.rms_eps, xn);
-        let gate = grow(&mut s.gate, n * hp.n_ff)?;
-        let up = grow(&mut s.up, n * hp.n_ff)?;
-        let (ng, nu) = (name(K::FfnGate), name(K::FfnUp));
-        ops::linear_fused(
-            &[(&w.w_gate, &ng), (&w.w_up, &nu)],
-            xn,
-            n,
-            &mut [&mut *gate, &mut *up],
-            prec,
-        )?;
-        match hp.arch.ffn_activation() {
-            FfnActivation::Silu => ops::swiglu(gate, up),
-            FfnActivation::GeluTanh => ops::geglu_tanh(gate, up),
-        }
         let proj = grow(&mut s.proj, n * d)?;
-        ops::linear(&w.w_down, &name(K::FfnDown), gate, n, proj, prec)?;
+        if let (Some(router), Some(moe)) = (&w.router, &hp.moe) {
+            let experts = MoeWeights {
+                router,
+                gate: &w.w_gate,
+                up: &w.w_up,
+                down: &w.w_down,
+            };
+            let act = hp.arch.ffn_activation();
+            moe_ffn(moe, act, layer, &experts, xn, n, proj, prec)?;
+        } else {
+            let gate = grow(&mut s.gate, n * hp.n_ff)?;
+            let up = grow(&mut s.up, n * hp.n_ff)?;
+            let (ng, nu) = (name(K::FfnGate), name(K::FfnUp));
+            ops::linear_fused(
+                &[(&w.w_gate, &ng), (&w.w_up, &nu)],
+                xn,
+                n,
+                &mut [&mut *gate, &mut *up],
+                prec,
+            )?;
+            match hp.arch.ffn_activation() {
+                FfnActivation::Silu => ops::swiglu(gate, up),
+                FfnActivation::GeluTanh => ops::geglu_tanh(gate, up),
+            }
+            ops::linear(&w.w_down, &name(K::FfnDown), gate, n, proj, prec)?;
+        }
         if let Some(pn) = &w.ffn_post_norm {
             let norm_w = grow(&mut s.norm_w, d)?;
             ops::dequantize(pn, &name(K::FfnPostNorm), norm_w)?;

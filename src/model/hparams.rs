@@ -6,7 +6,8 @@ use crate::gguf::Metadata;
 use serde::Serialize;
 
 /// Architectures the forward pass implements. They share one graph and differ in details
-/// (RoPE layout, qkv bias, QK-norm, Gemma's extra norms and GeGLU), which `Arch` answers.
+/// (RoPE layout, qkv bias, QK-norm, Gemma's extra norms and GeGLU, Phi-3's fused tensors,
+/// Qwen3-MoE's experts), which `Arch` answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Arch {
     Llama,
@@ -14,6 +15,8 @@ pub enum Arch {
     Qwen2,
     Qwen3,
     Gemma3,
+    Phi3,
+    Qwen3Moe,
 }
 
 /// The gated activation of the feed-forward block: `act(gate) * up`.
@@ -33,6 +36,8 @@ impl Arch {
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
             "gemma3" => Ok(Self::Gemma3),
+            "phi3" => Ok(Self::Phi3),
+            "qwen3moe" => Ok(Self::Qwen3Moe),
             other => Err(ModelError::UnsupportedArchitecture {
                 arch: other.to_string(),
             }),
@@ -47,7 +52,22 @@ impl Arch {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Gemma3 => "gemma3",
+            Self::Phi3 => "phi3",
+            Self::Qwen3Moe => "qwen3moe",
         }
+    }
+
+    /// Q, K and V stored as one matrix `attn_qkv` and gate/up as one `ffn_up` of twice the
+    /// FFN width, gate rows first (Phi-3).
+    pub fn has_fused_projections(self) -> bool {
+        matches!(self, Self::Phi3)
+    }
+
+    /// Whether every block's FFN is a mixture of experts (`expert_count` experts, the router
+    /// `ffn_gate_inp`, the experts in 3-D `ffn_*_exps` tensors) by architecture; a `llama`
+    /// file is one when it says so (Mixtral): `HParams::moe` answers for a file.
+    pub fn is_moe(self) -> bool {
+        matches!(self, Self::Qwen3Moe)
     }
 
     /// Llama's converters permute Q/K so that adjacent pairs rotate together; Qwen2 keeps the
@@ -55,7 +75,9 @@ impl Arch {
     pub fn rope_layout(self) -> RopeLayout {
         match self {
             Self::Llama | Self::Mistral => RopeLayout::Normal,
-            Self::Qwen2 | Self::Qwen3 | Self::Gemma3 => RopeLayout::NeoX,
+            Self::Qwen2 | Self::Qwen3 | Self::Gemma3 | Self::Phi3 | Self::Qwen3Moe => {
+                RopeLayout::NeoX
+            }
         }
     }
 
@@ -67,7 +89,7 @@ impl Arch {
     /// Whether each query and key head is RMS-normalised (`attn_q_norm`, `attn_k_norm`)
     /// before RoPE.
     pub fn has_qk_norm(self) -> bool {
-        matches!(self, Self::Qwen3 | Self::Gemma3)
+        matches!(self, Self::Qwen3 | Self::Gemma3 | Self::Qwen3Moe)
     }
 
     /// Whether the attention and feed-forward outputs are RMS-normalised before their residual
@@ -93,6 +115,8 @@ impl Arch {
                 "gemma3 (GeGLU, QK-norm, post-attention/FFN norms, embedding scale, \
                  sliding-window layers)",
             ),
+            Self::Phi3 => Some("phi3 (fused QKV and gate/up tensors)"),
+            Self::Qwen3Moe => Some("qwen3moe (mixture of experts, per-head QK-norm)"),
         }
     }
 }
@@ -108,6 +132,19 @@ pub struct LocalAttention {
     pub pattern: usize,
     /// RoPE base of the local layers (`rope.freq_base_swa`, 10000 when absent).
     pub rope_freq_base: f32,
+}
+
+/// Mixture-of-experts FFN (Qwen3-MoE): a router scores `n_expert` experts per token, the
+/// `n_expert_used` best run on it and their outputs are summed with the router's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Moe {
+    pub n_expert: usize,
+    pub n_expert_used: usize,
+    /// One expert's FFN width (`expert_feed_forward_length`; `feed_forward_length` if absent).
+    pub n_ff_exp: usize,
+    /// Whether the top-k softmax weights are renormalised to sum to 1 (llama.cpp's qwen3moe
+    /// graph always does: the converter writes no key for it).
+    pub norm_top_k: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -167,6 +204,8 @@ pub struct HParams {
     pub final_softcap: Option<f32>,
     /// Sliding-window layers (Gemma 3), `None`: every layer is global.
     pub local_attention: Option<LocalAttention>,
+    /// Mixture-of-experts FFN on every layer (`Arch::is_moe`); `None`: dense FFN.
+    pub moe: Option<Moe>,
 }
 
 fn bad(key: &str, reason: impl Into<String>) -> ModelError {
@@ -180,6 +219,7 @@ fn bad(key: &str, reason: impl Into<String>) -> ModelError {
 const MAX_DIM: u64 = 1 << 20;
 const MAX_LAYERS: u64 = 4096;
 const MAX_HEADS: u64 = 4096;
+const MAX_EXPERTS: u64 = 4096;
 
 impl TryFrom<&Metadata> for HParams {
     type Error = ModelError;
@@ -301,6 +341,43 @@ impl TryFrom<&Metadata> for HParams {
         } else {
             1.0
         };
+        let count_key = key(ArchKey::ExpertCount);
+        let expert_count = match md.get_u64(&count_key)? {
+            // 0 is how some converters spell "dense".
+            None | Some(0) => None,
+            Some(v) if v > MAX_EXPERTS => {
+                return Err(bad(&count_key, format!("{v} is outside 1..={MAX_EXPERTS}")))
+            }
+            Some(v) => Some(v as usize),
+        };
+        // Mixtral is a `llama` file with experts (llama.cpp's converter writes it so).
+        let moe_allowed = arch.is_moe() || arch == Arch::Llama;
+        let moe = match (arch.is_moe(), expert_count) {
+            (true, None) => return Err(bad(&count_key, "missing")),
+            (_, Some(n_expert)) if moe_allowed => {
+                let n_expert_used = req(ArchKey::ExpertUsedCount, n_expert as u64)?;
+                let n_ff_exp = opt(ArchKey::ExpertFeedForwardLength, MAX_DIM)?.unwrap_or(n_ff);
+                // Both qwen3moe and Mixtral renormalise (llama.cpp's graphs always do).
+                Some(Moe {
+                    n_expert,
+                    n_expert_used,
+                    n_ff_exp,
+                    norm_top_k: true,
+                })
+            }
+            // Experts in another family's file: refused by name rather than run as the dense
+            // model it is not.
+            (_, Some(n)) => {
+                return Err(ModelError::UnsupportedFeature {
+                    arch: a.to_string(),
+                    what: format!(
+                        "a mixture of {n} experts in a {a} file (supported: qwen3moe, and \
+                         llama files with experts such as Mixtral)"
+                    ),
+                })
+            }
+            (_, None) => None,
+        };
         let n_vocab = match opt(ArchKey::VocabSize, 1 << 24)? {
             Some(v) => Some(v),
             None => md
@@ -327,6 +404,7 @@ impl TryFrom<&Metadata> for HParams {
             attn_softcap,
             final_softcap,
             local_attention,
+            moe,
         })
     }
 }
@@ -392,6 +470,12 @@ impl HParams {
     pub fn beyond_llama_graph(&self) -> Option<String> {
         if let Some(what) = self.arch.beyond_llama_graph() {
             return Some(what.to_string());
+        }
+        if let Some(moe) = self.moe {
+            return Some(format!(
+                "mixture of experts ({} experts, top {})",
+                moe.n_expert, moe.n_expert_used
+            ));
         }
         if let Some(la) = self.local_attention {
             return Some(format!(
@@ -493,6 +577,7 @@ mod tests {
             None
         );
         let q3 = HParams::try_from(&md("qwen3")).unwrap();
+        assert!(q3.moe.is_none());
         assert!(q3.beyond_llama_graph().unwrap().contains("QK-norm"));
         // Mistral-style: a window on every layer, with the one RoPE base; 0 means none.
         let mut m = md("mistral");
@@ -524,5 +609,60 @@ mod tests {
         );
         m.insert("llama.rope.scaling.type", Value::String("weird".into()));
         assert!(HParams::try_from(&m).is_err());
+    }
+
+    #[test]
+    fn reads_moe_and_refuses_what_is_not_verified() {
+        let mut m = md("qwen3moe");
+        assert!(HParams::try_from(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("qwen3moe.expert_count"));
+        m.insert("qwen3moe.expert_count", Value::U32(4));
+        m.insert("qwen3moe.expert_used_count", Value::U32(5));
+        assert!(matches!(
+            HParams::try_from(&m),
+            Err(ModelError::BadHParam { ref key, .. }) if key == "qwen3moe.expert_used_count"
+        ));
+        m.insert("qwen3moe.expert_used_count", Value::U32(2));
+        m.insert("qwen3moe.expert_feed_forward_length", Value::U32(32));
+        let h = HParams::try_from(&m).unwrap();
+        let moe = h.moe.unwrap();
+        assert_eq!(
+            (
+                moe.n_expert,
+                moe.n_expert_used,
+                moe.n_ff_exp,
+                moe.norm_top_k
+            ),
+            (4, 2, 32, true)
+        );
+        assert!(h.arch.has_qk_norm() && h.arch.is_moe());
+        assert!(h
+            .beyond_llama_graph()
+            .unwrap()
+            .contains("mixture of experts"));
+        // Experts in a llama file (Mixtral): a MoE, with the dense width for its experts;
+        // refused by the GPU graph. In a qwen2 file: refused by name.
+        let mut m = md("llama");
+        m.insert("llama.expert_count", Value::U32(8));
+        m.insert("llama.expert_used_count", Value::U32(2));
+        let h = HParams::try_from(&m).unwrap();
+        assert_eq!(h.moe.map(|m| (m.n_expert, m.n_ff_exp)), Some((8, 128)));
+        assert!(h.beyond_llama_graph().unwrap().contains("8 experts, top 2"));
+        m.insert("llama.expert_count", Value::U32(0));
+        assert!(HParams::try_from(&m).unwrap().moe.is_none());
+        let mut m = md("qwen2");
+        m.insert("qwen2.expert_count", Value::U32(8));
+        let e = HParams::try_from(&m).unwrap_err().to_string();
+        assert!(e.contains("experts in a qwen2 file"), "{e}");
+        // Phi-3: NeoX RoPE over the rotated part only, fused tensors, refused by the GPU graph.
+        let mut m = md("phi3");
+        m.insert("phi3.rope.dimension_count", Value::U32(8));
+        let h = HParams::try_from(&m).unwrap();
+        assert_eq!((h.n_rot, h.head_dim), (8, 16));
+        assert_eq!(h.arch.rope_layout(), RopeLayout::NeoX);
+        assert!(h.arch.has_fused_projections());
+        assert!(h.beyond_llama_graph().unwrap().contains("phi3"));
     }
 }

@@ -1,4 +1,5 @@
-//! Llama-family models (llama, mistral, qwen2, qwen3, gemma3): tensor naming (`names`), hyper-parameters, forward pass, KV cache.
+//! Llama-family models (llama, mistral, qwen2, qwen3, gemma3, phi3, qwen3moe): tensor naming
+//! (`names`), hyper-parameters, forward pass, KV cache.
 //!
 //! - `hparams`: `Arch`, `HParams` (`TryFrom<&Metadata>`), RoPE settings.
 //! - `weights`: where each tensor lives (`TensorRef`, `ModelLayout`) and views (`WeightView`,
@@ -6,6 +7,7 @@
 //! - `kv`: the KV cache and `Sequence` (cache + position + scratch).
 //! - `forward`: `Model` with `embed`, `forward_layer`, `output`, `forward`.
 //! - `generate`: the prefill + decode loop with sampling.
+//! - `moe`: the mixture-of-experts FFN (router top-k, experts on their routed tokens).
 //! - `ops`, `rope`: the CPU ops.
 
 pub mod error;
@@ -13,6 +15,7 @@ pub mod forward;
 pub mod generate;
 pub mod hparams;
 pub mod kv;
+pub mod moe;
 pub mod names;
 pub mod ops;
 pub mod rope;
@@ -21,7 +24,7 @@ pub mod weights;
 pub use error::ModelError;
 pub use forward::Model;
 pub use generate::{Generation, StopReason, Timings};
-pub use hparams::{Arch, FfnActivation, HParams, LocalAttention, RopeLayout, RopeScaling};
+pub use hparams::{Arch, FfnActivation, HParams, LocalAttention, Moe, RopeLayout, RopeScaling};
 pub use kv::{
     bytes_per_token, ContextFit, KvCache, KvLimit, KvType, Sequence, SequenceConfig, DEFAULT_CTX,
     KV_LIMIT_ENV, MIN_CTX,

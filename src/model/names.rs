@@ -30,6 +30,18 @@ pub enum TensorKind {
     FfnPostNorm,
     /// Per-dimension RoPE frequency divisors (Llama 3.1 long-context scaling).
     RopeFreqs,
+    /// Q, K and V in one matrix, their rows in that order (Phi-3), `[d, q + k + v]`.
+    AttnQkv,
+    /// MoE router: one logit per expert, `[d, n_expert]`.
+    FfnGateInp,
+    /// Expert FFNs, one matrix per expert stacked along the last dimension:
+    /// `[d, n_ff_exp, n_expert]` (gate, up) and `[n_ff_exp, d, n_expert]` (down).
+    FfnGateExps,
+    FfnUpExps,
+    FfnDownExps,
+    /// Phi-3 LongRoPE frequency factors (128k-context models); refused by name.
+    RopeFactorsLong,
+    RopeFactorsShort,
 }
 
 impl TensorKind {
@@ -65,6 +77,13 @@ impl TensorKind {
             Self::AttnPostNorm => "post_attention_norm",
             Self::FfnPostNorm => "post_ffw_norm",
             Self::RopeFreqs => "rope_freqs",
+            Self::AttnQkv => "attn_qkv",
+            Self::FfnGateInp => "ffn_gate_inp",
+            Self::FfnGateExps => "ffn_gate_exps",
+            Self::FfnUpExps => "ffn_up_exps",
+            Self::FfnDownExps => "ffn_down_exps",
+            Self::RopeFactorsLong => "rope_factors_long",
+            Self::RopeFactorsShort => "rope_factors_short",
         }
     }
 
@@ -78,7 +97,12 @@ impl TensorKind {
     pub fn is_global(self) -> bool {
         matches!(
             self,
-            Self::TokenEmbd | Self::OutputNorm | Self::Output | Self::RopeFreqs
+            Self::TokenEmbd
+                | Self::OutputNorm
+                | Self::Output
+                | Self::RopeFreqs
+                | Self::RopeFactorsLong
+                | Self::RopeFactorsShort
         )
     }
 }
@@ -130,6 +154,10 @@ pub enum ArchKey {
     FinalLogitSoftcap,
     /// How an embedding model pools its hidden states (llama.cpp's `pooling_type`).
     PoolingType,
+    /// Mixture of experts: experts per layer, experts each token uses, one expert's FFN width.
+    ExpertCount,
+    ExpertUsedCount,
+    ExpertFeedForwardLength,
 }
 
 impl ArchKey {
@@ -156,6 +184,9 @@ impl ArchKey {
             Self::AttnLogitSoftcap => "attn_logit_softcapping",
             Self::FinalLogitSoftcap => "final_logit_softcapping",
             Self::PoolingType => "pooling_type",
+            Self::ExpertCount => "expert_count",
+            Self::ExpertUsedCount => "expert_used_count",
+            Self::ExpertFeedForwardLength => "expert_feed_forward_length",
         }
     }
 }
@@ -213,6 +244,18 @@ mod tests {
         assert_eq!(
             tensor_name(TensorKind::FfnPostNorm, Some(2)),
             "blk.2.post_ffw_norm.weight"
+        );
+        assert_eq!(
+            tensor_name(TensorKind::FfnDownExps, Some(1)),
+            "blk.1.ffn_down_exps.weight"
+        );
+        assert_eq!(
+            tensor_name(TensorKind::RopeFactorsLong, Some(0)),
+            "rope_factors_long.weight"
+        );
+        assert_eq!(
+            arch_key("qwen3moe", ArchKey::ExpertUsedCount),
+            "qwen3moe.expert_used_count"
         );
         assert_eq!(
             arch_key("gemma3", ArchKey::RopeFreqBaseSwa),

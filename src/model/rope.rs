@@ -144,6 +144,7 @@ mod tests {
             attn_softcap: None,
             final_softcap: None,
             local_attention: None,
+            moe: None,
         }
     }
 

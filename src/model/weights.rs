@@ -34,32 +34,75 @@ impl<'a> WeightView<'a> {
         let rb = self.row_bytes();
         &self.data[r * rb..(r + 1) * rb]
     }
+
+    /// The matrix of rows `first .. first + n` (one expert of a stacked 3-D tensor). Rows are
+    /// whole quant blocks, so a row range is itself a valid matrix of the same type. Out of
+    /// range gives an empty view, which the kernels refuse by length with the tensor's name.
+    pub fn rows(&self, first: usize, n: usize) -> WeightView<'a> {
+        let rb = self.row_bytes();
+        let data = first
+            .checked_mul(rb)
+            .zip(n.checked_mul(rb))
+            .and_then(|(a, len)| self.data.get(a..a.checked_add(len)?))
+            .unwrap_or(&[]);
+        WeightView {
+            ty: self.ty,
+            rows: n,
+            cols: self.cols,
+            data,
+        }
+    }
 }
 
-/// One tensor's location and geometry in the file.
+/// One tensor's location and geometry in the file, or a block of its rows (Phi-3's fused
+/// `attn_qkv` holds Q, K and V; its `ffn_up` holds gate and up).
 #[derive(Debug, Clone)]
 pub struct TensorRef {
+    /// The file tensor these bytes belong to.
     pub name: String,
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
-    /// Absolute byte range in the file.
+    /// Absolute byte range in the file of these rows.
     pub range: Range<usize>,
+    /// Where these rows start inside the tensor `name`, in bytes (0 for a whole tensor).
+    pub offset: usize,
 }
 
 impl TensorRef {
     /// A view into the whole mapped file.
     pub fn view<'a>(&self, file: &'a [u8]) -> WeightView<'a> {
-        self.view_of(&file[self.range.clone()])
+        self.view_with(file.get(self.range.clone()).unwrap_or(&[]))
     }
 
-    /// A view over `data`, a buffer holding exactly this tensor (a runtime's host arena).
+    /// A view over `data`, a buffer holding exactly the tensor `name` (a runtime's host
+    /// arena); a row block takes its part of it. A buffer too short gives a short view, which
+    /// the kernels refuse by length with the tensor's name.
     pub fn view_of<'a>(&self, data: &'a [u8]) -> WeightView<'a> {
+        let end = self.offset.saturating_add(self.range.len());
+        self.view_with(data.get(self.offset..end).unwrap_or(&[]))
+    }
+
+    fn view_with<'a>(&self, data: &'a [u8]) -> WeightView<'a> {
         WeightView {
             ty: self.ty,
             rows: self.rows,
             cols: self.cols,
             data,
+        }
+    }
+
+    /// Rows `first .. first + n` of this tensor as a reference of their own.
+    fn row_block(&self, first: usize, n: usize) -> TensorRef {
+        let rb = self.ty.row_bytes(self.cols as u64).unwrap_or(0) as usize;
+        let start = self.range.start + first * rb;
+        TensorRef {
+            name: self.name.clone(),
+            ty: self.ty,
+            rows: n,
+            cols: self.cols,
+            range: start..start + n * rb,
+            offset: self.offset + first * rb,
         }
     }
 }
@@ -85,6 +128,10 @@ pub struct LayerWeights<'a> {
     /// Norms of the attention and FFN outputs `[d]` (`Arch::has_post_norms`).
     pub attn_post_norm: Option<WeightView<'a>>,
     pub ffn_post_norm: Option<WeightView<'a>>,
+    /// MoE router `[n_expert, d]` (`Arch::is_moe`). With it, `w_gate`, `w_up` and `w_down` are
+    /// the experts stacked: `[n_expert * n_ff_exp, d]`, `[n_expert * n_ff_exp, d]`,
+    /// `[n_expert * d, n_ff_exp]` (expert e is its block of rows).
+    pub router: Option<WeightView<'a>>,
 }
 
 /// Tensor locations of one block.
@@ -106,6 +153,7 @@ pub struct LayerRefs {
     pub k_norm: Option<TensorRef>,
     pub attn_post_norm: Option<TensorRef>,
     pub ffn_post_norm: Option<TensorRef>,
+    pub router: Option<TensorRef>,
 }
 
 impl LayerRefs {
@@ -129,10 +177,12 @@ impl LayerRefs {
             k_norm: opt(&self.k_norm),
             attn_post_norm: opt(&self.attn_post_norm),
             ffn_post_norm: opt(&self.ffn_post_norm),
+            router: opt(&self.router),
         }
     }
 
-    /// All tensors of the block, for runtimes that copy a layer elsewhere.
+    /// All tensors of the block, for runtimes that copy a layer elsewhere (a fused tensor's
+    /// row blocks appear once each, under the one name).
     pub fn all(&self) -> Vec<&TensorRef> {
         let mut v = vec![
             &self.attn_norm,
@@ -154,6 +204,7 @@ impl LayerRefs {
                 &self.k_norm,
                 &self.attn_post_norm,
                 &self.ffn_post_norm,
+                &self.router,
             ]
             .into_iter()
             .flatten(),
@@ -281,6 +332,7 @@ impl Locator<'_> {
             cols: t.row_len() as usize,
             rows: t.n_rows() as usize,
             range: file.tensor_range(t),
+            offset: 0,
         }))
     }
 
@@ -320,6 +372,15 @@ impl ModelLayout {
         };
         check_vocab(file, hp, n_vocab)?;
         let nv = n_vocab as u64;
+        for kind in [TensorKind::RopeFactorsLong, TensorKind::RopeFactorsShort] {
+            let name = tensor_name(kind, None);
+            if file.tensor(&name).is_some() {
+                return Err(ModelError::UnsupportedFeature {
+                    arch: hp.arch.name().to_string(),
+                    what: format!("LongRoPE scaling ({name}, the 128k-context Phi-3 models)"),
+                });
+            }
+        }
         let token_embd = loc.req(TensorKind::TokenEmbd, None, &[d, nv])?;
         let output_norm = loc.req(TensorKind::OutputNorm, None, &[d])?;
         let output = loc.opt(TensorKind::Output, None, &[d, nv])?;
@@ -350,23 +411,71 @@ impl ModelLayout {
                 };
             let (qk, post) = (hp.arch.has_qk_norm(), hp.arch.has_post_norms());
             let hd = hp.head_dim as u64;
+            let fused = hp.arch.has_fused_projections();
+            let (wq, wk, wv) = if fused {
+                // Phi-3: one matrix, Q rows then K rows then V rows.
+                let qkv = loc.req(TensorKind::AttnQkv, at, &[d, q + k + v])?;
+                let (q, k, v) = (q as usize, k as usize, v as usize);
+                (
+                    qkv.row_block(0, q),
+                    qkv.row_block(q, k),
+                    qkv.row_block(q + k, v),
+                )
+            } else {
+                (
+                    loc.req(TensorKind::AttnQ, at, &[d, q])?,
+                    loc.req(TensorKind::AttnK, at, &[d, k])?,
+                    loc.req(TensorKind::AttnV, at, &[d, v])?,
+                )
+            };
+            let (w_gate, w_up, w_down, router) = match hp.moe {
+                Some(moe) => {
+                    // The experts stacked along the last GGUF dimension: expert e is a block
+                    // of rows of the [n_expert * rows, cols] matrix each tensor is in memory.
+                    let (ne, fe) = (moe.n_expert as u64, moe.n_ff_exp as u64);
+                    (
+                        loc.req(TensorKind::FfnGateExps, at, &[d, fe, ne])?,
+                        loc.req(TensorKind::FfnUpExps, at, &[d, fe, ne])?,
+                        loc.req(TensorKind::FfnDownExps, at, &[fe, d, ne])?,
+                        Some(loc.req(TensorKind::FfnGateInp, at, &[d, ne])?),
+                    )
+                }
+                None if fused => {
+                    // Phi-3: `ffn_up` holds gate rows then up rows.
+                    let gate_up = loc.req(TensorKind::FfnUp, at, &[d, 2 * ff])?;
+                    let ff = ff as usize;
+                    (
+                        gate_up.row_block(0, ff),
+                        gate_up.row_block(ff, ff),
+                        loc.req(TensorKind::FfnDown, at, &[ff as u64, d])?,
+                        None,
+                    )
+                }
+                None => (
+                    loc.req(TensorKind::FfnGate, at, &[d, ff])?,
+                    loc.req(TensorKind::FfnUp, at, &[d, ff])?,
+                    loc.req(TensorKind::FfnDown, at, &[ff, d])?,
+                    None,
+                ),
+            };
             layers.push(LayerRefs {
                 attn_norm: loc.req(TensorKind::AttnNorm, at, &[d])?,
-                wq: loc.req(TensorKind::AttnQ, at, &[d, q])?,
-                wk: loc.req(TensorKind::AttnK, at, &[d, k])?,
-                wv: loc.req(TensorKind::AttnV, at, &[d, v])?,
+                wq,
+                wk,
+                wv,
                 bq: bias(&mut loc, TensorKind::AttnQBias, q)?,
                 bk: bias(&mut loc, TensorKind::AttnKBias, k)?,
                 bv: bias(&mut loc, TensorKind::AttnVBias, v)?,
                 wo: loc.req(TensorKind::AttnOutput, at, &[o_in, d])?,
                 ffn_norm: loc.req(TensorKind::FfnNorm, at, &[d])?,
-                w_gate: loc.req(TensorKind::FfnGate, at, &[d, ff])?,
-                w_up: loc.req(TensorKind::FfnUp, at, &[d, ff])?,
-                w_down: loc.req(TensorKind::FfnDown, at, &[ff, d])?,
+                w_gate,
+                w_up,
+                w_down,
                 q_norm: extra(&mut loc, qk, TensorKind::AttnQNorm, hd)?,
                 k_norm: extra(&mut loc, qk, TensorKind::AttnKNorm, hd)?,
                 attn_post_norm: extra(&mut loc, post, TensorKind::AttnPostNorm, d)?,
                 ffn_post_norm: extra(&mut loc, post, TensorKind::FfnPostNorm, d)?,
+                router,
             });
         }
         if let Some(t) = file.tensors().iter().find(|t| !loc.used.contains(&t.name)) {

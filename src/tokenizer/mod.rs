@@ -10,8 +10,9 @@
 //! as llama.cpp's `tokenizer_st_partition` does; only the text between them is tokenized.
 //!
 //! Not (yet) done, compared with llama.cpp: the per-model `lstrip`/`rstrip` attributes some
-//! special tokens get by model name (e.g. `<mask>`), pre-tokenizers other than those in
-//! [`pretok::SUPPORTED_NAMES`] (an unknown name is an error), and the WPM/UGM/RWKV vocabularies.
+//! special tokens get by model name (e.g. `<mask>`; Phi-3's `rstrip` is done), pre-tokenizers
+//! other than those in [`pretok::SUPPORTED_NAMES`] (an unknown name is an error), and the
+//! WPM/UGM/RWKV vocabularies.
 //! Chat templates cannot use `{% break %}`/`{% continue %}` (minijinja's `loop_controls` feature
 //! is off) or `strftime_now`.
 
@@ -127,6 +128,9 @@ struct Inner {
     offsets: Vec<usize>,
     /// Control, user-defined and unknown tokens, longest text first.
     specials: Vec<u32>,
+    /// Specials that swallow the whitespace after them when cut out of text (llama.cpp's
+    /// `RSTRIP` attribute), ascending.
+    rstrip: Vec<u32>,
     bos: Option<u32>,
     eos: Option<u32>,
     unk: Option<u32>,
@@ -336,6 +340,27 @@ impl Tokenizer {
                 .then(a.cmp(&b))
         });
 
+        // llama.cpp sets token attributes by model name; the one that changes chat prompts of a
+        // supported family: Phi-3's special tokens strip the whitespace after them (as its
+        // Hugging Face tokenizer's `rstrip` does), all but `<unk>`, `<s>`, `<|endoftext|>`.
+        let general_name = md.get_str(keys::NAME)?.unwrap_or("").to_lowercase();
+        let mut rstrip: Vec<u32> = Vec::new();
+        if general_name.contains("phi-3") || general_name.contains("phi3") {
+            let id_of = |t: &str| texts.iter().position(|x| x == t).map(|i| i as u32);
+            let keep: Vec<u32> = ["<unk>", "<s>", "<|endoftext|>"]
+                .into_iter()
+                .filter_map(id_of)
+                .collect();
+            rstrip = specials
+                .iter()
+                .copied()
+                .chain(id_of("</s>"))
+                .filter(|id| !keep.contains(id))
+                .collect();
+            rstrip.sort_unstable();
+            rstrip.dedup();
+        }
+
         let chat_template = md.get_str(keys::TOK_CHAT_TEMPLATE)?.map(str::to_string);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -349,6 +374,7 @@ impl Tokenizer {
                 bytes,
                 offsets,
                 specials,
+                rstrip,
                 bos,
                 eos,
                 unk,
@@ -391,6 +417,11 @@ impl Tokenizer {
                             }
                             next.push(Fragment::Token(id));
                             rest = &rest[pos + needle.len()..];
+                            if inner.rstrip.binary_search(&id).is_ok() {
+                                // C's isspace, as llama.cpp trims.
+                                rest = rest
+                                    .trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+                            }
                         }
                         if !rest.is_empty() {
                             next.push(Fragment::Text(rest));
@@ -624,7 +655,10 @@ impl Tokenizer {
         self.inner.chat_template.as_deref()
     }
 
-    /// Renders the model's chat template; the result is meant for `encode(.., parse_special = true)`.
+    /// Renders the model's chat template; the result is meant for `encode(.., add_special =
+    /// true, parse_special = true)`. A template that writes the BOS text itself (Phi-3, Llama 3,
+    /// Mistral) would then start with two BOS tokens where the tokenizer adds one, so that
+    /// leading BOS text is dropped, as llama.cpp's `common_chat_templates_apply` does.
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
@@ -632,12 +666,19 @@ impl Tokenizer {
     ) -> Result<String, TokenizerError> {
         let tmpl = self.chat_template().ok_or(TokenizerError::NoChatTemplate)?;
         let text_of = |id: Option<u32>| id.and_then(|i| self.token_text(i)).unwrap_or("");
-        chat::render(
+        let bos = text_of(self.inner.bos);
+        let text = chat::render(
             tmpl,
             messages,
             add_generation_prompt,
-            text_of(self.inner.bos),
+            bos,
             text_of(self.inner.eos),
-        )
+        )?;
+        Ok(match text.strip_prefix(bos) {
+            Some(rest) if self.inner.add_bos && !bos.is_empty() && self.inner.bos.is_some() => {
+                rest.to_string()
+            }
+            _ => text,
+        })
     }
 }

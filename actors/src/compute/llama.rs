@@ -1,8 +1,8 @@
 //! The real compute: the core crate's llama-family CPU forward pass (`rocmforge::model`: llama,
-//! mistral, qwen2, qwen3, gemma3) run over the weights the pipeline made resident, plus the GGUF
-//! tokenizer. The family's embedding scale and final logit cap come from `Model`
-//! (`scale_embeddings`, `finish_logits`), applied here where this compute does the lookup and
-//! the head itself.
+//! mistral, qwen2, qwen3, gemma3, phi3, qwen3moe, Mixtral as llama with experts) run over the
+//! weights the pipeline made resident, plus the GGUF tokenizer. The family's embedding scale and
+//! final logit cap come from `Model` (`scale_embeddings`, `finish_logits`), applied here where
+//! this compute does the lookup and the head itself.
 //!
 //! Per-layer weights come from the resident unit (the host arena in `read` mode, the file map in
 //! `mmap` mode), never from the model's own map, so the budget is what really bounds memory.
@@ -185,6 +185,7 @@ fn layer_views<'a>(unit: &'a ResidentLayer, r: &LayerRefs) -> Result<LayerWeight
         k_norm: opt(&r.k_norm)?,
         attn_post_norm: opt(&r.attn_post_norm)?,
         ffn_post_norm: opt(&r.ffn_post_norm)?,
+        router: opt(&r.router)?,
     })
 }
 

@@ -1,0 +1,292 @@
+//! The mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral): a router scores every expert
+//! for each token, each token runs through its `n_expert_used` best experts, and their outputs
+//! are summed with the router's softmax weights (renormalised over the chosen ones).
+//!
+//! Experts run only on the tokens routed to them: the tokens of one expert are gathered into a
+//! batch, so a prefill does one matrix product per expert in use, not one per token, and an
+//! expert no token chose is never read. The experts of a layer are stored stacked in 3-D
+//! tensors (`ffn_{gate,up,down}_exps`); expert e is a block of rows of each (whole quant
+//! blocks), so a quantized expert is an ordinary quantized matrix (`WeightView::rows`).
+
+use super::error::ModelError;
+use super::hparams::{FfnActivation, Moe};
+use super::names::{TensorId, TensorKind};
+use super::ops::{self, Precision};
+use super::weights::WeightView;
+use std::cell::RefCell;
+use std::fmt;
+
+/// Buffers of one MoE block, per thread, reused across layers and tokens.
+#[derive(Default)]
+struct Scratch {
+    /// Router logits, then probabilities, `[n, n_expert]`.
+    logits: Vec<f32>,
+    /// The chosen experts and their weights, `[n, n_expert_used]`.
+    chosen: Vec<usize>,
+    weights: Vec<f32>,
+    /// The tokens routed to the current expert and their weights.
+    tokens: Vec<usize>,
+    token_w: Vec<f32>,
+    /// Their normed inputs `[m, d]`, gate and up `[m, n_ff_exp]`, outputs `[m, d]`.
+    xs: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    ys: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// The weights of one MoE block: the router `[n_expert, d]` and the stacked experts
+/// `[n_expert * n_ff_exp, d]` (gate, up) and `[n_expert * d, n_ff_exp]` (down).
+pub struct MoeWeights<'a> {
+    pub router: &'a WeightView<'a>,
+    pub gate: &'a WeightView<'a>,
+    pub up: &'a WeightView<'a>,
+    pub down: &'a WeightView<'a>,
+}
+
+/// Names one expert's slice of a stacked tensor in errors.
+struct ExpertName {
+    tensor: TensorId,
+    expert: usize,
+}
+
+impl fmt::Display for ExpertName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (expert {})", self.tensor, self.expert)
+    }
+}
+
+/// Picks the `chosen.len()` most probable experts from one token's router `logits` (turned
+/// into softmax probabilities in place), best first, lower index first among equals, and
+/// their weights: the probabilities, renormalised to sum to 1 when `norm` is set.
+pub fn route(logits: &mut [f32], norm: bool, chosen: &mut [usize], weights: &mut [f32]) {
+    ops::softmax(logits);
+    for slot in 0..chosen.len() {
+        let best = (0..logits.len())
+            .filter(|e| !chosen[..slot].contains(e))
+            .fold(None, |best: Option<usize>, e| match best {
+                Some(b) if logits[b] >= logits[e] => Some(b),
+                _ => Some(e),
+            });
+        // `chosen.len() <= logits.len()` (checked at load), so an expert is always left.
+        let e = best.unwrap_or(0);
+        chosen[slot] = e;
+        weights[slot] = logits[e];
+    }
+    if norm {
+        let sum: f32 = weights.iter().sum();
+        if sum > 0.0 {
+            weights.iter_mut().for_each(|w| *w /= sum);
+        }
+    }
+}
+
+/// The MoE FFN of `n` tokens: `out` (`[n, d]`) = sum over each token's chosen experts of
+/// `weight * down_e(act(gate_e(x)) * up_e(x))`, for the normed inputs `xn` (`[n, d]`).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_ffn(
+    moe: &Moe,
+    activation: FfnActivation,
+    layer: usize,
+    w: &MoeWeights,
+    xn: &[f32],
+    n: usize,
+    out: &mut [f32],
+    precision: Precision,
+) -> Result<(), ModelError> {
+    SCRATCH.with(|cell| {
+        let mut own = Scratch::default();
+        let mut guard = cell.try_borrow_mut();
+        let s = match guard.as_deref_mut() {
+            Ok(s) => s,
+            // Re-entered (a nested parallel caller on this thread): private buffers.
+            Err(_) => &mut own,
+        };
+        run(moe, activation, layer, w, xn, n, out, precision, s)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    moe: &Moe,
+    activation: FfnActivation,
+    layer: usize,
+    w: &MoeWeights,
+    xn: &[f32],
+    n: usize,
+    out: &mut [f32],
+    precision: Precision,
+    s: &mut Scratch,
+) -> Result<(), ModelError> {
+    let (ne, k, fe) = (moe.n_expert, moe.n_expert_used, moe.n_ff_exp);
+    let d = w.router.cols;
+    let id = |kind| TensorId {
+        kind,
+        layer: Some(layer),
+    };
+    // Router logits `[n, n_expert]`, then each token's choice.
+    resize(&mut s.logits, n * ne);
+    let router = id(TensorKind::FfnGateInp);
+    ops::linear(w.router, &router, xn, n, &mut s.logits, precision)?;
+    s.chosen.resize(n * k, 0);
+    resize(&mut s.weights, n * k);
+    for ((l, c), wt) in s
+        .logits
+        .chunks_exact_mut(ne)
+        .zip(s.chosen.chunks_exact_mut(k))
+        .zip(s.weights.chunks_exact_mut(k))
+    {
+        route(l, moe.norm_top_k, c, wt);
+    }
+
+    out[..n * d].fill(0.0);
+    for e in 0..ne {
+        s.tokens.clear();
+        s.token_w.clear();
+        for (i, (c, wt)) in s
+            .chosen
+            .chunks_exact(k)
+            .zip(s.weights.chunks_exact(k))
+            .enumerate()
+        {
+            if let Some(slot) = c.iter().position(|&x| x == e) {
+                s.tokens.push(i);
+                s.token_w.push(wt[slot]);
+            }
+        }
+        let m = s.tokens.len();
+        if m == 0 {
+            continue;
+        }
+        resize(&mut s.xs, m * d);
+        for (dst, &i) in s.xs.chunks_exact_mut(d).zip(&s.tokens) {
+            dst.copy_from_slice(&xn[i * d..(i + 1) * d]);
+        }
+        let (ng, nu, nd) = (
+            ExpertName {
+                tensor: id(TensorKind::FfnGateExps),
+                expert: e,
+            },
+            ExpertName {
+                tensor: id(TensorKind::FfnUpExps),
+                expert: e,
+            },
+            ExpertName {
+                tensor: id(TensorKind::FfnDownExps),
+                expert: e,
+            },
+        );
+        let (gate, up) = (w.gate.rows(e * fe, fe), w.up.rows(e * fe, fe));
+        let down = w.down.rows(e * d, d);
+        resize(&mut s.gate, m * fe);
+        resize(&mut s.up, m * fe);
+        ops::linear_fused(
+            &[(&gate, &ng), (&up, &nu)],
+            &s.xs,
+            m,
+            &mut [&mut s.gate[..], &mut s.up[..]],
+            precision,
+        )?;
+        match activation {
+            FfnActivation::Silu => ops::swiglu(&mut s.gate, &s.up),
+            FfnActivation::GeluTanh => ops::geglu_tanh(&mut s.gate, &s.up),
+        }
+        resize(&mut s.ys, m * d);
+        ops::linear(&down, &nd, &s.gate, m, &mut s.ys, precision)?;
+        for ((y, &i), &wt) in s.ys.chunks_exact(d).zip(&s.tokens).zip(&s.token_w) {
+            ops::axpy(&mut out[i * d..(i + 1) * d], wt, y);
+        }
+    }
+    Ok(())
+}
+
+/// Sizes a scratch vector to exactly `len` (the kernels check lengths exactly).
+fn resize(v: &mut Vec<f32>, len: usize) {
+    v.resize(len, 0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_to_the_top_k_and_renormalises() {
+        let mut l = [0.0f32, 2.0, 1.0, 2.0];
+        let (mut c, mut w) = ([0usize; 2], [0f32; 2]);
+        route(&mut l, true, &mut c, &mut w);
+        // Experts 1 and 3 tie: both chosen, the lower index first, half the weight each.
+        assert_eq!(c, [1, 3]);
+        assert!(
+            (w[0] - 0.5).abs() < 1e-6 && (w[1] - 0.5).abs() < 1e-6,
+            "{w:?}"
+        );
+        let mut l = [0.0f32, 2.0, 1.0, 3.0];
+        route(&mut l, false, &mut c, &mut w);
+        assert_eq!(c, [3, 1]);
+        // Without renormalisation the weights are the softmax over all four experts.
+        let z: f32 = [0.0f32, 2.0, 1.0, 3.0].iter().map(|v| v.exp()).sum();
+        assert!((w[0] - 3f32.exp() / z).abs() < 1e-6, "{w:?}");
+        assert!((w[1] - 2f32.exp() / z).abs() < 1e-6, "{w:?}");
+    }
+
+    #[test]
+    fn experts_run_on_their_tokens_only() {
+        use crate::quant::GgmlType;
+        // d = 1, one-wide experts: expert e's FFN is `silu(g_e x) * (u_e x) * down_e`. The
+        // router sends token 0 to expert 0 and token 1 to expert 1 (top-1).
+        let f = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (router, gate, up, down) = (
+            f(&[1.0, -1.0]),
+            f(&[1.0, 2.0]),
+            f(&[3.0, 5.0]),
+            f(&[7.0, 11.0]),
+        );
+        fn view(data: &[u8], rows: usize) -> WeightView<'_> {
+            WeightView {
+                ty: GgmlType::F32,
+                rows,
+                cols: 1,
+                data,
+            }
+        }
+        let (r, g, u, dn) = (
+            view(&router, 2),
+            view(&gate, 2),
+            view(&up, 2),
+            view(&down, 2),
+        );
+        let w = MoeWeights {
+            router: &r,
+            gate: &g,
+            up: &u,
+            down: &dn,
+        };
+        let moe = Moe {
+            n_expert: 2,
+            n_expert_used: 1,
+            n_ff_exp: 1,
+            norm_top_k: true,
+        };
+        let xn = [2.0f32, -3.0];
+        let mut out = [0f32; 2];
+        moe_ffn(
+            &moe,
+            FfnActivation::Silu,
+            0,
+            &w,
+            &xn,
+            2,
+            &mut out,
+            Precision::Exact,
+        )
+        .unwrap();
+        let silu = |x: f32| x / (1.0 + (-x).exp());
+        let want0 = silu(1.0 * 2.0) * (3.0 * 2.0) * 7.0;
+        let want1 = silu(2.0 * -3.0) * (5.0 * -3.0) * 11.0;
+        assert!((out[0] - want0).abs() < 1e-4, "{out:?} vs {want0}");
+        assert!((out[1] - want1).abs() < 1e-4, "{out:?} vs {want1}");
+    }
+}
