@@ -257,7 +257,8 @@ fn check_weights<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut
     );
 }
 
-fn rope_ref(x: &[f32], pos: &[i32], r: RopeParams) -> Vec<f32> {
+/// `ff`: the per-pair frequency divisors (Llama 3.1's `rope_freqs`), if any.
+fn rope_ref(x: &[f32], pos: &[i32], r: RopeParams, ff: Option<&[f32]>) -> Vec<f32> {
     let mut out = x.to_vec();
     for (tk, &p) in pos.iter().enumerate().take(r.n_tokens) {
         for h in 0..r.n_heads {
@@ -265,7 +266,8 @@ fn rope_ref(x: &[f32], pos: &[i32], r: RopeParams) -> Vec<f32> {
             for i in 0..r.n_rot / 2 {
                 let theta = f64::from(p)
                     * f64::from(r.freq_scale)
-                    * f64::from(r.freq_base).powf(-2.0 * i as f64 / r.n_rot as f64);
+                    * f64::from(r.freq_base).powf(-2.0 * i as f64 / r.n_rot as f64)
+                    / ff.map_or(1.0, |f| f64::from(f[i]));
                 let (a, b) = if r.neox {
                     (i, i + r.n_rot / 2)
                 } else {
@@ -314,8 +316,13 @@ fn check_float_ops<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         1e-5,
     );
 
-    // rope, both pairings, partial rotation on the neox case; positions up to 1000.
-    for (neox, n_rot) in [(false, 64usize), (true, 48usize)] {
+    // rope, both pairings, partial rotation on the neox case, frequency factors (Llama 3.1's
+    // rope_freqs, divisors in [1, 8]) on a third case; positions up to 1000.
+    for (neox, n_rot, factors) in [
+        (false, 64usize, false),
+        (true, 48usize, false),
+        (false, 64, true),
+    ] {
         let r = RopeParams {
             n_tokens: 3,
             n_heads: 4,
@@ -328,17 +335,27 @@ fn check_float_ops<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         let n = r.n_tokens * r.n_heads * r.head_dim;
         let x = rand_vec(rng, n, 1.0);
         let pos = vec![0i32, 17, 1000];
-        let want = rope_ref(&x, &pos, r);
+        let ff: Option<Vec<f32>> =
+            factors.then(|| (0..n_rot / 2).map(|_| rng.gen_range(1.0f32..8.0)).collect());
+        let want = rope_ref(&x, &pos, r, ff.as_deref());
+        let ffd = ff.as_ref().map(|f| up(d, f));
         let (xd, pd, od) = (
             up(d, &x),
             upload(d, &pos, "pos").expect("pos"),
             d.alloc(n * 4, "o").expect("alloc"),
         );
-        d.rope(s, &xd, &od, &pd, r).expect("rope");
+        let ffv = ffd
+            .as_ref()
+            .map(|b| b as &dyn rocmforge::backend::DeviceBuffer);
+        d.rope(s, &xd, &od, &pd, ffv, r).expect("rope");
         s.synchronize().expect("sync");
         // theta is formed in f32 as the CPU path does: at 1000 rad one ulp is 6e-5.
         t.add(
-            if neox { "rope_neox_f32" } else { "rope_f32" },
+            match (neox, factors) {
+                (true, _) => "rope_neox_f32",
+                (false, false) => "rope_f32",
+                (false, true) => "rope_f32 (freq factors)",
+            },
             "f32",
             rel_err(&od.to_vec::<f32>(n).expect("read"), &want),
             5e-4,

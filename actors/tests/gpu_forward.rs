@@ -237,3 +237,67 @@ gpu_test!(hip: fn synth_runtime_hip_matches_cpu() {
     drop(require_device!(hip));
     synth(BackendKind::Hip);
 });
+
+/// The tiny random models of every family (tests/data/tiny-families, verified against
+/// transformers on the CPU): those the GPU graph computes give the exact CPU's greedy tokens up
+/// to the oracle's first near-tie; the others are refused at load with an error naming what the
+/// GPU lacks (never wrong output).
+fn check_tiny_families(kind: BackendKind) {
+    const GPU: [&str; 3] = ["llama", "qwen2", "qwen3"];
+    const REFUSED: [(&str, &str); 5] = [
+        ("gemma3", "gemma3"),
+        ("mistral", "sliding-window"),
+        ("mixtral", "mixture of experts"),
+        ("phi3", "phi3"),
+        ("qwen3moe", "qwen3moe"),
+    ];
+    let tiny = |f: &str| data_dir().join(format!("tiny-families/{f}.f32.gguf"));
+    let prompt = [3u32, 141, 59, 26, 5, 35, 89, 79, 32, 38];
+    for family in GPU {
+        let path = tiny(family);
+        let oracle = cpu_greedy(&Model::open(&path).expect("model"), &prompt);
+        let rt = Runtime::builder()
+            .model(&path)
+            .device(kind)
+            .build()
+            .unwrap_or_else(|e| panic!("{family} on {kind}: {e}"));
+        let (ids, _) = gpu_greedy(&rt, &prompt);
+        rt.shutdown().expect("shutdown");
+        let decisive = oracle
+            .iter()
+            .position(|s| s.margin < NEAR_TIE)
+            .unwrap_or(STEPS);
+        let same = ids
+            .iter()
+            .zip(&oracle)
+            .take_while(|(g, c)| **g == c.id)
+            .count();
+        println!("{family} on {kind}: {same} of {STEPS} greedy tokens equal, decisive {decisive}");
+        assert!(
+            same >= decisive,
+            "{family}: {kind} differs from the exact CPU at step {same}, before the first near-tie ({decisive})"
+        );
+    }
+    for (family, named) in REFUSED {
+        match Runtime::builder().model(tiny(family)).device(kind).build() {
+            Ok(rt) => {
+                rt.shutdown().ok();
+                panic!("{family} on {kind} was accepted; the GPU graph does not compute it")
+            }
+            Err(e) => assert!(
+                e.to_string().contains(named),
+                "{family} on {kind}: the refusal does not name {named:?}: {e}"
+            ),
+        }
+    }
+}
+
+gpu_test!(cuda: fn tiny_families_cuda_match_cpu_or_are_refused() {
+    drop(require_device!(cuda));
+    check_tiny_families(BackendKind::Cuda);
+});
+
+gpu_test!(hip: fn tiny_families_hip_match_cpu_or_are_refused() {
+    drop(require_device!(hip));
+    check_tiny_families(BackendKind::Hip);
+});

@@ -202,6 +202,9 @@ pub struct LayerTensors<'a> {
     pub bq: Option<DeviceTensor<'a>>,
     pub bk: Option<DeviceTensor<'a>>,
     pub bv: Option<DeviceTensor<'a>>,
+    /// Per-head RMS norms of queries and keys, `[head_dim]` (Qwen3), applied before RoPE.
+    pub q_norm: Option<DeviceTensor<'a>>,
+    pub k_norm: Option<DeviceTensor<'a>>,
     pub wo: DeviceTensor<'a>,
     pub ffn_norm: DeviceTensor<'a>,
     pub w_gate: DeviceTensor<'a>,

@@ -69,6 +69,17 @@ impl Model {
         &self.hp
     }
 
+    /// The `rope_freqs` divisors (`[n_rot / 2]`, Llama 3.1 frequency factors) as f32, if the
+    /// model has them.
+    pub fn rope_freq_factors(&self) -> Result<Option<Vec<f32>>, ModelError> {
+        let Some(t) = &self.layout.rope_freqs else {
+            return Ok(None);
+        };
+        let mut f = vec![0.0; self.hp.n_rot / 2];
+        ops::dequantize(&t.view(self.file.bytes()), &t.name, &mut f)?;
+        Ok(Some(f))
+    }
+
     pub fn layout(&self) -> &ModelLayout {
         &self.layout
     }

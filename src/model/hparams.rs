@@ -109,8 +109,7 @@ impl Arch {
     /// for a refusal; `None` when that graph computes it fully.
     pub fn beyond_llama_graph(self) -> Option<&'static str> {
         match self {
-            Self::Llama | Self::Mistral | Self::Qwen2 => None,
-            Self::Qwen3 => Some("qwen3 (per-head QK-norm)"),
+            Self::Llama | Self::Mistral | Self::Qwen2 | Self::Qwen3 => None,
             Self::Gemma3 => Some(
                 "gemma3 (GeGLU, QK-norm, post-attention/FFN norms, embedding scale, \
                  sliding-window layers)",
@@ -578,7 +577,8 @@ mod tests {
         );
         let q3 = HParams::try_from(&md("qwen3")).unwrap();
         assert!(q3.moe.is_none());
-        assert!(q3.beyond_llama_graph().unwrap().contains("QK-norm"));
+        // The GPU layer applies QK-norm (per-head rows of its norm kernel).
+        assert_eq!(q3.beyond_llama_graph(), None);
         // Mistral-style: a window on every layer, with the one RoPE base; 0 means none.
         let mut m = md("mistral");
         m.insert("mistral.attention.sliding_window", Value::U32(512));

@@ -203,6 +203,8 @@ where
             bq: opt(&refs.bq)?,
             bk: opt(&refs.bk)?,
             bv: opt(&refs.bv)?,
+            q_norm: opt(&refs.q_norm)?,
+            k_norm: opt(&refs.k_norm)?,
             wo: t(&refs.wo)?,
             ffn_norm: t(&refs.ffn_norm)?,
             w_gate: t(&refs.w_gate)?,

@@ -95,12 +95,14 @@ pub fn linear<D: KernelDevice>(
     Ok(())
 }
 
-/// One layer's weights as device views: q, k, v, o, gate, up, down; f32 norms; f32 biases.
+/// One layer's weights as device views: q, k, v, o, gate, up, down; f32 norms; f32 biases;
+/// f32 per-head query/key norms (`[head_dim]`, Qwen3).
 pub struct LayerViews<'a> {
     pub mats: [(View<'a>, QMatrix); 7],
     pub attn_norm: View<'a>,
     pub ffn_norm: View<'a>,
     pub bias: [Option<View<'a>>; 3],
+    pub qk_norm: [Option<View<'a>>; 2],
 }
 
 /// What a layer pass borrows from its owner.
@@ -117,6 +119,8 @@ pub struct LayerCtx<'a, D: KernelDevice> {
     pub pos: usize,
     pub n: usize,
     pub freq_scale: f32,
+    /// RoPE frequency divisors (`[n_rot / 2]` f32), if the model has them.
+    pub rope_factors: Option<View<'a>>,
 }
 
 /// The first `floats` f32 values of `b`.
@@ -158,6 +162,16 @@ pub fn run_layer<D: KernelDevice>(
             }
         }
     }
+    // Per-head RMS norm of queries and keys (Qwen3): every head's row of head_dim values is one
+    // row of the norm kernel (in place).
+    for (norm, x, heads) in [
+        (w.qk_norm[0], q, hp.n_head),
+        (w.qk_norm[1], k, hp.n_head_kv),
+    ] {
+        if let Some(nw) = norm {
+            dev.rmsnorm(st, &x, &nw, &x, n * heads, hp.head_dim, hp.rms_eps)?;
+        }
+    }
     let rp = |heads| RopeParams {
         n_tokens: n,
         n_heads: heads,
@@ -167,8 +181,12 @@ pub fn run_layer<D: KernelDevice>(
         freq_scale: cx.freq_scale,
         neox: hp.arch.rope_layout() == crate::model::RopeLayout::NeoX,
     };
-    dev.rope(st, &q, &q, &s.pos, rp(hp.n_head))?;
-    dev.rope(st, &k, &k, &s.pos, rp(hp.n_head_kv))?;
+    let rf = cx
+        .rope_factors
+        .as_ref()
+        .map(|v| v as &dyn crate::backend::DeviceBuffer);
+    dev.rope(st, &q, &q, &s.pos, rf, rp(hp.n_head))?;
+    dev.rope(st, &k, &k, &s.pos, rf, rp(hp.n_head_kv))?;
     let kvb = cx.kv_layout.bytes();
     let kc = cx.kv.slice((2 * l) * kvb, kvb)?;
     let vc = cx.kv.slice((2 * l + 1) * kvb, kvb)?;

@@ -51,6 +51,8 @@ pub struct GpuLayered<D: KernelDevice> {
     max_batch: usize,
     kv_layout: KvLayout,
     freq_scale: f32,
+    /// The model's RoPE frequency divisors (`rope_freqs`, `[n_rot / 2]` f32), when it has them.
+    rope_factors: Option<D::Buf>,
     /// Tokens embedded by the last `embed` and the position of the first.
     n: usize,
     pos: usize,
@@ -125,11 +127,6 @@ impl<D: KernelDevice> GpuLayered<D> {
         if let Some(what) = hp.beyond_llama_graph() {
             return Err(GpuForwardError::Unsupported(what));
         }
-        if model.layout().rope_freqs.is_some() {
-            return Err(GpuForwardError::Unsupported(
-                "rope_freqs (Llama 3.1 frequency factors)".into(),
-            ));
-        }
         if hp.head_dim != hp.head_dim_v {
             return Err(GpuForwardError::Unsupported(
                 "different K and V head widths".into(),
@@ -195,6 +192,14 @@ impl<D: KernelDevice> GpuLayered<D> {
             w16: next()?,
         };
         s.status.zero()?;
+        let rope_factors = match model.rope_freq_factors()? {
+            Some(f) => {
+                let b = dev.alloc(f.len() * 4, "rope frequency factors")?;
+                b.write(0, &f)?;
+                Some(b)
+            }
+            None => None,
+        };
         let stream = dev.new_stream()?;
         let gemm: Box<dyn GemmF16<D>> = if opt.use_blas {
             Box::new(DeferredGemm::new(dev.clone()))
@@ -211,6 +216,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             gemm,
             max_batch: b,
             freq_scale,
+            rope_factors,
             n: 0,
             pos: 0,
         })
@@ -380,6 +386,10 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
                 bias(&w.bk, hp.k_dim(), "attn_k bias")?,
                 bias(&w.bv, hp.v_dim(), "attn_v bias")?,
             ],
+            qk_norm: [
+                bias(&w.q_norm, hp.head_dim, "attn_q_norm")?,
+                bias(&w.k_norm, hp.head_dim, "attn_k_norm")?,
+            ],
         };
         let kv_view = View::of(&kv.buf);
         let mut cx = LayerCtx {
@@ -396,6 +406,7 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
             pos: self.pos,
             n: self.n,
             freq_scale: self.freq_scale,
+            rope_factors: self.rope_factors.as_ref().map(View::of),
         };
         run_layer(&mut cx, layer, &views)
     }

@@ -327,13 +327,15 @@ pub trait GpuOps: KernelDevice {
     }
 
     /// Rotary embedding of `[n_tokens, n_heads, head_dim]` f32 (`out` may be `x`); `pos` holds
-    /// `n_tokens` i32 positions.
+    /// `n_tokens` i32 positions; `freq_factors` the model's `[n_rot / 2]` f32 divisors of each
+    /// pair's frequency (Llama 3.1's `rope_freqs`), if it has them.
     fn rope(
         &self,
         s: &Self::Stream,
         x: &dyn DeviceBuffer,
         out: &dyn DeviceBuffer,
         pos: &dyn DeviceBuffer,
+        freq_factors: Option<&dyn DeviceBuffer>,
         r: RopeParams,
     ) -> BackendResult<()> {
         const OP: &str = "rope";
@@ -347,6 +349,9 @@ pub trait GpuOps: KernelDevice {
         need(OP, "x", x, n * 4)?;
         need(OP, "out", out, n * 4)?;
         need(OP, "pos", pos, r.n_tokens * 4)?;
+        if let Some(ff) = freq_factors {
+            need(OP, "freq_factors", ff, r.n_rot / 2 * 4)?;
+        }
         if n == 0 {
             return Ok(());
         }
@@ -368,8 +373,10 @@ pub trait GpuOps: KernelDevice {
             Arg::I32(to_i32(OP, "n_rot", r.n_rot)?),
             Arg::F32(r.freq_base),
             Arg::F32(r.freq_scale),
+            // A null pointer: no factors (the kernel checks).
+            freq_factors.map_or(Arg::Ptr(0), p),
         ];
-        // SAFETY: sizes checked above.
+        // SAFETY: sizes checked above (the factors hold n_rot / 2 f32 when given).
         unsafe { k.launch(s, shape, &args) }
     }
 
