@@ -1,7 +1,8 @@
 // attention.cu — scaled dot-product attention over an f16 KV cache, with GQA and a causal mask.
 //   q, out: [n_tokens, n_heads, head_dim] f32
 //   k, v:   [n_kv_heads, seq_cap, head_dim] f16; query head h reads kv head h / (n_heads / n_kv_heads)
-//   Token t sits at position pos0 + t and attends to positions 0 ..= pos0 + t.
+//   Token t sits at position pos0 + t and attends to positions 0 ..= pos0 + t, or with a sliding
+//   window (window > 0: Mistral) to the last `window` of them, pos0 + t - window + 1 ..= pos0 + t.
 // One block per (token, head); its warps split the positions and keep an online softmax
 // (running max, running sum, running V accumulator), then merge through shared memory. There is
 // no limit on the sequence length and no score buffer.
@@ -17,7 +18,7 @@
 __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_half* __restrict__ kc,
                                         const rf_half* __restrict__ vc, float* __restrict__ out,
                                         int n_heads, int n_kv_heads, int head_dim, int seq_cap,
-                                        int pos0, float scale) {
+                                        int pos0, float scale, int window) {
     __shared__ float s_m[RF_ATTN_MAX_WARPS];
     __shared__ float s_l[RF_ATTN_MAX_WARPS];
     __shared__ float s_acc[RF_ATTN_MAX_WARPS * RF_ATTN_MAX_HEAD_DIM];
@@ -28,6 +29,7 @@ __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_ha
     const int kvh = h / (n_heads / n_kv_heads);
     const int nd = head_dim / RF_WARP;
     const int kv_len = pos0 + t + 1;
+    const int kv_first = (window > 0 && kv_len > window) ? kv_len - window : 0;
     const float* qh = q + ((i64)t * n_heads + h) * head_dim;
     const rf_half* kh = kc + (i64)kvh * seq_cap * head_dim;
     const rf_half* vh = vc + (i64)kvh * seq_cap * head_dim;
@@ -40,7 +42,7 @@ __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_ha
         acc[i] = 0.f;
     }
     float m = -RF_INF, l = 0.f;
-    for (int j = warp; j < kv_len; j += nwarps) {
+    for (int j = kv_first + warp; j < kv_len; j += nwarps) {
         const rf_half* kj = kh + (i64)j * head_dim;
         float s = 0.f;
 #pragma unroll
@@ -82,14 +84,14 @@ __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_ha
 extern "C" __global__ void attn_decode_f16kv_f32(const float* __restrict__ q, const rf_half* __restrict__ k,
                                                  const rf_half* __restrict__ v, float* __restrict__ out,
                                                  int n_heads, int n_kv_heads, int head_dim, int seq_cap,
-                                                 int pos, float scale) {
-    rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos, scale);
+                                                 int pos, float scale, int window) {
+    rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos, scale, window);
 }
 
 // Prefill: n_tokens (= gridDim.x) new tokens at positions pos0 .. pos0 + n_tokens, causal.
 extern "C" __global__ void attn_prefill_f16kv_f32(const float* __restrict__ q, const rf_half* __restrict__ k,
                                                   const rf_half* __restrict__ v, float* __restrict__ out,
                                                   int n_heads, int n_kv_heads, int head_dim, int seq_cap,
-                                                  int pos0, float scale) {
-    rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos0, scale);
+                                                  int pos0, float scale, int window) {
+    rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos0, scale, window);
 }

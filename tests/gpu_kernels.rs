@@ -448,14 +448,20 @@ fn check_attention<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         .collect();
 
     let scale = 1.0 / (kv.head_dim as f32).sqrt();
-    let reference = |q: &[f32], n_tokens: usize, pos0: usize| -> Vec<f32> {
+    // `window`: a query sees only the last `window` positions (0: all).
+    let reference = |q: &[f32], n_tokens: usize, pos0: usize, window: usize| -> Vec<f32> {
         let mut out = vec![0f32; q.len()];
         for tk in 0..n_tokens {
             for h in 0..n_heads {
                 let kvh = h / (n_heads / kv.n_kv_heads);
                 let qv = &q[(tk * n_heads + h) * kv.head_dim..][..kv.head_dim];
                 let n = pos0 + tk + 1;
-                let scores: Vec<f64> = (0..n)
+                let first = if window > 0 {
+                    n.saturating_sub(window)
+                } else {
+                    0
+                };
+                let scores: Vec<f64> = (first..n)
                     .map(|p| {
                         (0..kv.head_dim)
                             .map(|e| {
@@ -469,9 +475,9 @@ fn check_attention<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
                 for e in 0..kv.head_dim {
-                    let o: f64 = (0..n)
+                    let o: f64 = (first..n)
                         .map(|p| {
-                            (scores[p] - m).exp() / z
+                            (scores[p - first] - m).exp() / z
                                 * f64::from(vh[(kvh * kv.seq_cap + p) * kv.head_dim + e])
                         })
                         .sum();
@@ -490,6 +496,7 @@ fn check_attention<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         kv,
         pos0: len - 1,
         scale,
+        window: 0,
     };
     d.attention(s, &qd, &kc, &vc, &od, a).expect("decode");
     s.synchronize().expect("sync");
@@ -498,7 +505,20 @@ fn check_attention<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         "f16kv",
         rel_err(
             &od.to_vec::<f32>(q.len()).expect("read"),
-            &reference(&q, 1, len - 1),
+            &reference(&q, 1, len - 1, 0),
+        ),
+        1e-4,
+    );
+    // The same query with a sliding window of 37 positions (Mistral's kind).
+    d.attention(s, &qd, &kc, &vc, &od, AttnParams { window: 37, ..a })
+        .expect("decode, window");
+    s.synchronize().expect("sync");
+    t.add(
+        "attn_decode_f16kv_f32 (window 37)",
+        "f16kv",
+        rel_err(
+            &od.to_vec::<f32>(q.len()).expect("read"),
+            &reference(&q, 1, len - 1, 37),
         ),
         1e-4,
     );
@@ -512,6 +532,7 @@ fn check_attention<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         kv,
         pos0: len - nt,
         scale,
+        window: 0,
     };
     d.attention(s, &qd, &kc, &vc, &od, a).expect("prefill");
     s.synchronize().expect("sync");
@@ -520,7 +541,19 @@ fn check_attention<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         "f16kv",
         rel_err(
             &od.to_vec::<f32>(q.len()).expect("read"),
-            &reference(&q, nt, len - nt),
+            &reference(&q, nt, len - nt, 0),
+        ),
+        1e-4,
+    );
+    d.attention(s, &qd, &kc, &vc, &od, AttnParams { window: 5, ..a })
+        .expect("prefill, window");
+    s.synchronize().expect("sync");
+    t.add(
+        "attn_prefill_f16kv_f32 (window 5)",
+        "f16kv",
+        rel_err(
+            &od.to_vec::<f32>(q.len()).expect("read"),
+            &reference(&q, nt, len - nt, 5),
         ),
         1e-4,
     );

@@ -476,11 +476,15 @@ impl HParams {
                 moe.n_expert, moe.n_expert_used
             ));
         }
+        // A window on every layer with the model's one RoPE base (Mistral) is the attention
+        // kernel's `window`; local layers with a RoPE base of their own are not computed.
         if let Some(la) = self.local_attention {
-            return Some(format!(
-                "sliding-window attention ({} positions)",
-                la.window
-            ));
+            if la.rope_freq_base != self.rope_freq_base {
+                return Some(format!(
+                    "sliding-window layers with their own RoPE base ({} positions)",
+                    la.window
+                ));
+            }
         }
         if self.attn_softcap.is_some() || self.final_softcap.is_some() {
             return Some("logit soft-capping".into());
@@ -585,7 +589,8 @@ mod tests {
         let h = HParams::try_from(&m).unwrap();
         assert!((0..2).all(|l| h.local_window(l) == Some(512)));
         assert_eq!(h.local_attention.unwrap().rope_freq_base, h.rope_freq_base);
-        assert!(h.beyond_llama_graph().unwrap().contains("sliding-window"));
+        // The GPU attention kernel takes the window.
+        assert_eq!(h.beyond_llama_graph(), None);
         m.insert("mistral.attention.sliding_window", Value::U32(0));
         assert!(HParams::try_from(&m).unwrap().local_attention.is_none());
     }

@@ -198,6 +198,7 @@ pub fn run_layer<D: KernelDevice>(
         kv: cx.kv_layout,
         pos0: cx.pos,
         scale: 1.0 / (hp.head_dim as f32).sqrt(),
+        window: hp.local_window(l).unwrap_or(0),
     };
     dev.attention(st, &q, &kc, &vc, &attn, ap)?;
     let (wo, mo) = w.mats[3];

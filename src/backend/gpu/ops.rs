@@ -123,6 +123,9 @@ pub struct AttnParams {
     pub pos0: usize,
     /// Usually 1 / sqrt(head_dim).
     pub scale: f32,
+    /// Sliding window: a query sees only the last `window` positions up to its own (Mistral);
+    /// 0: all of them.
+    pub window: usize,
 }
 
 /// Device sampling parameters; `u` is a uniform draw in [0, 1) from the host's seeded RNG.
@@ -517,6 +520,7 @@ pub trait GpuOps: KernelDevice {
             Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
             Arg::I32(to_i32(OP, "pos0", a.pos0)?),
             Arg::F32(a.scale),
+            Arg::I32(to_i32(OP, "window", a.window)?),
         ];
         // SAFETY: shapes and buffer sizes checked above; reads stay below pos0 + n_tokens <= seq_cap.
         unsafe { k.launch(s, shape, &args) }
