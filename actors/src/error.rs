@@ -78,6 +78,13 @@ pub enum RuntimeError {
     Unsupported(String),
     #[error("layer {layer} lacks tensor {tensor}")]
     MissingTensor { layer: String, tensor: String },
+    /// The KV pool has too few free blocks for a sequence now (it waits for others to end).
+    #[error("the KV pool is full: {needed} more blocks needed, {free} of {total} free")]
+    KvFull {
+        needed: usize,
+        free: usize,
+        total: usize,
+    },
 
     // --- lifecycle ---
     #[error("the {actor} actor failed to start: {message}")]

@@ -331,6 +331,30 @@ pub struct Stats {
     #[serde(default)]
     pub prompt_tokens_cached: u64,
     pub direct_io: bool,
+    /// Sequences in the running set (continuous batching).
+    #[serde(default)]
+    pub running_seqs: usize,
+    /// Requests queued for a place in the running set.
+    #[serde(default)]
+    pub waiting_seqs: usize,
+    /// Blocks of the paged KV pool (0: a compute without one), used now, and positions per
+    /// block.
+    #[serde(default)]
+    pub kv_blocks_total: usize,
+    #[serde(default)]
+    pub kv_blocks_used: usize,
+    #[serde(default)]
+    pub kv_block_tokens: usize,
+    /// Steps by sequences carried: counts per bucket of `pipeline::batch::BATCH_BUCKETS`
+    /// (at most 1, 2, 4, ... sequences), the last one for more.
+    #[serde(default)]
+    pub batch_steps: Vec<u64>,
+    /// Tokens carried by all steps (decode tokens and prompt chunks).
+    #[serde(default)]
+    pub batch_step_tokens: u64,
+    /// Sequences carried by all steps (the histogram's sum).
+    #[serde(default)]
+    pub batch_step_sequences: u64,
 }
 
 /// Whether the model can be served from its file (`RuntimeHandle::model_health`).

@@ -58,6 +58,7 @@ pub struct RuntimeBuilder {
     upload_streams: usize,
     queue_capacity: usize,
     max_sessions: usize,
+    batch: crate::pipeline::batch::BatchOptions,
     compute_threads: Option<usize>,
     channel_capacity: Option<usize>,
     compute: Option<ComputeFactory>,
@@ -84,6 +85,7 @@ impl Default for RuntimeBuilder {
             upload_streams: 1,
             queue_capacity: 16,
             max_sessions: 4,
+            batch: Default::default(),
             compute_threads: None,
             channel_capacity: None,
             compute: None,
@@ -112,6 +114,30 @@ impl RuntimeBuilder {
     /// beyond it the least recently used is dropped (default 4; 0 keeps none).
     pub fn max_sessions(mut self, n: usize) -> Self {
         self.max_sessions = n;
+        self
+    }
+
+    /// Sequences that run at once by continuous batching (default
+    /// `batch::DEFAULT_MAX_NUM_SEQS`); more requests wait in the queue. A compute that runs one
+    /// sequence at a time (the GPU ones, for now) runs one whatever this says.
+    pub fn max_num_seqs(mut self, n: usize) -> Self {
+        self.batch.max_num_seqs = n.max(1);
+        self
+    }
+
+    /// Tokens one step carries, decode tokens and prompt chunks together (default
+    /// `batch::DEFAULT_MAX_BATCH_TOKENS`): a prompt longer than this is read in chunks, and
+    /// decoding sequences wait at most one chunk for their next token.
+    pub fn max_batch_tokens(mut self, n: usize) -> Self {
+        self.batch.max_batch_tokens = n.max(1);
+        self
+    }
+
+    /// Bytes of KV cache all sequences share (the paged pool of the CPU compute); default:
+    /// room for `max_num_seqs` whole contexts, capped at half the memory available. A request
+    /// waits in the queue until its prompt and `max_tokens` fit.
+    pub fn kv_budget(mut self, bytes: u64) -> Self {
+        self.batch.kv_budget = Some(bytes);
         self
     }
 
@@ -155,7 +181,8 @@ impl RuntimeBuilder {
         self.upload_streams = n.max(1);
         self
     }
-    /// Requests waiting behind the running one before `generate` answers `QueueFull`.
+    /// Requests waiting for a place in the running set (`max_num_seqs`, KV room) before
+    /// `generate` answers `QueueFull`.
     pub fn queue_capacity(mut self, n: usize) -> Self {
         self.queue_capacity = n.max(1);
         self
@@ -321,6 +348,7 @@ impl RuntimeBuilder {
         // allocation, the other actors' start and the first reads.
         let inference = inference::spawn(inference::InferenceConfig {
             max_sessions: self.max_sessions,
+            batch: self.batch,
             compute_threads: self.compute_threads,
             file: file.clone(),
             factory,
@@ -777,6 +805,25 @@ impl RuntimeHandle {
                 })
                 .collect(),
             kv_slots_in_use: c.kv_slots_in_use.load(Ordering::Acquire),
+            running_seqs: c.running_seqs.load(Ordering::Relaxed),
+            waiting_seqs: c.held_seqs.load(Ordering::Relaxed)
+                + self
+                    .inner
+                    .jobs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map_or(0, |j| j.len()),
+            kv_blocks_total: c.kv_blocks_total.load(Ordering::Relaxed),
+            kv_blocks_used: c.kv_blocks_used.load(Ordering::Relaxed),
+            kv_block_tokens: c.kv_block_tokens.load(Ordering::Relaxed),
+            batch_steps: c
+                .batch_steps
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            batch_step_tokens: c.batch_step_tokens.load(Ordering::Relaxed),
+            batch_step_sequences: c.batch_step_seqs.load(Ordering::Relaxed),
             requests_done: c.requests_done.load(Ordering::Acquire),
             prompt_tokens_cached: c.prompt_tokens_cached.load(Ordering::Relaxed),
             direct_io: c.direct_io.load(Ordering::Acquire),

@@ -78,4 +78,28 @@ pub enum ModelError {
     },
     #[error("cannot build a thread pool: {0}")]
     ThreadPool(String),
+
+    // --- batching and the paged KV cache
+    #[error(
+        "batch of {sequences} sequences with rows {rows:?} does not match {values} hidden values \
+         of width {width}"
+    )]
+    BatchShape {
+        rows: Vec<usize>,
+        sequences: usize,
+        values: usize,
+        width: usize,
+    },
+    #[error("the sequences of one batch must share one precision")]
+    BatchPrecision,
+    #[error(
+        "the KV pool is full: {needed} more blocks of {block_tokens} tokens needed, {free} of \
+         {total} free"
+    )]
+    KvPoolFull {
+        needed: usize,
+        free: usize,
+        total: usize,
+        block_tokens: usize,
+    },
 }

@@ -4,10 +4,12 @@
 
 use super::error::ModelError;
 use super::hparams::{Arch, FfnActivation, HParams};
-use super::kv::{grow, Sequence, SequenceConfig};
+use super::kv::{grow, Scratch, Sequence, SequenceConfig};
 use super::moe::{moe_ffn, MoeWeights};
 use super::names::TensorId;
 use super::ops;
+use super::ops::Precision;
+use super::paged::SharedKvPool;
 use super::rope::Rope;
 use super::weights::{LayerWeights, ModelLayout};
 use crate::gguf::GgufFile;
@@ -92,9 +94,18 @@ impl Model {
         self.layout.n_vocab
     }
 
-    /// A new sequence (KV cache + position) for this model.
+    /// A new sequence (KV cache + position) for this model, with a KV pool of its own.
     pub fn new_sequence(&self, cfg: SequenceConfig) -> Result<Sequence, ModelError> {
         Sequence::new(&self.hp, cfg)
+    }
+
+    /// A new sequence drawing its KV blocks from `pool` (shared by a runtime's sequences).
+    pub fn new_sequence_in(
+        &self,
+        cfg: SequenceConfig,
+        pool: SharedKvPool,
+    ) -> Result<Sequence, ModelError> {
+        Sequence::in_pool(&self.hp, cfg, pool)
     }
 
     /// Views of layer `l`'s weights in the mapped file.
@@ -161,12 +172,48 @@ impl Model {
         seq: &mut Sequence,
         hidden: &mut [f32],
     ) -> Result<(), ModelError> {
+        let n = hidden.len() / self.hp.n_embd.max(1);
+        let mut scratch = std::mem::take(&mut seq.scratch);
+        let r = self.forward_layer_batch(layer, w, &mut [&mut *seq], &[n], hidden, &mut scratch);
+        seq.scratch = scratch;
+        r
+    }
+
+    /// Block `layer` over the rows of several sequences at once (continuous batching):
+    /// `hidden` is `[sum(rows), d]`, the first `rows[0]` rows belong to `seqs[0]` (positions
+    /// `seqs[0].pos() ..`), the next `rows[1]` to `seqs[1]`, and so on. The projections run once
+    /// over every row, so each weight is read once per step however many sequences it serves;
+    /// the attention of each sequence reads only its own cache. Row for row the result equals
+    /// [`Self::forward_layer`] on each sequence alone (bit for bit in `Precision::Exact`).
+    /// Every sequence must have the same precision. Call it for every layer in order, then
+    /// `advance` each sequence by its rows.
+    pub fn forward_layer_batch(
+        &self,
+        layer: usize,
+        w: &LayerWeights,
+        seqs: &mut [&mut Sequence],
+        rows: &[usize],
+        hidden: &mut [f32],
+        scratch: &mut Scratch,
+    ) -> Result<(), ModelError> {
         let hp = &self.hp;
         let d = hp.n_embd;
         let n = hidden.len() / d;
-        seq.check_room(n)?;
-        let pos0 = seq.pos();
-        let prec = seq.precision();
+        if rows.len() != seqs.len() || rows.iter().sum::<usize>() != n || n * d != hidden.len() {
+            return Err(ModelError::BatchShape {
+                rows: rows.to_vec(),
+                sequences: seqs.len(),
+                values: hidden.len(),
+                width: d,
+            });
+        }
+        let prec = seqs.first().map_or(Precision::default(), |s| s.precision());
+        for (seq, &r) in seqs.iter().zip(rows) {
+            seq.check_room(r)?;
+            if seq.precision() != prec {
+                return Err(ModelError::BatchPrecision);
+            }
+        }
         let (qd, kd, vd) = (hp.q_dim(), hp.k_dim(), hp.v_dim());
         let name = |kind| TensorId {
             kind,
@@ -175,7 +222,7 @@ impl Model {
         use super::names::TensorKind as K;
 
         // --- attention
-        let s = &mut seq.scratch;
+        let s = &mut *scratch;
         let norm_w = grow(&mut s.norm_w, d)?;
         ops::dequantize(&w.attn_norm, &name(K::AttnNorm), norm_w)?;
         let xn = grow(&mut s.xn, n * d)?;
@@ -219,12 +266,16 @@ impl Model {
             }
         }
 
-        // RoPE on every query and key head.
+        // RoPE on every query and key head, each row at its own sequence's position.
         let rope = self.rope_of(layer);
         let n_rot = rope.n_rot();
         let cs = grow(&mut s.rope_cs, n * n_rot)?;
-        for (i, c) in cs.chunks_exact_mut(n_rot).enumerate() {
-            rope.cos_sin(pos0 + i, c);
+        let positions = seqs
+            .iter()
+            .zip(rows)
+            .flat_map(|(seq, &r)| seq.pos()..seq.pos() + r);
+        for (c, p) in cs.chunks_exact_mut(n_rot).zip(positions) {
+            rope.cos_sin(p, c);
         }
         for (i, c) in cs.chunks_exact(n_rot).enumerate() {
             for head in q[i * qd..(i + 1) * qd].chunks_exact_mut(hp.head_dim) {
@@ -234,17 +285,30 @@ impl Model {
                 rope.apply(head, c);
             }
         }
-        for i in 0..n {
+        let attn = grow(&mut s.attn, n * hp.n_head * hp.head_dim_v)?;
+        let mut first = 0;
+        for (seq, &r) in seqs.iter_mut().zip(rows) {
+            let pos0 = seq.pos();
             seq.kv.store(
                 layer,
-                pos0 + i,
-                &k[i * kd..(i + 1) * kd],
-                &v[i * vd..(i + 1) * vd],
-            );
+                pos0,
+                &k[first * kd..(first + r) * kd],
+                &v[first * vd..(first + r) * vd],
+                r,
+            )?;
+            let width = hp.n_head * hp.head_dim_v;
+            self.attention(
+                layer,
+                seq,
+                &q[first * qd..(first + r) * qd],
+                pos0,
+                &mut s.scores,
+                &mut s.heads,
+                &mut attn[first * width..(first + r) * width],
+            )?;
+            first += r;
         }
-        self.attention(layer, seq, n, pos0)?;
 
-        let s = &mut seq.scratch;
         let proj = grow(&mut s.proj, n * d)?;
         let attn = &s.attn[..n * hp.n_head * hp.head_dim_v];
         ops::linear(&w.wo, &name(K::AttnOutput), attn, n, proj, prec)?;
@@ -296,34 +360,38 @@ impl Model {
         Ok(())
     }
 
-    /// Causal attention of the `n` new queries (in `scratch.q`, RoPE applied) over the cache,
-    /// heads in parallel; leaves `[n, n_head * head_dim_v]` in `scratch.attn`.
+    /// Causal attention of one sequence's new queries `q` (`[n, q_dim]`, RoPE applied, at
+    /// positions `pos0 ..`) over its cache, heads in parallel; writes `[n, n_head * head_dim_v]`
+    /// into `attn`. `scores` and `heads` are scratch space.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: usize,
-        seq: &mut Sequence,
-        n: usize,
+        seq: &Sequence,
+        q: &[f32],
         pos0: usize,
+        scores: &mut Vec<f32>,
+        heads: &mut Vec<f32>,
+        attn: &mut [f32],
     ) -> Result<(), ModelError> {
         let hp = &self.hp;
         let (hd, hdv, nh) = (hp.head_dim, hp.head_dim_v, hp.n_head);
-        let ctx = seq.ctx();
         let qd = hp.q_dim();
+        let n = q.len() / qd;
+        let ctx = seq.ctx();
         let gqa = hp.gqa();
         let (scale, window, softcap) = (hp.attn_scale, hp.local_window(layer), hp.attn_softcap);
-        let kv = &seq.kv;
-        let s = &mut seq.scratch;
-        let q = &s.q[..n * qd];
-        grow(&mut s.scores, nh * ctx)?;
-        grow(&mut s.heads, nh * n * hdv)?;
-        s.heads[..nh * n * hdv]
+        let (pool, table) = seq.kv.reader();
+        let pool = &*pool;
+        grow(scores, nh * ctx)?;
+        grow(heads, nh * n * hdv)?;
+        heads[..nh * n * hdv]
             .par_chunks_mut(n * hdv)
-            .zip(s.scores[..nh * ctx].par_chunks_mut(ctx))
+            .zip(scores[..nh * ctx].par_chunks_mut(ctx))
             .enumerate()
             .for_each(|(h, (out, scores))| {
-                let (keys, vals) = kv.head(layer, h / gqa, pos0 + n);
-                // Each cached row is used by all n queries: convert an f16 head once, into
-                // this thread's buffers, not once per query.
+                // Each cached row is used by all n queries: gather the head's rows (from the
+                // blocks of the table, converted from f16) once, into this thread's buffers.
                 KV_F32.with(|cell| {
                     let mut own = (Vec::new(), Vec::new());
                     let mut guard = cell.try_borrow_mut();
@@ -332,6 +400,7 @@ impl Model {
                         // Re-entered (a nested parallel caller): private buffers.
                         Err(_) => &mut own,
                     };
+                    let (keys, vals) = pool.gather(table, layer, h / gqa, pos0 + n, kb, vb);
                     let head = ops::AttnHead {
                         q: &q[h * hd..],
                         q_stride: qd,
@@ -341,17 +410,16 @@ impl Model {
                         scale,
                         window,
                         softcap,
-                        keys: keys.as_f32(kb),
-                        vals: vals.as_f32(vb),
+                        keys,
+                        vals,
                     };
                     ops::attend(&head, scores, out);
                 });
             });
-        let attn = grow(&mut s.attn, n * nh * hdv)?;
         for h in 0..nh {
             for i in 0..n {
                 attn[i * nh * hdv + h * hdv..i * nh * hdv + (h + 1) * hdv]
-                    .copy_from_slice(&s.heads[(h * n + i) * hdv..(h * n + i + 1) * hdv]);
+                    .copy_from_slice(&heads[(h * n + i) * hdv..(h * n + i + 1) * hdv]);
             }
         }
         Ok(())

@@ -1,12 +1,15 @@
-//! The KV cache of one sequence and the sequence state the forward pass advances.
+//! The KV cache of one sequence (a block table into a [`KvPool`](super::paged::KvPool)) and
+//! the sequence state the forward pass advances.
 
 use super::error::ModelError;
 use super::hparams::HParams;
 use super::ops::Precision;
+use super::paged::{lock, BlockId, KvPool, SharedKvPool, DEFAULT_BLOCK_TOKENS};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
 use serde::{Deserialize, Serialize};
+use std::sync::MutexGuard;
 
 /// Element type of the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,7 +23,7 @@ pub enum KvType {
 pub const DEFAULT_CTX: usize = 4096;
 
 #[derive(Debug)]
-enum KvBuf {
+pub(crate) enum KvBuf {
     F32(Vec<f32>),
     F16(Vec<f16>),
 }
@@ -61,7 +64,7 @@ fn try_zeroed<T: ZeroIsValid>(n: usize, what: &'static str) -> Result<Vec<T>, Mo
 }
 
 impl KvBuf {
-    fn new(ty: KvType, n: usize) -> Result<Self, ModelError> {
+    pub(crate) fn new(ty: KvType, n: usize) -> Result<Self, ModelError> {
         Ok(match ty {
             KvType::F32 => Self::F32(try_zeroed::<f32>(n, "KV cache")?),
             // Zeroed u16s reinterpreted: `vec![f16::ZERO; n]` would write every element
@@ -70,14 +73,22 @@ impl KvBuf {
         })
     }
 
-    fn write(&mut self, at: usize, src: &[f32]) {
+    pub(crate) fn write(&mut self, at: usize, src: &[f32]) {
         match self {
             Self::F32(v) => v[at..at + src.len()].copy_from_slice(src),
             Self::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
         }
     }
 
-    fn bytes(&self) -> usize {
+    /// Elements `at..at + dst.len()` as f32.
+    pub(crate) fn read(&self, at: usize, dst: &mut [f32]) {
+        match self {
+            Self::F32(v) => dst.copy_from_slice(&v[at..at + dst.len()]),
+            Self::F16(v) => v[at..at + dst.len()].convert_to_f32_slice(dst),
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
         match self {
             Self::F32(v) => v.len() * 4,
             Self::F16(v) => v.len() * 2,
@@ -85,66 +96,41 @@ impl KvBuf {
     }
 }
 
-/// Rows of one KV head, `[ctx, dim]`, as stored.
-#[derive(Clone, Copy)]
-pub enum KvRows<'a> {
-    F32(&'a [f32]),
-    F16(&'a [f16]),
-}
-
-impl<'a> KvRows<'a> {
-    /// All rows as one f32 slice: borrowed from an f32 cache, converted into `buf` from f16.
-    pub fn as_f32<'b>(&self, buf: &'b mut Vec<f32>) -> &'b [f32]
-    where
-        'a: 'b,
-    {
-        match *self {
-            KvRows::F32(v) => v,
-            KvRows::F16(v) => {
-                buf.resize(v.len(), 0.0);
-                v.convert_to_f32_slice(buf);
-                buf
-            }
-        }
-    }
-}
-
-/// Keys and values of every layer, `[layer, kv_head, ctx, head_dim]`: positions of one head are
-/// contiguous, which is what attention reads.
+/// The KV cache of one sequence: its block table into a pool (a private one, or the pool a
+/// runtime shares between its sequences) and its context length. Blocks are taken as the
+/// sequence grows (or up front, [`Self::reserve`]) and go back to the pool when it is dropped.
 #[derive(Debug)]
 pub struct KvCache {
-    ty: KvType,
+    pool: SharedKvPool,
+    table: Vec<BlockId>,
     ctx: usize,
-    n_head_kv: usize,
-    dk: usize,
-    dv: usize,
-    k: KvBuf,
-    v: KvBuf,
+    ty: KvType,
 }
 
 impl KvCache {
-    /// A zeroed cache of `ctx` positions; an error (not an abort) when its size overflows or
-    /// the allocator refuses it. Size it first with [`SequenceConfig::fit_context`].
+    /// A cache of `ctx` positions in a pool of its own (every block taken now): the
+    /// single-sequence case. Size it first with [`SequenceConfig::fit_context`].
     pub fn new(hp: &HParams, ctx: usize, ty: KvType) -> Result<Self, ModelError> {
-        let elems = |dim: usize| {
-            hp.n_layer
-                .checked_mul(hp.n_head_kv)
-                .and_then(|n| n.checked_mul(ctx))
-                .and_then(|n| n.checked_mul(dim))
-                .ok_or(ModelError::Alloc {
-                    what: "KV cache",
-                    bytes: hp.n_layer as u128 * hp.n_head_kv as u128 * ctx as u128 * dim as u128,
-                })
-        };
-        Ok(Self {
+        let pool = KvPool::new(
+            hp,
             ty,
+            DEFAULT_BLOCK_TOKENS,
+            ctx.div_ceil(DEFAULT_BLOCK_TOKENS),
+        )?;
+        let mut c = Self::in_pool(pool.shared(), ctx);
+        c.reserve(ctx)?;
+        Ok(c)
+    }
+
+    /// An empty cache of up to `ctx` positions drawing blocks from `pool`.
+    pub fn in_pool(pool: SharedKvPool, ctx: usize) -> Self {
+        let ty = lock(&pool).kv_type();
+        Self {
+            pool,
+            table: Vec::new(),
             ctx,
-            n_head_kv: hp.n_head_kv,
-            dk: hp.head_dim,
-            dv: hp.head_dim_v,
-            k: KvBuf::new(ty, elems(hp.head_dim)?)?,
-            v: KvBuf::new(ty, elems(hp.head_dim_v)?)?,
-        })
+            ty,
+        }
     }
 
     pub fn ctx(&self) -> usize {
@@ -155,39 +141,79 @@ impl KvCache {
         self.ty
     }
 
-    /// Bytes held by the cache (allocated; resident only as far as written).
+    pub fn pool(&self) -> &SharedKvPool {
+        &self.pool
+    }
+
+    /// The pool's block ids holding this sequence's positions, in order.
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.table
+    }
+
+    /// Bytes held by the cache's blocks (allocated; resident only as far as written).
     pub fn bytes(&self) -> usize {
-        self.k.bytes() + self.v.bytes()
+        let p = lock(&self.pool);
+        self.table.len() * p.stats().block_bytes as usize
     }
 
-    fn base(&self, layer: usize, head: usize) -> usize {
-        (layer * self.n_head_kv + head) * self.ctx
-    }
-
-    /// Stores position `pos` of `layer`: `k` is `[n_head_kv, dk]`, `v` is `[n_head_kv, dv]`.
-    pub fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        for h in 0..self.n_head_kv {
-            let at = self.base(layer, h) + pos;
-            self.k
-                .write(at * self.dk, &k[h * self.dk..(h + 1) * self.dk]);
-            self.v
-                .write(at * self.dv, &v[h * self.dv..(h + 1) * self.dv]);
+    /// Takes blocks until the first `tokens` positions (capped by the context) have room;
+    /// all or none: `ModelError::KvPoolFull` when the pool has too few free.
+    pub fn reserve(&mut self, tokens: usize) -> Result<(), ModelError> {
+        let mut p = lock(&self.pool);
+        let need = p
+            .blocks_for(tokens.min(self.ctx))
+            .saturating_sub(self.table.len());
+        if need == 0 {
+            return Ok(());
         }
-    }
-
-    /// The first `len` key and value rows of one KV head.
-    pub fn head(&self, layer: usize, head: usize, len: usize) -> (KvRows<'_>, KvRows<'_>) {
-        let b = self.base(layer, head);
-        fn slice(buf: &KvBuf, r: std::ops::Range<usize>) -> KvRows<'_> {
-            match buf {
-                KvBuf::F32(v) => KvRows::F32(&v[r]),
-                KvBuf::F16(v) => KvRows::F16(&v[r]),
+        let a = p.allocator_mut();
+        match a.alloc_n(need) {
+            Some(b) => {
+                self.table.extend(b);
+                Ok(())
             }
+            None => Err(ModelError::KvPoolFull {
+                needed: need,
+                free: a.free(),
+                total: a.total(),
+                block_tokens: p.block_tokens(),
+            }),
         }
-        (
-            slice(&self.k, b * self.dk..(b + len) * self.dk),
-            slice(&self.v, b * self.dv..(b + len) * self.dv),
-        )
+    }
+
+    /// Gives back the blocks past the first `tokens` positions.
+    pub fn release_after(&mut self, tokens: usize) {
+        let mut p = lock(&self.pool);
+        let keep = p.blocks_for(tokens);
+        for b in self.table.drain(keep.min(self.table.len())..) {
+            p.allocator_mut().release(b);
+        }
+    }
+
+    /// Stores positions `pos0..` of `layer`: `k` is `[n, n_head_kv, dk]`, `v` is
+    /// `[n, n_head_kv, dv]`; takes blocks for them first where needed.
+    pub fn store(
+        &mut self,
+        layer: usize,
+        pos0: usize,
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+    ) -> Result<(), ModelError> {
+        self.reserve(pos0 + n)?;
+        lock(&self.pool).write(&self.table, layer, pos0, k, v);
+        Ok(())
+    }
+
+    /// The locked pool and this sequence's table, for the attention's gathers.
+    pub(crate) fn reader(&self) -> (MutexGuard<'_, KvPool>, &[BlockId]) {
+        (lock(&self.pool), &self.table)
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        self.release_after(0);
     }
 }
 
@@ -371,27 +397,28 @@ impl Default for SequenceConfig {
 }
 
 /// Scratch buffers of the forward pass, grown to the largest batch seen and then reused, so
-/// decoding allocates nothing per token.
+/// decoding allocates nothing per token. A sequence has its own; a batched step
+/// ([`Model::forward_layer_batch`](super::Model::forward_layer_batch)) uses its caller's.
 #[derive(Debug, Default)]
-pub(crate) struct Scratch {
-    pub hidden: Vec<f32>,
-    pub xn: Vec<f32>,
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+pub struct Scratch {
+    pub(crate) hidden: Vec<f32>,
+    pub(crate) xn: Vec<f32>,
+    pub(crate) q: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
     /// `[n_head, n_tokens, head_dim_v]`: each head's output is contiguous for the parallel loop.
-    pub heads: Vec<f32>,
-    pub attn: Vec<f32>,
-    pub proj: Vec<f32>,
-    pub gate: Vec<f32>,
-    pub up: Vec<f32>,
+    pub(crate) heads: Vec<f32>,
+    pub(crate) attn: Vec<f32>,
+    pub(crate) proj: Vec<f32>,
+    pub(crate) gate: Vec<f32>,
+    pub(crate) up: Vec<f32>,
     /// `[n_head, ctx]` attention scores.
-    pub scores: Vec<f32>,
-    pub norm_w: Vec<f32>,
-    pub bias: Vec<f32>,
+    pub(crate) scores: Vec<f32>,
+    pub(crate) norm_w: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
     /// `[n_tokens, n_rot]` cos/sin pairs.
-    pub rope_cs: Vec<f32>,
-    pub logits: Vec<f32>,
+    pub(crate) rope_cs: Vec<f32>,
+    pub(crate) logits: Vec<f32>,
 }
 
 /// `v`'s first `n` elements, growing it first; an error instead of an abort when the allocator
@@ -436,6 +463,34 @@ impl Sequence {
         })
     }
 
+    /// A sequence drawing its KV blocks from `pool` (shared with other sequences) as it grows;
+    /// the pool's element type wins over `cfg.kv_type`.
+    pub fn in_pool(
+        hp: &HParams,
+        cfg: SequenceConfig,
+        pool: SharedKvPool,
+    ) -> Result<Self, ModelError> {
+        let ctx = cfg.context_len(hp);
+        if ctx == 0 {
+            return Err(ModelError::BadHParam {
+                key: "context length".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            kv: KvCache::in_pool(pool, ctx),
+            pos: 0,
+            precision: cfg.precision,
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// Takes KV blocks now for the first `tokens` positions (capped by the context), so the
+    /// sequence cannot run out of blocks before then; all or none.
+    pub fn reserve(&mut self, tokens: usize) -> Result<(), ModelError> {
+        self.kv.reserve(tokens)
+    }
+
     /// Tokens already in the cache.
     pub fn pos(&self) -> usize {
         self.pos
@@ -476,8 +531,15 @@ impl Sequence {
         self.pos = 0;
     }
 
-    /// Drops cached tokens after `pos` (regeneration, chat edits).
+    /// Drops cached tokens after `pos` (regeneration, chat edits). Their blocks stay with the
+    /// sequence (the next tokens overwrite them); [`Self::release_unused`] gives them back.
     pub fn truncate(&mut self, pos: usize) {
         self.pos = self.pos.min(pos);
+    }
+
+    /// Gives the blocks past the cached tokens back to the pool (a sequence kept idle between
+    /// a chat's turns holds only what it caches).
+    pub fn release_unused(&mut self) {
+        self.kv.release_after(self.pos);
     }
 }

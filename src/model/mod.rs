@@ -4,7 +4,9 @@
 //! - `hparams`: `Arch`, `HParams` (`TryFrom<&Metadata>`), RoPE settings.
 //! - `weights`: where each tensor lives (`TensorRef`, `ModelLayout`) and views (`WeightView`,
 //!   `LayerWeights`) over the mmap or a runtime's host arena.
-//! - `kv`: the KV cache and `Sequence` (cache + position + scratch).
+//! - `kv`: the KV cache of a sequence (a block table) and `Sequence` (cache + position +
+//!   scratch).
+//! - `paged`: the pool of fixed-size KV blocks sequences share, and its block allocator.
 //! - `forward`: `Model` with `embed`, `forward_layer`, `output`, `forward`.
 //! - `generate`: the prefill + decode loop with sampling.
 //! - `moe`: the mixture-of-experts FFN (router top-k, experts on their routed tokens).
@@ -18,6 +20,7 @@ pub mod kv;
 pub mod moe;
 pub mod names;
 pub mod ops;
+pub mod paged;
 pub mod rope;
 pub mod weights;
 
@@ -26,9 +29,10 @@ pub use forward::Model;
 pub use generate::{Generation, StopReason, Timings};
 pub use hparams::{Arch, FfnActivation, HParams, LocalAttention, Moe, RopeLayout, RopeScaling};
 pub use kv::{
-    bytes_per_token, ContextFit, KvCache, KvLimit, KvType, Sequence, SequenceConfig, DEFAULT_CTX,
-    KV_LIMIT_ENV, MIN_CTX,
+    bytes_per_token, ContextFit, KvCache, KvLimit, KvType, Scratch, Sequence, SequenceConfig,
+    DEFAULT_CTX, KV_LIMIT_ENV, MIN_CTX,
 };
 pub use names::{arch_key, tensor_name, ArchKey, TensorKind};
 pub use ops::Precision;
+pub use paged::{BlockAllocator, BlockId, KvPool, KvPoolStats, SharedKvPool, DEFAULT_BLOCK_TOKENS};
 pub use weights::{LayerRefs, LayerWeights, ModelLayout, TensorRef, WeightView};

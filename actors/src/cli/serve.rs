@@ -22,9 +22,20 @@ pub struct ServeArgs {
     /// Unix socket for hints, stats and load progress (bincode frames).
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
-    /// Requests queued behind the running one before answering 429.
+    /// Requests queued for a place in the running set before answering 429.
     #[arg(long, default_value_t = 64)]
     pub queue_capacity: usize,
+    /// Sequences decoding at once (continuous batching); more requests wait in the queue.
+    #[arg(long, default_value_t = crate::pipeline::batch::DEFAULT_MAX_NUM_SEQS)]
+    pub max_num_seqs: usize,
+    /// Tokens one step carries (decode tokens plus prompt chunks): a longer prompt is read in
+    /// chunks of this size, so decoding clients wait at most one chunk.
+    #[arg(long, default_value_t = crate::pipeline::batch::DEFAULT_MAX_BATCH_TOKENS)]
+    pub max_batch_tokens: usize,
+    /// Bytes of KV cache all sequences share (`512MiB`, `2GiB`); default: room for
+    /// max-num-seqs whole contexts, capped at half the memory available.
+    #[arg(long, value_parser = kv_bytes)]
+    pub kv_budget: Option<u64>,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = 2 << 20)]
     pub body_limit: usize,
@@ -77,6 +88,16 @@ pub struct ServeArgs {
     pub max_prompt_bytes: usize,
 }
 
+/// A byte count as `--memory-budget` writes one (`512MiB`, `2GiB`, `1000000`).
+fn kv_bytes(s: &str) -> Result<u64, String> {
+    match s.parse::<MemoryBudget>()? {
+        MemoryBudget::Bytes(b) if b > 0 => Ok(b),
+        _ => Err(format!(
+            "bad KV budget {s:?}: a size such as 512MiB or 2GiB"
+        )),
+    }
+}
+
 fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(v).map_err(|e| format!("{flag} {v}: {e}"))
 }
@@ -98,6 +119,11 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         port: a.port,
         control_socket: a.control_socket,
         queue_capacity: a.queue_capacity,
+        batch: crate::pipeline::batch::BatchOptions {
+            max_num_seqs: a.max_num_seqs,
+            max_batch_tokens: a.max_batch_tokens,
+            kv_budget: a.kv_budget,
+        },
         body_limit: a.body_limit,
         ctx: a.ctx,
         memory_budget: a.memory_budget,

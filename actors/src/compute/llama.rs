@@ -10,14 +10,18 @@
 //! `pread`s them from the file (`embed_from_file`) instead of waiting for the whole table; that
 //! lets layer 0 start first and lets a budget smaller than the table (streamed head) work.
 
-use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
+use crate::compute::{
+    BatchLimits, BatchSeq, ComputeFactory, Hidden, KvPoolStats, ModelCompute, SequenceState,
+};
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::residency::ResidentLayer;
 use rocmforge::gguf::GgufFile;
 use rocmforge::model::{
+    bytes_per_token, KvLimit, KvPool, Precision, Scratch, SharedKvPool, DEFAULT_BLOCK_TOKENS,
+};
+use rocmforge::model::{
     ops, LayerRefs, LayerWeights, Model, Sequence, SequenceConfig, TensorRef, WeightView,
 };
-use rocmforge::model::{KvLimit, Precision};
 use rocmforge::tokenizer::Tokenizer;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -38,6 +42,13 @@ pub struct LlamaCompute {
     row_buf: Vec<u8>,
     /// Set by `output_prepare` for the chunks of a streamed head.
     precision: Precision,
+    /// The KV blocks every sequence draws from (`configure_batching`); `None` before: each
+    /// sequence then has a pool of its own, sized for its whole context.
+    pool: Option<SharedKvPool>,
+    /// Scratch space of batched steps (a sequence alone uses its own).
+    scratch: Scratch,
+    /// Concatenated hidden rows of the sequences wanting logits (`output_batch`).
+    last_rows: Vec<f32>,
 }
 
 /// `ModelCompute::tokenize` for a compute holding an optional GGUF tokenizer (CPU and GPU).
@@ -106,7 +117,62 @@ impl LlamaCompute {
             source: None,
             row_buf: Vec::new(),
             precision: Precision::default(),
+            pool: None,
+            scratch: Scratch::default(),
+            last_rows: Vec::new(),
         })
+    }
+
+    /// Advances every sequence of `batch` by its rows and puts the final-normed last row of
+    /// each that wants logits into `self.xn` (`[n, d]`); returns `n`.
+    fn final_norm_batch(
+        &mut self,
+        global: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &Hidden,
+    ) -> Result<usize> {
+        let hp = self.model.hparams();
+        let d = hp.n_embd;
+        let total: usize = batch.iter().map(|b| b.rows).sum();
+        if hidden.data.len() != total * d {
+            return Err(RuntimeError::Compute {
+                layer: None,
+                message: format!(
+                    "{} hidden values for {total} rows of {d}",
+                    hidden.data.len()
+                ),
+            });
+        }
+        self.last_rows.clear();
+        let mut end = 0;
+        for b in batch.iter_mut() {
+            let seq = seq_mut(b.seq)?;
+            seq.advance(b.rows).map_err(err(None))?;
+            self.precision = seq.precision();
+            end += b.rows;
+            if b.wants_logits && b.rows > 0 {
+                self.last_rows
+                    .extend_from_slice(&hidden.data[(end - 1) * d..end * d]);
+            }
+        }
+        let n = self.last_rows.len() / d;
+        let layout = self.model.layout();
+        self.norm_w.resize(d, 0.0);
+        ops::dequantize(
+            &view(global, &layout.output_norm)?,
+            &layout.output_norm.name,
+            &mut self.norm_w,
+        )
+        .map_err(err(None))?;
+        self.xn.resize(n * d, 0.0);
+        for (x, y) in self
+            .last_rows
+            .chunks_exact(d)
+            .zip(self.xn.chunks_exact_mut(d))
+        {
+            ops::rms_norm(x, &self.norm_w, hp.rms_eps, y);
+        }
+        Ok(n)
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -210,9 +276,11 @@ impl ModelCompute for LlamaCompute {
     }
 
     fn new_sequence(&mut self) -> Result<SequenceState> {
-        Ok(Box::new(
-            self.model.new_sequence(self.seq_cfg).map_err(err(None))?,
-        ))
+        let seq = match &self.pool {
+            Some(pool) => self.model.new_sequence_in(self.seq_cfg, pool.clone()),
+            None => self.model.new_sequence(self.seq_cfg),
+        };
+        Ok(Box::new(seq.map_err(err(None))?))
     }
 
     fn resume(&mut self, seq: &mut SequenceState, keep: usize) -> Result<bool> {
@@ -417,6 +485,167 @@ impl ModelCompute for LlamaCompute {
             data: w.data,
         };
         ops::linear(&w, &head.name, &self.xn, 1, logits, self.precision).map_err(err(None))?;
+        self.model.finish_logits(logits);
+        Ok(())
+    }
+
+    fn max_batch_sequences(&self) -> usize {
+        usize::MAX
+    }
+
+    /// One pool for every sequence: the budget given, else room for `max_num_seqs` whole
+    /// contexts capped by the host's KV limit (at least one context: `new` checked it fits).
+    fn configure_batching(&mut self, limits: BatchLimits) -> Result<()> {
+        let hp = self.model.hparams();
+        let ty = self.seq_cfg.kv_type_or_default();
+        let ctx_bytes = bytes_per_token(hp, ty) * self.seq_cfg.context_len(hp) as u128;
+        let budget = match limits.kv_budget {
+            Some(b) => b as u128,
+            None => {
+                let all = ctx_bytes * limits.max_num_seqs.max(1) as u128;
+                let host = KvLimit::host().map_err(err(None))?;
+                host.map_or(all, |l| all.min(l.bytes as u128))
+                    .max(ctx_bytes)
+            }
+        };
+        let budget = budget.min(u64::MAX as u128) as u64;
+        let pool = KvPool::with_budget(hp, ty, DEFAULT_BLOCK_TOKENS, budget).map_err(err(None))?;
+        tracing::info!(
+            blocks = pool.stats().blocks_total,
+            block_tokens = pool.block_tokens(),
+            bytes = budget,
+            "KV pool"
+        );
+        self.pool = Some(pool.shared());
+        Ok(())
+    }
+
+    fn kv_stats(&self) -> Option<KvPoolStats> {
+        self.pool
+            .as_ref()
+            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).stats())
+    }
+
+    fn reserve(&mut self, seq: &mut SequenceState, tokens: usize) -> Result<()> {
+        seq_mut(seq)?.reserve(tokens).map_err(|e| match e {
+            rocmforge::model::ModelError::KvPoolFull {
+                needed,
+                free,
+                total,
+                ..
+            } => RuntimeError::KvFull {
+                needed,
+                free,
+                total,
+            },
+            e => err(None)(e),
+        })
+    }
+
+    fn release_unused(&mut self, seq: &mut SequenceState) {
+        if let Ok(s) = seq_mut(seq) {
+            s.release_unused();
+        }
+    }
+
+    fn layer_batch(
+        &mut self,
+        layer: usize,
+        weights: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &mut Hidden,
+    ) -> Result<()> {
+        let refs = self
+            .model
+            .layout()
+            .layers
+            .get(layer)
+            .ok_or(RuntimeError::Compute {
+                layer: Some(layer),
+                message: "no such layer".into(),
+            })?;
+        let w = layer_views(weights, refs)?;
+        let rows: Vec<usize> = batch.iter().map(|b| b.rows).collect();
+        let mut seqs = batch
+            .iter_mut()
+            .map(|b| seq_mut(b.seq))
+            .collect::<Result<Vec<_>>>()?;
+        self.model
+            .forward_layer_batch(
+                layer,
+                &w,
+                &mut seqs,
+                &rows,
+                &mut hidden.data,
+                &mut self.scratch,
+            )
+            .map_err(err(Some(layer)))
+    }
+
+    fn output_batch(
+        &mut self,
+        global: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &Hidden,
+    ) -> Result<Vec<Vec<f32>>> {
+        let n = self.final_norm_batch(global, batch, hidden)?;
+        let head = self.model.layout().head();
+        let vocab = self.model.n_vocab();
+        let mut logits = vec![0f32; n * vocab];
+        if n > 0 {
+            ops::linear(
+                &view(global, head)?,
+                &head.name,
+                &self.xn,
+                n,
+                &mut logits,
+                self.precision,
+            )
+            .map_err(err(None))?;
+            self.model.finish_logits(&mut logits);
+        }
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    fn output_prepare_batch(
+        &mut self,
+        global: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &Hidden,
+    ) -> Result<usize> {
+        self.final_norm_batch(global, batch, hidden)
+    }
+
+    fn output_rows_batch(
+        &mut self,
+        chunk: &ResidentLayer,
+        n: usize,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let head = self.model.layout().head();
+        let w = chunk.require(&head.name)?;
+        let d = self.model.hparams().n_embd;
+        if w.cols as usize != d || logits.len() != n * w.rows as usize || self.xn.len() != n * d {
+            return Err(RuntimeError::Compute {
+                layer: None,
+                message: format!(
+                    "head chunk of {} x {} for {} logits of {n} rows",
+                    w.rows,
+                    w.cols,
+                    logits.len(),
+                ),
+            });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let w = WeightView {
+            ty: w.ty,
+            rows: w.rows as usize,
+            cols: w.cols as usize,
+            data: w.data,
+        };
+        ops::linear(&w, &head.name, &self.xn, n, logits, self.precision).map_err(err(None))?;
         self.model.finish_logits(logits);
         Ok(())
     }

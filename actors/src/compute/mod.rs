@@ -1,6 +1,12 @@
 //! The compute seam of the Inference actor: a model expressed as embed / per-layer / output
 //! steps over resident weights, and the KV state of one sequence.
 //!
+//! A step may carry several sequences (continuous batching): `layer_batch` and
+//! `output_batch` take the rows of every sequence in one `Hidden`, grouped per sequence
+//! (`BatchSeq`). Their default implementations loop the per-sequence calls, so a compute that
+//! only knows one sequence at a time still works; the CPU llama compute runs each weight
+//! product once over all rows. `max_batch_sequences` says how many sequences a step may carry.
+//!
 //! `ChecksumCompute` is a stand-in model used to test the pipeline on synthetic files: every
 //! layer folds a checksum of *all* its weight bytes into the hidden state and keeps a per-layer
 //! running state (like a KV cache), so the generated tokens change if a single weight byte
@@ -8,6 +14,9 @@
 
 pub mod gpu;
 pub mod llama;
+
+#[cfg(test)]
+mod batch_tests;
 
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::residency::ResidentLayer;
@@ -20,8 +29,36 @@ pub struct Hidden {
     pub n_tokens: usize,
 }
 
+impl Hidden {
+    /// Values per row (0 for a compute that keeps activations elsewhere, e.g. on a device).
+    pub fn width(&self) -> usize {
+        self.data.len().checked_div(self.n_tokens).unwrap_or(0)
+    }
+}
+
 /// Per-sequence state owned by the compute (KV cache and position), opaque to the runtime.
 pub type SequenceState = Box<dyn Any + Send>;
+
+/// One sequence's part of a batched step: its state, how many rows of the step's `Hidden`
+/// are its tokens (consecutive, in batch order), and whether the step needs the logits of its
+/// last row (a decode token, a prompt's last chunk) or only advances it (an earlier chunk).
+pub struct BatchSeq<'a> {
+    pub seq: &'a mut SequenceState,
+    pub rows: usize,
+    pub wants_logits: bool,
+}
+
+/// KV memory of a compute that pools it (see `ModelCompute::kv_stats`).
+pub use rocmforge::model::KvPoolStats;
+
+/// What the runtime asks of a compute's batching before the first request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Sequences running at once.
+    pub max_num_seqs: usize,
+    /// Bytes of KV cache shared by every sequence; `None`: the compute's default.
+    pub kv_budget: Option<u64>,
+}
 
 pub trait ModelCompute: Send {
     fn n_layers(&self) -> usize;
@@ -107,6 +144,132 @@ pub trait ModelCompute: Send {
         let _ = (chunk, logits);
         Err(no_streamed_head())
     }
+    /// Sequences one step may carry. 1 (the default): the compute keeps per-step state outside
+    /// the sequence (the GPU computes hold the hidden state on the device), so the runtime
+    /// runs one sequence at a time, each prompt in one step.
+    fn max_batch_sequences(&self) -> usize {
+        1
+    }
+    /// Sets the compute's batching up (its KV pool) before the first sequence. Default:
+    /// nothing to do.
+    fn configure_batching(&mut self, limits: BatchLimits) -> Result<()> {
+        let _ = limits;
+        Ok(())
+    }
+    /// The KV pool's occupancy, for a compute that pools KV memory in blocks.
+    fn kv_stats(&self) -> Option<KvPoolStats> {
+        None
+    }
+    /// Takes the KV room of `seq`'s first `tokens` positions now, so it cannot run out later;
+    /// `Err(RuntimeError::KvFull)` when the pool has too few free blocks (nothing is taken
+    /// then). Default: nothing to reserve.
+    fn reserve(&mut self, seq: &mut SequenceState, tokens: usize) -> Result<()> {
+        let _ = (seq, tokens);
+        Ok(())
+    }
+    /// Gives back the KV room of `seq` past its cached tokens (a session kept between turns).
+    fn release_unused(&mut self, seq: &mut SequenceState) {
+        let _ = seq;
+    }
+    /// `layer` over the rows of several sequences (`hidden` holds `sum(rows)` rows, grouped
+    /// per sequence in `batch` order). Default: `layer` on each sequence's rows in turn.
+    fn layer_batch(
+        &mut self,
+        layer: usize,
+        weights: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &mut Hidden,
+    ) -> Result<()> {
+        if let [one] = batch {
+            return self.layer(layer, weights, one.seq, hidden);
+        }
+        let width = hidden.width();
+        let mut first = 0;
+        for b in batch.iter_mut() {
+            let range = first * width..(first + b.rows) * width;
+            let mut h = Hidden {
+                data: hidden.data.get(range.clone()).unwrap_or(&[]).to_vec(),
+                n_tokens: b.rows,
+            };
+            self.layer(layer, weights, b.seq, &mut h)?;
+            if let Some(dst) = hidden.data.get_mut(range) {
+                dst.copy_from_slice(&h.data);
+            }
+            first += b.rows;
+        }
+        Ok(())
+    }
+    /// The end of a batched step: advances every sequence by its rows and returns the logits
+    /// of those that want them, in batch order. Default: `output` on each sequence.
+    fn output_batch(
+        &mut self,
+        global: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &Hidden,
+    ) -> Result<Vec<Vec<f32>>> {
+        if let [one] = batch {
+            let logits = self.output(global, one.seq, hidden)?;
+            return Ok(if one.wants_logits {
+                vec![logits]
+            } else {
+                Vec::new()
+            });
+        }
+        let width = hidden.width();
+        let mut first = 0;
+        let mut out = Vec::new();
+        for b in batch.iter_mut() {
+            let h = Hidden {
+                data: hidden
+                    .data
+                    .get(first * width..(first + b.rows) * width)
+                    .unwrap_or(&[])
+                    .to_vec(),
+                n_tokens: b.rows,
+            };
+            let logits = self.output(global, b.seq, &h)?;
+            if b.wants_logits {
+                out.push(logits);
+            }
+            first += b.rows;
+        }
+        Ok(out)
+    }
+    /// Streamed head over a batch, step 1 (see `output_prepare`): advances every sequence,
+    /// keeps the normed last rows of those that want logits and returns how many they are.
+    /// Default: one sequence only.
+    fn output_prepare_batch(
+        &mut self,
+        global: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &Hidden,
+    ) -> Result<usize> {
+        match batch {
+            [one] => {
+                self.output_prepare(global, one.seq, hidden)?;
+                Ok(one.wants_logits as usize)
+            }
+            _ => Err(RuntimeError::Unsupported(
+                "a streamed output head over a batch of sequences from this compute".into(),
+            )),
+        }
+    }
+    /// Streamed head over a batch, step 2: `logits` is `[n, chunk rows]` for the `n` rows
+    /// `output_prepare_batch` kept. Default: one row only.
+    fn output_rows_batch(
+        &mut self,
+        chunk: &ResidentLayer,
+        n: usize,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        match n {
+            1 => self.output_rows(chunk, logits),
+            0 => Ok(()),
+            _ => Err(RuntimeError::Unsupported(
+                "a streamed output head over a batch of sequences from this compute".into(),
+            )),
+        }
+    }
     /// Text to tokens (`None` when the compute has no tokenizer).
     fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>>;
     /// The bytes a generated token shows a user (may be part of a UTF-8 character); empty for
@@ -141,6 +304,8 @@ pub struct ChecksumCompute {
     head: String,
     /// Between `output_prepare` and `output_rows`: the last position and the global checksum.
     pending: Option<([f32; WIDTH], u64)>,
+    /// The same for each sequence of a batch that wants logits (`output_prepare_batch`).
+    pending_batch: Vec<([f32; WIDTH], u64)>,
 }
 
 struct ChecksumSeq {
@@ -160,6 +325,7 @@ impl ChecksumCompute {
             table: None,
             head: TOKEN_EMBD.to_string(),
             pending: None,
+            pending_batch: Vec::new(),
         }
     }
 
@@ -322,6 +488,56 @@ impl ModelCompute for ChecksumCompute {
         hidden: &Hidden,
     ) -> Result<()> {
         self.pending = Some(self.prepare(global, seq, hidden)?);
+        Ok(())
+    }
+
+    fn max_batch_sequences(&self) -> usize {
+        usize::MAX
+    }
+
+    fn output_prepare_batch(
+        &mut self,
+        global: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &Hidden,
+    ) -> Result<usize> {
+        let mut first = 0;
+        self.pending_batch.clear();
+        for b in batch.iter_mut() {
+            let h = Hidden {
+                data: hidden
+                    .data
+                    .get(first * WIDTH..(first + b.rows) * WIDTH)
+                    .unwrap_or(&[])
+                    .to_vec(),
+                n_tokens: b.rows,
+            };
+            let p = self.prepare(global, b.seq, &h)?;
+            if b.wants_logits {
+                self.pending_batch.push(p);
+            }
+            first += b.rows;
+        }
+        Ok(self.pending_batch.len())
+    }
+
+    fn output_rows_batch(
+        &mut self,
+        chunk: &ResidentLayer,
+        n: usize,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        if n != self.pending_batch.len() {
+            return Err(RuntimeError::Compute {
+                layer: None,
+                message: "output_rows_batch of another batch than output_prepare_batch".into(),
+            });
+        }
+        let per = logits.len() / n.max(1);
+        for (i, p) in self.pending_batch.clone().into_iter().enumerate() {
+            self.pending = Some(p);
+            self.output_rows(chunk, &mut logits[i * per..(i + 1) * per])?;
+        }
         Ok(())
     }
 

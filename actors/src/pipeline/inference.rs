@@ -1,22 +1,33 @@
-//! Inference: owns the compute (and through it every sequence's KV cache). Requests are queued
-//! and served one after another (continuous batching comes later). Before each unit it waits on
-//! the residency board, computes, releases the unit and reports it done to the Scheduler.
+//! Inference: owns the compute (and through it every sequence's KV cache) and serves
+//! requests by continuous batching. A running set of sequences advances together, one step
+//! at a time: each step carries one decode token of every decoding sequence and chunks of the
+//! prompts being read (`batch::plan_step`), runs every unit once for the whole batch (waiting
+//! on the residency board before each, as a streamed layer is loaded once per step), samples
+//! each sequence's next token with its own sampler and stop conditions, and streams it.
+//! Between steps, sequences that finished or whose client went away leave (their KV blocks go
+//! back to the pool) and queued requests join while there is room: `max_num_seqs` and the KV
+//! pool. A request that does not fit waits in the bounded queue (`QueueFull` past it).
+//!
+//! The step itself (units, embedding, output head) is in `step.rs`.
 
-use crate::compute::{ComputeFactory, ModelCompute, SequenceState};
+use crate::compute::{BatchLimits, ComputeFactory, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::messages::SessionId;
-use crate::messages::{
-    FinishReason, GenerateRequest, Pooling, Prompt, SamplingParams, Stage, TokenEvent,
-};
+use crate::messages::{FinishReason, GenerateRequest, Pooling, Prompt, TokenEvent};
+use crate::pipeline::batch::{plan_step, BatchOptions, Want};
 use crate::pipeline::plan::LoadPlan;
-use crate::pipeline::residency::{ResidencyBoard, ResidentLayer};
+use crate::pipeline::residency::ResidencyBoard;
 use crate::pipeline::scheduler::SchedMsg;
 use crate::pipeline::shared::{recv_or_cancel, start_actor, Readiness, Shared, Starting};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+mod step;
+
+pub use crate::pipeline::sampling::Sampler;
+use crate::pipeline::sampling::Utf8Assembler;
 
 /// What a token stream receives.
 pub type StreamItem = Result<TokenEvent>;
@@ -42,6 +53,8 @@ pub struct EmbedTask {
 pub struct InferenceConfig {
     /// Sessions whose KV cache is kept between requests (least recently used ones go first).
     pub max_sessions: usize,
+    /// Continuous batching: sequences at once, tokens per step, the KV budget.
+    pub batch: BatchOptions,
     /// Threads of the compute's Rayon pool (`None`: Rayon's global pool, one per core).
     pub compute_threads: Option<usize>,
     pub file: rocmforge::gguf::GgufFile,
@@ -127,16 +140,28 @@ fn start(cfg: InferenceConfig, ready: Readiness) {
                 return;
             }
             compute.attach_source(cfg.source.clone());
+            let batch = cfg.batch.effective(compute.max_batch_sequences());
+            if let Err(e) = compute.configure_batching(BatchLimits {
+                max_num_seqs: batch.max_num_seqs,
+                kv_budget: batch.kv_budget,
+            }) {
+                ready.fail(e);
+                return;
+            }
             ready.ready();
-            Inference {
+            let actor = Inference {
                 cfg,
                 compute,
                 sessions: HashMap::new(),
                 requests: 0,
                 grammar: None,
                 generation: 0,
-            }
-            .run();
+                batch,
+                running: Vec::new(),
+                held: None,
+            };
+            actor.publish();
+            actor.run();
         }
         Err(e) => {
             ready.fail(e);
@@ -144,59 +169,434 @@ fn start(cfg: InferenceConfig, ready: Readiness) {
     }
 }
 
-struct Inference {
-    cfg: InferenceConfig,
-    compute: Box<dyn ModelCompute>,
+pub(super) struct Inference {
+    pub(super) cfg: InferenceConfig,
+    pub(super) compute: Box<dyn ModelCompute>,
     sessions: HashMap<SessionId, KeptSequence>,
-    /// Requests served, the clock of `KeptSequence::last_used`.
+    /// Requests started, the clock of `KeptSequence::last_used`.
     requests: u64,
     /// Built at the first constrained request (`grammar()`).
     grammar: Option<rocmforge::grammar::GrammarCompiler>,
-    /// The board's weight generation when the running request started: a reload during the
-    /// request fails it rather than mixing two versions of the weights.
-    generation: u64,
+    /// The board's weight generation the running sequences compute with: a reload fails
+    /// them rather than mixing two versions of the weights.
+    pub(super) generation: u64,
+    /// The batching limits as this compute can run them.
+    batch: BatchOptions,
+    /// The running set, in the order the sequences joined.
+    running: Vec<Running>,
+    /// A request taken from the queue that waits for KV room (the head of the queue).
+    held: Option<Job>,
+}
+
+/// A sequence of the running set: its request, KV, sampling state and stream.
+pub(super) struct Running {
+    job: Job,
+    slot: KvSlot,
+    /// Tokens whose keys and values the sequence holds.
+    fed: Vec<u32>,
+    /// Tokens to feed next: the unread part of the prompt, then the last sampled token.
+    input: Vec<u32>,
+    /// Whether the prompt is fully read (the sequence decodes).
+    decoding: bool,
+    sampler: Sampler,
+    mask: Option<rocmforge::grammar::TokenMask>,
+    text: Utf8Assembler,
+    /// Tokens generated so far.
+    generated: usize,
+    /// A token event its consumer had no room for yet; the sequence waits until it is taken.
+    backlog: Option<TokenEvent>,
+    /// Set when it stops generating; it leaves once its backlog is delivered.
+    finish: Option<FinishReason>,
+}
+
+/// A request's sequence, ready to join the running set.
+struct Started {
+    slot: KvSlot,
+    fed: Vec<u32>,
+    input: Vec<u32>,
+    sampler: Sampler,
+    mask: Option<rocmforge::grammar::TokenMask>,
+}
+
+/// What starting a request gave.
+enum Admission {
+    /// It joined the running set.
+    Running(Box<Running>),
+    /// It was served or failed at once (an embedding, a bad request, `max_tokens` 0).
+    Done,
+    /// It waits for KV blocks that running sequences hold.
+    NoRoom(Job),
 }
 
 impl Inference {
     fn run(mut self) {
-        while let Some(job) = recv_or_cancel(&self.cfg.jobs, &self.cfg.cancel) {
-            let result = self.serve(&job);
-            match result {
-                Ok(reason) => {
-                    if let Ok(mut f) = job.finish.lock() {
-                        *f = Some(reason);
-                    }
-                }
-                // The consumer is gone: nobody to tell.
-                Err(RuntimeError::Cancelled) if job.cancel.is_cancelled() => {}
-                Err(e) => {
-                    let e = if self.cfg.cancel.is_cancelled() {
-                        RuntimeError::ShutDown
-                    } else {
-                        e
-                    };
-                    let _ = job.events.send(Err(e));
-                }
+        loop {
+            if !self.admit() {
+                break;
             }
-            self.cfg
-                .shared
-                .counters
-                .requests_done
-                .fetch_add(1, Ordering::AcqRel);
-            // The request's stream ends here (its sender drops); with nothing queued, the
-            // compute may finish lazy set-up now without delaying anyone.
-            drop(job);
-            if self.cfg.jobs.is_empty() {
-                self.compute.idle();
+            if self.running.is_empty() {
+                continue;
             }
+            self.step();
+            self.publish();
         }
-        // Shutdown: requests still queued get an error instead of silence.
+        // Shutdown: running and queued requests get an error instead of silence.
+        for r in std::mem::take(&mut self.running) {
+            self.fail(r, RuntimeError::ShutDown);
+        }
+        if let Some(job) = self.held.take() {
+            self.finish_with_error(&job, RuntimeError::ShutDown);
+        }
         while let Ok(job) = self.cfg.jobs.try_recv() {
             let _ = job.events.send(Err(RuntimeError::ShutDown));
         }
     }
 
-    fn cancelled(&self, job: &Job) -> Option<RuntimeError> {
+    /// Takes queued requests into the running set while there is room; waits for one when
+    /// nothing runs. `false`: the runtime shuts down (or every handle is gone).
+    fn admit(&mut self) -> bool {
+        while self.running.len() < self.batch.max_num_seqs {
+            if self.cfg.cancel.is_cancelled() {
+                return false;
+            }
+            let job = match self.held.take() {
+                Some(job) => job,
+                None if self.running.is_empty() => {
+                    // Nothing runs and nothing is queued: a moment for lazy set-up.
+                    if self.cfg.jobs.is_empty() {
+                        self.publish();
+                        self.compute.idle();
+                    }
+                    match recv_or_cancel(&self.cfg.jobs, &self.cfg.cancel) {
+                        Some(job) => job,
+                        None => return false,
+                    }
+                }
+                None => match self.cfg.jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            if job.cancel.is_cancelled() || job.events.is_disconnected() {
+                self.done(&job);
+                continue;
+            }
+            match self.start_job(job) {
+                Admission::Running(r) => {
+                    self.running.push(*r);
+                    let c = &self.cfg.shared.counters;
+                    c.running_seqs.fetch_add(1, Ordering::AcqRel);
+                }
+                Admission::Done => {}
+                Admission::NoRoom(job) => {
+                    self.held = Some(job);
+                    break;
+                }
+            }
+        }
+        true
+    }
+
+    /// Starts `job`: checks and tokenizes its prompt, finds its sequence (a session's kept one
+    /// or a new one) and reserves the KV room of its prompt and output.
+    fn start_job(&mut self, job: Job) -> Admission {
+        match self.try_start(&job) {
+            Ok(Some(s)) => Admission::Running(Box::new(Running {
+                job,
+                slot: s.slot,
+                fed: s.fed,
+                input: s.input,
+                decoding: false,
+                sampler: s.sampler,
+                mask: s.mask,
+                text: Utf8Assembler::default(),
+                generated: 0,
+                backlog: None,
+                finish: None,
+            })),
+            Ok(None) => {
+                self.done(&job);
+                Admission::Done
+            }
+            Err(RuntimeError::KvFull { .. }) if !self.running.is_empty() => Admission::NoRoom(job),
+            Err(RuntimeError::KvFull {
+                needed,
+                free,
+                total,
+            }) => {
+                let e = RuntimeError::BadRequest(format!(
+                    "the prompt and max_tokens need {needed} more KV blocks, {free} of the \
+                     pool's {total} are free with nothing running: lower max_tokens or raise \
+                     the KV budget"
+                ));
+                self.finish_with_error(&job, e);
+                Admission::Done
+            }
+            Err(e) => {
+                self.finish_with_error(&job, e);
+                Admission::Done
+            }
+        }
+    }
+
+    /// `Ok(None)`: served already (embedding, zero tokens wanted).
+    fn try_start(&mut self, job: &Job) -> Result<Option<Started>> {
+        let req = &job.request;
+        let prompt: Vec<u32> = match &req.prompt {
+            Prompt::Tokens(t) => t.clone(),
+            Prompt::Text(s) => match self.compute.tokenize(s) {
+                Some(r) => r?,
+                None => {
+                    return Err(RuntimeError::BadRequest(
+                        "this runtime has no tokenizer; send token ids".into(),
+                    ))
+                }
+            },
+        };
+        if prompt.is_empty() {
+            return Err(RuntimeError::BadRequest("empty prompt".into()));
+        }
+        // The prompt must fit; generating until the context is full is a normal finish.
+        let ctx = self.compute.context_len();
+        if let Some(ctx) = ctx.filter(|&c| prompt.len() > c) {
+            return Err(RuntimeError::BadRequest(format!(
+                "the prompt has {} tokens, the context holds {ctx}",
+                prompt.len()
+            )));
+        }
+        let generation = self.cfg.board.generation();
+        if generation != self.generation && self.running.is_empty() {
+            // Kept sessions hold keys and values computed with the weights before a reload.
+            self.sessions.clear();
+            self.generation = generation;
+        }
+        if let Some(task) = &job.embed {
+            self.requests += 1;
+            self.embed(job, &prompt, task)?;
+            return Ok(None);
+        }
+        let (mut slot, keep) = self.sequence_for(req.session, &prompt)?;
+        let want = ctx.map_or(usize::MAX, |c| c.min(prompt.len() + req.max_tokens));
+        if let Err(e) = self.reserve(&mut slot, want) {
+            // Back where it came from: a session's sequence waits in the session table.
+            if let Some(id) = req.session {
+                self.keep(id, slot, prompt[..keep].to_vec());
+            }
+            return Err(e);
+        }
+        self.requests += 1;
+        if keep > 0 {
+            self.cfg
+                .shared
+                .counters
+                .prompt_tokens_cached
+                .fetch_add(keep as u64, Ordering::Relaxed);
+        }
+        let mask = match &req.constraint {
+            Some(c) => Some(
+                self.grammar()?
+                    .compile(c)
+                    .map_err(|e| RuntimeError::BadRequest(e.to_string()))?,
+            ),
+            None => None,
+        };
+        if req.max_tokens == 0 {
+            if let Ok(mut f) = job.finish.lock() {
+                *f = Some(FinishReason::MaxTokens);
+            }
+            if let Some(id) = req.session.filter(|_| !req.end_session) {
+                self.keep(id, slot, prompt[..keep].to_vec());
+            }
+            return Ok(None);
+        }
+        let sampler = Sampler::new(&req.sampling, &prompt);
+        tracing::debug!(seed = sampler.seed(), cached = keep, "sampling");
+        Ok(Some(Started {
+            slot,
+            fed: prompt[..keep].to_vec(),
+            input: prompt[keep..].to_vec(),
+            sampler,
+            mask,
+        }))
+    }
+
+    /// Reserves KV room for `tokens` positions, evicting kept sessions (least recently used
+    /// first) while the pool is short.
+    fn reserve(&mut self, slot: &mut KvSlot, tokens: usize) -> Result<()> {
+        loop {
+            match self.compute.reserve(&mut slot.state, tokens) {
+                Err(RuntimeError::KvFull { .. }) if !self.sessions.is_empty() => {
+                    self.evict_oldest_session();
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// One step of the running set (see the module docs).
+    fn step(&mut self) {
+        let mut running = std::mem::take(&mut self.running);
+        // Leave: cancelled (client gone) and finished sequences, and any whose backlog the
+        // consumer has now taken.
+        let mut kept = Vec::with_capacity(running.len());
+        for mut r in running.drain(..) {
+            if let Some(e) = self.cancelled(&r.job) {
+                self.fail(r, e);
+                continue;
+            }
+            if let Some(ev) = r.backlog.take() {
+                match r.job.events.try_send(Ok(ev)) {
+                    Ok(()) => {}
+                    Err(flume::TrySendError::Full(Ok(ev))) => r.backlog = Some(ev),
+                    Err(_) => {
+                        self.fail(r, RuntimeError::Cancelled);
+                        continue;
+                    }
+                }
+            }
+            if r.finish.is_some() && r.backlog.is_none() {
+                self.retire(r);
+                continue;
+            }
+            kept.push(r);
+        }
+        running = kept;
+        let generation = self.cfg.board.generation();
+        if generation != self.generation {
+            // The weights were reloaded under the running sequences: they fail, as a request
+            // did whose weights changed mid-way; the next ones start on the new weights.
+            for r in running.drain(..) {
+                self.fail(r, RuntimeError::ModelReloaded);
+            }
+            self.sessions.clear();
+            self.generation = generation;
+        }
+        // Stop at a full context before feeding past it.
+        let ctx = self.compute.context_len();
+        for r in running.iter_mut().filter(|r| r.finish.is_none()) {
+            if ctx.is_some_and(|c| r.fed.len() + r.input.len() > c) {
+                r.finish = Some(FinishReason::ContextFull);
+            }
+        }
+        let wants: Vec<Want> = running
+            .iter()
+            .map(|r| Want {
+                pending: r.input.len(),
+                decoding: r.decoding,
+                ready: r.finish.is_none() && r.backlog.is_none(),
+            })
+            .collect();
+        let take = plan_step(&wants, self.batch.max_batch_tokens);
+        if take.iter().all(|&t| t == 0) {
+            // Everyone waits for a consumer (or just finished): wait for the oldest's reader
+            // instead of spinning.
+            if let Some(r) = running.iter_mut().find(|r| r.backlog.is_some()) {
+                self.wait_backlog(r);
+            }
+            self.running = running;
+            return;
+        }
+        let result = self.run_step(&mut running, &take);
+        match result {
+            Ok(logits) => self.sample_all(&mut running, &take, logits),
+            Err(e) => {
+                // A failed step fails the sequences it carried (the first gets the error
+                // itself, the others its copy); the others go on.
+                let mut rest = Vec::with_capacity(running.len());
+                let copy = clone_error(&e);
+                let mut first = Some(e);
+                for (r, &t) in running.drain(..).zip(&take) {
+                    if t > 0 {
+                        let e = match first.take() {
+                            Some(e) => e,
+                            None => clone_error(&copy),
+                        };
+                        self.fail(r, e);
+                    } else {
+                        rest.push(r);
+                    }
+                }
+                running = rest;
+            }
+        }
+        self.running = running;
+    }
+
+    /// Feeds the step's tokens into each sequence's history, samples the next token of every
+    /// sequence that got logits and streams it.
+    fn sample_all(&mut self, running: &mut [Running], take: &[usize], logits: Vec<Vec<f32>>) {
+        let mut logits = logits.into_iter();
+        for (r, &t) in running.iter_mut().zip(take) {
+            if t == 0 {
+                continue;
+            }
+            r.fed.extend(r.input.drain(..t));
+            if !r.input.is_empty() {
+                continue; // a prompt chunk: no logits yet
+            }
+            r.decoding = true;
+            let Some(l) = logits.next() else {
+                r.finish = Some(FinishReason::EndOfSequence);
+                continue;
+            };
+            if let Err(e) = self.sample_one(r, l) {
+                r.finish = Some(FinishReason::EndOfSequence);
+                let _ = r.job.events.try_send(Err(e));
+            }
+        }
+    }
+
+    fn sample_one(&mut self, r: &mut Running, mut logits: Vec<f32>) -> Result<()> {
+        let req = &r.job.request;
+        // Log-probabilities are of the model's distribution: the logits before the mask.
+        let raw = (r.mask.is_some() && req.logprobs.is_some()).then(|| logits.clone());
+        if let Some(m) = &mut r.mask {
+            m.apply(&mut logits).map_err(rocmforge::Error::from)?;
+        }
+        let token = r.sampler.sample(&logits);
+        if let Some(m) = &mut r.mask {
+            m.accept(token).map_err(rocmforge::Error::from)?;
+        }
+        // The event carries the token (it was generated) but a control token's text is
+        // empty: `<|im_end|>` never reaches a reply.
+        let ev = TokenEvent {
+            index: r.generated,
+            token,
+            text: r.text.push(&self.compute.token_bytes(token)),
+            logprobs: req.logprobs.map(|n| {
+                rocmforge::sample::TokenLogprobs::of(raw.as_deref().unwrap_or(&logits), token, n)
+            }),
+        };
+        r.generated += 1;
+        if req.stop_at_eos && self.compute.is_end_of_generation(token) {
+            r.finish = Some(FinishReason::EndOfSequence);
+        } else if r.generated >= req.max_tokens {
+            r.finish = Some(FinishReason::MaxTokens);
+        } else {
+            r.input = vec![token];
+        }
+        match r.job.events.try_send(Ok(ev)) {
+            Ok(()) => {}
+            Err(flume::TrySendError::Full(Ok(ev))) => r.backlog = Some(ev),
+            // The consumer is gone: the sequence leaves at the next step.
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Waits until `r`'s consumer takes its pending event (or goes away, or shutdown).
+    fn wait_backlog(&mut self, r: &mut Running) {
+        let Some(ev) = r.backlog.take() else { return };
+        let sent = crate::pipeline::shared::block_on_or_cancel(
+            r.job.events.send_async(Ok(ev)),
+            &r.job.cancel,
+        );
+        if !matches!(sent, Some(Ok(()))) && r.finish.is_none() {
+            r.finish = Some(FinishReason::EndOfSequence);
+        }
+    }
+
+    pub(super) fn cancelled(&self, job: &Job) -> Option<RuntimeError> {
         if self.cfg.cancel.is_cancelled() {
             Some(RuntimeError::ShutDown)
         } else if job.cancel.is_cancelled() || job.events.is_disconnected() {
@@ -206,101 +606,86 @@ impl Inference {
         }
     }
 
-    /// Runs `f` on a unit once it is resident.
-    fn with_unit<T>(
-        &mut self,
-        job: &Job,
-        unit: usize,
-        f: impl FnOnce(&mut dyn ModelCompute, &ResidentLayer) -> Result<T>,
-    ) -> Result<T> {
-        let layer = self.cfg.plan.units[unit]
-            .layer
-            .map(|l| l as i64)
-            .unwrap_or(-1);
-        let sched = self.cfg.sched.clone();
-        let acquired = {
-            let _w = tracing::info_span!("wait", layer).entered();
-            // The request's token is a child of the runtime's and fires when its stream is
-            // dropped, so it covers shutdown and a consumer that went away.
-            self.cfg.board.acquire(
-                unit,
-                || {
-                    let _ = sched.send(SchedMsg::Need { unit });
-                },
-                &job.cancel,
-            )
-        };
-        let acquired = match acquired {
-            Ok(a) => a,
-            Err(RuntimeError::Cancelled) => {
-                return Err(self.cancelled(job).unwrap_or(RuntimeError::Cancelled))
+    /// A sequence leaves normally: its finish reason, its session kept, its stream ended.
+    fn retire(&mut self, mut r: Running) {
+        if let (Some(reason), Ok(mut f)) = (r.finish, r.job.finish.lock()) {
+            *f = Some(reason);
+        }
+        let fed = std::mem::take(&mut r.fed);
+        let Running { job, mut slot, .. } = r;
+        let req = &job.request;
+        match req.session.filter(|_| !req.end_session) {
+            Some(id) => {
+                self.compute.release_unused(&mut slot.state);
+                self.keep(id, slot, fed);
             }
-            Err(e) => return Err(e),
-        };
+            None => drop(slot),
+        }
+        self.left();
+        self.done(&job);
+    }
+
+    /// A sequence leaves with an error.
+    fn fail(&mut self, r: Running, e: RuntimeError) {
+        let Running { job, slot, .. } = r;
+        drop(slot);
+        self.left();
+        self.finish_with_error(&job, e);
+    }
+
+    /// Counts a sequence out of the running set, after its blocks went back and before its
+    /// stream ends: a client that saw its stream end sees the pool without it.
+    fn left(&self) {
         let c = &self.cfg.shared.counters;
-        if acquired.hit { &c.hits } else { &c.misses }.fetch_add(1, Ordering::Relaxed);
-        let start = Instant::now();
-        let r = {
-            let _s = tracing::info_span!("compute", layer).entered();
-            match acquired.layer.ready() {
-                Some(ev) => ev
-                    .wait()
-                    .and_then(|_| f(&mut *self.compute, &acquired.layer)),
-                None => f(&mut *self.compute, &acquired.layer),
-            }
-        };
-        self.cfg.shared.add_busy(Stage::Compute, start);
-        let generation = acquired.layer.generation;
-        self.cfg.board.release(unit, acquired.layer);
-        // After the release: a deferred eviction sets the flag before it marks the unit.
-        if self.cfg.shared.counters.wants_done.load(Ordering::SeqCst) {
-            let _ = self.cfg.sched.send(SchedMsg::Done { unit });
-        }
-        if r.is_ok() && generation != self.generation {
-            return Err(RuntimeError::ModelReloaded);
-        }
-        r
-    }
-
-    /// Sends a token, waiting for a slow consumer but noticing cancellation and shutdown (a
-    /// plain blocking send could wait forever on a stream nobody reads).
-    fn send_event(&self, job: &Job, ev: TokenEvent) -> Result<()> {
-        match crate::pipeline::shared::block_on_or_cancel(
-            job.events.send_async(Ok(ev)),
-            &job.cancel,
-        ) {
-            Some(Ok(())) => Ok(()),
-            Some(Err(_)) => Err(RuntimeError::Cancelled),
-            None => Err(self.cancelled(job).unwrap_or(RuntimeError::Cancelled)),
+        c.running_seqs.fetch_sub(1, Ordering::AcqRel);
+        if let Some(kv) = self.compute.kv_stats() {
+            c.kv_blocks_used.store(kv.blocks_used, Ordering::Release);
         }
     }
 
-    /// Logits of the last position: from the global unit, or (streamed head) the global unit's
-    /// norm followed by the head's row chunks in order.
-    fn output(
-        &mut self,
-        job: &Job,
-        state: &mut crate::compute::SequenceState,
-        hidden: &crate::compute::Hidden,
-    ) -> Result<Vec<f32>> {
-        let plan = self.cfg.plan.clone();
-        let global = plan.global();
-        let Some(head) = &plan.head else {
-            return self.with_unit(job, global, |c, w| c.output(w, state, hidden));
+    fn finish_with_error(&self, job: &Job, e: RuntimeError) {
+        // Shutdown cancels every request's token too: it is reported as such.
+        let e = if self.cfg.cancel.is_cancelled() {
+            RuntimeError::ShutDown
+        } else {
+            e
         };
-        self.with_unit(job, global, |c, w| c.output_prepare(w, state, hidden))?;
-        let mut logits = vec![0f32; head.rows as usize];
-        for unit in head.units.clone() {
-            let rows = plan.head_rows(unit).unwrap_or(0..0);
-            let out = logits
-                .get_mut(rows.start as usize..rows.end as usize)
-                .ok_or_else(|| RuntimeError::Config(format!("head chunk {rows:?} out of range")))?;
-            if let Some(e) = self.cancelled(job) {
-                return Err(e);
+        match e {
+            // The consumer is gone: nobody to tell.
+            RuntimeError::Cancelled if job.cancel.is_cancelled() => {}
+            e => {
+                // An error must not be lost behind a slow reader: wait for it to take it, or
+                // to go away (a dropped stream disconnects the channel).
+                match job.events.try_send(Err(e)) {
+                    Err(flume::TrySendError::Full(item)) => {
+                        let _ = job.events.send(item);
+                    }
+                    Ok(()) | Err(flume::TrySendError::Disconnected(_)) => {}
+                }
             }
-            self.with_unit(job, unit, |c, w| c.output_rows(w, out))?;
         }
-        Ok(logits)
+        self.done(job);
+    }
+
+    fn done(&self, _job: &Job) {
+        self.cfg
+            .shared
+            .counters
+            .requests_done
+            .fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The waiting sequence and the KV pool's blocks, for stats and /metrics (the running
+    /// count moves as sequences join and leave).
+    fn publish(&self) {
+        let c = &self.cfg.shared.counters;
+        c.held_seqs
+            .store(self.held.is_some() as usize, Ordering::Relaxed);
+        if let Some(kv) = self.compute.kv_stats() {
+            c.kv_blocks_total.store(kv.blocks_total, Ordering::Relaxed);
+            c.kv_blocks_used.store(kv.blocks_used, Ordering::Relaxed);
+            c.kv_block_tokens.store(kv.block_tokens, Ordering::Relaxed);
+        }
     }
 
     /// The constraint compiler for this model's vocabulary, built at the first constrained
@@ -322,58 +707,12 @@ impl Inference {
             .ok_or_else(|| RuntimeError::Config("grammar compiler missing".into()))
     }
 
-    /// `input` through the embedding and every layer of `state`'s sequence.
-    fn forward(
-        &mut self,
-        job: &Job,
-        state: &mut SequenceState,
-        input: &[u32],
-    ) -> Result<crate::compute::Hidden> {
-        // The prompt's embedding rows straight from the file where the compute can: the
-        // first layer then waits for nothing else.
-        let start = Instant::now();
-        let from_file = {
-            let _e = tracing::info_span!("embed", tokens = input.len()).entered();
-            self.compute.embed_from_file(input)
-        };
-        self.cfg.shared.add_busy(Stage::Compute, start);
-        let global = self.cfg.plan.global();
-        let mut hidden = match from_file {
-            Some(Ok(h)) => h,
-            // The file cannot be read (changed, I/O error) but the table is resident in the
-            // global unit: embed from there, as a compute without file reads does.
-            Some(Err(e))
-                if self.cfg.plan.head.is_none()
-                    && matches!(
-                        e,
-                        RuntimeError::Read { .. }
-                            | RuntimeError::ModelChanged { .. }
-                            | RuntimeError::Open { .. }
-                    ) =>
-            {
-                tracing::debug!("embedding from the resident table: {e}");
-                self.with_unit(job, global, |c, w| c.embed(w, input))?
-            }
-            Some(Err(e)) => return Err(e),
-            None => self.with_unit(job, global, |c, w| c.embed(w, input))?,
-        };
-        for l in 0..self.cfg.plan.n_layers {
-            if let Some(e) = self.cancelled(job) {
-                return Err(e);
-            }
-            self.with_unit(job, l, |c, w| c.layer(l, w, state, &mut hidden))?;
-        }
-        Ok(hidden)
-    }
-
     /// An embedding job: the prompt in one pass on a fresh sequence, its final hidden states
     /// pooled and L2-normalized.
-    fn embed(&mut self, job: &Job, prompt: &[u32], task: &EmbedTask) -> Result<FinishReason> {
+    fn embed(&mut self, job: &Job, prompt: &[u32], task: &EmbedTask) -> Result<()> {
         let (mut slot, _) = self.sequence_for(None, prompt)?;
-        let hidden = self.forward(job, &mut slot.state, prompt)?;
-        let global = self.cfg.plan.global();
-        let state = &mut slot.state;
-        let last = self.with_unit(job, global, |c, w| c.final_hidden(w, state, &hidden))?;
+        self.reserve(&mut slot, prompt.len())?;
+        let last = self.embed_forward(&job.cancel, &mut slot.state, prompt)?;
         let v = task
             .pooling
             .pool(&last.data, last.n_tokens)
@@ -387,108 +726,7 @@ impl Inference {
             })?;
         // The caller went away: nobody to tell.
         let _ = task.reply.send(v);
-        Ok(FinishReason::EndOfSequence)
-    }
-
-    fn serve(&mut self, job: &Job) -> Result<FinishReason> {
-        let req = &job.request;
-        let prompt: Vec<u32> = match &req.prompt {
-            Prompt::Tokens(t) => t.clone(),
-            Prompt::Text(s) => match self.compute.tokenize(s) {
-                Some(r) => r?,
-                None => {
-                    return Err(RuntimeError::BadRequest(
-                        "this runtime has no tokenizer; send token ids".into(),
-                    ))
-                }
-            },
-        };
-        if prompt.is_empty() {
-            return Err(RuntimeError::BadRequest("empty prompt".into()));
-        }
-        let _span = tracing::info_span!("request", prompt_tokens = prompt.len()).entered();
-        // The prompt must fit; generating until the context is full is a normal finish.
-        let ctx = self.compute.context_len();
-        if let Some(ctx) = ctx.filter(|&c| prompt.len() > c) {
-            return Err(RuntimeError::BadRequest(format!(
-                "the prompt has {} tokens, the context holds {ctx}",
-                prompt.len()
-            )));
-        }
-        self.requests += 1;
-        let generation = self.cfg.board.generation();
-        if generation != self.generation {
-            // Kept sessions hold keys and values computed with the weights before a reload.
-            self.sessions.clear();
-            self.generation = generation;
-        }
-        if let Some(task) = &job.embed {
-            return self.embed(job, &prompt, task);
-        }
-        let (mut slot, keep) = self.sequence_for(req.session, &prompt)?;
-        // `fed`: the tokens whose keys and values the sequence holds (kept for a session).
-        let mut fed: Vec<u32> = prompt[..keep].to_vec();
-        let mut mask = match &req.constraint {
-            Some(c) => Some(
-                self.grammar()?
-                    .compile(c)
-                    .map_err(|e| RuntimeError::BadRequest(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let mut sampler = Sampler::new(&req.sampling, &prompt);
-        tracing::debug!(seed = sampler.seed(), cached = keep, "sampling");
-        let mut input = prompt[keep..].to_vec();
-        let mut pos = keep;
-        let mut text = Utf8Assembler::default();
-        let mut finish = FinishReason::MaxTokens;
-        for index in 0..req.max_tokens {
-            if let Some(e) = self.cancelled(job) {
-                return Err(e);
-            }
-            if ctx.is_some_and(|c| pos + input.len() > c) {
-                finish = FinishReason::ContextFull;
-                break;
-            }
-            let _tok = tracing::info_span!("token", index).entered();
-            let hidden = self.forward(job, &mut slot.state, &input)?;
-            let mut logits = self.output(job, &mut slot.state, &hidden)?;
-            pos += input.len();
-            fed.append(&mut input);
-            // Log-probabilities are of the model's distribution: the logits before the mask.
-            let raw = (mask.is_some() && req.logprobs.is_some()).then(|| logits.clone());
-            if let Some(m) = &mut mask {
-                m.apply(&mut logits).map_err(rocmforge::Error::from)?;
-            }
-            let token = sampler.sample(&logits);
-            if let Some(m) = &mut mask {
-                m.accept(token).map_err(rocmforge::Error::from)?;
-            }
-            // The event carries the token (it was generated) but a control token's text is
-            // empty: `<|im_end|>` never reaches a reply.
-            let ev = TokenEvent {
-                index,
-                token,
-                text: text.push(&self.compute.token_bytes(token)),
-                logprobs: req.logprobs.map(|n| {
-                    rocmforge::sample::TokenLogprobs::of(
-                        raw.as_deref().unwrap_or(&logits),
-                        token,
-                        n,
-                    )
-                }),
-            };
-            self.send_event(job, ev)?;
-            if req.stop_at_eos && self.compute.is_end_of_generation(token) {
-                finish = FinishReason::EndOfSequence;
-                break;
-            }
-            input = vec![token];
-        }
-        if let Some(id) = req.session.filter(|_| !req.end_session) {
-            self.keep(id, slot, fed);
-        }
-        Ok(finish)
+        Ok(())
     }
 
     /// The sequence a request runs on and how many of its prompt tokens are already cached:
@@ -508,11 +746,6 @@ impl Inference {
                 .count()
                 .min(prompt.len() - 1);
             if self.compute.resume(&mut kept.slot.state, keep)? {
-                self.cfg
-                    .shared
-                    .counters
-                    .prompt_tokens_cached
-                    .fetch_add(keep as u64, Ordering::Relaxed);
                 return Ok((kept.slot, keep));
             }
         }
@@ -543,122 +776,31 @@ impl Inference {
             },
         );
         while self.sessions.len() > self.cfg.max_sessions {
-            let oldest = self
-                .sessions
-                .iter()
-                .min_by_key(|(_, k)| k.last_used)
-                .map(|(id, _)| *id);
-            match oldest {
-                Some(id) => self.sessions.remove(&id),
-                None => break,
-            };
+            self.evict_oldest_session();
+        }
+    }
+
+    fn evict_oldest_session(&mut self) {
+        let oldest = self
+            .sessions
+            .iter()
+            .min_by_key(|(_, k)| k.last_used)
+            .map(|(id, _)| *id);
+        if let Some(id) = oldest {
+            self.sessions.remove(&id);
         }
     }
 }
 
-/// Per-request sampling: the core crate's sampler, with the same semantics as every other entry
-/// point: the penalties look at the last `penalty_last_n` tokens of prompt and output alike
-/// (llama.cpp's), the seed is the request's or a random one (`seed()` tells which).
-pub struct Sampler {
-    inner: rocmforge::sample::Sampler,
-    /// Prompt and generated tokens.
-    history: Vec<u32>,
-}
-
-impl Sampler {
-    pub fn new(params: &SamplingParams, prompt: &[u32]) -> Self {
-        Self {
-            inner: rocmforge::sample::Sampler::new(params.clone()),
-            history: prompt.to_vec(),
-        }
-    }
-
-    pub fn seed(&self) -> u64 {
-        self.inner.seed()
-    }
-
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let t = self.inner.sample(logits, &self.history);
-        self.history.push(t);
-        t
-    }
-}
-
-/// Turns token bytes into text pieces without splitting a UTF-8 character across two events
-/// (byte-level BPE emits multi-byte characters over several tokens).
-#[derive(Default)]
-struct Utf8Assembler {
-    pending: Vec<u8>,
-}
-
-impl Utf8Assembler {
-    fn push(&mut self, bytes: &[u8]) -> String {
-        self.pending.extend_from_slice(bytes);
-        match std::str::from_utf8(&self.pending) {
-            Ok(s) => {
-                let s = s.to_string();
-                self.pending.clear();
-                s
-            }
-            // An incomplete character at the end: keep it for the next token.
-            Err(e) if e.error_len().is_none() => {
-                let n = e.valid_up_to();
-                let s = String::from_utf8_lossy(&self.pending[..n]).into_owned();
-                self.pending.drain(..n);
-                s
-            }
-            // Invalid bytes: emit them replaced rather than stalling the stream.
-            Err(_) => {
-                let s = String::from_utf8_lossy(&self.pending).into_owned();
-                self.pending.clear();
-                s
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utf8_pieces_are_never_split() {
-        let mut a = Utf8Assembler::default();
-        let e = "é".as_bytes();
-        assert_eq!(a.push(b"a"), "a");
-        assert_eq!(a.push(&e[..1]), "");
-        assert_eq!(a.push(&e[1..]), "é");
-        assert_eq!(a.push(&[0xff]), "\u{fffd}");
-    }
-
-    #[test]
-    fn greedy_and_seeded_sampling() {
-        let logits = [0.1, 2.0, -1.0, 1.9];
-        assert_eq!(
-            Sampler::new(&SamplingParams::greedy(), &[]).sample(&logits),
-            1
-        );
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_k: 2,
-            top_p: 1.0,
-            min_p: 0.0,
-            seed: Some(7),
-            ..SamplingParams::default()
-        };
-        let a: Vec<u32> = (0..20)
-            .map({
-                let mut s = Sampler::new(&p, &[]);
-                move |_| s.sample(&logits)
-            })
-            .collect();
-        let b: Vec<u32> = (0..20)
-            .map({
-                let mut s = Sampler::new(&p, &[]);
-                move |_| s.sample(&logits)
-            })
-            .collect();
-        assert_eq!(a, b);
-        assert!(a.iter().all(|&t| t == 1 || t == 3));
+/// The same error for each sequence of a failed step (`RuntimeError` is not `Clone`).
+fn clone_error(e: &RuntimeError) -> RuntimeError {
+    match e {
+        RuntimeError::ShutDown => RuntimeError::ShutDown,
+        RuntimeError::Cancelled => RuntimeError::Cancelled,
+        RuntimeError::ModelReloaded => RuntimeError::ModelReloaded,
+        e => RuntimeError::Compute {
+            layer: None,
+            message: e.to_string(),
+        },
     }
 }

@@ -5,7 +5,10 @@
 //! - `reader.rs` — DiskReader: `mmap` (madvise) or `pread`/`O_DIRECT` into staging slots.
 //! - `transcode.rs` — TranscodePool on Rayon: file blocks into the backend's format.
 //! - `uploader.rs` — assembles device memory per unit, publishes it on the residency board.
-//! - `inference.rs` — the request queue, KV slots and sessions, waits per layer, sampling.
+//! - `inference.rs` — continuous batching: the running set, admission, sessions, sampling;
+//!   `inference/step.rs` runs one batched step over the units.
+//! - `batch.rs` — batching limits and which tokens a step carries (decode first, prompt chunks).
+//! - `sampling.rs` — a request's sampler and the UTF-8 assembly of its text.
 //! - `residency.rs` — the board where resident units are published and waited for.
 //! - `staging.rs` — the fixed ring of staging buffers.
 //! - `plan.rs` — the model cut into units (layers + global group) with device offsets.
@@ -15,11 +18,13 @@
 //! - `shared.rs` — counters shared by actors and handle; the cancellable blocking waits.
 
 pub mod backend;
+pub mod batch;
 pub mod gpu;
 pub mod inference;
 pub mod plan;
 pub mod reader;
 pub mod residency;
+pub mod sampling;
 pub mod scheduler;
 pub mod shared;
 pub mod source;

@@ -28,6 +28,18 @@ pub struct Counters {
     /// and fixed (nothing streams, nothing waits for eviction): then a decode step sends it no
     /// message at all, and its thread does not wake 30 times a token beside the compute.
     pub wants_done: AtomicBool,
+    /// Continuous batching, published by the Inference actor after every step: sequences
+    /// running, the one taken from the queue that waits for KV room (0 or 1), the KV pool.
+    pub running_seqs: AtomicUsize,
+    pub held_seqs: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_block_tokens: AtomicUsize,
+    /// Steps by sequences carried (buckets of `batch::BATCH_BUCKETS`, then `+Inf`).
+    pub batch_steps: [AtomicU64; crate::pipeline::batch::BATCH_BUCKETS.len() + 1],
+    /// Tokens and sequences carried by all steps.
+    pub batch_step_tokens: AtomicU64,
+    pub batch_step_seqs: AtomicU64,
 }
 
 /// The scheduler's view, copied out after every event it handles.

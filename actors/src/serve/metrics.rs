@@ -245,6 +245,7 @@ impl Metrics {
             "Sequences holding a KV cache.",
             s.kv_slots_in_use,
         );
+        batching(&mut out, &s);
         counter(
             &mut out,
             "rocmforge_layer_hits_total",
@@ -304,4 +305,74 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Continuous batching and the paged KV pool: running and waiting sequences, blocks used and
+/// free, prompt tokens a kept KV cache spared, and the sequences each step carried.
+fn batching(out: &mut String, s: &crate::messages::Stats) {
+    gauge(
+        out,
+        "rocmforge_sequences_running",
+        "Sequences in the running set (continuous batching).",
+        s.running_seqs,
+    );
+    gauge(
+        out,
+        "rocmforge_sequences_waiting",
+        "Requests queued for a place in the running set (max_num_seqs, KV room).",
+        s.waiting_seqs,
+    );
+    gauge(
+        out,
+        "rocmforge_kv_blocks_used",
+        "Blocks of the paged KV pool held by sequences.",
+        s.kv_blocks_used,
+    );
+    gauge(
+        out,
+        "rocmforge_kv_blocks_free",
+        "Blocks of the paged KV pool free.",
+        s.kv_blocks_total.saturating_sub(s.kv_blocks_used),
+    );
+    gauge(
+        out,
+        "rocmforge_kv_block_tokens",
+        "Positions per KV block.",
+        s.kv_block_tokens,
+    );
+    counter(
+        out,
+        "rocmforge_prefix_cache_hit_tokens_total",
+        "Prompt tokens whose keys and values came from a cache instead of prefill (a chat \
+         session's kept sequence).",
+        s.prompt_tokens_cached,
+    );
+    let name = "rocmforge_batch_sequences";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Sequences carried by each step of the running set.\n# TYPE {name} histogram"
+    );
+    let mut cum = 0u64;
+    for (i, n) in s.batch_steps.iter().enumerate() {
+        cum += n;
+        match crate::pipeline::batch::BATCH_BUCKETS.get(i) {
+            Some(le) => {
+                let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cum}");
+            }
+            None => {
+                let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{name}_sum {}\n{name}_count {cum}",
+        s.batch_step_sequences
+    );
+    counter(
+        out,
+        "rocmforge_batch_tokens_total",
+        "Tokens carried by all steps (decode tokens and prompt chunks).",
+        s.batch_step_tokens,
+    );
 }

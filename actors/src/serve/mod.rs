@@ -81,8 +81,10 @@ pub struct ServeConfig {
     /// 0 picks a free port (see `Server::local_addr`).
     pub port: u16,
     pub control_socket: Option<PathBuf>,
-    /// Requests queued behind the running one; past it, 429 with `Retry-After`.
+    /// Requests queued for a place in the running set; past it, 429 with `Retry-After`.
     pub queue_capacity: usize,
+    /// Continuous batching: sequences running at once, tokens per step, the KV budget.
+    pub batch: crate::pipeline::batch::BatchOptions,
     /// Largest request body; larger is a 413.
     pub body_limit: usize,
     /// Context length per request (default: the runtime's, capped by the model's).
@@ -132,6 +134,7 @@ impl ServeConfig {
             port: 8080,
             control_socket: None,
             queue_capacity: 64,
+            batch: Default::default(),
             body_limit: 2 << 20,
             ctx: None,
             memory_budget: MemoryBudget::Unlimited,
@@ -225,7 +228,12 @@ impl Server {
             .model(&cfg.model)
             .memory_budget(cfg.memory_budget)
             .prefetch_depth(cfg.prefetch_depth)
-            .queue_capacity(cfg.queue_capacity);
+            .queue_capacity(cfg.queue_capacity)
+            .max_num_seqs(cfg.batch.max_num_seqs)
+            .max_batch_tokens(cfg.batch.max_batch_tokens);
+        if let Some(b) = cfg.batch.kv_budget {
+            builder = builder.kv_budget(b);
+        }
         builder = builder.read_mode(cfg.read_mode.unwrap_or(ReadMode::Read));
         let builder = match cfg.backend {
             BackendKind::Cpu => builder.compute(LlamaCompute::factory(seq_cfg)),
