@@ -142,7 +142,9 @@ impl TokenMask {
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| GrammarError::Step(e.to_string()))?;
-        let end = mask.is_allowed(self.eos);
+        // The end (not the EOS token that a grammar may name as `<[id]>`) allows every
+        // end-of-generation token.
+        let end = self.is_complete();
         for (id, l) in logits.iter_mut().enumerate() {
             let id = id as u32;
             if !(mask.is_allowed(id) || end && self.eog.contains(&id)) {
@@ -154,12 +156,20 @@ impl TokenMask {
 
     /// Advances past the token that was sampled (an end-of-generation token ends the document).
     pub fn accept(&mut self, token: u32) -> Result<(), GrammarError> {
+        // An end-of-generation token is the grammar's end, unless the grammar names that very
+        // token (`<[id]>`).
         let t = if self.eog.contains(&token) {
             // A document that cannot grow has stopped the parser: the end is all that is left.
             if self.matcher.is_stopped() {
                 return Ok(());
             }
-            self.eos
+            let named = token != self.eos
+                && self.matcher.validate_tokens(&[token]).is_ok_and(|n| n == 1);
+            if named {
+                token
+            } else {
+                self.eos
+            }
         } else {
             token
         };

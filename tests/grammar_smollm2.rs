@@ -232,3 +232,25 @@ fn a_bad_grammar_is_an_error() {
         assert!(g.compile(&Constraint::Grammar(bad.into())).is_err(), "{bad}");
     }
 }
+
+/// `start: <[id]>` allows exactly that token, end-of-generation tokens (the EOS itself) too:
+/// how `echo` scores a prompt token by token (actors/src/serve/echo.rs).
+#[test]
+fn a_grammar_naming_one_token_allows_only_it() {
+    let (tok, g) = setup();
+    let eos = tok.eos_id().expect("eos");
+    let mut ids: Vec<u32> = vec![42, 1000, eos];
+    ids.extend(tok.eog_ids());
+    for id in ids {
+        let mut mask = g
+            .compile(&Constraint::Grammar(format!(
+                "%llguidance {{}}\nstart: <[{id}]>"
+            )))
+            .unwrap();
+        let mut logits = vec![0f32; tok.vocab_size()];
+        mask.apply(&mut logits).unwrap();
+        let allowed: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+        assert_eq!(allowed, vec![id as usize], "token {id}");
+        mask.accept(id).unwrap_or_else(|e| panic!("token {id}: {e}"));
+    }
+}
