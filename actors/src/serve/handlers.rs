@@ -660,7 +660,7 @@ async fn start(
         // Every generated token is billed, the ones of sequences not returned too (OpenAI).
         let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
         if ranked {
-            choices = best(choices, n);
+            choices = best(choices, n, &s.tokenizer);
         }
         let mut body = meta.body(&choices);
         body["usage"] = serde_json::to_value(Usage::new(n_prompt, completion))
@@ -674,10 +674,21 @@ async fn start(
     }
 }
 
-/// The `n` sequences with the highest cumulative log-probability (every generated token's,
-/// the end-of-sequence token included), best first.
-fn best(mut choices: Vec<Collected>, n: usize) -> Vec<Collected> {
-    let score = |c: &Collected| c.logprobs.iter().map(|l| f64::from(l.logprob)).sum::<f64>();
+/// The `n` sequences with the highest cumulative log-probability, best first: the sum over the
+/// tokens a reply's `logprobs` lists (an end-of-generation token that ended it is not in the
+/// text, and not counted).
+fn best(
+    mut choices: Vec<Collected>,
+    n: usize,
+    tok: &rocmforge::tokenizer::Tokenizer,
+) -> Vec<Collected> {
+    let score = |c: &Collected| {
+        c.logprobs
+            .iter()
+            .filter(|l| !tok.is_eog(l.token))
+            .map(|l| f64::from(l.logprob))
+            .sum::<f64>()
+    };
     choices.sort_by(|a, b| score(b).total_cmp(&score(a)));
     choices.truncate(n);
     choices

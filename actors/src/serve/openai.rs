@@ -466,7 +466,8 @@ impl ToolPlan {
 
 impl From<tool_calls::ToolError> for ApiError {
     fn from(e: tool_calls::ToolError) -> Self {
-        ApiError::invalid(&e.param, e.message)
+        // The message names the field too: clients often show only the message.
+        ApiError::invalid(&e.param, e.to_string())
     }
 }
 
