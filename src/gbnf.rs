@@ -19,7 +19,10 @@ enum Tok {
     Name(String),
     Define,
     Lit(String),
-    Class { negated: bool, items: Vec<(char, char)> },
+    Class {
+        negated: bool,
+        items: Vec<(char, char)>,
+    },
     Any,
     Bar,
     Open,
@@ -145,7 +148,9 @@ fn tokenize(src: &str) -> Result<Vec<Tok>, String> {
                 let inner = &s[1..s.len().saturating_sub(1)];
                 let ok = s.ends_with('}')
                     && !inner.is_empty()
-                    && inner.chars().all(|c| c.is_ascii_digit() || c == ',' || c == ' ')
+                    && inner
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || c == ',' || c == ' ')
                     && inner.matches(',').count() <= 1;
                 if !ok {
                     return Err(format!("bad repetition {s:?}"));
@@ -241,8 +246,12 @@ pub fn to_lark(src: &str) -> Result<String, String> {
                     }
                     match t {
                         Tok::Name(r) => body.push_str(&rule_name(r)),
-                        Tok::Lit(s) => body.push_str(&serde_json::Value::from(s.as_str()).to_string()),
-                        Tok::Class { negated, items } => body.push_str(&class_regex(*negated, items)),
+                        Tok::Lit(s) => {
+                            body.push_str(&serde_json::Value::from(s.as_str()).to_string())
+                        }
+                        Tok::Class { negated, items } => {
+                            body.push_str(&class_regex(*negated, items))
+                        }
                         Tok::Any => body.push_str("/(?s:.)/"),
                         Tok::Bar => body.push('|'),
                         Tok::Open => {
@@ -313,9 +322,7 @@ num ::= [0-9] .
         let l = to_lark(g).unwrap();
         assert!(l.contains("start: g_root\n"), "{l}");
         assert!(
-            l.contains(
-                r#"g_root: g_answer " " g_num{1,3} ( "!" | /[^\x{61}-\x{63}\x{A}]/ )*"#
-            ),
+            l.contains(r#"g_root: g_answer " " g_num{1,3} ( "!" | /[^\x{61}-\x{63}\x{A}]/ )*"#),
             "{l}"
         );
         assert!(l.contains(r#"g_answer: "yes" | "no!""#), "{l}");

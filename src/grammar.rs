@@ -163,8 +163,8 @@ impl TokenMask {
             if self.matcher.is_stopped() {
                 return Ok(());
             }
-            let named = token != self.eos
-                && self.matcher.validate_tokens(&[token]).is_ok_and(|n| n == 1);
+            let named =
+                token != self.eos && self.matcher.validate_tokens(&[token]).is_ok_and(|n| n == 1);
             if named {
                 token
             } else {

@@ -96,7 +96,10 @@ pub fn parse_tools(v: &Value) -> Result<Vec<FunctionSpec>, ToolError> {
         if kind != Some("function") {
             return Err(bad(
                 at(".type"),
-                format!("only \"function\" tools are supported, got {}", show(t.get("type"))),
+                format!(
+                    "only \"function\" tools are supported, got {}",
+                    show(t.get("type"))
+                ),
             ));
         }
         let f = t
@@ -440,7 +443,11 @@ impl CallStream {
             return;
         }
         let mut s = std::mem::take(&mut self.pending_ws);
-        s.push_str(if self.started { body } else { body.trim_start() });
+        s.push_str(if self.started {
+            body
+        } else {
+            body.trim_start()
+        });
         self.started = true;
         self.pending_ws.push_str(trailing);
         out.push(StreamEvent::Text(s));
@@ -452,9 +459,11 @@ mod tests {
     use super::*;
 
     fn weather() -> Vec<FunctionSpec> {
-        parse_tools(&json!([{"type": "function", "function": {"name": "get_weather",
+        parse_tools(
+            &json!([{"type": "function", "function": {"name": "get_weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                           "required": ["city"]}}}]))
+                           "required": ["city"]}}}]),
+        )
         .unwrap()
     }
 

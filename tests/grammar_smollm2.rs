@@ -212,7 +212,8 @@ fn valid_args(name: &str, args: &Value) -> bool {
     o.len() == 2
         && match name {
             "get_weather" => {
-                is("city", &|v| v == "Paris" || v == "Oslo") && is("unit", &|v| v == "c" || v == "f")
+                is("city", &|v| v == "Paris" || v == "Oslo")
+                    && is("unit", &|v| v == "c" || v == "f")
             }
             "add" => is("a", &|v| v.is_boolean()) && is("b", &|v| v.is_boolean()),
             _ => false,
@@ -229,7 +230,10 @@ fn regex_lite(s: &str) -> bool {
 fn a_bad_grammar_is_an_error() {
     let (_, g) = setup();
     for bad in ["root ::= missing", "%llguidance {}\nstart: nope"] {
-        assert!(g.compile(&Constraint::Grammar(bad.into())).is_err(), "{bad}");
+        assert!(
+            g.compile(&Constraint::Grammar(bad.into())).is_err(),
+            "{bad}"
+        );
     }
 }
 
@@ -249,8 +253,11 @@ fn a_grammar_naming_one_token_allows_only_it() {
             .unwrap();
         let mut logits = vec![0f32; tok.vocab_size()];
         mask.apply(&mut logits).unwrap();
-        let allowed: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+        let allowed: Vec<usize> = (0..logits.len())
+            .filter(|&i| logits[i].is_finite())
+            .collect();
         assert_eq!(allowed, vec![id as usize], "token {id}");
-        mask.accept(id).unwrap_or_else(|e| panic!("token {id}: {e}"));
+        mask.accept(id)
+            .unwrap_or_else(|e| panic!("token {id}: {e}"));
     }
 }

@@ -31,7 +31,14 @@ fn rocmforge(args: &[&str]) -> Output {
 fn run_json(extra: &[&str]) -> Json {
     let m = model();
     let mut args = vec![
-        "run", "--model", &m, "--json", "--threads", "2", "--backend", "cpu",
+        "run",
+        "--model",
+        &m,
+        "--json",
+        "--threads",
+        "2",
+        "--backend",
+        "cpu",
     ];
     args.extend_from_slice(extra);
     let out = rocmforge(&args);
@@ -52,7 +59,15 @@ fn grammar_file_gbnf_and_lark() {
     std::fs::write(&lark, "%llguidance {}\nstart: (\"red\" | \"blue\") \"!\"\n").unwrap();
     for seed in ["1", "2"] {
         let j = run_json(&[
-            "--prompt", "Answer:", "-n", "12", "--temp", "1", "--seed", seed, "--grammar",
+            "--prompt",
+            "Answer:",
+            "-n",
+            "12",
+            "--temp",
+            "1",
+            "--seed",
+            seed,
+            "--grammar",
             gbnf.to_str().unwrap(),
         ]);
         let t = j["text"].as_str().unwrap();
@@ -63,10 +78,21 @@ fn grammar_file_gbnf_and_lark() {
         );
         assert_eq!(j["stop_reason"], "eog", "{j}");
         let j = run_json(&[
-            "--prompt", "Color:", "-n", "8", "--temp", "1", "--seed", seed, "--grammar",
+            "--prompt",
+            "Color:",
+            "-n",
+            "8",
+            "--temp",
+            "1",
+            "--seed",
+            seed,
+            "--grammar",
             lark.to_str().unwrap(),
         ]);
-        assert!(["red!", "blue!"].contains(&j["text"].as_str().unwrap()), "{j}");
+        assert!(
+            ["red!", "blue!"].contains(&j["text"].as_str().unwrap()),
+            "{j}"
+        );
     }
 }
 
@@ -80,7 +106,14 @@ fn json_schema_inline_or_file_and_json_object() {
     std::fs::write(&file, schema).unwrap();
     for given in [schema, file.to_str().unwrap()] {
         let j = run_json(&[
-            "--prompt", "JSON:", "-n", "40", "--temp", "0", "--json-schema", given,
+            "--prompt",
+            "JSON:",
+            "-n",
+            "40",
+            "--temp",
+            "0",
+            "--json-schema",
+            given,
         ]);
         let v: Json = serde_json::from_str(j["text"].as_str().unwrap()).expect("JSON text");
         let o = v.as_object().expect("an object");
@@ -88,7 +121,15 @@ fn json_schema_inline_or_file_and_json_object() {
         assert!(o["ok"].is_boolean(), "{v}");
         assert!(o["n"].as_u64().is_some_and(|n| n <= 9), "{v}");
     }
-    let j = run_json(&["--prompt", "JSON:", "-n", "64", "--temp", "0", "--json-object"]);
+    let j = run_json(&[
+        "--prompt",
+        "JSON:",
+        "-n",
+        "64",
+        "--temp",
+        "0",
+        "--json-object",
+    ]);
     let t = j["text"].as_str().unwrap();
     assert!(t.starts_with('{'), "{j}");
     if j["stop_reason"] == "eog" {
@@ -104,11 +145,17 @@ fn bad_constraint_flags_are_errors() {
     std::fs::write(&bad, "root ::= undefined-rule\n").unwrap();
     let missing = dir.path().join("missing.gbnf");
     for (flags, needle) in [
-        (vec!["--grammar", missing.to_str().unwrap()], "cannot read grammar file"),
+        (
+            vec!["--grammar", missing.to_str().unwrap()],
+            "cannot read grammar file",
+        ),
         (vec!["--grammar", bad.to_str().unwrap()], "undefined-rule"),
         (vec!["--json-schema", "[1, 2]"], "--json-schema"),
         (vec!["--json-schema", "{\"type\": \"nope\"}"], "nope"),
-        (vec!["--json-object", "--json-schema", "{}"], "cannot be used with"),
+        (
+            vec!["--json-object", "--json-schema", "{}"],
+            "cannot be used with",
+        ),
     ] {
         let mut args = vec!["run", "--model", &m, "--prompt", "hi", "-n", "2"];
         args.extend(flags.iter().copied());

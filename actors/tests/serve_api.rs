@@ -173,7 +173,11 @@ async fn unimplemented_fields_are_a_400_never_ignored() {
             "tool_choice",
         ),
         ("echo in chat", json!({"echo": true}), "echo"),
-        ("a grammar that does not parse", json!({"grammar": "root ::= ("}), "grammar"),
+        (
+            "a grammar that does not parse",
+            json!({"grammar": "root ::= ("}),
+            "grammar",
+        ),
         (
             "functions",
             json!({"functions": [{"name": "f"}]}),

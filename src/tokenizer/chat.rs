@@ -269,11 +269,16 @@ fn tojson(value: &Value, args: minijinja::value::Kwargs) -> Result<Value, Error>
             let mut out = Vec::new();
             let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
             serde::Serialize::serialize(value, &mut ser).map_err(err)?;
-            String::from_utf8(out).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?
+            String::from_utf8(out)
+                .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?
         }
     };
     // `json.dumps` separates with ", " and ": "; serde_json's compact form has no spaces.
-    let text = if indent.is_none() { python_spacing(&text) } else { text };
+    let text = if indent.is_none() {
+        python_spacing(&text)
+    } else {
+        text
+    };
     Ok(Value::from_safe_string(text))
 }
 
@@ -461,7 +466,11 @@ mod tests {
         let mut result = ChatMessage::new("tool", "42");
         result.tool_call_id = Some("c1".into());
         let out = t
-            .render_with_tools(&[ChatMessage::new("user", "hi"), call, result], Some(&tools), true)
+            .render_with_tools(
+                &[ChatMessage::new("user", "hi"), call, result],
+                Some(&tools),
+                true,
+            )
             .unwrap();
         // Python's json.dumps spacing and key order, no HTML escapes; pretty with `indent`.
         assert_eq!(

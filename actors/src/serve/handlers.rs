@@ -483,11 +483,7 @@ async fn chat_completions(
 
 /// Compiles `c` once here, so a schema the compiler rejects is a 400 before any response
 /// starts (the runtime compiles its own copy for the generation).
-async fn check_constraint(
-    s: &Arc<AppState>,
-    c: &Constraint,
-    param: &str,
-) -> Result<(), ApiError> {
+async fn check_constraint(s: &Arc<AppState>, c: &Constraint, param: &str) -> Result<(), ApiError> {
     let (s, c, param) = (s.clone(), c.clone(), param.to_string());
     tokio::task::spawn_blocking(move || {
         let compiler = s
@@ -646,7 +642,12 @@ async fn start(
     if checked.max_tokens_zero {
         // Nothing generated: `n` choices of the echoed prompt alone.
         let choices: Vec<Collected> = (0..n).map(|_| Collected::empty("length")).collect();
-        return Ok(reply(&meta, &choices, checked.stream, checked.include_usage));
+        return Ok(reply(
+            &meta,
+            &choices,
+            checked.stream,
+            checked.include_usage,
+        ));
     }
     if checked.stream {
         let mut r = stream_response(gens, meta, checked.include_usage);
@@ -663,8 +664,8 @@ async fn start(
             choices = best(choices, n, &s.tokenizer);
         }
         let mut body = meta.body(&choices);
-        body["usage"] = serde_json::to_value(Usage::new(n_prompt, completion))
-            .map_err(ApiError::internal)?;
+        body["usage"] =
+            serde_json::to_value(Usage::new(n_prompt, completion)).map_err(ApiError::internal)?;
         let mut r = axum::Json(body).into_response();
         r.extensions_mut().insert(Logged::Tokens {
             prompt: n_prompt,

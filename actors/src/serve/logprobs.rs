@@ -50,7 +50,11 @@ pub struct CompletionLogprobs {
 impl CompletionLogprobs {
     /// The echoed prompt's entries (`echo`): every prompt token, end-of-generation ones too (they
     /// are in the prompt); a token without log-probabilities (the first) has `null`s.
-    pub fn render_prompt(&mut self, tok: &Tokenizer, steps: &[(u32, Option<TokenLogprobs>)]) -> Value {
+    pub fn render_prompt(
+        &mut self,
+        tok: &Tokenizer,
+        steps: &[(u32, Option<TokenLogprobs>)],
+    ) -> Value {
         let (mut tokens, mut token_logprobs, mut top_logprobs, mut text_offset) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (id, lp) in steps {

@@ -561,15 +561,8 @@ impl ChatRequest {
                     }
                     msg.tool_calls = Some(past_calls(i, calls)?);
                 }
-                if m.role == "tool" {
-                    let id = m.tool_call_id.clone().ok_or_else(|| {
-                        ApiError::invalid(
-                            &format!("messages[{i}].tool_call_id"),
-                            "a tool message needs the tool_call_id of the call it answers",
-                        )
-                    })?;
-                    msg.tool_call_id = Some(id);
-                }
+                // OpenAI requires it; templates rarely read it, so a missing one is accepted.
+                msg.tool_call_id = m.tool_call_id.clone();
                 msg.name = m.name.clone();
                 Ok(msg)
             })

@@ -274,7 +274,9 @@ impl Inner {
         use serde_json::Value;
         match v {
             Value::String(s) => Value::String(self.protect(s, originals)),
-            Value::Array(a) => Value::Array(a.iter().map(|x| self.protect_value(x, originals)).collect()),
+            Value::Array(a) => {
+                Value::Array(a.iter().map(|x| self.protect_value(x, originals)).collect())
+            }
             Value::Object(o) => Value::Object(
                 o.iter()
                     .map(|(k, x)| (self.protect(k, originals), self.protect_value(x, originals)))
@@ -415,7 +417,10 @@ impl Inner {
 /// when there is none), past calls written into their assistant message's text as the model
 /// writes them, and `tool` results as user turns wrapped in `<tool_response>` (consecutive
 /// results in one turn, so templates that insist on alternating roles accept them).
-fn tools_as_text(messages: &[ChatMessage], tools: Option<&[serde_json::Value]>) -> Vec<ChatMessage> {
+fn tools_as_text(
+    messages: &[ChatMessage],
+    tools: Option<&[serde_json::Value]>,
+) -> Vec<ChatMessage> {
     use rocmforge::tool_calls::{call_text, response_text, system_prompt};
     let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
     let prompt = tools.map(system_prompt);
@@ -441,9 +446,18 @@ fn tools_as_text(messages: &[ChatMessage], tools: Option<&[serde_json::Value]>) 
                 if !m.content.trim().is_empty() {
                     parts.push(m.content.clone());
                 }
-                for c in m.tool_calls.as_ref().and_then(|c| c.as_array()).into_iter().flatten() {
+                for c in m
+                    .tool_calls
+                    .as_ref()
+                    .and_then(|c| c.as_array())
+                    .into_iter()
+                    .flatten()
+                {
                     let f = &c["function"];
-                    parts.push(call_text(f["name"].as_str().unwrap_or_default(), &f["arguments"]));
+                    parts.push(call_text(
+                        f["name"].as_str().unwrap_or_default(),
+                        &f["arguments"],
+                    ));
                 }
                 out.push(ChatMessage::new("assistant", parts.join("\n")));
             }

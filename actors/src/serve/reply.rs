@@ -14,12 +14,12 @@ use super::echo::Echo;
 use super::generation::{Collected, Generation, Step};
 use super::logprobs::{chat_content, CompletionLogprobs};
 use super::openai::Usage;
-use rocmforge::tool_calls::{CallStream, StreamEvent, ToolCall};
 use crate::messages::TokenLogprobs;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use rocmforge::tokenizer::Tokenizer;
+use rocmforge::tool_calls::{CallStream, StreamEvent, ToolCall};
 use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -416,7 +416,11 @@ pub(crate) fn stream_response(gens: Vec<Generation>, meta: Meta, include_usage: 
 
 /// The stream of choices that generated nothing (`echo` with `max_tokens: 0`): each choice's
 /// echo and its finish, the usage if asked for, `[DONE]`.
-pub(crate) fn stream_collected(choices: &[Collected], meta: &Meta, include_usage: bool) -> Response {
+pub(crate) fn stream_collected(
+    choices: &[Collected],
+    meta: &Meta,
+    include_usage: bool,
+) -> Response {
     let mut chunks = Vec::new();
     for (i, c) in choices.iter().enumerate() {
         let mut offsets = CompletionLogprobs::default();
