@@ -23,8 +23,9 @@
 //! - a named function: exactly one call of it;
 //! - `auto`: any text, but once the text `<tool_call>` appears it must go on as a whole call (a
 //!   lazy lexeme ends the free text at the marker, llguidance's tool-call idiom); text and calls
-//!   may alternate. So a reply is either plain text or carries calls that parse, and nothing is
-//!   spent on calls the model does not start.
+//!   may alternate (without parallel calls: one call, and the text after it never holds the
+//!   marker). So a reply is either plain text or carries calls that parse, and nothing is spent
+//!   on calls the model does not start.
 
 use serde_json::{json, Map, Value};
 
@@ -258,15 +259,23 @@ pub fn grammar(tools: &[FunctionSpec], choice: &ToolChoice, parallel: bool) -> O
     let body: Vec<String> = (0..funcs.len()).map(|i| format!("f{i}")).collect();
     let (open, close) = (lit(&format!("{OPEN}\n")), lit(&format!("\n{CLOSE}")));
     match choice {
+        ToolChoice::Auto if !parallel => {
+            // One call at most: after it, text that never contains the marker.
+            g.push_str("start: TEXT | call TAIL\n");
+            g.push_str("TEXT: /(?s:.*)/\n");
+            g.push_str(&format!(
+                "TAIL: /(?s:.*)/ & ~/(?s:.*){}(?s:.*)/\n",
+                regex_syntax::escape(OPEN)
+            ));
+            g.push_str(&format!("call_head[lazy]: TEXT {}\n", lit(OPEN)));
+            g.push_str(&format!("call: call_head \"\\n\" body {close}\n"));
+        }
         ToolChoice::Auto => {
             g.push_str("start: call* TEXT\n");
             g.push_str("TEXT: /(?s:.*)/\n");
             // The free text ends lazily at the marker: after it, only a call may follow.
             g.push_str(&format!("call_head[lazy]: TEXT {}\n", lit(OPEN)));
-            g.push_str(&format!(
-                "call: call_head \"\\n\" body {close}\n",
-                close = lit(&format!("\n{CLOSE}"))
-            ));
+            g.push_str(&format!("call: call_head \"\\n\" body {close}\n"));
         }
         ToolChoice::Required if parallel => {
             g.push_str("start: call (\"\\n\" call)*\n");

@@ -261,3 +261,30 @@ fn a_grammar_naming_one_token_allows_only_it() {
             .unwrap_or_else(|e| panic!("token {id}: {e}"));
     }
 }
+
+/// `auto` without parallel calls: text, one call, and after it no second marker can start.
+#[test]
+fn auto_without_parallel_calls_allows_one_call() {
+    use rocmforge::tool_calls::{grammar, ToolChoice};
+    let (tok, g) = setup();
+    let lark = grammar(&tools(), &ToolChoice::Auto, false).unwrap();
+    let mut mask = g
+        .compile(&Constraint::Grammar(format!("%llguidance {{}}\n{lark}")))
+        .unwrap();
+    let mut force = |text: &str| -> bool {
+        for t in tok.encode(text, false, false).unwrap() {
+            let mut logits = vec![0f32; tok.vocab_size()];
+            mask.apply(&mut logits).unwrap();
+            if !logits[t as usize].is_finite() {
+                return false;
+            }
+            mask.accept(t).unwrap();
+        }
+        true
+    };
+    assert!(force("Sure.\n<tool_call>\n"));
+    assert!(force(
+        "{\"name\": \"add\", \"arguments\": {\"a\": true, \"b\": false}}\n</tool_call>\nDone. "
+    ));
+    assert!(!force("<tool_call>"), "a second call was allowed");
+}
