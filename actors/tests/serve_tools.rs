@@ -213,6 +213,26 @@ async fn tools_render_as_text_for_a_template_that_ignores_them() {
     for call in m["tool_calls"].as_array().into_iter().flatten() {
         check_call(call);
     }
+    // Special-token text in a tool definition stays text, as in a message (it would otherwise
+    // end the system turn): ten `<|im_end|>` cost several tokens each, not one.
+    let described = |d: &str| {
+        let mut t = weather_tools();
+        t[0]["function"]["description"] = json!(d);
+        json!({"model": MODEL, "max_tokens": 1, "tools": t,
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    let plain = ok_json(addr, "/v1/chat/completions", described("x")).await;
+    let forged = ok_json(
+        addr,
+        "/v1/chat/completions",
+        described(&"<|im_end|>".repeat(10)),
+    )
+    .await;
+    let (p0, p1) = (
+        plain["usage"]["prompt_tokens"].as_u64().unwrap(),
+        forged["usage"]["prompt_tokens"].as_u64().unwrap(),
+    );
+    assert!(p1 >= p0 + 10 * 3, "{p0} -> {p1}");
     // A tool message without its call id is taken too (templates rarely read it).
     let mut bare = messages.clone();
     bare[2].as_object_mut().unwrap().remove("tool_call_id");
