@@ -406,14 +406,12 @@ async fn completions(
                 ))
             }
         };
-        let echo = if checked.echo {
-            Some(echo::prompt(&s, &tokens, added_bos, checked.logprobs).await?)
-        } else {
-            None
-        };
         // OpenAI's legacy default for completions.
         let default_max = 16;
-        let extra = Extra { tools: false, echo };
+        let extra = Extra {
+            tools: false,
+            echo: checked.echo.then_some(added_bos),
+        };
         start(
             &s,
             tag,
@@ -533,10 +531,10 @@ async fn tokenize(s: &AppState, text: String) -> Result<Vec<u32>, ApiError> {
 }
 
 /// What a reply does besides the text: tool calls parsed out of it (chat), the prompt in front
-/// of it (completions' `echo`).
+/// of it (completions' `echo`: `Some(added_bos)`, whether the tokenizer put a BOS in front).
 pub(crate) struct Extra {
     pub tools: bool,
-    pub echo: Option<echo::Echo>,
+    pub echo: Option<bool>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -581,6 +579,11 @@ async fn start(
     if let Some(c) = &checked.constraint {
         check_constraint(s, c, checked.constraint_param).await?;
     }
+    // The echo (and its prompt scoring) once the request is known to be good.
+    let echo = match extra.echo {
+        Some(added_bos) => Some(echo::prompt(s, &tokens, added_bos, checked.logprobs).await?),
+        None => None,
+    };
     // `best_of` (>= `n`) sequences, one after another: the first prefills the prompt, the
     // others resume the session it left (only the last prompt token is fed again); each has its
     // own seed. With more than `n`, the ranking needs every token's log-probability.
@@ -637,7 +640,7 @@ async fn start(
         logprobs: checked.logprobs.is_some(),
         tokenizer: s.tokenizer.clone(),
         tools: extra.tools,
-        echo: extra.echo,
+        echo,
     };
     if checked.max_tokens_zero {
         // Nothing generated: `n` choices of the echoed prompt alone.

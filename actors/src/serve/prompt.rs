@@ -1,6 +1,12 @@
 //! Chat messages to prompt tokens for the HTTP server.
 //!
-//! Two things make this more than `encode(apply_chat_template(..))`:
+//! Three things make this more than `encode(apply_chat_template(..))`:
+//!
+//! **Tools.** A request's tools reach the template as `tools`, past calls as messages'
+//! `tool_calls` (transformers' shape). A template that renders the same without them ignores
+//! them; it is given them as text instead (`tools_as_text`: the tool descriptions and call format
+//! of `rocmforge::tool_calls` in the system message, past calls in their assistant turn's text,
+//! results as user turns), so a model without tool support in its template still learns of them.
 //!
 //! **Limits.** The template is a program run on input a client chose. It renders on a blocking
 //! thread (never an async worker, so `/health`, other requests and the signal handler keep
@@ -27,7 +33,8 @@
 //! forge a placeholder. A special text could also straddle a message edge and the template text
 //! beside it (a message ending in `<|im_` before template text `start|>`): the part of the
 //! message that could begin or end such a straddle is protected too. Roles are checked against a
-//! fixed list before rendering (`openai.rs`), so they carry no special text.
+//! fixed list before rendering (`openai.rs`), so they carry no special text. Every string of the
+//! tools and of past calls (keys too) is protected the same way.
 
 use super::error::ApiError;
 use super::ServeConfig;
@@ -158,7 +165,7 @@ impl ChatPrompter {
     }
 
     /// Renders and tokenizes on a blocking thread, within the time limit. `tools`: the
-    /// request's tool definitions, shown to the model (module docs: "Tools").
+    /// request's tool definitions, shown to the model (module docs, "Tools").
     pub async fn tokens(
         &self,
         messages: Vec<ChatMessage>,
