@@ -1,7 +1,8 @@
 //! The cost of constrained decoding per generated token (issue 19: the mask may cost at most 10%
 //! of CPU decode time): one step is `TokenMask::apply` on a full-vocabulary logits vector plus
 //! `TokenMask::accept` of the chosen token, measured over whole documents that a masked greedy
-//! walk wrote (a JSON object, and a document under a small schema) on SmolLM2's 49,152-token
+//! walk wrote (a JSON object, a document under a small schema, a required tool call and a reply
+//! under `tool_choice: auto`) on SmolLM2's 49,152-token
 //! vocabulary. Compare the per-step time with `rocmforge bench --backend cpu -p 0 -n 64` decode.
 //! Needs models/SmolLM2-135M-Instruct.Q4_1.gguf.
 //!
@@ -79,9 +80,26 @@ fn bench(c: &mut Criterion) {
         },
         "required": ["name", "age"]
     });
+    // Tool calls (`tool_calls::grammar`): `required` is a call of one of two functions; `auto`
+    // is mostly free text (the cost every token of a plain reply pays while tools are offered).
+    use rocmforge::tool_calls::{grammar, parse_tools, ToolChoice};
+    let tools = parse_tools(&serde_json::json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"]}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    ]))
+    .expect("tools");
+    let tool_grammar = |choice: ToolChoice| {
+        let g = grammar(&tools, &choice, true).expect("a grammar");
+        Constraint::Grammar(format!("%llguidance {{}}\n{g}"))
+    };
     let cases = [
         ("json_object", Constraint::JsonObject, 48),
         ("json_schema", Constraint::JsonSchema(schema), 48),
+        ("tools_required", tool_grammar(ToolChoice::Required), 48),
+        ("tools_auto", tool_grammar(ToolChoice::Auto), 48),
     ];
     let mut group = c.benchmark_group("grammar_step");
     for (name, constraint, close_after) in cases {

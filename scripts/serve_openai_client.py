@@ -8,7 +8,10 @@ sum to at most 1, the chosen token is the first at temperature 0), `n=3` (three 
 temperature 0), embeddings (the client's default base64 encoding, vectors of length 1) and
 structured output: 20 prompts in JSON mode and 20 under a JSON schema, every output that ends
 (`finish_reason` "stop") parsed and validated with `jsonschema`; under the schema (whose documents
-are short) every output must end. Prints "ok" and exits 0 on success.
+are short) every output must end. Tool calls: a round trip (tools with tool_choice "required" give
+calls whose arguments validate with `jsonschema`, streamed the same; the result sent back gives a
+plain assistant reply). `echo` with prompt log-probabilities, `best_of`, and a GBNF `grammar`
+(through `extra_body`). Prints "ok" and exits 0 on success.
 """
 import json
 import math
@@ -78,6 +81,120 @@ def structured(client, model) -> None:
             if choice.delta.content:
                 pieces.append(choice.delta.content)
     assert "".join(pieces) == whole, (pieces, whole)
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather",
+                                      "description": "The current weather in a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time in a city",
+                                      "parameters": {"type": "object",
+                                                     "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+]
+
+
+def tool_round_trip(client, model) -> None:
+    msgs = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    r = client.chat.completions.create(
+        model=model, messages=msgs, tools=TOOLS, tool_choice="required", max_tokens=80,
+        temperature=0,
+    )
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    calls = c.message.tool_calls
+    assert calls, c
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for call in calls:
+        assert call.type == "function" and call.id, call
+        assert call.function.name in schemas, call
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    # Streamed: the same calls, from OpenAI's delta shape as the client assembles it.
+    got = {}
+    finish = None
+    for chunk in client.chat.completions.create(
+        model=model, messages=msgs, tools=TOOLS, tool_choice="required", max_tokens=80,
+        temperature=0, stream=True,
+    ):
+        for ch in chunk.choices:
+            for d in ch.delta.tool_calls or []:
+                e = got.setdefault(d.index, {"name": "", "arguments": ""})
+                e["name"] += d.function.name or ""
+                e["arguments"] += d.function.arguments or ""
+            finish = ch.finish_reason or finish
+    assert finish == "tool_calls", finish
+    assert [got[i] for i in sorted(got)] == [
+        {"name": k.function.name, "arguments": k.function.arguments} for k in calls
+    ], (got, calls)
+    # A named function: exactly that one.
+    named = client.chat.completions.create(
+        model=model, messages=msgs, tools=TOOLS, max_tokens=80, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    ).choices[0].message.tool_calls
+    assert [k.function.name for k in named] == ["get_time"], named
+    # The result goes back; the model answers in text.
+    msgs.append({"role": "assistant", "content": None, "tool_calls": [
+        {"id": k.id, "type": "function",
+         "function": {"name": k.function.name, "arguments": k.function.arguments}}
+        for k in calls]})
+    for k in calls:
+        msgs.append({"role": "tool", "tool_call_id": k.id,
+                     "content": json.dumps({"temperature": 18, "sky": "cloudy"})})
+    r = client.chat.completions.create(
+        model=model, messages=msgs, tools=TOOLS, tool_choice="none", max_tokens=40, temperature=0,
+    )
+    c = r.choices[0]
+    assert c.message.role == "assistant" and c.message.content, c
+    assert not c.message.tool_calls, c
+    assert c.finish_reason in ("stop", "length"), c
+    # A bad definition is a 400 naming the field.
+    try:
+        client.chat.completions.create(
+            model=model, messages=msgs, max_tokens=4,
+            tools=[{"type": "function", "function": {"name": "no spaces allowed"}}],
+        )
+        raise AssertionError("bad tool accepted")
+    except openai.BadRequestError as e:
+        assert "tools[0].function.name" in str(e), e
+
+
+def completions_extras(client, model) -> None:
+    prompt = "The capital of France is"
+    e = client.completions.create(
+        model=model, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2
+    )
+    c = e.choices[0]
+    assert c.text.startswith(prompt), c.text
+    lp = c.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:]), lp
+    assert "".join(lp.tokens) == c.text, (lp.tokens, c.text)
+    best = client.completions.create(
+        model=model, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=3,
+        n=2, best_of=4,
+    )
+    assert len(best.choices) == 2, best
+    try:
+        client.completions.create(model=model, prompt="a", max_tokens=2, n=3, best_of=2)
+        raise AssertionError("best_of < n accepted")
+    except openai.BadRequestError:
+        pass
+    g = client.completions.create(
+        model=model, prompt="Answer:", max_tokens=10, temperature=1.0, seed=1,
+        extra_body={"grammar": 'root ::= ("yes" | "no") " " [0-9]{1,3}'},
+    )
+    t = g.choices[0].text
+    head, _, digits = t.partition(" ")
+    assert head in ("yes", "no") and 1 <= len(digits) <= 3 and digits.isdigit(), t
 
 
 def main() -> None:
@@ -170,6 +287,8 @@ def main() -> None:
     assert emb.usage.prompt_tokens >= 2, emb.usage
 
     structured(client, model)
+    tool_round_trip(client, model)
+    completions_extras(client, model)
 
     try:
         client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)

@@ -1,5 +1,6 @@
 //! Constrained decoding: the output must be a JSON document (any object, or one valid under a
-//! JSON schema). `llguidance` compiles the schema into a grammar and, at every step, gives the set
+//! JSON schema), or follow a grammar (GBNF or llguidance's Lark syntax; tool calls compile to
+//! one). `llguidance` compiles the schema into a grammar and, at every step, gives the set
 //! of tokens that keep the output a prefix of some valid document; the others' logits become
 //! negative infinity before sampling. Once the document is complete only the end-of-generation
 //! tokens remain.
@@ -34,6 +35,10 @@ pub enum Constraint {
     JsonObject,
     /// A JSON document valid under this JSON schema.
     JsonSchema(serde_json::Value),
+    /// A grammar: GBNF (llama.cpp's format, converted by [`crate::gbnf`]), or llguidance's
+    /// Lark-like syntax when the text starts with `%llguidance` (as llama.cpp's server built
+    /// with llguidance reads it). Tool calls compile to this too (`crate::tool_calls`).
+    Grammar(String),
 }
 
 /// Compiles constraints for one vocabulary (built once per model: the token trie).
@@ -85,6 +90,7 @@ impl GrammarCompiler {
         let mut schema = match c {
             Constraint::JsonObject => serde_json::json!({"type": "object"}),
             Constraint::JsonSchema(s) => s.clone(),
+            Constraint::Grammar(g) => return self.parser(TopLevelGrammar::from_lark(lark(g)?)),
         };
         // One space after `,` and `:` and no other whitespace: a small model let free to add
         // whitespace can spend its whole budget on newlines. A schema's own `x-guidance` wins.
@@ -94,7 +100,10 @@ impl GrammarCompiler {
                                    "key_separator": ": "})
             });
         }
-        let grammar = TopLevelGrammar::from_json_schema(schema);
+        self.parser(TopLevelGrammar::from_json_schema(schema))
+    }
+
+    fn parser(&self, grammar: TopLevelGrammar) -> Result<TokenMask, GrammarError> {
         let parser = self
             .factory
             .create_parser(grammar)
@@ -104,6 +113,16 @@ impl GrammarCompiler {
             eog: self.eog.clone(),
             eos: self.eos,
         })
+    }
+}
+
+/// A grammar's text in llguidance's Lark syntax: as it is when it starts with `%llguidance`,
+/// else converted from GBNF.
+pub fn lark(text: &str) -> Result<String, GrammarError> {
+    if text.trim_start().starts_with("%llguidance") {
+        Ok(text.to_string())
+    } else {
+        crate::gbnf::to_lark(text).map_err(|e| GrammarError::Compile(format!("GBNF: {e}")))
     }
 }
 
@@ -123,7 +142,9 @@ impl TokenMask {
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| GrammarError::Step(e.to_string()))?;
-        let end = mask.is_allowed(self.eos);
+        // The end (not the EOS token that a grammar may name as `<[id]>`) allows every
+        // end-of-generation token.
+        let end = self.is_complete();
         for (id, l) in logits.iter_mut().enumerate() {
             let id = id as u32;
             if !(mask.is_allowed(id) || end && self.eog.contains(&id)) {
@@ -135,12 +156,20 @@ impl TokenMask {
 
     /// Advances past the token that was sampled (an end-of-generation token ends the document).
     pub fn accept(&mut self, token: u32) -> Result<(), GrammarError> {
+        // An end-of-generation token is the grammar's end, unless the grammar names that very
+        // token (`<[id]>`).
         let t = if self.eog.contains(&token) {
             // A document that cannot grow has stopped the parser: the end is all that is left.
             if self.matcher.is_stopped() {
                 return Ok(());
             }
-            self.eos
+            let named =
+                token != self.eos && self.matcher.validate_tokens(&[token]).is_ok_and(|n| n == 1);
+            if named {
+                token
+            } else {
+                self.eos
+            }
         } else {
             token
         };

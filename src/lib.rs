@@ -9,12 +9,15 @@
 //! - `kernels`    — device sources embedded from `kernels/` by `build.rs`.
 //! - `synth.rs`   — random-weight llama GGUF files (valid random quant blocks) for benches.
 //! - `sample.rs`  — samplers (greedy, temperature, top-k/p, min-p, penalties), log-probabilities.
-//! - `grammar.rs` — constrained decoding: JSON (schema) token masks through `llguidance`.
+//! - `grammar.rs` — constrained decoding: JSON (schema) and grammar token masks (`llguidance`).
+//! - `gbnf.rs`    — llama.cpp's GBNF grammars translated to llguidance's Lark syntax.
+//! - `tool_calls.rs` — tool definitions, the tool-call grammar, replies parsed into calls.
 //! - `error.rs`   — the crate's error enum, one variant group per concern.
 
 pub mod backend;
 pub mod error;
 pub mod fuzzing;
+pub mod gbnf;
 pub mod gguf;
 pub mod grammar;
 pub mod kernels;
@@ -23,5 +26,6 @@ pub mod quant;
 pub mod sample;
 pub mod synth;
 pub mod tokenizer;
+pub mod tool_calls;
 
 pub use error::{Error, Result};

@@ -116,3 +116,175 @@ fn an_invalid_schema_is_an_error_not_a_panic() {
         );
     }
 }
+
+/// A random walk under a tool-call grammar (`required`, two functions) ends in calls that
+/// `tool_calls::parse` reads back, each naming a declared function with arguments valid under
+/// its schema (checked by hand in `valid_args`, not by the mask's compiler).
+fn tools() -> Vec<rocmforge::tool_calls::FunctionSpec> {
+    rocmforge::tool_calls::parse_tools(&json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {
+                "city": {"enum": ["Paris", "Oslo"]},
+                "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "add", "parameters": {
+            "type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "boolean"}},
+            "required": ["a", "b"], "additionalProperties": false}}}
+    ]))
+    .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    #[test]
+    fn a_random_walk_under_a_required_tool_grammar_ends_in_valid_calls(seed in any::<u64>()) {
+        use rocmforge::tool_calls::{grammar, parse, ToolChoice};
+        let (_, g) = setup();
+        let tools = tools();
+        let lark = grammar(&tools, &ToolChoice::Required, false).unwrap();
+        let mut mask = g.compile(&Constraint::Grammar(format!("%llguidance {{}}\n{lark}"))).unwrap();
+        let text = walk(&mut mask, seed, 300, usize::MAX).expect("the walk ends");
+        let r = parse(&text);
+        prop_assert_eq!(r.content, None, "{}", text);
+        prop_assert_eq!(r.calls.len(), 1, "{}", text);
+        let call = &r.calls[0];
+        let args: Value = serde_json::from_str(&call.arguments).expect("arguments are JSON");
+        prop_assert!(valid_args(&call.name, &args), "{} {}", call.name, call.arguments);
+    }
+
+    #[test]
+    fn under_auto_any_started_call_is_whole(seed in any::<u64>(), steer in 0usize..12) {
+        use rocmforge::tool_calls::{grammar, parse, ToolChoice, OPEN};
+        let (tok, g) = setup();
+        let tools = tools();
+        let lark = grammar(&tools, &ToolChoice::Auto, true).unwrap();
+        let mut mask = g.compile(&Constraint::Grammar(format!("%llguidance {{}}\n{lark}"))).unwrap();
+        // A few random tokens of text, then the marker forced token by token: from there the
+        // mask alone must lead to a whole call.
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut text = Vec::new();
+        for _ in 0..steer {
+            let mut logits: Vec<f32> = (0..tok.vocab_size()).map(|_| rng.gen_range(-4.0..4.0)).collect();
+            for id in tok.eog_ids() {
+                logits[*id as usize] = f32::NEG_INFINITY;
+            }
+            mask.apply(&mut logits).unwrap();
+            let t = argmax(&logits);
+            mask.accept(t).unwrap();
+            text.extend_from_slice(tok.token_bytes(t).unwrap());
+        }
+        // Ends with a newline so the marker starts afresh whatever the text was.
+        for t in tok.encode(&format!("\n{OPEN}"), false, false).unwrap() {
+            let mut logits = vec![0f32; tok.vocab_size()];
+            mask.apply(&mut logits).unwrap();
+            prop_assert!(logits[t as usize].is_finite(), "the marker was refused");
+            mask.accept(t).unwrap();
+            text.extend_from_slice(tok.token_bytes(t).unwrap());
+        }
+        let rest = walk(&mut mask, seed ^ 1, 300, 40).expect("the walk ends");
+        let text = String::from_utf8_lossy(&text).into_owned() + &rest;
+        let r = parse(&text);
+        prop_assert!(!r.calls.is_empty(), "{}", text);
+        for call in &r.calls {
+            let args: Value = serde_json::from_str(&call.arguments).expect("arguments are JSON");
+            prop_assert!(valid_args(&call.name, &args), "{} {}", call.name, call.arguments);
+        }
+    }
+
+    #[test]
+    fn a_random_walk_under_a_gbnf_grammar_matches_it(seed in any::<u64>()) {
+        let (_, g) = setup();
+        let gbnf = "root ::= answer \" \" [0-9]{1,3}\nanswer ::= \"yes\" | \"no\"\n";
+        let mut mask = g.compile(&Constraint::Grammar(gbnf.into())).unwrap();
+        let text = walk(&mut mask, seed, 50, 8).expect("the walk ends");
+        let re = regex_lite(&text);
+        prop_assert!(re, "{:?}", text);
+    }
+}
+
+/// The arguments `tools()` allows, written out: exactly the two keys, each one of its values.
+fn valid_args(name: &str, args: &Value) -> bool {
+    let Some(o) = args.as_object() else {
+        return false;
+    };
+    let is = |k: &str, ok: &dyn Fn(&Value) -> bool| o.get(k).is_some_and(ok);
+    o.len() == 2
+        && match name {
+            "get_weather" => {
+                is("city", &|v| v == "Paris" || v == "Oslo")
+                    && is("unit", &|v| v == "c" || v == "f")
+            }
+            "add" => is("a", &|v| v.is_boolean()) && is("b", &|v| v.is_boolean()),
+            _ => false,
+        }
+}
+
+/// `(yes|no) [0-9]{1,3}`, by hand.
+fn regex_lite(s: &str) -> bool {
+    let rest = s.strip_prefix("yes ").or_else(|| s.strip_prefix("no "));
+    rest.is_some_and(|d| (1..=3).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[test]
+fn a_bad_grammar_is_an_error() {
+    let (_, g) = setup();
+    for bad in ["root ::= missing", "%llguidance {}\nstart: nope"] {
+        assert!(
+            g.compile(&Constraint::Grammar(bad.into())).is_err(),
+            "{bad}"
+        );
+    }
+}
+
+/// `start: <[id]>` allows exactly that token, end-of-generation tokens (the EOS itself) too:
+/// how `echo` scores a prompt token by token (actors/src/serve/echo.rs).
+#[test]
+fn a_grammar_naming_one_token_allows_only_it() {
+    let (tok, g) = setup();
+    let eos = tok.eos_id().expect("eos");
+    let mut ids: Vec<u32> = vec![42, 1000, eos];
+    ids.extend(tok.eog_ids());
+    for id in ids {
+        let mut mask = g
+            .compile(&Constraint::Grammar(format!(
+                "%llguidance {{}}\nstart: <[{id}]>"
+            )))
+            .unwrap();
+        let mut logits = vec![0f32; tok.vocab_size()];
+        mask.apply(&mut logits).unwrap();
+        let allowed: Vec<usize> = (0..logits.len())
+            .filter(|&i| logits[i].is_finite())
+            .collect();
+        assert_eq!(allowed, vec![id as usize], "token {id}");
+        mask.accept(id)
+            .unwrap_or_else(|e| panic!("token {id}: {e}"));
+    }
+}
+
+/// `auto` without parallel calls: text, one call, and after it no second marker can start.
+#[test]
+fn auto_without_parallel_calls_allows_one_call() {
+    use rocmforge::tool_calls::{grammar, ToolChoice};
+    let (tok, g) = setup();
+    let lark = grammar(&tools(), &ToolChoice::Auto, false).unwrap();
+    let mut mask = g
+        .compile(&Constraint::Grammar(format!("%llguidance {{}}\n{lark}")))
+        .unwrap();
+    let mut force = |text: &str| -> bool {
+        for t in tok.encode(text, false, false).unwrap() {
+            let mut logits = vec![0f32; tok.vocab_size()];
+            mask.apply(&mut logits).unwrap();
+            if !logits[t as usize].is_finite() {
+                return false;
+            }
+            mask.accept(t).unwrap();
+        }
+        true
+    };
+    assert!(force("Sure.\n<tool_call>\n"));
+    assert!(force(
+        "{\"name\": \"add\", \"arguments\": {\"a\": true, \"b\": false}}\n</tool_call>\nDone. "
+    ));
+    assert!(!force("<tool_call>"), "a second call was allowed");
+}

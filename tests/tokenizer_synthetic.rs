@@ -360,24 +360,15 @@ fn chat_templates_with_python_methods_and_errors() {
     md.insert(keys::TOK_CHAT_TEMPLATE, Value::String(tmpl.into()));
     let t = Tokenizer::from_metadata(&md).unwrap();
     let msgs = vec![
-        ChatMessage {
-            role: "user".into(),
-            content: "  hi  ".into(),
-        },
-        ChatMessage {
-            role: "assistant".into(),
-            content: "hello".into(),
-        },
+        ChatMessage::new("user", "  hi  "),
+        ChatMessage::new("assistant", "hello"),
     ];
     // No eos_token_id in this vocabulary, so eos_token renders empty.
     assert_eq!(
         t.apply_chat_template(&msgs, false).unwrap(),
         "<|end|>[INST] hi [/INST]hello"
     );
-    let bad = vec![ChatMessage {
-        role: "assistant".into(),
-        content: "x".into(),
-    }];
+    let bad = vec![ChatMessage::new("assistant", "x")];
     let e = t.apply_chat_template(&bad, false).unwrap_err();
     assert!(
         matches!(&e, TokenizerError::Template(m) if m.contains("roles must alternate")),

@@ -1,8 +1,9 @@
 //! The API surface beyond plain generation, in-process on loopback with SmolLM2: `/tokenize`
 //! and `/detokenize`, `usage` on every response, request fields that are not implemented (or
 //! malformed) answered with a 400 (never silently ignored), log probabilities, `n > 1`,
-//! embeddings. Structured output is tested with the official client and `jsonschema`
-//! (`scripts/serve_openai_client.py`).
+//! embeddings. Structured output and tool calls are tested with the official client and
+//! `jsonschema` (`scripts/serve_openai_client.py`); tools, `echo`, `best_of` and `grammar` in
+//! `serve_tools.rs`.
 
 mod serve_common;
 
@@ -156,11 +157,26 @@ async fn unimplemented_fields_are_a_400_never_ignored() {
     };
     let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
     for (what, extra, param) in [
-        ("tools", json!({"tools": tool}), "tools"),
         (
-            "tool_choice required",
+            "tools that are not functions",
+            json!({"tools": [{"type": "code_interpreter"}]}),
+            "tools[0].type",
+        ),
+        (
+            "tool_choice required without tools",
             json!({"tool_choice": "required"}),
             "tool_choice",
+        ),
+        (
+            "tools with response_format",
+            json!({"tools": tool, "response_format": {"type": "json_object"}}),
+            "tool_choice",
+        ),
+        ("echo in chat", json!({"echo": true}), "echo"),
+        (
+            "a grammar that does not parse",
+            json!({"grammar": "root ::= ("}),
+            "grammar",
         ),
         (
             "functions",
@@ -193,11 +209,12 @@ async fn unimplemented_fields_are_a_400_never_ignored() {
         assert_eq!(st, 400, "{what}: {v}");
         assert_eq!(v["error"]["param"], param, "{what}: {v}");
     }
-    // What asks for plain text is fine.
+    // What asks for plain text is fine, and so are tools under tool_choice "none".
     for extra in [
         json!({"response_format": {"type": "text"}}),
         json!({"tool_choice": "none"}),
         json!({"tools": []}),
+        json!({"tools": tool, "tool_choice": "none", "response_format": {"type": "json_object"}}),
     ] {
         let (st, v) = status_of(addr, "/v1/chat/completions", chat(extra.clone())).await;
         assert_eq!(st, 200, "{extra}: {v}");
@@ -450,11 +467,13 @@ async fn n_choices_share_the_prompt_and_are_equal_when_greedy() {
     }
     assert_eq!(usage["completion_tokens"], 3 * per_choice);
 
-    // n past the bound, and best_of other than n, are 400s.
+    // n past the bound, best_of below n or with stream, are 400s.
     for (extra, param) in [
         (json!({"n": 17}), "n"),
         (json!({"n": 0}), "n"),
-        (json!({"n": 2, "best_of": 3}), "best_of"),
+        (json!({"n": 2, "best_of": 1}), "best_of"),
+        (json!({"best_of": 17}), "best_of"),
+        (json!({"best_of": 2, "stream": true}), "best_of"),
     ] {
         let mut b = json!({"model": MODEL, "prompt": "a", "max_tokens": 1});
         for (k, v) in extra.as_object().unwrap() {

@@ -15,11 +15,19 @@ use minijinja::value::{Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, State};
 use std::time::{Duration, Instant};
 
-/// One chat turn.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// One chat turn. The tool fields are rendered only when set, in the shape transformers gives
+/// templates: `tool_calls` as `[{"id", "type": "function", "function": {"name", "arguments":
+/// {...}}}]` (arguments an object), `tool_call_id` and `name` on `tool` messages.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -27,6 +35,7 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            ..Self::default()
         }
     }
 }
@@ -123,6 +132,7 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg.clone()).with_source(Raised(msg)))
         });
         env.set_unknown_method_callback(python_method);
+        env.add_filter("tojson", tojson);
         // Fuel is counted per render, from this budget each time.
         env.set_fuel(limits.fuel);
         env.add_template_owned(NAME, source.to_string())
@@ -146,6 +156,17 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders with `tools` (the request's list of `{"type": "function", "function": {...}}`),
+    /// as transformers passes it; `None` renders `tools` as none, as transformers does.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         let tmpl = self
             .env
             .get_template(NAME)
@@ -161,6 +182,7 @@ impl ChatTemplate {
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
+            tools => Value::from_serialize(tools),
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         };
@@ -228,6 +250,58 @@ pub fn render(
 ) -> Result<String, TokenizerError> {
     let t = ChatTemplate::new(template, bos_token, eos_token, TemplateLimits::UNLIMITED)?;
     Ok(t.render(messages, add_generation_prompt)?)
+}
+
+/// `tojson` as transformers defines it for chat templates (`json.dumps` with
+/// `ensure_ascii=False`, optional `indent`): minijinja's own escapes `<`, `>`, `&` and `'` for
+/// HTML, which would show a model `\u003c` where it was trained on `<`.
+fn tojson(value: &Value, args: minijinja::value::Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = args.get("indent")?;
+    let _: Option<bool> = args.get("ensure_ascii")?;
+    let _: Option<bool> = args.get("sort_keys")?;
+    args.assert_all_used()?;
+    let err = |e: serde_json::Error| Error::new(ErrorKind::InvalidOperation, e.to_string());
+    let text = match indent {
+        None => serde_json::to_string(value).map_err(err)?,
+        Some(n) => {
+            let pad = vec![b' '; n];
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(&pad);
+            let mut out = Vec::new();
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+            serde::Serialize::serialize(value, &mut ser).map_err(err)?;
+            String::from_utf8(out)
+                .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?
+        }
+    };
+    // `json.dumps` separates with ", " and ": "; serde_json's compact form has no spaces.
+    let text = if indent.is_none() {
+        python_spacing(&text)
+    } else {
+        text
+    };
+    Ok(Value::from_safe_string(text))
+}
+
+/// Compact JSON respaced as Python's `json.dumps` writes it (`, ` and `: ` outside strings).
+fn python_spacing(compact: &str) -> String {
+    let mut out = String::with_capacity(compact.len() + compact.len() / 8);
+    let (mut in_str, mut escaped) = (false, false);
+    for c in compact.chars() {
+        out.push(c);
+        if in_str {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_str = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_str = true;
+        } else if c == ',' || c == ':' {
+            out.push(' ');
+        }
+    }
+    out
 }
 
 fn str_arg(args: &[Value], i: usize) -> Result<Option<String>, Error> {
@@ -375,5 +449,38 @@ mod tests {
         assert!(!e.to_string().contains("m0"), "{e}");
         let e = ChatTemplate::new("{% for %}", "", "", limits(1, 1)).unwrap_err();
         assert!(matches!(e, ChatTemplateError::Parse { .. }), "{e}");
+    }
+
+    #[test]
+    fn tools_and_tool_calls_reach_the_template_as_transformers_passes_them() {
+        let src = "{% if tools %}{{ tools | tojson }}|{% endif %}{% for m in messages %}\
+                   {{ m.role }}:{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments | tojson }}\
+                   {% endif %}{{ m.tool_call_id or '' }}{{ m.content }};{% endfor %}\
+                   {{ {'k': [1, 'x']} | tojson(indent=2) }}";
+        let t = ChatTemplate::new(src, "", "", limits(10_000, 10_000)).unwrap();
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f",
+                                        "description": "a < b & 'c'"}}]);
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = Some(serde_json::json!([{"id": "c1", "type": "function",
+            "function": {"name": "f", "arguments": {"x": 1}}}]));
+        let mut result = ChatMessage::new("tool", "42");
+        result.tool_call_id = Some("c1".into());
+        let out = t
+            .render_with_tools(
+                &[ChatMessage::new("user", "hi"), call, result],
+                Some(&tools),
+                true,
+            )
+            .unwrap();
+        // Python's json.dumps spacing and key order, no HTML escapes; pretty with `indent`.
+        assert_eq!(
+            out,
+            "[{\"type\": \"function\", \"function\": {\"name\": \"f\", \
+             \"description\": \"a < b & 'c'\"}}]|user:hi;assistant:{\"x\": 1};tool:c142;\
+             {\n  \"k\": [\n    1,\n    \"x\"\n  ]\n}"
+        );
+        // Without tools, `tools` is none (falsy) and plain messages carry no tool fields.
+        let plain = t.render(&[ChatMessage::new("user", "hi")], true).unwrap();
+        assert!(plain.starts_with("user:hi;"), "{plain}");
     }
 }

@@ -125,6 +125,7 @@ pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
             a.n_predict,
             &sampling,
             Some(session),
+            None,
             &mut sink,
             |piece| {
                 if INTERRUPTED.swap(false, Ordering::SeqCst) {

@@ -4,6 +4,7 @@
 use super::engine::Engine;
 use super::run::{GenError, RunArgs, TextSink};
 use crate::cli::progress::LoadProgressBars;
+use crate::messages::Constraint;
 use crate::{FinishReason, GenerateRequest, Prompt, SamplingParams, SessionId};
 use rocmforge::model::{StopReason, Timings};
 use serde::Serialize;
@@ -19,13 +20,16 @@ pub struct Turn {
     pub timings: Timings,
 }
 
-/// Generates from `prompt_ids`, passing each text piece to `out` (already cut at stop strings).
+/// Generates from `prompt_ids`, passing each text piece to `out` (already cut at stop strings);
+/// `constraint`: the output must follow it (`--grammar`, `--json-schema`, `--json-object`).
+#[allow(clippy::too_many_arguments)]
 pub fn generate(
     engine: &Engine,
     prompt_ids: &[u32],
     max_tokens: usize,
     sampling: &SamplingParams,
     session: Option<SessionId>,
+    constraint: Option<Constraint>,
     sink: &mut TextSink<'_>,
     mut out: impl FnMut(&str) -> Result<(), GenError>,
 ) -> Result<Turn, Box<dyn std::error::Error>> {
@@ -37,7 +41,7 @@ pub fn generate(
         session,
         end_session: false,
         logprobs: None,
-        constraint: None,
+        constraint,
     };
     let t0 = Instant::now();
     let mut first: Option<f64> = None;
@@ -84,6 +88,8 @@ pub fn generate(
 
 /// `rocmforge run` through the engine.
 pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> {
+    // Bad flags fail before the model loads.
+    let constraint = a.constraint()?;
     let started = Instant::now();
     let engine = Engine::open(&a.model, a.backend, &a.engine)?;
     let open_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -106,6 +112,7 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
         a.n_predict,
         &sampling,
         None,
+        constraint,
         &mut sink,
         |piece| {
             if !json {

@@ -42,6 +42,14 @@ pub enum GenError {
     Threads { threads: usize, reason: String },
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
+    #[error("cannot read grammar file {path}: {source}")]
+    GrammarIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--json-schema {given}: {reason}")]
+    JsonSchema { given: String, reason: String },
 }
 
 /// Options shared by `run` and `chat`: model, context, precision, threads, sampling.
@@ -126,6 +134,18 @@ pub struct RunArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Constrain the output to a grammar file: GBNF (llama.cpp's format) or llguidance's
+    /// Lark syntax when it starts with `%llguidance` (the server's `grammar` field).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub grammar: Option<PathBuf>,
+    /// Constrain the output to a JSON document valid under this schema (a file, or the JSON
+    /// itself); the server's `response_format` `json_schema`.
+    #[arg(long, value_name = "FILE|JSON", group = "constraint")]
+    pub json_schema: Option<String>,
+    /// Constrain the output to a JSON object (the server's `response_format` `json_object`;
+    /// `--json` is the output format).
+    #[arg(long, group = "constraint")]
+    pub json_object: bool,
     /// cpu, cuda, hip or auto (CUDA when a driver and device are present, else HIP, else the
     /// CPU).
     #[arg(long, default_value = "auto")]
@@ -135,6 +155,43 @@ pub struct RunArgs {
     /// Accepted for old scripts: every run goes through the runtime's actors.
     #[arg(long, hide = true)]
     pub pipeline: bool,
+}
+
+impl RunArgs {
+    /// The constraint the flags ask for, built as the server builds it from a request.
+    pub fn constraint(&self) -> Result<Option<crate::messages::Constraint>, GenError> {
+        use crate::messages::Constraint;
+        if let Some(path) = &self.grammar {
+            let text = std::fs::read_to_string(path).map_err(|source| GenError::GrammarIo {
+                path: path.clone(),
+                source,
+            })?;
+            return Ok(Some(Constraint::Grammar(text)));
+        }
+        if let Some(given) = &self.json_schema {
+            // JSON when it parses as a schema (an object or a boolean), else a file's path.
+            let text = match serde_json::from_str::<serde_json::Value>(given) {
+                Ok(v) if v.is_object() || v.is_boolean() => given.clone(),
+                _ => std::fs::read_to_string(given).map_err(|e| GenError::JsonSchema {
+                    given: given.clone(),
+                    reason: format!("neither a JSON schema nor a readable file ({e})"),
+                })?,
+            };
+            let schema: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| GenError::JsonSchema {
+                    given: given.clone(),
+                    reason: format!("not JSON: {e}"),
+                })?;
+            if !(schema.is_object() || schema.is_boolean()) {
+                return Err(GenError::JsonSchema {
+                    given: given.clone(),
+                    reason: "a JSON schema is an object (or a boolean)".into(),
+                });
+            }
+            return Ok(Some(Constraint::JsonSchema(schema)));
+        }
+        Ok(self.json_object.then_some(Constraint::JsonObject))
+    }
 }
 
 pub(crate) fn read_prompt(a: &RunArgs) -> Result<String, GenError> {

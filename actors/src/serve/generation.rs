@@ -222,3 +222,15 @@ pub struct Collected {
     pub finish_reason: &'static str,
     pub completion_tokens: usize,
 }
+
+impl Collected {
+    /// A generation of no tokens (`max_tokens: 0`).
+    pub fn empty(finish_reason: &'static str) -> Self {
+        Self {
+            text: String::new(),
+            logprobs: Vec::new(),
+            finish_reason,
+            completion_tokens: 0,
+        }
+    }
+}

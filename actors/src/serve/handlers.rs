@@ -3,10 +3,10 @@
 //! `/detokenize`, `/health`, `/metrics`.
 
 use super::error::ApiError;
-use super::generation::Generation;
-use super::openai::{check_model, ChatRequest, Checked, CompletionRequest, PromptInput};
+use super::generation::{Collected, Generation};
+use super::openai::{check_model, ChatRequest, Checked, CompletionRequest, PromptInput, Usage};
 use super::reply::{stream_response, Kind, Meta};
-use super::{embeddings, tokens, AppState};
+use super::{echo, embeddings, tokens, AppState};
 use crate::messages::{Constraint, GenerateRequest, Prompt, SamplingParams};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -383,13 +383,22 @@ async fn completions(
     let tag = tag_of(&s, tag);
     let r = async {
         let req: CompletionRequest = parse_body(&s, &headers, body).await?;
+        if req.common.tools.as_ref().is_some_and(|t| !t.is_null()) {
+            return Err(ApiError::invalid(
+                "tools",
+                "tools are for /v1/chat/completions; completions take a raw prompt",
+            ));
+        }
         let checked = req.common.check(&s.model_name)?;
         ready(&s)?;
-        let tokens = match req.prompt {
-            PromptInput::Text(t) => tokenize(&s, t).await?,
-            PromptInput::Texts(mut v) if v.len() == 1 => tokenize(&s, v.remove(0)).await?,
-            PromptInput::Tokens(t) => t,
-            PromptInput::TokenLists(mut v) if v.len() == 1 => v.remove(0),
+        // A BOS the tokenizer adds to a text prompt is not part of an echo.
+        let (tokens, added_bos) = match req.prompt {
+            PromptInput::Text(t) => (tokenize(&s, t).await?, s.tokenizer.add_bos()),
+            PromptInput::Texts(mut v) if v.len() == 1 => {
+                (tokenize(&s, v.remove(0)).await?, s.tokenizer.add_bos())
+            }
+            PromptInput::Tokens(t) => (t, false),
+            PromptInput::TokenLists(mut v) if v.len() == 1 => (v.remove(0), false),
             _ => {
                 return Err(ApiError::invalid(
                     "prompt",
@@ -399,6 +408,10 @@ async fn completions(
         };
         // OpenAI's legacy default for completions.
         let default_max = 16;
+        let extra = Extra {
+            tools: false,
+            echo: checked.echo.then_some(added_bos),
+        };
         start(
             &s,
             tag,
@@ -407,6 +420,7 @@ async fn completions(
             checked,
             default_max,
             "prompt",
+            extra,
         )
         .await
     }
@@ -423,12 +437,32 @@ async fn chat_completions(
     let tag = tag_of(&s, tag);
     let r = async {
         let req: ChatRequest = parse_body(&s, &headers, body).await?;
-        let checked = req.common.check(&s.model_name)?;
+        if req.common.echo {
+            return Err(ApiError::invalid("echo", "echo is for /v1/completions"));
+        }
+        let mut checked = req.common.check(&s.model_name)?;
+        let plan = req.tool_plan()?;
+        if let Some(p) = &plan {
+            // Every function's schema compiles on its own first, so a bad one is named.
+            for (i, f) in p.specs.iter().enumerate() {
+                let c = Constraint::JsonSchema(f.parameters.clone());
+                check_constraint(&s, &c, &format!("tools[{i}].function.parameters")).await?;
+            }
+            checked.constraint = p.constraint();
+            checked.constraint_param = "tools";
+        }
         ready(&s)?;
         let turns = req.turns()?;
-        let tokens = s.chat.tokens(turns).await?;
+        let tokens = s
+            .chat
+            .tokens(turns, plan.as_ref().map(|p| p.declared.clone()))
+            .await?;
         // Chat defaults to the rest of the context.
         let default_max = s.ctx.saturating_sub(tokens.len());
+        let extra = Extra {
+            tools: plan.is_some(),
+            echo: None,
+        };
         start(
             &s,
             tag,
@@ -437,6 +471,7 @@ async fn chat_completions(
             checked,
             default_max,
             "messages",
+            extra,
         )
         .await
     }
@@ -446,8 +481,8 @@ async fn chat_completions(
 
 /// Compiles `c` once here, so a schema the compiler rejects is a 400 before any response
 /// starts (the runtime compiles its own copy for the generation).
-async fn check_constraint(s: &Arc<AppState>, c: &Constraint) -> Result<(), ApiError> {
-    let (s, c) = (s.clone(), c.clone());
+async fn check_constraint(s: &Arc<AppState>, c: &Constraint, param: &str) -> Result<(), ApiError> {
+    let (s, c, param) = (s.clone(), c.clone(), param.to_string());
     tokio::task::spawn_blocking(move || {
         let compiler = s
             .grammar
@@ -456,9 +491,9 @@ async fn check_constraint(s: &Arc<AppState>, c: &Constraint) -> Result<(), ApiEr
             Ok(g) => g
                 .compile(&c)
                 .map(drop)
-                .map_err(|e| ApiError::invalid("response_format", e.to_string())),
+                .map_err(|e| ApiError::invalid(&param, e.to_string())),
             Err(e) => Err(ApiError::invalid(
-                "response_format",
+                &param,
                 format!("constrained decoding is not available for this model: {e}"),
             )),
         }
@@ -495,6 +530,14 @@ async fn tokenize(s: &AppState, text: String) -> Result<Vec<u32>, ApiError> {
         .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize: {e}")))
 }
 
+/// What a reply does besides the text: tool calls parsed out of it (chat), the prompt in front
+/// of it (completions' `echo`: `Some(added_bos)`, whether the tokenizer put a BOS in front).
+pub(crate) struct Extra {
+    pub tools: bool,
+    pub echo: Option<bool>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn start(
     s: &Arc<AppState>,
     tag: RequestTag,
@@ -503,6 +546,7 @@ async fn start(
     checked: Checked,
     default_max: usize,
     prompt_param: &str,
+    extra: Extra,
 ) -> Result<Response, ApiError> {
     let n_prompt = tokens.len();
     if n_prompt == 0 {
@@ -533,15 +577,32 @@ async fn start(
         .code("context_length_exceeded"));
     }
     if let Some(c) = &checked.constraint {
-        check_constraint(s, c).await?;
+        check_constraint(s, c, checked.constraint_param).await?;
     }
-    // `n` choices, one after another: the first prefills the prompt, the others resume the
-    // session it left (only the last prompt token is fed again); each has its own seed.
+    // The echo (and its prompt scoring) once the request is known to be good.
+    let echo = match extra.echo {
+        Some(added_bos) => Some(echo::prompt(s, &tokens, added_bos, checked.logprobs).await?),
+        None => None,
+    };
+    // `best_of` (>= `n`) sequences, one after another: the first prefills the prompt, the
+    // others resume the session it left (only the last prompt token is fed again); each has its
+    // own seed. With more than `n`, the ranking needs every token's log-probability.
     let n = checked.n;
-    let session = (n > 1).then(|| s.runtime.new_session());
+    let total = if checked.max_tokens_zero {
+        0
+    } else {
+        checked.best_of
+    };
+    let ranked = total > n;
+    let logprobs = if ranked {
+        Some(checked.logprobs.unwrap_or(0))
+    } else {
+        checked.logprobs
+    };
+    let session = (total > 1).then(|| s.runtime.new_session());
     let seed = checked.sampling.seed.unwrap_or_else(rand::random);
-    let mut gens = Vec::with_capacity(n);
-    for i in 0..n {
+    let mut gens = Vec::with_capacity(total);
+    for i in 0..total {
         let request = GenerateRequest {
             prompt: Prompt::Tokens(tokens.clone()),
             max_tokens,
@@ -551,8 +612,8 @@ async fn start(
             },
             stop_at_eos: true,
             session,
-            end_session: i + 1 == n,
-            logprobs: checked.logprobs,
+            end_session: i + 1 == total,
+            logprobs,
             constraint: checked.constraint.clone(),
         };
         // A choice the queue cannot take fails the request; the ones admitted are dropped,
@@ -578,21 +639,76 @@ async fn start(
         prompt_tokens: n_prompt,
         logprobs: checked.logprobs.is_some(),
         tokenizer: s.tokenizer.clone(),
+        tools: extra.tools,
+        echo,
     };
+    if checked.max_tokens_zero {
+        // Nothing generated: `n` choices of the echoed prompt alone.
+        let choices: Vec<Collected> = (0..n).map(|_| Collected::empty("length")).collect();
+        return Ok(reply(
+            &meta,
+            &choices,
+            checked.stream,
+            checked.include_usage,
+        ));
+    }
     if checked.stream {
         let mut r = stream_response(gens, meta, checked.include_usage);
         r.extensions_mut().insert(Logged::Streaming);
         Ok(r)
     } else {
-        let mut choices = Vec::with_capacity(n);
+        let mut choices = Vec::with_capacity(total);
         for g in gens {
             choices.push(g.collect().await?);
         }
-        let mut r = axum::Json(meta.body(&choices)).into_response();
+        // Every generated token is billed, the ones of sequences not returned too (OpenAI).
+        let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+        if ranked {
+            choices = best(choices, n, &s.tokenizer);
+        }
+        let mut body = meta.body(&choices);
+        body["usage"] =
+            serde_json::to_value(Usage::new(n_prompt, completion)).map_err(ApiError::internal)?;
+        let mut r = axum::Json(body).into_response();
         r.extensions_mut().insert(Logged::Tokens {
             prompt: n_prompt,
-            completion: choices.iter().map(|c| c.completion_tokens).sum(),
+            completion,
         });
         Ok(r)
     }
+}
+
+/// The `n` sequences with the highest cumulative log-probability, best first: the sum over the
+/// tokens a reply's `logprobs` lists (an end-of-generation token that ended it is not in the
+/// text, and not counted).
+fn best(
+    mut choices: Vec<Collected>,
+    n: usize,
+    tok: &rocmforge::tokenizer::Tokenizer,
+) -> Vec<Collected> {
+    let score = |c: &Collected| {
+        c.logprobs
+            .iter()
+            .filter(|l| !tok.is_eog(l.token))
+            .map(|l| f64::from(l.logprob))
+            .sum::<f64>()
+    };
+    choices.sort_by(|a, b| score(b).total_cmp(&score(a)));
+    choices.truncate(n);
+    choices
+}
+
+/// The answer of a request that generates nothing (`max_tokens: 0` with `echo`).
+fn reply(meta: &Meta, choices: &[Collected], stream: bool, include_usage: bool) -> Response {
+    if stream {
+        let mut r = super::reply::stream_collected(choices, meta, include_usage);
+        r.extensions_mut().insert(Logged::Streaming);
+        return r;
+    }
+    let mut r = axum::Json(meta.body(choices)).into_response();
+    r.extensions_mut().insert(Logged::Tokens {
+        prompt: meta.prompt_tokens,
+        completion: 0,
+    });
+    r
 }

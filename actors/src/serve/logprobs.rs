@@ -48,6 +48,39 @@ pub struct CompletionLogprobs {
 }
 
 impl CompletionLogprobs {
+    /// The echoed prompt's entries (`echo`): every prompt token, end-of-generation ones too (they
+    /// are in the prompt); a token without log-probabilities (the first) has `null`s.
+    pub fn render_prompt(
+        &mut self,
+        tok: &Tokenizer,
+        steps: &[(u32, Option<TokenLogprobs>)],
+    ) -> Value {
+        let (mut tokens, mut token_logprobs, mut top_logprobs, mut text_offset) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (id, lp) in steps {
+            let (text, _) = piece(tok, *id);
+            text_offset.push(self.offset);
+            self.offset += text.chars().count();
+            tokens.push(text);
+            match lp {
+                None => {
+                    token_logprobs.push(Value::Null);
+                    top_logprobs.push(Value::Null);
+                }
+                Some(lp) => {
+                    token_logprobs.push(json!(lp.logprob));
+                    top_logprobs.push(top_map(tok, lp));
+                }
+            }
+        }
+        json!({
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": text_offset,
+        })
+    }
+
     pub fn render(&mut self, tok: &Tokenizer, steps: &[TokenLogprobs]) -> Value {
         let (mut tokens, mut token_logprobs, mut top_logprobs, mut text_offset) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -57,13 +90,7 @@ impl CompletionLogprobs {
             self.offset += text.chars().count();
             tokens.push(text);
             token_logprobs.push(lp.logprob);
-            // A map from token text: two ids with the same text keep the likelier one (the
-            // first, as `top` is most likely first).
-            let mut top = Map::new();
-            for &(id, l) in &lp.top {
-                top.entry(piece(tok, id).0).or_insert(json!(l));
-            }
-            top_logprobs.push(Value::Object(top));
+            top_logprobs.push(top_map(tok, lp));
         }
         json!({
             "tokens": tokens,
@@ -72,4 +99,14 @@ impl CompletionLogprobs {
             "text_offset": text_offset,
         })
     }
+}
+
+/// The alternatives as a map from token text: two ids with the same text keep the likelier one
+/// (the first, as `top` is most likely first).
+fn top_map(tok: &Tokenizer, lp: &TokenLogprobs) -> Value {
+    let mut top = Map::new();
+    for &(id, l) in &lp.top {
+        top.entry(piece(tok, id).0).or_insert(json!(l));
+    }
+    Value::Object(top)
 }

@@ -23,6 +23,7 @@
 pub mod client;
 mod connections;
 pub mod control;
+mod echo;
 mod embeddings;
 pub mod error;
 pub mod generation;

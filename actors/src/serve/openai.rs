@@ -2,11 +2,13 @@
 //!
 //! Fields are typed (a string where a number belongs is a 400 naming the field); fields this
 //! server does not implement are ignored when harmless and rejected when they change the answer
-//! (`echo`, `best_of > n`, `logit_bias`, `tools`, `response_format` other than text).
+//! (`logit_bias`, the legacy `functions`/`function_call`).
 
 use super::error::ApiError;
 use crate::messages::{Constraint, SamplingParams};
+use rocmforge::tool_calls::{self, FunctionSpec, ToolChoice};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 /// `stop`: one string or up to four.
 #[derive(Debug, Clone, Deserialize)]
@@ -55,21 +57,28 @@ pub struct CommonParams {
     pub logprobs: Option<serde_json::Value>,
     /// Chat: alternatives per token with `logprobs: true` (0..=20).
     pub top_logprobs: Option<i64>,
+    /// Completions: generate this many (>= `n`) and return the `n` likeliest.
     pub best_of: Option<i64>,
+    /// Completions: the prompt in front of the text (and its log-probabilities).
     #[serde(default)]
     pub echo: bool,
     /// Not implemented: rejected unless empty, since ignoring it changes the answer silently.
     pub logit_bias: Option<serde_json::Value>,
-    /// Not implemented (no tool calling): rejected unless empty.
+    /// Chat: the functions the model may call (`tool_calls.rs`); completions: rejected.
     pub tools: Option<serde_json::Value>,
-    /// Rejected unless `none` or `auto` (with no tools, both mean plain text).
+    /// `none`, `auto`, `required` or a named function.
     pub tool_choice: Option<serde_json::Value>,
+    /// Several calls in one reply (default true).
+    pub parallel_tool_calls: Option<bool>,
     /// The legacy names of `tools` and `tool_choice`: rejected unless empty.
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
     /// `{"type": "text"}` (the default), `{"type": "json_object"}` or `{"type": "json_schema",
     /// "json_schema": {"name": ..., "schema": {...}}}`.
     pub response_format: Option<serde_json::Value>,
+    /// A grammar the output must follow, as llama.cpp's server takes it: GBNF, or llguidance's
+    /// Lark syntax when it starts with `%llguidance`.
+    pub grammar: Option<String>,
 }
 
 /// The `model` a request names must be the one served (400 without one, 404 for another).
@@ -131,6 +140,27 @@ pub struct ContentPart {
 pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant turn's calls, as a reply gave them.
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+}
+
+/// A past call sent back in an assistant message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ToolCallIn {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: FunctionCallIn,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionCallIn {
+    pub name: String,
+    /// A JSON text (OpenAI's shape); an object is taken too.
+    pub arguments: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,8 +183,16 @@ pub struct Checked {
     pub n: usize,
     /// Log-probabilities with this many alternatives per token; `None`: none.
     pub logprobs: Option<usize>,
-    /// `response_format` as a constraint on the output (`None`: plain text).
+    /// `response_format` or `grammar` as a constraint on the output (`None`: plain text).
     pub constraint: Option<Constraint>,
+    /// The field the constraint came from (named in a compile error).
+    pub constraint_param: &'static str,
+    /// Sequences to generate (>= `n`; the `n` with the highest cumulative log-probability are
+    /// returned).
+    pub best_of: usize,
+    pub echo: bool,
+    /// `max_tokens: 0`: nothing is generated (with `echo`, scoring a prompt).
+    pub max_tokens_zero: bool,
 }
 
 /// Most choices one request may ask for (`n`): each is a whole generation, run one after
@@ -185,16 +223,28 @@ impl CommonParams {
                 ))
             }
         };
-        // `best_of` equal to `n` is what is done anyway; more would need ranking the extra
-        // sequences, which this server does not do.
-        if self.best_of.is_some_and(|b| b as usize != n && b != 1) {
+        // As OpenAI: best_of >= n, not with stream (the ranking needs every sequence whole).
+        let best_of = match self.best_of {
+            None => n,
+            Some(b) if b < n as i64 => {
+                return Err(ApiError::invalid(
+                    "best_of",
+                    format!("best_of must be greater than or equal to n ({n}), got {b}"),
+                ))
+            }
+            Some(b) if b > MAX_N => {
+                return Err(ApiError::invalid(
+                    "best_of",
+                    format!("best_of must be at most {MAX_N}, got {b}"),
+                ))
+            }
+            Some(b) => b as usize,
+        };
+        if best_of > n && self.stream {
             return Err(ApiError::invalid(
                 "best_of",
-                "best_of is supported only equal to n (or 1)",
+                "best_of cannot be used with stream: the best sequences are known only at the end",
             ));
-        }
-        if self.echo {
-            return Err(ApiError::invalid("echo", "echo is not supported"));
         }
         if self.logit_bias.as_ref().is_some_and(|v| !is_empty_value(v)) {
             return Err(ApiError::invalid(
@@ -202,28 +252,15 @@ impl CommonParams {
                 "logit_bias is not supported by this server",
             ));
         }
-        if self.tools.as_ref().is_some_and(|v| !is_empty_value(v)) {
-            return Err(ApiError::invalid(
-                "tools",
-                "tool calling is not supported by this server",
-            ));
-        }
         if self.functions.as_ref().is_some_and(|v| !is_empty_value(v)) {
             return Err(ApiError::invalid(
                 "functions",
-                "function calling is not supported by this server",
+                "the legacy functions field is not supported: use tools",
             ));
         }
         let plain_choice = |v: &serde_json::Value| {
             is_empty_value(v) || v.as_str().is_some_and(|c| c == "none" || c == "auto")
         };
-        if self.tool_choice.as_ref().is_some_and(|v| !plain_choice(v)) {
-            return Err(ApiError::invalid(
-                "tool_choice",
-                "tool calling is not supported by this server: tool_choice may only be \"none\" \
-                 or \"auto\"",
-            ));
-        }
         if self
             .function_call
             .as_ref()
@@ -231,16 +268,19 @@ impl CommonParams {
         {
             return Err(ApiError::invalid(
                 "function_call",
-                "function calling is not supported by this server",
+                "the legacy function_call field is not supported: use tool_choice",
             ));
         }
-        let constraint = self.constraint()?;
+        let (constraint, constraint_param) = self.constraint()?;
         let logprobs = self.logprobs()?;
         let (param, max) = match (self.max_completion_tokens, self.max_tokens) {
             (Some(m), _) => ("max_completion_tokens", Some(m)),
             (None, m) => ("max_tokens", m),
         };
+        // `max_tokens: 0` with `echo` scores the prompt without generating (OpenAI's way).
+        let max_tokens_zero = self.echo && max == Some(0);
         let max_tokens = match max {
+            Some(0) if max_tokens_zero => Some(0),
             Some(m) if m < 1 => {
                 return Err(ApiError::invalid(
                     param,
@@ -301,6 +341,10 @@ impl CommonParams {
             n,
             logprobs,
             constraint,
+            constraint_param,
+            best_of,
+            echo: self.echo,
+            max_tokens_zero,
             include_usage: self
                 .stream_options
                 .as_ref()
@@ -310,8 +354,22 @@ impl CommonParams {
 }
 
 impl CommonParams {
+    /// `response_format` or `grammar` as a constraint (`None` for text), with the field's name.
+    fn constraint(&self) -> Result<(Option<Constraint>, &'static str), ApiError> {
+        let format = self.response_format()?;
+        match (&self.grammar, format) {
+            (None, f) => Ok((f, "response_format")),
+            (Some(g), None) if g.trim().is_empty() => Ok((None, "grammar")),
+            (Some(g), None) => Ok((Some(Constraint::Grammar(g.clone())), "grammar")),
+            (Some(_), Some(_)) => Err(ApiError::invalid(
+                "grammar",
+                "grammar and a response_format other than text cannot be combined",
+            )),
+        }
+    }
+
     /// `response_format` as a constraint (`None` for text).
-    fn constraint(&self) -> Result<Option<Constraint>, ApiError> {
+    fn response_format(&self) -> Result<Option<Constraint>, ApiError> {
         let Some(f) = self.response_format.as_ref().filter(|v| !v.is_null()) else {
             return Ok(None);
         };
@@ -387,8 +445,72 @@ impl CommonParams {
 /// a role string is copied into the prompt as is.
 pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
+/// The tools of a chat request, checked (`None` in `Checked` when there are none or the choice
+/// is `none`).
+#[derive(Debug, Clone)]
+pub struct ToolPlan {
+    pub specs: Vec<FunctionSpec>,
+    pub choice: ToolChoice,
+    pub parallel: bool,
+    /// The `tools` array as the request wrote it, for the chat template.
+    pub declared: Vec<serde_json::Value>,
+}
+
+impl ToolPlan {
+    /// The constraint on the reply (llguidance's Lark syntax, `tool_calls::grammar`).
+    pub fn constraint(&self) -> Option<Constraint> {
+        tool_calls::grammar(&self.specs, &self.choice, self.parallel)
+            .map(|g| Constraint::Grammar(format!("%llguidance {{}}\n{g}")))
+    }
+}
+
+impl From<tool_calls::ToolError> for ApiError {
+    fn from(e: tool_calls::ToolError) -> Self {
+        // The message names the field too: clients often show only the message.
+        ApiError::invalid(&e.param, e.to_string())
+    }
+}
+
 impl ChatRequest {
-    /// The turns as the chat template wants them (text parts joined, roles checked).
+    /// `tools`, `tool_choice` and `parallel_tool_calls`, checked; `None` when the reply is text
+    /// only (no tools, or `tool_choice: "none"`: the tools are then not shown to the model).
+    pub fn tool_plan(&self) -> Result<Option<ToolPlan>, ApiError> {
+        let c = &self.common;
+        let specs = match c.tools.as_ref().filter(|v| !v.is_null()) {
+            None => Vec::new(),
+            Some(v) => tool_calls::parse_tools(v)?,
+        };
+        let choice = tool_calls::parse_choice(c.tool_choice.as_ref(), &specs)?;
+        if choice == ToolChoice::None || specs.is_empty() {
+            return Ok(None);
+        }
+        if c.response_format
+            .as_ref()
+            .is_some_and(|f| !f.is_null() && f.get("type").and_then(|t| t.as_str()) != Some("text"))
+            || c.grammar.as_ref().is_some_and(|g| !g.trim().is_empty())
+        {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "tools cannot be combined with response_format or grammar (both constrain the \
+                 reply); send tool_choice \"none\" to use them without tools",
+            ));
+        }
+        let declared = c
+            .tools
+            .as_ref()
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default();
+        Ok(Some(ToolPlan {
+            specs,
+            choice,
+            parallel: c.parallel_tool_calls.unwrap_or(true),
+            declared,
+        }))
+    }
+
+    /// The turns as the chat template wants them (text parts joined, roles checked, past calls
+    /// with their arguments as objects, as transformers passes them).
     pub fn turns(&self) -> Result<Vec<rocmforge::tokenizer::ChatMessage>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid("messages", "messages must not be empty"));
@@ -429,13 +551,55 @@ impl ChatRequest {
                         s
                     }
                 };
-                Ok(rocmforge::tokenizer::ChatMessage::new(
-                    m.role.clone(),
-                    content,
-                ))
+                let mut msg = rocmforge::tokenizer::ChatMessage::new(m.role.clone(), content);
+                if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_empty()) {
+                    if m.role != "assistant" {
+                        return Err(ApiError::invalid(
+                            &format!("messages[{i}].tool_calls"),
+                            "only assistant messages carry tool_calls",
+                        ));
+                    }
+                    msg.tool_calls = Some(past_calls(i, calls)?);
+                }
+                // OpenAI requires it; templates rarely read it, so a missing one is accepted.
+                msg.tool_call_id = m.tool_call_id.clone();
+                msg.name = m.name.clone();
+                Ok(msg)
             })
             .collect()
     }
+}
+
+/// An assistant message's calls in transformers' shape: `function.arguments` parsed from its
+/// JSON text into an object (templates write it with `tojson`); text that is not JSON stays a
+/// string.
+fn past_calls(i: usize, calls: &[ToolCallIn]) -> Result<serde_json::Value, ApiError> {
+    let mut out = Vec::with_capacity(calls.len());
+    for (k, c) in calls.iter().enumerate() {
+        if c.kind.as_deref().is_some_and(|t| t != "function") {
+            return Err(ApiError::invalid(
+                &format!("messages[{i}].tool_calls[{k}].type"),
+                "only \"function\" calls are supported",
+            ));
+        }
+        let arguments = match &c.function.arguments {
+            serde_json::Value::String(s) => {
+                serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.clone()))
+            }
+            other => other.clone(),
+        };
+        let mut call = serde_json::Map::new();
+        if let Some(id) = &c.id {
+            call.insert("id".into(), json!(id));
+        }
+        call.insert("type".into(), json!("function"));
+        call.insert(
+            "function".into(),
+            json!({"name": c.function.name, "arguments": arguments}),
+        );
+        out.push(serde_json::Value::Object(call));
+    }
+    Ok(serde_json::Value::Array(out))
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]

@@ -1,6 +1,12 @@
 //! Chat messages to prompt tokens for the HTTP server.
 //!
-//! Two things make this more than `encode(apply_chat_template(..))`:
+//! Three things make this more than `encode(apply_chat_template(..))`:
+//!
+//! **Tools.** A request's tools reach the template as `tools`, past calls as messages'
+//! `tool_calls` (transformers' shape). A template that renders the same without them ignores
+//! them; it is given them as text instead (`tools_as_text`: the tool descriptions and call format
+//! of `rocmforge::tool_calls` in the system message, past calls in their assistant turn's text,
+//! results as user turns), so a model without tool support in its template still learns of them.
 //!
 //! **Limits.** The template is a program run on input a client chose. It renders on a blocking
 //! thread (never an async worker, so `/health`, other requests and the signal handler keep
@@ -27,7 +33,8 @@
 //! forge a placeholder. A special text could also straddle a message edge and the template text
 //! beside it (a message ending in `<|im_` before template text `start|>`): the part of the
 //! message that could begin or end such a straddle is protected too. Roles are checked against a
-//! fixed list before rendering (`openai.rs`), so they carry no special text.
+//! fixed list before rendering (`openai.rs`), so they carry no special text. Every string of the
+//! tools and of past calls (keys too) is protected the same way.
 
 use super::error::ApiError;
 use super::ServeConfig;
@@ -157,8 +164,13 @@ impl ChatPrompter {
         self.inner.template.as_ref().err()
     }
 
-    /// Renders and tokenizes on a blocking thread, within the time limit.
-    pub async fn tokens(&self, messages: Vec<ChatMessage>) -> Result<Vec<u32>, PromptError> {
+    /// Renders and tokenizes on a blocking thread, within the time limit. `tools`: the
+    /// request's tool definitions, shown to the model (module docs, "Tools").
+    pub async fn tokens(
+        &self,
+        messages: Vec<ChatMessage>,
+        tools: Option<Vec<serde_json::Value>>,
+    ) -> Result<Vec<u32>, PromptError> {
         let n = messages.len();
         if n > self.inner.max_messages {
             return Err(PromptError::TooManyMessages {
@@ -175,7 +187,7 @@ impl ChatPrompter {
                 .map_err(|e| PromptError::Worker(e.to_string()))?;
             tokio::task::spawn_blocking(move || {
                 let _slot = slot;
-                inner.tokens(&messages)
+                inner.tokens(&messages, tools.as_deref())
             })
             .await
             .map_err(|e| PromptError::Worker(e.to_string()))?
@@ -196,7 +208,11 @@ enum Piece<'a> {
 }
 
 impl Inner {
-    fn tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, PromptError> {
+    fn tokens(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<Vec<u32>, PromptError> {
         let template = self.template.as_ref().map_err(|e| match e {
             PromptError::Template(m) => PromptError::Template(m.clone()),
             _ => PromptError::NoTemplate,
@@ -204,17 +220,77 @@ impl Inner {
         let mut originals: Vec<String> = Vec::new();
         let protected: Vec<ChatMessage> = messages
             .iter()
-            .map(|m| ChatMessage::new(m.role.clone(), self.protect(&m.content, &mut originals)))
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: self.protect(&m.content, &mut originals),
+                tool_calls: m
+                    .tool_calls
+                    .as_ref()
+                    .map(|v| self.protect_value(v, &mut originals)),
+                tool_call_id: m
+                    .tool_call_id
+                    .as_ref()
+                    .map(|s| self.protect(s, &mut originals)),
+                name: m.name.as_ref().map(|s| self.protect(s, &mut originals)),
+            })
             .collect();
-        let rendered = template.render(&protected, true).map_err(|e| match e {
-            ChatTemplateError::Raised { message } => PromptError::Rejected(message),
-            e @ (ChatTemplateError::Parse { .. } | ChatTemplateError::Render { .. }) => {
-                template_bug(e)
+        let tools = tools.map(|t| {
+            serde_json::Value::Array(
+                t.iter()
+                    .map(|v| self.protect_value(v, &mut originals))
+                    .collect(),
+            )
+        });
+        let render = |msgs: &[ChatMessage], tools: Option<&serde_json::Value>| {
+            template
+                .render_with_tools(msgs, tools, true)
+                .map_err(|e| match e {
+                    ChatTemplateError::Raised { message } => PromptError::Rejected(message),
+                    e @ (ChatTemplateError::Parse { .. } | ChatTemplateError::Render { .. }) => {
+                        template_bug(e)
+                    }
+                    limit => PromptError::Limit(limit),
+                })
+        };
+        let mut rendered = render(&protected, tools.as_ref())?;
+        if tools.is_some() || protected.iter().any(|m| m.tool_calls.is_some()) {
+            // A template that renders the same without the tools and the past calls ignores
+            // them: it gets them as text instead.
+            let bare: Vec<ChatMessage> = protected
+                .iter()
+                .map(|m| ChatMessage {
+                    tool_calls: None,
+                    ..m.clone()
+                })
+                .collect();
+            if render(&bare, None)? == rendered {
+                let tool_list = tools.as_ref().and_then(|t| t.as_array()).map(Vec::as_slice);
+                rendered = render(&tools_as_text(&protected, tool_list), None)?;
             }
-            limit => PromptError::Limit(limit),
-        })?;
+        }
         let pieces = split_placeholders(&rendered, &originals)?;
         self.encode(&pieces)
+    }
+
+    /// `v` with every string in it (keys too) protected as message text is.
+    fn protect_value(
+        &self,
+        v: &serde_json::Value,
+        originals: &mut Vec<String>,
+    ) -> serde_json::Value {
+        use serde_json::Value;
+        match v {
+            Value::String(s) => Value::String(self.protect(s, originals)),
+            Value::Array(a) => {
+                Value::Array(a.iter().map(|x| self.protect_value(x, originals)).collect())
+            }
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, x)| (self.protect(k, originals), self.protect_value(x, originals)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
     }
 
     /// `content` with every special-token text (and the marker character) replaced by a
@@ -341,6 +417,72 @@ impl Inner {
         });
         found
     }
+}
+
+/// The conversation for a template that ignores tools (`tool_calls.rs` has the format): the
+/// tool descriptions and the call format appended to the system message (one is added first
+/// when there is none), past calls written into their assistant message's text as the model
+/// writes them, and `tool` results as user turns wrapped in `<tool_response>` (consecutive
+/// results in one turn, so templates that insist on alternating roles accept them).
+fn tools_as_text(
+    messages: &[ChatMessage],
+    tools: Option<&[serde_json::Value]>,
+) -> Vec<ChatMessage> {
+    use rocmforge::tool_calls::{call_text, response_text, system_prompt};
+    let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
+    let prompt = tools.map(system_prompt);
+    if let Some(p) = &prompt {
+        if messages.first().is_none_or(|m| m.role != "system") {
+            out.push(ChatMessage::new("system", p.clone()));
+        }
+    }
+    let mut after_tool = false;
+    for (i, m) in messages.iter().enumerate() {
+        let is_tool = m.role == "tool";
+        match (m.role.as_str(), &prompt) {
+            ("system", Some(p)) if i == 0 => {
+                let mut content = m.content.clone();
+                if !content.is_empty() {
+                    content.push_str("\n\n");
+                }
+                content.push_str(p);
+                out.push(ChatMessage::new("system", content));
+            }
+            ("assistant", _) if m.tool_calls.is_some() => {
+                let mut parts: Vec<String> = Vec::new();
+                if !m.content.trim().is_empty() {
+                    parts.push(m.content.clone());
+                }
+                for c in m
+                    .tool_calls
+                    .as_ref()
+                    .and_then(|c| c.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    let f = &c["function"];
+                    parts.push(call_text(
+                        f["name"].as_str().unwrap_or_default(),
+                        &f["arguments"],
+                    ));
+                }
+                out.push(ChatMessage::new("assistant", parts.join("\n")));
+            }
+            ("tool", _) => {
+                let text = response_text(&m.content);
+                match out.last_mut() {
+                    Some(prev) if after_tool => {
+                        prev.content.push('\n');
+                        prev.content.push_str(&text);
+                    }
+                    _ => out.push(ChatMessage::new("user", text)),
+                }
+            }
+            _ => out.push(ChatMessage::new(m.role.clone(), m.content.clone())),
+        }
+        after_tool = is_tool;
+    }
+    out
 }
 
 /// A broken template, its message said once ("the model's chat template failed: ...").
