@@ -435,6 +435,12 @@ impl Tokenizer {
         frags
     }
 
+    /// Whether the whitespace right after special token `id` is dropped when text is encoded
+    /// with special parsing (llama.cpp's `rstrip` attribute: Phi-3's specials).
+    pub fn rstrips_after(&self, id: u32) -> bool {
+        self.inner.rstrip.binary_search(&id).is_ok()
+    }
+
     /// Token ids of `text`.
     ///
     /// `add_special` prepends BOS / appends EOS as `tokenizer.ggml.add_bos_token` /

@@ -361,25 +361,53 @@ impl Inner {
         let tok = &self.tokenizer;
         let err = |e: rocmforge::tokenizer::TokenizerError| PromptError::Tokenize(e.to_string());
         let mut out = Vec::new();
+        // A template that writes the BOS text itself (Phi-3, Llama 3, Mistral) would give two
+        // BOS tokens where the tokenizer adds one: its leading BOS text is dropped, as
+        // llama.cpp's `common_chat_templates_apply` does (and `Tokenizer::apply_chat_template`).
+        let mut bos_text = None;
         if tok.add_bos() {
             out.extend(tok.bos_id());
+            bos_text = tok
+                .bos_id()
+                .and_then(|b| tok.token_text(b))
+                .filter(|t| !t.is_empty());
         }
         let mut text = String::new();
-        for p in pieces {
+        // After a special token with llama.cpp's `rstrip` (Phi-3's), the whitespace that
+        // follows is dropped, markup or message text alike, as encoding the whole rendered
+        // prompt with special parsing does.
+        let mut strip = false;
+        let mut push = |text: &mut String, s: &str, strip: &mut bool| {
+            let s = if *strip {
+                s.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r'])
+            } else {
+                s
+            };
+            if !s.is_empty() {
+                *strip = false;
+            }
+            text.push_str(s);
+        };
+        for (i, p) in pieces.iter().enumerate() {
             match p {
-                Piece::Plain(s) => text.push_str(s),
+                Piece::Plain(s) => push(&mut text, s, &mut strip),
                 Piece::Markup(s) => {
+                    let s = match bos_text {
+                        Some(b) if i == 0 => s.strip_prefix(b).unwrap_or(s),
+                        _ => s,
+                    };
                     let mut at = 0;
                     for (start, len, id) in self.specials_in(s) {
-                        text.push_str(&s[at..start]);
+                        push(&mut text, &s[at..start], &mut strip);
                         if !text.is_empty() {
                             out.extend(tok.encode(&text, false, false).map_err(err)?);
                             text.clear();
                         }
                         out.push(id);
+                        strip = tok.rstrips_after(id);
                         at = start + len;
                     }
-                    text.push_str(&s[at..]);
+                    push(&mut text, &s[at..], &mut strip);
                 }
             }
         }
@@ -517,4 +545,46 @@ fn split_placeholders<'a>(
         return Err(PromptError::MangledPlaceholder);
     }
     Ok(pieces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn vocab(name: &str) -> Tokenizer {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data/family-vocab")
+            .join(format!("ggml-vocab-{name}.gguf"));
+        let f = rocmforge::gguf::GgufFile::open(&p).expect("vocab file");
+        Tokenizer::from_metadata(f.metadata()).expect("tokenizer")
+    }
+
+    /// Phi-3's template writes `<s>` itself and the tokenizer adds BOS: the server's prompt has
+    /// one BOS, and equals what `chat` encodes (the core's rendering, llama.cpp's rule).
+    #[test]
+    fn a_template_that_writes_bos_gives_one_bos() {
+        let tok = vocab("phi-3");
+        let src = tok.chat_template().expect("the vocab file's template");
+        assert!(
+            src.starts_with("{{ bos_token }}"),
+            "the template writes BOS itself"
+        );
+        let cfg = ServeConfig::new(PathBuf::from("unused.gguf"));
+        let prompter = ChatPrompter::new(&tok, &cfg);
+        let messages = vec![ChatMessage::new("user", "Hello there")];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let ids = rt
+            .block_on(prompter.tokens(messages.clone(), None))
+            .expect("prompt");
+        let bos = tok.bos_id().expect("bos");
+        assert!(tok.add_bos());
+        assert_eq!(ids.first(), Some(&bos));
+        assert_eq!(ids.iter().filter(|&&i| i == bos).count(), 1, "{ids:?}");
+        let core = tok.apply_chat_template(&messages, true).expect("render");
+        assert_eq!(ids, tok.encode(&core, true, true).expect("encode"));
+    }
 }
