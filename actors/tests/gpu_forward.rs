@@ -238,6 +238,69 @@ gpu_test!(hip: fn synth_runtime_hip_matches_cpu() {
     synth(BackendKind::Hip);
 });
 
+/// Continuous batching on the GPU: the six reference prompts submitted at once run in shared
+/// steps (prefill together, then one decode row each per step) and give each prompt the
+/// tokens it gets alone, up to the exact CPU's first near-tie (in practice all 32: rows of a
+/// step are computed independently, only GEMM tiling may differ).
+fn check_batched(kind: BackendKind) {
+    let path = smollm2();
+    let model = Model::open(&path).expect("model");
+    let cases: Vec<Case> = serde_json::from_slice(
+        &std::fs::read(data_dir().join("smollm2-logits/cases.json")).expect("cases"),
+    )
+    .expect("cases.json");
+    let rt = Runtime::builder()
+        .model(&path)
+        .device(kind)
+        .build()
+        .expect("runtime");
+    let alone: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| gpu_greedy(&rt, &c.hf_prompt_ids).0)
+        .collect();
+    let before = rt.stats();
+    let together: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = cases
+            .iter()
+            .map(|c| {
+                let rt = rt.clone();
+                s.spawn(move || gpu_greedy(&rt, &c.hf_prompt_ids).0)
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("stream")).collect()
+    });
+    let after = rt.stats();
+    rt.shutdown().expect("shutdown");
+    println!("batched on {kind}: stats before {before:?}\n after {after:?}");
+    for ((c, a), t) in cases.iter().zip(&alone).zip(&together) {
+        let oracle = cpu_greedy(&model, &c.hf_prompt_ids);
+        let decisive = oracle
+            .iter()
+            .position(|s| s.margin < NEAR_TIE)
+            .unwrap_or(STEPS);
+        let same = a.iter().zip(t).take_while(|(x, y)| x == y).count();
+        println!(
+            "{}: batched = alone for {same} of {STEPS} (decisive {decisive})",
+            c.name
+        );
+        assert!(
+            same >= decisive,
+            "{}: batched on {kind} differs from alone at step {same}\n alone {a:?}\n batched {t:?}",
+            c.name
+        );
+    }
+}
+
+gpu_test!(cuda: fn smollm2_batched_cuda_equals_alone() {
+    drop(require_device!(cuda));
+    check_batched(BackendKind::Cuda);
+});
+
+gpu_test!(hip: fn smollm2_batched_hip_equals_alone() {
+    drop(require_device!(hip));
+    check_batched(BackendKind::Hip);
+});
+
 /// The tiny random models of every family (tests/data/tiny-families, verified against
 /// transformers on the CPU): those the GPU graph computes give the exact CPU's greedy tokens up
 /// to the oracle's first near-tie; the others are refused at load with an error naming what the

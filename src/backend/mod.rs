@@ -227,21 +227,50 @@ pub trait LayeredForward: Send {
     fn context_len(&self) -> usize;
     /// A KV cache for one sequence (device memory; out of memory is an error).
     fn new_kv(&mut self) -> Result<Self::Kv, Self::Error>;
-    /// Embeds `tokens` at positions `pos..` (rows of `table`, `[n_vocab, n_embd]`).
+    /// Sequences one step may carry (`set_segments`, `layer_batch`, `output_rows`).
+    fn max_sequences(&self) -> usize;
+    /// Embeds `tokens` (rows of `table`, `[n_vocab, n_embd]`): the step's rows, every
+    /// sequence's tokens in order. Their positions come with `set_segments`.
+    fn embed_rows(&mut self, table: &DeviceTensor<'_>, tokens: &[u32]) -> Result<(), Self::Error>;
+    /// Which rows of the embedded step belong to which sequence: `(rows, position of the
+    /// first)` per sequence, in row order; the rows must add up to the embedded tokens.
+    fn set_segments(&mut self, parts: &[(usize, usize)]) -> Result<(), Self::Error>;
+    /// Layer `layer` over the step's rows, each sequence's K/V written into its cache (`kvs` in
+    /// segment order).
+    fn layer_batch(
+        &mut self,
+        layer: usize,
+        weights: &LayerTensors<'_>,
+        kvs: &mut [&mut Self::Kv],
+    ) -> Result<(), Self::Error>;
+    /// Final norm and head on the given rows of the step; waits for the stream and returns
+    /// their logits, in the order asked.
+    fn output_rows(
+        &mut self,
+        norm: &DeviceTensor<'_>,
+        head: &DeviceTensor<'_>,
+        rows: &[usize],
+    ) -> Result<Vec<Vec<f32>>, Self::Error>;
+    /// One sequence's step: embeds `tokens` at positions `pos..`.
     fn embed(
         &mut self,
         table: &DeviceTensor<'_>,
         tokens: &[u32],
         pos: usize,
-    ) -> Result<(), Self::Error>;
-    /// Layer `layer` over the embedded tokens, writing their K/V into `kv`.
+    ) -> Result<(), Self::Error> {
+        self.embed_rows(table, tokens)?;
+        self.set_segments(&[(tokens.len(), pos)])
+    }
+    /// Layer `layer` over one sequence's embedded tokens, writing their K/V into `kv`.
     fn layer(
         &mut self,
         layer: usize,
         weights: &LayerTensors<'_>,
         kv: &mut Self::Kv,
-    ) -> Result<(), Self::Error>;
-    /// Final norm and head on the last token; waits for the stream and returns the logits.
+    ) -> Result<(), Self::Error> {
+        self.layer_batch(layer, weights, &mut [kv])
+    }
+    /// Final norm and head on the step's last row; waits for the stream and returns the logits.
     fn output(
         &mut self,
         norm: &DeviceTensor<'_>,

@@ -8,7 +8,7 @@
 //! count. Logits come back to the host for the Inference actor's sampler.
 
 use crate::compute::llama::{token_bytes_with, tokenize_with};
-use crate::compute::{ComputeFactory, Hidden, ModelCompute, SequenceState};
+use crate::compute::{BatchSeq, ComputeFactory, Hidden, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::backend::WeightBackend;
 use crate::pipeline::gpu::{GpuBackend, GpuConfig, GpuReady, GpuRegion};
@@ -33,9 +33,6 @@ pub struct GpuCompute<F: LayeredForward> {
     fwd: F,
     model: Model,
     tokenizer: Option<Tokenizer>,
-    /// Position of the tokens `embed` placed: the sequence created or advanced last (the
-    /// Inference actor runs one sequence at a time; `layer` checks it got that one).
-    embed_pos: usize,
 }
 
 fn err(layer: Option<usize>) -> impl Fn(String) -> RuntimeError {
@@ -53,7 +50,6 @@ where
             fwd,
             model,
             tokenizer: Tokenizer::from_metadata(file.metadata()).ok(),
-            embed_pos: 0,
         })
     }
 
@@ -74,6 +70,45 @@ where
             .ok_or_else(not_gpu)?;
         self.fwd.stream().wait(&ready.event)?;
         Ok(region)
+    }
+
+    /// Layer `layer` of the step over the resident unit `weights`, with each sequence's KV
+    /// cache (`kvs` in the step's sequence order).
+    fn run_layer(
+        &mut self,
+        layer: usize,
+        weights: &ResidentLayer,
+        kvs: &mut [&mut F::Kv],
+    ) -> Result<()> {
+        let refs = self
+            .model
+            .layout()
+            .layers
+            .get(layer)
+            .ok_or_else(|| err(Some(layer))("no such layer".into()))?;
+        let region = self.enter(weights)?;
+        let t = |r: &TensorRef| tensor(weights, region, r);
+        let opt = |r: &Option<TensorRef>| r.as_ref().map(t).transpose();
+        let w = LayerTensors {
+            attn_norm: t(&refs.attn_norm)?,
+            wq: t(&refs.wq)?,
+            wk: t(&refs.wk)?,
+            wv: t(&refs.wv)?,
+            bq: opt(&refs.bq)?,
+            bk: opt(&refs.bk)?,
+            bv: opt(&refs.bv)?,
+            q_norm: opt(&refs.q_norm)?,
+            k_norm: opt(&refs.k_norm)?,
+            wo: t(&refs.wo)?,
+            ffn_norm: t(&refs.ffn_norm)?,
+            w_gate: t(&refs.w_gate)?,
+            w_up: t(&refs.w_up)?,
+            w_down: t(&refs.w_down)?,
+        };
+        self.fwd
+            .layer_batch(layer, &w, kvs)
+            .map_err(|e| err(Some(layer))(e.to_string()))?;
+        self.leave(region)
     }
 
     /// After the unit's work: eviction of the region waits for it.
@@ -147,7 +182,6 @@ where
 
     fn new_sequence(&mut self) -> Result<SequenceState> {
         let kv = self.fwd.new_kv().map_err(|e| err(None)(e.to_string()))?;
-        self.embed_pos = 0;
         Ok(Box::new(GpuSeq { kv, pos: 0 }))
     }
 
@@ -155,15 +189,15 @@ where
         // The KV past `keep` is overwritten by the next tokens and never read before that.
         let seq = seq_mut::<F::Kv>(seq)?;
         seq.pos = seq.pos.min(keep);
-        self.embed_pos = seq.pos;
         Ok(true)
     }
 
     fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden> {
         let region = self.enter(global)?;
         let table = tensor(global, region, &self.model.layout().token_embd)?;
+        // Positions come with the first layer, which knows the step's sequences.
         self.fwd
-            .embed(&table, tokens, self.embed_pos)
+            .embed_rows(&table, tokens)
             .map_err(|e| err(None)(e.to_string()))?;
         self.leave(region)?;
         Ok(Hidden {
@@ -172,49 +206,76 @@ where
         })
     }
 
+    fn max_batch_sequences(&self) -> usize {
+        self.fwd.max_sequences()
+    }
+
     fn layer(
         &mut self,
         layer: usize,
         weights: &ResidentLayer,
         seq: &mut SequenceState,
+        hidden: &mut Hidden,
+    ) -> Result<()> {
+        let rows = hidden.n_tokens;
+        let seq = seq_mut::<F::Kv>(seq)?;
+        if layer == 0 {
+            self.fwd
+                .set_segments(&[(rows, seq.pos)])
+                .map_err(|e| err(Some(0))(e.to_string()))?;
+        }
+        self.run_layer(layer, weights, &mut [&mut seq.kv])
+    }
+
+    fn layer_batch(
+        &mut self,
+        layer: usize,
+        weights: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
         _hidden: &mut Hidden,
     ) -> Result<()> {
-        let seq = seq_mut::<F::Kv>(seq)?;
-        if seq.pos != self.embed_pos {
-            return Err(err(Some(layer))(format!(
-                "tokens were embedded at position {} but this sequence is at {}",
-                self.embed_pos, seq.pos
-            )));
+        let mut parts = Vec::with_capacity(batch.len());
+        let mut kvs = Vec::with_capacity(batch.len());
+        for b in batch.iter_mut() {
+            let seq = seq_mut::<F::Kv>(b.seq)?;
+            parts.push((b.rows, seq.pos));
+            kvs.push(&mut seq.kv);
         }
-        let refs = self
-            .model
-            .layout()
-            .layers
-            .get(layer)
-            .ok_or_else(|| err(Some(layer))("no such layer".into()))?;
-        let region = self.enter(weights)?;
-        let t = |r: &TensorRef| tensor(weights, region, r);
-        let opt = |r: &Option<TensorRef>| r.as_ref().map(t).transpose();
-        let w = LayerTensors {
-            attn_norm: t(&refs.attn_norm)?,
-            wq: t(&refs.wq)?,
-            wk: t(&refs.wk)?,
-            wv: t(&refs.wv)?,
-            bq: opt(&refs.bq)?,
-            bk: opt(&refs.bk)?,
-            bv: opt(&refs.bv)?,
-            q_norm: opt(&refs.q_norm)?,
-            k_norm: opt(&refs.k_norm)?,
-            wo: t(&refs.wo)?,
-            ffn_norm: t(&refs.ffn_norm)?,
-            w_gate: t(&refs.w_gate)?,
-            w_up: t(&refs.w_up)?,
-            w_down: t(&refs.w_down)?,
-        };
-        self.fwd
-            .layer(layer, &w, &mut seq.kv)
-            .map_err(|e| err(Some(layer))(e.to_string()))?;
-        self.leave(region)
+        if layer == 0 {
+            self.fwd
+                .set_segments(&parts)
+                .map_err(|e| err(Some(0))(e.to_string()))?;
+        }
+        self.run_layer(layer, weights, &mut kvs)
+    }
+
+    fn output_batch(
+        &mut self,
+        global: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        _hidden: &Hidden,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut rows = Vec::new();
+        let mut first = 0;
+        for b in batch.iter() {
+            if b.wants_logits {
+                rows.push(first + b.rows - 1);
+            }
+            first += b.rows;
+        }
+        let region = self.enter(global)?;
+        let layout = self.model.layout();
+        let norm = tensor(global, region, &layout.output_norm)?;
+        let head = tensor(global, region, layout.head())?;
+        let logits = self
+            .fwd
+            .output_rows(&norm, &head, &rows)
+            .map_err(|e| err(None)(e.to_string()))?;
+        self.leave(region)?;
+        for b in batch.iter_mut() {
+            seq_mut::<F::Kv>(b.seq)?.pos += b.rows;
+        }
+        Ok(logits)
     }
 
     fn output(
@@ -234,7 +295,6 @@ where
             .map_err(|e| err(None)(e.to_string()))?;
         self.leave(region)?;
         seq.pos += hidden.n_tokens;
-        self.embed_pos = seq.pos;
         Ok(logits)
     }
 
@@ -252,8 +312,11 @@ where
 pub struct GpuPipelineOptions {
     /// KV cache capacity per sequence, in tokens.
     pub ctx: usize,
-    /// Most tokens per step (the longest prompt).
+    /// Most tokens per step (decode tokens and prompt chunks together).
     pub max_batch: usize,
+    /// Most sequences per step (continuous batching); each has its own KV cache of `ctx`
+    /// tokens, allocated when it starts.
+    pub max_seqs: usize,
     pub copy_streams: usize,
     /// Device bytes left free beyond KV cache and activations (driver, fragmentation).
     pub margin_bytes: u64,
@@ -264,6 +327,7 @@ impl Default for GpuPipelineOptions {
         Self {
             ctx: 4096,
             max_batch: 512,
+            max_seqs: crate::pipeline::batch::DEFAULT_MAX_NUM_SEQS,
             copy_streams: 2,
             margin_bytes: 512 << 20,
         }
@@ -314,6 +378,7 @@ pub fn open_pipeline_on(
         ctx: opt.ctx,
         max_batch: opt.max_batch,
         use_blas: true,
+        max_seqs: opt.max_seqs,
     };
     // The compute's KV cache and activations are allocated after the budget is set, so the
     // budget's default (free memory minus this) leaves room for them.

@@ -244,6 +244,9 @@ impl Server {
                 kind,
                 crate::compute::gpu::GpuPipelineOptions {
                     ctx,
+                    // The GPU's step buffers are sized for the batching options.
+                    max_batch: cfg.batch.max_batch_tokens.max(1),
+                    max_seqs: cfg.batch.max_num_seqs.max(1),
                     ..Default::default()
                 },
             ),

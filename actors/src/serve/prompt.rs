@@ -377,7 +377,7 @@ impl Inner {
         // follows is dropped, markup or message text alike, as encoding the whole rendered
         // prompt with special parsing does.
         let mut strip = false;
-        let mut push = |text: &mut String, s: &str, strip: &mut bool| {
+        let push = |text: &mut String, s: &str, strip: &mut bool| {
             let s = if *strip {
                 s.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r'])
             } else {

@@ -105,6 +105,15 @@ pub struct LayerViews<'a> {
     pub qk_norm: [Option<View<'a>>; 2],
 }
 
+/// One sequence's rows in a step: rows `first .. first + n` of the scratch buffers are its
+/// tokens at positions `pos ..`; `kv` is its whole KV cache (`[layer][k|v]` blocks).
+pub struct Segment<'a> {
+    pub first: usize,
+    pub n: usize,
+    pub pos: usize,
+    pub kv: View<'a>,
+}
+
 /// What a layer pass borrows from its owner.
 pub struct LayerCtx<'a, D: KernelDevice> {
     pub dev: &'a D,
@@ -112,11 +121,10 @@ pub struct LayerCtx<'a, D: KernelDevice> {
     pub s: &'a Scratch<D::Buf>,
     pub gemm: Gemm<'a, D>,
     pub hp: &'a HParams,
-    /// The whole KV cache: `[layer][k|v]` blocks of `kv_layout.bytes()`.
-    pub kv: View<'a>,
     pub kv_layout: KvLayout,
-    /// Position of the first of the `n` tokens in the scratch buffers.
-    pub pos: usize,
+    /// The sequences of the step, in row order; their rows add up to `n`.
+    pub segs: &'a [Segment<'a>],
+    /// Rows of the step (every sequence's tokens).
     pub n: usize,
     pub freq_scale: f32,
     /// RoPE frequency divisors (`[n_rot / 2]` f32), if the model has them.
@@ -187,20 +195,28 @@ pub fn run_layer<D: KernelDevice>(
         .map(|v| v as &dyn crate::backend::DeviceBuffer);
     dev.rope(st, &q, &q, &s.pos, rf, rp(hp.n_head))?;
     dev.rope(st, &k, &k, &s.pos, rf, rp(hp.n_head_kv))?;
+    // Each sequence stores its keys and values in its own cache and attends over it; the
+    // projections above and below run once over every row of the step.
     let kvb = cx.kv_layout.bytes();
-    let kc = cx.kv.slice((2 * l) * kvb, kvb)?;
-    let vc = cx.kv.slice((2 * l + 1) * kvb, kvb)?;
-    dev.kv_store(st, &k, &kc, cx.kv_layout, n, cx.pos)?;
-    dev.kv_store(st, &vv, &vc, cx.kv_layout, n, cx.pos)?;
-    let ap = AttnParams {
-        n_tokens: n,
-        n_heads: hp.n_head,
-        kv: cx.kv_layout,
-        pos0: cx.pos,
-        scale: 1.0 / (hp.head_dim as f32).sqrt(),
-        window: hp.local_window(l).unwrap_or(0),
-    };
-    dev.attention(st, &q, &kc, &vc, &attn, ap)?;
+    for sg in cx.segs {
+        let kc = sg.kv.slice((2 * l) * kvb, kvb)?;
+        let vc = sg.kv.slice((2 * l + 1) * kvb, kvb)?;
+        let ks = k.slice(sg.first * kd * 4, sg.n * kd * 4)?;
+        let vs = vv.slice(sg.first * vd * 4, sg.n * vd * 4)?;
+        dev.kv_store(st, &ks, &kc, cx.kv_layout, sg.n, sg.pos)?;
+        dev.kv_store(st, &vs, &vc, cx.kv_layout, sg.n, sg.pos)?;
+        let ap = AttnParams {
+            n_tokens: sg.n,
+            n_heads: hp.n_head,
+            kv: cx.kv_layout,
+            pos0: sg.pos,
+            scale: 1.0 / (hp.head_dim as f32).sqrt(),
+            window: hp.local_window(l).unwrap_or(0),
+        };
+        let qs = q.slice(sg.first * qd * 4, sg.n * qd * 4)?;
+        let os = attn.slice(sg.first * qd * 4, sg.n * qd * 4)?;
+        dev.attention(st, &qs, &kc, &vc, &os, ap)?;
+    }
     let (wo, mo) = w.mats[3];
     linear(dev, st, s, &mut cx.gemm, wo, mo, attn, proj, n)?;
     dev.add(st, &hidden, &proj, &hidden, n * d)?;

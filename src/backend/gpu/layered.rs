@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::gemm::{DeferredGemm, GemmF16, PortableGemm};
-use super::layer::{run_layer, Gemm, LayerCtx, LayerViews, Scratch};
+use super::layer::{run_layer, Gemm, LayerCtx, LayerViews, Scratch, Segment};
 use super::ops::{GpuOps, KvLayout, QMatrix, ATTN_MAX_HEAD_DIM};
 use super::{BufferIo, GpuForwardError, KernelDevice, Result, View};
 use crate::backend::error::BackendError;
@@ -24,6 +24,8 @@ pub struct LayeredOptions {
     /// GEMMs of batches of 8 tokens or more: the vendor library (cuBLAS) when it loads, else
     /// the portable kernel (`kernels/gemm.cu`); `false`: always the portable kernel.
     pub use_blas: bool,
+    /// Sequences one step may carry (continuous batching); each has its own KV cache.
+    pub max_seqs: usize,
 }
 
 impl Default for LayeredOptions {
@@ -32,6 +34,7 @@ impl Default for LayeredOptions {
             ctx: 4096,
             max_batch: 512,
             use_blas: true,
+            max_seqs: 16,
         }
     }
 }
@@ -53,9 +56,11 @@ pub struct GpuLayered<D: KernelDevice> {
     freq_scale: f32,
     /// The model's RoPE frequency divisors (`rope_freqs`, `[n_rot / 2]` f32), when it has them.
     rope_factors: Option<D::Buf>,
-    /// Tokens embedded by the last `embed` and the position of the first.
+    /// Rows embedded by the last `embed_rows`.
     n: usize,
-    pos: usize,
+    /// The step's sequences: (first row, rows, position of the first), from `set_segments`.
+    segs: Vec<(usize, usize, usize)>,
+    max_seqs: usize,
 }
 
 /// One sequence's KV cache: `[layer][k|v][n_kv_heads, ctx, head_dim]` f16.
@@ -63,7 +68,13 @@ pub struct GpuKv<D: KernelDevice> {
     buf: D::Buf,
 }
 
-fn scratch_bytes(hp: &HParams, n_vocab: usize, b: usize) -> [(usize, &'static str); 16] {
+/// `b`: rows of a step; `seqs`: sequences of a step (rows whose logits come back).
+fn scratch_bytes(
+    hp: &HParams,
+    n_vocab: usize,
+    b: usize,
+    seqs: usize,
+) -> [(usize, &'static str); 16] {
     let max_cols = hp.n_embd.max(hp.n_ff).max(hp.q_dim());
     [
         (b * hp.n_embd * 4, "scratch hidden"),
@@ -75,7 +86,7 @@ fn scratch_bytes(hp: &HParams, n_vocab: usize, b: usize) -> [(usize, &'static st
         (b * hp.n_embd * 4, "scratch proj"),
         (b * hp.n_ff * 4, "scratch gate"),
         (b * hp.n_ff * 4, "scratch up"),
-        (n_vocab * 4, "logits"),
+        (seqs * n_vocab * 4, "logits"),
         (b * 4, "ids"),
         (b * 4, "positions"),
         (4, "status"),
@@ -89,10 +100,11 @@ impl LayeredOptions {
     /// Device bytes a [`GpuLayered`] with one sequence needs besides weights: KV cache and
     /// activations (the weight budget's default leaves this free). The same on every vendor.
     pub fn reserve_bytes(&self, hp: &HParams, n_vocab: usize) -> usize {
-        let scratch: usize = scratch_bytes(hp, n_vocab, self.max_batch.max(1))
-            .iter()
-            .map(|(n, _)| *n)
-            .sum();
+        let scratch: usize =
+            scratch_bytes(hp, n_vocab, self.max_batch.max(1), self.max_seqs.max(1))
+                .iter()
+                .map(|(n, _)| *n)
+                .sum();
         // Saturating: called before `GpuLayered::new` checks a hostile file's dimensions.
         let kv = self.kv_layout(hp);
         kv.n_kv_heads
@@ -163,7 +175,7 @@ impl<D: KernelDevice> GpuLayered<D> {
         }
         let b = opt.max_batch.max(1);
         let n_vocab = model.n_vocab();
-        let bufs = scratch_bytes(&hp, n_vocab, b)
+        let bufs = scratch_bytes(&hp, n_vocab, b, opt.max_seqs.max(1))
             .into_iter()
             .map(|(n, what)| dev.alloc(n.max(1), what))
             .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -218,7 +230,8 @@ impl<D: KernelDevice> GpuLayered<D> {
             freq_scale,
             rope_factors,
             n: 0,
-            pos: 0,
+            segs: Vec::new(),
+            max_seqs: opt.max_seqs.max(1),
         })
     }
 
@@ -309,8 +322,14 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         })
     }
 
-    fn embed(&mut self, table: &DeviceTensor<'_>, tokens: &[u32], pos: usize) -> Result<()> {
+    fn max_sequences(&self) -> usize {
+        self.max_seqs
+    }
+
+    fn embed_rows(&mut self, table: &DeviceTensor<'_>, tokens: &[u32]) -> Result<()> {
         let n = tokens.len();
+        self.n = 0;
+        self.segs.clear();
         if n == 0 {
             return Err(ModelError::EmptyPrompt.into());
         }
@@ -327,20 +346,11 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
             }
             .into());
         }
-        if pos + n > self.kv_layout.seq_cap {
-            return Err(ModelError::ContextOverflow {
-                needed: pos + n,
-                ctx: self.kv_layout.seq_cap,
-            }
-            .into());
-        }
         // The synchronous writes below must not race kernels of an abandoned step still
         // reading these buffers (a cancelled request stops between layers).
         self.stream.synchronize()?;
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let ps: Vec<i32> = (0..n).map(|i| (pos + i) as i32).collect();
         self.s.ids.write(0, &ids)?;
-        self.s.pos.write(0, &ps)?;
         let (tv, m) = mat(table, "token embeddings")?;
         self.dev.get_rows(
             &self.stream,
@@ -352,13 +362,63 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
             &self.s.status,
         )?;
         self.n = n;
-        self.pos = pos;
         Ok(())
     }
 
-    fn layer(&mut self, layer: usize, w: &LayerTensors<'_>, kv: &mut GpuKv<D>) -> Result<()> {
-        if self.n == 0 {
-            return Err(bad("layer before embed".into()));
+    fn set_segments(&mut self, parts: &[(usize, usize)]) -> Result<()> {
+        let n = self.n;
+        if n == 0 {
+            return Err(bad("segments before embed".into()));
+        }
+        if parts.is_empty() || parts.len() > self.max_seqs {
+            return Err(bad(format!(
+                "{} sequences in one step (at most {})",
+                parts.len(),
+                self.max_seqs
+            )));
+        }
+        let total: usize = parts.iter().map(|p| p.0).sum();
+        if total != n || parts.iter().any(|p| p.0 == 0) {
+            return Err(bad(format!(
+                "segments of {:?} rows for {n} embedded tokens",
+                parts.iter().map(|p| p.0).collect::<Vec<_>>()
+            )));
+        }
+        let mut ps: Vec<i32> = Vec::with_capacity(n);
+        let mut segs = Vec::with_capacity(parts.len());
+        for &(rows, pos) in parts {
+            if pos + rows > self.kv_layout.seq_cap {
+                return Err(ModelError::ContextOverflow {
+                    needed: pos + rows,
+                    ctx: self.kv_layout.seq_cap,
+                }
+                .into());
+            }
+            segs.push((ps.len(), rows, pos));
+            ps.extend((pos..pos + rows).map(|p| p as i32));
+        }
+        // Positions are read by the first layer's RoPE, queued after this synchronous write;
+        // the previous step's readers finished before `embed_rows` returned.
+        self.s.pos.write(0, &ps)?;
+        self.segs = segs;
+        Ok(())
+    }
+
+    fn layer_batch(
+        &mut self,
+        layer: usize,
+        w: &LayerTensors<'_>,
+        kvs: &mut [&mut GpuKv<D>],
+    ) -> Result<()> {
+        if self.n == 0 || self.segs.is_empty() {
+            return Err(bad("layer before embed and segments".into()));
+        }
+        if kvs.len() != self.segs.len() {
+            return Err(bad(format!(
+                "{} KV caches for {} sequences",
+                kvs.len(),
+                self.segs.len()
+            )));
         }
         let hp = &self.hp;
         let d = hp.n_embd;
@@ -391,7 +451,17 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
                 bias(&w.k_norm, hp.head_dim, "attn_k_norm")?,
             ],
         };
-        let kv_view = View::of(&kv.buf);
+        let segs: Vec<Segment<'_>> = self
+            .segs
+            .iter()
+            .zip(kvs.iter())
+            .map(|(&(first, n, pos), kv)| Segment {
+                first,
+                n,
+                pos,
+                kv: View::of(&kv.buf),
+            })
+            .collect();
         let mut cx = LayerCtx {
             dev: &*self.dev,
             stream: &self.stream,
@@ -401,9 +471,8 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
                 tile_rows_bytes: TILE_ROWS_BYTES,
             },
             hp,
-            kv: kv_view,
             kv_layout: self.kv_layout,
-            pos: self.pos,
+            segs: &segs,
             n: self.n,
             freq_scale: self.freq_scale,
             rope_factors: self.rope_factors.as_ref().map(View::of),
@@ -412,26 +481,52 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
     }
 
     fn output(&mut self, norm: &DeviceTensor<'_>, head: &DeviceTensor<'_>) -> Result<Vec<f32>> {
+        let last = self
+            .n
+            .checked_sub(1)
+            .ok_or_else(|| bad("output before embed".into()))?;
+        let mut rows = self.output_rows(norm, head, &[last])?;
+        rows.pop().ok_or_else(|| bad("no logits".into()))
+    }
+
+    fn output_rows(
+        &mut self,
+        norm: &DeviceTensor<'_>,
+        head: &DeviceTensor<'_>,
+        rows: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
         let n = self.n;
         if n == 0 {
             return Err(bad("output before embed".into()));
         }
-        let d = self.hp.n_embd;
-        let last = View::of(&self.s.hidden).slice((n - 1) * d * 4, d * 4)?;
-        let xn0 = View::of(&self.s.xn).prefix(d * 4)?;
-        let nw = vec_f32(norm, d, "output_norm")?;
-        self.dev
-            .rmsnorm(&self.stream, &last, &nw, &xn0, 1, d, self.hp.rms_eps)?;
-        let (hv, hm) = mat(head, "output")?;
-        if hm.ncols != d || hm.nrows != self.n_vocab {
+        if rows.len() > self.max_seqs || rows.iter().any(|&r| r >= n) {
             return Err(bad(format!(
-                "output head {} x {}, expected {} x {d}",
-                hm.nrows, hm.ncols, self.n_vocab
+                "logits of rows {rows:?} of a {n}-row step (at most {} rows)",
+                self.max_seqs
             )));
         }
-        self.dev.mmvq(&self.stream, &hv, hm, &xn0, &self.s.logits)?;
+        let d = self.hp.n_embd;
+        let v = self.n_vocab;
+        let nw = vec_f32(norm, d, "output_norm")?;
+        let (hv, hm) = mat(head, "output")?;
+        if hm.ncols != d || hm.nrows != v {
+            return Err(bad(format!(
+                "output head {} x {}, expected {v} x {d}",
+                hm.nrows, hm.ncols
+            )));
+        }
+        for (i, &r) in rows.iter().enumerate() {
+            let x = View::of(&self.s.hidden).slice(r * d * 4, d * 4)?;
+            let xn = View::of(&self.s.xn).slice(i * d * 4, d * 4)?;
+            let lg = View::of(&self.s.logits).slice(i * v * 4, v * 4)?;
+            self.dev
+                .rmsnorm(&self.stream, &x, &nw, &xn, 1, d, self.hp.rms_eps)?;
+            self.dev.mmvq(&self.stream, &hv, hm, &xn, &lg)?;
+        }
         self.stream.synchronize()?;
         self.n = 0;
-        Ok(self.s.logits.to_vec::<f32>(self.n_vocab)?)
+        self.segs.clear();
+        let all = self.s.logits.to_vec::<f32>(rows.len() * v)?;
+        Ok(all.chunks_exact(v).map(<[f32]>::to_vec).collect())
     }
 }
