@@ -22,10 +22,46 @@ __device__ __forceinline__ void rf_mmvq(const void* __restrict__ w, const float*
     if (lane == 0) y[row] = sum;
 }
 
+// Batched: y[j] = W x[j] for the n <= RF_MMVQN_MAX vectors of x ([n, ncols], y [n, nrows]):
+// each weight block is loaded once for all of them (decode of several sequences, short
+// prompts), so a step of n tokens reads the weights once instead of n times.
+#define RF_MMVQN_MAX 8
+
+template <typename T>
+__device__ __forceinline__ void rf_mmvq_n(const void* __restrict__ w, const float* __restrict__ x,
+                                          float* __restrict__ y, int ncols, int nrows, int n) {
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= nrows) return;  // the whole warp leaves together
+    const int lane = threadIdx.x;
+    const int nb = ncols / T::QK;
+    const typename T::block* br = (const typename T::block*)w + (i64)row * nb;
+    constexpr int per_step = RF_WARP / T::LPB;
+    float sum[RF_MMVQN_MAX];
+#pragma unroll
+    for (int j = 0; j < RF_MMVQN_MAX; ++j) sum[j] = 0.f;
+    for (int ib = lane / T::LPB; ib < nb; ib += per_step) {
+        const typename T::block* b = br + ib;
+#pragma unroll
+        for (int j = 0; j < RF_MMVQN_MAX; ++j)
+            if (j < n) sum[j] += T::dot(b, lane % T::LPB, x + (i64)j * ncols + (i64)ib * T::QK);
+    }
+#pragma unroll
+    for (int j = 0; j < RF_MMVQN_MAX; ++j) {
+        if (j < n) {  // n is the same for the whole warp
+            const float s = rf_warp_sum(sum[j]);
+            if (lane == 0) y[(i64)j * nrows + row] = s;
+        }
+    }
+}
+
 #define RF_MMVQ(name, T)                                                                      \
     extern "C" __global__ void name(const void* __restrict__ w, const float* __restrict__ x,  \
                                     float* __restrict__ y, int ncols, int nrows) {            \
         rf_mmvq<T>(w, x, y, ncols, nrows);                                                    \
+    }                                                                                         \
+    extern "C" __global__ void name##_n(const void* __restrict__ w, const float* __restrict__ x, \
+                                        float* __restrict__ y, int ncols, int nrows, int n) { \
+        rf_mmvq_n<T>(w, x, y, ncols, nrows, n);                                               \
     }
 
 RF_MMVQ(mmvq_f32_f32, QF32)

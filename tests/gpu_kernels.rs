@@ -182,6 +182,32 @@ fn check_weights<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut
             1e-5,
         );
 
+        // The batched mmvq: 11 vectors (a launch of 8 and one of 3), each against the oracle.
+        let nv = 11usize;
+        let xs = rand_vec(rng, nv * cols, 1.0);
+        let mut yref = vec![0f32; nv * rows];
+        for j in 0..nv {
+            matvec_exact(
+                qt,
+                &w,
+                rows,
+                cols,
+                &xs[j * cols..(j + 1) * cols],
+                &mut yref[j * rows..(j + 1) * rows],
+            )
+            .expect("oracle");
+        }
+        let xd = up(d, &xs);
+        let yd = d.alloc(nv * rows * 4, "y").expect("alloc");
+        d.mmvq_n(s, &wd, m, &xd, &yd, nv).expect("mmvq_n");
+        s.synchronize().expect("sync");
+        t.add(
+            &format!("mmvq_{}_f32_n (11 vectors)", qt.name().to_lowercase()),
+            qt.name(),
+            rel_err(&yd.to_vec::<f32>(nv * rows).expect("read"), &yref),
+            1e-5,
+        );
+
         // get_rows: repeated ids, first and last row.
         let ids: Vec<i32> = vec![0, 66, 5, 5, 31, 12];
         let idd = upload(d, &ids, "ids").expect("ids");
@@ -721,8 +747,8 @@ fn print_mmvq_bandwidth<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8
     ] {
         let w = random_weights(qt, rows, cols, rng);
         let wd = upload(d, &w, "bench w").expect("upload");
-        let xd = up(d, &rand_vec(rng, cols, 1.0));
-        let yd = d.alloc(rows * 4, "y").expect("alloc");
+        let xd = up(d, &rand_vec(rng, 16 * cols, 1.0));
+        let yd = d.alloc(16 * rows * 4, "y").expect("alloc");
         let m = QMatrix {
             qtype: qt,
             nrows: rows,
@@ -732,23 +758,27 @@ fn print_mmvq_bandwidth<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8
             d.new_event(true).expect("ev"),
             d.new_event(true).expect("ev"),
         );
-        d.mmvq(s, &wd, m, &xd, &yd).expect("warm-up");
-        let mut ms = Vec::new();
-        for _ in 0..20 {
-            s.record(&e0).expect("rec");
-            d.mmvq(s, &wd, m, &xd, &yd).expect("mmvq");
-            s.record(&e1).expect("rec");
-            e1.synchronize().expect("sync");
-            ms.push(e0.elapsed_ms(&e1).expect("elapsed"));
+        // n vectors per product: 1 (decode), 8 and 16 (batched decode of that many sequences).
+        for n in [1usize, 8, 16] {
+            d.mmvq_n(s, &wd, m, &xd, &yd, n).expect("warm-up");
+            let mut ms = Vec::new();
+            for _ in 0..20 {
+                s.record(&e0).expect("rec");
+                d.mmvq_n(s, &wd, m, &xd, &yd, n).expect("mmvq");
+                s.record(&e1).expect("rec");
+                e1.synchronize().expect("sync");
+                ms.push(e0.elapsed_ms(&e1).expect("elapsed"));
+            }
+            ms.sort_by(f32::total_cmp);
+            let med = f64::from(ms[ms.len() / 2]);
+            println!(
+                "bench mmvq_{:<5} x{n:<2} [{rows}x{cols}] {:>8.1} us  {:>7.1} GB/s of weights  {:>6.1} us per vector",
+                qt.name().to_lowercase(),
+                med * 1e3,
+                w.len() as f64 / (med * 1e-3) / 1e9,
+                med * 1e3 / n as f64
+            );
         }
-        ms.sort_by(f32::total_cmp);
-        let med = f64::from(ms[ms.len() / 2]);
-        println!(
-            "bench mmvq_{:<5} [{rows}x{cols}] {:>8.1} us  {:>7.1} GB/s",
-            qt.name().to_lowercase(),
-            med * 1e3,
-            w.len() as f64 / (med * 1e-3) / 1e9
-        );
     }
 }
 

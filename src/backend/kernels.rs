@@ -84,7 +84,13 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
     };
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     vec![
-        ("mmvq.cu", per_type("mmvq", "f32")),
+        (
+            "mmvq.cu",
+            per_type("mmvq", "f32")
+                .into_iter()
+                .flat_map(|n| [format!("{n}_n"), n])
+                .collect(),
+        ),
         ("get_rows.cu", per_type("get_rows", "f32")),
         ("dequant.cu", per_type("dequantize", "f16")),
         ("norm.cu", names(&["rmsnorm_f32"])),

@@ -8,8 +8,9 @@ use super::{KernelDevice, Result, View};
 use crate::model::HParams;
 
 /// Batches of at least this many tokens run their matrix products through a GEMM (dequantized
-/// f16 weight tiles); shorter ones run mmvq once per token.
-pub const GEMM_MIN_TOKENS: usize = 8;
+/// f16 weight tiles); shorter ones (a decode step of up to 16 sequences, short prompts) run the
+/// batched mmvq, which reads the quantized weights once per 8 tokens.
+pub const GEMM_MIN_TOKENS: usize = 17;
 
 /// The activations of one step (`B` is the vendor's device buffer), sized for the pass's
 /// largest batch `b`: `[b, width]` f32 unless stated.
@@ -87,11 +88,7 @@ pub fn linear<D: KernelDevice>(
             return Ok(());
         }
     }
-    for t in 0..n {
-        let xv = x.slice(t * m.ncols * 4, m.ncols * 4)?;
-        let yv = y.slice(t * m.nrows * 4, m.nrows * 4)?;
-        dev.mmvq(st, &w, m, &xv, &yv)?;
-    }
+    dev.mmvq_n(st, &w, m, &x, &y, n)?;
     Ok(())
 }
 

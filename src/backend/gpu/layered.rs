@@ -515,13 +515,19 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
                 hm.nrows, hm.ncols
             )));
         }
+        // The wanted rows, normalised into consecutive rows of `xn`, then the head once over
+        // all of them (its weights read once per 8 rows).
         for (i, &r) in rows.iter().enumerate() {
             let x = View::of(&self.s.hidden).slice(r * d * 4, d * 4)?;
             let xn = View::of(&self.s.xn).slice(i * d * 4, d * 4)?;
-            let lg = View::of(&self.s.logits).slice(i * v * 4, v * 4)?;
             self.dev
                 .rmsnorm(&self.stream, &x, &nw, &xn, 1, d, self.hp.rms_eps)?;
-            self.dev.mmvq(&self.stream, &hv, hm, &xn, &lg)?;
+        }
+        let k = rows.len();
+        if k > 0 {
+            let xn = View::of(&self.s.xn).prefix(k * d * 4)?;
+            let lg = View::of(&self.s.logits).prefix(k * v * 4)?;
+            self.dev.mmvq_n(&self.stream, &hv, hm, &xn, &lg, k)?;
         }
         self.stream.synchronize()?;
         self.n = 0;

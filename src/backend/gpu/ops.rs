@@ -16,6 +16,8 @@ use crate::quant::GgmlType;
 
 /// Rows a matrix-vector block handles (one warp each).
 const MMVQ_ROWS_PER_BLOCK: u32 = 4;
+/// Most vectors one batched matrix-vector launch takes (RF_MMVQN_MAX in mmvq.cu).
+pub const MMVQN_MAX: usize = 8;
 /// Warps per attention block (at most RF_ATTN_MAX_WARPS in attention.cu).
 const ATTN_WARPS: u32 = 8;
 /// Largest head_dim attention.cu supports (RF_ATTN_MAX_HEAD_DIM).
@@ -150,6 +152,21 @@ pub trait GpuOps: KernelDevice {
         x: &dyn DeviceBuffer,
         y: &dyn DeviceBuffer,
     ) -> BackendResult<()> {
+        self.mmvq_n(s, w, m, x, y, 1)
+    }
+
+    /// `y[j] = W x[j]` for `n` vectors (`x` `[n, ncols]`, `y` `[n, nrows]` f32), reading W's
+    /// blocks once for all of them (in launches of up to [`MMVQN_MAX`] vectors); `n == 1` is
+    /// the plain matrix-vector kernel.
+    fn mmvq_n(
+        &self,
+        s: &Self::Stream,
+        w: &dyn DeviceBuffer,
+        m: QMatrix,
+        x: &dyn DeviceBuffer,
+        y: &dyn DeviceBuffer,
+        n: usize,
+    ) -> BackendResult<()> {
         const OP: &str = "mmvq";
         let wb = weight_bytes(OP, m.qtype, m.nrows, m.ncols)?;
         if m.ncols % mmvq_col_multiple(m.qtype) != 0 {
@@ -163,10 +180,9 @@ pub trait GpuOps: KernelDevice {
             });
         }
         need(OP, "W", w, wb)?;
-        need(OP, "x", x, m.ncols * 4)?;
-        need(OP, "y", y, m.nrows * 4)?;
-        let name = format!("mmvq_{}_f32", qtype_suffix(m.qtype).unwrap_or_default());
-        let k = self.kernel("mmvq.cu", &name)?;
+        need(OP, "x", x, n * m.ncols * 4)?;
+        need(OP, "y", y, n * m.nrows * 4)?;
+        let base = format!("mmvq_{}_f32", qtype_suffix(m.qtype).unwrap_or_default());
         let shape = LaunchShape {
             grid: (
                 to_u32(OP, m.nrows.div_ceil(MMVQ_ROWS_PER_BLOCK as usize))?,
@@ -176,16 +192,33 @@ pub trait GpuOps: KernelDevice {
             block: (self.warp_size(), MMVQ_ROWS_PER_BLOCK, 1),
             shared_bytes: 0,
         };
-        let args = [
-            p(w),
-            p(x),
-            p(y),
-            Arg::I32(to_i32(OP, "ncols", m.ncols)?),
-            Arg::I32(to_i32(OP, "nrows", m.nrows)?),
-        ];
-        // SAFETY: W holds nrows rows of ncols elements, x ncols f32, y nrows f32 (checked above);
-        // the argument list matches RF_MMVQ in mmvq.cu.
-        unsafe { k.launch(s, shape, &args) }
+        let (ncols, nrows) = (to_i32(OP, "ncols", m.ncols)?, to_i32(OP, "nrows", m.nrows)?);
+        if n == 1 {
+            let k = self.kernel("mmvq.cu", &base)?;
+            let args = [p(w), p(x), p(y), Arg::I32(ncols), Arg::I32(nrows)];
+            // SAFETY: W holds nrows rows of ncols elements, x ncols f32, y nrows f32 (checked
+            // above); the argument list matches RF_MMVQ in mmvq.cu.
+            return unsafe { k.launch(s, shape, &args) };
+        }
+        let k = self.kernel("mmvq.cu", &format!("{base}_n"))?;
+        let mut j = 0;
+        while j < n {
+            let c = (n - j).min(MMVQN_MAX);
+            let args = [
+                p(w),
+                Arg::Ptr(x.device_ptr() + (j * m.ncols * 4) as u64),
+                Arg::Ptr(y.device_ptr() + (j * m.nrows * 4) as u64),
+                Arg::I32(ncols),
+                Arg::I32(nrows),
+                Arg::I32(c as i32),
+            ];
+            // SAFETY: x holds n * ncols f32 and y n * nrows f32 (checked above), so vectors
+            // j .. j + c (c <= RF_MMVQN_MAX) are inside both; the argument list matches the
+            // `_n` entry of RF_MMVQ in mmvq.cu.
+            unsafe { k.launch(s, shape, &args) }?;
+            j += c;
+        }
+        Ok(())
     }
 
     /// `out[i] = table[ids[i]]` as f32 rows. `status` (one i32, zeroed by the caller) becomes 1
