@@ -159,6 +159,7 @@ fn start(cfg: InferenceConfig, ready: Readiness) {
                 batch,
                 running: Vec::new(),
                 held: None,
+                deferred: Default::default(),
             };
             actor.publish();
             actor.run();
@@ -186,6 +187,8 @@ pub(super) struct Inference {
     running: Vec<Running>,
     /// A request taken from the queue that waits for KV room (the head of the queue).
     held: Option<Job>,
+    /// Requests taken from the queue that wait for an earlier turn of their session to end.
+    deferred: std::collections::VecDeque<Job>,
 }
 
 /// A sequence of the running set: its request, KV, sampling state and stream.
@@ -247,9 +250,21 @@ impl Inference {
         if let Some(job) = self.held.take() {
             self.finish_with_error(&job, RuntimeError::ShutDown);
         }
+        for job in std::mem::take(&mut self.deferred) {
+            self.finish_with_error(&job, RuntimeError::ShutDown);
+        }
         while let Ok(job) = self.cfg.jobs.try_recv() {
             let _ = job.events.send(Err(RuntimeError::ShutDown));
         }
+    }
+
+    /// Whether a turn of `session` is in the running set.
+    fn session_running(&self, session: Option<SessionId>) -> bool {
+        session.is_some()
+            && self
+                .running
+                .iter()
+                .any(|r| r.job.request.session == session)
     }
 
     /// Takes queued requests into the running set while there is room; waits for one when
@@ -259,24 +274,46 @@ impl Inference {
             if self.cfg.cancel.is_cancelled() {
                 return false;
             }
-            let job = match self.held.take() {
-                Some(job) => job,
-                None if self.running.is_empty() => {
+            let ready = self
+                .deferred
+                .iter()
+                .position(|j| !self.session_running(j.request.session));
+            // `queued`: fresh from the queue (not yet checked against its session).
+            let (job, queued) = match (self.held.take(), ready) {
+                (Some(job), _) => (job, false),
+                (None, Some(i)) => match self.deferred.remove(i) {
+                    Some(job) => (job, false),
+                    None => break,
+                },
+                // Deferred jobs bound what is taken from the queue (which stays the bound).
+                (None, None) if self.deferred.len() >= self.batch.max_num_seqs => break,
+                (None, None) if self.running.is_empty() => {
                     // Nothing runs and nothing is queued: a moment for lazy set-up.
                     if self.cfg.jobs.is_empty() {
                         self.publish();
                         self.compute.idle();
                     }
                     match recv_or_cancel(&self.cfg.jobs, &self.cfg.cancel) {
-                        Some(job) => job,
+                        Some(job) => (job, true),
                         None => return false,
                     }
                 }
-                None => match self.cfg.jobs.try_recv() {
-                    Ok(job) => job,
+                (None, None) => match self.cfg.jobs.try_recv() {
+                    Ok(job) => (job, true),
                     Err(_) => break,
                 },
             };
+            // A session's turns run one after another, in order: the next one resumes the KV
+            // the previous one leaves (`n` choices of one prompt share its prefill so).
+            let session = job.request.session;
+            if queued
+                && session.is_some()
+                && (self.session_running(session)
+                    || self.deferred.iter().any(|j| j.request.session == session))
+            {
+                self.deferred.push_back(job);
+                continue;
+            }
             if job.cancel.is_cancelled() || job.events.is_disconnected() {
                 self.done(&job);
                 continue;
@@ -503,13 +540,13 @@ impl Inference {
                 // A failed step fails the sequences it carried (the first gets the error
                 // itself, the others its copy); the others go on.
                 let mut rest = Vec::with_capacity(running.len());
-                let copy = clone_error(&e);
+                let copy = e.duplicate();
                 let mut first = Some(e);
                 for (r, &t) in running.drain(..).zip(&take) {
                     if t > 0 {
                         let e = match first.take() {
                             Some(e) => e,
-                            None => clone_error(&copy),
+                            None => copy.duplicate(),
                         };
                         self.fail(r, e);
                     } else {
@@ -679,8 +716,10 @@ impl Inference {
     /// count moves as sequences join and leave).
     fn publish(&self) {
         let c = &self.cfg.shared.counters;
-        c.held_seqs
-            .store(self.held.is_some() as usize, Ordering::Relaxed);
+        c.held_seqs.store(
+            self.held.is_some() as usize + self.deferred.len(),
+            Ordering::Relaxed,
+        );
         if let Some(kv) = self.compute.kv_stats() {
             c.kv_blocks_total.store(kv.blocks_total, Ordering::Relaxed);
             c.kv_blocks_used.store(kv.blocks_used, Ordering::Relaxed);
@@ -789,18 +828,5 @@ impl Inference {
         if let Some(id) = oldest {
             self.sessions.remove(&id);
         }
-    }
-}
-
-/// The same error for each sequence of a failed step (`RuntimeError` is not `Clone`).
-fn clone_error(e: &RuntimeError) -> RuntimeError {
-    match e {
-        RuntimeError::ShutDown => RuntimeError::ShutDown,
-        RuntimeError::Cancelled => RuntimeError::Cancelled,
-        RuntimeError::ModelReloaded => RuntimeError::ModelReloaded,
-        e => RuntimeError::Compute {
-            layer: None,
-            message: e.to_string(),
-        },
     }
 }

@@ -29,7 +29,8 @@ pub struct Counters {
     /// message at all, and its thread does not wake 30 times a token beside the compute.
     pub wants_done: AtomicBool,
     /// Continuous batching, published by the Inference actor after every step: sequences
-    /// running, the one taken from the queue that waits for KV room (0 or 1), the KV pool.
+    /// running, those taken from the queue that wait (for KV room or their session), the KV
+    /// pool.
     pub running_seqs: AtomicUsize,
     pub held_seqs: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
