@@ -228,7 +228,7 @@ enum Admission {
     /// It was served or failed at once (an embedding, a bad request, `max_tokens` 0).
     Done,
     /// It waits for KV blocks that running sequences hold.
-    NoRoom(Job),
+    NoRoom(Box<Job>),
 }
 
 impl Inference {
@@ -326,7 +326,7 @@ impl Inference {
                 }
                 Admission::Done => {}
                 Admission::NoRoom(job) => {
-                    self.held = Some(job);
+                    self.held = Some(*job);
                     break;
                 }
             }
@@ -355,7 +355,9 @@ impl Inference {
                 self.done(&job);
                 Admission::Done
             }
-            Err(RuntimeError::KvFull { .. }) if !self.running.is_empty() => Admission::NoRoom(job),
+            Err(RuntimeError::KvFull { .. }) if !self.running.is_empty() => {
+                Admission::NoRoom(Box::new(job))
+            }
             Err(RuntimeError::KvFull {
                 needed,
                 free,
