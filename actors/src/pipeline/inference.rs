@@ -10,7 +10,7 @@
 //!
 //! The step itself (units, embedding, output head) is in `step.rs`.
 
-use crate::compute::{BatchLimits, ComputeFactory, ModelCompute, SequenceState};
+use crate::compute::{BatchLimits, ComputeFactory, ModelCompute};
 use crate::error::{Result, RuntimeError};
 use crate::messages::SessionId;
 use crate::messages::{FinishReason, GenerateRequest, Pooling, Prompt, TokenEvent};
@@ -24,7 +24,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+mod sessions;
 mod step;
+
+use sessions::{KeptSequence, KvSlot};
 
 pub use crate::pipeline::sampling::Sampler;
 use crate::pipeline::sampling::Utf8Assembler;
@@ -67,29 +70,6 @@ pub struct InferenceConfig {
     pub cancel: CancellationToken,
     /// The model file as accepted (handed to the compute for the reads it does itself).
     pub source: Arc<crate::pipeline::source::ModelSource>,
-}
-
-/// A KV slot in use; frees its count on drop (the sequence state drops with it).
-struct KvSlot {
-    state: SequenceState,
-    shared: Arc<Shared>,
-}
-
-/// A session's sequence kept between requests, with the tokens whose keys and values it holds.
-struct KeptSequence {
-    slot: KvSlot,
-    tokens: Vec<u32>,
-    /// Request counter at its last use (least recently used is evicted first).
-    last_used: u64,
-}
-
-impl Drop for KvSlot {
-    fn drop(&mut self) {
-        self.shared
-            .counters
-            .kv_slots_in_use
-            .fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// Starts the actor; building its compute (device workspace, kernels, tokenizer tables) runs
@@ -256,15 +236,6 @@ impl Inference {
         while let Ok(job) = self.cfg.jobs.try_recv() {
             let _ = job.events.send(Err(RuntimeError::ShutDown));
         }
-    }
-
-    /// Whether a turn of `session` is in the running set.
-    fn session_running(&self, session: Option<SessionId>) -> bool {
-        session.is_some()
-            && self
-                .running
-                .iter()
-                .any(|r| r.job.request.session == session)
     }
 
     /// Takes queued requests into the running set while there is room; waits for one when
@@ -768,67 +739,5 @@ impl Inference {
         // The caller went away: nobody to tell.
         let _ = task.reply.send(v);
         Ok(())
-    }
-
-    /// The sequence a request runs on and how many of its prompt tokens are already cached:
-    /// a session's kept sequence cut back to the prefix it shares with the prompt (at least
-    /// one prompt token is always fed, for the logits), else a new one.
-    fn sequence_for(
-        &mut self,
-        session: Option<SessionId>,
-        prompt: &[u32],
-    ) -> Result<(KvSlot, usize)> {
-        if let Some(mut kept) = session.and_then(|id| self.sessions.remove(&id)) {
-            let keep = kept
-                .tokens
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(prompt.len() - 1);
-            if self.compute.resume(&mut kept.slot.state, keep)? {
-                return Ok((kept.slot, keep));
-            }
-        }
-        self.cfg
-            .shared
-            .counters
-            .kv_slots_in_use
-            .fetch_add(1, Ordering::AcqRel);
-        let slot = KvSlot {
-            state: self.compute.new_sequence()?,
-            shared: self.cfg.shared.clone(),
-        };
-        Ok((slot, 0))
-    }
-
-    /// Keeps a finished request's sequence for its session's next turn, evicting the least
-    /// recently used session beyond `max_sessions` (its next turn starts from scratch).
-    fn keep(&mut self, id: SessionId, slot: KvSlot, tokens: Vec<u32>) {
-        if self.cfg.max_sessions == 0 {
-            return;
-        }
-        self.sessions.insert(
-            id,
-            KeptSequence {
-                slot,
-                tokens,
-                last_used: self.requests,
-            },
-        );
-        while self.sessions.len() > self.cfg.max_sessions {
-            self.evict_oldest_session();
-        }
-    }
-
-    fn evict_oldest_session(&mut self) {
-        let oldest = self
-            .sessions
-            .iter()
-            .min_by_key(|(_, k)| k.last_used)
-            .map(|(id, _)| *id);
-        if let Some(id) = oldest {
-            self.sessions.remove(&id);
-        }
     }
 }
