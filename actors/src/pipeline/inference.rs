@@ -385,7 +385,7 @@ impl Inference {
             self.embed(job, &prompt, task)?;
             return Ok(None);
         }
-        let (mut slot, keep) = self.sequence_for(req.session, &prompt)?;
+        let (mut slot, keep) = self.sequence_for(req.session, &prompt, true)?;
         let want = ctx.map_or(usize::MAX, |c| c.min(prompt.len() + req.max_tokens));
         if let Err(e) = self.reserve(&mut slot, want) {
             // Back where it came from: a session's sequence waits in the session table.
@@ -395,7 +395,7 @@ impl Inference {
             return Err(e);
         }
         self.requests += 1;
-        if keep > 0 {
+        if keep > 0 && req.session.is_some() {
             self.cfg
                 .shared
                 .counters
@@ -435,6 +435,9 @@ impl Inference {
     fn reserve(&mut self, slot: &mut KvSlot, tokens: usize) -> Result<()> {
         loop {
             match self.compute.reserve(&mut slot.state, tokens) {
+                // Cached prefixes nobody uses go first, then kept sessions.
+                Err(RuntimeError::KvFull { needed, .. })
+                    if self.compute.evict_cached(needed) > 0 => {}
                 Err(RuntimeError::KvFull { .. }) if !self.sessions.is_empty() => {
                     self.evict_oldest_session();
                 }
@@ -544,6 +547,10 @@ impl Inference {
             if !r.input.is_empty() {
                 continue; // a prompt chunk: no logits yet
             }
+            if !r.decoding {
+                // The prompt is in: its full blocks can serve later prompts that start alike.
+                self.compute.publish_prefix(&mut r.slot.state, &r.fed);
+            }
             r.decoding = true;
             let Some(l) = logits.next() else {
                 r.finish = Some(FinishReason::EndOfSequence);
@@ -650,6 +657,8 @@ impl Inference {
         c.running_seqs.fetch_sub(1, Ordering::AcqRel);
         if let Some(kv) = self.compute.kv_stats() {
             c.kv_blocks_used.store(kv.blocks_used, Ordering::Release);
+            c.kv_blocks_cached
+                .store(kv.blocks_cached, Ordering::Release);
         }
     }
 
@@ -696,6 +705,8 @@ impl Inference {
         if let Some(kv) = self.compute.kv_stats() {
             c.kv_blocks_total.store(kv.blocks_total, Ordering::Relaxed);
             c.kv_blocks_used.store(kv.blocks_used, Ordering::Relaxed);
+            c.kv_blocks_cached
+                .store(kv.blocks_cached, Ordering::Relaxed);
             c.kv_block_tokens.store(kv.block_tokens, Ordering::Relaxed);
         }
     }
@@ -722,7 +733,7 @@ impl Inference {
     /// An embedding job: the prompt in one pass on a fresh sequence, its final hidden states
     /// pooled and L2-normalized.
     fn embed(&mut self, job: &Job, prompt: &[u32], task: &EmbedTask) -> Result<()> {
-        let (mut slot, _) = self.sequence_for(None, prompt)?;
+        let (mut slot, _) = self.sequence_for(None, prompt, false)?;
         self.reserve(&mut slot, prompt.len())?;
         let last = self.embed_forward(&job.cancel, &mut slot.state, prompt)?;
         let v = task

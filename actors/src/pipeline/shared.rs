@@ -35,6 +35,9 @@ pub struct Counters {
     pub held_seqs: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_cached: AtomicUsize,
+    /// Prompt tokens whose KV a new sequence took from the prefix cache.
+    pub prefix_hit_tokens: AtomicU64,
     pub kv_block_tokens: AtomicUsize,
     /// Steps by sequences carried (buckets of `batch::BATCH_BUCKETS`, then `+Inf`).
     pub batch_steps: [AtomicU64; crate::pipeline::batch::BATCH_BUCKETS.len() + 1],

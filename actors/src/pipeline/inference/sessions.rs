@@ -37,10 +37,13 @@ impl Inference {
     /// The sequence a request runs on and how many of its prompt tokens are already cached:
     /// a session's kept sequence cut back to the prefix it shares with the prompt (at least
     /// one prompt token is always fed, for the logits), else a new one.
+    /// A new sequence starts from the prefix cache when `prefix` says so (not for embeddings,
+    /// which need every position's hidden state).
     pub(super) fn sequence_for(
         &mut self,
         session: Option<SessionId>,
         prompt: &[u32],
+        prefix: bool,
     ) -> Result<(KvSlot, usize)> {
         if let Some(mut kept) = session.and_then(|id| self.sessions.remove(&id)) {
             let keep = kept
@@ -59,11 +62,23 @@ impl Inference {
             .counters
             .kv_slots_in_use
             .fetch_add(1, Ordering::AcqRel);
-        let slot = KvSlot {
+        let mut slot = KvSlot {
             state: self.compute.new_sequence()?,
             shared: self.cfg.shared.clone(),
         };
-        Ok((slot, 0))
+        let cached = if prefix {
+            self.compute.adopt_prefix(&mut slot.state, prompt)
+        } else {
+            0
+        };
+        if cached > 0 {
+            self.cfg
+                .shared
+                .counters
+                .prefix_hit_tokens
+                .fetch_add(cached as u64, Ordering::Relaxed);
+        }
+        Ok((slot, cached))
     }
 
     /// Keeps a finished request's sequence for its session's next turn, evicting the least
