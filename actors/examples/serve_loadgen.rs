@@ -4,6 +4,9 @@
 //!
 //! cargo run --profile test -p rocmforge-actors --example serve_loadgen -- \
 //!     [MODEL] [--clients 1,8,32] [--rounds 2] [--max-tokens 16] [--backend cpu|cuda|auto] [--json]
+//!     [--max-num-seqs N] [--max-batch-tokens N] [--out results.json]
+//!
+//! `--out` writes every level's numbers and the options as one JSON document.
 
 use rocmforge_actors::serve::client::post_sse;
 use rocmforge_actors::serve::{ServeConfig, Server};
@@ -26,6 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut max_tokens = 16usize;
     let mut as_json = false;
     let mut backend = rocmforge::backend::BackendKind::Cpu;
+    let mut batch = rocmforge_actors::pipeline::batch::BatchOptions::default();
+    let mut out_path: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -40,6 +45,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--max-tokens" => max_tokens = val()?.parse()?,
             "--json" => as_json = true,
             "--backend" => backend = val()?.parse()?,
+            "--max-num-seqs" => batch.max_num_seqs = val()?.parse()?,
+            "--max-batch-tokens" => batch.max_batch_tokens = val()?.parse()?,
+            "--out" => out_path = Some(PathBuf::from(val()?)),
             _ => model = PathBuf::from(a),
         }
     }
@@ -51,6 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cfg.port = 0;
         cfg.model_name = Some("bench".into());
         cfg.backend = backend;
+        cfg.batch = batch;
         // Every client of the largest level must fit in the queue.
         cfg.queue_capacity = levels.iter().copied().max().unwrap_or(1) + 1;
         let server = Server::start(cfg).await?;
@@ -59,6 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if !as_json {
             println!("clients  requests  tokens  wall_s  tok/s   ttft_p50_ms  ttft_p99_ms");
         }
+        let mut report = Vec::new();
         for &clients in &levels {
             let start = Instant::now();
             let tasks: Vec<_> = (0..clients)
@@ -124,13 +134,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             ttfts.sort_by(f64::total_cmp);
             let (p50, p99) = (percentile(&ttfts, 50.0), percentile(&ttfts, 99.0));
+            let row = json!({"clients": clients, "requests": n, "tokens": tokens, "wall_s": wall,
+                             "tokens_per_s": tokens as f64 / wall,
+                             "ttft_p50_ms": p50 * 1e3, "ttft_p99_ms": p99 * 1e3});
+            report.push(row.clone());
             if as_json {
-                println!(
-                    "{}",
-                    json!({"clients": clients, "requests": n, "tokens": tokens, "wall_s": wall,
-                           "tokens_per_s": tokens as f64 / wall,
-                           "ttft_p50_ms": p50 * 1e3, "ttft_p99_ms": p99 * 1e3})
-                );
+                println!("{row}");
             } else {
                 println!(
                     "{clients:>7}  {n:>8}  {tokens:>6}  {wall:>6.2}  {:>6.1}  {:>11.0}  {:>11.0}",
@@ -139,6 +148,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     p99 * 1e3
                 );
             }
+        }
+        if let Some(p) = &out_path {
+            let doc = json!({
+                "model": model.display().to_string(),
+                "backend": format!("{backend:?}"),
+                "rounds": rounds,
+                "max_tokens": max_tokens,
+                "max_num_seqs": batch.max_num_seqs,
+                "max_batch_tokens": batch.max_batch_tokens,
+                "levels": report,
+            });
+            std::fs::write(p, serde_json::to_string_pretty(&doc)? + "\n")?;
         }
         server.shutdown(Duration::from_secs(10)).await?;
         Ok::<_, Box<dyn std::error::Error>>(())

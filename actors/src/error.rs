@@ -110,3 +110,100 @@ pub enum RuntimeError {
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+impl RuntimeError {
+    /// The same error for another receiver (a failed batched step fails each of its
+    /// sequences): variants made of data are copied as they are, so every client sees the
+    /// same kind (a `WeightsUnavailable` stays one, answered 503); an I/O source is copied as
+    /// its kind and text; the rest (sources of other crates) become `Compute` with the text.
+    pub fn duplicate(&self) -> Self {
+        use RuntimeError as E;
+        let io = |e: &std::io::Error| std::io::Error::new(e.kind(), e.to_string());
+        match self {
+            E::NoModel => E::NoModel,
+            E::BudgetTooSmall {
+                budget,
+                global,
+                largest_layer,
+            } => E::BudgetTooSmall {
+                budget: *budget,
+                global: *global,
+                largest_layer: *largest_layer,
+            },
+            E::Config(m) => E::Config(m.clone()),
+            E::NoLayers { path } => E::NoLayers { path: path.clone() },
+            E::Read {
+                path,
+                offset,
+                len,
+                source,
+            } => E::Read {
+                path: path.clone(),
+                offset: *offset,
+                len: *len,
+                source: io(source),
+            },
+            E::ModelChanged { path, change } => E::ModelChanged {
+                path: path.clone(),
+                change: change.clone(),
+            },
+            E::WeightsUnavailable {
+                what,
+                path,
+                offset,
+                message,
+            } => E::WeightsUnavailable {
+                what: what.clone(),
+                path: path.clone(),
+                offset: *offset,
+                message: message.clone(),
+            },
+            E::ModelReloaded => E::ModelReloaded,
+            E::Open { path, source } => E::Open {
+                path: path.clone(),
+                source: io(source),
+            },
+            E::Backend { backend, message } => E::Backend {
+                backend: backend.clone(),
+                message: message.clone(),
+            },
+            E::Compute { layer, message } => E::Compute {
+                layer: *layer,
+                message: message.clone(),
+            },
+            E::Unsupported(m) => E::Unsupported(m.clone()),
+            E::MissingTensor { layer, tensor } => E::MissingTensor {
+                layer: layer.clone(),
+                tensor: tensor.clone(),
+            },
+            E::KvFull {
+                needed,
+                free,
+                total,
+            } => E::KvFull {
+                needed: *needed,
+                free: *free,
+                total: *total,
+            },
+            E::Spawn { actor, message } => E::Spawn {
+                actor,
+                message: message.clone(),
+            },
+            E::ShutDown => E::ShutDown,
+            E::Cancelled => E::Cancelled,
+            E::QueueFull { capacity } => E::QueueFull {
+                capacity: *capacity,
+            },
+            E::BadRequest(m) => E::BadRequest(m.clone()),
+            E::HintRejected(m) => E::HintRejected(m.clone()),
+            E::Stage { stage, message } => E::Stage {
+                stage,
+                message: message.clone(),
+            },
+            e => E::Compute {
+                layer: None,
+                message: e.to_string(),
+            },
+        }
+    }
+}

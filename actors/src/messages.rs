@@ -343,6 +343,12 @@ pub struct Stats {
     pub kv_blocks_total: usize,
     #[serde(default)]
     pub kv_blocks_used: usize,
+    /// Blocks only the prefix cache holds (given back when the pool runs short).
+    #[serde(default)]
+    pub kv_blocks_cached: usize,
+    /// Prompt tokens whose KV came from the prefix cache (shared with earlier requests).
+    #[serde(default)]
+    pub prefix_cache_hit_tokens: u64,
     #[serde(default)]
     pub kv_block_tokens: usize,
     /// Steps by sequences carried: counts per bucket of `pipeline::batch::BATCH_BUCKETS`

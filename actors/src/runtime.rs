@@ -816,6 +816,8 @@ impl RuntimeHandle {
                     .map_or(0, |j| j.len()),
             kv_blocks_total: c.kv_blocks_total.load(Ordering::Relaxed),
             kv_blocks_used: c.kv_blocks_used.load(Ordering::Relaxed),
+            kv_blocks_cached: c.kv_blocks_cached.load(Ordering::Relaxed),
+            prefix_cache_hit_tokens: c.prefix_hit_tokens.load(Ordering::Relaxed),
             kv_block_tokens: c.kv_block_tokens.load(Ordering::Relaxed),
             batch_steps: c
                 .batch_steps

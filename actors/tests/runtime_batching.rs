@@ -218,3 +218,76 @@ fn sessions_work_beside_other_sequences() {
     assert!(rt.stats().kv_blocks_used > 0);
     rt.shutdown().unwrap();
 }
+
+/// A long shared prefix (two whole 16-token blocks and more).
+fn long_prompt(tail: &[u32]) -> Vec<u32> {
+    let mut p: Vec<u32> = PROMPTS[2]
+        .iter()
+        .chain(PROMPTS[2])
+        .chain(PROMPTS[4])
+        .copied()
+        .collect();
+    p.extend_from_slice(&PROMPTS[0][..4]);
+    p.extend_from_slice(tail);
+    p
+}
+
+#[test]
+fn the_prefix_cache_shares_whole_blocks_and_changes_no_token() {
+    let (a, b) = (long_prompt(&[19842]), long_prompt(&[1, 2683, 2]));
+    // References: each prompt on a runtime of its own (an empty cache).
+    let fresh = |p: &[u32]| {
+        let rt = builder().build().unwrap();
+        let t = rt.generate(request(p)).collect_tokens().unwrap();
+        rt.shutdown().unwrap();
+        t
+    };
+    let (want_a, want_b) = (fresh(&a), fresh(&b));
+    let rt = builder().build().unwrap();
+    assert_eq!(rt.generate(request(&a)).collect_tokens().unwrap(), want_a);
+    let s = rt.stats();
+    assert_eq!(s.prefix_cache_hit_tokens, 0);
+    // The first prompt's two whole blocks stay cached, held by no sequence.
+    assert_eq!((s.kv_blocks_used, s.kv_blocks_cached), (0, 2));
+    // The second prompt shares them: 32 positions come from the cache.
+    assert_eq!(rt.generate(request(&b)).collect_tokens().unwrap(), want_b);
+    assert_eq!(rt.stats().prefix_cache_hit_tokens, 32);
+    assert_eq!(rt.stats().kv_blocks_used, 0);
+    rt.shutdown().unwrap();
+}
+
+#[test]
+fn a_session_that_rewinds_into_a_cached_block_copies_it_first() {
+    let a = long_prompt(&[19842]);
+    let rt = builder().build().unwrap();
+    let session = rt.new_session();
+    let mut r = request(&a);
+    r.session = Some(session);
+    rt.generate(r).collect_tokens().unwrap();
+    assert_eq!(
+        rt.stats().kv_blocks_cached,
+        0,
+        "the session's sequence holds them too"
+    );
+    // The next turn keeps 10 tokens: mid-way through a block the prefix cache holds.
+    let mut second = a[..10].to_vec();
+    second.extend_from_slice(PROMPTS[1]);
+    let mut r = request(&second);
+    r.session = Some(session);
+    let resumed = rt.generate(r).collect_tokens().unwrap();
+    assert_eq!(rt.stats().prompt_tokens_cached, 10);
+    // The cached prefix is intact: the first prompt again gives its tokens, and so does the
+    // second one on a fresh sequence.
+    let again = rt.generate(request(&a)).collect_tokens().unwrap();
+    let fresh = {
+        let rt = builder().build().unwrap();
+        let t = (
+            rt.generate(request(&a)).collect_tokens().unwrap(),
+            rt.generate(request(&second)).collect_tokens().unwrap(),
+        );
+        rt.shutdown().unwrap();
+        t
+    };
+    assert_eq!((again, resumed), fresh);
+    rt.shutdown().unwrap();
+}

@@ -234,6 +234,9 @@ async fn metrics_parse_and_move_with_requests() {
 async fn full_queue_answers_429_with_retry_after_and_disconnect_cancels() {
     let mut cfg = config();
     cfg.queue_capacity = 1;
+    // One running sequence, so the six requests below meet a full queue however fast the
+    // runtime takes requests into its running set.
+    cfg.batch.max_num_seqs = 1;
     let server = start(cfg).await;
     let addr = server.local_addr();
     let body = json!({"model": MODEL, "prompt": "Tell me a story", "max_tokens": 24,
@@ -288,6 +291,10 @@ async fn full_queue_answers_429_with_retry_after_and_disconnect_cancels() {
         );
         seen.extend_from_slice(&buf[..n]);
     }
+    // While it streams, its sequence runs and holds KV blocks.
+    let during = scrape(addr).await;
+    assert_eq!(during.get("rocmforge_sequences_running", &[]), Some(1.0));
+    assert!(during.get("rocmforge_kv_blocks_used", &[]).unwrap() > 0.0);
     drop(s);
     let m0 = scrape(addr).await;
     let tokens_at_drop = m0.get("rocmforge_completion_tokens_total", &[]).unwrap();
@@ -312,6 +319,11 @@ async fn full_queue_answers_429_with_retry_after_and_disconnect_cancels() {
         "{tokens_at_drop} -> {generated}"
     );
     assert_eq!(m1.get("rocmforge_requests_running", &[]), Some(0.0));
+    // Its blocks are back in the pool, as /metrics shows.
+    assert_eq!(m1.get("rocmforge_kv_blocks_used", &[]), Some(0.0));
+    assert!(m1.get("rocmforge_kv_blocks_free", &[]).unwrap() > 0.0);
+    assert_eq!(m1.get("rocmforge_sequences_running", &[]), Some(0.0));
+    assert!(m1.get("rocmforge_batch_sequences_count", &[]).unwrap() > 0.0);
     ok_completion(addr).await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
 }

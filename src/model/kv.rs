@@ -4,7 +4,7 @@
 use super::error::ModelError;
 use super::hparams::HParams;
 use super::ops::Precision;
-use super::paged::{lock, BlockId, KvPool, SharedKvPool, DEFAULT_BLOCK_TOKENS};
+use super::paged::{lock, prefix_hashes, BlockId, KvPool, SharedKvPool, DEFAULT_BLOCK_TOKENS};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
@@ -77,6 +77,14 @@ impl KvBuf {
         match self {
             Self::F32(v) => v[at..at + src.len()].copy_from_slice(src),
             Self::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+
+    /// Copies elements `src..src + n` to `dst..dst + n`.
+    pub(crate) fn copy_within(&mut self, src: usize, dst: usize, n: usize) {
+        match self {
+            Self::F32(v) => v.copy_within(src..src + n, dst),
+            Self::F16(v) => v.copy_within(src..src + n, dst),
         }
     }
 
@@ -178,6 +186,71 @@ impl KvCache {
                 total: a.total(),
                 block_tokens: p.block_tokens(),
             }),
+        }
+    }
+
+    /// Starts an empty cache from the longest cached prefix of `tokens` (whole blocks, and at
+    /// most `tokens.len() - 1` positions so at least one token is still fed); returns the
+    /// positions it holds.
+    pub fn adopt_prefix(&mut self, tokens: &[u32]) -> usize {
+        if !self.table.is_empty() || tokens.is_empty() {
+            return 0;
+        }
+        let mut p = lock(&self.pool);
+        let bt = p.block_tokens();
+        let usable = (tokens.len() - 1).min(self.ctx);
+        let hashes = prefix_hashes(&tokens[..usable - usable % bt], bt);
+        let found = p.prefix_lookup(&hashes);
+        let n = found.len() * bt;
+        drop(p);
+        self.table = found;
+        n
+    }
+
+    /// Offers the full blocks of the first `tokens.len()` positions (which this cache holds)
+    /// to the prefix cache.
+    pub fn publish_prefix(&mut self, tokens: &[u32]) {
+        let mut p = lock(&self.pool);
+        let hashes = prefix_hashes(tokens, p.block_tokens());
+        for (h, &b) in hashes.iter().zip(&self.table) {
+            p.prefix_insert(*h, b);
+        }
+    }
+
+    /// Makes the blocks from position `pos` on this cache's own before it writes there
+    /// again: a block shared with the prefix cache or another sequence that holds `pos`
+    /// mid-block is copied; shared blocks wholly past `pos` are given back. Returns `pos`, or
+    /// the start of its block when no block is free for the copy.
+    pub fn own_from(&mut self, pos: usize) -> usize {
+        let mut p = lock(&self.pool);
+        let bt = p.block_tokens();
+        let first = pos / bt;
+        let shared = |p: &KvPool, b: BlockId| p.allocator().refcount(b) > 1 || p.is_cached(b);
+        // Whole blocks past `pos`: from the first shared one on, give them back.
+        if let Some(i) = (first + usize::from(pos % bt != 0)..self.table.len())
+            .find(|&i| shared(&p, self.table[i]))
+        {
+            for b in self.table.drain(i..) {
+                p.allocator_mut().release(b);
+            }
+        }
+        if pos % bt == 0 || first >= self.table.len() || !shared(&p, self.table[first]) {
+            return pos;
+        }
+        match p.allocator_mut().alloc() {
+            Some(fresh) => {
+                let old = self.table[first];
+                p.copy_block(old, fresh);
+                p.allocator_mut().release(old);
+                self.table[first] = fresh;
+                pos
+            }
+            None => {
+                for b in self.table.drain(first..) {
+                    p.allocator_mut().release(b);
+                }
+                first * bt
+            }
         }
     }
 
@@ -533,8 +606,29 @@ impl Sequence {
 
     /// Drops cached tokens after `pos` (regeneration, chat edits). Their blocks stay with the
     /// sequence (the next tokens overwrite them); [`Self::release_unused`] gives them back.
-    pub fn truncate(&mut self, pos: usize) {
-        self.pos = self.pos.min(pos);
+    /// A block shared with others (the prefix cache) is never overwritten: it is copied first,
+    /// or, with no block free for the copy, the sequence keeps only the whole blocks before
+    /// it. Returns the position kept.
+    pub fn truncate(&mut self, pos: usize) -> usize {
+        self.pos = self.kv.own_from(self.pos.min(pos));
+        self.pos
+    }
+
+    /// Starts a new sequence from the longest prefix of `tokens` the pool's prefix cache holds
+    /// (whole blocks, leaving at least one token to feed); returns the positions it got.
+    pub fn adopt_prefix(&mut self, tokens: &[u32]) -> usize {
+        if self.pos != 0 {
+            return 0;
+        }
+        self.pos = self.kv.adopt_prefix(tokens);
+        self.pos
+    }
+
+    /// Offers the full blocks of the cached `tokens` (this sequence's first positions) to the
+    /// prefix cache, for later sequences that start with them.
+    pub fn publish_prefix(&mut self, tokens: &[u32]) {
+        let n = tokens.len().min(self.pos);
+        self.kv.publish_prefix(&tokens[..n]);
     }
 
     /// Gives the blocks past the cached tokens back to the pool (a sequence kept idle between

@@ -15,6 +15,7 @@
 use super::error::ModelError;
 use super::hparams::HParams;
 use super::kv::{KvBuf, KvType};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Positions per block when none is configured: small enough that a short sequence wastes
@@ -110,7 +111,11 @@ impl BlockAllocator {
 pub struct KvPoolStats {
     pub block_tokens: usize,
     pub blocks_total: usize,
+    /// Blocks held by sequences (a cached block a sequence also uses counts here).
     pub blocks_used: usize,
+    /// Blocks only the prefix cache holds (freed on demand when the pool runs short).
+    #[serde(default)]
+    pub blocks_cached: usize,
     /// Bytes of one block (keys and values of every layer).
     pub block_bytes: u64,
 }
@@ -127,6 +132,30 @@ pub struct KvPool {
     k: KvBuf,
     v: KvBuf,
     alloc: BlockAllocator,
+    /// The prefix cache: the chained hash of a full block's tokens (and every token before
+    /// it) -> the block holding their keys and values; the cache holds one reference to each.
+    prefix: HashMap<u64, BlockId>,
+    /// Cached blocks by last use (a counter), for eviction of the least recently used.
+    prefix_used: HashMap<BlockId, (u64, u64)>,
+    clock: u64,
+}
+
+/// Chained hashes of the full blocks of `tokens`: entry `i` identifies tokens
+/// `0 .. (i + 1) * block_tokens`, so equal hashes mean equal prefixes (up to hash collisions of
+/// 64 bits).
+pub fn prefix_hashes(tokens: &[u32], block_tokens: usize) -> Vec<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut prev = 0u64;
+    tokens
+        .chunks_exact(block_tokens.max(1))
+        .map(|block| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            prev.hash(&mut h);
+            block.hash(&mut h);
+            prev = h.finish();
+            prev
+        })
+        .collect()
 }
 
 /// A pool shared by the sequences drawing from it.
@@ -174,6 +203,9 @@ impl KvPool {
             k: KvBuf::new(ty, elems(hp.head_dim)?)?,
             v: KvBuf::new(ty, elems(hp.head_dim_v)?)?,
             alloc: BlockAllocator::new(n_blocks),
+            prefix: HashMap::new(),
+            prefix_used: HashMap::new(),
+            clock: 0,
         })
     }
 
@@ -210,11 +242,90 @@ impl KvPool {
     }
 
     pub fn stats(&self) -> KvPoolStats {
+        let cached_only = self
+            .prefix_used
+            .keys()
+            .filter(|&&b| self.alloc.refcount(b) == 1)
+            .count();
         KvPoolStats {
             block_tokens: self.block_tokens,
             blocks_total: self.alloc.total(),
-            blocks_used: self.alloc.used(),
+            blocks_used: self.alloc.used() - cached_only,
+            blocks_cached: cached_only,
             block_bytes: ((self.k.bytes() + self.v.bytes()) / self.alloc.total().max(1)) as u64,
+        }
+    }
+
+    /// The cached blocks of the longest cached prefix among `hashes` (see [`prefix_hashes`]),
+    /// each with one more user (the caller's table).
+    pub fn prefix_lookup(&mut self, hashes: &[u64]) -> Vec<BlockId> {
+        let mut found = Vec::new();
+        for h in hashes {
+            let Some(&b) = self.prefix.get(h) else { break };
+            if !self.alloc.share(b) {
+                break;
+            }
+            self.clock += 1;
+            if let Some(u) = self.prefix_used.get_mut(&b) {
+                u.0 = self.clock;
+            }
+            found.push(b);
+        }
+        found
+    }
+
+    /// Caches `block` as the one holding the prefix `hash` (the cache takes a reference);
+    /// nothing changes when that prefix or that block is cached already.
+    pub fn prefix_insert(&mut self, hash: u64, block: BlockId) {
+        if self.prefix.contains_key(&hash) || self.prefix_used.contains_key(&block) {
+            return;
+        }
+        if self.alloc.share(block) {
+            self.clock += 1;
+            self.prefix.insert(hash, block);
+            self.prefix_used.insert(block, (self.clock, hash));
+        }
+    }
+
+    /// Whether `block` is in the prefix cache.
+    pub fn is_cached(&self, block: BlockId) -> bool {
+        self.prefix_used.contains_key(&block)
+    }
+
+    /// Frees cached blocks no sequence uses, least recently used first, until `need` blocks
+    /// are free (or none is left to free); returns how many it freed.
+    pub fn prefix_evict(&mut self, need: usize) -> usize {
+        let mut idle: Vec<(u64, BlockId, u64)> = self
+            .prefix_used
+            .iter()
+            .filter(|(&b, _)| self.alloc.refcount(b) == 1)
+            .map(|(&b, &(used, hash))| (used, b, hash))
+            .collect();
+        idle.sort_unstable();
+        let mut freed = 0;
+        for (_, b, hash) in idle {
+            if self.alloc.free() >= need {
+                break;
+            }
+            self.prefix.remove(&hash);
+            self.prefix_used.remove(&b);
+            if self.alloc.release(b) {
+                freed += 1;
+            }
+        }
+        freed
+    }
+
+    /// Copies every layer's and head's rows of block `src` into block `dst`.
+    pub(crate) fn copy_block(&mut self, src: BlockId, dst: BlockId) {
+        for l in 0..self.n_layer {
+            for h in 0..self.n_head_kv {
+                let (a, b) = (self.row(src, l, h, 0), self.row(dst, l, h, 0));
+                self.k
+                    .copy_within(a * self.dk, b * self.dk, self.block_tokens * self.dk);
+                self.v
+                    .copy_within(a * self.dv, b * self.dv, self.block_tokens * self.dv);
+            }
         }
     }
 

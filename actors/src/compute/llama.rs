@@ -283,9 +283,11 @@ impl ModelCompute for LlamaCompute {
         Ok(Box::new(seq.map_err(err(None))?))
     }
 
+    /// A kept block shared with the prefix cache is copied before it is written again; with
+    /// no block free for that copy, the sequence cannot keep `keep` tokens and a new one
+    /// starts instead.
     fn resume(&mut self, seq: &mut SequenceState, keep: usize) -> Result<bool> {
-        seq_mut(seq)?.truncate(keep);
-        Ok(true)
+        Ok(seq_mut(seq)?.truncate(keep) == keep)
     }
 
     fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden> {
@@ -539,6 +541,24 @@ impl ModelCompute for LlamaCompute {
                 total,
             },
             e => err(None)(e),
+        })
+    }
+
+    fn adopt_prefix(&mut self, seq: &mut SequenceState, prompt: &[u32]) -> usize {
+        seq_mut(seq).map_or(0, |s| s.adopt_prefix(prompt))
+    }
+
+    fn publish_prefix(&mut self, seq: &mut SequenceState, tokens: &[u32]) {
+        if let Ok(s) = seq_mut(seq) {
+            s.publish_prefix(tokens);
+        }
+    }
+
+    fn evict_cached(&mut self, blocks: usize) -> usize {
+        self.pool.as_ref().map_or(0, |p| {
+            p.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .prefix_evict(blocks)
         })
     }
 

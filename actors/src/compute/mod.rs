@@ -167,6 +167,23 @@ pub trait ModelCompute: Send {
         let _ = (seq, tokens);
         Ok(())
     }
+    /// Starts a new sequence `seq` from the longest prefix of `prompt` whose keys and values
+    /// the compute has cached (the prefix cache); returns how many positions it got (at most
+    /// `prompt.len() - 1`). Default: no cache, 0.
+    fn adopt_prefix(&mut self, seq: &mut SequenceState, prompt: &[u32]) -> usize {
+        let _ = (seq, prompt);
+        0
+    }
+    /// Offers the KV of `seq`'s first positions (`tokens`) to the prefix cache. Default:
+    /// nothing.
+    fn publish_prefix(&mut self, seq: &mut SequenceState, tokens: &[u32]) {
+        let _ = (seq, tokens);
+    }
+    /// Frees cached KV no sequence uses until `blocks` are free; returns how many it freed.
+    fn evict_cached(&mut self, blocks: usize) -> usize {
+        let _ = blocks;
+        0
+    }
     /// Gives back the KV room of `seq` past its cached tokens (a session kept between turns).
     fn release_unused(&mut self, seq: &mut SequenceState) {
         let _ = seq;

@@ -10,7 +10,7 @@
 //!
 //! The step itself (units, embedding, output head) is in `step.rs`.
 
-use crate::compute::{BatchLimits, ComputeFactory, ModelCompute, SequenceState};
+use crate::compute::{BatchLimits, ComputeFactory, ModelCompute};
 use crate::error::{Result, RuntimeError};
 use crate::messages::SessionId;
 use crate::messages::{FinishReason, GenerateRequest, Pooling, Prompt, TokenEvent};
@@ -24,7 +24,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+mod sessions;
 mod step;
+
+use sessions::{KeptSequence, KvSlot};
 
 pub use crate::pipeline::sampling::Sampler;
 use crate::pipeline::sampling::Utf8Assembler;
@@ -67,29 +70,6 @@ pub struct InferenceConfig {
     pub cancel: CancellationToken,
     /// The model file as accepted (handed to the compute for the reads it does itself).
     pub source: Arc<crate::pipeline::source::ModelSource>,
-}
-
-/// A KV slot in use; frees its count on drop (the sequence state drops with it).
-struct KvSlot {
-    state: SequenceState,
-    shared: Arc<Shared>,
-}
-
-/// A session's sequence kept between requests, with the tokens whose keys and values it holds.
-struct KeptSequence {
-    slot: KvSlot,
-    tokens: Vec<u32>,
-    /// Request counter at its last use (least recently used is evicted first).
-    last_used: u64,
-}
-
-impl Drop for KvSlot {
-    fn drop(&mut self) {
-        self.shared
-            .counters
-            .kv_slots_in_use
-            .fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// Starts the actor; building its compute (device workspace, kernels, tokenizer tables) runs
@@ -159,6 +139,7 @@ fn start(cfg: InferenceConfig, ready: Readiness) {
                 batch,
                 running: Vec::new(),
                 held: None,
+                deferred: Default::default(),
             };
             actor.publish();
             actor.run();
@@ -186,6 +167,8 @@ pub(super) struct Inference {
     running: Vec<Running>,
     /// A request taken from the queue that waits for KV room (the head of the queue).
     held: Option<Job>,
+    /// Requests taken from the queue that wait for an earlier turn of their session to end.
+    deferred: std::collections::VecDeque<Job>,
 }
 
 /// A sequence of the running set: its request, KV, sampling state and stream.
@@ -225,7 +208,7 @@ enum Admission {
     /// It was served or failed at once (an embedding, a bad request, `max_tokens` 0).
     Done,
     /// It waits for KV blocks that running sequences hold.
-    NoRoom(Job),
+    NoRoom(Box<Job>),
 }
 
 impl Inference {
@@ -247,6 +230,9 @@ impl Inference {
         if let Some(job) = self.held.take() {
             self.finish_with_error(&job, RuntimeError::ShutDown);
         }
+        for job in std::mem::take(&mut self.deferred) {
+            self.finish_with_error(&job, RuntimeError::ShutDown);
+        }
         while let Ok(job) = self.cfg.jobs.try_recv() {
             let _ = job.events.send(Err(RuntimeError::ShutDown));
         }
@@ -259,24 +245,46 @@ impl Inference {
             if self.cfg.cancel.is_cancelled() {
                 return false;
             }
-            let job = match self.held.take() {
-                Some(job) => job,
-                None if self.running.is_empty() => {
+            let ready = self
+                .deferred
+                .iter()
+                .position(|j| !self.session_running(j.request.session));
+            // `queued`: fresh from the queue (not yet checked against its session).
+            let (job, queued) = match (self.held.take(), ready) {
+                (Some(job), _) => (job, false),
+                (None, Some(i)) => match self.deferred.remove(i) {
+                    Some(job) => (job, false),
+                    None => break,
+                },
+                // Deferred jobs bound what is taken from the queue (which stays the bound).
+                (None, None) if self.deferred.len() >= self.batch.max_num_seqs => break,
+                (None, None) if self.running.is_empty() => {
                     // Nothing runs and nothing is queued: a moment for lazy set-up.
                     if self.cfg.jobs.is_empty() {
                         self.publish();
                         self.compute.idle();
                     }
                     match recv_or_cancel(&self.cfg.jobs, &self.cfg.cancel) {
-                        Some(job) => job,
+                        Some(job) => (job, true),
                         None => return false,
                     }
                 }
-                None => match self.cfg.jobs.try_recv() {
-                    Ok(job) => job,
+                (None, None) => match self.cfg.jobs.try_recv() {
+                    Ok(job) => (job, true),
                     Err(_) => break,
                 },
             };
+            // A session's turns run one after another, in order: the next one resumes the KV
+            // the previous one leaves (`n` choices of one prompt share its prefill so).
+            let session = job.request.session;
+            if queued
+                && session.is_some()
+                && (self.session_running(session)
+                    || self.deferred.iter().any(|j| j.request.session == session))
+            {
+                self.deferred.push_back(job);
+                continue;
+            }
             if job.cancel.is_cancelled() || job.events.is_disconnected() {
                 self.done(&job);
                 continue;
@@ -289,7 +297,7 @@ impl Inference {
                 }
                 Admission::Done => {}
                 Admission::NoRoom(job) => {
-                    self.held = Some(job);
+                    self.held = Some(*job);
                     break;
                 }
             }
@@ -318,7 +326,9 @@ impl Inference {
                 self.done(&job);
                 Admission::Done
             }
-            Err(RuntimeError::KvFull { .. }) if !self.running.is_empty() => Admission::NoRoom(job),
+            Err(RuntimeError::KvFull { .. }) if !self.running.is_empty() => {
+                Admission::NoRoom(Box::new(job))
+            }
             Err(RuntimeError::KvFull {
                 needed,
                 free,
@@ -375,7 +385,7 @@ impl Inference {
             self.embed(job, &prompt, task)?;
             return Ok(None);
         }
-        let (mut slot, keep) = self.sequence_for(req.session, &prompt)?;
+        let (mut slot, keep) = self.sequence_for(req.session, &prompt, true)?;
         let want = ctx.map_or(usize::MAX, |c| c.min(prompt.len() + req.max_tokens));
         if let Err(e) = self.reserve(&mut slot, want) {
             // Back where it came from: a session's sequence waits in the session table.
@@ -385,7 +395,7 @@ impl Inference {
             return Err(e);
         }
         self.requests += 1;
-        if keep > 0 {
+        if keep > 0 && req.session.is_some() {
             self.cfg
                 .shared
                 .counters
@@ -425,6 +435,9 @@ impl Inference {
     fn reserve(&mut self, slot: &mut KvSlot, tokens: usize) -> Result<()> {
         loop {
             match self.compute.reserve(&mut slot.state, tokens) {
+                // Cached prefixes nobody uses go first, then kept sessions.
+                Err(RuntimeError::KvFull { needed, .. })
+                    if self.compute.evict_cached(needed) > 0 => {}
                 Err(RuntimeError::KvFull { .. }) if !self.sessions.is_empty() => {
                     self.evict_oldest_session();
                 }
@@ -503,13 +516,13 @@ impl Inference {
                 // A failed step fails the sequences it carried (the first gets the error
                 // itself, the others its copy); the others go on.
                 let mut rest = Vec::with_capacity(running.len());
-                let copy = clone_error(&e);
+                let copy = e.duplicate();
                 let mut first = Some(e);
                 for (r, &t) in running.drain(..).zip(&take) {
                     if t > 0 {
                         let e = match first.take() {
                             Some(e) => e,
-                            None => clone_error(&copy),
+                            None => copy.duplicate(),
                         };
                         self.fail(r, e);
                     } else {
@@ -533,6 +546,10 @@ impl Inference {
             r.fed.extend(r.input.drain(..t));
             if !r.input.is_empty() {
                 continue; // a prompt chunk: no logits yet
+            }
+            if !r.decoding {
+                // The prompt is in: its full blocks can serve later prompts that start alike.
+                self.compute.publish_prefix(&mut r.slot.state, &r.fed);
             }
             r.decoding = true;
             let Some(l) = logits.next() else {
@@ -640,6 +657,8 @@ impl Inference {
         c.running_seqs.fetch_sub(1, Ordering::AcqRel);
         if let Some(kv) = self.compute.kv_stats() {
             c.kv_blocks_used.store(kv.blocks_used, Ordering::Release);
+            c.kv_blocks_cached
+                .store(kv.blocks_cached, Ordering::Release);
         }
     }
 
@@ -679,11 +698,15 @@ impl Inference {
     /// count moves as sequences join and leave).
     fn publish(&self) {
         let c = &self.cfg.shared.counters;
-        c.held_seqs
-            .store(self.held.is_some() as usize, Ordering::Relaxed);
+        c.held_seqs.store(
+            self.held.is_some() as usize + self.deferred.len(),
+            Ordering::Relaxed,
+        );
         if let Some(kv) = self.compute.kv_stats() {
             c.kv_blocks_total.store(kv.blocks_total, Ordering::Relaxed);
             c.kv_blocks_used.store(kv.blocks_used, Ordering::Relaxed);
+            c.kv_blocks_cached
+                .store(kv.blocks_cached, Ordering::Relaxed);
             c.kv_block_tokens.store(kv.block_tokens, Ordering::Relaxed);
         }
     }
@@ -710,7 +733,7 @@ impl Inference {
     /// An embedding job: the prompt in one pass on a fresh sequence, its final hidden states
     /// pooled and L2-normalized.
     fn embed(&mut self, job: &Job, prompt: &[u32], task: &EmbedTask) -> Result<()> {
-        let (mut slot, _) = self.sequence_for(None, prompt)?;
+        let (mut slot, _) = self.sequence_for(None, prompt, false)?;
         self.reserve(&mut slot, prompt.len())?;
         let last = self.embed_forward(&job.cancel, &mut slot.state, prompt)?;
         let v = task
@@ -727,80 +750,5 @@ impl Inference {
         // The caller went away: nobody to tell.
         let _ = task.reply.send(v);
         Ok(())
-    }
-
-    /// The sequence a request runs on and how many of its prompt tokens are already cached:
-    /// a session's kept sequence cut back to the prefix it shares with the prompt (at least
-    /// one prompt token is always fed, for the logits), else a new one.
-    fn sequence_for(
-        &mut self,
-        session: Option<SessionId>,
-        prompt: &[u32],
-    ) -> Result<(KvSlot, usize)> {
-        if let Some(mut kept) = session.and_then(|id| self.sessions.remove(&id)) {
-            let keep = kept
-                .tokens
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(prompt.len() - 1);
-            if self.compute.resume(&mut kept.slot.state, keep)? {
-                return Ok((kept.slot, keep));
-            }
-        }
-        self.cfg
-            .shared
-            .counters
-            .kv_slots_in_use
-            .fetch_add(1, Ordering::AcqRel);
-        let slot = KvSlot {
-            state: self.compute.new_sequence()?,
-            shared: self.cfg.shared.clone(),
-        };
-        Ok((slot, 0))
-    }
-
-    /// Keeps a finished request's sequence for its session's next turn, evicting the least
-    /// recently used session beyond `max_sessions` (its next turn starts from scratch).
-    fn keep(&mut self, id: SessionId, slot: KvSlot, tokens: Vec<u32>) {
-        if self.cfg.max_sessions == 0 {
-            return;
-        }
-        self.sessions.insert(
-            id,
-            KeptSequence {
-                slot,
-                tokens,
-                last_used: self.requests,
-            },
-        );
-        while self.sessions.len() > self.cfg.max_sessions {
-            self.evict_oldest_session();
-        }
-    }
-
-    fn evict_oldest_session(&mut self) {
-        let oldest = self
-            .sessions
-            .iter()
-            .min_by_key(|(_, k)| k.last_used)
-            .map(|(id, _)| *id);
-        if let Some(id) = oldest {
-            self.sessions.remove(&id);
-        }
-    }
-}
-
-/// The same error for each sequence of a failed step (`RuntimeError` is not `Clone`).
-fn clone_error(e: &RuntimeError) -> RuntimeError {
-    match e {
-        RuntimeError::ShutDown => RuntimeError::ShutDown,
-        RuntimeError::Cancelled => RuntimeError::Cancelled,
-        RuntimeError::ModelReloaded => RuntimeError::ModelReloaded,
-        e => RuntimeError::Compute {
-            layer: None,
-            message: e.to_string(),
-        },
     }
 }

@@ -6,7 +6,8 @@
 //! - `transcode.rs` — TranscodePool on Rayon: file blocks into the backend's format.
 //! - `uploader.rs` — assembles device memory per unit, publishes it on the residency board.
 //! - `inference.rs` — continuous batching: the running set, admission, sessions, sampling;
-//!   `inference/step.rs` runs one batched step over the units.
+//!   `inference/step.rs` runs one batched step over the units; `inference/sessions.rs` holds
+//!   the KV slots and the chat sessions kept between turns.
 //! - `batch.rs` — batching limits and which tokens a step carries (decode first, prompt chunks).
 //! - `sampling.rs` — a request's sampler and the UTF-8 assembly of its text.
 //! - `residency.rs` — the board where resident units are published and waited for.

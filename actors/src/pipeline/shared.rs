@@ -29,11 +29,15 @@ pub struct Counters {
     /// message at all, and its thread does not wake 30 times a token beside the compute.
     pub wants_done: AtomicBool,
     /// Continuous batching, published by the Inference actor after every step: sequences
-    /// running, the one taken from the queue that waits for KV room (0 or 1), the KV pool.
+    /// running, those taken from the queue that wait (for KV room or their session), the KV
+    /// pool.
     pub running_seqs: AtomicUsize,
     pub held_seqs: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_cached: AtomicUsize,
+    /// Prompt tokens whose KV a new sequence took from the prefix cache.
+    pub prefix_hit_tokens: AtomicU64,
     pub kv_block_tokens: AtomicUsize,
     /// Steps by sequences carried (buckets of `batch::BATCH_BUCKETS`, then `+Inf`).
     pub batch_steps: [AtomicU64; crate::pipeline::batch::BATCH_BUCKETS.len() + 1],

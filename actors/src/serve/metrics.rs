@@ -307,8 +307,8 @@ impl Metrics {
     }
 }
 
-/// Continuous batching and the paged KV pool: running and waiting sequences, blocks used and
-/// free, prompt tokens a kept KV cache spared, and the sequences each step carried.
+/// Continuous batching and the paged KV pool: running and waiting sequences, blocks used,
+/// cached and free, prompt tokens the caches spared, and the sequences each step carried.
 fn batching(out: &mut String, s: &crate::messages::Stats) {
     gauge(
         out,
@@ -331,8 +331,16 @@ fn batching(out: &mut String, s: &crate::messages::Stats) {
     gauge(
         out,
         "rocmforge_kv_blocks_free",
-        "Blocks of the paged KV pool free.",
-        s.kv_blocks_total.saturating_sub(s.kv_blocks_used),
+        "Blocks of the paged KV pool free (neither used nor cached).",
+        s.kv_blocks_total
+            .saturating_sub(s.kv_blocks_used)
+            .saturating_sub(s.kv_blocks_cached),
+    );
+    gauge(
+        out,
+        "rocmforge_kv_blocks_cached",
+        "Blocks only the prefix cache holds (freed when the pool runs short).",
+        s.kv_blocks_cached,
     );
     gauge(
         out,
@@ -343,8 +351,13 @@ fn batching(out: &mut String, s: &crate::messages::Stats) {
     counter(
         out,
         "rocmforge_prefix_cache_hit_tokens_total",
-        "Prompt tokens whose keys and values came from a cache instead of prefill (a chat \
-         session's kept sequence).",
+        "Prompt tokens whose keys and values came from the prefix cache instead of prefill.",
+        s.prefix_cache_hit_tokens,
+    );
+    counter(
+        out,
+        "rocmforge_session_cached_tokens_total",
+        "Prompt tokens a chat session's kept sequence spared from prefill.",
         s.prompt_tokens_cached,
     );
     let name = "rocmforge_batch_sequences";
