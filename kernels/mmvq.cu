@@ -24,45 +24,36 @@ __device__ __forceinline__ void rf_mmvq(const void* __restrict__ w, const float*
 
 // Batched: y[j] = W x[j] for the n <= RF_MMVQN_MAX vectors of x ([n, ncols], y [n, nrows]):
 // each weight block is loaded once for all of them (decode of several sequences, short
-// prompts), so a step of n tokens reads the weights once instead of n times. Each warp takes
-// RF_MMVQN_ROWS rows, so every x value it loads serves that many rows (at n = 8 the vectors,
-// not the weights, are most of the traffic).
-// Launch: block (RF_WARP, ROWS_PER_BLOCK), grid ceil(nrows / (ROWS_PER_BLOCK * RF_MMVQN_ROWS)).
+// prompts), so a step of n tokens reads the weights once instead of n times. Measured on an
+// H100 (8B FFN shape, Q4_0): 8 vectors in 175 us against 28.6 us for one, so the step is bound
+// by the per-vector dequantize-and-dot, not by the weights: a version where each warp took 4
+// rows (x loaded once for them) was no faster on the quantized types (docs/PERFORMANCE.md).
+// Dequantizing a lane's share of a block once for all vectors is the next step.
 #define RF_MMVQN_MAX 8
-#define RF_MMVQN_ROWS 4
 
 template <typename T>
 __device__ __forceinline__ void rf_mmvq_n(const void* __restrict__ w, const float* __restrict__ x,
                                           float* __restrict__ y, int ncols, int nrows, int n) {
-    const int row0 = (blockIdx.x * blockDim.y + threadIdx.y) * RF_MMVQN_ROWS;
-    if (row0 >= nrows) return;  // the whole warp leaves together: row0 depends on threadIdx.y only
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= nrows) return;  // the whole warp leaves together
     const int lane = threadIdx.x;
     const int nb = ncols / T::QK;
-    const typename T::block* br = (const typename T::block*)w + (i64)row0 * nb;
+    const typename T::block* br = (const typename T::block*)w + (i64)row * nb;
     constexpr int per_step = RF_WARP / T::LPB;
-    float sum[RF_MMVQN_ROWS][RF_MMVQN_MAX];
+    float sum[RF_MMVQN_MAX];
 #pragma unroll
-    for (int r = 0; r < RF_MMVQN_ROWS; ++r)
-#pragma unroll
-        for (int j = 0; j < RF_MMVQN_MAX; ++j) sum[r][j] = 0.f;
+    for (int j = 0; j < RF_MMVQN_MAX; ++j) sum[j] = 0.f;
     for (int ib = lane / T::LPB; ib < nb; ib += per_step) {
+        const typename T::block* b = br + ib;
 #pragma unroll
-        for (int j = 0; j < RF_MMVQN_MAX; ++j) {
-            if (j >= n) break;
-            const float* xj = x + (i64)j * ncols + (i64)ib * T::QK;
-#pragma unroll
-            for (int r = 0; r < RF_MMVQN_ROWS; ++r)
-                if (row0 + r < nrows) sum[r][j] += T::dot(br + (i64)r * nb + ib, lane % T::LPB, xj);
-        }
+        for (int j = 0; j < RF_MMVQN_MAX; ++j)
+            if (j < n) sum[j] += T::dot(b, lane % T::LPB, x + (i64)j * ncols + (i64)ib * T::QK);
     }
 #pragma unroll
-    for (int r = 0; r < RF_MMVQN_ROWS; ++r) {
-#pragma unroll
-        for (int j = 0; j < RF_MMVQN_MAX; ++j) {
-            if (j < n && row0 + r < nrows) {  // the same for the whole warp
-                const float s = rf_warp_sum(sum[r][j]);
-                if (lane == 0) y[(i64)j * nrows + row0 + r] = s;
-            }
+    for (int j = 0; j < RF_MMVQN_MAX; ++j) {
+        if (j < n) {  // n is the same for the whole warp
+            const float s = rf_warp_sum(sum[j]);
+            if (lane == 0) y[(i64)j * nrows + row] = s;
         }
     }
 }

@@ -18,8 +18,6 @@ use crate::quant::GgmlType;
 const MMVQ_ROWS_PER_BLOCK: u32 = 4;
 /// Most vectors one batched matrix-vector launch takes (RF_MMVQN_MAX in mmvq.cu).
 pub const MMVQN_MAX: usize = 8;
-/// Rows each warp of the batched matrix-vector kernel takes (RF_MMVQN_ROWS in mmvq.cu).
-const MMVQN_ROWS_PER_WARP: u32 = 4;
 /// Warps per attention block (at most RF_ATTN_MAX_WARPS in attention.cu).
 const ATTN_WARPS: u32 = 8;
 /// Largest head_dim attention.cu supports (RF_ATTN_MAX_HEAD_DIM).
@@ -203,18 +201,6 @@ pub trait GpuOps: KernelDevice {
             return unsafe { k.launch(s, shape, &args) };
         }
         let k = self.kernel("mmvq.cu", &format!("{base}_n"))?;
-        let shape = LaunchShape {
-            grid: (
-                to_u32(
-                    OP,
-                    m.nrows
-                        .div_ceil((MMVQ_ROWS_PER_BLOCK * MMVQN_ROWS_PER_WARP) as usize),
-                )?,
-                1,
-                1,
-            ),
-            ..shape
-        };
         let mut j = 0;
         while j < n {
             let c = (n - j).min(MMVQN_MAX);
