@@ -218,13 +218,12 @@ where
         hidden: &mut Hidden,
     ) -> Result<()> {
         let rows = hidden.n_tokens;
-        let seq = seq_mut::<F::Kv>(seq)?;
-        if layer == 0 {
-            self.fwd
-                .set_segments(&[(rows, seq.pos)])
-                .map_err(|e| err(Some(0))(e.to_string()))?;
-        }
-        self.run_layer(layer, weights, &mut [&mut seq.kv])
+        let mut one = [BatchSeq {
+            seq,
+            rows,
+            wants_logits: true,
+        }];
+        self.layer_batch(layer, weights, &mut one, hidden)
     }
 
     fn layer_batch(
