@@ -23,8 +23,8 @@
 //! ```
 //!
 //! # Layout
-//! - `runtime.rs` — the embedding API: `Runtime::builder()`, `RuntimeHandle`, `TokenStream`,
-//!   sessions. Every entry point (CLI, server, host services) goes through it: one engine.
+//! - `runtime/` — the embedding API: `Runtime::builder()` (`builder.rs`: options and `build`,
+//!   which starts the actors), `RuntimeHandle`, `TokenStream`, sessions (`mod.rs`). Every entry point (CLI, server, host services) goes through it: one engine.
 //! - `messages.rs` — serde types at the boundary: requests, token events, hints, stats.
 //! - `pipeline/` — the five actors (scheduler, reader, transcode, uploader, inference), the
 //!   residency board, the staging ring, the load plan and the weight-memory backends.

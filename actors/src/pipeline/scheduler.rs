@@ -337,7 +337,7 @@ impl Scheduler {
 
     fn run(mut self) {
         self.act();
-        // The readers' channel holds every job the in-flight limit allows (runtime.rs), so
+        // The readers' channel holds every job the in-flight limit allows (runtime/builder.rs), so
         // `overflow` stays empty; should it ever fill, the next message flushes it.
         while let Some(msg) = recv_or_cancel(&self.cfg.inbox, &self.cfg.cancel) {
             let start = Instant::now();
