@@ -1,4 +1,4 @@
-//! The KV cache of one sequence (a block table into a [`KvPool`](super::paged::KvPool)) and
+//! The KV cache of one sequence (a block table into a [`KvPool`]) and
 //! the sequence state the forward pass advances.
 
 use super::error::ModelError;
