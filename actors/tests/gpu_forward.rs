@@ -238,6 +238,62 @@ gpu_test!(hip: fn synth_runtime_hip_matches_cpu() {
     synth(BackendKind::Hip);
 });
 
+/// `/v1/embeddings` on the GPU: mean- and last-pooled final hidden states of the six reference
+/// prompts through the runtime on `kind` against the same through the runtime on the CPU
+/// (another implementation of the same arithmetic): cosine similarity >= 0.999 each (a wrong
+/// row, norm or pooling gives far less; f16 KV and accumulation orders stay well above it).
+fn check_embeddings(kind: BackendKind) {
+    use rocmforge_actors::Pooling;
+    let path = smollm2();
+    let cases: Vec<Case> = serde_json::from_slice(
+        &std::fs::read(data_dir().join("smollm2-logits/cases.json")).expect("cases"),
+    )
+    .expect("cases.json");
+    let gpu = Runtime::builder()
+        .model(&path)
+        .device(kind)
+        .build()
+        .expect("runtime");
+    let cpu = Runtime::builder()
+        .model(&path)
+        .build()
+        .expect("cpu runtime");
+    for c in &cases {
+        for pooling in [Pooling::Mean, Pooling::Last] {
+            let g = gpu
+                .embed(c.hf_prompt_ids.clone(), pooling)
+                .wait()
+                .expect("gpu embedding");
+            let r = cpu
+                .embed(c.hf_prompt_ids.clone(), pooling)
+                .wait()
+                .expect("cpu embedding");
+            assert_eq!(g.len(), r.len());
+            let dot: f64 = g
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum();
+            let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            let cos = dot / (norm(&g) * norm(&r));
+            println!("{} {pooling:?}: cosine {cos:.6}", c.name);
+            assert!(cos >= 0.999, "{} {pooling:?}: cosine {cos}", c.name);
+        }
+    }
+    gpu.shutdown().expect("shutdown");
+    cpu.shutdown().expect("shutdown");
+}
+
+gpu_test!(cuda: fn smollm2_embeddings_cuda_match_cpu() {
+    drop(require_device!(cuda));
+    check_embeddings(BackendKind::Cuda);
+});
+
+gpu_test!(hip: fn smollm2_embeddings_hip_match_cpu() {
+    drop(require_device!(hip));
+    check_embeddings(BackendKind::Hip);
+});
+
 /// Continuous batching on the GPU: the six reference prompts submitted at once run in shared
 /// steps (prefill together, then one decode row each per step) and give each prompt the
 /// tokens it gets alone, up to the exact CPU's first near-tie (in practice all 32: rows of a

@@ -270,6 +270,9 @@ pub trait LayeredForward: Send {
     ) -> Result<(), Self::Error> {
         self.layer_batch(layer, weights, &mut [kv])
     }
+    /// The final-normed hidden state of every row of the step (`[rows, n_embd]`, what the head
+    /// reads; embeddings); waits for the stream.
+    fn final_hidden(&mut self, norm: &DeviceTensor<'_>) -> Result<Vec<f32>, Self::Error>;
     /// Final norm and head on the step's last row; waits for the stream and returns the logits.
     fn output(
         &mut self,

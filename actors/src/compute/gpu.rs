@@ -297,6 +297,27 @@ where
         Ok(logits)
     }
 
+    fn final_hidden(
+        &mut self,
+        global: &ResidentLayer,
+        seq: &mut SequenceState,
+        hidden: &Hidden,
+    ) -> Result<Hidden> {
+        let seq = seq_mut::<F::Kv>(seq)?;
+        let region = self.enter(global)?;
+        let norm = tensor(global, region, &self.model.layout().output_norm)?;
+        let data = self
+            .fwd
+            .final_hidden(&norm)
+            .map_err(|e| err(None)(e.to_string()))?;
+        self.leave(region)?;
+        seq.pos += hidden.n_tokens;
+        Ok(Hidden {
+            data,
+            n_tokens: hidden.n_tokens,
+        })
+    }
+
     fn tokenize(&self, text: &str) -> Option<Result<Vec<u32>>> {
         tokenize_with(self.tokenizer.as_ref(), text)
     }

@@ -480,6 +480,23 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         run_layer(&mut cx, layer, &views)
     }
 
+    fn final_hidden(&mut self, norm: &DeviceTensor<'_>) -> Result<Vec<f32>> {
+        let n = self.n;
+        if n == 0 {
+            return Err(bad("final hidden state before embed".into()));
+        }
+        let d = self.hp.n_embd;
+        let nw = vec_f32(norm, d, "output_norm")?;
+        let x = View::of(&self.s.hidden).prefix(n * d * 4)?;
+        let xn = View::of(&self.s.xn).prefix(n * d * 4)?;
+        self.dev
+            .rmsnorm(&self.stream, &x, &nw, &xn, n, d, self.hp.rms_eps)?;
+        self.stream.synchronize()?;
+        self.n = 0;
+        self.segs.clear();
+        Ok(self.s.xn.to_vec::<f32>(n * d)?)
+    }
+
     fn output(&mut self, norm: &DeviceTensor<'_>, head: &DeviceTensor<'_>) -> Result<Vec<f32>> {
         let last = self
             .n
