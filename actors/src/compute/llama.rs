@@ -232,6 +232,23 @@ fn view<'a>(unit: &'a ResidentLayer, t: &TensorRef) -> Result<WeightView<'a>> {
     Ok(t.view_of(w.data))
 }
 
+/// Layer `layer`'s weights as views into its resident unit.
+fn unit_weights<'a>(
+    model: &Model,
+    layer: usize,
+    unit: &'a ResidentLayer,
+) -> Result<LayerWeights<'a>> {
+    let refs = model
+        .layout()
+        .layers
+        .get(layer)
+        .ok_or(RuntimeError::Compute {
+            layer: Some(layer),
+            message: "no such layer".into(),
+        })?;
+    layer_views(unit, refs)
+}
+
 fn layer_views<'a>(unit: &'a ResidentLayer, r: &LayerRefs) -> Result<LayerWeights<'a>> {
     let opt = |t: &Option<TensorRef>| t.as_ref().map(|t| view(unit, t)).transpose();
     Ok(LayerWeights {
@@ -382,16 +399,7 @@ impl ModelCompute for LlamaCompute {
         seq: &mut SequenceState,
         hidden: &mut Hidden,
     ) -> Result<()> {
-        let refs = self
-            .model
-            .layout()
-            .layers
-            .get(layer)
-            .ok_or(RuntimeError::Compute {
-                layer: Some(layer),
-                message: "no such layer".into(),
-            })?;
-        let w = layer_views(weights, refs)?;
+        let w = unit_weights(&self.model, layer, weights)?;
         self.model
             .forward_layer(layer, &w, seq_mut(seq)?, &mut hidden.data)
             .map_err(err(Some(layer)))
@@ -575,16 +583,7 @@ impl ModelCompute for LlamaCompute {
         batch: &mut [BatchSeq<'_>],
         hidden: &mut Hidden,
     ) -> Result<()> {
-        let refs = self
-            .model
-            .layout()
-            .layers
-            .get(layer)
-            .ok_or(RuntimeError::Compute {
-                layer: Some(layer),
-                message: "no such layer".into(),
-            })?;
-        let w = layer_views(weights, refs)?;
+        let w = unit_weights(&self.model, layer, weights)?;
         let rows: Vec<usize> = batch.iter().map(|b| b.rows).collect();
         let mut seqs = batch
             .iter_mut()

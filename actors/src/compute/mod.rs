@@ -34,6 +34,19 @@ impl Hidden {
     pub fn width(&self) -> usize {
         self.data.len().checked_div(self.n_tokens).unwrap_or(0)
     }
+
+    /// Rows `first .. first + n` as a `Hidden` of their own (no values where there are none).
+    pub fn rows(&self, first: usize, n: usize) -> Hidden {
+        let w = self.width();
+        Hidden {
+            data: self
+                .data
+                .get(first * w..(first + n) * w)
+                .unwrap_or(&[])
+                .to_vec(),
+            n_tokens: n,
+        }
+    }
 }
 
 /// Per-sequence state owned by the compute (KV cache and position), opaque to the runtime.
@@ -203,13 +216,9 @@ pub trait ModelCompute: Send {
         let width = hidden.width();
         let mut first = 0;
         for b in batch.iter_mut() {
-            let range = first * width..(first + b.rows) * width;
-            let mut h = Hidden {
-                data: hidden.data.get(range.clone()).unwrap_or(&[]).to_vec(),
-                n_tokens: b.rows,
-            };
+            let mut h = hidden.rows(first, b.rows);
             self.layer(layer, weights, b.seq, &mut h)?;
-            if let Some(dst) = hidden.data.get_mut(range) {
+            if let Some(dst) = hidden.data.get_mut(first * width..(first + b.rows) * width) {
                 dst.copy_from_slice(&h.data);
             }
             first += b.rows;
@@ -232,18 +241,10 @@ pub trait ModelCompute: Send {
                 Vec::new()
             });
         }
-        let width = hidden.width();
         let mut first = 0;
         let mut out = Vec::new();
         for b in batch.iter_mut() {
-            let h = Hidden {
-                data: hidden
-                    .data
-                    .get(first * width..(first + b.rows) * width)
-                    .unwrap_or(&[])
-                    .to_vec(),
-                n_tokens: b.rows,
-            };
+            let h = hidden.rows(first, b.rows);
             let logits = self.output(global, b.seq, &h)?;
             if b.wants_logits {
                 out.push(logits);
@@ -521,14 +522,7 @@ impl ModelCompute for ChecksumCompute {
         let mut first = 0;
         self.pending_batch.clear();
         for b in batch.iter_mut() {
-            let h = Hidden {
-                data: hidden
-                    .data
-                    .get(first * WIDTH..(first + b.rows) * WIDTH)
-                    .unwrap_or(&[])
-                    .to_vec(),
-                n_tokens: b.rows,
-            };
+            let h = hidden.rows(first, b.rows);
             let p = self.prepare(global, b.seq, &h)?;
             if b.wants_logits {
                 self.pending_batch.push(p);
