@@ -6,8 +6,8 @@ tests/data/tiny-families/README.md for the versions used).
 For each family: a transformers model with small widths and the family's options switched on
 (Llama 3 RoPE scaling and an untied head; Qwen2 QKV biases; Qwen3 QK-norm; Gemma 3 QK-norm,
 post-norms, GeGLU, sliding-window layers with their own RoPE base, final logit soft-capping;
-Phi-3 fused QKV and gate/up, partial rotary; Mistral's sliding window; Qwen3-MoE and Mixtral
-with 4 experts, top-2),
+Phi-3 fused QKV and gate/up, partial rotary; Mistral's sliding window; Qwen3-MoE, Mixtral and
+Qwen2-MoE (with its shared expert) with 4 experts, top-2),
 every weight drawn at random (biases and norm weights too, so they matter), saved, converted with
 llama.cpp's convert_hf_to_gguf.py to F32 and Q8_0, and run by transformers in float32 on a fixed
 sequence of random token ids. The logits of every position are saved, once with the f32
@@ -18,7 +18,11 @@ class's `set_vocab` is replaced by a synthetic one (placeholder tokens `<tN>`, S
 type "llama"). The tensor conversion (names, Q/K permutation, norm shifts, rope_freqs) is the
 converter's own.
 
-    /path/to/venv/bin/python scripts/tiny_families.py LLAMA_CPP_DIR [tests/data/tiny-families]
+    /path/to/venv/bin/python scripts/tiny_families.py LLAMA_CPP_DIR [OUT_DIR] [FAMILY ...]
+
+With FAMILY names, only those are (re)made and the other entries of OUT_DIR/meta.json are kept
+(each family's random weights depend only on its place in the list, so the others' files stay
+as they are).
 
 LLAMA_CPP_DIR is the llama.cpp tree vendored in the llama-cpp-python sdist (vendor/llama.cpp).
 """
@@ -134,6 +138,19 @@ def families():
             tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
+        # Qwen2 attention (QKV biases) with routed experts and a shared expert behind a
+        # sigmoid gate; llama.cpp's qwen2moe graph keeps the top-k softmax weights as they are.
+        "qwen2moe": transformers.Qwen2MoeConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=96,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
     }
 
 
@@ -226,6 +243,7 @@ def gguf_architecture(llama_cpp: Path, path: Path) -> str:
 def main() -> None:
     llama_cpp = Path(sys.argv[1])
     out = Path(sys.argv[2] if len(sys.argv) > 2 else "tests/data/tiny-families")
+    only = set(sys.argv[3:])
     work = Path("/tmp/rocmforge-tiny-families")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
@@ -237,7 +255,11 @@ def main() -> None:
         "tokens": tokens.tolist(),
         "families": {},
     }
+    if only and (out / "meta.json").exists():
+        meta["families"] = json.loads((out / "meta.json").read_text())["families"]
     for i, (family, config) in enumerate(families().items()):
+        if only and family not in only:
+            continue
         gen = torch.Generator().manual_seed(SEED + i)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
         model.eval()

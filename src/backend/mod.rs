@@ -192,25 +192,8 @@ pub trait ComputeDevice {
     ) -> BackendResult<()>;
 }
 
-/// One llama-family layer's weights in device memory (norms and biases are F32).
-#[derive(Debug, Clone, Copy)]
-pub struct LayerTensors<'a> {
-    pub attn_norm: DeviceTensor<'a>,
-    pub wq: DeviceTensor<'a>,
-    pub wk: DeviceTensor<'a>,
-    pub wv: DeviceTensor<'a>,
-    pub bq: Option<DeviceTensor<'a>>,
-    pub bk: Option<DeviceTensor<'a>>,
-    pub bv: Option<DeviceTensor<'a>>,
-    /// Per-head RMS norms of queries and keys, `[head_dim]` (Qwen3), applied before RoPE.
-    pub q_norm: Option<DeviceTensor<'a>>,
-    pub k_norm: Option<DeviceTensor<'a>>,
-    pub wo: DeviceTensor<'a>,
-    pub ffn_norm: DeviceTensor<'a>,
-    pub w_gate: DeviceTensor<'a>,
-    pub w_up: DeviceTensor<'a>,
-    pub w_down: DeviceTensor<'a>,
-}
+/// One llama-family layer's weights in device memory (norms and biases are F32), by role.
+pub type LayerTensors<'a> = crate::model::LayerSet<DeviceTensor<'a>>;
 
 /// The forward pass one step at a time over weights that someone else keeps in device memory
 /// (the pipelined runtime's resident units), queued on one compute stream. Activations stay on

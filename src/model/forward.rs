@@ -2,19 +2,21 @@
 //! soon as its weights are resident: `embed`, `forward_layer` per block, `output`; `forward`
 //! chains them over the memory-mapped weights.
 
+use super::block::{run_block, Act, BlockOps, Role};
 use super::error::ModelError;
 use super::hparams::{Arch, FfnActivation, HParams};
 use super::kv::{grow, Scratch, Sequence, SequenceConfig};
-use super::moe::{moe_ffn, MoeWeights};
+use super::moe::{moe_ffn, MoeWeights, SharedExpert};
 use super::names::TensorId;
 use super::ops;
 use super::ops::Precision;
 use super::paged::SharedKvPool;
 use super::rope::Rope;
-use super::weights::{LayerWeights, ModelLayout};
+use super::weights::{LayerWeights, ModelLayout, WeightView};
 use crate::gguf::GgufFile;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::marker::PhantomData;
 use std::path::Path;
 
 thread_local! {
@@ -214,150 +216,8 @@ impl Model {
                 return Err(ModelError::BatchPrecision);
             }
         }
-        let (qd, kd, vd) = (hp.q_dim(), hp.k_dim(), hp.v_dim());
-        let name = |kind| TensorId {
-            kind,
-            layer: Some(layer),
-        };
-        use super::names::TensorKind as K;
-
-        // --- attention
-        let s = &mut *scratch;
-        let norm_w = grow(&mut s.norm_w, d)?;
-        ops::dequantize(&w.attn_norm, &name(K::AttnNorm), norm_w)?;
-        let xn = grow(&mut s.xn, n * d)?;
-        ops::rms_norm(hidden, norm_w, hp.rms_eps, xn);
-        let q = grow(&mut s.q, n * qd)?;
-        let k = grow(&mut s.k, n * kd)?;
-        let v = grow(&mut s.v, n * vd)?;
-        let (nq, nk, nv) = (name(K::AttnQ), name(K::AttnK), name(K::AttnV));
-        ops::linear_fused(
-            &[(&w.wq, &nq), (&w.wk, &nk), (&w.wv, &nv)],
-            xn,
-            n,
-            &mut [&mut *q, &mut *k, &mut *v],
-            prec,
-        )?;
-        for (b, out, kind) in [
-            (&w.bq, &mut *q, K::AttnQBias),
-            (&w.bk, &mut *k, K::AttnKBias),
-        ]
-        .into_iter()
-        .chain([(&w.bv, &mut *v, K::AttnVBias)])
-        {
-            if let Some(b) = b {
-                let bias = grow(&mut s.bias, b.cols)?;
-                ops::dequantize(b, &name(kind), bias)?;
-                for row in out.chunks_exact_mut(b.cols) {
-                    ops::add_assign(row, bias);
-                }
-            }
-        }
-
-        // QK-norm: every query and key head RMS-normalised over its own width.
-        for (wn, x, kind) in [
-            (&w.q_norm, &mut *q, K::AttnQNorm),
-            (&w.k_norm, &mut *k, K::AttnKNorm),
-        ] {
-            if let Some(wn) = wn {
-                let hw = grow(&mut s.bias, hp.head_dim)?;
-                ops::dequantize(wn, &name(kind), hw)?;
-                ops::rms_norm_in_place(x, hw, hp.rms_eps);
-            }
-        }
-
-        // RoPE on every query and key head, each row at its own sequence's position.
-        let rope = self.rope_of(layer);
-        let n_rot = rope.n_rot();
-        let cs = grow(&mut s.rope_cs, n * n_rot)?;
-        let positions = seqs
-            .iter()
-            .zip(rows)
-            .flat_map(|(seq, &r)| seq.pos()..seq.pos() + r);
-        for (c, p) in cs.chunks_exact_mut(n_rot).zip(positions) {
-            rope.cos_sin(p, c);
-        }
-        for (i, c) in cs.chunks_exact(n_rot).enumerate() {
-            for head in q[i * qd..(i + 1) * qd].chunks_exact_mut(hp.head_dim) {
-                rope.apply(head, c);
-            }
-            for head in k[i * kd..(i + 1) * kd].chunks_exact_mut(hp.head_dim) {
-                rope.apply(head, c);
-            }
-        }
-        let attn = grow(&mut s.attn, n * hp.n_head * hp.head_dim_v)?;
-        let mut first = 0;
-        for (seq, &r) in seqs.iter_mut().zip(rows) {
-            let pos0 = seq.pos();
-            seq.kv.store(
-                layer,
-                pos0,
-                &k[first * kd..(first + r) * kd],
-                &v[first * vd..(first + r) * vd],
-                r,
-            )?;
-            let width = hp.n_head * hp.head_dim_v;
-            self.attention(
-                layer,
-                seq,
-                &q[first * qd..(first + r) * qd],
-                pos0,
-                &mut s.scores,
-                &mut s.heads,
-                &mut attn[first * width..(first + r) * width],
-            )?;
-            first += r;
-        }
-
-        let proj = grow(&mut s.proj, n * d)?;
-        let attn = &s.attn[..n * hp.n_head * hp.head_dim_v];
-        ops::linear(&w.wo, &name(K::AttnOutput), attn, n, proj, prec)?;
-        if let Some(pn) = &w.attn_post_norm {
-            let norm_w = grow(&mut s.norm_w, d)?;
-            ops::dequantize(pn, &name(K::AttnPostNorm), norm_w)?;
-            ops::rms_norm_in_place(proj, norm_w, hp.rms_eps);
-        }
-        ops::add_assign(hidden, proj);
-
-        // --- feed-forward (SwiGLU or GeGLU; a mixture of experts where the layer has a router)
-        let norm_w = grow(&mut s.norm_w, d)?;
-        ops::dequantize(&w.ffn_norm, &name(K::FfnNorm), norm_w)?;
-        let xn = grow(&mut s.xn, n * d)?;
-        ops::rms_norm(hidden, norm_w, hp.rms_eps, xn);
-        let proj = grow(&mut s.proj, n * d)?;
-        if let (Some(router), Some(moe)) = (&w.router, &hp.moe) {
-            let experts = MoeWeights {
-                router,
-                gate: &w.w_gate,
-                up: &w.w_up,
-                down: &w.w_down,
-            };
-            let act = hp.arch.ffn_activation();
-            moe_ffn(moe, act, layer, &experts, xn, n, proj, prec)?;
-        } else {
-            let gate = grow(&mut s.gate, n * hp.n_ff)?;
-            let up = grow(&mut s.up, n * hp.n_ff)?;
-            let (ng, nu) = (name(K::FfnGate), name(K::FfnUp));
-            ops::linear_fused(
-                &[(&w.w_gate, &ng), (&w.w_up, &nu)],
-                xn,
-                n,
-                &mut [&mut *gate, &mut *up],
-                prec,
-            )?;
-            match hp.arch.ffn_activation() {
-                FfnActivation::Silu => ops::swiglu(gate, up),
-                FfnActivation::GeluTanh => ops::geglu_tanh(gate, up),
-            }
-            ops::linear(&w.w_down, &name(K::FfnDown), gate, n, proj, prec)?;
-        }
-        if let Some(pn) = &w.ffn_post_norm {
-            let norm_w = grow(&mut s.norm_w, d)?;
-            ops::dequantize(pn, &name(K::FfnPostNorm), norm_w)?;
-            ops::rms_norm_in_place(proj, norm_w, hp.rms_eps);
-        }
-        ops::add_assign(hidden, proj);
-        Ok(())
+        let mut ops = CpuBlock::new(self, layer, seqs, rows, hidden, scratch, prec)?;
+        run_block(&mut ops, hp, w)
     }
 
     /// Causal attention of one sequence's new queries `q` (`[n, q_dim]`, RoPE applied, at
@@ -472,5 +332,326 @@ impl Model {
         seq.scratch.hidden = hidden;
         result?;
         Ok(&seq.scratch.logits[..self.n_vocab()])
+    }
+}
+
+/// The CPU's ops for [`run_block`]: the step's activations are the scratch vectors (grown
+/// once per step to the step's rows), `Hidden` is the caller's slice.
+struct CpuBlock<'m, 'b, 's, 'w> {
+    model: &'m Model,
+    layer: usize,
+    seqs: &'b mut [&'s mut Sequence],
+    rows: &'b [usize],
+    hidden: &'b mut [f32],
+    s: &'b mut Scratch,
+    prec: Precision,
+    /// Rows of the step.
+    n: usize,
+    /// The weights' lifetime (`BlockOps::W`).
+    weights: PhantomData<WeightView<'w>>,
+}
+
+impl<'m, 'b, 's, 'w> CpuBlock<'m, 'b, 's, 'w> {
+    fn new(
+        model: &'m Model,
+        layer: usize,
+        seqs: &'b mut [&'s mut Sequence],
+        rows: &'b [usize],
+        hidden: &'b mut [f32],
+        s: &'b mut Scratch,
+        prec: Precision,
+    ) -> Result<Self, ModelError> {
+        let hp = &model.hp;
+        let n = hidden.len() / hp.n_embd.max(1);
+        let mut ops = Self {
+            model,
+            layer,
+            seqs,
+            rows,
+            hidden,
+            s,
+            prec,
+            n,
+            weights: PhantomData,
+        };
+        for a in [
+            Act::Xn,
+            Act::Q,
+            Act::K,
+            Act::V,
+            Act::Attn,
+            Act::Proj,
+            Act::Gate,
+            Act::Up,
+        ] {
+            let len = n * a.width(hp);
+            grow(ops.buf(a), len)?;
+        }
+        Ok(ops)
+    }
+
+    /// The scratch vector behind `a` (not `Hidden`, which is the caller's slice).
+    fn buf(&mut self, a: Act) -> &mut Vec<f32> {
+        scratch_of(self.s, a)
+    }
+
+    fn len(&self, a: Act) -> usize {
+        self.n * a.width(&self.model.hp)
+    }
+
+    fn act(&mut self, a: Act) -> &[f32] {
+        let len = self.len(a);
+        match a {
+            Act::Hidden => &self.hidden[..len],
+            _ => &self.buf(a)[..len],
+        }
+    }
+
+    fn act_mut(&mut self, a: Act) -> &mut [f32] {
+        let len = self.len(a);
+        match a {
+            Act::Hidden => &mut self.hidden[..len],
+            _ => &mut self.buf(a)[..len],
+        }
+    }
+
+    /// Runs `f` with `out`'s values taken out of the scratch (so `f` may read any other
+    /// activation); `out` must not be `Hidden`.
+    fn with_out<R>(&mut self, out: Act, f: impl FnOnce(&mut Self, &mut [f32]) -> R) -> R {
+        let len = self.len(out);
+        let mut v = std::mem::take(self.buf(out));
+        let r = f(self, &mut v[..len]);
+        *self.buf(out) = v;
+        r
+    }
+
+    fn name(&self, role: Role) -> TensorId {
+        TensorId {
+            kind: role.kind(),
+            layer: Some(self.layer),
+        }
+    }
+
+    /// `w` (a norm or bias vector) as f32 in `dst`'s first `width` values.
+    fn vector<'v>(
+        &self,
+        w: &WeightView,
+        role: Role,
+        dst: &'v mut Vec<f32>,
+        width: usize,
+    ) -> Result<&'v [f32], ModelError> {
+        let out = grow(dst, width)?;
+        ops::dequantize(w, &self.name(role), out)?;
+        Ok(out)
+    }
+}
+
+/// The scratch vector behind `a`; `Hidden` is never in the scratch (callers keep it apart),
+/// `xn` keeps the match total.
+fn scratch_of(s: &mut Scratch, a: Act) -> &mut Vec<f32> {
+    match a {
+        Act::Xn | Act::Hidden => &mut s.xn,
+        Act::Q => &mut s.q,
+        Act::K => &mut s.k,
+        Act::V => &mut s.v,
+        Act::Attn => &mut s.attn,
+        Act::Proj => &mut s.proj,
+        Act::Gate => &mut s.gate,
+        Act::Up => &mut s.up,
+    }
+}
+
+impl<'w> BlockOps for CpuBlock<'_, '_, '_, 'w> {
+    type W = WeightView<'w>;
+    type Error = ModelError;
+
+    fn norm(&mut self, x: Act, w: &WeightView<'w>, role: Role, out: Act) -> Result<(), ModelError> {
+        let eps = self.model.hp.rms_eps;
+        let mut nw = std::mem::take(&mut self.s.norm_w);
+        let r = (|| {
+            let nw = self.vector(w, role, &mut nw, x.width(&self.model.hp))?;
+            if x == out {
+                ops::rms_norm_in_place(self.act_mut(x), nw, eps);
+            } else {
+                self.with_out(out, |me, o| ops::rms_norm(me.act(x), nw, eps, o));
+            }
+            Ok(())
+        })();
+        self.s.norm_w = nw;
+        r
+    }
+
+    fn head_norm(&mut self, x: Act, w: &WeightView<'w>, role: Role) -> Result<(), ModelError> {
+        let hp = &self.model.hp;
+        let (eps, hd) = (hp.rms_eps, hp.head_dim);
+        let mut hw = std::mem::take(&mut self.s.bias);
+        let r = self.vector(w, role, &mut hw, hd).map(|hw| {
+            ops::rms_norm_in_place(self.act_mut(x), hw, eps);
+        });
+        self.s.bias = hw;
+        r
+    }
+
+    fn linear(&mut self, x: Act, outs: &[(&WeightView<'w>, Role, Act)]) -> Result<(), ModelError> {
+        let (n, prec) = (self.n, self.prec);
+        if let [(w, role, out)] = outs {
+            let name = self.name(*role);
+            return self.with_out(*out, |me, y| ops::linear(w, &name, me.act(x), n, y, prec));
+        }
+        // Several projections of one input (Q/K/V, gate/up) in one pass.
+        let names: Vec<TensorId> = outs.iter().map(|(_, role, _)| self.name(*role)).collect();
+        let mut ys: Vec<Vec<f32>> = outs
+            .iter()
+            .map(|(_, _, o)| std::mem::take(self.buf(*o)))
+            .collect();
+        let r = {
+            let ws: Vec<(&WeightView, &dyn std::fmt::Display)> = outs
+                .iter()
+                .zip(&names)
+                .map(|((w, _, _), name)| (*w, name as &dyn std::fmt::Display))
+                .collect();
+            let lens: Vec<usize> = outs.iter().map(|(_, _, o)| self.len(*o)).collect();
+            let mut slices: Vec<&mut [f32]> = ys
+                .iter_mut()
+                .zip(lens)
+                .map(|(y, len)| &mut y[..len])
+                .collect();
+            let xs = self.act(x);
+            ops::linear_fused(&ws, xs, n, &mut slices, prec)
+        };
+        for ((_, _, o), y) in outs.iter().zip(ys) {
+            *self.buf(*o) = y;
+        }
+        r
+    }
+
+    fn add_bias(&mut self, x: Act, b: &WeightView<'w>, role: Role) -> Result<(), ModelError> {
+        let width = x.width(&self.model.hp);
+        let mut bias = std::mem::take(&mut self.s.bias);
+        let r = self.vector(b, role, &mut bias, width).map(|bias| {
+            for row in self.act_mut(x).chunks_exact_mut(width) {
+                ops::add_assign(row, bias);
+            }
+        });
+        self.s.bias = bias;
+        r
+    }
+
+    fn rope(&mut self) -> Result<(), ModelError> {
+        let hp = &self.model.hp;
+        let (qd, kd, hd) = (hp.q_dim(), hp.k_dim(), hp.head_dim);
+        let rope = self.model.rope_of(self.layer);
+        let n_rot = rope.n_rot();
+        let s = &mut *self.s;
+        let cs = grow(&mut s.rope_cs, self.n * n_rot)?;
+        let positions = self
+            .seqs
+            .iter()
+            .zip(self.rows)
+            .flat_map(|(seq, &r)| seq.pos()..seq.pos() + r);
+        for (c, p) in cs.chunks_exact_mut(n_rot).zip(positions) {
+            rope.cos_sin(p, c);
+        }
+        let (q, k) = (&mut s.q, &mut s.k);
+        for (i, c) in cs.chunks_exact(n_rot).enumerate() {
+            for head in q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
+                rope.apply(head, c);
+            }
+            for head in k[i * kd..(i + 1) * kd].chunks_exact_mut(hd) {
+                rope.apply(head, c);
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(&mut self) -> Result<(), ModelError> {
+        let (model, layer) = (self.model, self.layer);
+        let hp = &model.hp;
+        let (qd, kd, vd) = (hp.q_dim(), hp.k_dim(), hp.v_dim());
+        let width = hp.n_head * hp.head_dim_v;
+        let s = &mut *self.s;
+        let mut first = 0;
+        for (seq, &r) in self.seqs.iter_mut().zip(self.rows) {
+            let pos0 = seq.pos();
+            seq.kv.store(
+                layer,
+                pos0,
+                &s.k[first * kd..(first + r) * kd],
+                &s.v[first * vd..(first + r) * vd],
+                r,
+            )?;
+            model.attention(
+                layer,
+                seq,
+                &s.q[first * qd..(first + r) * qd],
+                pos0,
+                &mut s.scores,
+                &mut s.heads,
+                &mut s.attn[first * width..(first + r) * width],
+            )?;
+            first += r;
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, acc: Act, x: Act) -> Result<(), ModelError> {
+        if acc == Act::Hidden {
+            // The residual stream is the caller's slice, apart from the scratch.
+            let len = self.len(x);
+            let xs = &scratch_of(self.s, x)[..len];
+            ops::add_assign(&mut self.hidden[..len], xs);
+        } else {
+            self.with_out(acc, |me, a| ops::add_assign(a, me.act(x)));
+        }
+        Ok(())
+    }
+
+    fn glu(&mut self, act: FfnActivation) -> Result<(), ModelError> {
+        let len = self.len(Act::Gate);
+        let s = &mut *self.s;
+        let (gate, up) = (&mut s.gate[..len], &s.up[..len]);
+        match act {
+            FfnActivation::Silu => ops::swiglu(gate, up),
+            FfnActivation::GeluTanh => ops::geglu_tanh(gate, up),
+        }
+        Ok(())
+    }
+
+    fn experts(&mut self, w: &LayerWeights<'w>) -> Result<(), ModelError> {
+        let hp = &self.model.hp;
+        let (Some(router), Some(moe)) = (&w.router, &hp.moe) else {
+            return Err(ModelError::UnsupportedFeature {
+                arch: hp.arch.name().to_string(),
+                what: "a router without MoE hyper-parameters".into(),
+            });
+        };
+        let shared = match (&w.shexp_gate_inp, &w.shexp_gate, &w.shexp_up, &w.shexp_down) {
+            (Some(gate_inp), Some(gate), Some(up), Some(down)) => Some(SharedExpert {
+                gate_inp,
+                gate,
+                up,
+                down,
+            }),
+            _ => None,
+        };
+        let experts = MoeWeights {
+            router,
+            gate: &w.w_gate,
+            up: &w.w_up,
+            down: &w.w_down,
+            shared,
+        };
+        let (n, len) = (self.n, self.len(Act::Proj));
+        let s = &mut *self.s;
+        moe_ffn(
+            moe,
+            hp.arch.ffn_activation(),
+            self.layer,
+            &experts,
+            &s.xn[..len],
+            n,
+            &mut s.proj[..len],
+            self.prec,
+        )
     }
 }

@@ -17,6 +17,9 @@ pub enum Arch {
     Gemma3,
     Phi3,
     Qwen3Moe,
+    /// Qwen2-MoE / Qwen1.5-MoE: Qwen2 attention (QKV biases), routed experts plus one shared
+    /// expert behind a sigmoid gate.
+    Qwen2Moe,
 }
 
 /// The gated activation of the feed-forward block: `act(gate) * up`.
@@ -38,6 +41,7 @@ impl Arch {
             "gemma3" => Ok(Self::Gemma3),
             "phi3" => Ok(Self::Phi3),
             "qwen3moe" => Ok(Self::Qwen3Moe),
+            "qwen2moe" => Ok(Self::Qwen2Moe),
             other => Err(ModelError::UnsupportedArchitecture {
                 arch: other.to_string(),
             }),
@@ -54,6 +58,7 @@ impl Arch {
             Self::Gemma3 => "gemma3",
             Self::Phi3 => "phi3",
             Self::Qwen3Moe => "qwen3moe",
+            Self::Qwen2Moe => "qwen2moe",
         }
     }
 
@@ -67,7 +72,7 @@ impl Arch {
     /// `ffn_gate_inp`, the experts in 3-D `ffn_*_exps` tensors) by architecture; a `llama`
     /// file is one when it says so (Mixtral): `HParams::moe` answers for a file.
     pub fn is_moe(self) -> bool {
-        matches!(self, Self::Qwen3Moe)
+        matches!(self, Self::Qwen3Moe | Self::Qwen2Moe)
     }
 
     /// Llama's converters permute Q/K so that adjacent pairs rotate together; Qwen2 keeps the
@@ -75,15 +80,18 @@ impl Arch {
     pub fn rope_layout(self) -> RopeLayout {
         match self {
             Self::Llama | Self::Mistral => RopeLayout::Normal,
-            Self::Qwen2 | Self::Qwen3 | Self::Gemma3 | Self::Phi3 | Self::Qwen3Moe => {
-                RopeLayout::NeoX
-            }
+            Self::Qwen2
+            | Self::Qwen3
+            | Self::Gemma3
+            | Self::Phi3
+            | Self::Qwen3Moe
+            | Self::Qwen2Moe => RopeLayout::NeoX,
         }
     }
 
     /// Whether Q, K and V projections carry a bias.
     pub fn has_qkv_bias(self) -> bool {
-        matches!(self, Self::Qwen2)
+        matches!(self, Self::Qwen2 | Self::Qwen2Moe)
     }
 
     /// Whether each query and key head is RMS-normalised (`attn_q_norm`, `attn_k_norm`)
@@ -116,6 +124,7 @@ impl Arch {
             ),
             Self::Phi3 => Some("phi3 (fused QKV and gate/up tensors)"),
             Self::Qwen3Moe => Some("qwen3moe (mixture of experts, per-head QK-norm)"),
+            Self::Qwen2Moe => Some("qwen2moe (mixture of experts with a shared expert)"),
         }
     }
 }
@@ -142,8 +151,11 @@ pub struct Moe {
     /// One expert's FFN width (`expert_feed_forward_length`; `feed_forward_length` if absent).
     pub n_ff_exp: usize,
     /// Whether the top-k softmax weights are renormalised to sum to 1 (llama.cpp's qwen3moe
-    /// graph always does: the converter writes no key for it).
+    /// and Mixtral graphs always do, its qwen2moe graph never: the converter writes no key).
     pub norm_top_k: bool,
+    /// Width of the shared expert every token also runs through, scaled by a sigmoid gate
+    /// (`expert_shared_feed_forward_length`, Qwen2-MoE); `None`: no shared expert.
+    pub n_ff_shexp: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -356,12 +368,20 @@ impl TryFrom<&Metadata> for HParams {
             (_, Some(n_expert)) if moe_allowed => {
                 let n_expert_used = req(ArchKey::ExpertUsedCount, n_expert as u64)?;
                 let n_ff_exp = opt(ArchKey::ExpertFeedForwardLength, MAX_DIM)?.unwrap_or(n_ff);
-                // Both qwen3moe and Mixtral renormalise (llama.cpp's graphs always do).
+                // Only Qwen2-MoE has a shared expert (its key in another family's file is
+                // left unread, and its tensors then refused as unused).
+                let n_ff_shexp = match arch {
+                    Arch::Qwen2Moe => Some(req(ArchKey::ExpertSharedFeedForwardLength, MAX_DIM)?),
+                    _ => None,
+                };
                 Some(Moe {
                     n_expert,
                     n_expert_used,
                     n_ff_exp,
-                    norm_top_k: true,
+                    // As llama.cpp's graphs: qwen2moe keeps the softmax weights of the chosen
+                    // experts as they are, qwen3moe and Mixtral renormalise them.
+                    norm_top_k: arch != Arch::Qwen2Moe,
+                    n_ff_shexp,
                 })
             }
             // Experts in another family's file: refused by name rather than run as the dense
@@ -370,8 +390,8 @@ impl TryFrom<&Metadata> for HParams {
                 return Err(ModelError::UnsupportedFeature {
                     arch: a.to_string(),
                     what: format!(
-                        "a mixture of {n} experts in a {a} file (supported: qwen3moe, and \
-                         llama files with experts such as Mixtral)"
+                        "a mixture of {n} experts in a {a} file (supported: qwen3moe, \
+                         qwen2moe, and llama files with experts such as Mixtral)"
                     ),
                 })
             }
@@ -500,11 +520,12 @@ impl HParams {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::gguf::Value;
 
-    fn md(arch: &str) -> Metadata {
+    /// Minimal metadata of a tiny `arch` model (2 layers, d 64, 4 heads, 2 KV heads).
+    pub(crate) fn md(arch: &str) -> Metadata {
         let mut m = Metadata::new();
         m.insert("general.architecture", Value::String(arch.into()));
         for (k, v) in [

@@ -2,16 +2,20 @@
 //! (`names`), hyper-parameters, forward pass, KV cache.
 //!
 //! - `hparams`: `Arch`, `HParams` (`TryFrom<&Metadata>`), RoPE settings.
+//! - `block`: one transformer block written once: a layer's weights by role (`LayerSet<T>`,
+//!   whatever holds them) and the block's steps (`run_block`) over a backend's `BlockOps`.
 //! - `weights`: where each tensor lives (`TensorRef`, `ModelLayout`) and views (`WeightView`,
-//!   `LayerWeights`) over the mmap or a runtime's host arena.
+//!   `LayerWeights = LayerSet<WeightView>`) over the mmap or a runtime's host arena.
 //! - `kv`: the KV cache of a sequence (a block table) and `Sequence` (cache + position +
 //!   scratch).
 //! - `paged`: the pool of fixed-size KV blocks sequences share, and its block allocator.
-//! - `forward`: `Model` with `embed`, `forward_layer`, `output`, `forward`.
+//! - `forward`: `Model` with `embed`, `forward_layer`, `output`, `forward`; the CPU's
+//!   `BlockOps`.
 //! - `generate`: the prefill + decode loop with sampling.
 //! - `moe`: the mixture-of-experts FFN (router top-k, experts on their routed tokens).
 //! - `ops`, `rope`: the CPU ops.
 
+pub mod block;
 pub mod error;
 pub mod forward;
 pub mod generate;
@@ -24,6 +28,7 @@ pub mod paged;
 pub mod rope;
 pub mod weights;
 
+pub use block::{run_block, Act, BlockOps, LayerSet, Role};
 pub use error::ModelError;
 pub use forward::Model;
 pub use generate::{Generation, StopReason, Timings};

@@ -45,6 +45,18 @@ pub struct MoeWeights<'a> {
     pub gate: &'a WeightView<'a>,
     pub up: &'a WeightView<'a>,
     pub down: &'a WeightView<'a>,
+    /// A shared expert run on every token (Qwen2-MoE), if the layer has one.
+    pub shared: Option<SharedExpert<'a>>,
+}
+
+/// Qwen2-MoE's shared expert: a dense FFN (`gate`, `up` `[n_ff_shexp, d]`, `down`
+/// `[d, n_ff_shexp]`) whose output is scaled per token by `sigmoid(x . gate_inp)` (`[1, d]`)
+/// and added to the routed experts' sum.
+pub struct SharedExpert<'a> {
+    pub gate_inp: &'a WeightView<'a>,
+    pub gate: &'a WeightView<'a>,
+    pub up: &'a WeightView<'a>,
+    pub down: &'a WeightView<'a>,
 }
 
 /// Names one expert's slice of a stacked tensor in errors.
@@ -200,6 +212,70 @@ fn run(
             ops::axpy(&mut out[i * d..(i + 1) * d], wt, y);
         }
     }
+    if let Some(sh) = &w.shared {
+        shared_expert(
+            sh,
+            activation,
+            &id,
+            xn,
+            n,
+            d,
+            &mut out[..n * d],
+            precision,
+            s,
+        )?;
+    }
+    Ok(())
+}
+
+/// Adds the shared expert's gated output of every token to `out` (`[n, d]`).
+#[allow(clippy::too_many_arguments)]
+fn shared_expert(
+    sh: &SharedExpert,
+    activation: FfnActivation,
+    id: &dyn Fn(TensorKind) -> TensorId,
+    xn: &[f32],
+    n: usize,
+    d: usize,
+    out: &mut [f32],
+    precision: Precision,
+    s: &mut Scratch,
+) -> Result<(), ModelError> {
+    let fs = sh.gate.rows;
+    resize(&mut s.gate, n * fs);
+    resize(&mut s.up, n * fs);
+    let (ng, nu) = (id(TensorKind::FfnGateShexp), id(TensorKind::FfnUpShexp));
+    ops::linear_fused(
+        &[(sh.gate, &ng), (sh.up, &nu)],
+        xn,
+        n,
+        &mut [&mut s.gate[..], &mut s.up[..]],
+        precision,
+    )?;
+    match activation {
+        FfnActivation::Silu => ops::swiglu(&mut s.gate, &s.up),
+        FfnActivation::GeluTanh => ops::geglu_tanh(&mut s.gate, &s.up),
+    }
+    resize(&mut s.ys, n * d);
+    ops::linear(
+        sh.down,
+        &id(TensorKind::FfnDownShexp),
+        &s.gate,
+        n,
+        &mut s.ys,
+        precision,
+    )?;
+    // One gate logit per token (the router's logits are no longer needed).
+    resize(&mut s.logits, n);
+    let ng = id(TensorKind::FfnGateInpShexp);
+    ops::linear(sh.gate_inp, &ng, xn, n, &mut s.logits, precision)?;
+    for ((o, y), &g) in out
+        .chunks_exact_mut(d)
+        .zip(s.ys.chunks_exact(d))
+        .zip(&s.logits)
+    {
+        ops::axpy(o, 1.0 / (1.0 + (-g).exp()), y);
+    }
     Ok(())
 }
 
@@ -263,12 +339,14 @@ mod tests {
             gate: &g,
             up: &u,
             down: &dn,
+            shared: None,
         };
         let moe = Moe {
             n_expert: 2,
             n_expert_used: 1,
             n_ff_exp: 1,
             norm_top_k: true,
+            n_ff_shexp: None,
         };
         let xn = [2.0f32, -3.0];
         let mut out = [0f32; 2];

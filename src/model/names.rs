@@ -39,6 +39,12 @@ pub enum TensorKind {
     FfnGateExps,
     FfnUpExps,
     FfnDownExps,
+    /// Qwen2-MoE's shared expert: its sigmoid gate `[d]` (one logit per token) and its FFN
+    /// `[d, n_ff_shexp]` (gate, up), `[n_ff_shexp, d]` (down).
+    FfnGateInpShexp,
+    FfnGateShexp,
+    FfnUpShexp,
+    FfnDownShexp,
     /// Phi-3 LongRoPE frequency factors (128k-context models); refused by name.
     RopeFactorsLong,
     RopeFactorsShort,
@@ -82,6 +88,10 @@ impl TensorKind {
             Self::FfnGateExps => "ffn_gate_exps",
             Self::FfnUpExps => "ffn_up_exps",
             Self::FfnDownExps => "ffn_down_exps",
+            Self::FfnGateInpShexp => "ffn_gate_inp_shexp",
+            Self::FfnGateShexp => "ffn_gate_shexp",
+            Self::FfnUpShexp => "ffn_up_shexp",
+            Self::FfnDownShexp => "ffn_down_shexp",
             Self::RopeFactorsLong => "rope_factors_long",
             Self::RopeFactorsShort => "rope_factors_short",
         }
@@ -158,6 +168,7 @@ pub enum ArchKey {
     ExpertCount,
     ExpertUsedCount,
     ExpertFeedForwardLength,
+    ExpertSharedFeedForwardLength,
 }
 
 impl ArchKey {
@@ -187,6 +198,7 @@ impl ArchKey {
             Self::ExpertCount => "expert_count",
             Self::ExpertUsedCount => "expert_used_count",
             Self::ExpertFeedForwardLength => "expert_feed_forward_length",
+            Self::ExpertSharedFeedForwardLength => "expert_shared_feed_forward_length",
         }
     }
 }

@@ -4,6 +4,7 @@
 //! Views borrow from the mmap by default (zero copy); the pipelined runtime builds the same
 //! `LayerWeights` over its own host arena from the `TensorRef`s' types and shapes.
 
+use super::block::LayerSet;
 use super::error::ModelError;
 use super::hparams::HParams;
 use super::names::{arch_key, keys, tensor_name, ArchKey, TensorKind};
@@ -107,109 +108,22 @@ impl TensorRef {
     }
 }
 
-/// The weights of one transformer block.
-#[derive(Debug, Clone, Copy)]
-pub struct LayerWeights<'a> {
-    pub attn_norm: WeightView<'a>,
-    pub wq: WeightView<'a>,
-    pub wk: WeightView<'a>,
-    pub wv: WeightView<'a>,
-    pub bq: Option<WeightView<'a>>,
-    pub bk: Option<WeightView<'a>>,
-    pub bv: Option<WeightView<'a>>,
-    pub wo: WeightView<'a>,
-    pub ffn_norm: WeightView<'a>,
-    pub w_gate: WeightView<'a>,
-    pub w_up: WeightView<'a>,
-    pub w_down: WeightView<'a>,
-    /// Per-head query/key norms `[head_dim]` (`Arch::has_qk_norm`).
-    pub q_norm: Option<WeightView<'a>>,
-    pub k_norm: Option<WeightView<'a>>,
-    /// Norms of the attention and FFN outputs `[d]` (`Arch::has_post_norms`).
-    pub attn_post_norm: Option<WeightView<'a>>,
-    pub ffn_post_norm: Option<WeightView<'a>>,
-    /// MoE router `[n_expert, d]` (`Arch::is_moe`). With it, `w_gate`, `w_up` and `w_down` are
-    /// the experts stacked: `[n_expert * n_ff_exp, d]`, `[n_expert * n_ff_exp, d]`,
-    /// `[n_expert * d, n_ff_exp]` (expert e is its block of rows).
-    pub router: Option<WeightView<'a>>,
-}
+/// The weights of one transformer block as views of their bytes.
+pub type LayerWeights<'a> = LayerSet<WeightView<'a>>;
 
 /// Tensor locations of one block.
-#[derive(Debug, Clone)]
-pub struct LayerRefs {
-    pub attn_norm: TensorRef,
-    pub wq: TensorRef,
-    pub wk: TensorRef,
-    pub wv: TensorRef,
-    pub bq: Option<TensorRef>,
-    pub bk: Option<TensorRef>,
-    pub bv: Option<TensorRef>,
-    pub wo: TensorRef,
-    pub ffn_norm: TensorRef,
-    pub w_gate: TensorRef,
-    pub w_up: TensorRef,
-    pub w_down: TensorRef,
-    pub q_norm: Option<TensorRef>,
-    pub k_norm: Option<TensorRef>,
-    pub attn_post_norm: Option<TensorRef>,
-    pub ffn_post_norm: Option<TensorRef>,
-    pub router: Option<TensorRef>,
-}
+pub type LayerRefs = LayerSet<TensorRef>;
 
-impl LayerRefs {
+impl LayerSet<TensorRef> {
     /// Views over the whole mapped file.
     pub fn views<'a>(&self, file: &'a [u8]) -> LayerWeights<'a> {
-        let opt = |t: &Option<TensorRef>| t.as_ref().map(|t| t.view(file));
-        LayerWeights {
-            attn_norm: self.attn_norm.view(file),
-            wq: self.wq.view(file),
-            wk: self.wk.view(file),
-            wv: self.wv.view(file),
-            bq: opt(&self.bq),
-            bk: opt(&self.bk),
-            bv: opt(&self.bv),
-            wo: self.wo.view(file),
-            ffn_norm: self.ffn_norm.view(file),
-            w_gate: self.w_gate.view(file),
-            w_up: self.w_up.view(file),
-            w_down: self.w_down.view(file),
-            q_norm: opt(&self.q_norm),
-            k_norm: opt(&self.k_norm),
-            attn_post_norm: opt(&self.attn_post_norm),
-            ffn_post_norm: opt(&self.ffn_post_norm),
-            router: opt(&self.router),
-        }
+        self.map(|_, t| t.view(file))
     }
 
     /// All tensors of the block, for runtimes that copy a layer elsewhere (a fused tensor's
     /// row blocks appear once each, under the one name).
     pub fn all(&self) -> Vec<&TensorRef> {
-        let mut v = vec![
-            &self.attn_norm,
-            &self.wq,
-            &self.wk,
-            &self.wv,
-            &self.wo,
-            &self.ffn_norm,
-            &self.w_gate,
-            &self.w_up,
-            &self.w_down,
-        ];
-        v.extend(
-            [
-                &self.bq,
-                &self.bk,
-                &self.bv,
-                &self.q_norm,
-                &self.k_norm,
-                &self.attn_post_norm,
-                &self.ffn_post_norm,
-                &self.router,
-            ]
-            .into_iter()
-            .flatten(),
-        );
-        v
+        self.iter().map(|(_, t)| t).collect()
     }
 }
 
@@ -458,6 +372,20 @@ impl ModelLayout {
                     None,
                 ),
             };
+            // Qwen2-MoE's shared expert: a gate logit per token and a dense FFN.
+            let shexp = match hp.moe.and_then(|m| m.n_ff_shexp) {
+                Some(fs) => {
+                    let fs = fs as u64;
+                    (
+                        // `[d, 1]`: a one-row matrix (the converter may quantize it).
+                        Some(loc.req(TensorKind::FfnGateInpShexp, at, &[d, 1])?),
+                        Some(loc.req(TensorKind::FfnGateShexp, at, &[d, fs])?),
+                        Some(loc.req(TensorKind::FfnUpShexp, at, &[d, fs])?),
+                        Some(loc.req(TensorKind::FfnDownShexp, at, &[fs, d])?),
+                    )
+                }
+                None => (None, None, None, None),
+            };
             layers.push(LayerRefs {
                 attn_norm: loc.req(TensorKind::AttnNorm, at, &[d])?,
                 wq,
@@ -476,6 +404,10 @@ impl ModelLayout {
                 attn_post_norm: extra(&mut loc, post, TensorKind::AttnPostNorm, d)?,
                 ffn_post_norm: extra(&mut loc, post, TensorKind::FfnPostNorm, d)?,
                 router,
+                shexp_gate_inp: shexp.0,
+                shexp_gate: shexp.1,
+                shexp_up: shexp.2,
+                shexp_down: shexp.3,
             });
         }
         if let Some(t) = file.tensors().iter().find(|t| !loc.used.contains(&t.name)) {

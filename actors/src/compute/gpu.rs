@@ -87,24 +87,7 @@ where
             .get(layer)
             .ok_or_else(|| err(Some(layer))("no such layer".into()))?;
         let region = self.enter(weights)?;
-        let t = |r: &TensorRef| tensor(weights, region, r);
-        let opt = |r: &Option<TensorRef>| r.as_ref().map(t).transpose();
-        let w = LayerTensors {
-            attn_norm: t(&refs.attn_norm)?,
-            wq: t(&refs.wq)?,
-            wk: t(&refs.wk)?,
-            wv: t(&refs.wv)?,
-            bq: opt(&refs.bq)?,
-            bk: opt(&refs.bk)?,
-            bv: opt(&refs.bv)?,
-            q_norm: opt(&refs.q_norm)?,
-            k_norm: opt(&refs.k_norm)?,
-            wo: t(&refs.wo)?,
-            ffn_norm: t(&refs.ffn_norm)?,
-            w_gate: t(&refs.w_gate)?,
-            w_up: t(&refs.w_up)?,
-            w_down: t(&refs.w_down)?,
-        };
+        let w: LayerTensors = refs.try_map(|_, r| tensor(weights, region, r))?;
         self.fwd
             .layer_batch(layer, &w, kvs)
             .map_err(|e| err(Some(layer))(e.to_string()))?;

@@ -19,9 +19,7 @@ use rocmforge::gguf::GgufFile;
 use rocmforge::model::{
     bytes_per_token, KvLimit, KvPool, Precision, Scratch, SharedKvPool, DEFAULT_BLOCK_TOKENS,
 };
-use rocmforge::model::{
-    ops, LayerRefs, LayerWeights, Model, Sequence, SequenceConfig, TensorRef, WeightView,
-};
+use rocmforge::model::{ops, LayerWeights, Model, Sequence, SequenceConfig, TensorRef, WeightView};
 use rocmforge::tokenizer::Tokenizer;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -246,30 +244,7 @@ fn unit_weights<'a>(
             layer: Some(layer),
             message: "no such layer".into(),
         })?;
-    layer_views(unit, refs)
-}
-
-fn layer_views<'a>(unit: &'a ResidentLayer, r: &LayerRefs) -> Result<LayerWeights<'a>> {
-    let opt = |t: &Option<TensorRef>| t.as_ref().map(|t| view(unit, t)).transpose();
-    Ok(LayerWeights {
-        attn_norm: view(unit, &r.attn_norm)?,
-        wq: view(unit, &r.wq)?,
-        wk: view(unit, &r.wk)?,
-        wv: view(unit, &r.wv)?,
-        bq: opt(&r.bq)?,
-        bk: opt(&r.bk)?,
-        bv: opt(&r.bv)?,
-        wo: view(unit, &r.wo)?,
-        ffn_norm: view(unit, &r.ffn_norm)?,
-        w_gate: view(unit, &r.w_gate)?,
-        w_up: view(unit, &r.w_up)?,
-        w_down: view(unit, &r.w_down)?,
-        q_norm: opt(&r.q_norm)?,
-        k_norm: opt(&r.k_norm)?,
-        attn_post_norm: opt(&r.attn_post_norm)?,
-        ffn_post_norm: opt(&r.ffn_post_norm)?,
-        router: opt(&r.router)?,
-    })
+    refs.try_map(|_, t| view(unit, t))
 }
 
 fn seq_mut(seq: &mut SequenceState) -> Result<&mut Sequence> {

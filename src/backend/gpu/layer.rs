@@ -1,11 +1,18 @@
-//! One transformer layer on the device, for any [`KernelDevice`]: [`super::GpuLayered`]
-//! (weights in regions the pipeline's uploader filled) describes a layer as device views and
-//! calls [`run_layer`].
+//! One transformer layer on the device, for any [`KernelDevice`]: the device's ops of the
+//! model's one block ([`crate::model::run_block`]); [`super::GpuLayered`] hands [`run_layer`]
+//! the layer's device tensors (in regions the pipeline's uploader filled).
+
+use std::fmt::Display;
 
 use super::gemm::{GemmF16, GemmF16Nt};
 use super::ops::{AttnParams, GpuOps, KvLayout, QMatrix, RopeParams};
-use super::{KernelDevice, Result, View};
-use crate::model::HParams;
+use super::{GpuForwardError, KernelDevice, Result, View};
+use crate::backend::error::BackendError;
+use crate::backend::DeviceTensor;
+use crate::model::{
+    run_block, tensor_name, Act, BlockOps, FfnActivation, HParams, LayerSet, Role, RopeLayout,
+};
+use crate::quant::GgmlType;
 
 /// Batches of at least this many tokens run their matrix products through a GEMM (dequantized
 /// f16 weight tiles); shorter ones (a decode step of up to 16 sequences, short prompts) run the
@@ -92,16 +99,6 @@ pub fn linear<D: KernelDevice>(
     Ok(())
 }
 
-/// One layer's weights as device views: q, k, v, o, gate, up, down; f32 norms; f32 biases;
-/// f32 per-head query/key norms (`[head_dim]`, Qwen3).
-pub struct LayerViews<'a> {
-    pub mats: [(View<'a>, QMatrix); 7],
-    pub attn_norm: View<'a>,
-    pub ffn_norm: View<'a>,
-    pub bias: [Option<View<'a>>; 3],
-    pub qk_norm: [Option<View<'a>>; 2],
-}
-
 /// One sequence's rows in a step: rows `first .. first + n` of the scratch buffers are its
 /// tokens at positions `pos ..`; `kv` is its whole KV cache (`[layer][k|v]` blocks).
 pub struct Segment<'a> {
@@ -111,7 +108,8 @@ pub struct Segment<'a> {
     pub kv: View<'a>,
 }
 
-/// What a layer pass borrows from its owner.
+/// What a layer pass borrows from its owner; it runs [`run_block`]'s ops on the device
+/// ([`run_layer`]).
 pub struct LayerCtx<'a, D: KernelDevice> {
     pub dev: &'a D,
     pub stream: &'a D::Stream,
@@ -123,6 +121,8 @@ pub struct LayerCtx<'a, D: KernelDevice> {
     pub segs: &'a [Segment<'a>],
     /// Rows of the step (every sequence's tokens).
     pub n: usize,
+    /// The layer being run (its KV block, its attention window).
+    pub layer: usize,
     pub freq_scale: f32,
     /// RoPE frequency divisors (`[n_rot / 2]` f32), if the model has them.
     pub rope_factors: Option<View<'a>>,
@@ -133,98 +133,239 @@ fn f32s<B: crate::backend::DeviceBuffer>(b: &B, floats: usize) -> Result<View<'_
     Ok(View::of(b).prefix(floats * 4)?)
 }
 
-/// Queues layer `l` on `cx.stream`: `hidden[n, d]` in the scratch buffers is updated in place;
-/// the K/V of positions `pos..pos + n` land in the cache.
-pub fn run_layer<D: KernelDevice>(
-    cx: &mut LayerCtx<D>,
-    l: usize,
-    w: &LayerViews<'_>,
+pub(super) fn bad(what: String) -> GpuForwardError {
+    GpuForwardError::Backend(BackendError::InvalidArgument {
+        op: "GpuLayered",
+        what,
+    })
+}
+
+/// A quantized matrix of a tensor; the type must have a kernel.
+pub(super) fn mat<'a>(
+    t: &DeviceTensor<'a>,
+    what: &(impl Display + ?Sized),
+) -> Result<(View<'a>, QMatrix)> {
+    if crate::backend::kernels::qtype_suffix(t.ty).is_none() {
+        return Err(GpuForwardError::Unsupported(format!(
+            "weight type {} ({what})",
+            t.ty
+        )));
+    }
+    let need =
+        t.ty.row_bytes(t.cols as u64)
+            .and_then(|rb| (rb as usize).checked_mul(t.rows));
+    if need.is_none_or(|need| need > t.bytes().len()) {
+        return Err(bad(format!(
+            "{what}: {} x {} {} needs {need:?} B, the tensor has {}",
+            t.rows,
+            t.cols,
+            t.ty,
+            t.bytes().len()
+        )));
+    }
+    Ok((
+        t.bytes(),
+        QMatrix {
+            qtype: t.ty,
+            nrows: t.rows,
+            ncols: t.cols,
+        },
+    ))
+}
+
+/// A vector of `n` F32 values (norms, biases).
+pub(super) fn vec_f32<'a>(
+    t: &DeviceTensor<'a>,
+    n: usize,
+    what: &(impl Display + ?Sized),
+) -> Result<View<'a>> {
+    if t.ty != GgmlType::F32 || t.rows * t.cols != n || t.bytes().len() < n * 4 {
+        return Err(GpuForwardError::Unsupported(format!(
+            "{what} must be {n} F32 values (got {} x {} {})",
+            t.rows, t.cols, t.ty
+        )));
+    }
+    Ok(t.bytes().prefix(n * 4)?)
+}
+
+/// Queues layer `cx.layer` on `cx.stream`: `hidden[n, d]` in the scratch buffers is updated in
+/// place; the K/V of each segment's positions land in its cache. The steps are the model's
+/// [`run_block`], the same as on the CPU.
+pub fn run_layer<'a, D: KernelDevice>(
+    cx: &mut LayerCtx<'a, D>,
+    w: &LayerSet<DeviceTensor<'a>>,
 ) -> Result<()> {
-    let (dev, st, hp, n) = (cx.dev, cx.stream, cx.hp, cx.n);
-    let (d, qd, kd, vd, ff) = (hp.n_embd, hp.q_dim(), hp.k_dim(), hp.v_dim(), hp.n_ff);
-    let s = cx.s;
-    let v = f32s::<D::Buf>;
-    let (hidden, xn, q, k, vv, attn, proj, gate, up) = (
-        v(&s.hidden, n * d)?,
-        v(&s.xn, n * d)?,
-        v(&s.q, n * qd)?,
-        v(&s.k, n * kd)?,
-        v(&s.v, n * vd)?,
-        v(&s.attn, n * qd)?,
-        v(&s.proj, n * d)?,
-        v(&s.gate, n * ff)?,
-        v(&s.up, n * ff)?,
-    );
-    dev.rmsnorm(st, &hidden, &w.attn_norm, &xn, n, d, hp.rms_eps)?;
-    for (i, out) in [(0, q), (1, k), (2, vv)] {
-        let (wv, m) = w.mats[i];
-        linear(dev, st, s, &mut cx.gemm, wv, m, xn, out, n)?;
-        if let Some(bias) = w.bias[i] {
-            let width = m.nrows;
-            for t in 0..n {
-                let o = out.slice(t * width * 4, width * 4)?;
-                dev.add(st, &o, &bias, &o, width)?;
-            }
-        }
-    }
-    // Per-head RMS norm of queries and keys (Qwen3): every head's row of head_dim values is one
-    // row of the norm kernel (in place).
-    for (norm, x, heads) in [
-        (w.qk_norm[0], q, hp.n_head),
-        (w.qk_norm[1], k, hp.n_head_kv),
-    ] {
-        if let Some(nw) = norm {
-            dev.rmsnorm(st, &x, &nw, &x, n * heads, hp.head_dim, hp.rms_eps)?;
-        }
-    }
-    let rp = |heads| RopeParams {
-        n_tokens: n,
-        n_heads: heads,
-        head_dim: hp.head_dim,
-        n_rot: hp.n_rot,
-        freq_base: hp.rope_freq_base,
-        freq_scale: cx.freq_scale,
-        neox: hp.arch.rope_layout() == crate::model::RopeLayout::NeoX,
-    };
-    let rf = cx
-        .rope_factors
-        .as_ref()
-        .map(|v| v as &dyn crate::backend::DeviceBuffer);
-    dev.rope(st, &q, &q, &s.pos, rf, rp(hp.n_head))?;
-    dev.rope(st, &k, &k, &s.pos, rf, rp(hp.n_head_kv))?;
-    // Each sequence stores its keys and values in its own cache and attends over it; the
-    // projections above and below run once over every row of the step.
-    let kvb = cx.kv_layout.bytes();
-    for sg in cx.segs {
-        let kc = sg.kv.slice((2 * l) * kvb, kvb)?;
-        let vc = sg.kv.slice((2 * l + 1) * kvb, kvb)?;
-        let ks = k.slice(sg.first * kd * 4, sg.n * kd * 4)?;
-        let vs = vv.slice(sg.first * vd * 4, sg.n * vd * 4)?;
-        dev.kv_store(st, &ks, &kc, cx.kv_layout, sg.n, sg.pos)?;
-        dev.kv_store(st, &vs, &vc, cx.kv_layout, sg.n, sg.pos)?;
-        let ap = AttnParams {
-            n_tokens: sg.n,
-            n_heads: hp.n_head,
-            kv: cx.kv_layout,
-            pos0: sg.pos,
-            scale: 1.0 / (hp.head_dim as f32).sqrt(),
-            window: hp.local_window(l).unwrap_or(0),
+    let hp = cx.hp;
+    run_block(cx, hp, w)
+}
+
+impl<'a, D: KernelDevice> LayerCtx<'a, D> {
+    /// The step's rows of activation `a`.
+    fn act(&self, a: Act) -> Result<View<'a>> {
+        let s = self.s;
+        let b = match a {
+            Act::Hidden => &s.hidden,
+            Act::Xn => &s.xn,
+            Act::Q => &s.q,
+            Act::K => &s.k,
+            Act::V => &s.v,
+            Act::Attn => &s.attn,
+            Act::Proj => &s.proj,
+            Act::Gate => &s.gate,
+            Act::Up => &s.up,
         };
-        let qs = q.slice(sg.first * qd * 4, sg.n * qd * 4)?;
-        let os = attn.slice(sg.first * qd * 4, sg.n * qd * 4)?;
-        dev.attention(st, &qs, &kc, &vc, &os, ap)?;
+        f32s(b, self.n * a.width(self.hp))
     }
-    let (wo, mo) = w.mats[3];
-    linear(dev, st, s, &mut cx.gemm, wo, mo, attn, proj, n)?;
-    dev.add(st, &hidden, &proj, &hidden, n * d)?;
-    dev.rmsnorm(st, &hidden, &w.ffn_norm, &xn, n, d, hp.rms_eps)?;
-    let (wg, mg) = w.mats[4];
-    linear(dev, st, s, &mut cx.gemm, wg, mg, xn, gate, n)?;
-    let (wu, mu) = w.mats[5];
-    linear(dev, st, s, &mut cx.gemm, wu, mu, xn, up, n)?;
-    dev.swiglu(st, &gate, &up, &gate, n * ff)?;
-    let (wd, md) = w.mats[6];
-    linear(dev, st, s, &mut cx.gemm, wd, md, gate, proj, n)?;
-    dev.add(st, &hidden, &proj, &hidden, n * d)?;
-    Ok(())
+
+    /// Role `role` of layer `self.layer`, for errors.
+    fn name(&self, role: Role) -> String {
+        tensor_name(role.kind(), Some(self.layer))
+    }
+}
+
+impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
+    type W = DeviceTensor<'a>;
+    type Error = GpuForwardError;
+
+    fn norm(&mut self, x: Act, w: &DeviceTensor<'a>, role: Role, out: Act) -> Result<()> {
+        let width = x.width(self.hp);
+        let nw = vec_f32(w, width, &self.name(role))?;
+        let (xv, ov) = (self.act(x)?, self.act(out)?);
+        let eps = self.hp.rms_eps;
+        self.dev
+            .rmsnorm(self.stream, &xv, &nw, &ov, self.n, width, eps)?;
+        Ok(())
+    }
+
+    fn head_norm(&mut self, x: Act, w: &DeviceTensor<'a>, role: Role) -> Result<()> {
+        let hp = self.hp;
+        let nw = vec_f32(w, hp.head_dim, &self.name(role))?;
+        let heads = x.width(hp) / hp.head_dim.max(1);
+        let xv = self.act(x)?;
+        // Every head's row of head_dim values is one row of the norm kernel (in place).
+        self.dev.rmsnorm(
+            self.stream,
+            &xv,
+            &nw,
+            &xv,
+            self.n * heads,
+            hp.head_dim,
+            hp.rms_eps,
+        )?;
+        Ok(())
+    }
+
+    fn linear(&mut self, x: Act, outs: &[(&DeviceTensor<'a>, Role, Act)]) -> Result<()> {
+        let xv = self.act(x)?;
+        for (w, role, out) in outs {
+            let (wv, m) = mat(w, &self.name(*role))?;
+            let yv = self.act(*out)?;
+            linear(
+                self.dev,
+                self.stream,
+                self.s,
+                &mut self.gemm,
+                wv,
+                m,
+                xv,
+                yv,
+                self.n,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn add_bias(&mut self, x: Act, b: &DeviceTensor<'a>, role: Role) -> Result<()> {
+        let width = x.width(self.hp);
+        let bias = vec_f32(b, width, &self.name(role))?;
+        let xv = self.act(x)?;
+        for t in 0..self.n {
+            let o = xv.slice(t * width * 4, width * 4)?;
+            self.dev.add(self.stream, &o, &bias, &o, width)?;
+        }
+        Ok(())
+    }
+
+    fn rope(&mut self) -> Result<()> {
+        let hp = self.hp;
+        let rp = |heads| RopeParams {
+            n_tokens: self.n,
+            n_heads: heads,
+            head_dim: hp.head_dim,
+            n_rot: hp.n_rot,
+            freq_base: hp.rope_freq_base,
+            freq_scale: self.freq_scale,
+            neox: hp.arch.rope_layout() == RopeLayout::NeoX,
+        };
+        let rf = self
+            .rope_factors
+            .as_ref()
+            .map(|v| v as &dyn crate::backend::DeviceBuffer);
+        let (q, k) = (self.act(Act::Q)?, self.act(Act::K)?);
+        self.dev
+            .rope(self.stream, &q, &q, &self.s.pos, rf, rp(hp.n_head))?;
+        self.dev
+            .rope(self.stream, &k, &k, &self.s.pos, rf, rp(hp.n_head_kv))?;
+        Ok(())
+    }
+
+    fn attention(&mut self) -> Result<()> {
+        let (dev, st, hp, l) = (self.dev, self.stream, self.hp, self.layer);
+        let (qd, kd, vd) = (hp.q_dim(), hp.k_dim(), hp.v_dim());
+        let ad = Act::Attn.width(hp);
+        let (q, k, v, attn) = (
+            self.act(Act::Q)?,
+            self.act(Act::K)?,
+            self.act(Act::V)?,
+            self.act(Act::Attn)?,
+        );
+        // Each sequence stores its keys and values in its own cache and attends over it; the
+        // projections before and after run once over every row of the step.
+        let kvb = self.kv_layout.bytes();
+        for sg in self.segs {
+            let kc = sg.kv.slice((2 * l) * kvb, kvb)?;
+            let vc = sg.kv.slice((2 * l + 1) * kvb, kvb)?;
+            let ks = k.slice(sg.first * kd * 4, sg.n * kd * 4)?;
+            let vs = v.slice(sg.first * vd * 4, sg.n * vd * 4)?;
+            dev.kv_store(st, &ks, &kc, self.kv_layout, sg.n, sg.pos)?;
+            dev.kv_store(st, &vs, &vc, self.kv_layout, sg.n, sg.pos)?;
+            let ap = AttnParams {
+                n_tokens: sg.n,
+                n_heads: hp.n_head,
+                kv: self.kv_layout,
+                pos0: sg.pos,
+                scale: 1.0 / (hp.head_dim as f32).sqrt(),
+                window: hp.local_window(l).unwrap_or(0),
+            };
+            let qs = q.slice(sg.first * qd * 4, sg.n * qd * 4)?;
+            let os = attn.slice(sg.first * ad * 4, sg.n * ad * 4)?;
+            dev.attention(st, &qs, &kc, &vc, &os, ap)?;
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, acc: Act, x: Act) -> Result<()> {
+        let (a, xv) = (self.act(acc)?, self.act(x)?);
+        let len = self.n * acc.width(self.hp);
+        self.dev.add(self.stream, &a, &xv, &a, len)?;
+        Ok(())
+    }
+
+    fn glu(&mut self, act: FfnActivation) -> Result<()> {
+        if act != FfnActivation::Silu {
+            return Err(GpuForwardError::Unsupported(format!(
+                "FFN activation {act:?}"
+            )));
+        }
+        let (g, u) = (self.act(Act::Gate)?, self.act(Act::Up)?);
+        let len = self.n * self.hp.n_ff;
+        self.dev.swiglu(self.stream, &g, &u, &g, len)?;
+        Ok(())
+    }
+
+    fn experts(&mut self, _: &LayerSet<DeviceTensor<'a>>) -> Result<()> {
+        Err(GpuForwardError::Unsupported(
+            "mixture-of-experts layers".into(),
+        ))
+    }
 }

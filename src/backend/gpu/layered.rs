@@ -1,18 +1,17 @@
 //! The llama forward pass one step at a time over weights the pipelined runtime keeps in device
 //! memory: [`crate::backend::LayeredForward`] for any [`KernelDevice`] (CUDA and HIP alike).
-//! The layer math is [`super::layer::run_layer`]; each step is handed device tensors inside
+//! The layer math is the model's one block ([`crate::model::run_block`]) run by
+//! [`super::layer::run_layer`]; each step is handed device tensors inside
 //! regions the pipeline's uploader filled (and may evict after the step).
 
 use std::sync::Arc;
 
 use super::gemm::{DeferredGemm, GemmF16, PortableGemm};
-use super::layer::{run_layer, Gemm, LayerCtx, LayerViews, Scratch, Segment};
-use super::ops::{GpuOps, KvLayout, QMatrix, ATTN_MAX_HEAD_DIM};
+use super::layer::{bad, mat, run_layer, vec_f32, Gemm, LayerCtx, Scratch, Segment};
+use super::ops::{GpuOps, KvLayout, ATTN_MAX_HEAD_DIM};
 use super::{BufferIo, GpuForwardError, KernelDevice, Result, View};
-use crate::backend::error::BackendError;
 use crate::backend::{DeviceStream, DeviceTensor, LayerTensors, LayeredForward};
 use crate::model::{HParams, Model, ModelError, RopeScaling};
-use crate::quant::GgmlType;
 
 /// Options of [`GpuLayered::new`].
 #[derive(Debug, Clone, Copy)]
@@ -245,54 +244,6 @@ impl<D: KernelDevice> GpuLayered<D> {
     }
 }
 
-fn bad(what: String) -> GpuForwardError {
-    GpuForwardError::Backend(BackendError::InvalidArgument {
-        op: "GpuLayered",
-        what,
-    })
-}
-
-/// A quantized matrix of a tensor; the type must have a kernel.
-fn mat<'a>(t: &DeviceTensor<'a>, what: &str) -> Result<(View<'a>, QMatrix)> {
-    if crate::backend::kernels::qtype_suffix(t.ty).is_none() {
-        return Err(GpuForwardError::Unsupported(format!(
-            "weight type {} ({what})",
-            t.ty
-        )));
-    }
-    let need =
-        t.ty.row_bytes(t.cols as u64)
-            .and_then(|rb| (rb as usize).checked_mul(t.rows));
-    if need.is_none_or(|need| need > t.bytes().len()) {
-        return Err(bad(format!(
-            "{what}: {} x {} {} needs {need:?} B, the tensor has {}",
-            t.rows,
-            t.cols,
-            t.ty,
-            t.bytes().len()
-        )));
-    }
-    Ok((
-        t.bytes(),
-        QMatrix {
-            qtype: t.ty,
-            nrows: t.rows,
-            ncols: t.cols,
-        },
-    ))
-}
-
-/// An f32 vector of `n` elements (norm weights, biases).
-fn vec_f32<'a>(t: &DeviceTensor<'a>, n: usize, what: &str) -> Result<View<'a>> {
-    if t.ty != GgmlType::F32 || t.rows * t.cols != n || t.bytes().len() < n * 4 {
-        return Err(GpuForwardError::Unsupported(format!(
-            "{what} must be {n} F32 values (got {} x {} {})",
-            t.rows, t.cols, t.ty
-        )));
-    }
-    Ok(t.bytes().prefix(n * 4)?)
-}
-
 impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
     type Device = D;
     type Kv = GpuKv<D>;
@@ -420,37 +371,6 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
                 self.segs.len()
             )));
         }
-        let hp = &self.hp;
-        let d = hp.n_embd;
-        fn bias<'a>(
-            t: &Option<DeviceTensor<'a>>,
-            n: usize,
-            what: &str,
-        ) -> Result<Option<View<'a>>> {
-            t.as_ref().map(|t| vec_f32(t, n, what)).transpose()
-        }
-        let views = LayerViews {
-            mats: [
-                mat(&w.wq, "attn_q")?,
-                mat(&w.wk, "attn_k")?,
-                mat(&w.wv, "attn_v")?,
-                mat(&w.wo, "attn_output")?,
-                mat(&w.w_gate, "ffn_gate")?,
-                mat(&w.w_up, "ffn_up")?,
-                mat(&w.w_down, "ffn_down")?,
-            ],
-            attn_norm: vec_f32(&w.attn_norm, d, "attn_norm")?,
-            ffn_norm: vec_f32(&w.ffn_norm, d, "ffn_norm")?,
-            bias: [
-                bias(&w.bq, hp.q_dim(), "attn_q bias")?,
-                bias(&w.bk, hp.k_dim(), "attn_k bias")?,
-                bias(&w.bv, hp.v_dim(), "attn_v bias")?,
-            ],
-            qk_norm: [
-                bias(&w.q_norm, hp.head_dim, "attn_q_norm")?,
-                bias(&w.k_norm, hp.head_dim, "attn_k_norm")?,
-            ],
-        };
         let segs: Vec<Segment<'_>> = self
             .segs
             .iter()
@@ -470,14 +390,15 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
                 engine: Some(self.gemm.as_mut()),
                 tile_rows_bytes: TILE_ROWS_BYTES,
             },
-            hp,
+            hp: &self.hp,
             kv_layout: self.kv_layout,
             segs: &segs,
             n: self.n,
+            layer,
             freq_scale: self.freq_scale,
             rope_factors: self.rope_factors.as_ref().map(View::of),
         };
-        run_layer(&mut cx, layer, &views)
+        run_layer(&mut cx, w)
     }
 
     fn final_hidden(&mut self, norm: &DeviceTensor<'_>) -> Result<Vec<f32>> {
