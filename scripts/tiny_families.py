@@ -278,8 +278,10 @@ def main() -> None:
             convert(llama_cpp, model_dir, out / name, outtype)
             files[outtype] = name
             if outtype == "q8_0":
-                # The MoE router (`mlp.gate`, GGUF `ffn_gate_inp`) stays f32 in the converter.
-                keep = {n for n, _ in model.named_parameters() if n.endswith("mlp.gate.weight")}
+                # The MoE router (`mlp.gate`, GGUF `ffn_gate_inp`) and Qwen2-MoE's shared-expert
+                # gate (`ffn_gate_inp_shexp`) stay f32 in the converter.
+                kept = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
+                keep = {n for n, _ in model.named_parameters() if n.endswith(kept)}
                 q8_0_round_trip(model, keep)
             with torch.no_grad():
                 logits = model(tokens[None, :]).logits[0].to(torch.float32).numpy()

@@ -123,7 +123,10 @@ fn every_family_matches_transformers() {
     }
     assert_eq!(
         meta.families.keys().collect::<Vec<_>>(),
-        ["gemma3", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen3moe"]
+        [
+            "gemma3", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen2moe", "qwen3",
+            "qwen3moe"
+        ]
     );
     assert!(failures.is_empty(), "{failures:#?}");
 }
@@ -171,6 +174,20 @@ fn missing_tensors_and_unsupported_variants_are_named() {
     assert_eq!(e, "missing tensor blk.0.ffn_down_exps.weight");
     let e = err(rebuilt("qwen3moe", without("blk.1.ffn_gate_inp.weight")));
     assert_eq!(e, "missing tensor blk.1.ffn_gate_inp.weight");
+    // Qwen2-MoE's shared expert is required where the file declares its width.
+    rebuilt("qwen2moe", |_, _| {}).unwrap();
+    let e = err(rebuilt(
+        "qwen2moe",
+        without("blk.1.ffn_gate_inp_shexp.weight"),
+    ));
+    assert_eq!(e, "missing tensor blk.1.ffn_gate_inp_shexp.weight");
+    let e = err(rebuilt("qwen2moe", |_, md| {
+        md.insert("qwen2moe.expert_shared_feed_forward_length", Value::U32(95));
+    }));
+    assert!(
+        e.contains("ffn_gate_shexp") && e.contains("[64, 95]"),
+        "{e}"
+    );
     // A wrong expert count is a shape error on the expert tensors.
     let e = err(rebuilt("qwen3moe", |_, md| {
         md.insert("qwen3moe.expert_count", Value::U32(8));
@@ -197,7 +214,7 @@ fn missing_tensors_and_unsupported_variants_are_named() {
         md.insert("general.architecture", Value::String("phimoe".into()));
     }));
     assert!(
-        e.contains("\"phimoe\"") && e.contains("phi3, qwen3moe"),
+        e.contains("\"phimoe\"") && e.contains("phi3, qwen3moe, qwen2moe"),
         "{e}"
     );
 }

@@ -9,7 +9,7 @@ pub enum ModelError {
     // --- loading
     #[error(
         "unsupported architecture {arch:?} (supported: llama, mistral, qwen2, qwen3, gemma3, \
-         phi3, qwen3moe)"
+         phi3, qwen3moe, qwen2moe)"
     )]
     UnsupportedArchitecture { arch: String },
     /// A supported architecture with a variant the forward pass does not compute.

@@ -1,5 +1,5 @@
-//! Llama-family models (llama, mistral, qwen2, qwen3, gemma3, phi3, qwen3moe): tensor naming
-//! (`names`), hyper-parameters, forward pass, KV cache.
+//! Llama-family models (llama, mistral, qwen2, qwen3, gemma3, phi3, qwen3moe, qwen2moe):
+//! tensor naming (`names`), hyper-parameters, the one block, forward pass, KV cache.
 //!
 //! - `hparams`: `Arch`, `HParams` (`TryFrom<&Metadata>`), RoPE settings.
 //! - `block`: one transformer block written once: a layer's weights by role (`LayerSet<T>`,
