@@ -6,7 +6,8 @@ tests/data/tiny-families/README.md for the versions used).
 For each family: a transformers model with small widths and the family's options switched on
 (Llama 3 RoPE scaling and an untied head; Qwen2 QKV biases; Qwen3 QK-norm; Gemma 3 QK-norm,
 post-norms, GeGLU, sliding-window layers with their own RoPE base, final logit soft-capping;
-Phi-3 fused QKV and gate/up, partial rotary; Mistral's sliding window; Qwen3-MoE, Mixtral and
+Phi-3 fused QKV and gate/up, partial rotary, and a second Phi-3 with LongRoPE; Mistral's
+sliding window; Qwen3-MoE, Mixtral and
 Qwen2-MoE (with its shared expert) with 4 experts, top-2),
 every weight drawn at random (biases and norm weights too, so they matter), saved, converted with
 llama.cpp's convert_hf_to_gguf.py to F32 and Q8_0, and run by transformers in float32 on a fixed
@@ -38,6 +39,8 @@ from transformers import AutoModelForCausalLM
 VOCAB = 256
 N_TOKENS = 24
 SEED = 17
+# phi3longrope's original context: the long factors apply past it.
+LONGROPE_ORIG = 16
 
 COMMON = dict(
     vocab_size=VOCAB,
@@ -150,6 +153,28 @@ def families():
             norm_topk_prob=False,
             tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+        # Phi-3 with LongRoPE (the 128k-context Phi-3 / Phi-3.5 models): per-dimension
+        # frequency divisors, long ones when the context passes the original 16 positions,
+        # short ones within it, and cos/sin scaled by sqrt(1 + ln(256/16) / ln(16)). The 24
+        # reference positions pass 16, so transformers uses the long factors there; a second
+        # reference over the first 16 tokens uses the short ones.
+        "phi3longrope": transformers.Phi3Config(
+            **COMMON,
+            num_hidden_layers=2,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "original_max_position_embeddings": LONGROPE_ORIG,
+                "long_factor": [1.0, 2.5, 7.0, 19.0],
+                "short_factor": [1.0, 1.3, 1.9, 3.1],
+            },
+            original_max_position_embeddings=LONGROPE_ORIG,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
     }
 
@@ -287,6 +312,12 @@ def main() -> None:
                 logits = model(tokens[None, :]).logits[0].to(torch.float32).numpy()
             refs[outtype] = f"{family}.{outtype}.logits.f32.bin"
             logits.astype("<f4").tofile(out / refs[outtype])
+            if family == "phi3longrope" and outtype == "f32":
+                # Within the original context transformers takes the short factors.
+                with torch.no_grad():
+                    short = model(tokens[None, :LONGROPE_ORIG]).logits[0].to(torch.float32).numpy()
+                refs["f32_short"] = f"{family}.f32.short.logits.f32.bin"
+                short.astype("<f4").tofile(out / refs["f32_short"])
         meta["families"][family] = {
             "hf_architecture": json.loads((model_dir / "config.json").read_text())["architectures"][0],
             "gguf_architecture": gguf_architecture(llama_cpp, out / files["f32"]),

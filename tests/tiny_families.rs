@@ -131,6 +131,45 @@ fn every_family_matches_transformers() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// LongRoPE within the original context: a sequence of context 16 (the file's original
+/// context) takes the short factors, as transformers does over the first 16 tokens; the main
+/// test's context of 64 takes the long ones (its 24-token reference passes 16).
+#[test]
+fn longrope_uses_the_short_factors_within_the_original_context() {
+    let meta = meta();
+    let f = &meta.families["phi3longrope"];
+    let bytes = std::fs::read(dir().join(&f.logits["f32_short"])).unwrap();
+    let want: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let vocab = f.logits_shape[1];
+    assert_eq!(want.len(), 16 * vocab);
+    let m = Model::open(dir().join(&f.gguf["f32"])).unwrap();
+    let run = |ctx| {
+        let cfg = SequenceConfig {
+            ctx: Some(ctx),
+            precision: Precision::Exact,
+            kv_type: None,
+        };
+        let mut s = m.new_sequence(cfg).unwrap();
+        let mut worst = 0f32;
+        for (t, w) in meta.tokens[..16].iter().zip(want.chunks_exact(vocab)) {
+            worst = worst.max(rel_err(m.forward(&[*t], &mut s).unwrap(), w));
+        }
+        worst
+    };
+    let short = run(16);
+    println!("phi3longrope short factors (ctx 16): max relative error {short:.2e}");
+    assert!(short < EXACT_BOUND, "{short:e}");
+    // The long factors give other logits on the same tokens: the choice is the context's.
+    let long = run(64);
+    assert!(
+        long > 1e-2,
+        "long factors within the original context: {long:e}"
+    );
+}
+
 /// The tiny `family` file rebuilt with `edit` applied to its tensor list and metadata.
 fn rebuilt(
     family: &str,
@@ -196,7 +235,7 @@ fn missing_tensors_and_unsupported_variants_are_named() {
         e.contains("ffn_gate_exps") && e.contains("[64, 32, 8]"),
         "{e}"
     );
-    // Phi-3 LongRoPE (the 128k models): refused by name, not run with plain RoPE.
+    // LongRoPE needs both factor sets and the original context.
     let e = err(rebuilt("phi3", |t, _| {
         let spec = TensorSpec {
             name: "rope_factors_long.weight".into(),
@@ -205,10 +244,16 @@ fn missing_tensors_and_unsupported_variants_are_named() {
         };
         t.push((spec, vec![0u8; 16]));
     }));
+    assert_eq!(e, "missing tensor rope_factors_short.weight");
+    let e = err(rebuilt("phi3longrope", without("rope_factors_long.weight")));
     assert!(
-        e.contains("LongRoPE") && e.contains("rope_factors_long"),
+        e.contains("rope_factors_long.weight (beside rope_factors_short.weight)"),
         "{e}"
     );
+    let e = err(rebuilt("phi3longrope", |_, md| {
+        md.insert("phi3.rope.scaling.original_context_length", Value::U32(0));
+    }));
+    assert!(e.contains("original_context_length"), "{e}");
     // Another architecture: refused with the list of supported ones.
     let e = err(rebuilt("phi3", |_, md| {
         md.insert("general.architecture", Value::String("phimoe".into()));

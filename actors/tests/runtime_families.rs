@@ -12,8 +12,17 @@ use rocmforge_actors::{
 };
 use std::path::PathBuf;
 
-const FAMILIES: [&str; 9] = [
-    "gemma3", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen2moe", "qwen3", "qwen3moe",
+const FAMILIES: [&str; 10] = [
+    "gemma3",
+    "llama",
+    "mistral",
+    "mixtral",
+    "phi3",
+    "phi3longrope",
+    "qwen2",
+    "qwen2moe",
+    "qwen3",
+    "qwen3moe",
 ];
 const PROMPT: [u32; 10] = [3, 141, 59, 26, 5, 35, 89, 79, 32, 38];
 const N: usize = 12;

@@ -35,6 +35,9 @@ pub struct Model {
     /// RoPE of Gemma 3's sliding-window layers (their own base, no scaling); other families
     /// use one RoPE for every layer.
     rope_local: Option<Rope>,
+    /// LongRoPE: the rotation with the long factors and the original context past which a
+    /// sequence uses it (`rope` then holds the short factors).
+    rope_long: Option<(Rope, usize)>,
 }
 
 impl Model {
@@ -55,7 +58,20 @@ impl Model {
             }
             None => None,
         };
-        let rope = Rope::new(&hp, freqs.as_deref());
+        let factors = |t: &super::TensorRef| -> Result<Vec<f32>, ModelError> {
+            let mut f = vec![0.0; hp.n_rot / 2];
+            ops::dequantize(&t.view(file.bytes()), &t.name, &mut f)?;
+            Ok(f)
+        };
+        let (rope, rope_long) = match &layout.long_rope {
+            Some(lr) => {
+                let af = hp.rope_attn_factor;
+                let short = Rope::new(&hp, Some(&factors(&lr.short)?)).scaled(af);
+                let long = Rope::new(&hp, Some(&factors(&lr.long)?)).scaled(af);
+                (short, Some((long, lr.orig_ctx)))
+            }
+            None => (Rope::new(&hp, freqs.as_deref()), None),
+        };
         let rope_local = hp
             .local_attention
             .filter(|_| hp.arch == Arch::Gemma3)
@@ -66,6 +82,7 @@ impl Model {
             layout,
             rope,
             rope_local,
+            rope_long,
         })
     }
 
@@ -156,10 +173,13 @@ impl Model {
         }
     }
 
-    /// The RoPE of layer `l` (local layers may have their own base).
-    fn rope_of(&self, l: usize) -> &Rope {
-        match (&self.rope_local, self.hp.local_window(l)) {
-            (Some(local), Some(_)) => local,
+    /// The RoPE of layer `l` for a sequence of context `ctx` (local layers may have their own
+    /// base; LongRoPE takes its long factors when `ctx` passes the original context, as
+    /// llama.cpp does by its context size).
+    fn rope_of(&self, l: usize, ctx: usize) -> &Rope {
+        match (&self.rope_local, self.hp.local_window(l), &self.rope_long) {
+            (Some(local), Some(_), _) => local,
+            (_, _, Some((long, orig_ctx))) if ctx > *orig_ctx => long,
             _ => &self.rope,
         }
     }
@@ -540,26 +560,28 @@ impl<'w> BlockOps for CpuBlock<'_, '_, '_, 'w> {
     fn rope(&mut self) -> Result<(), ModelError> {
         let hp = &self.model.hp;
         let (qd, kd, hd) = (hp.q_dim(), hp.k_dim(), hp.head_dim);
-        let rope = self.model.rope_of(self.layer);
-        let n_rot = rope.n_rot();
+        let n_rot = self.model.rope.n_rot();
         let s = &mut *self.s;
         let cs = grow(&mut s.rope_cs, self.n * n_rot)?;
-        let positions = self
-            .seqs
-            .iter()
-            .zip(self.rows)
-            .flat_map(|(seq, &r)| seq.pos()..seq.pos() + r);
-        for (c, p) in cs.chunks_exact_mut(n_rot).zip(positions) {
-            rope.cos_sin(p, c);
-        }
         let (q, k) = (&mut s.q, &mut s.k);
-        for (i, c) in cs.chunks_exact(n_rot).enumerate() {
-            for head in q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
-                rope.apply(head, c);
+        // Each sequence's rows at its own positions, with the rotation of its context.
+        let mut first = 0;
+        for (seq, &r) in self.seqs.iter().zip(self.rows) {
+            let rope = self.model.rope_of(self.layer, seq.ctx());
+            let rows = first..first + r;
+            let cs = &mut cs[rows.start * n_rot..rows.end * n_rot];
+            for (c, p) in cs.chunks_exact_mut(n_rot).zip(seq.pos()..) {
+                rope.cos_sin(p, c);
             }
-            for head in k[i * kd..(i + 1) * kd].chunks_exact_mut(hd) {
-                rope.apply(head, c);
+            for (i, c) in rows.zip(cs.chunks_exact(n_rot)) {
+                for head in q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
+                    rope.apply(head, c);
+                }
+                for head in k[i * kd..(i + 1) * kd].chunks_exact_mut(hd) {
+                    rope.apply(head, c);
+                }
             }
+            first += r;
         }
         Ok(())
     }

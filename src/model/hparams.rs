@@ -202,6 +202,11 @@ pub struct HParams {
     pub rms_eps: f32,
     pub rope_freq_base: f32,
     pub rope_scaling: RopeScaling,
+    /// `rope.scaling.original_context_length` where the file gives it (YaRN reads it into
+    /// `rope_scaling`; LongRoPE picks its long factors past it).
+    pub rope_orig_ctx: Option<usize>,
+    /// `rope.scaling.attn_factor`: LongRoPE's multiplier on cos/sin (1 when absent).
+    pub rope_attn_factor: f32,
     /// From `vocab_size` or the tokenizer's token list; checked against `token_embd` at load.
     pub n_vocab: Option<usize>,
     /// Multiplier on attention scores before softmax (`1/sqrt(head_dim)` unless the family
@@ -299,6 +304,17 @@ impl TryFrom<&Metadata> for HParams {
             return Err(bad(&base_key, format!("{rope_freq_base} must be > 1")));
         }
         let rope_scaling = rope_scaling(md, a, n_ctx_train)?;
+        let orig_key = key(ArchKey::RopeScalingOrigCtx);
+        let rope_orig_ctx = match md.get_u64(&orig_key)? {
+            Some(0) => return Err(bad(&orig_key, "must be > 0")),
+            v => v.map(|v| v.min(MAX_DIM * 16) as usize),
+        };
+        let attn_factor_key = key(ArchKey::RopeScalingAttnFactor);
+        let rope_attn_factor = match md.get_f64(&attn_factor_key)? {
+            None => 1.0,
+            Some(f) if f.is_finite() && f > 0.0 && f < 100.0 => f as f32,
+            Some(f) => return Err(bad(&attn_factor_key, format!("{f} is outside (0, 100)"))),
+        };
         let softcap = |k: ArchKey| -> Result<Option<f32>, ModelError> {
             let name = key(k);
             match md.get_f64(&name)? {
@@ -417,6 +433,8 @@ impl TryFrom<&Metadata> for HParams {
             rms_eps,
             rope_freq_base,
             rope_scaling,
+            rope_orig_ctx,
+            rope_attn_factor,
             n_vocab,
             attn_scale,
             embed_scale,

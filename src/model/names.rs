@@ -45,7 +45,9 @@ pub enum TensorKind {
     FfnGateShexp,
     FfnUpShexp,
     FfnDownShexp,
-    /// Phi-3 LongRoPE frequency factors (128k-context models); refused by name.
+    /// LongRoPE frequency divisors `[n_rot / 2]` (the 128k-context Phi-3 / Phi-3.5 models):
+    /// long ones when a sequence's context passes `rope.scaling.original_context_length`,
+    /// short ones within it.
     RopeFactorsLong,
     RopeFactorsShort,
 }
@@ -154,6 +156,7 @@ pub enum ArchKey {
     RopeScalingType,
     RopeScalingFactor,
     RopeScalingOrigCtx,
+    RopeScalingAttnFactor,
     VocabSize,
     KeyLength,
     ValueLength,
@@ -186,6 +189,7 @@ impl ArchKey {
             Self::RopeScalingType => "rope.scaling.type",
             Self::RopeScalingFactor => "rope.scaling.factor",
             Self::RopeScalingOrigCtx => "rope.scaling.original_context_length",
+            Self::RopeScalingAttnFactor => "rope.scaling.attn_factor",
             Self::VocabSize => "vocab_size",
             Self::KeyLength => "attention.key_length",
             Self::ValueLength => "attention.value_length",

@@ -66,6 +66,13 @@ impl Rope {
         }
     }
 
+    /// The same rotation with cos/sin multiplied by `attn_factor` (LongRoPE's magnitude
+    /// correction, `rope.scaling.attn_factor`).
+    pub fn scaled(mut self, attn_factor: f32) -> Self {
+        self.mscale *= attn_factor;
+        self
+    }
+
     /// The RoPE of sliding-window layers with their own `base` (Gemma 3: 10000): no scaling
     /// and no frequency factors, which llama.cpp applies to the global layers only.
     pub fn new_local(hp: &HParams, base: f32) -> Self {
@@ -138,6 +145,8 @@ mod tests {
             rms_eps: 1e-5,
             rope_freq_base: 10_000.0,
             rope_scaling: scaling,
+            rope_orig_ctx: None,
+            rope_attn_factor: 1.0,
             n_vocab: None,
             attn_scale: 1.0 / 8f32.sqrt(),
             embed_scale: 1.0,

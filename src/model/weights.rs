@@ -127,6 +127,15 @@ impl LayerSet<TensorRef> {
     }
 }
 
+/// LongRoPE's two sets of frequency divisors (`[n_rot / 2]` each): `long` for sequences whose
+/// context passes `orig_ctx`, `short` within it (llama.cpp decides by the context the same way).
+#[derive(Debug, Clone)]
+pub struct LongRopeRefs {
+    pub long: TensorRef,
+    pub short: TensorRef,
+    pub orig_ctx: usize,
+}
+
 /// Every tensor the forward pass uses, located and shape-checked.
 #[derive(Debug, Clone)]
 pub struct ModelLayout {
@@ -136,6 +145,8 @@ pub struct ModelLayout {
     pub output: Option<TensorRef>,
     /// Llama 3.1 frequency divisors, `[n_rot / 2]`.
     pub rope_freqs: Option<TensorRef>,
+    /// LongRoPE frequency divisors (Phi-3 128k, Phi-3.5).
+    pub long_rope: Option<LongRopeRefs>,
     pub layers: Vec<LayerRefs>,
     pub n_vocab: usize,
 }
@@ -286,19 +297,48 @@ impl ModelLayout {
         };
         check_vocab(file, hp, n_vocab)?;
         let nv = n_vocab as u64;
-        for kind in [TensorKind::RopeFactorsLong, TensorKind::RopeFactorsShort] {
-            let name = tensor_name(kind, None);
-            if file.tensor(&name).is_some() {
-                return Err(ModelError::UnsupportedFeature {
-                    arch: hp.arch.name().to_string(),
-                    what: format!("LongRoPE scaling ({name}, the 128k-context Phi-3 models)"),
-                });
-            }
-        }
         let token_embd = loc.req(TensorKind::TokenEmbd, None, &[d, nv])?;
         let output_norm = loc.req(TensorKind::OutputNorm, None, &[d])?;
         let output = loc.opt(TensorKind::Output, None, &[d, nv])?;
-        let rope_freqs = loc.opt(TensorKind::RopeFreqs, None, &[hp.n_rot as u64 / 2])?;
+        let half_rot = hp.n_rot as u64 / 2;
+        let rope_freqs = loc.opt(TensorKind::RopeFreqs, None, &[half_rot])?;
+        // LongRoPE: both factor sets or neither, with the context that separates them.
+        let long_rope = match loc.opt(TensorKind::RopeFactorsLong, None, &[half_rot])? {
+            None => None,
+            Some(long) => {
+                let short = loc.req(TensorKind::RopeFactorsShort, None, &[half_rot])?;
+                let Some(orig_ctx) = hp.rope_orig_ctx else {
+                    return Err(ModelError::BadHParam {
+                        key: arch_key(hp.arch.name(), ArchKey::RopeScalingOrigCtx),
+                        reason: "missing: LongRoPE factors need the original context".into(),
+                    });
+                };
+                if rope_freqs.is_some() {
+                    return Err(ModelError::UnsupportedFeature {
+                        arch: hp.arch.name().to_string(),
+                        what: "both rope_freqs and LongRoPE factors".into(),
+                    });
+                }
+                Some(LongRopeRefs {
+                    long,
+                    short,
+                    orig_ctx,
+                })
+            }
+        };
+        if long_rope.is_none() {
+            // Short factors alone would be silently unused.
+            loc.opt(TensorKind::RopeFactorsShort, None, &[half_rot])?
+                .map_or(Ok(()), |t| {
+                    Err(ModelError::MissingTensor {
+                        name: format!(
+                            "{} (beside {})",
+                            tensor_name(TensorKind::RopeFactorsLong, None),
+                            t.name
+                        ),
+                    })
+                })?;
+        }
         let (q, k, v) = (hp.q_dim() as u64, hp.k_dim() as u64, hp.v_dim() as u64);
         let o_in = (hp.n_head * hp.head_dim_v) as u64;
         let ff = hp.n_ff as u64;
@@ -421,6 +461,7 @@ impl ModelLayout {
             output_norm,
             output,
             rope_freqs,
+            long_rope,
             layers,
             n_vocab,
         })

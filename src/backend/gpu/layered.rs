@@ -138,6 +138,11 @@ impl<D: KernelDevice> GpuLayered<D> {
         if let Some(what) = hp.beyond_llama_graph() {
             return Err(GpuForwardError::Unsupported(what));
         }
+        if model.layout().long_rope.is_some() {
+            return Err(GpuForwardError::Unsupported(
+                "LongRoPE scaling (rope_factors_long/short)".into(),
+            ));
+        }
         if hp.head_dim != hp.head_dim_v {
             return Err(GpuForwardError::Unsupported(
                 "different K and V head widths".into(),
