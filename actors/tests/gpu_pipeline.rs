@@ -246,3 +246,49 @@ fn serve_on_cuda_without_a_device_fails_to_start_with_the_reason() {
         .expect("no CUDA here");
     assert!(e.to_string().starts_with("no CUDA driver/device"), "{e}");
 }
+
+// A device out of memory while weights load (issue 15): with a budget larger than the memory
+// left, the load is a typed out-of-memory error for the runtime's build or for the requests
+// that needed the weights; once memory is back, the runtime answers as before.
+// `runtime_out_of_memory.rs` runs the same path on the CPU through a starved backend.
+gpu_test!(cuda: fn out_of_device_memory_fails_the_load_and_the_runtime_recovers() {
+    use rocmforge::backend::cuda::CudaDevice;
+    use rocmforge::backend::ComputeDevice;
+    const N: usize = 8;
+    let cuda = || {
+        Runtime::builder()
+            .model(smollm2())
+            .device(BackendKind::Cuda)
+            .memory_budget(MemoryBudget::Bytes(2 << 30))
+    };
+    let (baseline, _, _) = tokens(cuda(), N);
+    let generate = |rt: &rocmforge_actors::RuntimeHandle| -> Result<Vec<u32>, RuntimeError> {
+        rt.generate(request(N))
+            .into_blocking()
+            .map(|e| e.map(|e| e.token))
+            .collect()
+    };
+    let oom = |e: &dyn std::fmt::Display| e.to_string().contains("out of device memory");
+    let dev = CudaDevice::open(0).expect("device");
+    let (free, total) = dev.mem_info().expect("memory info");
+    // Leave 48 MiB: less than SmolLM2's weights (98 MB) under a 2 GiB budget.
+    let hog = dev
+        .alloc(free.saturating_sub(48 << 20), "test: fill the device")
+        .expect("fill the device");
+    println!("filled {} of {total} bytes free", free.saturating_sub(48 << 20));
+    let rt = match cuda().build() {
+        Err(e) => {
+            assert!(oom(&e), "build on a full device: {e}");
+            drop(hog);
+            cuda().build().expect("build after the memory came back")
+        }
+        Ok(rt) => {
+            let e = generate(&rt).expect_err("tokens from a full device");
+            assert!(oom(&e), "request on a full device: {e}");
+            drop(hog);
+            rt
+        }
+    };
+    assert_eq!(generate(&rt).expect("tokens after the memory came back"), baseline);
+    rt.shutdown().expect("shutdown");
+});

@@ -89,3 +89,20 @@ pub fn thread_count() -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// SmolLM2-135M-Instruct: `ROCMFORGE_TEST_MODEL` if set (the device check joins it there),
+/// else `models/` (scripts/fetch-model.sh).
+pub fn smollm2() -> PathBuf {
+    let p = std::env::var_os("ROCMFORGE_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.exists(),
+        "test model {} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
