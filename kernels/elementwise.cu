@@ -1,4 +1,4 @@
-// elementwise.cu — SwiGLU, residual add, and the f32 -> f16 KV-cache store.
+// elementwise.cu — SwiGLU, GeGLU, residual add, scaling, and the f32 -> f16 KV-cache store.
 // Launch: 1-D grid-stride, any 1-D block.
 #include "common.cuh"
 
@@ -7,6 +7,23 @@ extern "C" __global__ void swiglu_f32(const float* gate, const float* up, float*
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// out = gelu_tanh(gate) * up, [n] f32 (Gemma's GeGLU: GELU with the tanh approximation).
+extern "C" __global__ void geglu_tanh_f32(const float* gate, const float* up, float* out, int n) {
+    const float sqrt_2_over_pi = 0.7978846f;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float x = gate[i];
+        const float t = tanhf(sqrt_2_over_pi * (x + 0.044715f * x * x * x));
+        out[i] = 0.5f * x * (1.0f + t) * up[i];
+    }
+}
+
+// out = x * s, [n] f32 (out may alias x): Gemma's embedding scale.
+extern "C" __global__ void scale_f32(const float* x, float* out, float s, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        out[i] = x[i] * s;
     }
 }
 

@@ -21,12 +21,14 @@ converter's own.
 
     /path/to/venv/bin/python scripts/tiny_families.py LLAMA_CPP_DIR [OUT_DIR] [FAMILY ...]
 
+With `--gpu` (before the paths), only the GPU-sized Q8_0 variants in OUT_DIR/gpu/ are made.
 With FAMILY names, only those are (re)made and the other entries of OUT_DIR/meta.json are kept
 (each family's random weights depend only on its place in the list, so the others' files stay
 as they are).
 
 LLAMA_CPP_DIR is the llama.cpp tree vendored in the llama-cpp-python sdist (vendor/llama.cpp).
 """
+import copy
 import json
 import sys
 from pathlib import Path
@@ -179,6 +181,24 @@ def families():
     }
 
 
+# GPU-sized variants for the device tests (actors/tests/gpu_forward.rs): heads 32 wide, as
+# the GPU attention kernel needs (a multiple of the warp), Q8_0 only and no reference logits:
+# the device runs them against the exact CPU, which the small models above tie to transformers.
+GPU_FAMILIES = ["llama", "mistral", "qwen2", "phi3", "gemma3"]
+
+
+def gpu_sized(config):
+    """`config` with hidden width 128 and four 32-wide heads (FFN 256)."""
+    config = copy.deepcopy(config)
+    config.hidden_size = 128
+    config.intermediate_size = 256
+    if getattr(config, "head_dim", None) is not None:
+        config.head_dim = 32
+    if hasattr(config, "query_pre_attn_scalar"):
+        config.query_pre_attn_scalar = 32
+    return config
+
+
 def randomize(model: torch.nn.Module, gen: torch.Generator, gemma: bool) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -265,7 +285,31 @@ def gguf_architecture(llama_cpp: Path, path: Path) -> str:
     return GGUFReader(path).fields["general.architecture"].contents()
 
 
+def main_gpu(llama_cpp: Path, out: Path) -> None:
+    """`OUT/gpu/<family>.q8_0.gguf` for the GPU_FAMILIES (`--gpu`)."""
+    gpu = out / "gpu"
+    gpu.mkdir(parents=True, exist_ok=True)
+    work = Path("/tmp/rocmforge-tiny-families-gpu")
+    all_families = families()
+    for i, family in enumerate(GPU_FAMILIES):
+        config = gpu_sized(all_families[family])
+        gen = torch.Generator().manual_seed(SEED + 100 + i)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+        randomize(model, gen, gemma=family.startswith("gemma"))
+        model_dir = work / family
+        model.save_pretrained(model_dir, safe_serialization=True)
+        vocab = {f"<t{i}>": i for i in range(VOCAB)}
+        (model_dir / "tokenizer.json").write_text(
+            json.dumps({"model": {"vocab": vocab}, "added_tokens": []})
+        )
+        convert(llama_cpp, model_dir, gpu / f"{family}.q8_0.gguf", "q8_0")
+
+
 def main() -> None:
+    if "--gpu" in sys.argv:
+        args = [a for a in sys.argv[1:] if a != "--gpu"]
+        main_gpu(Path(args[0]), Path(args[1] if len(args) > 1 else "tests/data/tiny-families"))
+        return
     llama_cpp = Path(sys.argv[1])
     out = Path(sys.argv[2] if len(sys.argv) > 2 else "tests/data/tiny-families")
     only = set(sys.argv[3:])

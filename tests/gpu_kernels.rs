@@ -388,7 +388,7 @@ fn check_float_ops<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         );
     }
 
-    // swiglu and add.
+    // swiglu, geglu, scale and add.
     let n = 10_007usize;
     let (a, b) = (rand_vec(rng, n, 4.0), rand_vec(rng, n, 2.0));
     let (ad, bd, od) = (up(d, &a), up(d, &b), d.alloc(n * 4, "o").expect("alloc"));
@@ -404,6 +404,32 @@ fn check_float_ops<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         "f32",
         rel_err(&od.to_vec::<f32>(n).expect("read"), &want),
         1e-5,
+    );
+    d.geglu_tanh(s, &ad, &bd, &od, n).expect("geglu");
+    s.synchronize().expect("sync");
+    let want: Vec<f32> = a
+        .iter()
+        .zip(&b)
+        .map(|(g, u)| {
+            let x = f64::from(*g);
+            let t = ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044_715 * x * x * x)).tanh();
+            (0.5 * x * (1.0 + t) * f64::from(*u)) as f32
+        })
+        .collect();
+    t.add(
+        "geglu_tanh_f32",
+        "f32",
+        rel_err(&od.to_vec::<f32>(n).expect("read"), &want),
+        1e-5,
+    );
+    d.scale(s, &ad, &od, 7.75, n).expect("scale");
+    s.synchronize().expect("sync");
+    let want: Vec<f32> = a.iter().map(|x| x * 7.75).collect();
+    t.add(
+        "scale_f32",
+        "f32",
+        rel_err(&od.to_vec::<f32>(n).expect("read"), &want),
+        1e-7,
     );
     d.add(s, &ad, &bd, &od, n).expect("add");
     s.synchronize().expect("sync");

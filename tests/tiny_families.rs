@@ -124,8 +124,16 @@ fn every_family_matches_transformers() {
     assert_eq!(
         meta.families.keys().collect::<Vec<_>>(),
         [
-            "gemma3", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen2moe", "qwen3",
-            "qwen3moe"
+            "gemma3",
+            "llama",
+            "mistral",
+            "mixtral",
+            "phi3",
+            "phi3longrope",
+            "qwen2",
+            "qwen2moe",
+            "qwen3",
+            "qwen3moe",
         ]
     );
     assert!(failures.is_empty(), "{failures:#?}");
@@ -262,4 +270,25 @@ fn missing_tensors_and_unsupported_variants_are_named() {
         e.contains("\"phimoe\"") && e.contains("phi3, qwen3moe, qwen2moe"),
         "{e}"
     );
+}
+
+/// The GPU-sized twins (tiny-families/gpu/: 32-wide heads, Q8_0) that the device tests run
+/// against the exact CPU: each loads here, has the heads the GPU attention takes, and gives
+/// finite logits.
+#[test]
+fn gpu_sized_twins_load_and_run_on_the_cpu() {
+    let meta = meta();
+    for family in ["llama", "mistral", "qwen2", "phi3", "gemma3"] {
+        let m = Model::open(dir().join(format!("gpu/{family}.q8_0.gguf"))).unwrap();
+        assert_eq!(m.hparams().arch.name(), family);
+        assert_eq!(m.hparams().head_dim, 32, "{family}");
+        let cfg = SequenceConfig {
+            ctx: Some(64),
+            precision: Precision::Exact,
+            kv_type: None,
+        };
+        let mut s = m.new_sequence(cfg).unwrap();
+        let logits = m.forward(&meta.tokens[..8], &mut s).unwrap();
+        assert!(logits.iter().all(|v| v.is_finite()), "{family}");
+    }
 }

@@ -372,22 +372,33 @@ gpu_test!(hip: fn smollm2_batched_hip_equals_alone() {
 /// to the oracle's first near-tie; the others are refused at load with an error naming what the
 /// GPU lacks (never wrong output).
 fn check_tiny_families(kind: BackendKind) {
-    // The tiny llama (Llama 3 scaling), mistral (window 8) and qwen2 have heads of 16 values,
-    // which the attention kernel's warp split does not take (real models: 64-256), so they are
-    // refused by that name; rope_freqs and the window are checked by gpu_kernels instead.
-    const GPU: [&str; 1] = ["qwen3"];
+    // The small llama (Llama 3 scaling), mistral (window 8), qwen2, gemma3 and phi3 have heads
+    // of 16 values, which the attention kernel's warp split does not take (real models:
+    // 64-256), so they are refused by that name; their GPU-sized twins (tiny-families/gpu/:
+    // 32-wide heads, Q8_0) run instead, with the same family options.
+    const GPU: [&str; 6] = [
+        "qwen3",
+        "gpu/llama",
+        "gpu/mistral",
+        "gpu/qwen2",
+        "gpu/phi3",
+        "gpu/gemma3",
+    ];
     const REFUSED: [(&str, &str); 9] = [
         ("llama", "head_dim 16"),
         ("mistral", "head_dim 16"),
         ("qwen2", "head_dim 16"),
-        ("gemma3", "gemma3"),
+        ("gemma3", "head_dim 16"),
         ("mixtral", "mixture of experts"),
-        ("phi3", "phi3"),
+        ("phi3", "head_dim 16"),
         ("qwen3moe", "qwen3moe"),
         ("qwen2moe", "qwen2moe"),
-        ("phi3longrope", "phi3"),
+        ("phi3longrope", "LongRoPE"),
     ];
-    let tiny = |f: &str| data_dir().join(format!("tiny-families/{f}.f32.gguf"));
+    let tiny = |f: &str| match f.strip_prefix("gpu/") {
+        Some(f) => data_dir().join(format!("tiny-families/gpu/{f}.q8_0.gguf")),
+        None => data_dir().join(format!("tiny-families/{f}.f32.gguf")),
+    };
     let prompt = [3u32, 141, 59, 26, 5, 35, 89, 79, 32, 38];
     for family in GPU {
         let path = tiny(family);

@@ -97,7 +97,13 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
         ("rope.cu", names(&["rope_f32", "rope_neox_f32"])),
         (
             "elementwise.cu",
-            names(&["swiglu_f32", "add_f32", "kv_store_f32_f16"]),
+            names(&[
+                "swiglu_f32",
+                "geglu_tanh_f32",
+                "scale_f32",
+                "add_f32",
+                "kv_store_f32_f16",
+            ]),
         ),
         (
             "attention.cu",

@@ -117,12 +117,9 @@ impl Arch {
     /// for a refusal; `None` when that graph computes it fully.
     pub fn beyond_llama_graph(self) -> Option<&'static str> {
         match self {
-            Self::Llama | Self::Mistral | Self::Qwen2 | Self::Qwen3 => None,
-            Self::Gemma3 => Some(
-                "gemma3 (GeGLU, QK-norm, post-attention/FFN norms, embedding scale, \
-                 sliding-window layers)",
-            ),
-            Self::Phi3 => Some("phi3 (fused QKV and gate/up tensors)"),
+            Self::Llama | Self::Mistral | Self::Qwen2 | Self::Qwen3 | Self::Gemma3 | Self::Phi3 => {
+                None
+            }
             Self::Qwen3Moe => Some("qwen3moe (mixture of experts, per-head QK-norm)"),
             Self::Qwen2Moe => Some("qwen2moe (mixture of experts with a shared expert)"),
         }
@@ -514,18 +511,11 @@ impl HParams {
                 moe.n_expert, moe.n_expert_used
             ));
         }
-        // A window on every layer with the model's one RoPE base (Mistral) is the attention
-        // kernel's `window`; local layers with a RoPE base of their own are not computed.
-        if let Some(la) = self.local_attention {
-            if la.rope_freq_base != self.rope_freq_base {
-                return Some(format!(
-                    "sliding-window layers with their own RoPE base ({} positions)",
-                    la.window
-                ));
-            }
-        }
-        if self.attn_softcap.is_some() || self.final_softcap.is_some() {
-            return Some("logit soft-capping".into());
+        // Sliding windows are the attention kernel's `window` (Gemma 3's local layers rotate
+        // with their own base there too); the final soft-cap is applied to the logits on the
+        // host. Soft-capping inside attention (Gemma 2) is not in the kernel.
+        if self.attn_softcap.is_some() {
+            return Some("attention logit soft-capping".into());
         }
         None
     }
@@ -610,8 +600,15 @@ pub(crate) mod tests {
         assert_eq!(h.attn_softcap, None);
         assert!(h.arch.has_qk_norm() && h.arch.has_post_norms());
         assert_eq!(h.arch.ffn_activation(), FfnActivation::GeluTanh);
-        // The GPU graph refuses what it lacks, by name.
-        assert!(h.beyond_llama_graph().unwrap().contains("gemma3"));
+        // The GPU graph computes Gemma 3 (GeGLU, local RoPE base, the final cap on the host);
+        // a cap inside attention (Gemma 2) it refuses by name.
+        assert_eq!(h.beyond_llama_graph(), None);
+        let mut capped = h.clone();
+        capped.attn_softcap = Some(50.0);
+        assert!(capped
+            .beyond_llama_graph()
+            .unwrap()
+            .contains("attention logit soft-capping"));
         assert_eq!(
             HParams::try_from(&md("llama"))
                 .unwrap()
@@ -700,13 +697,13 @@ pub(crate) mod tests {
         m.insert("qwen2.expert_count", Value::U32(8));
         let e = HParams::try_from(&m).unwrap_err().to_string();
         assert!(e.contains("experts in a qwen2 file"), "{e}");
-        // Phi-3: NeoX RoPE over the rotated part only, fused tensors, refused by the GPU graph.
+        // Phi-3: NeoX RoPE over the rotated part only, fused tensors (row blocks on the GPU too).
         let mut m = md("phi3");
         m.insert("phi3.rope.dimension_count", Value::U32(8));
         let h = HParams::try_from(&m).unwrap();
         assert_eq!((h.n_rot, h.head_dim), (8, 16));
         assert_eq!(h.arch.rope_layout(), RopeLayout::NeoX);
         assert!(h.arch.has_fused_projections());
-        assert!(h.beyond_llama_graph().unwrap().contains("phi3"));
+        assert_eq!(h.beyond_llama_graph(), None);
     }
 }

@@ -116,16 +116,33 @@ fn tensor<'a, D: ComputeDevice>(
         })?;
     let slot = &unit.tensors[i];
     let (cols, rows) = unit.dims.get(i).copied().unwrap_or((0, 0));
-    let bytes = usize::try_from(slot.dev_offset)
+    let (mut off, mut len, mut rows) = (slot.dev_offset, slot.dev_len, rows);
+    if (t.cols as u64, t.rows as u64) != (cols, rows) {
+        // A block of rows of a fused tensor (Phi-3's `attn_qkv`, `ffn_up`): its bytes inside
+        // the tensor's, which the device holds in the file's format (whole quant blocks per
+        // row, so the block is itself a matrix of that type).
+        let whole = t.ty.row_bytes(cols).and_then(|rb| rb.checked_mul(rows));
+        if slot.ty != t.ty || whole != Some(slot.dev_len) {
+            return Err(err(unit.layer)(format!(
+                "rows {}+{} of {}: the device holds the tensor as {} in {} B, not the file's {}",
+                t.offset, t.rows, t.name, slot.ty, slot.dev_len, t.ty
+            )));
+        }
+        off = slot.dev_offset.saturating_add(t.offset as u64);
+        len = t.range.len() as u64;
+        rows = t.rows as u64;
+    }
+    let bytes = usize::try_from(off)
         .ok()
-        .zip(usize::try_from(slot.dev_len).ok())
+        .zip(usize::try_from(len).ok())
+        .filter(|_| off.saturating_add(len) <= slot.dev_offset.saturating_add(slot.dev_len))
         .and_then(|(off, len)| view(region.buffer(), off, len).ok())
         .ok_or_else(|| {
             err(unit.layer)(format!(
                 "tensor {} at {}+{} is not inside its region of {} B",
                 t.name,
-                slot.dev_offset,
-                slot.dev_len,
+                off,
+                len,
                 region.buffer().len_bytes()
             ))
         })?;
@@ -249,11 +266,15 @@ where
         let layout = self.model.layout();
         let norm = tensor(global, region, &layout.output_norm)?;
         let head = tensor(global, region, layout.head())?;
-        let logits = self
+        let mut logits = self
             .fwd
             .output_rows(&norm, &head, &rows)
             .map_err(|e| err(None)(e.to_string()))?;
         self.leave(region)?;
+        // The family's final soft-cap (Gemma), on the host as the CPU applies it.
+        for l in &mut logits {
+            self.model.finish_logits(l);
+        }
         for b in batch.iter_mut() {
             seq_mut::<F::Kv>(b.seq)?.pos += b.rows;
         }
@@ -271,11 +292,12 @@ where
         let layout = self.model.layout();
         let norm = tensor(global, region, &layout.output_norm)?;
         let head = tensor(global, region, layout.head())?;
-        let logits = self
+        let mut logits = self
             .fwd
             .output(&norm, &head)
             .map_err(|e| err(None)(e.to_string()))?;
         self.leave(region)?;
+        self.model.finish_logits(&mut logits);
         seq.pos += hidden.n_tokens;
         Ok(logits)
     }

@@ -10,7 +10,7 @@ use super::{GpuForwardError, KernelDevice, Result, View};
 use crate::backend::error::BackendError;
 use crate::backend::DeviceTensor;
 use crate::model::{
-    run_block, tensor_name, Act, BlockOps, FfnActivation, HParams, LayerSet, Role, RopeLayout,
+    run_block, tensor_name, Act, Arch, BlockOps, FfnActivation, HParams, LayerSet, Role, RopeLayout,
 };
 use crate::quant::GgmlType;
 
@@ -288,18 +288,29 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
 
     fn rope(&mut self) -> Result<()> {
         let hp = self.hp;
+        // Gemma 3's sliding-window layers rotate with their own base, unscaled and without
+        // frequency factors (as the CPU's `Model::rope_of`); every other layer with the model's.
+        let local = match (hp.arch, hp.local_attention, hp.local_window(self.layer)) {
+            (Arch::Gemma3, Some(la), Some(_)) => Some(la.rope_freq_base),
+            _ => None,
+        };
+        let (freq_base, freq_scale) = match local {
+            Some(base) => (base, 1.0),
+            None => (hp.rope_freq_base, self.freq_scale),
+        };
         let rp = |heads| RopeParams {
             n_tokens: self.n,
             n_heads: heads,
             head_dim: hp.head_dim,
             n_rot: hp.n_rot,
-            freq_base: hp.rope_freq_base,
-            freq_scale: self.freq_scale,
+            freq_base,
+            freq_scale,
             neox: hp.arch.rope_layout() == RopeLayout::NeoX,
         };
         let rf = self
             .rope_factors
             .as_ref()
+            .filter(|_| local.is_none())
             .map(|v| v as &dyn crate::backend::DeviceBuffer);
         let (q, k) = (self.act(Act::Q)?, self.act(Act::K)?);
         self.dev
@@ -334,7 +345,7 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
                 n_heads: hp.n_head,
                 kv: self.kv_layout,
                 pos0: sg.pos,
-                scale: 1.0 / (hp.head_dim as f32).sqrt(),
+                scale: hp.attn_scale,
                 window: hp.local_window(l).unwrap_or(0),
             };
             let qs = q.slice(sg.first * qd * 4, sg.n * qd * 4)?;
@@ -352,14 +363,12 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
     }
 
     fn glu(&mut self, act: FfnActivation) -> Result<()> {
-        if act != FfnActivation::Silu {
-            return Err(GpuForwardError::Unsupported(format!(
-                "FFN activation {act:?}"
-            )));
-        }
         let (g, u) = (self.act(Act::Gate)?, self.act(Act::Up)?);
         let len = self.n * self.hp.n_ff;
-        self.dev.swiglu(self.stream, &g, &u, &g, len)?;
+        match act {
+            FfnActivation::Silu => self.dev.swiglu(self.stream, &g, &u, &g, len)?,
+            FfnActivation::GeluTanh => self.dev.geglu_tanh(self.stream, &g, &u, &g, len)?,
+        }
         Ok(())
     }
 

@@ -317,6 +317,13 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
             &self.s.hidden,
             &self.s.status,
         )?;
+        // The family's embedding scale (Gemma: sqrt(d)), as the CPU's `scale_embeddings`.
+        let scale = self.hp.embed_scale;
+        if scale != 1.0 {
+            let h = View::of(&self.s.hidden).prefix(n * self.hp.n_embd * 4)?;
+            self.dev
+                .scale(&self.stream, &h, &h, scale, n * self.hp.n_embd)?;
+        }
         self.n = n;
         Ok(())
     }

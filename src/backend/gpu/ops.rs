@@ -428,6 +428,45 @@ pub trait GpuOps: KernelDevice {
         elementwise(self, s, "swiglu_f32", gate, up, out, n)
     }
 
+    /// `out = gelu_tanh(gate) * up`, n f32 (GeGLU).
+    fn geglu_tanh(
+        &self,
+        s: &Self::Stream,
+        gate: &dyn DeviceBuffer,
+        up: &dyn DeviceBuffer,
+        out: &dyn DeviceBuffer,
+        n: usize,
+    ) -> BackendResult<()> {
+        elementwise(self, s, "geglu_tanh_f32", gate, up, out, n)
+    }
+
+    /// `out = x * scale`, n f32 (`out` may be `x`).
+    fn scale(
+        &self,
+        s: &Self::Stream,
+        x: &dyn DeviceBuffer,
+        out: &dyn DeviceBuffer,
+        scale: f32,
+        n: usize,
+    ) -> BackendResult<()> {
+        const OP: &str = "scale";
+        need(OP, "x", x, n * 4)?;
+        need(OP, "out", out, n * 4)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let k = self.kernel("elementwise.cu", "scale_f32")?;
+        let threads = 256usize;
+        let shape = LaunchShape {
+            grid: (to_u32(OP, n.div_ceil(threads).min(65_535))?, 1, 1),
+            block: (threads as u32, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [p(x), p(out), Arg::F32(scale), Arg::I32(to_i32(OP, "n", n)?)];
+        // SAFETY: two buffers of n f32 (checked); grid-stride loop covers any n.
+        unsafe { k.launch(s, shape, &args) }
+    }
+
     /// `out = a + b`, n f32.
     fn add(
         &self,
