@@ -1,4 +1,4 @@
-// elementwise.cu — SwiGLU, GeGLU, residual add, scaling, and the f32 -> f16 KV-cache store.
+// elementwise.cu — SwiGLU, GeGLU, residual add, scaling, axpy, and the f32 -> f16 KV-cache store.
 // Launch: 1-D grid-stride, any 1-D block.
 #include "common.cuh"
 
@@ -24,6 +24,13 @@ extern "C" __global__ void geglu_tanh_f32(const float* gate, const float* up, fl
 extern "C" __global__ void scale_f32(const float* x, float* out, float s, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         out[i] = x[i] * s;
+    }
+}
+
+// y += a * x, [n] f32: one expert's weighted output into a token's sum.
+extern "C" __global__ void axpy_f32(const float* x, float* y, float a, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        y[i] += a * x[i];
     }
 }
 

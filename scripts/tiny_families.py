@@ -184,7 +184,7 @@ def families():
 # GPU-sized variants for the device tests (actors/tests/gpu_forward.rs): heads 32 wide, as
 # the GPU attention kernel needs (a multiple of the warp), Q8_0 only and no reference logits:
 # the device runs them against the exact CPU, which the small models above tie to transformers.
-GPU_FAMILIES = ["llama", "mistral", "qwen2", "phi3", "gemma3"]
+GPU_FAMILIES = ["llama", "mistral", "qwen2", "phi3", "gemma3", "mixtral", "qwen2moe"]
 
 
 def gpu_sized(config):

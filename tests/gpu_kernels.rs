@@ -388,7 +388,7 @@ fn check_float_ops<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         );
     }
 
-    // swiglu, geglu, scale and add.
+    // swiglu, geglu, scale, axpy and add.
     let n = 10_007usize;
     let (a, b) = (rand_vec(rng, n, 4.0), rand_vec(rng, n, 2.0));
     let (ad, bd, od) = (up(d, &a), up(d, &b), d.alloc(n * 4, "o").expect("alloc"));
@@ -430,6 +430,17 @@ fn check_float_ops<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         "f32",
         rel_err(&od.to_vec::<f32>(n).expect("read"), &want),
         1e-7,
+    );
+    // axpy accumulates into its output: start from b.
+    let yd = up(d, &b);
+    d.axpy(s, &ad, &yd, -0.375, n).expect("axpy");
+    s.synchronize().expect("sync");
+    let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| y + -0.375 * x).collect();
+    t.add(
+        "axpy_f32",
+        "f32",
+        rel_err(&yd.to_vec::<f32>(n).expect("read"), &want),
+        1e-6,
     );
     d.add(s, &ad, &bd, &od, n).expect("add");
     s.synchronize().expect("sync");

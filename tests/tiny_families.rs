@@ -278,9 +278,21 @@ fn missing_tensors_and_unsupported_variants_are_named() {
 #[test]
 fn gpu_sized_twins_load_and_run_on_the_cpu() {
     let meta = meta();
-    for family in ["llama", "mistral", "qwen2", "phi3", "gemma3"] {
+    for (family, arch) in [
+        ("llama", "llama"),
+        ("mistral", "mistral"),
+        ("qwen2", "qwen2"),
+        ("phi3", "phi3"),
+        ("gemma3", "gemma3"),
+        ("mixtral", "llama"),
+        ("qwen2moe", "qwen2moe"),
+    ] {
         let m = Model::open(dir().join(format!("gpu/{family}.q8_0.gguf"))).unwrap();
-        assert_eq!(m.hparams().arch.name(), family);
+        assert_eq!(m.hparams().arch.name(), arch);
+        assert_eq!(
+            m.hparams().moe.is_some(),
+            family.contains("moe") || family == "mixtral"
+        );
         assert_eq!(m.hparams().head_dim, 32, "{family}");
         let cfg = SequenceConfig {
             ctx: Some(64),

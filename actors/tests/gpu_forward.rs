@@ -372,27 +372,29 @@ gpu_test!(hip: fn smollm2_batched_hip_equals_alone() {
 /// to the oracle's first near-tie; the others are refused at load with an error naming what the
 /// GPU lacks (never wrong output).
 fn check_tiny_families(kind: BackendKind) {
-    // The small llama (Llama 3 scaling), mistral (window 8), qwen2, gemma3 and phi3 have heads
-    // of 16 values, which the attention kernel's warp split does not take (real models:
-    // 64-256), so they are refused by that name; their GPU-sized twins (tiny-families/gpu/:
-    // 32-wide heads, Q8_0) run instead, with the same family options.
-    const GPU: [&str; 6] = [
+    // The small llama (Llama 3 scaling), mistral (window 8), qwen2, gemma3, phi3, Mixtral and
+    // qwen2moe have heads of 16 values, which the attention kernel's warp split does not take
+    // (real models: 64-256), so they are refused by that name; their GPU-sized twins
+    // (tiny-families/gpu/: 32-wide heads, Q8_0) run instead, with the same family options.
+    const GPU: [&str; 9] = [
         "qwen3",
+        "qwen3moe",
         "gpu/llama",
         "gpu/mistral",
         "gpu/qwen2",
         "gpu/phi3",
         "gpu/gemma3",
+        "gpu/mixtral",
+        "gpu/qwen2moe",
     ];
-    const REFUSED: [(&str, &str); 9] = [
+    const REFUSED: [(&str, &str); 8] = [
         ("llama", "head_dim 16"),
         ("mistral", "head_dim 16"),
         ("qwen2", "head_dim 16"),
         ("gemma3", "head_dim 16"),
-        ("mixtral", "mixture of experts"),
+        ("mixtral", "head_dim 16"),
         ("phi3", "head_dim 16"),
-        ("qwen3moe", "qwen3moe"),
-        ("qwen2moe", "qwen2moe"),
+        ("qwen2moe", "head_dim 16"),
         ("phi3longrope", "LongRoPE"),
     ];
     let tiny = |f: &str| match f.strip_prefix("gpu/") {

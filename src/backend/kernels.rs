@@ -101,6 +101,7 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
                 "swiglu_f32",
                 "geglu_tanh_f32",
                 "scale_f32",
+                "axpy_f32",
                 "add_f32",
                 "kv_store_f32_f16",
             ]),

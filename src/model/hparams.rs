@@ -117,11 +117,14 @@ impl Arch {
     /// for a refusal; `None` when that graph computes it fully.
     pub fn beyond_llama_graph(self) -> Option<&'static str> {
         match self {
-            Self::Llama | Self::Mistral | Self::Qwen2 | Self::Qwen3 | Self::Gemma3 | Self::Phi3 => {
-                None
-            }
-            Self::Qwen3Moe => Some("qwen3moe (mixture of experts, per-head QK-norm)"),
-            Self::Qwen2Moe => Some("qwen2moe (mixture of experts with a shared expert)"),
+            Self::Llama
+            | Self::Mistral
+            | Self::Qwen2
+            | Self::Qwen3
+            | Self::Gemma3
+            | Self::Phi3
+            | Self::Qwen3Moe
+            | Self::Qwen2Moe => None,
         }
     }
 }
@@ -505,12 +508,6 @@ impl HParams {
         if let Some(what) = self.arch.beyond_llama_graph() {
             return Some(what.to_string());
         }
-        if let Some(moe) = self.moe {
-            return Some(format!(
-                "mixture of experts ({} experts, top {})",
-                moe.n_expert, moe.n_expert_used
-            ));
-        }
         // Sliding windows are the attention kernel's `window` (Gemma 3's local layers rotate
         // with their own base there too); the final soft-cap is applied to the logits on the
         // host. Soft-capping inside attention (Gemma 2) is not in the kernel.
@@ -679,18 +676,16 @@ pub(crate) mod tests {
             (4, 2, 32, true)
         );
         assert!(h.arch.has_qk_norm() && h.arch.is_moe());
-        assert!(h
-            .beyond_llama_graph()
-            .unwrap()
-            .contains("mixture of experts"));
-        // Experts in a llama file (Mixtral): a MoE, with the dense width for its experts;
-        // refused by the GPU graph. In a qwen2 file: refused by name.
+        // The GPU layer computes the experts too (router on the device, top-k on the host).
+        assert_eq!(h.beyond_llama_graph(), None);
+        // Experts in a llama file (Mixtral): a MoE, with the dense width for its experts.
+        // In a qwen2 file: refused by name.
         let mut m = md("llama");
         m.insert("llama.expert_count", Value::U32(8));
         m.insert("llama.expert_used_count", Value::U32(2));
         let h = HParams::try_from(&m).unwrap();
         assert_eq!(h.moe.map(|m| (m.n_expert, m.n_ff_exp)), Some((8, 128)));
-        assert!(h.beyond_llama_graph().unwrap().contains("8 experts, top 2"));
+        assert_eq!(h.beyond_llama_graph(), None);
         m.insert("llama.expert_count", Value::U32(0));
         assert!(HParams::try_from(&m).unwrap().moe.is_none());
         let mut m = md("qwen2");

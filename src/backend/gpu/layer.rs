@@ -8,7 +8,7 @@ use super::gemm::{GemmF16, GemmF16Nt};
 use super::ops::{AttnParams, GpuOps, KvLayout, QMatrix, RopeParams};
 use super::{GpuForwardError, KernelDevice, Result, View};
 use crate::backend::error::BackendError;
-use crate::backend::DeviceTensor;
+use crate::backend::{BufferIo, DeviceStream, DeviceTensor};
 use crate::model::{
     run_block, tensor_name, Act, Arch, BlockOps, FfnActivation, HParams, LayerSet, Role, RopeLayout,
 };
@@ -200,6 +200,78 @@ pub fn run_layer<'a, D: KernelDevice>(
 }
 
 impl<'a, D: KernelDevice> LayerCtx<'a, D> {
+    /// Qwen2-MoE's shared expert over every row, added to `Proj` scaled per token by
+    /// `sigmoid(x . gate_inp)`: `[gate_inp, gate, up, down]`.
+    fn shared_expert(
+        &mut self,
+        n: usize,
+        [gi, sg, su, sd]: [&DeviceTensor<'a>; 4],
+        act: FfnActivation,
+    ) -> Result<()> {
+        let d = self.hp.n_embd;
+        let fs = sg.rows;
+        if fs > self.hp.n_ff {
+            return Err(GpuForwardError::Unsupported(format!(
+                "a shared expert of width {fs} beside an FFN of {}",
+                self.hp.n_ff
+            )));
+        }
+        let (xn, proj, attn, q) = (
+            self.act(Act::Xn)?,
+            self.act(Act::Proj)?,
+            self.act(Act::Attn)?,
+            self.act(Act::Q)?,
+        );
+        let (g, u) = (
+            self.act(Act::Gate)?.prefix(n * fs * 4)?,
+            self.act(Act::Up)?.prefix(n * fs * 4)?,
+        );
+        let tmp = attn.prefix(n * d * 4)?;
+        for (t, role, out) in [(sg, Role::ShexpGate, g), (su, Role::ShexpUp, u)] {
+            let (wv, m) = mat(t, &self.name(role))?;
+            linear(
+                self.dev,
+                self.stream,
+                self.s,
+                &mut self.gemm,
+                wv,
+                m,
+                xn,
+                out,
+                n,
+            )?;
+        }
+        match act {
+            FfnActivation::Silu => self.dev.swiglu(self.stream, &g, &u, &g, n * fs)?,
+            FfnActivation::GeluTanh => self.dev.geglu_tanh(self.stream, &g, &u, &g, n * fs)?,
+        }
+        let (dv, dm) = mat(sd, &self.name(Role::ShexpDown))?;
+        linear(
+            self.dev,
+            self.stream,
+            self.s,
+            &mut self.gemm,
+            dv,
+            dm,
+            g,
+            tmp,
+            n,
+        )?;
+        // One gate logit per token, read back for the sigmoid.
+        let (gv, gm) = mat(gi, &self.name(Role::ShexpGateInp))?;
+        let logits = q.prefix(n * 4)?;
+        self.dev.mmvq_n(self.stream, &gv, gm, &xn, &logits, n)?;
+        self.stream.synchronize()?;
+        let gates = self.s.q.to_vec::<f32>(n)?;
+        for (i, &z) in gates.iter().enumerate() {
+            let y = tmp.slice(i * d * 4, d * 4)?;
+            let out = proj.slice(i * d * 4, d * 4)?;
+            self.dev
+                .axpy(self.stream, &y, &out, 1.0 / (1.0 + (-z).exp()), d)?;
+        }
+        Ok(())
+    }
+
     /// The step's rows of activation `a`.
     fn act(&self, a: Act) -> Result<View<'a>> {
         let s = self.s;
@@ -372,9 +444,78 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
         Ok(())
     }
 
-    fn experts(&mut self, _: &LayerSet<DeviceTensor<'a>>) -> Result<()> {
-        Err(GpuForwardError::Unsupported(
-            "mixture-of-experts layers".into(),
-        ))
+    /// The MoE FFN: router logits on the device, the top-k choice on the host (the same
+    /// `moe::route` as the CPU), then each token's chosen experts as matrix-vector products
+    /// over row blocks of the stacked expert tensors, summed into `Proj` with their weights;
+    /// the shared expert (Qwen2-MoE) on every row, scaled by its sigmoid gate. Correct, not yet
+    /// fast: one host round trip per layer and per-token launches (the experts as units the
+    /// scheduler places and streams are future work).
+    fn experts(&mut self, w: &LayerSet<DeviceTensor<'a>>) -> Result<()> {
+        let hp = self.hp;
+        let (Some(moe), Some(router)) = (hp.moe, w.router.as_ref()) else {
+            return Err(bad("a router without MoE hyper-parameters".into()));
+        };
+        let (n, d) = (self.n, hp.n_embd);
+        let (ne, k, fe) = (moe.n_expert, moe.n_expert_used, moe.n_ff_exp);
+        // Scratch: the attention output is consumed; it holds the router logits, then each
+        // expert's output row. Gate/up hold one expert's FFN row.
+        let attn_cap = self.n * Act::Attn.width(hp);
+        if n * ne > attn_cap || d > Act::Attn.width(hp) || fe > hp.n_ff {
+            return Err(GpuForwardError::Unsupported(format!(
+                "experts of this shape ({ne} experts of width {fe}, d {d}) in the layer's scratch"
+            )));
+        }
+        let (xn, proj, attn) = (
+            self.act(Act::Xn)?,
+            self.act(Act::Proj)?,
+            self.act(Act::Attn)?,
+        );
+        let (gate, up) = (self.act(Act::Gate)?, self.act(Act::Up)?);
+        let (dev, st) = (self.dev, self.stream);
+        let (rv, rm) = mat(router, &self.name(Role::Router))?;
+        let logits = attn.prefix(n * ne * 4)?;
+        dev.mmvq_n(st, &rv, rm, &xn, &logits, n)?;
+        self.stream.synchronize()?;
+        let mut all = self.s.attn.to_vec::<f32>(n * ne)?;
+        let (mut chosen, mut weights) = (vec![0usize; k], vec![0f32; k]);
+        let stacked = |t: &DeviceTensor<'a>, role: Role, e: usize, rows: usize| {
+            let (v, m) = mat(t, &self.name(role))?;
+            let rb = m.qtype.row_bytes(m.ncols as u64).unwrap_or(0) as usize;
+            let block = QMatrix { nrows: rows, ..m };
+            Ok::<_, GpuForwardError>((v.slice(e * rows * rb, rows * rb)?, block))
+        };
+        let act = hp.arch.ffn_activation();
+        let y = attn.prefix(d * 4)?;
+        for (i, l) in all.chunks_exact_mut(ne).enumerate() {
+            crate::model::moe::route(l, moe.norm_top_k, &mut chosen, &mut weights);
+            let x = xn.slice(i * d * 4, d * 4)?;
+            let out = proj.slice(i * d * 4, d * 4)?;
+            let (g, u) = (gate.prefix(fe * 4)?, up.prefix(fe * 4)?);
+            for (j, (&e, &wt)) in chosen.iter().zip(&weights).enumerate() {
+                let (gv, gm) = stacked(&w.w_gate, Role::Gate, e, fe)?;
+                let (uv, um) = stacked(&w.w_up, Role::Up, e, fe)?;
+                let (dv, dm) = stacked(&w.w_down, Role::Down, e, d)?;
+                dev.mmvq_n(st, &gv, gm, &x, &g, 1)?;
+                dev.mmvq_n(st, &uv, um, &x, &u, 1)?;
+                match act {
+                    FfnActivation::Silu => dev.swiglu(st, &g, &u, &g, fe)?,
+                    FfnActivation::GeluTanh => dev.geglu_tanh(st, &g, &u, &g, fe)?,
+                }
+                // The first expert writes the token's row, the others add to it.
+                if j == 0 {
+                    dev.mmvq_n(st, &dv, dm, &g, &out, 1)?;
+                    dev.scale(st, &out, &out, wt, d)?;
+                } else {
+                    dev.mmvq_n(st, &dv, dm, &g, &y, 1)?;
+                    dev.axpy(st, &y, &out, wt, d)?;
+                }
+            }
+        }
+        if let (Some(gi), Some(sg), Some(su), Some(sd)) =
+            (&w.shexp_gate_inp, &w.shexp_gate, &w.shexp_up, &w.shexp_down)
+        {
+            self.shared_expert(n, [gi, sg, su, sd], act)?;
+        }
+        Ok(())
     }
 }

@@ -449,22 +449,19 @@ pub trait GpuOps: KernelDevice {
         scale: f32,
         n: usize,
     ) -> BackendResult<()> {
-        const OP: &str = "scale";
-        need(OP, "x", x, n * 4)?;
-        need(OP, "out", out, n * 4)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let k = self.kernel("elementwise.cu", "scale_f32")?;
-        let threads = 256usize;
-        let shape = LaunchShape {
-            grid: (to_u32(OP, n.div_ceil(threads).min(65_535))?, 1, 1),
-            block: (threads as u32, 1, 1),
-            shared_bytes: 0,
-        };
-        let args = [p(x), p(out), Arg::F32(scale), Arg::I32(to_i32(OP, "n", n)?)];
-        // SAFETY: two buffers of n f32 (checked); grid-stride loop covers any n.
-        unsafe { k.launch(s, shape, &args) }
+        scaled(self, s, "scale_f32", x, out, scale, n)
+    }
+
+    /// `y += a * x`, n f32.
+    fn axpy(
+        &self,
+        s: &Self::Stream,
+        x: &dyn DeviceBuffer,
+        y: &dyn DeviceBuffer,
+        a: f32,
+        n: usize,
+    ) -> BackendResult<()> {
+        scaled(self, s, "axpy_f32", x, y, a, n)
     }
 
     /// `out = a + b`, n f32.
@@ -677,6 +674,34 @@ pub trait GpuOps: KernelDevice {
 }
 
 impl<D: KernelDevice> GpuOps for D {}
+
+/// The launch of `name(x, out, a, n)`: two buffers of n f32 and a scalar.
+fn scaled<D: KernelDevice>(
+    dev: &D,
+    s: &D::Stream,
+    name: &str,
+    x: &dyn DeviceBuffer,
+    out: &dyn DeviceBuffer,
+    a: f32,
+    n: usize,
+) -> BackendResult<()> {
+    const OP: &str = "elementwise";
+    need(OP, "x", x, n * 4)?;
+    need(OP, "out", out, n * 4)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let k = dev.kernel("elementwise.cu", name)?;
+    let threads = 256usize;
+    let shape = LaunchShape {
+        grid: (to_u32(OP, n.div_ceil(threads).min(65_535))?, 1, 1),
+        block: (threads as u32, 1, 1),
+        shared_bytes: 0,
+    };
+    let args = [p(x), p(out), Arg::F32(a), Arg::I32(to_i32(OP, "n", n)?)];
+    // SAFETY: two buffers of n f32 (checked); grid-stride loop covers any n.
+    unsafe { k.launch(s, shape, &args) }
+}
 
 fn elementwise<D: KernelDevice>(
     dev: &D,
