@@ -8,7 +8,7 @@
 #   run carry [".device"]          bash .device/device-check.sh     # call 3: the rest + tests
 #   (each call within 30 s of the last, while the machine stays warm)
 #
-# The GPU machine has no cargo and the carry limit is 64 MiB with the working tree (~19 MB),
+# The GPU machine has no cargo and the carry limit is 64 MiB with the working tree (~24 MB),
 # less than SmolLM2 (98 MB) plus the executables: the model travels split, its first part in
 # calls 1 and 2 (kept outside the repository copy), the rest with the executables in call 3,
 # where device-check.sh joins the parts and checks the sha256. Without calls 1-2 the SmolLM2
@@ -22,9 +22,10 @@ DEV="${DEVICE_DIR:-$ROOT/.device}"
 MODEL_DIR="$ROOT/.device-model"
 MODEL="$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 # The model's first part goes in two calls of CHUNK_BYTES each (.device-model, .device-model-2),
-# the rest rides with the executables: every call also carries the working tree (~19 MB since
-# the tiny-family test data), so no carry may pass ~44 MB.
-CHUNK_BYTES=$((40 * 1024 * 1024))
+# the rest rides with the executables: every call also carries the working tree (~24 MB with
+# the tiny-family test data), so each chunk is what the 64 MiB carry leaves beside the tree.
+tree_mb=$(( $(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) / 1048576 + 1 ))
+CHUNK_BYTES=$(( (60 - tree_mb) * 1024 * 1024 ))
 PART1_BYTES=$((2 * CHUNK_BYTES))
 MODEL_DIR2="$ROOT/.device-model-2"
 with_model=1
@@ -102,7 +103,6 @@ ls -l /tmp/rocmforge-device
 SH
 fi
 # The device tool carries at most 64 MiB in all, the working tree included.
-tree_mb=$(( $(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) / 1048576 + 1 ))
 for d in "$DEV" "$MODEL_DIR" "$MODEL_DIR2"; do
     [ -d "$d" ] || continue
     size=$(du -sm "$d" | cut -f1)
