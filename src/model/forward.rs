@@ -632,10 +632,7 @@ impl<'w> BlockOps for CpuBlock<'_, '_, '_, 'w> {
         let len = self.len(Act::Gate);
         let s = &mut *self.s;
         let (gate, up) = (&mut s.gate[..len], &s.up[..len]);
-        match act {
-            FfnActivation::Silu => ops::swiglu(gate, up),
-            FfnActivation::GeluTanh => ops::geglu_tanh(gate, up),
-        }
+        ops::gated(act, gate, up);
         Ok(())
     }
 

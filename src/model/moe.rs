@@ -202,10 +202,7 @@ fn run(
             &mut [&mut s.gate[..], &mut s.up[..]],
             precision,
         )?;
-        match activation {
-            FfnActivation::Silu => ops::swiglu(&mut s.gate, &s.up),
-            FfnActivation::GeluTanh => ops::geglu_tanh(&mut s.gate, &s.up),
-        }
+        ops::gated(activation, &mut s.gate, &s.up);
         resize(&mut s.ys, m * d);
         ops::linear(&down, &nd, &s.gate, m, &mut s.ys, precision)?;
         for ((y, &i), &wt) in s.ys.chunks_exact(d).zip(&s.tokens).zip(&s.token_w) {
@@ -252,10 +249,7 @@ fn shared_expert(
         &mut [&mut s.gate[..], &mut s.up[..]],
         precision,
     )?;
-    match activation {
-        FfnActivation::Silu => ops::swiglu(&mut s.gate, &s.up),
-        FfnActivation::GeluTanh => ops::geglu_tanh(&mut s.gate, &s.up),
-    }
+    ops::gated(activation, &mut s.gate, &s.up);
     resize(&mut s.ys, n * d);
     ops::linear(
         sh.down,

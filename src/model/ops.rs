@@ -2,6 +2,7 @@
 //! softmax. Everything writes into caller-provided buffers so decode allocates nothing.
 
 use super::error::ModelError;
+use super::hparams::FfnActivation;
 use super::weights::WeightView;
 use crate::quant::{self, QuantError};
 use serde::{Deserialize, Serialize};
@@ -151,6 +152,14 @@ pub fn geglu_tanh(gate: &mut [f32], up: &[f32]) {
         let x = *g;
         let t = (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh();
         *g = 0.5 * x * (1.0 + t) * u;
+    }
+}
+
+/// `gate = act(gate) * up`: the family's gated activation.
+pub fn gated(act: FfnActivation, gate: &mut [f32], up: &[f32]) {
+    match act {
+        FfnActivation::Silu => swiglu(gate, up),
+        FfnActivation::GeluTanh => geglu_tanh(gate, up),
     }
 }
 

@@ -128,6 +128,22 @@ pub struct LayerCtx<'a, D: KernelDevice> {
     pub rope_factors: Option<View<'a>>,
 }
 
+/// `g = act(g) * u` over `n` f32 on the device: the family's gated activation.
+fn gated<D: KernelDevice>(
+    dev: &D,
+    st: &D::Stream,
+    act: FfnActivation,
+    g: &View<'_>,
+    u: &View<'_>,
+    n: usize,
+) -> Result<()> {
+    match act {
+        FfnActivation::Silu => dev.swiglu(st, g, u, g, n)?,
+        FfnActivation::GeluTanh => dev.geglu_tanh(st, g, u, g, n)?,
+    }
+    Ok(())
+}
+
 /// The first `floats` f32 values of `b`.
 fn f32s<B: crate::backend::DeviceBuffer>(b: &B, floats: usize) -> Result<View<'_>> {
     Ok(View::of(b).prefix(floats * 4)?)
@@ -241,10 +257,7 @@ impl<'a, D: KernelDevice> LayerCtx<'a, D> {
                 n,
             )?;
         }
-        match act {
-            FfnActivation::Silu => self.dev.swiglu(self.stream, &g, &u, &g, n * fs)?,
-            FfnActivation::GeluTanh => self.dev.geglu_tanh(self.stream, &g, &u, &g, n * fs)?,
-        }
+        gated(self.dev, self.stream, act, &g, &u, n * fs)?;
         let (dv, dm) = mat(sd, &self.name(Role::ShexpDown))?;
         linear(
             self.dev,
@@ -437,10 +450,7 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
     fn glu(&mut self, act: FfnActivation) -> Result<()> {
         let (g, u) = (self.act(Act::Gate)?, self.act(Act::Up)?);
         let len = self.n * self.hp.n_ff;
-        match act {
-            FfnActivation::Silu => self.dev.swiglu(self.stream, &g, &u, &g, len)?,
-            FfnActivation::GeluTanh => self.dev.geglu_tanh(self.stream, &g, &u, &g, len)?,
-        }
+        gated(self.dev, self.stream, act, &g, &u, len)?;
         Ok(())
     }
 
@@ -497,10 +507,7 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
                 let (dv, dm) = stacked(&w.w_down, Role::Down, e, d)?;
                 dev.mmvq_n(st, &gv, gm, &x, &g, 1)?;
                 dev.mmvq_n(st, &uv, um, &x, &u, 1)?;
-                match act {
-                    FfnActivation::Silu => dev.swiglu(st, &g, &u, &g, fe)?,
-                    FfnActivation::GeluTanh => dev.geglu_tanh(st, &g, &u, &g, fe)?,
-                }
+                gated(dev, st, act, &g, &u, fe)?;
                 // The first expert writes the token's row, the others add to it.
                 if j == 0 {
                     dev.mmvq_n(st, &dv, dm, &g, &out, 1)?;
