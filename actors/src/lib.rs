@@ -52,5 +52,5 @@ pub use messages::{
 };
 pub use runtime::{
     BlockingTokens, EmbeddingReply, Runtime, RuntimeBuilder, RuntimeHandle, StageDelays,
-    TokenStream,
+    TokenStream, Tuning,
 };

@@ -136,7 +136,15 @@ fn logprob_err(gpu: &TokenLogprobs, cpu: &TokenLogprobs, scale: f32) -> f32 {
     worst / scale
 }
 
-fn check_model(kind: BackendKind, path: &Path, label: &str, require_all_steps: bool) {
+/// `vendor_gemm`: the builder's knob (`false`: prefill through the portable GEMM kernel on
+/// CUDA too; HIP has only that one).
+fn check_model(
+    kind: BackendKind,
+    path: &Path,
+    label: &str,
+    require_all_steps: bool,
+    vendor_gemm: bool,
+) {
     let model = Model::open(path).expect("model");
     let cases: Vec<Case> = serde_json::from_slice(
         &std::fs::read(data_dir().join("smollm2-logits/cases.json")).expect("cases"),
@@ -145,11 +153,13 @@ fn check_model(kind: BackendKind, path: &Path, label: &str, require_all_steps: b
     let full = Runtime::builder()
         .model(path)
         .device(kind)
+        .vendor_gemm(vendor_gemm)
         .build()
         .expect("runtime");
     let streamed = Runtime::builder()
         .model(path)
         .device(kind)
+        .vendor_gemm(vendor_gemm)
         .memory_budget(MemoryBudget::FractionOfWeights(0.4))
         .build()
         .expect("runtime at a 40% budget");
@@ -212,12 +222,19 @@ fn check_model(kind: BackendKind, path: &Path, label: &str, require_all_steps: b
 // distance to the exact oracle is another question (tests/model_golden.rs, one_engine.rs).
 gpu_test!(cuda: fn smollm2_runtime_cuda_matches_cpu() {
     drop(require_device!(cuda));
-    check_model(BackendKind::Cuda, &smollm2(), "SmolLM2-135M Q4_1", true);
+    check_model(BackendKind::Cuda, &smollm2(), "SmolLM2-135M Q4_1", true, true);
+});
+
+// The builder's `vendor_gemm(false)` (the CLI's ROCMFORGE_NO_CUBLAS=1): every prompt of 8+
+// tokens goes through the portable GEMM kernel instead of cuBLAS, with the same bounds.
+gpu_test!(cuda: fn smollm2_runtime_cuda_portable_gemm_matches_cpu() {
+    drop(require_device!(cuda));
+    check_model(BackendKind::Cuda, &smollm2(), "SmolLM2-135M Q4_1 portable GEMM", true, false);
 });
 
 gpu_test!(hip: fn smollm2_runtime_hip_matches_cpu() {
     drop(require_device!(hip));
-    check_model(BackendKind::Hip, &smollm2(), "SmolLM2-135M Q4_1", true);
+    check_model(BackendKind::Hip, &smollm2(), "SmolLM2-135M Q4_1", true, true);
 });
 
 fn synth(kind: BackendKind) {
@@ -225,7 +242,7 @@ fn synth(kind: BackendKind) {
         "ROCMFORGE_SYNTH_MODEL is not set: point it at `rocmforge synth --preset 1b --qtype q4_0` \
          output (scripts/device-check.sh makes one)",
     );
-    check_model(kind, Path::new(&path), "synth 1B Q4_0", false);
+    check_model(kind, Path::new(&path), "synth 1B Q4_0", false, true);
 }
 
 gpu_test!(cuda: fn synth_runtime_cuda_matches_cpu() {

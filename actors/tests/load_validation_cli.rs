@@ -3,9 +3,10 @@
 //! context larger than memory is capped, and nothing aborts.
 
 use rocmforge::gguf::{write_to_vec, TensorSpec, Value};
-use rocmforge::model::{names::arch_key, tensor_name, ArchKey, TensorKind, KV_LIMIT_ENV};
+use rocmforge::model::{names::arch_key, tensor_name, ArchKey, TensorKind};
 use rocmforge::quant::GgmlType;
 use rocmforge::synth::{plan, Preset, SynthConfig};
+use rocmforge_actors::cli::KV_LIMIT_ENV;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

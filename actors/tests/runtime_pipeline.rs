@@ -133,7 +133,7 @@ fn a_compute_that_cannot_stream_the_head_makes_such_a_budget_a_build_error() {
     let model = synthetic_model_vocab(dir.path(), 12, 64, vocab);
     // The bare checksum compute has no file to embed from: it needs the head resident.
     let bare: rocmforge_actors::compute::ComputeFactory =
-        std::sync::Arc::new(move |_file| Ok(Box::new(ChecksumCompute::new(12, vocab)) as _));
+        std::sync::Arc::new(move |_file, _| Ok(Box::new(ChecksumCompute::new(12, vocab)) as _));
     let r = builder(
         &model,
         ReadMode::Read,

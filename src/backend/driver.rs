@@ -2,39 +2,51 @@
 //! few raw runtime calls a vendor supplies (CUDA's driver API through `cudarc`, HIP's runtime
 //! through `hip-runtime-sys`). Everything above the calls — range checks, out-of-memory errors,
 //! RAII frees, the `DeviceBuffer` / `BufferIo` / `PinnedHost` / `DeviceStream` / `DeviceEvent`
-//! contracts — lives here, so the two vendors cannot drift apart.
+//! contracts — lives here, so the two vendors cannot drift apart. Modules and launches, over
+//! the same trait, are in `backend::module`.
 //!
 //! Layering (CONVENTIONS.md): raw FFI → the vendor's [`Driver`] impl (one `Result` per call,
-//! the device made current first) → [`DeviceBuf`], [`PinnedBuf`], [`Stream`], [`Event`], whose
-//! `Drop` frees.
+//! the device made current first) → [`DeviceBuf`], [`PinnedBuf`], [`Stream`], [`Event`]
+//! (and `Module`, `Kernel`), whose `Drop` frees.
 
 use std::any::Any;
+use std::ffi::CStr;
 use std::fmt;
 use std::sync::Arc;
 
 use super::buffer::{check_range, BufferIo, DeviceBuffer, Pod};
 use super::error::{BackendError, BackendResult};
+use super::gpu::{Arg, LaunchShape};
 use super::{DeviceEvent, DeviceStream, PinnedHost};
 
 /// A pinned allocation that failed: why, in the vendor's words.
 pub type HostAllocError = String;
 
-/// One vendor's runtime calls on one device. Every call makes the device current on the
-/// calling thread first (CUDA: binds the context; HIP: `hipSetDevice`), so the values built on
-/// it may be used from any thread.
+/// One vendor's runtime calls on one device. Every memory, stream and event call makes the
+/// device current on the calling thread first (CUDA: binds the context; HIP: `hipSetDevice`),
+/// so the values built on it may be used from any thread. The module and launch calls are the
+/// bare runtime calls: their caller ([`Module`](super::module::Module)) calls
+/// [`make_current`](Driver::make_current) first, so a failure to bind is reported as such and
+/// a refused call in the runtime's own words.
 ///
 /// # Safety
 /// Implementations must be the vendor's real calls with the documented semantics: `malloc`
 /// returns a fresh device allocation of at least `bytes`, `host_alloc` page-locked host memory
-/// of at least `bytes`, the copies copy exactly the ranges given, and the stream and event
-/// handles they return stay valid until destroyed. The types in this module rely on it for
-/// their `DeviceBuffer` and `Send`/`Sync` promises.
+/// of at least `bytes`, the copies copy exactly the ranges given, the stream and event handles
+/// they return stay valid until destroyed, module handles until unloaded and function handles
+/// while their module is loaded, and every handle may be used from any thread with the device
+/// current. The types in this module and `backend::module` rely on it for their
+/// `DeviceBuffer` and `Send`/`Sync` promises.
 pub unsafe trait Driver: fmt::Debug + Send + Sync + 'static {
     /// `"CUDA"` or `"HIP"`, for messages.
     const VENDOR: &'static str;
     /// A stream handle (a raw pointer: the wrappers below own it).
     type RawStream: Copy + fmt::Debug;
     type RawEvent: Copy + fmt::Debug;
+    /// A loaded code object.
+    type RawModule: Copy + fmt::Debug;
+    /// An entry point of a loaded code object.
+    type RawFunction: Copy + fmt::Debug;
 
     /// (free, total) device memory in bytes.
     fn mem_info(&self) -> BackendResult<(usize, usize)>;
@@ -106,6 +118,38 @@ pub unsafe trait Driver: fmt::Debug + Send + Sync + 'static {
         start: Self::RawEvent,
         end: Self::RawEvent,
     ) -> BackendResult<f32>;
+
+    /// Makes the device current on the calling thread (needed before the calls below).
+    fn make_current(&self) -> BackendResult<()>;
+    /// Loads a compiled image; `Err` is the runtime's reason.
+    ///
+    /// # Safety
+    /// The device is current; `image` is a complete image of the vendor's kind (CUDA: a cubin,
+    /// or PTX text ending in NUL; HIP: an AMD code object): the loaders take no length.
+    unsafe fn module_load(&self, image: &[u8]) -> Result<Self::RawModule, String>;
+    /// # Safety
+    /// The device is current; `m` came from `module_load` and is unloaded once, with no
+    /// function of it launched afterwards.
+    unsafe fn module_unload(&self, m: Self::RawModule) -> Result<(), String>;
+    /// Entry point `name` of `m`, `None` when it has none.
+    ///
+    /// # Safety
+    /// The device is current; `m` is loaded.
+    unsafe fn module_function(&self, m: Self::RawModule, name: &CStr) -> Option<Self::RawFunction>;
+    /// Queues `f` on `s` with `args` (each vendor passes them in the form its runtime takes);
+    /// `Err` is the runtime's reason.
+    ///
+    /// # Safety
+    /// The device is current; `f`'s module is loaded and `s` is live; `args` match `f`'s
+    /// parameter list in number and type, and every pointer addresses device memory large
+    /// enough for what the kernel reads and writes, alive until the launch completed.
+    unsafe fn launch(
+        &self,
+        f: Self::RawFunction,
+        shape: LaunchShape,
+        s: Self::RawStream,
+        args: &[Arg],
+    ) -> Result<(), String>;
 }
 
 /// One device allocation, freed on drop.

@@ -9,6 +9,8 @@
 //! - `compile_cache.rs` — compiled modules cached in memory and on disk (vendor-neutral).
 //! - `driver.rs`        — device memory, pinned memory, streams and events written once over
 //!   the [`driver::Driver`] trait: each vendor supplies only its runtime calls.
+//! - `module.rs`        — kernel modules and launches over the same trait ([`module::Module`],
+//!   [`module::Kernel`]).
 //! - `rtc.rs`           — the run-time compiler library (NVRTC, hipRTC: one C API under two
 //!   prefixes) loaded with `dlopen`, compiling and reading output written once.
 //! - `gpu/`             — the vendor-neutral forward pass: launchers, layer pass, `GpuLayered`,
@@ -27,6 +29,7 @@ pub mod gpu;
 pub mod hip;
 pub mod host;
 pub mod kernels;
+pub mod module;
 pub mod rtc;
 
 use std::str::FromStr;

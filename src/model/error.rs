@@ -49,7 +49,7 @@ pub enum ModelError {
     #[error(
         "a KV cache of {ctx} tokens needs {bytes} bytes ({per_token} per token), over the limit of \
          {limit} bytes ({limit_from}); not even {min_ctx} tokens fit: use a smaller --ctx, raise \
-         the limit (ROCMFORGE_KV_LIMIT) or a model with fewer layers/KV heads"
+         the limit (RuntimeBuilder::kv_limit; the CLI reads ROCMFORGE_KV_LIMIT) or a model with fewer layers/KV heads"
     )]
     KvTooLarge {
         ctx: usize,

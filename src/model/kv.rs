@@ -396,10 +396,6 @@ impl ContextFit {
     }
 }
 
-/// Environment variable that sets [`KvLimit::host`] in bytes (containers whose memory limit
-/// the kernel's counters do not show, tests).
-pub const KV_LIMIT_ENV: &str = "ROCMFORGE_KV_LIMIT";
-
 /// The most bytes one sequence's KV cache (and scores) may take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvLimit {
@@ -409,20 +405,20 @@ pub struct KvLimit {
 }
 
 impl KvLimit {
-    /// `ROCMFORGE_KV_LIMIT` when set, else half of the memory available now (`MemAvailable`,
-    /// or the cgroup's room when smaller): the weights, the runtime's buffers and the other
-    /// sequences need the rest. `None` where neither can be read (no limit is enforced then).
-    pub fn host() -> Result<Option<Self>, ModelError> {
-        if let Ok(v) = std::env::var(KV_LIMIT_ENV) {
-            let bytes = v.trim().parse::<u64>().map_err(|e| ModelError::BadHParam {
-                key: KV_LIMIT_ENV.into(),
-                reason: format!("{v:?} is not a byte count: {e}"),
-            })?;
-            return Ok(Some(Self {
-                bytes,
-                from: format!("{KV_LIMIT_ENV}={bytes}"),
-            }));
+    /// A limit the caller set (`RuntimeBuilder::kv_limit`; the CLI takes it from
+    /// `ROCMFORGE_KV_LIMIT`): for containers whose memory limit the kernel's counters do not
+    /// show, and for tests.
+    pub fn configured(bytes: u64) -> Self {
+        Self {
+            bytes,
+            from: format!("the configured KV limit, {bytes} bytes"),
         }
+    }
+
+    /// Half of the memory available now (`MemAvailable`, or the cgroup's room when smaller):
+    /// the weights, the runtime's buffers and the other sequences need the rest. `None` where
+    /// neither can be read (no limit is enforced then).
+    pub fn host() -> Option<Self> {
         let meminfo = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|s| mem_available(&s));
@@ -431,12 +427,17 @@ impl KvLimit {
             (Some(m), Some(c)) if c < m => (c, "the cgroup's memory.max room"),
             (Some(m), _) => (m, "MemAvailable"),
             (None, Some(c)) => (c, "the cgroup's memory.max room"),
-            (None, None) => return Ok(None),
+            (None, None) => return None,
         };
-        Ok(Some(Self {
+        Some(Self {
             bytes: avail / 2,
             from: format!("half of {what}, {avail} bytes"),
-        }))
+        })
+    }
+
+    /// [`Self::configured`] when `configured` is set, else [`Self::host`].
+    pub fn configured_or_host(configured: Option<u64>) -> Option<Self> {
+        configured.map(Self::configured).or_else(Self::host)
     }
 }
 

@@ -35,7 +35,7 @@ pub use generate::{Generation, StopReason, Timings};
 pub use hparams::{Arch, FfnActivation, HParams, LocalAttention, Moe, RopeLayout, RopeScaling};
 pub use kv::{
     bytes_per_token, ContextFit, KvCache, KvLimit, KvType, Scratch, Sequence, SequenceConfig,
-    DEFAULT_CTX, KV_LIMIT_ENV, MIN_CTX,
+    DEFAULT_CTX, MIN_CTX,
 };
 pub use names::{arch_key, tensor_name, ArchKey, TensorKind};
 pub use ops::Precision;

@@ -13,6 +13,7 @@ mod act;
 pub mod blocks;
 mod dot;
 mod fast;
+mod isa;
 pub mod qtype;
 mod quantize;
 pub mod reference;
@@ -22,6 +23,7 @@ mod simd;
 mod simd_tile;
 
 pub use dot::WeightMatrix;
+pub use isa::{cpu_isa, set_cpu_isa, tile_kernels, CpuIsa};
 pub use qtype::{GgmlType, TypeId};
 
 use blocks::*;

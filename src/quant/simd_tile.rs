@@ -45,21 +45,28 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best the CPU supports, or None without AVX2; decided once per process. Setting the
-    /// environment variable `ROCMFORGE_CPU_ISA=avx2` skips VNNI (to compare the two paths, or to
-    /// run the AVX2 path's tests on a VNNI machine).
+    /// The best the CPU supports under the process's cap ([`super::cpu_isa`]), or None
+    /// without AVX2. The hardware is probed once per process; the cap is read at each call.
     pub fn detect() -> Option<Isa> {
-        static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
-        *ISA.get_or_init(|| {
-            let forced_avx2 = std::env::var("ROCMFORGE_CPU_ISA").is_ok_and(|v| v == "avx2");
-            if has_vnni() && !forced_avx2 {
+        static HW: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+        let hw = *HW.get_or_init(|| {
+            if has_vnni() {
                 Some(Isa::Vnni)
             } else if super::simd::has_avx2() {
                 Some(Isa::Avx2)
             } else {
                 None
             }
-        })
+        });
+        Self::capped(hw, super::cpu_isa())
+    }
+
+    /// `hw`, the best the CPU has, under `cap` (VNNI implies AVX2: `has_vnni` checks both).
+    fn capped(hw: Option<Isa>, cap: super::CpuIsa) -> Option<Isa> {
+        match (hw, cap) {
+            (Some(Isa::Vnni), super::CpuIsa::Avx2) => Some(Isa::Avx2),
+            (hw, _) => hw,
+        }
     }
 }
 
@@ -488,4 +495,24 @@ pub unsafe fn quantize_act_block(x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> 
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
     Some((d, _mm_cvtsi128_si32(s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::CpuIsa;
+
+    #[test]
+    fn the_cap_lowers_vnni_to_avx2_and_nothing_else() {
+        for (hw, cap, want) in [
+            (Some(Isa::Vnni), CpuIsa::Best, Some(Isa::Vnni)),
+            (Some(Isa::Vnni), CpuIsa::Avx2, Some(Isa::Avx2)),
+            (Some(Isa::Avx2), CpuIsa::Best, Some(Isa::Avx2)),
+            (Some(Isa::Avx2), CpuIsa::Avx2, Some(Isa::Avx2)),
+            (None, CpuIsa::Best, None),
+            (None, CpuIsa::Avx2, None),
+        ] {
+            assert_eq!(Isa::capped(hw, cap), want, "{hw:?} under {cap:?}");
+        }
+    }
 }

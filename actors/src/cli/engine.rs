@@ -83,6 +83,7 @@ impl Engine {
         backend: BackendKind,
         e: &EngineArgs,
     ) -> Result<Self, Box<dyn std::error::Error>> {
+        let tuning = super::tuning_from_env()?;
         let trace = match &e.trace {
             Some(path) => Some((enable_chrome_trace(path)?, path.clone())),
             None => None,
@@ -142,6 +143,7 @@ impl Engine {
         // one opens, else the CPU.
         let gpu_opt = crate::compute::gpu::GpuPipelineOptions {
             ctx: model.ctx,
+            vendor_gemm: tuning.vendor_gemm,
             ..Default::default()
         };
         let opened = match tracing::info_span!("device_wait")
@@ -157,7 +159,7 @@ impl Engine {
             .and_then(|r| r.ok());
         let gpu = tracing::info_span!("open_pipeline")
             .in_scope(|| crate::compute::gpu::open_pipeline_on(opened, &file, gpu_opt, staging))?;
-        let mut builder = Runtime::builder().model_file(file);
+        let mut builder = Runtime::builder().model_file(file).tuning(tuning);
         let opened = match gpu {
             Some(g) => {
                 for reason in &g.fallback {

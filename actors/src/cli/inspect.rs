@@ -225,8 +225,8 @@ fn load_checks(f: &GgufFile) -> LoadChecks {
             return c;
         }
     };
-    let limit = match KvLimit::host() {
-        Ok(l) => l,
+    let limit = match super::tuning_from_env() {
+        Ok(t) => KvLimit::configured_or_host(t.kv_limit),
         Err(e) => {
             c.problems.push(format!("KV limit: {e}"));
             return c;

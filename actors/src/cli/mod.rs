@@ -16,6 +16,41 @@ pub mod synth;
 pub mod trace;
 pub mod ttft;
 
+/// `ROCMFORGE_KV_LIMIT`: [`Tuning::kv_limit`](crate::Tuning), bytes.
+pub const KV_LIMIT_ENV: &str = "ROCMFORGE_KV_LIMIT";
+/// `ROCMFORGE_NO_CUBLAS`: anything but empty or `0` clears
+/// [`Tuning::vendor_gemm`](crate::Tuning).
+pub const NO_CUBLAS_ENV: &str = "ROCMFORGE_NO_CUBLAS";
+/// `ROCMFORGE_CPU_ISA`: `avx2` or `best`, [`Tuning::cpu_isa`](crate::Tuning).
+pub const CPU_ISA_ENV: &str = "ROCMFORGE_CPU_ISA";
+
+/// The tuning knobs the environment sets (docs/ENVIRONMENT.md), read here at the CLI's edge
+/// so the library reads none: the runtime gets them as builder fields. An unset (or empty)
+/// variable keeps the field's default; a malformed one is an error naming it.
+pub fn tuning_from_env() -> Result<crate::Tuning, String> {
+    tuning_from(|k| std::env::var(k).ok())
+}
+
+/// [`tuning_from_env`] over any lookup (tests pass a map).
+pub fn tuning_from(var: impl Fn(&str) -> Option<String>) -> Result<crate::Tuning, String> {
+    let set = |k: &str| var(k).filter(|v| !v.trim().is_empty());
+    let mut t = crate::Tuning::default();
+    if let Some(v) = set(KV_LIMIT_ENV) {
+        let bytes = v
+            .trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{KV_LIMIT_ENV}: {v:?} is not a byte count: {e}"))?;
+        t.kv_limit = Some(bytes);
+    }
+    if let Some(v) = set(NO_CUBLAS_ENV) {
+        t.vendor_gemm = v.trim() == "0";
+    }
+    if let Some(v) = set(CPU_ISA_ENV) {
+        t.cpu_isa = Some(v.parse().map_err(|e| format!("{CPU_ISA_ENV}: {e}"))?);
+    }
+    Ok(t)
+}
+
 /// `--version`: the crate version, the commit it was built from and the compiled backends.
 pub const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -206,4 +241,38 @@ where
 pub fn init_logging() {
     use tracing_subscriber::prelude::*;
     let _ = tracing_subscriber::registry().with(log_layer()).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<crate::Tuning, String> {
+        let m: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        tuning_from(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn the_environment_sets_the_builder_fields() {
+        assert_eq!(from(&[]), Ok(crate::Tuning::default()));
+        let t = from(&[
+            (KV_LIMIT_ENV, "1048576"),
+            (NO_CUBLAS_ENV, "1"),
+            (CPU_ISA_ENV, "avx2"),
+        ])
+        .expect("valid");
+        assert_eq!(t.kv_limit, Some(1 << 20));
+        assert!(!t.vendor_gemm);
+        assert_eq!(t.cpu_isa, Some(rocmforge::quant::CpuIsa::Avx2));
+        // `0` and empty keep cuBLAS, as before.
+        assert!(from(&[(NO_CUBLAS_ENV, "0")]).expect("valid").vendor_gemm);
+        assert!(from(&[(NO_CUBLAS_ENV, "")]).expect("valid").vendor_gemm);
+        let e = from(&[(KV_LIMIT_ENV, "1 MiB")]).expect_err("not a number");
+        assert!(e.contains(KV_LIMIT_ENV), "{e}");
+        let e = from(&[(CPU_ISA_ENV, "sse2")]).expect_err("unknown");
+        assert!(e.contains(CPU_ISA_ENV), "{e}");
+    }
 }

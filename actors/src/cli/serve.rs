@@ -140,6 +140,7 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         template_fuel: defaults.template_fuel,
         template_timeout: seconds("--template-timeout", a.template_timeout)?,
         max_prompt_bytes: a.max_prompt_bytes,
+        tuning: super::tuning_from_env()?,
     };
     super::init_logging();
     run_until_signal(cfg, deadline)?;

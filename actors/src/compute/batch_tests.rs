@@ -56,7 +56,7 @@ fn fixture() -> Fixture {
         precision: Precision::Exact,
         kv_type: None,
     };
-    let mut compute = LlamaCompute::new(&file, cfg).unwrap();
+    let mut compute = LlamaCompute::new(&file, cfg, &Default::default()).unwrap();
     compute
         .configure_batching(BatchLimits {
             max_num_seqs: 4,

@@ -345,6 +345,9 @@ pub struct GpuPipelineOptions {
     pub copy_streams: usize,
     /// Device bytes left free beyond KV cache and activations (driver, fragmentation).
     pub margin_bytes: u64,
+    /// Prefill GEMMs through the vendor library (cuBLAS) when it loads; `false`: always the
+    /// portable kernel (`LayeredOptions::use_blas`; the CLI's `ROCMFORGE_NO_CUBLAS=1`).
+    pub vendor_gemm: bool,
 }
 
 impl Default for GpuPipelineOptions {
@@ -355,6 +358,7 @@ impl Default for GpuPipelineOptions {
             max_seqs: crate::pipeline::batch::DEFAULT_MAX_NUM_SEQS,
             copy_streams: 2,
             margin_bytes: 512 << 20,
+            vendor_gemm: true,
         }
     }
 }
@@ -402,7 +406,7 @@ pub fn open_pipeline_on(
     let lopt = LayeredOptions {
         ctx: opt.ctx,
         max_batch: opt.max_batch,
-        use_blas: true,
+        use_blas: opt.vendor_gemm,
         max_seqs: opt.max_seqs,
     };
     // The compute's KV cache and activations are allocated after the budget is set, so the
@@ -446,7 +450,8 @@ fn gpu_parts<D: KernelDevice>(
     // After the registration: module loads and the ring's registration contend for the driver.
     rocmforge::backend::gpu::preload_kernels(dev.clone());
     let wb: Arc<dyn WeightBackend> = Arc::new(gb);
-    let factory: ComputeFactory = Arc::new(move |file: &GgufFile| {
+    // `ComputeSettings` holds host-side limits only; the device's KV cache is sized by `lopt`.
+    let factory: ComputeFactory = Arc::new(move |file: &GgufFile, _settings| {
         let model = Model::from_file(file.clone()).map_err(|e| err(None)(e.to_string()))?;
         let fwd =
             GpuLayered::new(dev.clone(), &model, lopt).map_err(|e| err(None)(e.to_string()))?;

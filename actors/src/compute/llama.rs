@@ -11,7 +11,8 @@
 //! lets layer 0 start first and lets a budget smaller than the table (streamed head) work.
 
 use crate::compute::{
-    BatchLimits, BatchSeq, ComputeFactory, Hidden, KvPoolStats, ModelCompute, SequenceState,
+    BatchLimits, BatchSeq, ComputeFactory, ComputeSettings, Hidden, KvPoolStats, ModelCompute,
+    SequenceState,
 };
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::residency::ResidentLayer;
@@ -47,6 +48,8 @@ pub struct LlamaCompute {
     scratch: Scratch,
     /// Concatenated hidden rows of the sequences wanting logits (`output_batch`).
     last_rows: Vec<f32>,
+    /// The configured KV limit (`ComputeSettings::kv_limit`), for the shared pool's default.
+    kv_limit: Option<u64>,
 }
 
 /// `ModelCompute::tokenize` for a compute holding an optional GGUF tokenizer (CPU and GPU).
@@ -73,12 +76,17 @@ fn err(layer: Option<usize>) -> impl Fn(rocmforge::model::ModelError) -> Runtime
 }
 
 impl LlamaCompute {
-    /// Opens the model and sizes the context against the host's KV limit before any sequence
-    /// exists: a context that does not fit is capped with a warning, one that cannot fit at all
-    /// fails here (the runtime does not start) rather than aborting at the first request.
-    pub fn new(file: &GgufFile, mut seq_cfg: SequenceConfig) -> Result<Self> {
+    /// Opens the model and sizes the context against the KV limit (`settings.kv_limit`, else
+    /// the host's) before any sequence exists: a context that does not fit is capped with a
+    /// warning, one that cannot fit at all fails here (the runtime does not start) rather than
+    /// aborting at the first request.
+    pub fn new(
+        file: &GgufFile,
+        mut seq_cfg: SequenceConfig,
+        settings: &ComputeSettings,
+    ) -> Result<Self> {
         let model = Model::from_file(file.clone()).map_err(err(None))?;
-        let limit = KvLimit::host().map_err(err(None))?;
+        let limit = KvLimit::configured_or_host(settings.kv_limit);
         let fit = seq_cfg
             .fit_context(model.hparams(), limit.as_ref())
             .map_err(err(None))?;
@@ -118,6 +126,7 @@ impl LlamaCompute {
             pool: None,
             scratch: Scratch::default(),
             last_rows: Vec::new(),
+            kv_limit: settings.kv_limit,
         })
     }
 
@@ -218,8 +227,8 @@ impl LlamaCompute {
 
     /// The factory the runtime uses by default.
     pub fn factory(seq_cfg: SequenceConfig) -> ComputeFactory {
-        Arc::new(move |file: &GgufFile| {
-            Ok(Box::new(LlamaCompute::new(file, seq_cfg)?) as Box<dyn ModelCompute>)
+        Arc::new(move |file: &GgufFile, settings: &ComputeSettings| {
+            Ok(Box::new(LlamaCompute::new(file, seq_cfg, settings)?) as Box<dyn ModelCompute>)
         })
     }
 }
@@ -479,7 +488,7 @@ impl ModelCompute for LlamaCompute {
     }
 
     /// One pool for every sequence: the budget given, else room for `max_num_seqs` whole
-    /// contexts capped by the host's KV limit (at least one context: `new` checked it fits).
+    /// contexts capped by the KV limit (at least one context: `new` checked it fits).
     fn configure_batching(&mut self, limits: BatchLimits) -> Result<()> {
         let hp = self.model.hparams();
         let ty = self.seq_cfg.kv_type_or_default();
@@ -488,7 +497,7 @@ impl ModelCompute for LlamaCompute {
             Some(b) => b as u128,
             None => {
                 let all = ctx_bytes * limits.max_num_seqs.max(1) as u128;
-                let host = KvLimit::host().map_err(err(None))?;
+                let host = KvLimit::configured_or_host(self.kv_limit);
                 host.map_or(all, |l| all.min(l.bytes as u128))
                     .max(ctx_bytes)
             }

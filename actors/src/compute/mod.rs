@@ -302,9 +302,20 @@ fn no_streamed_head() -> RuntimeError {
     }
 }
 
+/// What the runtime's builder hands every compute it builds (`RuntimeBuilder::kv_limit`):
+/// a compute applies what concerns it (the host's KV limit means nothing to a GPU's KV cache).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ComputeSettings {
+    /// Bytes one host sequence's KV cache (and attention scores) may take; `None`: half of
+    /// the memory available (`KvLimit::host`).
+    pub kv_limit: Option<u64>,
+}
+
 /// Builds a compute for an opened model (runs on the Inference thread at start).
 pub type ComputeFactory = std::sync::Arc<
-    dyn Fn(&rocmforge::gguf::GgufFile) -> Result<Box<dyn ModelCompute>> + Send + Sync,
+    dyn Fn(&rocmforge::gguf::GgufFile, &ComputeSettings) -> Result<Box<dyn ModelCompute>>
+        + Send
+        + Sync,
 >;
 
 const WIDTH: usize = 8;
@@ -349,7 +360,7 @@ impl ChecksumCompute {
 
     /// A factory reading the layer count from the file (`blk.N` tensors) and using `vocab`.
     pub fn factory(vocab: usize, delay_per_layer: std::time::Duration) -> ComputeFactory {
-        std::sync::Arc::new(move |file| {
+        std::sync::Arc::new(move |file, _settings| {
             let n = file
                 .tensors()
                 .iter()

@@ -10,7 +10,7 @@
 //!
 //! The step itself (units, embedding, output head) is in `step.rs`.
 
-use crate::compute::{BatchLimits, ComputeFactory, ModelCompute};
+use crate::compute::{BatchLimits, ComputeFactory, ComputeSettings, ModelCompute};
 use crate::error::{Result, RuntimeError};
 use crate::messages::SessionId;
 use crate::messages::{FinishReason, GenerateRequest, Pooling, Prompt, TokenEvent};
@@ -62,6 +62,8 @@ pub struct InferenceConfig {
     pub compute_threads: Option<usize>,
     pub file: rocmforge::gguf::GgufFile,
     pub factory: ComputeFactory,
+    /// Passed to `factory` (the builder's fields a compute applies).
+    pub settings: ComputeSettings,
     pub plan: Arc<LoadPlan>,
     pub board: Arc<ResidencyBoard>,
     pub sched: flume::Sender<SchedMsg>,
@@ -96,7 +98,8 @@ pub fn spawn(cfg: InferenceConfig) -> Result<Starting> {
 
 /// Builds the compute, checks it against the plan, reports readiness, then serves.
 fn start(cfg: InferenceConfig, ready: Readiness) {
-    let built = tracing::info_span!("build_compute").in_scope(|| (cfg.factory)(&cfg.file));
+    let built =
+        tracing::info_span!("build_compute").in_scope(|| (cfg.factory)(&cfg.file, &cfg.settings));
     match built {
         Ok(mut compute) => {
             if compute.n_layers() != cfg.plan.n_layers {

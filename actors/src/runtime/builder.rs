@@ -29,6 +29,32 @@ pub struct StageDelays {
     pub upload_per_chunk: Duration,
 }
 
+/// Tuning knobs, each with a default that suits every machine; the CLI also takes them from
+/// the environment variables of docs/ENVIRONMENT.md (`cli::tuning_from_env`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Bytes one host (CPU) sequence's KV cache and attention scores may take: a context that
+    /// does not fit is capped, one of which fewer than `MIN_CTX` tokens fit is refused.
+    /// `None` (default): half of the memory available (`KvLimit::host`).
+    pub kv_limit: Option<u64>,
+    /// Prefill GEMMs on a GPU through the vendor library (cuBLAS) when it loads (default
+    /// `true`); `false`: always the portable kernel (to compare the two).
+    pub vendor_gemm: bool,
+    /// The CPU kernels' instruction-set cap, set for the whole process when the runtime is
+    /// built; `None` (default) leaves it as it is (`CpuIsa::Best` unless set before).
+    pub cpu_isa: Option<rocmforge::quant::CpuIsa>,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            kv_limit: None,
+            vendor_gemm: true,
+            cpu_isa: None,
+        }
+    }
+}
+
 pub struct RuntimeBuilder {
     model: Option<PathBuf>,
     /// The model opened already (`model_file`): not parsed a second time.
@@ -54,6 +80,7 @@ pub struct RuntimeBuilder {
         rocmforge::backend::BackendKind,
         crate::compute::gpu::GpuPipelineOptions,
     )>,
+    tuning: Tuning,
 }
 
 impl Default for RuntimeBuilder {
@@ -78,6 +105,7 @@ impl Default for RuntimeBuilder {
             compute: None,
             delays: StageDelays::default(),
             device: None,
+            tuning: Tuning::default(),
         }
     }
 }
@@ -201,6 +229,30 @@ impl RuntimeBuilder {
         self.device = Some((kind, opt));
         self
     }
+    /// Every tuning knob at once (see [`Tuning`]; the setters below change one).
+    pub fn tuning(mut self, t: Tuning) -> Self {
+        self.tuning = t;
+        self
+    }
+    /// Bytes one CPU sequence's KV cache may take (default: half of the memory available);
+    /// reaches the compute as `ComputeSettings::kv_limit`.
+    pub fn kv_limit(mut self, bytes: u64) -> Self {
+        self.tuning.kv_limit = Some(bytes);
+        self
+    }
+    /// `false`: GPU prefill runs the portable GEMM kernel, never cuBLAS (default `true`). Only
+    /// a device the builder opens (`device`, `device_with`) applies it; a compute given with
+    /// `compute(..)` was configured by its maker.
+    pub fn vendor_gemm(mut self, on: bool) -> Self {
+        self.tuning.vendor_gemm = on;
+        self
+    }
+    /// Caps the CPU kernels' instruction sets for this process (`rocmforge::quant::set_cpu_isa`,
+    /// applied by `build`).
+    pub fn cpu_isa(mut self, isa: rocmforge::quant::CpuIsa) -> Self {
+        self.tuning.cpu_isa = Some(isa);
+        self
+    }
     pub fn stage_delays(mut self, d: StageDelays) -> Self {
         self.delays = d;
         self
@@ -212,6 +264,9 @@ impl RuntimeBuilder {
         let path = self.model.clone().ok_or(RuntimeError::NoModel)?;
         let span = tracing::info_span!("build");
         let _g = span.enter();
+        if let Some(isa) = self.tuning.cpu_isa {
+            rocmforge::quant::set_cpu_isa(isa);
+        }
         // The identity first: a file that changes between this and the open below fails the
         // first check of a read (never the other way round: bytes taken for the loaded file). A
         // file the caller opened already (`model_file`) was parsed just before, at start-up.
@@ -228,7 +283,10 @@ impl RuntimeBuilder {
             (Some(_), None) => None,
         };
         let gpu = match (&self.backend, device) {
-            (None, Some((kind, opt))) => crate::compute::gpu::open_pipeline(kind, &file, opt)?,
+            (None, Some((kind, mut opt))) => {
+                opt.vendor_gemm &= self.tuning.vendor_gemm;
+                crate::compute::gpu::open_pipeline(kind, &file, opt)?
+            }
             _ => None,
         };
         let backend: Arc<dyn WeightBackend> = match (&self.backend, &gpu) {
@@ -339,6 +397,9 @@ impl RuntimeBuilder {
             compute_threads: self.compute_threads,
             file: file.clone(),
             factory,
+            settings: crate::compute::ComputeSettings {
+                kv_limit: self.tuning.kv_limit,
+            },
             plan: plan.clone(),
             board: board.clone(),
             sched: sched_tx.clone(),

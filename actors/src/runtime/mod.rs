@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 mod builder;
-pub use builder::{RuntimeBuilder, StageDelays};
+pub use builder::{RuntimeBuilder, StageDelays, Tuning};
 
 /// Entry point of the embedding API.
 pub struct Runtime;

@@ -124,6 +124,9 @@ pub struct ServeConfig {
     pub template_timeout: Duration,
     /// Most bytes of a prompt (rendered chat or completion text), checked before tokenizing.
     pub max_prompt_bytes: usize,
+    /// The runtime's tuning knobs (KV limit, vendor GEMM, CPU ISA); the CLI reads them from
+    /// the environment.
+    pub tuning: crate::Tuning,
 }
 
 impl ServeConfig {
@@ -154,6 +157,7 @@ impl ServeConfig {
             template_fuel: 1_000_000,
             template_timeout: Duration::from_secs(5),
             max_prompt_bytes: 4 << 20,
+            tuning: crate::Tuning::default(),
         }
     }
 }
@@ -210,7 +214,7 @@ impl Server {
         if cfg.backend == BackendKind::Cpu {
             // The host holds the KV: sized before listening, as LlamaCompute will (which
             // warns when it caps), so the context the handlers enforce is the one that fits.
-            let limit = KvLimit::host().map_err(|e| model_err(e.to_string()))?;
+            let limit = KvLimit::configured_or_host(cfg.tuning.kv_limit);
             let seq = SequenceConfig {
                 ctx: Some(ctx),
                 ..SequenceConfig::default()
@@ -231,7 +235,8 @@ impl Server {
             .prefetch_depth(cfg.prefetch_depth)
             .queue_capacity(cfg.queue_capacity)
             .max_num_seqs(cfg.batch.max_num_seqs)
-            .max_batch_tokens(cfg.batch.max_batch_tokens);
+            .max_batch_tokens(cfg.batch.max_batch_tokens)
+            .tuning(cfg.tuning);
         if let Some(b) = cfg.batch.kv_budget {
             builder = builder.kv_budget(b);
         }

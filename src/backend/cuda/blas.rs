@@ -1,22 +1,14 @@
 //! cuBLAS for prefill: `Y[n, rows] = X[n, k] · W[rows, k]^T` with f16 operands (weight tiles
 //! dequantized by `dequant.cu`, activations converted on the device) and f32 results: CUDA's
-//! [`GemmF16`]. cuBLAS is optional: without the library, or with `ROCMFORGE_NO_CUBLAS=1`, the
-//! forward passes use the portable kernel (`backend::gpu::PortableGemm`, `kernels/gemm.cu`).
+//! [`GemmF16`]. cuBLAS is optional: without the library, or with `LayeredOptions::use_blas`
+//! off (`RuntimeBuilder::vendor_gemm(false)`; the CLI's `ROCMFORGE_NO_CUBLAS=1`), the forward
+//! passes use the portable kernel (`backend::gpu::PortableGemm`, `kernels/gemm.cu`).
 
 use super::driver::Stream;
 use super::CudaDevice;
 use crate::backend::error::{BackendError, BackendResult};
 use crate::backend::gpu::{GemmF16, GemmF16Nt};
 use cudarc::cublas::{result, sys};
-
-/// Set to anything but `0` or empty: cuBLAS is never loaded, prefill runs the portable GEMM
-/// kernel (to test or compare it on an NVIDIA GPU).
-pub const NO_CUBLAS_ENV: &str = "ROCMFORGE_NO_CUBLAS";
-
-/// Whether [`NO_CUBLAS_ENV`] disables cuBLAS.
-pub fn cublas_disabled() -> bool {
-    std::env::var(NO_CUBLAS_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
-}
 
 pub struct Blas {
     handle: sys::cublasHandle_t,
@@ -49,9 +41,6 @@ impl Blas {
     /// loads libcublas/libcublasLt: ~0.1 s warm, more from a cold disk) and bind the stream
     /// when it joins.
     pub fn create() -> Result<Self, String> {
-        if cublas_disabled() {
-            return Err(format!("cuBLAS disabled by {NO_CUBLAS_ENV}"));
-        }
         // SAFETY: only probes whether the library loads (cudarc panics on use otherwise).
         if !unsafe { sys::is_culib_present() } {
             return Err("libcublas.so not found".into());

@@ -1,7 +1,8 @@
-//! [`CudaDriver`]: the CUDA driver API calls behind the vendor-neutral memory, stream and event
-//! types (`backend::driver`), through `cudarc`'s `result` layer; and the CUDA-only staging ring
-//! carved from one registered huge-page region.
+//! [`CudaDriver`]: the CUDA driver API calls behind the vendor-neutral memory, stream, event,
+//! module and launch types (`backend::driver`, `backend::module`), through `cudarc`'s `result`
+//! layer; and the CUDA-only staging ring carved from one registered huge-page region.
 
+use std::ffi::{c_void, CStr};
 use std::sync::Arc;
 
 use cudarc::driver::{result, sys, CudaContext, DriverError};
@@ -10,6 +11,8 @@ use super::host::{HostRegion, RegisteredHost};
 use super::{bind, drv_err};
 use crate::backend::driver::{self, Driver, HostAllocError};
 use crate::backend::error::{BackendError, BackendResult};
+use crate::backend::gpu::{Arg, LaunchShape};
+use crate::backend::module;
 
 /// One CUDA device's primary context: every call binds it to the calling thread first.
 #[derive(Debug)]
@@ -21,6 +24,8 @@ pub type DeviceBuf = driver::DeviceBuf<CudaDriver>;
 pub type PinnedBuf = driver::PinnedBuf<CudaDriver>;
 pub type Stream = driver::Stream<CudaDriver>;
 pub type Event = driver::Event<CudaDriver>;
+pub type Module = module::Module<CudaDriver>;
+pub type Kernel = module::Kernel<CudaDriver>;
 
 fn call(op: &'static str, r: sys::CUresult) -> BackendResult<()> {
     r.result().map_err(|e| drv_err(op, e))
@@ -32,6 +37,8 @@ unsafe impl Driver for CudaDriver {
     const VENDOR: &'static str = "CUDA";
     type RawStream = sys::CUstream;
     type RawEvent = sys::CUevent;
+    type RawModule = sys::CUmodule;
+    type RawFunction = sys::CUfunction;
 
     fn mem_info(&self) -> BackendResult<(usize, usize)> {
         bind(&self.ctx)?;
@@ -183,6 +190,56 @@ unsafe impl Driver for CudaDriver {
         bind(&self.ctx)?;
         // SAFETY: the caller's contract.
         unsafe { result::event::elapsed(start, end) }.map_err(|e| drv_err("cuEventElapsedTime", e))
+    }
+
+    fn make_current(&self) -> BackendResult<()> {
+        bind(&self.ctx)
+    }
+
+    unsafe fn module_load(&self, image: &[u8]) -> Result<sys::CUmodule, String> {
+        // SAFETY: the caller's contract: the context is current and `image` a complete cubin
+        // or NUL-terminated PTX, alive for the call (the driver copies what it needs).
+        unsafe { result::module::load_data(image.as_ptr().cast()) }.map_err(|e| e.to_string())
+    }
+
+    unsafe fn module_unload(&self, m: sys::CUmodule) -> Result<(), String> {
+        // SAFETY: the caller's contract (loaded, unloaded once, nothing launched after).
+        unsafe { result::module::unload(m) }.map_err(|e| e.to_string())
+    }
+
+    unsafe fn module_function(&self, m: sys::CUmodule, name: &CStr) -> Option<sys::CUfunction> {
+        // SAFETY: the caller's contract (context current, module loaded); `name` is
+        // NUL-terminated.
+        unsafe { result::module::get_function(m, name.to_owned()) }.ok()
+    }
+
+    unsafe fn launch(
+        &self,
+        f: sys::CUfunction,
+        shape: LaunchShape,
+        s: sys::CUstream,
+        args: &[Arg],
+    ) -> Result<(), String> {
+        // `kernelParams`: one pointer per parameter, each to an 8-byte slot holding its value.
+        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| (s as *mut u64).cast::<c_void>())
+            .collect();
+        // SAFETY: `f`'s module is loaded and `s` live (caller); `params` points at `slots`,
+        // both alive for the call (the driver copies parameters at launch); the argument
+        // contract is the caller's.
+        unsafe {
+            result::launch_kernel(
+                f,
+                shape.grid,
+                shape.block,
+                shape.shared_bytes,
+                s,
+                &mut params,
+            )
+        }
+        .map_err(|e| e.to_string())
     }
 }
 

@@ -5,14 +5,14 @@
 //! - `mod.rs`    — [`CudaDevice`]: context, arch, module cache; implements `ComputeDevice`.
 //! - `nvrtc.rs`  — run-time compiler, loaded with `dlopen` from any CUDA 12/13 install or wheel.
 //! - `driver.rs` — [`CudaDriver`]: the driver API calls behind the vendor-neutral memory,
-//!   stream and event types (`backend::driver`: `DeviceBuf`, `PinnedBuf`, `Stream`, `Event`),
-//!   and the staging ring carved from one registered huge-page region.
-//! - `module.rs` — `Module`, `Kernel`, launches.
+//!   stream, event, module and launch types (`backend::driver`: `DeviceBuf`, `PinnedBuf`,
+//!   `Stream`, `Event`; `backend::module`: `Module`, `Kernel`), and the staging ring carved
+//!   from one registered huge-page region.
 //! - `kernel_device.rs` — `KernelDevice` for [`CudaDevice`]: the vendor-neutral launchers
 //!   (`backend::gpu::ops`, re-exported here as `ops`) and layer pass run on it.
 //! - `host.rs`   — `RegisteredHost`: a pre-faulted huge-page host region page-locked for copies
 //!   (the pipeline's staging ring; `ComputeDevice::alloc_pinned_ring`).
-//! - `blas.rs`   — cuBLAS f16 GEMM for prefill (`ROCMFORGE_NO_CUBLAS=1` turns it off).
+//! - `blas.rs`   — cuBLAS f16 GEMM for prefill (`LayeredOptions::use_blas` turns it off).
 //!
 //! The forward pass is the vendor-neutral `backend::gpu::GpuLayered` (`CudaLayered` below),
 //! driven by the actors' pipeline: the one engine.
@@ -21,7 +21,6 @@ pub mod blas;
 pub mod driver;
 pub mod host;
 mod kernel_device;
-pub mod module;
 pub mod nvrtc;
 pub use super::gpu::ops;
 
@@ -34,8 +33,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{sys, CudaContext, DriverError};
 
 pub use crate::backend::buffer::Pod;
-pub use driver::{CudaDriver, DeviceBuf, Event, PinnedBuf, Stream};
-pub use module::{Arg, Kernel, LaunchShape, Module};
+pub use crate::backend::gpu::{Arg, LaunchShape};
+pub use driver::{CudaDriver, DeviceBuf, Event, Kernel, Module, PinnedBuf, Stream};
 pub use nvrtc::Nvrtc;
 
 use super::compile_cache::{CacheHit, CompileKey, KernelCache, OutputKind};
@@ -137,12 +136,12 @@ impl CudaDevice {
             return Ok((Arc::clone(m), CacheHit::Memory));
         }
         let (image, hit) = compile(&self.cache, file, &self.arch(), defines, OutputKind::Binary)?;
-        let m = match Module::load(&self.ctx, file, &image) {
+        let m = match Module::load(&self.drv, file, &image) {
             Ok(m) => m,
             Err(e) if hit != CacheHit::Compiled => {
                 tracing::warn!(file, error = %e, "cached kernel module refused; compiling again");
                 let image = recompile(&self.cache, file, &self.arch(), defines)?;
-                Module::load(&self.ctx, file, &image)?
+                Module::load(&self.drv, file, &image)?
             }
             Err(e) => return Err(e),
         };

@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use hip_runtime_sys as sys;
 
-use super::driver::{DeviceBuf, Event, HipDriver, PinnedBuf, Stream};
-use super::module::{Kernel, Module};
+use super::driver::{DeviceBuf, Event, HipDriver, Kernel, Module, PinnedBuf, Stream};
 use crate::backend::buffer::Pod;
 use crate::backend::compile_cache::{CacheHit, KernelCache};
 use crate::backend::error::{BackendError, BackendResult};
@@ -169,7 +168,7 @@ impl HipDevice {
             return Ok((Arc::clone(m), CacheHit::Memory));
         }
         let (image, hit) = super::compile(&self.cache, file, &self.arch, defines)?;
-        let m = Module::load(self.ordinal, file, &image)?;
+        let m = Module::load(&self.drv, file, &image)?;
         mods.insert(key, Arc::clone(&m));
         Ok((m, hit))
     }

@@ -1,14 +1,22 @@
-//! [`HipDriver`]: the HIP runtime calls behind the vendor-neutral memory, stream and event types
-//! (`backend::driver`). HIP has no context objects: every call first makes the device current
-//! on the calling thread (`hipSetDevice`, a thread-local store).
+//! [`HipDriver`]: the HIP runtime calls behind the vendor-neutral memory, stream, event, module
+//! and launch types (`backend::driver`, `backend::module`). HIP has no context objects: every
+//! call first makes the device current on the calling thread (`hipSetDevice`, a thread-local
+//! store).
+//!
+//! Launch arguments go through `hipModuleLaunchKernel`'s `extra` buffer (one packed, naturally
+//! aligned struct of all parameters, [`pack_args`]), the form the HIP documentation gives for
+//! module launches and the one every ROCm release accepts; `kernelParams` was unimplemented in
+//! older releases.
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_int, c_void, CStr};
 
 use hip_runtime_sys as sys;
 
 use super::device::{bind, check, err_text};
 use crate::backend::driver::{self, Driver, HostAllocError};
 use crate::backend::error::BackendResult;
+use crate::backend::gpu::{Arg, LaunchShape};
+use crate::backend::module;
 
 /// One HIP device, by ordinal.
 #[derive(Debug)]
@@ -20,6 +28,13 @@ pub type DeviceBuf = driver::DeviceBuf<HipDriver>;
 pub type PinnedBuf = driver::PinnedBuf<HipDriver>;
 pub type Stream = driver::Stream<HipDriver>;
 pub type Event = driver::Event<HipDriver>;
+pub type Module = module::Module<HipDriver>;
+pub type Kernel = module::Kernel<HipDriver>;
+
+// HIP_LAUNCH_PARAM_* from hip_runtime_api.h (macros, so absent from the bindings).
+const LAUNCH_PARAM_BUFFER_POINTER: usize = 0x01;
+const LAUNCH_PARAM_BUFFER_SIZE: usize = 0x02;
+const LAUNCH_PARAM_END: usize = 0x03;
 
 /// A device address as the pointer type the bindings take.
 fn dev(p: u64) -> *mut c_void {
@@ -32,6 +47,8 @@ unsafe impl Driver for HipDriver {
     const VENDOR: &'static str = "HIP";
     type RawStream = sys::hipStream_t;
     type RawEvent = sys::hipEvent_t;
+    type RawModule = sys::hipModule_t;
+    type RawFunction = sys::hipFunction_t;
 
     fn mem_info(&self) -> BackendResult<(usize, usize)> {
         bind(self.ordinal)?;
@@ -205,5 +222,146 @@ unsafe impl Driver for HipDriver {
             sys::hipEventElapsedTime(&mut ms, start, end)
         })?;
         Ok(ms)
+    }
+
+    fn make_current(&self) -> BackendResult<()> {
+        bind(self.ordinal)
+    }
+
+    unsafe fn module_load(&self, image: &[u8]) -> Result<sys::hipModule_t, String> {
+        let mut raw: sys::hipModule_t = std::ptr::null_mut();
+        // SAFETY: the caller's contract: the device is current and `image` a complete code
+        // object, alive for the call (the runtime copies what it needs); valid out-pointer.
+        let e = unsafe { sys::hipModuleLoadData(&mut raw, image.as_ptr().cast()) };
+        if e != sys::hipError_t::hipSuccess {
+            return Err(err_text(e));
+        }
+        Ok(raw)
+    }
+
+    unsafe fn module_unload(&self, m: sys::hipModule_t) -> Result<(), String> {
+        // SAFETY: the caller's contract (loaded, unloaded once, nothing launched after).
+        let e = unsafe { sys::hipModuleUnload(m) };
+        if e != sys::hipError_t::hipSuccess {
+            return Err(err_text(e));
+        }
+        Ok(())
+    }
+
+    unsafe fn module_function(
+        &self,
+        m: sys::hipModule_t,
+        name: &CStr,
+    ) -> Option<sys::hipFunction_t> {
+        let mut raw: sys::hipFunction_t = std::ptr::null_mut();
+        // SAFETY: the caller's contract (device current, module loaded); `name` is
+        // NUL-terminated; valid out-pointer.
+        let e = unsafe { sys::hipModuleGetFunction(&mut raw, m, name.as_ptr()) };
+        if e != sys::hipError_t::hipSuccess || raw.is_null() {
+            return None;
+        }
+        Some(raw)
+    }
+
+    unsafe fn launch(
+        &self,
+        f: sys::hipFunction_t,
+        shape: LaunchShape,
+        s: sys::hipStream_t,
+        args: &[Arg],
+    ) -> Result<(), String> {
+        let (mut buf, mut len) = pack_args(args);
+        let mut extra: [*mut c_void; 5] = [
+            LAUNCH_PARAM_BUFFER_POINTER as *mut c_void,
+            buf.as_mut_ptr().cast(),
+            LAUNCH_PARAM_BUFFER_SIZE as *mut c_void,
+            (&mut len as *mut usize).cast(),
+            LAUNCH_PARAM_END as *mut c_void,
+        ];
+        // SAFETY: `f`'s module is loaded and `s` live (caller); `extra` points at `buf` and
+        // `len`, alive for the call (the runtime copies the arguments at launch); the argument
+        // contract is the caller's.
+        let e = unsafe {
+            sys::hipModuleLaunchKernel(
+                f,
+                shape.grid.0,
+                shape.grid.1,
+                shape.grid.2,
+                shape.block.0,
+                shape.block.1,
+                shape.block.2,
+                shape.shared_bytes,
+                s,
+                std::ptr::null_mut(),
+                extra.as_mut_ptr(),
+            )
+        };
+        if e == sys::hipError_t::hipSuccess {
+            Ok(())
+        } else {
+            Err(err_text(e))
+        }
+    }
+}
+
+/// The kernel parameters laid out as the device reads them: each at the next multiple of its
+/// own alignment (pointers 8, 32-bit scalars 4), as a C struct of those fields would be.
+/// Returned in u64 words (so the buffer itself is 8-aligned) with the exact byte length.
+pub fn pack_args(args: &[Arg]) -> (Vec<u64>, usize) {
+    let mut bytes: Vec<u8> = Vec::with_capacity(args.len() * 8);
+    for a in args {
+        let (b, align): ([u8; 8], usize) = match *a {
+            Arg::Ptr(p) => (p.to_ne_bytes(), 8),
+            Arg::I32(v) => (widen(v.to_ne_bytes()), 4),
+            Arg::U32(v) => (widen(v.to_ne_bytes()), 4),
+            Arg::F32(v) => (widen(v.to_ne_bytes()), 4),
+        };
+        bytes.resize(bytes.len().div_ceil(align) * align, 0);
+        bytes.extend_from_slice(&b[..align]);
+    }
+    let len = bytes.len();
+    let mut words = vec![0u64; len.div_ceil(8)];
+    for (w, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *w = u64::from_ne_bytes(b);
+    }
+    (words, len)
+}
+
+fn widen(b: [u8; 4]) -> [u8; 8] {
+    [b[0], b[1], b[2], b[3], 0, 0, 0, 0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(words: &[u64], len: usize) -> Vec<u8> {
+        words
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .take(len)
+            .collect()
+    }
+
+    #[test]
+    fn args_are_packed_at_their_natural_alignment() {
+        // (ptr, i32, ptr): the second pointer moves to offset 16, like a C struct.
+        let (w, len) = pack_args(&[Arg::Ptr(0x1122_3344_5566_7788), Arg::I32(-2), Arg::Ptr(7)]);
+        assert_eq!(len, 24);
+        let b = bytes(&w, len);
+        assert_eq!(&b[0..8], &0x1122_3344_5566_7788u64.to_ne_bytes());
+        assert_eq!(&b[8..12], &(-2i32).to_ne_bytes());
+        assert_eq!(&b[12..16], &[0, 0, 0, 0]);
+        assert_eq!(&b[16..24], &7u64.to_ne_bytes());
+        // Consecutive 32-bit scalars stay packed.
+        let (w, len) = pack_args(&[Arg::Ptr(1), Arg::U32(3), Arg::F32(1.5), Arg::I32(9)]);
+        assert_eq!(len, 20);
+        let b = bytes(&w, len);
+        assert_eq!(&b[8..12], &3u32.to_ne_bytes());
+        assert_eq!(&b[12..16], &1.5f32.to_ne_bytes());
+        assert_eq!(&b[16..20], &9i32.to_ne_bytes());
+        assert_eq!(pack_args(&[]).1, 0);
     }
 }

@@ -9,23 +9,9 @@
 //! RDNA), so host shapes and device code agree.
 
 use super::device::HipDevice;
-use super::driver::Stream;
-use super::module::Kernel;
+use super::driver::Kernel;
 use crate::backend::error::BackendResult;
-use crate::backend::gpu::{Arg, DeviceKernel, GemmF16, KernelDevice, LaunchShape};
-
-impl DeviceKernel for Kernel {
-    type Stream = Stream;
-    unsafe fn launch(
-        &self,
-        stream: &Stream,
-        shape: LaunchShape,
-        args: &[Arg],
-    ) -> BackendResult<()> {
-        // SAFETY: the caller upholds the argument contract, which is the same as this one's.
-        unsafe { Kernel::launch(self, stream, shape, args) }
-    }
-}
+use crate::backend::gpu::{GemmF16, KernelDevice};
 
 impl KernelDevice for HipDevice {
     type Kernel = Kernel;

@@ -5,9 +5,10 @@
 //! - `mod.rs`    — kernel compilation for AMD (always built: hipRTC is loaded with `dlopen`, so
 //!   the compile check runs without the `hip` feature and without a GPU), arch helpers.
 //! - `hiprtc.rs` — the hipRTC loader (why hipRTC rather than `hipcc --genco`: see there).
-//! - `device.rs`, `driver.rs`, `module.rs` — the runtime on `hip-runtime-sys`, only with the
-//!   cargo feature `hip` (it links `libamdhip64`). `driver.rs` is `HipDriver`: the runtime
-//!   calls behind the vendor-neutral memory, stream and event types (`backend::driver`).
+//! - `device.rs`, `driver.rs` — the runtime on `hip-runtime-sys`, only with the cargo feature
+//!   `hip` (it links `libamdhip64`). `driver.rs` is `HipDriver`: the runtime calls behind the
+//!   vendor-neutral memory, stream, event, module and launch types (`backend::driver`,
+//!   `backend::module`).
 //! - `kernel_device.rs` — `KernelDevice` for [`HipDevice`]: the vendor-neutral forward pass
 //!   (`backend::gpu`: launchers, layer pass, `GpuLayered`) runs on it (feature `hip`).
 //!
@@ -22,15 +23,13 @@ mod device;
 pub mod driver;
 #[cfg(feature = "hip")]
 mod kernel_device;
-#[cfg(feature = "hip")]
-pub mod module;
 
+#[cfg(feature = "hip")]
+pub use crate::backend::gpu::{Arg, LaunchShape};
 #[cfg(feature = "hip")]
 pub use device::{driver_version, HipDevice};
 #[cfg(feature = "hip")]
-pub use driver::{DeviceBuf, Event, HipDriver, PinnedBuf, Stream};
-#[cfg(feature = "hip")]
-pub use module::{pack_args, Kernel, Module};
+pub use driver::{pack_args, DeviceBuf, Event, HipDriver, Kernel, Module, PinnedBuf, Stream};
 
 /// [`crate::backend::gpu::GpuLayered`] on HIP: the pipelined runtime's compute on AMD GPUs.
 #[cfg(feature = "hip")]
