@@ -249,14 +249,13 @@ fn dot_f32(fma: bool, a: &[f32], b: &[f32]) -> f32 {
     dot_f32_scalar(a, b)
 }
 
-/// Per-task scratch (empty until needed): a dequantized weight row for the float path, tile
-/// outputs for the tiled kernels.
+/// Per-task scratch (empty until needed): a dequantized weight row for the float path, lanes
+/// tile outputs for the tiled kernels.
 #[derive(Default)]
 struct Scratch {
     row: Vec<f32>,
     #[cfg(target_arch = "x86_64")]
     tile: Vec<[f32; LANES]>,
-    one: Vec<f32>,
 }
 
 /// One weight row times B activation rows, for the paths without a tiled kernel. The same code
@@ -354,6 +353,18 @@ impl SharedOut {
         // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
         *self.ptr.add(i) = v;
     }
+
+    /// Elements `i .. i + n` as a slice.
+    ///
+    /// # Safety
+    /// No other thread reads or writes them while the slice lives.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)] // disjointness is the caller's contract, as for `write`
+    unsafe fn slice(&self, i: usize, n: usize) -> &mut [f32] {
+        assert!(i <= self.len && n <= self.len - i);
+        // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
+        std::slice::from_raw_parts_mut(self.ptr.add(i), n)
+    }
 }
 
 /// Computes rows `r0 .. r1` of `mat` for every activation row into `out` (`[batch, mat.rows]`).
@@ -396,21 +407,21 @@ fn rows_range(
             let tile = &mut scratch.tile;
             tile.resize(n, [0.0; LANES]);
             lanes_kernel(mat.ty, isa, w, cols, g, &mut tile[..n]);
-            for (k, o) in tile[..n].iter().enumerate() {
-                for (t, &v) in o[..g.rows()].iter().enumerate() {
-                    put(b + t, r0 + k, v);
+            for t in 0..g.rows() {
+                assert!(b + t < batch);
+                // SAFETY: rows r0..r1 of this matrix belong to this piece only (`matmul_fused`
+                // cuts the rows into disjoint pieces, each run by one task).
+                let dst = unsafe { out.slice((b + t) * rows + r0, n) };
+                for (d, o) in dst.iter_mut().zip(&tile[..n]) {
+                    *d = o[t];
                 }
             }
             b += g.rows();
         }
         for b in b..batch {
-            let a = act(b);
-            let one = &mut scratch.one;
-            one.resize(n, 0.0);
-            rows8_kernel(mat.ty, isa, w, cols, &a, &mut one[..n]);
-            for (k, &v) in one[..n].iter().enumerate() {
-                put(b, r0 + k, v);
-            }
+            // SAFETY: as above.
+            let dst = unsafe { out.slice(b * rows + r0, n) };
+            rows8_kernel(mat.ty, isa, w, cols, &act(b), dst);
         }
         return;
     }
