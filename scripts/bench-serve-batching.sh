@@ -20,28 +20,4 @@ for i in $(seq 1 "$ROUNDS"); do
     "$BIN" "$MODEL" "${COMMON[@]}" --out "$OUT/loadgen-batched-$i.json"
     "$BIN" "$MODEL" "${COMMON[@]}" --max-num-seqs 1 --out "$OUT/loadgen-unbatched-$i.json"
 done
-python3 - "$OUT" <<'PY'
-import glob, json, statistics, sys
-out = sys.argv[1]
-summary = {}
-for mode in ("batched", "unbatched"):
-    runs = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/loadgen-{mode}-*.json"))]
-    per = {}
-    for r in runs:
-        lv = {l["clients"]: l for l in r["levels"]}
-        for c, l in lv.items():
-            per.setdefault(c, {"tokens_per_s": [], "ttft_p50_ms": []})
-            per[c]["tokens_per_s"].append(l["tokens_per_s"])
-            per[c]["ttft_p50_ms"].append(l["ttft_p50_ms"])
-        per.setdefault("ratio_8_to_1", []).append(lv[8]["tokens_per_s"] / lv[1]["tokens_per_s"])
-    summary[mode] = {
-        "rounds": len(runs),
-        "median_ratio_8_to_1": statistics.median(per.pop("ratio_8_to_1")),
-        "levels": {c: {k: {"median": statistics.median(v), "all": v} for k, v in d.items()}
-                   for c, d in per.items()},
-    }
-json.dump(summary, open(f"{out}/summary-loadgen.json", "w"), indent=2)
-print(json.dumps({m: (s["median_ratio_8_to_1"],
-                      {c: round(l["tokens_per_s"]["median"], 1) for c, l in s["levels"].items()})
-                  for m, s in summary.items()}))
-PY
+python3 scripts/summarize_loadgen.py "$OUT"
