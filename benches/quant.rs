@@ -167,7 +167,8 @@ fn bench_matmul(c: &mut Criterion) {
 }
 
 /// The products of one SmolLM2-135M layer (Q4_1 [rows, cols]) and its Q8_0 output head, in
-/// thread CPU time on one thread: decode (batch 1) and prefill (batch 128) per shape. Stable on a
+/// thread CPU time on one thread: decode (batch 1), a batched decode step of 8 sequences
+/// (batch 8) and prefill (batch 128) per shape. Stable on a
 /// shared machine where wall time is not; the sum over shapes x 30 layers approximates the
 /// kernel share of a token (see docs/PERFORMANCE.md, "CPU inference").
 fn bench_model_shapes(c: &mut Criterion) {
@@ -182,9 +183,9 @@ fn bench_model_shapes(c: &mut Criterion) {
     ];
     for (name, ty, rows, cols) in shapes {
         let w = quantize(ty, &data(rows * cols)).expect("quantize");
-        for batch in [1usize, 128] {
-            if rows > 4096 && batch > 1 {
-                continue; // the head only ever sees the last prompt position
+        for batch in [1usize, 8, 128] {
+            if rows > 4096 && batch > 8 {
+                continue; // the head sees one row per sequence of a step, never a whole prompt
             }
             let x = data(batch * cols);
             let mut y = vec![0.0f32; batch * rows];

@@ -33,8 +33,12 @@ pub struct ActQ8<'a> {
 #[derive(Default)]
 pub struct ActsQ8 {
     nb: usize,
+    batch: usize,
     blk: Vec<ActBlock>,
     qs: Vec<i8>,
+    /// The rows interleaved in groups of up to [`LANES`] (see [`Self::fill_lanes`]).
+    lanes: Vec<ActLanes>,
+    lane_groups: usize,
 }
 
 /// Quantizes one 32-element block; returns its metadata.
@@ -65,6 +69,8 @@ impl ActsQ8 {
         let nb = cols / 32;
         let batch = x.len() / cols.max(1);
         self.nb = nb;
+        self.batch = batch;
+        self.lane_groups = 0;
         self.blk.resize(batch * nb, ActBlock::default());
         self.qs.resize(batch * nb * 32, 0);
         #[cfg(target_arch = "x86_64")]
@@ -102,12 +108,113 @@ impl ActsQ8 {
         }
     }
 
+    /// Interleaves the rows of the last `fill` for the lanes kernels: groups of [`LANES`]
+    /// rows, and a last group of the rows left if there are at least `min_rows` of them (fewer
+    /// are left to the one-row kernels). Returns the rows the groups cover.
+    pub fn fill_lanes(&mut self, min_rows: usize) -> usize {
+        let mut lanes = std::mem::take(&mut self.lanes);
+        let mut covered = 0;
+        let mut g = 0;
+        while covered < self.batch {
+            let n = LANES.min(self.batch - covered);
+            if n < LANES && n < min_rows {
+                break;
+            }
+            if lanes.len() == g {
+                lanes.push(ActLanes::default());
+            }
+            let rows: Vec<ActQ8> = (covered..covered + n).map(|b| self.row(b)).collect();
+            lanes[g].fill(&rows);
+            covered += n;
+            g += 1;
+        }
+        self.lanes = lanes;
+        self.lane_groups = g;
+        covered
+    }
+
+    /// The groups built by the last [`Self::fill_lanes`] (none after a `fill`), in row order.
+    pub fn lanes(&self) -> &[ActLanes] {
+        &self.lanes[..self.lane_groups]
+    }
+
     pub fn row(&self, b: usize) -> ActQ8<'_> {
         let nb = self.nb;
         ActQ8 {
             blk: &self.blk[b * nb..(b + 1) * nb],
             qs: &self.qs[b * nb * 32..(b + 1) * nb * 32],
         }
+    }
+}
+
+/// Activation rows the lanes kernels take at once (one f32 lane each).
+pub const LANES: usize = 8;
+
+/// One 32-element block of [`ActLanes`]: everything the lanes kernels read for it, together.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct LaneBlock {
+    /// 8 groups of 4 quants, each group holding the 4 quants of every lane side by side
+    /// (`[group][lane][4]`).
+    pub qs: [i8; 32 * LANES],
+    /// Each lane's scale `d`, `d * sum` and quant sum.
+    pub d: [f32; LANES],
+    pub ds: [f32; LANES],
+    pub isum: [i32; LANES],
+}
+
+impl Default for LaneBlock {
+    fn default() -> Self {
+        Self {
+            qs: [0; 32 * LANES],
+            d: [0.0; LANES],
+            ds: [0.0; LANES],
+            isum: [0; LANES],
+        }
+    }
+}
+
+/// Up to [`LANES`] activation rows interleaved for the lanes kernels (`simd_tile::*_lanes`),
+/// so that one 32-byte load meets a broadcast group of 4 weight quants with all rows at once.
+/// Lanes past the rows given repeat the last of them.
+#[derive(Default)]
+pub struct ActLanes {
+    /// Rows given (the other lanes copy the last one).
+    rows: usize,
+    /// `[nb]`.
+    pub blocks: Vec<LaneBlock>,
+}
+
+impl ActLanes {
+    /// Interleaves `rows` (1..=LANES rows of the same width), reusing the buffers.
+    pub fn fill(&mut self, rows: &[ActQ8]) {
+        assert!(!rows.is_empty() && rows.len() <= LANES);
+        let nb = rows[0].blk.len();
+        self.rows = rows.len();
+        self.blocks.resize(nb, LaneBlock::default());
+        for t in 0..LANES {
+            let a = &rows[t.min(rows.len() - 1)];
+            for (i, lb) in self.blocks.iter_mut().enumerate() {
+                let b = a.blk[i];
+                lb.d[t] = b.d;
+                lb.ds[t] = b.ds;
+                lb.isum[t] = b.isum;
+                for g in 0..8 {
+                    let at = g * 4 * LANES + 4 * t;
+                    lb.qs[at..at + 4].copy_from_slice(&a.qs[32 * i + 4 * g..32 * i + 4 * g + 4]);
+                }
+            }
+        }
+    }
+
+    /// Blocks per row.
+    pub fn nb(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Rows given to `fill`.
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 }
 

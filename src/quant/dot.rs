@@ -4,11 +4,13 @@
 //! reached through `matvec` or `matmul` and whatever tile it falls in, so `matmul` row b equals
 //! `matvec(X[b])` bit for bit and neither depends on the number of threads.
 //!
-//! Work split: rows are grouped in tiles of `TILE_ROWS`; the tiles of every matrix of a call
+//! Work split: rows are grouped in tiles of `ROW_ALIGN`; the tiles of every matrix of a call
 //! (several matrices sharing one input are fused into one call, see `matmul_fused`) are handed
 //! to Rayon as one index range cut into a few pieces per thread, so a small matrix (the 135M
 //! model's are 576..1536 rows) costs one fork-join, not dozens of tiny tasks.
 
+#[cfg(target_arch = "x86_64")]
+use super::act::{ActLanes, LANES};
 use super::act::{ActQ8, ActsQ8, ACTS};
 use super::blocks::{as_blocks, f16, KVALUES_IQ4NL};
 #[cfg(target_arch = "x86_64")]
@@ -158,6 +160,33 @@ fn dot_legacy_scalar<const B: usize>(ty: GgmlType, w: &[u8], acts: [&ActQ8; B]) 
     acc
 }
 
+/// The scalar reference of the tile kernels (`simd_tile`), bit for bit: per block the exact
+/// integer dot `isum` of the weight and activation quants, then `acc = fma(isum, d_w * d_x, acc)`
+/// block after block, and for Q4_1 the min term `mn = fma(m_w, d_x * sum_x, mn)` beside it;
+/// the result is `acc + mn` (Q4_1) or `acc`. For Q4_0, Q4_1 and Q8_0.
+#[cfg(test)]
+pub(crate) fn dot_tile_scalar(ty: GgmlType, w: &[u8], act: &ActQ8) -> f32 {
+    let bb = ty.block_bytes() as usize;
+    let mut q = [0i8; 32];
+    let (mut acc, mut mn) = (0.0f32, 0.0f32);
+    for (i, blk) in w.chunks_exact(bb).enumerate() {
+        // Q4_0's quants come back with their -8 offset applied, so `isum` includes it.
+        let (d, m) = unpack_legacy(ty, blk, &mut q);
+        let y = &act.qs[32 * i..32 * i + 32];
+        let isum: i32 = q.iter().zip(y).map(|(&p, &v)| p as i32 * v as i32).sum();
+        let ab = act.blk[i];
+        acc = (isum as f32).mul_add(d * ab.d, acc);
+        if ty == GgmlType::Q4_1 {
+            mn = m.mul_add(ab.ds, mn);
+        }
+    }
+    if ty == GgmlType::Q4_1 {
+        acc + mn
+    } else {
+        acc
+    }
+}
+
 /// Integer quants of one legacy block (offsets applied) and its (d, m); m = 0 for symmetric types.
 fn unpack_legacy(ty: GgmlType, blk: &[u8], q: &mut [i8; 32]) -> (f32, f32) {
     let d = f16([blk[0], blk[1]]);
@@ -220,13 +249,13 @@ fn dot_f32(fma: bool, a: &[f32], b: &[f32]) -> f32 {
     dot_f32_scalar(a, b)
 }
 
-/// Per-task scratch (empty until needed): a dequantized weight row for the float path, tile
-/// outputs for the tiled kernels.
+/// Per-task scratch (empty until needed): a dequantized weight row for the float path, lanes
+/// tile outputs for the tiled kernels.
 #[derive(Default)]
 struct Scratch {
     row: Vec<f32>,
-    tile: Vec<[f32; BATCH_TILE]>,
-    one: Vec<[f32; 1]>,
+    #[cfg(target_arch = "x86_64")]
+    tile: Vec<[f32; LANES]>,
 }
 
 /// One weight row times B activation rows, for the paths without a tiled kernel. The same code
@@ -272,11 +301,17 @@ fn dot_row<const B: usize>(
     }
 }
 
-/// Activation rows processed together against each weight row in `matmul`.
+/// Activation rows processed together against each weight row in `matmul` (paths without a
+/// tiled kernel).
 const BATCH_TILE: usize = 4;
 
-/// Rows a parallel piece is aligned to (the tiled kernels take 4 rows at a time).
-const ROW_ALIGN: usize = 4;
+/// Rows a parallel piece is aligned to (the one-row tile kernel takes 8 weight rows at a time).
+const ROW_ALIGN: usize = 8;
+
+/// Fewest activation rows the lanes kernel takes (padding the other lanes); fewer go through
+/// the one-row kernel each, which costs about a third of a lanes pass per row.
+#[cfg(target_arch = "x86_64")]
+const LANES_MIN_ROWS: usize = 3;
 
 /// Pieces per thread the rows are cut into: more than one so that a thread the OS descheduled
 /// (the machine is shared) can have its work stolen, few enough that a decode matvec of some
@@ -318,6 +353,18 @@ impl SharedOut {
         // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
         *self.ptr.add(i) = v;
     }
+
+    /// Elements `i .. i + n` as a slice.
+    ///
+    /// # Safety
+    /// No other thread reads or writes them while the slice lives.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)] // disjointness is the caller's contract, as for `write`
+    unsafe fn slice(&self, i: usize, n: usize) -> &mut [f32] {
+        assert!(i <= self.len && n <= self.len - i);
+        // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
+        std::slice::from_raw_parts_mut(self.ptr.add(i), n)
+    }
 }
 
 /// Computes rows `r0 .. r1` of `mat` for every activation row into `out` (`[batch, mat.rows]`).
@@ -355,30 +402,27 @@ fn rows_range(
     #[cfg(target_arch = "x86_64")]
     if let Path::Tile(isa) = path {
         let n = r1 - r0;
-        let mut tile = std::mem::take(&mut scratch.tile);
-        tile.resize(n, [0.0; BATCH_TILE]);
         let mut b = 0;
-        while b + BATCH_TILE <= batch {
-            let a: [ActQ8; BATCH_TILE] = std::array::from_fn(|t| act(b + t));
-            let a_refs = std::array::from_fn(|t| &a[t]);
-            rows_kernel(mat.ty, isa, w, cols, a_refs, &mut tile[..]);
-            for (k, o) in tile.iter().enumerate() {
-                for (t, &v) in o.iter().enumerate() {
-                    put(b + t, r0 + k, v);
+        for g in acts.lanes() {
+            let tile = &mut scratch.tile;
+            tile.resize(n, [0.0; LANES]);
+            lanes_kernel(mat.ty, isa, w, cols, g, &mut tile[..n]);
+            for t in 0..g.rows() {
+                assert!(b + t < batch);
+                // SAFETY: rows r0..r1 of this matrix belong to this piece only (`matmul_fused`
+                // cuts the rows into disjoint pieces, each run by one task).
+                let dst = unsafe { out.slice((b + t) * rows + r0, n) };
+                for (d, o) in dst.iter_mut().zip(&tile[..n]) {
+                    *d = o[t];
                 }
             }
-            b += BATCH_TILE;
+            b += g.rows();
         }
         for b in b..batch {
-            let a = act(b);
-            let one = &mut scratch.one;
-            one.resize(n, [0.0]);
-            rows_kernel(mat.ty, isa, w, cols, [&a], one);
-            for (k, o) in one.iter().enumerate() {
-                put(b, r0 + k, o[0]);
-            }
+            // SAFETY: as above.
+            let dst = unsafe { out.slice(b * rows + r0, n) };
+            rows8_kernel(mat.ty, isa, w, cols, &act(b), dst);
         }
-        scratch.tile = tile;
         return;
     }
     for (r, wr) in (r0..r1).zip(w.chunks_exact(rb)) {
@@ -405,28 +449,45 @@ fn rows_range(
     }
 }
 
-/// Runs the tiled kernel of `ty` (Q4_0, Q4_1 or Q8_0) over the rows of `w` (`out.len()` rows
-/// of `cols` weights).
+/// Runs the one-row tile kernel of `ty` (Q4_0, Q4_1 or Q8_0) over the rows of `w` (`out.len()`
+/// rows of `cols` weights).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn rows_kernel<const T: usize>(
-    ty: GgmlType,
-    isa: Isa,
-    w: &[u8],
-    cols: usize,
-    acts: [&ActQ8; T],
-    out: &mut [[f32; T]],
-) {
+fn rows8_kernel(ty: GgmlType, isa: Isa, w: &[u8], cols: usize, act: &ActQ8, out: &mut [f32]) {
     let nb = cols / 32;
     // SAFETY: Path::Tile(isa) is chosen only with `isa` from `Isa::detect()`; `w` holds
     // `out.len()` rows of the length `check_shapes` validated (as_blocks re-checks whole blocks,
     // the kernels slice rows with bounds checks), and the activations were quantized from `cols`
-    // values, so they cover the `nb` blocks of a row.
+    // values, so they cover the `nb` blocks of a row (the kernels assert it).
     unsafe {
         match ty {
-            GgmlType::Q4_1 => simd_tile::q4_1_rows(isa, as_blocks(w).unwrap_or(&[]), nb, acts, out),
-            GgmlType::Q4_0 => simd_tile::q4_0_rows(isa, as_blocks(w).unwrap_or(&[]), nb, acts, out),
-            _ => simd_tile::q8_0_rows(isa, as_blocks(w).unwrap_or(&[]), nb, acts, out),
+            GgmlType::Q4_1 => simd_tile::q4_1_rows8(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+            GgmlType::Q4_0 => simd_tile::q4_0_rows8(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+            _ => simd_tile::q8_0_rows8(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+        }
+    }
+}
+
+/// Runs the lanes tile kernel of `ty` (Q4_0, Q4_1 or Q8_0): the rows of `w` times the
+/// interleaved activation rows of `a`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes_kernel(
+    ty: GgmlType,
+    isa: Isa,
+    w: &[u8],
+    cols: usize,
+    a: &ActLanes,
+    out: &mut [[f32; LANES]],
+) {
+    let nb = cols / 32;
+    // SAFETY: as in `rows8_kernel`; `a` was interleaved from rows of `cols` values (the kernels
+    // assert it covers `nb` blocks).
+    unsafe {
+        match ty {
+            GgmlType::Q4_1 => simd_tile::q4_1_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
+            GgmlType::Q4_0 => simd_tile::q4_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
+            _ => simd_tile::q8_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
         }
     }
 }
@@ -504,16 +565,23 @@ pub fn matmul_fused(
     if !need_acts {
         return run(&ActsQ8::default());
     }
+    let prepare = |acts: &mut ActsQ8| {
+        acts.fill(x, cols);
+        #[cfg(target_arch = "x86_64")]
+        if paths.iter().any(|p| matches!(p, Path::Tile(_))) {
+            acts.fill_lanes(LANES_MIN_ROWS);
+        }
+    };
     ACTS.with(|cell| match cell.try_borrow_mut() {
         Ok(mut acts) => {
-            acts.fill(x, cols);
+            prepare(&mut acts);
             run(&acts);
         }
         // Re-entered from a task this thread ran while waiting (nested parallel callers):
         // use a private buffer rather than fail.
         Err(_) => {
             let mut acts = ActsQ8::default();
-            acts.fill(x, cols);
+            prepare(&mut acts);
             run(&acts);
         }
     });
@@ -591,57 +659,103 @@ pub fn matmul_exact(
 mod tests {
     use super::*;
 
-    /// Tiled kernels: any split of rows (4-row tiles, single rows) and of activation rows (tiles
-    /// of BATCH_TILE, single) gives bit-identical outputs, on every ISA the CPU has; Q4_0 and
-    /// Q4_1 give identical bits on AVX2 and VNNI (same i32 lanes).
+    /// Raw blocks of `ty` with random quants over their whole range (Q8_0's -128 included,
+    /// which no quantizer writes but a file may hold) and finite random scales; the first row's
+    /// quants are all at the top of the range, the worst case for the i16 sums.
+    #[cfg(target_arch = "x86_64")]
+    fn raw_rows(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let bb = ty.block_bytes() as usize;
+        let mut s = seed;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut w = vec![0u8; rows * cols / 32 * bb];
+        for (k, blk) in w.chunks_exact_mut(bb).enumerate() {
+            for b in blk.iter_mut() {
+                *b = next() as u8;
+            }
+            if k < cols / 32 {
+                let qs = blk.len() - if ty == GgmlType::Q8_0 { 32 } else { 16 };
+                let top = if ty == GgmlType::Q8_0 { 0x80 } else { 0xFF };
+                blk[qs..].fill(top);
+            }
+            let scale = |v: f32| half::f16::from_f32(v).to_le_bytes();
+            let r = next();
+            blk[..2].copy_from_slice(&scale((r % 1000) as f32 / 3e4 - 0.01));
+            if ty == GgmlType::Q4_1 {
+                blk[2..4].copy_from_slice(&scale(((r >> 20) % 1000) as f32 / 2e4 - 0.025));
+            }
+        }
+        w
+    }
+
+    /// The tile kernels (one-row and lanes, both ISAs where the CPU has them, any split of the
+    /// activation rows into lane groups) equal the scalar reference bit for bit, so `matmul`
+    /// row b equals `matvec(X[b])` whatever the batch, the tiles and the threads.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn tiles_are_split_invariant() {
+    fn tile_kernels_match_the_scalar_reference() {
         let Some(best) = Isa::detect() else { return };
-        let (rows, cols, batch) = (7, 96, BATCH_TILE + 1);
-        let wf: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.45)
-            .collect();
-        let x: Vec<f32> = (0..batch * cols)
-            .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.55)
-            .collect();
-        let mut acts = ActsQ8::default();
-        acts.fill(&x, cols);
-        let a: Vec<ActQ8> = (0..batch).map(|b| acts.row(b)).collect();
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            let w = crate::quant::quantize(ty, &wf).unwrap();
-            let rb = w.len() / rows;
-            let mut per_isa = Vec::new();
-            for isa in [Isa::Avx2, best] {
-                // All rows x the first BATCH_TILE activation rows in one call.
-                let mut tile = vec![[0.0f32; BATCH_TILE]; rows];
-                let refs: [&ActQ8; BATCH_TILE] = std::array::from_fn(|t| &a[t]);
-                rows_kernel(ty, isa, &w, cols, refs, &mut tile);
-                // Every activation row alone, rows split 3 + 4 (a single row, then a tile).
-                let mut single = vec![[0.0f32; 1]; rows];
-                for (t, at) in a.iter().enumerate() {
-                    let (lo, hi) = single.split_at_mut(3);
-                    rows_kernel(ty, isa, &w[..3 * rb], cols, [at], lo);
-                    rows_kernel(ty, isa, &w[3 * rb..], cols, [at], hi);
-                    if t < BATCH_TILE {
-                        for r in 0..rows {
-                            assert_eq!(
-                                tile[r][t].to_bits(),
-                                single[r][0].to_bits(),
-                                "{ty} {isa:?} r={r} t={t}"
-                            );
+        let (rows, batch) = (13, 11);
+        for cols in [64, 576] {
+            let mut x: Vec<f32> = (0..batch * cols)
+                .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.55)
+                .collect();
+            // Row 0: every activation quant at +127, the other extreme of the i16 sums.
+            x[..cols].fill(0.75);
+            let mut acts = ActsQ8::default();
+            acts.fill(&x, cols);
+            for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+                let w = raw_rows(ty, rows, cols, 0x9e37_79b9_7f4a_7c15 ^ cols as u64);
+                let rb = w.len() / rows;
+                let want: Vec<Vec<u32>> = (0..batch)
+                    .map(|b| {
+                        let a = acts.row(b);
+                        (0..rows)
+                            .map(|r| dot_tile_scalar(ty, &w[r * rb..(r + 1) * rb], &a).to_bits())
+                            .collect()
+                    })
+                    .collect();
+                for isa in [Isa::Avx2, best] {
+                    // One activation row at a time, rows split 5 + 8 (a padded tile, a full one).
+                    for (b, want_b) in want.iter().enumerate() {
+                        let mut one = vec![0.0f32; rows];
+                        let (lo, hi) = one.split_at_mut(5);
+                        rows8_kernel(ty, isa, &w[..5 * rb], cols, &acts.row(b), lo);
+                        rows8_kernel(ty, isa, &w[5 * rb..], cols, &acts.row(b), hi);
+                        let got: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(&got, want_b, "{ty} {isa:?} one row b={b} cols={cols}");
+                    }
+                    // Lane groups: 8 + 3 (a padded group), and groups of every size from 1.
+                    for min_rows in [1, LANES_MIN_ROWS, LANES] {
+                        let covered = acts.fill_lanes(min_rows);
+                        let mut b0 = 0;
+                        for g in acts.lanes() {
+                            let mut tile = vec![[0.0f32; LANES]; rows];
+                            lanes_kernel(ty, isa, &w, cols, g, &mut tile);
+                            for t in 0..g.rows() {
+                                let got: Vec<u32> = tile.iter().map(|o| o[t].to_bits()).collect();
+                                assert_eq!(
+                                    got,
+                                    want[b0 + t],
+                                    "{ty} {isa:?} lanes b={} cols={cols}",
+                                    b0 + t
+                                );
+                            }
+                            b0 += g.rows();
                         }
+                        assert_eq!(b0, covered);
                     }
                 }
-                per_isa.push(single);
-            }
-            if ty != GgmlType::Q8_0 {
-                assert_eq!(per_isa[0], per_isa[1], "{ty}: AVX2 vs {best:?}");
             }
         }
     }
 
-    /// The portable integer kernel and the tiled kernels (both ISAs where the CPU has them) compute the same integer sums in different float orders, so they agree
+    /// The portable integer kernel and the tiled kernels (both ISAs where the CPU has them)
+    /// compute the same integer sums in different float orders, so they agree
     /// to float rounding (1e-5 of the sum of |terms|) with the f64 dot of the dequantized weights
     /// and the quantized activations.
     #[test]
@@ -677,16 +791,22 @@ mod tests {
                     .zip(&xq)
                     .map(|(a, b)| (*a as f64 * *b as f64).abs())
                     .sum();
-                let mut got = vec![("scalar", dot_legacy_scalar::<1>(ty, wr, [&act])[0])];
+                let mut got = vec![
+                    ("scalar", dot_legacy_scalar::<1>(ty, wr, [&act])[0]),
+                    ("tile reference", dot_tile_scalar(ty, wr, &act)),
+                ];
                 #[cfg(target_arch = "x86_64")]
                 if let Some(best) = Isa::detect() {
                     for isa in [Isa::Avx2, best] {
-                        let mut one = [[0.0f32; 1]];
-                        rows_kernel(ty, isa, wr, cols, [&act], &mut one);
-                        got.push(("tile 1x1", one[0][0]));
-                        let mut four = [[0.0f32; 4]; 4];
-                        rows_kernel(ty, isa, &w, cols, [&act; 4], &mut four);
-                        got.push(("tile 4x4", four[r][3]));
+                        let mut one = [0.0f32; 4];
+                        rows8_kernel(ty, isa, &w, cols, &act, &mut one);
+                        got.push(("one-row tile", one[r]));
+                        let mut lanes = ActsQ8::default();
+                        lanes.fill(&x.repeat(5), cols);
+                        lanes.fill_lanes(1);
+                        let mut tile = [[0.0f32; LANES]; 4];
+                        lanes_kernel(ty, isa, &w, cols, &lanes.lanes()[0], &mut tile);
+                        got.push(("lanes tile", tile[r][4]));
                     }
                 }
                 for (what, v) in got {

@@ -1,28 +1,30 @@
 //! Register-tiled x86-64 kernels for the weight types the common GGUF models ship their
-//! projections in (Q4_0, Q4_1, Q8_0): R weight rows times T activation rows per call.
+//! projections in (Q4_0, Q4_1, Q8_0).
 //!
-//! Why tiles: a weight block is decoded (nibbles, f16 scales) once and used for T activation
-//! rows, and an activation block is loaded once for R weight rows; prefill (T = 4) therefore does
-//! a quarter of the decoding work of a row-at-a-time kernel, and decode (T = 1) shares the
-//! activation loads and scale broadcasts across 4 rows.
+//! Every output is `sum_i f32(isum_i) * (d_w,i * d_x,i)` accumulated block after block with one
+//! fused multiply-add per block (plus, for Q4_1, `sum_i m_w,i * ds_x,i` the same way), where
+//! `isum_i` is the exact integer dot product of block i's weight and activation quants. Integer
+//! sums do not depend on the order they are formed in, and the float steps are the same for every
+//! output, so an output does not depend on the kernel, the tile it falls in, the ISA or the
+//! number of threads: [`super::dot::dot_tile_scalar`] is the scalar reference, bit for bit.
 //!
-//! Two instruction sets, one body: AVX2 (`vpmaddubsw` + `vpmaddwd` + add), and, with the cargo
-//! feature `cpu-avx512`, AVX-512 VNNI (`vpdpbusd`: u8 x i8 products summed into i32 lanes in one
-//! instruction, and 32 vector registers, so a 4 x 4 tile's 16 accumulators do not spill). The
-//! feature needs Rust 1.89 (stable AVX-512 intrinsics and target features), newer than the
-//! crate's minimum (1.85), hence opt-in; it makes prefill ~25% faster on Zen 4 (see
-//! docs/PERFORMANCE.md). (Emitting `vpdpbusd` from inline assembly under 1.85 was tried: with 16
-//! registers and fixed operand registers it was no faster than AVX2.)
+//! Two kernels, each with one float lane per output, so no horizontal sum per output remains:
+//! - `*_rows8` (one activation row, decode): 8 weight rows in the 8 lanes. Each row's integer
+//!   dot is formed in 8 i32 lanes as usual, then the 8 rows' vectors are summed across in one
+//!   transpose-add tree.
+//! - `*_lanes` (8 activation rows, batched decode and prefill): the 8 rows in the 8 lanes. The
+//!   activations come interleaved ([`ActLanes`]: 4 quants of each row side by side per group of 4
+//!   elements), so a weight row's group of 4 quants, broadcast, times one 32-byte load gives 8
+//!   rows' partial dots at once. A weight block is unpacked once for 8 activation rows, and the
+//!   4-bit products sum in i16 lanes (8 groups of `2 * 15 * 127` stay below 2^15) before one
+//!   widening per block.
 //!
-//! Determinism: output (r, t) is computed by exactly the same sequence of operations whatever R
-//! and T are (accumulators are per (r, t), the min term of row r sits in lane r of a vector whose
-//! lanes never mix, and the final reduction is fixed), so a 4 x 4 tile, a 4 x 1 tile and a 1 x 1
-//! tile give bit-identical results; `matmul` row b therefore equals `matvec(X[b])`, independent of
-//! how rows are split across threads. Both ISAs compute the same i32 lanes for Q4_0 and Q4_1
-//! (bit-identical results); for Q8_0 the VNNI lanes carry an offset that cancels only in their
-//! sum, so the two agree to float rounding.
+//! Two instruction sets, one body: AVX2 (`vpmaddubsw` + `vpmaddwd`), and, with the cargo feature
+//! `cpu-avx512`, AVX-512 VNNI (`vpdpbusd`: u8 x i8 products summed into i32 lanes in one
+//! instruction). The feature needs Rust 1.89 (stable AVX-512 intrinsics and target features),
+//! newer than the crate's minimum (1.85), hence opt-in.
 
-use super::act::ActQ8;
+use super::act::{ActLanes, ActQ8, LaneBlock, LANES};
 use super::blocks::*;
 use std::arch::x86_64::*;
 
@@ -70,46 +72,14 @@ impl Isa {
     }
 }
 
+/// One f16 value broadcast to eight f32 lanes.
 #[inline(always)]
-unsafe fn h2f(b: [u8; 2]) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(
-        _mm_cvtsi32_si128(u16::from_le_bytes(b) as i32),
-    ))
+unsafe fn h2f_splat(b: [u8; 2]) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(u16::from_le_bytes(b) as i16))
 }
 
-/// Four f16 values -> four f32 lanes (missing rows are 0).
-#[inline(always)]
-unsafe fn h2f4(v: [u16; 4]) -> __m128 {
-    _mm_cvtph_ps(_mm_set_epi16(
-        0,
-        0,
-        0,
-        0,
-        v[3] as i16,
-        v[2] as i16,
-        v[1] as i16,
-        v[0] as i16,
-    ))
-}
-
-/// Fixed horizontal sum of 8 lanes: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)).
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
-
-#[inline(always)]
-unsafe fn lane(v: __m128, r: usize) -> f32 {
-    let mut a = [0f32; 4];
-    _mm_storeu_ps(a.as_mut_ptr(), v);
-    a[r]
-}
-
-/// Bytes ahead of the current weight position that a matvec tile prefetches: the rows of one
-/// tile are short (a 576-wide Q4_1 row is 360 bytes) and four of them are read side by side,
+/// Bytes ahead of the current weight position that a decode tile prefetches: the rows of one
+/// tile are short (a 576-wide Q4_1 row is 360 bytes) and eight of them are read side by side,
 /// which the hardware stream prefetcher does not follow well; decode streams every weight from
 /// DRAM once per token, so the loads must be in flight well before use.
 const PREFETCH_AHEAD: usize = 4096;
@@ -127,307 +97,507 @@ unsafe fn prefetch_ahead<const R: usize>(base: *const u8, i: usize, bpb: usize) 
     }
 }
 
+/// 32 bytes from any address. `lddqu` rather than `loadu`: the `loadu` intrinsics are a
+/// `copy_nonoverlapping`, which a build with debug assertions (the `test` profile the serving
+/// benchmarks use) checks and routes through the stack, several times slower in these loops.
+#[inline(always)]
+unsafe fn load256(p: *const u8) -> __m256i {
+    _mm256_lddqu_si256(p.cast())
+}
+
+/// 16 bytes from any address (see [`load256`]).
+#[inline(always)]
+unsafe fn load128(p: *const u8) -> __m128i {
+    _mm_lddqu_si128(p.cast())
+}
+
+/// 8 f32 from any address (see [`load256`]).
+#[inline(always)]
+unsafe fn load8f(p: *const f32) -> __m256 {
+    _mm256_castsi256_ps(load256(p.cast()))
+}
+
 /// 16 packed bytes -> 32 nibbles (low nibbles are elements 0..16, high nibbles 16..32).
 #[inline(always)]
 unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
-    // SAFETY (of the load): `qs` is 16 readable bytes; loadu has no alignment requirement.
-    let raw = _mm_loadu_si128(qs.as_ptr().cast());
+    // SAFETY (of the load): `qs` is 16 readable bytes; the load has no alignment requirement.
+    let raw = load128(qs.as_ptr());
     let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
     _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
 }
 
+/// `init + sum of u8(q) * i8(y)` over groups of 4 bytes, as 8 i32 lanes. On the AVX2 path the
+/// pairs go through i16 (`maddubs` saturates), so `q * y` pairs must stay below 2^15: true for
+/// q <= 128 and |y| <= 127.
 #[inline(always)]
-unsafe fn load_act(a: &ActQ8, i: usize) -> __m256i {
-    let y = &a.qs[32 * i..32 * i + 32];
-    // SAFETY: `y` is exactly 32 readable bytes.
-    _mm256_loadu_si256(y.as_ptr().cast())
-}
-
-/// `init[t] + sum of u8(q) * i8(y[t])` over groups of 4 bytes, as 8 i32 lanes, for each t. On
-/// the AVX2 path the pairs go through i16 (`maddubs` saturates), so `q * y` pairs must stay below
-/// 2^15: true for q < 128 (4-bit quants, |q| of the sign trick) and |y| <= 127.
-#[inline(always)]
-unsafe fn dot_u8_i8<const T: usize, const VNNI: bool>(
-    init: [__m256i; T],
-    q: __m256i,
-    y: &[__m256i; T],
-) -> [__m256i; T] {
+unsafe fn dot_u8_i8<const VNNI: bool>(init: __m256i, q: __m256i, y: __m256i) -> __m256i {
     // VNNI = true is only instantiated by the `cpu-avx512` entry points.
     #[cfg(feature = "cpu-avx512")]
     if VNNI {
-        return init_dpbusd(init, q, y);
+        return dpbusd(init, q, y);
     }
-    let ones = _mm256_set1_epi16(1);
-    let mut out = init;
-    for t in 0..T {
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y[t]), ones);
-        out[t] = _mm256_add_epi32(init[t], p);
-    }
-    out
+    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), _mm256_set1_epi16(1));
+    _mm256_add_epi32(init, p)
 }
 
-/// `vpdpbusd` per activation vector.
 #[cfg(feature = "cpu-avx512")]
 #[allow(clippy::incompatible_msrv)] // the feature documents its Rust 1.89 requirement
 #[inline(always)]
-unsafe fn init_dpbusd<const T: usize>(
-    init: [__m256i; T],
-    q: __m256i,
-    y: &[__m256i; T],
-) -> [__m256i; T] {
-    std::array::from_fn(|t| _mm256_dpbusd_epi32(init[t], q, y[t]))
+unsafe fn dpbusd(init: __m256i, q: __m256i, y: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(init, q, y)
 }
 
-/// Sums and stores an R x T tile: `out[r][t] = hsum(acc[r][t]) + lane r of min[t]`.
+/// Lane r of the result = the sum of the 8 i32 lanes of `p[r]` (exact; a fixed tree).
 #[inline(always)]
-unsafe fn finish<const R: usize, const T: usize>(
-    acc: &[[__m256; T]; R],
-    min: &[__m128; T],
-) -> [[f32; T]; R] {
-    let mut out = [[0f32; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = hsum(acc[r][t]) + lane(min[t], r);
+unsafe fn reduce8(p: [__m256i; 8]) -> __m256i {
+    let h01 = _mm256_hadd_epi32(p[0], p[1]);
+    let h23 = _mm256_hadd_epi32(p[2], p[3]);
+    let h45 = _mm256_hadd_epi32(p[4], p[5]);
+    let h67 = _mm256_hadd_epi32(p[6], p[7]);
+    // Per 128-bit half: [p0, p1, p2, p3] (resp. p4..p7) summed over that half's 4 lanes.
+    let g0 = _mm256_hadd_epi32(h01, h23);
+    let g1 = _mm256_hadd_epi32(h45, h67);
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(g0, g1),
+        _mm256_permute2x128_si256::<0x31>(g0, g1),
+    )
+}
+
+/// The weight quants of one block, as the lanes kernels take them.
+#[derive(Clone, Copy, PartialEq)]
+enum Quants {
+    /// Unsigned 4-bit (Q4_0 before its -8 offset, Q4_1).
+    U4,
+    /// Signed 8-bit (Q8_0).
+    I8,
+}
+
+/// Runs `$body` for `$g` = 0..8, written out (so that the group index is a constant in each
+/// copy and arrays of vectors stay in registers).
+macro_rules! unroll8 {
+    ($g:ident => $body:expr) => {{
+        {
+            let $g = 0usize;
+            $body;
         }
+        {
+            let $g = 1usize;
+            $body;
+        }
+        {
+            let $g = 2usize;
+            $body;
+        }
+        {
+            let $g = 3usize;
+            $body;
+        }
+        {
+            let $g = 4usize;
+            $body;
+        }
+        {
+            let $g = 5usize;
+            $body;
+        }
+        {
+            let $g = 6usize;
+            $body;
+        }
+        {
+            let $g = 7usize;
+            $body;
+        }
+    }};
+}
+
+/// Group `g` (quants 4g..4g+4) of a block's quants broadcast to the 8 i32 lanes; `lo` holds
+/// quants 0..16 in both 128-bit halves, `hi` quants 16..32. `g` is a constant after unrolling.
+#[inline(always)]
+unsafe fn group(lo: __m256i, hi: __m256i, g: usize) -> __m256i {
+    match g {
+        0 => _mm256_shuffle_epi32::<0x00>(lo),
+        1 => _mm256_shuffle_epi32::<0x55>(lo),
+        2 => _mm256_shuffle_epi32::<0xAA>(lo),
+        3 => _mm256_shuffle_epi32::<0xFF>(lo),
+        4 => _mm256_shuffle_epi32::<0x00>(hi),
+        5 => _mm256_shuffle_epi32::<0x55>(hi),
+        6 => _mm256_shuffle_epi32::<0xAA>(hi),
+        _ => _mm256_shuffle_epi32::<0xFF>(hi),
     }
-    out
 }
 
-/// Q4_1 rows x activation rows. Per block: `d_x * (d_w * sum(q*y) + m_w * sum(y))`. The first
-/// term accumulates in 8 float lanes per (r, t); the second, `m_w * (d_x * sum(y))`, in lane r
-/// of one 4-lane vector per t (the four rows' mins are converted together).
+/// The 32 interleaved activation bytes of group `g` of a block (`il`: its 256 bytes).
 #[inline(always)]
-unsafe fn q4_1_body<const R: usize, const T: usize, const VNNI: bool>(
-    w: [&[BlockQ4_1]; R],
-    acts: [&ActQ8; T],
-) -> [[f32; T]; R] {
-    const { assert!(R >= 1 && R <= 4 && T >= 1) };
-    let nb = w[0].len();
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let mut min = [_mm_setzero_ps(); T];
-    let zero = _mm256_setzero_si256();
-    for i in 0..nb {
-        if T == 1 {
-            prefetch_ahead::<R>(w[0].as_ptr().cast(), i, 20);
-        }
-        let mut q = [zero; R];
-        let mut dw = [_mm256_setzero_ps(); R];
-        let mut mh = [0u16; 4];
-        for r in 0..R {
-            let blk = &w[r][i];
-            q[r] = nibbles(&blk.qs);
-            dw[r] = _mm256_set1_ps(h2f(blk.d));
-            mh[r] = u16::from_le_bytes(blk.m);
-        }
-        let m4 = h2f4(mh);
-        let y: [__m256i; T] = std::array::from_fn(|t| load_act(acts[t], i));
-        let dx: [__m256; T] = std::array::from_fn(|t| _mm256_set1_ps(acts[t].blk[i].d));
-        for t in 0..T {
-            min[t] = _mm_fmadd_ps(m4, _mm_set1_ps(acts[t].blk[i].ds), min[t]);
-        }
-        for r in 0..R {
-            let p = dot_u8_i8::<T, VNNI>([zero; T], q[r], &y);
-            for t in 0..T {
-                let pf = _mm256_cvtepi32_ps(p[t]);
-                acc[r][t] = _mm256_fmadd_ps(pf, _mm256_mul_ps(dw[r], dx[t]), acc[r][t]);
-            }
-        }
+unsafe fn group_acts(il: *const i8, g: usize) -> __m256i {
+    // SAFETY: the caller passes 256 readable bytes at `il`; g < 8.
+    load256(il.add(32 * g).cast())
+}
+
+/// The exact integer dots of one weight block (`lo`/`hi`: its quants, see [`group`]) with the
+/// 8 interleaved activation rows of block `il` (256 bytes), plus `init`, as 8 i32 lanes.
+#[inline(always)]
+unsafe fn isum_lanes<const VNNI: bool>(
+    kind: Quants,
+    init: __m256i,
+    (lo, hi): (__m256i, __m256i),
+    il: *const i8,
+) -> __m256i {
+    let mut acc = init;
+    if kind == Quants::U4 && !VNNI {
+        // 8 groups of `maddubs` pairs (each |pair| <= 2 * 15 * 127) sum in i16 without overflow.
+        let mut acc16 = _mm256_setzero_si256();
+        unroll8!(g => acc16 = _mm256_add_epi16(
+            acc16,
+            _mm256_maddubs_epi16(group(lo, hi, g), group_acts(il, g))
+        ));
+        return _mm256_add_epi32(init, _mm256_madd_epi16(acc16, _mm256_set1_epi16(1)));
     }
-    finish(&acc, &min)
-}
-
-/// Q4_0 rows x activation rows. Per block: `d_w * d_x * (sum(q*y) - 8 * sum(y))`; the
-/// `-8 * sum(y)` is spread over the 8 integer lanes (`-sum(y)` each) as the accumulator's
-/// initial value, so it costs nothing per (r, t).
-#[inline(always)]
-unsafe fn q4_0_body<const R: usize, const T: usize, const VNNI: bool>(
-    w: [&[BlockQ4_0]; R],
-    acts: [&ActQ8; T],
-) -> [[f32; T]; R] {
-    const { assert!(R >= 1 && R <= 4 && T >= 1) };
-    let nb = w[0].len();
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let zero = _mm256_setzero_si256();
-    for i in 0..nb {
-        if T == 1 {
-            prefetch_ahead::<R>(w[0].as_ptr().cast(), i, 18);
-        }
-        let mut q = [zero; R];
-        let mut dw = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            let blk = &w[r][i];
-            q[r] = nibbles(&blk.qs);
-            dw[r] = _mm256_set1_ps(h2f(blk.d));
-        }
-        let y: [__m256i; T] = std::array::from_fn(|t| load_act(acts[t], i));
-        let dx: [__m256; T] = std::array::from_fn(|t| _mm256_set1_ps(acts[t].blk[i].d));
-        let init: [__m256i; T] = std::array::from_fn(|t| _mm256_set1_epi32(-acts[t].blk[i].isum));
-        for r in 0..R {
-            let p = dot_u8_i8::<T, VNNI>(init, q[r], &y);
-            for t in 0..T {
-                let pf = _mm256_cvtepi32_ps(p[t]);
-                acc[r][t] = _mm256_fmadd_ps(pf, _mm256_mul_ps(dw[r], dx[t]), acc[r][t]);
-            }
-        }
-    }
-    finish(&acc, &[_mm_setzero_ps(); T])
-}
-
-/// Q8_0 rows x activation rows: signed x signed. VNNI: the weights biased to unsigned
-/// (`q + 128`, an xor) and `-128 * sum(y)` spread over the 8 lanes (`-16 * sum(y)` each) as the
-/// accumulator's initial value. AVX2: the sign trick (|q| times y with q's sign), as ggml.
-#[inline(always)]
-unsafe fn q8_0_body<const R: usize, const T: usize, const VNNI: bool>(
-    w: [&[BlockQ8_0]; R],
-    acts: [&ActQ8; T],
-) -> [[f32; T]; R] {
-    const { assert!(R >= 1 && R <= 4 && T >= 1) };
-    let nb = w[0].len();
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let zero = _mm256_setzero_si256();
-    let bias = _mm256_set1_epi8(-128);
-    for i in 0..nb {
-        if T == 1 {
-            prefetch_ahead::<R>(w[0].as_ptr().cast(), i, 34);
-        }
-        let mut q = [zero; R];
-        let mut dw = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            let blk = &w[r][i];
-            // SAFETY: `blk.qs` is 32 readable bytes.
-            q[r] = _mm256_loadu_si256(blk.qs.as_ptr().cast());
-            dw[r] = _mm256_set1_ps(h2f(blk.d));
-        }
-        let qu = if VNNI {
-            q.map(|v| _mm256_xor_si256(v, bias))
+    if VNNI {
+        // Unsigned weights as they are; Q8_0's biased to q + 128 (the caller's `init` takes
+        // off 128 * sum(y)).
+        let (lo, hi) = if kind == Quants::I8 {
+            let bias = _mm256_set1_epi8(-128);
+            (_mm256_xor_si256(lo, bias), _mm256_xor_si256(hi, bias))
         } else {
-            q.map(|v| _mm256_sign_epi8(v, v))
+            (lo, hi)
         };
-        let y: [__m256i; T] = std::array::from_fn(|t| load_act(acts[t], i));
-        let dx: [__m256; T] = std::array::from_fn(|t| _mm256_set1_ps(acts[t].blk[i].d));
-        let init: [__m256i; T] = std::array::from_fn(|t| {
-            if VNNI {
-                _mm256_set1_epi32(-16 * acts[t].blk[i].isum)
-            } else {
-                zero
-            }
-        });
-        for r in 0..R {
-            let p = if VNNI {
-                dot_u8_i8::<T, VNNI>(init, qu[r], &y)
-            } else {
-                dot_u8_i8::<T, VNNI>(init, qu[r], &y.map(|v| _mm256_sign_epi8(v, q[r])))
-            };
-            for t in 0..T {
-                let pf = _mm256_cvtepi32_ps(p[t]);
-                acc[r][t] = _mm256_fmadd_ps(pf, _mm256_mul_ps(dw[r], dx[t]), acc[r][t]);
-            }
-        }
+        unroll8!(g => acc = dot_u8_i8::<VNNI>(acc, group(lo, hi, g), group_acts(il, g)));
+        return acc;
     }
-    finish(&acc, &[_mm_setzero_ps(); T])
+    // Q8_0 on AVX2, the sign trick: |q| times y carrying q's sign.
+    let (alo, ahi) = (_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(hi, hi));
+    unroll8!(g => {
+        let ys = _mm256_sign_epi8(group_acts(il, g), group(lo, hi, g));
+        acc = dot_u8_i8::<false>(acc, group(alo, ahi, g), ys)
+    });
+    acc
 }
 
-/// Runs a tile body over `out.len()` contiguous rows of `nb` blocks each: 4-row tiles, then
-/// single rows. Bit-identical per (row, activation row) to any other split (see module docs).
+/// A weight block as the kernels read it.
+trait TileBlock: Block {
+    const KIND: Quants;
+    /// -8 (Q4_0: quants stored with +8), else 0: the activation sum's multiple to add.
+    const OFFSET: i32;
+    /// Whether the block has a min (`d * q + m`).
+    const HAS_MIN: bool;
+    fn d(&self) -> [u8; 2];
+    fn m(&self) -> [u8; 2];
+    /// The 32 quants in element order (unsigned nibbles, or signed bytes).
+    unsafe fn quants(&self) -> __m256i;
+    /// The quants as [`group`] takes them: 0..16 in both halves, 16..32 in both halves.
+    unsafe fn halves(&self) -> (__m256i, __m256i);
+}
+
+/// [`TileBlock::halves`] of 16 bytes of packed nibbles.
 #[inline(always)]
-unsafe fn over_rows<B, const R: usize, const T: usize>(
+unsafe fn nibble_halves(qs: &[u8; 16]) -> (__m256i, __m256i) {
+    // SAFETY (of the load): `qs` is 16 readable bytes; the load has no alignment requirement.
+    let raw = _mm256_broadcastsi128_si256(load128(qs.as_ptr()));
+    let m = _mm256_set1_epi8(0x0F);
+    (
+        _mm256_and_si256(raw, m),
+        _mm256_and_si256(_mm256_srli_epi16(raw, 4), m),
+    )
+}
+
+impl TileBlock for BlockQ4_0 {
+    const KIND: Quants = Quants::U4;
+    const OFFSET: i32 = -8;
+    const HAS_MIN: bool = false;
+    fn d(&self) -> [u8; 2] {
+        self.d
+    }
+    fn m(&self) -> [u8; 2] {
+        [0; 2]
+    }
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        nibbles(&self.qs)
+    }
+    #[inline(always)]
+    unsafe fn halves(&self) -> (__m256i, __m256i) {
+        nibble_halves(&self.qs)
+    }
+}
+
+impl TileBlock for BlockQ4_1 {
+    const KIND: Quants = Quants::U4;
+    const OFFSET: i32 = 0;
+    const HAS_MIN: bool = true;
+    fn d(&self) -> [u8; 2] {
+        self.d
+    }
+    fn m(&self) -> [u8; 2] {
+        self.m
+    }
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        nibbles(&self.qs)
+    }
+    #[inline(always)]
+    unsafe fn halves(&self) -> (__m256i, __m256i) {
+        nibble_halves(&self.qs)
+    }
+}
+
+impl TileBlock for BlockQ8_0 {
+    const KIND: Quants = Quants::I8;
+    const OFFSET: i32 = 0;
+    const HAS_MIN: bool = false;
+    fn d(&self) -> [u8; 2] {
+        self.d
+    }
+    fn m(&self) -> [u8; 2] {
+        [0; 2]
+    }
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        // SAFETY: `qs` is 32 readable bytes.
+        load256(self.qs.as_ptr())
+    }
+    #[inline(always)]
+    unsafe fn halves(&self) -> (__m256i, __m256i) {
+        // SAFETY: `qs` is 32 readable bytes, read as two 16-byte halves.
+        let p = self.qs.as_ptr();
+        (
+            _mm256_broadcastsi128_si256(load128(p)),
+            _mm256_broadcastsi128_si256(load128(p.add(16))),
+        )
+    }
+}
+
+/// The integer lanes' starting value: `OFFSET * sum(y)`, plus on the VNNI Q8_0 path the
+/// `-128 * sum(y)` that undoes the weights' bias.
+#[inline(always)]
+fn init_of<B: TileBlock, const VNNI: bool>(isum: i32) -> i32 {
+    let bias = if VNNI && B::KIND == Quants::I8 {
+        -128
+    } else {
+        0
+    };
+    (B::OFFSET + bias) * isum
+}
+
+/// Stores 8 float lanes.
+#[inline(always)]
+unsafe fn store8(v: __m256) -> [f32; 8] {
+    let mut o = [0f32; 8];
+    // SAFETY: `o` is 32 writable bytes.
+    _mm256_storeu_ps(o.as_mut_ptr(), v);
+    o
+}
+
+/// Eight weight rows (lane r: `w[r]`) times one activation row.
+#[inline(always)]
+unsafe fn rows8_body<B: TileBlock, const VNNI: bool>(w: [&[B]; 8], act: &ActQ8) -> [f32; 8] {
+    let nb = w[0].len();
+    assert!(w.iter().all(|r| r.len() == nb) && act.blk.len() >= nb && act.qs.len() >= 32 * nb);
+    // Raw pointers in the loop: the bounds are checked once, above.
+    let wp = w.map(<[B]>::as_ptr);
+    let (qs, blk) = (act.qs.as_ptr(), act.blk.as_ptr());
+    let mut acc = _mm256_setzero_ps();
+    let mut mn = _mm256_setzero_ps();
+    for i in 0..nb {
+        prefetch_ahead::<8>(wp[0].cast(), i, std::mem::size_of::<B>());
+        // SAFETY: i < nb and every array covers nb blocks (asserted above).
+        let y = load256(qs.add(32 * i).cast());
+        let ab = *blk.add(i);
+        // Written out for each r (a loop here is not unrolled, and its array of vectors then
+        // lives in memory; nor `array::from_fn`, whose closure would not inherit the target
+        // features).
+        macro_rules! row_dot {
+            ($r:expr) => {{
+                // SAFETY: as above.
+                let q = (*wp[$r].add(i)).quants();
+                let zero = _mm256_setzero_si256();
+                if B::KIND == Quants::I8 && !VNNI {
+                    dot_u8_i8::<false>(zero, _mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
+                } else if B::KIND == Quants::I8 {
+                    dot_u8_i8::<VNNI>(zero, _mm256_xor_si256(q, _mm256_set1_epi8(-128)), y)
+                } else {
+                    dot_u8_i8::<VNNI>(zero, q, y)
+                }
+            }};
+        }
+        let p = [
+            row_dot!(0),
+            row_dot!(1),
+            row_dot!(2),
+            row_dot!(3),
+            row_dot!(4),
+            row_dot!(5),
+            row_dot!(6),
+            row_dot!(7),
+        ];
+        let init = _mm256_set1_epi32(init_of::<B, VNNI>(ab.isum));
+        let s = _mm256_add_epi32(reduce8(p), init);
+        let f16s = |f: fn(&B) -> [u8; 2]| {
+            // SAFETY: as above.
+            let h = |r: usize| u16::from_le_bytes(f(&*wp[r].add(i))) as i16;
+            // Registers, not a [u16; 8] in memory: 2-byte stores read back as one 16-byte
+            // load stall store forwarding.
+            _mm_set_epi16(h(7), h(6), h(5), h(4), h(3), h(2), h(1), h(0))
+        };
+        let sc = _mm256_mul_ps(_mm256_cvtph_ps(f16s(B::d)), _mm256_set1_ps(ab.d));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc);
+        if B::HAS_MIN {
+            mn = _mm256_fmadd_ps(_mm256_cvtph_ps(f16s(B::m)), _mm256_set1_ps(ab.ds), mn);
+        }
+    }
+    if B::HAS_MIN {
+        acc = _mm256_add_ps(acc, mn);
+    }
+    store8(acc)
+}
+
+/// Two weight rows times the (up to) 8 interleaved activation rows of `a` (lane t: row t).
+/// (Two rows share each activation load; the accumulators are named, not an array, so that
+/// they stay in registers.)
+#[inline(always)]
+unsafe fn lanes_body<B: TileBlock, const VNNI: bool>(w: [&[B]; 2], a: &ActLanes) -> [[f32; 8]; 2] {
+    let nb = w[0].len();
+    assert!(a.nb() >= nb && w[1].len() == nb);
+    // Raw pointers in the loop: the bounds are checked once, above.
+    let (w0, w1, ab) = (w[0].as_ptr(), w[1].as_ptr(), a.blocks.as_ptr());
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut mn0, mut mn1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for i in 0..nb {
+        // SAFETY: i < nb, and every array holds at least nb blocks (asserted above).
+        let (b0, b1, lb): (&B, &B, &LaneBlock) = (&*w0.add(i), &*w1.add(i), &*ab.add(i));
+        let il = lb.qs.as_ptr();
+        // SAFETY (of the loads): each per-block array is 8 f32 / i32.
+        let dx = load8f(lb.d.as_ptr());
+        let isum = load256(lb.isum.as_ptr().cast());
+        let init = _mm256_mullo_epi32(isum, _mm256_set1_epi32(init_of::<B, VNNI>(1)));
+        macro_rules! one_row {
+            ($blk:expr, $acc:ident, $mn:ident) => {{
+                let blk = $blk;
+                let s = isum_lanes::<VNNI>(B::KIND, init, blk.halves(), il);
+                let sc = _mm256_mul_ps(h2f_splat(blk.d()), dx);
+                $acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, $acc);
+                if B::HAS_MIN {
+                    let ds = load8f(lb.ds.as_ptr());
+                    $mn = _mm256_fmadd_ps(h2f_splat(blk.m()), ds, $mn);
+                }
+            }};
+        }
+        one_row!(b0, acc0, mn0);
+        one_row!(b1, acc1, mn1);
+    }
+    if B::HAS_MIN {
+        acc0 = _mm256_add_ps(acc0, mn0);
+        acc1 = _mm256_add_ps(acc1, mn1);
+    }
+    [store8(acc0), store8(acc1)]
+}
+
+/// Weight rows (`out.len()` rows of `nb` blocks, row-major) times one activation row, 8 rows
+/// per tile; a last partial tile repeats its last row in the unused lanes.
+#[inline(always)]
+unsafe fn rows8_over<B: TileBlock, const VNNI: bool>(
     w: &[B],
     nb: usize,
-    acts: [&ActQ8; T],
-    out: &mut [[f32; T]],
-    tile: impl Fn([&[B]; R], [&ActQ8; T]) -> [[f32; T]; R],
-    tile1: impl Fn([&[B]; 1], [&ActQ8; T]) -> [[f32; T]; 1],
+    act: &ActQ8,
+    out: &mut [f32],
 ) {
-    let row = |r: usize| &w[r * nb..(r + 1) * nb];
     let rows = out.len();
+    let row = |r: usize| &w[r * nb..(r + 1) * nb];
     let mut r = 0;
-    while r + R <= rows {
-        let o = tile(std::array::from_fn(|k| row(r + k)), acts);
-        out[r..r + R].copy_from_slice(&o);
-        r += R;
-    }
     while r < rows {
-        out[r] = tile1([row(r)], acts)[0];
-        r += 1;
+        let mut tile = [row(r); 8];
+        for (k, t) in tile.iter_mut().enumerate() {
+            *t = row((r + k).min(rows - 1));
+        }
+        let o = rows8_body::<B, VNNI>(tile, act);
+        let n = (rows - r).min(8);
+        out[r..r + n].copy_from_slice(&o[..n]);
+        r += 8;
     }
 }
 
-/// Rows per tile: 4 x 4 tiles (rows x activation rows) keep 16 accumulators in registers.
-pub const TILE_ROWS: usize = 4;
+/// Weight rows times the interleaved activation rows of `a`, 2 weight rows per tile.
+#[inline(always)]
+unsafe fn lanes_over<B: TileBlock, const VNNI: bool>(
+    w: &[B],
+    nb: usize,
+    a: &ActLanes,
+    out: &mut [[f32; LANES]],
+) {
+    let rows = out.len();
+    let row = |r: usize| &w[r * nb..(r + 1) * nb];
+    let mut r = 0;
+    while r < rows {
+        // An odd last row goes with itself.
+        let o = lanes_body::<B, VNNI>([row(r), row((r + 1).min(rows - 1))], a);
+        let n = (rows - r).min(2);
+        out[r..r + n].copy_from_slice(&o[..n]);
+        r += 2;
+    }
+}
 
-macro_rules! rows_entry {
-    ($(#[$m:meta])* $name:ident, $body:ident, $block:ty) => {
-        $(#[$m])*
-        ///
-        /// `w` holds `out.len()` rows of `nb` blocks, row-major; `out[r][t] = W[r] . X[t]`.
+macro_rules! tile_entries {
+    ($block:ty, $rows8:ident, $lanes:ident) => {
+        /// Weight rows times one activation row: `out[r] = W[r] . x`.
         ///
         /// # Safety
-        /// `isa` must be what [`Isa::detect`] returned (or a lesser set the CPU has); every
-        /// `acts[t]` covers `nb` 32-element blocks. (Lengths of `w` are checked: a short `w`
-        /// panics, it is never read out of bounds.)
-        pub unsafe fn $name<const T: usize>(
-            isa: Isa,
-            w: &[$block],
-            nb: usize,
-            acts: [&ActQ8; T],
-            out: &mut [[f32; T]],
-        ) {
+        /// `isa` must be what [`Isa::detect`] returned (or a lesser set the CPU has); `act`
+        /// covers `nb` 32-element blocks. (Lengths of `w` are checked: a short `w` panics, it
+        /// is never read out of bounds.)
+        pub unsafe fn $rows8(isa: Isa, w: &[$block], nb: usize, act: &ActQ8, out: &mut [f32]) {
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn avx2<const T: usize>(
-                w: &[$block],
-                nb: usize,
-                acts: [&ActQ8; T],
-                out: &mut [[f32; T]],
-            ) {
-                over_rows(
-                    w,
-                    nb,
-                    acts,
-                    out,
-                    |w, a| $body::<TILE_ROWS, T, false>(w, a),
-                    |w, a| $body::<1, T, false>(w, a),
-                )
+            unsafe fn avx2(w: &[$block], nb: usize, act: &ActQ8, out: &mut [f32]) {
+                rows8_over::<$block, false>(w, nb, act, out)
             }
             #[cfg(feature = "cpu-avx512")]
             #[allow(clippy::incompatible_msrv)] // the feature documents its Rust 1.89 requirement
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-            unsafe fn vnni<const T: usize>(
-                w: &[$block],
-                nb: usize,
-                acts: [&ActQ8; T],
-                out: &mut [[f32; T]],
-            ) {
-                over_rows(
-                    w,
-                    nb,
-                    acts,
-                    out,
-                    |w, a| $body::<TILE_ROWS, T, true>(w, a),
-                    |w, a| $body::<1, T, true>(w, a),
-                )
+            unsafe fn vnni(w: &[$block], nb: usize, act: &ActQ8, out: &mut [f32]) {
+                rows8_over::<$block, true>(w, nb, act, out)
+            }
+            assert!(act.blk.len() >= nb && act.qs.len() >= 32 * nb);
+            match isa {
+                #[cfg(feature = "cpu-avx512")]
+                Isa::Vnni => vnni(w, nb, act, out),
+                // `Isa::detect` never returns Vnni without the feature.
+                _ => avx2(w, nb, act, out),
+            }
+        }
+
+        /// Weight rows times up to 8 interleaved activation rows: `out[r][t] = W[r] . X[t]`
+        /// (lanes past `a`'s rows repeat its last row).
+        ///
+        /// # Safety
+        /// As for the single-row kernel; `a` covers `nb` blocks (checked).
+        pub unsafe fn $lanes(
+            isa: Isa,
+            w: &[$block],
+            nb: usize,
+            a: &ActLanes,
+            out: &mut [[f32; LANES]],
+        ) {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2(w: &[$block], nb: usize, a: &ActLanes, out: &mut [[f32; LANES]]) {
+                lanes_over::<$block, false>(w, nb, a, out)
+            }
+            #[cfg(feature = "cpu-avx512")]
+            #[allow(clippy::incompatible_msrv)] // the feature documents its Rust 1.89 requirement
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+            unsafe fn vnni(w: &[$block], nb: usize, a: &ActLanes, out: &mut [[f32; LANES]]) {
+                lanes_over::<$block, true>(w, nb, a, out)
             }
             match isa {
                 #[cfg(feature = "cpu-avx512")]
-                Isa::Vnni => vnni(w, nb, acts, out),
-                // `Isa::detect` never returns Vnni without the feature.
-                _ => avx2(w, nb, acts, out),
+                Isa::Vnni => vnni(w, nb, a, out),
+                _ => avx2(w, nb, a, out),
             }
         }
     };
 }
 
-rows_entry!(
-    /// Q4_1 rows times T activation rows (Q8).
-    q4_1_rows, q4_1_body, BlockQ4_1
-);
-rows_entry!(
-    /// Q4_0 rows times T activation rows (Q8).
-    q4_0_rows, q4_0_body, BlockQ4_0
-);
-rows_entry!(
-    /// Q8_0 rows times T activation rows (Q8).
-    q8_0_rows, q8_0_body, BlockQ8_0
-);
+tile_entries!(BlockQ4_1, q4_1_rows8, q4_1_lanes);
+tile_entries!(BlockQ4_0, q4_0_rows8, q4_0_lanes);
+tile_entries!(BlockQ8_0, q8_0_rows8, q8_0_lanes);
 
 /// Quantizes 32 activations to Q8 exactly as `dot::quantize_act_block` does (same scale, same
 /// round-half-away-from-zero, same clamp), or returns None when a value is not finite (the

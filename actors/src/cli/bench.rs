@@ -125,14 +125,25 @@ pub(crate) fn median(v: &[f64]) -> f64 {
 }
 
 /// Deterministic, varied token ids (llama-bench uses random tokens: attention cost does not
-/// depend on the ids, and the embedding lookup barely does).
-pub(crate) fn tokens(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+/// depend on the ids, and the embedding lookup barely does), starting from another id for each
+/// `salt`, so that no run's prompt shares a prefix with an earlier one: the runtime's prefix
+/// cache would otherwise serve every run after the first from the KV blocks it kept, and pp
+/// would time no prefill at all.
+fn salted_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + 13 + salt * 104_729) % vocab) as u32)
+        .collect()
 }
 
-/// pp N: an N-token prompt into an empty cache, timed to its first token.
-fn pp(engine: &Engine, n: usize, vocab: usize) -> Result<f64, Box<dyn std::error::Error>> {
-    let mut req = GenerateRequest::tokens(tokens(n, vocab), 1);
+/// pp N: an N-token prompt into an empty cache, timed to its first token; run `run` of the
+/// test (its prompt shares no prefix with another run's).
+fn pp(
+    engine: &Engine,
+    n: usize,
+    vocab: usize,
+    run: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let mut req = GenerateRequest::tokens(salted_tokens(n, vocab, run), 1);
     req.stop_at_eos = false;
     let t0 = Instant::now();
     engine.rt.generate(req).collect_tokens()?;
@@ -140,8 +151,13 @@ fn pp(engine: &Engine, n: usize, vocab: usize) -> Result<f64, Box<dyn std::error
 }
 
 /// tg N: N single-token decode steps, timed between the first and the last token.
-fn tg(engine: &Engine, n: usize, vocab: usize) -> Result<f64, Box<dyn std::error::Error>> {
-    let mut req = GenerateRequest::tokens(tokens(1, vocab), n + 1);
+fn tg(
+    engine: &Engine,
+    n: usize,
+    vocab: usize,
+    run: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let mut req = GenerateRequest::tokens(salted_tokens(1, vocab, run), n + 1);
     req.stop_at_eos = false;
     let mut first = None;
     let mut last = Instant::now();
@@ -182,16 +198,16 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         _ => 1,
     };
     let mut results = Vec::new();
-    type Test = fn(&Engine, usize, usize) -> Result<f64, Box<dyn std::error::Error>>;
+    type Test = fn(&Engine, usize, usize, usize) -> Result<f64, Box<dyn std::error::Error>>;
     let tests: [(&str, usize, Test); 2] = [("pp", a.n_prompt, pp), ("tg", a.n_gen, tg)];
     for (name, n, f) in tests {
         if n == 0 {
             continue;
         }
         // One untimed run first (page faults, pool spin-up, the load itself).
-        f(&engine, n, vocab)?;
-        let samples = (0..a.repetitions.max(1))
-            .map(|_| f(&engine, n, vocab))
+        f(&engine, n, vocab, 0)?;
+        let samples = (1..=a.repetitions.max(1))
+            .map(|run| f(&engine, n, vocab, run))
             .collect::<Result<Vec<f64>, _>>()?;
         let r = BenchResult {
             test: format!("{name}{n}"),
