@@ -4,7 +4,8 @@
 //! - `gguf/`      — GGUF v2/v3 reader over `memmap2` (hardened) and writer.
 //! - `quant/`     — `GgmlType`/`QType`, block layouts, dequantization, quantization, CPU dot products.
 //! - `tokenizer/` — byte-level BPE and SentencePiece from GGUF metadata; chat templates.
-//! - `model/`     — architectures, `HParams`, tensor naming, forward pass, KV cache, `synth`.
+//! - `model/`     — architectures, `HParams`, tensor naming, the one transformer block
+//!   (`run_block` over a backend's `BlockOps`, weights as `LayerSet`), CPU forward pass, KV cache.
 //! - `backend/`   — `Backend { Cpu, Cuda, Hip }`; CPU always built, CUDA via `cudarc`, HIP behind `hip`.
 //! - `kernels`    — device sources embedded from `kernels/` by `build.rs`.
 //! - `synth.rs`   — random-weight llama GGUF files (valid random quant blocks) for benches.
