@@ -34,7 +34,7 @@ with_model=1
 # The test executables with a GPU test, by crate. kernels_compile_nvrtc needs no device but
 # checks the device machine's NVRTC (required there by the feature).
 CORE_TESTS=(gpu_kernels gpu_gemm kernels_compile_nvrtc)
-ACTORS_TESTS=(gpu_pipeline gpu_forward)
+ACTORS_TESTS=(gpu_pipeline gpu_forward one_engine)
 
 args=()
 for t in "${CORE_TESTS[@]}" "${ACTORS_TESTS[@]}"; do args+=(--test "$t"); done

@@ -1,8 +1,14 @@
 //! One engine: the same greedy reply to the same chat through `run`, `chat` (first turn),
-//! `serve` and the embedding API, on the CPU. They all go through the runtime's actors.
+//! `serve` and the embedding API, on the CPU, and on CUDA (ignored without the `gpu-tests`
+//! feature; `scripts/device-check.sh` runs it). They all go through the runtime's actors.
 
+#[macro_use]
+#[path = "../../tests/common/gpu.rs"]
+#[allow(dead_code)]
+mod gpu;
 mod serve_common;
 
+use rocmforge::backend::BackendKind;
 use rocmforge::tokenizer::{ChatMessage, Tokenizer};
 use rocmforge_actors::serve::client::post_json;
 use rocmforge_actors::{GenerateRequest, Runtime, SamplingParams};
@@ -46,10 +52,25 @@ fn cli(args: &[&str], stdin: &str) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_greedy_reply_through_run_chat_serve_and_the_api() {
+    same_reply_everywhere(BackendKind::Cpu).await;
+}
+
+gpu_test!(cuda: fn the_same_greedy_reply_through_run_chat_serve_and_the_api_on_cuda() {
+    drop(require_device!(cuda));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(same_reply_everywhere(BackendKind::Cuda));
+});
+
+async fn same_reply_everywhere(kind: BackendKind) {
     let m = smollm2();
     let m = m.to_str().unwrap();
     let prompt = rendered_prompt();
-    let common = ["--model", m, "--backend", "cpu", "--temp", "0", "-n", N];
+    let backend = kind.to_string();
+    let common = ["--model", m, "--backend", &backend, "--temp", "0", "-n", N];
 
     let run: Value = serde_json::from_slice(
         &cli(
@@ -68,7 +89,7 @@ async fn the_same_greedy_reply_through_run_chat_serve_and_the_api() {
     );
     let chat_text = String::from_utf8_lossy(&chat.stdout).trim_end().to_string();
 
-    let rt = Runtime::builder().model(m).build().unwrap();
+    let rt = Runtime::builder().model(m).device(kind).build().unwrap();
     let mut req = GenerateRequest::text(prompt.clone(), N.parse().unwrap());
     req.sampling = SamplingParams::greedy();
     let api_text: String = rt
@@ -78,7 +99,9 @@ async fn the_same_greedy_reply_through_run_chat_serve_and_the_api() {
         .collect();
     rt.shutdown().unwrap();
 
-    let server = start(config()).await;
+    let mut cfg = config();
+    cfg.backend = kind;
+    let server = start(cfg).await;
     let r = post_json(
         server.local_addr(),
         "/v1/chat/completions",
@@ -98,4 +121,9 @@ async fn the_same_greedy_reply_through_run_chat_serve_and_the_api() {
     assert_eq!(chat_text, run_text, "chat vs run");
     assert_eq!(api_text, run_text, "API vs run");
     assert_eq!(serve_text, run_text, "serve vs run");
+    println!("{kind}: run, chat, the API and serve agree: {run_text:?}");
+    server
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .ok();
 }

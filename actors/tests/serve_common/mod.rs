@@ -5,9 +5,14 @@ use rocmforge_actors::serve::{ServeConfig, Server};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// SmolLM2: `ROCMFORGE_TEST_MODEL` if set (the device check joins it there), else `models/`.
 pub fn smollm2() -> PathBuf {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = std::env::var_os("ROCMFORGE_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     assert!(
         p.exists(),
         "test model {} is missing: run scripts/fetch-model.sh",
