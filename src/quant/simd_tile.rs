@@ -81,8 +81,10 @@ unsafe fn h2f_splat(b: [u8; 2]) -> __m256 {
 /// Bytes ahead of the current weight position that a decode tile prefetches: the rows of one
 /// tile are short (a 576-wide Q4_1 row is 360 bytes) and eight of them are read side by side,
 /// which the hardware stream prefetcher does not follow well; decode streams every weight from
-/// DRAM once per token, so the loads must be in flight well before use.
-const PREFETCH_AHEAD: usize = 4096;
+/// DRAM once per token, so the loads must be in flight well before use. 8 KiB (~3 eight-row
+/// tiles of a 576-wide Q4_1 matrix): with 4 KiB the eight-row kernel decoded ~6% slower than the
+/// four-row one before it (2-core VM, tg128 alternated; docs/PERFORMANCE.md).
+const PREFETCH_AHEAD: usize = 8192;
 
 /// Prefetches the weight bytes that block `i` of the tile `PREFETCH_AHEAD` bytes further on
 /// will read, for tiles whose R rows are contiguous (`base` is row 0; `bpb` bytes per block per
