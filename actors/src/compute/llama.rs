@@ -225,6 +225,24 @@ impl LlamaCompute {
         Ok(())
     }
 
+    /// The output head over the `n` normed rows in `self.xn`, with the family's final
+    /// soft-cap: `[n, n_vocab]`.
+    fn head_logits(&self, global: &ResidentLayer, n: usize) -> Result<Vec<f32>> {
+        let head = self.model.layout().head();
+        let mut logits = vec![0f32; n * self.model.n_vocab()];
+        ops::linear(
+            &view(global, head)?,
+            &head.name,
+            &self.xn,
+            n,
+            &mut logits,
+            self.precision,
+        )
+        .map_err(err(None))?;
+        self.model.finish_logits(&mut logits);
+        Ok(logits)
+    }
+
     /// The factory the runtime uses by default.
     pub fn factory(seq_cfg: SequenceConfig) -> ComputeFactory {
         Arc::new(move |file: &GgufFile, settings: &ComputeSettings| {
@@ -396,19 +414,7 @@ impl ModelCompute for LlamaCompute {
         hidden: &Hidden,
     ) -> Result<Vec<f32>> {
         self.final_norm(global, seq, hidden)?;
-        let head = self.model.layout().head();
-        let mut logits = vec![0f32; self.model.n_vocab()];
-        ops::linear(
-            &view(global, head)?,
-            &head.name,
-            &self.xn,
-            1,
-            &mut logits,
-            self.precision,
-        )
-        .map_err(err(None))?;
-        self.model.finish_logits(&mut logits);
-        Ok(logits)
+        self.head_logits(global, 1)
     }
 
     fn final_hidden(
@@ -592,21 +598,11 @@ impl ModelCompute for LlamaCompute {
         hidden: &Hidden,
     ) -> Result<Vec<Vec<f32>>> {
         let n = self.final_norm_batch(global, batch, hidden)?;
-        let head = self.model.layout().head();
-        let vocab = self.model.n_vocab();
-        let mut logits = vec![0f32; n * vocab];
-        if n > 0 {
-            ops::linear(
-                &view(global, head)?,
-                &head.name,
-                &self.xn,
-                n,
-                &mut logits,
-                self.precision,
-            )
-            .map_err(err(None))?;
-            self.model.finish_logits(&mut logits);
+        if n == 0 {
+            return Ok(Vec::new());
         }
+        let logits = self.head_logits(global, n)?;
+        let vocab = self.model.n_vocab();
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
