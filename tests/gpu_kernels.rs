@@ -16,10 +16,10 @@ use half::f16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rocmforge::backend::gpu::ops::{
-    AttnParams, GpuOps, KvLayout, QMatrix, RopeParams, SampleParams,
+    mmvq8_wpr, AttnParams, GpuOps, KvLayout, QMatrix, RopeParams, SampleParams,
 };
 use rocmforge::backend::gpu::KernelDevice;
-use rocmforge::backend::kernels::{DEVICE_BLOCKS, DEVICE_QTYPES};
+use rocmforge::backend::kernels::{q8a_bytes, q8a_capable, DEVICE_BLOCKS, DEVICE_QTYPES};
 use rocmforge::backend::{BackendError, BufferIo, DeviceEvent, DeviceStream, PinnedHost, Pod};
 use rocmforge::quant::{dequantize_ref, matvec_exact, GgmlType};
 
@@ -208,6 +208,10 @@ fn check_weights<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut
             1e-5,
         );
 
+        if q8a_capable(qt) {
+            check_mmvq_q8(d, s, t, rng, qt, &w, &wd, m);
+        }
+
         // get_rows: repeated ids, first and last row.
         let ids: Vec<i32> = vec![0, 66, 5, 5, 31, 12];
         let idd = upload(d, &ids, "ids").expect("ids");
@@ -281,6 +285,104 @@ fn check_weights<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut
         if flagged == 1 { 0.0 } else { 1.0 },
         0.0,
     );
+}
+
+/// `x` quantized as `quantize_q8a_f32` does (32-element blocks, d = amax / 127 in f32,
+/// q = round(x / d) via the f32 reciprocal): the quants, (d, quant sum) per block, and `d * q`.
+fn quantize_q8a_ref(x: &[f32]) -> (Vec<i8>, Vec<[f32; 2]>, Vec<f32>) {
+    let (mut qs, mut meta, mut deq) = (Vec::new(), Vec::new(), Vec::new());
+    for b in x.chunks_exact(32) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0f32;
+        for v in b {
+            let q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            qs.push(q);
+            deq.push(d * f32::from(q));
+            sum += f32::from(q);
+        }
+        meta.push([d, sum]);
+    }
+    (qs, meta, deq)
+}
+
+/// The 8-bit activation path: `quantize_q8a` must give the reference's quants and scales
+/// bit for bit, and `mmvq_q8` the exact product of the weights with the quantized
+/// activations (1 vector, and 11: a launch of 8 and one of 3); its distance to the f32
+/// product (the quantization of the activations) is bounded loosely.
+#[allow(clippy::too_many_arguments)]
+fn check_mmvq_q8<D: KernelDevice>(
+    d: &D,
+    s: &D::Stream,
+    t: &mut Table,
+    rng: &mut ChaCha8Rng,
+    qt: GgmlType,
+    w: &[u8],
+    wd: &D::Buf,
+    m: QMatrix,
+) {
+    let (rows, cols) = (m.nrows, m.ncols);
+    let name = qt.name().to_lowercase();
+    for nv in [1usize, 11] {
+        let x = rand_vec(rng, nv * cols, 1.0);
+        let (qs, meta, deq) = quantize_q8a_ref(&x);
+        let xd = up(d, &x);
+        let xq = d.alloc(q8a_bytes(nv, cols), "xq").expect("alloc");
+        d.quantize_q8a(s, &xd, &xq, nv, cols).expect("quantize_q8a");
+        let yd = d.alloc(nv * rows * 4, "y").expect("alloc");
+        d.mmvq_q8(s, wd, m, &xq, &yd, nv).expect("mmvq_q8");
+        s.synchronize().expect("sync");
+        if nv == 1 {
+            let bytes = xq.to_vec::<u8>(q8a_bytes(nv, cols)).expect("read xq");
+            let (gq, gm) = bytes.split_at(nv * cols);
+            let same_q = gq.iter().zip(&qs).all(|(a, b)| *a as i8 == *b);
+            let same_m = gm
+                .chunks_exact(8)
+                .zip(&meta)
+                .all(|(c, r)| c[..4] == r[0].to_le_bytes() && c[4..] == r[1].to_le_bytes());
+            t.add(
+                "quantize_q8a_f32 bit-equal",
+                "F32",
+                if same_q && same_m { 0.0 } else { 1.0 },
+                0.0,
+            );
+        }
+        let (mut yq, mut yf) = (vec![0f32; nv * rows], vec![0f32; nv * rows]);
+        for j in 0..nv {
+            let r = j * rows..(j + 1) * rows;
+            let c = j * cols..(j + 1) * cols;
+            matvec_exact(qt, w, rows, cols, &deq[c.clone()], &mut yq[r.clone()]).expect("oracle");
+            matvec_exact(qt, w, rows, cols, &x[c], &mut yf[r]).expect("oracle");
+        }
+        let got = yd.to_vec::<f32>(nv * rows).expect("read");
+        if nv == 1 {
+            // The kernel's other shapes (warps per row) compute the same products.
+            for wpr in [1u32, 2, 4, 8] {
+                let yw = d.alloc(rows * 4, "y").expect("alloc");
+                d.mmvq_q8_wpr(s, wd, m, &xq, &yw, wpr).expect("mmvq_q8_wpr");
+                s.synchronize().expect("sync");
+                t.add(
+                    &format!("mmvq_{name}_q8a_w{wpr} (vs quantized x)"),
+                    qt.name(),
+                    rel_err(&yw.to_vec::<f32>(rows).expect("read"), &yq),
+                    1e-5,
+                );
+            }
+        }
+        t.add(
+            &format!("mmvq_{name}_q8a x{nv} (vs quantized x)"),
+            qt.name(),
+            rel_err(&got, &yq),
+            1e-5,
+        );
+        t.add(
+            &format!("mmvq_{name}_q8a x{nv} (vs f32 x)"),
+            qt.name(),
+            rel_err(&got, &yf),
+            2e-2,
+        );
+    }
 }
 
 /// `ff`: the per-pair frequency divisors (Llama 3.1's `rope_freqs`), if any.
@@ -771,14 +873,79 @@ fn check_memory_and_events<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table)
     );
 }
 
+/// Informational only (printed, never asserted): the one-vector q8 product alone (activations
+/// quantized once) over the 8B shapes' matrices with 1, 2, 4 and 8 warps per row, and the
+/// launcher's choice (`mmvq8_wpr`).
+fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8Rng) {
+    for qt in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
+    ] {
+        for (rows, cols) in [
+            (1024usize, 4096usize),
+            (4096, 4096),
+            (14_336, 4096),
+            (4096, 14_336),
+        ] {
+            let w = random_weights(qt, rows, cols, rng);
+            let wd = upload(d, &w, "bench w").expect("upload");
+            let xd = up(d, &rand_vec(rng, cols, 1.0));
+            let xq = d.alloc(q8a_bytes(1, cols), "bench xq").expect("alloc");
+            let yd = d.alloc(rows * 4, "y").expect("alloc");
+            d.quantize_q8a(s, &xd, &xq, 1, cols).expect("quantize");
+            let m = QMatrix {
+                qtype: qt,
+                nrows: rows,
+                ncols: cols,
+            };
+            let (e0, e1) = (
+                d.new_event(true).expect("ev"),
+                d.new_event(true).expect("ev"),
+            );
+            let mut line = format!(
+                "bench q8a shapes {:<5} [{rows}x{cols}] pick w{}:",
+                qt.name().to_lowercase(),
+                mmvq8_wpr(rows)
+            );
+            for wpr in [1u32, 2, 4, 8] {
+                let mut ws = Vec::new();
+                for i in 0..21 {
+                    s.record(&e0).expect("rec");
+                    d.mmvq_q8_wpr(s, &wd, m, &xq, &yd, wpr)
+                        .expect("mmvq_q8_wpr");
+                    s.record(&e1).expect("rec");
+                    e1.synchronize().expect("sync");
+                    if i > 0 {
+                        ws.push(e0.elapsed_ms(&e1).expect("elapsed"));
+                    }
+                }
+                ws.sort_by(f32::total_cmp);
+                let wm = f64::from(ws[ws.len() / 2]);
+                line += &format!(
+                    "  w{wpr} {:.1} us {:.0} GB/s",
+                    wm * 1e3,
+                    w.len() as f64 / (wm * 1e-3) / 1e9
+                );
+            }
+            println!("{line}");
+        }
+    }
+}
+
 /// Informational only (printed, never asserted): effective weight bandwidth of mmvq on an
 /// 8B-shape FFN matrix [14336, 4096], median of 20 timed launches after a warm-up.
 fn print_mmvq_bandwidth<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8Rng) {
     let (rows, cols) = (14_336usize, 4096usize);
     for qt in [
         GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q4_K,
+        GgmlType::Q5_K,
         GgmlType::Q6_K,
         GgmlType::F16,
     ] {
@@ -810,6 +977,31 @@ fn print_mmvq_bandwidth<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8
             let med = f64::from(ms[ms.len() / 2]);
             println!(
                 "bench mmvq_{:<5} x{n:<2} [{rows}x{cols}] {:>8.1} us  {:>7.1} GB/s of weights  {:>6.1} us per vector",
+                qt.name().to_lowercase(),
+                med * 1e3,
+                w.len() as f64 / (med * 1e-3) / 1e9,
+                med * 1e3 / n as f64
+            );
+            if !q8a_capable(qt) {
+                continue;
+            }
+            // The 8-bit path: quantizing the activations is part of each timed product.
+            let xq = d.alloc(q8a_bytes(n, cols), "bench xq").expect("alloc");
+            let mut ms = Vec::new();
+            for i in 0..21 {
+                s.record(&e0).expect("rec");
+                d.quantize_q8a(s, &xd, &xq, n, cols).expect("quantize");
+                d.mmvq_q8(s, &wd, m, &xq, &yd, n).expect("mmvq_q8");
+                s.record(&e1).expect("rec");
+                e1.synchronize().expect("sync");
+                if i > 0 {
+                    ms.push(e0.elapsed_ms(&e1).expect("elapsed"));
+                }
+            }
+            ms.sort_by(f32::total_cmp);
+            let med = f64::from(ms[ms.len() / 2]);
+            println!(
+                "bench mmvq_{:<5} x{n:<2} q8a [{rows}x{cols}] {:>8.1} us  {:>7.1} GB/s of weights  {:>6.1} us per vector",
                 qt.name().to_lowercase(),
                 med * 1e3,
                 w.len() as f64 / (med * 1e-3) / 1e9,
@@ -862,5 +1054,6 @@ fn check_every_kernel<D: KernelDevice>(d: &D) {
     check_sampling(d, &s, &mut t, &mut rng);
     check_memory_and_events(d, &s, &mut t);
     print_mmvq_bandwidth(d, &s, &mut rng);
+    print_mmvq_q8_shapes(d, &s, &mut rng);
     t.print_and_check();
 }

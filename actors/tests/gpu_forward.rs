@@ -42,6 +42,31 @@ const MAX_REL_ERR: f32 = 1e-2;
 /// (the test asserts all 32 for it); random weights do.
 const NEAR_TIE: f32 = 2.0 * MAX_REL_ERR;
 
+/// The fast precision (the default: decode's products take activations quantized to 8 bits,
+/// `kernels/mmvq_q8.cu`) against the same exact oracle: the quantization of every product's
+/// input adds its own error, as on the CPU's fast path. Bound set before the first device run
+/// at 5x the exact one; the measured values are in the test's output and PERFORMANCE.md.
+const FAST_MAX_REL_ERR: f32 = 5e-2;
+
+/// The error bound and the near-tie margin of a precision.
+fn bounds(p: Precision) -> (f32, f32) {
+    match p {
+        Precision::Exact => (MAX_REL_ERR, NEAR_TIE),
+        Precision::Fast => (FAST_MAX_REL_ERR, 2.0 * FAST_MAX_REL_ERR),
+    }
+}
+
+/// A runtime on `kind` with the GPU in precision `p`.
+fn gpu_runtime(kind: BackendKind, path: &Path, p: Precision) -> rocmforge_actors::RuntimeBuilder {
+    Runtime::builder().model(path).device_with(
+        kind,
+        rocmforge_actors::compute::gpu::GpuPipelineOptions {
+            precision: p,
+            ..Default::default()
+        },
+    )
+}
+
 fn data_dir() -> PathBuf {
     std::env::var_os("ROCMFORGE_TEST_DATA")
         .map(PathBuf::from)
@@ -137,104 +162,121 @@ fn logprob_err(gpu: &TokenLogprobs, cpu: &TokenLogprobs, scale: f32) -> f32 {
 }
 
 /// `vendor_gemm`: the builder's knob (`false`: prefill through the portable GEMM kernel on
-/// CUDA too; HIP has only that one).
+/// CUDA too; HIP has only that one). Each precision in `precisions` runs against the same exact
+/// oracle with its own bounds; `require_all_steps` applies to the exact precision.
 fn check_model(
     kind: BackendKind,
     path: &Path,
     label: &str,
     require_all_steps: bool,
     vendor_gemm: bool,
+    precisions: &[Precision],
 ) {
     let model = Model::open(path).expect("model");
     let cases: Vec<Case> = serde_json::from_slice(
         &std::fs::read(data_dir().join("smollm2-logits/cases.json")).expect("cases"),
     )
     .expect("cases.json");
-    let full = Runtime::builder()
-        .model(path)
-        .device(kind)
-        .vendor_gemm(vendor_gemm)
-        .build()
-        .expect("runtime");
-    let streamed = Runtime::builder()
-        .model(path)
-        .device(kind)
-        .vendor_gemm(vendor_gemm)
-        .memory_budget(MemoryBudget::FractionOfWeights(0.4))
-        .build()
-        .expect("runtime at a 40% budget");
-    println!("| model | case | prompt tokens | worst logprob err / max|logit| | greedy equal (of {STEPS}) | decisive steps | 40% budget bit-equal | GPU repeat bit-equal |");
-    let mut worst = 0f32;
+    let runtimes: Vec<(Precision, RuntimeHandle, RuntimeHandle)> = precisions
+        .iter()
+        .map(|&p| {
+            let full = gpu_runtime(kind, path, p)
+                .vendor_gemm(vendor_gemm)
+                .build()
+                .expect("runtime");
+            let streamed = gpu_runtime(kind, path, p)
+                .vendor_gemm(vendor_gemm)
+                .memory_budget(MemoryBudget::FractionOfWeights(0.4))
+                .build()
+                .expect("runtime at a 40% budget");
+            (p, full, streamed)
+        })
+        .collect();
+    println!("| model | precision | case | prompt tokens | worst logprob err / max|logit| | greedy equal (of {STEPS}) | decisive steps | 40% budget bit-equal | GPU repeat bit-equal |");
+    let mut worst = vec![0f32; runtimes.len()];
     for c in &cases {
         let oracle = cpu_greedy(&model, &c.hf_prompt_ids);
-        let (ids, lps) = gpu_greedy(&full, &c.hf_prompt_ids);
-        let (ids2, lps2) = gpu_greedy(&full, &c.hf_prompt_ids);
-        let (sids, slps) = gpu_greedy(&streamed, &c.hf_prompt_ids);
         let cpu_ids: Vec<u32> = oracle.iter().map(|s| s.id).collect();
-        let same = cpu_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
-        let decisive = if require_all_steps {
-            STEPS
-        } else {
-            oracle
-                .iter()
-                .position(|s| s.margin < NEAR_TIE)
-                .unwrap_or(STEPS)
-        };
-        // Steps whose contexts are the same on both sides: every step up to and including the
-        // first that differs (its inputs were still equal).
-        let compared = (same + 1).min(STEPS);
-        let err = (0..compared)
-            .map(|i| logprob_err(&lps[i], &oracle[i].logprobs, oracle[i].max_abs))
-            .fold(0f32, f32::max);
-        worst = worst.max(err);
-        let repeat = ids == ids2 && lps == lps2;
-        let budget_same = sids == ids && slps == lps;
-        println!(
-            "| {label} | {} | {} | {err:.2e} | {same} | {decisive} | {budget_same} | {repeat} |",
-            c.name,
-            c.hf_prompt_ids.len()
-        );
-        assert!(repeat, "{}: the GPU differs between two runs", c.name);
-        assert!(
-            same >= decisive,
-            "{}: GPU vs CPU greedy tokens differ at step {same} before the first near-tie ({decisive})\n cpu {cpu_ids:?}\n gpu {ids:?}",
-            c.name
-        );
-        // Streaming changes where weights live, not the arithmetic: the same bits.
-        assert!(budget_same, "{}: 40% budget vs unbounded", c.name);
+        for (k, (p, full, streamed)) in runtimes.iter().enumerate() {
+            let (_, near_tie) = bounds(*p);
+            let (ids, lps) = gpu_greedy(full, &c.hf_prompt_ids);
+            let (ids2, lps2) = gpu_greedy(full, &c.hf_prompt_ids);
+            let (sids, slps) = gpu_greedy(streamed, &c.hf_prompt_ids);
+            let same = cpu_ids.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+            let decisive = if require_all_steps && *p == Precision::Exact {
+                STEPS
+            } else {
+                oracle
+                    .iter()
+                    .position(|s| s.margin < near_tie)
+                    .unwrap_or(STEPS)
+            };
+            // Steps whose contexts are the same on both sides: every step up to and including
+            // the first that differs (its inputs were still equal).
+            let compared = (same + 1).min(STEPS);
+            let err = (0..compared)
+                .map(|i| logprob_err(&lps[i], &oracle[i].logprobs, oracle[i].max_abs))
+                .fold(0f32, f32::max);
+            worst[k] = worst[k].max(err);
+            let repeat = ids == ids2 && lps == lps2;
+            let budget_same = sids == ids && slps == lps;
+            println!(
+                "| {label} | {p:?} | {} | {} | {err:.2e} | {same} | {decisive} | {budget_same} | {repeat} |",
+                c.name,
+                c.hf_prompt_ids.len()
+            );
+            assert!(repeat, "{} {p:?}: the GPU differs between two runs", c.name);
+            assert!(
+                same >= decisive,
+                "{} {p:?}: GPU vs CPU greedy tokens differ at step {same} before the first near-tie ({decisive})\n cpu {cpu_ids:?}\n gpu {ids:?}",
+                c.name
+            );
+            // Streaming changes where weights live, not the arithmetic: the same bits.
+            assert!(budget_same, "{} {p:?}: 40% budget vs unbounded", c.name);
+        }
     }
-    let st = streamed.stats();
-    assert!(
-        st.peak_allocated_bytes <= st.budget_bytes,
-        "peak {} > budget {}",
-        st.peak_allocated_bytes,
-        st.budget_bytes
-    );
-    full.shutdown().expect("shutdown");
-    streamed.shutdown().expect("shutdown");
-    assert!(
-        worst < 2.0 * MAX_REL_ERR,
-        "worst log-probability error {worst} (relative to max|logit|)"
-    );
+    for ((p, full, streamed), worst) in runtimes.into_iter().zip(worst) {
+        let st = streamed.stats();
+        assert!(
+            st.peak_allocated_bytes <= st.budget_bytes,
+            "peak {} > budget {}",
+            st.peak_allocated_bytes,
+            st.budget_bytes
+        );
+        full.shutdown().expect("shutdown");
+        streamed.shutdown().expect("shutdown");
+        let (bound, _) = bounds(p);
+        println!(
+            "{label} {p:?}: worst log-probability error {worst:.2e} of max|logit| (bound {:.0e})",
+            2.0 * bound
+        );
+        assert!(
+            worst < 2.0 * bound,
+            "{p:?}: worst log-probability error {worst} (relative to max|logit|)"
+        );
+    }
 }
+
+/// Both GPU precisions: exact (f32 activations) and fast (the default, 8-bit activations).
+const BOTH: &[Precision] = &[Precision::Exact, Precision::Fast];
 
 // No CPU instance: the runtime's CPU path runs the fast precision (quantized activations), whose
 // distance to the exact oracle is another question (tests/model_golden.rs, one_engine.rs).
 gpu_test!(cuda: fn smollm2_runtime_cuda_matches_cpu() {
     drop(require_device!(cuda));
-    check_model(BackendKind::Cuda, &smollm2(), "SmolLM2-135M Q4_1", true, true);
+    check_model(BackendKind::Cuda, &smollm2(), "SmolLM2-135M Q4_1", true, true, BOTH);
 });
 
 // The builder's `vendor_gemm(false)` (the CLI's ROCMFORGE_NO_CUBLAS=1): every prompt of 8+
 // tokens goes through the portable GEMM kernel instead of cuBLAS, with the same bounds.
 gpu_test!(cuda: fn smollm2_runtime_cuda_portable_gemm_matches_cpu() {
     drop(require_device!(cuda));
-    check_model(BackendKind::Cuda, &smollm2(), "SmolLM2-135M Q4_1 portable GEMM", true, false);
+    check_model(BackendKind::Cuda, &smollm2(), "SmolLM2-135M Q4_1 portable GEMM", true, false, &[Precision::Exact]);
 });
 
 gpu_test!(hip: fn smollm2_runtime_hip_matches_cpu() {
     drop(require_device!(hip));
-    check_model(BackendKind::Hip, &smollm2(), "SmolLM2-135M Q4_1", true, true);
+    check_model(BackendKind::Hip, &smollm2(), "SmolLM2-135M Q4_1", true, true, BOTH);
 });
 
 fn synth(kind: BackendKind) {
@@ -242,7 +284,7 @@ fn synth(kind: BackendKind) {
         "ROCMFORGE_SYNTH_MODEL is not set: point it at `rocmforge synth --preset 1b --qtype q4_0` \
          output (scripts/device-check.sh makes one)",
     );
-    check_model(kind, Path::new(&path), "synth 1B Q4_0", false, true);
+    check_model(kind, Path::new(&path), "synth 1B Q4_0", false, true, BOTH);
 }
 
 gpu_test!(cuda: fn synth_runtime_cuda_matches_cpu() {
@@ -422,9 +464,9 @@ fn check_tiny_families(kind: BackendKind) {
     for family in GPU {
         let path = tiny(family);
         let oracle = cpu_greedy(&Model::open(&path).expect("model"), &prompt);
-        let rt = Runtime::builder()
-            .model(&path)
-            .device(kind)
+        // The exact precision: the families' graphs against the oracle's tight bound (the
+        // 8-bit products are checked on SmolLM2 and the synthetic 1B above).
+        let rt = gpu_runtime(kind, &path, Precision::Exact)
             .build()
             .unwrap_or_else(|e| panic!("{family} on {kind}: {e}"));
         let (ids, _) = gpu_greedy(&rt, &prompt);

@@ -186,8 +186,8 @@ fn cli_run_on_hip_routes_to_the_pipeline_and_says_why_it_cannot() {
     assert!(!err.contains("not implemented"), "{err}");
 }
 
-/// The exact CPU's greedy tokens through the pipelined runtime on `kind`, unbounded and at a 40%
-/// weight budget that the peak of allocated weights stays under. On the CPU the pipeline runs
+/// The exact CPU's greedy tokens through the pipelined runtime on `kind` (exact precision),
+/// unbounded and at a 40% weight budget that the peak of allocated weights stays under. On the CPU the pipeline runs
 /// the exact compute too (its default precision quantizes activations, so its tokens are not the
 /// oracle's): there the instance checks the budget path against the unbounded run.
 fn check_pipeline_matches_the_exact_cpu(kind: BackendKind) {
@@ -196,9 +196,17 @@ fn check_pipeline_matches_the_exact_cpu(kind: BackendKind) {
         precision: Precision::Exact,
         ..SequenceConfig::default()
     };
+    // The GPU in its exact precision too (f32 activations; its default quantizes them as the
+    // CPU's fast path does, checked against the oracle with a bound in gpu_forward.rs).
     let on_kind = |b: rocmforge_actors::RuntimeBuilder| match kind {
         BackendKind::Cpu => b.compute(LlamaCompute::factory(exact)),
-        gpu => b.device(gpu),
+        gpu => b.device_with(
+            gpu,
+            rocmforge_actors::compute::gpu::GpuPipelineOptions {
+                precision: Precision::Exact,
+                ..Default::default()
+            },
+        ),
     };
     let (cpu, _, _) = tokens(
         Runtime::builder()

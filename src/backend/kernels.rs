@@ -91,6 +91,18 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
                 .flat_map(|n| [format!("{n}_n"), n])
                 .collect(),
         ),
+        (
+            "mmvq_q8.cu",
+            DEVICE_QTYPES
+                .iter()
+                .filter(|t| q8a_capable(**t))
+                .filter_map(|t| qtype_suffix(*t))
+                .flat_map(|s| {
+                    ["_n", "_w1", "_w2", "_w4", "_w8"].map(|v| format!("mmvq_{s}_q8a{v}"))
+                })
+                .chain(["quantize_q8a_f32".to_string()])
+                .collect(),
+        ),
         ("get_rows.cu", per_type("get_rows", "f32")),
         ("dequant.cu", per_type("dequantize", "f16")),
         ("norm.cu", names(&["rmsnorm_f32"])),
@@ -128,6 +140,18 @@ pub fn headers() -> Vec<(&'static str, &'static str)> {
 /// Elements per block and bytes per block of a device weight type.
 pub fn block_geometry(t: GgmlType) -> (usize, usize) {
     (t.block_elems() as usize, t.block_bytes() as usize)
+}
+
+/// Whether `kernels/mmvq_q8.cu` has a product of this weight type with 8-bit activations
+/// (every quantized device type; F32/F16 weights keep f32 activations).
+pub fn q8a_capable(t: GgmlType) -> bool {
+    qtype_suffix(t).is_some() && !matches!(t, GgmlType::F32 | GgmlType::F16)
+}
+
+/// Bytes of `n` vectors of `ncols` (a multiple of 32) in the q8a activation layout of
+/// `kernels/mmvq_q8.cu`: int8 quants, then one (scale, quant sum) f32 pair per 32.
+pub fn q8a_bytes(n: usize, ncols: usize) -> usize {
+    n * ncols + n * (ncols / 32) * 8
 }
 
 /// Elements a matrix-vector lane step consumes: `ncols` must be a multiple of this.

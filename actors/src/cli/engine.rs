@@ -144,6 +144,7 @@ impl Engine {
         let gpu_opt = crate::compute::gpu::GpuPipelineOptions {
             ctx: model.ctx,
             vendor_gemm: tuning.vendor_gemm,
+            precision: model.precision,
             ..Default::default()
         };
         let opened = match tracing::info_span!("device_wait")

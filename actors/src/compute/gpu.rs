@@ -19,7 +19,7 @@ use rocmforge::backend::{
     DeviceTensor, Fallback, LayerTensors, LayeredForward,
 };
 use rocmforge::gguf::GgufFile;
-use rocmforge::model::{Model, TensorRef};
+use rocmforge::model::{Model, Precision, TensorRef};
 use rocmforge::tokenizer::Tokenizer;
 use std::sync::Arc;
 
@@ -348,6 +348,10 @@ pub struct GpuPipelineOptions {
     /// Prefill GEMMs through the vendor library (cuBLAS) when it loads; `false`: always the
     /// portable kernel (`LayeredOptions::use_blas`; the CLI's `ROCMFORGE_NO_CUBLAS=1`).
     pub vendor_gemm: bool,
+    /// `Fast` (default): decode's matrix-vector products take activations quantized to 8 bits
+    /// (integer dot products, as the CPU's fast precision); `Exact`: f32 activations
+    /// (`LayeredOptions::q8_activations`; the CLI's `--precision`).
+    pub precision: Precision,
 }
 
 impl Default for GpuPipelineOptions {
@@ -359,6 +363,7 @@ impl Default for GpuPipelineOptions {
             copy_streams: 2,
             margin_bytes: 512 << 20,
             vendor_gemm: true,
+            precision: Precision::Fast,
         }
     }
 }
@@ -408,6 +413,7 @@ pub fn open_pipeline_on(
         max_batch: opt.max_batch,
         use_blas: opt.vendor_gemm,
         max_seqs: opt.max_seqs,
+        q8_activations: opt.precision == Precision::Fast,
     };
     // The compute's KV cache and activations are allocated after the budget is set, so the
     // budget's default (free memory minus this) leaves room for them.

@@ -43,13 +43,28 @@ pub struct Scratch<B> {
     /// f16 activations and one f16 weight tile for the GEMM path.
     pub x16: B,
     pub w16: B,
+    /// The step's input of a matrix-vector product quantized to 8 bits (`q8a_bytes`).
+    pub xq: B,
 }
 
 /// The GEMM path's state: the GEMM (vendor library or the portable kernel; `None`: mmvq per
-/// token for every batch) and the f16 weight-tile size.
+/// token for every batch), the f16 weight-tile size, and whether short batches quantize their
+/// activations to 8 bits for the matrix-vector products (`q8`; `false`: f32 activations, the
+/// exact precision).
 pub struct Gemm<'a, D: KernelDevice> {
     pub engine: Option<&'a mut dyn GemmF16<D>>,
     pub tile_rows_bytes: usize,
+    pub q8: bool,
+}
+
+impl<D: KernelDevice> Gemm<'_, D> {
+    /// Whether [`linear`] runs `m` over `n` rows as the 8-bit matrix-vector product.
+    fn q8_for(&self, m: QMatrix, n: usize) -> bool {
+        self.q8
+            && (n < GEMM_MIN_TOKENS || self.engine.is_none())
+            && crate::backend::kernels::q8a_capable(m.qtype)
+            && m.ncols % 32 == 0
+    }
 }
 
 /// `y[n, rows] = x[n, cols] W^T`: mmvq per token for short batches, the GEMM otherwise.
@@ -65,6 +80,32 @@ pub fn linear<D: KernelDevice>(
     y: View<'_>,
     n: usize,
 ) -> Result<()> {
+    let mut quantized = false;
+    linear_q(dev, st, s, g, (w, m), x, y, n, &mut quantized)
+}
+
+/// [`linear`] for products sharing one input `x`: `quantized` says whether `s.xq` holds `x`
+/// quantized already (set by the first 8-bit product, so Q/K/V or gate/up quantize it once).
+#[allow(clippy::too_many_arguments)] // as `linear`, plus the shared-input flag
+pub fn linear_q<D: KernelDevice>(
+    dev: &D,
+    st: &D::Stream,
+    s: &Scratch<D::Buf>,
+    g: &mut Gemm<D>,
+    (w, m): (View<'_>, QMatrix),
+    x: View<'_>,
+    y: View<'_>,
+    n: usize,
+    quantized: &mut bool,
+) -> Result<()> {
+    if g.q8_for(m, n) {
+        if !*quantized {
+            dev.quantize_q8a(st, &x, &s.xq, n, m.ncols)?;
+            *quantized = true;
+        }
+        dev.mmvq_q8(st, &w, m, &s.xq, &y, n)?;
+        return Ok(());
+    }
     if n >= GEMM_MIN_TOKENS {
         if let Some(engine) = g.engine.as_deref_mut() {
             let kv = KvLayout {
@@ -342,19 +383,21 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
 
     fn linear(&mut self, x: Act, outs: &[(&DeviceTensor<'a>, Role, Act)]) -> Result<()> {
         let xv = self.act(x)?;
+        // The outputs share the input: it is quantized (8-bit path) once for all of them.
+        let mut quantized = false;
         for (w, role, out) in outs {
-            let (wv, m) = mat(w, &self.name(*role))?;
+            let wm = mat(w, &self.name(*role))?;
             let yv = self.act(*out)?;
-            linear(
+            linear_q(
                 self.dev,
                 self.stream,
                 self.s,
                 &mut self.gemm,
-                wv,
-                m,
+                wm,
                 xv,
                 yv,
                 self.n,
+                &mut quantized,
             )?;
         }
         Ok(())

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::gemm::{DeferredGemm, GemmF16, PortableGemm};
-use super::layer::{bad, mat, run_layer, vec_f32, Gemm, LayerCtx, Scratch, Segment};
+use super::layer::{bad, linear_q, mat, run_layer, vec_f32, Gemm, LayerCtx, Scratch, Segment};
 use super::ops::{GpuOps, KvLayout, ATTN_MAX_HEAD_DIM};
 use super::{BufferIo, GpuForwardError, KernelDevice, Result, View};
 use crate::backend::{DeviceStream, DeviceTensor, LayerTensors, LayeredForward};
@@ -25,6 +25,10 @@ pub struct LayeredOptions {
     pub use_blas: bool,
     /// Sequences one step may carry (continuous batching); each has its own KV cache.
     pub max_seqs: usize,
+    /// Matrix-vector products (decode, short batches) with activations quantized to 8 bits
+    /// and integer dot products (`kernels/mmvq_q8.cu`), as the CPU's fast precision; `false`:
+    /// f32 activations (the exact precision).
+    pub q8_activations: bool,
 }
 
 impl Default for LayeredOptions {
@@ -34,6 +38,7 @@ impl Default for LayeredOptions {
             max_batch: 512,
             use_blas: true,
             max_seqs: 16,
+            q8_activations: true,
         }
     }
 }
@@ -60,6 +65,8 @@ pub struct GpuLayered<D: KernelDevice> {
     /// The step's sequences: (first row, rows, position of the first), from `set_segments`.
     segs: Vec<(usize, usize, usize)>,
     max_seqs: usize,
+    /// [`LayeredOptions::q8_activations`].
+    q8: bool,
 }
 
 /// One sequence's KV cache: `[layer][k|v][n_kv_heads, ctx, head_dim]` f16.
@@ -73,7 +80,7 @@ fn scratch_bytes(
     n_vocab: usize,
     b: usize,
     seqs: usize,
-) -> [(usize, &'static str); 16] {
+) -> [(usize, &'static str); 17] {
     let max_cols = hp.n_embd.max(hp.n_ff).max(hp.q_dim());
     [
         (b * hp.n_embd * 4, "scratch hidden"),
@@ -92,6 +99,10 @@ fn scratch_bytes(
         (4, "token"),
         (b * max_cols * 2, "f16 activations"),
         (TILE_ROWS_BYTES, "f16 weight tile"),
+        (
+            crate::backend::kernels::q8a_bytes(b.max(seqs), max_cols.div_ceil(32) * 32),
+            "8-bit activations",
+        ),
     ]
 }
 
@@ -206,6 +217,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             tok: next()?,
             x16: next()?,
             w16: next()?,
+            xq: next()?,
         };
         s.status.zero()?;
         let rope_factors = match model.rope_freq_factors()? {
@@ -236,6 +248,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             n: 0,
             segs: Vec::new(),
             max_seqs: opt.max_seqs.max(1),
+            q8: opt.q8_activations,
         })
     }
 
@@ -401,6 +414,7 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
             gemm: Gemm {
                 engine: Some(self.gemm.as_mut()),
                 tile_rows_bytes: TILE_ROWS_BYTES,
+                q8: self.q8,
             },
             hp: &self.hp,
             kv_layout: self.kv_layout,
@@ -477,7 +491,23 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         if k > 0 {
             let xn = View::of(&self.s.xn).prefix(k * d * 4)?;
             let lg = View::of(&self.s.logits).prefix(k * v * 4)?;
-            self.dev.mmvq_n(&self.stream, &hv, hm, &xn, &lg, k)?;
+            let mut g = Gemm {
+                engine: None,
+                tile_rows_bytes: TILE_ROWS_BYTES,
+                q8: self.q8,
+            };
+            let mut quantized = false;
+            linear_q(
+                &*self.dev,
+                &self.stream,
+                &self.s,
+                &mut g,
+                (hv, hm),
+                xn,
+                lg,
+                k,
+                &mut quantized,
+            )?;
         }
         self.stream.synchronize()?;
         self.n = 0;

@@ -10,7 +10,7 @@
 
 use super::{Arg, BufferIo, DeviceKernel, KernelDevice, LaunchShape};
 use crate::backend::error::{BackendError, BackendResult};
-use crate::backend::kernels::{mmvq_col_multiple, qtype_suffix};
+use crate::backend::kernels::{mmvq_col_multiple, q8a_bytes, q8a_capable, qtype_suffix};
 use crate::backend::DeviceBuffer;
 use crate::quant::GgmlType;
 
@@ -18,6 +18,34 @@ use crate::quant::GgmlType;
 const MMVQ_ROWS_PER_BLOCK: u32 = 4;
 /// Most vectors one batched matrix-vector launch takes (RF_MMVQN_MAX in mmvq.cu).
 pub const MMVQN_MAX: usize = 8;
+/// Warps per q8 matrix-vector block (RF_MMVQ8_WARPS in mmvq_q8.cu).
+const MMVQ8_WARPS: u32 = 8;
+
+/// Warps per row of the one-vector q8 product over `nrows` rows: the fewest (1, 2, 4, 8)
+/// that keep at least [`MMVQ8_MIN_WARPS`] warps streaming weights, so a small matrix (the K/V
+/// projections) still has enough loads in flight while a large one runs a warp per row.
+pub fn mmvq8_wpr(nrows: usize) -> u32 {
+    [1u32, 2, 4]
+        .into_iter()
+        .find(|&w| nrows * w as usize >= MMVQ8_MIN_WARPS)
+        .unwrap_or(8)
+}
+
+/// Warps a one-vector q8 product aims to keep busy (H100: 132 SMs x 64 resident warps is
+/// 8,448; see [`mmvq8_wpr`]).
+const MMVQ8_MIN_WARPS: usize = 8192;
+
+/// Launch shape of the q8 matrix-vector kernels with `wpr` warps per row.
+fn mmvq8_shape(warp: u32, nrows: usize, wpr: u32) -> BackendResult<LaunchShape> {
+    let rows_per_block = (MMVQ8_WARPS / wpr) as usize;
+    Ok(LaunchShape {
+        grid: (to_u32("mmvq_q8", nrows.div_ceil(rows_per_block))?, 1, 1),
+        block: (MMVQ8_WARPS * warp, 1, 1),
+        shared_bytes: 0,
+    })
+}
+/// Threads per block of quantize_q8a_f32 (RF_Q8A_THREADS).
+const Q8A_THREADS: usize = 256;
 /// Warps per attention block (at most RF_ATTN_MAX_WARPS in attention.cu).
 const ATTN_WARPS: u32 = 8;
 /// Largest head_dim attention.cu supports (RF_ATTN_MAX_HEAD_DIM).
@@ -219,6 +247,169 @@ pub trait GpuOps: KernelDevice {
             j += c;
         }
         Ok(())
+    }
+
+    /// Quantizes `n` f32 vectors of `ncols` (a multiple of 32) into the q8a layout of
+    /// `kernels/mmvq_q8.cu` in `xq` ([`q8a_bytes`]): the input of [`GpuOps::mmvq_q8`].
+    fn quantize_q8a(
+        &self,
+        s: &Self::Stream,
+        x: &dyn DeviceBuffer,
+        xq: &dyn DeviceBuffer,
+        n: usize,
+        ncols: usize,
+    ) -> BackendResult<()> {
+        const OP: &str = "quantize_q8a";
+        if ncols % 32 != 0 {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("ncols {ncols} not a multiple of 32"),
+            });
+        }
+        need(OP, "x", x, n * ncols * 4)?;
+        need(OP, "xq", xq, q8a_bytes(n, ncols))?;
+        let nblk = n * ncols / 32;
+        if nblk == 0 {
+            return Ok(());
+        }
+        let k = self.kernel("mmvq_q8.cu", "quantize_q8a_f32")?;
+        let shape = LaunchShape {
+            grid: (to_u32(OP, nblk.div_ceil(Q8A_THREADS / 32))?, 1, 1),
+            block: (Q8A_THREADS as u32, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [
+            p(x),
+            p(xq),
+            Arg::Ptr(xq.device_ptr() + (n * ncols) as u64),
+            Arg::I32(to_i32(OP, "blocks", nblk)?),
+        ];
+        // SAFETY: x holds nblk * 32 f32, xq nblk * 32 quants followed by nblk float2 (checked
+        // above; n * ncols is a multiple of 32, so the float2 array is 8-byte aligned); the
+        // argument list matches quantize_q8a_f32.
+        unsafe { k.launch(s, shape, &args) }
+    }
+
+    /// `y[j] = W x[j]` for `n` vectors already quantized by [`GpuOps::quantize_q8a`] into
+    /// `xq` (integer dot products; the weight type must be [`q8a_capable`]).
+    fn mmvq_q8(
+        &self,
+        s: &Self::Stream,
+        w: &dyn DeviceBuffer,
+        m: QMatrix,
+        xq: &dyn DeviceBuffer,
+        y: &dyn DeviceBuffer,
+        n: usize,
+    ) -> BackendResult<()> {
+        const OP: &str = "mmvq_q8";
+        if !q8a_capable(m.qtype) {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("no q8 matrix-vector kernel for {}", m.qtype),
+            });
+        }
+        let wb = weight_bytes(OP, m.qtype, m.nrows, m.ncols)?;
+        let mult = mmvq_col_multiple(m.qtype).max(32);
+        if m.ncols % mult != 0 {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("ncols {} not a multiple of {mult}", m.ncols),
+            });
+        }
+        need(OP, "W", w, wb)?;
+        need(OP, "xq", xq, q8a_bytes(n, m.ncols))?;
+        need(OP, "y", y, n * m.nrows * 4)?;
+        let base = format!("mmvq_{}_q8a", qtype_suffix(m.qtype).unwrap_or_default());
+        let (ncols, nrows) = (to_i32(OP, "ncols", m.ncols)?, to_i32(OP, "nrows", m.nrows)?);
+        let meta = xq.device_ptr() + (n * m.ncols) as u64;
+        if n == 1 {
+            let wpr = mmvq8_wpr(m.nrows);
+            let k = self.kernel("mmvq_q8.cu", &format!("{base}_w{wpr}"))?;
+            let shape = mmvq8_shape(self.warp_size(), m.nrows, wpr)?;
+            let args = [
+                p(w),
+                p(xq),
+                Arg::Ptr(meta),
+                p(y),
+                Arg::I32(ncols),
+                Arg::I32(nrows),
+            ];
+            // SAFETY: W holds nrows rows of ncols elements, xq one quantized vector (quants,
+            // then ncols / 32 float2), y nrows f32 (checked above); the argument list matches
+            // RF_MMVQ8 in mmvq_q8.cu.
+            return unsafe { k.launch(s, shape, &args) };
+        }
+        let k = self.kernel("mmvq_q8.cu", &format!("{base}_n"))?;
+        // The `_n` kernels take one warp per row.
+        let shape = mmvq8_shape(self.warp_size(), m.nrows, 1)?;
+        let mut j = 0;
+        while j < n {
+            let c = (n - j).min(MMVQN_MAX);
+            let args = [
+                p(w),
+                Arg::Ptr(xq.device_ptr() + (j * m.ncols) as u64),
+                Arg::Ptr(meta + (j * (m.ncols / 32) * 8) as u64),
+                Arg::Ptr(y.device_ptr() + (j * m.nrows * 4) as u64),
+                Arg::I32(ncols),
+                Arg::I32(nrows),
+                Arg::I32(c as i32),
+            ];
+            // SAFETY: xq holds n quantized vectors and y n * nrows f32 (checked above), so
+            // vectors j .. j + c (c <= RF_MMVQ8_MAXN) are inside both; the argument list
+            // matches the `_n` entry of RF_MMVQ8 in mmvq_q8.cu.
+            unsafe { k.launch(s, shape, &args) }?;
+            j += c;
+        }
+        Ok(())
+    }
+
+    /// One-vector [`GpuOps::mmvq_q8`] with `wpr` (1, 2, 4 or 8) warps per row instead of
+    /// [`mmvq8_wpr`]'s choice: the bandwidth benchmark compares the kernel's shapes with it.
+    fn mmvq_q8_wpr(
+        &self,
+        s: &Self::Stream,
+        w: &dyn DeviceBuffer,
+        m: QMatrix,
+        xq: &dyn DeviceBuffer,
+        y: &dyn DeviceBuffer,
+        wpr: u32,
+    ) -> BackendResult<()> {
+        const OP: &str = "mmvq_q8_wpr";
+        if !matches!(wpr, 1 | 2 | 4 | 8) || !q8a_capable(m.qtype) {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("{wpr} warps per row for {}", m.qtype),
+            });
+        }
+        let wb = weight_bytes(OP, m.qtype, m.nrows, m.ncols)?;
+        let mult = mmvq_col_multiple(m.qtype).max(32);
+        if m.ncols % mult != 0 {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("ncols {} not a multiple of {mult}", m.ncols),
+            });
+        }
+        need(OP, "W", w, wb)?;
+        need(OP, "xq", xq, q8a_bytes(1, m.ncols))?;
+        need(OP, "y", y, m.nrows * 4)?;
+        let name = format!(
+            "mmvq_{}_q8a_w{wpr}",
+            qtype_suffix(m.qtype).unwrap_or_default()
+        );
+        let k = self.kernel("mmvq_q8.cu", &name)?;
+        let shape = mmvq8_shape(self.warp_size(), m.nrows, wpr)?;
+        let (ncols, nrows) = (to_i32(OP, "ncols", m.ncols)?, to_i32(OP, "nrows", m.nrows)?);
+        let meta = xq.device_ptr() + m.ncols as u64;
+        let args = [
+            p(w),
+            p(xq),
+            Arg::Ptr(meta),
+            p(y),
+            Arg::I32(ncols),
+            Arg::I32(nrows),
+        ];
+        // SAFETY: as the one-vector launch of `mmvq_q8` (same checks, same argument list).
+        unsafe { k.launch(s, shape, &args) }
     }
 
     /// `out[i] = table[ids[i]]` as f32 rows. `status` (one i32, zeroed by the caller) becomes 1

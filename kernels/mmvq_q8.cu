@@ -1,0 +1,337 @@
+// mmvq_q8.cu — matrix-vector products y = W x with x quantized to 8 bits: the decode path.
+//
+// Why: the f32-activation kernels in mmvq.cu convert every weight to float and multiply in
+// f32; here the activations are quantized once per product group (quantize_q8a_f32, 32-element
+// blocks with an f32 scale, as the CPU's fast path does), and each weight block is dotted with
+// 4-way int8 dot products (dp4a): a quarter of the activation bytes, a fraction of the
+// instructions per weight byte, so the kernel is bound by the weight reads.
+//
+// Activation layout ("q8a", `n` vectors of `ncols`): int8 quants [n][ncols] (rows 4-byte
+// aligned since ncols % 32 == 0), then per 32-element block (d, sum of its quants) as float2
+// [n][ncols / 32]. `d * q` approximates x; the sums serve the weight formats' offsets and mins.
+//
+// Products: blocks of RF_MMVQ8_WARPS warps, WPR warps per row; a row's weight blocks are split
+// into per-lane items (T::LPB lanes per weight block, consecutive lanes on consecutive bytes),
+// each thread takes every NT-th item, and the partial sums meet by warp shuffles (and shared
+// memory across the row's warps).
+#include "quant_blocks.cuh"
+
+#define RF_MMVQ8_WARPS 8
+#define RF_MMVQ8_MAXN 8
+
+// 4-way signed int8 dot product with accumulate: c + sum_i a[i] * b[i].
+__device__ __forceinline__ int rf_dp4a(int a, int b, int c) {
+#if defined(RF_CUDA)
+    int r;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+#else
+    // Portable form (no target-specific builtin, so the same source builds for every gfx).
+    const i8* x = (const i8*)&a;
+    const i8* y = (const i8*)&b;
+    return c + x[0] * y[0] + x[1] * y[1] + x[2] * y[2] + x[3] * y[3];
+#endif
+}
+
+#define RF_LO4 0x0F0F0F0F
+
+// Bits 0..3 of `x` to bit 4 of bytes 0..3 (the fifth bit of four consecutive Q5 weights).
+__device__ __forceinline__ int rf_spread4(u32 x) {
+    return (int)(((x & 1u) << 4) | ((x & 2u) << 11) | ((x & 4u) << 18) | ((x & 8u) << 25));
+}
+
+// Bytes 0..63 minus 32 as signed bytes: bit 5 set -> clear it; clear -> set bits 5..7.
+__device__ __forceinline__ int rf_sub32x4(u32 v) {
+    const u32 neg = ~v & 0x20202020u;
+    return (int)((v & 0x1F1F1F1Fu) | (neg * 7u));
+}
+
+// Q4_0: 2 lanes per block; lane p owns qs[8p..8p+8): elements 8p..8p+7 (low nibbles) and
+// 16+8p..16+8p+7 (high nibbles). Offset -8 folded through the block's quant sum (half each).
+struct Q8Q4_0 {
+    typedef block_q4_0 block;
+    static constexpr int QK = 32;
+    static constexpr int LPB = 2;
+    static __device__ __forceinline__ float dot(const block* b, int p, const int* xq, const float2* xm) {
+        const u32 v0 = rf_load_u32_a2(b->qs + 8 * p);
+        const u32 v1 = rf_load_u32_a2(b->qs + 8 * p + 4);
+        const int2 ul = *(const int2*)(xq + 2 * p), uh = *(const int2*)(xq + 4 + 2 * p);
+        int s = rf_dp4a(v0 & RF_LO4, ul.x, 0);
+        s = rf_dp4a(v1 & RF_LO4, ul.y, s);
+        s = rf_dp4a((v0 >> 4) & RF_LO4, uh.x, s);
+        s = rf_dp4a((v1 >> 4) & RF_LO4, uh.y, s);
+        const float2 a = xm[0];
+        return rf_h2f(b->d) * a.x * ((float)s - 4.f * a.y);
+    }
+};
+
+struct Q8Q4_1 {
+    typedef block_q4_1 block;
+    static constexpr int QK = 32;
+    static constexpr int LPB = 2;
+    static __device__ __forceinline__ float dot(const block* b, int p, const int* xq, const float2* xm) {
+        const u32 v0 = rf_load_u32_a4(b->qs + 8 * p);
+        const u32 v1 = rf_load_u32_a4(b->qs + 8 * p + 4);
+        const int2 ul = *(const int2*)(xq + 2 * p), uh = *(const int2*)(xq + 4 + 2 * p);
+        int s = rf_dp4a(v0 & RF_LO4, ul.x, 0);
+        s = rf_dp4a(v1 & RF_LO4, ul.y, s);
+        s = rf_dp4a((v0 >> 4) & RF_LO4, uh.x, s);
+        s = rf_dp4a((v1 >> 4) & RF_LO4, uh.y, s);
+        const float2 a = xm[0];
+        return a.x * (rf_h2f(b->d) * (float)s + rf_h2f(b->m) * 0.5f * a.y);
+    }
+};
+
+// Q5_0 / Q5_1: as Q4 with the fifth bits of the lane's 16 elements spread into bit 4.
+#define RF_Q5_PARTS(qh, p, v0, v1)                                        \
+    const int l0 = (int)(v0 & RF_LO4) | rf_spread4(qh >> (8 * p));        \
+    const int l1 = (int)(v1 & RF_LO4) | rf_spread4(qh >> (8 * p + 4));    \
+    const int h0 = (int)((v0 >> 4) & RF_LO4) | rf_spread4(qh >> (16 + 8 * p)); \
+    const int h1 = (int)((v1 >> 4) & RF_LO4) | rf_spread4(qh >> (20 + 8 * p));
+
+struct Q8Q5_0 {
+    typedef block_q5_0 block;
+    static constexpr int QK = 32;
+    static constexpr int LPB = 2;
+    static __device__ __forceinline__ float dot(const block* b, int p, const int* xq, const float2* xm) {
+        const u32 qh = rf_load_u32_a2(b->qh);
+        const u32 v0 = rf_load_u32_a2(b->qs + 8 * p);
+        const u32 v1 = rf_load_u32_a2(b->qs + 8 * p + 4);
+        RF_Q5_PARTS(qh, p, v0, v1)
+        const int2 ul = *(const int2*)(xq + 2 * p), uh = *(const int2*)(xq + 4 + 2 * p);
+        int s = rf_dp4a(l0, ul.x, 0);
+        s = rf_dp4a(l1, ul.y, s);
+        s = rf_dp4a(h0, uh.x, s);
+        s = rf_dp4a(h1, uh.y, s);
+        const float2 a = xm[0];
+        return rf_h2f(b->d) * a.x * ((float)s - 8.f * a.y);
+    }
+};
+
+struct Q8Q5_1 {
+    typedef block_q5_1 block;
+    static constexpr int QK = 32;
+    static constexpr int LPB = 2;
+    static __device__ __forceinline__ float dot(const block* b, int p, const int* xq, const float2* xm) {
+        const u32 qh = rf_load_u32_a4(b->qh);
+        const u32 v0 = rf_load_u32_a4(b->qs + 8 * p);
+        const u32 v1 = rf_load_u32_a4(b->qs + 8 * p + 4);
+        RF_Q5_PARTS(qh, p, v0, v1)
+        const int2 ul = *(const int2*)(xq + 2 * p), uh = *(const int2*)(xq + 4 + 2 * p);
+        int s = rf_dp4a(l0, ul.x, 0);
+        s = rf_dp4a(l1, ul.y, s);
+        s = rf_dp4a(h0, uh.x, s);
+        s = rf_dp4a(h1, uh.y, s);
+        const float2 a = xm[0];
+        return a.x * (rf_h2f(b->d) * (float)s + rf_h2f(b->m) * 0.5f * a.y);
+    }
+};
+#undef RF_Q5_PARTS
+
+// Q8_0: 4 lanes per block, lane p owns elements 8p..8p+7.
+struct Q8Q8_0 {
+    typedef block_q8_0 block;
+    static constexpr int QK = 32;
+    static constexpr int LPB = 4;
+    static __device__ __forceinline__ float dot(const block* b, int p, const int* xq, const float2* xm) {
+        const u8* qs = (const u8*)b->qs + 8 * p;
+        const int2 u = *(const int2*)(xq + 2 * p);
+        int s = rf_dp4a((int)rf_load_u32_a2(qs), u.x, 0);
+        s = rf_dp4a((int)rf_load_u32_a2(qs + 4), u.y, s);
+        return rf_h2f(b->d) * xm[0].x * (float)s;
+    }
+};
+
+// Q4_K / Q5_K: 16 lanes per super-block; lane p covers group g = p / 4 (64 elements: sub-blocks
+// 2g and 2g+1, activation blocks 2g and 2g+1) and bytes l = 8k..8k+8 of it, k = p % 4.
+// The mins are folded through the activation blocks' quant sums (a quarter per lane).
+#define RF_K_RESULT(b, g, sl, sh, xm)                                                      \
+    float sc1, m1, sc2, m2;                                                                \
+    rf_scale_min_k4(2 * g, b->scales, &sc1, &m1);                                          \
+    rf_scale_min_k4(2 * g + 1, b->scales, &sc2, &m2);                                      \
+    const float2 a1 = xm[2 * g], a2 = xm[2 * g + 1];                                       \
+    return rf_h2f(b->d) * (sc1 * a1.x * (float)sl + sc2 * a2.x * (float)sh) -              \
+           rf_h2f(b->dmin) * 0.25f * (m1 * a1.x * a1.y + m2 * a2.x * a2.y);
+
+struct Q8Q4_K {
+    typedef block_q4_K block;
+    static constexpr int QK = QK_K;
+    static constexpr int LPB = 16;
+    static __device__ __forceinline__ float dot(const block* b, int p, const int* xq, const float2* xm) {
+        const int g = p / 4, k = p % 4;
+        const u32 v0 = rf_load_u32_a4(b->qs + 32 * g + 8 * k);
+        const u32 v1 = rf_load_u32_a4(b->qs + 32 * g + 8 * k + 4);
+        // Activation block 2g, ints 2k, 2k+1, and block 2g+1, the same ints.
+        const int2 ul = *(const int2*)(xq + 16 * g + 2 * k), uh = *(const int2*)(xq + 16 * g + 8 + 2 * k);
+        int sl = rf_dp4a(v0 & RF_LO4, ul.x, 0);
+        sl = rf_dp4a(v1 & RF_LO4, ul.y, sl);
+        int sh = rf_dp4a((v0 >> 4) & RF_LO4, uh.x, 0);
+        sh = rf_dp4a((v1 >> 4) & RF_LO4, uh.y, sh);
+        RF_K_RESULT(b, g, sl, sh, xm)
+    }
+};
+
+struct Q8Q5_K {
+    typedef block_q5_K block;
+    static constexpr int QK = QK_K;
+    static constexpr int LPB = 16;
+    static __device__ __forceinline__ float dot(const block* b, int p, const int* xq, const float2* xm) {
+        const int g = p / 4, k = p % 4;
+        const u32 v0 = rf_load_u32_a4(b->qs + 32 * g + 8 * k);
+        const u32 v1 = rf_load_u32_a4(b->qs + 32 * g + 8 * k + 4);
+        const u32 q0 = rf_load_u32_a4(b->qh + 8 * k);
+        const u32 q1 = rf_load_u32_a4(b->qh + 8 * k + 4);
+        const int2 ul = *(const int2*)(xq + 16 * g + 2 * k), uh = *(const int2*)(xq + 16 * g + 8 + 2 * k);
+        const int bl = 2 * g, bh = 2 * g + 1;
+        int sl = rf_dp4a((int)((v0 & RF_LO4) | (((q0 >> bl) & 0x01010101u) << 4)), ul.x, 0);
+        sl = rf_dp4a((int)((v1 & RF_LO4) | (((q1 >> bl) & 0x01010101u) << 4)), ul.y, sl);
+        int sh = rf_dp4a((int)(((v0 >> 4) & RF_LO4) | (((q0 >> bh) & 0x01010101u) << 4)), uh.x, 0);
+        sh = rf_dp4a((int)(((v1 >> 4) & RF_LO4) | (((q1 >> bh) & 0x01010101u) << 4)), uh.y, sh);
+        RF_K_RESULT(b, g, sl, sh, xm)
+    }
+};
+#undef RF_K_RESULT
+
+// Q6_K: 16 lanes per super-block; lane p covers half h = p / 8 and l = 4k..4k+4, k = p % 8:
+// for t < 4 the elements 128h + 32t + l (activation block 4h + t, int k), scale 8h + 2t + k/4.
+struct Q8Q6_K {
+    typedef block_q6_K block;
+    static constexpr int QK = QK_K;
+    static constexpr int LPB = 16;
+    static __device__ __forceinline__ float dot(const block* b, int p, const int* xq, const float2* xm) {
+        const int h = p / 8, k = p % 8;
+        const u32 a = rf_load_u32_a2(b->ql + 64 * h + 4 * k);
+        const u32 c = rf_load_u32_a2(b->ql + 64 * h + 32 + 4 * k);
+        const u32 q = rf_load_u32_a2(b->qh + 32 * h + 4 * k);
+        const i8* sc = b->scales + 8 * h + k / 4;
+        const int* xa = xq + 32 * h + k;
+        const float2* ma = xm + 4 * h;
+        const int t0 = rf_dp4a(rf_sub32x4((a & RF_LO4) | ((q & 0x03030303u) << 4)), xa[0], 0);
+        const int t1 = rf_dp4a(rf_sub32x4((c & RF_LO4) | (((q >> 2) & 0x03030303u) << 4)), xa[8], 0);
+        const int t2 = rf_dp4a(rf_sub32x4(((a >> 4) & RF_LO4) | (((q >> 4) & 0x03030303u) << 4)), xa[16], 0);
+        const int t3 = rf_dp4a(rf_sub32x4(((c >> 4) & RF_LO4) | (((q >> 6) & 0x03030303u) << 4)), xa[24], 0);
+        const float s = ma[0].x * (float)sc[0] * (float)t0 + ma[1].x * (float)sc[2] * (float)t1 +
+                        ma[2].x * (float)sc[4] * (float)t2 + ma[3].x * (float)sc[6] * (float)t3;
+        return rf_h2f(b->d) * s;
+    }
+};
+
+// x [nblk * 32] f32 -> q8a (quants `qs`, per block (d, quant sum) `meta`). One warp per block
+// of 32 (warps of 64 lanes take two blocks: `half`); launch RF_Q8A_THREADS threads per block.
+#define RF_Q8A_THREADS 256
+extern "C" __global__ void quantize_q8a_f32(const float* __restrict__ x, i8* __restrict__ qs,
+                                            float2* __restrict__ meta, int nblk) {
+    const int blk = (blockIdx.x * RF_Q8A_THREADS + threadIdx.x) / 32;
+    const int i = threadIdx.x % 32;
+    const bool live = blk < nblk;
+    const float v = live ? x[(i64)blk * 32 + i] : 0.f;
+    // Reductions over the 32 lanes of this block only (xor masks < 32 stay inside it).
+    float amax = fabsf(v);
+    int finite = fabsf(v) <= 3.402823466e38f ? 1 : 0;  // false for NaN and Inf
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) {
+        amax = fmaxf(amax, rf_shfl_xor(amax, m));
+        finite &= rf_shfl_xor_int(finite, m);
+    }
+    // A NaN/Inf activation makes the scale NaN, so the product is NaN as in the f32 path.
+    const float d = finite ? amax / 127.f : __int_as_float(0x7fc00000);
+    const float id = (finite && d != 0.f) ? 1.f / d : 0.f;
+    const int q = (int)fminf(fmaxf(roundf(v * id), -127.f), 127.f);
+    float sum = (float)q;
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) sum += rf_shfl_xor(sum, m);
+    if (!live) return;
+    qs[(i64)blk * 32 + i] = (i8)q;
+    if (i == 0) {
+        float2 m;
+        m.x = d;
+        m.y = sum;
+        meta[blk] = m;
+    }
+}
+
+// y[j][row] = W[row] . x[j] for j < NV (NV == RF_MMVQ8_MAXN: j < n, n <= NV, the same for
+// the whole block). Block: RF_MMVQ8_WARPS warps; WPR warps share a row (RF_MMVQ8_WARPS / WPR
+// rows per block), meeting in shared memory when WPR > 1. Grid: ceil(nrows / rows per block).
+template <typename T, int NV, int WPR>
+__device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w, const int* __restrict__ xq,
+                                         const float2* __restrict__ xm, float* __restrict__ y,
+                                         int ncols, int nrows, int n) {
+    constexpr int RPB = RF_MMVQ8_WARPS / WPR;
+    constexpr int NT = WPR * RF_WARP;  // threads of one row
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const int rsub = warp / WPR;  // the block's row this warp works on
+    const int tid = (warp % WPR) * RF_WARP + lane;
+    const int row = blockIdx.x * RPB + rsub;
+    const bool live = row < nrows;  // the same for a whole warp
+    const int nb = ncols / T::QK;
+    const typename T::block* br = (const typename T::block*)w + (i64)(live ? row : 0) * nb;
+    const int items = live ? nb * T::LPB : 0;
+    const int xstride = ncols / 4;   // ints of quants per vector
+    const int mstride = ncols / 32;  // activation blocks per vector
+    float sum[NV];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) sum[j] = 0.f;
+#pragma unroll 4
+    for (int i = tid; i < items; i += NT) {
+        const int ib = i / T::LPB, p = i % T::LPB;
+        const int* xb = xq + ib * (T::QK / 4);
+        const float2* mb = xm + ib * (T::QK / 32);
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+            if (NV == 1 || j < n) sum[j] += T::dot(br + ib, p, xb + (i64)j * xstride, mb + (i64)j * mstride);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < NV; ++j) sum[j] = rf_warp_sum(sum[j]);
+    if (WPR == 1) {
+        if (live && lane < NV && (NV == 1 || lane < n)) {
+            float s = sum[0];
+#pragma unroll
+            for (int j = 1; j < NV; ++j) if (lane == j) s = sum[j];
+            y[(i64)lane * nrows + row] = s;
+        }
+        return;
+    }
+    __shared__ float part[RF_MMVQ8_WARPS][NV];
+    if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) part[warp][j] = sum[j];
+    }
+    __syncthreads();
+    if (live && warp % WPR == 0 && lane < NV && (NV == 1 || lane < n)) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < WPR; ++k) s += part[warp + k][lane];
+        y[(i64)lane * nrows + row] = s;
+    }
+}
+
+// Entry points: `name_w1/_w2/_w4/_w8` (one vector, 1, 2, 4 or 8 warps per row: few rows want
+// several warps each to keep enough loads in flight; the launcher picks by the row count) and
+// `name_n` (up to RF_MMVQ8_MAXN vectors, one warp per row).
+#define RF_MMVQ8_1(name, T, WPR)                                                                \
+    extern "C" __global__ void name(const void* __restrict__ w, const int* __restrict__ xq,     \
+                                    const float2* __restrict__ xm, float* __restrict__ y,       \
+                                    int ncols, int nrows) {                                     \
+        rf_mmvq8<T, 1, WPR>(w, xq, xm, y, ncols, nrows, 1);                                     \
+    }
+#define RF_MMVQ8(name, T)                                                                       \
+    RF_MMVQ8_1(name##_w1, T, 1)                                                                 \
+    RF_MMVQ8_1(name##_w2, T, 2)                                                                 \
+    RF_MMVQ8_1(name##_w4, T, 4)                                                                 \
+    RF_MMVQ8_1(name##_w8, T, 8)                                                                 \
+    extern "C" __global__ void name##_n(const void* __restrict__ w, const int* __restrict__ xq, \
+                                        const float2* __restrict__ xm, float* __restrict__ y,   \
+                                        int ncols, int nrows, int n) {                          \
+        rf_mmvq8<T, RF_MMVQ8_MAXN, 1>(w, xq, xm, y, ncols, nrows, n);                           \
+    }
+
+RF_MMVQ8(mmvq_q4_0_q8a, Q8Q4_0)
+RF_MMVQ8(mmvq_q4_1_q8a, Q8Q4_1)
+RF_MMVQ8(mmvq_q5_0_q8a, Q8Q5_0)
+RF_MMVQ8(mmvq_q5_1_q8a, Q8Q5_1)
+RF_MMVQ8(mmvq_q8_0_q8a, Q8Q8_0)
+RF_MMVQ8(mmvq_q4_k_q8a, Q8Q4_K)
+RF_MMVQ8(mmvq_q5_k_q8a, Q8Q5_K)
+RF_MMVQ8(mmvq_q6_k_q8a, Q8Q6_K)
