@@ -1,6 +1,7 @@
 // elementwise.cu — SwiGLU, GeGLU, residual add, scaling, axpy, and the f32 -> f16 KV-cache store.
 // Launch: 1-D grid-stride, any 1-D block.
 #include "common.cuh"
+#include "q8a.cuh"
 
 // out = silu(gate) * up, [n] f32.
 extern "C" __global__ void swiglu_f32(const float* gate, const float* up, float* out, int n) {
@@ -54,4 +55,37 @@ extern "C" __global__ void kv_store_f32_f16(const float* __restrict__ src, rf_ha
         const int t = (int)(i / ((i64)head_dim * n_kv_heads));
         cache[((i64)h * seq_cap + pos0 + t) * head_dim + d] = rf_f2h(src[i]);
     }
+}
+
+// The gated activations with their output also quantized to q8a (mmvq_q8.cu's layout over the
+// n values as n / 32 blocks): the input of the down projection in one launch, the same bits as
+// swiglu_f32 / geglu_tanh_f32 then quantize_q8a_f32. n % 32 == 0; launch RF_Q8A_GLU_THREADS
+// threads per block, ceil(n / RF_Q8A_GLU_THREADS) blocks.
+#define RF_Q8A_GLU_THREADS 256
+__device__ __forceinline__ void rf_glu_q8a(const float* gate, const float* up, float* out, i8* qs,
+                                           float2* meta, int n, bool gelu) {
+    const i64 i = (i64)blockIdx.x * RF_Q8A_GLU_THREADS + threadIdx.x;
+    const bool live = i < n;
+    float v = 0.f;
+    if (live) {
+        const float x = gate[i];
+        if (gelu) {
+            const float t = tanhf(0.7978846f * (x + 0.044715f * x * x * x));
+            v = 0.5f * x * (1.0f + t) * up[i];
+        } else {
+            v = x / (1.0f + expf(-x)) * up[i];
+        }
+        out[i] = v;
+    }
+    rf_q8a_store(v, live, i / 32, threadIdx.x % 32, qs, meta);
+}
+
+extern "C" __global__ void swiglu_q8a_f32(const float* gate, const float* up, float* out, i8* qs,
+                                          float2* meta, int n) {
+    rf_glu_q8a(gate, up, out, qs, meta, n, false);
+}
+
+extern "C" __global__ void geglu_tanh_q8a_f32(const float* gate, const float* up, float* out,
+                                              i8* qs, float2* meta, int n) {
+    rf_glu_q8a(gate, up, out, qs, meta, n, true);
 }

@@ -15,6 +15,7 @@
 // each thread takes every NT-th item, and the partial sums meet by warp shuffles (and shared
 // memory across the row's warps).
 #include "quant_blocks.cuh"
+#include "q8a.cuh"
 
 #define RF_MMVQ8_WARPS 8
 #define RF_MMVQ8_MAXN 8
@@ -216,47 +217,24 @@ struct Q8Q6_K {
     }
 };
 
-// x [nblk * 32] f32 -> q8a (quants `qs`, per block (d, quant sum) `meta`). One warp per block
-// of 32 (warps of 64 lanes take two blocks: `half`); launch RF_Q8A_THREADS threads per block.
+// x [nblk * 32] f32 -> q8a (quants `qs`, per block (d, quant sum) `meta`). 32 threads per
+// block of 32; launch RF_Q8A_THREADS threads per block.
 #define RF_Q8A_THREADS 256
 extern "C" __global__ void quantize_q8a_f32(const float* __restrict__ x, i8* __restrict__ qs,
                                             float2* __restrict__ meta, int nblk) {
     const int blk = (blockIdx.x * RF_Q8A_THREADS + threadIdx.x) / 32;
     const int i = threadIdx.x % 32;
     const bool live = blk < nblk;
-    const float v = live ? x[(i64)blk * 32 + i] : 0.f;
-    // Reductions over the 32 lanes of this block only (xor masks < 32 stay inside it).
-    float amax = fabsf(v);
-    int finite = fabsf(v) <= 3.402823466e38f ? 1 : 0;  // false for NaN and Inf
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) {
-        amax = fmaxf(amax, rf_shfl_xor(amax, m));
-        finite &= rf_shfl_xor_int(finite, m);
-    }
-    // A NaN/Inf activation makes the scale NaN, so the product is NaN as in the f32 path.
-    const float d = finite ? amax / 127.f : __int_as_float(0x7fc00000);
-    const float id = (finite && d != 0.f) ? 1.f / d : 0.f;
-    const int q = (int)fminf(fmaxf(roundf(v * id), -127.f), 127.f);
-    float sum = (float)q;
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) sum += rf_shfl_xor(sum, m);
-    if (!live) return;
-    qs[(i64)blk * 32 + i] = (i8)q;
-    if (i == 0) {
-        float2 m;
-        m.x = d;
-        m.y = sum;
-        meta[blk] = m;
-    }
+    rf_q8a_store(live ? x[(i64)blk * 32 + i] : 0.f, live, blk, i, qs, meta);
 }
 
 // y[j][row] = W[row] . x[j] for j < NV (NV == RF_MMVQ8_MAXN: j < n, n <= NV, the same for
-// the whole block). Block: RF_MMVQ8_WARPS warps; WPR warps share a row (RF_MMVQ8_WARPS / WPR
+// the whole block); `acc`: y[j][row] += instead (a residual add in the epilogue). Block: RF_MMVQ8_WARPS warps; WPR warps share a row (RF_MMVQ8_WARPS / WPR
 // rows per block), meeting in shared memory when WPR > 1. Grid: ceil(nrows / rows per block).
 template <typename T, int NV, int WPR>
 __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w, const int* __restrict__ xq,
                                          const float2* __restrict__ xm, float* __restrict__ y,
-                                         int ncols, int nrows, int n) {
+                                         int ncols, int nrows, int n, int acc) {
     constexpr int RPB = RF_MMVQ8_WARPS / WPR;
     constexpr int NT = WPR * RF_WARP;  // threads of one row
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
@@ -289,7 +267,8 @@ __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w, const int* 
             float s = sum[0];
 #pragma unroll
             for (int j = 1; j < NV; ++j) if (lane == j) s = sum[j];
-            y[(i64)lane * nrows + row] = s;
+            float* o = y + (i64)lane * nrows + row;
+            *o = acc ? *o + s : s;
         }
         return;
     }
@@ -303,7 +282,8 @@ __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w, const int* 
         float s = 0.f;
 #pragma unroll
         for (int k = 0; k < WPR; ++k) s += part[warp + k][lane];
-        y[(i64)lane * nrows + row] = s;
+        float* o = y + (i64)lane * nrows + row;
+        *o = acc ? *o + s : s;
     }
 }
 
@@ -313,8 +293,8 @@ __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w, const int* 
 #define RF_MMVQ8_1(name, T, WPR)                                                                \
     extern "C" __global__ void name(const void* __restrict__ w, const int* __restrict__ xq,     \
                                     const float2* __restrict__ xm, float* __restrict__ y,       \
-                                    int ncols, int nrows) {                                     \
-        rf_mmvq8<T, 1, WPR>(w, xq, xm, y, ncols, nrows, 1);                                     \
+                                    int ncols, int nrows, int acc) {                            \
+        rf_mmvq8<T, 1, WPR>(w, xq, xm, y, ncols, nrows, 1, acc);                                \
     }
 #define RF_MMVQ8(name, T)                                                                       \
     RF_MMVQ8_1(name##_w1, T, 1)                                                                 \
@@ -323,8 +303,8 @@ __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w, const int* 
     RF_MMVQ8_1(name##_w8, T, 8)                                                                 \
     extern "C" __global__ void name##_n(const void* __restrict__ w, const int* __restrict__ xq, \
                                         const float2* __restrict__ xm, float* __restrict__ y,   \
-                                        int ncols, int nrows, int n) {                          \
-        rf_mmvq8<T, RF_MMVQ8_MAXN, 1>(w, xq, xm, y, ncols, nrows, n);                           \
+                                        int ncols, int nrows, int n, int acc) {                 \
+        rf_mmvq8<T, RF_MMVQ8_MAXN, 1>(w, xq, xm, y, ncols, nrows, n, acc);                      \
     }
 
 RF_MMVQ8(mmvq_q4_0_q8a, Q8Q4_0)

@@ -385,6 +385,105 @@ fn check_mmvq_q8<D: KernelDevice>(
     }
 }
 
+/// The fused producers of 8-bit activations give the same bits as the op then
+/// `quantize_q8a`: RMSNorm (5 rows of 576), SwiGLU and GeGLU (3 rows of 1,536); and the
+/// product with the residual add in its epilogue the same bits as the product then `add`.
+fn check_fused_q8a<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut ChaCha8Rng) {
+    let read = |b: &D::Buf, n: usize| b.to_vec::<u8>(n).expect("read");
+    let (nr, nc, eps) = (5usize, 576usize, 1e-5f32);
+    let (xd, wd) = (
+        up(d, &rand_vec(rng, nr * nc, 2.0)),
+        up(d, &rand_vec(rng, nc, 1.0)),
+    );
+    let qb = q8a_bytes(nr, nc);
+    let (o1, o2) = (
+        d.alloc(nr * nc * 4, "o").expect("alloc"),
+        d.alloc(nr * nc * 4, "o").expect("alloc"),
+    );
+    let (q1, q2) = (
+        d.alloc(qb, "q").expect("alloc"),
+        d.alloc(qb, "q").expect("alloc"),
+    );
+    d.rmsnorm(s, &xd, &wd, &o1, nr, nc, eps).expect("rmsnorm");
+    d.quantize_q8a(s, &o1, &q1, nr, nc).expect("quantize");
+    d.rmsnorm_q8a(s, &xd, &wd, &o2, &q2, nr, nc, eps)
+        .expect("rmsnorm_q8a");
+    s.synchronize().expect("sync");
+    let same = read(&o1, nr * nc * 4) == read(&o2, nr * nc * 4) && read(&q1, qb) == read(&q2, qb);
+    t.add(
+        "rmsnorm_q8a_f32 = rmsnorm + quantize",
+        "f32",
+        if same { 0.0 } else { 1.0 },
+        0.0,
+    );
+
+    let n = 3 * 1536;
+    let qb = q8a_bytes(1, n);
+    let (gd, ud) = (up(d, &rand_vec(rng, n, 4.0)), up(d, &rand_vec(rng, n, 2.0)));
+    for gelu in [false, true] {
+        let (o1, o2) = (
+            d.alloc(n * 4, "o").expect("alloc"),
+            d.alloc(n * 4, "o").expect("alloc"),
+        );
+        let (q1, q2) = (
+            d.alloc(qb, "q").expect("alloc"),
+            d.alloc(qb, "q").expect("alloc"),
+        );
+        if gelu {
+            d.geglu_tanh(s, &gd, &ud, &o1, n).expect("geglu");
+        } else {
+            d.swiglu(s, &gd, &ud, &o1, n).expect("swiglu");
+        }
+        d.quantize_q8a(s, &o1, &q1, 1, n).expect("quantize");
+        d.glu_q8a(s, gelu, &gd, &ud, &o2, &q2, n).expect("glu_q8a");
+        s.synchronize().expect("sync");
+        let same = read(&o1, n * 4) == read(&o2, n * 4) && read(&q1, qb) == read(&q2, qb);
+        t.add(
+            if gelu {
+                "geglu_tanh_q8a_f32 = geglu + quantize"
+            } else {
+                "swiglu_q8a_f32 = swiglu + quantize"
+            },
+            "f32",
+            if same { 0.0 } else { 1.0 },
+            0.0,
+        );
+    }
+
+    // y += W x in the epilogue, one vector and three (the `_n` kernel).
+    let (rows, cols) = (300usize, 512usize);
+    let w = random_weights(GgmlType::Q4_K, rows, cols, rng);
+    let wd = upload(d, &w, "w").expect("w");
+    let m = QMatrix {
+        qtype: GgmlType::Q4_K,
+        nrows: rows,
+        ncols: cols,
+    };
+    for nv in [1usize, 3] {
+        let xd = up(d, &rand_vec(rng, nv * cols, 1.0));
+        let xq = d.alloc(q8a_bytes(nv, cols), "xq").expect("alloc");
+        d.quantize_q8a(s, &xd, &xq, nv, cols).expect("quantize");
+        let r = rand_vec(rng, nv * rows, 3.0);
+        let (y1, y2, p) = (
+            up(d, &r),
+            up(d, &r),
+            d.alloc(nv * rows * 4, "p").expect("alloc"),
+        );
+        d.mmvq_q8(s, &wd, m, &xq, &p, nv).expect("mmvq_q8");
+        d.add(s, &y1, &p, &y1, nv * rows).expect("add");
+        d.mmvq_q8_into(s, &wd, m, &xq, &y2, nv, true)
+            .expect("mmvq_q8 acc");
+        s.synchronize().expect("sync");
+        let same = read(&y1, nv * rows * 4) == read(&y2, nv * rows * 4);
+        t.add(
+            &format!("mmvq_q4_k_q8a acc x{nv} = product + add"),
+            "Q4_K",
+            if same { 0.0 } else { 1.0 },
+            0.0,
+        );
+    }
+}
+
 /// `ff`: the per-pair frequency divisors (Llama 3.1's `rope_freqs`), if any.
 fn rope_ref(x: &[f32], pos: &[i32], r: RopeParams, ff: Option<&[f32]>) -> Vec<f32> {
     let mut out = x.to_vec();
@@ -443,6 +542,8 @@ fn check_float_ops<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         rel_err(&od.to_vec::<f32>(nr * nc).expect("read"), &want),
         1e-5,
     );
+
+    check_fused_q8a(d, s, t, rng);
 
     // rope, both pairings, partial rotation on the neox case, frequency factors (Llama 3.1's
     // rope_freqs, divisors in [1, 8]) on a third case; positions up to 1000.

@@ -105,13 +105,15 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
         ),
         ("get_rows.cu", per_type("get_rows", "f32")),
         ("dequant.cu", per_type("dequantize", "f16")),
-        ("norm.cu", names(&["rmsnorm_f32"])),
+        ("norm.cu", names(&["rmsnorm_f32", "rmsnorm_q8a_f32"])),
         ("rope.cu", names(&["rope_f32", "rope_neox_f32"])),
         (
             "elementwise.cu",
             names(&[
                 "swiglu_f32",
                 "geglu_tanh_f32",
+                "swiglu_q8a_f32",
+                "geglu_tanh_q8a_f32",
                 "scale_f32",
                 "axpy_f32",
                 "add_f32",

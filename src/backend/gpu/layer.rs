@@ -167,6 +167,11 @@ pub struct LayerCtx<'a, D: KernelDevice> {
     pub freq_scale: f32,
     /// RoPE frequency divisors (`[n_rot / 2]` f32), if the model has them.
     pub rope_factors: Option<View<'a>>,
+    /// The activation `s.xq` holds quantized (a fused norm or gated activation wrote it).
+    pub q8_of: Option<Act>,
+    /// A product into `Proj` not launched yet: if the next op adds `Proj` to the residual it
+    /// runs with the add in its epilogue (one launch, the same bits), else as written.
+    pub pending: Option<(View<'a>, QMatrix)>,
 }
 
 /// `g = act(g) * u` over `n` f32 on the device: the family's gated activation.
@@ -253,7 +258,8 @@ pub fn run_layer<'a, D: KernelDevice>(
     w: &LayerSet<DeviceTensor<'a>>,
 ) -> Result<()> {
     let hp = cx.hp;
-    run_block(cx, hp, w)
+    run_block(cx, hp, w)?;
+    cx.flush()
 }
 
 impl<'a, D: KernelDevice> LayerCtx<'a, D> {
@@ -326,6 +332,32 @@ impl<'a, D: KernelDevice> LayerCtx<'a, D> {
         Ok(())
     }
 
+    /// Whether this step's products run on 8-bit activations (decode, short batches).
+    fn q8_step(&self) -> bool {
+        self.gemm.q8 && self.n < GEMM_MIN_TOKENS
+    }
+
+    /// Launches the deferred product into `Proj`, if any (every op but the residual add that
+    /// would absorb it calls this first), and forgets which activation `s.xq` holds when `wrote`
+    /// is it.
+    fn flush(&mut self) -> Result<()> {
+        if let Some((w, m)) = self.pending.take() {
+            let y = self.act(Act::Proj)?;
+            self.dev
+                .mmvq_q8_into(self.stream, &w, m, &self.s.xq, &y, self.n, false)?;
+        }
+        Ok(())
+    }
+
+    /// Before an op that writes `a`: the deferred product runs, and `s.xq` no longer holds `a`.
+    fn before_write(&mut self, a: Act) -> Result<()> {
+        self.flush()?;
+        if self.q8_of == Some(a) {
+            self.q8_of = None;
+        }
+        Ok(())
+    }
+
     /// The step's rows of activation `a`.
     fn act(&self, a: Act) -> Result<View<'a>> {
         let s = self.s;
@@ -354,16 +386,25 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
     type Error = GpuForwardError;
 
     fn norm(&mut self, x: Act, w: &DeviceTensor<'a>, role: Role, out: Act) -> Result<()> {
+        self.before_write(out)?;
         let width = x.width(self.hp);
         let nw = vec_f32(w, width, &self.name(role))?;
         let (xv, ov) = (self.act(x)?, self.act(out)?);
         let eps = self.hp.rms_eps;
-        self.dev
-            .rmsnorm(self.stream, &xv, &nw, &ov, self.n, width, eps)?;
+        if out == Act::Xn && self.q8_step() && width % 32 == 0 {
+            // The products' input: normalised and quantized in one launch.
+            self.dev
+                .rmsnorm_q8a(self.stream, &xv, &nw, &ov, &self.s.xq, self.n, width, eps)?;
+            self.q8_of = Some(out);
+        } else {
+            self.dev
+                .rmsnorm(self.stream, &xv, &nw, &ov, self.n, width, eps)?;
+        }
         Ok(())
     }
 
     fn head_norm(&mut self, x: Act, w: &DeviceTensor<'a>, role: Role) -> Result<()> {
+        self.before_write(x)?;
         let hp = self.hp;
         let nw = vec_f32(w, hp.head_dim, &self.name(role))?;
         let heads = x.width(hp) / hp.head_dim.max(1);
@@ -382,10 +423,28 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
     }
 
     fn linear(&mut self, x: Act, outs: &[(&DeviceTensor<'a>, Role, Act)]) -> Result<()> {
+        self.flush()?;
         let xv = self.act(x)?;
-        // The outputs share the input: it is quantized (8-bit path) once for all of them.
-        let mut quantized = false;
+        // The outputs share the input: it is quantized (8-bit path) once for all of them, or
+        // was already by the op that wrote it.
+        let mut quantized = self.q8_of == Some(x);
+        if let [(w, role, Act::Proj)] = outs {
+            let (wv, m) = mat(w, &self.name(*role))?;
+            if self.gemm.q8_for(m, self.n) {
+                if !quantized {
+                    self.dev
+                        .quantize_q8a(self.stream, &xv, &self.s.xq, self.n, m.ncols)?;
+                }
+                self.q8_of = Some(x);
+                // Launched by the next op: with the residual add if that is the next op.
+                self.pending = Some((wv, m));
+                return Ok(());
+            }
+        }
         for (w, role, out) in outs {
+            if self.q8_of == Some(*out) {
+                self.q8_of = None;
+            }
             let wm = mat(w, &self.name(*role))?;
             let yv = self.act(*out)?;
             linear_q(
@@ -399,11 +458,15 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
                 self.n,
                 &mut quantized,
             )?;
+            if quantized {
+                self.q8_of = Some(x);
+            }
         }
         Ok(())
     }
 
     fn add_bias(&mut self, x: Act, b: &DeviceTensor<'a>, role: Role) -> Result<()> {
+        self.before_write(x)?;
         let width = x.width(self.hp);
         let bias = vec_f32(b, width, &self.name(role))?;
         let xv = self.act(x)?;
@@ -415,6 +478,8 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
     }
 
     fn rope(&mut self) -> Result<()> {
+        self.before_write(Act::Q)?;
+        self.before_write(Act::K)?;
         let hp = self.hp;
         // Gemma 3's sliding-window layers rotate with their own base, unscaled and without
         // frequency factors (as the CPU's `Model::rope_of`); every other layer with the model's.
@@ -449,6 +514,7 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
     }
 
     fn attention(&mut self) -> Result<()> {
+        self.before_write(Act::Attn)?;
         let (dev, st, hp, l) = (self.dev, self.stream, self.hp, self.layer);
         let (qd, kd, vd) = (hp.q_dim(), hp.k_dim(), hp.v_dim());
         let ad = Act::Attn.width(hp);
@@ -484,6 +550,19 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
     }
 
     fn add(&mut self, acc: Act, x: Act) -> Result<()> {
+        if x == Act::Proj && acc != Act::Proj {
+            if let Some((w, m)) = self.pending.take() {
+                // The deferred product, added to `acc` in its epilogue.
+                if self.q8_of == Some(acc) {
+                    self.q8_of = None;
+                }
+                let a = self.act(acc)?;
+                self.dev
+                    .mmvq_q8_into(self.stream, &w, m, &self.s.xq, &a, self.n, true)?;
+                return Ok(());
+            }
+        }
+        self.before_write(acc)?;
         let (a, xv) = (self.act(acc)?, self.act(x)?);
         let len = self.n * acc.width(self.hp);
         self.dev.add(self.stream, &a, &xv, &a, len)?;
@@ -491,9 +570,18 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
     }
 
     fn glu(&mut self, act: FfnActivation) -> Result<()> {
+        self.before_write(Act::Gate)?;
         let (g, u) = (self.act(Act::Gate)?, self.act(Act::Up)?);
         let len = self.n * self.hp.n_ff;
-        gated(self.dev, self.stream, act, &g, &u, len)?;
+        if self.q8_step() && self.hp.n_ff % 32 == 0 {
+            // The down projection's input: activated and quantized in one launch.
+            let gelu = act == FfnActivation::GeluTanh;
+            self.dev
+                .glu_q8a(self.stream, gelu, &g, &u, &g, &self.s.xq, len)?;
+            self.q8_of = Some(Act::Gate);
+        } else {
+            gated(self.dev, self.stream, act, &g, &u, len)?;
+        }
         Ok(())
     }
 
@@ -504,6 +592,9 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
     /// fast: one host round trip per layer and per-token launches (the experts as units the
     /// scheduler places and streams are future work).
     fn experts(&mut self, w: &LayerSet<DeviceTensor<'a>>) -> Result<()> {
+        self.flush()?;
+        // The experts overwrite the scratch activations (and not through `s.xq`'s products).
+        self.q8_of = None;
         let hp = self.hp;
         let (Some(moe), Some(router)) = (hp.moe, w.router.as_ref()) else {
             return Err(bad("a router without MoE hyper-parameters".into()));

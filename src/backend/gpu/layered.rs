@@ -423,6 +423,8 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
             layer,
             freq_scale: self.freq_scale,
             rope_factors: self.rope_factors.as_ref().map(View::of),
+            q8_of: None,
+            pending: None,
         };
         run_layer(&mut cx, w)
     }

@@ -301,6 +301,21 @@ pub trait GpuOps: KernelDevice {
         y: &dyn DeviceBuffer,
         n: usize,
     ) -> BackendResult<()> {
+        self.mmvq_q8_into(s, w, m, xq, y, n, false)
+    }
+
+    /// [`GpuOps::mmvq_q8`]; `acc`: `y[j] += W x[j]` (a residual add in the epilogue).
+    #[allow(clippy::too_many_arguments)]
+    fn mmvq_q8_into(
+        &self,
+        s: &Self::Stream,
+        w: &dyn DeviceBuffer,
+        m: QMatrix,
+        xq: &dyn DeviceBuffer,
+        y: &dyn DeviceBuffer,
+        n: usize,
+        acc: bool,
+    ) -> BackendResult<()> {
         const OP: &str = "mmvq_q8";
         if !q8a_capable(m.qtype) {
             return Err(BackendError::InvalidArgument {
@@ -333,6 +348,7 @@ pub trait GpuOps: KernelDevice {
                 p(y),
                 Arg::I32(ncols),
                 Arg::I32(nrows),
+                Arg::I32(acc.into()),
             ];
             // SAFETY: W holds nrows rows of ncols elements, xq one quantized vector (quants,
             // then ncols / 32 float2), y nrows f32 (checked above); the argument list matches
@@ -353,6 +369,7 @@ pub trait GpuOps: KernelDevice {
                 Arg::I32(ncols),
                 Arg::I32(nrows),
                 Arg::I32(c as i32),
+                Arg::I32(acc.into()),
             ];
             // SAFETY: xq holds n quantized vectors and y n * nrows f32 (checked above), so
             // vectors j .. j + c (c <= RF_MMVQ8_MAXN) are inside both; the argument list
@@ -407,6 +424,7 @@ pub trait GpuOps: KernelDevice {
             p(y),
             Arg::I32(ncols),
             Arg::I32(nrows),
+            Arg::I32(0),
         ];
         // SAFETY: as the one-vector launch of `mmvq_q8` (same checks, same argument list).
         unsafe { k.launch(s, shape, &args) }
@@ -550,6 +568,108 @@ pub trait GpuOps: KernelDevice {
             Arg::F32(eps),
         ];
         // SAFETY: sizes checked above.
+        unsafe { k.launch(s, shape, &args) }
+    }
+
+    /// [`GpuOps::rmsnorm`] whose output is also quantized into `xq` (the q8a layout,
+    /// [`q8a_bytes`]`(nrows, ncols)`): the same bits as `rmsnorm` then `quantize_q8a`, in one
+    /// launch. `ncols` must be a multiple of 32.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_q8a(
+        &self,
+        s: &Self::Stream,
+        x: &dyn DeviceBuffer,
+        w: &dyn DeviceBuffer,
+        out: &dyn DeviceBuffer,
+        xq: &dyn DeviceBuffer,
+        nrows: usize,
+        ncols: usize,
+        eps: f32,
+    ) -> BackendResult<()> {
+        const OP: &str = "rmsnorm_q8a";
+        if ncols % 32 != 0 {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("ncols {ncols} not a multiple of 32"),
+            });
+        }
+        need(OP, "x", x, nrows * ncols * 4)?;
+        need(OP, "w", w, ncols * 4)?;
+        need(OP, "out", out, nrows * ncols * 4)?;
+        need(OP, "xq", xq, q8a_bytes(nrows, ncols))?;
+        if nrows == 0 {
+            return Ok(());
+        }
+        let k = self.kernel("norm.cu", "rmsnorm_q8a_f32")?;
+        let threads = (ncols.div_ceil(self.warp_size() as usize) * self.warp_size() as usize)
+            .clamp(self.warp_size() as usize, 1024);
+        let shape = LaunchShape {
+            grid: (to_u32(OP, nrows)?, 1, 1),
+            block: (to_u32(OP, threads)?, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [
+            p(x),
+            p(w),
+            p(out),
+            p(xq),
+            Arg::Ptr(xq.device_ptr() + (nrows * ncols) as u64),
+            Arg::I32(to_i32(OP, "ncols", ncols)?),
+            Arg::F32(eps),
+        ];
+        // SAFETY: sizes checked above; the block is a multiple of the warp (32 or 64 lanes),
+        // so of the kernel's 32-lane groups.
+        unsafe { k.launch(s, shape, &args) }
+    }
+
+    /// The gated activation (`gelu`: GeGLU, else SwiGLU) of n f32 into `out`, also quantized
+    /// into `xq` ([`q8a_bytes`]`(1, n)` bytes): the same bits as `swiglu`/`geglu_tanh` then
+    /// `quantize_q8a`. `n` must be a multiple of 32 (rows of a multiple of 32 quantize as rows).
+    #[allow(clippy::too_many_arguments)]
+    fn glu_q8a(
+        &self,
+        s: &Self::Stream,
+        gelu: bool,
+        gate: &dyn DeviceBuffer,
+        up: &dyn DeviceBuffer,
+        out: &dyn DeviceBuffer,
+        xq: &dyn DeviceBuffer,
+        n: usize,
+    ) -> BackendResult<()> {
+        const OP: &str = "glu_q8a";
+        if n % 32 != 0 {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("n {n} not a multiple of 32"),
+            });
+        }
+        need(OP, "gate", gate, n * 4)?;
+        need(OP, "up", up, n * 4)?;
+        need(OP, "out", out, n * 4)?;
+        need(OP, "xq", xq, q8a_bytes(1, n))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let name = if gelu {
+            "geglu_tanh_q8a_f32"
+        } else {
+            "swiglu_q8a_f32"
+        };
+        let k = self.kernel("elementwise.cu", name)?;
+        let shape = LaunchShape {
+            grid: (to_u32(OP, n.div_ceil(256))?, 1, 1),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [
+            p(gate),
+            p(up),
+            p(out),
+            p(xq),
+            Arg::Ptr(xq.device_ptr() + n as u64),
+            Arg::I32(to_i32(OP, "n", n)?),
+        ];
+        // SAFETY: sizes checked above; 256 threads per block (RF_Q8A_GLU_THREADS).
         unsafe { k.launch(s, shape, &args) }
     }
 
