@@ -42,10 +42,7 @@ extern "C" __global__ void add_f32(const float* a, const float* b, float* out, i
     }
 }
 
-// Writes k or v for n_tokens new positions into an f16 cache.
-//   src:   [n_tokens, n_kv_heads, head_dim] f32
-//   cache: [n_kv_heads, seq_cap, head_dim] f16, token t goes to position pos0 + t.
-extern "C" __global__ void kv_store_f32_f16(const float* __restrict__ src, rf_half* __restrict__ cache,
+__device__ __forceinline__ void rf_kv_store(const float* __restrict__ src, rf_half* __restrict__ cache,
                                             int n_tokens, int n_kv_heads, int head_dim, int seq_cap,
                                             int pos0) {
     const i64 n = (i64)n_tokens * n_kv_heads * head_dim;
@@ -55,6 +52,25 @@ extern "C" __global__ void kv_store_f32_f16(const float* __restrict__ src, rf_ha
         const int t = (int)(i / ((i64)head_dim * n_kv_heads));
         cache[((i64)h * seq_cap + pos0 + t) * head_dim + d] = rf_f2h(src[i]);
     }
+}
+
+// K and V of the same positions in one launch: blockIdx.y 0 stores k, 1 stores v (each as
+// kv_store_f32_f16 below).
+extern "C" __global__ void kv_store2_f32_f16(const float* __restrict__ k, rf_half* __restrict__ kc,
+                                             const float* __restrict__ v, rf_half* __restrict__ vc,
+                                             int n_tokens, int n_kv_heads, int head_dim, int seq_cap,
+                                             int pos0) {
+    if (blockIdx.y == 0) rf_kv_store(k, kc, n_tokens, n_kv_heads, head_dim, seq_cap, pos0);
+    else rf_kv_store(v, vc, n_tokens, n_kv_heads, head_dim, seq_cap, pos0);
+}
+
+// Writes k or v for n_tokens new positions into an f16 cache.
+//   src:   [n_tokens, n_kv_heads, head_dim] f32
+//   cache: [n_kv_heads, seq_cap, head_dim] f16, token t goes to position pos0 + t.
+extern "C" __global__ void kv_store_f32_f16(const float* __restrict__ src, rf_half* __restrict__ cache,
+                                            int n_tokens, int n_kv_heads, int head_dim, int seq_cap,
+                                            int pos0) {
+    rf_kv_store(src, cache, n_tokens, n_kv_heads, head_dim, seq_cap, pos0);
 }
 
 // The gated activations with their output also quantized to q8a (mmvq_q8.cu's layout over the

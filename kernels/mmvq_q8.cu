@@ -229,19 +229,28 @@ extern "C" __global__ void quantize_q8a_f32(const float* __restrict__ x, i8* __r
 }
 
 // y[j][row] = W[row] . x[j] for j < NV (NV == RF_MMVQ8_MAXN: j < n, n <= NV, the same for
-// the whole block); `acc`: y[j][row] += instead (a residual add in the epilogue). Block: RF_MMVQ8_WARPS warps; WPR warps share a row (RF_MMVQ8_WARPS / WPR
+// the whole block) for each of up to three matrices W (outputs y [n][its rows]); `acc`:
+// y[j][row] += instead (a residual add in the epilogue). Block: RF_MMVQ8_WARPS warps; WPR warps share a row (RF_MMVQ8_WARPS / WPR
 // rows per block), meeting in shared memory when WPR > 1. Grid: ceil(nrows / rows per block).
 template <typename T, int NV, int WPR>
-__device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w, const int* __restrict__ xq,
-                                         const float2* __restrict__ xm, float* __restrict__ y,
-                                         int ncols, int nrows, int n, int acc) {
+__device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w0, const void* __restrict__ w1,
+                                         const void* __restrict__ w2, const int* __restrict__ xq,
+                                         const float2* __restrict__ xm, float* y0, float* y1,
+                                         float* y2, int ncols, int r1, int r2, int ntotal, int n,
+                                         int acc) {
     constexpr int RPB = RF_MMVQ8_WARPS / WPR;
     constexpr int NT = WPR * RF_WARP;  // threads of one row
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
     const int rsub = warp / WPR;  // the block's row this warp works on
     const int tid = (warp % WPR) * RF_WARP + lane;
-    const int row = blockIdx.x * RPB + rsub;
-    const bool live = row < nrows;  // the same for a whole warp
+    // Up to three matrices of the same type and width over one input (Q/K/V, gate/up): rows
+    // [0, r1) are matrix 0's, [r1, r2) matrix 1's, [r2, ntotal) matrix 2's.
+    const int grow = blockIdx.x * RPB + rsub;
+    const bool live = grow < ntotal;  // the same for a whole warp
+    const void* w = grow < r1 ? w0 : grow < r2 ? w1 : w2;
+    float* y = grow < r1 ? y0 : grow < r2 ? y1 : y2;
+    const int row = grow < r1 ? grow : grow < r2 ? grow - r1 : grow - r2;
+    const int nrows = grow < r1 ? r1 : grow < r2 ? r2 - r1 : ntotal - r2;
     const int nb = ncols / T::QK;
     const typename T::block* br = (const typename T::block*)w + (i64)(live ? row : 0) * nb;
     const int items = live ? nb * T::LPB : 0;
@@ -290,21 +299,22 @@ __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w, const int* 
 // Entry points: `name_w1/_w2/_w4/_w8` (one vector, 1, 2, 4 or 8 warps per row: few rows want
 // several warps each to keep enough loads in flight; the launcher picks by the row count) and
 // `name_n` (up to RF_MMVQ8_MAXN vectors, one warp per row).
+#define RF_MMVQ8_ARGS                                                                           \
+    const void* __restrict__ w0, const void* __restrict__ w1, const void* __restrict__ w2,      \
+        const int* __restrict__ xq, const float2* __restrict__ xm, float* y0, float* y1,        \
+        float* y2, int ncols, int r1, int r2, int ntotal
 #define RF_MMVQ8_1(name, T, WPR)                                                                \
-    extern "C" __global__ void name(const void* __restrict__ w, const int* __restrict__ xq,     \
-                                    const float2* __restrict__ xm, float* __restrict__ y,       \
-                                    int ncols, int nrows, int acc) {                            \
-        rf_mmvq8<T, 1, WPR>(w, xq, xm, y, ncols, nrows, 1, acc);                                \
+    extern "C" __global__ void name(RF_MMVQ8_ARGS, int acc) {                                   \
+        rf_mmvq8<T, 1, WPR>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, 1, acc);     \
     }
 #define RF_MMVQ8(name, T)                                                                       \
     RF_MMVQ8_1(name##_w1, T, 1)                                                                 \
     RF_MMVQ8_1(name##_w2, T, 2)                                                                 \
     RF_MMVQ8_1(name##_w4, T, 4)                                                                 \
     RF_MMVQ8_1(name##_w8, T, 8)                                                                 \
-    extern "C" __global__ void name##_n(const void* __restrict__ w, const int* __restrict__ xq, \
-                                        const float2* __restrict__ xm, float* __restrict__ y,   \
-                                        int ncols, int nrows, int n, int acc) {                 \
-        rf_mmvq8<T, RF_MMVQ8_MAXN, 1>(w, xq, xm, y, ncols, nrows, n, acc);                      \
+    extern "C" __global__ void name##_n(RF_MMVQ8_ARGS, int n, int acc) {                        \
+        rf_mmvq8<T, RF_MMVQ8_MAXN, 1>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, \
+                                      acc);                                                     \
     }
 
 RF_MMVQ8(mmvq_q4_0_q8a, Q8Q4_0)

@@ -450,6 +450,123 @@ fn check_fused_q8a<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         );
     }
 
+    // RoPE of q and k in one launch = two launches (both pairings); K and V stored in one.
+    for neox in [false, true] {
+        let r = RopeParams {
+            n_tokens: 3,
+            n_heads: 8,
+            head_dim: 64,
+            n_rot: 64,
+            freq_base: 10000.0,
+            freq_scale: 1.0,
+            neox,
+        };
+        let hk = 2usize;
+        let (nq, nk) = (3 * 8 * 64, 3 * hk * 64);
+        let (qv, kv) = (rand_vec(rng, nq, 1.0), rand_vec(rng, nk, 1.0));
+        let pd = upload(d, &[3i32, 40, 999], "pos").expect("pos");
+        let (q1, k1, q2, k2) = (up(d, &qv), up(d, &kv), up(d, &qv), up(d, &kv));
+        d.rope(s, &q1, &q1, &pd, None, r).expect("rope q");
+        d.rope(s, &k1, &k1, &pd, None, RopeParams { n_heads: hk, ..r })
+            .expect("rope k");
+        d.rope_qk(s, &q2, &k2, &pd, None, r, hk).expect("rope_qk");
+        s.synchronize().expect("sync");
+        let same = read(&q1, nq * 4) == read(&q2, nq * 4) && read(&k1, nk * 4) == read(&k2, nk * 4);
+        t.add(
+            if neox {
+                "rope_qk_neox_f32 = 2 x rope"
+            } else {
+                "rope_qk_f32 = 2 x rope"
+            },
+            "f32",
+            if same { 0.0 } else { 1.0 },
+            0.0,
+        );
+    }
+    let kvl = KvLayout {
+        n_kv_heads: 2,
+        head_dim: 64,
+        seq_cap: 16,
+    };
+    let (kx, vx) = (
+        up(d, &rand_vec(rng, 3 * 128, 1.0)),
+        up(d, &rand_vec(rng, 3 * 128, 1.0)),
+    );
+    let caches: Vec<D::Buf> = (0..4)
+        .map(|_| {
+            let b = d.alloc(kvl.bytes(), "cache").expect("alloc");
+            b.zero().expect("zero");
+            b
+        })
+        .collect();
+    d.kv_store(s, &kx, &caches[0], kvl, 3, 5).expect("kv k");
+    d.kv_store(s, &vx, &caches[1], kvl, 3, 5).expect("kv v");
+    d.kv_store2(s, &kx, &caches[2], &vx, &caches[3], kvl, 3, 5)
+        .expect("kv_store2");
+    s.synchronize().expect("sync");
+    let same = read(&caches[0], kvl.bytes()) == read(&caches[2], kvl.bytes())
+        && read(&caches[1], kvl.bytes()) == read(&caches[3], kvl.bytes());
+    t.add(
+        "kv_store2_f32_f16 = 2 x kv_store",
+        "f16",
+        if same { 0.0 } else { 1.0 },
+        0.0,
+    );
+
+    // Three matrices of one type over one input in one launch = three launches.
+    for nv in [1usize, 3] {
+        let cols = 512usize;
+        let shapes = [67usize, 33, 5];
+        let ws: Vec<Vec<u8>> = shapes
+            .iter()
+            .map(|&r| random_weights(GgmlType::Q4_0, r, cols, rng))
+            .collect();
+        let wds: Vec<D::Buf> = ws.iter().map(|w| upload(d, w, "w").expect("w")).collect();
+        let ms: Vec<QMatrix> = shapes
+            .iter()
+            .map(|&r| QMatrix {
+                qtype: GgmlType::Q4_0,
+                nrows: r,
+                ncols: cols,
+            })
+            .collect();
+        let xd = up(d, &rand_vec(rng, nv * cols, 1.0));
+        let xq = d.alloc(q8a_bytes(nv, cols), "xq").expect("alloc");
+        d.quantize_q8a(s, &xd, &xq, nv, cols).expect("quantize");
+        let alone: Vec<D::Buf> = shapes
+            .iter()
+            .map(|&r| d.alloc(nv * r * 4, "y").expect("alloc"))
+            .collect();
+        let multi: Vec<D::Buf> = shapes
+            .iter()
+            .map(|&r| d.alloc(nv * r * 4, "y").expect("alloc"))
+            .collect();
+        for i in 0..3 {
+            d.mmvq_q8(s, &wds[i], ms[i], &xq, &alone[i], nv)
+                .expect("mmvq_q8");
+        }
+        let mats: Vec<_> = (0..3)
+            .map(|i| {
+                (
+                    &wds[i] as &dyn rocmforge::backend::DeviceBuffer,
+                    ms[i],
+                    &multi[i] as &dyn rocmforge::backend::DeviceBuffer,
+                )
+            })
+            .collect();
+        d.mmvq_q8_multi(s, &mats, &xq, nv, false)
+            .expect("mmvq_q8_multi");
+        s.synchronize().expect("sync");
+        let same = (0..3)
+            .all(|i| read(&alone[i], nv * shapes[i] * 4) == read(&multi[i], nv * shapes[i] * 4));
+        t.add(
+            &format!("mmvq_q4_0_q8a 3 matrices x{nv} = 3 launches"),
+            "Q4_0",
+            if same { 0.0 } else { 1.0 },
+            0.0,
+        );
+    }
+
     // y += W x in the epilogue, one vector and three (the `_n` kernel).
     let (rows, cols) = (300usize, 512usize);
     let w = random_weights(GgmlType::Q4_K, rows, cols, rng);

@@ -106,7 +106,15 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
         ("get_rows.cu", per_type("get_rows", "f32")),
         ("dequant.cu", per_type("dequantize", "f16")),
         ("norm.cu", names(&["rmsnorm_f32", "rmsnorm_q8a_f32"])),
-        ("rope.cu", names(&["rope_f32", "rope_neox_f32"])),
+        (
+            "rope.cu",
+            names(&[
+                "rope_f32",
+                "rope_neox_f32",
+                "rope_qk_f32",
+                "rope_qk_neox_f32",
+            ]),
+        ),
         (
             "elementwise.cu",
             names(&[
@@ -118,6 +126,7 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
                 "axpy_f32",
                 "add_f32",
                 "kv_store_f32_f16",
+                "kv_store2_f32_f16",
             ]),
         ),
         (

@@ -8,7 +8,7 @@ use super::gemm::{GemmF16, GemmF16Nt};
 use super::ops::{AttnParams, GpuOps, KvLayout, QMatrix, RopeParams};
 use super::{GpuForwardError, KernelDevice, Result, View};
 use crate::backend::error::BackendError;
-use crate::backend::{BufferIo, DeviceStream, DeviceTensor};
+use crate::backend::{BufferIo, DeviceBuffer, DeviceStream, DeviceTensor};
 use crate::model::{
     run_block, tensor_name, Act, Arch, BlockOps, FfnActivation, HParams, LayerSet, Role, RopeLayout,
 };
@@ -441,6 +441,33 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
                 return Ok(());
             }
         }
+        // Several products of one type and width (Q/K/V, gate/up) on the 8-bit path: one launch.
+        if outs.len() > 1 {
+            let mats = outs
+                .iter()
+                .map(|(w, role, out)| Ok((mat(w, &self.name(*role))?, self.act(*out)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let ((_, m0), _) = mats[0];
+            let one_launch = mats.len() <= 3
+                && outs.iter().all(|(_, _, out)| *out != x)
+                && mats.iter().all(|((_, m), _)| {
+                    self.gemm.q8_for(*m, self.n) && (m.qtype, m.ncols) == (m0.qtype, m0.ncols)
+                });
+            if one_launch {
+                if !quantized {
+                    self.dev
+                        .quantize_q8a(self.stream, &xv, &self.s.xq, self.n, m0.ncols)?;
+                }
+                self.q8_of = Some(x);
+                let args: Vec<(&dyn DeviceBuffer, QMatrix, &dyn DeviceBuffer)> = mats
+                    .iter()
+                    .map(|((w, m), y)| (w as &dyn DeviceBuffer, *m, y as &dyn DeviceBuffer))
+                    .collect();
+                self.dev
+                    .mmvq_q8_multi(self.stream, &args, &self.s.xq, self.n, false)?;
+                return Ok(());
+            }
+        }
         for (w, role, out) in outs {
             if self.q8_of == Some(*out) {
                 self.q8_of = None;
@@ -506,10 +533,15 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
             .filter(|_| local.is_none())
             .map(|v| v as &dyn crate::backend::DeviceBuffer);
         let (q, k) = (self.act(Act::Q)?, self.act(Act::K)?);
-        self.dev
-            .rope(self.stream, &q, &q, &self.s.pos, rf, rp(hp.n_head))?;
-        self.dev
-            .rope(self.stream, &k, &k, &self.s.pos, rf, rp(hp.n_head_kv))?;
+        self.dev.rope_qk(
+            self.stream,
+            &q,
+            &k,
+            &self.s.pos,
+            rf,
+            rp(hp.n_head),
+            hp.n_head_kv,
+        )?;
         Ok(())
     }
 
@@ -532,8 +564,7 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
             let vc = sg.kv.slice((2 * l + 1) * kvb, kvb)?;
             let ks = k.slice(sg.first * kd * 4, sg.n * kd * 4)?;
             let vs = v.slice(sg.first * vd * 4, sg.n * vd * 4)?;
-            dev.kv_store(st, &ks, &kc, self.kv_layout, sg.n, sg.pos)?;
-            dev.kv_store(st, &vs, &vc, self.kv_layout, sg.n, sg.pos)?;
+            dev.kv_store2(st, &ks, &kc, &vs, &vc, self.kv_layout, sg.n, sg.pos)?;
             let ap = AttnParams {
                 n_tokens: sg.n,
                 n_heads: hp.n_head,

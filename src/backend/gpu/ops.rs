@@ -316,64 +316,123 @@ pub trait GpuOps: KernelDevice {
         n: usize,
         acc: bool,
     ) -> BackendResult<()> {
+        self.mmvq_q8_multi(s, &[(w, m, y)], xq, n, acc)
+    }
+
+    /// [`GpuOps::mmvq_q8_into`] for one to three matrices `(W, shape, y)` of the same type and
+    /// width over the same quantized input (Q/K/V, gate/up) in one launch.
+    fn mmvq_q8_multi(
+        &self,
+        s: &Self::Stream,
+        mats: &[(&dyn DeviceBuffer, QMatrix, &dyn DeviceBuffer)],
+        xq: &dyn DeviceBuffer,
+        n: usize,
+        acc: bool,
+    ) -> BackendResult<()> {
         const OP: &str = "mmvq_q8";
-        if !q8a_capable(m.qtype) {
+        let Some(&(_, m0, _)) = mats.first().filter(|_| mats.len() <= 3) else {
             return Err(BackendError::InvalidArgument {
                 op: OP,
-                what: format!("no q8 matrix-vector kernel for {}", m.qtype),
+                what: format!("{} matrices in one launch (1 to 3)", mats.len()),
             });
-        }
-        let wb = weight_bytes(OP, m.qtype, m.nrows, m.ncols)?;
-        let mult = mmvq_col_multiple(m.qtype).max(32);
-        if m.ncols % mult != 0 {
+        };
+        if !q8a_capable(m0.qtype) {
             return Err(BackendError::InvalidArgument {
                 op: OP,
-                what: format!("ncols {} not a multiple of {mult}", m.ncols),
+                what: format!("no q8 matrix-vector kernel for {}", m0.qtype),
             });
         }
-        need(OP, "W", w, wb)?;
-        need(OP, "xq", xq, q8a_bytes(n, m.ncols))?;
-        need(OP, "y", y, n * m.nrows * 4)?;
-        let base = format!("mmvq_{}_q8a", qtype_suffix(m.qtype).unwrap_or_default());
-        let (ncols, nrows) = (to_i32(OP, "ncols", m.ncols)?, to_i32(OP, "nrows", m.nrows)?);
-        let meta = xq.device_ptr() + (n * m.ncols) as u64;
+        let mult = mmvq_col_multiple(m0.qtype).max(32);
+        if m0.ncols % mult != 0 {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("ncols {} not a multiple of {mult}", m0.ncols),
+            });
+        }
+        for &(w, m, y) in mats {
+            if (m.qtype, m.ncols) != (m0.qtype, m0.ncols) {
+                return Err(BackendError::InvalidArgument {
+                    op: OP,
+                    what: format!(
+                        "{} x {} beside {} x {} in one launch",
+                        m.qtype, m.ncols, m0.qtype, m0.ncols
+                    ),
+                });
+            }
+            need(OP, "W", w, weight_bytes(OP, m.qtype, m.nrows, m.ncols)?)?;
+            need(OP, "y", y, n * m.nrows * 4)?;
+        }
+        need(OP, "xq", xq, q8a_bytes(n, m0.ncols))?;
+        // Missing matrices repeat the last one with no rows of their own.
+        let at = |i: usize| mats[i.min(mats.len() - 1)];
+        let ends: Vec<usize> = (0..3)
+            .scan(0usize, |acc, i| {
+                *acc += if i < mats.len() { mats[i].1.nrows } else { 0 };
+                Some(*acc)
+            })
+            .collect();
+        let total = ends[2];
+        let base = format!("mmvq_{}_q8a", qtype_suffix(m0.qtype).unwrap_or_default());
+        let ncols = to_i32(OP, "ncols", m0.ncols)?;
+        let (r1, r2, nt) = (
+            to_i32(OP, "rows", ends[0])?,
+            to_i32(OP, "rows", ends[1])?,
+            to_i32(OP, "rows", total)?,
+        );
+        let meta = xq.device_ptr() + (n * m0.ncols) as u64;
         if n == 1 {
-            let wpr = mmvq8_wpr(m.nrows);
+            let wpr = mmvq8_wpr(total);
             let k = self.kernel("mmvq_q8.cu", &format!("{base}_w{wpr}"))?;
-            let shape = mmvq8_shape(self.warp_size(), m.nrows, wpr)?;
+            let shape = mmvq8_shape(self.warp_size(), total, wpr)?;
             let args = [
-                p(w),
+                p(at(0).0),
+                p(at(1).0),
+                p(at(2).0),
                 p(xq),
                 Arg::Ptr(meta),
-                p(y),
+                p(at(0).2),
+                p(at(1).2),
+                p(at(2).2),
                 Arg::I32(ncols),
-                Arg::I32(nrows),
+                Arg::I32(r1),
+                Arg::I32(r2),
+                Arg::I32(nt),
                 Arg::I32(acc.into()),
             ];
-            // SAFETY: W holds nrows rows of ncols elements, xq one quantized vector (quants,
-            // then ncols / 32 float2), y nrows f32 (checked above); the argument list matches
-            // RF_MMVQ8 in mmvq_q8.cu.
+            // SAFETY: each W holds its rows of ncols elements and each y its rows of f32, xq
+            // one quantized vector (checked above); rows past a matrix's count belong to the
+            // next; the argument list matches RF_MMVQ8 in mmvq_q8.cu.
             return unsafe { k.launch(s, shape, &args) };
         }
         let k = self.kernel("mmvq_q8.cu", &format!("{base}_n"))?;
         // The `_n` kernels take one warp per row.
-        let shape = mmvq8_shape(self.warp_size(), m.nrows, 1)?;
+        let shape = mmvq8_shape(self.warp_size(), total, 1)?;
         let mut j = 0;
         while j < n {
             let c = (n - j).min(MMVQN_MAX);
+            let y_at = |i: usize| {
+                let (_, m, y) = at(i);
+                Arg::Ptr(y.device_ptr() + (j * m.nrows * 4) as u64)
+            };
             let args = [
-                p(w),
-                Arg::Ptr(xq.device_ptr() + (j * m.ncols) as u64),
-                Arg::Ptr(meta + (j * (m.ncols / 32) * 8) as u64),
-                Arg::Ptr(y.device_ptr() + (j * m.nrows * 4) as u64),
+                p(at(0).0),
+                p(at(1).0),
+                p(at(2).0),
+                Arg::Ptr(xq.device_ptr() + (j * m0.ncols) as u64),
+                Arg::Ptr(meta + (j * (m0.ncols / 32) * 8) as u64),
+                y_at(0),
+                y_at(1),
+                y_at(2),
                 Arg::I32(ncols),
-                Arg::I32(nrows),
+                Arg::I32(r1),
+                Arg::I32(r2),
+                Arg::I32(nt),
                 Arg::I32(c as i32),
                 Arg::I32(acc.into()),
             ];
-            // SAFETY: xq holds n quantized vectors and y n * nrows f32 (checked above), so
-            // vectors j .. j + c (c <= RF_MMVQ8_MAXN) are inside both; the argument list
-            // matches the `_n` entry of RF_MMVQ8 in mmvq_q8.cu.
+            // SAFETY: xq holds n quantized vectors and each y n * its rows f32 (checked
+            // above), so vectors j .. j + c (c <= RF_MMVQ8_MAXN) are inside them; the argument
+            // list matches the `_n` entry of RF_MMVQ8 in mmvq_q8.cu.
             unsafe { k.launch(s, shape, &args) }?;
             j += c;
         }
@@ -419,10 +478,16 @@ pub trait GpuOps: KernelDevice {
         let meta = xq.device_ptr() + m.ncols as u64;
         let args = [
             p(w),
+            p(w),
+            p(w),
             p(xq),
             Arg::Ptr(meta),
             p(y),
+            p(y),
+            p(y),
             Arg::I32(ncols),
+            Arg::I32(nrows),
+            Arg::I32(nrows),
             Arg::I32(nrows),
             Arg::I32(0),
         ];
@@ -727,6 +792,67 @@ pub trait GpuOps: KernelDevice {
         unsafe { k.launch(s, shape, &args) }
     }
 
+    /// [`GpuOps::rope`] of `q` (`r.n_heads` heads) and `k` (`n_heads_k` heads) in place, in one
+    /// launch: the same bits as two `rope` calls.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk(
+        &self,
+        s: &Self::Stream,
+        q: &dyn DeviceBuffer,
+        k: &dyn DeviceBuffer,
+        pos: &dyn DeviceBuffer,
+        freq_factors: Option<&dyn DeviceBuffer>,
+        r: RopeParams,
+        n_heads_k: usize,
+    ) -> BackendResult<()> {
+        const OP: &str = "rope_qk";
+        if r.n_rot > r.head_dim || r.n_rot % 2 != 0 || r.head_dim % 2 != 0 {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("n_rot {} / head_dim {}", r.n_rot, r.head_dim),
+            });
+        }
+        need(OP, "q", q, r.n_tokens * r.n_heads * r.head_dim * 4)?;
+        need(OP, "k", k, r.n_tokens * n_heads_k * r.head_dim * 4)?;
+        need(OP, "pos", pos, r.n_tokens * 4)?;
+        if let Some(ff) = freq_factors {
+            need(OP, "freq_factors", ff, r.n_rot / 2 * 4)?;
+        }
+        let rows = r.n_tokens * (r.n_heads + n_heads_k);
+        if rows == 0 || r.head_dim == 0 {
+            return Ok(());
+        }
+        let name = if r.neox {
+            "rope_qk_neox_f32"
+        } else {
+            "rope_qk_f32"
+        };
+        let kern = self.kernel("rope.cu", name)?;
+        let threads = ((r.head_dim / 2).div_ceil(self.warp_size() as usize)
+            * self.warp_size() as usize)
+            .min(1024);
+        let shape = LaunchShape {
+            grid: (to_u32(OP, rows)?, 1, 1),
+            block: (to_u32(OP, threads)?, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [
+            p(q),
+            p(k),
+            p(pos),
+            Arg::I32(to_i32(OP, "n_tokens", r.n_tokens)?),
+            Arg::I32(to_i32(OP, "n_heads", r.n_heads)?),
+            Arg::I32(to_i32(OP, "n_heads_k", n_heads_k)?),
+            Arg::I32(to_i32(OP, "head_dim", r.head_dim)?),
+            Arg::I32(to_i32(OP, "n_rot", r.n_rot)?),
+            Arg::F32(r.freq_base),
+            Arg::F32(r.freq_scale),
+            freq_factors.map_or(Arg::Ptr(0), p),
+        ];
+        // SAFETY: sizes checked above (the factors hold n_rot / 2 f32 when given).
+        unsafe { kern.launch(s, shape, &args) }
+    }
+
     /// `out = silu(gate) * up`, n f32.
     fn swiglu(
         &self,
@@ -831,6 +957,59 @@ pub trait GpuOps: KernelDevice {
         ];
         // SAFETY: every written position is < seq_cap and the cache holds the layout (checked).
         unsafe { k.launch(s, shape, &args) }
+    }
+
+    /// [`GpuOps::kv_store`] of `k` into `k_cache` and `v` into `v_cache` (the same layout and
+    /// positions) in one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_store2(
+        &self,
+        s: &Self::Stream,
+        k: &dyn DeviceBuffer,
+        k_cache: &dyn DeviceBuffer,
+        v: &dyn DeviceBuffer,
+        v_cache: &dyn DeviceBuffer,
+        kv: KvLayout,
+        n_tokens: usize,
+        pos0: usize,
+    ) -> BackendResult<()> {
+        const OP: &str = "kv_store2";
+        let n = n_tokens * kv.n_kv_heads * kv.head_dim;
+        if pos0 + n_tokens > kv.seq_cap {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!(
+                    "positions {pos0}+{n_tokens} beyond cache capacity {}",
+                    kv.seq_cap
+                ),
+            });
+        }
+        need(OP, "k", k, n * 4)?;
+        need(OP, "v", v, n * 4)?;
+        need(OP, "k_cache", k_cache, kv.bytes())?;
+        need(OP, "v_cache", v_cache, kv.bytes())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let kern = self.kernel("elementwise.cu", "kv_store2_f32_f16")?;
+        let shape = LaunchShape {
+            grid: (to_u32(OP, n.div_ceil(256).min(65_535))?, 2, 1),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [
+            p(k),
+            p(k_cache),
+            p(v),
+            p(v_cache),
+            Arg::I32(to_i32(OP, "n_tokens", n_tokens)?),
+            Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
+            Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
+            Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
+            Arg::I32(to_i32(OP, "pos0", pos0)?),
+        ];
+        // SAFETY: every written position is < seq_cap and both caches hold the layout (checked).
+        unsafe { kern.launch(s, shape, &args) }
     }
 
     /// Causal attention of `q` (`[n_tokens, n_heads, head_dim]` f32) over the f16 caches.
