@@ -338,8 +338,7 @@ impl<'a, D: KernelDevice> LayerCtx<'a, D> {
     }
 
     /// Launches the deferred product into `Proj`, if any (every op but the residual add that
-    /// would absorb it calls this first), and forgets which activation `s.xq` holds when `wrote`
-    /// is it.
+    /// would absorb it calls this first).
     fn flush(&mut self) -> Result<()> {
         if let Some((w, m)) = self.pending.take() {
             let y = self.act(Act::Proj)?;
@@ -583,7 +582,8 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
     fn add(&mut self, acc: Act, x: Act) -> Result<()> {
         if x == Act::Proj && acc != Act::Proj {
             if let Some((w, m)) = self.pending.take() {
-                // The deferred product, added to `acc` in its epilogue.
+                // The deferred product, added to `acc` in its epilogue (`Proj` itself is not
+                // written: nothing in the block reads it before the next product fills it).
                 if self.q8_of == Some(acc) {
                     self.q8_of = None;
                 }
