@@ -61,7 +61,8 @@ pub struct ModelArgs {
     /// Context length in tokens (capped by the model's).
     #[arg(long, default_value_t = model::DEFAULT_CTX)]
     pub ctx: usize,
-    /// `exact` (f32 activations, exact weights, f32 KV: the oracle) or `fast`.
+    /// `exact` (f32 activations, exact weights, f32 KV: the oracle; on a GPU f32 activations with
+    /// its f16 KV) or `fast` (activations quantized to 8 bits for the products, f16 KV).
     #[arg(long, default_value = "fast")]
     pub precision: Precision,
     /// Worker threads (default: all cores).
