@@ -169,6 +169,8 @@ pub(crate) struct AppState {
     pub model_name: String,
     pub ctx: usize,
     pub ready: AtomicBool,
+    /// Woken when `ready` becomes true (`Server::wait_ready` waits on it).
+    pub ready_changed: tokio::sync::Notify,
     pub metrics: Arc<Metrics>,
     pub queue_capacity: usize,
     pub body_limit: usize,
@@ -277,6 +279,7 @@ impl Server {
             model_name,
             ctx,
             ready: AtomicBool::new(false),
+            ready_changed: tokio::sync::Notify::new(),
             metrics: Arc::new(Metrics::default()),
             queue_capacity: cfg.queue_capacity,
             body_limit: cfg.body_limit,
@@ -361,6 +364,7 @@ impl Server {
                 }
             }
             warm_state.ready.store(true, Ordering::Release);
+            warm_state.ready_changed.notify_waiters();
             tracing::info!("model loaded and warmed in {:?}", rt.since_open());
             tracing::info!("{ready_line}");
         });
@@ -395,15 +399,20 @@ impl Server {
     /// Waits until `/health` would answer 200.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), ServeError> {
         let until = tokio::time::Instant::now() + timeout;
-        while !self.is_ready() {
-            if tokio::time::Instant::now() > until {
+        loop {
+            // Registered before the look at the flag, so a store in between is not missed.
+            let changed = self.state.ready_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.is_ready() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
                 return Err(ServeError::Other(format!(
                     "model not ready after {timeout:?}"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(())
     }
 
     /// Graceful shutdown: stop accepting, let in-flight requests finish for up to `deadline`,
