@@ -89,7 +89,8 @@ pub fn spawn(cfg: InferenceConfig) -> Result<Starting> {
         // tg64 137-160 against 227-239 tok/s in this pool).
         match rayon::ThreadPoolBuilder::new()
             .num_threads(n)
-            .thread_name(|i| format!("rf-compute-{i}"))
+            // The actor's own spans run on one of these: traces show it as `rf-inference-N`.
+            .thread_name(|i| format!("rf-inference-{i}"))
             .build()
         {
             Ok(pool) => pool.install(|| start(cfg, ready)),
