@@ -6,18 +6,28 @@
 # Release build (debug assertions off, as a user runs it).
 # Writes docs/results/<date>-cpu-batching/loadgen-{batched,unbatched}-<round>.json and
 # summary-loadgen.json (medians over rounds, and the 8-client / 1-client ratio).
+# BASE_LOADGEN=path/to/another/build's/serve_loadgen adds that build's batched run to each round
+# (mode `base`); OUT overrides the results directory. The 1-minute load average before each run
+# goes to load.txt beside the JSON.
 # Usage: scripts/bench-serve-batching.sh [MODEL] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 ROUNDS=${2:-5}
-OUT=docs/results/$(date -u +%F)-cpu-batching
+OUT=${OUT:-docs/results/$(date -u +%F)-cpu-batching}
 mkdir -p "$OUT"
 cargo build --release -p rocmforge-actors --example serve_loadgen
 BIN=${CARGO_TARGET_DIR:-target}/release/examples/serve_loadgen
 COMMON=(--clients 1,8 --rounds 2 --max-tokens 64)
+load() { echo "round $1 $2 load $(cut -d' ' -f1 /proc/loadavg)" >> "$OUT/load.txt"; }
 for i in $(seq 1 "$ROUNDS"); do
+    load "$i" batched
     "$BIN" "$MODEL" "${COMMON[@]}" --out "$OUT/loadgen-batched-$i.json"
+    if [ -n "${BASE_LOADGEN:-}" ]; then
+        load "$i" base
+        "$BASE_LOADGEN" "$MODEL" "${COMMON[@]}" --out "$OUT/loadgen-base-$i.json"
+    fi
+    load "$i" unbatched
     "$BIN" "$MODEL" "${COMMON[@]}" --max-num-seqs 1 --out "$OUT/loadgen-unbatched-$i.json"
 done
 python3 scripts/summarize_loadgen.py "$OUT"

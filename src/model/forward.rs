@@ -2,6 +2,7 @@
 //! soon as its weights are resident: `embed`, `forward_layer` per block, `output`; `forward`
 //! chains them over the memory-mapped weights.
 
+use super::attention::attention_batch;
 use super::block::{run_block, Act, BlockOps, Role};
 use super::error::ModelError;
 use super::hparams::{Arch, FfnActivation, HParams};
@@ -15,15 +16,8 @@ use super::rope::Rope;
 use super::weights::{LayerWeights, ModelLayout, WeightView};
 use crate::gguf::GgufFile;
 use rayon::prelude::*;
-use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::path::Path;
-
-thread_local! {
-    /// f32 copies of one KV head's keys and values (attention over an f16 cache), per thread,
-    /// reused across layers and tokens.
-    static KV_F32: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
 
 /// A loaded model: the mapped file, its hyper-parameters and where every weight lives.
 #[derive(Debug, Clone)]
@@ -240,71 +234,6 @@ impl Model {
         run_block(&mut ops, hp, w)
     }
 
-    /// Causal attention of one sequence's new queries `q` (`[n, q_dim]`, RoPE applied, at
-    /// positions `pos0 ..`) over its cache, heads in parallel; writes `[n, n_head * head_dim_v]`
-    /// into `attn`. `scores` and `heads` are scratch space.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: usize,
-        seq: &Sequence,
-        q: &[f32],
-        pos0: usize,
-        scores: &mut Vec<f32>,
-        heads: &mut Vec<f32>,
-        attn: &mut [f32],
-    ) -> Result<(), ModelError> {
-        let hp = &self.hp;
-        let (hd, hdv, nh) = (hp.head_dim, hp.head_dim_v, hp.n_head);
-        let qd = hp.q_dim();
-        let n = q.len() / qd;
-        let ctx = seq.ctx();
-        let gqa = hp.gqa();
-        let (scale, window, softcap) = (hp.attn_scale, hp.local_window(layer), hp.attn_softcap);
-        let (pool, table) = seq.kv.reader();
-        let pool = &*pool;
-        grow(scores, nh * ctx)?;
-        grow(heads, nh * n * hdv)?;
-        heads[..nh * n * hdv]
-            .par_chunks_mut(n * hdv)
-            .zip(scores[..nh * ctx].par_chunks_mut(ctx))
-            .enumerate()
-            .for_each(|(h, (out, scores))| {
-                // Each cached row is used by all n queries: gather the head's rows (from the
-                // blocks of the table, converted from f16) once, into this thread's buffers.
-                KV_F32.with(|cell| {
-                    let mut own = (Vec::new(), Vec::new());
-                    let mut guard = cell.try_borrow_mut();
-                    let (kb, vb) = match guard.as_deref_mut() {
-                        Ok(bufs) => bufs,
-                        // Re-entered (a nested parallel caller): private buffers.
-                        Err(_) => &mut own,
-                    };
-                    let (keys, vals) = pool.gather(table, layer, h / gqa, pos0 + n, kb, vb);
-                    let head = ops::AttnHead {
-                        q: &q[h * hd..],
-                        q_stride: qd,
-                        hd,
-                        hdv,
-                        pos0,
-                        scale,
-                        window,
-                        softcap,
-                        keys,
-                        vals,
-                    };
-                    ops::attend(&head, scores, out);
-                });
-            });
-        for h in 0..nh {
-            for i in 0..n {
-                attn[i * nh * hdv + h * hdv..i * nh * hdv + (h + 1) * hdv]
-                    .copy_from_slice(&heads[(h * n + i) * hdv..(h * n + i + 1) * hdv]);
-            }
-        }
-        Ok(())
-    }
-
     /// Final norm and output head for one hidden row (`[d]`); the logits (`[n_vocab]`) live in
     /// `seq`'s scratch space until the next call.
     pub fn output<'s>(
@@ -354,6 +283,11 @@ impl Model {
         Ok(&seq.scratch.logits[..self.n_vocab()])
     }
 }
+
+/// Gated-activation values from which the step's activation runs in parallel, and the
+/// values per task.
+const GLU_PARALLEL_MIN: usize = 4096;
+const GLU_CHUNK: usize = 1024;
 
 /// The CPU's ops for [`run_block`]: the step's activations are the scratch vectors (grown
 /// once per step to the step's rows), `Hidden` is the caller's slice.
@@ -587,7 +521,7 @@ impl<'w> BlockOps for CpuBlock<'_, '_, '_, 'w> {
     }
 
     fn attention(&mut self) -> Result<(), ModelError> {
-        let (model, layer) = (self.model, self.layer);
+        let (model, layer, n) = (self.model, self.layer, self.n);
         let hp = &model.hp;
         let (qd, kd, vd) = (hp.q_dim(), hp.k_dim(), hp.v_dim());
         let width = hp.n_head * hp.head_dim_v;
@@ -602,18 +536,18 @@ impl<'w> BlockOps for CpuBlock<'_, '_, '_, 'w> {
                 &s.v[first * vd..(first + r) * vd],
                 r,
             )?;
-            model.attention(
-                layer,
-                seq,
-                &s.q[first * qd..(first + r) * qd],
-                pos0,
-                &mut s.scores,
-                &mut s.heads,
-                &mut s.attn[first * width..(first + r) * width],
-            )?;
             first += r;
         }
-        Ok(())
+        attention_batch(
+            hp,
+            layer,
+            self.seqs,
+            self.rows,
+            &s.q[..n * qd],
+            &mut s.scores,
+            &mut s.heads,
+            &mut s.attn[..n * width],
+        )
     }
 
     fn add(&mut self, acc: Act, x: Act) -> Result<(), ModelError> {
@@ -632,7 +566,16 @@ impl<'w> BlockOps for CpuBlock<'_, '_, '_, 'w> {
         let len = self.len(Act::Gate);
         let s = &mut *self.s;
         let (gate, up) = (&mut s.gate[..len], &s.up[..len]);
-        ops::gated(act, gate, up);
+        // An exp per value: a batched step's rows (8 x 1536 in SmolLM2's decode, ~60 us) are
+        // worth a fork-join, one decode row is not. Element-wise, so any split gives the same
+        // bits.
+        if len >= GLU_PARALLEL_MIN {
+            gate.par_chunks_mut(GLU_CHUNK)
+                .zip(up.par_chunks(GLU_CHUNK))
+                .for_each(|(g, u)| ops::gated(act, g, u));
+        } else {
+            ops::gated(act, gate, up);
+        }
         Ok(())
     }
 

@@ -9,7 +9,6 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
 use serde::{Deserialize, Serialize};
-use std::sync::MutexGuard;
 
 /// Element type of the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -284,11 +283,6 @@ impl KvCache {
         self.reserve(pos0 + n)?;
         lock(&self.pool).write(&self.table, layer, pos0, k, v);
         Ok(())
-    }
-
-    /// The locked pool and this sequence's table, for the attention's gathers.
-    pub(crate) fn reader(&self) -> (MutexGuard<'_, KvPool>, &[BlockId]) {
-        (lock(&self.pool), &self.table)
     }
 }
 

@@ -13,8 +13,11 @@
 //!   `BlockOps`.
 //! - `generate`: the prefill + decode loop with sampling.
 //! - `moe`: the mixture-of-experts FFN (router top-k, experts on their routed tokens).
+//! - `attention`: the CPU attention of a step's sequences over their paged caches (one
+//!   parallel loop over every sequence's heads).
 //! - `ops`, `rope`: the CPU ops.
 
+mod attention;
 pub mod block;
 pub mod error;
 pub mod forward;

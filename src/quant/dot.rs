@@ -305,8 +305,8 @@ fn dot_row<const B: usize>(
 /// tiled kernel).
 const BATCH_TILE: usize = 4;
 
-/// Rows a parallel piece is aligned to (the one-row tile kernel takes 8 weight rows at a time).
-const ROW_ALIGN: usize = 8;
+/// Rows a parallel piece is aligned to (the one-row tile kernel takes 4 weight rows at a time).
+const ROW_ALIGN: usize = 4;
 
 /// Fewest activation rows the lanes kernel takes (padding the other lanes); fewer go through
 /// the one-row kernel each, which costs about a third of a lanes pass per row.
@@ -421,7 +421,7 @@ fn rows_range(
         for b in b..batch {
             // SAFETY: as above.
             let dst = unsafe { out.slice(b * rows + r0, n) };
-            rows8_kernel(mat.ty, isa, w, cols, &act(b), dst);
+            rows4_kernel(mat.ty, isa, w, cols, &act(b), dst);
         }
         return;
     }
@@ -453,7 +453,7 @@ fn rows_range(
 /// rows of `cols` weights).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn rows8_kernel(ty: GgmlType, isa: Isa, w: &[u8], cols: usize, act: &ActQ8, out: &mut [f32]) {
+fn rows4_kernel(ty: GgmlType, isa: Isa, w: &[u8], cols: usize, act: &ActQ8, out: &mut [f32]) {
     let nb = cols / 32;
     // SAFETY: Path::Tile(isa) is chosen only with `isa` from `Isa::detect()`; `w` holds
     // `out.len()` rows of the length `check_shapes` validated (as_blocks re-checks whole blocks,
@@ -461,9 +461,9 @@ fn rows8_kernel(ty: GgmlType, isa: Isa, w: &[u8], cols: usize, act: &ActQ8, out:
     // values, so they cover the `nb` blocks of a row (the kernels assert it).
     unsafe {
         match ty {
-            GgmlType::Q4_1 => simd_tile::q4_1_rows8(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
-            GgmlType::Q4_0 => simd_tile::q4_0_rows8(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
-            _ => simd_tile::q8_0_rows8(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+            GgmlType::Q4_1 => simd_tile::q4_1_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+            GgmlType::Q4_0 => simd_tile::q4_0_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+            _ => simd_tile::q8_0_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
         }
     }
 }
@@ -481,7 +481,7 @@ fn lanes_kernel(
     out: &mut [[f32; LANES]],
 ) {
     let nb = cols / 32;
-    // SAFETY: as in `rows8_kernel`; `a` was interleaved from rows of `cols` values (the kernels
+    // SAFETY: as in `rows4_kernel`; `a` was interleaved from rows of `cols` values (the kernels
     // assert it covers `nb` blocks).
     unsafe {
         match ty {
@@ -720,12 +720,13 @@ mod tests {
                     })
                     .collect();
                 for isa in [Isa::Avx2, best] {
-                    // One activation row at a time, rows split 5 + 8 (a padded tile, a full one).
+                    // One activation row at a time, rows split 5 + 8 (a full tile and a padded one, two
+                    // full ones).
                     for (b, want_b) in want.iter().enumerate() {
                         let mut one = vec![0.0f32; rows];
                         let (lo, hi) = one.split_at_mut(5);
-                        rows8_kernel(ty, isa, &w[..5 * rb], cols, &acts.row(b), lo);
-                        rows8_kernel(ty, isa, &w[5 * rb..], cols, &acts.row(b), hi);
+                        rows4_kernel(ty, isa, &w[..5 * rb], cols, &acts.row(b), lo);
+                        rows4_kernel(ty, isa, &w[5 * rb..], cols, &acts.row(b), hi);
                         let got: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
                         assert_eq!(&got, want_b, "{ty} {isa:?} one row b={b} cols={cols}");
                     }
@@ -799,7 +800,7 @@ mod tests {
                 if let Some(best) = Isa::detect() {
                     for isa in [Isa::Avx2, best] {
                         let mut one = [0.0f32; 4];
-                        rows8_kernel(ty, isa, &w, cols, &act, &mut one);
+                        rows4_kernel(ty, isa, &w, cols, &act, &mut one);
                         got.push(("one-row tile", one[r]));
                         let mut lanes = ActsQ8::default();
                         lanes.fill(&x.repeat(5), cols);

@@ -9,9 +9,12 @@
 //! number of threads: [`super::dot::dot_tile_scalar`] is the scalar reference, bit for bit.
 //!
 //! Two kernels, each with one float lane per output, so no horizontal sum per output remains:
-//! - `*_rows8` (one activation row, decode): 8 weight rows in the 8 lanes. Each row's integer
-//!   dot is formed in 8 i32 lanes as usual, then the 8 rows' vectors are summed across in one
-//!   transpose-add tree.
+//! - `*_rows4` (one activation row, decode): 4 weight rows in 4 lanes. Each row's integer
+//!   dot is formed in 8 i32 lanes as usual, then the 4 rows' vectors are summed across in one
+//!   transpose-add tree. (Eight rows in eight lanes did the same work in fewer instructions but
+//!   read eight rows side by side, and decode is bound by memory: on the 2-core VM the
+//!   eight-row kernel took ~10% longer over a model's layers and ~15% longer on a Q8_0 output
+//!   head, with any prefetch distance; docs/PERFORMANCE.md.)
 //! - `*_lanes` (8 activation rows, batched decode and prefill): the 8 rows in the 8 lanes. The
 //!   activations come interleaved ([`ActLanes`]: 4 quants of each row side by side per group of 4
 //!   elements), so a weight row's group of 4 quants, broadcast, times one 32-byte load gives 8
@@ -79,12 +82,12 @@ unsafe fn h2f_splat(b: [u8; 2]) -> __m256 {
 }
 
 /// Bytes ahead of the current weight position that a decode tile prefetches: the rows of one
-/// tile are short (a 576-wide Q4_1 row is 360 bytes) and eight of them are read side by side,
+/// tile are short (a 576-wide Q4_1 row is 360 bytes) and four of them are read side by side,
 /// which the hardware stream prefetcher does not follow well; decode streams every weight from
-/// DRAM once per token, so the loads must be in flight well before use. 8 KiB (~3 eight-row
-/// tiles of a 576-wide Q4_1 matrix): with 4 KiB the eight-row kernel decoded ~6% slower than the
-/// four-row one before it (2-core VM, tg128 alternated; docs/PERFORMANCE.md).
-const PREFETCH_AHEAD: usize = 8192;
+/// DRAM once per token, so the loads must be in flight well before use. 4 KiB (~3 four-row
+/// tiles of a 576-wide Q4_1 matrix); 2 to 6 KiB measured alike with four rows (2-core VM,
+/// interleaved runs over every product of SmolLM2's decode step).
+const PREFETCH_AHEAD: usize = 4096;
 
 /// Prefetches the weight bytes that block `i` of the tile `PREFETCH_AHEAD` bytes further on
 /// will read, for tiles whose R rows are contiguous (`base` is row 0; `bpb` bytes per block per
@@ -151,18 +154,12 @@ unsafe fn dpbusd(init: __m256i, q: __m256i, y: __m256i) -> __m256i {
 
 /// Lane r of the result = the sum of the 8 i32 lanes of `p[r]` (exact; a fixed tree).
 #[inline(always)]
-unsafe fn reduce8(p: [__m256i; 8]) -> __m256i {
+unsafe fn reduce4(p: [__m256i; 4]) -> __m128i {
     let h01 = _mm256_hadd_epi32(p[0], p[1]);
     let h23 = _mm256_hadd_epi32(p[2], p[3]);
-    let h45 = _mm256_hadd_epi32(p[4], p[5]);
-    let h67 = _mm256_hadd_epi32(p[6], p[7]);
-    // Per 128-bit half: [p0, p1, p2, p3] (resp. p4..p7) summed over that half's 4 lanes.
-    let g0 = _mm256_hadd_epi32(h01, h23);
-    let g1 = _mm256_hadd_epi32(h45, h67);
-    _mm256_add_epi32(
-        _mm256_permute2x128_si256::<0x20>(g0, g1),
-        _mm256_permute2x128_si256::<0x31>(g0, g1),
-    )
+    // Per 128-bit half: [p0, p1, p2, p3] summed over that half's 4 lanes.
+    let g = _mm256_hadd_epi32(h01, h23);
+    _mm_add_epi32(_mm256_castsi256_si128(g), _mm256_extracti128_si256::<1>(g))
 }
 
 /// The weight quants of one block, as the lanes kernels take them.
@@ -390,18 +387,18 @@ unsafe fn store8(v: __m256) -> [f32; 8] {
     o
 }
 
-/// Eight weight rows (lane r: `w[r]`) times one activation row.
+/// Four weight rows (lane r: `w[r]`) times one activation row.
 #[inline(always)]
-unsafe fn rows8_body<B: TileBlock, const VNNI: bool>(w: [&[B]; 8], act: &ActQ8) -> [f32; 8] {
+unsafe fn rows4_body<B: TileBlock, const VNNI: bool>(w: [&[B]; 4], act: &ActQ8) -> [f32; 4] {
     let nb = w[0].len();
     assert!(w.iter().all(|r| r.len() == nb) && act.blk.len() >= nb && act.qs.len() >= 32 * nb);
     // Raw pointers in the loop: the bounds are checked once, above.
     let wp = w.map(<[B]>::as_ptr);
     let (qs, blk) = (act.qs.as_ptr(), act.blk.as_ptr());
-    let mut acc = _mm256_setzero_ps();
-    let mut mn = _mm256_setzero_ps();
+    let mut acc = _mm_setzero_ps();
+    let mut mn = _mm_setzero_ps();
     for i in 0..nb {
-        prefetch_ahead::<8>(wp[0].cast(), i, std::mem::size_of::<B>());
+        prefetch_ahead::<4>(wp[0].cast(), i, std::mem::size_of::<B>());
         // SAFETY: i < nb and every array covers nb blocks (asserted above).
         let y = load256(qs.add(32 * i).cast());
         let ab = *blk.add(i);
@@ -422,35 +419,29 @@ unsafe fn rows8_body<B: TileBlock, const VNNI: bool>(w: [&[B]; 8], act: &ActQ8) 
                 }
             }};
         }
-        let p = [
-            row_dot!(0),
-            row_dot!(1),
-            row_dot!(2),
-            row_dot!(3),
-            row_dot!(4),
-            row_dot!(5),
-            row_dot!(6),
-            row_dot!(7),
-        ];
-        let init = _mm256_set1_epi32(init_of::<B, VNNI>(ab.isum));
-        let s = _mm256_add_epi32(reduce8(p), init);
+        let p = [row_dot!(0), row_dot!(1), row_dot!(2), row_dot!(3)];
+        let init = _mm_set1_epi32(init_of::<B, VNNI>(ab.isum));
+        let s = _mm_add_epi32(reduce4(p), init);
         let f16s = |f: fn(&B) -> [u8; 2]| {
             // SAFETY: as above.
             let h = |r: usize| u16::from_le_bytes(f(&*wp[r].add(i))) as i16;
-            // Registers, not a [u16; 8] in memory: 2-byte stores read back as one 16-byte
-            // load stall store forwarding.
-            _mm_set_epi16(h(7), h(6), h(5), h(4), h(3), h(2), h(1), h(0))
+            // Registers, not a [u16; 4] in memory: 2-byte stores read back as one wider load
+            // stall store forwarding.
+            _mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0))
         };
-        let sc = _mm256_mul_ps(_mm256_cvtph_ps(f16s(B::d)), _mm256_set1_ps(ab.d));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc);
+        let sc = _mm_mul_ps(_mm_cvtph_ps(f16s(B::d)), _mm_set1_ps(ab.d));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s), sc, acc);
         if B::HAS_MIN {
-            mn = _mm256_fmadd_ps(_mm256_cvtph_ps(f16s(B::m)), _mm256_set1_ps(ab.ds), mn);
+            mn = _mm_fmadd_ps(_mm_cvtph_ps(f16s(B::m)), _mm_set1_ps(ab.ds), mn);
         }
     }
     if B::HAS_MIN {
-        acc = _mm256_add_ps(acc, mn);
+        acc = _mm_add_ps(acc, mn);
     }
-    store8(acc)
+    let mut o = [0f32; 4];
+    // SAFETY: `o` is 16 writable bytes.
+    _mm_storeu_ps(o.as_mut_ptr(), acc);
+    o
 }
 
 /// Two weight rows times the (up to) 8 interleaved activation rows of `a` (lane t: row t).
@@ -494,10 +485,10 @@ unsafe fn lanes_body<B: TileBlock, const VNNI: bool>(w: [&[B]; 2], a: &ActLanes)
     [store8(acc0), store8(acc1)]
 }
 
-/// Weight rows (`out.len()` rows of `nb` blocks, row-major) times one activation row, 8 rows
+/// Weight rows (`out.len()` rows of `nb` blocks, row-major) times one activation row, 4 rows
 /// per tile; a last partial tile repeats its last row in the unused lanes.
 #[inline(always)]
-unsafe fn rows8_over<B: TileBlock, const VNNI: bool>(
+unsafe fn rows4_over<B: TileBlock, const VNNI: bool>(
     w: &[B],
     nb: usize,
     act: &ActQ8,
@@ -507,14 +498,14 @@ unsafe fn rows8_over<B: TileBlock, const VNNI: bool>(
     let row = |r: usize| &w[r * nb..(r + 1) * nb];
     let mut r = 0;
     while r < rows {
-        let mut tile = [row(r); 8];
+        let mut tile = [row(r); 4];
         for (k, t) in tile.iter_mut().enumerate() {
             *t = row((r + k).min(rows - 1));
         }
-        let o = rows8_body::<B, VNNI>(tile, act);
-        let n = (rows - r).min(8);
+        let o = rows4_body::<B, VNNI>(tile, act);
+        let n = (rows - r).min(4);
         out[r..r + n].copy_from_slice(&o[..n]);
-        r += 8;
+        r += 4;
     }
 }
 
@@ -539,23 +530,23 @@ unsafe fn lanes_over<B: TileBlock, const VNNI: bool>(
 }
 
 macro_rules! tile_entries {
-    ($block:ty, $rows8:ident, $lanes:ident) => {
+    ($block:ty, $rows4:ident, $lanes:ident) => {
         /// Weight rows times one activation row: `out[r] = W[r] . x`.
         ///
         /// # Safety
         /// `isa` must be what [`Isa::detect`] returned (or a lesser set the CPU has); `act`
         /// covers `nb` 32-element blocks. (Lengths of `w` are checked: a short `w` panics, it
         /// is never read out of bounds.)
-        pub unsafe fn $rows8(isa: Isa, w: &[$block], nb: usize, act: &ActQ8, out: &mut [f32]) {
+        pub unsafe fn $rows4(isa: Isa, w: &[$block], nb: usize, act: &ActQ8, out: &mut [f32]) {
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn avx2(w: &[$block], nb: usize, act: &ActQ8, out: &mut [f32]) {
-                rows8_over::<$block, false>(w, nb, act, out)
+                rows4_over::<$block, false>(w, nb, act, out)
             }
             #[cfg(feature = "cpu-avx512")]
             #[allow(clippy::incompatible_msrv)] // the feature documents its Rust 1.89 requirement
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
             unsafe fn vnni(w: &[$block], nb: usize, act: &ActQ8, out: &mut [f32]) {
-                rows8_over::<$block, true>(w, nb, act, out)
+                rows4_over::<$block, true>(w, nb, act, out)
             }
             assert!(act.blk.len() >= nb && act.qs.len() >= 32 * nb);
             match isa {
@@ -597,9 +588,9 @@ macro_rules! tile_entries {
     };
 }
 
-tile_entries!(BlockQ4_1, q4_1_rows8, q4_1_lanes);
-tile_entries!(BlockQ4_0, q4_0_rows8, q4_0_lanes);
-tile_entries!(BlockQ8_0, q8_0_rows8, q8_0_lanes);
+tile_entries!(BlockQ4_1, q4_1_rows4, q4_1_lanes);
+tile_entries!(BlockQ4_0, q4_0_rows4, q4_0_lanes);
+tile_entries!(BlockQ8_0, q8_0_rows4, q8_0_lanes);
 
 /// Quantizes 32 activations to Q8 exactly as `dot::quantize_act_block` does (same scale, same
 /// round-half-away-from-zero, same clamp), or returns None when a value is not finite (the

@@ -243,6 +243,16 @@ impl LlamaCompute {
         Ok(logits)
     }
 
+    /// `[n, n_vocab]` logits as one vector per row; one row keeps its vector (a decode step
+    /// of one sequence copies nothing).
+    fn split_logits(&self, logits: Vec<f32>, n: usize) -> Vec<Vec<f32>> {
+        if n == 1 {
+            return vec![logits];
+        }
+        let vocab = self.model.n_vocab();
+        logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+    }
+
     /// The factory the runtime uses by default.
     pub fn factory(seq_cfg: SequenceConfig) -> ComputeFactory {
         Arc::new(move |file: &GgufFile, settings: &ComputeSettings| {
@@ -344,8 +354,9 @@ impl ModelCompute for LlamaCompute {
             };
             // Queue every row's read at once (asynchronous readahead), then copy them out: a cold
             // lookup costs about one disk round trip instead of one per prompt token, which
-            // matters while the readers keep the disk queue full.
-            {
+            // matters while the readers keep the disk queue full. One row (a decode step) is read
+            // at once: the advice would only add a system call.
+            if tokens.len() > 1 {
                 use std::os::unix::io::AsRawFd;
                 let mut rows: Vec<u32> = tokens.to_vec();
                 rows.sort_unstable();
@@ -602,8 +613,7 @@ impl ModelCompute for LlamaCompute {
             return Ok(Vec::new());
         }
         let logits = self.head_logits(global, n)?;
-        let vocab = self.model.n_vocab();
-        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        Ok(self.split_logits(logits, n))
     }
 
     fn output_prepare_batch(

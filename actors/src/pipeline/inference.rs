@@ -58,7 +58,7 @@ pub struct InferenceConfig {
     pub max_sessions: usize,
     /// Continuous batching: sequences at once, tokens per step, the KV budget.
     pub batch: BatchOptions,
-    /// Threads of the compute's Rayon pool (`None`: Rayon's global pool, one per core).
+    /// Threads of the compute's Rayon pool (`None`: one per core).
     pub compute_threads: Option<usize>,
     pub file: rocmforge::gguf::GgufFile,
     pub factory: ComputeFactory,
@@ -78,20 +78,26 @@ pub struct InferenceConfig {
 /// while the caller goes on (`Starting::wait` for it).
 pub fn spawn(cfg: InferenceConfig) -> Result<Starting> {
     start_actor("inference", "rf-inference".into(), move |ready| {
-        match cfg.compute_threads {
-            // The actor runs inside its own pool, so the compute's parallel loops use it.
-            Some(n) => match rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .thread_name(|i| format!("rf-compute-{i}"))
-                .build()
-            {
-                Ok(pool) => pool.install(|| start(cfg, ready)),
-                Err(e) => ready.fail(RuntimeError::Spawn {
-                    actor: "inference",
-                    message: format!("a pool of {n} compute threads: {e}"),
-                }),
-            },
-            None => start(cfg, ready),
+        let n = cfg.compute_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        // The actor runs inside its own pool, as one of its workers, so a parallel loop of the
+        // compute forks and joins there. From outside a pool (Rayon's global one, say) every
+        // loop would be handed to a worker and the actor would sleep until it is done: two
+        // thread wake-ups per product, some 150 per decode step, which cost the 2-core VM a
+        // third of its decode rate (`bench` without `-t`, which `serve` and `run` were like:
+        // tg64 137-160 against 227-239 tok/s in this pool).
+        match rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            // The actor's own spans run on one of these: traces show it as `rf-inference-N`.
+            .thread_name(|i| format!("rf-inference-{i}"))
+            .build()
+        {
+            Ok(pool) => pool.install(|| start(cfg, ready)),
+            Err(e) => ready.fail(RuntimeError::Spawn {
+                actor: "inference",
+                message: format!("a pool of {n} compute threads: {e}"),
+            }),
         }
     })
 }

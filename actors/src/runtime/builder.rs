@@ -156,7 +156,8 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Threads the compute's parallel loops use (CPU backend); default: one per core.
+    /// Threads of the compute's own pool, which the inference actor runs in (CPU backend);
+    /// default: one per core.
     pub fn compute_threads(mut self, n: usize) -> Self {
         self.compute_threads = Some(n);
         self
