@@ -302,13 +302,25 @@ impl PartFile {
             .open(path)
             .map_err(io_err(path))?;
         use std::os::fd::AsRawFd;
-        // SAFETY: the descriptor is open (owned by `file`, alive for this call); flock takes no
-        // pointers. The lock is released when the descriptor closes.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            return Err(FetchError::Busy {
-                part: path.to_path_buf(),
-            });
+        // A lock held only for a moment is not another download: a process of ours forking a
+        // child (which shares the descriptor until it execs) right after an earlier fetch of
+        // this file let go of it. So a held lock is tried again for up to a second before it
+        // counts as another process's download.
+        let mut tries = 0;
+        loop {
+            // SAFETY: the descriptor is open (owned by `file`, alive for this call); flock
+            // takes no pointers. The lock is released when the descriptor closes.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                break;
+            }
+            tries += 1;
+            if tries > 20 {
+                return Err(FetchError::Busy {
+                    part: path.to_path_buf(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         Ok(Self {
             file,
