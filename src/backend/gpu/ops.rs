@@ -22,7 +22,7 @@ pub const MMVQN_MAX: usize = 8;
 const MMVQ8_WARPS: u32 = 8;
 
 /// Warps per row of the one-vector q8 product over `nrows` rows: the fewest (1, 2, 4, 8)
-/// that keep at least [`MMVQ8_MIN_WARPS`] warps streaming weights, so a small matrix (the K/V
+/// that keep at least `MMVQ8_MIN_WARPS` (8,192) warps streaming weights, so a small matrix (the K/V
 /// projections) still has enough loads in flight while a large one runs a warp per row.
 pub fn mmvq8_wpr(nrows: usize) -> u32 {
     [1u32, 2, 4]
