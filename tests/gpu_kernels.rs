@@ -1118,29 +1118,16 @@ fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8
                 nrows: rows,
                 ncols: cols,
             };
-            let (e0, e1) = (
-                d.new_event(true).expect("ev"),
-                d.new_event(true).expect("ev"),
-            );
             let mut line = format!(
                 "bench q8a shapes {:<5} [{rows}x{cols}] pick w{}:",
                 qt.name().to_lowercase(),
                 mmvq8_wpr(rows)
             );
             for wpr in [1u32, 2, 4, 8] {
-                let mut ws = Vec::new();
-                for i in 0..21 {
-                    s.record(&e0).expect("rec");
+                let wm = median_ms(d, s, || {
                     d.mmvq_q8_wpr(s, &wd, m, &xq, &yd, wpr)
-                        .expect("mmvq_q8_wpr");
-                    s.record(&e1).expect("rec");
-                    e1.synchronize().expect("sync");
-                    if i > 0 {
-                        ws.push(e0.elapsed_ms(&e1).expect("elapsed"));
-                    }
-                }
-                ws.sort_by(f32::total_cmp);
-                let wm = f64::from(ws[ws.len() / 2]);
+                        .expect("mmvq_q8_wpr")
+                });
                 line += &format!(
                     "  w{wpr} {:.1} us {:.0} GB/s",
                     wm * 1e3,
@@ -1150,6 +1137,25 @@ fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8
             println!("{line}");
         }
     }
+}
+
+/// Median milliseconds of `f` (launches on `s`) over 20 timed runs after one untimed warm-up.
+fn median_ms<D: KernelDevice>(d: &D, s: &D::Stream, mut f: impl FnMut()) -> f64 {
+    let (e0, e1) = (
+        d.new_event(true).expect("ev"),
+        d.new_event(true).expect("ev"),
+    );
+    f();
+    let mut ms = Vec::new();
+    for _ in 0..20 {
+        s.record(&e0).expect("rec");
+        f();
+        s.record(&e1).expect("rec");
+        e1.synchronize().expect("sync");
+        ms.push(e0.elapsed_ms(&e1).expect("elapsed"));
+    }
+    ms.sort_by(f32::total_cmp);
+    f64::from(ms[ms.len() / 2])
 }
 
 /// Informational only (printed, never asserted): effective weight bandwidth of mmvq on an
@@ -1176,23 +1182,9 @@ fn print_mmvq_bandwidth<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8
             nrows: rows,
             ncols: cols,
         };
-        let (e0, e1) = (
-            d.new_event(true).expect("ev"),
-            d.new_event(true).expect("ev"),
-        );
         // n vectors per product: 1 (decode), 8 and 16 (batched decode of that many sequences).
         for n in [1usize, 8, 16] {
-            d.mmvq_n(s, &wd, m, &xd, &yd, n).expect("warm-up");
-            let mut ms = Vec::new();
-            for _ in 0..20 {
-                s.record(&e0).expect("rec");
-                d.mmvq_n(s, &wd, m, &xd, &yd, n).expect("mmvq");
-                s.record(&e1).expect("rec");
-                e1.synchronize().expect("sync");
-                ms.push(e0.elapsed_ms(&e1).expect("elapsed"));
-            }
-            ms.sort_by(f32::total_cmp);
-            let med = f64::from(ms[ms.len() / 2]);
+            let med = median_ms(d, s, || d.mmvq_n(s, &wd, m, &xd, &yd, n).expect("mmvq"));
             println!(
                 "bench mmvq_{:<5} x{n:<2} [{rows}x{cols}] {:>8.1} us  {:>7.1} GB/s of weights  {:>6.1} us per vector",
                 qt.name().to_lowercase(),
@@ -1205,19 +1197,10 @@ fn print_mmvq_bandwidth<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8
             }
             // The 8-bit path: quantizing the activations is part of each timed product.
             let xq = d.alloc(q8a_bytes(n, cols), "bench xq").expect("alloc");
-            let mut ms = Vec::new();
-            for i in 0..21 {
-                s.record(&e0).expect("rec");
+            let med = median_ms(d, s, || {
                 d.quantize_q8a(s, &xd, &xq, n, cols).expect("quantize");
                 d.mmvq_q8(s, &wd, m, &xq, &yd, n).expect("mmvq_q8");
-                s.record(&e1).expect("rec");
-                e1.synchronize().expect("sync");
-                if i > 0 {
-                    ms.push(e0.elapsed_ms(&e1).expect("elapsed"));
-                }
-            }
-            ms.sort_by(f32::total_cmp);
-            let med = f64::from(ms[ms.len() / 2]);
+            });
             println!(
                 "bench mmvq_{:<5} x{n:<2} q8a [{rows}x{cols}] {:>8.1} us  {:>7.1} GB/s of weights  {:>6.1} us per vector",
                 qt.name().to_lowercase(),
