@@ -230,8 +230,9 @@ extern "C" __global__ void quantize_q8a_f32(const float* __restrict__ x, i8* __r
 
 // y[j][row] = W[row] . x[j] for j < NV (NV == RF_MMVQ8_MAXN: j < n, n <= NV, the same for
 // the whole block) for each of up to three matrices W (outputs y [n][its rows]); `acc`:
-// y[j][row] += instead (a residual add in the epilogue). Block: RF_MMVQ8_WARPS warps; WPR warps share a row (RF_MMVQ8_WARPS / WPR
-// rows per block), meeting in shared memory when WPR > 1. Grid: ceil(nrows / rows per block).
+// y[j][row] += instead (a residual add in the epilogue). Block: RF_MMVQ8_WARPS warps; WPR warps
+// share a row (RF_MMVQ8_WARPS / WPR rows per block), meeting in shared memory when WPR > 1.
+// Grid: ceil(rows of all matrices / rows per block).
 template <typename T, int NV, int WPR>
 __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w0, const void* __restrict__ w1,
                                          const void* __restrict__ w2, const int* __restrict__ xq,
