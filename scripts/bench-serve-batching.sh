@@ -8,7 +8,7 @@
 # summary-loadgen.json (medians over rounds, and the 8-client / 1-client ratio).
 # BASE_LOADGEN=path/to/another/build's/serve_loadgen adds that build's batched run to each round
 # (mode `base`); OUT overrides the results directory. The 1-minute load average before each run
-# goes to load.txt beside the JSON.
+# goes to load.jsonl beside the JSON (one object per run).
 # Usage: scripts/bench-serve-batching.sh [MODEL] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 cargo build --release -p rocmforge-actors --example serve_loadgen
 BIN=${CARGO_TARGET_DIR:-target}/release/examples/serve_loadgen
 COMMON=(--clients 1,8 --rounds 2 --max-tokens 64)
-load() { echo "round $1 $2 load $(cut -d' ' -f1 /proc/loadavg)" >> "$OUT/load.txt"; }
+load() { echo "{\"round\": $1, \"mode\": \"$2\", \"load1\": $(cut -d' ' -f1 /proc/loadavg)}" >> "$OUT/load.jsonl"; }
 for i in $(seq 1 "$ROUNDS"); do
     load "$i" batched
     "$BIN" "$MODEL" "${COMMON[@]}" --out "$OUT/loadgen-batched-$i.json"

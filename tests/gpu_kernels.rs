@@ -11,12 +11,14 @@
 
 #[macro_use]
 mod common;
+#[path = "gpu_kernels/q8.rs"]
+mod q8;
 
 use half::f16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rocmforge::backend::gpu::ops::{
-    mmvq8_wpr, AttnParams, GpuOps, KvLayout, QMatrix, RopeParams, SampleParams,
+    AttnParams, GpuOps, KvLayout, QMatrix, RopeParams, SampleParams,
 };
 use rocmforge::backend::gpu::KernelDevice;
 use rocmforge::backend::kernels::{q8a_bytes, q8a_capable, DEVICE_BLOCKS, DEVICE_QTYPES};
@@ -209,7 +211,7 @@ fn check_weights<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut
         );
 
         if q8a_capable(qt) {
-            check_mmvq_q8(d, s, t, rng, qt, &w, &wd, m);
+            q8::check_mmvq_q8(d, s, t, rng, qt, &w, &wd, m);
         }
 
         // get_rows: repeated ids, first and last row.
@@ -287,320 +289,6 @@ fn check_weights<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut
     );
 }
 
-/// `x` quantized as `quantize_q8a_f32` does (32-element blocks, d = amax / 127 in f32,
-/// q = round(x / d) via the f32 reciprocal): the quants, (d, quant sum) per block, and `d * q`.
-fn quantize_q8a_ref(x: &[f32]) -> (Vec<i8>, Vec<[f32; 2]>, Vec<f32>) {
-    let (mut qs, mut meta, mut deq) = (Vec::new(), Vec::new(), Vec::new());
-    for b in x.chunks_exact(32) {
-        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0f32;
-        for v in b {
-            let q = (v * id).round().clamp(-127.0, 127.0) as i8;
-            qs.push(q);
-            deq.push(d * f32::from(q));
-            sum += f32::from(q);
-        }
-        meta.push([d, sum]);
-    }
-    (qs, meta, deq)
-}
-
-/// The 8-bit activation path: `quantize_q8a` must give the reference's quants and scales
-/// bit for bit, and `mmvq_q8` the exact product of the weights with the quantized
-/// activations (1 vector, and 11: a launch of 8 and one of 3); its distance to the f32
-/// product (the quantization of the activations) is bounded loosely.
-#[allow(clippy::too_many_arguments)]
-fn check_mmvq_q8<D: KernelDevice>(
-    d: &D,
-    s: &D::Stream,
-    t: &mut Table,
-    rng: &mut ChaCha8Rng,
-    qt: GgmlType,
-    w: &[u8],
-    wd: &D::Buf,
-    m: QMatrix,
-) {
-    let (rows, cols) = (m.nrows, m.ncols);
-    let name = qt.name().to_lowercase();
-    for nv in [1usize, 11] {
-        let x = rand_vec(rng, nv * cols, 1.0);
-        let (qs, meta, deq) = quantize_q8a_ref(&x);
-        let xd = up(d, &x);
-        let xq = d.alloc(q8a_bytes(nv, cols), "xq").expect("alloc");
-        d.quantize_q8a(s, &xd, &xq, nv, cols).expect("quantize_q8a");
-        let yd = d.alloc(nv * rows * 4, "y").expect("alloc");
-        d.mmvq_q8(s, wd, m, &xq, &yd, nv).expect("mmvq_q8");
-        s.synchronize().expect("sync");
-        if nv == 1 {
-            let bytes = xq.to_vec::<u8>(q8a_bytes(nv, cols)).expect("read xq");
-            let (gq, gm) = bytes.split_at(nv * cols);
-            let same_q = gq.iter().zip(&qs).all(|(a, b)| *a as i8 == *b);
-            let same_m = gm
-                .chunks_exact(8)
-                .zip(&meta)
-                .all(|(c, r)| c[..4] == r[0].to_le_bytes() && c[4..] == r[1].to_le_bytes());
-            t.add(
-                "quantize_q8a_f32 bit-equal",
-                "F32",
-                if same_q && same_m { 0.0 } else { 1.0 },
-                0.0,
-            );
-        }
-        let (mut yq, mut yf) = (vec![0f32; nv * rows], vec![0f32; nv * rows]);
-        for j in 0..nv {
-            let r = j * rows..(j + 1) * rows;
-            let c = j * cols..(j + 1) * cols;
-            matvec_exact(qt, w, rows, cols, &deq[c.clone()], &mut yq[r.clone()]).expect("oracle");
-            matvec_exact(qt, w, rows, cols, &x[c], &mut yf[r]).expect("oracle");
-        }
-        let got = yd.to_vec::<f32>(nv * rows).expect("read");
-        if nv == 1 {
-            // The kernel's other shapes (warps per row) compute the same products.
-            for wpr in [1u32, 2, 4, 8] {
-                let yw = d.alloc(rows * 4, "y").expect("alloc");
-                d.mmvq_q8_wpr(s, wd, m, &xq, &yw, wpr).expect("mmvq_q8_wpr");
-                s.synchronize().expect("sync");
-                t.add(
-                    &format!("mmvq_{name}_q8a_w{wpr} (vs quantized x)"),
-                    qt.name(),
-                    rel_err(&yw.to_vec::<f32>(rows).expect("read"), &yq),
-                    1e-5,
-                );
-            }
-        }
-        t.add(
-            &format!("mmvq_{name}_q8a x{nv} (vs quantized x)"),
-            qt.name(),
-            rel_err(&got, &yq),
-            1e-5,
-        );
-        t.add(
-            &format!("mmvq_{name}_q8a x{nv} (vs f32 x)"),
-            qt.name(),
-            rel_err(&got, &yf),
-            2e-2,
-        );
-    }
-}
-
-/// The fused producers of 8-bit activations give the same bits as the op then
-/// `quantize_q8a`: RMSNorm (5 rows of 576), SwiGLU and GeGLU (3 rows of 1,536); and the
-/// product with the residual add in its epilogue the same bits as the product then `add`.
-fn check_fused_q8a<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut ChaCha8Rng) {
-    let read = |b: &D::Buf, n: usize| b.to_vec::<u8>(n).expect("read");
-    let (nr, nc, eps) = (5usize, 576usize, 1e-5f32);
-    let (xd, wd) = (
-        up(d, &rand_vec(rng, nr * nc, 2.0)),
-        up(d, &rand_vec(rng, nc, 1.0)),
-    );
-    let qb = q8a_bytes(nr, nc);
-    let (o1, o2) = (
-        d.alloc(nr * nc * 4, "o").expect("alloc"),
-        d.alloc(nr * nc * 4, "o").expect("alloc"),
-    );
-    let (q1, q2) = (
-        d.alloc(qb, "q").expect("alloc"),
-        d.alloc(qb, "q").expect("alloc"),
-    );
-    d.rmsnorm(s, &xd, &wd, &o1, nr, nc, eps).expect("rmsnorm");
-    d.quantize_q8a(s, &o1, &q1, nr, nc).expect("quantize");
-    d.rmsnorm_q8a(s, &xd, &wd, &o2, &q2, nr, nc, eps)
-        .expect("rmsnorm_q8a");
-    s.synchronize().expect("sync");
-    let same = read(&o1, nr * nc * 4) == read(&o2, nr * nc * 4) && read(&q1, qb) == read(&q2, qb);
-    t.add(
-        "rmsnorm_q8a_f32 = rmsnorm + quantize",
-        "f32",
-        if same { 0.0 } else { 1.0 },
-        0.0,
-    );
-
-    let n = 3 * 1536;
-    let qb = q8a_bytes(1, n);
-    let (gd, ud) = (up(d, &rand_vec(rng, n, 4.0)), up(d, &rand_vec(rng, n, 2.0)));
-    for gelu in [false, true] {
-        let (o1, o2) = (
-            d.alloc(n * 4, "o").expect("alloc"),
-            d.alloc(n * 4, "o").expect("alloc"),
-        );
-        let (q1, q2) = (
-            d.alloc(qb, "q").expect("alloc"),
-            d.alloc(qb, "q").expect("alloc"),
-        );
-        if gelu {
-            d.geglu_tanh(s, &gd, &ud, &o1, n).expect("geglu");
-        } else {
-            d.swiglu(s, &gd, &ud, &o1, n).expect("swiglu");
-        }
-        d.quantize_q8a(s, &o1, &q1, 1, n).expect("quantize");
-        d.glu_q8a(s, gelu, &gd, &ud, &o2, &q2, n).expect("glu_q8a");
-        s.synchronize().expect("sync");
-        let same = read(&o1, n * 4) == read(&o2, n * 4) && read(&q1, qb) == read(&q2, qb);
-        t.add(
-            if gelu {
-                "geglu_tanh_q8a_f32 = geglu + quantize"
-            } else {
-                "swiglu_q8a_f32 = swiglu + quantize"
-            },
-            "f32",
-            if same { 0.0 } else { 1.0 },
-            0.0,
-        );
-    }
-
-    // RoPE of q and k in one launch = two launches (both pairings); K and V stored in one.
-    for neox in [false, true] {
-        let r = RopeParams {
-            n_tokens: 3,
-            n_heads: 8,
-            head_dim: 64,
-            n_rot: 64,
-            freq_base: 10000.0,
-            freq_scale: 1.0,
-            neox,
-        };
-        let hk = 2usize;
-        let (nq, nk) = (3 * 8 * 64, 3 * hk * 64);
-        let (qv, kv) = (rand_vec(rng, nq, 1.0), rand_vec(rng, nk, 1.0));
-        let pd = upload(d, &[3i32, 40, 999], "pos").expect("pos");
-        let (q1, k1, q2, k2) = (up(d, &qv), up(d, &kv), up(d, &qv), up(d, &kv));
-        d.rope(s, &q1, &q1, &pd, None, r).expect("rope q");
-        d.rope(s, &k1, &k1, &pd, None, RopeParams { n_heads: hk, ..r })
-            .expect("rope k");
-        d.rope_qk(s, &q2, &k2, &pd, None, r, hk).expect("rope_qk");
-        s.synchronize().expect("sync");
-        let same = read(&q1, nq * 4) == read(&q2, nq * 4) && read(&k1, nk * 4) == read(&k2, nk * 4);
-        t.add(
-            if neox {
-                "rope_qk_neox_f32 = 2 x rope"
-            } else {
-                "rope_qk_f32 = 2 x rope"
-            },
-            "f32",
-            if same { 0.0 } else { 1.0 },
-            0.0,
-        );
-    }
-    let kvl = KvLayout {
-        n_kv_heads: 2,
-        head_dim: 64,
-        seq_cap: 16,
-    };
-    let (kx, vx) = (
-        up(d, &rand_vec(rng, 3 * 128, 1.0)),
-        up(d, &rand_vec(rng, 3 * 128, 1.0)),
-    );
-    let caches: Vec<D::Buf> = (0..4)
-        .map(|_| {
-            let b = d.alloc(kvl.bytes(), "cache").expect("alloc");
-            b.zero().expect("zero");
-            b
-        })
-        .collect();
-    d.kv_store(s, &kx, &caches[0], kvl, 3, 5).expect("kv k");
-    d.kv_store(s, &vx, &caches[1], kvl, 3, 5).expect("kv v");
-    d.kv_store2(s, &kx, &caches[2], &vx, &caches[3], kvl, 3, 5)
-        .expect("kv_store2");
-    s.synchronize().expect("sync");
-    let same = read(&caches[0], kvl.bytes()) == read(&caches[2], kvl.bytes())
-        && read(&caches[1], kvl.bytes()) == read(&caches[3], kvl.bytes());
-    t.add(
-        "kv_store2_f32_f16 = 2 x kv_store",
-        "f16",
-        if same { 0.0 } else { 1.0 },
-        0.0,
-    );
-
-    // Three matrices of one type over one input in one launch = three launches.
-    for nv in [1usize, 3] {
-        let cols = 512usize;
-        let shapes = [67usize, 33, 5];
-        let ws: Vec<Vec<u8>> = shapes
-            .iter()
-            .map(|&r| random_weights(GgmlType::Q4_0, r, cols, rng))
-            .collect();
-        let wds: Vec<D::Buf> = ws.iter().map(|w| upload(d, w, "w").expect("w")).collect();
-        let ms: Vec<QMatrix> = shapes
-            .iter()
-            .map(|&r| QMatrix {
-                qtype: GgmlType::Q4_0,
-                nrows: r,
-                ncols: cols,
-            })
-            .collect();
-        let xd = up(d, &rand_vec(rng, nv * cols, 1.0));
-        let xq = d.alloc(q8a_bytes(nv, cols), "xq").expect("alloc");
-        d.quantize_q8a(s, &xd, &xq, nv, cols).expect("quantize");
-        let alone: Vec<D::Buf> = shapes
-            .iter()
-            .map(|&r| d.alloc(nv * r * 4, "y").expect("alloc"))
-            .collect();
-        let multi: Vec<D::Buf> = shapes
-            .iter()
-            .map(|&r| d.alloc(nv * r * 4, "y").expect("alloc"))
-            .collect();
-        for i in 0..3 {
-            d.mmvq_q8(s, &wds[i], ms[i], &xq, &alone[i], nv)
-                .expect("mmvq_q8");
-        }
-        let mats: Vec<_> = (0..3)
-            .map(|i| {
-                (
-                    &wds[i] as &dyn rocmforge::backend::DeviceBuffer,
-                    ms[i],
-                    &multi[i] as &dyn rocmforge::backend::DeviceBuffer,
-                )
-            })
-            .collect();
-        d.mmvq_q8_multi(s, &mats, &xq, nv, false)
-            .expect("mmvq_q8_multi");
-        s.synchronize().expect("sync");
-        let same = (0..3)
-            .all(|i| read(&alone[i], nv * shapes[i] * 4) == read(&multi[i], nv * shapes[i] * 4));
-        t.add(
-            &format!("mmvq_q4_0_q8a 3 matrices x{nv} = 3 launches"),
-            "Q4_0",
-            if same { 0.0 } else { 1.0 },
-            0.0,
-        );
-    }
-
-    // y += W x in the epilogue, one vector and three (the `_n` kernel).
-    let (rows, cols) = (300usize, 512usize);
-    let w = random_weights(GgmlType::Q4_K, rows, cols, rng);
-    let wd = upload(d, &w, "w").expect("w");
-    let m = QMatrix {
-        qtype: GgmlType::Q4_K,
-        nrows: rows,
-        ncols: cols,
-    };
-    for nv in [1usize, 3] {
-        let xd = up(d, &rand_vec(rng, nv * cols, 1.0));
-        let xq = d.alloc(q8a_bytes(nv, cols), "xq").expect("alloc");
-        d.quantize_q8a(s, &xd, &xq, nv, cols).expect("quantize");
-        let r = rand_vec(rng, nv * rows, 3.0);
-        let (y1, y2, p) = (
-            up(d, &r),
-            up(d, &r),
-            d.alloc(nv * rows * 4, "p").expect("alloc"),
-        );
-        d.mmvq_q8(s, &wd, m, &xq, &p, nv).expect("mmvq_q8");
-        d.add(s, &y1, &p, &y1, nv * rows).expect("add");
-        d.mmvq_q8_into(s, &wd, m, &xq, &y2, nv, true)
-            .expect("mmvq_q8 acc");
-        s.synchronize().expect("sync");
-        let same = read(&y1, nv * rows * 4) == read(&y2, nv * rows * 4);
-        t.add(
-            &format!("mmvq_q4_k_q8a acc x{nv} = product + add"),
-            "Q4_K",
-            if same { 0.0 } else { 1.0 },
-            0.0,
-        );
-    }
-}
-
 /// `ff`: the per-pair frequency divisors (Llama 3.1's `rope_freqs`), if any.
 fn rope_ref(x: &[f32], pos: &[i32], r: RopeParams, ff: Option<&[f32]>) -> Vec<f32> {
     let mut out = x.to_vec();
@@ -660,7 +348,7 @@ fn check_float_ops<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         1e-5,
     );
 
-    check_fused_q8a(d, s, t, rng);
+    q8::check_fused_q8a(d, s, t, rng);
 
     // rope, both pairings, partial rotation on the neox case, frequency factors (Llama 3.1's
     // rope_freqs, divisors in [1, 8]) on a third case; positions up to 1000.
@@ -1091,54 +779,6 @@ fn check_memory_and_events<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table)
     );
 }
 
-/// Informational only (printed, never asserted): the one-vector q8 product alone (activations
-/// quantized once) over the 8B shapes' matrices with 1, 2, 4 and 8 warps per row, and the
-/// launcher's choice (`mmvq8_wpr`).
-fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8Rng) {
-    for qt in [
-        GgmlType::Q4_0,
-        GgmlType::Q4_K,
-        GgmlType::Q6_K,
-        GgmlType::Q8_0,
-    ] {
-        for (rows, cols) in [
-            (1024usize, 4096usize),
-            (4096, 4096),
-            (14_336, 4096),
-            (4096, 14_336),
-        ] {
-            let w = random_weights(qt, rows, cols, rng);
-            let wd = upload(d, &w, "bench w").expect("upload");
-            let xd = up(d, &rand_vec(rng, cols, 1.0));
-            let xq = d.alloc(q8a_bytes(1, cols), "bench xq").expect("alloc");
-            let yd = d.alloc(rows * 4, "y").expect("alloc");
-            d.quantize_q8a(s, &xd, &xq, 1, cols).expect("quantize");
-            let m = QMatrix {
-                qtype: qt,
-                nrows: rows,
-                ncols: cols,
-            };
-            let mut line = format!(
-                "bench q8a shapes {:<5} [{rows}x{cols}] pick w{}:",
-                qt.name().to_lowercase(),
-                mmvq8_wpr(rows)
-            );
-            for wpr in [1u32, 2, 4, 8] {
-                let wm = median_ms(d, s, || {
-                    d.mmvq_q8_wpr(s, &wd, m, &xq, &yd, wpr)
-                        .expect("mmvq_q8_wpr")
-                });
-                line += &format!(
-                    "  w{wpr} {:.1} us {:.0} GB/s",
-                    wm * 1e3,
-                    w.len() as f64 / (wm * 1e-3) / 1e9
-                );
-            }
-            println!("{line}");
-        }
-    }
-}
-
 /// Median milliseconds of `f` (launches on `s`) over 20 timed runs after one untimed warm-up.
 fn median_ms<D: KernelDevice>(d: &D, s: &D::Stream, mut f: impl FnMut()) -> f64 {
     let (e0, e1) = (
@@ -1255,6 +895,6 @@ fn check_every_kernel<D: KernelDevice>(d: &D) {
     check_sampling(d, &s, &mut t, &mut rng);
     check_memory_and_events(d, &s, &mut t);
     print_mmvq_bandwidth(d, &s, &mut rng);
-    print_mmvq_q8_shapes(d, &s, &mut rng);
+    q8::print_mmvq_q8_shapes(d, &s, &mut rng);
     t.print_and_check();
 }
