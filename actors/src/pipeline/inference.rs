@@ -87,17 +87,28 @@ pub fn spawn(cfg: InferenceConfig) -> Result<Starting> {
         // thread wake-ups per product, some 150 per decode step, which cost the 2-core VM a
         // third of its decode rate (`bench` without `-t`, which `serve` and `run` were like:
         // tg64 137-160 against 227-239 tok/s in this pool).
-        match rayon::ThreadPoolBuilder::new()
+        // Scoped: the pool's threads are joined before the actor's own thread ends, so a
+        // shutdown leaves none behind (a plain `build` detaches them, and they exit some time
+        // after the pool is dropped).
+        let mut ready = Some(ready);
+        let built = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             // The actor's own spans run on one of these: traces show it as `rf-inference-N`.
             .thread_name(|i| format!("rf-inference-{i}"))
-            .build()
-        {
-            Ok(pool) => pool.install(|| start(cfg, ready)),
-            Err(e) => ready.fail(RuntimeError::Spawn {
-                actor: "inference",
-                message: format!("a pool of {n} compute threads: {e}"),
-            }),
+            .build_scoped(
+                |t| t.run(),
+                |pool| {
+                    let ready = ready.take().expect("the pool body runs once");
+                    pool.install(|| start(cfg, ready));
+                },
+            );
+        if let Err(e) = built {
+            if let Some(ready) = ready.take() {
+                ready.fail(RuntimeError::Spawn {
+                    actor: "inference",
+                    message: format!("a pool of {n} compute threads: {e}"),
+                });
+            }
         }
     })
 }

@@ -90,6 +90,17 @@ pub fn thread_count() -> usize {
         .unwrap_or(0)
 }
 
+/// Names of this process's threads (Linux), for a failure's message.
+pub fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+                .map(|n| n.trim_end().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// SmolLM2-135M-Instruct: `ROCMFORGE_TEST_MODEL` if set (the device check joins it there),
 /// else `models/` (scripts/fetch-model.sh).
 pub fn smollm2() -> PathBuf {
