@@ -306,7 +306,7 @@ fn dot_row<const B: usize>(
 const BATCH_TILE: usize = 4;
 
 /// Rows a parallel piece is aligned to (the one-row tile kernel takes 4 weight rows at a time).
-const ROW_ALIGN: usize = 4;
+const ROW_ALIGN: usize = 8;
 
 /// Fewest activation rows the lanes kernel takes (padding the other lanes); fewer go through
 /// the one-row kernel each, which costs about a third of a lanes pass per row.

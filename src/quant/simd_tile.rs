@@ -15,12 +15,17 @@
 //!   read eight rows side by side, and decode is bound by memory: on the 2-core VM the
 //!   eight-row kernel took ~10% longer over a model's layers and ~15% longer on a Q8_0 output
 //!   head, with any prefetch distance; docs/PERFORMANCE.md.)
-//! - `*_lanes` (8 activation rows, batched decode and prefill): the 8 rows in the 8 lanes. The
-//!   activations come interleaved ([`ActLanes`]: 4 quants of each row side by side per group of 4
-//!   elements), so a weight row's group of 4 quants, broadcast, times one 32-byte load gives 8
-//!   rows' partial dots at once. A weight block is unpacked once for 8 activation rows, and the
-//!   4-bit products sum in i16 lanes (8 groups of `2 * 15 * 127` stay below 2^15) before one
-//!   widening per block.
+//! - `*_lanes` (up to 8 activation rows, batched decode and prefill): 8 weight rows times 8
+//!   activation rows, an 8 x 8 tile of outputs, weight rows in the float lanes. The
+//!   activations come interleaved ([`ActLanes`]: the 4 quants of each row's group side by side);
+//!   the 8 weight rows' blocks are transposed a chunk at a time (`RowsBlock`: a group of 4
+//!   quants of all 8 rows in one vector, unpacked once), so one activation row's group,
+//!   broadcast from memory, times one weight vector gives 8 rows' partial dots. The 4-bit
+//!   products sum in i16 lanes (8 groups of `2 * 15 * 127` stay below 2^15) before one
+//!   widening per block. (The kernel before broadcast each weight row's group by a shuffle
+//!   against the interleaved activations and unpacked its scales per row; the transposed tile
+//!   takes ~18% less time on SmolLM2's Q4_1 shapes at 8 rows and the same on Q8_0, where the
+//!   AVX2 sign trick dominates: docs/PERFORMANCE.md.)
 //!
 //! Two instruction sets, one body: AVX2 (`vpmaddubsw` + `vpmaddwd`), and, with the cargo feature
 //! `cpu-avx512`, AVX-512 VNNI (`vpdpbusd`: u8 x i8 products summed into i32 lanes in one
@@ -75,12 +80,6 @@ impl Isa {
     }
 }
 
-/// One f16 value broadcast to eight f32 lanes.
-#[inline(always)]
-unsafe fn h2f_splat(b: [u8; 2]) -> __m256 {
-    _mm256_cvtph_ps(_mm_set1_epi16(u16::from_le_bytes(b) as i16))
-}
-
 /// Bytes ahead of the current weight position that a decode tile prefetches: the rows of one
 /// tile are short (a 576-wide Q4_1 row is 360 bytes) and four of them are read side by side,
 /// which the hardware stream prefetcher does not follow well; decode streams every weight from
@@ -114,12 +113,6 @@ unsafe fn load256(p: *const u8) -> __m256i {
 #[inline(always)]
 unsafe fn load128(p: *const u8) -> __m128i {
     _mm_lddqu_si128(p.cast())
-}
-
-/// 8 f32 from any address (see [`load256`]).
-#[inline(always)]
-unsafe fn load8f(p: *const f32) -> __m256 {
-    _mm256_castsi256_ps(load256(p.cast()))
 }
 
 /// 16 packed bytes -> 32 nibbles (low nibbles are elements 0..16, high nibbles 16..32).
@@ -210,69 +203,6 @@ macro_rules! unroll8 {
     }};
 }
 
-/// Group `g` (quants 4g..4g+4) of a block's quants broadcast to the 8 i32 lanes; `lo` holds
-/// quants 0..16 in both 128-bit halves, `hi` quants 16..32. `g` is a constant after unrolling.
-#[inline(always)]
-unsafe fn group(lo: __m256i, hi: __m256i, g: usize) -> __m256i {
-    match g {
-        0 => _mm256_shuffle_epi32::<0x00>(lo),
-        1 => _mm256_shuffle_epi32::<0x55>(lo),
-        2 => _mm256_shuffle_epi32::<0xAA>(lo),
-        3 => _mm256_shuffle_epi32::<0xFF>(lo),
-        4 => _mm256_shuffle_epi32::<0x00>(hi),
-        5 => _mm256_shuffle_epi32::<0x55>(hi),
-        6 => _mm256_shuffle_epi32::<0xAA>(hi),
-        _ => _mm256_shuffle_epi32::<0xFF>(hi),
-    }
-}
-
-/// The 32 interleaved activation bytes of group `g` of a block (`il`: its 256 bytes).
-#[inline(always)]
-unsafe fn group_acts(il: *const i8, g: usize) -> __m256i {
-    // SAFETY: the caller passes 256 readable bytes at `il`; g < 8.
-    load256(il.add(32 * g).cast())
-}
-
-/// The exact integer dots of one weight block (`lo`/`hi`: its quants, see [`group`]) with the
-/// 8 interleaved activation rows of block `il` (256 bytes), plus `init`, as 8 i32 lanes.
-#[inline(always)]
-unsafe fn isum_lanes<const VNNI: bool>(
-    kind: Quants,
-    init: __m256i,
-    (lo, hi): (__m256i, __m256i),
-    il: *const i8,
-) -> __m256i {
-    let mut acc = init;
-    if kind == Quants::U4 && !VNNI {
-        // 8 groups of `maddubs` pairs (each |pair| <= 2 * 15 * 127) sum in i16 without overflow.
-        let mut acc16 = _mm256_setzero_si256();
-        unroll8!(g => acc16 = _mm256_add_epi16(
-            acc16,
-            _mm256_maddubs_epi16(group(lo, hi, g), group_acts(il, g))
-        ));
-        return _mm256_add_epi32(init, _mm256_madd_epi16(acc16, _mm256_set1_epi16(1)));
-    }
-    if VNNI {
-        // Unsigned weights as they are; Q8_0's biased to q + 128 (the caller's `init` takes
-        // off 128 * sum(y)).
-        let (lo, hi) = if kind == Quants::I8 {
-            let bias = _mm256_set1_epi8(-128);
-            (_mm256_xor_si256(lo, bias), _mm256_xor_si256(hi, bias))
-        } else {
-            (lo, hi)
-        };
-        unroll8!(g => acc = dot_u8_i8::<VNNI>(acc, group(lo, hi, g), group_acts(il, g)));
-        return acc;
-    }
-    // Q8_0 on AVX2, the sign trick: |q| times y carrying q's sign.
-    let (alo, ahi) = (_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(hi, hi));
-    unroll8!(g => {
-        let ys = _mm256_sign_epi8(group_acts(il, g), group(lo, hi, g));
-        acc = dot_u8_i8::<false>(acc, group(alo, ahi, g), ys)
-    });
-    acc
-}
-
 /// A weight block as the kernels read it.
 trait TileBlock: Block {
     const KIND: Quants;
@@ -284,20 +214,9 @@ trait TileBlock: Block {
     fn m(&self) -> [u8; 2];
     /// The 32 quants in element order (unsigned nibbles, or signed bytes).
     unsafe fn quants(&self) -> __m256i;
-    /// The quants as [`group`] takes them: 0..16 in both halves, 16..32 in both halves.
-    unsafe fn halves(&self) -> (__m256i, __m256i);
-}
-
-/// [`TileBlock::halves`] of 16 bytes of packed nibbles.
-#[inline(always)]
-unsafe fn nibble_halves(qs: &[u8; 16]) -> (__m256i, __m256i) {
-    // SAFETY (of the load): `qs` is 16 readable bytes; the load has no alignment requirement.
-    let raw = _mm256_broadcastsi128_si256(load128(qs.as_ptr()));
-    let m = _mm256_set1_epi8(0x0F);
-    (
-        _mm256_and_si256(raw, m),
-        _mm256_and_si256(_mm256_srli_epi16(raw, 4), m),
-    )
+    /// The stored quants: 16 bytes of packed nibbles (element j low, j + 16 high), or 32
+    /// signed bytes.
+    fn qs(&self) -> *const u8;
 }
 
 impl TileBlock for BlockQ4_0 {
@@ -314,9 +233,8 @@ impl TileBlock for BlockQ4_0 {
     unsafe fn quants(&self) -> __m256i {
         nibbles(&self.qs)
     }
-    #[inline(always)]
-    unsafe fn halves(&self) -> (__m256i, __m256i) {
-        nibble_halves(&self.qs)
+    fn qs(&self) -> *const u8 {
+        self.qs.as_ptr()
     }
 }
 
@@ -334,9 +252,8 @@ impl TileBlock for BlockQ4_1 {
     unsafe fn quants(&self) -> __m256i {
         nibbles(&self.qs)
     }
-    #[inline(always)]
-    unsafe fn halves(&self) -> (__m256i, __m256i) {
-        nibble_halves(&self.qs)
+    fn qs(&self) -> *const u8 {
+        self.qs.as_ptr()
     }
 }
 
@@ -355,14 +272,8 @@ impl TileBlock for BlockQ8_0 {
         // SAFETY: `qs` is 32 readable bytes.
         load256(self.qs.as_ptr())
     }
-    #[inline(always)]
-    unsafe fn halves(&self) -> (__m256i, __m256i) {
-        // SAFETY: `qs` is 32 readable bytes, read as two 16-byte halves.
-        let p = self.qs.as_ptr();
-        (
-            _mm256_broadcastsi128_si256(load128(p)),
-            _mm256_broadcastsi128_si256(load128(p.add(16))),
-        )
+    fn qs(&self) -> *const u8 {
+        self.qs.as_ptr().cast()
     }
 }
 
@@ -444,45 +355,244 @@ unsafe fn rows4_body<B: TileBlock, const VNNI: bool>(w: [&[B]; 4], act: &ActQ8) 
     o
 }
 
-/// Two weight rows times the (up to) 8 interleaved activation rows of `a` (lane t: row t).
-/// (Two rows share each activation load; the accumulators are named, not an array, so that
-/// they stay in registers.)
+/// Blocks of an 8-row tile transposed at a time: their [`RowsBlock`]s (9 KiB) stay in L1 while
+/// the activation lanes pass over them.
+const CHUNK: usize = 16;
+
+/// One block of 8 weight rows, transposed for the lanes kernel: a group of 4 quants of all 8
+/// rows is one 32-byte vector (`[row][4]`), so row k's partial dot with a lane's group (the
+/// lane's 4 quants broadcast) lands in i32 lane k.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct RowsBlock {
+    /// Group g (quants 4g..4g+4) of every row, as the unsigned operand of the byte products:
+    /// the 4-bit quants; for Q8_0, |q| on AVX2 and q + 128 with VNNI.
+    q: [__m256i; 8],
+    /// Q8_0 on AVX2: the signed quants (their signs go onto the activations). Unused otherwise.
+    s: [__m256i; 8],
+    /// The 8 rows' scales, and their mins (Q4_1; zero otherwise).
+    d: __m256,
+    m: __m256,
+}
+
+/// Within each 128-bit half, the 4 x 4 transpose of 32-bit words: half h of output j holds
+/// word j of half h of each input, in input order.
 #[inline(always)]
-unsafe fn lanes_body<B: TileBlock, const VNNI: bool>(w: [&[B]; 2], a: &ActLanes) -> [[f32; 8]; 2] {
-    let nb = w[0].len();
-    assert!(a.nb() >= nb && w[1].len() == nb);
-    // Raw pointers in the loop: the bounds are checked once, above.
-    let (w0, w1, ab) = (w[0].as_ptr(), w[1].as_ptr(), a.blocks.as_ptr());
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let (mut mn0, mut mn1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for i in 0..nb {
-        // SAFETY: i < nb, and every array holds at least nb blocks (asserted above).
-        let (b0, b1, lb): (&B, &B, &LaneBlock) = (&*w0.add(i), &*w1.add(i), &*ab.add(i));
-        let il = lb.qs.as_ptr();
-        // SAFETY (of the loads): each per-block array is 8 f32 / i32.
-        let dx = load8f(lb.d.as_ptr());
-        let isum = load256(lb.isum.as_ptr().cast());
-        let init = _mm256_mullo_epi32(isum, _mm256_set1_epi32(init_of::<B, VNNI>(1)));
-        macro_rules! one_row {
-            ($blk:expr, $acc:ident, $mn:ident) => {{
-                let blk = $blk;
-                let s = isum_lanes::<VNNI>(B::KIND, init, blk.halves(), il);
-                let sc = _mm256_mul_ps(h2f_splat(blk.d()), dx);
-                $acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, $acc);
-                if B::HAS_MIN {
-                    let ds = load8f(lb.ds.as_ptr());
-                    $mn = _mm256_fmadd_ps(h2f_splat(blk.m()), ds, $mn);
-                }
-            }};
+unsafe fn transpose4x4(y0: __m256i, y1: __m256i, y2: __m256i, y3: __m256i) -> [__m256i; 4] {
+    let t0 = _mm256_unpacklo_epi32(y0, y1);
+    let t1 = _mm256_unpackhi_epi32(y0, y1);
+    let t2 = _mm256_unpacklo_epi32(y2, y3);
+    let t3 = _mm256_unpackhi_epi32(y2, y3);
+    [
+        _mm256_unpacklo_epi64(t0, t2),
+        _mm256_unpackhi_epi64(t0, t2),
+        _mm256_unpacklo_epi64(t1, t3),
+        _mm256_unpackhi_epi64(t1, t3),
+    ]
+}
+
+/// Block `i` of the 8 rows `w` (row k in i32 lane k of every vector).
+#[inline(always)]
+unsafe fn rows_block<B: TileBlock, const VNNI: bool>(w: &[*const B; 8], i: usize) -> RowsBlock {
+    // SAFETY (of every read below): the caller passes rows of more than `i` blocks.
+    let b = |r: usize| &*w[r].add(i);
+    // Rows r (low half) and r + 4 (high half), 16 bytes each from byte `off` of the quants.
+    macro_rules! pair {
+        ($r:expr, $off:expr) => {
+            _mm256_set_m128i(
+                load128(b($r + 4).qs().add($off)),
+                load128(b($r).qs().add($off)),
+            )
+        };
+    }
+    let zero = _mm256_setzero_si256();
+    let mut q = [zero; 8];
+    let mut s = [zero; 8];
+    if B::KIND == Quants::U4 {
+        // Word j of the packed nibbles holds quants 4j..4j+4 (low) and 16+4j.. (high).
+        let g = transpose4x4(pair!(0, 0), pair!(1, 0), pair!(2, 0), pair!(3, 0));
+        let m = _mm256_set1_epi8(0x0F);
+        for j in 0..4 {
+            q[j] = _mm256_and_si256(g[j], m);
+            q[j + 4] = _mm256_and_si256(_mm256_srli_epi16(g[j], 4), m);
         }
-        one_row!(b0, acc0, mn0);
-        one_row!(b1, acc1, mn1);
+    } else {
+        let lo = transpose4x4(pair!(0, 0), pair!(1, 0), pair!(2, 0), pair!(3, 0));
+        let hi = transpose4x4(pair!(0, 16), pair!(1, 16), pair!(2, 16), pair!(3, 16));
+        s[..4].copy_from_slice(&lo);
+        s[4..].copy_from_slice(&hi);
+        for g in 0..8 {
+            q[g] = if VNNI {
+                _mm256_xor_si256(s[g], _mm256_set1_epi8(-128))
+            } else {
+                _mm256_sign_epi8(s[g], s[g])
+            };
+        }
     }
-    if B::HAS_MIN {
-        acc0 = _mm256_add_ps(acc0, mn0);
-        acc1 = _mm256_add_ps(acc1, mn1);
+    // Registers, not a [u16; 8] in memory (see `rows4_body`).
+    macro_rules! f16x8 {
+        ($f:ident) => {{
+            let h = |r: usize| u16::from_le_bytes(b(r).$f()) as i16;
+            _mm256_cvtph_ps(_mm_set_epi16(
+                h(7),
+                h(6),
+                h(5),
+                h(4),
+                h(3),
+                h(2),
+                h(1),
+                h(0),
+            ))
+        }};
     }
-    [store8(acc0), store8(acc1)]
+    RowsBlock {
+        q,
+        s,
+        d: f16x8!(d),
+        m: if B::HAS_MIN {
+            f16x8!(m)
+        } else {
+            _mm256_setzero_ps()
+        },
+    }
+}
+
+/// Lanes `t0 .. t0 + 4` (t0 is 0 or 4) of the tile over the transposed blocks `pack` and the
+/// activation blocks `lanes` beside them, added to `acc` (one vector of 8 rows per lane).
+#[inline(always)]
+unsafe fn lanes4_pass<B: TileBlock, const VNNI: bool>(
+    pack: &[RowsBlock],
+    lanes: &[LaneBlock],
+    t0: usize,
+    acc: &mut [__m256; 8],
+) {
+    assert!(t0 <= 4 && pack.len() <= lanes.len());
+    let (mut a0, mut a1, mut a2, mut a3) = (acc[t0], acc[t0 + 1], acc[t0 + 2], acc[t0 + 3]);
+    let ones = _mm256_set1_epi16(1);
+    for (pb, lb) in pack.iter().zip(lanes) {
+        // SAFETY (of the reads through these): t0 + 3 < LANES, and group g < 8 of lane t is
+        // the 4 bytes at 32 g + 4 t of the block's 256.
+        let (il, isum, dx) = (
+            lb.qs.as_ptr().add(4 * t0),
+            lb.isum.as_ptr().add(t0),
+            lb.d.as_ptr().add(t0),
+        );
+        // Group g of lane t0 + t, broadcast.
+        macro_rules! x {
+            ($g:expr, $t:expr) => {
+                _mm256_set1_epi32(std::ptr::read_unaligned(
+                    il.add(32 * $g + 4 * $t).cast::<i32>(),
+                ))
+            };
+        }
+        macro_rules! init {
+            ($t:expr) => {
+                _mm256_set1_epi32(init_of::<B, VNNI>(*isum.add($t)))
+            };
+        }
+        let (s0, s1, s2, s3);
+        if B::KIND == Quants::U4 && !VNNI {
+            // 8 groups of `maddubs` pairs (each |pair| <= 2 * 15 * 127) sum in i16 without
+            // overflow, then widen once.
+            let z = _mm256_setzero_si256();
+            let (mut p0, mut p1, mut p2, mut p3) = (z, z, z, z);
+            unroll8!(g => {
+                let w = pb.q[g];
+                p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(w, x!(g, 0)));
+                p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(w, x!(g, 1)));
+                p2 = _mm256_add_epi16(p2, _mm256_maddubs_epi16(w, x!(g, 2)));
+                p3 = _mm256_add_epi16(p3, _mm256_maddubs_epi16(w, x!(g, 3)));
+            });
+            s0 = _mm256_add_epi32(init!(0), _mm256_madd_epi16(p0, ones));
+            s1 = _mm256_add_epi32(init!(1), _mm256_madd_epi16(p1, ones));
+            s2 = _mm256_add_epi32(init!(2), _mm256_madd_epi16(p2, ones));
+            s3 = _mm256_add_epi32(init!(3), _mm256_madd_epi16(p3, ones));
+        } else if VNNI {
+            let (mut p0, mut p1, mut p2, mut p3) = (init!(0), init!(1), init!(2), init!(3));
+            unroll8!(g => {
+                let w = pb.q[g];
+                p0 = dot_u8_i8::<VNNI>(p0, w, x!(g, 0));
+                p1 = dot_u8_i8::<VNNI>(p1, w, x!(g, 1));
+                p2 = dot_u8_i8::<VNNI>(p2, w, x!(g, 2));
+                p3 = dot_u8_i8::<VNNI>(p3, w, x!(g, 3));
+            });
+            (s0, s1, s2, s3) = (p0, p1, p2, p3);
+        } else {
+            // Q8_0 on AVX2, the sign trick: |q| times x carrying q's sign.
+            let (mut p0, mut p1, mut p2, mut p3) = (init!(0), init!(1), init!(2), init!(3));
+            unroll8!(g => {
+                let (w, sg) = (pb.q[g], pb.s[g]);
+                p0 = dot_u8_i8::<false>(p0, w, _mm256_sign_epi8(x!(g, 0), sg));
+                p1 = dot_u8_i8::<false>(p1, w, _mm256_sign_epi8(x!(g, 1), sg));
+                p2 = dot_u8_i8::<false>(p2, w, _mm256_sign_epi8(x!(g, 2), sg));
+                p3 = dot_u8_i8::<false>(p3, w, _mm256_sign_epi8(x!(g, 3), sg));
+            });
+            (s0, s1, s2, s3) = (p0, p1, p2, p3);
+        }
+        // The same float steps as every kernel: f32(isum) * (d_w * d_x), fused into the sum.
+        macro_rules! sc {
+            ($t:expr) => {
+                _mm256_mul_ps(pb.d, _mm256_set1_ps(*dx.add($t)))
+            };
+        }
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), sc!(0), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), sc!(1), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2), sc!(2), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s3), sc!(3), a3);
+    }
+    (acc[t0], acc[t0 + 1], acc[t0 + 2], acc[t0 + 3]) = (a0, a1, a2, a3);
+}
+
+/// Eight weight rows times the (up to) 8 interleaved activation rows of `a`: `[lane][row]`.
+/// The rows' blocks are transposed a chunk at a time (see [`RowsBlock`]), then each half of
+/// the lanes passes over the chunk: a weight vector serves 4 lanes, an activation group
+/// (broadcast from memory, no shuffle) serves 8 rows.
+#[inline(always)]
+unsafe fn rows8_body<B: TileBlock, const VNNI: bool>(
+    w: [&[B]; 8],
+    a: &ActLanes,
+    pack: &mut [RowsBlock; CHUNK],
+) -> [[f32; 8]; LANES] {
+    let nb = w[0].len();
+    assert!(a.nb() >= nb && w.iter().all(|r| r.len() == nb));
+    let wp = w.map(<[B]>::as_ptr);
+    // Lanes past the rows given repeat the last one: with 4 rows or fewer, half a pass.
+    let lanes = if a.rows() > 4 { 8 } else { 4 };
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut mn = [_mm256_setzero_ps(); 8];
+    let mut i0 = 0;
+    while i0 < nb {
+        let n = (nb - i0).min(CHUNK);
+        for (k, pb) in pack[..n].iter_mut().enumerate() {
+            // SAFETY: i0 + k < nb, the length of every row (asserted above).
+            *pb = rows_block::<B, VNNI>(&wp, i0 + k);
+        }
+        let blocks = &a.blocks[i0..i0 + n];
+        for t0 in (0..lanes).step_by(4) {
+            lanes4_pass::<B, VNNI>(&pack[..n], blocks, t0, &mut acc);
+        }
+        if B::HAS_MIN {
+            // One lane at a time, so that its sum stays in a register over the chunk.
+            for (t, m) in mn[..lanes].iter_mut().enumerate() {
+                let mut v = *m;
+                for (pb, lb) in pack[..n].iter().zip(blocks) {
+                    v = _mm256_fmadd_ps(pb.m, _mm256_set1_ps(lb.ds[t]), v);
+                }
+                *m = v;
+            }
+        }
+        i0 += n;
+    }
+    let mut out = [[0f32; 8]; LANES];
+    for (t, o) in out.iter_mut().enumerate() {
+        let t = t.min(lanes.min(a.rows()) - 1);
+        *o = store8(if B::HAS_MIN {
+            _mm256_add_ps(acc[t], mn[t])
+        } else {
+            acc[t]
+        });
+    }
+    out
 }
 
 /// Weight rows (`out.len()` rows of `nb` blocks, row-major) times one activation row, 4 rows
@@ -509,7 +619,8 @@ unsafe fn rows4_over<B: TileBlock, const VNNI: bool>(
     }
 }
 
-/// Weight rows times the interleaved activation rows of `a`, 2 weight rows per tile.
+/// Weight rows times the interleaved activation rows of `a`, 8 weight rows per tile (a last
+/// partial tile repeats its last row).
 #[inline(always)]
 unsafe fn lanes_over<B: TileBlock, const VNNI: bool>(
     w: &[B],
@@ -519,13 +630,22 @@ unsafe fn lanes_over<B: TileBlock, const VNNI: bool>(
 ) {
     let rows = out.len();
     let row = |r: usize| &w[r * nb..(r + 1) * nb];
+    // SAFETY: every field is a vector or an array of vectors, for which all-zero bytes are a
+    // value.
+    let mut pack: [RowsBlock; CHUNK] = std::mem::zeroed();
     let mut r = 0;
     while r < rows {
-        // An odd last row goes with itself.
-        let o = lanes_body::<B, VNNI>([row(r), row((r + 1).min(rows - 1))], a);
-        let n = (rows - r).min(2);
-        out[r..r + n].copy_from_slice(&o[..n]);
-        r += 2;
+        let mut tile = [row(r); 8];
+        for (k, t) in tile.iter_mut().enumerate() {
+            *t = row((r + k).min(rows - 1));
+        }
+        let o = rows8_body::<B, VNNI>(tile, a, &mut pack);
+        for (k, dst) in out[r..(r + 8).min(rows)].iter_mut().enumerate() {
+            for (t, d) in dst.iter_mut().enumerate() {
+                *d = o[t][k];
+            }
+        }
+        r += 8;
     }
 }
 
