@@ -171,7 +171,12 @@ fn bench_matmul(c: &mut Criterion) {
 /// (batch 8) and prefill (batch 128) per shape. Stable on a
 /// shared machine where wall time is not; the sum over shapes x 30 layers approximates the
 /// kernel share of a token (see docs/PERFORMANCE.md, "CPU inference").
+/// `ROCMFORGE_CPU_ISA=avx2` caps the kernels as it does for `rocmforge` (AVX2 against AVX-512
+/// VNNI on one machine).
 fn bench_model_shapes(c: &mut Criterion) {
+    if let Ok(v) = std::env::var("ROCMFORGE_CPU_ISA") {
+        rocmforge::quant::set_cpu_isa(v.parse().expect("ROCMFORGE_CPU_ISA: best or avx2"));
+    }
     let mut g = c.benchmark_group("smollm2_shapes_cputime");
     let one = pool(1);
     let shapes = [

@@ -7,7 +7,9 @@
 # Writes docs/results/<date>-cpu-batching/loadgen-{batched,unbatched}-<round>.json and
 # summary-loadgen.json (medians over rounds, and the 8-client / 1-client ratio).
 # BASE_LOADGEN=path/to/another/build's/serve_loadgen adds that build's batched run to each round
-# (mode `base`); OUT overrides the results directory. The 1-minute load average before each run
+# (mode `base`); AVX2_TOO=1 adds this build capped to the AVX2 kernels (mode `batched-avx2`,
+# `ROCMFORGE_CPU_ISA=avx2`); NO_UNBATCHED=1 skips the one-at-a-time run; OUT overrides the
+# results directory. The 1-minute load average before each run
 # goes to load.jsonl beside the JSON (one object per run).
 # Usage: scripts/bench-serve-batching.sh [MODEL] [ROUNDS]
 set -euo pipefail
@@ -27,7 +29,13 @@ for i in $(seq 1 "$ROUNDS"); do
         load "$i" base
         "$BASE_LOADGEN" "$MODEL" "${COMMON[@]}" --out "$OUT/loadgen-base-$i.json"
     fi
-    load "$i" unbatched
-    "$BIN" "$MODEL" "${COMMON[@]}" --max-num-seqs 1 --out "$OUT/loadgen-unbatched-$i.json"
+    if [ -n "${AVX2_TOO:-}" ]; then
+        load "$i" batched-avx2
+        ROCMFORGE_CPU_ISA=avx2 "$BIN" "$MODEL" "${COMMON[@]}" --out "$OUT/loadgen-batched-avx2-$i.json"
+    fi
+    if [ -z "${NO_UNBATCHED:-}" ]; then
+        load "$i" unbatched
+        "$BIN" "$MODEL" "${COMMON[@]}" --max-num-seqs 1 --out "$OUT/loadgen-unbatched-$i.json"
+    fi
 done
 python3 scripts/summarize_loadgen.py "$OUT"

@@ -17,7 +17,10 @@ modes = sorted({re.sub(r"^loadgen-(.*)-\d+\.json$", r"\1", os.path.basename(p))
                 for p in glob.glob(f"{out}/loadgen-*-*.json")})
 summary = {}
 for mode in modes:
-    runs = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/loadgen-{mode}-*.json"))]
+    # Exactly this mode's rounds (`batched-*` would also match `batched-avx2-*`).
+    mine = re.compile(rf"^loadgen-{re.escape(mode)}-\d+\.json$")
+    runs = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/loadgen-{mode}-*.json"))
+            if mine.match(os.path.basename(p))]
     levels, ratios = {}, []
     for r in runs:
         lv = {l["clients"]: l for l in r["levels"]}

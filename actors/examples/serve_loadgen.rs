@@ -7,6 +7,8 @@
 //!     [--max-num-seqs N] [--max-batch-tokens N] [--out results.json]
 //!
 //! `--out` writes every level's numbers and the options as one JSON document.
+//! `ROCMFORGE_CPU_ISA=avx2` caps the CPU kernels as it does for `rocmforge` (to compare the
+//! AVX2 and AVX-512 VNNI kernels with one build).
 
 use rocmforge_actors::serve::client::post_sse;
 use rocmforge_actors::serve::{ServeConfig, Server};
@@ -23,6 +25,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(v) = std::env::var_os(rocmforge_actors::cli::CPU_ISA_ENV) {
+        let isa = v.to_string_lossy().parse::<rocmforge::quant::CpuIsa>()?;
+        rocmforge::quant::set_cpu_isa(isa);
+    }
     let mut model = PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let mut levels = vec![1usize, 8, 32];
     let mut rounds = 2usize;
@@ -157,6 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "max_tokens": max_tokens,
                 "max_num_seqs": batch.max_num_seqs,
                 "max_batch_tokens": batch.max_batch_tokens,
+                "cpu_kernels": rocmforge::quant::tile_kernels(),
                 "levels": report,
             });
             std::fs::write(p, serde_json::to_string_pretty(&doc)? + "\n")?;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// The most a kernel choice may use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum CpuIsa {
-    /// The best the CPU has: AVX-512 VNNI (built with the feature `cpu-avx512`), else AVX2,
+    /// The best the CPU has: AVX-512 VNNI, else AVX2,
     /// else the portable kernels.
     #[default]
     Best,

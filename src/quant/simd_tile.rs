@@ -27,20 +27,19 @@
 //!   takes ~18% less time on SmolLM2's Q4_1 shapes at 8 rows and the same on Q8_0, where the
 //!   AVX2 sign trick dominates: docs/PERFORMANCE.md.)
 //!
-//! Two instruction sets, one body: AVX2 (`vpmaddubsw` + `vpmaddwd`), and, with the cargo feature
-//! `cpu-avx512`, AVX-512 VNNI (`vpdpbusd`: u8 x i8 products summed into i32 lanes in one
-//! instruction). The feature needs Rust 1.89 (stable AVX-512 intrinsics and target features),
-//! newer than the crate's minimum (1.85), hence opt-in.
+//! Two instruction sets, one body, chosen at run time ([`Isa::detect`]): AVX2 (`vpmaddubsw` +
+//! `vpmaddwd`), and AVX-512 VNNI on 256-bit vectors (`vpdpbusd`: u8 x i8 products summed into
+//! i32 lanes in one instruction; Zen 4, Ice Lake and later). The VNNI set needs Rust 1.89
+//! (stable AVX-512 intrinsics and target features), the crate's minimum; it was behind the
+//! opt-in feature `cpu-avx512` while the minimum was 1.85, which is now a no-op.
 
 use super::act::{ActLanes, ActQ8, LaneBlock, LANES};
 use super::blocks::*;
 use std::arch::x86_64::*;
 
-/// Whether the VNNI variants may run: built with `cpu-avx512`, and AVX-512 F/VL/BW/VNNI on top
-/// of the AVX2 set.
+/// Whether the VNNI variants may run: AVX-512 F/VL/BW/VNNI on top of the AVX2 set.
 pub fn has_vnni() -> bool {
-    cfg!(feature = "cpu-avx512")
-        && super::simd::has_avx2()
+    super::simd::has_avx2()
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512bw")
@@ -129,8 +128,7 @@ unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
 /// q <= 128 and |y| <= 127.
 #[inline(always)]
 unsafe fn dot_u8_i8<const VNNI: bool>(init: __m256i, q: __m256i, y: __m256i) -> __m256i {
-    // VNNI = true is only instantiated by the `cpu-avx512` entry points.
-    #[cfg(feature = "cpu-avx512")]
+    // VNNI = true is only instantiated by the `vnni` entry points.
     if VNNI {
         return dpbusd(init, q, y);
     }
@@ -138,8 +136,6 @@ unsafe fn dot_u8_i8<const VNNI: bool>(init: __m256i, q: __m256i, y: __m256i) -> 
     _mm256_add_epi32(init, p)
 }
 
-#[cfg(feature = "cpu-avx512")]
-#[allow(clippy::incompatible_msrv)] // the feature documents its Rust 1.89 requirement
 #[inline(always)]
 unsafe fn dpbusd(init: __m256i, q: __m256i, y: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(init, q, y)
@@ -686,17 +682,13 @@ macro_rules! tile_entries {
             unsafe fn avx2(w: &[$block], nb: usize, act: &ActQ8, out: &mut [f32]) {
                 rows4_over::<$block, false>(w, nb, act, out)
             }
-            #[cfg(feature = "cpu-avx512")]
-            #[allow(clippy::incompatible_msrv)] // the feature documents its Rust 1.89 requirement
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
             unsafe fn vnni(w: &[$block], nb: usize, act: &ActQ8, out: &mut [f32]) {
                 rows4_over::<$block, true>(w, nb, act, out)
             }
             assert!(act.blk.len() >= nb && act.qs.len() >= 32 * nb);
             match isa {
-                #[cfg(feature = "cpu-avx512")]
                 Isa::Vnni => vnni(w, nb, act, out),
-                // `Isa::detect` never returns Vnni without the feature.
                 _ => avx2(w, nb, act, out),
             }
         }
@@ -717,14 +709,11 @@ macro_rules! tile_entries {
             unsafe fn avx2(w: &[$block], nb: usize, a: &ActLanes, out: &mut [[f32; LANES]]) {
                 lanes_over::<$block, false>(w, nb, a, out)
             }
-            #[cfg(feature = "cpu-avx512")]
-            #[allow(clippy::incompatible_msrv)] // the feature documents its Rust 1.89 requirement
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
             unsafe fn vnni(w: &[$block], nb: usize, a: &ActLanes, out: &mut [[f32; LANES]]) {
                 lanes_over::<$block, true>(w, nb, a, out)
             }
             match isa {
-                #[cfg(feature = "cpu-avx512")]
                 Isa::Vnni => vnni(w, nb, a, out),
                 _ => avx2(w, nb, a, out),
             }
