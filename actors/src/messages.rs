@@ -149,7 +149,7 @@ impl Pooling {
     /// Pools `rows` (`[n, width]`, row-major) into one L2-normalized vector of `width`;
     /// `None` when `rows` is empty or not `n` whole rows.
     pub fn pool(self, rows: &[f32], n: usize) -> Option<Vec<f32>> {
-        if n == 0 || rows.is_empty() || rows.len() % n != 0 {
+        if n == 0 || rows.is_empty() || !rows.len().is_multiple_of(n) {
             return None;
         }
         let width = rows.len() / n;

@@ -234,14 +234,14 @@ impl KvCache {
         let first = pos / bt;
         let shared = |p: &KvPool, b: BlockId| p.allocator().refcount(b) > 1 || p.is_cached(b);
         // Whole blocks past `pos`: from the first shared one on, give them back.
-        if let Some(i) = (first + usize::from(pos % bt != 0)..self.table.len())
+        if let Some(i) = (first + usize::from(!pos.is_multiple_of(bt))..self.table.len())
             .find(|&i| shared(&p, self.table[i]))
         {
             for b in self.table.drain(i..) {
                 p.allocator_mut().release(b);
             }
         }
-        if pos % bt == 0 || first >= self.table.len() || !shared(&p, self.table[first]) {
+        if pos.is_multiple_of(bt) || first >= self.table.len() || !shared(&p, self.table[first]) {
             return pos;
         }
         match p.allocator_mut().alloc() {

@@ -98,7 +98,7 @@ pub const KVALUES_IQ4NL: [i8; 16] = [
 /// Views `bytes` as blocks; `None` unless the length is a whole number of blocks.
 pub fn as_blocks<B: Block>(bytes: &[u8]) -> Option<&[B]> {
     let size = std::mem::size_of::<B>();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return None;
     }
     // SAFETY: `Block` guarantees alignment 1 and that every bit pattern is valid; the length is

@@ -92,7 +92,7 @@ fn check_lengths(ty: GgmlType, src: usize, elems: usize) -> Result<(), QuantErro
         });
     }
     let block = ty.block_elems() as usize;
-    if elems % block != 0 {
+    if !elems.is_multiple_of(block) {
         return Err(QuantError::NotWholeBlocks { ty, elems, block });
     }
     let expected = (elems / block)
@@ -199,7 +199,7 @@ pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, QuantError> {
         return Err(QuantError::Unsupported { ty, op: "quantize" });
     }
     let be = ty.block_elems() as usize;
-    if src.len() % be != 0 {
+    if !src.len().is_multiple_of(be) {
         return Err(QuantError::NotWholeBlocks {
             ty,
             elems: src.len(),
