@@ -5,7 +5,7 @@ use super::{Inner, RuntimeHandle};
 use crate::compute::ComputeFactory;
 use crate::error::{Result, RuntimeError};
 use crate::messages::{MemoryBudget, ReadMode};
-use crate::pipeline::backend::{CpuBackend, WeightBackend};
+use crate::pipeline::backend::{CpuBackend, IoGeometry, WeightBackend};
 use crate::pipeline::inference;
 use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::residency::ResidencyBoard;
@@ -300,6 +300,14 @@ impl RuntimeBuilder {
         // threads straight into pinned slots, the CPU maps the file).
         let io = backend.io_geometry();
         let read_mode = self.read_mode.unwrap_or(io.read_mode);
+        // The CPU's suggestion is for mapping the file; told to read it, it streams through
+        // the ring instead (GPU backends make their own suggestion and never compute from host).
+        let io = if backend.computes_from_host() && read_mode != ReadMode::Mmap {
+            let largest = plan.units.iter().map(|u| u.dev_bytes).max().unwrap_or(0);
+            IoGeometry::cpu_streaming(read_mode, largest)
+        } else {
+            io
+        };
         let n_readers = self.readers.unwrap_or(io.readers).max(1);
         let staging_slots = self.staging_slots.unwrap_or(io.staging_slots).max(1);
         let slot_size = self.slot_size.unwrap_or(io.slot_size);
