@@ -103,7 +103,8 @@ pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
 /// How a weight type is multiplied.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Path {
-    /// Register-tiled kernels (several rows x several activation rows), Q4_0 / Q4_1 / Q8_0.
+    /// Register-tiled kernels (several rows x several activation rows), Q4_0 / Q4_1 / Q5_0 /
+    /// Q5_1 / Q8_0.
     #[cfg(target_arch = "x86_64")]
     Tile(Isa),
     /// AVX2 row kernels with Q8 activations (Q4_K, Q6_K).
@@ -125,7 +126,9 @@ fn choose(ty: GgmlType) -> Path {
     let avx2 = false;
     match ty {
         #[cfg(target_arch = "x86_64")]
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 if isa.is_some() => {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+            if isa.is_some() =>
+        {
             Path::Tile(isa.unwrap_or(Isa::Avx2))
         }
         #[cfg(target_arch = "x86_64")]
@@ -163,12 +166,13 @@ fn dot_legacy_scalar<const B: usize>(ty: GgmlType, w: &[u8], acts: [&ActQ8; B]) 
 /// The scalar reference of the tile kernels (`simd_tile`), bit for bit: per block the exact
 /// integer dot `isum` of the weight and activation quants, then `acc = fma(isum, d_w * d_x, acc)`
 /// block after block, and for Q4_1 the min term `mn = fma(m_w, d_x * sum_x, mn)` beside it;
-/// the result is `acc + mn` (Q4_1) or `acc`. For Q4_0, Q4_1 and Q8_0.
+/// the result is `acc + mn` (Q4_1, Q5_1) or `acc`. For Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0.
 #[cfg(test)]
 pub(crate) fn dot_tile_scalar(ty: GgmlType, w: &[u8], act: &ActQ8) -> f32 {
     let bb = ty.block_bytes() as usize;
     let mut q = [0i8; 32];
     let (mut acc, mut mn) = (0.0f32, 0.0f32);
+    let has_min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
     for (i, blk) in w.chunks_exact(bb).enumerate() {
         // Q4_0's quants come back with their -8 offset applied, so `isum` includes it.
         let (d, m) = unpack_legacy(ty, blk, &mut q);
@@ -176,11 +180,11 @@ pub(crate) fn dot_tile_scalar(ty: GgmlType, w: &[u8], act: &ActQ8) -> f32 {
         let isum: i32 = q.iter().zip(y).map(|(&p, &v)| p as i32 * v as i32).sum();
         let ab = act.blk[i];
         acc = (isum as f32).mul_add(d * ab.d, acc);
-        if ty == GgmlType::Q4_1 {
+        if has_min {
             mn = m.mul_add(ab.ds, mn);
         }
     }
-    if ty == GgmlType::Q4_1 {
+    if has_min {
         acc + mn
     } else {
         acc
@@ -449,7 +453,7 @@ fn rows_range(
     }
 }
 
-/// Runs the one-row tile kernel of `ty` (Q4_0, Q4_1 or Q8_0) over the rows of `w` (`out.len()`
+/// Runs the one-row tile kernel of `ty` (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0) over the rows of `w` (`out.len()`
 /// rows of `cols` weights).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -463,12 +467,14 @@ fn rows4_kernel(ty: GgmlType, isa: Isa, w: &[u8], cols: usize, act: &ActQ8, out:
         match ty {
             GgmlType::Q4_1 => simd_tile::q4_1_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
             GgmlType::Q4_0 => simd_tile::q4_0_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+            GgmlType::Q5_0 => simd_tile::q5_0_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+            GgmlType::Q5_1 => simd_tile::q5_1_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
             _ => simd_tile::q8_0_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
         }
     }
 }
 
-/// Runs the lanes tile kernel of `ty` (Q4_0, Q4_1 or Q8_0): the rows of `w` times the
+/// Runs the lanes tile kernel of `ty` (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0): the rows of `w` times the
 /// interleaved activation rows of `a`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -487,6 +493,8 @@ fn lanes_kernel(
         match ty {
             GgmlType::Q4_1 => simd_tile::q4_1_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
             GgmlType::Q4_0 => simd_tile::q4_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
+            GgmlType::Q5_0 => simd_tile::q5_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
+            GgmlType::Q5_1 => simd_tile::q5_1_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
             _ => simd_tile::q8_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
         }
     }
@@ -660,8 +668,9 @@ mod tests {
     use super::*;
 
     /// Raw blocks of `ty` with random quants over their whole range (Q8_0's -128 included,
-    /// which no quantizer writes but a file may hold) and finite random scales; the first row's
-    /// quants are all at the top of the range, the worst case for the i16 sums.
+    /// which no quantizer writes but a file may hold) and finite random scales (and mins); the
+    /// first row's quants are all at the top of the range (15, 31, -128), the worst case for
+    /// the i16 sums.
     #[cfg(target_arch = "x86_64")]
     fn raw_rows(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let bb = ty.block_bytes() as usize;
@@ -681,11 +690,15 @@ mod tests {
                 let qs = blk.len() - if ty == GgmlType::Q8_0 { 32 } else { 16 };
                 let top = if ty == GgmlType::Q8_0 { 0x80 } else { 0xFF };
                 blk[qs..].fill(top);
+                if matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1) {
+                    // The fifth bits (the 4 bytes before the nibbles) set too: every quant 31.
+                    blk[qs - 4..qs].fill(0xFF);
+                }
             }
             let scale = |v: f32| half::f16::from_f32(v).to_le_bytes();
             let r = next();
             blk[..2].copy_from_slice(&scale((r % 1000) as f32 / 3e4 - 0.01));
-            if ty == GgmlType::Q4_1 {
+            if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
                 blk[2..4].copy_from_slice(&scale(((r >> 20) % 1000) as f32 / 2e4 - 0.025));
             }
         }
@@ -708,7 +721,13 @@ mod tests {
             x[..cols].fill(0.75);
             let mut acts = ActsQ8::default();
             acts.fill(&x, cols);
-            for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            for ty in [
+                GgmlType::Q4_0,
+                GgmlType::Q4_1,
+                GgmlType::Q5_0,
+                GgmlType::Q5_1,
+                GgmlType::Q8_0,
+            ] {
                 let w = raw_rows(ty, rows, cols, 0x9e37_79b9_7f4a_7c15 ^ cols as u64);
                 let rb = w.len() / rows;
                 let want: Vec<Vec<u32>> = (0..batch)
@@ -774,7 +793,13 @@ mod tests {
         let xq: Vec<f32> = (0..cols)
             .map(|i| act.blk[i / 32].d * act.qs[i] as f32)
             .collect();
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+        ] {
             let w = crate::quant::quantize(ty, &wf).unwrap();
             let rb = w.len() / 4;
             let mut wd = vec![0.0; 4 * cols];

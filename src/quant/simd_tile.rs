@@ -158,6 +158,9 @@ enum Quants {
     U4,
     /// Signed 8-bit (Q8_0).
     I8,
+    /// Unsigned 5-bit (Q5_0 before its -16 offset, Q5_1): 4 groups of `maddubs` pairs at most
+    /// sum in i16 (`4 * 2 * 31 * 127` < 2^15).
+    U5,
 }
 
 /// Runs `$body` for `$g` = 0..8, written out (so that the group index is a constant in each
@@ -202,7 +205,8 @@ macro_rules! unroll8 {
 /// A weight block as the kernels read it.
 trait TileBlock: Block {
     const KIND: Quants;
-    /// -8 (Q4_0: quants stored with +8), else 0: the activation sum's multiple to add.
+    /// -8 (Q4_0: quants stored with +8), -16 (Q5_0), else 0: the activation sum's multiple
+    /// to add.
     const OFFSET: i32;
     /// Whether the block has a min (`d * q + m`).
     const HAS_MIN: bool;
@@ -211,8 +215,26 @@ trait TileBlock: Block {
     /// The 32 quants in element order (unsigned nibbles, or signed bytes).
     unsafe fn quants(&self) -> __m256i;
     /// The stored quants: 16 bytes of packed nibbles (element j low, j + 16 high), or 32
-    /// signed bytes.
+    /// signed bytes (not read for U5, whose quants take their fifth bit from elsewhere).
     fn qs(&self) -> *const u8;
+}
+
+/// The 5-bit quants of a Q5 block in element order: the nibbles, and bit e of `qh` (little
+/// endian) as bit 4 of element e.
+#[inline(always)]
+unsafe fn five_bit(qh: [u8; 4], qs: &[u8; 16]) -> __m256i {
+    // Byte e takes byte e / 8 of qh, then keeps bit e % 8 of it.
+    let bits = _mm256_set1_epi32(i32::from_le_bytes(qh));
+    let pick = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(
+        _mm256_and_si256(_mm256_shuffle_epi8(bits, pick), mask),
+        mask,
+    );
+    _mm256_or_si256(nibbles(qs), _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
 }
 
 impl TileBlock for BlockQ4_0 {
@@ -270,6 +292,44 @@ impl TileBlock for BlockQ8_0 {
     }
     fn qs(&self) -> *const u8 {
         self.qs.as_ptr().cast()
+    }
+}
+
+impl TileBlock for BlockQ5_0 {
+    const KIND: Quants = Quants::U5;
+    const OFFSET: i32 = -16;
+    const HAS_MIN: bool = false;
+    fn d(&self) -> [u8; 2] {
+        self.d
+    }
+    fn m(&self) -> [u8; 2] {
+        [0; 2]
+    }
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        five_bit(self.qh, &self.qs)
+    }
+    fn qs(&self) -> *const u8 {
+        self.qs.as_ptr()
+    }
+}
+
+impl TileBlock for BlockQ5_1 {
+    const KIND: Quants = Quants::U5;
+    const OFFSET: i32 = 0;
+    const HAS_MIN: bool = true;
+    fn d(&self) -> [u8; 2] {
+        self.d
+    }
+    fn m(&self) -> [u8; 2] {
+        self.m
+    }
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        five_bit(self.qh, &self.qs)
+    }
+    fn qs(&self) -> *const u8 {
+        self.qs.as_ptr()
     }
 }
 
@@ -404,7 +464,32 @@ unsafe fn rows_block<B: TileBlock, const VNNI: bool>(w: &[*const B; 8], i: usize
     let zero = _mm256_setzero_si256();
     let mut q = [zero; 8];
     let mut s = [zero; 8];
-    if B::KIND == Quants::U4 {
+    if B::KIND == Quants::U5 {
+        // Each row's 32 quants built in a register, then words 0..4 (halves [row r | row
+        // r + 4]) and 4..8 transposed.
+        let r = [
+            b(0).quants(),
+            b(1).quants(),
+            b(2).quants(),
+            b(3).quants(),
+            b(4).quants(),
+            b(5).quants(),
+            b(6).quants(),
+            b(7).quants(),
+        ];
+        macro_rules! lo {
+            ($k:expr) => {
+                _mm256_permute2x128_si256::<0x20>(r[$k], r[$k + 4])
+            };
+        }
+        macro_rules! hi {
+            ($k:expr) => {
+                _mm256_permute2x128_si256::<0x31>(r[$k], r[$k + 4])
+            };
+        }
+        q[..4].copy_from_slice(&transpose4x4(lo!(0), lo!(1), lo!(2), lo!(3)));
+        q[4..].copy_from_slice(&transpose4x4(hi!(0), hi!(1), hi!(2), hi!(3)));
+    } else if B::KIND == Quants::U4 {
         // Word j of the packed nibbles holds quants 4j..4j+4 (low) and 16+4j.. (high).
         let g = transpose4x4(pair!(0, 0), pair!(1, 0), pair!(2, 0), pair!(3, 0));
         let m = _mm256_set1_epi8(0x0F);
@@ -516,6 +601,24 @@ unsafe fn lanes4_pass<B: TileBlock, const VNNI: bool>(
             s1 = _mm256_add_epi32(init!(1), _mm256_madd_epi16(p1, ones));
             s2 = _mm256_add_epi32(init!(2), _mm256_madd_epi16(p2, ones));
             s3 = _mm256_add_epi32(init!(3), _mm256_madd_epi16(p3, ones));
+        } else if B::KIND == Quants::U5 && !VNNI {
+            // As for 4 bits, but 4 groups at most per i16 sum (each |pair| <= 2 * 31 * 127).
+            let z = _mm256_setzero_si256();
+            let (mut s, mut p) = ([init!(0), init!(1), init!(2), init!(3)], [z; 4]);
+            unroll8!(g => {
+                let w = pb.q[g];
+                p[0] = _mm256_add_epi16(p[0], _mm256_maddubs_epi16(w, x!(g, 0)));
+                p[1] = _mm256_add_epi16(p[1], _mm256_maddubs_epi16(w, x!(g, 1)));
+                p[2] = _mm256_add_epi16(p[2], _mm256_maddubs_epi16(w, x!(g, 2)));
+                p[3] = _mm256_add_epi16(p[3], _mm256_maddubs_epi16(w, x!(g, 3)));
+                if g == 3 || g == 7 {
+                    for k in 0..4 {
+                        s[k] = _mm256_add_epi32(s[k], _mm256_madd_epi16(p[k], ones));
+                        p[k] = z;
+                    }
+                }
+            });
+            (s0, s1, s2, s3) = (s[0], s[1], s[2], s[3]);
         } else if VNNI {
             let (mut p0, mut p1, mut p2, mut p3) = (init!(0), init!(1), init!(2), init!(3));
             unroll8!(g => {
@@ -724,6 +827,8 @@ macro_rules! tile_entries {
 tile_entries!(BlockQ4_1, q4_1_rows4, q4_1_lanes);
 tile_entries!(BlockQ4_0, q4_0_rows4, q4_0_lanes);
 tile_entries!(BlockQ8_0, q8_0_rows4, q8_0_lanes);
+tile_entries!(BlockQ5_0, q5_0_rows4, q5_0_lanes);
+tile_entries!(BlockQ5_1, q5_1_rows4, q5_1_lanes);
 
 /// Quantizes 32 activations to Q8 exactly as `dot::quantize_act_block` does (same scale, same
 /// round-half-away-from-zero, same clamp), or returns None when a value is not finite (the
