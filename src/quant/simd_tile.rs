@@ -1,8 +1,10 @@
-//! Register-tiled x86-64 kernels for the weight types the common GGUF models ship their
-//! projections in (Q4_0, Q4_1, Q8_0).
+//! Register-tiled x86-64 kernels for the legacy 32-element weight types the common GGUF models
+//! ship their projections in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; llama.cpp's Q4_K_M files keep
+//! Q5_0 for the tensors whose width is not a multiple of 256, all of Gemma 3 270M's layers).
 //!
 //! Every output is `sum_i f32(isum_i) * (d_w,i * d_x,i)` accumulated block after block with one
-//! fused multiply-add per block (plus, for Q4_1, `sum_i m_w,i * ds_x,i` the same way), where
+//! fused multiply-add per block (plus, for Q4_1 and Q5_1, `sum_i m_w,i * ds_x,i` the same way),
+//! where
 //! `isum_i` is the exact integer dot product of block i's weight and activation quants. Integer
 //! sums do not depend on the order they are formed in, and the float steps are the same for every
 //! output, so an output does not depend on the kernel, the tile it falls in, the ISA or the
