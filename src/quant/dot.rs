@@ -104,10 +104,10 @@ pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Path {
     /// Register-tiled kernels (several rows x several activation rows), Q4_0 / Q4_1 / Q5_0 /
-    /// Q5_1 / Q8_0.
+    /// Q5_1 / Q8_0 / Q4_K.
     #[cfg(target_arch = "x86_64")]
     Tile(Isa),
-    /// AVX2 row kernels with Q8 activations (Q4_K, Q6_K).
+    /// AVX2 row kernel with Q8 activations (Q6_K).
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// Portable integer kernel with Q8 activations (legacy 32-element types).
@@ -126,13 +126,18 @@ fn choose(ty: GgmlType) -> Path {
     let avx2 = false;
     match ty {
         #[cfg(target_arch = "x86_64")]
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+        GgmlType::Q4_0
+        | GgmlType::Q4_1
+        | GgmlType::Q5_0
+        | GgmlType::Q5_1
+        | GgmlType::Q8_0
+        | GgmlType::Q4_K
             if isa.is_some() =>
         {
             Path::Tile(isa.unwrap_or(Isa::Avx2))
         }
         #[cfg(target_arch = "x86_64")]
-        GgmlType::Q4_K | GgmlType::Q6_K if avx2 => Path::Avx2,
+        GgmlType::Q6_K if avx2 => Path::Avx2,
         GgmlType::Q4_0
         | GgmlType::Q4_1
         | GgmlType::Q5_0
@@ -169,6 +174,9 @@ fn dot_legacy_scalar<const B: usize>(ty: GgmlType, w: &[u8], acts: [&ActQ8; B]) 
 /// the result is `acc + mn` (Q4_1, Q5_1) or `acc`. For Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0.
 #[cfg(test)]
 pub(crate) fn dot_tile_scalar(ty: GgmlType, w: &[u8], act: &ActQ8) -> f32 {
+    if ty == GgmlType::Q4_K {
+        return dot_tile_scalar_q4_k(w, act);
+    }
     let bb = ty.block_bytes() as usize;
     let mut q = [0i8; 32];
     let (mut acc, mut mn) = (0.0f32, 0.0f32);
@@ -189,6 +197,30 @@ pub(crate) fn dot_tile_scalar(ty: GgmlType, w: &[u8], act: &ActQ8) -> f32 {
     } else {
         acc
     }
+}
+
+/// [`dot_tile_scalar`] for Q4_K: each 32-element sub-block s as a block of its own, with the
+/// scale `d * sc_s` and the min term `fma(-(dmin * m_s), d_x * sum_x, mn)`, both in f32.
+#[cfg(test)]
+fn dot_tile_scalar_q4_k(w: &[u8], act: &ActQ8) -> f32 {
+    let (mut acc, mut mn) = (0.0f32, 0.0f32);
+    for (i, blk) in w.chunks_exact(144).enumerate() {
+        let (d, dmin) = (f16([blk[0], blk[1]]), f16([blk[2], blk[3]]));
+        let scales: &[u8; 12] = blk[4..16].try_into().expect("12 bytes");
+        let qs = &blk[16..144];
+        for s in 0..8 {
+            let (sc, m) = crate::quant::blocks::scale_min_k4(s, scales);
+            let ai = 8 * i + s;
+            let y = &act.qs[32 * ai..32 * ai + 32];
+            let isum: i32 = (0..32)
+                .map(|e| ((qs[32 * (s / 2) + e] >> (4 * (s % 2))) & 0xF) as i32 * y[e] as i32)
+                .sum();
+            let ab = act.blk[ai];
+            acc = (isum as f32).mul_add((d * f32::from(sc)) * ab.d, acc);
+            mn = (-(dmin * f32::from(m))).mul_add(ab.ds, mn);
+        }
+    }
+    acc + mn
 }
 
 /// Integer quants of one legacy block (offsets applied) and its (d, m); m = 0 for symmetric types.
@@ -278,12 +310,7 @@ fn dot_row<const B: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Path::Avx2 is chosen only when `simd::has_avx2()`; the activations were built
         // from `cols` values, so they cover every block of the row; as_blocks checked the length.
-        Path::Avx2 => unsafe {
-            match ty {
-                GgmlType::Q4_K => simd::dot_q4_k(as_blocks(w).unwrap_or(&[]), acts),
-                _ => simd::dot_q6_k(as_blocks(w).unwrap_or(&[]), acts),
-            }
-        },
+        Path::Avx2 => unsafe { simd::dot_q6_k(as_blocks(w).unwrap_or(&[]), acts) },
         // Tiles are handled by `tile_rows`; a tiled type reaching here takes the portable path.
         #[cfg(target_arch = "x86_64")]
         Path::Tile(_) => dot_legacy_scalar(ty, w, acts),
@@ -458,7 +485,7 @@ fn rows_range(
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn rows4_kernel(ty: GgmlType, isa: Isa, w: &[u8], cols: usize, act: &ActQ8, out: &mut [f32]) {
-    let nb = cols / 32;
+    let nb = cols / ty.block_elems() as usize;
     // SAFETY: Path::Tile(isa) is chosen only with `isa` from `Isa::detect()`; `w` holds
     // `out.len()` rows of the length `check_shapes` validated (as_blocks re-checks whole blocks,
     // the kernels slice rows with bounds checks), and the activations were quantized from `cols`
@@ -469,6 +496,7 @@ fn rows4_kernel(ty: GgmlType, isa: Isa, w: &[u8], cols: usize, act: &ActQ8, out:
             GgmlType::Q4_0 => simd_tile::q4_0_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
             GgmlType::Q5_0 => simd_tile::q5_0_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
             GgmlType::Q5_1 => simd_tile::q5_1_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+            GgmlType::Q4_K => simd_tile::q4_k_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
             _ => simd_tile::q8_0_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
         }
     }
@@ -486,7 +514,7 @@ fn lanes_kernel(
     a: &ActLanes,
     out: &mut [[f32; LANES]],
 ) {
-    let nb = cols / 32;
+    let nb = cols / ty.block_elems() as usize;
     // SAFETY: as in `rows4_kernel`; `a` was interleaved from rows of `cols` values (the kernels
     // assert it covers `nb` blocks).
     unsafe {
@@ -495,6 +523,7 @@ fn lanes_kernel(
             GgmlType::Q4_0 => simd_tile::q4_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
             GgmlType::Q5_0 => simd_tile::q5_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
             GgmlType::Q5_1 => simd_tile::q5_1_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
+            GgmlType::Q4_K => simd_tile::q4_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
             _ => simd_tile::q8_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
         }
     }
@@ -681,13 +710,19 @@ mod tests {
             s ^= s << 17;
             s
         };
-        let mut w = vec![0u8; rows * cols / 32 * bb];
+        let per_row = cols / ty.block_elems() as usize;
+        let mut w = vec![0u8; rows * per_row * bb];
         for (k, blk) in w.chunks_exact_mut(bb).enumerate() {
             for b in blk.iter_mut() {
                 *b = next() as u8;
             }
-            if k < cols / 32 {
-                let qs = blk.len() - if ty == GgmlType::Q8_0 { 32 } else { 16 };
+            if k < per_row {
+                let qs = blk.len()
+                    - match ty {
+                        GgmlType::Q8_0 => 32,
+                        GgmlType::Q4_K => 128,
+                        _ => 16,
+                    };
                 let top = if ty == GgmlType::Q8_0 { 0x80 } else { 0xFF };
                 blk[qs..].fill(top);
                 if matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1) {
@@ -698,7 +733,7 @@ mod tests {
             let scale = |v: f32| half::f16::from_f32(v).to_le_bytes();
             let r = next();
             blk[..2].copy_from_slice(&scale((r % 1000) as f32 / 3e4 - 0.01));
-            if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+            if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K) {
                 blk[2..4].copy_from_slice(&scale(((r >> 20) % 1000) as f32 / 2e4 - 0.025));
             }
         }
@@ -713,7 +748,8 @@ mod tests {
     fn tile_kernels_match_the_scalar_reference() {
         let Some(best) = Isa::detect() else { return };
         let (rows, batch) = (13, 11);
-        for cols in [64, 576] {
+        // 768: 24 sub-blocks, more than a chunk of the lanes kernel, cut inside a Q4_K block.
+        for cols in [64, 256, 576, 768] {
             let mut x: Vec<f32> = (0..batch * cols)
                 .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.55)
                 .collect();
@@ -727,7 +763,11 @@ mod tests {
                 GgmlType::Q5_0,
                 GgmlType::Q5_1,
                 GgmlType::Q8_0,
+                GgmlType::Q4_K,
             ] {
+                if cols % ty.block_elems() as usize != 0 {
+                    continue;
+                }
                 let w = raw_rows(ty, rows, cols, 0x9e37_79b9_7f4a_7c15 ^ cols as u64);
                 let rb = w.len() / rows;
                 let want: Vec<Vec<u32>> = (0..batch)
@@ -799,6 +839,7 @@ mod tests {
             GgmlType::Q5_0,
             GgmlType::Q5_1,
             GgmlType::Q8_0,
+            GgmlType::Q4_K,
         ] {
             let w = crate::quant::quantize(ty, &wf).unwrap();
             let rb = w.len() / 4;
@@ -817,10 +858,10 @@ mod tests {
                     .zip(&xq)
                     .map(|(a, b)| (*a as f64 * *b as f64).abs())
                     .sum();
-                let mut got = vec![
-                    ("scalar", dot_legacy_scalar::<1>(ty, wr, [&act])[0]),
-                    ("tile reference", dot_tile_scalar(ty, wr, &act)),
-                ];
+                let mut got = vec![("tile reference", dot_tile_scalar(ty, wr, &act))];
+                if ty != GgmlType::Q4_K {
+                    got.push(("scalar", dot_legacy_scalar::<1>(ty, wr, [&act])[0]));
+                }
                 #[cfg(target_arch = "x86_64")]
                 if let Some(best) = Isa::detect() {
                     for isa in [Isa::Avx2, best] {

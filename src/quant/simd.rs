@@ -33,13 +33,6 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Sum of products of unsigned `q` (< 128) and signed `y`, as 8 i32 lanes converted to f32.
-#[inline(always)]
-unsafe fn dot_u8_i8(q: __m256i, y: __m256i) -> __m256 {
-    let p16 = _mm256_maddubs_epi16(q, y);
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
-}
-
 #[inline(always)]
 unsafe fn load_act(a: &ActQ8, i: usize) -> __m256i {
     let y = &a.qs[32 * i..32 * i + 32];
@@ -47,57 +40,13 @@ unsafe fn load_act(a: &ActQ8, i: usize) -> __m256i {
     _mm256_loadu_si256(y.as_ptr().cast())
 }
 
-/// Q4_K weight row x B activation rows. Each 32-weight sub-block j is affine (d*sc_j*q - dmin*m_j)
-/// and lines up with one 32-element activation block, so it is a Q4_1-style block:
-/// d_x*(d*sc_j*sum(q*y) - dmin*m_j*sum(y)). (ggml uses 256-element Q8_K activations here;
-/// 32-element blocks with f32 scales are at least as accurate and reuse one activation format.)
-///
-/// # Safety
-/// As `dot_q4_0`; `acts[b]` cover `8 * w.len()` 32-element blocks.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_k<const B: usize>(w: &[BlockQ4K], acts: [&ActQ8; B]) -> [f32; B] {
-    let mut acc = [[_mm256_setzero_ps(); 2]; B];
-    let mask = _mm256_set1_epi8(0x0F);
-    for (i, blk) in w.iter().enumerate() {
-        let (d, dmin) = (h2f(blk.d), h2f(blk.dmin));
-        for j in 0..4 {
-            // SAFETY: 32 of the block's 128 quant bytes.
-            let v = _mm256_loadu_si256(blk.qs.as_ptr().add(32 * j).cast());
-            let halves = [
-                _mm256_and_si256(v, mask),
-                _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
-            ];
-            for (h, q) in halves.into_iter().enumerate() {
-                let sub = 2 * j + h;
-                let (sc, m) = scale_min_k4(sub, &blk.scales);
-                let dw = _mm256_set1_ps(d * sc as f32);
-                let mw = -(dmin * m as f32) * 0.125;
-                let ai = 8 * i + sub;
-                for b in 0..B {
-                    let a = acts[b];
-                    let t = _mm256_fmadd_ps(
-                        dw,
-                        dot_u8_i8(q, load_act(a, ai)),
-                        _mm256_set1_ps(mw * a.blk[ai].sum),
-                    );
-                    acc[b][h] = _mm256_fmadd_ps(_mm256_set1_ps(a.blk[ai].d), t, acc[b][h]);
-                }
-            }
-        }
-    }
-    let mut out = [0.0f32; B];
-    for b in 0..B {
-        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1]));
-    }
-    out
-}
-
 /// Q6_K weight row x B activation rows. Each 32-element chunk spans two 16-element scale groups
 /// and one activation block: signed quants (q - 32) through the sign trick, then `madd` with the
 /// two group scales (low / high 128-bit lane), as ggml does; d*d_x scales the i32 sums.
 ///
 /// # Safety
-/// As `dot_q4_k`.
+/// AVX2, FMA and F16C must be available (`has_avx2`); `acts[b]` cover `8 * w.len()`
+/// 32-element blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q6_k<const B: usize>(w: &[BlockQ6K], acts: [&ActQ8; B]) -> [f32; B] {
     let mut acc = [[_mm256_setzero_ps(); 2]; B];

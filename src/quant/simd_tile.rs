@@ -204,14 +204,29 @@ macro_rules! unroll8 {
     }};
 }
 
-/// A weight block as the kernels read it.
-trait TileBlock: Block {
+/// A weight block type the tile kernels take: how its 32-element (sub-)blocks look to them.
+trait TileKernel: Block + Sized {
     const KIND: Quants;
     /// -8 (Q4_0: quants stored with +8), -16 (Q5_0), else 0: the activation sum's multiple
     /// to add.
     const OFFSET: i32;
-    /// Whether the block has a min (`d * q + m`).
+    /// Whether the block has a min (`d * q + m`, or Q4_K's `- dmin * m_s * q`).
     const HAS_MIN: bool;
+    /// 32-element sub-blocks per block (8 for Q4_K's 256 elements, else 1).
+    const SUBS: usize;
+    /// Sub-block `s` of block `i` of the 8 rows, transposed.
+    unsafe fn pack<const VNNI: bool>(w: &[*const Self; 8], i: usize, s: usize) -> RowsBlock;
+    /// Four weight rows times one activation row (lane r: `w[r]`).
+    unsafe fn rows4<const VNNI: bool>(w: [&[Self]; 4], act: &ActQ8) -> [f32; 4];
+}
+
+/// Bytes of one sub-block of `B` (the prefetch's stride).
+const fn sub_bytes<B: TileKernel>() -> usize {
+    std::mem::size_of::<B>() / B::SUBS
+}
+
+/// A 32-element block (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) as the generic kernels read it.
+trait TileBlock: TileKernel {
     fn d(&self) -> [u8; 2];
     fn m(&self) -> [u8; 2];
     /// The 32 quants in element order (unsigned nibbles, or signed bytes).
@@ -219,6 +234,30 @@ trait TileBlock: Block {
     /// The stored quants: 16 bytes of packed nibbles (element j low, j + 16 high), or 32
     /// signed bytes (not read for U5, whose quants take their fifth bit from elsewhere).
     fn qs(&self) -> *const u8;
+}
+
+/// The [`TileKernel`] of a 32-element type: the generic bodies.
+macro_rules! legacy_kernel {
+    ($block:ty, $kind:ident, $offset:expr, $min:expr) => {
+        impl TileKernel for $block {
+            const KIND: Quants = Quants::$kind;
+            const OFFSET: i32 = $offset;
+            const HAS_MIN: bool = $min;
+            const SUBS: usize = 1;
+            #[inline(always)]
+            unsafe fn pack<const VNNI: bool>(
+                w: &[*const Self; 8],
+                i: usize,
+                _: usize,
+            ) -> RowsBlock {
+                rows_block::<Self, VNNI>(w, i)
+            }
+            #[inline(always)]
+            unsafe fn rows4<const VNNI: bool>(w: [&[Self]; 4], act: &ActQ8) -> [f32; 4] {
+                rows4_body::<Self, VNNI>(w, act)
+            }
+        }
+    };
 }
 
 /// The 5-bit quants of a Q5 block in element order: the nibbles, and bit e of `qh` (little
@@ -239,10 +278,9 @@ unsafe fn five_bit(qh: [u8; 4], qs: &[u8; 16]) -> __m256i {
     _mm256_or_si256(nibbles(qs), _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
 }
 
+legacy_kernel!(BlockQ4_0, U4, -8, false);
+
 impl TileBlock for BlockQ4_0 {
-    const KIND: Quants = Quants::U4;
-    const OFFSET: i32 = -8;
-    const HAS_MIN: bool = false;
     fn d(&self) -> [u8; 2] {
         self.d
     }
@@ -258,10 +296,9 @@ impl TileBlock for BlockQ4_0 {
     }
 }
 
+legacy_kernel!(BlockQ4_1, U4, 0, true);
+
 impl TileBlock for BlockQ4_1 {
-    const KIND: Quants = Quants::U4;
-    const OFFSET: i32 = 0;
-    const HAS_MIN: bool = true;
     fn d(&self) -> [u8; 2] {
         self.d
     }
@@ -277,10 +314,9 @@ impl TileBlock for BlockQ4_1 {
     }
 }
 
+legacy_kernel!(BlockQ8_0, I8, 0, false);
+
 impl TileBlock for BlockQ8_0 {
-    const KIND: Quants = Quants::I8;
-    const OFFSET: i32 = 0;
-    const HAS_MIN: bool = false;
     fn d(&self) -> [u8; 2] {
         self.d
     }
@@ -297,10 +333,9 @@ impl TileBlock for BlockQ8_0 {
     }
 }
 
+legacy_kernel!(BlockQ5_0, U5, -16, false);
+
 impl TileBlock for BlockQ5_0 {
-    const KIND: Quants = Quants::U5;
-    const OFFSET: i32 = -16;
-    const HAS_MIN: bool = false;
     fn d(&self) -> [u8; 2] {
         self.d
     }
@@ -316,10 +351,9 @@ impl TileBlock for BlockQ5_0 {
     }
 }
 
+legacy_kernel!(BlockQ5_1, U5, 0, true);
+
 impl TileBlock for BlockQ5_1 {
-    const KIND: Quants = Quants::U5;
-    const OFFSET: i32 = 0;
-    const HAS_MIN: bool = true;
     fn d(&self) -> [u8; 2] {
         self.d
     }
@@ -335,10 +369,189 @@ impl TileBlock for BlockQ5_1 {
     }
 }
 
+/// Q4_K (256 elements: 8 sub-blocks of 32, each with a 6-bit scale and min; element `x = d *
+/// sc_s * q - dmin * m_s`) as 8 sub-blocks: quants U4, the scale `d * sc_s` and the min
+/// `-(dmin * m_s)` per sub-block, both formed in f32 (`dot::dot_tile_scalar` does the same).
+impl TileKernel for BlockQ4K {
+    const KIND: Quants = Quants::U4;
+    const OFFSET: i32 = 0;
+    const HAS_MIN: bool = true;
+    const SUBS: usize = 8;
+
+    #[inline(always)]
+    unsafe fn pack<const VNNI: bool>(w: &[*const Self; 8], i: usize, s: usize) -> RowsBlock {
+        // SAFETY (of every read below): the caller passes rows of more than `i` blocks.
+        let b = |r: usize| &*w[r].add(i);
+        let r = [
+            q4k_sub(b(0), s),
+            q4k_sub(b(1), s),
+            q4k_sub(b(2), s),
+            q4k_sub(b(3), s),
+            q4k_sub(b(4), s),
+            q4k_sub(b(5), s),
+            q4k_sub(b(6), s),
+            q4k_sub(b(7), s),
+        ];
+        let mut q = [_mm256_setzero_si256(); 8];
+        macro_rules! lo {
+            ($k:expr) => {
+                _mm256_permute2x128_si256::<0x20>(r[$k], r[$k + 4])
+            };
+        }
+        macro_rules! hi {
+            ($k:expr) => {
+                _mm256_permute2x128_si256::<0x31>(r[$k], r[$k + 4])
+            };
+        }
+        q[..4].copy_from_slice(&transpose4x4(lo!(0), lo!(1), lo!(2), lo!(3)));
+        q[4..].copy_from_slice(&transpose4x4(hi!(0), hi!(1), hi!(2), hi!(3)));
+        // d * sc_s and -(dmin * m_s) of the 8 rows, as `dot::dot_tile_scalar` forms them.
+        let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+        for k in 0..8 {
+            let (a, c) = q4k_scales(&b(k).scales);
+            (sc[k], m[k]) = (a[s], c[s]);
+        }
+        let h = |k: usize, f: fn(&BlockQ4K) -> [u8; 2]| u16::from_le_bytes(f(b(k))) as i16;
+        macro_rules! f16x8 {
+            ($f:expr) => {
+                _mm256_cvtph_ps(_mm_set_epi16(
+                    h(7, $f),
+                    h(6, $f),
+                    h(5, $f),
+                    h(4, $f),
+                    h(3, $f),
+                    h(2, $f),
+                    h(1, $f),
+                    h(0, $f),
+                ))
+            };
+        }
+        let d = _mm256_mul_ps(f16x8!(|x| x.d), bytes8_to_f32(sc));
+        let dm = _mm256_mul_ps(f16x8!(|x| x.dmin), bytes8_to_f32(m));
+        RowsBlock {
+            q,
+            s: [_mm256_setzero_si256(); 8],
+            d,
+            m: _mm256_xor_ps(dm, _mm256_set1_ps(-0.0)),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows4<const VNNI: bool>(w: [&[Self]; 4], act: &ActQ8) -> [f32; 4] {
+        let nb = w[0].len();
+        assert!(
+            w.iter().all(|r| r.len() == nb) && act.blk.len() >= 8 * nb && act.qs.len() >= 256 * nb
+        );
+        let wp = w.map(<[Self]>::as_ptr);
+        let (qs, blk) = (act.qs.as_ptr(), act.blk.as_ptr());
+        let (mut acc, mut mn) = (_mm_setzero_ps(), _mm_setzero_ps());
+        for i in 0..nb {
+            prefetch_ahead::<4>(wp[0].cast(), i, std::mem::size_of::<Self>());
+            // SAFETY: i < nb and every array covers nb blocks (asserted above).
+            let b = |r: usize| &*wp[r].add(i);
+            // The 4 rows' d and dmin (F16C), and their 8 scales and mins as f32, `[row][s]`.
+            let h = |r: usize, f: fn(&BlockQ4K) -> [u8; 2]| u16::from_le_bytes(f(b(r))) as i16;
+            let dv = _mm_cvtph_ps(_mm_set_epi16(
+                0,
+                0,
+                0,
+                0,
+                h(3, |x| x.d),
+                h(2, |x| x.d),
+                h(1, |x| x.d),
+                h(0, |x| x.d),
+            ));
+            let mv = _mm_cvtph_ps(_mm_set_epi16(
+                0,
+                0,
+                0,
+                0,
+                h(3, |x| x.dmin),
+                h(2, |x| x.dmin),
+                h(1, |x| x.dmin),
+                h(0, |x| x.dmin),
+            ));
+            let mut scf = [[0f32; 8]; 4];
+            let mut mf = [[0f32; 8]; 4];
+            for r in 0..4 {
+                let (sc, m) = q4k_scales(&b(r).scales);
+                _mm256_storeu_ps(scf[r].as_mut_ptr(), bytes8_to_f32(sc));
+                _mm256_storeu_ps(mf[r].as_mut_ptr(), bytes8_to_f32(m));
+            }
+            for s in 0..8 {
+                let ai = 8 * i + s;
+                let y = load256(qs.add(32 * ai).cast());
+                let ab = *blk.add(ai);
+                let z = _mm256_setzero_si256();
+                let p = [
+                    dot_u8_i8::<VNNI>(z, q4k_sub(b(0), s), y),
+                    dot_u8_i8::<VNNI>(z, q4k_sub(b(1), s), y),
+                    dot_u8_i8::<VNNI>(z, q4k_sub(b(2), s), y),
+                    dot_u8_i8::<VNNI>(z, q4k_sub(b(3), s), y),
+                ];
+                let col = |a: &[[f32; 8]; 4]| _mm_setr_ps(a[0][s], a[1][s], a[2][s], a[3][s]);
+                // d * sc and -(dmin * m), as `q4k_scale_min` forms them.
+                let dw = _mm_mul_ps(dv, col(&scf));
+                let mw = _mm_xor_ps(_mm_mul_ps(mv, col(&mf)), _mm_set1_ps(-0.0));
+                let sc = _mm_mul_ps(dw, _mm_set1_ps(ab.d));
+                acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p)), sc, acc);
+                mn = _mm_fmadd_ps(mw, _mm_set1_ps(ab.ds), mn);
+            }
+        }
+        let mut o = [0f32; 4];
+        // SAFETY: `o` is 16 writable bytes.
+        _mm_storeu_ps(o.as_mut_ptr(), _mm_add_ps(acc, mn));
+        o
+    }
+}
+
+/// The 8 scales and 8 mins of a Q4_K block (6 bits each, packed in 12 bytes as
+/// `blocks::scale_min_k4` reads them), unpacked with 32-bit word operations.
+#[inline(always)]
+fn q4k_scales(q: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+    let w = |k: usize| u32::from_le_bytes([q[4 * k], q[4 * k + 1], q[4 * k + 2], q[4 * k + 3]]);
+    let (w0, w1, w2) = (w(0), w(1), w(2));
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    // Scales 0..4 are the low 6 bits of bytes 0..4, mins 0..4 those of bytes 4..8; scales
+    // 4..8 take the low nibbles of bytes 8..12 and the top 2 bits of bytes 0..4, mins 4..8
+    // the high nibbles of bytes 8..12 and the top 2 bits of bytes 4..8.
+    let sc_lo = w0 & LOW6;
+    let sc_hi = (w2 & LOW4) | (((w0 >> 6) & TOP2) << 4);
+    let m_lo = w1 & LOW6;
+    let m_hi = ((w2 >> 4) & LOW4) | (((w1 >> 6) & TOP2) << 4);
+    let join = |a: u32, b: u32| (u64::from(a) | (u64::from(b) << 32)).to_le_bytes();
+    (join(sc_lo, sc_hi), join(m_lo, m_hi))
+}
+
+/// 8 bytes as 8 f32 lanes.
+#[inline(always)]
+unsafe fn bytes8_to_f32(b: [u8; 8]) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi64x(
+        0,
+        i64::from_le_bytes(b),
+    )))
+}
+
+/// Sub-block `s` of a Q4_K block: its 32 quants (0..15) in element order. Elements 64j..64j+32
+/// are the low nibbles of bytes 32j..32j+32, the next 32 their high nibbles.
+#[inline(always)]
+unsafe fn q4k_sub(b: &BlockQ4K, s: usize) -> __m256i {
+    // SAFETY: s < 8, so 32 (s / 2) + 32 <= 128 bytes of `qs`.
+    let v = load256(b.qs.as_ptr().add(32 * (s / 2)));
+    let v = if s % 2 == 1 {
+        _mm256_srli_epi16(v, 4)
+    } else {
+        v
+    };
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+}
+
 /// The integer lanes' starting value: `OFFSET * sum(y)`, plus on the VNNI Q8_0 path the
 /// `-128 * sum(y)` that undoes the weights' bias.
 #[inline(always)]
-fn init_of<B: TileBlock, const VNNI: bool>(isum: i32) -> i32 {
+fn init_of<B: TileKernel, const VNNI: bool>(isum: i32) -> i32 {
     let bias = if VNNI && B::KIND == Quants::I8 {
         -128
     } else {
@@ -544,7 +757,7 @@ unsafe fn rows_block<B: TileBlock, const VNNI: bool>(w: &[*const B; 8], i: usize
 /// activation blocks `lanes` beside them, added to `acc` (one vector of 8 rows per lane);
 /// prefetches the 8-row blocks from `ahead` on, one per block (none when null).
 #[inline(always)]
-unsafe fn lanes4_pass<B: TileBlock, const VNNI: bool>(
+unsafe fn lanes4_pass<B: TileKernel, const VNNI: bool>(
     pack: &[RowsBlock],
     lanes: &[LaneBlock],
     t0: usize,
@@ -560,11 +773,11 @@ unsafe fn lanes4_pass<B: TileBlock, const VNNI: bool>(
             // A block of 8 rows ahead, spread over the loop (a burst of them would wait for
             // the core's few outstanding-miss slots).
             let mut off = 0;
-            while off < 8 * std::mem::size_of::<B>() {
+            while off < 8 * sub_bytes::<B>() {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
                 off += 64;
             }
-            ahead = ahead.wrapping_add(8 * std::mem::size_of::<B>());
+            ahead = ahead.wrapping_add(8 * sub_bytes::<B>());
         }
         // SAFETY (of the reads through these): t0 + 3 < LANES, and group g < 8 of lane t is
         // the 4 bytes at 32 g + 4 t of the block's 256.
@@ -663,14 +876,15 @@ unsafe fn lanes4_pass<B: TileBlock, const VNNI: bool>(
 /// (broadcast from memory, no shuffle) serves 8 rows. `next_tile`: where the next tile's
 /// rows start, prefetched along the way.
 #[inline(always)]
-unsafe fn rows8_body<B: TileBlock, const VNNI: bool>(
+unsafe fn rows8_body<B: TileKernel, const VNNI: bool>(
     w: [&[B]; 8],
     a: &ActLanes,
     pack: &mut [RowsBlock; CHUNK],
     next_tile: *const u8,
 ) -> [[f32; 8]; LANES] {
-    let nb = w[0].len();
-    assert!(a.nb() >= nb && w.iter().all(|r| r.len() == nb));
+    // Sub-blocks per row (each meets one activation block).
+    let nb = w[0].len() * B::SUBS;
+    assert!(a.nb() >= nb && w.iter().all(|r| r.len() * B::SUBS == nb));
     let wp = w.map(<[B]>::as_ptr);
     // Lanes past the rows given repeat the last one: with 4 rows or fewer, half a pass.
     let lanes = if a.rows() > 4 { 8 } else { 4 };
@@ -680,15 +894,17 @@ unsafe fn rows8_body<B: TileBlock, const VNNI: bool>(
     while i0 < nb {
         let n = (nb - i0).min(CHUNK);
         for (k, pb) in pack[..n].iter_mut().enumerate() {
-            // SAFETY: i0 + k < nb, the length of every row (asserted above).
-            *pb = rows_block::<B, VNNI>(&wp, i0 + k);
+            // SAFETY: i0 + k < nb, so block (i0 + k) / SUBS is within every row (asserted
+            // above).
+            let v = i0 + k;
+            *pb = B::pack::<VNNI>(&wp, v / B::SUBS, v % B::SUBS);
         }
         let blocks = &a.blocks[i0..i0 + n];
         // The next tile's bytes at the pace of this one's blocks: its 8 rows follow these in
         // memory, and the 8 row streams a tile reads side by side are more than the hardware
         // prefetcher follows (without it, the loads of weights arriving from DRAM took a third
         // of the kernel's time in a served model).
-        let ahead = next_tile.wrapping_add(i0 * 8 * std::mem::size_of::<B>());
+        let ahead = next_tile.wrapping_add(i0 * 8 * sub_bytes::<B>());
         for t0 in (0..lanes).step_by(4) {
             let ahead = if t0 == 0 { ahead } else { std::ptr::null() };
             lanes4_pass::<B, VNNI>(&pack[..n], blocks, t0, &mut acc, ahead);
@@ -720,7 +936,7 @@ unsafe fn rows8_body<B: TileBlock, const VNNI: bool>(
 /// Weight rows (`out.len()` rows of `nb` blocks, row-major) times one activation row, 4 rows
 /// per tile; a last partial tile repeats its last row in the unused lanes.
 #[inline(always)]
-unsafe fn rows4_over<B: TileBlock, const VNNI: bool>(
+unsafe fn rows4_over<B: TileKernel, const VNNI: bool>(
     w: &[B],
     nb: usize,
     act: &ActQ8,
@@ -734,7 +950,7 @@ unsafe fn rows4_over<B: TileBlock, const VNNI: bool>(
         for (k, t) in tile.iter_mut().enumerate() {
             *t = row((r + k).min(rows - 1));
         }
-        let o = rows4_body::<B, VNNI>(tile, act);
+        let o = B::rows4::<VNNI>(tile, act);
         let n = (rows - r).min(4);
         out[r..r + n].copy_from_slice(&o[..n]);
         r += 4;
@@ -744,7 +960,7 @@ unsafe fn rows4_over<B: TileBlock, const VNNI: bool>(
 /// Weight rows times the interleaved activation rows of `a`, 8 weight rows per tile (a last
 /// partial tile repeats its last row).
 #[inline(always)]
-unsafe fn lanes_over<B: TileBlock, const VNNI: bool>(
+unsafe fn lanes_over<B: TileKernel, const VNNI: bool>(
     w: &[B],
     nb: usize,
     a: &ActLanes,
@@ -791,7 +1007,8 @@ macro_rules! tile_entries {
             unsafe fn vnni(w: &[$block], nb: usize, act: &ActQ8, out: &mut [f32]) {
                 rows4_over::<$block, true>(w, nb, act, out)
             }
-            assert!(act.blk.len() >= nb && act.qs.len() >= 32 * nb);
+            let subs = nb * <$block as TileKernel>::SUBS;
+            assert!(act.blk.len() >= subs && act.qs.len() >= 32 * subs);
             match isa {
                 Isa::Vnni => vnni(w, nb, act, out),
                 _ => avx2(w, nb, act, out),
@@ -831,6 +1048,7 @@ tile_entries!(BlockQ4_0, q4_0_rows4, q4_0_lanes);
 tile_entries!(BlockQ8_0, q8_0_rows4, q8_0_lanes);
 tile_entries!(BlockQ5_0, q5_0_rows4, q5_0_lanes);
 tile_entries!(BlockQ5_1, q5_1_rows4, q5_1_lanes);
+tile_entries!(BlockQ4K, q4_k_rows4, q4_k_lanes);
 
 /// Quantizes 32 activations to Q8 exactly as `dot::quantize_act_block` does (same scale, same
 /// round-half-away-from-zero, same clamp), or returns None when a value is not finite (the
