@@ -843,7 +843,7 @@ unsafe fn lanes4_pass<B: TileKernel, const VNNI: bool>(
             let mut o = [z; 4];
             unroll8!(g => {
                 let w = pb.q[g];
-                let acc = if g % 2 == 0 { &mut e } else { &mut o };
+                let acc = if g.is_multiple_of(2) { &mut e } else { &mut o };
                 acc[0] = dot_u8_i8::<VNNI>(acc[0], w, x!(g, 0));
                 acc[1] = dot_u8_i8::<VNNI>(acc[1], w, x!(g, 1));
                 acc[2] = dot_u8_i8::<VNNI>(acc[2], w, x!(g, 2));
