@@ -161,6 +161,10 @@ pub struct LaneBlock {
     pub d: [f32; LANES],
     pub ds: [f32; LANES],
     pub isum: [i32; LANES],
+    /// Each lane's quant sums over elements 0..16 and 16..32, as two i16 (low half, high
+    /// half; |sum| <= 16 * 127): Q6_K scales each 16 elements on its own, and its -32 offset
+    /// meets these sums.
+    pub hsums: [i32; LANES],
 }
 
 impl Default for LaneBlock {
@@ -170,8 +174,16 @@ impl Default for LaneBlock {
             d: [0.0; LANES],
             ds: [0.0; LANES],
             isum: [0; LANES],
+            hsums: [0; LANES],
         }
     }
+}
+
+/// The quant sums of a block's two 16-element halves, packed as [`LaneBlock::hsums`] keeps
+/// them.
+pub fn half_sums(qs: &[i8]) -> i32 {
+    let sum = |h: &[i8]| h.iter().map(|&q| i32::from(q)).sum::<i32>() as i16 as u16;
+    (u32::from(sum(&qs[..16])) | u32::from(sum(&qs[16..32])) << 16) as i32
 }
 
 /// Up to [`LANES`] activation rows interleaved for the lanes kernels (`simd_tile::*_lanes`),
@@ -199,6 +211,7 @@ impl ActLanes {
                 lb.d[t] = b.d;
                 lb.ds[t] = b.ds;
                 lb.isum[t] = b.isum;
+                lb.hsums[t] = half_sums(&a.qs[32 * i..32 * i + 32]);
                 for g in 0..8 {
                     let at = g * 4 * LANES + 4 * t;
                     lb.qs[at..at + 4].copy_from_slice(&a.qs[32 * i + 4 * g..32 * i + 4 * g + 4]);

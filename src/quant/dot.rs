@@ -104,16 +104,13 @@ pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Path {
     /// Register-tiled kernels (several rows x several activation rows), Q4_0 / Q4_1 / Q5_0 /
-    /// Q5_1 / Q8_0 / Q4_K.
+    /// Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K.
     #[cfg(target_arch = "x86_64")]
     Tile(Isa),
-    /// AVX2 row kernel with Q8 activations (Q6_K).
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
     /// Portable integer kernel with Q8 activations (legacy 32-element types).
     Q8Scalar,
-    /// Dequantize the row, then an f32 dot product (float types; the K-quants other than Q4_K
-    /// and Q6_K until they get integer kernels, see the module docs).
+    /// Dequantize the row, then an f32 dot product (float types; Q2_K and Q3_K, which have no
+    /// integer kernel yet, see the module docs).
     Float { fma: bool },
 }
 
@@ -132,12 +129,12 @@ fn choose(ty: GgmlType) -> Path {
         | GgmlType::Q5_1
         | GgmlType::Q8_0
         | GgmlType::Q4_K
+        | GgmlType::Q5_K
+        | GgmlType::Q6_K
             if isa.is_some() =>
         {
             Path::Tile(isa.unwrap_or(Isa::Avx2))
         }
-        #[cfg(target_arch = "x86_64")]
-        GgmlType::Q6_K if avx2 => Path::Avx2,
         GgmlType::Q4_0
         | GgmlType::Q4_1
         | GgmlType::Q5_0
@@ -171,11 +168,14 @@ fn dot_legacy_scalar<const B: usize>(ty: GgmlType, w: &[u8], acts: [&ActQ8; B]) 
 /// The scalar reference of the tile kernels (`simd_tile`), bit for bit: per block the exact
 /// integer dot `isum` of the weight and activation quants, then `acc = fma(isum, d_w * d_x, acc)`
 /// block after block, and for Q4_1 the min term `mn = fma(m_w, d_x * sum_x, mn)` beside it;
-/// the result is `acc + mn` (Q4_1, Q5_1) or `acc`. For Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0.
+/// the result is `acc + mn` (Q4_1, Q5_1) or `acc`. For Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0; the
+/// K-quants have their own below.
 #[cfg(test)]
 pub(crate) fn dot_tile_scalar(ty: GgmlType, w: &[u8], act: &ActQ8) -> f32 {
-    if ty == GgmlType::Q4_K {
-        return dot_tile_scalar_q4_k(w, act);
+    match ty {
+        GgmlType::Q4_K | GgmlType::Q5_K => return dot_tile_scalar_k_min(ty, w, act),
+        GgmlType::Q6_K => return dot_tile_scalar_q6_k(w, act),
+        _ => {}
     }
     let bb = ty.block_bytes() as usize;
     let mut q = [0i8; 32];
@@ -199,28 +199,66 @@ pub(crate) fn dot_tile_scalar(ty: GgmlType, w: &[u8], act: &ActQ8) -> f32 {
     }
 }
 
-/// [`dot_tile_scalar`] for Q4_K: each 32-element sub-block s as a block of its own, with the
-/// scale `d * sc_s` and the min term `fma(-(dmin * m_s), d_x * sum_x, mn)`, both in f32.
+/// [`dot_tile_scalar`] for Q4_K and Q5_K: each 32-element sub-block s as a block of its own,
+/// with the scale `d * sc_s` and the min term `fma(-(dmin * m_s), d_x * sum_x, mn)`, both in
+/// f32. (Q5_K's fifth bit of element e of sub-block s is bit s of `qh[e]`.)
 #[cfg(test)]
-fn dot_tile_scalar_q4_k(w: &[u8], act: &ActQ8) -> f32 {
+fn dot_tile_scalar_k_min(ty: GgmlType, w: &[u8], act: &ActQ8) -> f32 {
     let (mut acc, mut mn) = (0.0f32, 0.0f32);
-    for (i, blk) in w.chunks_exact(144).enumerate() {
+    let bb = ty.block_bytes() as usize;
+    for (i, blk) in w.chunks_exact(bb).enumerate() {
         let (d, dmin) = (f16([blk[0], blk[1]]), f16([blk[2], blk[3]]));
         let scales: &[u8; 12] = blk[4..16].try_into().expect("12 bytes");
-        let qs = &blk[16..144];
+        let (qh, qs) = if ty == GgmlType::Q5_K {
+            (Some(&blk[16..48]), &blk[48..176])
+        } else {
+            (None, &blk[16..144])
+        };
         for s in 0..8 {
             let (sc, m) = crate::quant::blocks::scale_min_k4(s, scales);
             let ai = 8 * i + s;
             let y = &act.qs[32 * ai..32 * ai + 32];
-            let isum: i32 = (0..32)
-                .map(|e| ((qs[32 * (s / 2) + e] >> (4 * (s % 2))) & 0xF) as i32 * y[e] as i32)
-                .sum();
+            let q = |e: usize| {
+                let nib = (qs[32 * (s / 2) + e] >> (4 * (s % 2))) & 0xF;
+                let high = qh.map_or(0, |h| ((h[e] >> s) & 1) << 4);
+                i32::from(nib | high)
+            };
+            let isum: i32 = (0..32).map(|e| q(e) * i32::from(y[e])).sum();
             let ab = act.blk[ai];
             acc = (isum as f32).mul_add((d * f32::from(sc)) * ab.d, acc);
             mn = (-(dmin * f32::from(m))).mul_add(ab.ds, mn);
         }
     }
     acc + mn
+}
+
+/// [`dot_tile_scalar`] for Q6_K: sub-block s (32 elements) has the integer sum
+/// `sum_h sc[2s + h] * sum_{e in half h} (q_e - 32) y_e`, then `acc = fma(isum, d * d_x, acc)`.
+#[cfg(test)]
+fn dot_tile_scalar_q6_k(w: &[u8], act: &ActQ8) -> f32 {
+    let mut acc = 0.0f32;
+    for (i, blk) in w.chunks_exact(210).enumerate() {
+        let (ql, qh, sc) = (&blk[..128], &blk[128..192], &blk[192..208]);
+        let d = f16([blk[208], blk[209]]);
+        for s in 0..8 {
+            let (n, k) = (s / 4, s % 4);
+            let ai = 8 * i + s;
+            let y = &act.qs[32 * ai..32 * ai + 32];
+            let q = |e: usize| {
+                let l = ql[64 * n + 32 * (k % 2) + e];
+                let lo = if k >= 2 { l >> 4 } else { l & 0xF };
+                i32::from(lo | (((qh[32 * n + e] >> (2 * k)) & 3) << 4)) - 32
+            };
+            let isum: i32 = (0..2)
+                .map(|h| {
+                    let part: i32 = (16 * h..16 * h + 16).map(|e| q(e) * i32::from(y[e])).sum();
+                    i32::from(sc[2 * s + h] as i8) * part
+                })
+                .sum();
+            acc = (isum as f32).mul_add(d * act.blk[ai].d, acc);
+        }
+    }
+    acc
 }
 
 /// Integer quants of one legacy block (offsets applied) and its (d, m); m = 0 for symmetric types.
@@ -307,10 +345,6 @@ fn dot_row<const B: usize>(
     scratch: &mut Scratch,
 ) -> [f32; B] {
     match path {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Path::Avx2 is chosen only when `simd::has_avx2()`; the activations were built
-        // from `cols` values, so they cover every block of the row; as_blocks checked the length.
-        Path::Avx2 => unsafe { simd::dot_q6_k(as_blocks(w).unwrap_or(&[]), acts) },
         // Tiles are handled by `tile_rows`; a tiled type reaching here takes the portable path.
         #[cfg(target_arch = "x86_64")]
         Path::Tile(_) => dot_legacy_scalar(ty, w, acts),
@@ -480,7 +514,7 @@ fn rows_range(
     }
 }
 
-/// Runs the one-row tile kernel of `ty` (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0) over the rows of `w` (`out.len()`
+/// Runs the one-row tile kernel of `ty` (a type [`choose`] gives `Path::Tile`) over the rows of `w` (`out.len()`
 /// rows of `cols` weights).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -497,12 +531,14 @@ fn rows4_kernel(ty: GgmlType, isa: Isa, w: &[u8], cols: usize, act: &ActQ8, out:
             GgmlType::Q5_0 => simd_tile::q5_0_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
             GgmlType::Q5_1 => simd_tile::q5_1_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
             GgmlType::Q4_K => simd_tile::q4_k_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+            GgmlType::Q5_K => simd_tile::q5_k_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+            GgmlType::Q6_K => simd_tile::q6_k_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
             _ => simd_tile::q8_0_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
         }
     }
 }
 
-/// Runs the lanes tile kernel of `ty` (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0): the rows of `w` times the
+/// Runs the lanes tile kernel of `ty` (a type [`choose`] gives `Path::Tile`): the rows of `w` times the
 /// interleaved activation rows of `a`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -524,6 +560,8 @@ fn lanes_kernel(
             GgmlType::Q5_0 => simd_tile::q5_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
             GgmlType::Q5_1 => simd_tile::q5_1_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
             GgmlType::Q4_K => simd_tile::q4_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
+            GgmlType::Q5_K => simd_tile::q5_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
+            GgmlType::Q6_K => simd_tile::q6_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
             _ => simd_tile::q8_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
         }
     }
@@ -716,11 +754,17 @@ mod tests {
             for b in blk.iter_mut() {
                 *b = next() as u8;
             }
-            if k < per_row {
+            if k < per_row && ty == GgmlType::Q6_K {
+                // Every quant 63 and every scale -128.
+                blk[..192].fill(0xFF);
+                blk[192..208].fill(0x80);
+            } else if k < per_row {
                 let qs = blk.len()
                     - match ty {
                         GgmlType::Q8_0 => 32,
                         GgmlType::Q4_K => 128,
+                        // The nibbles and the fifth bits before them.
+                        GgmlType::Q5_K => 160,
                         _ => 16,
                     };
                 let top = if ty == GgmlType::Q8_0 { 0x80 } else { 0xFF };
@@ -732,8 +776,13 @@ mod tests {
             }
             let scale = |v: f32| half::f16::from_f32(v).to_le_bytes();
             let r = next();
-            blk[..2].copy_from_slice(&scale((r % 1000) as f32 / 3e4 - 0.01));
-            if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K) {
+            // Q6_K keeps its d last.
+            let d_at = if ty == GgmlType::Q6_K { bb - 2 } else { 0 };
+            blk[d_at..d_at + 2].copy_from_slice(&scale((r % 1000) as f32 / 3e4 - 0.01));
+            if matches!(
+                ty,
+                GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K
+            ) {
                 blk[2..4].copy_from_slice(&scale(((r >> 20) % 1000) as f32 / 2e4 - 0.025));
             }
         }
@@ -764,6 +813,8 @@ mod tests {
                 GgmlType::Q5_1,
                 GgmlType::Q8_0,
                 GgmlType::Q4_K,
+                GgmlType::Q5_K,
+                GgmlType::Q6_K,
             ] {
                 if cols % ty.block_elems() as usize != 0 {
                     continue;
@@ -840,6 +891,8 @@ mod tests {
             GgmlType::Q5_1,
             GgmlType::Q8_0,
             GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
         ] {
             let w = crate::quant::quantize(ty, &wf).unwrap();
             let rb = w.len() / 4;
@@ -859,7 +912,7 @@ mod tests {
                     .map(|(a, b)| (*a as f64 * *b as f64).abs())
                     .sum();
                 let mut got = vec![("tile reference", dot_tile_scalar(ty, wr, &act))];
-                if ty != GgmlType::Q4_K {
+                if ty.block_elems() == 32 {
                     got.push(("scalar", dot_legacy_scalar::<1>(ty, wr, [&act])[0]));
                 }
                 #[cfg(target_arch = "x86_64")]

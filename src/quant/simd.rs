@@ -2,10 +2,9 @@
 //! (`has_avx2()`) before calling anything here; every function is `unsafe` for that reason.
 //!
 //! Dequantizers compute exactly the scalar reference's products (multiply then add, never a fused
-//! multiply-add), so they are bit-exact with `reference`. Dot kernels use integer products
-//! (`maddubs`/`madd`) of 4/8-bit weights with Q8 activations, as ggml does.
+//! multiply-add), so they are bit-exact with `reference`. The integer dot kernels of the
+//! quantized types are in `simd_tile`.
 
-use super::act::ActQ8;
 use super::blocks::*;
 use std::arch::x86_64::*;
 
@@ -31,70 +30,6 @@ unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
-}
-
-#[inline(always)]
-unsafe fn load_act(a: &ActQ8, i: usize) -> __m256i {
-    let y = &a.qs[32 * i..32 * i + 32];
-    // SAFETY: `y` is exactly 32 readable bytes.
-    _mm256_loadu_si256(y.as_ptr().cast())
-}
-
-/// Q6_K weight row x B activation rows. Each 32-element chunk spans two 16-element scale groups
-/// and one activation block: signed quants (q - 32) through the sign trick, then `madd` with the
-/// two group scales (low / high 128-bit lane), as ggml does; d*d_x scales the i32 sums.
-///
-/// # Safety
-/// AVX2, FMA and F16C must be available (`has_avx2`); `acts[b]` cover `8 * w.len()`
-/// 32-element blocks.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q6_k<const B: usize>(w: &[BlockQ6K], acts: [&ActQ8; B]) -> [f32; B] {
-    let mut acc = [[_mm256_setzero_ps(); 2]; B];
-    let m4 = _mm256_set1_epi8(0x0F);
-    let off = _mm256_set1_epi8(32);
-    for (i, blk) in w.iter().enumerate() {
-        let d = h2f(blk.d);
-        for n in 0..2 {
-            // SAFETY: 32-byte loads inside ql (128 bytes) and qh (64 bytes).
-            let ql0 = _mm256_loadu_si256(blk.ql.as_ptr().add(64 * n).cast());
-            let ql1 = _mm256_loadu_si256(blk.ql.as_ptr().add(64 * n + 32).cast());
-            let qh = _mm256_loadu_si256(blk.qh.as_ptr().add(32 * n).cast());
-            let qs = [
-                _mm256_or_si256(_mm256_and_si256(ql0, m4), q6_high(qh, 0)),
-                _mm256_or_si256(_mm256_and_si256(ql1, m4), q6_high(qh, 2)),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                    q6_high(qh, 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                    q6_high(qh, 6),
-                ),
-            ];
-            for (k, q) in qs.into_iter().enumerate() {
-                let q = _mm256_sub_epi8(q, off);
-                let aq = _mm256_sign_epi8(q, q);
-                let g = 8 * n + 2 * k;
-                let scv = _mm256_set_m128i(
-                    _mm_set1_epi16(blk.scales[g + 1] as i8 as i16),
-                    _mm_set1_epi16(blk.scales[g] as i8 as i16),
-                );
-                let ai = 8 * i + 4 * n + k;
-                for b in 0..B {
-                    let a = acts[b];
-                    let sy = _mm256_sign_epi8(load_act(a, ai), q);
-                    let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sy), scv);
-                    let s = _mm256_set1_ps(d * a.blk[ai].d);
-                    acc[b][k & 1] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p32), acc[b][k & 1]);
-                }
-            }
-        }
-    }
-    let mut out = [0.0f32; B];
-    for b in 0..B {
-        out[b] = hsum(_mm256_add_ps(acc[b][0], acc[b][1]));
-    }
-    out
 }
 
 /// f32 dot product with FMA, 4 accumulators of 8 lanes, fixed order.

@@ -160,9 +160,12 @@ enum Quants {
     U4,
     /// Signed 8-bit (Q8_0).
     I8,
-    /// Unsigned 5-bit (Q5_0 before its -16 offset, Q5_1): 4 groups of `maddubs` pairs at most
-    /// sum in i16 (`4 * 2 * 31 * 127` < 2^15).
+    /// Unsigned 5-bit (Q5_0 before its -16 offset, Q5_1, Q5_K): 4 groups of `maddubs` pairs
+    /// at most sum in i16 (`4 * 2 * 31 * 127` < 2^15).
     U5,
+    /// Unsigned 6-bit (Q6_K before its -32 offset), each 16-element half of a sub-block with
+    /// its own i8 scale, applied in integers (2 groups of pairs at most sum in i16).
+    U6,
 }
 
 /// Runs `$body` for `$g` = 0..8, written out (so that the group index is a constant in each
@@ -369,141 +372,144 @@ impl TileBlock for BlockQ5_1 {
     }
 }
 
-/// Q4_K (256 elements: 8 sub-blocks of 32, each with a 6-bit scale and min; element `x = d *
-/// sc_s * q - dmin * m_s`) as 8 sub-blocks: quants U4, the scale `d * sc_s` and the min
-/// `-(dmin * m_s)` per sub-block, both formed in f32 (`dot::dot_tile_scalar` does the same).
-impl TileKernel for BlockQ4K {
-    const KIND: Quants = Quants::U4;
-    const OFFSET: i32 = 0;
-    const HAS_MIN: bool = true;
-    const SUBS: usize = 8;
+/// The K-quants with a scale and a min per 32-element sub-block (Q4_K, Q5_K: 256 elements, 8
+/// sub-blocks, 6-bit scales and mins; element `x = d * sc_s * q - dmin * m_s`) as 8 sub-blocks:
+/// quants `$kind` (from `$sub`), the scale `d * sc_s` and the min `-(dmin * m_s)` per sub-block,
+/// both formed in f32 (`dot::dot_tile_scalar` does the same).
+macro_rules! kquant_min_kernel {
+    ($block:ty, $kind:ident, $sub:ident) => {
+        impl TileKernel for $block {
+            const KIND: Quants = Quants::$kind;
+            const OFFSET: i32 = 0;
+            const HAS_MIN: bool = true;
+            const SUBS: usize = 8;
 
-    #[inline(always)]
-    unsafe fn pack<const VNNI: bool>(w: &[*const Self; 8], i: usize, s: usize) -> RowsBlock {
-        // SAFETY (of every read below): the caller passes rows of more than `i` blocks.
-        let b = |r: usize| &*w[r].add(i);
-        let r = [
-            q4k_sub(b(0), s),
-            q4k_sub(b(1), s),
-            q4k_sub(b(2), s),
-            q4k_sub(b(3), s),
-            q4k_sub(b(4), s),
-            q4k_sub(b(5), s),
-            q4k_sub(b(6), s),
-            q4k_sub(b(7), s),
-        ];
-        let mut q = [_mm256_setzero_si256(); 8];
-        macro_rules! lo {
-            ($k:expr) => {
-                _mm256_permute2x128_si256::<0x20>(r[$k], r[$k + 4])
-            };
-        }
-        macro_rules! hi {
-            ($k:expr) => {
-                _mm256_permute2x128_si256::<0x31>(r[$k], r[$k + 4])
-            };
-        }
-        q[..4].copy_from_slice(&transpose4x4(lo!(0), lo!(1), lo!(2), lo!(3)));
-        q[4..].copy_from_slice(&transpose4x4(hi!(0), hi!(1), hi!(2), hi!(3)));
-        // d * sc_s and -(dmin * m_s) of the 8 rows, as `dot::dot_tile_scalar` forms them.
-        let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
-        for k in 0..8 {
-            let (a, c) = q4k_scales(&b(k).scales);
-            (sc[k], m[k]) = (a[s], c[s]);
-        }
-        let h = |k: usize, f: fn(&BlockQ4K) -> [u8; 2]| u16::from_le_bytes(f(b(k))) as i16;
-        macro_rules! f16x8 {
-            ($f:expr) => {
-                _mm256_cvtph_ps(_mm_set_epi16(
-                    h(7, $f),
-                    h(6, $f),
-                    h(5, $f),
-                    h(4, $f),
-                    h(3, $f),
-                    h(2, $f),
-                    h(1, $f),
-                    h(0, $f),
-                ))
-            };
-        }
-        let d = _mm256_mul_ps(f16x8!(|x| x.d), bytes8_to_f32(sc));
-        let dm = _mm256_mul_ps(f16x8!(|x| x.dmin), bytes8_to_f32(m));
-        RowsBlock {
-            q,
-            s: [_mm256_setzero_si256(); 8],
-            d,
-            m: _mm256_xor_ps(dm, _mm256_set1_ps(-0.0)),
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn rows4<const VNNI: bool>(w: [&[Self]; 4], act: &ActQ8) -> [f32; 4] {
-        let nb = w[0].len();
-        assert!(
-            w.iter().all(|r| r.len() == nb) && act.blk.len() >= 8 * nb && act.qs.len() >= 256 * nb
-        );
-        let wp = w.map(<[Self]>::as_ptr);
-        let (qs, blk) = (act.qs.as_ptr(), act.blk.as_ptr());
-        let (mut acc, mut mn) = (_mm_setzero_ps(), _mm_setzero_ps());
-        for i in 0..nb {
-            prefetch_ahead::<4>(wp[0].cast(), i, std::mem::size_of::<Self>());
-            // SAFETY: i < nb and every array covers nb blocks (asserted above).
-            let b = |r: usize| &*wp[r].add(i);
-            // The 4 rows' d and dmin (F16C), and their 8 scales and mins as f32, `[row][s]`.
-            let h = |r: usize, f: fn(&BlockQ4K) -> [u8; 2]| u16::from_le_bytes(f(b(r))) as i16;
-            let dv = _mm_cvtph_ps(_mm_set_epi16(
-                0,
-                0,
-                0,
-                0,
-                h(3, |x| x.d),
-                h(2, |x| x.d),
-                h(1, |x| x.d),
-                h(0, |x| x.d),
-            ));
-            let mv = _mm_cvtph_ps(_mm_set_epi16(
-                0,
-                0,
-                0,
-                0,
-                h(3, |x| x.dmin),
-                h(2, |x| x.dmin),
-                h(1, |x| x.dmin),
-                h(0, |x| x.dmin),
-            ));
-            let mut scf = [[0f32; 8]; 4];
-            let mut mf = [[0f32; 8]; 4];
-            for r in 0..4 {
-                let (sc, m) = q4k_scales(&b(r).scales);
-                _mm256_storeu_ps(scf[r].as_mut_ptr(), bytes8_to_f32(sc));
-                _mm256_storeu_ps(mf[r].as_mut_ptr(), bytes8_to_f32(m));
-            }
-            for s in 0..8 {
-                let ai = 8 * i + s;
-                let y = load256(qs.add(32 * ai).cast());
-                let ab = *blk.add(ai);
-                let z = _mm256_setzero_si256();
-                let p = [
-                    dot_u8_i8::<VNNI>(z, q4k_sub(b(0), s), y),
-                    dot_u8_i8::<VNNI>(z, q4k_sub(b(1), s), y),
-                    dot_u8_i8::<VNNI>(z, q4k_sub(b(2), s), y),
-                    dot_u8_i8::<VNNI>(z, q4k_sub(b(3), s), y),
+            #[inline(always)]
+            unsafe fn pack<const VNNI: bool>(
+                w: &[*const Self; 8],
+                i: usize,
+                s: usize,
+            ) -> RowsBlock {
+                // SAFETY (of every read below): the caller passes rows of more than `i` blocks.
+                let b = |r: usize| &*w[r].add(i);
+                let r = [
+                    $sub(b(0), s),
+                    $sub(b(1), s),
+                    $sub(b(2), s),
+                    $sub(b(3), s),
+                    $sub(b(4), s),
+                    $sub(b(5), s),
+                    $sub(b(6), s),
+                    $sub(b(7), s),
                 ];
-                let col = |a: &[[f32; 8]; 4]| _mm_setr_ps(a[0][s], a[1][s], a[2][s], a[3][s]);
-                // d * sc and -(dmin * m), as `q4k_scale_min` forms them.
-                let dw = _mm_mul_ps(dv, col(&scf));
-                let mw = _mm_xor_ps(_mm_mul_ps(mv, col(&mf)), _mm_set1_ps(-0.0));
-                let sc = _mm_mul_ps(dw, _mm_set1_ps(ab.d));
-                acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p)), sc, acc);
-                mn = _mm_fmadd_ps(mw, _mm_set1_ps(ab.ds), mn);
+                let q = transpose_rows8(r);
+                // d * sc_s and -(dmin * m_s) of the 8 rows, as `dot::dot_tile_scalar` forms them.
+                let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+                for k in 0..8 {
+                    let (a, c) = q4k_scales(&b(k).scales);
+                    (sc[k], m[k]) = (a[s], c[s]);
+                }
+                let h = |k: usize, f: fn(&Self) -> [u8; 2]| u16::from_le_bytes(f(b(k))) as i16;
+                macro_rules! f16x8 {
+                    ($f:expr) => {
+                        _mm256_cvtph_ps(_mm_set_epi16(
+                            h(7, $f),
+                            h(6, $f),
+                            h(5, $f),
+                            h(4, $f),
+                            h(3, $f),
+                            h(2, $f),
+                            h(1, $f),
+                            h(0, $f),
+                        ))
+                    };
+                }
+                let d = _mm256_mul_ps(f16x8!(|x| x.d), bytes8_to_f32(sc));
+                let dm = _mm256_mul_ps(f16x8!(|x| x.dmin), bytes8_to_f32(m));
+                RowsBlock {
+                    q,
+                    s: [_mm256_setzero_si256(); 8],
+                    d,
+                    m: _mm256_xor_ps(dm, _mm256_set1_ps(-0.0)),
+                }
+            }
+
+            #[inline(always)]
+            unsafe fn rows4<const VNNI: bool>(w: [&[Self]; 4], act: &ActQ8) -> [f32; 4] {
+                let nb = w[0].len();
+                assert!(
+                    w.iter().all(|r| r.len() == nb)
+                        && act.blk.len() >= 8 * nb
+                        && act.qs.len() >= 256 * nb
+                );
+                let wp = w.map(<[Self]>::as_ptr);
+                let (qs, blk) = (act.qs.as_ptr(), act.blk.as_ptr());
+                let (mut acc, mut mn) = (_mm_setzero_ps(), _mm_setzero_ps());
+                for i in 0..nb {
+                    prefetch_ahead::<4>(wp[0].cast(), i, std::mem::size_of::<Self>());
+                    // SAFETY: i < nb and every array covers nb blocks (asserted above).
+                    let b = |r: usize| &*wp[r].add(i);
+                    // The 4 rows' d and dmin (F16C), and their 8 scales and mins as f32, `[row][s]`.
+                    let h = |r: usize, f: fn(&Self) -> [u8; 2]| u16::from_le_bytes(f(b(r))) as i16;
+                    let dv = _mm_cvtph_ps(_mm_set_epi16(
+                        0,
+                        0,
+                        0,
+                        0,
+                        h(3, |x| x.d),
+                        h(2, |x| x.d),
+                        h(1, |x| x.d),
+                        h(0, |x| x.d),
+                    ));
+                    let mv = _mm_cvtph_ps(_mm_set_epi16(
+                        0,
+                        0,
+                        0,
+                        0,
+                        h(3, |x| x.dmin),
+                        h(2, |x| x.dmin),
+                        h(1, |x| x.dmin),
+                        h(0, |x| x.dmin),
+                    ));
+                    let mut scf = [[0f32; 8]; 4];
+                    let mut mf = [[0f32; 8]; 4];
+                    for r in 0..4 {
+                        let (sc, m) = q4k_scales(&b(r).scales);
+                        _mm256_storeu_ps(scf[r].as_mut_ptr(), bytes8_to_f32(sc));
+                        _mm256_storeu_ps(mf[r].as_mut_ptr(), bytes8_to_f32(m));
+                    }
+                    for s in 0..8 {
+                        let ai = 8 * i + s;
+                        let y = load256(qs.add(32 * ai).cast());
+                        let ab = *blk.add(ai);
+                        let z = _mm256_setzero_si256();
+                        let p = [
+                            dot_u8_i8::<VNNI>(z, $sub(b(0), s), y),
+                            dot_u8_i8::<VNNI>(z, $sub(b(1), s), y),
+                            dot_u8_i8::<VNNI>(z, $sub(b(2), s), y),
+                            dot_u8_i8::<VNNI>(z, $sub(b(3), s), y),
+                        ];
+                        let col =
+                            |a: &[[f32; 8]; 4]| _mm_setr_ps(a[0][s], a[1][s], a[2][s], a[3][s]);
+                        // d * sc and -(dmin * m), as `q4k_scale_min` forms them.
+                        let dw = _mm_mul_ps(dv, col(&scf));
+                        let mw = _mm_xor_ps(_mm_mul_ps(mv, col(&mf)), _mm_set1_ps(-0.0));
+                        let sc = _mm_mul_ps(dw, _mm_set1_ps(ab.d));
+                        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p)), sc, acc);
+                        mn = _mm_fmadd_ps(mw, _mm_set1_ps(ab.ds), mn);
+                    }
+                }
+                let mut o = [0f32; 4];
+                // SAFETY: `o` is 16 writable bytes.
+                _mm_storeu_ps(o.as_mut_ptr(), _mm_add_ps(acc, mn));
+                o
             }
         }
-        let mut o = [0f32; 4];
-        // SAFETY: `o` is 16 writable bytes.
-        _mm_storeu_ps(o.as_mut_ptr(), _mm_add_ps(acc, mn));
-        o
-    }
+    };
 }
+
+kquant_min_kernel!(BlockQ4K, U4, q4k_sub);
+kquant_min_kernel!(BlockQ5K, U5, q5k_sub);
 
 /// The 8 scales and 8 mins of a Q4_K block (6 bits each, packed in 12 bytes as
 /// `blocks::scale_min_k4` reads them), unpacked with 32-bit word operations.
@@ -546,6 +552,151 @@ unsafe fn q4k_sub(b: &BlockQ4K, s: usize) -> __m256i {
         v
     };
     _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+}
+
+/// Sub-block `s` of a Q5_K block: its 32 quants (0..31) in element order: the nibbles as in
+/// Q4_K, and bit `s` of byte e of `qh` as bit 4 of element e.
+#[inline(always)]
+unsafe fn q5k_sub(b: &BlockQ5K, s: usize) -> __m256i {
+    // SAFETY: s < 8, so 32 (s / 2) + 32 <= 128 bytes of `qs`; `qh` is 32 bytes.
+    let v = load256(b.qs.as_ptr().add(32 * (s / 2)));
+    let v = if s % 2 == 1 {
+        _mm256_srli_epi16(v, 4)
+    } else {
+        v
+    };
+    let m4 = _mm256_set1_epi8(0x0F);
+    // A 16-bit shift moves the next byte's bits into this one's top, which the mask drops.
+    let h = _mm256_srl_epi16(load256(b.qh.as_ptr()), _mm_cvtsi32_si128(s as i32));
+    let h = _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 4);
+    _mm256_or_si256(_mm256_and_si256(v, m4), h)
+}
+
+/// Sub-block `s` of a Q6_K block: its 32 quants (0..63, before the -32 offset) in element
+/// order. Half n = s / 4 of the block takes bytes 64n.. of `ql` and 32n.. of `qh`; its
+/// sub-block k = s % 4 takes the low (k < 2) or high nibbles of `ql[64n + 32 (k % 2)..][..32]`
+/// and bits 2k, 2k + 1 of `qh[32n..][..32]` as bits 4 and 5.
+#[inline(always)]
+unsafe fn q6k_sub(b: &BlockQ6K, s: usize) -> __m256i {
+    let (n, k) = (s / 4, s % 4);
+    // SAFETY: s < 8: 64n + 32 (k % 2) + 32 <= 128 bytes of `ql`, 32n + 32 <= 64 of `qh`.
+    let l = load256(b.ql.as_ptr().add(64 * n + 32 * (k % 2)));
+    let l = if k >= 2 { _mm256_srli_epi16(l, 4) } else { l };
+    // As in `q5k_sub`, the bits a 16-bit shift brings in from the next byte are masked off.
+    let h = _mm256_srl_epi16(
+        load256(b.qh.as_ptr().add(32 * n)),
+        _mm_cvtsi32_si128(2 * k as i32),
+    );
+    let h = _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(3)), 4);
+    _mm256_or_si256(_mm256_and_si256(l, _mm256_set1_epi8(0x0F)), h)
+}
+
+/// Q6_K (256 elements: 16 halves of 16 with an i8 scale each, `x = d * sc_h * (q - 32)`) as 8
+/// sub-blocks of 32, each met by one activation block. A sub-block's integer sum is
+/// `sc_lo * sum_lo((q - 32) y) + sc_hi * sum_hi((q - 32) y)` over its two halves, exact in i32
+/// (|sum| <= 2 * 128 * 16 * 32 * 127 < 2^24, so f32 holds it exactly too); then
+/// `acc = fma(f32(isum), d * d_x, acc)` as for every type (`dot::dot_tile_scalar`). The -32
+/// offset meets the activations' half sums (`ActLanes`' `hsums`; the one-row kernel forms them
+/// from the quants).
+impl TileKernel for BlockQ6K {
+    const KIND: Quants = Quants::U6;
+    const OFFSET: i32 = 0;
+    const HAS_MIN: bool = false;
+    const SUBS: usize = 8;
+
+    #[inline(always)]
+    unsafe fn pack<const VNNI: bool>(w: &[*const Self; 8], i: usize, s: usize) -> RowsBlock {
+        // SAFETY (of every read below): the caller passes rows of more than `i` blocks.
+        let b = |r: usize| &*w[r].add(i);
+        let q = transpose_rows8([
+            q6k_sub(b(0), s),
+            q6k_sub(b(1), s),
+            q6k_sub(b(2), s),
+            q6k_sub(b(3), s),
+            q6k_sub(b(4), s),
+            q6k_sub(b(5), s),
+            q6k_sub(b(6), s),
+            q6k_sub(b(7), s),
+        ]);
+        // The 8 rows' scales of the two halves (i8), as i32 lanes.
+        let sc = |h: usize| {
+            let v = |r: usize| i32::from(b(r).scales[2 * s + h] as i8);
+            _mm256_setr_epi32(v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))
+        };
+        let (lo, hi) = (sc(0), sc(1));
+        // Each scale in both i16 of its lane (`madd` against i16 pair sums), and the pair
+        // (32 sc_lo, 32 sc_hi) (|32 sc| <= 4096) that meets a lane's packed half sums.
+        let dup = |v: __m256i| _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+        let lo16 = _mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF));
+        let hi16 = _mm256_and_si256(hi, _mm256_set1_epi32(0xFFFF));
+        let pair = _mm256_or_si256(
+            _mm256_and_si256(_mm256_slli_epi32(lo, 5), _mm256_set1_epi32(0xFFFF)),
+            _mm256_slli_epi32(_mm256_slli_epi32(hi, 5), 16),
+        );
+        let h = |r: usize| u16::from_le_bytes(b(r).d) as i16;
+        let z = _mm256_setzero_si256();
+        RowsBlock {
+            q,
+            // See `RowsBlock::s`.
+            s: [dup(lo16), dup(hi16), pair, lo, hi, z, z, z],
+            d: _mm256_cvtph_ps(_mm_set_epi16(
+                h(7),
+                h(6),
+                h(5),
+                h(4),
+                h(3),
+                h(2),
+                h(1),
+                h(0),
+            )),
+            m: _mm256_setzero_ps(),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows4<const VNNI: bool>(w: [&[Self]; 4], act: &ActQ8) -> [f32; 4] {
+        let nb = w[0].len();
+        assert!(
+            w.iter().all(|r| r.len() == nb) && act.blk.len() >= 8 * nb && act.qs.len() >= 256 * nb
+        );
+        let wp = w.map(<[Self]>::as_ptr);
+        let (qs, blk) = (act.qs.as_ptr(), act.blk.as_ptr());
+        let mut acc = _mm_setzero_ps();
+        let ones = _mm256_set1_epi8(1);
+        for i in 0..nb {
+            prefetch_ahead::<4>(wp[0].cast(), i, std::mem::size_of::<Self>());
+            // SAFETY: i < nb and every array covers nb blocks (asserted above).
+            let b = |r: usize| &*wp[r].add(i);
+            let h = |r: usize| u16::from_le_bytes(b(r).d) as i16;
+            let dv = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
+            for s in 0..8 {
+                let ai = 8 * i + s;
+                let y = load256(qs.add(32 * ai).cast());
+                let ab = *blk.add(ai);
+                // 32 times the activations' pair sums: `maddubs(q, y) - ys` is the pairs of
+                // (q - 32) y (|.| <= 2 * 32 * 127, no saturation).
+                let ys = _mm256_slli_epi16(_mm256_maddubs_epi16(ones, y), 5);
+                macro_rules! row {
+                    ($r:expr) => {{
+                        let sc = &b($r).scales;
+                        let scv = _mm256_set_m128i(
+                            _mm_set1_epi16(i16::from(sc[2 * s + 1] as i8)),
+                            _mm_set1_epi16(i16::from(sc[2 * s] as i8)),
+                        );
+                        let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q6k_sub(b($r), s), y), ys);
+                        _mm256_madd_epi16(p, scv)
+                    }};
+                }
+                let p = [row!(0), row!(1), row!(2), row!(3)];
+                let sc = _mm_mul_ps(dv, _mm_set1_ps(ab.d));
+                acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p)), sc, acc);
+            }
+        }
+        let mut o = [0f32; 4];
+        // SAFETY: `o` is 16 writable bytes.
+        _mm_storeu_ps(o.as_mut_ptr(), acc);
+        o
+    }
 }
 
 /// The integer lanes' starting value: `OFFSET * sum(y)`, plus on the VNNI Q8_0 path the
@@ -639,7 +790,9 @@ struct RowsBlock {
     /// Group g (quants 4g..4g+4) of every row, as the unsigned operand of the byte products:
     /// the 4-bit quants; for Q8_0, |q| on AVX2 and q + 128 with VNNI.
     q: [__m256i; 8],
-    /// Q8_0 on AVX2: the signed quants (their signs go onto the activations). Unused otherwise.
+    /// Q8_0 on AVX2: the signed quants (their signs go onto the activations). Q6_K: its rows'
+    /// scales of the two halves, each in both i16 of its lane (0, 1), the pairs `(32 sc_lo, 32
+    /// sc_hi)` as two i16 (2), and the scales as i32 (3, 4). Unused otherwise.
     s: [__m256i; 8],
     /// The 8 rows' scales, and their mins (Q4_1; zero otherwise).
     d: __m256,
@@ -660,6 +813,26 @@ unsafe fn transpose4x4(y0: __m256i, y1: __m256i, y2: __m256i, y3: __m256i) -> [_
         _mm256_unpacklo_epi64(t1, t3),
         _mm256_unpackhi_epi64(t1, t3),
     ]
+}
+
+/// 8 rows of 32 quants each (element order) -> 8 groups of 4 quants of all 8 rows (group g,
+/// quants 4g..4g+4, of row k in i32 lane k of vector g).
+#[inline(always)]
+unsafe fn transpose_rows8(r: [__m256i; 8]) -> [__m256i; 8] {
+    // Halves [row k | row k + 4]: elements 0..16, then 16..32.
+    macro_rules! lo {
+        ($k:expr) => {
+            _mm256_permute2x128_si256::<0x20>(r[$k], r[$k + 4])
+        };
+    }
+    macro_rules! hi {
+        ($k:expr) => {
+            _mm256_permute2x128_si256::<0x31>(r[$k], r[$k + 4])
+        };
+    }
+    let [a, b, c, d] = transpose4x4(lo!(0), lo!(1), lo!(2), lo!(3));
+    let [e, f, g, h] = transpose4x4(hi!(0), hi!(1), hi!(2), hi!(3));
+    [a, b, c, d, e, f, g, h]
 }
 
 /// Block `i` of the 8 rows `w` (row k in i32 lane k of every vector).
@@ -692,18 +865,7 @@ unsafe fn rows_block<B: TileBlock, const VNNI: bool>(w: &[*const B; 8], i: usize
             b(6).quants(),
             b(7).quants(),
         ];
-        macro_rules! lo {
-            ($k:expr) => {
-                _mm256_permute2x128_si256::<0x20>(r[$k], r[$k + 4])
-            };
-        }
-        macro_rules! hi {
-            ($k:expr) => {
-                _mm256_permute2x128_si256::<0x31>(r[$k], r[$k + 4])
-            };
-        }
-        q[..4].copy_from_slice(&transpose4x4(lo!(0), lo!(1), lo!(2), lo!(3)));
-        q[4..].copy_from_slice(&transpose4x4(hi!(0), hi!(1), hi!(2), hi!(3)));
+        q = transpose_rows8(r);
     } else if B::KIND == Quants::U4 {
         // Word j of the packed nibbles holds quants 4j..4j+4 (low) and 16+4j.. (high).
         let g = transpose4x4(pair!(0, 0), pair!(1, 0), pair!(2, 0), pair!(3, 0));
@@ -834,6 +996,62 @@ unsafe fn lanes4_pass<B: TileKernel, const VNNI: bool>(
                 }
             });
             (s0, s1, s2, s3) = (s[0], s[1], s[2], s[3]);
+        } else if B::KIND == Quants::U6 {
+            // Groups 0..4 are the first half of the sub-block, 4..8 the second: each half's
+            // sum times its rows' scales, less 32 sc times the lane's half sums (the offset).
+            let hs = lb.hsums.as_ptr().add(t0);
+            macro_rules! offset {
+                ($t:expr) => {
+                    _mm256_madd_epi16(pb.s[2], _mm256_set1_epi32(*hs.add($t)))
+                };
+            }
+            let z = _mm256_setzero_si256();
+            if VNNI {
+                let (mut lo, mut hi) = ([z; 4], [z; 4]);
+                unroll8!(g => {
+                    let w = pb.q[g];
+                    let acc = if g < 4 { &mut lo } else { &mut hi };
+                    acc[0] = dot_u8_i8::<VNNI>(acc[0], w, x!(g, 0));
+                    acc[1] = dot_u8_i8::<VNNI>(acc[1], w, x!(g, 1));
+                    acc[2] = dot_u8_i8::<VNNI>(acc[2], w, x!(g, 2));
+                    acc[3] = dot_u8_i8::<VNNI>(acc[3], w, x!(g, 3));
+                });
+                let scaled = |k: usize| {
+                    _mm256_add_epi32(
+                        _mm256_mullo_epi32(lo[k], pb.s[3]),
+                        _mm256_mullo_epi32(hi[k], pb.s[4]),
+                    )
+                };
+                s0 = _mm256_sub_epi32(scaled(0), offset!(0));
+                s1 = _mm256_sub_epi32(scaled(1), offset!(1));
+                s2 = _mm256_sub_epi32(scaled(2), offset!(2));
+                s3 = _mm256_sub_epi32(scaled(3), offset!(3));
+            } else {
+                // Two groups of pairs (each |pair| <= 2 * 63 * 127) sum in i16, then `madd`
+                // against the scales widens and scales them at once.
+                let mut s = [
+                    _mm256_sub_epi32(z, offset!(0)),
+                    _mm256_sub_epi32(z, offset!(1)),
+                    _mm256_sub_epi32(z, offset!(2)),
+                    _mm256_sub_epi32(z, offset!(3)),
+                ];
+                let mut p = [z; 4];
+                unroll8!(g => {
+                    let w = pb.q[g];
+                    p[0] = _mm256_add_epi16(p[0], _mm256_maddubs_epi16(w, x!(g, 0)));
+                    p[1] = _mm256_add_epi16(p[1], _mm256_maddubs_epi16(w, x!(g, 1)));
+                    p[2] = _mm256_add_epi16(p[2], _mm256_maddubs_epi16(w, x!(g, 2)));
+                    p[3] = _mm256_add_epi16(p[3], _mm256_maddubs_epi16(w, x!(g, 3)));
+                    if g % 2 == 1 {
+                        let sc = pb.s[g / 4];
+                        for k in 0..4 {
+                            s[k] = _mm256_add_epi32(s[k], _mm256_madd_epi16(p[k], sc));
+                            p[k] = z;
+                        }
+                    }
+                });
+                (s0, s1, s2, s3) = (s[0], s[1], s[2], s[3]);
+            }
         } else if VNNI {
             // Two chains per lane (even and odd groups): one `vpdpbusd` waits for the previous
             // one into the same register, and 4 chains of 8 left the unit idle half the time
@@ -1058,6 +1276,8 @@ tile_entries!(BlockQ8_0, q8_0_rows4, q8_0_lanes);
 tile_entries!(BlockQ5_0, q5_0_rows4, q5_0_lanes);
 tile_entries!(BlockQ5_1, q5_1_rows4, q5_1_lanes);
 tile_entries!(BlockQ4K, q4_k_rows4, q4_k_lanes);
+tile_entries!(BlockQ5K, q5_k_rows4, q5_k_lanes);
+tile_entries!(BlockQ6K, q6_k_rows4, q6_k_lanes);
 
 /// Quantizes 32 activations to Q8 exactly as `dot::quantize_act_block` does (same scale, same
 /// round-half-away-from-zero, same clamp), or returns None when a value is not finite (the
