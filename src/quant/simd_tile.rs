@@ -572,23 +572,40 @@ unsafe fn q5k_sub(b: &BlockQ5K, s: usize) -> __m256i {
     _mm256_or_si256(_mm256_and_si256(v, m4), h)
 }
 
-/// Sub-block `s` of a Q6_K block: its 32 quants (0..63, before the -32 offset) in element
-/// order. Half n = s / 4 of the block takes bytes 64n.. of `ql` and 32n.. of `qh`; its
-/// sub-block k = s % 4 takes the low (k < 2) or high nibbles of `ql[64n + 32 (k % 2)..][..32]`
-/// and bits 2k, 2k + 1 of `qh[32n..][..32]` as bits 4 and 5.
+/// Sub-block `4n + K` of a Q6_K block: its 32 quants (0..63, before the -32 offset) in element
+/// order. Half n of the block takes bytes 64n.. of `ql` and 32n.. of `qh`; its sub-block K
+/// takes the low (K < 2) or high nibbles of `ql[64n + 32 (K % 2)..][..32]` and bits 2K, 2K + 1
+/// of `qh[32n..][..32]` as bits 4 and 5.
+#[inline(always)]
+unsafe fn q6k_sub_k<const K: usize>(b: &BlockQ6K, n: usize) -> __m256i {
+    // SAFETY: n < 2 and K < 4: 64n + 32 (K % 2) + 32 <= 128 bytes of `ql`, 32n + 32 <= 64 of
+    // `qh`.
+    let l = load256(b.ql.as_ptr().add(64 * n + 32 * (K % 2)));
+    let l = if K >= 2 { _mm256_srli_epi16(l, 4) } else { l };
+    let h = load256(b.qh.as_ptr().add(32 * n));
+    // Bits 2K, 2K + 1 of each byte to bits 4, 5; the bits a 16-bit shift brings in from the
+    // neighbouring byte land outside the mask.
+    let h = match K {
+        0 => _mm256_slli_epi16(h, 4),
+        1 => _mm256_slli_epi16(h, 2),
+        2 => h,
+        _ => _mm256_srli_epi16(h, 2),
+    };
+    _mm256_or_si256(
+        _mm256_and_si256(l, _mm256_set1_epi8(0x0F)),
+        _mm256_and_si256(h, _mm256_set1_epi8(0x30)),
+    )
+}
+
+/// Sub-block `s` (0..8) of a Q6_K block, as [`q6k_sub_k`].
 #[inline(always)]
 unsafe fn q6k_sub(b: &BlockQ6K, s: usize) -> __m256i {
-    let (n, k) = (s / 4, s % 4);
-    // SAFETY: s < 8: 64n + 32 (k % 2) + 32 <= 128 bytes of `ql`, 32n + 32 <= 64 of `qh`.
-    let l = load256(b.ql.as_ptr().add(64 * n + 32 * (k % 2)));
-    let l = if k >= 2 { _mm256_srli_epi16(l, 4) } else { l };
-    // As in `q5k_sub`, the bits a 16-bit shift brings in from the next byte are masked off.
-    let h = _mm256_srl_epi16(
-        load256(b.qh.as_ptr().add(32 * n)),
-        _mm_cvtsi32_si128(2 * k as i32),
-    );
-    let h = _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(3)), 4);
-    _mm256_or_si256(_mm256_and_si256(l, _mm256_set1_epi8(0x0F)), h)
+    match s % 4 {
+        0 => q6k_sub_k::<0>(b, s / 4),
+        1 => q6k_sub_k::<1>(b, s / 4),
+        2 => q6k_sub_k::<2>(b, s / 4),
+        _ => q6k_sub_k::<3>(b, s / 4),
+    }
 }
 
 /// Q6_K (256 elements: 16 halves of 16 with an i8 scale each, `x = d * sc_h * (q - 32)`) as 8
@@ -669,27 +686,52 @@ impl TileKernel for BlockQ6K {
             let b = |r: usize| &*wp[r].add(i);
             let h = |r: usize| u16::from_le_bytes(b(r).d) as i16;
             let dv = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
-            for s in 0..8 {
-                let ai = 8 * i + s;
-                let y = load256(qs.add(32 * ai).cast());
-                let ab = *blk.add(ai);
-                // 32 times the activations' pair sums: `maddubs(q, y) - ys` is the pairs of
-                // (q - 32) y (|.| <= 2 * 32 * 127, no saturation).
-                let ys = _mm256_slli_epi16(_mm256_maddubs_epi16(ones, y), 5);
-                macro_rules! row {
-                    ($r:expr) => {{
-                        let sc = &b($r).scales;
-                        let scv = _mm256_set_m128i(
-                            _mm_set1_epi16(i16::from(sc[2 * s + 1] as i8)),
-                            _mm_set1_epi16(i16::from(sc[2 * s] as i8)),
-                        );
-                        let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q6k_sub(b($r), s), y), ys);
-                        _mm256_madd_epi16(p, scv)
+            // The 4 rows' 16 scales as i16.
+            // (Written out: a closure would not inherit the target features.)
+            let scw = [
+                _mm256_cvtepi8_epi16(load128(b(0).scales.as_ptr())),
+                _mm256_cvtepi8_epi16(load128(b(1).scales.as_ptr())),
+                _mm256_cvtepi8_epi16(load128(b(2).scales.as_ptr())),
+                _mm256_cvtepi8_epi16(load128(b(3).scales.as_ptr())),
+            ];
+            // Sub-block s's two scales, each over one 128-bit half: word s of the row's scales
+            // (`[sc_2s, sc_2s+1]`) everywhere, then its low i16 to the low half, its high i16 to
+            // the high half.
+            let pick = _mm256_setr_epi8(
+                0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+                2, 3, 2, 3,
+            );
+            for n in 0..2 {
+                macro_rules! sub {
+                    ($k:literal) => {{
+                        let s = 4 * n + $k;
+                        let ai = 8 * i + s;
+                        let y = load256(qs.add(32 * ai).cast());
+                        let ab = *blk.add(ai);
+                        // 32 times the activations' pair sums: `maddubs(q, y) - ys` is the
+                        // pairs of (q - 32) y (|.| <= 2 * 32 * 127, no saturation).
+                        let ys = _mm256_slli_epi16(_mm256_maddubs_epi16(ones, y), 5);
+                        let at = _mm256_set1_epi32(s as i32);
+                        macro_rules! row {
+                            ($r:expr) => {{
+                                let scv = _mm256_shuffle_epi8(
+                                    _mm256_permutevar8x32_epi32(scw[$r], at),
+                                    pick,
+                                );
+                                let q = q6k_sub_k::<$k>(b($r), n);
+                                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, y), ys);
+                                _mm256_madd_epi16(p, scv)
+                            }};
+                        }
+                        let p = [row!(0), row!(1), row!(2), row!(3)];
+                        let sc = _mm_mul_ps(dv, _mm_set1_ps(ab.d));
+                        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p)), sc, acc);
                     }};
                 }
-                let p = [row!(0), row!(1), row!(2), row!(3)];
-                let sc = _mm_mul_ps(dv, _mm_set1_ps(ab.d));
-                acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p)), sc, acc);
+                sub!(0);
+                sub!(1);
+                sub!(2);
+                sub!(3);
             }
         }
         let mut o = [0f32; 4];
