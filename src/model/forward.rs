@@ -563,7 +563,7 @@ impl<'w> BlockOps for CpuBlock<'_, '_, '_, 'w> {
     }
 
     fn glu(&mut self, act: FfnActivation) -> Result<(), ModelError> {
-        let len = self.len(Act::Gate);
+        let (len, prec) = (self.len(Act::Gate), self.prec);
         let s = &mut *self.s;
         let (gate, up) = (&mut s.gate[..len], &s.up[..len]);
         // An exp per value: a batched step's rows (8 x 1536 in SmolLM2's decode, ~60 us) are
@@ -572,9 +572,9 @@ impl<'w> BlockOps for CpuBlock<'_, '_, '_, 'w> {
         if len >= GLU_PARALLEL_MIN {
             gate.par_chunks_mut(GLU_CHUNK)
                 .zip(up.par_chunks(GLU_CHUNK))
-                .for_each(|(g, u)| ops::gated(act, g, u));
+                .for_each(|(g, u)| ops::gated(act, g, u, prec));
         } else {
-            ops::gated(act, gate, up);
+            ops::gated(act, gate, up, prec);
         }
         Ok(())
     }

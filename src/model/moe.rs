@@ -202,7 +202,7 @@ fn run(
             &mut [&mut s.gate[..], &mut s.up[..]],
             precision,
         )?;
-        ops::gated(activation, &mut s.gate, &s.up);
+        ops::gated(activation, &mut s.gate, &s.up, precision);
         resize(&mut s.ys, m * d);
         ops::linear(&down, &nd, &s.gate, m, &mut s.ys, precision)?;
         for ((y, &i), &wt) in s.ys.chunks_exact(d).zip(&s.tokens).zip(&s.token_w) {
@@ -249,7 +249,7 @@ fn shared_expert(
         &mut [&mut s.gate[..], &mut s.up[..]],
         precision,
     )?;
-    ops::gated(activation, &mut s.gate, &s.up);
+    ops::gated(activation, &mut s.gate, &s.up, precision);
     resize(&mut s.ys, n * d);
     ops::linear(
         sh.down,
