@@ -217,8 +217,9 @@ trait TileKernel: Block + Sized {
     const HAS_MIN: bool;
     /// 32-element sub-blocks per block (8 for Q4_K's 256 elements, else 1).
     const SUBS: usize;
-    /// Sub-block `s` of block `i` of the 8 rows, transposed.
-    unsafe fn pack<const VNNI: bool>(w: &[*const Self; 8], i: usize, s: usize) -> RowsBlock;
+    /// The `SUBS` sub-blocks of block `i` of the 8 rows, transposed, into `out[..SUBS]` (a
+    /// block at a time, so that the scales are unpacked once per block).
+    unsafe fn pack_block<const VNNI: bool>(w: &[*const Self; 8], i: usize, out: &mut [RowsBlock]);
     /// Four weight rows times one activation row (lane r: `w[r]`).
     unsafe fn rows4<const VNNI: bool>(w: [&[Self]; 4], act: &ActQ8) -> [f32; 4];
 }
@@ -248,12 +249,12 @@ macro_rules! legacy_kernel {
             const HAS_MIN: bool = $min;
             const SUBS: usize = 1;
             #[inline(always)]
-            unsafe fn pack<const VNNI: bool>(
+            unsafe fn pack_block<const VNNI: bool>(
                 w: &[*const Self; 8],
                 i: usize,
-                _: usize,
-            ) -> RowsBlock {
-                rows_block::<Self, VNNI>(w, i)
+                out: &mut [RowsBlock],
+            ) {
+                out[0] = rows_block::<Self, VNNI>(w, i);
             }
             #[inline(always)]
             unsafe fn rows4<const VNNI: bool>(w: [&[Self]; 4], act: &ActQ8) -> [f32; 4] {
@@ -385,30 +386,20 @@ macro_rules! kquant_min_kernel {
             const SUBS: usize = 8;
 
             #[inline(always)]
-            unsafe fn pack<const VNNI: bool>(
+            unsafe fn pack_block<const VNNI: bool>(
                 w: &[*const Self; 8],
                 i: usize,
-                s: usize,
-            ) -> RowsBlock {
+                out: &mut [RowsBlock],
+            ) {
                 // SAFETY (of every read below): the caller passes rows of more than `i` blocks.
                 let b = |r: usize| &*w[r].add(i);
-                let r = [
-                    $sub(b(0), s),
-                    $sub(b(1), s),
-                    $sub(b(2), s),
-                    $sub(b(3), s),
-                    $sub(b(4), s),
-                    $sub(b(5), s),
-                    $sub(b(6), s),
-                    $sub(b(7), s),
-                ];
-                let q = transpose_rows8(r);
-                // d * sc_s and -(dmin * m_s) of the 8 rows, as `dot::dot_tile_scalar` forms them.
-                let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
-                for k in 0..8 {
-                    let (a, c) = q4k_scales(&b(k).scales);
-                    (sc[k], m[k]) = (a[s], c[s]);
+                // The 8 rows' scales and mins (`[row][s]` as u64), transposed to `[s][row]`.
+                let (mut sc, mut mn) = ([0u64; 8], [0u64; 8]);
+                for r in 0..8 {
+                    let (a, c) = q4k_scales(&b(r).scales);
+                    (sc[r], mn[r]) = (u64::from_le_bytes(a), u64::from_le_bytes(c));
                 }
+                let (sc, mn) = (transpose8x8_bytes(sc), transpose8x8_bytes(mn));
                 let h = |k: usize, f: fn(&Self) -> [u8; 2]| u16::from_le_bytes(f(b(k))) as i16;
                 macro_rules! f16x8 {
                     ($f:expr) => {
@@ -424,13 +415,28 @@ macro_rules! kquant_min_kernel {
                         ))
                     };
                 }
-                let d = _mm256_mul_ps(f16x8!(|x| x.d), bytes8_to_f32(sc));
-                let dm = _mm256_mul_ps(f16x8!(|x| x.dmin), bytes8_to_f32(m));
-                RowsBlock {
-                    q,
-                    s: [_mm256_setzero_si256(); 8],
-                    d,
-                    m: _mm256_xor_ps(dm, _mm256_set1_ps(-0.0)),
+                let (d, dmin) = (f16x8!(|x| x.d), f16x8!(|x| x.dmin));
+                for (s, o) in out[..8].iter_mut().enumerate() {
+                    let q = transpose_rows8([
+                        $sub(b(0), s),
+                        $sub(b(1), s),
+                        $sub(b(2), s),
+                        $sub(b(3), s),
+                        $sub(b(4), s),
+                        $sub(b(5), s),
+                        $sub(b(6), s),
+                        $sub(b(7), s),
+                    ]);
+                    // d * sc_s and -(dmin * m_s) of the 8 rows, as `dot::dot_tile_scalar` forms
+                    // them.
+                    let u8f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                    let dm = _mm256_mul_ps(dmin, u8f(column8(&mn, s)));
+                    *o = RowsBlock {
+                        q,
+                        s: [_mm256_setzero_si256(); 8],
+                        d: _mm256_mul_ps(d, u8f(column8(&sc, s))),
+                        m: _mm256_xor_ps(dm, _mm256_set1_ps(-0.0)),
+                    };
                 }
             }
 
@@ -531,6 +537,43 @@ fn q4k_scales(q: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     (join(sc_lo, sc_hi), join(m_lo, m_hi))
 }
 
+/// An 8 x 8 byte matrix (row r: the bytes of `rows[r]`, little endian) transposed: column c
+/// is the low (c even) or high (c odd) 8 bytes of vector c / 2 (see [`column8`]).
+#[inline(always)]
+unsafe fn transpose8x8_bytes(rows: [u64; 8]) -> [__m128i; 4] {
+    let x = |r: usize| _mm_cvtsi64_si128(rows[r] as i64);
+    // Bytes of rows (0, 1), (2, 3), ... interleaved, then 16-bit pairs, then 32-bit quads.
+    let t = [
+        _mm_unpacklo_epi8(x(0), x(1)),
+        _mm_unpacklo_epi8(x(2), x(3)),
+        _mm_unpacklo_epi8(x(4), x(5)),
+        _mm_unpacklo_epi8(x(6), x(7)),
+    ];
+    let u = [
+        _mm_unpacklo_epi16(t[0], t[1]),
+        _mm_unpackhi_epi16(t[0], t[1]),
+        _mm_unpacklo_epi16(t[2], t[3]),
+        _mm_unpackhi_epi16(t[2], t[3]),
+    ];
+    [
+        _mm_unpacklo_epi32(u[0], u[2]),
+        _mm_unpackhi_epi32(u[0], u[2]),
+        _mm_unpacklo_epi32(u[1], u[3]),
+        _mm_unpackhi_epi32(u[1], u[3]),
+    ]
+}
+
+/// Column `c` of a [`transpose8x8_bytes`] result, in the low 8 bytes.
+#[inline(always)]
+unsafe fn column8(t: &[__m128i; 4], c: usize) -> __m128i {
+    let v = t[c / 2];
+    if c % 2 == 1 {
+        _mm_unpackhi_epi64(v, v)
+    } else {
+        v
+    }
+}
+
 /// 8 bytes as 8 f32 lanes.
 #[inline(always)]
 unsafe fn bytes8_to_f32(b: [u8; 8]) -> __m256 {
@@ -597,6 +640,43 @@ unsafe fn q6k_sub_k<const K: usize>(b: &BlockQ6K, n: usize) -> __m256i {
     )
 }
 
+/// An 8 x 8 matrix of 16-bit words (row r: `rows[r]`) transposed: word r of output c is word
+/// c of row r.
+#[inline(always)]
+unsafe fn transpose8x8_words(x: [__m128i; 8]) -> [__m128i; 8] {
+    let t = [
+        _mm_unpacklo_epi16(x[0], x[1]),
+        _mm_unpackhi_epi16(x[0], x[1]),
+        _mm_unpacklo_epi16(x[2], x[3]),
+        _mm_unpackhi_epi16(x[2], x[3]),
+        _mm_unpacklo_epi16(x[4], x[5]),
+        _mm_unpackhi_epi16(x[4], x[5]),
+        _mm_unpacklo_epi16(x[6], x[7]),
+        _mm_unpackhi_epi16(x[6], x[7]),
+    ];
+    // Words 0..4 (from t[0], t[2]) and 4..8 (t[1], t[3]) of rows 0..4; the same of rows 4..8.
+    let u = [
+        _mm_unpacklo_epi32(t[0], t[2]),
+        _mm_unpackhi_epi32(t[0], t[2]),
+        _mm_unpacklo_epi32(t[1], t[3]),
+        _mm_unpackhi_epi32(t[1], t[3]),
+        _mm_unpacklo_epi32(t[4], t[6]),
+        _mm_unpackhi_epi32(t[4], t[6]),
+        _mm_unpacklo_epi32(t[5], t[7]),
+        _mm_unpackhi_epi32(t[5], t[7]),
+    ];
+    [
+        _mm_unpacklo_epi64(u[0], u[4]),
+        _mm_unpackhi_epi64(u[0], u[4]),
+        _mm_unpacklo_epi64(u[1], u[5]),
+        _mm_unpackhi_epi64(u[1], u[5]),
+        _mm_unpacklo_epi64(u[2], u[6]),
+        _mm_unpackhi_epi64(u[2], u[6]),
+        _mm_unpacklo_epi64(u[3], u[7]),
+        _mm_unpackhi_epi64(u[3], u[7]),
+    ]
+}
+
 /// Sub-block `s` (0..8) of a Q6_K block, as [`q6k_sub_k`].
 #[inline(always)]
 unsafe fn q6k_sub(b: &BlockQ6K, s: usize) -> __m256i {
@@ -622,51 +702,65 @@ impl TileKernel for BlockQ6K {
     const SUBS: usize = 8;
 
     #[inline(always)]
-    unsafe fn pack<const VNNI: bool>(w: &[*const Self; 8], i: usize, s: usize) -> RowsBlock {
+    unsafe fn pack_block<const VNNI: bool>(w: &[*const Self; 8], i: usize, out: &mut [RowsBlock]) {
         // SAFETY (of every read below): the caller passes rows of more than `i` blocks.
         let b = |r: usize| &*w[r].add(i);
-        let q = transpose_rows8([
-            q6k_sub(b(0), s),
-            q6k_sub(b(1), s),
-            q6k_sub(b(2), s),
-            q6k_sub(b(3), s),
-            q6k_sub(b(4), s),
-            q6k_sub(b(5), s),
-            q6k_sub(b(6), s),
-            q6k_sub(b(7), s),
+        // The rows' scales as 8 words each (word s: the pair of sub-block s), transposed: word
+        // r of `sw[s]` is row r's pair.
+        let sw = transpose8x8_words([
+            load128(b(0).scales.as_ptr()),
+            load128(b(1).scales.as_ptr()),
+            load128(b(2).scales.as_ptr()),
+            load128(b(3).scales.as_ptr()),
+            load128(b(4).scales.as_ptr()),
+            load128(b(5).scales.as_ptr()),
+            load128(b(6).scales.as_ptr()),
+            load128(b(7).scales.as_ptr()),
         ]);
-        // The 8 rows' scales of the two halves (i8), as i32 lanes.
-        let sc = |h: usize| {
-            let v = |r: usize| i32::from(b(r).scales[2 * s + h] as i8);
-            _mm256_setr_epi32(v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))
-        };
-        let (lo, hi) = (sc(0), sc(1));
-        // Each scale in both i16 of its lane (`madd` against i16 pair sums), and the pair
-        // (32 sc_lo, 32 sc_hi) (|32 sc| <= 4096) that meets a lane's packed half sums.
-        let dup = |v: __m256i| _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
-        let lo16 = _mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF));
-        let hi16 = _mm256_and_si256(hi, _mm256_set1_epi32(0xFFFF));
-        let pair = _mm256_or_si256(
-            _mm256_and_si256(_mm256_slli_epi32(lo, 5), _mm256_set1_epi32(0xFFFF)),
-            _mm256_slli_epi32(_mm256_slli_epi32(hi, 5), 16),
-        );
         let h = |r: usize| u16::from_le_bytes(b(r).d) as i16;
-        let z = _mm256_setzero_si256();
-        RowsBlock {
-            q,
-            // See `RowsBlock::s`.
-            s: [dup(lo16), dup(hi16), pair, lo, hi, z, z, z],
-            d: _mm256_cvtph_ps(_mm_set_epi16(
-                h(7),
-                h(6),
-                h(5),
-                h(4),
-                h(3),
-                h(2),
-                h(1),
-                h(0),
-            )),
-            m: _mm256_setzero_ps(),
+        let d = _mm256_cvtph_ps(_mm_set_epi16(
+            h(7),
+            h(6),
+            h(5),
+            h(4),
+            h(3),
+            h(2),
+            h(1),
+            h(0),
+        ));
+        let even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+        let odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+        for (s, o) in out[..8].iter_mut().enumerate() {
+            let q = transpose_rows8([
+                q6k_sub(b(0), s),
+                q6k_sub(b(1), s),
+                q6k_sub(b(2), s),
+                q6k_sub(b(3), s),
+                q6k_sub(b(4), s),
+                q6k_sub(b(5), s),
+                q6k_sub(b(6), s),
+                q6k_sub(b(7), s),
+            ]);
+            // The 8 rows' scales of the two halves (i8), as i32 lanes.
+            let lo = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sw[s], even));
+            let hi = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sw[s], odd));
+            // Each scale in both i16 of its lane (`madd` against i16 pair sums), and the pair
+            // (32 sc_lo, 32 sc_hi) (|32 sc| <= 4096) that meets a lane's packed half sums.
+            let dup = |v: __m256i| _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+            let lo16 = _mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF));
+            let hi16 = _mm256_and_si256(hi, _mm256_set1_epi32(0xFFFF));
+            let pair = _mm256_or_si256(
+                _mm256_and_si256(_mm256_slli_epi32(lo, 5), _mm256_set1_epi32(0xFFFF)),
+                _mm256_slli_epi32(_mm256_slli_epi32(hi, 5), 16),
+            );
+            let z = _mm256_setzero_si256();
+            *o = RowsBlock {
+                q,
+                // See `RowsBlock::s`.
+                s: [dup(lo16), dup(hi16), pair, lo, hi, z, z, z],
+                d,
+                m: _mm256_setzero_ps(),
+            };
         }
     }
 
@@ -822,6 +916,8 @@ unsafe fn rows4_body<B: TileBlock, const VNNI: bool>(w: [&[B]; 4], act: &ActQ8) 
 /// Blocks of an 8-row tile transposed at a time: their [`RowsBlock`]s (9 KiB) stay in L1 while
 /// the activation lanes pass over them.
 const CHUNK: usize = 16;
+// `rows8_body` packs whole blocks of the K-quants' 8 sub-blocks.
+const _: () = assert!(CHUNK.is_multiple_of(8));
 
 /// One block of 8 weight rows, transposed for the lanes kernel: a group of 4 quants of all 8
 /// rows is one 32-byte vector (`[row][4]`), so row k's partial dot with a lane's group (the
@@ -1162,11 +1258,11 @@ unsafe fn rows8_body<B: TileKernel, const VNNI: bool>(
     let mut i0 = 0;
     while i0 < nb {
         let n = (nb - i0).min(CHUNK);
-        for (k, pb) in pack[..n].iter_mut().enumerate() {
-            // SAFETY: i0 + k < nb, so block (i0 + k) / SUBS is within every row (asserted
+        // A chunk is whole blocks: CHUNK is a multiple of SUBS (1 or 8), and so are i0 and nb.
+        for (k, pb) in pack[..n].chunks_exact_mut(B::SUBS).enumerate() {
+            // SAFETY: i0 + k SUBS < nb, so block i0 / SUBS + k is within every row (asserted
             // above).
-            let v = i0 + k;
-            *pb = B::pack::<VNNI>(&wp, v / B::SUBS, v % B::SUBS);
+            B::pack_block::<VNNI>(&wp, i0 / B::SUBS + k, pb);
         }
         let blocks = &a.blocks[i0..i0 + n];
         // The next tile's bytes at the pace of this one's blocks: its 8 rows follow these in
