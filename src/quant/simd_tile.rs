@@ -455,35 +455,27 @@ macro_rules! kquant_min_kernel {
                     prefetch_ahead::<4>(wp[0].cast(), i, std::mem::size_of::<Self>());
                     // SAFETY: i < nb and every array covers nb blocks (asserted above).
                     let b = |r: usize| &*wp[r].add(i);
-                    // The 4 rows' d and dmin (F16C), and their 8 scales and mins as f32, `[row][s]`.
+                    // The 4 rows' d and -dmin (F16C) side by side: [d_0..d_3 | -dmin_0..-dmin_3].
                     let h = |r: usize, f: fn(&Self) -> [u8; 2]| u16::from_le_bytes(f(b(r))) as i16;
-                    let dv = _mm_cvtph_ps(_mm_set_epi16(
-                        0,
-                        0,
-                        0,
-                        0,
+                    let dd = _mm256_cvtph_ps(_mm_set_epi16(
+                        h(3, |x| x.dmin),
+                        h(2, |x| x.dmin),
+                        h(1, |x| x.dmin),
+                        h(0, |x| x.dmin),
                         h(3, |x| x.d),
                         h(2, |x| x.d),
                         h(1, |x| x.d),
                         h(0, |x| x.d),
                     ));
-                    let mv = _mm_cvtph_ps(_mm_set_epi16(
-                        0,
-                        0,
-                        0,
-                        0,
-                        h(3, |x| x.dmin),
-                        h(2, |x| x.dmin),
-                        h(1, |x| x.dmin),
-                        h(0, |x| x.dmin),
-                    ));
-                    let mut scf = [[0f32; 8]; 4];
-                    let mut mf = [[0f32; 8]; 4];
+                    let dd = _mm256_xor_ps(dd, _mm256_setr_ps(0., 0., 0., 0., -0., -0., -0., -0.));
+                    // The rows' 8 scales and 8 mins, transposed once per block: column s holds
+                    // sub-block s's scales of rows 0..4, then its mins.
+                    let mut rows = [0u64; 8];
                     for r in 0..4 {
                         let (sc, m) = q4k_scales(&b(r).scales);
-                        _mm256_storeu_ps(scf[r].as_mut_ptr(), bytes8_to_f32(sc));
-                        _mm256_storeu_ps(mf[r].as_mut_ptr(), bytes8_to_f32(m));
+                        (rows[r], rows[4 + r]) = (u64::from_le_bytes(sc), u64::from_le_bytes(m));
                     }
+                    let cols = transpose8x8_bytes(rows);
                     for s in 0..8 {
                         let ai = 8 * i + s;
                         let y = load256(qs.add(32 * ai).cast());
@@ -495,11 +487,13 @@ macro_rules! kquant_min_kernel {
                             dot_u8_i8::<VNNI>(z, $sub(b(2), s), y),
                             dot_u8_i8::<VNNI>(z, $sub(b(3), s), y),
                         ];
-                        let col =
-                            |a: &[[f32; 8]; 4]| _mm_setr_ps(a[0][s], a[1][s], a[2][s], a[3][s]);
-                        // d * sc and -(dmin * m), as `q4k_scale_min` forms them.
-                        let dw = _mm_mul_ps(dv, col(&scf));
-                        let mw = _mm_xor_ps(_mm_mul_ps(mv, col(&mf)), _mm_set1_ps(-0.0));
+                        // [d * sc | -dmin * m] of the 4 rows, as `dot_tile_scalar` forms them
+                        // (-(dmin m) and (-dmin) m are the same float).
+                        let wm = _mm256_mul_ps(
+                            dd,
+                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(column8(&cols, s))),
+                        );
+                        let (dw, mw) = (_mm256_castps256_ps128(wm), _mm256_extractf128_ps::<1>(wm));
                         let sc = _mm_mul_ps(dw, _mm_set1_ps(ab.d));
                         acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p)), sc, acc);
                         mn = _mm_fmadd_ps(mw, _mm_set1_ps(ab.ds), mn);
@@ -572,15 +566,6 @@ unsafe fn column8(t: &[__m128i; 4], c: usize) -> __m128i {
     } else {
         v
     }
-}
-
-/// 8 bytes as 8 f32 lanes.
-#[inline(always)]
-unsafe fn bytes8_to_f32(b: [u8; 8]) -> __m256 {
-    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi64x(
-        0,
-        i64::from_le_bytes(b),
-    )))
 }
 
 /// Sub-block `s` of a Q4_K block: its 32 quants (0..15) in element order. Elements 64j..64j+32
