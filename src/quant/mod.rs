@@ -263,10 +263,10 @@ fn quantize_block(ty: GgmlType, x: &[f32], out: &mut [u8]) {
 }
 
 /// `y[r] = sum_c W[r,c] * x[c]`; W row-major `[rows, cols]` in type `ty`. Activations are quantized
-/// to 32-element Q8 blocks with f32 scales (ggml's Q8_0/Q8_1; for Q4_K/Q6_K too, where ggml uses
-/// 256-element Q8_K: same integer math, finer scales) on the int8 paths (Q4_0, Q4_1, Q5_0, Q5_1,
-/// Q8_0, IQ4_NL, Q4_K, Q6_K), or kept f32 for float weights and the other K-quants (dequantized row
-/// times f32; no int8 kernel for them yet). Rayon over rows. Non-finite activations or scales make the affected outputs
+/// to 32-element Q8 blocks with f32 scales (ggml's Q8_0/Q8_1; for Q4_K/Q5_K/Q6_K too, where ggml
+/// uses 256-element Q8_K: same integer math, finer scales) on the int8 paths (Q4_0, Q4_1, Q5_0,
+/// Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K, Q6_K), or kept f32 for float weights, Q2_K and Q3_K
+/// (dequantized row times f32; no int8 kernel for them yet). Rayon over rows. Non-finite activations or scales make the affected outputs
 /// non-finite (NaN/Inf), never an error or a silently finite value.
 pub fn matvec(
     ty: GgmlType,

@@ -1,6 +1,8 @@
-//! Register-tiled x86-64 kernels for the legacy 32-element weight types the common GGUF models
-//! ship their projections in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; llama.cpp's Q4_K_M files keep
-//! Q5_0 for the tensors whose width is not a multiple of 256, all of Gemma 3 270M's layers).
+//! Register-tiled x86-64 kernels for the weight types the common GGUF models ship their
+//! projections in: the legacy 32-element types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; llama.cpp's
+//! Q4_K_M files keep Q5_0 for the tensors whose width is not a multiple of 256, all of Gemma 3
+//! 270M's layers) and the K-quants Q4_K, Q5_K and Q6_K, taken as 8 sub-blocks of 32 per
+//! 256-element block (Q6_K's two 16-element scales per sub-block applied in integers).
 //!
 //! Every output is `sum_i f32(isum_i) * (d_w,i * d_x,i)` accumulated block after block with one
 //! fused multiply-add per block (plus, for Q4_1 and Q5_1, `sum_i m_w,i * ds_x,i` the same way),
