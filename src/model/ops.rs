@@ -156,7 +156,7 @@ pub fn geglu_tanh(gate: &mut [f32], up: &[f32]) {
 }
 
 /// `gate = act(gate) * up`: the family's gated activation. `Precision::Fast` takes the
-/// vectorized form where the CPU has AVX2 and FMA ([`gated_fast`]); `Exact` the libm one.
+/// vectorized form where the CPU has AVX2 and FMA (`gated_fast`); `Exact` the libm one.
 pub fn gated(act: FfnActivation, gate: &mut [f32], up: &[f32], precision: Precision) {
     #[cfg(target_arch = "x86_64")]
     if precision == Precision::Fast
