@@ -47,16 +47,17 @@ pub enum SynthError {
     Gguf(#[from] GgufError),
 }
 
-const SUPPORTED_NAMES: &str = "f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k";
+const SUPPORTED_NAMES: &str = "f16, q8_0, q4_0, q4_1, q5_0, q5_1, q3_k, q4_k, q5_k, q6_k";
 
 /// Weight types synth can generate.
-pub const SUPPORTED: [GgmlType; 9] = [
+pub const SUPPORTED: [GgmlType; 10] = [
     GgmlType::F16,
     GgmlType::Q8_0,
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q5_1,
+    GgmlType::Q3_K,
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,
@@ -134,6 +135,7 @@ fn file_type(t: GgmlType) -> u32 {
         GgmlType::Q8_0 => 7,
         GgmlType::Q5_0 => 8,
         GgmlType::Q5_1 => 9,
+        GgmlType::Q3_K => 11, // Q3_K_S: every weight Q3_K
         GgmlType::Q4_K => 14, // Q4_K_S: every weight Q4_K
         GgmlType::Q5_K => 16, // Q5_K_S
         GgmlType::Q6_K => 18,
@@ -372,6 +374,21 @@ fn shape_blocks(ty: GgmlType, buf: &mut [u8]) {
                     *s = sc as u8;
                 }
                 b[208..210].copy_from_slice(&to_f16(d));
+            }
+        }
+        // y = d*sc*(q-4), q-4 in -4..3 (E[(q-4)^2] = 5.5), sc a 6-bit scale less 32 of random
+        // sign (magnitude 16..31).
+        GgmlType::Q3_K => {
+            let d = scale_for(5.5, mean_sq(16, 31));
+            for b in buf.chunks_exact_mut(bb) {
+                let mut sc = [0i8; 16];
+                for (j, v) in sc.iter_mut().enumerate() {
+                    let r = b[96 + j % 12] >> (j / 12);
+                    let mag = 16 + (r & 15) as i8;
+                    *v = if r & 0x10 != 0 { -mag } else { mag };
+                }
+                b[96..108].copy_from_slice(&crate::quant::blocks::pack_scale_q3k(&sc));
+                b[108..110].copy_from_slice(&to_f16(d));
             }
         }
         // Not reachable: `plan` admits only SUPPORTED types and F32 norms.

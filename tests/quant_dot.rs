@@ -2,10 +2,10 @@
 //!
 //! The weights are exact in both (the reference dequantizes them with `dequantize_ref`); what
 //! differs is the activations and the summation:
-//! - FLOAT class (F32/F16/BF16; Q2_K/Q3_K until they get int8 kernels): f32 activations; only f32 summation error,
+//! - FLOAT class (F32/F16/BF16; Q2_K until it gets an int8 kernel): f32 activations; only f32 summation error,
 //!   bounded by n * 2^-24 * sum|w_i x_i| (the classic recursive-summation bound; our blocked
 //!   sums do better).
-//! - Q8 class (legacy weights, Q4_K, Q5_K and Q6_K, with 32-element Q8 activations): each activation
+//! - Q8 class (legacy weights, Q3_K, Q4_K, Q5_K and Q6_K, with 32-element Q8 activations): each activation
 //!   is rounded to a multiple of its block's step amax_b/127, so it moves by at most half a step,
 //!   plus headroom for an f16 rounding of the step (2^-11 relative). So
 //!   |err| <= sum_i |w_i| * (amax_b(i)/254 + |x_i| * 2^-10) + the summation bound above.
@@ -52,8 +52,8 @@ fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 fn act_block(ty: GgmlType) -> Option<usize> {
     match ty {
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => None,
-        // Q4_K/Q5_K/Q6_K int8 kernels use 32-element activation blocks; Q2_K/Q3_K stay f32.
-        GgmlType::Q2_K | GgmlType::Q3_K => None,
+        // Q3_K..Q6_K int8 kernels use 32-element activation blocks; Q2_K stays f32.
+        GgmlType::Q2_K => None,
         _ => Some(32),
     }
 }

@@ -104,13 +104,13 @@ pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Path {
     /// Register-tiled kernels (several rows x several activation rows), Q4_0 / Q4_1 / Q5_0 /
-    /// Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K.
+    /// Q5_1 / Q8_0 / Q3_K / Q4_K / Q5_K / Q6_K.
     #[cfg(target_arch = "x86_64")]
     Tile(Isa),
     /// Portable integer kernel with Q8 activations (legacy 32-element types).
     Q8Scalar,
-    /// Dequantize the row, then an f32 dot product (float types; Q2_K and Q3_K, which have no
-    /// integer kernel yet, see the module docs).
+    /// Dequantize the row, then an f32 dot product (float types; Q2_K, which has no integer
+    /// kernel yet).
     Float { fma: bool },
 }
 
@@ -128,6 +128,7 @@ fn choose(ty: GgmlType) -> Path {
         | GgmlType::Q5_0
         | GgmlType::Q5_1
         | GgmlType::Q8_0
+        | GgmlType::Q3_K
         | GgmlType::Q4_K
         | GgmlType::Q5_K
         | GgmlType::Q6_K
@@ -174,7 +175,7 @@ fn dot_legacy_scalar<const B: usize>(ty: GgmlType, w: &[u8], acts: [&ActQ8; B]) 
 pub(crate) fn dot_tile_scalar(ty: GgmlType, w: &[u8], act: &ActQ8) -> f32 {
     match ty {
         GgmlType::Q4_K | GgmlType::Q5_K => return dot_tile_scalar_k_min(ty, w, act),
-        GgmlType::Q6_K => return dot_tile_scalar_q6_k(w, act),
+        GgmlType::Q6_K | GgmlType::Q3_K => return dot_tile_scalar_scaled16(ty, w, act),
         _ => {}
     }
     let bb = ty.block_bytes() as usize;
@@ -232,33 +233,54 @@ fn dot_tile_scalar_k_min(ty: GgmlType, w: &[u8], act: &ActQ8) -> f32 {
     acc + mn
 }
 
-/// [`dot_tile_scalar`] for Q6_K: sub-block s (32 elements) has the integer sum
-/// `sum_h sc[2s + h] * sum_{e in half h} (q_e - 32) y_e`, then `acc = fma(isum, d * d_x, acc)`.
+/// [`dot_tile_scalar`] for Q6_K and Q3_K: sub-block s (32 elements) has the integer sum
+/// `sum_h sc[2s + h] * sum_{e in half h} q_e y_e` (q after its offset: 6-bit less 32, or 3-bit
+/// less 4; Q3_K's scales 6-bit less 32), then `acc = fma(isum, d * d_x, acc)`.
 #[cfg(test)]
-fn dot_tile_scalar_q6_k(w: &[u8], act: &ActQ8) -> f32 {
+fn dot_tile_scalar_scaled16(ty: GgmlType, w: &[u8], act: &ActQ8) -> f32 {
     let mut acc = 0.0f32;
-    for (i, blk) in w.chunks_exact(210).enumerate() {
-        let (ql, qh, sc) = (&blk[..128], &blk[128..192], &blk[192..208]);
-        let d = f16([blk[208], blk[209]]);
+    let bb = ty.block_bytes() as usize;
+    for (i, blk) in w.chunks_exact(bb).enumerate() {
+        let d = f16([blk[bb - 2], blk[bb - 1]]);
         for s in 0..8 {
-            let (n, k) = (s / 4, s % 4);
             let ai = 8 * i + s;
             let y = &act.qs[32 * ai..32 * ai + 32];
-            let q = |e: usize| {
-                let l = ql[64 * n + 32 * (k % 2) + e];
-                let lo = if k >= 2 { l >> 4 } else { l & 0xF };
-                i32::from(lo | (((qh[32 * n + e] >> (2 * k)) & 3) << 4)) - 32
-            };
+            let (q, sc) = scaled16_sub(ty, blk, s);
             let isum: i32 = (0..2)
                 .map(|h| {
-                    let part: i32 = (16 * h..16 * h + 16).map(|e| q(e) * i32::from(y[e])).sum();
-                    i32::from(sc[2 * s + h] as i8) * part
+                    let part: i32 = (16 * h..16 * h + 16).map(|e| q[e] * i32::from(y[e])).sum();
+                    sc[h] * part
                 })
                 .sum();
             acc = (isum as f32).mul_add(d * act.blk[ai].d, acc);
         }
     }
     acc
+}
+
+/// Sub-block s of a Q6_K or Q3_K block: its 32 quants after the offset, and its two scales.
+#[cfg(test)]
+fn scaled16_sub(ty: GgmlType, blk: &[u8], s: usize) -> ([i32; 32], [i32; 2]) {
+    let (n, k) = (s / 4, s % 4);
+    if ty == GgmlType::Q6_K {
+        let (ql, qh, sc) = (&blk[..128], &blk[128..192], &blk[192..208]);
+        let q = std::array::from_fn(|e| {
+            let l = ql[64 * n + 32 * (k % 2) + e];
+            let lo = if k >= 2 { l >> 4 } else { l & 0xF };
+            i32::from(lo | (((qh[32 * n + e] >> (2 * k)) & 3) << 4)) - 32
+        });
+        (q, [0, 1].map(|h| i32::from(sc[2 * s + h] as i8)))
+    } else {
+        let (hm, qs) = (&blk[..32], &blk[32..96]);
+        let scales: &[u8; 12] = blk[96..108].try_into().expect("12 bytes");
+        let q = std::array::from_fn(|e| {
+            let low = (qs[32 * n + e] >> (2 * k)) & 3;
+            let high = (hm[e] >> (4 * n + k)) & 1;
+            i32::from(low | (high << 2)) - 4
+        });
+        let sc = [0, 1].map(|h| i32::from(crate::quant::blocks::scale_q3k(2 * s + h, scales)));
+        (q, sc)
+    }
 }
 
 /// Integer quants of one legacy block (offsets applied) and its (d, m); m = 0 for symmetric types.
@@ -533,6 +555,7 @@ fn rows4_kernel(ty: GgmlType, isa: Isa, w: &[u8], cols: usize, act: &ActQ8, out:
             GgmlType::Q4_K => simd_tile::q4_k_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
             GgmlType::Q5_K => simd_tile::q5_k_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
             GgmlType::Q6_K => simd_tile::q6_k_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
+            GgmlType::Q3_K => simd_tile::q3_k_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
             _ => simd_tile::q8_0_rows4(isa, as_blocks(w).unwrap_or(&[]), nb, act, out),
         }
     }
@@ -562,6 +585,7 @@ fn lanes_kernel(
             GgmlType::Q4_K => simd_tile::q4_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
             GgmlType::Q5_K => simd_tile::q5_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
             GgmlType::Q6_K => simd_tile::q6_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
+            GgmlType::Q3_K => simd_tile::q3_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
             _ => simd_tile::q8_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
         }
     }
@@ -758,6 +782,10 @@ mod tests {
                 // Every quant 63 and every scale -128.
                 blk[..192].fill(0xFF);
                 blk[192..208].fill(0x80);
+            } else if k < per_row && ty == GgmlType::Q3_K {
+                // Every quant 7 (3 - 4 + 4: the high bit set) and every scale -32.
+                blk[..96].fill(0xFF);
+                blk[96..108].fill(0);
             } else if k < per_row {
                 let qs = blk.len()
                     - match ty {
@@ -776,8 +804,12 @@ mod tests {
             }
             let scale = |v: f32| half::f16::from_f32(v).to_le_bytes();
             let r = next();
-            // Q6_K keeps its d last.
-            let d_at = if ty == GgmlType::Q6_K { bb - 2 } else { 0 };
+            // Q6_K and Q3_K keep their d last.
+            let d_at = if matches!(ty, GgmlType::Q6_K | GgmlType::Q3_K) {
+                bb - 2
+            } else {
+                0
+            };
             blk[d_at..d_at + 2].copy_from_slice(&scale((r % 1000) as f32 / 3e4 - 0.01));
             if matches!(
                 ty,
@@ -813,6 +845,7 @@ mod tests {
                 GgmlType::Q5_1,
                 GgmlType::Q8_0,
                 GgmlType::Q4_K,
+                GgmlType::Q3_K,
                 GgmlType::Q5_K,
                 GgmlType::Q6_K,
             ] {
@@ -891,6 +924,7 @@ mod tests {
             GgmlType::Q5_1,
             GgmlType::Q8_0,
             GgmlType::Q4_K,
+            GgmlType::Q3_K,
             GgmlType::Q5_K,
             GgmlType::Q6_K,
         ] {

@@ -165,8 +165,9 @@ enum Quants {
     /// Unsigned 5-bit (Q5_0 before its -16 offset, Q5_1, Q5_K): 4 groups of `maddubs` pairs
     /// at most sum in i16 (`4 * 2 * 31 * 127` < 2^15).
     U5,
-    /// Unsigned 6-bit (Q6_K before its -32 offset), each 16-element half of a sub-block with
-    /// its own i8 scale, applied in integers (2 groups of pairs at most sum in i16).
+    /// Unsigned 6-bit (Q6_K before its -32 offset; Q3_K's 3-bit quants before their -4 too),
+    /// each 16-element half of a sub-block with its own i8 scale, applied in integers (2 groups
+    /// of pairs at most sum in i16).
     U6,
 }
 
@@ -675,150 +676,218 @@ unsafe fn q6k_sub(b: &BlockQ6K, s: usize) -> __m256i {
     }
 }
 
-/// Q6_K (256 elements: 16 halves of 16 with an i8 scale each, `x = d * sc_h * (q - 32)`) as 8
+/// The K-quants with an i8 scale per 16 elements and a fixed offset (Q6_K: `x = d * sc_h * (q -
+/// 32)`, q 6 bits; Q3_K: `x = d * sc_h * (q - 4)`, q 3 bits, the scales 6-bit less 32) as 8
 /// sub-blocks of 32, each met by one activation block. A sub-block's integer sum is
-/// `sc_lo * sum_lo((q - 32) y) + sc_hi * sum_hi((q - 32) y)` over its two halves, exact in i32
+/// `sc_lo * sum_lo((q - o) y) + sc_hi * sum_hi((q - o) y)` over its two halves, exact in i32
 /// (|sum| <= 2 * 128 * 16 * 32 * 127 < 2^24, so f32 holds it exactly too); then
-/// `acc = fma(f32(isum), d * d_x, acc)` as for every type (`dot::dot_tile_scalar`). The -32
-/// offset meets the activations' half sums (`ActLanes`' `hsums`; the one-row kernel forms them
-/// from the quants).
-impl TileKernel for BlockQ6K {
-    const KIND: Quants = Quants::U6;
-    const OFFSET: i32 = 0;
-    const HAS_MIN: bool = false;
-    const SUBS: usize = 8;
+/// `acc = fma(f32(isum), d * d_x, acc)` as for every type (`dot::dot_tile_scalar`). The offset
+/// `o = 1 << $shift` meets the activations' half sums (`ActLanes`' `hsums`; the one-row kernel
+/// forms them from the quants). `$sub_k::<K>(b, n)`: sub-block 4n + K's quants (unsigned, before
+/// the offset); `$sub(b, s)` the same for a run-time s; `$scales(b)`: the 16 scales as i8.
+macro_rules! kquant_scaled16_kernel {
+    ($block:ty, $sub_k:ident, $sub:ident, $scales:ident, $shift:literal) => {
+        impl TileKernel for $block {
+            const KIND: Quants = Quants::U6;
+            const OFFSET: i32 = 0;
+            const HAS_MIN: bool = false;
+            const SUBS: usize = 8;
 
-    #[inline(always)]
-    unsafe fn pack_block<const VNNI: bool>(w: &[*const Self; 8], i: usize, out: &mut [RowsBlock]) {
-        // SAFETY (of every read below): the caller passes rows of more than `i` blocks.
-        let b = |r: usize| &*w[r].add(i);
-        // The rows' scales as 8 words each (word s: the pair of sub-block s), transposed: word
-        // r of `sw[s]` is row r's pair.
-        let sw = transpose8x8_words([
-            load128(b(0).scales.as_ptr()),
-            load128(b(1).scales.as_ptr()),
-            load128(b(2).scales.as_ptr()),
-            load128(b(3).scales.as_ptr()),
-            load128(b(4).scales.as_ptr()),
-            load128(b(5).scales.as_ptr()),
-            load128(b(6).scales.as_ptr()),
-            load128(b(7).scales.as_ptr()),
-        ]);
-        let h = |r: usize| u16::from_le_bytes(b(r).d) as i16;
-        let d = _mm256_cvtph_ps(_mm_set_epi16(
-            h(7),
-            h(6),
-            h(5),
-            h(4),
-            h(3),
-            h(2),
-            h(1),
-            h(0),
-        ));
-        let even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
-        let odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
-        for (s, o) in out[..8].iter_mut().enumerate() {
-            let q = transpose_rows8([
-                q6k_sub(b(0), s),
-                q6k_sub(b(1), s),
-                q6k_sub(b(2), s),
-                q6k_sub(b(3), s),
-                q6k_sub(b(4), s),
-                q6k_sub(b(5), s),
-                q6k_sub(b(6), s),
-                q6k_sub(b(7), s),
-            ]);
-            // The 8 rows' scales of the two halves (i8), as i32 lanes.
-            let lo = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sw[s], even));
-            let hi = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sw[s], odd));
-            // Each scale in both i16 of its lane (`madd` against i16 pair sums), and the pair
-            // (32 sc_lo, 32 sc_hi) (|32 sc| <= 4096) that meets a lane's packed half sums.
-            let dup = |v: __m256i| _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
-            let lo16 = _mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF));
-            let hi16 = _mm256_and_si256(hi, _mm256_set1_epi32(0xFFFF));
-            let pair = _mm256_or_si256(
-                _mm256_and_si256(_mm256_slli_epi32(lo, 5), _mm256_set1_epi32(0xFFFF)),
-                _mm256_slli_epi32(_mm256_slli_epi32(hi, 5), 16),
-            );
-            let z = _mm256_setzero_si256();
-            *o = RowsBlock {
-                q,
-                // See `RowsBlock::s`.
-                s: [dup(lo16), dup(hi16), pair, lo, hi, z, z, z],
-                d,
-                m: _mm256_setzero_ps(),
-            };
-        }
-    }
+            #[inline(always)]
+            unsafe fn pack_block<const VNNI: bool>(w: &[*const Self; 8], i: usize, out: &mut [RowsBlock]) {
+                // SAFETY (of every read below): the caller passes rows of more than `i` blocks.
+                let b = |r: usize| &*w[r].add(i);
+                // The rows' scales as 8 words each (word s: the pair of sub-block s), transposed: word
+                // r of `sw[s]` is row r's pair.
+                let sw = transpose8x8_words([
+                    $scales(b(0)),
+                    $scales(b(1)),
+                    $scales(b(2)),
+                    $scales(b(3)),
+                    $scales(b(4)),
+                    $scales(b(5)),
+                    $scales(b(6)),
+                    $scales(b(7)),
+                ]);
+                let h = |r: usize| u16::from_le_bytes(b(r).d) as i16;
+                let d = _mm256_cvtph_ps(_mm_set_epi16(
+                    h(7),
+                    h(6),
+                    h(5),
+                    h(4),
+                    h(3),
+                    h(2),
+                    h(1),
+                    h(0),
+                ));
+                let even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+                let odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+                for (s, o) in out[..8].iter_mut().enumerate() {
+                    let q = transpose_rows8([
+                        $sub(b(0), s),
+                        $sub(b(1), s),
+                        $sub(b(2), s),
+                        $sub(b(3), s),
+                        $sub(b(4), s),
+                        $sub(b(5), s),
+                        $sub(b(6), s),
+                        $sub(b(7), s),
+                    ]);
+                    // The 8 rows' scales of the two halves (i8), as i32 lanes.
+                    let lo = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sw[s], even));
+                    let hi = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sw[s], odd));
+                    // Each scale in both i16 of its lane (`madd` against i16 pair sums), and the pair
+                    // (o sc_lo, o sc_hi) (o the offset, |o sc| <= 4096) that meets a lane's packed half sums.
+                    let dup = |v: __m256i| _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+                    let lo16 = _mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF));
+                    let hi16 = _mm256_and_si256(hi, _mm256_set1_epi32(0xFFFF));
+                    let pair = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_slli_epi32::<$shift>(lo), _mm256_set1_epi32(0xFFFF)),
+                        _mm256_slli_epi32(_mm256_slli_epi32::<$shift>(hi), 16),
+                    );
+                    let z = _mm256_setzero_si256();
+                    *o = RowsBlock {
+                        q,
+                        // See `RowsBlock::s`.
+                        s: [dup(lo16), dup(hi16), pair, lo, hi, z, z, z],
+                        d,
+                        m: _mm256_setzero_ps(),
+                    };
+                }
+            }
 
-    #[inline(always)]
-    unsafe fn rows4<const VNNI: bool>(w: [&[Self]; 4], act: &ActQ8) -> [f32; 4] {
-        let nb = w[0].len();
-        assert!(
-            w.iter().all(|r| r.len() == nb) && act.blk.len() >= 8 * nb && act.qs.len() >= 256 * nb
-        );
-        let wp = w.map(<[Self]>::as_ptr);
-        let (qs, blk) = (act.qs.as_ptr(), act.blk.as_ptr());
-        let mut acc = _mm_setzero_ps();
-        let ones = _mm256_set1_epi8(1);
-        for i in 0..nb {
-            prefetch_ahead::<4>(wp[0].cast(), i, std::mem::size_of::<Self>());
-            // SAFETY: i < nb and every array covers nb blocks (asserted above).
-            let b = |r: usize| &*wp[r].add(i);
-            let h = |r: usize| u16::from_le_bytes(b(r).d) as i16;
-            let dv = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
-            // The 4 rows' 16 scales as i16.
-            // (Written out: a closure would not inherit the target features.)
-            let scw = [
-                _mm256_cvtepi8_epi16(load128(b(0).scales.as_ptr())),
-                _mm256_cvtepi8_epi16(load128(b(1).scales.as_ptr())),
-                _mm256_cvtepi8_epi16(load128(b(2).scales.as_ptr())),
-                _mm256_cvtepi8_epi16(load128(b(3).scales.as_ptr())),
-            ];
-            // Sub-block s's two scales, each over one 128-bit half: word s of the row's scales
-            // (`[sc_2s, sc_2s+1]`) everywhere, then its low i16 to the low half, its high i16 to
-            // the high half.
-            let pick = _mm256_setr_epi8(
-                0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
-                2, 3, 2, 3,
-            );
-            for n in 0..2 {
-                macro_rules! sub {
-                    ($k:literal) => {{
-                        let s = 4 * n + $k;
-                        let ai = 8 * i + s;
-                        let y = load256(qs.add(32 * ai).cast());
-                        let ab = *blk.add(ai);
-                        // 32 times the activations' pair sums: `maddubs(q, y) - ys` is the
-                        // pairs of (q - 32) y (|.| <= 2 * 32 * 127, no saturation).
-                        let ys = _mm256_slli_epi16(_mm256_maddubs_epi16(ones, y), 5);
-                        let at = _mm256_set1_epi32(s as i32);
-                        macro_rules! row {
-                            ($r:expr) => {{
-                                let scv = _mm256_shuffle_epi8(
-                                    _mm256_permutevar8x32_epi32(scw[$r], at),
-                                    pick,
-                                );
-                                let q = q6k_sub_k::<$k>(b($r), n);
-                                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, y), ys);
-                                _mm256_madd_epi16(p, scv)
+            #[inline(always)]
+            unsafe fn rows4<const VNNI: bool>(w: [&[Self]; 4], act: &ActQ8) -> [f32; 4] {
+                let nb = w[0].len();
+                assert!(
+                    w.iter().all(|r| r.len() == nb) && act.blk.len() >= 8 * nb && act.qs.len() >= 256 * nb
+                );
+                let wp = w.map(<[Self]>::as_ptr);
+                let (qs, blk) = (act.qs.as_ptr(), act.blk.as_ptr());
+                let mut acc = _mm_setzero_ps();
+                let ones = _mm256_set1_epi8(1);
+                for i in 0..nb {
+                    prefetch_ahead::<4>(wp[0].cast(), i, std::mem::size_of::<Self>());
+                    // SAFETY: i < nb and every array covers nb blocks (asserted above).
+                    let b = |r: usize| &*wp[r].add(i);
+                    let h = |r: usize| u16::from_le_bytes(b(r).d) as i16;
+                    let dv = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0)));
+                    // The 4 rows' 16 scales as i16.
+                    // (Written out: a closure would not inherit the target features.)
+                    let scw = [
+                        _mm256_cvtepi8_epi16($scales(b(0))),
+                        _mm256_cvtepi8_epi16($scales(b(1))),
+                        _mm256_cvtepi8_epi16($scales(b(2))),
+                        _mm256_cvtepi8_epi16($scales(b(3))),
+                    ];
+                    // Sub-block s's two scales, each over one 128-bit half: word s of the row's scales
+                    // (`[sc_2s, sc_2s+1]`) everywhere, then its low i16 to the low half, its high i16 to
+                    // the high half.
+                    let pick = _mm256_setr_epi8(
+                        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+                        2, 3, 2, 3,
+                    );
+                    for n in 0..2 {
+                        macro_rules! sub {
+                            ($k:literal) => {{
+                                let s = 4 * n + $k;
+                                let ai = 8 * i + s;
+                                let y = load256(qs.add(32 * ai).cast());
+                                let ab = *blk.add(ai);
+                                // The offset times the activations' pair sums: `maddubs(q, y) - ys` is the
+                                // pairs of (q - o) y (|.| <= 2 * 32 * 127, no saturation).
+                                let ys = _mm256_slli_epi16::<$shift>(_mm256_maddubs_epi16(ones, y));
+                                let at = _mm256_set1_epi32(s as i32);
+                                macro_rules! row {
+                                    ($r:expr) => {{
+                                        let scv = _mm256_shuffle_epi8(
+                                            _mm256_permutevar8x32_epi32(scw[$r], at),
+                                            pick,
+                                        );
+                                        let q = $sub_k::<$k>(b($r), n);
+                                        let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, y), ys);
+                                        _mm256_madd_epi16(p, scv)
+                                    }};
+                                }
+                                let p = [row!(0), row!(1), row!(2), row!(3)];
+                                let sc = _mm_mul_ps(dv, _mm_set1_ps(ab.d));
+                                acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p)), sc, acc);
                             }};
                         }
-                        let p = [row!(0), row!(1), row!(2), row!(3)];
-                        let sc = _mm_mul_ps(dv, _mm_set1_ps(ab.d));
-                        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(reduce4(p)), sc, acc);
-                    }};
+                        sub!(0);
+                        sub!(1);
+                        sub!(2);
+                        sub!(3);
+                    }
                 }
-                sub!(0);
-                sub!(1);
-                sub!(2);
-                sub!(3);
+                let mut o = [0f32; 4];
+                // SAFETY: `o` is 16 writable bytes.
+                _mm_storeu_ps(o.as_mut_ptr(), acc);
+                o
             }
         }
-        let mut o = [0f32; 4];
-        // SAFETY: `o` is 16 writable bytes.
-        _mm_storeu_ps(o.as_mut_ptr(), acc);
-        o
+    };
+}
+
+kquant_scaled16_kernel!(BlockQ6K, q6k_sub_k, q6k_sub, q6k_scales, 5);
+kquant_scaled16_kernel!(BlockQ3K, q3k_sub_k, q3k_sub, q3k_scales, 2);
+
+/// The 16 i8 scales of a Q6_K block.
+#[inline(always)]
+unsafe fn q6k_scales(b: &BlockQ6K) -> __m128i {
+    load128(b.scales.as_ptr())
+}
+
+/// The 16 scales of a Q3_K block (6 bits each, less 32, as `blocks::scale_q3k` reads them),
+/// unpacked with 32-bit word operations: scale j takes the low (j < 8) or high nibble of byte j
+/// % 8 and bits 2 (j / 4), 2 (j / 4) + 1 of byte 8 + j % 4 as bits 4 and 5.
+#[inline(always)]
+unsafe fn q3k_scales(b: &BlockQ3K) -> __m128i {
+    let s = &b.scales;
+    let w = |k: usize| u32::from_le_bytes([s[4 * k], s[4 * k + 1], s[4 * k + 2], s[4 * k + 3]]);
+    let (a0, a1, a2) = (w(0), w(1), w(2));
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let v = _mm_setr_epi32(
+        ((a0 & LOW4) | ((a2 & LOW2) << 4)) as i32,
+        ((a1 & LOW4) | (((a2 >> 2) & LOW2) << 4)) as i32,
+        (((a0 >> 4) & LOW4) | (((a2 >> 4) & LOW2) << 4)) as i32,
+        (((a1 >> 4) & LOW4) | (((a2 >> 6) & LOW2) << 4)) as i32,
+    );
+    _mm_sub_epi8(v, _mm_set1_epi8(32))
+}
+
+/// Sub-block `4n + K` of a Q3_K block: its 32 quants (0..7, before the -4 offset) in element
+/// order: bits 2K, 2K + 1 of `qs[32n..][..32]`, and bit 4n + K of `hmask` as bit 2.
+#[inline(always)]
+unsafe fn q3k_sub_k<const K: usize>(b: &BlockQ3K, n: usize) -> __m256i {
+    // SAFETY: n < 2: 32n + 32 <= 64 bytes of `qs`; `hmask` is 32 bytes.
+    let q = load256(b.qs.as_ptr().add(32 * n));
+    let q = match K {
+        0 => q,
+        1 => _mm256_srli_epi16(q, 2),
+        2 => _mm256_srli_epi16(q, 4),
+        _ => _mm256_srli_epi16(q, 6),
+    };
+    // As in `q5k_sub`, the bits a 16-bit shift brings in from the next byte are masked off.
+    let h = _mm256_srl_epi16(
+        load256(b.hmask.as_ptr()),
+        _mm_cvtsi32_si128((4 * n + K) as i32),
+    );
+    _mm256_or_si256(
+        _mm256_and_si256(q, _mm256_set1_epi8(3)),
+        _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 2),
+    )
+}
+
+/// Sub-block `s` (0..8) of a Q3_K block, as [`q3k_sub_k`].
+#[inline(always)]
+unsafe fn q3k_sub(b: &BlockQ3K, s: usize) -> __m256i {
+    match s % 4 {
+        0 => q3k_sub_k::<0>(b, s / 4),
+        1 => q3k_sub_k::<1>(b, s / 4),
+        2 => q3k_sub_k::<2>(b, s / 4),
+        _ => q3k_sub_k::<3>(b, s / 4),
     }
 }
 
@@ -915,9 +984,10 @@ struct RowsBlock {
     /// Group g (quants 4g..4g+4) of every row, as the unsigned operand of the byte products:
     /// the 4-bit quants; for Q8_0, |q| on AVX2 and q + 128 with VNNI.
     q: [__m256i; 8],
-    /// Q8_0 on AVX2: the signed quants (their signs go onto the activations). Q6_K: its rows'
-    /// scales of the two halves, each in both i16 of its lane (0, 1), the pairs `(32 sc_lo, 32
-    /// sc_hi)` as two i16 (2), and the scales as i32 (3, 4). Unused otherwise.
+    /// Q8_0 on AVX2: the signed quants (their signs go onto the activations). Q6_K and Q3_K:
+    /// their rows' scales of the two halves, each in both i16 of its lane (0, 1), the pairs
+    /// `(o sc_lo, o sc_hi)` (o the offset, 32 or 4) as two i16 (2), and the scales as i32 (3,
+    /// 4). Unused otherwise.
     s: [__m256i; 8],
     /// The 8 rows' scales, and their mins (Q4_1; zero otherwise).
     d: __m256,
@@ -1403,6 +1473,7 @@ tile_entries!(BlockQ5_1, q5_1_rows4, q5_1_lanes);
 tile_entries!(BlockQ4K, q4_k_rows4, q4_k_lanes);
 tile_entries!(BlockQ5K, q5_k_rows4, q5_k_lanes);
 tile_entries!(BlockQ6K, q6_k_rows4, q6_k_lanes);
+tile_entries!(BlockQ3K, q3_k_rows4, q3_k_lanes);
 
 /// Quantizes 32 activations to Q8 exactly as `dot::quantize_act_block` does (same scale, same
 /// round-half-away-from-zero, same clamp), or returns None when a value is not finite (the

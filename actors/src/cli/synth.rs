@@ -11,7 +11,7 @@ pub struct SynthArgs {
     /// Model shape: tiny (4 layers, 256 wide), 1b, 8b or 70b (llama-3 shapes).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
-    /// Weight type: f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k.
+    /// Weight type: f16, q8_0, q4_0, q4_1, q5_0, q5_1, q3_k, q4_k, q5_k or q6_k.
     #[arg(long, default_value = "q4_0")]
     pub qtype: String,
     /// Seed of the weights; the same seed gives the same bytes.
