@@ -7,7 +7,7 @@
 //! merge produces (no token of their own, rare) get ids past the vocabulary.
 
 use super::error::TokenizerError;
-use super::fxhash::{FxBuild, TokenMap};
+use super::fxhash::{FxBuild, StrMap, TokenMap};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
@@ -65,7 +65,7 @@ impl Bpe {
         merges: &[String],
     ) -> Result<Self, TokenizerError> {
         let n_vocab = u32::try_from(n_vocab).map_err(|_| TokenizerError::EmptyVocab)?;
-        let mut extra: TokenMap = TokenMap::default();
+        let mut extra = StrMap::default();
         let mut extra_texts = Vec::new();
         let mut intern = |s: &str, extra_texts: &mut Vec<String>| -> u32 {
             if let Some(&id) = token_to_id.get(s) {
@@ -235,11 +235,7 @@ mod tests {
         // Vocabulary a, b, c, ab, bc, abc; "b c" ranks before "a b", so "abc" -> a + bc -> abc only
         // if "a bc" exists; it does not, so the result is [a, bc].
         let toks = ["a", "b", "c", "ab", "bc", "abc"];
-        let t2i: TokenMap = toks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
+        let t2i = TokenMap::new(toks);
         let merges = vec!["b c".to_string(), "a b".to_string(), "ab c".to_string()];
         let bpe = Bpe::new(toks.len(), &t2i, &merges).unwrap();
         let mut out = Vec::new();
@@ -253,11 +249,7 @@ mod tests {
     #[test]
     fn long_runs_merge_leftmost_first() {
         let toks = ["a", "aa", "aaaa"];
-        let t2i: TokenMap = toks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
+        let t2i = TokenMap::new(toks);
         let merges = vec!["a a".to_string(), "aa aa".to_string()];
         let bpe = Bpe::new(toks.len(), &t2i, &merges).unwrap();
         let mut out = Vec::new();

@@ -119,9 +119,9 @@ struct Inner {
     model: Model,
     model_name: String,
     pre_name: Option<String>,
-    texts: Vec<String>,
     types: Vec<TokenType>,
     scores: Vec<f32>,
+    /// The texts, and text -> id.
     token_to_id: TokenMap,
     /// Decoded bytes of every token, concatenated; token `i` is `bytes[offsets[i]..offsets[i+1]]`.
     bytes: Vec<u8>,
@@ -184,8 +184,7 @@ impl Tokenizer {
         };
         let texts = md
             .get_str_array(keys::TOK_TOKENS)?
-            .ok_or(TokenizerError::MissingKey(keys::TOK_TOKENS))?
-            .to_vec();
+            .ok_or(TokenizerError::MissingKey(keys::TOK_TOKENS))?;
         let n = texts.len();
         if n == 0 {
             return Err(TokenizerError::EmptyVocab);
@@ -220,11 +219,7 @@ impl Tokenizer {
             }
         };
         // Later duplicates win, as in llama.cpp's `token_to_id[text] = id`.
-        let token_to_id: TokenMap = texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let token_to_id = TokenMap::new(texts.iter().map(String::as_str));
 
         let pre_name = md.get_str(keys::TOK_PRE)?.map(str::to_string);
         // SentencePiece defaults are Llama 2's; BPE has no usable defaults.
@@ -283,7 +278,7 @@ impl Tokenizer {
         // end-of-turn text is made a control token, as llama.cpp does, so it is parsed as special.
         let mut eog: Vec<u32> = [eos, eot, eom].into_iter().flatten().collect();
         for t in EOG_TEXTS.iter().chain(FIM_EOG_TEXTS) {
-            if let Some(&id) = token_to_id.get(*t) {
+            if let Some(&id) = token_to_id.get(t) {
                 eog.push(id);
                 if EOG_TEXTS.contains(t) {
                     types[id as usize] = TokenType::Control;
@@ -367,7 +362,6 @@ impl Tokenizer {
                 model,
                 model_name,
                 pre_name,
-                texts,
                 types,
                 scores,
                 token_to_id,
@@ -402,7 +396,7 @@ impl Tokenizer {
             if !parse_special && ty != TokenType::UserDefined {
                 continue;
             }
-            let needle = inner.texts[id as usize].as_str();
+            let needle = inner.token_to_id.text(id).unwrap_or_default();
             if !text.contains(needle) {
                 continue;
             }
@@ -601,7 +595,7 @@ impl Tokenizer {
 
     /// The token's text as stored in the vocabulary (`Ġthe`, `▁the`, `<|im_end|>`).
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.inner.texts.get(id as usize).map(String::as_str)
+        self.inner.token_to_id.text(id)
     }
 
     pub fn token_type(&self, id: u32) -> Option<TokenType> {
@@ -614,7 +608,7 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.texts.len()
+        self.inner.token_to_id.len()
     }
 
     pub fn bos_id(&self) -> Option<u32> {
