@@ -3,14 +3,14 @@
 
 use crate::runtime::RuntimeHandle;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Shows three bars until the initial load is resident; stops when dropped.
 pub struct LoadProgressBars {
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the bars: the thread's wait between redraws ends at once (a plain sleep
+    /// held a short `run` up to a redraw period at exit).
+    stop: Option<flume::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -34,8 +34,7 @@ impl LoadProgressBars {
     }
 
     pub fn with_target(handle: &RuntimeHandle, target: ProgressDrawTarget) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let (stop, stopped) = flume::bounded::<()>(1);
         let handle = handle.clone();
         let thread = std::thread::Builder::new()
             .name("rf-progress".into())
@@ -64,23 +63,32 @@ impl LoadProgressBars {
                     {
                         b.set_position(v.min(total));
                     }
-                    if p.initial_done || stop2.load(Ordering::Acquire) || handle.is_shut_down() {
+                    if p.initial_done || handle.is_shut_down() {
                         break;
                     }
-                    std::thread::sleep(Duration::from_millis(50));
+                    // Redraw every 50 ms until the sender is dropped.
+                    if !matches!(
+                        stopped.recv_timeout(Duration::from_millis(50)),
+                        Err(flume::RecvTimeoutError::Timeout)
+                    ) {
+                        break;
+                    }
                 }
                 for b in &bars {
                     b.finish();
                 }
             })
             .ok();
-        Self { stop, thread }
+        Self {
+            stop: Some(stop),
+            thread,
+        }
     }
 }
 
 impl Drop for LoadProgressBars {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
