@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Start-up (process wall of `run -n 1`, page cache warm) and Q3_K throughput: base (68e7e0e)
+# against the final build (f89811d for Q3_K, 34785fe for start-up), alternating.
+set -u
+cd /work/main
+for r in 1 2 3 4 5; do
+  for b in base final3; do
+    for m in models/gemma-3-270m-q4_k_m.gguf models/SmolLM2-135M-Instruct.Q4_1.gguf; do
+      /usr/bin/time -f "startup $b $(basename $m) %e s %M KB" /tmp/rf-$b run -m $m --backend cpu -n 1 -q -p "Hi" 2>&1 >/dev/null | tail -1
+    done
+  done
+done
+for r in 1 2; do
+  for b in base final3; do
+    /tmp/rf-$b bench -m /tmp/synth-1b-q3_k.gguf --backend cpu -p 64 -n 16 -r 3 -t 2 -q --json 2>/dev/null | sed "s/^/q3k $b round$r /"
+  done
+done
