@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start-up (process wall of `run -n 1`, page cache warm) and Q3_K throughput: base (68e7e0e)
-# against the final build (f89811d for Q3_K, 34785fe for start-up), alternating.
+# Q3_K throughput (q3k.jsonl): base (68e7e0e) against f89811d ("final3"), alternating. Its
+# start-up loop was a first look; startup.json is the same `run -n 1` command timed from Python
+# (time.perf_counter around subprocess.run), 10 alternating rounds of base against 34785fe.
 set -u
 cd /work/main
 for r in 1 2 3 4 5; do
