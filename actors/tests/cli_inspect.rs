@@ -177,7 +177,7 @@ fn synth_output_validates() {
     assert_eq!(j["tensors"].as_array().unwrap().len(), 39);
     assert_eq!(j["tokenizer"]["model"], "gpt2");
     // Unknown presets and types are errors, not panics.
-    for args in [["--preset", "3b"], ["--qtype", "q3_k"]] {
+    for args in [["--preset", "3b"], ["--qtype", "q2_k"]] {
         let r = Command::new(env!("CARGO_BIN_EXE_rocmforge"))
             .args(["synth", "--out", out.to_str().unwrap()])
             .args(args)
