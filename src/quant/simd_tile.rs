@@ -210,6 +210,57 @@ macro_rules! unroll8 {
     }};
 }
 
+/// `[e(0), .., e(7)]` for the expression `e` of `$r` (written out, as `unroll8!`: a closure
+/// would not inherit the target features).
+macro_rules! rows8 {
+    ($r:ident => $e:expr) => {
+        [
+            {
+                let $r = 0usize;
+                $e
+            },
+            {
+                let $r = 1usize;
+                $e
+            },
+            {
+                let $r = 2usize;
+                $e
+            },
+            {
+                let $r = 3usize;
+                $e
+            },
+            {
+                let $r = 4usize;
+                $e
+            },
+            {
+                let $r = 5usize;
+                $e
+            },
+            {
+                let $r = 6usize;
+                $e
+            },
+            {
+                let $r = 7usize;
+                $e
+            },
+        ]
+    };
+}
+
+/// The 8 f16 values `e(0), .., e(7)` (as little-endian bytes) of the expression `e` of `$r`, as
+/// 8 f32 lanes (F16C). Registers, not a `[u16; 8]` in memory: 2-byte stores read back as one
+/// wider load stall store forwarding.
+macro_rules! f16_rows8 {
+    ($r:ident => $e:expr) => {{
+        let [h0, h1, h2, h3, h4, h5, h6, h7] = rows8!($r => u16::from_le_bytes($e) as i16);
+        _mm256_cvtph_ps(_mm_set_epi16(h7, h6, h5, h4, h3, h2, h1, h0))
+    }};
+}
+
 /// A weight block type the tile kernels take: how its 32-element (sub-)blocks look to them.
 trait TileKernel: Block + Sized {
     const KIND: Quants;
@@ -403,33 +454,9 @@ macro_rules! kquant_min_kernel {
                     (sc[r], mn[r]) = (u64::from_le_bytes(a), u64::from_le_bytes(c));
                 }
                 let (sc, mn) = (transpose8x8_bytes(sc), transpose8x8_bytes(mn));
-                let h = |k: usize, f: fn(&Self) -> [u8; 2]| u16::from_le_bytes(f(b(k))) as i16;
-                macro_rules! f16x8 {
-                    ($f:expr) => {
-                        _mm256_cvtph_ps(_mm_set_epi16(
-                            h(7, $f),
-                            h(6, $f),
-                            h(5, $f),
-                            h(4, $f),
-                            h(3, $f),
-                            h(2, $f),
-                            h(1, $f),
-                            h(0, $f),
-                        ))
-                    };
-                }
-                let (d, dmin) = (f16x8!(|x| x.d), f16x8!(|x| x.dmin));
+                let (d, dmin) = (f16_rows8!(r => b(r).d), f16_rows8!(r => b(r).dmin));
                 for (s, o) in out[..8].iter_mut().enumerate() {
-                    let q = transpose_rows8([
-                        $sub(b(0), s),
-                        $sub(b(1), s),
-                        $sub(b(2), s),
-                        $sub(b(3), s),
-                        $sub(b(4), s),
-                        $sub(b(5), s),
-                        $sub(b(6), s),
-                        $sub(b(7), s),
-                    ]);
+                    let q = transpose_rows8(rows8!(r => $sub(b(r), s)));
                     // d * sc_s and -(dmin * m_s) of the 8 rows, as `dot::dot_tile_scalar` forms
                     // them.
                     let u8f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
@@ -699,40 +726,12 @@ macro_rules! kquant_scaled16_kernel {
                 let b = |r: usize| &*w[r].add(i);
                 // The rows' scales as 8 words each (word s: the pair of sub-block s), transposed: word
                 // r of `sw[s]` is row r's pair.
-                let sw = transpose8x8_words([
-                    $scales(b(0)),
-                    $scales(b(1)),
-                    $scales(b(2)),
-                    $scales(b(3)),
-                    $scales(b(4)),
-                    $scales(b(5)),
-                    $scales(b(6)),
-                    $scales(b(7)),
-                ]);
-                let h = |r: usize| u16::from_le_bytes(b(r).d) as i16;
-                let d = _mm256_cvtph_ps(_mm_set_epi16(
-                    h(7),
-                    h(6),
-                    h(5),
-                    h(4),
-                    h(3),
-                    h(2),
-                    h(1),
-                    h(0),
-                ));
+                let sw = transpose8x8_words(rows8!(r => $scales(b(r))));
+                let d = f16_rows8!(r => b(r).d);
                 let even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
                 let odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
                 for (s, o) in out[..8].iter_mut().enumerate() {
-                    let q = transpose_rows8([
-                        $sub(b(0), s),
-                        $sub(b(1), s),
-                        $sub(b(2), s),
-                        $sub(b(3), s),
-                        $sub(b(4), s),
-                        $sub(b(5), s),
-                        $sub(b(6), s),
-                        $sub(b(7), s),
-                    ]);
+                    let q = transpose_rows8(rows8!(r => $sub(b(r), s)));
                     // The 8 rows' scales of the two halves (i8), as i32 lanes.
                     let lo = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sw[s], even));
                     let hi = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sw[s], odd));
@@ -1050,17 +1049,7 @@ unsafe fn rows_block<B: TileBlock, const VNNI: bool>(w: &[*const B; 8], i: usize
     if B::KIND == Quants::U5 {
         // Each row's 32 quants built in a register, then words 0..4 (halves [row r | row
         // r + 4]) and 4..8 transposed.
-        let r = [
-            b(0).quants(),
-            b(1).quants(),
-            b(2).quants(),
-            b(3).quants(),
-            b(4).quants(),
-            b(5).quants(),
-            b(6).quants(),
-            b(7).quants(),
-        ];
-        q = transpose_rows8(r);
+        q = transpose_rows8(rows8!(r => b(r).quants()));
     } else if B::KIND == Quants::U4 {
         // Word j of the packed nibbles holds quants 4j..4j+4 (low) and 16+4j.. (high).
         let g = transpose4x4(pair!(0, 0), pair!(1, 0), pair!(2, 0), pair!(3, 0));
@@ -1082,28 +1071,12 @@ unsafe fn rows_block<B: TileBlock, const VNNI: bool>(w: &[*const B; 8], i: usize
             };
         }
     }
-    // Registers, not a [u16; 8] in memory (see `rows4_body`).
-    macro_rules! f16x8 {
-        ($f:ident) => {{
-            let h = |r: usize| u16::from_le_bytes(b(r).$f()) as i16;
-            _mm256_cvtph_ps(_mm_set_epi16(
-                h(7),
-                h(6),
-                h(5),
-                h(4),
-                h(3),
-                h(2),
-                h(1),
-                h(0),
-            ))
-        }};
-    }
     RowsBlock {
         q,
         s,
-        d: f16x8!(d),
+        d: f16_rows8!(r => b(r).d()),
         m: if B::HAS_MIN {
-            f16x8!(m)
+            f16_rows8!(r => b(r).m())
         } else {
             _mm256_setzero_ps()
         },
