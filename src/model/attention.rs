@@ -57,6 +57,10 @@ pub(super) fn attention_batch(
     let (hd, hdv, nh) = (hp.head_dim, hp.head_dim_v, hp.n_head);
     let (qd, gqa) = (hp.q_dim(), hp.gqa());
     let (scale, window, softcap) = (hp.attn_scale, hp.local_window(layer), hp.attn_softcap);
+    // A step's sequences share one precision (`forward_batch` checks it).
+    let fast = seqs
+        .first()
+        .is_some_and(|s| s.precision() == super::ops::Precision::Fast);
     let n: usize = rows.iter().sum();
     // Each distinct pool locked once (the sequences of a batch normally share one; locking
     // it twice from this thread would deadlock).
@@ -122,6 +126,7 @@ pub(super) fn attention_batch(
                 softcap,
                 keys,
                 vals,
+                fast,
             };
             ops::attend(&head, scores, out);
         };
