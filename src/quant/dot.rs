@@ -758,6 +758,19 @@ pub fn matmul_exact(
 mod tests {
     use super::*;
 
+    /// Every type with tile kernels.
+    const TILE_TYPES: [GgmlType; 9] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q3_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
     /// Raw blocks of `ty` with random quants over their whole range (Q8_0's -128 included,
     /// which no quantizer writes but a file may hold) and finite random scales (and mins); the
     /// first row's quants are all at the top of the range (15, 31, -128), the worst case for
@@ -838,17 +851,7 @@ mod tests {
             x[..cols].fill(0.75);
             let mut acts = ActsQ8::default();
             acts.fill(&x, cols);
-            for ty in [
-                GgmlType::Q4_0,
-                GgmlType::Q4_1,
-                GgmlType::Q5_0,
-                GgmlType::Q5_1,
-                GgmlType::Q8_0,
-                GgmlType::Q4_K,
-                GgmlType::Q3_K,
-                GgmlType::Q5_K,
-                GgmlType::Q6_K,
-            ] {
+            for ty in TILE_TYPES {
                 if cols % ty.block_elems() as usize != 0 {
                     continue;
                 }
@@ -917,17 +920,7 @@ mod tests {
         let xq: Vec<f32> = (0..cols)
             .map(|i| act.blk[i / 32].d * act.qs[i] as f32)
             .collect();
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q3_K,
-            GgmlType::Q5_K,
-            GgmlType::Q6_K,
-        ] {
+        for ty in TILE_TYPES {
             let w = crate::quant::quantize(ty, &wf).unwrap();
             let rb = w.len() / 4;
             let mut wd = vec![0.0; 4 * cols];

@@ -294,9 +294,12 @@ trait TileBlock: TileKernel {
     fn qs(&self) -> *const u8;
 }
 
-/// The [`TileKernel`] of a 32-element type: the generic bodies.
+/// The [`TileKernel`] and [`TileBlock`] of a 32-element type: the generic bodies, and how its
+/// block reads (`$b` is the block in the three expressions: its min, its 32 quants, and the
+/// address of its stored quants).
 macro_rules! legacy_kernel {
-    ($block:ty, $kind:ident, $offset:expr, $min:expr) => {
+    ($block:ty, $kind:ident, $offset:expr, $min:expr,
+     m($b:ident) => $m:expr, quants => $quants:expr, qs => $qs:expr) => {
         impl TileKernel for $block {
             const KIND: Quants = Quants::$kind;
             const OFFSET: i32 = $offset;
@@ -313,6 +316,26 @@ macro_rules! legacy_kernel {
             #[inline(always)]
             unsafe fn rows4<const VNNI: bool>(w: [&[Self]; 4], act: &ActQ8) -> [f32; 4] {
                 rows4_body::<Self, VNNI>(w, act)
+            }
+        }
+
+        impl TileBlock for $block {
+            fn d(&self) -> [u8; 2] {
+                self.d
+            }
+            fn m(&self) -> [u8; 2] {
+                #[allow(unused_variables)] // the types without a min
+                let $b = self;
+                $m
+            }
+            #[inline(always)]
+            unsafe fn quants(&self) -> __m256i {
+                let $b = self;
+                $quants
+            }
+            fn qs(&self) -> *const u8 {
+                let $b = self;
+                $qs
             }
         }
     };
@@ -336,96 +359,17 @@ unsafe fn five_bit(qh: [u8; 4], qs: &[u8; 16]) -> __m256i {
     _mm256_or_si256(nibbles(qs), _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
 }
 
-legacy_kernel!(BlockQ4_0, U4, -8, false);
-
-impl TileBlock for BlockQ4_0 {
-    fn d(&self) -> [u8; 2] {
-        self.d
-    }
-    fn m(&self) -> [u8; 2] {
-        [0; 2]
-    }
-    #[inline(always)]
-    unsafe fn quants(&self) -> __m256i {
-        nibbles(&self.qs)
-    }
-    fn qs(&self) -> *const u8 {
-        self.qs.as_ptr()
-    }
-}
-
-legacy_kernel!(BlockQ4_1, U4, 0, true);
-
-impl TileBlock for BlockQ4_1 {
-    fn d(&self) -> [u8; 2] {
-        self.d
-    }
-    fn m(&self) -> [u8; 2] {
-        self.m
-    }
-    #[inline(always)]
-    unsafe fn quants(&self) -> __m256i {
-        nibbles(&self.qs)
-    }
-    fn qs(&self) -> *const u8 {
-        self.qs.as_ptr()
-    }
-}
-
-legacy_kernel!(BlockQ8_0, I8, 0, false);
-
-impl TileBlock for BlockQ8_0 {
-    fn d(&self) -> [u8; 2] {
-        self.d
-    }
-    fn m(&self) -> [u8; 2] {
-        [0; 2]
-    }
-    #[inline(always)]
-    unsafe fn quants(&self) -> __m256i {
-        // SAFETY: `qs` is 32 readable bytes.
-        load256(self.qs.as_ptr())
-    }
-    fn qs(&self) -> *const u8 {
-        self.qs.as_ptr().cast()
-    }
-}
-
-legacy_kernel!(BlockQ5_0, U5, -16, false);
-
-impl TileBlock for BlockQ5_0 {
-    fn d(&self) -> [u8; 2] {
-        self.d
-    }
-    fn m(&self) -> [u8; 2] {
-        [0; 2]
-    }
-    #[inline(always)]
-    unsafe fn quants(&self) -> __m256i {
-        five_bit(self.qh, &self.qs)
-    }
-    fn qs(&self) -> *const u8 {
-        self.qs.as_ptr()
-    }
-}
-
-legacy_kernel!(BlockQ5_1, U5, 0, true);
-
-impl TileBlock for BlockQ5_1 {
-    fn d(&self) -> [u8; 2] {
-        self.d
-    }
-    fn m(&self) -> [u8; 2] {
-        self.m
-    }
-    #[inline(always)]
-    unsafe fn quants(&self) -> __m256i {
-        five_bit(self.qh, &self.qs)
-    }
-    fn qs(&self) -> *const u8 {
-        self.qs.as_ptr()
-    }
-}
+legacy_kernel!(BlockQ4_0, U4, -8, false,
+    m(b) => [0; 2], quants => nibbles(&b.qs), qs => b.qs.as_ptr());
+legacy_kernel!(BlockQ4_1, U4, 0, true,
+    m(b) => b.m, quants => nibbles(&b.qs), qs => b.qs.as_ptr());
+// SAFETY (of the load): `qs` is 32 readable bytes.
+legacy_kernel!(BlockQ8_0, I8, 0, false,
+    m(b) => [0; 2], quants => load256(b.qs.as_ptr().cast()), qs => b.qs.as_ptr().cast());
+legacy_kernel!(BlockQ5_0, U5, -16, false,
+    m(b) => [0; 2], quants => five_bit(b.qh, &b.qs), qs => b.qs.as_ptr());
+legacy_kernel!(BlockQ5_1, U5, 0, true,
+    m(b) => b.m, quants => five_bit(b.qh, &b.qs), qs => b.qs.as_ptr());
 
 /// The K-quants with a scale and a min per 32-element sub-block (Q4_K, Q5_K: 256 elements, 8
 /// sub-blocks, 6-bit scales and mins; element `x = d * sc_s * q - dmin * m_s`) as 8 sub-blocks:
