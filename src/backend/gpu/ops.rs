@@ -21,19 +21,21 @@ pub const MMVQN_MAX: usize = 8;
 /// Warps per q8 matrix-vector block (RF_MMVQ8_WARPS in mmvq_q8.cu).
 const MMVQ8_WARPS: u32 = 8;
 
-/// Warps per row of the one-vector q8 product over `nrows` rows: the fewest (1, 2, 4, 8)
-/// that keep at least `MMVQ8_MIN_WARPS` (8,192) warps streaming weights, so a small matrix (the K/V
-/// projections) still has enough loads in flight while a large one runs a warp per row.
+/// Warps per row of the one-vector q8 product over `nrows` rows: the fewest (1, 2, 4) that
+/// keep at least `MMVQ8_MIN_WARPS` warps streaming weights, so a small matrix still has
+/// loads in flight while a large one runs a warp per row. Measured on an H100 (gpu_kernels'
+/// "q8a shapes", 8B matrices, Q4_0/Q4_K/Q6_K/Q8_0): one warp per row was fastest from 4,096
+/// rows up (Q4_K's 4,096 x 4,096 and 4,096 x 14,336 excepted, 9-20% better with two), four at
+/// 1,024 rows; eight was never the best.
 pub fn mmvq8_wpr(nrows: usize) -> u32 {
     [1u32, 2, 4]
         .into_iter()
         .find(|&w| nrows * w as usize >= MMVQ8_MIN_WARPS)
-        .unwrap_or(8)
+        .unwrap_or(4)
 }
 
-/// Warps a one-vector q8 product aims to keep busy (H100: 132 SMs x 64 resident warps is
-/// 8,448; see [`mmvq8_wpr`]).
-const MMVQ8_MIN_WARPS: usize = 8192;
+/// Warps a one-vector q8 product keeps busy at least (see [`mmvq8_wpr`]).
+const MMVQ8_MIN_WARPS: usize = 4096;
 
 /// Launch shape of the q8 matrix-vector kernels with `wpr` warps per row.
 fn mmvq8_shape(warp: u32, nrows: usize, wpr: u32) -> BackendResult<LaunchShape> {
