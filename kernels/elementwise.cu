@@ -54,8 +54,10 @@ __device__ __forceinline__ void rf_kv_store(const float* __restrict__ src, rf_ha
     }
 }
 
-// K and V of the same positions in one launch: blockIdx.y 0 stores k, 1 stores v (each as
-// kv_store_f32_f16 below).
+// Writes k and v (or, with gridDim.y 1, k alone) for n_tokens new positions into f16 caches;
+// blockIdx.y 0 stores k, 1 stores v.
+//   k, v:   [n_tokens, n_kv_heads, head_dim] f32
+//   kc, vc: [n_kv_heads, seq_cap, head_dim] f16, token t goes to position pos0 + t.
 extern "C" __global__ void kv_store2_f32_f16(const float* __restrict__ k, rf_half* __restrict__ kc,
                                              const float* __restrict__ v, rf_half* __restrict__ vc,
                                              int n_tokens, int n_kv_heads, int head_dim, int seq_cap,
@@ -64,14 +66,6 @@ extern "C" __global__ void kv_store2_f32_f16(const float* __restrict__ k, rf_hal
     else rf_kv_store(v, vc, n_tokens, n_kv_heads, head_dim, seq_cap, pos0);
 }
 
-// Writes k or v for n_tokens new positions into an f16 cache.
-//   src:   [n_tokens, n_kv_heads, head_dim] f32
-//   cache: [n_kv_heads, seq_cap, head_dim] f16, token t goes to position pos0 + t.
-extern "C" __global__ void kv_store_f32_f16(const float* __restrict__ src, rf_half* __restrict__ cache,
-                                            int n_tokens, int n_kv_heads, int head_dim, int seq_cap,
-                                            int pos0) {
-    rf_kv_store(src, cache, n_tokens, n_kv_heads, head_dim, seq_cap, pos0);
-}
 
 // The gated activations with their output also quantized to q8a (mmvq_q8.cu's layout over the
 // n values as n / 32 blocks): the input of the down projection in one launch, the same bits as

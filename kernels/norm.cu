@@ -4,15 +4,20 @@
 #include "common.cuh"
 #include "q8a.cuh"
 
-extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rmsnorm_f32(const float* x, const float* __restrict__ w, float* out,
-                                       int ncols, float eps) {
+// 1 / sqrt(mean(xr^2) + eps) of one row, for every thread of the block.
+__device__ __forceinline__ float rf_rms_inv(const float* xr, int ncols, float eps) {
     __shared__ float scratch[RF_MAX_WARPS];
-    const float* xr = x + (i64)blockIdx.x * ncols;
-    float* orow = out + (i64)blockIdx.x * ncols;
     float ss = 0.f;
     for (int c = threadIdx.x; c < ncols; c += blockDim.x) ss += xr[c] * xr[c];
     ss = rf_block_sum(ss, scratch);
-    const float inv = rsqrtf(ss / (float)ncols + eps);
+    return rsqrtf(ss / (float)ncols + eps);
+}
+
+extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rmsnorm_f32(const float* x, const float* __restrict__ w, float* out,
+                                       int ncols, float eps) {
+    const float* xr = x + (i64)blockIdx.x * ncols;
+    float* orow = out + (i64)blockIdx.x * ncols;
+    const float inv = rf_rms_inv(xr, ncols, eps);
     for (int c = threadIdx.x; c < ncols; c += blockDim.x) orow[c] = xr[c] * inv * w[c];
 }
 
@@ -22,13 +27,9 @@ extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rmsnorm_f32(const f
 extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rmsnorm_q8a_f32(const float* x, const float* __restrict__ w, float* out,
                                            i8* __restrict__ qs, float2* __restrict__ meta,
                                            int ncols, float eps) {
-    __shared__ float scratch[RF_MAX_WARPS];
     const float* xr = x + (i64)blockIdx.x * ncols;
     float* orow = out + (i64)blockIdx.x * ncols;
-    float ss = 0.f;
-    for (int c = threadIdx.x; c < ncols; c += blockDim.x) ss += xr[c] * xr[c];
-    ss = rf_block_sum(ss, scratch);
-    const float inv = rsqrtf(ss / (float)ncols + eps);
+    const float inv = rf_rms_inv(xr, ncols, eps);
     // 32-element blocks: each group of 32 threads takes every (blockDim / 32)-th block.
     const int groups = blockDim.x / 32, g = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int nblk = ncols / 32;

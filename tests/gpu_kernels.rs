@@ -510,7 +510,12 @@ fn check_attention<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
             }
         }
     }
-    t.add("kv_store_f32_f16", "f16", rel_err(&got, &want), 0.0);
+    t.add(
+        "kv_store (kv_store2_f32_f16, one cache)",
+        "f16",
+        rel_err(&got, &want),
+        0.0,
+    );
     let vh: Vec<f32> = vc
         .to_vec::<f16>(kv.n_kv_heads * kv.seq_cap * kv.head_dim)
         .expect("read")

@@ -125,7 +125,6 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
                 "scale_f32",
                 "axpy_f32",
                 "add_f32",
-                "kv_store_f32_f16",
                 "kv_store2_f32_f16",
             ]),
         ),

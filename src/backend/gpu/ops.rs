@@ -169,6 +169,68 @@ pub struct SampleParams {
     pub u: f32,
 }
 
+/// `kv_store2_f32_f16` over one or two (source, cache) pairs of the same layout and positions
+/// (`gridDim.y` = pairs: the kernel stores k with y 0, v with y 1).
+fn kv_store_pairs<D: KernelDevice>(
+    dev: &D,
+    s: &D::Stream,
+    pairs: &[(&dyn DeviceBuffer, &dyn DeviceBuffer)],
+    kv: KvLayout,
+    n_tokens: usize,
+    pos0: usize,
+) -> BackendResult<()> {
+    const OP: &str = "kv_store";
+    let n = n_tokens * kv.n_kv_heads * kv.head_dim;
+    if pos0 + n_tokens > kv.seq_cap {
+        return Err(BackendError::InvalidArgument {
+            op: OP,
+            what: format!(
+                "positions {pos0}+{n_tokens} beyond cache capacity {}",
+                kv.seq_cap
+            ),
+        });
+    }
+    let (Some(&first), true) = (pairs.first(), pairs.len() <= 2) else {
+        return Err(BackendError::InvalidArgument {
+            op: OP,
+            what: format!("{} caches in one launch (1 or 2)", pairs.len()),
+        });
+    };
+    for &(src, cache) in pairs {
+        need(OP, "src", src, n * 4)?;
+        need(OP, "cache", cache, kv.bytes())?;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let (k, kc) = first;
+    let (v, vc) = pairs.get(1).copied().unwrap_or(first);
+    let kern = dev.kernel("elementwise.cu", "kv_store2_f32_f16")?;
+    let shape = LaunchShape {
+        grid: (
+            to_u32(OP, n.div_ceil(256).min(65_535))?,
+            pairs.len() as u32,
+            1,
+        ),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    };
+    let args = [
+        p(k),
+        p(kc),
+        p(v),
+        p(vc),
+        Arg::I32(to_i32(OP, "n_tokens", n_tokens)?),
+        Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
+        Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
+        Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
+        Arg::I32(to_i32(OP, "pos0", pos0)?),
+    ];
+    // SAFETY: every written position is < seq_cap and each cache holds the layout (checked);
+    // with one pair the kernel's y range is 0 only, so the repeated pointers are not written.
+    unsafe { kern.launch(s, shape, &args) }
+}
+
 /// The launchers as methods of every [`KernelDevice`] (`dev.mmvq(..)` reads the same on CUDA
 /// and HIP); implemented once, for all devices, by the blanket impl below.
 pub trait GpuOps: KernelDevice {
@@ -926,39 +988,7 @@ pub trait GpuOps: KernelDevice {
         n_tokens: usize,
         pos0: usize,
     ) -> BackendResult<()> {
-        const OP: &str = "kv_store";
-        let n = n_tokens * kv.n_kv_heads * kv.head_dim;
-        if pos0 + n_tokens > kv.seq_cap {
-            return Err(BackendError::InvalidArgument {
-                op: OP,
-                what: format!(
-                    "positions {pos0}+{n_tokens} beyond cache capacity {}",
-                    kv.seq_cap
-                ),
-            });
-        }
-        need(OP, "src", src, n * 4)?;
-        need(OP, "cache", cache, kv.bytes())?;
-        if n == 0 {
-            return Ok(());
-        }
-        let k = self.kernel("elementwise.cu", "kv_store_f32_f16")?;
-        let shape = LaunchShape {
-            grid: (to_u32(OP, n.div_ceil(256).min(65_535))?, 1, 1),
-            block: (256, 1, 1),
-            shared_bytes: 0,
-        };
-        let args = [
-            p(src),
-            p(cache),
-            Arg::I32(to_i32(OP, "n_tokens", n_tokens)?),
-            Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
-            Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
-            Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
-            Arg::I32(to_i32(OP, "pos0", pos0)?),
-        ];
-        // SAFETY: every written position is < seq_cap and the cache holds the layout (checked).
-        unsafe { k.launch(s, shape, &args) }
+        kv_store_pairs(self, s, &[(src, cache)], kv, n_tokens, pos0)
     }
 
     /// [`GpuOps::kv_store`] of `k` into `k_cache` and `v` into `v_cache` (the same layout and
@@ -975,43 +1005,7 @@ pub trait GpuOps: KernelDevice {
         n_tokens: usize,
         pos0: usize,
     ) -> BackendResult<()> {
-        const OP: &str = "kv_store2";
-        let n = n_tokens * kv.n_kv_heads * kv.head_dim;
-        if pos0 + n_tokens > kv.seq_cap {
-            return Err(BackendError::InvalidArgument {
-                op: OP,
-                what: format!(
-                    "positions {pos0}+{n_tokens} beyond cache capacity {}",
-                    kv.seq_cap
-                ),
-            });
-        }
-        need(OP, "k", k, n * 4)?;
-        need(OP, "v", v, n * 4)?;
-        need(OP, "k_cache", k_cache, kv.bytes())?;
-        need(OP, "v_cache", v_cache, kv.bytes())?;
-        if n == 0 {
-            return Ok(());
-        }
-        let kern = self.kernel("elementwise.cu", "kv_store2_f32_f16")?;
-        let shape = LaunchShape {
-            grid: (to_u32(OP, n.div_ceil(256).min(65_535))?, 2, 1),
-            block: (256, 1, 1),
-            shared_bytes: 0,
-        };
-        let args = [
-            p(k),
-            p(k_cache),
-            p(v),
-            p(v_cache),
-            Arg::I32(to_i32(OP, "n_tokens", n_tokens)?),
-            Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
-            Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
-            Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
-            Arg::I32(to_i32(OP, "pos0", pos0)?),
-        ];
-        // SAFETY: every written position is < seq_cap and both caches hold the layout (checked).
-        unsafe { kern.launch(s, shape, &args) }
+        kv_store_pairs(self, s, &[(k, k_cache), (v, v_cache)], kv, n_tokens, pos0)
     }
 
     /// Causal attention of `q` (`[n_tokens, n_heads, head_dim]` f32) over the f16 caches.
