@@ -14,6 +14,11 @@
 # where device-check.sh joins the parts and checks the sha256. Without calls 1-2 the SmolLM2
 # tests fail (they say the model is missing); the rest still run. `--no-model` stages none.
 #
+# `--gemma` adds the Gemma 3 270M golden test on the GPU (actors/tests/gpu_gemma3.rs) and stages
+# models/gemma-3-270m-q4_k_m.gguf (241 MiB) in chunks, .device-gemma-1 .. -7, one call each
+# before the others (`bash .device-gemma-N/stash.sh`, each within 30 s of the last); the last
+# call's device-check.sh checks the joined file's sha256 against the one staged here.
+#
 # Environment: CARGO_TARGET_DIR as for any build; DEVICE_DIR (default .device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,12 +34,21 @@ CHUNK_BYTES=$(( (60 - tree_mb) * 1024 * 1024 ))
 PART1_BYTES=$((2 * CHUNK_BYTES))
 MODEL_DIR2="$ROOT/.device-model-2"
 with_model=1
-[ "${1:-}" = "--no-model" ] && with_model=0
+with_gemma=0
+for arg in "$@"; do
+    case "$arg" in
+        --no-model) with_model=0 ;;
+        --gemma) with_gemma=1 ;;
+        *) echo "device-build: unknown option $arg (--no-model, --gemma)" >&2; exit 2 ;;
+    esac
+done
+GEMMA="$ROOT/models/gemma-3-270m-q4_k_m.gguf"
 
 # The test executables with a GPU test, by crate. kernels_compile_nvrtc needs no device but
 # checks the device machine's NVRTC (required there by the feature).
 CORE_TESTS=(gpu_kernels gpu_gemm kernels_compile_nvrtc)
 ACTORS_TESTS=(gpu_pipeline gpu_forward one_engine)
+[ "$with_gemma" = 1 ] && ACTORS_TESTS+=(gpu_gemma3)
 
 args=()
 for t in "${CORE_TESTS[@]}" "${ACTORS_TESTS[@]}"; do args+=(--test "$t"); done
@@ -45,7 +59,7 @@ trap 'rm -f "$json"' EXIT
 cargo test --release --no-run --features gpu-tests -p rocmforge -p rocmforge-actors "${args[@]}" \
     --message-format=json-render-diagnostics > "$json"
 
-rm -rf "$DEV" "$MODEL_DIR" "$MODEL_DIR2"
+rm -rf "$DEV" "$MODEL_DIR" "$MODEL_DIR2" "$ROOT"/.device-gemma-*
 mkdir -p "$DEV"
 stage=$(mktemp -d)
 trap 'rm -rf "$json" "$stage"' EXIT
@@ -102,12 +116,39 @@ cat "$(dirname "$0")/smollm2.chunk" >> /tmp/rocmforge-device/smollm2.part1
 ls -l /tmp/rocmforge-device
 SH
 fi
+gemma_dirs=()
+if [ "$with_gemma" = 1 ]; then
+    [ -f "$GEMMA" ] || ./scripts/fetch-gemma3.sh
+    sha256sum "$GEMMA" | cut -d' ' -f1 > "$DEV/gemma3.sha256"
+    size=$(stat -c %s "$GEMMA")
+    n=$(( (size + CHUNK_BYTES - 1) / CHUNK_BYTES ))
+    for i in $(seq 1 "$n"); do
+        d="$ROOT/.device-gemma-$i"
+        mkdir -p "$d"
+        dd if="$GEMMA" of="$d/gemma3.chunk" bs="$CHUNK_BYTES" skip="$((i - 1))" count=1 status=none
+        # The first chunk starts the file, the others append (outside the repository copy).
+        op='>>'; [ "$i" = 1 ] && op='>'
+        cat > "$d/stash.sh" <<SH
+#!/usr/bin/env bash
+# Gemma 3 270M for the device check, chunk $i of $n, kept outside the repository copy.
+set -eu
+mkdir -p /tmp/rocmforge-device
+cat "\$(dirname "\$0")/gemma3.chunk" $op /tmp/rocmforge-device/gemma3.gguf
+ls -l /tmp/rocmforge-device
+SH
+        gemma_dirs+=("$d")
+    done
+fi
 # The device tool carries at most 64 MiB in all, the working tree included.
-for d in "$DEV" "$MODEL_DIR" "$MODEL_DIR2"; do
+for d in "$DEV" "$MODEL_DIR" "$MODEL_DIR2" "${gemma_dirs[@]}"; do
     [ -d "$d" ] || continue
     size=$(du -sm "$d" | cut -f1)
     echo "$d: $size MiB (+ $tree_mb MiB of working tree)"
     [ "$((size + tree_mb))" -lt 62 ] || { echo "device-build: $d and the tree are over the 64 MiB carry limit" >&2; exit 1; }
+done
+for d in "${gemma_dirs[@]}"; do
+    b=$(basename "$d")
+    echo "first, each within 30 s of the last: run carry [\"$b\"] 'bash $b/stash.sh'"
 done
 echo "next, each within 30 s of the last: run carry [\".device-model\"] 'bash .device-model/stash.sh',"
 echo "      run carry [\".device-model-2\"] 'bash .device-model-2/stash.sh',"

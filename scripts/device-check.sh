@@ -48,6 +48,14 @@ if [ -z "${ROCMFORGE_TEST_MODEL:-}" ]; then
         notes+=("SmolLM2 not here (call 1, .device-model/stash.sh, not run within 30 s?): the SmolLM2 tests will fail")
     fi
 fi
+# Gemma 3 270M, staged only by `scripts/device-build.sh --gemma` (which lists gpu_gemma3).
+if [ -z "${ROCMFORGE_GEMMA3_MODEL:-}" ] && [ -f "$DEV_DIR/gemma3.sha256" ]; then
+    if echo "$(cat "$DEV_DIR/gemma3.sha256")  $WORK/gemma3.gguf" | sha256sum -c --quiet - ; then
+        export ROCMFORGE_GEMMA3_MODEL="$WORK/gemma3.gguf"
+    else
+        notes+=("Gemma 3 chunks missing or joined to a wrong sha256 (.device-gemma-N/stash.sh not all run within 30 s?): gpu_gemma3 will fail")
+    fi
+fi
 if [ -z "${ROCMFORGE_SYNTH_MODEL:-}" ]; then
     tok=()
     [ -n "${ROCMFORGE_TEST_MODEL:-}" ] && tok=(--tokenizer-from "$ROCMFORGE_TEST_MODEL")
@@ -63,7 +71,7 @@ fi
     echo "== $(date -u +%FT%TZ) $(hostname)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
     ls -l /usr/local/cuda/lib64/libnvrtc.so* 2>&1 | head -3
-    echo "ROCMFORGE_TEST_MODEL=${ROCMFORGE_TEST_MODEL:-} ROCMFORGE_SYNTH_MODEL=${ROCMFORGE_SYNTH_MODEL:-}"
+    echo "ROCMFORGE_TEST_MODEL=${ROCMFORGE_TEST_MODEL:-} ROCMFORGE_SYNTH_MODEL=${ROCMFORGE_SYNTH_MODEL:-} ROCMFORGE_GEMMA3_MODEL=${ROCMFORGE_GEMMA3_MODEL:-}"
 } > "$OUT/env.txt"
 
 # Runs one executable with every test included; appends a summary row; returns non-zero unless
