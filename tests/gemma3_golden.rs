@@ -32,8 +32,6 @@ struct Case {
     f32_last_prompt_top_logits: Vec<(u32, f32)>,
 }
 
-/// Margin below which the reference's top-2 is a near-tie that rounding may flip.
-const TIE_MARGIN: f32 = 0.25;
 /// Exact precision against the f32 oracle, on the last prompt position's top-16 logits (which
 /// are about 20 on this model): the same weights, so only summation order differs.
 const EXACT_F32_GAP: f32 = 0.02;
@@ -95,19 +93,16 @@ fn check_greedy(precision: Precision) {
             next = argmax(m.forward(&[next], &mut s).unwrap());
             ids.push(next);
         }
-        let agree = ids
-            .iter()
-            .zip(&c.greedy_ids)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let first_tie = |margins: &[f32]| {
-            margins
-                .iter()
-                .position(|&m| m < TIE_MARGIN)
-                .unwrap_or(c.greedy_ids.len())
-        };
-        let by_llama_cpp = first_tie(&c.greedy_top2_margins);
-        let required = by_llama_cpp.min(first_tie(&c.f32_margins));
+        let common::gemma3_rule::Agreement {
+            agree,
+            required,
+            by_llama_cpp,
+        } = common::gemma3_rule::agreement(
+            &ids,
+            &c.greedy_ids,
+            &c.greedy_top2_margins,
+            &c.f32_margins,
+        );
         println!(
             "{precision:?} {:<24} {} prompt ids, top-16 gap to llama.cpp {gap:.3}, to f32 {f32_gap:.1e}; \
              common prefix {agree}/{} (required {required}; by llama.cpp's margins alone {by_llama_cpp})",

