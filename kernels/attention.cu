@@ -95,3 +95,133 @@ extern "C" __global__ void attn_prefill_f16kv_f32(const float* __restrict__ q, c
                                                   int pos0, float scale, int window) {
     rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos0, scale, window);
 }
+
+// Prefill in tiles: one block of RF_ATTN_TILE_THREADS threads per (RF_ATTN_TQ consecutive
+// tokens, query head). The block walks the keys in tiles of RF_ATTN_TK positions staged in shared
+// memory (f16 pairs), so each key is read from memory once per query tile instead of once per
+// query; thread (row r = tid / 16, column c = tid % 16) scores keys c and c + 16 of the tile for
+// token r, the row's 16 threads meet by shuffles (xor masks below 16: within a 16-lane group on
+// wave32 and wave64 alike) for the online softmax, and the thread keeps output dimensions
+// 2c + 32i and 2c + 32i + 1 of its token. head_dim % 32 == 0, head_dim <= RF_ATTN_TILE_MAX_D.
+// Key tiles start at multiples of RF_ATTN_TK, and a masked key changes nothing (its weight is an
+// exact 0 and the running max ignores it), so a token's result does not depend on which tokens
+// share its block: a prompt gives the same bits in one chunk or several.
+// Grid (ceil(n_tokens / RF_ATTN_TQ), n_heads).
+#define RF_ATTN_TQ 16
+#define RF_ATTN_TK 32
+#define RF_ATTN_TILE_THREADS (RF_ATTN_TQ * 16)
+#define RF_ATTN_TILE_MAX_D 128
+
+__device__ __forceinline__ float2 rf_h2f2(u32 w) {
+    return make_float2(rf_h2f((rf_half)(w & 0xFFFFu)), rf_h2f((rf_half)(w >> 16)));
+}
+
+__device__ __forceinline__ float rf_max16(float v) {
+#pragma unroll
+    for (int m = 8; m > 0; m >>= 1) v = fmaxf(v, rf_shfl_xor(v, m));
+    return v;
+}
+
+__device__ __forceinline__ float rf_sum16(float v) {
+#pragma unroll
+    for (int m = 8; m > 0; m >>= 1) v += rf_shfl_xor(v, m);
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(RF_ATTN_TILE_THREADS)
+attn_prefill_tiled_f16kv_f32(const float* __restrict__ q, const rf_half* __restrict__ kc,
+                             const rf_half* __restrict__ vc, float* __restrict__ out, int n_tokens,
+                             int n_heads, int n_kv_heads, int head_dim, int seq_cap, int pos0,
+                             float scale, int window) {
+    constexpr int DW = RF_ATTN_TILE_MAX_D / 2;  // f16 pairs of a row, at most
+    __shared__ float2 s_q[RF_ATTN_TQ][DW];
+    __shared__ u32 s_k[RF_ATTN_TK][DW + 1];  // +1: rows on different banks
+    __shared__ u32 s_v[RF_ATTN_TK][DW];
+    __shared__ float s_p[RF_ATTN_TQ][RF_ATTN_TK + 1];
+
+    const int t0 = blockIdx.x * RF_ATTN_TQ, h = blockIdx.y;
+    const int tid = threadIdx.x, r = tid / 16, c = tid % 16;
+    const int dw = head_dim / 2;
+    const int kvh = h / (n_heads / n_kv_heads);
+    const int t = t0 + r;                    // this thread's token
+    const bool live = t < n_tokens;
+    const int t_last = min(t0 + RF_ATTN_TQ, n_tokens) - 1;
+    const int p_t = pos0 + (live ? t : t_last);  // its position (a dead row mirrors the last)
+    const int first_t = (window > 0 && p_t + 1 > window) ? p_t + 1 - window : 0;
+    // Keys the block needs: from the first token's window start to the last token's position.
+    const int p0 = pos0 + t0;
+    const int j_lo = ((window > 0 && p0 + 1 > window) ? p0 + 1 - window : 0) / RF_ATTN_TK * RF_ATTN_TK;
+    const int j_hi = pos0 + t_last;  // inclusive; every row up to it is written in the cache
+    const u32* kh = (const u32*)(kc + (i64)kvh * seq_cap * head_dim);
+    const u32* vh = (const u32*)(vc + (i64)kvh * seq_cap * head_dim);
+
+    // The block's queries, scaled, as pairs.
+    for (int i = tid; i < RF_ATTN_TQ * dw; i += RF_ATTN_TILE_THREADS) {
+        const int rr = i / dw, w = i % dw;
+        float2 v = make_float2(0.f, 0.f);
+        if (t0 + rr < n_tokens) {
+            const float* qr = q + ((i64)(t0 + rr) * n_heads + h) * head_dim;
+            v = make_float2(qr[2 * w] * scale, qr[2 * w + 1] * scale);
+        }
+        s_q[rr][w] = v;
+    }
+
+    float acc[RF_ATTN_TILE_MAX_D / 16];  // dims 2c + 32i (even) and + 1 (odd)
+#pragma unroll
+    for (int i = 0; i < RF_ATTN_TILE_MAX_D / 16; ++i) acc[i] = 0.f;
+    float m = -RF_INF, l = 0.f;
+    const int ni = head_dim / 32;
+
+    for (int kt = j_lo; kt <= j_hi; kt += RF_ATTN_TK) {
+        __syncthreads();  // the previous tile's K, V and P are no longer read (and s_q is written)
+        for (int i = tid; i < RF_ATTN_TK * dw; i += RF_ATTN_TILE_THREADS) {
+            const int jj = i / dw, w = i % dw, j = kt + jj;
+            const bool in = j <= j_hi;
+            s_k[jj][w] = in ? kh[(i64)j * dw + w] : 0u;
+            s_v[jj][w] = in ? vh[(i64)j * dw + w] : 0u;
+        }
+        __syncthreads();
+        float sa = 0.f, sb = 0.f;
+        for (int w = 0; w < dw; ++w) {
+            const float2 qv = s_q[r][w];
+            const float2 ka = rf_h2f2(s_k[c][w]), kb = rf_h2f2(s_k[c + 16][w]);
+            sa += qv.x * ka.x + qv.y * ka.y;
+            sb += qv.x * kb.x + qv.y * kb.y;
+        }
+        const int ja = kt + c, jb = kt + c + 16;
+        sa = (ja >= first_t && ja <= p_t) ? sa : -RF_INF;
+        sb = (jb >= first_t && jb <= p_t) ? sb : -RF_INF;
+        const float m_new = fmaxf(m, rf_max16(fmaxf(sa, sb)));
+        const float m_use = m_new == -RF_INF ? 0.f : m_new;  // no key yet: keep exp finite
+        const float pa = expf(sa - m_use), pb = expf(sb - m_use);
+        const float corr = expf(m - m_use);
+        l = l * corr + rf_sum16(pa + pb);
+        m = m_new;
+        s_p[r][c] = pa;
+        s_p[r][c + 16] = pb;
+#pragma unroll
+        for (int i = 0; i < RF_ATTN_TILE_MAX_D / 16; ++i) acc[i] *= corr;
+        __syncthreads();
+        for (int jj = 0; jj < RF_ATTN_TK; ++jj) {
+            const float p = s_p[r][jj];
+#pragma unroll
+            for (int i = 0; i < RF_ATTN_TILE_MAX_D / 32; ++i) {
+                if (i < ni) {
+                    const float2 v = rf_h2f2(s_v[jj][c + 16 * i]);
+                    acc[2 * i] += p * v.x;
+                    acc[2 * i + 1] += p * v.y;
+                }
+            }
+        }
+    }
+    if (!live) return;
+    float* o = out + ((i64)t * n_heads + h) * head_dim;
+    const float inv = 1.f / l;
+#pragma unroll
+    for (int i = 0; i < RF_ATTN_TILE_MAX_D / 32; ++i) {
+        if (i < ni) {
+            o[2 * c + 32 * i] = acc[2 * i] * inv;
+            o[2 * c + 32 * i + 1] = acc[2 * i + 1] * inv;
+        }
+    }
+}

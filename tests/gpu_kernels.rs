@@ -462,10 +462,18 @@ fn check_float_ops<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
 }
 
 /// Attention over a cache filled through kv_store, vs an f64 reference on the same f16 values.
-fn check_attention<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mut ChaCha8Rng) {
+/// Attention over an f16 cache of heads `head_dim` wide (64: SmolLM2's; 128: the 8B shape's,
+/// the widest the tiled prefill kernel takes).
+fn check_attention<D: KernelDevice>(
+    d: &D,
+    s: &D::Stream,
+    t: &mut Table,
+    rng: &mut ChaCha8Rng,
+    head_dim: usize,
+) {
     let kv = KvLayout {
         n_kv_heads: 2,
-        head_dim: 64,
+        head_dim,
         seq_cap: 300,
     };
     let n_heads = 6; // GQA: 3 query heads per kv head
@@ -633,6 +641,58 @@ fn check_attention<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &m
         ),
         1e-4,
     );
+    // 40 queries at positions 217..257: three token tiles of the tiled kernel (the last one
+    // partial), key tiles from 0 (or the window's start) up; then the same prompt in two chunks
+    // (17 + 23 tokens), which must give the same bits (a token's result does not depend on the
+    // tokens that share its block).
+    let nt = 40usize;
+    let q = rand_vec(rng, nt * n_heads * kv.head_dim, 1.0);
+    let (qd, od) = (up(d, &q), d.alloc(q.len() * 4, "o").expect("alloc"));
+    let a = AttnParams {
+        n_tokens: nt,
+        n_heads,
+        kv,
+        pos0: len - nt,
+        scale,
+        window: 0,
+    };
+    for window in [0, 37] {
+        d.attention(s, &qd, &kc, &vc, &od, AttnParams { window, ..a })
+            .expect("prefill, 40 tokens");
+        s.synchronize().expect("sync");
+        let whole = od.to_vec::<f32>(q.len()).expect("read");
+        t.add(
+            &format!("attention prefill, 40 tokens in tiles (d {head_dim}, window {window})"),
+            "f16kv",
+            rel_err(&whole, &reference(&q, nt, len - nt, window)),
+            1e-4,
+        );
+        let per = n_heads * kv.head_dim;
+        let mut chunked = Vec::new();
+        for (start, n) in [(0usize, 17usize), (17, 23)] {
+            let qc = up(d, &q[start * per..(start + n) * per]);
+            let oc = d.alloc(n * per * 4, "o chunk").expect("alloc");
+            let ac = AttnParams {
+                n_tokens: n,
+                pos0: len - nt + start,
+                window,
+                ..a
+            };
+            d.attention(s, &qc, &kc, &vc, &oc, ac).expect("prefill chunk");
+            s.synchronize().expect("sync");
+            chunked.extend(oc.to_vec::<f32>(n * per).expect("read"));
+        }
+        let same = chunked
+            .iter()
+            .zip(&whole)
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        t.add(
+            &format!("attention prefill, 17 + 23 = 40 tokens bit for bit (d {head_dim}, window {window})"),
+            "f16kv",
+            if same { 0.0 } else { 1.0 },
+            0.0,
+        );
+    }
 }
 
 /// The sampler's algorithm on the host (same candidate order, same cut), in f64.
@@ -896,7 +956,8 @@ fn check_every_kernel<D: KernelDevice>(d: &D) {
 
     check_weights(d, &s, &mut t, &mut rng);
     check_float_ops(d, &s, &mut t, &mut rng);
-    check_attention(d, &s, &mut t, &mut rng);
+    check_attention(d, &s, &mut t, &mut rng, 64);
+    check_attention(d, &s, &mut t, &mut rng, 128);
     check_sampling(d, &s, &mut t, &mut rng);
     check_memory_and_events(d, &s, &mut t);
     print_mmvq_bandwidth(d, &s, &mut rng);

@@ -130,7 +130,11 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
         ),
         (
             "attention.cu",
-            names(&["attn_decode_f16kv_f32", "attn_prefill_f16kv_f32"]),
+            names(&[
+                "attn_decode_f16kv_f32",
+                "attn_prefill_f16kv_f32",
+                "attn_prefill_tiled_f16kv_f32",
+            ]),
         ),
         ("sample.cu", names(&["argmax_f32", "sample_topk_topp_f32"])),
         ("gemm.cu", names(&["gemm_f16_nt_f32"])),

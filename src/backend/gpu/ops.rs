@@ -52,6 +52,12 @@ const Q8A_THREADS: usize = 256;
 const ATTN_WARPS: u32 = 8;
 /// Largest head_dim attention.cu supports (RF_ATTN_MAX_HEAD_DIM).
 pub const ATTN_MAX_HEAD_DIM: usize = 256;
+/// Tokens per block of the tiled prefill kernel (RF_ATTN_TQ), its threads
+/// (RF_ATTN_TILE_THREADS) and the widest head it takes (RF_ATTN_TILE_MAX_D); wider heads (Gemma
+/// 3's 256) take the one-token-per-block kernel.
+const ATTN_TILE_TOKENS: usize = 16;
+const ATTN_TILE_THREADS: u32 = 256;
+const ATTN_TILE_MAX_HEAD_DIM: usize = 128;
 /// Largest candidate set of the device sampler (RF_MAX_TOPK in sample.cu).
 pub const SAMPLE_MAX_TOPK: usize = 256;
 
@@ -1053,22 +1059,38 @@ pub trait GpuOps: KernelDevice {
         if n == 0 {
             return Ok(());
         }
-        let name = if a.n_tokens == 1 {
-            "attn_decode_f16kv_f32"
+        let mut args = vec![p(q), p(k_cache), p(v_cache), p(out)];
+        let (name, shape) = if a.n_tokens > 1
+            && kv.head_dim % 32 == 0
+            && kv.head_dim <= ATTN_TILE_MAX_HEAD_DIM
+        {
+            // Prefill: a tile of tokens per block shares each key's load.
+            args.push(Arg::I32(to_i32(OP, "n_tokens", a.n_tokens)?));
+            let shape = LaunchShape {
+                grid: (
+                    to_u32(OP, a.n_tokens.div_ceil(ATTN_TILE_TOKENS))?,
+                    to_u32(OP, a.n_heads)?,
+                    1,
+                ),
+                block: (ATTN_TILE_THREADS, 1, 1),
+                shared_bytes: 0,
+            };
+            ("attn_prefill_tiled_f16kv_f32", shape)
         } else {
-            "attn_prefill_f16kv_f32"
+            let shape = LaunchShape {
+                grid: (to_u32(OP, a.n_tokens)?, to_u32(OP, a.n_heads)?, 1),
+                block: (self.warp_size() * ATTN_WARPS, 1, 1),
+                shared_bytes: 0,
+            };
+            let name = if a.n_tokens == 1 {
+                "attn_decode_f16kv_f32"
+            } else {
+                "attn_prefill_f16kv_f32"
+            };
+            (name, shape)
         };
         let k = self.kernel("attention.cu", name)?;
-        let shape = LaunchShape {
-            grid: (to_u32(OP, a.n_tokens)?, to_u32(OP, a.n_heads)?, 1),
-            block: (self.warp_size() * ATTN_WARPS, 1, 1),
-            shared_bytes: 0,
-        };
-        let args = [
-            p(q),
-            p(k_cache),
-            p(v_cache),
-            p(out),
+        args.extend([
             Arg::I32(to_i32(OP, "n_heads", a.n_heads)?),
             Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
             Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
@@ -1076,7 +1098,7 @@ pub trait GpuOps: KernelDevice {
             Arg::I32(to_i32(OP, "pos0", a.pos0)?),
             Arg::F32(a.scale),
             Arg::I32(to_i32(OP, "window", a.window)?),
-        ];
+        ]);
         // SAFETY: shapes and buffer sizes checked above; reads stay below pos0 + n_tokens <= seq_cap.
         unsafe { k.launch(s, shape, &args) }
     }
