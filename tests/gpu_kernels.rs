@@ -678,7 +678,8 @@ fn check_attention<D: KernelDevice>(
                 window,
                 ..a
             };
-            d.attention(s, &qc, &kc, &vc, &oc, ac).expect("prefill chunk");
+            d.attention(s, &qc, &kc, &vc, &oc, ac)
+                .expect("prefill chunk");
             s.synchronize().expect("sync");
             chunked.extend(oc.to_vec::<f32>(n * per).expect("read"));
         }

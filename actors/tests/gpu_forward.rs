@@ -469,8 +469,35 @@ fn check_tiny_families(kind: BackendKind) {
         let rt = gpu_runtime(kind, &path, Precision::Exact)
             .build()
             .unwrap_or_else(|e| panic!("{family} on {kind}: {e}"));
-        let (ids, _) = gpu_greedy(&rt, &prompt);
+        let (ids, lps) = gpu_greedy(&rt, &prompt);
+        let total = rt.stats().total_weight_bytes;
         rt.shutdown().expect("shutdown");
+        let hp = Model::open(&path).expect("model").hparams().clone();
+        if let Some(moe) = hp.moe {
+            // Just short of the model: the experts become units of their own, streamed as the
+            // router chooses them (`LoadPlan::split_experts`), through the same kernels in the
+            // same order: the same bits as the resident model.
+            let rt = gpu_runtime(kind, &path, Precision::Exact)
+                .memory_budget(MemoryBudget::Bytes(total - 1))
+                .build()
+                .unwrap_or_else(|e| panic!("{family} on {kind}, split experts: {e}"));
+            let (sids, slps) = gpu_greedy(&rt, &prompt);
+            let st = rt.stats();
+            rt.shutdown().expect("shutdown");
+            println!(
+                "{family} on {kind}, experts as units: loads per unit {:?}",
+                st.loads_per_layer
+            );
+            assert_eq!(
+                st.loads_per_layer.len(),
+                hp.n_layer + 1 + hp.n_layer * moe.n_expert,
+                "{family}: one unit per expert expected"
+            );
+            assert!(
+                sids == ids && slps == lps,
+                "{family} on {kind}: split experts differ from the resident model"
+            );
+        }
         let decisive = oracle
             .iter()
             .position(|s| s.margin < NEAR_TIE)

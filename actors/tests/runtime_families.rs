@@ -97,3 +97,37 @@ fn runtime_matches_the_core_forward_pass_on_every_family() {
         );
     }
 }
+
+/// The mixture-of-experts families under a budget just short of the model: each layer's experts
+/// become units of their own (one per expert, after the layers, the global unit and no head
+/// chunks), the scheduler streams the ones it cannot keep as the router chooses them, and the
+/// greedy tokens still equal the core forward pass's.
+#[test]
+fn experts_become_units_under_a_budget_and_give_the_same_tokens() {
+    for family in ["mixtral", "qwen2moe", "qwen3moe"] {
+        let path = tiny(family);
+        let want = core_tokens(&path);
+        let (_, whole) = runtime_tokens(&path, MemoryBudget::Unlimited);
+        let model = Model::open(&path).unwrap();
+        let hp = model.hparams();
+        let moe = hp.moe.expect("a MoE family");
+        assert_eq!(whole.loads_per_layer.len(), hp.n_layer + 1, "{family}");
+        let budget = MemoryBudget::Bytes(whole.total_weight_bytes - 1);
+        let (got, s) = runtime_tokens(&path, budget);
+        assert_eq!(got, want, "{family}, experts as units: {s:?}");
+        assert_eq!(
+            s.loads_per_layer.len(),
+            hp.n_layer + 1 + hp.n_layer * moe.n_expert,
+            "{family}: one unit per expert expected: {s:?}"
+        );
+        assert!(
+            s.peak_resident_bytes < whole.total_weight_bytes,
+            "{family}: {s:?}"
+        );
+        // Some expert did not stay: it was loaded again when a later token chose it.
+        assert!(
+            s.loads_per_layer[hp.n_layer + 1..].iter().any(|&l| l > 1),
+            "{family}: no expert streamed: {s:?}"
+        );
+    }
+}

@@ -229,6 +229,25 @@ pub trait LayeredForward: Send {
         weights: &LayerTensors<'_>,
         kvs: &mut [&mut Self::Kv],
     ) -> Result<(), Self::Error>;
+    /// [`Self::layer_batch`] for a mixture-of-experts layer whose experts are units of their
+    /// own: the layer up to its router (`weights` need not hold the stacked experts); returns
+    /// the experts the step's rows chose, ascending. Each then runs with [`Self::expert`] and
+    /// [`Self::layer_finish`] ends the layer.
+    fn layer_routed(
+        &mut self,
+        layer: usize,
+        weights: &LayerTensors<'_>,
+        kvs: &mut [&mut Self::Kv],
+    ) -> Result<Vec<usize>, Self::Error>;
+    /// Expert `e` of the routed layer on the rows sent to it: `[gate, up, down]`.
+    fn expert(
+        &mut self,
+        layer: usize,
+        e: usize,
+        weights: [&DeviceTensor<'_>; 3],
+    ) -> Result<(), Self::Error>;
+    /// The end of a routed layer: the experts' sum added to the residual stream.
+    fn layer_finish(&mut self, layer: usize) -> Result<(), Self::Error>;
     /// Final norm and head on the given rows of the step; waits for the stream and returns
     /// their logits, in the order asked.
     fn output_rows(

@@ -191,6 +191,26 @@ pub trait BlockOps {
     /// The mixture-of-experts FFN of `Xn` into `Proj` (the layer has a router), with the
     /// shared expert where the layer has one.
     fn experts(&mut self, w: &LayerSet<Self::W>) -> Result<(), Self::Error>;
+    /// The first part of [`Self::experts`] for a layer whose experts are units of their own:
+    /// the router over `Xn`, its choice kept by the backend for the experts that follow, and
+    /// `Proj` set to the shared expert's output (zero without one).
+    fn route(&mut self, w: &LayerSet<Self::W>) -> Result<(), Self::Error>;
+}
+
+/// Whether a layer with these weights can run its experts apart from the layer
+/// ([`run_block_routed`]): a router, and no norm after the FFN (the experts' sum goes
+/// straight into the residual).
+pub fn experts_separable<W>(w: &LayerSet<W>) -> bool {
+    w.router.is_some() && w.ffn_post_norm.is_none()
+}
+
+/// A mixture-of-experts block up to its experts: [`run_block`]'s attention half, the FFN norm
+/// and [`BlockOps::route`]. The chosen experts then run one by one (each from its own unit),
+/// and `Hidden += Proj` ends the block. Only for [`experts_separable`] layers.
+pub fn run_block_routed<O: BlockOps>(ops: &mut O, w: &LayerSet<O::W>) -> Result<(), O::Error> {
+    attention_half(ops, w)?;
+    ops.norm(Act::Hidden, &w.ffn_norm, Role::FfnNorm, Act::Xn)?;
+    ops.route(w)
 }
 
 /// One block over the step's rows: `Hidden` is updated in place, and the rows' keys and values
@@ -200,7 +220,31 @@ pub fn run_block<O: BlockOps>(
     hp: &HParams,
     w: &LayerSet<O::W>,
 ) -> Result<(), O::Error> {
-    // --- attention
+    attention_half(ops, w)?;
+    // --- feed-forward: gated (SwiGLU, GeGLU), or a mixture of experts where there is a router
+    ops.norm(Act::Hidden, &w.ffn_norm, Role::FfnNorm, Act::Xn)?;
+    if w.router.is_some() {
+        ops.experts(w)?;
+    } else {
+        ops.linear(
+            Act::Xn,
+            &[
+                (&w.w_gate, Role::Gate, Act::Gate),
+                (&w.w_up, Role::Up, Act::Up),
+            ],
+        )?;
+        ops.glu(hp.arch.ffn_activation())?;
+        ops.linear(Act::Gate, &[(&w.w_down, Role::Down, Act::Proj)])?;
+    }
+    if let Some(pn) = &w.ffn_post_norm {
+        ops.norm(Act::Proj, pn, Role::FfnPostNorm, Act::Proj)?;
+    }
+    ops.add(Act::Hidden, Act::Proj)
+}
+
+/// The attention half of a block: norm, Q/K/V, biases, QK-norm, RoPE, attention, output
+/// projection, post-norm, residual.
+fn attention_half<O: BlockOps>(ops: &mut O, w: &LayerSet<O::W>) -> Result<(), O::Error> {
     ops.norm(Act::Hidden, &w.attn_norm, Role::AttnNorm, Act::Xn)?;
     ops.linear(
         Act::Xn,
@@ -233,26 +277,6 @@ pub fn run_block<O: BlockOps>(
     ops.linear(Act::Attn, &[(&w.wo, Role::AttnOutput, Act::Proj)])?;
     if let Some(pn) = &w.attn_post_norm {
         ops.norm(Act::Proj, pn, Role::AttnPostNorm, Act::Proj)?;
-    }
-    ops.add(Act::Hidden, Act::Proj)?;
-
-    // --- feed-forward: gated (SwiGLU, GeGLU), or a mixture of experts where there is a router
-    ops.norm(Act::Hidden, &w.ffn_norm, Role::FfnNorm, Act::Xn)?;
-    if w.router.is_some() {
-        ops.experts(w)?;
-    } else {
-        ops.linear(
-            Act::Xn,
-            &[
-                (&w.w_gate, Role::Gate, Act::Gate),
-                (&w.w_up, Role::Up, Act::Up),
-            ],
-        )?;
-        ops.glu(hp.arch.ffn_activation())?;
-        ops.linear(Act::Gate, &[(&w.w_down, Role::Down, Act::Proj)])?;
-    }
-    if let Some(pn) = &w.ffn_post_norm {
-        ops.norm(Act::Proj, pn, Role::FfnPostNorm, Act::Proj)?;
     }
     ops.add(Act::Hidden, Act::Proj)
 }
@@ -304,6 +328,10 @@ mod tests {
         }
         fn experts(&mut self, w: &LayerSet<&str>) -> Result<(), Infallible> {
             self.0.push(format!("experts {}", w.router.unwrap_or("?")));
+            Ok(())
+        }
+        fn route(&mut self, w: &LayerSet<&str>) -> Result<(), Infallible> {
+            self.0.push(format!("route {}", w.router.unwrap_or("?")));
             Ok(())
         }
     }
@@ -392,6 +420,27 @@ mod tests {
         let Ok(()) = run_block(&mut t, &hp(Arch::Llama), &w);
         assert!(t.0.contains(&"experts r".to_string()));
         assert!(!t.0.iter().any(|o| o.starts_with("glu")));
+    }
+
+    #[test]
+    fn a_routed_block_stops_at_the_router_after_the_attention_half() {
+        let mut w = llama_set();
+        w.router = Some("r");
+        assert!(experts_separable(&w));
+        let (mut whole, mut routed) = (Trace::default(), Trace::default());
+        let Ok(()) = run_block(&mut whole, &hp(Arch::Llama), &w);
+        let Ok(()) = run_block_routed(&mut routed, &w);
+        // The same ops up to the experts, the router instead of them, nothing after.
+        let at = whole
+            .0
+            .iter()
+            .position(|o| o == "experts r")
+            .expect("experts");
+        assert_eq!(routed.0[..at], whole.0[..at]);
+        assert_eq!(routed.0[at..], ["route r".to_string()]);
+        w.ffn_post_norm = Some("fpn");
+        assert!(!experts_separable(&w));
+        assert!(!experts_separable(&llama_set()));
     }
 
     #[test]

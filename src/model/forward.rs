@@ -3,11 +3,11 @@
 //! chains them over the memory-mapped weights.
 
 use super::attention::attention_batch;
-use super::block::{run_block, Act, BlockOps, Role};
+use super::block::{experts_separable, run_block, run_block_routed, Act, BlockOps, Role};
 use super::error::ModelError;
 use super::hparams::{Arch, FfnActivation, HParams};
 use super::kv::{grow, Scratch, Sequence, SequenceConfig};
-use super::moe::{moe_ffn, MoeWeights, SharedExpert};
+use super::moe::{expert_ffn, route_block, ExpertWeights, SharedExpert};
 use super::names::TensorId;
 use super::ops;
 use super::ops::Precision;
@@ -212,8 +212,88 @@ impl Model {
         hidden: &mut [f32],
         scratch: &mut Scratch,
     ) -> Result<(), ModelError> {
-        let hp = &self.hp;
-        let d = hp.n_embd;
+        let prec = self.check_batch(seqs, rows, hidden)?;
+        let mut ops = CpuBlock::new(self, layer, seqs, rows, hidden, scratch, prec)?;
+        run_block(&mut ops, &self.hp, w)
+    }
+
+    /// [`Self::forward_layer_batch`] for a mixture-of-experts layer whose experts run from
+    /// units of their own: the layer up to its router ([`run_block_routed`]); returns the
+    /// experts the step's tokens chose, ascending. Each then runs with
+    /// [`Self::forward_expert`], and [`Self::forward_layer_finish`] ends the layer. The same
+    /// bits as the whole layer in one call.
+    pub fn forward_layer_batch_routed(
+        &self,
+        layer: usize,
+        w: &LayerWeights,
+        seqs: &mut [&mut Sequence],
+        rows: &[usize],
+        hidden: &mut [f32],
+        scratch: &mut Scratch,
+    ) -> Result<Vec<usize>, ModelError> {
+        if !experts_separable(w) {
+            return Err(ModelError::UnsupportedFeature {
+                arch: self.hp.arch.name().to_string(),
+                what: format!("layer {layer}'s experts apart from the layer"),
+            });
+        }
+        let prec = self.check_batch(seqs, rows, hidden)?;
+        let mut ops = CpuBlock::new(self, layer, seqs, rows, hidden, scratch, prec)?;
+        run_block_routed(&mut ops, w)?;
+        scratch.routes_prec = prec;
+        Ok(scratch.routes.experts())
+    }
+
+    /// Expert `e` of layer `layer` on the tokens the router sent it (after
+    /// [`Self::forward_layer_batch_routed`]), from its own weights.
+    pub fn forward_expert(
+        &self,
+        layer: usize,
+        e: usize,
+        w: &ExpertWeights,
+        scratch: &mut Scratch,
+    ) -> Result<(), ModelError> {
+        let len = scratch.routes.n * self.hp.n_embd;
+        let s = &mut *scratch;
+        expert_ffn(
+            self.hp.arch.ffn_activation(),
+            layer,
+            e,
+            w,
+            &s.routes,
+            s.xn.get(..len).unwrap_or(&[]),
+            s.proj.get_mut(..len).unwrap_or(&mut []),
+            s.routes_prec,
+        )
+    }
+
+    /// The end of a routed layer: `hidden += ` the experts' sum.
+    pub fn forward_layer_finish(
+        &self,
+        hidden: &mut [f32],
+        scratch: &Scratch,
+    ) -> Result<(), ModelError> {
+        let len = scratch.routes.n * self.hp.n_embd;
+        if hidden.len() != len || scratch.proj.len() < len {
+            return Err(ModelError::BatchShape {
+                rows: vec![scratch.routes.n],
+                sequences: 1,
+                values: hidden.len(),
+                width: self.hp.n_embd,
+            });
+        }
+        ops::add_assign(hidden, &scratch.proj[..len]);
+        Ok(())
+    }
+
+    /// Checks a batch's shape and room; returns its one precision.
+    fn check_batch(
+        &self,
+        seqs: &[&mut Sequence],
+        rows: &[usize],
+        hidden: &[f32],
+    ) -> Result<Precision, ModelError> {
+        let d = self.hp.n_embd;
         let n = hidden.len() / d;
         if rows.len() != seqs.len() || rows.iter().sum::<usize>() != n || n * d != hidden.len() {
             return Err(ModelError::BatchShape {
@@ -230,8 +310,7 @@ impl Model {
                 return Err(ModelError::BatchPrecision);
             }
         }
-        let mut ops = CpuBlock::new(self, layer, seqs, rows, hidden, scratch, prec)?;
-        run_block(&mut ops, hp, w)
+        Ok(prec)
     }
 
     /// Final norm and output head for one hidden row (`[d]`); the logits (`[n_vocab]`) live in
@@ -580,6 +659,36 @@ impl<'w> BlockOps for CpuBlock<'_, '_, '_, 'w> {
     }
 
     fn experts(&mut self, w: &LayerWeights<'w>) -> Result<(), ModelError> {
+        // The router, then every chosen expert from its rows of the stacked tensors: the same
+        // code as a step whose experts run from units of their own.
+        self.route(w)?;
+        let hp = &self.model.hp;
+        let (fe, d) = (hp.moe.map_or(0, |m| m.n_ff_exp), hp.n_embd);
+        let len = self.len(Act::Proj);
+        let s = &mut *self.s;
+        for e in s.routes.experts() {
+            let (gate, up) = (w.w_gate.rows(e * fe, fe), w.w_up.rows(e * fe, fe));
+            let down = w.w_down.rows(e * d, d);
+            let ew = ExpertWeights {
+                gate: &gate,
+                up: &up,
+                down: &down,
+            };
+            expert_ffn(
+                hp.arch.ffn_activation(),
+                self.layer,
+                e,
+                &ew,
+                &s.routes,
+                &s.xn[..len],
+                &mut s.proj[..len],
+                self.prec,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn route(&mut self, w: &LayerWeights<'w>) -> Result<(), ModelError> {
         let hp = &self.model.hp;
         let (Some(router), Some(moe)) = (&w.router, &hp.moe) else {
             return Err(ModelError::UnsupportedFeature {
@@ -596,24 +705,19 @@ impl<'w> BlockOps for CpuBlock<'_, '_, '_, 'w> {
             }),
             _ => None,
         };
-        let experts = MoeWeights {
-            router,
-            gate: &w.w_gate,
-            up: &w.w_up,
-            down: &w.w_down,
-            shared,
-        };
         let (n, len) = (self.n, self.len(Act::Proj));
         let s = &mut *self.s;
-        moe_ffn(
+        route_block(
             moe,
             hp.arch.ffn_activation(),
             self.layer,
-            &experts,
+            router,
+            shared.as_ref(),
             &s.xn[..len],
             n,
             &mut s.proj[..len],
             self.prec,
+            &mut s.routes,
         )
     }
 }

@@ -495,6 +495,10 @@ pub struct Scratch {
     /// `[n_tokens, n_rot]` cos/sin pairs.
     pub(crate) rope_cs: Vec<f32>,
     pub(crate) logits: Vec<f32>,
+    /// The last MoE router's choice and the step's precision, for experts run from units of
+    /// their own ([`Model::forward_expert`](super::Model::forward_expert)).
+    pub(crate) routes: super::moe::Routes,
+    pub(crate) routes_prec: super::ops::Precision,
 }
 
 /// `v`'s first `n` elements, growing it first; an error instead of an abort when the allocator

@@ -31,7 +31,7 @@ pub mod paged;
 pub mod rope;
 pub mod weights;
 
-pub use block::{run_block, Act, BlockOps, LayerSet, Role};
+pub use block::{experts_separable, run_block, run_block_routed, Act, BlockOps, LayerSet, Role};
 pub use error::ModelError;
 pub use forward::Model;
 pub use generate::{Generation, StopReason, Timings};

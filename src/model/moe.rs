@@ -21,9 +21,6 @@ use std::fmt;
 struct Scratch {
     /// Router logits, then probabilities, `[n, n_expert]`.
     logits: Vec<f32>,
-    /// The chosen experts and their weights, `[n, n_expert_used]`.
-    chosen: Vec<usize>,
-    weights: Vec<f32>,
     /// The tokens routed to the current expert and their weights.
     tokens: Vec<usize>,
     token_w: Vec<f32>,
@@ -96,8 +93,93 @@ pub fn route(logits: &mut [f32], norm: bool, chosen: &mut [usize], weights: &mut
     }
 }
 
+/// Which experts each token of a step chose and with what weights: the routing of one MoE
+/// block, kept between the router and the experts (which may run from units of their own).
+#[derive(Debug, Default, Clone)]
+pub struct Routes {
+    /// Tokens routed.
+    pub n: usize,
+    /// Experts per token.
+    pub k: usize,
+    /// `[n, k]`: each token's experts, best first.
+    pub chosen: Vec<usize>,
+    /// `[n, k]`: their weights.
+    pub weights: Vec<f32>,
+}
+
+impl Routes {
+    /// Each token's choice from router logits `[n, n_expert]` (turned into probabilities in
+    /// place), as [`route`] makes it.
+    pub fn from_logits(&mut self, logits: &mut [f32], n_expert: usize, k: usize, norm: bool) {
+        let n = logits.len() / n_expert.max(1);
+        self.n = n;
+        self.k = k;
+        self.chosen.clear();
+        self.chosen.resize(n * k, 0);
+        self.weights.clear();
+        self.weights.resize(n * k, 0.0);
+        for ((l, c), w) in logits
+            .chunks_exact_mut(n_expert.max(1))
+            .zip(self.chosen.chunks_exact_mut(k.max(1)))
+            .zip(self.weights.chunks_exact_mut(k.max(1)))
+        {
+            route(l, norm, c, w);
+        }
+    }
+
+    /// The experts at least one token chose, ascending: the order the experts run in.
+    pub fn experts(&self) -> Vec<usize> {
+        let mut e = self.chosen.clone();
+        e.sort_unstable();
+        e.dedup();
+        e
+    }
+
+    /// The tokens routed to expert `e` and their weights, in token order.
+    pub fn tokens_of(&self, e: usize, tokens: &mut Vec<usize>, weights: &mut Vec<f32>) {
+        tokens.clear();
+        weights.clear();
+        let k = self.k.max(1);
+        for (i, (c, w)) in self
+            .chosen
+            .chunks_exact(k)
+            .zip(self.weights.chunks_exact(k))
+            .enumerate()
+        {
+            if let Some(slot) = c.iter().position(|&x| x == e) {
+                tokens.push(i);
+                weights.push(w[slot]);
+            }
+        }
+    }
+}
+
+/// One expert's three matrices: gate and up `[n_ff_exp, d]`, down `[d, n_ff_exp]` (its rows of
+/// the stacked tensors, or the tensors of its own unit).
+pub struct ExpertWeights<'a> {
+    pub gate: &'a WeightView<'a>,
+    pub up: &'a WeightView<'a>,
+    pub down: &'a WeightView<'a>,
+}
+
+/// Runs `f` with this thread's MoE scratch (private buffers when re-entered).
+fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
+    SCRATCH.with(|cell| {
+        let mut own = Scratch::default();
+        let mut guard = cell.try_borrow_mut();
+        let s = match guard.as_deref_mut() {
+            Ok(s) => s,
+            // Re-entered (a nested parallel caller on this thread): private buffers.
+            Err(_) => &mut own,
+        };
+        f(s)
+    })
+}
+
 /// The MoE FFN of `n` tokens: `out` (`[n, d]`) = sum over each token's chosen experts of
-/// `weight * down_e(act(gate_e(x)) * up_e(x))`, for the normed inputs `xn` (`[n, d]`).
+/// `weight * down_e(act(gate_e(x)) * up_e(x))`, for the normed inputs `xn` (`[n, d]`): the
+/// router ([`route_block`]), then each chosen expert ([`expert_ffn`]) in ascending order, as a
+/// step whose experts are units of their own runs them.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_ffn(
     moe: &Moe,
@@ -109,94 +191,139 @@ pub fn moe_ffn(
     out: &mut [f32],
     precision: Precision,
 ) -> Result<(), ModelError> {
-    SCRATCH.with(|cell| {
-        let mut own = Scratch::default();
-        let mut guard = cell.try_borrow_mut();
-        let s = match guard.as_deref_mut() {
-            Ok(s) => s,
-            // Re-entered (a nested parallel caller on this thread): private buffers.
-            Err(_) => &mut own,
+    let mut routes = Routes::default();
+    route_block(
+        moe,
+        activation,
+        layer,
+        w.router,
+        w.shared.as_ref(),
+        xn,
+        n,
+        out,
+        precision,
+        &mut routes,
+    )?;
+    let (fe, d) = (moe.n_ff_exp, w.router.cols);
+    for e in routes.experts() {
+        let (gate, up) = (w.gate.rows(e * fe, fe), w.up.rows(e * fe, fe));
+        let down = w.down.rows(e * d, d);
+        let ew = ExpertWeights {
+            gate: &gate,
+            up: &up,
+            down: &down,
         };
-        run(moe, activation, layer, w, xn, n, out, precision, s)
-    })
+        expert_ffn(activation, layer, e, &ew, &routes, xn, out, precision)?;
+    }
+    Ok(())
 }
 
+/// The first part of a MoE block over `n` tokens: the router's choice into `routes`, and
+/// `out` (`[n, d]`) set to the shared expert's output (zero without one), which the chosen
+/// experts then add to.
 #[allow(clippy::too_many_arguments)]
-fn run(
+pub fn route_block(
     moe: &Moe,
     activation: FfnActivation,
     layer: usize,
-    w: &MoeWeights,
+    router: &WeightView,
+    shared: Option<&SharedExpert>,
     xn: &[f32],
     n: usize,
     out: &mut [f32],
     precision: Precision,
-    s: &mut Scratch,
+    routes: &mut Routes,
 ) -> Result<(), ModelError> {
-    let (ne, k, fe) = (moe.n_expert, moe.n_expert_used, moe.n_ff_exp);
-    let d = w.router.cols;
+    let d = router.cols;
     let id = |kind| TensorId {
         kind,
         layer: Some(layer),
     };
-    // Router logits `[n, n_expert]`, then each token's choice.
-    resize(&mut s.logits, n * ne);
-    let router = id(TensorKind::FfnGateInp);
-    ops::linear(w.router, &router, xn, n, &mut s.logits, precision)?;
-    s.chosen.resize(n * k, 0);
-    resize(&mut s.weights, n * k);
-    for ((l, c), wt) in s
-        .logits
-        .chunks_exact_mut(ne)
-        .zip(s.chosen.chunks_exact_mut(k))
-        .zip(s.weights.chunks_exact_mut(k))
-    {
-        route(l, moe.norm_top_k, c, wt);
-    }
-
-    out[..n * d].fill(0.0);
-    for e in 0..ne {
-        s.tokens.clear();
-        s.token_w.clear();
-        for (i, (c, wt)) in s
-            .chosen
-            .chunks_exact(k)
-            .zip(s.weights.chunks_exact(k))
-            .enumerate()
-        {
-            if let Some(slot) = c.iter().position(|&x| x == e) {
-                s.tokens.push(i);
-                s.token_w.push(wt[slot]);
-            }
+    with_scratch(|s| {
+        resize(&mut s.logits, n * moe.n_expert);
+        ops::linear(
+            router,
+            &id(TensorKind::FfnGateInp),
+            xn,
+            n,
+            &mut s.logits,
+            precision,
+        )?;
+        routes.from_logits(
+            &mut s.logits,
+            moe.n_expert,
+            moe.n_expert_used,
+            moe.norm_top_k,
+        );
+        out[..n * d].fill(0.0);
+        if let Some(sh) = shared {
+            shared_expert(
+                sh,
+                activation,
+                &id,
+                xn,
+                n,
+                d,
+                &mut out[..n * d],
+                precision,
+                s,
+            )?;
         }
+        Ok(())
+    })
+}
+
+/// Expert `e` of a MoE block on the tokens `routes` sent to it: their rows of `xn` gathered,
+/// its gated FFN, each result added to the token's row of `out` with the token's weight.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_ffn(
+    activation: FfnActivation,
+    layer: usize,
+    e: usize,
+    w: &ExpertWeights,
+    routes: &Routes,
+    xn: &[f32],
+    out: &mut [f32],
+    precision: Precision,
+) -> Result<(), ModelError> {
+    let (d, fe) = (w.gate.cols, w.gate.rows);
+    let id = |kind| TensorId {
+        kind,
+        layer: Some(layer),
+    };
+    let name = |kind| ExpertName {
+        tensor: id(kind),
+        expert: e,
+    };
+    with_scratch(|s| {
+        routes.tokens_of(e, &mut s.tokens, &mut s.token_w);
         let m = s.tokens.len();
         if m == 0 {
-            continue;
+            return Ok(());
+        }
+        if s.tokens
+            .iter()
+            .any(|&i| (i + 1) * d > xn.len().min(out.len()))
+        {
+            return Err(ModelError::TensorShape {
+                name: format!("the input of {}", name(TensorKind::FfnGateExps)),
+                expected: vec![routes.n as u64, d as u64],
+                found: vec![(xn.len().min(out.len()) / d.max(1)) as u64, d as u64],
+            });
         }
         resize(&mut s.xs, m * d);
         for (dst, &i) in s.xs.chunks_exact_mut(d).zip(&s.tokens) {
             dst.copy_from_slice(&xn[i * d..(i + 1) * d]);
         }
         let (ng, nu, nd) = (
-            ExpertName {
-                tensor: id(TensorKind::FfnGateExps),
-                expert: e,
-            },
-            ExpertName {
-                tensor: id(TensorKind::FfnUpExps),
-                expert: e,
-            },
-            ExpertName {
-                tensor: id(TensorKind::FfnDownExps),
-                expert: e,
-            },
+            name(TensorKind::FfnGateExps),
+            name(TensorKind::FfnUpExps),
+            name(TensorKind::FfnDownExps),
         );
-        let (gate, up) = (w.gate.rows(e * fe, fe), w.up.rows(e * fe, fe));
-        let down = w.down.rows(e * d, d);
         resize(&mut s.gate, m * fe);
         resize(&mut s.up, m * fe);
         ops::linear_fused(
-            &[(&gate, &ng), (&up, &nu)],
+            &[(w.gate, &ng), (w.up, &nu)],
             &s.xs,
             m,
             &mut [&mut s.gate[..], &mut s.up[..]],
@@ -204,25 +331,12 @@ fn run(
         )?;
         ops::gated(activation, &mut s.gate, &s.up, precision);
         resize(&mut s.ys, m * d);
-        ops::linear(&down, &nd, &s.gate, m, &mut s.ys, precision)?;
+        ops::linear(w.down, &nd, &s.gate, m, &mut s.ys, precision)?;
         for ((y, &i), &wt) in s.ys.chunks_exact(d).zip(&s.tokens).zip(&s.token_w) {
             ops::axpy(&mut out[i * d..(i + 1) * d], wt, y);
         }
-    }
-    if let Some(sh) = &w.shared {
-        shared_expert(
-            sh,
-            activation,
-            &id,
-            xn,
-            n,
-            d,
-            &mut out[..n * d],
-            precision,
-            s,
-        )?;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Adds the shared expert's gated output of every token to `out` (`[n, d]`).

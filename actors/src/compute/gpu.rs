@@ -19,7 +19,7 @@ use rocmforge::backend::{
     DeviceTensor, Fallback, LayerTensors, LayeredForward,
 };
 use rocmforge::gguf::GgufFile;
-use rocmforge::model::{Model, Precision, TensorRef};
+use rocmforge::model::{Model, Precision, Role, TensorRef};
 use rocmforge::tokenizer::Tokenizer;
 use std::sync::Arc;
 
@@ -92,6 +92,36 @@ where
             .layer_batch(layer, &w, kvs)
             .map_err(|e| err(Some(layer))(e.to_string()))?;
         self.leave(region)
+    }
+
+    /// `run_layer` up to the router of a layer whose experts are units of their own (the
+    /// stacked experts the unit no longer holds are empty tensors, never read).
+    fn run_layer_routed(
+        &mut self,
+        layer: usize,
+        weights: &ResidentLayer,
+        kvs: &mut [&mut F::Kv],
+    ) -> Result<Vec<usize>> {
+        let refs = self
+            .model
+            .layout()
+            .layers
+            .get(layer)
+            .ok_or_else(|| err(Some(layer))("no such layer".into()))?;
+        let region = self.enter(weights)?;
+        let w: LayerTensors = refs.try_map(|role, r| match role {
+            Role::Gate | Role::Up | Role::Down if weights.tensor(&r.name).is_none() => {
+                let empty = view(region.buffer(), 0, 0)?;
+                Ok(DeviceTensor::new(empty, r.ty, r.rows, r.cols))
+            }
+            _ => tensor(weights, region, r),
+        })?;
+        let chosen = self
+            .fwd
+            .layer_routed(layer, &w, kvs)
+            .map_err(|e| err(Some(layer))(e.to_string()))?;
+        self.leave(region)?;
+        Ok(chosen)
     }
 
     /// After the unit's work: eviction of the region waits for it.
@@ -246,6 +276,72 @@ where
                 .map_err(|e| err(Some(0))(e.to_string()))?;
         }
         self.run_layer(layer, weights, &mut kvs)
+    }
+
+    fn layer_routed(
+        &mut self,
+        layer: usize,
+        weights: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        _hidden: &mut Hidden,
+    ) -> Result<Vec<usize>> {
+        let mut parts = Vec::with_capacity(batch.len());
+        let mut kvs = Vec::with_capacity(batch.len());
+        for b in batch.iter_mut() {
+            let seq = seq_mut::<F::Kv>(b.seq)?;
+            parts.push((b.rows, seq.pos));
+            kvs.push(&mut seq.kv);
+        }
+        if layer == 0 {
+            self.fwd
+                .set_segments(&parts)
+                .map_err(|e| err(Some(0))(e.to_string()))?;
+        }
+        self.run_layer_routed(layer, weights, &mut kvs)
+    }
+
+    fn expert_batch(&mut self, layer: usize, expert: usize, weights: &ResidentLayer) -> Result<()> {
+        let refs = self
+            .model
+            .layout()
+            .layers
+            .get(layer)
+            .ok_or_else(|| err(Some(layer))("no such layer".into()))?;
+        let region = self.enter(weights)?;
+        // The expert's rows of each stacked tensor, whole in its unit.
+        let one = |r: &TensorRef| {
+            let i = weights
+                .tensors
+                .iter()
+                .position(|s| s.name == r.name)
+                .ok_or_else(|| RuntimeError::MissingTensor {
+                    layer: format!("{layer} expert {expert}"),
+                    tensor: r.name.clone(),
+                })?;
+            let (slot, (cols, rows)) = (&weights.tensors[i], weights.dims[i]);
+            let bytes = view(
+                region.buffer(),
+                slot.dev_offset as usize,
+                slot.dev_len as usize,
+            )?;
+            Ok::<_, RuntimeError>(DeviceTensor::new(
+                bytes,
+                slot.ty,
+                rows as usize,
+                cols as usize,
+            ))
+        };
+        let (g, u, d) = (one(&refs.w_gate)?, one(&refs.w_up)?, one(&refs.w_down)?);
+        self.fwd
+            .expert(layer, expert, [&g, &u, &d])
+            .map_err(|e| err(Some(layer))(e.to_string()))?;
+        self.leave(region)
+    }
+
+    fn layer_finish(&mut self, layer: usize, _hidden: &mut Hidden) -> Result<()> {
+        self.fwd
+            .layer_finish(layer)
+            .map_err(|e| err(Some(layer))(e.to_string()))
     }
 
     fn output_batch(

@@ -17,10 +17,13 @@ use crate::compute::{
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::residency::ResidentLayer;
 use rocmforge::gguf::GgufFile;
+use rocmforge::model::moe::ExpertWeights;
 use rocmforge::model::{
     bytes_per_token, KvLimit, KvPool, Precision, Scratch, SharedKvPool, DEFAULT_BLOCK_TOKENS,
 };
-use rocmforge::model::{ops, LayerWeights, Model, Sequence, SequenceConfig, TensorRef, WeightView};
+use rocmforge::model::{
+    ops, LayerWeights, Model, Role, Sequence, SequenceConfig, TensorRef, WeightView,
+};
 use rocmforge::tokenizer::Tokenizer;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -282,6 +285,53 @@ fn unit_weights<'a>(
             message: "no such layer".into(),
         })?;
     refs.try_map(|_, t| view(unit, t))
+}
+
+/// Layer `layer`'s weights for its part up to the router when its experts are units of their
+/// own: the stacked expert tensors the unit no longer holds are empty views (never read).
+fn routed_weights<'a>(
+    model: &Model,
+    layer: usize,
+    unit: &'a ResidentLayer,
+) -> Result<LayerWeights<'a>> {
+    let refs = model
+        .layout()
+        .layers
+        .get(layer)
+        .ok_or(RuntimeError::Compute {
+            layer: Some(layer),
+            message: "no such layer".into(),
+        })?;
+    refs.try_map(|role, t| match role {
+        Role::Gate | Role::Up | Role::Down if unit.tensor(&t.name).is_none() => Ok(t.view_of(&[])),
+        _ => view(unit, t),
+    })
+}
+
+/// Expert `expert`'s gate, up and down matrices in its unit (its rows of the stacked tensors).
+fn expert_views<'a>(
+    model: &Model,
+    layer: usize,
+    unit: &'a ResidentLayer,
+) -> Result<[WeightView<'a>; 3]> {
+    let refs = model
+        .layout()
+        .layers
+        .get(layer)
+        .ok_or(RuntimeError::Compute {
+            layer: Some(layer),
+            message: "no such layer".into(),
+        })?;
+    let one = |t: &TensorRef| {
+        let w = unit.require(&t.name)?;
+        Ok::<_, RuntimeError>(WeightView {
+            ty: w.ty,
+            rows: w.rows as usize,
+            cols: w.cols as usize,
+            data: w.data,
+        })
+    };
+    Ok([one(&refs.w_gate)?, one(&refs.w_up)?, one(&refs.w_down)?])
 }
 
 fn seq_mut(seq: &mut SequenceState) -> Result<&mut Sequence> {
@@ -599,6 +649,49 @@ impl ModelCompute for LlamaCompute {
                 &mut hidden.data,
                 &mut self.scratch,
             )
+            .map_err(err(Some(layer)))
+    }
+
+    fn layer_routed(
+        &mut self,
+        layer: usize,
+        weights: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &mut Hidden,
+    ) -> Result<Vec<usize>> {
+        let w = routed_weights(&self.model, layer, weights)?;
+        let rows: Vec<usize> = batch.iter().map(|b| b.rows).collect();
+        let mut seqs = batch
+            .iter_mut()
+            .map(|b| seq_mut(b.seq))
+            .collect::<Result<Vec<_>>>()?;
+        self.model
+            .forward_layer_batch_routed(
+                layer,
+                &w,
+                &mut seqs,
+                &rows,
+                &mut hidden.data,
+                &mut self.scratch,
+            )
+            .map_err(err(Some(layer)))
+    }
+
+    fn expert_batch(&mut self, layer: usize, expert: usize, weights: &ResidentLayer) -> Result<()> {
+        let [gate, up, down] = expert_views(&self.model, layer, weights)?;
+        let w = ExpertWeights {
+            gate: &gate,
+            up: &up,
+            down: &down,
+        };
+        self.model
+            .forward_expert(layer, expert, &w, &mut self.scratch)
+            .map_err(err(Some(layer)))
+    }
+
+    fn layer_finish(&mut self, layer: usize, hidden: &mut Hidden) -> Result<()> {
+        self.model
+            .forward_layer_finish(&mut hidden.data, &self.scratch)
             .map_err(err(Some(layer)))
     }
 

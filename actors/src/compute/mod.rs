@@ -225,6 +225,31 @@ pub trait ModelCompute: Send {
         }
         Ok(())
     }
+    /// `layer_batch` for a mixture-of-experts layer whose experts are units of their own
+    /// (`LoadPlan::experts_of`): the layer up to its router, from the layer's unit (which no
+    /// longer holds the stacked experts); returns the experts the step's rows chose,
+    /// ascending. Each then runs with `expert_batch` from its unit, and `layer_finish` ends
+    /// the layer. Default: unsupported.
+    fn layer_routed(
+        &mut self,
+        layer: usize,
+        weights: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &mut Hidden,
+    ) -> Result<Vec<usize>> {
+        let _ = (weights, batch, hidden);
+        Err(split_experts_unsupported(layer))
+    }
+    /// Expert `expert` of the routed layer on the rows sent to it, from its unit `weights`.
+    fn expert_batch(&mut self, layer: usize, expert: usize, weights: &ResidentLayer) -> Result<()> {
+        let _ = (expert, weights);
+        Err(split_experts_unsupported(layer))
+    }
+    /// The end of a routed layer: the experts' sum added to `hidden`.
+    fn layer_finish(&mut self, layer: usize, hidden: &mut Hidden) -> Result<()> {
+        let _ = hidden;
+        Err(split_experts_unsupported(layer))
+    }
     /// The end of a batched step: advances every sequence by its rows and returns the logits
     /// of those that want them, in batch order. Default: `output` on each sequence.
     fn output_batch(
@@ -293,6 +318,13 @@ pub trait ModelCompute: Send {
     /// The bytes a generated token shows a user (may be part of a UTF-8 character); empty for
     /// control tokens such as the end of a turn.
     fn token_bytes(&self, token: u32) -> Vec<u8>;
+}
+
+fn split_experts_unsupported(layer: usize) -> RuntimeError {
+    RuntimeError::Unsupported(format!(
+        "layer {layer}: experts in units of their own (a memory budget below the model's size) \
+         with this compute"
+    ))
 }
 
 fn no_streamed_head() -> RuntimeError {

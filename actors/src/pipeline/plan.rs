@@ -6,6 +6,12 @@
 //! global unit into row chunks of about a layer's size, appended after the global unit, so the
 //! head streams through the window like the layers. Each chunk is one `TensorSlot` naming the
 //! head tensor with its row range (`rows`); the rows of one chunk are contiguous in the file.
+//!
+//! When the budget cannot hold a mixture-of-experts model, `split_experts` moves each MoE
+//! layer's experts out of the layer's unit into units of their own, one per expert (its rows of
+//! the three stacked tensors `ffn_{gate,up,down}_exps`, three slots with row ranges), appended
+//! after the other units: the layer's unit keeps attention, norms, router and shared expert,
+//! and compute asks only for the experts its tokens were routed to.
 
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::backend::WeightBackend;
@@ -38,6 +44,8 @@ pub type UnitDims = std::sync::Arc<Vec<std::sync::Arc<Vec<(u64, u64)>>>>;
 pub struct Unit {
     /// `Some(n)` for `blk.n.*`, `None` for the global group (embeddings, output norm, head).
     pub layer: Option<usize>,
+    /// `Some(e)` for a unit holding expert `e` of its layer (`split_experts`).
+    pub expert: Option<usize>,
     pub tensors: Vec<TensorSlot>,
     pub file_bytes: u64,
     /// Device bytes including alignment padding: what the budget is charged.
@@ -57,13 +65,22 @@ pub struct HeadSplit {
     pub units: Range<usize>,
 }
 
+/// The experts of one MoE layer in units of their own: unit `units.start + e` is expert `e`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertSplit {
+    pub layer: usize,
+    pub units: Range<usize>,
+}
+
 /// Units `0..n_layers` are the layers; unit `n_layers` is the global group; with a streamed head,
-/// units `n_layers + 1..` are its row chunks.
+/// units `n_layers + 1..` are its row chunks; with split experts, the expert units follow.
 #[derive(Debug, Clone)]
 pub struct LoadPlan {
     pub units: Vec<Unit>,
     pub n_layers: usize,
     pub head: Option<HeadSplit>,
+    /// The MoE layers whose experts are units of their own, in layer order.
+    pub experts: Vec<ExpertSplit>,
 }
 
 /// Head chunks hold a multiple of this many rows, so a chunked matrix-vector product groups rows
@@ -132,6 +149,7 @@ impl LoadPlan {
             };
             units[slot] = Some(Unit {
                 layer: g.layer,
+                expert: None,
                 tensors,
                 file_bytes,
                 dev_bytes: dev,
@@ -145,6 +163,7 @@ impl LoadPlan {
                 Some(u) => Ok(u),
                 None if i == n_layers => Ok(Unit {
                     layer: None,
+                    expert: None,
                     tensors: Vec::new(),
                     file_bytes: 0,
                     dev_bytes: 0,
@@ -160,6 +179,7 @@ impl LoadPlan {
             units,
             n_layers,
             head: None,
+            experts: Vec::new(),
         })
     }
 
@@ -219,6 +239,7 @@ impl LoadPlan {
             };
             units.push(Unit {
                 layer: None,
+                expert: None,
                 file_bytes: file_len,
                 dev_bytes: slot.dev_len,
                 file_span: file_range,
@@ -234,7 +255,150 @@ impl LoadPlan {
             }),
             units,
             n_layers: self.n_layers,
+            experts: self.experts.clone(),
         }))
+    }
+
+    /// Moves each MoE layer's experts into units of their own (see the module docs); `None`
+    /// when no layer has stacked experts it can run apart (a router, all three stacked tensors
+    /// of one expert count, no norm after the FFN), or they are split already. A streamed head
+    /// keeps its units: the expert units come after them.
+    pub fn split_experts(
+        &self,
+        file: &GgufFile,
+        backend: &dyn WeightBackend,
+    ) -> Result<Option<Self>> {
+        use rocmforge::model::{tensor_name, TensorKind};
+        if !self.experts.is_empty() {
+            return Ok(None);
+        }
+        let mut units = self.units.clone();
+        let mut experts = Vec::new();
+        for l in 0..self.n_layers {
+            let unit = &units[l];
+            let find = |kind| {
+                let name = tensor_name(kind, Some(l));
+                unit.tensors.iter().position(|t| t.name == name)
+            };
+            let stacked = [
+                TensorKind::FfnGateExps,
+                TensorKind::FfnUpExps,
+                TensorKind::FfnDownExps,
+            ]
+            .map(find);
+            let [Some(g), Some(u), Some(d)] = stacked else {
+                continue;
+            };
+            if find(TensorKind::FfnGateInp).is_none() || find(TensorKind::FfnPostNorm).is_some() {
+                continue;
+            }
+            // (slot, row bytes, rows per expert) of gate, up, down.
+            let mut parts = Vec::with_capacity(3);
+            let mut n_expert = None;
+            for i in [g, u, d] {
+                let slot = &unit.tensors[i];
+                let info = &file.tensors()[slot.index];
+                let (cols, n) = match info.shape.as_slice() {
+                    [cols, rows, n] => ((*cols, *rows), *n),
+                    other => {
+                        return Err(RuntimeError::Config(format!(
+                            "{}: stacked experts of shape {other:?}, expected 3 dimensions",
+                            slot.name
+                        )))
+                    }
+                };
+                if n == 0 || n_expert.is_some_and(|m| m != n) {
+                    return Err(RuntimeError::Config(format!(
+                        "{}: {n} experts where the layer's other stacked tensors have {n_expert:?}",
+                        slot.name
+                    )));
+                }
+                n_expert = Some(n);
+                let row_bytes = slot.ty.row_bytes(cols.0).ok_or_else(|| {
+                    RuntimeError::Config(format!(
+                        "{}: {} columns are not whole {} blocks",
+                        slot.name,
+                        cols.0,
+                        slot.ty.name()
+                    ))
+                })?;
+                parts.push((slot.clone(), row_bytes, cols.1));
+            }
+            let n_expert = n_expert.unwrap_or(0);
+            let first = units.len();
+            for e in 0..n_expert {
+                let mut tensors: Vec<TensorSlot> = parts
+                    .iter()
+                    .map(|(slot, row_bytes, rows)| {
+                        let start = slot.file.start + e * rows * row_bytes;
+                        let len = rows * row_bytes;
+                        TensorSlot {
+                            index: slot.index,
+                            name: slot.name.clone(),
+                            ty: slot.ty,
+                            file: start..start + len,
+                            dev_offset: 0,
+                            dev_len: backend.transcoded_bytes(slot.ty, len),
+                            rows: Some(e * rows..(e + 1) * rows),
+                        }
+                    })
+                    .collect();
+                let dev_bytes = layout_unit(&mut tensors);
+                units.push(Unit {
+                    layer: Some(l),
+                    expert: Some(e as usize),
+                    file_bytes: tensors.iter().map(|t| t.file.end - t.file.start).sum(),
+                    dev_bytes,
+                    file_span: file_span(&tensors),
+                    tensors,
+                });
+            }
+            let layer = &mut units[l];
+            let mut moved = [g, u, d];
+            moved.sort_unstable();
+            for &i in moved.iter().rev() {
+                let t = layer.tensors.remove(i);
+                layer.file_bytes -= t.file.end - t.file.start;
+            }
+            layer.dev_bytes = layout_unit(&mut layer.tensors);
+            layer.file_span = file_span(&layer.tensors);
+            experts.push(ExpertSplit {
+                layer: l,
+                units: first..units.len(),
+            });
+        }
+        if experts.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            units,
+            n_layers: self.n_layers,
+            head: self.head.clone(),
+            experts,
+        }))
+    }
+
+    /// The units of layer `layer`'s experts, when they are units of their own.
+    pub fn experts_of(&self, layer: usize) -> Option<Range<usize>> {
+        self.experts
+            .iter()
+            .find(|s| s.layer == layer)
+            .map(|s| s.units.clone())
+    }
+
+    /// The order compute uses the units in, once per token: each layer followed by its
+    /// experts' units, the global unit, the head's chunks.
+    pub fn use_order(&self) -> Vec<usize> {
+        let mut order = Vec::with_capacity(self.units.len());
+        for l in 0..self.n_layers {
+            order.push(l);
+            order.extend(self.experts_of(l).unwrap_or(0..0));
+        }
+        order.push(self.global());
+        if let Some(h) = &self.head {
+            order.extend(h.units.clone());
+        }
+        order
     }
 
     /// `(cols, rows)` of every tensor slot of every unit (a head chunk's rows are its own).
@@ -261,9 +425,13 @@ impl LoadPlan {
         )
     }
 
-    /// The head rows a chunk unit holds (`None` for layers and the global unit).
+    /// The head rows a chunk unit holds (`None` for layers, experts and the global unit).
     pub fn head_rows(&self, unit: usize) -> Option<Range<u64>> {
-        self.units.get(unit)?.tensors.first()?.rows.clone()
+        let u = self.units.get(unit)?;
+        if u.expert.is_some() {
+            return None;
+        }
+        u.tensors.first()?.rows.clone()
     }
 
     pub fn global(&self) -> usize {
@@ -277,6 +445,13 @@ impl LoadPlan {
     pub fn unit_name(&self, unit: usize) -> String {
         if unit == self.n_layers {
             "global".to_string()
+        } else if let Some(Unit {
+            layer: Some(l),
+            expert: Some(e),
+            ..
+        }) = self.units.get(unit)
+        {
+            format!("layer {l} expert {e}")
         } else if let Some(r) = self.head_rows(unit) {
             format!("head rows {}..{}", r.start, r.end)
         } else {

@@ -62,6 +62,9 @@ pub enum SchedMsg {
     },
     /// Inference: finished with a unit (its use was released).
     Done { unit: usize },
+    /// Inference: the expert units a MoE layer's router chose for this step (split experts),
+    /// which the window then loads in use order; replaces the last such set.
+    Route { units: Vec<usize> },
     Hint {
         hint: Hint,
         reply: flume::Sender<Result<()>>,
@@ -144,9 +147,11 @@ pub fn plan_fixed(
     })
 }
 
-/// The plan a budget can run: unchanged when its fixed set plans, otherwise with the output head
-/// streamed in row chunks no larger than the largest layer (so the window slot does not grow).
-/// `BudgetTooSmall` when even that does not fit.
+/// The plan a budget can run: unchanged when the whole model fits. Otherwise a
+/// mixture-of-experts model's experts become units of their own (streamed only when routed,
+/// the layers' dense parts kept first), and when the fixed set still cannot plan, the output
+/// head streams in row chunks no larger than the largest layer (so the window slot does not
+/// grow). `BudgetTooSmall` when even that does not fit.
 pub fn fit_budget(
     plan: LoadPlan,
     file: &rocmforge::gguf::GgufFile,
@@ -156,6 +161,14 @@ pub fn fit_budget(
 ) -> Result<LoadPlan> {
     let bytes = |p: &LoadPlan| p.units.iter().map(|u| u.dev_bytes).collect::<Vec<u64>>();
     let none = BTreeSet::new();
+    if plan.total_dev_bytes() <= budget {
+        return Ok(plan);
+    }
+    // Something streams: a MoE model streams only the experts its tokens choose.
+    let plan = match plan.split_experts(file, backend)? {
+        Some(split) => split,
+        None => plan,
+    };
     let whole = match plan_fixed(&bytes(&plan), plan.global(), &none, budget, k) {
         Ok(_) => return Ok(plan),
         Err(e) => e,
@@ -175,7 +188,8 @@ pub fn fit_budget(
 }
 
 /// Makes room in `plan` for `prefetched` units (hinted, resident until their next use): demotes
-/// fixed units to streaming, the one whose next use (cyclically from `cursor`) is furthest away
+/// fixed units to streaming, the one whose next use (cyclically from `cursor`, a position in the
+/// use order; `pos` is each unit's position) is furthest away
 /// first, until the fixed set, the window and the prefetched units fit `budget`. The global unit,
 /// pins and prefetched units are never demoted. A plan without a window (everything fixed) has no
 /// slot to stream a demoted unit through, so it cannot make room. Returns the demoted units.
@@ -186,7 +200,7 @@ pub fn make_room(
     pinned: &BTreeSet<usize>,
     prefetched: &BTreeSet<usize>,
     budget: u64,
-    cursor: usize,
+    (cursor, pos): (usize, &[usize]),
 ) -> Result<Vec<usize>> {
     let n = unit_bytes.len();
     let extra: u64 = prefetched
@@ -214,7 +228,7 @@ pub fn make_room(
         })
         .collect();
     // Belady: the unit used last (cyclically from the cursor) goes first.
-    victims.sort_by_key(|&u| Reverse((u + n - cursor % n) % n));
+    victims.sort_by_key(|&u| Reverse((pos[u] + n - cursor % n) % n));
     let mut trial = plan.clone();
     for u in victims {
         trial.fixed[u] = false;
@@ -269,8 +283,14 @@ struct Scheduler {
     evictions: u64,
     loads: Vec<u64>,
     hint_noops: u64,
-    /// The unit compute needs next (or is using): loads and the window go from here.
+    /// Where compute is in the use order (`LoadPlan::use_order`; the position of the unit it
+    /// needs next or is using): loads and the window go from here.
     cursor: usize,
+    /// The use order, and each unit's position in it.
+    order: Vec<usize>,
+    pos: Vec<usize>,
+    /// Expert units (split experts) stream only when routed: those of the current routing.
+    routed: BTreeSet<usize>,
     overflow: VecDeque<ReadJob>,
     initial: Option<BTreeSet<usize>>,
     /// The last load attempt issued (attempts are numbered from 1 across all units).
@@ -291,7 +311,21 @@ pub fn spawn(cfg: SchedulerConfig) -> Result<JoinHandle<()>> {
         cfg.prefetch_depth,
     )?;
     let n = bytes.len();
+    let order = cfg.plan.use_order();
+    let mut pos = vec![usize::MAX; n];
+    for (i, &u) in order.iter().enumerate() {
+        pos[u] = i;
+    }
+    if order.len() != n || pos.contains(&usize::MAX) {
+        return Err(RuntimeError::Config(format!(
+            "the use order of {n} units lists {} of them",
+            order.len()
+        )));
+    }
     let mut s = Scheduler {
+        order,
+        pos,
+        routed: BTreeSet::new(),
         cfg,
         status: vec![Status::Absent; n],
         bytes,
@@ -329,6 +363,14 @@ pub fn spawn(cfg: SchedulerConfig) -> Result<JoinHandle<()>> {
 impl Scheduler {
     fn n_layers(&self) -> usize {
         self.cfg.plan.n_layers
+    }
+
+    fn is_expert(&self, unit: usize) -> bool {
+        self.cfg
+            .plan
+            .units
+            .get(unit)
+            .is_some_and(|u| u.expert.is_some())
     }
 
     fn global(&self) -> usize {
@@ -406,7 +448,13 @@ impl Scheduler {
                 if self.status[unit] == Status::Failed {
                     self.status[unit] = Status::Absent;
                 }
-                self.cursor = unit;
+                if self.is_expert(unit) {
+                    self.routed.insert(unit);
+                }
+                self.cursor = self.pos[unit];
+            }
+            SchedMsg::Route { units } => {
+                self.routed = units.into_iter().filter(|&u| self.is_expert(u)).collect();
             }
             SchedMsg::Retry => {
                 let mut first_streamed = None;
@@ -421,7 +469,10 @@ impl Scheduler {
                 // A streamed unit loads when the window reaches it: move the window there (a
                 // request's next `Need` moves it back).
                 if let Some(u) = first_streamed {
-                    self.cursor = u;
+                    if self.is_expert(u) {
+                        self.routed.insert(u);
+                    }
+                    self.cursor = self.pos[u];
                 }
             }
             SchedMsg::Reload { generation, reply } => {
@@ -439,8 +490,9 @@ impl Scheduler {
                 // The global unit is used twice per token (embedding and output) and is always
                 // resident, so only the other units move the cursor.
                 if unit != self.global() {
-                    self.cursor = (unit + 1) % n;
+                    self.cursor = (self.pos[unit] + 1) % n;
                 }
+                self.routed.remove(&unit);
                 if self.prefetched.remove(&unit) {
                     // Its use came: the layers demoted for it return to the fixed set. The pins
                     // alone always fit (they were checked), so this cannot fail.
@@ -534,7 +586,7 @@ impl Scheduler {
             pins,
             prefetched,
             self.cfg.budget,
-            self.cursor,
+            (self.cursor, &self.pos),
         )?;
         Ok(plan)
     }
@@ -643,8 +695,9 @@ impl Scheduler {
             if left == 0 {
                 break;
             }
-            let u = (self.cursor + i) % n;
-            if !self.fixed.fixed[u] {
+            let u = self.order[(self.cursor + i) % n];
+            // An expert no token was routed to is passed over: compute will not ask for it.
+            if !self.fixed.fixed[u] && (!self.is_expert(u) || self.routed.contains(&u)) {
                 d[u] = true;
                 left -= 1;
             }
@@ -690,7 +743,8 @@ impl Scheduler {
             .filter(|&&s| s == Status::Loading)
             .count();
         let cursor = self.cursor;
-        for u in (0..n).map(move |i| (cursor + i) % n) {
+        let order = std::mem::take(&mut self.order);
+        for u in (0..n).map(|i| order[(cursor + i) % n]) {
             if !d[u] || self.status[u] != Status::Absent {
                 continue;
             }
@@ -730,6 +784,7 @@ impl Scheduler {
                 }
             }
         }
+        self.order = order;
         self.flush();
         self.publish_snapshot();
         // `Done` messages matter while something streams, loads, waits for eviction or was
@@ -826,6 +881,11 @@ impl crate::pipeline::backend::DeviceRegion for EmptyRegion {
 mod tests {
     use super::*;
 
+    /// Each unit's position in a use order that is the index order (no split experts).
+    fn index_order(bytes: &[u64]) -> Vec<usize> {
+        (0..bytes.len()).collect()
+    }
+
     #[test]
     fn everything_fits() {
         let p = plan_fixed(&[10, 10, 10, 5], 3, &BTreeSet::new(), 100, 2).unwrap();
@@ -866,7 +926,16 @@ mod tests {
         // Idle (cursor on the global unit): layer 0 comes next, layer 1 last.
         let mut p = base.clone();
         assert_eq!(
-            make_room(&mut p, &bytes, 6, &none, &pre, 45, 6).unwrap(),
+            make_room(
+                &mut p,
+                &bytes,
+                6,
+                &none,
+                &pre,
+                45,
+                (6, &index_order(&bytes))
+            )
+            .unwrap(),
             vec![1]
         );
         assert_eq!(p.fixed, vec![true, false, false, false, false, false, true]);
@@ -874,23 +943,49 @@ mod tests {
         // About to run layer 1: layer 0 is the one used last.
         let mut p = base.clone();
         assert_eq!(
-            make_room(&mut p, &bytes, 6, &none, &pre, 45, 1).unwrap(),
+            make_room(
+                &mut p,
+                &bytes,
+                6,
+                &none,
+                &pre,
+                45,
+                (1, &index_order(&bytes))
+            )
+            .unwrap(),
             vec![0]
         );
         // Pins are never demoted.
         let pins: BTreeSet<usize> = [1].into();
         let mut p = plan_fixed(&bytes, 6, &pins, 45, 2).unwrap();
         assert_eq!(
-            make_room(&mut p, &bytes, 6, &pins, &pre, 45, 6).unwrap(),
+            make_room(
+                &mut p,
+                &bytes,
+                6,
+                &pins,
+                &pre,
+                45,
+                (6, &index_order(&bytes))
+            )
+            .unwrap(),
             vec![0]
         );
         assert!(p.fixed[1]);
         // A prefetched unit that is fixed anyway needs no room.
         let mut p = base.clone();
         let fixed: BTreeSet<usize> = [0].into();
-        assert!(make_room(&mut p, &bytes, 6, &none, &fixed, 45, 6)
-            .unwrap()
-            .is_empty());
+        assert!(make_room(
+            &mut p,
+            &bytes,
+            6,
+            &none,
+            &fixed,
+            45,
+            (6, &index_order(&bytes))
+        )
+        .unwrap()
+        .is_empty());
         assert_eq!(p, base);
     }
 
@@ -903,12 +998,29 @@ mod tests {
         let pre: BTreeSet<usize> = [2, 3, 4].into();
         let mut p = base.clone();
         assert!(matches!(
-            make_room(&mut p, &bytes, 6, &none, &pre, 45, 6),
+            make_room(
+                &mut p,
+                &bytes,
+                6,
+                &none,
+                &pre,
+                45,
+                (6, &index_order(&bytes))
+            ),
             Err(RuntimeError::HintRejected(_))
         ));
         assert_eq!(p, base);
         // Everything fixed: no window to stream a demoted layer through.
         let mut all = plan_fixed(&bytes, 6, &none, 100, 2).unwrap();
-        assert!(make_room(&mut all, &bytes, 6, &none, &pre, 45, 6).is_err());
+        assert!(make_room(
+            &mut all,
+            &bytes,
+            6,
+            &none,
+            &pre,
+            45,
+            (6, &index_order(&bytes))
+        )
+        .is_err());
     }
 }

@@ -10,7 +10,8 @@ use super::{GpuForwardError, KernelDevice, Result, View};
 use crate::backend::error::BackendError;
 use crate::backend::{BufferIo, DeviceBuffer, DeviceStream, DeviceTensor};
 use crate::model::{
-    run_block, tensor_name, Act, Arch, BlockOps, FfnActivation, HParams, LayerSet, Role, RopeLayout,
+    moe::Routes, run_block, run_block_routed, tensor_name, Act, Arch, BlockOps, FfnActivation,
+    HParams, LayerSet, Role, RopeLayout,
 };
 use crate::quant::GgmlType;
 
@@ -172,6 +173,8 @@ pub struct LayerCtx<'a, D: KernelDevice> {
     /// A product into `Proj` not launched yet: if the next op adds `Proj` to the residual it
     /// runs with the add in its epilogue (one launch, the same bits), else as written.
     pub pending: Option<(View<'a>, QMatrix)>,
+    /// The last MoE router's choice ([`BlockOps::route`]), kept for the experts that follow.
+    pub routes: &'a mut Routes,
 }
 
 /// `g = act(g) * u` over `n` f32 on the device: the family's gated activation.
@@ -262,7 +265,74 @@ pub fn run_layer<'a, D: KernelDevice>(
     cx.flush()
 }
 
+/// [`run_layer`] up to the experts (a layer whose experts run from units of their own): the
+/// routing is left in `cx.routes`.
+pub fn run_layer_routed<'a, D: KernelDevice>(
+    cx: &mut LayerCtx<'a, D>,
+    w: &LayerSet<DeviceTensor<'a>>,
+) -> Result<()> {
+    run_block_routed(cx, w)?;
+    cx.flush()
+}
+
+impl<D: KernelDevice> LayerCtx<'_, D> {
+    /// Launches what is still pending (a product waiting to fuse with the next op).
+    pub fn finish(&mut self) -> Result<()> {
+        self.flush()
+    }
+}
+
 impl<'a, D: KernelDevice> LayerCtx<'a, D> {
+    /// Expert `e` (its gate, up and down matrices) on the tokens [`Self::route`] sent it, each
+    /// token's result added to its row of `Proj` with the token's weight. Per token
+    /// matrix-vector products: correct, not yet fast.
+    pub fn expert(&mut self, e: usize, [g, u, dn]: [&DeviceTensor<'a>; 3]) -> Result<()> {
+        let mats = [
+            mat(g, &self.name(Role::Gate))?,
+            mat(u, &self.name(Role::Up))?,
+            mat(dn, &self.name(Role::Down))?,
+        ];
+        self.expert_mats(e, mats)
+    }
+
+    fn expert_mats(&mut self, e: usize, mats: [(View<'a>, QMatrix); 3]) -> Result<()> {
+        let [(gv, gm), (uv, um), (dv, dm)] = mats;
+        let (d, fe) = (self.hp.n_embd, gm.nrows);
+        if um.nrows != fe || dm.nrows != d || gm.ncols != d || dm.ncols != fe {
+            return Err(bad(format!(
+                "expert {e} of layer {}: gate {}x{}, up {}x{}, down {}x{} for width {d}",
+                self.layer, gm.nrows, gm.ncols, um.nrows, um.ncols, dm.nrows, dm.ncols
+            )));
+        }
+        let (xn, proj, attn) = (
+            self.act(Act::Xn)?,
+            self.act(Act::Proj)?,
+            self.act(Act::Attn)?,
+        );
+        let (g, u) = (
+            self.act(Act::Gate)?.prefix(fe * 4)?,
+            self.act(Act::Up)?.prefix(fe * 4)?,
+        );
+        let y = attn.prefix(d * 4)?;
+        let (dev, st) = (self.dev, self.stream);
+        let act = self.hp.arch.ffn_activation();
+        let (mut tokens, mut weights) = (Vec::new(), Vec::new());
+        self.routes.tokens_of(e, &mut tokens, &mut weights);
+        for (&i, &wt) in tokens.iter().zip(&weights) {
+            if i >= self.n {
+                return Err(bad(format!("routed token {i} of a step of {}", self.n)));
+            }
+            let x = xn.slice(i * d * 4, d * 4)?;
+            let out = proj.slice(i * d * 4, d * 4)?;
+            dev.mmvq_n(st, &gv, gm, &x, &g, 1)?;
+            dev.mmvq_n(st, &uv, um, &x, &u, 1)?;
+            gated(dev, st, act, &g, &u, fe)?;
+            dev.mmvq_n(st, &dv, dm, &g, &y, 1)?;
+            dev.axpy(st, &y, &out, wt, d)?;
+        }
+        Ok(())
+    }
+
     /// Qwen2-MoE's shared expert over every row, added to `Proj` scaled per token by
     /// `sigmoid(x . gate_inp)`: `[gate_inp, gate, up, down]`.
     fn shared_expert(
@@ -616,13 +686,33 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
         Ok(())
     }
 
-    /// The MoE FFN: router logits on the device, the top-k choice on the host (the same
-    /// `moe::route` as the CPU), then each token's chosen experts as matrix-vector products
-    /// over row blocks of the stacked expert tensors, summed into `Proj` with their weights;
-    /// the shared expert (Qwen2-MoE) on every row, scaled by its sigmoid gate. Correct, not yet
-    /// fast: one host round trip per layer and per-token launches (the experts as units the
-    /// scheduler places and streams are future work).
+    /// The MoE FFN: [`Self::route`], then each chosen expert ([`Self::expert`]) from its
+    /// rows of the stacked expert tensors, in ascending order: the same code as a step whose
+    /// experts run from units of their own.
     fn experts(&mut self, w: &LayerSet<DeviceTensor<'a>>) -> Result<()> {
+        self.route(w)?;
+        let (d, fe) = (self.hp.n_embd, self.hp.moe.map_or(0, |m| m.n_ff_exp));
+        let names = [Role::Gate, Role::Up, Role::Down].map(|r| self.name(r));
+        let stacked = |t: &DeviceTensor<'a>, name: &str, e: usize, rows: usize| {
+            let (v, m) = mat(t, name)?;
+            let rb = m.qtype.row_bytes(m.ncols as u64).unwrap_or(0) as usize;
+            let block = QMatrix { nrows: rows, ..m };
+            Ok::<_, GpuForwardError>((v.slice(e * rows * rb, rows * rb)?, block))
+        };
+        for e in self.routes.experts() {
+            let g = stacked(&w.w_gate, &names[0], e, fe)?;
+            let u = stacked(&w.w_up, &names[1], e, fe)?;
+            let dn = stacked(&w.w_down, &names[2], e, d)?;
+            self.expert_mats(e, [g, u, dn])?;
+        }
+        Ok(())
+    }
+
+    /// The router of a MoE layer: logits on the device, the top-k choice on the host (the same
+    /// `moe::route` as the CPU) into `routes`; `Proj` zeroed, then the shared expert (Qwen2-MoE)
+    /// added on every row, scaled by its sigmoid gate. Correct, not yet fast: one host round
+    /// trip per layer, and the experts then run per token.
+    fn route(&mut self, w: &LayerSet<DeviceTensor<'a>>) -> Result<()> {
         self.flush()?;
         // The experts overwrite the scratch activations (and not through `s.xq`'s products).
         self.q8_of = None;
@@ -631,7 +721,7 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
             return Err(bad("a router without MoE hyper-parameters".into()));
         };
         let (n, d) = (self.n, hp.n_embd);
-        let (ne, k, fe) = (moe.n_expert, moe.n_expert_used, moe.n_ff_exp);
+        let (ne, fe) = (moe.n_expert, moe.n_ff_exp);
         // Scratch: the attention output is consumed; it holds the router logits, then each
         // expert's output row. Gate/up hold one expert's FFN row.
         let attn_cap = self.n * Act::Attn.width(hp);
@@ -640,53 +730,20 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
                 "experts of this shape ({ne} experts of width {fe}, d {d}) in the layer's scratch"
             )));
         }
-        let (xn, proj, attn) = (
-            self.act(Act::Xn)?,
-            self.act(Act::Proj)?,
-            self.act(Act::Attn)?,
-        );
-        let (gate, up) = (self.act(Act::Gate)?, self.act(Act::Up)?);
-        let (dev, st) = (self.dev, self.stream);
+        let (xn, attn) = (self.act(Act::Xn)?, self.act(Act::Attn)?);
         let (rv, rm) = mat(router, &self.name(Role::Router))?;
         let logits = attn.prefix(n * ne * 4)?;
-        dev.mmvq_n(st, &rv, rm, &xn, &logits, n)?;
+        self.dev.mmvq_n(self.stream, &rv, rm, &xn, &logits, n)?;
         self.stream.synchronize()?;
         let mut all = self.s.attn.to_vec::<f32>(n * ne)?;
-        let (mut chosen, mut weights) = (vec![0usize; k], vec![0f32; k]);
-        let stacked = |t: &DeviceTensor<'a>, role: Role, e: usize, rows: usize| {
-            let (v, m) = mat(t, &self.name(role))?;
-            let rb = m.qtype.row_bytes(m.ncols as u64).unwrap_or(0) as usize;
-            let block = QMatrix { nrows: rows, ..m };
-            Ok::<_, GpuForwardError>((v.slice(e * rows * rb, rows * rb)?, block))
-        };
-        let act = hp.arch.ffn_activation();
-        let y = attn.prefix(d * 4)?;
-        for (i, l) in all.chunks_exact_mut(ne).enumerate() {
-            crate::model::moe::route(l, moe.norm_top_k, &mut chosen, &mut weights);
-            let x = xn.slice(i * d * 4, d * 4)?;
-            let out = proj.slice(i * d * 4, d * 4)?;
-            let (g, u) = (gate.prefix(fe * 4)?, up.prefix(fe * 4)?);
-            for (j, (&e, &wt)) in chosen.iter().zip(&weights).enumerate() {
-                let (gv, gm) = stacked(&w.w_gate, Role::Gate, e, fe)?;
-                let (uv, um) = stacked(&w.w_up, Role::Up, e, fe)?;
-                let (dv, dm) = stacked(&w.w_down, Role::Down, e, d)?;
-                dev.mmvq_n(st, &gv, gm, &x, &g, 1)?;
-                dev.mmvq_n(st, &uv, um, &x, &u, 1)?;
-                gated(dev, st, act, &g, &u, fe)?;
-                // The first expert writes the token's row, the others add to it.
-                if j == 0 {
-                    dev.mmvq_n(st, &dv, dm, &g, &out, 1)?;
-                    dev.scale(st, &out, &out, wt, d)?;
-                } else {
-                    dev.mmvq_n(st, &dv, dm, &g, &y, 1)?;
-                    dev.axpy(st, &y, &out, wt, d)?;
-                }
-            }
-        }
+        self.routes
+            .from_logits(&mut all, ne, moe.n_expert_used, moe.norm_top_k);
+        // The stream is idle (synchronized above): a plain memset orders with it.
+        self.s.proj.zero()?;
         if let (Some(gi), Some(sg), Some(su), Some(sd)) =
             (&w.shexp_gate_inp, &w.shexp_gate, &w.shexp_up, &w.shexp_down)
         {
-            self.shared_expert(n, [gi, sg, su, sd], act)?;
+            self.shared_expert(n, [gi, sg, su, sd], hp.arch.ffn_activation())?;
         }
         Ok(())
     }

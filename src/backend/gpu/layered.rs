@@ -7,11 +7,13 @@
 use std::sync::Arc;
 
 use super::gemm::{DeferredGemm, GemmF16, PortableGemm};
-use super::layer::{bad, linear_q, mat, run_layer, vec_f32, Gemm, LayerCtx, Scratch, Segment};
+use super::layer::{
+    bad, linear_q, mat, run_layer, run_layer_routed, vec_f32, Gemm, LayerCtx, Scratch, Segment,
+};
 use super::ops::{GpuOps, KvLayout, ATTN_MAX_HEAD_DIM};
 use super::{BufferIo, GpuForwardError, KernelDevice, Result, View};
 use crate::backend::{DeviceStream, DeviceTensor, LayerTensors, LayeredForward};
-use crate::model::{HParams, Model, ModelError, RopeScaling};
+use crate::model::{moe::Routes, Act, BlockOps, HParams, Model, ModelError, RopeScaling};
 
 /// Options of [`GpuLayered::new`].
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +69,8 @@ pub struct GpuLayered<D: KernelDevice> {
     max_seqs: usize,
     /// [`LayeredOptions::q8_activations`].
     q8: bool,
+    /// The last MoE router's choice, for the experts of a routed layer.
+    routes: Routes,
 }
 
 /// One sequence's KV cache: `[layer][k|v][n_kv_heads, ctx, head_dim]` f16.
@@ -249,6 +253,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             segs: Vec::new(),
             max_seqs: opt.max_seqs.max(1),
             q8: opt.q8_activations,
+            routes: Routes::default(),
         })
     }
 
@@ -259,6 +264,56 @@ impl<D: KernelDevice> GpuLayered<D> {
     /// The prefill GEMM in use (`"cuBLAS"`, `"portable gemm.cu"`).
     pub fn gemm_name(&self) -> &'static str {
         self.gemm.name()
+    }
+
+    /// The step's sequences with their caches (`kvs` in segment order; empty for the parts of
+    /// a layer that touch no cache: the experts, the residual add).
+    fn segments<'k>(&self, kvs: &'k [&mut GpuKv<D>]) -> Result<Vec<Segment<'k>>> {
+        if self.n == 0 || self.segs.is_empty() {
+            return Err(bad("layer before embed and segments".into()));
+        }
+        if !kvs.is_empty() && kvs.len() != self.segs.len() {
+            return Err(bad(format!(
+                "{} KV caches for {} sequences",
+                kvs.len(),
+                self.segs.len()
+            )));
+        }
+        Ok(self
+            .segs
+            .iter()
+            .zip(kvs.iter())
+            .map(|(&(first, n, pos), kv)| Segment {
+                first,
+                n,
+                pos,
+                kv: View::of(&kv.buf),
+            })
+            .collect())
+    }
+
+    /// The layer pass's context for `layer` over the step's rows.
+    fn ctx<'c>(&'c mut self, layer: usize, segs: &'c [Segment<'c>]) -> LayerCtx<'c, D> {
+        LayerCtx {
+            dev: &*self.dev,
+            stream: &self.stream,
+            s: &self.s,
+            gemm: Gemm {
+                engine: Some(self.gemm.as_mut()),
+                tile_rows_bytes: TILE_ROWS_BYTES,
+                q8: self.q8,
+            },
+            hp: &self.hp,
+            kv_layout: self.kv_layout,
+            segs,
+            n: self.n,
+            layer,
+            freq_scale: self.freq_scale,
+            rope_factors: self.rope_factors.as_ref().map(View::of),
+            q8_of: None,
+            pending: None,
+            routes: &mut self.routes,
+        }
     }
 }
 
@@ -386,47 +441,31 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         w: &LayerTensors<'_>,
         kvs: &mut [&mut GpuKv<D>],
     ) -> Result<()> {
-        if self.n == 0 || self.segs.is_empty() {
-            return Err(bad("layer before embed and segments".into()));
-        }
-        if kvs.len() != self.segs.len() {
-            return Err(bad(format!(
-                "{} KV caches for {} sequences",
-                kvs.len(),
-                self.segs.len()
-            )));
-        }
-        let segs: Vec<Segment<'_>> = self
-            .segs
-            .iter()
-            .zip(kvs.iter())
-            .map(|(&(first, n, pos), kv)| Segment {
-                first,
-                n,
-                pos,
-                kv: View::of(&kv.buf),
-            })
-            .collect();
-        let mut cx = LayerCtx {
-            dev: &*self.dev,
-            stream: &self.stream,
-            s: &self.s,
-            gemm: Gemm {
-                engine: Some(self.gemm.as_mut()),
-                tile_rows_bytes: TILE_ROWS_BYTES,
-                q8: self.q8,
-            },
-            hp: &self.hp,
-            kv_layout: self.kv_layout,
-            segs: &segs,
-            n: self.n,
-            layer,
-            freq_scale: self.freq_scale,
-            rope_factors: self.rope_factors.as_ref().map(View::of),
-            q8_of: None,
-            pending: None,
-        };
-        run_layer(&mut cx, w)
+        let segs = self.segments(kvs)?;
+        run_layer(&mut self.ctx(layer, &segs), w)
+    }
+
+    fn layer_routed(
+        &mut self,
+        layer: usize,
+        w: &LayerTensors<'_>,
+        kvs: &mut [&mut GpuKv<D>],
+    ) -> Result<Vec<usize>> {
+        let segs = self.segments(kvs)?;
+        run_layer_routed(&mut self.ctx(layer, &segs), w)?;
+        Ok(self.routes.experts())
+    }
+
+    fn expert(&mut self, layer: usize, e: usize, w: [&DeviceTensor<'_>; 3]) -> Result<()> {
+        let segs = self.segments(&[])?;
+        self.ctx(layer, &segs).expert(e, w)
+    }
+
+    fn layer_finish(&mut self, layer: usize) -> Result<()> {
+        let segs = self.segments(&[])?;
+        let mut cx = self.ctx(layer, &segs);
+        cx.add(Act::Hidden, Act::Proj)?;
+        cx.finish()
     }
 
     fn final_hidden(&mut self, norm: &DeviceTensor<'_>) -> Result<Vec<f32>> {

@@ -1060,35 +1060,33 @@ pub trait GpuOps: KernelDevice {
             return Ok(());
         }
         let mut args = vec![p(q), p(k_cache), p(v_cache), p(out)];
-        let (name, shape) = if a.n_tokens > 1
-            && kv.head_dim % 32 == 0
-            && kv.head_dim <= ATTN_TILE_MAX_HEAD_DIM
-        {
-            // Prefill: a tile of tokens per block shares each key's load.
-            args.push(Arg::I32(to_i32(OP, "n_tokens", a.n_tokens)?));
-            let shape = LaunchShape {
-                grid: (
-                    to_u32(OP, a.n_tokens.div_ceil(ATTN_TILE_TOKENS))?,
-                    to_u32(OP, a.n_heads)?,
-                    1,
-                ),
-                block: (ATTN_TILE_THREADS, 1, 1),
-                shared_bytes: 0,
-            };
-            ("attn_prefill_tiled_f16kv_f32", shape)
-        } else {
-            let shape = LaunchShape {
-                grid: (to_u32(OP, a.n_tokens)?, to_u32(OP, a.n_heads)?, 1),
-                block: (self.warp_size() * ATTN_WARPS, 1, 1),
-                shared_bytes: 0,
-            };
-            let name = if a.n_tokens == 1 {
-                "attn_decode_f16kv_f32"
+        let (name, shape) =
+            if a.n_tokens > 1 && kv.head_dim % 32 == 0 && kv.head_dim <= ATTN_TILE_MAX_HEAD_DIM {
+                // Prefill: a tile of tokens per block shares each key's load.
+                args.push(Arg::I32(to_i32(OP, "n_tokens", a.n_tokens)?));
+                let shape = LaunchShape {
+                    grid: (
+                        to_u32(OP, a.n_tokens.div_ceil(ATTN_TILE_TOKENS))?,
+                        to_u32(OP, a.n_heads)?,
+                        1,
+                    ),
+                    block: (ATTN_TILE_THREADS, 1, 1),
+                    shared_bytes: 0,
+                };
+                ("attn_prefill_tiled_f16kv_f32", shape)
             } else {
-                "attn_prefill_f16kv_f32"
+                let shape = LaunchShape {
+                    grid: (to_u32(OP, a.n_tokens)?, to_u32(OP, a.n_heads)?, 1),
+                    block: (self.warp_size() * ATTN_WARPS, 1, 1),
+                    shared_bytes: 0,
+                };
+                let name = if a.n_tokens == 1 {
+                    "attn_decode_f16kv_f32"
+                } else {
+                    "attn_prefill_f16kv_f32"
+                };
+                (name, shape)
             };
-            (name, shape)
-        };
         let k = self.kernel("attention.cu", name)?;
         args.extend([
             Arg::I32(to_i32(OP, "n_heads", a.n_heads)?),

@@ -63,11 +63,53 @@ impl Inference {
             if all_gone() {
                 return Err(RuntimeError::Cancelled);
             }
-            self.with_unit(&cancel, l, |c, w| {
-                c.layer_batch(l, w, &mut batch, &mut hidden)
-            })?;
+            match self.cfg.plan.experts_of(l) {
+                None => self.with_unit(&cancel, l, |c, w| {
+                    c.layer_batch(l, w, &mut batch, &mut hidden)
+                })?,
+                Some(units) => self.routed_layer(&cancel, l, units, &mut batch, &mut hidden)?,
+            }
         }
         self.output_batch(&cancel, &mut batch, &hidden)
+    }
+
+    /// A mixture-of-experts layer whose experts are units of their own: the layer's unit up to
+    /// the router, the scheduler told which experts were chosen (so it loads them in order),
+    /// each chosen expert from its unit, then the residual add.
+    fn routed_layer(
+        &mut self,
+        cancel: &CancellationToken,
+        l: usize,
+        units: std::ops::Range<usize>,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &mut Hidden,
+    ) -> Result<()> {
+        let chosen = self.with_unit(cancel, l, |c, w| c.layer_routed(l, w, batch, hidden))?;
+        let mut ids = Vec::with_capacity(chosen.len());
+        for &e in &chosen {
+            match units.start.checked_add(e).filter(|&u| u < units.end) {
+                Some(u) => ids.push(u),
+                None => {
+                    return Err(RuntimeError::Compute {
+                        layer: Some(l),
+                        message: format!("expert {e} chosen of {} experts", units.len()),
+                    })
+                }
+            }
+        }
+        if self.cfg.shared.counters.wants_done.load(Ordering::SeqCst) {
+            let _ = self.cfg.sched.send(SchedMsg::Route { units: ids.clone() });
+        }
+        for (&e, &u) in chosen.iter().zip(&ids) {
+            if cancel.is_cancelled() {
+                return Err(RuntimeError::Cancelled);
+            }
+            self.with_unit(cancel, u, |c, w| c.expert_batch(l, e, w))?;
+        }
+        let start = Instant::now();
+        let r = self.compute.layer_finish(l, hidden);
+        self.cfg.shared.add_busy(Stage::Compute, start);
+        r
     }
 
     /// Embedding rows of `tokens`: straight from the file where the compute can (the first
@@ -151,7 +193,17 @@ impl Inference {
             if cancel.is_cancelled() {
                 return Err(RuntimeError::Cancelled);
             }
-            self.with_unit(cancel, l, |c, w| c.layer(l, w, state, &mut hidden))?;
+            match self.cfg.plan.experts_of(l) {
+                None => self.with_unit(cancel, l, |c, w| c.layer(l, w, state, &mut hidden))?,
+                Some(units) => {
+                    let mut one = [BatchSeq {
+                        wants_logits: false,
+                        seq: &mut *state,
+                        rows: prompt.len(),
+                    }];
+                    self.routed_layer(cancel, l, units, &mut one, &mut hidden)?
+                }
+            }
         }
         let global = self.cfg.plan.global();
         self.with_unit(cancel, global, |c, w| c.final_hidden(w, state, &hidden))
