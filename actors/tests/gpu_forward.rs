@@ -279,6 +279,61 @@ gpu_test!(hip: fn smollm2_runtime_hip_matches_cpu() {
     check_model(BackendKind::Hip, &smollm2(), "SmolLM2-135M Q4_1", true, true, BOTH);
 });
 
+/// Half of SmolLM2's layers computed on the CPU from host memory (`host_layers`, the CLI's
+/// `--cpu-layers`) and the GPU's half under a 40% weight budget (so some of it streams): the
+/// exact oracle's greedy tokens on every reference prompt, log-probabilities within the GPU's
+/// bound (the host layers compute as the oracle does, so the error is the device half's).
+fn check_hybrid(kind: BackendKind) {
+    let path = smollm2();
+    let model = Model::open(&path).expect("model");
+    let n = model.hparams().n_layer;
+    let cases: Vec<Case> = serde_json::from_slice(
+        &std::fs::read(data_dir().join("smollm2-logits/cases.json")).expect("cases"),
+    )
+    .expect("cases.json");
+    let rt = gpu_runtime(kind, &path, Precision::Exact)
+        .host_layers(n / 2)
+        .memory_budget(MemoryBudget::FractionOfWeights(0.4))
+        .build()
+        .expect("hybrid runtime");
+    let mut worst = 0f32;
+    for c in &cases {
+        let oracle = cpu_greedy(&model, &c.hf_prompt_ids);
+        let (ids, lps) = gpu_greedy(&rt, &c.hf_prompt_ids);
+        let cpu_ids: Vec<u32> = oracle.iter().map(|s| s.id).collect();
+        assert_eq!(ids, cpu_ids, "{}: hybrid greedy tokens", c.name);
+        for (g, o) in lps.iter().zip(&oracle) {
+            worst = worst.max(logprob_err(g, &o.logprobs, o.max_abs));
+        }
+    }
+    let st = rt.stats();
+    rt.shutdown().expect("shutdown");
+    println!(
+        "hybrid on {kind}: {} of {n} layers on the CPU, 40% budget: worst logprob err {worst:.2e}, \
+         peak device weights {} of budget {}, evictions {}",
+        n / 2,
+        st.peak_allocated_bytes,
+        st.budget_bytes,
+        st.evictions
+    );
+    assert!(
+        worst <= MAX_REL_ERR,
+        "hybrid: worst log-probability error {worst}"
+    );
+    assert!(st.peak_allocated_bytes <= st.budget_bytes);
+    assert!(st.evictions > 0, "the device half did not stream: {st:?}");
+}
+
+gpu_test!(cuda: fn smollm2_hybrid_cpu_layers_cuda_match_cpu() {
+    drop(require_device!(cuda));
+    check_hybrid(BackendKind::Cuda);
+});
+
+gpu_test!(hip: fn smollm2_hybrid_cpu_layers_hip_match_cpu() {
+    drop(require_device!(hip));
+    check_hybrid(BackendKind::Hip);
+});
+
 fn synth(kind: BackendKind) {
     let path = std::env::var_os("ROCMFORGE_SYNTH_MODEL").expect(
         "ROCMFORGE_SYNTH_MODEL is not set: point it at `rocmforge synth --preset 1b --qtype q4_0` \

@@ -248,6 +248,12 @@ pub trait LayeredForward: Send {
     ) -> Result<(), Self::Error>;
     /// The end of a routed layer: the experts' sum added to the residual stream.
     fn layer_finish(&mut self, layer: usize) -> Result<(), Self::Error>;
+    /// The step's residual stream `[rows, n_embd]` copied to the host (waits for the stream):
+    /// a layer computed on the host takes it from here.
+    fn hidden_to_host(&mut self) -> Result<Vec<f32>, Self::Error>;
+    /// Replaces the step's residual stream with `rows` (`[rows, n_embd]`, the step's rows)
+    /// from the host, after layers computed there.
+    fn hidden_from_host(&mut self, rows: &[f32]) -> Result<(), Self::Error>;
     /// Final norm and head on the given rows of the step; waits for the stream and returns
     /// their logits, in the order asked.
     fn output_rows(

@@ -23,6 +23,11 @@ pub struct EngineArgs {
     /// Layers requested ahead of the one computing.
     #[arg(long)]
     pub prefetch_depth: Option<usize>,
+    /// GPU backends: compute the model's last N layers on the CPU from host memory (their
+    /// weights never cross PCIe) while the GPU runs the rest, streaming what of it does not
+    /// fit `--memory-budget`.
+    #[arg(long)]
+    pub cpu_layers: Option<usize>,
     /// Write a Chrome/Perfetto trace of the pipeline here (view it with `rocmforge trace view`).
     #[arg(long)]
     pub trace: Option<PathBuf>,
@@ -60,6 +65,7 @@ impl EngineArgs {
         self.memory_budget.is_some()
             || self.read_mode.is_some()
             || self.prefetch_depth.is_some()
+            || self.cpu_layers.is_some()
             || self.trace.is_some()
             || self.io_readers.is_some()
             || self.io_staging.is_some()
@@ -194,6 +200,9 @@ impl Engine {
         }
         if let Some(k) = e.prefetch_depth {
             builder = builder.prefetch_depth(k);
+        }
+        if let Some(n) = e.cpu_layers {
+            builder = builder.host_layers(n);
         }
         if let Some(n) = e.io_readers {
             builder = builder.readers(n);

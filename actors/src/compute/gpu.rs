@@ -19,20 +19,45 @@ use rocmforge::backend::{
     DeviceTensor, Fallback, LayerTensors, LayeredForward,
 };
 use rocmforge::gguf::GgufFile;
-use rocmforge::model::{Model, Precision, Role, TensorRef};
+use rocmforge::model::{Model, Precision, Role, Scratch, Sequence, SequenceConfig, TensorRef};
 use rocmforge::tokenizer::Tokenizer;
 use std::sync::Arc;
 
-/// One sequence: its KV cache on the device and the position of its next token.
+/// One sequence: its KV cache on the device and the position of its next token; with layers
+/// computed on the host, the host's sequence for those layers' KV cache (kept at `pos`).
 struct GpuSeq<K> {
     kv: K,
     pos: usize,
+    host: Option<Sequence>,
+}
+
+impl<K> GpuSeq<K> {
+    fn advance(&mut self, n: usize) -> Result<()> {
+        self.pos += n;
+        if let Some(h) = &mut self.host {
+            h.advance(n).map_err(|e| err(None)(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Layers the GPU compute runs on the host from the mapped file (`RuntimeBuilder::host_layers`):
+/// the residual stream comes to the host before the first of a run of them and goes back before
+/// the next device work.
+struct HostLayers {
+    /// Per layer: computed on the host.
+    on_host: Vec<bool>,
+    seq_cfg: SequenceConfig,
+    scratch: Scratch,
+    /// The step's residual stream while it is on the host (the device's copy is stale).
+    hidden: Option<Vec<f32>>,
 }
 
 pub struct GpuCompute<F: LayeredForward> {
     fwd: F,
     model: Model,
     tokenizer: Option<Tokenizer>,
+    host: Option<HostLayers>,
 }
 
 fn err(layer: Option<usize>) -> impl Fn(String) -> RuntimeError {
@@ -50,7 +75,109 @@ where
             fwd,
             model,
             tokenizer: Tokenizer::from_metadata(file.metadata()).ok(),
+            host: None,
         })
+    }
+
+    /// Computes `layers` on the host (the CPU's forward pass over the mapped file, in
+    /// `precision`), the others on the device. The runtime's plan must hold no device
+    /// weights for them (`LoadPlan::place_on_host`).
+    pub fn with_host_layers(mut self, layers: &[usize], precision: Precision) -> Result<Self> {
+        let n = self.model.hparams().n_layer;
+        if let Some(&l) = layers.iter().find(|&&l| l >= n) {
+            return Err(RuntimeError::Config(format!(
+                "host layer {l} of a model of {n} layers"
+            )));
+        }
+        if layers.is_empty() {
+            self.host = None;
+            return Ok(self);
+        }
+        let mut on_host = vec![false; n];
+        for &l in layers {
+            on_host[l] = true;
+        }
+        self.host = Some(HostLayers {
+            on_host,
+            seq_cfg: SequenceConfig {
+                ctx: Some(self.fwd.context_len()),
+                precision,
+                kv_type: None,
+            },
+            scratch: Scratch::default(),
+            hidden: None,
+        });
+        Ok(self)
+    }
+
+    fn on_host(&self, layer: usize) -> bool {
+        self.host
+            .as_ref()
+            .is_some_and(|h| h.on_host.get(layer).copied().unwrap_or(false))
+    }
+
+    /// Puts the residual stream back on the device if host layers left it on the host.
+    fn hidden_to_device(&mut self) -> Result<()> {
+        if let Some(h) = self.host.as_mut().and_then(|h| h.hidden.take()) {
+            self.fwd
+                .hidden_from_host(&h)
+                .map_err(|e| err(None)(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Layer `layer` on the host over the step's rows: the CPU's forward pass on the layer's
+    /// weights in the mapped file, with each sequence's host KV cache.
+    fn host_layer(&mut self, layer: usize, batch: &mut [BatchSeq<'_>]) -> Result<()> {
+        let mut hidden = match self.host.as_mut().and_then(|h| h.hidden.take()) {
+            Some(h) => h,
+            None => self
+                .fwd
+                .hidden_to_host()
+                .map_err(|e| err(Some(layer))(e.to_string()))?,
+        };
+        let rows: Vec<usize> = batch.iter().map(|b| b.rows).collect();
+        let mut seqs = Vec::with_capacity(batch.len());
+        for b in batch.iter_mut() {
+            let seq = seq_mut::<F::Kv>(b.seq)?;
+            seqs.push(
+                seq.host.as_mut().ok_or_else(|| {
+                    err(Some(layer))("a sequence without its host KV cache".into())
+                })?,
+            );
+        }
+        let host = self
+            .host
+            .as_mut()
+            .ok_or_else(|| err(Some(layer))("no host layers".into()))?;
+        let w = self.model.layer_weights(layer);
+        self.model
+            .forward_layer_batch(layer, &w, &mut seqs, &rows, &mut hidden, &mut host.scratch)
+            .map_err(|e| err(Some(layer))(e.to_string()))?;
+        host.hidden = Some(hidden);
+        Ok(())
+    }
+
+    /// The step's sequences' row counts and positions, and their device KV caches; the first
+    /// layer also tells the device which rows belong to which sequence.
+    fn step_kvs<'b>(
+        &mut self,
+        layer: usize,
+        batch: &'b mut [BatchSeq<'_>],
+    ) -> Result<Vec<&'b mut F::Kv>> {
+        let mut parts = Vec::with_capacity(batch.len());
+        let mut kvs = Vec::with_capacity(batch.len());
+        for b in batch.iter_mut() {
+            let seq = seq_mut::<F::Kv>(b.seq)?;
+            parts.push((b.rows, seq.pos));
+            kvs.push(&mut seq.kv);
+        }
+        if layer == 0 {
+            self.fwd
+                .set_segments(&parts)
+                .map_err(|e| err(Some(0))(e.to_string()))?;
+        }
+        Ok(kvs)
     }
 
     /// Orders the compute stream after `unit`'s upload (on the device) and returns its region.
@@ -212,17 +339,32 @@ where
 
     fn new_sequence(&mut self) -> Result<SequenceState> {
         let kv = self.fwd.new_kv().map_err(|e| err(None)(e.to_string()))?;
-        Ok(Box::new(GpuSeq { kv, pos: 0 }))
+        let host = match &self.host {
+            Some(h) => Some(
+                self.model
+                    .new_sequence(h.seq_cfg)
+                    .map_err(|e| err(None)(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Box::new(GpuSeq { kv, pos: 0, host }))
     }
 
     fn resume(&mut self, seq: &mut SequenceState, keep: usize) -> Result<bool> {
         // The KV past `keep` is overwritten by the next tokens and never read before that.
         let seq = seq_mut::<F::Kv>(seq)?;
         seq.pos = seq.pos.min(keep);
+        if let Some(h) = &mut seq.host {
+            // The host cache may keep fewer (shared prefix blocks): both restart from there.
+            seq.pos = h.truncate(seq.pos);
+        }
         Ok(true)
     }
 
     fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden> {
+        if let Some(h) = &mut self.host {
+            h.hidden = None;
+        }
         let region = self.enter(global)?;
         let table = tensor(global, region, &self.model.layout().token_embd)?;
         // Positions come with the first layer, which knows the step's sequences.
@@ -263,18 +405,13 @@ where
         batch: &mut [BatchSeq<'_>],
         _hidden: &mut Hidden,
     ) -> Result<()> {
-        let mut parts = Vec::with_capacity(batch.len());
-        let mut kvs = Vec::with_capacity(batch.len());
-        for b in batch.iter_mut() {
-            let seq = seq_mut::<F::Kv>(b.seq)?;
-            parts.push((b.rows, seq.pos));
-            kvs.push(&mut seq.kv);
+        if self.on_host(layer) {
+            // The device still learns the step's rows at the first layer.
+            self.step_kvs(layer, batch)?;
+            return self.host_layer(layer, batch);
         }
-        if layer == 0 {
-            self.fwd
-                .set_segments(&parts)
-                .map_err(|e| err(Some(0))(e.to_string()))?;
-        }
+        self.hidden_to_device()?;
+        let mut kvs = self.step_kvs(layer, batch)?;
         self.run_layer(layer, weights, &mut kvs)
     }
 
@@ -285,18 +422,8 @@ where
         batch: &mut [BatchSeq<'_>],
         _hidden: &mut Hidden,
     ) -> Result<Vec<usize>> {
-        let mut parts = Vec::with_capacity(batch.len());
-        let mut kvs = Vec::with_capacity(batch.len());
-        for b in batch.iter_mut() {
-            let seq = seq_mut::<F::Kv>(b.seq)?;
-            parts.push((b.rows, seq.pos));
-            kvs.push(&mut seq.kv);
-        }
-        if layer == 0 {
-            self.fwd
-                .set_segments(&parts)
-                .map_err(|e| err(Some(0))(e.to_string()))?;
-        }
+        self.hidden_to_device()?;
+        let mut kvs = self.step_kvs(layer, batch)?;
         self.run_layer_routed(layer, weights, &mut kvs)
     }
 
@@ -339,6 +466,7 @@ where
     }
 
     fn layer_finish(&mut self, layer: usize, _hidden: &mut Hidden) -> Result<()> {
+        self.hidden_to_device()?;
         self.fwd
             .layer_finish(layer)
             .map_err(|e| err(Some(layer))(e.to_string()))
@@ -358,6 +486,7 @@ where
             }
             first += b.rows;
         }
+        self.hidden_to_device()?;
         let region = self.enter(global)?;
         let layout = self.model.layout();
         let norm = tensor(global, region, &layout.output_norm)?;
@@ -372,7 +501,7 @@ where
             self.model.finish_logits(l);
         }
         for b in batch.iter_mut() {
-            seq_mut::<F::Kv>(b.seq)?.pos += b.rows;
+            seq_mut::<F::Kv>(b.seq)?.advance(b.rows)?;
         }
         Ok(logits)
     }
@@ -383,6 +512,7 @@ where
         seq: &mut SequenceState,
         hidden: &Hidden,
     ) -> Result<Vec<f32>> {
+        self.hidden_to_device()?;
         let seq = seq_mut::<F::Kv>(seq)?;
         let region = self.enter(global)?;
         let layout = self.model.layout();
@@ -394,7 +524,7 @@ where
             .map_err(|e| err(None)(e.to_string()))?;
         self.leave(region)?;
         self.model.finish_logits(&mut logits);
-        seq.pos += hidden.n_tokens;
+        seq.advance(hidden.n_tokens)?;
         Ok(logits)
     }
 
@@ -404,6 +534,7 @@ where
         seq: &mut SequenceState,
         hidden: &Hidden,
     ) -> Result<Hidden> {
+        self.hidden_to_device()?;
         let seq = seq_mut::<F::Kv>(seq)?;
         let region = self.enter(global)?;
         let norm = tensor(global, region, &self.model.layout().output_norm)?;
@@ -412,7 +543,7 @@ where
             .final_hidden(&norm)
             .map_err(|e| err(None)(e.to_string()))?;
         self.leave(region)?;
-        seq.pos += hidden.n_tokens;
+        seq.advance(hidden.n_tokens)?;
         Ok(Hidden {
             data,
             n_tokens: hidden.n_tokens,
@@ -552,12 +683,20 @@ fn gpu_parts<D: KernelDevice>(
     // After the registration: module loads and the ring's registration contend for the driver.
     rocmforge::backend::gpu::preload_kernels(dev.clone());
     let wb: Arc<dyn WeightBackend> = Arc::new(gb);
-    // `ComputeSettings` holds host-side limits only; the device's KV cache is sized by `lopt`.
-    let factory: ComputeFactory = Arc::new(move |file: &GgufFile, _settings| {
+    // The device's KV cache is sized by `lopt`; of `ComputeSettings` only the host layers apply.
+    let factory: ComputeFactory = Arc::new(move |file: &GgufFile, settings| {
         let model = Model::from_file(file.clone()).map_err(|e| err(None)(e.to_string()))?;
         let fwd =
             GpuLayered::new(dev.clone(), &model, lopt).map_err(|e| err(None)(e.to_string()))?;
-        Ok(Box::new(GpuCompute::new(fwd, file)?) as Box<dyn ModelCompute>)
+        let n = model.hparams().n_layer;
+        let host: Vec<usize> = (n.saturating_sub(settings.host_layers)..n).collect();
+        let precision = if lopt.q8_activations {
+            Precision::Fast
+        } else {
+            Precision::Exact
+        };
+        let compute = GpuCompute::new(fwd, file)?.with_host_layers(&host, precision)?;
+        Ok(Box::new(compute) as Box<dyn ModelCompute>)
     });
     Ok((wb, factory))
 }

@@ -341,6 +341,10 @@ pub struct ComputeSettings {
     /// Bytes one host sequence's KV cache (and attention scores) may take; `None`: half of
     /// the memory available (`KvLimit::host`).
     pub kv_limit: Option<u64>,
+    /// A GPU compute runs the model's last `host_layers` layers on the host (the CPU's forward
+    /// pass over the mapped file); the plan keeps no device weights for them
+    /// (`RuntimeBuilder::host_layers`). Nothing to a CPU compute.
+    pub host_layers: usize,
 }
 
 /// Builds a compute for an opened model (runs on the Inference thread at start).

@@ -378,6 +378,20 @@ impl LoadPlan {
         }))
     }
 
+    /// The plan with `layers` computed on the host from the mapped file (a GPU compute's host
+    /// layers): their units keep no tensors, so they take no device memory and load nothing.
+    pub fn place_on_host(&self, layers: Range<usize>) -> Self {
+        let mut plan = self.clone();
+        for l in layers.start..layers.end.min(self.n_layers) {
+            let u = &mut plan.units[l];
+            u.tensors.clear();
+            u.file_bytes = 0;
+            u.dev_bytes = 0;
+            u.file_span = 0..0;
+        }
+        plan
+    }
+
     /// The units of layer `layer`'s experts, when they are units of their own.
     pub fn experts_of(&self, layer: usize) -> Option<Range<usize>> {
         self.experts

@@ -62,6 +62,7 @@ pub struct RuntimeBuilder {
     backend: Option<Arc<dyn WeightBackend>>,
     budget: MemoryBudget,
     prefetch_depth: usize,
+    host_layers: usize,
     /// The four below: `None` takes the backend's suggestion (`WeightBackend::io_geometry`).
     read_mode: Option<ReadMode>,
     readers: Option<usize>,
@@ -91,6 +92,7 @@ impl Default for RuntimeBuilder {
             backend: None,
             budget: MemoryBudget::Unlimited,
             prefetch_depth: 2,
+            host_layers: 0,
             read_mode: None,
             readers: None,
             transcode_threads: 1,
@@ -168,6 +170,15 @@ impl RuntimeBuilder {
     }
     pub fn memory_budget(mut self, budget: MemoryBudget) -> Self {
         self.budget = budget;
+        self
+    }
+    /// A GPU compute runs the model's last `n` layers on the host (the CPU's forward pass
+    /// over the mapped file, its own KV cache for them) while the device runs the others and
+    /// the scheduler streams what of those does not fit: the weights of host layers never
+    /// cross PCIe, only the step's activations do (twice per run of host layers). Default 0;
+    /// nothing to a CPU runtime. `--cpu-layers` on the CLI.
+    pub fn host_layers(mut self, n: usize) -> Self {
+        self.host_layers = n;
         self
     }
     /// Streamed layers loading ahead of compute (`k`); at least 1.
@@ -295,7 +306,7 @@ impl RuntimeBuilder {
             (None, Some(g)) => g.backend.clone(),
             (None, None) => Arc::new(CpuBackend::new()),
         };
-        let plan = LoadPlan::new(&file, &*backend)?;
+        let whole = LoadPlan::new(&file, &*backend)?;
         // What the caller set wins; the rest is the backend's suggestion (a GPU reads with many
         // threads straight into pinned slots, the CPU maps the file).
         let io = backend.io_geometry();
@@ -303,7 +314,7 @@ impl RuntimeBuilder {
         // The CPU's suggestion is for mapping the file; told to read it, it streams through
         // the ring instead (GPU backends make their own suggestion and never compute from host).
         let io = if backend.computes_from_host() && read_mode != ReadMode::Mmap {
-            let largest = plan.units.iter().map(|u| u.dev_bytes).max().unwrap_or(0);
+            let largest = whole.units.iter().map(|u| u.dev_bytes).max().unwrap_or(0);
             IoGeometry::cpu_streaming(read_mode, largest)
         } else {
             io
@@ -311,7 +322,15 @@ impl RuntimeBuilder {
         let n_readers = self.readers.unwrap_or(io.readers).max(1);
         let staging_slots = self.staging_slots.unwrap_or(io.staging_slots).max(1);
         let slot_size = self.slot_size.unwrap_or(io.slot_size);
-        let total = plan.total_dev_bytes();
+        let total = whole.total_dev_bytes();
+        // A GPU compute's host layers (the last ones) keep no device weights; the budget is
+        // still a share of all of them. A CPU computes every layer from the host anyway.
+        let host_layers = if backend.computes_from_host() {
+            0
+        } else {
+            self.host_layers.min(whole.n_layers)
+        };
+        let plan = whole.place_on_host(whole.n_layers - host_layers..whole.n_layers);
         let budget = match self.budget {
             // A GPU's default: its free memory minus KV cache and workspace (the backend knows
             // what it reserved); the CPU has no fixed limit.
@@ -408,6 +427,7 @@ impl RuntimeBuilder {
             factory,
             settings: crate::compute::ComputeSettings {
                 kv_limit: self.tuning.kv_limit,
+                host_layers,
             },
             plan: plan.clone(),
             board: board.clone(),

@@ -468,6 +468,29 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         cx.finish()
     }
 
+    fn hidden_to_host(&mut self) -> Result<Vec<f32>> {
+        if self.n == 0 {
+            return Err(bad("hidden state before embed".into()));
+        }
+        self.stream.synchronize()?;
+        Ok(self.s.hidden.to_vec::<f32>(self.n * self.hp.n_embd)?)
+    }
+
+    fn hidden_from_host(&mut self, rows: &[f32]) -> Result<()> {
+        if self.n == 0 || rows.len() != self.n * self.hp.n_embd {
+            return Err(bad(format!(
+                "{} hidden values from the host for a step of {} rows of {}",
+                rows.len(),
+                self.n,
+                self.hp.n_embd
+            )));
+        }
+        // A synchronous copy: nothing queued may still read the old rows.
+        self.stream.synchronize()?;
+        self.s.hidden.write(0, rows)?;
+        Ok(())
+    }
+
     fn final_hidden(&mut self, norm: &DeviceTensor<'_>) -> Result<Vec<f32>> {
         let n = self.n;
         if n == 0 {
