@@ -52,6 +52,10 @@ pub struct ServeArgs {
     pub read_mode: Option<ReadMode>,
     #[arg(long, default_value_t = 2)]
     pub prefetch_depth: usize,
+    /// GPU backends: compute the model's last N layers on the CPU from host memory (decode
+    /// under a tight `--memory-budget`; prompts then run those layers on the CPU too).
+    #[arg(long, default_value_t = 0)]
+    pub cpu_layers: usize,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10.0)]
     pub shutdown_deadline: f64,
@@ -129,6 +133,7 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         memory_budget: a.memory_budget,
         read_mode: a.read_mode,
         prefetch_depth: a.prefetch_depth,
+        cpu_layers: a.cpu_layers,
         warm_up: !a.no_warm_up,
         backend: a.backend,
         max_connections: a.max_connections,
