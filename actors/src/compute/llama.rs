@@ -10,6 +10,7 @@
 //! `pread`s them from the file (`embed_from_file`) instead of waiting for the whole table; that
 //! lets layer 0 start first and lets a budget smaller than the table (streamed head) work.
 
+use crate::compute::layer_refs;
 use crate::compute::{
     BatchLimits, BatchSeq, ComputeFactory, ComputeSettings, Hidden, KvPoolStats, ModelCompute,
     SequenceState,
@@ -270,40 +271,19 @@ fn view<'a>(unit: &'a ResidentLayer, t: &TensorRef) -> Result<WeightView<'a>> {
     Ok(t.view_of(w.data))
 }
 
-/// Layer `layer`'s weights as views into its resident unit.
+/// Layer `layer`'s weights as views into its resident unit. `routed`: the layer's part up to
+/// the router when its experts are units of their own; the stacked expert tensors the unit no
+/// longer holds are empty views (never read).
 fn unit_weights<'a>(
     model: &Model,
     layer: usize,
     unit: &'a ResidentLayer,
+    routed: bool,
 ) -> Result<LayerWeights<'a>> {
-    let refs = model
-        .layout()
-        .layers
-        .get(layer)
-        .ok_or(RuntimeError::Compute {
-            layer: Some(layer),
-            message: "no such layer".into(),
-        })?;
-    refs.try_map(|_, t| view(unit, t))
-}
-
-/// Layer `layer`'s weights for its part up to the router when its experts are units of their
-/// own: the stacked expert tensors the unit no longer holds are empty views (never read).
-fn routed_weights<'a>(
-    model: &Model,
-    layer: usize,
-    unit: &'a ResidentLayer,
-) -> Result<LayerWeights<'a>> {
-    let refs = model
-        .layout()
-        .layers
-        .get(layer)
-        .ok_or(RuntimeError::Compute {
-            layer: Some(layer),
-            message: "no such layer".into(),
-        })?;
-    refs.try_map(|role, t| match role {
-        Role::Gate | Role::Up | Role::Down if unit.tensor(&t.name).is_none() => Ok(t.view_of(&[])),
+    layer_refs(model, layer)?.try_map(|role, t| match role {
+        Role::Gate | Role::Up | Role::Down if routed && unit.tensor(&t.name).is_none() => {
+            Ok(t.view_of(&[]))
+        }
         _ => view(unit, t),
     })
 }
@@ -314,14 +294,7 @@ fn expert_views<'a>(
     layer: usize,
     unit: &'a ResidentLayer,
 ) -> Result<[WeightView<'a>; 3]> {
-    let refs = model
-        .layout()
-        .layers
-        .get(layer)
-        .ok_or(RuntimeError::Compute {
-            layer: Some(layer),
-            message: "no such layer".into(),
-        })?;
+    let refs = layer_refs(model, layer)?;
     let one = |t: &TensorRef| {
         let w = unit.require(&t.name)?;
         Ok::<_, RuntimeError>(WeightView {
@@ -339,6 +312,35 @@ fn seq_mut(seq: &mut SequenceState) -> Result<&mut Sequence> {
         layer: None,
         message: "sequence state of another compute".into(),
     })
+}
+
+impl LlamaCompute {
+    /// `layer` over the batch's rows: the whole layer, or (`routed`) the layer up to its
+    /// router when its experts are units of their own; then the experts it chose (empty for
+    /// the whole layer).
+    fn forward_batch(
+        &mut self,
+        layer: usize,
+        weights: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &mut Hidden,
+        routed: bool,
+    ) -> Result<Vec<usize>> {
+        let w = unit_weights(&self.model, layer, weights, routed)?;
+        let rows: Vec<usize> = batch.iter().map(|b| b.rows).collect();
+        let mut seqs = batch
+            .iter_mut()
+            .map(|b| seq_mut(b.seq))
+            .collect::<Result<Vec<_>>>()?;
+        let (m, h, s) = (&self.model, &mut hidden.data, &mut self.scratch);
+        let r = if routed {
+            m.forward_layer_batch_routed(layer, &w, &mut seqs, &rows, h, s)
+        } else {
+            m.forward_layer_batch(layer, &w, &mut seqs, &rows, h, s)
+                .map(|()| Vec::new())
+        };
+        r.map_err(err(Some(layer)))
+    }
 }
 
 impl ModelCompute for LlamaCompute {
@@ -462,7 +464,7 @@ impl ModelCompute for LlamaCompute {
         seq: &mut SequenceState,
         hidden: &mut Hidden,
     ) -> Result<()> {
-        let w = unit_weights(&self.model, layer, weights)?;
+        let w = unit_weights(&self.model, layer, weights, false)?;
         self.model
             .forward_layer(layer, &w, seq_mut(seq)?, &mut hidden.data)
             .map_err(err(Some(layer)))
@@ -634,22 +636,8 @@ impl ModelCompute for LlamaCompute {
         batch: &mut [BatchSeq<'_>],
         hidden: &mut Hidden,
     ) -> Result<()> {
-        let w = unit_weights(&self.model, layer, weights)?;
-        let rows: Vec<usize> = batch.iter().map(|b| b.rows).collect();
-        let mut seqs = batch
-            .iter_mut()
-            .map(|b| seq_mut(b.seq))
-            .collect::<Result<Vec<_>>>()?;
-        self.model
-            .forward_layer_batch(
-                layer,
-                &w,
-                &mut seqs,
-                &rows,
-                &mut hidden.data,
-                &mut self.scratch,
-            )
-            .map_err(err(Some(layer)))
+        self.forward_batch(layer, weights, batch, hidden, false)
+            .map(|_| ())
     }
 
     fn layer_routed(
@@ -659,22 +647,7 @@ impl ModelCompute for LlamaCompute {
         batch: &mut [BatchSeq<'_>],
         hidden: &mut Hidden,
     ) -> Result<Vec<usize>> {
-        let w = routed_weights(&self.model, layer, weights)?;
-        let rows: Vec<usize> = batch.iter().map(|b| b.rows).collect();
-        let mut seqs = batch
-            .iter_mut()
-            .map(|b| seq_mut(b.seq))
-            .collect::<Result<Vec<_>>>()?;
-        self.model
-            .forward_layer_batch_routed(
-                layer,
-                &w,
-                &mut seqs,
-                &rows,
-                &mut hidden.data,
-                &mut self.scratch,
-            )
-            .map_err(err(Some(layer)))
+        self.forward_batch(layer, weights, batch, hidden, true)
     }
 
     fn expert_batch(&mut self, layer: usize, expert: usize, weights: &ResidentLayer) -> Result<()> {

@@ -320,6 +320,21 @@ pub trait ModelCompute: Send {
     fn token_bytes(&self, token: u32) -> Vec<u8>;
 }
 
+/// Where layer `layer`'s tensors are in the file, by role.
+pub(crate) fn layer_refs(
+    model: &rocmforge::model::Model,
+    layer: usize,
+) -> Result<&rocmforge::model::LayerSet<rocmforge::model::TensorRef>> {
+    model
+        .layout()
+        .layers
+        .get(layer)
+        .ok_or_else(|| RuntimeError::Compute {
+            layer: Some(layer),
+            message: "no such layer".into(),
+        })
+}
+
 fn split_experts_unsupported(layer: usize) -> RuntimeError {
     RuntimeError::Unsupported(format!(
         "layer {layer}: experts in units of their own (a memory budget below the model's size) \
