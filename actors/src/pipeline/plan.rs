@@ -473,3 +473,95 @@ impl LoadPlan {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::backend::CpuBackend;
+
+    fn tiny(family: &str) -> GgufFile {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data/tiny-families")
+            .join(format!("{family}.q8_0.gguf"));
+        GgufFile::open(path).expect("tiny model")
+    }
+
+    #[test]
+    fn split_experts_cuts_each_stacked_tensor_into_one_row_block_per_expert() {
+        let file = tiny("qwen3moe");
+        let backend = CpuBackend::new();
+        let plan = LoadPlan::new(&file, &backend).unwrap();
+        let split = plan
+            .split_experts(&file, &backend)
+            .unwrap()
+            .expect("a MoE model");
+        assert!(
+            split.split_experts(&file, &backend).unwrap().is_none(),
+            "split twice"
+        );
+        assert_eq!(split.experts.len(), plan.n_layers);
+        // Nothing lost or read twice: the same file bytes in all.
+        let bytes = |p: &LoadPlan| p.units.iter().map(|u| u.file_bytes).sum::<u64>();
+        assert_eq!(bytes(&split), bytes(&plan));
+        for s in &split.experts {
+            let layer = &split.units[s.layer];
+            assert!(layer.tensors.iter().all(|t| !t.name.contains("_exps")));
+            assert!(layer
+                .tensors
+                .iter()
+                .any(|t| t.name.contains("ffn_gate_inp")));
+            // Per stacked tensor: the experts' ranges tile it in expert order.
+            for name in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
+                let whole = plan.units[s.layer]
+                    .tensors
+                    .iter()
+                    .find(|t| t.name.contains(name))
+                    .expect("stacked tensor");
+                let mut at = whole.file.start;
+                for (e, u) in s.units.clone().enumerate() {
+                    let unit = &split.units[u];
+                    assert_eq!((unit.layer, unit.expert), (Some(s.layer), Some(e)));
+                    let t = unit.tensors.iter().find(|t| t.name.contains(name)).unwrap();
+                    assert_eq!(t.file.start, at, "{name} expert {e}");
+                    let rows = t.rows.clone().expect("a row block");
+                    assert_eq!(
+                        rows.end - rows.start,
+                        (t.file.end - t.file.start)
+                            / t.ty.row_bytes(file.tensors()[t.index].row_len()).unwrap()
+                    );
+                    at = t.file.end;
+                }
+                assert_eq!(at, whole.file.end, "{name}: the experts cover it");
+            }
+        }
+        // The use order visits every unit once, each layer's experts right after it.
+        let order = split.use_order();
+        let mut seen = order.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..split.units.len()).collect::<Vec<_>>());
+        let s0 = &split.experts[0];
+        assert_eq!(
+            order[1..1 + s0.units.len()],
+            s0.units.clone().collect::<Vec<_>>()
+        );
+        assert_eq!(split.unit_name(s0.units.start + 1), "layer 0 expert 1");
+        assert_eq!(split.head_rows(s0.units.start), None);
+    }
+
+    #[test]
+    fn a_dense_model_has_no_experts_to_split_and_host_layers_hold_nothing() {
+        let file = tiny("llama");
+        let backend = CpuBackend::new();
+        let plan = LoadPlan::new(&file, &backend).unwrap();
+        assert!(plan.split_experts(&file, &backend).unwrap().is_none());
+        let n = plan.n_layers;
+        let host = plan.place_on_host(n - 1..n);
+        assert_eq!(host.units[n - 1].dev_bytes, 0);
+        assert!(host.units[n - 1].tensors.is_empty());
+        assert_eq!(
+            host.total_dev_bytes(),
+            plan.total_dev_bytes() - plan.units[n - 1].dev_bytes
+        );
+        assert_eq!(host.units[0].dev_bytes, plan.units[0].dev_bytes);
+    }
+}
