@@ -28,6 +28,10 @@ pub struct EngineArgs {
     /// fit `--memory-budget`.
     #[arg(long)]
     pub cpu_layers: Option<usize>,
+    /// Print where each part of the model lives under the budget (resident, streamed each
+    /// token, experts loaded when routed, computed on the CPU) to stderr at start.
+    #[arg(long)]
+    pub explain: bool,
     /// Write a Chrome/Perfetto trace of the pipeline here (view it with `rocmforge trace view`).
     #[arg(long)]
     pub trace: Option<PathBuf>,
@@ -210,8 +214,12 @@ impl Engine {
         if let Some((slots, bytes)) = e.io_staging {
             builder = builder.staging(slots, bytes);
         }
+        let rt = builder.build()?;
+        if e.explain {
+            eprintln!("{}", rt.placement());
+        }
         Ok(Self {
-            rt: builder.build()?,
+            rt,
             tokenizer,
             backend: opened,
             trace,

@@ -81,6 +81,8 @@ pub struct LoadPlan {
     pub head: Option<HeadSplit>,
     /// The MoE layers whose experts are units of their own, in layer order.
     pub experts: Vec<ExpertSplit>,
+    /// Layers a GPU compute runs on the host (`place_on_host`): their units hold nothing.
+    pub host_layers: Range<usize>,
 }
 
 /// Head chunks hold a multiple of this many rows, so a chunked matrix-vector product groups rows
@@ -180,6 +182,7 @@ impl LoadPlan {
             n_layers,
             head: None,
             experts: Vec::new(),
+            host_layers: 0..0,
         })
     }
 
@@ -256,6 +259,7 @@ impl LoadPlan {
             units,
             n_layers: self.n_layers,
             experts: self.experts.clone(),
+            host_layers: self.host_layers.clone(),
         }))
     }
 
@@ -375,6 +379,7 @@ impl LoadPlan {
             n_layers: self.n_layers,
             head: self.head.clone(),
             experts,
+            host_layers: self.host_layers.clone(),
         }))
     }
 
@@ -382,7 +387,8 @@ impl LoadPlan {
     /// layers): their units keep no tensors, so they take no device memory and load nothing.
     pub fn place_on_host(&self, layers: Range<usize>) -> Self {
         let mut plan = self.clone();
-        for l in layers.start..layers.end.min(self.n_layers) {
+        plan.host_layers = layers.start.min(self.n_layers)..layers.end.min(self.n_layers);
+        for l in plan.host_layers.clone() {
             let u = &mut plan.units[l];
             u.tensors.clear();
             u.file_bytes = 0;

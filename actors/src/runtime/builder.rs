@@ -552,6 +552,7 @@ impl RuntimeBuilder {
                 rings: [read_ring, upload_ring],
                 plan,
                 budget,
+                prefetch_depth: self.prefetch_depth,
                 queue_capacity: self.queue_capacity,
                 next_session: AtomicU64::new(0),
                 opened: Instant::now(),

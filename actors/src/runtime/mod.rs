@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 mod builder;
+mod placement;
 pub use builder::{RuntimeBuilder, StageDelays, Tuning};
+pub use placement::{Place, PlacedUnit, Placement};
 
 /// Entry point of the embedding API.
 pub struct Runtime;
@@ -52,6 +54,8 @@ struct Inner {
     rings: [StagingRing; 2],
     plan: Arc<LoadPlan>,
     budget: u64,
+    /// The streaming window the Scheduler was given (`prefetch_depth`).
+    prefetch_depth: usize,
     queue_capacity: usize,
     next_session: AtomicU64,
     opened: Instant,
@@ -326,6 +330,16 @@ impl RuntimeHandle {
 
     pub fn n_layers(&self) -> usize {
         self.inner.plan.n_layers
+    }
+
+    /// Where each unit lives under the budget at start (`--explain`): resident, streamed,
+    /// loaded when routed (experts), or computed on the host. Hints move units later.
+    pub fn placement(&self) -> Placement {
+        Placement::of(
+            &self.inner.plan,
+            self.inner.budget,
+            self.inner.prefetch_depth,
+        )
     }
 
     pub fn stats(&self) -> Stats {

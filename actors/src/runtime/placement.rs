@@ -1,0 +1,208 @@
+//! Where each unit of the model lives under the runtime's budget at start (`--explain`):
+//! resident on the device, streamed through the window, computed on the host (a GPU's host
+//! layers), or an expert that loads when the router chooses it.
+
+use crate::pipeline::plan::LoadPlan;
+use crate::pipeline::scheduler::plan_fixed;
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// Where one unit lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Loaded once and kept (the fixed set).
+    Resident,
+    /// Loaded through the streaming window each time compute reaches it.
+    Streamed,
+    /// An expert outside the fixed set: loaded only when the router chooses it.
+    Routed,
+    /// Computed on the host from the mapped file (no device memory).
+    Host,
+}
+
+/// One unit's place and device bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedUnit {
+    pub unit: usize,
+    pub name: String,
+    pub bytes: u64,
+    pub place: Place,
+}
+
+/// The placement at start, units in the order compute uses them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub budget_bytes: u64,
+    /// Streaming window slots (0: everything resident).
+    pub window: usize,
+    pub units: Vec<PlacedUnit>,
+}
+
+impl Placement {
+    /// The placement the Scheduler starts from for `plan` under `budget` with a window of
+    /// `k` (before any hint moves it).
+    pub fn of(plan: &LoadPlan, budget: u64, k: usize) -> Self {
+        let bytes: Vec<u64> = plan.units.iter().map(|u| u.dev_bytes).collect();
+        let fixed = plan_fixed(&bytes, plan.global(), &BTreeSet::new(), budget, k).ok();
+        let units = plan
+            .use_order()
+            .into_iter()
+            .map(|u| {
+                let unit = &plan.units[u];
+                let place = if plan.host_layers.contains(&u) {
+                    Place::Host
+                } else if fixed.as_ref().is_none_or(|f| f.fixed[u]) {
+                    Place::Resident
+                } else if unit.expert.is_some() {
+                    Place::Routed
+                } else {
+                    Place::Streamed
+                };
+                PlacedUnit {
+                    unit: u,
+                    name: plan.unit_name(u),
+                    bytes: unit.dev_bytes,
+                    place,
+                }
+            })
+            .collect();
+        Self {
+            budget_bytes: budget,
+            window: fixed.map_or(0, |f| f.window),
+            units,
+        }
+    }
+
+    /// Device bytes of the units in `place`.
+    pub fn bytes_in(&self, place: Place) -> u64 {
+        self.units
+            .iter()
+            .filter(|u| u.place == place)
+            .map(|u| u.bytes)
+            .sum()
+    }
+}
+
+/// Bytes in the unit that reads best (GB, MB, KB).
+fn human(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.1} KB", b / 1e3)
+    }
+}
+
+impl fmt::Display for Placement {
+    /// A line per run of consecutive units of one kind and place, then the totals.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "placement: budget {}, streaming window {} slot(s)",
+            human(self.budget_bytes),
+            self.window
+        )?;
+        let kind = |name: &str| {
+            // "layer 3" -> "layer", "layer 3 expert 5" -> "layer 3 experts", "head rows .." ->
+            // "head chunk", "global" -> "global".
+            if let Some((layer, _)) = name.split_once(" expert ") {
+                format!("{layer} experts")
+            } else if name.starts_with("head rows") {
+                "head chunks".to_string()
+            } else if name.starts_with("layer ") {
+                "layers".to_string()
+            } else {
+                name.to_string()
+            }
+        };
+        let mut i = 0;
+        while i < self.units.len() {
+            let first = &self.units[i];
+            let k = kind(&first.name);
+            let mut j = i + 1;
+            while j < self.units.len()
+                && self.units[j].place == first.place
+                && kind(&self.units[j].name) == k
+            {
+                j += 1;
+            }
+            let run = &self.units[i..j];
+            let bytes: u64 = run.iter().map(|u| u.bytes).sum();
+            let what = match run {
+                [one] => one.name.clone(),
+                [a, .., b] => match k.as_str() {
+                    "layers" => format!("layers {}-{}", &a.name[6..], &b.name[6..]),
+                    _ => format!("{k} ({} units)", run.len()),
+                },
+                [] => String::new(),
+            };
+            let place = match first.place {
+                Place::Resident => "resident",
+                Place::Streamed => "streamed each token",
+                Place::Routed => "loaded when routed",
+                Place::Host => "computed on the host",
+            };
+            writeln!(f, "  {what}: {place}, {}", human(bytes))?;
+            i = j;
+        }
+        write!(
+            f,
+            "resident {}, streamed per token {}, experts loaded when routed {}, layers on the host {}",
+            human(self.bytes_in(Place::Resident)),
+            human(self.bytes_in(Place::Streamed)),
+            human(self.bytes_in(Place::Routed)),
+            self.units.iter().filter(|u| u.place == Place::Host).count()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::backend::CpuBackend;
+    use rocmforge::gguf::GgufFile;
+
+    fn plan(family: &str) -> LoadPlan {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data/tiny-families")
+            .join(format!("{family}.q8_0.gguf"));
+        let file = GgufFile::open(path).expect("tiny model");
+        LoadPlan::new(&file, &CpuBackend::new()).expect("plan")
+    }
+
+    #[test]
+    fn every_unit_is_placed_once_and_the_bytes_add_up() {
+        let p = plan("llama");
+        let total = p.total_dev_bytes();
+        let whole = Placement::of(&p, total, 2);
+        assert!(whole.units.iter().all(|u| u.place == Place::Resident));
+        assert_eq!(whole.bytes_in(Place::Resident), total);
+        assert_eq!(whole.window, 0);
+        // Three quarters of the weights: the global unit stays, some layers stream through the
+        // window (at most the two slots asked for).
+        let half = Placement::of(&p, total / 2 + total / 4, 2);
+        assert_eq!(half.units.len(), p.units.len());
+        assert_eq!(
+            half.bytes_in(Place::Resident) + half.bytes_in(Place::Streamed),
+            total
+        );
+        assert!(half.bytes_in(Place::Streamed) > 0);
+        assert!((1..=2).contains(&half.window), "{half:?}");
+        let text = half.to_string();
+        assert!(text.contains("streamed each token"), "{text}");
+        assert!(text.contains("global: resident"), "{text}");
+        // Host layers: their units are computed on the host and cost nothing.
+        let n = p.n_layers;
+        let host = Placement::of(&p.place_on_host(n - 1..n), total / 2 + total / 4, 2);
+        let on_host: Vec<&PlacedUnit> = host
+            .units
+            .iter()
+            .filter(|u| u.place == Place::Host)
+            .collect();
+        assert_eq!(on_host.len(), 1);
+        assert_eq!((on_host[0].unit, on_host[0].bytes), (n - 1, 0));
+        assert!(host.to_string().contains("computed on the host"));
+    }
+}
