@@ -51,6 +51,6 @@ pub use messages::{
     ReadMode, SamplingParams, SessionId, Stage, Stats, TokenEvent, TokenLogprobs,
 };
 pub use runtime::{
-    BlockingTokens, EmbeddingReply, Place, PlacedUnit, Placement, Runtime, RuntimeBuilder,
-    RuntimeHandle, StageDelays, TokenStream, Tuning,
+    BlockingTokens, EmbeddingReply, HostLayers, Place, PlacedUnit, Placement, Runtime,
+    RuntimeBuilder, RuntimeHandle, StageDelays, TokenStream, Tuning,
 };

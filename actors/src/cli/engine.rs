@@ -25,9 +25,10 @@ pub struct EngineArgs {
     pub prefetch_depth: Option<usize>,
     /// GPU backends: compute the model's last N layers on the CPU from host memory (their
     /// weights never cross PCIe) while the GPU runs the rest, streaming what of it does not
-    /// fit `--memory-budget`.
+    /// fit `--memory-budget`; `fit`: as many as it takes for the GPU's part to fit the budget.
+    /// Speeds up decode under a budget; prompts run those layers on the CPU too.
     #[arg(long)]
-    pub cpu_layers: Option<usize>,
+    pub cpu_layers: Option<crate::HostLayers>,
     /// Print where each part of the model lives under the budget (resident, streamed each
     /// token, experts loaded when routed, computed on the CPU) to stderr at start.
     #[arg(long)]
@@ -205,8 +206,8 @@ impl Engine {
         if let Some(k) = e.prefetch_depth {
             builder = builder.prefetch_depth(k);
         }
-        if let Some(n) = e.cpu_layers {
-            builder = builder.host_layers(n);
+        if let Some(h) = e.cpu_layers {
+            builder = builder.host_layers_as(h);
         }
         if let Some(n) = e.io_readers {
             builder = builder.readers(n);

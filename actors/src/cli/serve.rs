@@ -53,9 +53,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2)]
     pub prefetch_depth: usize,
     /// GPU backends: compute the model's last N layers on the CPU from host memory (decode
-    /// under a tight `--memory-budget`; prompts then run those layers on the CPU too).
-    #[arg(long, default_value_t = 0)]
-    pub cpu_layers: usize,
+    /// under a tight `--memory-budget`; prompts then run those layers on the CPU too); `fit`:
+    /// as many as it takes for the GPU's part to fit the budget.
+    #[arg(long, default_value = "0")]
+    pub cpu_layers: crate::HostLayers,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10.0)]
     pub shutdown_deadline: f64,

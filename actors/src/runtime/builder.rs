@@ -29,6 +29,28 @@ pub struct StageDelays {
     pub upload_per_chunk: Duration,
 }
 
+/// How many of the model's last layers a GPU runtime computes on the host
+/// (`RuntimeBuilder::host_layers`, the CLI's `--cpu-layers N|fit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostLayers {
+    Count(usize),
+    /// The fewest that leave the device's part within the budget.
+    Fit,
+}
+
+impl std::str::FromStr for HostLayers {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "fit" => Ok(Self::Fit),
+            n => n
+                .parse()
+                .map(Self::Count)
+                .map_err(|_| format!("`{s}`: a number of layers or `fit`")),
+        }
+    }
+}
+
 /// Tuning knobs, each with a default that suits every machine; the CLI also takes them from
 /// the environment variables of docs/ENVIRONMENT.md (`cli::tuning_from_env`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +84,7 @@ pub struct RuntimeBuilder {
     backend: Option<Arc<dyn WeightBackend>>,
     budget: MemoryBudget,
     prefetch_depth: usize,
-    host_layers: usize,
+    host_layers: HostLayers,
     /// The four below: `None` takes the backend's suggestion (`WeightBackend::io_geometry`).
     read_mode: Option<ReadMode>,
     readers: Option<usize>,
@@ -92,7 +114,7 @@ impl Default for RuntimeBuilder {
             backend: None,
             budget: MemoryBudget::Unlimited,
             prefetch_depth: 2,
-            host_layers: 0,
+            host_layers: HostLayers::Count(0),
             read_mode: None,
             readers: None,
             transcode_threads: 1,
@@ -178,7 +200,18 @@ impl RuntimeBuilder {
     /// cross PCIe, only the step's activations do (twice per run of host layers). Default 0;
     /// nothing to a CPU runtime. `--cpu-layers` on the CLI.
     pub fn host_layers(mut self, n: usize) -> Self {
-        self.host_layers = n;
+        self.host_layers = HostLayers::Count(n);
+        self
+    }
+    /// [`Self::host_layers`] with as many layers as it takes for the device's part to fit
+    /// the budget (none when the model fits): decode then streams nothing. `--cpu-layers fit`.
+    pub fn host_layers_to_fit(mut self) -> Self {
+        self.host_layers = HostLayers::Fit;
+        self
+    }
+    /// [`Self::host_layers`] or [`Self::host_layers_to_fit`] as the CLI parses it.
+    pub fn host_layers_as(mut self, h: HostLayers) -> Self {
+        self.host_layers = h;
         self
     }
     /// Streamed layers loading ahead of compute (`k`); at least 1.
@@ -325,12 +358,6 @@ impl RuntimeBuilder {
         let total = whole.total_dev_bytes();
         // A GPU compute's host layers (the last ones) keep no device weights; the budget is
         // still a share of all of them. A CPU computes every layer from the host anyway.
-        let host_layers = if backend.computes_from_host() {
-            0
-        } else {
-            self.host_layers.min(whole.n_layers)
-        };
-        let plan = whole.place_on_host(whole.n_layers - host_layers..whole.n_layers);
         let budget = match self.budget {
             // A GPU's default: its free memory minus KV cache and workspace (the backend knows
             // what it reserved); the CPU has no fixed limit.
@@ -343,6 +370,17 @@ impl RuntimeBuilder {
                 )))
             }
         };
+        let n = whole.n_layers;
+        let host_layers = match self.host_layers {
+            _ if backend.computes_from_host() => 0,
+            HostLayers::Count(k) => k.min(n),
+            // The fewest trailing layers that leave the device part within the budget (decode
+            // then streams nothing over PCIe); all of them when even that is not enough.
+            HostLayers::Fit => (0..=n)
+                .find(|&k| whole.place_on_host(n - k..n).total_dev_bytes() <= budget)
+                .unwrap_or(n),
+        };
+        let plan = whole.place_on_host(n - host_layers..n);
         // Fails fast (before any thread) when not even the global tensors plus one layer fit;
         // streams the output head when that is what it takes.
         let plan = Arc::new(fit_budget(
@@ -558,5 +596,18 @@ impl RuntimeBuilder {
                 opened: Instant::now(),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HostLayers;
+
+    #[test]
+    fn cpu_layers_parse_as_a_count_or_fit() {
+        assert_eq!("12".parse(), Ok(HostLayers::Count(12)));
+        assert_eq!(" fit ".parse(), Ok(HostLayers::Fit));
+        assert!("half".parse::<HostLayers>().is_err());
+        assert!("-1".parse::<HostLayers>().is_err());
     }
 }

@@ -24,7 +24,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 mod builder;
 mod placement;
-pub use builder::{RuntimeBuilder, StageDelays, Tuning};
+pub use builder::{HostLayers, RuntimeBuilder, StageDelays, Tuning};
 pub use placement::{Place, PlacedUnit, Placement};
 
 /// Entry point of the embedding API.

@@ -98,7 +98,7 @@ pub struct ServeConfig {
     pub read_mode: Option<ReadMode>,
     pub prefetch_depth: usize,
     /// GPU backends: the model's last layers computed on the CPU (`RuntimeBuilder::host_layers`).
-    pub cpu_layers: usize,
+    pub cpu_layers: crate::HostLayers,
     /// Run one token through the model before reporting ready.
     pub warm_up: bool,
     /// Where the model runs: `cpu` (default), `cuda`, `hip`, or `auto` (a GPU when one opens).
@@ -146,7 +146,7 @@ impl ServeConfig {
             memory_budget: MemoryBudget::Unlimited,
             read_mode: None,
             prefetch_depth: 2,
-            cpu_layers: 0,
+            cpu_layers: crate::HostLayers::Count(0),
             warm_up: true,
             backend: BackendKind::Auto,
             max_connections: 512,
@@ -238,7 +238,7 @@ impl Server {
             .model(&cfg.model)
             .memory_budget(cfg.memory_budget)
             .prefetch_depth(cfg.prefetch_depth)
-            .host_layers(cfg.cpu_layers)
+            .host_layers_as(cfg.cpu_layers)
             .queue_capacity(cfg.queue_capacity)
             .max_num_seqs(cfg.batch.max_num_seqs)
             .max_batch_tokens(cfg.batch.max_batch_tokens)
