@@ -9,7 +9,8 @@
 #         python3 ../shared/bench/make-tokenizer-gguf.py models/SmolLM2-135M-Instruct.Q4_1.gguf .device-ab/tok.gguf
 # There:  run carry [".device-ab"] 'bash .device-ab/device-hybrid.sh'   (within 30 s of device-check)
 #
-# Environment: ROUNDS (default 2), CPU_LAYERS (default "0 4 8 12 16"), BUDGET (default 50%).
+# Environment: ROUNDS (default 2), CPU_LAYERS (default "0 4 8 12 16"; `fit` allowed), BUDGET
+# (default 50%).
 # Writes $OUT/hybrid.jsonl (one object per bench result, with cpu_layers and round).
 set -u
 W=/tmp/rocmforge-device
@@ -36,13 +37,13 @@ for round in $(seq 1 "$ROUNDS"); do
             -p 512 -n 32 -r 1 --json 2>/dev/null | python3 -c "
 import json, sys
 for r in json.load(sys.stdin):
-    print(json.dumps(dict(r, cpu_layers=$n, budget='$BUDGET', round=$round)))" >> "$OUT/hybrid.jsonl"
+    print(json.dumps(dict(r, cpu_layers='$n', budget='$BUDGET', round=$round)))" >> "$OUT/hybrid.jsonl"
     done
 done
 python3 - "$OUT/hybrid.jsonl" <<'PY'
 import json, sys, statistics as st
 rows = [json.loads(l) for l in open(sys.argv[1])]
-for t, n in sorted({(r["test"], r["cpu_layers"]) for r in rows}):
-    v = [r["tokens_per_second"] for r in rows if (r["test"], r["cpu_layers"]) == (t, n)]
+for t, n in sorted({(r["test"], str(r["cpu_layers"])) for r in rows}):
+    v = [r["tokens_per_second"] for r in rows if (r["test"], str(r["cpu_layers"])) == (t, n)]
     print(t, "cpu_layers", n, "median %.1f" % st.median(v), [round(x, 1) for x in v])
 PY
