@@ -7,7 +7,6 @@
 //! Activations stay on the device: the `Hidden` passed between steps only carries the token
 //! count. Logits come back to the host for the Inference actor's sampler.
 
-use crate::compute::layer_refs;
 use crate::compute::llama::{token_bytes_with, tokenize_with};
 use crate::compute::{BatchSeq, ComputeFactory, Hidden, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
@@ -208,7 +207,12 @@ where
         weights: &ResidentLayer,
         kvs: &mut [&mut F::Kv],
     ) -> Result<()> {
-        let refs = layer_refs(&self.model, layer)?;
+        let refs = self
+            .model
+            .layout()
+            .layers
+            .get(layer)
+            .ok_or_else(|| err(Some(layer))("no such layer".into()))?;
         let region = self.enter(weights)?;
         let w: LayerTensors = refs.try_map(|_, r| tensor(weights, region, r))?;
         self.fwd
@@ -225,7 +229,12 @@ where
         weights: &ResidentLayer,
         kvs: &mut [&mut F::Kv],
     ) -> Result<Vec<usize>> {
-        let refs = layer_refs(&self.model, layer)?;
+        let refs = self
+            .model
+            .layout()
+            .layers
+            .get(layer)
+            .ok_or_else(|| err(Some(layer))("no such layer".into()))?;
         let region = self.enter(weights)?;
         let w: LayerTensors = refs.try_map(|role, r| match role {
             Role::Gate | Role::Up | Role::Down if weights.tensor(&r.name).is_none() => {
@@ -419,7 +428,12 @@ where
     }
 
     fn expert_batch(&mut self, layer: usize, expert: usize, weights: &ResidentLayer) -> Result<()> {
-        let refs = layer_refs(&self.model, layer)?;
+        let refs = self
+            .model
+            .layout()
+            .layers
+            .get(layer)
+            .ok_or_else(|| err(Some(layer))("no such layer".into()))?;
         let region = self.enter(weights)?;
         // The expert's rows of each stacked tensor, whole in its unit.
         let one = |r: &TensorRef| {
