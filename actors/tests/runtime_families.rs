@@ -125,9 +125,15 @@ fn experts_become_units_under_a_budget_and_give_the_same_tokens() {
             "{family}: {s:?}"
         );
         // Some expert did not stay: it was loaded again when a later token chose it.
+        let experts = &s.loads_per_layer[hp.n_layer + 1..];
+        let streamed: Vec<u64> = experts.iter().copied().filter(|&l| l > 1).collect();
+        assert!(!streamed.is_empty(), "{family}: no expert streamed: {s:?}");
+        // ...but only when chosen: a window that ignored the routing loads every streamed
+        // expert at (nearly) every one of the N + 1 steps (measured: 12-13 loads each on the
+        // qwen families); with the routing some is loaded at fewer than N steps.
         assert!(
-            s.loads_per_layer[hp.n_layer + 1..].iter().any(|&l| l > 1),
-            "{family}: no expert streamed: {s:?}"
+            streamed.iter().min().is_some_and(|&m| m < N as u64),
+            "{family}: every streamed expert loaded at (nearly) every step: {experts:?}"
         );
     }
 }
