@@ -376,9 +376,14 @@ impl RuntimeBuilder {
             HostLayers::Count(k) => k.min(n),
             // The fewest trailing layers that leave the device part within the budget (decode
             // then streams nothing over PCIe); all of them when even that is not enough.
-            HostLayers::Fit => (0..=n)
-                .find(|&k| whole.place_on_host(n - k..n).total_dev_bytes() <= budget)
-                .unwrap_or(n),
+            HostLayers::Fit => {
+                let (mut k, mut device) = (0, total);
+                while device > budget && k < n {
+                    k += 1;
+                    device -= whole.units[n - k].dev_bytes;
+                }
+                k
+            }
         };
         let plan = whole.place_on_host(n - host_layers..n);
         // Fails fast (before any thread) when not even the global tensors plus one layer fit;

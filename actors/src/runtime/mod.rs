@@ -25,7 +25,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 mod builder;
 mod placement;
 pub use builder::{HostLayers, RuntimeBuilder, StageDelays, Tuning};
-pub use placement::{Place, PlacedUnit, Placement};
+pub use placement::{Place, PlacedUnit, Placement, UnitKind};
 
 /// Entry point of the embedding API.
 pub struct Runtime;

@@ -20,11 +20,39 @@ pub enum Place {
     Host,
 }
 
+/// What a unit holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitKind {
+    Layer(usize),
+    Expert {
+        layer: usize,
+        expert: usize,
+    },
+    /// Embeddings, output norm, and the head unless it streams.
+    Global,
+    /// A row chunk of the streamed output head.
+    HeadChunk,
+}
+
+impl UnitKind {
+    /// Units that print as one line when adjacent and placed alike: the layers, one layer's
+    /// experts, the head's chunks.
+    fn group(self) -> (u8, usize) {
+        match self {
+            Self::Layer(_) => (0, 0),
+            Self::Expert { layer, .. } => (1, layer),
+            Self::Global => (2, 0),
+            Self::HeadChunk => (3, 0),
+        }
+    }
+}
+
 /// One unit's place and device bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlacedUnit {
     pub unit: usize,
     pub name: String,
+    pub kind: UnitKind,
     pub bytes: u64,
     pub place: Place,
 }
@@ -58,9 +86,16 @@ impl Placement {
                 } else {
                     Place::Streamed
                 };
+                let kind = match (unit.layer, unit.expert) {
+                    (Some(layer), Some(expert)) => UnitKind::Expert { layer, expert },
+                    (Some(l), None) => UnitKind::Layer(l),
+                    (None, _) if u == plan.global() => UnitKind::Global,
+                    (None, _) => UnitKind::HeadChunk,
+                };
                 PlacedUnit {
                     unit: u,
                     name: plan.unit_name(u),
+                    kind,
                     bytes: unit.dev_bytes,
                     place,
                 }
@@ -104,48 +139,29 @@ impl fmt::Display for Placement {
             human(self.budget_bytes),
             self.window
         )?;
-        let kind = |name: &str| {
-            // "layer 3" -> "layer", "layer 3 expert 5" -> "layer 3 experts", "head rows .." ->
-            // "head chunk", "global" -> "global".
-            if let Some((layer, _)) = name.split_once(" expert ") {
-                format!("{layer} experts")
-            } else if name.starts_with("head rows") {
-                "head chunks".to_string()
-            } else if name.starts_with("layer ") {
-                "layers".to_string()
-            } else {
-                name.to_string()
-            }
-        };
-        let mut i = 0;
-        while i < self.units.len() {
-            let first = &self.units[i];
-            let k = kind(&first.name);
-            let mut j = i + 1;
-            while j < self.units.len()
-                && self.units[j].place == first.place
-                && kind(&self.units[j].name) == k
-            {
-                j += 1;
-            }
-            let run = &self.units[i..j];
+        let runs = self
+            .units
+            .chunk_by(|a, b| a.place == b.place && a.kind.group() == b.kind.group());
+        for run in runs {
             let bytes: u64 = run.iter().map(|u| u.bytes).sum();
-            let what = match run {
-                [one] => one.name.clone(),
-                [a, .., b] => match k.as_str() {
-                    "layers" => format!("layers {}-{}", &a.name[6..], &b.name[6..]),
-                    _ => format!("{k} ({} units)", run.len()),
+            let what = match (run, run[0].kind) {
+                ([one], _) => one.name.clone(),
+                ([a, .., b], UnitKind::Layer(first)) => match b.kind {
+                    UnitKind::Layer(last) => format!("layers {first}-{last}"),
+                    _ => a.name.clone(),
                 },
-                [] => String::new(),
+                (_, UnitKind::Expert { layer, .. }) => {
+                    format!("layer {layer} experts ({} units)", run.len())
+                }
+                _ => format!("head chunks ({} units)", run.len()),
             };
-            let place = match first.place {
+            let place = match run[0].place {
                 Place::Resident => "resident",
                 Place::Streamed => "streamed each token",
                 Place::Routed => "loaded when routed",
                 Place::Host => "computed on the host",
             };
             writeln!(f, "  {what}: {place}, {}", human(bytes))?;
-            i = j;
         }
         write!(
             f,
