@@ -297,9 +297,124 @@ __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w0, const void
     }
 }
 
+// The same products with each warp's share of its row staged through shared memory: the warp
+// copies a chunk of 2,048 weights (64 blocks of 32, or 8 super-blocks of 256) with 16-byte,
+// fully coalesced loads into its own slot, then computes the chunk's blocks from there exactly
+// as rf_mmvq8 does from global memory. Why: the GGUF blocks keep only 2-byte alignment (18-,
+// 22-, 34-, 210-byte blocks), so rf_mmvq8 reads each lane's bytes with several 2- or 4-byte
+// loads, and each warp-wide load touches the same cache lines again; here every weight byte is
+// requested once, in 16-byte pieces. The next chunk's loads are issued before the current
+// chunk is computed, so they are in flight during the arithmetic.
+// Precondition (checked by the launcher): every row starts 16-byte aligned, i.e. the matrix is
+// 16-byte aligned and its row size a multiple of 16 (for the 8B shapes' 4,096 and 14,336
+// columns it is; SmolLM2's 576 are not, and take rf_mmvq8).
+// Order: a warp's items are visited in ascending order, lane-strided within each chunk; with one
+// warp per row (and 32 lanes) that is rf_mmvq8's order item for item, so the sums are the same
+// bits.
+template <typename T>
+struct RfStage {
+    static constexpr int CB = T::QK == 32 ? 64 : 8;            // blocks per chunk
+    static constexpr int BYTES = CB * (int)sizeof(typename T::block);
+    static constexpr int V16 = BYTES / 16;                       // 16-byte pieces per chunk
+    static constexpr int U = (V16 + RF_WARP - 1) / RF_WARP;      // pieces per lane
+};
+
+template <typename T, int NV, int WPR>
+__device__ __forceinline__ void rf_mmvq8s(const void* __restrict__ w0, const void* __restrict__ w1,
+                                          const void* __restrict__ w2, const int* __restrict__ xq,
+                                          const float2* __restrict__ xm, float* y0, float* y1,
+                                          float* y2, int ncols, int r1, int r2, int ntotal, int n,
+                                          int acc) {
+    typedef RfStage<T> S;
+    static_assert(S::BYTES % 16 == 0, "a chunk must be whole 16-byte pieces");
+    constexpr int RPB = RF_MMVQ8_WARPS / WPR;
+    __shared__ uint4 stage[RF_MMVQ8_WARPS][S::V16];
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const int rsub = warp / WPR, wsub = warp % WPR;
+    const int grow = blockIdx.x * RPB + rsub;
+    const bool live = grow < ntotal;
+    const void* w = grow < r1 ? w0 : grow < r2 ? w1 : w2;
+    float* y = grow < r1 ? y0 : grow < r2 ? y1 : y2;
+    const int row = grow < r1 ? grow : grow < r2 ? grow - r1 : grow - r2;
+    const int nrows = grow < r1 ? r1 : grow < r2 ? r2 - r1 : ntotal - r2;
+    const int nb = ncols / T::QK;
+    const uint4* src = (const uint4*)((const typename T::block*)w + (i64)(live ? row : 0) * nb);
+    const int nchunk = live ? (nb + S::CB - 1) / S::CB : 0;
+    const int xstride = ncols / 4;
+    const int mstride = ncols / 32;
+    float sum[NV];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) sum[j] = 0.f;
+    uint4 r[S::U];
+    // Pieces of chunk c this lane loads (a short last chunk has fewer).
+#define RF_STAGE_LOAD(c)                                                                     \
+    {                                                                                        \
+        const int cb_ = min(S::CB, nb - (c) * S::CB);                                        \
+        const int v16_ = cb_ * (int)sizeof(typename T::block) / 16;                          \
+        const uint4* s_ = src + (i64)(c) * S::V16;                                           \
+        _Pragma("unroll") for (int u = 0; u < S::U; ++u) {                                   \
+            const int k = lane + u * RF_WARP;                                                \
+            if (k < v16_) r[u] = s_[k];                                                      \
+        }                                                                                    \
+    }
+    if (wsub < nchunk) RF_STAGE_LOAD(wsub)
+    for (int c = wsub; c < nchunk; c += WPR) {
+        const int cb = min(S::CB, nb - c * S::CB);
+        const int v16 = cb * (int)sizeof(typename T::block) / 16;
+#pragma unroll
+        for (int u = 0; u < S::U; ++u) {
+            const int k = lane + u * RF_WARP;
+            if (k < v16) stage[warp][k] = r[u];
+        }
+        rf_syncwarp();
+        if (c + WPR < nchunk) RF_STAGE_LOAD(c + WPR)
+        const typename T::block* sb = (const typename T::block*)stage[warp];
+        const int b0 = c * S::CB;
+        const int items = cb * T::LPB;
+#pragma unroll 4
+        for (int i = lane; i < items; i += RF_WARP) {
+            const int ib = i / T::LPB, p = i % T::LPB;
+            const int* xb = xq + (b0 + ib) * (T::QK / 4);
+            const float2* mb = xm + (b0 + ib) * (T::QK / 32);
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                if (NV == 1 || j < n) sum[j] += T::dot(sb + ib, p, xb + (i64)j * xstride, mb + (i64)j * mstride);
+            }
+        }
+        rf_syncwarp();  // the slot is rewritten by the next chunk
+    }
+#undef RF_STAGE_LOAD
+#pragma unroll
+    for (int j = 0; j < NV; ++j) sum[j] = rf_warp_sum(sum[j]);
+    if (WPR == 1) {
+        if (live && lane < NV && (NV == 1 || lane < n)) {
+            float s = sum[0];
+#pragma unroll
+            for (int j = 1; j < NV; ++j) if (lane == j) s = sum[j];
+            float* o = y + (i64)lane * nrows + row;
+            *o = acc ? *o + s : s;
+        }
+        return;
+    }
+    __shared__ float part[RF_MMVQ8_WARPS][NV];
+    if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) part[warp][j] = sum[j];
+    }
+    __syncthreads();
+    if (live && wsub == 0 && lane < NV && (NV == 1 || lane < n)) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < WPR; ++k) s += part[warp + k][lane];
+        float* o = y + (i64)lane * nrows + row;
+        *o = acc ? *o + s : s;
+    }
+}
+
 // Entry points: `name_w1/_w2/_w4/_w8` (one vector, 1, 2, 4 or 8 warps per row: few rows want
-// several warps each to keep enough loads in flight; the launcher picks by the row count) and
-// `name_n` (up to RF_MMVQ8_MAXN vectors, one warp per row).
+// several warps each to keep enough loads in flight; the launcher picks by the row count),
+// `name_n` (up to RF_MMVQ8_MAXN vectors, one warp per row), and their staged forms
+// `name_s1/_s2/_s4` and `name_sn` for 16-byte aligned rows.
 #define RF_MMVQ8_ARGS                                                                           \
     const void* __restrict__ w0, const void* __restrict__ w1, const void* __restrict__ w2,      \
         const int* __restrict__ xq, const float2* __restrict__ xm, float* y0, float* y1,        \
@@ -307,6 +422,10 @@ __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w0, const void
 #define RF_MMVQ8_1(name, T, WPR)                                                                \
     extern "C" __global__ void name(RF_MMVQ8_ARGS, int acc) {                                   \
         rf_mmvq8<T, 1, WPR>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, 1, acc);     \
+    }
+#define RF_MMVQ8S_1(name, T, WPR)                                                               \
+    extern "C" __global__ void name(RF_MMVQ8_ARGS, int acc) {                                   \
+        rf_mmvq8s<T, 1, WPR>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, 1, acc);    \
     }
 #define RF_MMVQ8(name, T)                                                                       \
     RF_MMVQ8_1(name##_w1, T, 1)                                                                 \
@@ -316,6 +435,13 @@ __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w0, const void
     extern "C" __global__ void name##_n(RF_MMVQ8_ARGS, int n, int acc) {                        \
         rf_mmvq8<T, RF_MMVQ8_MAXN, 1>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, \
                                       acc);                                                     \
+    }                                                                                           \
+    RF_MMVQ8S_1(name##_s1, T, 1)                                                                \
+    RF_MMVQ8S_1(name##_s2, T, 2)                                                                \
+    RF_MMVQ8S_1(name##_s4, T, 4)                                                                \
+    extern "C" __global__ void name##_sn(RF_MMVQ8_ARGS, int n, int acc) {                       \
+        rf_mmvq8s<T, RF_MMVQ8_MAXN, 1>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, \
+                                       acc);                                                    \
     }
 
 RF_MMVQ8(mmvq_q4_0_q8a, Q8Q4_0)

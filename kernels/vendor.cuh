@@ -47,6 +47,8 @@ __device__ __forceinline__ float rf_shfl_xor(float v, int mask) {
 __device__ __forceinline__ int rf_shfl_xor_int(int v, int mask) {
     return __shfl_xor_sync(RF_FULL_MASK, v, mask, RF_WARP);
 }
+// Orders the shared-memory accesses of one warp's lanes (they may diverge since Volta).
+__device__ __forceinline__ void rf_syncwarp() { __syncwarp(); }
 #else
 // hipRTC includes the HIP device runtime implicitly (and defines __HIPCC_RTC__); hipcc, used
 // for ahead-of-time code objects (scripts/hip-compile-kernels.sh), does not, so include it here.
@@ -72,6 +74,12 @@ __device__ __forceinline__ float rf_shfl_xor(float v, int mask) {
 }
 __device__ __forceinline__ int rf_shfl_xor_int(int v, int mask) {
     return __shfl_xor(v, mask, RF_WARP);
+}
+// A wavefront runs in lockstep; only the compiler must not move LDS accesses across this.
+__device__ __forceinline__ void rf_syncwarp() {
+    __builtin_amdgcn_fence(__ATOMIC_RELEASE, "wavefront");
+    __builtin_amdgcn_wave_barrier();
+    __builtin_amdgcn_fence(__ATOMIC_ACQUIRE, "wavefront");
 }
 #endif
 

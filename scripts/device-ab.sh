@@ -12,7 +12,8 @@
 # There:  run carry [".device-ab"] 'bash .device-ab/device-ab.sh'   (within 30 s of device-check)
 #
 # Environment: ROUNDS (default 3), QTYPES (default "q4_0 q4_k"), BUDGET_RUNS (default 1: one
-# 50%-budget pp512/tg32 run of q4_0 per build and round; 0 skips them). Writes $OUT/ab.jsonl
+# 50%-budget pp512/tg32 run of q4_0 per build and round; 0 skips them), STARTUP_WARM and
+# STARTUP_COLD (default 0: start-to-first-token runs of the new build, below). Writes $OUT/ab.jsonl
 # (one object per bench result, with build, qtype, budget, round).
 set -u
 W=/tmp/rocmforge-device
@@ -53,6 +54,18 @@ for round in $(seq 1 "$ROUNDS"); do
     if [ "$BUDGET_RUNS" != 0 ]; then
         for tag in new old; do run "$tag" "$first" 50% --memory-budget 50% -p 512 -n 32 -r 1; done
     fi
+done
+# Start to first token of the new build (issue 12): process wall of `run -n 1`, warm page
+# cache (STARTUP_WARM runs) and cold (STARTUP_COLD runs after dropping the page cache; needs
+# root), one line each in $OUT/startup.txt.
+wall_ms() { local s rc; s=$(date +%s%N); "$@" > /dev/null 2>&1; rc=$?; echo "$(( ($(date +%s%N) - s) / 1000000 )) rc=$rc"; }
+: > "$OUT/startup.txt"
+for i in $(seq 1 "${STARTUP_WARM:-0}"); do
+    echo "warm run -n 1 q4_0: $(wall_ms "$NEW" run --backend cuda -m "$W/8b-$first.gguf" --prompt Hello -n 1 --temp 0) ms" | tee -a "$OUT/startup.txt"
+done
+for i in $(seq 1 "${STARTUP_COLD:-0}"); do
+    sync; echo 3 > /proc/sys/vm/drop_caches || echo "drop_caches failed" | tee -a "$OUT/startup.txt"
+    echo "cold run -n 1 q4_0: $(wall_ms "$NEW" run --backend cuda -m "$W/8b-$first.gguf" --prompt Hello -n 1 --temp 0) ms" | tee -a "$OUT/startup.txt"
 done
 python3 - "$OUT/ab.jsonl" <<'PY'
 import json, sys, statistics as st

@@ -2,7 +2,7 @@
 //! (a child module of gpu_kernels.rs: the shared helpers and table come from there).
 
 use super::*;
-use rocmforge::backend::gpu::ops::mmvq8_wpr;
+use rocmforge::backend::gpu::ops::{mmvq8_wpr, MMVQN_MAX};
 
 /// `x` quantized as `quantize_q8a_f32` does (32-element blocks, d = amax / 127 in f32,
 /// q = round(x / d) via the f32 reciprocal): the quants, (d, quant sum) per block, and `d * q`.
@@ -77,7 +77,8 @@ pub(super) fn check_mmvq_q8<D: KernelDevice>(
             // The kernel's other shapes (warps per row) compute the same products.
             for wpr in [1u32, 2, 4, 8] {
                 let yw = d.alloc(rows * 4, "y").expect("alloc");
-                d.mmvq_q8_wpr(s, wd, m, &xq, &yw, wpr).expect("mmvq_q8_wpr");
+                d.mmvq_q8_wpr(s, wd, m, &xq, &yw, 1, wpr, false)
+                    .expect("mmvq_q8_wpr");
                 s.synchronize().expect("sync");
                 t.add(
                     &format!("mmvq_{name}_q8a_w{wpr} (vs quantized x)"),
@@ -99,6 +100,115 @@ pub(super) fn check_mmvq_q8<D: KernelDevice>(
             rel_err(&got, &yf),
             2e-2,
         );
+    }
+}
+
+/// The staged q8 products (`_s1/_s2/_s4`, `_sn`: rows copied through shared memory with 16-byte
+/// loads) on rows of several chunks and a short last one (4,864 columns: 2 chunks of 2,048 and
+/// 768 more; Q6_K, whose 4,864-column rows are not 16-byte multiples, 6,144): each form against
+/// the product with the quantized activations, 1 vector and 11 (the `_sn` launches), and on
+/// CUDA one warp per row the same bits as the GGUF-layout kernel (`_w1`: the same items in the
+/// same order).
+pub(super) fn check_mmvq_q8_staged<D: KernelDevice>(
+    d: &D,
+    s: &D::Stream,
+    t: &mut Table,
+    rng: &mut ChaCha8Rng,
+) {
+    let rows = 37usize;
+    for qt in DEVICE_QTYPES.into_iter().filter(|&q| q8a_capable(q)) {
+        let cols = if qt == GgmlType::Q6_K { 6144 } else { 4864 };
+        let name = qt.name().to_lowercase();
+        let w = random_weights(qt, rows, cols, rng);
+        let wd = upload(d, &w, "weights").expect("upload w");
+        let m = QMatrix {
+            qtype: qt,
+            nrows: rows,
+            ncols: cols,
+        };
+        for nv in [1usize, 11] {
+            let x = rand_vec(rng, nv * cols, 1.0);
+            let (_, _, deq) = quantize_q8a_ref(&x);
+            let xd = up(d, &x);
+            let xq = d.alloc(q8a_bytes(nv, cols), "xq").expect("alloc");
+            d.quantize_q8a(s, &xd, &xq, nv, cols).expect("quantize_q8a");
+            let mut yq = vec![0f32; nv * rows];
+            for j in 0..nv {
+                let r = j * rows..(j + 1) * rows;
+                matvec_exact(
+                    qt,
+                    &w,
+                    rows,
+                    cols,
+                    &deq[j * cols..(j + 1) * cols],
+                    &mut yq[r],
+                )
+                .expect("oracle");
+            }
+            if nv == 1 {
+                let yw = d.alloc(rows * 4, "y").expect("alloc");
+                d.mmvq_q8_wpr(s, &wd, m, &xq, &yw, 1, 1, false)
+                    .expect("mmvq_q8_wpr");
+                s.synchronize().expect("sync");
+                let unstaged = yw.to_vec::<f32>(rows).expect("read");
+                for wpr in [1u32, 2, 4] {
+                    let ys = d.alloc(rows * 4, "y").expect("alloc");
+                    d.mmvq_q8_wpr(s, &wd, m, &xq, &ys, 1, wpr, true)
+                        .expect("staged mmvq_q8_wpr");
+                    s.synchronize().expect("sync");
+                    let got = ys.to_vec::<f32>(rows).expect("read");
+                    t.add(
+                        &format!("mmvq_{name}_q8a_s{wpr} [{rows}x{cols}] (vs quantized x)"),
+                        qt.name(),
+                        rel_err(&got, &yq),
+                        1e-5,
+                    );
+                    if wpr == 1 && d.warp_size() == 32 {
+                        t.add(
+                            &format!("mmvq_{name}_q8a_s1 == _w1 bits [{rows}x{cols}]"),
+                            qt.name(),
+                            if got == unstaged { 0.0 } else { 1.0 },
+                            0.0,
+                        );
+                    }
+                }
+            } else {
+                // 16-byte aligned rows: the launcher takes the staged `_sn` kernel.
+                let yd = d.alloc(nv * rows * 4, "y").expect("alloc");
+                d.mmvq_q8(s, &wd, m, &xq, &yd, nv).expect("mmvq_q8");
+                // The first MMVQN_MAX vectors by `_n` (GGUF layout) and by `_sn` directly.
+                let k = MMVQN_MAX;
+                let (yn, ysn) = (
+                    d.alloc(k * rows * 4, "y").expect("alloc"),
+                    d.alloc(k * rows * 4, "y").expect("alloc"),
+                );
+                d.mmvq_q8_wpr(s, &wd, m, &xq, &yn, k, 1, false).expect("_n");
+                d.mmvq_q8_wpr(s, &wd, m, &xq, &ysn, k, 1, true)
+                    .expect("_sn");
+                s.synchronize().expect("sync");
+                let got = yd.to_vec::<f32>(nv * rows).expect("read");
+                t.add(
+                    &format!("mmvq_{name}_q8a_sn x{nv} [{rows}x{cols}] (vs quantized x)"),
+                    qt.name(),
+                    rel_err(&got, &yq),
+                    1e-5,
+                );
+                let (gn, gsn) = (
+                    yn.to_vec::<f32>(k * rows).expect("read"),
+                    ysn.to_vec::<f32>(k * rows).expect("read"),
+                );
+                t.add(
+                    &format!("mmvq_{name}_q8a_sn == _n == launcher bits x{k} [{rows}x{cols}]"),
+                    qt.name(),
+                    if d.warp_size() != 32 || (gn == gsn && gsn[..] == got[..k * rows]) {
+                        0.0
+                    } else {
+                        1.0
+                    },
+                    0.0,
+                );
+            }
+        }
     }
 }
 
@@ -324,8 +434,10 @@ pub(super) fn check_fused_q8a<D: KernelDevice>(
 }
 
 /// Informational only (printed, never asserted): the one-vector q8 product alone (activations
-/// quantized once) over the 8B shapes' matrices with 1, 2, 4 and 8 warps per row, and the
-/// launcher's choice (`mmvq8_wpr`).
+/// quantized once) over the 8B shapes' matrices with 1, 2, 4 and 8 warps per row on the GGUF
+/// layout (`w`) and 1, 2, 4 staged (`s`), and the launcher's choice (`mmvq8_wpr`). Each launch
+/// reads the next of enough copies of the matrix (>= 160 MB together) that its weights come
+/// from HBM, not from the 50 MB L2 the previous launch left them in, as in a decode step.
 pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8Rng) {
     for qt in [
         GgmlType::Q4_0,
@@ -340,11 +452,15 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
             (4096, 14_336),
         ] {
             let w = random_weights(qt, rows, cols, rng);
-            let wd = upload(d, &w, "bench w").expect("upload");
-            let xd = up(d, &rand_vec(rng, cols, 1.0));
-            let xq = d.alloc(q8a_bytes(1, cols), "bench xq").expect("alloc");
-            let yd = d.alloc(rows * 4, "y").expect("alloc");
-            d.quantize_q8a(s, &xd, &xq, 1, cols).expect("quantize");
+            let copies = (160usize << 20).div_ceil(w.len());
+            let wds: Vec<_> = (0..copies)
+                .map(|_| upload(d, &w, "bench w").expect("upload"))
+                .collect();
+            let nv = MMVQN_MAX;
+            let xd = up(d, &rand_vec(rng, nv * cols, 1.0));
+            let xq = d.alloc(q8a_bytes(nv, cols), "bench xq").expect("alloc");
+            let yd = d.alloc(nv * rows * 4, "y").expect("alloc");
+            d.quantize_q8a(s, &xd, &xq, nv, cols).expect("quantize");
             let m = QMatrix {
                 qtype: qt,
                 nrows: rows,
@@ -355,13 +471,32 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 qt.name().to_lowercase(),
                 mmvq8_wpr(rows)
             );
-            for wpr in [1u32, 2, 4, 8] {
+            // One vector with each shape; then MMVQN_MAX vectors (`n`, `sn`: a batched step).
+            for (form, wpr, n) in [
+                ("w", 1u32, 1usize),
+                ("w", 2, 1),
+                ("w", 4, 1),
+                ("w", 8, 1),
+                ("s", 1, 1),
+                ("s", 2, 1),
+                ("s", 4, 1),
+                ("n", 1, nv),
+                ("sn", 1, nv),
+            ] {
+                let staged = form.starts_with('s');
+                let mut next = 0usize;
                 let wm = median_ms(d, s, || {
-                    d.mmvq_q8_wpr(s, &wd, m, &xq, &yd, wpr)
+                    next += 1;
+                    d.mmvq_q8_wpr(s, &wds[next % copies], m, &xq, &yd, n, wpr, staged)
                         .expect("mmvq_q8_wpr")
                 });
+                let label = if n == 1 {
+                    format!("{form}{wpr}")
+                } else {
+                    format!("{form}x{n}")
+                };
                 line += &format!(
-                    "  w{wpr} {:.1} us {:.0} GB/s",
+                    "  {label} {:.1} us {:.0} GB/s",
                     wm * 1e3,
                     w.len() as f64 / (wm * 1e-3) / 1e9
                 );

@@ -46,6 +46,13 @@ fn mmvq8_shape(warp: u32, nrows: usize, wpr: u32) -> BackendResult<LaunchShape> 
         shared_bytes: 0,
     })
 }
+/// Whether the staged q8 products (`_s*` in mmvq_q8.cu: 16-byte loads of each row through
+/// shared memory) can read `w`: every row must start 16-byte aligned.
+fn mmvq8_stageable(w: &dyn DeviceBuffer, m: QMatrix) -> bool {
+    let row = m.qtype.row_bytes(m.ncols as u64).unwrap_or(1);
+    w.device_ptr() % 16 == 0 && row % 16 == 0
+}
+
 /// Threads per block of quantize_q8a_f32 (RF_Q8A_THREADS).
 const Q8A_THREADS: usize = 256;
 /// Warps per attention block (at most RF_ATTN_MAX_WARPS in attention.cu).
@@ -450,9 +457,14 @@ pub trait GpuOps: KernelDevice {
             to_i32(OP, "rows", total)?,
         );
         let meta = xq.device_ptr() + (n * m0.ncols) as u64;
+        // Staged (16-byte loads through shared memory) when every matrix's rows are aligned for
+        // it: measured faster on the H100 (docs/PERFORMANCE.md); the GGUF-layout kernels
+        // otherwise (e.g. SmolLM2's 576-column rows are 324 bytes).
+        let staged = mats.iter().all(|&(w, m, _)| mmvq8_stageable(w, m));
         if n == 1 {
             let wpr = mmvq8_wpr(total);
-            let k = self.kernel("mmvq_q8.cu", &format!("{base}_w{wpr}"))?;
+            let form = if staged { 's' } else { 'w' };
+            let k = self.kernel("mmvq_q8.cu", &format!("{base}_{form}{wpr}"))?;
             let shape = mmvq8_shape(self.warp_size(), total, wpr)?;
             let args = [
                 p(at(0).0),
@@ -474,7 +486,10 @@ pub trait GpuOps: KernelDevice {
             // next; the argument list matches RF_MMVQ8 in mmvq_q8.cu.
             return unsafe { k.launch(s, shape, &args) };
         }
-        let k = self.kernel("mmvq_q8.cu", &format!("{base}_n"))?;
+        let k = self.kernel(
+            "mmvq_q8.cu",
+            &format!("{base}_{}", if staged { "sn" } else { "n" }),
+        )?;
         // The `_n` kernels take one warp per row.
         let shape = mmvq8_shape(self.warp_size(), total, 1)?;
         let mut j = 0;
@@ -509,8 +524,12 @@ pub trait GpuOps: KernelDevice {
         Ok(())
     }
 
-    /// One-vector [`GpuOps::mmvq_q8`] with `wpr` (1, 2, 4 or 8) warps per row instead of
-    /// [`mmvq8_wpr`]'s choice: the bandwidth benchmark compares the kernel's shapes with it.
+    /// [`GpuOps::mmvq_q8`] of `n` vectors (1 to [`MMVQN_MAX`], one launch) with `wpr` (1, 2,
+    /// 4 or 8; 1 when `n` > 1) warps per row instead of [`mmvq8_wpr`]'s choice, and the
+    /// GGUF-layout kernel (`staged` false) or the staged one (true; 1, 2 or 4 warps, rows
+    /// 16-byte aligned) instead of the launcher's: the bandwidth benchmark compares the
+    /// kernel's shapes with it, and the kernel tests the two forms.
+    #[allow(clippy::too_many_arguments)]
     fn mmvq_q8_wpr(
         &self,
         s: &Self::Stream,
@@ -518,13 +537,25 @@ pub trait GpuOps: KernelDevice {
         m: QMatrix,
         xq: &dyn DeviceBuffer,
         y: &dyn DeviceBuffer,
+        n: usize,
         wpr: u32,
+        staged: bool,
     ) -> BackendResult<()> {
         const OP: &str = "mmvq_q8_wpr";
-        if !matches!(wpr, 1 | 2 | 4 | 8) || !q8a_capable(m.qtype) {
+        let shapes_ok = (1..=MMVQN_MAX).contains(&n)
+            && (n == 1 || wpr == 1)
+            && if staged {
+                matches!(wpr, 1 | 2 | 4) && mmvq8_stageable(w, m)
+            } else {
+                matches!(wpr, 1 | 2 | 4 | 8)
+            };
+        if !shapes_ok || !q8a_capable(m.qtype) {
             return Err(BackendError::InvalidArgument {
                 op: OP,
-                what: format!("{wpr} warps per row for {}", m.qtype),
+                what: format!(
+                    "{n} vectors, {wpr} warps per row for {} x {} {} (staged: {staged})",
+                    m.nrows, m.ncols, m.qtype
+                ),
             });
         }
         let wb = weight_bytes(OP, m.qtype, m.nrows, m.ncols)?;
@@ -536,17 +567,23 @@ pub trait GpuOps: KernelDevice {
             });
         }
         need(OP, "W", w, wb)?;
-        need(OP, "xq", xq, q8a_bytes(1, m.ncols))?;
-        need(OP, "y", y, m.nrows * 4)?;
+        need(OP, "xq", xq, q8a_bytes(n, m.ncols))?;
+        need(OP, "y", y, n * m.nrows * 4)?;
+        let form = match (staged, n) {
+            (false, 1) => format!("w{wpr}"),
+            (true, 1) => format!("s{wpr}"),
+            (false, _) => "n".into(),
+            (true, _) => "sn".into(),
+        };
         let name = format!(
-            "mmvq_{}_q8a_w{wpr}",
+            "mmvq_{}_q8a_{form}",
             qtype_suffix(m.qtype).unwrap_or_default()
         );
         let k = self.kernel("mmvq_q8.cu", &name)?;
         let shape = mmvq8_shape(self.warp_size(), m.nrows, wpr)?;
         let (ncols, nrows) = (to_i32(OP, "ncols", m.ncols)?, to_i32(OP, "nrows", m.nrows)?);
-        let meta = xq.device_ptr() + m.ncols as u64;
-        let args = [
+        let meta = xq.device_ptr() + (n * m.ncols) as u64;
+        let mut args = vec![
             p(w),
             p(w),
             p(w),
@@ -559,9 +596,13 @@ pub trait GpuOps: KernelDevice {
             Arg::I32(nrows),
             Arg::I32(nrows),
             Arg::I32(nrows),
-            Arg::I32(0),
         ];
-        // SAFETY: as the one-vector launch of `mmvq_q8` (same checks, same argument list).
+        if n > 1 {
+            args.push(Arg::I32(n as i32));
+        }
+        args.push(Arg::I32(0));
+        // SAFETY: as the launches of `mmvq_q8` (same checks, the same argument lists: `n`
+        // before `acc` for the `_n` forms).
         unsafe { k.launch(s, shape, &args) }
     }
 
