@@ -228,6 +228,63 @@ extern "C" __global__ void quantize_q8a_f32(const float* __restrict__ x, i8* __r
     rf_q8a_store(live ? x[(i64)blk * 32 + i] : 0.f, live, blk, i, qs, meta);
 }
 
+// The row a warp works on: up to three matrices of the same type and width over one input
+// (Q/K/V, gate/up) share a launch; rows [0, r1) are matrix 0's, [r1, r2) matrix 1's,
+// [r2, ntotal) matrix 2's. `live`: the row exists (the same for a whole warp).
+struct RfRow {
+    bool live;
+    const void* w;
+    float* y;
+    int row, nrows;
+};
+
+template <int WPR>
+__device__ __forceinline__ RfRow rf_mmvq8_row(const void* w0, const void* w1, const void* w2,
+                                              float* y0, float* y1, float* y2, int r1, int r2,
+                                              int ntotal) {
+    constexpr int RPB = RF_MMVQ8_WARPS / WPR;
+    const int grow = blockIdx.x * RPB + (int)(threadIdx.x / RF_WARP) / WPR;
+    RfRow r;
+    r.live = grow < ntotal;
+    r.w = grow < r1 ? w0 : grow < r2 ? w1 : w2;
+    r.y = grow < r1 ? y0 : grow < r2 ? y1 : y2;
+    r.row = grow < r1 ? grow : grow < r2 ? grow - r1 : grow - r2;
+    r.nrows = grow < r1 ? r1 : grow < r2 ? r2 - r1 : ntotal - r2;
+    return r;
+}
+
+// The epilogue: each lane's partial sums meet across the warp (and across the row's WPR warps
+// in shared memory); lane j of the row's first warp writes y[j][row] (or adds to it: `acc`).
+template <int NV, int WPR>
+__device__ __forceinline__ void rf_mmvq8_store(float (&sum)[NV], const RfRow& r, int n, int acc) {
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) sum[j] = rf_warp_sum(sum[j]);
+    if (WPR == 1) {
+        if (r.live && lane < NV && (NV == 1 || lane < n)) {
+            float s = sum[0];
+#pragma unroll
+            for (int j = 1; j < NV; ++j) if (lane == j) s = sum[j];
+            float* o = r.y + (i64)lane * r.nrows + r.row;
+            *o = acc ? *o + s : s;
+        }
+        return;
+    }
+    __shared__ float part[RF_MMVQ8_WARPS][NV];
+    if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) part[warp][j] = sum[j];
+    }
+    __syncthreads();
+    if (r.live && warp % WPR == 0 && lane < NV && (NV == 1 || lane < n)) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < WPR; ++k) s += part[warp + k][lane];
+        float* o = r.y + (i64)lane * r.nrows + r.row;
+        *o = acc ? *o + s : s;
+    }
+}
+
 // y[j][row] = W[row] . x[j] for j < NV (NV == RF_MMVQ8_MAXN: j < n, n <= NV, the same for
 // the whole block) for each of up to three matrices W (outputs y [n][its rows]); `acc`:
 // y[j][row] += instead (a residual add in the epilogue). Block: RF_MMVQ8_WARPS warps; WPR warps
@@ -239,22 +296,13 @@ __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w0, const void
                                          const float2* __restrict__ xm, float* y0, float* y1,
                                          float* y2, int ncols, int r1, int r2, int ntotal, int n,
                                          int acc) {
-    constexpr int RPB = RF_MMVQ8_WARPS / WPR;
     constexpr int NT = WPR * RF_WARP;  // threads of one row
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
-    const int rsub = warp / WPR;  // the block's row this warp works on
     const int tid = (warp % WPR) * RF_WARP + lane;
-    // Up to three matrices of the same type and width over one input (Q/K/V, gate/up): rows
-    // [0, r1) are matrix 0's, [r1, r2) matrix 1's, [r2, ntotal) matrix 2's.
-    const int grow = blockIdx.x * RPB + rsub;
-    const bool live = grow < ntotal;  // the same for a whole warp
-    const void* w = grow < r1 ? w0 : grow < r2 ? w1 : w2;
-    float* y = grow < r1 ? y0 : grow < r2 ? y1 : y2;
-    const int row = grow < r1 ? grow : grow < r2 ? grow - r1 : grow - r2;
-    const int nrows = grow < r1 ? r1 : grow < r2 ? r2 - r1 : ntotal - r2;
+    const RfRow r = rf_mmvq8_row<WPR>(w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
     const int nb = ncols / T::QK;
-    const typename T::block* br = (const typename T::block*)w + (i64)(live ? row : 0) * nb;
-    const int items = live ? nb * T::LPB : 0;
+    const typename T::block* br = (const typename T::block*)r.w + (i64)(r.live ? r.row : 0) * nb;
+    const int items = r.live ? nb * T::LPB : 0;
     const int xstride = ncols / 4;   // ints of quants per vector
     const int mstride = ncols / 32;  // activation blocks per vector
     float sum[NV];
@@ -270,31 +318,7 @@ __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w0, const void
             if (NV == 1 || j < n) sum[j] += T::dot(br + ib, p, xb + (i64)j * xstride, mb + (i64)j * mstride);
         }
     }
-#pragma unroll
-    for (int j = 0; j < NV; ++j) sum[j] = rf_warp_sum(sum[j]);
-    if (WPR == 1) {
-        if (live && lane < NV && (NV == 1 || lane < n)) {
-            float s = sum[0];
-#pragma unroll
-            for (int j = 1; j < NV; ++j) if (lane == j) s = sum[j];
-            float* o = y + (i64)lane * nrows + row;
-            *o = acc ? *o + s : s;
-        }
-        return;
-    }
-    __shared__ float part[RF_MMVQ8_WARPS][NV];
-    if (lane == 0) {
-#pragma unroll
-        for (int j = 0; j < NV; ++j) part[warp][j] = sum[j];
-    }
-    __syncthreads();
-    if (live && warp % WPR == 0 && lane < NV && (NV == 1 || lane < n)) {
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < WPR; ++k) s += part[warp + k][lane];
-        float* o = y + (i64)lane * nrows + row;
-        *o = acc ? *o + s : s;
-    }
+    rf_mmvq8_store<NV, WPR>(sum, r, n, acc);
 }
 
 // The same products with each warp's share of its row staged through shared memory: the warp
@@ -327,25 +351,19 @@ __device__ __forceinline__ void rf_mmvq8s(const void* __restrict__ w0, const voi
                                           int acc) {
     typedef RfStage<T> S;
     static_assert(S::BYTES % 16 == 0, "a chunk must be whole 16-byte pieces");
-    constexpr int RPB = RF_MMVQ8_WARPS / WPR;
     __shared__ uint4 stage[RF_MMVQ8_WARPS][S::V16];
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
-    const int rsub = warp / WPR, wsub = warp % WPR;
-    const int grow = blockIdx.x * RPB + rsub;
-    const bool live = grow < ntotal;
-    const void* w = grow < r1 ? w0 : grow < r2 ? w1 : w2;
-    float* y = grow < r1 ? y0 : grow < r2 ? y1 : y2;
-    const int row = grow < r1 ? grow : grow < r2 ? grow - r1 : grow - r2;
-    const int nrows = grow < r1 ? r1 : grow < r2 ? r2 - r1 : ntotal - r2;
+    const int wsub = warp % WPR;  // this warp's share of the row: chunks wsub, wsub + WPR, ...
+    const RfRow r = rf_mmvq8_row<WPR>(w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
     const int nb = ncols / T::QK;
-    const uint4* src = (const uint4*)((const typename T::block*)w + (i64)(live ? row : 0) * nb);
-    const int nchunk = live ? (nb + S::CB - 1) / S::CB : 0;
+    const uint4* src = (const uint4*)((const typename T::block*)r.w + (i64)(r.live ? r.row : 0) * nb);
+    const int nchunk = r.live ? (nb + S::CB - 1) / S::CB : 0;
     const int xstride = ncols / 4;
     const int mstride = ncols / 32;
     float sum[NV];
 #pragma unroll
     for (int j = 0; j < NV; ++j) sum[j] = 0.f;
-    uint4 r[S::U];
+    uint4 piece[S::U];
     // Pieces of chunk c this lane loads (a short last chunk has fewer).
 #define RF_STAGE_LOAD(c)                                                                     \
     {                                                                                        \
@@ -354,7 +372,7 @@ __device__ __forceinline__ void rf_mmvq8s(const void* __restrict__ w0, const voi
         const uint4* s_ = src + (i64)(c) * S::V16;                                           \
         _Pragma("unroll") for (int u = 0; u < S::U; ++u) {                                   \
             const int k = lane + u * RF_WARP;                                                \
-            if (k < v16_) r[u] = s_[k];                                                      \
+            if (k < v16_) piece[u] = s_[k];                                                  \
         }                                                                                    \
     }
     if (wsub < nchunk) RF_STAGE_LOAD(wsub)
@@ -364,7 +382,7 @@ __device__ __forceinline__ void rf_mmvq8s(const void* __restrict__ w0, const voi
 #pragma unroll
         for (int u = 0; u < S::U; ++u) {
             const int k = lane + u * RF_WARP;
-            if (k < v16) stage[warp][k] = r[u];
+            if (k < v16) stage[warp][k] = piece[u];
         }
         rf_syncwarp();
         if (c + WPR < nchunk) RF_STAGE_LOAD(c + WPR)
@@ -384,31 +402,7 @@ __device__ __forceinline__ void rf_mmvq8s(const void* __restrict__ w0, const voi
         rf_syncwarp();  // the slot is rewritten by the next chunk
     }
 #undef RF_STAGE_LOAD
-#pragma unroll
-    for (int j = 0; j < NV; ++j) sum[j] = rf_warp_sum(sum[j]);
-    if (WPR == 1) {
-        if (live && lane < NV && (NV == 1 || lane < n)) {
-            float s = sum[0];
-#pragma unroll
-            for (int j = 1; j < NV; ++j) if (lane == j) s = sum[j];
-            float* o = y + (i64)lane * nrows + row;
-            *o = acc ? *o + s : s;
-        }
-        return;
-    }
-    __shared__ float part[RF_MMVQ8_WARPS][NV];
-    if (lane == 0) {
-#pragma unroll
-        for (int j = 0; j < NV; ++j) part[warp][j] = sum[j];
-    }
-    __syncthreads();
-    if (live && wsub == 0 && lane < NV && (NV == 1 || lane < n)) {
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < WPR; ++k) s += part[warp + k][lane];
-        float* o = y + (i64)lane * nrows + row;
-        *o = acc ? *o + s : s;
-    }
+    rf_mmvq8_store<NV, WPR>(sum, r, n, acc);
 }
 
 // Entry points: `name_w1/_w2/_w4/_w8` (one vector, 1, 2, 4 or 8 warps per row: few rows want
