@@ -444,6 +444,10 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
         GgmlType::Q4_K,
         GgmlType::Q6_K,
         GgmlType::Q8_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q5_K,
     ] {
         for (rows, cols) in [
             (1024usize, 4096usize),
