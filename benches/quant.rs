@@ -211,6 +211,39 @@ fn bench_model_shapes(c: &mut Criterion) {
     g.finish();
 }
 
+/// As [`bench_model_shapes`] for the FFN's two Q4_1 shapes, but each call reads the next of
+/// enough copies of the matrix (>= 96 MiB together) that its weights come from DRAM, as in a
+/// served model, not from the caches the previous call filled.
+fn bench_model_shapes_cold(c: &mut Criterion) {
+    let mut g = c.benchmark_group("smollm2_shapes_cold_cputime");
+    let one = pool(1);
+    for (name, rows, cols) in [("q4_1_1536x576", 1536, 576), ("q4_1_576x1536", 576, 1536)] {
+        let ty = GgmlType::Q4_1;
+        let w = quantize(ty, &data(rows * cols)).expect("quantize");
+        let copies: Vec<Vec<u8>> = (0..(96usize << 20).div_ceil(w.len()))
+            .map(|_| w.clone())
+            .collect();
+        for batch in [1usize, 8] {
+            let x = data(batch * cols);
+            let mut y = vec![0.0f32; batch * rows];
+            g.throughput(Throughput::Elements((rows * cols * batch) as u64)); // MACs
+            g.bench_function(BenchmarkId::new(name, format!("b{batch}")), |b| {
+                b.iter_custom(|iters| {
+                    one.install(|| {
+                        let t0 = thread_cpu_time();
+                        for i in 0..iters as usize {
+                            let w = &copies[i % copies.len()];
+                            matmul(ty, w, rows, cols, &x, batch, &mut y).expect("matmul");
+                        }
+                        thread_cpu_time() - t0
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 const DEQUANT_TYPES: [GgmlType; 14] = [
     GgmlType::F32,
     GgmlType::F16,
@@ -252,6 +285,7 @@ criterion_group!(
     bench_matvec_cputime,
     bench_matmul,
     bench_model_shapes,
+    bench_model_shapes_cold,
     bench_dequant
 );
 criterion_main!(benches);
