@@ -462,9 +462,14 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 .collect();
             let nv = MMVQN_MAX;
             let xd = up(d, &rand_vec(rng, nv * cols, 1.0));
-            let xq = d.alloc(q8a_bytes(nv, cols), "bench xq").expect("alloc");
+            // One vector, and MMVQN_MAX (each layout has its scales after its quants).
+            let (xq1, xqn) = (
+                d.alloc(q8a_bytes(1, cols), "bench xq").expect("alloc"),
+                d.alloc(q8a_bytes(nv, cols), "bench xq").expect("alloc"),
+            );
             let yd = d.alloc(nv * rows * 4, "y").expect("alloc");
-            d.quantize_q8a(s, &xd, &xq, nv, cols).expect("quantize");
+            d.quantize_q8a(s, &xd, &xq1, 1, cols).expect("quantize");
+            d.quantize_q8a(s, &xd, &xqn, nv, cols).expect("quantize");
             let m = QMatrix {
                 qtype: qt,
                 nrows: rows,
@@ -491,7 +496,8 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 let mut next = 0usize;
                 let wm = median_ms(d, s, || {
                     next += 1;
-                    d.mmvq_q8_wpr(s, &wds[next % copies], m, &xq, &yd, n, wpr, staged)
+                    let xq = if n == 1 { &xq1 } else { &xqn };
+                    d.mmvq_q8_wpr(s, &wds[next % copies], m, xq, &yd, n, wpr, staged)
                         .expect("mmvq_q8_wpr")
                 });
                 let label = if n == 1 {
