@@ -187,28 +187,41 @@ fn bench_model_shapes(c: &mut Criterion) {
         ("q8_0_49152x576", GgmlType::Q8_0, 49152, 576),
     ];
     for (name, ty, rows, cols) in shapes {
-        let w = quantize(ty, &data(rows * cols)).expect("quantize");
-        for batch in [1usize, 8, 128] {
-            if rows > 4096 && batch > 8 {
-                continue; // the head sees one row per sequence of a step, never a whole prompt
-            }
-            let x = data(batch * cols);
-            let mut y = vec![0.0f32; batch * rows];
-            g.throughput(Throughput::Elements((rows * cols * batch) as u64)); // MACs
-            g.bench_function(BenchmarkId::new(name, format!("b{batch}")), |b| {
-                b.iter_custom(|iters| {
-                    one.install(|| {
-                        let t0 = thread_cpu_time();
-                        for _ in 0..iters {
-                            matmul(ty, &w, rows, cols, &x, batch, &mut y).expect("matmul");
-                        }
-                        thread_cpu_time() - t0
-                    })
-                })
-            });
-        }
+        // The head sees one row per sequence of a step, never a whole prompt.
+        let batches: &[usize] = if rows > 4096 { &[1, 8] } else { &[1, 8, 128] };
+        shape_cputime(&mut g, &one, (name, ty, rows, cols), batches, 1);
     }
     g.finish();
+}
+
+/// `matmul` of a `[rows, cols]` matrix of `ty` by each batch size, in thread CPU time on `one`;
+/// each call reads the next of `copies` copies of the matrix.
+fn shape_cputime(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    one: &rayon::ThreadPool,
+    (name, ty, rows, cols): (&str, GgmlType, usize, usize),
+    batches: &[usize],
+    copies: usize,
+) {
+    let w = quantize(ty, &data(rows * cols)).expect("quantize");
+    let ws: Vec<Vec<u8>> = (0..copies.max(1)).map(|_| w.clone()).collect();
+    for &batch in batches {
+        let x = data(batch * cols);
+        let mut y = vec![0.0f32; batch * rows];
+        g.throughput(Throughput::Elements((rows * cols * batch) as u64)); // MACs
+        g.bench_function(BenchmarkId::new(name, format!("b{batch}")), |b| {
+            b.iter_custom(|iters| {
+                one.install(|| {
+                    let t0 = thread_cpu_time();
+                    for i in 0..iters as usize {
+                        let w = &ws[i % ws.len()];
+                        matmul(ty, w, rows, cols, &x, batch, &mut y).expect("matmul");
+                    }
+                    thread_cpu_time() - t0
+                })
+            })
+        });
+    }
 }
 
 /// As [`bench_model_shapes`] for the FFN's two Q4_1 shapes, but each call reads the next of
@@ -219,27 +232,9 @@ fn bench_model_shapes_cold(c: &mut Criterion) {
     let one = pool(1);
     for (name, rows, cols) in [("q4_1_1536x576", 1536, 576), ("q4_1_576x1536", 576, 1536)] {
         let ty = GgmlType::Q4_1;
-        let w = quantize(ty, &data(rows * cols)).expect("quantize");
-        let copies: Vec<Vec<u8>> = (0..(96usize << 20).div_ceil(w.len()))
-            .map(|_| w.clone())
-            .collect();
-        for batch in [1usize, 8] {
-            let x = data(batch * cols);
-            let mut y = vec![0.0f32; batch * rows];
-            g.throughput(Throughput::Elements((rows * cols * batch) as u64)); // MACs
-            g.bench_function(BenchmarkId::new(name, format!("b{batch}")), |b| {
-                b.iter_custom(|iters| {
-                    one.install(|| {
-                        let t0 = thread_cpu_time();
-                        for i in 0..iters as usize {
-                            let w = &copies[i % copies.len()];
-                            matmul(ty, w, rows, cols, &x, batch, &mut y).expect("matmul");
-                        }
-                        thread_cpu_time() - t0
-                    })
-                })
-            });
-        }
+        let bytes = ty.row_bytes(cols as u64).expect("whole blocks") as usize * rows;
+        let copies = (96usize << 20).div_ceil(bytes);
+        shape_cputime(&mut g, &one, (name, ty, rows, cols), &[1, 8], copies);
     }
     g.finish();
 }
