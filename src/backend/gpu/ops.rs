@@ -458,8 +458,10 @@ pub trait GpuOps: KernelDevice {
         );
         let meta = xq.device_ptr() + (n * m0.ncols) as u64;
         // Staged (16-byte loads through shared memory) when every matrix's rows are aligned for
-        // it: measured faster on the H100 (docs/PERFORMANCE.md); the GGUF-layout kernels
-        // otherwise (e.g. SmolLM2's 576-column rows are 324 bytes).
+        // it: faster on the H100 for one vector of every type and for 8-vector batches of the
+        // 32-element types, but slower for 8-vector batches of Q4_K/Q5_K (docs/PERFORMANCE.md,
+        // "Staged q8 products"; the branch wip/staged-policy keeps `_n` for those, unchecked);
+        // the GGUF-layout kernels otherwise (e.g. SmolLM2's 576-column rows are 324 bytes).
         let staged = mats.iter().all(|&(w, m, _)| mmvq8_stageable(w, m));
         if n == 1 {
             let wpr = mmvq8_wpr(total);
