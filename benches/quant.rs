@@ -175,7 +175,7 @@ fn bench_matmul(c: &mut Criterion) {
 /// VNNI on one machine).
 fn bench_model_shapes(c: &mut Criterion) {
     if let Ok(v) = std::env::var("ROCMFORGE_CPU_ISA") {
-        rocmforge::quant::set_cpu_isa(v.parse().expect("ROCMFORGE_CPU_ISA: best or avx2"));
+        rocmforge::quant::set_cpu_isa(v.parse().expect("ROCMFORGE_CPU_ISA: best, vnni or avx2"));
     }
     let mut g = c.benchmark_group("smollm2_shapes_cputime");
     let one = pool(1);

@@ -21,7 +21,7 @@ pub const KV_LIMIT_ENV: &str = "ROCMFORGE_KV_LIMIT";
 /// `ROCMFORGE_NO_CUBLAS`: anything but empty or `0` clears
 /// [`Tuning::vendor_gemm`](crate::Tuning).
 pub const NO_CUBLAS_ENV: &str = "ROCMFORGE_NO_CUBLAS";
-/// `ROCMFORGE_CPU_ISA`: `avx2` or `best`, [`Tuning::cpu_isa`](crate::Tuning).
+/// `ROCMFORGE_CPU_ISA`: `avx2`, `vnni` or `best`, [`Tuning::cpu_isa`](crate::Tuning).
 pub const CPU_ISA_ENV: &str = "ROCMFORGE_CPU_ISA";
 
 /// The tuning knobs the environment sets (docs/ENVIRONMENT.md), read here at the CLI's edge

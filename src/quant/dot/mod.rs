@@ -536,6 +536,18 @@ fn rows_range(
     }
 }
 
+/// The AMX form of a weight type's lanes kernel, if it has one.
+#[cfg(target_arch = "x86_64")]
+fn amx_type(ty: GgmlType) -> Option<simd_tile::amx::AmxType> {
+    use simd_tile::amx::AmxType;
+    match ty {
+        GgmlType::Q4_0 => Some(AmxType::Q4_0),
+        GgmlType::Q4_1 => Some(AmxType::Q4_1),
+        GgmlType::Q8_0 => Some(AmxType::Q8_0),
+        _ => None,
+    }
+}
+
 /// Runs the one-row tile kernel of `ty` (a type [`choose`] gives `Path::Tile`) over the rows of `w` (`out.len()`
 /// rows of `cols` weights).
 #[cfg(target_arch = "x86_64")]
@@ -574,6 +586,17 @@ fn lanes_kernel(
     out: &mut [[f32; LANES]],
 ) {
     let nb = cols / ty.block_elems() as usize;
+    // AMX tile products for whole groups of 16 rows where the CPU has them, the AVX kernel for
+    // the rest (the same bits either way).
+    let rb = nb * ty.block_bytes() as usize;
+    let done = amx_type(ty)
+        .filter(|_| isa == Isa::Vnni && a.nb() == nb && simd_tile::amx::enabled())
+        // SAFETY: enabled() checked; `w` holds out.len() rows of rb bytes (as below).
+        .map_or(0, |t| unsafe { simd_tile::amx::lanes(t, w, rb, a, out) });
+    let (w, out) = (&w[done * rb..], &mut out[done..]);
+    if out.is_empty() {
+        return;
+    }
     // SAFETY: as in `rows4_kernel`; `a` was interleaved from rows of `cols` values (the kernels
     // assert it covers `nb` blocks).
     unsafe {

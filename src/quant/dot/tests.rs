@@ -210,3 +210,49 @@ fn integer_kernels_agree() {
         }
     }
 }
+
+/// The lanes kernels with their AMX form (16-row groups where the CPU has AMX, the AVX kernel
+/// for the rest) equal the scalar reference bit for bit; without AMX this checks the AVX
+/// kernel on the same shapes.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn amx_lanes_match_the_scalar_reference() {
+    let Some(best) = Isa::detect() else { return };
+    eprintln!(
+        "AMX kernels: {}",
+        if simd_tile::amx::enabled() {
+            "in use"
+        } else {
+            "absent (AVX only)"
+        }
+    );
+    // 37 rows: two 16-row tile groups and 5 rows for the AVX kernel.
+    let rows = 37;
+    for (cols, batch) in [(64, 8), (576, 3), (1024, 8)] {
+        let x: Vec<f32> = (0..batch * cols)
+            .map(|i| ((i * 7877) % 991) as f32 / 991.0 - 0.48)
+            .collect();
+        let mut acts = ActsQ8::default();
+        acts.fill(&x, cols);
+        acts.fill_lanes(1);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let w = raw_rows(ty, rows, cols, 0x51ed_270b_a3c1_ee11 ^ cols as u64);
+            let rb = w.len() / rows;
+            let g = &acts.lanes()[0];
+            let mut tile = vec![[0.0f32; LANES]; rows];
+            lanes_kernel(ty, best, &w, cols, g, &mut tile);
+            for t in 0..g.rows() {
+                let a = acts.row(t);
+                for (r, o) in tile.iter().enumerate() {
+                    let want = dot_tile_scalar(ty, &w[r * rb..(r + 1) * rb], &a);
+                    assert_eq!(
+                        o[t].to_bits(),
+                        want.to_bits(),
+                        "{ty} row {r} lane {t} cols {cols}: {} vs {want}",
+                        o[t]
+                    );
+                }
+            }
+        }
+    }
+}

@@ -294,6 +294,7 @@ trait TileBlock: TileKernel {
     fn qs(&self) -> *const u8;
 }
 
+pub mod amx;
 mod kernels;
 mod lanes;
 
@@ -567,6 +568,8 @@ mod tests {
         for (hw, cap, want) in [
             (Some(Isa::Vnni), CpuIsa::Best, Some(Isa::Vnni)),
             (Some(Isa::Vnni), CpuIsa::Avx2, Some(Isa::Avx2)),
+            (Some(Isa::Vnni), CpuIsa::Vnni, Some(Isa::Vnni)),
+            (Some(Isa::Avx2), CpuIsa::Vnni, Some(Isa::Avx2)),
             (Some(Isa::Avx2), CpuIsa::Best, Some(Isa::Avx2)),
             (Some(Isa::Avx2), CpuIsa::Avx2, Some(Isa::Avx2)),
             (None, CpuIsa::Best, None),
