@@ -185,16 +185,6 @@ unsafe fn tiles<const TY: u8>(w: &[u8], rb: usize, a: &ActLanes, out: &mut [[f32
             let n = (nb - i0).min(CHUNK);
             for j in 0..n {
                 let blk = base.add((i0 + j) * bs);
-                // The next tile's 16 rows follow these in memory: prefetched at the pace of
-                // this tile's blocks, 16 blocks' bytes per block (16 row streams side by side
-                // are more than the hardware prefetcher follows). Only a hint: the address may
-                // lie past the matrix and is never dereferenced.
-                let ahead = base.wrapping_add(ROWS * rb + (i0 + j) * ROWS * bs);
-                let mut off = 0;
-                while off < ROWS * bs {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
-                    off += 64;
-                }
                 // The 16 rows' scales: the first 4 bytes of each block (d, then Q4_1's m).
                 let dm = _mm512_i32gather_epi32::<1>(idx, blk.cast());
                 _mm512_store_ps(
@@ -261,6 +251,16 @@ unsafe fn tiles<const TY: u8>(w: &[u8], rb: usize, a: &ActLanes, out: &mut [[f32
                          options(nostack));
                 }
                 for h in 0..(1 + pair as usize) {
+                    // The next tile (16 rows, contiguous after these) prefetched at the pace of
+                    // this one's products, a block's share per block: spread, not in a burst
+                    // (a burst waits for the core's few outstanding-miss slots). Only a hint:
+                    // the address may lie past the matrix and is never dereferenced.
+                    let ahead = base.wrapping_add(ROWS * rb + (i0 + j + h) * ROWS * bs);
+                    let mut off = 0;
+                    while off < ROWS * bs {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
+                        off += 64;
+                    }
                     let lb = &a.blocks[i0 + j + h];
                     let dx = _mm256_loadu_ps(lb.d.as_ptr());
                     let init =
