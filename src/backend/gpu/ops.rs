@@ -46,6 +46,18 @@ fn mmvq8_shape(warp: u32, nrows: usize, wpr: u32) -> BackendResult<LaunchShape> 
         shared_bytes: 0,
     })
 }
+/// Warps per row the staged one-vector product wants for rows of `ncols`: about two chunks of
+/// 2,048 weights each, at most 4 (measured on the H100: 4,096 x 14,336 ran fastest with 4 for
+/// most types, 4,096-column rows with 1).
+fn mmvq8s_wpr(ncols: usize) -> u32 {
+    // The staged kernels exist for 1, 2 and 4 warps per row.
+    match ncols.div_ceil(2048).div_ceil(2) {
+        0 | 1 => 1,
+        2 => 2,
+        _ => 4,
+    }
+}
+
 /// Whether the staged q8 products (`_s*` in mmvq_q8.cu: 16-byte loads of each row through
 /// shared memory) can read `w`: every row must start 16-byte aligned.
 fn mmvq8_stageable(w: &dyn DeviceBuffer, m: QMatrix) -> bool {
@@ -459,12 +471,19 @@ pub trait GpuOps: KernelDevice {
         let meta = xq.device_ptr() + (n * m0.ncols) as u64;
         // Staged (16-byte loads through shared memory) when every matrix's rows are aligned for
         // it: faster on the H100 for one vector of every type and for 8-vector batches of the
-        // 32-element types, but slower for 8-vector batches of Q4_K/Q5_K (docs/PERFORMANCE.md,
-        // "Staged q8 products"; the branch wip/staged-policy keeps `_n` for those, unchecked);
-        // the GGUF-layout kernels otherwise (e.g. SmolLM2's 576-column rows are 324 bytes).
-        let staged = mats.iter().all(|&(w, m, _)| mmvq8_stageable(w, m));
+        // 32-element types (docs/PERFORMANCE.md, "Staged q8 products"); the GGUF-layout kernels
+        // otherwise (e.g. SmolLM2's 576-column rows are 324 bytes).
+        let staged = mats.iter().all(|&(w, m, _)| mmvq8_stageable(w, m))
+            // Staged 8-vector batches of the 16-lane K types measured slower (their scales
+            // read from shared memory once per vector): those keep `_n`.
+            && (n == 1 || !matches!(m0.qtype, GgmlType::Q4_K | GgmlType::Q5_K));
         if n == 1 {
-            let wpr = mmvq8_wpr(total);
+            // Staged, long rows want their chunks spread over more warps (about two each).
+            let wpr = if staged {
+                mmvq8_wpr(total).max(mmvq8s_wpr(m0.ncols))
+            } else {
+                mmvq8_wpr(total)
+            };
             let form = if staged { 's' } else { 'w' };
             let k = self.kernel("mmvq_q8.cu", &format!("{base}_{form}{wpr}"))?;
             let shape = mmvq8_shape(self.warp_size(), total, wpr)?;
