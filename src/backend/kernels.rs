@@ -105,7 +105,14 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
                 .collect(),
         ),
         ("get_rows.cu", per_type("get_rows", "f32")),
-        ("dequant.cu", per_type("dequantize", "f16")),
+        (
+            "dequant.cu",
+            [
+                per_type("dequantize", "f16"),
+                per_type("dequantize8", "f16"),
+            ]
+            .concat(),
+        ),
         ("norm.cu", names(&["rmsnorm_f32", "rmsnorm_q8a_f32"])),
         (
             "rope.cu",

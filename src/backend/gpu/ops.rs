@@ -702,10 +702,18 @@ pub trait GpuOps: KernelDevice {
         if tile_rows == 0 {
             return Ok(());
         }
+        // Eight elements per thread and one 16-byte store where the row and `out` allow it
+        // (every quantized shape): the one-element form wrote 2 bytes per thread.
+        let per_thread = if m.ncols % 8 == 0 && out.device_ptr() % 16 == 0 {
+            8
+        } else {
+            1
+        };
         let k = self.kernel(
             "dequant.cu",
             &format!(
-                "dequantize_{}_f16",
+                "dequantize{}_{}_f16",
+                if per_thread == 8 { "8" } else { "" },
                 qtype_suffix(m.qtype).unwrap_or_default()
             ),
         )?;
@@ -713,7 +721,7 @@ pub trait GpuOps: KernelDevice {
         let shape = LaunchShape {
             grid: (
                 to_u32(OP, tile_rows)?,
-                to_u32(OP, m.ncols.div_ceil(threads as usize))?,
+                to_u32(OP, m.ncols.div_ceil(per_thread * threads as usize))?,
                 1,
             ),
             block: (threads, 1, 1),
