@@ -108,6 +108,34 @@ fn p(b: &dyn DeviceBuffer) -> Arg {
     Arg::Ptr(b.device_ptr())
 }
 
+/// The argument list of every `RF_MMVQ8` entry in mmvq_q8.cu: three weight matrices (device
+/// addresses) whose rows end at `ends` (a missing matrix repeats the last with no rows), the
+/// quantized vectors `xq` and their (d, sum) pairs at `meta`, the three outputs, the columns,
+/// `n` (the `_n` / `_sn` forms only) and whether to add to `y`.
+struct Mmvq8Args {
+    w: [u64; 3],
+    y: [u64; 3],
+    xq: u64,
+    meta: u64,
+    ncols: i32,
+    ends: [i32; 3],
+    n: Option<i32>,
+    acc: bool,
+}
+
+impl Mmvq8Args {
+    fn to_args(&self) -> Vec<Arg> {
+        let mut a: Vec<Arg> = self.w.iter().map(|&w| Arg::Ptr(w)).collect();
+        a.extend([Arg::Ptr(self.xq), Arg::Ptr(self.meta)]);
+        a.extend(self.y.iter().map(|&y| Arg::Ptr(y)));
+        a.push(Arg::I32(self.ncols));
+        a.extend(self.ends.iter().map(|&e| Arg::I32(e)));
+        a.extend(self.n.map(Arg::I32));
+        a.push(Arg::I32(self.acc.into()));
+        a
+    }
+}
+
 fn weight_bytes(
     op: &'static str,
     qtype: GgmlType,
@@ -463,11 +491,12 @@ pub trait GpuOps: KernelDevice {
         let total = ends[2];
         let base = format!("mmvq_{}_q8a", qtype_suffix(m0.qtype).unwrap_or_default());
         let ncols = to_i32(OP, "ncols", m0.ncols)?;
-        let (r1, r2, nt) = (
+        let ends = [
             to_i32(OP, "rows", ends[0])?,
             to_i32(OP, "rows", ends[1])?,
             to_i32(OP, "rows", total)?,
-        );
+        ];
+        let ws = [0, 1, 2].map(|i| at(i).0.device_ptr());
         let meta = xq.device_ptr() + (n * m0.ncols) as u64;
         // Staged (16-byte loads through shared memory) when every matrix's rows are aligned for
         // it: faster on the H100 for one vector of every type and for 8-vector batches of the
@@ -487,21 +516,17 @@ pub trait GpuOps: KernelDevice {
             let form = if staged { 's' } else { 'w' };
             let k = self.kernel("mmvq_q8.cu", &format!("{base}_{form}{wpr}"))?;
             let shape = mmvq8_shape(self.warp_size(), total, wpr)?;
-            let args = [
-                p(at(0).0),
-                p(at(1).0),
-                p(at(2).0),
-                p(xq),
-                Arg::Ptr(meta),
-                p(at(0).2),
-                p(at(1).2),
-                p(at(2).2),
-                Arg::I32(ncols),
-                Arg::I32(r1),
-                Arg::I32(r2),
-                Arg::I32(nt),
-                Arg::I32(acc.into()),
-            ];
+            let args = Mmvq8Args {
+                w: ws,
+                y: [0, 1, 2].map(|i| at(i).2.device_ptr()),
+                xq: xq.device_ptr(),
+                meta,
+                ncols,
+                ends,
+                n: None,
+                acc,
+            }
+            .to_args();
             // SAFETY: each W holds its rows of ncols elements and each y its rows of f32, xq
             // one quantized vector (checked above); rows past a matrix's count belong to the
             // next; the argument list matches RF_MMVQ8 in mmvq_q8.cu.
@@ -516,26 +541,20 @@ pub trait GpuOps: KernelDevice {
         let mut j = 0;
         while j < n {
             let c = (n - j).min(MMVQN_MAX);
-            let y_at = |i: usize| {
-                let (_, m, y) = at(i);
-                Arg::Ptr(y.device_ptr() + (j * m.nrows * 4) as u64)
-            };
-            let args = [
-                p(at(0).0),
-                p(at(1).0),
-                p(at(2).0),
-                Arg::Ptr(xq.device_ptr() + (j * m0.ncols) as u64),
-                Arg::Ptr(meta + (j * (m0.ncols / 32) * 8) as u64),
-                y_at(0),
-                y_at(1),
-                y_at(2),
-                Arg::I32(ncols),
-                Arg::I32(r1),
-                Arg::I32(r2),
-                Arg::I32(nt),
-                Arg::I32(c as i32),
-                Arg::I32(acc.into()),
-            ];
+            let args = Mmvq8Args {
+                w: ws,
+                y: [0, 1, 2].map(|i| {
+                    let (_, m, y) = at(i);
+                    y.device_ptr() + (j * m.nrows * 4) as u64
+                }),
+                xq: xq.device_ptr() + (j * m0.ncols) as u64,
+                meta: meta + (j * (m0.ncols / 32) * 8) as u64,
+                ncols,
+                ends,
+                n: Some(c as i32),
+                acc,
+            }
+            .to_args();
             // SAFETY: xq holds n quantized vectors and each y n * its rows f32 (checked
             // above), so vectors j .. j + c (c <= RF_MMVQ8_MAXN) are inside them; the argument
             // list matches the `_n` entry of RF_MMVQ8 in mmvq_q8.cu.
@@ -602,26 +621,18 @@ pub trait GpuOps: KernelDevice {
         );
         let k = self.kernel("mmvq_q8.cu", &name)?;
         let shape = mmvq8_shape(self.warp_size(), m.nrows, wpr)?;
-        let (ncols, nrows) = (to_i32(OP, "ncols", m.ncols)?, to_i32(OP, "nrows", m.nrows)?);
-        let meta = xq.device_ptr() + (n * m.ncols) as u64;
-        let mut args = vec![
-            p(w),
-            p(w),
-            p(w),
-            p(xq),
-            Arg::Ptr(meta),
-            p(y),
-            p(y),
-            p(y),
-            Arg::I32(ncols),
-            Arg::I32(nrows),
-            Arg::I32(nrows),
-            Arg::I32(nrows),
-        ];
-        if n > 1 {
-            args.push(Arg::I32(n as i32));
+        let nrows = to_i32(OP, "nrows", m.nrows)?;
+        let args = Mmvq8Args {
+            w: [w.device_ptr(); 3],
+            y: [y.device_ptr(); 3],
+            xq: xq.device_ptr(),
+            meta: xq.device_ptr() + (n * m.ncols) as u64,
+            ncols: to_i32(OP, "ncols", m.ncols)?,
+            ends: [nrows; 3],
+            n: (n > 1).then_some(n as i32),
+            acc: false,
         }
-        args.push(Arg::I32(0));
+        .to_args();
         // SAFETY: as the launches of `mmvq_q8` (same checks, the same argument lists: `n`
         // before `acc` for the `_n` forms).
         unsafe { k.launch(s, shape, &args) }
