@@ -10,15 +10,21 @@
 // head_dim % RF_WARP == 0 and head_dim <= RF_ATTN_MAX_HEAD_DIM.
 // Decode is the case n_tokens == 1, pos0 == seq_len - 1.
 #include "common.cuh"
+#include "q8a.cuh"
 
 #define RF_ATTN_MAX_WARPS 8
 #define RF_ATTN_MAX_HEAD_DIM 256
 #define RF_ATTN_MAX_ND (RF_ATTN_MAX_HEAD_DIM / RF_WARP)
 
+// qs / meta: when not null, the output is also quantized to the q8a layout of mmvq_q8.cu (row
+// t's quants at qs + t * n_heads * head_dim, its blocks' (d, sum) at meta + t * n_heads *
+// head_dim / 32): the O product's input in the same launch, the same bits as quantize_q8a_f32
+// of `out` (head_dim % 32 == 0; the block is a multiple of 32 threads).
 __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_half* __restrict__ kc,
                                         const rf_half* __restrict__ vc, float* __restrict__ out,
                                         int n_heads, int n_kv_heads, int head_dim, int seq_cap,
-                                        int pos0, float scale, int window) {
+                                        int pos0, float scale, int window, i8* __restrict__ qs = nullptr,
+                                        float2* __restrict__ meta = nullptr) {
     __shared__ float s_m[RF_ATTN_MAX_WARPS];
     __shared__ float s_l[RF_ATTN_MAX_WARPS];
     __shared__ float s_acc[RF_ATTN_MAX_WARPS * RF_ATTN_MAX_HEAD_DIM];
@@ -73,10 +79,22 @@ __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_ha
     float gl = 0.f;
     for (int w = 0; w < nwarps; ++w) gl += s_l[w] * expf(s_m[w] - gm);
     float* oh = out + ((i64)t * n_heads + h) * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float o = 0.f;
-        for (int w = 0; w < nwarps; ++w) o += s_acc[w * head_dim + d] * expf(s_m[w] - gm);
-        oh[d] = o / gl;
+    // Every thread takes each round (a dead one holds 0), so the 32-lane groups that quantize
+    // stay whole: group g of round d0 is q8 block (d0 + 32 g) / 32 of this head.
+    for (int d0 = 0; d0 < head_dim; d0 += blockDim.x) {
+        const int d = d0 + threadIdx.x;
+        const bool live = d < head_dim;
+        float y = 0.f;
+        if (live) {
+            float o = 0.f;
+            for (int w = 0; w < nwarps; ++w) o += s_acc[w * head_dim + d] * expf(s_m[w] - gm);
+            y = o / gl;
+            oh[d] = y;
+        }
+        if (qs != nullptr) {
+            const i64 blk = (((i64)t * n_heads + h) * head_dim + (live ? d : 0)) / 32;
+            rf_q8a_store(y, live, blk, threadIdx.x % 32, qs, meta);
+        }
     }
 }
 
@@ -86,6 +104,15 @@ extern "C" __global__ void attn_decode_f16kv_f32(const float* __restrict__ q, co
                                                  int n_heads, int n_kv_heads, int head_dim, int seq_cap,
                                                  int pos, float scale, int window) {
     rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos, scale, window);
+}
+
+// Decode with the output also quantized (see rf_attn): qs, meta as quantize_q8a_f32 writes them.
+extern "C" __global__ void attn_decode_q8a_f16kv_f32(const float* __restrict__ q, const rf_half* __restrict__ k,
+                                                     const rf_half* __restrict__ v, float* __restrict__ out,
+                                                     int n_heads, int n_kv_heads, int head_dim, int seq_cap,
+                                                     int pos, float scale, int window, i8* __restrict__ qs,
+                                                     float2* __restrict__ meta) {
+    rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos, scale, window, qs, meta);
 }
 
 // Prefill: n_tokens (= gridDim.x) new tokens at positions pos0 .. pos0 + n_tokens, causal.

@@ -616,6 +616,34 @@ fn check_attention<D: KernelDevice>(
         ),
         1e-4,
     );
+    // Decode with the output quantized in the same launch: the same f32 output, and the same
+    // quants and scales as quantize_q8a of it (the O product's input).
+    {
+        let width = q.len();
+        let sep = d.alloc(q8a_bytes(1, width), "xq").expect("alloc");
+        d.quantize_q8a(s, &od, &sep, 1, width).expect("quantize");
+        let (o2, xq) = (
+            d.alloc(width * 4, "o2").expect("alloc"),
+            d.alloc(q8a_bytes(1, width), "xq fused").expect("alloc"),
+        );
+        let (quants, scales) = (
+            view(&xq, 0, width).expect("view"),
+            view(&xq, width, width / 32 * 8).expect("view"),
+        );
+        d.attention_q8a(s, &qd, &kc, &vc, &o2, a, Some((&quants, &scales)))
+            .expect("decode, quantized");
+        s.synchronize().expect("sync");
+        let same_out =
+            o2.to_vec::<u32>(width).expect("read") == od.to_vec::<u32>(width).expect("read");
+        let same_q8 = xq.to_vec::<u8>(q8a_bytes(1, width)).expect("read")
+            == sep.to_vec::<u8>(q8a_bytes(1, width)).expect("read");
+        t.add(
+            "attn_decode_q8a_f16kv_f32 == attn_decode + quantize_q8a (bits)",
+            "f16kv",
+            if same_out && same_q8 { 0.0 } else { 1.0 },
+            0.0,
+        );
+    }
     // The same query with a sliding window of 37 positions (Mistral's kind).
     d.attention(s, &qd, &kc, &vc, &od, AttnParams { window: 37, ..a })
         .expect("decode, window");

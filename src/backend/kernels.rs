@@ -140,6 +140,7 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
             "attention.cu",
             names(&[
                 "attn_decode_f16kv_f32",
+                "attn_decode_q8a_f16kv_f32",
                 "attn_prefill_f16kv_f32",
                 "attn_prefill_tiled_f16kv_f32",
             ]),

@@ -626,7 +626,12 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
             self.act(Act::Attn)?,
         );
         // Each sequence stores its keys and values in its own cache and attends over it; the
-        // projections before and after run once over every row of the step.
+        // projections before and after run once over every row of the step. A decode step of
+        // the 8-bit path also quantizes the output for the O product in the same launch.
+        let fuse_q8 = self.q8_step()
+            && ad % 32 == 0
+            && self.kv_layout.head_dim % 32 == 0
+            && self.segs.iter().all(|sg| sg.n == 1);
         let kvb = self.kv_layout.bytes();
         for sg in self.segs {
             let kc = sg.kv.slice((2 * l) * kvb, kvb)?;
@@ -644,7 +649,18 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
             };
             let qs = q.slice(sg.first * qd * 4, sg.n * qd * 4)?;
             let os = attn.slice(sg.first * ad * 4, sg.n * ad * 4)?;
-            dev.attention(st, &qs, &kc, &vc, &os, ap)?;
+            if fuse_q8 {
+                // Row r of the q8a layout: quants at r * ad, its (d, sum) pairs after all rows'.
+                let xq = View::of(&self.s.xq);
+                let quants = xq.slice(sg.first * ad, ad)?;
+                let scales = xq.slice(self.n * ad + sg.first * (ad / 32) * 8, ad / 32 * 8)?;
+                dev.attention_q8a(st, &qs, &kc, &vc, &os, ap, Some((&quants, &scales)))?;
+            } else {
+                dev.attention(st, &qs, &kc, &vc, &os, ap)?;
+            }
+        }
+        if fuse_q8 {
+            self.q8_of = Some(Act::Attn);
         }
         Ok(())
     }

@@ -1107,6 +1107,24 @@ pub trait GpuOps: KernelDevice {
         out: &dyn DeviceBuffer,
         a: AttnParams,
     ) -> BackendResult<()> {
+        self.attention_q8a(s, q, k_cache, v_cache, out, a, None)
+    }
+
+    /// [`Self::attention`]; with `q8` = (quants, scales) and one token (decode), its output is
+    /// also quantized as [`Self::quantize_q8a`] would write it (`quants`: `n_heads * head_dim`
+    /// bytes, `scales`: a (d, sum) f32 pair per 32 of them), in the same launch. `head_dim`
+    /// must be a multiple of 32 for it.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_q8a(
+        &self,
+        s: &Self::Stream,
+        q: &dyn DeviceBuffer,
+        k_cache: &dyn DeviceBuffer,
+        v_cache: &dyn DeviceBuffer,
+        out: &dyn DeviceBuffer,
+        a: AttnParams,
+        q8: Option<(&dyn DeviceBuffer, &dyn DeviceBuffer)>,
+    ) -> BackendResult<()> {
         const OP: &str = "attention";
         let kv = a.kv;
         let w = self.warp_size() as usize;
@@ -1137,6 +1155,19 @@ pub trait GpuOps: KernelDevice {
         need(OP, "out", out, n * 4)?;
         need(OP, "k", k_cache, kv.bytes())?;
         need(OP, "v", v_cache, kv.bytes())?;
+        if let Some((qs, meta)) = q8 {
+            if a.n_tokens != 1 || kv.head_dim % 32 != 0 {
+                return Err(BackendError::InvalidArgument {
+                    op: OP,
+                    what: format!(
+                        "a quantized output needs one token and head_dim % 32 == 0 ({} tokens, head_dim {})",
+                        a.n_tokens, kv.head_dim
+                    ),
+                });
+            }
+            need(OP, "quants", qs, n)?;
+            need(OP, "scales", meta, n / 32 * 8)?;
+        }
         if n == 0 {
             return Ok(());
         }
@@ -1161,7 +1192,9 @@ pub trait GpuOps: KernelDevice {
                     block: (self.warp_size() * ATTN_WARPS, 1, 1),
                     shared_bytes: 0,
                 };
-                let name = if a.n_tokens == 1 {
+                let name = if q8.is_some() {
+                    "attn_decode_q8a_f16kv_f32"
+                } else if a.n_tokens == 1 {
                     "attn_decode_f16kv_f32"
                 } else {
                     "attn_prefill_f16kv_f32"
@@ -1178,6 +1211,9 @@ pub trait GpuOps: KernelDevice {
             Arg::F32(a.scale),
             Arg::I32(to_i32(OP, "window", a.window)?),
         ]);
+        if let Some((qs, meta)) = q8 {
+            args.extend([p(qs), p(meta)]);
+        }
         // SAFETY: shapes and buffer sizes checked above; reads stay below pos0 + n_tokens <= seq_cap.
         unsafe { k.launch(s, shape, &args) }
     }
