@@ -392,8 +392,9 @@ fn dot_row<const B: usize>(
 /// tiled kernel).
 const BATCH_TILE: usize = 4;
 
-/// Rows a parallel piece is aligned to (the one-row tile kernel takes 4 weight rows at a time).
-const ROW_ALIGN: usize = 8;
+/// Rows a parallel piece is aligned to: the AMX lanes kernel takes 16 weight rows at a time (a
+/// piece's remainder goes to the AVX kernel), the one-row tile kernel 4.
+const ROW_ALIGN: usize = 16;
 
 /// Fewest activation rows the lanes kernel takes (padding the other lanes); fewer go through
 /// the one-row kernel each, which costs about a third of a lanes pass per row.
@@ -489,17 +490,18 @@ fn rows_range(
     #[cfg(target_arch = "x86_64")]
     if let Path::Tile(isa) = path {
         let n = r1 - r0;
+        let groups = acts.lanes();
+        let tile = &mut scratch.tile;
+        tile.resize(n * groups.len(), [0.0; LANES]);
+        lanes_kernel(mat.ty, isa, w, cols, groups, &mut tile[..n * groups.len()]);
         let mut b = 0;
-        for g in acts.lanes() {
-            let tile = &mut scratch.tile;
-            tile.resize(n, [0.0; LANES]);
-            lanes_kernel(mat.ty, isa, w, cols, g, &mut tile[..n]);
+        for (g, tg) in groups.iter().zip(tile.chunks_exact(n.max(1))) {
             for t in 0..g.rows() {
                 assert!(b + t < batch);
                 // SAFETY: rows r0..r1 of this matrix belong to this piece only (`matmul_fused`
                 // cuts the rows into disjoint pieces, each run by one task).
                 let dst = unsafe { out.slice((b + t) * rows + r0, n) };
-                for (d, o) in dst.iter_mut().zip(&tile[..n]) {
+                for (d, o) in dst.iter_mut().zip(tg) {
                     *d = o[t];
                 }
             }
@@ -573,8 +575,9 @@ fn rows4_kernel(ty: GgmlType, isa: Isa, w: &[u8], cols: usize, act: &ActQ8, out:
     }
 }
 
-/// Runs the lanes tile kernel of `ty` (a type [`choose`] gives `Path::Tile`): the rows of `w` times the
-/// interleaved activation rows of `a`.
+/// Runs the lanes tile kernel of `ty` (a type [`choose`] gives `Path::Tile`): the rows of `w`
+/// times the interleaved activation rows of each group in `groups`, group g's results in
+/// `out[g * n .. (g + 1) * n]` (`n` rows each).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn lanes_kernel(
@@ -582,34 +585,62 @@ fn lanes_kernel(
     isa: Isa,
     w: &[u8],
     cols: usize,
-    a: &ActLanes,
+    groups: &[ActLanes],
     out: &mut [[f32; LANES]],
 ) {
     let nb = cols / ty.block_elems() as usize;
-    // AMX tile products for whole groups of 16 rows where the CPU has them, the AVX kernel for
-    // the rest (the same bits either way).
-    let rb = nb * ty.block_bytes() as usize;
-    let done = amx_type(ty)
-        .filter(|_| isa == Isa::Vnni && a.nb() == nb && simd_tile::amx::enabled())
-        // SAFETY: enabled() checked; `w` holds out.len() rows of rb bytes (as below).
-        .map_or(0, |t| unsafe { simd_tile::amx::lanes(t, w, rb, a, out) });
-    let (w, out) = (&w[done * rb..], &mut out[done..]);
-    if out.is_empty() {
+    if groups.is_empty() || out.len() < groups.len() {
         return;
     }
-    // SAFETY: as in `rows4_kernel`; `a` was interleaved from rows of `cols` values (the kernels
-    // assert it covers `nb` blocks).
-    unsafe {
-        match ty {
-            GgmlType::Q4_1 => simd_tile::q4_1_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
-            GgmlType::Q4_0 => simd_tile::q4_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
-            GgmlType::Q5_0 => simd_tile::q5_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
-            GgmlType::Q5_1 => simd_tile::q5_1_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
-            GgmlType::Q4_K => simd_tile::q4_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
-            GgmlType::Q5_K => simd_tile::q5_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
-            GgmlType::Q6_K => simd_tile::q6_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
-            GgmlType::Q3_K => simd_tile::q3_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
-            _ => simd_tile::q8_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
+    let n = out.len() / groups.len();
+    // AMX tile products for whole groups of 16 rows where the CPU has them (each tile unpacked
+    // once for all the groups), the AVX kernel for the rest (the same bits either way).
+    let rb = nb * ty.block_bytes() as usize;
+    let done = amx_type(ty)
+        .filter(|_| {
+            isa == Isa::Vnni && groups.iter().all(|g| g.nb() == nb) && simd_tile::amx::enabled()
+        })
+        .map_or(0, |t| {
+            let mut outs: Vec<&mut [[f32; LANES]]> = out.chunks_exact_mut(n).collect();
+            // SAFETY: enabled() checked; `w` holds n rows of rb bytes (as below).
+            unsafe { simd_tile::amx::lanes(t, w, rb, groups, &mut outs) }
+        });
+    if done == n {
+        return;
+    }
+    let w = &w[done * rb..];
+    for (a, out) in groups.iter().zip(out.chunks_exact_mut(n)) {
+        let out = &mut out[done..];
+        // SAFETY: as in `rows4_kernel`; `a` was interleaved from rows of `cols` values (the
+        // kernels assert it covers `nb` blocks).
+        unsafe {
+            match ty {
+                GgmlType::Q4_1 => {
+                    simd_tile::q4_1_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
+                }
+                GgmlType::Q4_0 => {
+                    simd_tile::q4_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
+                }
+                GgmlType::Q5_0 => {
+                    simd_tile::q5_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
+                }
+                GgmlType::Q5_1 => {
+                    simd_tile::q5_1_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
+                }
+                GgmlType::Q4_K => {
+                    simd_tile::q4_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
+                }
+                GgmlType::Q5_K => {
+                    simd_tile::q5_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
+                }
+                GgmlType::Q6_K => {
+                    simd_tile::q6_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
+                }
+                GgmlType::Q3_K => {
+                    simd_tile::q3_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
+                }
+                _ => simd_tile::q8_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
+            }
         }
     }
 }

@@ -127,7 +127,7 @@ fn tile_kernels_match_the_scalar_reference() {
                     let mut b0 = 0;
                     for g in acts.lanes() {
                         let mut tile = vec![[0.0f32; LANES]; rows];
-                        lanes_kernel(ty, isa, &w, cols, g, &mut tile);
+                        lanes_kernel(ty, isa, &w, cols, std::slice::from_ref(g), &mut tile);
                         for t in 0..g.rows() {
                             let got: Vec<u32> = tile.iter().map(|o| o[t].to_bits()).collect();
                             assert_eq!(
@@ -197,7 +197,7 @@ fn integer_kernels_agree() {
                     lanes.fill(&x.repeat(5), cols);
                     lanes.fill_lanes(1);
                     let mut tile = [[0.0f32; LANES]; 4];
-                    lanes_kernel(ty, isa, &w, cols, &lanes.lanes()[0], &mut tile);
+                    lanes_kernel(ty, isa, &w, cols, &lanes.lanes()[..1], &mut tile);
                     got.push(("lanes tile", tile[r][4]));
                 }
             }
@@ -228,7 +228,9 @@ fn amx_lanes_match_the_scalar_reference() {
     );
     // 37 rows: two 16-row tile groups and 5 rows for the AVX kernel.
     let rows = 37;
-    for (cols, batch) in [(64, 8), (576, 3), (1024, 8)] {
+    // 19 activation rows: groups of 8, 8 and 3, one call for all of them (each tile unpacked
+    // once for the three).
+    for (cols, batch) in [(64, 8), (576, 3), (1024, 19)] {
         let x: Vec<f32> = (0..batch * cols)
             .map(|i| ((i * 7877) % 991) as f32 / 991.0 - 0.48)
             .collect();
@@ -238,21 +240,27 @@ fn amx_lanes_match_the_scalar_reference() {
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let w = raw_rows(ty, rows, cols, 0x51ed_270b_a3c1_ee11 ^ cols as u64);
             let rb = w.len() / rows;
-            let g = &acts.lanes()[0];
-            let mut tile = vec![[0.0f32; LANES]; rows];
-            lanes_kernel(ty, best, &w, cols, g, &mut tile);
-            for t in 0..g.rows() {
-                let a = acts.row(t);
-                for (r, o) in tile.iter().enumerate() {
-                    let want = dot_tile_scalar(ty, &w[r * rb..(r + 1) * rb], &a);
-                    assert_eq!(
-                        o[t].to_bits(),
-                        want.to_bits(),
-                        "{ty} row {r} lane {t} cols {cols}: {} vs {want}",
-                        o[t]
-                    );
+            let groups = acts.lanes();
+            let mut tile = vec![[0.0f32; LANES]; rows * groups.len()];
+            lanes_kernel(ty, best, &w, cols, groups, &mut tile);
+            let mut b0 = 0;
+            for (g, tg) in groups.iter().zip(tile.chunks_exact(rows)) {
+                for t in 0..g.rows() {
+                    let a = acts.row(b0 + t);
+                    for (r, o) in tg.iter().enumerate() {
+                        let want = dot_tile_scalar(ty, &w[r * rb..(r + 1) * rb], &a);
+                        assert_eq!(
+                            o[t].to_bits(),
+                            want.to_bits(),
+                            "{ty} row {r} row {} cols {cols}: {} vs {want}",
+                            b0 + t,
+                            o[t]
+                        );
+                    }
                 }
+                b0 += g.rows();
             }
+            assert_eq!(b0, batch);
         }
     }
 }

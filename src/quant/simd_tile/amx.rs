@@ -111,31 +111,59 @@ impl TileConfig {
 #[repr(C, align(64))]
 struct Aligned<T>(T);
 
-/// `out[r][t] = W[r] . X[t]` for the first `out.len() / 16 * 16` rows of `w` (rows of
-/// `row_bytes`, blocks of `ty`) and the interleaved activation rows of `a`; returns the rows
-/// done (the caller runs the rest with the AVX kernel).
+/// Per-thread buffers of the kernel: one 16-row tile's unpacked quants and converted scales
+/// and mins, for every block of a row (reused across calls).
+#[derive(Default)]
+struct Scratch {
+    abuf: Vec<u8>,
+    dw: Vec<f32>,
+    mw: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// `outs[g][r][t] = W[r] . X_g[t]` for the first `n / 16 * 16` rows of `w` (rows of
+/// `row_bytes`, blocks of `ty`; `n` = every `outs[g].len()`) and the interleaved activation
+/// rows of each group `groups[g]`: each 16-row tile is unpacked once for all the groups (a
+/// prompt's). Returns the rows done (the caller runs the rest with the AVX kernel).
 ///
 /// # Safety
-/// [`enabled`] returned true; `w` holds `out.len()` rows of `row_bytes` = `a.nb()` blocks.
+/// [`enabled`] returned true; `w` holds `n` rows of `row_bytes` = `nb` blocks, the `nb` of
+/// every group.
 pub unsafe fn lanes(
     ty: AmxType,
     w: &[u8],
     row_bytes: usize,
-    a: &ActLanes,
-    out: &mut [[f32; LANES]],
+    groups: &[ActLanes],
+    outs: &mut [&mut [[f32; LANES]]],
 ) -> usize {
-    let nb = a.nb();
+    let (Some(g0), Some(o0)) = (groups.first(), outs.first()) else {
+        return 0;
+    };
+    let (nb, n) = (g0.nb(), o0.len());
+    assert_eq!(groups.len(), outs.len());
+    assert!(groups.iter().all(|g| g.nb() == nb) && outs.iter().all(|o| o.len() == n));
     assert_eq!(row_bytes, nb * ty.block_bytes());
-    assert!(w.len() >= out.len() * row_bytes);
-    let rows = out.len() / ROWS * ROWS;
+    assert!(w.len() >= n * row_bytes);
+    let rows = n / ROWS * ROWS;
     if rows == 0 || nb == 0 {
         return 0;
     }
-    match ty {
-        AmxType::Q4_0 => tiles::<0>(w, row_bytes, a, &mut out[..rows]),
-        AmxType::Q4_1 => tiles::<1>(w, row_bytes, a, &mut out[..rows]),
-        AmxType::Q8_0 => tiles::<2>(w, row_bytes, a, &mut out[..rows]),
-    }
+    SCRATCH.with(|cell| {
+        let mut fresh = Scratch::default();
+        let mut held = cell.try_borrow_mut();
+        let s = match held.as_deref_mut() {
+            Ok(s) => s,
+            Err(_) => &mut fresh,
+        };
+        match ty {
+            AmxType::Q4_0 => tiles::<0>(w, row_bytes, groups, outs, rows, s),
+            AmxType::Q4_1 => tiles::<1>(w, row_bytes, groups, outs, rows, s),
+            AmxType::Q8_0 => tiles::<2>(w, row_bytes, groups, outs, rows, s),
+        }
+    });
     rows
 }
 
@@ -147,27 +175,32 @@ const fn ty_of(t: u8) -> AmxType {
     }
 }
 
-/// Blocks whose weights are unpacked (and scales converted) ahead of their tile products: the
-/// unpacked bytes are in L1 and long stored when the tile loads read them.
-const CHUNK: usize = 16;
-
-/// The kernel for `rows` (a multiple of 16) rows; `TY` indexes [`AmxType`] (0 Q4_0, 1 Q4_1,
-/// 2 Q8_0). Per tile of 16 rows, a chunk of blocks at a time: the 16 rows' scales (and mins)
-/// of every block gathered and converted, their nibbles unpacked; then the tile products, two
+/// The kernel for the first `rows` (a multiple of 16) rows; `TY` indexes [`AmxType`] (0 Q4_0,
+/// 1 Q4_1, 2 Q8_0). Per tile of 16 rows: the 16 rows' scales (and mins) of every block gathered
+/// and converted, their nibbles unpacked, once; then, for each group, the tile products, two
 /// blocks in flight (tmm0/tmm3 the sums, tmm1/tmm4 the weights, tmm2/tmm5 the activations),
 /// each block's sums scaled into the running sums in block order.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
-unsafe fn tiles<const TY: u8>(w: &[u8], rb: usize, a: &ActLanes, out: &mut [[f32; LANES]]) {
+unsafe fn tiles<const TY: u8>(
+    w: &[u8],
+    rb: usize,
+    groups: &[ActLanes],
+    outs: &mut [&mut [[f32; LANES]]],
+    rows: usize,
+    sc: &mut Scratch,
+) {
     let ty = ty_of(TY);
     let (bs, qs_at) = (ty.block_bytes(), ty.qs_at());
-    let nb = a.nb();
+    let nb = groups[0].nb();
     // Q4_0's quants are q - 8: the sums take -8 times the activations' quant sum.
     let offset = _mm256_set1_epi32(if ty == AmxType::Q4_0 { -8 } else { 0 });
     let cfg = TileConfig::lanes();
-    let mut abuf = Aligned([[0u8; ROWS * 32]; CHUNK]);
+    if ty != AmxType::Q8_0 {
+        sc.abuf.resize(nb * ROWS * 32, 0);
+    }
+    sc.dw.resize(nb * ROWS, 0.0);
+    sc.mw.resize(nb * ROWS, 0.0);
     let mut cbuf = Aligned([[0i32; ROWS * LANES]; 2]);
-    let mut dw = Aligned([[0f32; ROWS]; CHUNK]);
-    let mut mw = Aligned([[0f32; ROWS]; CHUNK]);
     // Byte offsets of the 16 rows' blocks from the first's (gather indices).
     let idx = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -176,51 +209,48 @@ unsafe fn tiles<const TY: u8>(w: &[u8], rb: usize, a: &ActLanes, out: &mut [[f32
     let low4 = _mm_set1_epi8(0x0F);
     // SAFETY: `cfg` is a valid palette-1 configuration (64 bytes, aligned).
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-    for (tile, o) in out.chunks_exact_mut(ROWS).enumerate() {
+    for tile in 0..rows / ROWS {
         let base = w.as_ptr().add(tile * ROWS * rb);
-        let mut acc = [_mm256_setzero_ps(); ROWS];
-        let mut mn = [_mm256_setzero_ps(); ROWS];
-        let mut i0 = 0;
-        while i0 < nb {
-            let n = (nb - i0).min(CHUNK);
-            for j in 0..n {
-                let blk = base.add((i0 + j) * bs);
-                // The 16 rows' scales: the first 4 bytes of each block (d, then Q4_1's m).
-                let dm = _mm512_i32gather_epi32::<1>(idx, blk.cast());
-                _mm512_store_ps(
-                    dw.0[j].as_mut_ptr(),
-                    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm)),
+        for i in 0..nb {
+            let blk = base.add(i * bs);
+            // The 16 rows' scales: the first 4 bytes of each block (d, then Q4_1's m).
+            let dm = _mm512_i32gather_epi32::<1>(idx, blk.cast());
+            _mm512_storeu_ps(
+                sc.dw.as_mut_ptr().add(i * ROWS),
+                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm)),
+            );
+            if ty == AmxType::Q4_1 {
+                _mm512_storeu_ps(
+                    sc.mw.as_mut_ptr().add(i * ROWS),
+                    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm))),
                 );
-                if ty == AmxType::Q4_1 {
-                    _mm512_store_ps(
-                        mw.0[j].as_mut_ptr(),
-                        _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm))),
-                    );
-                }
-                if ty != AmxType::Q8_0 {
-                    for k in 0..ROWS {
-                        let q = _mm_loadu_si128(blk.add(k * rb + qs_at).cast());
-                        let lo = _mm_and_si128(q, low4);
-                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low4);
-                        _mm256_store_si256(
-                            abuf.0[j].as_mut_ptr().add(32 * k).cast(),
-                            _mm256_set_m128i(hi, lo),
-                        );
-                    }
+            }
+            if ty != AmxType::Q8_0 {
+                let dst = sc.abuf.as_mut_ptr().add(i * ROWS * 32);
+                for k in 0..ROWS {
+                    let q = _mm_loadu_si128(blk.add(k * rb + qs_at).cast());
+                    let lo = _mm_and_si128(q, low4);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low4);
+                    _mm256_storeu_si256(dst.add(32 * k).cast(), _mm256_set_m128i(hi, lo));
                 }
             }
+        }
+        for (gi, (a, out)) in groups.iter().zip(outs.iter_mut()).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); ROWS];
+            let mut mn = [_mm256_setzero_ps(); ROWS];
             let mut j = 0;
-            while j < n {
-                let pair = n - j >= 2;
+            while j < nb {
+                let pair = nb - j >= 2;
                 // A: Q8_0's signed quants in place (one row every `rb` bytes), else the
                 // unpacked nibbles.
                 let (a0, a1, astride) = if ty == AmxType::Q8_0 {
-                    let b = base.add((i0 + j) * bs + qs_at);
+                    let b = base.add(j * bs + qs_at);
                     (b, b.add(bs), rb)
                 } else {
-                    (abuf.0[j].as_ptr(), abuf.0[(j + 1).min(n - 1)].as_ptr(), 32)
+                    let b = sc.abuf.as_ptr().add(j * ROWS * 32);
+                    (b, b.add(ROWS * 32 * usize::from(pair)), 32)
                 };
-                let lb0 = &a.blocks[i0 + j];
+                let lb0 = &a.blocks[j];
                 asm!("tileloadd tmm1, [{b} + {s}*1]", b = in(reg) a0, s = in(reg) astride,
                      options(nostack, readonly));
                 asm!("tileloadd tmm2, [{b} + {s}*1]", b = in(reg) lb0.qs.as_ptr(), s = in(reg) 32usize,
@@ -232,7 +262,7 @@ unsafe fn tiles<const TY: u8>(w: &[u8], rb: usize, a: &ActLanes, out: &mut [[f32
                     asm!("tdpbusd tmm0, tmm1, tmm2", options(nostack, nomem));
                 }
                 if pair {
-                    let lb1 = &a.blocks[i0 + j + 1];
+                    let lb1 = &a.blocks[j + 1];
                     asm!("tileloadd tmm4, [{b} + {s}*1]", b = in(reg) a1, s = in(reg) astride,
                          options(nostack, readonly));
                     asm!("tileloadd tmm5, [{b} + {s}*1]", b = in(reg) lb1.qs.as_ptr(), s = in(reg) 32usize,
@@ -250,49 +280,50 @@ unsafe fn tiles<const TY: u8>(w: &[u8], rb: usize, a: &ActLanes, out: &mut [[f32
                     asm!("tilestored [{b} + {s}*1], tmm3", b = in(reg) cbuf.0[1].as_mut_ptr(), s = in(reg) 32usize,
                          options(nostack));
                 }
-                for h in 0..(1 + pair as usize) {
-                    // The next tile (16 rows, contiguous after these) prefetched at the pace of
-                    // this one's products, a block's share per block: spread, not in a burst
-                    // (a burst waits for the core's few outstanding-miss slots). Only a hint:
-                    // the address may lie past the matrix and is never dereferenced.
-                    let ahead = base.wrapping_add(ROWS * rb + (i0 + j + h) * ROWS * bs);
-                    let mut off = 0;
-                    while off < ROWS * bs {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
-                        off += 64;
+                for h in 0..(1 + usize::from(pair)) {
+                    if gi == 0 {
+                        // The next tile (16 rows, contiguous after these) prefetched at the pace
+                        // of this one's products, a block's share per block: spread, not in a
+                        // burst (a burst waits for the core's few outstanding-miss slots). Only
+                        // a hint: the address may lie past the matrix and is never dereferenced.
+                        let ahead = base.wrapping_add(ROWS * rb + (j + h) * ROWS * bs);
+                        let mut off = 0;
+                        while off < ROWS * bs {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
+                            off += 64;
+                        }
                     }
-                    let lb = &a.blocks[i0 + j + h];
+                    let lb = &a.blocks[j + h];
                     let dx = _mm256_loadu_ps(lb.d.as_ptr());
                     let init =
                         _mm256_mullo_epi32(offset, _mm256_loadu_si256(lb.isum.as_ptr().cast()));
                     let c = &cbuf.0[h];
-                    let d = &dw.0[j + h];
+                    let d = &sc.dw[(j + h) * ROWS..(j + h + 1) * ROWS];
                     for (k, acc) in acc.iter_mut().enumerate() {
                         let s =
                             _mm256_add_epi32(init, _mm256_load_si256(c.as_ptr().add(8 * k).cast()));
-                        let sc = _mm256_mul_ps(_mm256_set1_ps(d[k]), dx);
-                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, *acc);
+                        let scale = _mm256_mul_ps(_mm256_set1_ps(d[k]), dx);
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *acc);
                     }
                     if ty == AmxType::Q4_1 {
                         // The min terms, summed apart over the blocks as the AVX kernel does.
                         let ds = _mm256_loadu_ps(lb.ds.as_ptr());
-                        let m = &mw.0[j + h];
+                        let m = &sc.mw[(j + h) * ROWS..(j + h + 1) * ROWS];
                         for (k, v) in mn.iter_mut().enumerate() {
                             *v = _mm256_fmadd_ps(_mm256_set1_ps(m[k]), ds, *v);
                         }
                     }
                 }
-                j += 1 + pair as usize;
+                j += 1 + usize::from(pair);
             }
-            i0 += n;
-        }
-        for (k, dst) in o.iter_mut().enumerate() {
-            let v = if ty == AmxType::Q4_1 {
-                _mm256_add_ps(acc[k], mn[k])
-            } else {
-                acc[k]
-            };
-            _mm256_storeu_ps(dst.as_mut_ptr(), v);
+            for (k, dst) in out[tile * ROWS..(tile + 1) * ROWS].iter_mut().enumerate() {
+                let v = if ty == AmxType::Q4_1 {
+                    _mm256_add_ps(acc[k], mn[k])
+                } else {
+                    acc[k]
+                };
+                _mm256_storeu_ps(dst.as_mut_ptr(), v);
+            }
         }
     }
     asm!("tilerelease", options(nostack, nomem));
