@@ -36,6 +36,10 @@
 //! i32 lanes in one instruction; Zen 4, Ice Lake and later). The VNNI set needs Rust 1.89
 //! (stable AVX-512 intrinsics and target features), the crate's minimum; it was behind the
 //! opt-in feature `cpu-avx512` while the minimum was 1.85, which is now a no-op.
+//!
+//! Where the CPU has AMX-INT8 (Sapphire Rapids and later) and Linux grants the tile state, the
+//! lanes products of Q4_0, Q4_1 and Q8_0 take 16 weight rows at a time through tile products
+//! instead ([`amx`], the same bits; `ROCMFORGE_CPU_ISA=vnni` keeps the VNNI kernel).
 
 use super::act::{ActLanes, ActQ8, LaneBlock, LANES};
 use super::blocks::*;
