@@ -613,34 +613,21 @@ fn lanes_kernel(
         let out = &mut out[done..];
         // SAFETY: as in `rows4_kernel`; `a` was interleaved from rows of `cols` values (the
         // kernels assert it covers `nb` blocks).
-        unsafe {
-            match ty {
-                GgmlType::Q4_1 => {
-                    simd_tile::q4_1_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
-                }
-                GgmlType::Q4_0 => {
-                    simd_tile::q4_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
-                }
-                GgmlType::Q5_0 => {
-                    simd_tile::q5_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
-                }
-                GgmlType::Q5_1 => {
-                    simd_tile::q5_1_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
-                }
-                GgmlType::Q4_K => {
-                    simd_tile::q4_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
-                }
-                GgmlType::Q5_K => {
-                    simd_tile::q5_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
-                }
-                GgmlType::Q6_K => {
-                    simd_tile::q6_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
-                }
-                GgmlType::Q3_K => {
-                    simd_tile::q3_k_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out)
-                }
-                _ => simd_tile::q8_0_lanes(isa, as_blocks(w).unwrap_or(&[]), nb, a, out),
-            }
+        macro_rules! run {
+            ($f:ident) => {
+                unsafe { simd_tile::$f(isa, as_blocks(w).unwrap_or(&[]), nb, a, out) }
+            };
+        }
+        match ty {
+            GgmlType::Q4_1 => run!(q4_1_lanes),
+            GgmlType::Q4_0 => run!(q4_0_lanes),
+            GgmlType::Q5_0 => run!(q5_0_lanes),
+            GgmlType::Q5_1 => run!(q5_1_lanes),
+            GgmlType::Q4_K => run!(q4_k_lanes),
+            GgmlType::Q5_K => run!(q5_k_lanes),
+            GgmlType::Q6_K => run!(q6_k_lanes),
+            GgmlType::Q3_K => run!(q3_k_lanes),
+            _ => run!(q8_0_lanes),
         }
     }
 }
