@@ -189,6 +189,8 @@ fn bench_json_reports_pp_and_tg() {
         "16",
         "-n",
         "4",
+        "-d",
+        "8",
         "-r",
         "2",
         "--json",
@@ -207,7 +209,7 @@ fn bench_json_reports_pp_and_tg() {
         .iter()
         .map(|t| t["test"].as_str().unwrap())
         .collect();
-    assert_eq!(tests, ["pp16", "tg4"]);
+    assert_eq!(tests, ["pp16", "tg4@d8"]);
     for t in j.as_array().unwrap() {
         assert_eq!(t["samples"].as_array().unwrap().len(), 2);
         assert!(t["tokens_per_second"].as_f64().unwrap() > 0.0);

@@ -1,7 +1,8 @@
 //! `rocmforge bench`: prompt-processing (pp) and decode (tg) throughput, llama-bench style.
 //!
 //! pp N: one batched forward over N tokens into an empty cache. tg N: N single-token decode
-//! steps from an empty cache. Each test runs once untimed (warm-up: page faults, pool spin-up)
+//! steps from an empty cache, or with `-d D` after a D-token prompt (`tg128@d4000`: decode at
+//! context 4,000; the prompt's prefill is not timed). Each test runs once untimed (warm-up: page faults, pool spin-up)
 //! and then `-r` times; the reported figure is the median.
 
 use super::engine::{Engine, EngineArgs};
@@ -24,6 +25,10 @@ pub struct BenchArgs {
     /// Generated tokens of the tg test (0 skips it).
     #[arg(short = 'n', long = "n-gen", default_value_t = 64)]
     pub n_gen: usize,
+    /// Context depth of the tg test: the decode steps follow an untimed D-token prompt
+    /// (llama-bench's `-d`); 0 decodes from an empty cache.
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    pub n_depth: usize,
     /// Timed repetitions per test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub repetitions: usize,
@@ -150,14 +155,16 @@ fn pp(
     Ok(n as f64 / t0.elapsed().as_secs_f64())
 }
 
-/// tg N: N single-token decode steps, timed between the first and the last token.
+/// tg N: N single-token decode steps after a `depth`-token prompt (at least one token), timed
+/// between the first generated token (the prompt's prefill done) and the last.
 fn tg(
     engine: &Engine,
     n: usize,
+    depth: usize,
     vocab: usize,
     run: usize,
 ) -> Result<f64, Box<dyn std::error::Error>> {
-    let mut req = GenerateRequest::tokens(salted_tokens(1, vocab, run), n + 1);
+    let mut req = GenerateRequest::tokens(salted_tokens(depth.max(1), vocab, run), n + 1);
     req.stop_at_eos = false;
     let mut first = None;
     let mut last = Instant::now();
@@ -183,7 +190,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let backend = a.backend;
     let model = ModelArgs {
         model: a.model.clone(),
-        ctx: a.n_prompt.max(a.n_gen + 1).max(16),
+        ctx: a.n_prompt.max(a.n_depth.max(1) + a.n_gen + 1).max(16),
         precision: a.precision,
         threads: a.threads,
     };
@@ -198,19 +205,27 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         _ => 1,
     };
     let mut results = Vec::new();
-    type Test = fn(&Engine, usize, usize, usize) -> Result<f64, Box<dyn std::error::Error>>;
-    let tests: [(&str, usize, Test); 2] = [("pp", a.n_prompt, pp), ("tg", a.n_gen, tg)];
-    for (name, n, f) in tests {
+    type Test = fn(&Engine, usize, usize, usize, usize) -> Result<f64, Box<dyn std::error::Error>>;
+    let pp_test: Test = |e, n, _depth, vocab, run| pp(e, n, vocab, run);
+    let tests: [(&str, usize, usize, Test); 2] = [
+        ("pp", a.n_prompt, 0, pp_test),
+        ("tg", a.n_gen, a.n_depth, tg),
+    ];
+    for (name, n, depth, f) in tests {
         if n == 0 {
             continue;
         }
         // One untimed run first (page faults, pool spin-up, the load itself).
-        f(&engine, n, vocab, 0)?;
+        f(&engine, n, depth, vocab, 0)?;
         let samples = (1..=a.repetitions.max(1))
-            .map(|run| f(&engine, n, vocab, run))
+            .map(|run| f(&engine, n, depth, vocab, run))
             .collect::<Result<Vec<f64>, _>>()?;
         let r = BenchResult {
-            test: format!("{name}{n}"),
+            test: if depth > 0 {
+                format!("{name}{n}@d{depth}")
+            } else {
+                format!("{name}{n}")
+            },
             tokens_per_second: median(&samples),
             samples,
             backend: engine.backend.to_string(),
