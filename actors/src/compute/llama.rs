@@ -348,6 +348,10 @@ impl ModelCompute for LlamaCompute {
         self.model.hparams().n_layer
     }
 
+    fn host_parallel(&self) -> bool {
+        true
+    }
+
     fn is_end_of_generation(&self, token: u32) -> bool {
         self.tokenizer.as_ref().is_some_and(|t| t.is_eog(token))
     }

@@ -79,6 +79,12 @@ pub trait ModelCompute: Send {
     /// would stall a request if done during it (the GPU opens its vendor GEMM here). Default:
     /// nothing.
     fn idle(&mut self) {}
+    /// Whether a step's work runs in parallel loops on the Inference actor's thread pool (the
+    /// CPU compute): the actor then keeps the pool's threads polling through each step
+    /// instead of letting them sleep between loops. Default: no.
+    fn host_parallel(&self) -> bool {
+        false
+    }
     /// Whether `token` ends generation (eos, eot, end of turn: the tokenizer's one set).
     fn is_end_of_generation(&self, token: u32) -> bool;
     /// Tokens one sequence holds (prompt and generated); `None`: unbounded.

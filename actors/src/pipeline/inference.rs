@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 mod sessions;
 mod step;
+mod warm;
 
 use sessions::{KeptSequence, KvSlot};
 
@@ -160,6 +161,7 @@ fn start(cfg: InferenceConfig, ready: Readiness) {
                 running: Vec::new(),
                 held: None,
                 deferred: Default::default(),
+                warm: Default::default(),
             };
             actor.publish();
             actor.run();
@@ -189,6 +191,8 @@ pub(super) struct Inference {
     held: Option<Job>,
     /// Requests taken from the queue that wait for an earlier turn of their session to end.
     deferred: std::collections::VecDeque<Job>,
+    /// The compute pool's other threads kept polling through a step (a CPU compute's).
+    warm: warm::Warm,
 }
 
 /// A sequence of the running set: its request, KV, sampling state and stream.
@@ -529,6 +533,9 @@ impl Inference {
             self.running = running;
             return;
         }
+        // A CPU compute's step: the pool's other threads poll for its loops' work until the
+        // tokens are sampled (`warm`).
+        let _warm = self.compute.host_parallel().then(|| self.warm.step());
         let result = self.run_step(&mut running, &take);
         match result {
             Ok(logits) => self.sample_all(&mut running, &take, logits),

@@ -63,6 +63,10 @@ impl Inference {
             if all_gone() {
                 return Err(RuntimeError::Cancelled);
             }
+            // Pollers that gave up during a wait for a streamed unit start again (`warm`).
+            if self.compute.host_parallel() {
+                self.warm.arm();
+            }
             match self.cfg.plan.experts_of(l) {
                 None => self.with_unit(&cancel, l, |c, w| {
                     c.layer_batch(l, w, &mut batch, &mut hidden)
