@@ -112,6 +112,7 @@ extern "C" __global__ void attn_decode_q8a_f16kv_f32(const float* __restrict__ q
                                                      int n_heads, int n_kv_heads, int head_dim, int seq_cap,
                                                      int pos, float scale, int window, i8* __restrict__ qs,
                                                      float2* __restrict__ meta) {
+    rf_grid_launch_dependents();  // the O product follows (vendor.cuh)
     rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos, scale, window, qs, meta);
 }
 

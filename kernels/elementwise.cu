@@ -92,10 +92,12 @@ __device__ __forceinline__ void rf_glu_q8a(const float* gate, const float* up, f
 
 extern "C" __global__ void swiglu_q8a_f32(const float* gate, const float* up, float* out, i8* qs,
                                           float2* meta, int n) {
+    rf_grid_launch_dependents();  // a product follows (vendor.cuh)
     rf_glu_q8a(gate, up, out, qs, meta, n, false);
 }
 
 extern "C" __global__ void geglu_tanh_q8a_f32(const float* gate, const float* up, float* out,
                                               i8* qs, float2* meta, int n) {
+    rf_grid_launch_dependents();  // a product follows (vendor.cuh)
     rf_glu_q8a(gate, up, out, qs, meta, n, true);
 }

@@ -222,6 +222,7 @@ struct Q8Q6_K {
 #define RF_Q8A_THREADS 256
 extern "C" __global__ void quantize_q8a_f32(const float* __restrict__ x, i8* __restrict__ qs,
                                             float2* __restrict__ meta, int nblk) {
+    rf_grid_launch_dependents();  // a product follows (vendor.cuh)
     const int blk = (blockIdx.x * RF_Q8A_THREADS + threadIdx.x) / 32;
     const int i = threadIdx.x % 32;
     const bool live = blk < nblk;
@@ -308,6 +309,7 @@ __device__ __forceinline__ void rf_mmvq8(const void* __restrict__ w0, const void
     float sum[NV];
 #pragma unroll
     for (int j = 0; j < NV; ++j) sum[j] = 0.f;
+    rf_grid_wait();  // the activations (and `acc`'s y) come from the kernels before
 #pragma unroll 4
     for (int i = tid; i < items; i += NT) {
         const int ib = i / T::LPB, p = i % T::LPB;
@@ -376,6 +378,9 @@ __device__ __forceinline__ void rf_mmvq8s(const void* __restrict__ w0, const voi
         }                                                                                    \
     }
     if (wsub < nchunk) RF_STAGE_LOAD(wsub)
+    // The first chunk's weights are in flight; the activations (and `acc`'s y) come from the
+    // kernels before: with an early launch, wait for them here (vendor.cuh).
+    rf_grid_wait();
     for (int c = wsub; c < nchunk; c += WPR) {
         const int cb = min(S::CB, nb - c * S::CB);
         const int v16 = cb * (int)sizeof(typename T::block) / 16;

@@ -55,6 +55,7 @@ extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rmsnorm_f32(const f
 extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rmsnorm_q8a_f32(const float* x, const float* __restrict__ w, float* out,
                                            i8* __restrict__ qs, float2* __restrict__ meta,
                                            int ncols, float eps) {
+    rf_grid_launch_dependents();  // a product follows (vendor.cuh)
     const float* xr = x + (i64)blockIdx.x * ncols;
     float* orow = out + (i64)blockIdx.x * ncols;
     float v[RF_NORM_REG], wv[RF_NORM_REG];

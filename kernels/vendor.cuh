@@ -83,4 +83,22 @@ __device__ __forceinline__ void rf_syncwarp() {
 }
 #endif
 
+// Programmatic dependent launch (CUDA, sm_90 and later). A product launched with it
+// (`DeviceKernel::launch_early`) may start while the stream's previous kernel finishes: it
+// issues its weight loads (never written by a kernel), then rf_grid_wait() blocks until the
+// previous kernel has completed and its writes are visible, before it reads the activations
+// or writes its output. rf_grid_launch_dependents() in the kernels before products lets that
+// start happen as soon as all of their blocks are running. Launched without the attribute,
+// or on HIP and older GPUs, both do nothing.
+__device__ __forceinline__ void rf_grid_wait() {
+#if defined(RF_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void rf_grid_launch_dependents() {
+#if defined(RF_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 #define RF_INF __int_as_float(0x7f800000)

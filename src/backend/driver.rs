@@ -150,6 +150,23 @@ pub unsafe trait Driver: fmt::Debug + Send + Sync + 'static {
         s: Self::RawStream,
         args: &[Arg],
     ) -> Result<(), String>;
+    /// Queues `f` as [`launch`](Self::launch) does, allowed to start while the previous kernel
+    /// on `s` finishes (CUDA's programmatic dependent launch, sm_90 and later): `f` must call
+    /// `rf_grid_wait()` (kernels/vendor.cuh) before it touches anything that kernel reads or
+    /// writes. Default, and where the device has no such launch: an ordinary one.
+    ///
+    /// # Safety
+    /// As [`launch`](Self::launch), and `f` waits as just said.
+    unsafe fn launch_early(
+        &self,
+        f: Self::RawFunction,
+        shape: LaunchShape,
+        s: Self::RawStream,
+        args: &[Arg],
+    ) -> Result<(), String> {
+        // SAFETY: the caller's contract includes `launch`'s.
+        unsafe { self.launch(f, shape, s, args) }
+    }
 }
 
 /// One device allocation, freed on drop.

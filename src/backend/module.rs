@@ -130,6 +130,29 @@ impl<D: Driver> Kernel<D> {
             }
         })
     }
+
+    /// [`launch`](Self::launch), allowed to start while the stream's previous kernel finishes
+    /// (`Driver::launch_early`).
+    ///
+    /// # Safety
+    /// As [`launch`](Self::launch), and the kernel calls `rf_grid_wait()` before it touches
+    /// anything the previous kernel reads or writes.
+    pub unsafe fn launch_early(
+        &self,
+        stream: &Stream<D>,
+        shape: LaunchShape,
+        args: &[Arg],
+    ) -> BackendResult<()> {
+        let drv = &self.module.drv;
+        drv.make_current()?;
+        // SAFETY: as in `launch`; the early start's contract is the caller's.
+        unsafe { drv.launch_early(self.raw, shape, stream.raw(), args) }.map_err(|reason| {
+            BackendError::Launch {
+                kernel: self.name.clone(),
+                reason,
+            }
+        })
+    }
 }
 
 impl<D: Driver> DeviceKernel for Kernel<D> {
@@ -142,5 +165,15 @@ impl<D: Driver> DeviceKernel for Kernel<D> {
     ) -> BackendResult<()> {
         // SAFETY: the caller upholds the argument contract, which is the same as this one's.
         unsafe { Kernel::launch(self, stream, shape, args) }
+    }
+
+    unsafe fn launch_early(
+        &self,
+        stream: &Stream<D>,
+        shape: LaunchShape,
+        args: &[Arg],
+    ) -> BackendResult<()> {
+        // SAFETY: as above.
+        unsafe { Kernel::launch_early(self, stream, shape, args) }
     }
 }

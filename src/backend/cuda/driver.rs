@@ -18,6 +18,30 @@ use crate::backend::module;
 #[derive(Debug)]
 pub struct CudaDriver {
     pub(crate) ctx: Arc<CudaContext>,
+    /// `launch_early` uses programmatic dependent launch (compute capability 9.0 and later,
+    /// unless `ROCMFORGE_GPU_PDL=0`).
+    pub(crate) pdl: bool,
+}
+
+/// `ROCMFORGE_GPU_PDL=0` turns programmatic dependent launch off (for A/B runs).
+pub const PDL_ENV: &str = "ROCMFORGE_GPU_PDL";
+
+impl CudaDriver {
+    pub(crate) fn new(ctx: Arc<CudaContext>, cc: (i32, i32)) -> Self {
+        let off = std::env::var(PDL_ENV).is_ok_and(|v| v.trim() == "0");
+        Self {
+            ctx,
+            pdl: cc.0 >= 9 && !off,
+        }
+    }
+}
+
+/// `kernelParams` for a launch: one pointer per parameter, each to an 8-byte slot of `slots`.
+fn kernel_params(slots: &mut [u64]) -> Vec<*mut c_void> {
+    slots
+        .iter_mut()
+        .map(|s| (s as *mut u64).cast::<c_void>())
+        .collect()
 }
 
 pub type DeviceBuf = driver::DeviceBuf<CudaDriver>;
@@ -220,12 +244,8 @@ unsafe impl Driver for CudaDriver {
         s: sys::CUstream,
         args: &[Arg],
     ) -> Result<(), String> {
-        // `kernelParams`: one pointer per parameter, each to an 8-byte slot holding its value.
         let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
-        let mut params: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| (s as *mut u64).cast::<c_void>())
-            .collect();
+        let mut params = kernel_params(&mut slots);
         // SAFETY: `f`'s module is loaded and `s` live (caller); `params` points at `slots`,
         // both alive for the call (the driver copies parameters at launch); the argument
         // contract is the caller's.
@@ -240,6 +260,44 @@ unsafe impl Driver for CudaDriver {
             )
         }
         .map_err(|e| e.to_string())
+    }
+
+    unsafe fn launch_early(
+        &self,
+        f: sys::CUfunction,
+        shape: LaunchShape,
+        s: sys::CUstream,
+        args: &[Arg],
+    ) -> Result<(), String> {
+        if !self.pdl {
+            // SAFETY: the caller's contract includes `launch`'s.
+            return unsafe { self.launch(f, shape, s, args) };
+        }
+        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+        let mut params = kernel_params(&mut slots);
+        // SAFETY: an all-zero attribute is a valid value of this plain C struct (the union's
+        // pad covers it); the fields that matter are set just below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: shape.grid.0,
+            gridDimY: shape.grid.1,
+            gridDimZ: shape.grid.2,
+            blockDimX: shape.block.0,
+            blockDimY: shape.block.1,
+            blockDimZ: shape.block.2,
+            sharedMemBytes: shape.shared_bytes,
+            hStream: s,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as `launch` (module loaded, stream live, `params` pointing at `slots`, both
+        // alive for the call); `config` and `attr` outlive the call; the kernel waits before
+        // touching the previous kernel's data (the caller's contract).
+        unsafe { sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -100,9 +100,7 @@ impl CudaDevice {
             .name()
             .unwrap_or_else(|_| format!("CUDA device {ordinal}"));
         Ok(Arc::new(Self {
-            drv: Arc::new(CudaDriver {
-                ctx: Arc::clone(&ctx),
-            }),
+            drv: Arc::new(CudaDriver::new(Arc::clone(&ctx), cc)),
             ctx,
             ordinal,
             name,

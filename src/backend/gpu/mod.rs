@@ -82,6 +82,21 @@ pub trait DeviceKernel: Send + Sync {
         shape: LaunchShape,
         args: &[Arg],
     ) -> BackendResult<()>;
+    /// [`launch`](Self::launch), allowed to start while the stream's previous kernel finishes
+    /// (CUDA's programmatic dependent launch on sm_90 and later; elsewhere an ordinary launch).
+    ///
+    /// # Safety
+    /// As [`launch`](Self::launch), and the kernel calls `rf_grid_wait()` (kernels/vendor.cuh)
+    /// before it touches anything the previous kernel reads or writes.
+    unsafe fn launch_early(
+        &self,
+        stream: &Self::Stream,
+        shape: LaunchShape,
+        args: &[Arg],
+    ) -> BackendResult<()> {
+        // SAFETY: the caller's contract includes `launch`'s.
+        unsafe { self.launch(stream, shape, args) }
+    }
 }
 
 /// A GPU the launchers in [`ops`] and the layer pass can drive: the [`ComputeDevice`] roles plus

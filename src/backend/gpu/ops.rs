@@ -527,10 +527,11 @@ pub trait GpuOps: KernelDevice {
                 acc,
             }
             .to_args();
+            // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
             // SAFETY: each W holds its rows of ncols elements and each y its rows of f32, xq
             // one quantized vector (checked above); rows past a matrix's count belong to the
             // next; the argument list matches RF_MMVQ8 in mmvq_q8.cu.
-            return unsafe { k.launch(s, shape, &args) };
+            return unsafe { k.launch_early(s, shape, &args) };
         }
         let k = self.kernel(
             "mmvq_q8.cu",
@@ -555,10 +556,11 @@ pub trait GpuOps: KernelDevice {
                 acc,
             }
             .to_args();
+            // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
             // SAFETY: xq holds n quantized vectors and each y n * its rows f32 (checked
             // above), so vectors j .. j + c (c <= RF_MMVQ8_MAXN) are inside them; the argument
             // list matches the `_n` entry of RF_MMVQ8 in mmvq_q8.cu.
-            unsafe { k.launch(s, shape, &args) }?;
+            unsafe { k.launch_early(s, shape, &args) }?;
             j += c;
         }
         Ok(())
@@ -633,9 +635,10 @@ pub trait GpuOps: KernelDevice {
             acc: false,
         }
         .to_args();
+        // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
         // SAFETY: as the launches of `mmvq_q8` (same checks, the same argument lists: `n`
         // before `acc` for the `_n` forms).
-        unsafe { k.launch(s, shape, &args) }
+        unsafe { k.launch_early(s, shape, &args) }
     }
 
     /// `out[i] = table[ids[i]]` as f32 rows. `status` (one i32, zeroed by the caller) becomes 1
