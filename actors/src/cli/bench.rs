@@ -194,7 +194,7 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         precision: a.precision,
         threads: a.threads,
     };
-    let engine = Engine::open(&model, backend, &a.engine)?;
+    let engine = Engine::open(&model, backend, &a.engine, false)?;
     let vocab = engine.tokenizer.vocab_size();
     let threads = match engine.backend {
         rocmforge::backend::BackendKind::Cpu => a.threads.unwrap_or_else(|| {

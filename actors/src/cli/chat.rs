@@ -39,7 +39,7 @@ pub struct ChatArgs {
 }
 
 pub fn run(a: ChatArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let engine = Engine::open(&a.model, a.backend, &a.engine)?;
+    let engine = Engine::open(&a.model, a.backend, &a.engine, false)?;
     // The first prompt appears once the weights are in place.
     super::progress::LoadProgressBars::show(&engine.rt).wait();
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe; it replaces the

@@ -89,10 +89,13 @@ pub struct Engine {
 impl Engine {
     /// Opens `model` on `backend` through the runtime. The trace subscriber (if any) is
     /// installed first, so the actors' spans from the very start are recorded.
+    /// `one_shot`: the command answers one request and exits (`run`): the runtime then leaves
+    /// lazy set-up to the request that needs it (`GpuPipelineOptions::idle_gemm_open`).
     pub fn open(
         model: &ModelArgs,
         backend: BackendKind,
         e: &EngineArgs,
+        one_shot: bool,
     ) -> Result<Self, Box<dyn std::error::Error>> {
         let tuning = super::tuning_from_env()?;
         let trace = match &e.trace {
@@ -156,6 +159,7 @@ impl Engine {
             ctx: model.ctx,
             vendor_gemm: tuning.vendor_gemm,
             precision: model.precision,
+            idle_gemm_open: !one_shot,
             ..Default::default()
         };
         let opened = match tracing::info_span!("device_wait")

@@ -91,7 +91,7 @@ pub fn run(a: &RunArgs, prompt: &str) -> Result<(), Box<dyn std::error::Error>> 
     // Bad flags fail before the model loads.
     let constraint = a.constraint()?;
     let started = Instant::now();
-    let engine = Engine::open(&a.model, a.backend, &a.engine)?;
+    let engine = Engine::open(&a.model, a.backend, &a.engine, true)?;
     let open_ms = started.elapsed().as_secs_f64() * 1e3;
     let prompt_ids = tracing::info_span!("tokenize")
         .in_scope(|| engine.tokenizer.encode(prompt, true, true))

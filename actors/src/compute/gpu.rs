@@ -58,6 +58,8 @@ pub struct GpuCompute<F: LayeredForward> {
     model: Model,
     tokenizer: Option<Tokenizer>,
     host: Option<HostLayers>,
+    /// Whether idle time opens the vendor GEMM (`GpuPipelineOptions::idle_gemm_open`).
+    idle_gemm_open: bool,
 }
 
 fn err(layer: Option<usize>) -> impl Fn(String) -> RuntimeError {
@@ -76,6 +78,7 @@ where
             model,
             tokenizer: Tokenizer::from_metadata(file.metadata()).ok(),
             host: None,
+            idle_gemm_open: true,
         })
     }
 
@@ -326,7 +329,9 @@ where
     }
 
     fn idle(&mut self) {
-        self.fwd.idle();
+        if self.idle_gemm_open {
+            self.fwd.idle();
+        }
     }
 
     fn is_end_of_generation(&self, token: u32) -> bool {
@@ -579,6 +584,12 @@ pub struct GpuPipelineOptions {
     /// (integer dot products, as the CPU's fast precision); `Exact`: f32 activations
     /// (`LayeredOptions::q8_activations`; the CLI's `--precision`).
     pub precision: Precision,
+    /// Opens the vendor GEMM (cuBLAS: ~0.15 s of library loading) when the runtime has nothing
+    /// to do (default `true`), so a server's first long prompt does not wait for it; `false`
+    /// leaves it to the first prompt that needs a GEMM. A one-shot command (`run`) turns it
+    /// off: its request arrives as the runtime starts and it exits right after the answer,
+    /// while the loading's driver calls would compete with both.
+    pub idle_gemm_open: bool,
 }
 
 impl Default for GpuPipelineOptions {
@@ -591,6 +602,7 @@ impl Default for GpuPipelineOptions {
             margin_bytes: 512 << 20,
             vendor_gemm: true,
             precision: Precision::Fast,
+            idle_gemm_open: true,
         }
     }
 }
@@ -653,8 +665,8 @@ pub fn open_pipeline_on(
     let kind = backend.kind();
     let (backend, compute) = match backend {
         Backend::Cpu => return Ok(None),
-        Backend::Cuda(dev) => gpu_parts(dev, gcfg("cuda"), lopt, staging)?,
-        Backend::Hip(dev) => hip_parts(dev, gcfg("hip"), lopt, staging)?,
+        Backend::Cuda(dev) => gpu_parts(dev, gcfg("cuda"), lopt, staging, opt.idle_gemm_open)?,
+        Backend::Hip(dev) => hip_parts(dev, gcfg("hip"), lopt, staging, opt.idle_gemm_open)?,
     };
     Ok(Some(PipelineParts {
         backend,
@@ -671,6 +683,7 @@ fn gpu_parts<D: KernelDevice>(
     cfg: GpuConfig,
     lopt: LayeredOptions,
     staging: Option<EarlyStaging>,
+    idle_gemm_open: bool,
 ) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
     let gb = GpuBackend::new(dev.clone(), cfg)?;
     if let Some(s) = staging {
@@ -695,7 +708,8 @@ fn gpu_parts<D: KernelDevice>(
         } else {
             Precision::Exact
         };
-        let compute = GpuCompute::new(fwd, file)?.with_host_layers(&host, precision)?;
+        let mut compute = GpuCompute::new(fwd, file)?.with_host_layers(&host, precision)?;
+        compute.idle_gemm_open = idle_gemm_open;
         Ok(Box::new(compute) as Box<dyn ModelCompute>)
     });
     Ok((wb, factory))
@@ -707,9 +721,10 @@ fn hip_parts(
     cfg: GpuConfig,
     lopt: LayeredOptions,
     staging: Option<EarlyStaging>,
+    idle_gemm_open: bool,
 ) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
     // Not run on AMD hardware yet (docs/HIP.md): the code is CUDA's, checked on an H100.
-    gpu_parts(dev, cfg, lopt, staging)
+    gpu_parts(dev, cfg, lopt, staging, idle_gemm_open)
 }
 
 #[cfg(not(feature = "hip"))]
@@ -718,6 +733,7 @@ fn hip_parts(
     _cfg: GpuConfig,
     _lopt: LayeredOptions,
     _staging: Option<EarlyStaging>,
+    _idle_gemm_open: bool,
 ) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
     // Unreachable in practice: without the feature `Backend::open` never yields HIP.
     Err(BackendError::NotCompiled {
