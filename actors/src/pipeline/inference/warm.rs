@@ -33,6 +33,9 @@ struct State {
     active: AtomicBool,
     /// Threads polling now.
     polling: AtomicUsize,
+    /// Polls begun so far (the tests' witness that a thread polled at all: one that finds no
+    /// work for `MAX_IDLE` is gone again before a busy test thread may look).
+    started: AtomicUsize,
 }
 
 /// The Inference actor's handle on its pool's threads (one per actor).
@@ -89,6 +92,7 @@ fn poll(state: &State) {
         return;
     }
     state.polling.fetch_add(1, Ordering::AcqRel);
+    state.started.fetch_add(1, Ordering::AcqRel);
     let mut idle_since = Instant::now();
     while state.active.load(Ordering::Acquire) {
         match rayon::yield_now() {
@@ -126,7 +130,7 @@ mod tests {
             {
                 let _step = warm.step();
                 let t0 = Instant::now();
-                while warm.state.polling.load(Ordering::Acquire) == 0 {
+                while warm.state.started.load(Ordering::Acquire) == 0 {
                     assert!(t0.elapsed() < Duration::from_secs(10), "no thread polled");
                     std::thread::yield_now();
                 }
@@ -134,8 +138,12 @@ mod tests {
                     let s: u64 = (0..n as u64).into_par_iter().map(|i| i * i).sum();
                     assert_eq!(s, (0..n as u64).map(|i| i * i).sum::<u64>());
                 }
-                warm.arm(); // already polling: no second poller
-                assert_eq!(warm.state.polling.load(Ordering::Acquire), 1);
+                // Never more pollers than other threads, however often it is armed (a poller
+                // idle for MAX_IDLE on a busy machine may have left: then one comes back).
+                for _ in 0..3 {
+                    warm.arm();
+                    assert!(warm.state.polling.load(Ordering::Acquire) <= 1);
+                }
             }
             let t0 = Instant::now();
             while warm.state.polling.load(Ordering::Acquire) != 0 {
