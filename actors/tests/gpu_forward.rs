@@ -117,7 +117,8 @@ fn max_abs(logits: &[f32]) -> f32 {
 /// The exact CPU oracle's 32 greedy steps.
 fn cpu_greedy(m: &Model, prompt: &[u32]) -> Vec<Step> {
     let cfg = SequenceConfig {
-        ctx: Some(256),
+        // Room for the long case (LONG_PROMPT + STEPS positions).
+        ctx: Some(512),
         precision: Precision::Exact,
         kv_type: None,
     };
