@@ -8,13 +8,113 @@
 // no limit on the sequence length and no score buffer.
 // Launch: grid (n_tokens, n_heads), block RF_WARP * w with w <= RF_ATTN_MAX_WARPS;
 // head_dim % RF_WARP == 0 and head_dim <= RF_ATTN_MAX_HEAD_DIM.
-// Decode is the case n_tokens == 1, pos0 == seq_len - 1.
+// Decode is the case n_tokens == 1, pos0 == seq_len - 1. A long decode context is split across
+// blocks instead (attn_decode_part_f16kv_f32, then attn_merge_f32: flash-decoding), so it is not
+// left to one block per head.
 #include "common.cuh"
 #include "q8a.cuh"
 
 #define RF_ATTN_MAX_WARPS 8
 #define RF_ATTN_MAX_HEAD_DIM 256
 #define RF_ATTN_MAX_ND (RF_ATTN_MAX_HEAD_DIM / RF_WARP)
+
+// Keys a warp scores at once: their K rows (then V rows) are loaded together, so the loads of
+// eight positions are in flight at a time instead of one (a lone position's load, warp sum and
+// exponent made a serial chain per key: ~7x slower decode at a 4,000-token context).
+#define RF_ATTN_KB 8
+
+// One warp's online softmax over positions first + (warp + k * nwarps) * RF_ATTN_KB + u
+// (u < RF_ATTN_KB) below `end`: running max m, running sum l and the V accumulator acc (this
+// lane's columns lane + i * RF_WARP), updated once per group of RF_ATTN_KB keys. qr holds the
+// scaled query's columns. A key past `end` is loaded from position end - 1 (valid memory) and
+// weighed 0.
+__device__ __forceinline__ void rf_attn_warp(const float (&qr)[RF_ATTN_MAX_ND], const rf_half* __restrict__ kh,
+                                             const rf_half* __restrict__ vh, int head_dim, int nd,
+                                             int first, int end, float& m, float& l,
+                                             float (&acc)[RF_ATTN_MAX_ND]) {
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const int nwarps = blockDim.x / RF_WARP;
+    for (int j0 = first + warp * RF_ATTN_KB; j0 < end; j0 += nwarps * RF_ATTN_KB) {
+        float s[RF_ATTN_KB];
+#pragma unroll
+        for (int u = 0; u < RF_ATTN_KB; ++u) {
+            const rf_half* kj = kh + (i64)min(j0 + u, end - 1) * head_dim;
+            float x = 0.f;
+#pragma unroll
+            for (int i = 0; i < RF_ATTN_MAX_ND; ++i)
+                if (i < nd) x += qr[i] * rf_h2f(kj[lane + i * RF_WARP]);
+            s[u] = x;
+        }
+#pragma unroll
+        for (int u = 0; u < RF_ATTN_KB; ++u) s[u] = rf_warp_sum(s[u]);
+        float m_new = m;
+#pragma unroll
+        for (int u = 0; u < RF_ATTN_KB; ++u)
+            if (j0 + u < end) m_new = fmaxf(m_new, s[u]);
+        const float corr = expf(m - m_new);
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < RF_ATTN_MAX_ND; ++i) acc[i] *= corr;
+#pragma unroll
+        for (int u = 0; u < RF_ATTN_KB; ++u) {
+            const float pj = j0 + u < end ? expf(s[u] - m_new) : 0.f;
+            l += pj;
+            const rf_half* vj = vh + (i64)min(j0 + u, end - 1) * head_dim;
+#pragma unroll
+            for (int i = 0; i < RF_ATTN_MAX_ND; ++i)
+                if (i < nd) acc[i] += pj * rf_h2f(vj[lane + i * RF_WARP]);
+        }
+        m = m_new;
+    }
+}
+
+// The block's warps' (m, l, acc) in shared memory, and the block's max gm and sum gl; the
+// caller then combines s_acc per column with weights expf(s_m[w] - gm).
+struct RfAttnShared {
+    float m[RF_ATTN_MAX_WARPS];
+    float l[RF_ATTN_MAX_WARPS];
+    float acc[RF_ATTN_MAX_WARPS * RF_ATTN_MAX_HEAD_DIM];
+};
+
+__device__ __forceinline__ void rf_attn_gather(RfAttnShared& sh, float m, float l,
+                                               const float (&acc)[RF_ATTN_MAX_ND], int head_dim,
+                                               int nd, float& gm, float& gl) {
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const int nwarps = blockDim.x / RF_WARP;
+    if (lane == 0) {
+        sh.m[warp] = m;
+        sh.l[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < RF_ATTN_MAX_ND; ++i)
+        if (i < nd) sh.acc[warp * head_dim + lane + i * RF_WARP] = acc[i];
+    __syncthreads();
+    gm = -RF_INF;
+    for (int w = 0; w < nwarps; ++w) gm = fmaxf(gm, sh.m[w]);
+    gl = 0.f;
+    for (int w = 0; w < nwarps; ++w) gl += sh.l[w] * expf(sh.m[w] - gm);
+}
+
+// Column d of the block's combined, unnormalized V sum.
+__device__ __forceinline__ float rf_attn_column(const RfAttnShared& sh, int head_dim, int d, float gm) {
+    const int nwarps = blockDim.x / RF_WARP;
+    float o = 0.f;
+    for (int w = 0; w < nwarps; ++w) o += sh.acc[w * head_dim + d] * expf(sh.m[w] - gm);
+    return o;
+}
+
+// The scaled query of (token t, head h) in registers (this lane's columns).
+__device__ __forceinline__ void rf_attn_query(const float* __restrict__ q, int t, int h, int n_heads,
+                                              int head_dim, int nd, float scale,
+                                              float (&qr)[RF_ATTN_MAX_ND], float (&acc)[RF_ATTN_MAX_ND]) {
+    const int lane = threadIdx.x % RF_WARP;
+    const float* qh = q + ((i64)t * n_heads + h) * head_dim;
+#pragma unroll
+    for (int i = 0; i < RF_ATTN_MAX_ND; ++i) {
+        qr[i] = i < nd ? qh[lane + i * RF_WARP] * scale : 0.f;
+        acc[i] = 0.f;
+    }
+}
 
 // qs / meta: when not null, the output is also quantized to the q8a layout of mmvq_q8.cu (row
 // t's quants at qs + t * n_heads * head_dim, its blocks' (d, sum) at meta + t * n_heads *
@@ -25,59 +125,19 @@ __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_ha
                                         int n_heads, int n_kv_heads, int head_dim, int seq_cap,
                                         int pos0, float scale, int window, i8* __restrict__ qs = nullptr,
                                         float2* __restrict__ meta = nullptr) {
-    __shared__ float s_m[RF_ATTN_MAX_WARPS];
-    __shared__ float s_l[RF_ATTN_MAX_WARPS];
-    __shared__ float s_acc[RF_ATTN_MAX_WARPS * RF_ATTN_MAX_HEAD_DIM];
-
+    __shared__ RfAttnShared sh;
     const int t = blockIdx.x, h = blockIdx.y;
-    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
-    const int nwarps = blockDim.x / RF_WARP;
     const int kvh = h / (n_heads / n_kv_heads);
     const int nd = head_dim / RF_WARP;
     const int kv_len = pos0 + t + 1;
     const int kv_first = (window > 0 && kv_len > window) ? kv_len - window : 0;
-    const float* qh = q + ((i64)t * n_heads + h) * head_dim;
-    const rf_half* kh = kc + (i64)kvh * seq_cap * head_dim;
-    const rf_half* vh = vc + (i64)kvh * seq_cap * head_dim;
-
-    float qr[RF_ATTN_MAX_ND];
-    float acc[RF_ATTN_MAX_ND];
-#pragma unroll
-    for (int i = 0; i < RF_ATTN_MAX_ND; ++i) {
-        qr[i] = i < nd ? qh[lane + i * RF_WARP] * scale : 0.f;
-        acc[i] = 0.f;
-    }
+    float qr[RF_ATTN_MAX_ND], acc[RF_ATTN_MAX_ND];
+    rf_attn_query(q, t, h, n_heads, head_dim, nd, scale, qr, acc);
     float m = -RF_INF, l = 0.f;
-    for (int j = kv_first + warp; j < kv_len; j += nwarps) {
-        const rf_half* kj = kh + (i64)j * head_dim;
-        float s = 0.f;
-#pragma unroll
-        for (int i = 0; i < RF_ATTN_MAX_ND; ++i)
-            if (i < nd) s += qr[i] * rf_h2f(kj[lane + i * RF_WARP]);
-        s = rf_warp_sum(s);
-        const float m_new = fmaxf(m, s);
-        const float corr = expf(m - m_new);
-        const float pj = expf(s - m_new);
-        l = l * corr + pj;
-        const rf_half* vj = vh + (i64)j * head_dim;
-#pragma unroll
-        for (int i = 0; i < RF_ATTN_MAX_ND; ++i)
-            if (i < nd) acc[i] = acc[i] * corr + pj * rf_h2f(vj[lane + i * RF_WARP]);
-        m = m_new;
-    }
-    if (lane == 0) {
-        s_m[warp] = m;
-        s_l[warp] = l;
-    }
-#pragma unroll
-    for (int i = 0; i < RF_ATTN_MAX_ND; ++i)
-        if (i < nd) s_acc[warp * head_dim + lane + i * RF_WARP] = acc[i];
-    __syncthreads();
-
-    float gm = -RF_INF;
-    for (int w = 0; w < nwarps; ++w) gm = fmaxf(gm, s_m[w]);
-    float gl = 0.f;
-    for (int w = 0; w < nwarps; ++w) gl += s_l[w] * expf(s_m[w] - gm);
+    rf_attn_warp(qr, kc + (i64)kvh * seq_cap * head_dim, vc + (i64)kvh * seq_cap * head_dim,
+                 head_dim, nd, kv_first, kv_len, m, l, acc);
+    float gm, gl;
+    rf_attn_gather(sh, m, l, acc, head_dim, nd, gm, gl);
     float* oh = out + ((i64)t * n_heads + h) * head_dim;
     // Every thread takes each round (a dead one holds 0), so the 32-lane groups that quantize
     // stay whole: group g of round d0 is q8 block (d0 + 32 g) / 32 of this head.
@@ -86,13 +146,73 @@ __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_ha
         const bool live = d < head_dim;
         float y = 0.f;
         if (live) {
-            float o = 0.f;
-            for (int w = 0; w < nwarps; ++w) o += s_acc[w * head_dim + d] * expf(s_m[w] - gm);
-            y = o / gl;
+            y = rf_attn_column(sh, head_dim, d, gm) / gl;
             oh[d] = y;
         }
         if (qs != nullptr) {
             const i64 blk = (((i64)t * n_heads + h) * head_dim + (live ? d : 0)) / 32;
+            rf_q8a_store(y, live, blk, threadIdx.x % 32, qs, meta);
+        }
+    }
+}
+
+// Decode over a long context split across blocks (flash-decoding): block (sp, h) takes
+// positions kv_first + sp * chunk .. + chunk (below pos + 1) of head h and writes its max, its
+// sum and its unnormalized V sum to part[(h * gridDim.x + sp) * (head_dim + 2) ..] as
+// (m, l, acc[head_dim]); attn_merge_f32 combines the splits. Every split holds a position.
+extern "C" __global__ void attn_decode_part_f16kv_f32(const float* __restrict__ q, const rf_half* __restrict__ k,
+                                                      const rf_half* __restrict__ v, float* __restrict__ part,
+                                                      int n_heads, int n_kv_heads, int head_dim, int seq_cap,
+                                                      int pos, float scale, int window, int chunk) {
+    __shared__ RfAttnShared sh;
+    const int sp = blockIdx.x, h = blockIdx.y;
+    const int kvh = h / (n_heads / n_kv_heads);
+    const int nd = head_dim / RF_WARP;
+    const int kv_len = pos + 1;
+    const int kv_first = (window > 0 && kv_len > window) ? kv_len - window : 0;
+    const int b0 = kv_first + sp * chunk, b1 = min(b0 + chunk, kv_len);
+    float qr[RF_ATTN_MAX_ND], acc[RF_ATTN_MAX_ND];
+    rf_attn_query(q, 0, h, n_heads, head_dim, nd, scale, qr, acc);
+    float m = -RF_INF, l = 0.f;
+    rf_attn_warp(qr, k + (i64)kvh * seq_cap * head_dim, v + (i64)kvh * seq_cap * head_dim,
+                 head_dim, nd, b0, b1, m, l, acc);
+    float gm, gl;
+    rf_attn_gather(sh, m, l, acc, head_dim, nd, gm, gl);
+    float* pp = part + ((i64)h * gridDim.x + sp) * (head_dim + 2);
+    if (threadIdx.x == 0) {
+        pp[0] = gm;
+        pp[1] = gl;
+    }
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) pp[2 + d] = rf_attn_column(sh, head_dim, d, gm);
+}
+
+// The splits of attn_decode_part_f16kv_f32 combined: out[h][d] (one token), and with qs / meta
+// not null also its q8a form as rf_attn writes it. Grid: n_heads blocks of a multiple of 32
+// threads (head_dim % 32 == 0 for the q8a form).
+extern "C" __global__ void attn_merge_f32(const float* __restrict__ part, float* __restrict__ out,
+                                          int n_heads, int head_dim, int nsplit, i8* __restrict__ qs,
+                                          float2* __restrict__ meta) {
+    rf_grid_launch_dependents();  // the O product follows (vendor.cuh)
+    const int h = blockIdx.x;
+    const int stride = head_dim + 2;
+    const float* ph = part + (i64)h * nsplit * stride;
+    float gm = -RF_INF;
+    for (int sp = 0; sp < nsplit; ++sp) gm = fmaxf(gm, ph[sp * stride]);
+    float gl = 0.f;
+    for (int sp = 0; sp < nsplit; ++sp) gl += ph[sp * stride + 1] * expf(ph[sp * stride] - gm);
+    float* oh = out + (i64)h * head_dim;
+    for (int d0 = 0; d0 < head_dim; d0 += blockDim.x) {
+        const int d = d0 + threadIdx.x;
+        const bool live = d < head_dim;
+        float y = 0.f;
+        if (live) {
+            float o = 0.f;
+            for (int sp = 0; sp < nsplit; ++sp) o += ph[sp * stride + 2 + d] * expf(ph[sp * stride] - gm);
+            y = o / gl;
+            oh[d] = y;
+        }
+        if (qs != nullptr) {
+            const i64 blk = ((i64)h * head_dim + (live ? d : 0)) / 32;
             rf_q8a_store(y, live, blk, threadIdx.x % 32, qs, meta);
         }
     }

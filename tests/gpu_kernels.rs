@@ -11,6 +11,8 @@
 
 #[macro_use]
 mod common;
+#[path = "gpu_kernels/attention.rs"]
+mod attention;
 #[path = "gpu_kernels/q8.rs"]
 mod q8;
 
@@ -630,7 +632,7 @@ fn check_attention<D: KernelDevice>(
             view(&xq, 0, width).expect("view"),
             view(&xq, width, width / 32 * 8).expect("view"),
         );
-        d.attention_q8a(s, &qd, &kc, &vc, &o2, a, Some((&quants, &scales)))
+        d.attention_q8a(s, &qd, &kc, &vc, &o2, a, Some((&quants, &scales)), None)
             .expect("decode, quantized");
         s.synchronize().expect("sync");
         let same_out =
@@ -1011,6 +1013,8 @@ fn check_every_kernel<D: KernelDevice>(d: &D) {
     check_float_ops(d, &s, &mut t, &mut rng);
     check_attention(d, &s, &mut t, &mut rng, 64);
     check_attention(d, &s, &mut t, &mut rng, 128);
+    attention::check_split_decode(d, &s, &mut t, &mut rng, 64);
+    attention::check_split_decode(d, &s, &mut t, &mut rng, 128);
     check_sampling(d, &s, &mut t, &mut rng);
     check_memory_and_events(d, &s, &mut t);
     print_mmvq_bandwidth(d, &s, &mut rng);

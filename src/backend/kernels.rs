@@ -141,6 +141,8 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
             names(&[
                 "attn_decode_f16kv_f32",
                 "attn_decode_q8a_f16kv_f32",
+                "attn_decode_part_f16kv_f32",
+                "attn_merge_f32",
                 "attn_prefill_f16kv_f32",
                 "attn_prefill_tiled_f16kv_f32",
             ]),

@@ -118,17 +118,8 @@ impl<D: Driver> Kernel<D> {
         shape: LaunchShape,
         args: &[Arg],
     ) -> BackendResult<()> {
-        let drv = &self.module.drv;
-        drv.make_current()?;
-        // SAFETY: the device is current (above); `raw` belongs to a loaded module (kept alive
-        // by `self.module`), `stream` is alive (borrowed); the argument contract is the
-        // caller's.
-        unsafe { drv.launch(self.raw, shape, stream.raw(), args) }.map_err(|reason| {
-            BackendError::Launch {
-                kernel: self.name.clone(),
-                reason,
-            }
-        })
+        // SAFETY: the caller's contract is this one's.
+        unsafe { self.queue(stream, shape, args, false) }
     }
 
     /// [`launch`](Self::launch), allowed to start while the stream's previous kernel finishes
@@ -143,14 +134,35 @@ impl<D: Driver> Kernel<D> {
         shape: LaunchShape,
         args: &[Arg],
     ) -> BackendResult<()> {
+        // SAFETY: the caller's contract is this one's.
+        unsafe { self.queue(stream, shape, args, true) }
+    }
+
+    /// # Safety
+    /// As [`launch`](Self::launch); with `early`, as [`launch_early`](Self::launch_early).
+    unsafe fn queue(
+        &self,
+        stream: &Stream<D>,
+        shape: LaunchShape,
+        args: &[Arg],
+        early: bool,
+    ) -> BackendResult<()> {
         let drv = &self.module.drv;
         drv.make_current()?;
-        // SAFETY: as in `launch`; the early start's contract is the caller's.
-        unsafe { drv.launch_early(self.raw, shape, stream.raw(), args) }.map_err(|reason| {
-            BackendError::Launch {
-                kernel: self.name.clone(),
-                reason,
+        let (f, s) = (self.raw, stream.raw());
+        // SAFETY: the device is current (above); `raw` belongs to a loaded module (kept alive
+        // by `self.module`), `stream` is alive (borrowed); the argument contract (and the
+        // early start's) is the caller's.
+        let r = unsafe {
+            if early {
+                drv.launch_early(f, shape, s, args)
+            } else {
+                drv.launch(f, shape, s, args)
             }
+        };
+        r.map_err(|reason| BackendError::Launch {
+            kernel: self.name.clone(),
+            reason,
         })
     }
 }

@@ -46,6 +46,8 @@ pub struct Scratch<B> {
     pub w16: B,
     /// The step's input of a matrix-vector product quantized to 8 bits (`q8a_bytes`).
     pub xq: B,
+    /// The split decode attention's partial sums (`attn_part_bytes`).
+    pub attn_part: B,
 }
 
 /// The GEMM path's state: the GEMM (vendor library or the portable kernel; `None`: mmvq per
@@ -649,14 +651,17 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
             };
             let qs = q.slice(sg.first * qd * 4, sg.n * qd * 4)?;
             let os = attn.slice(sg.first * ad * 4, sg.n * ad * 4)?;
+            // A long decode context is split across blocks through `attn_part` (one
+            // sequence at a time: the stream orders the segments' uses of it).
+            let part = Some(&self.s.attn_part as &dyn crate::backend::DeviceBuffer);
             if fuse_q8 {
                 // Row r of the q8a layout: quants at r * ad, its (d, sum) pairs after all rows'.
                 let xq = View::of(&self.s.xq);
                 let quants = xq.slice(sg.first * ad, ad)?;
                 let scales = xq.slice(self.n * ad + sg.first * (ad / 32) * 8, ad / 32 * 8)?;
-                dev.attention_q8a(st, &qs, &kc, &vc, &os, ap, Some((&quants, &scales)))?;
+                dev.attention_q8a(st, &qs, &kc, &vc, &os, ap, Some((&quants, &scales)), part)?;
             } else {
-                dev.attention(st, &qs, &kc, &vc, &os, ap)?;
+                dev.attention_q8a(st, &qs, &kc, &vc, &os, ap, None, part)?;
             }
         }
         if fuse_q8 {

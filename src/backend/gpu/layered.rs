@@ -84,7 +84,7 @@ fn scratch_bytes(
     n_vocab: usize,
     b: usize,
     seqs: usize,
-) -> [(usize, &'static str); 17] {
+) -> [(usize, &'static str); 18] {
     let max_cols = hp.n_embd.max(hp.n_ff).max(hp.q_dim());
     [
         (b * hp.n_embd * 4, "scratch hidden"),
@@ -106,6 +106,10 @@ fn scratch_bytes(
         (
             crate::backend::kernels::q8a_bytes(b.max(seqs), max_cols.div_ceil(32) * 32),
             "8-bit activations",
+        ),
+        (
+            super::ops::attn_part_bytes(hp.n_head, hp.head_dim.max(hp.head_dim_v)),
+            "attention partials",
         ),
     ]
 }
@@ -222,6 +226,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             x16: next()?,
             w16: next()?,
             xq: next()?,
+            attn_part: next()?,
         };
         s.status.zero()?;
         let rope_factors = match model.rope_freq_factors()? {

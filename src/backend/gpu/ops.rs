@@ -77,6 +77,20 @@ pub const ATTN_MAX_HEAD_DIM: usize = 256;
 const ATTN_TILE_TOKENS: usize = 16;
 const ATTN_TILE_THREADS: u32 = 256;
 const ATTN_TILE_MAX_HEAD_DIM: usize = 128;
+/// Decode attention over more positions than this splits them across blocks of at least this
+/// many (attn_decode_part_f16kv_f32, then attn_merge_f32), at most [`ATTN_MAX_SPLITS`] of them.
+pub const ATTN_SPLIT_CHUNK: usize = 256;
+/// Most splits of one decode attention; the partials buffer of [`GpuOps::attention_q8a`] holds
+/// `n_heads * ATTN_MAX_SPLITS * (head_dim + 2)` f32 ([`attn_part_bytes`]).
+pub const ATTN_MAX_SPLITS: usize = 32;
+
+/// Bytes of the split decode attention's partials for `n_heads` heads of `head_dim`.
+pub fn attn_part_bytes(n_heads: usize, head_dim: usize) -> usize {
+    n_heads
+        .saturating_mul(ATTN_MAX_SPLITS)
+        .saturating_mul(head_dim.saturating_add(2))
+        .saturating_mul(4)
+}
 /// Largest candidate set of the device sampler (RF_MAX_TOPK in sample.cu).
 pub const SAMPLE_MAX_TOPK: usize = 256;
 
@@ -1110,13 +1124,16 @@ pub trait GpuOps: KernelDevice {
         out: &dyn DeviceBuffer,
         a: AttnParams,
     ) -> BackendResult<()> {
-        self.attention_q8a(s, q, k_cache, v_cache, out, a, None)
+        self.attention_q8a(s, q, k_cache, v_cache, out, a, None, None)
     }
 
     /// [`Self::attention`]; with `q8` = (quants, scales) and one token (decode), its output is
     /// also quantized as [`Self::quantize_q8a`] would write it (`quants`: `n_heads * head_dim`
     /// bytes, `scales`: a (d, sum) f32 pair per 32 of them), in the same launch. `head_dim`
-    /// must be a multiple of 32 for it.
+    /// must be a multiple of 32 for it. With `part` (at least [`attn_part_bytes`]), a decode
+    /// over more than [`ATTN_SPLIT_CHUNK`] positions is split across blocks (flash-decoding:
+    /// the positions' partial softmax sums in `part`, then one merge launch that also
+    /// quantizes), so a long context keeps every SM busy.
     #[allow(clippy::too_many_arguments)]
     fn attention_q8a(
         &self,
@@ -1127,6 +1144,7 @@ pub trait GpuOps: KernelDevice {
         out: &dyn DeviceBuffer,
         a: AttnParams,
         q8: Option<(&dyn DeviceBuffer, &dyn DeviceBuffer)>,
+        part: Option<&dyn DeviceBuffer>,
     ) -> BackendResult<()> {
         const OP: &str = "attention";
         let kv = a.kv;
@@ -1173,6 +1191,24 @@ pub trait GpuOps: KernelDevice {
         }
         if n == 0 {
             return Ok(());
+        }
+        if let Some(part) = part.filter(|_| a.n_tokens == 1) {
+            let kv_len = a.pos0 + 1;
+            let first = match a.window {
+                w if w > 0 && kv_len > w => kv_len - w,
+                _ => 0,
+            };
+            if kv_len - first > ATTN_SPLIT_CHUNK {
+                return attention_split(
+                    self,
+                    s,
+                    [q, k_cache, v_cache, out],
+                    a,
+                    kv_len - first,
+                    q8,
+                    part,
+                );
+            }
         }
         let mut args = vec![p(q), p(k_cache), p(v_cache), p(out)];
         let (name, shape) =
@@ -1300,6 +1336,75 @@ pub trait GpuOps: KernelDevice {
 }
 
 impl<D: KernelDevice> GpuOps for D {}
+
+/// The split decode attention of [`GpuOps::attention_q8a`] over `range` positions (more than
+/// [`ATTN_SPLIT_CHUNK`]); `bufs` are q, the two caches and out, checked by the caller.
+fn attention_split<D: KernelDevice>(
+    d: &D,
+    s: &D::Stream,
+    bufs: [&dyn DeviceBuffer; 4],
+    a: AttnParams,
+    range: usize,
+    q8: Option<(&dyn DeviceBuffer, &dyn DeviceBuffer)>,
+    part: &dyn DeviceBuffer,
+) -> BackendResult<()> {
+    const OP: &str = "attention (split)";
+    let [q, k_cache, v_cache, out] = bufs;
+    let kv = a.kv;
+    let chunk = ATTN_SPLIT_CHUNK.max(range.div_ceil(ATTN_MAX_SPLITS));
+    let nsplit = range.div_ceil(chunk);
+    need(
+        OP,
+        "partials",
+        part,
+        a.n_heads * nsplit * (kv.head_dim + 2) * 4,
+    )?;
+    let head = [
+        Arg::I32(to_i32(OP, "n_heads", a.n_heads)?),
+        Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
+        Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
+        Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
+        Arg::I32(to_i32(OP, "pos", a.pos0)?),
+        Arg::F32(a.scale),
+        Arg::I32(to_i32(OP, "window", a.window)?),
+        Arg::I32(to_i32(OP, "chunk", chunk)?),
+    ];
+    let mut args = vec![p(q), p(k_cache), p(v_cache), p(part)];
+    args.extend(head);
+    let k = d.kernel("attention.cu", "attn_decode_part_f16kv_f32")?;
+    let shape = LaunchShape {
+        grid: (to_u32(OP, nsplit)?, to_u32(OP, a.n_heads)?, 1),
+        block: (d.warp_size() * ATTN_WARPS, 1, 1),
+        shared_bytes: 0,
+    };
+    // SAFETY: q, the caches and out were checked by attention_q8a, `part` holds n_heads *
+    // nsplit rows of head_dim + 2 f32 (above); every split reads positions below pos0 + 1 <=
+    // seq_cap.
+    unsafe { k.launch(s, shape, &args) }?;
+    let (qs, meta) = match q8 {
+        Some((qs, meta)) => (p(qs), p(meta)),
+        None => (Arg::Ptr(0), Arg::Ptr(0)),
+    };
+    let args = [
+        p(part),
+        p(out),
+        Arg::I32(to_i32(OP, "n_heads", a.n_heads)?),
+        Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
+        Arg::I32(to_i32(OP, "nsplit", nsplit)?),
+        qs,
+        meta,
+    ];
+    let k = d.kernel("attention.cu", "attn_merge_f32")?;
+    // head_dim is a multiple of the warp (checked by attention_q8a) and at most 256.
+    let shape = LaunchShape {
+        grid: (to_u32(OP, a.n_heads)?, 1, 1),
+        block: (to_u32(OP, kv.head_dim)?, 1, 1),
+        shared_bytes: 0,
+    };
+    // SAFETY: `part` as written above; out (and the q8a buffers, when given) checked by
+    // attention_q8a for one token of n_heads * head_dim.
+    unsafe { k.launch(s, shape, &args) }
+}
 
 /// The launch of `name(x, out, a, n)`: two buffers of n f32 and a scalar.
 fn scaled<D: KernelDevice>(
