@@ -18,26 +18,29 @@
 #define RF_ATTN_MAX_HEAD_DIM 256
 #define RF_ATTN_MAX_ND (RF_ATTN_MAX_HEAD_DIM / RF_WARP)
 
-// Keys a warp scores at once: their K rows (then V rows) are loaded together, so the loads of
-// eight positions are in flight at a time instead of one (a lone position's load, warp sum and
-// exponent made a serial chain per key: ~7x slower decode at a 4,000-token context).
+// Keys a warp of the split decode kernel scores at once: their K rows (then V rows) are loaded
+// together, so the loads of eight positions are in flight at a time instead of one (a lone
+// position's load, warp sum and exponent made a serial chain per key: ~7x slower decode at a
+// 4,000-token context). The one-block kernels keep one key at a time (KB = 1): with eight,
+// short-context decode measured 1.8% slower on an H200.
 #define RF_ATTN_KB 8
 
-// One warp's online softmax over positions first + (warp + k * nwarps) * RF_ATTN_KB + u
-// (u < RF_ATTN_KB) below `end`: running max m, running sum l and the V accumulator acc (this
-// lane's columns lane + i * RF_WARP), updated once per group of RF_ATTN_KB keys. qr holds the
+// One warp's online softmax over positions first + (warp + k * nwarps) * KB + u (u < KB)
+// below `end`: running max m, running sum l and the V accumulator acc (this
+// lane's columns lane + i * RF_WARP), updated once per group of KB keys. qr holds the
 // scaled query's columns. A key past `end` is loaded from position end - 1 (valid memory) and
 // weighed 0.
+template <int KB>
 __device__ __forceinline__ void rf_attn_warp(const float (&qr)[RF_ATTN_MAX_ND], const rf_half* __restrict__ kh,
                                              const rf_half* __restrict__ vh, int head_dim, int nd,
                                              int first, int end, float& m, float& l,
                                              float (&acc)[RF_ATTN_MAX_ND]) {
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
     const int nwarps = blockDim.x / RF_WARP;
-    for (int j0 = first + warp * RF_ATTN_KB; j0 < end; j0 += nwarps * RF_ATTN_KB) {
-        float s[RF_ATTN_KB];
+    for (int j0 = first + warp * KB; j0 < end; j0 += nwarps * KB) {
+        float s[KB];
 #pragma unroll
-        for (int u = 0; u < RF_ATTN_KB; ++u) {
+        for (int u = 0; u < KB; ++u) {
             const rf_half* kj = kh + (i64)min(j0 + u, end - 1) * head_dim;
             float x = 0.f;
 #pragma unroll
@@ -46,17 +49,17 @@ __device__ __forceinline__ void rf_attn_warp(const float (&qr)[RF_ATTN_MAX_ND], 
             s[u] = x;
         }
 #pragma unroll
-        for (int u = 0; u < RF_ATTN_KB; ++u) s[u] = rf_warp_sum(s[u]);
+        for (int u = 0; u < KB; ++u) s[u] = rf_warp_sum(s[u]);
         float m_new = m;
 #pragma unroll
-        for (int u = 0; u < RF_ATTN_KB; ++u)
+        for (int u = 0; u < KB; ++u)
             if (j0 + u < end) m_new = fmaxf(m_new, s[u]);
         const float corr = expf(m - m_new);
         l *= corr;
 #pragma unroll
         for (int i = 0; i < RF_ATTN_MAX_ND; ++i) acc[i] *= corr;
 #pragma unroll
-        for (int u = 0; u < RF_ATTN_KB; ++u) {
+        for (int u = 0; u < KB; ++u) {
             const float pj = j0 + u < end ? expf(s[u] - m_new) : 0.f;
             l += pj;
             const rf_half* vj = vh + (i64)min(j0 + u, end - 1) * head_dim;
@@ -134,8 +137,8 @@ __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_ha
     float qr[RF_ATTN_MAX_ND], acc[RF_ATTN_MAX_ND];
     rf_attn_query(q, t, h, n_heads, head_dim, nd, scale, qr, acc);
     float m = -RF_INF, l = 0.f;
-    rf_attn_warp(qr, kc + (i64)kvh * seq_cap * head_dim, vc + (i64)kvh * seq_cap * head_dim,
-                 head_dim, nd, kv_first, kv_len, m, l, acc);
+    rf_attn_warp<1>(qr, kc + (i64)kvh * seq_cap * head_dim, vc + (i64)kvh * seq_cap * head_dim,
+                    head_dim, nd, kv_first, kv_len, m, l, acc);
     float gm, gl;
     rf_attn_gather(sh, m, l, acc, head_dim, nd, gm, gl);
     float* oh = out + ((i64)t * n_heads + h) * head_dim;
@@ -174,8 +177,8 @@ extern "C" __global__ void attn_decode_part_f16kv_f32(const float* __restrict__ 
     float qr[RF_ATTN_MAX_ND], acc[RF_ATTN_MAX_ND];
     rf_attn_query(q, 0, h, n_heads, head_dim, nd, scale, qr, acc);
     float m = -RF_INF, l = 0.f;
-    rf_attn_warp(qr, k + (i64)kvh * seq_cap * head_dim, v + (i64)kvh * seq_cap * head_dim,
-                 head_dim, nd, b0, b1, m, l, acc);
+    rf_attn_warp<RF_ATTN_KB>(qr, k + (i64)kvh * seq_cap * head_dim, v + (i64)kvh * seq_cap * head_dim,
+                             head_dim, nd, b0, b1, m, l, acc);
     float gm, gl;
     rf_attn_gather(sh, m, l, acc, head_dim, nd, gm, gl);
     float* pp = part + ((i64)h * gridDim.x + sp) * (head_dim + 2);
