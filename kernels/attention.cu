@@ -159,14 +159,95 @@ __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_ha
     }
 }
 
+// Keys per lane group per round of rf_attn_warp_wide.
+#define RF_ATTN_WIDE_U 4
+
+// rf_attn_warp's result, for heads of 8 * L halfs with L dividing the warp (64, 128, 256 on
+// NVIDIA): a group of L = head_dim / 8 lanes takes one key, each lane 8 of its columns with one
+// 16-byte load of K and one of V, so a warp has RF_WARP / L keys per load and, with
+// RF_ATTN_WIDE_U keys per group and round, K and V of 4-16 keys in flight in one round trip
+// (rf_attn_warp: four 2-byte loads per key and lane, V loaded after the scores). Each group keeps
+// its own running (m, l, acc); the groups of a warp merge at the end, so on return every lane
+// holds the warp's state for its columns 8 * (lane % L) ..; rows must be 16-byte aligned.
+__device__ __forceinline__ void rf_attn_warp_wide(const float* __restrict__ qh, float scale,
+                                                  const rf_half* __restrict__ kh,
+                                                  const rf_half* __restrict__ vh, int head_dim,
+                                                  int first, int end, float& m, float& l,
+                                                  float (&acc)[8]) {
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const int nwarps = blockDim.x / RF_WARP;
+    const int L = head_dim / 8, G = RF_WARP / L;  // lanes per key, keys per warp-wide load
+    const int g = lane / L, c = lane % L;
+    float qv[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        qv[e] = qh[c * 8 + e] * scale;
+        acc[e] = 0.f;
+    }
+    m = -RF_INF;
+    l = 0.f;
+    const int step = nwarps * G * RF_ATTN_WIDE_U;
+    for (int j0 = first + warp * G * RF_ATTN_WIDE_U; j0 < end; j0 += step) {
+        uint4 kr[RF_ATTN_WIDE_U], vr[RF_ATTN_WIDE_U];
+#pragma unroll
+        for (int u = 0; u < RF_ATTN_WIDE_U; ++u) {
+            const i64 row = (i64)min(j0 + u * G + g, end - 1) * head_dim + c * 8;
+            kr[u] = *(const uint4*)(kh + row);
+            vr[u] = *(const uint4*)(vh + row);
+        }
+        float sc[RF_ATTN_WIDE_U];
+#pragma unroll
+        for (int u = 0; u < RF_ATTN_WIDE_U; ++u) {
+            const rf_half* kk = (const rf_half*)&kr[u];
+            float x = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) x += qv[e] * rf_h2f(kk[e]);
+            for (int off = L / 2; off > 0; off >>= 1) x += rf_shfl_xor(x, off);
+            sc[u] = x;
+        }
+        float m_new = m;
+#pragma unroll
+        for (int u = 0; u < RF_ATTN_WIDE_U; ++u)
+            if (j0 + u * G + g < end) m_new = fmaxf(m_new, sc[u]);
+        // A group whose keys all lie past `end` keeps m = -inf (nothing to scale).
+        const float corr = m_new == -RF_INF ? 1.f : expf(m - m_new);
+        l *= corr;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] *= corr;
+#pragma unroll
+        for (int u = 0; u < RF_ATTN_WIDE_U; ++u) {
+            const float pj = j0 + u * G + g < end ? expf(sc[u] - m_new) : 0.f;
+            l += pj;
+            const rf_half* vv = (const rf_half*)&vr[u];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] += pj * rf_h2f(vv[e]);
+        }
+        m = m_new;
+    }
+    // The warp's groups merged (butterfly over the group bits of the lane index).
+    for (int off = L; off < RF_WARP; off <<= 1) {
+        const float m_o = rf_shfl_xor(m, off), l_o = rf_shfl_xor(l, off);
+        const float m_n = fmaxf(m, m_o);
+        const float a = m == -RF_INF ? 0.f : expf(m - m_n);
+        const float b = m_o == -RF_INF ? 0.f : expf(m_o - m_n);
+        l = l * a + l_o * b;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = acc[e] * a + rf_shfl_xor(acc[e], off) * b;
+        m = m_n;
+    }
+}
+
 // Decode over a long context split across blocks (flash-decoding): block (sp, h) takes
 // positions kv_first + sp * chunk .. + chunk (below pos + 1) of head h and writes its max, its
 // sum and its unnormalized V sum to part[(h * gridDim.x + sp) * (head_dim + 2) ..] as
 // (m, l, acc[head_dim]); attn_merge_f32 combines the splits. Every split holds a position.
+// `wide` (the caches 16-byte aligned) with a head of 8 * L halfs, L dividing the warp: the
+// warps read K and V with rf_attn_warp_wide.
 extern "C" __global__ void attn_decode_part_f16kv_f32(const float* __restrict__ q, const rf_half* __restrict__ k,
                                                       const rf_half* __restrict__ v, float* __restrict__ part,
                                                       int n_heads, int n_kv_heads, int head_dim, int seq_cap,
-                                                      int pos, float scale, int window, int chunk) {
+                                                      int pos, float scale, int window, int chunk,
+                                                      int wide) {
     __shared__ RfAttnShared sh;
     const int sp = blockIdx.x, h = blockIdx.y;
     const int kvh = h / (n_heads / n_kv_heads);
@@ -174,13 +255,35 @@ extern "C" __global__ void attn_decode_part_f16kv_f32(const float* __restrict__ 
     const int kv_len = pos + 1;
     const int kv_first = (window > 0 && kv_len > window) ? kv_len - window : 0;
     const int b0 = kv_first + sp * chunk, b1 = min(b0 + chunk, kv_len);
-    float qr[RF_ATTN_MAX_ND], acc[RF_ATTN_MAX_ND];
-    rf_attn_query(q, 0, h, n_heads, head_dim, nd, scale, qr, acc);
-    float m = -RF_INF, l = 0.f;
-    rf_attn_warp<RF_ATTN_KB>(qr, k + (i64)kvh * seq_cap * head_dim, v + (i64)kvh * seq_cap * head_dim,
-                             head_dim, nd, b0, b1, m, l, acc);
-    float gm, gl;
-    rf_attn_gather(sh, m, l, acc, head_dim, nd, gm, gl);
+    const rf_half* kh = k + (i64)kvh * seq_cap * head_dim;
+    const rf_half* vh = v + (i64)kvh * seq_cap * head_dim;
+    float m = -RF_INF, l = 0.f, gm, gl;
+    const int L = head_dim / 8;
+    if (wide && head_dim % 8 == 0 && L <= RF_WARP && RF_WARP % L == 0) {
+        // 16-byte loads (`wide`: the launcher found both caches 16-byte aligned).
+        float acc[8];
+        rf_attn_warp_wide(q + (i64)h * head_dim, scale, kh, vh, head_dim, b0, b1, m, l, acc);
+        const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+        if (lane == 0) {
+            sh.m[warp] = m;
+            sh.l[warp] = l;
+        }
+        if (lane < L) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sh.acc[warp * head_dim + lane * 8 + e] = acc[e];
+        }
+        __syncthreads();
+        gm = -RF_INF;
+        for (int w = 0; w < (int)(blockDim.x / RF_WARP); ++w) gm = fmaxf(gm, sh.m[w]);
+        gl = 0.f;
+        for (int w = 0; w < (int)(blockDim.x / RF_WARP); ++w)
+            gl += sh.m[w] == -RF_INF ? 0.f : sh.l[w] * expf(sh.m[w] - gm);
+    } else {
+        float qr[RF_ATTN_MAX_ND], acc[RF_ATTN_MAX_ND];
+        rf_attn_query(q, 0, h, n_heads, head_dim, nd, scale, qr, acc);
+        rf_attn_warp<RF_ATTN_KB>(qr, kh, vh, head_dim, nd, b0, b1, m, l, acc);
+        rf_attn_gather(sh, m, l, acc, head_dim, nd, gm, gl);
+    }
     float* pp = part + ((i64)h * gridDim.x + sp) * (head_dim + 2);
     if (threadIdx.x == 0) {
         pp[0] = gm;

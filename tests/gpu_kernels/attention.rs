@@ -73,6 +73,18 @@ pub(super) fn check_split_decode<D: KernelDevice>(
     );
     let kc = upload(d, &k16, "k cache").expect("upload");
     let vc = upload(d, &v16, "v cache").expect("upload");
+    // The same caches 2 bytes into their buffers: not 16-byte aligned, so the split kernel
+    // reads them with 2-byte loads (rf_attn_warp) instead of rf_attn_warp_wide's 16-byte ones.
+    let shifted = |x: &[f16], what| {
+        let mut v = vec![f16::ZERO];
+        v.extend_from_slice(x);
+        upload(d, &v, what).expect("upload")
+    };
+    let (kc2, vc2) = (shifted(&k16, "k cache + 2"), shifted(&v16, "v cache + 2"));
+    let (kc_odd, vc_odd) = (
+        view(&kc2, 2, n * 2).expect("view"),
+        view(&vc2, 2, n * 2).expect("view"),
+    );
     let part = d
         .alloc(attn_part_bytes(n_heads, head_dim), "partials")
         .expect("alloc");
@@ -83,6 +95,7 @@ pub(super) fn check_split_decode<D: KernelDevice>(
         d.alloc(width * 4, "o split").expect("alloc"),
         d.alloc(width * 4, "o one").expect("alloc"),
     );
+    let o_odd = d.alloc(width * 4, "o unaligned").expect("alloc");
     let read = |b: &D::Buf| b.to_vec::<f32>(width).expect("read");
     // (positions in the cache, window): 2 splits with a short last one; the most splits with
     // chunks longer than ATTN_SPLIT_CHUNK; a window that splits; one that does not.
@@ -116,6 +129,15 @@ pub(super) fn check_split_decode<D: KernelDevice>(
         let label =
             format!("attn_decode_part + attn_merge (d{head_dim}, {len} pos, window {window})");
         t.add(&label, "f16kv", rel_err(&got, &want), 1e-4);
+        d.attention_q8a(s, &qd, &kc_odd, &vc_odd, &o_odd, a, None, Some(&part))
+            .expect("split decode, unaligned caches");
+        s.synchronize().expect("sync");
+        t.add(
+            &format!("{label}, caches not 16-byte aligned"),
+            "f16kv",
+            rel_err(&read(&o_odd), &want),
+            1e-4,
+        );
         t.add(
             &format!("{label} vs one block"),
             "f16kv",

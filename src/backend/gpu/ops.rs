@@ -1368,6 +1368,10 @@ fn attention_split<D: KernelDevice>(
         Arg::F32(a.scale),
         Arg::I32(to_i32(OP, "window", a.window)?),
         Arg::I32(to_i32(OP, "chunk", chunk)?),
+        // 16-byte loads of K and V rows where both caches allow them.
+        Arg::I32(i32::from(
+            k_cache.device_ptr() % 16 == 0 && v_cache.device_ptr() % 16 == 0,
+        )),
     ];
     let mut args = vec![p(q), p(k_cache), p(v_cache), p(part)];
     args.extend(head);
