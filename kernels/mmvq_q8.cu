@@ -64,6 +64,16 @@ struct Q8Q4_0 {
         const float2 a = xm[0];
         return rf_h2f(b->d) * a.x * ((float)s - 4.f * a.y);
     }
+    static constexpr bool SPLIT = false;
+    static __device__ __forceinline__ void frag(const block* b, int, int t, int& lo, int& hi) {
+        const u32 v = rf_load_u32_a2(b->qs + 4 * t);
+        lo = (int)(v & RF_LO4);
+        hi = (int)((v >> 4) & RF_LO4);
+    }
+    static __device__ __forceinline__ float2 coef(const block* b, int) {
+        const float d = rf_h2f(b->d);
+        return make_float2(d, 8.f * d);
+    }
 };
 
 struct Q8Q4_1 {
@@ -80,6 +90,15 @@ struct Q8Q4_1 {
         s = rf_dp4a((v1 >> 4) & RF_LO4, uh.y, s);
         const float2 a = xm[0];
         return a.x * (rf_h2f(b->d) * (float)s + rf_h2f(b->m) * 0.5f * a.y);
+    }
+    static constexpr bool SPLIT = false;
+    static __device__ __forceinline__ void frag(const block* b, int, int t, int& lo, int& hi) {
+        const u32 v = rf_load_u32_a4(b->qs + 4 * t);
+        lo = (int)(v & RF_LO4);
+        hi = (int)((v >> 4) & RF_LO4);
+    }
+    static __device__ __forceinline__ float2 coef(const block* b, int) {
+        return make_float2(rf_h2f(b->d), -rf_h2f(b->m));
     }
 };
 
@@ -107,6 +126,17 @@ struct Q8Q5_0 {
         const float2 a = xm[0];
         return rf_h2f(b->d) * a.x * ((float)s - 8.f * a.y);
     }
+    static constexpr bool SPLIT = false;
+    static __device__ __forceinline__ void frag(const block* b, int, int t, int& lo, int& hi) {
+        const u32 qh = rf_load_u32_a2(b->qh);
+        const u32 v = rf_load_u32_a2(b->qs + 4 * t);
+        lo = (int)(v & RF_LO4) | rf_spread4(qh >> (4 * t));
+        hi = (int)((v >> 4) & RF_LO4) | rf_spread4(qh >> (16 + 4 * t));
+    }
+    static __device__ __forceinline__ float2 coef(const block* b, int) {
+        const float d = rf_h2f(b->d);
+        return make_float2(d, 16.f * d);
+    }
 };
 
 struct Q8Q5_1 {
@@ -126,6 +156,16 @@ struct Q8Q5_1 {
         const float2 a = xm[0];
         return a.x * (rf_h2f(b->d) * (float)s + rf_h2f(b->m) * 0.5f * a.y);
     }
+    static constexpr bool SPLIT = false;
+    static __device__ __forceinline__ void frag(const block* b, int, int t, int& lo, int& hi) {
+        const u32 qh = rf_load_u32_a4(b->qh);
+        const u32 v = rf_load_u32_a4(b->qs + 4 * t);
+        lo = (int)(v & RF_LO4) | rf_spread4(qh >> (4 * t));
+        hi = (int)((v >> 4) & RF_LO4) | rf_spread4(qh >> (16 + 4 * t));
+    }
+    static __device__ __forceinline__ float2 coef(const block* b, int) {
+        return make_float2(rf_h2f(b->d), -rf_h2f(b->m));
+    }
 };
 #undef RF_Q5_PARTS
 
@@ -140,6 +180,14 @@ struct Q8Q8_0 {
         int s = rf_dp4a((int)rf_load_u32_a2(qs), u.x, 0);
         s = rf_dp4a((int)rf_load_u32_a2(qs + 4), u.y, s);
         return rf_h2f(b->d) * xm[0].x * (float)s;
+    }
+    static constexpr bool SPLIT = false;
+    static __device__ __forceinline__ void frag(const block* b, int, int t, int& lo, int& hi) {
+        lo = (int)rf_load_u32_a2((const u8*)b->qs + 4 * t);
+        hi = (int)rf_load_u32_a2((const u8*)b->qs + 16 + 4 * t);
+    }
+    static __device__ __forceinline__ float2 coef(const block* b, int) {
+        return make_float2(rf_h2f(b->d), 0.f);
     }
 };
 
@@ -170,6 +218,19 @@ struct Q8Q4_K {
         sh = rf_dp4a((v1 >> 4) & RF_LO4, uh.y, sh);
         RF_K_RESULT(b, g, sl, sh, xm)
     }
+    static constexpr bool SPLIT = false;
+    // Sub-block s (32 elements): group s / 2's bytes, low nibbles for even s, high for odd.
+    static __device__ __forceinline__ void frag(const block* b, int s, int t, int& lo, int& hi) {
+        const int sh = 4 * (s & 1);
+        const u8* q = b->qs + 32 * (s >> 1) + 4 * t;
+        lo = (int)((rf_load_u32_a4(q) >> sh) & RF_LO4);
+        hi = (int)((rf_load_u32_a4(q + 16) >> sh) & RF_LO4);
+    }
+    static __device__ __forceinline__ float2 coef(const block* b, int s) {
+        float sc, m;
+        rf_scale_min_k4(s, b->scales, &sc, &m);
+        return make_float2(rf_h2f(b->d) * sc, rf_h2f(b->dmin) * m);
+    }
 };
 
 struct Q8Q5_K {
@@ -189,6 +250,20 @@ struct Q8Q5_K {
         int sh = rf_dp4a((int)(((v0 >> 4) & RF_LO4) | (((q0 >> bh) & 0x01010101u) << 4)), uh.x, 0);
         sh = rf_dp4a((int)(((v1 >> 4) & RF_LO4) | (((q1 >> bh) & 0x01010101u) << 4)), uh.y, sh);
         RF_K_RESULT(b, g, sl, sh, xm)
+    }
+    static constexpr bool SPLIT = false;
+    // As Q4_K, the fifth bit of element e of sub-block s is bit s of qh[e].
+    static __device__ __forceinline__ void frag(const block* b, int s, int t, int& lo, int& hi) {
+        const int sh = 4 * (s & 1);
+        const u8* q = b->qs + 32 * (s >> 1) + 4 * t;
+        const u32 h0 = rf_load_u32_a4(b->qh + 4 * t), h1 = rf_load_u32_a4(b->qh + 16 + 4 * t);
+        lo = (int)(((rf_load_u32_a4(q) >> sh) & RF_LO4) | (((h0 >> s) & 0x01010101u) << 4));
+        hi = (int)(((rf_load_u32_a4(q + 16) >> sh) & RF_LO4) | (((h1 >> s) & 0x01010101u) << 4));
+    }
+    static __device__ __forceinline__ float2 coef(const block* b, int s) {
+        float sc, m;
+        rf_scale_min_k4(s, b->scales, &sc, &m);
+        return make_float2(rf_h2f(b->d) * sc, rf_h2f(b->dmin) * m);
     }
 };
 #undef RF_K_RESULT
@@ -215,6 +290,24 @@ struct Q8Q6_K {
                         ma[2].x * (float)sc[4] * (float)t2 + ma[3].x * (float)sc[6] * (float)t3;
         return rf_h2f(b->d) * s;
     }
+    // Sub-block s = 4h + u (32 elements l): ql[64h + 32(u & 1) + l] nibble u / 2, qh[32h + l]
+    // bits 2u..2u+1, scale 8h + 2u for l < 16 and 8h + 2u + 1 above: two scales, so the low
+    // and high halves take separate products (SPLIT) and coef gives their two multipliers.
+    static constexpr bool SPLIT = true;
+    static __device__ __forceinline__ void frag(const block* b, int s, int t, int& lo, int& hi) {
+        const int h = s >> 2, u = s & 3;
+        const u8* q = b->ql + 64 * h + 32 * (u & 1) + 4 * t;
+        const u8* qh = b->qh + 32 * h + 4 * t;
+        const int sl = 4 * (u >> 1), sh = 2 * u;
+        lo = rf_sub32x4(((rf_load_u32_a2(q) >> sl) & RF_LO4) | (((rf_load_u32_a2(qh) >> sh) & 0x03030303u) << 4));
+        hi = rf_sub32x4(((rf_load_u32_a2(q + 16) >> sl) & RF_LO4) |
+                        (((rf_load_u32_a2(qh + 16) >> sh) & 0x03030303u) << 4));
+    }
+    static __device__ __forceinline__ float2 coef(const block* b, int s) {
+        const float d = rf_h2f(b->d);
+        const i8* sc = b->scales + 8 * (s >> 2) + 2 * (s & 3);
+        return make_float2(d * (float)sc[0], d * (float)sc[1]);
+    }
 };
 
 // x [nblk * 32] f32 -> q8a (quants `qs`, per block (d, quant sum) `meta`). 32 threads per
@@ -239,12 +332,10 @@ struct RfRow {
     int row, nrows;
 };
 
-template <int WPR>
-__device__ __forceinline__ RfRow rf_mmvq8_row(const void* w0, const void* w1, const void* w2,
-                                              float* y0, float* y1, float* y2, int r1, int r2,
-                                              int ntotal) {
-    constexpr int RPB = RF_MMVQ8_WARPS / WPR;
-    const int grow = blockIdx.x * RPB + (int)(threadIdx.x / RF_WARP) / WPR;
+// Global row `grow` of the (up to) three matrices.
+__device__ __forceinline__ RfRow rf_row_at(int grow, const void* w0, const void* w1, const void* w2,
+                                           float* y0, float* y1, float* y2, int r1, int r2,
+                                           int ntotal) {
     RfRow r;
     r.live = grow < ntotal;
     r.w = grow < r1 ? w0 : grow < r2 ? w1 : w2;
@@ -252,6 +343,15 @@ __device__ __forceinline__ RfRow rf_mmvq8_row(const void* w0, const void* w1, co
     r.row = grow < r1 ? grow : grow < r2 ? grow - r1 : grow - r2;
     r.nrows = grow < r1 ? r1 : grow < r2 ? r2 - r1 : ntotal - r2;
     return r;
+}
+
+template <int WPR>
+__device__ __forceinline__ RfRow rf_mmvq8_row(const void* w0, const void* w1, const void* w2,
+                                              float* y0, float* y1, float* y2, int r1, int r2,
+                                              int ntotal) {
+    constexpr int RPB = RF_MMVQ8_WARPS / WPR;
+    const int grow = blockIdx.x * RPB + (int)(threadIdx.x / RF_WARP) / WPR;
+    return rf_row_at(grow, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
 }
 
 // The epilogue: each lane's partial sums meet across the warp (and across the row's WPR warps
@@ -410,10 +510,179 @@ __device__ __forceinline__ void rf_mmvq8s(const void* __restrict__ w0, const voi
     rf_mmvq8_store<NV, WPR>(sum, r, n, acc);
 }
 
+// The batched products on tensor cores (sm_80+: int8 `mma.sync` m16n8k32): a warp computes a
+// tile of 16 rows x 8 vectors, one 32-element block of the rows per instruction. Why: the
+// dp4a forms above reload each vector's activations for every 16 weights they decode, so 8
+// vectors move ~16x more activation bytes through L1 than weight bytes and the batch runs at a
+// third of the one-vector bandwidth; here a 32-weight block of 16 rows is decoded once into the
+// A fragment and the 8 vectors' activations come in as the B fragment (one 16-byte row of each).
+//
+// Fragments (PTX ISA, m16n8k32 .s8; lane = 4 * gid + t): A a0 = row gid, k 4t..4t+3; a1 = row
+// gid + 8, the same k; a2, a3 = k 16 + 4t.. of the two rows; B b0 = vector gid, k 4t..4t+3, b1
+// = k 16 + 4t..; C c0, c1 = row gid, vectors 2t, 2t + 1; c2, c3 = row gid + 8.
+// Each weight type gives `frag` (the int8 values of a 32-element sub-block's k 4t.. and
+// 16 + 4t.., unsigned nibbles or signed bytes) and `coef` (mul, off) with sum_e w_e x_e =
+// dx (mul sum_e q_e xq_e - off sum_e xq_e); Q6_K's halves have their own scales (SPLIT: two
+// products, coef = the two multipliers).
+// Block: RF_MMVQ8_WARPS warps; KS warps share a tile, each over a contiguous range of the row's
+// blocks, meeting in shared memory. Targets without int8 MMA (HIP, sm < 80) compute the same
+// tile with dp4a from the same fragments (lanes 32.. of a 64-wide wavefront idle); the launcher
+// takes these kernels only where the device has the instruction.
+#define RF_MMA_ROWS 16
+#define RF_MMA_MAXN 16
+#if defined(RF_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define RF_MMA_S8 1
+#endif
+
+__device__ __forceinline__ void rf_mma_s8(int (&c)[4], int a0, int a1, int a2, int a3, int b0, int b1) {
+#if defined(RF_MMA_S8)
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};"
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(0));
+#else
+    (void)a0, (void)a1, (void)a2, (void)a3, (void)b0, (void)b1;
+    c[0] = c[1] = c[2] = c[3] = 0;
+#endif
+}
+
+// The int32 tile of sub-block `sub` of blocks b0 (row gid) and b1 (row gid + 8) with vectors
+// v0 .. v0 + 7 (those below n) of the quants `xk` (block kb's first int of vector 0; vectors
+// `xstride` ints apart):
+// cl = the low halves' products (k < 16) and ch the high ones' for SPLIT types; otherwise cl
+// the whole block's and ch zero. Layout as C above.
+template <typename T>
+__device__ __forceinline__ void rf_mma_tile(const typename T::block* b0, const typename T::block* b1,
+                                            int sub, int gid, int t, const int* xk, int xstride,
+                                            int n, int v0, int (&cl)[4], int (&ch)[4]) {
+#if defined(RF_MMA_S8)
+    int l0, h0, l1, h1;
+    T::frag(b0, sub, t, l0, h0);
+    T::frag(b1, sub, t, l1, h1);
+    const int* xv = xk + (i64)(v0 + gid) * xstride;
+    const int x0 = v0 + gid < n ? xv[t] : 0, x1 = v0 + gid < n ? xv[4 + t] : 0;
+    if (T::SPLIT) {
+        rf_mma_s8(cl, l0, l1, 0, 0, x0, x1);
+        rf_mma_s8(ch, 0, 0, h0, h1, x0, x1);
+    } else {
+        rf_mma_s8(cl, l0, l1, h0, h1, x0, x1);
+        ch[0] = ch[1] = ch[2] = ch[3] = 0;
+    }
+#else
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cl[i] = ch[i] = 0;
+#pragma unroll
+    for (int tt = 0; tt < 4; ++tt) {
+        int l0, h0, l1, h1;
+        T::frag(b0, sub, tt, l0, h0);
+        T::frag(b1, sub, tt, l1, h1);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int v = v0 + 2 * t + j;
+            if (v < n) {
+                const int xl = xk[(i64)v * xstride + tt], xh = xk[(i64)v * xstride + 4 + tt];
+                cl[j] = rf_dp4a(l0, xl, cl[j]);
+                ch[j] = rf_dp4a(h0, xh, ch[j]);
+                cl[2 + j] = rf_dp4a(l1, xl, cl[2 + j]);
+                ch[2 + j] = rf_dp4a(h1, xh, ch[2 + j]);
+            }
+        }
+    }
+    if (!T::SPLIT) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) cl[i] += ch[i], ch[i] = 0;
+    }
+#endif
+}
+
+// y[v][row] = W[row] . x[v] for v < n (n <= 8 NT: NT groups of 8 vectors share each decoded
+// A fragment) over up to three matrices (rows as rf_mmvq8); grid: ceil(16-row tiles /
+// (RF_MMVQ8_WARPS / KS)).
+template <typename T, int KS, int NT>
+__device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const void* __restrict__ w1,
+                                             const void* __restrict__ w2, const int* __restrict__ xq,
+                                             const float2* __restrict__ xm, float* y0, float* y1,
+                                             float* y2, int ncols, int r1, int r2, int ntotal, int n,
+                                             int acc) {
+    constexpr int TPB = RF_MMVQ8_WARPS / KS;  // tiles per block
+    constexpr int KPB = T::QK / 32;           // 32-element sub-blocks per weight block
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const bool on = lane < 32;  // a 64-wide wavefront's upper half idles
+    const int gid = (lane & 31) >> 2, t = lane & 3;
+    const int tile = blockIdx.x * TPB + warp / KS, ks = warp % KS;
+    const RfRow ra = rf_row_at(tile * RF_MMA_ROWS + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
+    const RfRow rb = rf_row_at(tile * RF_MMA_ROWS + 8 + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
+    const int nkb = ncols / 32;
+    const typename T::block* ba = (const typename T::block*)ra.w + (i64)(ra.live ? ra.row : 0) * (nkb / KPB);
+    const typename T::block* bb = (const typename T::block*)rb.w + (i64)(rb.live ? rb.row : 0) * (nkb / KPB);
+    const int kb0 = (int)((i64)nkb * ks / KS), kb1 = (int)((i64)nkb * (ks + 1) / KS);
+    const int xstride = ncols / 4;
+    const int mstride = ncols / 32;
+    float f[NT][4];
+#pragma unroll
+    for (int g = 0; g < NT; ++g) f[g][0] = f[g][1] = f[g][2] = f[g][3] = 0.f;
+    rf_grid_wait();  // the activations (and `acc`'s y) come from the kernels before
+#pragma unroll 4
+    for (int kb = kb0; kb < kb1; ++kb) {
+        const int blk = kb / KPB, sub = kb % KPB;
+        const float2 ca = T::coef(ba + blk, sub), cb = T::coef(bb + blk, sub);
+#pragma unroll
+        for (int g = 0; g < NT; ++g) {
+            int cl[4], ch[4];
+            rf_mma_tile<T>(ba + blk, bb + blk, sub, gid, t, xq + kb * 8, xstride, n, 8 * g, cl, ch);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int v = 8 * g + 2 * t + j;
+                const float2 a = v < n ? xm[(i64)v * mstride + kb] : make_float2(0.f, 0.f);
+                if (T::SPLIT) {
+                    f[g][j] += a.x * (ca.x * (float)cl[j] + ca.y * (float)ch[j]);
+                    f[g][2 + j] += a.x * (cb.x * (float)cl[2 + j] + cb.y * (float)ch[2 + j]);
+                } else {
+                    f[g][j] += a.x * (ca.x * (float)cl[j] - ca.y * a.y);
+                    f[g][2 + j] += a.x * (cb.x * (float)cl[2 + j] - cb.y * a.y);
+                }
+            }
+        }
+    }
+    if (KS > 1) {
+        __shared__ float part[RF_MMVQ8_WARPS][32][NT * 4];
+        if (on) {
+#pragma unroll
+            for (int i = 0; i < NT * 4; ++i) part[warp][lane][i] = f[i / 4][i % 4];
+        }
+        __syncthreads();
+        if (ks != 0) return;
+#pragma unroll
+        for (int k = 1; k < KS; ++k) {
+#pragma unroll
+            for (int i = 0; i < NT * 4; ++i) f[i / 4][i % 4] += part[warp + k][lane & 31][i];
+        }
+    }
+    if (!on) return;
+#pragma unroll
+    for (int g = 0; g < NT; ++g) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int v = 8 * g + 2 * t + j;
+            if (v >= n) continue;
+            if (ra.live) {
+                float* o = ra.y + (i64)v * ra.nrows + ra.row;
+                *o = acc ? *o + f[g][j] : f[g][j];
+            }
+            if (rb.live) {
+                float* o = rb.y + (i64)v * rb.nrows + rb.row;
+                *o = acc ? *o + f[g][2 + j] : f[g][2 + j];
+            }
+        }
+    }
+}
+
 // Entry points: `name_w1/_w2/_w4/_w8` (one vector, 1, 2, 4 or 8 warps per row: few rows want
 // several warps each to keep enough loads in flight; the launcher picks by the row count),
 // `name_n` (up to RF_MMVQ8_MAXN vectors, one warp per row), and their staged forms
-// `name_s1/_s2/_s4` and `name_sn` for 16-byte aligned rows.
+// `name_s1/_s2/_s4` and `name_sn` for 16-byte aligned rows; `name_m2/_m4/_m8` the tensor-core
+// tiles (up to RF_MMVQ8_MAXN vectors; 2, 4 or 8 warps per 16-row tile) and `name_mm2/4/8`
+// (up to RF_MMA_MAXN: two groups of 8 vectors per decoded tile).
 #define RF_MMVQ8_ARGS                                                                           \
     const void* __restrict__ w0, const void* __restrict__ w1, const void* __restrict__ w2,      \
         const int* __restrict__ xq, const float2* __restrict__ xm, float* y0, float* y1,        \
@@ -425,6 +694,10 @@ __device__ __forceinline__ void rf_mmvq8s(const void* __restrict__ w0, const voi
 #define RF_MMVQ8S_1(name, T, WPR)                                                               \
     extern "C" __global__ void name(RF_MMVQ8_ARGS, int acc) {                                   \
         rf_mmvq8s<T, 1, WPR>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, 1, acc);    \
+    }
+#define RF_MMVQ8M(name, T, KS, NT)                                                              \
+    extern "C" __global__ void name(RF_MMVQ8_ARGS, int n, int acc) {                            \
+        rf_mmvq8_mma<T, KS, NT>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, acc); \
     }
 #define RF_MMVQ8(name, T)                                                                       \
     RF_MMVQ8_1(name##_w1, T, 1)                                                                 \
@@ -441,7 +714,13 @@ __device__ __forceinline__ void rf_mmvq8s(const void* __restrict__ w0, const voi
     extern "C" __global__ void name##_sn(RF_MMVQ8_ARGS, int n, int acc) {                       \
         rf_mmvq8s<T, RF_MMVQ8_MAXN, 1>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, \
                                        acc);                                                    \
-    }
+    }                                                                                           \
+    RF_MMVQ8M(name##_m2, T, 2, 1)                                                               \
+    RF_MMVQ8M(name##_m4, T, 4, 1)                                                               \
+    RF_MMVQ8M(name##_m8, T, 8, 1)                                                               \
+    RF_MMVQ8M(name##_mm2, T, 2, 2)                                                              \
+    RF_MMVQ8M(name##_mm4, T, 4, 2)                                                              \
+    RF_MMVQ8M(name##_mm8, T, 8, 2)
 
 RF_MMVQ8(mmvq_q4_0_q8a, Q8Q4_0)
 RF_MMVQ8(mmvq_q4_1_q8a, Q8Q4_1)

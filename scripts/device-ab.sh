@@ -13,7 +13,8 @@
 #
 # Environment: ROUNDS (default 3), QTYPES (default "q4_0 q4_k"), BUDGET_RUNS (default 1: one
 # 50%-budget pp512/tg32 run of q4_0 per build and round; 0 skips them), STARTUP_WARM and
-# STARTUP_COLD (default 0: start-to-first-token runs of the new build, below). Writes $OUT/ab.jsonl
+# STARTUP_COLD (default 0: start-to-first-token runs of the new build, below), DEPTH (default 0;
+# e.g. 4000: also tg128 after DEPTH positions, first qtype, per build and round). Writes $OUT/ab.jsonl
 # (one object per bench result, with build, qtype, budget, round).
 set -u
 W=/tmp/rocmforge-device
@@ -53,6 +54,10 @@ for round in $(seq 1 "$ROUNDS"); do
     done
     if [ "$BUDGET_RUNS" != 0 ]; then
         for tag in new old; do run "$tag" "$first" 50% --memory-budget 50% -p 512 -n 32 -r 1; done
+    fi
+    # Decode after DEPTH positions (issue 16: tg128 at context 4,096), first qtype only.
+    if [ "${DEPTH:-0}" != 0 ]; then
+        for tag in new old; do run "$tag" "$first" full -p 0 -n 128 -d "$DEPTH" -r 2; done
     fi
 done
 # Start to first token of the new build (issue 12): process wall of `run -n 1`, warm page

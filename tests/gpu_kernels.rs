@@ -1010,6 +1010,7 @@ fn check_every_kernel<D: KernelDevice>(d: &D) {
 
     check_weights(d, &s, &mut t, &mut rng);
     q8::check_mmvq_q8_staged(d, &s, &mut t, &mut rng);
+    q8::check_mmvq_q8_mma(d, &s, &mut t, &mut rng);
     check_float_ops(d, &s, &mut t, &mut rng);
     check_attention(d, &s, &mut t, &mut rng, 64);
     check_attention(d, &s, &mut t, &mut rng, 128);

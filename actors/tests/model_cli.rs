@@ -179,7 +179,7 @@ fn unsupported_architecture_is_an_error() {
 }
 
 #[test]
-fn bench_json_reports_pp_and_tg() {
+fn bench_json_reports_pp_tg_and_batched_tg() {
     let m = model();
     let out = rocmforge(&[
         "bench",
@@ -193,6 +193,8 @@ fn bench_json_reports_pp_and_tg() {
         "8",
         "-r",
         "2",
+        "--parallel",
+        "3",
         "--json",
         "--threads",
         "2",
@@ -209,7 +211,7 @@ fn bench_json_reports_pp_and_tg() {
         .iter()
         .map(|t| t["test"].as_str().unwrap())
         .collect();
-    assert_eq!(tests, ["pp16", "tg4@d8"]);
+    assert_eq!(tests, ["pp16", "tg4@d8", "tg4x3@d8"]);
     for t in j.as_array().unwrap() {
         assert_eq!(t["samples"].as_array().unwrap().len(), 2);
         assert!(t["tokens_per_second"].as_f64().unwrap() > 0.0);

@@ -98,8 +98,11 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
                 .filter(|t| q8a_capable(**t))
                 .filter_map(|t| qtype_suffix(*t))
                 .flat_map(|s| {
-                    ["_n", "_w1", "_w2", "_w4", "_w8", "_sn", "_s1", "_s2", "_s4"]
-                        .map(|v| format!("mmvq_{s}_q8a{v}"))
+                    [
+                        "_n", "_w1", "_w2", "_w4", "_w8", "_sn", "_s1", "_s2", "_s4", "_m2", "_m4",
+                        "_m8", "_mm2", "_mm4", "_mm8",
+                    ]
+                    .map(|v| format!("mmvq_{s}_q8a{v}"))
                 })
                 .chain(["quantize_q8a_f32".to_string()])
                 .collect(),

@@ -2,7 +2,7 @@
 //! (a child module of gpu_kernels.rs: the shared helpers and table come from there).
 
 use super::*;
-use rocmforge::backend::gpu::ops::{mmvq8_wpr, MMVQN_MAX};
+use rocmforge::backend::gpu::ops::{mmvq8_mma_ks, mmvq8_wpr, MMA_MAXN, MMVQN_MAX};
 
 /// `x` quantized as `quantize_q8a_f32` does (32-element blocks, d = amax / 127 in f32,
 /// q = round(x / d) via the f32 reciprocal): the quants, (d, quant sum) per block, and `d * q`.
@@ -203,10 +203,25 @@ pub(super) fn check_mmvq_q8_staged<D: KernelDevice>(
                     yn.to_vec::<f32>(k * rows).expect("read"),
                     ysn.to_vec::<f32>(k * rows).expect("read"),
                 );
+                // The launcher's kernel for a batch: the tensor-core tiles where the device
+                // has int8 MMA, `_sn` otherwise; its first launch is those k vectors.
+                let picked = if d.int8_mma() {
+                    let ym = d.alloc(k * rows * 4, "y").expect("alloc");
+                    d.mmvq_q8_mma(s, &wd, m, &xqk, &ym, k, mmvq8_mma_ks(rows))
+                        .expect("_m");
+                    s.synchronize().expect("sync");
+                    ym.to_vec::<f32>(k * rows).expect("read")
+                } else {
+                    gsn.clone()
+                };
                 t.add(
-                    &format!("mmvq_{name}_q8a_sn == launcher bits x{k} [{rows}x{cols}]"),
+                    &format!("mmvq_{name}_q8a batch kernel == launcher bits x{k} [{rows}x{cols}]"),
                     qt.name(),
-                    if gsn[..] == got[..k * rows] { 0.0 } else { 1.0 },
+                    if picked[..] == got[..k * rows] {
+                        0.0
+                    } else {
+                        1.0
+                    },
                     0.0,
                 );
                 if d.warp_size() == 32 {
@@ -443,6 +458,62 @@ pub(super) fn check_fused_q8a<D: KernelDevice>(
     }
 }
 
+/// The tensor-core batch products (`_m2/_m4/_m8`, `_mm*` past 8 vectors): every q8 weight
+/// type, 37 rows (three 16-row tiles, the last one short) of 4,864 columns, 1, 3, 8, 13 and 16
+/// vectors, each warps-per-tile
+/// form against the product with the quantized activations. On a device without int8 MMA the
+/// same kernels compute with dp4a, and the rows say so.
+pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
+    d: &D,
+    s: &D::Stream,
+    t: &mut Table,
+    rng: &mut ChaCha8Rng,
+) {
+    let (rows, cols) = (37usize, 4864usize);
+    let how = if d.int8_mma() { "mma" } else { "dp4a" };
+    for qt in DEVICE_QTYPES.into_iter().filter(|&q| q8a_capable(q)) {
+        let name = qt.name().to_lowercase();
+        let w = random_weights(qt, rows, cols, rng);
+        let wd = upload(d, &w, "weights").expect("upload w");
+        let m = QMatrix {
+            qtype: qt,
+            nrows: rows,
+            ncols: cols,
+        };
+        for nv in [1usize, 3, MMVQN_MAX, 13, MMA_MAXN] {
+            let x = rand_vec(rng, nv * cols, 1.0);
+            let (_, _, deq) = quantize_q8a_ref(&x);
+            let xd = up(d, &x);
+            let xq = d.alloc(q8a_bytes(nv, cols), "xq").expect("alloc");
+            d.quantize_q8a(s, &xd, &xq, nv, cols).expect("quantize_q8a");
+            let mut yq = vec![0f32; nv * rows];
+            for j in 0..nv {
+                matvec_exact(
+                    qt,
+                    &w,
+                    rows,
+                    cols,
+                    &deq[j * cols..(j + 1) * cols],
+                    &mut yq[j * rows..(j + 1) * rows],
+                )
+                .expect("oracle");
+            }
+            for ks in [2u32, 4, 8] {
+                let y = d.alloc(nv * rows * 4, "y").expect("alloc");
+                d.mmvq_q8_mma(s, &wd, m, &xq, &y, nv, ks)
+                    .expect("mmvq_q8_mma");
+                s.synchronize().expect("sync");
+                t.add(
+                    &format!("mmvq_{name}_q8a_m{ks} x{nv} [{rows}x{cols}] {how} (vs quantized x)"),
+                    qt.name(),
+                    rel_err(&y.to_vec::<f32>(nv * rows).expect("read"), &yq),
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
 /// Informational only (printed, never asserted): the one-vector q8 product alone (activations
 /// quantized once) over the 8B shapes' matrices with 1, 2, 4 and 8 warps per row on the GGUF
 /// layout (`w`) and 1, 2, 4 staged (`s`), and the launcher's choice (`mmvq8_wpr`). Each launch
@@ -472,25 +543,32 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 .collect();
             let nv = MMVQN_MAX;
             let xd = up(d, &rand_vec(rng, nv * cols, 1.0));
+            let xd16 = up(d, &rand_vec(rng, MMA_MAXN * cols, 1.0));
             // One vector, and MMVQN_MAX (each layout has its scales after its quants).
-            let (xq1, xqn) = (
+            let (xq1, xqn, xq16) = (
                 d.alloc(q8a_bytes(1, cols), "bench xq").expect("alloc"),
                 d.alloc(q8a_bytes(nv, cols), "bench xq").expect("alloc"),
+                d.alloc(q8a_bytes(MMA_MAXN, cols), "bench xq")
+                    .expect("alloc"),
             );
-            let yd = d.alloc(nv * rows * 4, "y").expect("alloc");
+            let yd = d.alloc(MMA_MAXN * rows * 4, "y").expect("alloc");
             d.quantize_q8a(s, &xd, &xq1, 1, cols).expect("quantize");
             d.quantize_q8a(s, &xd, &xqn, nv, cols).expect("quantize");
+            d.quantize_q8a(s, &xd16, &xq16, MMA_MAXN, cols)
+                .expect("quantize");
             let m = QMatrix {
                 qtype: qt,
                 nrows: rows,
                 ncols: cols,
             };
             let mut line = format!(
-                "bench q8a shapes {:<5} [{rows}x{cols}] pick w{}:",
+                "bench q8a shapes {:<5} [{rows}x{cols}] pick w{} m{}:",
                 qt.name().to_lowercase(),
-                mmvq8_wpr(rows)
+                mmvq8_wpr(rows),
+                mmvq8_mma_ks(rows)
             );
-            // One vector with each shape; then MMVQN_MAX vectors (`n`, `sn`: a batched step).
+            // One vector with each shape; then MMVQN_MAX vectors (`n`, `sn`: a batched step);
+            // the tensor-core tiles (`m`: warps per tile) with one vector and with MMVQN_MAX.
             for (form, wpr, n) in [
                 ("w", 1u32, 1usize),
                 ("w", 2, 1),
@@ -501,19 +579,37 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 ("s", 4, 1),
                 ("n", 1, nv),
                 ("sn", 1, nv),
+                ("m", 2, 1),
+                ("m", 4, 1),
+                ("m", 8, 1),
+                ("m", 2, nv),
+                ("m", 4, nv),
+                ("m", 8, nv),
+                ("m", 2, MMA_MAXN),
+                ("m", 4, MMA_MAXN),
+                ("m", 8, MMA_MAXN),
             ] {
                 let staged = form.starts_with('s');
                 let mut next = 0usize;
                 let wm = median_ms(d, s, || {
                     next += 1;
-                    let xq = if n == 1 { &xq1 } else { &xqn };
-                    d.mmvq_q8_wpr(s, &wds[next % copies], m, xq, &yd, n, wpr, staged)
-                        .expect("mmvq_q8_wpr")
+                    let xq = match n {
+                        1 => &xq1,
+                        MMA_MAXN => &xq16,
+                        _ => &xqn,
+                    };
+                    if form == "m" {
+                        d.mmvq_q8_mma(s, &wds[next % copies], m, xq, &yd, n, wpr)
+                            .expect("mmvq_q8_mma")
+                    } else {
+                        d.mmvq_q8_wpr(s, &wds[next % copies], m, xq, &yd, n, wpr, staged)
+                            .expect("mmvq_q8_wpr")
+                    }
                 });
-                let label = if n == 1 {
-                    format!("{form}{wpr}")
-                } else {
-                    format!("{form}x{n}")
+                let label = match (form, n) {
+                    (_, 1) => format!("{form}{wpr}"),
+                    ("m", _) => format!("m{wpr}x{n}"),
+                    _ => format!("{form}x{n}"),
                 };
                 line += &format!(
                     "  {label} {:.1} us {:.0} GB/s",

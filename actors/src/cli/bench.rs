@@ -2,8 +2,10 @@
 //!
 //! pp N: one batched forward over N tokens into an empty cache. tg N: N single-token decode
 //! steps from an empty cache, or with `-d D` after a D-token prompt (`tg128@d4000`: decode at
-//! context 4,000; the prompt's prefill is not timed). Each test runs once untimed (warm-up: page faults, pool spin-up)
-//! and then `-r` times; the reported figure is the median.
+//! context 4,000; the prompt's prefill is not timed). `--parallel 8,16`: tg N for that many
+//! sequences at once (`tg64x8`), the runtime batching their decode steps; the figure is the
+//! aggregate rate while all of them decode. Each test runs once untimed (warm-up: page faults,
+//! pool spin-up) and then `-r` times; the reported figure is the median.
 
 use super::engine::{Engine, EngineArgs};
 use super::run::ModelArgs;
@@ -29,6 +31,12 @@ pub struct BenchArgs {
     /// (llama-bench's `-d`); 0 decodes from an empty cache.
     #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
     pub n_depth: usize,
+    /// Batched decode: for each level N given (`8,16,32`), also run N tg tests at once (each
+    /// its own prompt of `-d` tokens, at least one) and report the aggregate generated tokens
+    /// per second while all N decode (`tg64x8`; llama-batched-bench's S_TG). The runtime
+    /// then runs up to the largest level per step.
+    #[arg(long, value_delimiter = ',')]
+    pub parallel: Vec<usize>,
     /// Timed repetitions per test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub repetitions: usize,
@@ -177,6 +185,111 @@ fn tg(
     Ok(if secs > 0.0 { n as f64 / secs } else { 0.0 })
 }
 
+/// tg N for `np` sequences at once: each its own `depth`-token prompt (at least one) and N + 1
+/// tokens, every token timestamped. The rate counts the tokens that arrive while all `np`
+/// sequences decode (after the last one's first token, up to the first one's last), so the
+/// prompts' prefill and the ragged ends stay out of it.
+fn tg_parallel(
+    engine: &Engine,
+    n: usize,
+    depth: usize,
+    np: usize,
+    vocab: usize,
+    run: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let streams: Vec<_> = (0..np)
+        .map(|i| {
+            let mut req =
+                GenerateRequest::tokens(salted_tokens(depth.max(1), vocab, run * np + i), n + 1);
+            req.stop_at_eos = false;
+            engine.rt.generate(req).into_blocking()
+        })
+        .collect();
+    let stamps = std::thread::scope(|sc| {
+        let handles: Vec<_> = streams
+            .into_iter()
+            .map(|st| {
+                sc.spawn(move || -> Result<Vec<Instant>, String> {
+                    let mut ts = Vec::new();
+                    for ev in st {
+                        ev.map_err(|e| e.to_string())?;
+                        ts.push(Instant::now());
+                    }
+                    Ok(ts)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "a bench stream thread panicked".to_string())?
+            })
+            .collect::<Result<Vec<_>, String>>()
+    })?;
+    Ok(steady_rate(&stamps))
+}
+
+/// Tokens per second over the window in which every sequence of `stamps` (each its tokens'
+/// arrival times) was decoding: from the latest first token to the earliest last one, counting
+/// the tokens inside it. Where the sequences never all decoded at once (they ran one after
+/// another), every token after each sequence's first over the whole span instead.
+fn steady_rate(stamps: &[Vec<Instant>]) -> f64 {
+    let firsts = stamps.iter().filter_map(|t| t.first());
+    let lasts = stamps.iter().filter_map(|t| t.last());
+    let (Some(start), Some(end)) = (firsts.clone().max(), lasts.clone().min()) else {
+        return 0.0;
+    };
+    if end > start {
+        let tokens: usize = stamps
+            .iter()
+            .map(|t| t.iter().filter(|&&x| x > *start && x <= *end).count())
+            .sum();
+        return tokens as f64 / (*end - *start).as_secs_f64();
+    }
+    let (Some(a), Some(b)) = (firsts.min(), lasts.max()) else {
+        return 0.0;
+    };
+    let tokens: usize = stamps.iter().map(|t| t.len().saturating_sub(1)).sum();
+    let secs = (*b - *a).as_secs_f64();
+    if secs > 0.0 {
+        tokens as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::steady_rate;
+    use std::time::{Duration, Instant};
+
+    fn at(t0: Instant, ms: &[u64]) -> Vec<Instant> {
+        ms.iter().map(|&m| t0 + Duration::from_millis(m)).collect()
+    }
+
+    #[test]
+    fn steady_rate_counts_only_while_all_decode() {
+        let t0 = Instant::now();
+        // Window 100..400 ms: a has 200, 300, 400; b has 200, 300 (its 100 is the start).
+        let s = [
+            at(t0, &[0, 200, 300, 400, 500]),
+            at(t0, &[100, 200, 300, 400]),
+        ];
+        let r = steady_rate(&s);
+        assert!((r - 6.0 / 0.3).abs() < 1e-6, "{r}");
+    }
+
+    #[test]
+    fn steady_rate_of_sequences_one_after_another_spans_them_all() {
+        let t0 = Instant::now();
+        let s = [at(t0, &[0, 100, 200]), at(t0, &[300, 400])];
+        let r = steady_rate(&s);
+        assert!((r - 3.0 / 0.4).abs() < 1e-6, "{r}");
+        assert_eq!(steady_rate(&[]), 0.0);
+    }
+}
+
 pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if !a.ttft.is_empty() {
         if matches!(
@@ -194,7 +307,14 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         precision: a.precision,
         threads: a.threads,
     };
-    let engine = Engine::open(&model, backend, &a.engine, false)?;
+    if a.parallel.contains(&0) {
+        return Err("--parallel levels must be at least 1".into());
+    }
+    let mut engine_args = a.engine.clone();
+    if let Some(&most) = a.parallel.iter().max() {
+        engine_args.max_seqs = Some(most.max(crate::pipeline::batch::DEFAULT_MAX_NUM_SEQS));
+    }
+    let engine = Engine::open(&model, backend, &engine_args, false)?;
     let vocab = engine.tokenizer.vocab_size();
     let threads = match engine.backend {
         rocmforge::backend::BackendKind::Cpu => a.threads.unwrap_or_else(|| {
@@ -205,26 +325,36 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         _ => 1,
     };
     let mut results = Vec::new();
-    type Test = fn(&Engine, usize, usize, usize, usize) -> Result<f64, Box<dyn std::error::Error>>;
-    let pp_test: Test = |e, n, _depth, vocab, run| pp(e, n, vocab, run);
-    let tests: [(&str, usize, usize, Test); 2] = [
-        ("pp", a.n_prompt, 0, pp_test),
-        ("tg", a.n_gen, a.n_depth, tg),
+    // (name, tokens, depth, sequences at once: None for the one-sequence tests)
+    let mut tests = vec![
+        ("pp", a.n_prompt, 0, None),
+        ("tg", a.n_gen, a.n_depth, None),
     ];
-    for (name, n, depth, f) in tests {
+    tests.extend(
+        a.parallel
+            .iter()
+            .map(|&np| ("tg", a.n_gen, a.n_depth, Some(np))),
+    );
+    for (name, n, depth, np) in tests {
         if n == 0 {
             continue;
         }
+        let f = |run: usize| match (name, np) {
+            ("pp", _) => pp(&engine, n, vocab, run),
+            (_, None) => tg(&engine, n, depth, vocab, run),
+            (_, Some(np)) => tg_parallel(&engine, n, depth, np, vocab, run),
+        };
         // One untimed run first (page faults, pool spin-up, the load itself).
-        f(&engine, n, depth, vocab, 0)?;
+        f(0)?;
         let samples = (1..=a.repetitions.max(1))
-            .map(|run| f(&engine, n, depth, vocab, run))
+            .map(f)
             .collect::<Result<Vec<f64>, _>>()?;
+        let batch = np.map(|np| format!("x{np}")).unwrap_or_default();
         let r = BenchResult {
             test: if depth > 0 {
-                format!("{name}{n}@d{depth}")
+                format!("{name}{n}{batch}@d{depth}")
             } else {
-                format!("{name}{n}")
+                format!("{name}{n}{batch}")
             },
             tokens_per_second: median(&samples),
             samples,

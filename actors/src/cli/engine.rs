@@ -43,6 +43,10 @@ pub struct EngineArgs {
     /// choice; GPUs: 2 per reader + 4, of 4096 KiB).
     #[arg(long, help_heading = "Tuning", value_parser = parse_staging)]
     pub io_staging: Option<(usize, usize)>,
+    /// Sequences one step may run (the runtime's `max_num_seqs`; the GPU compute's batch);
+    /// not a flag: `bench --parallel` sets it to its largest level.
+    #[arg(skip)]
+    pub max_seqs: Option<usize>,
 }
 
 /// `SLOTSxKIB`, e.g. `28x4096`.
@@ -162,6 +166,10 @@ impl Engine {
             idle_gemm_open: !one_shot,
             ..Default::default()
         };
+        let gpu_opt = crate::compute::gpu::GpuPipelineOptions {
+            max_seqs: e.max_seqs.unwrap_or(gpu_opt.max_seqs),
+            ..gpu_opt
+        };
         let opened = match tracing::info_span!("device_wait")
             .in_scope(|| device.map(|t| t.map(|h| h.join())))
         {
@@ -218,6 +226,9 @@ impl Engine {
         }
         if let Some((slots, bytes)) = e.io_staging {
             builder = builder.staging(slots, bytes);
+        }
+        if let Some(n) = e.max_seqs {
+            builder = builder.max_num_seqs(n);
         }
         let rt = builder.build()?;
         if e.explain {

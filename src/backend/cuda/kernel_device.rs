@@ -21,4 +21,11 @@ impl KernelDevice for CudaDevice {
         super::bind(&self.ctx).map_err(|e| e.to_string())?;
         Ok(Box::new(Blas::create()?))
     }
+
+    fn int8_mma(&self) -> bool {
+        self.cc.0 >= 8 && !std::env::var(MMA_ENV).is_ok_and(|v| v.trim() == "0")
+    }
 }
+
+/// `ROCMFORGE_GPU_MMA=0` keeps the batched q8 products off the tensor cores (for A/B runs).
+const MMA_ENV: &str = "ROCMFORGE_GPU_MMA";

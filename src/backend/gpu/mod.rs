@@ -114,6 +114,12 @@ pub trait KernelDevice: ComputeDevice<Buf: BufferIo> + Send + Sync + Sized + 'st
     /// [`gemm::DeferredGemm`], since loading cuBLAS takes ~0.1 s); the handle runs its work on
     /// the stream each call passes.
     fn vendor_gemm(&self) -> std::result::Result<Box<dyn GemmF16<Self>>, String>;
+    /// Whether the batched q8 products may run on int8 tensor-core MMA (`_m*` kernels in
+    /// mmvq_q8.cu): CUDA devices of compute capability 8.0 and later, unless
+    /// `ROCMFORGE_GPU_MMA=0`. Elsewhere those kernels compute with dp4a and are not chosen.
+    fn int8_mma(&self) -> bool {
+        false
+    }
 }
 
 /// Loads every kernel module the layer pass uses on a thread of its own (from the disk cache,

@@ -65,6 +65,39 @@ fn mmvq8_stageable(w: &dyn DeviceBuffer, m: QMatrix) -> bool {
     w.device_ptr() % 16 == 0 && row % 16 == 0
 }
 
+/// Rows of one tensor-core tile of the batched q8 products (RF_MMA_ROWS in mmvq_q8.cu).
+const MMA_ROWS: usize = 16;
+/// Most vectors one tensor-core q8 launch takes (RF_MMA_MAXN: the `_mm*` kernels).
+pub const MMA_MAXN: usize = 16;
+
+/// Warps per 16-row tile of the tensor-core q8 products (`_m2/_m4/_m8`): the fewest that keep
+/// `MMVQ8_MIN_WARPS` warps streaming weights (each warp takes a contiguous share of the row's
+/// blocks), at most 8.
+pub fn mmvq8_mma_ks(nrows: usize) -> u32 {
+    let tiles = nrows.div_ceil(MMA_ROWS);
+    [2u32, 4]
+        .into_iter()
+        .find(|&k| tiles * k as usize >= MMVQ8_MIN_WARPS)
+        .unwrap_or(8)
+}
+
+/// Launch shape of the tensor-core q8 products with `ks` warps per 16-row tile.
+fn mmvq8_mma_shape(warp: u32, nrows: usize, ks: u32) -> BackendResult<LaunchShape> {
+    let tiles_per_block = (MMVQ8_WARPS / ks) as usize;
+    Ok(LaunchShape {
+        grid: (
+            to_u32(
+                "mmvq_q8",
+                nrows.div_ceil(MMA_ROWS).div_ceil(tiles_per_block),
+            )?,
+            1,
+            1,
+        ),
+        block: (MMVQ8_WARPS * warp, 1, 1),
+        shared_bytes: 0,
+    })
+}
+
 /// Threads per block of quantize_q8a_f32 (RF_Q8A_THREADS).
 const Q8A_THREADS: usize = 256;
 /// Warps per attention block (at most RF_ATTN_MAX_WARPS in attention.cu).
@@ -547,15 +580,25 @@ pub trait GpuOps: KernelDevice {
             // next; the argument list matches RF_MMVQ8 in mmvq_q8.cu.
             return unsafe { k.launch_early(s, shape, &args) };
         }
-        let k = self.kernel(
-            "mmvq_q8.cu",
-            &format!("{base}_{}", if staged { "sn" } else { "n" }),
-        )?;
-        // The `_n` kernels take one warp per row.
-        let shape = mmvq8_shape(self.warp_size(), total, 1)?;
+        // Batches: on int8 tensor cores where the device has them (16 rows x 8 vectors per
+        // instruction, each weight block decoded once for up to 16 vectors: `_m*` up to 8,
+        // `_mm*` up to 16); else `_n` / `_sn` (one warp per row, up to 8 vectors a launch).
+        let mma = self.int8_mma();
+        let ks = mmvq8_mma_ks(total);
+        let (chunk, shape) = if mma {
+            (MMA_MAXN, mmvq8_mma_shape(self.warp_size(), total, ks)?)
+        } else {
+            (MMVQN_MAX, mmvq8_shape(self.warp_size(), total, 1)?)
+        };
         let mut j = 0;
         while j < n {
-            let c = (n - j).min(MMVQN_MAX);
+            let c = (n - j).min(chunk);
+            let name = match (mma, c > MMVQN_MAX) {
+                (true, false) => format!("{base}_m{ks}"),
+                (true, true) => format!("{base}_mm{ks}"),
+                (false, _) => format!("{base}_{}", if staged { "sn" } else { "n" }),
+            };
+            let k = self.kernel("mmvq_q8.cu", &name)?;
             let args = Mmvq8Args {
                 w: ws,
                 y: [0, 1, 2].map(|i| {
@@ -572,8 +615,9 @@ pub trait GpuOps: KernelDevice {
             .to_args();
             // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
             // SAFETY: xq holds n quantized vectors and each y n * its rows f32 (checked
-            // above), so vectors j .. j + c (c <= RF_MMVQ8_MAXN) are inside them; the argument
-            // list matches the `_n` entry of RF_MMVQ8 in mmvq_q8.cu.
+            // above), so vectors j .. j + c (c <= RF_MMVQ8_MAXN, or RF_MMA_MAXN for `_mm*`) are
+            // inside them; the argument list matches the `_n` and `_m*` entries of RF_MMVQ8 in
+            // mmvq_q8.cu.
             unsafe { k.launch_early(s, shape, &args) }?;
             j += c;
         }
@@ -652,6 +696,65 @@ pub trait GpuOps: KernelDevice {
         // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
         // SAFETY: as the launches of `mmvq_q8` (same checks, the same argument lists: `n`
         // before `acc` for the `_n` forms).
+        unsafe { k.launch_early(s, shape, &args) }
+    }
+
+    /// [`GpuOps::mmvq_q8`] of `n` vectors (1 to [`MMA_MAXN`], one launch: `_m*` up to
+    /// [`MMVQN_MAX`], `_mm*` above) on the tensor-core kernel with `ks` (2, 4 or 8) warps per
+    /// 16-row tile, whatever the launcher would pick (on
+    /// a device without int8 MMA the kernel computes the same tile with dp4a): the kernel test
+    /// and the bandwidth sweep.
+    #[allow(clippy::too_many_arguments)]
+    fn mmvq_q8_mma(
+        &self,
+        s: &Self::Stream,
+        w: &dyn DeviceBuffer,
+        m: QMatrix,
+        xq: &dyn DeviceBuffer,
+        y: &dyn DeviceBuffer,
+        n: usize,
+        ks: u32,
+    ) -> BackendResult<()> {
+        const OP: &str = "mmvq_q8_mma";
+        let mult = mmvq_col_multiple(m.qtype).max(32);
+        if !(1..=MMA_MAXN).contains(&n)
+            || !matches!(ks, 2 | 4 | 8)
+            || !q8a_capable(m.qtype)
+            || m.ncols % mult != 0
+        {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!(
+                    "{n} vectors, {ks} warps per tile for {} x {} {}",
+                    m.nrows, m.ncols, m.qtype
+                ),
+            });
+        }
+        need(OP, "W", w, weight_bytes(OP, m.qtype, m.nrows, m.ncols)?)?;
+        need(OP, "xq", xq, q8a_bytes(n, m.ncols))?;
+        need(OP, "y", y, n * m.nrows * 4)?;
+        let name = format!(
+            "mmvq_{}_q8a_{}{ks}",
+            qtype_suffix(m.qtype).unwrap_or_default(),
+            if n > MMVQN_MAX { "mm" } else { "m" }
+        );
+        let k = self.kernel("mmvq_q8.cu", &name)?;
+        let shape = mmvq8_mma_shape(self.warp_size(), m.nrows, ks)?;
+        let nrows = to_i32(OP, "nrows", m.nrows)?;
+        let args = Mmvq8Args {
+            w: [w.device_ptr(); 3],
+            y: [y.device_ptr(); 3],
+            xq: xq.device_ptr(),
+            meta: xq.device_ptr() + (n * m.ncols) as u64,
+            ncols: to_i32(OP, "ncols", m.ncols)?,
+            ends: [nrows; 3],
+            n: Some(n as i32),
+            acc: false,
+        }
+        .to_args();
+        // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
+        // SAFETY: as the launches of `mmvq_q8` (same checks; the `_m*` entries take the `_n`
+        // argument list).
         unsafe { k.launch_early(s, shape, &args) }
     }
 
