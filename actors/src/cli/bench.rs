@@ -259,37 +259,6 @@ fn steady_rate(stamps: &[Vec<Instant>]) -> f64 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::steady_rate;
-    use std::time::{Duration, Instant};
-
-    fn at(t0: Instant, ms: &[u64]) -> Vec<Instant> {
-        ms.iter().map(|&m| t0 + Duration::from_millis(m)).collect()
-    }
-
-    #[test]
-    fn steady_rate_counts_only_while_all_decode() {
-        let t0 = Instant::now();
-        // Window 100..400 ms: a has 200, 300, 400; b has 200, 300 (its 100 is the start).
-        let s = [
-            at(t0, &[0, 200, 300, 400, 500]),
-            at(t0, &[100, 200, 300, 400]),
-        ];
-        let r = steady_rate(&s);
-        assert!((r - 6.0 / 0.3).abs() < 1e-6, "{r}");
-    }
-
-    #[test]
-    fn steady_rate_of_sequences_one_after_another_spans_them_all() {
-        let t0 = Instant::now();
-        let s = [at(t0, &[0, 100, 200]), at(t0, &[300, 400])];
-        let r = steady_rate(&s);
-        assert!((r - 3.0 / 0.4).abs() < 1e-6, "{r}");
-        assert_eq!(steady_rate(&[]), 0.0);
-    }
-}
-
 pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if !a.ttft.is_empty() {
         if matches!(
@@ -386,4 +355,35 @@ pub fn run(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     Engine::exit_if_gpu(opened, trace.is_some());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::steady_rate;
+    use std::time::{Duration, Instant};
+
+    fn at(t0: Instant, ms: &[u64]) -> Vec<Instant> {
+        ms.iter().map(|&m| t0 + Duration::from_millis(m)).collect()
+    }
+
+    #[test]
+    fn steady_rate_counts_only_while_all_decode() {
+        let t0 = Instant::now();
+        // Window 100..400 ms: a has 200, 300, 400; b has 200, 300 (its 100 is the start).
+        let s = [
+            at(t0, &[0, 200, 300, 400, 500]),
+            at(t0, &[100, 200, 300, 400]),
+        ];
+        let r = steady_rate(&s);
+        assert!((r - 6.0 / 0.3).abs() < 1e-6, "{r}");
+    }
+
+    #[test]
+    fn steady_rate_of_sequences_one_after_another_spans_them_all() {
+        let t0 = Instant::now();
+        let s = [at(t0, &[0, 100, 200]), at(t0, &[300, 400])];
+        let r = steady_rate(&s);
+        assert!((r - 3.0 / 0.4).abs() < 1e-6, "{r}");
+        assert_eq!(steady_rate(&[]), 0.0);
+    }
 }
