@@ -595,55 +595,42 @@ __device__ __forceinline__ void rf_mma_tile(const typename T::block* b0, const t
 #endif
 }
 
-// y[v][row] = W[row] . x[v] for v < n (n <= 8 NT: NT groups of 8 vectors share each decoded
-// A fragment) over up to three matrices (rows as rf_mmvq8); grid: ceil(16-row tiles /
-// (RF_MMVQ8_WARPS / KS)).
-template <typename T, int KS, int NT>
-__device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const void* __restrict__ w1,
-                                             const void* __restrict__ w2, const int* __restrict__ xq,
-                                             const float2* __restrict__ xm, float* y0, float* y1,
-                                             float* y2, int ncols, int r1, int r2, int ntotal, int n,
-                                             int acc) {
-    constexpr int TPB = RF_MMVQ8_WARPS / KS;  // tiles per block
-    constexpr int KPB = T::QK / 32;           // 32-element sub-blocks per weight block
-    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
-    const bool on = lane < 32;  // a 64-wide wavefront's upper half idles
-    const int gid = (lane & 31) >> 2, t = lane & 3;
-    const int tile = blockIdx.x * TPB + warp / KS, ks = warp % KS;
-    const RfRow ra = rf_row_at(tile * RF_MMA_ROWS + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
-    const RfRow rb = rf_row_at(tile * RF_MMA_ROWS + 8 + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
-    const int nkb = ncols / 32;
-    const typename T::block* ba = (const typename T::block*)ra.w + (i64)(ra.live ? ra.row : 0) * (nkb / KPB);
-    const typename T::block* bb = (const typename T::block*)rb.w + (i64)(rb.live ? rb.row : 0) * (nkb / KPB);
-    const int kb0 = (int)((i64)nkb * ks / KS), kb1 = (int)((i64)nkb * (ks + 1) / KS);
-    const int xstride = ncols / 4;
-    const int mstride = ncols / 32;
-    float f[NT][4];
+// One 32-element block `kb` (sub-block `sub` of weight blocks ba / bb, global or shared memory)
+// of a 16-row tile against NT groups of 8 vectors, accumulated in f[g] (layout of C).
+template <typename T, int NT>
+__device__ __forceinline__ void rf_mma_step(const typename T::block* ba, const typename T::block* bb,
+                                            int sub, int kb, int gid, int t,
+                                            const int* __restrict__ xq,
+                                            const float2* __restrict__ xm, int xstride,
+                                            int mstride, int n, float (&f)[NT][4]) {
+    const float2 ca = T::coef(ba, sub), cb = T::coef(bb, sub);
 #pragma unroll
-    for (int g = 0; g < NT; ++g) f[g][0] = f[g][1] = f[g][2] = f[g][3] = 0.f;
-    rf_grid_wait();  // the activations (and `acc`'s y) come from the kernels before
-#pragma unroll 4
-    for (int kb = kb0; kb < kb1; ++kb) {
-        const int blk = kb / KPB, sub = kb % KPB;
-        const float2 ca = T::coef(ba + blk, sub), cb = T::coef(bb + blk, sub);
+    for (int g = 0; g < NT; ++g) {
+        int cl[4], ch[4];
+        rf_mma_tile<T>(ba, bb, sub, gid, t, xq + kb * 8, xstride, n, 8 * g, cl, ch);
 #pragma unroll
-        for (int g = 0; g < NT; ++g) {
-            int cl[4], ch[4];
-            rf_mma_tile<T>(ba + blk, bb + blk, sub, gid, t, xq + kb * 8, xstride, n, 8 * g, cl, ch);
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int v = 8 * g + 2 * t + j;
-                const float2 a = v < n ? xm[(i64)v * mstride + kb] : make_float2(0.f, 0.f);
-                if (T::SPLIT) {
-                    f[g][j] += a.x * (ca.x * (float)cl[j] + ca.y * (float)ch[j]);
-                    f[g][2 + j] += a.x * (cb.x * (float)cl[2 + j] + cb.y * (float)ch[2 + j]);
-                } else {
-                    f[g][j] += a.x * (ca.x * (float)cl[j] - ca.y * a.y);
-                    f[g][2 + j] += a.x * (cb.x * (float)cl[2 + j] - cb.y * a.y);
-                }
+        for (int j = 0; j < 2; ++j) {
+            const int v = 8 * g + 2 * t + j;
+            const float2 a = v < n ? xm[(i64)v * mstride + kb] : make_float2(0.f, 0.f);
+            if (T::SPLIT) {
+                f[g][j] += a.x * (ca.x * (float)cl[j] + ca.y * (float)ch[j]);
+                f[g][2 + j] += a.x * (cb.x * (float)cl[2 + j] + cb.y * (float)ch[2 + j]);
+            } else {
+                f[g][j] += a.x * (ca.x * (float)cl[j] - ca.y * a.y);
+                f[g][2 + j] += a.x * (cb.x * (float)cl[2 + j] - cb.y * a.y);
             }
         }
     }
+}
+
+// The tile's KS warps (consecutive in the block) add their partial sums in shared memory and
+// the first writes y[v][row] (or adds to it: `acc`) for rows ra / rb.
+template <int KS, int NT>
+__device__ __forceinline__ void rf_mma_finish(float (&f)[NT][4], const RfRow& ra, const RfRow& rb,
+                                              int n, int acc) {
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const bool on = lane < 32;  // a 64-wide wavefront's upper half idles
+    const int t = lane & 3;
     if (KS > 1) {
         __shared__ float part[RF_MMVQ8_WARPS][32][NT * 4];
         if (on) {
@@ -651,7 +638,7 @@ __device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const 
             for (int i = 0; i < NT * 4; ++i) part[warp][lane][i] = f[i / 4][i % 4];
         }
         __syncthreads();
-        if (ks != 0) return;
+        if (warp % KS != 0) return;
 #pragma unroll
         for (int k = 1; k < KS; ++k) {
 #pragma unroll
@@ -677,12 +664,121 @@ __device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const 
     }
 }
 
+// y[v][row] = W[row] . x[v] for v < n (n <= 8 NT: NT groups of 8 vectors share each decoded
+// A fragment) over up to three matrices (rows as rf_mmvq8); grid: ceil(16-row tiles /
+// (RF_MMVQ8_WARPS / KS)).
+template <typename T, int KS, int NT>
+__device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const void* __restrict__ w1,
+                                             const void* __restrict__ w2, const int* __restrict__ xq,
+                                             const float2* __restrict__ xm, float* y0, float* y1,
+                                             float* y2, int ncols, int r1, int r2, int ntotal, int n,
+                                             int acc) {
+    constexpr int TPB = RF_MMVQ8_WARPS / KS;  // tiles per block
+    constexpr int KPB = T::QK / 32;           // 32-element sub-blocks per weight block
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const int gid = (lane & 31) >> 2, t = lane & 3;
+    const int tile = blockIdx.x * TPB + warp / KS, ks = warp % KS;
+    const RfRow ra = rf_row_at(tile * RF_MMA_ROWS + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
+    const RfRow rb = rf_row_at(tile * RF_MMA_ROWS + 8 + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
+    const int nkb = ncols / 32;
+    const typename T::block* ba = (const typename T::block*)ra.w + (i64)(ra.live ? ra.row : 0) * (nkb / KPB);
+    const typename T::block* bb = (const typename T::block*)rb.w + (i64)(rb.live ? rb.row : 0) * (nkb / KPB);
+    const int kb0 = (int)((i64)nkb * ks / KS), kb1 = (int)((i64)nkb * (ks + 1) / KS);
+    float f[NT][4];
+#pragma unroll
+    for (int g = 0; g < NT; ++g) f[g][0] = f[g][1] = f[g][2] = f[g][3] = 0.f;
+    rf_grid_wait();  // the activations (and `acc`'s y) come from the kernels before
+#pragma unroll 4
+    for (int kb = kb0; kb < kb1; ++kb) {
+        const int blk = kb / KPB;
+        rf_mma_step<T, NT>(ba + blk, bb + blk, kb % KPB, kb, gid, t, xq, xm, ncols / 4, ncols / 32, n, f);
+    }
+    rf_mma_finish<KS, NT>(f, ra, rb, n, acc);
+}
+
+// The same tiles with the weights staged: the block's 8 warps take one 16-row tile and copy
+// each chunk of its rows (RfStage<T>::CB blocks, 2,048 weights a row) into shared memory with
+// 16-byte coalesced loads, the next chunk's loads in flight while the warps compute the current
+// one from shared memory (warp w its blocks w, w + 8, ...). Why: the direct form reads each
+// lane's bytes with 2- and 4-byte loads scattered over 16 rows and is bound by their latency
+// (one vector ran at 0.75x the one-warp-per-row kernel on the H100). Rows sit 16 bytes apart
+// more than their chunk in shared memory, so the 8 rows a fragment load touches fall in
+// different banks. Precondition (the launcher's, as for rf_mmvq8s): every row starts 16-byte
+// aligned. Grid: one block per tile.
+template <typename T, int NT>
+__device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, const void* __restrict__ w1,
+                                               const void* __restrict__ w2, const int* __restrict__ xq,
+                                               const float2* __restrict__ xm, float* y0, float* y1,
+                                               float* y2, int ncols, int r1, int r2, int ntotal,
+                                               int n, int acc) {
+    typedef RfStage<T> S;
+    typedef typename T::block B;
+    static_assert(S::BYTES % 16 == 0, "a chunk must be whole 16-byte pieces");
+    constexpr int KPB = T::QK / 32;
+    constexpr int RS = S::V16 + 1;  // a row's 16-byte pieces in shared memory, padded
+    constexpr int NTH = RF_MMVQ8_WARPS * 32;  // threads that copy (a wavefront's first 32 lanes)
+    constexpr int U = (RF_MMA_ROWS * S::V16 + NTH - 1) / NTH;  // pieces per thread and chunk
+    __shared__ uint4 stage[RF_MMA_ROWS * RS];
+    __shared__ const uint4* rowsrc[RF_MMA_ROWS];
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const bool on = lane < 32;
+    const int ct = warp * 32 + (lane & 31);  // copying thread (lanes 32.. of a wavefront idle)
+    const int gid = (lane & 31) >> 2, t = lane & 3;
+    const int tile = blockIdx.x;
+    const RfRow ra = rf_row_at(tile * RF_MMA_ROWS + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
+    const RfRow rb = rf_row_at(tile * RF_MMA_ROWS + 8 + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
+    const int nb = ncols / T::QK;
+    if (threadIdx.x < RF_MMA_ROWS) {
+        const RfRow r = rf_row_at(tile * RF_MMA_ROWS + threadIdx.x, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
+        rowsrc[threadIdx.x] = (const uint4*)((const B*)r.w + (i64)(r.live ? r.row : 0) * nb);
+    }
+    __syncthreads();
+    const int nchunk = (nb + S::CB - 1) / S::CB;
+    float f[NT][4];
+#pragma unroll
+    for (int g = 0; g < NT; ++g) f[g][0] = f[g][1] = f[g][2] = f[g][3] = 0.f;
+    uint4 piece[U];
+    // This thread's pieces of chunk c (a short last chunk has fewer per row).
+#define RF_MMA_STAGE_LOAD(c)                                                                 \
+    {                                                                                        \
+        const int v16_ = min(S::CB, nb - (c) * S::CB) * (int)sizeof(B) / 16;                 \
+        _Pragma("unroll") for (int u = 0; u < U; ++u) {                                      \
+            const int k = ct + u * NTH, row = k / S::V16, off = k % S::V16;                  \
+            if (on && row < RF_MMA_ROWS && off < v16_)                                       \
+                piece[u] = rowsrc[row][(i64)(c) * S::V16 + off];                             \
+        }                                                                                    \
+    }
+    RF_MMA_STAGE_LOAD(0)
+    rf_grid_wait();  // the first chunk's weights are in flight; x (and acc's y) come from before
+    for (int c = 0; c < nchunk; ++c) {
+        const int cb = min(S::CB, nb - c * S::CB);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = ct + u * NTH, row = k / S::V16, off = k % S::V16;
+            if (on && row < RF_MMA_ROWS && off < S::V16) stage[row * RS + off] = piece[u];
+        }
+        __syncthreads();
+        if (c + 1 < nchunk) RF_MMA_STAGE_LOAD(c + 1)
+        const B* sa = (const B*)(stage + gid * RS);
+        const B* sb = (const B*)(stage + (8 + gid) * RS);
+        const int kb0 = c * S::CB * KPB;
+        for (int i = warp; i < cb * KPB; i += RF_MMVQ8_WARPS) {
+            rf_mma_step<T, NT>(sa + i / KPB, sb + i / KPB, i % KPB, kb0 + i, gid, t, xq, xm, ncols / 4,
+                               ncols / 32, n, f);
+        }
+        __syncthreads();  // the stage is rewritten by the next chunk
+    }
+#undef RF_MMA_STAGE_LOAD
+    rf_mma_finish<RF_MMVQ8_WARPS, NT>(f, ra, rb, n, acc);
+}
+
 // Entry points: `name_w1/_w2/_w4/_w8` (one vector, 1, 2, 4 or 8 warps per row: few rows want
 // several warps each to keep enough loads in flight; the launcher picks by the row count),
 // `name_n` (up to RF_MMVQ8_MAXN vectors, one warp per row), and their staged forms
 // `name_s1/_s2/_s4` and `name_sn` for 16-byte aligned rows; `name_m2/_m4/_m8` the tensor-core
 // tiles (up to RF_MMVQ8_MAXN vectors; 2, 4 or 8 warps per 16-row tile) and `name_mm2/4/8`
-// (up to RF_MMA_MAXN: two groups of 8 vectors per decoded tile).
+// (up to RF_MMA_MAXN: two groups of 8 vectors per decoded tile); `name_ms` / `name_mms` those
+// tiles with the weights staged through shared memory (16-byte aligned rows).
 #define RF_MMVQ8_ARGS                                                                           \
     const void* __restrict__ w0, const void* __restrict__ w1, const void* __restrict__ w2,      \
         const int* __restrict__ xq, const float2* __restrict__ xm, float* y0, float* y1,        \
@@ -698,6 +794,10 @@ __device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const 
 #define RF_MMVQ8M(name, T, KS, NT)                                                              \
     extern "C" __global__ void name(RF_MMVQ8_ARGS, int n, int acc) {                            \
         rf_mmvq8_mma<T, KS, NT>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, acc); \
+    }
+#define RF_MMVQ8MS(name, T, NT)                                                                 \
+    extern "C" __global__ void name(RF_MMVQ8_ARGS, int n, int acc) {                            \
+        rf_mmvq8_mma_s<T, NT>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, acc);   \
     }
 #define RF_MMVQ8(name, T)                                                                       \
     RF_MMVQ8_1(name##_w1, T, 1)                                                                 \
@@ -720,7 +820,9 @@ __device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const 
     RF_MMVQ8M(name##_m8, T, 8, 1)                                                               \
     RF_MMVQ8M(name##_mm2, T, 2, 2)                                                              \
     RF_MMVQ8M(name##_mm4, T, 4, 2)                                                              \
-    RF_MMVQ8M(name##_mm8, T, 8, 2)
+    RF_MMVQ8M(name##_mm8, T, 8, 2)                                                              \
+    RF_MMVQ8MS(name##_ms, T, 1)                                                                 \
+    RF_MMVQ8MS(name##_mms, T, 2)
 
 RF_MMVQ8(mmvq_q4_0_q8a, Q8Q4_0)
 RF_MMVQ8(mmvq_q4_1_q8a, Q8Q4_1)

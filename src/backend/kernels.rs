@@ -100,7 +100,7 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
                 .flat_map(|s| {
                     [
                         "_n", "_w1", "_w2", "_w4", "_w8", "_sn", "_s1", "_s2", "_s4", "_m2", "_m4",
-                        "_m8", "_mm2", "_mm4", "_mm8",
+                        "_m8", "_mm2", "_mm4", "_mm8", "_ms", "_mms",
                     ]
                     .map(|v| format!("mmvq_{s}_q8a{v}"))
                 })

@@ -2,7 +2,7 @@
 //! (a child module of gpu_kernels.rs: the shared helpers and table come from there).
 
 use super::*;
-use rocmforge::backend::gpu::ops::{mmvq8_mma_ks, mmvq8_wpr, MMA_MAXN, MMVQN_MAX};
+use rocmforge::backend::gpu::ops::{mmvq8_mma_ks, mmvq8_wpr, MmaTiles, MMA_MAXN, MMVQN_MAX};
 
 /// `x` quantized as `quantize_q8a_f32` does (32-element blocks, d = amax / 127 in f32,
 /// q = round(x / d) via the f32 reciprocal): the quants, (d, quant sum) per block, and `d * q`.
@@ -206,9 +206,10 @@ pub(super) fn check_mmvq_q8_staged<D: KernelDevice>(
                 // The launcher's kernel for a batch: the tensor-core tiles where the device
                 // has int8 MMA, `_sn` otherwise; its first launch is those k vectors.
                 let picked = if d.int8_mma() {
+                    // These rows are 16-byte aligned: the staged tiles.
                     let ym = d.alloc(k * rows * 4, "y").expect("alloc");
-                    d.mmvq_q8_mma(s, &wd, m, &xqk, &ym, k, mmvq8_mma_ks(rows))
-                        .expect("_m");
+                    d.mmvq_q8_mma(s, &wd, m, &xqk, &ym, k, MmaTiles::Staged)
+                        .expect("_ms");
                     s.synchronize().expect("sync");
                     ym.to_vec::<f32>(k * rows).expect("read")
                 } else {
@@ -458,20 +459,22 @@ pub(super) fn check_fused_q8a<D: KernelDevice>(
     }
 }
 
-/// The tensor-core batch products (`_m2/_m4/_m8`, `_mm*` past 8 vectors): every q8 weight
-/// type, 37 rows (three 16-row tiles, the last one short) of 4,864 columns, 1, 3, 8, 13 and 16
-/// vectors, each warps-per-tile
-/// form against the product with the quantized activations. On a device without int8 MMA the
-/// same kernels compute with dp4a, and the rows say so.
+/// The tensor-core batch products (`_m2/_m4/_m8`, `_mm*` past 8 vectors, and the staged
+/// `_ms`/`_mms`): every q8 weight type, 37 rows (three 16-row tiles, the last one short) of
+/// 4,864 columns (Q6_K 6,144, so its rows are 16-byte multiples: two chunks of 2,048 weights
+/// and a short one), 1, 3, 8, 13 and 16 vectors, each form against the product with the
+/// quantized activations. On a device without int8 MMA the same kernels compute with dp4a, and
+/// the rows say so.
 pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
     d: &D,
     s: &D::Stream,
     t: &mut Table,
     rng: &mut ChaCha8Rng,
 ) {
-    let (rows, cols) = (37usize, 4864usize);
+    let rows = 37usize;
     let how = if d.int8_mma() { "mma" } else { "dp4a" };
     for qt in DEVICE_QTYPES.into_iter().filter(|&q| q8a_capable(q)) {
+        let cols = if qt == GgmlType::Q6_K { 6144 } else { 4864 };
         let name = qt.name().to_lowercase();
         let w = random_weights(qt, rows, cols, rng);
         let wd = upload(d, &w, "weights").expect("upload w");
@@ -498,13 +501,22 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
                 )
                 .expect("oracle");
             }
-            for ks in [2u32, 4, 8] {
+            for tiles in [
+                MmaTiles::Direct(2),
+                MmaTiles::Direct(4),
+                MmaTiles::Direct(8),
+                MmaTiles::Staged,
+            ] {
                 let y = d.alloc(nv * rows * 4, "y").expect("alloc");
-                d.mmvq_q8_mma(s, &wd, m, &xq, &y, nv, ks)
+                d.mmvq_q8_mma(s, &wd, m, &xq, &y, nv, tiles)
                     .expect("mmvq_q8_mma");
                 s.synchronize().expect("sync");
+                let form = match tiles {
+                    MmaTiles::Direct(ks) => format!("m{ks}"),
+                    MmaTiles::Staged => "ms".into(),
+                };
                 t.add(
-                    &format!("mmvq_{name}_q8a_m{ks} x{nv} [{rows}x{cols}] {how} (vs quantized x)"),
+                    &format!("mmvq_{name}_q8a_{form} x{nv} [{rows}x{cols}] {how} (vs quantized x)"),
                     qt.name(),
                     rel_err(&y.to_vec::<f32>(nv * rows).expect("read"), &yq),
                     1e-5,
@@ -588,6 +600,9 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 ("m", 2, MMA_MAXN),
                 ("m", 4, MMA_MAXN),
                 ("m", 8, MMA_MAXN),
+                ("ms", 8, 1),
+                ("ms", 8, nv),
+                ("ms", 8, MMA_MAXN),
             ] {
                 let staged = form.starts_with('s');
                 let mut next = 0usize;
@@ -598,8 +613,13 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                         MMA_MAXN => &xq16,
                         _ => &xqn,
                     };
-                    if form == "m" {
-                        d.mmvq_q8_mma(s, &wds[next % copies], m, xq, &yd, n, wpr)
+                    if form.starts_with('m') {
+                        let tiles = if form == "ms" {
+                            MmaTiles::Staged
+                        } else {
+                            MmaTiles::Direct(wpr)
+                        };
+                        d.mmvq_q8_mma(s, &wds[next % copies], m, xq, &yd, n, tiles)
                             .expect("mmvq_q8_mma")
                     } else {
                         d.mmvq_q8_wpr(s, &wds[next % copies], m, xq, &yd, n, wpr, staged)
@@ -607,6 +627,7 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                     }
                 });
                 let label = match (form, n) {
+                    ("ms", _) => format!("msx{n}"),
                     (_, 1) => format!("{form}{wpr}"),
                     ("m", _) => format!("m{wpr}x{n}"),
                     _ => format!("{form}x{n}"),

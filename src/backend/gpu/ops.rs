@@ -81,6 +81,43 @@ pub fn mmvq8_mma_ks(nrows: usize) -> u32 {
         .unwrap_or(8)
 }
 
+/// Which tensor-core q8 product: the tiles read from global memory with `ks` (2, 4, 8) warps
+/// per tile (`_m{ks}`), or staged through shared memory, 8 warps per tile (`_ms`; rows 16-byte
+/// aligned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmaTiles {
+    Direct(u32),
+    Staged,
+}
+
+/// `ROCMFORGE_GPU_MMA=direct` keeps the batched tensor-core products off the staged form (for
+/// A/B runs; `0` turns the tensor cores off altogether, `KernelDevice::int8_mma`).
+fn mma_staged_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        !std::env::var("ROCMFORGE_GPU_MMA").is_ok_and(|v| v.trim().eq_ignore_ascii_case("direct"))
+    })
+}
+
+/// Launch shape of the tensor-core q8 products: `Direct(ks)` with `ks` warps per 16-row tile,
+/// `Staged` one tile per block.
+fn mmvq8_mma_shape_of(warp: u32, nrows: usize, tiles: MmaTiles) -> BackendResult<LaunchShape> {
+    match tiles {
+        MmaTiles::Direct(ks) => mmvq8_mma_shape(warp, nrows, ks),
+        MmaTiles::Staged => mmvq8_mma_shape(warp, nrows, MMVQ8_WARPS),
+    }
+}
+
+/// The entry point of `base` (`mmvq_q4_0_q8a`) for `n` vectors in `tiles`: `_m{ks}` / `_ms`
+/// up to [`MMVQN_MAX`], `_mm{ks}` / `_mms` above.
+fn mma_kernel_name(base: &str, tiles: MmaTiles, n: usize) -> String {
+    let two = if n > MMVQN_MAX { "m" } else { "" };
+    match tiles {
+        MmaTiles::Direct(ks) => format!("{base}_m{two}{ks}"),
+        MmaTiles::Staged => format!("{base}_m{two}s"),
+    }
+}
+
 /// Launch shape of the tensor-core q8 products with `ks` warps per 16-row tile.
 fn mmvq8_mma_shape(warp: u32, nrows: usize, ks: u32) -> BackendResult<LaunchShape> {
     let tiles_per_block = (MMVQ8_WARPS / ks) as usize;
@@ -549,7 +586,8 @@ pub trait GpuOps: KernelDevice {
         // it: faster on the H100 for one vector of every type and for 8-vector batches of the
         // 32-element types (docs/PERFORMANCE.md, "Staged q8 products"); the GGUF-layout kernels
         // otherwise (e.g. SmolLM2's 576-column rows are 324 bytes).
-        let staged = mats.iter().all(|&(w, m, _)| mmvq8_stageable(w, m))
+        let staged_rows = mats.iter().all(|&(w, m, _)| mmvq8_stageable(w, m));
+        let staged = staged_rows
             // Staged 8-vector batches of the 16-lane K types measured slower (their scales
             // read from shared memory once per vector): those keep `_n`.
             && (n == 1 || !matches!(m0.qtype, GgmlType::Q4_K | GgmlType::Q5_K));
@@ -584,19 +622,27 @@ pub trait GpuOps: KernelDevice {
         // instruction, each weight block decoded once for up to 16 vectors: `_m*` up to 8,
         // `_mm*` up to 16); else `_n` / `_sn` (one warp per row, up to 8 vectors a launch).
         let mma = self.int8_mma();
-        let ks = mmvq8_mma_ks(total);
+        // Tensor-core tiles staged through shared memory where every row is 16-byte aligned.
+        let tiles = if staged_rows && mma_staged_allowed() {
+            MmaTiles::Staged
+        } else {
+            MmaTiles::Direct(mmvq8_mma_ks(total))
+        };
         let (chunk, shape) = if mma {
-            (MMA_MAXN, mmvq8_mma_shape(self.warp_size(), total, ks)?)
+            (
+                MMA_MAXN,
+                mmvq8_mma_shape_of(self.warp_size(), total, tiles)?,
+            )
         } else {
             (MMVQN_MAX, mmvq8_shape(self.warp_size(), total, 1)?)
         };
         let mut j = 0;
         while j < n {
             let c = (n - j).min(chunk);
-            let name = match (mma, c > MMVQN_MAX) {
-                (true, false) => format!("{base}_m{ks}"),
-                (true, true) => format!("{base}_mm{ks}"),
-                (false, _) => format!("{base}_{}", if staged { "sn" } else { "n" }),
+            let name = if mma {
+                mma_kernel_name(&base, tiles, c)
+            } else {
+                format!("{base}_{}", if staged { "sn" } else { "n" })
             };
             let k = self.kernel("mmvq_q8.cu", &name)?;
             let args = Mmvq8Args {
@@ -699,11 +745,10 @@ pub trait GpuOps: KernelDevice {
         unsafe { k.launch_early(s, shape, &args) }
     }
 
-    /// [`GpuOps::mmvq_q8`] of `n` vectors (1 to [`MMA_MAXN`], one launch: `_m*` up to
-    /// [`MMVQN_MAX`], `_mm*` above) on the tensor-core kernel with `ks` (2, 4 or 8) warps per
-    /// 16-row tile, whatever the launcher would pick (on
-    /// a device without int8 MMA the kernel computes the same tile with dp4a): the kernel test
-    /// and the bandwidth sweep.
+    /// [`GpuOps::mmvq_q8`] of `n` vectors (1 to [`MMA_MAXN`], one launch) on the tensor-core
+    /// kernel `tiles` (direct with 2, 4 or 8 warps per 16-row tile, or staged: rows 16-byte
+    /// aligned), whatever the launcher would pick (on a device without int8 MMA the kernel
+    /// computes the same tile with dp4a): the kernel test and the bandwidth sweep.
     #[allow(clippy::too_many_arguments)]
     fn mmvq_q8_mma(
         &self,
@@ -713,19 +758,20 @@ pub trait GpuOps: KernelDevice {
         xq: &dyn DeviceBuffer,
         y: &dyn DeviceBuffer,
         n: usize,
-        ks: u32,
+        tiles: MmaTiles,
     ) -> BackendResult<()> {
         const OP: &str = "mmvq_q8_mma";
         let mult = mmvq_col_multiple(m.qtype).max(32);
-        if !(1..=MMA_MAXN).contains(&n)
-            || !matches!(ks, 2 | 4 | 8)
-            || !q8a_capable(m.qtype)
-            || m.ncols % mult != 0
+        let tiles_ok = match tiles {
+            MmaTiles::Direct(ks) => matches!(ks, 2 | 4 | 8),
+            MmaTiles::Staged => mmvq8_stageable(w, m),
+        };
+        if !(1..=MMA_MAXN).contains(&n) || !tiles_ok || !q8a_capable(m.qtype) || m.ncols % mult != 0
         {
             return Err(BackendError::InvalidArgument {
                 op: OP,
                 what: format!(
-                    "{n} vectors, {ks} warps per tile for {} x {} {}",
+                    "{n} vectors, {tiles:?} for {} x {} {}",
                     m.nrows, m.ncols, m.qtype
                 ),
             });
@@ -733,13 +779,10 @@ pub trait GpuOps: KernelDevice {
         need(OP, "W", w, weight_bytes(OP, m.qtype, m.nrows, m.ncols)?)?;
         need(OP, "xq", xq, q8a_bytes(n, m.ncols))?;
         need(OP, "y", y, n * m.nrows * 4)?;
-        let name = format!(
-            "mmvq_{}_q8a_{}{ks}",
-            qtype_suffix(m.qtype).unwrap_or_default(),
-            if n > MMVQN_MAX { "mm" } else { "m" }
-        );
+        let base = format!("mmvq_{}_q8a", qtype_suffix(m.qtype).unwrap_or_default());
+        let name = mma_kernel_name(&base, tiles, n);
         let k = self.kernel("mmvq_q8.cu", &name)?;
-        let shape = mmvq8_mma_shape(self.warp_size(), m.nrows, ks)?;
+        let shape = mmvq8_mma_shape_of(self.warp_size(), m.nrows, tiles)?;
         let nrows = to_i32(OP, "nrows", m.nrows)?;
         let args = Mmvq8Args {
             w: [w.device_ptr(); 3],
