@@ -123,16 +123,16 @@ __device__ __forceinline__ void rf_attn_query(const float* __restrict__ q, int t
 // t's quants at qs + t * n_heads * head_dim, its blocks' (d, sum) at meta + t * n_heads *
 // head_dim / 32): the O product's input in the same launch, the same bits as quantize_q8a_f32
 // of `out` (head_dim % 32 == 0; the block is a multiple of 32 threads).
-__device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_half* __restrict__ kc,
-                                        const rf_half* __restrict__ vc, float* __restrict__ out,
-                                        int n_heads, int n_kv_heads, int head_dim, int seq_cap,
-                                        int pos0, float scale, int window, i8* __restrict__ qs = nullptr,
-                                        float2* __restrict__ meta = nullptr) {
+// Row t (of q, out, qs) over cache positions up to kv_len; head blockIdx.y.
+__device__ __forceinline__ void rf_attn_row(int t, int kv_len, const float* __restrict__ q,
+                                            const rf_half* __restrict__ kc, const rf_half* __restrict__ vc,
+                                            float* __restrict__ out, int n_heads, int n_kv_heads,
+                                            int head_dim, int seq_cap, float scale, int window,
+                                            i8* __restrict__ qs, float2* __restrict__ meta) {
     __shared__ RfAttnShared sh;
-    const int t = blockIdx.x, h = blockIdx.y;
+    const int h = blockIdx.y;
     const int kvh = h / (n_heads / n_kv_heads);
     const int nd = head_dim / RF_WARP;
-    const int kv_len = pos0 + t + 1;
     const int kv_first = (window > 0 && kv_len > window) ? kv_len - window : 0;
     float qr[RF_ATTN_MAX_ND], acc[RF_ATTN_MAX_ND];
     rf_attn_query(q, t, h, n_heads, head_dim, nd, scale, qr, acc);
@@ -158,6 +158,18 @@ __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_ha
         }
     }
 }
+
+// Token blockIdx.x of a step at positions pos0 ..: rf_attn_row over its causal prefix.
+__device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_half* __restrict__ kc,
+                                        const rf_half* __restrict__ vc, float* __restrict__ out,
+                                        int n_heads, int n_kv_heads, int head_dim, int seq_cap,
+                                        int pos0, float scale, int window, i8* __restrict__ qs = nullptr,
+                                        float2* __restrict__ meta = nullptr) {
+    const int t = blockIdx.x;
+    rf_attn_row(t, pos0 + t + 1, q, kc, vc, out, n_heads, n_kv_heads, head_dim, seq_cap, scale,
+                window, qs, meta);
+}
+
 
 // Keys per lane group per round of rf_attn_warp_wide.
 #define RF_ATTN_WIDE_U 4
@@ -340,6 +352,20 @@ extern "C" __global__ void attn_decode_q8a_f16kv_f32(const float* __restrict__ q
                                                      float2* __restrict__ meta) {
     rf_grid_launch_dependents();  // the O product follows (vendor.cuh)
     rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos, scale, window, qs, meta);
+}
+
+// Decode of gridDim.x sequences in one launch (`seqs`, above), grid (sequences, n_heads): each
+// block is attn_decode_q8a_f16kv_f32's for its sequence's row (qs null: no quantized output).
+extern "C" __global__ void attn_decode_batch_f16kv_f32(const float* __restrict__ q,
+                                                       const RfSeqKv* __restrict__ seqs, u64 k_off,
+                                                       u64 v_off, float* __restrict__ out, int n_heads,
+                                                       int n_kv_heads, int head_dim, int seq_cap,
+                                                       float scale, int window, i8* __restrict__ qs,
+                                                       float2* __restrict__ meta) {
+    rf_grid_launch_dependents();  // the O product follows (vendor.cuh)
+    const RfSeqKv sq = seqs[blockIdx.x];
+    rf_attn_row(sq.row, sq.pos + 1, q, (const rf_half*)(sq.kv + k_off), (const rf_half*)(sq.kv + v_off),
+                out, n_heads, n_kv_heads, head_dim, seq_cap, scale, window, qs, meta);
 }
 
 // Prefill: n_tokens (= gridDim.x) new tokens at positions pos0 .. pos0 + n_tokens, causal.

@@ -52,3 +52,13 @@ __device__ __forceinline__ u32 rf_load_u32_a2(const u8* p) {
 
 // 32-bit load from a 4-byte aligned address.
 __device__ __forceinline__ u32 rf_load_u32_a4(const u8* p) { return *(const u32*)p; }
+
+// One decoding token of each of several sequences (a batched decode step; the host writes the
+// table, `ops::seq_kv_entry`): entry i is the sequence whose row of the step is `row`, its new
+// token at position `pos`, its KV cache at device address `kv` (a layer's K and V blocks at
+// byte offsets the launch passes, each [n_kv_heads, seq_cap, head_dim] f16).
+struct RfSeqKv {
+    u64 kv;
+    int pos;
+    int row;
+};

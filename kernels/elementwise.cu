@@ -66,6 +66,22 @@ extern "C" __global__ void kv_store2_f32_f16(const float* __restrict__ k, rf_hal
     else rf_kv_store(v, vc, n_tokens, n_kv_heads, head_dim, seq_cap, pos0);
 }
 
+// kv_store2_f32_f16 for one new token of each of gridDim.x sequences (a batched decode step):
+// entry i of `seqs` (RfSeqKv, common.cuh) stores k and v row `row` at its position in the
+// caches at kv + k_off and kv + v_off bytes. Grid (sequences, 2).
+extern "C" __global__ void kv_store2_batch_f32_f16(const float* __restrict__ k, const float* __restrict__ v,
+                                                   const RfSeqKv* __restrict__ seqs, u64 k_off,
+                                                   u64 v_off, int n_kv_heads, int head_dim, int seq_cap) {
+    const RfSeqKv sq = seqs[blockIdx.x];
+    const int w = n_kv_heads * head_dim;
+    const float* src = (blockIdx.y == 0 ? k : v) + (i64)sq.row * w;
+    rf_half* cache = (rf_half*)(sq.kv + (blockIdx.y == 0 ? k_off : v_off));
+    for (int i = threadIdx.x; i < w; i += blockDim.x) {
+        const int d = i % head_dim, h = i / head_dim;
+        cache[((i64)h * seq_cap + sq.pos) * head_dim + d] = rf_f2h(src[i]);
+    }
+}
+
 
 // The gated activations with their output also quantized to q8a (mmvq_q8.cu's layout over the
 // n values as n / 32 blocks): the input of the down projection in one launch, the same bits as

@@ -1016,6 +1016,8 @@ fn check_every_kernel<D: KernelDevice>(d: &D) {
     check_attention(d, &s, &mut t, &mut rng, 128);
     attention::check_split_decode(d, &s, &mut t, &mut rng, 64);
     attention::check_split_decode(d, &s, &mut t, &mut rng, 128);
+    attention::check_batched_decode(d, &s, &mut t, &mut rng, 64);
+    attention::check_batched_decode(d, &s, &mut t, &mut rng, 128);
     check_sampling(d, &s, &mut t, &mut rng);
     check_memory_and_events(d, &s, &mut t);
     print_mmvq_bandwidth(d, &s, &mut rng);

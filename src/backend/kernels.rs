@@ -137,6 +137,7 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
                 "axpy_f32",
                 "add_f32",
                 "kv_store2_f32_f16",
+                "kv_store2_batch_f32_f16",
             ]),
         ),
         (
@@ -144,6 +145,7 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
             names(&[
                 "attn_decode_f16kv_f32",
                 "attn_decode_q8a_f16kv_f32",
+                "attn_decode_batch_f16kv_f32",
                 "attn_decode_part_f16kv_f32",
                 "attn_merge_f32",
                 "attn_prefill_f16kv_f32",

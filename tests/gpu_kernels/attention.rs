@@ -178,3 +178,169 @@ pub(super) fn check_split_decode<D: KernelDevice>(
         );
     }
 }
+
+/// A batched decode step's K/V store and attention (`kv_store2_batch_f32_f16`,
+/// `attn_decode_batch_f16kv_f32`) against the per-sequence launches: three sequences with
+/// caches of two layers each (the second layer's blocks at the offsets), rows 0, 2 and 3 of a
+/// four-row step (row 1 belongs to no table entry and must stay untouched), positions 0, 37 and
+/// 200, with and without the quantized output: caches, outputs and q8a bytes the same bits.
+pub(super) fn check_batched_decode<D: KernelDevice>(
+    d: &D,
+    s: &D::Stream,
+    t: &mut Table,
+    rng: &mut ChaCha8Rng,
+    head_dim: usize,
+) {
+    use rocmforge::backend::gpu::ops::seq_kv_entry;
+    use rocmforge::backend::gpu::View;
+    use rocmforge::backend::DeviceBuffer;
+    let (n_heads, rows) = (8usize, 4usize);
+    let kv = KvLayout {
+        n_kv_heads: 2,
+        head_dim,
+        seq_cap: 256,
+    };
+    let kvb = kv.bytes();
+    let (qd, kd) = (n_heads * head_dim, kv.n_kv_heads * head_dim);
+    let seqs = [(0usize, 0usize), (2, 37), (3, 200)]; // (row, position)
+    let (q, k, v) = (
+        rand_vec(rng, rows * qd, 1.0),
+        rand_vec(rng, rows * kd, 1.0),
+        rand_vec(rng, rows * kd, 1.0),
+    );
+    let (qb, kb, vb) = (up(d, &q), up(d, &k), up(d, &v));
+    // Two copies of every cache (batched, alone), both layers filled with the same history.
+    let history: Vec<Vec<u8>> = seqs
+        .iter()
+        .map(|_| {
+            let h = rand_vec(rng, 2 * kvb, 1.0); // 4 * kvb bytes: two layers of K and V
+            h.iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect()
+        })
+        .collect();
+    let caches = |what| -> Vec<D::Buf> {
+        history
+            .iter()
+            .map(|h| upload(d, h, what).expect("cache"))
+            .collect()
+    };
+    let (batched, alone) = (caches("batched kv"), caches("alone kv"));
+    let offs = (2 * kvb as u64, 3 * kvb as u64); // layer 1's K and V blocks
+    let entries: Vec<[u64; 2]> = seqs
+        .iter()
+        .zip(&batched)
+        .map(|(&(row, pos), c)| seq_kv_entry(c.device_ptr(), pos, row))
+        .collect();
+    let table = upload(d, &entries, "seq table").expect("table");
+    let attn = AttnParams {
+        n_tokens: 1,
+        n_heads,
+        kv,
+        pos0: 0,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        window: 0,
+    };
+    let qb_bytes = q8a_bytes(rows, qd);
+    for quantized in [false, true] {
+        let (ob, oa) = (
+            up(d, &vec![7.0f32; rows * qd]),
+            up(d, &vec![7.0f32; rows * qd]),
+        );
+        let (xb, xa) = (
+            d.alloc(qb_bytes, "q8 out").expect("alloc"),
+            d.alloc(qb_bytes, "q8 out").expect("alloc"),
+        );
+        xb.zero().expect("zero");
+        xa.zero().expect("zero");
+        fn split<B: DeviceBuffer>(x: &B, rows: usize, qd: usize) -> (View<'_>, View<'_>) {
+            let v = View::of(x);
+            (
+                v.slice(0, rows * qd).expect("quants"),
+                v.slice(rows * qd, rows * (qd / 32) * 8).expect("scales"),
+            )
+        }
+        fn row_of<B: DeviceBuffer>(b: &B, row: usize, w: usize) -> View<'_> {
+            View::of(b).slice(row * w * 4, w * 4).expect("row")
+        }
+        let (bq, bm) = split(&xb, rows, qd);
+        // SAFETY: the table's three entries are the `batched` caches (4 layer blocks of kvb
+        // bytes each: offsets up to 3 kvb), positions below seq_cap, rows below `rows`.
+        unsafe {
+            d.kv_store2_batch(s, &kb, &vb, &table, seqs.len(), rows, offs, kv)
+                .expect("kv_store2_batch");
+            d.attention_decode_batch(
+                s,
+                &qb,
+                &table,
+                seqs.len(),
+                rows,
+                offs,
+                &ob,
+                attn,
+                quantized.then_some((&bq as &dyn DeviceBuffer, &bm as &dyn DeviceBuffer)),
+            )
+            .expect("attention_decode_batch");
+        }
+        let (aq, am) = split(&xa, rows, qd);
+        for (&(row, pos), c) in seqs.iter().zip(&alone) {
+            let cv = View::of(c);
+            let (kc, vc) = (
+                cv.slice(offs.0 as usize, kvb).expect("k"),
+                cv.slice(offs.1 as usize, kvb).expect("v"),
+            );
+            d.kv_store2(
+                s,
+                &row_of(&kb, row, kd),
+                &kc,
+                &row_of(&vb, row, kd),
+                &vc,
+                kv,
+                1,
+                pos,
+            )
+            .expect("kv_store2");
+            let q8 = quantized.then(|| {
+                (
+                    aq.slice(row * qd, qd).expect("q"),
+                    am.slice(row * (qd / 32) * 8, qd / 32 * 8).expect("m"),
+                )
+            });
+            d.attention_q8a(
+                s,
+                &row_of(&qb, row, qd),
+                &kc,
+                &vc,
+                &row_of(&oa, row, qd),
+                AttnParams { pos0: pos, ..attn },
+                q8.as_ref()
+                    .map(|(a, b)| (a as &dyn DeviceBuffer, b as &dyn DeviceBuffer)),
+                None,
+            )
+            .expect("attention_q8a");
+        }
+        s.synchronize().expect("sync");
+        let same_out = ob.to_vec::<u8>(rows * qd * 4).expect("read")
+            == oa.to_vec::<u8>(rows * qd * 4).expect("read");
+        let untouched = ob.to_vec::<f32>(rows * qd).expect("read")[qd..2 * qd]
+            .iter()
+            .all(|&x| x == 7.0);
+        let same_q8 = !quantized
+            || xb.to_vec::<u8>(qb_bytes).expect("read") == xa.to_vec::<u8>(qb_bytes).expect("read");
+        let same_kv = batched.iter().zip(&alone).all(|(b, a)| {
+            b.to_vec::<u8>(4 * kvb).expect("read") == a.to_vec::<u8>(4 * kvb).expect("read")
+        });
+        t.add(
+            &format!(
+                "attn_decode_batch + kv_store2_batch == per sequence (d{head_dim}, q8 {quantized})"
+            ),
+            "f16",
+            if same_out && untouched && same_q8 && same_kv {
+                0.0
+            } else {
+                1.0
+            },
+            0.0,
+        );
+    }
+}

@@ -48,6 +48,16 @@ pub struct Scratch<B> {
     pub xq: B,
     /// The split decode attention's partial sums (`attn_part_bytes`).
     pub attn_part: B,
+    /// A batched decode step's sequence table (`[max_seqs]` entries of
+    /// `ops::SEQ_KV_ENTRY_BYTES`; `ops::seq_kv_entry`).
+    pub seqs: B,
+}
+
+/// Whether a sequence's part of a step (`n` rows at positions `pos ..`) runs in the step's
+/// batched decode launches (one K/V store and one attention launch for all such sequences):
+/// one token over a context the one-block kernel takes (longer ones split across blocks).
+pub fn batched_decode(n: usize, pos: usize) -> bool {
+    n == 1 && pos < super::ops::ATTN_SPLIT_CHUNK
 }
 
 /// The GEMM path's state: the GEMM (vendor library or the portable kernel; `None`: mmvq per
@@ -163,6 +173,10 @@ pub struct LayerCtx<'a, D: KernelDevice> {
     pub kv_layout: KvLayout,
     /// The sequences of the step, in row order; their rows add up to `n`.
     pub segs: &'a [Segment<'a>],
+    /// Entries of the step's batched-decode table in `s.seqs` (the segments for which
+    /// [`batched_decode`] holds, in order; written by the owner), or 0: every sequence's
+    /// attention runs on its own.
+    pub seq_table: usize,
     /// Rows of the step (every sequence's tokens).
     pub n: usize,
     /// The layer being run (its KV block, its attention window).
@@ -635,7 +649,63 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
             && self.kv_layout.head_dim % 32 == 0
             && self.segs.iter().all(|sg| sg.n == 1);
         let kvb = self.kv_layout.bytes();
+        let batched = self.seq_table >= 2;
+        if batched {
+            // One K/V store and one attention launch for every short decoding sequence.
+            let offs = ((2 * l * kvb) as u64, ((2 * l + 1) * kvb) as u64);
+            let ap = AttnParams {
+                n_tokens: 1,
+                n_heads: hp.n_head,
+                kv: self.kv_layout,
+                pos0: 0,
+                scale: hp.attn_scale,
+                window: hp.local_window(l).unwrap_or(0),
+            };
+            let xq = View::of(&self.s.xq);
+            let q8 = if fuse_q8 {
+                Some((
+                    xq.slice(0, self.n * ad)?,
+                    xq.slice(self.n * ad, self.n * (ad / 32) * 8)?,
+                ))
+            } else {
+                None
+            };
+            // SAFETY: the owner wrote `seq_table` entries into s.seqs for exactly the segments
+            // `batched_decode` selects (their caches, positions below seq_cap, rows below n),
+            // and those caches hold every layer's K and V blocks of `kvb` bytes.
+            unsafe {
+                dev.kv_store2_batch(
+                    st,
+                    &k,
+                    &v,
+                    &self.s.seqs,
+                    self.seq_table,
+                    self.n,
+                    offs,
+                    self.kv_layout,
+                )?;
+                dev.attention_decode_batch(
+                    st,
+                    &q,
+                    &self.s.seqs,
+                    self.seq_table,
+                    self.n,
+                    offs,
+                    &attn,
+                    ap,
+                    q8.as_ref().map(|(a, b)| {
+                        (
+                            a as &dyn crate::backend::DeviceBuffer,
+                            b as &dyn crate::backend::DeviceBuffer,
+                        )
+                    }),
+                )?;
+            }
+        }
         for sg in self.segs {
+            if batched && batched_decode(sg.n, sg.pos) {
+                continue;
+            }
             let kc = sg.kv.slice((2 * l) * kvb, kvb)?;
             let vc = sg.kv.slice((2 * l + 1) * kvb, kvb)?;
             let ks = k.slice(sg.first * kd * 4, sg.n * kd * 4)?;

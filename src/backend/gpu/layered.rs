@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use super::gemm::{DeferredGemm, GemmF16, PortableGemm};
 use super::layer::{
-    bad, linear_q, mat, run_layer, run_layer_routed, vec_f32, Gemm, LayerCtx, Scratch, Segment,
+    bad, batched_decode, linear_q, mat, run_layer, run_layer_routed, vec_f32, Gemm, LayerCtx,
+    Scratch, Segment,
 };
-use super::ops::{GpuOps, KvLayout, ATTN_MAX_HEAD_DIM};
+use super::ops::{seq_kv_entry, GpuOps, KvLayout, ATTN_MAX_HEAD_DIM};
 use super::{BufferIo, GpuForwardError, KernelDevice, Result, View};
 use crate::backend::{DeviceStream, DeviceTensor, LayerTensors, LayeredForward};
 use crate::model::{moe::Routes, Act, BlockOps, HParams, Model, ModelError, RopeScaling};
@@ -66,6 +67,9 @@ pub struct GpuLayered<D: KernelDevice> {
     n: usize,
     /// The step's sequences: (first row, rows, position of the first), from `set_segments`.
     segs: Vec<(usize, usize, usize)>,
+    /// This step's batched-decode sequence table (`s.seqs`): `None` until the first layer
+    /// writes it, then the number of entries (0: the step has fewer than two such sequences).
+    seq_table: Option<usize>,
     max_seqs: usize,
     /// [`LayeredOptions::q8_activations`].
     q8: bool,
@@ -84,7 +88,7 @@ fn scratch_bytes(
     n_vocab: usize,
     b: usize,
     seqs: usize,
-) -> [(usize, &'static str); 18] {
+) -> [(usize, &'static str); 19] {
     let max_cols = hp.n_embd.max(hp.n_ff).max(hp.q_dim());
     [
         (b * hp.n_embd * 4, "scratch hidden"),
@@ -110,6 +114,10 @@ fn scratch_bytes(
         (
             super::ops::attn_part_bytes(hp.n_head, hp.head_dim.max(hp.head_dim_v)),
             "attention partials",
+        ),
+        (
+            seqs * super::ops::SEQ_KV_ENTRY_BYTES,
+            "batched decode sequence table",
         ),
     ]
 }
@@ -227,6 +235,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             w16: next()?,
             xq: next()?,
             attn_part: next()?,
+            seqs: next()?,
         };
         s.status.zero()?;
         let rope_factors = match model.rope_freq_factors()? {
@@ -256,6 +265,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             rope_factors,
             n: 0,
             segs: Vec::new(),
+            seq_table: None,
             max_seqs: opt.max_seqs.max(1),
             q8: opt.q8_activations,
             routes: Routes::default(),
@@ -297,6 +307,38 @@ impl<D: KernelDevice> GpuLayered<D> {
             .collect())
     }
 
+    /// Writes the step's batched-decode sequence table once (the first layer that has the
+    /// caches): one entry per sequence that decodes one token over a short context
+    /// ([`batched_decode`]), in segment order, when there are at least two. The synchronous
+    /// write happens before any of this step's attention launches, and the previous step's
+    /// readers finished before `embed_rows` returned.
+    fn write_seq_table(&mut self, kvs: &[&mut GpuKv<D>]) -> Result<()> {
+        if self.seq_table.is_some() || kvs.len() != self.segs.len() {
+            return Ok(());
+        }
+        let entries: Vec<[u64; 2]> = self
+            .segs
+            .iter()
+            .zip(kvs)
+            .filter(|(&(_, n, pos), _)| batched_decode(n, pos))
+            .map(|(&(first, _, pos), kv)| {
+                seq_kv_entry(
+                    crate::backend::DeviceBuffer::device_ptr(&kv.buf),
+                    pos,
+                    first,
+                )
+            })
+            .collect();
+        let count = if entries.len() >= 2 {
+            self.s.seqs.write(0, &entries)?;
+            entries.len()
+        } else {
+            0
+        };
+        self.seq_table = Some(count);
+        Ok(())
+    }
+
     /// The layer pass's context for `layer` over the step's rows.
     fn ctx<'c>(&'c mut self, layer: usize, segs: &'c [Segment<'c>]) -> LayerCtx<'c, D> {
         LayerCtx {
@@ -311,6 +353,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             hp: &self.hp,
             kv_layout: self.kv_layout,
             segs,
+            seq_table: self.seq_table.unwrap_or(0),
             n: self.n,
             layer,
             freq_scale: self.freq_scale,
@@ -359,6 +402,7 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         let n = tokens.len();
         self.n = 0;
         self.segs.clear();
+        self.seq_table = None;
         if n == 0 {
             return Err(ModelError::EmptyPrompt.into());
         }
@@ -437,6 +481,7 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         // the previous step's readers finished before `embed_rows` returned.
         self.s.pos.write(0, &ps)?;
         self.segs = segs;
+        self.seq_table = None;
         Ok(())
     }
 
@@ -446,6 +491,7 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         w: &LayerTensors<'_>,
         kvs: &mut [&mut GpuKv<D>],
     ) -> Result<()> {
+        self.write_seq_table(kvs)?;
         let segs = self.segments(kvs)?;
         run_layer(&mut self.ctx(layer, &segs), w)
     }
@@ -456,6 +502,7 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         w: &LayerTensors<'_>,
         kvs: &mut [&mut GpuKv<D>],
     ) -> Result<Vec<usize>> {
+        self.write_seq_table(kvs)?;
         let segs = self.segments(kvs)?;
         run_layer_routed(&mut self.ctx(layer, &segs), w)?;
         Ok(self.routes.experts())

@@ -297,6 +297,16 @@ pub struct AttnParams {
     pub window: usize,
 }
 
+/// Bytes of one entry of a batched decode step's sequence table (RfSeqKv in attention.cu).
+pub const SEQ_KV_ENTRY_BYTES: usize = 16;
+
+/// One entry of a batched decode step's sequence table ([`GpuOps::attention_decode_batch`],
+/// [`GpuOps::kv_store2_batch`]): the sequence's KV cache address, its new token's position
+/// and its row in the step, laid out as RfSeqKv (`u64`, `i32`, `i32`, little-endian).
+pub fn seq_kv_entry(kv: u64, pos: usize, row: usize) -> [u64; 2] {
+    [kv, (pos as u32 as u64) | ((row as u32 as u64) << 32)]
+}
+
 /// Device sampling parameters; `u` is a uniform draw in [0, 1) from the host's seeded RNG.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SampleParams {
@@ -1256,6 +1266,135 @@ pub trait GpuOps: KernelDevice {
         pos0: usize,
     ) -> BackendResult<()> {
         kv_store_pairs(self, s, &[(k, k_cache), (v, v_cache)], kv, n_tokens, pos0)
+    }
+
+    /// [`Self::kv_store2`] of one new token for each of `nseq` sequences in one launch: entry
+    /// i of the device table `seqs` ([`seq_kv_entry`]: the sequence's KV cache address, its
+    /// position, its row of `k`/`v`) stores that row's K and V at the position in the caches
+    /// `k_off` and `v_off` bytes past the address.
+    ///
+    /// # Safety
+    /// `seqs` must hold `nseq` entries whose cache addresses are live device buffers of at
+    /// least `v_off.max(k_off) + kv.bytes()` bytes, positions below `kv.seq_cap` and rows
+    /// below `rows` (the checks here cover `k`, `v` and `seqs`' sizes only).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kv_store2_batch(
+        &self,
+        s: &Self::Stream,
+        k: &dyn DeviceBuffer,
+        v: &dyn DeviceBuffer,
+        seqs: &dyn DeviceBuffer,
+        nseq: usize,
+        rows: usize,
+        offs: (u64, u64),
+        kv: KvLayout,
+    ) -> BackendResult<()> {
+        const OP: &str = "kv_store2_batch";
+        let w = kv.n_kv_heads * kv.head_dim;
+        need(OP, "k", k, rows * w * 4)?;
+        need(OP, "v", v, rows * w * 4)?;
+        need(OP, "seqs", seqs, nseq * SEQ_KV_ENTRY_BYTES)?;
+        if nseq == 0 {
+            return Ok(());
+        }
+        let kern = self.kernel("elementwise.cu", "kv_store2_batch_f32_f16")?;
+        let shape = LaunchShape {
+            grid: (to_u32(OP, nseq)?, 2, 1),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [
+            p(k),
+            p(v),
+            p(seqs),
+            Arg::Ptr(offs.0),
+            Arg::Ptr(offs.1),
+            Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
+            Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
+            Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
+        ];
+        // SAFETY: k and v hold `rows` rows (checked), the table's entries are the caller's
+        // contract (above); the argument list matches kv_store2_batch_f32_f16.
+        unsafe { kern.launch(s, shape, &args) }
+    }
+
+    /// Decode attention of one new token for each of `nseq` sequences in one launch (grid
+    /// sequences x heads): entry i of `seqs` ([`seq_kv_entry`]) names the row of `q` / `out`
+    /// (and of the q8a output, as [`Self::attention_q8a`]'s `q8`) and the cache it attends over
+    /// (this layer's K at `k_off`, V at `v_off` bytes past the address), up to its position.
+    /// Each block is the one-block decode kernel's for its sequence: the same bits as
+    /// [`Self::attention_q8a`] without `part`, one sequence at a time.
+    ///
+    /// # Safety
+    /// As [`Self::kv_store2_batch`]: the table's addresses, positions and rows must be valid
+    /// for `kv` and `rows` (`q`, `out` and the q8 buffers are checked for `rows` rows here).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn attention_decode_batch(
+        &self,
+        s: &Self::Stream,
+        q: &dyn DeviceBuffer,
+        seqs: &dyn DeviceBuffer,
+        nseq: usize,
+        rows: usize,
+        offs: (u64, u64),
+        out: &dyn DeviceBuffer,
+        a: AttnParams,
+        q8: Option<(&dyn DeviceBuffer, &dyn DeviceBuffer)>,
+    ) -> BackendResult<()> {
+        const OP: &str = "attention_decode_batch";
+        let kv = a.kv;
+        let w = self.warp_size() as usize;
+        if kv.head_dim % w != 0
+            || kv.head_dim > ATTN_MAX_HEAD_DIM
+            || kv.n_kv_heads == 0
+            || a.n_heads % kv.n_kv_heads != 0
+            || (q8.is_some() && kv.head_dim % 32 != 0)
+        {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!(
+                    "head_dim {} (multiple of {w}, <= {ATTN_MAX_HEAD_DIM}), heads {}/{}",
+                    kv.head_dim, a.n_heads, kv.n_kv_heads
+                ),
+            });
+        }
+        let n = rows * a.n_heads * kv.head_dim;
+        need(OP, "q", q, n * 4)?;
+        need(OP, "out", out, n * 4)?;
+        need(OP, "seqs", seqs, nseq * SEQ_KV_ENTRY_BYTES)?;
+        if let Some((qs, meta)) = q8 {
+            need(OP, "quants", qs, n)?;
+            need(OP, "scales", meta, n / 32 * 8)?;
+        }
+        if nseq == 0 || a.n_heads == 0 {
+            return Ok(());
+        }
+        let kern = self.kernel("attention.cu", "attn_decode_batch_f16kv_f32")?;
+        let shape = LaunchShape {
+            grid: (to_u32(OP, nseq)?, to_u32(OP, a.n_heads)?, 1),
+            block: (self.warp_size() * ATTN_WARPS, 1, 1),
+            shared_bytes: 0,
+        };
+        let (qs, meta) = q8.map_or((0, 0), |(a, b)| (a.device_ptr(), b.device_ptr()));
+        let args = [
+            p(q),
+            p(seqs),
+            Arg::Ptr(offs.0),
+            Arg::Ptr(offs.1),
+            p(out),
+            Arg::I32(to_i32(OP, "n_heads", a.n_heads)?),
+            Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
+            Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
+            Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
+            Arg::F32(a.scale),
+            Arg::I32(to_i32(OP, "window", a.window)?),
+            Arg::Ptr(qs),
+            Arg::Ptr(meta),
+        ];
+        // SAFETY: q, out (and the q8 buffers) hold `rows` rows of n_heads * head_dim (checked),
+        // head_dim is a multiple of the warp and at most ATTN_MAX_HEAD_DIM (checked), the
+        // table is the caller's contract; the argument list matches attn_decode_batch_f16kv_f32.
+        unsafe { kern.launch(s, shape, &args) }
     }
 
     /// Causal attention of `q` (`[n_tokens, n_heads, head_dim]` f32) over the f16 caches.
