@@ -24,6 +24,7 @@ pub mod grammar;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod requantize;
 pub mod sample;
 pub mod synth;
 pub mod tokenizer;

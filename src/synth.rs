@@ -126,8 +126,8 @@ pub struct SynthConfig {
     pub tokenizer: Option<Metadata>,
 }
 
-/// llama.cpp's `general.file_type` (`llama_ftype`) for a weight type.
-fn file_type(t: GgmlType) -> u32 {
+/// llama.cpp's `general.file_type` (`llama_ftype`) for a weight type (0 where it has none).
+pub fn file_type(t: GgmlType) -> u32 {
     match t {
         GgmlType::F16 => 1,
         GgmlType::Q4_0 => 2,

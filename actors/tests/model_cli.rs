@@ -340,3 +340,71 @@ fn cli_sampling_defaults_match_the_shared_defaults() {
         );
     }
 }
+
+/// `quantize`: SmolLM2 (Q4_1) rewritten as Q8_0 loads, says what it did, and still answers the
+/// reference question greedily; a bad type and the input as output are errors that leave
+/// nothing behind.
+#[test]
+fn quantize_rewrites_a_model_that_still_runs() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2-q8_0.gguf");
+    let o = rocmforge(&[
+        "quantize",
+        m.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--type",
+        "q8_0",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("Q4_1 -> Q8_0") && said.contains("F32 kept"),
+        "{said}"
+    );
+    let f = rocmforge::gguf::GgufFile::open(&out).unwrap();
+    assert!(f
+        .tensors()
+        .iter()
+        .filter(|t| t.shape.len() == 2)
+        .all(|t| t.ggml_type == rocmforge::quant::GgmlType::Q8_0));
+    let r = rocmforge(&[
+        "run",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "-n",
+        "3",
+        "--temp",
+        "0",
+        "--backend",
+        "cpu",
+        "--threads",
+        "2",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(text.starts_with(" Paris"), "{text:?}");
+    expect_error(
+        &[
+            "quantize",
+            m.to_str().unwrap(),
+            "/tmp/never.gguf",
+            "--type",
+            "q9_9",
+        ],
+        "unknown type \"q9_9\"",
+    );
+    expect_error(
+        &[
+            "quantize",
+            out.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--type",
+            "q4_0",
+        ],
+        "is the input file",
+    );
+    assert!(!std::path::Path::new("/tmp/never.gguf").exists());
+}

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod inspect;
 pub mod models;
 pub mod progress;
+pub mod quantize;
 pub mod run;
 pub mod serve;
 pub mod synth;
@@ -97,6 +98,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Write a random-weight llama GGUF for benchmarks and tests.
     Synth(synth::SynthArgs),
+    /// Rewrite a GGUF with its weight matrices in another type (llama-quantize).
+    Quantize(quantize::QuantizeArgs),
     /// Pipeline traces: `trace view out.json --svg out.svg` draws the actors' timeline.
     Trace(trace::TraceArgs),
     /// Generate text from a prompt (CPU or CUDA), streaming it to stdout.
@@ -138,6 +141,7 @@ impl Command {
             Command::Bench(a) => Some(&mut a.model),
             Command::Serve(a) => Some(&mut a.model),
             Command::Pull { model } => Some(model),
+            Command::Quantize(a) => Some(&mut a.input),
             Command::Synth(_) | Command::Trace(_) | Command::List { .. } => None,
             Command::Completions { .. } => None,
         }
@@ -163,6 +167,7 @@ pub fn run(mut cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Trace(a) => trace::run(a),
         Command::Run(a) => run::run(a),
         Command::Chat(a) => chat::run(a),
