@@ -7,7 +7,10 @@
 //! elements), except the MoE routers (`ffn_gate_inp`, kept exact as llama.cpp keeps them);
 //! vectors (norms, biases) keep their type. A matrix whose rows are not whole blocks of the
 //! chosen type takes the first of Q8_0 and F16 that fits (a note says so). The output head and
-//! the token embeddings may take types of their own.
+//! the token embeddings may take types of their own. The K mixes (`Q4_K_M`, `Q5_K_M`) follow
+//! llama.cpp's published rule: the value projection and the FFN down projection of the first
+//! and last eighth of the layers, and of every third layer between, take Q6_K, and so does the
+//! output head.
 
 use crate::gguf::{GgufError, GgufFile, GgufWriter, TensorInfo, TensorSpec, Value};
 use crate::quant::{dequantize_par, quantize, GgmlType, QuantError};
@@ -39,12 +42,57 @@ pub enum RequantizeError {
 }
 
 /// The types of a requantization: `weights` for every matrix, the output head and the token
-/// embeddings their own when given.
+/// embeddings their own when given; `more_bits`: the type of the K mixes' chosen `attn_v` and
+/// `ffn_down` layers ([`use_more_bits`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequantizePlan {
     pub weights: GgmlType,
     pub output: Option<GgmlType>,
     pub token_embd: Option<GgmlType>,
+    pub more_bits: Option<GgmlType>,
+}
+
+impl RequantizePlan {
+    /// The plan of a type or mix name: `q4_0` .. `f32`, or `q4_k_m` / `q5_k_m` (their weights
+    /// Q4_K / Q5_K, the chosen layers' `attn_v` and `ffn_down` and the output head Q6_K).
+    pub fn named(name: &str) -> Option<Self> {
+        let mix = |weights| Self {
+            weights,
+            output: Some(GgmlType::Q6_K),
+            token_embd: None,
+            more_bits: Some(GgmlType::Q6_K),
+        };
+        match name.to_ascii_lowercase().as_str() {
+            "q4_k_m" => Some(mix(GgmlType::Q4_K)),
+            "q5_k_m" => Some(mix(GgmlType::Q5_K)),
+            other => GgmlType::from_name(other).map(|weights| Self {
+                weights,
+                output: None,
+                token_embd: None,
+                more_bits: None,
+            }),
+        }
+    }
+
+    /// llama.cpp's `general.file_type` of the plan (its mixes' own numbers).
+    pub fn file_type(&self) -> u32 {
+        match (self.weights, self.more_bits) {
+            (GgmlType::Q4_K, Some(GgmlType::Q6_K)) => 15,
+            (GgmlType::Q5_K, Some(GgmlType::Q6_K)) => 17,
+            (w, _) => crate::synth::file_type(w),
+        }
+    }
+}
+
+/// llama.cpp's choice of the K mixes' layers that get more bits: layer `i` of `n` when it is in
+/// the first or last eighth, or every third one between.
+pub fn use_more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+}
+
+/// Layer index of a `blk.N.` tensor name.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
 
 /// What one tensor became.
@@ -74,17 +122,22 @@ pub fn is_target_type(t: GgmlType) -> bool {
     ) && t.is_supported()
 }
 
-/// The type `t` (a tensor as the file has it) takes under `plan`, and whether that is a
-/// fallback because the rows are not whole blocks of the planned type.
-pub fn planned_type(plan: &RequantizePlan, t: &TensorInfo) -> (GgmlType, bool) {
+/// The type `t` (a tensor as the file has it) takes under `plan` in a model of `n_layers`
+/// layers, and whether that is a fallback because the rows are not whole blocks of the planned
+/// type.
+pub fn planned_type(plan: &RequantizePlan, t: &TensorInfo, n_layers: usize) -> (GgmlType, bool) {
     let matrix = t.shape.len() >= 2 && t.name.ends_with(".weight");
     if !matrix || t.name.contains("ffn_gate_inp") {
         return (t.ggml_type, false);
     }
+    let more = plan.more_bits.filter(|_| {
+        (t.name.ends_with(".attn_v.weight") || t.name.ends_with(".ffn_down.weight"))
+            && layer_of(&t.name).is_some_and(|i| use_more_bits(i, n_layers))
+    });
     let want = match t.name.as_str() {
         "output.weight" => plan.output.unwrap_or(plan.weights),
         "token_embd.weight" => plan.token_embd.unwrap_or(plan.weights),
-        _ => plan.weights,
+        _ => more.unwrap_or(plan.weights),
     };
     let row = t.shape[0];
     let fits = |ty: GgmlType| row.is_multiple_of(ty.block_elems());
@@ -110,9 +163,14 @@ pub fn requantize_file(
     plan: &RequantizePlan,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RequantizeReport, RequantizeError> {
-    for t in [Some(plan.weights), plan.output, plan.token_embd]
-        .into_iter()
-        .flatten()
+    for t in [
+        Some(plan.weights),
+        plan.output,
+        plan.token_embd,
+        plan.more_bits,
+    ]
+    .into_iter()
+    .flatten()
     {
         if !is_target_type(t) {
             return Err(RequantizeError::TargetType(t));
@@ -126,11 +184,17 @@ pub fn requantize_file(
         return Err(RequantizeError::SameFile(output.to_path_buf()));
     }
     let src = GgufFile::open(input)?;
+    let n_layers = src
+        .tensors()
+        .iter()
+        .filter_map(|t| layer_of(&t.name))
+        .max()
+        .map_or(0, |l| l + 1);
     let changes: Vec<TensorChange> = src
         .tensors()
         .iter()
         .map(|t| {
-            let (to, fell_back) = planned_type(plan, t);
+            let (to, fell_back) = planned_type(plan, t, n_layers);
             TensorChange {
                 name: t.name.clone(),
                 from: t.ggml_type,
@@ -152,7 +216,7 @@ pub fn requantize_file(
     let mut md = src.metadata().clone();
     md.insert(
         crate::model::names::keys::FILE_TYPE,
-        Value::U32(crate::synth::file_type(plan.weights)),
+        Value::U32(plan.file_type()),
     );
     let part = output.with_extension(match output.extension() {
         Some(e) => format!("{}.part", e.to_string_lossy()),
@@ -273,38 +337,63 @@ mod tests {
             weights: GgmlType::Q4_K,
             output: Some(GgmlType::Q6_K),
             token_embd: None,
+            more_bits: None,
         };
         let f32m = |n: &str, s: &[u64]| info(n, s, GgmlType::F32);
         assert_eq!(
-            planned_type(&plan, &f32m("blk.0.attn_q.weight", &[512, 512])),
+            planned_type(&plan, &f32m("blk.0.attn_q.weight", &[512, 512]), 8),
             (GgmlType::Q4_K, false)
         );
         assert_eq!(
-            planned_type(&plan, &f32m("output.weight", &[512, 100])),
+            planned_type(&plan, &f32m("output.weight", &[512, 100]), 8),
             (GgmlType::Q6_K, false)
         );
         assert_eq!(
-            planned_type(&plan, &f32m("token_embd.weight", &[512, 100])),
+            planned_type(&plan, &f32m("token_embd.weight", &[512, 100]), 8),
             (GgmlType::Q4_K, false)
         );
         // 576-element rows: not whole 256-element super-blocks; Q8_0 fits.
         assert_eq!(
-            planned_type(&plan, &f32m("blk.0.ffn_down.weight", &[576, 64])),
+            planned_type(&plan, &f32m("blk.0.ffn_down.weight", &[576, 64]), 8),
             (GgmlType::Q8_0, true)
         );
         // 40-element rows: neither; F16.
         assert_eq!(
-            planned_type(&plan, &f32m("blk.0.ffn_up.weight", &[40, 8])),
+            planned_type(&plan, &f32m("blk.0.ffn_up.weight", &[40, 8]), 8),
             (GgmlType::F16, true)
         );
         assert_eq!(
-            planned_type(&plan, &f32m("blk.0.attn_norm.weight", &[512])),
+            planned_type(&plan, &f32m("blk.0.attn_norm.weight", &[512]), 8),
             (GgmlType::F32, false)
         );
         assert_eq!(
-            planned_type(&plan, &f32m("blk.0.ffn_gate_inp.weight", &[512, 8])),
+            planned_type(&plan, &f32m("blk.0.ffn_gate_inp.weight", &[512, 8]), 8),
             (GgmlType::F32, false)
         );
+    }
+
+    #[test]
+    fn the_k_mixes_give_more_bits_to_llama_cpps_layers() {
+        // 32 layers: the first 4, the last 4, and 6, 9, .., 27 between.
+        let chosen: Vec<usize> = (0..32).filter(|&i| use_more_bits(i, 32)).collect();
+        assert_eq!(
+            chosen,
+            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
+        let plan = RequantizePlan::named("Q4_K_M").unwrap();
+        assert_eq!(plan.file_type(), 15);
+        assert_eq!(RequantizePlan::named("q5_k_m").unwrap().file_type(), 17);
+        assert_eq!(RequantizePlan::named("q4_0").unwrap().file_type(), 2);
+        assert!(RequantizePlan::named("q4_k_x").is_none());
+        let m = |n: &str| info(n, &[512, 512], GgmlType::F16);
+        let ty = |n: &str| planned_type(&plan, &m(n), 32).0;
+        assert_eq!(ty("blk.0.attn_v.weight"), GgmlType::Q6_K);
+        assert_eq!(ty("blk.4.attn_v.weight"), GgmlType::Q4_K);
+        assert_eq!(ty("blk.6.ffn_down.weight"), GgmlType::Q6_K);
+        assert_eq!(ty("blk.7.ffn_down.weight"), GgmlType::Q4_K);
+        assert_eq!(ty("blk.0.attn_q.weight"), GgmlType::Q4_K);
+        assert_eq!(ty("output.weight"), GgmlType::Q6_K);
+        assert_eq!(ty("token_embd.weight"), GgmlType::Q4_K);
     }
 
     #[test]
@@ -338,6 +427,7 @@ mod tests {
             weights: GgmlType::Q4_K,
             output: Some(GgmlType::Q8_0),
             token_embd: None,
+            more_bits: None,
         };
         let mut calls = 0;
         let r = requantize_file(&src, &dst, &plan, |d, t| {

@@ -386,6 +386,35 @@ fn quantize_rewrites_a_model_that_still_runs() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let text = String::from_utf8_lossy(&r.stdout);
     assert!(text.starts_with(" Paris"), "{text:?}");
+    // The Q4_K_M mix: Q6_K for some layers' ffn_down (1,536-element rows; SmolLM2's
+    // 576-element rows are not whole super-blocks and fall back to Q8_0), file type 15.
+    let mix = dir.path().join("smollm2-q4_k_m.gguf");
+    let o = rocmforge(&[
+        "quantize",
+        m.to_str().unwrap(),
+        mix.to_str().unwrap(),
+        "--type",
+        "q4_k_m",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f = rocmforge::gguf::GgufFile::open(&mix).unwrap();
+    let down = |i: usize| {
+        let name = format!("blk.{i}.ffn_down.weight");
+        f.tensors()
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap()
+            .ggml_type
+    };
+    use rocmforge::quant::GgmlType::{Q4_K, Q6_K};
+    assert_eq!(
+        (down(0), down(3), down(5), down(29)),
+        (Q6_K, Q4_K, Q6_K, Q6_K)
+    );
+    assert_eq!(
+        f.metadata().get("general.file_type"),
+        Some(&rocmforge::gguf::Value::U32(15))
+    );
     expect_error(
         &[
             "quantize",

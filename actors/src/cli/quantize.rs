@@ -16,8 +16,9 @@ pub struct QuantizeArgs {
     /// Output GGUF (written as OUTPUT.part, renamed when complete).
     pub output: PathBuf,
     /// Type of the weight matrices: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k,
-    /// f16, bf16 or f32. Norms and biases keep theirs; a matrix whose rows are not whole blocks
-    /// of it takes q8_0 (or f16).
+    /// f16, bf16 or f32, or the mixes q4_k_m / q5_k_m (llama.cpp's: some layers' attn_v and
+    /// ffn_down, and the output head, in q6_k). Norms and biases keep theirs; a matrix whose
+    /// rows are not whole blocks of it takes q8_0 (or f16).
     #[arg(long = "type")]
     pub qtype: String,
     /// Type of the output head (`output.weight`), if not `--type`'s (llama.cpp's K mixes keep it
@@ -29,25 +30,26 @@ pub struct QuantizeArgs {
     pub token_embedding_type: Option<String>,
 }
 
+const TYPES: &str = "q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16, f32";
+
 fn parse_type(name: &str) -> Result<GgmlType, String> {
-    GgmlType::from_name(name).ok_or_else(|| {
-        format!("unknown type {name:?} (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16, f32)")
-    })
+    GgmlType::from_name(name).ok_or_else(|| format!("unknown type {name:?} ({TYPES})"))
 }
 
 pub fn run(a: QuantizeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let named = RequantizePlan::named(&a.qtype)
+        .ok_or_else(|| format!("unknown type {:?} ({TYPES}, q4_k_m, q5_k_m)", a.qtype))?;
     let plan = RequantizePlan {
-        weights: parse_type(&a.qtype)?,
-        output: a
-            .output_tensor_type
-            .as_deref()
-            .map(parse_type)
-            .transpose()?,
+        output: match a.output_tensor_type.as_deref() {
+            Some(t) => Some(parse_type(t)?),
+            None => named.output,
+        },
         token_embd: a
             .token_embedding_type
             .as_deref()
             .map(parse_type)
             .transpose()?,
+        ..named
     };
     let target = if super::quiet() {
         ProgressDrawTarget::hidden()
