@@ -87,7 +87,8 @@ impl RequantizePlan {
 /// llama.cpp's choice of the K mixes' layers that get more bits: layer `i` of `n` when it is in
 /// the first or last eighth, or every third one between.
 pub fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    // Short-circuit: the subtraction runs only when i >= n / 8.
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 /// Layer index of a `blk.N.` tensor name.
