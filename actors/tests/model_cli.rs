@@ -437,3 +437,42 @@ fn quantize_rewrites_a_model_that_still_runs() {
     );
     assert!(!std::path::Path::new("/tmp/never.gguf").exists());
 }
+
+/// `--explain` on the CPU: the placement under the budget (some layers streamed), then the
+/// expected decode rate from the rates measured at start.
+#[test]
+fn explain_prints_the_placement_and_an_expected_rate() {
+    let m = model();
+    let out = rocmforge(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "-n",
+        "1",
+        "--memory-budget",
+        "40%",
+        "--explain",
+        "--backend",
+        "cpu",
+        "--threads",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("placement: budget"), "{err}");
+    assert!(err.contains("streamed each token"), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("expected decode: ~"))
+        .unwrap_or_else(|| panic!("no expected rate in {err}"));
+    assert!(
+        line.contains("measured on Q4_1") && line.contains("Mmap mode"),
+        "{line}"
+    );
+}

@@ -30,7 +30,9 @@ pub struct EngineArgs {
     #[arg(long)]
     pub cpu_layers: Option<crate::HostLayers>,
     /// Print where each part of the model lives under the budget (resident, streamed each
-    /// token, experts loaded when routed, computed on the CPU) to stderr at start.
+    /// token, experts loaded when routed, computed on the CPU) to stderr at start, and on the
+    /// CPU backend the decode rate expected from rates measured then (the decode product on
+    /// the model's main weight type, the reader over the file).
     #[arg(long)]
     pub explain: bool,
     /// Write a Chrome/Perfetto trace of the pipeline here (view it with `rocmforge trace view`).
@@ -183,6 +185,8 @@ impl Engine {
             .and_then(|r| r.ok());
         let gpu = tracing::info_span!("open_pipeline")
             .in_scope(|| crate::compute::gpu::open_pipeline_on(opened, &file, gpu_opt, staging))?;
+        // What `--explain`'s expected rate measures, taken before the builder owns the file.
+        let probe = e.explain.then(|| ExplainProbe::of(&file));
         let mut builder = Runtime::builder().model_file(file).tuning(tuning);
         let opened = match gpu {
             Some(g) => {
@@ -232,7 +236,14 @@ impl Engine {
         }
         let rt = builder.build()?;
         if e.explain {
-            eprintln!("{}", rt.placement());
+            let placement = rt.placement();
+            eprintln!("{placement}");
+            if let Some(probe) = &probe {
+                eprintln!(
+                    "{}",
+                    probe.expected_line(&placement, opened, path, e.read_mode.unwrap_or_default())
+                );
+            }
         }
         Ok(Self {
             rt,
@@ -284,4 +295,84 @@ impl Engine {
             None => Ok(None),
         }
     }
+}
+
+/// What `--explain`'s expected decode rate measures in a model file: the type holding most of
+/// its weights and where its tensor data lies.
+struct ExplainProbe {
+    main_type: Option<rocmforge::quant::GgmlType>,
+    data_offset: u64,
+    data_len: u64,
+}
+
+impl ExplainProbe {
+    fn of(file: &GgufFile) -> Self {
+        let mut by_type: Vec<(rocmforge::quant::GgmlType, u64)> = Vec::new();
+        for t in file.tensors().iter().filter(|t| t.shape.len() >= 2) {
+            match by_type.iter_mut().find(|(ty, _)| *ty == t.ggml_type) {
+                Some((_, b)) => *b += t.n_bytes,
+                None => by_type.push((t.ggml_type, t.n_bytes)),
+            }
+        }
+        Self {
+            main_type: by_type.iter().max_by_key(|(_, b)| *b).map(|(t, _)| *t),
+            data_offset: file.data_offset(),
+            data_len: (file.bytes().len() as u64).saturating_sub(file.data_offset()),
+        }
+    }
+
+    /// The expected decode rate: on the CPU backend from two rates measured now (the main
+    /// weight type through the decode product, and the reader's mode over up to 32 MiB of the
+    /// file's tensor data); GPU backends say they are not estimated yet.
+    fn expected_line(
+        &self,
+        placement: &crate::runtime::Placement,
+        backend: BackendKind,
+        path: &std::path::Path,
+        mode: ReadMode,
+    ) -> String {
+        if backend != BackendKind::Cpu {
+            return "expected decode: not estimated on GPU backends yet (PCIe and device rates are not measured at start)".into();
+        }
+        let Some((ty, rate)) = self.main_type.and_then(cpu_product_rate) else {
+            return "expected decode: not estimated (no quantized weight type to measure)".into();
+        };
+        let stream = crate::pipeline::reader::measure_read_rate(
+            path,
+            mode,
+            self.data_offset,
+            self.data_len.min(32 << 20) as usize,
+        )
+        .unwrap_or(0.0);
+        let e = placement.expected_decode(crate::runtime::Rates {
+            compute: rate,
+            stream,
+        });
+        format!(
+            "expected decode: ~{:.0} tok/s (per token: products {:.1} ms at {:.1} GB/s, measured on {ty}; streaming {:.1} ms at {:.2} GB/s, measured in {mode:?} mode; the longer counts)",
+            e.tokens_per_s,
+            e.compute_ms,
+            rate / 1e9,
+            e.stream_ms,
+            stream / 1e9
+        )
+    }
+}
+
+/// Bytes per second the CPU's decode product gets through on `ty`: a zeroed 16 MiB matrix
+/// (valid blocks of every type) times a vector, the best of three.
+fn cpu_product_rate(ty: rocmforge::quant::GgmlType) -> Option<(rocmforge::quant::GgmlType, f64)> {
+    let cols = 4096usize;
+    let row = ty.row_bytes(cols as u64)? as usize;
+    let rows = ((16usize << 20) / row).max(1);
+    let w = vec![0u8; rows * row];
+    let x = vec![1.0f32; cols];
+    let mut y = vec![0f32; rows];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        rocmforge::quant::matvec(ty, &w, rows, cols, &x, &mut y).ok()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    (best > 0.0).then(|| (ty, w.len() as f64 / best))
 }

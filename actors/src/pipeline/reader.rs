@@ -357,6 +357,46 @@ impl Reader {
     }
 }
 
+/// Bytes per second `mode` gets from `path` reading `bytes` from `offset` in 4 MiB pieces, one
+/// after another, as the page cache stands (`direct` bypasses it where the filesystem allows;
+/// `mmap` and `read` go through it): the streaming side of `--explain`'s expected decode rate.
+pub fn measure_read_rate(
+    path: &std::path::Path,
+    mode: ReadMode,
+    offset: u64,
+    bytes: usize,
+) -> std::io::Result<f64> {
+    const PIECE: usize = 4 << 20;
+    let t0 = Instant::now();
+    let mut done = 0usize;
+    let direct = match mode {
+        ReadMode::Direct => DirectIo::open(path, PIECE).ok(),
+        _ => None,
+    };
+    let mut buf = vec![0u8; PIECE];
+    match direct {
+        Some(mut d) => {
+            while done < bytes {
+                let n = PIECE.min(bytes - done);
+                d.read_at(offset + done as u64, &mut buf[..n])?;
+                done += n;
+            }
+        }
+        None => {
+            let f = File::open(path)?;
+            while done < bytes {
+                let n = PIECE.min(bytes - done);
+                let got = f.read_at(&mut buf[..n], offset + done as u64)?;
+                if got == 0 {
+                    break;
+                }
+                done += got;
+            }
+        }
+    }
+    Ok(done as f64 / t0.elapsed().as_secs_f64().max(1e-9))
+}
+
 /// `O_DIRECT` reads need the buffer, the offset and the length aligned to the logical block
 /// size; reads go through an aligned bounce buffer and the wanted part is copied out.
 struct DirectIo {

@@ -25,7 +25,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 mod builder;
 mod placement;
 pub use builder::{HostLayers, RuntimeBuilder, StageDelays, Tuning};
-pub use placement::{Place, PlacedUnit, Placement, UnitKind};
+pub use placement::{ExpectedDecode, Place, PlacedUnit, Placement, Rates, UnitKind};
 
 /// Entry point of the embedding API.
 pub struct Runtime;

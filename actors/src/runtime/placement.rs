@@ -118,6 +118,52 @@ impl Placement {
     }
 }
 
+/// Measured rates behind [`Placement::expected_decode`], in bytes per second.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rates {
+    /// Weights the decode products get through (resident in the compute's memory).
+    pub compute: f64,
+    /// Bytes the reader brings in for the streamed units.
+    pub stream: f64,
+}
+
+/// An expected decode rate and the per-token times it comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExpectedDecode {
+    pub tokens_per_s: f64,
+    pub compute_ms: f64,
+    pub stream_ms: f64,
+}
+
+impl Placement {
+    /// Decode tokens per second expected at `r` for a compute that runs every unit from its own
+    /// memory (the CPU backend): each token puts every resident and streamed unit's weights
+    /// through the products and reads the streamed ones again; the pipeline overlaps the reads
+    /// with the compute, so a token takes the longer of the two. Experts loaded when routed and
+    /// layers on the host are left out (which experts run depends on the router; a host layer's
+    /// weights are not in this placement's bytes).
+    pub fn expected_decode(&self, r: Rates) -> ExpectedDecode {
+        let weights = self.bytes_in(Place::Resident) + self.bytes_in(Place::Streamed);
+        let secs = |bytes: u64, rate: f64| {
+            if bytes == 0 {
+                0.0
+            } else if rate > 0.0 {
+                bytes as f64 / rate
+            } else {
+                f64::INFINITY
+            }
+        };
+        let compute = secs(weights, r.compute);
+        let stream = secs(self.bytes_in(Place::Streamed), r.stream);
+        let token = compute.max(stream);
+        ExpectedDecode {
+            tokens_per_s: if token > 0.0 { 1.0 / token } else { 0.0 },
+            compute_ms: compute * 1e3,
+            stream_ms: stream * 1e3,
+        }
+    }
+}
+
 /// Bytes in the unit that reads best (GB, MB, KB).
 fn human(b: u64) -> String {
     let b = b as f64;
@@ -186,6 +232,30 @@ mod tests {
             .join(format!("{family}.q8_0.gguf"));
         let file = GgufFile::open(path).expect("tiny model");
         LoadPlan::new(&file, &CpuBackend::new()).expect("plan")
+    }
+
+    #[test]
+    fn the_expected_rate_is_the_slower_of_compute_and_streaming() {
+        let p = plan("llama");
+        let total = p.total_dev_bytes();
+        let whole = Placement::of(&p, total, 2);
+        let r = Rates {
+            compute: total as f64 * 100.0,
+            stream: 1.0,
+        };
+        // Everything resident: compute only, 100 tokens/s.
+        let e = whole.expected_decode(r);
+        assert_eq!(e.stream_ms, 0.0);
+        assert!((e.tokens_per_s - 100.0).abs() < 1e-9, "{e:?}");
+        // A budget that streams: the slow reader decides.
+        let part = Placement::of(&p, total / 2 + total / 4, 2);
+        let streamed = part.bytes_in(Place::Streamed) as f64;
+        let e = part.expected_decode(Rates {
+            stream: streamed * 10.0,
+            ..r
+        });
+        assert!((e.tokens_per_s - 10.0).abs() < 1e-9, "{e:?}");
+        assert!(e.compute_ms < e.stream_ms);
     }
 
     #[test]
