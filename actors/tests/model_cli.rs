@@ -348,15 +348,19 @@ fn cli_sampling_defaults_match_the_shared_defaults() {
 fn quantize_rewrites_a_model_that_still_runs() {
     let m = model();
     let dir = tempfile::tempdir().unwrap();
+    let quantize = |out: &std::path::Path, ty: &str| {
+        let o = rocmforge(&[
+            "quantize",
+            m.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--type",
+            ty,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        o
+    };
     let out = dir.path().join("smollm2-q8_0.gguf");
-    let o = rocmforge(&[
-        "quantize",
-        m.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "--type",
-        "q8_0",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = quantize(&out, "q8_0");
     let said = String::from_utf8_lossy(&o.stdout);
     assert!(
         said.contains("Q4_1 -> Q8_0") && said.contains("F32 kept"),
@@ -389,14 +393,7 @@ fn quantize_rewrites_a_model_that_still_runs() {
     // The Q4_K_M mix: Q6_K for some layers' ffn_down (1,536-element rows; SmolLM2's
     // 576-element rows are not whole super-blocks and fall back to Q8_0), file type 15.
     let mix = dir.path().join("smollm2-q4_k_m.gguf");
-    let o = rocmforge(&[
-        "quantize",
-        m.to_str().unwrap(),
-        mix.to_str().unwrap(),
-        "--type",
-        "q4_k_m",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    quantize(&mix, "q4_k_m");
     let f = rocmforge::gguf::GgufFile::open(&mix).unwrap();
     let down = |i: usize| {
         let name = format!("blk.{i}.ffn_down.weight");
