@@ -333,24 +333,26 @@ impl ExplainProbe {
         let Some((ty, rate)) = cpu_product_rate(&self.file) else {
             return "expected decode: not estimated (no layer matrices to measure)".into();
         };
+        // Nothing streamed: no read to measure.
+        let streams = placement.bytes_in(crate::runtime::Place::Streamed) > 0;
         let data = self.file.data_offset();
         let len = (self.file.bytes().len() as u64)
             .saturating_sub(data)
-            .min(32 << 20);
+            .min(if streams { 32 << 20 } else { 0 });
         let readers = readers.max(1) as u64;
         let share = len / readers;
         let t0 = std::time::Instant::now();
-        let read: u64 = std::thread::scope(|sc| {
+        let read: usize = std::thread::scope(|sc| {
             let handles: Vec<_> = (0..readers)
                 .map(|i| {
                     sc.spawn(move || {
-                        crate::pipeline::reader::measure_read_rate(
+                        crate::pipeline::reader::read_span(
                             path,
                             mode,
                             data + i * share,
                             share as usize,
                         )
-                        .map_or(0, |_| share)
+                        .unwrap_or(0)
                     })
                 })
                 .collect();
