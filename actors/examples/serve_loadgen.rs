@@ -4,9 +4,15 @@
 //!
 //! cargo run --profile test -p rocmforge-actors --example serve_loadgen -- \
 //!     [MODEL] [--clients 1,8,32] [--rounds 2] [--max-tokens 16] [--backend cpu|cuda|auto] [--json]
-//!     [--max-num-seqs N] [--max-batch-tokens N] [--out results.json]
+//!     [--max-num-seqs N] [--max-batch-tokens N] [--prompt-words N] [--addr HOST:PORT]
+//!     [--out results.json]
 //!
 //! `--out` writes every level's numbers and the options as one JSON document.
+//! `--prompt-words N` lengthens each request's prompt with N distinct filler words (about one
+//! token each: issue 18's 128-token prompts are `--prompt-words 89` with the chat template).
+//! `--addr` sends the load to a server already running there (llama.cpp's `llama-server`, or
+//! another `rocmforge serve`) instead of starting one in-process; generated tokens are counted
+//! from the stream's `usage` when the server reports it, else one per content chunk.
 //! `ROCMFORGE_CPU_ISA=avx2` caps the CPU kernels as it does for `rocmforge` (to compare the
 //! AVX2 and AVX-512 VNNI kernels with one build).
 
@@ -37,6 +43,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut backend = rocmforge::backend::BackendKind::Cpu;
     let mut batch = rocmforge_actors::pipeline::batch::BatchOptions::default();
     let mut out_path: Option<PathBuf> = None;
+    let mut prompt_words = 0usize;
+    let mut external: Option<std::net::SocketAddr> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -54,6 +62,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--max-num-seqs" => batch.max_num_seqs = val()?.parse()?,
             "--max-batch-tokens" => batch.max_batch_tokens = val()?.parse()?,
             "--out" => out_path = Some(PathBuf::from(val()?)),
+            "--prompt-words" => prompt_words = val()?.parse()?,
+            "--addr" => external = Some(val()?.parse()?),
             _ => model = PathBuf::from(a),
         }
     }
@@ -68,9 +78,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cfg.batch = batch;
         // Every client of the largest level must fit in the queue.
         cfg.queue_capacity = levels.iter().copied().max().unwrap_or(1) + 1;
-        let server = Server::start(cfg).await?;
-        server.wait_ready(Duration::from_secs(300)).await?;
-        let addr = server.local_addr();
+        let server = match external {
+            Some(_) => None,
+            None => {
+                let s = Server::start(cfg).await?;
+                s.wait_ready(Duration::from_secs(300)).await?;
+                Some(s)
+            }
+        };
+        let addr = match (&server, external) {
+            (Some(s), _) => s.local_addr(),
+            (None, Some(a)) => a,
+            (None, None) => unreachable!("a server starts unless --addr names one"),
+        };
+        // An external server is asked which model it serves (the first of /v1/models).
+        let model_id = match external {
+            None => "bench".to_string(),
+            Some(a) => {
+                let r = rocmforge_actors::serve::client::request(a, "GET", "/v1/models", None).await?;
+                serde_json::from_slice::<serde_json::Value>(&r.body)?["data"][0]["id"]
+                    .as_str()
+                    .ok_or("the server's /v1/models names no model")?
+                    .to_string()
+            }
+        };
         if !as_json {
             println!("clients  requests  tokens  wall_s  tok/s   ttft_p50_ms  ttft_p99_ms");
         }
@@ -79,14 +110,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let start = Instant::now();
             let tasks: Vec<_> = (0..clients)
                 .map(|c| {
+                    let model_id = model_id.clone();
                     tokio::spawn(async move {
                         let mut out = Vec::new();
                         for r in 0..rounds {
                             let body = json!({
-                                "model": "bench", "max_tokens": max_tokens, "temperature": 0,
+                                "model": model_id, "max_tokens": max_tokens, "temperature": 0,
                                 "stream": true, "stream_options": {"include_usage": true},
                                 "messages": [{"role": "user",
-                                              "content": format!("Tell me about topic {c}-{r}.")}],
+                                              "content": prompt(c, r, prompt_words)}],
                             });
                             let sent = Instant::now();
                             let resp = post_sse(addr, "/v1/chat/completions", &body).await?;
@@ -108,16 +140,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 })
                             });
                             let ttft = first.map(|(t, _)| (*t - sent).as_secs_f64());
-                            let tokens = resp
-                                .events
-                                .iter()
-                                .find_map(|(_, e)| {
+                            let usage = |key: &str| {
+                                resp.events.iter().find_map(|(_, e)| {
                                     serde_json::from_str::<serde_json::Value>(e).ok()?["usage"]
-                                        ["completion_tokens"]
+                                        [key]
                                         .as_u64()
                                 })
-                                .unwrap_or(0);
-                            out.push((ttft, tokens));
+                            };
+                            let chunks = resp
+                                .events
+                                .iter()
+                                .filter(|(_, e)| {
+                                    serde_json::from_str::<serde_json::Value>(e).is_ok_and(|v| {
+                                        v["choices"][0]["delta"]["content"]
+                                            .as_str()
+                                            .is_some_and(|s| !s.is_empty())
+                                    })
+                                })
+                                .count() as u64;
+                            let tokens = usage("completion_tokens").unwrap_or(chunks);
+                            out.push((ttft, tokens, usage("prompt_tokens").unwrap_or(0)));
                         }
                         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(out)
                     })
@@ -130,11 +172,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let wall = start.elapsed().as_secs_f64();
             let mut ttfts = Vec::new();
             let mut tokens = 0u64;
+            let mut prompt_tokens = 0u64;
             let mut n = 0;
             for r in results {
-                for (ttft, t) in r?.map_err(|e| e.to_string())? {
+                for (ttft, t, p) in r?.map_err(|e| e.to_string())? {
                     ttfts.extend(ttft);
                     tokens += t;
+                    prompt_tokens += p;
                     n += 1;
                 }
             }
@@ -142,6 +186,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (p50, p99) = (percentile(&ttfts, 50.0), percentile(&ttfts, 99.0));
             let row = json!({"clients": clients, "requests": n, "tokens": tokens, "wall_s": wall,
                              "tokens_per_s": tokens as f64 / wall,
+                             "prompt_tokens_mean": prompt_tokens as f64 / n.max(1) as f64,
                              "ttft_p50_ms": p50 * 1e3, "ttft_p99_ms": p99 * 1e3});
             report.push(row.clone());
             if as_json {
@@ -163,12 +208,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "max_tokens": max_tokens,
                 "max_num_seqs": batch.max_num_seqs,
                 "max_batch_tokens": batch.max_batch_tokens,
+                "prompt_words": prompt_words,
+                "server": external.map_or("in-process rocmforge serve".to_string(), |a| a.to_string()),
                 "cpu_kernels": rocmforge::quant::tile_kernels(),
                 "levels": report,
             });
             std::fs::write(p, serde_json::to_string_pretty(&doc)? + "\n")?;
         }
-        server.shutdown(Duration::from_secs(10)).await?;
+        if let Some(server) = server {
+            server.shutdown(Duration::from_secs(10)).await?;
+        }
         Ok::<_, Box<dyn std::error::Error>>(())
     })
+}
+
+/// Client `c`'s request `r`: a short question, then `words` filler words (distinct per request,
+/// so no two prompts share more than the chat template's opening).
+fn prompt(c: usize, r: usize, words: usize) -> String {
+    const WORDS: [&str; 16] = [
+        "river", "stone", "light", "paper", "garden", "window", "music", "winter", "market",
+        "forest", "silver", "engine", "harbor", "planet", "bridge", "candle",
+    ];
+    let mut s = format!("Tell me about topic {c}-{r}.");
+    for i in 0..words {
+        s.push(' ');
+        s.push_str(WORDS[(i * 7 + c * 3 + r) % WORDS.len()]);
+    }
+    s
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// GGUF model to serve.
-    #[arg(long, default_value = super::models::DEFAULT_MODEL_FILE, value_parser = super::models::resolve)]
+    #[arg(long, short = 'm', default_value = super::models::DEFAULT_MODEL_FILE, value_parser = super::models::resolve)]
     pub model: PathBuf,
     /// The model id clients send (default: the file name without `.gguf`).
     #[arg(long)]
