@@ -6,7 +6,7 @@
 //!
 //! cargo run --profile test -p rocmforge-actors --example serve_prefix_ttft -- \
 //!     [MODEL] [--requests 16] [--rounds 3] [--prefix-sentences 43] [--max-tokens 4]
-//!     [--out results.json]
+//!     [--backend cpu|cuda|hip|auto] [--out results.json]
 //!
 //! Each round uses its own system prompt (a distinct opening line), so no round finds the
 //! previous round's blocks. Per round: TTFT of request 1, the median TTFT of requests 2..N, and
@@ -99,6 +99,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut sentences = 43usize;
     let mut max_tokens = 4usize;
     let mut out_path: Option<PathBuf> = None;
+    let mut backend = rocmforge::backend::BackendKind::Cpu;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -108,6 +109,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--prefix-sentences" => sentences = val()?.parse()?,
             "--max-tokens" => max_tokens = val()?.parse()?,
             "--out" => out_path = Some(PathBuf::from(val()?)),
+            "--backend" => backend = val()?.parse()?,
             _ => model = PathBuf::from(a),
         }
     }
@@ -121,6 +123,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut cfg = ServeConfig::new(&model);
         cfg.port = 0;
         cfg.model_name = Some("bench".into());
+        cfg.backend = backend;
         let server = Server::start(cfg).await?;
         server.wait_ready(Duration::from_secs(300)).await?;
         let addr = server.local_addr();
@@ -172,6 +175,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "rounds": rounds,
                 "prefix_sentences": sentences,
                 "max_tokens": max_tokens,
+                "backend": backend.to_string(),
                 "median_first_ttft_ms": median(&firsts) * 1e3,
                 "median_rest_ttft_p50_ms": median(&rests) * 1e3,
                 "median_ratio": median(&ratios),
