@@ -59,12 +59,15 @@ fn bounds(p: Precision) -> (f32, f32) {
     }
 }
 
-/// A runtime on `kind` with the GPU in precision `p`.
+/// A runtime on `kind` with the GPU in precision `p`, without the prefix cache: these tests
+/// run a prompt again and compare bits, and a second run from the cache computes only the
+/// prompt's last token (other sums; `check_prefix` tests the cache).
 fn gpu_runtime(kind: BackendKind, path: &Path, p: Precision) -> rocmforge_actors::RuntimeBuilder {
     Runtime::builder().model(path).device_with(
         kind,
         rocmforge_actors::compute::gpu::GpuPipelineOptions {
             precision: p,
+            prefix_cache_bytes: 0,
             ..Default::default()
         },
     )
@@ -436,9 +439,9 @@ fn check_batched(kind: BackendKind) {
         &std::fs::read(data_dir().join("smollm2-logits/cases.json")).expect("cases"),
     )
     .expect("cases.json");
-    let rt = Runtime::builder()
-        .model(&path)
-        .device(kind)
+    // The default precision; no prefix cache, so "together" runs the same
+    // prompts as "alone" did rather than copying their keys and values.
+    let rt = gpu_runtime(kind, &path, Precision::Fast)
         .build()
         .expect("runtime");
     let alone: Vec<Vec<u32>> = cases
