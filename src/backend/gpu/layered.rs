@@ -297,8 +297,7 @@ impl<D: KernelDevice> GpuLayered<D> {
                 self.segs.len()
             )));
         }
-        Ok(self
-            .segs
+        self.segs
             .iter()
             .zip(kvs.iter())
             .map(|(&(first, n, pos), kv)| {
@@ -316,7 +315,7 @@ impl<D: KernelDevice> GpuLayered<D> {
                     kv: View::of(&kv.buf),
                 })
             })
-            .collect::<Result<Vec<_>>>()?)
+            .collect::<Result<Vec<_>>>()
     }
 
     /// The planes of a KV cache (`[layer][k|v][head]`), each `[cap, head_dim]`.
