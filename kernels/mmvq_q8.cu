@@ -795,17 +795,8 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
     extern "C" __global__ void name(RF_MMVQ8_ARGS, int n, int acc) {                            \
         rf_mmvq8_mma<T, KS, NT>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, acc); \
     }
-// The staged tiles on CUDA: three blocks per SM (registers capped at 85 a thread, from 90),
-// so a 384-tile product (Q/K/V of an 8B model) runs in one wave instead of 1.45, and more warps
-// hide the shared-memory and activation loads (ncu, H100: the L1/TEX scoreboard stall is 44% of
-// a 16-vector launch's cycles).
-#if defined(RF_CUDA)
-#define RF_MMA_S_BOUNDS __launch_bounds__(RF_MMVQ8_WARPS * 32, 3)
-#else
-#define RF_MMA_S_BOUNDS
-#endif
 #define RF_MMVQ8MS(name, T, NT)                                                                 \
-    extern "C" __global__ void RF_MMA_S_BOUNDS name(RF_MMVQ8_ARGS, int n, int acc) {            \
+    extern "C" __global__ void name(RF_MMVQ8_ARGS, int n, int acc) {                            \
         rf_mmvq8_mma_s<T, NT>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, acc);   \
     }
 #define RF_MMVQ8(name, T)                                                                       \
