@@ -1,4 +1,5 @@
-// elementwise.cu — SwiGLU, GeGLU, residual add, scaling, axpy, and the f32 -> f16 KV-cache store.
+// elementwise.cu — SwiGLU, GeGLU, residual add, scaling, axpy, the f32 -> f16 KV-cache store and
+// the KV cache's prefix copy.
 // Launch: 1-D grid-stride, any 1-D block.
 #include "common.cuh"
 #include "q8a.cuh"
@@ -82,6 +83,20 @@ extern "C" __global__ void kv_store2_batch_f32_f16(const float* __restrict__ k, 
     }
 }
 
+// Positions 0..len of each of `segs` segments (a KV cache's [layer][k|v][head] planes) copied
+// from a cache of `src_cap` positions per segment into one of `dst_cap`: the prefix cache's
+// snapshot of a sequence and its restore into a new one. Rows of head_dim f16 moved as 16-byte
+// pieces (head_dim % 8 == 0, the launcher's check). 1-D grid-stride.
+extern "C" __global__ void kv_copy_f16(const uint4* __restrict__ src, uint4* __restrict__ dst, int segs,
+                                       int len, int head_dim, int src_cap, int dst_cap) {
+    const i64 row = head_dim / 8;
+    const i64 per_seg = (i64)len * row;
+    const i64 n = per_seg * segs;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const i64 sg = i / per_seg, r = i % per_seg;
+        dst[sg * dst_cap * row + r] = src[sg * src_cap * row + r];
+    }
+}
 
 // The gated activations with their output also quantized to q8a (mmvq_q8.cu's layout over the
 // n values as n / 32 blocks): the input of the down projection in one launch, the same bits as

@@ -59,12 +59,15 @@ fn bounds(p: Precision) -> (f32, f32) {
     }
 }
 
-/// A runtime on `kind` with the GPU in precision `p`.
+/// A runtime on `kind` with the GPU in precision `p`, without the prefix cache: these tests
+/// run a prompt again and compare bits, and a second run from the cache computes only the
+/// prompt's last token (other sums; `check_prefix` tests the cache).
 fn gpu_runtime(kind: BackendKind, path: &Path, p: Precision) -> rocmforge_actors::RuntimeBuilder {
     Runtime::builder().model(path).device_with(
         kind,
         rocmforge_actors::compute::gpu::GpuPipelineOptions {
             precision: p,
+            prefix_cache_bytes: 0,
             ..Default::default()
         },
     )
@@ -436,9 +439,9 @@ fn check_batched(kind: BackendKind) {
         &std::fs::read(data_dir().join("smollm2-logits/cases.json")).expect("cases"),
     )
     .expect("cases.json");
-    let rt = Runtime::builder()
-        .model(&path)
-        .device(kind)
+    // The default precision; no prefix cache, so "together" runs the same
+    // prompts as "alone" did rather than copying their keys and values.
+    let rt = gpu_runtime(kind, &path, Precision::Fast)
         .build()
         .expect("runtime");
     let alone: Vec<Vec<u32>> = cases
@@ -487,6 +490,84 @@ fn check_batched(kind: BackendKind) {
         );
     }
 }
+
+/// The prefix cache: prompt B shares a 200-token opening with prompt A, which ran first; B
+/// then copies those positions' keys and values from A's snapshot and computes only its own
+/// tail. Its greedy tokens must equal B's on a runtime without the cache up to the oracle's
+/// first near-tie (the tail runs as a shorter step, so its sums are ordered otherwise), and the
+/// runtime must report the cached tokens.
+fn check_prefix(kind: BackendKind) {
+    let path = smollm2();
+    let model = Model::open(&path).expect("model");
+    let cases: Vec<Case> = serde_json::from_slice(
+        &std::fs::read(data_dir().join("smollm2-logits/cases.json")).expect("cases"),
+    )
+    .expect("cases.json");
+    let joined: Vec<u32> = cases
+        .iter()
+        .flat_map(|c| c.hf_prompt_ids.iter().copied())
+        .collect();
+    let opening: Vec<u32> = joined.iter().copied().cycle().take(200).collect();
+    let with = |c: &Case| -> Vec<u32> { opening.iter().chain(&c.hf_prompt_ids).copied().collect() };
+    let (a, b) = (with(&cases[0]), with(&cases[1]));
+    let runtime = |bytes: u64| {
+        Runtime::builder()
+            .model(&path)
+            .device_with(
+                kind,
+                rocmforge_actors::compute::gpu::GpuPipelineOptions {
+                    prefix_cache_bytes: bytes,
+                    ..Default::default()
+                },
+            )
+            .build()
+            .expect("runtime")
+    };
+    let plain = runtime(0);
+    let alone = gpu_greedy(&plain, &b).0;
+    let hits = plain.stats().prefix_cache_hit_tokens;
+    plain.shutdown().expect("shutdown");
+    assert_eq!(hits, 0, "no prefix cache, no hits");
+    let cached = runtime(64 << 20);
+    gpu_greedy(&cached, &a);
+    let before = cached.stats().prefix_cache_hit_tokens;
+    let reused = gpu_greedy(&cached, &b).0;
+    let hit = cached.stats().prefix_cache_hit_tokens - before;
+    cached.shutdown().expect("shutdown");
+    println!(
+        "prefix on {kind}: B took {hit} of {} prompt positions from A's snapshot",
+        b.len()
+    );
+    assert!(
+        (200..b.len()).contains(&(hit as usize)),
+        "B should take at least the shared 200 positions (and compute its last): {hit}"
+    );
+    let oracle = cpu_greedy(&model, &b);
+    let decisive = oracle
+        .iter()
+        .position(|s| s.margin < NEAR_TIE)
+        .unwrap_or(STEPS);
+    let same = alone
+        .iter()
+        .zip(&reused)
+        .take_while(|(x, y)| x == y)
+        .count();
+    println!("prefix on {kind}: cached = computed for {same} of {STEPS} (decisive {decisive})");
+    assert!(
+        same >= decisive,
+        "B from the prefix cache differs at step {same}\n computed {alone:?}\n cached {reused:?}"
+    );
+}
+
+gpu_test!(cuda: fn smollm2_prefix_cache_cuda_equals_computed() {
+    drop(require_device!(cuda));
+    check_prefix(BackendKind::Cuda);
+});
+
+gpu_test!(hip: fn smollm2_prefix_cache_hip_equals_computed() {
+    drop(require_device!(hip));
+    check_prefix(BackendKind::Hip);
+});
 
 gpu_test!(cuda: fn smollm2_batched_cuda_equals_alone() {
     drop(require_device!(cuda));

@@ -215,6 +215,22 @@ pub trait LayeredForward: Send {
     fn new_kv(&mut self) -> Result<Self::Kv, Self::Error>;
     /// Sequences one step may carry (`set_segments`, `layer_batch`, `output_rows`).
     fn max_sequences(&self) -> usize;
+    /// A new KV cache holding a copy of `kv`'s first `positions` positions, sized for them
+    /// alone: a prefix cache's entry (it can seed new sequences, never run a step). Queued on
+    /// the compute stream, after the work that wrote those positions. Out of device memory is
+    /// an error, which a caller may take as "not cached".
+    fn kv_snapshot(&mut self, kv: &Self::Kv, positions: usize) -> Result<Self::Kv, Self::Error>;
+    /// Copies the first `positions` positions of `from` (a snapshot, or another sequence's
+    /// cache) into `to`, queued on the compute stream: a new sequence starts from a prefix
+    /// whose keys and values are already computed.
+    fn kv_restore(
+        &mut self,
+        from: &Self::Kv,
+        to: &mut Self::Kv,
+        positions: usize,
+    ) -> Result<(), Self::Error>;
+    /// Bytes one position takes in a KV cache (every layer's keys and values).
+    fn kv_position_bytes(&self) -> usize;
     /// Embeds `tokens` (rows of `table`, `[n_vocab, n_embd]`): the step's rows, every
     /// sequence's tokens in order. Their positions come with `set_segments`.
     fn embed_rows(&mut self, table: &DeviceTensor<'_>, tokens: &[u32]) -> Result<(), Self::Error>;

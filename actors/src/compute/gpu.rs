@@ -8,6 +8,7 @@
 //! count. Logits come back to the host for the Inference actor's sampler.
 
 use crate::compute::llama::{token_bytes_with, tokenize_with};
+use crate::compute::prefix::PrefixStore;
 use crate::compute::{BatchSeq, ComputeFactory, Hidden, ModelCompute, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::backend::WeightBackend;
@@ -60,6 +61,9 @@ pub struct GpuCompute<F: LayeredForward> {
     host: Option<HostLayers>,
     /// Whether idle time opens the vendor GEMM (`GpuPipelineOptions::idle_gemm_open`).
     idle_gemm_open: bool,
+    /// Snapshots of prompts' KV for new sequences that start alike (`prefix`); `None`: off
+    /// (`GpuPipelineOptions::prefix_cache_bytes` 0, or host layers, whose KV is not copied).
+    prefixes: Option<PrefixStore<F::Kv>>,
 }
 
 fn err(layer: Option<usize>) -> impl Fn(String) -> RuntimeError {
@@ -79,7 +83,15 @@ where
             tokenizer: Tokenizer::from_metadata(file.metadata()).ok(),
             host: None,
             idle_gemm_open: true,
+            prefixes: None,
         })
+    }
+
+    /// Keeps snapshots of prompts' KV within `bytes` of device memory for new sequences whose
+    /// prompt starts alike (0: no prefix cache). Without effect with host layers.
+    pub fn with_prefix_cache(mut self, bytes: u64) -> Self {
+        self.prefixes = (bytes > 0).then(|| PrefixStore::new(bytes));
+        self
     }
 
     /// Computes `layers` on the host (the CPU's forward pass over the mapped file, in
@@ -343,7 +355,16 @@ where
     }
 
     fn new_sequence(&mut self) -> Result<SequenceState> {
-        let kv = self.fwd.new_kv().map_err(|e| err(None)(e.to_string()))?;
+        // Cached prefixes give their memory back before a new sequence is refused.
+        let kv = loop {
+            match self.fwd.new_kv() {
+                Ok(kv) => break kv,
+                Err(e) => match self.prefixes.as_mut().and_then(|p| p.evict_oldest()) {
+                    Some(dropped) => drop(dropped),
+                    None => return Err(err(None)(e.to_string())),
+                },
+            }
+        };
         let host = match &self.host {
             Some(h) => Some(
                 self.model
@@ -364,6 +385,54 @@ where
             seq.pos = h.truncate(seq.pos);
         }
         Ok(true)
+    }
+
+    fn adopt_prefix(&mut self, seq: &mut SequenceState, prompt: &[u32]) -> usize {
+        if self.host.is_some() {
+            return 0;
+        }
+        let (Some(store), Ok(seq)) = (self.prefixes.as_mut(), seq_mut::<F::Kv>(seq)) else {
+            return 0;
+        };
+        if seq.pos != 0 {
+            return 0;
+        }
+        let Some((snapshot, n)) = store.lookup(prompt) else {
+            return 0;
+        };
+        match self.fwd.kv_restore(snapshot, &mut seq.kv, n) {
+            Ok(()) => {
+                seq.pos = n;
+                n
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "prefix cache: restore failed, the prompt runs whole");
+                0
+            }
+        }
+    }
+
+    fn publish_prefix(&mut self, seq: &mut SequenceState, tokens: &[u32]) {
+        if self.host.is_some() {
+            return;
+        }
+        let Some(store) = self.prefixes.as_mut() else {
+            return;
+        };
+        let Ok(seq) = seq_mut::<F::Kv>(seq) else {
+            return;
+        };
+        // The positions the cache holds for these tokens (all of them after a prompt).
+        let n = tokens.len().min(seq.pos);
+        let bytes = (n * self.fwd.kv_position_bytes()) as u64;
+        if !store.wants(&tokens[..n], bytes) {
+            return;
+        }
+        match self.fwd.kv_snapshot(&seq.kv, n) {
+            Ok(snapshot) => drop(store.insert(tokens[..n].to_vec(), snapshot, bytes)),
+            // No room: the prompt is simply not cached.
+            Err(e) => tracing::debug!(error = %e, "prefix cache: no snapshot"),
+        }
     }
 
     fn embed(&mut self, global: &ResidentLayer, tokens: &[u32]) -> Result<Hidden> {
@@ -590,6 +659,10 @@ pub struct GpuPipelineOptions {
     /// off: its request arrives as the runtime starts and it exits right after the answer,
     /// while the loading's driver calls would compete with both.
     pub idle_gemm_open: bool,
+    /// Device bytes for the prefix cache (snapshots of prompts' KV that new sequences starting
+    /// alike copy instead of computing: `compute::prefix`); 0 turns it off. Reserved beside
+    /// the KV caches and activations, so the default weight budget leaves room for it.
+    pub prefix_cache_bytes: u64,
 }
 
 impl Default for GpuPipelineOptions {
@@ -603,9 +676,14 @@ impl Default for GpuPipelineOptions {
             vendor_gemm: true,
             precision: Precision::Fast,
             idle_gemm_open: true,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
         }
     }
 }
+
+/// [`GpuPipelineOptions::prefix_cache_bytes`]' default: 512 MiB (~4,000 positions of an
+/// 8B-shape model with 8 KV heads, ~23,000 of SmolLM2).
+pub const DEFAULT_PREFIX_CACHE_BYTES: u64 = 512 << 20;
 
 /// A weight backend and the matching compute for the pipelined runtime.
 pub struct PipelineParts {
@@ -656,7 +734,9 @@ pub fn open_pipeline_on(
     };
     // The compute's KV cache and activations are allocated after the budget is set, so the
     // budget's default (free memory minus this) leaves room for them.
-    let reserve = lopt.reserve_bytes(model.hparams(), model.n_vocab()) as u64 + opt.margin_bytes;
+    let reserve = lopt.reserve_bytes(model.hparams(), model.n_vocab()) as u64
+        + opt.margin_bytes
+        + opt.prefix_cache_bytes;
     let gcfg = |name| GpuConfig {
         name,
         copy_streams: opt.copy_streams,
@@ -665,8 +745,8 @@ pub fn open_pipeline_on(
     let kind = backend.kind();
     let (backend, compute) = match backend {
         Backend::Cpu => return Ok(None),
-        Backend::Cuda(dev) => gpu_parts(dev, gcfg("cuda"), lopt, staging, opt.idle_gemm_open)?,
-        Backend::Hip(dev) => hip_parts(dev, gcfg("hip"), lopt, staging, opt.idle_gemm_open)?,
+        Backend::Cuda(dev) => gpu_parts(dev, gcfg("cuda"), lopt, staging, opt)?,
+        Backend::Hip(dev) => hip_parts(dev, gcfg("hip"), lopt, staging, opt)?,
     };
     Ok(Some(PipelineParts {
         backend,
@@ -683,7 +763,7 @@ fn gpu_parts<D: KernelDevice>(
     cfg: GpuConfig,
     lopt: LayeredOptions,
     staging: Option<EarlyStaging>,
-    idle_gemm_open: bool,
+    opt: GpuPipelineOptions,
 ) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
     let gb = GpuBackend::new(dev.clone(), cfg)?;
     if let Some(s) = staging {
@@ -708,8 +788,10 @@ fn gpu_parts<D: KernelDevice>(
         } else {
             Precision::Exact
         };
-        let mut compute = GpuCompute::new(fwd, file)?.with_host_layers(&host, precision)?;
-        compute.idle_gemm_open = idle_gemm_open;
+        let mut compute = GpuCompute::new(fwd, file)?
+            .with_host_layers(&host, precision)?
+            .with_prefix_cache(opt.prefix_cache_bytes);
+        compute.idle_gemm_open = opt.idle_gemm_open;
         Ok(Box::new(compute) as Box<dyn ModelCompute>)
     });
     Ok((wb, factory))
@@ -721,10 +803,10 @@ fn hip_parts(
     cfg: GpuConfig,
     lopt: LayeredOptions,
     staging: Option<EarlyStaging>,
-    idle_gemm_open: bool,
+    opt: GpuPipelineOptions,
 ) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
     // Not run on AMD hardware yet (docs/HIP.md): the code is CUDA's, checked on an H100.
-    gpu_parts(dev, cfg, lopt, staging, idle_gemm_open)
+    gpu_parts(dev, cfg, lopt, staging, opt)
 }
 
 #[cfg(not(feature = "hip"))]
@@ -733,7 +815,7 @@ fn hip_parts(
     _cfg: GpuConfig,
     _lopt: LayeredOptions,
     _staging: Option<EarlyStaging>,
-    _idle_gemm_open: bool,
+    _opt: GpuPipelineOptions,
 ) -> Result<(Arc<dyn WeightBackend>, ComputeFactory)> {
     // Unreachable in practice: without the feature `Backend::open` never yields HIP.
     Err(BackendError::NotCompiled {

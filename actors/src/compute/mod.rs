@@ -14,6 +14,7 @@
 
 pub mod gpu;
 pub mod llama;
+pub mod prefix;
 
 #[cfg(test)]
 mod batch_tests;

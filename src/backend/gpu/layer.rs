@@ -17,8 +17,23 @@ use crate::quant::GgmlType;
 
 /// Batches of at least this many tokens run their matrix products through a GEMM (dequantized
 /// f16 weight tiles); shorter ones (a decode step of up to 16 sequences, short prompts) run the
-/// batched mmvq, which reads the quantized weights once per 8 tokens.
+/// batched matrix-vector products, which read the quantized weights once per 8 vectors (16 on
+/// int8 tensor cores).
 pub const GEMM_MIN_TOKENS: usize = 17;
+
+/// [`GEMM_MIN_TOKENS`], or `ROCMFORGE_GPU_GEMM_ROWS` (2 to 512) for A/B runs of batched decode
+/// (e.g. 33: decode steps of 17 to 32 sequences on the matrix-vector products, in launches of
+/// 16 vectors, instead of the GEMM).
+pub fn gemm_min_tokens() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("ROCMFORGE_GPU_GEMM_ROWS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| (2..=512).contains(n))
+            .unwrap_or(GEMM_MIN_TOKENS)
+    })
+}
 
 /// The activations of one step (`B` is the vendor's device buffer), sized for the pass's
 /// largest batch `b`: `[b, width]` f32 unless stated.
@@ -74,7 +89,7 @@ impl<D: KernelDevice> Gemm<'_, D> {
     /// Whether [`linear`] runs `m` over `n` rows as the 8-bit matrix-vector product.
     fn q8_for(&self, m: QMatrix, n: usize) -> bool {
         self.q8
-            && (n < GEMM_MIN_TOKENS || self.engine.is_none())
+            && (n < gemm_min_tokens() || self.engine.is_none())
             && crate::backend::kernels::q8a_capable(m.qtype)
             && m.ncols % 32 == 0
     }
@@ -119,7 +134,7 @@ pub fn linear_q<D: KernelDevice>(
         dev.mmvq_q8(st, &w, m, &s.xq, &y, n)?;
         return Ok(());
     }
-    if n >= GEMM_MIN_TOKENS {
+    if n >= gemm_min_tokens() {
         if let Some(engine) = g.engine.as_deref_mut() {
             let kv = KvLayout {
                 n_kv_heads: 1,
@@ -420,7 +435,7 @@ impl<'a, D: KernelDevice> LayerCtx<'a, D> {
 
     /// Whether this step's products run on 8-bit activations (decode, short batches).
     fn q8_step(&self) -> bool {
-        self.gemm.q8 && self.n < GEMM_MIN_TOKENS
+        self.gemm.q8 && self.n < gemm_min_tokens()
     }
 
     /// Launches the deferred product into `Proj`, if any (every op but the residual add that

@@ -77,9 +77,12 @@ pub struct GpuLayered<D: KernelDevice> {
     routes: Routes,
 }
 
-/// One sequence's KV cache: `[layer][k|v][n_kv_heads, ctx, head_dim]` f16.
+/// One sequence's KV cache: `[layer][k|v][n_kv_heads, cap, head_dim]` f16; `cap` is the
+/// context for a sequence's cache, fewer positions for a prefix snapshot
+/// ([`LayeredForward::kv_snapshot`]), which never runs a step.
 pub struct GpuKv<D: KernelDevice> {
     buf: D::Buf,
+    cap: usize,
 }
 
 /// `b`: rows of a step; `seqs`: sequences of a step (rows whose logits come back).
@@ -294,17 +297,30 @@ impl<D: KernelDevice> GpuLayered<D> {
                 self.segs.len()
             )));
         }
-        Ok(self
-            .segs
+        self.segs
             .iter()
             .zip(kvs.iter())
-            .map(|(&(first, n, pos), kv)| Segment {
-                first,
-                n,
-                pos,
-                kv: View::of(&kv.buf),
+            .map(|(&(first, n, pos), kv)| {
+                if kv.cap != self.kv_layout.seq_cap {
+                    return Err(bad(format!(
+                        "a KV cache of {} positions in a step (a prefix snapshot? steps take \
+                         caches of {})",
+                        kv.cap, self.kv_layout.seq_cap
+                    )));
+                }
+                Ok(Segment {
+                    first,
+                    n,
+                    pos,
+                    kv: View::of(&kv.buf),
+                })
             })
-            .collect())
+            .collect::<Result<Vec<_>>>()
+    }
+
+    /// The planes of a KV cache (`[layer][k|v][head]`), each `[cap, head_dim]`.
+    fn kv_planes(&self) -> usize {
+        2 * self.hp.n_layer * self.kv_layout.n_kv_heads
     }
 
     /// Writes the step's batched-decode sequence table once (the first layer that has the
@@ -391,7 +407,46 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         let bytes = self.kv_layout.bytes() * 2 * self.hp.n_layer;
         Ok(GpuKv {
             buf: self.dev.alloc(bytes, "KV cache")?,
+            cap: self.kv_layout.seq_cap,
         })
+    }
+
+    fn kv_snapshot(&mut self, kv: &GpuKv<D>, positions: usize) -> Result<GpuKv<D>> {
+        let cap = positions.max(1);
+        let buf = self
+            .dev
+            .alloc(self.kv_position_bytes() * cap, "KV prefix cache entry")?;
+        let (planes, hd) = (self.kv_planes(), self.kv_layout.head_dim);
+        self.dev.kv_copy(
+            &self.stream,
+            &kv.buf,
+            kv.cap,
+            &buf,
+            cap,
+            planes,
+            hd,
+            positions,
+        )?;
+        Ok(GpuKv { buf, cap })
+    }
+
+    fn kv_restore(&mut self, from: &GpuKv<D>, to: &mut GpuKv<D>, positions: usize) -> Result<()> {
+        let (planes, hd) = (self.kv_planes(), self.kv_layout.head_dim);
+        self.dev.kv_copy(
+            &self.stream,
+            &from.buf,
+            from.cap,
+            &to.buf,
+            to.cap,
+            planes,
+            hd,
+            positions,
+        )?;
+        Ok(())
+    }
+
+    fn kv_position_bytes(&self) -> usize {
+        self.kv_planes() * self.kv_layout.head_dim * 2
     }
 
     fn max_sequences(&self) -> usize {

@@ -208,6 +208,31 @@ struct Mmvq8Args {
 }
 
 impl Mmvq8Args {
+    /// One matrix `m` (all three slots the same, so every row is the first matrix's) over `n`
+    /// vectors quantized in `xq` (quants, then their (d, sum) pairs), into `y`; `n` is passed
+    /// when `with_n` (the `_n` / `_sn` / `_m*` forms).
+    fn single(
+        op: &'static str,
+        w: &dyn DeviceBuffer,
+        m: QMatrix,
+        xq: &dyn DeviceBuffer,
+        y: &dyn DeviceBuffer,
+        n: usize,
+        with_n: bool,
+    ) -> BackendResult<Self> {
+        let nrows = to_i32(op, "nrows", m.nrows)?;
+        Ok(Self {
+            w: [w.device_ptr(); 3],
+            y: [y.device_ptr(); 3],
+            xq: xq.device_ptr(),
+            meta: xq.device_ptr() + (n * m.ncols) as u64,
+            ncols: to_i32(op, "ncols", m.ncols)?,
+            ends: [nrows; 3],
+            n: with_n.then_some(n as i32),
+            acc: false,
+        })
+    }
+
     fn to_args(&self) -> Vec<Arg> {
         let mut a: Vec<Arg> = self.w.iter().map(|&w| Arg::Ptr(w)).collect();
         a.extend([Arg::Ptr(self.xq), Arg::Ptr(self.meta)]);
@@ -737,18 +762,7 @@ pub trait GpuOps: KernelDevice {
         );
         let k = self.kernel("mmvq_q8.cu", &name)?;
         let shape = mmvq8_shape(self.warp_size(), m.nrows, wpr)?;
-        let nrows = to_i32(OP, "nrows", m.nrows)?;
-        let args = Mmvq8Args {
-            w: [w.device_ptr(); 3],
-            y: [y.device_ptr(); 3],
-            xq: xq.device_ptr(),
-            meta: xq.device_ptr() + (n * m.ncols) as u64,
-            ncols: to_i32(OP, "ncols", m.ncols)?,
-            ends: [nrows; 3],
-            n: (n > 1).then_some(n as i32),
-            acc: false,
-        }
-        .to_args();
+        let args = Mmvq8Args::single(OP, w, m, xq, y, n, n > 1)?.to_args();
         // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
         // SAFETY: as the launches of `mmvq_q8` (same checks, the same argument lists: `n`
         // before `acc` for the `_n` forms).
@@ -793,18 +807,7 @@ pub trait GpuOps: KernelDevice {
         let name = mma_kernel_name(&base, tiles, n);
         let k = self.kernel("mmvq_q8.cu", &name)?;
         let shape = mmvq8_mma_shape_of(self.warp_size(), m.nrows, tiles)?;
-        let nrows = to_i32(OP, "nrows", m.nrows)?;
-        let args = Mmvq8Args {
-            w: [w.device_ptr(); 3],
-            y: [y.device_ptr(); 3],
-            xq: xq.device_ptr(),
-            meta: xq.device_ptr() + (n * m.ncols) as u64,
-            ncols: to_i32(OP, "ncols", m.ncols)?,
-            ends: [nrows; 3],
-            n: Some(n as i32),
-            acc: false,
-        }
-        .to_args();
+        let args = Mmvq8Args::single(OP, w, m, xq, y, n, true)?.to_args();
         // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
         // SAFETY: as the launches of `mmvq_q8` (same checks; the `_m*` entries take the `_n`
         // argument list).
@@ -1266,6 +1269,58 @@ pub trait GpuOps: KernelDevice {
         pos0: usize,
     ) -> BackendResult<()> {
         kv_store_pairs(self, s, &[(k, k_cache), (v, v_cache)], kv, n_tokens, pos0)
+    }
+
+    /// Copies positions `0..len` of every segment of the f16 KV cache `src` into `dst`: both
+    /// hold `segs` segments (a cache's `[layer][k|v][head]` planes) of `[cap, head_dim]`, with
+    /// `src_cap` / `dst_cap` positions each. The prefix cache's snapshot of a sequence's first
+    /// positions and their restore into a new sequence; `head_dim % 8 == 0`.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_copy(
+        &self,
+        s: &Self::Stream,
+        src: &dyn DeviceBuffer,
+        src_cap: usize,
+        dst: &dyn DeviceBuffer,
+        dst_cap: usize,
+        segs: usize,
+        head_dim: usize,
+        len: usize,
+    ) -> BackendResult<()> {
+        const OP: &str = "kv_copy";
+        if head_dim % 8 != 0 || len > src_cap || len > dst_cap {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!(
+                    "{len} positions of head_dim {head_dim} from capacity {src_cap} to {dst_cap} \
+                     (head_dim a multiple of 8, positions within both)"
+                ),
+            });
+        }
+        need(OP, "src", src, segs * src_cap * head_dim * 2)?;
+        need(OP, "dst", dst, segs * dst_cap * head_dim * 2)?;
+        let pieces = segs * len * head_dim / 8;
+        if pieces == 0 {
+            return Ok(());
+        }
+        let kern = self.kernel("elementwise.cu", "kv_copy_f16")?;
+        let shape = LaunchShape {
+            grid: (to_u32(OP, pieces.div_ceil(256).min(65_535))?, 1, 1),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        };
+        let args = [
+            p(src),
+            p(dst),
+            Arg::I32(to_i32(OP, "segs", segs)?),
+            Arg::I32(to_i32(OP, "len", len)?),
+            Arg::I32(to_i32(OP, "head_dim", head_dim)?),
+            Arg::I32(to_i32(OP, "src_cap", src_cap)?),
+            Arg::I32(to_i32(OP, "dst_cap", dst_cap)?),
+        ];
+        // SAFETY: both buffers hold `segs` segments of their capacity (checked above) and every
+        // copied position is below both capacities; the argument list matches kv_copy_f16.
+        unsafe { kern.launch(s, shape, &args) }
     }
 
     /// [`Self::kv_store2`] of one new token for each of `nseq` sequences in one launch: entry
