@@ -145,6 +145,20 @@ impl Engine {
                 })
         });
         let path = &model.model;
+        // A cold start: the disk starts on the weights now rather than when the readers do,
+        // after the driver's initialisation (the direct mode's reads bypass the page cache).
+        if gpu_likely && e.read_mode != Some(ReadMode::Direct) {
+            let p = path.clone();
+            let _ = std::thread::Builder::new()
+                .name("rf-early-readahead".into())
+                .spawn(move || {
+                    let _s = tracing::info_span!("early_readahead").entered();
+                    crate::pipeline::reader::early_readahead(
+                        &p,
+                        crate::pipeline::reader::EARLY_READAHEAD_BYTES,
+                    )
+                });
+        }
         let parse_span = tracing::info_span!("parse_model").entered();
         let file = GgufFile::open(path).map_err(|e| format!("model {}: {e}", path.display()))?;
         // The architecture first: "unsupported architecture" says more than a tokenizer key
