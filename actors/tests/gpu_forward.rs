@@ -142,6 +142,20 @@ fn cpu_greedy(m: &Model, prompt: &[u32]) -> Vec<Step> {
     steps
 }
 
+/// Steps of the oracle before its first near-tie: two runs that differ only in how their sums
+/// are ordered must give the same greedy tokens for at least this many.
+fn decisive(oracle: &[Step]) -> usize {
+    oracle
+        .iter()
+        .position(|s| s.margin < NEAR_TIE)
+        .unwrap_or(STEPS)
+}
+
+/// How many leading tokens `a` and `b` share.
+fn same_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// 32 greedy tokens and their log-probabilities through the runtime.
 fn gpu_greedy(rt: &RuntimeHandle, prompt: &[u32]) -> (Vec<u32>, Vec<TokenLogprobs>) {
     let mut req = GenerateRequest::tokens(prompt.to_vec(), STEPS);
@@ -473,12 +487,8 @@ fn check_batched(kind: BackendKind) {
         after.batch_steps
     );
     for ((c, a), t) in cases.iter().zip(&alone).zip(&together) {
-        let oracle = cpu_greedy(&model, &c.hf_prompt_ids);
-        let decisive = oracle
-            .iter()
-            .position(|s| s.margin < NEAR_TIE)
-            .unwrap_or(STEPS);
-        let same = a.iter().zip(t).take_while(|(x, y)| x == y).count();
+        let decisive = decisive(&cpu_greedy(&model, &c.hf_prompt_ids));
+        let same = same_prefix(a, t);
         println!(
             "{}: batched = alone for {same} of {STEPS} (decisive {decisive})",
             c.name
@@ -546,16 +556,8 @@ fn check_prefix(kind: BackendKind) {
         (OPENING..b.len()).contains(&(hit as usize)),
         "B should take at least the shared {OPENING} positions (and compute its last): {hit}"
     );
-    let oracle = cpu_greedy(&model, &b);
-    let decisive = oracle
-        .iter()
-        .position(|s| s.margin < NEAR_TIE)
-        .unwrap_or(STEPS);
-    let same = alone
-        .iter()
-        .zip(&reused)
-        .take_while(|(x, y)| x == y)
-        .count();
+    let decisive = decisive(&cpu_greedy(&model, &b));
+    let same = same_prefix(&alone, &reused);
     println!("prefix on {kind}: cached = computed for {same} of {STEPS} (decisive {decisive})");
     assert!(
         same >= decisive,
@@ -655,10 +657,7 @@ fn check_tiny_families(kind: BackendKind) {
                 "{family} on {kind}: split experts differ from the resident model"
             );
         }
-        let decisive = oracle
-            .iter()
-            .position(|s| s.margin < NEAR_TIE)
-            .unwrap_or(STEPS);
+        let decisive = decisive(&oracle);
         let same = ids
             .iter()
             .zip(&oracle)
