@@ -180,6 +180,13 @@ impl Engine {
             vendor_gemm: tuning.vendor_gemm,
             precision: model.precision,
             idle_gemm_open: !one_shot,
+            // One request, then the process ends: no later prompt could use a snapshot, and
+            // the default weight budget keeps the cache's reserve for the weights.
+            prefix_cache_bytes: if one_shot {
+                0
+            } else {
+                crate::compute::gpu::DEFAULT_PREFIX_CACHE_BYTES
+            },
             ..Default::default()
         };
         let gpu_opt = crate::compute::gpu::GpuPipelineOptions {
