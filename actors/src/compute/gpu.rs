@@ -61,8 +61,9 @@ pub struct GpuCompute<F: LayeredForward> {
     host: Option<HostLayers>,
     /// Whether idle time opens the vendor GEMM (`GpuPipelineOptions::idle_gemm_open`).
     idle_gemm_open: bool,
-    /// Snapshots of prompts' KV for new sequences that start alike (`prefix`); `None`: off
-    /// (`GpuPipelineOptions::prefix_cache_bytes` 0, or host layers, whose KV is not copied).
+    /// Snapshots of prompts' KV for new sequences that start alike (`compute::prefix`); `None`:
+    /// off (`GpuPipelineOptions::prefix_cache_bytes` 0). Unused with host layers, whose KV is
+    /// not copied.
     prefixes: Option<PrefixStore<F::Kv>>,
 }
 
