@@ -36,6 +36,11 @@ pub struct ServeArgs {
     /// max-num-seqs whole contexts, capped at half the memory available.
     #[arg(long, value_parser = kv_bytes)]
     pub kv_budget: Option<u64>,
+    /// GPU backends: device memory for the prefix cache, snapshots of prompts' keys and values
+    /// that later prompts starting alike copy instead of computing (`512MiB`, `2GiB`; `0`
+    /// turns it off). The CPU's paged pool shares prefix blocks within `--kv-budget`.
+    #[arg(long, value_parser = prefix_bytes, default_value = "512MiB")]
+    pub gpu_prefix_cache: u64,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = 2 << 20)]
     pub body_limit: usize,
@@ -103,6 +108,19 @@ fn kv_bytes(s: &str) -> Result<u64, String> {
     }
 }
 
+/// `--gpu-prefix-cache`: a size as `--kv-budget` takes, or `0` (off).
+fn prefix_bytes(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    match s.parse::<MemoryBudget>()? {
+        MemoryBudget::Bytes(b) => Ok(b),
+        _ => Err(format!(
+            "bad prefix cache size {s:?}: a size such as 512MiB or 2GiB, or 0 (off)"
+        )),
+    }
+}
+
 fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(v).map_err(|e| format!("{flag} {v}: {e}"))
 }
@@ -135,6 +153,7 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         read_mode: a.read_mode,
         prefetch_depth: a.prefetch_depth,
         cpu_layers: a.cpu_layers,
+        gpu_prefix_cache_bytes: a.gpu_prefix_cache,
         warm_up: !a.no_warm_up,
         backend: a.backend,
         max_connections: a.max_connections,
@@ -151,4 +170,18 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     super::init_logging();
     run_until_signal(cfg, deadline)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_bytes;
+
+    #[test]
+    fn gpu_prefix_cache_takes_a_size_or_zero() {
+        assert_eq!(prefix_bytes("0"), Ok(0));
+        assert_eq!(prefix_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(prefix_bytes("2GiB"), Ok(2 << 30));
+        assert!(prefix_bytes("50%").is_err());
+        assert!(prefix_bytes("lots").is_err());
+    }
 }

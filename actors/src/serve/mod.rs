@@ -99,6 +99,9 @@ pub struct ServeConfig {
     pub prefetch_depth: usize,
     /// GPU backends: the model's last layers computed on the CPU (`RuntimeBuilder::host_layers`).
     pub cpu_layers: crate::HostLayers,
+    /// GPU backends: device bytes for the prefix cache's snapshots (0: off;
+    /// `GpuPipelineOptions::prefix_cache_bytes`).
+    pub gpu_prefix_cache_bytes: u64,
     /// Run one token through the model before reporting ready.
     pub warm_up: bool,
     /// Where the model runs: `cpu` (default), `cuda`, `hip`, or `auto` (a GPU when one opens).
@@ -147,6 +150,7 @@ impl ServeConfig {
             read_mode: None,
             prefetch_depth: 2,
             cpu_layers: crate::HostLayers::Count(0),
+            gpu_prefix_cache_bytes: crate::compute::gpu::DEFAULT_PREFIX_CACHE_BYTES,
             warm_up: true,
             backend: BackendKind::Auto,
             max_connections: 512,
@@ -258,6 +262,7 @@ impl Server {
                     // The GPU's step buffers are sized for the batching options.
                     max_batch: cfg.batch.max_batch_tokens.max(1),
                     max_seqs: cfg.batch.max_num_seqs.max(1),
+                    prefix_cache_bytes: cfg.gpu_prefix_cache_bytes,
                     ..Default::default()
                 },
             ),
