@@ -76,35 +76,13 @@ pub fn page_cache_fraction(path: &Path) -> Result<f64> {
         path: path.to_path_buf(),
         source,
     })?;
-    // SAFETY: read-only private map used only for `mincore`; never dereferenced.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| RuntimeError::Open {
+    let len = file.metadata().map_or(0, |m| m.len());
+    crate::pipeline::reader::cached_fraction(&file, len).map_err(|source| RuntimeError::Read {
         path: path.to_path_buf(),
+        offset: 0,
+        len: len as usize,
         source,
-    })?;
-    if map.is_empty() {
-        return Ok(0.0);
-    }
-    let page = 4096usize;
-    let pages = map.len().div_ceil(page);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: `map` is a live mapping of `map.len()` bytes starting at a page-aligned address,
-    // and `vec` has one byte per page of it, as mincore requires.
-    let rc = unsafe {
-        libc::mincore(
-            map.as_ptr() as *mut libc::c_void,
-            map.len(),
-            vec.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(RuntimeError::Read {
-            path: path.to_path_buf(),
-            offset: 0,
-            len: map.len(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(vec.iter().filter(|&&b| b & 1 == 1).count() as f64 / pages as f64)
+    })
 }
 
 /// Evicts the file's pages from the page cache (after flushing any dirty ones, which

@@ -136,13 +136,21 @@ pub fn early_readahead(path: &std::path::Path, len: u64) -> bool {
         return false;
     };
     let len = file.metadata().map_or(0, |m| m.len()).min(len);
-    if len == 0 {
+    if len == 0 || cached_fraction(&file, len).is_ok_and(|f| f >= 0.9) {
         return false;
     }
+    advise_willneed(&file, 0, len);
+    true
+}
+
+/// Fraction of the pages of `file`'s first `len` bytes that sit in the page cache (`mincore`
+/// over a read-only map that is never read); 0 for an empty range.
+pub fn cached_fraction(file: &File, len: u64) -> std::io::Result<f64> {
+    if len == 0 {
+        return Ok(0.0);
+    }
     // SAFETY: a read-only private map of the file, only passed to `mincore`, never read.
-    let Ok(map) = (unsafe { memmap2::MmapOptions::new().len(len as usize).map(&file) }) else {
-        return false;
-    };
+    let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(file) }?;
     let pages = (len as usize).div_ceil(PAGE);
     let mut resident = vec![0u8; pages];
     // SAFETY: `map` is a live page-aligned mapping of `len` bytes and `resident` has one byte
@@ -154,12 +162,10 @@ pub fn early_readahead(path: &std::path::Path, len: u64) -> bool {
             resident.as_mut_ptr(),
         )
     };
-    if rc == 0 && resident.iter().filter(|&&b| b & 1 == 1).count() * 10 >= pages * 9 {
-        return false;
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    drop(map);
-    advise_willneed(&file, 0, len);
-    true
+    Ok(resident.iter().filter(|&&b| b & 1 == 1).count() as f64 / pages as f64)
 }
 
 /// Splits a tensor into chunk lengths (in file bytes) that fit one staging slot after
