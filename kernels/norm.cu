@@ -52,6 +52,9 @@ extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rmsnorm_f32(const f
 // in one launch, the same bits as rmsnorm_f32 then quantize_q8a_f32. ncols % 32 == 0.
 // Each group of 32 threads takes every (blockDim / 32)-th 32-element block: block g + k * groups
 // is the thread's column threadIdx.x + k * blockDim.x, its register k.
+// Grid (nrows, split): the `split` blocks of a row each sum the whole row (the same threads in
+// the same order, so the same bits) and write the registers k with k % split == blockIdx.y (and
+// the columns past the registers likewise): a decode step's one row is no longer one SM's work.
 extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rmsnorm_q8a_f32(const float* x, const float* __restrict__ w, float* out,
                                            i8* __restrict__ qs, float2* __restrict__ meta,
                                            int ncols, float eps) {
@@ -62,16 +65,19 @@ extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) rmsnorm_q8a_f32(con
     const float inv = rf_rms_inv(xr, w, ncols, eps, v, wv);
     const int groups = blockDim.x / 32, g = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int nblk = ncols / 32;
+    const int split = gridDim.y, part = blockIdx.y;
 #pragma unroll
     for (int k = 0; k < RF_NORM_REG; ++k) {
         if (k * groups >= nblk) break;  // the same for the whole block
+        if (k % split != part) continue;
         const int b = g + k * groups;
         const bool live = b < nblk;
         const float y = live ? v[k] * inv * wv[k] : 0.f;
         if (live) orow[b * 32 + lane] = y;
         rf_q8a_store(y, live, (i64)blockIdx.x * nblk + b, lane, qs, meta);
     }
-    for (int b0 = RF_NORM_REG * groups; b0 < nblk; b0 += groups) {
+    for (int b0 = RF_NORM_REG * groups, i = RF_NORM_REG; b0 < nblk; b0 += groups, ++i) {
+        if (i % split != part) continue;
         const int b = b0 + g;
         const bool live = b < nblk;
         const int c = b * 32 + lane;

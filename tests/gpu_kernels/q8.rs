@@ -248,32 +248,36 @@ pub(super) fn check_fused_q8a<D: KernelDevice>(
     rng: &mut ChaCha8Rng,
 ) {
     let read = |b: &D::Buf, n: usize| b.to_vec::<u8>(n).expect("read");
-    let (nr, nc, eps) = (5usize, 576usize, 1e-5f32);
-    let (xd, wd) = (
-        up(d, &rand_vec(rng, nr * nc, 2.0)),
-        up(d, &rand_vec(rng, nc, 1.0)),
-    );
-    let qb = q8a_bytes(nr, nc);
-    let (o1, o2) = (
-        d.alloc(nr * nc * 4, "o").expect("alloc"),
-        d.alloc(nr * nc * 4, "o").expect("alloc"),
-    );
-    let (q1, q2) = (
-        d.alloc(qb, "q").expect("alloc"),
-        d.alloc(qb, "q").expect("alloc"),
-    );
-    d.rmsnorm(s, &xd, &wd, &o1, nr, nc, eps).expect("rmsnorm");
-    d.quantize_q8a(s, &o1, &q1, nr, nc).expect("quantize");
-    d.rmsnorm_q8a(s, &xd, &wd, &o2, &q2, nr, nc, eps)
-        .expect("rmsnorm_q8a");
-    s.synchronize().expect("sync");
-    let same = read(&o1, nr * nc * 4) == read(&o2, nr * nc * 4) && read(&q1, qb) == read(&q2, qb);
-    t.add(
-        "rmsnorm_q8a_f32 = rmsnorm + quantize",
-        "f32",
-        if same { 0.0 } else { 1.0 },
-        0.0,
-    );
+    // 576 columns: one block a row; 4,096 (an 8B model's decode row): split over 4 blocks.
+    for (nr, nc) in [(5usize, 576usize), (2, 4096)] {
+        let eps = 1e-5f32;
+        let (xd, wd) = (
+            up(d, &rand_vec(rng, nr * nc, 2.0)),
+            up(d, &rand_vec(rng, nc, 1.0)),
+        );
+        let qb = q8a_bytes(nr, nc);
+        let (o1, o2) = (
+            d.alloc(nr * nc * 4, "o").expect("alloc"),
+            d.alloc(nr * nc * 4, "o").expect("alloc"),
+        );
+        let (q1, q2) = (
+            d.alloc(qb, "q").expect("alloc"),
+            d.alloc(qb, "q").expect("alloc"),
+        );
+        d.rmsnorm(s, &xd, &wd, &o1, nr, nc, eps).expect("rmsnorm");
+        d.quantize_q8a(s, &o1, &q1, nr, nc).expect("quantize");
+        d.rmsnorm_q8a(s, &xd, &wd, &o2, &q2, nr, nc, eps)
+            .expect("rmsnorm_q8a");
+        s.synchronize().expect("sync");
+        let same =
+            read(&o1, nr * nc * 4) == read(&o2, nr * nc * 4) && read(&q1, qb) == read(&q2, qb);
+        t.add(
+            &format!("rmsnorm_q8a_f32 = rmsnorm + quantize, {nr} x {nc}"),
+            "f32",
+            if same { 0.0 } else { 1.0 },
+            0.0,
+        );
+    }
 
     let n = 3 * 1536;
     let qb = q8a_bytes(1, n);

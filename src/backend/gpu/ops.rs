@@ -67,6 +67,10 @@ fn mmvq8_stageable(w: &dyn DeviceBuffer, m: QMatrix) -> bool {
 
 /// Rows of one tensor-core tile of the batched q8 products (RF_MMA_ROWS in mmvq_q8.cu).
 const MMA_ROWS: usize = 16;
+/// Steps of at most this many rows split each row of `rmsnorm_q8a` over several blocks (a
+/// decode step's one row was one SM's work: 5.6 us a launch on the H100).
+const NORM_SPLIT_MAX_ROWS: usize = 16;
+
 /// Most vectors one tensor-core q8 launch takes (RF_MMA_MAXN: the `_mm*` kernels).
 pub const MMA_MAXN: usize = 16;
 
@@ -995,8 +999,19 @@ pub trait GpuOps: KernelDevice {
         let k = self.kernel("norm.cu", "rmsnorm_q8a_f32")?;
         let threads = (ncols.div_ceil(self.warp_size() as usize) * self.warp_size() as usize)
             .clamp(self.warp_size() as usize, 1024);
+        // A few rows (decode) split each row's output over blocks (each sums the whole row):
+        // one 32-element register slice per block, at most 8; never in place (a block would
+        // write columns another still reads).
+        let (xs, os) = (x.device_ptr(), out.device_ptr());
+        let disjoint =
+            os >= xs + (nrows * ncols * 4) as u64 || xs >= os + (nrows * ncols * 4) as u64;
+        let split = if nrows <= NORM_SPLIT_MAX_ROWS && disjoint {
+            ncols.div_ceil(threads).clamp(1, 8)
+        } else {
+            1
+        };
         let shape = LaunchShape {
-            grid: (to_u32(OP, nrows)?, 1, 1),
+            grid: (to_u32(OP, nrows)?, split as u32, 1),
             block: (to_u32(OP, threads)?, 1, 1),
             shared_bytes: 0,
         };
