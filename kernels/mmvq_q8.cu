@@ -546,26 +546,83 @@ __device__ __forceinline__ void rf_mma_s8(int (&c)[4], int a0, int a1, int a2, i
 #endif
 }
 
+// The tiles' activations, two layouts behind one interface: `ints(g, kb, v, tt)` = ints tt and
+// 4 + tt of 32-element block kb of vector 8 g + v (an absent vector reads as zero), `meta(g, kb,
+// t)` = the (d, quant sum) pairs of vectors 8 g + 2 t and 8 g + 2 t + 1 (d, sum, d, sum).
+// RfActRows reads the q8a layout in place: each B fragment load touches 8 vectors' rows (8
+// cache lines) and each meta pair 2 more, per 16-row tile and block: the L1 traffic that bound
+// the batched tiles (ncu, H100: L1/TEX 78% busy, 44% of cycles waiting on it).
+struct RfActRows {
+    const int* __restrict__ xq;
+    const float2* __restrict__ xm;
+    int xstride, mstride, n;
+    __device__ __forceinline__ int2 ints(int g, int kb, int v, int tt) const {
+        const int vv = 8 * g + v;
+        if (vv >= n) return make_int2(0, 0);
+        const int* p = xq + (i64)vv * xstride + kb * 8;
+        return make_int2(p[tt], p[4 + tt]);
+    }
+    __device__ __forceinline__ float4 meta(int g, int kb, int t) const {
+        const int v = 8 * g + 2 * t;
+        const float2 a = v < n ? xm[(i64)v * mstride + kb] : make_float2(0.f, 0.f);
+        const float2 b = v + 1 < n ? xm[(i64)(v + 1) * mstride + kb] : make_float2(0.f, 0.f);
+        return make_float4(a.x, a.y, b.x, b.y);
+    }
+};
+// RfActPacked reads the layout q8a_pack_mma writes: per group g of 8 vectors and block kb, 32
+// int2 (lane 4 v + tt: ints tt and 4 + tt of vector v: a B fragment is one 8-byte load of 256
+// contiguous bytes) and 4 float4 (the meta pairs: one 16-byte load of 64 bytes); absent vectors
+// are zeros. Quants [groups][nkb][32] int2, then meta [groups][nkb][4] float4.
+struct RfActPacked {
+    const int2* __restrict__ xp;
+    const float4* __restrict__ xm;
+    int nkb;
+    __device__ __forceinline__ int2 ints(int g, int kb, int v, int tt) const {
+        return xp[((i64)g * nkb + kb) * 32 + 4 * v + tt];
+    }
+    __device__ __forceinline__ float4 meta(int g, int kb, int t) const {
+        return xm[((i64)g * nkb + kb) * 4 + t];
+    }
+};
+
+// q8a (n vectors of ncols, n <= RF_MMA_MAXN) -> RfActPacked's layout: one thread per int2 (and
+// lanes 0..3 of each 32 the float4s), ceil(n / 8) groups, absent vectors zero. Launched early
+// before the product it feeds: waits for the q8a's producer before reading.
+#define RF_PACK_THREADS 256
+extern "C" __global__ void q8a_pack_mma(const int* __restrict__ xq, const float2* __restrict__ xm,
+                                        int2* __restrict__ xp, float4* __restrict__ xpm, int n,
+                                        int ncols) {
+    rf_grid_launch_dependents();  // the product follows
+    rf_grid_wait();
+    const int nkb = ncols / 32;
+    const i64 i = (i64)blockIdx.x * RF_PACK_THREADS + threadIdx.x;
+    if (i >= (i64)((n + 7) / 8) * nkb * 32) return;
+    const int lane = (int)(i % 32);
+    const i64 gk = i / 32;
+    const int g = (int)(gk / nkb), kb = (int)(gk % nkb);
+    const RfActRows rows = {xq, xm, ncols / 4, nkb, n};
+    xp[i] = rows.ints(g, kb, lane / 4, lane % 4);
+    if (lane < 4) xpm[gk * 4 + lane] = rows.meta(g, kb, lane);
+}
+
 // The int32 tile of sub-block `sub` of blocks b0 (row gid) and b1 (row gid + 8) with vectors
-// v0 .. v0 + 7 (those below n) of the quants `xk` (block kb's first int of vector 0; vectors
-// `xstride` ints apart):
+// 8 g .. 8 g + 7 of block kb of the activations `x`:
 // cl = the low halves' products (k < 16) and ch the high ones' for SPLIT types; otherwise cl
 // the whole block's and ch zero. Layout as C above.
-template <typename T>
+template <typename T, typename A>
 __device__ __forceinline__ void rf_mma_tile(const typename T::block* b0, const typename T::block* b1,
-                                            int sub, int gid, int t, const int* xk, int xstride,
-                                            int n, int v0, int (&cl)[4], int (&ch)[4]) {
+                                            int sub, int gid, int t, const A& x, int g, int kb,
+                                            int (&cl)[4], int (&ch)[4]) {
 #if defined(RF_MMA_S8)
     int l0, h0, l1, h1;
     T::frag(b0, sub, t, l0, h0);
     T::frag(b1, sub, t, l1, h1);
-    const int* xv = xk + (i64)(v0 + gid) * xstride;
-    const int x0 = v0 + gid < n ? xv[t] : 0, x1 = v0 + gid < n ? xv[4 + t] : 0;
+    const int2 xv = x.ints(g, kb, gid, t);
     if (T::SPLIT) {
-        rf_mma_s8(cl, l0, l1, 0, 0, x0, x1);
-        rf_mma_s8(ch, 0, 0, h0, h1, x0, x1);
+        rf_mma_s8(cl, l0, l1, 0, 0, xv.x, xv.y);
+        rf_mma_s8(ch, 0, 0, h0, h1, xv.x, xv.y);
     } else {
-        rf_mma_s8(cl, l0, l1, h0, h1, x0, x1);
+        rf_mma_s8(cl, l0, l1, h0, h1, xv.x, xv.y);
         ch[0] = ch[1] = ch[2] = ch[3] = 0;
     }
 #else
@@ -578,14 +635,11 @@ __device__ __forceinline__ void rf_mma_tile(const typename T::block* b0, const t
         T::frag(b1, sub, tt, l1, h1);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int v = v0 + 2 * t + j;
-            if (v < n) {
-                const int xl = xk[(i64)v * xstride + tt], xh = xk[(i64)v * xstride + 4 + tt];
-                cl[j] = rf_dp4a(l0, xl, cl[j]);
-                ch[j] = rf_dp4a(h0, xh, ch[j]);
-                cl[2 + j] = rf_dp4a(l1, xl, cl[2 + j]);
-                ch[2 + j] = rf_dp4a(h1, xh, ch[2 + j]);
-            }
+            const int2 xv = x.ints(g, kb, 2 * t + j, tt);  // absent vectors: zeros, unused sums
+            cl[j] = rf_dp4a(l0, xv.x, cl[j]);
+            ch[j] = rf_dp4a(h0, xv.y, ch[j]);
+            cl[2 + j] = rf_dp4a(l1, xv.x, cl[2 + j]);
+            ch[2 + j] = rf_dp4a(h1, xv.y, ch[2 + j]);
         }
     }
     if (!T::SPLIT) {
@@ -596,22 +650,20 @@ __device__ __forceinline__ void rf_mma_tile(const typename T::block* b0, const t
 }
 
 // One 32-element block `kb` (sub-block `sub` of weight blocks ba / bb, global or shared memory)
-// of a 16-row tile against NT groups of 8 vectors, accumulated in f[g] (layout of C).
-template <typename T, int NT>
+// of a 16-row tile against NT groups of 8 vectors of `x`, accumulated in f[g] (layout of C).
+template <typename T, int NT, typename A>
 __device__ __forceinline__ void rf_mma_step(const typename T::block* ba, const typename T::block* bb,
-                                            int sub, int kb, int gid, int t,
-                                            const int* __restrict__ xq,
-                                            const float2* __restrict__ xm, int xstride,
-                                            int mstride, int n, float (&f)[NT][4]) {
+                                            int sub, int kb, int gid, int t, const A& x,
+                                            float (&f)[NT][4]) {
     const float2 ca = T::coef(ba, sub), cb = T::coef(bb, sub);
 #pragma unroll
     for (int g = 0; g < NT; ++g) {
         int cl[4], ch[4];
-        rf_mma_tile<T>(ba, bb, sub, gid, t, xq + kb * 8, xstride, n, 8 * g, cl, ch);
+        rf_mma_tile<T>(ba, bb, sub, gid, t, x, g, kb, cl, ch);
+        const float4 m = x.meta(g, kb, t);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int v = 8 * g + 2 * t + j;
-            const float2 a = v < n ? xm[(i64)v * mstride + kb] : make_float2(0.f, 0.f);
+            const float2 a = j ? make_float2(m.z, m.w) : make_float2(m.x, m.y);
             if (T::SPLIT) {
                 f[g][j] += a.x * (ca.x * (float)cl[j] + ca.y * (float)ch[j]);
                 f[g][2 + j] += a.x * (cb.x * (float)cl[2 + j] + cb.y * (float)ch[2 + j]);
@@ -667,10 +719,9 @@ __device__ __forceinline__ void rf_mma_finish(float (&f)[NT][4], const RfRow& ra
 // y[v][row] = W[row] . x[v] for v < n (n <= 8 NT: NT groups of 8 vectors share each decoded
 // A fragment) over up to three matrices (rows as rf_mmvq8); grid: ceil(16-row tiles /
 // (RF_MMVQ8_WARPS / KS)).
-template <typename T, int KS, int NT>
+template <typename T, int KS, int NT, typename A>
 __device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const void* __restrict__ w1,
-                                             const void* __restrict__ w2, const int* __restrict__ xq,
-                                             const float2* __restrict__ xm, float* y0, float* y1,
+                                             const void* __restrict__ w2, const A x, float* y0, float* y1,
                                              float* y2, int ncols, int r1, int r2, int ntotal, int n,
                                              int acc) {
     constexpr int TPB = RF_MMVQ8_WARPS / KS;  // tiles per block
@@ -691,7 +742,7 @@ __device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const 
 #pragma unroll 4
     for (int kb = kb0; kb < kb1; ++kb) {
         const int blk = kb / KPB;
-        rf_mma_step<T, NT>(ba + blk, bb + blk, kb % KPB, kb, gid, t, xq, xm, ncols / 4, ncols / 32, n, f);
+        rf_mma_step<T, NT>(ba + blk, bb + blk, kb % KPB, kb, gid, t, x, f);
     }
     rf_mma_finish<KS, NT>(f, ra, rb, n, acc);
 }
@@ -705,10 +756,9 @@ __device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const 
 // more than their chunk in shared memory, so the 8 rows a fragment load touches fall in
 // different banks. Precondition (the launcher's, as for rf_mmvq8s): every row starts 16-byte
 // aligned. Grid: one block per tile.
-template <typename T, int NT>
+template <typename T, int NT, typename A>
 __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, const void* __restrict__ w1,
-                                               const void* __restrict__ w2, const int* __restrict__ xq,
-                                               const float2* __restrict__ xm, float* y0, float* y1,
+                                               const void* __restrict__ w2, const A x, float* y0, float* y1,
                                                float* y2, int ncols, int r1, int r2, int ntotal,
                                                int n, int acc) {
     typedef RfStage<T> S;
@@ -763,8 +813,7 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
         const B* sb = (const B*)(stage + (8 + gid) * RS);
         const int kb0 = c * S::CB * KPB;
         for (int i = warp; i < cb * KPB; i += RF_MMVQ8_WARPS) {
-            rf_mma_step<T, NT>(sa + i / KPB, sb + i / KPB, i % KPB, kb0 + i, gid, t, xq, xm, ncols / 4,
-                               ncols / 32, n, f);
+            rf_mma_step<T, NT>(sa + i / KPB, sb + i / KPB, i % KPB, kb0 + i, gid, t, x, f);
         }
         __syncthreads();  // the stage is rewritten by the next chunk
     }
@@ -778,7 +827,8 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
 // `name_s1/_s2/_s4` and `name_sn` for 16-byte aligned rows; `name_m2/_m4/_m8` the tensor-core
 // tiles (up to RF_MMVQ8_MAXN vectors; 2, 4 or 8 warps per 16-row tile) and `name_mm2/4/8`
 // (up to RF_MMA_MAXN: two groups of 8 vectors per decoded tile); `name_ms` / `name_mms` those
-// tiles with the weights staged through shared memory (16-byte aligned rows).
+// tiles with the weights staged through shared memory (16-byte aligned rows); each tensor-core
+// form with a `p` suffix reads the packed activations (RfActPacked) instead of the q8a layout.
 #define RF_MMVQ8_ARGS                                                                           \
     const void* __restrict__ w0, const void* __restrict__ w1, const void* __restrict__ w2,      \
         const int* __restrict__ xq, const float2* __restrict__ xm, float* y0, float* y1,        \
@@ -791,13 +841,19 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
     extern "C" __global__ void name(RF_MMVQ8_ARGS, int acc) {                                   \
         rf_mmvq8s<T, 1, WPR>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, 1, acc);    \
     }
-#define RF_MMVQ8M(name, T, KS, NT)                                                              \
+// The tensor-core forms over the q8a layout (RfActRows) and, `p` suffix, over the packed one
+// (RfActPacked: `xq` / `xm` point at q8a_pack_mma's quants and float4 pairs).
+#define RF_MMA_ROWS_ACT const RfActRows x = {xq, xm, ncols / 4, ncols / 32, n}
+#define RF_MMA_PACKED_ACT const RfActPacked x = {(const int2*)xq, (const float4*)xm, ncols / 32}
+#define RF_MMVQ8M(name, T, KS, NT, ACT)                                                         \
     extern "C" __global__ void name(RF_MMVQ8_ARGS, int n, int acc) {                            \
-        rf_mmvq8_mma<T, KS, NT>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, acc); \
+        ACT;                                                                                    \
+        rf_mmvq8_mma<T, KS, NT>(w0, w1, w2, x, y0, y1, y2, ncols, r1, r2, ntotal, n, acc);      \
     }
-#define RF_MMVQ8MS(name, T, NT)                                                                 \
+#define RF_MMVQ8MS(name, T, NT, ACT)                                                            \
     extern "C" __global__ void name(RF_MMVQ8_ARGS, int n, int acc) {                            \
-        rf_mmvq8_mma_s<T, NT>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, acc);   \
+        ACT;                                                                                    \
+        rf_mmvq8_mma_s<T, NT>(w0, w1, w2, x, y0, y1, y2, ncols, r1, r2, ntotal, n, acc);        \
     }
 #define RF_MMVQ8(name, T)                                                                       \
     RF_MMVQ8_1(name##_w1, T, 1)                                                                 \
@@ -815,14 +871,22 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
         rf_mmvq8s<T, RF_MMVQ8_MAXN, 1>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, \
                                        acc);                                                    \
     }                                                                                           \
-    RF_MMVQ8M(name##_m2, T, 2, 1)                                                               \
-    RF_MMVQ8M(name##_m4, T, 4, 1)                                                               \
-    RF_MMVQ8M(name##_m8, T, 8, 1)                                                               \
-    RF_MMVQ8M(name##_mm2, T, 2, 2)                                                              \
-    RF_MMVQ8M(name##_mm4, T, 4, 2)                                                              \
-    RF_MMVQ8M(name##_mm8, T, 8, 2)                                                              \
-    RF_MMVQ8MS(name##_ms, T, 1)                                                                 \
-    RF_MMVQ8MS(name##_mms, T, 2)
+    RF_MMVQ8M(name##_m2, T, 2, 1, RF_MMA_ROWS_ACT)                                              \
+    RF_MMVQ8M(name##_m4, T, 4, 1, RF_MMA_ROWS_ACT)                                              \
+    RF_MMVQ8M(name##_m8, T, 8, 1, RF_MMA_ROWS_ACT)                                              \
+    RF_MMVQ8M(name##_mm2, T, 2, 2, RF_MMA_ROWS_ACT)                                             \
+    RF_MMVQ8M(name##_mm4, T, 4, 2, RF_MMA_ROWS_ACT)                                             \
+    RF_MMVQ8M(name##_mm8, T, 8, 2, RF_MMA_ROWS_ACT)                                             \
+    RF_MMVQ8M(name##_m2p, T, 2, 1, RF_MMA_PACKED_ACT)                                           \
+    RF_MMVQ8M(name##_m4p, T, 4, 1, RF_MMA_PACKED_ACT)                                           \
+    RF_MMVQ8M(name##_m8p, T, 8, 1, RF_MMA_PACKED_ACT)                                           \
+    RF_MMVQ8M(name##_mm2p, T, 2, 2, RF_MMA_PACKED_ACT)                                          \
+    RF_MMVQ8M(name##_mm4p, T, 4, 2, RF_MMA_PACKED_ACT)                                          \
+    RF_MMVQ8M(name##_mm8p, T, 8, 2, RF_MMA_PACKED_ACT)                                          \
+    RF_MMVQ8MS(name##_ms, T, 1, RF_MMA_ROWS_ACT)                                                \
+    RF_MMVQ8MS(name##_mms, T, 2, RF_MMA_ROWS_ACT)                                               \
+    RF_MMVQ8MS(name##_msp, T, 1, RF_MMA_PACKED_ACT)                                             \
+    RF_MMVQ8MS(name##_mmsp, T, 2, RF_MMA_PACKED_ACT)
 
 RF_MMVQ8(mmvq_q4_0_q8a, Q8Q4_0)
 RF_MMVQ8(mmvq_q4_1_q8a, Q8Q4_1)

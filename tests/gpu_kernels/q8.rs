@@ -2,7 +2,9 @@
 //! (a child module of gpu_kernels.rs: the shared helpers and table come from there).
 
 use super::*;
-use rocmforge::backend::gpu::ops::{mmvq8_mma_ks, mmvq8_wpr, MmaTiles, MMA_MAXN, MMVQN_MAX};
+use rocmforge::backend::gpu::ops::{
+    mma_pack_bytes, mmvq8_mma_ks, mmvq8_wpr, MmaTiles, MMA_MAXN, MMVQN_MAX,
+};
 
 /// `x` quantized as `quantize_q8a_f32` does (32-element blocks, d = amax / 127 in f32,
 /// q = round(x / d) via the f32 reciprocal): the quants, (d, quant sum) per block, and `d * q`.
@@ -464,7 +466,7 @@ pub(super) fn check_fused_q8a<D: KernelDevice>(
 }
 
 /// The tensor-core batch products (`_m2/_m4/_m8`, `_mm*` past 8 vectors, and the staged
-/// `_ms`/`_mms`): every q8 weight type, 37 rows (three 16-row tiles, the last one short) of
+/// `_ms`/`_mms`; each also on packed activations, `p`, bit for bit): every q8 weight type, 37 rows (three 16-row tiles, the last one short) of
 /// 4,864 columns (Q6_K 6,144, so its rows are 16-byte multiples: two chunks of 2,048 weights
 /// and a short one), 1, 3, 8, 13 and 16 vectors, each form against the product with the
 /// quantized activations. On a device without int8 MMA the same kernels compute with dp4a, and
@@ -505,6 +507,13 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
                 )
                 .expect("oracle");
             }
+            // The same q8a with room past it: the launcher packs it (q8a_pack_mma) and runs
+            // the `p` forms, which must give the very bits of the in-place forms.
+            let xqp = d
+                .alloc(q8a_bytes(nv, cols) + mma_pack_bytes(cols) + 16, "xq packed")
+                .expect("alloc");
+            d.quantize_q8a(s, &xd, &xqp, nv, cols)
+                .expect("quantize_q8a");
             for tiles in [
                 MmaTiles::Direct(2),
                 MmaTiles::Direct(4),
@@ -512,18 +521,35 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
                 MmaTiles::Staged,
             ] {
                 let y = d.alloc(nv * rows * 4, "y").expect("alloc");
+                let yp = d.alloc(nv * rows * 4, "y packed").expect("alloc");
                 d.mmvq_q8_mma(s, &wd, m, &xq, &y, nv, tiles)
                     .expect("mmvq_q8_mma");
+                d.mmvq_q8_mma(s, &wd, m, &xqp, &yp, nv, tiles)
+                    .expect("mmvq_q8_mma packed");
                 s.synchronize().expect("sync");
                 let form = match tiles {
                     MmaTiles::Direct(ks) => format!("m{ks}"),
                     MmaTiles::Staged => "ms".into(),
                 };
+                let (y, yp) = (
+                    y.to_vec::<f32>(nv * rows).expect("read"),
+                    yp.to_vec::<f32>(nv * rows).expect("read"),
+                );
                 t.add(
                     &format!("mmvq_{name}_q8a_{form} x{nv} [{rows}x{cols}] {how} (vs quantized x)"),
                     qt.name(),
-                    rel_err(&y.to_vec::<f32>(nv * rows).expect("read"), &yq),
+                    rel_err(&y, &yq),
                     1e-5,
+                );
+                let same = y
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .eq(yp.iter().map(|v| v.to_bits()));
+                t.add(
+                    &format!("mmvq_{name}_q8a_{form}p x{nv} {how} packed = in place (bits)"),
+                    qt.name(),
+                    if same { 0.0 } else { 1.0 },
+                    0.0,
                 );
             }
         }
@@ -532,7 +558,9 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
 
 /// Informational only (printed, never asserted): the one-vector q8 product alone (activations
 /// quantized once) over the 8B shapes' matrices with 1, 2, 4 and 8 warps per row on the GGUF
-/// layout (`w`) and 1, 2, 4 staged (`s`), and the launcher's choice (`mmvq8_wpr`). Each launch
+/// layout (`w`) and 1, 2, 4 staged (`s`), and the launcher's choice (`mmvq8_wpr`); batches on
+/// the tensor-core tiles in place (`m`, `ms`) and packed (`mp`, `msp`: the pack launch
+/// included). Each launch
 /// reads the next of enough copies of the matrix (>= 160 MB together) that its weights come
 /// from HBM, not from the 50 MB L2 the previous launch left them in, as in a decode step.
 pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8Rng) {
@@ -567,10 +595,21 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 d.alloc(q8a_bytes(MMA_MAXN, cols), "bench xq")
                     .expect("alloc"),
             );
+            // The same with room past them: the tensor-core forms pack them (`msp`, `mp`).
+            let pack = mma_pack_bytes(cols) + 16;
+            let (xqnp, xq16p) = (
+                d.alloc(q8a_bytes(nv, cols) + pack, "bench xq")
+                    .expect("alloc"),
+                d.alloc(q8a_bytes(MMA_MAXN, cols) + pack, "bench xq")
+                    .expect("alloc"),
+            );
             let yd = d.alloc(MMA_MAXN * rows * 4, "y").expect("alloc");
             d.quantize_q8a(s, &xd, &xq1, 1, cols).expect("quantize");
             d.quantize_q8a(s, &xd, &xqn, nv, cols).expect("quantize");
+            d.quantize_q8a(s, &xd, &xqnp, nv, cols).expect("quantize");
             d.quantize_q8a(s, &xd16, &xq16, MMA_MAXN, cols)
+                .expect("quantize");
+            d.quantize_q8a(s, &xd16, &xq16p, MMA_MAXN, cols)
                 .expect("quantize");
             let m = QMatrix {
                 qtype: qt,
@@ -607,18 +646,24 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 ("ms", 8, 1),
                 ("ms", 8, nv),
                 ("ms", 8, MMA_MAXN),
+                ("mp", 8, nv),
+                ("mp", 8, MMA_MAXN),
+                ("msp", 8, nv),
+                ("msp", 8, MMA_MAXN),
             ] {
                 let staged = form.starts_with('s');
                 let mut next = 0usize;
                 let wm = median_ms(d, s, || {
                     next += 1;
-                    let xq = match n {
-                        1 => &xq1,
-                        MMA_MAXN => &xq16,
-                        _ => &xqn,
+                    let xq = match (n, form.ends_with('p')) {
+                        (1, _) => &xq1,
+                        (MMA_MAXN, false) => &xq16,
+                        (MMA_MAXN, true) => &xq16p,
+                        (_, false) => &xqn,
+                        (_, true) => &xqnp,
                     };
                     if form.starts_with('m') {
-                        let tiles = if form == "ms" {
+                        let tiles = if form.starts_with("ms") {
                             MmaTiles::Staged
                         } else {
                             MmaTiles::Direct(wpr)
@@ -631,9 +676,9 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                     }
                 });
                 let label = match (form, n) {
-                    ("ms", _) => format!("msx{n}"),
+                    ("ms" | "msp", _) => format!("{form}x{n}"),
                     (_, 1) => format!("{form}{wpr}"),
-                    ("m", _) => format!("m{wpr}x{n}"),
+                    ("m" | "mp", _) => format!("{form}{wpr}x{n}"),
                     _ => format!("{form}x{n}"),
                 };
                 line += &format!(

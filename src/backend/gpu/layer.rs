@@ -59,7 +59,8 @@ pub struct Scratch<B> {
     /// f16 activations and one f16 weight tile for the GEMM path.
     pub x16: B,
     pub w16: B,
-    /// The step's input of a matrix-vector product quantized to 8 bits (`q8a_bytes`).
+    /// The step's input of a matrix-vector product quantized to 8 bits (`q8a_bytes`), and at
+    /// its end the room a tensor-core batch packs it into (`ops::mma_pack_bytes`).
     pub xq: B,
     /// The split decode attention's partial sums (`attn_part_bytes`).
     pub attn_part: B,

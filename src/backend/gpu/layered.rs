@@ -111,7 +111,10 @@ fn scratch_bytes(
         (b * max_cols * 2, "f16 activations"),
         (TILE_ROWS_BYTES, "f16 weight tile"),
         (
-            crate::backend::kernels::q8a_bytes(b.max(seqs), max_cols.div_ceil(32) * 32),
+            // The step's q8a, then room for a tensor-core batch's packed copy (ops::mma_pack_at).
+            crate::backend::kernels::q8a_bytes(b.max(seqs), max_cols.div_ceil(32) * 32)
+                + super::ops::mma_pack_bytes(max_cols.div_ceil(32) * 32)
+                + 16,
             "8-bit activations",
         ),
         (

@@ -113,13 +113,39 @@ fn mmvq8_mma_shape_of(warp: u32, nrows: usize, tiles: MmaTiles) -> BackendResult
 }
 
 /// The entry point of `base` (`mmvq_q4_0_q8a`) for `n` vectors in `tiles`: `_m{ks}` / `_ms`
-/// up to [`MMVQN_MAX`], `_mm{ks}` / `_mms` above.
-fn mma_kernel_name(base: &str, tiles: MmaTiles, n: usize) -> String {
+/// up to [`MMVQN_MAX`], `_mm{ks}` / `_mms` above; `packed`: the forms reading
+/// `q8a_pack_mma`'s layout (suffix `p`).
+fn mma_kernel_name(base: &str, tiles: MmaTiles, n: usize, packed: bool) -> String {
     let two = if n > MMVQN_MAX { "m" } else { "" };
+    let p = if packed { "p" } else { "" };
     match tiles {
-        MmaTiles::Direct(ks) => format!("{base}_m{two}{ks}"),
-        MmaTiles::Staged => format!("{base}_m{two}s"),
+        MmaTiles::Direct(ks) => format!("{base}_m{two}{ks}{p}"),
+        MmaTiles::Staged => format!("{base}_m{two}s{p}"),
     }
+}
+
+/// Bytes of the packed tensor-core activations (`q8a_pack_mma` in mmvq_q8.cu) of up to
+/// [`MMA_MAXN`] vectors of `ncols`: as many as their q8a.
+pub fn mma_pack_bytes(ncols: usize) -> usize {
+    q8a_bytes(MMA_MAXN, ncols)
+}
+
+/// Where a tensor-core batch of `n` vectors of `ncols` packs its activations: the last
+/// [`mma_pack_bytes`] of `xq` (16-byte aligned) when they lie past the vectors' q8a (the layer
+/// scratch reserves them); `None`: the tiles read the q8a where it is.
+fn mma_pack_at(xq: &dyn DeviceBuffer, n: usize, ncols: usize) -> Option<u64> {
+    let base = xq.device_ptr();
+    let end = base + xq.len_bytes() as u64;
+    let at = end.checked_sub(mma_pack_bytes(ncols) as u64)? & !15;
+    (at >= base + q8a_bytes(n, ncols) as u64).then_some(at)
+}
+
+/// `ROCMFORGE_GPU_MMA_PACK=0` keeps the batched tensor-core products on the q8a layout (for A/B
+/// runs of the packed activations).
+fn mma_pack_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED
+        .get_or_init(|| std::env::var("ROCMFORGE_GPU_MMA_PACK").map_or(true, |v| v.trim() != "0"))
 }
 
 /// Launch shape of the tensor-core q8 products with `ks` warps per 16-row tile.
@@ -675,23 +701,39 @@ pub trait GpuOps: KernelDevice {
         } else {
             (MMVQN_MAX, mmvq8_shape(self.warp_size(), total, 1)?)
         };
+        // Packed: each launch's vectors first go to the tensor-core layout at the end of xq.
+        let pack = if mma && mma_pack_allowed() {
+            mma_pack_at(xq, n, m0.ncols)
+        } else {
+            None
+        };
         let mut j = 0;
         while j < n {
             let c = (n - j).min(chunk);
             let name = if mma {
-                mma_kernel_name(&base, tiles, c)
+                mma_kernel_name(&base, tiles, c, pack.is_some())
             } else {
                 format!("{base}_{}", if staged { "sn" } else { "n" })
             };
             let k = self.kernel("mmvq_q8.cu", &name)?;
+            let (mut xs, mut ms) = (
+                xq.device_ptr() + (j * m0.ncols) as u64,
+                meta + (j * (m0.ncols / 32) * 8) as u64,
+            );
+            if let Some(at) = pack {
+                // SAFETY: vectors j .. j + c of xq's q8a (checked above); `at` is past them,
+                // inside xq, 16-byte aligned with mma_pack_bytes left (mma_pack_at); the
+                // stream runs this launch's product before the next pack rewrites it.
+                (xs, ms) = unsafe { self.q8a_pack_mma_at(s, (xs, ms), at, c, m0.ncols) }?;
+            }
             let args = Mmvq8Args {
                 w: ws,
                 y: [0, 1, 2].map(|i| {
                     let (_, m, y) = at(i);
                     y.device_ptr() + (j * m.nrows * 4) as u64
                 }),
-                xq: xq.device_ptr() + (j * m0.ncols) as u64,
-                meta: meta + (j * (m0.ncols / 32) * 8) as u64,
+                xq: xs,
+                meta: ms,
                 ncols,
                 ends,
                 n: Some(c as i32),
@@ -701,8 +743,8 @@ pub trait GpuOps: KernelDevice {
             // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
             // SAFETY: xq holds n quantized vectors and each y n * its rows f32 (checked
             // above), so vectors j .. j + c (c <= RF_MMVQ8_MAXN, or RF_MMA_MAXN for `_mm*`) are
-            // inside them; the argument list matches the `_n` and `_m*` entries of RF_MMVQ8 in
-            // mmvq_q8.cu.
+            // inside them (or their packed copy, inside xq past them: mma_pack_at); the
+            // argument list matches the `_n` and `_m*` entries of RF_MMVQ8 in mmvq_q8.cu.
             unsafe { k.launch_early(s, shape, &args) }?;
             j += c;
         }
@@ -773,6 +815,48 @@ pub trait GpuOps: KernelDevice {
         unsafe { k.launch_early(s, shape, &args) }
     }
 
+    /// Packs `n` (1 to [`MMA_MAXN`]) q8a vectors of `ncols` (quants at device address `xq`,
+    /// their (d, sum) pairs at `meta`) into the tensor-core layout at `at` (`q8a_pack_mma` in
+    /// mmvq_q8.cu: [`mma_pack_bytes`] at most); returns the packed quants' and pairs' addresses,
+    /// the `xq` / `meta` arguments of the `p` forms.
+    ///
+    /// # Safety
+    /// `xq` and `meta` hold the n vectors' q8a, `at` is 16-byte aligned with
+    /// [`mma_pack_bytes`]`(ncols)` bytes of device memory that nothing else uses until the
+    /// product that reads them has run, and ncols is a multiple of 32.
+    unsafe fn q8a_pack_mma_at(
+        &self,
+        s: &Self::Stream,
+        (xq, meta): (u64, u64),
+        at: u64,
+        n: usize,
+        ncols: usize,
+    ) -> BackendResult<(u64, u64)> {
+        const OP: &str = "q8a_pack_mma";
+        let groups = n.div_ceil(8);
+        let slots = groups * (ncols / 32) * 32;
+        let k = self.kernel("mmvq_q8.cu", "q8a_pack_mma")?;
+        let shape = LaunchShape {
+            grid: (to_u32(OP, slots.div_ceil(256))?, 1, 1),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        };
+        let packed_meta = at + (groups * 8 * ncols) as u64;
+        let args = [
+            Arg::Ptr(xq),
+            Arg::Ptr(meta),
+            Arg::Ptr(at),
+            Arg::Ptr(packed_meta),
+            Arg::I32(to_i32(OP, "n", n)?),
+            Arg::I32(to_i32(OP, "ncols", ncols)?),
+        ];
+        // Early: the kernel waits (rf_grid_wait) before reading the q8a or writing.
+        // SAFETY: the caller's contract: the q8a of n vectors is readable and `at` holds the
+        // ceil(n / 8) groups' 10 * ncols bytes each (RF_PACK_THREADS = 256 threads a block).
+        unsafe { k.launch_early(s, shape, &args) }?;
+        Ok((at, packed_meta))
+    }
+
     /// [`GpuOps::mmvq_q8`] of `n` vectors (1 to [`MMA_MAXN`], one launch) on the tensor-core
     /// kernel `tiles` (direct with 2, 4 or 8 warps per 16-row tile, or staged: rows 16-byte
     /// aligned), whatever the launcher would pick (on a device without int8 MMA the kernel
@@ -808,10 +892,17 @@ pub trait GpuOps: KernelDevice {
         need(OP, "xq", xq, q8a_bytes(n, m.ncols))?;
         need(OP, "y", y, n * m.nrows * 4)?;
         let base = format!("mmvq_{}_q8a", qtype_suffix(m.qtype).unwrap_or_default());
-        let name = mma_kernel_name(&base, tiles, n);
+        let pack = mma_pack_at(xq, n, m.ncols);
+        let name = mma_kernel_name(&base, tiles, n, pack.is_some());
         let k = self.kernel("mmvq_q8.cu", &name)?;
         let shape = mmvq8_mma_shape_of(self.warp_size(), m.nrows, tiles)?;
-        let args = Mmvq8Args::single(OP, w, m, xq, y, n, true)?.to_args();
+        let mut a = Mmvq8Args::single(OP, w, m, xq, y, n, true)?;
+        if let Some(at) = pack {
+            // SAFETY: xq holds the n vectors' q8a (checked above) and, past them, the packed
+            // layout's bytes at `at` (mma_pack_at).
+            (a.xq, a.meta) = unsafe { self.q8a_pack_mma_at(s, (a.xq, a.meta), at, n, m.ncols) }?;
+        }
+        let args = a.to_args();
         // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
         // SAFETY: as the launches of `mmvq_q8` (same checks; the `_m*` entries take the `_n`
         // argument list).
