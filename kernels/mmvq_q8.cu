@@ -529,7 +529,8 @@ __device__ __forceinline__ void rf_mmvq8s(const void* __restrict__ w0, const voi
 // tile with dp4a from the same fragments (lanes 32.. of a 64-wide wavefront idle); the launcher
 // takes these kernels only where the device has the instruction.
 #define RF_MMA_ROWS 16
-#define RF_MMA_MAXN 16
+#define RF_MMA_MAXN 16         // vectors of the in-place forms (two groups of 8)
+#define RF_MMA_PACKED_MAXN 32  // of the packed ones (`_mq*p`: four groups)
 #if defined(RF_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define RF_MMA_S8 1
 #endif
@@ -585,7 +586,7 @@ struct RfActPacked {
     }
 };
 
-// q8a (n vectors of ncols, n <= RF_MMA_MAXN) -> RfActPacked's layout: one thread per int2 (and
+// q8a (n vectors of ncols, n <= RF_MMA_PACKED_MAXN) -> RfActPacked's layout: one thread per int2 (and
 // lanes 0..3 of each 32 the float4s), ceil(n / 8) groups, absent vectors zero. Launched early
 // before the product it feeds: waits for the q8a's producer before reading.
 #define RF_PACK_THREADS 256
@@ -675,26 +676,30 @@ __device__ __forceinline__ void rf_mma_step(const typename T::block* ba, const t
     }
 }
 
-// The tile's KS warps (consecutive in the block) add their partial sums in shared memory and
-// the first writes y[v][row] (or adds to it: `acc`) for rows ra / rb.
+// Shared floats rf_mma_finish needs for NT groups.
+#define RF_MMA_PART(NT) (RF_MMVQ8_WARPS * 32 * (NT) * 4)
+
+// The tile's KS warps (consecutive in the block) add their partial sums in shared memory
+// (`part`: RF_MMA_PART(NT) floats, free for it) and the first writes y[v][row] (or adds to it:
+// `acc`) for rows ra / rb.
 template <int KS, int NT>
 __device__ __forceinline__ void rf_mma_finish(float (&f)[NT][4], const RfRow& ra, const RfRow& rb,
-                                              int n, int acc) {
+                                              int n, int acc, float* part) {
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
     const bool on = lane < 32;  // a 64-wide wavefront's upper half idles
     const int t = lane & 3;
     if (KS > 1) {
-        __shared__ float part[RF_MMVQ8_WARPS][32][NT * 4];
         if (on) {
 #pragma unroll
-            for (int i = 0; i < NT * 4; ++i) part[warp][lane][i] = f[i / 4][i % 4];
+            for (int i = 0; i < NT * 4; ++i) part[(warp * 32 + lane) * NT * 4 + i] = f[i / 4][i % 4];
         }
         __syncthreads();
         if (warp % KS != 0) return;
 #pragma unroll
         for (int k = 1; k < KS; ++k) {
 #pragma unroll
-            for (int i = 0; i < NT * 4; ++i) f[i / 4][i % 4] += part[warp + k][lane & 31][i];
+            for (int i = 0; i < NT * 4; ++i)
+                f[i / 4][i % 4] += part[((warp + k) * 32 + (lane & 31)) * NT * 4 + i];
         }
     }
     if (!on) return;
@@ -744,7 +749,8 @@ __device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const 
         const int blk = kb / KPB;
         rf_mma_step<T, NT>(ba + blk, bb + blk, kb % KPB, kb, gid, t, x, f);
     }
-    rf_mma_finish<KS, NT>(f, ra, rb, n, acc);
+    __shared__ float part[KS > 1 ? RF_MMA_PART(NT) : 1];
+    rf_mma_finish<KS, NT>(f, ra, rb, n, acc, part);
 }
 
 // The same tiles with the weights staged: the block's 8 warps take one 16-row tile and copy
@@ -818,7 +824,9 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
         __syncthreads();  // the stage is rewritten by the next chunk
     }
 #undef RF_MMA_STAGE_LOAD
-    rf_mma_finish<RF_MMVQ8_WARPS, NT>(f, ra, rb, n, acc);
+    // The stage is free now (the loop's last barrier): the partial sums meet in it.
+    static_assert(sizeof(stage) >= RF_MMA_PART(NT) * sizeof(float), "the stage holds the partial sums");
+    rf_mma_finish<RF_MMVQ8_WARPS, NT>(f, ra, rb, n, acc, (float*)stage);
 }
 
 // Entry points: `name_w1/_w2/_w4/_w8` (one vector, 1, 2, 4 or 8 warps per row: few rows want
@@ -828,7 +836,9 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
 // tiles (up to RF_MMVQ8_MAXN vectors; 2, 4 or 8 warps per 16-row tile) and `name_mm2/4/8`
 // (up to RF_MMA_MAXN: two groups of 8 vectors per decoded tile); `name_ms` / `name_mms` those
 // tiles with the weights staged through shared memory (16-byte aligned rows); each tensor-core
-// form with a `p` suffix reads the packed activations (RfActPacked) instead of the q8a layout.
+// form with a `p` suffix reads the packed activations (RfActPacked) instead of the q8a layout,
+// and `name_mq2p/4p/8p`, `name_mqsp` (packed only) take four groups of 8 (up to
+// RF_MMA_PACKED_MAXN vectors: a 32-sequence decode step reads the weights once).
 #define RF_MMVQ8_ARGS                                                                           \
     const void* __restrict__ w0, const void* __restrict__ w1, const void* __restrict__ w2,      \
         const int* __restrict__ xq, const float2* __restrict__ xm, float* y0, float* y1,        \
@@ -886,7 +896,11 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
     RF_MMVQ8MS(name##_ms, T, 1, RF_MMA_ROWS_ACT)                                                \
     RF_MMVQ8MS(name##_mms, T, 2, RF_MMA_ROWS_ACT)                                               \
     RF_MMVQ8MS(name##_msp, T, 1, RF_MMA_PACKED_ACT)                                             \
-    RF_MMVQ8MS(name##_mmsp, T, 2, RF_MMA_PACKED_ACT)
+    RF_MMVQ8MS(name##_mmsp, T, 2, RF_MMA_PACKED_ACT)                                            \
+    RF_MMVQ8M(name##_mq2p, T, 2, 4, RF_MMA_PACKED_ACT)                                          \
+    RF_MMVQ8M(name##_mq4p, T, 4, 4, RF_MMA_PACKED_ACT)                                          \
+    RF_MMVQ8M(name##_mq8p, T, 8, 4, RF_MMA_PACKED_ACT)                                          \
+    RF_MMVQ8MS(name##_mqsp, T, 4, RF_MMA_PACKED_ACT)
 
 RF_MMVQ8(mmvq_q4_0_q8a, Q8Q4_0)
 RF_MMVQ8(mmvq_q4_1_q8a, Q8Q4_1)

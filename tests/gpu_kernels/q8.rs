@@ -3,7 +3,7 @@
 
 use super::*;
 use rocmforge::backend::gpu::ops::{
-    mma_pack_bytes, mmvq8_mma_ks, mmvq8_wpr, MmaTiles, MMA_MAXN, MMVQN_MAX,
+    mma_pack_bytes, mmvq8_mma_ks, mmvq8_wpr, MmaTiles, MMA_MAXN, MMA_PACKED_MAXN, MMVQN_MAX,
 };
 
 /// `x` quantized as `quantize_q8a_f32` does (32-element blocks, d = amax / 127 in f32,
@@ -466,9 +466,10 @@ pub(super) fn check_fused_q8a<D: KernelDevice>(
 }
 
 /// The tensor-core batch products (`_m2/_m4/_m8`, `_mm*` past 8 vectors, and the staged
-/// `_ms`/`_mms`; each also on packed activations, `p`, bit for bit): every q8 weight type, 37 rows (three 16-row tiles, the last one short) of
+/// `_ms`/`_mms`; each also on packed activations, `p`, bit for bit, and the packed-only `_mq*p`
+/// past 16 vectors): every q8 weight type, 37 rows (three 16-row tiles, the last one short) of
 /// 4,864 columns (Q6_K 6,144, so its rows are 16-byte multiples: two chunks of 2,048 weights
-/// and a short one), 1, 3, 8, 13 and 16 vectors, each form against the product with the
+/// and a short one), 1, 3, 8, 13, 16, 27 and 32 vectors, each form against the product with the
 /// quantized activations. On a device without int8 MMA the same kernels compute with dp4a, and
 /// the rows say so.
 pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
@@ -489,10 +490,12 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
             nrows: rows,
             ncols: cols,
         };
-        for nv in [1usize, 3, MMVQN_MAX, 13, MMA_MAXN] {
+        for nv in [1usize, 3, MMVQN_MAX, 13, MMA_MAXN, 27, MMA_PACKED_MAXN] {
             let x = rand_vec(rng, nv * cols, 1.0);
             let (_, _, deq) = quantize_q8a_ref(&x);
             let xd = up(d, &x);
+            // Past MMA_MAXN vectors only the packed forms exist.
+            let in_place = nv <= MMA_MAXN;
             let xq = d.alloc(q8a_bytes(nv, cols), "xq").expect("alloc");
             d.quantize_q8a(s, &xd, &xq, nv, cols).expect("quantize_q8a");
             let mut yq = vec![0f32; nv * rows];
@@ -522,8 +525,10 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
             ] {
                 let y = d.alloc(nv * rows * 4, "y").expect("alloc");
                 let yp = d.alloc(nv * rows * 4, "y packed").expect("alloc");
-                d.mmvq_q8_mma(s, &wd, m, &xq, &y, nv, tiles)
-                    .expect("mmvq_q8_mma");
+                if in_place {
+                    d.mmvq_q8_mma(s, &wd, m, &xq, &y, nv, tiles)
+                        .expect("mmvq_q8_mma");
+                }
                 d.mmvq_q8_mma(s, &wd, m, &xqp, &yp, nv, tiles)
                     .expect("mmvq_q8_mma packed");
                 s.synchronize().expect("sync");
@@ -531,10 +536,19 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
                     MmaTiles::Direct(ks) => format!("m{ks}"),
                     MmaTiles::Staged => "ms".into(),
                 };
-                let (y, yp) = (
-                    y.to_vec::<f32>(nv * rows).expect("read"),
-                    yp.to_vec::<f32>(nv * rows).expect("read"),
+                let yp = yp.to_vec::<f32>(nv * rows).expect("read");
+                t.add(
+                    &format!(
+                        "mmvq_{name}_q8a_{form}p x{nv} [{rows}x{cols}] {how} (vs quantized x)"
+                    ),
+                    qt.name(),
+                    rel_err(&yp, &yq),
+                    1e-5,
                 );
+                if !in_place {
+                    continue;
+                }
+                let y = y.to_vec::<f32>(nv * rows).expect("read");
                 t.add(
                     &format!("mmvq_{name}_q8a_{form} x{nv} [{rows}x{cols}] {how} (vs quantized x)"),
                     qt.name(),
@@ -595,15 +609,21 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 d.alloc(q8a_bytes(MMA_MAXN, cols), "bench xq")
                     .expect("alloc"),
             );
-            // The same with room past them: the tensor-core forms pack them (`msp`, `mp`).
+            // The same with room past them: the tensor-core forms pack them (`msp`, `mp`);
+            // and 32 vectors (packed only).
             let pack = mma_pack_bytes(cols) + 16;
-            let (xqnp, xq16p) = (
+            let xd32 = up(d, &rand_vec(rng, MMA_PACKED_MAXN * cols, 1.0));
+            let (xqnp, xq16p, xq32p) = (
                 d.alloc(q8a_bytes(nv, cols) + pack, "bench xq")
                     .expect("alloc"),
                 d.alloc(q8a_bytes(MMA_MAXN, cols) + pack, "bench xq")
                     .expect("alloc"),
+                d.alloc(q8a_bytes(MMA_PACKED_MAXN, cols) + pack, "bench xq")
+                    .expect("alloc"),
             );
-            let yd = d.alloc(MMA_MAXN * rows * 4, "y").expect("alloc");
+            d.quantize_q8a(s, &xd32, &xq32p, MMA_PACKED_MAXN, cols)
+                .expect("quantize");
+            let yd = d.alloc(MMA_PACKED_MAXN * rows * 4, "y").expect("alloc");
             d.quantize_q8a(s, &xd, &xq1, 1, cols).expect("quantize");
             d.quantize_q8a(s, &xd, &xqn, nv, cols).expect("quantize");
             d.quantize_q8a(s, &xd, &xqnp, nv, cols).expect("quantize");
@@ -650,6 +670,8 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 ("mp", 8, MMA_MAXN),
                 ("msp", 8, nv),
                 ("msp", 8, MMA_MAXN),
+                ("mp", 8, MMA_PACKED_MAXN),
+                ("msp", 8, MMA_PACKED_MAXN),
             ] {
                 let staged = form.starts_with('s');
                 let mut next = 0usize;
@@ -659,6 +681,7 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                         (1, _) => &xq1,
                         (MMA_MAXN, false) => &xq16,
                         (MMA_MAXN, true) => &xq16p,
+                        (MMA_PACKED_MAXN, _) => &xq32p,
                         (_, false) => &xqn,
                         (_, true) => &xqnp,
                     };

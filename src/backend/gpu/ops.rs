@@ -71,8 +71,12 @@ const MMA_ROWS: usize = 16;
 /// decode step's one row was one SM's work: 5.6 us a launch on the H100).
 const NORM_SPLIT_MAX_ROWS: usize = 16;
 
-/// Most vectors one tensor-core q8 launch takes (RF_MMA_MAXN: the `_mm*` kernels).
+/// Most vectors one tensor-core q8 launch takes on the q8a in place (RF_MMA_MAXN: the `_mm*`
+/// kernels).
 pub const MMA_MAXN: usize = 16;
+/// Most vectors one tensor-core q8 launch takes on packed activations (RF_MMA_PACKED_MAXN: the
+/// `_mq*p` kernels).
+pub const MMA_PACKED_MAXN: usize = 32;
 
 /// Warps per 16-row tile of the tensor-core q8 products (`_m2/_m4/_m8`): the fewest that keep
 /// `MMVQ8_MIN_WARPS` warps streaming weights (each warp takes a contiguous share of the row's
@@ -113,21 +117,25 @@ fn mmvq8_mma_shape_of(warp: u32, nrows: usize, tiles: MmaTiles) -> BackendResult
 }
 
 /// The entry point of `base` (`mmvq_q4_0_q8a`) for `n` vectors in `tiles`: `_m{ks}` / `_ms`
-/// up to [`MMVQN_MAX`], `_mm{ks}` / `_mms` above; `packed`: the forms reading
-/// `q8a_pack_mma`'s layout (suffix `p`).
+/// up to [`MMVQN_MAX`], `_mm{ks}` / `_mms` up to [`MMA_MAXN`]; `packed`: the forms reading
+/// `q8a_pack_mma`'s layout (suffix `p`), `_mq{ks}p` / `_mqsp` up to [`MMA_PACKED_MAXN`].
 fn mma_kernel_name(base: &str, tiles: MmaTiles, n: usize, packed: bool) -> String {
-    let two = if n > MMVQN_MAX { "m" } else { "" };
+    let groups = match n.div_ceil(8) {
+        1 => "",
+        2 => "m",
+        _ => "q",
+    };
     let p = if packed { "p" } else { "" };
     match tiles {
-        MmaTiles::Direct(ks) => format!("{base}_m{two}{ks}{p}"),
-        MmaTiles::Staged => format!("{base}_m{two}s{p}"),
+        MmaTiles::Direct(ks) => format!("{base}_m{groups}{ks}{p}"),
+        MmaTiles::Staged => format!("{base}_m{groups}s{p}"),
     }
 }
 
 /// Bytes of the packed tensor-core activations (`q8a_pack_mma` in mmvq_q8.cu) of up to
-/// [`MMA_MAXN`] vectors of `ncols`: as many as their q8a.
+/// [`MMA_PACKED_MAXN`] vectors of `ncols`: as many as their q8a.
 pub fn mma_pack_bytes(ncols: usize) -> usize {
-    q8a_bytes(MMA_MAXN, ncols)
+    q8a_bytes(MMA_PACKED_MAXN, ncols)
 }
 
 /// Where a tensor-core batch of `n` vectors of `ncols` packs its activations: the last
@@ -685,7 +693,8 @@ pub trait GpuOps: KernelDevice {
         }
         // Batches: on int8 tensor cores where the device has them (16 rows x 8 vectors per
         // instruction, each weight block decoded once for up to 16 vectors: `_m*` up to 8,
-        // `_mm*` up to 16); else `_n` / `_sn` (one warp per row, up to 8 vectors a launch).
+        // `_mm*` up to 16, packed `_mq*p` up to 32); else `_n` / `_sn` (one warp per row, up to
+        // 8 vectors a launch).
         let mma = self.int8_mma();
         // Tensor-core tiles staged through shared memory where every row is 16-byte aligned.
         let tiles = if staged_rows && mma_staged_allowed() {
@@ -693,19 +702,24 @@ pub trait GpuOps: KernelDevice {
         } else {
             MmaTiles::Direct(mmvq8_mma_ks(total))
         };
-        let (chunk, shape) = if mma {
-            (
-                MMA_MAXN,
-                mmvq8_mma_shape_of(self.warp_size(), total, tiles)?,
-            )
-        } else {
-            (MMVQN_MAX, mmvq8_shape(self.warp_size(), total, 1)?)
-        };
-        // Packed: each launch's vectors first go to the tensor-core layout at the end of xq.
+        // Packed: each launch's vectors (up to 32) first go to the tensor-core layout at the
+        // end of xq.
         let pack = if mma && mma_pack_allowed() {
             mma_pack_at(xq, n, m0.ncols)
         } else {
             None
+        };
+        let (chunk, shape) = if mma {
+            (
+                if pack.is_some() {
+                    MMA_PACKED_MAXN
+                } else {
+                    MMA_MAXN
+                },
+                mmvq8_mma_shape_of(self.warp_size(), total, tiles)?,
+            )
+        } else {
+            (MMVQN_MAX, mmvq8_shape(self.warp_size(), total, 1)?)
         };
         let mut j = 0;
         while j < n {
@@ -742,7 +756,8 @@ pub trait GpuOps: KernelDevice {
             .to_args();
             // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
             // SAFETY: xq holds n quantized vectors and each y n * its rows f32 (checked
-            // above), so vectors j .. j + c (c <= RF_MMVQ8_MAXN, or RF_MMA_MAXN for `_mm*`) are
+            // above), so vectors j .. j + c (c <= RF_MMVQ8_MAXN, RF_MMA_MAXN for `_mm*`,
+            // RF_MMA_PACKED_MAXN for `_mq*p`) are
             // inside them (or their packed copy, inside xq past them: mma_pack_at); the
             // argument list matches the `_n` and `_m*` entries of RF_MMVQ8 in mmvq_q8.cu.
             unsafe { k.launch_early(s, shape, &args) }?;
@@ -815,7 +830,7 @@ pub trait GpuOps: KernelDevice {
         unsafe { k.launch_early(s, shape, &args) }
     }
 
-    /// Packs `n` (1 to [`MMA_MAXN`]) q8a vectors of `ncols` (quants at device address `xq`,
+    /// Packs `n` (1 to [`MMA_PACKED_MAXN`]) q8a vectors of `ncols` (quants at device address `xq`,
     /// their (d, sum) pairs at `meta`) into the tensor-core layout at `at` (`q8a_pack_mma` in
     /// mmvq_q8.cu: [`mma_pack_bytes`] at most); returns the packed quants' and pairs' addresses,
     /// the `xq` / `meta` arguments of the `p` forms.
@@ -857,10 +872,12 @@ pub trait GpuOps: KernelDevice {
         Ok((at, packed_meta))
     }
 
-    /// [`GpuOps::mmvq_q8`] of `n` vectors (1 to [`MMA_MAXN`], one launch) on the tensor-core
-    /// kernel `tiles` (direct with 2, 4 or 8 warps per 16-row tile, or staged: rows 16-byte
-    /// aligned), whatever the launcher would pick (on a device without int8 MMA the kernel
-    /// computes the same tile with dp4a): the kernel test and the bandwidth sweep.
+    /// [`GpuOps::mmvq_q8`] of `n` vectors (1 to [`MMA_MAXN`], one launch; to
+    /// [`MMA_PACKED_MAXN`] packed) on the tensor-core kernel `tiles` (direct with 2, 4 or 8
+    /// warps per 16-row tile, or staged: rows 16-byte aligned), whatever the launcher would pick
+    /// (on a device without int8 MMA the kernel computes the same tile with dp4a): the kernel
+    /// test and the bandwidth sweep. With [`mma_pack_bytes`] to spare in `xq` past the vectors'
+    /// q8a, the activations are packed first and the `p` forms run.
     #[allow(clippy::too_many_arguments)]
     fn mmvq_q8_mma(
         &self,
@@ -878,8 +895,13 @@ pub trait GpuOps: KernelDevice {
             MmaTiles::Direct(ks) => matches!(ks, 2 | 4 | 8),
             MmaTiles::Staged => mmvq8_stageable(w, m),
         };
-        if !(1..=MMA_MAXN).contains(&n) || !tiles_ok || !q8a_capable(m.qtype) || m.ncols % mult != 0
-        {
+        let pack = mma_pack_at(xq, n, m.ncols);
+        let most = if pack.is_some() {
+            MMA_PACKED_MAXN
+        } else {
+            MMA_MAXN
+        };
+        if !(1..=most).contains(&n) || !tiles_ok || !q8a_capable(m.qtype) || m.ncols % mult != 0 {
             return Err(BackendError::InvalidArgument {
                 op: OP,
                 what: format!(
@@ -892,7 +914,6 @@ pub trait GpuOps: KernelDevice {
         need(OP, "xq", xq, q8a_bytes(n, m.ncols))?;
         need(OP, "y", y, n * m.nrows * 4)?;
         let base = format!("mmvq_{}_q8a", qtype_suffix(m.qtype).unwrap_or_default());
-        let pack = mma_pack_at(xq, n, m.ncols);
         let name = mma_kernel_name(&base, tiles, n, pack.is_some());
         let k = self.kernel("mmvq_q8.cu", &name)?;
         let shape = mmvq8_mma_shape_of(self.warp_size(), m.nrows, tiles)?;
