@@ -14,6 +14,7 @@ use crate::error::{Result, RuntimeError};
 use crate::pipeline::backend::WeightBackend;
 use crate::pipeline::gpu::{GpuBackend, GpuConfig, GpuReady, GpuRegion};
 use crate::pipeline::residency::{LayerMemory, ResidentLayer};
+use rocmforge::backend::gpu::GpuForwardError;
 use rocmforge::backend::gpu::{GpuLayered, KernelDevice, LayeredOptions};
 use rocmforge::backend::{
     view, Backend, BackendError, BackendKind, ComputeDevice, DeviceBuffer, DeviceStream,
@@ -22,6 +23,7 @@ use rocmforge::backend::{
 use rocmforge::gguf::GgufFile;
 use rocmforge::model::{Model, Precision, Role, Scratch, Sequence, SequenceConfig, TensorRef};
 use rocmforge::tokenizer::Tokenizer;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// One sequence: its KV cache on the device and the position of its next token; with layers
@@ -30,6 +32,50 @@ struct GpuSeq<K> {
     kv: K,
     pos: usize,
     host: Option<Sequence>,
+    _live: Live,
+}
+
+/// One count of [`GpuCompute::live`] while a sequence holds its KV cache.
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether a layered pass's error is the device running out of memory.
+fn out_of_memory(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        e.downcast_ref::<GpuForwardError>(),
+        Some(GpuForwardError::Backend(BackendError::OutOfMemory { .. }))
+    ) || matches!(
+        e.downcast_ref::<BackendError>(),
+        Some(BackendError::OutOfMemory { .. })
+    )
+}
+
+/// A new sequence's KV cache found no device memory (`e`) after the prefix snapshots were
+/// freed: with `live` other sequences holding theirs it waits like a full CPU pool
+/// ([`RuntimeError::KvFull`], counted in sequences: one needed, none free, `live` held); with
+/// none, or for any other error, the request fails with the device's message.
+fn new_kv_error(e: &(dyn std::error::Error + 'static), live: usize) -> RuntimeError {
+    if live > 0 && out_of_memory(e) {
+        RuntimeError::KvFull {
+            needed: 1,
+            free: 0,
+            total: live,
+        }
+    } else {
+        err(None)(e.to_string())
+    }
 }
 
 impl<K> GpuSeq<K> {
@@ -65,6 +111,8 @@ pub struct GpuCompute<F: LayeredForward> {
     /// off (`GpuPipelineOptions::prefix_cache_bytes` 0). Unused with host layers, whose KV is
     /// not copied.
     prefixes: Option<PrefixStore<F::Kv>>,
+    /// Sequences holding a KV cache now (a new one that finds no memory waits while any do).
+    live: Arc<AtomicUsize>,
 }
 
 fn err(layer: Option<usize>) -> impl Fn(String) -> RuntimeError {
@@ -85,6 +133,7 @@ where
             host: None,
             idle_gemm_open: true,
             prefixes: None,
+            live: Arc::default(),
         })
     }
 
@@ -362,7 +411,7 @@ where
                 Ok(kv) => break kv,
                 Err(e) => match self.prefixes.as_mut().and_then(|p| p.evict_oldest()) {
                     Some(dropped) => drop(dropped),
-                    None => return Err(err(None)(e.to_string())),
+                    None => return Err(new_kv_error(&e, self.live.load(Ordering::Acquire))),
                 },
             }
         };
@@ -374,7 +423,12 @@ where
             ),
             None => None,
         };
-        Ok(Box::new(GpuSeq { kv, pos: 0, host }))
+        Ok(Box::new(GpuSeq {
+            kv,
+            pos: 0,
+            host,
+            _live: Live::new(&self.live),
+        }))
     }
 
     fn resume(&mut self, seq: &mut SequenceState, keep: usize) -> Result<bool> {
@@ -839,6 +893,50 @@ mod tests {
         std::fs::write(&path, bytes).expect("write");
         let file = GgufFile::open(&path).expect("open");
         (dir, file)
+    }
+
+    /// A new sequence that finds no device memory waits (KvFull) while others hold KV caches,
+    /// and fails with the device's message when none does or the error is not memory.
+    #[test]
+    fn new_kv_out_of_memory_waits_only_beside_live_sequences() {
+        let oom = GpuForwardError::Backend(BackendError::OutOfMemory {
+            requested: 1 << 30,
+            free: 1 << 20,
+            what: "KV cache".into(),
+        });
+        assert!(matches!(
+            new_kv_error(&oom, 3),
+            RuntimeError::KvFull {
+                needed: 1,
+                free: 0,
+                total: 3
+            }
+        ));
+        let alone = new_kv_error(&oom, 0);
+        assert!(
+            matches!(&alone, RuntimeError::Compute { message, .. } if message.contains("KV cache")),
+            "{alone}"
+        );
+        let bare = BackendError::OutOfMemory {
+            requested: 1,
+            free: 0,
+            what: "x".into(),
+        };
+        assert!(matches!(
+            new_kv_error(&bare, 1),
+            RuntimeError::KvFull { .. }
+        ));
+        let other = GpuForwardError::Unsupported("no".into());
+        assert!(matches!(
+            new_kv_error(&other, 5),
+            RuntimeError::Compute { .. }
+        ));
+        let count = Arc::new(AtomicUsize::new(0));
+        let (a, b) = (Live::new(&count), Live::new(&count));
+        assert_eq!(count.load(Ordering::Acquire), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(count.load(Ordering::Acquire), 0);
     }
 
     /// `hip` without the feature says how to enable it; with the feature and no AMD GPU it is

@@ -4,7 +4,7 @@
 
 use super::Inference;
 use crate::compute::SequenceState;
-use crate::error::Result;
+use crate::error::{Result, RuntimeError};
 use crate::messages::SessionId;
 use crate::pipeline::shared::Shared;
 use std::sync::atomic::Ordering;
@@ -57,13 +57,24 @@ impl Inference {
                 return Ok((kept.slot, keep));
             }
         }
+        // No room for a new sequence's KV (a GPU's device memory): kept sessions give theirs
+        // back, least recently used first.
+        let state = loop {
+            match self.compute.new_sequence() {
+                Err(RuntimeError::KvFull { .. }) if !self.sessions.is_empty() => {
+                    self.evict_oldest_session();
+                }
+                r => break r?,
+            }
+        };
+        // Counted once the slot exists (its drop takes the count back).
         self.cfg
             .shared
             .counters
             .kv_slots_in_use
             .fetch_add(1, Ordering::AcqRel);
         let mut slot = KvSlot {
-            state: self.compute.new_sequence()?,
+            state,
             shared: self.cfg.shared.clone(),
         };
         let cached = if prefix {
