@@ -194,7 +194,8 @@ fn bench_json_reports_pp_tg_and_batched_tg() {
         "-r",
         "2",
         "--parallel",
-        "3",
+        // 20: more than the default request queue (16) takes at once.
+        "3,20",
         "--json",
         "--threads",
         "2",
@@ -211,7 +212,7 @@ fn bench_json_reports_pp_tg_and_batched_tg() {
         .iter()
         .map(|t| t["test"].as_str().unwrap())
         .collect();
-    assert_eq!(tests, ["pp16", "tg4@d8", "tg4x3@d8"]);
+    assert_eq!(tests, ["pp16", "tg4@d8", "tg4x3@d8", "tg4x20@d8"]);
     for t in j.as_array().unwrap() {
         assert_eq!(t["samples"].as_array().unwrap().len(), 2);
         assert!(t["tokens_per_second"].as_f64().unwrap() > 0.0);

@@ -253,7 +253,10 @@ impl Engine {
             builder = builder.staging(slots, bytes);
         }
         if let Some(n) = e.max_seqs {
-            builder = builder.max_num_seqs(n);
+            // A burst of that many requests (bench --parallel) must all be taken.
+            builder = builder
+                .max_num_seqs(n)
+                .queue_capacity(n.max(crate::runtime::DEFAULT_QUEUE_CAPACITY));
         }
         let rt = builder.build()?;
         if e.explain {

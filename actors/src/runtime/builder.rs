@@ -121,7 +121,7 @@ impl Default for RuntimeBuilder {
             staging_slots: None,
             slot_size: None,
             upload_streams: 1,
-            queue_capacity: 16,
+            queue_capacity: super::DEFAULT_QUEUE_CAPACITY,
             max_sessions: 4,
             batch: Default::default(),
             compute_threads: None,

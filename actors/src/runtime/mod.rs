@@ -27,6 +27,10 @@ mod placement;
 pub use builder::{HostLayers, RuntimeBuilder, StageDelays, Tuning};
 pub use placement::{ExpectedDecode, Place, PlacedUnit, Placement, Rates, UnitKind};
 
+/// Requests a runtime queues for a place in the running set before `generate` answers
+/// `QueueFull`, unless `RuntimeBuilder::queue_capacity` says otherwise.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 16;
+
 /// Entry point of the embedding API.
 pub struct Runtime;
 
