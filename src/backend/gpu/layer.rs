@@ -21,16 +21,16 @@ use crate::quant::GgmlType;
 /// int8 tensor cores).
 pub const GEMM_MIN_TOKENS: usize = 17;
 
-/// [`GEMM_MIN_TOKENS`], or `ROCMFORGE_GPU_GEMM_ROWS` (2 to 512) for A/B runs of batched decode
-/// (e.g. 33: decode steps of 17 to 32 sequences on the matrix-vector products, in launches of
-/// 16 vectors, instead of the GEMM).
+/// [`GEMM_MIN_TOKENS`], or `ROCMFORGE_GPU_GEMM_ROWS` (2 to 65,536) for A/B runs of batched decode
+/// (e.g. 33: decode steps of 17 to 32 sequences on the matrix-vector products, one packed
+/// tensor-core launch of up to 32 vectors, instead of the GEMM; larger: prefill too).
 pub fn gemm_min_tokens() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
         std::env::var("ROCMFORGE_GPU_GEMM_ROWS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|n| (2..=512).contains(n))
+            .filter(|n| (2..=65_536).contains(n))
             .unwrap_or(GEMM_MIN_TOKENS)
     })
 }
