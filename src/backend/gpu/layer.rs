@@ -16,15 +16,14 @@ use crate::model::{
 use crate::quant::GgmlType;
 
 /// Batches of at least this many tokens run their matrix products through a GEMM (dequantized
-/// f16 weight tiles); shorter ones (a decode step of up to 32 sequences, short prompts) run the
-/// batched matrix-vector products, which read the quantized weights once per 8 vectors (32 on
-/// int8 tensor cores, packed). 33 (was 17), H100, 8B Q4_0: 24 / 32 sequences decode at 1,872 /
-/// 2,358 tok/s against 1,119 / 1,613 on the GEMM (docs/PERFORMANCE.md, fifteenth session).
-pub const GEMM_MIN_TOKENS: usize = 33;
+/// f16 weight tiles); shorter ones (a decode step of up to 16 sequences, short prompts) run the
+/// batched matrix-vector products, which read the quantized weights once per 8 vectors (16 on
+/// int8 tensor cores).
+pub const GEMM_MIN_TOKENS: usize = 17;
 
 /// [`GEMM_MIN_TOKENS`], or `ROCMFORGE_GPU_GEMM_ROWS` (2 to 65,536) for A/B runs of batched decode
-/// (e.g. 17: decode steps of 17 to 32 sequences on the GEMM instead of one packed tensor-core
-/// launch of up to 32 vectors; larger than 33: prefill on the products too).
+/// (e.g. 33: decode steps of 17 to 32 sequences on the matrix-vector products, one packed
+/// tensor-core launch of up to 32 vectors, instead of the GEMM; larger: prefill too).
 pub fn gemm_min_tokens() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
