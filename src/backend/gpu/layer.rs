@@ -18,7 +18,9 @@ use crate::quant::GgmlType;
 /// Batches of at least this many tokens run their matrix products through a GEMM (dequantized
 /// f16 weight tiles); shorter ones (a decode step of up to 16 sequences, short prompts) run the
 /// batched matrix-vector products, which read the quantized weights once per 8 vectors (16 on
-/// int8 tensor cores).
+/// int8 tensor cores; up to 32 packed). Measured, H100, 8B Q4_0: 33 would decode 24 / 32
+/// sequences at 1,872 / 2,358 tok/s against 1,119 / 1,613 here (docs/PERFORMANCE.md, fifteenth
+/// session); 17 stays until a device check runs with 33.
 pub const GEMM_MIN_TOKENS: usize = 17;
 
 /// [`GEMM_MIN_TOKENS`], or `ROCMFORGE_GPU_GEMM_ROWS` (2 to 65,536) for A/B runs of batched decode
