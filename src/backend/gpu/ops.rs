@@ -757,9 +757,9 @@ pub trait GpuOps: KernelDevice {
             // Early: the q8 products wait (rf_grid_wait) before reading x or touching y.
             // SAFETY: xq holds n quantized vectors and each y n * its rows f32 (checked
             // above), so vectors j .. j + c (c <= RF_MMVQ8_MAXN, RF_MMA_MAXN for `_mm*`,
-            // RF_MMA_PACKED_MAXN for `_mq*p`) are
-            // inside them (or their packed copy, inside xq past them: mma_pack_at); the
-            // argument list matches the `_n` and `_m*` entries of RF_MMVQ8 in mmvq_q8.cu.
+            // RF_MMA_PACKED_MAXN for `_mq*p`) are inside them (or their packed copy, inside xq
+            // past them: mma_pack_at); the argument list matches the `_n` and `_m*` entries of
+            // RF_MMVQ8 in mmvq_q8.cu.
             unsafe { k.launch_early(s, shape, &args) }?;
             j += c;
         }
