@@ -606,19 +606,17 @@ extern "C" __global__ void q8a_pack_mma(const int* __restrict__ xq, const float2
     if (lane < 4) xpm[gk * 4 + lane] = rows.meta(g, kb, lane);
 }
 
-// The int32 tile of sub-block `sub` of blocks b0 (row gid) and b1 (row gid + 8) with vectors
-// 8 g .. 8 g + 7 of block kb of the activations `x`:
-// cl = the low halves' products (k < 16) and ch the high ones' for SPLIT types; otherwise cl
-// the whole block's and ch zero. Layout as C above.
-template <typename T, typename A>
-__device__ __forceinline__ void rf_mma_tile(const typename T::block* b0, const typename T::block* b1,
-                                            int sub, int gid, int t, const A& x, int g, int kb,
-                                            int (&cl)[4], int (&ch)[4]) {
+// The int32 tile of sub-block `sub` of blocks b0 (row gid) and b1 (row gid + 8) with the B
+// fragment `xv` (x.ints(g, kb, gid, t) of vectors 8 g .. 8 g + 7 of block kb): cl = the low
+// halves' products (k < 16) and ch the high ones' for SPLIT types; otherwise cl the whole
+// block's and ch zero. Layout as C above. Tensor-core targets only (RF_MMA_S8).
+template <typename T>
+__device__ __forceinline__ void rf_mma_tile_b(const typename T::block* b0, const typename T::block* b1,
+                                              int sub, int t, int2 xv, int (&cl)[4], int (&ch)[4]) {
 #if defined(RF_MMA_S8)
     int l0, h0, l1, h1;
     T::frag(b0, sub, t, l0, h0);
     T::frag(b1, sub, t, l1, h1);
-    const int2 xv = x.ints(g, kb, gid, t);
     if (T::SPLIT) {
         rf_mma_s8(cl, l0, l1, 0, 0, xv.x, xv.y);
         rf_mma_s8(ch, 0, 0, h0, h1, xv.x, xv.y);
@@ -626,6 +624,21 @@ __device__ __forceinline__ void rf_mma_tile(const typename T::block* b0, const t
         rf_mma_s8(cl, l0, l1, h0, h1, xv.x, xv.y);
         ch[0] = ch[1] = ch[2] = ch[3] = 0;
     }
+#else
+    (void)b0, (void)b1, (void)sub, (void)t, (void)xv;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cl[i] = ch[i] = 0;
+#endif
+}
+
+// rf_mma_tile_b with vectors 8 g .. 8 g + 7 of block kb of the activations `x`; targets
+// without int8 MMA compute the same tile with dp4a from the same fragments.
+template <typename T, typename A>
+__device__ __forceinline__ void rf_mma_tile(const typename T::block* b0, const typename T::block* b1,
+                                            int sub, int gid, int t, const A& x, int g, int kb,
+                                            int (&cl)[4], int (&ch)[4]) {
+#if defined(RF_MMA_S8)
+    rf_mma_tile_b<T>(b0, b1, sub, t, x.ints(g, kb, gid, t), cl, ch);
 #else
 #pragma unroll
     for (int i = 0; i < 4; ++i) cl[i] = ch[i] = 0;
@@ -650,27 +663,42 @@ __device__ __forceinline__ void rf_mma_tile(const typename T::block* b0, const t
 #endif
 }
 
-// One 32-element block `kb` (sub-block `sub` of weight blocks ba / bb, global or shared memory)
-// of a 16-row tile against NT groups of 8 vectors of `x`, accumulated in f[g] (layout of C).
-template <typename T, int NT, typename A>
-__device__ __forceinline__ void rf_mma_step(const typename T::block* ba, const typename T::block* bb,
-                                            int sub, int kb, int gid, int t, const A& x,
-                                            float (&f)[NT][4]) {
-    const float2 ca = T::coef(ba, sub), cb = T::coef(bb, sub);
+// One 32-element block `kb` (sub-block `sub` of weight blocks ba[r] / bb[r], global or shared
+// memory) of RT 16-row tiles against NT groups of 8 vectors of `x`, accumulated in f[r][g]
+// (layout of C). The tiles share each group's activations: loaded once (B fragment and
+// pairs), used RT times.
+template <typename T, int NT, int RT, typename A>
+__device__ __forceinline__ void rf_mma_step(const typename T::block* const (&ba)[RT],
+                                            const typename T::block* const (&bb)[RT], int sub,
+                                            int kb, int gid, int t, const A& x,
+                                            float (&f)[RT][NT][4]) {
+    float2 ca[RT], cb[RT];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) ca[r] = T::coef(ba[r], sub), cb[r] = T::coef(bb[r], sub);
 #pragma unroll
     for (int g = 0; g < NT; ++g) {
-        int cl[4], ch[4];
-        rf_mma_tile<T>(ba, bb, sub, gid, t, x, g, kb, cl, ch);
+#if defined(RF_MMA_S8)
+        const int2 xv = x.ints(g, kb, gid, t);
+#endif
         const float4 m = x.meta(g, kb, t);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const float2 a = j ? make_float2(m.z, m.w) : make_float2(m.x, m.y);
-            if (T::SPLIT) {
-                f[g][j] += a.x * (ca.x * (float)cl[j] + ca.y * (float)ch[j]);
-                f[g][2 + j] += a.x * (cb.x * (float)cl[2 + j] + cb.y * (float)ch[2 + j]);
-            } else {
-                f[g][j] += a.x * (ca.x * (float)cl[j] - ca.y * a.y);
-                f[g][2 + j] += a.x * (cb.x * (float)cl[2 + j] - cb.y * a.y);
+        for (int r = 0; r < RT; ++r) {
+            int cl[4], ch[4];
+#if defined(RF_MMA_S8)
+            rf_mma_tile_b<T>(ba[r], bb[r], sub, t, xv, cl, ch);
+#else
+            rf_mma_tile<T>(ba[r], bb[r], sub, gid, t, x, g, kb, cl, ch);
+#endif
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const float2 a = j ? make_float2(m.z, m.w) : make_float2(m.x, m.y);
+                if (T::SPLIT) {
+                    f[r][g][j] += a.x * (ca[r].x * (float)cl[j] + ca[r].y * (float)ch[j]);
+                    f[r][g][2 + j] += a.x * (cb[r].x * (float)cl[2 + j] + cb[r].y * (float)ch[2 + j]);
+                } else {
+                    f[r][g][j] += a.x * (ca[r].x * (float)cl[j] - ca[r].y * a.y);
+                    f[r][g][2 + j] += a.x * (cb[r].x * (float)cl[2 + j] - cb[r].y * a.y);
+                }
             }
         }
     }
@@ -740,67 +768,89 @@ __device__ __forceinline__ void rf_mmvq8_mma(const void* __restrict__ w0, const 
     const typename T::block* ba = (const typename T::block*)ra.w + (i64)(ra.live ? ra.row : 0) * (nkb / KPB);
     const typename T::block* bb = (const typename T::block*)rb.w + (i64)(rb.live ? rb.row : 0) * (nkb / KPB);
     const int kb0 = (int)((i64)nkb * ks / KS), kb1 = (int)((i64)nkb * (ks + 1) / KS);
-    float f[NT][4];
+    float f[1][NT][4];
 #pragma unroll
-    for (int g = 0; g < NT; ++g) f[g][0] = f[g][1] = f[g][2] = f[g][3] = 0.f;
+    for (int g = 0; g < NT; ++g) f[0][g][0] = f[0][g][1] = f[0][g][2] = f[0][g][3] = 0.f;
     rf_grid_wait();  // the activations (and `acc`'s y) come from the kernels before
 #pragma unroll 4
     for (int kb = kb0; kb < kb1; ++kb) {
         const int blk = kb / KPB;
-        rf_mma_step<T, NT>(ba + blk, bb + blk, kb % KPB, kb, gid, t, x, f);
+        const typename T::block* const pa[1] = {ba + blk};
+        const typename T::block* const pb[1] = {bb + blk};
+        rf_mma_step<T, NT, 1>(pa, pb, kb % KPB, kb, gid, t, x, f);
     }
     __shared__ float part[KS > 1 ? RF_MMA_PART(NT) : 1];
-    rf_mma_finish<KS, NT>(f, ra, rb, n, acc, part);
+    rf_mma_finish<KS, NT>(f[0], ra, rb, n, acc, part);
 }
 
-// The same tiles with the weights staged: the block's 8 warps take one 16-row tile and copy
-// each chunk of its rows (RfStage<T>::CB blocks, 2,048 weights a row) into shared memory with
-// 16-byte coalesced loads, the next chunk's loads in flight while the warps compute the current
-// one from shared memory (warp w its blocks w, w + 8, ...). Why: the direct form reads each
-// lane's bytes with 2- and 4-byte loads scattered over 16 rows and is bound by their latency
-// (one vector ran at 0.75x the one-warp-per-row kernel on the H100). Rows sit 16 bytes apart
-// more than their chunk in shared memory, so the 8 rows a fragment load touches fall in
-// different banks. Precondition (the launcher's, as for rf_mmvq8s): every row starts 16-byte
-// aligned. Grid: one block per tile.
-template <typename T, int NT, typename A>
+// The staged tiles' chunk for RT tiles a block: RfStage<T>'s, halved where the RT * 16 rows'
+// padded chunks would pass 40 KiB of shared memory and half a chunk is still whole 16-byte
+// pieces (two tiles of Q8_0 and Q5_1; Q6_K's half chunk is not, so it has no two-tile form).
+template <typename T, int RT>
+struct RfStageRT {
+    static constexpr int CB0 = RfStage<T>::CB;
+    static constexpr int BLK = (int)sizeof(typename T::block);
+    static constexpr bool HALF = RT * RF_MMA_ROWS * (CB0 * BLK / 16 + 1) * 16 > 40960 &&
+                                 (CB0 / 2 * BLK) % 16 == 0;
+    static constexpr int CB = HALF ? CB0 / 2 : CB0;  // blocks per chunk
+    static constexpr int V16 = CB * BLK / 16;          // 16-byte pieces of a row's chunk
+};
+
+// The same tiles with the weights staged: the block's 8 warps take RT 16-row tiles (rows
+// 16 RT b ..) and copy each chunk of their rows (RfStageRT<T, RT>::CB blocks, 2,048 or 1,024
+// weights a row) into shared memory with 16-byte coalesced loads, the next chunk's loads in
+// flight while the warps compute the current one from shared memory (warp w its blocks w, w + 8,
+// ...). Why: the direct form reads each lane's bytes with 2- and 4-byte loads scattered over 16
+// rows and is bound by their latency (one vector ran at 0.75x the one-warp-per-row kernel on the
+// H100). With RT = 2 the two tiles share each activation load (B fragment and pairs): a block
+// moves half as many activation bytes through L1 per weight byte (32 vectors re-read ~4x the
+// weights' bytes with one tile). Rows sit 16 bytes apart more than their chunk in shared memory,
+// so the 8 rows a fragment load touches fall in different banks. Precondition (the launcher's,
+// as for rf_mmvq8s): every row starts 16-byte aligned. Grid: one block per RT tiles. Each tile's
+// sums are the same bits for every RT (the same warp takes the same blocks in the same order).
+template <typename T, int NT, int RT, typename A>
 __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, const void* __restrict__ w1,
                                                const void* __restrict__ w2, const A x, float* y0, float* y1,
                                                float* y2, int ncols, int r1, int r2, int ntotal,
                                                int n, int acc) {
-    typedef RfStage<T> S;
+    typedef RfStageRT<T, RT> S;
     typedef typename T::block B;
-    static_assert(S::BYTES % 16 == 0, "a chunk must be whole 16-byte pieces");
+    static_assert(S::CB * S::BLK % 16 == 0, "a chunk must be whole 16-byte pieces");
+    constexpr int ROWS = RT * RF_MMA_ROWS;
     constexpr int KPB = T::QK / 32;
     constexpr int RS = S::V16 + 1;  // a row's 16-byte pieces in shared memory, padded
     constexpr int NTH = RF_MMVQ8_WARPS * 32;  // threads that copy (a wavefront's first 32 lanes)
-    constexpr int U = (RF_MMA_ROWS * S::V16 + NTH - 1) / NTH;  // pieces per thread and chunk
-    __shared__ uint4 stage[RF_MMA_ROWS * RS];
-    __shared__ const uint4* rowsrc[RF_MMA_ROWS];
+    constexpr int U = (ROWS * S::V16 + NTH - 1) / NTH;  // pieces per thread and chunk
+    // The stage, then (after the last chunk) the warps' partial sums: RF_MMA_PART(NT) floats a tile.
+    constexpr int PART16 = RF_MMA_PART(NT) * RT / 4;
+    constexpr int STAGE16 = ROWS * RS > PART16 ? ROWS * RS : PART16;
+    __shared__ uint4 stage[STAGE16];
+    __shared__ const uint4* rowsrc[ROWS];
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
     const bool on = lane < 32;
     const int ct = warp * 32 + (lane & 31);  // copying thread (lanes 32.. of a wavefront idle)
     const int gid = (lane & 31) >> 2, t = lane & 3;
-    const int tile = blockIdx.x;
-    const RfRow ra = rf_row_at(tile * RF_MMA_ROWS + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
-    const RfRow rb = rf_row_at(tile * RF_MMA_ROWS + 8 + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
+    const int row0 = blockIdx.x * ROWS;
     const int nb = ncols / T::QK;
-    if (threadIdx.x < RF_MMA_ROWS) {
-        const RfRow r = rf_row_at(tile * RF_MMA_ROWS + threadIdx.x, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
+    if (threadIdx.x < ROWS) {
+        const RfRow r = rf_row_at(row0 + threadIdx.x, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
         rowsrc[threadIdx.x] = (const uint4*)((const B*)r.w + (i64)(r.live ? r.row : 0) * nb);
     }
     __syncthreads();
     const int nchunk = (nb + S::CB - 1) / S::CB;
-    float f[NT][4];
+    float f[RT][NT][4];
 #pragma unroll
-    for (int g = 0; g < NT; ++g) f[g][0] = f[g][1] = f[g][2] = f[g][3] = 0.f;
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int g = 0; g < NT; ++g) f[r][g][0] = f[r][g][1] = f[r][g][2] = f[r][g][3] = 0.f;
     uint4 piece[U];
     // This thread's pieces of chunk c (a short last chunk has fewer per row).
 #define RF_MMA_STAGE_LOAD(c)                                                                 \
     {                                                                                        \
-        const int v16_ = min(S::CB, nb - (c) * S::CB) * (int)sizeof(B) / 16;                 \
+        const int v16_ = min(S::CB, nb - (c) * S::CB) * S::BLK / 16;                         \
         _Pragma("unroll") for (int u = 0; u < U; ++u) {                                      \
             const int k = ct + u * NTH, row = k / S::V16, off = k % S::V16;                  \
-            if (on && row < RF_MMA_ROWS && off < v16_)                                       \
+            if (on && row < ROWS && off < v16_)                                              \
                 piece[u] = rowsrc[row][(i64)(c) * S::V16 + off];                             \
         }                                                                                    \
     }
@@ -811,22 +861,48 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int k = ct + u * NTH, row = k / S::V16, off = k % S::V16;
-            if (on && row < RF_MMA_ROWS && off < S::V16) stage[row * RS + off] = piece[u];
+            if (on && row < ROWS && off < S::V16) stage[row * RS + off] = piece[u];
         }
         __syncthreads();
         if (c + 1 < nchunk) RF_MMA_STAGE_LOAD(c + 1)
-        const B* sa = (const B*)(stage + gid * RS);
-        const B* sb = (const B*)(stage + (8 + gid) * RS);
         const int kb0 = c * S::CB * KPB;
         for (int i = warp; i < cb * KPB; i += RF_MMVQ8_WARPS) {
-            rf_mma_step<T, NT>(sa + i / KPB, sb + i / KPB, i % KPB, kb0 + i, gid, t, x, f);
+            const B* pa[RT];
+            const B* pb[RT];
+#pragma unroll
+            for (int r = 0; r < RT; ++r) {
+                pa[r] = (const B*)(stage + (r * RF_MMA_ROWS + gid) * RS) + i / KPB;
+                pb[r] = (const B*)(stage + (r * RF_MMA_ROWS + 8 + gid) * RS) + i / KPB;
+            }
+            rf_mma_step<T, NT, RT>(pa, pb, i % KPB, kb0 + i, gid, t, x, f);
         }
         __syncthreads();  // the stage is rewritten by the next chunk
     }
 #undef RF_MMA_STAGE_LOAD
-    // The stage is free now (the loop's last barrier): the partial sums meet in it.
-    static_assert(sizeof(stage) >= RF_MMA_PART(NT) * sizeof(float), "the stage holds the partial sums");
-    rf_mma_finish<RF_MMVQ8_WARPS, NT>(f, ra, rb, n, acc, (float*)stage);
+    // The stage is free now (the loop's last barrier): the partial sums meet in it, and warp r
+    // (r < RT) adds tile r's in warp order and writes its rows.
+    float* part = (float*)stage;
+    constexpr int PT = RF_MMA_PART(NT);  // floats of a tile's partial sums
+    if (on) {
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+            for (int i = 0; i < NT * 4; ++i) part[r * PT + (warp * 32 + lane) * NT * 4 + i] = f[r][i / 4][i % 4];
+    }
+    __syncthreads();
+    if (warp >= RT || !on) return;
+    const int r = warp;
+    float s[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT * 4; ++i) s[i / 4][i % 4] = part[r * PT + lane * NT * 4 + i];
+#pragma unroll
+    for (int k = 1; k < RF_MMVQ8_WARPS; ++k) {
+#pragma unroll
+        for (int i = 0; i < NT * 4; ++i) s[i / 4][i % 4] += part[r * PT + (k * 32 + lane) * NT * 4 + i];
+    }
+    const RfRow ra = rf_row_at(row0 + r * RF_MMA_ROWS + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
+    const RfRow rb = rf_row_at(row0 + r * RF_MMA_ROWS + 8 + gid, w0, w1, w2, y0, y1, y2, r1, r2, ntotal);
+    rf_mma_finish<1, NT>(s, ra, rb, n, acc, nullptr);
 }
 
 // Entry points: `name_w1/_w2/_w4/_w8` (one vector, 1, 2, 4 or 8 warps per row: few rows want
@@ -838,7 +914,8 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
 // tiles with the weights staged through shared memory (16-byte aligned rows); each tensor-core
 // form with a `p` suffix reads the packed activations (RfActPacked) instead of the q8a layout,
 // and `name_mq2p/4p/8p`, `name_mqsp` (packed only) take four groups of 8 (up to
-// RF_MMA_PACKED_MAXN vectors: a 32-sequence decode step reads the weights once).
+// RF_MMA_PACKED_MAXN vectors: a 32-sequence decode step reads the weights once);
+// `name_ms2p/_mms2p/_mqs2p` (RF_MMVQ8_PAIR) are the staged packed forms with two tiles a block.
 #define RF_MMVQ8_ARGS                                                                           \
     const void* __restrict__ w0, const void* __restrict__ w1, const void* __restrict__ w2,      \
         const int* __restrict__ xq, const float2* __restrict__ xm, float* y0, float* y1,        \
@@ -860,10 +937,10 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
         ACT;                                                                                    \
         rf_mmvq8_mma<T, KS, NT>(w0, w1, w2, x, y0, y1, y2, ncols, r1, r2, ntotal, n, acc);      \
     }
-#define RF_MMVQ8MS(name, T, NT, ACT)                                                            \
+#define RF_MMVQ8MSR(name, T, NT, RT, ACT)                                                       \
     extern "C" __global__ void name(RF_MMVQ8_ARGS, int n, int acc) {                            \
         ACT;                                                                                    \
-        rf_mmvq8_mma_s<T, NT>(w0, w1, w2, x, y0, y1, y2, ncols, r1, r2, ntotal, n, acc);        \
+        rf_mmvq8_mma_s<T, NT, RT>(w0, w1, w2, x, y0, y1, y2, ncols, r1, r2, ntotal, n, acc);    \
     }
 #define RF_MMVQ8(name, T)                                                                       \
     RF_MMVQ8_1(name##_w1, T, 1)                                                                 \
@@ -893,14 +970,20 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
     RF_MMVQ8M(name##_mm2p, T, 2, 2, RF_MMA_PACKED_ACT)                                          \
     RF_MMVQ8M(name##_mm4p, T, 4, 2, RF_MMA_PACKED_ACT)                                          \
     RF_MMVQ8M(name##_mm8p, T, 8, 2, RF_MMA_PACKED_ACT)                                          \
-    RF_MMVQ8MS(name##_ms, T, 1, RF_MMA_ROWS_ACT)                                                \
-    RF_MMVQ8MS(name##_mms, T, 2, RF_MMA_ROWS_ACT)                                               \
-    RF_MMVQ8MS(name##_msp, T, 1, RF_MMA_PACKED_ACT)                                             \
-    RF_MMVQ8MS(name##_mmsp, T, 2, RF_MMA_PACKED_ACT)                                            \
+    RF_MMVQ8MSR(name##_ms, T, 1, 1, RF_MMA_ROWS_ACT)                                                \
+    RF_MMVQ8MSR(name##_mms, T, 2, 1, RF_MMA_ROWS_ACT)                                               \
+    RF_MMVQ8MSR(name##_msp, T, 1, 1, RF_MMA_PACKED_ACT)                                             \
+    RF_MMVQ8MSR(name##_mmsp, T, 2, 1, RF_MMA_PACKED_ACT)                                            \
     RF_MMVQ8M(name##_mq2p, T, 2, 4, RF_MMA_PACKED_ACT)                                          \
     RF_MMVQ8M(name##_mq4p, T, 4, 4, RF_MMA_PACKED_ACT)                                          \
     RF_MMVQ8M(name##_mq8p, T, 8, 4, RF_MMA_PACKED_ACT)                                          \
-    RF_MMVQ8MS(name##_mqsp, T, 4, RF_MMA_PACKED_ACT)
+    RF_MMVQ8MSR(name##_mqsp, T, 4, 1, RF_MMA_PACKED_ACT)
+// The staged packed tiles two a block (`_ms2p`, `_mms2p`, `_mqs2p`): every type but Q6_K,
+// whose two tiles' chunks pass the static shared memory (RfStageRT).
+#define RF_MMVQ8_PAIR(name, T)                                                                  \
+    RF_MMVQ8MSR(name##_ms2p, T, 1, 2, RF_MMA_PACKED_ACT)                                        \
+    RF_MMVQ8MSR(name##_mms2p, T, 2, 2, RF_MMA_PACKED_ACT)                                       \
+    RF_MMVQ8MSR(name##_mqs2p, T, 4, 2, RF_MMA_PACKED_ACT)
 
 RF_MMVQ8(mmvq_q4_0_q8a, Q8Q4_0)
 RF_MMVQ8(mmvq_q4_1_q8a, Q8Q4_1)
@@ -910,3 +993,10 @@ RF_MMVQ8(mmvq_q8_0_q8a, Q8Q8_0)
 RF_MMVQ8(mmvq_q4_k_q8a, Q8Q4_K)
 RF_MMVQ8(mmvq_q5_k_q8a, Q8Q5_K)
 RF_MMVQ8(mmvq_q6_k_q8a, Q8Q6_K)
+RF_MMVQ8_PAIR(mmvq_q4_0_q8a, Q8Q4_0)
+RF_MMVQ8_PAIR(mmvq_q4_1_q8a, Q8Q4_1)
+RF_MMVQ8_PAIR(mmvq_q5_0_q8a, Q8Q5_0)
+RF_MMVQ8_PAIR(mmvq_q5_1_q8a, Q8Q5_1)
+RF_MMVQ8_PAIR(mmvq_q8_0_q8a, Q8Q8_0)
+RF_MMVQ8_PAIR(mmvq_q4_k_q8a, Q8Q4_K)
+RF_MMVQ8_PAIR(mmvq_q5_k_q8a, Q8Q5_K)

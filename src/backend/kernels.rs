@@ -96,15 +96,28 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
             DEVICE_QTYPES
                 .iter()
                 .filter(|t| q8a_capable(**t))
-                .filter_map(|t| qtype_suffix(*t))
-                .flat_map(|s| {
+                .filter_map(|t| Some((*t, qtype_suffix(*t)?)))
+                .flat_map(|(t, s)| {
+                    let pair = crate::backend::gpu::ops::mma_pair_capable(t);
                     [
                         "_n", "_w1", "_w2", "_w4", "_w8", "_sn", "_s1", "_s2", "_s4", "_m2", "_m4",
-                        "_m8", "_mm2", "_mm4", "_mm8", "_ms", "_mms",
+                        "_m8", "_mm2", "_mm4", "_mm8", "_ms", "_mms", "_m2p", "_m4p", "_m8p",
+                        "_mm2p", "_mm4p", "_mm8p", "_msp", "_mmsp", "_mq2p", "_mq4p", "_mq8p",
+                        "_mqsp",
                     ]
-                    .map(|v| format!("mmvq_{s}_q8a{v}"))
+                    .into_iter()
+                    .chain(
+                        if pair {
+                            &["_ms2p", "_mms2p", "_mqs2p"][..]
+                        } else {
+                            &[][..]
+                        }
+                        .iter()
+                        .copied(),
+                    )
+                    .map(move |v| format!("mmvq_{s}_q8a{v}"))
                 })
-                .chain(["quantize_q8a_f32".to_string()])
+                .chain(["quantize_q8a_f32".to_string(), "q8a_pack_mma".to_string()])
                 .collect(),
         ),
         ("get_rows.cu", per_type("get_rows", "f32")),

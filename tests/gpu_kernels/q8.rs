@@ -3,7 +3,8 @@
 
 use super::*;
 use rocmforge::backend::gpu::ops::{
-    mma_pack_bytes, mmvq8_mma_ks, mmvq8_wpr, MmaTiles, MMA_MAXN, MMA_PACKED_MAXN, MMVQN_MAX,
+    mma_pack_bytes, mma_pair_capable, mmvq8_mma_ks, mmvq8_wpr, MmaTiles, MMA_MAXN, MMA_PACKED_MAXN,
+    MMVQN_MAX,
 };
 
 /// `x` quantized as `quantize_q8a_f32` does (32-element blocks, d = amax / 127 in f32,
@@ -466,8 +467,9 @@ pub(super) fn check_fused_q8a<D: KernelDevice>(
 }
 
 /// The tensor-core batch products (`_m2/_m4/_m8`, `_mm*` past 8 vectors, and the staged
-/// `_ms`/`_mms`; each also on packed activations, `p`, bit for bit, and the packed-only `_mq*p`
-/// past 16 vectors): every q8 weight type, 37 rows (three 16-row tiles, the last one short) of
+/// `_ms`/`_mms`; each also on packed activations, `p`, bit for bit, the packed-only `_mq*p`
+/// past 16 vectors, and the staged packed tiles two a block, `_m{,m,q}s2p`, bit for bit with
+/// one a block, every type but Q6_K): every q8 weight type, 37 rows (three 16-row tiles, the last one short) of
 /// 4,864 columns (Q6_K 6,144, so its rows are 16-byte multiples: two chunks of 2,048 weights
 /// and a short one), 1, 3, 8, 13, 16, 27 and 32 vectors, each form against the product with the
 /// quantized activations. On a device without int8 MMA the same kernels compute with dp4a, and
@@ -517,6 +519,7 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
                 .expect("alloc");
             d.quantize_q8a(s, &xd, &xqp, nv, cols)
                 .expect("quantize_q8a");
+            let mut staged_packed = None;
             for tiles in [
                 MmaTiles::Direct(2),
                 MmaTiles::Direct(4),
@@ -535,8 +538,12 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
                 let form = match tiles {
                     MmaTiles::Direct(ks) => format!("m{ks}"),
                     MmaTiles::Staged => "ms".into(),
+                    MmaTiles::StagedPair => "ms2".into(),
                 };
                 let yp = yp.to_vec::<f32>(nv * rows).expect("read");
+                if tiles == MmaTiles::Staged {
+                    staged_packed = Some(yp.clone());
+                }
                 t.add(
                     &format!(
                         "mmvq_{name}_q8a_{form}p x{nv} [{rows}x{cols}] {how} (vs quantized x)"
@@ -566,6 +573,32 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
                     0.0,
                 );
             }
+            // Two tiles a block (packed only, not Q6_K): each tile's sums are the one-tile
+            // form's bits (the same warp takes the same blocks in the same order).
+            if mma_pair_capable(qt) {
+                let y2 = d.alloc(nv * rows * 4, "y pair").expect("alloc");
+                d.mmvq_q8_mma(s, &wd, m, &xqp, &y2, nv, MmaTiles::StagedPair)
+                    .expect("mmvq_q8_mma pair");
+                s.synchronize().expect("sync");
+                let y2 = y2.to_vec::<f32>(nv * rows).expect("read");
+                t.add(
+                    &format!("mmvq_{name}_q8a_ms2p x{nv} [{rows}x{cols}] {how} (vs quantized x)"),
+                    qt.name(),
+                    rel_err(&y2, &yq),
+                    1e-5,
+                );
+                let same = staged_packed.as_ref().is_some_and(|y1| {
+                    y1.iter()
+                        .map(|v| v.to_bits())
+                        .eq(y2.iter().map(|v| v.to_bits()))
+                });
+                t.add(
+                    &format!("mmvq_{name}_q8a_ms2p x{nv} {how} two tiles = one (bits)"),
+                    qt.name(),
+                    if same { 0.0 } else { 1.0 },
+                    0.0,
+                );
+            }
         }
     }
 }
@@ -573,8 +606,8 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
 /// Informational only (printed, never asserted): the one-vector q8 product alone (activations
 /// quantized once) over the 8B shapes' matrices with 1, 2, 4 and 8 warps per row on the GGUF
 /// layout (`w`) and 1, 2, 4 staged (`s`), and the launcher's choice (`mmvq8_wpr`); batches on
-/// the tensor-core tiles in place (`m`, `ms`) and packed (`mp`, `msp`: the pack launch
-/// included). Each launch
+/// the tensor-core tiles in place (`m`, `ms`) and packed (`mp`, `msp`, two tiles a block
+/// `ms2p`: the pack launch included). Each launch
 /// reads the next of enough copies of the matrix (>= 160 MB together) that its weights come
 /// from HBM, not from the 50 MB L2 the previous launch left them in, as in a decode step.
 pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &mut ChaCha8Rng) {
@@ -672,7 +705,13 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 ("msp", 8, MMA_MAXN),
                 ("mp", 8, MMA_PACKED_MAXN),
                 ("msp", 8, MMA_PACKED_MAXN),
+                ("ms2p", 8, nv),
+                ("ms2p", 8, MMA_MAXN),
+                ("ms2p", 8, MMA_PACKED_MAXN),
             ] {
+                if form == "ms2p" && !mma_pair_capable(qt) {
+                    continue;
+                }
                 let staged = form.starts_with('s');
                 let mut next = 0usize;
                 let wm = median_ms(d, s, || {
@@ -686,7 +725,9 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                         (_, true) => &xqnp,
                     };
                     if form.starts_with('m') {
-                        let tiles = if form.starts_with("ms") {
+                        let tiles = if form.starts_with("ms2") {
+                            MmaTiles::StagedPair
+                        } else if form.starts_with("ms") {
                             MmaTiles::Staged
                         } else {
                             MmaTiles::Direct(wpr)
@@ -699,7 +740,7 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                     }
                 });
                 let label = match (form, n) {
-                    ("ms" | "msp", _) => format!("{form}x{n}"),
+                    ("ms" | "msp" | "ms2p", _) => format!("{form}x{n}"),
                     (_, 1) => format!("{form}{wpr}"),
                     ("m" | "mp", _) => format!("{form}{wpr}x{n}"),
                     _ => format!("{form}x{n}"),

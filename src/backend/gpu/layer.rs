@@ -16,24 +16,32 @@ use crate::model::{
 use crate::quant::GgmlType;
 
 /// Batches of at least this many tokens run their matrix products through a GEMM (dequantized
-/// f16 weight tiles); shorter ones (a decode step of up to 16 sequences, short prompts) run the
-/// batched matrix-vector products, which read the quantized weights once per 8 vectors (16 on
-/// int8 tensor cores; up to 32 packed). Measured, H100, 8B Q4_0: 33 would decode 24 / 32
-/// sequences at 1,872 / 2,358 tok/s against 1,119 / 1,613 here (docs/PERFORMANCE.md, fifteenth
-/// session); 17 stays until a device check runs with 33.
-pub const GEMM_MIN_TOKENS: usize = 17;
+/// f16 weight tiles) on a device with int8 tensor cores; shorter ones (a decode step of up to 32
+/// sequences, short prompts) run the batched matrix-vector products, which read the quantized
+/// weights once per launch of up to 32 vectors (packed tensor-core tiles). Measured, H100, 8B
+/// Q4_0 (docs/PERFORMANCE.md, fifteenth session): 24 / 32 sequences decode at 1,872 / 2,358
+/// tok/s on one packed launch against 1,119 / 1,613 on the GEMM (the default was 17 before).
+pub const GEMM_MIN_TOKENS: usize = 33;
+/// [`GEMM_MIN_TOKENS`] on a device without int8 tensor cores, whose batched products read the
+/// weights once per 8 vectors (the dp4a `_n` forms): past 16 rows the GEMM.
+pub const GEMM_MIN_TOKENS_DP4A: usize = 17;
 
-/// [`GEMM_MIN_TOKENS`], or `ROCMFORGE_GPU_GEMM_ROWS` (2 to 65,536) for A/B runs of batched decode
-/// (e.g. 33: decode steps of 17 to 32 sequences on the matrix-vector products, one packed
-/// tensor-core launch of up to 32 vectors, instead of the GEMM; larger: prefill too).
-pub fn gemm_min_tokens() -> usize {
-    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
+/// [`GEMM_MIN_TOKENS`] (`int8_mma`: the device has int8 tensor cores, else
+/// [`GEMM_MIN_TOKENS_DP4A`]), or `ROCMFORGE_GPU_GEMM_ROWS` (2 to 65,536) for A/B runs of
+/// batched decode (e.g. 17: decode steps of 17 to 32 sequences on the GEMM; larger than 33:
+/// prefill on the products too).
+pub fn gemm_min_tokens(int8_mma: bool) -> usize {
+    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let knob = *ROWS.get_or_init(|| {
         std::env::var("ROCMFORGE_GPU_GEMM_ROWS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|n| (2..=65_536).contains(n))
-            .unwrap_or(GEMM_MIN_TOKENS)
+    });
+    knob.unwrap_or(if int8_mma {
+        GEMM_MIN_TOKENS
+    } else {
+        GEMM_MIN_TOKENS_DP4A
     })
 }
 
@@ -86,13 +94,15 @@ pub struct Gemm<'a, D: KernelDevice> {
     pub engine: Option<&'a mut dyn GemmF16<D>>,
     pub tile_rows_bytes: usize,
     pub q8: bool,
+    /// Steps of at least this many rows take the GEMM ([`gemm_min_tokens`]).
+    pub min_tokens: usize,
 }
 
 impl<D: KernelDevice> Gemm<'_, D> {
     /// Whether [`linear`] runs `m` over `n` rows as the 8-bit matrix-vector product.
     fn q8_for(&self, m: QMatrix, n: usize) -> bool {
         self.q8
-            && (n < gemm_min_tokens() || self.engine.is_none())
+            && (n < self.min_tokens || self.engine.is_none())
             && crate::backend::kernels::q8a_capable(m.qtype)
             && m.ncols % 32 == 0
     }
@@ -137,7 +147,7 @@ pub fn linear_q<D: KernelDevice>(
         dev.mmvq_q8(st, &w, m, &s.xq, &y, n)?;
         return Ok(());
     }
-    if n >= gemm_min_tokens() {
+    if n >= g.min_tokens {
         if let Some(engine) = g.engine.as_deref_mut() {
             let kv = KvLayout {
                 n_kv_heads: 1,
@@ -438,7 +448,7 @@ impl<'a, D: KernelDevice> LayerCtx<'a, D> {
 
     /// Whether this step's products run on 8-bit activations (decode, short batches).
     fn q8_step(&self) -> bool {
-        self.gemm.q8 && self.n < gemm_min_tokens()
+        self.gemm.q8 && self.n < self.gemm.min_tokens
     }
 
     /// Launches the deferred product into `Proj`, if any (every op but the residual add that

@@ -73,6 +73,8 @@ pub struct GpuLayered<D: KernelDevice> {
     max_seqs: usize,
     /// [`LayeredOptions::q8_activations`].
     q8: bool,
+    /// Steps of at least this many rows take the GEMM (`layer::gemm_min_tokens` of the device).
+    gemm_min_tokens: usize,
     /// The last MoE router's choice, for the experts of a routed layer.
     routes: Routes,
 }
@@ -253,6 +255,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             None => None,
         };
         let stream = dev.new_stream()?;
+        let gemm_min_tokens = super::layer::gemm_min_tokens(dev.int8_mma());
         let gemm: Box<dyn GemmF16<D>> = if opt.use_blas {
             Box::new(DeferredGemm::new(dev.clone()))
         } else {
@@ -273,6 +276,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             segs: Vec::new(),
             seq_table: None,
             max_seqs: opt.max_seqs.max(1),
+            gemm_min_tokens,
             q8: opt.q8_activations,
             routes: Routes::default(),
         })
@@ -368,6 +372,7 @@ impl<D: KernelDevice> GpuLayered<D> {
                 engine: Some(self.gemm.as_mut()),
                 tile_rows_bytes: TILE_ROWS_BYTES,
                 q8: self.q8,
+                min_tokens: self.gemm_min_tokens,
             },
             hp: &self.hp,
             kv_layout: self.kv_layout,
@@ -669,6 +674,7 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
                 engine: None,
                 tile_rows_bytes: TILE_ROWS_BYTES,
                 q8: self.q8,
+                min_tokens: self.gemm_min_tokens,
             };
             let mut quantized = false;
             linear_q(

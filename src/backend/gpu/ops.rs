@@ -91,11 +91,27 @@ pub fn mmvq8_mma_ks(nrows: usize) -> u32 {
 
 /// Which tensor-core q8 product: the tiles read from global memory with `ks` (2, 4, 8) warps
 /// per tile (`_m{ks}`), or staged through shared memory, 8 warps per tile (`_ms`; rows 16-byte
-/// aligned).
+/// aligned), or staged two tiles a block (`_ms2p`: packed activations only, every type but
+/// Q6_K: [`mma_pair_capable`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MmaTiles {
     Direct(u32),
     Staged,
+    StagedPair,
+}
+
+/// Whether `qtype` has the two-tile staged forms (`RF_MMVQ8_PAIR` in mmvq_q8.cu: Q6_K's two
+/// tiles' chunks do not fit the static shared memory).
+pub fn mma_pair_capable(qtype: GgmlType) -> bool {
+    q8a_capable(qtype) && qtype != GgmlType::Q6_K
+}
+
+/// `ROCMFORGE_GPU_MMA_PAIR=0` keeps the staged packed tensor-core products at one 16-row tile a
+/// block (for A/B runs of the two-tile forms).
+fn mma_pair_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED
+        .get_or_init(|| std::env::var("ROCMFORGE_GPU_MMA_PAIR").map_or(true, |v| v.trim() != "0"))
 }
 
 /// `ROCMFORGE_GPU_MMA=direct` keeps the batched tensor-core products off the staged form (for
@@ -108,17 +124,19 @@ fn mma_staged_allowed() -> bool {
 }
 
 /// Launch shape of the tensor-core q8 products: `Direct(ks)` with `ks` warps per 16-row tile,
-/// `Staged` one tile per block.
+/// `Staged` one tile per block, `StagedPair` two.
 fn mmvq8_mma_shape_of(warp: u32, nrows: usize, tiles: MmaTiles) -> BackendResult<LaunchShape> {
     match tiles {
         MmaTiles::Direct(ks) => mmvq8_mma_shape(warp, nrows, ks),
         MmaTiles::Staged => mmvq8_mma_shape(warp, nrows, MMVQ8_WARPS),
+        MmaTiles::StagedPair => mmvq8_mma_shape(warp, nrows.div_ceil(2), MMVQ8_WARPS),
     }
 }
 
 /// The entry point of `base` (`mmvq_q4_0_q8a`) for `n` vectors in `tiles`: `_m{ks}` / `_ms`
 /// up to [`MMVQN_MAX`], `_mm{ks}` / `_mms` up to [`MMA_MAXN`]; `packed`: the forms reading
-/// `q8a_pack_mma`'s layout (suffix `p`), `_mq{ks}p` / `_mqsp` up to [`MMA_PACKED_MAXN`].
+/// `q8a_pack_mma`'s layout (suffix `p`), `_mq{ks}p` / `_mqsp` up to [`MMA_PACKED_MAXN`], and
+/// the two-tile `_m{,m,q}s2p` (packed only).
 fn mma_kernel_name(base: &str, tiles: MmaTiles, n: usize, packed: bool) -> String {
     let groups = match n.div_ceil(8) {
         1 => "",
@@ -129,6 +147,7 @@ fn mma_kernel_name(base: &str, tiles: MmaTiles, n: usize, packed: bool) -> Strin
     match tiles {
         MmaTiles::Direct(ks) => format!("{base}_m{groups}{ks}{p}"),
         MmaTiles::Staged => format!("{base}_m{groups}s{p}"),
+        MmaTiles::StagedPair => format!("{base}_m{groups}s2{p}"),
     }
 }
 
@@ -697,17 +716,23 @@ pub trait GpuOps: KernelDevice {
         // 8 vectors a launch).
         let mma = self.int8_mma();
         // Tensor-core tiles staged through shared memory where every row is 16-byte aligned.
-        let tiles = if staged_rows && mma_staged_allowed() {
-            MmaTiles::Staged
-        } else {
-            MmaTiles::Direct(mmvq8_mma_ks(total))
-        };
         // Packed: each launch's vectors (up to 32) first go to the tensor-core layout at the
         // end of xq.
         let pack = if mma && mma_pack_allowed() {
             mma_pack_at(xq, n, m0.ncols)
         } else {
             None
+        };
+        // Staged packed tiles two a block where the type has the form: the tiles share each
+        // activation load.
+        let tiles = if staged_rows && mma_staged_allowed() {
+            if pack.is_some() && mma_pair_capable(m0.qtype) && mma_pair_allowed() {
+                MmaTiles::StagedPair
+            } else {
+                MmaTiles::Staged
+            }
+        } else {
+            MmaTiles::Direct(mmvq8_mma_ks(total))
         };
         let (chunk, shape) = if mma {
             (
@@ -874,7 +899,8 @@ pub trait GpuOps: KernelDevice {
 
     /// [`GpuOps::mmvq_q8`] of `n` vectors (1 to [`MMA_MAXN`], one launch; to
     /// [`MMA_PACKED_MAXN`] packed) on the tensor-core kernel `tiles` (direct with 2, 4 or 8
-    /// warps per 16-row tile, or staged: rows 16-byte aligned), whatever the launcher would pick
+    /// warps per 16-row tile, or staged: rows 16-byte aligned, one or two tiles a block, the
+    /// latter packed only), whatever the launcher would pick
     /// (on a device without int8 MMA the kernel computes the same tile with dp4a): the kernel
     /// test and the bandwidth sweep. With [`mma_pack_bytes`] to spare in `xq` past the vectors'
     /// q8a, the activations are packed first and the `p` forms run.
@@ -891,11 +917,14 @@ pub trait GpuOps: KernelDevice {
     ) -> BackendResult<()> {
         const OP: &str = "mmvq_q8_mma";
         let mult = mmvq_col_multiple(m.qtype).max(32);
+        let pack = mma_pack_at(xq, n, m.ncols);
         let tiles_ok = match tiles {
             MmaTiles::Direct(ks) => matches!(ks, 2 | 4 | 8),
             MmaTiles::Staged => mmvq8_stageable(w, m),
+            MmaTiles::StagedPair => {
+                mmvq8_stageable(w, m) && pack.is_some() && mma_pair_capable(m.qtype)
+            }
         };
-        let pack = mma_pack_at(xq, n, m.ncols);
         let most = if pack.is_some() {
             MMA_PACKED_MAXN
         } else {
