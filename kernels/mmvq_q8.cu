@@ -942,22 +942,11 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
         ACT;                                                                                    \
         rf_mmvq8_mma_s<T, NT, RT>(w0, w1, w2, x, y0, y1, y2, ncols, r1, r2, ntotal, n, acc);    \
     }
-#define RF_MMVQ8(name, T)                                                                       \
-    RF_MMVQ8_1(name##_w1, T, 1)                                                                 \
-    RF_MMVQ8_1(name##_w2, T, 2)                                                                 \
-    RF_MMVQ8_1(name##_w4, T, 4)                                                                 \
-    RF_MMVQ8_1(name##_w8, T, 8)                                                                 \
-    extern "C" __global__ void name##_n(RF_MMVQ8_ARGS, int n, int acc) {                        \
-        rf_mmvq8<T, RF_MMVQ8_MAXN, 1>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, \
-                                      acc);                                                     \
-    }                                                                                           \
-    RF_MMVQ8S_1(name##_s1, T, 1)                                                                \
-    RF_MMVQ8S_1(name##_s2, T, 2)                                                                \
-    RF_MMVQ8S_1(name##_s4, T, 4)                                                                \
-    extern "C" __global__ void name##_sn(RF_MMVQ8_ARGS, int n, int acc) {                       \
-        rf_mmvq8s<T, RF_MMVQ8_MAXN, 1>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, \
-                                       acc);                                                    \
-    }                                                                                           \
+// The tensor-core forms exist only in CUDA builds: HIP has no int8 MMA (the launcher never
+// takes them there: `KernelDevice::int8_mma`), and compiling their dp4a stand-ins made up
+// ~96% of hipcc's time for this file (680 of ~705 s for gfx90a on a 2-core machine).
+#if defined(RF_CUDA)
+#define RF_MMVQ8_TC(name, T)                                                                    \
     RF_MMVQ8M(name##_m2, T, 2, 1, RF_MMA_ROWS_ACT)                                              \
     RF_MMVQ8M(name##_m4, T, 4, 1, RF_MMA_ROWS_ACT)                                              \
     RF_MMVQ8M(name##_m8, T, 8, 1, RF_MMA_ROWS_ACT)                                              \
@@ -978,6 +967,26 @@ __device__ __forceinline__ void rf_mmvq8_mma_s(const void* __restrict__ w0, cons
     RF_MMVQ8M(name##_mq4p, T, 4, 4, RF_MMA_PACKED_ACT)                                          \
     RF_MMVQ8M(name##_mq8p, T, 8, 4, RF_MMA_PACKED_ACT)                                          \
     RF_MMVQ8MSR(name##_mqsp, T, 4, 1, RF_MMA_PACKED_ACT)
+#else
+#define RF_MMVQ8_TC(name, T)
+#endif
+#define RF_MMVQ8(name, T)                                                                       \
+    RF_MMVQ8_1(name##_w1, T, 1)                                                                 \
+    RF_MMVQ8_1(name##_w2, T, 2)                                                                 \
+    RF_MMVQ8_1(name##_w4, T, 4)                                                                 \
+    RF_MMVQ8_1(name##_w8, T, 8)                                                                 \
+    extern "C" __global__ void name##_n(RF_MMVQ8_ARGS, int n, int acc) {                        \
+        rf_mmvq8<T, RF_MMVQ8_MAXN, 1>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, \
+                                      acc);                                                     \
+    }                                                                                           \
+    RF_MMVQ8S_1(name##_s1, T, 1)                                                                \
+    RF_MMVQ8S_1(name##_s2, T, 2)                                                                \
+    RF_MMVQ8S_1(name##_s4, T, 4)                                                                \
+    extern "C" __global__ void name##_sn(RF_MMVQ8_ARGS, int n, int acc) {                       \
+        rf_mmvq8s<T, RF_MMVQ8_MAXN, 1>(w0, w1, w2, xq, xm, y0, y1, y2, ncols, r1, r2, ntotal, n, \
+                                       acc);                                                    \
+    }                                                                                           \
+    RF_MMVQ8_TC(name, T)
 // The staged packed tiles two a block (`_ms2p`, `_mms2p`, `_mqs2p`): every type but Q6_K,
 // whose two tiles' chunks pass the static shared memory (RfStageRT).
 #define RF_MMVQ8_PAIR(name, T)                                                                  \
@@ -993,6 +1002,7 @@ RF_MMVQ8(mmvq_q8_0_q8a, Q8Q8_0)
 RF_MMVQ8(mmvq_q4_k_q8a, Q8Q4_K)
 RF_MMVQ8(mmvq_q5_k_q8a, Q8Q5_K)
 RF_MMVQ8(mmvq_q6_k_q8a, Q8Q6_K)
+#if defined(RF_CUDA)
 RF_MMVQ8_PAIR(mmvq_q4_0_q8a, Q8Q4_0)
 RF_MMVQ8_PAIR(mmvq_q4_1_q8a, Q8Q4_1)
 RF_MMVQ8_PAIR(mmvq_q5_0_q8a, Q8Q5_0)
@@ -1000,3 +1010,4 @@ RF_MMVQ8_PAIR(mmvq_q5_1_q8a, Q8Q5_1)
 RF_MMVQ8_PAIR(mmvq_q8_0_q8a, Q8Q8_0)
 RF_MMVQ8_PAIR(mmvq_q4_k_q8a, Q8Q4_K)
 RF_MMVQ8_PAIR(mmvq_q5_k_q8a, Q8Q5_K)
+#endif

@@ -16,7 +16,7 @@ use rocmforge::backend::compile_cache::KernelCache;
 use rocmforge::backend::hip::{
     compile, compile_source, wavefront_check_source, HipRtc, CHECKED_ARCHS,
 };
-use rocmforge::backend::kernels::{block_size_asserts, block_size_asserts_with, entry_points};
+use rocmforge::backend::kernels::{block_size_asserts, block_size_asserts_with, entry_points_for};
 use rocmforge::backend::BackendError;
 use rocmforge::quant::GgmlType;
 
@@ -82,7 +82,7 @@ fn every_kernel_compiles_for_gfx90a_and_gfx1030() {
     // Memory-only cache: this test must exercise the compiler, not a warm disk cache.
     let cache = KernelCache::with_dir(None);
     let mut compiled = 0;
-    for (file, entries) in entry_points() {
+    for (file, entries) in entry_points_for(false) {
         for arch in CHECKED_ARCHS {
             let (co, _) = compile(&cache, file, arch, &[])
                 .unwrap_or_else(|e| panic!("{file} for {arch}: {e}"));
@@ -107,7 +107,7 @@ fn every_kernel_compiles_for_gfx90a_and_gfx1030() {
         .collect();
     for f in &files {
         assert!(
-            entry_points().iter().any(|(e, _)| e == f),
+            entry_points_for(false).iter().any(|(e, _)| e == f),
             "{f} has no entry in backend::kernels::entry_points"
         );
     }
@@ -203,7 +203,7 @@ fn every_kernel_compiles_with_hipcc_genco() {
         std::fs::write(dir.path().join(name), text).expect("write kernel source");
     }
     let mut failures = Vec::new();
-    for (file, _) in entry_points() {
+    for (file, _) in entry_points_for(false) {
         for arch in CHECKED_ARCHS {
             let out = dir.path().join(format!("{file}-{arch}.co"));
             let res = Command::new("hipcc")

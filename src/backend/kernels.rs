@@ -73,8 +73,24 @@ pub fn block_size_asserts_with(size_of: impl Fn(GgmlType) -> u64) -> String {
     s
 }
 
-/// Every compilable kernel file and the entry points it must export.
+/// Every compilable kernel file and the entry points it must export in a CUDA build
+/// ([`entry_points_for`] `(true)`).
 pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
+    entry_points_for(true)
+}
+
+/// The q8 products' tensor-core forms (suffixes after `mmvq_<type>_q8a`); two-tile forms
+/// (`_ms2p`, `_mms2p`, `_mqs2p`) only for [`crate::backend::gpu::ops::mma_pair_capable`] types.
+const TENSOR_CORE_FORMS: [&str; 23] = [
+    "_m2", "_m4", "_m8", "_mm2", "_mm4", "_mm8", "_ms", "_mms", "_m2p", "_m4p", "_m8p", "_mm2p",
+    "_mm4p", "_mm8p", "_msp", "_mmsp", "_mq2p", "_mq4p", "_mq8p", "_mqsp", "_ms2p", "_mms2p",
+    "_mqs2p",
+];
+
+/// Every compilable kernel file and the entry points it must export: `tensor_cores` for a CUDA
+/// build (mmvq_q8.cu's tensor-core forms exist only there: `RF_MMVQ8_TC`), `false` for HIP
+/// ([`KernelDevice::VENDOR`](crate::backend::gpu::KernelDevice::VENDOR) `"HIP"`).
+pub fn entry_points_for(tensor_cores: bool) -> Vec<(&'static str, Vec<String>)> {
     let per_type = |op: &str, out: &str| -> Vec<String> {
         DEVICE_QTYPES
             .iter()
@@ -99,23 +115,15 @@ pub fn entry_points() -> Vec<(&'static str, Vec<String>)> {
                 .filter_map(|t| Some((*t, qtype_suffix(*t)?)))
                 .flat_map(|(t, s)| {
                     let pair = crate::backend::gpu::ops::mma_pair_capable(t);
-                    [
-                        "_n", "_w1", "_w2", "_w4", "_w8", "_sn", "_s1", "_s2", "_s4", "_m2", "_m4",
-                        "_m8", "_mm2", "_mm4", "_mm8", "_ms", "_mms", "_m2p", "_m4p", "_m8p",
-                        "_mm2p", "_mm4p", "_mm8p", "_msp", "_mmsp", "_mq2p", "_mq4p", "_mq8p",
-                        "_mqsp",
-                    ]
-                    .into_iter()
-                    .chain(
-                        if pair {
-                            &["_ms2p", "_mms2p", "_mqs2p"][..]
-                        } else {
-                            &[][..]
-                        }
+                    let tc = TENSOR_CORE_FORMS
                         .iter()
-                        .copied(),
-                    )
-                    .map(move |v| format!("mmvq_{s}_q8a{v}"))
+                        .copied()
+                        .filter(move |v| pair || !v.ends_with("s2p"))
+                        .filter(move |_| tensor_cores);
+                    ["_n", "_w1", "_w2", "_w4", "_w8", "_sn", "_s1", "_s2", "_s4"]
+                        .into_iter()
+                        .chain(tc)
+                        .map(move |v| format!("mmvq_{s}_q8a{v}"))
                 })
                 .chain(["quantize_q8a_f32".to_string(), "q8a_pack_mma".to_string()])
                 .collect(),
@@ -217,6 +225,43 @@ mod tests {
             assert!(!names.is_empty());
         }
         assert!(crate::kernels::source("quant_blocks.cuh").is_some());
+    }
+
+    #[test]
+    fn hip_builds_list_no_tensor_core_forms() {
+        let names = |tc: bool| -> Vec<String> {
+            entry_points_for(tc)
+                .into_iter()
+                .find(|(f, _)| *f == "mmvq_q8.cu")
+                .map(|(_, n)| n)
+                .unwrap_or_default()
+        };
+        let (cuda, hip) = (names(true), names(false));
+        for n in [
+            "mmvq_q4_0_q8a_mqs2p",
+            "mmvq_q6_k_q8a_mqsp",
+            "mmvq_q4_k_q8a_m8",
+        ] {
+            assert!(
+                cuda.iter().any(|x| x == n),
+                "{n} missing from the CUDA list"
+            );
+            assert!(!hip.iter().any(|x| x == n), "{n} listed for HIP");
+        }
+        assert!(!cuda.iter().any(|x| x == "mmvq_q6_k_q8a_mqs2p"));
+        for n in [
+            "mmvq_q4_0_q8a_s1",
+            "mmvq_q6_k_q8a_sn",
+            "q8a_pack_mma",
+            "quantize_q8a_f32",
+        ] {
+            assert!(hip.iter().any(|x| x == n), "{n} missing from the HIP list");
+        }
+        // HIP's list is CUDA's without the tensor-core forms.
+        let tc = cuda.iter().filter(|x| !hip.contains(x)).count();
+        assert_eq!(hip.len() + tc, cuda.len());
+        assert!(hip.iter().all(|x| cuda.contains(x)));
+        assert_eq!(entry_points(), entry_points_for(true));
     }
 
     #[test]

@@ -480,6 +480,11 @@ pub(super) fn check_mmvq_q8_mma<D: KernelDevice>(
     t: &mut Table,
     rng: &mut ChaCha8Rng,
 ) {
+    if D::VENDOR == "HIP" {
+        // HIP builds have no tensor-core forms (mmvq_q8.cu's RF_MMVQ8_TC): nothing to check.
+        println!("check_mmvq_q8_mma: no tensor-core forms in a HIP build");
+        return;
+    }
     let rows = 37usize;
     let how = if d.int8_mma() { "mma" } else { "dp4a" };
     for qt in DEVICE_QTYPES.into_iter().filter(|&q| q8a_capable(q)) {
@@ -709,7 +714,9 @@ pub(super) fn print_mmvq_q8_shapes<D: KernelDevice>(d: &D, s: &D::Stream, rng: &
                 ("ms2p", 8, MMA_MAXN),
                 ("ms2p", 8, MMA_PACKED_MAXN),
             ] {
-                if form == "ms2p" && !mma_pair_capable(qt) {
+                if (form == "ms2p" && !mma_pair_capable(qt))
+                    || (form.starts_with('m') && D::VENDOR == "HIP")
+                {
                     continue;
                 }
                 let staged = form.starts_with('s');

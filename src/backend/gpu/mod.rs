@@ -131,7 +131,8 @@ pub fn preload_kernels<D: KernelDevice>(dev: std::sync::Arc<D>) {
         .name("rf-kernel-load".into())
         .spawn(move || {
             let _s = tracing::info_span!("kernel_preload").entered();
-            for (file, names) in crate::backend::kernels::entry_points() {
+            // HIP builds have no tensor-core forms (the launcher never takes them there).
+            for (file, names) in crate::backend::kernels::entry_points_for(D::VENDOR != "HIP") {
                 // The size probe is for tests; the pass never launches it.
                 if file == "quant_sizes.cu" {
                     continue;
