@@ -1,6 +1,8 @@
 //! Load generator for `rocmforge serve` on loopback: starts the server in-process, then for each
 //! concurrency level runs `clients x rounds` streamed chat requests and reports throughput
-//! (generated tokens per second of wall time) and p50/p99 time to first token.
+//! (generated tokens per second of wall time), p50/p99 time to first token, the median
+//! request's mean time between tokens after its first (`itl_p50_ms`: decode alone) and, for an
+//! in-process server, the batch steps the level took.
 //!
 //! cargo run --profile test -p rocmforge-actors --example serve_loadgen -- \
 //!     [MODEL] [--clients 1,8,32] [--rounds 2] [--max-tokens 16] [--backend cpu|cuda|auto] [--json]
@@ -103,10 +105,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         };
         if !as_json {
-            println!("clients  requests  tokens  wall_s  tok/s   ttft_p50_ms  ttft_p99_ms");
+            println!(
+                "clients  requests  tokens  wall_s  tok/s   ttft_p50_ms  ttft_p99_ms  itl_p50_ms  steps"
+            );
         }
         let mut report = Vec::new();
+        // An in-process server's step count (continuous batching: one step a decode token for
+        // every running sequence, plus prompt chunks).
+        let steps = || {
+            server
+                .as_ref()
+                .map(|s| s.runtime().stats().batch_steps.iter().sum::<u64>())
+        };
         for &clients in &levels {
+            let steps_before = steps();
             let start = Instant::now();
             let tasks: Vec<_> = (0..clients)
                 .map(|c| {
@@ -130,24 +142,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 )
                                 .into());
                             }
-                            // First event carrying generated text (the first chunk only
-                            // announces the role).
-                            let first = resp.events.iter().find(|(_, e)| {
-                                serde_json::from_str::<serde_json::Value>(e).is_ok_and(|v| {
-                                    v["choices"][0]["delta"]["content"]
-                                        .as_str()
-                                        .is_some_and(|s| !s.is_empty())
-                                })
-                            });
-                            let ttft = first.map(|(t, _)| (*t - sent).as_secs_f64());
-                            let usage = |key: &str| {
-                                resp.events.iter().find_map(|(_, e)| {
-                                    serde_json::from_str::<serde_json::Value>(e).ok()?["usage"]
-                                        [key]
-                                        .as_u64()
-                                })
-                            };
-                            let chunks = resp
+                            // Events carrying generated text (the first chunk only announces
+                            // the role).
+                            let content: Vec<Instant> = resp
                                 .events
                                 .iter()
                                 .filter(|(_, e)| {
@@ -157,9 +154,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                             .is_some_and(|s| !s.is_empty())
                                     })
                                 })
-                                .count() as u64;
+                                .map(|(t, _)| *t)
+                                .collect();
+                            let ttft = content.first().map(|t| (*t - sent).as_secs_f64());
+                            // Mean time between content events after the first (decode
+                            // alone, without the prompt's prefill).
+                            let itl = match (content.first(), content.last()) {
+                                (Some(a), Some(b)) if content.len() > 1 => {
+                                    Some((*b - *a).as_secs_f64() / (content.len() - 1) as f64)
+                                }
+                                _ => None,
+                            };
+                            let usage = |key: &str| {
+                                resp.events.iter().find_map(|(_, e)| {
+                                    serde_json::from_str::<serde_json::Value>(e).ok()?["usage"]
+                                        [key]
+                                        .as_u64()
+                                })
+                            };
+                            let chunks = content.len() as u64;
                             let tokens = usage("completion_tokens").unwrap_or(chunks);
-                            out.push((ttft, tokens, usage("prompt_tokens").unwrap_or(0)));
+                            out.push((ttft, itl, tokens, usage("prompt_tokens").unwrap_or(0)));
                         }
                         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(out)
                     })
@@ -170,33 +185,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .await
                     .map_err(|_| "load level timed out")?;
             let wall = start.elapsed().as_secs_f64();
+            let level_steps = steps().zip(steps_before).map(|(a, b)| a - b);
             let mut ttfts = Vec::new();
+            let mut itls = Vec::new();
             let mut tokens = 0u64;
             let mut prompt_tokens = 0u64;
             let mut n = 0;
             for r in results {
-                for (ttft, t, p) in r?.map_err(|e| e.to_string())? {
+                for (ttft, itl, t, p) in r?.map_err(|e| e.to_string())? {
                     ttfts.extend(ttft);
+                    itls.extend(itl);
                     tokens += t;
                     prompt_tokens += p;
                     n += 1;
                 }
             }
             ttfts.sort_by(f64::total_cmp);
+            itls.sort_by(f64::total_cmp);
             let (p50, p99) = (percentile(&ttfts, 50.0), percentile(&ttfts, 99.0));
             let row = json!({"clients": clients, "requests": n, "tokens": tokens, "wall_s": wall,
                              "tokens_per_s": tokens as f64 / wall,
                              "prompt_tokens_mean": prompt_tokens as f64 / n.max(1) as f64,
-                             "ttft_p50_ms": p50 * 1e3, "ttft_p99_ms": p99 * 1e3});
+                             "ttft_p50_ms": p50 * 1e3, "ttft_p99_ms": p99 * 1e3,
+                             "itl_p50_ms": percentile(&itls, 50.0) * 1e3,
+                             "steps": level_steps});
             report.push(row.clone());
             if as_json {
                 println!("{row}");
             } else {
                 println!(
-                    "{clients:>7}  {n:>8}  {tokens:>6}  {wall:>6.2}  {:>6.1}  {:>11.0}  {:>11.0}",
+                    "{clients:>7}  {n:>8}  {tokens:>6}  {wall:>6.2}  {:>6.1}  {:>11.0}  {:>11.0}  {:>10.2}  {}",
                     tokens as f64 / wall,
                     p50 * 1e3,
-                    p99 * 1e3
+                    p99 * 1e3,
+                    percentile(&itls, 50.0) * 1e3,
+                    level_steps.map_or("-".to_string(), |s| s.to_string())
                 );
             }
         }

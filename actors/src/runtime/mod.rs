@@ -336,6 +336,11 @@ impl RuntimeHandle {
         self.inner.plan.n_layers
     }
 
+    /// Whether the model computes on a device (CUDA, HIP) rather than from host memory.
+    pub fn computes_on_device(&self) -> bool {
+        !self.inner.backend.computes_from_host()
+    }
+
     /// Where each unit lives under the budget at start (`--explain`): resident, streamed,
     /// loaded when routed (experts), or computed on the host. Hints move units later.
     pub fn placement(&self) -> Placement {
