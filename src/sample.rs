@@ -102,28 +102,39 @@ impl Sampler {
         self.seed
     }
 
+    /// Whether [`Sampler::sample`] is the logits' argmax whatever the history (temperature 0,
+    /// no penalties).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 && !self.params.has_penalties()
+    }
+
     /// Picks the next token from `logits` given the tokens so far (`history`, prompt included).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        if self.params.temperature <= 0.0 && !self.params.has_penalties() {
+        if self.is_greedy() {
             // Greedy on the logits as they are: no copy of the vocabulary per token.
             return argmax(logits);
         }
-        self.logits.clear();
-        self.logits.extend_from_slice(logits);
-        self.apply_penalties(history);
+        // Penalties change a copy; without them the logits are read where they are.
+        let logits = if self.params.has_penalties() {
+            self.logits.clear();
+            self.logits.extend_from_slice(logits);
+            self.apply_penalties(history);
+            &self.logits[..]
+        } else {
+            logits
+        };
         let p = &self.params;
         if p.temperature <= 0.0 {
-            return argmax(&self.logits);
+            return argmax(logits);
         }
         let c = &mut self.candidates;
         c.clear();
-        c.extend(self.logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && p.top_k < c.len() {
-            c.select_nth_unstable_by(p.top_k - 1, by_logit);
-            c.truncate(p.top_k);
+        if p.top_k > 0 && p.top_k < logits.len() {
+            top_k_sorted(logits, p.top_k, c);
+        } else {
+            c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+            c.sort_unstable_by(by_logit);
         }
-        c.sort_unstable_by(by_logit);
         // Probabilities of the remaining candidates (unscaled by temperature, as llama.cpp).
         softmax_in_place(c);
         if p.top_p < 1.0 {
@@ -145,7 +156,7 @@ impl Sampler {
         }
         // Temperature on the surviving candidates' logits, then a draw.
         for x in c.iter_mut() {
-            x.1 = self.logits[x.0 as usize] / p.temperature;
+            x.1 = logits[x.0 as usize] / p.temperature;
         }
         softmax_in_place(c);
         let r: f32 = self.rng.gen();
@@ -184,6 +195,58 @@ impl Sampler {
             *l -= n as f32 * p.frequency_penalty + p.presence_penalty;
         }
     }
+}
+
+/// The sampler's order of candidates: larger logit first (`total_cmp`, so a NaN is ordered
+/// too), the lower id first among equals; a strict total order.
+fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The first `k` (id, logit) pairs of `logits` in [`by_logit`] order, sorted, into `out`: the
+/// set and order a full sort's first `k` would give, in one pass over the vocabulary (128k
+/// logits: tens of microseconds rather than building and partitioning 128k pairs). `out` is
+/// kept sorted; a logit enters only when it beats the current k-th, which comes at most
+/// ~k ln(n / k) times in a shuffled vocabulary.
+fn top_k_sorted(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
+    /// Logits per chunk whose largest key is checked against the k-th before any is looked at.
+    const CHUNK: usize = 64;
+    out.clear();
+    if k == 0 {
+        return;
+    }
+    let mut base = 0;
+    for chunk in logits.chunks(CHUNK) {
+        // A full set and no key in the chunk above its k-th: nothing here enters (the common
+        // case once the set is warm; the key maximum vectorizes).
+        if out.len() == k {
+            let worst = total_key(out[k - 1].1);
+            if chunk.iter().fold(i32::MIN, |m, &v| m.max(total_key(v))) <= worst {
+                base += chunk.len();
+                continue;
+            }
+        }
+        for (j, &l) in chunk.iter().enumerate() {
+            let x = ((base + j) as u32, l);
+            if out.len() == k {
+                // Ids rise, so an equal logit comes after the k-th: only a larger one enters.
+                if total_key(l) <= total_key(out[k - 1].1) {
+                    continue;
+                }
+                out.pop();
+            }
+            let at = out.partition_point(|y| by_logit(y, &x) == std::cmp::Ordering::Less);
+            out.insert(at, x);
+        }
+        base += chunk.len();
+    }
+}
+
+/// `v`'s bits as an integer ordered as `f32::total_cmp` orders the floats.
+#[inline]
+fn total_key(v: f32) -> i32 {
+    let b = v.to_bits() as i32;
+    b ^ (((b >> 31) as u32) >> 1) as i32
 }
 
 fn softmax_in_place(c: &mut [(u32, f32)]) {
@@ -330,6 +393,37 @@ impl StopStrings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Logits with many ties (a few distinct values), NaNs and infinities among them.
+    fn tricky_logits() -> impl Strategy<Value = Vec<f32>> {
+        prop::collection::vec(
+            prop_oneof![
+                8 => (-4i32..4).prop_map(|v| v as f32),
+                4 => -10.0f32..10.0,
+                1 => Just(f32::NAN),
+                1 => Just(f32::NEG_INFINITY),
+                1 => Just(f32::INFINITY),
+                1 => Just(-0.0f32),
+            ],
+            1..400,
+        )
+    }
+
+    proptest! {
+        /// The one-pass top-k is the full sort's first k, in the same order.
+        #[test]
+        fn top_k_sorted_is_the_sorts_prefix(l in tricky_logits(), k in 1usize..64) {
+            let mut all: Vec<(u32, f32)> =
+                l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+            all.sort_unstable_by(by_logit);
+            all.truncate(k);
+            let mut got = Vec::new();
+            top_k_sorted(&l, k, &mut got);
+            let bits = |v: &[(u32, f32)]| v.iter().map(|x| (x.0, x.1.to_bits())).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&got), bits(&all));
+        }
+    }
 
     fn logits() -> Vec<f32> {
         (0..100).map(|i| ((i * 37) % 100) as f32 / 10.0).collect()

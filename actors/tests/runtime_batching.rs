@@ -101,6 +101,49 @@ fn concurrent_requests_give_the_tokens_they_give_alone() {
     }
 }
 
+/// Seeded sampling (the API's defaults at temperature 1): the draws of sequences sampled in one
+/// step (on the actor's pool at once) are those each makes alone.
+#[test]
+fn concurrent_sampled_requests_draw_what_they_draw_alone() {
+    let sampled = |i: usize, p: &[u32]| {
+        let mut r = request(p);
+        r.sampling = rocmforge::sample::SamplingParams {
+            temperature: 1.0,
+            seed: Some(1_000 + i as u64),
+            ..Default::default()
+        };
+        r
+    };
+    let rt = builder().max_num_seqs(1).build().unwrap();
+    let want: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| rt.generate(sampled(i, p)).collect_tokens().unwrap())
+        .collect();
+    rt.shutdown().unwrap();
+    let rt = builder().max_num_seqs(8).build().unwrap();
+    let streams: Vec<_> = PROMPTS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| rt.generate(sampled(i, p)))
+        .collect();
+    let got: Vec<Vec<u32>> = streams
+        .into_iter()
+        .map(|s| std::thread::spawn(move || s.collect_tokens().unwrap()))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let s = rt.stats();
+    assert!(
+        s.batch_steps.iter().skip(1).sum::<u64>() > 0,
+        "no batched step: {:?}",
+        s.batch_steps
+    );
+    rt.shutdown().unwrap();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn a_client_that_goes_away_frees_its_blocks_and_the_others_finish() {
     let want = alone();

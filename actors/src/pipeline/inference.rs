@@ -19,6 +19,7 @@ use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::residency::ResidencyBoard;
 use crate::pipeline::scheduler::SchedMsg;
 use crate::pipeline::shared::{recv_or_cancel, start_actor, Readiness, Shared, Starting};
+use rocmforge::sample::TokenLogprobs;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -214,6 +215,33 @@ pub(super) struct Running {
     backlog: Option<TokenEvent>,
     /// Set when it stops generating; it leaves once its backlog is delivered.
     finish: Option<FinishReason>,
+}
+
+/// `r`'s next token from the step's `logits` (and its log-probabilities when asked), drawn by
+/// its sampler through its grammar mask.
+fn choose(r: &mut Running, mut logits: Vec<f32>) -> Result<(u32, Option<TokenLogprobs>)> {
+    let req = &r.job.request;
+    // Log-probabilities are of the model's distribution: the logits before the mask.
+    let raw = (r.mask.is_some() && req.logprobs.is_some()).then(|| logits.clone());
+    if let Some(m) = &mut r.mask {
+        m.apply(&mut logits).map_err(rocmforge::Error::from)?;
+    }
+    let token = r.sampler.sample(&logits);
+    if let Some(m) = &mut r.mask {
+        m.accept(token).map_err(rocmforge::Error::from)?;
+    }
+    let logprobs = req
+        .logprobs
+        .map(|n| TokenLogprobs::of(raw.as_deref().unwrap_or(&logits), token, n));
+    Ok((token, logprobs))
+}
+
+impl Running {
+    /// Whether this sequence's next token is the logits' argmax and nothing else of them is
+    /// needed (greedy, no penalties, no grammar mask, no log-probabilities).
+    pub(super) fn greedy_only(&self) -> bool {
+        self.mask.is_none() && self.job.request.logprobs.is_none() && self.sampler.is_greedy()
+    }
 }
 
 /// A request's sequence, ready to join the running set.
@@ -566,6 +594,8 @@ impl Inference {
     /// sequence that got logits and streams it.
     fn sample_all(&mut self, running: &mut [Running], take: &[usize], logits: Vec<Vec<f32>>) {
         let mut logits = logits.into_iter();
+        // (sequence, its logits) of those whose input the step consumed.
+        let mut due: Vec<(&mut Running, Vec<f32>)> = Vec::new();
         for (r, &t) in running.iter_mut().zip(take) {
             if t == 0 {
                 continue;
@@ -579,37 +609,48 @@ impl Inference {
                 self.compute.publish_prefix(&mut r.slot.state, &r.fed);
             }
             r.decoding = true;
-            let Some(l) = logits.next() else {
-                r.finish = Some(FinishReason::EndOfSequence);
-                continue;
-            };
-            if let Err(e) = self.sample_one(r, l) {
-                r.finish = Some(FinishReason::EndOfSequence);
-                let _ = r.job.events.try_send(Err(e));
+            match logits.next() {
+                Some(l) => due.push((r, l)),
+                None => r.finish = Some(FinishReason::EndOfSequence),
+            }
+        }
+        // A draw takes ~0.1 ms a sequence at a 128k vocabulary (more with a grammar mask;
+        // benches/sampling.rs): a step's draws run on the actor's pool at once. Greedy ones
+        // are a scan of a few microseconds and stay here.
+        let drawn = due.iter().filter(|(r, _)| !r.greedy_only()).count();
+        fn pick(
+            (r, l): (&mut Running, Vec<f32>),
+        ) -> (&mut Running, Result<(u32, Option<TokenLogprobs>)>) {
+            let c = choose(r, l);
+            (r, c)
+        }
+        let chosen: Vec<_> = if drawn > 1 {
+            use rayon::prelude::*;
+            due.into_par_iter().map(pick).collect()
+        } else {
+            due.into_iter().map(pick).collect()
+        };
+        for (r, c) in chosen {
+            match c {
+                Ok((token, logprobs)) => self.emit(r, token, logprobs),
+                Err(e) => {
+                    r.finish = Some(FinishReason::EndOfSequence);
+                    let _ = r.job.events.try_send(Err(e));
+                }
             }
         }
     }
 
-    fn sample_one(&mut self, r: &mut Running, mut logits: Vec<f32>) -> Result<()> {
+    /// Streams `r`'s new `token` and decides whether it goes on.
+    fn emit(&mut self, r: &mut Running, token: u32, logprobs: Option<TokenLogprobs>) {
         let req = &r.job.request;
-        // Log-probabilities are of the model's distribution: the logits before the mask.
-        let raw = (r.mask.is_some() && req.logprobs.is_some()).then(|| logits.clone());
-        if let Some(m) = &mut r.mask {
-            m.apply(&mut logits).map_err(rocmforge::Error::from)?;
-        }
-        let token = r.sampler.sample(&logits);
-        if let Some(m) = &mut r.mask {
-            m.accept(token).map_err(rocmforge::Error::from)?;
-        }
         // The event carries the token (it was generated) but a control token's text is
         // empty: `<|im_end|>` never reaches a reply.
         let ev = TokenEvent {
             index: r.generated,
             token,
             text: r.text.push(&self.compute.token_bytes(token)),
-            logprobs: req.logprobs.map(|n| {
-                rocmforge::sample::TokenLogprobs::of(raw.as_deref().unwrap_or(&logits), token, n)
-            }),
+            logprobs,
         };
         r.generated += 1;
         if req.stop_at_eos && self.compute.is_end_of_generation(token) {
@@ -625,7 +666,6 @@ impl Inference {
             // The consumer is gone: the sequence leaves at the next step.
             Err(_) => {}
         }
-        Ok(())
     }
 
     /// Waits until `r`'s consumer takes its pending event (or goes away, or shutdown).

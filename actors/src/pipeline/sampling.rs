@@ -29,6 +29,11 @@ impl Sampler {
         self.history.push(t);
         t
     }
+
+    /// Whether `sample` is the argmax of the logits whatever came before.
+    pub fn is_greedy(&self) -> bool {
+        self.inner.is_greedy()
+    }
 }
 
 /// Turns token bytes into text pieces without splitting a UTF-8 character across two events
