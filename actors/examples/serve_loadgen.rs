@@ -117,7 +117,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .as_ref()
                 .map(|s| s.runtime().stats().batch_steps.iter().sum::<u64>())
         };
-        for &clients in &levels {
+        for (level, &clients) in levels.iter().enumerate() {
             let steps_before = steps();
             let start = Instant::now();
             let tasks: Vec<_> = (0..clients)
@@ -130,7 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 "model": model_id, "max_tokens": max_tokens, "temperature": 0,
                                 "stream": true, "stream_options": {"include_usage": true},
                                 "messages": [{"role": "user",
-                                              "content": prompt(c, r, prompt_words)}],
+                                              "content": prompt(level, c, r, prompt_words)}],
                             });
                             let sent = Instant::now();
                             let resp = post_sse(addr, "/v1/chat/completions", &body).await?;
@@ -245,14 +245,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })
 }
 
-/// Client `c`'s request `r`: a short question, then `words` filler words (distinct per request,
-/// so no two prompts share more than the chat template's opening).
-fn prompt(c: usize, r: usize, words: usize) -> String {
+/// Client `c`'s request `r` of load level `level`: a short question, then `words` filler words
+/// (distinct per request and per level, so no two prompts of a run share more than the chat
+/// template's opening: a server's prefix cache cannot serve a later level from an earlier one).
+fn prompt(level: usize, c: usize, r: usize, words: usize) -> String {
     const WORDS: [&str; 16] = [
         "river", "stone", "light", "paper", "garden", "window", "music", "winter", "market",
         "forest", "silver", "engine", "harbor", "planet", "bridge", "candle",
     ];
-    let mut s = format!("Tell me about topic {c}-{r}.");
+    let mut s = format!("Tell me about topic {level}-{c}-{r}.");
     for i in 0..words {
         s.push(' ');
         s.push_str(WORDS[(i * 7 + c * 3 + r) % WORDS.len()]);
