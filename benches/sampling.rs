@@ -1,7 +1,8 @@
 //! The host sampler's cost per token for the vocabularies a server meets (SmolLM2 49,152,
 //! Llama 3 128,256): greedy (`argmax`), the API's default (temperature 0.8, top-k 40, top-p
-//! 0.95), and the default with a repeat penalty. Each sequence of a batched step is sampled on
-//! the inference actor's thread, so at 32 sequences a step pays this 32 times.
+//! 0.95), the default with a repeat penalty, top-p alone, and a token's log-probabilities with
+//! its 5 best alternatives (`logprobs`). A batched step pays this once per sequence (on the
+//! inference actor's pool, several at once).
 //!
 //!     cargo bench -p rocmforge --bench sampling
 
@@ -38,6 +39,9 @@ fn bench(c: &mut Criterion) {
         });
         g.bench_function("top_p_only", |b| {
             b.iter(|| s.sample(black_box(&l), &history))
+        });
+        g.bench_function("logprobs_top_5", |b| {
+            b.iter(|| rocmforge::sample::TokenLogprobs::of(black_box(&l), 3, 5))
         });
         g.finish();
     }

@@ -287,23 +287,14 @@ impl TokenLogprobs {
         let log_z = f64::from(max) + sum.ln();
         let lp = |l: f32| (f64::from(l) - log_z) as f32;
         let n = top_n.min(MAX_TOP_LOGPROBS).min(logits.len());
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let by_logit = |a: &u32, b: &u32| {
-            logits[*b as usize]
-                .total_cmp(&logits[*a as usize])
-                .then(a.cmp(b))
-        };
-        if n > 0 && n < idx.len() {
-            idx.select_nth_unstable_by(n - 1, by_logit);
-        }
-        idx.truncate(n);
-        idx.sort_unstable_by(by_logit);
+        let mut top = Vec::with_capacity(n);
+        top_k_sorted(logits, n, &mut top);
         Self {
             token,
             logprob: logits
                 .get(token as usize)
                 .map_or(f32::NEG_INFINITY, |&l| lp(l)),
-            top: idx.iter().map(|&i| (i, lp(logits[i as usize]))).collect(),
+            top: top.into_iter().map(|(i, l)| (i, lp(l))).collect(),
         }
     }
 }
