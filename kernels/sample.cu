@@ -32,16 +32,20 @@ __device__ __forceinline__ void rf_block_best(float* v, int* i, float* sv, int* 
     }
 }
 
-// Greedy: out[0] = argmax(logits[0..n)), lowest id on ties.
+// Greedy, one block per row (grid x = rows): out[r] = argmax(logits[r * n .. r * n + n)),
+// lowest id on ties, a NaN never chosen; a row whose first logit is NaN gives 0. That is the
+// host's `sample::argmax` (a scan keeping the first entry until a larger one comes), so a
+// greedy token chosen here is the one the host would choose from the same logits.
 extern "C" __global__ void __launch_bounds__(RF_MAX_THREADS) argmax_f32(const float* __restrict__ logits, int n, i32* __restrict__ out) {
     __shared__ float sv[RF_MAX_WARPS];
     __shared__ int si[RF_MAX_WARPS];
+    const float* row = logits + (i64)blockIdx.x * n;
     float bv = -RF_INF;
     int bi = 0x7fffffff;
     for (int j = threadIdx.x; j < n; j += blockDim.x)
-        if (rf_before(logits[j], j, bv, bi)) { bv = logits[j]; bi = j; }
+        if (rf_before(row[j], j, bv, bi)) { bv = row[j]; bi = j; }
     rf_block_best(&bv, &bi, sv, si);
-    if (threadIdx.x == 0) out[0] = bi;
+    if (threadIdx.x == 0) out[blockIdx.x] = (row[0] != row[0] || bi == 0x7fffffff) ? 0 : bi;
 }
 
 // Top-k then top-p (nucleus) sampling with temperature.

@@ -797,7 +797,7 @@ fn check_sampling<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mu
     logits[31_337] = 12.5; // a clear maximum away from index 0
     let ld = up(d, &logits);
     let out = d.alloc(4, "token").expect("alloc");
-    d.argmax(s, &ld, n, &out).expect("argmax");
+    d.argmax(s, &ld, n, 1, &out).expect("argmax");
     s.synchronize().expect("sync");
     let got = out.to_vec::<i32>(1).expect("read")[0];
     t.add(
@@ -806,6 +806,38 @@ fn check_sampling<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mu
         if got == 31_337 { 0.0 } else { 1.0 },
         0.0,
     );
+    // Several rows at once (a batched step's greedy tokens), each against the host's
+    // `sample::argmax`: a clear maximum, ties (the lowest id wins), NaNs (never chosen; a NaN
+    // first logit gives 0), a row of -inf, a maximum in the last place.
+    let mut rows: Vec<Vec<f32>> = (0..6).map(|_| rand_vec(rng, n, 8.0)).collect();
+    rows[0][777] = 20.0;
+    rows[1][40_000] = 20.0;
+    rows[1][1_000] = 20.0;
+    rows[1][45_000] = 20.0;
+    rows[2][5] = f32::NAN;
+    rows[2][6] = 30.0;
+    rows[2][7] = f32::NAN;
+    rows[3][0] = f32::NAN;
+    rows[3][9] = 30.0;
+    rows[4].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+    rows[5][n - 1] = 25.0;
+    let flat: Vec<f32> = rows.concat();
+    let ld = up(d, &flat);
+    let out = d.alloc(4 * rows.len(), "tokens").expect("alloc");
+    d.argmax(s, &ld, n, rows.len(), &out).expect("argmax rows");
+    s.synchronize().expect("sync");
+    let got = out.to_vec::<i32>(rows.len()).expect("read");
+    let want: Vec<i32> = rows
+        .iter()
+        .map(|r| rocmforge::sample::argmax(r) as i32)
+        .collect();
+    assert_eq!(
+        want,
+        [777, 1_000, 6, 0, 0, n as i32 - 1],
+        "host argmax of the test rows"
+    );
+    let wrong = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+    t.add("argmax_f32 (6 rows)", "f32", wrong as f64, 0.0);
 
     let mut mismatches = 0;
     let mut cases = 0;

@@ -170,6 +170,14 @@ fn gpu_greedy(rt: &RuntimeHandle, prompt: &[u32]) -> (Vec<u32>, Vec<TokenLogprob
     (ids, lps)
 }
 
+/// The tokens of `req` through the runtime.
+fn req_tokens(rt: &RuntimeHandle, req: GenerateRequest) -> Vec<u32> {
+    rt.generate(req)
+        .into_blocking()
+        .map(|ev| ev.expect("token").token)
+        .collect()
+}
+
 /// The largest |GPU - CPU| log-probability over the tokens both top lists hold, relative to the
 /// step's largest |logit|.
 fn logprob_err(gpu: &TokenLogprobs, cpu: &TokenLogprobs, scale: f32) -> f32 {
@@ -462,6 +470,19 @@ fn check_batched(kind: BackendKind) {
         .iter()
         .map(|c| gpu_greedy(&rt, &c.hf_prompt_ids).0)
         .collect();
+    // Without log-probabilities a greedy sequence's token is chosen on the device (only the
+    // ids come back): the same computation, so the same tokens as the host's argmax over the
+    // logits `gpu_greedy` brings back, every step.
+    for (c, a) in cases.iter().zip(&alone) {
+        let mut req = GenerateRequest::tokens(c.hf_prompt_ids.clone(), STEPS);
+        req.stop_at_eos = false;
+        let device: Vec<u32> = req_tokens(&rt, req);
+        assert_eq!(
+            &device, a,
+            "{}: greedy tokens chosen on {kind} differ from the host's argmax of its logits",
+            c.name
+        );
+    }
     let before = rt.stats();
     let together: Vec<Vec<u32>> = std::thread::scope(|s| {
         let hs: Vec<_> = cases

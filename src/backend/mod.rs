@@ -38,6 +38,27 @@ use std::sync::Arc;
 pub use buffer::{view, BufferIo, DeviceBuffer, DeviceTensor, Pod, View};
 pub use error::{BackendError, BackendResult};
 
+/// What a step gives back for one row that wanted its next token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowLogits {
+    /// Every logit of the row (the host samples from them).
+    Full(Vec<f32>),
+    /// Only the row's greedy token, chosen where the logits are (the lowest id among equal
+    /// maxima, never a NaN: [`crate::sample::argmax`]'s choice over the same logits), for a
+    /// sequence that needs nothing else of them.
+    Argmax(u32),
+}
+
+impl RowLogits {
+    /// The greedy token: chosen already, or the argmax of the full row.
+    pub fn argmax(&self) -> u32 {
+        match self {
+            RowLogits::Full(l) => crate::sample::argmax(l),
+            RowLogits::Argmax(t) => *t,
+        }
+    }
+}
+
 /// Which backend a user asked for (`--backend cpu|cuda|hip|auto`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum BackendKind {
@@ -271,13 +292,16 @@ pub trait LayeredForward: Send {
     /// from the host, after layers computed there.
     fn hidden_from_host(&mut self, rows: &[f32]) -> Result<(), Self::Error>;
     /// Final norm and head on the given rows of the step; waits for the stream and returns
-    /// their logits, in the order asked.
+    /// what each row wants, in the order asked: its logits, or where `greedy[i]` says only its
+    /// greedy token is wanted, that token ([`RowLogits::Argmax`], chosen on the device; the
+    /// row's logits stay there). `greedy` is as long as `rows`.
     fn output_rows(
         &mut self,
         norm: &DeviceTensor<'_>,
         head: &DeviceTensor<'_>,
         rows: &[usize],
-    ) -> Result<Vec<Vec<f32>>, Self::Error>;
+        greedy: &[bool],
+    ) -> Result<Vec<RowLogits>, Self::Error>;
     /// One sequence's step: embeds `tokens` at positions `pos..`.
     fn embed(
         &mut self,

@@ -159,6 +159,12 @@ impl Model {
         }
     }
 
+    /// Whether [`Model::finish_logits`] changes the logits (a final soft-cap: Gemma 2 and 3),
+    /// which may make two different maxima equal.
+    pub fn has_final_softcap(&self) -> bool {
+        self.hp.final_softcap.is_some()
+    }
+
     /// What follows the output head: the family's final soft-cap, if any. A runtime that runs
     /// the head itself calls this on the logits (any subset of them: it is element-wise).
     pub fn finish_logits(&self, logits: &mut [f32]) {

@@ -4,7 +4,7 @@
 //! tokens; and every KV block is back in the pool once the sequences are gone.
 
 use super::llama::LlamaCompute;
-use super::{BatchLimits, BatchSeq, Hidden, ModelCompute, SequenceState};
+use super::{BatchLimits, BatchSeq, Hidden, ModelCompute, RowLogits, SequenceState};
 use crate::pipeline::backend::CpuBackend;
 use crate::pipeline::plan::LoadPlan;
 use crate::pipeline::residency::{LayerMemory, ResidentLayer};
@@ -106,6 +106,7 @@ impl Fixture {
                 seq,
                 rows: t.len(),
                 wants_logits: *wants,
+                greedy: false,
             })
             .collect();
         for l in 0..self.n_layers {
@@ -114,7 +115,15 @@ impl Fixture {
                 .unwrap();
         }
         let global = &self.units[self.n_layers];
-        self.compute.output_batch(global, &mut batch, &h).unwrap()
+        self.compute
+            .output_batch(global, &mut batch, &h)
+            .unwrap()
+            .into_iter()
+            .map(|r| match r {
+                RowLogits::Full(l) => l,
+                RowLogits::Argmax(t) => panic!("a token ({t}) where logits were asked"),
+            })
+            .collect()
     }
 }
 

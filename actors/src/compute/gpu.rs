@@ -9,7 +9,7 @@
 
 use crate::compute::llama::{token_bytes_with, tokenize_with};
 use crate::compute::prefix::PrefixStore;
-use crate::compute::{BatchSeq, ComputeFactory, Hidden, ModelCompute, SequenceState};
+use crate::compute::{BatchSeq, ComputeFactory, Hidden, ModelCompute, RowLogits, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::backend::WeightBackend;
 use crate::pipeline::gpu::{GpuBackend, GpuConfig, GpuReady, GpuRegion};
@@ -523,6 +523,7 @@ where
             seq,
             rows,
             wants_logits: true,
+            greedy: false,
         }];
         self.layer_batch(layer, weights, &mut one, hidden)
     }
@@ -606,12 +607,17 @@ where
         global: &ResidentLayer,
         batch: &mut [BatchSeq<'_>],
         _hidden: &Hidden,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<RowLogits>> {
         let mut rows = Vec::new();
+        let mut greedy = Vec::new();
+        // The final soft-cap (Gemma) is applied on the host and can make two maxima equal: its
+        // models' greedy tokens come from the capped logits there.
+        let device_argmax = !self.model.has_final_softcap();
         let mut first = 0;
         for b in batch.iter() {
             if b.wants_logits {
                 rows.push(first + b.rows - 1);
+                greedy.push(b.greedy && device_argmax);
             }
             first += b.rows;
         }
@@ -622,12 +628,14 @@ where
         let head = tensor(global, region, layout.head())?;
         let mut logits = self
             .fwd
-            .output_rows(&norm, &head, &rows)
+            .output_rows(&norm, &head, &rows, &greedy)
             .map_err(|e| err(None)(e.to_string()))?;
         self.leave(region)?;
         // The family's final soft-cap (Gemma), on the host as the CPU applies it.
         for l in &mut logits {
-            self.model.finish_logits(l);
+            if let RowLogits::Full(l) = l {
+                self.model.finish_logits(l);
+            }
         }
         for b in batch.iter_mut() {
             seq_mut::<F::Kv>(b.seq)?.advance(b.rows)?;

@@ -13,7 +13,7 @@
 use crate::compute::layer_refs;
 use crate::compute::{
     BatchLimits, BatchSeq, ComputeFactory, ComputeSettings, Hidden, KvPoolStats, ModelCompute,
-    SequenceState,
+    RowLogits, SequenceState,
 };
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::residency::ResidentLayer;
@@ -677,13 +677,17 @@ impl ModelCompute for LlamaCompute {
         global: &ResidentLayer,
         batch: &mut [BatchSeq<'_>],
         hidden: &Hidden,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<RowLogits>> {
         let n = self.final_norm_batch(global, batch, hidden)?;
         if n == 0 {
             return Ok(Vec::new());
         }
         let logits = self.head_logits(global, n)?;
-        Ok(self.split_logits(logits, n))
+        Ok(self
+            .split_logits(logits, n)
+            .into_iter()
+            .map(RowLogits::Full)
+            .collect())
     }
 
     fn output_prepare_batch(

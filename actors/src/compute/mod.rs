@@ -60,7 +60,12 @@ pub struct BatchSeq<'a> {
     pub seq: &'a mut SequenceState,
     pub rows: usize,
     pub wants_logits: bool,
+    /// Of the logits, only the greedy token is wanted (greedy sampling with no penalties, no
+    /// grammar mask, no log-probabilities): a compute may answer [`RowLogits::Argmax`].
+    pub greedy: bool,
 }
+
+pub use rocmforge::backend::RowLogits;
 
 /// KV memory of a compute that pools it (see `ModelCompute::kv_stats`).
 pub use rocmforge::model::KvPoolStats;
@@ -258,32 +263,15 @@ pub trait ModelCompute: Send {
         Err(split_experts_unsupported(layer))
     }
     /// The end of a batched step: advances every sequence by its rows and returns the logits
-    /// of those that want them, in batch order. Default: `output` on each sequence.
+    /// of those that want them, in batch order (or, where `greedy` allows, only their greedy
+    /// token). Default: `output` on each sequence, full logits.
     fn output_batch(
         &mut self,
         global: &ResidentLayer,
         batch: &mut [BatchSeq<'_>],
         hidden: &Hidden,
-    ) -> Result<Vec<Vec<f32>>> {
-        if let [one] = batch {
-            let logits = self.output(global, one.seq, hidden)?;
-            return Ok(if one.wants_logits {
-                vec![logits]
-            } else {
-                Vec::new()
-            });
-        }
-        let mut first = 0;
-        let mut out = Vec::new();
-        for b in batch.iter_mut() {
-            let h = hidden.rows(first, b.rows);
-            let logits = self.output(global, b.seq, &h)?;
-            if b.wants_logits {
-                out.push(logits);
-            }
-            first += b.rows;
-        }
-        Ok(out)
+    ) -> Result<Vec<RowLogits>> {
+        output_each(self, global, batch, hidden)
     }
     /// Streamed head over a batch, step 1 (see `output_prepare`): advances every sequence,
     /// keeps the normed last rows of those that want logits and returns how many they are.
@@ -325,6 +313,34 @@ pub trait ModelCompute: Send {
     /// The bytes a generated token shows a user (may be part of a UTF-8 character); empty for
     /// control tokens such as the end of a turn.
     fn token_bytes(&self, token: u32) -> Vec<u8>;
+}
+
+/// `ModelCompute::output_batch` by `output` on each sequence, full logits.
+fn output_each<C: ModelCompute + ?Sized>(
+    c: &mut C,
+    global: &ResidentLayer,
+    batch: &mut [BatchSeq<'_>],
+    hidden: &Hidden,
+) -> Result<Vec<RowLogits>> {
+    if let [one] = batch {
+        let logits = c.output(global, one.seq, hidden)?;
+        return Ok(if one.wants_logits {
+            vec![RowLogits::Full(logits)]
+        } else {
+            Vec::new()
+        });
+    }
+    let mut first = 0;
+    let mut out = Vec::new();
+    for b in batch.iter_mut() {
+        let h = hidden.rows(first, b.rows);
+        let logits = c.output(global, b.seq, &h)?;
+        if b.wants_logits {
+            out.push(RowLogits::Full(logits));
+        }
+        first += b.rows;
+    }
+    Ok(out)
 }
 
 /// Where layer `layer`'s tensors are in the file, by role.
@@ -536,6 +552,28 @@ fn seq_mut(seq: &mut SequenceState) -> Result<&mut ChecksumSeq> {
 impl ModelCompute for ChecksumCompute {
     fn n_layers(&self) -> usize {
         self.n_layers
+    }
+
+    /// Greedy rows get only their token, as a GPU compute answers them, so the runtime tests
+    /// run the inference actor's path for [`RowLogits::Argmax`] (and the full one wherever a
+    /// request asks for log-probabilities or samples).
+    fn output_batch(
+        &mut self,
+        global: &ResidentLayer,
+        batch: &mut [BatchSeq<'_>],
+        hidden: &Hidden,
+    ) -> Result<Vec<RowLogits>> {
+        let greedy: Vec<bool> = batch
+            .iter()
+            .filter(|b| b.wants_logits)
+            .map(|b| b.greedy)
+            .collect();
+        let out = output_each(self, global, batch, hidden)?;
+        Ok(out
+            .into_iter()
+            .zip(greedy)
+            .map(|(r, g)| if g { RowLogits::Argmax(r.argmax()) } else { r })
+            .collect())
     }
 
     fn is_end_of_generation(&self, _token: u32) -> bool {

@@ -10,7 +10,7 @@
 //!
 //! The step itself (units, embedding, output head) is in `step.rs`.
 
-use crate::compute::{BatchLimits, ComputeFactory, ComputeSettings, ModelCompute};
+use crate::compute::{BatchLimits, ComputeFactory, ComputeSettings, ModelCompute, RowLogits};
 use crate::error::{Result, RuntimeError};
 use crate::messages::SessionId;
 use crate::messages::{FinishReason, GenerateRequest, Pooling, Prompt, TokenEvent};
@@ -217,28 +217,38 @@ pub(super) struct Running {
     finish: Option<FinishReason>,
 }
 
-/// `r`'s next token from the step's `logits` (and its log-probabilities when asked), drawn by
-/// its sampler through its grammar mask.
-fn choose(r: &mut Running, mut logits: Vec<f32>) -> Result<(u32, Option<TokenLogprobs>)> {
+/// `r`'s next token from the step's `logits` (and its log-probabilities when asked): the
+/// compute's choice, or drawn by its sampler through its grammar mask.
+fn choose(r: &mut Running, logits: RowLogits) -> Result<(u32, Option<TokenLogprobs>)> {
     let req = &r.job.request;
-    // Log-probabilities are of the model's distribution: the logits before the mask.
-    let raw = (r.mask.is_some() && req.logprobs.is_some()).then(|| logits.clone());
-    if let Some(m) = &mut r.mask {
-        m.apply(&mut logits).map_err(rocmforge::Error::from)?;
+    match logits {
+        // The compute chose it (`BatchSeq::greedy`: nothing else needs the logits).
+        RowLogits::Argmax(token) => {
+            r.sampler.accept(token);
+            Ok((token, None))
+        }
+        RowLogits::Full(mut logits) => {
+            // Log-probabilities are of the model's distribution: the logits before the mask.
+            let raw = (r.mask.is_some() && req.logprobs.is_some()).then(|| logits.clone());
+            if let Some(m) = &mut r.mask {
+                m.apply(&mut logits).map_err(rocmforge::Error::from)?;
+            }
+            let token = r.sampler.sample(&logits);
+            if let Some(m) = &mut r.mask {
+                m.accept(token).map_err(rocmforge::Error::from)?;
+            }
+            let logprobs = req
+                .logprobs
+                .map(|n| TokenLogprobs::of(raw.as_deref().unwrap_or(&logits), token, n));
+            Ok((token, logprobs))
+        }
     }
-    let token = r.sampler.sample(&logits);
-    if let Some(m) = &mut r.mask {
-        m.accept(token).map_err(rocmforge::Error::from)?;
-    }
-    let logprobs = req
-        .logprobs
-        .map(|n| TokenLogprobs::of(raw.as_deref().unwrap_or(&logits), token, n));
-    Ok((token, logprobs))
 }
 
 impl Running {
     /// Whether this sequence's next token is the logits' argmax and nothing else of them is
-    /// needed (greedy, no penalties, no grammar mask, no log-probabilities).
+    /// needed (greedy, no penalties, no grammar mask, no log-probabilities): the compute may
+    /// choose it where the logits are (`BatchSeq::greedy`).
     pub(super) fn greedy_only(&self) -> bool {
         self.mask.is_none() && self.job.request.logprobs.is_none() && self.sampler.is_greedy()
     }
@@ -592,10 +602,10 @@ impl Inference {
 
     /// Feeds the step's tokens into each sequence's history, samples the next token of every
     /// sequence that got logits and streams it.
-    fn sample_all(&mut self, running: &mut [Running], take: &[usize], logits: Vec<Vec<f32>>) {
+    fn sample_all(&mut self, running: &mut [Running], take: &[usize], logits: Vec<RowLogits>) {
         let mut logits = logits.into_iter();
         // (sequence, its logits) of those whose input the step consumed.
-        let mut due: Vec<(&mut Running, Vec<f32>)> = Vec::new();
+        let mut due: Vec<(&mut Running, RowLogits)> = Vec::new();
         for (r, &t) in running.iter_mut().zip(take) {
             if t == 0 {
                 continue;
@@ -616,10 +626,10 @@ impl Inference {
         }
         // A draw takes ~0.1 ms a sequence at a 128k vocabulary (more with a grammar mask;
         // benches/sampling.rs): a step's draws run on the actor's pool at once. Greedy ones
-        // are a scan of a few microseconds and stay here.
+        // (a scan of a few microseconds, or the compute's choice) stay here.
         let drawn = due.iter().filter(|(r, _)| !r.greedy_only()).count();
         fn pick(
-            (r, l): (&mut Running, Vec<f32>),
+            (r, l): (&mut Running, RowLogits),
         ) -> (&mut Running, Result<(u32, Option<TokenLogprobs>)>) {
             let c = choose(r, l);
             (r, c)

@@ -34,6 +34,11 @@ impl Sampler {
     pub fn is_greedy(&self) -> bool {
         self.inner.is_greedy()
     }
+
+    /// Records `t`, chosen without `sample` (the compute's argmax for a greedy sampler).
+    pub fn accept(&mut self, t: u32) {
+        self.history.push(t);
+    }
 }
 
 /// Turns token bytes into text pieces without splitting a UTF-8 character across two events

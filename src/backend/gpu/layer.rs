@@ -64,7 +64,7 @@ pub struct Scratch<B> {
     pub pos: B,
     /// One i32: get_rows' out-of-range flag.
     pub status: B,
-    /// One i32: the device sampler's token.
+    /// `[seqs]` i32: the greedy tokens of a step's rows (`LayeredForward::output_rows`).
     pub tok: B,
     /// f16 activations and one f16 weight tile for the GEMM path.
     pub x16: B,

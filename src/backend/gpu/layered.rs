@@ -13,7 +13,7 @@ use super::layer::{
 };
 use super::ops::{seq_kv_entry, GpuOps, KvLayout, ATTN_MAX_HEAD_DIM};
 use super::{BufferIo, GpuForwardError, KernelDevice, Result, View};
-use crate::backend::{DeviceStream, DeviceTensor, LayerTensors, LayeredForward};
+use crate::backend::{DeviceStream, DeviceTensor, LayerTensors, LayeredForward, RowLogits};
 use crate::model::{moe::Routes, Act, BlockOps, HParams, Model, ModelError, RopeScaling};
 
 /// Options of [`GpuLayered::new`].
@@ -109,7 +109,7 @@ fn scratch_bytes(
         (b * 4, "ids"),
         (b * 4, "positions"),
         (4, "status"),
-        (4, "token"),
+        (seqs.max(1) * 4, "greedy tokens"),
         (b * max_cols * 2, "f16 activations"),
         (TILE_ROWS_BYTES, "f16 weight tile"),
         (
@@ -628,8 +628,10 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
             .n
             .checked_sub(1)
             .ok_or_else(|| bad("output before embed".into()))?;
-        let mut rows = self.output_rows(norm, head, &[last])?;
-        rows.pop().ok_or_else(|| bad("no logits".into()))
+        match self.output_rows(norm, head, &[last], &[false])?.pop() {
+            Some(RowLogits::Full(l)) => Ok(l),
+            _ => Err(bad("no logits".into())),
+        }
     }
 
     fn output_rows(
@@ -637,12 +639,14 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         norm: &DeviceTensor<'_>,
         head: &DeviceTensor<'_>,
         rows: &[usize],
-    ) -> Result<Vec<Vec<f32>>> {
+        greedy: &[bool],
+    ) -> Result<Vec<RowLogits>> {
         let n = self.n;
         if n == 0 {
             return Err(bad("output before embed".into()));
         }
-        if rows.len() > self.max_seqs || rows.iter().any(|&r| r >= n) {
+        if rows.len() > self.max_seqs || rows.iter().any(|&r| r >= n) || greedy.len() != rows.len()
+        {
             return Err(bad(format!(
                 "logits of rows {rows:?} of a {n}-row step (at most {} rows)",
                 self.max_seqs
@@ -689,10 +693,32 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
                 &mut quantized,
             )?;
         }
-        self.stream.synchronize()?;
+        // Greedy rows' tokens chosen here: 4 bytes back instead of the row's logits (a
+        // 128k vocabulary's 512 KB a sequence a step).
+        let tokens = if k > 0 && greedy.contains(&true) {
+            let lg = View::of(&self.s.logits).prefix(k * v * 4)?;
+            self.dev.argmax(&self.stream, &lg, v, k, &self.s.tok)?;
+            self.stream.synchronize()?;
+            self.s.tok.to_vec::<i32>(k)?
+        } else {
+            self.stream.synchronize()?;
+            Vec::new()
+        };
         self.n = 0;
         self.segs.clear();
-        let all = self.s.logits.to_vec::<f32>(rows.len() * v)?;
-        Ok(all.chunks_exact(v).map(<[f32]>::to_vec).collect())
+        let mut out = Vec::with_capacity(k);
+        for (i, &g) in greedy.iter().enumerate() {
+            out.push(match tokens.get(i) {
+                Some(&t) if g => RowLogits::Argmax(
+                    u32::try_from(t).map_err(|_| bad(format!("device argmax gave {t}")))?,
+                ),
+                _ => {
+                    let mut row = vec![0f32; v];
+                    self.s.logits.read(i * v * 4, &mut row)?;
+                    RowLogits::Full(row)
+                }
+            });
+        }
+        Ok(out)
     }
 }

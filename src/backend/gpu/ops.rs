@@ -106,6 +106,16 @@ pub fn mma_pair_capable(qtype: GgmlType) -> bool {
     q8a_capable(qtype) && qtype != GgmlType::Q6_K
 }
 
+/// Whether the launcher takes the two-tile form for `qtype`'s packed launches of more than 16
+/// vectors. Measured on the H100 (products alone, 32 vectors, 14,336 x 4,096 / 4,096 x 14,336;
+/// docs/PERFORMANCE.md, sixteenth session): Q4_0 411 -> 642 / 437 -> 536 GB/s, Q4_1 470 -> 654 /
+/// 439 -> 437, Q8_0 867 -> 1,089 / 800 -> 815; slower for Q5_0, Q5_1 (their halved chunks),
+/// Q4_K (487 -> 439 / 598 -> 485) and Q5_K, which keep one tile. At 8 and 16 vectors one tile
+/// is as fast or faster for every type (8B Q4_0 end to end: the same; Q4_K: 6-7% faster).
+pub fn mma_pair_preferred(qtype: GgmlType) -> bool {
+    matches!(qtype, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+}
+
 /// `ROCMFORGE_GPU_MMA_PAIR=0` keeps the staged packed tensor-core products at one 16-row tile a
 /// block (for A/B runs of the two-tile forms).
 fn mma_pair_allowed() -> bool {
@@ -723,34 +733,39 @@ pub trait GpuOps: KernelDevice {
         } else {
             None
         };
-        // Staged packed tiles two a block where the type has the form: the tiles share each
-        // activation load.
         let tiles = if staged_rows && mma_staged_allowed() {
-            if pack.is_some() && mma_pair_capable(m0.qtype) && mma_pair_allowed() {
-                MmaTiles::StagedPair
-            } else {
-                MmaTiles::Staged
-            }
+            MmaTiles::Staged
         } else {
             MmaTiles::Direct(mmvq8_mma_ks(total))
         };
-        let (chunk, shape) = if mma {
-            (
-                if pack.is_some() {
-                    MMA_PACKED_MAXN
-                } else {
-                    MMA_MAXN
-                },
-                mmvq8_mma_shape_of(self.warp_size(), total, tiles)?,
-            )
-        } else {
-            (MMVQN_MAX, mmvq8_shape(self.warp_size(), total, 1)?)
+        // Staged packed launches of more than 16 vectors take two tiles a block where that
+        // measured faster ([`mma_pair_preferred`]): the tiles share each activation load.
+        let pair = tiles == MmaTiles::Staged
+            && pack.is_some()
+            && mma_pair_preferred(m0.qtype)
+            && mma_pair_allowed();
+        let tiles_for = |c: usize| {
+            if pair && c > MMA_MAXN {
+                MmaTiles::StagedPair
+            } else {
+                tiles
+            }
+        };
+        let chunk = match (mma, pack) {
+            (true, Some(_)) => MMA_PACKED_MAXN,
+            (true, None) => MMA_MAXN,
+            (false, _) => MMVQN_MAX,
         };
         let mut j = 0;
         while j < n {
             let c = (n - j).min(chunk);
+            let shape = if mma {
+                mmvq8_mma_shape_of(self.warp_size(), total, tiles_for(c))?
+            } else {
+                mmvq8_shape(self.warp_size(), total, 1)?
+            };
             let name = if mma {
-                mma_kernel_name(&base, tiles, c, pack.is_some())
+                mma_kernel_name(&base, tiles_for(c), c, pack.is_some())
             } else {
                 format!("{base}_{}", if staged { "sn" } else { "n" })
             };
@@ -1753,20 +1768,33 @@ pub trait GpuOps: KernelDevice {
         unsafe { k.launch(s, shape, &args) }
     }
 
-    /// `out[0]` (i32) = argmax of `n` f32 logits (lowest id on ties).
+    /// `out[r]` (i32) = argmax of row `r` of `rows` rows of `n` f32 logits (lowest id on ties,
+    /// never a NaN; a row whose first logit is NaN gives 0: `sample::argmax`'s choice).
     fn argmax(
         &self,
         s: &Self::Stream,
         logits: &dyn DeviceBuffer,
         n: usize,
+        rows: usize,
         out: &dyn DeviceBuffer,
     ) -> BackendResult<()> {
         const OP: &str = "argmax";
-        need(OP, "logits", logits, n * 4)?;
-        need(OP, "out", out, 4)?;
+        if n == 0 || rows == 0 {
+            return Err(BackendError::InvalidArgument {
+                op: OP,
+                what: format!("{rows} rows of {n} logits"),
+            });
+        }
+        need(
+            OP,
+            "logits",
+            logits,
+            rows.saturating_mul(n).saturating_mul(4),
+        )?;
+        need(OP, "out", out, rows.saturating_mul(4))?;
         let k = self.kernel("sample.cu", "argmax_f32")?;
         let shape = LaunchShape {
-            grid: (1, 1, 1),
+            grid: (to_u32(OP, rows)?, 1, 1),
             block: (1024, 1, 1),
             shared_bytes: 0,
         };

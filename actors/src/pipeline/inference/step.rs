@@ -3,7 +3,7 @@
 //! sequences that want them, from the global unit or a streamed head's row chunks.
 
 use super::{Inference, Running};
-use crate::compute::{BatchSeq, Hidden, ModelCompute, SequenceState};
+use crate::compute::{BatchSeq, Hidden, ModelCompute, RowLogits, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::messages::Stage;
 use crate::pipeline::batch::batch_bucket;
@@ -20,7 +20,7 @@ impl Inference {
         &mut self,
         running: &mut [Running],
         take: &[usize],
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<RowLogits>> {
         let tokens: Vec<u32> = running
             .iter()
             .zip(take)
@@ -55,6 +55,7 @@ impl Inference {
             .filter(|(_, &t)| t > 0)
             .map(|(r, &t)| BatchSeq {
                 wants_logits: t == r.input.len(),
+                greedy: r.greedy_only(),
                 seq: &mut r.slot.state,
                 rows: t,
             })
@@ -155,7 +156,7 @@ impl Inference {
         cancel: &CancellationToken,
         batch: &mut [BatchSeq<'_>],
         hidden: &Hidden,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<RowLogits>> {
         let plan = self.cfg.plan.clone();
         let global = plan.global();
         let Some(head) = &plan.head else {
@@ -181,7 +182,7 @@ impl Inference {
                 out[lo..hi].copy_from_slice(part);
             }
         }
-        Ok(logits)
+        Ok(logits.into_iter().map(RowLogits::Full).collect())
     }
 
     /// An embedding job's pass: `prompt` through every layer of one fresh sequence, then the
@@ -202,6 +203,7 @@ impl Inference {
                 Some(units) => {
                     let mut one = [BatchSeq {
                         wants_logits: false,
+                        greedy: false,
                         seq: &mut *state,
                         rows: prompt.len(),
                     }];
