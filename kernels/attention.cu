@@ -1,6 +1,9 @@
 // attention.cu — scaled dot-product attention over an f16 KV cache, with GQA and a causal mask.
 //   q, out: [n_tokens, n_heads, head_dim] f32
-//   k, v:   [n_kv_heads, seq_cap, head_dim] f16; query head h reads kv head h / (n_heads / n_kv_heads)
+//   k, v:   a layer's K and V planes of the cache's block 0, rows found through RfKvMap (common.cuh:
+//           paged, or one contiguous [n_kv_heads, seq_cap, head_dim] block); query head h reads kv head
+//           h / (n_heads / n_kv_heads). The map's four arguments (table, n_blocks, block_halfs, bs)
+//           follow head_dim in every kernel.
 //   Token t sits at position pos0 + t and attends to positions 0 ..= pos0 + t, or with a sliding
 //   window (window > 0: Mistral) to the last `window` of them, pos0 + t - window + 1 ..= pos0 + t.
 // One block per (token, head); its warps split the positions and keep an online softmax
@@ -32,7 +35,8 @@
 // weighed 0.
 template <int KB>
 __device__ __forceinline__ void rf_attn_warp(const float (&qr)[RF_ATTN_MAX_ND], const rf_half* __restrict__ kh,
-                                             const rf_half* __restrict__ vh, int head_dim, int nd,
+                                             const rf_half* __restrict__ vh, const RfKvMap& map,
+                                             int head_dim, int nd,
                                              int first, int end, float& m, float& l,
                                              float (&acc)[RF_ATTN_MAX_ND]) {
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
@@ -41,7 +45,7 @@ __device__ __forceinline__ void rf_attn_warp(const float (&qr)[RF_ATTN_MAX_ND], 
         float s[KB];
 #pragma unroll
         for (int u = 0; u < KB; ++u) {
-            const rf_half* kj = kh + (i64)min(j0 + u, end - 1) * head_dim;
+            const rf_half* kj = kh + map.row(min(j0 + u, end - 1), head_dim);
             float x = 0.f;
 #pragma unroll
             for (int i = 0; i < RF_ATTN_MAX_ND; ++i)
@@ -62,7 +66,7 @@ __device__ __forceinline__ void rf_attn_warp(const float (&qr)[RF_ATTN_MAX_ND], 
         for (int u = 0; u < KB; ++u) {
             const float pj = j0 + u < end ? expf(s[u] - m_new) : 0.f;
             l += pj;
-            const rf_half* vj = vh + (i64)min(j0 + u, end - 1) * head_dim;
+            const rf_half* vj = vh + map.row(min(j0 + u, end - 1), head_dim);
 #pragma unroll
             for (int i = 0; i < RF_ATTN_MAX_ND; ++i)
                 if (i < nd) acc[i] += pj * rf_h2f(vj[lane + i * RF_WARP]);
@@ -127,7 +131,7 @@ __device__ __forceinline__ void rf_attn_query(const float* __restrict__ q, int t
 __device__ __forceinline__ void rf_attn_row(int t, int kv_len, const float* __restrict__ q,
                                             const rf_half* __restrict__ kc, const rf_half* __restrict__ vc,
                                             float* __restrict__ out, int n_heads, int n_kv_heads,
-                                            int head_dim, int seq_cap, float scale, int window,
+                                            int head_dim, const RfKvMap& map, float scale, int window,
                                             i8* __restrict__ qs, float2* __restrict__ meta) {
     __shared__ RfAttnShared sh;
     const int h = blockIdx.y;
@@ -137,8 +141,8 @@ __device__ __forceinline__ void rf_attn_row(int t, int kv_len, const float* __re
     float qr[RF_ATTN_MAX_ND], acc[RF_ATTN_MAX_ND];
     rf_attn_query(q, t, h, n_heads, head_dim, nd, scale, qr, acc);
     float m = -RF_INF, l = 0.f;
-    rf_attn_warp<1>(qr, kc + (i64)kvh * seq_cap * head_dim, vc + (i64)kvh * seq_cap * head_dim,
-                    head_dim, nd, kv_first, kv_len, m, l, acc);
+    rf_attn_warp<1>(qr, kc + map.head(kvh, head_dim), vc + map.head(kvh, head_dim), map, head_dim, nd,
+                    kv_first, kv_len, m, l, acc);
     float gm, gl;
     rf_attn_gather(sh, m, l, acc, head_dim, nd, gm, gl);
     float* oh = out + ((i64)t * n_heads + h) * head_dim;
@@ -162,12 +166,12 @@ __device__ __forceinline__ void rf_attn_row(int t, int kv_len, const float* __re
 // Token blockIdx.x of a step at positions pos0 ..: rf_attn_row over its causal prefix.
 __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_half* __restrict__ kc,
                                         const rf_half* __restrict__ vc, float* __restrict__ out,
-                                        int n_heads, int n_kv_heads, int head_dim, int seq_cap,
+                                        int n_heads, int n_kv_heads, int head_dim, const RfKvMap& map,
                                         int pos0, float scale, int window, i8* __restrict__ qs = nullptr,
                                         float2* __restrict__ meta = nullptr) {
     const int t = blockIdx.x;
-    rf_attn_row(t, pos0 + t + 1, q, kc, vc, out, n_heads, n_kv_heads, head_dim, seq_cap, scale,
-                window, qs, meta);
+    rf_attn_row(t, pos0 + t + 1, q, kc, vc, out, n_heads, n_kv_heads, head_dim, map, scale, window, qs,
+                meta);
 }
 
 
@@ -183,8 +187,8 @@ __device__ __forceinline__ void rf_attn(const float* __restrict__ q, const rf_ha
 // holds the warp's state for its columns 8 * (lane % L) ..; rows must be 16-byte aligned.
 __device__ __forceinline__ void rf_attn_warp_wide(const float* __restrict__ qh, float scale,
                                                   const rf_half* __restrict__ kh,
-                                                  const rf_half* __restrict__ vh, int head_dim,
-                                                  int first, int end, float& m, float& l,
+                                                  const rf_half* __restrict__ vh, const RfKvMap& map,
+                                                  int head_dim, int first, int end, float& m, float& l,
                                                   float (&acc)[8]) {
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
     const int nwarps = blockDim.x / RF_WARP;
@@ -203,7 +207,7 @@ __device__ __forceinline__ void rf_attn_warp_wide(const float* __restrict__ qh, 
         uint4 kr[RF_ATTN_WIDE_U], vr[RF_ATTN_WIDE_U];
 #pragma unroll
         for (int u = 0; u < RF_ATTN_WIDE_U; ++u) {
-            const i64 row = (i64)min(j0 + u * G + g, end - 1) * head_dim + c * 8;
+            const i64 row = map.row(min(j0 + u * G + g, end - 1), head_dim) + c * 8;
             kr[u] = *(const uint4*)(kh + row);
             vr[u] = *(const uint4*)(vh + row);
         }
@@ -253,13 +257,15 @@ __device__ __forceinline__ void rf_attn_warp_wide(const float* __restrict__ qh, 
 // positions kv_first + sp * chunk .. + chunk (below pos + 1) of head h and writes its max, its
 // sum and its unnormalized V sum to part[(h * gridDim.x + sp) * (head_dim + 2) ..] as
 // (m, l, acc[head_dim]); attn_merge_f32 combines the splits. Every split holds a position.
-// `wide` (the caches 16-byte aligned) with a head of 8 * L halfs, L dividing the warp: the
+// `wide` (the caches' rows 16-byte aligned) with a head of 8 * L halfs, L dividing the warp: the
 // warps read K and V with rf_attn_warp_wide.
 extern "C" __global__ void attn_decode_part_f16kv_f32(const float* __restrict__ q, const rf_half* __restrict__ k,
                                                       const rf_half* __restrict__ v, float* __restrict__ part,
-                                                      int n_heads, int n_kv_heads, int head_dim, int seq_cap,
-                                                      int pos, float scale, int window, int chunk,
-                                                      int wide) {
+                                                      int n_heads, int n_kv_heads, int head_dim,
+                                                      const u32* __restrict__ table, int n_blocks,
+                                                      int block_halfs, int bs, int pos, float scale,
+                                                      int window, int chunk, int wide) {
+    const RfKvMap map{table, n_blocks, block_halfs, bs};
     __shared__ RfAttnShared sh;
     const int sp = blockIdx.x, h = blockIdx.y;
     const int kvh = h / (n_heads / n_kv_heads);
@@ -267,14 +273,14 @@ extern "C" __global__ void attn_decode_part_f16kv_f32(const float* __restrict__ 
     const int kv_len = pos + 1;
     const int kv_first = (window > 0 && kv_len > window) ? kv_len - window : 0;
     const int b0 = kv_first + sp * chunk, b1 = min(b0 + chunk, kv_len);
-    const rf_half* kh = k + (i64)kvh * seq_cap * head_dim;
-    const rf_half* vh = v + (i64)kvh * seq_cap * head_dim;
+    const rf_half* kh = k + map.head(kvh, head_dim);
+    const rf_half* vh = v + map.head(kvh, head_dim);
     float m = -RF_INF, l = 0.f, gm, gl;
     const int L = head_dim / 8;
     if (wide && head_dim % 8 == 0 && L <= RF_WARP && RF_WARP % L == 0) {
         // 16-byte loads (`wide`: the launcher found both caches 16-byte aligned).
         float acc[8];
-        rf_attn_warp_wide(q + (i64)h * head_dim, scale, kh, vh, head_dim, b0, b1, m, l, acc);
+        rf_attn_warp_wide(q + (i64)h * head_dim, scale, kh, vh, map, head_dim, b0, b1, m, l, acc);
         const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
         if (lane == 0) {
             sh.m[warp] = m;
@@ -293,7 +299,7 @@ extern "C" __global__ void attn_decode_part_f16kv_f32(const float* __restrict__ 
     } else {
         float qr[RF_ATTN_MAX_ND], acc[RF_ATTN_MAX_ND];
         rf_attn_query(q, 0, h, n_heads, head_dim, nd, scale, qr, acc);
-        rf_attn_warp<RF_ATTN_KB>(qr, kh, vh, head_dim, nd, b0, b1, m, l, acc);
+        rf_attn_warp<RF_ATTN_KB>(qr, kh, vh, map, head_dim, nd, b0, b1, m, l, acc);
         rf_attn_gather(sh, m, l, acc, head_dim, nd, gm, gl);
     }
     float* pp = part + ((i64)h * gridDim.x + sp) * (head_dim + 2);
@@ -339,41 +345,51 @@ extern "C" __global__ void attn_merge_f32(const float* __restrict__ part, float*
 // Decode: one new token at position pos (= seq_len - 1).
 extern "C" __global__ void attn_decode_f16kv_f32(const float* __restrict__ q, const rf_half* __restrict__ k,
                                                  const rf_half* __restrict__ v, float* __restrict__ out,
-                                                 int n_heads, int n_kv_heads, int head_dim, int seq_cap,
-                                                 int pos, float scale, int window) {
-    rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos, scale, window);
+                                                 int n_heads, int n_kv_heads, int head_dim,
+                                                 const u32* __restrict__ table, int n_blocks, int block_halfs,
+                                                 int bs, int pos, float scale, int window) {
+    const RfKvMap map{table, n_blocks, block_halfs, bs};
+    rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, map, pos, scale, window);
 }
 
 // Decode with the output also quantized (see rf_attn): qs, meta as quantize_q8a_f32 writes them.
 extern "C" __global__ void attn_decode_q8a_f16kv_f32(const float* __restrict__ q, const rf_half* __restrict__ k,
                                                      const rf_half* __restrict__ v, float* __restrict__ out,
-                                                     int n_heads, int n_kv_heads, int head_dim, int seq_cap,
-                                                     int pos, float scale, int window, i8* __restrict__ qs,
+                                                     int n_heads, int n_kv_heads, int head_dim,
+                                                     const u32* __restrict__ table, int n_blocks,
+                                                     int block_halfs, int bs, int pos, float scale,
+                                                     int window, i8* __restrict__ qs,
                                                      float2* __restrict__ meta) {
     rf_grid_launch_dependents();  // the O product follows (vendor.cuh)
-    rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos, scale, window, qs, meta);
+    const RfKvMap map{table, n_blocks, block_halfs, bs};
+    rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, map, pos, scale, window, qs, meta);
 }
 
-// Decode of gridDim.x sequences in one launch (`seqs`, above), grid (sequences, n_heads): each
-// block is attn_decode_q8a_f16kv_f32's for its sequence's row (qs null: no quantized output).
+// Decode of gridDim.x sequences in one launch (`seqs`, common.cuh), grid (sequences, n_heads):
+// each block is attn_decode_q8a_f16kv_f32's for its sequence's row, through its own block table
+// in the pool whose layer planes are k and v (qs null: no quantized output).
 extern "C" __global__ void attn_decode_batch_f16kv_f32(const float* __restrict__ q,
-                                                       const RfSeqKv* __restrict__ seqs, u64 k_off,
-                                                       u64 v_off, float* __restrict__ out, int n_heads,
-                                                       int n_kv_heads, int head_dim, int seq_cap,
-                                                       float scale, int window, i8* __restrict__ qs,
-                                                       float2* __restrict__ meta) {
+                                                       const RfSeqKv* __restrict__ seqs,
+                                                       const rf_half* __restrict__ k,
+                                                       const rf_half* __restrict__ v, float* __restrict__ out,
+                                                       int n_heads, int n_kv_heads, int head_dim, int n_blocks,
+                                                       int block_halfs, int bs, float scale, int window,
+                                                       i8* __restrict__ qs, float2* __restrict__ meta) {
     rf_grid_launch_dependents();  // the O product follows (vendor.cuh)
     const RfSeqKv sq = seqs[blockIdx.x];
-    rf_attn_row(sq.row, sq.pos + 1, q, (const rf_half*)(sq.kv + k_off), (const rf_half*)(sq.kv + v_off),
-                out, n_heads, n_kv_heads, head_dim, seq_cap, scale, window, qs, meta);
+    const RfKvMap map{(const u32*)sq.table, n_blocks, block_halfs, bs};
+    rf_attn_row(sq.row, sq.pos + 1, q, k, v, out, n_heads, n_kv_heads, head_dim, map, scale, window, qs,
+                meta);
 }
 
 // Prefill: n_tokens (= gridDim.x) new tokens at positions pos0 .. pos0 + n_tokens, causal.
 extern "C" __global__ void attn_prefill_f16kv_f32(const float* __restrict__ q, const rf_half* __restrict__ k,
                                                   const rf_half* __restrict__ v, float* __restrict__ out,
-                                                  int n_heads, int n_kv_heads, int head_dim, int seq_cap,
-                                                  int pos0, float scale, int window) {
-    rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, seq_cap, pos0, scale, window);
+                                                  int n_heads, int n_kv_heads, int head_dim,
+                                                  const u32* __restrict__ table, int n_blocks, int block_halfs,
+                                                  int bs, int pos0, float scale, int window) {
+    const RfKvMap map{table, n_blocks, block_halfs, bs};
+    rf_attn(q, k, v, out, n_heads, n_kv_heads, head_dim, map, pos0, scale, window);
 }
 
 // Prefill in tiles: one block of RF_ATTN_TILE_THREADS threads per (RF_ATTN_TQ consecutive
@@ -411,8 +427,9 @@ __device__ __forceinline__ float rf_sum16(float v) {
 extern "C" __global__ void __launch_bounds__(RF_ATTN_TILE_THREADS)
 attn_prefill_tiled_f16kv_f32(const float* __restrict__ q, const rf_half* __restrict__ kc,
                              const rf_half* __restrict__ vc, float* __restrict__ out, int n_tokens,
-                             int n_heads, int n_kv_heads, int head_dim, int seq_cap, int pos0,
-                             float scale, int window) {
+                             int n_heads, int n_kv_heads, int head_dim, const u32* __restrict__ table,
+                             int n_blocks, int block_halfs, int bs, int pos0, float scale, int window) {
+    const RfKvMap map{table, n_blocks, block_halfs, bs};
     constexpr int DW = RF_ATTN_TILE_MAX_D / 2;  // f16 pairs of a row, at most
     __shared__ float2 s_q[RF_ATTN_TQ][DW];
     __shared__ u32 s_k[RF_ATTN_TK][DW + 1];  // +1: rows on different banks
@@ -432,8 +449,8 @@ attn_prefill_tiled_f16kv_f32(const float* __restrict__ q, const rf_half* __restr
     const int p0 = pos0 + t0;
     const int j_lo = ((window > 0 && p0 + 1 > window) ? p0 + 1 - window : 0) / RF_ATTN_TK * RF_ATTN_TK;
     const int j_hi = pos0 + t_last;  // inclusive; every row up to it is written in the cache
-    const u32* kh = (const u32*)(kc + (i64)kvh * seq_cap * head_dim);
-    const u32* vh = (const u32*)(vc + (i64)kvh * seq_cap * head_dim);
+    const rf_half* kh = kc + map.head(kvh, head_dim);
+    const rf_half* vh = vc + map.head(kvh, head_dim);
 
     // The block's queries, scaled, as pairs.
     for (int i = tid; i < RF_ATTN_TQ * dw; i += RF_ATTN_TILE_THREADS) {
@@ -457,8 +474,9 @@ attn_prefill_tiled_f16kv_f32(const float* __restrict__ q, const rf_half* __restr
         for (int i = tid; i < RF_ATTN_TK * dw; i += RF_ATTN_TILE_THREADS) {
             const int jj = i / dw, w = i % dw, j = kt + jj;
             const bool in = j <= j_hi;
-            s_k[jj][w] = in ? kh[(i64)j * dw + w] : 0u;
-            s_v[jj][w] = in ? vh[(i64)j * dw + w] : 0u;
+            const i64 row = in ? map.row(j, head_dim) : 0;
+            s_k[jj][w] = in ? ((const u32*)(kh + row))[w] : 0u;
+            s_v[jj][w] = in ? ((const u32*)(vh + row))[w] : 0u;
         }
         __syncthreads();
         float sa = 0.f, sb = 0.f;

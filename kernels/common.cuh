@@ -53,12 +53,31 @@ __device__ __forceinline__ u32 rf_load_u32_a2(const u8* p) {
 // 32-bit load from a 4-byte aligned address.
 __device__ __forceinline__ u32 rf_load_u32_a4(const u8* p) { return *(const u32*)p; }
 
+// Where a KV cache's rows are (attention.cu, elementwise.cu). A sequence's cache is blocks of
+// `bs` positions; in a block, each layer has a K and a V plane of [n_kv_heads, bs, head_dim]
+// f16, and the next block of the pool starts `block_halfs` halfs further (model/paged.rs's
+// layout, on the device). `table` lists the sequence's blocks in position order (ids clamped
+// below n_blocks, so a wrong table reads the wrong rows of the pool, never past it); a null
+// table is one contiguous block of `bs` (the capacity) positions. The kernels take a plane's
+// address in block 0 and add the head (`head`) and the row (`row`).
+struct RfKvMap {
+    const u32* table;
+    int n_blocks;
+    int block_halfs;
+    int bs;
+    __device__ __forceinline__ i64 head(int kvh, int head_dim) const { return (i64)kvh * bs * head_dim; }
+    __device__ __forceinline__ i64 row(int j, int head_dim) const {
+        const int b = j / bs;
+        const i64 blk = table != nullptr ? (i64)min(table[b], (u32)(n_blocks - 1)) : 0;
+        return blk * block_halfs + (i64)(j - b * bs) * head_dim;
+    }
+};
+
 // One decoding token of each of several sequences (a batched decode step; the host writes the
 // table, `ops::seq_kv_entry`): entry i is the sequence whose row of the step is `row`, its new
-// token at position `pos`, its KV cache at device address `kv` (a layer's K and V blocks at
-// byte offsets the launch passes, each [n_kv_heads, seq_cap, head_dim] f16).
+// token at position `pos`, its block table (RfKvMap::table) at device address `table`.
 struct RfSeqKv {
-    u64 kv;
+    u64 table;
     int pos;
     int row;
 };

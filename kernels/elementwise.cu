@@ -44,42 +44,48 @@ extern "C" __global__ void add_f32(const float* a, const float* b, float* out, i
 }
 
 __device__ __forceinline__ void rf_kv_store(const float* __restrict__ src, rf_half* __restrict__ cache,
-                                            int n_tokens, int n_kv_heads, int head_dim, int seq_cap,
+                                            int n_tokens, int n_kv_heads, int head_dim, const RfKvMap& map,
                                             int pos0) {
     const i64 n = (i64)n_tokens * n_kv_heads * head_dim;
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         const int d = (int)(i % head_dim);
         const int h = (int)((i / head_dim) % n_kv_heads);
         const int t = (int)(i / ((i64)head_dim * n_kv_heads));
-        cache[((i64)h * seq_cap + pos0 + t) * head_dim + d] = rf_f2h(src[i]);
+        cache[map.head(h, head_dim) + map.row(pos0 + t, head_dim) + d] = rf_f2h(src[i]);
     }
 }
 
 // Writes k and v (or, with gridDim.y 1, k alone) for n_tokens new positions into f16 caches;
 // blockIdx.y 0 stores k, 1 stores v.
 //   k, v:   [n_tokens, n_kv_heads, head_dim] f32
-//   kc, vc: [n_kv_heads, seq_cap, head_dim] f16, token t goes to position pos0 + t.
+//   kc, vc: a layer's K and V planes of block 0, rows through the map (RfKvMap, common.cuh: a
+//           paged cache, or one contiguous [n_kv_heads, seq_cap, head_dim] block); token t goes
+//           to position pos0 + t.
 extern "C" __global__ void kv_store2_f32_f16(const float* __restrict__ k, rf_half* __restrict__ kc,
                                              const float* __restrict__ v, rf_half* __restrict__ vc,
-                                             int n_tokens, int n_kv_heads, int head_dim, int seq_cap,
-                                             int pos0) {
-    if (blockIdx.y == 0) rf_kv_store(k, kc, n_tokens, n_kv_heads, head_dim, seq_cap, pos0);
-    else rf_kv_store(v, vc, n_tokens, n_kv_heads, head_dim, seq_cap, pos0);
+                                             int n_tokens, int n_kv_heads, int head_dim,
+                                             const u32* __restrict__ table, int n_blocks, int block_halfs,
+                                             int bs, int pos0) {
+    const RfKvMap map{table, n_blocks, block_halfs, bs};
+    if (blockIdx.y == 0) rf_kv_store(k, kc, n_tokens, n_kv_heads, head_dim, map, pos0);
+    else rf_kv_store(v, vc, n_tokens, n_kv_heads, head_dim, map, pos0);
 }
 
 // kv_store2_f32_f16 for one new token of each of gridDim.x sequences (a batched decode step):
-// entry i of `seqs` (RfSeqKv, common.cuh) stores k and v row `row` at its position in the
-// caches at kv + k_off and kv + v_off bytes. Grid (sequences, 2).
+// entry i of `seqs` (RfSeqKv, common.cuh) stores k and v row `row` at its position, through
+// its block table, in the pool whose layer planes are kc and vc. Grid (sequences, 2).
 extern "C" __global__ void kv_store2_batch_f32_f16(const float* __restrict__ k, const float* __restrict__ v,
-                                                   const RfSeqKv* __restrict__ seqs, u64 k_off,
-                                                   u64 v_off, int n_kv_heads, int head_dim, int seq_cap) {
+                                                   const RfSeqKv* __restrict__ seqs, rf_half* __restrict__ kc,
+                                                   rf_half* __restrict__ vc, int n_kv_heads, int head_dim,
+                                                   int n_blocks, int block_halfs, int bs) {
     const RfSeqKv sq = seqs[blockIdx.x];
+    const RfKvMap map{(const u32*)sq.table, n_blocks, block_halfs, bs};
     const int w = n_kv_heads * head_dim;
     const float* src = (blockIdx.y == 0 ? k : v) + (i64)sq.row * w;
-    rf_half* cache = (rf_half*)(sq.kv + (blockIdx.y == 0 ? k_off : v_off));
+    rf_half* cache = (blockIdx.y == 0 ? kc : vc) + map.row(sq.pos, head_dim);
     for (int i = threadIdx.x; i < w; i += blockDim.x) {
         const int d = i % head_dim, h = i / head_dim;
-        cache[((i64)h * seq_cap + sq.pos) * head_dim + d] = rf_f2h(src[i]);
+        cache[map.head(h, head_dim) + d] = rf_f2h(src[i]);
     }
 }
 

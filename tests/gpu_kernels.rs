@@ -822,11 +822,13 @@ fn check_sampling<D: KernelDevice>(d: &D, s: &D::Stream, t: &mut Table, rng: &mu
     rows[4].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
     rows[5][n - 1] = 25.0;
     let flat: Vec<f32> = rows.concat();
-    let ld = up(d, &flat);
-    let out = d.alloc(4 * rows.len(), "tokens").expect("alloc");
-    d.argmax(s, &ld, n, rows.len(), &out).expect("argmax rows");
+    // Own names: `ld` and `out` (the one-row logits) are sampled from below.
+    let rows_d = up(d, &flat);
+    let toks = d.alloc(4 * rows.len(), "tokens").expect("alloc");
+    d.argmax(s, &rows_d, n, rows.len(), &toks)
+        .expect("argmax rows");
     s.synchronize().expect("sync");
-    let got = out.to_vec::<i32>(rows.len()).expect("read");
+    let got = toks.to_vec::<i32>(rows.len()).expect("read");
     let want: Vec<i32> = rows
         .iter()
         .map(|r| rocmforge::sample::argmax(r) as i32)
@@ -1050,6 +1052,8 @@ fn check_every_kernel<D: KernelDevice>(d: &D) {
     attention::check_split_decode(d, &s, &mut t, &mut rng, 128);
     attention::check_batched_decode(d, &s, &mut t, &mut rng, 64);
     attention::check_batched_decode(d, &s, &mut t, &mut rng, 128);
+    attention::check_paged_attention(d, &s, &mut t, &mut rng, 64);
+    attention::check_paged_attention(d, &s, &mut t, &mut rng, 128);
     check_sampling(d, &s, &mut t, &mut rng);
     check_memory_and_events(d, &s, &mut t);
     print_mmvq_bandwidth(d, &s, &mut rng);

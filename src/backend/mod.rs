@@ -221,37 +221,32 @@ pub type LayerTensors<'a> = crate::model::LayerSet<DeviceTensor<'a>>;
 
 /// The forward pass one step at a time over weights that someone else keeps in device memory
 /// (the pipelined runtime's resident units), queued on one compute stream. Activations stay on
-/// the device between steps; only `output`'s logits come back. Positions and the KV cache
-/// belong to a `Kv` value (one per sequence).
+/// the device between steps; only `output`'s logits come back. The sequences' keys and values
+/// live in one pool of blocks on the device; each sequence's [`KvCache`](crate::model::KvCache)
+/// is its block table there (blocks taken as it grows, shared through the prefix cache).
 pub trait LayeredForward: Send {
     type Device: ComputeDevice;
-    type Kv: Send + 'static;
     type Error: std::error::Error + Send + Sync + 'static;
     /// The compute stream: callers make it wait on upload events and record fences on it.
     fn stream(&self) -> &<Self::Device as ComputeDevice>::Stream;
     fn n_vocab(&self) -> usize;
     /// Tokens one sequence's KV cache holds.
     fn context_len(&self) -> usize;
-    /// A KV cache for one sequence (device memory; out of memory is an error).
-    fn new_kv(&mut self) -> Result<Self::Kv, Self::Error>;
+    /// (Re)allocates the KV pool before any sequence holds blocks: `bytes` of blocks, or by
+    /// default a full context for every one of [`Self::max_sequences`] sequences as far as
+    /// free device memory allows (at least one). Returns the pool's bookkeeping.
+    fn configure_kv(
+        &mut self,
+        bytes: Option<u64>,
+    ) -> Result<crate::model::SharedKvPool, Self::Error>;
+    /// The KV pool's bookkeeping (stats, prefix cache, eviction); `None` before one exists.
+    fn kv_pool(&self) -> Option<crate::model::SharedKvPool>;
+    /// An empty KV cache for one sequence in the pool (made with the default size if none
+    /// exists yet). Blocks come with `KvCache::reserve`, or at the latest with the step
+    /// that writes them (out of blocks is then `KvPoolFull`).
+    fn new_kv(&mut self) -> Result<crate::model::KvCache, Self::Error>;
     /// Sequences one step may carry (`set_segments`, `layer_batch`, `output_rows`).
     fn max_sequences(&self) -> usize;
-    /// A new KV cache holding a copy of `kv`'s first `positions` positions, sized for them
-    /// alone: a prefix cache's entry (it can seed new sequences, never run a step). Queued on
-    /// the compute stream, after the work that wrote those positions. Out of device memory is
-    /// an error, which a caller may take as "not cached".
-    fn kv_snapshot(&mut self, kv: &Self::Kv, positions: usize) -> Result<Self::Kv, Self::Error>;
-    /// Copies the first `positions` positions of `from` (a snapshot, or another sequence's
-    /// cache) into `to`, queued on the compute stream: a new sequence starts from a prefix
-    /// whose keys and values are already computed.
-    fn kv_restore(
-        &mut self,
-        from: &Self::Kv,
-        to: &mut Self::Kv,
-        positions: usize,
-    ) -> Result<(), Self::Error>;
-    /// Bytes one position takes in a KV cache (every layer's keys and values).
-    fn kv_position_bytes(&self) -> usize;
     /// Embeds `tokens` (rows of `table`, `[n_vocab, n_embd]`): the step's rows, every
     /// sequence's tokens in order. Their positions come with `set_segments`.
     fn embed_rows(&mut self, table: &DeviceTensor<'_>, tokens: &[u32]) -> Result<(), Self::Error>;
@@ -264,7 +259,7 @@ pub trait LayeredForward: Send {
         &mut self,
         layer: usize,
         weights: &LayerTensors<'_>,
-        kvs: &mut [&mut Self::Kv],
+        kvs: &mut [&mut crate::model::KvCache],
     ) -> Result<(), Self::Error>;
     /// [`Self::layer_batch`] for a mixture-of-experts layer whose experts are units of their
     /// own: the layer up to its router (`weights` need not hold the stacked experts); returns
@@ -274,7 +269,7 @@ pub trait LayeredForward: Send {
         &mut self,
         layer: usize,
         weights: &LayerTensors<'_>,
-        kvs: &mut [&mut Self::Kv],
+        kvs: &mut [&mut crate::model::KvCache],
     ) -> Result<Vec<usize>, Self::Error>;
     /// Expert `e` of the routed layer on the rows sent to it: `[gate, up, down]`.
     fn expert(
@@ -317,7 +312,7 @@ pub trait LayeredForward: Send {
         &mut self,
         layer: usize,
         weights: &LayerTensors<'_>,
-        kv: &mut Self::Kv,
+        kv: &mut crate::model::KvCache,
     ) -> Result<(), Self::Error> {
         self.layer_batch(layer, weights, &mut [kv])
     }

@@ -102,4 +102,6 @@ pub enum ModelError {
         total: usize,
         block_tokens: usize,
     },
+    #[error("the KV pool's blocks are on a GPU: the host cannot store rows into them")]
+    KvPoolOnDevice,
 }

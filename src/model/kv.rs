@@ -281,8 +281,7 @@ impl KvCache {
         n: usize,
     ) -> Result<(), ModelError> {
         self.reserve(pos0 + n)?;
-        lock(&self.pool).write(&self.table, layer, pos0, k, v);
-        Ok(())
+        lock(&self.pool).write(&self.table, layer, pos0, k, v)
     }
 }
 

@@ -10,7 +10,10 @@
 //!
 //! [`BlockAllocator`] is the pure bookkeeping (free list and reference counts; a block shared
 //! by several tables, as a prefix cache shares a prompt's blocks, returns to the free list
-//! when its last user releases it); [`KvPool`] adds the storage.
+//! when its last user releases it); [`KvPool`] adds the storage: host memory for the CPU
+//! computes, or none for a pool whose blocks live on a GPU ([`KvPool::external`]: the GPU
+//! compute keeps the device buffer, this pool its bookkeeping, and hands over the block
+//! copies a copy-on-write asks for, [`KvPool::take_copies`]).
 
 use super::error::ModelError;
 use super::hparams::HParams;
@@ -129,8 +132,7 @@ pub struct KvPool {
     dk: usize,
     dv: usize,
     ty: KvType,
-    k: KvBuf,
-    v: KvBuf,
+    storage: Storage,
     alloc: BlockAllocator,
     /// The prefix cache: the chained hash of a full block's tokens (and every token before
     /// it) -> the block holding their keys and values; the cache holds one reference to each.
@@ -138,6 +140,19 @@ pub struct KvPool {
     /// Cached blocks by last use (a counter), for eviction of the least recently used.
     prefix_used: HashMap<BlockId, (u64, u64)>,
     clock: u64,
+}
+
+/// Where a pool's blocks are.
+#[derive(Debug)]
+enum Storage {
+    /// In host memory (the CPU computes).
+    Host { k: KvBuf, v: KvBuf },
+    /// Elsewhere (a GPU's pool): blocks of `block_bytes`, and the block copies (source,
+    /// destination) asked for and not yet taken by the owner of the storage.
+    External {
+        block_bytes: u64,
+        copies: Vec<(BlockId, BlockId)>,
+    },
 }
 
 /// Chained hashes of the full blocks of `tokens`: entry `i` identifies tokens
@@ -200,13 +215,59 @@ impl KvPool {
             dk: hp.head_dim,
             dv: hp.head_dim_v,
             ty,
-            k: KvBuf::new(ty, elems(hp.head_dim)?)?,
-            v: KvBuf::new(ty, elems(hp.head_dim_v)?)?,
+            storage: Storage::Host {
+                k: KvBuf::new(ty, elems(hp.head_dim)?)?,
+                v: KvBuf::new(ty, elems(hp.head_dim_v)?)?,
+            },
             alloc: BlockAllocator::new(n_blocks),
             prefix: HashMap::new(),
             prefix_used: HashMap::new(),
             clock: 0,
         })
+    }
+
+    /// The bookkeeping of `n_blocks` blocks of `block_tokens` positions whose storage lives
+    /// elsewhere (a GPU's pool, `block_bytes` a block, laid out as its kernels read it): the
+    /// allocator and the prefix cache as for a host pool, no rows here. A copy-on-write's block
+    /// copies wait in [`Self::take_copies`] for the storage's owner to make (before anything
+    /// writes the copies' destinations).
+    pub fn external(
+        hp: &HParams,
+        ty: KvType,
+        block_tokens: usize,
+        n_blocks: usize,
+        block_bytes: u64,
+    ) -> Self {
+        Self {
+            block_tokens: block_tokens.max(1),
+            n_layer: hp.n_layer,
+            n_head_kv: hp.n_head_kv,
+            dk: hp.head_dim,
+            dv: hp.head_dim_v,
+            ty,
+            storage: Storage::External {
+                block_bytes,
+                copies: Vec::new(),
+            },
+            alloc: BlockAllocator::new(n_blocks),
+            prefix: HashMap::new(),
+            prefix_used: HashMap::new(),
+            clock: 0,
+        }
+    }
+
+    /// Whether the blocks' rows are in this pool (host memory), not in an external store.
+    pub fn is_host(&self) -> bool {
+        matches!(self.storage, Storage::Host { .. })
+    }
+
+    /// The block copies (source, destination) an external pool's owner has still to make,
+    /// in order; empty for a host pool (it copies at once).
+    pub fn take_copies(&mut self) -> Vec<(BlockId, BlockId)> {
+        match &mut self.storage {
+            Storage::Host { .. } => Vec::new(),
+            Storage::External { copies, .. } => std::mem::take(copies),
+        }
     }
 
     /// As many blocks as `bytes` holds (at least one).
@@ -252,7 +313,12 @@ impl KvPool {
             blocks_total: self.alloc.total(),
             blocks_used: self.alloc.used() - cached_only,
             blocks_cached: cached_only,
-            block_bytes: ((self.k.bytes() + self.v.bytes()) / self.alloc.total().max(1)) as u64,
+            block_bytes: match &self.storage {
+                Storage::Host { k, v } => {
+                    ((k.bytes() + v.bytes()) / self.alloc.total().max(1)) as u64
+                }
+                Storage::External { block_bytes, .. } => *block_bytes,
+            },
         }
     }
 
@@ -316,16 +382,29 @@ impl KvPool {
         freed
     }
 
-    /// Copies every layer's and head's rows of block `src` into block `dst`.
+    /// Copies every layer's and head's rows of block `src` into block `dst` (an external
+    /// pool queues the copy for its owner, [`Self::take_copies`]).
     pub(crate) fn copy_block(&mut self, src: BlockId, dst: BlockId) {
-        for l in 0..self.n_layer {
-            for h in 0..self.n_head_kv {
-                let (a, b) = (self.row(src, l, h, 0), self.row(dst, l, h, 0));
-                self.k
-                    .copy_within(a * self.dk, b * self.dk, self.block_tokens * self.dk);
-                self.v
-                    .copy_within(a * self.dv, b * self.dv, self.block_tokens * self.dv);
+        let (n_layer, n_head_kv, bt, dk, dv) = (
+            self.n_layer,
+            self.n_head_kv,
+            self.block_tokens,
+            self.dk,
+            self.dv,
+        );
+        let row =
+            |b: BlockId, l: usize, h: usize| ((b as usize * n_layer + l) * n_head_kv + h) * bt;
+        match &mut self.storage {
+            Storage::Host { k, v } => {
+                for l in 0..n_layer {
+                    for h in 0..n_head_kv {
+                        let (a, b) = (row(src, l, h), row(dst, l, h));
+                        k.copy_within(a * dk, b * dk, bt * dk);
+                        v.copy_within(a * dv, b * dv, bt * dv);
+                    }
+                }
             }
+            Storage::External { copies, .. } => copies.push((src, dst)),
         }
     }
 
@@ -340,7 +419,8 @@ impl KvPool {
     }
 
     /// Stores positions `pos0..` of `layer` for the sequence whose blocks are `table`: `k` is
-    /// `[n, n_head_kv, dk]`, `v` is `[n, n_head_kv, dv]`. The table must cover them.
+    /// `[n, n_head_kv, dk]`, `v` is `[n, n_head_kv, dv]`. The table must cover them; a pool
+    /// without host rows ([`Self::external`]) refuses.
     pub(crate) fn write(
         &mut self,
         table: &[BlockId],
@@ -348,19 +428,28 @@ impl KvPool {
         pos0: usize,
         k: &[f32],
         v: &[f32],
-    ) {
-        let (kd, vd) = (self.n_head_kv * self.dk, self.n_head_kv * self.dv);
+    ) -> Result<(), ModelError> {
+        let (n_layer, n_head_kv, bt, dk, dv) = (
+            self.n_layer,
+            self.n_head_kv,
+            self.block_tokens,
+            self.dk,
+            self.dv,
+        );
+        let Storage::Host { k: kb, v: vb } = &mut self.storage else {
+            return Err(ModelError::KvPoolOnDevice);
+        };
+        let (kd, vd) = (n_head_kv * dk, n_head_kv * dv);
         for (i, (kr, vr)) in k.chunks_exact(kd).zip(v.chunks_exact(vd)).enumerate() {
             let p = pos0 + i;
-            let b = table[p / self.block_tokens];
-            for h in 0..self.n_head_kv {
-                let r = self.row(b, layer, h, p % self.block_tokens);
-                self.k
-                    .write(r * self.dk, &kr[h * self.dk..(h + 1) * self.dk]);
-                self.v
-                    .write(r * self.dv, &vr[h * self.dv..(h + 1) * self.dv]);
+            let b = table[p / bt];
+            for h in 0..n_head_kv {
+                let r = ((b as usize * n_layer + layer) * n_head_kv + h) * bt + p % bt;
+                kb.write(r * dk, &kr[h * dk..(h + 1) * dk]);
+                vb.write(r * dv, &vr[h * dv..(h + 1) * dv]);
             }
         }
+        Ok(())
     }
 
     /// The first `len` key and value rows of one head (`[len, dk]`, `[len, dv]`), gathered
@@ -377,14 +466,18 @@ impl KvPool {
         kb.resize(len * self.dk, 0.0);
         vb.resize(len * self.dv, 0.0);
         let bt = self.block_tokens;
+        // An external pool has no rows here (its compute reads them on its device).
+        let Storage::Host { k, v } = &self.storage else {
+            return (&kb[..], &vb[..]);
+        };
         for (i, &b) in table.iter().take(len.div_ceil(bt)).enumerate() {
             let n = bt.min(len - i * bt);
             let r = self.row(b, layer, head, 0);
-            self.k.read(
+            k.read(
                 r * self.dk,
                 &mut kb[i * bt * self.dk..(i * bt + n) * self.dk],
             );
-            self.v.read(
+            v.read(
                 r * self.dv,
                 &mut vb[i * bt * self.dv..(i * bt + n) * self.dv],
             );
@@ -451,6 +544,55 @@ mod tests {
         assert_eq!(free.len(), a.free(), "a block twice on the free list");
         assert!(a.free.iter().all(|&b| a.refcount(b) == 0));
         assert_eq!(a.free() + a.used(), a.total());
+    }
+
+    /// A GPU pool's bookkeeping: sequences share a cached prefix as on the host; a rewind
+    /// into a shared block allocates a fresh one and queues the copy (source, destination)
+    /// for the device instead of copying rows; host rows are refused; stats report the
+    /// device's block size.
+    #[test]
+    fn an_external_pool_shares_prefixes_and_queues_its_copies() {
+        use crate::model::kv::KvCache;
+        let md = crate::model::hparams::tests::md("llama");
+        let hp = HParams::try_from(&md).expect("tiny hparams");
+        let pool = KvPool::external(&hp, KvType::F16, 4, 8, 4096).shared();
+        let prompt: Vec<u32> = (0..10).collect();
+        let mut a = KvCache::in_pool(pool.clone(), 64);
+        a.reserve(10).expect("room");
+        assert_eq!(a.blocks().len(), 3);
+        a.publish_prefix(&prompt[..8]);
+        let mut b = KvCache::in_pool(pool.clone(), 64);
+        assert_eq!(b.adopt_prefix(&prompt), 8, "two whole cached blocks");
+        assert_eq!(b.blocks(), &a.blocks()[..2]);
+        assert!(
+            lock(&pool).take_copies().is_empty(),
+            "sharing copies nothing"
+        );
+        // B rewinds to position 6, inside its second (shared) block: copy-on-write.
+        let shared = b.blocks()[1];
+        assert_eq!(b.own_from(6), 6);
+        let fresh = b.blocks()[1];
+        assert_ne!(fresh, shared);
+        assert_eq!(lock(&pool).take_copies(), vec![(shared, fresh)]);
+        assert!(lock(&pool).take_copies().is_empty(), "taken once");
+        let k = vec![0f32; hp.n_head_kv * hp.head_dim];
+        let v = vec![0f32; hp.n_head_kv * hp.head_dim_v];
+        assert!(matches!(
+            b.store(0, 6, &k, &v, 1),
+            Err(ModelError::KvPoolOnDevice)
+        ));
+        let st = lock(&pool).stats();
+        assert_eq!(
+            (st.block_bytes, st.blocks_total, st.block_tokens),
+            (4096, 8, 4)
+        );
+        drop((a, b));
+        let st = lock(&pool).stats();
+        assert_eq!(st.blocks_used, 0, "{st:?}");
+        assert_eq!(
+            st.blocks_cached, 2,
+            "the prefix cache keeps its blocks: {st:?}"
+        );
     }
 
     proptest! {

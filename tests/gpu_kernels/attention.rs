@@ -179,11 +179,225 @@ pub(super) fn check_split_decode<D: KernelDevice>(
     }
 }
 
+/// A test's KV pool on the host, laid out as the device's (`ops::KvBlocks`): `blocks` blocks
+/// of `bt` positions, each `n_layer` layers of K and V planes `[n_kv_heads, bt, head_dim]` f16.
+struct HostPool {
+    kv: KvLayout,
+    bt: usize,
+    n_layer: usize,
+    blocks: usize,
+}
+
+impl HostPool {
+    fn plane_bytes(&self) -> usize {
+        self.kv.plane_bytes(self.bt)
+    }
+
+    fn block_bytes(&self) -> usize {
+        2 * self.n_layer * self.plane_bytes()
+    }
+
+    fn bytes(&self) -> usize {
+        self.blocks * self.block_bytes()
+    }
+
+    /// `layer`'s K and V planes in block 0 of the device pool `b`, reaching its end.
+    fn planes<'b, B: rocmforge::backend::DeviceBuffer>(
+        &self,
+        b: &'b B,
+        layer: usize,
+    ) -> (
+        rocmforge::backend::gpu::View<'b>,
+        rocmforge::backend::gpu::View<'b>,
+    ) {
+        let (v, plane) = (rocmforge::backend::gpu::View::of(b), self.plane_bytes());
+        let at = |off: usize| v.slice(off, self.bytes() - off).expect("plane");
+        (at(2 * layer * plane), at((2 * layer + 1) * plane))
+    }
+
+    fn geometry(&self) -> rocmforge::backend::gpu::ops::KvBlocks {
+        rocmforge::backend::gpu::ops::KvBlocks {
+            block_tokens: self.bt,
+            block_bytes: self.block_bytes(),
+            blocks: self.blocks,
+        }
+    }
+
+    /// Byte offset of position `p`, head `h` of `layer`'s K (`plane` 0) or V (1) for the
+    /// sequence whose blocks are `table`.
+    fn at(&self, table: &[u32], layer: usize, plane: usize, h: usize, p: usize) -> usize {
+        let hd = self.kv.head_dim;
+        table[p / self.bt] as usize * self.block_bytes()
+            + (2 * layer + plane) * self.plane_bytes()
+            + (h * self.bt + p % self.bt) * hd * 2
+    }
+
+    /// `layer`'s K (plane 0) or V (1) of the sequence `table`, gathered as a contiguous
+    /// `[n_kv_heads, seq_cap, head_dim]` f16 cache (positions past the table stay 0).
+    fn gather(&self, pool: &[u8], table: &[u32], layer: usize, plane: usize) -> Vec<u8> {
+        let (hd, cap) = (self.kv.head_dim, self.kv.seq_cap);
+        let mut out = vec![0u8; self.kv.bytes()];
+        for h in 0..self.kv.n_kv_heads {
+            for p in 0..(table.len() * self.bt).min(cap) {
+                let src = self.at(table, layer, plane, h, p);
+                let dst = (h * cap + p) * hd * 2;
+                out[dst..dst + hd * 2].copy_from_slice(&pool[src..src + hd * 2]);
+            }
+        }
+        out
+    }
+
+    /// The inverse of [`Self::gather`]: writes a contiguous cache into the sequence's blocks.
+    fn scatter(&self, pool: &mut [u8], table: &[u32], layer: usize, plane: usize, c: &[u8]) {
+        let (hd, cap) = (self.kv.head_dim, self.kv.seq_cap);
+        for h in 0..self.kv.n_kv_heads {
+            for p in 0..(table.len() * self.bt).min(cap) {
+                let dst = self.at(table, layer, plane, h, p);
+                let src = (h * cap + p) * hd * 2;
+                pool[dst..dst + hd * 2].copy_from_slice(&c[src..src + hd * 2]);
+            }
+        }
+    }
+}
+
+/// Random f16 bytes of `n` values.
+fn f16_bytes(rng: &mut ChaCha8Rng, n: usize) -> Vec<u8> {
+    rand_vec(rng, n, 1.0)
+        .iter()
+        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+        .collect()
+}
+
+/// `n` distinct block ids below `blocks`, in a random order (a sequence's table in a pool
+/// others share).
+fn shuffled_blocks(rng: &mut ChaCha8Rng, blocks: usize, n: usize) -> Vec<u32> {
+    use rand::seq::SliceRandom;
+    let mut ids: Vec<u32> = (0..blocks as u32).collect();
+    ids.shuffle(rng);
+    ids.truncate(n);
+    ids
+}
+
+/// The paged K/V store and attention (a cache's rows found through a block table in a pool,
+/// kernels/common.cuh's RfKvMap) against the contiguous ones over the same rows: a decode in
+/// one block, a decode that splits across blocks (flash-decoding), one with a sliding window,
+/// and a prefill in tiles, each after storing its new rows both ways; outputs the same bits,
+/// and the pool's rows gathered back equal the contiguous caches.
+pub(super) fn check_paged_attention<D: KernelDevice>(
+    d: &D,
+    s: &D::Stream,
+    t: &mut Table,
+    rng: &mut ChaCha8Rng,
+    head_dim: usize,
+) {
+    use rocmforge::backend::gpu::ops::KvPages;
+    let n_heads = 8;
+    let kv = KvLayout {
+        n_kv_heads: 2,
+        head_dim,
+        seq_cap: 1024,
+    };
+    let hp = HostPool {
+        kv,
+        bt: 16,
+        n_layer: 2,
+        blocks: 1024 / 16 + 9,
+    };
+    let table = shuffled_blocks(rng, hp.blocks, kv.seq_cap / hp.bt);
+    let table_buf = upload(d, &table, "block table").expect("table");
+    let part = d
+        .alloc(attn_part_bytes(n_heads, head_dim), "partials")
+        .expect("alloc");
+    // (tokens, first position, window): decode in one block, split decode, windowed split
+    // decode, a tiled prefill.
+    for (n_tok, pos0, window) in [
+        (1usize, 37usize, 0usize),
+        (1, 900, 0),
+        (1, 700, 37),
+        (40, 20, 0),
+    ] {
+        let (kc_host, vc_host) = (
+            f16_bytes(rng, kv.bytes() / 2),
+            f16_bytes(rng, kv.bytes() / 2),
+        );
+        let mut pool_host = f16_bytes(rng, hp.bytes() / 2);
+        hp.scatter(&mut pool_host, &table, 1, 0, &kc_host);
+        hp.scatter(&mut pool_host, &table, 1, 1, &vc_host);
+        let (kc, vc) = (
+            upload(d, &kc_host, "k").expect("k"),
+            upload(d, &vc_host, "v").expect("v"),
+        );
+        let pool = upload(d, &pool_host, "pool").expect("pool");
+        let plane = hp.plane_bytes();
+        let (kp, vp) = hp.planes(&pool, 1);
+        let pages = KvPages {
+            table: &table_buf,
+            pool: hp.geometry(),
+        };
+        let kd = kv.n_kv_heads * head_dim;
+        let (kx, vx) = (
+            up(d, &rand_vec(rng, n_tok * kd, 1.0)),
+            up(d, &rand_vec(rng, n_tok * kd, 1.0)),
+        );
+        d.kv_store2(s, &kx, &kc, &vx, &vc, kv, n_tok, pos0)
+            .expect("kv_store2");
+        d.kv_store2_paged(s, &kx, &kp, &vx, &vp, kv, pages, n_tok, pos0)
+            .expect("kv_store2_paged");
+        let qn = n_tok * n_heads * head_dim;
+        let q = up(d, &rand_vec(rng, qn, 1.0));
+        let (oc, op) = (up(d, &vec![0f32; qn]), up(d, &vec![0f32; qn]));
+        let a = AttnParams {
+            n_tokens: n_tok,
+            n_heads,
+            kv,
+            pos0,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window,
+        };
+        d.attention_q8a(s, &q, &kc, &vc, &oc, a, None, Some(&part))
+            .expect("contiguous");
+        d.attention_paged(s, &q, (&kp, &vp), &op, a, Some(pages), None, Some(&part))
+            .expect("paged");
+        s.synchronize().expect("sync");
+        let same_out =
+            oc.to_vec::<u8>(qn * 4).expect("read") == op.to_vec::<u8>(qn * 4).expect("read");
+        let pool_after = pool.to_vec::<u8>(hp.bytes()).expect("read");
+        let same_kv = hp.gather(&pool_after, &table, 1, 0)
+            == kc.to_vec::<u8>(kv.bytes()).expect("k")
+            && hp.gather(&pool_after, &table, 1, 1) == vc.to_vec::<u8>(kv.bytes()).expect("v");
+        // Layer 0's planes and the blocks outside the table: untouched.
+        let mut others = pool_after.clone();
+        let mut before = pool_host.clone();
+        for tb in &table {
+            let (b0, b1) = (
+                *tb as usize * hp.block_bytes(),
+                (*tb as usize + 1) * hp.block_bytes(),
+            );
+            others[b0 + 2 * plane..b1].fill(0);
+            before[b0 + 2 * plane..b1].fill(0);
+        }
+        let untouched = others == before;
+        t.add(
+            &format!(
+                "paged attention == contiguous (d{head_dim}, {n_tok} at {pos0}, window {window})"
+            ),
+            "f16",
+            if same_out && same_kv && untouched {
+                0.0
+            } else {
+                1.0
+            },
+            0.0,
+        );
+    }
+}
+
 /// A batched decode step's K/V store and attention (`kv_store2_batch_f32_f16`,
-/// `attn_decode_batch_f16kv_f32`) against the per-sequence launches: three sequences with
-/// caches of two layers each (the second layer's blocks at the offsets), rows 0, 2 and 3 of a
-/// four-row step (row 1 belongs to no table entry and must stay untouched), positions 0, 37 and
-/// 200, with and without the quantized output: caches, outputs and q8a bytes the same bits.
+/// `attn_decode_batch_f16kv_f32`) against the per-sequence paged launches: three sequences in
+/// one pool of two-layer blocks (their tables shuffled over it; layer 1 runs), rows 0, 2 and 3
+/// of a four-row step (row 1 belongs to no table entry and must stay untouched), positions 0,
+/// 37 and 200, with and without the quantized output: pools, outputs and q8a bytes the same
+/// bits.
 pub(super) fn check_batched_decode<D: KernelDevice>(
     d: &D,
     s: &D::Stream,
@@ -191,7 +405,7 @@ pub(super) fn check_batched_decode<D: KernelDevice>(
     rng: &mut ChaCha8Rng,
     head_dim: usize,
 ) {
-    use rocmforge::backend::gpu::ops::seq_kv_entry;
+    use rocmforge::backend::gpu::ops::{seq_kv_entry, KvPages};
     use rocmforge::backend::gpu::View;
     use rocmforge::backend::DeviceBuffer;
     let (n_heads, rows) = (8usize, 4usize);
@@ -200,7 +414,12 @@ pub(super) fn check_batched_decode<D: KernelDevice>(
         head_dim,
         seq_cap: 256,
     };
-    let kvb = kv.bytes();
+    let hp = HostPool {
+        kv,
+        bt: 16,
+        n_layer: 2,
+        blocks: 3 * 256 / 16 + 5,
+    };
     let (qd, kd) = (n_heads * head_dim, kv.n_kv_heads * head_dim);
     let seqs = [(0usize, 0usize), (2, 37), (3, 200)]; // (row, position)
     let (q, k, v) = (
@@ -209,28 +428,19 @@ pub(super) fn check_batched_decode<D: KernelDevice>(
         rand_vec(rng, rows * kd, 1.0),
     );
     let (qb, kb, vb) = (up(d, &q), up(d, &k), up(d, &v));
-    // Two copies of every cache (batched, alone), both layers filled with the same history.
-    let history: Vec<Vec<u8>> = seqs
-        .iter()
-        .map(|_| {
-            let h = rand_vec(rng, 2 * kvb, 1.0); // 4 * kvb bytes: two layers of K and V
-            h.iter()
-                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                .collect()
-        })
-        .collect();
-    let caches = |what| -> Vec<D::Buf> {
-        history
-            .iter()
-            .map(|h| upload(d, h, what).expect("cache"))
-            .collect()
-    };
-    let (batched, alone) = (caches("batched kv"), caches("alone kv"));
-    let offs = (2 * kvb as u64, 3 * kvb as u64); // layer 1's K and V blocks
+    // The sequences' tables: disjoint blocks of the pool, shuffled.
+    let ids = shuffled_blocks(rng, hp.blocks, 3 * 16);
+    let tl = 16;
+    let tables = upload(d, &ids, "block tables").expect("tables");
+    let history = f16_bytes(rng, hp.bytes() / 2);
+    let (batched, alone) = (
+        upload(d, &history, "batched pool").expect("pool"),
+        upload(d, &history, "alone pool").expect("pool"),
+    );
     let entries: Vec<[u64; 2]> = seqs
         .iter()
-        .zip(&batched)
-        .map(|(&(row, pos), c)| seq_kv_entry(c.device_ptr(), pos, row))
+        .enumerate()
+        .map(|(i, &(row, pos))| seq_kv_entry(tables.device_ptr() + (i * tl * 4) as u64, pos, row))
         .collect();
     let table = upload(d, &entries, "seq table").expect("table");
     let attn = AttnParams {
@@ -264,18 +474,30 @@ pub(super) fn check_batched_decode<D: KernelDevice>(
             View::of(b).slice(row * w * 4, w * 4).expect("row")
         }
         let (bq, bm) = split(&xb, rows, qd);
-        // SAFETY: the table's three entries are the `batched` caches (4 layer blocks of kvb
-        // bytes each: offsets up to 3 kvb), positions below seq_cap, rows below `rows`.
+        let (kpb, vpb) = hp.planes(&batched, 1);
+        // SAFETY: the table's three entries point at 16-entry rows of `tables` (block ids
+        // below the pool's count), positions below seq_cap, rows below `rows`.
         unsafe {
-            d.kv_store2_batch(s, &kb, &vb, &table, seqs.len(), rows, offs, kv)
-                .expect("kv_store2_batch");
+            d.kv_store2_batch(
+                s,
+                &kb,
+                &vb,
+                &table,
+                seqs.len(),
+                rows,
+                (&kpb, &vpb),
+                hp.geometry(),
+                kv,
+            )
+            .expect("kv_store2_batch");
             d.attention_decode_batch(
                 s,
                 &qb,
                 &table,
                 seqs.len(),
                 rows,
-                offs,
+                (&kpb, &vpb),
+                hp.geometry(),
                 &ob,
                 attn,
                 quantized.then_some((&bq as &dyn DeviceBuffer, &bm as &dyn DeviceBuffer)),
@@ -283,41 +505,45 @@ pub(super) fn check_batched_decode<D: KernelDevice>(
             .expect("attention_decode_batch");
         }
         let (aq, am) = split(&xa, rows, qd);
-        for (&(row, pos), c) in seqs.iter().zip(&alone) {
-            let cv = View::of(c);
-            let (kc, vc) = (
-                cv.slice(offs.0 as usize, kvb).expect("k"),
-                cv.slice(offs.1 as usize, kvb).expect("v"),
-            );
-            d.kv_store2(
+        let (kpa, vpa) = hp.planes(&alone, 1);
+        for (i, &(row, pos)) in seqs.iter().enumerate() {
+            let tv = View::of(&tables)
+                .slice(i * tl * 4, tl * 4)
+                .expect("table row");
+            let pages = KvPages {
+                table: &tv,
+                pool: hp.geometry(),
+            };
+            d.kv_store2_paged(
                 s,
                 &row_of(&kb, row, kd),
-                &kc,
+                &kpa,
                 &row_of(&vb, row, kd),
-                &vc,
+                &vpa,
                 kv,
+                pages,
                 1,
                 pos,
             )
-            .expect("kv_store2");
+            .expect("kv_store2_paged");
             let q8 = quantized.then(|| {
                 (
                     aq.slice(row * qd, qd).expect("q"),
                     am.slice(row * (qd / 32) * 8, qd / 32 * 8).expect("m"),
                 )
             });
-            d.attention_q8a(
+            d.attention_paged(
                 s,
                 &row_of(&qb, row, qd),
-                &kc,
-                &vc,
+                (&kpa, &vpa),
                 &row_of(&oa, row, qd),
                 AttnParams { pos0: pos, ..attn },
+                Some(pages),
                 q8.as_ref()
                     .map(|(a, b)| (a as &dyn DeviceBuffer, b as &dyn DeviceBuffer)),
                 None,
             )
-            .expect("attention_q8a");
+            .expect("attention_paged");
         }
         s.synchronize().expect("sync");
         let same_out = ob.to_vec::<u8>(rows * qd * 4).expect("read")
@@ -327,15 +553,16 @@ pub(super) fn check_batched_decode<D: KernelDevice>(
             .all(|&x| x == 7.0);
         let same_q8 = !quantized
             || xb.to_vec::<u8>(qb_bytes).expect("read") == xa.to_vec::<u8>(qb_bytes).expect("read");
-        let same_kv = batched.iter().zip(&alone).all(|(b, a)| {
-            b.to_vec::<u8>(4 * kvb).expect("read") == a.to_vec::<u8>(4 * kvb).expect("read")
-        });
+        let same_kv = batched.to_vec::<u8>(hp.bytes()).expect("read")
+            == alone.to_vec::<u8>(hp.bytes()).expect("read");
+        // The stores reached the pool (the new rows differ from the random history).
+        let stored = batched.to_vec::<u8>(hp.bytes()).expect("read") != history;
         t.add(
             &format!(
                 "attn_decode_batch + kv_store2_batch == per sequence (d{head_dim}, q8 {quantized})"
             ),
             "f16",
-            if same_out && untouched && same_q8 && same_kv {
+            if same_out && untouched && same_q8 && same_kv && stored {
                 0.0
             } else {
                 1.0

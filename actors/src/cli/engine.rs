@@ -189,8 +189,11 @@ impl Engine {
             },
             ..Default::default()
         };
+        // One request (`run`): one sequence's step buffers, and a KV pool of one context (the
+        // pool is allocated whole, for every sequence a step may carry).
+        let default_seqs = if one_shot { 1 } else { gpu_opt.max_seqs };
         let gpu_opt = crate::compute::gpu::GpuPipelineOptions {
-            max_seqs: e.max_seqs.unwrap_or(gpu_opt.max_seqs),
+            max_seqs: e.max_seqs.unwrap_or(default_seqs),
             ..gpu_opt
         };
         let opened = match tracing::info_span!("device_wait")

@@ -36,9 +36,11 @@ pub struct ServeArgs {
     /// max-num-seqs whole contexts, capped at half the memory available.
     #[arg(long, value_parser = kv_bytes)]
     pub kv_budget: Option<u64>,
-    /// GPU backends: device memory for the prefix cache, snapshots of prompts' keys and values
-    /// that later prompts starting alike copy instead of computing (`512MiB`, `2GiB`; `0`
-    /// turns it off). The CPU's paged pool shares prefix blocks within `--kv-budget`.
+    /// GPU backends: the prefix cache, prompts' key and value blocks that later prompts
+    /// starting alike share instead of computing. `0` turns it off; a size (`512MiB`, `2GiB`)
+    /// turns it on and keeps that much device memory free beside the weights for the KV pool,
+    /// where cached blocks stay until the pool runs short (the CPU's pool does the same within
+    /// `--kv-budget`).
     #[arg(long, value_parser = prefix_bytes, default_value = "512MiB")]
     pub gpu_prefix_cache: u64,
     /// Largest request body in bytes (413 beyond).

@@ -8,77 +8,34 @@
 //! count. Logits come back to the host for the Inference actor's sampler.
 
 use crate::compute::llama::{token_bytes_with, tokenize_with};
-use crate::compute::prefix::PrefixStore;
 use crate::compute::{BatchSeq, ComputeFactory, Hidden, ModelCompute, RowLogits, SequenceState};
 use crate::error::{Result, RuntimeError};
 use crate::pipeline::backend::WeightBackend;
 use crate::pipeline::gpu::{GpuBackend, GpuConfig, GpuReady, GpuRegion};
 use crate::pipeline::residency::{LayerMemory, ResidentLayer};
-use rocmforge::backend::gpu::GpuForwardError;
 use rocmforge::backend::gpu::{GpuLayered, KernelDevice, LayeredOptions};
 use rocmforge::backend::{
     view, Backend, BackendError, BackendKind, ComputeDevice, DeviceBuffer, DeviceStream,
     DeviceTensor, Fallback, LayerTensors, LayeredForward,
 };
 use rocmforge::gguf::GgufFile;
-use rocmforge::model::{Model, Precision, Role, Scratch, Sequence, SequenceConfig, TensorRef};
+use rocmforge::model::{
+    KvCache, KvPoolStats, Model, Precision, Role, Scratch, Sequence, SequenceConfig, SharedKvPool,
+    TensorRef,
+};
 use rocmforge::tokenizer::Tokenizer;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// One sequence: its KV cache on the device and the position of its next token; with layers
-/// computed on the host, the host's sequence for those layers' KV cache (kept at `pos`).
-struct GpuSeq<K> {
-    kv: K,
+/// One sequence: its block table in the device's KV pool and the position of its next token;
+/// with layers computed on the host, the host's sequence for those layers' KV cache (kept at
+/// `pos`).
+struct GpuSeq {
+    kv: KvCache,
     pos: usize,
     host: Option<Sequence>,
-    _live: Live,
 }
 
-/// One count of [`GpuCompute::live`] while a sequence holds its KV cache.
-struct Live(Arc<AtomicUsize>);
-
-impl Live {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self(count.clone())
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Whether a layered pass's error is the device running out of memory.
-fn out_of_memory(e: &(dyn std::error::Error + 'static)) -> bool {
-    matches!(
-        e.downcast_ref::<GpuForwardError>(),
-        Some(GpuForwardError::Backend(BackendError::OutOfMemory { .. }))
-    ) || matches!(
-        e.downcast_ref::<BackendError>(),
-        Some(BackendError::OutOfMemory { .. })
-    )
-}
-
-/// A new sequence's KV cache found no device memory (`e`) after the prefix snapshots were
-/// freed: with `live` other sequences holding theirs it waits like a full CPU pool
-/// ([`RuntimeError::KvFull`], counted in sequences: one needed, none free, `live` held); with
-/// none, or for any other error, the request fails with the device's message.
-fn new_kv_error(e: &(dyn std::error::Error + 'static), live: usize) -> RuntimeError {
-    if live > 0 && out_of_memory(e) {
-        RuntimeError::KvFull {
-            needed: 1,
-            free: 0,
-            total: live,
-        }
-    } else {
-        err(None)(e.to_string())
-    }
-}
-
-impl<K> GpuSeq<K> {
+impl GpuSeq {
     fn advance(&mut self, n: usize) -> Result<()> {
         self.pos += n;
         if let Some(h) = &mut self.host {
@@ -107,12 +64,12 @@ pub struct GpuCompute<F: LayeredForward> {
     host: Option<HostLayers>,
     /// Whether idle time opens the vendor GEMM (`GpuPipelineOptions::idle_gemm_open`).
     idle_gemm_open: bool,
-    /// Snapshots of prompts' KV for new sequences that start alike (`compute::prefix`); `None`:
-    /// off (`GpuPipelineOptions::prefix_cache_bytes` 0). Unused with host layers, whose KV is
-    /// not copied.
-    prefixes: Option<PrefixStore<F::Kv>>,
-    /// Sequences holding a KV cache now (a new one that finds no memory waits while any do).
-    live: Arc<AtomicUsize>,
+    /// Whether prompts' full KV blocks are offered to the pool's prefix cache for new
+    /// sequences that start alike (`GpuPipelineOptions::prefix_cache_bytes` 0: off). Off
+    /// with host layers, whose host KV cache is not shared.
+    prefix_cache: bool,
+    /// The device KV pool's bookkeeping, once it exists.
+    pool: Option<SharedKvPool>,
 }
 
 fn err(layer: Option<usize>) -> impl Fn(String) -> RuntimeError {
@@ -132,16 +89,33 @@ where
             tokenizer: Tokenizer::from_metadata(file.metadata()).ok(),
             host: None,
             idle_gemm_open: true,
-            prefixes: None,
-            live: Arc::default(),
+            prefix_cache: false,
+            pool: None,
         })
     }
 
-    /// Keeps snapshots of prompts' KV within `bytes` of device memory for new sequences whose
-    /// prompt starts alike (0: no prefix cache). Without effect with host layers.
+    /// Keeps prompts' full KV blocks in the pool for new sequences whose prompt starts alike
+    /// (`bytes` 0: no prefix cache; otherwise cached blocks use the pool's free blocks and go
+    /// first when it runs short). Without effect with host layers.
     pub fn with_prefix_cache(mut self, bytes: u64) -> Self {
-        self.prefixes = (bytes > 0).then(|| PrefixStore::new(bytes));
+        self.prefix_cache = bytes > 0;
         self
+    }
+
+    /// The KV pool's bookkeeping (made now with the default size if no sequence made it).
+    fn pool(&mut self) -> Result<SharedKvPool> {
+        if let Some(p) = &self.pool {
+            return Ok(p.clone());
+        }
+        let p = match self.fwd.kv_pool() {
+            Some(p) => p,
+            None => self
+                .fwd
+                .configure_kv(None)
+                .map_err(|e| err(None)(e.to_string()))?,
+        };
+        self.pool = Some(p.clone());
+        Ok(p)
     }
 
     /// Computes `layers` on the host (the CPU's forward pass over the mapped file, in
@@ -204,7 +178,7 @@ where
         let rows: Vec<usize> = batch.iter().map(|b| b.rows).collect();
         let mut seqs = Vec::with_capacity(batch.len());
         for b in batch.iter_mut() {
-            let seq = seq_mut::<F::Kv>(b.seq)?;
+            let seq = seq_mut(b.seq)?;
             seqs.push(
                 seq.host.as_mut().ok_or_else(|| {
                     err(Some(layer))("a sequence without its host KV cache".into())
@@ -229,11 +203,11 @@ where
         &mut self,
         layer: usize,
         batch: &'b mut [BatchSeq<'_>],
-    ) -> Result<Vec<&'b mut F::Kv>> {
+    ) -> Result<Vec<&'b mut KvCache>> {
         let mut parts = Vec::with_capacity(batch.len());
         let mut kvs = Vec::with_capacity(batch.len());
         for b in batch.iter_mut() {
-            let seq = seq_mut::<F::Kv>(b.seq)?;
+            let seq = seq_mut(b.seq)?;
             parts.push((b.rows, seq.pos));
             kvs.push(&mut seq.kv);
         }
@@ -270,7 +244,7 @@ where
         &mut self,
         layer: usize,
         weights: &ResidentLayer,
-        kvs: &mut [&mut F::Kv],
+        kvs: &mut [&mut KvCache],
     ) -> Result<()> {
         let refs = self
             .model
@@ -292,7 +266,7 @@ where
         &mut self,
         layer: usize,
         weights: &ResidentLayer,
-        kvs: &mut [&mut F::Kv],
+        kvs: &mut [&mut KvCache],
     ) -> Result<Vec<usize>> {
         let refs = self
             .model
@@ -376,8 +350,14 @@ fn tensor<'a, D: ComputeDevice>(
     ))
 }
 
-fn seq_mut<K: 'static>(seq: &mut SequenceState) -> Result<&mut GpuSeq<K>> {
-    seq.downcast_mut::<GpuSeq<K>>()
+/// The pool's bookkeeping, locked (a panic elsewhere leaves it consistent: see
+/// `rocmforge::model::paged`).
+fn lock_pool(p: &SharedKvPool) -> std::sync::MutexGuard<'_, rocmforge::model::KvPool> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn seq_mut(seq: &mut SequenceState) -> Result<&mut GpuSeq> {
+    seq.downcast_mut::<GpuSeq>()
         .ok_or_else(|| err(None)("sequence state of another compute".into()))
 }
 
@@ -405,16 +385,9 @@ where
     }
 
     fn new_sequence(&mut self) -> Result<SequenceState> {
-        // Cached prefixes give their memory back before a new sequence is refused.
-        let kv = loop {
-            match self.fwd.new_kv() {
-                Ok(kv) => break kv,
-                Err(e) => match self.prefixes.as_mut().and_then(|p| p.evict_oldest()) {
-                    Some(dropped) => drop(dropped),
-                    None => return Err(new_kv_error(&e, self.live.load(Ordering::Acquire))),
-                },
-            }
-        };
+        // The pool first (made with the default size if no `configure_batching` made it).
+        self.pool()?;
+        let kv = self.fwd.new_kv().map_err(|e| err(None)(e.to_string()))?;
         let host = match &self.host {
             Some(h) => Some(
                 self.model
@@ -423,70 +396,92 @@ where
             ),
             None => None,
         };
-        Ok(Box::new(GpuSeq {
-            kv,
-            pos: 0,
-            host,
-            _live: Live::new(&self.live),
-        }))
+        Ok(Box::new(GpuSeq { kv, pos: 0, host }))
     }
 
     fn resume(&mut self, seq: &mut SequenceState, keep: usize) -> Result<bool> {
-        // The KV past `keep` is overwritten by the next tokens and never read before that.
-        let seq = seq_mut::<F::Kv>(seq)?;
+        // The KV past `keep` is overwritten by the next tokens and never read before that;
+        // a block the prefix cache or another sequence shares is copied first (`own_from`).
+        let seq = seq_mut(seq)?;
         seq.pos = seq.pos.min(keep);
         if let Some(h) = &mut seq.host {
             // The host cache may keep fewer (shared prefix blocks): both restart from there.
             seq.pos = h.truncate(seq.pos);
         }
+        let owned = seq.kv.own_from(seq.pos);
+        if owned < seq.pos {
+            seq.pos = owned;
+            if let Some(h) = &mut seq.host {
+                seq.pos = h.truncate(seq.pos);
+            }
+        }
         Ok(true)
     }
 
+    fn configure_batching(&mut self, limits: crate::compute::BatchLimits) -> Result<()> {
+        let pool = self
+            .fwd
+            .configure_kv(limits.kv_budget)
+            .map_err(|e| err(None)(e.to_string()))?;
+        let st = lock_pool(&pool).stats();
+        tracing::info!(
+            blocks = st.blocks_total,
+            block_tokens = st.block_tokens,
+            bytes = st.blocks_total as u64 * st.block_bytes,
+            "GPU KV pool"
+        );
+        self.pool = Some(pool);
+        Ok(())
+    }
+
+    fn kv_stats(&self) -> Option<KvPoolStats> {
+        self.pool.as_ref().map(|p| lock_pool(p).stats())
+    }
+
+    fn reserve(&mut self, seq: &mut SequenceState, tokens: usize) -> Result<()> {
+        seq_mut(seq)?
+            .kv
+            .reserve(tokens)
+            .map_err(|e| crate::compute::kv_full_or(e, |e| err(None)(e.to_string())))
+    }
+
     fn adopt_prefix(&mut self, seq: &mut SequenceState, prompt: &[u32]) -> usize {
-        if self.host.is_some() {
+        if self.host.is_some() || !self.prefix_cache {
             return 0;
         }
-        let (Some(store), Ok(seq)) = (self.prefixes.as_mut(), seq_mut::<F::Kv>(seq)) else {
+        let Ok(seq) = seq_mut(seq) else {
             return 0;
         };
         if seq.pos != 0 {
             return 0;
         }
-        let Some((snapshot, n)) = store.lookup(prompt) else {
-            return 0;
-        };
-        match self.fwd.kv_restore(snapshot, &mut seq.kv, n) {
-            Ok(()) => {
-                seq.pos = n;
-                n
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "prefix cache: restore failed, the prompt runs whole");
-                0
-            }
-        }
+        // Whole cached blocks, shared (nothing copied): the sequence writes from the next
+        // block on.
+        seq.pos = seq.kv.adopt_prefix(prompt);
+        seq.pos
     }
 
     fn publish_prefix(&mut self, seq: &mut SequenceState, tokens: &[u32]) {
-        if self.host.is_some() {
+        if self.host.is_some() || !self.prefix_cache {
             return;
         }
-        let Some(store) = self.prefixes.as_mut() else {
-            return;
-        };
-        let Ok(seq) = seq_mut::<F::Kv>(seq) else {
+        let Ok(seq) = seq_mut(seq) else {
             return;
         };
         // The positions the cache holds for these tokens (all of them after a prompt).
         let n = tokens.len().min(seq.pos);
-        let bytes = (n * self.fwd.kv_position_bytes()) as u64;
-        if !store.wants(&tokens[..n], bytes) {
-            return;
-        }
-        match self.fwd.kv_snapshot(&seq.kv, n) {
-            Ok(snapshot) => drop(store.insert(tokens[..n].to_vec(), snapshot, bytes)),
-            // No room: the prompt is simply not cached.
-            Err(e) => tracing::debug!(error = %e, "prefix cache: no snapshot"),
+        seq.kv.publish_prefix(&tokens[..n]);
+    }
+
+    fn evict_cached(&mut self, blocks: usize) -> usize {
+        self.pool
+            .as_ref()
+            .map_or(0, |p| lock_pool(p).prefix_evict(blocks))
+    }
+
+    fn release_unused(&mut self, seq: &mut SequenceState) {
+        if let Ok(s) = seq_mut(seq) {
+            s.kv.release_after(s.pos);
         }
     }
 
@@ -638,7 +633,7 @@ where
             }
         }
         for b in batch.iter_mut() {
-            seq_mut::<F::Kv>(b.seq)?.advance(b.rows)?;
+            seq_mut(b.seq)?.advance(b.rows)?;
         }
         Ok(logits)
     }
@@ -650,7 +645,7 @@ where
         hidden: &Hidden,
     ) -> Result<Vec<f32>> {
         self.hidden_to_device()?;
-        let seq = seq_mut::<F::Kv>(seq)?;
+        let seq = seq_mut(seq)?;
         let region = self.enter(global)?;
         let layout = self.model.layout();
         let norm = tensor(global, region, &layout.output_norm)?;
@@ -672,7 +667,7 @@ where
         hidden: &Hidden,
     ) -> Result<Hidden> {
         self.hidden_to_device()?;
-        let seq = seq_mut::<F::Kv>(seq)?;
+        let seq = seq_mut(seq)?;
         let region = self.enter(global)?;
         let norm = tensor(global, region, &self.model.layout().output_norm)?;
         let data = self
@@ -722,9 +717,11 @@ pub struct GpuPipelineOptions {
     /// off: its request arrives as the runtime starts and it exits right after the answer,
     /// while the loading's driver calls would compete with both.
     pub idle_gemm_open: bool,
-    /// Device bytes for the prefix cache (snapshots of prompts' KV that new sequences starting
-    /// alike copy instead of computing: `compute::prefix`); 0 turns it off. Reserved beside
-    /// the KV caches and activations, so the default weight budget leaves room for it.
+    /// The prefix cache (prompts' full KV blocks kept in the pool for new sequences that start
+    /// alike, shared rather than computed again): 0 turns it off; otherwise these bytes are
+    /// kept free beside the weights (the default weight budget leaves them to the KV pool,
+    /// where cached blocks live until the pool runs short and frees them, least recently
+    /// used first).
     pub prefix_cache_bytes: u64,
 }
 
@@ -901,50 +898,6 @@ mod tests {
         std::fs::write(&path, bytes).expect("write");
         let file = GgufFile::open(&path).expect("open");
         (dir, file)
-    }
-
-    /// A new sequence that finds no device memory waits (KvFull) while others hold KV caches,
-    /// and fails with the device's message when none does or the error is not memory.
-    #[test]
-    fn new_kv_out_of_memory_waits_only_beside_live_sequences() {
-        let oom = GpuForwardError::Backend(BackendError::OutOfMemory {
-            requested: 1 << 30,
-            free: 1 << 20,
-            what: "KV cache".into(),
-        });
-        assert!(matches!(
-            new_kv_error(&oom, 3),
-            RuntimeError::KvFull {
-                needed: 1,
-                free: 0,
-                total: 3
-            }
-        ));
-        let alone = new_kv_error(&oom, 0);
-        assert!(
-            matches!(&alone, RuntimeError::Compute { message, .. } if message.contains("KV cache")),
-            "{alone}"
-        );
-        let bare = BackendError::OutOfMemory {
-            requested: 1,
-            free: 0,
-            what: "x".into(),
-        };
-        assert!(matches!(
-            new_kv_error(&bare, 1),
-            RuntimeError::KvFull { .. }
-        ));
-        let other = GpuForwardError::Unsupported("no".into());
-        assert!(matches!(
-            new_kv_error(&other, 5),
-            RuntimeError::Compute { .. }
-        ));
-        let count = Arc::new(AtomicUsize::new(0));
-        let (a, b) = (Live::new(&count), Live::new(&count));
-        assert_eq!(count.load(Ordering::Acquire), 2);
-        drop(a);
-        drop(b);
-        assert_eq!(count.load(Ordering::Acquire), 0);
     }
 
     /// `hip` without the feature says how to enable it; with the feature and no AMD GPU it is

@@ -594,19 +594,9 @@ impl ModelCompute for LlamaCompute {
     }
 
     fn reserve(&mut self, seq: &mut SequenceState, tokens: usize) -> Result<()> {
-        seq_mut(seq)?.reserve(tokens).map_err(|e| match e {
-            rocmforge::model::ModelError::KvPoolFull {
-                needed,
-                free,
-                total,
-                ..
-            } => RuntimeError::KvFull {
-                needed,
-                free,
-                total,
-            },
-            e => err(None)(e),
-        })
+        seq_mut(seq)?
+            .reserve(tokens)
+            .map_err(|e| crate::compute::kv_full_or(e, err(None)))
     }
 
     fn adopt_prefix(&mut self, seq: &mut SequenceState, prompt: &[u32]) -> usize {

@@ -14,7 +14,6 @@
 
 pub mod gpu;
 pub mod llama;
-pub mod prefix;
 
 #[cfg(test)]
 mod batch_tests;
@@ -77,6 +76,27 @@ pub struct BatchLimits {
     pub max_num_seqs: usize,
     /// Bytes of KV cache shared by every sequence; `None`: the compute's default.
     pub kv_budget: Option<u64>,
+}
+
+/// A KV pool's refusal (`KvPoolFull`) as [`RuntimeError::KvFull`] (the request waits for
+/// room), any other error through `other`.
+pub(crate) fn kv_full_or(
+    e: rocmforge::model::ModelError,
+    other: impl FnOnce(rocmforge::model::ModelError) -> RuntimeError,
+) -> RuntimeError {
+    match e {
+        rocmforge::model::ModelError::KvPoolFull {
+            needed,
+            free,
+            total,
+            ..
+        } => RuntimeError::KvFull {
+            needed,
+            free,
+            total,
+        },
+        e => other(e),
+    }
 }
 
 pub trait ModelCompute: Send {

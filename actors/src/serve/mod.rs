@@ -104,8 +104,8 @@ pub struct ServeConfig {
     pub prefetch_depth: usize,
     /// GPU backends: the model's last layers computed on the CPU (`RuntimeBuilder::host_layers`).
     pub cpu_layers: crate::HostLayers,
-    /// GPU backends: device bytes for the prefix cache's snapshots (0: off;
-    /// `GpuPipelineOptions::prefix_cache_bytes`).
+    /// GPU backends: the prefix cache (0: off; otherwise device bytes kept free for the KV
+    /// pool, where cached blocks live: `GpuPipelineOptions::prefix_cache_bytes`).
     pub gpu_prefix_cache_bytes: u64,
     /// Run one token through the model before reporting ready.
     pub warm_up: bool,

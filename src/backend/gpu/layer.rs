@@ -5,7 +5,7 @@
 use std::fmt::Display;
 
 use super::gemm::{GemmF16, GemmF16Nt};
-use super::ops::{AttnParams, GpuOps, KvLayout, QMatrix, RopeParams};
+use super::ops::{AttnParams, GpuOps, KvBlocks, KvLayout, KvPages, QMatrix, RopeParams};
 use super::{GpuForwardError, KernelDevice, Result, View};
 use crate::backend::error::BackendError;
 use crate::backend::{BufferIo, DeviceBuffer, DeviceStream, DeviceTensor};
@@ -77,6 +77,9 @@ pub struct Scratch<B> {
     /// A batched decode step's sequence table (`[max_seqs]` entries of
     /// `ops::SEQ_KV_ENTRY_BYTES`; `ops::seq_kv_entry`).
     pub seqs: B,
+    /// The step's block tables: `[max_seqs, blocks of a full context]` u32, sequence `i`'s
+    /// at row `i` (the segments' order).
+    pub tables: B,
 }
 
 /// Whether a sequence's part of a step (`n` rows at positions `pos ..`) runs in the step's
@@ -182,12 +185,31 @@ pub fn linear_q<D: KernelDevice>(
 }
 
 /// One sequence's rows in a step: rows `first .. first + n` of the scratch buffers are its
-/// tokens at positions `pos ..`; `kv` is its whole KV cache (`[layer][k|v]` blocks).
+/// tokens at positions `pos ..`; `table` is its block table in the KV pool (u32 ids).
 pub struct Segment<'a> {
     pub first: usize,
     pub n: usize,
     pub pos: usize,
-    pub kv: View<'a>,
+    pub table: View<'a>,
+}
+
+/// The sequences' KV pool as a layer pass sees it: the device buffer of every block and its
+/// geometry (`ops::KvBlocks`: block `b`'s layer `l` K plane at `b * block_bytes + 2 l *
+/// plane`, its V plane one plane further).
+#[derive(Clone, Copy)]
+pub struct KvPoolView<'a> {
+    pub buf: View<'a>,
+    pub blocks: KvBlocks,
+}
+
+impl<'a> KvPoolView<'a> {
+    /// Layer `l`'s K and V planes in block 0, each reaching the pool's end.
+    pub fn planes(&self, l: usize, kv: KvLayout) -> Result<(View<'a>, View<'a>)> {
+        let plane = kv.plane_bytes(self.blocks.block_tokens);
+        let len = self.buf.len();
+        let at = |off: usize| self.buf.slice(off, len.saturating_sub(off));
+        Ok((at(2 * l * plane)?, at((2 * l + 1) * plane)?))
+    }
 }
 
 /// What a layer pass borrows from its owner; it runs [`run_block`]'s ops on the device
@@ -199,8 +221,11 @@ pub struct LayerCtx<'a, D: KernelDevice> {
     pub gemm: Gemm<'a, D>,
     pub hp: &'a HParams,
     pub kv_layout: KvLayout,
+    /// The KV pool the segments' tables point into (`None` before one exists: a step without
+    /// caches, e.g. the experts of a routed layer).
+    pub kv_pool: Option<KvPoolView<'a>>,
     /// The sequences of the step, in row order; their rows add up to `n`.
-    pub segs: &'a [Segment<'a>],
+    pub segs: Vec<Segment<'a>>,
     /// Entries of the step's batched-decode table in `s.seqs` (the segments for which
     /// [`batched_decode`] holds, in order; written by the owner), or 0: every sequence's
     /// attention runs on its own.
@@ -676,11 +701,13 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
             && ad % 32 == 0
             && self.kv_layout.head_dim % 32 == 0
             && self.segs.iter().all(|sg| sg.n == 1);
-        let kvb = self.kv_layout.bytes();
+        let pool = self
+            .kv_pool
+            .ok_or_else(|| bad("attention without a KV pool".into()))?;
+        let (kc, vc) = pool.planes(l, self.kv_layout)?;
         let batched = self.seq_table >= 2;
         if batched {
             // One K/V store and one attention launch for every short decoding sequence.
-            let offs = ((2 * l * kvb) as u64, ((2 * l + 1) * kvb) as u64);
             let ap = AttnParams {
                 n_tokens: 1,
                 n_heads: hp.n_head,
@@ -699,8 +726,8 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
                 None
             };
             // SAFETY: the owner wrote `seq_table` entries into s.seqs for exactly the segments
-            // `batched_decode` selects (their caches, positions below seq_cap, rows below n),
-            // and those caches hold every layer's K and V blocks of `kvb` bytes.
+            // `batched_decode` selects (their block tables in s.tables, covering their
+            // positions, which are below seq_cap; rows below n).
             unsafe {
                 dev.kv_store2_batch(
                     st,
@@ -709,7 +736,8 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
                     &self.s.seqs,
                     self.seq_table,
                     self.n,
-                    offs,
+                    (&kc, &vc),
+                    pool.blocks,
                     self.kv_layout,
                 )?;
                 dev.attention_decode_batch(
@@ -718,7 +746,8 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
                     &self.s.seqs,
                     self.seq_table,
                     self.n,
-                    offs,
+                    (&kc, &vc),
+                    pool.blocks,
                     &attn,
                     ap,
                     q8.as_ref().map(|(a, b)| {
@@ -730,15 +759,17 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
                 )?;
             }
         }
-        for sg in self.segs {
+        for sg in &self.segs {
             if batched && batched_decode(sg.n, sg.pos) {
                 continue;
             }
-            let kc = sg.kv.slice((2 * l) * kvb, kvb)?;
-            let vc = sg.kv.slice((2 * l + 1) * kvb, kvb)?;
+            let pages = KvPages {
+                table: &sg.table,
+                pool: pool.blocks,
+            };
             let ks = k.slice(sg.first * kd * 4, sg.n * kd * 4)?;
             let vs = v.slice(sg.first * vd * 4, sg.n * vd * 4)?;
-            dev.kv_store2(st, &ks, &kc, &vs, &vc, self.kv_layout, sg.n, sg.pos)?;
+            dev.kv_store2_paged(st, &ks, &kc, &vs, &vc, self.kv_layout, pages, sg.n, sg.pos)?;
             let ap = AttnParams {
                 n_tokens: sg.n,
                 n_heads: hp.n_head,
@@ -757,9 +788,10 @@ impl<'a, D: KernelDevice> BlockOps for LayerCtx<'a, D> {
                 let xq = View::of(&self.s.xq);
                 let quants = xq.slice(sg.first * ad, ad)?;
                 let scales = xq.slice(self.n * ad + sg.first * (ad / 32) * 8, ad / 32 * 8)?;
-                dev.attention_q8a(st, &qs, &kc, &vc, &os, ap, Some((&quants, &scales)), part)?;
+                let q8 = Some((&quants as &dyn DeviceBuffer, &scales as &dyn DeviceBuffer));
+                dev.attention_paged(st, &qs, (&kc, &vc), &os, ap, Some(pages), q8, part)?;
             } else {
-                dev.attention_q8a(st, &qs, &kc, &vc, &os, ap, None, part)?;
+                dev.attention_paged(st, &qs, (&kc, &vc), &os, ap, Some(pages), None, part)?;
             }
         }
         if fuse_q8 {

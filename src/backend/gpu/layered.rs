@@ -8,13 +8,20 @@ use std::sync::Arc;
 
 use super::gemm::{DeferredGemm, GemmF16, PortableGemm};
 use super::layer::{
-    bad, batched_decode, linear_q, mat, run_layer, run_layer_routed, vec_f32, Gemm, LayerCtx,
-    Scratch, Segment,
+    bad, batched_decode, linear_q, mat, run_layer, run_layer_routed, vec_f32, Gemm, KvPoolView,
+    LayerCtx, Scratch, Segment,
 };
-use super::ops::{seq_kv_entry, GpuOps, KvLayout, ATTN_MAX_HEAD_DIM};
+use super::ops::{seq_kv_entry, GpuOps, KvBlocks, KvLayout, ATTN_MAX_HEAD_DIM};
 use super::{BufferIo, GpuForwardError, KernelDevice, Result, View};
-use crate::backend::{DeviceStream, DeviceTensor, LayerTensors, LayeredForward, RowLogits};
-use crate::model::{moe::Routes, Act, BlockOps, HParams, Model, ModelError, RopeScaling};
+use crate::backend::{
+    DeviceBuffer, DeviceStream, DeviceTensor, LayerTensors, LayeredForward, RowLogits,
+};
+use crate::model::kv::KvType;
+use crate::model::paged::lock;
+use crate::model::{
+    moe::Routes, Act, BlockOps, HParams, KvCache, KvPool, Model, ModelError, RopeScaling,
+    SharedKvPool, DEFAULT_BLOCK_TOKENS,
+};
 
 /// Options of [`GpuLayered::new`].
 #[derive(Debug, Clone, Copy)]
@@ -26,7 +33,8 @@ pub struct LayeredOptions {
     /// GEMMs of batches of 8 tokens or more: the vendor library (cuBLAS) when it loads, else
     /// the portable kernel (`kernels/gemm.cu`); `false`: always the portable kernel.
     pub use_blas: bool,
-    /// Sequences one step may carry (continuous batching); each has its own KV cache.
+    /// Sequences one step may carry (continuous batching); each has its own block table in
+    /// the one KV pool.
     pub max_seqs: usize,
     /// Matrix-vector products (decode, short batches) with activations quantized to 8 bits
     /// and integer dot products (`kernels/mmvq_q8.cu`), as the CPU's fast precision; `false`:
@@ -77,23 +85,35 @@ pub struct GpuLayered<D: KernelDevice> {
     gemm_min_tokens: usize,
     /// The last MoE router's choice, for the experts of a routed layer.
     routes: Routes,
+    /// The sequences' KV pool (`None` until [`LayeredForward::configure_kv`] or the first
+    /// [`LayeredForward::new_kv`]).
+    pool: Option<DevicePool<D::Buf>>,
+    /// Entries of one sequence's row of `s.tables`: the blocks of a full context.
+    table_len: usize,
 }
 
-/// One sequence's KV cache: `[layer][k|v][n_kv_heads, cap, head_dim]` f16; `cap` is the
-/// context for a sequence's cache, fewer positions for a prefix snapshot
-/// ([`LayeredForward::kv_snapshot`]), which never runs a step.
-pub struct GpuKv<D: KernelDevice> {
-    buf: D::Buf,
-    cap: usize,
+/// The KV pool on the device: one buffer of `blocks` (`model::paged`'s layout, which the
+/// kernels read through each sequence's block table), and its bookkeeping, which every
+/// sequence's [`KvCache`] shares (the allocator, the prefix cache).
+struct DevicePool<B> {
+    buf: B,
+    blocks: KvBlocks,
+    book: SharedKvPool,
 }
 
-/// `b`: rows of a step; `seqs`: sequences of a step (rows whose logits come back).
+/// Device memory the default KV pool leaves free (the vendor libraries' workspaces, a
+/// streamed layer's slot coming later).
+const POOL_HEADROOM_BYTES: u64 = 512 << 20;
+
+/// `b`: rows of a step; `seqs`: sequences of a step (rows whose logits come back); `ctx`: the
+/// option a sequence's capacity comes from.
 fn scratch_bytes(
     hp: &HParams,
     n_vocab: usize,
     b: usize,
     seqs: usize,
-) -> [(usize, &'static str); 19] {
+    ctx: usize,
+) -> [(usize, &'static str); 20] {
     let max_cols = hp.n_embd.max(hp.n_ff).max(hp.q_dim());
     [
         (b * hp.n_embd * 4, "scratch hidden"),
@@ -127,18 +147,34 @@ fn scratch_bytes(
             seqs * super::ops::SEQ_KV_ENTRY_BYTES,
             "batched decode sequence table",
         ),
+        (seqs * table_len(kv_cap(hp, ctx)) * 4, "KV block tables"),
     ]
+}
+
+/// A sequence's KV capacity for the option `ctx`: capped by the training length.
+fn kv_cap(hp: &HParams, ctx: usize) -> usize {
+    ctx.min(hp.n_ctx_train).max(1)
+}
+
+/// Entries of a block table covering `cap` positions.
+fn table_len(cap: usize) -> usize {
+    cap.div_ceil(DEFAULT_BLOCK_TOKENS)
 }
 
 impl LayeredOptions {
     /// Device bytes a [`GpuLayered`] with one sequence needs besides weights: KV cache and
     /// activations (the weight budget's default leaves this free). The same on every vendor.
     pub fn reserve_bytes(&self, hp: &HParams, n_vocab: usize) -> usize {
-        let scratch: usize =
-            scratch_bytes(hp, n_vocab, self.max_batch.max(1), self.max_seqs.max(1))
-                .iter()
-                .map(|(n, _)| *n)
-                .sum();
+        let scratch: usize = scratch_bytes(
+            hp,
+            n_vocab,
+            self.max_batch.max(1),
+            self.max_seqs.max(1),
+            self.ctx,
+        )
+        .iter()
+        .map(|(n, _)| *n)
+        .sum();
         // Saturating: called before `GpuLayered::new` checks a hostile file's dimensions.
         let kv = self.kv_layout(hp);
         kv.n_kv_heads
@@ -154,7 +190,7 @@ impl LayeredOptions {
         KvLayout {
             n_kv_heads: hp.n_head_kv,
             head_dim: hp.head_dim,
-            seq_cap: self.ctx.min(hp.n_ctx_train).max(1),
+            seq_cap: kv_cap(hp, self.ctx),
         }
     }
 }
@@ -214,7 +250,7 @@ impl<D: KernelDevice> GpuLayered<D> {
         }
         let b = opt.max_batch.max(1);
         let n_vocab = model.n_vocab();
-        let bufs = scratch_bytes(&hp, n_vocab, b, opt.max_seqs.max(1))
+        let bufs = scratch_bytes(&hp, n_vocab, b, opt.max_seqs.max(1), opt.ctx)
             .into_iter()
             .map(|(n, what)| dev.alloc(n.max(1), what))
             .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -244,6 +280,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             xq: next()?,
             attn_part: next()?,
             seqs: next()?,
+            tables: next()?,
         };
         s.status.zero()?;
         let rope_factors = match model.rope_freq_factors()? {
@@ -279,6 +316,8 @@ impl<D: KernelDevice> GpuLayered<D> {
             gemm_min_tokens,
             q8: opt.q8_activations,
             routes: Routes::default(),
+            pool: None,
+            table_len: table_len(kv_layout.seq_cap),
         })
     }
 
@@ -291,65 +330,121 @@ impl<D: KernelDevice> GpuLayered<D> {
         self.gemm.name()
     }
 
-    /// The step's sequences with their caches (`kvs` in segment order; empty for the parts of
-    /// a layer that touch no cache: the experts, the residual add).
-    fn segments<'k>(&self, kvs: &'k [&mut GpuKv<D>]) -> Result<Vec<Segment<'k>>> {
-        if self.n == 0 || self.segs.is_empty() {
-            return Err(bad("layer before embed and segments".into()));
+    /// The planes of a KV block (`[layer][k|v]`).
+    fn kv_planes(&self) -> usize {
+        2 * self.hp.n_layer
+    }
+
+    /// Bytes of one pool block: every layer's K and V planes of `DEFAULT_BLOCK_TOKENS`
+    /// positions (`model::paged::block_bytes` of f16).
+    fn block_bytes(&self) -> usize {
+        self.kv_planes() * self.kv_layout.plane_bytes(DEFAULT_BLOCK_TOKENS)
+    }
+
+    /// Allocates the KV pool: `bytes` of blocks, or by default every one of `max_seqs`
+    /// sequences at its full context, as far as the device's free memory allows (less
+    /// [`POOL_HEADROOM_BYTES`]); at least one full context, else `KvTooLarge`.
+    fn make_pool(&mut self, bytes: Option<u64>) -> Result<()> {
+        let per = self.block_bytes() as u64;
+        let one_seq = table_len(self.kv_layout.seq_cap) as u64;
+        let (free, total) = self.dev.mem_info()?;
+        let fits = (free as u64).saturating_sub(POOL_HEADROOM_BYTES) / per.max(1);
+        let blocks = match bytes {
+            Some(b) => (b / per.max(1)).max(1),
+            None => (one_seq * self.max_seqs as u64).min(fits).max(one_seq),
         }
-        if !kvs.is_empty() && kvs.len() != self.segs.len() {
+        .min(u32::MAX as u64);
+        if bytes.is_none() && blocks > fits {
+            return Err(ModelError::KvTooLarge {
+                ctx: self.kv_layout.seq_cap,
+                bytes: blocks as u128 * per as u128,
+                per_token: per as u128 / DEFAULT_BLOCK_TOKENS as u128,
+                limit: free as u64,
+                limit_from: format!(
+                    "the free memory of {} ({} of {} bytes)",
+                    self.dev.describe(),
+                    free,
+                    total
+                ),
+                min_ctx: self.kv_layout.seq_cap,
+            }
+            .into());
+        }
+        let blocks = blocks as usize;
+        let buf = self
+            .dev
+            .alloc(blocks.saturating_mul(per as usize), "KV pool")?;
+        let book = KvPool::external(&self.hp, KvType::F16, DEFAULT_BLOCK_TOKENS, blocks, per);
+        self.pool = Some(DevicePool {
+            buf,
+            blocks: KvBlocks {
+                block_tokens: DEFAULT_BLOCK_TOKENS,
+                block_bytes: per as usize,
+                blocks,
+            },
+            book: book.shared(),
+        });
+        Ok(())
+    }
+
+    /// Once per step (the first layer that has the caches): takes the blocks the step's
+    /// sequences write (`kvs` in segment order), queues the block copies a copy-on-write asked
+    /// for, and writes the step's block tables and batched-decode sequence table (one entry
+    /// per sequence that decodes one token over a short context, [`batched_decode`], when
+    /// there are at least two). The synchronous writes happen before any of this step's
+    /// launches, and the previous step's readers finished before `embed_rows` returned.
+    fn write_tables(&mut self, kvs: &mut [&mut KvCache]) -> Result<()> {
+        if self.seq_table.is_some() {
+            return Ok(());
+        }
+        if kvs.len() != self.segs.len() {
             return Err(bad(format!(
                 "{} KV caches for {} sequences",
                 kvs.len(),
                 self.segs.len()
             )));
         }
-        self.segs
-            .iter()
-            .zip(kvs.iter())
-            .map(|(&(first, n, pos), kv)| {
-                if kv.cap != self.kv_layout.seq_cap {
-                    return Err(bad(format!(
-                        "a KV cache of {} positions in a step (a prefix snapshot? steps take \
-                         caches of {})",
-                        kv.cap, self.kv_layout.seq_cap
-                    )));
-                }
-                Ok(Segment {
-                    first,
-                    n,
-                    pos,
-                    kv: View::of(&kv.buf),
-                })
-            })
-            .collect::<Result<Vec<_>>>()
-    }
-
-    /// The planes of a KV cache (`[layer][k|v][head]`), each `[cap, head_dim]`.
-    fn kv_planes(&self) -> usize {
-        2 * self.hp.n_layer * self.kv_layout.n_kv_heads
-    }
-
-    /// Writes the step's batched-decode sequence table once (the first layer that has the
-    /// caches): one entry per sequence that decodes one token over a short context
-    /// ([`batched_decode`]), in segment order, when there are at least two. The synchronous
-    /// write happens before any of this step's attention launches, and the previous step's
-    /// readers finished before `embed_rows` returned.
-    fn write_seq_table(&mut self, kvs: &[&mut GpuKv<D>]) -> Result<()> {
-        if self.seq_table.is_some() || kvs.len() != self.segs.len() {
-            return Ok(());
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or_else(|| bad("a step before any KV cache".into()))?;
+        let mut tables = vec![0u32; self.segs.len() * self.table_len];
+        for (i, (kv, &(_, n, pos))) in kvs.iter_mut().zip(&self.segs).enumerate() {
+            if !Arc::ptr_eq(kv.pool(), &pool.book) {
+                return Err(bad("a KV cache of another pool in a step".into()));
+            }
+            kv.reserve(pos + n)?;
+            let ids = kv.blocks();
+            if ids.len() > self.table_len || ids.len() * DEFAULT_BLOCK_TOKENS < pos + n {
+                return Err(bad(format!(
+                    "a block table of {} blocks for positions up to {}",
+                    ids.len(),
+                    pos + n
+                )));
+            }
+            tables[i * self.table_len..i * self.table_len + ids.len()].copy_from_slice(ids);
         }
+        let copies = lock(&pool.book).take_copies();
+        let bb = pool.blocks.block_bytes;
+        for (src, dst) in copies {
+            let whole = View::of(&pool.buf);
+            let (from, to) = (
+                whole.slice(src as usize * bb, bb)?,
+                whole.slice(dst as usize * bb, bb)?,
+            );
+            // One "plane" of one position holding the whole block.
+            self.dev
+                .kv_copy(&self.stream, &from, 1, &to, 1, 1, bb / 2, 1)?;
+        }
+        self.s.tables.write(0, &tables)?;
+        let base = self.s.tables.device_ptr();
         let entries: Vec<[u64; 2]> = self
             .segs
             .iter()
-            .zip(kvs)
-            .filter(|(&(_, n, pos), _)| batched_decode(n, pos))
-            .map(|(&(first, _, pos), kv)| {
-                seq_kv_entry(
-                    crate::backend::DeviceBuffer::device_ptr(&kv.buf),
-                    pos,
-                    first,
-                )
+            .enumerate()
+            .filter(|(_, &(_, n, pos))| batched_decode(n, pos))
+            .map(|(i, &(first, _, pos))| {
+                seq_kv_entry(base + (i * self.table_len * 4) as u64, pos, first)
             })
             .collect();
         let count = if entries.len() >= 2 {
@@ -362,9 +457,35 @@ impl<D: KernelDevice> GpuLayered<D> {
         Ok(())
     }
 
-    /// The layer pass's context for `layer` over the step's rows.
-    fn ctx<'c>(&'c mut self, layer: usize, segs: &'c [Segment<'c>]) -> LayerCtx<'c, D> {
-        LayerCtx {
+    /// The layer pass's context for `layer` over the step's rows (`with_kv`: the step's
+    /// block tables are written, [`Self::write_tables`]).
+    fn ctx(&mut self, layer: usize, with_kv: bool) -> Result<LayerCtx<'_, D>> {
+        if self.n == 0 || self.segs.is_empty() {
+            return Err(bad("layer before embed and segments".into()));
+        }
+        let tables = View::of(&self.s.tables);
+        let tl = self.table_len * 4;
+        let segs = self
+            .segs
+            .iter()
+            .enumerate()
+            .map(|(i, &(first, n, pos))| {
+                Ok(Segment {
+                    first,
+                    n,
+                    pos,
+                    table: tables.slice(i * tl, tl)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let kv_pool = match (&self.pool, with_kv) {
+            (Some(p), true) => Some(KvPoolView {
+                buf: View::of(&p.buf),
+                blocks: p.blocks,
+            }),
+            _ => None,
+        };
+        Ok(LayerCtx {
             dev: &*self.dev,
             stream: &self.stream,
             s: &self.s,
@@ -376,6 +497,7 @@ impl<D: KernelDevice> GpuLayered<D> {
             },
             hp: &self.hp,
             kv_layout: self.kv_layout,
+            kv_pool,
             segs,
             seq_table: self.seq_table.unwrap_or(0),
             n: self.n,
@@ -385,13 +507,12 @@ impl<D: KernelDevice> GpuLayered<D> {
             q8_of: None,
             pending: None,
             routes: &mut self.routes,
-        }
+        })
     }
 }
 
 impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
     type Device = D;
-    type Kv = GpuKv<D>;
     type Error = GpuForwardError;
 
     /// Opens the vendor GEMM on its own thread while nothing runs (see `DeferredGemm`).
@@ -411,50 +532,32 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         self.kv_layout.seq_cap
     }
 
-    fn new_kv(&mut self) -> Result<GpuKv<D>> {
-        let bytes = self.kv_layout.bytes() * 2 * self.hp.n_layer;
-        Ok(GpuKv {
-            buf: self.dev.alloc(bytes, "KV cache")?,
-            cap: self.kv_layout.seq_cap,
-        })
+    fn configure_kv(&mut self, bytes: Option<u64>) -> Result<SharedKvPool> {
+        if let Some(p) = &self.pool {
+            if lock(&p.book).allocator().used() > 0 {
+                return Err(bad(
+                    "the KV pool is reconfigured while sequences hold blocks".into(),
+                ));
+            }
+        }
+        self.pool = None;
+        self.make_pool(bytes)?;
+        self.kv_pool()
+            .ok_or_else(|| bad("internal: no KV pool after making it".into()))
     }
 
-    fn kv_snapshot(&mut self, kv: &GpuKv<D>, positions: usize) -> Result<GpuKv<D>> {
-        let cap = positions.max(1);
-        let buf = self
-            .dev
-            .alloc(self.kv_position_bytes() * cap, "KV prefix cache entry")?;
-        let (planes, hd) = (self.kv_planes(), self.kv_layout.head_dim);
-        self.dev.kv_copy(
-            &self.stream,
-            &kv.buf,
-            kv.cap,
-            &buf,
-            cap,
-            planes,
-            hd,
-            positions,
-        )?;
-        Ok(GpuKv { buf, cap })
+    fn kv_pool(&self) -> Option<SharedKvPool> {
+        self.pool.as_ref().map(|p| p.book.clone())
     }
 
-    fn kv_restore(&mut self, from: &GpuKv<D>, to: &mut GpuKv<D>, positions: usize) -> Result<()> {
-        let (planes, hd) = (self.kv_planes(), self.kv_layout.head_dim);
-        self.dev.kv_copy(
-            &self.stream,
-            &from.buf,
-            from.cap,
-            &to.buf,
-            to.cap,
-            planes,
-            hd,
-            positions,
-        )?;
-        Ok(())
-    }
-
-    fn kv_position_bytes(&self) -> usize {
-        self.kv_planes() * self.kv_layout.head_dim * 2
+    fn new_kv(&mut self) -> Result<KvCache> {
+        if self.pool.is_none() {
+            self.make_pool(None)?;
+        }
+        let pool = self
+            .kv_pool()
+            .ok_or_else(|| bad("internal: no KV pool".into()))?;
+        Ok(KvCache::in_pool(pool, self.kv_layout.seq_cap))
     }
 
     fn max_sequences(&self) -> usize {
@@ -552,33 +655,29 @@ impl<D: KernelDevice> LayeredForward for GpuLayered<D> {
         &mut self,
         layer: usize,
         w: &LayerTensors<'_>,
-        kvs: &mut [&mut GpuKv<D>],
+        kvs: &mut [&mut KvCache],
     ) -> Result<()> {
-        self.write_seq_table(kvs)?;
-        let segs = self.segments(kvs)?;
-        run_layer(&mut self.ctx(layer, &segs), w)
+        self.write_tables(kvs)?;
+        run_layer(&mut self.ctx(layer, true)?, w)
     }
 
     fn layer_routed(
         &mut self,
         layer: usize,
         w: &LayerTensors<'_>,
-        kvs: &mut [&mut GpuKv<D>],
+        kvs: &mut [&mut KvCache],
     ) -> Result<Vec<usize>> {
-        self.write_seq_table(kvs)?;
-        let segs = self.segments(kvs)?;
-        run_layer_routed(&mut self.ctx(layer, &segs), w)?;
+        self.write_tables(kvs)?;
+        run_layer_routed(&mut self.ctx(layer, true)?, w)?;
         Ok(self.routes.experts())
     }
 
     fn expert(&mut self, layer: usize, e: usize, w: [&DeviceTensor<'_>; 3]) -> Result<()> {
-        let segs = self.segments(&[])?;
-        self.ctx(layer, &segs).expert(e, w)
+        self.ctx(layer, false)?.expert(e, w)
     }
 
     fn layer_finish(&mut self, layer: usize) -> Result<()> {
-        let segs = self.segments(&[])?;
-        let mut cx = self.ctx(layer, &segs);
+        let mut cx = self.ctx(layer, false)?;
         cx.add(Act::Hidden, Act::Proj)?;
         cx.finish()
     }

@@ -26,7 +26,7 @@ pub mod layered;
 pub mod ops;
 
 pub use gemm::{GemmF16, GemmF16Nt, PortableGemm};
-pub use layered::{GpuKv, GpuLayered, LayeredOptions};
+pub use layered::{GpuLayered, LayeredOptions};
 pub use ops::GpuOps;
 
 pub use crate::backend::buffer::{view, BufferIo, View};

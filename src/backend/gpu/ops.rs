@@ -361,7 +361,8 @@ pub struct RopeParams {
     pub neox: bool,
 }
 
-/// Shape of an f16 KV cache: `[n_kv_heads, seq_cap, head_dim]` for K and for V.
+/// Shape of an f16 KV cache: `n_kv_heads` heads of `head_dim`, up to `seq_cap` positions.
+/// Contiguous (the ops without [`KvPages`]): `[n_kv_heads, seq_cap, head_dim]` for K and for V.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
     pub n_kv_heads: usize,
@@ -370,8 +371,115 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
+    /// Bytes of one contiguous K (or V) cache.
     pub fn bytes(&self) -> usize {
         self.n_kv_heads * self.seq_cap * self.head_dim * 2
+    }
+
+    /// Bytes of one K (or V) plane of a block of `block_tokens` positions.
+    pub fn plane_bytes(&self, block_tokens: usize) -> usize {
+        self.n_kv_heads * block_tokens * self.head_dim * 2
+    }
+}
+
+/// A pool of KV blocks on the device (`model::paged`'s layout; kernels/common.cuh's RfKvMap):
+/// block `b` starts `b * block_bytes` into the pool and holds `block_tokens` positions of one
+/// sequence, every layer's K and V planes (`[n_kv_heads, block_tokens, head_dim]` f16 each)
+/// one after the other. The cache buffers a paged op takes start at the layer's plane in block
+/// 0 and reach the pool's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvBlocks {
+    pub block_tokens: usize,
+    pub block_bytes: usize,
+    /// Blocks in the pool: the kernels clamp a table's ids below it, so a wrong table reads
+    /// or writes the wrong rows of the pool, never memory past it.
+    pub blocks: usize,
+}
+
+/// A sequence's cache in a [`KvBlocks`] pool: `table` holds its block ids (u32) in position
+/// order.
+#[derive(Clone, Copy)]
+pub struct KvPages<'a> {
+    pub table: &'a dyn DeviceBuffer,
+    pub pool: KvBlocks,
+}
+
+impl KvBlocks {
+    /// Checks the pool's geometry for `kv` and that every buffer of `caches` (a layer's plane
+    /// in block 0) reaches the last block's plane; returns RfKvMap's `n_blocks, block_halfs,
+    /// bs`.
+    fn map_args(
+        &self,
+        op: &'static str,
+        kv: KvLayout,
+        caches: &[&dyn DeviceBuffer],
+    ) -> BackendResult<[Arg; 3]> {
+        let plane = kv.plane_bytes(self.block_tokens);
+        if self.block_tokens == 0
+            || self.blocks == 0
+            || self.block_bytes % 16 != 0
+            || self.block_bytes < 2 * plane
+        {
+            return Err(BackendError::InvalidArgument {
+                op,
+                what: format!(
+                    "KV pool of {} blocks of {} positions, {} bytes apart (16-byte multiples, \
+                     at least the {plane}-byte K and V planes)",
+                    self.blocks, self.block_tokens, self.block_bytes
+                ),
+            });
+        }
+        let reach = (self.blocks - 1)
+            .checked_mul(self.block_bytes)
+            .and_then(|b| b.checked_add(plane))
+            .ok_or(BackendError::InvalidArgument {
+                op,
+                what: format!("KV pool of {} blocks overflows", self.blocks),
+            })?;
+        for c in caches {
+            need(op, "KV pool plane", *c, reach)?;
+        }
+        Ok([
+            Arg::I32(to_i32(op, "blocks", self.blocks)?),
+            Arg::I32(to_i32(op, "block halfs", self.block_bytes / 2)?),
+            Arg::I32(to_i32(op, "block tokens", self.block_tokens)?),
+        ])
+    }
+}
+
+/// RfKvMap's four arguments (table, n_blocks, block_halfs, bs) for a cache of `kv` read or
+/// written below position `reach`: paged through `pages`, or one contiguous block of
+/// `kv.seq_cap` positions; checks that `caches` hold what the map reaches and the table covers
+/// `reach`.
+fn kv_map_args(
+    op: &'static str,
+    kv: KvLayout,
+    pages: Option<KvPages<'_>>,
+    caches: &[&dyn DeviceBuffer],
+    reach: usize,
+) -> BackendResult<[Arg; 4]> {
+    match pages {
+        None => {
+            for c in caches {
+                need(op, "cache", *c, kv.bytes())?;
+            }
+            Ok([
+                Arg::Ptr(0),
+                Arg::I32(1),
+                Arg::I32(0),
+                Arg::I32(to_i32(op, "seq_cap", kv.seq_cap.max(1))?),
+            ])
+        }
+        Some(pg) => {
+            let [n, bh, bs] = pg.pool.map_args(op, kv, caches)?;
+            need(
+                op,
+                "block table",
+                pg.table,
+                reach.div_ceil(pg.pool.block_tokens) * 4,
+            )?;
+            Ok([p(pg.table), n, bh, bs])
+        }
     }
 }
 
@@ -389,14 +497,15 @@ pub struct AttnParams {
     pub window: usize,
 }
 
-/// Bytes of one entry of a batched decode step's sequence table (RfSeqKv in attention.cu).
+/// Bytes of one entry of a batched decode step's sequence table (RfSeqKv in common.cuh).
 pub const SEQ_KV_ENTRY_BYTES: usize = 16;
 
 /// One entry of a batched decode step's sequence table ([`GpuOps::attention_decode_batch`],
-/// [`GpuOps::kv_store2_batch`]): the sequence's KV cache address, its new token's position
-/// and its row in the step, laid out as RfSeqKv (`u64`, `i32`, `i32`, little-endian).
-pub fn seq_kv_entry(kv: u64, pos: usize, row: usize) -> [u64; 2] {
-    [kv, (pos as u32 as u64) | ((row as u32 as u64) << 32)]
+/// [`GpuOps::kv_store2_batch`]): the device address of the sequence's block table, its new
+/// token's position and its row in the step, laid out as RfSeqKv (`u64`, `i32`, `i32`,
+/// little-endian).
+pub fn seq_kv_entry(table: u64, pos: usize, row: usize) -> [u64; 2] {
+    [table, (pos as u32 as u64) | ((row as u32 as u64) << 32)]
 }
 
 /// Device sampling parameters; `u` is a uniform draw in [0, 1) from the host's seeded RNG.
@@ -415,6 +524,7 @@ fn kv_store_pairs<D: KernelDevice>(
     s: &D::Stream,
     pairs: &[(&dyn DeviceBuffer, &dyn DeviceBuffer)],
     kv: KvLayout,
+    pages: Option<KvPages<'_>>,
     n_tokens: usize,
     pos0: usize,
 ) -> BackendResult<()> {
@@ -435,10 +545,12 @@ fn kv_store_pairs<D: KernelDevice>(
             what: format!("{} caches in one launch (1 or 2)", pairs.len()),
         });
     };
+    let mut caches = Vec::with_capacity(2);
     for &(src, cache) in pairs {
         need(OP, "src", src, n * 4)?;
-        need(OP, "cache", cache, kv.bytes())?;
+        caches.push(cache);
     }
+    let map = kv_map_args(OP, kv, pages, &caches, pos0 + n_tokens)?;
     if n == 0 {
         return Ok(());
     }
@@ -454,7 +566,7 @@ fn kv_store_pairs<D: KernelDevice>(
         block: (256, 1, 1),
         shared_bytes: 0,
     };
-    let args = [
+    let mut args = vec![
         p(k),
         p(kc),
         p(v),
@@ -462,11 +574,13 @@ fn kv_store_pairs<D: KernelDevice>(
         Arg::I32(to_i32(OP, "n_tokens", n_tokens)?),
         Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
         Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
-        Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
-        Arg::I32(to_i32(OP, "pos0", pos0)?),
     ];
-    // SAFETY: every written position is < seq_cap and each cache holds the layout (checked);
-    // with one pair the kernel's y range is 0 only, so the repeated pointers are not written.
+    args.extend(map);
+    args.push(Arg::I32(to_i32(OP, "pos0", pos0)?));
+    // SAFETY: every written position is < seq_cap, each cache holds the layout or the pool's
+    // reach and the table covers the positions (checked; the kernel clamps block ids below
+    // the pool's count); with one pair the kernel's y range is 0 only, so the repeated
+    // pointers are not written.
     unsafe { kern.launch(s, shape, &args) }
 }
 
@@ -1422,7 +1536,7 @@ pub trait GpuOps: KernelDevice {
         n_tokens: usize,
         pos0: usize,
     ) -> BackendResult<()> {
-        kv_store_pairs(self, s, &[(src, cache)], kv, n_tokens, pos0)
+        kv_store_pairs(self, s, &[(src, cache)], kv, None, n_tokens, pos0)
     }
 
     /// [`GpuOps::kv_store`] of `k` into `k_cache` and `v` into `v_cache` (the same layout and
@@ -1439,7 +1553,34 @@ pub trait GpuOps: KernelDevice {
         n_tokens: usize,
         pos0: usize,
     ) -> BackendResult<()> {
-        kv_store_pairs(self, s, &[(k, k_cache), (v, v_cache)], kv, n_tokens, pos0)
+        kv_store_pairs(
+            self,
+            s,
+            &[(k, k_cache), (v, v_cache)],
+            kv,
+            None,
+            n_tokens,
+            pos0,
+        )
+    }
+
+    /// [`Self::kv_store2`] into a paged cache: `k_cache` / `v_cache` are the layer's planes in
+    /// block 0 of `pages.pool` (reaching the pool's end), positions found through `pages.table`.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_store2_paged(
+        &self,
+        s: &Self::Stream,
+        k: &dyn DeviceBuffer,
+        k_cache: &dyn DeviceBuffer,
+        v: &dyn DeviceBuffer,
+        v_cache: &dyn DeviceBuffer,
+        kv: KvLayout,
+        pages: KvPages<'_>,
+        n_tokens: usize,
+        pos0: usize,
+    ) -> BackendResult<()> {
+        let pairs = [(k, k_cache), (v, v_cache)];
+        kv_store_pairs(self, s, &pairs, kv, Some(pages), n_tokens, pos0)
     }
 
     /// Copies positions `0..len` of every segment of the f16 KV cache `src` into `dst`: both
@@ -1494,15 +1635,15 @@ pub trait GpuOps: KernelDevice {
         unsafe { kern.launch(s, shape, &args) }
     }
 
-    /// [`Self::kv_store2`] of one new token for each of `nseq` sequences in one launch: entry
-    /// i of the device table `seqs` ([`seq_kv_entry`]: the sequence's KV cache address, its
-    /// position, its row of `k`/`v`) stores that row's K and V at the position in the caches
-    /// `k_off` and `v_off` bytes past the address.
+    /// [`Self::kv_store2_paged`] of one new token for each of `nseq` sequences in one launch:
+    /// entry i of the device table `seqs` ([`seq_kv_entry`]: the address of the sequence's
+    /// block table, its position, its row of `k`/`v`) stores that row's K and V at the
+    /// position in the pool `pool` whose layer planes (in block 0) are `caches`.
     ///
     /// # Safety
-    /// `seqs` must hold `nseq` entries whose cache addresses are live device buffers of at
-    /// least `v_off.max(k_off) + kv.bytes()` bytes, positions below `kv.seq_cap` and rows
-    /// below `rows` (the checks here cover `k`, `v` and `seqs`' sizes only).
+    /// `seqs` must hold `nseq` entries whose table addresses are live device buffers covering
+    /// their positions, positions below `kv.seq_cap` and rows below `rows` (the checks here
+    /// cover `k`, `v`, the planes' reach and `seqs`' sizes only).
     #[allow(clippy::too_many_arguments)]
     unsafe fn kv_store2_batch(
         &self,
@@ -1512,7 +1653,8 @@ pub trait GpuOps: KernelDevice {
         seqs: &dyn DeviceBuffer,
         nseq: usize,
         rows: usize,
-        offs: (u64, u64),
+        caches: (&dyn DeviceBuffer, &dyn DeviceBuffer),
+        pool: KvBlocks,
         kv: KvLayout,
     ) -> BackendResult<()> {
         const OP: &str = "kv_store2_batch";
@@ -1520,6 +1662,7 @@ pub trait GpuOps: KernelDevice {
         need(OP, "k", k, rows * w * 4)?;
         need(OP, "v", v, rows * w * 4)?;
         need(OP, "seqs", seqs, nseq * SEQ_KV_ENTRY_BYTES)?;
+        let map = pool.map_args(OP, kv, &[caches.0, caches.1])?;
         if nseq == 0 {
             return Ok(());
         }
@@ -1529,16 +1672,16 @@ pub trait GpuOps: KernelDevice {
             block: (256, 1, 1),
             shared_bytes: 0,
         };
-        let args = [
+        let mut args = vec![
             p(k),
             p(v),
             p(seqs),
-            Arg::Ptr(offs.0),
-            Arg::Ptr(offs.1),
+            p(caches.0),
+            p(caches.1),
             Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
             Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
-            Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
         ];
+        args.extend(map);
         // SAFETY: k and v hold `rows` rows (checked), the table's entries are the caller's
         // contract (above); the argument list matches kv_store2_batch_f32_f16.
         unsafe { kern.launch(s, shape, &args) }
@@ -1546,8 +1689,8 @@ pub trait GpuOps: KernelDevice {
 
     /// Decode attention of one new token for each of `nseq` sequences in one launch (grid
     /// sequences x heads): entry i of `seqs` ([`seq_kv_entry`]) names the row of `q` / `out`
-    /// (and of the q8a output, as [`Self::attention_q8a`]'s `q8`) and the cache it attends over
-    /// (this layer's K at `k_off`, V at `v_off` bytes past the address), up to its position.
+    /// (and of the q8a output, as [`Self::attention_q8a`]'s `q8`) and the block table it
+    /// attends through (in the pool `pool` whose layer planes are `caches`), up to its position.
     /// Each block is the one-block decode kernel's for its sequence: the same bits as
     /// [`Self::attention_q8a`] without `part`, one sequence at a time.
     ///
@@ -1562,7 +1705,8 @@ pub trait GpuOps: KernelDevice {
         seqs: &dyn DeviceBuffer,
         nseq: usize,
         rows: usize,
-        offs: (u64, u64),
+        caches: (&dyn DeviceBuffer, &dyn DeviceBuffer),
+        pool: KvBlocks,
         out: &dyn DeviceBuffer,
         a: AttnParams,
         q8: Option<(&dyn DeviceBuffer, &dyn DeviceBuffer)>,
@@ -1588,6 +1732,7 @@ pub trait GpuOps: KernelDevice {
         need(OP, "q", q, n * 4)?;
         need(OP, "out", out, n * 4)?;
         need(OP, "seqs", seqs, nseq * SEQ_KV_ENTRY_BYTES)?;
+        let [n_blocks, block_halfs, bs] = pool.map_args(OP, kv, &[caches.0, caches.1])?;
         if let Some((qs, meta)) = q8 {
             need(OP, "quants", qs, n)?;
             need(OP, "scales", meta, n / 32 * 8)?;
@@ -1605,13 +1750,15 @@ pub trait GpuOps: KernelDevice {
         let args = [
             p(q),
             p(seqs),
-            Arg::Ptr(offs.0),
-            Arg::Ptr(offs.1),
+            p(caches.0),
+            p(caches.1),
             p(out),
             Arg::I32(to_i32(OP, "n_heads", a.n_heads)?),
             Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
             Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
-            Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
+            n_blocks,
+            block_halfs,
+            bs,
             Arg::F32(a.scale),
             Arg::I32(to_i32(OP, "window", a.window)?),
             Arg::Ptr(qs),
@@ -1638,13 +1785,7 @@ pub trait GpuOps: KernelDevice {
         self.attention_q8a(s, q, k_cache, v_cache, out, a, None, None)
     }
 
-    /// [`Self::attention`]; with `q8` = (quants, scales) and one token (decode), its output is
-    /// also quantized as [`Self::quantize_q8a`] would write it (`quants`: `n_heads * head_dim`
-    /// bytes, `scales`: a (d, sum) f32 pair per 32 of them), in the same launch. `head_dim`
-    /// must be a multiple of 32 for it. With `part` (at least [`attn_part_bytes`]), a decode
-    /// over more than [`ATTN_SPLIT_CHUNK`] positions is split across blocks (flash-decoding:
-    /// the positions' partial softmax sums in `part`, then one merge launch that also
-    /// quantizes), so a long context keeps every SM busy.
+    /// [`Self::attention_q8a`] over a contiguous cache (`k_cache`, `v_cache` of `a.kv`).
     #[allow(clippy::too_many_arguments)]
     fn attention_q8a(
         &self,
@@ -1657,7 +1798,31 @@ pub trait GpuOps: KernelDevice {
         q8: Option<(&dyn DeviceBuffer, &dyn DeviceBuffer)>,
         part: Option<&dyn DeviceBuffer>,
     ) -> BackendResult<()> {
+        self.attention_paged(s, q, (k_cache, v_cache), out, a, None, q8, part)
+    }
+
+    /// [`Self::attention`]; with `q8` = (quants, scales) and one token (decode), its output is
+    /// also quantized as [`Self::quantize_q8a`] would write it (`quants`: `n_heads * head_dim`
+    /// bytes, `scales`: a (d, sum) f32 pair per 32 of them), in the same launch. `head_dim`
+    /// must be a multiple of 32 for it. With `part` (at least [`attn_part_bytes`]), a decode
+    /// over more than [`ATTN_SPLIT_CHUNK`] positions is split across blocks (flash-decoding:
+    /// the positions' partial softmax sums in `part`, then one merge launch that also
+    /// quantizes), so a long context keeps every SM busy. `caches`: K and V, contiguous
+    /// (`pages` none) or the layer's planes in block 0 of a paged pool (`pages`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_paged(
+        &self,
+        s: &Self::Stream,
+        q: &dyn DeviceBuffer,
+        caches: (&dyn DeviceBuffer, &dyn DeviceBuffer),
+        out: &dyn DeviceBuffer,
+        a: AttnParams,
+        pages: Option<KvPages<'_>>,
+        q8: Option<(&dyn DeviceBuffer, &dyn DeviceBuffer)>,
+        part: Option<&dyn DeviceBuffer>,
+    ) -> BackendResult<()> {
         const OP: &str = "attention";
+        let (k_cache, v_cache) = caches;
         let kv = a.kv;
         let w = self.warp_size() as usize;
         if kv.head_dim % w != 0
@@ -1685,8 +1850,7 @@ pub trait GpuOps: KernelDevice {
         let n = a.n_tokens * a.n_heads * kv.head_dim;
         need(OP, "q", q, n * 4)?;
         need(OP, "out", out, n * 4)?;
-        need(OP, "k", k_cache, kv.bytes())?;
-        need(OP, "v", v_cache, kv.bytes())?;
+        let map = kv_map_args(OP, kv, pages, &[k_cache, v_cache], a.pos0 + a.n_tokens)?;
         if let Some((qs, meta)) = q8 {
             if a.n_tokens != 1 || kv.head_dim % 32 != 0 {
                 return Err(BackendError::InvalidArgument {
@@ -1715,6 +1879,7 @@ pub trait GpuOps: KernelDevice {
                     s,
                     [q, k_cache, v_cache, out],
                     a,
+                    map,
                     kv_len - first,
                     q8,
                     part,
@@ -1756,7 +1921,9 @@ pub trait GpuOps: KernelDevice {
             Arg::I32(to_i32(OP, "n_heads", a.n_heads)?),
             Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
             Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
-            Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
+        ]);
+        args.extend(map);
+        args.extend([
             Arg::I32(to_i32(OP, "pos0", a.pos0)?),
             Arg::F32(a.scale),
             Arg::I32(to_i32(OP, "window", a.window)?),
@@ -1764,7 +1931,8 @@ pub trait GpuOps: KernelDevice {
         if let Some((qs, meta)) = q8 {
             args.extend([p(qs), p(meta)]);
         }
-        // SAFETY: shapes and buffer sizes checked above; reads stay below pos0 + n_tokens <= seq_cap.
+        // SAFETY: shapes and buffer sizes checked above (the caches' reach, the table's length);
+        // reads stay below pos0 + n_tokens <= seq_cap.
         unsafe { k.launch(s, shape, &args) }
     }
 
@@ -1863,11 +2031,13 @@ impl<D: KernelDevice> GpuOps for D {}
 
 /// The split decode attention of [`GpuOps::attention_q8a`] over `range` positions (more than
 /// [`ATTN_SPLIT_CHUNK`]); `bufs` are q, the two caches and out, checked by the caller.
+#[allow(clippy::too_many_arguments)] // attention_q8a's operands, checked, and the split's range
 fn attention_split<D: KernelDevice>(
     d: &D,
     s: &D::Stream,
     bufs: [&dyn DeviceBuffer; 4],
     a: AttnParams,
+    map: [Arg; 4],
     range: usize,
     q8: Option<(&dyn DeviceBuffer, &dyn DeviceBuffer)>,
     part: &dyn DeviceBuffer,
@@ -1883,22 +2053,24 @@ fn attention_split<D: KernelDevice>(
         part,
         a.n_heads * nsplit * (kv.head_dim + 2) * 4,
     )?;
-    let head = [
+    // 16-byte loads of K and V rows where both caches (and the distance between blocks) allow.
+    let wide = k_cache.device_ptr() % 16 == 0
+        && v_cache.device_ptr() % 16 == 0
+        && matches!(map[2], Arg::I32(h) if h % 8 == 0);
+    let mut args = vec![p(q), p(k_cache), p(v_cache), p(part)];
+    args.extend([
         Arg::I32(to_i32(OP, "n_heads", a.n_heads)?),
         Arg::I32(to_i32(OP, "n_kv_heads", kv.n_kv_heads)?),
         Arg::I32(to_i32(OP, "head_dim", kv.head_dim)?),
-        Arg::I32(to_i32(OP, "seq_cap", kv.seq_cap)?),
+    ]);
+    args.extend(map);
+    args.extend([
         Arg::I32(to_i32(OP, "pos", a.pos0)?),
         Arg::F32(a.scale),
         Arg::I32(to_i32(OP, "window", a.window)?),
         Arg::I32(to_i32(OP, "chunk", chunk)?),
-        // 16-byte loads of K and V rows where both caches allow them.
-        Arg::I32(i32::from(
-            k_cache.device_ptr() % 16 == 0 && v_cache.device_ptr() % 16 == 0,
-        )),
-    ];
-    let mut args = vec![p(q), p(k_cache), p(v_cache), p(part)];
-    args.extend(head);
+        Arg::I32(i32::from(wide)),
+    ]);
     let k = d.kernel("attention.cu", "attn_decode_part_f16kv_f32")?;
     let shape = LaunchShape {
         grid: (to_u32(OP, nsplit)?, to_u32(OP, a.n_heads)?, 1),
