@@ -155,6 +155,21 @@ enum Storage {
     },
 }
 
+/// Where a row lives in a pool's blocks: `[block, layer, kv_head, block_tokens]` rows.
+#[derive(Clone, Copy)]
+struct RowLayout {
+    n_layer: usize,
+    n_head_kv: usize,
+    block_tokens: usize,
+}
+
+impl RowLayout {
+    /// Row index (in head-dim units) of position `slot` of `(layer, head)` inside block `b`.
+    fn row(self, b: BlockId, layer: usize, head: usize, slot: usize) -> usize {
+        ((b as usize * self.n_layer + layer) * self.n_head_kv + head) * self.block_tokens + slot
+    }
+}
+
 /// Chained hashes of the full blocks of `tokens`: entry `i` identifies tokens
 /// `0 .. (i + 1) * block_tokens`, so equal hashes mean equal prefixes (up to hash collisions of
 /// 64 bits).
@@ -385,20 +400,12 @@ impl KvPool {
     /// Copies every layer's and head's rows of block `src` into block `dst` (an external
     /// pool queues the copy for its owner, [`Self::take_copies`]).
     pub(crate) fn copy_block(&mut self, src: BlockId, dst: BlockId) {
-        let (n_layer, n_head_kv, bt, dk, dv) = (
-            self.n_layer,
-            self.n_head_kv,
-            self.block_tokens,
-            self.dk,
-            self.dv,
-        );
-        let row =
-            |b: BlockId, l: usize, h: usize| ((b as usize * n_layer + l) * n_head_kv + h) * bt;
+        let (g, bt, dk, dv) = (self.rows(), self.block_tokens, self.dk, self.dv);
         match &mut self.storage {
             Storage::Host { k, v } => {
-                for l in 0..n_layer {
-                    for h in 0..n_head_kv {
-                        let (a, b) = (row(src, l, h), row(dst, l, h));
+                for l in 0..self.n_layer {
+                    for h in 0..self.n_head_kv {
+                        let (a, b) = (g.row(src, l, h, 0), g.row(dst, l, h, 0));
                         k.copy_within(a * dk, b * dk, bt * dk);
                         v.copy_within(a * dv, b * dv, bt * dv);
                     }
@@ -415,7 +422,16 @@ impl KvPool {
 
     /// Row index (in head-dim units) of position `slot` of `(layer, head)` inside block `b`.
     fn row(&self, b: BlockId, layer: usize, head: usize, slot: usize) -> usize {
-        ((b as usize * self.n_layer + layer) * self.n_head_kv + head) * self.block_tokens + slot
+        self.rows().row(b, layer, head, slot)
+    }
+
+    /// The block layout's row arithmetic, by value (usable while the storage is borrowed).
+    fn rows(&self) -> RowLayout {
+        RowLayout {
+            n_layer: self.n_layer,
+            n_head_kv: self.n_head_kv,
+            block_tokens: self.block_tokens,
+        }
     }
 
     /// Stores positions `pos0..` of `layer` for the sequence whose blocks are `table`: `k` is
@@ -429,13 +445,8 @@ impl KvPool {
         k: &[f32],
         v: &[f32],
     ) -> Result<(), ModelError> {
-        let (n_layer, n_head_kv, bt, dk, dv) = (
-            self.n_layer,
-            self.n_head_kv,
-            self.block_tokens,
-            self.dk,
-            self.dv,
-        );
+        let (g, bt, dk, dv) = (self.rows(), self.block_tokens, self.dk, self.dv);
+        let n_head_kv = self.n_head_kv;
         let Storage::Host { k: kb, v: vb } = &mut self.storage else {
             return Err(ModelError::KvPoolOnDevice);
         };
@@ -444,7 +455,7 @@ impl KvPool {
             let p = pos0 + i;
             let b = table[p / bt];
             for h in 0..n_head_kv {
-                let r = ((b as usize * n_layer + layer) * n_head_kv + h) * bt + p % bt;
+                let r = g.row(b, layer, h, p % bt);
                 kb.write(r * dk, &kr[h * dk..(h + 1) * dk]);
                 vb.write(r * dv, &vr[h * dv..(h + 1) * dv]);
             }
