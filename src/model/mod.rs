@@ -42,5 +42,8 @@ pub use kv::{
 };
 pub use names::{arch_key, tensor_name, ArchKey, TensorKind};
 pub use ops::Precision;
-pub use paged::{BlockAllocator, BlockId, KvPool, KvPoolStats, SharedKvPool, DEFAULT_BLOCK_TOKENS};
+pub use paged::{
+    lock as lock_kv_pool, BlockAllocator, BlockId, KvPool, KvPoolStats, SharedKvPool,
+    DEFAULT_BLOCK_TOKENS,
+};
 pub use weights::{LayerRefs, LayerWeights, ModelLayout, TensorRef, WeightView};

@@ -499,7 +499,7 @@ impl KvPool {
 
 /// Locks a pool; a panic elsewhere while it was held leaves block contents possibly half
 /// written but the bookkeeping consistent (every mutation of it is a single step).
-pub(crate) fn lock(pool: &SharedKvPool) -> MutexGuard<'_, KvPool> {
+pub fn lock(pool: &SharedKvPool) -> MutexGuard<'_, KvPool> {
     pool.lock().unwrap_or_else(|p| p.into_inner())
 }
 

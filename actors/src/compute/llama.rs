@@ -590,7 +590,7 @@ impl ModelCompute for LlamaCompute {
     fn kv_stats(&self) -> Option<KvPoolStats> {
         self.pool
             .as_ref()
-            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).stats())
+            .map(|p| rocmforge::model::lock_kv_pool(p).stats())
     }
 
     fn reserve(&mut self, seq: &mut SequenceState, tokens: usize) -> Result<()> {
@@ -611,9 +611,7 @@ impl ModelCompute for LlamaCompute {
 
     fn evict_cached(&mut self, blocks: usize) -> usize {
         self.pool.as_ref().map_or(0, |p| {
-            p.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .prefix_evict(blocks)
+            rocmforge::model::lock_kv_pool(p).prefix_evict(blocks)
         })
     }
 
